@@ -1,0 +1,174 @@
+"""The `cpm4` command line: init, generate, chat (more subcommands arrive with later issues).
+
+Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "demo-model"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder in Hugging Face layout")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling(args: argparse.Namespace):
+    from .engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def _load(args: argparse.Namespace):
+    from .llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    m = llm.model
+    print(f"[cpm4] loaded {args.model} ({m.config.num_parameters() / 1e6:.1f}M params, {m.device}, "
+          f"{str(m.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    return llm
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .model.config import preset
+    from .model.init import create_checkpoint
+
+    cfg = preset(args.config)
+    out = create_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"[cpm4] wrote {args.config} checkpoint ({cfg.num_parameters() / 1e6:.1f}M params) to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)  # validate the arguments before a (possibly long) model load
+    llm = _load(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    if len(prompts) == 1 and not args.no_stream:
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for piece in llm.stream(prompts[0], params):
+            if first is None:
+                first = time.perf_counter() - t0
+            n += 1
+            print(piece, end="", flush=True)
+        print()
+        dt = time.perf_counter() - t0
+        print(f"[cpm4] first text after {first or dt:.2f}s, {dt:.2f}s total", file=sys.stderr)
+        return 0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    for i, o in enumerate(outs):
+        if len(outs) > 1:
+            print(f"--- [{i}] ({o.finish_reason})")
+        print(o.text)
+    n_tok = sum(len(o.token_ids) for o in outs)
+    print(f"[cpm4] {n_tok} tokens in {dt:.2f}s ({n_tok / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history = list(system)
+            print("[cpm4] conversation cleared", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for piece in llm.stream(llm.chat_ids(history), params):
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            # Keep what was said so far; the conversation continues from it.
+            print(" [interrupted]", end="")
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpm4", description="MiniCPM4 models: create, run, chat.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("init", help="write a randomly initialised checkpoint (µP init) with a tokenizer")
+    q.add_argument("--config", required=True, help="tiny, minicpm4-0.5b or minicpm4-8b")
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dtype", default=None, help="storage dtype (default: the preset's)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_init)
+
+    q = sub.add_parser("generate", help="complete one or more prompts")
+    _add_model_args(q)
+    _add_sampling_args(q, max_tokens=128)
+    q.add_argument("prompt", nargs="*", help="prompt text (several = a batch; none = read stdin)")
+    q.add_argument("--no-stream", action="store_true", help="print the result at the end")
+    q.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
+    _add_model_args(q)
+    _add_sampling_args(q, max_tokens=512)
+    q.add_argument("--system", default=None, help="system prompt")
+    q.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine.generate import PromptTooLongError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, PromptTooLongError, ValueError) as e:
+        print(f"cpm4: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncpm4: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference engine: KV cache, sampling, the generate loop (and later scheduling, speculative decoding)."""

@@ -1,0 +1,146 @@
+"""The generate loop: one prefill of the whole batch (right-padded), then one decode step per token into
+a preallocated KV cache. Each sequence keeps its own positions, sampler, detokenizer and stop rules, so a
+prompt gives the same tokens alone or in a batch (greedy; seeded sampling likewise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+from cpm4.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingParams, StopStringMatcher, sample_batch
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    prompt: str | None = None
+
+
+@dataclass
+class StreamDelta:
+    index: int  # which prompt of the batch
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+def context_length(model: MiniCPM4ForCausalLM) -> int:
+    return model.config.max_position_embeddings
+
+
+def check_prompt(n_tokens: int, context: int) -> None:
+    if n_tokens == 0:
+        raise ValueError("empty prompt: at least one token is needed")
+    if n_tokens >= context:
+        raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the model's context is {context} "
+                                 "(at least one token must be left to generate)")
+
+
+class _Seq:
+    """Per-sequence state of one generation."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, device,
+                 context: int, eos_ids: list[int]):
+        self.params = params
+        self.history = list(prompt_ids)
+        self.generated: list[int] = []
+        self.max_tokens = min(params.max_tokens, context - len(prompt_ids))
+        self.sampler = Sampler(params, device)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
+        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def step(self, token: int) -> tuple[str, list[int]]:
+        """Take a sampled token; returns (text to emit, token ids to emit) and sets finish_reason."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self._emit(self.detok.flush(), final=True), []
+        self.generated.append(token)
+        self.history.append(token)
+        delta = self.detok.add(token)
+        done = len(self.generated) >= self.max_tokens
+        if done:
+            delta += self.detok.flush()
+        text, stopped = self.stops.feed(delta)
+        if stopped:
+            self.finish_reason = "stop"
+        elif done:
+            self.finish_reason = "length"
+            text += self.stops.flush()
+        self.text += text
+        return text, [token]
+
+    def _emit(self, delta: str, final: bool) -> str:
+        text, stopped = self.stops.feed(delta)
+        if final and not stopped:
+            text += self.stops.flush()
+        self.text += text
+        return text
+
+
+@torch.inference_mode()
+def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: Sequence[list[int]],
+                    params: Sequence[SamplingParams]) -> Iterator[list[StreamDelta]]:
+    """Yield, after every step, the new text and tokens of each sequence that produced some."""
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if not prompts:
+        return
+    ctx = context_length(model)
+    for p in prompts:
+        check_prompt(len(p), ctx)
+    dev = model.device
+    seqs = [_Seq(list(p), sp, tokenizer, dev, ctx, model.config.eos_token_ids) for p, sp in zip(prompts, params)]
+    b = len(prompts)
+    max_len = max(len(p) + s.max_tokens for p, s in zip(prompts, seqs))
+    cache = KVCache(model.config, b, max_len, dev, model.dtype)
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, device=dev)
+    logits = model(ids, cache, lens, last_only=True)
+    while True:
+        active = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        toks_now = sample_batch(logits[active], [seqs[i].sampler for i in active],
+                                [seqs[i].params for i in active], [seqs[i].history for i in active])
+        deltas, next_tok = [], torch.zeros(b, 1, dtype=torch.long, device=dev)
+        for tok, i in zip(toks_now, active):
+            text, toks = seqs[i].step(tok)
+            if text or toks or seqs[i].finish_reason:
+                deltas.append(StreamDelta(i, text, toks, seqs[i].finish_reason))
+            next_tok[i, 0] = tok
+        if deltas:
+            yield deltas
+        still = torch.tensor([s.finish_reason is None for s in seqs], device=dev, dtype=torch.long)
+        if not bool(still.any()):
+            return
+        # Finished rows ride along with zero new tokens: nothing of theirs is read or advanced.
+        logits = model(next_tok, cache, still, last_only=True)
+
+
+def generate_ids(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: Sequence[list[int]],
+                 params: Sequence[SamplingParams]) -> list[GenerationOutput]:
+    outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
+    for step in generate_stream(model, tokenizer, prompts, params):
+        for d in step:
+            o = outs[d.index]
+            o.text += d.text
+            o.token_ids += d.token_ids
+            o.finish_reason = d.finish_reason or o.finish_reason
+    return outs

@@ -1,0 +1,276 @@
+"""Sampling: request parameters, per-step logits processing, seeded samplers and stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 overflows.
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings with vLLM/OpenAI semantics."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is not None:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = list(self.stop_token_ids)
+
+        # `not (x >= lo)` also rejects NaN.
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.stop is not None:
+            for s in self.stop:
+                if not isinstance(s, str) or not s:
+                    raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        if self.stop_token_ids is not None:
+            for t in self.stop_token_ids:
+                if not isinstance(t, int) or t < 0:
+                    raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logits processing
+
+
+def _on_rows(x: Tensor, rows: list[int], fn: Callable[[Tensor], None]) -> None:
+    """Run the in-place `fn` on a subset of rows of `x`, avoiding a gather/scatter when all rows take part."""
+    if not rows:
+        return
+    if len(rows) == x.shape[0]:
+        fn(x)
+        return
+    idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+    sub = x.index_select(0, idx)
+    fn(sub)
+    x.index_copy_(0, idx, sub)
+
+
+def _col(values: Sequence[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).unsqueeze(1)
+
+
+def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: list[list[int]]) -> None:
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and len(history[i]) > 0]
+    if not rows:
+        return
+    # One boolean "seen" mask per row: duplicate ids collapse, so each token is penalised once.
+    row_ids = [i for i in rows for _ in range(len(history[i]))]
+    col_ids = [t for i in rows for t in history[i]]
+    seen = torch.zeros_like(x, dtype=torch.bool)
+    seen[
+        torch.tensor(row_ids, device=x.device, dtype=torch.long),
+        torch.tensor(col_ids, device=x.device, dtype=torch.long),
+    ] = True
+    pen = torch.ones(x.shape[0], dtype=x.dtype)
+    pen[rows] = torch.tensor([params[i].repetition_penalty for i in rows], dtype=x.dtype)
+    pen = pen.to(x.device).unsqueeze(1)
+    penalised = torch.where(x > 0, x / pen, x * pen)
+    x.copy_(torch.where(seen, penalised, x))
+
+
+def _top_k(x: Tensor, ks: list[int]) -> None:
+    k_max = max(ks)
+    vals = torch.topk(x, k_max, dim=-1).values
+    kth = vals.gather(1, torch.tensor([k - 1 for k in ks], device=x.device).unsqueeze(1))
+    # Threshold on the k-th value: ties with it are kept, so argmax is never removed.
+    x.masked_fill_(x < kth, float("-inf"))
+
+
+def _top_p(x: Tensor, ps: list[float]) -> None:
+    probs = torch.softmax(x, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # Mass strictly before each sorted token; a token is kept while that mass is still < top_p,
+    # which yields the smallest prefix reaching top_p and always keeps the first token.
+    before = torch.zeros_like(sorted_p)
+    before[:, 1:] = sorted_p.cumsum(dim=-1)[:, :-1]
+    drop_sorted = before >= _col(ps, x)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    x.masked_fill_(drop, float("-inf"))
+
+
+def _min_p(x: Tensor, mps: list[float]) -> None:
+    probs = torch.softmax(x, dim=-1)
+    thresh = probs.amax(dim=-1, keepdim=True) * _col(mps, x)
+    x.masked_fill_(probs < thresh, float("-inf"))
+
+
+def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]]) -> Tensor:
+    """Apply repetition penalty, temperature, top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
+
+    `history[i]` holds row i's prompt and generated ids. Returns a new float32 tensor; removed tokens are
+    -inf. Greedy rows only get the repetition penalty: the filters keep the argmax, so they cannot change
+    a greedy pick.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    bsz, vocab = logits.shape
+    if len(params) != bsz or len(history) != bsz:
+        raise ValueError(f"need params and history per row: B={bsz}, got {len(params)} and {len(history)}")
+    x = logits.to(torch.float32, copy=True)
+
+    _apply_repetition_penalty(x, params, history)
+
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return x
+    sp = [params[i] for i in sampled]
+
+    def filters(s: Tensor) -> None:
+        # Row indices below are positions within `s`, i.e. within `sampled`.
+        if any(p.temperature != 1.0 for p in sp):
+            s.div_(_col([p.temperature for p in sp], s))
+        k_rows = [j for j, p in enumerate(sp) if 0 < p.top_k < vocab]
+        _on_rows(s, k_rows, lambda t: _top_k(t, [sp[j].top_k for j in k_rows]))
+        p_rows = [j for j, p in enumerate(sp) if p.top_p < 1.0]
+        _on_rows(s, p_rows, lambda t: _top_p(t, [sp[j].top_p for j in p_rows]))
+        m_rows = [j for j, p in enumerate(sp) if p.min_p > 0.0]
+        _on_rows(s, m_rows, lambda t: _min_p(t, [sp[j].min_p for j in m_rows]))
+
+    _on_rows(x, sampled, filters)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class Sampler:
+    """Random state for one sequence, so its tokens depend only on its own seed and logits."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str | None = None) -> None:
+        self.params = params
+        self.device = torch.device(device if device is not None else "cpu")
+        self.generator = torch.Generator(device=self.device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+            self.seed = params.seed
+        else:
+            self.seed = self.generator.seed()  # non-deterministic, so unseeded runs differ
+
+    def _draw(self, row: Tensor, greedy: bool, is_probs: bool = False) -> Tensor:
+        """Pick one token as a 0-dim tensor (no host sync)."""
+        row = row.reshape(-1)
+        if greedy:
+            return torch.argmax(row)  # first maximal index on ties
+        probs = row.float() if is_probs else torch.softmax(row.float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+    def sample(self, row: Tensor, is_probs: bool = False) -> int:
+        """Sample one token from a processed logits row ([V] or [1, V]); pass `is_probs=True` for probs."""
+        return int(self._draw(row, self.params.greedy, is_probs).item())
+
+
+def sample_batch(
+    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]]
+) -> list[int]:
+    """Process a [B, V] logits batch and draw one token per row with that row's sampler."""
+    if len(samplers) != logits.shape[0]:
+        raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
+    x = process_logits(logits, params, history)
+    tokens = x.argmax(dim=-1)
+    for i, (sampler, p) in enumerate(zip(samplers, params)):
+        if not p.greedy:
+            tokens[i] = sampler._draw(x[i], greedy=False)
+    return tokens.tolist()  # one host sync for the whole batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stop strings
+
+
+class StopStringMatcher:
+    """Streaming stop-string detection over detokenized text deltas.
+
+    Text that could still turn into a stop string is held back. The stop taken is the first one to be
+    completed in the text (earliest end; on a tie, the longest), which is what a token-by-token stream
+    sees, so the output does not depend on how the text is split into deltas.
+    """
+
+    def __init__(self, stop: list[str] | None, include_stop_str_in_output: bool = False) -> None:
+        self.stop = [s for s in (stop or []) if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.stopped = False
+        self.matched: str | None = None  # which stop string ended the text
+        self._held = ""
+
+    def _find_stop(self, text: str) -> tuple[int, str] | None:
+        best: tuple[int, int, str] | None = None  # (end, -len, stop)
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                key = (i + len(s), -len(s), s)
+                if best is None or key < best:
+                    best = key
+        if best is None:
+            return None
+        end, _, s = best
+        return end - len(s), s
+
+    def _held_len(self, text: str) -> int:
+        """Longest suffix of `text` that is a proper prefix of some stop string."""
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit now, whether a stop string was hit)."""
+        if self.stopped:
+            return "", True
+        if not self.stop:
+            return delta, False
+        text = self._held + delta
+        found = self._find_stop(text)
+        if found is not None:
+            start, s = found
+            self.stopped, self.matched, self._held = True, s, ""
+            return text[: start + len(s) if self.include_stop_str_in_output else start], True
+        hold = self._held_len(text)
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """Return the held-back tail at the end of generation (empty after a stop)."""
+        out, self._held = self._held, ""
+        return "" if self.stopped else out

@@ -1,0 +1,211 @@
+"""InfLLM v2 in plain PyTorch: the executable form of spec/infllm_v2.md and the reference for the kernels.
+
+All functions work on one sequence (no batch dimension): queries `q [Tq, hq, d]` are the last `Tq`
+tokens of a sequence whose post-RoPE keys/values are `k, v [Tk, hkv, d]` (prefill: Tq == Tk; decode:
+Tq == 1; chunked prefill: anything in between). Query i sits at absolute position `q_start + i`.
+
+Stages:
+1. semantic kernels: mean-pooled keys, fine (kernel_size/kernel_stride) and coarse (4x, for the LSE);
+2. block scores: per query token, softmax relevance to the visible fine kernels, summed over the query
+   heads of a GQA group (one row per KV head);
+3. block selection: max-pool kernel scores onto blocks, force initial/local blocks, top-k;
+4. block-sparse attention over the selected blocks, causal inside the query's own block.
+
+Tie rule (documented, deterministic): top-k is a stable descending sort, so among equal scores the lower
+block index wins, and blocks after the query's block are never candidates (-inf). The official kernels
+leave ties to the CUDA top-k; this resolves them one fixed way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cpm4.model.config import SparseConfig
+from cpm4.numerics import upcast
+
+# Queries processed per chunk: bounds the gathered K/V ([hkv, chunk, blocks*B, d]) and score tensors.
+QUERY_CHUNK = 256
+
+
+def num_kernels(n_tokens: int, kernel_size: int, kernel_stride: int) -> int:
+    """Complete kernels over n tokens: kernel j covers tokens [j*stride, j*stride + size)."""
+    return 0 if n_tokens < kernel_size else (n_tokens - kernel_size) // kernel_stride + 1
+
+
+def kernel_means(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int = 0,
+                 stop: int | None = None) -> torch.Tensor:
+    """Mean-pooled keys for kernels [start, stop) of k [T, hkv, d] -> [stop-start, hkv, d] (k's dtype)."""
+    n = num_kernels(k.shape[0], kernel_size, kernel_stride)
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"kernel range [{start}, {stop}) outside the {n} complete kernels")
+    if start == stop:
+        return k.new_empty((0,) + tuple(k.shape[1:]))
+    first = start * kernel_stride
+    last = (stop - 1) * kernel_stride + kernel_size
+    windows = k[first:last].unfold(0, kernel_size, kernel_stride)  # [stop-start, hkv, d, size]
+    return windows.mean(dim=-1)
+
+
+def compress_keys(k: torch.Tensor, cfg: SparseConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fine semantic-kernel keys, and the coarse ones used for the LSE approximation (Gen-B only)."""
+    k1 = kernel_means(k, cfg.kernel_size, cfg.kernel_stride)
+    k2 = kernel_means(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
+    return k1, k2
+
+
+def kernel_visible(q_pos: torch.Tensor, n: int, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """[Tq, n] bool: kernel j is visible to a query at position p once it is complete, j*s + size - 1 <= p."""
+    ends = torch.arange(n, device=q_pos.device) * kernel_stride + kernel_size - 1
+    return ends[None, :] <= q_pos[:, None]
+
+
+def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_pos: torch.Tensor,
+                 cfg: SparseConfig, scale: float) -> torch.Tensor:
+    """Stage 1: group-summed softmax relevance of each query to the fine kernels -> [hkv, Tq, N1].
+
+    The softmax normaliser is the exact LSE over visible fine kernels (Gen-A) or the LSE over visible
+    coarse kernels (Gen-B's approximation, which leaves rows unnormalised). Rows without any visible
+    normalising kernel score 0 everywhere (they are covered by forced blocks). Stored in q's dtype, as
+    the kernels store it.
+    """
+    tq, hq, d = q.shape
+    hkv = k1.shape[1]
+    g = hq // hkv
+    qf = upcast(q).view(tq, hkv, g, d)
+    s1 = torch.einsum("thgd,jhd->hgtj", qf, upcast(k1)) * scale
+    vis1 = kernel_visible(q_pos, k1.shape[0], cfg.kernel_size, cfg.kernel_stride)
+    if cfg.variant == "gen-b":
+        s2 = torch.einsum("thgd,jhd->hgtj", qf, upcast(k2)) * scale
+        vis2 = kernel_visible(q_pos, k2.shape[0], cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+        lse = s2.masked_fill(~vis2, -math.inf).logsumexp(-1, keepdim=True)
+    else:
+        lse = s1.masked_fill(~vis1, -math.inf).logsumexp(-1, keepdim=True)
+    p = torch.exp(s1 - lse)
+    p = torch.where(vis1 & torch.isfinite(lse), p, torch.zeros((), device=p.device))
+    return p.sum(dim=1).to(q.dtype)
+
+
+def pool_to_blocks(scores: torch.Tensor, n_blocks: int, cfg: SparseConfig) -> torch.Tensor:
+    """Max over the fine kernels that overlap each block -> [..., n_blocks] float32 (0 where none).
+
+    Kernel c covers tokens [c*s, c*s + size); block b covers [b*B, (b+1)*B). With size 32, stride 16,
+    block 64 this is the reference's max-pool of width 5, stride 4, padding 1 (kernels 4b-1 .. 4b+3).
+    """
+    s, size, bsz = cfg.kernel_stride, cfg.kernel_size, cfg.block_size
+    per_block, pad = bsz // s, size // s - 1
+    width = per_block + pad
+    n = scores.shape[-1]
+    need = (n_blocks - 1) * per_block + width  # padded length so every block has a full window
+    x = upcast(scores)
+    # Windows past the last kernel are empty: pad with zeros (the value of a masked score).
+    left = x.new_zeros(x.shape[:-1] + (pad,))
+    right = x.new_zeros(x.shape[:-1] + (max(need - pad - n, 0),))
+    x = torch.cat([left, x, right], dim=-1)[..., :need]
+    return x.unfold(-1, width, per_block).amax(dim=-1)
+
+
+def select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Stage 3: top-k blocks per KV head and query -> int64 [hkv, Tq, K], ascending, -1 padded at the end.
+
+    Gen-B forces the initial blocks and the local window (qb-local .. qb) to +inf and counts them in the
+    top-k of topk + local blocks. Gen-A forces the initial blocks, excludes the local window
+    (qb-local+1 .. qb, which the attention adds itself) and takes topk.
+    """
+    bsz = cfg.block_size
+    n_blocks = int(q_pos.max()) // bsz + 1
+    pooled = pool_to_blocks(scores, n_blocks, cfg)  # [hkv, Tq, nb]
+    b = torch.arange(n_blocks, device=scores.device)[None, :]
+    qb = (q_pos // bsz)[:, None]
+    inf = torch.tensor(math.inf, device=scores.device)
+    init = b < cfg.init_blocks
+    if cfg.variant == "gen-b":
+        forced = init | ((b >= qb - cfg.local_blocks) & (b <= qb))
+        pooled = torch.where(forced, inf, pooled)
+    else:
+        pooled = torch.where(init & (b <= qb), inf, pooled)
+        pooled = torch.where((b > qb - cfg.local_blocks) & (b <= qb), -inf, pooled)
+    pooled = torch.where(b > qb, -inf, pooled)
+    k = min(cfg.num_selected, n_blocks)
+    order = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[..., :k]
+    valid = torch.gather(pooled, -1, order) > -math.inf
+    big = torch.iinfo(torch.int64).max
+    idx = torch.sort(torch.where(valid, order, big), dim=-1).values
+    return torch.where(idx == big, -1, idx)
+
+
+def attended_blocks(idx: torch.Tensor, q_pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """The blocks stage 2 reads: the selection, plus (Gen-A) the local window qb-local+1 .. qb."""
+    if cfg.variant == "gen-b":
+        return idx
+    qb = q_pos // cfg.block_size
+    win = qb[:, None] - torch.arange(cfg.local_blocks - 1, -1, -1, device=idx.device)[None, :]
+    win = torch.where(win >= 0, win, -1)
+    return torch.cat([idx, win.unsqueeze(0).expand(idx.shape[0], -1, -1)], dim=-1)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                           q_pos: torch.Tensor, block_size: int, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 4: each query attends to the tokens t <= p of its blocks (gathered, not masked densely).
+
+    q [Tq, hq, d]; k, v [Tk, hkv, d]; blocks [hkv, Tq, nsel] (-1 unused) -> out [Tq, hq, d] (q dtype),
+    lse [Tq, hq] float32 (-inf for a query that sees nothing; its output is 0).
+    """
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    g = hq // hkv
+    tok = blocks[..., None] * block_size + torch.arange(block_size, device=q.device)  # [hkv, Tq, nsel, B]
+    tok = tok.flatten(2)
+    valid = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).flatten(2)
+    valid = valid & (tok <= q_pos[None, :, None]) & (tok < tk)
+    tok = torch.where(valid, tok, 0)
+    kh, vh = upcast(k).transpose(0, 1), upcast(v).transpose(0, 1)  # [hkv, Tk, d]
+    kg = kh[torch.arange(hkv, device=q.device)[:, None, None], tok]  # [hkv, Tq, S, d]
+    vg = vh[torch.arange(hkv, device=q.device)[:, None, None], tok]
+    qf = upcast(q).view(tq, hkv, g, d)
+    s = torch.einsum("thgd,htsd->hgts", qf, kg) * scale
+    s = s.masked_fill(~valid[:, None], -math.inf)
+    lse = s.logsumexp(-1)  # [hkv, g, Tq]
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("hgts,htsd->thgd", p, vg).reshape(tq, hq, d)
+    return out.to(q.dtype), lse.permute(2, 0, 1).reshape(tq, hq)
+
+
+def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
+                        scale: float | None = None, k1: torch.Tensor | None = None,
+                        k2: torch.Tensor | None = None, return_blocks: bool = False,
+                        chunk: int = QUERY_CHUNK):
+    """InfLLM v2 attention of the last Tq tokens over the whole sequence -> out [Tq, hq, d].
+
+    `k1`/`k2` are the sequence's semantic-kernel keys when a cache already holds them (decode); they
+    must equal `compress_keys(k, cfg)` (at least the kernels the queries can see).
+    With return_blocks, also returns the selected block indices [hkv, Tq, K].
+    """
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of key/value heads {hkv}")
+    if tq > tk:
+        raise ValueError(f"more queries ({tq}) than keys ({tk})")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if k1 is None:
+        k1, k2 = compress_keys(k, cfg)
+    q_pos_all = torch.arange(tk - tq, tk, device=q.device)
+    outs, sel = [], []
+    for i in range(0, tq, chunk):
+        qc, pos = q[i:i + chunk], q_pos_all[i:i + chunk]
+        scores = block_scores(qc, k1, k2, pos, cfg, scale)
+        idx = select_blocks(scores, pos, cfg)
+        out, _ = block_sparse_attention(qc, k, v, attended_blocks(idx, pos, cfg), pos, cfg.block_size, scale)
+        outs.append(out)
+        if return_blocks:
+            sel.append(idx)
+    out = torch.cat(outs, 0)
+    if not return_blocks:
+        return out
+    width = max(s.shape[-1] for s in sel)
+    sel = [torch.nn.functional.pad(s, (0, width - s.shape[-1]), value=-1) for s in sel]
+    return out, torch.cat(sel, 1)

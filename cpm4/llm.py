@@ -1,0 +1,117 @@
+"""The Python entry points: `load_model`, `generate` and a small vLLM-style `LLM` class.
+
+    from cpm4 import LLM, SamplingParams
+    llm = LLM("path/to/MiniCPM4-0.5B")
+    print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].text)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine.generate import GenerationOutput, generate_ids, generate_stream
+from .engine.sampling import SamplingParams
+from .model.checkpoint import load_checkpoint, parse_dtype
+from .model.modeling import MiniCPM4ForCausalLM
+from .model.tokenizer import Tokenizer
+
+# Above this many parameters a CPU load defaults to bfloat16 (float32 would need 4 bytes a parameter).
+_CPU_FP32_MAX_PARAMS = 2_000_000_000
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_dtype: str | None,
+                  n_params: int) -> torch.dtype:
+    if dtype not in (None, "auto"):
+        return parse_dtype(dtype)
+    if device.type == "cuda":
+        stored = parse_dtype(config_dtype) if config_dtype else None
+        return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return torch.float32 if n_params <= _CPU_FP32_MAX_PARAMS else torch.bfloat16
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
+    """Load a checkpoint folder (HF layout) and its tokenizer. device/dtype default to "auto"."""
+    from .model.config import MiniCPM4Config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    config = MiniCPM4Config.from_json(path / "config.json")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, config.torch_dtype, config.num_parameters())
+    model = load_checkpoint(path, device=dev, dtype=dt)
+    return model, Tokenizer.from_dir(path)
+
+
+def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+
+def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    return prompts, list(params)
+
+
+def generate(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: str | Sequence[int] | Sequence,
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+    """Generate for one prompt or a batch (text or token ids); one output per prompt, in order."""
+    prompts, params = _normalise(prompts, params)
+    ids = [_as_ids(tokenizer, p) for p in prompts]
+    outs = generate_ids(model, tokenizer, ids, params)
+    for o, p in zip(outs, prompts):
+        o.prompt = p if isinstance(p, str) else None
+    return outs
+
+
+def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
+           params: SamplingParams | None = None) -> Iterator[str]:
+    """Text of one prompt's completion, piece by piece as it is generated."""
+    for step in generate_stream(model, tokenizer, [_as_ids(tokenizer, prompt)], [params or SamplingParams()]):
+        for d in step:
+            if d.text:
+                yield d.text
+
+
+class LLM:
+    """A loaded model with its tokenizer: offline batch generation, streaming and chat."""
+
+    def __init__(self, model: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        self.path = Path(model)
+        self.model, self.tokenizer = load_model(model, device, dtype)
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[GenerationOutput]:
+        return generate(self.model, self.tokenizer, prompts, params)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        return stream(self.model, self.tokenizer, prompt, params)
+
+    def chat_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
+             **template_kwargs: Any) -> GenerationOutput:
+        """One assistant reply to a conversation, rendered with the checkpoint's chat template."""
+        return generate(self.model, self.tokenizer, [self.chat_ids(messages, **template_kwargs)], params)[0]

@@ -1,0 +1,257 @@
+"""Checkpoints in the Hugging Face layout: config.json, model.safetensors or shards with
+model.safetensors.index.json, generation_config.json and tokenizer files.
+
+Loading is memory-mapped (tensors are read one at a time into a model built on the meta device, so peak
+memory is about one model). Saving writes the whole folder under a temporary name and renames it into
+place, so an interrupted save never leaves a half checkpoint where a checkpoint is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import MiniCPM4Config, write_text_atomic
+from .modeling import MiniCPM4ForCausalLM
+from .rope import RotaryEmbedding
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Stored by some older HF exports; derived from the config, so skipped.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or does not match its config; the message names the tensor/file."""
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def expected_shapes(config: MiniCPM4Config) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, exactly the checkpoint's tensors (no lm_head when tied)."""
+    with torch.device("meta"):
+        model = MiniCPM4ForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    index, single = path / INDEX_FILE, path / SINGLE_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f.name}: shard listed in {INDEX_FILE} is missing from {path}")
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_state_dict(path: str | os.PathLike, config: MiniCPM4Config, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read and check every tensor against the config; missing, extra or misshapen tensors are named."""
+    path = Path(path)
+    files = _weight_files(path)
+    expected = expected_shapes(config)
+    names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in names
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected) - ({"lm_head.weight"} if tied_head else set()))
+    if missing:
+        hint = " (config has tie_word_embeddings=false)" if missing == ["lm_head.weight"] else ""
+        raise CheckpointError(f"missing tensor {missing[0]}{hint}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]}"
+                              + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                              + " (does the config match this checkpoint?)")
+    by_file: dict[Path, list[str]] = {}
+    for n in sorted(expected) + (["lm_head.weight"] if tied_head else []):
+        by_file.setdefault(files[n], []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    dev = str(device)
+    for file, tensor_names in by_file.items():
+        with safe_open(str(file), framework="pt", device=dev) as f:
+            present = set(f.keys())
+            for n in tensor_names:
+                if n not in present:
+                    raise CheckpointError(f"missing tensor {n}: {INDEX_FILE} lists it in {file.name}, "
+                                          "which does not hold it")
+                t = f.get_tensor(n)
+                want = expected.get(n, expected["model.embed_tokens.weight"])
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"tensor {n}: shape {tuple(t.shape)} in {file.name}, config implies "
+                                          f"{want}")
+                if not t.is_floating_point():
+                    raise CheckpointError(f"tensor {n}: dtype {t.dtype} is not floating point")
+                out[n] = t.to(dtype) if dtype is not None else t
+    if tied_head:
+        head = out.pop("lm_head.weight")
+        if not torch.equal(head.to(out["model.embed_tokens.weight"].dtype), out["model.embed_tokens.weight"]):
+            raise CheckpointError("tensor lm_head.weight differs from model.embed_tokens.weight but the config "
+                                  "has tie_word_embeddings=true")
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = None) -> MiniCPM4ForCausalLM:
+    """Load a MiniCPM4 checkpoint folder. dtype None keeps the stored dtype (bit-identical reload)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    config = MiniCPM4Config.from_json(path / "config.json")
+    state = read_state_dict(path, config, parse_dtype(dtype), device)
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:  # mixed storage: settle on the config's dtype
+        target = parse_dtype(config.torch_dtype) or torch.float32
+        state = {k: v.to(target) for k, v in state.items()}
+    with torch.device("meta"):
+        model = MiniCPM4ForCausalLM(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    # Non-persistent buffers were built on meta: make them for real on the target device.
+    model.rotary = RotaryEmbedding(config).to(device)
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module,
+                    config: MiniCPM4Config, out_dir: str | os.PathLike, tokenizer: Any = None,
+                    dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                    generation_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint folder atomically. `weights` may be a module, a state dict, or an iterable of
+    (name, tensor) produced lazily (so a large random model never has to exist in memory at once)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    dtype = parse_dtype(dtype)
+    if isinstance(weights, torch.nn.Module):
+        weights = weights.state_dict()
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    limit = _parse_size(max_shard_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        sizes = [0]
+        shard_files: list[str] = []
+        weight_map: dict[str, str] = {}
+        stored_dtype = None
+        total = 0
+        expected = expected_shapes(config)
+
+        def flush() -> None:
+            name = f"shard-{len(shard_files):05d}.safetensors"
+            save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+            shard_files.append(name)
+            for n in shards[-1]:
+                weight_map[n] = name
+            shards[-1], sizes[-1] = {}, 0
+
+        for name, t in items:
+            if name not in expected:
+                raise CheckpointError(f"unexpected tensor {name} for this config")
+            if name in weight_map or name in shards[-1]:
+                raise CheckpointError(f"duplicate tensor {name} in the weights to save")
+            if tuple(t.shape) != expected[name]:
+                raise CheckpointError(f"tensor {name}: shape {tuple(t.shape)}, config implies {expected[name]}")
+            t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+            stored_dtype = t.dtype
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and sizes[-1] + nbytes > limit:
+                flush()
+            shards[-1][name] = t
+            sizes[-1] += nbytes
+            total += nbytes
+        missing = sorted(set(expected) - {n for s in shards for n in s} - set(weight_map))
+        if missing:
+            raise CheckpointError(f"missing tensor {missing[0]} in the weights to save")
+        if shards[-1]:
+            flush()
+        n = len(shard_files)
+        if n == 1:
+            os.replace(tmp / shard_files[0], tmp / SINGLE_FILE)
+        else:
+            final = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(shard_files)}
+            for f, g in final.items():
+                os.replace(tmp / f, tmp / g)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))}
+            write_text_atomic(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        if stored_dtype is not None:
+            config.torch_dtype = dtype_name(stored_dtype)
+        config.save_json(tmp / "config.json")
+        gen = generation_config or {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        write_text_atomic(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush every file to disk and give them ordinary permissions (safetensors creates them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in path.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to its name; an existing folder is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # overwrite=True over a plain file
+            old.unlink(missing_ok=True)

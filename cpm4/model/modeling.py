@@ -1,0 +1,195 @@
+"""The MiniCPM4 decoder (spec/model.md): a µP-scaled Llama-style transformer whose attention switches
+between dense and InfLLM v2 by sequence length.
+
+Parameter names match the Hugging Face checkpoints (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+The forward pass optionally reads and writes a KV cache (`cpm4.engine.kv_cache.KVCache` or anything
+with the same attributes); see `Attention.forward` for the batch/padding contract.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpm4.kernels.infllm_v2 import sparse_attention
+from cpm4.numerics import upcast
+
+from .config import MiniCPM4Config
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reference op order: statistics in fp32, normalised value rounded to x's dtype, then the weight.
+        var = upcast(x).pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MiniCPM4Config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniCPM4Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                  config.dim_head)
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
+                new_lens: torch.Tensor, cache=None) -> torch.Tensor:
+        """x [B, T, H]. Sequence b has new_lens[b] real tokens (right padding after them) starting at
+        absolute position starts[b] (its cache length before this call). Padded rows produce values
+        that are never read: their keys land beyond the sequence's length and are overwritten later."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
+        else:
+            k_all, v_all = k, v
+        kv_lens = (starts + new_lens).tolist()
+        sc = self.config.sparse_config
+        sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(new_lens.tolist(), kv_lens)]
+        if not any(sparse):
+            out = self._dense(q, k_all, v_all, starts, cache is None and not starts.any())
+        else:
+            out = torch.zeros_like(q)
+            for i in range(b):
+                n, L, s = int(new_lens[i]), kv_lens[i], int(starts[i])
+                if n == 0:
+                    continue
+                if sparse[i]:
+                    k1 = k2 = None
+                    if cache is not None:
+                        k1, k2 = cache.compressed_keys(self.layer_idx, i, L, sc)
+                    out[i, :n] = sparse_attention(q[i, :n], k_all[i, :L], v_all[i, :L], sc, self.scale, k1, k2)
+                else:
+                    out[i:i + 1, :n] = self._dense(q[i:i + 1, :n], k_all[i:i + 1, :L], v_all[i:i + 1, :L],
+                                                   starts[i:i + 1], s == 0 and L == n)
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+               plain_causal: bool) -> torch.Tensor:
+        """Dense GQA attention; query i of sequence b sees keys j <= starts[b] + i."""
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if plain_causal:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            t, s = q.shape[1], k.shape[1]
+            qpos = starts[:, None] + torch.arange(t, device=q.device)[None, :]
+            mask = torch.arange(s, device=q.device)[None, None, :] <= qpos[:, :, None]  # [B, T, S]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=self.scale,
+                                               enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiniCPM4Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, x, cos, sin, starts, new_lens, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache) * self.residual_scale
+        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+
+
+class Backbone(nn.Module):
+    """Holds the tensors under the `model.` prefix of the checkpoint."""
+
+    def __init__(self, config: MiniCPM4Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MiniCPM4ForCausalLM(nn.Module):
+    def __init__(self, config: MiniCPM4Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H]. With a cache, tokens go after each sequence's cached ones."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        vocab = self.config.vocab_size
+        if t and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token id out of range [0, {vocab}): min {int(input_ids.min())}, "
+                             f"max {int(input_ids.max())}")
+        dev = input_ids.device
+        if new_lens is None:
+            new_lens = torch.full((b,), t, dtype=torch.long, device=dev)
+        new_lens = new_lens.to(dev)
+        starts = cache.lens.to(dev) if cache is not None else torch.zeros(b, dtype=torch.long, device=dev)
+        if cache is not None:
+            cache.check_room(starts, t, new_lens)
+        positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
+        cos, sin = self.rotary(positions, self.dtype)
+        x = self.model.embed_tokens(input_ids) * self.config.scale_emb
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, starts, new_lens, cache)
+        if cache is not None:
+            cache.advance(new_lens)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """µP output: the head reads h / (hidden_size / dim_model_base); logits in float32 (float64 models:
+        float64)."""
+        out = F.linear(h / self.config.logit_divisor, self.output_weight())
+        return out if out.dtype == torch.float64 else out.float()
+
+    def forward(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (float32), or [B, V] at each sequence's last real token with last_only."""
+        h = self.hidden_states(input_ids, cache, new_lens)
+        if last_only:
+            last = (new_lens if new_lens is not None else torch.full((h.shape[0],), h.shape[1])) - 1
+            h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
+        return self.logits(h)
+

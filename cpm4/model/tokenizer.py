@@ -1,0 +1,531 @@
+"""MiniCPM4 tokenizer: loading released checkpoints, building a small one offline, chat rendering.
+
+Released MiniCPM4 checkpoints ship a Hugging Face tokenizer whose ids start `<unk>`=0, `<s>`=1, `</s>`=2
+and whose vocabulary ends with eight chat tokens (`<|im_end|>` = vocab_size - 8, ...). `build_tokenizer`
+makes a byte-level BPE with the same layout so that `cpm4 init` can write a random model with a working
+tokenizer without network access.
+
+Chat uses ChatML, always rendered by the checkpoint's own `chat_template` (see `CHATML_TEMPLATE`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import sysconfig
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tokenizers
+    from transformers import PreTrainedTokenizerBase
+
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+IM_END = "<|im_end|>"
+IM_START = "<|im_start|>"
+TOOL_CALL = "<|tool_call|>"
+# Order matters: these take the last 8 ids, as in the released vocabulary (73440..73447 of 73448).
+CHAT_TOKENS = (
+    IM_END,
+    IM_START,
+    TOOL_CALL,
+    "<|execute_start|>",
+    "<|execute_end|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+)
+BASE_SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
+MIN_VOCAB_SIZE = 256 + len(BASE_SPECIAL_TOKENS) + len(CHAT_TOKENS) + 1
+DEFAULT_MODEL_MAX_LENGTH = 32768
+
+CHATML_TEMPLATE = r"""
+{#- ChatML. Every piece of output text is an expression and every tag trims whitespace, so the result does
+    not depend on the Jinja environment's trim_blocks / lstrip_blocks settings. -#}
+{%- if tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if messages[0]['role'] == 'system' -%}
+        {{- messages[0]['content'] + '\n\n' -}}
+    {%- endif -%}
+    {{- '# Tools\nYou may call the following functions. Each line is the JSON schema of one tool:\n' -}}
+    {%- for tool in tools -%}
+        {{- (tool | tojson) + '\n' -}}
+    {%- endfor -%}
+    {{- 'To call functions, reply with one line per call: '
+        + '<|tool_call|>{"name": <function name>, "arguments": <JSON object>}<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if loop.first and tools and message['role'] == 'system' -%}
+        {#- already merged into the tools system turn above -#}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}
+        {%- set content = message['content'] if message['content'] is defined and message['content'] is string
+            else '' -%}
+        {{- '<|im_start|>assistant\n' + content -}}
+        {%- for call in message['tool_calls'] -%}
+            {%- set fn = call['function'] if call['function'] is defined else call -%}
+            {%- set args = fn['arguments'] if fn['arguments'] is defined else {} -%}
+            {%- if content or not loop.first -%}
+                {{- '\n' -}}
+            {%- endif -%}
+            {{- '<|tool_call|>{"name": ' + (fn['name'] | tojson) + ', "arguments": ' -}}
+            {%- if args is string -%}
+                {{- args -}}
+            {%- else -%}
+                {{- args | tojson -}}
+            {%- endif -%}
+            {{- '}' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if enable_thinking is defined and not enable_thinking -%}
+        {{- '<think>\n\n</think>\n\n' -}}
+    {%- endif -%}
+{%- endif -%}
+""".strip()
+"""Jinja chat template (Hugging Face style) rendering ChatML.
+
+Each message becomes `<|im_start|>{role}\\n{content}<|im_end|>\\n`; `add_generation_prompt` appends
+`<|im_start|>assistant\\n`. Extras:
+
+* `tools` (OpenAI-style JSON schemas): a system turn is emitted first (merged with the conversation's own
+  leading system message, whose content comes first) holding a `# Tools` section with one JSON line per tool
+  and a line explaining the call syntax.
+* assistant messages with `tool_calls`: the optional content, then one line per call,
+  `<|tool_call|>{"name": ..., "arguments": ...}` (string arguments are inserted verbatim, as OpenAI already
+  sends JSON text; objects are JSON-encoded).
+* messages with role `tool` are ordinary turns with role `tool`.
+* `enable_thinking=False` (MiniCPM4.1 style) follows the generation prompt with `<think>\\n\\n</think>\\n\\n`.
+"""
+
+# Fixed, side-effect-free stdlib modules whose docstrings form the default training corpus.
+# fmt: off
+_CORPUS_MODULES = (
+    "abc", "argparse", "base64", "bisect", "calendar", "collections", "configparser", "contextlib", "copy",
+    "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "gettext",
+    "glob", "gzip", "heapq", "html", "inspect", "io", "ipaddress", "json", "logging",
+    "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shlex", "shutil",
+    "statistics", "string", "struct", "tarfile", "tempfile", "textwrap", "threading", "tokenize",
+    "traceback", "unittest", "urllib.parse", "uuid", "warnings", "zipfile",
+)
+# fmt: on
+
+# Chat-shaped lines (role, newline, content) and a little Chinese, as MiniCPM is bilingual.
+_EXTRA_CORPUS = (
+    "system\nYou are a helpful assistant.\n",
+    "user\nHello! Can you tell me a short story about a robot?\n",
+    "assistant\nOnce upon a time, a small robot learned to paint the sky.\n",
+    "user\nWhat is the capital of France?\nassistant\nThe capital of France is Paris.\n",
+    "user\n你好，请介绍一下你自己。\nassistant\n你好！我是一个人工智能助手，很高兴为你服务。\n",
+    "The MiniCPM4 model is an efficient large language model designed for end-side devices.\n",
+    'def main() -> None:\n    print("hello, world")\n\n\nif __name__ == "__main__":\n    main()\n',
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docstrings() -> tuple[str, ...]:
+    # Read from the stdlib *source* with ast, not from imported objects: no import side effects, and immune
+    # to monkeypatching by other libraries (transformers adds methods to logging.Logger) and to -OO.
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: dict[str, None] = {}  # ordered set
+    for name in sorted(_CORPUS_MODULES):
+        base = root.joinpath(*name.split("."))
+        source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            continue  # a trimmed Python install: use what is there
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    docs[doc] = None
+    return tuple(docs)
+
+
+def default_corpus() -> list[str]:
+    """The offline training corpus: the docstrings in the source of a fixed, sorted list of stdlib modules,
+    then a few chat-style lines. Deterministic for a given Python installation; takes about half a second
+    the first time (cached after)."""
+    return [*_stdlib_docstrings(), *_EXTRA_CORPUS]
+
+
+def build_tokenizer(
+    vocab_size: int = 1024,
+    texts: Iterable[str] | None = None,
+    *,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+) -> Tokenizer:
+    """Train a byte-level BPE laid out like the MiniCPM4 vocabulary.
+
+    Ids: 0..2 are `<unk>`, `<s>`, `</s>`; 3..258 the 256 byte symbols; then merges; the last 8 ids are the
+    chat tokens (`<|im_end|>` = vocab_size - 8). If the corpus runs out of merges first, special
+    `<|reserved_N|>` tokens fill the gap so the size is exactly `vocab_size`. `texts` defaults to
+    `default_corpus()`. Any UTF-8 text round-trips exactly through encode/decode.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: a byte-level vocabulary needs at least {MIN_VOCAB_SIZE} "
+            f"ids (3 base specials + 256 bytes + 8 chat tokens + 1 merge)"
+        )
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.BPE(unk_token=UNK_TOKEN))
+    # use_regex splits words GPT-2 style; no prefix space, so decode(encode(x)) == x exactly.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    base_size = vocab_size - len(CHAT_TOKENS)
+    trainer = trainers.BpeTrainer(
+        vocab_size=base_size,
+        special_tokens=list(BASE_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(default_corpus() if texts is None else texts, trainer)
+
+    n_model = backend.get_vocab_size(with_added_tokens=True)
+    if n_model > base_size:  # cannot happen with BpeTrainer; guards the id layout below
+        raise RuntimeError(f"BPE trainer produced {n_model} tokens, more than the {base_size} requested")
+    pad = [AddedToken(f"<|reserved_{i}|>", special=True, normalized=False) for i in range(base_size - n_model)]
+    chat = [AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS]
+    backend.add_special_tokens(pad + chat)
+
+    got = backend.get_vocab_size(with_added_tokens=True)
+    if got != vocab_size or backend.token_to_id(IM_END) != vocab_size - len(CHAT_TOKENS):
+        raise RuntimeError(f"built vocabulary has {got} tokens, expected {vocab_size}")
+    for i, tok in enumerate(BASE_SPECIAL_TOKENS):
+        if backend.token_to_id(tok) != i:
+            raise RuntimeError(f"{tok} got id {backend.token_to_id(tok)}, expected {i}")
+
+    bos_id = BASE_SPECIAL_TOKENS.index(BOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+    return Tokenizer(_wrap_backend(backend, chat_template=CHATML_TEMPLATE, model_max_length=model_max_length))
+
+
+def _wrap_backend(
+    backend: tokenizers.Tokenizer | None,
+    *,
+    tokenizer_file: str | None = None,
+    chat_template: Any = None,
+    model_max_length: int | None = None,
+    bos_token: Any = BOS_TOKEN,
+    eos_token: Any = EOS_TOKEN,
+    unk_token: Any = UNK_TOKEN,
+    add_bos_token: bool = True,
+    add_eos_token: bool = False,
+    **extra: Any,
+) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs: dict[str, Any] = dict(
+        bos_token=bos_token,
+        eos_token=eos_token,
+        unk_token=unk_token,
+        add_bos_token=add_bos_token,
+        add_eos_token=add_eos_token,
+        # BPE output must come back byte-exact; the WordPiece space clean-up would alter it.
+        clean_up_tokenization_spaces=False,
+        **extra,
+    )
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    if backend is not None:
+        kwargs["tokenizer_object"] = backend
+    else:
+        kwargs["tokenizer_file"] = tokenizer_file
+    return PreTrainedTokenizerFast(**kwargs)
+
+
+def _token_str(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A crash mid-write leaves only a *.partial-* file, never a truncated tokenizer file.
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class Tokenizer:
+    """A thin wrapper around a `transformers` tokenizer with the operations cpm4 needs."""
+
+    def __init__(self, hf: PreTrainedTokenizerBase) -> None:
+        self._hf = hf
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load the tokenizer of a checkpoint directory (released MiniCPM4 ones or ones we saved)."""
+        path = Path(path)
+        if not path.is_dir() or not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for {', '.join(_TOKENIZER_FILES)}")
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as err:
+            # e.g. a tokenizer_class this transformers version does not know: tokenizer.json suffices.
+            if not (path / "tokenizer.json").is_file():
+                raise
+            try:
+                hf = cls._load_tokenizer_json(path)
+            except Exception as fallback_err:
+                raise fallback_err from err
+        return cls(hf)
+
+    @staticmethod
+    def _load_tokenizer_json(path: Path) -> PreTrainedTokenizerBase:
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        chat_template = config.get("chat_template")
+        if isinstance(chat_template, list):  # older list-of-named-templates format
+            chat_template = {t["name"]: t["template"] for t in chat_template}
+        if (path / "chat_template.jinja").is_file():
+            chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        max_len = config.get("model_max_length")
+        return _wrap_backend(
+            None,
+            tokenizer_file=str(path / "tokenizer.json"),
+            chat_template=chat_template,
+            model_max_length=max_len if isinstance(max_len, int) else None,
+            bos_token=_token_str(config.get("bos_token", BOS_TOKEN)),
+            eos_token=_token_str(config.get("eos_token", EOS_TOKEN)),
+            unk_token=_token_str(config.get("unk_token", UNK_TOKEN)),
+            add_bos_token=bool(config.get("add_bos_token", True)),
+            add_eos_token=bool(config.get("add_eos_token", False)),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is None:  # a slow (sentencepiece) tokenizer has no tokenizer.json to write
+            self._hf.save_pretrained(str(path))
+            return
+        hf = self._hf
+        specials = {
+            key: _token_str(getattr(hf, key, None)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        specials = {k: v for k, v in specials.items() if v is not None}
+        chat_template = hf.chat_template
+        if isinstance(chat_template, dict):
+            chat_template = [{"name": k, "template": v} for k, v in chat_template.items()]
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "add_bos_token": bool(getattr(hf, "add_bos_token", True)),
+            "add_eos_token": bool(getattr(hf, "add_eos_token", False)),
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": int(hf.model_max_length),
+        }
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        chat_tokens = [t for t in CHAT_TOKENS if self.token_id(t) is not None]
+        special_map = {**specials, "additional_special_tokens": chat_tokens}
+
+        _write_atomic(path / "tokenizer.json", backend.to_str(pretty=True))
+        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(path / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        stale = path / "chat_template.jinja"
+        if stale.is_file() and isinstance(hf.chat_template, str):
+            # transformers 5 prefers this file over the config entry; keep the two in agreement.
+            _write_atomic(stale, hf.chat_template)
+
+    # ----- ids and text -----
+
+    @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        return self._hf
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end generation: EOS and `<|im_end|>` when the vocabulary has them."""
+        ids = {self.eos_token_id, self.token_id(IM_END)}
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including added tokens (`len(hf)`)."""
+        return len(self._hf)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of `token`, or None when it is not in the vocabulary (unlike convert_tokens_to_ids -> unk)."""
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.token_to_id(token)
+        return self._hf.get_vocab().get(token)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(self._hf.encode(text, add_special_tokens=False))
+        # Prepended here, not by the post-processor, so add_bos means the same for any checkpoint.
+        if add_bos and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._hf.decode(
+            [int(i) for i in ids], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    # ----- chat -----
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render `messages` with the checkpoint's chat template (no BOS unless the template writes one)."""
+        if self._hf.chat_template is None and template_kwargs.get("chat_template") is None:
+            raise ValueError(
+                "this tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja); "
+                "cannot render a chat"
+            )
+        _check_messages(messages)
+        rendered = self._hf.apply_chat_template(
+            [dict(m) for m in messages],
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template_kwargs,
+        )
+        if not isinstance(rendered, str):
+            raise TypeError(f"chat template rendering returned {type(rendered).__name__}, expected str")
+        return rendered
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Ids of the rendered chat: exactly one BOS first, each special token in the text as its own id."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
+        ids = self.encode(text, add_bos=False)
+        bos = self.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"message {i} is {type(message).__name__}, expected a dict with role and content")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {i} has no 'role'")
+        content = message.get("content")
+        # OpenAI sends content=None on assistant turns that only call tools.
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}) has no string 'content'")
+
+
+class IncrementalDetokenizer:
+    """Turn generated ids into text one id at a time without ever emitting half a character.
+
+    Each step decodes only the window `ids[prefix_offset:]`: `prefix_offset..read_offset` is text already
+    emitted (decoded again as context, since some decoders depend on the preceding token), and the tail past
+    `read_offset` is new. Byte-level BPE may split a character across ids; the decoded tail then ends with
+    U+FFFD and is held back until the character completes (or `flush`).
+    """
+
+    # Prompt ids kept as decoding context for the first generated ids.
+    _PROMPT_CONTEXT = 6
+    # Drop consumed ids once this many pile up, so memory stays bounded on long outputs.
+    _TRIM_AT = 1024
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = [int(i) for i in (prompt_ids or [])[-self._PROMPT_CONTEXT :]]
+        if self._ids and self._decode(self._ids).endswith("\ufffd"):
+            # The prompt ends mid-character: gluing generated bytes onto it would change the text relative to
+            # decoding the generated ids alone, so decode those on their own.
+            self._ids = []
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        self._chunks: list[str] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _advance(self, full: str) -> str:
+        delta = full[len(self._prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        if self._prefix_offset >= self._TRIM_AT:
+            del self._ids[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+        if delta:
+            self._chunks.append(delta)
+        return delta
+
+    def add(self, token_id: int) -> str:
+        """Append one id; return the text it completes ('' while a character is still partial)."""
+        self._ids.append(int(token_id))
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(self._prefix_text) or full.endswith("\ufffd"):
+            return ""
+        return self._advance(full)
+
+    def flush(self) -> str:
+        """Return whatever is held back (an incomplete character decodes as U+FFFD, as decode() does)."""
+        if self._read_offset == len(self._ids):
+            return ""
+        return self._advance(self._decode(self._ids[self._prefix_offset :]))
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if len(self._chunks) > 1:  # join once and keep the result, so polling every step stays linear
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+# Keep CPU runs predictable on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_model(name: str = "tiny", dtype=torch.float64, seed: int = 0, **overrides):
+    """A preset model with µP random weights (norm weights perturbed so they matter), in `dtype`."""
+    from cpm4.model import MiniCPM4ForCausalLM, preset
+    from cpm4.model.init import init_model
+
+    cfg = preset(name, **overrides)
+    model = MiniCPM4ForCausalLM(cfg).to(dtype)
+    init_model(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
+    return model.eval()
