@@ -286,10 +286,19 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir() or not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for {', '.join(_TOKENIZER_FILES)}")
-        from transformers import AutoTokenizer
+        import warnings
 
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # AutoTokenizer also reads config.json and warns that "minicpm" is no model type it knows:
+        # irrelevant for the tokenizer, and noise in every CLI run.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
-            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:
             # e.g. a tokenizer_class this transformers version does not know: tokenizer.json suffices.
             if not (path / "tokenizer.json").is_file():
@@ -298,6 +307,8 @@ class Tokenizer:
                 hf = cls._load_tokenizer_json(path)
             except Exception as fallback_err:
                 raise fallback_err from err
+        finally:
+            hf_logging.set_verbosity(level)
         return cls(hf)
 
     @staticmethod
