@@ -63,7 +63,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # validate the arguments before a (possibly long) model load
     llm = _load(args)
-    prompts = args.prompt or [sys.stdin.read()]
+    # A prompt piped in usually ends with the shell's newline, which is not part of the prompt.
+    prompts = args.prompt or [sys.stdin.read().removesuffix("\n")]
     if len(prompts) == 1 and not args.no_stream:
         t0 = time.perf_counter()
         first = None
@@ -90,6 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from .engine.generate import PromptTooLongError
+
     params = _sampling(args)
     llm = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -123,6 +126,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             # Keep what was said so far; the conversation continues from it.
             print(" [interrupted]", end="")
+        except PromptTooLongError as e:
+            history.pop()
+            print(f"cpm4: {e}; /reset to start a new conversation", file=sys.stderr)
+            continue
         print()
         history.append({"role": "assistant", "content": reply})
 

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on the CPU; must be set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep CPU runs predictable on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import cpm4.model.checkpoint as ckpt
+import cpm4.model.tokenizer as tokenizer_module
 from cpm4.model.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -494,8 +495,21 @@ def test_mup_init_std(dim_model_base):
 @pytest.fixture(scope="module")
 def created(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
-    return {key: create_checkpoint("tiny", root / key, seed=seed, dtype="float32")
-            for key, seed in (("a", 0), ("b", 0), ("c", 1))}
+    real_build = tokenizer_module.build_tokenizer
+    built: dict = {}
+
+    def build_once(*args, **kwargs):  # training the BPE is the slow part; it is deterministic anyway
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = real_build(*args, **kwargs)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer_module, "build_tokenizer", build_once)
+        out = {key: create_checkpoint("tiny", root / key, seed=seed, dtype="float32")
+               for key, seed in (("a", 0), ("b", 0), ("c", 1))}
+    assert len(built) == 1
+    return out
 
 
 def test_create_checkpoint_files(created):

@@ -2,8 +2,8 @@
 
 One tiny checkpoint is written per session with `cpm4 init`. Every non-interactive command is started up
 front on a small thread pool (each subprocess spends seconds importing torch, so running them side by side
-keeps the file fast); each test then waits for, and checks, the result of its own command(s). The
-interactive Ctrl-C tests come last and run alone.
+keeps the file fast); each test then waits for, and checks, the result of its own command(s). The Ctrl-C
+scenarios (Popen, SIGINT) run on the same pool.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def dirs(ckpt, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def jobs(ckpt, dirs, tmp_path_factory):
-    """Start every non-interactive CLI run at once; tests pick their results by name."""
+    """Start every CLI run at once (the Ctrl-C scenarios too); tests pick their results by name."""
     m = ["--model", ckpt, "--device", "cpu"]
     script = Path(sys.executable).with_name("cpm4")
     specs: dict[str, tuple[tuple, dict]] = {
@@ -135,6 +135,9 @@ def jobs(ckpt, dirs, tmp_path_factory):
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures: dict[str, Future] = {name: pool.submit(run_cli, *a, **kw) for name, (a, kw) in specs.items()}
+        futures["chat_sigint_prompt"] = pool.submit(chat_ctrl_c_at_prompt, ckpt)
+        futures["chat_sigint_reply"] = pool.submit(chat_ctrl_c_during_reply, ckpt)
+        futures["generate_sigint"] = pool.submit(generate_ctrl_c_while_streaming, ckpt)
         yield futures
         for f in futures.values():
             f.cancel()
@@ -282,50 +285,51 @@ def test_chat_multi_turn_keeps_history_and_eof_exits(jobs, llm):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ctrl-C (run after the pool above has drained: they are timing sensitive)
+# Ctrl-C: the scenarios run on the pool like the other commands; each returns the child's exit code,
+# stdout and stderr after the interrupt.
 
 
-def _popen(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def _popen(*args: str | Path, stdin=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=ENV)
 
 
-def _read_until(p: subprocess.Popen, buf: bytearray, pred, timeout: float = 60.0) -> None:
+def _read_until(p: subprocess.Popen, buf: bytearray, pred, timeout: float = 120.0) -> None:
     """Read the child's stdout into buf until pred(buf) holds."""
     fd = p.stdout.fileno()
     deadline = time.monotonic() + timeout
     while not pred(bytes(buf)):
         left = deadline - time.monotonic()
-        if left <= 0 or p.poll() is not None and not select.select([fd], [], [], 0)[0]:
+        if left <= 0 or (p.poll() is not None and not select.select([fd], [], [], 0)[0]):
             p.kill()
             out, err = p.communicate()
-            pytest.fail(f"waiting for output: rc={p.returncode} stdout={bytes(buf) + out!r} stderr={err!r}")
+            raise AssertionError(f"no expected output: rc={p.returncode} stdout={bytes(buf) + out!r} "
+                                 f"stderr={err!r}")
         if select.select([fd], [], [], min(left, 0.5))[0]:
             buf += os.read(fd, 65536)
 
 
-def _finish(p: subprocess.Popen, timeout: float = 20.0) -> tuple[bytes, str]:
+def _finish(p: subprocess.Popen, buf: bytearray, timeout: float = 20.0) -> Result:
+    """Wait (briefly: the interrupt must take effect promptly) for the child to exit."""
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-        pytest.fail(f"did not exit within {timeout}s of SIGINT; stderr={err!r}")
-    return out, err.decode("utf-8", "replace")
+        raise AssertionError(f"still running {timeout}s after SIGINT; stderr={err!r}") from None
+    return Result(p.returncode, (bytes(buf) + out).decode("utf-8"), err.decode("utf-8", "replace"))
 
 
-def test_chat_ctrl_c_at_prompt_quits(ckpt, jobs):
+def chat_ctrl_c_at_prompt(ckpt: Path) -> Result:
     p = _popen("chat", "--model", ckpt, "--device", "cpu", "--temperature", "0")
     buf = bytearray()
     _read_until(p, buf, lambda b: b.endswith(b"> "))
-    time.sleep(0.3)  # let it block in the read
+    time.sleep(0.5)  # let it block in the read
     p.send_signal(signal.SIGINT)
-    _, err = _finish(p)
-    assert p.returncode in (0, 130), err
-    assert "Traceback" not in err, err
+    return _finish(p, buf)
 
 
-def test_chat_ctrl_c_during_reply_continues(ckpt, jobs):
+def chat_ctrl_c_during_reply(ckpt: Path) -> Result:
     p = _popen("chat", "--model", ckpt, "--device", "cpu", "--temperature", "0", "--max-tokens", "100000",
                "--ignore-eos")
     buf = bytearray()
@@ -337,19 +341,34 @@ def test_chat_ctrl_c_during_reply_continues(ckpt, jobs):
     _read_until(p, buf, lambda b: b"[interrupted]\n> " in b)  # reply cut, back at the prompt
     p.stdin.write(b"/exit\n")
     p.stdin.flush()
-    _, err = _finish(p)
-    assert p.returncode == 0, err
-    assert "Traceback" not in err, err
+    return _finish(p, buf)
 
 
-def test_generate_ctrl_c_while_streaming(ckpt, jobs):
+def generate_ctrl_c_while_streaming(ckpt: Path) -> Result:
     p = _popen("generate", "--model", ckpt, "--device", "cpu", "--temperature", "0", "--max-tokens", "100000",
-               "--ignore-eos", PROMPT)
-    p.stdin.close()
+               "--ignore-eos", PROMPT, stdin=subprocess.DEVNULL)
     buf = bytearray()
     _read_until(p, buf, lambda b: len(b) > 0)
     p.send_signal(signal.SIGINT)
-    _, err = _finish(p)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err, err
-    assert "interrupted" in err
+    return _finish(p, buf)
+
+
+def test_chat_ctrl_c_at_prompt_quits(jobs):
+    r = jobs["chat_sigint_prompt"].result()
+    assert r.rc in (0, 130), r
+    assert "Traceback" not in r.err, r.err
+
+
+def test_chat_ctrl_c_during_reply_continues(jobs):
+    r = jobs["chat_sigint_reply"].result()
+    assert r.rc == 0, r
+    assert "Traceback" not in r.err, r.err
+    assert r.out.count("[interrupted]") == 1
+
+
+def test_generate_ctrl_c_while_streaming(jobs):
+    r = jobs["generate_sigint"].result()
+    assert r.rc == 130, r
+    assert "Traceback" not in r.err, r.err
+    assert "interrupted" in r.err
+    assert len(r.out) > 0

@@ -8,6 +8,7 @@ place, so an interrupted save never leaves a half checkpoint where a checkpoint 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -63,6 +64,8 @@ def _weight_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         files = {name: path / f for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
@@ -218,6 +221,7 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
                      "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))}
             write_text_atomic(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
         if stored_dtype is not None:
+            config = copy.deepcopy(config)  # the caller's config is left as it was
             config.torch_dtype = dtype_name(stored_dtype)
         config.save_json(tmp / "config.json")
         gen = generation_config or {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}

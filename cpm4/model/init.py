@@ -56,6 +56,9 @@ def create_checkpoint(config: MiniCPM4Config | str, out_dir: str | os.PathLike, 
     """Write a randomly initialised checkpoint with a freshly built tokenizer (no network needed)."""
     from .tokenizer import build_tokenizer
 
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     if isinstance(config, str):
         config = preset(config)
     dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32

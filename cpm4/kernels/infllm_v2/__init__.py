@@ -1,10 +1,12 @@
 """InfLLM v2 sparse attention: one entry point for the model code.
 
-The Triton kernels (kernel issue) will be picked here on CUDA; until then every device runs the
-plain-PyTorch reference, which is the definition the kernels are tested against.
+`sparse_attention` runs the Triton kernels on CUDA tensors in fp16/bf16 and the plain-PyTorch reference
+everywhere else (CPU, float32/float64): the reference is the definition the kernels are tested against.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -12,11 +14,44 @@ from cpm4.model.config import SparseConfig
 
 from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
 
-__all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels"]
+__all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline"]
+
+
+def uses_triton(q: torch.Tensor) -> bool:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
+def triton_pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig, scale: float,
+                    k1: torch.Tensor | None = None, k2: torch.Tensor | None = None,
+                    return_blocks: bool = False):
+    """Stages 1-4 on the GPU for the last Tq of Tk tokens of one sequence (differentiable in q, k, v)."""
+    from .reference import attended_blocks
+    from .triton_attention import block_sparse_attention
+    from .triton_select import block_scores, compress, select_blocks
+
+    tq, tk = q.shape[0], k.shape[0]
+    with torch.no_grad():
+        if k1 is None:
+            k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
+            k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
+        scores = block_scores(q, k1, k2, tk - tq, cfg, scale)
+        idx = select_blocks(scores, tk - tq, tq, k1.shape[0], cfg)
+        blocks = attended_blocks(idx, torch.arange(tk - tq, tk, device=q.device), cfg).to(torch.int32)
+    out = block_sparse_attention(q, k, v, blocks, cfg.block_size, scale)
+    return (out, idx) if return_blocks else out
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                      scale: float | None = None, k1: torch.Tensor | None = None,
                      k2: torch.Tensor | None = None) -> torch.Tensor:
-    """InfLLM v2 attention of the last q.shape[0] tokens of one sequence (see reference.py)."""
+    """InfLLM v2 attention of the last q.shape[0] tokens of one sequence: q [Tq, hq, d], k/v [Tk, hkv, d]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if uses_triton(q):
+        return triton_pipeline(q, k, v, cfg, scale, k1, k2)
     return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2)

@@ -147,13 +147,22 @@ def attended_blocks(idx: torch.Tensor, q_pos: torch.Tensor, cfg: SparseConfig) -
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
-                           q_pos: torch.Tensor, block_size: int, scale: float
+                           q_pos: torch.Tensor, block_size: int, scale: float, chunk: int = QUERY_CHUNK
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 4: each query attends to the tokens t <= p of its blocks (gathered, not masked densely).
 
     q [Tq, hq, d]; k, v [Tk, hkv, d]; blocks [hkv, Tq, nsel] (-1 unused) -> out [Tq, hq, d] (q dtype),
-    lse [Tq, hq] float32 (-inf for a query that sees nothing; its output is 0).
+    lse [Tq, hq] (-inf for a query that sees nothing; its output is 0). Differentiable in q, k, v.
     """
+    outs, lses = [], []
+    for i in range(0, q.shape[0], chunk):
+        o, l = _gather_attention(q[i:i + chunk], k, v, blocks[:, i:i + chunk], q_pos[i:i + chunk], block_size, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 0), torch.cat(lses, 0)
+
+
+def _gather_attention(q, k, v, blocks, q_pos, block_size, scale):
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv

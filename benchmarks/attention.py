@@ -1,0 +1,186 @@
+"""InfLLM v2 kernels against dense SDPA on the MiniCPM4-8B attention shape (one layer, batch 1).
+
+    python benchmarks/attention.py --lengths 8192 32768 65536 131072 --out benchmarks/results
+
+Prints a table and writes benchmarks/results/attention-<date>.json. Rows: prefill (selection + sparse
+attention vs causal SDPA), its stages, decode step (sparse paged decode vs SDPA over the whole cache, and
+our dense paged decode), backward (sparse vs SDPA backward). Ceilings (copy bandwidth, bf16 matmul rate)
+are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from cpm4.model.config import SparseConfig  # noqa: E402
+
+
+def bench(fn, warmup=5, rep=20) -> float:
+    """Median milliseconds over `rep` runs (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> dict:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    copy_tbs = 2 * x.numel() * 2 / ms / 1e9
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = bench(lambda: a @ b)
+    return {"copy_TBps": copy_tbs, "matmul_TFLOPs": 2 * 8192**3 / ms / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--skip-backward", action="store_true")
+    args = ap.parse_args()
+
+    from cpm4.kernels.infllm_v2 import triton_pipeline
+    from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
+    from cpm4.kernels.infllm_v2.triton_decode import paged_decode
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, select_blocks
+
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    ceil = ceilings()
+    hq, hkv, d = 32, 2, 128
+    cfg = SparseConfig(variant="gen-b", dense_len=-1)  # released sparse_config, always sparse here
+    scale = d ** -0.5
+    rows = []
+
+    def row(phase, n, ours, peer, **extra):
+        r = {"phase": phase, "seqlen": n, "ours_ms": round(ours, 4),
+             "peer_ms": None if peer is None else round(peer, 4),
+             "speedup": None if peer is None else round(peer / ours, 3)}
+        r.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    def run_length(n: int) -> None:
+        q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        qd, kd, vd = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        dense = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
+        dense_flops = 4 * n * n / 2 * hq * d
+        # Stages of ours.
+        k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
+        k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+        t_comp = bench(lambda: (compress(k, 32, 16), compress(k, 128, 64)))
+        scores = block_scores(q, k1, k2, 0, cfg, scale)
+        t_s1 = bench(lambda: block_scores(q, k1, k2, 0, cfg, scale))
+        idx = select_blocks(scores, 0, n, k1.shape[0], cfg)
+        t_sel = bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg))
+        blocks = idx
+        t_s2 = bench(lambda: sparse_fwd(q, k, v, blocks, 64, scale))
+        total = bench(lambda: triton_pipeline(q, k, v, cfg, scale))
+        attended = int((blocks >= 0).sum()) * 64 / (hkv * n)  # mean attended tokens per query (upper bound)
+        s2_flops = 4 * n * attended * hq * d
+        s1_flops = 2 * n * (k1.shape[0] / 2) * hq * d + 2 * n * (k2.shape[0] / 2) * hq * d
+        row("prefill", n, total, dense, dense_TFLOPs=dense_flops / dense / 1e9)
+        row("prefill.compress", n, t_comp, None)
+        row("prefill.stage1_scores", n, t_s1, None, TFLOPs=s1_flops / t_s1 / 1e9)
+        row("prefill.select", n, t_sel, None)
+        row("prefill.stage2_attention", n, t_s2, None, TFLOPs=s2_flops / t_s2 / 1e9, attended_tokens=attended)
+        # Backward of the sparse attention (selection fixed) vs dense SDPA backward.
+        if not args.skip_backward:
+            qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+            o = SparseAttentionFn.apply(qs, ks, vs, blocks, 64, scale)
+            do = torch.randn_like(o)
+            t_bwd = bench(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True), warmup=2, rep=5)
+            qg, kg, vg = (x.clone().requires_grad_() for x in (qd, kd, vd))
+            od = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+            dod = torch.randn_like(od)
+            t_dbwd = bench(lambda: torch.autograd.grad(od, (qg, kg, vg), dod, retain_graph=True), warmup=2, rep=5)
+            row("backward", n, t_bwd, t_dbwd)
+            row("forward+backward", n, t_s2 + t_bwd + t_comp + t_s1 + t_sel, dense + t_dbwd)
+        # Decode step with n tokens in a paged cache (64-token pages): stage 1 for one query, selection,
+        # sparse paged decode; peer: SDPA of one query over the whole cache.
+        pages = math.ceil(n / 64)
+        kc = torch.zeros(pages, 64, hkv, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.zeros_like(kc)
+        kc.view(-1, hkv, d)[:n] = k
+        vc.view(-1, hkv, d)[:n] = v
+        table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
+        lens = torch.tensor([n], device="cuda", dtype=torch.int32)
+        q1 = q[-1:]
+
+        def sparse_step():
+            s = block_scores(q1, k1, k2, n - 1, cfg, scale)
+            sel = select_blocks(s, n - 1, 1, k1.shape[0], cfg)
+            return paged_decode(q1, kc, vc, table, lens, sel.permute(1, 0, 2))
+
+        q1d = q1.transpose(0, 1).unsqueeze(0)
+        t_dec_dense_peer = bench(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True), rep=50)
+        t_dec = bench(sparse_step, rep=50)
+        t_dec_ours_dense = bench(lambda: paged_decode(q1, kc, vc, table, lens), rep=50)
+        kv_bytes = 2 * n * hkv * d * 2
+        sel_bytes = 2 * min(n, 96 * 64) * hkv * d * 2 + (k1.shape[0] + k2.shape[0]) * hkv * d * 2
+        row("decode", n, t_dec, t_dec_dense_peer, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
+        row("decode.dense_paged", n, t_dec_ours_dense, t_dec_dense_peer, GBps=kv_bytes / t_dec_ours_dense / 1e6)
+        # The same sparse step replayed from a CUDA graph (how the engine runs decode).
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                sparse_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                sparse_step()
+            t_graph = bench(graph.replay, rep=100)
+            row("decode.cuda_graph", n, t_graph, t_dec_dense_peer)
+        except Exception as e:  # noqa: BLE001
+            print(f"graph capture failed: {e!r}")
+
+    for n in args.lengths:
+        run_length(n)
+        torch.cuda.empty_cache()
+
+    print()
+    print(f"device: {dev}; copy {ceil['copy_TBps']:.2f} TB/s; bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'phase':28s} {'seqlen':>7s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s}")
+    for r in rows:
+        peer = "" if r["peer_ms"] is None else f"{r['peer_ms']:9.3f}"
+        sp = "" if r["speedup"] is None else f"{r['speedup']:7.2f}x"
+        print(f"{r['phase']:28s} {r['seqlen']:7d} {r['ours_ms']:9.3f} {peer:>9s} {sp:>8s}")
+    os.makedirs(args.out, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = os.path.join(args.out, f"attention-{date}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"device": dev, "date": date, "ceilings": ceil, "shape": {"hq": hq, "hkv": hkv, "d": d},
+                   "sparse_config": cfg.to_dict(), "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
+            json.dump({"device": dev, "date": date, "ceilings": ceil, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""InfLLM v2 stages 1-3 in Triton: semantic-kernel keys, group-summed block scores, block selection.
+
+Same definitions as reference.py (one sequence: queries are the last Tq of Tk tokens):
+- `compress`: kernel j = mean of keys [j*stride, j*stride + size), accumulated in fp32.
+- `block_scores`: pass 1 computes each query head's log-sum-exp over the visible coarse (Gen-B) or fine
+  (Gen-A) kernels; pass 2 computes exp(q.K1/sqrt(d) - lse) for visible fine kernels and sums it over the
+  G heads of a group on chip ("NSA trick": a tile's rows are BLOCK_T tokens x G heads), writing only the
+  group scores [hkv, Tq, N1] in the input dtype. Tiles whose kernels no query can see are skipped and
+  left unwritten: the selection kernel applies the same visibility rule and never reads them.
+- `select_blocks`: per (KV head, query) program: max-pool kernel scores onto blocks, force/exclude blocks
+  by variant, then top-k without sorting: a binary search on the (order-preserving integer) score key
+  finds the k-th largest value, ties at it go to the lowest block indices (the reference's stable sort),
+  and a prefix sum writes the chosen blocks in ascending order, -1 padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from cpm4.model.config import SparseConfig
+
+from .reference import num_kernels
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _compress_kernel(k_ptr, out_ptr, start, n_out, stride_kt, stride_kh, stride_ot, stride_oh,
+                     KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, D: tl.constexpr, BLOCK_J: tl.constexpr):
+    pid_j = tl.program_id(0)
+    h = tl.program_id(1)
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    jm = j < n_out
+    dd = tl.arange(0, D)
+    acc = tl.zeros((BLOCK_J, D), dtype=tl.float32)
+    for u in range(KSIZE):
+        t = (start + j) * KSTRIDE + u
+        ptr = k_ptr + t[:, None] * stride_kt + h * stride_kh + dd[None, :]
+        acc += tl.load(ptr, mask=jm[:, None], other=0.0).to(tl.float32)
+    acc = acc / KSIZE
+    optr = out_ptr + j[:, None] * stride_ot + h * stride_oh + dd[None, :]
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=jm[:, None])
+
+
+def compress(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int = 0,
+             stop: int | None = None) -> torch.Tensor:
+    """Kernels [start, stop) of k [T, hkv, d] -> [stop - start, hkv, d] (k's dtype)."""
+    n = num_kernels(k.shape[0], kernel_size, kernel_stride)
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"kernel range [{start}, {stop}) outside the {n} complete kernels")
+    _, hkv, d = k.shape
+    out = torch.empty((stop - start, hkv, d), device=k.device, dtype=k.dtype)
+    if stop > start:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        block_j = 32
+        grid = (triton.cdiv(stop - start, block_j), hkv)
+        _compress_kernel[grid](k, out, start, stop - start, k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                               KSIZE=kernel_size, KSTRIDE=kernel_stride, D=d, BLOCK_J=block_j)
+    return out
+
+
+@triton.jit
+def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, sm_scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
+                G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """lse[t, h] over the kernels visible to query t (end j*KSTRIDE + KSIZE - 1 <= position)."""
+    pid_t = tl.program_id(0)
+    g = tl.program_id(1)
+    M: tl.constexpr = BLOCK_T * G_PAD
+    r = tl.arange(0, M)
+    ti = pid_t * BLOCK_T + r // G_PAD
+    hi = g * G + r % G_PAD
+    tm = (ti < tq) & (r % G_PAD < G)
+    pos = q_start + ti
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
+    m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((M,), dtype=tl.float32)
+    # Kernels beyond what the last query of the tile can see contribute nothing.
+    last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
+    n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
+    for j0 in range(0, n_vis, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :],
+                     other=0.0)
+        s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+        vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    # lse in natural-log units; -inf where nothing is visible.
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + ti * stride_lt + hi, lse, mask=tm)
+
+
+@triton.jit
+def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, sm_scale,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_sh, stride_st,
+                  G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    j0 = pid_n * BLOCK_N
+    last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
+    if j0 * KSTRIDE + KSIZE - 1 > last:
+        return  # no query of this tile sees any kernel of this tile
+    M: tl.constexpr = BLOCK_T * G_PAD
+    r = tl.arange(0, M)
+    ti = pid_t * BLOCK_T + r // G_PAD
+    hi = g * G + r % G_PAD
+    tm = (ti < tq) & (r % G_PAD < G)
+    pos = q_start + ti
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
+    lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))
+    j = j0 + tl.arange(0, BLOCK_N)
+    kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :], other=0.0)
+    s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+    vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :] & (lse > float("-inf"))[:, None]
+    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
+    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    grp = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N)), 1)  # sum over the G heads of the group
+    tt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    sptr = s_ptr + g * stride_sh + tt[:, None] * stride_st + j[None, :]
+    tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < n_keys)[None, :])
+
+
+def tile_shape(g: int) -> tuple[int, int]:
+    """(tokens per tile, padded group) so that tile rows (tokens x padded heads) are 64, or G_PAD if larger:
+    enough rows for the tensor cores' minimum of 16."""
+    g_pad = max(triton.next_power_of_2(g), 1)
+    return max(1, 64 // g_pad), g_pad
+
+
+def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
+                 scale: float, exact_lse: bool = False) -> torch.Tensor:
+    """Stage 1 -> [hkv, Tq, N1] scores in q's dtype (unwritten where no query sees the kernel).
+
+    The LSE is taken over the coarse keys (Gen-B, the approximation) or over the fine ones (Gen-A, or
+    `exact_lse` for testing)."""
+    tq, hq, d = q.shape
+    hkv = k1.shape[1]
+    g = hq // hkv
+    n1 = k1.shape[0]
+    bt, g_pad = tile_shape(g)
+    lse = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
+    use_fine = exact_lse or cfg.variant == "gen-a" or k2 is None
+    kn, ks, kst = (k1, cfg.kernel_size, cfg.kernel_stride) if use_fine else (
+        k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    grid = (triton.cdiv(tq, bt), hkv)
+    if kn.shape[0] == 0:
+        lse.fill_(-math.inf)
+    else:
+        _lse_kernel[grid](q, kn, lse, tq, q_start, kn.shape[0], scale, q.stride(0), q.stride(1), kn.stride(0),
+                          kn.stride(1), lse.stride(0), G=g, G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=64, D=d, KSIZE=ks,
+                          KSTRIDE=kst)
+    scores = torch.empty((hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
+    if n1:
+        block_n = 64
+        grid = (triton.cdiv(tq, bt), hkv, triton.cdiv(n1, block_n))
+        _score_kernel[grid](q, k1, lse, scores, tq, q_start, n1, scale, q.stride(0), q.stride(1), k1.stride(0),
+                            k1.stride(1), lse.stride(0), scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad,
+                            BLOCK_T=bt, BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride)
+    return scores
+
+
+@triton.jit
+def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
+                   K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+                   PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
+                   KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = q_start + t
+    qb = pos // BLOCK
+    b = tl.arange(0, NB_PAD)
+    # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
+    pooled = tl.zeros((NB_PAD,), dtype=tl.float32)
+    row = s_ptr + g * stride_sh + t * stride_st
+    for w in range(WIDTH):
+        c = b * PER_BLOCK - PAD + w
+        ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
+        pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
+    # Order-preserving integer keys: scores are >= 0 (their bits sort as integers), +inf forced in,
+    # -1 for excluded blocks.
+    key = pooled.to(tl.int32, bitcast=True)
+    INF_KEY: tl.constexpr = 0x7F800000
+    if GEN_B:
+        forced = (b < INIT) | ((b >= qb - LOCAL) & (b <= qb))
+        key = tl.where(forced, INF_KEY, key)
+    else:
+        key = tl.where((b < INIT) & (b <= qb), INF_KEY, key)
+        key = tl.where((b > qb - LOCAL) & (b <= qb), -1, key)
+    key = tl.where(b > qb, -1, key)
+    n_valid = tl.sum((key >= 0).to(tl.int32), 0)
+    k_eff = tl.minimum(n_valid, K)
+    # Largest threshold thr with count(key >= thr) >= k_eff (binary search over [0, INF_KEY]).
+    lo = tl.zeros((), dtype=tl.int32)
+    hi = tl.full((), INF_KEY, dtype=tl.int32)
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((key >= mid).to(tl.int32), 0)
+        take = cnt >= k_eff
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    thr = lo
+    above = key > thr
+    n_above = tl.sum(above.to(tl.int32), 0)
+    at = (key == thr) & (key >= 0)
+    sel = above | (at & (tl.cumsum(at.to(tl.int32), 0) <= k_eff - n_above))
+    sel = sel & ((b * 0 + k_eff) > 0)
+    slot = tl.cumsum(sel.to(tl.int32), 0) - 1
+    obase = out_ptr + g * stride_oh + t * stride_ot
+    tl.store(obase + slot, b, mask=sel)
+    n_sel = tl.sum(sel.to(tl.int32), 0)
+    i = tl.arange(0, K_PAD)
+    tl.store(obase + i, tl.full((K_PAD,), -1, dtype=tl.int32), mask=(i >= n_sel) & (i < K))
+
+
+def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig) -> torch.Tensor:
+    """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks)."""
+    hkv = scores.shape[0]
+    bsz = cfg.block_size
+    n_blocks = (q_start + tq - 1) // bsz + 1
+    k = min(cfg.num_selected, n_blocks)
+    out = torch.empty((hkv, tq, k), device=scores.device, dtype=torch.int32)
+    s = cfg.kernel_stride
+    _select_kernel[(tq, hkv)](scores, out, tq, q_start, n_kernels, scores.stride(0), scores.stride(1),
+                              out.stride(0), out.stride(1), K=k, K_PAD=triton.next_power_of_2(k),
+                              NB_PAD=triton.next_power_of_2(n_blocks), PER_BLOCK=bsz // s,
+                              PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
+                              KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
+                              LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b")
+    return out
