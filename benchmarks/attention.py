@@ -97,7 +97,7 @@ def main() -> None:
         idx = select_blocks(scores, 0, n, k1.shape[0], cfg)
         t_sel = bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg))
         blocks = idx
-        t_s2 = bench(lambda: sparse_fwd(q, k, v, blocks, 64, scale))
+        t_s2 = bench(lambda: sparse_fwd(q, k, v, blocks, 64, scale, cfg.init_blocks, cfg.local_blocks))
         total = bench(lambda: triton_pipeline(q, k, v, cfg, scale))
         attended = int((blocks >= 0).sum()) * 64 / (hkv * n)  # mean attended tokens per query (upper bound)
         s2_flops = 4 * n * attended * hq * d
@@ -110,7 +110,7 @@ def main() -> None:
         # Backward of the sparse attention (selection fixed) vs dense SDPA backward.
         if not args.skip_backward:
             qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-            o = SparseAttentionFn.apply(qs, ks, vs, blocks, 64, scale)
+            o = SparseAttentionFn.apply(qs, ks, vs, blocks, 64, scale, cfg.init_blocks, cfg.local_blocks)
             do = torch.randn_like(o)
             t_bwd = bench(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True), warmup=2, rep=5)
             qg, kg, vg = (x.clone().requires_grad_() for x in (qd, kd, vd))
@@ -143,18 +143,23 @@ def main() -> None:
         sel_bytes = 2 * min(n, 96 * 64) * hkv * d * 2 + (k1.shape[0] + k2.shape[0]) * hkv * d * 2
         row("decode", n, t_dec, t_dec_dense_peer, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
         row("decode.dense_paged", n, t_dec_ours_dense, t_dec_dense_peer, GBps=kv_bytes / t_dec_ours_dense / 1e6)
-        # The same sparse step replayed from a CUDA graph (how the engine runs decode).
-        try:
+        # The same steps replayed from CUDA graphs (how the engine runs decode), against the peer's graph.
+        def graphed(fn):
             graph = torch.cuda.CUDAGraph()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                sparse_step()
+                fn()
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph):
-                sparse_step()
-            t_graph = bench(graph.replay, rep=100)
-            row("decode.cuda_graph", n, t_graph, t_dec_dense_peer)
+                fn()
+            return bench(graph.replay, rep=100)
+
+        try:
+            t_peer_graph = graphed(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True))
+            row("decode.cuda_graph", n, graphed(sparse_step), t_peer_graph, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
+            row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
+                t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 

@@ -83,6 +83,9 @@ class SparseConfig:
              f"{self.window_size} is not a multiple of block_size {self.block_size}")
         need(self.coarse_kernel_size % self.coarse_kernel_stride == 0, "lse_kernel_size",
              f"{self.coarse_kernel_size} is not a multiple of lse_kernel_stride {self.coarse_kernel_stride}")
+        # The forced blocks (initial + local) must fit in the top-k, or which of them survive would depend on
+        # tie-breaking among +inf scores.
+        need(self.topk >= self.init_blocks + 1, "topk", f"must be >= init_blocks + 1, got {self.topk}")
         need(self.variant in SPARSE_VARIANTS, "variant", f"must be one of {SPARSE_VARIANTS}, got {self.variant!r}")
         need(not self.use_nope, "use_nope", "true is not supported yet (no released config uses it)")
 

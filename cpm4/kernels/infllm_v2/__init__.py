@@ -14,7 +14,8 @@ from cpm4.model.config import SparseConfig
 
 from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
 
-__all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline"]
+__all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
+           "shared_window"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -31,7 +32,6 @@ def triton_pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spar
                     k1: torch.Tensor | None = None, k2: torch.Tensor | None = None,
                     return_blocks: bool = False):
     """Stages 1-4 on the GPU for the last Tq of Tk tokens of one sequence (differentiable in q, k, v)."""
-    from .reference import attended_blocks
     from .triton_attention import block_sparse_attention
     from .triton_select import block_scores, compress, select_blocks
 
@@ -42,9 +42,14 @@ def triton_pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spar
             k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
         scores = block_scores(q, k1, k2, tk - tq, cfg, scale)
         idx = select_blocks(scores, tk - tq, tq, k1.shape[0], cfg)
-        blocks = attended_blocks(idx, torch.arange(tk - tq, tk, device=q.device), cfg).to(torch.int32)
-    out = block_sparse_attention(q, k, v, blocks, cfg.block_size, scale)
+    out = block_sparse_attention(q, k, v, idx, cfg.block_size, scale, cfg.init_blocks, shared_window(cfg))
     return (out, idx) if return_blocks else out
+
+
+def shared_window(cfg: SparseConfig) -> int:
+    """Blocks before the query's own block that every query of a block attends to: the forced local
+    window (Gen-B: qb-local .. qb) or the attention's sliding window (Gen-A: qb-local+1 .. qb)."""
+    return cfg.local_blocks if cfg.variant == "gen-b" else cfg.local_blocks - 1
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,

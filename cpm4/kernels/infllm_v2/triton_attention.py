@@ -11,6 +11,8 @@ dk/dv: the selection is inverted (which tokens chose key block b of head g) and 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -18,44 +20,104 @@ import triton.language as tl
 from .triton_select import tile_shape
 
 
+def _configs(**kw):
+    # The interpreter runs every config it is given: one is enough there.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in kw.get("warps", (4, 8)) for st in (2, 3)]
+
+
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, o_ptr, lse_ptr, q_start, tk, sm_scale,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
-                stride_ot, stride_oh, stride_lt,
-                G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSEL: tl.constexpr):
+def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, window, sm_scale,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                       stride_lt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr):
+    """The blocks every query of a query block attends to (initial blocks and the local window
+    qb-window .. qb): one flash-attention tile of BLOCK tokens x one head. Writes the partial result
+    (normalised, fp32) and its log-sum-exp in log2 units."""
+    qb = tl.program_id(0) + q_start // BLOCK
+    h = tl.program_id(1)
+    g = h // G
+    pos = qb * BLOCK + tl.arange(0, BLOCK)
+    rm = (pos >= q_start) & (pos < tk)
+    t = pos - q_start
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + dd[None, :], mask=rm[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+    kk0 = tl.arange(0, BLOCK)
+    lo = tl.maximum(qb - window, INIT)
+    n_init = tl.minimum(INIT, lo)
+    n = n_init + qb + 1 - lo
+    for i in tl.range(0, n):
+        b = tl.where(i < n_init, i, lo + i - n_init)
+        kk = b * BLOCK + kk0
+        km = kk < tk
+        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
+        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(km[None, :] & (kk[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(o_ptr + t[:, None] * stride_ot + h * stride_oh + dd[None, :], acc / l_safe[:, None], mask=rm[:, None])
+    tl.store(lse_ptr + t * stride_lt + h, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rm)
+
+
+@triton.autotune(configs=_configs(warps=(2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.jit
+def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
+                      stride_ot, stride_oh, stride_lt,
+                      G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                      NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+    """Continues the shared part's softmax state with the query's own selected blocks (those outside the
+    shared set: init <= b < qb - window). The selection is sorted ascending with -1 last, so those blocks
+    are one contiguous run of it: the loop has no branches and pipelines its loads."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
+    qb = pos // BLOCK
     r = tl.arange(0, G_PAD)
     hm = r < G
     h = g * G + r
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + dd[None, :], mask=hm[:, None], other=0.0)
+    qoff = t * stride_qt + h[:, None] * stride_qh + dd[None, :]
+    q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
+    row = blk_ptr + g * stride_bh + t * stride_bt
+    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
+    valid = sel >= 0
+    n_lo = tl.sum((valid & (sel < INIT)).to(tl.int32), 0)
+    n_hi = tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
+    # Start from the shared part: (m, l, acc) = (its lse, 1, its normalised output).
+    acc = tl.load(os_ptr + qoff, mask=hm[:, None], other=0.0)
+    m_i = tl.load(ls_ptr + t * stride_lt + h, mask=hm, other=float("-inf"))
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
     qk_scale = sm_scale * 1.4426950408889634
-    m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
-    acc = tl.zeros((G_PAD, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
-    for i in range(NSEL):
-        b = tl.load(blk_ptr + g * stride_bh + t * stride_bt + i)
-        if b >= 0:
-            kk = b * BLOCK + kk0
-            km = (kk <= pos) & (kk < tk)
-            k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
-            v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(km[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    for i in tl.range(n_lo, n_hi):
+        b = tl.load(row + i)
+        kk = b * BLOCK + kk0
+        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :])
+        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # blocks before qb - window: fully visible, no mask
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + dd[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=hm[:, None])
+    out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + dd[None, :], out, mask=hm[:, None])
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + t * stride_lt + h, lse, mask=hm)
 
@@ -159,21 +221,48 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, block_size: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, blocks)
-    q, k, v, blocks = _contig(q), _contig(k), _contig(v), _contig(blocks.to(torch.int32))
+def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
+               init_blocks: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the shared blocks (b < init_blocks or qb - window <= b <= qb) plus the selected blocks
+    `idx` [hkv, Tq, K] (sorted ascending, -1 last; entries inside the shared set are ignored).
+    Returns out [Tq, hq, d] and lse [Tq, hq] (natural log)."""
+    _check(q, k, v, idx)
+    q, k, v, idx = _contig(q), _contig(k), _contig(v), _contig(idx.to(torch.int32))
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
+    q_start = tk - tq
+    o_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
+    lse_shared = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
+    n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
+    _fwd_shared_kernel[(n_qblocks, hq)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale, q.stride(0),
+                                        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                        o_shared.stride(0), o_shared.stride(1), lse_shared.stride(0), G=g, D=d,
+                                        BLOCK=block_size, INIT=init_blocks)
     o = torch.empty_like(q)
     lse = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
-    _fwd_kernel[(tq, hkv)](q, k, v, blocks, o, lse, tk - tq, tk, scale, q.stride(0), q.stride(1), k.stride(0),
-                           k.stride(1), v.stride(0), v.stride(1), blocks.stride(0), blocks.stride(1), o.stride(0),
-                           o.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size,
-                           NSEL=blocks.shape[2])
+    nsel = idx.shape[2]
+    _fwd_token_kernel[(tq, hkv)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale, q.stride(0),
+                                 q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
+                                 idx.stride(1), o.stride(0), o.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d,
+                                 BLOCK=block_size, NSEL=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+                                 INIT=init_blocks)
     return o, lse
+
+
+def full_block_list(idx: torch.Tensor, q_pos: torch.Tensor, block_size: int, init_blocks: int, window: int
+                    ) -> torch.Tensor:
+    """Every block a query reads: its selection outside the shared set, plus the shared set itself
+    (b < init_blocks, qb - window <= b <= qb) -> [hkv, Tq, n] int32, -1 padded (for the backward)."""
+    qb = (q_pos // block_size)[None, :, None]
+    own = (idx >= init_blocks) & (idx < qb - window)
+    sel = torch.where(own, idx, -1)
+    init = torch.arange(init_blocks, device=idx.device)[None, None, :].expand(idx.shape[0], idx.shape[1], -1)
+    init = torch.where(init <= qb, init, -1)
+    local = qb - torch.arange(window, -1, -1, device=idx.device)[None, None, :]
+    local = torch.where(local >= init_blocks, local, -1).expand(idx.shape[0], -1, -1)
+    return torch.cat([init, sel, local], -1).to(torch.int32)
 
 
 def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,20 +309,24 @@ class SparseAttentionFn(torch.autograd.Function):
     """Block-sparse attention with gradients to q, k, v (none through the block choice)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, block_size: int, scale: float):
-        o, lse = sparse_fwd(q, k, v, blocks, block_size, scale)
-        ctx.save_for_backward(q, k, v, o, lse, blocks)
-        ctx.block_size, ctx.scale = block_size, scale
+    def forward(ctx, q, k, v, idx, block_size: int, scale: float, init_blocks: int, window: int):
+        o, lse = sparse_fwd(q, k, v, idx, block_size, scale, init_blocks, window)
+        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.cfg = (block_size, scale, init_blocks, window)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, blocks = ctx.saved_tensors
-        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, blocks, ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, idx = ctx.saved_tensors
+        block_size, scale, init_blocks, window = ctx.cfg
+        pos = torch.arange(k.shape[0] - q.shape[0], k.shape[0], device=q.device)
+        blocks = full_block_list(idx, pos, block_size, init_blocks, window)
+        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, blocks, block_size, scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
-                           block_size: int, scale: float) -> torch.Tensor:
-    """Differentiable block-sparse attention (see module docstring) -> [Tq, hq, d]."""
-    return SparseAttentionFn.apply(q, k, v, blocks, block_size, scale)
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
+                           scale: float, init_blocks: int, window: int) -> torch.Tensor:
+    """Differentiable InfLLM v2 stage 4 -> [Tq, hq, d]: each query attends to the shared blocks
+    (initial ones and the local window qb-window .. qb) and to its selected blocks `idx`."""
+    return SparseAttentionFn.apply(q, k, v, idx, block_size, scale, init_blocks, window)

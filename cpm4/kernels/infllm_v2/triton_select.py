@@ -65,13 +65,15 @@ def compress(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int =
 
 
 @triton.jit
-def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, sm_scale,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_lt,
+def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt,
                 G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
-    """lse[t, h] over the kernels visible to query t (end j*KSTRIDE + KSIZE - 1 <= position)."""
+    """Partial lse[split, t, h] (log2 units) over the kernels of this split visible to query t
+    (end j*KSTRIDE + KSIZE - 1 <= position); splits are merged afterwards (one split in prefill)."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
+    sp = tl.program_id(2)
     M: tl.constexpr = BLOCK_T * G_PAD
     r = tl.arange(0, M)
     ti = pid_t * BLOCK_T + r // G_PAD
@@ -85,34 +87,36 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, sm_scale,
     # Kernels beyond what the last query of the tile can see contribute nothing.
     last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
     n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
-    for j0 in range(0, n_vis, BLOCK_N):
+    j_lo = sp * per_split
+    j_hi = tl.minimum(j_lo + per_split, n_vis)
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :],
+        kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < j_hi)[None, :],
                      other=0.0)
         s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-        vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :]
+        vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < j_hi)[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
-    # lse in natural-log units; -inf where nothing is visible.
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + ti * stride_lt + hi, lse, mask=tm)
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + sp * stride_ls + ti * stride_lt + hi, lse, mask=tm)
 
 
 @triton.jit
-def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, sm_scale,
+def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_sh, stride_st,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    j0 = pid_n * BLOCK_N
+    sp = tl.program_id(2)
     last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
-    if j0 * KSTRIDE + KSIZE - 1 > last:
-        return  # no query of this tile sees any kernel of this tile
+    n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
+    j_lo = sp * per_split
+    j_hi = tl.minimum(j_lo + per_split, n_vis)
     M: tl.constexpr = BLOCK_T * G_PAD
     r = tl.arange(0, M)
     ti = pid_t * BLOCK_T + r // G_PAD
@@ -121,24 +125,35 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, sm_scale,
     pos = q_start + ti
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
-    lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))
-    j = j0 + tl.arange(0, BLOCK_N)
-    kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :], other=0.0)
-    s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-    vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :] & (lse > float("-inf"))[:, None]
-    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, 0.0)
-    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-    grp = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N)), 1)  # sum over the G heads of the group
+    lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))  # log2 units
+    has = lse > float("-inf")
+    lse = tl.where(has, lse, 0.0)
     tt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    sptr = s_ptr + g * stride_sh + tt[:, None] * stride_st + j[None, :]
-    tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < n_keys)[None, :])
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :],
+                     other=0.0)
+        s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+        vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :] & has[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        grp = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N)), 1)  # sum over the G heads of the group
+        sptr = s_ptr + g * stride_sh + tt[:, None] * stride_st + j[None, :]
+        tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < j_hi)[None, :])
 
 
-def tile_shape(g: int) -> tuple[int, int]:
-    """(tokens per tile, padded group) so that tile rows (tokens x padded heads) are 64, or G_PAD if larger:
-    enough rows for the tensor cores' minimum of 16."""
+def tile_shape(g: int, rows: int = 64) -> tuple[int, int]:
+    """(tokens per tile, padded group) so that tile rows (tokens x padded heads) are `rows`, or G_PAD if
+    larger: enough rows for the tensor cores' minimum of 16."""
     g_pad = max(triton.next_power_of_2(g), 1)
-    return max(1, 64 // g_pad), g_pad
+    return max(1, rows // g_pad), g_pad
+
+
+def _splits(n_keys: int, n_programs: int, device: torch.device, block_n: int) -> int:
+    """Split the key range when the query tiles alone cannot fill the GPU (decode, short chunks)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if n_programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_keys, 4 * block_n)))
 
 
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
@@ -151,25 +166,33 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     hkv = k1.shape[1]
     g = hq // hkv
     n1 = k1.shape[0]
-    bt, g_pad = tile_shape(g)
-    lse = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
+    bt, g_pad = tile_shape(g, 128)
     use_fine = exact_lse or cfg.variant == "gen-a" or k2 is None
     kn, ks, kst = (k1, cfg.kernel_size, cfg.kernel_stride) if use_fine else (
         k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
-    grid = (triton.cdiv(tq, bt), hkv)
+    n_tiles = triton.cdiv(tq, bt)
+    block_n = 64
     if kn.shape[0] == 0:
-        lse.fill_(-math.inf)
+        lse = torch.full((tq, hq), -math.inf, device=q.device, dtype=torch.float32)
     else:
-        _lse_kernel[grid](q, kn, lse, tq, q_start, kn.shape[0], scale, q.stride(0), q.stride(1), kn.stride(0),
-                          kn.stride(1), lse.stride(0), G=g, G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=64, D=d, KSIZE=ks,
-                          KSTRIDE=kst)
+        splits = _splits(kn.shape[0], n_tiles * hkv, q.device, block_n)
+        per = triton.cdiv(triton.cdiv(kn.shape[0], splits), block_n) * block_n
+        splits = triton.cdiv(kn.shape[0], per)
+        part = torch.empty((splits, tq, hq), device=q.device, dtype=torch.float32)
+        _lse_kernel[(n_tiles, hkv, splits)](q, kn, part, tq, q_start, kn.shape[0], per, scale, q.stride(0),
+                                            q.stride(1), kn.stride(0), kn.stride(1), part.stride(0), part.stride(1),
+                                            G=g, G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=block_n, D=d, KSIZE=ks,
+                                            KSTRIDE=kst)
+        lse = part[0] if splits == 1 else torch.logsumexp(part * math.log(2), 0) / math.log(2)
     scores = torch.empty((hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
     if n1:
-        block_n = 64
-        grid = (triton.cdiv(tq, bt), hkv, triton.cdiv(n1, block_n))
-        _score_kernel[grid](q, k1, lse, scores, tq, q_start, n1, scale, q.stride(0), q.stride(1), k1.stride(0),
-                            k1.stride(1), lse.stride(0), scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad,
-                            BLOCK_T=bt, BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride)
+        splits = _splits(n1, n_tiles * hkv, q.device, block_n)
+        per = triton.cdiv(triton.cdiv(n1, splits), block_n) * block_n
+        splits = triton.cdiv(n1, per)
+        _score_kernel[(n_tiles, hkv, splits)](q, k1, lse, scores, tq, q_start, n1, per, scale, q.stride(0),
+                                              q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0),
+                                              scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad, BLOCK_T=bt,
+                                              BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride)
     return scores
 
 
