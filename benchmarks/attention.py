@@ -157,7 +157,8 @@ def main() -> None:
 
         try:
             t_peer_graph = graphed(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True))
-            row("decode.cuda_graph", n, graphed(sparse_step), t_peer_graph, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
+            row("decode.cuda_graph", n, graphed(sparse_step), t_peer_graph,
+                floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
             row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
                 t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
         except Exception as e:  # noqa: BLE001
