@@ -92,6 +92,23 @@ def test_interpreter_odd_group_chunk_and_fp16():
     check_pipeline(small_cfg(), 20, 83, 6, 2, 16, torch.float16, "cpu", 3e-3, grad=False)
 
 
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_key_splits_merge_equal_one_pass(variant):
+    """Stage 1 split along the keys (as in decode) gives the scores of the unsplit pass."""
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress
+
+    device = "cuda" if CUDA else "cpu"
+    cfg = small_cfg(variant)
+    q, k, _ = qkv(3, 300, 4, 2, 16, torch.float32, device)
+    k1 = compress(k, 8, 4)
+    k2 = compress(k, 32, 16) if variant == "gen-b" else None
+    one = block_scores(q, k1, k2, 297, cfg, 0.25, key_splits=1, block_n=16)
+    many = block_scores(q, k1, k2, 297, cfg, 0.25, key_splits=3, block_n=16)
+    r1, r2 = R.compress_keys(k, cfg)
+    ref = R.block_scores(q, r1, r2, torch.arange(297, 300, device=device), cfg, 0.25)
+    assert rel(many, one) < 1e-5 and rel(many, ref) < 1e-5
+
+
 def test_interpreter_paged_decode():
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")

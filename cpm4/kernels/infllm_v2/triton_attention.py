@@ -122,14 +122,57 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
     tl.store(lse_ptr + t * stride_lt + h, lse, mask=hm)
 
 
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, tk, sm_scale,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
-                   stride_lt,
-                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSEL: tl.constexpr):
+def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tq, q_start, tk, window, sm_scale,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
+                          G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr):
+    """dq over the shared blocks: a flash-attention backward tile of BLOCK tokens x one head (fp32 out)."""
+    qb = tl.program_id(0) + q_start // BLOCK
+    h = tl.program_id(1)
+    g = h // G
+    pos = qb * BLOCK + tl.arange(0, BLOCK)
+    rm = (pos >= q_start) & (pos < tk)
+    t = pos - q_start
+    dd = tl.arange(0, D)
+    qoff = t[:, None] * stride_qt + h * stride_qh + dd[None, :]
+    q = tl.load(q_ptr + qoff, mask=rm[:, None], other=0.0)
+    do = tl.load(do_ptr + qoff, mask=rm[:, None], other=0.0)
+    lse = tl.load(lse_ptr + t * stride_lt + h, mask=rm, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + t * stride_lt + h, mask=rm, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros((BLOCK, D), dtype=tl.float32)
+    kk0 = tl.arange(0, BLOCK)
+    lo = tl.maximum(qb - window, INIT)
+    n_init = tl.minimum(INIT, lo)
+    n = n_init + qb + 1 - lo
+    for i in tl.range(0, n):
+        b = tl.where(i < n_init, i, lo + i - n_init)
+        kk = b * BLOCK + kk0
+        km = kk < tk
+        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
+        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = km[None, :] & (kk[None, :] <= pos[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(dq_ptr + qoff, dq * sm_scale, mask=rm[:, None])
+
+
+@triton.autotune(configs=_configs(warps=(2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.jit
+def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr, dq_ptr, q_start, window,
+                         sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
+                         stride_bt, stride_lt,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                         NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+    """Adds the query's own selected blocks (outside the shared set) to the shared part's dq."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
+    qb = pos // BLOCK
     r = tl.arange(0, G_PAD)
     hm = r < G
     h = g * G + r
@@ -137,25 +180,28 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     qoff = t * stride_qt + h[:, None] * stride_qh + dd[None, :]
     q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
     do = tl.load(do_ptr + qoff, mask=hm[:, None], other=0.0)
-    lse = tl.load(lse_ptr + t * stride_lt + h, mask=hm, other=float("-inf")) * 1.4426950408889634
-    lse = tl.where(lse > float("-inf"), lse, float("inf"))  # rows that saw nothing get p = 0
+    lse = tl.load(lse_ptr + t * stride_lt + h, mask=hm, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + t * stride_lt + h, mask=hm, other=0.0)
+    row = blk_ptr + g * stride_bh + t * stride_bt
+    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
+    valid = sel >= 0
+    n_lo = tl.sum((valid & (sel < INIT)).to(tl.int32), 0)
+    n_hi = tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((G_PAD, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
-    for i in range(NSEL):
-        b = tl.load(blk_ptr + g * stride_bh + t * stride_bt + i)
-        if b >= 0:
-            kk = b * BLOCK + kk0
-            km = (kk <= pos) & (kk < tk)
-            k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
-            v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(km[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(dq_ptr + qoff, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=hm[:, None])
+    for i in tl.range(n_lo, n_hi):
+        b = tl.load(row + i)
+        kk = b * BLOCK + kk0
+        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :])
+        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale + tl.load(dqs_ptr + qoff, mask=hm[:, None], other=0.0)
+    tl.store(dq_ptr + qoff, dq.to(dq_ptr.dtype.element_ty), mask=hm[:, None])
 
 
 @triton.jit
@@ -281,25 +327,37 @@ def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, to
 
 
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               lse: torch.Tensor, blocks: torch.Tensor, block_size: int, scale: float
+               lse: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sparse_fwd: dq as the forward (shared tile + per-token blocks), dk/dv per key block over
+    the inverted selection."""
     q, k, v, o, do = _contig(q), _contig(k), _contig(v), _contig(o), _contig(do)
-    blocks = _contig(blocks.to(torch.int32))
+    idx = _contig(idx.to(torch.int32))
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
+    q_start = tk - tq
     delta = (o.float() * do.float()).sum(-1)  # [Tq, hq]
+    dq_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
+    n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
+    _bwd_dq_shared_kernel[(n_qblocks, hq)](q, k, v, do, lse, delta, dq_shared, tq, q_start, tk, window, scale,
+                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                           v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size, INIT=init_blocks)
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(tq, hkv)](q, k, v, blocks, do, lse, delta, dq, tk - tq, tk, scale, q.stride(0), q.stride(1),
-                              k.stride(0), k.stride(1), v.stride(0), v.stride(1), blocks.stride(0), blocks.stride(1),
-                              lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, NSEL=blocks.shape[2])
+    nsel = idx.shape[2]
+    _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale, q.stride(0),
+                                    q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
+                                    idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, NSEL=nsel,
+                                    NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks)
+    pos = torch.arange(q_start, tk, device=q.device)
+    blocks = full_block_list(idx, pos, block_size, init_blocks, window)
     n_blocks = triton.cdiv(tk, block_size)
     tokens, offsets = invert_blocks(blocks, n_blocks)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     tok, g_pad2 = tile_shape(g)
-    _bwd_dkdv_kernel[(n_blocks, hkv)](q, k, v, do, lse, delta, dk, dv, tokens, offsets, tk - tq, tk, n_blocks, scale,
+    _bwd_dkdv_kernel[(n_blocks, hkv)](q, k, v, do, lse, delta, dk, dv, tokens, offsets, q_start, tk, n_blocks, scale,
                                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                       lse.stride(0), G=g, G_PAD=g_pad2, TOK=tok, D=d, BLOCK=block_size)
     return dq, dk, dv
@@ -318,10 +376,7 @@ class SparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, idx = ctx.saved_tensors
-        block_size, scale, init_blocks, window = ctx.cfg
-        pos = torch.arange(k.shape[0] - q.shape[0], k.shape[0], device=q.device)
-        blocks = full_block_list(idx, pos, block_size, init_blocks, window)
-        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, blocks, block_size, scale)
+        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, idx, *ctx.cfg)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_select import num_sms
+
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, o_ptr, m_ptr, n_list, per_split, sm_scale,
@@ -66,6 +68,25 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, o_ptr, m
     tl.store(m_ptr + bi * stride_mb + h * stride_mh + sp, lse2, mask=hm)
 
 
+@triton.jit
+def _combine_kernel(o_ptr, m_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh,
+                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    """Merge the splits of one (sequence, head) by their log-sum-exp (log2 units)."""
+    bi = tl.program_id(0)
+    h = tl.program_id(1)
+    ss = tl.arange(0, SPLITS_PAD)
+    sm = ss < SPLITS
+    m = tl.load(m_ptr + bi * stride_mb + h * stride_mh + ss, mask=sm, other=float("-inf"))
+    mx = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(mx > float("-inf"), mx, 0.0)), 0.0)
+    dd = tl.arange(0, D)
+    o = tl.load(o_ptr + bi * stride_ob + h * stride_oh + ss[:, None] * stride_os + dd[None, :], mask=sm[:, None],
+                other=0.0)
+    tot = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out_ptr + bi * stride_rb + h * stride_rh + dd, out.to(out_ptr.dtype.element_ty))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
                  splits: int | None = None) -> torch.Tensor:
@@ -92,7 +113,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         stride_bb, stride_bh = blk.stride(0), blk.stride(1)
     if splits is None:
         # Enough programs for ~2 waves over the SMs, at least 2 pages each.
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        sms = num_sms(q.device)
         splits = max(1, min(triton.cdiv(2 * sms, b * hkv), triton.cdiv(n_list, 2)))
     per_split = triton.cdiv(n_list, splits)
     splits = triton.cdiv(n_list, per_split)
@@ -106,9 +127,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         v_cache.stride(1), v_cache.stride(2), table.stride(0), stride_bb, stride_bh, o_part.stride(0),
         o_part.stride(1), o_part.stride(2), m_part.stride(0), m_part.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, DENSE=blocks is None)
-    # Merge the splits by their log-sum-exp (log2 units).
-    m = m_part.amax(-1, keepdim=True)
-    w = torch.exp2(m_part - torch.where(torch.isfinite(m), m, 0.0))
-    w = torch.where(torch.isfinite(m_part), w, 0.0)
-    out = (o_part * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _combine_kernel[(b, hq)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                             m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1), SPLITS=splits,
+                             SPLITS_PAD=triton.next_power_of_2(splits), D=d)
+    return out

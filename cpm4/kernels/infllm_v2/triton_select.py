@@ -15,6 +15,7 @@ Same definitions as reference.py (one sequence: queries are the last Tq of Tk to
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -106,9 +107,10 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
 
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
-                  stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_sh, stride_st,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, LSE_SPLITS: tl.constexpr,
+                  LSE_SPLITS_PAD: tl.constexpr):
     """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
@@ -125,7 +127,16 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
     pos = q_start + ti
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
-    lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))  # log2 units
+    if LSE_SPLITS == 1:
+        lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))  # log2 units
+    else:  # merge the LSE pass's partial results here rather than in extra launches
+        ss = tl.arange(0, LSE_SPLITS_PAD)
+        parts = tl.load(lse_ptr + ss[None, :] * stride_ls + ti[:, None] * stride_lt + hi[:, None],
+                        mask=tm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
+        mx = tl.max(parts, 1)
+        mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
+        tot = tl.sum(tl.exp2(parts - mx_safe[:, None]), 1)
+        lse = tl.where(tot > 0, mx_safe + tl.log2(tl.where(tot > 0, tot, 1.0)), float("-inf"))
     has = lse > float("-inf")
     lse = tl.where(has, lse, 0.0)
     tt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -148,16 +159,22 @@ def tile_shape(g: int, rows: int = 64) -> tuple[int, int]:
     return max(1, rows // g_pad), g_pad
 
 
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _splits(n_keys: int, n_programs: int, device: torch.device, block_n: int) -> int:
     """Split the key range when the query tiles alone cannot fill the GPU (decode, short chunks)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = num_sms(device)
     if n_programs >= 2 * sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_keys, 4 * block_n)))
 
 
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
-                 scale: float, exact_lse: bool = False) -> torch.Tensor:
+                 scale: float, exact_lse: bool = False, key_splits: int | None = None,
+                 block_n: int = 64) -> torch.Tensor:
     """Stage 1 -> [hkv, Tq, N1] scores in q's dtype (unwritten where no query sees the kernel).
 
     The LSE is taken over the coarse keys (Gen-B, the approximation) or over the fine ones (Gen-A, or
@@ -171,11 +188,10 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     kn, ks, kst = (k1, cfg.kernel_size, cfg.kernel_stride) if use_fine else (
         k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
     n_tiles = triton.cdiv(tq, bt)
-    block_n = 64
     if kn.shape[0] == 0:
-        lse = torch.full((tq, hq), -math.inf, device=q.device, dtype=torch.float32)
+        part = torch.full((1, tq, hq), -math.inf, device=q.device, dtype=torch.float32)
     else:
-        splits = _splits(kn.shape[0], n_tiles * hkv, q.device, block_n)
+        splits = key_splits or _splits(kn.shape[0], n_tiles * hkv, q.device, block_n)
         per = triton.cdiv(triton.cdiv(kn.shape[0], splits), block_n) * block_n
         splits = triton.cdiv(kn.shape[0], per)
         part = torch.empty((splits, tq, hq), device=q.device, dtype=torch.float32)
@@ -183,16 +199,17 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                             q.stride(1), kn.stride(0), kn.stride(1), part.stride(0), part.stride(1),
                                             G=g, G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=block_n, D=d, KSIZE=ks,
                                             KSTRIDE=kst)
-        lse = part[0] if splits == 1 else torch.logsumexp(part * math.log(2), 0) / math.log(2)
     scores = torch.empty((hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
     if n1:
-        splits = _splits(n1, n_tiles * hkv, q.device, block_n)
+        splits = key_splits or _splits(n1, n_tiles * hkv, q.device, block_n)
         per = triton.cdiv(triton.cdiv(n1, splits), block_n) * block_n
         splits = triton.cdiv(n1, per)
-        _score_kernel[(n_tiles, hkv, splits)](q, k1, lse, scores, tq, q_start, n1, per, scale, q.stride(0),
-                                              q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0),
+        _score_kernel[(n_tiles, hkv, splits)](q, k1, part, scores, tq, q_start, n1, per, scale, q.stride(0),
+                                              q.stride(1), k1.stride(0), k1.stride(1), part.stride(0), part.stride(1),
                                               scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad, BLOCK_T=bt,
-                                              BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride)
+                                              BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
+                                              LSE_SPLITS=part.shape[0],
+                                              LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[0]))
     return scores
 
 
