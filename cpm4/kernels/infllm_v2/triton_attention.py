@@ -11,20 +11,12 @@ dk/dv: the selection is inverted (which tokens chose key block b of head g) and 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_select import autotune_configs as _configs
 from .triton_select import tile_shape
-
-
-def _configs(**kw):
-    # The interpreter runs every config it is given: one is enough there.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w in kw.get("warps", (4, 8)) for st in (2, 3)]
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
@@ -71,7 +63,7 @@ def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, win
     tl.store(lse_ptr + t * stride_lt + h, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rm)
 
 
-@triton.autotune(configs=_configs(warps=(2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
 @triton.jit
 def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
@@ -161,7 +153,7 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     tl.store(dq_ptr + qoff, dq * sm_scale, mask=rm[:, None])
 
 
-@triton.autotune(configs=_configs(warps=(2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
 @triton.jit
 def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr, dq_ptr, q_start, window,
                          sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -26,7 +27,13 @@ from cpm4.model.config import SparseConfig
 
 from .reference import num_kernels
 
-LOG2E = 1.4426950408889634
+
+
+def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
+    # The interpreter runs every config it is given: one is enough there.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in warps for st in stages]
 
 
 @triton.jit
@@ -65,6 +72,7 @@ def compress(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int =
     return out
 
 
+@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N"])
 @triton.jit
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt,
@@ -105,6 +113,7 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
     tl.store(lse_ptr + sp * stride_ls + ti * stride_lt + hi, lse, mask=tm)
 
 
+@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS"])
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
@@ -213,6 +222,7 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     return scores
 
 
+@triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD"])
 @triton.jit
 def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
                    K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
