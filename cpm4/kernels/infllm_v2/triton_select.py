@@ -28,7 +28,6 @@ from cpm4.model.config import SparseConfig
 from .reference import num_kernels
 
 
-
 def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
     # The interpreter runs every config it is given: one is enough there.
     if os.environ.get("TRITON_INTERPRET") == "1":
