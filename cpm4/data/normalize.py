@@ -75,3 +75,52 @@ def normalize_many(texts: Iterable[str]) -> Iterator[str]:
     """`normalize` over an iterable, lazily."""
     for t in texts:
         yield normalize(t)
+
+
+def normalize_jsonl(src: str, dst: str, text_field: str = "text", output_field: str | None = None) -> int:
+    """Normalize the `text_field` of every JSON object in the JSONL file `src` (or '-' for stdin) into
+    `output_field` (default: in place), writing JSONL to `dst` ('-' for stdout; a file is written atomically).
+    Returns the number of documents."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .io import DataError, Partition, atomic_path, file_format, iter_jsonl_batches
+
+    out_field = output_field or text_field
+
+    def records():
+        if src == "-":
+            for i, line in enumerate(sys.stdin.buffer, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"<stdin>:{i}: malformed JSON ({e})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    raise DataError(f"<stdin>:{i}: expected a JSON object with a string field {text_field!r}")
+                yield obj
+            return
+        p = Path(src)
+        if not p.is_file():
+            raise FileNotFoundError(f"input not found: {p}")
+        fmt = file_format(p)
+        if fmt == "parquet":
+            raise ValueError(f"{p}: normalize reads JSONL")
+        for b in iter_jsonl_batches(Partition(0, str(p), fmt), text_field, 1024):
+            yield from b.records
+
+    def write(f) -> int:
+        n = 0
+        for obj in records():
+            obj[out_field] = normalize(obj[text_field])
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+        return n
+
+    if dst == "-":
+        return write(sys.stdout)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        return write(f)

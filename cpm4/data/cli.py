@@ -1,0 +1,103 @@
+"""`cpm4 data ...`: UltraClean data preparation (normalize, train-classifier, filter).
+
+Register with `add_data_commands(subparsers)` from the main parser; every command sets `func(args) -> int`
+and raises ValueError / FileNotFoundError for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_normalize(args: argparse.Namespace) -> int:
+    from .normalize import normalize_jsonl
+
+    n = normalize_jsonl(args.input, args.output, args.field, args.output_field)
+    print(f"[cpm4] normalized {n} documents -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .classifier import TrainConfig, metrics_path, train_classifier
+
+    cfg = TrainConfig(dim=args.dim, lr=args.lr, word_ngrams=args.word_ngrams, min_count=args.min_count,
+                      epoch=args.epoch, bucket=args.bucket, loss=args.loss, threads=args.threads,
+                      holdout=args.holdout, seed=args.seed, threshold=args.threshold, text_field=args.field)
+    m = train_classifier(args.positive, args.negative, args.output, cfg)
+    print(json.dumps({"model": str(args.output), "metrics": str(metrics_path(args.output)),
+                      "holdout": m["holdout"]}, indent=1))
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from .filter import filter_documents
+
+    filter_documents(
+        args.input, args.output, args.model, threshold=args.threshold, text_field=args.field,
+        batch_size=args.batch_size, split_bytes=int(args.split_mb * 1e6) if args.split_mb > 0 else None,
+        workers=args.workers, engine=args.engine, spark_master=args.spark_master, score_field=args.score_field,
+        positive_label=args.positive_label, fold=not args.no_fold, overwrite=args.overwrite,
+        progress=not args.quiet, crash_after=args.crash_after)
+    return 0
+
+
+def add_data_commands(subparsers) -> argparse.ArgumentParser:
+    """Add `data` with its sub-subcommands to the main parser's subparsers; returns the `data` parser."""
+    data = subparsers.add_parser("data", help="pre-training data filtering (UltraClean)",
+                                 description="UltraClean: normalize text, train the fastText quality classifier, "
+                                             "filter corpora with it.")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    q = sub.add_parser("normalize", help="UltraClean preprocessing of the text field of a JSONL file")
+    q.add_argument("--input", "-i", required=True, help="JSONL file (.gz ok), or - for stdin")
+    q.add_argument("--output", "-o", required=True, help="JSONL file, or - for stdout")
+    q.add_argument("--field", default="text", help="text field (default: text)")
+    q.add_argument("--output-field", default=None, help="write the normalized text here (default: in place)")
+    q.set_defaults(func=cmd_normalize)
+
+    q = sub.add_parser("train-classifier", help="train the fastText quality classifier",
+                       description="Positives are all used; negatives are sampled with an equal share from each "
+                                   "negative file, their total matched to the positives. Writes the model, "
+                                   "<stem>.metrics.json and <stem>.holdout.jsonl.")
+    q.add_argument("--positive", "-p", action="extend", nargs="+", required=True, help="positive JSONL/Parquet")
+    q.add_argument("--negative", "-n", action="extend", nargs="+", required=True, help="negative JSONL/Parquet")
+    q.add_argument("--output", "-o", required=True, help="model file, e.g. quality.bin")
+    q.add_argument("--field", default="text")
+    q.add_argument("--dim", type=int, default=256)
+    q.add_argument("--lr", type=float, default=0.1)
+    q.add_argument("--word-ngrams", type=int, default=3)
+    q.add_argument("--min-count", type=int, default=5)
+    q.add_argument("--epoch", type=int, default=3)
+    q.add_argument("--bucket", type=int, default=200_000, help="n-gram hash buckets (model size ~ bucket*dim*4 B)")
+    q.add_argument("--loss", default="softmax", choices=("softmax", "ova"))
+    q.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    q.add_argument("--holdout", type=float, default=0.1, help="held-out share for the metrics")
+    q.add_argument("--threshold", type=float, default=0.5, help="threshold for held-out precision/recall")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_train_classifier)
+
+    q = sub.add_parser("filter", help="keep the documents the classifier scores >= threshold",
+                       description="Input: a JSONL/JSONL.gz/Parquet file or a directory of them. Output: a "
+                                   "directory of part files (one per input partition), _report.json and "
+                                   "_score_hist.png. Rerunning resumes an interrupted run.")
+    q.add_argument("--input", "-i", required=True)
+    q.add_argument("--output", "-o", required=True, help="output directory")
+    q.add_argument("--model", "-m", required=True, help="fastText model from train-classifier")
+    q.add_argument("--threshold", type=float, default=0.5)
+    q.add_argument("--field", default="text")
+    q.add_argument("--batch-size", type=int, default=1024, help="documents scored at a time (bounds memory)")
+    q.add_argument("--workers", type=int, default=None, help="processes / Spark local slots (default: all cores)")
+    q.add_argument("--engine", choices=("local", "spark"), default="local")
+    q.add_argument("--spark-master", default=None, help="Spark master URL (default: local[WORKERS])")
+    q.add_argument("--split-mb", type=float, default=256.0,
+                   help="cut plain JSONL / Parquet files larger than this into partitions (0 = never)")
+    q.add_argument("--score-field", default=None, help="also write the score into this field")
+    q.add_argument("--positive-label", default=None, help="default: from the model's metrics.json, __label__pos")
+    q.add_argument("--no-fold", action="store_true", help="score with the full model (slower; same scores)")
+    q.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    q.add_argument("--crash-after", type=int, default=None, help=argparse.SUPPRESS)  # testing aid
+    q.set_defaults(func=cmd_filter)
+    return data
