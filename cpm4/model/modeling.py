@@ -126,7 +126,12 @@ class Backbone(nn.Module):
 
     def __init__(self, config: MiniCPM4Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Weight made here rather than by nn.Embedding: its initialiser on a meta tensor imports
+        # torch._dynamo (about a second of start-up for every checkpoint load).
+        w = torch.empty(config.vocab_size, config.hidden_size)
+        if w.device.type != "meta":
+            nn.init.normal_(w, std=config.initializer_range)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=w)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -43,7 +43,7 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, base: float, rs: dict, defa
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
     inv = (inv_freq / factor) * (1 - keep) + inv_freq * keep
     return inv, float(attn)
@@ -79,7 +79,8 @@ def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tens
     """(inverse frequencies, 1/LongRoPE factors or None, cos/sin magnitude scale) for a config."""
     d = config.dim_head
     base = float(config.rope_theta)
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d))
+    # Built on the CPU even under a meta-device context (meta ops here would import torch._dynamo: ~1 s).
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").to(dtype) / d))
     rs = config.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type")) or "default"
     inv_ext = None
@@ -89,7 +90,8 @@ def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tens
         maxpos = config.max_position_embeddings
         # The reference picks the factor list by the table length (max_position_embeddings), not by
         # the current sequence, and folds the magnitude correction into cos/sin.
-        inv_ext = 1.0 / torch.tensor(rs["long_factor"] if maxpos > orig else rs["short_factor"], dtype=dtype)
+        inv_ext = 1.0 / torch.tensor(rs["long_factor"] if maxpos > orig else rs["short_factor"], dtype=dtype,
+                                     device="cpu")
         if rs.get("attention_factor") is not None:
             scale = float(rs["attention_factor"])
         elif maxpos > orig:

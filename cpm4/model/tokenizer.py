@@ -272,6 +272,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _declared_class(path: Path) -> str | None:
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
 
 
 class Tokenizer:
@@ -286,6 +295,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir() or not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for {', '.join(_TOKENIZER_FILES)}")
+        if (path / "tokenizer.json").is_file() and _declared_class(path) in _GENERIC_CLASSES:
+            # A plain tokenizers-backed tokenizer (what cpm4 writes): load it directly, skipping
+            # AutoTokenizer's model-registry import, which costs over a second at start-up.
+            return cls(cls._load_tokenizer_json(path))
         import warnings
 
         from transformers import AutoTokenizer
