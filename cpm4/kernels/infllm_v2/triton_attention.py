@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .triton_select import autotune_configs as _configs
-from .triton_select import tile_shape
+from .triton_select import own_range, shared_block, softmax_step, tile_shape
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
@@ -40,24 +40,14 @@ def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, win
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
-    lo = tl.maximum(qb - window, INIT)
-    n_init = tl.minimum(INIT, lo)
-    n = n_init + qb + 1 - lo
+    _, n = shared_block(0, qb, window, INIT)
     for i in tl.range(0, n):
-        b = tl.where(i < n_init, i, lo + i - n_init)
+        b, _ = shared_block(i, qb, window, INIT)
         kk = b * BLOCK + kk0
         km = kk < tk
         k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
         v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(km[None, :] & (kk[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(q, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o_ptr + t[:, None] * stride_ot + h * stride_oh + dd[None, :], acc / l_safe[:, None], mask=rm[:, None])
     tl.store(lse_ptr + t * stride_lt + h, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rm)
@@ -84,10 +74,7 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
     qoff = t * stride_qt + h[:, None] * stride_qh + dd[None, :]
     q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
     row = blk_ptr + g * stride_bh + t * stride_bt
-    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
-    valid = sel >= 0
-    n_lo = tl.sum((valid & (sel < INIT)).to(tl.int32), 0)
-    n_hi = tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
+    n_lo, n_hi = own_range(row, qb, window, NSEL, NSEL_PAD, INIT)
     # Start from the shared part: (m, l, acc) = (its lse, 1, its normalised output).
     acc = tl.load(os_ptr + qoff, mask=hm[:, None], other=0.0)
     m_i = tl.load(ls_ptr + t * stride_lt + h, mask=hm, other=float("-inf"))
@@ -99,14 +86,8 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
         kk = b * BLOCK + kk0
         k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :])
         v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # blocks before qb - window: fully visible, no mask
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # Blocks before qb - window are fully visible: no mask.
+        m_i, l_i, acc = softmax_step(q, k, v, (kk0 >= 0)[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + dd[None, :], out, mask=hm[:, None])
@@ -135,11 +116,9 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((BLOCK, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
-    lo = tl.maximum(qb - window, INIT)
-    n_init = tl.minimum(INIT, lo)
-    n = n_init + qb + 1 - lo
+    _, n = shared_block(0, qb, window, INIT)
     for i in tl.range(0, n):
-        b = tl.where(i < n_init, i, lo + i - n_init)
+        b, _ = shared_block(i, qb, window, INIT)
         kk = b * BLOCK + kk0
         km = kk < tk
         k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
@@ -175,10 +154,7 @@ def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_pt
     lse = tl.load(lse_ptr + t * stride_lt + h, mask=hm, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + t * stride_lt + h, mask=hm, other=0.0)
     row = blk_ptr + g * stride_bh + t * stride_bt
-    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
-    valid = sel >= 0
-    n_lo = tl.sum((valid & (sel < INIT)).to(tl.int32), 0)
-    n_hi = tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
+    n_lo, n_hi = own_range(row, qb, window, NSEL, NSEL_PAD, INIT)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((G_PAD, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)

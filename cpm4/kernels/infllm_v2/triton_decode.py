@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_select import num_sms
+from .triton_select import num_sms, softmax_step
 
 
 @triton.jit
@@ -51,15 +51,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, o_ptr, m
                         other=0.0)
             v = tl.load(vc_ptr + page.to(tl.int64) * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
                         mask=km[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(km[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o_ptr + bi * stride_ob + h[:, None] * stride_oh + sp * stride_os + dd[None, :], acc / l_safe[:, None],
              mask=hm[:, None])

@@ -28,6 +28,35 @@ from cpm4.model.config import SparseConfig
 from .reference import num_kernels
 
 
+@triton.jit
+def softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
+    """One key block of flash attention: scores in log2 units, masked entries excluded; returns the
+    updated running max, normaliser and (unnormalised) accumulator."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(s_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def shared_block(i, qb, window, INIT: tl.constexpr):
+    """The i-th block of query block qb's shared set (b < INIT, then qb - window .. qb) and the set's size."""
+    lo = tl.maximum(qb - window, INIT)
+    n_init = tl.minimum(INIT, lo)
+    return tl.where(i < n_init, i, lo + i - n_init), n_init + qb + 1 - lo
+
+
+@triton.jit
+def own_range(row, qb, window, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+    """[lo, hi) of a sorted, -1-padded selection row holding the blocks outside the shared set."""
+    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
+    valid = sel >= 0
+    return tl.sum((valid & (sel < INIT)).to(tl.int32), 0), tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
+
+
 def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
     # The interpreter runs every config it is given: one is enough there.
     if os.environ.get("TRITON_INTERPRET") == "1":
