@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def run_local(job: FilterJob, parts: Sequence[Partition], workers: int,
             on_done(run_partition(job, p, on_progress))
         return
     # spawn, not fork: the parent may hold threads (torch, Spark's gateway) that fork would copy half-locked.
+    # ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (OOM kill) breaks the pool with
+    # an error instead of being replaced while the driver waits forever.
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     stop = threading.Event()
@@ -185,10 +188,19 @@ def run_local(job: FilterJob, parts: Sequence[Partition], workers: int,
 
     t = threading.Thread(target=drain, daemon=True)
     t.start()
+    pool = ProcessPoolExecutor(min(workers, len(parts)), mp_context=ctx, initializer=_pool_init, initargs=(q,))
     try:
-        with ctx.Pool(min(workers, len(parts)), initializer=_pool_init, initargs=(q,)) as pool:
-            for stats in pool.imap_unordered(_pool_task, [(job, p) for p in parts], chunksize=1):
-                on_done(stats)
+        futures = [pool.submit(_pool_task, (job, p)) for p in parts]
+        for fut in as_completed(futures):
+            on_done(fut.result())
+    except BaseException:
+        # Stop at once, as a crash would: partitions in flight leave only hidden temporary files.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
     finally:
         stop.set()
         t.join()
@@ -349,6 +361,9 @@ def filter_documents(input: str | os.PathLike, output: str | os.PathLike, model:
     def on_done(stats: dict) -> None:
         finished.append(stats)
         if bar is not None:
+            if engine == "spark":  # no per-batch progress from Spark tasks
+                with lock:
+                    bar.update(stats["bytes_in"])
             bar.set_postfix(done=f"{len(finished)}/{len(pending)}", refresh=False)
         if crash_after is not None and len(finished) >= crash_after:
             raise SimulatedCrash(f"simulated crash after {len(finished)} partitions")

@@ -289,6 +289,7 @@ def atomic_path(final: str | os.PathLike, tmp_dir: str | os.PathLike | None = No
     final = Path(final)
     d = Path(tmp_dir) if tmp_dir is not None else final.parent
     d.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
