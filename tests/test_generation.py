@@ -170,3 +170,40 @@ def test_prompt_errors_and_context_limit():
     # max_tokens is clipped to the room left in the context.
     out = generate(model, tok(), [5] * (ctx - 3), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_logprobs_match_log_softmax_of_full_forward():
+    model = random_model("tiny", dtype=torch.float32)
+    prompt = tok().encode("log probs")
+    out = generate(model, tok(), prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3))[0]
+    assert len(out.logprobs) == 4
+    ids = list(prompt)
+    for lp in out.logprobs:
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0, -1].double(), -1)
+        assert lp.token_id == int(ref.argmax())
+        assert abs(lp.logprob - float(ref[lp.token_id])) < 1e-4
+        assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+        ids.append(lp.token_id)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)
+
+
+def test_cancelled_sequence_ends_with_abort_and_others_continue():
+    model = random_model("tiny", dtype=torch.float32)
+    prompts = [tok().encode("first"), tok().encode("second one")]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2
+    steps = {"n": 0}
+
+    def cancelled(i):
+        return i == 0 and steps["n"] >= 3
+
+    got = [[], []]
+    reasons = [None, None]
+    for step in generate_stream(model, tok(), prompts, params, cancelled):
+        steps["n"] += 1
+        for d in step:
+            got[d.index] += d.token_ids
+            reasons[d.index] = d.finish_reason or reasons[d.index]
+    alone = generate(model, tok(), [prompts[1]], params[1])[0]
+    assert reasons == ["abort", "length"] and len(got[0]) == 3
+    assert got[1] == alone.token_ids

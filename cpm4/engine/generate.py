@@ -5,7 +5,7 @@ prompt gives the same tokens alone or in a batch (greedy; seeded sampling likewi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +26,19 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    finish_reason: str | None = None  # "stop" (stop token or string), "length" or "abort"
     prompt: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """The sampled token's log-probability under the model (raw logits, before sampling transforms) and the
+    most likely alternatives, as OpenAI's `logprobs` reports them."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -35,7 +46,8 @@ class StreamDelta:
     index: int  # which prompt of the batch
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    logprobs: list[TokenLogprob] | None = None
 
 
 def context_length(model: MiniCPM4ForCausalLM) -> int:
@@ -94,10 +106,21 @@ class _Seq:
         return text
 
 
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, k) if k else None
+    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprob(token, float(lp[token]), alts)
+
+
 @torch.inference_mode()
 def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: Sequence[list[int]],
-                    params: Sequence[SamplingParams]) -> Iterator[list[StreamDelta]]:
-    """Yield, after every step, the new text and tokens of each sequence that produced some."""
+                    params: Sequence[SamplingParams], cancelled: Callable[[int], bool] | None = None
+                    ) -> Iterator[list[StreamDelta]]:
+    """Yield, after every step, the new text and tokens of each sequence that produced some.
+
+    `cancelled(i)` is asked before each step; a sequence it answers True for ends with finish_reason
+    "abort" and stops taking part in the batch."""
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
     if not prompts:
@@ -116,14 +139,26 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
         ids[i, : len(p)] = torch.tensor(p, device=dev)
     logits = model(ids, cache, lens, last_only=True)
     while True:
+        deltas = []
+        if cancelled is not None:
+            for i, sq in enumerate(seqs):
+                if sq.finish_reason is None and cancelled(i):
+                    sq.finish_reason = "abort"
+                    deltas.append(StreamDelta(i, "", [], "abort"))
         active = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if not active:
+            if deltas:
+                yield deltas
+            return
         toks_now = sample_batch(logits[active], [seqs[i].sampler for i in active],
                                 [seqs[i].params for i in active], [seqs[i].history for i in active])
-        deltas, next_tok = [], torch.zeros(b, 1, dtype=torch.long, device=dev)
-        for tok, i in zip(toks_now, active):
+        next_tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        for r, (tok, i) in enumerate(zip(toks_now, active)):
+            k = seqs[i].params.logprobs
+            lps = [_logprobs(logits[active[r]], tok, k)] if k is not None else None
             text, toks = seqs[i].step(tok)
             if text or toks or seqs[i].finish_reason:
-                deltas.append(StreamDelta(i, text, toks, seqs[i].finish_reason))
+                deltas.append(StreamDelta(i, text, toks, seqs[i].finish_reason, lps if toks else None))
             next_tok[i, 0] = tok
         if deltas:
             yield deltas
@@ -143,4 +178,6 @@ def generate_ids(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: Sequ
             o.text += d.text
             o.token_ids += d.token_ids
             o.finish_reason = d.finish_reason or o.finish_reason
+            if d.logprobs:
+                o.logprobs = (o.logprobs or []) + d.logprobs
     return outs
