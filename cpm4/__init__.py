@@ -1,8 +1,24 @@
 """cpm4: MiniCPM4 end to end — model, InfLLM v2 sparse attention, generation, training and serving."""
 
-from .engine.generate import GenerationOutput
-from .engine.sampling import SamplingParams
-from .llm import LLM, generate, load_model, stream
+from __future__ import annotations
 
-__all__ = ["LLM", "GenerationOutput", "SamplingParams", "generate", "load_model", "stream"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "GenerationOutput", "SamplingParams", "generate", "load_model", "stream"]
+
+# Loaded on first use: `import cpm4.data...` (e.g. in data-pipeline worker processes) need not import torch.
+_LAZY = {"LLM": "cpm4.llm", "generate": "cpm4.llm", "load_model": "cpm4.llm", "stream": "cpm4.llm",
+         "GenerationOutput": "cpm4.engine.generate", "SamplingParams": "cpm4.engine.sampling"}
+
+if TYPE_CHECKING:
+    from .engine.generate import GenerationOutput
+    from .engine.sampling import SamplingParams
+    from .llm import LLM, generate, load_model, stream
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cpm4' has no attribute {name!r}")

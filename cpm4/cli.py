@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(q, max_tokens=512)
     q.add_argument("--system", default=None, help="system prompt")
     q.set_defaults(func=cmd_chat)
+
+    from .data.cli import add_data_commands
+
+    add_data_commands(sub)
     return p
 
 

@@ -46,7 +46,6 @@ def test_balanced_shares():
         assert sum(s) == min(target, sum(avail)) and all(0 <= x <= a for x, a in zip(s, avail))
         full = [x for x, a in zip(s, avail) if x < a]  # sources not exhausted get equal shares (+-1) ...
         assert not full or max(full) - min(full) <= 1
-        assert all(x >= max(full) - 1 for x in s if full and x == avail[s.index(x)]) or True
 
 
 def test_training_uses_balanced_negatives(trained):
@@ -63,7 +62,6 @@ def test_training_uses_balanced_negatives(trained):
 
 def test_recipe_defaults_and_files(trained):
     out, m, _ = trained
-    assert m["config"] | {} == m["config"]
     c = TrainConfig()
     assert (c.dim, c.lr, c.word_ngrams, c.min_count, c.epoch, c.threshold) == (256, 0.1, 3, 5, 3, 0.5)
     model = fasttext.load_model(str(out))

@@ -37,6 +37,7 @@ NEGATIVE_LABEL = "__label__neg"
 # fastText returns exp(log(p + 1e-5)); we subtract the smoothing so scores are probabilities in [0, 1].
 _FASTTEXT_LOG_EPS = 1e-5
 _MAGIC = 793712314
+_MIN_TRAIN_THREADS = 11  # blocks 0-9 plus one for the remainder of rows*dim/10
 
 
 def _fasttext():
@@ -205,10 +206,14 @@ def train_classifier(positives: Sequence[str | os.PathLike], negatives: Sequence
         log(f"[cpm4] training on {n_train['pos']} positive + {n_train['neg']} negative documents "
             f"({', '.join(f'{p.name}: {s}' for p, s in zip(neg_files, shares))}), {len(held_labels)} held out")
         t1 = time.perf_counter()
+        # fastText 0.9.x initialises the input matrix in blocks of rows*dim/10, one per training thread, so with
+        # fewer than 10 threads part of it keeps whatever was in memory (NaN on reused heap pages: "Encountered
+        # NaN"). At least _MIN_TRAIN_THREADS threads cover it all; extra threads on few cores are harmless for
+        # its lock-free SGD.
+        threads = max(cfg.threads or os.cpu_count() or 1, _MIN_TRAIN_THREADS)
         model = ft.train_supervised(
             input=str(train_txt), dim=cfg.dim, lr=cfg.lr, wordNgrams=cfg.word_ngrams, minCount=cfg.min_count,
-            epoch=cfg.epoch, bucket=cfg.bucket, loss=cfg.loss, thread=cfg.threads or os.cpu_count() or 1,
-            seed=cfg.seed, verbose=0)
+            epoch=cfg.epoch, bucket=cfg.bucket, loss=cfg.loss, thread=threads, seed=cfg.seed, verbose=0)
         train_s = time.perf_counter() - t1
         if set(model.get_labels()) != {POSITIVE_LABEL, NEGATIVE_LABEL}:
             raise ValueError(f"unexpected labels {model.get_labels()}")

@@ -12,7 +12,7 @@ Input is a file or a directory of shards (JSONL, JSONL.gz, Parquet); large files
     _report.json, _score_hist.png, _SUCCESS   written at the end
 
 A rerun after an interruption skips partitions that have a finished marker and a part file, and recomputes
-the rest; a partial file is never visible under a part name. Engines: "local" (this process, or a spawn
+the rest; a partial file is never visible under a part name. Engines: "local" (this process, or a forkserver
 multiprocessing pool over partitions) and "spark" (`cpm4.data.spark`).
 """
 
@@ -172,10 +172,16 @@ def run_local(job: FilterJob, parts: Sequence[Partition], workers: int,
         for p in parts:
             on_done(run_partition(job, p, on_progress))
         return
-    # spawn, not fork: the parent may hold threads (torch, Spark's gateway) that fork would copy half-locked.
+    # Not fork: the parent may hold threads (torch, Spark's gateway, our progress thread) that fork would copy
+    # half-locked. forkserver forks workers from a clean server that has imported this module once (importing
+    # cpm4 costs ~1 s, mostly torch), where spawn would pay that import in every worker.
     # ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (OOM kill) breaks the pool with
     # an error instead of being replaced while the driver waits forever.
-    ctx = mp.get_context("spawn")
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = mp.get_context("spawn")
     q = ctx.Queue()
     stop = threading.Event()
 

@@ -15,11 +15,13 @@ Why Spark rather than Ray Data:
   on the other.
 * Where it runs. The paper ran its large UltraClean jobs on Spark, and data-processing clusters (YARN,
   Kubernetes, standalone) mostly run Spark already.
-* Cost, measured on the 2-core machine: `local[2]` starts in about 4-6 s (a JVM plus Python workers) against
-  about the same for `ray.init(num_cpus=2)`, which also starts a GCS, a raylet, a dashboard and an object store
-  in shared memory. Install weight is Spark's weak side: pyspark 4.3 is ~490 MB installed and needs Java 17+,
-  Ray's wheel is ~80 MB (plus pandas/pyarrow for Ray Data). It is therefore an optional extra, imported only
-  when `--engine spark` is chosen.
+* Cost. Start-up on the 2-core machine, measured by benchmarks/data_filter.py: 4-8 s for a `local[N]` session
+  plus its first Python workers (which import cpm4 and load the model once, then are reused); Ray's
+  `ray.init(num_cpus=2)` is of the same order (not measured here) and also runs a GCS, a raylet, a dashboard
+  and a shared-memory object store. Install weight is Spark's weak side: pyspark 4.3 is ~490 MB installed and
+  needs Java 17+, against an ~80 MB Ray wheel (plus pandas/pyarrow for Ray Data). So it is an optional extra,
+  imported only when `--engine spark` is chosen. Once started, Spark's rate is within ~10% of the local
+  engine's (see the benchmark): both are bound by normalization and fastText in the Python workers.
 
 On a cluster the executors need the same Python with cpm4 and fastText installed, and the input, the output
 directory and the model must be on a filesystem every executor sees under the same path (NFS, Lustre, a FUSE
@@ -57,13 +59,15 @@ def _task(item: tuple[FilterJob, Partition]) -> dict:
 
 
 def spark_session(master: str):
-    """(session, created): the active SparkSession, or a new one on `master` that the caller must stop."""
+    """(session, created): the running SparkSession, or a new one on `master` that the caller must stop."""
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active, False
+    if SparkContext._active_spark_context is not None:  # the caller's session (a notebook, a test): reuse it
+        return SparkSession.builder.getOrCreate(), False
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers must use this interpreter (and venv)
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # a local run binds to the loopback interface only
     builder = SparkSession.builder.master(master).appName("cpm4-data-filter")
     conf = dict(_CONF)
     if not master.startswith("local"):
