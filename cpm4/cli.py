@@ -1,4 +1,4 @@
-"""The `cpm4` command line: init, generate, chat (more subcommands arrive with later issues).
+"""The `cpm4` command line: init, generate, chat, serve, data (more subcommands arrive with later issues).
 
 Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 130 interrupted.
 """
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_chat)
 
     from .data.cli import add_data_commands
+    from .serve.cli import add_serve_command
 
+    add_serve_command(sub)
     add_data_commands(sub)
     return p
 
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, PromptTooLongError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, PromptTooLongError, ValueError,
+            ImportError) as e:
         print(f"cpm4: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -85,8 +85,14 @@ def test_spark_crash_then_resume(spark, setup, tmp_path):
         filter_documents(inp, out, model, engine="spark", workers=2, progress=False, crash_after=1)
     n_done = len(list((out / "_done").glob("*.json")))
     assert n_done >= 1
+    # Spark tasks already running when the driver raised may still finish after the crash: count again.
+    import time
+
+    time.sleep(1.0)
+    n_done = len(list((out / "_done").glob("*.json")))
     rep = filter_documents(inp, out, model, engine="spark", workers=2, progress=False)
-    assert rep["partitions_skipped"] == n_done
+    assert rep["partitions_skipped"] >= n_done >= 1
+    assert rep["partitions_skipped"] + rep["partitions_processed"] == rep["partitions"]
     assert parts(out) == parts(ref)
 
 

@@ -1,0 +1,46 @@
+"""OpenAI-compatible serving: `AsyncEngine` (batched generation behind asyncio), `create_app` (FastAPI)
+and `serve` (load a checkpoint and run uvicorn; what `cpm4 serve` calls).
+
+FastAPI and uvicorn are imported only when `create_app` / `serve` are used, so the engine works without them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .engine import AsyncEngine
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["AsyncEngine", "create_app", "serve"]
+
+
+def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+    """See `cpm4.serve.api.create_app`."""
+    from .api import create_app as _create_app
+
+    return _create_app(engine_or_llm, model_name, api_key)
+
+
+def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+          dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
+          max_batch_size: int = 16, log_level: str = "info") -> None:
+    """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name."""
+    try:
+        import uvicorn
+    except ImportError as e:  # an optional dependency: say how to get it
+        raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
+    from cpm4.llm import LLM
+
+    llm = LLM(model_dir, device=device, dtype=dtype)
+    engine = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=max_batch_size)
+    name = model_name or Path(model_dir).name or str(model_dir)
+    app = create_app(engine, name, api_key=api_key)
+    try:
+        # A short graceful period: open streams are aborted by the engine shutdown below anyway.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()

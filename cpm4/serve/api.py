@@ -1,0 +1,665 @@
+"""OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+
+Every request becomes one engine request per choice (`n`, and each prompt of a batched completion). Those
+run concurrently and their deltas are merged; a client that goes away aborts all of them so their batch
+slots free at once. Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
+from cpm4.engine.sampling import SamplingParams
+from cpm4.model.tokenizer import Tokenizer
+
+from .engine import AsyncEngine
+from .protocol import MAX_CHOICES, ChatCompletionRequest, ChatMessage, CompletionRequest
+from .tool_calls import ToolCallCollector
+
+__all__ = ["APIError", "create_app"]
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+# JSON has no -inf; a token the model rules out entirely is reported with this log-probability (as vLLM does).
+_MIN_LOGPROB = -9999.0
+# Template options a request may not override through chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template",
+                             "return_dict", "continue_final_message"}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return _error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def _error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(message: str) -> str | None:
+    # SamplingParams' messages start with the field name ("temperature must be >= 0, got -1").
+    m = re.match(r"([a-z_]+) ", message)
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token text and logprobs
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode map used by byte-level BPE vocabularies."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class _TokenText:
+    """Per-token strings and UTF-8 bytes for logprobs output (cached: the same ids recur constantly)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None) if backend is not None else None
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._table = _byte_level_table() if self._byte_level else {}
+        self.text = functools.lru_cache(maxsize=65536)(self._text)
+        self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        # A token can hold part of a UTF-8 character; its text then shows U+FFFD, its bytes stay exact.
+        piece = self.tokenizer.hf.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # sentencepiece byte fallback
+            if m:
+                return [int(m.group(1), 16)]
+            if self._byte_level and all(c in self._table for c in piece):
+                return [self._table[c] for c in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def _lp(x: float) -> float:
+    return max(float(x), _MIN_LOGPROB)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running choices
+
+
+async def _merge(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """Interleave several engine streams as (stream index, delta). Closing this closes (aborts) them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: AsyncIterator[StreamDelta]) -> None:
+        try:
+            async with contextlib.aclosing(s):  # cancellation closes the engine stream, which aborts it
+                async for d in s:
+                    queue.put_nowait((i, d))
+        except Exception as err:
+            queue.put_nowait((i, err))
+        queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        # Let the aborts run now rather than whenever the tasks are next scheduled.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _DisconnectWatch:
+    """Abort an HTTP request's engine requests as soon as its client disconnects.
+
+    Reading `receive` directly notices the disconnect at once, whatever the response is doing (waiting in
+    the queue, in prefill, or between SSE chunks), for streaming and non-streaming responses alike."""
+
+    def __init__(self, request: Request, engine: AsyncEngine, request_ids: list[str]) -> None:
+        self.request, self.engine, self.request_ids = request, engine, request_ids
+        self.disconnected = False
+        self._task: asyncio.Future | None = None
+
+    async def _watch(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        for rid in self.request_ids:
+            self.engine.abort(rid)
+
+    async def __aenter__(self) -> _DisconnectWatch:
+        self._task = asyncio.ensure_future(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass
+class _Choice:
+    pieces: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    tools: ToolCallCollector | None = None
+
+    def take(self, d: StreamDelta) -> str:
+        """Absorb a delta; return the text it adds to the output (content, for chat)."""
+        self.n_tokens += len(d.token_ids)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+        piece = self.tools.feed(d.text, d.token_ids) if self.tools is not None else d.text
+        self.pieces.append(piece)
+        return piece
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server
+
+
+class _OpenAIServer:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.tokens = _TokenText(engine.tokenizer)
+
+    # ----- shared request handling -----
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cpm4",
+                "root": self.model_name, "max_model_len": self.engine.context_length}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        self._check_model(req.model)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+                seed: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                seed=seed,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                logprobs=logprobs,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
+        try:
+            return self.engine.check_prompt(ids)
+        except PromptTooLongError as e:
+            raise APIError(400, f"This model's maximum context length is {self.engine.context_length} tokens: "
+                                f"{e}", param=param, code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    @contextlib.asynccontextmanager
+    async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]]
+                   ) -> AsyncIterator[tuple[_DisconnectWatch, AsyncIterator[tuple[int, StreamDelta]]]]:
+        """Start one engine request per job; yields (disconnect watch, merged deltas as (job index, delta)).
+        Leaving the block closes the merged stream, which aborts whatever has not finished."""
+        ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+        streams = [self.engine.stream(p, sp, rid) for rid, (p, sp) in zip(ids, jobs)]
+        async with _DisconnectWatch(request, self.engine, ids) as watch, \
+                contextlib.aclosing(_merge(streams)) as merged:
+            yield watch, merged
+
+    def _seeds(self, seed: int | None, n: int) -> list[int | None]:
+        # n > 1 with a seed: one distinct, reproducible seed per choice.
+        return [None if seed is None else seed + j for j in range(n)]
+
+    def _token_str(self, token_id: int, as_ids: bool) -> str:
+        return f"token_id:{token_id}" if as_ids else self.tokens.text(token_id)
+
+    # ----- /v1/completions -----
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[tuple[list[int], str]]:
+        p = req.prompt
+        if isinstance(p, str):
+            raw: list[str | list[int]] = [p]
+        elif not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        elif isinstance(p[0], int):
+            raw = [list(p)]
+        else:
+            raw = list(p)
+        out = []
+        for item in raw:
+            if isinstance(item, str):
+                ids, text = self.tokenizer.encode(item), item
+            else:
+                ids = self._check_prompt(item, "prompt")  # before decode: ids may be out of range
+                text = self.tokenizer.decode(ids) if req.echo else ""
+            out.append((self._check_prompt(ids, "prompt"), text))
+        return out
+
+    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int, as_ids: bool) -> dict[str, Any]:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for lp in lps:
+            s = self._token_str(lp.token_id, as_ids)
+            tokens.append(s)
+            token_lps.append(_lp(lp.logprob))
+            top: dict[str, float] = {}
+            for tid, v in lp.top:
+                top.setdefault(self._token_str(tid, as_ids), _lp(v))  # first (most likely) wins on equal text
+            top.setdefault(s, _lp(lp.logprob))  # the sampled token is always listed, as OpenAI does
+            tops.append(top)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self._check_common(req)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)",
+                           param="echo")
+        prompts = self._completion_prompts(req)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
+        seeds = self._seeds(req.seed, req.n)
+        jobs, choices, echoes = [], [], []
+        for ids, text in prompts:
+            for j in range(req.n):
+                jobs.append((ids, self._params(req, req.max_tokens or 16, req.logprobs, seeds[j])))
+                choices.append(_Choice())
+                echoes.append(text if req.echo else "")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        as_ids = req.return_tokens_as_token_ids
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(i: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+            obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
+                                   "model": self.model_name, "choices": [
+                                       {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            if include_usage:
+                obj["usage"] = None
+            return obj
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                offsets = [len(e) for e in echoes]
+                try:
+                    async with self._run(request, rid, jobs) as (_, merged):
+                        for i, e in enumerate(echoes):
+                            if e:
+                                yield _sse(chunk(i, e))
+                        async for i, d in merged:
+                            c = choices[i]
+                            text = c.take(d)
+                            lp = None
+                            if req.logprobs is not None and d.logprobs:
+                                lp = self._completion_logprobs(d.logprobs, offsets[i], as_ids)
+                                offsets[i] += sum(len(s) for s in lp["tokens"])
+                            if text or lp is not None:
+                                yield _sse(chunk(i, text, lp))
+                            if d.finish_reason is not None:
+                                yield _sse(chunk(i, "", None, d.finish_reason))
+                    if include_usage:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                    "model": self.model_name, "choices": [],
+                                    "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))})
+                except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
+                    yield _sse({"error": {"message": str(err), "type": "server_error", "param": None,
+                                          "code": None}})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async with self._run(request, rid, jobs) as (watch, merged):
+            async for i, d in merged:
+                choices[i].take(d)
+        if watch.disconnected:
+            return Response(status_code=499)  # nobody is listening; the requests were aborted
+        out = []
+        for i, c in enumerate(choices):
+            lp = (self._completion_logprobs(c.logprobs, len(echoes[i]), as_ids)
+                  if req.logprobs is not None else None)
+            out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
+                        "finish_reason": c.finish_reason})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                             "choices": out, "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))})
+
+    # ----- /v1/chat/completions -----
+
+    @staticmethod
+    def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}]: content part type {part.type!r} is not supported "
+                                        "(text only)", param="messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+        return d
+
+    def _chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [self._message_dict(i, m) for i, m in enumerate(req.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        kwargs = dict(req.chat_template_kwargs or {})
+        bad = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if bad:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
+        try:
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools, **kwargs)
+        except APIError:
+            raise
+        except Exception as e:  # the template rejected the conversation (ValueError, jinja errors)
+            raise APIError(400, f"cannot render the conversation with the chat template: {e}",
+                           param="messages") from None
+        return self._check_prompt(ids, "messages")
+
+    def _chat_logprobs(self, lps: list[TokenLogprob], as_ids: bool) -> dict[str, Any]:
+        def entry(tid: int, v: float) -> dict[str, Any]:
+            return {"token": self._token_str(tid, as_ids), "logprob": _lp(v), "bytes": self.tokens.bytes(tid)}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in lps]}
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self._check_common(req)
+        if req.tool_choice == "required" or not (req.tool_choice is None or isinstance(req.tool_choice, str)):
+            raise APIError(400, "tool_choice 'required' or a named function is not supported (the server cannot "
+                                "force a call); use 'auto' or 'none'", param="tool_choice")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported",
+                           param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        ids = self._chat_ids(req)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.engine.context_length
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        parse_tools = bool(req.tools) and req.tool_choice != "none"
+        jobs = [(ids, self._params(req, max_tokens, k, s)) for s in self._seeds(req.seed, req.n)]
+        choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None)
+                   for _ in jobs]
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        as_ids = req.return_tokens_as_token_ids
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def finish_reason(c: _Choice, calls: list[Any]) -> str | None:
+            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+
+        def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": self.model_name, "system_fingerprint": None, "choices": [
+                                       {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            if include_usage:
+                obj["usage"] = None
+            return obj
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async with self._run(request, rid, jobs) as (_, merged):
+                        for i in range(len(choices)):
+                            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                        async for i, d in merged:
+                            c = choices[i]
+                            text = c.take(d)
+                            lp = self._chat_logprobs(d.logprobs, as_ids) if k is not None and d.logprobs else None
+                            if text or lp is not None:
+                                yield _sse(chunk(i, {"content": text}, lp))
+                            if d.finish_reason is None:
+                                continue
+                            calls: list[dict[str, Any]] = []
+                            if c.tools is not None:
+                                tail, calls = c.tools.finish()
+                                if tail:
+                                    yield _sse(chunk(i, {"content": tail}))
+                                if calls:
+                                    yield _sse(chunk(i, {"tool_calls": [{"index": j, **call}
+                                                                        for j, call in enumerate(calls)]}))
+                            yield _sse(chunk(i, {}, None, finish_reason(c, calls)))
+                    if include_usage:
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                    "model": self.model_name, "system_fingerprint": None, "choices": [],
+                                    "usage": _usage(len(ids), sum(c.n_tokens for c in choices))})
+                except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
+                    yield _sse({"error": {"message": str(err), "type": "server_error", "param": None,
+                                          "code": None}})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async with self._run(request, rid, jobs) as (watch, merged):
+            async for i, d in merged:
+                choices[i].take(d)
+        if watch.disconnected:
+            return Response(status_code=499)  # nobody is listening; the requests were aborted
+        out = []
+        for i, c in enumerate(choices):
+            content: str | None = "".join(c.pieces)
+            calls: list[dict[str, Any]] = []
+            if c.tools is not None:
+                tail, calls = c.tools.finish()
+                content += tail
+                if calls:
+                    content = content.strip() or None
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            out.append({"index": i, "message": message,
+                        "logprobs": self._chat_logprobs(c.logprobs, as_ids) if k is not None else None,
+                        "finish_reason": finish_reason(c, calls)})
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                             "system_fingerprint": None, "choices": out,
+                             "usage": _usage(len(ids), sum(c.n_tokens for c in choices))})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# App
+
+
+class _APIKeyMiddleware:
+    """Require `Authorization: Bearer <key>` on /v1 routes. Pure ASGI, so it runs before the body is parsed
+    and leaves streaming responses untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                msg = "Missing API key" if not auth else "Incorrect API key provided"
+                resp = _error_response(401, f"{msg}: send it as 'Authorization: Bearer <key>'.",
+                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _is_type_tag(x: object) -> bool:
+    # Our field names are lower-case identifiers; tags are type names ("str", "list[int]", "ToolCall").
+    return isinstance(x, str) and (x in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in x
+                                   or x[:1].isupper() or "-" in x)
+
+
+def _validation_error(errors: Sequence[Any]) -> APIError:
+    if not errors:
+        return APIError(400, "invalid request body")
+    e = errors[0]
+    # Drop "body" and pydantic's union-member tags ("str", "list[int]") so the path names real fields.
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _is_type_tag(x)]
+    param = loc[0] if loc else None
+    where = ".".join(loc) if loc else "request body"
+    return APIError(400, f"Invalid value for '{where}': {e.get('msg', 'invalid')}", param=param)
+
+
+async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
+    """Read the body as JSON whatever the Content-Type says (curl -d sends form encoding) and validate it."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+
+
+def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving `model_name`.
+
+    `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
+    `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
+    if isinstance(engine_or_llm, AsyncEngine):
+        engine, owned = engine_or_llm, False
+    elif hasattr(engine_or_llm, "model") and hasattr(engine_or_llm, "tokenizer"):
+        engine, owned = AsyncEngine(engine_or_llm.model, engine_or_llm.tokenizer), True
+    else:
+        raise TypeError(f"expected an AsyncEngine or an LLM, got {type(engine_or_llm).__name__}")
+    server = _OpenAIServer(engine, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="cpm4 OpenAI-compatible server", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_name = model_name
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return _error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return _error_response(503, "the engine is not running", type="server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        server._check_model(model_id)
+        return server.model_card()
+
+    # Bodies are parsed by hand (not as typed parameters) so that any Content-Type is read as JSON.
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(await _parse_body(request, CompletionRequest), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat(await _parse_body(request, ChatCompletionRequest), request)
+
+    return app
+

@@ -1,0 +1,36 @@
+"""`cpm4 serve`: the argparse subcommand. `cpm4/cli.py` registers it with `add_serve_command(sub)`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_MODEL = "demo-model"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import serve
+
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[cpm4] warning: serving on {args.host} without an API key", file=sys.stderr)
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size)
+    return 0
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand (OpenAI-compatible HTTP server) to a `cpm4` subparsers object."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder in Hugging Face layout")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
+    # From the environment by default so the key need not appear in the process list.
+    p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together at most")
+    p.set_defaults(func=cmd_serve)
+    return p

@@ -1,0 +1,238 @@
+"""An asyncio front end to the synchronous generate loop.
+
+The model runs on one background worker thread; the asyncio side only queues requests and reads deltas.
+The worker takes up to `max_batch_size` waiting requests and runs them together through `generate_stream`;
+requests that arrive meanwhile wait for that batch to end. A continuous-batching scheduler can later replace
+`_worker_loop` / `_run_batch` without changing `stream`, `abort` or `shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cpm4.engine.generate import PromptTooLongError, StreamDelta, check_prompt, context_length, generate_stream
+from cpm4.engine.sampling import SamplingParams
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+from cpm4.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineClosedError", "EngineError", "PromptTooLongError"]
+
+# How many finished request ids (with their finish reasons) are remembered for inspection.
+_HISTORY = 1024
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the worker for the batch this request was in."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down before the request finished."""
+
+
+_END = object()  # queued after a request's last delta
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    # Written by the loop thread, read by the worker between steps; a bool store is atomic under the GIL.
+    aborted: bool = False
+    finish_reason: str | None = None
+
+
+class AsyncEngine:
+    """Serve generation requests from asyncio code; one worker thread owns the model."""
+
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length(model)
+        self.vocab_size = model.config.vocab_size
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._requests: dict[str, _Request] = {}  # waiting or running, by id
+        self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._closed = False
+        # Counters, mainly for monitoring and tests.
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.num_batches = 0
+        self._thread = threading.Thread(target=self._worker_loop, name="cpm4-engine", daemon=True)
+        self._thread.start()
+
+    # ----- asyncio side -----
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        """Validate a prompt (ValueError / PromptTooLongError) so bad input never reaches a batch."""
+        ids = list(prompt_ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt token id {t!r} is not in the vocabulary [0, {self.vocab_size})")
+        check_prompt(len(ids), self.context_length)
+        return ids
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Reject settings that would only fail inside the batch (and so take its other requests down)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.seed is not None:
+            try:
+                torch.Generator().manual_seed(params.seed)
+            except (ValueError, RuntimeError, OverflowError):
+                raise ValueError(f"seed {params.seed} is out of range (64-bit)") from None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def finish_reason(self, request_id: str) -> str | None:
+        """Finish reason of a recently finished request (None if unknown or still running)."""
+        return self._finished.get(request_id)
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     request_id: str) -> AsyncIterator[StreamDelta]:
+        """Queue one request and yield its deltas (index 0) until one carries a finish reason.
+
+        Raises ValueError (PromptTooLongError for an over-long prompt) before queueing. Closing the iterator
+        early, or cancelling the task reading it, aborts the request."""
+        ids = self.check_prompt(prompt_ids)
+        self.check_params(params)
+        req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._requests[request_id] = req
+            self._waiting.append(req)
+            self._cond.notify()
+        ended = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if item is _END:
+                    ended = True
+                    return
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
+        finally:
+            if not ended:  # consumer went away (disconnect, cancellation): free the batch slot now
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request: a waiting one leaves the queue, a running one ends at the next step.
+        Returns False when the id is unknown or already finished. Thread-safe."""
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            req.aborted = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self._finish(req, "abort")
+                self._post(req, StreamDelta(0, "", [], "abort"))
+                self._post(req, _END)
+        return True
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort everything, stop the worker and wait for it (up to `timeout` seconds)."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._waiting)
+            self._waiting.clear()
+            for req in pending:
+                self._finish(req, "abort")
+                self._post(req, EngineClosedError("the engine was shut down"))
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ----- worker side -----
+
+    def _post(self, req: _Request, item: object) -> None:
+        # asyncio.Queue is not thread-safe: hand the item to the request's own loop.
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        except RuntimeError:  # that loop is closed: nobody is listening any more
+            pass
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        """Record a request's end (caller holds the lock or is the worker)."""
+        req.finish_reason = reason
+        self._requests.pop(req.request_id, None)
+        self._finished[req.request_id] = reason
+        while len(self._finished) > _HISTORY:
+            self._finished.popitem(last=False)
+        self.num_finished += 1
+        if reason == "abort":
+            self.num_aborted += 1
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until requests wait; take up to max_batch_size of them. None once shut down."""
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            n = min(len(self._waiting), self.max_batch_size)
+            return [self._waiting.popleft() for _ in range(n)]
+
+    def _worker_loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self.num_batches += 1
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        def cancelled(i: int) -> bool:
+            return batch[i].aborted or self._closed
+
+        try:
+            for step in generate_stream(self.model, self.tokenizer, [r.prompt_ids for r in batch],
+                                        [r.params for r in batch], cancelled=cancelled):
+                for d in step:
+                    req = batch[d.index]
+                    if d.finish_reason is not None:
+                        with self._cond:
+                            self._finish(req, d.finish_reason)
+                    self._post(req, dataclasses.replace(d, index=0))
+                    if d.finish_reason is not None:
+                        self._post(req, _END)
+        except Exception as err:  # one bad batch must not take the worker (and every later request) down
+            log.exception("generation failed for batch %s", [r.request_id for r in batch])
+            for req in batch:
+                if req.finish_reason is None:
+                    with self._cond:
+                        self._finish(req, "error")
+                    exc = EngineError(f"generation failed: {type(err).__name__}: {err}")
+                    exc.__cause__ = err
+                    self._post(req, exc)
+            return
+        for req in batch:  # generate_stream always ends each sequence; this is only a safety net
+            if req.finish_reason is None:
+                with self._cond:
+                    self._finish(req, "abort")
+                self._post(req, StreamDelta(0, "", [], "abort"))
+                self._post(req, _END)

@@ -1,0 +1,124 @@
+"""Request bodies of the OpenAI-compatible API.
+
+Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer options still work.
+Numbers and flags are strict (a string "0.5" for temperature is a 400, as with OpenAI), except that an int
+is accepted where a float is expected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+# Upper bounds that keep one request from monopolising the engine.
+MAX_N = 64
+MAX_CHOICES = 256  # prompts x n in one completions request
+MAX_LOGPROBS = 20
+
+
+class _Body(BaseModel):
+    # Python's json accepts NaN and Infinity; no sampling setting means anything with them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: Bool = False
+
+
+class _SamplingFields(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Str | None = None  # OpenAI requires it; a missing one means the served model
+    temperature: Float | None = Field(None, ge=0)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=-1)  # extension (vLLM): 0 or -1 = off
+    min_p: Float | None = Field(None, ge=0, le=1)  # extension
+    repetition_penalty: Float | None = Field(None, gt=0)  # extension
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's
+    stop: Str | list[Str] | None = None
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extension
+    ignore_eos: Bool = False  # extension
+    include_stop_str_in_output: Bool = False  # extension
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted for compatibility; only their neutral values are supported.
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Float] | None = None
+    user: Str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Str | list[Str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Bool = False
+    suffix: Str | None = None
+    best_of: Int | None = Field(None, ge=1)
+    return_tokens_as_token_ids: Bool = False  # extension (vLLM): tokens as "token_id:123"
+
+
+class FunctionCall(_Body):
+    name: Str
+    arguments: Str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Body):
+    id: Str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ContentPart(_Body):
+    type: Str
+    text: Str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Str | list[ContentPart] | None = None
+    name: Str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Str | None = None
+
+
+class FunctionDef(_Body):
+    name: Str
+    description: Str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
+class ResponseFormat(_Body):
+    type: Str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
+    return_tokens_as_token_ids: Bool = False  # extension

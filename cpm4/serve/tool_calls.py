@@ -1,0 +1,138 @@
+"""Tool calls in model output: `<|tool_call|>{"name": ..., "arguments": ...}` lines (the syntax the chat
+template teaches) turned into OpenAI `tool_calls`.
+
+The marker is a special token in MiniCPM4 vocabularies, so plain decoding (which skips special tokens)
+loses it. `ToolCallCollector` therefore watches the token ids as well as the text: everything before the
+first marker streams as content, everything from it on is held and parsed when generation ends.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
+
+__all__ = ["TOOL_CALL", "ToolCallCollector", "parse_tool_calls"]
+
+_DECODER = json.JSONDecoder()
+
+
+def _new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _as_call(obj: Any) -> dict[str, Any] | None:
+    """An OpenAI tool call from one parsed JSON object, or None when it is not shaped like one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        arguments = args  # already JSON text, as OpenAI clients send it back
+    elif isinstance(args, dict):
+        arguments = json.dumps(args, ensure_ascii=False)
+    else:
+        return None
+    return {"id": _new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
+
+
+def parse_tool_calls(text: str, marker: str = TOOL_CALL) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split model output into (content, tool_calls).
+
+    Each `marker` must be followed by one JSON object with a string `name` and an object (or JSON string)
+    `arguments`; text after that object is kept as content. A marker whose JSON does not parse stays in the
+    content verbatim. With at least one call, content is stripped and None when empty (as OpenAI returns it).
+    """
+    parts = text.split(marker)
+    content = [parts[0]]
+    calls: list[dict[str, Any]] = []
+    for seg in parts[1:]:
+        body = seg.lstrip()
+        try:
+            obj, end = _DECODER.raw_decode(body)
+        except ValueError:
+            obj, end = None, 0
+        call = _as_call(obj)
+        if call is None:
+            content.append(marker + seg)
+            continue
+        calls.append(call)
+        rest = body[end:]
+        if rest.strip():
+            content.append(rest)
+    joined = "".join(content)
+    if not calls:
+        return joined, []
+    joined = joined.strip()
+    return (joined or None), calls
+
+
+def _marker_prefix_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+class ToolCallCollector:
+    """Per-choice filter over streamed (text, token_ids) deltas that separates content from tool calls."""
+
+    def __init__(self, tokenizer: Tokenizer, marker: str = TOOL_CALL) -> None:
+        self._tokenizer = tokenizer
+        self._marker = marker
+        self._marker_id = tokenizer.token_id(marker)
+        self._held = ""  # text that may be the start of a literal marker
+        self._tail_ids: list[int] | None = None  # set once the marker arrived as a token
+        self._tail_text: str | None = None  # set once the marker arrived as text
+        self._plain_tail = ""  # the tail as plain decoding shows it, for output without calls
+
+    @property
+    def in_calls(self) -> bool:
+        return self._tail_ids is not None or self._tail_text is not None
+
+    def feed(self, text: str, token_ids: list[int]) -> str:
+        """Take one delta; return the content that can be emitted now."""
+        if self._tail_ids is not None:
+            self._tail_ids.extend(token_ids)
+            self._plain_tail += text
+            return ""
+        if self._tail_text is not None:
+            self._tail_text += text
+            return ""
+        if self._marker_id is not None and self._marker_id in token_ids:
+            # The delta's text was released by the detokenizer for tokens before the marker.
+            k = token_ids.index(self._marker_id)
+            self._tail_ids = list(token_ids[k:])
+            out, self._held = self._held + text, ""
+            return out
+        buf = self._held + text
+        i = buf.find(self._marker)
+        if i >= 0:
+            self._tail_text, self._held = buf[i:], ""
+            return buf[:i]
+        hold = _marker_prefix_len(buf, self._marker)
+        self._held = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold]
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """End of generation: (content not yet emitted, tool calls)."""
+        if self._tail_ids is not None:
+            # Decode the pieces between markers separately so the markers survive as text for the parser.
+            segments: list[list[int]] = [[]]
+            for t in self._tail_ids:
+                if t == self._marker_id:
+                    segments.append([])
+                else:
+                    segments[-1].append(t)
+            raw = self._marker.join(self._tokenizer.decode(s) for s in segments)
+            content, calls = parse_tool_calls(raw, self._marker)
+            if not calls:
+                return self._plain_tail, []  # no valid call: the text plain decoding would have given
+            return content or "", calls
+        if self._tail_text is not None:
+            content, calls = parse_tool_calls(self._tail_text, self._marker)
+            return content or "", calls
+        out, self._held = self._held, ""
+        return out, []

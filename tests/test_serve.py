@@ -1,0 +1,577 @@
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1 in a background thread, driven by the official
+`openai` client (and raw httpx where a client would not send the request), against the tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+from cpm4.engine.generate import PromptTooLongError, StreamDelta  # noqa: E402
+from cpm4.engine.sampling import SamplingParams  # noqa: E402
+from cpm4.llm import LLM  # noqa: E402
+from cpm4.model.init import create_checkpoint  # noqa: E402
+from cpm4.model.tokenizer import TOOL_CALL  # noqa: E402
+from cpm4.serve import AsyncEngine, create_app  # noqa: E402
+from cpm4.serve.engine import _END, EngineError  # noqa: E402
+from cpm4.serve.tool_calls import ToolCallCollector, parse_tool_calls  # noqa: E402
+
+MODEL = "tiny-test"
+KEY = "sk-test-key"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures: one tiny model, one engine, two servers (without and with an API key) for the whole module
+
+
+class _Server:
+    def __init__(self, app) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))  # a free port, held open so nothing can take it before uvicorn listens
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    create_checkpoint("tiny", path)
+    return LLM(path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(llm):
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=16)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv = _Server(create_app(engine, MODEL))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def _assert_alive(client) -> None:
+    """A bad request never disturbs the server: a normal one still works right after."""
+    r = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Basic endpoints
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    r = httpx.get(f"{server.url}/health", timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_chat_greedy_matches_llm(client, llm):
+    ref = llm.chat(MESSAGES, _greedy(12))
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(llm.chat_ids(MESSAGES)) == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # max_completion_tokens is the newer name for the same limit; omitting model means the served one.
+    r2 = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0)
+    assert r2.choices[0].message.content == ref.text
+
+
+def test_completion_greedy_matches_llm(client, llm, server):
+    prompts = ["The capital of France is", "def main():"]
+    refs = llm.generate(prompts, _greedy(10))
+    r = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == refs[0].text and r.choices[0].finish_reason == refs[0].finish_reason
+    assert r.usage.prompt_tokens == len(refs[0].prompt_token_ids)
+    assert r.usage.completion_tokens == len(refs[0].token_ids)
+    # A list of prompts: one choice each, in order. A token-id prompt gives the same as its text.
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0)
+    assert [c.text for c in r.choices] == [o.text for o in refs] and [c.index for c in r.choices] == [0, 1]
+    assert r.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in refs)
+    r = client.completions.create(model=MODEL, prompt=refs[1].prompt_token_ids, max_tokens=10, temperature=0)
+    assert r.choices[0].text == refs[1].text
+    # Model omitted (OpenAI requires it; we take it as the served model) and echo.
+    raw = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                     json={"prompt": prompts[0], "max_tokens": 10, "temperature": 0, "echo": True}).json()
+    assert raw["choices"][0]["text"] == prompts[0] + refs[0].text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_streaming_chat(client):
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streaming_completion(client, llm):
+    ref = llm.generate("Once upon a time", _greedy(10))[0]
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+    assert chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
+    # Without include_usage there is no usage chunk.
+    plain = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, stream=True))
+    assert all(c.choices for c in plain)
+
+
+def test_raw_sse_format(server):
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling options
+
+
+def test_n_with_seed_is_reproducible(client, llm):
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=8, temperature=1.0, seed=1234, n=2)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert len(a.choices) == 2 and [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    # Choice i is seeded with seed + i, so it equals the offline run with that seed.
+    refs = [llm.generate("Hello", SamplingParams(temperature=1.0, max_tokens=8, seed=1234 + i))[0] for i in range(2)]
+    assert [c.text for c in a.choices] == [o.text for o in refs]
+    assert a.usage.completion_tokens == sum(len(o.token_ids) for o in refs)
+    chat = [client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0,
+                                           seed=99, n=2) for _ in range(2)]
+    assert [c.message.content for c in chat[0].choices] == [c.message.content for c in chat[1].choices]
+
+
+def test_stop_strings(client, llm):
+    ref = llm.generate("Hello world", _greedy(16, ignore_eos=True))[0]
+    text = ref.text
+    assert len(text) >= 6
+    stop = text[3:5]
+    expected = text[: text.find(stop)]
+    for stop_arg in (stop, [stop, "\u2603never\u2603"]):
+        r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0,
+                                      stop=stop_arg, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+
+
+def _first_token_logprobs(llm, ids: list[int]) -> torch.Tensor:
+    """Independent reference: log_softmax of the model's logits at the prompt's last position."""
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([ids]))[0, -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def test_chat_logprobs(client, llm):
+    ref = llm.chat(MESSAGES, _greedy(5))
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(ref.token_ids)
+    assert all(len(e.top_logprobs) == 3 for e in content)
+    lp = _first_token_logprobs(llm, llm.chat_ids(MESSAGES))
+    first = ref.token_ids[0]
+    assert content[0].logprob == pytest.approx(float(lp[first]), abs=1e-4)
+    assert content[0].token == llm.tokenizer.decode([first], skip_special_tokens=False)
+    top = torch.topk(lp, 3)
+    assert [e.logprob for e in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(isinstance(e.bytes, list) and e.bytes for e in content[0].top_logprobs)
+    # Greedy: the sampled token is the most likely one.
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
+    # logprobs=True alone: sampled token only, no alternatives.
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
+    assert r.choices[0].logprobs.content[0].logprob == pytest.approx(float(lp[first]), abs=1e-4)
+
+
+def test_completion_logprobs(client, llm):
+    prompt = "The capital of France is"
+    ref = llm.generate(prompt, _greedy(4))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    lps = r.choices[0].logprobs
+    assert len(lps.tokens) == len(lps.token_logprobs) == len(lps.top_logprobs) == len(ref.token_ids)
+    assert lps.tokens == [f"token_id:{t}" for t in ref.token_ids]
+    lp = _first_token_logprobs(llm, llm.tokenizer.encode(prompt))
+    assert lps.token_logprobs[0] == pytest.approx(float(lp[ref.token_ids[0]]), abs=1e-4)
+    top = torch.topk(lp, 3)
+    expected = {f"token_id:{i}": v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+    assert lps.top_logprobs[0].keys() == expected.keys()  # greedy: sampled token is among the top 3
+    for key, v in expected.items():
+        assert lps.top_logprobs[0][key] == pytest.approx(v, abs=1e-4)
+    # Streaming carries the same numbers.
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3,
+                                            stream=True, extra_body={"return_tokens_as_token_ids": True}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lps.tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tool calls
+
+
+def test_parse_tool_calls():
+    text = ('Let me check.\n<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '<|tool_call|>{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}')
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert calls[1]["function"]["arguments"] == '{"tz": "CET"}'
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    # Only calls: content is None. Text after a call is kept as content.
+    assert parse_tool_calls('<|tool_call|>{"name": "f", "arguments": {}}')[0] is None
+    assert parse_tool_calls('<|tool_call|>{"name": "f", "arguments": {}} done')[0] == "done"
+    # Broken JSON, or JSON that is not a call, stays text; no marker: no calls.
+    for bad in ("<|tool_call|>{not json", '<|tool_call|>{"arguments": {}}', '<|tool_call|>["f"]'):
+        assert parse_tool_calls("hi " + bad) == ("hi " + bad, [])
+    assert parse_tool_calls("plain text") == ("plain text", [])
+
+
+def test_tool_call_collector(llm):
+    tok = llm.tokenizer
+    marker = tok.token_id(TOOL_CALL)
+    assert marker is not None
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    ids = tok.encode("Sure.\n", add_bos=False) + [marker] + tok.encode(call, add_bos=False)
+    # Deltas as the engine would give them: text decoded without special tokens, one token each.
+    col = ToolCallCollector(tok)
+    emitted = "".join(col.feed(tok.decode([t]), [t]) for t in ids)
+    assert emitted == "Sure.\n"
+    tail, calls = col.finish()
+    assert tail == "" and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    # A literal marker split across text deltas (tokenizers without it as a special token).
+    col = ToolCallCollector(tok)
+    pieces = ["Ok <|tool", "_call|>" + call[:10], call[10:]]
+    assert "".join(col.feed(p, []) for p in pieces) == "Ok "
+    assert col.finish()[1][0]["function"]["name"] == "get_weather"
+    # No marker at all: everything streams, nothing is held at the end except a possible marker prefix.
+    col = ToolCallCollector(tok)
+    assert col.feed("a <|to", []) == "a " and col.finish() == ("<|to", [])
+
+
+def test_tools_reach_the_prompt(client, llm):
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0)
+    with_tools = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0,
+                                                tools=TOOLS, tool_choice="auto")
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens
+    assert with_tools.usage.prompt_tokens == len(llm.tokenizer.encode_chat(MESSAGES, tools=TOOLS))
+    # Assistant tool calls and tool results in the history are rendered too.
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=1, temperature=0, tools=TOOLS)
+    expected = llm.tokenizer.encode_chat([{k: v for k, v in m.items() if k != "tool_call_id"} for m in history],
+                                         tools=TOOLS)
+    assert r.usage.prompt_tokens == len(expected)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, tools=TOOLS,
+                                       tool_choice="required")
+
+
+class _ScriptedEngine(AsyncEngine):
+    """Replays fixed output tokens instead of running the model (random weights never call a tool), through
+    the same worker interface a scheduler would replace."""
+
+    script: list[int] = []
+
+    def _run_batch(self, batch) -> None:
+        for req in batch:
+            for j, t in enumerate(self.script):
+                last = j == len(self.script) - 1
+                if last:
+                    with self._cond:
+                        self._finish(req, "stop")
+                self._post(req, StreamDelta(0, self.tokenizer.decode([t]), [t], "stop" if last else None))
+            self._post(req, _END)
+
+
+def test_tool_calls_end_to_end(llm):
+    tok = llm.tokenizer
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    eng = _ScriptedEngine(llm.model, tok)
+    eng.script = tok.encode("Sure.\n", add_bos=False) + [tok.token_id(TOOL_CALL)] + tok.encode(call, add_bos=False)
+    srv = _Server(create_app(eng, MODEL))
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=50)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+        (tc,) = choice.message.tool_calls
+        assert tc.type == "function" and tc.function.name == "get_weather" and tc.id.startswith("call_")
+        assert json.loads(tc.function.arguments) == {"city": "Paris"}
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, stream=True))
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        deltas = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+        assert content == "Sure.\n" and [d.function.name for d in deltas] == ["get_weather"]
+        assert deltas[0].index == 0 and json.loads(deltas[0].function.arguments) == {"city": "Paris"}
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # Without tools (or with tool_choice "none") the output is plain text, the marker dropped as usual.
+        for kw in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+            r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50, **kw)
+            assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+            assert r.choices[0].message.content == "Sure.\n" + call
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Concurrency
+
+
+def test_concurrent_clients_match_solo_runs(client, llm, engine):
+    prompts = [f"Request number {i}: the answer is" for i in range(8)]
+    solo = [llm.generate(p, _greedy(8))[0].text for p in prompts]
+    batches_before = engine.num_batches
+
+    def one(p: str) -> str:
+        return client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, prompts))
+    assert got == solo
+    assert engine.num_batches - batches_before < 8  # some requests really shared a batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_malformed_json(client, server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "JSON" in err["message"]
+    # Python's json reads NaN; it is no valid temperature.
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "x", "temperature": NaN}', timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    _assert_alive(client)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("n", 0), ("top_p", 1.5), ("max_tokens", 0),
+                                         ("temperature", "hot"), ("max_tokens", "5"), ("stream", "yes"),
+                                         ("seed", 2**64), ("top_logprobs", 50)])
+def test_bad_parameter(client, field, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, **{field: value})
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == field and field in info.value.body["message"]
+    _assert_alive(client)
+
+
+def test_json_body_whatever_the_content_type(server):
+    # `curl -d '{...}'` sends application/x-www-form-urlencoded; the body is still read as JSON.
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain"):
+        r = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": ctype}, timeout=30)
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    r = httpx.post(f"{server.url}/v1/completions", content=b"[1, 2]", timeout=10)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(client):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"some_future_option": {"x": 1}})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-17", messages=MESSAGES, max_tokens=2)
+    assert info.value.body["param"] == "model" and "gpt-17" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-17", prompt="x", max_tokens=2)
+    _assert_alive(client)
+
+
+def test_prompt_too_long(client, engine):
+    long_prompt = "hello " * (engine.context_length + 10)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2)
+    assert "context length" in info.value.body["message"] and "too long" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}],
+                                       max_tokens=2, stream=True)
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # token ids outside the vocabulary never reach a batch
+        client.completions.create(model=MODEL, prompt=[1, 10**7], max_tokens=2)
+    _assert_alive(client)
+
+
+def test_api_key(engine):
+    srv = _Server(create_app(engine, MODEL, api_key=KEY))
+    try:
+        for key in (None, "wrong"):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers,
+                           timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in good.models.list().data] == [MODEL]
+        _assert_alive(good)
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200  # health needs no key
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cancellation and the engine itself
+
+
+def test_client_disconnect_aborts(client, server, engine):
+    aborted_before = engine.num_aborted
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                request_id = json.loads(line[6:])["id"]
+                break
+    # Closing the connection cancels the request at once, long before its 3000 tokens.
+    deadline = time.monotonic() + 15
+    while engine.finish_reason(f"{request_id}-0") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.finish_reason(f"{request_id}-0") == "abort"
+    assert engine.num_aborted == aborted_before + 1
+    t0 = time.monotonic()
+    _assert_alive(client)  # the batch slot is free: the next request does not wait for 3000 tokens
+    assert time.monotonic() - t0 < 15
+
+
+def test_non_streaming_disconnect_aborts(server, engine, client):
+    aborted_before = engine.num_aborted
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/v1/completions", timeout=0.5,
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 3000, "ignore_eos": True})
+    deadline = time.monotonic() + 15
+    while engine.num_aborted == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_aborted == aborted_before + 1
+    _assert_alive(client)
+
+
+def _collect(engine, ids, params, rid):
+    async def run():
+        return [d async for d in engine.stream(ids, params, rid)]
+
+    return asyncio.run(run())
+
+
+def test_engine_abort_waiting_and_errors(llm, monkeypatch):
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2)
+    try:
+        ids = llm.tokenizer.encode("Hello")
+        with pytest.raises(PromptTooLongError):  # rejected before queueing
+            _collect(eng, [5] * eng.context_length, _greedy(2), "long")
+        assert eng.num_waiting == 0 and eng.num_batches == 0
+
+        async def abort_while_waiting():
+            # The first request occupies the worker; the second waits and is dropped from the queue.
+            first = eng.stream(ids, _greedy(400, ignore_eos=True), "busy")
+            second = eng.stream(ids, _greedy(4), "waiting")
+            got_first = await first.__anext__()
+            task = asyncio.ensure_future(second.__anext__())
+            await asyncio.sleep(0.05)
+            while eng.num_waiting == 0:
+                await asyncio.sleep(0.01)
+            assert eng.abort("waiting")
+            d = await task
+            assert d.finish_reason == "abort"
+            await first.aclose()  # closing the stream aborts the running request too
+            return got_first
+
+        assert asyncio.run(abort_while_waiting()).index == 0
+        deadline = time.monotonic() + 10
+        while eng.finish_reason("busy") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert eng.finish_reason("busy") == eng.finish_reason("waiting") == "abort"
+        assert not eng.abort("waiting")  # already finished
+
+        # An error inside a batch reaches its requests as an exception; the worker survives.
+        import cpm4.serve.engine as engine_mod
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+            yield  # pragma: no cover
+
+        monkeypatch.setattr(engine_mod, "generate_stream", broken)
+        with pytest.raises(EngineError, match="boom"):
+            _collect(eng, ids, _greedy(2), "bad")
+        monkeypatch.undo()
+        out = _collect(eng, ids, _greedy(3), "good")
+        assert out[-1].finish_reason in ("stop", "length")
+        assert "".join(d.text for d in out) == llm.generate(ids, _greedy(3))[0].text
+    finally:
+        eng.shutdown()
+    assert not eng.is_running
