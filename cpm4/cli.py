@@ -1,4 +1,4 @@
-"""The `cpm4` command line: init, generate, chat, serve, data (more subcommands arrive with later issues).
+"""The `cpm4` command line: init, convert, generate, chat, serve, data (more subcommands arrive with later issues).
 
 Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 130 interrupted.
 """
@@ -57,6 +57,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     cfg = preset(args.config)
     out = create_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
     print(f"[cpm4] wrote {args.config} checkpoint ({cfg.num_parameters() / 1e6:.1f}M params) to {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .model.convert import convert_to_llama
+
+    out = convert_to_llama(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"[cpm4] wrote the {args.to} form of {args.model} to {out}")
     return 0
 
 
@@ -145,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default=None, help="storage dtype (default: the preset's)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_init)
+
+    q = sub.add_parser("convert", help="export a checkpoint to another architecture (µP scales folded)")
+    q.add_argument("model", type=Path, help="MiniCPM4 checkpoint folder")
+    q.add_argument("out", type=Path, help="output folder")
+    q.add_argument("--to", choices=("llama",), default="llama")
+    q.add_argument("--dtype", default=None, help="output dtype (default: as stored)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("generate", help="complete one or more prompts")
     _add_model_args(q)

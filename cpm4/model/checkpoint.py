@@ -157,9 +157,12 @@ def _parse_size(size: int | str) -> int:
 def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module,
                     config: MiniCPM4Config, out_dir: str | os.PathLike, tokenizer: Any = None,
                     dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                    generation_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                    generation_config: dict[str, Any] | None = None, overwrite: bool = False,
+                    config_json: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically. `weights` may be a module, a state dict, or an iterable of
-    (name, tensor) produced lazily (so a large random model never has to exist in memory at once)."""
+    (name, tensor) produced lazily (so a large random model never has to exist in memory at once).
+    `config_json` replaces the written config.json (exports to other architectures with the same tensors);
+    the tensors are still checked against `config`."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -223,7 +226,11 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
         if stored_dtype is not None:
             config = copy.deepcopy(config)  # the caller's config is left as it was
             config.torch_dtype = dtype_name(stored_dtype)
-        config.save_json(tmp / "config.json")
+        if config_json is None:
+            config.save_json(tmp / "config.json")
+        else:
+            write_text_atomic(tmp / "config.json", json.dumps({**config_json, "torch_dtype": config.torch_dtype},
+                                                              indent=2) + "\n")
         gen = generation_config or {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         write_text_atomic(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:

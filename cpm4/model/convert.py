@@ -1,0 +1,80 @@
+"""Export a MiniCPM4 checkpoint as an equivalent Llama checkpoint (dense attention).
+
+The µP factors are constants, so they fold into the weights (spec/model.md): embedding x scale_emb,
+o_proj and down_proj x scale_depth/sqrt(layers), lm_head / (hidden_size/dim_model_base) (untied if tied).
+Rope scaling carries over as `rope_scaling`. Any Llama runtime (Hugging Face transformers, llama.cpp,
+vLLM) then runs the model, which makes them baselines and deployment targets. InfLLM v2 sparse attention
+has no Llama equivalent: the export is the dense model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, parse_dtype, save_checkpoint
+from .config import MiniCPM4Config
+
+
+def folded_config(config: MiniCPM4Config) -> MiniCPM4Config:
+    """The same model with the µP constants set to identity (scale 1, residual 1, logit divisor 1)."""
+    d = config.to_dict()
+    d.update(scale_emb=1.0, scale_depth=math.sqrt(config.num_hidden_layers), dim_model_base=config.hidden_size,
+             tie_word_embeddings=False)
+    d.pop("sparse_config", None)
+    return MiniCPM4Config.from_dict(d)
+
+
+def folded_weights(state: dict[str, torch.Tensor], config: MiniCPM4Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Weights of `folded_config(config)`, computed in float32 and cast back to each tensor's dtype."""
+    r = config.residual_scale
+    for name, t in state.items():
+        f = t.float()
+        if name == "model.embed_tokens.weight":
+            f = f * config.scale_emb
+        elif name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            f = f * r
+        elif name == "lm_head.weight":
+            f = f / config.logit_divisor
+        yield name, f.to(t.dtype)
+    if config.tie_word_embeddings:
+        emb = state["model.embed_tokens.weight"]
+        yield "lm_head.weight", (emb.float() / config.logit_divisor).to(emb.dtype)
+
+
+def llama_config(config: MiniCPM4Config) -> dict:
+    """A `LlamaForCausalLM` config.json for the folded weights."""
+    out = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.dim_head, "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id, "initializer_range": config.initializer_range,
+    }
+    if config.rope_scaling:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    return out
+
+
+def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write the Llama form of checkpoint `src` (tokenizer files copied) to `out`, atomically."""
+    from .tokenizer import Tokenizer
+
+    model = load_checkpoint(src, dtype=parse_dtype(dtype))
+    cfg = model.config
+    weights = folded_weights(model.state_dict(), cfg)
+    tok = None
+    try:
+        tok = Tokenizer.from_dir(src)
+    except FileNotFoundError:
+        pass
+    return save_checkpoint(weights, folded_config(cfg), out, tokenizer=tok, overwrite=overwrite,
+                           config_json=llama_config(cfg))

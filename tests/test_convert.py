@@ -1,0 +1,53 @@
+"""`cpm4 convert --to llama`: the folded checkpoint run by transformers' LlamaForCausalLM gives our logits."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_model
+
+from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
+from cpm4.model.convert import convert_to_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama_logits(path, ids):
+    model = transformers.LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32,
+                                                          local_files_only=True).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"sparse_config": None},
+    {"sparse_config": None, "tie_word_embeddings": True},
+    {"sparse_config": None, "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 4096,
+                                             "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                                             "long_factor": [1.0 + 0.5 * i for i in range(8)]}},
+])
+def test_llama_export_matches_our_logits(tmp_path, overrides):
+    model = random_model("tiny", dtype=torch.float32, **overrides)
+    save_checkpoint(model, model.config, tmp_path / "src")
+    out = convert_to_llama(tmp_path / "src", tmp_path / "llama")
+    ids = torch.randint(3, 1000, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = load_checkpoint(tmp_path / "src")(torch.tensor([ids]))[0].double()
+    theirs = llama_logits(out, ids)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # The MiniCPM4 config with identity µP constants is the same model too.
+    assert (out / "config.json").read_text().count('"LlamaForCausalLM"') == 1
+
+
+def test_convert_cli_and_errors(tmp_path):
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    save_checkpoint(model, model.config, tmp_path / "src")
+    run = [sys.executable, "-m", "cpm4.cli", "convert", str(tmp_path / "src"), str(tmp_path / "out")]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)  # exists: refused
+    assert r.returncode == 2 and "not empty" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cpm4.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o2")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not found" in r.stderr
