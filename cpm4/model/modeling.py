@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpm4.kernels.infllm_v2 import sparse_attention
+# Module import (not the function): cpm4.kernels.infllm_v2 imports cpm4.model.config, so either package may
+# be imported first.
+from cpm4.kernels import infllm_v2
 from cpm4.numerics import upcast
 
 from .config import MiniCPM4Config
@@ -86,7 +88,8 @@ class Attention(nn.Module):
                     k1 = k2 = None
                     if cache is not None:
                         k1, k2 = cache.compressed_keys(self.layer_idx, i, L, sc)
-                    out[i, :n] = sparse_attention(q[i, :n], k_all[i, :L], v_all[i, :L], sc, self.scale, k1, k2)
+                    out[i, :n] = infllm_v2.sparse_attention(q[i, :n], k_all[i, :L], v_all[i, :L], sc, self.scale,
+                                                            k1, k2)
                 else:
                     out[i:i + 1, :n] = self._dense(q[i:i + 1, :n], k_all[i:i + 1, :L], v_all[i:i + 1, :L],
                                                    starts[i:i + 1], s == 0 and L == n)

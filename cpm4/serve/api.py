@@ -205,6 +205,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+_DONE = "data: [DONE]\n\n"
+
+
+def _stream_error(err: Exception) -> str:
+    return _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
 
@@ -279,6 +286,14 @@ class _OpenAIServer:
         async with _DisconnectWatch(request, self.engine, ids) as watch, \
                 contextlib.aclosing(_merge(streams)) as merged:
             yield watch, merged
+
+    async def _collect(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
+                       choices: list) -> bool:
+        """Run the jobs to the end, feeding each choice its deltas; True if the client went away."""
+        async with self._run(request, request_id, jobs) as (watch, merged):
+            async for i, d in merged:
+                choices[i].take(d)
+        return watch.disconnected
 
     def _seeds(self, seed: int | None, n: int) -> list[int | None]:
         # n > 1 with a seed: one distinct, reproducible seed per choice.
@@ -381,16 +396,12 @@ class _OpenAIServer:
                                     "model": self.model_name, "choices": [],
                                     "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))})
                 except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
-                    yield _sse({"error": {"message": str(err), "type": "server_error", "param": None,
-                                          "code": None}})
-                yield "data: [DONE]\n\n"
+                    yield _stream_error(err)
+                yield _DONE
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async with self._run(request, rid, jobs) as (watch, merged):
-            async for i, d in merged:
-                choices[i].take(d)
-        if watch.disconnected:
+        if await self._collect(request, rid, jobs, choices):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
         out = []
         for i, c in enumerate(choices):
@@ -507,16 +518,12 @@ class _OpenAIServer:
                                     "model": self.model_name, "system_fingerprint": None, "choices": [],
                                     "usage": _usage(len(ids), sum(c.n_tokens for c in choices))})
                 except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
-                    yield _sse({"error": {"message": str(err), "type": "server_error", "param": None,
-                                          "code": None}})
-                yield "data: [DONE]\n\n"
+                    yield _stream_error(err)
+                yield _DONE
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async with self._run(request, rid, jobs) as (watch, merged):
-            async for i, d in merged:
-                choices[i].take(d)
-        if watch.disconnected:
+        if await self._collect(request, rid, jobs, choices):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
         out = []
         for i, c in enumerate(choices):

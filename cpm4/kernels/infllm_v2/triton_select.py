@@ -57,6 +57,30 @@ def own_range(row, qb, window, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT:
     return tl.sum((valid & (sel < INIT)).to(tl.int32), 0), tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
 
 
+@triton.jit
+def query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr,
+               BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """A tile of BLOCK_T query tokens x the G heads of KV group g (padded to G_PAD rows per token):
+    returns (q rows, token index, head index, row mask)."""
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    ti = pid_t * BLOCK_T + r // G_PAD
+    hi = g * G + r % G_PAD
+    tm = (ti < tq) & (r % G_PAD < G)
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
+    return q, ti, hi, tm
+
+
+@triton.jit
+def visible_split(pid_t, sp, tq, q_start, n_keys, per_split, BLOCK_T: tl.constexpr, KSIZE: tl.constexpr,
+                  KSTRIDE: tl.constexpr):
+    """[lo, hi) of the kernels of split sp that the last query of tile pid_t can see (none beyond)."""
+    last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
+    n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
+    lo = sp * per_split
+    return lo, tl.minimum(lo + per_split, n_vis)
+
+
 def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
     # The interpreter runs every config it is given: one is enough there.
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -112,20 +136,13 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
     g = tl.program_id(1)
     sp = tl.program_id(2)
     M: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, M)
-    ti = pid_t * BLOCK_T + r // G_PAD
-    hi = g * G + r % G_PAD
-    tm = (ti < tq) & (r % G_PAD < G)
+    q, ti, hi, tm = query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G, G_PAD, BLOCK_T, D)
     pos = q_start + ti
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
     m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M,), dtype=tl.float32)
     # Kernels beyond what the last query of the tile can see contribute nothing.
-    last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
-    n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
-    j_lo = sp * per_split
-    j_hi = tl.minimum(j_lo + per_split, n_vis)
+    j_lo, j_hi = visible_split(pid_t, sp, tq, q_start, n_keys, per_split, BLOCK_T, KSIZE, KSTRIDE)
     for j0 in tl.range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < j_hi)[None, :],
@@ -152,18 +169,10 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
-    last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
-    n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
-    j_lo = sp * per_split
-    j_hi = tl.minimum(j_lo + per_split, n_vis)
-    M: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, M)
-    ti = pid_t * BLOCK_T + r // G_PAD
-    hi = g * G + r % G_PAD
-    tm = (ti < tq) & (r % G_PAD < G)
+    j_lo, j_hi = visible_split(pid_t, sp, tq, q_start, n_keys, per_split, BLOCK_T, KSIZE, KSTRIDE)
+    q, ti, hi, tm = query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G, G_PAD, BLOCK_T, D)
     pos = q_start + ti
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :], mask=tm[:, None], other=0.0)
     if LSE_SPLITS == 1:
         lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))  # log2 units
     else:  # merge the LSE pass's partial results here rather than in extra launches
