@@ -177,3 +177,20 @@ def test_bad_shapes():
     q, k, v = rand_qkv(20, 4, 2, 8, tq=30)
     with pytest.raises(ValueError, match="more queries"):
         sparse_attention(q, k, v, cfg)
+
+
+def test_varlen_batch_equals_each_sequence():
+    from cpm4.kernels.infllm_v2 import sparse_attention_varlen
+
+    cfg = cfg_small()
+    seqs = [rand_qkv(T, 4, 2, 8, tq, seed=i) for i, (T, tq) in enumerate([(90, 90), (40, 1), (130, 17)])]
+    q = torch.cat([s[0] for s in seqs])
+    k = torch.cat([s[1] for s in seqs])
+    v = torch.cat([s[2] for s in seqs])
+    cu_q = torch.tensor([0, 90, 91, 108])
+    cu_k = torch.tensor([0, 90, 130, 260])
+    out = sparse_attention_varlen(q, k, v, cu_q, cu_k, cfg)
+    for (qs, ks, vs), a, b in zip(seqs, cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        assert torch.equal(out[a:b], sparse_attention(qs, ks, vs, cfg))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sparse_attention_varlen(q, k, v, torch.tensor([0, 90]), cu_k, cfg)

@@ -15,7 +15,7 @@ from cpm4.model.config import SparseConfig
 from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
-           "shared_window"]
+           "shared_window", "sparse_attention_varlen"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -60,3 +60,22 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spa
     if uses_triton(q):
         return triton_pipeline(q, k, v, cfg, scale, k1, k2)
     return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2)
+
+
+def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, cfg: SparseConfig, scale: float | None = None) -> torch.Tensor:
+    """A packed batch of sequences: q [sum Tq, hq, d], k/v [sum Tk, hkv, d], with cumulative lengths
+    cu_seqlens_q/k [B + 1] (flash-attention convention); each sequence's queries are its last Tq tokens.
+    One launch per sequence for now (the kernels take one sequence)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(cq) != len(ck) or cq[0] != 0 or ck[0] != 0 or cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths ({q.shape[0]}, {k.shape[0]}); "
+                         f"got {cq}, {ck}")
+    out = torch.empty_like(q)
+    for i in range(len(cq) - 1):
+        if cq[i + 1] - cq[i] > ck[i + 1] - ck[i]:
+            raise ValueError(f"sequence {i}: {cq[i + 1] - cq[i]} queries but {ck[i + 1] - ck[i]} keys")
+        if cq[i + 1] > cq[i]:
+            out[cq[i]:cq[i + 1]] = sparse_attention(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], cfg,
+                                                    scale)
+    return out
