@@ -62,8 +62,8 @@ def check_prompt(n_tokens: int, context: int) -> None:
                                  "(at least one token must be left to generate)")
 
 
-class _Seq:
-    """Per-sequence state of one generation."""
+class SequenceState:
+    """Per-sequence state of one generation: sampler, detokenizer, stop rules, generated tokens."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, device,
                  context: int, eos_ids: list[int]):
@@ -129,7 +129,8 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
     for p in prompts:
         check_prompt(len(p), ctx)
     dev = model.device
-    seqs = [_Seq(list(p), sp, tokenizer, dev, ctx, model.config.eos_token_ids) for p, sp in zip(prompts, params)]
+    eos = model.config.eos_token_ids
+    seqs = [SequenceState(list(p), sp, tokenizer, dev, ctx, eos) for p, sp in zip(prompts, params)]
     b = len(prompts)
     max_len = max(len(p) + s.max_tokens for p, s in zip(prompts, seqs))
     cache = KVCache(model.config, b, max_len, dev, model.dtype)

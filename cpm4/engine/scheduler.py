@@ -1,0 +1,200 @@
+"""Continuous batching over the paged KV cache.
+
+Every `step()`: waiting requests are admitted while pages and batch slots allow (sharing cached prefix
+pages); requests still prefilling feed their next chunk of at most `chunk_tokens` tokens, running ones feed
+their last sampled token, and each request whose tokens are all in the cache samples its next token. New
+requests therefore join between decode steps, long prompts are prefilled in chunks without stalling the
+others, finished or aborted requests free their pages at once, and when pages run out the most recently
+admitted request is preempted (pages freed, recomputed later from its prompt and output so far, so no
+output is lost or changed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+from cpm4.model.tokenizer import Tokenizer
+
+from .generate import SequenceState, StreamDelta, check_prompt, context_length
+from .paged import OutOfPages, PagedKVCache, SeqPages
+from .sampling import SamplingParams, sample_batch
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    state: SequenceState
+    pages: SeqPages | None = None
+    computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
+    aborted: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.state.generated
+
+
+class LLMEngine:
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
+                 max_batch_size: int = 32, chunk_tokens: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.max_batch_size = max_batch_size
+        self.chunk_tokens = chunk_tokens
+        self.context = context_length(model)
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.by_id: dict[str, EngineRequest] = {}
+        self.num_preempted = 0
+        self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
+
+    # ---- requests ----
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.by_id:
+            raise ValueError(f"request id {request_id!r} already in use")
+        check_prompt(len(prompt_ids), self.context)
+        pages_max = -(-(len(prompt_ids) + 1) // self.cache.page_size)
+        if pages_max > self.cache.num_pages:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
+                             f"({self.cache.num_pages} pages of {self.cache.page_size})")
+        state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
+                              self.model.config.eos_token_ids)
+        req = EngineRequest(request_id, list(prompt_ids), state)
+        self.by_id[request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> None:
+        req = self.by_id.get(request_id)
+        if req is not None:
+            req.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----
+    def step(self) -> list[tuple[str, StreamDelta]]:
+        out: list[tuple[str, StreamDelta]] = []
+        self._drop_aborted(out)
+        self._admit()
+        feeds = self._plan()
+        out += self._pending
+        self._pending = []
+        prefill = [(r, n) for r, n in feeds if n > 1]
+        decode = [(r, n) for r, n in feeds if n == 1]
+        for group in (prefill, decode):
+            if group:
+                out += self._run(group)
+        return out
+
+    def _drop_aborted(self, out: list) -> None:
+        for req in [r for r in list(self.waiting) + self.running if r.aborted]:
+            self._finish(req, "abort")
+            out.append((req.request_id, StreamDelta(0, "", [], "abort")))
+
+    def _finish(self, req: EngineRequest, reason: str) -> None:
+        req.state.finish_reason = req.state.finish_reason or reason
+        if req.pages is not None:
+            self.cache.release(req.pages)
+            req.pages = None
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.by_id.pop(req.request_id, None)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            if req.pages is None:
+                req.pages, req.computed = self.cache.new_sequence(req.tokens)
+            first = min(self.chunk_tokens, len(req.tokens) - req.computed)
+            # Keep a page per running request in reserve so admissions do not starve decoding.
+            if self.cache.pages_needed(req.pages, first) + len(self.running) > self.cache.num_free and self.running:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+
+    def _plan(self) -> list[tuple[EngineRequest, int]]:
+        """How many tokens each running request feeds this step, with pages reserved for them; preempts the
+        latest admitted requests while pages are short."""
+        budget = self.chunk_tokens
+        feeds = []
+        for req in list(self.running):
+            if req not in self.running:  # preempted while planning an earlier request
+                continue
+            n = len(req.tokens) - req.computed
+            if n > 1:
+                n = min(n, max(budget, 1))
+                budget -= n
+            while True:
+                try:
+                    self.cache.reserve(req.pages, n)
+                    break
+                except OutOfPages:
+                    victim = self.running[-1]
+                    if victim is req and len(self.running) == 1:
+                        # Alone and still no room: the cache cannot hold this sequence any longer.
+                        self._finish(req, "length")
+                        self._pending.append((req.request_id, StreamDelta(0, "", [], "length")))
+                        break
+                    self._preempt(victim)
+                    feeds = [(r, k) for r, k in feeds if r is not victim]
+                    if victim is req:
+                        break
+            if req in self.running:
+                feeds.append((req, n))
+        return feeds
+
+    def _preempt(self, req: EngineRequest) -> None:
+        self.cache.release(req.pages)
+        req.pages, req.computed = None, 0
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.num_preempted += 1
+
+    @torch.inference_mode()
+    def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:
+        dev = self.model.device
+        t = max(n for _, n in group)
+        ids = torch.zeros(len(group), t, dtype=torch.long, device=dev)
+        for i, (req, n) in enumerate(group):
+            ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n], device=dev)
+        new_lens = torch.tensor([n for _, n in group], device=dev)
+        view = self.cache.batch([req.pages for req, _ in group])
+        logits = self.model(ids, view, new_lens, last_only=True)
+        ready = []
+        for i, (req, n) in enumerate(group):
+            req.computed += n
+            if req.computed == len(req.tokens):
+                ready.append(i)
+                if not req.state.generated:  # the prompt is complete: offer its pages for prefix sharing
+                    self.cache.publish(req.pages, req.prompt_ids)
+        out = []
+        if ready:
+            reqs = [group[i][0] for i in ready]
+            toks = sample_batch(logits[ready], [r.state.sampler for r in reqs], [r.state.params for r in reqs],
+                                [r.state.history for r in reqs])
+            for req, tok in zip(reqs, toks):
+                text, new = req.state.step(tok)
+                reason = req.state.finish_reason
+                if text or new or reason:
+                    out.append((req.request_id, StreamDelta(0, text, new, reason)))
+                if reason is not None:
+                    self._finish(req, reason)
+        return out
+
+    def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
+        """Step until idle; (text, token ids, finish reason) per request id (offline use and tests)."""
+        res: dict[str, list] = {}
+        while self.has_work():
+            for rid, d in self.step():
+                r = res.setdefault(rid, ["", [], None])
+                r[0] += d.text
+                r[1] += d.token_ids
+                r[2] = d.finish_reason or r[2]
+        return {k: (v[0], v[1], v[2]) for k, v in res.items()}
