@@ -106,7 +106,7 @@ class SequenceState:
         return text
 
 
-def _logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     lp = torch.log_softmax(logits.float(), -1)
     top = torch.topk(lp, k) if k else None
     alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
@@ -156,7 +156,7 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
         next_tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
         for r, (tok, i) in enumerate(zip(toks_now, active)):
             k = seqs[i].params.logprobs
-            lps = [_logprobs(logits[active[r]], tok, k)] if k is not None else None
+            lps = [token_logprobs(logits[active[r]], tok, k)] if k is not None else None
             text, toks = seqs[i].step(tok)
             if text or toks or seqs[i].finish_reason:
                 deltas.append(StreamDelta(i, text, toks, seqs[i].finish_reason, lps if toks else None))

@@ -19,7 +19,7 @@ import torch
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
-from .generate import SequenceState, StreamDelta, check_prompt, context_length
+from .generate import SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages
 from .sampling import SamplingParams, sample_batch
 
@@ -179,11 +179,13 @@ class LLMEngine:
             reqs = [group[i][0] for i in ready]
             toks = sample_batch(logits[ready], [r.state.sampler for r in reqs], [r.state.params for r in reqs],
                                 [r.state.history for r in reqs])
-            for req, tok in zip(reqs, toks):
+            for i, req, tok in zip(ready, reqs, toks):
+                k = req.state.params.logprobs
+                lps = [token_logprobs(logits[i], tok, k)] if k is not None else None
                 text, new = req.state.step(tok)
                 reason = req.state.finish_reason
                 if text or new or reason:
-                    out.append((req.request_id, StreamDelta(0, text, new, reason)))
+                    out.append((req.request_id, StreamDelta(0, text, new, reason, lps if new else None)))
                 if reason is not None:
                     self._finish(req, reason)
         return out

@@ -1,9 +1,10 @@
 """An asyncio front end to the synchronous generate loop.
 
 The model runs on one background worker thread; the asyncio side only queues requests and reads deltas.
-The worker takes up to `max_batch_size` waiting requests and runs them together through `generate_stream`;
-requests that arrive meanwhile wait for that batch to end. A continuous-batching scheduler can later replace
-`_worker_loop` / `_run_batch` without changing `stream`, `abort` or `shutdown`.
+By default the worker drives the continuous-batching scheduler over a paged KV cache
+(`cpm4.engine.scheduler`): requests join between decode steps and free their pages when they end. With
+`continuous=False` it takes up to `max_batch_size` waiting requests and runs them together through
+`generate_stream` (requests arriving meanwhile wait for that batch).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, check_prompt, context_length, generate_stream
+from cpm4.engine.paged import PagedKVCache
 from cpm4.engine.sampling import SamplingParams
+from cpm4.engine.scheduler import LLMEngine
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -57,9 +60,16 @@ class _Request:
 class AsyncEngine:
     """Serve generation requests from asyncio code; one worker thread owns the model."""
 
-    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16) -> None:
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
+                 continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512) -> None:
+        """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
+        whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default:
+        max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter)."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.continuous = continuous
+        self.kv_cache_tokens = kv_cache_tokens or max_batch_size * min(context_length(model), 8192)
+        self.chunk_tokens = chunk_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -74,7 +84,8 @@ class AsyncEngine:
         self.num_finished = 0
         self.num_aborted = 0
         self.num_batches = 0
-        self._thread = threading.Thread(target=self._worker_loop, name="cpm4-engine", daemon=True)
+        target = self._continuous_loop if continuous else self._worker_loop
+        self._thread = threading.Thread(target=target, name="cpm4-engine", daemon=True)
         self._thread.start()
 
     # ----- asyncio side -----
@@ -199,6 +210,63 @@ class AsyncEngine:
                 return None
             n = min(len(self._waiting), self.max_batch_size)
             return [self._waiting.popleft() for _ in range(n)]
+
+    def _new_scheduler(self) -> LLMEngine:
+        pages = -(-self.kv_cache_tokens // 64)
+        cache = PagedKVCache(self.model.config, pages, 64, self.model.device, self.model.dtype)
+        return LLMEngine(self.model, self.tokenizer, cache, self.max_batch_size, self.chunk_tokens)
+
+    def _continuous_loop(self) -> None:
+        """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
+        delivered at once."""
+        sched = self._new_scheduler()
+        active: dict[str, _Request] = {}
+        while True:
+            with self._cond:
+                while not self._waiting and not active and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for req in active.values():
+                        self._finish(req, "abort")
+                        self._post(req, EngineClosedError("the engine was shut down"))
+                    return
+                new = list(self._waiting)
+                self._waiting.clear()
+            for req in new:
+                try:
+                    sched.add_request(req.request_id, req.prompt_ids, req.params)
+                    active[req.request_id] = req
+                except ValueError as err:
+                    with self._cond:
+                        self._finish(req, "error")
+                    self._post(req, err)
+            for rid, req in active.items():
+                if req.aborted:
+                    sched.abort(rid)
+            try:
+                deltas = sched.step()
+            except Exception as err:  # fail the requests in flight, keep serving later ones
+                log.exception("generation step failed for %s", list(active))
+                for req in active.values():
+                    with self._cond:
+                        self._finish(req, "error")
+                    exc = EngineError(f"generation failed: {type(err).__name__}: {err}")
+                    exc.__cause__ = err
+                    self._post(req, exc)
+                active.clear()
+                sched = self._new_scheduler()
+                continue
+            self.num_batches += 1
+            for rid, d in deltas:
+                req = active.get(rid)
+                if req is None:
+                    continue
+                self._post(req, d)
+                if d.finish_reason is not None:
+                    with self._cond:
+                        self._finish(req, d.finish_reason)
+                    self._post(req, _END)
+                    del active[rid]
 
     def _worker_loop(self) -> None:
         while (batch := self._next_batch()) is not None:
