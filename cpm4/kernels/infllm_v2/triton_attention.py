@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .triton_select import autotune_configs as _configs
-from .triton_select import own_range, shared_block, softmax_step, tile_shape
+from .triton_select import group_rows, own_range, shared_block, softmax_step, tile_shape
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
@@ -67,11 +67,8 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
     g = tl.program_id(1)
     pos = q_start + t
     qb = pos // BLOCK
-    r = tl.arange(0, G_PAD)
-    hm = r < G
-    h = g * G + r
+    h, hm, qoff = group_rows(t, g, stride_qt, stride_qh, G, G_PAD, D)
     dd = tl.arange(0, D)
-    qoff = t * stride_qt + h[:, None] * stride_qh + dd[None, :]
     q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
     row = blk_ptr + g * stride_bh + t * stride_bt
     n_lo, n_hi = own_range(row, qb, window, NSEL, NSEL_PAD, INIT)
@@ -144,11 +141,8 @@ def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_pt
     g = tl.program_id(1)
     pos = q_start + t
     qb = pos // BLOCK
-    r = tl.arange(0, G_PAD)
-    hm = r < G
-    h = g * G + r
+    h, hm, qoff = group_rows(t, g, stride_qt, stride_qh, G, G_PAD, D)
     dd = tl.arange(0, D)
-    qoff = t * stride_qt + h[:, None] * stride_qh + dd[None, :]
     q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
     do = tl.load(do_ptr + qoff, mask=hm[:, None], other=0.0)
     lse = tl.load(lse_ptr + t * stride_lt + h, mask=hm, other=float("inf")) * 1.4426950408889634

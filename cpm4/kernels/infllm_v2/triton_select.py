@@ -50,6 +50,14 @@ def shared_block(i, qb, window, INIT: tl.constexpr):
 
 
 @triton.jit
+def group_rows(t, g, stride_qt, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    """The G query heads of KV group g at token t as tile rows (padded to G_PAD): (heads, row mask, offsets)."""
+    r = tl.arange(0, G_PAD)
+    h = g * G + r
+    return h, r < G, t * stride_qt + h[:, None] * stride_qh + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def own_range(row, qb, window, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
     """[lo, hi) of a sorted, -1-padded selection row holding the blocks outside the shared set."""
     sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
