@@ -43,6 +43,28 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from cpm4.model.tokenizer import Tokenizer
+    from cpm4.train.data import tokenize_to_shards
+
+    tok = Tokenizer.from_dir(args.tokenizer)
+    index = tokenize_to_shards(args.input, tok, args.output, text_field=args.field,
+                               shard_tokens=args.shard_tokens, progress=not args.quiet)
+    print(f"[cpm4] {index['num_docs']} documents, {index['num_tokens']} tokens in {len(index['shards'])} "
+          f"shard(s) -> {args.output}")
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from cpm4.model.tokenizer import build_tokenizer
+    from cpm4.train.data import read_documents
+
+    tok = build_tokenizer(args.vocab_size, read_documents(args.input, args.field), model_max_length=args.max_length)
+    tok.save(args.output)
+    print(f"[cpm4] byte-level BPE with {tok.vocab_size} ids -> {args.output}")
+    return 0
+
+
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Add `data` with its sub-subcommands to the main parser's subparsers; returns the `data` parser."""
     data = subparsers.add_parser("data", help="pre-training data filtering (UltraClean)",
@@ -100,4 +122,21 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     q.add_argument("--crash-after", type=int, default=None, help=argparse.SUPPRESS)  # testing aid
     q.set_defaults(func=cmd_filter)
+
+    q = sub.add_parser("train-tokenizer", help="train a byte-level BPE (MiniCPM4 id layout, ChatML template)")
+    q.add_argument("--input", "-i", nargs="+", required=True, help="text files (one document each) or JSONL")
+    q.add_argument("--output", "-o", required=True, help="folder for tokenizer.json + tokenizer_config.json")
+    q.add_argument("--vocab-size", type=int, default=8192)
+    q.add_argument("--max-length", type=int, default=4096, help="model_max_length written to the config")
+    q.add_argument("--field", default="text", help="JSONL text field")
+    q.set_defaults(func=cmd_train_tokenizer)
+
+    q = sub.add_parser("tokenize", help="tokenize text/JSONL into packed token shards for `cpm4 pretrain`")
+    q.add_argument("--input", "-i", nargs="+", required=True, help="text files (one document each) or JSONL")
+    q.add_argument("--output", "-o", required=True, help="output folder (index.json + shard-*.bin)")
+    q.add_argument("--tokenizer", "-t", required=True, help="folder with the tokenizer (e.g. a checkpoint)")
+    q.add_argument("--field", default="text", help="JSONL text field")
+    q.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
+    q.add_argument("--quiet", "-q", action="store_true")
+    q.set_defaults(func=cmd_tokenize)
     return data

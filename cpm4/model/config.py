@@ -141,6 +141,8 @@ class MiniCPM4Config:
     pad_token_id: int | None = None
     torch_dtype: str | None = "bfloat16"
     sparse_config: SparseConfig | None = None
+    # Multi-token-prediction modules saved with a trained checkpoint (spec/training.md); inference ignores them.
+    num_mtp_layers: int = 0
     architectures: list[str] = field(default_factory=lambda: ["MiniCPMForCausalLM"])
     model_type: str = "minicpm"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +191,9 @@ class MiniCPM4Config:
         need(isinstance(self.initializer_range, (int, float)) and not isinstance(self.initializer_range, bool)
              and self.initializer_range >= 0, "initializer_range",
              f"must be a non-negative number, got {self.initializer_range!r}")
+        need(isinstance(self.num_mtp_layers, int) and not isinstance(self.num_mtp_layers, bool)
+             and self.num_mtp_layers >= 0, "num_mtp_layers",
+             f"must be a non-negative integer, got {self.num_mtp_layers!r}")
         need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings",
              f"must be true or false, got {self.tie_word_embeddings!r}")
         need(self.model_type in ("minicpm", "minicpm4"), "model_type",
@@ -265,7 +270,7 @@ class MiniCPM4Config:
                 if v is not None:
                     out[f.name] = v.to_dict()
                 continue
-            if f.name == "head_dim" and v is None:
+            if (f.name == "head_dim" and v is None) or (f.name == "num_mtp_layers" and v == 0):
                 continue
             out[f.name] = copy.deepcopy(v)
         out.update(copy.deepcopy(self.extra))

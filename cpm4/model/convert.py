@@ -26,6 +26,7 @@ def folded_config(config: MiniCPM4Config) -> MiniCPM4Config:
     d.update(scale_emb=1.0, scale_depth=math.sqrt(config.num_hidden_layers), dim_model_base=config.hidden_size,
              tie_word_embeddings=False)
     d.pop("sparse_config", None)
+    d.pop("num_mtp_layers", None)
     return MiniCPM4Config.from_dict(d)
 
 
@@ -33,6 +34,8 @@ def folded_weights(state: dict[str, torch.Tensor], config: MiniCPM4Config) -> It
     """Weights of `folded_config(config)`, computed in float32 and cast back to each tensor's dtype."""
     r = config.residual_scale
     for name, t in state.items():
+        if name.startswith("mtp."):  # training-only heads have no place in a Llama checkpoint
+            continue
         f = t.float()
         if name == "model.embed_tokens.weight":
             f = f * config.scale_emb

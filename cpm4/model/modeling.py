@@ -60,15 +60,21 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
-                new_lens: torch.Tensor, cache=None) -> torch.Tensor:
+                new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None) -> torch.Tensor:
         """x [B, T, H]. Sequence b has new_lens[b] real tokens (right padding after them) starting at
         absolute position starts[b] (its cache length before this call). Padded rows produce values
-        that are never read: their keys land beyond the sequence's length and are overwritten later."""
+        that are never read: their keys land beyond the sequence's length and are overwritten later.
+
+        `docs` (training on packed rows, no cache): docs[b] lists the lengths of the documents packed in
+        row b; each attends only within itself, exactly as if it were a sequence of its own."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if docs is not None:
+            out = self._packed(q, k, v, docs)
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
         else:
@@ -95,6 +101,23 @@ class Attention(nn.Module):
                                                    starts[i:i + 1], s == 0 and L == n)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
+    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
+        sc = self.config.sparse_config
+        if all(len(d) == 1 for d in docs) and (sc is None or not any(sc.is_sparse(d[0]) for d in docs)):
+            return self._dense(q, k, v, torch.zeros(q.shape[0], dtype=torch.long, device=q.device), True)
+        out = torch.empty_like(q)
+        for i, lens in enumerate(docs):
+            s = 0
+            for n in lens:
+                e = s + n
+                if sc is not None and sc.is_sparse(n):
+                    out[i, s:e] = infllm_v2.sparse_attention(q[i, s:e], k[i, s:e], v[i, s:e], sc, self.scale)
+                else:
+                    out[i:i + 1, s:e] = self._dense(q[i:i + 1, s:e], k[i:i + 1, s:e], v[i:i + 1, s:e],
+                                                    torch.zeros(1, dtype=torch.long, device=q.device), True)
+                s = e
+        return out
+
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                plain_causal: bool) -> torch.Tensor:
         """Dense GQA attention; query i of sequence b sees keys j <= starts[b] + i."""
@@ -119,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin, starts, new_lens, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache) * self.residual_scale
+    def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs) * self.residual_scale
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
 
 
@@ -139,6 +162,21 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+class MTPLayer(nn.Module):
+    """One multi-token-prediction module (spec/training.md): from the trunk's state h_i and the embedding of
+    x_{i+1}, h'_i = layer(Linear([norm(h_i); norm(emb(x_{i+1}))])); the shared output head reads norm(h'_i)
+    and predicts x_{i+2}. Kept in the checkpoint (`mtp.{j}.*`) to serve later as a speculative draft."""
+
+    def __init__(self, config: MiniCPM4Config):
+        super().__init__()
+        h = config.hidden_size
+        self.hnorm = RMSNorm(h, config.rms_norm_eps)
+        self.enorm = RMSNorm(h, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.layer = DecoderLayer(config, config.num_hidden_layers)
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+
+
 class MiniCPM4ForCausalLM(nn.Module):
     def __init__(self, config: MiniCPM4Config):
         super().__init__()
@@ -148,6 +186,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.rotary = RotaryEmbedding(config)
+        if config.num_mtp_layers:
+            self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(config.num_mtp_layers))
 
     @property
     def device(self) -> torch.device:
@@ -163,28 +203,64 @@ class MiniCPM4ForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """Final-norm hidden states [B, T, H]. With a cache, tokens go after each sequence's cached ones."""
+        return self.model.norm(self.trunk(input_ids, cache, new_lens))
+
+    def trunk(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
+              docs: list[list[int]] | None = None) -> torch.Tensor:
+        """Last decoder layer's output [B, T, H], before the final norm. `docs` (training, no cache):
+        lengths of the documents packed in each row; positions restart at each document and attention
+        stays inside it."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        vocab = self.config.vocab_size
-        if t and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"token id out of range [0, {vocab}): min {int(input_ids.min())}, "
-                             f"max {int(input_ids.max())}")
+        self._check_ids(input_ids)
         dev = input_ids.device
         if new_lens is None:
             new_lens = torch.full((b,), t, dtype=torch.long, device=dev)
         new_lens = new_lens.to(dev)
         starts = cache.lens.to(dev) if cache is not None else torch.zeros(b, dtype=torch.long, device=dev)
         if cache is not None:
+            if docs is not None:
+                raise ValueError("docs (packed training rows) cannot be used with a KV cache")
             cache.check_room(starts, t, new_lens)
-        positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
+        if docs is not None:
+            positions = doc_positions(docs, t, dev)
+        else:
+            positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
         cos, sin = self.rotary(positions, self.dtype)
         x = self.model.embed_tokens(input_ids) * self.config.scale_emb
         for layer in self.model.layers:
-            x = layer(x, cos, sin, starts, new_lens, cache)
+            x = layer(x, cos, sin, starts, new_lens, cache, docs)
         if cache is not None:
             cache.advance(new_lens)
-        return self.model.norm(x)
+        return x
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        vocab = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token id out of range [0, {vocab}): min {int(input_ids.min())}, "
+                             f"max {int(input_ids.max())}")
+
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, docs: list[list[int]] | None = None
+                          ) -> list[torch.Tensor]:
+        """Final-norm states of each MTP module from the trunk output h [B, T, H] (pre-norm). Module j's
+        row i predicts token i+2+j; its last 1+j rows have no next-token input and read token 0 instead
+        (their targets are masked by the loss)."""
+        b, t = input_ids.shape
+        positions = doc_positions(docs, t, h.device) if docs is not None else \
+            torch.arange(t, device=h.device)[None, :].expand(b, t)
+        cos, sin = self.rotary(positions, self.dtype)
+        zeros = torch.zeros(b, dtype=torch.long, device=h.device)
+        full = torch.full((b,), t, dtype=torch.long, device=h.device)
+        outs = []
+        for j, mod in enumerate(self.mtp):
+            nxt = torch.roll(input_ids, -(1 + j), dims=1)
+            nxt[:, t - 1 - j:] = 0
+            e = self.model.embed_tokens(nxt) * self.config.scale_emb
+            h = mod.eh_proj(torch.cat([mod.hnorm(h), mod.enorm(e)], dim=-1))
+            h = mod.layer(h, cos, sin, zeros, full, None, docs)
+            outs.append(mod.norm(h))
+        return outs
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """µP output: the head reads h / (hidden_size / dim_model_base); logits in float32 (float64 models:
@@ -201,3 +277,12 @@ class MiniCPM4ForCausalLM(nn.Module):
             h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
         return self.logits(h)
 
+
+def doc_positions(docs: list[list[int]], t: int, device: torch.device) -> torch.Tensor:
+    """Positions [B, T] restarting at 0 at each packed document."""
+    rows = []
+    for lens in docs:
+        if sum(lens) != t or any(n <= 0 for n in lens):
+            raise ValueError(f"document lengths {lens} must be positive and sum to the row length {t}")
+        rows.append(torch.cat([torch.arange(n) for n in lens]))
+    return torch.stack(rows).to(device)
