@@ -177,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import add_data_commands
     from .serve.cli import add_serve_command
-
     from .train.cli import add_train_commands
 
     add_serve_command(sub)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import random_model
 
 from cpm4.model.config import ConfigError, preset
 from cpm4.model.init import init_model
@@ -16,9 +17,6 @@ from cpm4.train.data import IGNORE, Batch, DataError, PackedDataset, SFTDataset,
 from cpm4.train.loss import lm_loss, mtp_labels
 from cpm4.train.optim import param_groups
 from cpm4.train.schedule import wsd
-
-from conftest import random_model
-
 
 # ---------------------------------------------------------------- schedule
 
@@ -100,7 +98,8 @@ def test_param_groups_scale_matrices_only():
     mult = cfg.hidden_size / cfg.dim_model_base
     assert by_param[id(named["model.layers.0.mlp.up_proj.weight"])]["lr"] == pytest.approx(0.01 / mult)
     assert by_param[id(named["mtp.0.eh_proj.weight"])]["lr"] == pytest.approx(0.01 / mult)
-    for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+    for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+              "model.layers.0.input_layernorm.weight"):
         assert by_param[id(named[n])]["lr"] == 0.01, n
     assert by_param[id(named["model.norm.weight"])]["weight_decay"] == 0.0
     assert by_param[id(named["model.embed_tokens.weight"])]["weight_decay"] == 0.0

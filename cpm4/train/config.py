@@ -24,10 +24,11 @@ every = 200
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from cpm4.model.config import ConfigError
 
