@@ -6,11 +6,21 @@ Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argume
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "demo-model"
+def default_model() -> str:
+    """$CPM4_MODEL, else the demo model bundled in the repository (models/cpm4-demo), else ./demo-model."""
+    env = os.environ.get("CPM4_MODEL")
+    if env:
+        return env
+    bundled = Path(__file__).resolve().parents[1] / "models" / "cpm4-demo"
+    return str(bundled) if (bundled / "config.json").is_file() else "demo-model"
+
+
+DEFAULT_MODEL = default_model()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +83,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _load(args)
     # A prompt piped in usually ends with the shell's newline, which is not part of the prompt.
     prompts = args.prompt or [sys.stdin.read().removesuffix("\n")]
+    if args.chat:  # each prompt is one user turn, rendered with the checkpoint's chat template
+        prompts = [llm.tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
     if len(prompts) == 1 and not args.no_stream:
         t0 = time.perf_counter()
         first = None
@@ -167,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(q, max_tokens=128)
     q.add_argument("prompt", nargs="*", help="prompt text (several = a batch; none = read stdin)")
     q.add_argument("--no-stream", action="store_true", help="print the result at the end")
+    q.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("chat", help="interactive multi-turn chat with streaming")

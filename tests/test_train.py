@@ -321,3 +321,21 @@ def test_train_config_file_and_overrides(tmp_path):
         load_train_config(f, kind="sft")
     with pytest.raises(FileNotFoundError, match="nope.toml"):
         load_train_config(tmp_path / "nope.toml")
+
+
+def test_batched_rows_and_mixed_documents_equal_one_by_one():
+    # Several sparse rows in one call (documents folded into heads) and rows mixing sparse and dense
+    # documents of several lengths must equal each document run alone.
+    model = random_model("tiny", torch.float64, seed=4)
+    ids = torch.randint(3, 1000, (3, 300), generator=torch.Generator().manual_seed(2))
+    full = model.trunk(ids)
+    for i in range(3):
+        torch.testing.assert_close(full[i:i + 1], model.trunk(ids[i:i + 1]), rtol=1e-10, atol=1e-10)
+    docs = [[270, 30], [30, 270], [100, 200]]
+    packed = model.trunk(ids, docs=docs)
+    for i, lens in enumerate(docs):
+        s = 0
+        for n in lens:
+            torch.testing.assert_close(packed[i:i + 1, s:s + n], model.trunk(ids[i:i + 1, s:s + n]),
+                                       rtol=1e-10, atol=1e-10)
+            s += n

@@ -72,6 +72,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if docs is None and cache is None and bool((new_lens == t).all()) and not bool(starts.any()):
+            docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
         if docs is not None:
             out = self._packed(q, k, v, docs)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
@@ -102,20 +104,62 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
+        """Attention of rows of whole documents (no cache). Sparse documents of equal length run as one
+        InfLLM v2 call with the documents folded into the head axis (query head j of document m maps to KV
+        head (m*hq + j) // G = m*hkv + j // G, so GQA and per-head selection are unchanged); dense documents
+        take one SDPA over their rows with a block-diagonal causal mask."""
         sc = self.config.sparse_config
-        if all(len(d) == 1 for d in docs) and (sc is None or not any(sc.is_sparse(d[0]) for d in docs)):
-            return self._dense(q, k, v, torch.zeros(q.shape[0], dtype=torch.long, device=q.device), True)
-        out = torch.empty_like(q)
+        b, t = q.shape[:2]
+        sparse: dict[int, list[tuple[int, int, int]]] = {}
+        dense_rows = []
         for i, lens in enumerate(docs):
-            s = 0
+            s, has_dense = 0, False
             for n in lens:
-                e = s + n
                 if sc is not None and sc.is_sparse(n):
-                    out[i, s:e] = infllm_v2.sparse_attention(q[i, s:e], k[i, s:e], v[i, s:e], sc, self.scale)
+                    sparse.setdefault(n, []).append((i, s, s + n))
                 else:
-                    out[i:i + 1, s:e] = self._dense(q[i:i + 1, s:e], k[i:i + 1, s:e], v[i:i + 1, s:e],
-                                                    torch.zeros(1, dtype=torch.long, device=q.device), True)
-                s = e
+                    has_dense = True
+                s += n
+            if has_dense:
+                dense_rows.append(i)
+        if not sparse and all(len(d) == 1 for d in docs):
+            return self._dense(q, k, v, torch.zeros(b, dtype=torch.long, device=q.device), True)
+        out = torch.zeros_like(q) if not dense_rows else None
+        if dense_rows:
+            out = self._dense_docs(q, k, v, docs, dense_rows)
+        for n, segs in sparse.items():
+            if len(segs) == b and n == t:  # whole rows: a view, no gather
+                qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))
+            else:
+                qs, ks, vs = (torch.stack([x[r, s:e] for r, s, e in segs], 1) for x in (q, k, v))
+            m = len(segs)
+            o = infllm_v2.sparse_attention(qs.reshape(n, m * self.n_heads, self.head_dim),
+                                           ks.reshape(n, m * self.n_kv, self.head_dim),
+                                           vs.reshape(n, m * self.n_kv, self.head_dim), sc, self.scale)
+            o = o.view(n, m, self.n_heads, self.head_dim)
+            if len(segs) == b and n == t:
+                out = o.transpose(0, 1)
+            else:
+                for j, (r, s, e) in enumerate(segs):
+                    out[r, s:e] = o[:, j]
+        return out
+
+    def _dense_docs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]],
+                    rows: list[int]) -> torch.Tensor:
+        """Dense attention inside each document for the given rows (others left zero)."""
+        b, t = q.shape[:2]
+        out = torch.zeros_like(q)
+        doc_id = torch.stack([torch.repeat_interleave(torch.arange(len(docs[i])), torch.tensor(docs[i]))
+                              for i in rows]).to(q.device)  # [R, T]
+        pos = torch.arange(t, device=q.device)
+        mask = (doc_id[:, :, None] == doc_id[:, None, :]) & (pos[None, None, :] <= pos[:, None])  # [R, T, T]
+        g = self.n_heads // self.n_kv
+        idx = torch.tensor(rows, device=q.device)
+        qh = q[idx].transpose(1, 2)
+        # KV heads expanded explicitly: SDPA's fused kernels with a mask do not all take enable_gqa.
+        kh, vh = (x[idx].repeat_interleave(g, dim=2).transpose(1, 2) for x in (k, v))
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=self.scale)
+        out[idx] = o.transpose(1, 2)
         return out
 
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,

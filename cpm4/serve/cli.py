@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL = "demo-model"
+from cpm4.cli import DEFAULT_MODEL
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

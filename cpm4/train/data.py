@@ -198,10 +198,10 @@ class PackedDataset:
         w = int(_windows(self.seed, epoch, self.num_rows)[k])
         win = self.tokens(w * self.seq_len, w * self.seq_len + self.seq_len + 1)
         x, y = win[:-1], win[1:].copy()
-        if not self.document_masking:
-            return x, y, [self.seq_len]
         ends = np.flatnonzero(x == self.eos)  # a document ends at its </s>; the next one starts after it
         y[ends] = IGNORE  # </s> -> next document's <s> is not a prediction
+        if not self.document_masking:
+            return x, y, [self.seq_len]
         cuts = [0, *(int(e) + 1 for e in ends if e + 1 < len(x)), len(x)]
         return x, y, [b - a for a, b in zip(cuts, cuts[1:])]
 
@@ -316,6 +316,20 @@ class SFTDataset:
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         first = (step * world + rank) * batch_size
         return _stack([self.row(first + i) for i in range(batch_size)], True)
+
+
+class SyntheticDataset:
+    """Uniform random tokens (benchmarks and smoke tests): rows depend on (seed, sample) only."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.num_rows = 1 << 30
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
+        first = (step * world + rank) * batch_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
+        x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), generator=g)
+        return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), None)
 
 
 def iter_batches(dataset: PackedDataset | SFTDataset, start_step: int, batch_size: int, rank: int = 0,

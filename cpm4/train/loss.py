@@ -21,22 +21,24 @@ def mtp_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
     return out
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed CE over valid labels and their count (the caller normalises across micro-batches)."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+def head_loss(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE of the output head on final-norm states h (one function so it can be compiled whole:
+    the fp32 logits then never exist in memory apart from the loss kernel)."""
+    logits = model.logits(h)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def lm_loss(model, batch: Batch, mtp_lambda: float = 0.0) -> dict[str, torch.Tensor]:
+def lm_loss(model, batch: Batch, mtp_lambda: float = 0.0, head=head_loss) -> dict[str, torch.Tensor]:
     """Summed losses of one micro-batch: {"ntp": sum, "mtp": sum (if any), "n": valid next-token count,
-    "n_mtp": ...}. The trained objective is ntp/n + λ·mtp/n_mtp."""
+    "n_mtp": ...}. The trained objective is ntp/n + λ·mtp/n_mtp. `head` computes the summed CE (a
+    compiled `head_loss` in training)."""
     h = model.trunk(batch.input_ids, docs=batch.docs)
-    ntp, n = cross_entropy(model.logits(model.model.norm(h)), batch.labels)
+    ntp, n = head(model, model.model.norm(h), batch.labels), int((batch.labels != IGNORE).sum())
     out = {"ntp": ntp, "n": torch.tensor(n)}
     if mtp_lambda and getattr(model, "mtp", None) is not None:
         total, count = torch.zeros((), device=ntp.device), 0
         for j, hj in enumerate(model.mtp_hidden_states(h, batch.input_ids, batch.docs)):
-            lj, nj = cross_entropy(model.logits(hj), mtp_labels(batch.labels, j))
-            total, count = total + lj, count + nj
+            lab = mtp_labels(batch.labels, j)
+            total, count = total + head(model, hj, lab), count + int((lab != IGNORE).sum())
         out["mtp"], out["n_mtp"] = total / len(model.mtp), torch.tensor(count / len(model.mtp))
     return out

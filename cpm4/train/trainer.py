@@ -29,7 +29,7 @@ from cpm4.model.modeling import MiniCPM4ForCausalLM
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import IGNORE, Batch, DataError, PackedDataset, SFTDataset
-from .loss import lm_loss, mtp_labels
+from .loss import head_loss, lm_loss, mtp_labels
 from .optim import param_groups, set_lr
 from .schedule import wsd
 
@@ -41,14 +41,15 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
 class Objective(nn.Module):
     """The loss as a module, so FSDP2's root hooks run around the whole step (embedding, head, MTP)."""
 
-    def __init__(self, model: MiniCPM4ForCausalLM, mtp_lambda: float):
+    def __init__(self, model: MiniCPM4ForCausalLM, mtp_lambda: float, compile_head: bool = False):
         super().__init__()
         self.model = model
         self.mtp_lambda = mtp_lambda
+        self.head = torch.compile(head_loss) if compile_head else head_loss
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, docs: list[list[int]] | None = None
                 ) -> dict[str, torch.Tensor]:
-        return lm_loss(self.model, Batch(input_ids, labels, docs), self.mtp_lambda)
+        return lm_loss(self.model, Batch(input_ids, labels, docs), self.mtp_lambda, self.head)
 
 
 def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
@@ -93,7 +94,8 @@ def model_flops_per_token(config: MiniCPM4Config, seq_len: int, sparse_tokens: f
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, dataset: Any = None):
+        """`dataset` replaces data.path (anything with `batch(step, batch_size, rank, world)`)."""
         self.cfg = cfg
         self.dist = "WORLD_SIZE" in os.environ and not dist.is_initialized()
         t = cfg.train
@@ -122,7 +124,7 @@ class Trainer:
 
         self.model, self.tokenizer = build_model(cfg)
         self.config = self.model.config
-        self.data = self._dataset(cfg.data.path, t.seed)
+        self.data = dataset if dataset is not None else self._dataset(cfg.data.path, t.seed)
         self.valid = self._dataset(cfg.data.valid_path, t.seed + 1) if cfg.data.valid_path else None
         self.model.to(self.device)
         if t.fp8:
@@ -133,11 +135,13 @@ class Trainer:
         if t.compile:
             for layer in self._layers():
                 layer.compile()
-        self.objective = Objective(self.model, t.mtp_lambda if self.config.num_mtp_layers else 0.0)
+        self.objective = Objective(self.model, t.mtp_lambda if self.config.num_mtp_layers else 0.0, t.compile)
         if self.dist:
             self._shard()
+        # One fused kernel for the whole update on a single GPU (sharded DTensor parameters use foreach).
+        fused = self.device.type == "cuda" and not self.dist
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.config, t.lr, t.weight_decay, t.mup),
-                                           lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+                                           lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._writer = None

@@ -52,6 +52,9 @@ def shared_window(cfg: SparseConfig) -> int:
     return cfg.local_blocks if cfg.variant == "gen-b" else cfg.local_blocks - 1
 
 
+# Called from compiled model code as an opaque op: inductor's tracing of user Triton kernels re-types their
+# loop variables (fp32 accumulators promoted by Python float constants) and fails to build them.
+@torch.compiler.disable
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                      scale: float | None = None, k1: torch.Tensor | None = None,
                      k2: torch.Tensor | None = None) -> torch.Tensor:
