@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def default_model() -> str:
     """$CPM4_MODEL, else the demo model bundled in the repository (models/cpm4-demo), else ./demo-model."""
     env = os.environ.get("CPM4_MODEL")

@@ -65,6 +65,53 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_kwargs(args: argparse.Namespace) -> dict:
+    return dict(share=args.share, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                min_ratio=args.min_ratio, seeds=args.seeds, eval_rows=args.eval_rows or None, device=args.device)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import VerifyConfig, format_report, parse_named, verify
+
+    cfg = VerifyConfig(checkpoint=args.checkpoint, base=args.base, out=args.output,
+                       candidates=parse_named(args.candidate, "--candidate"),
+                       eval_sets=parse_named(args.eval, "--eval"), **_verify_kwargs(args))
+    report = verify(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    return 0
+
+
+def cmd_iterate(args: argparse.Namespace) -> int:
+    from .iterate import run_round
+    from .verify import parse_named
+
+    summary = run_round(args.output, args.positive, args.negative, args.pool, args.checkpoint, args.base,
+                        parse_named(args.eval, "--eval"), threshold=args.threshold, admit=args.admit,
+                        confident=args.confident, field=args.field, verify_kwargs=_verify_kwargs(args),
+                        classifier_kwargs={"min_count": args.min_count, "epoch": args.epoch, "seed": args.seed},
+                        log=lambda m: print(m, file=sys.stderr))
+    print(f"[cpm4] round done: kept {summary['kept']}/{summary['pool_documents']}, filtered data "
+          f"{'helps' if summary['filtered_helps'] else 'does not clearly help'}; admitted "
+          f"{summary['admitted_positives']} positives, {summary['admitted_negatives']} negatives -> "
+          f"{args.output}/round.json")
+    return 0
+
+
+def _add_anneal_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--checkpoint", required=True, help="stable-phase checkpoint (HF layout) to anneal from")
+    q.add_argument("--base", required=True, help="token shards of the default mix")
+    q.add_argument("--eval", action="append", required=True, metavar="NAME=SHARDS", help="held-out set (repeatable)")
+    q.add_argument("--share", type=float, default=0.3, help="candidate share of the annealing rows")
+    q.add_argument("--steps", type=int, default=50, help="annealing (decay) steps per run")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--lr", type=float, default=0.01, help="the stable-phase learning rate the decay starts from")
+    q.add_argument("--min-ratio", type=float, default=0.1, help="final learning rate / lr")
+    q.add_argument("--seeds", type=int, default=3, help="repeats with different data seeds (noise estimate)")
+    q.add_argument("--eval-rows", type=int, default=64, help="held-out rows per evaluation set (0 = all)")
+    q.add_argument("--device", default="auto")
+
+
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Add `data` with its sub-subcommands to the main parser's subparsers; returns the `data` parser."""
     data = subparsers.add_parser("data", help="pre-training data filtering (UltraClean)",
@@ -139,4 +186,31 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     q.add_argument("--quiet", "-q", action="store_true")
     q.set_defaults(func=cmd_tokenize)
+
+    q = sub.add_parser("verify", help="does candidate data help? anneal a stable checkpoint with and without it",
+                       description="Short decay runs from a stable-phase checkpoint: the default mix alone and with "
+                                   "each candidate at --share of the rows, repeated over --seeds; prints held-out "
+                                   "losses and paired deltas with standard errors; writes OUTPUT/report.json.")
+    _add_anneal_args(q)
+    q.add_argument("--candidate", action="append", required=True, metavar="NAME=SHARDS", help="repeatable")
+    q.add_argument("--output", "-o", required=True, help="folder for report.json and the runs' logs")
+    q.set_defaults(func=cmd_verify)
+
+    q = sub.add_parser("iterate", help="one seed-refinement round: classifier -> filter -> verify -> seeds",
+                       description="Trains the classifier on the seed pools, splits --pool by --threshold, verifies "
+                                   "kept vs unfiltered, and writes the next round's seed pools (confident "
+                                   "positives/negatives admitted only if the kept data helps) into OUTPUT.")
+    _add_anneal_args(q)
+    q.add_argument("--positive", "-p", nargs="+", required=True, help="positive seed JSONL files")
+    q.add_argument("--negative", "-n", nargs="+", required=True, help="negative seed JSONL files")
+    q.add_argument("--pool", required=True, help="candidate documents (JSONL) to filter")
+    q.add_argument("--output", "-o", required=True, help="the round's folder")
+    q.add_argument("--threshold", type=float, default=0.5)
+    q.add_argument("--admit", type=int, default=200, help="most documents admitted to each seed pool")
+    q.add_argument("--confident", type=float, default=0.9, help="score >= this (or <= 1 - this) to be admitted")
+    q.add_argument("--min-count", type=int, default=5, help="fastText min count")
+    q.add_argument("--epoch", type=int, default=3, help="fastText epochs")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--field", default="text")
+    q.set_defaults(func=cmd_iterate)
     return data

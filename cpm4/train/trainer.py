@@ -311,8 +311,9 @@ class Trainer:
         name = torch.cuda.get_device_name(self.device)
         return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
-    def fit(self, crash_after: int | None = None) -> list[dict[str, Any]]:
-        """Train to `train.steps` (resuming if the run has a checkpoint); returns the logged records."""
+    def fit(self, crash_after: int | None = None, save: bool = True) -> list[dict[str, Any]]:
+        """Train to `train.steps` (resuming if the run has a checkpoint); returns the logged records.
+        save=False skips the final checkpoint and export (short runs evaluated in memory)."""
         from tqdm import tqdm
 
         cfg, t, lg = self.cfg, self.cfg.train, self.cfg.log
@@ -352,8 +353,9 @@ class Trainer:
             rec = {"step": self.step, "valid_loss": v, "valid_ppl": math.exp(min(v, 50.0))}
             self.history.append(rec)
             self._log(rec)
-        self.save()
-        self.export(self.run_dir / "model")
+        if save:
+            self.save()
+            self.export(self.run_dir / "model")
         if self._writer is not None:
             self._writer.close()
         return self.history
