@@ -140,3 +140,32 @@ def test_train_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: no field 'text'"):
         train_classifier(corpus["positive"], [bad], tmp_path / "m.bin", log=lambda m: None)
     assert not (tmp_path / "m.bin").exists()
+
+
+def test_subword_tokenizer_preprocessing(tmp_path):
+    from cpm4.data.classifier import Preprocess, tokenizer_path
+    from cpm4.model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(512)
+    tok.save(tmp_path / "tok")
+    pre = Preprocess(tmp_path / "tok")
+    text = "Unbelievably  FAST\tfilters\n\nkeep structure"
+    (line,) = pre([text])
+    base = normalize(text)
+    # Words become their BPE pieces; structure tokens stay whole and in place; no raw whitespace but spaces.
+    assert "\\t" in line.split(" ") and "\\n" in line.split(" ")
+    pieces = tok.hf.backend_tokenizer.encode("unbelievably fast", add_special_tokens=False).tokens
+    assert line.startswith(" ".join(pieces))
+    assert len(line.split(" ")) > len(base.split(" "))
+    corpus = make_corpus(tmp_path / "data", n_pos=300, n_neg=(150, 150))
+    out = tmp_path / "m" / "q.bin"
+    metrics = train_classifier(corpus["positive"], corpus["negative"], out,
+                               TrainConfig(**SMALL, tokenizer=str(tmp_path / "tok")), log=lambda m: None)
+    assert metrics["tokenizer"] == tokenizer_path(out).name and tokenizer_path(out).is_file()
+    assert metrics["holdout"]["auc"] > 0.9
+    scorer = Scorer(out)
+    texts = mixed_docs(6, seed=3)
+    np.testing.assert_allclose(scorer.score(texts), scorer.score_normalized(pre(texts)))
+    tokenizer_path(out).unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        Scorer(out)

@@ -339,3 +339,30 @@ def test_batched_rows_and_mixed_documents_equal_one_by_one():
             torch.testing.assert_close(packed[i:i + 1, s:s + n], model.trunk(ids[i:i + 1, s:s + n]),
                                        rtol=1e-10, atol=1e-10)
             s += n
+
+
+def _tiny_trainer(tmp_path, name, *sets):
+    from cpm4.train.data import SyntheticDataset
+    from cpm4.train.trainer import Trainer
+
+    cfg = load_train_config(None, ['model.preset="tiny"', 'data.path="synthetic"', "data.seq_len=64",
+                                   "train.steps=3", "train.batch_size=2", "schedule.warmup_steps=1",
+                                   f'checkpoint.dir="{tmp_path / name}"', "log.every=1", "log.progress=false",
+                                   'train.device="cpu"', *sets])
+    return Trainer(cfg, SyntheticDataset(1024, 64, seed=0))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    plain = [r["loss"] for r in _tiny_trainer(tmp_path, "a", "log.tensorboard=false").fit(save=False)]
+    ckpt = [r["loss"] for r in _tiny_trainer(tmp_path, "b", "train.activation_checkpointing=true",
+                                             "log.tensorboard=false").fit(save=False)]
+    assert plain == ckpt
+
+
+def test_tensorboard_events_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    tr = _tiny_trainer(tmp_path, "tb", "log.tensorboard=true")
+    tr.fit(save=False)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    lines = (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]

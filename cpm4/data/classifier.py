@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -30,7 +32,7 @@ import numpy as np
 
 from .io import Partition, atomic_path, count_documents, file_format, iter_batches, iter_texts, write_json_atomic
 from .metrics import binary_metrics
-from .normalize import normalize
+from .normalize import CR_TOKEN, NEWLINE_TOKEN, TAB_TOKEN, normalize
 
 POSITIVE_LABEL = "__label__pos"
 NEGATIVE_LABEL = "__label__neg"
@@ -74,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     threshold: float = 0.5
     text_field: str = "text"
+    tokenizer: str | None = None  # subword tokenizer (tokenizer.json or a folder holding one); None: words
 
     def validate(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
@@ -185,11 +188,12 @@ def train_classifier(positives: Sequence[str | os.PathLike], negatives: Sequence
             for p, avail, take in zip(neg_files, neg_avail, shares):
                 yield NEGATIVE_LABEL, _iter_selected(p, cfg.text_field, _sample_indices(avail, take, rng))
 
+        pre = Preprocess(cfg.tokenizer)
         with open(raw, "wb") as fr, open(held, "w", encoding="utf-8") as fh:
             pos_bytes = 0
             for label, texts in sources():
                 for text in texts:
-                    line = normalize(text)
+                    (line,) = pre([text])
                     if rng.random() < cfg.holdout:
                         fh.write(line + "\n")
                         held_labels.append(int(label == POSITIVE_LABEL))
@@ -219,6 +223,9 @@ def train_classifier(positives: Sequence[str | os.PathLike], negatives: Sequence
             raise ValueError(f"unexpected labels {model.get_labels()}")
         with atomic_path(out) as tmp:
             model.save_model(str(tmp))
+        if pre.path is not None:  # the model needs its tokenizer to score: keep a copy beside it
+            with atomic_path(tokenizer_path(out)) as tmp:
+                shutil.copyfile(pre.path, tmp)
 
         scores: np.ndarray = np.zeros(0)
         if held_labels:
@@ -234,6 +241,7 @@ def train_classifier(positives: Sequence[str | os.PathLike], negatives: Sequence
         "positive_label": POSITIVE_LABEL,
         "negative_label": NEGATIVE_LABEL,
         "normalize": True,
+        "tokenizer": tokenizer_path(out).name if pre.path is not None else None,
         "config": asdict(cfg),
         "data": {
             "positives": [{"path": str(p), "documents": c} for p, c in zip(pos_files, pos_counts)],
@@ -266,6 +274,50 @@ def _chunks(lines: Iterable[str], n: int) -> Iterable[list[str]]:
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------
+
+
+_STRUCTURE = re.compile("( ?(?:" + "|".join(re.escape(t) for t in (NEWLINE_TOKEN, TAB_TOKEN, CR_TOKEN)) + ") ?)")
+
+
+def tokenizer_path(model: str | os.PathLike) -> Path:
+    """Where `train_classifier` keeps the subword tokenizer a model was trained with."""
+    p = Path(model)
+    return p.with_name(p.stem + ".tokenizer.json")
+
+
+class Preprocess:
+    """What the classifier sees: `normalize`d text, then, with a tokenizer (the paper tokenises with a subword
+    tokenizer rather than whitespace), each word split into its subword pieces, space-separated; the
+    structure tokens (\\n, \\t, \\r) stay whole."""
+
+    def __init__(self, tokenizer: str | os.PathLike | None = None):
+        self.path: Path | None = None
+        self.tok = None
+        if tokenizer is not None:
+            path = Path(tokenizer)
+            if path.is_dir():
+                path = path / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"classifier tokenizer not found: {path}")
+            from tokenizers import Tokenizer
+
+            self.tok, self.path = Tokenizer.from_file(str(path)), path
+
+    def __call__(self, texts: Sequence[str]) -> list[str]:
+        lines = [normalize(t) for t in texts]
+        if self.tok is None:
+            return lines
+        out = []
+        for line in lines:
+            parts = _STRUCTURE.split(line)  # odd indices: structure tokens with their spaces
+            encs = self.tok.encode_batch(parts[0::2], add_special_tokens=False)
+            pieces: list[str] = []
+            for i, enc in enumerate(encs):
+                pieces.extend(enc.tokens)
+                if 2 * i + 1 < len(parts):
+                    pieces.append(parts[2 * i + 1].strip())
+            out.append(" ".join(pieces))
+        return out
 
 
 def read_model_info(model: str | os.PathLike) -> dict:
@@ -339,9 +391,11 @@ class Scorer:
             raise ValueError(f"{model}: label {self.positive_label!r} not among the model's labels {labels}")
         self._ipos = labels.index(self.positive_label)
         self.path = path
+        tok = info.get("tokenizer")
+        self.preprocess = Preprocess(path.with_name(tok) if tok else None)
 
     def score_normalized(self, lines: Sequence[str]) -> np.ndarray:
-        """Scores for texts that are already `normalize`d (single lines)."""
+        """Scores for texts already through `Preprocess` (single lines)."""
         if not lines:
             return np.zeros(0)
         labels, probs = self.model.f.multilinePredict([t + "\n" for t in lines], -1, 0.0, "strict")
@@ -351,5 +405,5 @@ class Scorer:
         return np.clip(out - _FASTTEXT_LOG_EPS, 0.0, 1.0)
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        """P(positive) for raw documents: `normalize` then fastText."""
-        return self.score_normalized([normalize(t) for t in texts])
+        """P(positive) for raw documents: `normalize` (+ subword pieces if trained so) then fastText."""
+        return self.score_normalized(self.preprocess(texts))

@@ -24,7 +24,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(dim=args.dim, lr=args.lr, word_ngrams=args.word_ngrams, min_count=args.min_count,
                       epoch=args.epoch, bucket=args.bucket, loss=args.loss, threads=args.threads,
-                      holdout=args.holdout, seed=args.seed, threshold=args.threshold, text_field=args.field)
+                      holdout=args.holdout, seed=args.seed, threshold=args.threshold, text_field=args.field,
+                      tokenizer=args.tokenizer)
     m = train_classifier(args.positive, args.negative, args.output, cfg)
     print(json.dumps({"model": str(args.output), "metrics": str(metrics_path(args.output)),
                       "holdout": m["holdout"]}, indent=1))
@@ -88,7 +89,8 @@ def cmd_iterate(args: argparse.Namespace) -> int:
     summary = run_round(args.output, args.positive, args.negative, args.pool, args.checkpoint, args.base,
                         parse_named(args.eval, "--eval"), threshold=args.threshold, admit=args.admit,
                         confident=args.confident, field=args.field, verify_kwargs=_verify_kwargs(args),
-                        classifier_kwargs={"min_count": args.min_count, "epoch": args.epoch, "seed": args.seed},
+                        classifier_kwargs={"min_count": args.min_count, "epoch": args.epoch, "lr": args.clf_lr,
+                                           "seed": args.seed, "tokenizer": args.clf_tokenizer},
                         log=lambda m: print(m, file=sys.stderr))
     print(f"[cpm4] round done: kept {summary['kept']}/{summary['pool_documents']}, filtered data "
           f"{'helps' if summary['filtered_helps'] else 'does not clearly help'}; admitted "
@@ -145,6 +147,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--holdout", type=float, default=0.1, help="held-out share for the metrics")
     q.add_argument("--threshold", type=float, default=0.5, help="threshold for held-out precision/recall")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--tokenizer", default=None,
+                   help="subword tokenizer (tokenizer.json or a model folder): words are split into its pieces")
     q.set_defaults(func=cmd_train_classifier)
 
     q = sub.add_parser("filter", help="keep the documents the classifier scores >= threshold",
@@ -209,7 +213,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--admit", type=int, default=200, help="most documents admitted to each seed pool")
     q.add_argument("--confident", type=float, default=0.9, help="score >= this (or <= 1 - this) to be admitted")
     q.add_argument("--min-count", type=int, default=5, help="fastText min count")
-    q.add_argument("--epoch", type=int, default=3, help="fastText epochs")
+    q.add_argument("--epoch", type=int, default=3, help="fastText epochs (small seed pools need more than 3)")
+    q.add_argument("--clf-lr", type=float, default=0.1, help="fastText learning rate")
+    q.add_argument("--clf-tokenizer", default=None, help="subword tokenizer for the classifier (e.g. the checkpoint)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--field", default="text")
     q.set_defaults(func=cmd_iterate)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cpm4.model.config import write_text_atomic
-from cpm4.train.data import IGNORE, Batch, PackedDataset, _stack
+from cpm4.train.data import Batch, PackedDataset, stack_rows
+from cpm4.train.loss import held_out_loss
 
 
 class MixedDataset:
@@ -45,7 +45,7 @@ class MixedDataset:
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         first = (step * world + rank) * batch_size
         rows = [self.sources[self.source_of(k)].row(k) for k in range(first, first + batch_size)]
-        return _stack(rows, all(s.document_masking for s in self.sources))
+        return stack_rows(rows, all(s.document_masking for s in self.sources))
 
 
 @dataclass
@@ -79,33 +79,6 @@ class VerifyConfig:
         for p in [self.checkpoint, self.base, *self.candidates.values(), *self.eval_sets.values()]:
             if not Path(p).exists():
                 raise FileNotFoundError(f"not found: {p}")
-
-
-@torch.no_grad()
-def held_out_loss(model, shards: PackedDataset, max_rows: int | None, batch_size: int, device: torch.device) -> float:
-    """Mean next-token loss over the first `max_rows` rows of a fixed order (all rows when None)."""
-    from cpm4.train.loss import head_loss
-
-    n = shards.num_rows if max_rows is None else min(max_rows, shards.num_rows)
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, n, batch_size):
-        rows = [shards.row(k) for k in range(start, min(start + batch_size, n))]
-        b = _stack(rows, False).to(device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _null()
-        with ctx:
-            total += float(head_loss(model, model.hidden_states(b.input_ids), b.labels))
-        count += int((b.labels != IGNORE).sum())
-    model.train()
-    return total / max(count, 1)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def anneal(cfg: VerifyConfig, mix: list[tuple[str, float]], seed: int, run_dir: Path) -> dict[str, float]:

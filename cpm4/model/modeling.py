@@ -124,9 +124,7 @@ class Attention(nn.Module):
                 dense_rows.append(i)
         if not sparse and all(len(d) == 1 for d in docs):
             return self._dense(q, k, v, torch.zeros(b, dtype=torch.long, device=q.device), True)
-        out = torch.zeros_like(q) if not dense_rows else None
-        if dense_rows:
-            out = self._dense_docs(q, k, v, docs, dense_rows)
+        out = self._dense_docs(q, k, v, docs, dense_rows) if dense_rows else torch.zeros_like(q)
         for n, segs in sparse.items():
             if len(segs) == b and n == t:  # whole rows: a view, no gather
                 qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))
@@ -146,8 +144,9 @@ class Attention(nn.Module):
 
     def _dense_docs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]],
                     rows: list[int]) -> torch.Tensor:
-        """Dense attention inside each document for the given rows (others left zero)."""
-        b, t = q.shape[:2]
+        """Dense attention inside each document for the given rows (others left zero). The mask is
+        [rows, T, T]: meant for training lengths, not for very long rows."""
+        t = q.shape[1]
         out = torch.zeros_like(q)
         doc_id = torch.stack([torch.repeat_interleave(torch.arange(len(docs[i])), torch.tensor(docs[i]))
                               for i in rows]).to(q.device)  # [R, T]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,6 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
                      self.docs)
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
 
 
 # ---------------------------------------------------------------- tokenizing into shards
@@ -208,10 +204,11 @@ class PackedDataset:
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         first = (step * world + rank) * batch_size
         rows = [self.row(first + i) for i in range(batch_size)]
-        return _stack(rows, self.document_masking)
+        return stack_rows(rows, self.document_masking)
 
 
-def _stack(rows: list[tuple[np.ndarray, np.ndarray, list[int]]], docs: bool) -> Batch:
+def stack_rows(rows: list[tuple[np.ndarray, np.ndarray, list[int]]], docs: bool) -> Batch:
+    """A Batch from (inputs, labels, document lengths) rows; docs=False drops the document lengths."""
     x = torch.from_numpy(np.stack([r[0] for r in rows]))
     y = torch.from_numpy(np.stack([r[1] for r in rows]))
     return Batch(x, y, [r[2] for r in rows] if docs else None)
@@ -315,7 +312,7 @@ class SFTDataset:
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         first = (step * world + rank) * batch_size
-        return _stack([self.row(first + i) for i in range(batch_size)], True)
+        return stack_rows([self.row(first + i) for i in range(batch_size)], True)
 
 
 class SyntheticDataset:
@@ -330,11 +327,3 @@ class SyntheticDataset:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
         x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), generator=g)
         return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), None)
-
-
-def iter_batches(dataset: PackedDataset | SFTDataset, start_step: int, batch_size: int, rank: int = 0,
-                 world: int = 1) -> Iterable[Batch]:
-    step = start_step
-    while True:
-        yield dataset.batch(step, batch_size, rank, world)
-        step += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Batch
+from .data import IGNORE, Batch, stack_rows
 
 
 def mtp_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
@@ -42,3 +42,22 @@ def lm_loss(model, batch: Batch, mtp_lambda: float = 0.0, head=head_loss) -> dic
             total, count = total + head(model, hj, lab), count + int((lab != IGNORE).sum())
         out["mtp"], out["n_mtp"] = total / len(model.mtp), torch.tensor(count / len(model.mtp))
     return out
+
+
+@torch.no_grad()
+def held_out_loss(model, shards, max_rows: int | None = None, batch_size: int = 8,
+                  device: torch.device | str = "cpu") -> float:
+    """Mean next-token loss over rows 0 .. max_rows-1 of a token-shard dataset (all rows once when None):
+    a fixed set, so two models are compared on exactly the same tokens. bf16 autocast on CUDA."""
+    device = torch.device(device)
+    n = shards.num_rows if max_rows is None else min(max_rows, shards.num_rows)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, n, batch_size):
+        b = stack_rows([shards.row(k) for k in range(start, min(start + batch_size, n))], False).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            total += float(head_loss(model, model.hidden_states(b.input_ids), b.labels))
+        count += int((b.labels != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)

@@ -83,14 +83,13 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
     return init_model(MiniCPM4ForCausalLM(config), cfg.train.seed).train(), tokenizer
 
 
-def model_flops_per_token(config: MiniCPM4Config, seq_len: int, sparse_tokens: float | None = None) -> float:
+def model_flops_per_token(config: MiniCPM4Config, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 x matmul parameters + causal attention
     12 * layers * heads * head_dim * (average keys attended: seq/2 dense)."""
     h, L = config.hidden_size, config.num_hidden_layers
     d, hq, hkv = config.dim_head, config.num_attention_heads, config.num_key_value_heads
     matmul = L * (2 * h * hq * d + 2 * h * hkv * d + 3 * h * config.intermediate_size) + h * config.vocab_size
-    keys = sparse_tokens if sparse_tokens is not None else seq_len / 2
-    return 6 * matmul + 12 * L * hq * d * keys
+    return 6 * matmul + 12 * L * hq * d * seq_len / 2
 
 
 class Trainer:

@@ -16,11 +16,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from cpm4.model.checkpoint import load_checkpoint  # noqa: E402
-from cpm4.train.data import IGNORE, PackedDataset  # noqa: E402
-from cpm4.train.loss import head_loss  # noqa: E402
+from cpm4.train.data import PackedDataset  # noqa: E402
+from cpm4.train.loss import held_out_loss  # noqa: E402
 
 
-@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -31,17 +30,9 @@ def main() -> None:
     args = ap.parse_args()
     model = load_checkpoint(args.model, device=args.device, dtype=torch.float32)
     ds = PackedDataset(args.shards, args.seq_len, document_masking=False, vocab_size=model.config.vocab_size)
-    total, count = 0.0, 0
-    for start in range(0, ds.num_rows, args.batch_size):
-        rows = [ds.row(k) for k in range(start, min(start + args.batch_size, ds.num_rows))]
-        x = torch.tensor([r[0] for r in rows], device=args.device)
-        y = torch.tensor([r[1] for r in rows], device=args.device)
-        total += float(head_loss(model, model.hidden_states(x), y))
-        count += int((y != IGNORE).sum())
-        print(f"\r{start + len(rows)}/{ds.num_rows} rows, loss {total / count:.4f}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    print(json.dumps({"model": args.model, "tokens": count, "loss": total / count,
-                      "perplexity": math.exp(total / count), "seq_len": args.seq_len}))
+    loss = held_out_loss(model, ds, None, args.batch_size, args.device)
+    print(json.dumps({"model": args.model, "rows": ds.num_rows, "loss": loss, "perplexity": math.exp(loss),
+                      "seq_len": args.seq_len}))
 
 
 if __name__ == "__main__":
