@@ -127,6 +127,9 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "too_long": (("generate", *m, "a " * 5000), {}),
         "bad_temperature": (("generate", *m, "--temperature", "-1", "hi"), {}),
         "bad_top_p": (("generate", *m, "--top-p", "0", "hi"), {}),
+        "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
+        # the bundled demo model is the default, and --chat renders the prompt as a user turn
+        "demo_chat": (("generate", "--device", "cpu", "--chat", *GREEDY, "--no-stream", "What does json do?"), {}),
         # chat (greedy, stdin fed at once)
         "chat_reset": (("chat", *m, "--temperature", "0", "--max-tokens", str(N)),
                        {"stdin": "hello\n/reset\nhi again\n/exit\n"}),
@@ -232,6 +235,24 @@ def test_generate_prompt_from_stdin_via_console_script(jobs, llm):
 
 # ---------------------------------------------------------------------------------------------------------
 # bad input: exit code 2 and a message naming what is wrong
+
+
+def test_serve_rejects_bad_cache_size(jobs):
+    r = jobs["bad_kv_cache"].result()  # argparse's own usage error: exit 2 before any model load
+    assert r.rc == 2 and "--kv-cache-tokens" in r.err and "positive integer" in r.err and "Traceback" not in r.err
+
+
+def test_default_model_is_the_bundled_demo_and_chat_flag(jobs):
+    from cpm4.cli import DEFAULT_MODEL
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "cpm4-demo"
+    assert Path(DEFAULT_MODEL) == bundled
+    r = jobs["demo_chat"].result()
+    assert r.rc == 0, r
+    assert "cpm4-demo" in r.err
+    demo = LLM(bundled, device="cpu")
+    prompt = demo.tokenizer.render_chat([{"role": "user", "content": "What does json do?"}])
+    assert r.out == demo.generate(prompt, greedy_params(ignore_eos=True))[0].text + "\n"
 
 
 def test_bad_model_path(jobs, dirs):

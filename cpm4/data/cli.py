@@ -116,9 +116,10 @@ def _add_anneal_args(q: argparse.ArgumentParser) -> None:
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Add `data` with its sub-subcommands to the main parser's subparsers; returns the `data` parser."""
-    data = subparsers.add_parser("data", help="pre-training data filtering (UltraClean)",
+    data = subparsers.add_parser("data", help="pre-training data: UltraClean filtering, tokenizers, token shards",
                                  description="UltraClean: normalize text, train the fastText quality classifier, "
-                                             "filter corpora with it.")
+                                             "filter corpora with it, verify candidate data by annealing, iterate "
+                                             "the seed pools; train a BPE tokenizer and tokenize into shards.")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     q = sub.add_parser("normalize", help="UltraClean preprocessing of the text field of a JSONL file")

@@ -15,8 +15,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[cpm4] warning: serving on {args.host} without an API key", file=sys.stderr)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size)
+          api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
+          kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens)
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,5 +43,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together at most")
+    p.add_argument("--kv-cache-tokens", type=_positive, default=None,
+                   help="paged KV cache size in tokens (default: max batch size x min(context, 8192))")
+    p.add_argument("--chunk-tokens", type=_positive, default=512, help="prefill chunk per scheduler step")
     p.set_defaults(func=cmd_serve)
     return p
