@@ -158,7 +158,7 @@ def test_packed_dataset_errors(tmp_path):
     with pytest.raises(DataError, match="tokens on disk"):
         PackedDataset(tmp_path / "s", 8)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="bad.jsonl:1"):
+    with pytest.raises(DataError, match="bad.jsonl:1"):  # the data pipeline's reader names file and line
         tokenize_to_shards([tmp_path / "bad.jsonl"], _Tok(), tmp_path / "s2", progress=False)
 
 

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+# One error type for bad data across the data pipeline and training (the message names file and problem).
+from cpm4.data.io import DataError
 from cpm4.model.config import write_text_atomic
 
 FORMAT = "cpm4-tokens-v1"
 IGNORE = -100
 
 
-class DataError(ValueError):
-    """Training data is missing or malformed; the message names the file and the problem."""
 
 
 @dataclass
@@ -44,28 +44,21 @@ class Batch:
 # ---------------------------------------------------------------- tokenizing into shards
 
 def read_documents(paths: Sequence[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
-    """Documents from .txt/.md/.rst files (one document per file) and .jsonl files (one per line)."""
+    """Documents from JSONL(.gz)/Parquet files (one per record, read by the data pipeline's own reader) and
+    from any other file as plain text (one document per file)."""
+    from cpm4.data.io import file_format, iter_texts
+
     for p in map(Path, paths):
         if not p.is_file():
             raise DataError(f"input file not found: {p}")
-        if p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-                    text = obj.get(text_field) if isinstance(obj, dict) else None
-                    if not isinstance(text, str):
-                        raise DataError(f"{p}:{i}: no string field {text_field!r}")
-                    if text:
-                        yield text
-        else:
+        try:
+            file_format(p)
+        except ValueError:
             text = p.read_text(encoding="utf-8", errors="replace")
             if text:
                 yield text
+            continue
+        yield from (t for t in iter_texts(p, text_field) if t)
 
 
 def tokenize_to_shards(paths: Sequence[str | os.PathLike], tokenizer: Any, out_dir: str | os.PathLike,
