@@ -132,6 +132,9 @@ class Trainer:
             for layer in self._layers():
                 layer.forward = _checkpointed(layer.forward)
         if t.compile:
+            from cpm4.kernels import infllm_v2
+
+            infllm_v2.make_opaque_to_compile()
             for layer in self._layers():
                 layer.compile()
         self.objective = Objective(self.model, t.mtp_lambda if self.config.num_mtp_layers else 0.0, t.compile)

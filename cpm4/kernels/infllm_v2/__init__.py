@@ -15,7 +15,7 @@ from cpm4.model.config import SparseConfig
 from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
-           "shared_window", "sparse_attention_varlen"]
+           "shared_window", "sparse_attention_varlen", "make_opaque_to_compile"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -52,9 +52,6 @@ def shared_window(cfg: SparseConfig) -> int:
     return cfg.local_blocks if cfg.variant == "gen-b" else cfg.local_blocks - 1
 
 
-# Called from compiled model code as an opaque op: inductor's tracing of user Triton kernels re-types their
-# loop variables (fp32 accumulators promoted by Python float constants) and fails to build them.
-@torch.compiler.disable
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                      scale: float | None = None, k1: torch.Tensor | None = None,
                      k2: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,6 +60,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spa
     if uses_triton(q):
         return triton_pipeline(q, k, v, cfg, scale, k1, k2)
     return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2)
+
+
+def make_opaque_to_compile() -> None:
+    """Make `sparse_attention` a graph break for torch.compile: inductor's tracing of user Triton kernels
+    re-types their loop variables (fp32 accumulators promoted by Python float constants) and fails to build
+    them. Called by whoever compiles model code (imports torch._dynamo, about a second: not at import)."""
+    global sparse_attention
+    if not getattr(sparse_attention, "_cpm4_opaque", False):
+        sparse_attention = torch.compiler.disable(sparse_attention)
+        sparse_attention._cpm4_opaque = True
 
 
 def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
