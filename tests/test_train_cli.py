@@ -71,7 +71,8 @@ tensorboard = false
 def test_pretrain_resume_and_generate(setup):
     d = setup
     full = d / "full"
-    cpm4("pretrain", "-c", d / "run.toml", "--set", f'checkpoint.dir="{full}"')
+    p = cpm4("pretrain", "-c", d / "run.toml", "--set", f'checkpoint.dir="{full}"')
+    assert "[cpm4] step 6/6  loss" in p.stdout  # one log line per logged step on stdout
     curve = losses(full)
     assert sorted(curve) == list(range(1, 7))
     assert curve[6] < curve[1] - 0.3  # it learns

@@ -344,6 +344,8 @@ class Trainer:
                 self.history.append(rec)
                 self._log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if self.rank == 0:
+                    bar.write(format_record(rec, t.steps), file=sys.stdout)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                 self.save()
             bar.update(1)
@@ -375,6 +377,19 @@ class Trainer:
     def close(self) -> None:
         if self.dist and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def format_record(rec: dict[str, Any], total_steps: int) -> str:
+    """One log line: step, losses, learning rate, throughput."""
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}"]
+    if "mtp_loss" in rec:
+        parts.append(f"mtp {rec['mtp_loss']:.4f}")
+    if "valid_loss" in rec:
+        parts.append(f"valid {rec['valid_loss']:.4f}")
+    parts += [f"lr {rec['lr']:.2e}", f"grad {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:.0f} tok/s"]
+    if "mfu" in rec:
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    return "[cpm4] " + "  ".join(parts)
 
 
 def _checkpointed(fn):
