@@ -328,3 +328,52 @@ def test_incremental_detokenizer_prompt_ends_mid_character(tok: Tokenizer) -> No
     deltas, rest, _ = _stream(tok, gen, prompt_ids=prompt)
     # the generated ids alone hold two stray continuation bytes; the stream agrees with decode() on that
     assert "".join(deltas) + rest == tok.decode(gen) == "\ufffd\ufffdy"
+
+
+def test_light_tokenizer_equals_transformers(tmp_path):
+    # Our own tokenizer folders load without transformers; everything must match the transformers path.
+    import sys
+
+    from cpm4.model.light_tokenizer import JsonTokenizer
+
+    tok = build_tokenizer(600)
+    tok.save(tmp_path / "t")
+    light = Tokenizer.from_dir(tmp_path / "t")
+    assert isinstance(light.hf, JsonTokenizer)
+    ref = Tokenizer(Tokenizer._load_tokenizer_json(tmp_path / "t"))
+    texts = ["Hello, world!", "  spaces\tand\nnewlines ", "ünïcödé 漢字 🙂", "<|im_start|>user\nhi<|im_end|>", ""]
+    for t in texts:
+        assert light.encode(t) == ref.encode(t) and light.encode(t, add_bos=False) == ref.encode(t, add_bos=False)
+        ids = ref.encode(t)
+        for skip in (True, False):
+            assert light.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert (light.bos_token_id, light.eos_token_id, light.vocab_size, light.stop_token_ids) == \
+        (ref.bos_token_id, ref.eos_token_id, ref.vocab_size, ref.stop_token_ids)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & 'then'",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+        [{"role": "user", "content": "weather?"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+         {"role": "tool", "content": "sunny"}],
+    ]
+    for msgs in chats:
+        for gen in (True, False):
+            for kw in ({}, {"enable_thinking": False}):
+                for t in (None, tools):
+                    assert light.render_chat(msgs, add_generation_prompt=gen, tools=t, **kw) == \
+                        ref.render_chat(msgs, add_generation_prompt=gen, tools=t, **kw)
+    assert light.hf.convert_ids_to_tokens([3, 4]) == ref.hf.convert_ids_to_tokens([3, 4])
+    light.save(tmp_path / "a")
+    ref.save(tmp_path / "b")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # A fresh interpreter loads and uses it without importing transformers.
+    code = ("import sys; from cpm4.model.tokenizer import Tokenizer; "
+            f"t = Tokenizer.from_dir({str(tmp_path / 't')!r}); t.render_chat([{{'role': 'user', 'content': 'x'}}]); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -275,6 +275,20 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
+def _read_config(path: Path) -> tuple[dict[str, Any], Any]:
+    """tokenizer_config.json (or {}) and the chat template: chat_template.jinja over the config entry; a
+    list of named templates becomes a dict."""
+    config: dict[str, Any] = {}
+    if (path / "tokenizer_config.json").is_file():
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # older list-of-named-templates format
+        chat_template = {t["name"]: t["template"] for t in chat_template}
+    if (path / "chat_template.jinja").is_file():
+        chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return config, chat_template
+
+
 def _declared_class(path: Path) -> str | None:
     try:
         cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -297,7 +311,14 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for {', '.join(_TOKENIZER_FILES)}")
         if (path / "tokenizer.json").is_file() and _declared_class(path) in _GENERIC_CLASSES:
             # A plain tokenizers-backed tokenizer (what cpm4 writes): load it directly, skipping
-            # AutoTokenizer's model-registry import, which costs over a second at start-up.
+            # AutoTokenizer's model-registry import, which costs over a second at start-up; without
+            # transformers at all when the chat template is a single string.
+            config, template = _read_config(path)
+            if template is None or isinstance(template, str):
+                from .light_tokenizer import JsonTokenizer
+
+                return cls(JsonTokenizer.from_dir(path, {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+                                                         "unk_token": UNK_TOKEN, **config}, template))
             return cls(cls._load_tokenizer_json(path))
         import warnings
 
@@ -326,14 +347,7 @@ class Tokenizer:
 
     @staticmethod
     def _load_tokenizer_json(path: Path) -> PreTrainedTokenizerBase:
-        config: dict[str, Any] = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        chat_template = config.get("chat_template")
-        if isinstance(chat_template, list):  # older list-of-named-templates format
-            chat_template = {t["name"]: t["template"] for t in chat_template}
-        if (path / "chat_template.jinja").is_file():
-            chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        config, chat_template = _read_config(path)
         max_len = config.get("model_max_length")
         return _wrap_backend(
             None,

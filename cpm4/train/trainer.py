@@ -112,8 +112,11 @@ class Trainer:
             dev = t.device
         self.device = torch.device(dev)
         if t.deterministic:
-            # cuBLAS needs a fixed workspace for reproducible results (read when the handle is created).
+            # cuBLAS needs a fixed workspace for reproducible results (read when the handle is created); MKL
+            # (CPU matmuls) may otherwise pick kernels by buffer alignment, which differs between processes
+            # (read at its first call: effective when the trainer is the first to use it, as under the CLI).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
