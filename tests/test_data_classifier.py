@@ -154,7 +154,8 @@ def test_subword_tokenizer_preprocessing(tmp_path):
     base = normalize(text)
     # Words become their BPE pieces; structure tokens stay whole and in place; no raw whitespace but spaces.
     assert "\\t" in line.split(" ") and "\\n" in line.split(" ")
-    pieces = tok.hf.backend_tokenizer.encode("unbelievably fast", add_special_tokens=False).tokens
+    backend = tok.hf.backend_tokenizer
+    pieces = [p for w in ("unbelievably", "fast") for p in backend.encode(" " + w, add_special_tokens=False).tokens]
     assert line.startswith(" ".join(pieces))
     assert len(line.split(" ")) > len(base.split(" "))
     corpus = make_corpus(tmp_path / "data", n_pos=300, n_neg=(150, 150))
@@ -166,6 +167,16 @@ def test_subword_tokenizer_preprocessing(tmp_path):
     scorer = Scorer(out)
     texts = mixed_docs(6, seed=3)
     np.testing.assert_allclose(scorer.score(texts), scorer.score_normalized(pre(texts)))
+    # `filter` scores with a folded copy of the model: the tokenizer must reach its workers too.
+    from cpm4.data.filter import filter_documents
+
+    docs = mixed_docs(40, seed=4)
+    write_jsonl(tmp_path / "in.jsonl", docs, extra=False)
+    report = filter_documents(tmp_path / "in.jsonl", tmp_path / "kept", out, workers=1, progress=False)
+    parts = sorted((tmp_path / "kept").glob("part-*"))
+    kept = [json.loads(x)["text"] for f in parts for x in f.read_text().splitlines()]
+    want = [t for t, s in zip(docs, scorer.score(docs)) if s >= 0.5]
+    assert sorted(kept) == sorted(want) and 0 < len(kept) < len(docs), report
     tokenizer_path(out).unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         Scorer(out)

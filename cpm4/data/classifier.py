@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import shutil
 import struct
 import sys
@@ -276,7 +275,7 @@ def _chunks(lines: Iterable[str], n: int) -> Iterable[list[str]]:
 # ---- scoring ------------------------------------------------------------------------------------------------
 
 
-_STRUCTURE = re.compile("( ?(?:" + "|".join(re.escape(t) for t in (NEWLINE_TOKEN, TAB_TOKEN, CR_TOKEN)) + ") ?)")
+_STRUCTURE_TOKENS = frozenset((NEWLINE_TOKEN, TAB_TOKEN, CR_TOKEN))
 
 
 def tokenizer_path(model: str | os.PathLike) -> Path:
@@ -287,12 +286,16 @@ def tokenizer_path(model: str | os.PathLike) -> Path:
 
 class Preprocess:
     """What the classifier sees: `normalize`d text, then, with a tokenizer (the paper tokenises with a subword
-    tokenizer rather than whitespace), each word split into its subword pieces, space-separated; the
-    structure tokens (\\n, \\t, \\r) stay whole."""
+    tokenizer rather than whitespace), each word replaced by its subword pieces as it would be tokenized after
+    a space, space-separated; the structure tokens (\\n, \\t, \\r) stay whole. Words are tokenized once
+    and cached (word frequencies are Zipfian), which keeps the BPE off the hot path."""
+
+    CACHE_LIMIT = 1 << 20
 
     def __init__(self, tokenizer: str | os.PathLike | None = None):
         self.path: Path | None = None
         self.tok = None
+        self._cache: dict[str, str] = {}
         if tokenizer is not None:
             path = Path(tokenizer)
             if path.is_dir():
@@ -307,17 +310,16 @@ class Preprocess:
         lines = [normalize(t) for t in texts]
         if self.tok is None:
             return lines
-        out = []
-        for line in lines:
-            parts = _STRUCTURE.split(line)  # odd indices: structure tokens with their spaces
-            encs = self.tok.encode_batch(parts[0::2], add_special_tokens=False)
-            pieces: list[str] = []
-            for i, enc in enumerate(encs):
-                pieces.extend(enc.tokens)
-                if 2 * i + 1 < len(parts):
-                    pieces.append(parts[2 * i + 1].strip())
-            out.append(" ".join(pieces))
-        return out
+        words = [line.split(" ") if line else [] for line in lines]
+        cache = self._cache
+        new = {w for ws in words for w in ws if w not in cache and w not in _STRUCTURE_TOKENS}
+        if len(cache) + len(new) > self.CACHE_LIMIT:
+            cache.clear()
+            new = {w for ws in words for w in ws if w not in _STRUCTURE_TOKENS}
+        new_words = sorted(new)
+        for w, enc in zip(new_words, self.tok.encode_batch([" " + w for w in new_words], add_special_tokens=False)):
+            cache[w] = " ".join(enc.tokens)
+        return [" ".join(w if w in _STRUCTURE_TOKENS else cache[w] for w in ws) for ws in words]
 
 
 def read_model_info(model: str | os.PathLike) -> dict:
@@ -370,7 +372,10 @@ def fold_model(src: str | os.PathLike, dst: str | os.PathLike, positive_label: s
 class Scorer:
     """P(positive) for documents under a fastText model (a folded one is used as is)."""
 
-    def __init__(self, model: str | os.PathLike, positive_label: str | None = None, fold: bool = True):
+    def __init__(self, model: str | os.PathLike, positive_label: str | None = None, fold: bool = True,
+                 tokenizer: str | os.PathLike | None = None):
+        """`tokenizer`: the subword tokenizer the model was trained with; default: from the model's metadata
+        (a copy of a model without its metadata, such as a folded one, needs it passed)."""
         ft = _fasttext()
         path = Path(model)
         if not path.is_file():
@@ -392,7 +397,7 @@ class Scorer:
         self._ipos = labels.index(self.positive_label)
         self.path = path
         tok = info.get("tokenizer")
-        self.preprocess = Preprocess(path.with_name(tok) if tok else None)
+        self.preprocess = Preprocess(tokenizer if tokenizer is not None else path.with_name(tok) if tok else None)
 
     def score_normalized(self, lines: Sequence[str]) -> np.ndarray:
         """Scores for texts already through `Preprocess` (single lines)."""

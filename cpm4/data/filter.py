@@ -73,6 +73,7 @@ class FilterJob:
     batch_size: int
     batch_bytes: int
     score_field: str | None = None
+    tokenizer: str | None = None  # the classifier's subword tokenizer (from the original model's metadata)
 
 
 def part_name(part: Partition) -> str:
@@ -90,7 +91,7 @@ def _scorer(job: FilterJob) -> Scorer:
     # One model per worker process, reused across its partitions (pool workers and Spark's reused workers).
     key = (job.scorer_model, job.positive_label)
     if key not in _SCORERS:
-        _SCORERS[key] = Scorer(job.scorer_model, job.positive_label, fold=False)
+        _SCORERS[key] = Scorer(job.scorer_model, job.positive_label, fold=False, tokenizer=job.tokenizer)
     return _SCORERS[key]
 
 
@@ -341,9 +342,12 @@ def filter_documents(input: str | os.PathLike, output: str | os.PathLike, model:
         folded.parent.mkdir(exist_ok=True)
         if folded.is_file() or fold_model(model, folded, positive_label):
             scorer_model = folded
+    # The folded copy has no metadata beside it: the tokenizer travels in the job.
+    tok = read_model_info(model).get("tokenizer")
     job = FilterJob(str(out.resolve()), str(scorer_model.resolve()), positive_label, float(threshold), text_field,
-                    batch_size, batch_bytes, score_field)
-    Scorer(job.scorer_model, positive_label, fold=False)  # fail early on a bad model or label, in the driver
+                    batch_size, batch_bytes, score_field, str((model.parent / tok).resolve()) if tok else None)
+    # Fail early on a bad model, label or missing tokenizer, in the driver.
+    Scorer(job.scorer_model, positive_label, fold=False, tokenizer=job.tokenizer)
 
     done = _finished(out, parts)
     # Largest first so that the last partitions to finish are short ones (fewer idle workers at the end).
