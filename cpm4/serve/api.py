@@ -15,7 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -212,6 +212,22 @@ def _stream_error(err: Exception) -> str:
     return _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
 
 
+async def _sse_stream(body: AsyncIterator[str], usage: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
+    """A stream's events, then the usage chunk when asked for, then [DONE]. An error after the headers went
+    out is reported inside the stream, as OpenAI does. Closing the stream closes `body` at once (its
+    clean-up aborts the requests of a client that went away)."""
+    try:
+        async for event in body:
+            yield event
+        if usage is not None:
+            yield _sse(usage())
+    except Exception as err:
+        yield _stream_error(err)
+    finally:
+        await body.aclose()
+    yield _DONE
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
 
@@ -375,31 +391,28 @@ class _OpenAIServer:
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 offsets = [len(e) for e in echoes]
-                try:
-                    async with self._run(request, rid, jobs) as (_, merged):
-                        for i, e in enumerate(echoes):
-                            if e:
-                                yield _sse(chunk(i, e))
-                        async for i, d in merged:
-                            c = choices[i]
-                            text = c.take(d)
-                            lp = None
-                            if req.logprobs is not None and d.logprobs:
-                                lp = self._completion_logprobs(d.logprobs, offsets[i], as_ids)
-                                offsets[i] += sum(len(s) for s in lp["tokens"])
-                            if text or lp is not None:
-                                yield _sse(chunk(i, text, lp))
-                            if d.finish_reason is not None:
-                                yield _sse(chunk(i, "", None, d.finish_reason))
-                    if include_usage:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": self.model_name, "choices": [],
-                                    "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))})
-                except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
-                    yield _stream_error(err)
-                yield _DONE
+                async with self._run(request, rid, jobs) as (_, merged):
+                    for i, e in enumerate(echoes):
+                        if e:
+                            yield _sse(chunk(i, e))
+                    async for i, d in merged:
+                        c = choices[i]
+                        text = c.take(d)
+                        lp = None
+                        if req.logprobs is not None and d.logprobs:
+                            lp = self._completion_logprobs(d.logprobs, offsets[i], as_ids)
+                            offsets[i] += sum(len(s) for s in lp["tokens"])
+                        if text or lp is not None:
+                            yield _sse(chunk(i, text, lp))
+                        if d.finish_reason is not None:
+                            yield _sse(chunk(i, "", None, d.finish_reason))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def usage() -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                        "choices": [], "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))}
+
+            return StreamingResponse(_sse_stream(events(), usage if include_usage else None),
+                                     media_type="text/event-stream")
 
         if await self._collect(request, rid, jobs, choices):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
@@ -492,36 +505,34 @@ class _OpenAIServer:
 
         if req.stream:
             async def events() -> AsyncIterator[str]:
-                try:
-                    async with self._run(request, rid, jobs) as (_, merged):
-                        for i in range(len(choices)):
-                            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
-                        async for i, d in merged:
-                            c = choices[i]
-                            text = c.take(d)
-                            lp = self._chat_logprobs(d.logprobs, as_ids) if k is not None and d.logprobs else None
-                            if text or lp is not None:
-                                yield _sse(chunk(i, {"content": text}, lp))
-                            if d.finish_reason is None:
-                                continue
-                            calls: list[dict[str, Any]] = []
-                            if c.tools is not None:
-                                tail, calls = c.tools.finish()
-                                if tail:
-                                    yield _sse(chunk(i, {"content": tail}))
-                                if calls:
-                                    yield _sse(chunk(i, {"tool_calls": [{"index": j, **call}
-                                                                        for j, call in enumerate(calls)]}))
-                            yield _sse(chunk(i, {}, None, finish_reason(c, calls)))
-                    if include_usage:
-                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.model_name, "system_fingerprint": None, "choices": [],
-                                    "usage": _usage(len(ids), sum(c.n_tokens for c in choices))})
-                except Exception as err:  # headers are already sent: report in the stream, as OpenAI does
-                    yield _stream_error(err)
-                yield _DONE
+                async with self._run(request, rid, jobs) as (_, merged):
+                    for i in range(len(choices)):
+                        yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                    async for i, d in merged:
+                        c = choices[i]
+                        text = c.take(d)
+                        lp = self._chat_logprobs(d.logprobs, as_ids) if k is not None and d.logprobs else None
+                        if text or lp is not None:
+                            yield _sse(chunk(i, {"content": text}, lp))
+                        if d.finish_reason is None:
+                            continue
+                        calls: list[dict[str, Any]] = []
+                        if c.tools is not None:
+                            tail, calls = c.tools.finish()
+                            if tail:
+                                yield _sse(chunk(i, {"content": tail}))
+                            if calls:
+                                yield _sse(chunk(i, {"tool_calls": [{"index": j, **call}
+                                                                    for j, call in enumerate(calls)]}))
+                        yield _sse(chunk(i, {}, None, finish_reason(c, calls)))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def usage() -> dict[str, Any]:
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                        "system_fingerprint": None, "choices": [],
+                        "usage": _usage(len(ids), sum(c.n_tokens for c in choices))}
+
+            return StreamingResponse(_sse_stream(events(), usage if include_usage else None),
+                                     media_type="text/event-stream")
 
         if await self._collect(request, rid, jobs, choices):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
