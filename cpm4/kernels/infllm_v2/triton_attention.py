@@ -19,6 +19,16 @@ from .triton_select import autotune_configs as _configs
 from .triton_select import group_rows, own_range, shared_block, softmax_step, tile_shape
 
 
+@triton.jit
+def shared_kv(k_ptr, v_ptr, kk, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh):
+    """Keys and values of one shared block (rows kk of KV head g), rows past the sequence end zeroed; also
+    the row indices and their in-range mask."""
+    km = kk < tk
+    k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
+    v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
+    return kk, km, k, v
+
+
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
 @triton.jit
 def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, window, sm_scale,
@@ -43,10 +53,7 @@ def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, win
     _, n = shared_block(0, qb, window, INIT)
     for i in tl.range(0, n):
         b, _ = shared_block(i, qb, window, INIT)
-        kk = b * BLOCK + kk0
-        km = kk < tk
-        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
-        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
+        kk, km, k, v = shared_kv(k_ptr, v_ptr, b * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
         m_i, l_i, acc = softmax_step(q, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o_ptr + t[:, None] * stride_ot + h * stride_oh + dd[None, :], acc / l_safe[:, None], mask=rm[:, None])
@@ -116,10 +123,7 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     _, n = shared_block(0, qb, window, INIT)
     for i in tl.range(0, n):
         b, _ = shared_block(i, qb, window, INIT)
-        kk = b * BLOCK + kk0
-        km = kk < tk
-        k = tl.load(k_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=km[:, None], other=0.0)
-        v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
+        kk, km, k, v = shared_kv(k_ptr, v_ptr, b * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         ok = km[None, :] & (kk[None, :] <= pos[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
