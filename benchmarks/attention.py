@@ -58,11 +58,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--skip-backward", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode rows")
     args = ap.parse_args()
 
+    from cpm4.kernels.infllm_v2 import reference as R
     from cpm4.kernels.infllm_v2 import triton_pipeline
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
-    from cpm4.kernels.infllm_v2.triton_decode import paged_decode
+    from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
     from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, select_blocks
 
     torch.manual_seed(0)
@@ -86,11 +88,16 @@ def main() -> None:
         k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
         qd, kd, vd = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
+        k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+        if not args.decode_only:
+            prefill_and_backward(n, q, k, v, qd, kd, vd, k1, k2)
+        decode(n, q, k, v, kd, vd, k1, k2)
+
+    def prefill_and_backward(n, q, k, v, qd, kd, vd, k1, k2):
         dense = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
         dense_flops = 4 * n * n / 2 * hq * d
         # Stages of ours.
-        k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
-        k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
         t_comp = bench(lambda: (compress(k, 32, 16), compress(k, 128, 64)))
         scores = block_scores(q, k1, k2, 0, cfg, scale)
         t_s1 = bench(lambda: block_scores(q, k1, k2, 0, cfg, scale))
@@ -119,8 +126,10 @@ def main() -> None:
             t_dbwd = bench(lambda: torch.autograd.grad(od, (qg, kg, vg), dod, retain_graph=True), warmup=2, rep=5)
             row("backward", n, t_bwd, t_dbwd)
             row("forward+backward", n, t_s2 + t_bwd + t_comp + t_s1 + t_sel, dense + t_dbwd)
-        # Decode step with n tokens in a paged cache (64-token pages): stage 1 for one query, selection,
-        # sparse paged decode; peer: SDPA of one query over the whole cache.
+    def decode(n, q, k, v, kd, vd, k1, k2):
+        # Decode step with n tokens in a paged cache (64-token pages), as the engine runs it: pool the kernel
+        # keys the new token completes, stage 1 + selection + sparse attention on the pages in place
+        # (`paged_sparse_decode`); peer: SDPA of one query over the whole cache.
         pages = math.ceil(n / 64)
         kc = torch.zeros(pages, 64, hkv, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.zeros_like(kc)
@@ -128,19 +137,27 @@ def main() -> None:
         vc.view(-1, hkv, d)[:n] = v
         table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
         lens = torch.tensor([n], device="cuda", dtype=torch.int32)
+        last = lens - 1
+        stores = []
+        for kk, size, stride in ((k1, cfg.kernel_size, cfg.kernel_stride),
+                                 (k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
+            store = torch.zeros(pages, R.kernel_slots(64, stride), hkv, d, device="cuda", dtype=torch.bfloat16)
+            pg, slot = R.kernel_page_slots(torch.arange(kk.shape[0], device="cuda"), size, stride, 64)
+            store[pg, slot] = kk
+            stores.append((store, size, stride))
         q1 = q[-1:]
 
         def sparse_step():
-            s = block_scores(q1, k1, k2, n - 1, cfg, scale)
-            sel = select_blocks(s, n - 1, 1, k1.shape[0], cfg)
-            return paged_decode(q1, kc, vc, table, lens, sel.permute(1, 0, 2))
+            for store, size, stride in stores:
+                pool_kernel_keys(kc, table, last, lens, store, size, stride, 1)
+            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale)
 
         q1d = q1.transpose(0, 1).unsqueeze(0)
         t_dec_dense_peer = bench(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True), rep=50)
         t_dec = bench(sparse_step, rep=50)
         t_dec_ours_dense = bench(lambda: paged_decode(q1, kc, vc, table, lens), rep=50)
         kv_bytes = 2 * n * hkv * d * 2
-        sel_bytes = 2 * min(n, 96 * 64) * hkv * d * 2 + (k1.shape[0] + k2.shape[0]) * hkv * d * 2
+        sel_bytes = 2 * min(n, cfg.num_selected * 64) * hkv * d * 2 + (k1.shape[0] + k2.shape[0]) * hkv * d * 2
         row("decode", n, t_dec, t_dec_dense_peer, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
         row("decode.dense_paged", n, t_dec_ours_dense, t_dec_dense_peer, GBps=kv_bytes / t_dec_ours_dense / 1e6)
         # The same steps replayed from CUDA graphs (how the engine runs decode), against the peer's graph.

@@ -1,12 +1,16 @@
-"""cpm4 against Hugging Face transformers on the same weights: prefill and decode speed at batch 1.
+"""cpm4's engine against Hugging Face transformers on the same weights: prefill and decode speed at batch 1.
 
     python benchmarks/generation.py --config minicpm4-0.5b --device cpu --dtype float32 --contexts 256 1024
-    python benchmarks/generation.py --config minicpm4-8b --device cuda --dtype bfloat16 --contexts 4096 32768
+    python benchmarks/generation.py --config minicpm4-8b --device cuda --contexts 4096 32768 131072 --sparse
 
-A random checkpoint of the preset is written (µP init), exported with `cpm4 convert --to llama`, and both
-models run the same prompt: one prefill forward, then greedy single-token steps with a KV cache. The peer is
-transformers' LlamaForCausalLM (transformers has no MiniCPM4 code), dense attention, same dtype and device.
-Prints a table and writes benchmarks/results/generation-<date>.json.
+A random µP-initialised model of the preset is built in memory, its weights folded into an equivalent
+`LlamaForCausalLM` (`cpm4.model.convert`, what `cpm4 convert --to llama` writes), and both run the same
+prompt. Ours is the serving engine (`LLMEngine`: paged KV cache, the prompt prefilled in one chunk, decode
+steps from CUDA graphs on the GPU); with --sparse it also runs with the preset's InfLLM v2 sparse_config
+(dense below dense_len). The peer is transformers' LlamaForCausalLM with its dynamic KV cache, dense SDPA
+attention, same dtype and device. On CUDA each decode row also gives the bytes-moved floor (weights read
+once + attended KV + kernel keys, over the copy bandwidth measured in the same run) and our share of it.
+Prints a table and writes benchmarks/results/generation-<config>-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -17,120 +21,207 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cpm4.engine.kv_cache import KVCache  # noqa: E402
-from cpm4.model.checkpoint import load_checkpoint, parse_dtype  # noqa: E402
+from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
+from cpm4.engine.sampling import SamplingParams  # noqa: E402
+from cpm4.engine.scheduler import LLMEngine  # noqa: E402
+from cpm4.kernels.infllm_v2 import num_kernels  # noqa: E402
+from cpm4.model.checkpoint import parse_dtype  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
-from cpm4.model.convert import convert_to_llama  # noqa: E402
-from cpm4.model.init import create_checkpoint  # noqa: E402
+from cpm4.model.convert import folded_weights, llama_config  # noqa: E402
+from cpm4.model.init import init_model  # noqa: E402
+from cpm4.model.modeling import MiniCPM4ForCausalLM  # noqa: E402
+from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, (time.perf_counter() - t) * 1000
+def copy_bandwidth(device: torch.device) -> float:
+    """Device copy bandwidth in bytes/s (read + write), median of 10."""
+    x = torch.empty(1024**3 // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * x.numel() * 2 / sorted(times[2:])[5]
 
 
-@torch.inference_mode()
-def run_ours(model, ids: list[int], n_decode: int, device) -> tuple[float, float, list[int]]:
-    cache = KVCache(model.config, 1, len(ids) + n_decode, device, model.dtype)
-    x = torch.tensor([ids], device=device)
-    logits, t_prefill = timed(lambda: model(x, cache, last_only=True), device)
-    toks = [int(logits[0].argmax())]
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_decode - 1):
-        logits = model(torch.tensor([[toks[-1]]], device=device), cache, last_only=True)
-        toks.append(int(logits[0].argmax()))
-    sync(device)
-    return t_prefill, (time.perf_counter() - t0) * 1000 / max(n_decode - 1, 1), toks
+class Ours:
+    """One engine per attention mode, reused across contexts (decode graphs are captured once)."""
+
+    def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, device: torch.device):
+        cfg = model.config
+        ps = page_size_for(cfg)
+        cache = PagedKVCache(cfg, -(-max_tokens // ps) + 1, ps, device, model.dtype)
+        self.engine = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=1, chunk_tokens=max_tokens)
+        self.device = device
+        self.n = 0
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], n_decode: int) -> tuple[float, float, list[int]]:
+        eng = self.engine
+        self.n += 1
+        eng.add_request(str(self.n), ids, SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True))
+        toks: list[int] = []
+        sync(self.device)
+        t0 = time.perf_counter()
+        while not toks:
+            for _, d in eng.step():
+                toks += d.token_ids
+        sync(self.device)
+        t1 = time.perf_counter()
+        while eng.has_work():
+            for _, d in eng.step():
+                toks += d.token_ids
+        sync(self.device)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (t2 - t1) * 1000 / max(len(toks) - 1, 1), toks
 
 
 @torch.inference_mode()
 def run_hf(model, ids: list[int], n_decode: int, device) -> tuple[float, float, list[int]]:
     x = torch.tensor([ids], device=device)
-    out, t_prefill = timed(lambda: model(x, use_cache=True), device)
-    past = out.past_key_values
-    toks = [int(out.logits[0, -1].argmax())]
     sync(device)
     t0 = time.perf_counter()
+    out = model(x, use_cache=True, logits_to_keep=1)
+    toks = [int(out.logits[0, -1].argmax())]
+    t1 = time.perf_counter()
+    past = out.past_key_values
     for _ in range(n_decode - 1):
         out = model(torch.tensor([[toks[-1]]], device=device), past_key_values=past, use_cache=True)
         past = out.past_key_values
         toks.append(int(out.logits[0, -1].argmax()))
     sync(device)
-    return t_prefill, (time.perf_counter() - t0) * 1000 / max(n_decode - 1, 1), toks
+    return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000 / max(n_decode - 1, 1), toks
+
+
+def decode_bytes(model: MiniCPM4ForCausalLM, ctx: int, sparse: bool) -> int:
+    """Bytes one decode step must read at least: every weight once (one embedding row), the attended keys
+    and values, and (InfLLM v2) the semantic-kernel keys."""
+    cfg = model.config
+    el = torch.empty((), dtype=model.dtype).element_size()
+    weights = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel() \
+        + cfg.hidden_size * (2 if cfg.tie_word_embeddings else 1)
+    per_tok = 2 * cfg.num_key_value_heads * cfg.dim_head * cfg.num_hidden_layers
+    sc = cfg.sparse_config
+    if sparse and sc is not None and sc.is_sparse(ctx):
+        kv = min(ctx, sc.num_selected * sc.block_size) * per_tok
+        kv += (num_kernels(ctx, sc.kernel_size, sc.kernel_stride)
+               + num_kernels(ctx, sc.coarse_kernel_size, sc.coarse_kernel_stride)) * per_tok // 2
+    else:
+        kv = ctx * per_tok
+    return (weights + kv) * el
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="minicpm4-0.5b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 1024])
-    ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     import transformers
 
     device = torch.device(args.device)
-    dtype = parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = preset(args.config)
-    cfg.sparse_config = None  # the Llama peer is dense: compare dense with dense
-    cfg.max_position_embeddings = max(cfg.max_position_embeddings, max(args.contexts) + args.decode_tokens + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        create_checkpoint(cfg, os.path.join(tmp, "cpm4"), seed=0, dtype=dtype)
-        convert_to_llama(os.path.join(tmp, "cpm4"), os.path.join(tmp, "llama"))
-        ours = load_checkpoint(os.path.join(tmp, "cpm4"), device=device, dtype=dtype)
-        hf = transformers.LlamaForCausalLM.from_pretrained(os.path.join(tmp, "llama"), dtype=dtype,
-                                                           local_files_only=True).to(device).eval()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, " \
-        f"{torch.get_num_threads()} threads"
+    sparse_cfg = cfg.sparse_config
+    cfg.sparse_config = None
+    max_tokens = max(args.contexts) + args.decode_tokens + 1
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_tokens)
+    with torch.device(device):
+        ours = MiniCPM4ForCausalLM(cfg).to(dtype)
+    init_model(ours, 0)
+    ours.eval()
+    hf = None
+    if not args.no_peer:
+        lcfg = transformers.LlamaConfig(**{k: v for k, v in llama_config(cfg).items() if k != "architectures"})
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(lcfg).to(dtype).eval()
+        missing, unexpected = hf.load_state_dict(dict(folded_weights(ours.state_dict(), cfg)), strict=False)
+        if unexpected or any("rotary" not in m for m in missing):
+            raise RuntimeError(f"weights do not map onto LlamaForCausalLM: {missing} {unexpected}")
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+        bw = copy_bandwidth(device)
+    else:
+        dev_name = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+        bw = None
+    modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
+    engines = {}
+    for mode, sc in modes:
+        ours.config.sparse_config = sc
+        engines[mode] = Ours(ours, max_tokens, device)
+        engines[mode].run(list(range(3, 40)), 3)  # warm-up: kernels compiled, decode graph captured
+    ours.config.sparse_config = None
     rows = []
     g = torch.Generator().manual_seed(0)
     for n in args.contexts:
         ids = torch.randint(3, min(cfg.vocab_size, 4000), (n,), generator=g).tolist()
-        best = {}
-        for name, fn, model in (("ours", run_ours, ours), ("peer", run_hf, hf)):
-            fn(model, ids[:32], 3, device)  # warm-up
-            runs = [fn(model, ids, args.decode_tokens, device) for _ in range(args.repeats)]
-            best[name] = (min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2])
-        same = sum(a == b for a, b in zip(best["ours"][2], best["peer"][2]))
-        for phase, i in (("prefill", 0), ("decode", 1)):
-            o, p = best["ours"][i], best["peer"][i]
-            tok_s = (n if phase == "prefill" else 1) * 1000 / o
-            rows.append({"phase": phase, "seqlen": n, "ours_ms": round(o, 3), "peer_ms": round(p, 3),
-                         "speedup": round(p / o, 3), "ours_tok_s": round(tok_s, 1),
-                         "greedy_tokens_agreeing": f"{same}/{args.decode_tokens}"})
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.config}, {args.dtype}, {dev_name}; peer: transformers {transformers.__version__} "
-          "LlamaForCausalLM on the converted weights")
-    print(f"{'phase':8s} {'seqlen':>7s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s} {'ours tok/s':>11s}")
+        peer = None
+        if hf is not None:
+            try:
+                run_hf(hf, ids[:32], 3, device)
+                peer = run_hf(hf, ids, args.decode_tokens, device)
+            except torch.OutOfMemoryError as e:
+                print(f"transformers at {n}: out of memory ({e})", flush=True)
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        for mode, sc in modes:
+            ours.config.sparse_config = sc
+            t_pre, t_dec, toks = engines[mode].run(ids, args.decode_tokens)
+            same = sum(a == b for a, b in zip(toks, peer[2])) if peer else None
+            for phase, ms in (("prefill", t_pre), ("decode", t_dec)):
+                p = None if peer is None else peer[0 if phase == "prefill" else 1]
+                r = {"phase": f"{phase}.{mode}", "seqlen": n, "ours_ms": round(ms, 3),
+                     "peer_ms": None if p is None else round(p, 3),
+                     "speedup": None if p is None else round(p / ms, 3),
+                     "ours_tok_s": round((n if phase == "prefill" else 1) * 1000 / ms, 1)}
+                if phase == "decode" and bw:
+                    floor = decode_bytes(ours, n, sc is not None) / bw * 1000
+                    r.update(floor_ms=round(floor, 3), floor_share=round(floor / ms, 3))
+                if same is not None:
+                    r["greedy_tokens_agreeing_with_peer"] = f"{same}/{args.decode_tokens}"
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        ours.config.sparse_config = None
+    peer_name = f"transformers {transformers.__version__} LlamaForCausalLM (converted weights, dense)"
+    print(f"\n{args.config}, {dtype}, {dev_name}" + (f", copy {bw / 1e12:.2f} TB/s" if bw else "")
+          + f"; peer: {peer_name}")
+    print(f"{'phase':20s} {'seqlen':>7s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s} {'ours tok/s':>11s} "
+          f"{'floor':>6s}")
     for r in rows:
-        print(f"{r['phase']:8s} {r['seqlen']:7d} {r['ours_ms']:9.2f} {r['peer_ms']:9.2f} {r['speedup']:7.2f}x "
-              f"{r['ours_tok_s']:11.1f}")
+        peer = "" if r["peer_ms"] is None else f"{r['peer_ms']:9.2f}"
+        sp = "" if r["speedup"] is None else f"{r['speedup']:7.2f}x"
+        fl = f"{r['floor_share']:6.0%}" if "floor_share" in r else ""
+        print(f"{r['phase']:20s} {r['seqlen']:7d} {r['ours_ms']:9.2f} {peer:>9s} {sp:>8s} {r['ours_tok_s']:11.1f} "
+              f"{fl:>6s}")
     os.makedirs(args.out, exist_ok=True)
     date = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"generation-{args.config}-{args.device}-{date}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": dev_name, "date": date, "config": args.config, "dtype": args.dtype,
-                   "peer": f"transformers {transformers.__version__} LlamaForCausalLM", "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    name = f"generation-{args.config}-{device.type}-{date}.json"
+    doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,
+           "copy_bytes_per_s": bw, "rows": rows}
+    for folder in [args.out] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+        path = os.path.join(folder, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -110,10 +110,17 @@ def test_abort_frees_pages_at_once_and_others_continue():
 def test_cache_budget_and_errors():
     model = random_model("tiny", dtype=torch.float32)
     cfg = model.config
-    per_page = 2 * cfg.num_hidden_layers * 64 * cfg.num_key_value_heads * cfg.dim_head * 4
-    assert PagedKVCache.from_budget(cfg, 10 * per_page + 5).num_pages == 10
-    with pytest.raises(ValueError, match="below one page"):
-        PagedKVCache.from_budget(cfg, per_page - 1)
+    sc = cfg.sparse_config  # blocks of 16, kernel strides 4 (fine) and 16 (coarse)
+    # Per page and layer: K and V (2 x 16 rows), 16 / 4 fine and 16 / 16 coarse kernel keys; float32.
+    per_page = (2 * 16 + 16 // sc.kernel_stride + 16 // sc.coarse_kernel_stride) * cfg.num_hidden_layers \
+        * cfg.num_key_value_heads * cfg.dim_head * 4
+    cache = PagedKVCache.from_budget(cfg, 11 * per_page + 5, page_size=16)
+    assert cache.num_pages == 10 and cache.k[0].shape[0] == 11  # plus the scratch page
+    assert cache.fine[0].shape[:2] == (11, 4) and cache.coarse[0].shape[:2] == (11, 1)
+    with pytest.raises(ValueError, match="below two pages"):
+        PagedKVCache.from_budget(cfg, 2 * per_page - 1, page_size=16)
+    with pytest.raises(ValueError, match="pages of one block"):
+        PagedKVCache(cfg, num_pages=4, page_size=64)
     cache = PagedKVCache(cfg, num_pages=2, page_size=16)
     eng = LLMEngine(model, tok(), cache)
     with pytest.raises(ValueError, match="does not fit the KV cache"):
@@ -130,15 +137,19 @@ def test_cache_budget_and_errors():
 
 
 @pytest.mark.gpu
-def test_gpu_scheduler_matches_generate_on_cuda():
-    """The paged cache and scheduler on a CUDA model (bf16, sparse prompts through the Triton kernels)."""
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("sc", [None, sparse()])
+def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc):
+    """The paged cache and scheduler on a CUDA model (bf16): prefill chunks through the gathering path,
+    decode steps on the pages in place (dense, or InfLLM v2 past dense_len), eager or from CUDA graphs."""
     from cpm4.model import MiniCPM4ForCausalLM
 
-    base = random_model("tiny", dtype=torch.float32, sparse_config=sparse())
+    base = random_model("tiny", dtype=torch.float32, sparse_config=sc)
     model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
     cache = PagedKVCache(model.config, num_pages=200, page_size=16, device="cuda", dtype=torch.bfloat16)
-    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, cuda_graphs=graphs)
+    assert eng.paged_decode and (eng.graphs is not None) == graphs
     ps = prompts(6, seed=4, lo=20, hi=150)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for i, p in enumerate(ps):
@@ -146,3 +157,23 @@ def test_gpu_scheduler_matches_generate_on_cuda():
     res = eng.run_to_completion()
     agree = sum(res[f"r{i}"][1] == alone(model, p, params) for i, p in enumerate(ps))
     assert agree >= 5  # bf16: a near-tie may flip one sequence's greedy path under another batch shape
+
+
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
+def test_paged_decode_kernels_equal_alone(sc):
+    """Decode steps attending on the pages in place (the Triton kernels; on the CPU in the interpreter),
+    with kernel keys pooled on the device as pages fill, give the tokens of the gathering path."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sc, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=3, chunk_tokens=32, paged_decode=True)
+    assert eng.graphs is None
+    ps = prompts(3, seed=5, lo=20, hi=70)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"][1] == alone(model, p, params), i

@@ -233,3 +233,119 @@ def test_gpu_model_sparse_prefill_and_decode_match_reference():
             parts.append(model(ids[:, t:t + 1].cuda(), cache))
     assert rel(full, ref) < 3e-2
     assert rel(torch.cat(parts, 1), full[:, :1520]) < 3e-2
+
+
+# ---------------------------------------------------------------- paged InfLLM v2 decode (engine path)
+
+
+def paged_sequences(lens, page, hkv, d, dtype, device, cfg, seed=0):
+    """Random keys/values for sequences of `lens` tokens scattered over a poisoned page pool, with their
+    kernel-key pages filled by the torch layout functions (the reference of `pool_kernel_keys`)."""
+    b = len(lens)
+    width = max(math.ceil(n / page) for n in lens)
+    n_pages = b * width + 2
+    kc = torch.full((n_pages, page, hkv, d), float("nan"), device=device, dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed + 1))[: b * width]
+    table = perm.view(b, width).to(device=device, dtype=torch.int32)
+    ks, vs = [], []
+    for i, n in enumerate(lens):
+        _, k, v = qkv(1, n, hkv, hkv, d, dtype, device, seed=seed + 10 + i)
+        flat_k = torch.zeros(width * page, hkv, d, device=device, dtype=dtype)
+        flat_v = torch.zeros_like(flat_k)
+        flat_k[:n], flat_v[:n] = k, v
+        kc[table[i].long()] = flat_k.view(width, page, hkv, d)
+        vc[table[i].long()] = flat_v.view(width, page, hkv, d)
+        ks.append(k)
+        vs.append(v)
+    stores = {}
+    for name, size, stride in (("fine", cfg.kernel_size, cfg.kernel_stride),
+                               ("coarse", cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
+        store = torch.full((n_pages, R.kernel_slots(page, stride), hkv, d), float("nan"), device=device, dtype=dtype)
+        for i in range(b):
+            kk = R.kernel_means(ks[i], size, stride)
+            page_i, slot = R.kernel_page_slots(torch.arange(kk.shape[0], device=device), size, stride, page)
+            store[table[i].long()[page_i], slot] = kk
+        stores[name] = store
+    return kc, vc, table, ks, vs, stores
+
+
+def test_interpreter_pool_kernel_keys():
+    """Kernel keys pooled in place from the pages equal kernel_means, for decode (one token) and chunks."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    _check_pool("cpu", torch.float32, 1e-6)
+
+
+def _check_pool(device, dtype, tol):
+    from cpm4.kernels.infllm_v2.triton_decode import pool_kernel_keys
+
+    cfg = small_cfg()
+    page, hkv, d = 16, 2, 16
+    lens = [70, 33, 129]
+    kc, vc, table, ks, _, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg)
+    for size, stride, ref in ((cfg.kernel_size, cfg.kernel_stride, stores["fine"]),
+                              (cfg.coarse_kernel_size, cfg.coarse_kernel_stride, stores["coarse"])):
+        for starts in ([69, 32, 128], [40, 0, 100]):  # the last token only / a chunk of new tokens
+            out = torch.full_like(ref, float("nan"))
+            st = torch.tensor(starts, device=device, dtype=torch.int32)
+            en = torch.tensor(lens, device=device, dtype=torch.int32)
+            pool_kernel_keys(kc, table, st, en, out, size, stride, max(n - s for n, s in zip(lens, starts)))
+            written = 0
+            for i, (s, n) in enumerate(zip(starts, lens)):
+                lo, hi = R.num_kernels(s, size, stride), R.num_kernels(n, size, stride)
+                p, slot = R.kernel_page_slots(torch.arange(lo, hi, device=device), size, stride, page)
+                got = out[table[i].long()[p], slot]
+                assert rel(got, ref[table[i].long()[p], slot]) < tol
+                written += hi - lo
+            assert int((~out[..., 0, 0].isnan()).sum()) == written  # nothing else written
+
+
+def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
+    """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence; the
+    selection must equal the reference rule applied to the same inputs."""
+    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
+
+    page = cfg.block_size
+    kc, vc, table, ks, vs, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg, seed=3)
+    g = torch.Generator(device=device).manual_seed(7)
+    q = torch.randn(len(lens), hq, d, generator=g, device=device).to(dtype)
+    scale = d ** -0.5
+    coarse = stores["coarse"] if cfg.variant == "gen-b" else None
+    out, sel = paged_sparse_decode(q, kc, vc, table, torch.tensor(lens, device=device, dtype=torch.int32),
+                                   stores["fine"], coarse, cfg, scale, splits=splits, return_selection=True)
+    for i, n in enumerate(lens):
+        qi, k, v = q[i:i + 1], ks[i], vs[i]
+        if cfg.is_sparse(n):
+            ref, blocks = R.infllm_v2_attention(qi.double(), k.double(), v.double(), cfg, scale, return_blocks=True)
+            kk = blocks.shape[-1]
+            assert torch.equal(sel[i, :, :kk].cpu(), blocks[:, 0].to(torch.int32).cpu()), (i, n)
+            assert (sel[i, :, kk:] == -1).all()
+        else:
+            qd = qi.double().view(1, hkv, hq // hkv, d)
+            s = torch.einsum("thgd,jhd->hgj", qd, k.double()) * scale
+            ref = torch.einsum("hgj,jhd->hgd", torch.softmax(s, -1), v.double()).reshape(1, hq, d)
+        assert rel(out[i:i + 1], ref) < tol, (i, n)
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_interpreter_paged_sparse_decode(variant):
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
+    cfg = small_cfg(variant, dense_len=40)
+    check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3)
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d):
+    cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
+    check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2)
+
+
+@gpu
+def test_gpu_pool_kernel_keys():
+    _check_pool("cuda", torch.bfloat16, 1e-2)

@@ -1,10 +1,15 @@
 """A paged KV cache: fixed pages of `page_size` tokens (the InfLLM v2 block size, 64) allocated once from a
 budget, a block table per sequence, reference-counted pages shared by sequences with the same prefix.
 
-`PagedKVCache.batch(seqs)` gives the model the same cache interface as the contiguous `KVCache` for the
-sequences of one step (any subset, in any order), so the model does not know about pages. On the CPU the
-attention reads the sequences' pages gathered into contiguous tensors; GPU paged kernels can read the pages
-in place (`cpm4.kernels.infllm_v2.triton_decode`).
+For InfLLM v2 models the semantic-kernel keys live beside the pages (`fine`, `coarse`: kernel j in the page
+holding its last token, `reference.kernel_page_slots`) and are pooled as tokens are written, so shared
+prefix pages share them and nothing is pooled twice.
+
+`PagedKVCache.batch(seqs)` gives the model the KV cache interface (see cpm4.engine.kv_cache.KVCache) for
+the sequences of one step: attention reads the sequences' pages gathered into contiguous tensors (prefill
+chunks, and every step on the CPU). `batch(seqs, decode=True)` gives a `DecodeBatch`: one new token per
+sequence, attention straight from the pages with the paged Triton kernels, no host synchronisation, so the
+step can be replayed from a CUDA graph (`cpm4.engine.cuda_graph`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cpm4.kernels.infllm_v2 import kernel_means, num_kernels
+from cpm4.kernels.infllm_v2.reference import kernel_page_slots, kernel_slots
 from cpm4.model.config import MiniCPM4Config, SparseConfig
 
 from .kv_cache import CacheFullError
@@ -31,9 +37,38 @@ class SeqPages:
 
     pages: list[int] = field(default_factory=list)
     length: int = 0
-    # Semantic-kernel keys pooled so far, per layer (InfLLM v2): (fine, coarse) tensors and counts.
-    fine: dict[int, torch.Tensor] = field(default_factory=dict)
-    coarse: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def page_size_for(config: MiniCPM4Config) -> int:
+    """Pages hold one InfLLM v2 block (64 tokens in MiniCPM4); 64 for dense models too."""
+    return config.sparse_config.block_size if config.sparse_config is not None else 64
+
+
+def kv_budget_bytes(model, utilization: float, chunk_tokens: int) -> int:
+    """Device memory for the KV cache, as vLLM's gpu_memory_utilization: that share of the device, minus what
+    is in use now (weights, other processes) and the activation peak of one prefill chunk, measured by
+    running one."""
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    dev = model.device
+    if dev.type != "cuda":
+        raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    n = max(1, min(chunk_tokens, model.config.max_position_embeddings - 1))
+    with torch.inference_mode():
+        model(torch.zeros(1, n, dtype=torch.long, device=dev), last_only=True)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    torch.cuda.empty_cache()
+    budget = int(utilization * total) - (total - free) - peak
+    if budget <= 0:
+        raise ValueError(f"no device memory left for the KV cache at gpu_memory_utilization {utilization}: "
+                         f"{(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f} GiB, "
+                         f"{peak / 2**30:.2f} GiB needed for a {n}-token prefill chunk")
+    return budget
 
 
 class PagedKVCache:
@@ -44,24 +79,53 @@ class PagedKVCache:
         self.config = config
         self.page_size = page_size
         self.num_pages = num_pages
-        shape = (num_pages, page_size, config.num_key_value_heads, config.dim_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # One extra page, never handed out: padded rows of a captured decode batch write and read there.
+        self.scratch = num_pages
+        n_layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.dim_head
+        shape = (num_pages + 1, page_size, hkv, d)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.fine = self.coarse = None
+        sc = config.sparse_config
+        if sc is not None:
+            if page_size != sc.block_size:
+                raise ValueError(f"InfLLM v2 needs pages of one block: page_size {page_size}, "
+                                 f"sparse_config.block_size {sc.block_size}")
+            self.fine = [torch.zeros((num_pages + 1, kernel_slots(page_size, sc.kernel_stride), hkv, d),
+                                     device=device, dtype=dtype) for _ in range(n_layers)]
+            if sc.variant == "gen-b":
+                self.coarse = [torch.zeros((num_pages + 1, kernel_slots(page_size, sc.coarse_kernel_stride), hkv, d),
+                                           device=device, dtype=dtype) for _ in range(n_layers)]
         self.refs = [0] * num_pages
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         # Full pages by the hash of all tokens up to their end: prefix sharing. Held pages keep one reference
         # each; least recently used ones are dropped when pages run out.
         self.prefix: OrderedDict[bytes, int] = OrderedDict()
 
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @staticmethod
+    def bytes_per_page(config: MiniCPM4Config, page_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer, plus the semantic-kernel keys stored beside them (InfLLM v2)."""
+        rows = 2 * page_size
+        sc = config.sparse_config
+        if sc is not None:
+            rows += kernel_slots(page_size, sc.kernel_stride)
+            if sc.variant == "gen-b":
+                rows += kernel_slots(page_size, sc.coarse_kernel_stride)
+        return (rows * config.num_hidden_layers * config.num_key_value_heads * config.dim_head
+                * torch.empty((), dtype=dtype).element_size())
+
     @classmethod
     def from_budget(cls, config: MiniCPM4Config, budget_bytes: int, page_size: int = 64,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PagedKVCache:
-        """As many pages as fit in `budget_bytes` (K and V of every layer)."""
-        per_page = (2 * config.num_hidden_layers * page_size * config.num_key_value_heads * config.dim_head
-                    * torch.empty((), dtype=dtype).element_size())
-        n = budget_bytes // per_page
+        """As many pages as fit in `budget_bytes` (the scratch page included)."""
+        per_page = cls.bytes_per_page(config, page_size, dtype)
+        n = budget_bytes // per_page - 1
         if n < 1:
-            raise ValueError(f"KV cache budget {budget_bytes} B is below one page ({per_page} B)")
+            raise ValueError(f"KV cache budget {budget_bytes} B is below two pages ({2 * per_page} B)")
         return cls(config, int(n), page_size, device, dtype)
 
     # ---- pages ----
@@ -137,22 +201,38 @@ class PagedKVCache:
             self._release(p)
         seq.pages.clear()
         seq.length = 0
-        seq.fine.clear()
-        seq.coarse.clear()
 
-    def batch(self, seqs: list[SeqPages]) -> PagedBatch:
+    def batch(self, seqs: list[SeqPages], decode: bool = False) -> PagedBatch | DecodeBatch:
+        """The model's cache view for one step over `seqs`; decode=True: each feeds exactly one token and
+        attention runs on the pages in place (CUDA, or the Triton interpreter in tests)."""
+        if decode:
+            return DecodeBatch(self, *decode_inputs(self, seqs, max(len(s.pages) for s in seqs), self.device))
         return PagedBatch(self, seqs)
+
+    def block_table(self, seqs: list[SeqPages], width: int) -> torch.Tensor:
+        """int32 [len(seqs), width] on the CPU: each sequence's pages, then the scratch page."""
+        table = torch.full((len(seqs), width), self.scratch, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            if len(s.pages) > width:
+                raise ValueError(f"sequence holds {len(s.pages)} pages, block table width is {width}")
+            if s.pages:
+                table[i, :len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+        return table
 
 
 class PagedBatch:
-    """The model's cache interface (see cpm4.engine.kv_cache.KVCache) over some sequences of a paged cache."""
+    """The model's cache interface (see cpm4.engine.kv_cache.KVCache) over some sequences of a paged cache;
+    attention reads the pages gathered into contiguous tensors."""
 
     def __init__(self, cache: PagedKVCache, seqs: list[SeqPages]):
         self.cache = cache
         self.seqs = seqs
-        dev = cache.k[0].device
+        dev = cache.device
         self.lens = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
+        width = max([len(s.pages) for s in seqs] + [1])
+        self.table = cache.block_table(seqs, width).to(dev, torch.long)
         self._gathered: dict[int, torch.Tensor] = {}
+        self._slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
         # Only real tokens are written (padding is not): each row needs room for its own new tokens.
@@ -162,39 +242,58 @@ class PagedBatch:
                 raise CacheFullError(f"sequence needs {s.length + n} positions, has "
                                      f"{len(s.pages) * self.cache.page_size} reserved")
 
-    def _slots(self, positions: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _slot_of(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of positions [R, T] of the given batch rows."""
         ps = self.cache.page_size
-        width = max(len(self.seqs[r].pages) for r in rows)
-        table = torch.zeros(len(rows), max(width, 1), dtype=torch.long, device=positions.device)
-        for i, r in enumerate(rows):
-            pages = self.seqs[r].pages
-            if pages:
-                table[i, : len(pages)] = torch.tensor(pages, device=positions.device)
-        page_idx = (positions // ps).clamp_max(table.shape[1] - 1)
-        return torch.gather(table, 1, page_idx) * ps + positions % ps
+        page_idx = (positions // ps).clamp_max(self.table.shape[1] - 1)
+        return torch.gather(self.table[rows], 1, page_idx) * ps + positions % ps
+
+    def _plan(self, starts: torch.Tensor, new_lens: torch.Tensor, t: int, dev: torch.device):
+        """(slots of the real new tokens, their row/column mask, slots of every row's keys up to the longest
+        end); the same for every layer of a step, so computed once."""
+        if self._slots is None:
+            b = len(self.seqs)
+            rows = torch.arange(b, device=dev)
+            pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
+            real = torch.arange(t, device=dev)[None, :] < new_lens[:, None]
+            new_slots = self._slot_of(pos, rows)[real]
+            self._host = (starts.tolist(), new_lens.tolist())
+            end = max(self._host[0]) + t
+            all_pos = torch.arange(end, device=dev)[None, :].expand(b, -1)
+            self._slots = (new_slots, real, self._slot_of(all_pos, rows))
+        return self._slots
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t = k.shape[:2]
+        """Store the real new tokens, pool the semantic kernels they complete, and return every row's keys
+        and values up to the longest end, contiguous (padding reads valid slots, never used)."""
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
-        rows = [i for i in range(b) if int(new_lens[i]) > 0]
-        if rows:
-            r = torch.tensor(rows, device=k.device)
-            pos = starts[r, None] + torch.arange(t, device=k.device)[None, :]
-            real = torch.arange(t, device=k.device)[None, :] < new_lens[r, None]
-            slots = self._slots(pos, rows)[real]
-            kc[slots] = k[r][real]
-            vc[slots] = v[r][real]
-        # Contiguous view of every row's keys/values up to the longest end (padding reads a valid slot).
-        end = int(starts.max()) + t
-        all_rows = list(range(b))
-        pos = torch.arange(end, device=k.device)[None, :].expand(b, -1)
-        slots = self._slots(pos, all_rows) if any(s.pages for s in self.seqs) else torch.zeros_like(pos)
-        k_all, v_all = kc[slots], vc[slots]
+        new_slots, real, all_slots = self._plan(starts, new_lens, k.shape[1], k.device)
+        kc[new_slots] = k[real]
+        vc[new_slots] = v[real]
+        k_all, v_all = kc[all_slots], vc[all_slots]
         self._gathered[layer] = k_all
+        if self.cache.fine is not None:
+            self._pool(layer, k_all, *self._host)
         return k_all, v_all
+
+    def _pool(self, layer: int, k_all: torch.Tensor, starts: list[int], new_lens: list[int]) -> None:
+        """Pool the kernels ending among each row's new tokens into the kernel-key pages."""
+        sc = self.cache.config.sparse_config
+        stores = [(self.cache.fine[layer], sc.kernel_size, sc.kernel_stride)]
+        if self.cache.coarse is not None:
+            stores.append((self.cache.coarse[layer], sc.coarse_kernel_size, sc.coarse_kernel_stride))
+        for i, (s, n) in enumerate(zip(starts, new_lens)):
+            if n == 0:
+                continue
+            for store, size, stride in stores:
+                # Kernels complete within [0, s) were pooled when their last token was written.
+                lo, hi = num_kernels(s, size, stride), num_kernels(s + n, size, stride)
+                if hi > lo:
+                    page, slot = kernel_page_slots(torch.arange(lo, hi, device=k_all.device), size, stride,
+                                                   self.cache.page_size)
+                    store[self.table[i, page], slot] = kernel_means(k_all[i, :s + n], size, stride, lo, hi)
 
     def advance(self, new_lens: torch.Tensor) -> None:
         for s, n in zip(self.seqs, new_lens.tolist()):
@@ -203,21 +302,72 @@ class PagedBatch:
 
     def compressed_keys(self, layer: int, seq: int, length: int, sc: SparseConfig
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Semantic-kernel keys of batch row `seq` over its first `length` tokens, pooling only new kernels."""
-        s = self.seqs[seq]
-        keys = self._gathered[layer][seq, :length]
-        k1 = _extend(s.fine, layer, keys, sc.kernel_size, sc.kernel_stride)
+        """Semantic-kernel keys of batch row `seq` over its first `length` tokens, read from their pages."""
+        k1 = self._kernel_keys(self.cache.fine[layer], seq, length, sc.kernel_size, sc.kernel_stride)
         if sc.variant != "gen-b":
             return k1, None
-        return k1, _extend(s.coarse, layer, keys, sc.coarse_kernel_size, sc.coarse_kernel_stride)
+        return k1, self._kernel_keys(self.cache.coarse[layer], seq, length, sc.coarse_kernel_size,
+                                     sc.coarse_kernel_stride)
+
+    def _kernel_keys(self, store: torch.Tensor, seq: int, length: int, size: int, stride: int) -> torch.Tensor:
+        j = torch.arange(num_kernels(length, size, stride), device=store.device)
+        page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
+        return store[self.table[seq, page], slot]
 
 
-def _extend(store: dict[int, torch.Tensor], layer: int, keys: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    have = store.get(layer)
-    done = 0 if have is None else have.shape[0]
-    n = num_kernels(keys.shape[0], size, stride)
-    if n > done:
-        new = kernel_means(keys, size, stride, done, n)
-        have = new if have is None else torch.cat([have, new], 0)
-        store[layer] = have
-    return have if have is not None else keys.new_empty((0,) + tuple(keys.shape[1:]))
+def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
+                  rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Tensors of a decode step (one new token per sequence, pages reserved): block table int32 [R, width],
+    starts (cache lengths before the token) int64 [R], the new token's slot int64 [R], lengths after it
+    int32 [R]. Rows past len(seqs) (up to `rows`, padding a captured batch) use the scratch page."""
+    rows = rows or len(seqs)
+    ps = cache.page_size
+    table = cache.block_table(seqs, width)
+    if rows > len(seqs):
+        table = torch.cat([table, torch.full((rows - len(seqs), width), cache.scratch, dtype=torch.int32)])
+    starts = torch.zeros(rows, dtype=torch.long)
+    slots = torch.full((rows,), cache.scratch * ps, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        starts[i] = s.length
+        slots[i] = s.pages[s.length // ps] * ps + s.length % ps
+    return (table.to(device, non_blocking=True), starts.to(device, non_blocking=True),
+            slots.to(device, non_blocking=True), (starts + 1).to(device, torch.int32, non_blocking=True))
+
+
+class DecodeBatch:
+    """A decode step over the pages in place: each row feeds one token. Attention is the paged Triton
+    decode (InfLLM v2 above dense_len), kernel keys are pooled on the device; nothing here synchronises with
+    the host. Sequence lengths are advanced by the caller (a graph replay runs no Python)."""
+
+    decoding = True
+
+    def __init__(self, cache: PagedKVCache, table: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
+                 ends: torch.Tensor):
+        self.cache = cache
+        self.table, self.lens, self.slots, self.ends = table, starts, slots, ends
+
+    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
+        pass  # pages were reserved by the scheduler before the step
+
+    def advance(self, new_lens: torch.Tensor) -> None:
+        pass
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, 1, hq, d], k/v [B, 1, hkv, d] of the new tokens -> attention output [B, 1, hq, d]."""
+        from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
+
+        c = self.cache
+        kc, vc = c.k[layer], c.v[layer]
+        kc.view(-1, *k.shape[2:])[self.slots] = k[:, 0]
+        vc.view(-1, *v.shape[2:])[self.slots] = v[:, 0]
+        sc = c.config.sparse_config
+        if sc is None:
+            return paged_decode(q[:, 0], kc, vc, self.table, self.ends, scale=scale)[:, None]
+        last = self.ends - 1
+        pool_kernel_keys(kc, self.table, last, self.ends, c.fine[layer], sc.kernel_size, sc.kernel_stride, 1)
+        if c.coarse is not None:
+            pool_kernel_keys(kc, self.table, last, self.ends, c.coarse[layer], sc.coarse_kernel_size,
+                             sc.coarse_kernel_stride, 1)
+        out = paged_sparse_decode(q[:, 0], kc, vc, self.table, self.ends, c.fine[layer],
+                                  c.coarse[layer] if c.coarse is not None else None, sc, scale)
+        return out[:, None]

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from cpm4.kernels import infllm_v2
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
+from .cuda_graph import DecodeGraphs
 from .generate import SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages
 from .sampling import SamplingParams, sample_batch
@@ -40,7 +42,11 @@ class EngineRequest:
 
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
-                 max_batch_size: int = 32, chunk_tokens: int = 512):
+                 max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
+                 cuda_graphs: bool | None = None):
+        """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
+        in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
+        batch-size bucket, captured on first use (default: with paged_decode on CUDA)."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -52,6 +58,17 @@ class LLMEngine:
         self.by_id: dict[str, EngineRequest] = {}
         self.num_preempted = 0
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
+        if paged_decode is None:
+            paged_decode = infllm_v2.uses_triton(cache.k[0])
+        self.paged_decode = paged_decode
+        if cuda_graphs is None:
+            cuda_graphs = paged_decode and cache.device.type == "cuda"
+        if cuda_graphs and not paged_decode:
+            raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
+        self.graphs = None
+        if cuda_graphs:
+            width = min(-(-self.context // cache.page_size), cache.num_pages)
+            self.graphs = DecodeGraphs(model, cache, max_batch_size, width)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -157,16 +174,31 @@ class LLMEngine:
         self.waiting.appendleft(req)
         self.num_preempted += 1
 
+    def _forward(self, group: list[tuple[EngineRequest, int]]) -> torch.Tensor:
+        """Logits [len(group), V] at each request's last fed token; advances the pages' lengths."""
+        dev = self.model.device
+        seqs = [req.pages for req, _ in group]
+        if self.paged_decode and all(n == 1 for _, n in group):
+            tokens = [req.tokens[req.computed] for req, _ in group]
+            if self.graphs is not None and len(group) <= self.graphs.max_batch:
+                logits = self.graphs.run(tokens, seqs)
+            else:
+                ids = torch.tensor(tokens, device=dev)[:, None]
+                logits = self.model(ids, self.cache.batch(seqs, decode=True), torch.ones_like(ids[:, 0]),
+                                    last_only=True)
+            for s in seqs:
+                s.length += 1
+            return logits
+        t = max(n for _, n in group)
+        ids = torch.zeros(len(group), t, dtype=torch.long)
+        for i, (req, n) in enumerate(group):
+            ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n])
+        new_lens = torch.tensor([n for _, n in group], device=dev)
+        return self.model(ids.to(dev), self.cache.batch(seqs), new_lens, last_only=True)
+
     @torch.inference_mode()
     def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:
-        dev = self.model.device
-        t = max(n for _, n in group)
-        ids = torch.zeros(len(group), t, dtype=torch.long, device=dev)
-        for i, (req, n) in enumerate(group):
-            ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n], device=dev)
-        new_lens = torch.tensor([n for _, n in group], device=dev)
-        view = self.cache.batch([req.pages for req, _ in group])
-        logits = self.model(ids, view, new_lens, last_only=True)
+        logits = self._forward(group)
         ready = []
         for i, (req, n) in enumerate(group):
             req.computed += n

@@ -77,6 +77,9 @@ class Attention(nn.Module):
         if docs is not None:
             out = self._packed(q, k, v, docs)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        if getattr(cache, "decoding", False):  # engine decode step: attention on the paged cache in place
+            out = cache.decode(self.layer_idx, q, k, v, self.scale)
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
         else:
@@ -256,7 +259,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        self._check_ids(input_ids)
+        if not getattr(cache, "decoding", False):  # engine decode steps feed sampled ids: no host sync
+            self._check_ids(input_ids)
         dev = input_ids.device
         if new_lens is None:
             new_lens = torch.full((b,), t, dtype=torch.long, device=dev)

@@ -16,7 +16,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[cpm4] warning: serving on {args.host} without an API key", file=sys.stderr)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
-          kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens)
+          kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
+          gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None)
     return 0
 
 
@@ -27,6 +28,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
     return v
 
 
@@ -44,7 +55,11 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together at most")
     p.add_argument("--kv-cache-tokens", type=_positive, default=None,
-                   help="paged KV cache size in tokens (default: max batch size x min(context, 8192))")
+                   help="paged KV cache size in tokens (default on CUDA: from --gpu-memory-utilization; "
+                   "elsewhere max batch size x min(context, 8192))")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=None,
+                   help="share of the GPU's memory cpm4 may use, weights + activations + KV cache (default 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--chunk-tokens", type=_positive, default=512, help="prefill chunk per scheduler step")
     p.set_defaults(func=cmd_serve)
     return p

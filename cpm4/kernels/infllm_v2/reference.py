@@ -56,6 +56,22 @@ def compress_keys(k: torch.Tensor, cfg: SparseConfig) -> tuple[torch.Tensor, tor
     return k1, k2
 
 
+def kernel_slots(page: int, kernel_stride: int) -> int:
+    """Kernel keys stored per KV page in the paged layout (kernels end every `kernel_stride` tokens)."""
+    if page % kernel_stride:
+        raise ValueError(f"page size {page} must be a multiple of the kernel stride {kernel_stride}")
+    return page // kernel_stride
+
+
+def kernel_page_slots(j: torch.Tensor, kernel_size: int, kernel_stride: int, page: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged layout of semantic-kernel keys: kernel j lives in the logical page holding its last token,
+    at slot (last % page) // stride, so a page's kernel keys depend only on tokens up to the page's end
+    (pages shared by a common prefix share their kernel keys). Returns (logical page, slot)."""
+    last = j * kernel_stride + kernel_size - 1
+    return last // page, (last % page) // kernel_stride
+
+
 def kernel_visible(q_pos: torch.Tensor, n: int, kernel_size: int, kernel_stride: int) -> torch.Tensor:
     """[Tq, n] bool: kernel j is visible to a query at position p once it is complete, j*s + size - 1 <= p."""
     ends = torch.arange(n, device=q_pos.device) * kernel_stride + kernel_size - 1

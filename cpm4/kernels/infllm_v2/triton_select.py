@@ -267,27 +267,12 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     return scores
 
 
-@triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD"])
 @triton.jit
-def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
-                   K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-                   PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
-                   KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
-                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
-    t = tl.program_id(0)
-    g = tl.program_id(1)
-    pos = q_start + t
-    qb = pos // BLOCK
-    b = tl.arange(0, NB_PAD)
-    # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
-    pooled = tl.zeros((NB_PAD,), dtype=tl.float32)
-    row = s_ptr + g * stride_sh + t * stride_st
-    for w in range(WIDTH):
-        c = b * PER_BLOCK - PAD + w
-        ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
-        pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    # Order-preserving integer keys: scores are >= 0 (their bits sort as integers), +inf forced in,
-    # -1 for excluded blocks.
+def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+    """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
+    blocks by variant, then the top K without sorting. A binary search on order-preserving integer keys
+    finds the K-th largest value; ties at it go to the lowest block indices (the reference's stable sort)."""
+    # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True)
     INF_KEY: tl.constexpr = 0x7F800000
     if GEN_B:
@@ -313,7 +298,29 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
     n_above = tl.sum(above.to(tl.int32), 0)
     at = (key == thr) & (key >= 0)
     sel = above | (at & (tl.cumsum(at.to(tl.int32), 0) <= k_eff - n_above))
-    sel = sel & ((b * 0 + k_eff) > 0)
+    return sel & ((b * 0 + k_eff) > 0)
+
+
+@triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD"])
+@triton.jit
+def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
+                   K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+                   PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
+                   KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = q_start + t
+    qb = pos // BLOCK
+    b = tl.arange(0, NB_PAD)
+    # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
+    pooled = tl.zeros((NB_PAD,), dtype=tl.float32)
+    row = s_ptr + g * stride_sh + t * stride_st
+    for w in range(WIDTH):
+        c = b * PER_BLOCK - PAD + w
+        ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
+        pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)

@@ -1,0 +1,84 @@
+"""Decode steps of the paged engine replayed from CUDA graphs.
+
+A decode step of B sequences launches a few hundred small kernels (norms, projections, rope, the paged
+attention stages); at small batch the GPU would wait on Python and the launch queue. Each batch-size
+bucket is captured once, on first use, into a graph over static input buffers (token ids, block table,
+cache lengths, new-token slots); a step copies its inputs in, replays, and reads the logits. Batches are
+padded up to the bucket with rows that write and read only the cache's scratch page. All graphs share one
+memory pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+
+from .paged import DecodeBatch, PagedKVCache, SeqPages, decode_inputs
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: MiniCPM4ForCausalLM, cache: PagedKVCache, max_batch: int, width: int):
+        """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs)."""
+        if model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.model, self.cache, self.width = model, cache, width
+        self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        dev = model.device
+        n = self.sizes[-1]
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        self.ones = torch.ones(n, dtype=torch.long, device=dev)
+        self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, dev, rows=n)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs])
+        return self.model(self.ids[:bs], view, self.ones[:bs], last_only=True)
+
+    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(bs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bs)
+        return graph, out
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], seqs: list[SeqPages]) -> torch.Tensor:
+        """Logits [len(seqs), V] of one decode step; the caller advances the sequences' lengths."""
+        b = len(seqs)
+        bs = next(s for s in self.sizes if s >= b)
+        if bs not in self.graphs:
+            self._reset_inputs()
+            self.graphs[bs] = self._capture(bs)
+        table, starts, slots, ends = decode_inputs(self.cache, seqs, self.width, "cpu", rows=bs)
+        self.table[:bs].copy_(table, non_blocking=True)
+        self.starts[:bs].copy_(starts, non_blocking=True)
+        self.slots[:bs].copy_(slots, non_blocking=True)
+        self.ends[:bs].copy_(ends, non_blocking=True)
+        ids = torch.zeros(bs, 1, dtype=torch.long)
+        ids[:b, 0] = torch.tensor(tokens, dtype=torch.long)
+        self.ids[:bs].copy_(ids, non_blocking=True)
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:b]
+
+    def _reset_inputs(self) -> None:
+        """Point every row at the scratch page (a capture's warm-up writes where the buffers say)."""
+        table, starts, slots, ends = decode_inputs(self.cache, [], self.width, "cpu", rows=self.max_batch)
+        for dst, src in ((self.table, table), (self.starts, starts), (self.slots, slots), (self.ends, ends)):
+            dst.copy_(src)
+        self.ids.zero_()
