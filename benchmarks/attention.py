@@ -19,6 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -64,8 +65,15 @@ def main() -> None:
     from cpm4.kernels.infllm_v2 import reference as R
     from cpm4.kernels.infllm_v2 import triton_pipeline
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
-    from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
-    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, select_blocks
+    from cpm4.kernels.infllm_v2.triton_decode import (
+        _attend,
+        decode_block_scores,
+        decode_lse,
+        paged_decode,
+        paged_sparse_decode,
+        pool_kernel_keys,
+    )
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, num_sms, select_blocks
 
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -178,6 +186,20 @@ def main() -> None:
                 floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
             row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
                 t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
+            # The split between the decode stages, each replayed alone from its own graph.
+            fine, coarse = stores[0][0], stores[1][0]
+            lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)
+            sc = decode_block_scores(q1, fine, table, lens, lse, cfg, scale)
+            splits = max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(cfg.num_selected, 2)))
+            for name, fn in (
+                    ("pool_kernel_keys", lambda: [pool_kernel_keys(kc, table, last, lens, st, size, stride, 1)
+                                                  for st, size, stride in stores]),
+                    ("stage1_lse", lambda: decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size,
+                                                      cfg.coarse_kernel_stride, scale)),
+                    ("stage1_scores", lambda: decode_block_scores(q1, fine, table, lens, lse, cfg, scale)),
+                    ("select_attend_combine", lambda: _attend(q1, kc, vc, table, lens, splits, 2, scores=sc,
+                                                              cfg=cfg, dense_len=cfg.dense_len, scale=scale))):
+                row(f"decode.cuda_graph.{name}", n, graphed(fn), None)
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 

@@ -206,28 +206,27 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, s_ptr, s
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     qk_scale = sm_scale * 1.4426950408889634
     bvec = tl.arange(0, NB_PAD)
+    n_att = tl.cdiv(seq_len, PAGE)  # MODE 0 and dense rows: page i is block i
+    slot = bvec
     if MODE == 1:
         n_att = n_list
-        slot = bvec  # unused
-    else:
-        attend = bvec * PAGE < seq_len
-        if MODE == 2:
-            if sparse:
-                qb = pos // PAGE
-                pooled = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0)
-                sel = topk_mask(pooled, bvec, qb, K, INIT, LOCAL, GEN_B)
-                if SAVE_SEL:
-                    if sp == 0:
-                        base = sel_ptr + bi * stride_eb + g * stride_eh
-                        tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
-                        kk = tl.arange(0, K_PAD)
-                        tl.store(base + kk, tl.full((K_PAD,), -1, dtype=tl.int32),
-                                 mask=(kk >= tl.sum(sel.to(tl.int32), 0)) & (kk < K))
-                attend = sel
-                if not GEN_B:  # Gen-A attends to its local window besides the selection
-                    attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
-        n_att = tl.sum(attend.to(tl.int32), 0)
-        slot = tl.where(attend, tl.cumsum(attend.to(tl.int32), 0) - 1, -1)
+    if MODE == 2:
+        if sparse:
+            qb = pos // PAGE
+            pooled = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0)
+            sel = topk_mask(pooled, bvec, qb, K, INIT, LOCAL, GEN_B)
+            if SAVE_SEL:
+                if sp == 0:
+                    base = sel_ptr + bi * stride_eb + g * stride_eh
+                    tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
+                    kk = tl.arange(0, K_PAD)
+                    tl.store(base + kk, tl.full((K_PAD,), -1, dtype=tl.int32),
+                             mask=(kk >= tl.sum(sel.to(tl.int32), 0)) & (kk < K))
+            attend = sel
+            if not GEN_B:  # Gen-A attends to its local window besides the selection
+                attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
+            n_att = tl.sum(attend.to(tl.int32), 0)
+            slot = tl.where(attend, tl.cumsum(attend.to(tl.int32), 0) - 1, -1)
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -235,10 +234,12 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, s_ptr, s
     dd = tl.arange(0, D)
     per = tl.cdiv(n_att, SPLITS)
     for i in range(sp * per, tl.minimum(sp * per + per, n_att)):
+        b = i
         if MODE == 1:
             b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + i)
-        else:
-            b = tl.sum(tl.where(slot == i, bvec, 0), 0)
+        if MODE == 2:
+            if sparse:  # the i-th attended block
+                b = tl.sum(tl.where(slot == i, bvec, 0), 0)
         if (b >= 0) & (b * PAGE < seq_len):
             page = tl.load(table_ptr + bi * stride_tb + b).to(tl.int64)
             km = b * PAGE + tt < seq_len
@@ -356,34 +357,57 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     page = k_cache.shape[1]
     if page != cfg.block_size:
         raise ValueError(f"pages of {page} tokens, but InfLLM v2 blocks of {cfg.block_size}")
-    g = hq // hkv
-    g_pad = max(16, triton.next_power_of_2(g))
     scale = d ** -0.5 if scale is None else scale
-    width = block_table.shape[1]
     gen_b = cfg.variant == "gen-b" and coarse is not None
     norm, nsize, nstride = (coarse, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         fine, cfg.kernel_size, cfg.kernel_stride)
-    n_norm = width * page // nstride  # bound on the normalising kernels of any row
-    block_n = 16
-    lse_splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(n_norm, 4 * block_n))
-    lse = torch.empty((b, hq, lse_splits), device=q.device, dtype=torch.float32)
-    _lse_kernel[(b, hkv, lse_splits)](
-        q, norm, block_table, seq_lens, lse, scale, q.stride(0), q.stride(1), norm.stride(0), norm.stride(1),
-        norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), G=g, G_PAD=g_pad, D=d, PAGE=page,
-        BLOCK_N=block_n, KSIZE=nsize, KSTRIDE=nstride, SPLITS=lse_splits, DENSE_LEN=cfg.dense_len, num_warps=4)
-    nbt = 16
-    score_splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(width, nbt))
-    scores = torch.empty((b, hkv, width), device=q.device, dtype=torch.float32)
-    s = cfg.kernel_stride
-    _score_kernel[(b, hkv, score_splits)](
-        q, fine, block_table, seq_lens, lse, scores, scale, q.stride(0), q.stride(1), fine.stride(0), fine.stride(1),
-        fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
-        G=g, G_PAD=g_pad, D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size, KSTRIDE=s, PER_BLOCK=page // s,
-        PAD=cfg.kernel_size // s - 1, WIDTH=page // s + cfg.kernel_size // s - 1, SPLITS=score_splits,
-        LSE_SPLITS=lse_splits, LSE_PAD=triton.next_power_of_2(lse_splits), DENSE_LEN=cfg.dense_len, num_warps=4)
+    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits)
+    scores = decode_block_scores(q, fine, block_table, seq_lens, lse, cfg, scale, splits)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     most = max(triton.cdiv(cfg.num_selected, 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, scores=scores, sel=sel, cfg=cfg,
                   dense_len=cfg.dense_len, scale=scale)
     return (out, sel) if return_selection else out
+
+
+def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               cfg: SparseConfig, size: int, stride: int, scale: float, splits: int | None = None) -> torch.Tensor:
+    """Stage 1a of `paged_sparse_decode`: partial log-sum-exps [B, hq, splits] over the normalising kernel
+    keys `norm` (kernel size/stride: coarse for Gen-B, fine for Gen-A)."""
+    b, hq, d = q.shape
+    hkv = norm.shape[2]
+    g = hq // hkv
+    n_norm = block_table.shape[1] * norm.shape[1]  # kernels in the widest row, at most (slots per page)
+    block_n = 16
+    splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(n_norm, 4 * block_n))
+    lse = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
+    _lse_kernel[(b, hkv, splits)](
+        q, norm, block_table, seq_lens, lse, scale, q.stride(0), q.stride(1), norm.stride(0), norm.stride(1),
+        norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), G=g,
+        G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
+        KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len, num_warps=4)
+    return lse
+
+
+def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None) -> torch.Tensor:
+    """Stage 1b of `paged_sparse_decode`: pooled block scores float32 [B, hkv, W] (written up to each sparse
+    row's query block)."""
+    b, hq, d = q.shape
+    hkv = fine.shape[2]
+    g = hq // hkv
+    width = block_table.shape[1]
+    page = cfg.block_size
+    nbt = 16
+    splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(width, nbt))
+    scores = torch.empty((b, hkv, width), device=q.device, dtype=torch.float32)
+    s = cfg.kernel_stride
+    _score_kernel[(b, hkv, splits)](
+        q, fine, block_table, seq_lens, lse, scores, scale, q.stride(0), q.stride(1), fine.stride(0), fine.stride(1),
+        fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size, KSTRIDE=s,
+        PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=page // s + cfg.kernel_size // s - 1,
+        SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
+        DENSE_LEN=cfg.dense_len, num_warps=4)
+    return scores
