@@ -301,33 +301,46 @@ def _check_pool(device, dtype, tol):
             assert int((~out[..., 0, 0].isnan()).sum()) == written  # nothing else written
 
 
-def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, exact=True):
-    """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence. The
-    selection must equal the reference's (exact; in bf16/fp16 near-ties of rounded scores may swap a few
-    blocks, so >= 95% equal) and the output must equal the reference attention over the blocks chosen."""
-    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
+def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
+    """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
+    pooled block scores close to the reference's, the selection exactly the reference rule applied to the
+    kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
+    reference's picks, so those are only counted), the output equal to the reference attention over the
+    blocks chosen."""
+    from cpm4.kernels.infllm_v2.triton_decode import decode_block_scores, decode_lse, paged_sparse_decode
 
     page = cfg.block_size
     kc, vc, table, ks, vs, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg, seed=3)
     g = torch.Generator(device=device).manual_seed(7)
     q = torch.randn(len(lens), hq, d, generator=g, device=device).to(dtype)
     scale = d ** -0.5
-    coarse = stores["coarse"] if cfg.variant == "gen-b" else None
-    out, sel = paged_sparse_decode(q, kc, vc, table, torch.tensor(lens, device=device, dtype=torch.int32),
-                                   stores["fine"], coarse, cfg, scale, splits=splits, return_selection=True)
+    gen_b = cfg.variant == "gen-b"
+    coarse = stores["coarse"] if gen_b else None
+    lens_t = torch.tensor(lens, device=device, dtype=torch.int32)
+    out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
+                                   return_selection=True)
+    norm = (stores["coarse"], cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
+        stores["fine"], cfg.kernel_size, cfg.kernel_stride)
+    lse = decode_lse(q, *norm[:1], table, lens_t, cfg, norm[1], norm[2], scale, splits)
+    pooled = decode_block_scores(q, stores["fine"], table, lens_t, lse, cfg, scale, splits)
+    agree = total = 0
     for i, n in enumerate(lens):
         qi, k, v = q[i:i + 1].double(), ks[i].double(), vs[i].double()
         if cfg.is_sparse(n):
-            _, blocks = R.infllm_v2_attention(qi, k, v, cfg, scale, return_blocks=True)
-            kk = blocks.shape[-1]
-            ours = sel[i, :, :kk].long()
-            assert (sel[i, :, kk:] == -1).all()
-            same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ours, blocks[:, 0]))
-            if exact:
-                assert torch.equal(ours.cpu(), blocks[:, 0].cpu()), (i, n)
-            else:
-                assert same >= 0.95 * int((blocks >= 0).sum()), (i, n, same)
             pos = torch.tensor([n - 1], device=device)
+            k1, k2 = R.compress_keys(k, cfg)
+            nb = (n - 1) // page + 1
+            ref_pooled = R.pool_to_blocks(R.block_scores(qi, k1, k2, pos, cfg, scale), nb, cfg)
+            ours_pooled = pooled[i, :, :nb].double()
+            assert rel(ours_pooled, ref_pooled[:, 0]) < tol, (i, n)
+            ref_sel = R.select_blocks(R.block_scores(qi, k1, k2, pos, cfg, scale), pos, cfg)[:, 0]
+            rule = R.select_pooled(ours_pooled[:, None], pos, cfg)[:, 0]
+            kk = rule.shape[-1]
+            ours = sel[i, :, :kk].long()
+            assert torch.equal(ours, rule), (i, n)
+            assert (sel[i, :, kk:] == -1).all()
+            agree += sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(ours, ref_sel))
+            total += int((ref_sel >= 0).sum())
             ref, _ = R.block_sparse_attention(qi, k, v, R.attended_blocks(ours[:, None], pos, cfg), pos,
                                               cfg.block_size, scale)
         else:
@@ -335,6 +348,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
             s = torch.einsum("thgd,jhd->hgj", qd, k) * scale
             ref = torch.einsum("hgj,jhd->hgd", torch.softmax(s, -1), v).reshape(1, hq, d)
         assert rel(out[i:i + 1], ref) < tol, (i, n)
+    return agree, total
 
 
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
@@ -343,7 +357,8 @@ def test_interpreter_paged_sparse_decode(variant):
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
     cfg = small_cfg(variant, dense_len=40)
-    check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3)
+    agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3)
+    assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
 @gpu
@@ -352,7 +367,8 @@ def test_interpreter_paged_sparse_decode(variant):
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
 def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
-    check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2, exact=False)
+    agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2)
+    assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 
 @gpu

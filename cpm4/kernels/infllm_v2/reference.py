@@ -130,12 +130,17 @@ def select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, cfg: SparseConfig) 
     top-k of topk + local blocks. Gen-A forces the initial blocks, excludes the local window
     (qb-local+1 .. qb, which the attention adds itself) and takes topk.
     """
+    n_blocks = int(q_pos.max()) // cfg.block_size + 1
+    return select_pooled(pool_to_blocks(scores, n_blocks, cfg), q_pos, cfg)
+
+
+def select_pooled(pooled: torch.Tensor, q_pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """`select_blocks` from block scores already max-pooled: pooled [hkv, Tq, n_blocks] -> [hkv, Tq, K]."""
     bsz = cfg.block_size
-    n_blocks = int(q_pos.max()) // bsz + 1
-    pooled = pool_to_blocks(scores, n_blocks, cfg)  # [hkv, Tq, nb]
-    b = torch.arange(n_blocks, device=scores.device)[None, :]
+    n_blocks = pooled.shape[-1]
+    b = torch.arange(n_blocks, device=pooled.device)[None, :]
     qb = (q_pos // bsz)[:, None]
-    inf = torch.tensor(math.inf, device=scores.device)
+    inf = torch.tensor(math.inf, device=pooled.device)
     init = b < cfg.init_blocks
     if cfg.variant == "gen-b":
         forced = init | ((b >= qb - cfg.local_blocks) & (b <= qb))
