@@ -34,7 +34,7 @@ from cpm4.kernels.infllm_v2 import num_kernels  # noqa: E402
 from cpm4.model.checkpoint import parse_dtype  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.convert import folded_weights, llama_config  # noqa: E402
-from cpm4.model.init import init_model  # noqa: E402
+from cpm4.model.init import random_model  # noqa: E402
 from cpm4.model.modeling import MiniCPM4ForCausalLM  # noqa: E402
 from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
 
@@ -61,11 +61,12 @@ def copy_bandwidth(device: torch.device) -> float:
 class Ours:
     """One engine per attention mode, reused across contexts (decode graphs are captured once)."""
 
-    def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, device: torch.device):
+    def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, device: torch.device, compile: bool):
         cfg = model.config
         ps = page_size_for(cfg)
         cache = PagedKVCache(cfg, -(-max_tokens // ps) + 1, ps, device, model.dtype)
-        self.engine = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=1, chunk_tokens=max_tokens)
+        self.engine = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=1, chunk_tokens=max_tokens,
+                                compile=compile)
         self.device = device
         self.n = 0
 
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     import transformers
@@ -145,15 +147,12 @@ def main() -> None:
     cfg.sparse_config = None
     max_tokens = max(args.contexts) + args.decode_tokens + 1
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_tokens)
-    with torch.device(device):
-        ours = MiniCPM4ForCausalLM(cfg).to(dtype)
-    init_model(ours, 0)
-    ours.eval()
+    ours = random_model(cfg, device, dtype)
     hf = None
     if not args.no_peer:
         lcfg = transformers.LlamaConfig(**{k: v for k, v in llama_config(cfg).items() if k != "architectures"})
-        with torch.device(device):
-            hf = transformers.LlamaForCausalLM(lcfg).to(dtype).eval()
+        with torch.device(device):  # built in `dtype` (not cast after: the rope tables stay float32)
+            hf = transformers.LlamaForCausalLM._from_config(lcfg, dtype=dtype).eval()
         missing, unexpected = hf.load_state_dict(dict(folded_weights(ours.state_dict(), cfg)), strict=False)
         if unexpected or any("rotary" not in m for m in missing):
             raise RuntimeError(f"weights do not map onto LlamaForCausalLM: {missing} {unexpected}")
@@ -167,8 +166,11 @@ def main() -> None:
     engines = {}
     for mode, sc in modes:
         ours.config.sparse_config = sc
-        engines[mode] = Ours(ours, max_tokens, device)
-        engines[mode].run(list(range(3, 40)), 3)  # warm-up: kernels compiled, decode graph captured
+        engines[mode] = Ours(ours, max_tokens, device, args.compile)
+        # Warm-up: decode graph captured (and compiled), kernels built, prefill of a sparse-length prompt.
+        engines[mode].run(list(range(3, 40)), 3)
+        warm = min(max(args.contexts), 12288)
+        engines[mode].run(torch.randint(3, 4000, (warm,)).tolist(), 3)
     ours.config.sparse_config = None
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -177,7 +179,7 @@ def main() -> None:
         peer = None
         if hf is not None:
             try:
-                run_hf(hf, ids[:32], 3, device)
+                run_hf(hf, ids[:min(n, 4096)], 3, device)  # warm-up
                 peer = run_hf(hf, ids, args.decode_tokens, device)
             except torch.OutOfMemoryError as e:
                 print(f"transformers at {n}: out of memory ({e})", flush=True)

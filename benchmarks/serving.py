@@ -34,8 +34,7 @@ from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # no
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
-from cpm4.model.init import init_model  # noqa: E402
-from cpm4.model.modeling import MiniCPM4ForCausalLM  # noqa: E402
+from cpm4.model.init import random_model  # noqa: E402
 from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
 from cpm4.serve.engine import AsyncEngine  # noqa: E402
 
@@ -80,15 +79,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="prefill tokens per scheduler step")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     dev = torch.device("cuda")
     cfg = preset(args.config)
     cfg.max_position_embeddings = min(cfg.max_position_embeddings, 4096)  # nano-vllm: max_model_len 4096
-    with torch.device(dev):
-        model = MiniCPM4ForCausalLM(cfg).to(torch.bfloat16)
-    init_model(model, 0)
-    model.eval()
+    model = random_model(cfg, dev, torch.bfloat16)
     tok = build_tokenizer(1024)  # ids beyond its vocabulary detokenize to nothing: fine for a benchmark
     ps = page_size_for(cfg)
     budget = kv_budget_bytes(model, args.gpu_memory_utilization, args.chunk_tokens)
@@ -106,7 +103,7 @@ def main() -> None:
         return tokens / seconds
 
     # Batch 1.
-    eng1 = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=args.chunk_tokens)
+    eng1 = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=args.chunk_tokens, compile=args.compile)
     rnd = random.Random(1)
     p1 = [rnd.randint(0, 10000) for _ in range(512)]
     run_engine(eng1, [(p1[:64], SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))])  # warm-up
@@ -122,7 +119,8 @@ def main() -> None:
     reqs = [[rnd.randint(0, 10000) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
-    eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens)
+    eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
+                    compile=args.compile)
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, graphs
     t, n = run_engine(eng, list(zip(reqs, params)))
     row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted,
@@ -138,7 +136,7 @@ def main() -> None:
               SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
              for _ in range(args.clients)]
     aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization)
+                       gpu_memory_utilization=args.gpu_memory_utilization, compile=args.compile)
     try:
         asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
         m = asyncio.run(run_clients(aeng, creqs))

@@ -14,14 +14,19 @@ import torch
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 
+from . import paged
 from .paged import DecodeBatch, PagedKVCache, SeqPages, decode_inputs
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, model: MiniCPM4ForCausalLM, cache: PagedKVCache, max_batch: int, width: int):
-        """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs)."""
+    def __init__(self, model: MiniCPM4ForCausalLM, cache: PagedKVCache, max_batch: int, width: int,
+                 compile: bool = False):
+        """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs).
+        compile: torch.compile the step before capturing it (norms, rope, residuals and activations fused
+        into few kernels; the paged attention stays as is, one graph break per layer). Each bucket compiles
+        once, on first use (tens of seconds for a large model)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model, self.cache, self.width = model, cache, width
@@ -33,6 +38,10 @@ class DecodeGraphs:
         self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, dev, rows=n)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.step = model
+        if compile:
+            paged.make_opaque_to_compile()
+            self.step = torch.compile(model, dynamic=False)
 
     @property
     def max_batch(self) -> int:
@@ -40,14 +49,15 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs])
-        return self.model(self.ids[:bs], view, self.ones[:bs], last_only=True)
+        return self.step(self.ids[:bs], view, self.ones[:bs], last_only=True)
 
     def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(bs)
+            for _ in range(2 if self.step is not self.model else 1):  # compiled: the 2nd call runs compiled code
+                self._forward(bs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:

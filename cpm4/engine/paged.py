@@ -354,20 +354,37 @@ class DecodeBatch:
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, 1, hq, d], k/v [B, 1, hkv, d] of the new tokens -> attention output [B, 1, hq, d]."""
-        from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
+        return paged_attention(self, layer, q, k, v, scale)
 
-        c = self.cache
-        kc, vc = c.k[layer], c.v[layer]
-        kc.view(-1, *k.shape[2:])[self.slots] = k[:, 0]
-        vc.view(-1, *v.shape[2:])[self.slots] = v[:, 0]
-        sc = c.config.sparse_config
-        if sc is None:
-            return paged_decode(q[:, 0], kc, vc, self.table, self.ends, scale=scale)[:, None]
-        last = self.ends - 1
-        pool_kernel_keys(kc, self.table, last, self.ends, c.fine[layer], sc.kernel_size, sc.kernel_stride, 1)
-        if c.coarse is not None:
-            pool_kernel_keys(kc, self.table, last, self.ends, c.coarse[layer], sc.coarse_kernel_size,
-                             sc.coarse_kernel_stride, 1)
-        out = paged_sparse_decode(q[:, 0], kc, vc, self.table, self.ends, c.fine[layer],
-                                  c.coarse[layer] if c.coarse is not None else None, sc, scale)
-        return out[:, None]
+
+def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """DecodeBatch.decode: store the new keys/values, pool the kernels they complete, attend on the pages."""
+    from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
+
+    c = batch.cache
+    kc, vc = c.k[layer], c.v[layer]
+    kc.view(-1, *k.shape[2:])[batch.slots] = k[:, 0]
+    vc.view(-1, *v.shape[2:])[batch.slots] = v[:, 0]
+    sc = c.config.sparse_config
+    if sc is None:
+        return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale)[:, None]
+    last = batch.ends - 1
+    pool_kernel_keys(kc, batch.table, last, batch.ends, c.fine[layer], sc.kernel_size, sc.kernel_stride, 1)
+    if c.coarse is not None:
+        pool_kernel_keys(kc, batch.table, last, batch.ends, c.coarse[layer], sc.coarse_kernel_size,
+                         sc.coarse_kernel_stride, 1)
+    out = paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, c.fine[layer],
+                              c.coarse[layer] if c.coarse is not None else None, sc, scale)
+    return out[:, None]
+
+
+paged_attention = _paged_attention
+
+
+def make_opaque_to_compile() -> None:
+    """Keep torch.compile out of the paged attention (it would trace into the Triton kernels): a graph break
+    per layer, the rest of the decode step compiled. Called by whoever compiles the decode step."""
+    global paged_attention
+    if paged_attention is _paged_attention:
+        paged_attention = torch.compiler.disable(_paged_attention)

@@ -43,10 +43,11 @@ class EngineRequest:
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool = False):
         """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
-        batch-size bucket, captured on first use (default: with paged_decode on CUDA)."""
+        batch-size bucket, captured on first use (default: with paged_decode on CUDA). compile: torch.compile
+        the decode step before capturing it (see `DecodeGraphs`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -63,12 +64,14 @@ class LLMEngine:
         self.paged_decode = paged_decode
         if cuda_graphs is None:
             cuda_graphs = paged_decode and cache.device.type == "cuda"
+        if compile and not cuda_graphs:
+            raise ValueError("compile applies to the captured decode step: it needs cuda_graphs")
         if cuda_graphs and not paged_decode:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
         self.graphs = None
         if cuda_graphs:
             width = min(-(-self.context // cache.page_size), cache.num_pages)
-            self.graphs = DecodeGraphs(model, cache, max_batch_size, width)
+            self.graphs = DecodeGraphs(model, cache, max_batch_size, width, compile=compile)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -88,7 +88,8 @@ class Attention(nn.Module):
         sc = self.config.sparse_config
         sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(new_lens.tolist(), kv_lens)]
         if not any(sparse):
-            out = self._dense(q, k_all, v_all, starts, cache is None and not starts.any())
+            # Every row from position 0 (padding only after real tokens): plain causal attention is exact.
+            out = self._dense(q, k_all, v_all, starts, not bool(starts.any()))
         else:
             out = torch.zeros_like(q)
             for i in range(b):
@@ -170,6 +171,16 @@ class Attention(nn.Module):
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if plain_causal:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        elif q.shape[0] == 1 and k.shape[1] == int(starts[0]) + q.shape[1]:
+            # One sequence's chunk after its cached tokens (chunked prefill): bottom-right aligned causal
+            # attention runs in the fused kernels, where a [T, S] mask would not (16 GB at 128K). That bias
+            # takes no GQA, so the KV heads are expanded.
+            from torch.nn.attention.bias import causal_lower_right  # imports dynamo (~0.5 s): not at start-up
+
+            g = self.n_heads // self.n_kv
+            kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(q.shape[1], k.shape[1]),
+                                               scale=self.scale)
         else:
             t, s = q.shape[1], k.shape[1]
             qpos = starts[:, None] + torch.arange(t, device=q.device)[None, :]

@@ -62,17 +62,19 @@ class AsyncEngine:
 
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
-                 gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None) -> None:
+                 gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
+                 compile: bool = False) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default on
         CUDA: what gpu_memory_utilization (0.9) of the device leaves, see `kv_budget_bytes`; elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
-        see `LLMEngine` (default: on CUDA)."""
+        see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
         self.page_size = page_size_for(model.config)
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         if kv_cache_tokens is None and (gpu_memory_utilization is not None or model.device.type == "cuda"):
             budget = kv_budget_bytes(model, gpu_memory_utilization or 0.9, chunk_tokens)
             pages = budget // PagedKVCache.bytes_per_page(model.config, self.page_size, model.dtype) - 1
@@ -224,7 +226,7 @@ class AsyncEngine:
         pages = -(-self.kv_cache_tokens // self.page_size)
         cache = PagedKVCache(self.model.config, pages, self.page_size, self.model.device, self.model.dtype)
         return LLMEngine(self.model, self.tokenizer, cache, self.max_batch_size, self.chunk_tokens,
-                         cuda_graphs=self.cuda_graphs)
+                         cuda_graphs=self.cuda_graphs, compile=self.compile)
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
