@@ -170,7 +170,7 @@ def main() -> None:
         # Warm-up: decode graph captured (and compiled), kernels built, prefill of a sparse-length prompt.
         engines[mode].run(list(range(3, 40)), 3)
         warm = min(max(args.contexts), 12288)
-        engines[mode].run(torch.randint(3, 4000, (warm,)).tolist(), 3)
+        engines[mode].run(torch.randint(3, min(cfg.vocab_size, 4000), (warm,)).tolist(), 3)
     ours.config.sparse_config = None
     rows = []
     g = torch.Generator().manual_seed(0)
