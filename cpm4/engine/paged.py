@@ -209,15 +209,16 @@ class PagedKVCache:
             return DecodeBatch(self, *decode_inputs(self, seqs, max(len(s.pages) for s in seqs), self.device))
         return PagedBatch(self, seqs)
 
-    def block_table(self, seqs: list[SeqPages], width: int) -> torch.Tensor:
-        """int32 [len(seqs), width] on the CPU: each sequence's pages, then the scratch page."""
-        table = torch.full((len(seqs), width), self.scratch, dtype=torch.int32)
-        for i, s in enumerate(seqs):
+    def block_table(self, seqs: list[SeqPages], width: int, rows: int | None = None) -> torch.Tensor:
+        """int32 [rows (default len(seqs)), width] on the CPU: each sequence's pages, then the scratch page."""
+        pad = [self.scratch] * width
+        table = []
+        for s in seqs:
             if len(s.pages) > width:
                 raise ValueError(f"sequence holds {len(s.pages)} pages, block table width is {width}")
-            if s.pages:
-                table[i, :len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
-        return table
+            table.append(s.pages + pad[len(s.pages):])
+        table += [pad] * ((rows or len(seqs)) - len(seqs))
+        return torch.tensor(table, dtype=torch.int32).view(-1, width)
 
 
 class PagedBatch:
@@ -322,14 +323,11 @@ def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device:
     int32 [R]. Rows past len(seqs) (up to `rows`, padding a captured batch) use the scratch page."""
     rows = rows or len(seqs)
     ps = cache.page_size
-    table = cache.block_table(seqs, width)
-    if rows > len(seqs):
-        table = torch.cat([table, torch.full((rows - len(seqs), width), cache.scratch, dtype=torch.int32)])
-    starts = torch.zeros(rows, dtype=torch.long)
-    slots = torch.full((rows,), cache.scratch * ps, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        starts[i] = s.length
-        slots[i] = s.pages[s.length // ps] * ps + s.length % ps
+    table = cache.block_table(seqs, width, rows)
+    pad = rows - len(seqs)
+    starts = torch.tensor([s.length for s in seqs] + [0] * pad, dtype=torch.long)
+    slots = torch.tensor([s.pages[s.length // ps] * ps + s.length % ps for s in seqs] + [cache.scratch * ps] * pad,
+                         dtype=torch.long)
     return (table.to(device, non_blocking=True), starts.to(device, non_blocking=True),
             slots.to(device, non_blocking=True), (starts + 1).to(device, torch.int32, non_blocking=True))
 
