@@ -129,6 +129,10 @@ class PagedKVCache:
         return cls(config, int(n), page_size, device, dtype)
 
     # ---- pages ----
+    def has_free(self, n: int) -> bool:
+        """Whether n pages can be handed out (free, or reclaimable prefix pages)."""
+        return n <= len(self.free) or n <= self.num_free
+
     @property
     def num_free(self) -> int:
         return len(self.free) + sum(1 for p in self.prefix.values() if self.refs[p] == 1)
@@ -178,7 +182,7 @@ class PagedKVCache:
     def reserve(self, seq: SeqPages, n_tokens: int) -> None:
         """Make room for `n_tokens` more tokens of `seq` (all or nothing)."""
         need = -(-(seq.length + n_tokens) // self.page_size) - len(seq.pages)
-        if need > self.num_free:
+        if need > len(self.free) and need > self.num_free:  # counting reclaimable prefix pages walks them all
             raise OutOfPages(f"{need} pages needed, {self.num_free} free")
         for _ in range(need):
             seq.pages.append(self._take())

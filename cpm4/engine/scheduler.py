@@ -39,6 +39,14 @@ class EngineRequest:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.state.generated
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.state.generated)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.state.generated[i - n]
+
 
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
@@ -132,9 +140,9 @@ class LLMEngine:
             req = self.waiting[0]
             if req.pages is None:
                 req.pages, req.computed = self.cache.new_sequence(req.tokens)
-            first = min(self.chunk_tokens, len(req.tokens) - req.computed)
+            first = min(self.chunk_tokens, req.num_tokens - req.computed)
             # Keep a page per running request in reserve so admissions do not starve decoding.
-            if self.cache.pages_needed(req.pages, first) + len(self.running) > self.cache.num_free and self.running:
+            if self.running and not self.cache.has_free(self.cache.pages_needed(req.pages, first) + len(self.running)):
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -147,7 +155,7 @@ class LLMEngine:
         for req in list(self.running):
             if req not in self.running:  # preempted while planning an earlier request
                 continue
-            n = len(req.tokens) - req.computed
+            n = req.num_tokens - req.computed
             if n > 1:
                 n = min(n, max(budget, 1))
                 budget -= n
@@ -182,7 +190,7 @@ class LLMEngine:
         dev = self.model.device
         seqs = [req.pages for req, _ in group]
         if self.paged_decode and all(n == 1 for _, n in group):
-            tokens = [req.tokens[req.computed] for req, _ in group]
+            tokens = [req.token(req.computed) for req, _ in group]
             if self.graphs is not None and len(group) <= self.graphs.max_batch:
                 logits = self.graphs.run(tokens, seqs)
             else:
@@ -205,7 +213,7 @@ class LLMEngine:
         ready = []
         for i, (req, n) in enumerate(group):
             req.computed += n
-            if req.computed == len(req.tokens):
+            if req.computed == req.num_tokens:
                 ready.append(i)
                 if not req.state.generated:  # the prompt is complete: offer its pages for prefix sharing
                     self.cache.publish(req.pages, req.prompt_ids)
