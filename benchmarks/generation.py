@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import write_json  # noqa: E402
+
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
@@ -213,17 +215,11 @@ def main() -> None:
         fl = f"{r['floor_share']:6.0%}" if "floor_share" in r else ""
         print(f"{r['phase']:20s} {r['seqlen']:7d} {r['ours_ms']:9.2f} {peer:>9s} {sp:>8s} {r['ours_tok_s']:11.1f} "
               f"{fl:>6s}")
-    os.makedirs(args.out, exist_ok=True)
     date = datetime.date.today().isoformat()
     name = f"generation-{args.config}-{device.type}-{date}.json"
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,
            "copy_bytes_per_s": bw, "rows": rows}
-    for folder in [args.out] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-        path = os.path.join(folder, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"wrote {path}")
+    write_json(doc, name, args.out)
 
 
 if __name__ == "__main__":

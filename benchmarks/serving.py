@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import write_json  # noqa: E402
+
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
@@ -155,13 +157,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     fname = f"serving-{args.config}-{date}.json"
     doc = {"device": name, "date": date, "config": args.config, "rows": rows}
-    for folder in [args.out] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, fname)
-        with open(path + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"wrote {path}")
+    write_json(doc, fname, args.out)
 
 
 if __name__ == "__main__":

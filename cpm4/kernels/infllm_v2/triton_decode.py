@@ -27,7 +27,7 @@ import triton.language as tl
 from cpm4.model.config import SparseConfig
 
 from .reference import kernel_slots
-from .triton_select import num_sms, softmax_step, topk_mask
+from .triton_select import complete_kernels, lse_step, lse_value, merge_lse, num_sms, softmax_step, topk_mask
 
 LOG2E = 1.4426950408889634
 
@@ -120,8 +120,7 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     if sparse:
-        # Complete kernels (none while pos < KSIZE - 1).
-        n = tl.where(pos >= KSIZE - 1, tl.maximum(pos - KSIZE + 1, 0) // KSTRIDE + 1, 0)
+        n = complete_kernels(pos, KSIZE, KSTRIDE)
         per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
         lo = sp * per
         hi = tl.minimum(lo + per, n)
@@ -133,13 +132,8 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
             base = _kernel_addr(j, jm, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
             kt = tl.load(kk_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=jm[None, :], other=0.0)
             s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-            s = tl.where(jm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse, mask=hm)
+            m_i, l_i = lse_step(tl.where(jm[None, :], s, float("-inf")), m_i, l_i)
+    tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse_value(m_i, l_i), mask=hm)
 
 
 @triton.jit
@@ -160,12 +154,10 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, sm_scale, 
         ss = tl.arange(0, LSE_PAD)
         parts = tl.load(lse_ptr + bi * stride_lb + h[:, None] * stride_lh + ss[None, :],
                         mask=hm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
-        mx = tl.max(parts, 1)
-        mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
-        tot = tl.sum(tl.exp2(parts - mx_safe[:, None]), 1)
-        has = tot > 0
-        lse = tl.where(has, mx_safe + tl.log2(tl.where(has, tot, 1.0)), 0.0)
-        n1 = tl.where(pos >= KSIZE - 1, tl.maximum(pos - KSIZE + 1, 0) // KSTRIDE + 1, 0)
+        lse = merge_lse(parts)
+        has = lse > float("-inf")
+        lse = tl.where(has, lse, 0.0)
+        n1 = complete_kernels(pos, KSIZE, KSTRIDE)
         nb = pos // PAGE + 1
         per = tl.cdiv(tl.cdiv(nb, SPLITS), NBT) * NBT
         lo = sp * per

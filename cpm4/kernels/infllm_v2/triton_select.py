@@ -42,6 +42,35 @@ def softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def lse_step(s, m_i, l_i):
+    """Online log-sum-exp over a tile of scores s [rows, cols] (log2 units, -inf excluded): updated
+    running max and normaliser."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+
+
+@triton.jit
+def lse_value(m_i, l_i):
+    """log2-sum-exp from the running max and normaliser; -inf where nothing was seen."""
+    return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
+def merge_lse(parts):
+    """log2-sum-exp over the last axis of partial log2-sum-exps [rows, splits] (-inf: empty split)."""
+    mx = tl.max(parts, 1)
+    mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
+    return lse_value(mx_safe, tl.sum(tl.exp2(parts - mx_safe[:, None]), 1))
+
+
+@triton.jit
+def complete_kernels(pos, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """Kernels complete at position pos (j*KSTRIDE + KSIZE - 1 <= pos)."""
+    return tl.where(pos >= KSIZE - 1, tl.maximum(pos - KSIZE + 1, 0) // KSTRIDE + 1, 0)
+
+
+@triton.jit
 def shared_block(i, qb, window, INIT: tl.constexpr):
     """The i-th block of query block qb's shared set (b < INIT, then qb - window .. qb) and the set's size."""
     lo = tl.maximum(qb - window, INIT)
@@ -157,12 +186,8 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
                      other=0.0)
         s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
         vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < j_hi)[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        m_i, l_i = lse_step(tl.where(vis, s, float("-inf")), m_i, l_i)
+    lse = lse_value(m_i, l_i)
     tl.store(lse_ptr + sp * stride_ls + ti * stride_lt + hi, lse, mask=tm)
 
 
@@ -187,10 +212,7 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
         ss = tl.arange(0, LSE_SPLITS_PAD)
         parts = tl.load(lse_ptr + ss[None, :] * stride_ls + ti[:, None] * stride_lt + hi[:, None],
                         mask=tm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
-        mx = tl.max(parts, 1)
-        mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
-        tot = tl.sum(tl.exp2(parts - mx_safe[:, None]), 1)
-        lse = tl.where(tot > 0, mx_safe + tl.log2(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+        lse = merge_lse(parts)
     has = lse > float("-inf")
     lse = tl.where(has, lse, 0.0)
     tt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
