@@ -29,8 +29,6 @@ from cpm4.model.config import SparseConfig
 from .reference import kernel_slots
 from .triton_select import complete_kernels, lse_step, lse_value, merge_lse, num_sms, softmax_step, topk_mask
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _kernel_addr(j, valid, table_row, stride_kp, stride_ks, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr,
@@ -86,6 +84,14 @@ def pool_kernel_keys(k_cache: torch.Tensor, table: torch.Tensor, starts: torch.T
 
 
 @triton.jit
+def _split_range(n, sp, SPLITS: tl.constexpr, TILE: tl.constexpr):
+    """[lo, hi) of split sp of n items cut into SPLITS parts of whole tiles."""
+    per = tl.cdiv(tl.cdiv(n, SPLITS), TILE) * TILE
+    lo = sp * per
+    return lo, tl.minimum(lo + per, n)
+
+
+@triton.jit
 def _row_state(lens_ptr, bi, DENSE_LEN: tl.constexpr):
     """(tokens in the cache, position of the query, whether the row takes the sparse path)."""
     seq_len = tl.load(lens_ptr + bi)
@@ -121,9 +127,7 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     if sparse:
         n = complete_kernels(pos, KSIZE, KSTRIDE)
-        per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
-        lo = sp * per
-        hi = tl.minimum(lo + per, n)
+        lo, hi = _split_range(n, sp, SPLITS, BLOCK_N)
         row = table_ptr + bi * stride_tb
         dd = tl.arange(0, D)
         for j0 in range(lo, hi, BLOCK_N):
@@ -159,9 +163,7 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, sm_scale, 
         lse = tl.where(has, lse, 0.0)
         n1 = complete_kernels(pos, KSIZE, KSTRIDE)
         nb = pos // PAGE + 1
-        per = tl.cdiv(tl.cdiv(nb, SPLITS), NBT) * NBT
-        lo = sp * per
-        hi = tl.minimum(lo + per, nb)
+        lo, hi = _split_range(nb, sp, SPLITS, NBT)
         row = table_ptr + bi * stride_tb
         dd = tl.arange(0, D)
         for b0 in range(lo, hi, NBT):
