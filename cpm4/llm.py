@@ -3,6 +3,9 @@
     from cpm4 import LLM, SamplingParams
     llm = LLM("path/to/MiniCPM4-0.5B")
     print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].text)
+
+`generate` and `LLM.generate` run the continuous-batching engine over a paged KV cache
+(`cpm4.engine.offline`); `stream` runs the plain generate loop for one prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .engine.generate import GenerationOutput, generate_ids, generate_stream
+from .engine.generate import GenerationOutput, generate_stream
+from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
 from .model.modeling import MiniCPM4ForCausalLM
@@ -73,15 +77,22 @@ def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
     return prompts, list(params)
 
 
-def generate(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: str | Sequence[int] | Sequence,
-             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
-    """Generate for one prompt or a batch (text or token ids); one output per prompt, in order."""
+def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params) -> list[GenerationOutput]:
     prompts, params = _normalise(prompts, params)
-    ids = [_as_ids(tokenizer, p) for p in prompts]
-    outs = generate_ids(model, tokenizer, ids, params)
+    outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params)
     for o, p in zip(outs, prompts):
         o.prompt = p if isinstance(p, str) else None
     return outs
+
+
+def generate(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: str | Sequence[int] | Sequence,
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+    """Generate for one prompt or a batch (text or token ids); one output per prompt, in order.
+
+    Runs the continuous-batching engine over a paged KV cache sized for this batch and freed on return, without
+    CUDA graphs (capturing them would not pay off for one call); an `LLM` keeps one engine across calls."""
+    engine = OfflineEngine(model, tokenizer, device_budget=False, cuda_graphs=False)
+    return _generate(engine, tokenizer, prompts, params)
 
 
 def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
@@ -94,16 +105,36 @@ def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Seque
 
 
 class LLM:
-    """A loaded model with its tokenizer: offline batch generation, streaming and chat."""
+    """A loaded model with its tokenizer: offline batch generation, streaming and chat.
 
-    def __init__(self, model: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
-        self.path = Path(model)
-        self.model, self.tokenizer = load_model(model, device, dtype)
+    `generate` (and `chat`) run one continuous-batching engine, built on first use and kept across calls.
+    Engine options, as vLLM's: max_num_seqs (sequences decoded together), gpu_memory_utilization (share of
+    the GPU for weights, activations and KV cache; default 0.9 on CUDA, where the cache takes what it leaves),
+    enforce_eager (no CUDA graphs), plus kv_cache_tokens (a fixed cache size instead; off CUDA the cache
+    is otherwise sized to each batch) and chunk_tokens (prompt tokens prefilled per engine step)."""
 
-    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[GenerationOutput]:
-        return generate(self.model, self.tokenizer, prompts, params)
+    def __init__(self, model: str | os.PathLike | MiniCPM4ForCausalLM, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
+                 max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
+                 kv_cache_tokens: int | None = None, chunk_tokens: int = 512):
+        """model: a checkpoint folder, or a model already in memory with its `tokenizer` (device and dtype
+        are then the model's own)."""
+        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)  # before a possibly long load
+        if isinstance(model, MiniCPM4ForCausalLM):
+            if tokenizer is None:
+                raise ValueError("a model given in memory needs its tokenizer")
+            self.path: Path | None = None
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            self.path = Path(model)
+            self.model, self.tokenizer = load_model(model, device, dtype)
+        self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,
+                                    gpu_memory_utilization, cuda_graphs=False if enforce_eager else None)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """One output per prompt (text or token ids), in order; params: one for all, or one per prompt."""
+        return _generate(self.engine, self.tokenizer, prompts, params)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         return stream(self.model, self.tokenizer, prompt, params)
@@ -114,4 +145,4 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
              **template_kwargs: Any) -> GenerationOutput:
         """One assistant reply to a conversation, rendered with the checkpoint's chat template."""
-        return generate(self.model, self.tokenizer, [self.chat_ids(messages, **template_kwargs)], params)[0]
+        return self.generate([self.chat_ids(messages, **template_kwargs)], params)[0]

@@ -30,6 +30,16 @@ class GenerationOutput:
     prompt: str | None = None
     logprobs: list[TokenLogprob] | None = None
 
+    def add(self, delta: StreamDelta) -> None:
+        """Append one streamed delta of this sequence (what every batch front end gathers)."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        if delta.logprobs:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += delta.logprobs
+
 
 @dataclass
 class TokenLogprob:
@@ -175,10 +185,5 @@ def generate_ids(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: Sequ
     outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
     for step in generate_stream(model, tokenizer, prompts, params):
         for d in step:
-            o = outs[d.index]
-            o.text += d.text
-            o.token_ids += d.token_ids
-            o.finish_reason = d.finish_reason or o.finish_reason
-            if d.logprobs:
-                o.logprobs = (o.logprobs or []) + d.logprobs
+            outs[d.index].add(d)
     return outs

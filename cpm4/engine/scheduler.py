@@ -21,8 +21,8 @@ from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
 from .cuda_graph import DecodeGraphs
-from .generate import SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
-from .paged import OutOfPages, PagedKVCache, SeqPages
+from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
+from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
 from .sampling import SamplingParams, sample_batch
 
 
@@ -234,12 +234,48 @@ class LLMEngine:
         return out
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
-        """Step until idle; (text, token ids, finish reason) per request id (offline use and tests)."""
-        res: dict[str, list] = {}
+        """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go
+        through `cpm4.engine.offline`)."""
+        res: dict[str, GenerationOutput] = {}
         while self.has_work():
             for rid, d in self.step():
-                r = res.setdefault(rid, ["", [], None])
-                r[0] += d.text
-                r[1] += d.token_ids
-                r[2] = d.finish_reason or r[2]
-        return {k: (v[0], v[1], v[2]) for k, v in res.items()}
+                res.setdefault(rid, GenerationOutput([])).add(d)
+        return {k: (o.text, o.token_ids, o.finish_reason) for k, o in res.items()}
+
+
+# ---- sizing and building (shared by the server's AsyncEngine and the offline LLM) ----
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Without a device budget, a cache holds at most this many tokens per batch slot (or the context if shorter).
+HOST_TOKENS_PER_SEQ = 8192
+
+
+def host_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int) -> int:
+    """KV cache size in tokens where no device budget applies (CPU): max_batch_size sequences of up to 8192
+    tokens or the context, whichever is shorter."""
+    return max_batch_size * min(context_length(model), HOST_TOKENS_PER_SEQ)
+
+
+def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chunk_tokens: int = 512,
+                            gpu_memory_utilization: float | None = None) -> int:
+    """KV cache size in tokens when none is given. On CUDA, or whenever gpu_memory_utilization is given: the
+    whole pages that share of the device (default 0.9) leaves after weights, other processes and a prefill
+    chunk's activations (`kv_budget_bytes`, which runs one chunk; raises off CUDA). Elsewhere
+    `host_kv_cache_tokens`."""
+    if gpu_memory_utilization is None and model.device.type != "cuda":
+        return host_kv_cache_tokens(model, max_batch_size)
+    util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+    ps = page_size_for(model.config)
+    budget = kv_budget_bytes(model, util, chunk_tokens)
+    pages = budget // PagedKVCache.bytes_per_page(model.config, ps, model.dtype) - 1  # less the scratch page
+    return max(int(pages), 1) * ps
+
+
+def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
+                 chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False) -> LLMEngine:
+    """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
+    device and dtype."""
+    ps = page_size_for(model.config)
+    cache = PagedKVCache(model.config, -(-kv_cache_tokens // ps), ps, model.device, model.dtype)
+    return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
+                     compile=compile)

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, check_prompt, context_length, generate_stream
-from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for
 from cpm4.engine.sampling import SamplingParams
-from cpm4.engine.scheduler import LLMEngine
+from cpm4.engine.scheduler import LLMEngine, build_engine, default_kv_cache_tokens
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -65,21 +64,18 @@ class AsyncEngine:
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
                  compile: bool = False) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
-        whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default on
-        CUDA: what gpu_memory_utilization (0.9) of the device leaves, see `kv_budget_bytes`; elsewhere
+        whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
+        `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
         see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
-        self.page_size = page_size_for(model.config)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
-        if kv_cache_tokens is None and (gpu_memory_utilization is not None or model.device.type == "cuda"):
-            budget = kv_budget_bytes(model, gpu_memory_utilization or 0.9, chunk_tokens)
-            pages = budget // PagedKVCache.bytes_per_page(model.config, self.page_size, model.dtype) - 1
-            kv_cache_tokens = max(int(pages), 1) * self.page_size
-        self.kv_cache_tokens = kv_cache_tokens or max_batch_size * min(context_length(model), 8192)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization)
+        self.kv_cache_tokens = kv_cache_tokens
         self.chunk_tokens = chunk_tokens
         self.model = model
         self.tokenizer = tokenizer
@@ -223,10 +219,8 @@ class AsyncEngine:
             return [self._waiting.popleft() for _ in range(n)]
 
     def _new_scheduler(self) -> LLMEngine:
-        pages = -(-self.kv_cache_tokens // self.page_size)
-        cache = PagedKVCache(self.model.config, pages, self.page_size, self.model.device, self.model.dtype)
-        return LLMEngine(self.model, self.tokenizer, cache, self.max_batch_size, self.chunk_tokens,
-                         cuda_graphs=self.cuda_graphs, compile=self.compile)
+        return build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size, self.chunk_tokens,
+                            cuda_graphs=self.cuda_graphs, compile=self.compile)
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are

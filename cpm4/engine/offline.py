@@ -1,0 +1,119 @@
+"""Offline batch generation on the continuous-batching engine, as vLLM's `LLM.generate` runs its engine.
+
+Every prompt of a call is queued at once; the scheduler keeps up to `max_num_seqs` of them in flight (new ones
+join as others finish, long prompts prefill in chunks, preemption when pages run short) and each prompt's
+deltas are gathered into one `GenerationOutput`, in input order. Outputs are those of the plain generate loop
+(`generate_ids`): greedy token for token, seeded sampling draw for draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+from cpm4.model.tokenizer import Tokenizer
+
+from .generate import GenerationOutput, check_prompt, context_length
+from .paged import page_size_for
+from .sampling import SamplingParams
+from .scheduler import LLMEngine, build_engine, default_kv_cache_tokens, host_kv_cache_tokens
+
+
+def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int) -> None:
+    """Reject a malformed batch before any work starts: one SamplingParams per prompt, and every prompt
+    non-empty and shorter than the context (`check_prompt`)."""
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    for sp in params:
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
+    for p in prompts:
+        check_prompt(len(p), context)
+
+
+def check_options(max_num_seqs: int, chunk_tokens: int, kv_cache_tokens: int | None) -> None:
+    """Engine sizes must be positive ints (callers check before loading a model)."""
+    for name, v in (("max_num_seqs", max_num_seqs), ("chunk_tokens", chunk_tokens),
+                    ("kv_cache_tokens", kv_cache_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def tokens_needed(prompt: Sequence[int], params: SamplingParams, context: int) -> int:
+    """KV cache slots a sequence may take: its prompt and every token it may generate (max_tokens is cut to
+    the context, as `SequenceState` does). One more than strictly needed (the last token is never fed), as
+    `LLMEngine.add_request` counts."""
+    return len(prompt) + min(params.max_tokens, context - len(prompt))
+
+
+class OfflineEngine:
+    """One `LLMEngine`, built on first use and kept across calls, that runs batches to completion.
+
+    Cache size: `kv_cache_tokens` if given; else, with `device_budget` on CUDA (or whenever
+    gpu_memory_utilization is given), what the device budget leaves (`default_kv_cache_tokens`, as the
+    server sizes its cache); else sized to each batch (room for the `max_num_seqs` longest sequences, within
+    `host_kv_cache_tokens`, never less than the longest one), rebuilt larger when a later batch needs more."""
+
+    def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_num_seqs: int = 256,
+                 chunk_tokens: int = 512, kv_cache_tokens: int | None = None,
+                 gpu_memory_utilization: float | None = None, device_budget: bool = True,
+                 cuda_graphs: bool | None = None) -> None:
+        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.chunk_tokens = chunk_tokens
+        self.kv_cache_tokens = kv_cache_tokens
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.fixed_size = kv_cache_tokens is not None or (
+            device_budget and (gpu_memory_utilization is not None or model.device.type == "cuda"))
+        self.cuda_graphs = cuda_graphs
+        self.context = context_length(model)
+        self.engine: LLMEngine | None = None
+
+    def _cache_tokens(self, needs: list[int]) -> int:
+        if self.fixed_size:
+            if self.kv_cache_tokens is None:  # measured once: it runs a prefill chunk on the device
+                self.kv_cache_tokens = default_kv_cache_tokens(self.model, self.max_num_seqs, self.chunk_tokens,
+                                                               self.gpu_memory_utilization)
+            return self.kv_cache_tokens
+        ps = page_size_for(self.model.config)
+        together = sum(-(-n // ps) * ps for n in sorted(needs, reverse=True)[:self.max_num_seqs])
+        return max(max(needs), min(together, host_kv_cache_tokens(self.model, self.max_num_seqs)))
+
+    def _engine_for(self, needs: list[int]) -> LLMEngine:
+        tokens = self._cache_tokens(needs)
+        ps = page_size_for(self.model.config)
+        if self.engine is None or self.engine.cache.num_pages * ps < tokens:
+            self.engine = None  # free the old cache before allocating its successor
+            self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
+                                       cuda_graphs=self.cuda_graphs)
+        cap = self.engine.cache.num_pages * ps
+        for i, n in enumerate(needs):
+            # A sequence the cache cannot hold whole would end early with "length": refuse it up front.
+            if n > cap:
+                raise ValueError(f"prompt {i} may need {n} KV cache slots (prompt + max_tokens), the cache holds "
+                                 f"{cap}: lower max_tokens, or raise kv_cache_tokens / gpu_memory_utilization")
+        return self.engine
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+                 ) -> list[GenerationOutput]:
+        """Token-id prompts, one SamplingParams each -> one output per prompt, in order."""
+        check_batch(prompts, params, self.context)
+        if not prompts:
+            return []
+        prompts = [[int(t) for t in p] for p in prompts]
+        engine = self._engine_for([tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
+        outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                engine.add_request(str(i), p, sp)
+            while engine.has_work():
+                for rid, d in engine.step():
+                    outs[int(rid)].add(d)
+        except BaseException:
+            # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
+            # with a fresh engine next call, as the server does.
+            self.engine = None
+            raise
+        return outs

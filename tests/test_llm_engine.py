@@ -1,0 +1,168 @@
+"""`LLM.generate` and `cpm4.generate` run the continuous-batching engine: outputs equal the plain generate
+loop (`generate_ids`) on the tiny model, whatever the batch size, lengths, per-prompt params or preemption."""
+
+import functools
+
+import pytest
+import torch
+from conftest import random_model
+
+from cpm4 import LLM, SamplingParams, generate
+from cpm4.engine.generate import PromptTooLongError, generate_ids
+from cpm4.model.tokenizer import build_tokenizer
+
+
+@functools.cache
+def tok():
+    return build_tokenizer(1024)
+
+
+@functools.cache
+def model(sparse: bool = False):
+    sc = ({"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
+           "topk": 2, "dense_len": 40, "variant": "gen-b"} if sparse else None)
+    return random_model("tiny", dtype=torch.float32, sparse_config=sc)
+
+
+def prompts(n, seed=0, lo=1, hi=90):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (k,), generator=g).tolist() for k in torch.randint(lo, hi, (n,), generator=g)]
+
+
+def reference(m, ps, params):
+    ids = [tok().encode(p) if isinstance(p, str) else p for p in ps]
+    return generate_ids(m, tok(), ids, params if isinstance(params, list) else [params] * len(ps))
+
+
+def same(outs, refs):
+    for i, (o, r) in enumerate(zip(outs, refs, strict=True)):
+        assert (o.prompt_token_ids, o.token_ids, o.text, o.finish_reason) == \
+            (r.prompt_token_ids, r.token_ids, r.text, r.finish_reason), i
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_greedy_batch_larger_than_max_num_seqs_equals_plain_loop(sparse):
+    llm = LLM(model(sparse), tokenizer=tok(), max_num_seqs=3, chunk_tokens=48)
+    ps = prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(ps, params)
+    same(outs, reference(model(sparse), ps, params))
+    assert all(o.prompt is None and len(o.token_ids) == 10 for o in outs)
+
+
+def test_per_prompt_params_text_prompts_stops_and_engine_reuse():
+    m = model()
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2)
+    ps = ["The quick brown fox", "hello", [5, 6, 7, 8], "a much longer prompt with many more words in it"]
+    free = reference(m, ps[:1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    params = [SamplingParams(temperature=0, max_tokens=20, stop=[free.text[6:9]]),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free.token_ids[0]]),
+              SamplingParams(temperature=0, max_tokens=7, repetition_penalty=1.3, ignore_eos=True)]
+    outs = llm.generate(ps, params)
+    same(outs, reference(m, ps, params))
+    assert [o.prompt for o in outs] == ["The quick brown fox", "hello", None, ps[3]]
+    assert outs[0].finish_reason == "stop" and outs[1].finish_reason == "length"
+    engine = llm.engine.engine
+    # A later, smaller call runs on the same engine and cache (its prefix pages shared).
+    again = llm.generate(ps[3], params[3])
+    same(again, [outs[3]])
+    assert llm.engine.engine is engine and not engine.has_work()
+
+
+def test_logprobs_equal_plain_loop():
+    m = model()
+    ps = prompts(4, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
+    outs = LLM(m, tokenizer=tok(), max_num_seqs=2).generate(ps, params)
+    refs = reference(m, ps, params)
+    for o, r in zip(outs, refs):
+        assert len(o.logprobs) == len(r.logprobs) == 5
+        for a, b in zip(o.logprobs, r.logprobs):
+            assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
+    plain = LLM(m, tokenizer=tok()).generate(ps[0], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert plain.logprobs is None
+
+
+def test_seeded_sampling_same_alone_in_batch_and_plain_loop():
+    m = model()
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2)
+    ps = prompts(5, seed=2)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=8, ignore_eos=True)
+              for i in range(5)]
+    batch = llm.generate(ps, params)
+    same(batch, reference(m, ps, params))
+    for p, sp, o in zip(ps, params, batch):
+        assert llm.generate(p, sp)[0].token_ids == o.token_ids
+    assert len({tuple(o.token_ids) for o in batch}) > 1
+
+
+def test_preemption_in_a_small_cache_keeps_outputs():
+    m = model()
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=160)  # 10 pages of 16: not all at once
+    ps = prompts(6, seed=3, lo=20, hi=60)
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    same(llm.generate(ps, params), reference(m, ps, params))
+    assert llm.engine.engine.num_preempted > 0
+    with pytest.raises(ValueError, match="prompt 1 may need 200 KV cache slots"):
+        llm.generate([[5], [5] * 100], SamplingParams(max_tokens=100))
+
+
+def test_module_generate_and_chat_run_the_engine():
+    m = model()
+    ps = ["one", "two three", "four five six"]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    same(generate(m, tok(), ps, params), reference(m, ps, params))
+    llm = LLM(m, tokenizer=tok())
+    msgs = [{"role": "user", "content": "hi"}]
+    reply = llm.chat(msgs, params)
+    same([reply], reference(m, [llm.chat_ids(msgs)], params))
+    assert "".join(llm.stream(ps[1], params)) == reference(m, ps[1:2], params)[0].text
+
+
+def test_errors_before_any_work():
+    m = model()
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2)
+    ctx = m.config.max_position_embeddings
+    good = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([[5, 6], []], good)
+    with pytest.raises(PromptTooLongError, match=f"prompt too long: {ctx} tokens"):
+        llm.generate([[5, 6], [5] * ctx], good)
+    with pytest.raises(ValueError, match="3 prompts but 2 sampling params"):
+        llm.generate(["a", "b", "c"], [good, good])
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate(["a"], [{"max_tokens": 2}])
+    assert llm.engine.engine is None  # nothing was built, let alone run
+    assert llm.generate([], good) == []
+    for bad in ({"max_num_seqs": 0}, {"chunk_tokens": -1}, {"kv_cache_tokens": 1.5}):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            LLM(m, tokenizer=tok(), **bad)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        LLM(m)
+    with pytest.raises(ValueError, match="CUDA"):  # no device budget off CUDA
+        LLM(m, tokenizer=tok(), gpu_memory_utilization=0.5).generate("a", good)
+
+
+def test_failed_step_leaves_a_fresh_engine_for_the_next_call(monkeypatch):
+    m = model()
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2)
+    ps = prompts(3, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = llm.generate(ps, params)
+    calls = {"n": 0}
+    step = type(llm.engine.engine).step
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return step(self)
+
+    monkeypatch.setattr(type(llm.engine.engine), "step", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate(ps, params)
+    assert llm.engine.engine is None
+    same(llm.generate(ps, params), ref)
