@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import random_model
 
-from cpm4 import SamplingParams, generate
+from cpm4 import SamplingParams
+from cpm4.engine.generate import generate_ids
 from cpm4.engine.paged import OutOfPages, PagedKVCache
 from cpm4.engine.scheduler import LLMEngine
 from cpm4.model.tokenizer import build_tokenizer
@@ -30,7 +31,8 @@ def prompts(n, seed=0, lo=3, hi=150):
 
 
 def alone(model, p, params):
-    return generate(model, tok(), [p], params)[0].token_ids
+    # The plain generate loop (`cpm4.generate` itself now runs this engine).
+    return generate_ids(model, tok(), [p], [params])[0].token_ids
 
 
 @pytest.mark.parametrize("sc", [None, sparse()])
@@ -182,3 +184,35 @@ def test_paged_decode_kernels_equal_alone(sc):
     res = eng.run_to_completion()
     for i, p in enumerate(ps):
         assert res[f"r{i}"][1] == alone(model, p, params), i
+
+
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
+def test_compiled_decode_step_is_one_graph(sc):
+    """With the paged attention as one custom op, torch.compile traces the whole decode step as one graph
+    (no break, no recompilation per layer) and computes what the eager step does."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.engine import paged
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sc, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=20, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=128, paged_decode=True)
+    for i, p in enumerate(prompts(2, seed=6, lo=45, hi=60)):
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    eng.step()  # prefill both; the next token of each is sampled
+    assert all(len(r.state.generated) == 1 for r in eng.running)
+    seqs = [r.pages for r in eng.running]
+    for s in seqs:
+        cache.reserve(s, 1)
+    ids = torch.tensor([[r.state.generated[-1]] for r in eng.running])
+    ones = torch.ones(2, dtype=torch.long)
+    with torch.inference_mode():
+        ref = model(ids, cache.batch(seqs, decode=True), ones, last_only=True)
+        paged.make_opaque_to_compile()
+        paged.make_opaque_to_compile()  # idempotent
+        explain = torch._dynamo.explain(model)(ids, cache.batch(seqs, decode=True), ones, last_only=True)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch(seqs, decode=True), ones,
+                                                                        last_only=True)
+    torch.testing.assert_close(out, ref)

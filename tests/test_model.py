@@ -118,3 +118,34 @@ def test_bad_input_ids_rejected():
         model(torch.tensor([[0, 5, model.config.vocab_size]]))
     with pytest.raises(ValueError, match="batch, tokens"):
         model(torch.tensor([1, 2, 3]))
+
+
+def test_fused_projections_same_logits_and_checkpoint(tmp_path):
+    """fuse_projections: one q/k/v and one gate/up weight per layer, the separate parameters views into them;
+    logits unchanged (float64), weights follow dtype casts and loads, the checkpoint saves and reloads."""
+    from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
+
+    model = random_model("tiny", sparse_config=None, num_mtp_layers=1)
+    ids = torch.randint(3, 500, (2, 19), generator=torch.Generator().manual_seed(1))
+    ref = model(ids)
+    model.fuse_projections()
+    attn = model.model.layers[0].self_attn
+    fused = attn.qkv
+    model.fuse_projections()
+    assert attn.qkv is fused  # idempotent: the tensor stays (CUDA graphs hold its address)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv.untyped_storage().data_ptr()
+    assert model.mtp[0].layer.mlp.gate_up is not None
+    torch.testing.assert_close(model(ids), ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # a load writes through the views into the fused weights
+        attn.v_proj.weight.mul_(2)
+    assert torch.equal(attn.qkv[-attn.v_proj.weight.shape[0]:], attn.v_proj.weight)
+    with torch.no_grad():
+        attn.v_proj.weight.div_(2)
+    model.to(torch.float32)
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv.dtype == torch.float32
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids), ref.float(), rtol=1e-4, atol=1e-4)
+    save_checkpoint(model, model.config, tmp_path / "m")
+    back = load_checkpoint(tmp_path / "m", dtype=torch.float32)
+    torch.testing.assert_close(back(ids), model(ids))

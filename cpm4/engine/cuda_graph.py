@@ -25,11 +25,12 @@ class DecodeGraphs:
                  compile: bool = False):
         """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs).
         compile: torch.compile the step before capturing it (norms, rope, residuals and activations fused
-        into few kernels; the paged attention stays as is, one graph break per layer). Each bucket compiles
-        once, on first use (tens of seconds for a large model)."""
+        into few kernels; the paged attention is one opaque custom op, see `paged.make_opaque_to_compile`).
+        Each bucket compiles once, on first use (tens of seconds for a large model)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model, self.cache, self.width = model, cache, width
+        model.fuse_projections()  # one GEMV for q/k/v and one for gate/up: fewer, larger kernels per layer
         self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
         dev = model.device
         n = self.sizes[-1]

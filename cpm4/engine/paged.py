@@ -15,6 +15,8 @@ step can be replayed from a CUDA graph (`cpm4.engine.cuda_graph`).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -71,6 +73,12 @@ def kv_budget_bytes(model, utilization: float, chunk_tokens: int) -> int:
     return budget
 
 
+# Every cache by its uid: the compiled decode step's custom op names its cache by number (an op's arguments
+# are tensors and numbers).
+_CACHES: weakref.WeakValueDictionary[int, PagedKVCache] = weakref.WeakValueDictionary()
+_next_uid = itertools.count()
+
+
 class PagedKVCache:
     def __init__(self, config: MiniCPM4Config, num_pages: int, page_size: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -79,6 +87,8 @@ class PagedKVCache:
         self.config = config
         self.page_size = page_size
         self.num_pages = num_pages
+        self.uid = next(_next_uid)
+        _CACHES[self.uid] = self
         # One extra page, never handed out: padded rows of a captured decode batch write and read there.
         self.scratch = num_pages
         n_layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.dim_head
@@ -384,9 +394,31 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
 paged_attention = _paged_attention
 
 
+
+def _traced_paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    return torch.ops.cpm4.paged_attention(q, k, v, batch.table, batch.lens, batch.slots, batch.ends,
+                                          batch.cache.uid, layer, scale)
+
+
 def make_opaque_to_compile() -> None:
-    """Keep torch.compile out of the paged attention (it would trace into the Triton kernels): a graph break
-    per layer, the rest of the decode step compiled. Called by whoever compiles the decode step."""
+    """Make the paged attention one opaque custom op for torch.compile (it would otherwise trace into the
+    Triton kernels), so the whole decode step compiles as one graph: no graph break per layer, no
+    recompilation per layer index, norms/rope/residuals fused across layer boundaries. The op writes the
+    new keys/values and kernel keys into the cache it names; the traced step never reads the cache, so that
+    side effect needs no declaring. Called by whoever compiles the decode step (registration imports
+    torch.library's custom-op machinery: not at import)."""
     global paged_attention
-    if paged_attention is _paged_attention:
-        paged_attention = torch.compiler.disable(_paged_attention)
+    if paged_attention is _traced_paged_attention:
+        return
+    if not hasattr(torch.ops.cpm4, "paged_attention"):
+        @torch.library.custom_op("cpm4::paged_attention", mutates_args=())
+        def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, starts: torch.Tensor,
+                slots: torch.Tensor, ends: torch.Tensor, cache_id: int, layer: int, scale: float) -> torch.Tensor:
+            batch = DecodeBatch(_CACHES[cache_id], table, starts, slots, ends)
+            return _paged_attention(batch, layer, q, k, v, scale)
+
+        @_op.register_fake
+        def _(q, k, v, table, starts, slots, ends, cache_id, layer, scale):
+            return torch.empty_like(q)
+    paged_attention = _traced_paged_attention

@@ -201,6 +201,8 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
             if tuple(t.shape) != expected[name]:
                 raise CheckpointError(f"tensor {name}: shape {tuple(t.shape)}, config implies {expected[name]}")
             t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger tensor (fused projections): safetensors wants its own storage
             stored_dtype = t.dtype
             nbytes = t.numel() * t.element_size()
             if shards[-1] and sizes[-1] + nbytes > limit:

@@ -41,7 +41,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
 
+        self.gate_up: torch.Tensor | None = None  # see fuse_projections
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -58,6 +63,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.scale = self.head_dim ** -0.5
+        self.qkv: torch.Tensor | None = None  # see fuse_projections
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        if self.qkv is not None:
+            q, k, v = F.linear(x, self.qkv).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim),
+                v.view(b, t, self.n_kv, self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
                 new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None) -> torch.Tensor:
@@ -68,9 +83,7 @@ class Attention(nn.Module):
         `docs` (training on packed rows, no cache): docs[b] lists the lengths of the documents packed in
         row b; each attends only within itself, exactly as if it were a sequence of its own."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k, v = self.project(x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if docs is None and cache is None and bool((new_lens == t).all()) and not bool(starts.any()):
             docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
@@ -253,6 +266,37 @@ class MiniCPM4ForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One weight for q/k/v and one for gate/up per layer (one GEMM each: at batch 1 the small k and v
+        products cost a launch and a split-K reduction apiece). The separate parameters become views into
+        the fused weights, so nothing is duplicated and the checkpoint names stay. Idempotent; for inference:
+        call it again after replacing any of those parameters."""
+        layers = list(self.model.layers) + [m.layer for m in getattr(self, "mtp", [])]
+        for layer in layers:
+            for owner, attr, mods in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
+                                      (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
+                lins = [getattr(owner, m) for m in mods]
+                fused = getattr(owner, attr)
+                if fused is not None and all(lin.weight.untyped_storage().data_ptr()
+                                             == fused.untyped_storage().data_ptr() for lin in lins):
+                    continue  # already fused: keep the tensor (captured CUDA graphs read it by address)
+                fused = torch.cat([lin.weight for lin in lins])
+                row = 0
+                for lin in lins:
+                    n = lin.weight.shape[0]
+                    lin.weight = nn.Parameter(fused[row:row + n], requires_grad=lin.weight.requires_grad)
+                    row += n
+                setattr(owner, attr, fused)
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting copies each parameter on its own: fuse again so the fused weights follow.
+        fused = self.model.layers[0].self_attn.qkv is not None if len(self.model.layers) else False
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return out
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
