@@ -216,3 +216,40 @@ def test_compiled_decode_step_is_one_graph(sc):
         out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch(seqs, decode=True), ones,
                                                                         last_only=True)
     torch.testing.assert_close(out, ref)
+
+
+def test_host_block_table_follows_sequences():
+    """The incrementally updated block table of the captured decode steps holds, in every row, exactly the
+    row's sequence's pages (what `block_table` builds from scratch) through growth, replacement of a row's
+    sequence, a sequence released and refilled, and padding rows."""
+    from cpm4.engine.paged import HostBlockTable, SeqPages
+
+    scratch, width = 99, 8
+    t = HostBlockTable(4, width, scratch)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = SeqPages([1, 2], 100), SeqPages([3], 10), SeqPages([4, 5, 6], 150)
+
+    def check(seqs, rows):
+        cols = t.update(seqs, rows)
+        assert cols == max([len(s.pages) for s in seqs] + [1])
+        for i, s in enumerate(seqs):
+            assert t.table[i, :len(s.pages)].tolist() == s.pages, i
+        for i in range(len(seqs), rows):
+            assert int(t.table[i, 0]) == scratch
+
+    check([a, b], 4)
+    a.pages.append(7)
+    check([a, b], 4)
+    check([b, a, c], 3)  # rows change owners
+    c.pages.clear()
+    c.pages += [8]  # released and refilled: fewer pages than the row held
+    check([b, a, c], 4)
+    for _ in range(5):
+        s = [a, b, c][int(torch.randint(0, 3, (1,), generator=g))]
+        if len(s.pages) < width:
+            s.pages.append(int(torch.randint(0, 50, (1,), generator=g)))
+        check([c, b, a][: int(torch.randint(1, 4, (1,), generator=g))], 4)
+    with pytest.raises(ValueError, match="width"):
+        check([SeqPages(list(range(width + 1)), 1)], 1)
+    t.reset()
+    assert (t.table == scratch).all() and t.update([], 2) == 1

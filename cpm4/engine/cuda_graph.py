@@ -15,7 +15,7 @@ import torch
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 
 from . import paged
-from .paged import DecodeBatch, PagedKVCache, SeqPages, decode_inputs
+from .paged import DecodeBatch, HostBlockTable, PagedKVCache, SeqPages, decode_inputs, decode_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -37,6 +37,7 @@ class DecodeGraphs:
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.ones = torch.ones(n, dtype=torch.long, device=dev)
         self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, dev, rows=n)
+        self.host_table = HostBlockTable(n, width, cache.scratch)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.step = model
@@ -75,8 +76,9 @@ class DecodeGraphs:
         if bs not in self.graphs:
             self._reset_inputs()
             self.graphs[bs] = self._capture(bs)
-        table, starts, slots, ends = decode_inputs(self.cache, seqs, self.width, "cpu", rows=bs)
-        self.table[:bs].copy_(table, non_blocking=True)
+        cols = self.host_table.update(seqs, bs)
+        starts, slots, ends = decode_rows(self.cache, seqs, rows=bs)
+        self.table[:bs, :cols].copy_(self.host_table.table[:bs, :cols], non_blocking=True)
         self.starts[:bs].copy_(starts, non_blocking=True)
         self.slots[:bs].copy_(slots, non_blocking=True)
         self.ends[:bs].copy_(ends, non_blocking=True)
@@ -92,4 +94,5 @@ class DecodeGraphs:
         table, starts, slots, ends = decode_inputs(self.cache, [], self.width, "cpu", rows=self.max_batch)
         for dst, src in ((self.table, table), (self.starts, starts), (self.slots, slots), (self.ends, ends)):
             dst.copy_(src)
+        self.host_table.reset()
         self.ids.zero_()

@@ -330,20 +330,63 @@ class PagedBatch:
         return store[self.table[seq, page], slot]
 
 
-def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
-                  rows: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Tensors of a decode step (one new token per sequence, pages reserved): block table int32 [R, width],
-    starts (cache lengths before the token) int64 [R], the new token's slot int64 [R], lengths after it
-    int32 [R]. Rows past len(seqs) (up to `rows`, padding a captured batch) use the scratch page."""
-    rows = rows or len(seqs)
+def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row tensors of a decode step on the CPU: starts (cache lengths before the token) int64, the new
+    token's slot int64, lengths after it int32. Rows past len(seqs) (up to `rows`) use the scratch page."""
+    pad = (rows or len(seqs)) - len(seqs)
     ps = cache.page_size
-    table = cache.block_table(seqs, width, rows)
-    pad = rows - len(seqs)
     starts = torch.tensor([s.length for s in seqs] + [0] * pad, dtype=torch.long)
     slots = torch.tensor([s.pages[s.length // ps] * ps + s.length % ps for s in seqs] + [cache.scratch * ps] * pad,
                          dtype=torch.long)
-    return (table.to(device, non_blocking=True), starts.to(device, non_blocking=True),
-            slots.to(device, non_blocking=True), (starts + 1).to(device, torch.int32, non_blocking=True))
+    return starts, slots, (starts + 1).to(torch.int32)
+
+
+def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
+                  rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Tensors of a decode step (one new token per sequence, pages reserved): block table int32 [R, width],
+    then `decode_rows`' starts, slots and ends, on `device`."""
+    table = cache.block_table(seqs, width, rows)
+    return tuple(t.to(device, non_blocking=True) for t in (table, *decode_rows(cache, seqs, rows)))
+
+
+class HostBlockTable:
+    """A block table [rows, width] kept on the host and updated in place for the decode steps of captured
+    graphs: rebuilding it from Python lists every step cost 8 ms at 256 rows x 512 pages (0.6 ms for one row
+    of 2049 pages). Row i holds the first `held[i][1]` pages of sequence `held[i][0]`; a running sequence's
+    page list only grows, so a step writes only the pages added since the last one. Columns past a row's
+    pages keep older page ids (always valid pages): the kernels read only the pages below each row's length."""
+
+    def __init__(self, rows: int, width: int, scratch: int):
+        self.width, self.scratch = width, scratch
+        self.table = torch.full((rows, width), scratch, dtype=torch.int32)
+        self.held: list[tuple[SeqPages | None, int]] = [(None, 0)] * rows
+
+    def reset(self) -> None:
+        self.table.fill_(self.scratch)
+        self.held = [(None, 0)] * len(self.held)
+
+    def update(self, seqs: list[SeqPages], rows: int) -> int:
+        """Rows [0, rows) up to date for `seqs` (rows past them: padding on the scratch page); returns the
+        number of columns in use."""
+        cols = 1
+        for i in range(rows):
+            s = seqs[i] if i < len(seqs) else None
+            owner, n = self.held[i]
+            if s is None:
+                if owner is not None:
+                    self.table[i, 0] = self.scratch
+                    self.held[i] = (None, 0)
+                continue
+            k = len(s.pages)
+            if k > self.width:
+                raise ValueError(f"sequence holds {k} pages, block table width is {self.width}")
+            start = n if owner is s and n <= k else 0
+            if k > start:
+                self.table[i, start:k] = torch.tensor(s.pages[start:k], dtype=torch.int32)
+            self.held[i] = (s, k)
+            cols = max(cols, k)
+        return cols
 
 
 class DecodeBatch:
