@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cpm4.model.tokenizer import (
     CHAT_TOKENS,
@@ -377,3 +378,21 @@ def test_light_tokenizer_equals_transformers(tmp_path):
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("which", ["synthetic", "demo"])
+def test_decode_equals_transformers_decode(which):
+    """`decode` calls the fast backend directly (the engine detokenizes every row every step): the same text
+    as transformers' decode without clean-up, special tokens skipped or kept, on random ids."""
+    from pathlib import Path
+
+    from cpm4.model.tokenizer import Tokenizer, build_tokenizer
+
+    tk = build_tokenizer(1024) if which == "synthetic" else \
+        Tokenizer.from_dir(Path(__file__).resolve().parents[1] / "models" / "cpm4-demo")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = torch.randint(0, tk.vocab_size, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        for skip in (True, False):
+            assert tk.decode(ids, skip_special_tokens=skip) == \
+                tk._hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)

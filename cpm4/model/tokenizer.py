@@ -438,9 +438,13 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._hf.decode(
-            [int(i) for i in ids], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        ids = [int(i) for i in ids]
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is not None:
+            # What transformers' decode does for a fast tokenizer without clean-up, minus ~7 µs of Python per
+            # call: the engine detokenizes every row every step (4 ms a step at 256 rows).
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     # ----- chat -----
 
