@@ -69,8 +69,9 @@ class DecodeGraphs:
         return graph, out
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], seqs: list[SeqPages]) -> torch.Tensor:
-        """Logits [len(seqs), V] of one decode step; the caller advances the sequences' lengths."""
+    def run(self, tokens: list[int] | torch.Tensor, seqs: list[SeqPages]) -> torch.Tensor:
+        """Logits [len(seqs), V] of one decode step; the caller advances the sequences' lengths. tokens: host
+        ids, or ids [len(seqs)] already on the device (sampled by the previous step, not yet read back)."""
         b = len(seqs)
         bs = next(s for s in self.sizes if s >= b)
         if bs not in self.graphs:
@@ -82,9 +83,13 @@ class DecodeGraphs:
         self.starts[:bs].copy_(starts, non_blocking=True)
         self.slots[:bs].copy_(slots, non_blocking=True)
         self.ends[:bs].copy_(ends, non_blocking=True)
-        ids = torch.zeros(bs, 1, dtype=torch.long)
-        ids[:b, 0] = torch.tensor(tokens, dtype=torch.long)
-        self.ids[:bs].copy_(ids, non_blocking=True)
+        if isinstance(tokens, torch.Tensor):
+            self.ids[:b, 0].copy_(tokens)
+            self.ids[b:bs].zero_()
+        else:
+            ids = torch.zeros(bs, 1, dtype=torch.long)
+            ids[:b, 0] = torch.tensor(tokens, dtype=torch.long)
+            self.ids[:bs].copy_(ids, non_blocking=True)
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:b]

@@ -205,6 +205,13 @@ def sample_batch(
     logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]]
 ) -> list[int]:
     """Process a [B, V] logits batch and draw one token per row with that row's sampler."""
+    return sample_tokens(logits, samplers, params, history).tolist()  # one host sync for the whole batch
+
+
+def sample_tokens(
+    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]]
+) -> Tensor:
+    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device."""
     if len(samplers) != logits.shape[0]:
         raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
     x = process_logits(logits, params, history)
@@ -221,7 +228,7 @@ def sample_batch(
     for i, (sampler, p) in enumerate(zip(samplers, params)):
         if not p.greedy and p.seed is not None:
             tokens[i] = sampler._draw(x[i], greedy=False)
-    return tokens.tolist()  # one host sync for the whole batch
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from cpm4.model.tokenizer import Tokenizer
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
-from .sampling import SamplingParams, sample_batch
+from .sampling import SamplingParams, sample_batch, sample_tokens
 
 
 @dataclass(eq=False)
@@ -48,14 +48,31 @@ class EngineRequest:
         return self.prompt_ids[i] if i < n else self.state.generated[i - n]
 
 
+@dataclass(eq=False)
+class InflightStep:
+    """A decode step launched whose sampled tokens the host has not read yet (`LLMEngine(async_output=True)`)."""
+
+    reqs: list[EngineRequest]
+    tokens: torch.Tensor  # [B] sampled ids on the model's device
+    host: torch.Tensor  # [B] their copy on the host (pinned on CUDA), complete once `event` has passed
+    event: torch.cuda.Event | None
+
+
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, async_output: bool = False):
         """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
         batch-size bucket, captured on first use (default: with paged_decode on CUDA). compile: torch.compile
-        the decode step before capturing it (see `DecodeGraphs`)."""
+        the decode step before capturing it (see `DecodeGraphs`).
+
+        async_output: launch each decode step before reading back the tokens the previous one sampled (they
+        feed the next step on the device), so the host's work between steps (detokenizing, stop rules,
+        scheduling) overlaps the GPU's. Outputs are unchanged; a sequence that stops on a token is computed one
+        step past its end, and that step is discarded. Used while every running request decodes, none is
+        waiting, and none needs the host to know its last token before sampling the next (repetition
+        penalty) or asks for logprobs; otherwise the engine steps synchronously."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -67,6 +84,8 @@ class LLMEngine:
         self.by_id: dict[str, EngineRequest] = {}
         self.num_preempted = 0
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
+        self.async_output = async_output
+        self._inflight: InflightStep | None = None
         if paged_decode is None:
             paged_decode = infllm_v2.uses_triton(cache.k[0])
         self.paged_decode = paged_decode
@@ -102,22 +121,87 @@ class LLMEngine:
             req.aborted = True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     # ---- one step ----
     def step(self) -> list[tuple[str, StreamDelta]]:
         out: list[tuple[str, StreamDelta]] = []
         self._drop_aborted(out)
+        if self._inflight is not None:
+            keep = self._continuing()
+            if keep is not None:
+                return out + self._continue(keep)
+            out += self._drain(self._inflight)
         self._admit()
         feeds = self._plan()
         out += self._pending
         self._pending = []
         prefill = [(r, n) for r, n in feeds if n > 1]
         decode = [(r, n) for r, n in feeds if n == 1]
-        for group in (prefill, decode):
-            if group:
-                out += self._run(group)
+        if prefill:
+            out += self._run(prefill)
+        if decode:
+            reqs = [r for r, _ in decode]
+            if not prefill and self._async_ok(reqs):
+                self._inflight = self._launch(reqs, [r.token(r.computed) for r in reqs])
+            else:
+                out += self._run(decode)
         return out
+
+    # ---- decode steps launched ahead of reading their tokens (async_output) ----
+    def _async_ok(self, reqs: list[EngineRequest]) -> bool:
+        return (self.async_output and not self.waiting and len(reqs) == len(self.running)
+                and all(r.state.params.repetition_penalty == 1.0 and r.state.params.logprobs is None
+                        for r in reqs))
+
+    def _launch(self, reqs: list[EngineRequest], ids: list[int] | torch.Tensor) -> InflightStep:
+        """Run a decode step feeding `ids` (host ids, or the previous step's tokens on the device) and sample
+        it; the tokens are copied back to the host without waiting for them."""
+        logits = self._forward_decode([r.pages for r in reqs], ids)
+        for r in reqs:
+            r.computed += 1
+        toks = sample_tokens(logits, [r.state.sampler for r in reqs], [r.state.params for r in reqs],
+                             [r.state.history for r in reqs])
+        if toks.is_cuda:
+            host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
+            host.copy_(toks, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return InflightStep(reqs, toks, host, event)
+        return InflightStep(reqs, toks, toks, None)
+
+    def _continuing(self) -> list[int] | None:
+        """Rows of the in-flight step whose next decode step can launch now (None: read it back first): every
+        running request is in it, none waits, and the row's in-flight token is not its last by length.
+        Reserves the room for the next token of those rows."""
+        inf = self._inflight
+        running = set(self.running)
+        if self.waiting or not running <= set(inf.reqs):
+            return None
+        keep = [i for i, r in enumerate(inf.reqs) if r in running and len(r.state.generated) + 1 < r.state.max_tokens]
+        if not keep:
+            return None
+        try:
+            for i in keep:
+                self.cache.reserve(inf.reqs[i].pages, 1)
+        except OutOfPages:
+            return None  # the synchronous step preempts
+        return keep
+
+    def _continue(self, keep: list[int]) -> list[tuple[str, StreamDelta]]:
+        inf = self._inflight
+        ids = inf.tokens if len(keep) == len(inf.reqs) else inf.tokens[torch.tensor(keep, device=inf.tokens.device)]
+        self._inflight = self._launch([inf.reqs[i] for i in keep], ids)
+        return self._drain(inf)  # the host reads step n's tokens while the GPU runs step n + 1
+
+    def _drain(self, inf: InflightStep) -> list[tuple[str, StreamDelta]]:
+        if inf is self._inflight:
+            self._inflight = None
+        if inf.event is not None:
+            inf.event.synchronize()
+        # Rows that finished (a stop token read after the next step was launched) or were aborted: discarded.
+        live = [(r, t) for r, t in zip(inf.reqs, inf.host.tolist()) if r.state.finish_reason is None]
+        return self._emit([r for r, _ in live], [t for _, t in live])
 
     def _drop_aborted(self, out: list) -> None:
         for req in [r for r in list(self.waiting) + self.running if r.aborted]:
@@ -185,21 +269,28 @@ class LLMEngine:
         self.waiting.appendleft(req)
         self.num_preempted += 1
 
+    def _forward_decode(self, seqs: list[SeqPages], ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one decode step feeding one token per sequence (host ids or ids on the device);
+        advances the pages' lengths."""
+        dev = self.model.device
+        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+            logits = self.graphs.run(ids, seqs)
+        else:
+            ids = (ids.to(dev) if isinstance(ids, torch.Tensor) else torch.tensor(ids, device=dev))[:, None]
+            ones = torch.ones_like(ids[:, 0])
+            if not self.paged_decode:  # the gathering path: the model advances the lengths itself
+                return self.model(ids, self.cache.batch(seqs), ones, last_only=True)
+            logits = self.model(ids, self.cache.batch(seqs, decode=True), ones, last_only=True)
+        for s in seqs:
+            s.length += 1
+        return logits
+
     def _forward(self, group: list[tuple[EngineRequest, int]]) -> torch.Tensor:
         """Logits [len(group), V] at each request's last fed token; advances the pages' lengths."""
         dev = self.model.device
         seqs = [req.pages for req, _ in group]
         if self.paged_decode and all(n == 1 for _, n in group):
-            tokens = [req.token(req.computed) for req, _ in group]
-            if self.graphs is not None and len(group) <= self.graphs.max_batch:
-                logits = self.graphs.run(tokens, seqs)
-            else:
-                ids = torch.tensor(tokens, device=dev)[:, None]
-                logits = self.model(ids, self.cache.batch(seqs, decode=True), torch.ones_like(ids[:, 0]),
-                                    last_only=True)
-            for s in seqs:
-                s.length += 1
-            return logits
+            return self._forward_decode(seqs, [req.token(req.computed) for req, _ in group])
         t = max(n for _, n in group)
         ids = torch.zeros(len(group), t, dtype=torch.long)
         for i, (req, n) in enumerate(group):
@@ -222,15 +313,23 @@ class LLMEngine:
             reqs = [group[i][0] for i in ready]
             toks = sample_batch(logits[ready], [r.state.sampler for r in reqs], [r.state.params for r in reqs],
                                 [r.state.history for r in reqs])
-            for i, req, tok in zip(ready, reqs, toks):
-                k = req.state.params.logprobs
-                lps = [token_logprobs(logits[i], tok, k)] if k is not None else None
-                text, new = req.state.step(tok)
-                reason = req.state.finish_reason
-                if text or new or reason:
-                    out.append((req.request_id, StreamDelta(0, text, new, reason, lps if new else None)))
-                if reason is not None:
-                    self._finish(req, reason)
+            out = self._emit(reqs, toks, logits[ready])
+        return out
+
+    def _emit(self, reqs: list[EngineRequest], toks: list[int], logits: torch.Tensor | None = None
+              ) -> list[tuple[str, StreamDelta]]:
+        """Take each request's sampled token (stop rules, detokenizing); the deltas to stream. logits: the rows
+        the tokens were sampled from, for requests asking for logprobs."""
+        out = []
+        for i, (req, tok) in enumerate(zip(reqs, toks)):
+            k = req.state.params.logprobs
+            lps = [token_logprobs(logits[i], tok, k)] if k is not None else None
+            text, new = req.state.step(tok)
+            reason = req.state.finish_reason
+            if text or new or reason:
+                out.append((req.request_id, StreamDelta(0, text, new, reason, lps if new else None)))
+            if reason is not None:
+                self._finish(req, reason)
         return out
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
