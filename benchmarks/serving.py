@@ -1,6 +1,7 @@
 """Throughput of the serving engine with many requests (random µP weights of a preset, bf16, one GPU).
 
-    python benchmarks/serving.py --config minicpm4-0.5b
+    python benchmarks/serving.py --config minicpm4-0.5b [--http]
+    python benchmarks/serving.py --config tiny --device cpu --http --requests 16 --clients 8   # float32, CPU
 
 Three rows, measured in one run:
 - `decode.batch1`: one request (512-token prompt, 256 outputs) alone: output tokens/s at batch 1;
@@ -10,9 +11,18 @@ Three rows, measured in one run:
   time including prefill, as nano-vllm counts it;
 - `server.64`: the server's engine (`AsyncEngine`, the worker thread behind `cpm4 serve`) with 64 clients
   streaming at once (prompts 100-1024, outputs 64-512): output tokens/s, mean time to first token and mean
-  time between tokens.
+  time between tokens;
+- `http.64` (with --http): the same 64-client workload end to end through the OpenAI-compatible server: the
+  FastAPI app (`cpm4.serve.create_app`) over a new `AsyncEngine`, under uvicorn on 127.0.0.1, driven by
+  `openai.AsyncOpenAI` from a separate process (streaming /v1/completions, token-id prompts, ignore_eos,
+  usage in the last chunk): output tokens/s, mean time to the first text and mean time between tokens. Its
+  engine's tokenizer has an entry for every model id, so (nearly) each token is streamed as its own event
+  with text, as with a real tokenizer (the other rows' 1024-id tokenizer gives most ids no text).
+  Needs fastapi, uvicorn and openai (`pip install --no-index --find-links .wheels/py312 fastapi uvicorn
+  openai` where they are not installed).
 `speedup` is each row's output tokens/s over the batch-1 rate (TARGETS.md: >= 20x for offline.256).
-Prints a table and writes benchmarks/results/serving-<config>-<date>.json.
+Prints a table and writes benchmarks/results/serving-<config>-<date>.json (serving-<config>-cpu-<date>.json
+on CPU). Off CUDA the KV cache is sized in tokens (--kv-cache-tokens; default: `host_kv_cache_tokens`).
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import json
 import os
+import platform
 import random
 import sys
 import time
@@ -34,16 +46,47 @@ from common import write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
-from cpm4.engine.scheduler import LLMEngine  # noqa: E402
+from cpm4.engine.scheduler import LLMEngine, host_kv_cache_tokens  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
-from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
+from cpm4.model.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 from cpm4.serve.engine import AsyncEngine  # noqa: E402
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def covering_tokenizer(tok: Tokenizer, vocab_size: int) -> Tokenizer:
+    """A tokenizer in which every model id decodes to text: a fresh 1024-id one plus plain tokens "<tN>" for the
+    ids above (`tok` itself when it already covers the vocabulary)."""
+    n = len(tok.hf)
+    if n >= vocab_size:
+        return tok
+    cover = build_tokenizer(n)
+    cover.hf.add_tokens([f"<t{i}>" for i in range(n, vocab_size)])
+    if len(cover.hf) != vocab_size:
+        raise RuntimeError(f"covering tokenizer has {len(cover.hf)} ids, expected {vocab_size}")
+    return cover
 
 
 def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[float, int]:
     """Submit all requests, step until done: (seconds, output tokens)."""
-    torch.cuda.synchronize()
+    dev = eng.model.device
+    sync(dev)
     t = time.perf_counter()
     for i, (p, sp) in enumerate(reqs):
         eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
@@ -51,7 +94,7 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> 
     while eng.has_work():
         for _, d in eng.step():
             n += len(d.token_ids)
-    torch.cuda.synchronize()
+    sync(dev)
     return time.perf_counter() - t, n
 
 
@@ -74,25 +117,80 @@ async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingP
             "tbt_ms": 1000 * sum((r[2] - r[0]) / max(r[1] - 1, 1) for r in res) / len(res)}
 
 
+def http_row(args, model, tok, creqs, dev) -> dict:
+    """The `http.<clients>` measurement: server up, clients in a child process, server and engine down."""
+    from serving_http import HTTPServer, run_clients
+
+    from cpm4.serve import create_app
+
+    aeng = AsyncEngine(model, covering_tokenizer(tok, model.config.vocab_size), max_batch_size=args.clients,
+                       chunk_tokens=args.chunk_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                       gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
+                       compile=args.compile, async_output=args.async_output)
+    try:
+        srv = HTTPServer(create_app(aeng, args.config))
+        try:
+            rep = run_clients(srv.url, args.config, [(r[:32], 4) for r, _ in creqs],
+                              [(r, sp.max_tokens) for r, sp in creqs], temperature=0.6)
+        finally:
+            srv.stop()
+    finally:
+        aeng.shutdown()
+    res = rep["results"]
+    return {"wall_s": rep["wall_s"], "tokens": sum(r["tokens"] for r in res),
+            "ttft_ms": 1000 * sum(r["ttft_s"] for r in res) / len(res),
+            "tbt_ms": 1000 * sum((r["total_s"] - r["ttft_s"]) / max(r["tokens"] - 1, 1) for r in res) / len(res),
+            "short": sum(r["tokens"] < r["max_tokens"] for r in res),
+            "usage_missing": sum(r["usage_tokens"] is None for r in res),
+            "text_chunks": sum(r["text_chunks"] for r in res), "openai_version": rep["openai_version"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="minicpm4-0.5b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda (bf16, KV cache from --gpu-memory-utilization) or cpu (float32, --kv-cache-tokens)")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="prefill tokens per scheduler step")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="KV cache size in tokens of each engine (default: on CUDA from --gpu-memory-utilization, "
+                         "elsewhere host_kv_cache_tokens for its batch size)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    ap.add_argument("--async-output", action="store_true",
+                    help="launch each decode step before reading back the previous one's tokens")
+    ap.add_argument("--http", action="store_true",
+                    help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "
+                         "uvicorn, openai)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but CUDA is not available (use --device cpu)")
+    if args.http:
+        from serving_http import missing_modules
+
+        missing = missing_modules()
+        if missing:
+            ap.error(f"--http needs {', '.join(missing)} (not importable): pip install fastapi uvicorn openai, "
+                     "or offline: pip install --no-index --find-links .wheels/py312 fastapi uvicorn openai")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = preset(args.config)
     cfg.max_position_embeddings = min(cfg.max_position_embeddings, 4096)  # nano-vllm: max_model_len 4096
-    model = random_model(cfg, dev, torch.bfloat16)
+    model = random_model(cfg, dev, dtype)
     tok = build_tokenizer(1024)  # ids beyond its vocabulary detokenize to nothing: fine for a benchmark
+    hi = min(10000, cfg.vocab_size - 1)  # prompt token ids are drawn from [0, hi]
     ps = page_size_for(cfg)
-    budget = kv_budget_bytes(model, args.gpu_memory_utilization, args.chunk_tokens)
-    cache = PagedKVCache.from_budget(cfg, budget, ps, dev, torch.bfloat16)
-    print(f"KV cache: {cache.num_pages} pages of {ps} tokens ({budget / 2**30:.1f} GiB)", flush=True)
+    if args.kv_cache_tokens is not None:
+        cache = PagedKVCache(cfg, -(-args.kv_cache_tokens // ps), ps, dev, dtype)
+    elif dev.type == "cuda":
+        cache = PagedKVCache.from_budget(cfg, kv_budget_bytes(model, args.gpu_memory_utilization, args.chunk_tokens),
+                                         ps, dev, dtype)
+    else:
+        cache = PagedKVCache(cfg, -(-host_kv_cache_tokens(model, args.requests) // ps), ps, dev, dtype)
+    size = (cache.num_pages + 1) * PagedKVCache.bytes_per_page(cfg, ps, dtype)
+    print(f"KV cache: {cache.num_pages} pages of {ps} tokens ({size / 2**30:.1f} GiB)", flush=True)
     rows = []
 
     def row(phase, seconds, tokens, base=None, **extra):
@@ -105,9 +203,10 @@ def main() -> None:
         return tokens / seconds
 
     # Batch 1.
-    eng1 = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=args.chunk_tokens, compile=args.compile)
+    eng1 = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=args.chunk_tokens, compile=args.compile,
+                     async_output=args.async_output)
     rnd = random.Random(1)
-    p1 = [rnd.randint(0, 10000) for _ in range(512)]
+    p1 = [rnd.randint(0, hi) for _ in range(512)]
     run_engine(eng1, [(p1[:64], SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))])  # warm-up
     eng1.add_request("b1", p1, SamplingParams(temperature=0.6, max_tokens=1, ignore_eos=True))
     eng1.run_to_completion()  # prefill alone, then time decode steps only
@@ -118,11 +217,11 @@ def main() -> None:
 
     # nano-vllm's bench.py workload.
     rnd = random.Random(0)
-    reqs = [[rnd.randint(0, 10000) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
+    reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
     eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
-                    compile=args.compile)
+                    compile=args.compile, async_output=args.async_output)
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, graphs
     t, n = run_engine(eng, list(zip(reqs, params)))
     row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted,
@@ -130,15 +229,18 @@ def main() -> None:
              "(Qwen3-0.6B, RTX 4070 Laptop)")
     del eng
     del cache
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
     # The server's engine with concurrent streaming clients.
     rnd = random.Random(2)
-    creqs = [([rnd.randint(0, 10000) for _ in range(rnd.randint(100, 1024))],
+    creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
               SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
              for _ in range(args.clients)]
     aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization, compile=args.compile)
+                       kv_cache_tokens=args.kv_cache_tokens,
+                       gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
+                       compile=args.compile, async_output=args.async_output)
     try:
         asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
         m = asyncio.run(run_clients(aeng, creqs))
@@ -146,16 +248,34 @@ def main() -> None:
         aeng.shutdown()
     row(f"server.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
         mean_tbt_ms=round(m["tbt_ms"], 2))
+    del aeng
 
-    name = torch.cuda.get_device_name(dev)
-    print(f"\n{args.config} (random weights, bf16), {name}")
-    print(f"{'phase':16s} {'seconds':>8s} {'out tokens':>11s} {'out tok/s':>10s} {'x batch-1':>10s}")
+    # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
+    if args.http:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        m = http_row(args, model, tok, creqs, dev)
+        row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
+            mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
+            text_chunks=m["text_chunks"],
+            note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
+                 f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
+                 "tokens from usage; TTFT to the first text chunk")
+
+    name = device_name(dev)
+    dname = "bf16" if dtype == torch.bfloat16 else "fp32"
+    print(f"\n{args.config} (random weights, {dname}), {name}")
+    print(f"{'phase':16s} {'seconds':>8s} {'out tokens':>11s} {'out tok/s':>10s} {'x batch-1':>10s} "
+          f"{'TTFT ms':>8s} {'TBT ms':>7s}")
     for r in rows:
         sp = "" if r["speedup"] is None else f"{r['speedup']:9.1f}x"
+        ttft = f"{r['mean_ttft_ms']:8.1f}" if "mean_ttft_ms" in r else ""
+        tbt = f"{r['mean_tbt_ms']:7.2f}" if "mean_tbt_ms" in r else ""
         print(f"{r['phase']:16s} {r['ours_ms'] / 1000:8.2f} {r['output_tokens']:11d} {r['output_tok_s']:10.1f} "
-              f"{sp:>10s}")
+              f"{sp:>10s} {ttft:>8s} {tbt:>7s}")
     date = datetime.date.today().isoformat()
-    fname = f"serving-{args.config}-{date}.json"
+    fname = f"serving-{args.config}-{date}.json" if dev.type == "cuda" else f"serving-{args.config}-cpu-{date}.json"
     doc = {"device": name, "date": date, "config": args.config, "rows": rows}
     write_json(doc, fname, args.out)
 

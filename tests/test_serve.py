@@ -402,6 +402,37 @@ def test_concurrent_clients_match_solo_runs(client, llm, engine):
     assert engine.num_batches - batches_before < (64 if engine.continuous else 8)
 
 
+def test_async_output_engine_streams_match_solo_runs(llm):
+    """The server's engine with decode steps launched ahead of reading their tokens (async_output): concurrent
+    streams, one stopping on a stop string, one cancelled by its reader, equal the requests run alone."""
+    prompts = [llm.tokenizer.encode(f"Stream {i} says") for i in range(5)]
+    params = [_greedy(10, ignore_eos=True), _greedy(7), _greedy(12, ignore_eos=True), _greedy(9, ignore_eos=True),
+              _greedy(30, ignore_eos=True)]
+    solo = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    params[1] = _greedy(7, stop=[solo[1].text[2:4]]) if len(solo[1].text) >= 4 else params[1]
+    solo[1] = llm.generate([prompts[1]], params[1])[0]
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4, async_output=True)
+
+    async def one(i):
+        text, toks, reason = "", [], None
+        async for d in eng.stream(prompts[i], params[i], f"a{i}"):
+            text, toks, reason = text + d.text, toks + d.token_ids, d.finish_reason or reason
+            if i == 4 and len(toks) >= 3:
+                break  # the reader goes away: the request is aborted
+        return text, toks, reason
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(5)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    for i in range(4):
+        assert got[i] == (solo[i].text, solo[i].token_ids, solo[i].finish_reason), i
+    assert got[4][1] == solo[4].token_ids[:len(got[4][1])]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors
 

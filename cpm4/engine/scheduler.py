@@ -371,10 +371,11 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
 
 
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
-                 chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False) -> LLMEngine:
+                 chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False,
+                 async_output: bool = False) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
     device and dtype."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, -(-kv_cache_tokens // ps), ps, model.device, model.dtype)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
-                     compile=compile)
+                     compile=compile, async_output=async_output)

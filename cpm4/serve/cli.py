@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
-          compile=args.compile)
+          compile=args.compile, async_output=args.async_output)
     return 0
 
 
@@ -63,6 +63,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step inside its CUDA graphs (faster decode, slower start)")
+    p.add_argument("--async-output", action="store_true",
+                   help="launch each decode step before reading back the previous one's tokens (host work "
+                   "overlaps the GPU; experimental)")
     p.add_argument("--chunk-tokens", type=_positive, default=512, help="prefill chunk per scheduler step")
     p.set_defaults(func=cmd_serve)
     return p

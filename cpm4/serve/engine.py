@@ -62,17 +62,19 @@ class AsyncEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, async_output: bool = False) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
-        see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step."""
+        see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step; async_output: see
+        `LLMEngine`."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
         self.cuda_graphs = cuda_graphs
         self.compile = compile
+        self.async_output = async_output
         if kv_cache_tokens is None:
             kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization)
         self.kv_cache_tokens = kv_cache_tokens
@@ -220,7 +222,7 @@ class AsyncEngine:
 
     def _new_scheduler(self) -> LLMEngine:
         return build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size, self.chunk_tokens,
-                            cuda_graphs=self.cuda_graphs, compile=self.compile)
+                            cuda_graphs=self.cuda_graphs, compile=self.compile, async_output=self.async_output)
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
