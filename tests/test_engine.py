@@ -139,7 +139,7 @@ def test_cache_budget_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [True, False, "compile"])
+@pytest.mark.parametrize("graphs", [True, False, "compile", "async"])
 @pytest.mark.parametrize("sc", [None, sparse()])
 def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc):
     """The paged cache and scheduler on a CUDA model (bf16): prefill chunks through the gathering path,
@@ -151,7 +151,7 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc):
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
     cache = PagedKVCache(model.config, num_pages=200, page_size=16, device="cuda", dtype=torch.bfloat16)
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, cuda_graphs=bool(graphs),
-                    compile=graphs == "compile")
+                    compile=graphs == "compile", async_output=graphs == "async")
     assert eng.paged_decode and (eng.graphs is not None) == bool(graphs)
     ps = prompts(6, seed=4, lo=20, hi=150)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
