@@ -310,8 +310,15 @@ def test_chat_multi_turn_keeps_history_and_eof_exits(jobs, llm):
 # stdout and stderr after the interrupt.
 
 
+# The CLI with Ctrl-C delivered as from a terminal: a shell starts background jobs with SIGINT ignored, and a
+# Python started so never raises KeyboardInterrupt (a test run launched with `make test &` would then fail).
+CLI_SIGINT = [sys.executable, "-c", "import runpy, signal, sys; "
+              "signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'cpm4'; runpy.run_module('cpm4.cli', run_name='__main__', alter_sys=True)"]
+
+
 def _popen(*args: str | Path, stdin=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
+    return subprocess.Popen([*CLI_SIGINT, *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=ENV)
 
 
