@@ -184,6 +184,9 @@ class Attention(nn.Module):
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if plain_causal:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        elif q.shape[0] == 1 and q.shape[1] == 1 and k.shape[1] == int(starts[0]) + 1:
+            # One sequence's next token: it sees every key, no mask (decoding on the gathering path).
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=self.scale, enable_gqa=True)
         elif q.shape[0] == 1 and k.shape[1] == int(starts[0]) + q.shape[1]:
             # One sequence's chunk after its cached tokens (chunked prefill): bottom-right aligned causal
             # attention runs in the fused kernels, where a [T, S] mask would not (16 GB at 128K). That bias
