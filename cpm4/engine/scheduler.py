@@ -289,7 +289,7 @@ class LLMEngine:
         """Logits [len(group), V] at each request's last fed token; advances the pages' lengths."""
         dev = self.model.device
         seqs = [req.pages for req, _ in group]
-        if self.paged_decode and all(n == 1 for _, n in group):
+        if all(n == 1 for _, n in group):
             return self._forward_decode(seqs, [req.token(req.computed) for req, _ in group])
         t = max(n for _, n in group)
         ids = torch.zeros(len(group), t, dtype=torch.long)
