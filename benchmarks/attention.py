@@ -67,11 +67,11 @@ def main() -> None:
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
     from cpm4.kernels.infllm_v2.triton_decode import (
         _attend,
-        decode_block_scores,
+        _score_select,
+        append_kv,
         decode_lse,
         paged_decode,
         paged_sparse_decode,
-        pool_kernel_keys,
     )
     from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, num_sms, select_blocks
 
@@ -145,7 +145,6 @@ def main() -> None:
         vc.view(-1, hkv, d)[:n] = v
         table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
         lens = torch.tensor([n], device="cuda", dtype=torch.int32)
-        last = lens - 1
         stores = []
         for kk, size, stride in ((k1, cfg.kernel_size, cfg.kernel_stride),
                                  (k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
@@ -155,9 +154,11 @@ def main() -> None:
             stores.append((store, size, stride))
         q1 = q[-1:]
 
+        slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
+        k_new, v_new = k[-1:].clone(), v[-1:].clone()
+
         def sparse_step():
-            for store, size, stride in stores:
-                pool_kernel_keys(kc, table, last, lens, store, size, stride, 1)
+            append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
             return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale)
 
         q1d = q1.transpose(0, 1).unsqueeze(0)
@@ -204,16 +205,17 @@ def main() -> None:
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)
-            sc = decode_block_scores(q1, fine, table, lens, lse, cfg, scale)
-            splits = max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(cfg.num_selected, 2)))
+            counters = torch.zeros((1, hkv), device="cuda", dtype=torch.int32)
+            _, att, natt = _score_select(q1, fine, table, lens, lse, cfg, scale, counters=counters)
+            splits = max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(att.shape[2], 2)))
             for name, fn in (
-                    ("pool_kernel_keys", lambda: [pool_kernel_keys(kc, table, last, lens, st, size, stride, 1)
-                                                  for st, size, stride in stores]),
+                    ("append_kv", lambda: append_kv(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)),
                     ("stage1_lse", lambda: decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size,
                                                       cfg.coarse_kernel_stride, scale)),
-                    ("stage1_scores", lambda: decode_block_scores(q1, fine, table, lens, lse, cfg, scale)),
-                    ("select_attend_combine", lambda: _attend(q1, kc, vc, table, lens, splits, 2, scores=sc,
-                                                              cfg=cfg, dense_len=cfg.dense_len, scale=scale))):
+                    ("stage1_scores_select", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
+                                                                   counters=counters.zero_())),
+                    ("attend_merge", lambda: _attend(q1, kc, vc, table, lens, splits, 2, blk=att, nblk=natt,
+                                                     dense_len=cfg.dense_len, scale=scale))):
                 row(f"decode.cuda_graph.{name}", n, graphed(fn), None)
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")

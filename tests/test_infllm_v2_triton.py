@@ -301,6 +301,57 @@ def _check_pool(device, dtype, tol):
             assert int((~out[..., 0, 0].isnan()).sum()) == written  # nothing else written
 
 
+def _check_append(device, dtype, tol):
+    """append_kv stores each row's new key/value at its slot and pools exactly the fine/coarse kernels the
+    token completes (equal to kernel_means), nothing else."""
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv
+
+    cfg = small_cfg()
+    page, hkv, d = 16, 2, 16
+    lens = [32, 70, 48, 5]  # the last token completes: fine+coarse, nothing, fine+coarse, nothing
+    kc, vc, table, ks, vs, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref = {name: st.clone() for name, st in stores.items()}
+    slots = torch.tensor([int(table[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(lens)],
+                         device=device)
+    flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+    flat_k[slots], flat_v[slots] = float("nan"), float("nan")  # poisoned: the kernel must write them
+    written = 0
+    for name, size, stride in (("fine", cfg.kernel_size, cfg.kernel_stride),
+                               ("coarse", cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
+        for i, n in enumerate(lens):
+            if n >= size and (n - size) % stride == 0:  # kernel (n - size) // stride ends at the new token
+                p, slot = R.kernel_page_slots(torch.tensor([(n - size) // stride], device=device), size, stride, page)
+                stores[name][table[i].long()[p], slot] = float("nan")
+                written += 1
+    assert written == 4
+    k_new = torch.stack([k[-1] for k in ks])
+    v_new = torch.stack([v[-1] for v in vs])
+    ends = torch.tensor(lens, device=device, dtype=torch.int32)
+    append_kv(k_new, v_new, kc, vc, slots, table, ends, stores["fine"], stores["coarse"], cfg)
+    assert torch.equal(kc.nan_to_num(7.0), ref_k.nan_to_num(7.0))  # pages never written stay poisoned
+    assert torch.equal(vc.nan_to_num(7.0), ref_v.nan_to_num(7.0))
+    for name in stores:
+        assert rel(stores[name].nan_to_num(7.0), ref[name].nan_to_num(7.0)) < tol, name
+    # Without kernel-key pages it only stores (the dense cache).
+    flat_k[slots] = float("nan")
+    append_kv(k_new, v_new, kc, vc, slots, table, ends)
+    assert torch.equal(kc.nan_to_num(7.0), ref_k.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="do not fit"):
+        append_kv(k_new[:, :1], v_new, kc, vc, slots, table, ends)
+
+
+def test_interpreter_append_kv():
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    _check_append("cpu", torch.float32, 1e-6)
+
+
+@gpu
+def test_gpu_append_kv():
+    _check_append("cuda", torch.bfloat16, 1e-2)
+
+
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the

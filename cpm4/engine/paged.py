@@ -353,39 +353,69 @@ def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device:
 class HostBlockTable:
     """A block table [rows, width] kept on the host and updated in place for the decode steps of captured
     graphs: rebuilding it from Python lists every step cost 8 ms at 256 rows x 512 pages (0.6 ms for one row
-    of 2049 pages). Row i holds the first `held[i][1]` pages of sequence `held[i][0]`; a running sequence's
-    page list only grows, so a step writes only the pages added since the last one. Columns past a row's
-    pages keep older page ids (always valid pages): the kernels read only the pages below each row's length."""
+    of 2049 pages). Row i holds the first `counts[i]` pages of sequence `owners[i]`; a running sequence's
+    page list only grows, so a step writes only the pages added since the last one, and a sequence that moved
+    to another row (the rows after one that ended shift up) is copied over from its old row in one tensor
+    operation for all such rows. Columns past a row's pages keep older page ids (always valid pages): the
+    kernels read only the pages below each row's length."""
 
     def __init__(self, rows: int, width: int, scratch: int):
         self.width, self.scratch = width, scratch
         self.table = torch.full((rows, width), scratch, dtype=torch.int32)
-        self.held: list[tuple[SeqPages | None, int]] = [(None, 0)] * rows
+        self.owners: list[SeqPages | None] = [None] * rows
+        self.counts: list[int] = [0] * rows
 
     def reset(self) -> None:
         self.table.fill_(self.scratch)
-        self.held = [(None, 0)] * len(self.held)
+        self.owners = [None] * len(self.owners)
+        self.counts = [0] * len(self.counts)
 
     def update(self, seqs: list[SeqPages], rows: int) -> int:
         """Rows [0, rows) up to date for `seqs` (rows past them: padding on the scratch page); returns the
         number of columns in use."""
+        owners, counts, table = self.owners, self.counts, self.table
         cols = 1
-        for i in range(rows):
-            s = seqs[i] if i < len(seqs) else None
-            owner, n = self.held[i]
-            if s is None:
-                if owner is not None:
-                    self.table[i, 0] = self.scratch
-                    self.held[i] = (None, 0)
-                continue
+        changed = []  # rows whose sequence is not the one they hold
+        for i, s in enumerate(seqs):
             k = len(s.pages)
-            if k > self.width:
-                raise ValueError(f"sequence holds {k} pages, block table width is {self.width}")
-            start = n if owner is s and n <= k else 0
-            if k > start:
-                self.table[i, start:k] = torch.tensor(s.pages[start:k], dtype=torch.int32)
-            self.held[i] = (s, k)
-            cols = max(cols, k)
+            if k > cols:
+                cols = k
+                if k > self.width:
+                    raise ValueError(f"sequence holds {k} pages, block table width is {self.width}")
+            if owners[i] is s:
+                n = counts[i]
+                if n == k:
+                    continue
+                if n < k:
+                    table[i, n:k] = torch.tensor(s.pages[n:k], dtype=torch.int32)
+                    counts[i] = k
+                    continue
+            changed.append(i)
+        if changed:
+            # Where each sequence sat before this update (rows past `rows` included: they are untouched).
+            where = {id(o): r for r, o in enumerate(owners) if o is not None}
+            dst, src, writes = [], [], []
+            for i in changed:
+                s = seqs[i]
+                r = where.get(id(s))
+                if r is not None and owners[r] is s and counts[r] <= len(s.pages):
+                    dst.append(i)
+                    src.append(r)
+                    writes.append((i, counts[r]))
+                else:
+                    writes.append((i, 0))
+            if dst:  # one gather for every moved row (the source rows are read before any is written)
+                table[dst] = table[src]
+            for i, n in writes:
+                s = seqs[i]
+                k = len(s.pages)
+                if k > n:
+                    table[i, n:k] = torch.tensor(s.pages[n:k], dtype=torch.int32)
+                owners[i], counts[i] = s, k
+        for i in range(len(seqs), rows):
+            if owners[i] is not None:
+                table[i, 0] = self.scratch
+                owners[i], counts[i] = None, 0
         return cols
 
 
@@ -415,23 +445,17 @@ class DecodeBatch:
 def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """DecodeBatch.decode: store the new keys/values, pool the kernels they complete, attend on the pages."""
-    from cpm4.kernels.infllm_v2.triton_decode import paged_decode, paged_sparse_decode, pool_kernel_keys
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode, paged_sparse_decode
 
     c = batch.cache
     kc, vc = c.k[layer], c.v[layer]
-    kc.view(-1, *k.shape[2:])[batch.slots] = k[:, 0]
-    vc.view(-1, *v.shape[2:])[batch.slots] = v[:, 0]
     sc = c.config.sparse_config
+    fine = c.fine[layer] if sc is not None else None
+    coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
+    append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, fine, coarse, sc)
     if sc is None:
         return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale)[:, None]
-    last = batch.ends - 1
-    pool_kernel_keys(kc, batch.table, last, batch.ends, c.fine[layer], sc.kernel_size, sc.kernel_stride, 1)
-    if c.coarse is not None:
-        pool_kernel_keys(kc, batch.table, last, batch.ends, c.coarse[layer], sc.coarse_kernel_size,
-                         sc.coarse_kernel_stride, 1)
-    out = paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, c.fine[layer],
-                              c.coarse[layer] if c.coarse is not None else None, sc, scale)
-    return out[:, None]
+    return paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale)[:, None]
 
 
 paged_attention = _paged_attention

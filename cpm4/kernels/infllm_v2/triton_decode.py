@@ -5,16 +5,17 @@ live beside the pages (layout: `reference.kernel_page_slots`): the key of kernel
 that holds the kernel's last token, so a page's kernel keys depend only on tokens up to the page's end and
 pages shared between sequences with the same prefix share them too.
 
-`paged_sparse_decode` is the whole InfLLM v2 decode step for a batch, with no host synchronisation and
-shapes fixed by the batch size and block-table width (so it can be captured in a CUDA graph):
+A decode step is launch- and latency-bound at batch 1 (a few MB moved per layer), so it runs as few kernels
+as it can, with no host synchronisation and shapes fixed by the batch size and block-table width (so it can
+be captured in a CUDA graph):
+0. `append_kv`: stores the new keys/values and pools the fine and coarse kernel keys the token completes;
 1. `_lse_kernel`: each query head's partial log-sum-exp over its split of the coarse (Gen-B) or fine (Gen-A)
    kernel keys;
 2. `_score_kernel`: merges those, scores each fine kernel, sums over the group's heads, max-pools onto
-   blocks (written as float32 [B, hkv, blocks]);
-3. `_attend_kernel`: every program picks the top-k blocks from the pooled scores (the same `topk_mask` as
-   prefill selection) and attends to its share of them (flash-decoding split); rows shorter than
-   `dense_len` attend to all their pages instead;
-4. `_combine_kernel`: merges the splits by their log-sum-exp.
+   blocks (float32 [B, hkv, blocks]); the last program of a (sequence, KV head) to finish (an arrival
+   counter) picks the top-k blocks once (`topk_mask`, as prefill selection) and writes the attended list;
+3. `_attend_kernel`: each program attends to its share of the listed blocks (flash-decoding split); the last
+   one to finish merges the splits by their log-sum-exp. Rows shorter than `dense_len` attend to all pages.
 `paged_decode` runs step 3 alone: all pages (dense) or an explicit block list per sequence and KV head.
 """
 
@@ -27,7 +28,16 @@ import triton.language as tl
 from cpm4.model.config import SparseConfig
 
 from .reference import kernel_slots
-from .triton_select import complete_kernels, lse_step, lse_value, merge_lse, num_sms, softmax_step, topk_mask
+from .triton_select import (
+    complete_kernels,
+    lse_step,
+    lse_value,
+    merge_lse,
+    num_sms,
+    score_shift,
+    softmax_step,
+    topk_mask,
+)
 
 
 @triton.jit
@@ -37,6 +47,23 @@ def _kernel_addr(j, valid, table_row, stride_kp, stride_ks, KSIZE: tl.constexpr,
     end = j * KSTRIDE + KSIZE - 1
     page = tl.load(table_row + end // PAGE, mask=valid, other=0)
     return page.to(tl.int64) * stride_kp + ((end % PAGE) // KSTRIDE) * stride_ks
+
+
+@triton.jit
+def _store_kernel_mean(kc_ptr, row, out_ptr, j, g, stride_kp, stride_kt, stride_kh, stride_op, stride_os, stride_oh,
+                       D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr,
+                       KSTRIDE: tl.constexpr):
+    """Kernel j's key (mean of the keys [j*stride, j*stride + size) of KV head g, read through the block-table
+    row) into its slot of the kernel-key pages."""
+    u = tl.arange(0, KPAD)
+    t = j * KSTRIDE + u
+    um = u < KSIZE
+    pages = tl.load(row + t // PAGE, mask=um, other=0).to(tl.int64)
+    dd = tl.arange(0, D)
+    k = tl.load(kc_ptr + pages[:, None] * stride_kp + (t % PAGE)[:, None] * stride_kt + g * stride_kh + dd[None, :],
+                mask=um[:, None], other=0.0).to(tl.float32)
+    base = _kernel_addr(j, True, row, stride_op, stride_os, KSIZE, KSTRIDE, PAGE)
+    tl.store(out_ptr + base + g * stride_oh + dd, (tl.sum(k, 0) / KSIZE).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -53,19 +80,83 @@ def _pool_kernel(kc_ptr, table_ptr, start_ptr, end_ptr, out_ptr, stride_kp, stri
     # First kernel ending at or after `start`: j*S + K - 1 >= start.
     j0 = tl.maximum(start - (KSIZE - 1) + KSTRIDE - 1, 0) // KSTRIDE
     j = j0 + n
-    last = j * KSTRIDE + KSIZE - 1
-    if last < end:
+    if j * KSTRIDE + KSIZE - 1 < end:
+        _store_kernel_mean(kc_ptr, table_ptr + bi * stride_tb, out_ptr, j, g, stride_kp, stride_kt, stride_kh,
+                           stride_op, stride_os, stride_oh, D, PAGE, KSIZE, KPAD, KSTRIDE)
+
+
+@triton.jit
+def _pool_last(kc_ptr, row, out_ptr, pos, g, stride_kp, stride_kt, stride_kh, stride_op, stride_os, stride_oh,
+               D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr):
+    """Pool the kernel that ends at token pos, if one does."""
+    first = pos - (KSIZE - 1)
+    if (first >= 0) & (first % KSTRIDE == 0):
+        _store_kernel_mean(kc_ptr, row, out_ptr, first // KSTRIDE, g, stride_kp, stride_kt, stride_kh, stride_op,
+                           stride_os, stride_oh, D, PAGE, KSIZE, KPAD, KSTRIDE)
+
+
+@triton.jit
+def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr, f_ptr, c_ptr,
+                   stride_kb, stride_kh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
+                   stride_dp, stride_dt, stride_dh, stride_tb, stride_fp, stride_fs, stride_fh,
+                   stride_gp, stride_gs, stride_gh,
+                   D: tl.constexpr, PAGE: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
+                   FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
+                   POOL: tl.constexpr, COARSE: tl.constexpr):
+    """Store row bi's new key/value of KV head g at its slot, then pool the fine (and coarse) kernel that the
+    token completes, reading the keys back through the block table (the new one included)."""
+    bi = tl.program_id(0)
+    g = tl.program_id(1)
+    dd = tl.arange(0, D)
+    slot = tl.load(slots_ptr + bi).to(tl.int64)
+    page, t = slot // PAGE, slot % PAGE
+    tl.store(kc_ptr + page * stride_cp + t * stride_ct + g * stride_ch + dd,
+             tl.load(k_ptr + bi * stride_kb + g * stride_kh + dd))
+    tl.store(vc_ptr + page * stride_dp + t * stride_dt + g * stride_dh + dd,
+             tl.load(v_ptr + bi * stride_vb + g * stride_vh + dd))
+    if POOL:
+        tl.debug_barrier()  # the key just stored is read back by other threads of this program
+        pos = tl.load(ends_ptr + bi) - 1
         row = table_ptr + bi * stride_tb
-        u = tl.arange(0, KPAD)
-        t = j * KSTRIDE + u
-        um = u < KSIZE
-        pages = tl.load(row + t // PAGE, mask=um, other=0).to(tl.int64)
-        dd = tl.arange(0, D)
-        k = tl.load(kc_ptr + pages[:, None] * stride_kp + (t % PAGE)[:, None] * stride_kt + g * stride_kh + dd[None, :],
-                    mask=um[:, None], other=0.0).to(tl.float32)
-        mean = tl.sum(k, 0) / KSIZE
-        base = _kernel_addr(j, True, row, stride_op, stride_os, KSIZE, KSTRIDE, PAGE)
-        tl.store(out_ptr + base + g * stride_oh + dd, mean.to(out_ptr.dtype.element_ty))
+        _pool_last(kc_ptr, row, f_ptr, pos, g, stride_cp, stride_ct, stride_ch, stride_fp, stride_fs, stride_fh,
+                   D, PAGE, FSIZE, FPAD, FSTRIDE)
+        if COARSE:
+            _pool_last(kc_ptr, row, c_ptr, pos, g, stride_cp, stride_ct, stride_ch, stride_gp, stride_gs,
+                       stride_gh, D, PAGE, CSIZE, CPAD, CSTRIDE)
+
+
+def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+              block_table: torch.Tensor, ends: torch.Tensor, fine: torch.Tensor | None = None,
+              coarse: torch.Tensor | None = None, cfg: SparseConfig | None = None) -> None:
+    """One decode token per row: k/v [B, hkv, d] stored at flat cache slots [B] (page * page_size + offset) of
+    k/v cache [pages, page, hkv, d]; with `fine` (and `coarse`) kernel-key pages and `cfg`, also pools the
+    kernels each token completes (the token is the last of ends[b] tokens, reached through block_table).
+    One launch instead of two scatters and two pooling kernels."""
+    b, hkv, d = k.shape
+    _, page, chkv, cd = k_cache.shape
+    if (chkv, cd) != (hkv, d) or v.shape != k.shape or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit cache {tuple(k_cache.shape)}")
+    if slots.shape != (b,) or ends.shape != (b,) or block_table.shape[0] != b:
+        raise ValueError(f"slots {tuple(slots.shape)}, ends {tuple(ends.shape)}, block_table "
+                         f"{tuple(block_table.shape)} need {b} rows")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    pool = fine is not None and cfg is not None
+    has_coarse = pool and coarse is not None
+    f = fine if pool else k_cache
+    c = coarse if has_coarse else f
+    for name, t, stride in (("fine", fine if pool else None, cfg.kernel_stride if pool else 1),
+                            ("coarse", coarse if has_coarse else None, cfg.coarse_kernel_stride if pool else 1)):
+        if t is not None and t.shape != (k_cache.shape[0], kernel_slots(page, stride), hkv, d):
+            raise ValueError(f"{name} kernel-key pages {tuple(t.shape)} do not fit the cache {tuple(k_cache.shape)}")
+    fs, fst = (cfg.kernel_size, cfg.kernel_stride) if pool else (1, 1)
+    cs, cst = (cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if has_coarse else (1, 1)
+    _append_kernel[(b, hkv)](
+        k, v, k_cache, v_cache, slots, block_table, ends, f, c, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_table.stride(0), f.stride(0), f.stride(1), f.stride(2), c.stride(0), c.stride(1),
+        c.stride(2), D=d, PAGE=page, FSIZE=fs, FPAD=triton.next_power_of_2(fs), FSTRIDE=fst, CSIZE=cs,
+        CPAD=triton.next_power_of_2(cs), CSTRIDE=cst, POOL=pool, COARSE=has_coarse, num_warps=4)
 
 
 def pool_kernel_keys(k_cache: torch.Tensor, table: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
@@ -141,14 +232,20 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
 
 
 @triton.jit
-def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, sm_scale, stride_qb, stride_qh, stride_kp,
-                  stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb, stride_sh,
+def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale,
+                  stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb,
+                  stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr,
                   KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr,
                   WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
-                  DENSE_LEN: tl.constexpr):
+                  DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
+                  K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
-    overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it."""
+    overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
+    With SELECT, the last split to finish (arrival counter cnt[bi, g]) selects the blocks from all of them and
+    writes the attended list att[bi, g, :natt] (ascending; Gen-A adds its sliding window) and, with SAVE_SEL,
+    the selection sel[bi, g, :K] (-1 padded)."""
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -179,48 +276,55 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, sm_scale, 
                 grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
                 pooled = tl.maximum(pooled, grp)
             tl.store(s_ptr + bi * stride_sb + g * stride_sh + blk, pooled, mask=blk < hi)
+        if SELECT:
+            tl.debug_barrier()  # every thread's scores are stored before the arrival is counted
+            if tl.atomic_add(cnt_ptr + bi * tl.num_programs(1) + g, 1) == SPLITS - 1:
+                qb = pos // PAGE
+                bvec = tl.arange(0, NB_PAD)
+                # .cg: read the other programs' scores from L2, not from a stale L1 line.
+                sc = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0,
+                             cache_modifier=".cg")
+                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT)
+                if SAVE_SEL:
+                    base = sel_ptr + bi * stride_eb + g * stride_eh
+                    tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
+                    kk = tl.arange(0, K_PAD)
+                    tl.store(base + kk, tl.full((K_PAD,), -1, dtype=tl.int32),
+                             mask=(kk >= tl.sum(sel.to(tl.int32), 0)) & (kk < K))
+                attend = sel
+                if not GEN_B:  # Gen-A attends to its local window besides the selection
+                    attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
+                tl.store(att_ptr + bi * stride_ab + g * stride_ah + tl.cumsum(attend.to(tl.int32), 0) - 1, bvec,
+                         mask=attend)
+                tl.store(natt_ptr + bi * tl.num_programs(1) + g, tl.sum(attend.to(tl.int32), 0))
 
 
 @triton.jit
-def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, s_ptr, sel_ptr, o_ptr, m_ptr, n_list,
-                   sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                   stride_tb, stride_bb, stride_bh, stride_sb, stride_sh, stride_eb, stride_eh,
-                   stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
-                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NB_PAD: tl.constexpr,
-                   SPLITS: tl.constexpr, MODE: tl.constexpr, DENSE_LEN: tl.constexpr, K: tl.constexpr,
-                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                   SAVE_SEL: tl.constexpr):
+def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
+                   n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                   stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os, stride_mb,
+                   stride_mh, stride_rb, stride_rh,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
+                   DENSE_LEN: tl.constexpr):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
-    explicit list blk[bi, g, :n_list] (-1 unused); 2: top-k from the pooled scores (rows below dense_len:
-    every page). Writes partial outputs and log-sum-exps (log2) for `_combine_kernel`."""
+    explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
+    selection (rows below dense_len: every page). With several splits, each writes its partial output and
+    log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g]) merges them into out."""
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     qk_scale = sm_scale * 1.4426950408889634
-    bvec = tl.arange(0, NB_PAD)
     n_att = tl.cdiv(seq_len, PAGE)  # MODE 0 and dense rows: page i is block i
-    slot = bvec
+    listed = MODE == 1
     if MODE == 1:
         n_att = n_list
     if MODE == 2:
         if sparse:
-            qb = pos // PAGE
-            pooled = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0)
-            sel = topk_mask(pooled, bvec, qb, K, INIT, LOCAL, GEN_B)
-            if SAVE_SEL:
-                if sp == 0:
-                    base = sel_ptr + bi * stride_eb + g * stride_eh
-                    tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
-                    kk = tl.arange(0, K_PAD)
-                    tl.store(base + kk, tl.full((K_PAD,), -1, dtype=tl.int32),
-                             mask=(kk >= tl.sum(sel.to(tl.int32), 0)) & (kk < K))
-            attend = sel
-            if not GEN_B:  # Gen-A attends to its local window besides the selection
-                attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
-            n_att = tl.sum(attend.to(tl.int32), 0)
-            slot = tl.where(attend, tl.cumsum(attend.to(tl.int32), 0) - 1, -1)
+            n_att = tl.load(nblk_ptr + bi * tl.num_programs(1) + g)
+            listed = True
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -229,11 +333,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, s_ptr, s
     per = tl.cdiv(n_att, SPLITS)
     for i in range(sp * per, tl.minimum(sp * per + per, n_att)):
         b = i
-        if MODE == 1:
+        if listed:
             b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + i)
-        if MODE == 2:
-            if sparse:  # the i-th attended block
-                b = tl.sum(tl.where(slot == i, bvec, 0), 0)
         if (b >= 0) & (b * PAGE < seq_len):
             page = tl.load(table_ptr + bi * stride_tb + b).to(tl.int64)
             km = b * PAGE + tt < seq_len
@@ -243,30 +344,35 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, s_ptr, s
                         mask=km[:, None], other=0.0)
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_ptr + bi * stride_ob + h[:, None] * stride_oh + sp * stride_os + dd[None, :], acc / l_safe[:, None],
-             mask=hm[:, None])
-    # Partial log-sum-exp in log2 units; -inf for an empty split.
-    lse2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(m_ptr + bi * stride_mb + h * stride_mh + sp, lse2, mask=hm)
-
-
-@triton.jit
-def _combine_kernel(o_ptr, m_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh,
-                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
-    """Merge the splits of one (sequence, head) by their log-sum-exp (log2 units)."""
-    bi = tl.program_id(0)
-    h = tl.program_id(1)
-    ss = tl.arange(0, SPLITS_PAD)
-    sm = ss < SPLITS
-    m = tl.load(m_ptr + bi * stride_mb + h * stride_mh + ss, mask=sm, other=float("-inf"))
-    mx = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - tl.where(mx > float("-inf"), mx, 0.0)), 0.0)
-    dd = tl.arange(0, D)
-    o = tl.load(o_ptr + bi * stride_ob + h * stride_oh + ss[:, None] * stride_os + dd[None, :], mask=sm[:, None],
-                other=0.0)
-    tot = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(out_ptr + bi * stride_rb + h * stride_rh + dd, out.to(out_ptr.dtype.element_ty))
+    out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hm[:, None])
+    else:
+        tl.store(o_ptr + bi * stride_ob + h[:, None] * stride_oh + sp * stride_os + dd[None, :],
+                 acc / l_safe[:, None], mask=hm[:, None])
+        # Partial log-sum-exp in log2 units; -inf for an empty split.
+        tl.store(m_ptr + bi * stride_mb + h * stride_mh + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
+                 mask=hm)
+        tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
+        if tl.atomic_add(cnt_ptr + bi * tl.num_programs(1) + g, 1) == SPLITS - 1:
+            # The last split merges all of them (.cg: the other programs' partials from L2, not a stale L1).
+            ss = tl.arange(0, SPLITS_PAD)
+            m = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + ss[None, :],
+                        mask=hm[:, None] & (ss < SPLITS)[None, :], other=float("-inf"), cache_modifier=".cg")
+            mx = tl.max(m, 1)
+            mx = tl.where(mx > float("-inf"), mx, 0.0)
+            tot = tl.sum(tl.exp2(m - mx[:, None]), 1)
+            res = tl.zeros((G_PAD, D), dtype=tl.float32)
+            for c0 in range(0, SPLITS, CHUNK):
+                cc = c0 + tl.arange(0, CHUNK)
+                cm = hm[:, None] & (cc < SPLITS)[None, :]
+                mc = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + cc[None, :], mask=cm,
+                             other=float("-inf"), cache_modifier=".cg")
+                o = tl.load(o_ptr + bi * stride_ob + h[:, None, None] * stride_oh + cc[None, :, None] * stride_os
+                            + dd[None, None, :], mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
+                res += tl.sum(o * tl.exp2(mc - mx[:, None])[:, :, None], 1)
+            tl.store(out_rows, (res / tl.where(tot > 0, tot, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=hm[:, None])
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -285,35 +391,33 @@ def _default_splits(device: torch.device, programs: int, most: int) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), programs), most))
 
 
-def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, scores=None, sel=None, cfg=None,
-            dense_len=-1, scale=None):
+def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
+            counters=None):
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    o_part = torch.empty((b, hq, splits, d), device=q.device, dtype=torch.float32)
-    m_part = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
-    n_list = blk.shape[2] if blk is not None else 0
-    blk_t = blk if blk is not None else table
-    s_t = scores if scores is not None else o_part
-    sel_t = sel if sel is not None else table
-    k = cfg.num_selected if cfg is not None else 1
-    _attend_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, table, lens, blk_t, s_t, sel_t, o_part, m_part, n_list, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), table.stride(0),
-        blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
-        scores.stride(0) if scores is not None else 0, scores.stride(1) if scores is not None else 0,
-        sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), m_part.stride(0), m_part.stride(1),
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page,
-        NB_PAD=triton.next_power_of_2(table.shape[1]), SPLITS=splits, MODE=mode, DENSE_LEN=dense_len, K=k,
-        K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks if cfg else 0, LOCAL=cfg.local_blocks if cfg else 0,
-        GEN_B=cfg is None or cfg.variant == "gen-b", SAVE_SEL=sel is not None, num_warps=4)
     out = torch.empty_like(q)
-    _combine_kernel[(b, hq)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                             m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1), SPLITS=splits,
-                             SPLITS_PAD=triton.next_power_of_2(splits), D=d)
+    if splits > 1:
+        o_part = torch.empty((b, hq, splits, d), device=q.device, dtype=torch.float32)
+        m_part = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
+        counters = torch.zeros((b, hkv), device=q.device, dtype=torch.int32) if counters is None else counters
+    else:
+        o_part = m_part = counters = out  # unused
+    n_list = blk.shape[2] if mode == 1 else 0
+    blk_t = blk if blk is not None else table
+    g_pad = max(16, triton.next_power_of_2(g))
+    _attend_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out, counters,
+        n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
+        blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
+        o_part.stride(0) if splits > 1 else 0, o_part.stride(1) if splits > 1 else 0,
+        o_part.stride(2) if splits > 1 else 0, m_part.stride(0) if splits > 1 else 0,
+        m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
+        G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
+        num_warps=4)
     return out
 
 
@@ -344,8 +448,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
     [pages, page // stride, hkv, d] (coarse: Gen-B only); block_table [B, W] covering every row's pages;
     seq_lens [B] (int32 for graph capture: no conversion) including the current token, whose key and
-    kernel keys are already stored. Returns [B, hq, d] (with return_selection also the blocks picked,
-    int32 [B, hkv, num_selected], -1 padded, for sparse rows). No host synchronisation: graph-capturable."""
+    kernel keys are already stored (`append_kv`). Returns [B, hq, d] (with return_selection also the blocks
+    picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows). No host synchronisation:
+    graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -355,13 +460,14 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     gen_b = cfg.variant == "gen-b" and coarse is not None
     norm, nsize, nstride = (coarse, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         fine, cfg.kernel_size, cfg.kernel_stride)
+    counters = torch.zeros((2, b, hkv), device=q.device, dtype=torch.int32)  # arrivals: selection, merge
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits)
-    scores = decode_block_scores(q, fine, block_table, seq_lens, lse, cfg, scale, splits)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
-    most = max(triton.cdiv(cfg.num_selected, 2), 1)
+    _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel)
+    most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
-    out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, scores=scores, sel=sel, cfg=cfg,
-                  dense_len=cfg.dense_len, scale=scale)
+    out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
+                  dense_len=cfg.dense_len, scale=scale, counters=counters[1])
     return (out, sel) if return_selection else out
 
 
@@ -388,6 +494,12 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
                         lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None) -> torch.Tensor:
     """Stage 1b of `paged_sparse_decode`: pooled block scores float32 [B, hkv, W] (written up to each sparse
     row's query block)."""
+    return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits)[0]
+
+
+def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None):
+    """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
+    int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
     hkv = fine.shape[2]
     g = hq // hkv
@@ -396,12 +508,23 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
     nbt = 16
     splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(width, nbt))
     scores = torch.empty((b, hkv, width), device=q.device, dtype=torch.float32)
+    k = cfg.num_selected
+    gen_b = cfg.variant == "gen-b"
+    select = counters is not None
+    n_att = min(k + (0 if gen_b else cfg.local_blocks), width)
+    att = torch.empty((b, hkv, n_att), device=q.device, dtype=torch.int32) if select else None
+    natt = torch.empty((b, hkv), device=q.device, dtype=torch.int32) if select else None
     s = cfg.kernel_stride
     _score_kernel[(b, hkv, splits)](
-        q, fine, block_table, seq_lens, lse, scores, scale, q.stride(0), q.stride(1), fine.stride(0), fine.stride(1),
-        fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
+        q, fine, block_table, seq_lens, lse, scores, counters if select else scores, att if select else scores,
+        natt if select else scores, sel if sel is not None else scores, scale, q.stride(0), q.stride(1),
+        fine.stride(0), fine.stride(1), fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1),
+        scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
+        sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size, KSTRIDE=s,
         PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=page // s + cfg.kernel_size // s - 1,
         SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
-        DENSE_LEN=cfg.dense_len, num_warps=4)
-    return scores
+        DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
+        K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
+        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, num_warps=4)
+    return scores, att, natt

@@ -289,14 +289,23 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     return scores
 
 
+def score_shift(dtype: torch.dtype) -> int:
+    """Low bits that are zero in every float32 score rounded from `dtype` (scores are stored in the input
+    dtype): the top-k search skips them."""
+    return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
+
+
 @triton.jit
-def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+              SHIFT: tl.constexpr = 0):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
     blocks by variant, then the top K without sorting. A binary search on order-preserving integer keys
-    finds the K-th largest value; ties at it go to the lowest block indices (the reference's stable sort)."""
+    finds the K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
+    Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 steps
+    for bf16 instead of 31)."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
-    key = pooled.to(tl.int32, bitcast=True)
-    INF_KEY: tl.constexpr = 0x7F800000
+    key = pooled.to(tl.int32, bitcast=True) >> SHIFT
+    INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
     if GEN_B:
         forced = (b < INIT) | ((b >= qb - LOCAL) & (b <= qb))
         key = tl.where(forced, INF_KEY, key)
@@ -309,7 +318,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     # Largest threshold thr with count(key >= thr) >= k_eff (binary search over [0, INF_KEY]).
     lo = tl.zeros((), dtype=tl.int32)
     hi = tl.full((), INF_KEY, dtype=tl.int32)
-    for _ in range(31):
+    for _ in range(31 - SHIFT):
         mid = lo + (hi - lo + 1) // 2
         cnt = tl.sum((key >= mid).to(tl.int32), 0)
         take = cnt >= k_eff
@@ -329,7 +338,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
                    K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
-                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -342,7 +351,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B)
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)
@@ -364,5 +373,6 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               NB_PAD=triton.next_power_of_2(n_blocks), PER_BLOCK=bsz // s,
                               PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
-                              LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b")
+                              LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
+                              SHIFT=score_shift(scores.dtype))
     return out
