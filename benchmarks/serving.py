@@ -7,7 +7,8 @@ Three rows, measured in one run:
 - `decode.batch1`: one request (512-token prompt, 256 outputs) alone: output tokens/s at batch 1;
 - `offline.256`: nano-vllm's benchmark (bench.py): 256 requests, prompts and outputs of 100-1024 tokens drawn
   with seed 0, temperature 0.6, ignore_eos, all submitted at once to `LLMEngine` (paged KV cache sized by
-  gpu_memory_utilization, continuous batching, decode steps from CUDA graphs); output tokens/s over the wall
+  gpu_memory_utilization, continuous batching, decode steps from CUDA graphs, every graph bucket captured
+  before timing, text detokenized at each request's end as in `LLM.generate`); output tokens/s over the wall
   time including prefill, as nano-vllm counts it;
 - `server.64`: the server's engine (`AsyncEngine`, the worker thread behind `cpm4 serve`) with 64 clients
   streaming at once (prompts 100-1024, outputs 64-512): output tokens/s, mean time to first token and mean
@@ -205,6 +206,7 @@ def main() -> None:
     # Batch 1.
     eng1 = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=args.chunk_tokens, compile=args.compile,
                      async_output=args.async_output)
+    eng1.warm_up()
     rnd = random.Random(1)
     p1 = [rnd.randint(0, hi) for _ in range(512)]
     run_engine(eng1, [(p1[:64], SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))])  # warm-up
@@ -220,9 +222,11 @@ def main() -> None:
     reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
+    # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
     eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
-                    compile=args.compile, async_output=args.async_output)
-    run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, graphs
+                    compile=args.compile, async_output=args.async_output, stream_text=False)
+    eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
+    run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
     t, n = run_engine(eng, list(zip(reqs, params)))
     row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted,
         note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "

@@ -253,3 +253,86 @@ def test_host_block_table_follows_sequences():
         check([SeqPages(list(range(width + 1)), 1)], 1)
     t.reset()
     assert (t.table == scratch).all() and t.update([], 2) == 1
+
+
+def test_text_at_the_end_equals_streamed_text():
+    """stream_text=False (offline batches): requests without stop strings get their text in their last delta,
+    detokenized once; ids, text and finish reasons equal the streamed ones, through stop tokens, max_tokens,
+    an abort (the text streamed so far) and stop strings (these still stream)."""
+    model = random_model("tiny", dtype=torch.float32)
+    ps = prompts(5, seed=7, lo=5, hi=40)
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=30, stop_token_ids=[7, 11, 13, 17, 19, 23]),
+              SamplingParams(temperature=0.9, seed=4, max_tokens=35, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=25, stop=["qqzz"]),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    res = {}
+    for stream in (True, False):
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, stream_text=stream)
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"r{i}", p, sp)
+        out, texts, step = {}, {}, 0
+        while eng.has_work():
+            if step == 12:
+                eng.abort("r2")
+            for rid, d in eng.step():
+                o = out.setdefault(rid, ["", [], None])
+                o[0] += d.text
+                o[1] += d.token_ids
+                o[2] = d.finish_reason or o[2]
+                if d.text:
+                    texts.setdefault(rid, []).append(d.finish_reason)
+            step += 1
+        res[stream] = (out, texts)
+    assert res[False][0] == res[True][0]
+    assert res[True][0]["r2"][2] == "abort" and res[True][0]["r2"][0]
+    texts = res[False][1]
+    assert all(set(texts[f"r{i}"]) == {res[False][0][f"r{i}"][2]} for i in (0, 1, 2, 4))  # one piece, at the end
+    assert len(texts["r3"]) > 1  # stop strings: streamed
+
+
+def test_warm_up_without_graphs_is_a_no_op():
+    model = random_model("tiny", dtype=torch.float32)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    assert eng.graphs is None
+    eng.warm_up()
+    eng.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert eng.run_to_completion()["a"][1] == alone(model, [5, 6, 7], SamplingParams(temperature=0, max_tokens=3,
+                                                                                     ignore_eos=True))
+
+
+def test_graph_inputs_follow_sequences_through_row_shifts():
+    """The host side of a captured decode step (`DecodeGraphs`, buffers on the CPU): block table rows and
+    per-row inputs equal `decode_inputs` built from scratch while sequences grow, end (the rows after them
+    shift up and are copied over), join, and the batch changes bucket."""
+    from cpm4.engine.cuda_graph import DecodeGraphs
+    from cpm4.engine.paged import SeqPages, decode_inputs
+
+    cache = PagedKVCache(random_model("tiny", dtype=torch.float32).config, num_pages=400, page_size=16)
+    g = DecodeGraphs.__new__(DecodeGraphs)
+    g.init_buffers(cache, 24, 32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    pool = iter(range(400))
+    seqs = []
+    for step in range(60):
+        if step % 7 == 0 and seqs:  # one ends (the rows after it shift up)
+            seqs.pop(int(torch.randint(0, len(seqs), (1,), generator=gen)))
+        while len(seqs) < (20 if step < 30 else 6):
+            n = int(torch.randint(1, 30, (1,), generator=gen))
+            seqs.append(SeqPages([next(pool) for _ in range(-(-(n + 1) // 16))], n))
+        for s in seqs:
+            if s.length >= len(s.pages) * 16:
+                s.pages.append(next(pool))
+        bs = next(b for b in g.sizes if b >= len(seqs))
+        g.host_table.update(seqs, bs)
+        starts, slots, ends = g._rows(seqs, bs)
+        table, *ref = decode_inputs(cache, seqs, 32, "cpu", rows=bs)
+        for i, s in enumerate(seqs):
+            assert g.host_table.table[i, :len(s.pages)].tolist() == s.pages
+        assert (g.host_table.table[len(seqs):bs, 0] == cache.scratch).all()
+        for a, b in zip((starts, slots, ends), ref):
+            assert torch.equal(a, b)
+        for s in seqs:
+            s.length += 1
+        pool = iter(range(400)) if step == 30 else pool  # pages ids reused (values only matter per row)

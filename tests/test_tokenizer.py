@@ -396,3 +396,26 @@ def test_decode_equals_transformers_decode(which):
         for skip in (True, False):
             assert tk.decode(ids, skip_special_tokens=skip) == \
                 tk._hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+def test_incremental_detokenizer_extend_equals_add():
+    """`extend` (windows decoded in batches) gives what `add` gives id by id, whatever the split, with random
+    ids (partial characters, ids past the vocabulary, special tokens) and real text."""
+    import random
+
+    from cpm4.model.tokenizer import IncrementalDetokenizer
+
+    tok = build_tokenizer(1024)
+    rnd = random.Random(0)
+    real = tok.encode("Héllo wörld — ünïcode 日本語 text, and plain words too. " * 3)
+    for trial in range(120):
+        prompt = [rnd.randint(0, 1023) for _ in range(rnd.randint(0, 8))]
+        hi = rnd.choice([300, 1024, 2000])
+        gen = real[:] if trial % 10 == 0 else [rnd.randint(0, hi - 1) for _ in range(rnd.randint(0, 80))]
+        a = IncrementalDetokenizer(tok, prompt)
+        pieces = [a.add(t) for t in gen] + [a.flush()]
+        b = IncrementalDetokenizer(tok, prompt)
+        k = rnd.randint(0, len(gen))
+        got = "".join(b.add(t) for t in gen[:k]) + b.extend(gen[k:]) + b.flush()
+        assert got == "".join(pieces) and b.text == a.text, trial
+    assert tok.decode_batch([[5, 6], [], real]) == [tok.decode([5, 6]), "", tok.decode(real)]

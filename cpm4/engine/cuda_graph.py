@@ -5,7 +5,7 @@ attention stages); at small batch the GPU would wait on Python and the launch qu
 bucket is captured once, on first use, into a graph over static input buffers (token ids, block table,
 cache lengths, new-token slots); a step copies its inputs in, replays, and reads the logits. Batches are
 padded up to the bucket with rows that write and read only the cache's scratch page. All graphs share one
-memory pool.
+memory pool. `warm_up` captures every bucket up front.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 
 from . import paged
-from .paged import DecodeBatch, HostBlockTable, PagedKVCache, SeqPages, decode_inputs, decode_rows
+from .paged import DecodeBatch, HostBlockTable, PagedKVCache, SeqPages, decode_inputs
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -26,24 +26,36 @@ class DecodeGraphs:
         """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs).
         compile: torch.compile the step before capturing it (norms, rope, residuals and activations fused
         into few kernels; the paged attention is one opaque custom op, see `paged.make_opaque_to_compile`).
-        Each bucket compiles once, on first use (tens of seconds for a large model)."""
+        Each bucket compiles once, on first use or in `warm_up` (tens of seconds for a large model)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.model, self.cache, self.width = model, cache, width
+        self.model = model
         model.fuse_projections()  # one GEMV for q/k/v and one for gate/up: fewer, larger kernels per layer
-        self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
-        dev = model.device
-        n = self.sizes[-1]
-        self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self.ones = torch.ones(n, dtype=torch.long, device=dev)
-        self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, dev, rows=n)
-        self.host_table = HostBlockTable(n, width, cache.scratch)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.init_buffers(cache, max_batch, width, model.device)
         self.step = model
         if compile:
             paged.make_opaque_to_compile()
+            # Static shapes: each bucket is its own compilation of the step. Past dynamo's recompile limit
+            # (8 by default) the remaining buckets would silently run the step uncompiled.
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), len(self.sizes) + 8))
             self.step = torch.compile(model, dynamic=False)
+
+    def init_buffers(self, cache: PagedKVCache, max_batch: int, width: int, device: torch.device) -> None:
+        """The bucket sizes and the static input buffers (separate from the model so that the host side of a
+        step can be exercised without a GPU: benchmarks/host_overhead.py)."""
+        self.cache, self.width = cache, width
+        self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        n = self.sizes[-1]
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.ones = torch.ones(n, dtype=torch.long, device=device)
+        self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, device, rows=n)
+        self.host_table = HostBlockTable(n, width, cache.scratch)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self._pad_starts = torch.zeros(n, dtype=torch.long)
+        self._pad_slots = torch.full((n,), cache.scratch * cache.page_size, dtype=torch.long)
 
     @property
     def max_batch(self) -> int:
@@ -69,6 +81,27 @@ class DecodeGraphs:
         return graph, out
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every bucket not captured yet (compiling the step for it first, with compile)."""
+        for bs in self.sizes:
+            if bs not in self.graphs:
+                self._reset_inputs()
+                self.graphs[bs] = self._capture(bs)
+
+    def _rows(self, seqs: list[SeqPages], bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`paged.decode_rows` for `bs` rows, the slots read from the host block table (just updated) with a
+        few tensor ops rather than a Python expression per row."""
+        b, ps = len(seqs), self.cache.page_size
+        starts = self._pad_starts[:bs].clone()
+        slots = self._pad_slots[:bs].clone()
+        if b:
+            lens = torch.tensor([s.length for s in seqs], dtype=torch.long)
+            starts[:b] = lens
+            page = self.host_table.table[:b].gather(1, (lens // ps).unsqueeze(1)).squeeze(1)
+            slots[:b] = page.long() * ps + lens % ps
+        return starts, slots, (starts + 1).to(torch.int32)
+
+    @torch.inference_mode()
     def run(self, tokens: list[int] | torch.Tensor, seqs: list[SeqPages]) -> torch.Tensor:
         """Logits [len(seqs), V] of one decode step; the caller advances the sequences' lengths. tokens: host
         ids, or ids [len(seqs)] already on the device (sampled by the previous step, not yet read back)."""
@@ -78,7 +111,7 @@ class DecodeGraphs:
             self._reset_inputs()
             self.graphs[bs] = self._capture(bs)
         cols = self.host_table.update(seqs, bs)
-        starts, slots, ends = decode_rows(self.cache, seqs, rows=bs)
+        starts, slots, ends = self._rows(seqs, bs)
         self.table[:bs, :cols].copy_(self.host_table.table[:bs, :cols], non_blocking=True)
         self.starts[:bs].copy_(starts, non_blocking=True)
         self.slots[:bs].copy_(slots, non_blocking=True)

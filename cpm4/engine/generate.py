@@ -76,7 +76,10 @@ class SequenceState:
     """Per-sequence state of one generation: sampler, detokenizer, stop rules, generated tokens."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, device,
-                 context: int, eos_ids: list[int]):
+                 context: int, eos_ids: list[int], stream_text: bool = True):
+        """stream_text=False: nobody reads the text before the end (offline batches), so without stop
+        strings the text is detokenized once, when the sequence ends, and returned with its last delta (the
+        same text in all: `IncrementalDetokenizer.extend`) instead of piece by piece every step."""
         self.params = params
         self.history = list(prompt_ids)
         self.generated: list[int] = []
@@ -87,14 +90,23 @@ class SequenceState:
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
         self.finish_reason: str | None = None
         self.text = ""
+        self.defer_text = not stream_text and not self.stops.stop
+        self._detok_upto = 0  # generated ids given to the detokenizer (deferred text)
 
     def step(self, token: int) -> tuple[str, list[int]]:
         """Take a sampled token; returns (text to emit, token ids to emit) and sets finish_reason."""
         if token in self.stop_ids:
             self.finish_reason = "stop"
+            if self.defer_text:
+                return self._final_text(), []
             return self._emit(self.detok.flush(), final=True), []
         self.generated.append(token)
         self.history.append(token)
+        if self.defer_text:
+            if len(self.generated) >= self.max_tokens:
+                self.finish_reason = "length"
+                return self._final_text(), [token]
+            return "", [token]
         delta = self.detok.add(token)
         done = len(self.generated) >= self.max_tokens
         if done:
@@ -107,6 +119,22 @@ class SequenceState:
             text += self.stops.flush()
         self.text += text
         return text, [token]
+
+    def pending_text(self) -> str:
+        """With deferred text: the text streaming would have emitted by now and not yet returned (nothing
+        held back is flushed), for an end decided outside `step` (abort, cache full); else ''."""
+        if not self.defer_text or self._detok_upto == len(self.generated):
+            return ""
+        text = self.detok.extend(self.generated[self._detok_upto:])
+        self._detok_upto = len(self.generated)
+        self.text += text
+        return text
+
+    def _final_text(self) -> str:
+        text = self.pending_text()
+        tail = self.detok.flush()
+        self.text += tail
+        return text + tail
 
     def _emit(self, delta: str, final: bool) -> str:
         text, stopped = self.stops.feed(delta)

@@ -86,8 +86,9 @@ class OfflineEngine:
         ps = page_size_for(self.model.config)
         if self.engine is None or self.engine.cache.num_pages * ps < tokens:
             self.engine = None  # free the old cache before allocating its successor
+            # Outputs are read once complete: text is detokenized at each request's end (stream_text=False).
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
-                                       cuda_graphs=self.cuda_graphs)
+                                       cuda_graphs=self.cuda_graphs, stream_text=False)
         cap = self.engine.cache.num_pages * ps
         for i, n in enumerate(needs):
             # A sequence the cache cannot hold whole would end early with "length": refuse it up front.

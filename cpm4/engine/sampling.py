@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,14 +73,56 @@ class SamplingParams:
 # Logits processing
 
 
-def _on_rows(x: Tensor, rows: list[int], fn: Callable[[Tensor], None]) -> None:
-    """Run the in-place `fn` on a subset of rows of `x`, avoiding a gather/scatter when all rows take part."""
+class SamplingPlan:
+    """Which rows of a batch take which logits transform and how each is sampled, worked out from the rows'
+    params once. The engine's decode batch keeps the same requests for many steps: it passes the plan of the
+    previous step while the params are the same objects, instead of walking every row's settings (and
+    building the same small index and value tensors) again each step."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab: int) -> None:
+        self.params = list(params)
+        self.vocab = vocab
+        self.penalty = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        self.sampled = [i for i, p in enumerate(params) if not p.greedy]
+        # Below: positions within `sampled` (the filters run on those rows only).
+        sp = [params[i] for i in self.sampled]
+        self.temps = [p.temperature for p in sp] if any(p.temperature != 1.0 for p in sp) else None
+        self.k_rows = [j for j, p in enumerate(sp) if 0 < p.top_k < vocab]
+        self.p_rows = [j for j, p in enumerate(sp) if p.top_p < 1.0]
+        self.m_rows = [j for j, p in enumerate(sp) if p.min_p > 0.0]
+        self.ks = [sp[j].top_k for j in self.k_rows]
+        self.ps = [sp[j].top_p for j in self.p_rows]
+        self.mps = [sp[j].min_p for j in self.m_rows]
+        # Unseeded sampled rows draw together from the device's generator; seeded ones from their own.
+        self.shared = [i for i, p in enumerate(params) if not p.greedy and p.seed is None]
+        self.seeded = [i for i, p in enumerate(params) if not p.greedy and p.seed is not None]
+        self._tensors: dict[tuple, Tensor] = {}
+
+    def matches(self, params: Sequence[SamplingParams], vocab: int) -> bool:
+        """Whether this plan is for these very params objects (identity: params are not compared by value)."""
+        return (vocab == self.vocab and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params)))
+
+    def tensor(self, name: str, values: Sequence[float] | Sequence[int], device: torch.device,
+               dtype: torch.dtype) -> Tensor:
+        """`torch.tensor(values)` on device, built once per plan."""
+        key = (name, device, dtype)
+        t = self._tensors.get(key)
+        if t is None:
+            t = self._tensors[key] = torch.tensor(values, device=device, dtype=dtype)
+        return t
+
+
+def _on_rows(x: Tensor, rows: list[int], fn: Callable[[Tensor], None], idx: Tensor | None = None) -> None:
+    """Run the in-place `fn` on a subset of rows of `x`, avoiding a gather/scatter when all rows take part.
+    idx: `rows` as a tensor on x's device, when the caller has it."""
     if not rows:
         return
     if len(rows) == x.shape[0]:
         fn(x)
         return
-    idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+    if idx is None:
+        idx = torch.tensor(rows, device=x.device, dtype=torch.long)
     sub = x.index_select(0, idx)
     fn(sub)
     x.index_copy_(0, idx, sub)
@@ -89,8 +132,12 @@ def _col(values: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(values, device=like.device, dtype=like.dtype).unsqueeze(1)
 
 
-def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: list[list[int]]) -> None:
-    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and len(history[i]) > 0]
+def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: list[list[int]],
+                              candidates: list[int] | None = None) -> None:
+    """candidates: the rows whose penalty is not 1 (default: found from params)."""
+    if candidates is None:
+        candidates = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    rows = [i for i in candidates if len(history[i]) > 0]
     if not rows:
         return
     # One boolean "seen" mask per row: duplicate ids collapse, so each token is penalised once.
@@ -108,66 +155,76 @@ def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: 
     x.copy_(torch.where(seen, penalised, x))
 
 
-def _top_k(x: Tensor, ks: list[int]) -> None:
+def _top_k(x: Tensor, ks: list[int], kth_idx: Tensor | None = None) -> None:
+    """kth_idx: [k - 1 for k in ks] as a [R, 1] tensor on x's device, when the caller has it."""
     k_max = max(ks)
     vals = torch.topk(x, k_max, dim=-1).values
-    kth = vals.gather(1, torch.tensor([k - 1 for k in ks], device=x.device).unsqueeze(1))
+    if kth_idx is None:
+        kth_idx = torch.tensor([k - 1 for k in ks], device=x.device).unsqueeze(1)
+    kth = vals.gather(1, kth_idx)
     # Threshold on the k-th value: ties with it are kept, so argmax is never removed.
     x.masked_fill_(x < kth, float("-inf"))
 
 
-def _top_p(x: Tensor, ps: list[float]) -> None:
+def _top_p(x: Tensor, ps: list[float], col: Tensor | None = None) -> None:
     probs = torch.softmax(x, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     # Mass strictly before each sorted token; a token is kept while that mass is still < top_p,
     # which yields the smallest prefix reaching top_p and always keeps the first token.
     before = torch.zeros_like(sorted_p)
     before[:, 1:] = sorted_p.cumsum(dim=-1)[:, :-1]
-    drop_sorted = before >= _col(ps, x)
+    drop_sorted = before >= (_col(ps, x) if col is None else col)
     drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     x.masked_fill_(drop, float("-inf"))
 
 
-def _min_p(x: Tensor, mps: list[float]) -> None:
+def _min_p(x: Tensor, mps: list[float], col: Tensor | None = None) -> None:
     probs = torch.softmax(x, dim=-1)
-    thresh = probs.amax(dim=-1, keepdim=True) * _col(mps, x)
+    thresh = probs.amax(dim=-1, keepdim=True) * (_col(mps, x) if col is None else col)
     x.masked_fill_(probs < thresh, float("-inf"))
 
 
-def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]]) -> Tensor:
+def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
+                   plan: SamplingPlan | None = None) -> Tensor:
     """Apply repetition penalty, temperature, top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
 
     `history[i]` holds row i's prompt and generated ids. Returns a new float32 tensor; removed tokens are
     -inf. Greedy rows only get the repetition penalty: the filters keep the argmax, so they cannot change
-    a greedy pick.
+    a greedy pick. plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built
+    here).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     bsz, vocab = logits.shape
     if len(params) != bsz or len(history) != bsz:
         raise ValueError(f"need params and history per row: B={bsz}, got {len(params)} and {len(history)}")
+    if plan is None:
+        plan = SamplingPlan(params, vocab)
     x = logits.to(torch.float32, copy=True)
 
-    _apply_repetition_penalty(x, params, history)
+    _apply_repetition_penalty(x, params, history, plan.penalty)
 
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
+    if not plan.sampled:
         return x
-    sp = [params[i] for i in sampled]
+    dev = x.device
+
+    def col(name: str, values: list[float]) -> Tensor:
+        return plan.tensor(name, values, dev, torch.float32).unsqueeze(1)
 
     def filters(s: Tensor) -> None:
         # Row indices below are positions within `s`, i.e. within `sampled`.
-        if any(p.temperature != 1.0 for p in sp):
-            s.div_(_col([p.temperature for p in sp], s))
-        k_rows = [j for j, p in enumerate(sp) if 0 < p.top_k < vocab]
-        _on_rows(s, k_rows, lambda t: _top_k(t, [sp[j].top_k for j in k_rows]))
-        p_rows = [j for j, p in enumerate(sp) if p.top_p < 1.0]
-        _on_rows(s, p_rows, lambda t: _top_p(t, [sp[j].top_p for j in p_rows]))
-        m_rows = [j for j, p in enumerate(sp) if p.min_p > 0.0]
-        _on_rows(s, m_rows, lambda t: _min_p(t, [sp[j].min_p for j in m_rows]))
+        if plan.temps is not None:
+            s.div_(col("temps", plan.temps))
+        _on_rows(s, plan.k_rows, lambda t: _top_k(t, plan.ks, plan.tensor("k-1", [k - 1 for k in plan.ks], dev,
+                                                                             torch.long).unsqueeze(1)),
+                 plan.tensor("k_rows", plan.k_rows, dev, torch.long) if plan.k_rows else None)
+        _on_rows(s, plan.p_rows, lambda t: _top_p(t, plan.ps, col("ps", plan.ps)),
+                 plan.tensor("p_rows", plan.p_rows, dev, torch.long) if plan.p_rows else None)
+        _on_rows(s, plan.m_rows, lambda t: _min_p(t, plan.mps, col("mps", plan.mps)),
+                 plan.tensor("m_rows", plan.m_rows, dev, torch.long) if plan.m_rows else None)
 
-    _on_rows(x, sampled, filters)
+    _on_rows(x, plan.sampled, filters, plan.tensor("sampled", plan.sampled, dev, torch.long))
     return x
 
 
@@ -202,32 +259,40 @@ class Sampler:
 
 
 def sample_batch(
-    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]]
+    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
+    plan: SamplingPlan | None = None,
 ) -> list[int]:
     """Process a [B, V] logits batch and draw one token per row with that row's sampler."""
-    return sample_tokens(logits, samplers, params, history).tolist()  # one host sync for the whole batch
+    return sample_tokens(logits, samplers, params, history, plan).tolist()  # one host sync for the whole batch
 
 
 def sample_tokens(
-    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]]
+    logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
+    plan: SamplingPlan | None = None,
 ) -> Tensor:
-    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device."""
+    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device. plan: see
+    `process_logits`."""
     if len(samplers) != logits.shape[0]:
         raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
-    x = process_logits(logits, params, history)
-    tokens = x.argmax(dim=-1)
+    if plan is None:
+        plan = SamplingPlan(params, logits.shape[1])
+    x = process_logits(logits, params, history, plan)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
-    shared = [i for i, p in enumerate(params) if not p.greedy and p.seed is None]
-    if shared:
-        rows = torch.tensor(shared, device=x.device)
-        # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);
-        # much faster than torch.multinomial on wide rows, on the CPU above all.
-        probs = torch.softmax(x[rows], dim=-1)
-        tokens[rows] = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    for i, (sampler, p) in enumerate(zip(samplers, params)):
-        if not p.greedy and p.seed is not None:
-            tokens[i] = sampler._draw(x[i], greedy=False)
+    # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);
+    # much faster than torch.multinomial on wide rows, on the CPU above all.
+    shared = plan.shared
+    if len(shared) == x.shape[0]:  # every row: no greedy pick, no gather/scatter of rows (same draws)
+        probs = torch.softmax(x, dim=-1)
+        tokens = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    else:
+        tokens = x.argmax(dim=-1)
+        if shared:
+            rows = plan.tensor("shared", shared, x.device, torch.long)
+            probs = torch.softmax(x[rows], dim=-1)
+            tokens[rows] = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    for i in plan.seeded:
+        tokens[i] = samplers[i]._draw(x[i], greedy=False)
     return tokens
 
 

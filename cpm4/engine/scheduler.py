@@ -11,6 +11,7 @@ output is lost or changed).
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from cpm4.model.tokenizer import Tokenizer
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
-from .sampling import SamplingParams, sample_batch, sample_tokens
+from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
 
 
 @dataclass(eq=False)
@@ -34,6 +35,7 @@ class EngineRequest:
     pages: SeqPages | None = None
     computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
     aborted: bool = False
+    sync_only: bool = False  # the host must see each token before the next is sampled (see async_output)
 
     @property
     def tokens(self) -> list[int]:
@@ -61,18 +63,24 @@ class InflightStep:
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False, async_output: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, async_output: bool = False,
+                 stream_text: bool = True):
         """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
         batch-size bucket, captured on first use (default: with paged_decode on CUDA). compile: torch.compile
-        the decode step before capturing it (see `DecodeGraphs`).
+        the decode step before capturing it (see `DecodeGraphs`), and the model's elementwise ops for prefill
+        (`MiniCPM4ForCausalLM.fuse_elementwise`).
 
         async_output: launch each decode step before reading back the tokens the previous one sampled (they
         feed the next step on the device), so the host's work between steps (detokenizing, stop rules,
         scheduling) overlaps the GPU's. Outputs are unchanged; a sequence that stops on a token is computed one
         step past its end, and that step is discarded. Used while every running request decodes, none is
         waiting, and none needs the host to know its last token before sampling the next (repetition
-        penalty) or asks for logprobs; otherwise the engine steps synchronously."""
+        penalty) or asks for logprobs; otherwise the engine steps synchronously.
+
+        stream_text=False: the caller reads each request's text only once it has ended (offline batches):
+        requests without stop strings are detokenized at their end, their whole text in their last delta,
+        instead of every step (see `SequenceState`); token ids are streamed as ever."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -85,7 +93,12 @@ class LLMEngine:
         self.num_preempted = 0
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
         self.async_output = async_output
+        self.stream_text = stream_text
         self._inflight: InflightStep | None = None
+        self._aborts = 0  # abort() calls not yet handled by a step
+        # The last sampled batch's requests and what sampling needs of them, reused while the batch is the same.
+        self._sampling: tuple[list[EngineRequest], SamplingPlan, list[Sampler], list[SamplingParams],
+                              list[list[int]]] | None = None
         if paged_decode is None:
             paged_decode = infllm_v2.uses_triton(cache.k[0])
         self.paged_decode = paged_decode
@@ -99,6 +112,8 @@ class LLMEngine:
         if cuda_graphs:
             width = min(-(-self.context // cache.page_size), cache.num_pages)
             self.graphs = DecodeGraphs(model, cache, max_batch_size, width, compile=compile)
+        if compile:
+            model.fuse_elementwise()  # prefill's norms, RoPE and SiLU·up as fused kernels too
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -110,8 +125,9 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
                              f"({self.cache.num_pages} pages of {self.cache.page_size})")
         state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
-                              self.model.config.eos_token_ids)
-        req = EngineRequest(request_id, list(prompt_ids), state)
+                              self.model.config.eos_token_ids, stream_text=self.stream_text)
+        req = EngineRequest(request_id, list(prompt_ids), state,
+                            sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None)
         self.by_id[request_id] = req
         self.waiting.append(req)
 
@@ -119,6 +135,7 @@ class LLMEngine:
         req = self.by_id.get(request_id)
         if req is not None:
             req.aborted = True
+            self._aborts += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inflight)
@@ -151,8 +168,19 @@ class LLMEngine:
     # ---- decode steps launched ahead of reading their tokens (async_output) ----
     def _async_ok(self, reqs: list[EngineRequest]) -> bool:
         return (self.async_output and not self.waiting and len(reqs) == len(self.running)
-                and all(r.state.params.repetition_penalty == 1.0 and r.state.params.logprobs is None
-                        for r in reqs))
+                and not any(r.sync_only for r in reqs))
+
+    def _sampling_args(self, reqs: list[EngineRequest], vocab: int
+                       ) -> tuple[SamplingPlan, list[Sampler], list[SamplingParams], list[list[int]]]:
+        """(plan, samplers, params, histories) of `reqs`, built again only when the batch changes (the same
+        requests in the same order reuse them: histories are the requests' own lists, appended in place)."""
+        c = self._sampling
+        if c is None or len(c[0]) != len(reqs) or not all(map(operator.is_, c[0], reqs)) or c[1].vocab != vocab:
+            states = [r.state for r in reqs]
+            params = [st.params for st in states]
+            c = self._sampling = (list(reqs), SamplingPlan(params, vocab), [st.sampler for st in states], params,
+                                  [st.history for st in states])
+        return c[1:]
 
     def _launch(self, reqs: list[EngineRequest], ids: list[int] | torch.Tensor) -> InflightStep:
         """Run a decode step feeding `ids` (host ids, or the previous step's tokens on the device) and sample
@@ -160,8 +188,8 @@ class LLMEngine:
         logits = self._forward_decode([r.pages for r in reqs], ids)
         for r in reqs:
             r.computed += 1
-        toks = sample_tokens(logits, [r.state.sampler for r in reqs], [r.state.params for r in reqs],
-                             [r.state.history for r in reqs])
+        plan, samplers, params, history = self._sampling_args(reqs, logits.shape[1])
+        toks = sample_tokens(logits, samplers, params, history, plan)
         if toks.is_cuda:
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
             host.copy_(toks, non_blocking=True)
@@ -175,15 +203,22 @@ class LLMEngine:
         running request is in it, none waits, and the row's in-flight token is not its last by length.
         Reserves the room for the next token of those rows."""
         inf = self._inflight
-        running = set(self.running)
-        if self.waiting or not running <= set(inf.reqs):
+        if self.waiting:
             return None
-        keep = [i for i, r in enumerate(inf.reqs) if r in running and len(r.state.generated) + 1 < r.state.max_tokens]
+        # Rows still running hold pages (ended ones were released); with nothing admitted since the launch (no
+        # step ran), every running request is among them when the counts agree.
+        live = [i for i, r in enumerate(inf.reqs) if r.pages is not None]
+        if len(live) != len(self.running):
+            return None
+        keep = [i for i in live if len(inf.reqs[i].state.generated) + 1 < inf.reqs[i].state.max_tokens]
         if not keep:
             return None
+        ps = self.cache.page_size
         try:
             for i in keep:
-                self.cache.reserve(inf.reqs[i].pages, 1)
+                seq = inf.reqs[i].pages
+                if seq.length >= len(seq.pages) * ps:  # the next token needs a new page
+                    self.cache.reserve(seq, 1)
         except OutOfPages:
             return None  # the synchronous step preempts
         return keep
@@ -204,9 +239,12 @@ class LLMEngine:
         return self._emit([r for r, _ in live], [t for _, t in live])
 
     def _drop_aborted(self, out: list) -> None:
+        if not self._aborts:
+            return
+        self._aborts = 0
         for req in [r for r in list(self.waiting) + self.running if r.aborted]:
             self._finish(req, "abort")
-            out.append((req.request_id, StreamDelta(0, "", [], "abort")))
+            out.append((req.request_id, StreamDelta(0, req.state.pending_text(), [], "abort")))
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
         req.state.finish_reason = req.state.finish_reason or reason
@@ -236,10 +274,15 @@ class LLMEngine:
         latest admitted requests while pages are short."""
         budget = self.chunk_tokens
         feeds = []
+        ps = self.cache.page_size
         for req in list(self.running):
-            if req not in self.running:  # preempted while planning an earlier request
+            seq = req.pages
+            if seq is None:  # preempted (or ended) while planning an earlier request: running ones hold pages
                 continue
             n = req.num_tokens - req.computed
+            if n == 1 and seq.length < len(seq.pages) * ps:  # decoding with room left in its last page
+                feeds.append((req, 1))
+                continue
             if n > 1:
                 n = min(n, max(budget, 1))
                 budget -= n
@@ -252,13 +295,14 @@ class LLMEngine:
                     if victim is req and len(self.running) == 1:
                         # Alone and still no room: the cache cannot hold this sequence any longer.
                         self._finish(req, "length")
-                        self._pending.append((req.request_id, StreamDelta(0, "", [], "length")))
+                        self._pending.append((req.request_id, StreamDelta(0, req.state.pending_text(), [],
+                                                                          "length")))
                         break
                     self._preempt(victim)
                     feeds = [(r, k) for r, k in feeds if r is not victim]
                     if victim is req:
                         break
-            if req in self.running:
+            if req.pages is not None:
                 feeds.append((req, n))
         return feeds
 
@@ -311,9 +355,11 @@ class LLMEngine:
         out = []
         if ready:
             reqs = [group[i][0] for i in ready]
-            toks = sample_batch(logits[ready], [r.state.sampler for r in reqs], [r.state.params for r in reqs],
-                                [r.state.history for r in reqs])
-            out = self._emit(reqs, toks, logits[ready])
+            if len(ready) < len(group):
+                logits = logits[ready]
+            plan, samplers, params, history = self._sampling_args(reqs, logits.shape[1])
+            toks = sample_batch(logits, samplers, params, history, plan)
+            out = self._emit(reqs, toks, logits)
         return out
 
     def _emit(self, reqs: list[EngineRequest], toks: list[int], logits: torch.Tensor | None = None
@@ -321,16 +367,25 @@ class LLMEngine:
         """Take each request's sampled token (stop rules, detokenizing); the deltas to stream. logits: the rows
         the tokens were sampled from, for requests asking for logprobs."""
         out = []
+        append = out.append
         for i, (req, tok) in enumerate(zip(reqs, toks)):
-            k = req.state.params.logprobs
-            lps = [token_logprobs(logits[i], tok, k)] if k is not None else None
-            text, new = req.state.step(tok)
-            reason = req.state.finish_reason
+            st = req.state
+            text, new = st.step(tok)
+            reason = st.finish_reason
             if text or new or reason:
-                out.append((req.request_id, StreamDelta(0, text, new, reason, lps if new else None)))
+                k = st.params.logprobs
+                lps = [token_logprobs(logits[i], tok, k)] if k is not None and new else None
+                append((req.request_id, StreamDelta(0, text, new, reason, lps)))
             if reason is not None:
                 self._finish(req, reason)
         return out
+
+    def warm_up(self) -> None:
+        """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
+        start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
+        seconds). Nothing to do without CUDA graphs."""
+        if self.graphs is not None:
+            self.graphs.warm_up()
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go
@@ -372,10 +427,10 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
 
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False,
-                 async_output: bool = False) -> LLMEngine:
+                 async_output: bool = False, stream_text: bool = True) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
     device and dtype."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, -(-kv_cache_tokens // ps), ps, model.device, model.dtype)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
-                     compile=compile, async_output=async_output)
+                     compile=compile, async_output=async_output, stream_text=stream_text)

@@ -446,6 +446,14 @@ class Tokenizer:
             return backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
+    def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each id list, in one call to the fast backend where there is one."""
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.decode_batch([[int(i) for i in ids] for ids in seqs],
+                                        skip_special_tokens=skip_special_tokens)
+        return [self.decode(ids, skip_special_tokens) for ids in seqs]
+
     # ----- chat -----
 
     def render_chat(
@@ -558,6 +566,48 @@ class IncrementalDetokenizer:
         if len(full) <= len(self._prefix_text) or full.endswith("\ufffd"):
             return ""
         return self._advance(full)
+
+    def extend(self, token_ids: Sequence[int]) -> str:
+        """`add` each id in turn; returns their texts joined. The same text as `add`, for it decodes the same
+        windows: in the common case (every id completes its text) these are each id alone and each id with the
+        one before it, which are decoded in two batch calls up front instead of two calls per id; any other
+        window (after an id that completed nothing) is decoded on its own, as `add` does."""
+        new = [int(t) for t in token_ids]
+        if not new:
+            return ""
+        ids = self._ids
+        base = len(ids)
+        ids.extend(new)
+        singles = self._tokenizer.decode_batch([[t] for t in new], skip_special_tokens=self._skip)
+        pairs = self._tokenizer.decode_batch([new[j - 1:j + 1] for j in range(1, len(new))],
+                                             skip_special_tokens=self._skip)
+
+        def window(lo: int, hi: int) -> str:  # decode(ids[lo:hi]), hi = base + j + 1 for new id j
+            j = hi - base - 1
+            if lo == hi - 1:
+                return singles[j]
+            if lo == hi - 2 and j >= 1:
+                return pairs[j - 1]
+            return self._decode(ids[lo:hi])
+
+        out = []
+        prefix_text, po, ro = self._prefix_text, self._prefix_offset, self._read_offset
+        for hi in range(base + 1, len(ids) + 1):
+            full = window(po, hi)
+            if len(full) <= len(prefix_text) or full.endswith("\ufffd"):
+                continue
+            out.append(full[len(prefix_text):])  # as _advance
+            po, ro = ro, hi
+            prefix_text = window(po, ro)
+        self._prefix_text, self._prefix_offset, self._read_offset = prefix_text, po, ro
+        if po >= self._TRIM_AT:  # as _advance trims (only memory: the windows ahead start at po)
+            del ids[:po]
+            self._read_offset -= po
+            self._prefix_offset = 0
+        text = "".join(d for d in out if d)
+        if text:
+            self._chunks.append(text)
+        return text
 
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character decodes as U+FFFD, as decode() does)."""

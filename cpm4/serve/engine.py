@@ -221,8 +221,16 @@ class AsyncEngine:
             return [self._waiting.popleft() for _ in range(n)]
 
     def _new_scheduler(self) -> LLMEngine:
-        return build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size, self.chunk_tokens,
-                            cuda_graphs=self.cuda_graphs, compile=self.compile, async_output=self.async_output)
+        sched = build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size,
+                             self.chunk_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
+                             async_output=self.async_output)
+        # Every decode graph captured (and compiled) before the first request rather than in the middle of
+        # serving; requests arriving meanwhile wait in the queue. A failure leaves capture to first use.
+        try:
+            sched.warm_up()
+        except Exception:
+            log.exception("decode graph warm-up failed; graphs are captured on first use instead")
+        return sched
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
