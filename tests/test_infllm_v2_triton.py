@@ -93,6 +93,26 @@ def test_interpreter_odd_group_chunk_and_fp16():
 
 
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_selection_with_ties_equals_reference(variant, dtype):
+    """Top-k on scores with many exact ties (few distinct values), in each score dtype (the radix search
+    skips the low bits a bf16/fp16 score cannot have): exactly the reference's stable-sort choice."""
+    from cpm4.kernels.infllm_v2.triton_select import select_blocks
+
+    device = "cuda" if CUDA else "cpu"
+    cfg = small_cfg(variant, topk=5)
+    g = torch.Generator(device=device).manual_seed(0)
+    tq, tk = 5, 400
+    n1 = R.num_kernels(tk, cfg.kernel_size, cfg.kernel_stride)
+    scores = (torch.randint(0, 6, (2, tq, n1), generator=g, device=device).float() / 7).to(dtype)
+    pos = torch.arange(tk - tq, tk, device=device)
+    vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
+    idx = select_blocks(scores, tk - tq, tq, n1, cfg)
+    assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=dtype,
+                                                                                         device=device)), pos, cfg))
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_key_splits_merge_equal_one_pass(variant):
     """Stage 1 split along the keys (as in decode) gives the scores of the unsplit pass."""
     from cpm4.kernels.infllm_v2.triton_select import block_scores, compress

@@ -149,3 +149,35 @@ def test_fused_projections_same_logits_and_checkpoint(tmp_path):
     save_checkpoint(model, model.config, tmp_path / "m")
     back = load_checkpoint(tmp_path / "m", dtype=torch.float32)
     torch.testing.assert_close(back(ids), model(ids))
+
+
+def test_fused_elementwise_model_equals_eager():
+    """fuse_elementwise routes every norm, rotation, SiLU·up and residual add through the compiled ops (traced
+    here with aot_eager: the wiring), sparse and MTP layers included; logits equal the eager model's."""
+    from cpm4.model import fused
+    from cpm4.model.modeling import RMSNorm
+
+    model = random_model("tiny", num_mtp_layers=1)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+    ref = model(ids)
+    model.fuse_elementwise(backend="aot_eager")
+    ops = fused.compiled("aot_eager")
+    assert model.model.norm.ops is ops and model.mtp[0].layer.ops is ops
+    assert all(m.ops is ops for m in model.modules() if isinstance(m, RMSNorm))
+    torch.testing.assert_close(model(ids), ref, rtol=1e-12, atol=1e-12)
+    model.fuse_elementwise(False)
+    assert model.model.layers[0].self_attn.ops is fused.EAGER
+
+
+def test_inductor_fused_ops_keep_eager_bf16_roundings():
+    """The inductor-compiled ops (emulate_precision_casts) give eager's bf16 values: fused kernels change
+    speed, not the numbers the model was checked with."""
+    from cpm4.model import fused
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 9, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(64, generator=g).to(torch.bfloat16)
+    ops, ref = fused.compiled(), fused.EAGER
+    for a, b in zip(ops.add_rms_norm(x, y, 0.3, w, 1e-6), ref.add_rms_norm(x, y, 0.3, w, 1e-6)):
+        assert torch.equal(a, b)
+    assert torch.equal(ops.silu_mul(x, y), ref.silu_mul(x, y))

@@ -15,25 +15,27 @@ from torch import nn
 # Module import (not the function): cpm4.kernels.infllm_v2 imports cpm4.model.config, so either package may
 # be imported first.
 from cpm4.kernels import infllm_v2
-from cpm4.numerics import upcast
 
+from . import fused
 from .config import MiniCPM4Config
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
+    ops = fused.EAGER  # the elementwise ops of every module; see MiniCPM4ForCausalLM.fuse_elementwise
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reference op order: statistics in fp32, normalised value rounded to x's dtype, then the weight.
-        var = upcast(x).pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
+    ops = fused.EAGER
+
     def __init__(self, config: MiniCPM4Config):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
@@ -46,11 +48,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.ops.silu_mul(gate, up))
+        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Attention(nn.Module):
+    ops = fused.EAGER
+
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -84,7 +88,7 @@ class Attention(nn.Module):
         row b; each attends only within itself, exactly as if it were a sequence of its own."""
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
         if docs is None and cache is None and bool((new_lens == t).all()) and not bool(starts.any()):
             docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
         if docs is not None:
@@ -207,6 +211,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    ops = fused.EAGER
+
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
@@ -216,8 +222,10 @@ class DecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs) * self.residual_scale
-        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+        a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs)
+        norm = self.post_attention_layernorm
+        x, h = self.ops.add_rms_norm(x, a, self.residual_scale, norm.weight, norm.eps)
+        return self.ops.add_scaled(x, self.mlp(h), self.residual_scale)
 
 
 class Backbone(nn.Module):
@@ -292,6 +300,16 @@ class MiniCPM4ForCausalLM(nn.Module):
                     lin.weight = nn.Parameter(fused[row:row + n], requires_grad=lin.weight.requires_grad)
                     row += n
                 setattr(owner, attr, fused)
+
+    def fuse_elementwise(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run the norms, RoPE, SiLU·up and residual adds through torch.compile (`fused.compiled`: fused
+        kernels, one graph for all layers and lengths) instead of op by op. For long prefills on the GPU
+        (the engine turns it on with compile=True); eager per-call overhead makes it slower for short
+        eager steps on the CPU."""
+        ops = fused.compiled(backend) if enabled else fused.EAGER
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP, Attention, DecoderLayer)):
+                m.ops = ops
 
     def _apply(self, fn, recurse=True):
         # Moving or casting copies each parameter on its own: fuse again so the fused weights follow.

@@ -11,9 +11,8 @@ import math
 import torch
 from torch import nn
 
-from cpm4.numerics import upcast
-
 from .config import MiniCPM4Config
+from .fused import rotary as apply_rotary  # noqa: F401  (the rotation lives with the other fused ops)
 
 
 def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, base: float, rs: dict, default_orig: int
@@ -101,15 +100,3 @@ def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tens
     elif kind == "linear":
         inv_freq = inv_freq / float(rs["factor"])
     return inv_freq, inv_ext, scale
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, d]; cos/sin: [B, T, d]. Rotation in float32, result in x's dtype."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    xf = upcast(x)
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
