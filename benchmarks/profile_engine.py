@@ -1,7 +1,9 @@
-"""Where the engine's time goes: kernel-level profile of one prefill and of decode steps at batch 1.
+"""Where the engine's time goes: kernel-level profile of one prefill and of decode steps at batch 1, or of
+decode steps with many sequences running (--batch, the serving case).
 
     python benchmarks/profile_engine.py --config minicpm4-8b --context 32768 --sparse
     python benchmarks/profile_engine.py --config minicpm4-8b --context 4096 --compile
+    python benchmarks/profile_engine.py --config minicpm4-0.5b --context 1024 --batch 256 --compile --async-output
 
 A random model of the preset runs one prompt through `LLMEngine` (paged cache, prompt in one chunk, decode
 from CUDA graphs unless --eager). torch.profiler records the prefill and `--steps` decode steps; printed:
@@ -65,9 +67,15 @@ def main() -> None:
     ap.add_argument("--async-output", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="sequences decoding together (> 1: prompts prefilled in chunks, only decode is profiled)")
+    ap.add_argument("--chunk-tokens", type=int, default=8192, help="prefill chunk with --batch > 1")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of --batch > 1 (no kernel table)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.batch > 1:
+        return profile_batch(args)
     dev = torch.device("cuda")
     cfg = preset(args.config)
     if not args.sparse:
@@ -144,6 +152,91 @@ def main() -> None:
            "rows": [{"phase": "prefill", "seqlen": args.context, "ours_ms": round(plain_prefill, 3)},
                     {"phase": "decode", "seqlen": args.context, "ours_ms": round(plain_wall, 3)}]}
     tag = f"{args.config}-{args.context}-{'sparse' if args.sparse else 'dense'}{'-compiled' if args.compile else ''}"
+    write_json(doc, f"profile-{tag}-{date}.json", args.out)
+
+
+def device_label(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def profile_batch(args) -> None:
+    """Decode steps with args.batch sequences of args.context prompt tokens running together: the kernels
+    per step, wall time with and without the profiler, and the host's functions (cProfile)."""
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    cfg = preset(args.config)
+    if not args.sparse:
+        cfg.sparse_config = None
+    new = 6 * args.steps + 8
+    per_seq = args.context + new
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, per_seq)
+    model = random_model(cfg, dev, dtype)
+    ps = page_size_for(cfg)
+    cache = PagedKVCache(cfg, args.batch * (-(-per_seq // ps) + 1) + 1, ps, dev, dtype)
+    eng = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=args.batch, chunk_tokens=args.chunk_tokens,
+                    cuda_graphs=not args.eager and dev.type == "cuda", compile=args.compile,
+                    async_output=args.async_output)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.6, max_tokens=new, ignore_eos=True)
+
+    def all_decoding() -> bool:
+        return not eng.waiting and all(r.num_tokens - r.computed <= 1 for r in eng.running)
+
+    def timed(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        sync()
+        return (time.perf_counter() - t) * 1000 / n
+
+    with torch.inference_mode():
+        eng.warm_up()  # every decode-graph bucket captured (and compiled) first
+        for i in range(args.batch):
+            ids = torch.randint(3, min(4000, cfg.vocab_size), (args.context,), generator=g).tolist()
+            eng.add_request(f"r{i}", ids, params)
+        sync()
+        t = time.perf_counter()
+        prefill_steps = 0
+        while not all_decoding():
+            eng.step()
+            prefill_steps += 1
+        sync()
+        prefill_ms = (time.perf_counter() - t) * 1000
+        timed(2)
+        plain_wall = timed(args.steps)
+        with profile(activities=[ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]) as p_dec:
+            dec_wall = timed(args.steps)
+        host = cProfile.Profile()
+        host.enable()
+        timed(args.steps)
+        host.disable()
+        running = len(eng.running)
+        while eng.has_work():
+            eng.step()
+    dec_total, dec_rows = kernel_rows(p_dec, args.steps)
+    mode = ("InfLLM v2" if args.sparse else "dense") + (", compiled" if args.compile else "") \
+        + (", eager" if args.eager or dev.type != "cuda" else ", graphs") \
+        + (", async output" if args.async_output else "")
+    head = (f"{args.config}: {args.batch} sequences of {args.context} prompt tokens decoding, {mode}, "
+            f"{device_label(dev)}")
+    print(head)
+    print(f"prefill of all prompts: {prefill_ms:.0f} ms in {prefill_steps} engine steps; {running} rows running")
+    show("decode step (profiled, per step)", dec_wall, dec_total, dec_rows, args.top)
+    print(f"\ndecode step without the profiler: {plain_wall:.3f} ms ({args.batch / plain_wall * 1000:.0f} tok/s); "
+          f"host functions over {args.steps} steps:")
+    pstats.Stats(host).sort_stats("tottime").print_stats(args.top)
+    date = datetime.date.today().isoformat()
+    doc = {"device": device_label(dev), "date": date, "what": head,
+           "decode": {"wall_ms": dec_wall, "kernel_ms": dec_total, "kernels": dec_rows[:60]},
+           "rows": [{"phase": f"decode.batch{args.batch}", "seqlen": args.context, "ours_ms": round(plain_wall, 3),
+                     "peer_ms": None, "speedup": None}]}
+    tag = f"{args.config}-{args.context}-batch{args.batch}{'-compiled' if args.compile else ''}"
     write_json(doc, f"profile-{tag}-{date}.json", args.out)
 
 
