@@ -129,13 +129,14 @@ def test_key_splits_merge_equal_one_pass(variant):
     assert rel(many, one) < 1e-5 and rel(many, ref) < 1e-5
 
 
-def test_interpreter_paged_decode():
+@pytest.mark.parametrize("tile_pages", [1, 2])
+def test_interpreter_paged_decode(tile_pages):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    _check_decode("cpu", torch.float32, 4, 2, 16, page=16, lens=[37, 70, 5], tol=1e-5)
+    _check_decode("cpu", torch.float32, 4, 2, 16, page=16, lens=[37, 70, 5], tol=1e-5, tile_pages=tile_pages)
 
 
-def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3):
+def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3, tile_pages=None):
     from cpm4.kernels.infllm_v2.triton_decode import paged_decode
 
     b = len(lens)
@@ -161,7 +162,7 @@ def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3):
             pick = torch.randperm(npg, generator=torch.Generator().manual_seed(10 * i + h))[:nsel].sort().values
             blocks[i, h, : len(pick)] = pick.to(torch.int32)
     for sel in (None, blocks):
-        out = paged_decode(q, kc, vc, table, seq, sel, splits=2)
+        out = paged_decode(q, kc, vc, table, seq, sel, splits=2, tile_pages=tile_pages)
         for i, n in enumerate(lens):
             ks = kc[table[i].long()].reshape(-1, hkv, d)[:n].double()
             vs = vc[table[i].long()].reshape(-1, hkv, d)[:n].double()
@@ -207,8 +208,10 @@ def test_gpu_pipeline_lengths_and_chunks(variant, tq, tk):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-def test_gpu_paged_decode(dtype, hq, hkv, d):
-    _check_decode("cuda", dtype, hq, hkv, d, page=64, lens=[1, 63, 64, 65, 3000, 9000], tol=2e-2, nsel=20)
+@pytest.mark.parametrize("tile_pages", [1, 2, 4])
+def test_gpu_paged_decode(dtype, hq, hkv, d, tile_pages):
+    _check_decode("cuda", dtype, hq, hkv, d, page=64, lens=[1, 63, 64, 65, 3000, 9000], tol=2e-2, nsel=20,
+                  tile_pages=tile_pages)
 
 
 @gpu
@@ -372,7 +375,7 @@ def test_gpu_append_kv():
     _check_append("cuda", torch.bfloat16, 1e-2)
 
 
-def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
+def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -389,7 +392,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
     coarse = stores["coarse"] if gen_b else None
     lens_t = torch.tensor(lens, device=device, dtype=torch.int32)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
-                                   return_selection=True)
+                                   return_selection=True, tile_pages=tile_pages)
     norm = (stores["coarse"], cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         stores["fine"], cfg.kernel_size, cfg.kernel_stride)
     lse = decode_lse(q, *norm[:1], table, lens_t, cfg, norm[1], norm[2], scale, splits)
@@ -422,13 +425,14 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None):
     return agree, total
 
 
-@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
-def test_interpreter_paged_sparse_decode(variant):
+@pytest.mark.parametrize("variant,tile_pages", [("gen-b", 1), ("gen-a", 1), ("gen-b", 2)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
     cfg = small_cfg(variant, dense_len=40)
-    agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3)
+    agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
+                                       tile_pages=tile_pages)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -436,9 +440,11 @@ def test_interpreter_paged_sparse_decode(variant):
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d):
+@pytest.mark.parametrize("tile_pages", [1, 2])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
-    agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2)
+    agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
+                                       tile_pages=tile_pages)
     assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

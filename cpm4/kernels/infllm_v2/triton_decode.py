@@ -306,7 +306,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                    stride_mh, stride_rb, stride_rh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-                   DENSE_LEN: tl.constexpr):
+                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
@@ -328,19 +328,39 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    tt = tl.arange(0, PAGE)
     dd = tl.arange(0, D)
     per = tl.cdiv(n_att, SPLITS)
-    for i in range(sp * per, tl.minimum(sp * per + per, n_att)):
-        b = i
-        if listed:
-            b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + i)
-        if (b >= 0) & (b * PAGE < seq_len):
-            page = tl.load(table_ptr + bi * stride_tb + b).to(tl.int64)
-            km = b * PAGE + tt < seq_len
-            k = tl.load(kc_ptr + page * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
+    lo = sp * per
+    hi = tl.minimum(lo + per, n_att)
+    if TILE_PAGES == 1:
+        tt = tl.arange(0, PAGE)
+        for i in range(lo, hi):
+            b = i
+            if listed:
+                b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + i)
+            if (b >= 0) & (b * PAGE < seq_len):
+                page = tl.load(table_ptr + bi * stride_tb + b).to(tl.int64)
+                km = b * PAGE + tt < seq_len
+                k = tl.load(kc_ptr + page * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
+                            mask=km[:, None], other=0.0)
+                v = tl.load(vc_ptr + page * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
+                            mask=km[:, None], other=0.0)
+                m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
+    else:
+        # TILE_PAGES pages per step as one gathered tile (each row's page looked up): more bytes in flight
+        # per program than a page at a time.
+        rr = tl.arange(0, TILE_PAGES * PAGE)
+        tt = rr % PAGE
+        for i0 in range(lo, hi, TILE_PAGES):
+            j = i0 + rr // PAGE
+            b = j
+            if listed:
+                b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + j, mask=j < hi, other=-1)
+            km = (j < hi) & (b >= 0) & (b * PAGE + tt < seq_len)
+            page = tl.load(table_ptr + bi * stride_tb + b, mask=km, other=0).to(tl.int64)
+            k = tl.load(kc_ptr + page[:, None] * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
                         mask=km[:, None], other=0.0)
-            v = tl.load(vc_ptr + page * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
+            v = tl.load(vc_ptr + page[:, None] * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
                         mask=km[:, None], other=0.0)
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -391,8 +411,13 @@ def _default_splits(device: torch.device, programs: int, most: int) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), programs), most))
 
 
+# Pages per step of the paged attention loop (`_attend_kernel`'s TILE_PAGES); benchmarks/attention.py times
+# the alternatives (decode.*.tile<N> rows).
+TILE_PAGES = 1
+
+
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None):
+            counters=None, tile_pages=None):
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
@@ -417,16 +442,16 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
-        num_warps=4)
+        TILE_PAGES=tile_pages or TILE_PAGES, num_warps=4)
     return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
-                 splits: int | None = None) -> torch.Tensor:
+                 splits: int | None = None, tile_pages: int | None = None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
-    (all pages) -> [B, hq, d]."""
+    (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`)."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -436,13 +461,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     most = triton.cdiv(blocks.shape[2] if blocks is not None else block_table.shape[1], 2)
     splits = splits or _default_splits(q.device, b * hkv, most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
-                   scale=scale)
+                   scale=scale, tile_pages=tile_pages)
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor | None, cfg: SparseConfig,
                         scale: float | None = None, splits: int | None = None,
-                        return_selection: bool = False):
+                        return_selection: bool = False, tile_pages: int | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -467,7 +492,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
-                  dense_len=cfg.dense_len, scale=scale, counters=counters[1])
+                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages)
     return (out, sel) if return_selection else out
 
 
