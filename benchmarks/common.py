@@ -1,9 +1,13 @@
-"""Shared by the benchmark scripts: writing their JSON."""
+"""Shared by the benchmark scripts: writing their JSON, the tokenizer of random models."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cpm4.model.tokenizer import Tokenizer
 
 
 def write_json(doc: dict, name: str, out: str) -> None:
@@ -16,3 +20,22 @@ def write_json(doc: dict, name: str, out: str) -> None:
             json.dump(doc, f, indent=1)
         os.replace(path + ".tmp", path)
         print(f"wrote {path}")
+
+
+def covering_tokenizer(vocab_size: int, base: Tokenizer | None = None) -> Tokenizer:
+    """A tokenizer in which every id of a random model's vocabulary decodes to text: a 1024-id byte-level one
+    (or `base`) plus plain tokens "<tN>" for the ids above. With ids that decode to nothing (beyond a small
+    tokenizer, or skipped special tokens), a streaming detokenizer's window never advances and every step
+    re-decodes the whole output so far: quadratic host time that a real tokenizer never causes."""
+    from cpm4.model.tokenizer import build_tokenizer
+
+    tok = base or build_tokenizer(1024)
+    n = len(tok.hf)
+    if n >= vocab_size:
+        return tok
+    if base is not None:
+        tok = build_tokenizer(n)  # a fresh copy: `base` stays as it was
+    tok.hf.add_tokens([f"<t{i}>" for i in range(n, vocab_size)])
+    if len(tok.hf) != vocab_size:
+        raise RuntimeError(f"covering tokenizer has {len(tok.hf)} ids, expected {vocab_size}")
+    return tok

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_json  # noqa: E402
+from common import covering_tokenizer, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -38,7 +38,6 @@ from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.convert import folded_weights, llama_config  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
 from cpm4.model.modeling import MiniCPM4ForCausalLM  # noqa: E402
-from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -68,7 +67,8 @@ class Ours:
         cfg = model.config
         ps = page_size_for(cfg)
         cache = PagedKVCache(cfg, -(-max_tokens // ps) + 1, ps, device, model.dtype)
-        self.engine = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=1, chunk_tokens=max_tokens,
+        tok = covering_tokenizer(model.config.vocab_size)
+        self.engine = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=max_tokens,
                                 compile=compile, async_output=async_output)
         self.engine.warm_up()  # the decode graph captured (and compiled) before any timing
         self.device = device

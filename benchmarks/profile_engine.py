@@ -26,14 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_json  # noqa: E402
+from common import covering_tokenizer, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
-from cpm4.model.tokenizer import build_tokenizer  # noqa: E402
 
 
 def kernel_rows(prof, steps: int) -> tuple[float, list[dict]]:
@@ -85,7 +84,7 @@ def main() -> None:
     model = random_model(cfg, dev, torch.bfloat16)
     ps = page_size_for(cfg)
     cache = PagedKVCache(cfg, -(-total // ps) + 1, ps, dev, torch.bfloat16)
-    eng = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=1, chunk_tokens=total,
+    eng = LLMEngine(model, covering_tokenizer(cfg.vocab_size), cache, max_batch_size=1, chunk_tokens=total,
                     cuda_graphs=not args.eager, compile=args.compile, async_output=args.async_output)
     g = torch.Generator().manual_seed(0)
 
@@ -178,7 +177,8 @@ def profile_batch(args) -> None:
     model = random_model(cfg, dev, dtype)
     ps = page_size_for(cfg)
     cache = PagedKVCache(cfg, args.batch * (-(-per_seq // ps) + 1) + 1, ps, dev, dtype)
-    eng = LLMEngine(model, build_tokenizer(1024), cache, max_batch_size=args.batch, chunk_tokens=args.chunk_tokens,
+    tok = covering_tokenizer(cfg.vocab_size)
+    eng = LLMEngine(model, tok, cache, max_batch_size=args.batch, chunk_tokens=args.chunk_tokens,
                     cuda_graphs=not args.eager and dev.type == "cuda", compile=args.compile,
                     async_output=args.async_output)
     g = torch.Generator().manual_seed(0)

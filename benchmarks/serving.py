@@ -43,14 +43,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_json  # noqa: E402
+from common import covering_tokenizer, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine, host_kv_cache_tokens  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
-from cpm4.model.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 from cpm4.serve.engine import AsyncEngine  # noqa: E402
 
 
@@ -69,19 +68,6 @@ def device_name(dev: torch.device) -> str:
     except OSError:
         pass
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
-
-
-def covering_tokenizer(tok: Tokenizer, vocab_size: int) -> Tokenizer:
-    """A tokenizer in which every model id decodes to text: a fresh 1024-id one plus plain tokens "<tN>" for the
-    ids above (`tok` itself when it already covers the vocabulary)."""
-    n = len(tok.hf)
-    if n >= vocab_size:
-        return tok
-    cover = build_tokenizer(n)
-    cover.hf.add_tokens([f"<t{i}>" for i in range(n, vocab_size)])
-    if len(cover.hf) != vocab_size:
-        raise RuntimeError(f"covering tokenizer has {len(cover.hf)} ids, expected {vocab_size}")
-    return cover
 
 
 def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[float, int]:
@@ -124,7 +110,7 @@ def http_row(args, model, tok, creqs, dev) -> dict:
 
     from cpm4.serve import create_app
 
-    aeng = AsyncEngine(model, covering_tokenizer(tok, model.config.vocab_size), max_batch_size=args.clients,
+    aeng = AsyncEngine(model, tok, max_batch_size=args.clients,
                        chunk_tokens=args.chunk_tokens, kv_cache_tokens=args.kv_cache_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
                        compile=args.compile, async_output=args.async_output)
@@ -180,7 +166,7 @@ def main() -> None:
     cfg = preset(args.config)
     cfg.max_position_embeddings = min(cfg.max_position_embeddings, 4096)  # nano-vllm: max_model_len 4096
     model = random_model(cfg, dev, dtype)
-    tok = build_tokenizer(1024)  # ids beyond its vocabulary detokenize to nothing: fine for a benchmark
+    tok = covering_tokenizer(cfg.vocab_size)  # every sampled id decodes to text, as with a real tokenizer
     hi = min(10000, cfg.vocab_size - 1)  # prompt token ids are drawn from [0, hi]
     ps = page_size_for(cfg)
     if args.kv_cache_tokens is not None:
