@@ -63,7 +63,7 @@ class Ours:
     """One engine per attention mode, reused across contexts (decode graphs are captured once)."""
 
     def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, device: torch.device, compile: bool,
-                 async_output: bool = False):
+                 async_output: bool | None = None):
         cfg = model.config
         ps = page_size_for(cfg)
         cache = PagedKVCache(cfg, -(-max_tokens // ps) + 1, ps, device, model.dtype)
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
-    ap.add_argument("--async-output", action="store_true",
+    ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()

@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--sparse", action="store_true", help="the preset's InfLLM v2 sparse_config")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--async-output", action="store_true")
+    ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
+                    help="see LLMEngine (default: on with CUDA graphs)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1,
@@ -222,7 +223,7 @@ def profile_batch(args) -> None:
     dec_total, dec_rows = kernel_rows(p_dec, args.steps)
     mode = ("InfLLM v2" if args.sparse else "dense") + (", compiled" if args.compile else "") \
         + (", eager" if args.eager or dev.type != "cuda" else ", graphs") \
-        + (", async output" if args.async_output else "")
+        + (", async output" if eng.async_output else "")
     head = (f"{args.config}: {args.batch} sequences of {args.context} prompt tokens decoding, {mode}, "
             f"{device_label(dev)}")
     print(head)

@@ -145,7 +145,7 @@ def main() -> None:
                     help="KV cache size in tokens of each engine (default: on CUDA from --gpu-memory-utilization, "
                          "elsewhere host_kv_cache_tokens for its batch size)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
-    ap.add_argument("--async-output", action="store_true",
+    ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--http", action="store_true",
                     help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "

@@ -63,7 +63,7 @@ class InflightStep:
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False, async_output: bool = False,
+                 cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
                  stream_text: bool = True):
         """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
@@ -76,7 +76,8 @@ class LLMEngine:
         scheduling) overlaps the GPU's. Outputs are unchanged; a sequence that stops on a token is computed one
         step past its end, and that step is discarded. Used while every running request decodes, none is
         waiting, and none needs the host to know its last token before sampling the next (repetition
-        penalty) or asks for logprobs; otherwise the engine steps synchronously.
+        penalty) or asks for logprobs; otherwise the engine steps synchronously. Default: on when decode runs
+        from CUDA graphs.
 
         stream_text=False: the caller reads each request's text only once it has ended (offline batches):
         requests without stop strings are detokenized at their end, their whole text in their last delta,
@@ -92,7 +93,7 @@ class LLMEngine:
         self.by_id: dict[str, EngineRequest] = {}
         self.num_preempted = 0
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
-        self.async_output = async_output
+        self.async_output = False  # set below, once it is known whether decode runs from CUDA graphs
         self.stream_text = stream_text
         self._inflight: InflightStep | None = None
         self._aborts = 0  # abort() calls not yet handled by a step
@@ -114,6 +115,9 @@ class LLMEngine:
             self.graphs = DecodeGraphs(model, cache, max_batch_size, width, compile=compile)
         if compile:
             model.fuse_elementwise()  # prefill's norms, RoPE and SiLU·up as fused kernels too
+        # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
+        # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
+        self.async_output = self.graphs is not None if async_output is None else async_output
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -427,7 +431,7 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
 
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False,
-                 async_output: bool = False, stream_text: bool = True) -> LLMEngine:
+                 async_output: bool | None = None, stream_text: bool = True) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
     device and dtype."""
     ps = page_size_for(model.config)

@@ -29,7 +29,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
           chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-          compile: bool = False, async_output: bool = False) -> None:
+          compile: bool = False, async_output: bool | None = None) -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name."""
     try:
         import uvicorn

@@ -63,9 +63,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step inside its CUDA graphs (faster decode, slower start)")
-    p.add_argument("--async-output", action="store_true",
-                   help="launch each decode step before reading back the previous one's tokens (host work "
-                   "overlaps the GPU; experimental)")
+    p.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before reading back the previous one's tokens, so host work "
+                   "overlaps the GPU (default: on with CUDA graphs)")
     p.add_argument("--chunk-tokens", type=_positive, default=512, help="prefill chunk per scheduler step")
     p.set_defaults(func=cmd_serve)
     return p

@@ -62,13 +62,13 @@ class AsyncEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False, async_output: bool = False) -> None:
+                 compile: bool = False, async_output: bool | None = None) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
         see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step; async_output: see
-        `LLMEngine`."""
+        `LLMEngine` (default: on with CUDA graphs)."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
