@@ -157,9 +157,13 @@ def main() -> None:
         slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
         k_new, v_new = k[-1:].clone(), v[-1:].clone()
 
-        def sparse_step():
+        def sparse_step():  # as the engine runs it: store the token and pool its kernels, then the step
             append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
             return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale)
+
+        def fused_step():  # the store inside the step's first kernel (paged_sparse_decode's new_kv)
+            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
+                                       new_kv=(k_new, v_new, slot))
 
         q1d = q1.transpose(0, 1).unsqueeze(0)
         t_dec_dense_peer = bench(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True), rep=50)
@@ -202,12 +206,13 @@ def main() -> None:
                 floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
             row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
                 t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
+            row("decode.cuda_graph.fused_append", n, graphed(fused_step), t_peer_graph,
+                floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
             # The paged attention loop with several pages per step (`tile_pages`), to choose TILE_PAGES.
             for tp in (2, 4):
                 def tiled_step(tp=tp):
-                    append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
                     return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
-                                               tile_pages=tp)
+                                               tile_pages=tp, new_kv=(k_new, v_new, slot))
                 row(f"decode.cuda_graph.tile{tp}", n, graphed(tiled_step), t_peer_graph)
                 row(f"decode.dense_paged.cuda_graph.tile{tp}", n,
                     graphed(lambda tp=tp: paged_decode(q1, kc, vc, table, lens, tile_pages=tp)), t_peer_graph)
@@ -221,6 +226,9 @@ def main() -> None:
                     ("append_kv", lambda: append_kv(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)),
                     ("stage1_lse", lambda: decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size,
                                                       cfg.coarse_kernel_stride, scale)),
+                    ("stage1_lse_with_append", lambda: decode_lse(
+                        q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale,
+                        append=(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg))),
                     ("stage1_scores_select", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
                                                                    counters=counters.zero_())),
                     ("attend_merge", lambda: _attend(q1, kc, vc, table, lens, splits, 2, blk=att, nblk=natt,

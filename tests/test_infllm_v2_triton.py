@@ -375,7 +375,29 @@ def test_gpu_append_kv():
     _check_append("cuda", torch.bfloat16, 1e-2)
 
 
-def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None):
+def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
+    """NaN over each row's last token (its k/v slot and the kernel keys it completes), as before a decode step
+    that stores them itself; returns (k, v, slots) of those tokens and the poisoned originals' copies."""
+    hkv, d = kc.shape[2], kc.shape[3]
+    slots = torch.tensor([int(table[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(lens)],
+                         device=kc.device)
+    k_new, v_new = kc.view(-1, hkv, d)[slots].clone(), vc.view(-1, hkv, d)[slots].clone()
+    saved = (kc.clone(), vc.clone(), {name: st.clone() for name, st in stores.items()})
+    kinds = [("fine", cfg.kernel_size, cfg.kernel_stride)]
+    if cfg.variant == "gen-b":  # Gen-A caches keep no coarse keys
+        kinds.append(("coarse", cfg.coarse_kernel_size, cfg.coarse_kernel_stride))
+    kc.view(-1, hkv, d)[slots] = float("nan")
+    vc.view(-1, hkv, d)[slots] = float("nan")
+    for name, size, stride in kinds:
+        for i, n in enumerate(lens):
+            if n >= size and (n - size) % stride == 0:
+                p, slot = R.kernel_page_slots(torch.tensor([(n - size) // stride], device=kc.device), size, stride,
+                                              page)
+                stores[name][table[i].long()[p], slot] = float("nan")
+    return (k_new, v_new, slots), saved
+
+
+def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -391,8 +413,14 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     gen_b = cfg.variant == "gen-b"
     coarse = stores["coarse"] if gen_b else None
     lens_t = torch.tensor(lens, device=device, dtype=torch.int32)
+    new_kv = saved = None
+    if fuse_append:  # the step stores the last token and its kernel keys itself (in the LSE launch)
+        new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
-                                   return_selection=True, tile_pages=tile_pages)
+                                   return_selection=True, tile_pages=tile_pages, new_kv=new_kv)
+    if fuse_append:
+        for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
+            assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
     norm = (stores["coarse"], cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         stores["fine"], cfg.kernel_size, cfg.kernel_stride)
     lse = decode_lse(q, *norm[:1], table, lens_t, cfg, norm[1], norm[2], scale, splits)
@@ -425,14 +453,17 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages", [("gen-b", 1), ("gen-a", 1), ("gen-b", 2)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages):
+@pytest.mark.parametrize("variant,tile_pages,fuse", [("gen-b", 1, False), ("gen-a", 1, False), ("gen-b", 2, False),
+                                                    ("gen-b", 1, True), ("gen-a", 1, True)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
+    # The last tokens of rows 200 (fine kernel) and 64 (fine and coarse) complete kernels: with `fuse` the
+    # step pools them itself, and the LSE split holding the new kernel must not read its unwritten slot.
     cfg = small_cfg(variant, dense_len=40)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages)
+                                       tile_pages=tile_pages, fuse_append=fuse)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -440,11 +471,12 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages):
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages", [1, 2])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages):
+@pytest.mark.parametrize("tile_pages,fuse", [(1, False), (2, False), (1, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
+    # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
-                                       tile_pages=tile_pages)
+                                       tile_pages=tile_pages, fuse_append=fuse)
     assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

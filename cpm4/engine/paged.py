@@ -452,6 +452,8 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     sc = c.config.sparse_config
     fine = c.fine[layer] if sc is not None else None
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
+    # (paged_sparse_decode(new_kv=...) stores the tokens inside its first kernel, one launch less: not yet
+    # measured on the GPU, so the step keeps the separate store here.)
     append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, fine, coarse, sc)
     if sc is None:
         return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale)[:, None]

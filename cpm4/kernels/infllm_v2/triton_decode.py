@@ -50,20 +50,35 @@ def _kernel_addr(j, valid, table_row, stride_kp, stride_ks, KSIZE: tl.constexpr,
 
 
 @triton.jit
-def _store_kernel_mean(kc_ptr, row, out_ptr, j, g, stride_kp, stride_kt, stride_kh, stride_op, stride_os, stride_oh,
-                       D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr,
-                       KSTRIDE: tl.constexpr):
-    """Kernel j's key (mean of the keys [j*stride, j*stride + size) of KV head g, read through the block-table
-    row) into its slot of the kernel-key pages."""
+def _kernel_mean(kc_ptr, row, j, g, stride_kp, stride_kt, stride_kh, new_key, D: tl.constexpr, PAGE: tl.constexpr,
+                 KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr, NEW: tl.constexpr):
+    """Kernel j's key in float32: the mean of the keys [j*stride, j*stride + size) of KV head g, read through
+    the block-table row; with NEW its last key is `new_key` [D] (the token being appended, maybe not stored
+    yet). Every caller sums the same tile the same way, so a kernel key computed twice is the same bits."""
     u = tl.arange(0, KPAD)
     t = j * KSTRIDE + u
-    um = u < KSIZE
+    if NEW:
+        um = u < KSIZE - 1
+    else:
+        um = u < KSIZE
     pages = tl.load(row + t // PAGE, mask=um, other=0).to(tl.int64)
     dd = tl.arange(0, D)
     k = tl.load(kc_ptr + pages[:, None] * stride_kp + (t % PAGE)[:, None] * stride_kt + g * stride_kh + dd[None, :],
                 mask=um[:, None], other=0.0).to(tl.float32)
+    if NEW:
+        k = tl.where((u == KSIZE - 1)[:, None], new_key.to(tl.float32)[None, :], k)
+    return tl.sum(k, 0) / KSIZE
+
+
+@triton.jit
+def _store_kernel_mean(kc_ptr, row, out_ptr, j, g, stride_kp, stride_kt, stride_kh, stride_op, stride_os, stride_oh,
+                       D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr,
+                       KSTRIDE: tl.constexpr):
+    """Kernel j's key (`_kernel_mean`) into its slot of the kernel-key pages."""
+    dd = tl.arange(0, D)
+    mean = _kernel_mean(kc_ptr, row, j, g, stride_kp, stride_kt, stride_kh, dd, D, PAGE, KSIZE, KPAD, KSTRIDE, False)
     base = _kernel_addr(j, True, row, stride_op, stride_os, KSIZE, KSTRIDE, PAGE)
-    tl.store(out_ptr + base + g * stride_oh + dd, (tl.sum(k, 0) / KSIZE).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + base + g * stride_oh + dd, mean.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -86,13 +101,50 @@ def _pool_kernel(kc_ptr, table_ptr, start_ptr, end_ptr, out_ptr, stride_kp, stri
 
 
 @triton.jit
-def _pool_last(kc_ptr, row, out_ptr, pos, g, stride_kp, stride_kt, stride_kh, stride_op, stride_os, stride_oh,
-               D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr):
-    """Pool the kernel that ends at token pos, if one does."""
+def _kernel_ending_at(pos, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+    """Index of the kernel whose last token is pos, or -1."""
     first = pos - (KSIZE - 1)
-    if (first >= 0) & (first % KSTRIDE == 0):
-        _store_kernel_mean(kc_ptr, row, out_ptr, first // KSTRIDE, g, stride_kp, stride_kt, stride_kh, stride_op,
-                           stride_os, stride_oh, D, PAGE, KSIZE, KPAD, KSTRIDE)
+    return tl.where((first >= 0) & (first % KSTRIDE == 0), first // KSTRIDE, -1)
+
+
+@triton.jit
+def _pool_last(kc_ptr, row, out_ptr, pos, g, new_key, stride_kp, stride_kt, stride_kh, stride_op, stride_os,
+               stride_oh, D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr,
+               KSTRIDE: tl.constexpr):
+    """Pool the kernel that ends at token pos (whose key is new_key), if one does."""
+    j = _kernel_ending_at(pos, KSIZE, KSTRIDE)
+    if j >= 0:
+        mean = _kernel_mean(kc_ptr, row, j, g, stride_kp, stride_kt, stride_kh, new_key, D, PAGE, KSIZE, KPAD,
+                            KSTRIDE, True)
+        base = _kernel_addr(j, True, row, stride_op, stride_os, KSIZE, KSTRIDE, PAGE)
+        tl.store(out_ptr + base + g * stride_oh + tl.arange(0, D), mean.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _append_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr, f_ptr, c_ptr, bi, g,
+                stride_kb, stride_kh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
+                stride_dp, stride_dt, stride_dh, stride_tb, stride_fp, stride_fs, stride_fh,
+                stride_gp, stride_gs, stride_gh,
+                D: tl.constexpr, PAGE: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
+                FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
+                POOL: tl.constexpr, COARSE: tl.constexpr):
+    """Store row bi's new key/value of KV head g at its slot, then pool the fine (and coarse) kernel that the
+    token completes (its earlier keys read through the block table, its last one the new key)."""
+    dd = tl.arange(0, D)
+    slot = tl.load(slots_ptr + bi).to(tl.int64)
+    page, t = slot // PAGE, slot % PAGE
+    k = tl.load(k_ptr + bi * stride_kb + g * stride_kh + dd)
+    tl.store(kc_ptr + page * stride_cp + t * stride_ct + g * stride_ch + dd, k)
+    tl.store(vc_ptr + page * stride_dp + t * stride_dt + g * stride_dh + dd,
+             tl.load(v_ptr + bi * stride_vb + g * stride_vh + dd))
+    if POOL:
+        pos = tl.load(ends_ptr + bi) - 1
+        row = table_ptr + bi * stride_tb
+        _pool_last(kc_ptr, row, f_ptr, pos, g, k, stride_cp, stride_ct, stride_ch, stride_fp, stride_fs, stride_fh,
+                   D, PAGE, FSIZE, FPAD, FSTRIDE)
+        if COARSE:
+            _pool_last(kc_ptr, row, c_ptr, pos, g, k, stride_cp, stride_ct, stride_ch, stride_gp, stride_gs,
+                       stride_gh, D, PAGE, CSIZE, CPAD, CSTRIDE)
 
 
 @triton.jit
@@ -103,26 +155,11 @@ def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr,
                    D: tl.constexpr, PAGE: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
                    FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
                    POOL: tl.constexpr, COARSE: tl.constexpr):
-    """Store row bi's new key/value of KV head g at its slot, then pool the fine (and coarse) kernel that the
-    token completes, reading the keys back through the block table (the new one included)."""
-    bi = tl.program_id(0)
-    g = tl.program_id(1)
-    dd = tl.arange(0, D)
-    slot = tl.load(slots_ptr + bi).to(tl.int64)
-    page, t = slot // PAGE, slot % PAGE
-    tl.store(kc_ptr + page * stride_cp + t * stride_ct + g * stride_ch + dd,
-             tl.load(k_ptr + bi * stride_kb + g * stride_kh + dd))
-    tl.store(vc_ptr + page * stride_dp + t * stride_dt + g * stride_dh + dd,
-             tl.load(v_ptr + bi * stride_vb + g * stride_vh + dd))
-    if POOL:
-        tl.debug_barrier()  # the key just stored is read back by other threads of this program
-        pos = tl.load(ends_ptr + bi) - 1
-        row = table_ptr + bi * stride_tb
-        _pool_last(kc_ptr, row, f_ptr, pos, g, stride_cp, stride_ct, stride_ch, stride_fp, stride_fs, stride_fh,
-                   D, PAGE, FSIZE, FPAD, FSTRIDE)
-        if COARSE:
-            _pool_last(kc_ptr, row, c_ptr, pos, g, stride_cp, stride_ct, stride_ch, stride_gp, stride_gs,
-                       stride_gh, D, PAGE, CSIZE, CPAD, CSTRIDE)
+    """One program per (row, KV head): `_append_row`."""
+    _append_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr, f_ptr, c_ptr, tl.program_id(0),
+                tl.program_id(1), stride_kb, stride_kh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
+                stride_dp, stride_dt, stride_dh, stride_tb, stride_fp, stride_fs, stride_fh, stride_gp, stride_gs,
+                stride_gh, D, PAGE, FSIZE, FPAD, FSTRIDE, CSIZE, CPAD, CSTRIDE, POOL, COARSE)
 
 
 def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -132,6 +169,12 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     k/v cache [pages, page, hkv, d]; with `fine` (and `coarse`) kernel-key pages and `cfg`, also pools the
     kernels each token completes (the token is the last of ends[b] tokens, reached through block_table).
     One launch instead of two scatters and two pooling kernels."""
+    args, meta = _append_args(k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg)
+    _append_kernel[(k.shape[0], k.shape[1])](*args, **meta, num_warps=4)
+
+
+def _append_args(k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg) -> tuple[tuple, dict]:
+    """Checked arguments of `_append_row` (positional, then constexprs) for `append_kv` and the fused LSE."""
     b, hkv, d = k.shape
     _, page, chkv, cd = k_cache.shape
     if (chkv, cd) != (hkv, d) or v.shape != k.shape or v_cache.shape != k_cache.shape:
@@ -151,12 +194,13 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             raise ValueError(f"{name} kernel-key pages {tuple(t.shape)} do not fit the cache {tuple(k_cache.shape)}")
     fs, fst = (cfg.kernel_size, cfg.kernel_stride) if pool else (1, 1)
     cs, cst = (cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if has_coarse else (1, 1)
-    _append_kernel[(b, hkv)](
-        k, v, k_cache, v_cache, slots, block_table, ends, f, c, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), block_table.stride(0), f.stride(0), f.stride(1), f.stride(2), c.stride(0), c.stride(1),
-        c.stride(2), D=d, PAGE=page, FSIZE=fs, FPAD=triton.next_power_of_2(fs), FSTRIDE=fst, CSIZE=cs,
-        CPAD=triton.next_power_of_2(cs), CSTRIDE=cst, POOL=pool, COARSE=has_coarse, num_warps=4)
+    args = (k, v, k_cache, v_cache, slots, block_table, ends, f, c, k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+            v_cache.stride(1), v_cache.stride(2), block_table.stride(0), f.stride(0), f.stride(1), f.stride(2),
+            c.stride(0), c.stride(1), c.stride(2))
+    meta = dict(D=d, PAGE=page, FSIZE=fs, FPAD=triton.next_power_of_2(fs), FSTRIDE=fst, CSIZE=cs,
+                CPAD=triton.next_power_of_2(cs), CSTRIDE=cst, POOL=pool, COARSE=has_coarse)
+    return args, meta
 
 
 def pool_kernel_keys(k_cache: torch.Tensor, table: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
@@ -205,13 +249,30 @@ def _group_q(q_ptr, bi, g, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.cons
 @triton.jit
 def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb, stride_qh, stride_kp, stride_ks,
                 stride_kh, stride_tb, stride_lb, stride_lh,
+                k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, a_table_ptr, ends_ptr, f_ptr, c_ptr,
+                stride_nb, stride_nh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
+                stride_dp, stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh,
+                stride_gp, stride_gs, stride_gh,
                 G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, SPLITS: tl.constexpr, DENSE_LEN: tl.constexpr):
+                KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr, SPLITS: tl.constexpr,
+                DENSE_LEN: tl.constexpr, APPEND: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
+                FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
+                POOL: tl.constexpr, COARSE: tl.constexpr):
     """Partial log-sum-exp (log2 units) of each query head of group g over split sp of the kernels its
-    query can see; -inf for an empty split or a dense row."""
+    query can see; -inf for an empty split or a dense row. With APPEND, program 0 of each (row, KV head)
+    also stores the new token (`_append_row`: one launch less per step), and the split that holds the kernel
+    the token completes computes that key itself (`_kernel_mean`, the same bits program 0 stores): it may
+    not be stored yet."""
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
+    if APPEND:
+        if sp == 0:
+            _append_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, a_table_ptr, ends_ptr, f_ptr, c_ptr, bi, g,
+                        stride_nb, stride_nh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
+                        stride_dp, stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh,
+                        stride_gp, stride_gs, stride_gh, D, PAGE, FSIZE, FPAD, FSTRIDE, CSIZE, CPAD, CSTRIDE,
+                        POOL, COARSE)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
@@ -221,11 +282,22 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
         lo, hi = _split_range(n, sp, SPLITS, BLOCK_N)
         row = table_ptr + bi * stride_tb
         dd = tl.arange(0, D)
+        j_new = -1
+        new_key = tl.zeros((D,), dtype=tl.float32)
+        if APPEND:
+            j_new = _kernel_ending_at(pos, KSIZE, KSTRIDE)
+            if (j_new >= lo) & (j_new < hi):
+                # Rounded as stored (both branches of this runtime `if` keep new_key float32).
+                new_key = _kernel_mean(kc_ptr, row, j_new, g, stride_cp, stride_ct, stride_ch,
+                                       tl.load(k_ptr + bi * stride_nb + g * stride_nh + dd), D, PAGE, KSIZE, KPAD,
+                                       KSTRIDE, True).to(kk_ptr.dtype.element_ty).to(tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             jm = j < hi
             base = _kernel_addr(j, jm, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
             kt = tl.load(kk_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=jm[None, :], other=0.0)
+            if APPEND:
+                kt = tl.where((j == j_new)[None, :], new_key.to(kt.dtype)[:, None], kt)
             s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
             m_i, l_i = lse_step(tl.where(jm[None, :], s, float("-inf")), m_i, l_i)
     tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse_value(m_i, l_i), mask=hm)
@@ -467,15 +539,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor | None, cfg: SparseConfig,
                         scale: float | None = None, splits: int | None = None,
-                        return_selection: bool = False, tile_pages: int | None = None):
+                        return_selection: bool = False, tile_pages: int | None = None,
+                        new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
     [pages, page // stride, hkv, d] (coarse: Gen-B only); block_table [B, W] covering every row's pages;
-    seq_lens [B] (int32 for graph capture: no conversion) including the current token, whose key and
-    kernel keys are already stored (`append_kv`). Returns [B, hq, d] (with return_selection also the blocks
-    picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows). No host synchronisation:
-    graph-capturable."""
+    seq_lens [B] (int32 for graph capture: no conversion) including the current token, whose key/value and
+    kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
+    [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
+    return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
+    tile_pages: see `paged_decode`. No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -486,7 +560,10 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     norm, nsize, nstride = (coarse, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         fine, cfg.kernel_size, cfg.kernel_stride)
     counters = torch.zeros((2, b, hkv), device=q.device, dtype=torch.int32)  # arrivals: selection, merge
-    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits)
+    append = None
+    if new_kv is not None:
+        append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
+    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel)
     most = max(triton.cdiv(att.shape[2], 2), 1)
@@ -497,9 +574,12 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               cfg: SparseConfig, size: int, stride: int, scale: float, splits: int | None = None) -> torch.Tensor:
+               cfg: SparseConfig, size: int, stride: int, scale: float, splits: int | None = None,
+               append: tuple | None = None) -> torch.Tensor:
     """Stage 1a of `paged_sparse_decode`: partial log-sum-exps [B, hq, splits] over the normalising kernel
-    keys `norm` (kernel size/stride: coarse for Gen-B, fine for Gen-A)."""
+    keys `norm` (kernel size/stride: coarse for Gen-B, fine for Gen-A). append: `append_kv`'s arguments
+    (k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg) to store the new tokens in the
+    same launch."""
     b, hq, d = q.shape
     hkv = norm.shape[2]
     g = hq // hkv
@@ -507,11 +587,19 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
     block_n = 16
     splits = splits or _default_splits(q.device, b * hkv, triton.cdiv(n_norm, 4 * block_n))
     lse = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
+    if append is not None:
+        args, meta = _append_args(*append)
+    else:  # unused pointers and strides (APPEND=False)
+        args, meta = (q,) * 9 + (0,) * 17, dict(FSIZE=1, FPAD=1, FSTRIDE=1, CSIZE=1, CPAD=1, CSTRIDE=1, POOL=False,
+                                                COARSE=False)
+    meta.pop("D", None)
+    meta.pop("PAGE", None)
     _lse_kernel[(b, hkv, splits)](
         q, norm, block_table, seq_lens, lse, scale, q.stride(0), q.stride(1), norm.stride(0), norm.stride(1),
-        norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), G=g,
+        norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), *args, G=g,
         G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
-        KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len, num_warps=4)
+        KPAD=triton.next_power_of_2(size), KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len,
+        APPEND=append is not None, **meta, num_warps=4)
     return lse
 
 
