@@ -127,6 +127,7 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "too_long": (("generate", *m, "a " * 5000), {}),
         "bad_temperature": (("generate", *m, "--temperature", "-1", "hi"), {}),
         "bad_top_p": (("generate", *m, "--top-p", "0", "hi"), {}),
+        "bad_presence": (("generate", *m, "--presence-penalty", "3", "hi"), {}),
         "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
         # the bundled demo model is the default, and --chat renders the prompt as a user turn
         "demo_chat": (("generate", "--device", "cpu", "--chat", *GREEDY, "--no-stream", "What does json do?"), {}),
@@ -275,7 +276,8 @@ def test_prompt_too_long(jobs):
     assert_usage_error(jobs["too_long"].result(), "prompt too long", "4096")
 
 
-@pytest.mark.parametrize("job,field", [("bad_temperature", "temperature"), ("bad_top_p", "top_p")])
+@pytest.mark.parametrize("job,field", [("bad_temperature", "temperature"), ("bad_top_p", "top_p"),
+                                       ("bad_presence", "presence_penalty")])
 def test_invalid_sampling_value(jobs, job, field):
     r = jobs[job].result()
     assert_usage_error(r, field)

@@ -104,8 +104,10 @@ def test_async_with_preemption_and_sync_only_params():
     assert eng.num_preempted > 0 and launched[0] > 0
     for i, p in enumerate(ps):
         assert res[f"r{i}"][1] == alone(model, p, params).token_ids
-    # Repetition penalty and logprobs need the host to know each token before the next: synchronous steps.
+    # Repetition/presence/frequency penalties and logprobs need the host to know each token before the next:
+    # synchronous steps.
     for sp in (SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, frequency_penalty=1.0),
                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)):
         eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), async_output=True)
         launched = counting(eng)

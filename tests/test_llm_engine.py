@@ -59,9 +59,13 @@ def test_per_prompt_params_text_prompts_stops_and_engine_reuse():
               SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free.token_ids[0]]),
               SamplingParams(temperature=0, max_tokens=7, repetition_penalty=1.3, ignore_eos=True)]
+    # OpenAI's penalties and logit bias (the engine's batch rows vs the plain loop's)
+    ps.append([9, 10, 11])
+    params.append(SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, presence_penalty=0.8,
+                                 frequency_penalty=1.2, logit_bias={3: 4.0, 12: -50}))
     outs = llm.generate(ps, params)
     same(outs, reference(m, ps, params))
-    assert [o.prompt for o in outs] == ["The quick brown fox", "hello", None, ps[3]]
+    assert [o.prompt for o in outs] == ["The quick brown fox", "hello", None, ps[3], None]
     assert outs[0].finish_reason == "stop" and outs[1].finish_reason == "length"
     engine = llm.engine.engine
     # A later, smaller call runs on the same engine and cache (its prefix pages shared).

@@ -430,3 +430,48 @@ def test_cuda_matches_cpu_and_reproduces():
     solo = Sampler(params[2], "cuda")
     alone = [sample_batch(logits[2:3].cuda(), [solo], params[2:3], hist[:1]) for _ in range(10)]
     assert [t[2] for t in a] == [t[0] for t in alone]
+
+
+def test_presence_frequency_penalties_and_logit_bias_formula():
+    """Against a per-row, per-token loop of the documented rules: bias added first; repetition penalty over
+    prompt + output; logit -= frequency * count + presence * [count > 0] over the output only; then temperature."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 9, generator=g)
+    hist = [[1, 2, 2, 5, 5, 5], [0, 8], [3], [4, 4, 7]]
+    outputs = [[5, 5, 5, 2], [8], [], [7, 7]]  # the generated tail of each history (prompt tokens not counted)
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, temperature=0),
+        SamplingParams(presence_penalty=-1.0, logit_bias={"3": 2.5, 8: -100}, temperature=0.5),
+        SamplingParams(frequency_penalty=2.0, logit_bias={0: 1.0}),
+        SamplingParams(presence_penalty=2.0, repetition_penalty=1.5, temperature=2.0),
+    ]
+    out = process_logits(logits, params, hist, outputs=outputs)
+    want = logits.clone().double()
+    for i, p in enumerate(params):
+        for t, b in (p.logit_bias or {}).items():
+            want[i, t] += b
+        for t in set(hist[i]):
+            if p.repetition_penalty != 1.0:
+                v = want[i, t]
+                want[i, t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+        for t in set(outputs[i]):
+            want[i, t] -= p.frequency_penalty * outputs[i].count(t) + p.presence_penalty
+        if not p.greedy:
+            want[i] /= p.temperature
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="outputs"):
+        process_logits(logits, params, hist)  # penalties without the output ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        process_logits(logits[:1], [SamplingParams(logit_bias={9: 1.0})], [[]])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"logit_bias": {"x": 1.0}}, "token ids"),
+    ({"logit_bias": {5: 101}}, "logit_bias"),
+    ({"logit_bias": {-1: 0.5}}, "logit_bias"),
+])
+def test_penalty_and_bias_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)

@@ -143,6 +143,27 @@ def test_completion_greedy_matches_llm(client, llm, server):
     assert raw["choices"][0]["text"] == prompts[0] + refs[0].text
 
 
+def test_penalties_and_logit_bias_match_llm(client, llm):
+    """presence/frequency penalties and logit_bias reach sampling as LLM.chat applies them (greedy: the bias
+    makes a token win or lose outright, the penalties change what repeats)."""
+    ref_plain = llm.chat(MESSAGES, _greedy(12))
+    first = ref_plain.token_ids[0]
+    kw = dict(presence_penalty=1.5, frequency_penalty=0.75, logit_bias={first: -100, 7: 5})
+    ref = llm.chat(MESSAGES, _greedy(12, **kw))
+    assert ref.token_ids[0] != first  # the bias moved the greedy pick
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
+                                       presence_penalty=1.5, frequency_penalty=0.75,
+                                       logit_bias={str(first): -100, "7": 5})
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    # An id outside the vocabulary is the request's error, not the batch's.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                       logit_bias={str(llm.model.config.vocab_size): 1})
+    assert info.value.body["param"] == "logit_bias"
+    _assert_alive(client)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Streaming
 

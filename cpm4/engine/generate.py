@@ -164,8 +164,9 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
     if not prompts:
         return
     ctx = context_length(model)
-    for p in prompts:
+    for p, sp in zip(prompts, params):
         check_prompt(len(p), ctx)
+        sp.check_vocab(model.config.vocab_size)
     dev = model.device
     eos = model.config.eos_token_ids
     seqs = [SequenceState(list(p), sp, tokenizer, dev, ctx, eos) for p, sp in zip(prompts, params)]
@@ -190,7 +191,8 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
                 yield deltas
             return
         toks_now = sample_batch(logits[active], [seqs[i].sampler for i in active],
-                                [seqs[i].params for i in active], [seqs[i].history for i in active])
+                                [seqs[i].params for i in active], [seqs[i].history for i in active],
+                                outputs=[seqs[i].generated for i in active])
         next_tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
         for r, (tok, i) in enumerate(zip(toks_now, active)):
             k = seqs[i].params.logprobs

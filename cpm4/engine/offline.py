@@ -19,14 +19,17 @@ from .sampling import SamplingParams
 from .scheduler import LLMEngine, build_engine, default_kv_cache_tokens, host_kv_cache_tokens
 
 
-def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int) -> None:
-    """Reject a malformed batch before any work starts: one SamplingParams per prompt, and every prompt
-    non-empty and shorter than the context (`check_prompt`)."""
+def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int,
+                vocab: int | None = None) -> None:
+    """Reject a malformed batch before any work starts: one SamplingParams per prompt, every prompt
+    non-empty and shorter than the context (`check_prompt`), token ids in the params within `vocab`."""
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
     for sp in params:
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(sp).__name__}")
+        if vocab is not None:
+            sp.check_vocab(vocab)
     for p in prompts:
         check_prompt(len(p), context)
 
@@ -100,7 +103,7 @@ class OfflineEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
                  ) -> list[GenerationOutput]:
         """Token-id prompts, one SamplingParams each -> one output per prompt, in order."""
-        check_batch(prompts, params, self.context)
+        check_batch(prompts, params, self.context, self.model.config.vocab_size)
         if not prompts:
             return []
         prompts = [[int(t) for t in p] for p in prompts]

@@ -23,6 +23,11 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's penalties over the generated tokens (vLLM's rule: the prompt does not count): each logit is
+    # lowered by presence_penalty if its token was generated, and by frequency_penalty per time it was.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -51,6 +56,21 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if self.logit_bias is not None:
+            bias = {}
+            for t, b in dict(self.logit_bias).items():
+                try:
+                    tid = int(t)  # OpenAI sends the ids as JSON object keys (strings)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}") from None
+                if tid < 0 or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
+                bias[tid] = float(b)
+            self.logit_bias = bias or None
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an int in [0, 20] or None, got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
@@ -68,6 +88,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    def check_vocab(self, vocab: int) -> None:
+        """Token ids these params name (logit_bias) must be ids of the model: checked when a request is
+        added, so a bad one fails alone instead of the batch step it would join."""
+        if self.logit_bias and max(self.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token id {max(self.logit_bias)} is outside the vocabulary ({vocab} ids)")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Logits processing
@@ -83,6 +109,8 @@ class SamplingPlan:
         self.params = list(params)
         self.vocab = vocab
         self.penalty = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        self.output_penalty = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        self.biased = [i for i, p in enumerate(params) if p.logit_bias]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
         # Below: positions within `sampled` (the filters run on those rows only).
         sp = [params[i] for i in self.sampled]
@@ -155,6 +183,34 @@ def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: 
     x.copy_(torch.where(seen, penalised, x))
 
 
+def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    vocab = x.shape[1]
+    r = [i for i in rows for _ in params[i].logit_bias]
+    c = [t for i in rows for t in params[i].logit_bias]
+    if max(c) >= vocab:
+        raise ValueError(f"logit_bias token id {max(c)} is outside the vocabulary ({vocab} ids)")
+    b = [v for i in rows for v in params[i].logit_bias.values()]
+    x.index_put_((torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)),
+                 torch.tensor(b, device=x.device, dtype=x.dtype), accumulate=True)
+
+
+def _apply_output_penalties(x: Tensor, params: list[SamplingParams], outputs: list[list[int]],
+                            rows: list[int]) -> None:
+    """logit -= frequency_penalty * count + presence_penalty * (count > 0), counts over each row's output."""
+    rows = [i for i in rows if outputs[i]]
+    if not rows:
+        return
+    r = torch.tensor([i for i in rows for _ in outputs[i]], device=x.device)
+    c = torch.tensor([t for i in rows for t in outputs[i]], device=x.device)
+    counts = torch.zeros_like(x).index_put_((r, c), torch.ones(len(c), device=x.device, dtype=x.dtype),
+                                            accumulate=True)
+    freq = torch.zeros(x.shape[0], dtype=x.dtype)
+    pres = torch.zeros(x.shape[0], dtype=x.dtype)
+    freq[rows] = torch.tensor([float(params[i].frequency_penalty) for i in rows], dtype=x.dtype)
+    pres[rows] = torch.tensor([float(params[i].presence_penalty) for i in rows], dtype=x.dtype)
+    x.sub_(counts * freq.to(x.device)[:, None] + (counts > 0) * pres.to(x.device)[:, None])
+
+
 def _top_k(x: Tensor, ks: list[int], kth_idx: Tensor | None = None) -> None:
     """kth_idx: [k - 1 for k in ks] as a [R, 1] tensor on x's device, when the caller has it."""
     k_max = max(ks)
@@ -186,13 +242,14 @@ def _min_p(x: Tensor, mps: list[float], col: Tensor | None = None) -> None:
 
 
 def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
-                   plan: SamplingPlan | None = None) -> Tensor:
-    """Apply repetition penalty, temperature, top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
+                   plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None) -> Tensor:
+    """Apply logit bias, repetition penalty, presence/frequency penalties, then temperature, top-k, top-p and
+    min-p (Hugging Face order) to [B, V] logits.
 
-    `history[i]` holds row i's prompt and generated ids. Returns a new float32 tensor; removed tokens are
-    -inf. Greedy rows only get the repetition penalty: the filters keep the argmax, so they cannot change
-    a greedy pick. plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built
-    here).
+    `history[i]` holds row i's prompt and generated ids, `outputs[i]` its generated ids alone (needed when a
+    row has a presence or frequency penalty). Returns a new float32 tensor; removed tokens are -inf. Greedy
+    rows only get the bias and penalties: the filters keep the argmax, so they cannot change a greedy pick.
+    plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built here).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -203,7 +260,13 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         plan = SamplingPlan(params, vocab)
     x = logits.to(torch.float32, copy=True)
 
+    if plan.biased:
+        _apply_logit_bias(x, params, plan.biased)
     _apply_repetition_penalty(x, params, history, plan.penalty)
+    if plan.output_penalty:
+        if outputs is None or len(outputs) != bsz:
+            raise ValueError("presence/frequency penalties need each row's generated ids (outputs)")
+        _apply_output_penalties(x, params, outputs, plan.output_penalty)
 
     if not plan.sampled:
         return x
@@ -260,23 +323,24 @@ class Sampler:
 
 def sample_batch(
     logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
-    plan: SamplingPlan | None = None,
+    plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
 ) -> list[int]:
     """Process a [B, V] logits batch and draw one token per row with that row's sampler."""
-    return sample_tokens(logits, samplers, params, history, plan).tolist()  # one host sync for the whole batch
+    # One host sync for the whole batch.
+    return sample_tokens(logits, samplers, params, history, plan, outputs).tolist()
 
 
 def sample_tokens(
     logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
-    plan: SamplingPlan | None = None,
+    plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
 ) -> Tensor:
-    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device. plan: see
+    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device. plan, outputs: see
     `process_logits`."""
     if len(samplers) != logits.shape[0]:
         raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
     if plan is None:
         plan = SamplingPlan(params, logits.shape[1])
-    x = process_logits(logits, params, history, plan)
+    x = process_logits(logits, params, history, plan, outputs)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
     # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);

@@ -99,7 +99,7 @@ class LLMEngine:
         self._aborts = 0  # abort() calls not yet handled by a step
         # The last sampled batch's requests and what sampling needs of them, reused while the batch is the same.
         self._sampling: tuple[list[EngineRequest], SamplingPlan, list[Sampler], list[SamplingParams],
-                              list[list[int]]] | None = None
+                              list[list[int]], list[list[int]]] | None = None
         if paged_decode is None:
             paged_decode = infllm_v2.uses_triton(cache.k[0])
         self.paged_decode = paged_decode
@@ -124,6 +124,7 @@ class LLMEngine:
         if request_id in self.by_id:
             raise ValueError(f"request id {request_id!r} already in use")
         check_prompt(len(prompt_ids), self.context)
+        params.check_vocab(self.model.config.vocab_size)
         pages_max = -(-(len(prompt_ids) + 1) // self.cache.page_size)
         if pages_max > self.cache.num_pages:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
@@ -131,7 +132,8 @@ class LLMEngine:
         state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids, stream_text=self.stream_text)
         req = EngineRequest(request_id, list(prompt_ids), state,
-                            sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None)
+                            sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
+                            or bool(params.presence_penalty or params.frequency_penalty))
         self.by_id[request_id] = req
         self.waiting.append(req)
 
@@ -175,15 +177,17 @@ class LLMEngine:
                 and not any(r.sync_only for r in reqs))
 
     def _sampling_args(self, reqs: list[EngineRequest], vocab: int
-                       ) -> tuple[SamplingPlan, list[Sampler], list[SamplingParams], list[list[int]]]:
-        """(plan, samplers, params, histories) of `reqs`, built again only when the batch changes (the same
-        requests in the same order reuse them: histories are the requests' own lists, appended in place)."""
+                       ) -> tuple[SamplingPlan, list[Sampler], list[SamplingParams], list[list[int]],
+                                  list[list[int]]]:
+        """(plan, samplers, params, histories, outputs) of `reqs`, built again only when the batch changes (the
+        same requests in the same order reuse them: histories and outputs are the requests' own lists,
+        appended in place)."""
         c = self._sampling
         if c is None or len(c[0]) != len(reqs) or not all(map(operator.is_, c[0], reqs)) or c[1].vocab != vocab:
             states = [r.state for r in reqs]
             params = [st.params for st in states]
             c = self._sampling = (list(reqs), SamplingPlan(params, vocab), [st.sampler for st in states], params,
-                                  [st.history for st in states])
+                                  [st.history for st in states], [st.generated for st in states])
         return c[1:]
 
     def _launch(self, reqs: list[EngineRequest], ids: list[int] | torch.Tensor) -> InflightStep:
@@ -192,8 +196,8 @@ class LLMEngine:
         logits = self._forward_decode([r.pages for r in reqs], ids)
         for r in reqs:
             r.computed += 1
-        plan, samplers, params, history = self._sampling_args(reqs, logits.shape[1])
-        toks = sample_tokens(logits, samplers, params, history, plan)
+        plan, samplers, params, history, outputs = self._sampling_args(reqs, logits.shape[1])
+        toks = sample_tokens(logits, samplers, params, history, plan, outputs)
         if toks.is_cuda:
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
             host.copy_(toks, non_blocking=True)
@@ -361,8 +365,8 @@ class LLMEngine:
             reqs = [group[i][0] for i in ready]
             if len(ready) < len(group):
                 logits = logits[ready]
-            plan, samplers, params, history = self._sampling_args(reqs, logits.shape[1])
-            toks = sample_batch(logits, samplers, params, history, plan)
+            plan, samplers, params, history, outputs = self._sampling_args(reqs, logits.shape[1])
+            toks = sample_batch(logits, samplers, params, history, plan, outputs)
             out = self._emit(reqs, toks, logits)
         return out
 

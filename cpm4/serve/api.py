@@ -257,22 +257,20 @@ class _OpenAIServer:
 
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         self._check_model(req.model)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
                 seed: int | None) -> SamplingParams:
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=req.top_k or 0,
                 min_p=req.min_p or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=req.logit_bias or None,
                 seed=seed,
                 stop=req.stop,
                 stop_token_ids=req.stop_token_ids,
@@ -280,8 +278,10 @@ class _OpenAIServer:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
             )
+            params.check_vocab(self.engine.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
+        return params
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:
         try:
