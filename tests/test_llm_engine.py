@@ -148,6 +148,13 @@ def test_errors_before_any_work():
         LLM(m)
     with pytest.raises(ValueError, match="CUDA"):  # no device budget off CUDA
         LLM(m, tokenizer=tok(), gpu_memory_utilization=0.5).generate("a", good)
+    with pytest.raises(ValueError, match="logit_bias token id 99999"):  # checked before the batch runs
+        llm.generate(["a", "b"], [good, SamplingParams(max_tokens=2, logit_bias={99999: 1.0})])
+    with pytest.raises(ValueError, match="enforce_eager"):
+        LLM(m, tokenizer=tok(), compile=True, enforce_eager=True)
+    if m.device.type != "cuda":
+        with pytest.raises(ValueError, match="compile needs CUDA graphs"):
+            LLM(m, tokenizer=tok(), compile=True)
 
 
 def test_failed_step_leaves_a_fresh_engine_for_the_next_call(monkeypatch):

@@ -60,7 +60,7 @@ class OfflineEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_num_seqs: int = 256,
                  chunk_tokens: int = 512, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False) -> None:
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)
         self.model = model
         self.tokenizer = tokenizer
@@ -71,6 +71,7 @@ class OfflineEngine:
         self.fixed_size = kv_cache_tokens is not None or (
             device_budget and (gpu_memory_utilization is not None or model.device.type == "cuda"))
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         self.context = context_length(model)
         self.engine: LLMEngine | None = None
 
@@ -91,7 +92,7 @@ class OfflineEngine:
             self.engine = None  # free the old cache before allocating its successor
             # Outputs are read once complete: text is detokenized at each request's end (stream_text=False).
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
-                                       cuda_graphs=self.cuda_graphs, stream_text=False)
+                                       cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False)
         cap = self.engine.cache.num_pages * ps
         for i, n in enumerate(needs):
             # A sequence the cache cannot hold whole would end early with "length": refuse it up front.
