@@ -288,6 +288,57 @@ def test_completion_logprobs(client, llm):
     assert streamed == lps.tokens
 
 
+def test_prompt_logprobs_function_against_full_logits(llm):
+    """generate.prompt_logprobs (head run in chunks) against log_softmax of the model's full logits."""
+    from cpm4.engine.generate import prompt_logprobs
+
+    ids = llm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].double(), -1)
+    got = prompt_logprobs(llm.model, ids, 3, chunk=4)
+    assert [g.token_id for g in got] == ids and got[0].logprob is None and got[0].top == []
+    for t in range(1, len(ids)):
+        assert got[t].logprob == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        top = torch.topk(ref[t - 1], 3)
+        assert [i for i, _ in got[t].top] == top.indices.tolist()
+        assert [v for _, v in got[t].top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_echo_logprobs_and_max_tokens_zero(client, llm):
+    """lm-eval's loglikelihood request: echo + logprobs with max_tokens 0 scores the prompt; with tokens to
+    generate, the prompt's entries come first (the first token's logprob is null), then the generated ones."""
+    prompt = "The capital of France is"
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].double(), -1)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in ids]
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    want = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) in (2, 3) for top in c.logprobs.top_logprobs[1:])  # 2 best (+ the token itself)
+    gen = llm.generate(prompt, _greedy(3))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    c = r.choices[0]
+    assert c.text == prompt + gen.text
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in ids + gen.token_ids]
+    assert c.logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    # Streaming: the echo chunk carries the prompt's entries, then the generated ones follow.
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=1, stream=True,
+                                            extra_body={"return_tokens_as_token_ids": True}))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert streamed == c.logprobs.tokens
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == prompt
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tool calls
 

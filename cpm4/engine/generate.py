@@ -44,10 +44,11 @@ class GenerationOutput:
 @dataclass
 class TokenLogprob:
     """The sampled token's log-probability under the model (raw logits, before sampling transforms) and the
-    most likely alternatives, as OpenAI's `logprobs` reports them."""
+    most likely alternatives, as OpenAI's `logprobs` reports them. logprob is None (and top empty) for a
+    prompt's first token, which nothing predicts."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, float]]
 
 
@@ -149,6 +150,32 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     top = torch.topk(lp, k) if k else None
     alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return TokenLogprob(token, float(lp[token]), alts)
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: MiniCPM4ForCausalLM, ids: Sequence[int], k: int, chunk: int = 1024
+                    ) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it, with the k most likely alternatives
+    (OpenAI's `echo` with `logprobs`, vLLM's prompt_logprobs); the first token's is None. One forward pass
+    without a cache; the output head runs `chunk` positions at a time so the [T, vocab] logits are never
+    whole."""
+    ids = [int(t) for t in ids]
+    check_prompt(len(ids), context_length(model))
+    x = torch.tensor([ids], device=model.device)
+    h = model.hidden_states(x)[0]
+    targets = torch.tensor(ids[1:], device=model.device)
+    out = [TokenLogprob(ids[0], None, [])]
+    for s in range(0, len(ids) - 1, chunk):
+        lp = torch.log_softmax(model.logits(h[s:s + chunk][: len(ids) - 1 - s]).float(), -1)
+        tgt = targets[s:s + lp.shape[0]]
+        own = lp.gather(1, tgt[:, None])[:, 0].tolist()
+        if k:
+            top = torch.topk(lp, k, dim=-1)
+            alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            alts = [[] for _ in own]
+        out += [TokenLogprob(t, v, a) for t, v, a in zip(tgt.tolist(), own, alts)]
+    return out
 
 
 @torch.inference_mode()

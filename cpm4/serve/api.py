@@ -345,14 +345,18 @@ class _OpenAIServer:
         for lp in lps:
             s = self._token_str(lp.token_id, as_ids)
             tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+            if lp.logprob is None:  # a prompt's first token: nothing predicts it
+                token_lps.append(None)
+                tops.append(None)
+                continue
             token_lps.append(_lp(lp.logprob))
             top: dict[str, float] = {}
             for tid, v in lp.top:
                 top.setdefault(self._token_str(tid, as_ids), _lp(v))  # first (most likely) wins on equal text
             top.setdefault(s, _lp(lp.logprob))  # the sampled token is always listed, as OpenAI does
             tops.append(top)
-            offsets.append(offset)
-            offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
@@ -361,19 +365,25 @@ class _OpenAIServer:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)",
-                           param="echo")
         prompts = self._completion_prompts(req)
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
         seeds = self._seeds(req.seed, req.n)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
         jobs, choices, echoes = [], [], []
         for ids, text in prompts:
             for j in range(req.n):
-                jobs.append((ids, self._params(req, req.max_tokens or 16, req.logprobs, seeds[j])))
-                choices.append(_Choice())
+                if max_tokens:  # max_tokens 0: the prompt only (echoed and/or scored), nothing generated
+                    jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j])))
+                choices.append(_Choice(finish_reason=None if max_tokens else "length"))
                 echoes.append(text if req.echo else "")
+        # echo with logprobs: each prompt token's log-probability too (lm-eval's loglikelihood requests).
+        echo_lps: list[list[TokenLogprob]] = [[] for _ in choices]
+        if req.echo and req.logprobs is not None:
+            for p, (ids, _) in enumerate(prompts):
+                lps = await self.engine.prompt_logprobs(ids, req.logprobs)
+                for j in range(req.n):
+                    echo_lps[p * req.n + j] = lps
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -393,8 +403,14 @@ class _OpenAIServer:
                 offsets = [len(e) for e in echoes]
                 async with self._run(request, rid, jobs) as (_, merged):
                     for i, e in enumerate(echoes):
-                        if e:
-                            yield _sse(chunk(i, e))
+                        lp = None
+                        if echo_lps[i]:
+                            lp = self._completion_logprobs(echo_lps[i], 0, as_ids)
+                            offsets[i] = sum(len(s) for s in lp["tokens"])
+                        if e or lp is not None:
+                            yield _sse(chunk(i, e, lp))
+                        if choices[i].finish_reason is not None:  # max_tokens 0: nothing follows
+                            yield _sse(chunk(i, "", None, choices[i].finish_reason))
                     async for i, d in merged:
                         c = choices[i]
                         text = c.take(d)
@@ -418,8 +434,10 @@ class _OpenAIServer:
             return Response(status_code=499)  # nobody is listening; the requests were aborted
         out = []
         for i, c in enumerate(choices):
-            lp = (self._completion_logprobs(c.logprobs, len(echoes[i]), as_ids)
-                  if req.logprobs is not None else None)
+            lp = None
+            if req.logprobs is not None:
+                lp = self._completion_logprobs(echo_lps[i] + c.logprobs, 0 if echo_lps[i] else len(echoes[i]),
+                                               as_ids)
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
                         "finish_reason": c.finish_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cpm4.engine.generate import PromptTooLongError, StreamDelta, check_prompt, context_length, generate_stream
+from cpm4.engine.generate import (
+    PromptTooLongError,
+    StreamDelta,
+    TokenLogprob,
+    check_prompt,
+    context_length,
+    generate_stream,
+    prompt_logprobs,
+)
 from cpm4.engine.sampling import SamplingParams
 from cpm4.engine.scheduler import LLMEngine, build_engine, default_kv_cache_tokens
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -85,6 +93,8 @@ class AsyncEngine:
         self.context_length = context_length(model)
         self.vocab_size = model.config.vocab_size
         self._cond = threading.Condition()
+        # Held by whoever runs the model: the worker for each step, `prompt_logprobs` for its forward pass.
+        self._model_lock = threading.Lock()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests: dict[str, _Request] = {}  # waiting or running, by id
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -162,6 +172,19 @@ class AsyncEngine:
             if not ended:  # consumer went away (disconnect, cancellation): free the batch slot now
                 self.abort(request_id)
 
+    async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),
+        computed between the worker's steps (the model runs one thing at a time)."""
+        ids = self.check_prompt(prompt_ids)
+        if self._closed:
+            raise EngineClosedError("the engine is shut down")
+
+        def run() -> list[TokenLogprob]:
+            with self._model_lock:
+                return prompt_logprobs(self.model, ids, k)
+
+        return await asyncio.to_thread(run)
+
     def abort(self, request_id: str) -> bool:
         """Stop a request: a waiting one leaves the queue, a running one ends at the next step.
         Returns False when the id is unknown or already finished. Thread-safe."""
@@ -235,7 +258,8 @@ class AsyncEngine:
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
         delivered at once."""
-        sched = self._new_scheduler()
+        with self._model_lock:
+            sched = self._new_scheduler()
         active: dict[str, _Request] = {}
         while True:
             with self._cond:
@@ -260,7 +284,8 @@ class AsyncEngine:
                 if req.aborted:
                     sched.abort(rid)
             try:
-                deltas = sched.step()
+                with self._model_lock:
+                    deltas = sched.step()
             except Exception as err:  # fail the requests in flight, keep serving later ones
                 log.exception("generation step failed for %s", list(active))
                 for req in active.values():
@@ -270,7 +295,8 @@ class AsyncEngine:
                     exc.__cause__ = err
                     self._post(req, exc)
                 active.clear()
-                sched = self._new_scheduler()
+                with self._model_lock:
+                    sched = self._new_scheduler()
                 continue
             self.num_batches += 1
             for rid, d in deltas:
@@ -294,8 +320,13 @@ class AsyncEngine:
             return batch[i].aborted or self._closed
 
         try:
-            for step in generate_stream(self.model, self.tokenizer, [r.prompt_ids for r in batch],
-                                        [r.params for r in batch], cancelled=cancelled):
+            steps = generate_stream(self.model, self.tokenizer, [r.prompt_ids for r in batch],
+                                    [r.params for r in batch], cancelled=cancelled)
+            while True:
+                with self._model_lock:  # one generation step at a time holds the model
+                    step = next(steps, None)
+                if step is None:
+                    break
                 for d in step:
                     req = batch[d.index]
                     if d.finish_reason is not None:

@@ -57,7 +57,7 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: Str | list[Str] | list[Int] | list[list[Int]]
-    max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: Int | None = Field(16, ge=0)  # OpenAI's default for completions; 0: echo/score the prompt only
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Bool = False
     suffix: Str | None = None
