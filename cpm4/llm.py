@@ -144,7 +144,15 @@ class LLM:
         return _generate(self.engine, self.tokenizer, prompts, params)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        return stream(self.model, self.tokenizer, prompt, params)
+        """Text of one prompt's completion, piece by piece. On CUDA it runs on the engine (`generate`'s:
+        CUDA graphs, paged sparse decode); elsewhere on the plain loop, whose first token comes soonest on a
+        CPU (no cache to size)."""
+        if self.model.device.type != "cuda":
+            yield from stream(self.model, self.tokenizer, prompt, params)
+            return
+        for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params or SamplingParams()):
+            if d.text:
+                yield d.text
 
     def chat_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)

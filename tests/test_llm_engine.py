@@ -177,3 +177,27 @@ def test_failed_step_leaves_a_fresh_engine_for_the_next_call(monkeypatch):
         llm.generate(ps, params)
     assert llm.engine.engine is None
     same(llm.generate(ps, params), ref)
+
+
+def test_engine_stream_equals_plain_loop_and_survives_early_close():
+    """OfflineEngine.stream (LLM.stream's path on CUDA): the deltas' text and ids are the plain loop's, an early
+    close aborts the request and leaves the engine for the next call, a stop string is honoured."""
+    from cpm4.llm import stream as plain_stream
+
+    m = model(sparse=True)
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2)
+    p = prompts(1, seed=3, lo=50, hi=60)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    deltas = list(llm.engine.stream(p, params))
+    ref = reference(m, [p], params)[0]
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert "".join(d.text for d in deltas) == ref.text == "".join(plain_stream(m, tok(), p, params))
+    assert deltas[-1].finish_reason == "length"
+    engine = llm.engine.engine
+    it = llm.engine.stream(p, params)
+    next(it)
+    it.close()  # the reader stops after the first delta
+    assert llm.engine.engine is engine and not engine.has_work()
+    stop = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[ref.text[3:6]])
+    out = "".join(d.text for d in llm.engine.stream(p, stop))
+    assert out == reference(m, [p], stop)[0].text and llm.engine.engine is engine

@@ -8,12 +8,12 @@ deltas are gathered into one `GenerationOutput`, in input order. Outputs are tho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
-from .generate import GenerationOutput, check_prompt, context_length
+from .generate import GenerationOutput, StreamDelta, check_prompt, context_length
 from .paged import page_size_for
 from .sampling import SamplingParams
 from .scheduler import LLMEngine, build_engine, default_kv_cache_tokens, host_kv_cache_tokens
@@ -122,3 +122,34 @@ class OfflineEngine:
             self.engine = None
             raise
         return outs
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StreamDelta]:
+        """One prompt's deltas as the engine produces them, its text every step (on the same engine and cache
+        as `generate`: CUDA graphs, paged sparse decode). Closing the iterator early aborts the request; a
+        failed or interrupted step drops the engine (the next call builds a fresh one)."""
+        check_batch([prompt], [params], self.context, self.model.config.vocab_size)
+        prompt = [int(t) for t in prompt]
+        engine = self._engine_for([tokens_needed(prompt, params, self.context)])
+        ended = False
+        try:
+            engine.add_request("stream", prompt, params, stream_text=True)
+            while not ended and engine.has_work():
+                for _, d in engine.step():
+                    ended = d.finish_reason is not None
+                    yield d
+        except GeneratorExit:  # the reader stopped: the request leaves, the engine stays
+            engine.abort("stream")
+            self._drain(engine)
+            raise
+        except BaseException:
+            self.engine = None
+            raise
+        self._drain(engine)  # with async output a step may have run past the end: its result is discarded
+
+    def _drain(self, engine: LLMEngine) -> None:
+        try:
+            while engine.has_work():
+                engine.step()
+        except BaseException:
+            self.engine = None
+            raise

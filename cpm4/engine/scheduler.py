@@ -120,7 +120,10 @@ class LLMEngine:
         self.async_output = self.graphs is not None if async_output is None else async_output
 
     # ---- requests ----
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    stream_text: bool | None = None) -> None:
+        """Queue a request. stream_text: this request's text every step (True) or at its end (False); default
+        the engine's `stream_text`."""
         if request_id in self.by_id:
             raise ValueError(f"request id {request_id!r} already in use")
         check_prompt(len(prompt_ids), self.context)
@@ -130,7 +133,8 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
                              f"({self.cache.num_pages} pages of {self.cache.page_size})")
         state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
-                              self.model.config.eos_token_ids, stream_text=self.stream_text)
+                              self.model.config.eos_token_ids,
+                              stream_text=self.stream_text if stream_text is None else stream_text)
         req = EngineRequest(request_id, list(prompt_ids), state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
                             or bool(params.presence_penalty or params.frequency_penalty))
