@@ -339,6 +339,26 @@ def test_echo_logprobs_and_max_tokens_zero(client, llm):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
 
 
+def test_tokenize_and_detokenize(server, llm):
+    """vLLM's /tokenize (a prompt as /v1/completions encodes it, or messages through the chat template) and
+    /detokenize; bad input is a 400 naming the field."""
+    url = server.url
+    prompt = "The capital of France is"
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": prompt}, timeout=30).json()
+    assert r["tokens"] == llm.tokenizer.encode(prompt) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == llm.model.config.max_position_embeddings
+    r = httpx.post(f"{url}/tokenize", json={"messages": MESSAGES}, timeout=30).json()
+    assert r["tokens"] == llm.chat_ids(MESSAGES)
+    back = httpx.post(f"{url}/detokenize", json={"tokens": llm.tokenizer.encode(prompt)}, timeout=30).json()
+    assert back == {"prompt": prompt}
+    for path, body, param in (("tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
+                              ("tokenize", {}, "prompt"),
+                              ("detokenize", {"tokens": [llm.model.config.vocab_size]}, "tokens"),
+                              ("detokenize", {"tokens": "abc"}, "tokens")):
+        r = httpx.post(f"{url}/{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tool calls
 

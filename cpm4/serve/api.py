@@ -31,7 +31,14 @@ from cpm4.engine.sampling import SamplingParams
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine
-from .protocol import MAX_CHOICES, ChatCompletionRequest, ChatMessage, CompletionRequest
+from .protocol import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from .tool_calls import ToolCallCollector
 
 __all__ = ["APIError", "create_app"]
@@ -465,7 +472,24 @@ class _OpenAIServer:
             d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
         return d
 
-    def _chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+    # ----- /tokenize, /detokenize (vLLM's) -----
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        ids = self.tokenizer.encode(req.prompt) if req.prompt is not None else self._chat_ids(req)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self._check_model(req.model)
+        for t in req.tokens:
+            if not 0 <= t < self.engine.vocab_size:
+                raise APIError(400, f"token id {t} is not in the vocabulary [0, {self.engine.vocab_size})",
+                               param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _chat_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
         messages = [self._message_dict(i, m) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         kwargs = dict(req.chat_template_kwargs or {})
@@ -696,6 +720,14 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await server.chat(await _parse_body(request, ChatCompletionRequest), request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return server.tokenize(await _parse_body(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return server.detokenize(await _parse_body(request, DetokenizeRequest))
 
     return app
 

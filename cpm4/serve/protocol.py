@@ -48,7 +48,6 @@ class _SamplingFields(_Body):
     n: Int = Field(1, ge=1, le=MAX_N)
     stream: Bool = False
     stream_options: StreamOptions | None = None
-    # Accepted for compatibility; only their neutral values are supported.
     presence_penalty: Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Float] | None = None
@@ -122,3 +121,19 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
     return_tokens_as_token_ids: Bool = False  # extension
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a text prompt (as /v1/completions encodes it) or a conversation rendered with the
+    chat template (as /v1/chat/completions does)."""
+
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: Str | None = None
+    tokens: list[Int]
