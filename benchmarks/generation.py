@@ -143,7 +143,13 @@ def main() -> None:
     ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--pinned-inputs", action="store_true",
+                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
     args = ap.parse_args()
+    if args.pinned_inputs:
+        from cpm4.engine import cuda_graph
+
+        cuda_graph.PINNED_INPUTS = True
     import transformers
 
     device = torch.device(args.device)

@@ -73,7 +73,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of --batch > 1 (no kernel table)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--pinned-inputs", action="store_true",
+                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
     args = ap.parse_args()
+    if args.pinned_inputs:
+        from cpm4.engine import cuda_graph
+
+        cuda_graph.PINNED_INPUTS = True
     if args.batch > 1:
         return profile_batch(args)
     dev = torch.device("cuda")

@@ -151,7 +151,13 @@ def main() -> None:
                     help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "
                          "uvicorn, openai)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--pinned-inputs", action="store_true",
+                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
     args = ap.parse_args()
+    if args.pinned_inputs:
+        from cpm4.engine import cuda_graph
+
+        cuda_graph.PINNED_INPUTS = True
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available (use --device cpu)")

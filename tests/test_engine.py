@@ -139,9 +139,9 @@ def test_cache_budget_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [True, False, "compile", "async"])
+@pytest.mark.parametrize("graphs", [True, False, "compile", "async", "async-pinned"])
 @pytest.mark.parametrize("sc", [None, sparse()])
-def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc):
+def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc, monkeypatch):
     """The paged cache and scheduler on a CUDA model (bf16): prefill chunks through the gathering path,
     decode steps on the pages in place (dense, or InfLLM v2 past dense_len), eager or from CUDA graphs."""
     from cpm4.model import MiniCPM4ForCausalLM
@@ -150,8 +150,13 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc):
     model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
     cache = PagedKVCache(model.config, num_pages=200, page_size=16, device="cuda", dtype=torch.bfloat16)
+    if graphs == "async-pinned":  # inputs copied from pinned, double-buffered host tensors
+        from cpm4.engine import cuda_graph
+
+        monkeypatch.setattr(cuda_graph, "PINNED_INPUTS", True)
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, cuda_graphs=bool(graphs),
-                    compile=graphs == "compile", async_output=graphs == "async")
+                    compile=graphs == "compile", async_output=str(graphs).startswith("async"))
+    assert (eng.graphs is not None and eng.graphs._staging is not None) == (graphs == "async-pinned")
     assert eng.paged_decode and (eng.graphs is not None) == bool(graphs)
     ps = prompts(6, seed=4, lo=20, hi=150)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

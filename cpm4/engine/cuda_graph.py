@@ -19,6 +19,12 @@ from .paged import DecodeBatch, HostBlockTable, PagedKVCache, SeqPages, decode_i
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
+# Copy each step's inputs from pinned, double-buffered host tensors. A copy from pageable memory first waits
+# for everything queued on the stream, so with async output a step's inputs wait for the step before it to
+# finish; from pinned memory they queue behind it. Off until measured on the GPU (benchmarks'
+# --pinned-inputs).
+PINNED_INPUTS = False
+
 
 class DecodeGraphs:
     def __init__(self, model: MiniCPM4ForCausalLM, cache: PagedKVCache, max_batch: int, width: int,
@@ -54,6 +60,16 @@ class DecodeGraphs:
         self.host_table = HostBlockTable(n, width, cache.scratch)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        # Two sets of pinned staging tensors, used in turn; a set is refilled only once the copies that
+        # last read it have run (its event).
+        self._staging = None
+        if PINNED_INPUTS and torch.device(device).type == "cuda":
+            def pinned(*shape, dtype):
+                return torch.empty(*shape, dtype=dtype, pin_memory=True)
+            self._staging = [dict(table=pinned(n, width, dtype=torch.int32), starts=pinned(n, dtype=torch.long),
+                                  slots=pinned(n, dtype=torch.long), ends=pinned(n, dtype=torch.int32),
+                                  ids=pinned(n, 1, dtype=torch.long), event=None) for _ in range(2)]
+            self._turn = 0
         self._pad_starts = torch.zeros(n, dtype=torch.long)
         self._pad_slots = torch.full((n,), cache.scratch * cache.page_size, dtype=torch.long)
 
@@ -112,17 +128,34 @@ class DecodeGraphs:
             self.graphs[bs] = self._capture(bs)
         cols = self.host_table.update(seqs, bs)
         starts, slots, ends = self._rows(seqs, bs)
-        self.table[:bs, :cols].copy_(self.host_table.table[:bs, :cols], non_blocking=True)
+        table = self.host_table.table[:bs, :cols]
+        ids = None
+        if not isinstance(tokens, torch.Tensor):
+            ids = torch.zeros(bs, 1, dtype=torch.long)
+            ids[:b, 0] = torch.tensor(tokens, dtype=torch.long)
+        stage = None
+        if self._staging is not None:
+            stage = self._staging[self._turn]
+            self._turn ^= 1
+            if stage["event"] is not None:
+                stage["event"].synchronize()  # the copies that last read this set have run
+            table = stage["table"][:bs, :cols].copy_(table)
+            starts, slots, ends = (stage[k][:bs].copy_(v) for k, v in (("starts", starts), ("slots", slots),
+                                                                       ("ends", ends)))
+            if ids is not None:
+                ids = stage["ids"][:bs].copy_(ids)
+        self.table[:bs, :cols].copy_(table, non_blocking=True)
         self.starts[:bs].copy_(starts, non_blocking=True)
         self.slots[:bs].copy_(slots, non_blocking=True)
         self.ends[:bs].copy_(ends, non_blocking=True)
-        if isinstance(tokens, torch.Tensor):
+        if ids is None:
             self.ids[:b, 0].copy_(tokens)
             self.ids[b:bs].zero_()
         else:
-            ids = torch.zeros(bs, 1, dtype=torch.long)
-            ids[:b, 0] = torch.tensor(tokens, dtype=torch.long)
             self.ids[:bs].copy_(ids, non_blocking=True)
+        if stage is not None:
+            stage["event"] = torch.cuda.Event()
+            stage["event"].record()
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:b]
