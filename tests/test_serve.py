@@ -422,9 +422,9 @@ def test_tools_reach_the_prompt(client, llm):
     expected = llm.tokenizer.encode_chat([{k: v for k, v in m.items() if k != "tool_call_id"} for m in history],
                                          tools=TOOLS)
     assert r.usage.prompt_tokens == len(expected)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError):  # a forced call of a function that is not among the tools
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, tools=TOOLS,
-                                       tool_choice="required")
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
 class _ScriptedEngine(AsyncEngine):
@@ -472,6 +472,96 @@ def test_tool_calls_end_to_end(llm):
     finally:
         srv.stop()
         eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structured outputs (xgrammar): forced tool calls and response_format
+
+# Bounded argument types, so that even a random model closes the call well within max_tokens.
+ENUM_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer"}},
+        "required": ["city", "days"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"]}}},
+]
+
+
+def _check_weather(args: dict) -> None:
+    assert set(args) == {"city", "days"} and args["city"] in ("Paris", "Oslo") and isinstance(args["days"], int)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_choice(client, stream):
+    pytest.importorskip("xgrammar")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for seed, choice in [(0, named), (1, named), (2, "required"), (3, "required")]:
+        kw = dict(model=MODEL, messages=MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, max_tokens=120, seed=seed,
+                  parallel_tool_calls=False)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            r = client.chat.completions.create(**kw)
+            calls, finish = r.choices[0].message.tool_calls or [], r.choices[0].finish_reason
+        assert finish == "tool_calls" and len(calls) == 1, (seed, choice, finish)
+        args = json.loads(calls[0].function.arguments)
+        if choice == "required" and calls[0].function.name == "get_time":
+            assert isinstance(args["utc"], bool) and set(args) == {"utc"}
+        else:
+            assert calls[0].function.name == "get_weather"
+            _check_weather(args)
+
+
+def test_response_format_json(client):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["name", "n", "ok"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=80, seed=0, n=3, response_format=fmt)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        obj = json.loads(c.message.content)
+        assert isinstance(obj["name"], str) and 1 <= len(obj["name"]) <= 8 and obj["name"].isalpha()
+        assert isinstance(obj["n"], int) and isinstance(obj["ok"], bool)
+    # json_object: a random model may not close its strings in time; whatever it ends with, every stop is JSON.
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=0, n=4,
+                                       response_format={"type": "json_object"})
+    for c in r.choices:
+        assert c.message.content.startswith("{")
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.message.content), dict)
+    # Completions take response_format too (vLLM's extension).
+    r = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=80, seed=1,
+                                  extra_body={"response_format": fmt})
+    assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].text)) == {"name", "n", "ok"}
+
+
+def test_structured_output_errors(server, client):
+    pytest.importorskip("xgrammar")
+
+    def post(**body):
+        return httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **body})
+
+    bad_tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]
+    cases = [
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
+         "response_format"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
+        (dict(response_format={"type": "yaml"}), "response_format"),
+        (dict(tools=bad_tool, tool_choice="required"), "tools"),
+        (dict(tools=ENUM_TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(tools=ENUM_TOOLS, tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+    ]
+    for body, param in cases:
+        r = post(**body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert "nope" in post(**cases[4][0]).json()["error"]["message"]
+    _assert_alive(client)
 
 
 # ---------------------------------------------------------------------------------------------------------

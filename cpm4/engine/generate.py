@@ -77,15 +77,25 @@ class SequenceState:
     """Per-sequence state of one generation: sampler, detokenizer, stop rules, generated tokens."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, device,
-                 context: int, eos_ids: list[int], stream_text: bool = True):
+                 context: int, eos_ids: list[int], stream_text: bool = True, vocab_size: int | None = None):
         """stream_text=False: nobody reads the text before the end (offline batches), so without stop
         strings the text is detokenized once, when the sequence ends, and returned with its last delta (the
-        same text in all: `IncrementalDetokenizer.extend`) instead of piece by piece every step."""
+        same text in all: `IncrementalDetokenizer.extend`) instead of piece by piece every step.
+        vocab_size: the model's (its logits' width), needed when params carry a grammar (ValueError for a
+        grammar that does not compile)."""
         self.params = params
         self.history = list(prompt_ids)
         self.generated: list[int] = []
         self.max_tokens = min(params.max_tokens, context - len(prompt_ids))
-        self.sampler = Sampler(params, device)
+        self.matcher = None
+        if params.guided:
+            if vocab_size is None:
+                raise ValueError("a guided sequence needs the model's vocab_size")
+            from .guided import new_matcher
+
+            # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
+            self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
+        self.sampler = Sampler(params, device, self.matcher)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
@@ -96,7 +106,12 @@ class SequenceState:
 
     def step(self, token: int) -> tuple[str, list[int]]:
         """Take a sampled token; returns (text to emit, token ids to emit) and sets finish_reason."""
-        if token in self.stop_ids:
+        stop = token in self.stop_ids
+        if self.matcher is not None:
+            # Terminated: a stop token closed the grammar. Rejected cannot happen under the grammar's mask;
+            # should it, the sequence ends rather than leave its grammar.
+            stop = stop or not self.matcher.accept_token(token) or self.matcher.is_terminated()
+        if stop:
             self.finish_reason = "stop"
             if self.defer_text:
                 return self._final_text(), []
@@ -196,7 +211,8 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
         sp.check_vocab(model.config.vocab_size)
     dev = model.device
     eos = model.config.eos_token_ids
-    seqs = [SequenceState(list(p), sp, tokenizer, dev, ctx, eos) for p, sp in zip(prompts, params)]
+    seqs = [SequenceState(list(p), sp, tokenizer, dev, ctx, eos, vocab_size=model.config.vocab_size)
+            for p, sp in zip(prompts, params)]
     b = len(prompts)
     max_len = max(len(p) + s.max_tokens for p, s in zip(prompts, seqs))
     cache = KVCache(model.config, b, max_len, dev, model.dtype)

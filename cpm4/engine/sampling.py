@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +36,11 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
+    # Structured output (grammar-constrained decoding with xgrammar, see `cpm4.engine.guided`): a JSON schema
+    # (dict or its JSON text) the output must follow, or True for any JSON object (OpenAI's json_object).
+    guided_json: dict[str, Any] | str | bool | None = None
+    # Or an xgrammar structural tag (dict or JSON text), e.g. `guided.tool_call_structural_tag` for forced calls.
+    structural_tag: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +90,19 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 if not isinstance(t, int) or t < 0:
                     raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+        if self.guided_json is False:
+            self.guided_json = None
+        if self.guided_json is not None and self.guided_json is not True:
+            self.guided_json = _json_object("guided_json", self.guided_json, "True, a JSON schema object")
+        if self.structural_tag is not None:
+            self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
+        if self.guided_json is not None and self.structural_tag is not None:
+            raise ValueError("guided_json and structural_tag are exclusive: give one grammar")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the output is constrained by a grammar."""
+        return self.guided_json is not None or self.structural_tag is not None
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +113,20 @@ class SamplingParams:
         added, so a bad one fails alone instead of the batch step it would join."""
         if self.logit_bias and max(self.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token id {max(self.logit_bias)} is outside the vocabulary ({vocab} ids)")
+
+
+def _json_object(name: str, value: object, what: str) -> dict[str, Any] | str:
+    """A dict as it is, or JSON text of an object (kept as text: the grammar compiler takes text); else a
+    ValueError naming the field."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be {what} or its JSON text, got {value!r:.80}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,6 +145,7 @@ class SamplingPlan:
         self.penalty = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         self.output_penalty = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         self.biased = [i for i, p in enumerate(params) if p.logit_bias]
+        self.guided = [i for i, p in enumerate(params) if p.guided]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
         # Below: positions within `sampled` (the filters run on those rows only).
         sp = [params[i] for i in self.sampled]
@@ -242,14 +277,16 @@ def _min_p(x: Tensor, mps: list[float], col: Tensor | None = None) -> None:
 
 
 def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
-                   plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None) -> Tensor:
-    """Apply logit bias, repetition penalty, presence/frequency penalties, then temperature, top-k, top-p and
-    min-p (Hugging Face order) to [B, V] logits.
+                   plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
+                   matchers: Sequence[Any] | None = None) -> Tensor:
+    """Apply the grammar masks, logit bias, repetition penalty, presence/frequency penalties, then temperature,
+    top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
 
     `history[i]` holds row i's prompt and generated ids, `outputs[i]` its generated ids alone (needed when a
     row has a presence or frequency penalty). Returns a new float32 tensor; removed tokens are -inf. Greedy
     rows only get the bias and penalties: the filters keep the argmax, so they cannot change a greedy pick.
     plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built here).
+    matchers: row i's grammar matcher where params[i] is guided (see `cpm4.engine.guided`), else None.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -260,6 +297,14 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         plan = SamplingPlan(params, vocab)
     x = logits.to(torch.float32, copy=True)
 
+    if plan.guided:
+        # First, so every later transform (and greedy's argmax) sees only the tokens the grammar allows.
+        ms = [None if matchers is None or len(matchers) != bsz else matchers[i] for i in plan.guided]
+        if any(m is None for m in ms):
+            raise ValueError("rows with guided_json or structural_tag need their grammar matchers")
+        from .guided import apply_grammar
+
+        apply_grammar(x, plan.guided, ms)
     if plan.biased:
         _apply_logit_bias(x, params, plan.biased)
     _apply_repetition_penalty(x, params, history, plan.penalty)
@@ -298,8 +343,11 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
 class Sampler:
     """Random state for one sequence, so its tokens depend only on its own seed and logits."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str | None = None) -> None:
+    def __init__(self, params: SamplingParams, device: torch.device | str | None = None,
+                 matcher: Any | None = None) -> None:
+        """matcher: the sequence's grammar matcher when params are guided (`cpm4.engine.guided.new_matcher`)."""
         self.params = params
+        self.matcher = matcher
         self.device = torch.device(device if device is not None else "cpu")
         self.generator = torch.Generator(device=self.device)
         if params.seed is not None:
@@ -340,7 +388,8 @@ def sample_tokens(
         raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
     if plan is None:
         plan = SamplingPlan(params, logits.shape[1])
-    x = process_logits(logits, params, history, plan, outputs)
+    matchers = [s.matcher for s in samplers] if plan.guided else None
+    x = process_logits(logits, params, history, plan, outputs, matchers)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
     # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);

@@ -76,7 +76,7 @@ class LLMEngine:
         scheduling) overlaps the GPU's. Outputs are unchanged; a sequence that stops on a token is computed one
         step past its end, and that step is discarded. Used while every running request decodes, none is
         waiting, and none needs the host to know its last token before sampling the next (repetition
-        penalty) or asks for logprobs; otherwise the engine steps synchronously. Default: on when decode runs
+        penalty, a grammar) or asks for logprobs; otherwise the engine steps synchronously. Default: on when decode runs
         from CUDA graphs.
 
         stream_text=False: the caller reads each request's text only once it has ended (offline batches):
@@ -134,10 +134,12 @@ class LLMEngine:
                              f"({self.cache.num_pages} pages of {self.cache.page_size})")
         state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids,
-                              stream_text=self.stream_text if stream_text is None else stream_text)
+                              stream_text=self.stream_text if stream_text is None else stream_text,
+                              vocab_size=self.model.config.vocab_size)
+        # A grammar's mask for the next token depends on the last one: guided rows step synchronously too.
         req = EngineRequest(request_id, list(prompt_ids), state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
-                            or bool(params.presence_penalty or params.frequency_penalty))
+                            or bool(params.presence_penalty or params.frequency_penalty) or params.guided)
         self.by_id[request_id] = req
         self.waiting.append(req)
 

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
+from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
 from cpm4.engine.sampling import SamplingParams
 from cpm4.model.tokenizer import Tokenizer
 
@@ -37,6 +38,7 @@ from .protocol import (
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    ResponseFormat,
     TokenizeRequest,
 )
 from .tool_calls import ToolCallCollector
@@ -266,7 +268,10 @@ class _OpenAIServer:
         self._check_model(req.model)
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
-                seed: int | None) -> SamplingParams:
+                seed: int | None, grammar: dict[str, Any] | None = None, grammar_param: str | None = None
+                ) -> SamplingParams:
+        """grammar: SamplingParams' grammar fields (guided_json or structural_tag), from the request field
+        grammar_param, which a 400 for a schema that does not compile names."""
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -284,11 +289,62 @@ class _OpenAIServer:
                 ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
+                **(grammar or {}),
             )
             params.check_vocab(self.engine.vocab_size)
+            if params.guided:  # compiled (and cached) now, so a bad schema is this request's 400
+                compile_grammar(self.tokenizer, self.engine.vocab_size, self.engine.model.config.eos_token_ids,
+                                params)
         except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+            msg, param = str(e), _param_of(str(e))
+            if param in ("guided_json", "structural_tag") and "is not a valid" in msg:
+                # A schema in the grammar the server built from the request field grammar_param.
+                what = {"response_format": "json_schema.schema", "tools": "a function's parameters"}
+                msg = f"{grammar_param}: invalid JSON schema in {what.get(grammar_param, param)}: " \
+                      f"{msg.split(': ', 1)[-1]}"
+            if param in ("guided_json", "structural_tag"):
+                param = grammar_param
+            raise APIError(400, msg, param=param) from None
         return params
+
+    @staticmethod
+    def _response_format(rf: ResponseFormat | None) -> dict[str, Any]:
+        """The grammar fields of SamplingParams for response_format (none for text)."""
+        if rf is None or rf.type == "text":
+            return {}
+        if rf.type == "json_object":
+            return {"guided_json": True}
+        if rf.type == "json_schema":
+            schema = (rf.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                               param="response_format")
+            return {"guided_json": schema}
+        raise APIError(400, f"response_format type {rf.type!r} is not supported (text, json_object or "
+                            "json_schema)", param="response_format")
+
+    @staticmethod
+    def _tool_choice(req: ChatCompletionRequest) -> dict[str, Any]:
+        """The grammar fields of SamplingParams forcing tool calls (tool_choice "required" or a named
+        function): MiniCPM4's call lines, each a tool's name and arguments following its parameters."""
+        choice = req.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return {}
+        if not req.tools:
+            raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
+        names = [t.function.name for t in req.tools]
+        name = None
+        if not isinstance(choice, str):
+            name = choice.function.get("name")
+            if not isinstance(name, str):
+                raise APIError(400, "tool_choice.function.name must be a string", param="tool_choice")
+            if name not in names:
+                raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
+                                    f"({', '.join(names)})", param="tool_choice")
+        fns = [t.function.model_dump(exclude_none=True) for t in req.tools]
+        # A named function is called once; "required" makes one or more calls unless parallel_tool_calls is false.
+        tag = tool_call_structural_tag(fns, name, parallel=name is None and req.parallel_tool_calls is not False)
+        return {"structural_tag": tag}
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:
         try:
@@ -377,11 +433,13 @@ class _OpenAIServer:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
         seeds = self._seeds(req.seed, req.n)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
         for ids, text in prompts:
             for j in range(req.n):
                 if max_tokens:  # max_tokens 0: the prompt only (echoed and/or scored), nothing generated
-                    jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j])))
+                    jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j], grammar,
+                                                   "response_format")))
                 choices.append(_Choice(finish_reason=None if max_tokens else "length"))
                 echoes.append(text if req.echo else "")
         # echo with logprobs: each prompt token's log-probability too (lm-eval's loglikelihood requests).
@@ -514,19 +572,21 @@ class _OpenAIServer:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_common(req)
-        if req.tool_choice == "required" or not (req.tool_choice is None or isinstance(req.tool_choice, str)):
-            raise APIError(400, "tool_choice 'required' or a named function is not supported (the server cannot "
-                                "force a call); use 'auto' or 'none'", param="tool_choice")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported",
-                           param="response_format")
+        grammar, grammar_param = self._tool_choice(req), "tools"
+        fmt = self._response_format(req.response_format)
+        if fmt and grammar:
+            raise APIError(400, "response_format json_object/json_schema cannot be combined with a forced "
+                                "tool_choice", param="response_format")
+        if fmt:
+            grammar, grammar_param = fmt, "response_format"
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         ids = self._chat_ids(req)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.engine.context_length
         k = (req.top_logprobs or 0) if req.logprobs else None
         parse_tools = bool(req.tools) and req.tool_choice != "none"
-        jobs = [(ids, self._params(req, max_tokens, k, s)) for s in self._seeds(req.seed, req.n)]
+        jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
+                for s in self._seeds(req.seed, req.n)]
         choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None)
                    for _ in jobs]
         rid = f"chatcmpl-{uuid.uuid4().hex}"

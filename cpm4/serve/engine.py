@@ -127,6 +127,10 @@ class AsyncEngine:
                 torch.Generator().manual_seed(params.seed)
             except (ValueError, RuntimeError, OverflowError):
                 raise ValueError(f"seed {params.seed} is out of range (64-bit)") from None
+        if params.guided:  # a schema that does not compile fails here, not in the worker
+            from cpm4.engine.guided import compile_grammar
+
+            compile_grammar(self.tokenizer, self.vocab_size, self.model.config.eos_token_ids, params)
 
     @property
     def is_running(self) -> bool:

@@ -31,6 +31,14 @@ class StreamOptions(_Body):
     include_usage: Bool = False
 
 
+class ResponseFormat(_Body):
+    """OpenAI's output format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (checked by the server)."""
+
+    type: Str
+    json_schema: dict[str, Any] | None = None
+
+
 class _SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -52,6 +60,7 @@ class _SamplingFields(_Body):
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Float] | None = None
     user: Str | None = None
+    response_format: ResponseFormat | None = None  # structured output (chat; completions as vLLM's extension)
 
 
 class CompletionRequest(_SamplingFields):
@@ -105,8 +114,6 @@ class NamedToolChoice(_Body):
     function: dict[str, Any]
 
 
-class ResponseFormat(_Body):
-    type: Str
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -118,7 +125,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool | None = None
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
     return_tokens_as_token_ids: Bool = False  # extension
 

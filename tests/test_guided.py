@@ -1,0 +1,161 @@
+"""Structured outputs (xgrammar): SamplingParams.guided_json / structural_tag on the tiny random model, through
+the plain generate loop and the continuous-batching engine (which must agree token for token)."""
+
+import functools
+import json
+import re
+
+import pytest
+import torch
+from conftest import random_model
+
+from cpm4 import LLM, SamplingParams
+from cpm4.engine.generate import generate_ids
+from cpm4.engine.sampling import Sampler, process_logits
+from cpm4.engine.scheduler import build_engine
+from cpm4.model.tokenizer import TOOL_CALL, build_tokenizer
+from cpm4.serve.tool_calls import ToolCallCollector
+
+xgr = pytest.importorskip("xgrammar")
+from cpm4.engine import guided  # noqa: E402
+
+# Bounded values, so that a random model completes the object within a few dozen tokens. (Not maxLength for
+# the string: xgrammar 0.2.9's length-bounded strings admit raw control characters, which JSON forbids.)
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -5, "maximum": 999},
+                                           "b": {"type": "boolean"}, "c": {"enum": ["x", "y"]},
+                                           "d": {"type": "string", "pattern": "^[a-z ]{1,5}$"}},
+          "required": ["a", "b", "c", "d"]}
+
+
+@functools.cache
+def tok():
+    return build_tokenizer(1024)
+
+
+@functools.cache
+def model():
+    return random_model("tiny", dtype=torch.float32)
+
+
+def prompt(i=0):
+    return tok().encode(["Give me JSON:", "An object please", "x"][i % 3])
+
+
+def gen(params):
+    params = params if isinstance(params, list) else [params]
+    return generate_ids(model(), tok(), [prompt(i) for i in range(len(params))], params)
+
+
+def matcher(**kw):
+    return guided.new_matcher(tok(), model().config.vocab_size, model().config.eos_token_ids, SamplingParams(**kw))
+
+
+def check_schema(obj):
+    assert set(obj) == {"a", "b", "c", "d"}
+    assert isinstance(obj["a"], int) and -5 <= obj["a"] <= 999 and isinstance(obj["b"], bool)
+    assert obj["c"] in ("x", "y") and re.fullmatch("[a-z ]{1,5}", obj["d"])
+
+
+def test_params_validation():
+    assert SamplingParams(guided_json=False).guided_json is None and not SamplingParams().guided
+    assert SamplingParams(guided_json=True).guided and SamplingParams(guided_json='{"type": "object"}').guided
+    for bad in (1, "not json", "[1]", ["a"]):
+        with pytest.raises(ValueError, match="^guided_json must be"):
+            SamplingParams(guided_json=bad)
+    with pytest.raises(ValueError, match="^structural_tag must be"):
+        SamplingParams(structural_tag="[]")
+    with pytest.raises(ValueError, match="exclusive"):
+        SamplingParams(guided_json=True, structural_tag={"type": "structural_tag"})
+    # A schema xgrammar rejects fails when the sequence starts, in either path, naming the field.
+    bad = SamplingParams(guided_json={"type": "bogus"}, max_tokens=3)
+    with pytest.raises(ValueError, match="^guided_json is not a valid JSON schema"):
+        gen(bad)
+    eng = build_engine(model(), tok(), 1024, 2)
+    with pytest.raises(ValueError, match="^guided_json"):
+        eng.add_request("r", prompt(), bad)
+    assert not eng.has_work()
+    with pytest.raises(ValueError, match="not among the tools"):
+        guided.tool_call_structural_tag([{"name": "f"}], "g")
+    # A guided row needs its matcher.
+    with pytest.raises(ValueError, match="matchers"):
+        process_logits(torch.zeros(1, 1024), [SamplingParams(guided_json=True)], [[]])
+
+
+def test_mask_allows_only_grammar_tokens():
+    m = matcher(guided_json=True)
+    logits = torch.randn(2, model().config.vocab_size)
+    params = [SamplingParams(guided_json=True), SamplingParams()]
+    x = process_logits(logits, params, [[], []], matchers=[m, None])
+    allowed = torch.isfinite(x[0]).nonzero().flatten().tolist()
+    assert allowed and all(tok().decode([t]).lstrip().startswith("{") for t in allowed)
+    assert torch.equal(x[1], logits[1])  # the unguided row is untouched
+    s = Sampler(params[0], matcher=m)
+    assert s.matcher is m
+
+
+def test_json_object_outputs_parse():
+    outs = gen([SamplingParams(max_tokens=120, seed=s, guided_json=True) for s in range(6)])
+    assert any(o.finish_reason == "stop" for o in outs)
+    for o in outs:
+        if o.finish_reason == "stop":
+            assert isinstance(json.loads(o.text), dict)
+        else:  # cut by max_tokens: still a prefix the grammar accepts
+            m = matcher(guided_json=True)
+            assert all(m.accept_token(t) for t in o.token_ids) and not m.is_terminated()
+
+
+def test_json_schema_outputs_validate_greedy_and_sampled():
+    params = [SamplingParams(max_tokens=80, temperature=0, guided_json=SCHEMA)]
+    params += [SamplingParams(max_tokens=80, seed=s, temperature=1.2, top_p=0.95, guided_json=json.dumps(SCHEMA))
+               for s in range(5)]
+    for o in gen(params):
+        assert o.finish_reason == "stop", o.text
+        check_schema(json.loads(o.text))
+    # ignore_eos does not run past the grammar's end: a complete document ends the sequence.
+    (o,) = gen(SamplingParams(max_tokens=80, temperature=0, guided_json=SCHEMA, ignore_eos=True))
+    assert o.finish_reason == "stop" and o.text == gen(params[0])[0].text
+
+
+@pytest.mark.parametrize("async_output", [False, True])
+def test_engine_equals_plain_loop(async_output):
+    params = [SamplingParams(max_tokens=40, temperature=0, guided_json=SCHEMA),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),  # unguided rows in the same batch
+              SamplingParams(max_tokens=40, seed=7, guided_json=True),
+              SamplingParams(max_tokens=40, seed=3, guided_json=SCHEMA),
+              SamplingParams(max_tokens=15, seed=1)]
+    ps = [prompt(i) for i in range(len(params))]
+    refs = generate_ids(model(), tok(), ps, params)
+    if async_output:  # launches decode steps ahead while only unguided rows are left
+        eng = build_engine(model(), tok(), 4096, 3, async_output=True)
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(str(i), p, sp)
+        res = eng.run_to_completion()
+        outs = [res[str(i)] for i in range(len(ps))]
+    else:
+        outs = [(o.text, o.token_ids, o.finish_reason)
+                for o in LLM(model(), tokenizer=tok(), max_num_seqs=3).generate(ps, params)]
+    for o, r in zip(outs, refs, strict=True):
+        assert o == (r.text, r.token_ids, r.finish_reason)
+    check_schema(json.loads(refs[0].text))
+
+
+def test_forced_tool_call_grammar():
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {
+                 "city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer"}}, "required": ["city", "days"]}},
+             {"name": "noop"}]
+    marker = tok().token_id(TOOL_CALL)
+    for name, seed in [("get_weather", 0), (None, 1), (None, 2)]:
+        tag = guided.tool_call_structural_tag(tools, name, parallel=False)
+        (o,) = gen(SamplingParams(max_tokens=100, seed=seed, structural_tag=tag))
+        assert o.finish_reason == "stop" and o.token_ids[0] == marker
+        col = ToolCallCollector(tok())
+        assert col.feed("", o.token_ids) == ""  # everything from the marker on is held for parsing
+        _, calls = col.finish()
+        assert len(calls) == 1
+        fn = calls[0]["function"]
+        assert fn["name"] == name or (name is None and fn["name"] in ("get_weather", "noop"))
+        args = json.loads(fn["arguments"])
+        if fn["name"] == "get_weather":
+            assert args["city"] in ("Paris", "Oslo") and isinstance(args["days"], int)
+        else:
+            assert args == {}
