@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import TYPE_CHECKING
@@ -39,3 +40,15 @@ def covering_tokenizer(vocab_size: int, base: Tokenizer | None = None) -> Tokeni
     if len(tok.hf) != vocab_size:
         raise RuntimeError(f"covering tokenizer has {len(tok.hf)} ids, expected {vocab_size}")
     return tok
+
+
+def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse with the engine options every engine benchmark shares (now: --pinned-inputs) and apply them."""
+    ap.add_argument("--pinned-inputs", action="store_true",
+                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
+    args = ap.parse_args()
+    if args.pinned_inputs:
+        from cpm4.engine import cuda_graph
+
+        cuda_graph.PINNED_INPUTS = True
+    return args

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, write_json  # noqa: E402
+from common import covering_tokenizer, parse_engine_args, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -143,13 +143,7 @@ def main() -> None:
     ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--pinned-inputs", action="store_true",
-                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
-    args = ap.parse_args()
-    if args.pinned_inputs:
-        from cpm4.engine import cuda_graph
-
-        cuda_graph.PINNED_INPUTS = True
+    args = parse_engine_args(ap)
     import transformers
 
     device = torch.device(args.device)

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, write_json  # noqa: E402
+from common import covering_tokenizer, parse_engine_args, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -73,13 +73,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of --batch > 1 (no kernel table)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--pinned-inputs", action="store_true",
-                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
-    args = ap.parse_args()
-    if args.pinned_inputs:
-        from cpm4.engine import cuda_graph
-
-        cuda_graph.PINNED_INPUTS = True
+    args = parse_engine_args(ap)
     if args.batch > 1:
         return profile_batch(args)
     dev = torch.device("cuda")

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, write_json  # noqa: E402
+from common import covering_tokenizer, parse_engine_args, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -151,13 +151,7 @@ def main() -> None:
                     help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "
                          "uvicorn, openai)")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--pinned-inputs", action="store_true",
-                    help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
-    args = ap.parse_args()
-    if args.pinned_inputs:
-        from cpm4.engine import cuda_graph
-
-        cuda_graph.PINNED_INPUTS = True
+    args = parse_engine_args(ap)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available (use --device cpu)")
