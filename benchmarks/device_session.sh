@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
+#
+#   bash benchmarks/device_session.sh tests     # GPU tests of the kernels, engine, model and guided decoding
+#   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
+#   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
+#   bash benchmarks/device_session.sh serving   # nano-vllm workload, server and HTTP rows (needs the py3.12 wheels)
+#
+# JSON results land in benchmarks/results and, on the device, under $OUT. Each command has its own time limit so
+# one slow step cannot eat the whole call.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+stage=${1:-tests}
+
+wheels() {  # fastapi/uvicorn/openai are not on the device: install them from the carried wheels
+    if [ -d .wheels/py312 ]; then
+        "$PY" -m pip install -q --no-index --find-links .wheels/py312 fastapi uvicorn openai 2>&1 | grep -v WARNING
+    fi
+}
+
+case "$stage" in
+tests)
+    timeout 540 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py tests/test_engine.py \
+        tests/test_model.py tests/test_guided.py 2>&1 | tail -15
+    ;;
+kernels)
+    timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 8192 32768 131072 2>&1 | grep -E "^decode|device|failed"
+    timeout 260 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 | grep -E "^(prefill|backward|forward)|device"
+    ;;
+engine)
+    timeout 300 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse --compile \
+        --decode-tokens 32 --no-peer 2>&1 | tail -6
+    timeout 240 "$PY" benchmarks/profile_engine.py --config minicpm4-0.5b --context 1024 --batch 256 --compile \
+        --steps 8 --top 20 2>&1 | head -40
+    ;;
+serving)
+    wheels
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http 2>&1 | tail -8
+    ;;
+*)
+    echo "unknown stage $stage (tests, kernels, engine, serving)" >&2
+    exit 2
+    ;;
+esac
