@@ -85,6 +85,58 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> 
     return time.perf_counter() - t, n
 
 
+def traced_run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict:
+    """Run the workload again, synchronizing after every step, and say where the wall time went: steps that
+    prefill (with the decode rows beside them) against decode-only steps by batch size."""
+    dev = eng.model.device
+    cur = {"prefill_tokens": 0, "prefill_rows": 0, "decode_rows": 0}
+    forward, forward_decode = eng._forward, eng._forward_decode
+
+    def traced_forward(group):
+        if any(n > 1 for _, n in group):
+            cur["prefill_tokens"] += sum(n for _, n in group)
+            cur["prefill_rows"] += len(group)
+        return forward(group)
+
+    def traced_decode(seqs, ids):
+        cur["decode_rows"] += len(seqs)
+        return forward_decode(seqs, ids)
+
+    eng._forward, eng._forward_decode = traced_forward, traced_decode
+    try:
+        for i, (p, sp) in enumerate(reqs):
+            eng.add_request(f"t{time.monotonic_ns()}-{i}", p, sp)
+        steps = []
+        while eng.has_work():
+            sync(dev)
+            t = time.perf_counter()
+            eng.step()
+            sync(dev)
+            steps.append(((time.perf_counter() - t) * 1000, dict(cur)))
+            cur.update(prefill_tokens=0, prefill_rows=0, decode_rows=0)
+    finally:
+        del eng._forward, eng._forward_decode
+    groups: dict[str, list[float]] = {}
+    for ms, c in steps:
+        if c["prefill_tokens"]:
+            key = "prefill"
+        else:
+            b = c["decode_rows"]
+            key = "decode <=" + next(f"{k:03d}" for k in (1, 8, 32, 64, 128, 192, 256, 10**9) if b <= k)
+        groups.setdefault(key, []).append(ms)
+    pre = [c for _, c in steps if c["prefill_tokens"]]
+    out = {"steps": len(steps), "total_ms": round(sum(ms for ms, _ in steps), 1),
+           "prefill_tokens": sum(c["prefill_tokens"] for c in pre),
+           "decode_rows_in_prefill_steps": sum(c["decode_rows"] for c in pre),
+           "groups": {k: {"steps": len(v), "total_ms": round(sum(v), 1), "mean_ms": round(sum(v) / len(v), 3)}
+                      for k, v in sorted(groups.items(), key=lambda kv: (kv[0] != "prefill", kv[0]))}}
+    print(f"step trace: {out['steps']} steps, {out['total_ms']:.0f} ms; prefill steps carried "
+          f"{out['prefill_tokens']} prompt tokens and {out['decode_rows_in_prefill_steps']} decode rows")
+    for k, g in out["groups"].items():
+        print(f"  {k:14s} {g['steps']:6d} steps {g['total_ms']:10.1f} ms  mean {g['mean_ms']:8.3f} ms")
+    return out
+
+
 async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict:
     async def one(i, p, sp):
         t0 = time.perf_counter()
@@ -150,6 +202,9 @@ def main() -> None:
     ap.add_argument("--http", action="store_true",
                     help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "
                          "uvicorn, openai)")
+    ap.add_argument("--trace", action="store_true",
+                    help="after the offline row, run its workload again with a sync after every step and print "
+                         "where the time went (prefill steps, decode steps by batch size)")
     ap.add_argument("--out", default="benchmarks/results")
     args = parse_engine_args(ap)
     dev = torch.device(args.device)
@@ -217,6 +272,9 @@ def main() -> None:
     row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted,
         note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
              "(Qwen3-0.6B, RTX 4070 Laptop)")
+    if args.trace:
+        # Other prompts (ids shifted by one): the timed run's pages are in the prefix cache.
+        rows[-1]["trace"] = traced_run(eng, [([(t + 1) % (hi + 1) for t in r], sp) for r, sp in zip(reqs, params)])
     del eng
     del cache
     if dev.type == "cuda":

@@ -79,17 +79,22 @@ class Attention(nn.Module):
                 v.view(b, t, self.n_kv, self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
-                new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None) -> torch.Tensor:
+                new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None,
+                host: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """x [B, T, H]. Sequence b has new_lens[b] real tokens (right padding after them) starting at
         absolute position starts[b] (its cache length before this call). Padded rows produce values
         that are never read: their keys land beyond the sequence's length and are overwritten later.
+        `host`: (starts, new_lens) as lists, read once per forward by the caller (each read of a device
+        tensor here would wait for the GPU, once per layer); None: read here.
 
         `docs` (training on packed rows, no cache): docs[b] lists the lengths of the documents packed in
         row b; each attends only within itself, exactly as if it were a sequence of its own."""
         b, t, _ = x.shape
         q, k, v = self.project(x)
         q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
-        if docs is None and cache is None and bool((new_lens == t).all()) and not bool(starts.any()):
+        if docs is None and not getattr(cache, "decoding", False) and host is None:
+            host = (starts.tolist(), new_lens.tolist())
+        if docs is None and cache is None and all(n == t for n in host[1]) and not any(host[0]):
             docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
         if docs is not None:
             out = self._packed(q, k, v, docs)
@@ -101,16 +106,17 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
         else:
             k_all, v_all = k, v
-        kv_lens = (starts + new_lens).tolist()
+        h_starts, h_new = host
+        kv_lens = [s + n for s, n in zip(h_starts, h_new)]
         sc = self.config.sparse_config
-        sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(new_lens.tolist(), kv_lens)]
+        sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(h_new, kv_lens)]
         if not any(sparse):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact.
-            out = self._dense(q, k_all, v_all, starts, not bool(starts.any()))
+            out = self._dense(q, k_all, v_all, starts, not any(h_starts), h_starts[0])
         else:
             out = torch.zeros_like(q)
             for i in range(b):
-                n, L, s = int(new_lens[i]), kv_lens[i], int(starts[i])
+                n, L, s = h_new[i], kv_lens[i], h_starts[i]
                 if n == 0:
                     continue
                 if sparse[i]:
@@ -121,7 +127,7 @@ class Attention(nn.Module):
                                                             k1, k2)
                 else:
                     out[i:i + 1, :n] = self._dense(q[i:i + 1, :n], k_all[i:i + 1, :L], v_all[i:i + 1, :L],
-                                                   starts[i:i + 1], s == 0 and L == n)
+                                                   starts[i:i + 1], s == 0 and L == n, s)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
@@ -144,7 +150,7 @@ class Attention(nn.Module):
             if has_dense:
                 dense_rows.append(i)
         if not sparse and all(len(d) == 1 for d in docs):
-            return self._dense(q, k, v, torch.zeros(b, dtype=torch.long, device=q.device), True)
+            return self._dense(q, k, v, torch.zeros(b, dtype=torch.long, device=q.device), True, 0)
         out = self._dense_docs(q, k, v, docs, dense_rows) if dense_rows else torch.zeros_like(q)
         for n, segs in sparse.items():
             if len(segs) == b and n == t:  # whole rows: a view, no gather
@@ -183,15 +189,16 @@ class Attention(nn.Module):
         return out
 
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
-               plain_causal: bool) -> torch.Tensor:
-        """Dense GQA attention; query i of sequence b sees keys j <= starts[b] + i."""
+               plain_causal: bool, start0: int) -> torch.Tensor:
+        """Dense GQA attention; query i of sequence b sees keys j <= starts[b] + i (start0: starts[0], read on
+        the host already)."""
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if plain_causal:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
-        elif q.shape[0] == 1 and q.shape[1] == 1 and k.shape[1] == int(starts[0]) + 1:
+        elif q.shape[0] == 1 and q.shape[1] == 1 and k.shape[1] == start0 + 1:
             # One sequence's next token: it sees every key, no mask (decoding on the gathering path).
             o = F.scaled_dot_product_attention(qh, kh, vh, scale=self.scale, enable_gqa=True)
-        elif q.shape[0] == 1 and k.shape[1] == int(starts[0]) + q.shape[1]:
+        elif q.shape[0] == 1 and k.shape[1] == start0 + q.shape[1]:
             # One sequence's chunk after its cached tokens (chunked prefill): bottom-right aligned causal
             # attention runs in the fused kernels, where a [T, S] mask would not (16 GB at 128K). That bias
             # takes no GQA, so the KV heads are expanded.
@@ -221,8 +228,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs)
+    def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None, host=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs, host)
         norm = self.post_attention_layernorm
         x, h = self.ops.add_rms_norm(x, a, self.residual_scale, norm.weight, norm.eps)
         return self.ops.add_scaled(x, self.mlp(h), self.residual_scale)
@@ -338,6 +345,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         if not getattr(cache, "decoding", False):  # engine decode steps feed sampled ids: no host sync
             self._check_ids(input_ids)
         dev = input_ids.device
+        full_rows = new_lens is None and cache is None  # lengths known without reading the device
         if new_lens is None:
             new_lens = torch.full((b,), t, dtype=torch.long, device=dev)
         new_lens = new_lens.to(dev)
@@ -352,8 +360,13 @@ class MiniCPM4ForCausalLM(nn.Module):
             positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
         cos, sin = self.rotary(positions, self.dtype)
         x = self.model.embed_tokens(input_ids) * self.config.scale_emb
+        host = None  # the lengths on the host, read once for all layers (decode steps never read them)
+        if full_rows:
+            host = ([0] * b, [t] * b)
+        elif docs is None and not getattr(cache, "decoding", False):
+            host = (starts.tolist(), new_lens.tolist())
         for layer in self.model.layers:
-            x = layer(x, cos, sin, starts, new_lens, cache, docs)
+            x = layer(x, cos, sin, starts, new_lens, cache, docs, host)
         if cache is not None:
             cache.advance(new_lens)
         return x
@@ -381,7 +394,7 @@ class MiniCPM4ForCausalLM(nn.Module):
             nxt[:, t - 1 - j:] = 0
             e = self.model.embed_tokens(nxt) * self.config.scale_emb
             h = mod.eh_proj(torch.cat([mod.hnorm(h), mod.enorm(e)], dim=-1))
-            h = mod.layer(h, cos, sin, zeros, full, None, docs)
+            h = mod.layer(h, cos, sin, zeros, full, None, docs, ([0] * b, [t] * b))
             outs.append(mod.norm(h))
         return outs
 
