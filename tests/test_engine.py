@@ -341,3 +341,36 @@ def test_graph_inputs_follow_sequences_through_row_shifts():
         for s in seqs:
             s.length += 1
         pool = iter(range(400)) if step == 30 else pool  # pages ids reused (values only matter per row)
+
+
+def test_prefill_pools_kernel_keys_of_every_row():
+    """Chunked prefill of several rows at once (unequal chunks, a row idle in one step) leaves each row's
+    kernel-key pages equal to the reference pooling of its whole key sequence."""
+    from cpm4.kernels.infllm_v2 import compress_keys
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())
+    sc = model.config.sparse_config
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16)
+    ps = prompts(3, seed=7, lo=90, hi=140)
+    seqs = [cache.new_sequence(p)[0] for p in ps]
+    done = [0, 0, 0]
+    for chunks in ([37, 0, 50], [40, 61, 1], [100, 100, 100]):
+        new = [min(c, len(p) - d) for c, p, d in zip(chunks, ps, done)]
+        t = max(new)
+        ids = torch.zeros(3, t, dtype=torch.long)
+        for i, (p, d, n) in enumerate(zip(ps, done, new)):
+            ids[i, :n] = torch.tensor(p[d:d + n])
+            cache.reserve(seqs[i], n)
+        with torch.no_grad():
+            model(ids, cache.batch(seqs), torch.tensor(new))
+        done = [d + n for d, n in zip(done, new)]
+    assert done == [len(p) for p in ps]
+    batch = cache.batch(seqs)
+    for layer in range(model.config.num_hidden_layers):
+        for i, p in enumerate(ps):
+            pages = torch.tensor(seqs[i].pages)
+            keys = cache.k[layer][pages].flatten(0, 1)[:len(p)]
+            k1, k2 = compress_keys(keys, sc)
+            f1, f2 = batch.compressed_keys(layer, i, len(p), sc)
+            torch.testing.assert_close(f1, k1, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(f2, k2, rtol=1e-6, atol=1e-6)

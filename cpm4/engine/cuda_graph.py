@@ -42,10 +42,12 @@ class DecodeGraphs:
         if compile:
             paged.make_opaque_to_compile()
             # Static shapes: each bucket is its own compilation of the step. Past dynamo's recompile limit
-            # (8 by default) the remaining buckets would silently run the step uncompiled.
+            # (8 by default) the remaining buckets would silently run the step uncompiled. The limit counts
+            # per function, over every engine in the process (the server's and a benchmark's engines compile
+            # the same model.forward), so each engine adds its own buckets to it.
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), len(self.sizes) + 8))
+            setattr(cfg, name, getattr(cfg, name) + len(self.sizes))
             self.step = torch.compile(model, dynamic=False)
 
     def init_buffers(self, cache: PagedKVCache, max_batch: int, width: int, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cpm4.kernels.infllm_v2 import kernel_means, num_kernels
+from cpm4.kernels.infllm_v2 import num_kernels
 from cpm4.kernels.infllm_v2.reference import kernel_page_slots, kernel_slots
 from cpm4.model.config import MiniCPM4Config, SparseConfig
 
@@ -248,6 +248,7 @@ class PagedBatch:
         self.table = cache.block_table(seqs, width).to(dev, torch.long)
         self._gathered: dict[int, torch.Tensor] = {}
         self._slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pool_plan: list[tuple] | None = None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
         # Only real tokens are written (padding is not): each row needs room for its own new tokens.
@@ -296,21 +297,36 @@ class PagedBatch:
         return k_all, v_all
 
     def _pool(self, layer: int, k_all: torch.Tensor, starts: list[int], new_lens: list[int]) -> None:
-        """Pool the kernels ending among each row's new tokens into the kernel-key pages."""
+        """Pool the kernels ending among each row's new tokens into the kernel-key pages: per store, one
+        gather and one mean over every row's new kernels (the indices are the same for every layer)."""
+        if self._pool_plan is None:
+            self._pool_plan = self._plan_pool(starts, new_lens, k_all.device)
+        for store, rows, tokens, page, slot in self._pool_plan:
+            store[layer][page, slot] = k_all[rows[:, None], tokens].mean(dim=1)  # as kernel_means
+
+    def _plan_pool(self, starts: list[int], new_lens: list[int], dev: torch.device) -> list[tuple]:
+        """Per kernel-key store with kernels to pool this step: (store, batch rows [P], token indices [P, size]
+        into the gathered keys, physical page [P], slot [P]). Kernels complete within a row's cached tokens
+        were pooled when their last token was written."""
         sc = self.cache.config.sparse_config
-        stores = [(self.cache.fine[layer], sc.kernel_size, sc.kernel_stride)]
+        stores = [(self.cache.fine, sc.kernel_size, sc.kernel_stride)]
         if self.cache.coarse is not None:
-            stores.append((self.cache.coarse[layer], sc.coarse_kernel_size, sc.coarse_kernel_stride))
-        for i, (s, n) in enumerate(zip(starts, new_lens)):
-            if n == 0:
-                continue
-            for store, size, stride in stores:
-                # Kernels complete within [0, s) were pooled when their last token was written.
+            stores.append((self.cache.coarse, sc.coarse_kernel_size, sc.coarse_kernel_stride))
+        plan = []
+        for store, size, stride in stores:
+            rows, js = [], []
+            for i, (s, n) in enumerate(zip(starts, new_lens)):
                 lo, hi = num_kernels(s, size, stride), num_kernels(s + n, size, stride)
-                if hi > lo:
-                    page, slot = kernel_page_slots(torch.arange(lo, hi, device=k_all.device), size, stride,
-                                                   self.cache.page_size)
-                    store[self.table[i, page], slot] = kernel_means(k_all[i, :s + n], size, stride, lo, hi)
+                rows += [i] * (hi - lo)
+                js += range(lo, hi)
+            if not js:
+                continue
+            r = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+            j = torch.tensor(js, dtype=torch.long).to(dev, non_blocking=True)
+            page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
+            tokens = j[:, None] * stride + torch.arange(size, device=dev)[None, :]
+            plan.append((store, r, tokens, self.table[r, page], slot))
+        return plan
 
     def advance(self, new_lens: torch.Tensor) -> None:
         for s, n in zip(self.seqs, new_lens.tolist()):
