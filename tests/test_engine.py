@@ -374,3 +374,36 @@ def test_prefill_pools_kernel_keys_of_every_row():
             f1, f2 = batch.compressed_keys(layer, i, len(p), sc)
             torch.testing.assert_close(f1, k1, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(f2, k2, rtol=1e-6, atol=1e-6)
+
+
+def test_warm_up_compiles_prefill_for_one_and_several_rows():
+    """warm_up with compile runs the fused prefill ops for one row and for several (dynamo specializes sizes
+    of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken."""
+    import torch._dynamo
+
+    class NoGraphs:  # the decode graphs' part needs CUDA; only the prefill part is exercised here
+        def warm_up(self):
+            pass
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())
+    cache = PagedKVCache(model.config, num_pages=80, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=512)
+    model.fuse_elementwise(backend="aot_eager")  # what compile=True turns on, without generating code
+    eng.graphs, eng.compile = NoGraphs(), True
+    torch._dynamo.reset()
+    free = cache.num_free
+    try:
+        eng.warm_up()
+        eng.graphs = None  # steps decode on the gathering path
+        assert cache.num_free == free
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert compiled > 0
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)  # prefill steps only
+        for group in (prompts(1, seed=8, lo=20, hi=40), prompts(3, seed=9, lo=20, hi=90)):
+            for i, p in enumerate(group):
+                eng.add_request(f"g{len(group)}-{i}", p, params)
+            assert len(eng.run_to_completion()) == len(group)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    finally:
+        model.fuse_elementwise(enabled=False)
+        torch._dynamo.reset()

@@ -113,6 +113,7 @@ class LLMEngine:
         if cuda_graphs:
             width = min(-(-self.context // cache.page_size), cache.num_pages)
             self.graphs = DecodeGraphs(model, cache, max_batch_size, width, compile=compile)
+        self.compile = compile
         if compile:
             model.fuse_elementwise()  # prefill's norms, RoPE and SiLU·up as fused kernels too
         # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
@@ -397,9 +398,28 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
         start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
-        seconds). Nothing to do without CUDA graphs."""
-        if self.graphs is not None:
-            self.graphs.warm_up()
+        seconds). With compile, also the fused prefill ops: dynamo specializes sizes of 1, so a one-row prefill
+        and a several-row prefill are separate compilations; both run here on throwaway pages. Nothing to do
+        without CUDA graphs."""
+        if self.graphs is None:
+            return
+        self.graphs.warm_up()
+        if not self.compile:
+            return
+        dev = self.model.device
+        with torch.inference_mode():
+            for rows in (1, 2):
+                seqs = [SeqPages() for _ in range(rows)]
+                try:
+                    for s in seqs:
+                        self.cache.reserve(s, 2)
+                    ids = torch.full((rows, 2), 3, dtype=torch.long, device=dev)
+                    self.model(ids, self.cache.batch(seqs), torch.full((rows,), 2, device=dev), last_only=True)
+                except OutOfPages:
+                    pass  # a cache too small to spare pages now: compiled on first use instead
+                finally:
+                    for s in seqs:
+                        self.cache.release(s)
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go
