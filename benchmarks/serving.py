@@ -21,6 +21,9 @@ Three rows, measured in one run:
   with text, as with a real tokenizer (the other rows' 1024-id tokenizer gives most ids no text).
   Needs fastapi, uvicorn and openai (`pip install --no-index --find-links .wheels/py312 fastapi uvicorn
   openai` where they are not installed).
+With --trace the offline workload runs once more (prompt ids shifted: no prefix hits), synchronized after every
+step, and the wall time is split into prefill steps and decode-only steps by batch size (printed, and kept in the
+offline row's JSON as `trace`).
 `speedup` is each row's output tokens/s over the batch-1 rate (TARGETS.md: >= 20x for offline.256).
 Prints a table and writes benchmarks/results/serving-<config>-<date>.json (serving-<config>-cpu-<date>.json
 on CPU). Off CUDA the KV cache is sized in tokens (--kv-cache-tokens; default: `host_kv_cache_tokens`).
