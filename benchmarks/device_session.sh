@@ -36,7 +36,7 @@ engine)
     ;;
 serving)
     wheels
-    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http 2>&1 | tail -8
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --trace 2>&1 | tail -20
     ;;
 *)
     echo "unknown stage $stage (tests, kernels, engine, serving)" >&2
