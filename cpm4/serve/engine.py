@@ -64,6 +64,11 @@ class _Request:
     finish_reason: str | None = None
 
 
+def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     """Serve generation requests from asyncio code; one worker thread owns the model."""
 
@@ -220,11 +225,20 @@ class AsyncEngine:
     # ----- worker side -----
 
     def _post(self, req: _Request, item: object) -> None:
-        # asyncio.Queue is not thread-safe: hand the item to the request's own loop.
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
-        except RuntimeError:  # that loop is closed: nobody is listening any more
-            pass
+        self._post_all([(req, item)])
+
+    @staticmethod
+    def _post_all(items: list[tuple[_Request, object]]) -> None:
+        """Hand items to their requests' queues, in order. asyncio.Queue is not thread-safe, so each event loop
+        gets one callback with all of its items: one wake-up of the loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for req, item in items:
+            by_loop.setdefault(req.loop, []).append((req.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
 
     def _finish(self, req: _Request, reason: str) -> None:
         """Record a request's end (caller holds the lock or is the worker)."""
@@ -303,16 +317,18 @@ class AsyncEngine:
                     sched = self._new_scheduler()
                 continue
             self.num_batches += 1
+            out: list[tuple[_Request, object]] = []
             for rid, d in deltas:
                 req = active.get(rid)
                 if req is None:
                     continue
-                self._post(req, d)
+                out.append((req, d))
                 if d.finish_reason is not None:
                     with self._cond:
                         self._finish(req, d.finish_reason)
-                    self._post(req, _END)
+                    out.append((req, _END))
                     del active[rid]
+            self._post_all(out)
 
     def _worker_loop(self) -> None:
         while (batch := self._next_batch()) is not None:
