@@ -157,13 +157,13 @@ def main() -> None:
         slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
         k_new, v_new = k[-1:].clone(), v[-1:].clone()
 
-        def sparse_step():  # as the engine runs it: store the token and pool its kernels, then the step
+        def sparse_step(**kw):  # as the engine runs it: the token stored inside the step's first kernel (new_kv)
+            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
+                                       new_kv=(k_new, v_new, slot), **kw)
+
+        def separate_store_step():  # the store and pooling as their own launch before the step
             append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
             return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale)
-
-        def fused_step():  # the store inside the step's first kernel (paged_sparse_decode's new_kv)
-            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
-                                       new_kv=(k_new, v_new, slot))
 
         q1d = q1.transpose(0, 1).unsqueeze(0)
         t_dec_dense_peer = bench(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True), rep=50)
@@ -206,23 +206,23 @@ def main() -> None:
                 floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
             row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
                 t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
-            # Variants not yet on the engine's path, each on its own (a failure loses only its row): the store
-            # fused into the LSE launch, and the paged attention loop with several pages per step.
+            # Variants beside the engine's path, each on its own (a failure loses only its row): the store as
+            # its own launch (the path before 2026-11-29), other pages per attention step, and, not yet on the
+            # engine's path, persistent arrival counters and programmatic dependent launches (Hopper).
             def variant(name, fn, floor=None):
                 try:
                     row(name, n, graphed(fn), t_peer_graph, **({"floor_ms": floor} if floor else {}))
                 except Exception as e:  # noqa: BLE001
                     print(f"{name} failed: {e!r}")
 
-            variant("decode.cuda_graph.fused_append", fused_step, sel_bytes / ceil["copy_TBps"] / 1e9)
-            for tp in (2, 4):
-                def tiled_step(tp=tp):
-                    append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
-                    return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
-                                               tile_pages=tp)
-                variant(f"decode.cuda_graph.tile{tp}", tiled_step)
+            variant("decode.cuda_graph.separate_store", separate_store_step)
+            for tp in (1, 4):
+                variant(f"decode.cuda_graph.tile{tp}", lambda tp=tp: sparse_step(tile_pages=tp))
                 variant(f"decode.dense_paged.cuda_graph.tile{tp}",
                         lambda tp=tp: paged_decode(q1, kc, vc, table, lens, tile_pages=tp))
+            variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
+            variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
+            variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)

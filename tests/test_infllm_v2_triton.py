@@ -397,7 +397,8 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
     return (k_new, v_new, slots), saved
 
 
-def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False):
+def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
+                        pdl=None, persistent_counters=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -417,7 +418,8 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     if fuse_append:  # the step stores the last token and its kernel keys itself (in the LSE launch)
         new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
-                                   return_selection=True, tile_pages=tile_pages, new_kv=new_kv)
+                                   return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
+                                   persistent_counters=persistent_counters)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -467,17 +469,36 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse):
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
+def test_interpreter_persistent_counters_are_left_zero():
+    """With persistent counters the kernels leave every arrival counter at zero, so the next call (here the
+    same check again, on the same buffer) starts from a clean state."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+
+    cfg = small_cfg("gen-b", dense_len=40)
+    for _ in range(2):
+        check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
+                            persistent_counters=True)
+        bufs = triton_decode._COUNTERS[torch.device("cpu")]
+        assert len(bufs) == 1 and not bufs[0].any()
+
+
 @gpu
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse", [(1, False), (2, False), (1, True)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse):
+@pytest.mark.parametrize("tile_pages,fuse,pdl", [(1, False, False), (2, False, False), (1, True, False),
+                                                 (2, True, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
-    agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
-                                       tile_pages=tile_pages, fuse_append=fuse)
-    assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
+    # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
+    for _ in range(2 if pdl else 1):
+        agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
+                                           tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
+                                           persistent_counters=pdl)
+        assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 
 @gpu

@@ -21,6 +21,8 @@ be captured in a CUDA graph):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -312,18 +314,24 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                   WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
                   DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr):
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
     overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
-    With SELECT, the last split to finish (arrival counter cnt[bi, g]) selects the blocks from all of them and
-    writes the attended list att[bi, g, :natt] (ascending; Gen-A adds its sliding window) and, with SAVE_SEL,
-    the selection sel[bi, g, :K] (-1 padded)."""
+    With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
+    selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
+    its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
+    programmatic dependent of the LSE kernel; only what existed before that kernel (lengths, q) is read
+    before waiting for it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     if sparse:
         q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         ss = tl.arange(0, LSE_PAD)
         parts = tl.load(lse_ptr + bi * stride_lb + h[:, None] * stride_lh + ss[None, :],
                         mask=hm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
@@ -369,6 +377,7 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                 tl.store(att_ptr + bi * stride_ab + g * stride_ah + tl.cumsum(attend.to(tl.int32), 0) - 1, bvec,
                          mask=attend)
                 tl.store(natt_ptr + bi * tl.num_programs(1) + g, tl.sum(attend.to(tl.int32), 0))
+                tl.store(cnt_ptr + bi * tl.num_programs(1) + g, 0)  # every split has arrived: reusable
 
 
 @triton.jit
@@ -378,16 +387,22 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                    stride_mh, stride_rb, stride_rh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr):
+                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
-    log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g]) merges them into out."""
+    log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
+    out. PDL: launched as a programmatic dependent of the kernel before it; lengths and q are read before
+    waiting for it, everything else after."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     qk_scale = sm_scale * 1.4426950408889634
     n_att = tl.cdiv(seq_len, PAGE)  # MODE 0 and dense rows: page i is block i
     listed = MODE == 1
@@ -465,6 +480,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                 res += tl.sum(o * tl.exp2(mc - mx[:, None])[:, :, None], 1)
             tl.store(out_rows, (res / tl.where(tot > 0, tot, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
                      mask=hm[:, None])
+            tl.store(cnt_ptr + bi * tl.num_programs(1) + g, 0)  # every split has arrived: reusable
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -488,9 +504,43 @@ def _default_splits(device: torch.device, programs: int, most: int) -> int:
 # 8K and are faster beyond (dense paged 128K 59 vs 68 µs, InfLLM v2 41 vs 42 µs); four are slower.
 TILE_PAGES = 2
 
+# Not yet measured on the GPU (benchmarks/attention.py rows decode.cuda_graph.persistent_counters / .pdl), so off:
+# - PERSISTENT_COUNTERS: the arrival counters of the score and attention kernels come from one zeroed buffer per
+#   device that the kernels leave at zero (the last split resets its counter), instead of a zero-fill node per
+#   step. Assumes one decode at a time per device (the engine's single stream).
+# - PDL: on Hopper and later, the score and attention kernels are launched as programmatic dependents of the
+#   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
+PERSISTENT_COUNTERS = False
+PDL = False
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _zeroed_counters(device: torch.device, shape: tuple[int, ...], persistent: bool | None = None) -> torch.Tensor:
+    """int32 zeros of `shape` for the kernels' arrival counters (see PERSISTENT_COUNTERS). Persistent buffers
+    are never freed: a captured CUDA graph keeps pointing at the one it was captured with."""
+    if not (PERSISTENT_COUNTERS if persistent is None else persistent):
+        return torch.zeros(shape, device=device, dtype=torch.int32)
+    n = math.prod(shape)
+    bufs = _COUNTERS.setdefault(device, [])
+    buf = next((b for b in bufs if b.numel() >= n), None)
+    if buf is None:
+        buf = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        bufs.append(buf)
+    return buf[:n].view(shape)
+
+
+def _use_pdl(device: torch.device, pdl: bool | None) -> bool:
+    on = PDL if pdl is None else pdl
+    return bool(on) and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    # Only passed when on: the launch option is unknown to Triton's CPU interpreter and to old Triton versions.
+    return {"launch_pdl": True} if pdl else {}
+
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None):
+            counters=None, tile_pages=None, pdl=False):
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
@@ -499,7 +549,7 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
     if splits > 1:
         o_part = torch.empty((b, hq, splits, d), device=q.device, dtype=torch.float32)
         m_part = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
-        counters = torch.zeros((b, hkv), device=q.device, dtype=torch.int32) if counters is None else counters
+        counters = _zeroed_counters(q.device, (b, hkv)) if counters is None else counters
     else:
         o_part = m_part = counters = out  # unused
     n_list = blk.shape[2] if mode == 1 else 0
@@ -515,7 +565,7 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
-        TILE_PAGES=tile_pages or TILE_PAGES, num_warps=4)
+        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
     return out
 
 
@@ -541,7 +591,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         seq_lens: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor | None, cfg: SparseConfig,
                         scale: float | None = None, splits: int | None = None,
                         return_selection: bool = False, tile_pages: int | None = None,
-                        new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                        new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                        pdl: bool | None = None, persistent_counters: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -550,7 +601,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`. No host synchronisation: graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters: see `PDL`, `PERSISTENT_COUNTERS` (None: those).
+    No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -560,17 +612,18 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     gen_b = cfg.variant == "gen-b" and coarse is not None
     norm, nsize, nstride = (coarse, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         fine, cfg.kernel_size, cfg.kernel_stride)
-    counters = torch.zeros((2, b, hkv), device=q.device, dtype=torch.int32)  # arrivals: selection, merge
+    counters = _zeroed_counters(q.device, (2, b, hkv), persistent_counters)  # arrivals: selection, merge
+    pdl = _use_pdl(q.device, pdl)
     append = None
     if new_kv is not None:
         append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
-    _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel)
+    _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl)
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
-                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages)
+                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl)
     return (out, sel) if return_selection else out
 
 
@@ -611,7 +664,7 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
     return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits)[0]
 
 
-def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None):
+def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False):
     """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
     int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
@@ -640,5 +693,5 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
         SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
         DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
         K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
-        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, num_warps=4)
+        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
     return scores, att, natt
