@@ -158,6 +158,10 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc, monkeypatch):
                     compile=graphs == "compile", async_output=str(graphs).startswith("async"))
     assert (eng.graphs is not None and eng.graphs._staging is not None) == (graphs == "async-pinned")
     assert eng.paged_decode and (eng.graphs is not None) == bool(graphs)
+    if graphs == "compile":  # every bucket and the fused prefill ops compiled up front, no page kept
+        free = cache.num_free
+        eng.warm_up()
+        assert cache.num_free == free
     ps = prompts(6, seed=4, lo=20, hi=150)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for i, p in enumerate(ps):
