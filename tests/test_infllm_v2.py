@@ -105,6 +105,47 @@ def test_reference_matches_brute_force(variant, T, hq, hkv, tq):
     assert len(sel[(0, q.shape[0] - 1)]) < p_last // cfg.block_size + 1
 
 
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("T,hq,hkv,tq", [(150, 4, 2, None), (203, 4, 1, None), (177, 2, 2, 1), (130, 6, 2, 5)])
+def test_cpu_stage4_equals_reference(variant, T, hq, hkv, tq, monkeypatch):
+    """`sparse_attention` off the GPU (the reference's selection, `cpu.block_sparse_attention` as stage 4, query
+    chunks smaller than the sequence) equals the gathering reference and the brute force in float64."""
+    from cpm4.kernels.infllm_v2 import cpu
+
+    monkeypatch.setattr(cpu, "CHUNK", 16)
+    cfg = cfg_small(variant)
+    q, k, v = rand_qkv(T, hq, hkv, 8, tq)
+    out = sparse_attention(q, k, v, cfg)
+    torch.testing.assert_close(out, infllm_v2_attention(q, k, v, cfg), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, brute_force(q, k, v, cfg)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_stage4_edge_rows_and_gradients(monkeypatch):
+    """Stage 4 off the GPU on explicit block lists: a query that sees no token gives 0 (as the reference),
+    blocks past the sequence and the causal cut inside the query's block are masked, and the gradients equal
+    the reference's."""
+    from cpm4.kernels.infllm_v2 import cpu, reference
+
+    monkeypatch.setattr(cpu, "FEW", 0)  # three queries: the union path, not the reference's gather
+    g = torch.Generator().manual_seed(3)
+    tk, hq, hkv, d, bs = 70, 4, 2, 8, 16
+    q = torch.randn(3, hq, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(tk, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(tk, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([5, 40, 69])
+    blocks = torch.tensor([[[-1, -1, -1], [0, 2, -1], [1, 3, 4]],   # KV head 0: the first query sees nothing
+                           [[0, -1, -1], [2, -1, -1], [0, 4, -1]]])  # block 2 holds query 1's causal cut
+    ours = cpu.block_sparse_attention(q, k, v, blocks, pos, bs, 0.3)
+    ref, _ = reference.block_sparse_attention(q, k, v, blocks, pos, bs, 0.3)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert (ours[0, :2] == 0).all() and ours[0, 2:].abs().sum() > 0
+    w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_selection_is_shared_by_gqa_group_and_sorted():
     cfg = cfg_small()
     q, k, v = rand_qkv(160, 8, 2, 8)

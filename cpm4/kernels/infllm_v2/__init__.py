@@ -1,7 +1,8 @@
 """InfLLM v2 sparse attention: one entry point for the model code.
 
-`sparse_attention` runs the Triton kernels on CUDA tensors in fp16/bf16 and the plain-PyTorch reference
-everywhere else (CPU, float32/float64): the reference is the definition the kernels are tested against.
+`sparse_attention` runs the Triton kernels on CUDA tensors in fp16/bf16 and plain PyTorch everywhere else (CPU,
+float32/float64): the reference's stages 1-3 with `cpu.block_sparse_attention` as stage 4. The reference is the
+definition the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from cpm4.model.config import SparseConfig
 
+from . import cpu
 from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
@@ -59,7 +61,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spa
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if uses_triton(q):
         return triton_pipeline(q, k, v, cfg, scale, k1, k2)
-    return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2)
+    return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2, attend=cpu.block_sparse_attention)
 
 
 def make_opaque_to_compile() -> None:

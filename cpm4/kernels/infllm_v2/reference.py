@@ -207,12 +207,14 @@ def _gather_attention(q, k, v, blocks, q_pos, block_size, scale):
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                         scale: float | None = None, k1: torch.Tensor | None = None,
                         k2: torch.Tensor | None = None, return_blocks: bool = False,
-                        chunk: int = QUERY_CHUNK):
+                        chunk: int = QUERY_CHUNK, attend=None):
     """InfLLM v2 attention of the last Tq tokens over the whole sequence -> out [Tq, hq, d].
 
     `k1`/`k2` are the sequence's semantic-kernel keys when a cache already holds them (decode); they
     must equal `compress_keys(k, cfg)` (at least the kernels the queries can see).
     With return_blocks, also returns the selected block indices [hkv, Tq, K].
+    `attend`: another stage 4 with `block_sparse_attention`'s arguments returning the output only
+    (`cpu.block_sparse_attention`); default this module's.
     """
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
@@ -229,7 +231,11 @@ def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: 
         qc, pos = q[i:i + chunk], q_pos_all[i:i + chunk]
         scores = block_scores(qc, k1, k2, pos, cfg, scale)
         idx = select_blocks(scores, pos, cfg)
-        out, _ = block_sparse_attention(qc, k, v, attended_blocks(idx, pos, cfg), pos, cfg.block_size, scale)
+        blocks = attended_blocks(idx, pos, cfg)
+        if attend is None:
+            out, _ = block_sparse_attention(qc, k, v, blocks, pos, cfg.block_size, scale)
+        else:
+            out = attend(qc, k, v, blocks, pos, cfg.block_size, scale)
         outs.append(out)
         if return_blocks:
             sel.append(idx)

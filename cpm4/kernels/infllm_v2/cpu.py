@@ -1,0 +1,50 @@
+"""InfLLM v2's stage 4 off the GPU: per KV head, over the union of the blocks a chunk of queries attends to, as
+one masked matrix product, instead of gathering every query's own copy of its blocks (the reference's
+definition: [hkv, Tq, nsel * block, d] per chunk, hundreds of MB and most of a CPU prefill's time). Same function
+as `reference.block_sparse_attention` up to summation order; differentiable. `sparse_attention` runs the
+reference's stages 1-3 with this stage 4 (`reference.infllm_v2_attention(attend=...)`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cpm4.numerics import upcast
+
+from . import reference
+
+# Queries per chunk: bounds the [g, chunk, union * block] score matrix of one KV head.
+CHUNK = 256
+# Up to this many queries (decode steps) the reference's gather is as fast: no union or mask to build
+# (benchmarks/cpu_sparse.py: decode at 1-4K tokens 0.8-1.0x with the union).
+FEW = 4
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                           q_pos: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """`reference.block_sparse_attention`'s output: q [Tq, hq, d], k/v [Tk, hkv, d], blocks [hkv, Tq, nsel]
+    (-1 unused), q_pos [Tq] -> [Tq, hq, d] in q's dtype (0 for a query that sees no token)."""
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if tq <= FEW:
+        return reference.block_sparse_attention(q, k, v, blocks, q_pos, block_size, scale)[0]
+    g = hq // hkv
+    qf, kf, vf = upcast(q), upcast(k), upcast(v)
+    out = torch.empty(tq, hkv, g, d, dtype=qf.dtype, device=q.device)
+    offs = torch.arange(block_size, device=q.device)
+    for h in range(hkv):
+        for i in range(0, tq, CHUNK):
+            blk, pos = blocks[h, i:i + CHUNK], q_pos[i:i + CHUNK]  # [c, nsel], [c]
+            union = torch.unique(blk[blk >= 0])  # ascending
+            tok = (union[:, None] * block_size + offs).flatten()  # [u * block]
+            chosen = (blk[:, :, None] == union[None, None, :]).any(1)  # [c, u]: block u attended by query
+            allowed = chosen.repeat_interleave(block_size, 1) & (tok[None, :] <= pos[:, None]) & (tok < tk)
+            tok = tok.clamp_max(tk - 1)
+            seen = allowed.any(1, keepdim=True)  # a query that sees no token: output 0, as the reference's
+            allowed = allowed | ~seen  # (its row unmasked so the softmax stays finite, then zeroed)
+            o = F.scaled_dot_product_attention(qf[i:i + CHUNK, h * g:(h + 1) * g].transpose(0, 1),
+                                               kf[tok, h][None], vf[tok, h][None], attn_mask=allowed[None],
+                                               scale=scale)  # [g, c, d]
+            out[i:i + CHUNK, h] = (o * seen[None]).transpose(0, 1)
+    return out.reshape(tq, hq, d).to(q.dtype)
