@@ -247,7 +247,7 @@ class PagedBatch:
         width = max([len(s.pages) for s in seqs] + [1])
         self.table = cache.block_table(seqs, width).to(dev, torch.long)
         self._gathered: dict[int, torch.Tensor] = {}
-        self._slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._slots: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int]] | None = None
         self._pool_plan: list[tuple] | None = None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
@@ -265,9 +265,10 @@ class PagedBatch:
         return torch.gather(self.table[rows], 1, page_idx) * ps + positions % ps
 
     def _plan(self, starts: torch.Tensor, new_lens: torch.Tensor, t: int, dev: torch.device):
-        """(slots of the real new tokens, their flat indices in the [B * T] new tokens, slots of every row's
-        keys up to the longest end); the same for every layer of a step, so computed once, with the lengths
-        read on the host once (a boolean-mask index per layer would wait for the GPU every layer)."""
+        """(slots of the real new tokens, their flat indices in the [B * T] new tokens, (pages [B, n] holding
+        every row's keys up to the longest end, that end)); the same for every layer of a step, so computed
+        once, with the lengths read on the host once (a boolean-mask index per layer would wait for the GPU
+        every layer)."""
         if self._slots is None:
             b = len(self.seqs)
             self._host = (starts.tolist(), new_lens.tolist())
@@ -277,8 +278,8 @@ class PagedBatch:
             pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
             new_slots = self._slot_of(pos, rows).view(-1)[real]
             end = max(self._host[0]) + t
-            all_pos = torch.arange(end, device=dev)[None, :].expand(b, -1)
-            self._slots = (new_slots, real, self._slot_of(all_pos, rows))
+            pages = self.table[:, :-(-end // self.cache.page_size)]  # rows past their pages: the scratch page
+            self._slots = (new_slots, real, (pages, end))
         return self._slots
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor
@@ -287,10 +288,12 @@ class PagedBatch:
         and values up to the longest end, contiguous (padding reads valid slots, never used)."""
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
-        new_slots, real, all_slots = self._plan(starts, new_lens, k.shape[1], k.device)
+        new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device)
         kc[new_slots] = k.flatten(0, 1)[real]
         vc[new_slots] = v.flatten(0, 1)[real]
-        k_all, v_all = kc[all_slots], vc[all_slots]
+        # Whole pages gathered (contiguous page-size runs, not one index per token), cut at the longest end.
+        k_all = self.cache.k[layer][pages].flatten(1, 2)[:, :end]
+        v_all = self.cache.v[layer][pages].flatten(1, 2)[:, :end]
         self._gathered[layer] = k_all
         if self.cache.fine is not None:
             self._pool(layer, k_all, *self._host)
