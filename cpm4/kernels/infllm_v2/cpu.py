@@ -43,8 +43,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             tok = tok.clamp_max(tk - 1)
             seen = allowed.any(1, keepdim=True)  # a query that sees no token: output 0, as the reference's
             allowed = allowed | ~seen  # (its row unmasked so the softmax stays finite, then zeroed)
-            o = F.scaled_dot_product_attention(qf[i:i + CHUNK, h * g:(h + 1) * g].transpose(0, 1),
-                                               kf[tok, h][None], vf[tok, h][None], attn_mask=allowed[None],
-                                               scale=scale)  # [g, c, d]
+            kh, vh = (x[tok, h].expand(g, -1, -1) for x in (kf, vf))  # the group's heads share them
+            o = F.scaled_dot_product_attention(qf[i:i + CHUNK, h * g:(h + 1) * g].transpose(0, 1), kh, vh,
+                                               attn_mask=allowed[None], scale=scale)  # [g, c, d]
             out[i:i + CHUNK, h] = (o * seen[None]).transpose(0, 1)
     return out.reshape(tq, hq, d).to(q.dtype)
