@@ -320,18 +320,19 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
     With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
     selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
     its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
-    programmatic dependent of the LSE kernel; only what existed before that kernel (lengths, q) is read
-    before waiting for it."""
+    programmatic dependent of the LSE kernel; only the lengths are read before waiting for it."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
+    if PDL:
+        # Every program waits, dense rows too: the attention kernel after this one waits only for this one,
+        # and reads what the LSE kernel stored (the new token).
+        tl.extra.cuda.gdc_wait()
     if sparse:
         q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         ss = tl.arange(0, LSE_PAD)
         parts = tl.load(lse_ptr + bi * stride_lb + h[:, None] * stride_lh + ss[None, :],
                         mask=hm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
