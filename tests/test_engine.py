@@ -411,3 +411,29 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
     finally:
         model.fuse_elementwise(enabled=False)
         torch._dynamo.reset()
+
+
+def test_lone_sequence_reads_its_pages_in_place():
+    """Pages come back in ascending order after a release, so a lone sequence's pages are consecutive and a
+    step reads its keys as a view of the cache (no gather); a batch of two gathers them. Same values."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16)
+    first, _ = cache.new_sequence([5] * 70)
+    cache.reserve(first, 70)
+    cache.release(first)
+    a, _ = cache.new_sequence([6] * 50)
+    cache.reserve(a, 50)
+    assert a.pages == list(range(a.pages[0], a.pages[0] + 4))
+    k, v = torch.randn(2, 1, 50, 2, model.config.dim_head).unbind(0)
+    zero = torch.zeros(1, dtype=torch.long)
+    k_all, v_all = cache.batch([a]).write(0, k, v, zero, torch.tensor([50]))
+    assert k_all.untyped_storage().data_ptr() == cache.k[0].untyped_storage().data_ptr()  # a view
+    assert torch.equal(k_all[0], k[0]) and torch.equal(v_all[0], v[0])
+    b, _ = cache.new_sequence([7] * 20)
+    cache.reserve(b, 20)
+    k2, v2 = torch.randn(2, 1, 20, 2, model.config.dim_head).unbind(0)
+    pair = cache.batch([a, b])
+    a.length = 50  # a's tokens are cached; b writes its first 20
+    k_all, _ = pair.write(0, torch.cat([k2, k2]), torch.cat([v2, v2]), torch.tensor([50, 0]), torch.tensor([0, 20]))
+    assert k_all.untyped_storage().data_ptr() != cache.k[0].untyped_storage().data_ptr()  # gathered
+    assert torch.equal(k_all[0, :50], k[0]) and torch.equal(k_all[1, :20], k2[0])

@@ -211,7 +211,9 @@ class PagedKVCache:
                 self.refs[seq.pages[i]] += 1
 
     def release(self, seq: SeqPages) -> None:
-        for p in seq.pages:
+        # Last page first: the free list hands pages out last-in first-out, so the next sequence gets these
+        # back in ascending order, consecutive when they were (a lone sequence's keys are then a view).
+        for p in reversed(seq.pages):
             self._release(p)
         seq.pages.clear()
         seq.length = 0
@@ -246,8 +248,7 @@ class PagedBatch:
         self.lens = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
         width = max([len(s.pages) for s in seqs] + [1])
         self.table = cache.block_table(seqs, width).to(dev, torch.long)
-        self._gathered: dict[int, torch.Tensor] = {}
-        self._slots: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int]] | None = None
+        self._slots: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
@@ -278,7 +279,12 @@ class PagedBatch:
             pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
             new_slots = self._slot_of(pos, rows).view(-1)[real]
             end = max(self._host[0]) + t
-            pages = self.table[:, :-(-end // self.cache.page_size)]  # rows past their pages: the scratch page
+            n = -(-end // self.cache.page_size)
+            first = self.seqs[0].pages[0] if b == 1 and self.seqs[0].pages else -1
+            if b == 1 and self.seqs[0].pages[:n] == list(range(first, first + n)):
+                pages = slice(first, first + n)  # one sequence on consecutive pages: a view, no gather
+            else:
+                pages = self.table[:, :n]  # rows past their pages read the scratch page
             self._slots = (new_slots, real, (pages, end))
         return self._slots
 
@@ -292,9 +298,12 @@ class PagedBatch:
         kc[new_slots] = k.flatten(0, 1)[real]
         vc[new_slots] = v.flatten(0, 1)[real]
         # Whole pages gathered (contiguous page-size runs, not one index per token), cut at the longest end.
-        k_all = self.cache.k[layer][pages].flatten(1, 2)[:, :end]
-        v_all = self.cache.v[layer][pages].flatten(1, 2)[:, :end]
-        self._gathered[layer] = k_all
+        if isinstance(pages, slice):
+            k_all = self.cache.k[layer][pages].flatten(0, 1)[None, :end]
+            v_all = self.cache.v[layer][pages].flatten(0, 1)[None, :end]
+        else:
+            k_all = self.cache.k[layer][pages].flatten(1, 2)[:, :end]
+            v_all = self.cache.v[layer][pages].flatten(1, 2)[:, :end]
         if self.cache.fine is not None:
             self._pool(layer, k_all, *self._host)
         return k_all, v_all
