@@ -132,6 +132,11 @@ def _lp(x: float) -> float:
 
 async def _merge(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncIterator[tuple[int, StreamDelta]]:
     """Interleave several engine streams as (stream index, delta). Closing this closes (aborts) them all."""
+    if len(streams) == 1:  # the usual n=1 request: no pump task and queue hop per token
+        async with contextlib.aclosing(streams[0]) as s:
+            async for d in s:
+                yield 0, d
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
