@@ -280,9 +280,9 @@ class PagedBatch:
             new_slots = self._slot_of(pos, rows).view(-1)[real]
             end = max(self._host[0]) + t
             n = -(-end // self.cache.page_size)
-            first = self.seqs[0].pages[0] if b == 1 and self.seqs[0].pages else -1
-            if b == 1 and self.seqs[0].pages[:n] == list(range(first, first + n)):
-                pages = slice(first, first + n)  # one sequence on consecutive pages: a view, no gather
+            own = self.seqs[0].pages[:n] if b == 1 else []
+            if own and own == list(range(own[0], own[0] + n)):
+                pages = slice(own[0], own[0] + n)  # one sequence on consecutive pages: a view, no gather
             else:
                 pages = self.table[:, :n]  # rows past their pages read the scratch page
             self._slots = (new_slots, real, (pages, end))
