@@ -52,3 +52,72 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
         cuda_graph.PINNED_INPUTS = True
     return args
+
+
+class RunWatch:
+    """What else ran inside a `with` block: Triton JIT compiles (by kernel name, through Triton's post-compile
+    hook where this Triton has one), dynamo graphs compiled, and the garbage collector's pauses. A timed run
+    that compiles or collects for long is measuring those."""
+
+    def __init__(self) -> None:
+        self.triton: dict[str, int] = {}
+        self.dynamo_graphs = 0
+        self.gc_ms: list[float] = []  # one per collection of the oldest generation
+        self.gc_young_ms = 0.0
+
+    def _gc(self, phase: str, info: dict) -> None:
+        import time
+
+        if phase == "start":
+            self._gc_t = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_t) * 1000
+        if info.get("generation") == 2:
+            self.gc_ms.append(round(ms, 1))
+        else:
+            self.gc_young_ms += ms
+
+    def _hook(self, *args, **kwargs) -> None:
+        fn = kwargs.get("fn")
+        name = getattr(getattr(fn, "fn", fn), "__qualname__", None) or str(kwargs.get("repr", "?")).split("[")[0]
+        self.triton[name] = self.triton.get(name, 0) + 1
+
+    def __enter__(self) -> RunWatch:
+        import gc
+
+        import torch._dynamo.utils as dyn
+
+        gc.callbacks.append(self._gc)
+
+        self._graphs0 = dyn.counters["stats"]["unique_graphs"]
+        self._knobs = None
+        try:
+            from triton import knobs
+
+            self._knobs, self._prev = knobs.runtime, knobs.runtime.jit_post_compile_hook
+            prev = self._prev
+
+            def hook(*args, **kwargs):
+                self._hook(*args, **kwargs)
+                return prev(*args, **kwargs) if prev else None
+
+            knobs.runtime.jit_post_compile_hook = hook
+        except (ImportError, AttributeError):
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        import torch._dynamo.utils as dyn
+
+        gc.callbacks.remove(self._gc)
+
+        self.dynamo_graphs = dyn.counters["stats"]["unique_graphs"] - self._graphs0
+        if self._knobs is not None:
+            self._knobs.jit_post_compile_hook = self._prev
+
+    def summary(self) -> dict:
+        return {"triton_kernels": sum(self.triton.values()), "triton_by_name": dict(self.triton),
+                "dynamo_graphs": self.dynamo_graphs, "gc_full_ms": self.gc_ms,
+                "gc_young_ms": round(self.gc_young_ms, 1)}

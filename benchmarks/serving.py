@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, parse_engine_args, write_json  # noqa: E402
+from common import RunWatch, covering_tokenizer, parse_engine_args, write_json  # noqa: E402
 
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -73,8 +73,10 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[float, int]:
-    """Submit all requests, step until done: (seconds, output tokens)."""
+def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
+               slow: list[float] | None = None) -> tuple[float, int]:
+    """Submit all requests, step until done: (seconds, output tokens). `slow` collects the host time (ms) of
+    the steps that took over 100 ms on the host (no sync added: compiles and stalls show, GPU time may not)."""
     dev = eng.model.device
     sync(dev)
     t = time.perf_counter()
@@ -82,8 +84,11 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> 
         eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
     n = 0
     while eng.has_work():
+        t0 = time.perf_counter()
         for _, d in eng.step():
             n += len(d.token_ids)
+        if slow is not None and (ms := (time.perf_counter() - t0) * 1000) > 100:
+            slow.append(round(ms, 1))
     sync(dev)
     return time.perf_counter() - t, n
 
@@ -208,6 +213,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
+    ap.add_argument("--offline-only", action="store_true", help="only the decode.batch1 and offline rows")
     ap.add_argument("--out", default="benchmarks/results")
     args = parse_engine_args(ap)
     dev = torch.device(args.device)
@@ -271,8 +277,12 @@ def main() -> None:
                     compile=args.compile, async_output=args.async_output, stream_text=False)
     eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
-    t, n = run_engine(eng, list(zip(reqs, params)))
-    row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted,
+    slow: list[float] = []
+    with RunWatch() as watch:
+        t, n = run_engine(eng, list(zip(reqs, params)), slow)
+    print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}", flush=True)
+    row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
+        slow_host_steps_ms=slow,
         note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
              "(Qwen3-0.6B, RTX 4070 Laptop)")
     if args.trace:
@@ -283,36 +293,37 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    # The server's engine with concurrent streaming clients.
-    rnd = random.Random(2)
-    creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
-              SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
-             for _ in range(args.clients)]
-    aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
-                       kv_cache_tokens=args.kv_cache_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
-                       compile=args.compile, async_output=args.async_output)
-    try:
-        asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
-        m = asyncio.run(run_clients(aeng, creqs))
-    finally:
-        aeng.shutdown()
-    row(f"server.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
-        mean_tbt_ms=round(m["tbt_ms"], 2))
-    del aeng
+    if not args.offline_only:
+        # The server's engine with concurrent streaming clients.
+        rnd = random.Random(2)
+        creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
+                  SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
+                 for _ in range(args.clients)]
+        aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
+                           kv_cache_tokens=args.kv_cache_tokens,
+                           gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
+                           compile=args.compile, async_output=args.async_output)
+        try:
+            asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
+            m = asyncio.run(run_clients(aeng, creqs))
+        finally:
+            aeng.shutdown()
+        row(f"server.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
+            mean_tbt_ms=round(m["tbt_ms"], 2))
+        del aeng
 
-    # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
-    if args.http:
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        m = http_row(args, model, tok, creqs, dev)
-        row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
-            mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
-            text_chunks=m["text_chunks"],
-            note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
-                 f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
-                 "tokens from usage; TTFT to the first text chunk")
+        # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
+        if args.http:
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            m = http_row(args, model, tok, creqs, dev)
+            row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
+                mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
+                text_chunks=m["text_chunks"],
+                note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
+                     f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
+                     "tokens from usage; TTFT to the first text chunk")
 
     name = device_name(dev)
     dname = "bf16" if dtype == torch.bfloat16 else "fp32"

@@ -382,7 +382,10 @@ def test_prefill_pools_kernel_keys_of_every_row():
 
 def test_warm_up_compiles_prefill_for_one_and_several_rows():
     """warm_up with compile runs the fused prefill ops for one row and for several (dynamo specializes sizes
-    of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken."""
+    of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken. The
+    compiler's objects end up frozen, out of the garbage collector's full collections."""
+    import gc
+
     import torch._dynamo
 
     class NoGraphs:  # the decode graphs' part needs CUDA; only the prefill part is exercised here
@@ -396,8 +399,10 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
     eng.graphs, eng.compile = NoGraphs(), True
     torch._dynamo.reset()
     free = cache.num_free
+    frozen = gc.get_freeze_count()
     try:
         eng.warm_up()
+        assert gc.get_freeze_count() > frozen
         eng.graphs = None  # steps decode on the gathering path
         assert cache.num_free == free
         compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -409,6 +414,7 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
             assert len(eng.run_to_completion()) == len(group)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
         model.fuse_elementwise(enabled=False)
         torch._dynamo.reset()
 
