@@ -64,6 +64,7 @@ class RunWatch:
         self.dynamo_graphs = 0
         self.gc_ms: list[float] = []  # one per collection of the oldest generation
         self.gc_young_ms = 0.0
+        self.cuda_alloc: dict[str, int] = {}
 
     def _gc(self, phase: str, info: dict) -> None:
         import time
@@ -88,6 +89,7 @@ class RunWatch:
         import torch._dynamo.utils as dyn
 
         gc.callbacks.append(self._gc)
+        self._mem0 = self._mem()
 
         self._graphs0 = dyn.counters["stats"]["unique_graphs"]
         self._knobs = None
@@ -112,12 +114,25 @@ class RunWatch:
         import torch._dynamo.utils as dyn
 
         gc.callbacks.remove(self._gc)
+        mem = self._mem()
+        self.cuda_alloc = {k: mem[k] - self._mem0.get(k, 0) for k in mem}
 
         self.dynamo_graphs = dyn.counters["stats"]["unique_graphs"] - self._graphs0
         if self._knobs is not None:
             self._knobs.jit_post_compile_hook = self._prev
 
+    @staticmethod
+    def _mem() -> dict[str, int]:
+        """The CUDA caching allocator's counters that mean waiting: device allocations and frees (cudaMalloc /
+        cudaFree), and retries after a failed allocation (every cached block freed, the device synchronized)."""
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return {}
+        st = torch.cuda.memory_stats()
+        return {k: int(st.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
     def summary(self) -> dict:
         return {"triton_kernels": sum(self.triton.values()), "triton_by_name": dict(self.triton),
                 "dynamo_graphs": self.dynamo_graphs, "gc_full_ms": self.gc_ms,
-                "gc_young_ms": round(self.gc_young_ms, 1)}
+                "gc_young_ms": round(self.gc_young_ms, 1), "cuda_alloc": self.cuda_alloc}

@@ -4,7 +4,10 @@
 #   bash benchmarks/device_session.sh tests     # GPU tests of the kernels, engine, model and guided decoding
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
-#   bash benchmarks/device_session.sh serving   # nano-vllm workload, server and HTTP rows (needs the py3.12 wheels)
+#   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
+#   bash benchmarks/device_session.sh http      # the HTTP row alone (carry .wheels/py312)
+#   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
+#                                               # with what ran inside the timed run (compiles, GC, cudaMalloc)
 #
 # JSON results land in benchmarks/results and, on the device, under $OUT. Each command has its own time limit so
 # one slow step cannot eat the whole call.
@@ -35,11 +38,19 @@ engine)
         --steps 8 --top 20 2>&1 | head -40
     ;;
 serving)
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --trace 2>&1 | tail -22
+    ;;
+http)  # carry .wheels/py312
     wheels
-    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --trace 2>&1 | tail -20
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        2>&1 | tail -8
+    ;;
+diag)
+    timeout 120 "$PY" benchmarks/sdpa_shapes.py --config minicpm4-0.5b 2>&1 | tail -10
+    timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, kernels, engine, serving)" >&2
+    echo "unknown stage $stage (tests, kernels, engine, serving, http, diag)" >&2
     exit 2
     ;;
 esac

@@ -3,7 +3,7 @@
     python benchmarks/serving.py --config minicpm4-0.5b [--http]
     python benchmarks/serving.py --config tiny --device cpu --http --requests 16 --clients 8   # float32, CPU
 
-Three rows, measured in one run:
+The rows, measured in one run:
 - `decode.batch1`: one request (512-token prompt, 256 outputs) alone: output tokens/s at batch 1;
 - `offline.256`: nano-vllm's benchmark (bench.py): 256 requests, prompts and outputs of 100-1024 tokens drawn
   with seed 0, temperature 0.6, ignore_eos, all submitted at once to `LLMEngine` (paged KV cache sized by
@@ -23,7 +23,10 @@ Three rows, measured in one run:
   openai` where they are not installed).
 With --trace the offline workload runs once more (prompt ids shifted: no prefix hits), synchronized after every
 step, and the wall time is split into prefill steps and decode-only steps by batch size (printed, and kept in the
-offline row's JSON as `trace`).
+offline row's JSON as `trace`). `--skip offline` / `--skip server` leave those rows out (one device call
+cannot hold all of them with compile). The offline row also records what ran inside its timed run besides
+the workload (`during_run`: Triton and dynamo compiles, garbage-collector pauses, cudaMalloc/cudaFree and
+allocation retries) and its steps that took over 100 ms on the host, with the prefill shapes they ran.
 `speedup` is each row's output tokens/s over the batch-1 rate (TARGETS.md: >= 20x for offline.256).
 Prints a table and writes benchmarks/results/serving-<config>-<date>.json (serving-<config>-cpu-<date>.json
 on CPU). Off CUDA the KV cache is sized in tokens (--kv-cache-tokens; default: `host_kv_cache_tokens`).
@@ -74,23 +77,40 @@ def device_name(dev: torch.device) -> str:
 
 
 def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
-               slow: list[float] | None = None) -> tuple[float, int]:
-    """Submit all requests, step until done: (seconds, output tokens). `slow` collects the host time (ms) of
-    the steps that took over 100 ms on the host (no sync added: compiles and stalls show, GPU time may not)."""
+               slow: list[dict] | None = None) -> tuple[float, int]:
+    """Submit all requests, step until done: (seconds, output tokens). `slow` collects the steps that took
+    over 100 ms on the host (no sync added: compiles and stalls show, GPU time may not): their host ms, step
+    number and the shapes of the prefill forwards they ran."""
     dev = eng.model.device
-    sync(dev)
-    t = time.perf_counter()
-    for i, (p, sp) in enumerate(reqs):
-        eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
-    n = 0
-    while eng.has_work():
-        t0 = time.perf_counter()
-        for _, d in eng.step():
-            n += len(d.token_ids)
-        if slow is not None and (ms := (time.perf_counter() - t0) * 1000) > 100:
-            slow.append(round(ms, 1))
-    sync(dev)
-    return time.perf_counter() - t, n
+    shapes: list[tuple[int, int, int]] = []
+    if slow is not None:
+        forward = eng._forward
+
+        def probe(group):  # (rows, padded length, real tokens) of each multi-token forward
+            if any(k > 1 for _, k in group):
+                shapes.append((len(group), max(k for _, k in group), sum(k for _, k in group)))
+            return forward(group)
+
+        eng._forward = probe
+    try:
+        sync(dev)
+        t = time.perf_counter()
+        for i, (p, sp) in enumerate(reqs):
+            eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
+        n = steps = 0
+        while eng.has_work():
+            t0 = time.perf_counter()
+            for _, d in eng.step():
+                n += len(d.token_ids)
+            if slow is not None and (ms := (time.perf_counter() - t0) * 1000) > 100:
+                slow.append({"ms": round(ms, 1), "step": steps, "prefill_forwards": list(shapes)})
+            shapes.clear()
+            steps += 1
+        sync(dev)
+        return time.perf_counter() - t, n
+    finally:
+        if slow is not None:
+            del eng._forward
 
 
 def traced_run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict:
@@ -192,6 +212,31 @@ def http_row(args, model, tok, creqs, dev) -> dict:
             "text_chunks": sum(r["text_chunks"] for r in res), "openai_version": rep["openai_version"]}
 
 
+def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, row, rows: list[dict]) -> None:
+    """The `offline.<requests>` row: nano-vllm's bench.py workload through one `LLMEngine` (and, with --trace,
+    the same workload again with a sync after every step)."""
+    rnd = random.Random(0)
+    reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
+              for _ in range(args.requests)]
+    # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
+    eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
+                    compile=args.compile, async_output=args.async_output, stream_text=False)
+    eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
+    run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
+    slow: list[dict] = []
+    with RunWatch() as watch:
+        t, n = run_engine(eng, list(zip(reqs, params)), slow)
+    print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}", flush=True)
+    row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
+        slow_host_steps=slow,
+        note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
+             "(Qwen3-0.6B, RTX 4070 Laptop)")
+    if args.trace:
+        # Other prompts (ids shifted by one): the timed run's pages are in the prefix cache.
+        rows[-1]["trace"] = traced_run(eng, [([(t + 1) % (hi + 1) for t in r], sp) for r, sp in zip(reqs, params)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="minicpm4-0.5b")
@@ -213,7 +258,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
-    ap.add_argument("--offline-only", action="store_true", help="only the decode.batch1 and offline rows")
+    ap.add_argument("--skip", action="append", default=[], choices=["offline", "server"],
+                    help="leave out the offline.<requests> or the server.<clients> row (repeatable)")
     ap.add_argument("--out", default="benchmarks/results")
     args = parse_engine_args(ap)
     dev = torch.device(args.device)
@@ -267,38 +313,18 @@ def main() -> None:
     base = row("decode.batch1", t - t1, n - 1, seqlen_note="512-token prompt, 256 decode steps (prefill subtracted)")
     del eng1
 
-    # nano-vllm's bench.py workload.
-    rnd = random.Random(0)
-    reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
-              for _ in range(args.requests)]
-    # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
-    eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
-                    compile=args.compile, async_output=args.async_output, stream_text=False)
-    eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
-    run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
-    slow: list[float] = []
-    with RunWatch() as watch:
-        t, n = run_engine(eng, list(zip(reqs, params)), slow)
-    print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}", flush=True)
-    row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
-        slow_host_steps_ms=slow,
-        note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
-             "(Qwen3-0.6B, RTX 4070 Laptop)")
-    if args.trace:
-        # Other prompts (ids shifted by one): the timed run's pages are in the prefix cache.
-        rows[-1]["trace"] = traced_run(eng, [([(t + 1) % (hi + 1) for t in r], sp) for r, sp in zip(reqs, params)])
-    del eng
+    if "offline" not in args.skip:
+        offline_rows(args, model, tok, cache, hi, base, row, rows)
     del cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    if not args.offline_only:
+    rnd = random.Random(2)
+    creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
+              SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
+             for _ in range(args.clients)]
+    if "server" not in args.skip:
         # The server's engine with concurrent streaming clients.
-        rnd = random.Random(2)
-        creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
-                  SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
-                 for _ in range(args.clients)]
         aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
                            kv_cache_tokens=args.kv_cache_tokens,
                            gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
@@ -312,18 +338,18 @@ def main() -> None:
             mean_tbt_ms=round(m["tbt_ms"], 2))
         del aeng
 
-        # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
-        if args.http:
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            m = http_row(args, model, tok, creqs, dev)
-            row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
-                mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
-                text_chunks=m["text_chunks"],
-                note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
-                     f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
-                     "tokens from usage; TTFT to the first text chunk")
+    # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
+    if args.http:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        m = http_row(args, model, tok, creqs, dev)
+        row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
+            mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
+            text_chunks=m["text_chunks"],
+            note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
+                 f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
+                 "tokens from usage; TTFT to the first text chunk")
 
     name = device_name(dev)
     dname = "bf16" if dtype == torch.bfloat16 else "fp32"
