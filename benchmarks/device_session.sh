@@ -47,6 +47,7 @@ http)  # carry .wheels/py312
     ;;
 diag)
     timeout 120 "$PY" benchmarks/sdpa_shapes.py --config minicpm4-0.5b 2>&1 | tail -10
+    timeout 120 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 8 16 2>&1 | tail -4
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)

@@ -9,7 +9,7 @@ from conftest import random_model
 
 from cpm4 import SamplingParams
 from cpm4.engine.generate import generate_ids
-from cpm4.engine.paged import OutOfPages, PagedKVCache
+from cpm4.engine.paged import OutOfPages, PagedKVCache, SeqPages
 from cpm4.engine.scheduler import LLMEngine
 from cpm4.model.tokenizer import build_tokenizer
 
@@ -443,3 +443,43 @@ def test_lone_sequence_reads_its_pages_in_place():
     k_all, _ = pair.write(0, torch.cat([k2, k2]), torch.cat([v2, v2]), torch.tensor([50, 0]), torch.tensor([0, 20]))
     assert k_all.untyped_storage().data_ptr() != cache.k[0].untyped_storage().data_ptr()  # gathered
     assert torch.equal(k_all[0, :50], k[0]) and torch.equal(k_all[1, :20], k2[0])
+
+
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=48)])
+def test_packed_prefill_equals_padded(sc):
+    """A multi-row prefill runs the per-token work on its real tokens only (`Packing`): the same logits (every
+    position, and last-only) and the same cache (the next steps' logits) as the padded layout, in float64.
+    Rows start at 0 (causal path), continue cached tokens (masked path) and, with sc, cross dense_len."""
+    model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
+    g = torch.Generator().manual_seed(3)
+    steps = [[30, 5, 17], [3, 60, 1], [1, 1, 1]]  # new tokens per row and step
+    ids = [torch.randint(3, 1000, (len(steps[0]), max(s)), generator=g) for s in steps]
+    runs = []
+    for pack in (True, False):
+        model.pack_rows = pack
+        cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
+        seqs = [SeqPages() for _ in steps[0]]
+        out = []
+        try:
+            for lens, x in zip(steps, ids):
+                for s, n in zip(seqs, lens):
+                    cache.reserve(s, n)
+                full = model(x, cache.batch(seqs), torch.tensor(lens))
+                out.append([full[i, :n] for i, n in enumerate(lens)])
+        finally:
+            del model.pack_rows
+        runs.append(out)
+    for step_packed, step_padded in zip(*runs):
+        for a, b in zip(step_packed, step_padded):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # last_only reads each row's last real token from the packed order
+    model.pack_rows = True
+    try:
+        cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
+        seqs = [SeqPages() for _ in steps[0]]
+        for s, n in zip(seqs, steps[0]):
+            cache.reserve(s, n)
+        last = model(ids[0], cache.batch(seqs), torch.tensor(steps[0]), last_only=True)
+    finally:
+        del model.pack_rows
+    torch.testing.assert_close(last, torch.stack([r[-1] for r in runs[1][0]]), rtol=1e-10, atol=1e-10)

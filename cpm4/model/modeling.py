@@ -21,6 +21,37 @@ from .config import MiniCPM4Config
 from .rope import RotaryEmbedding
 
 
+class Packing:
+    """The real tokens of a right-padded [rows, t] batch laid end to end as [1, n]. A multi-row prefill with
+    rows of different lengths then runs the per-token work (embedding, projections, MLP, norms, RoPE) on its
+    n real tokens only; attention pads q/k/v back to [rows, t] around itself (the cache and the attention
+    paths keep their row layout). Padding positions of the padded tensors hold zeros, never read."""
+
+    def __init__(self, new_lens: list[int], t: int, device: torch.device):
+        lens = torch.tensor(new_lens)
+        ends = lens.cumsum(0)
+        row = torch.repeat_interleave(torch.arange(len(new_lens)), lens)
+        col = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - lens, lens)
+        self.rows, self.t = len(new_lens), t
+        self.index = (row * t + col).to(device)  # [n]: where each packed token sits in the flat [rows * t]
+        self.last = (ends - 1).to(device)  # [rows]: each row's last token in the packed order
+
+    @staticmethod
+    def worth(new_lens: list[int], t: int) -> bool:
+        """Packing pays when there is padding to skip; rows without new tokens keep the padded layout."""
+        return len(new_lens) > 1 and min(new_lens) > 0 and sum(new_lens) < len(new_lens) * t
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, n, ...] -> [rows, t, ...]."""
+        out = x.new_zeros((self.rows * self.t,) + tuple(x.shape[2:]))
+        out[self.index] = x[0]
+        return out.view((self.rows, self.t) + tuple(x.shape[2:]))
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, t, ...] -> [1, n, ...]."""
+        return x.reshape((self.rows * self.t,) + tuple(x.shape[2:]))[self.index].unsqueeze(0)
+
+
 class RMSNorm(nn.Module):
     ops = fused.EAGER  # the elementwise ops of every module; see MiniCPM4ForCausalLM.fuse_elementwise
 
@@ -80,7 +111,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
                 new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None,
-                host: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+                host: tuple[list[int], list[int]] | None = None, pack: Packing | None = None) -> torch.Tensor:
         """x [B, T, H]. Sequence b has new_lens[b] real tokens (right padding after them) starting at
         absolute position starts[b] (its cache length before this call). Padded rows produce values
         that are never read: their keys land beyond the sequence's length and are overwritten later.
@@ -88,10 +119,15 @@ class Attention(nn.Module):
         tensor here would wait for the GPU, once per layer); None: read here.
 
         `docs` (training on packed rows, no cache): docs[b] lists the lengths of the documents packed in
-        row b; each attends only within itself, exactly as if it were a sequence of its own."""
+        row b; each attends only within itself, exactly as if it were a sequence of its own.
+        `pack` (multi-row prefill with a cache): x is [1, n, H], the batch's real tokens end to end; the
+        result is laid out the same way."""
         b, t, _ = x.shape
         q, k, v = self.project(x)
         q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
+        if pack is not None:
+            q, k, v = pack.pad(q), pack.pad(k), pack.pad(v)
+            b, t = pack.rows, pack.t
         if docs is None and not getattr(cache, "decoding", False) and host is None:
             host = (starts.tolist(), new_lens.tolist())
         if docs is None and cache is None and all(n == t for n in host[1]) and not any(host[0]):
@@ -128,7 +164,9 @@ class Attention(nn.Module):
                 else:
                     out[i:i + 1, :n] = self._dense(q[i:i + 1, :n], k_all[i:i + 1, :L], v_all[i:i + 1, :L],
                                                    starts[i:i + 1], s == 0 and L == n, s)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        if pack is not None:
+            out = pack.unpad(out)
+        return self.o_proj(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
         """Attention of rows of whole documents (no cache). Sparse documents of equal length run as one
@@ -228,8 +266,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None, host=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs, host)
+    def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None, host=None, pack=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs, host, pack)
         norm = self.post_attention_layernorm
         x, h = self.ops.add_rms_norm(x, a, self.residual_scale, norm.weight, norm.eps)
         return self.ops.add_scaled(x, self.mlp(h), self.residual_scale)
@@ -334,15 +372,25 @@ class MiniCPM4ForCausalLM(nn.Module):
         """Final-norm hidden states [B, T, H]. With a cache, tokens go after each sequence's cached ones."""
         return self.model.norm(self.trunk(input_ids, cache, new_lens))
 
+    # Multi-row prefill runs on the real tokens only (see `Packing`); False keeps the padded layout (tests).
+    pack_rows = True
+
     def trunk(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
               docs: list[list[int]] | None = None) -> torch.Tensor:
         """Last decoder layer's output [B, T, H], before the final norm. `docs` (training, no cache):
         lengths of the documents packed in each row; positions restart at each document and attention
         stays inside it."""
+        x, pack = self._trunk(input_ids, cache, new_lens, docs)
+        return pack.pad(x) if pack is not None else x
+
+    def _trunk(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
+               docs: list[list[int]] | None = None) -> tuple[torch.Tensor, Packing | None]:
+        """`trunk`, with a multi-row prefill's output left packed ([1, n, H] and its `Packing`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if not getattr(cache, "decoding", False):  # engine decode steps feed sampled ids: no host sync
+        decoding = getattr(cache, "decoding", False)
+        if not decoding:  # engine decode steps feed sampled ids: no host sync
             self._check_ids(input_ids)
         dev = input_ids.device
         full_rows = new_lens is None and cache is None  # lengths known without reading the device
@@ -354,22 +402,26 @@ class MiniCPM4ForCausalLM(nn.Module):
             if docs is not None:
                 raise ValueError("docs (packed training rows) cannot be used with a KV cache")
             cache.check_room(starts, t, new_lens)
+        host = None  # the lengths on the host, read once for all layers (decode steps never read them)
+        if full_rows:
+            host = ([0] * b, [t] * b)
+        elif docs is None and not decoding:
+            host = (starts.tolist(), new_lens.tolist())
         if docs is not None:
             positions = doc_positions(docs, t, dev)
         else:
             positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
+        pack = None
+        if cache is not None and host is not None and self.pack_rows and Packing.worth(host[1], t):
+            pack = Packing(host[1], t, dev)
+            input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
         cos, sin = self.rotary(positions, self.dtype)
         x = self.model.embed_tokens(input_ids) * self.config.scale_emb
-        host = None  # the lengths on the host, read once for all layers (decode steps never read them)
-        if full_rows:
-            host = ([0] * b, [t] * b)
-        elif docs is None and not getattr(cache, "decoding", False):
-            host = (starts.tolist(), new_lens.tolist())
         for layer in self.model.layers:
-            x = layer(x, cos, sin, starts, new_lens, cache, docs, host)
+            x = layer(x, cos, sin, starts, new_lens, cache, docs, host, pack)
         if cache is not None:
             cache.advance(new_lens)
-        return x
+        return x, pack
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         vocab = self.config.vocab_size
@@ -407,7 +459,10 @@ class MiniCPM4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (float32), or [B, V] at each sequence's last real token with last_only."""
-        h = self.hidden_states(input_ids, cache, new_lens)
+        x, pack = self._trunk(input_ids, cache, new_lens)
+        h = self.model.norm(x)
+        if pack is not None:
+            return self.logits(h[0, pack.last] if last_only else pack.pad(h))
         if last_only:
             last = (new_lens if new_lens is not None else torch.full((h.shape[0],), h.shape[1])) - 1
             h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
