@@ -448,8 +448,9 @@ def test_lone_sequence_reads_its_pages_in_place():
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=48)])
 def test_packed_prefill_equals_padded(sc):
     """A multi-row prefill runs the per-token work on its real tokens only (`Packing`): the same logits (every
-    position, and last-only) and the same cache (the next steps' logits) as the padded layout, in float64.
-    Rows start at 0 (causal path), continue cached tokens (masked path) and, with sc, cross dense_len."""
+    position, and last-only) and the same cache (the next steps' logits) as the padded layout and as each row
+    run alone, in float64. Rows start at 0 (one causal call), continue cached tokens (row by row) and, with
+    sc, cross dense_len; the last step feeds one token per row (one masked call)."""
     model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
     g = torch.Generator().manual_seed(3)
     steps = [[30, 5, 17], [3, 60, 1], [1, 1, 1]]  # new tokens per row and step
@@ -469,6 +470,14 @@ def test_packed_prefill_equals_padded(sc):
         finally:
             del model.pack_rows
         runs.append(out)
+    # Each row alone (one-row forwards: no padding, no packing) is the independent reference.
+    for i in range(len(steps[0])):
+        cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
+        seq = SeqPages()
+        for j, (lens, x) in enumerate(zip(steps, ids)):
+            cache.reserve(seq, lens[i])
+            alone = model(x[i:i + 1, :lens[i]], cache.batch([seq]))[0]
+            torch.testing.assert_close(runs[0][j][i], alone, rtol=1e-10, atol=1e-10)
     for step_packed, step_padded in zip(*runs):
         for a, b in zip(step_packed, step_padded):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

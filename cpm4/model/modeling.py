@@ -146,10 +146,14 @@ class Attention(nn.Module):
         kv_lens = [s + n for s, n in zip(h_starts, h_new)]
         sc = self.config.sparse_config
         sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(h_new, kv_lens)]
-        if not any(sparse):
-            # Every row from position 0 (padding only after real tokens): plain causal attention is exact.
+        if not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
+            # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
+            # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
             out = self._dense(q, k_all, v_all, starts, not any(h_starts), h_starts[0])
         else:
+            # Sparse rows, or a multi-token step where some rows continue cached tokens: row by row, each in
+            # the fused kernels (causal, or bottom-right causal) over exactly its keys, where one padded call
+            # would need a [rows, T, S] mask (no fused GQA kernel takes one) and compute the padding.
             out = torch.zeros_like(q)
             for i in range(b):
                 n, L, s = h_new[i], kv_lens[i], h_starts[i]
