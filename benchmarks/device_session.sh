@@ -6,6 +6,8 @@
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh http      # the HTTP row alone (carry .wheels/py312)
+#   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
+#                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
 #                                               # with what ran inside the timed run (compiles, GC, cudaMalloc)
 #
@@ -45,13 +47,17 @@ http)  # carry .wheels/py312
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
         2>&1 | tail -8
     ;;
+prefill8b)
+    timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
+        --steps 4 --top 30 2>&1 | head -60
+    ;;
 diag)
     timeout 120 "$PY" benchmarks/sdpa_shapes.py --config minicpm4-0.5b 2>&1 | tail -10
     timeout 120 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 8 16 2>&1 | tail -4
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, kernels, engine, serving, http, diag)" >&2
+    echo "unknown stage $stage (tests, kernels, engine, serving, http, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

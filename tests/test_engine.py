@@ -449,11 +449,12 @@ def test_lone_sequence_reads_its_pages_in_place():
 def test_packed_prefill_equals_padded(sc):
     """A multi-row prefill runs the per-token work on its real tokens only (`Packing`): the same logits (every
     position, and last-only) and the same cache (the next steps' logits) as the padded layout and as each row
-    run alone, in float64. Rows start at 0 (one causal call), continue cached tokens (row by row) and, with
-    sc, cross dense_len; the last step feeds one token per row (one masked call)."""
+    run alone, in float64. Rows start at 0 (one causal call), continue cached tokens (row by row) beside
+    rows that start (those together), sit a step out, and with sc cross dense_len; the last step feeds one
+    token per row (one masked call)."""
     model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
     g = torch.Generator().manual_seed(3)
-    steps = [[30, 5, 17], [3, 60, 1], [1, 1, 1]]  # new tokens per row and step
+    steps = [[30, 0, 17, 0], [3, 40, 5, 25], [3, 60, 1, 2], [1, 1, 1, 1]]  # new tokens per row and step
     ids = [torch.randint(3, 1000, (len(steps[0]), max(s)), generator=g) for s in steps]
     runs = []
     for pack in (True, False):
@@ -475,20 +476,18 @@ def test_packed_prefill_equals_padded(sc):
         cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
         seq = SeqPages()
         for j, (lens, x) in enumerate(zip(steps, ids)):
-            cache.reserve(seq, lens[i])
-            alone = model(x[i:i + 1, :lens[i]], cache.batch([seq]))[0]
-            torch.testing.assert_close(runs[0][j][i], alone, rtol=1e-10, atol=1e-10)
+            if lens[i]:
+                cache.reserve(seq, lens[i])
+                alone = model(x[i:i + 1, :lens[i]], cache.batch([seq]))[0]
+                torch.testing.assert_close(runs[0][j][i], alone, rtol=1e-10, atol=1e-10)
     for step_packed, step_padded in zip(*runs):
         for a, b in zip(step_packed, step_padded):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    # last_only reads each row's last real token from the packed order
-    model.pack_rows = True
-    try:
-        cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
-        seqs = [SeqPages() for _ in steps[0]]
-        for s, n in zip(seqs, steps[0]):
+    # last_only reads each row's last real token from the packed order (the second step is packed)
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64)
+    seqs = [SeqPages() for _ in steps[0]]
+    for lens, x in zip(steps[:2], ids):
+        for s, n in zip(seqs, lens):
             cache.reserve(s, n)
-        last = model(ids[0], cache.batch(seqs), torch.tensor(steps[0]), last_only=True)
-    finally:
-        del model.pack_rows
-    torch.testing.assert_close(last, torch.stack([r[-1] for r in runs[1][0]]), rtol=1e-10, atol=1e-10)
+        last = model(x, cache.batch(seqs), torch.tensor(lens), last_only=True)
+    torch.testing.assert_close(last, torch.stack([r[-1] for r in runs[1][1]]), rtol=1e-10, atol=1e-10)

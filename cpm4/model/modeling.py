@@ -151,13 +151,20 @@ class Attention(nn.Module):
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
             out = self._dense(q, k_all, v_all, starts, not any(h_starts), h_starts[0])
         else:
-            # Sparse rows, or a multi-token step where some rows continue cached tokens: row by row, each in
-            # the fused kernels (causal, or bottom-right causal) over exactly its keys, where one padded call
-            # would need a [rows, T, S] mask (no fused GQA kernel takes one) and compute the padding.
+            # Sparse rows, or a multi-token step where some rows continue cached tokens. The dense rows that
+            # start at 0 take one causal call together; the others go row by row, each in the fused kernels
+            # (bottom-right causal) over exactly its keys, where one padded call would need a [rows, T, S] mask
+            # (no fused GQA kernel takes one) and compute the padding.
             out = torch.zeros_like(q)
+            fresh = [i for i in range(b) if h_new[i] and not sparse[i] and not h_starts[i]]
+            if len(fresh) > 1:
+                idx = torch.tensor(fresh, device=q.device)
+                out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
+            else:
+                fresh = []
             for i in range(b):
                 n, L, s = h_new[i], kv_lens[i], h_starts[i]
-                if n == 0:
+                if n == 0 or i in fresh:
                     continue
                 if sparse[i]:
                     k1 = k2 = None
