@@ -20,7 +20,7 @@ stage=${1:-tests}
 
 wheels() {  # fastapi/uvicorn/openai are not on the device: install them from the carried wheels
     if [ -d .wheels/py312 ]; then
-        "$PY" -m pip install -q --no-index --find-links .wheels/py312 fastapi uvicorn openai 2>&1 | grep -v WARNING
+        "$PY" -m pip install -q --no-index --find-links .wheels/py312 fastapi uvicorn openai prometheus_client 2>&1 | grep -v WARNING
     fi
 }
 

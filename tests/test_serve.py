@@ -790,3 +790,74 @@ def test_engine_abort_waiting_and_errors(llm, monkeypatch):
     finally:
         eng.shutdown()
     assert not eng.is_running
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prometheus metrics
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_count_requests_tokens_and_latency(llm):
+    """GET /metrics (Prometheus text, vLLM's metric shapes with the cpm4_ prefix, no API key needed) against
+    what the clients saw: token counters equal the usage sums, one finished request per reason, one latency
+    observation per request, the running gauge while a stream is open; a rejected prompt counts nothing."""
+    pytest.importorskip("prometheus_client")
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4)
+    srv = _Server(create_app(eng, MODEL, api_key=KEY))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        lab = (("model_name", MODEL),)
+        m = _metrics(srv.url)
+        assert m[("cpm4_num_requests_running", lab)] == 0 and m[("cpm4_prompt_tokens_total", lab)] == 0
+        usages = [client.completions.create(model=MODEL, prompt="The sky is", max_tokens=k, temperature=0,
+                                            extra_body={"ignore_eos": True}).usage for k in (5, 3)]
+        usages.append(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                                     extra_body={"ignore_eos": True}).usage)
+        with pytest.raises(openai.BadRequestError):  # too long: rejected before the engine
+            client.completions.create(model=MODEL, prompt=[5] * (llm.model.config.max_position_embeddings + 1),
+                                      max_tokens=2)
+        m = _metrics(srv.url)
+        assert m[("cpm4_prompt_tokens_total", lab)] == sum(u.prompt_tokens for u in usages)
+        assert m[("cpm4_generation_tokens_total", lab)] == sum(u.completion_tokens for u in usages) == 12
+        assert m[("cpm4_request_success_total", (("finished_reason", "length"), ("model_name", MODEL)))] == 3
+        for name in ("cpm4_time_to_first_token_seconds", "cpm4_e2e_request_latency_seconds"):
+            assert m[(name + "_count", lab)] == 3 and m[(name + "_sum", lab)] > 0
+            assert m[(name + "_bucket", (("le", "+Inf"), ("model_name", MODEL)))] == 3
+        assert m[("cpm4_num_requests_running", lab)] == 0 and m[("cpm4_num_requests_waiting", lab)] == 0
+        assert m[("cpm4_kv_cache_usage_perc", lab)] == 0  # finished requests' pages are free (or reusable)
+        assert m[("cpm4_num_preemptions_total", lab)] == 0
+        # While a stream is open it runs and holds pages; closing it aborts it.
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            lines = r.iter_lines()  # held: a dropped line iterator closes the response (a disconnect)
+            next(line for line in lines if line.startswith("data: "))
+            m = _metrics(srv.url)
+            assert m[("cpm4_num_requests_running", lab)] == 1 and m[("cpm4_kv_cache_usage_perc", lab)] > 0
+        abort = ("cpm4_request_success_total", (("finished_reason", "abort"), ("model_name", MODEL)))
+        deadline = time.monotonic() + 15
+        while _metrics(srv.url).get(abort) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metrics(srv.url)[abort] == 1
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
+def test_metrics_without_prometheus_client(engine, monkeypatch):
+    """Without prometheus-client the server still starts; /metrics answers 501 and says what to install."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setitem(__import__("sys").modules, "cpm4.serve.metrics", None)  # import fails
+    with TestClient(create_app(engine, MODEL)) as tc:
+        r = tc.get("/metrics")
+        assert r.status_code == 501 and "prometheus-client" in r.json()["error"]["message"]
+        assert tc.get("/health").status_code == 200

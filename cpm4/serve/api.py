@@ -762,6 +762,20 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) 
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
+    try:
+        from .metrics import CONTENT_TYPE, ServerMetrics
+    except ImportError:  # prometheus-client missing (it comes with the serve extra)
+        metrics = None
+    else:
+        metrics = ServerMetrics(engine, model_name)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        if metrics is None:
+            return _error_response(501, "metrics need the prometheus-client package: pip install prometheus-client",
+                                   type="server_error")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_running:

@@ -14,7 +14,8 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ from cpm4.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineClosedError", "EngineError", "PromptTooLongError"]
+__all__ = ["AsyncEngine", "EngineClosedError", "EngineError", "PromptTooLongError", "RequestStats"]
 
 # How many finished request ids (with their finish reasons) are remembered for inspection.
 _HISTORY = 1024
@@ -50,6 +51,19 @@ class EngineClosedError(RuntimeError):
 
 
 _END = object()  # queued after a request's last delta
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished request as `AsyncEngine.request_observers` receive it. ttft: seconds from queueing to the
+    first generated token (None when none came); e2e: seconds from queueing to the end; finish_reason: the
+    last delta's ("stop", "length", "abort", ...), "error" when it failed."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    ttft: float | None
+    e2e: float
+    finish_reason: str
 
 
 @dataclass(eq=False)
@@ -108,6 +122,12 @@ class AsyncEngine:
         self.num_finished = 0
         self.num_aborted = 0
         self.num_batches = 0
+        self.num_prompt_tokens = 0  # of the requests accepted
+        self.num_generation_tokens = 0  # streamed to requests so far
+        self._sched: LLMEngine | None = None  # the continuous scheduler (for its cache and preemption counts)
+        self._preempted_before = 0  # preemptions of schedulers replaced after a failed step
+        # Called on the requesting event loop as each stream ends (metrics); they must not raise.
+        self.request_observers: list[Callable[[RequestStats], None]] = []
         target = self._continuous_loop if continuous else self._worker_loop
         self._thread = threading.Thread(target=target, name="cpm4-engine", daemon=True)
         self._thread.start()
@@ -145,6 +165,27 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_running(self) -> int:
+        """Requests taken by the worker and not finished."""
+        with self._cond:
+            return len(self._requests) - len(self._waiting)
+
+    @property
+    def num_preempted(self) -> int:
+        """Sequences preempted (pages taken back, recomputed later) since start."""
+        sched = self._sched
+        return self._preempted_before + (sched.num_preempted if sched is not None else 0)
+
+    def kv_cache_usage(self) -> float | None:
+        """Share of the paged KV cache's pages in use (pages that only hold reusable prefixes count as free);
+        None before the scheduler exists or without one (continuous=False)."""
+        sched = self._sched
+        if sched is None:
+            return None
+        cache = sched.cache
+        return 1.0 - cache.num_free / cache.num_pages
+
     def finish_reason(self, request_id: str) -> str | None:
         """Finish reason of a recently finished request (None if unknown or still running)."""
         return self._finished.get(request_id)
@@ -166,7 +207,10 @@ class AsyncEngine:
             self._requests[request_id] = req
             self._waiting.append(req)
             self._cond.notify()
+        self.num_prompt_tokens += len(ids)
         ended = False
+        t0 = time.monotonic()
+        ttft, generated, reason = None, 0, "abort"
         try:
             while True:
                 item = await req.queue.get()
@@ -174,12 +218,22 @@ class AsyncEngine:
                     ended = True
                     return
                 if isinstance(item, BaseException):
-                    ended = True
+                    ended, reason = True, "error"
                     raise item
+                if item.token_ids:
+                    if ttft is None:
+                        ttft = time.monotonic() - t0
+                    generated += len(item.token_ids)
+                    self.num_generation_tokens += len(item.token_ids)
+                reason = item.finish_reason or reason
                 yield item
         finally:
             if not ended:  # consumer went away (disconnect, cancellation): free the batch slot now
                 self.abort(request_id)
+            if self.request_observers:
+                stats = RequestStats(len(ids), generated, ttft, time.monotonic() - t0, reason)
+                for observe in self.request_observers:
+                    observe(stats)
 
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
         """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),
@@ -262,6 +316,9 @@ class AsyncEngine:
             return [self._waiting.popleft() for _ in range(n)]
 
     def _new_scheduler(self) -> LLMEngine:
+        if self._sched is not None:
+            self._preempted_before += self._sched.num_preempted
+            self._sched = None
         sched = build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size,
                              self.chunk_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
                              async_output=self.async_output)
@@ -271,6 +328,7 @@ class AsyncEngine:
             sched.warm_up()
         except Exception:
             log.exception("decode graph warm-up failed; graphs are captured on first use instead")
+        self._sched = sched
         return sched
 
     def _continuous_loop(self) -> None:

@@ -1,0 +1,79 @@
+"""Prometheus metrics of a server (`GET /metrics`), named and shaped like vLLM's so the same dashboards
+and alerts apply with the `cpm4_` prefix: requests running and waiting, KV cache usage, preemptions, prompt
+and generation tokens, finished requests by reason, and histograms of time to first token and request
+latency. The engine's state is read when Prometheus scrapes; the latencies are observed as requests end.
+
+Needs `prometheus-client` (in the `serve` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine import AsyncEngine, RequestStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineState(Collector):
+    """Gauges and counters read from the engine at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine = engine
+        self.labels = {"model_name": model_name}
+
+    def _one(self, family, value: float):
+        family.add_metric(list(self.labels.values()), value)
+        return family
+
+    def collect(self) -> Iterator:
+        e, names = self.engine, list(self.labels)
+        yield self._one(GaugeMetricFamily("cpm4_num_requests_running", "Requests being generated.", labels=names),
+                        e.num_running)
+        yield self._one(GaugeMetricFamily("cpm4_num_requests_waiting", "Requests queued for the engine.",
+                                          labels=names), e.num_waiting)
+        usage = e.kv_cache_usage()
+        if usage is not None:
+            yield self._one(GaugeMetricFamily("cpm4_kv_cache_usage_perc",
+                                              "Share of the paged KV cache in use (1 = full).", labels=names), usage)
+        yield self._one(CounterMetricFamily("cpm4_num_preemptions", "Sequences preempted for lack of KV pages.",
+                                            labels=names), e.num_preempted)
+        yield self._one(CounterMetricFamily("cpm4_prompt_tokens", "Prompt tokens of the requests accepted.",
+                                            labels=names), e.num_prompt_tokens)
+        yield self._one(CounterMetricFamily("cpm4_generation_tokens", "Tokens generated and streamed.",
+                                            labels=names), e.num_generation_tokens)
+
+
+class ServerMetrics:
+    """The registry behind one app's `/metrics` (a registry per app: several apps in one process stay apart)."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineState(engine, model_name))
+        labels = ["model_name"]
+        self.ttft = Histogram("cpm4_time_to_first_token_seconds", "Seconds from queueing to the first token.",
+                              labels, buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.e2e = Histogram("cpm4_e2e_request_latency_seconds", "Seconds from queueing to the request's end.",
+                             labels, buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self._finished = Counter("cpm4_request_success", "Finished requests by finish reason.",
+                                 ["model_name", "finished_reason"], registry=self.registry)
+        self.model_name = model_name
+        engine.request_observers.append(self.observe)
+
+    def observe(self, stats: RequestStats) -> None:
+        if stats.ttft is not None:
+            self.ttft.observe(stats.ttft)
+        self.e2e.observe(stats.e2e)
+        self._finished.labels(self.model_name, stats.finish_reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
