@@ -861,3 +861,38 @@ def test_metrics_without_prometheus_client(engine, monkeypatch):
         r = tc.get("/metrics")
         assert r.status_code == 501 and "prometheus-client" in r.json()["error"]["message"]
         assert tc.get("/health").status_code == 200
+
+
+def test_max_model_len_caps_requests(llm):
+    """max_model_len (vLLM's option): prompts that do not leave a token below it are refused with the OpenAI
+    context error, outputs stop at it with "length" (both worker modes), /v1/models reports it, the CPU
+    cache default is sized by it; a value above the model's context or below 2 is refused up front."""
+    ctx = llm.model.config.max_position_embeddings
+    for bad in (ctx + 1, 1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_model_len"):
+            AsyncEngine(llm.model, llm.tokenizer, max_model_len=bad)
+    for continuous in (True, False):
+        eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, max_model_len=40, continuous=continuous)
+        try:
+            if continuous:
+                assert eng.kv_cache_tokens == 2 * 40
+            with pytest.raises(PromptTooLongError):
+                _collect(eng, [5] * 40, _greedy(3), "long")
+            out = _collect(eng, [5] * 36, _greedy(100, ignore_eos=True), "capped")
+            assert sum(len(d.token_ids) for d in out) == 4 and out[-1].finish_reason == "length"
+        finally:
+            eng.shutdown()
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, max_model_len=40)
+    srv = _Server(create_app(eng, MODEL))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.models.retrieve(MODEL).model_extra["max_model_len"] == 40
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=[5] * 40, max_tokens=2)
+        assert err.value.code == "context_length_exceeded" and "40" in err.value.message
+        r = client.completions.create(model=MODEL, prompt=[5] * 30, max_tokens=50, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+    finally:
+        srv.stop()
+        eng.shutdown()

@@ -61,8 +61,19 @@ class StreamDelta:
     logprobs: list[TokenLogprob] | None = None
 
 
-def context_length(model: MiniCPM4ForCausalLM) -> int:
-    return model.config.max_position_embeddings
+def context_length(model: MiniCPM4ForCausalLM, max_model_len: int | None = None) -> int:
+    """Tokens one sequence may hold, prompt and output: the model's max_position_embeddings, or
+    `max_model_len` (vLLM's option) when given, which may only be smaller (a server that caps its requests'
+    length, and on the CPU sizes its default KV cache by it)."""
+    n = model.config.max_position_embeddings
+    if max_model_len is None:
+        return n
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+        raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+    if max_model_len > n:
+        raise ValueError(f"max_model_len {max_model_len} is longer than the model's context "
+                         f"(max_position_embeddings {n})")
+    return max_model_len
 
 
 def check_prompt(n_tokens: int, context: int) -> None:

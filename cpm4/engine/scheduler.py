@@ -65,8 +65,11 @@ class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
-                 stream_text: bool = True):
-        """paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
+                 stream_text: bool = True, max_model_len: int | None = None):
+        """max_model_len: the longest sequence (prompt + output) served, at most the model's context
+        (`context_length`).
+
+        paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
         batch-size bucket, captured on first use (default: with paged_decode on CUDA). compile: torch.compile
         the decode step before capturing it (see `DecodeGraphs`), and the model's elementwise ops for prefill
@@ -88,7 +91,7 @@ class LLMEngine:
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.chunk_tokens = chunk_tokens
-        self.context = context_length(model)
+        self.context = context_length(model, max_model_len)
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.by_id: dict[str, EngineRequest] = {}
@@ -447,20 +450,20 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 HOST_TOKENS_PER_SEQ = 8192
 
 
-def host_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int) -> int:
+def host_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, max_model_len: int | None = None) -> int:
     """KV cache size in tokens where no device budget applies (CPU): max_batch_size sequences of up to 8192
-    tokens or the context, whichever is shorter."""
-    return max_batch_size * min(context_length(model), HOST_TOKENS_PER_SEQ)
+    tokens or the context (`context_length`), whichever is shorter."""
+    return max_batch_size * min(context_length(model, max_model_len), HOST_TOKENS_PER_SEQ)
 
 
 def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chunk_tokens: int = 512,
-                            gpu_memory_utilization: float | None = None) -> int:
+                            gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> int:
     """KV cache size in tokens when none is given. On CUDA, or whenever gpu_memory_utilization is given: the
     whole pages that share of the device (default 0.9) leaves after weights, other processes and a prefill
     chunk's activations (`kv_budget_bytes`, which runs one chunk; raises off CUDA). Elsewhere
     `host_kv_cache_tokens`."""
     if gpu_memory_utilization is None and model.device.type != "cuda":
-        return host_kv_cache_tokens(model, max_batch_size)
+        return host_kv_cache_tokens(model, max_batch_size, max_model_len)
     util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
     ps = page_size_for(model.config)
     budget = kv_budget_bytes(model, util, chunk_tokens)
@@ -470,10 +473,11 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
 
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False,
-                 async_output: bool | None = None, stream_text: bool = True) -> LLMEngine:
+                 async_output: bool | None = None, stream_text: bool = True,
+                 max_model_len: int | None = None) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
     device and dtype."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, -(-kv_cache_tokens // ps), ps, model.device, model.dtype)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
-                     compile=compile, async_output=async_output, stream_text=stream_text)
+                     compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len)

@@ -29,7 +29,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
           chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-          compile: bool = False, async_output: bool | None = None) -> None:
+          compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None) -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name."""
     try:
         import uvicorn
@@ -40,7 +40,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     llm = LLM(model_dir, device=device, dtype=dtype)
     engine = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
                          chunk_tokens=chunk_tokens, gpu_memory_utilization=gpu_memory_utilization,
-                         cuda_graphs=cuda_graphs, compile=compile, async_output=async_output)
+                         cuda_graphs=cuda_graphs, compile=compile, async_output=async_output,
+                         max_model_len=max_model_len)
     name = model_name or Path(model_dir).name or str(model_dir)
     app = create_app(engine, name, api_key=api_key)
     try:

@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
-          compile=args.compile, async_output=args.async_output)
+          compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len)
     return 0
 
 
@@ -67,5 +67,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="launch each decode step before reading back the previous one's tokens, so host work "
                    "overlaps the GPU (default: on with CUDA graphs)")
     p.add_argument("--chunk-tokens", type=_positive, default=512, help="prefill chunk per scheduler step")
+    p.add_argument("--max-model-len", type=_positive, default=None,
+                   help="longest request served, prompt + output (default: the model's context); on the CPU the "
+                   "default KV cache is sized by it")
     p.set_defaults(func=cmd_serve)
     return p

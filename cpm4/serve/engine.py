@@ -89,27 +89,30 @@ class AsyncEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False, async_output: bool | None = None) -> None:
+                 compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
         see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step; async_output: see
-        `LLMEngine` (default: on with CUDA graphs)."""
+        `LLMEngine` (default: on with CUDA graphs); max_model_len: the longest request served, prompt and
+        output (default: the model's context; see `context_length`)."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         self.async_output = async_output
+        self.context_length = context_length(model, max_model_len)  # validated before any allocation
+        self.max_model_len = max_model_len
         if kv_cache_tokens is None:
-            kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization)
+            kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization,
+                                                      max_model_len)
         self.kv_cache_tokens = kv_cache_tokens
         self.chunk_tokens = chunk_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.context_length = context_length(model)
         self.vocab_size = model.config.vocab_size
         self._cond = threading.Condition()
         # Held by whoever runs the model: the worker for each step, `prompt_logprobs` for its forward pass.
@@ -198,6 +201,9 @@ class AsyncEngine:
         early, or cancelling the task reading it, aborts the request."""
         ids = self.check_prompt(prompt_ids)
         self.check_params(params)
+        room = self.context_length - len(ids)
+        if params.max_tokens > room:  # both worker modes stop at max_model_len, not only at the model's context
+            params = dataclasses.replace(params, max_tokens=room)
         req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._closed:
@@ -321,7 +327,7 @@ class AsyncEngine:
             self._sched = None
         sched = build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size,
                              self.chunk_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
-                             async_output=self.async_output)
+                             async_output=self.async_output, max_model_len=self.max_model_len)
         # Every decode graph captured (and compiled) before the first request rather than in the middle of
         # serving; requests arriving meanwhile wait in the queue. A failure leaves capture to first use.
         try:
