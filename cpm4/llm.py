@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .engine.generate import GenerationOutput, generate_stream
+from .engine.generate import GenerationOutput, fit_to_context, generate_stream
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
@@ -113,12 +113,14 @@ class LLM:
     enforce_eager (no CUDA graphs), plus kv_cache_tokens (a fixed cache size instead; off CUDA the cache
     is otherwise sized to each batch), chunk_tokens (prompt tokens prefilled per engine step) and compile
     (torch.compile the captured decode step and prefill's element-wise ops: faster steps, a slow first call;
-    CUDA graphs only)."""
+    CUDA graphs only) and max_model_len (the longest prompt + output served, at most the model's context: a
+    smaller one narrows the decode graphs' block tables and, off CUDA, the cache)."""
 
     def __init__(self, model: str | os.PathLike | MiniCPM4ForCausalLM, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
-                 kv_cache_tokens: int | None = None, chunk_tokens: int = 512, compile: bool = False):
+                 kv_cache_tokens: int | None = None, chunk_tokens: int = 512, compile: bool = False,
+                 max_model_len: int | None = None):
         """model: a checkpoint folder, or a model already in memory with its `tokenizer` (device and dtype
         are then the model's own)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)  # before a possibly long load
@@ -136,7 +138,7 @@ class LLM:
             raise ValueError(f"compile needs CUDA graphs, and the model is on {self.model.device.type}")
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,
                                     gpu_memory_utilization, cuda_graphs=False if enforce_eager else None,
-                                    compile=compile)
+                                    compile=compile, max_model_len=max_model_len)
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
@@ -148,7 +150,9 @@ class LLM:
         CUDA graphs, paged sparse decode); elsewhere on the plain loop, whose first token comes soonest on a
         CPU (no cache to size)."""
         if self.model.device.type != "cuda":
-            yield from stream(self.model, self.tokenizer, prompt, params)
+            ids = _as_ids(self.tokenizer, prompt)
+            yield from stream(self.model, self.tokenizer, ids,
+                              fit_to_context(len(ids), params or SamplingParams(), self.engine.context))
             return
         for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params or SamplingParams()):
             if d.text:

@@ -201,3 +201,25 @@ def test_engine_stream_equals_plain_loop_and_survives_early_close():
     stop = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[ref.text[3:6]])
     out = "".join(d.text for d in llm.engine.stream(p, stop))
     assert out == reference(m, [p], stop)[0].text and llm.engine.engine is engine
+
+
+def test_max_model_len_caps_generate_and_stream():
+    """LLM(max_model_len): outputs end with "length" at it (generate, and stream on the plain loop off CUDA),
+    each equal to the plain loop's first tokens; a prompt leaving no room is refused; the off-CUDA cache is
+    sized by it; a value above the model's context is refused naming the option."""
+    m = model()
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(m, tokenizer=tok(), max_model_len=m.config.max_position_embeddings + 1)
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=2, max_model_len=48)
+    ps = [list(range(5, 45)), list(range(7, 17))]
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    outs = llm.generate(ps, params)
+    assert [len(o.token_ids) for o in outs] == [8, 38] and {o.finish_reason for o in outs} == {"length"}
+    refs = reference(m, ps, params)
+    assert [o.token_ids for o in outs] == [r.token_ids[:len(o.token_ids)] for o, r in zip(outs, refs)]
+    assert llm.engine.engine.cache.num_pages * llm.engine.engine.cache.page_size <= 2 * 48 + 64
+    assert "".join(llm.stream(ps[0], params)) == outs[0].text
+    with pytest.raises(PromptTooLongError):
+        llm.generate([list(range(3, 51))], params)
+    with pytest.raises(PromptTooLongError):
+        next(llm.stream(list(range(3, 51)), params))

@@ -5,6 +5,7 @@ prompt gives the same tokens alone or in a batch (greedy; seeded sampling likewi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,15 @@ def check_prompt(n_tokens: int, context: int) -> None:
     if n_tokens >= context:
         raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the model's context is {context} "
                                  "(at least one token must be left to generate)")
+
+
+def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> SamplingParams:
+    """`params` with max_tokens cut to the room a prompt of n_prompt tokens leaves in `context` (a prompt that
+    leaves none is refused, `check_prompt`): for a loop that knows only the model's own context, run under a
+    shorter max_model_len."""
+    check_prompt(n_prompt, context)
+    room = context - n_prompt
+    return params if params.max_tokens <= room else dataclasses.replace(params, max_tokens=room)
 
 
 class SequenceState:

@@ -60,7 +60,7 @@ class OfflineEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_num_seqs: int = 256,
                  chunk_tokens: int = 512, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
-                 cuda_graphs: bool | None = None, compile: bool = False) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None) -> None:
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)
         self.model = model
         self.tokenizer = tokenizer
@@ -72,7 +72,8 @@ class OfflineEngine:
             device_budget and (gpu_memory_utilization is not None or model.device.type == "cuda"))
         self.cuda_graphs = cuda_graphs
         self.compile = compile
-        self.context = context_length(model)
+        self.context = context_length(model, max_model_len)
+        self.max_model_len = max_model_len
         self.engine: LLMEngine | None = None
 
     def _cache_tokens(self, needs: list[int]) -> int:
@@ -83,7 +84,7 @@ class OfflineEngine:
             return self.kv_cache_tokens
         ps = page_size_for(self.model.config)
         together = sum(-(-n // ps) * ps for n in sorted(needs, reverse=True)[:self.max_num_seqs])
-        return max(max(needs), min(together, host_kv_cache_tokens(self.model, self.max_num_seqs)))
+        return max(max(needs), min(together, host_kv_cache_tokens(self.model, self.max_num_seqs, self.max_model_len)))
 
     def _engine_for(self, needs: list[int]) -> LLMEngine:
         tokens = self._cache_tokens(needs)
@@ -92,7 +93,8 @@ class OfflineEngine:
             self.engine = None  # free the old cache before allocating its successor
             # Outputs are read once complete: text is detokenized at each request's end (stream_text=False).
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
-                                       cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False)
+                                       cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False,
+                                       max_model_len=self.max_model_len)
         cap = self.engine.cache.num_pages * ps
         for i, n in enumerate(needs):
             # A sequence the cache cannot hold whole would end early with "length": refuse it up front.

@@ -26,6 +26,7 @@ from cpm4.engine.generate import (
     TokenLogprob,
     check_prompt,
     context_length,
+    fit_to_context,
     generate_stream,
     prompt_logprobs,
 )
@@ -201,9 +202,7 @@ class AsyncEngine:
         early, or cancelling the task reading it, aborts the request."""
         ids = self.check_prompt(prompt_ids)
         self.check_params(params)
-        room = self.context_length - len(ids)
-        if params.max_tokens > room:  # both worker modes stop at max_model_len, not only at the model's context
-            params = dataclasses.replace(params, max_tokens=room)
+        params = fit_to_context(len(ids), params, self.context_length)  # the plain-loop mode stops there too
         req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._closed:
