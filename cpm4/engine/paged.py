@@ -25,6 +25,7 @@ import torch
 from cpm4.kernels.infllm_v2 import num_kernels
 from cpm4.kernels.infllm_v2.reference import kernel_page_slots, kernel_slots
 from cpm4.model.config import MiniCPM4Config, SparseConfig
+from cpm4.model.modeling import Packing
 
 from .kv_cache import CacheFullError
 
@@ -273,8 +274,7 @@ class PagedBatch:
         if self._slots is None:
             b = len(self.seqs)
             self._host = (starts.tolist(), new_lens.tolist())
-            real = torch.arange(b * t).view(b, t)[torch.arange(t)[None, :] < torch.tensor(self._host[1])[:, None]]
-            real = real.to(dev, non_blocking=True)
+            real = Packing.flat_index(self._host[1], t).to(dev, non_blocking=True)
             rows = torch.arange(b, device=dev)
             pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
             new_slots = self._slot_of(pos, rows).view(-1)[real]

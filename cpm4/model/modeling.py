@@ -28,13 +28,18 @@ class Packing:
     paths keep their row layout). Padding positions of the padded tensors hold zeros, never read."""
 
     def __init__(self, new_lens: list[int], t: int, device: torch.device):
+        self.rows, self.t = len(new_lens), t
+        self.index = self.flat_index(new_lens, t).to(device)  # [n]: each packed token's place in [rows * t]
+        self.last = (torch.tensor(new_lens).cumsum(0) - 1).to(device)  # [rows]: each row's last, packed order
+
+    @staticmethod
+    def flat_index(new_lens: list[int], t: int) -> torch.Tensor:
+        """Positions of the real tokens in the flattened [rows * t] batch, row by row (on the host)."""
         lens = torch.tensor(new_lens)
         ends = lens.cumsum(0)
         row = torch.repeat_interleave(torch.arange(len(new_lens)), lens)
-        col = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - lens, lens)
-        self.rows, self.t = len(new_lens), t
-        self.index = (row * t + col).to(device)  # [n]: where each packed token sits in the flat [rows * t]
-        self.last = (ends - 1).to(device)  # [rows]: each row's last token in the packed order
+        col = torch.arange(int(ends[-1]) if len(new_lens) else 0) - torch.repeat_interleave(ends - lens, lens)
+        return row * t + col
 
     @staticmethod
     def worth(new_lens: list[int], t: int) -> bool:
