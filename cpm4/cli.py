@@ -42,6 +42,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
 
 
 def _sampling(args: argparse.Namespace):
@@ -50,7 +51,7 @@ def _sampling(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
 
 
 def _load(args: argparse.Namespace):

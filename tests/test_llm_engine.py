@@ -223,3 +223,18 @@ def test_max_model_len_caps_generate_and_stream():
         llm.generate([list(range(3, 51))], params)
     with pytest.raises(PromptTooLongError):
         next(llm.stream(list(range(3, 51)), params))
+
+
+def test_min_tokens_engine_equals_plain_loop():
+    """min_tokens through the engine (batched, stepping synchronously) equals the plain loop; a stop id that
+    greedy decoding picks early ends the sequence there without min_tokens and only after it with."""
+    m = model()
+    ps = prompts(4, seed=5, lo=5, hi=40)
+    free = reference(m, ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[f.token_ids[1]], min_tokens=k)
+              for f, k in zip(free, (0, 4, 4, 12))]
+    refs = reference(m, ps, params)
+    same(LLM(m, tokenizer=tok(), max_num_seqs=3).generate(ps, params), refs)
+    assert refs[0].finish_reason == "stop" and len(refs[0].token_ids) == 1
+    assert all(len(r.token_ids) >= p.min_tokens for r, p in zip(refs, params))
+    assert refs[1].token_ids[1] != free[1].token_ids[1]  # the stop id was not sampled before the minimum

@@ -475,3 +475,31 @@ def test_presence_frequency_penalties_and_logit_bias_formula():
 def test_penalty_and_bias_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_min_tokens_bans_stop_ids_until_reached():
+    """min_tokens (vLLM's): a row that has generated fewer tokens cannot sample its stop ids (ids past the
+    vocabulary ignored); once reached, or in other rows, the logits are untouched."""
+    logits = _rand_logits(3, 10, seed=4)
+    params = [SamplingParams(min_tokens=2, temperature=0), SamplingParams(min_tokens=2, temperature=0),
+              SamplingParams(temperature=0)]
+    outputs = [[7], [7, 8], []]
+    stop_ids = [[2, 5, 99], [2, 5], [2, 5]]
+    out = process_logits(logits, params, [[1], [1], [1]], outputs=outputs, stop_ids=stop_ids)
+    want = logits.clone()
+    want[0, [2, 5]] = float("-inf")
+    torch.testing.assert_close(out, want)
+    # Greedy with its stop id on top: the next best id instead, while the minimum is not reached.
+    top = int(logits[0].argmax())
+    s = Sampler(params[0], stop_ids=[top])
+    assert sample_batch(logits[:1], [s], params[:1], [[1]], outputs=[[]]) == [int(logits[0].topk(2).indices[1])]
+    assert sample_batch(logits[:1], [s], params[:1], [[1]], outputs=[[3, 4]]) == [top]
+    with pytest.raises(ValueError, match="min_tokens"):
+        process_logits(logits[:1], params[:1], [[1]])  # no outputs / stop ids
+
+
+@pytest.mark.parametrize("kw", [{"min_tokens": 5, "max_tokens": 4}, {"min_tokens": -1}, {"min_tokens": True},
+                                {"min_tokens": 2, "guided_json": True}])
+def test_min_tokens_validation(kw):
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(**kw)

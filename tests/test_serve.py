@@ -896,3 +896,16 @@ def test_max_model_len_caps_requests(llm):
     finally:
         srv.stop()
         eng.shutdown()
+
+
+def test_min_tokens_extension(client, llm):
+    """vLLM's min_tokens extension: the same output as LLM with it; a value above max_tokens is a 400 naming
+    the field."""
+    free = llm.generate(["Once upon"], _greedy(8, ignore_eos=True))[0]
+    ref = llm.generate(["Once upon"], _greedy(8, stop_token_ids=[free.token_ids[1]], min_tokens=5))[0]
+    r = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, temperature=0,
+                                  extra_body={"stop_token_ids": [free.token_ids[1]], "min_tokens": 5})
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids) >= 5
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_tokens": 3})
+    assert "min_tokens" in err.value.message

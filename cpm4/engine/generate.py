@@ -91,7 +91,9 @@ def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> Sampl
     shorter max_model_len."""
     check_prompt(n_prompt, context)
     room = context - n_prompt
-    return params if params.max_tokens <= room else dataclasses.replace(params, max_tokens=room)
+    if params.max_tokens <= room:
+        return params
+    return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
 
 class SequenceState:
@@ -116,10 +118,10 @@ class SequenceState:
 
             # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
             self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
-        self.sampler = Sampler(params, device, self.matcher)
+        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
+        self.sampler = Sampler(params, device, self.matcher, self.stop_ids)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
-        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
         self.finish_reason: str | None = None
         self.text = ""
         self.defer_text = not stream_text and not self.stops.stop

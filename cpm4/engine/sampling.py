@@ -20,6 +20,9 @@ class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
 
     max_tokens: int = 256
+    # vLLM's: EOS and stop_token_ids cannot be sampled before this many tokens are generated (stop strings
+    # still apply).
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -53,6 +56,9 @@ class SamplingParams:
         # `not (x >= lo)` also rejects NaN.
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -98,6 +104,8 @@ class SamplingParams:
             self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
         if self.guided_json is not None and self.structural_tag is not None:
             raise ValueError("guided_json and structural_tag are exclusive: give one grammar")
+        if self.min_tokens and self.guided:  # a finished grammar allows only EOS: nothing would be left
+            raise ValueError("min_tokens cannot be combined with guided_json or structural_tag")
 
     @property
     def guided(self) -> bool:
@@ -145,6 +153,7 @@ class SamplingPlan:
         self.penalty = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         self.output_penalty = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         self.biased = [i for i, p in enumerate(params) if p.logit_bias]
+        self.min_rows = [i for i, p in enumerate(params) if p.min_tokens]
         self.guided = [i for i, p in enumerate(params) if p.guided]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
         # Below: positions within `sampled` (the filters run on those rows only).
@@ -276,14 +285,27 @@ def _min_p(x: Tensor, mps: list[float], col: Tensor | None = None) -> None:
     x.masked_fill_(probs < thresh, float("-inf"))
 
 
+def _ban_stops(x: Tensor, params: list[SamplingParams], outputs: list[list[int]], stop_ids: Sequence[Sequence[int]],
+               rows: list[int]) -> None:
+    """min_tokens: the rows that have generated fewer cannot sample their stop ids (EOS, stop_token_ids)."""
+    vocab = x.shape[1]
+    pairs = [(i, t) for i in rows if len(outputs[i]) < params[i].min_tokens for t in stop_ids[i] if t < vocab]
+    if pairs:
+        r, c = zip(*pairs)
+        x.index_put_((torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)),
+                     torch.tensor(float("-inf"), device=x.device))
+
+
 def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
                    plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
-                   matchers: Sequence[Any] | None = None) -> Tensor:
+                   matchers: Sequence[Any] | None = None, stop_ids: Sequence[Sequence[int]] | None = None
+                   ) -> Tensor:
     """Apply the grammar masks, logit bias, repetition penalty, presence/frequency penalties, then temperature,
     top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
 
     `history[i]` holds row i's prompt and generated ids, `outputs[i]` its generated ids alone (needed when a
-    row has a presence or frequency penalty). Returns a new float32 tensor; removed tokens are -inf. Greedy
+    row has a presence or frequency penalty, or min_tokens: then `stop_ids[i]` are the ids it may not sample
+    before, its EOS and stop_token_ids). Returns a new float32 tensor; removed tokens are -inf. Greedy
     rows only get the bias and penalties: the filters keep the argmax, so they cannot change a greedy pick.
     plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built here).
     matchers: row i's grammar matcher where params[i] is guided (see `cpm4.engine.guided`), else None.
@@ -307,6 +329,10 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         apply_grammar(x, plan.guided, ms)
     if plan.biased:
         _apply_logit_bias(x, params, plan.biased)
+    if plan.min_rows:
+        if outputs is None or stop_ids is None or len(outputs) != bsz or len(stop_ids) != bsz:
+            raise ValueError("min_tokens needs each row's generated ids (outputs) and stop ids")
+        _ban_stops(x, params, outputs, stop_ids, plan.min_rows)
     _apply_repetition_penalty(x, params, history, plan.penalty)
     if plan.output_penalty:
         if outputs is None or len(outputs) != bsz:
@@ -344,10 +370,13 @@ class Sampler:
     """Random state for one sequence, so its tokens depend only on its own seed and logits."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str | None = None,
-                 matcher: Any | None = None) -> None:
-        """matcher: the sequence's grammar matcher when params are guided (`cpm4.engine.guided.new_matcher`)."""
+                 matcher: Any | None = None, stop_ids: Sequence[int] = ()) -> None:
+        """matcher: the sequence's grammar matcher when params are guided (`cpm4.engine.guided.new_matcher`).
+        stop_ids: the token ids that end the sequence (its EOS unless ignore_eos, and stop_token_ids), banned
+        until min_tokens are generated."""
         self.params = params
         self.matcher = matcher
+        self.stop_ids = sorted(stop_ids)
         self.device = torch.device(device if device is not None else "cpu")
         self.generator = torch.Generator(device=self.device)
         if params.seed is not None:
@@ -389,7 +418,8 @@ def sample_tokens(
     if plan is None:
         plan = SamplingPlan(params, logits.shape[1])
     matchers = [s.matcher for s in samplers] if plan.guided else None
-    x = process_logits(logits, params, history, plan, outputs, matchers)
+    stop_ids = [s.stop_ids for s in samplers] if plan.min_rows else None
+    x = process_logits(logits, params, history, plan, outputs, matchers, stop_ids)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
     # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);

@@ -292,6 +292,7 @@ class _OpenAIServer:
                 stop=req.stop,
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
                 **(grammar or {}),
