@@ -129,6 +129,7 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "bad_top_p": (("generate", *m, "--top-p", "0", "hi"), {}),
         "bad_presence": (("generate", *m, "--presence-penalty", "3", "hi"), {}),
         "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
+        "bad_chat_template": (("serve", *m, "--chat-template", "no-such-template.jinja"), {}),
         # the bundled demo model is the default, and --chat renders the prompt as a user turn
         "demo_chat": (("generate", "--device", "cpu", "--chat", *GREEDY, "--no-stream", "What does json do?"), {}),
         # chat (greedy, stdin fed at once)
@@ -241,6 +242,10 @@ def test_generate_prompt_from_stdin_via_console_script(jobs, llm):
 def test_serve_rejects_bad_cache_size(jobs):
     r = jobs["bad_kv_cache"].result()  # argparse's own usage error: exit 2 before any model load
     assert r.rc == 2 and "--kv-cache-tokens" in r.err and "positive integer" in r.err and "Traceback" not in r.err
+
+
+def test_serve_rejects_missing_chat_template(jobs):
+    assert_usage_error(jobs["bad_chat_template"].result(), "no-such-template.jinja", "no such file")
 
 
 def test_default_model_is_the_bundled_demo_and_chat_flag(jobs):

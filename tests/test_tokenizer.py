@@ -419,3 +419,21 @@ def test_incremental_detokenizer_extend_equals_add():
         got = "".join(b.add(t) for t in gen[:k]) + b.extend(gen[k:]) + b.flush()
         assert got == "".join(pieces) and b.text == a.text, trial
     assert tok.decode_batch([[5, 6], [], real]) == [tok.decode([5, 6]), "", tok.decode(real)]
+
+
+def test_set_chat_template_file_text_and_errors(tmp_path) -> None:
+    """vLLM's --chat-template: a Jinja file or the template text replaces the checkpoint's; a missing file
+    or a template that does not render is refused and the old template stays."""
+    tok = build_tokenizer(V)  # its own copy: the module fixture keeps ChatML
+    plain = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    f = tmp_path / "t.jinja"
+    f.write_text(plain, encoding="utf-8")
+    tok.set_chat_template(f)
+    assert tok.render_chat(CONVO[:2]) == "[system] You are terse.\n[user] Hi there\n"
+    tok.set_chat_template("{{ messages[0]['content'] | upper }}")
+    assert tok.render_chat(CONVO[:2]) == "YOU ARE TERSE."
+    with pytest.raises(ValueError, match="no such file"):
+        tok.set_chat_template(tmp_path / "missing.jinja")
+    with pytest.raises(ValueError, match="does not render"):
+        tok.set_chat_template("{% if %}")
+    assert tok.render_chat(CONVO[:2]) == "YOU ARE TERSE."  # unchanged by the failures

@@ -456,6 +456,23 @@ class Tokenizer:
 
     # ----- chat -----
 
+    def set_chat_template(self, template: str | os.PathLike[str]) -> None:
+        """Use another chat template (vLLM's --chat-template): a Jinja file, or the template text itself.
+        It must render a one-message chat, else ValueError (the tokenizer keeps its template)."""
+        text = str(template)
+        path = Path(text)
+        if "{{" not in text and "{%" not in text:  # not template text: a file name
+            if not path.is_file():
+                raise ValueError(f"chat template: no such file {text!r} (give a Jinja file or the template text)")
+            text = path.read_text(encoding="utf-8")
+        old = self._hf.chat_template
+        self._hf.chat_template = text
+        try:
+            self.render_chat([{"role": "user", "content": "hi"}])
+        except Exception as e:
+            self._hf.chat_template = old
+            raise ValueError(f"chat template does not render a chat: {type(e).__name__}: {e}") from None
+
     def render_chat(
         self,
         messages: Sequence[Mapping[str, Any]],

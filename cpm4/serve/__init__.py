@@ -29,8 +29,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
           chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-          compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None) -> None:
-    """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name."""
+          compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
+          chat_template: str | None = None) -> None:
+    """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
+    `chat_template` (a Jinja file or the template text) replaces the checkpoint's."""
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
@@ -38,6 +40,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from cpm4.llm import LLM
 
     llm = LLM(model_dir, device=device, dtype=dtype)
+    if chat_template is not None:
+        llm.tokenizer.set_chat_template(chat_template)
     engine = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
                          chunk_tokens=chunk_tokens, gpu_memory_utilization=gpu_memory_utilization,
                          cuda_graphs=cuda_graphs, compile=compile, async_output=async_output,

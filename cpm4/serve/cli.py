@@ -18,7 +18,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
-          compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len)
+          compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
+          chat_template=args.chat_template)
     return 0
 
 
@@ -54,7 +55,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together at most")
+    p.add_argument("--max-batch-size", "--max-num-seqs", type=_positive, default=16,
+                   help="requests generated together at most")
     p.add_argument("--kv-cache-tokens", type=_positive, default=None,
                    help="paged KV cache size in tokens (default on CUDA: from --gpu-memory-utilization; "
                    "elsewhere max batch size x min(context, 8192))")
@@ -70,5 +72,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-model-len", type=_positive, default=None,
                    help="longest request served, prompt + output (default: the model's context); on the CPU the "
                    "default KV cache is sized by it")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
     p.set_defaults(func=cmd_serve)
     return p
