@@ -235,3 +235,25 @@ def test_varlen_batch_equals_each_sequence():
         assert torch.equal(out[a:b], sparse_attention(qs, ks, vs, cfg))
     with pytest.raises(ValueError, match="cu_seqlens"):
         sparse_attention_varlen(q, k, v, torch.tensor([0, 90]), cu_k, cfg)
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_decode_rows_equal_each_row_alone(variant):
+    """One decode step of several sequences of different lengths in one pass (`sparse_decode_rows`, rows on
+    the query axis, padding masked by each row's position) equals each row's own step, and the brute force,
+    in float64; a row shorter than the window sees everything."""
+    from cpm4.kernels.infllm_v2 import sparse_decode_rows
+
+    cfg = cfg_small(variant)
+    lens = [150, 203, 37, 177]
+    rows = [rand_qkv(n, 4, 2, 8, tq=1, seed=i) for i, n in enumerate(lens)]
+    tmax = max(lens)
+    q = torch.cat([r[0] for r in rows])
+    k, v = (torch.stack([torch.nn.functional.pad(r[j], (0, 0, 0, 0, 0, tmax - n), value=7.0)
+                         for r, n in zip(rows, lens)]) for j in (1, 2))  # padding that must not be read
+    keys = [compress_keys(r[1], cfg) for r in rows]
+    out = sparse_decode_rows(q, k, v, lens, cfg, 8 ** -0.5, [a for a, _ in keys],
+                             None if keys[0][1] is None else [b for _, b in keys])
+    for i, (qi, ki, vi) in enumerate(rows):
+        torch.testing.assert_close(out[i:i + 1], infllm_v2_attention(qi, ki, vi, cfg), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[i:i + 1], brute_force(qi, ki, vi, cfg)[0], rtol=1e-10, atol=1e-10)

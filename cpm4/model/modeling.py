@@ -167,6 +167,17 @@ class Attention(nn.Module):
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
+            # Sparse rows decoding one token each: one InfLLM v2 pass for all of them (not one per row).
+            steps = [i for i in range(b) if sparse[i] and h_new[i] == 1] if cache is not None else []
+            if len(steps) > 1:
+                lens = [kv_lens[i] for i in steps]
+                keys = [cache.compressed_keys(self.layer_idx, i, kv_lens[i], sc) for i in steps]
+                idx = torch.tensor(steps, device=q.device)
+                end = max(lens)
+                out[idx, 0] = infllm_v2.sparse_decode_rows(
+                    q[idx, 0], k_all[idx, :end], v_all[idx, :end], lens, sc, self.scale, [k1 for k1, _ in keys],
+                    None if keys[0][1] is None else [k2 for _, k2 in keys])
+                fresh += steps
             for i in range(b):
                 n, L, s = h_new[i], kv_lens[i], h_starts[i]
                 if n == 0 or i in fresh:

@@ -14,10 +14,10 @@ import torch
 from cpm4.model.config import SparseConfig
 
 from . import cpu
-from .reference import compress_keys, infllm_v2_attention, kernel_means, num_kernels
+from .reference import compress_keys, decode_rows, infllm_v2_attention, kernel_means, num_kernels
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
-           "shared_window", "sparse_attention_varlen", "make_opaque_to_compile"]
+           "shared_window", "sparse_attention_varlen", "sparse_decode_rows", "make_opaque_to_compile"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -62,6 +62,20 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spa
     if uses_triton(q):
         return triton_pipeline(q, k, v, cfg, scale, k1, k2)
     return infllm_v2_attention(q, k, v, cfg, scale=scale, k1=k1, k2=k2, attend=cpu.block_sparse_attention)
+
+
+def sparse_decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], cfg: SparseConfig,
+                       scale: float, k1: list[torch.Tensor], k2: list[torch.Tensor] | None) -> torch.Tensor:
+    """One decode step of several sequences: q [R, hq, d] (row r's query is the last of its lens[r] tokens),
+    k/v [R, Tmax, hkv, d] right-padded, k1/k2 each row's semantic-kernel keys -> [R, hq, d]. Off the GPU in
+    one pass over all rows (`reference.decode_rows`); with the Triton kernels row by row (the engine's CUDA
+    decode runs on the paged cache instead)."""
+    if uses_triton(q):
+        return torch.stack([triton_pipeline(q[r:r + 1], k[r, :n], v[r, :n], cfg, scale, k1[r],
+                                            None if k2 is None else k2[r])[0] for r, n in enumerate(lens)])
+    pad = torch.nn.utils.rnn.pad_sequence
+    return decode_rows(q, k, v, torch.tensor(lens), cfg, scale, pad(k1, batch_first=True),
+                       None if k2 is None else pad(k2, batch_first=True))
 
 
 def make_opaque_to_compile() -> None:

@@ -86,16 +86,20 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_p
     coarse kernels (Gen-B's approximation, which leaves rows unnormalised). Rows without any visible
     normalising kernel score 0 everywhere (they are covered by forced blocks). Stored in q's dtype, as
     the kernels store it.
+
+    k1/k2 [Tq, N, hkv, d] instead: each query's own sequence's kernel keys (`decode_rows`: one query per
+    sequence; a shorter sequence's kernels past its own are invisible to its query by position).
     """
     tq, hq, d = q.shape
-    hkv = k1.shape[1]
+    hkv = k1.shape[-2]
     g = hq // hkv
     qf = upcast(q).view(tq, hkv, g, d)
-    s1 = torch.einsum("thgd,jhd->hgtj", qf, upcast(k1)) * scale
-    vis1 = kernel_visible(q_pos, k1.shape[0], cfg.kernel_size, cfg.kernel_stride)
+    keys = "tjhd" if k1.dim() == 4 else "jhd"
+    s1 = torch.einsum(f"thgd,{keys}->hgtj", qf, upcast(k1)) * scale
+    vis1 = kernel_visible(q_pos, k1.shape[-3], cfg.kernel_size, cfg.kernel_stride)
     if cfg.variant == "gen-b":
-        s2 = torch.einsum("thgd,jhd->hgtj", qf, upcast(k2)) * scale
-        vis2 = kernel_visible(q_pos, k2.shape[0], cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+        s2 = torch.einsum(f"thgd,{keys}->hgtj", qf, upcast(k2)) * scale
+        vis2 = kernel_visible(q_pos, k2.shape[-3], cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
         lse = s2.masked_fill(~vis2, -math.inf).logsumexp(-1, keepdim=True)
     else:
         lse = s1.masked_fill(~vis1, -math.inf).logsumexp(-1, keepdim=True)
@@ -184,17 +188,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 
 def _gather_attention(q, k, v, blocks, q_pos, block_size, scale):
+    """k, v [Tk, hkv, d], or [Tq, Tk, hkv, d]: each query's own sequence (see `decode_rows`)."""
     tq, hq, d = q.shape
-    tk, hkv, _ = k.shape
+    tk, hkv = k.shape[-3:-1]
     g = hq // hkv
     tok = blocks[..., None] * block_size + torch.arange(block_size, device=q.device)  # [hkv, Tq, nsel, B]
     tok = tok.flatten(2)
     valid = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).flatten(2)
     valid = valid & (tok <= q_pos[None, :, None]) & (tok < tk)
     tok = torch.where(valid, tok, 0)
-    kh, vh = upcast(k).transpose(0, 1), upcast(v).transpose(0, 1)  # [hkv, Tk, d]
-    kg = kh[torch.arange(hkv, device=q.device)[:, None, None], tok]  # [hkv, Tq, S, d]
-    vg = vh[torch.arange(hkv, device=q.device)[:, None, None], tok]
+    heads = torch.arange(hkv, device=q.device)[:, None, None]
+    if k.dim() == 4:  # per-query sequences
+        rows = torch.arange(tq, device=q.device)[None, :, None]
+        kg, vg = upcast(k)[rows, tok, heads], upcast(v)[rows, tok, heads]  # [hkv, Tq, S, d]
+    else:
+        kh, vh = upcast(k).transpose(0, 1), upcast(v).transpose(0, 1)  # [hkv, Tk, d]
+        kg, vg = kh[heads, tok], vh[heads, tok]  # [hkv, Tq, S, d]
     qf = upcast(q).view(tq, hkv, g, d)
     s = torch.einsum("thgd,htsd->hgts", qf, kg) * scale
     s = s.masked_fill(~valid[:, None], -math.inf)
@@ -202,6 +211,17 @@ def _gather_attention(q, k, v, blocks, q_pos, block_size, scale):
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     out = torch.einsum("hgts,htsd->thgd", p, vg).reshape(tq, hq, d)
     return out.to(q.dtype), lse.permute(2, 0, 1).reshape(tq, hq)
+
+
+def decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cfg: SparseConfig,
+                scale: float, k1: torch.Tensor, k2: torch.Tensor | None) -> torch.Tensor:
+    """One decode step of R sequences at once: row r's query q[r] [hq, d] is the last of its lens[r] tokens,
+    whose keys/values are k, v[r, :lens[r]] ([R, Tmax, hkv, d], right-padded) and kernel keys k1/k2[r]
+    ([R, N, hkv, d], right-padded). The same stages as `infllm_v2_attention` of each row alone, with the rows
+    on the query axis (a position per query masks each row's padding) -> [R, hq, d]."""
+    pos = (lens - 1).to(q.device)
+    idx = select_blocks(block_scores(q, k1, k2, pos, cfg, scale), pos, cfg)
+    return _gather_attention(q, k, v, attended_blocks(idx, pos, cfg), pos, cfg.block_size, scale)[0]
 
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
