@@ -90,6 +90,9 @@ class MLP(nn.Module):
 
 class Attention(nn.Module):
     ops = fused.EAGER
+    # Several sparse rows decoding one token each take one InfLLM v2 pass together; False: row by row
+    # (benchmarks/cpu_engine_decode.py's peer).
+    batch_sparse_decode = True
 
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
         super().__init__()
@@ -168,7 +171,8 @@ class Attention(nn.Module):
             else:
                 fresh = []
             # Sparse rows decoding one token each: one InfLLM v2 pass for all of them (not one per row).
-            steps = [i for i in range(b) if sparse[i] and h_new[i] == 1] if cache is not None else []
+            steps = [i for i in range(b) if sparse[i] and h_new[i] == 1] if cache is not None and \
+                self.batch_sparse_decode else []
             if len(steps) > 1:
                 lens = [kv_lens[i] for i in steps]
                 keys = [cache.compressed_keys(self.layer_idx, i, kv_lens[i], sc) for i in steps]
