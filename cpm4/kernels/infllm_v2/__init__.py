@@ -71,8 +71,8 @@ def sparse_decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: 
     one pass over all rows (`reference.decode_rows`); with the Triton kernels row by row (the engine's CUDA
     decode runs on the paged cache instead)."""
     if uses_triton(q):
-        return torch.stack([triton_pipeline(q[r:r + 1], k[r, :n], v[r, :n], cfg, scale, k1[r],
-                                            None if k2 is None else k2[r])[0] for r, n in enumerate(lens)])
+        return torch.stack([sparse_attention(q[r:r + 1], k[r, :n], v[r, :n], cfg, scale, k1[r],
+                                             None if k2 is None else k2[r])[0] for r, n in enumerate(lens)])
     pad = torch.nn.utils.rnn.pad_sequence
     return decode_rows(q, k, v, torch.tensor(lens), cfg, scale, pad(k1, batch_first=True),
                        None if k2 is None else pad(k2, batch_first=True))
