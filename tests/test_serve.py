@@ -909,3 +909,40 @@ def test_min_tokens_extension(client, llm):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_tokens": 3})
     assert "min_tokens" in err.value.message
+
+
+def test_stats_line_counts_the_interval():
+    """The periodic line (vLLM's shape): throughput over the time since the last line, running and waiting
+    requests, KV cache usage; nothing while idle; a bad interval refused."""
+    from types import SimpleNamespace
+
+    from cpm4.serve.stats import StatsLogger
+
+    eng = SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=0, num_running=0, num_waiting=0,
+                          kv_cache_usage=lambda: 0.25)
+    st = StatsLogger(eng, 5.0)
+    st._last = (100.0, 0, 0)
+    assert st.line(now=105.0) is None  # idle
+    eng.num_prompt_tokens, eng.num_generation_tokens, eng.num_running, eng.num_waiting = 300, 40, 2, 1
+    assert st.line(now=109.0) == ("Avg prompt throughput: 75.0 tokens/s, Avg generation throughput: 10.0 "
+                                  "tokens/s, Running: 2 reqs, Waiting: 1 reqs, KV cache usage: 25.0%")
+    eng.num_running = eng.num_waiting = 0
+    assert st.line(now=110.0) is None
+    with pytest.raises(ValueError, match="interval"):
+        StatsLogger(eng, 0)
+
+
+def test_stats_lines_logged_while_serving(llm, caplog):
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2)
+    srv = _Server(create_app(eng, MODEL, log_stats_interval=0.05))
+    try:
+        with caplog.at_level("INFO", logger="cpm4.serve"):
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=200, temperature=0,
+                                      extra_body={"ignore_eos": True})
+            time.sleep(0.2)
+        lines = [r.getMessage() for r in caplog.records if r.name == "cpm4.serve"]
+        assert any("Avg generation throughput" in line and "KV cache usage" in line for line in lines), lines
+    finally:
+        srv.stop()
+        eng.shutdown()

@@ -6,6 +6,7 @@ FastAPI and uvicorn are imported only when `create_app` / `serve` are used, so t
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,12 @@ if TYPE_CHECKING:
 __all__ = ["AsyncEngine", "create_app", "serve"]
 
 
-def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
+               log_stats_interval: float | None = None) -> FastAPI:
     """See `cpm4.serve.api.create_app`."""
     from .api import create_app as _create_app
 
-    return _create_app(engine_or_llm, model_name, api_key)
+    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval)
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -30,9 +32,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
           chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
-          chat_template: str | None = None) -> None:
+          chat_template: str | None = None, log_stats_interval: float | None = 10.0) -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
-    `chat_template` (a Jinja file or the template text) replaces the checkpoint's."""
+    `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
+    seconds of activity a throughput line goes to stderr (None or 0: never)."""
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
@@ -47,7 +50,14 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
                          cuda_graphs=cuda_graphs, compile=compile, async_output=async_output,
                          max_model_len=max_model_len)
     name = model_name or Path(model_dir).name or str(model_dir)
-    app = create_app(engine, name, api_key=api_key)
+    if log_stats_interval:
+        stats_log = logging.getLogger("cpm4.serve")
+        if not stats_log.handlers:  # uvicorn configures its own loggers only
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
+            stats_log.addHandler(handler)
+            stats_log.setLevel(logging.INFO)
+    app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None)
     try:
         # A short graceful period: open streams are aborted by the engine shutdown below anyway.
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

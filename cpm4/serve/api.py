@@ -41,6 +41,7 @@ from .protocol import (
     ResponseFormat,
     TokenizeRequest,
 )
+from .stats import StatsLogger
 from .tool_calls import ToolCallCollector
 
 __all__ = ["APIError", "create_app"]
@@ -721,8 +722,10 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
         raise _validation_error(e.errors()) from None
 
 
-def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) -> FastAPI:
-    """An OpenAI-compatible FastAPI app serving `model_name`.
+def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
+               log_stats_interval: float | None = None) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving `model_name`. log_stats_interval: seconds between the
+    vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -734,11 +737,18 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None) 
         raise TypeError(f"expected an AsyncEngine or an LLM, got {type(engine_or_llm).__name__}")
     server = _OpenAIServer(engine, model_name)
 
+    stats = StatsLogger(engine, log_stats_interval) if log_stats_interval else None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owned:
-            await asyncio.to_thread(engine.shutdown)
+        task = asyncio.create_task(stats.run()) if stats is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            if owned:
+                await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="cpm4 OpenAI-compatible server", lifespan=lifespan)
     app.state.engine = engine

@@ -19,7 +19,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
-          chat_template=args.chat_template)
+          chat_template=args.chat_template, log_stats_interval=args.log_stats_interval)
     return 0
 
 
@@ -74,5 +74,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "default KV cache is sized by it")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
+    p.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)
     return p
