@@ -946,3 +946,17 @@ def test_stats_lines_logged_while_serving(llm, caplog):
     finally:
         srv.stop()
         eng.shutdown()
+
+
+def test_engine_cpu_threads(llm):
+    """cpu_threads: the worker thread's torch threads, set before its first step; the caller's thread keeps
+    its own; a bad value is refused before any thread starts."""
+    with pytest.raises(ValueError, match="cpu_threads"):
+        AsyncEngine(llm.model, llm.tokenizer, cpu_threads=0)
+    before = torch.get_num_threads()
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, cpu_threads=1)
+    try:
+        assert len(_collect(eng, [5, 6, 7], _greedy(3, ignore_eos=True), "t")) >= 1
+        assert eng.worker_threads == 1 and torch.get_num_threads() == before
+    finally:
+        eng.shutdown()

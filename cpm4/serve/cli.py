@@ -19,7 +19,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
-          chat_template=args.chat_template, log_stats_interval=args.log_stats_interval)
+          chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
+          cpu_threads=args.cpu_threads)
     return 0
 
 
@@ -74,6 +75,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "default KV cache is sized by it")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
+    p.add_argument("--cpu-threads", type=_positive, default=None,
+                   help="torch threads for the engine on the CPU (default: all cores but one, for the HTTP loop)")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)

@@ -90,14 +90,21 @@ class AsyncEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None) -> None:
+                 compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
+                 cpu_threads: int | None = None) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
         max_batch_size sequences of up to 8192 tokens or the context, whichever is shorter). cuda_graphs:
         see `LLMEngine` (default: on CUDA); compile: torch.compile the captured decode step; async_output: see
         `LLMEngine` (default: on with CUDA graphs); max_model_len: the longest request served, prompt and
-        output (default: the model's context; see `context_length`)."""
+        output (default: the model's context; see `context_length`). cpu_threads: torch's intra-op threads
+        on the worker thread (set there before its first step; other threads keep theirs; None: the
+        default)."""
+        if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
+                                        or cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive int, got {cpu_threads!r}")
+        self.cpu_threads = cpu_threads
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
@@ -133,7 +140,7 @@ class AsyncEngine:
         # Called on the requesting event loop as each stream ends (metrics); they must not raise.
         self.request_observers: list[Callable[[RequestStats], None]] = []
         target = self._continuous_loop if continuous else self._worker_loop
-        self._thread = threading.Thread(target=target, name="cpm4-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(target,), name="cpm4-engine", daemon=True)
         self._thread.start()
 
     # ----- asyncio side -----
@@ -335,6 +342,12 @@ class AsyncEngine:
             log.exception("decode graph warm-up failed; graphs are captured on first use instead")
         self._sched = sched
         return sched
+
+    def _run(self, loop: Callable[[], None]) -> None:
+        if self.cpu_threads is not None:
+            torch.set_num_threads(self.cpu_threads)
+        self.worker_threads = torch.get_num_threads()
+        loop()
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
