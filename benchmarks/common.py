@@ -23,6 +23,20 @@ def write_json(doc: dict, name: str, out: str) -> None:
         print(f"wrote {path}")
 
 
+def write_rows(name: str, device: str, rows: list[dict], out: str, **meta) -> None:
+    """A benchmark's results as `out/<name>-<date>.json`: {"device", "date", **meta, "rows"}."""
+    import datetime
+
+    date = datetime.date.today().isoformat()
+    write_json({"device": device, "date": date, **meta, "rows": rows}, f"{name}-{date}.json", out)
+
+
+def cpu_device() -> str:
+    import torch
+
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def covering_tokenizer(vocab_size: int, base: Tokenizer | None = None) -> Tokenizer:
     """A tokenizer in which every id of a random model's vocabulary decodes to text: a 1024-id byte-level one
     (or `base`) plus plain tokens "<tN>" for the ids above. With ids that decode to nothing (beyond a small

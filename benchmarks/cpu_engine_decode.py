@@ -11,7 +11,6 @@ produce the same tokens (checked). Prints a table, writes benchmarks/results/cpu
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, write_json  # noqa: E402
+from common import covering_tokenizer, cpu_device, write_rows  # noqa: E402
 
 from cpm4 import SamplingParams  # noqa: E402
 from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
@@ -77,9 +76,7 @@ def main() -> None:
         rows.append({"phase": f"decode.sparse.rows{n}", "seqlen": args.length, "ours_ms": round(ours, 2),
                      "peer_ms": round(peer, 2), "speedup": round(peer / ours, 2)})
         print(f"{n:5d} {args.length:7d} {ours:17.2f} {peer:16.2f} {peer / ours:8.2f}x")
-    date = datetime.date.today().isoformat()
-    write_json({"device": f"CPU ({torch.get_num_threads()} threads)", "date": date, "model": args.model,
-                "rows": rows}, f"cpu_engine_decode-{date}.json", args.out)
+    write_rows("cpu_engine_decode", cpu_device(), rows, args.out, model=args.model)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_json  # noqa: E402
+from common import cpu_device, write_rows  # noqa: E402
 
 from cpm4 import SamplingParams  # noqa: E402
 from cpm4.model.checkpoint import load_checkpoint  # noqa: E402
@@ -90,9 +89,7 @@ def main() -> None:
                      "peer_ms": round(peer * 1000, 1), "speedup": round(peer / ours, 2),
                      "cpu_threads": ours_threads, "default_threads": torch.get_num_threads()})
         print(f"{s:7d} {ours_threads:7d} {n / ours:8.1f} {n / peer:14.1f} {peer / ours:8.2f}x")
-    date = datetime.date.today().isoformat()
-    write_json({"device": f"CPU ({torch.get_num_threads()} threads)", "date": date, "model": args.model,
-                "rows": rows}, f"cpu_server_threads-{date}.json", args.out)
+    write_rows("cpu_server_threads", cpu_device(), rows, args.out, model=args.model)
 
 
 if __name__ == "__main__":
