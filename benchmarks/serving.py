@@ -193,7 +193,7 @@ def http_row(args, model, tok, creqs, dev) -> dict:
     aeng = AsyncEngine(model, tok, max_batch_size=args.clients,
                        chunk_tokens=args.chunk_tokens, kv_cache_tokens=args.kv_cache_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
-                       compile=args.compile, async_output=args.async_output)
+                       compile=args.compile, async_output=args.async_output, cpu_threads=args.cpu_threads)
     try:
         srv = HTTPServer(create_app(aeng, args.config))
         try:
@@ -258,6 +258,9 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
+    ap.add_argument("--cpu-threads", type=int, default=None,
+                    help="torch threads of the server engines' worker thread (AsyncEngine cpu_threads; default: "
+                    "torch's)")
     ap.add_argument("--skip", action="append", default=[], choices=["offline", "server"],
                     help="leave out the offline.<requests> or the server.<clients> row (repeatable)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -328,7 +331,7 @@ def main() -> None:
         aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
                            kv_cache_tokens=args.kv_cache_tokens,
                            gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
-                           compile=args.compile, async_output=args.async_output)
+                           compile=args.compile, async_output=args.async_output, cpu_threads=args.cpu_threads)
         try:
             asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
             m = asyncio.run(run_clients(aeng, creqs))
