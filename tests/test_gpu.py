@@ -63,3 +63,17 @@ def test_cuda_seeded_sampling_reproduces():
     model = to_device(random_model("tiny", dtype=torch.float32), torch.bfloat16)
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True)
     assert generate(model, tok(), "x", p)[0].token_ids == generate(model, tok(), "x", p)[0].token_ids
+
+
+def test_multi_row_prefill_leaves_sdpa_settings_alone():
+    """The multi-row causal call leaves cuDNN out inside a context; the process's SDPA flags and priority order
+    (which user code and the benchmarks' peers rely on) must be as before."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    model = to_device(random_model("tiny", dtype=torch.float32), torch.bfloat16)
+    before = (_cur_sdpa_kernel_backends(), torch._C._get_sdp_priority_order())
+    ids = torch.randint(0, 1000, (3, 96), device="cuda")
+    with torch.inference_mode():
+        out = model(ids)
+    assert torch.isfinite(out).all()
+    assert (_cur_sdpa_kernel_backends(), torch._C._get_sdp_priority_order()) == before

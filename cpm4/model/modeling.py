@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Module import (not the function): cpm4.kernels.infllm_v2 imports cpm4.model.config, so either package may
 # be imported first.
@@ -86,6 +87,13 @@ class MLP(nn.Module):
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
             return self.down_proj(self.ops.silu_mul(gate, up))
         return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+# cuDNN attention (PyTorch's first choice for causal GQA on Hopper) builds a plan for every new shape: 47 ms on
+# the first call of each (rows, T) against 0.1-0.15 ms after (benchmarks/sdpa_shapes.py, H200). The engine's
+# multi-row prefill brings a new shape nearly every step, so that call leaves cuDNN out (FlashAttention takes it,
+# no plan). Only the enabled set changes here: `set_priority=True` would leave its order behind after the call.
+NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -262,7 +270,10 @@ class Attention(nn.Module):
         """Dense GQA attention; query i of sequence b sees keys j <= starts[b] + i (start0: starts[0], read on
         the host already)."""
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if plain_causal:
+        if plain_causal and q.shape[0] > 1 and q.is_cuda:
+            with sdpa_kernel(NO_PLAN_BACKENDS):
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        elif plain_causal:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
         elif q.shape[0] == 1 and q.shape[1] == 1 and k.shape[1] == start0 + 1:
             # One sequence's next token: it sees every key, no mask (decoding on the gathering path).
