@@ -3,6 +3,10 @@ rows (`infllm_v2.sparse_decode_rows`) against one pass per row (`Attention.batch
 the same run, through `LLMEngine` on the bundled demo model (dense_len 512).
 
     python benchmarks/cpu_engine_decode.py [--rows 4 8] [--length 1000]
+    python benchmarks/cpu_engine_decode.py --gather --length 400 1000
+
+--gather instead compares the page gather of `PagedBatch.gather` (index_select over the flat page list) with
+indexing the cache by the 2-D block table, its earlier form (peer), at each --length (dense or sparse rows).
 
 Prompts of --length random tokens, greedy, 60 new tokens each; ms per decode step (prefill excluded). Both
 produce the same tokens (checked). Prints a table, writes benchmarks/results/cpu_engine_decode-<date>.json.
@@ -23,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import covering_tokenizer, cpu_device, write_rows  # noqa: E402
 
 from cpm4 import SamplingParams  # noqa: E402
-from cpm4.engine.paged import PagedKVCache, page_size_for  # noqa: E402
+from cpm4.engine.paged import PagedBatch, PagedKVCache, page_size_for  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
 from cpm4.model.checkpoint import load_checkpoint  # noqa: E402
 from cpm4.model.modeling import Attention  # noqa: E402
@@ -47,36 +51,65 @@ def decode(model, tok, reqs: list[list[int]], new: int) -> tuple[float, dict]:
     return (time.perf_counter() - t) * 1000 / steps, out
 
 
+def table_index_gather(store: torch.Tensor, pages, end: int) -> torch.Tensor:
+    """The gather before index_select: the cache indexed by the [rows, pages] block table."""
+    if isinstance(pages, slice):
+        return store[pages].flatten(0, 1)[None, :end]
+    return store[pages].flatten(1, 2)[:, :end]
+
+
+def compare(model, tok, reqs: list[list[int]], new: int, patch) -> tuple[float, float]:
+    """(ours, peer) ms per step; `patch()` switches to the peer and returns the undo."""
+    ours, a = decode(model, tok, reqs, new)
+    undo = patch()
+    try:
+        peer, b = decode(model, tok, reqs, new)
+    finally:
+        undo()
+    if a != b:
+        raise SystemExit("ours and the peer disagree on the tokens")
+    return ours, peer
+
+
+def sparse_per_row():
+    Attention.batch_sparse_decode = False
+    return lambda: setattr(Attention, "batch_sparse_decode", True)
+
+
+def table_gather():
+    ours = PagedBatch.__dict__["gather"]
+    PagedBatch.gather = staticmethod(table_index_gather)
+    return lambda: setattr(PagedBatch, "gather", ours)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/cpm4-demo")
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--length", type=int, nargs="+", default=[1000])
+    ap.add_argument("--gather", action="store_true", help="index_select page gather vs 2-D table indexing")
     ap.add_argument("--new-tokens", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = load_checkpoint(args.model, dtype=torch.float32)
     sc = model.config.sparse_config
-    if sc is None or not sc.is_sparse(args.length):
+    if not args.gather and (sc is None or not all(sc.is_sparse(n) for n in args.length)):
         ap.error(f"--length {args.length} is not past the model's dense_len: no InfLLM v2 rows to measure")
     tok = covering_tokenizer(model.config.vocab_size)
     rnd = random.Random(0)
     rows = []
-    print(f"{'rows':>5s} {'length':>7s} {'one pass ms/step':>17s} {'per row ms/step':>16s} {'speed-up':>9s}")
-    for n in args.rows:
-        reqs = [[rnd.randint(3, 1000) for _ in range(args.length)] for _ in range(n)]
-        ours, a = decode(model, tok, reqs, args.new_tokens)
-        Attention.batch_sparse_decode = False
-        try:
-            peer, b = decode(model, tok, reqs, args.new_tokens)
-        finally:
-            Attention.batch_sparse_decode = True
-        if a != b:
-            raise SystemExit("one-pass and per-row decode disagree on the tokens")
-        rows.append({"phase": f"decode.sparse.rows{n}", "seqlen": args.length, "ours_ms": round(ours, 2),
-                     "peer_ms": round(peer, 2), "speedup": round(peer / ours, 2)})
-        print(f"{n:5d} {args.length:7d} {ours:17.2f} {peer:16.2f} {peer / ours:8.2f}x")
-    write_rows("cpu_engine_decode", cpu_device(), rows, args.out, model=args.model)
+    what, peer_name = ("gather", "2-D index") if args.gather else ("one pass", "per row")
+    print(f"{'rows':>5s} {'length':>7s} {what + ' ms/step':>17s} {peer_name + ' ms/step':>17s} {'speed-up':>9s}")
+    for length in args.length:
+        kind = "sparse" if sc is not None and sc.is_sparse(length) else "dense"
+        for n in args.rows:
+            reqs = [[rnd.randint(3, 1000) for _ in range(length)] for _ in range(n)]
+            ours, peer = compare(model, tok, reqs, args.new_tokens, table_gather if args.gather else sparse_per_row)
+            rows.append({"phase": f"decode.{kind}.rows{n}", "seqlen": length, "ours_ms": round(ours, 2),
+                         "peer_ms": round(peer, 2), "speedup": round(peer / ours, 2)})
+            print(f"{n:5d} {length:7d} {ours:17.2f} {peer:17.2f} {peer / ours:8.2f}x")
+    write_rows("cpu_engine_gather" if args.gather else "cpu_engine_decode", cpu_device(), rows, args.out,
+               model=args.model)
 
 
 if __name__ == "__main__":
