@@ -3,10 +3,13 @@ rows (`infllm_v2.sparse_decode_rows`) against one pass per row (`Attention.batch
 the same run, through `LLMEngine` on the bundled demo model (dense_len 512).
 
     python benchmarks/cpu_engine_decode.py [--rows 4 8] [--length 1000]
-    python benchmarks/cpu_engine_decode.py --gather --length 400 1000
+    python benchmarks/cpu_engine_decode.py --peer table-gather --length 400 1000
+    python benchmarks/cpu_engine_decode.py --peer token-gather --length 1000 2000 4000
 
---gather instead compares the page gather of `PagedBatch.gather` (index_select over the flat page list) with
-indexing the cache by the 2-D block table, its earlier form (peer), at each --length (dense or sparse rows).
+--peer picks what the same engine runs as the peer: per-row (default: one InfLLM v2 pass per row), table-gather
+(the page gather indexing the cache by the 2-D block table, the earlier form of `PagedBatch.gather`; dense or
+sparse rows), token-gather (stage 4 of the one-pass decode always gathering each row's selected tokens, never
+the dense pass masked by the selection: `cpu.DENSE_FRACTION = 0`).
 
 Prompts of --length random tokens, greedy, 60 new tokens each; ms per decode step (prefill excluded). Both
 produce the same tokens (checked). Prints a table, writes benchmarks/results/cpu_engine_decode-<date>.json.
@@ -76,6 +79,14 @@ def sparse_per_row():
     return lambda: setattr(Attention, "batch_sparse_decode", True)
 
 
+def token_gather():
+    from cpm4.kernels.infllm_v2 import cpu
+
+    ours = cpu.DENSE_FRACTION
+    cpu.DENSE_FRACTION = 0
+    return lambda: setattr(cpu, "DENSE_FRACTION", ours)
+
+
 def table_gather():
     ours = PagedBatch.__dict__["gather"]
     PagedBatch.gather = staticmethod(table_index_gather)
@@ -87,29 +98,32 @@ def main() -> None:
     ap.add_argument("--model", default="models/cpm4-demo")
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--length", type=int, nargs="+", default=[1000])
-    ap.add_argument("--gather", action="store_true", help="index_select page gather vs 2-D table indexing")
+    ap.add_argument("--peer", choices=["per-row", "table-gather", "token-gather"], default="per-row")
     ap.add_argument("--new-tokens", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = load_checkpoint(args.model, dtype=torch.float32)
     sc = model.config.sparse_config
-    if not args.gather and (sc is None or not all(sc.is_sparse(n) for n in args.length)):
+    if args.peer != "table-gather" and (sc is None or not all(sc.is_sparse(n) for n in args.length)):
         ap.error(f"--length {args.length} is not past the model's dense_len: no InfLLM v2 rows to measure")
     tok = covering_tokenizer(model.config.vocab_size)
     rnd = random.Random(0)
     rows = []
-    what, peer_name = ("gather", "2-D index") if args.gather else ("one pass", "per row")
+    what, peer_name, patch = {"per-row": ("one pass", "per row", sparse_per_row),
+                              "table-gather": ("gather", "2-D index", table_gather),
+                              "token-gather": ("ours", "token gather", token_gather)}[args.peer]
     print(f"{'rows':>5s} {'length':>7s} {what + ' ms/step':>17s} {peer_name + ' ms/step':>17s} {'speed-up':>9s}")
     for length in args.length:
         kind = "sparse" if sc is not None and sc.is_sparse(length) else "dense"
         for n in args.rows:
             reqs = [[rnd.randint(3, 1000) for _ in range(length)] for _ in range(n)]
-            ours, peer = compare(model, tok, reqs, args.new_tokens, table_gather if args.gather else sparse_per_row)
+            ours, peer = compare(model, tok, reqs, args.new_tokens, patch)
             rows.append({"phase": f"decode.{kind}.rows{n}", "seqlen": length, "ours_ms": round(ours, 2),
                          "peer_ms": round(peer, 2), "speedup": round(peer / ours, 2)})
             print(f"{n:5d} {length:7d} {ours:17.2f} {peer:17.2f} {peer / ours:8.2f}x")
-    write_rows("cpu_engine_gather" if args.gather else "cpu_engine_decode", cpu_device(), rows, args.out,
-               model=args.model)
+    name = {"per-row": "cpu_engine_decode", "table-gather": "cpu_engine_gather",
+            "token-gather": "cpu_engine_stage4"}[args.peer]
+    write_rows(name, cpu_device(), rows, args.out, model=args.model)
 
 
 if __name__ == "__main__":

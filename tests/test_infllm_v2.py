@@ -237,12 +237,16 @@ def test_varlen_batch_equals_each_sequence():
         sparse_attention_varlen(q, k, v, torch.tensor([0, 90]), cu_k, cfg)
 
 
+@pytest.mark.parametrize("dense_fraction", [0, 10 ** 6])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
-def test_decode_rows_equal_each_row_alone(variant):
+def test_decode_rows_equal_each_row_alone(variant, dense_fraction, monkeypatch):
     """One decode step of several sequences of different lengths in one pass (`sparse_decode_rows`, rows on
     the query axis, padding masked by each row's position) equals each row's own step, and the brute force,
-    in float64; a row shorter than the window sees everything."""
-    from cpm4.kernels.infllm_v2 import sparse_decode_rows
+    in float64; a row shorter than the window sees everything. Both stage-4 forms: the gather of the selected
+    tokens (dense_fraction 0) and the dense pass with the selection as a mask."""
+    from cpm4.kernels.infllm_v2 import cpu, sparse_decode_rows
+
+    monkeypatch.setattr(cpu, "DENSE_FRACTION", dense_fraction)
 
     cfg = cfg_small(variant)
     lens = [150, 203, 37, 177]

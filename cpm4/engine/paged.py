@@ -251,6 +251,7 @@ class PagedBatch:
         self.table = cache.block_table(seqs, width).to(dev, torch.long)
         self._slots: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
+        self._key_slots: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
         # Only real tokens are written (padding is not): each row needs room for its own new tokens.
@@ -309,7 +310,7 @@ class PagedBatch:
         if isinstance(pages, slice):
             return store[pages].flatten(0, 1)[None, :end]
         # index_select over the flat page list: on the CPU 1.5-2x faster than indexing with the 2-D table
-        # (benchmarks/cpu_engine_decode.py --gather).
+        # (benchmarks/cpu_engine_decode.py --peer table-gather).
         return store.index_select(0, pages.flatten()).view(pages.shape[0], -1, *store.shape[2:])[:, :end]
 
     def _pool(self, layer: int, k_all: torch.Tensor, starts: list[int], new_lens: list[int]) -> None:
@@ -359,9 +360,14 @@ class PagedBatch:
                                      sc.coarse_kernel_stride)
 
     def _kernel_keys(self, store: torch.Tensor, seq: int, length: int, size: int, stride: int) -> torch.Tensor:
-        j = torch.arange(num_kernels(length, size, stride), device=store.device)
-        page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
-        return store[self.table[seq, page], slot]
+        # The flat slots are the same for every layer of the step: computed on the first layer only.
+        key = (seq, length, size, stride)
+        idx = self._key_slots.get(key)
+        if idx is None:
+            j = torch.arange(num_kernels(length, size, stride), device=store.device)
+            page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
+            idx = self._key_slots[key] = self.table[seq, page] * store.shape[1] + slot
+        return store.flatten(0, 1).index_select(0, idx)
 
 
 def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = None

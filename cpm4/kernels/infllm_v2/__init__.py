@@ -75,7 +75,7 @@ def sparse_decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: 
                                              None if k2 is None else k2[r])[0] for r, n in enumerate(lens)])
     pad = torch.nn.utils.rnn.pad_sequence
     return decode_rows(q, k, v, torch.tensor(lens), cfg, scale, pad(k1, batch_first=True),
-                       None if k2 is None else pad(k2, batch_first=True))
+                       None if k2 is None else pad(k2, batch_first=True), attend=cpu.decode_attention)
 
 
 def make_opaque_to_compile() -> None:

@@ -214,14 +214,18 @@ def _gather_attention(q, k, v, blocks, q_pos, block_size, scale):
 
 
 def decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cfg: SparseConfig,
-                scale: float, k1: torch.Tensor, k2: torch.Tensor | None) -> torch.Tensor:
+                scale: float, k1: torch.Tensor, k2: torch.Tensor | None, attend=None) -> torch.Tensor:
     """One decode step of R sequences at once: row r's query q[r] [hq, d] is the last of its lens[r] tokens,
     whose keys/values are k, v[r, :lens[r]] ([R, Tmax, hkv, d], right-padded) and kernel keys k1/k2[r]
     ([R, N, hkv, d], right-padded). The same stages as `infllm_v2_attention` of each row alone, with the rows
-    on the query axis (a position per query masks each row's padding) -> [R, hq, d]."""
+    on the query axis (a position per query masks each row's padding) -> [R, hq, d]. `attend`: another stage
+    4 with `_gather_attention`'s arguments returning the output only (`cpu.decode_attention`)."""
     pos = (lens - 1).to(q.device)
     idx = select_blocks(block_scores(q, k1, k2, pos, cfg, scale), pos, cfg)
-    return _gather_attention(q, k, v, attended_blocks(idx, pos, cfg), pos, cfg.block_size, scale)[0]
+    blocks = attended_blocks(idx, pos, cfg)
+    if attend is not None:
+        return attend(q, k, v, blocks, pos, cfg.block_size, scale)
+    return _gather_attention(q, k, v, blocks, pos, cfg.block_size, scale)[0]
 
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
