@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .engine.generate import GenerationOutput, fit_to_context, generate_stream
+from .engine.generation_config import default_params, sampling_defaults
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
@@ -114,16 +115,23 @@ class LLM:
     is otherwise sized to each batch), chunk_tokens (prompt tokens prefilled per engine step) and compile
     (torch.compile the captured decode step and prefill's element-wise ops: faster steps, a slow first call;
     CUDA graphs only) and max_model_len (the longest prompt + output served, at most the model's context: a
-    smaller one narrows the decode graphs' block tables and, off CUDA, the cache)."""
+    smaller one narrows the decode graphs' block tables and, off CUDA, the cache).
+
+    generation_config, as vLLM's: "auto" (default) takes the checkpoint folder's generation_config.json
+    sampling values (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) as the defaults of
+    calls without params (`get_default_sampling_params`); "vllm" keeps SamplingParams' own; a path reads that
+    folder's or file's."""
 
     def __init__(self, model: str | os.PathLike | MiniCPM4ForCausalLM, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
                  kv_cache_tokens: int | None = None, chunk_tokens: int = 512, compile: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto"):
         """model: a checkpoint folder, or a model already in memory with its `tokenizer` (device and dtype
         are then the model's own)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)  # before a possibly long load
+        folder = None if isinstance(model, MiniCPM4ForCausalLM) else model
+        self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
         if compile and enforce_eager:
             raise ValueError("compile applies to the CUDA-graph decode step: it cannot go with enforce_eager")
         if isinstance(model, MiniCPM4ForCausalLM):
@@ -143,18 +151,22 @@ class LLM:
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
         """One output per prompt (text or token ids), in order; params: one for all, or one per prompt."""
-        return _generate(self.engine, self.tokenizer, prompts, params)
+        return _generate(self.engine, self.tokenizer, prompts, params or self.get_default_sampling_params())
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What calls without params use: SamplingParams with the checkpoint's generation_config values."""
+        return default_params(self.sampling_defaults)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text of one prompt's completion, piece by piece. On CUDA it runs on the engine (`generate`'s:
         CUDA graphs, paged sparse decode); elsewhere on the plain loop, whose first token comes soonest on a
         CPU (no cache to size)."""
+        params = params or self.get_default_sampling_params()
         if self.model.device.type != "cuda":
             ids = _as_ids(self.tokenizer, prompt)
-            yield from stream(self.model, self.tokenizer, ids,
-                              fit_to_context(len(ids), params or SamplingParams(), self.engine.context))
+            yield from stream(self.model, self.tokenizer, ids, fit_to_context(len(ids), params, self.engine.context))
             return
-        for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params or SamplingParams()):
+        for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params):
             if d.text:
                 yield d.text
 

@@ -130,6 +130,7 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "bad_presence": (("generate", *m, "--presence-penalty", "3", "hi"), {}),
         "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
         "bad_chat_template": (("serve", *m, "--chat-template", "no-such-template.jinja"), {}),
+        "bad_generation_config": (("serve", *m, "--generation-config", "no-such-dir"), {}),
         # the bundled demo model is the default, and --chat renders the prompt as a user turn
         "demo_chat": (("generate", "--device", "cpu", "--chat", *GREEDY, "--no-stream", "What does json do?"), {}),
         # chat (greedy, stdin fed at once)
@@ -246,6 +247,10 @@ def test_serve_rejects_bad_cache_size(jobs):
 
 def test_serve_rejects_missing_chat_template(jobs):
     assert_usage_error(jobs["bad_chat_template"].result(), "no-such-template.jinja", "no such file")
+
+
+def test_serve_rejects_missing_generation_config(jobs):
+    assert_usage_error(jobs["bad_generation_config"].result(), "no-such-dir", "generation config not found")
 
 
 def test_default_model_is_the_bundled_demo_and_chat_flag(jobs):

@@ -123,6 +123,27 @@ def test_chat_greedy_matches_llm(client, llm):
     assert r2.choices[0].message.content == ref.text
 
 
+def test_checkpoint_sampling_defaults_fill_unset_fields(engine, llm):
+    """sampling_defaults (the checkpoint's generation_config.json) fill what a request leaves unset; what it
+    sets wins."""
+    srv = _Server(create_app(engine, MODEL, sampling_defaults={"temperature": 0.0, "max_tokens": 6,
+                                                               "repetition_penalty": 1.5}))
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        ref = llm.chat(MESSAGES, _greedy(6, repetition_penalty=1.5))
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES)  # no temperature, no max_tokens
+        assert r.choices[0].message.content == ref.text and r.usage.completion_tokens == len(ref.token_ids) <= 6
+        ref9 = llm.chat(MESSAGES, _greedy(9, repetition_penalty=1.0))
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=9, extra_body={
+            "repetition_penalty": 1.0})
+        assert r.choices[0].message.content == ref9.text
+        ref4 = llm.generate("def main():", _greedy(4, repetition_penalty=1.5))[0]
+        r = c.completions.create(model=MODEL, prompt="def main():", max_tokens=4)
+        assert r.choices[0].text == ref4.text
+    finally:
+        srv.stop()
+
+
 def test_completion_greedy_matches_llm(client, llm, server):
     prompts = ["The capital of France is", "def main():"]
     refs = llm.generate(prompts, _greedy(10))

@@ -20,11 +20,12 @@ __all__ = ["AsyncEngine", "create_app", "serve"]
 
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
-               log_stats_interval: float | None = None) -> FastAPI:
+               log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None
+               ) -> FastAPI:
     """See `cpm4.serve.api.create_app`."""
     from .api import create_app as _create_app
 
-    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval)
+    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval, sampling_defaults)
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -33,18 +34,20 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
-          cpu_threads: int | None = None) -> None:
+          cpu_threads: int | None = None, generation_config: str | None = "auto") -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
-    the engine; on the CPU by default all cores but one, which the HTTP event loop keeps."""
+    the engine; on the CPU by default all cores but one, which the HTTP event loop keeps. generation_config:
+    where unset request fields take their defaults from ("auto": the checkpoint's generation_config.json,
+    "vllm": none, or a folder or file; see `cpm4.engine.generation_config`)."""
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     from cpm4.llm import LLM
 
-    llm = LLM(model_dir, device=device, dtype=dtype)
+    llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config)
     if cpu_threads is None and llm.model.device.type == "cpu":
         # The engine computes on its own thread: with every core in torch's pool it competed with the event
         # loop and the main thread's idle pool (demo model, 2 cores: 88 -> 166 tok/s for one stream, 425 ->
@@ -66,7 +69,12 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
             handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
             stats_log.addHandler(handler)
             stats_log.setLevel(logging.INFO)
-    app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None)
+    if llm.sampling_defaults:  # as vLLM says it: a user who expected SamplingParams' defaults learns why not
+        logging.getLogger("cpm4.serve").warning(
+            "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
+            "none)", llm.sampling_defaults)
+    app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None,
+                     sampling_defaults=llm.sampling_defaults)
     try:
         # A short graceful period: open streams are aborted by the engine shutdown below anyway.
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

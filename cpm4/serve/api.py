@@ -252,8 +252,11 @@ def _sse(obj: Any) -> str:
 
 
 class _OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, sampling_defaults: dict[str, Any] | None = None
+                 ) -> None:
         self.engine = engine
+        # Values for the sampling fields a request leaves unset (the checkpoint's generation_config.json).
+        self.defaults = sampling_defaults or {}
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.created = int(time.time())
@@ -278,14 +281,16 @@ class _OpenAIServer:
                 ) -> SamplingParams:
         """grammar: SamplingParams' grammar fields (guided_json or structural_tag), from the request field
         grammar_param, which a 400 for a schema that does not compile names."""
+        d = self.defaults
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+                top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+                top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
+                min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
+                repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+                else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 logit_bias=req.logit_bias or None,
@@ -589,7 +594,8 @@ class _OpenAIServer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         ids = self._chat_ids(req)
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.engine.context_length
+        max_tokens = req.max_completion_tokens or req.max_tokens or \
+            min(self.engine.context_length, self.defaults.get("max_tokens", self.engine.context_length))
         k = (req.top_logprobs or 0) if req.logprobs else None
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
@@ -723,9 +729,13 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
 
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
-               log_stats_interval: float | None = None) -> FastAPI:
+               log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None
+               ) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving `model_name`. log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
+    sampling_defaults: SamplingParams fields for what a request leaves unset (temperature, top_p, top_k,
+    min_p, repetition_penalty; max_tokens caps a chat request without one), as from
+    `cpm4.engine.generation_config.sampling_defaults`; default: an `LLM`'s own, else SamplingParams'.
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -735,7 +745,9 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
         engine, owned = AsyncEngine(engine_or_llm.model, engine_or_llm.tokenizer), True
     else:
         raise TypeError(f"expected an AsyncEngine or an LLM, got {type(engine_or_llm).__name__}")
-    server = _OpenAIServer(engine, model_name)
+    if sampling_defaults is None:
+        sampling_defaults = getattr(engine_or_llm, "sampling_defaults", None)
+    server = _OpenAIServer(engine, model_name, sampling_defaults)
 
     stats = StatsLogger(engine, log_stats_interval) if log_stats_interval else None
 

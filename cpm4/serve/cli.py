@@ -20,7 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
-          cpu_threads=args.cpu_threads)
+          cpu_threads=args.cpu_threads, generation_config=args.generation_config)
     return 0
 
 
@@ -77,6 +77,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
     p.add_argument("--cpu-threads", type=_positive, default=None,
                    help="torch threads for the engine on the CPU (default: all cores but one, for the HTTP loop)")
+    p.add_argument("--generation-config", default="auto",
+                   help="defaults for the sampling fields a request leaves unset: auto (the checkpoint's "
+                   "generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "
+                   "vllm (none), or a folder or file with a generation_config.json")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)

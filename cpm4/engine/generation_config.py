@@ -1,0 +1,70 @@
+"""Default sampling parameters from a checkpoint's generation_config.json, as vLLM's `--generation-config`:
+a request (or an `LLM.generate` call without params) that leaves a field unset gets the checkpoint's value
+instead of SamplingParams' own. MiniCPM4's releases ship temperature 0.8 and top_p 0.8 there.
+
+Only the sampling fields vLLM takes are read (do_sample is not: as in vLLM, the values apply whatever it says);
+max_new_tokens becomes the default max_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .sampling import SamplingParams
+
+# generation_config.json field -> SamplingParams field
+FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+          "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+NAME = "generation_config.json"
+
+
+def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.PathLike | None = None
+                      ) -> dict[str, Any]:
+    """SamplingParams fields to default to. source: "auto" (model_dir's generation_config.json, if it has
+    one), "vllm" or None (none: SamplingParams' own defaults), or a folder holding a generation_config.json
+    or the file itself (which must then exist). A value SamplingParams would refuse is an error that names
+    the file and the field."""
+    if source is None or source == "vllm":
+        return {}
+    if source == "auto":
+        if model_dir is None or not (Path(model_dir) / NAME).is_file():
+            return {}
+        path = Path(model_dir) / NAME
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"generation config not found: {path} (--generation-config takes auto, "
+                                    f"vllm, or a folder or file with one)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for src, dst in FIELDS.items():
+        value = raw.get(src)
+        if value is None:
+            continue
+        integral = dst in ("top_k", "max_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise ValueError(f"{path}: {src} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        out[dst] = value if integral else float(value)
+    try:
+        SamplingParams(**out)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("max_tokens"):  # the file's name for it
+            msg = "max_new_tokens" + msg[len("max_tokens"):]
+        raise ValueError(f"{path}: {msg}") from None
+    return out
+
+
+def default_params(defaults: dict[str, Any], **overrides: Any) -> SamplingParams:
+    """SamplingParams from the checkpoint's defaults, with `overrides` (fields set by the caller) on top."""
+    return SamplingParams(**{**defaults, **overrides})
