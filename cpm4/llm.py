@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .engine.generate import GenerationOutput, fit_to_context, generate_stream
-from .engine.generation_config import default_params, sampling_defaults
+from .engine.generation_config import sampling_defaults
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
@@ -155,7 +155,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What calls without params use: SamplingParams with the checkpoint's generation_config values."""
-        return default_params(self.sampling_defaults)
+        return SamplingParams(**self.sampling_defaults)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text of one prompt's completion, piece by piece. On CUDA it runs on the engine (`generate`'s:

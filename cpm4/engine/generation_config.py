@@ -64,7 +64,3 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         raise ValueError(f"{path}: {msg}") from None
     return out
 
-
-def default_params(defaults: dict[str, Any], **overrides: Any) -> SamplingParams:
-    """SamplingParams from the checkpoint's defaults, with `overrides` (fields set by the caller) on top."""
-    return SamplingParams(**{**defaults, **overrides})

@@ -57,8 +57,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: 
                      block_size: int, scale: float) -> torch.Tensor:
     """Stage 4 of a decode step over R sequences (`reference.decode_rows`): q [R, hq, d], k/v [R, Tmax, hkv,
     d], blocks [hkv, R, nsel], q_pos [R] -> [R, hq, d]. While the attended blocks cover a good part of the
-    rows' keys, one dense SDPA with the selection as a mask reads the keys in place; beyond that, the
-    reference's gather of the selected tokens moves less."""
+    rows' keys, a dense pass over every key in place with the selection as a mask is faster; beyond that,
+    the reference's gather of the selected tokens moves less."""
     r, hq, d = q.shape
     tmax, hkv = k.shape[1], k.shape[2]
     if blocks.shape[-1] * block_size * DENSE_FRACTION < tmax:
