@@ -78,9 +78,10 @@ def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
     return prompts, list(params)
 
 
-def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params) -> list[GenerationOutput]:
+def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_tqdm: bool = False
+              ) -> list[GenerationOutput]:
     prompts, params = _normalise(prompts, params)
-    outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params)
+    outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
     for o, p in zip(outs, prompts):
         o.prompt = p if isinstance(p, str) else None
     return outs
@@ -149,9 +150,12 @@ class LLM:
                                     compile=compile, max_model_len=max_model_len)
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
-        """One output per prompt (text or token ids), in order; params: one for all, or one per prompt."""
-        return _generate(self.engine, self.tokenizer, prompts, params or self.get_default_sampling_params())
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False
+                 ) -> list[GenerationOutput]:
+        """One output per prompt (text or token ids), in order; params: one for all, or one per prompt.
+        use_tqdm: vLLM's progress bar of processed prompts (stderr)."""
+        return _generate(self.engine, self.tokenizer, prompts, params or self.get_default_sampling_params(),
+                         use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What calls without params use: SamplingParams with the checkpoint's generation_config values."""

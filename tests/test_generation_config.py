@@ -77,3 +77,4 @@ def test_llm_calls_without_params_use_the_checkpoint_defaults(ckpt):
 
     bare = LLM(ckpt, device="cpu", dtype="float32", generation_config="vllm")
     assert bare.get_default_sampling_params() == SamplingParams()
+

@@ -238,3 +238,14 @@ def test_min_tokens_engine_equals_plain_loop():
     assert refs[0].finish_reason == "stop" and len(refs[0].token_ids) == 1
     assert all(len(r.token_ids) >= p.min_tokens for r, p in zip(refs, params))
     assert refs[1].token_ids[1] != free[1].token_ids[1]  # the stop id was not sampled before the minimum
+
+
+def test_progress_bar_counts_prompts_and_changes_nothing(capfd):
+    llm = LLM(model(), tokenizer=tok(), max_num_seqs=2)
+    ps = prompts(3)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    capfd.readouterr()
+    shown = llm.generate(ps, params, use_tqdm=True)
+    err = capfd.readouterr().err
+    same(shown, reference(model(), ps, params))
+    assert "Processed prompts" in err and "3/3" in err and "tok/s" in err

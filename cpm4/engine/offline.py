@@ -8,6 +8,7 @@ deltas are gathered into one `GenerationOutput`, in input order. Outputs are tho
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -47,6 +48,15 @@ def tokens_needed(prompt: Sequence[int], params: SamplingParams, context: int) -
     the context, as `SequenceState` does). One more than strictly needed (the last token is never fed), as
     `LLMEngine.add_request` counts."""
     return len(prompt) + min(params.max_tokens, context - len(prompt))
+
+
+def progress_bar(total: int):
+    """vLLM's "Processed prompts" bar (tqdm, on stderr)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ImportError("use_tqdm needs tqdm: pip install tqdm") from None
+    return tqdm(total=total, desc="Processed prompts", unit="prompt", dynamic_ncols=True)
 
 
 class OfflineEngine:
@@ -103,26 +113,38 @@ class OfflineEngine:
                                  f"{cap}: lower max_tokens, or raise kv_cache_tokens / gpu_memory_utilization")
         return self.engine
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool = False
                  ) -> list[GenerationOutput]:
-        """Token-id prompts, one SamplingParams each -> one output per prompt, in order."""
+        """Token-id prompts, one SamplingParams each -> one output per prompt, in order. use_tqdm: a progress
+        bar of finished prompts on stderr, with the output tokens/s (as vLLM's)."""
         check_batch(prompts, params, self.context, self.model.config.vocab_size)
         if not prompts:
             return []
         prompts = [[int(t) for t in p] for p in prompts]
         engine = self._engine_for([tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
         outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
+        bar = progress_bar(len(prompts)) if use_tqdm else None
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 engine.add_request(str(i), p, sp)
+            generated, t0 = 0, time.perf_counter()
             while engine.has_work():
+                done = 0
                 for rid, d in engine.step():
                     outs[int(rid)].add(d)
+                    generated += len(d.token_ids)
+                    done += d.finish_reason is not None
+                if bar is not None:
+                    bar.set_postfix_str(f"output {generated / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+                    bar.update(done)
         except BaseException:
             # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
             # with a fresh engine next call, as the server does.
             self.engine = None
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return outs
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StreamDelta]:
