@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,27 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return model, Tokenizer.from_dir(path)
 
 
-def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any]) -> list[int]:
+    """Text, token ids, or vLLM's prompt dicts ({"prompt": text} or {"prompt_token_ids": ids})."""
+    if isinstance(prompt, Mapping):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
     return tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
 
+def _prompt_text(prompt: Any) -> str | None:
+    if isinstance(prompt, Mapping) and "prompt_token_ids" not in prompt:
+        prompt = prompt.get("prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
 def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, (str, Mapping)) or \
+            (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     prompts = list(prompts)
     if params is None:
@@ -83,7 +98,7 @@ def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_
     prompts, params = _normalise(prompts, params)
     outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
     for o, p in zip(outs, prompts):
-        o.prompt = p if isinstance(p, str) else None
+        o.prompt = _prompt_text(p)
     return outs
 
 
@@ -177,7 +192,12 @@ class LLM:
     def chat_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
-             **template_kwargs: Any) -> GenerationOutput:
-        """One assistant reply to a conversation, rendered with the checkpoint's chat template."""
-        return self.generate([self.chat_ids(messages, **template_kwargs)], params)[0]
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             **template_kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
+        """One assistant reply to a conversation, rendered with the checkpoint's chat template; given a list
+        of conversations (as vLLM's `chat`), a list of replies generated together, in order."""
+        if messages and isinstance(messages[0], (list, tuple)):
+            ids = [self.chat_ids(list(m), **template_kwargs) for m in messages]
+            return self.generate(ids, params, use_tqdm)
+        return self.generate([self.chat_ids(messages, **template_kwargs)], params, use_tqdm)[0]

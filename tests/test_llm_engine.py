@@ -124,6 +124,17 @@ def test_module_generate_and_chat_run_the_engine():
     reply = llm.chat(msgs, params)
     same([reply], reference(m, [llm.chat_ids(msgs)], params))
     assert "".join(llm.stream(ps[1], params)) == reference(m, ps[1:2], params)[0].text
+    # vLLM's prompt dicts and batched chat.
+    ids = tok().encode(ps[2])
+    outs = llm.generate([{"prompt": ps[0]}, {"prompt_token_ids": ids}], params)
+    same(outs, reference(m, [ps[0], ids], params))
+    assert outs[0].prompt == ps[0] and outs[1].prompt is None
+    same(llm.generate({"prompt": ps[1]}, params), reference(m, ps[1:2], params))
+    with pytest.raises(ValueError, match="'prompt' or 'prompt_token_ids'"):
+        llm.generate([{"text": "x"}], params)
+    convs = [msgs, [{"role": "user", "content": "a longer question here"}]]
+    replies = llm.chat(convs, params)
+    same(replies, reference(m, [llm.chat_ids(c) for c in convs], params))
 
 
 def test_errors_before_any_work():
