@@ -128,7 +128,8 @@ class LLM:
     Engine options, as vLLM's: max_num_seqs (sequences decoded together), gpu_memory_utilization (share of
     the GPU for weights, activations and KV cache; default 0.9 on CUDA, where the cache takes what it leaves),
     enforce_eager (no CUDA graphs), plus kv_cache_tokens (a fixed cache size instead; off CUDA the cache
-    is otherwise sized to each batch), chunk_tokens (prompt tokens prefilled per engine step) and compile
+    is otherwise sized to each batch), chunk_tokens (prompt tokens prefilled per engine step; default
+    `default_chunk_tokens`: 8192 on a large GPU, 512 on the CPU) and compile
     (torch.compile the captured decode step and prefill's element-wise ops: faster steps, a slow first call;
     CUDA graphs only) and max_model_len (the longest prompt + output served, at most the model's context: a
     smaller one narrows the decode graphs' block tables and, off CUDA, the cache).
@@ -141,7 +142,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | MiniCPM4ForCausalLM, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
-                 kv_cache_tokens: int | None = None, chunk_tokens: int = 512, compile: bool = False,
+                 kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
                  max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto"):
         """model: a checkpoint folder, or a model already in memory with its `tokenizer` (device and dtype
         are then the model's own)."""

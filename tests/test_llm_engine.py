@@ -260,3 +260,29 @@ def test_progress_bar_counts_prompts_and_changes_nothing(capfd):
     err = capfd.readouterr().err
     same(shown, reference(model(), ps, params))
     assert "Processed prompts" in err and "3/3" in err and "tok/s" in err
+
+
+def test_default_prefill_chunk_by_device(monkeypatch):
+    """vLLM's defaults for tokens per step: 8192 on a GPU of 70 GiB or more, 2048 on a smaller one; 512 on
+    the CPU, where the engines built without chunk_tokens take it."""
+    from types import SimpleNamespace
+
+    from cpm4.engine.scheduler import default_chunk_tokens
+    from cpm4.serve import AsyncEngine
+
+    assert default_chunk_tokens("cpu") == 512
+    for gib, want in ((141, 8192), (80, 8192), (24, 2048)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
+        assert default_chunk_tokens("cuda:0") == want
+    monkeypatch.undo()
+    llm = LLM(model(), tokenizer=tok())
+    assert llm.engine.chunk_tokens == 512
+    llm.generate("a", SamplingParams(max_tokens=2))
+    assert llm.engine.engine.chunk_tokens == 512
+    eng = AsyncEngine(model(), tok(), max_batch_size=2)
+    try:
+        assert eng.chunk_tokens == 512
+    finally:
+        eng.shutdown()
+    assert LLM(model(), tokenizer=tok(), chunk_tokens=64).engine.chunk_tokens == 64

@@ -17,7 +17,7 @@ from cpm4.model.tokenizer import Tokenizer
 from .generate import GenerationOutput, StreamDelta, check_prompt, context_length
 from .paged import page_size_for
 from .sampling import SamplingParams
-from .scheduler import LLMEngine, build_engine, default_kv_cache_tokens, host_kv_cache_tokens
+from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
 
 
 def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int,
@@ -68,14 +68,14 @@ class OfflineEngine:
     `host_kv_cache_tokens`, never less than the longest one), rebuilt larger when a later batch needs more."""
 
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_num_seqs: int = 256,
-                 chunk_tokens: int = 512, kv_cache_tokens: int | None = None,
+                 chunk_tokens: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None) -> None:
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
         self.kv_cache_tokens = kv_cache_tokens
         self.gpu_memory_utilization = gpu_memory_utilization
         self.fixed_size = kv_cache_tokens is not None or (

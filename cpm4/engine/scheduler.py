@@ -63,11 +63,11 @@ class InflightStep:
 
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
-                 max_batch_size: int = 32, chunk_tokens: int = 512, paged_decode: bool | None = None,
+                 max_batch_size: int = 32, chunk_tokens: int | None = None, paged_decode: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
                  stream_text: bool = True, max_model_len: int | None = None):
         """max_model_len: the longest sequence (prompt + output) served, at most the model's context
-        (`context_length`).
+        (`context_length`). chunk_tokens: prompt tokens prefilled per step (default `default_chunk_tokens`).
 
         paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
@@ -90,7 +90,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.cache = cache
         self.max_batch_size = max_batch_size
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
         self.context = context_length(model, max_model_len)
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
@@ -452,13 +452,24 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 HOST_TOKENS_PER_SEQ = 8192
 
 
+def default_chunk_tokens(device: torch.device | str) -> int:
+    """Prompt tokens prefilled per engine step when none is given, as vLLM's max_num_batched_tokens for its
+    server: 8192 on a GPU of 70 GiB or more, 2048 on a smaller one (the 0.5B serving rows of
+    benchmarks/RESULTS.md ran with 8192 on an H200), and 512 on the CPU, where a prefill step holds up every
+    decoding sequence for longer."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 512
+    return 8192 if torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30 else 2048
+
+
 def host_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, max_model_len: int | None = None) -> int:
     """KV cache size in tokens where no device budget applies (CPU): max_batch_size sequences of up to 8192
     tokens or the context (`context_length`), whichever is shorter."""
     return max_batch_size * min(context_length(model, max_model_len), HOST_TOKENS_PER_SEQ)
 
 
-def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chunk_tokens: int = 512,
+def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chunk_tokens: int | None = None,
                             gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> int:
     """KV cache size in tokens when none is given. On CUDA, or whenever gpu_memory_utilization is given: the
     whole pages that share of the device (default 0.9) leaves after weights, other processes and a prefill
@@ -468,13 +479,13 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
         return host_kv_cache_tokens(model, max_batch_size, max_model_len)
     util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
     ps = page_size_for(model.config)
-    budget = kv_budget_bytes(model, util, chunk_tokens)
+    budget = kv_budget_bytes(model, util, default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens)
     pages = budget // PagedKVCache.bytes_per_page(model.config, ps, model.dtype) - 1  # less the scratch page
     return max(int(pages), 1) * ps
 
 
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
-                 chunk_tokens: int = 512, cuda_graphs: bool | None = None, compile: bool = False,
+                 chunk_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  async_output: bool | None = None, stream_text: bool = True,
                  max_model_len: int | None = None) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's

@@ -31,7 +31,7 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
-          chunk_tokens: int = 512, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
+          chunk_tokens: int | None = None, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
           cpu_threads: int | None = None, generation_config: str | None = "auto") -> None:

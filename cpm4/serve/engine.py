@@ -31,7 +31,7 @@ from cpm4.engine.generate import (
     prompt_logprobs,
 )
 from cpm4.engine.sampling import SamplingParams
-from cpm4.engine.scheduler import LLMEngine, build_engine, default_kv_cache_tokens
+from cpm4.engine.scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -88,7 +88,7 @@ class AsyncEngine:
     """Serve generation requests from asyncio code; one worker thread owns the model."""
 
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_batch_size: int = 16,
-                 continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int = 512,
+                 continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
                  compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
                  cpu_threads: int | None = None) -> None:
@@ -113,6 +113,7 @@ class AsyncEngine:
         self.async_output = async_output
         self.context_length = context_length(model, max_model_len)  # validated before any allocation
         self.max_model_len = max_model_len
+        chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
         if kv_cache_tokens is None:
             kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization,
                                                       max_model_len)
