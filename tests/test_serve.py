@@ -495,6 +495,51 @@ def test_tool_calls_end_to_end(llm):
         eng.shutdown()
 
 
+def test_reasoning_parser_end_to_end(llm):
+    """--reasoning-parser minicpm4: the <think> block comes back as reasoning_content, whole and streamed;
+    without the parser it stays in the content; a tool call after the reasoning is still parsed."""
+    tok = llm.tokenizer
+    thought, answer = "<think>\nCompare the two.\n</think>\n\n", "Blue."
+    eng = _ScriptedEngine(llm.model, tok, continuous=False)
+    srv = _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))
+    plain = _Server(create_app(eng, MODEL))
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        eng.script = tok.encode(thought + answer, add_bos=False)
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50)
+        msg = r.choices[0].message
+        assert msg.reasoning_content == "Compare the two." and msg.content == "Blue."
+        assert r.usage.completion_tokens == len(eng.script)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50, stream=True))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Compare the two."
+        assert "".join(d.content or "" for d in deltas) == "Blue."
+        first_content = next(i for i, d in enumerate(deltas) if d.content)
+        assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])
+        # Thinking off (no tags): all content, no reasoning.
+        eng.script = tok.encode(answer, add_bos=False)
+        msg = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50).choices[0].message
+        assert msg.content == "Blue." and msg.reasoning_content is None
+        # A tool call after the reasoning.
+        call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        eng.script = tok.encode(thought, add_bos=False) + [tok.token_id(TOOL_CALL)] + tok.encode(call, add_bos=False)
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=80)
+        msg = r.choices[0].message
+        assert msg.reasoning_content == "Compare the two." and msg.content is None
+        assert r.choices[0].finish_reason == "tool_calls" and msg.tool_calls[0].function.name == "get_weather"
+        # Without the parser the block is plain content.
+        eng.script = tok.encode(thought + answer, add_bos=False)
+        p = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        msg = p.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50).choices[0].message
+        assert msg.content == thought + answer and getattr(msg, "reasoning_content", None) is None
+    finally:
+        srv.stop()
+        plain.stop()
+        eng.shutdown()
+    with pytest.raises(ValueError, match="unknown reasoning parser"):
+        create_app(eng, MODEL, reasoning_parser="deepseek")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Structured outputs (xgrammar): forced tool calls and response_format
 

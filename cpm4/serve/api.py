@@ -41,6 +41,7 @@ from .protocol import (
     ResponseFormat,
     TokenizeRequest,
 )
+from .reasoning import REASONING_PARSERS, ReasoningStream
 from .stats import StatsLogger
 from .tool_calls import ToolCallCollector
 
@@ -202,15 +203,29 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tools: ToolCallCollector | None = None
+    think: ReasoningStream | None = None  # chat with a reasoning parser
+    reasoning: list[str] = field(default_factory=list)
+    new_reasoning: str = ""  # what the last delta added to the reasoning
 
     def take(self, d: StreamDelta) -> str:
-        """Absorb a delta; return the text it adds to the output (content, for chat)."""
+        """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
+        goes to `new_reasoning`)."""
         self.n_tokens += len(d.token_ids)
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
-        piece = self.tools.feed(d.text, d.token_ids) if self.tools is not None else d.text
+        text, ids = d.text, d.token_ids
+        if self.think is not None:
+            parts = self.think.feed(d.text, d.token_ids)
+            if d.finish_reason is not None:
+                parts += self.think.finish()
+            self.new_reasoning = "".join(t for kind, t in parts if kind == "reasoning")
+            self.reasoning.append(self.new_reasoning)
+            text = "".join(t for kind, t in parts if kind == "content")
+            if not self.think.in_content:
+                ids = []  # a tool-call marker inside the reasoning is not a call
+        piece = self.tools.feed(text, ids) if self.tools is not None else text
         self.pieces.append(piece)
         return piece
 
@@ -252,11 +267,14 @@ def _sse(obj: Any) -> str:
 
 
 class _OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str, sampling_defaults: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, sampling_defaults: dict[str, Any] | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.engine = engine
         # Values for the sampling fields a request leaves unset (the checkpoint's generation_config.json).
         self.defaults = sampling_defaults or {}
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {reasoning_parser!r}: one of {', '.join(REASONING_PARSERS)}")
+        self.reasoning_parser = reasoning_parser
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.created = int(time.time())
@@ -600,7 +618,8 @@ class _OpenAIServer:
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
-        choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None)
+        choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None,
+                           think=ReasoningStream(self.tokenizer) if self.reasoning_parser else None)
                    for _ in jobs]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -627,8 +646,11 @@ class _OpenAIServer:
                         c = choices[i]
                         text = c.take(d)
                         lp = self._chat_logprobs(d.logprobs, as_ids) if k is not None and d.logprobs else None
-                        if text or lp is not None:
-                            yield _sse(chunk(i, {"content": text}, lp))
+                        delta = {"reasoning_content": c.new_reasoning} if c.new_reasoning else {}
+                        if text or (lp is not None and not delta):
+                            delta["content"] = text
+                        if delta:
+                            yield _sse(chunk(i, delta, lp))
                         if d.finish_reason is None:
                             continue
                         calls: list[dict[str, Any]] = []
@@ -661,6 +683,10 @@ class _OpenAIServer:
                 if calls:
                     content = content.strip() or None
             message: dict[str, Any] = {"role": "assistant", "content": content}
+            if c.think is not None:
+                message["reasoning_content"] = "".join(c.reasoning) or None
+                if not content:
+                    message["content"] = None
             if calls:
                 message["tool_calls"] = calls
             out.append({"index": i, "message": message,
@@ -729,13 +755,15 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
 
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
-               log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None
-               ) -> FastAPI:
+               log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving `model_name`. log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
     sampling_defaults: SamplingParams fields for what a request leaves unset (temperature, top_p, top_k,
     min_p, repetition_penalty; max_tokens caps a chat request without one), as from
     `cpm4.engine.generation_config.sampling_defaults`; default: an `LLM`'s own, else SamplingParams'.
+    reasoning_parser: "minicpm4" returns chat output's `<think>` block as `reasoning_content`
+    (`cpm4.serve.reasoning`); None leaves it in the content.
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -747,7 +775,7 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
         raise TypeError(f"expected an AsyncEngine or an LLM, got {type(engine_or_llm).__name__}")
     if sampling_defaults is None:
         sampling_defaults = getattr(engine_or_llm, "sampling_defaults", None)
-    server = _OpenAIServer(engine, model_name, sampling_defaults)
+    server = _OpenAIServer(engine, model_name, sampling_defaults, reasoning_parser)
 
     stats = StatsLogger(engine, log_stats_interval) if log_stats_interval else None
 

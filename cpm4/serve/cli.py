@@ -20,7 +20,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
-          cpu_threads=args.cpu_threads, generation_config=args.generation_config)
+          cpu_threads=args.cpu_threads, generation_config=args.generation_config,
+          reasoning_parser=args.reasoning_parser)
     return 0
 
 
@@ -83,6 +84,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="defaults for the sampling fields a request leaves unset: auto (the checkpoint's "
                    "generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "
                    "vllm (none), or a folder or file with a generation_config.json")
+    p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
+                   help="return the <think> block of chat output (MiniCPM4.1's thinking mode) as "
+                   "reasoning_content, streamed as delta.reasoning_content (default: left in the content)")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)
