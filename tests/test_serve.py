@@ -106,6 +106,32 @@ def test_models_and_health(client, server):
     assert client.models.retrieve(MODEL).id == MODEL
     r = httpx.get(f"{server.url}/health", timeout=10)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+    from cpm4 import __version__
+
+    assert httpx.get(f"{server.url}/version", timeout=10).json() == {"version": __version__}
+
+
+def test_cors_only_for_allowed_origins(engine, server):
+    """No CORS headers by default; with allowed_origins, preflights pass (before the API key check) and
+    answers, the key check's 401 included, carry the origin."""
+    pre = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{server.url}/v1/chat/completions", headers=pre, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+    srv = _Server(create_app(engine, MODEL, api_key=KEY, allowed_origins=["http://localhost:3000"]))
+    try:
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers=pre, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=10)
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Origin": "http://localhost:3000",
+                                                       "Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"},
+                          timeout=10)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    finally:
+        srv.stop()
 
 
 def test_chat_greedy_matches_llm(client, llm):

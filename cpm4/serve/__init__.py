@@ -21,11 +21,12 @@ __all__ = ["AsyncEngine", "create_app", "serve"]
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """See `cpm4.serve.api.create_app`."""
     from .api import create_app as _create_app
 
-    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval, sampling_defaults, reasoning_parser)
+    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval, sampling_defaults, reasoning_parser,
+                       allowed_origins)
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -35,14 +36,15 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
           cpu_threads: int | None = None, generation_config: str | None = "auto",
-          reasoning_parser: str | None = None) -> None:
+          reasoning_parser: str | None = None, allowed_origins: list[str] | None = None) -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
     the engine; on the CPU by default all cores but one, which the HTTP event loop keeps. generation_config:
     where unset request fields take their defaults from ("auto": the checkpoint's generation_config.json,
     "vllm": none, or a folder or file; see `cpm4.engine.generation_config`). reasoning_parser: "minicpm4"
-    returns the `<think>` block of chat output as `reasoning_content` (`cpm4.serve.reasoning`)."""
+    returns the `<think>` block of chat output as `reasoning_content` (`cpm4.serve.reasoning`).
+    allowed_origins: browser origins allowed to call the API (CORS; default none)."""
     from .reasoning import REASONING_PARSERS
 
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:  # before the model loads
@@ -80,7 +82,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
             "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
             "none)", llm.sampling_defaults)
     app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None,
-                     sampling_defaults=llm.sampling_defaults, reasoning_parser=reasoning_parser)
+                     sampling_defaults=llm.sampling_defaults, reasoning_parser=reasoning_parser,
+                     allowed_origins=allowed_origins)
     try:
         # A short graceful period: open streams are aborted by the engine shutdown below anyway.
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -756,14 +756,16 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, allowed_origins: Sequence[str] | None = None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving `model_name`. log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
     sampling_defaults: SamplingParams fields for what a request leaves unset (temperature, top_p, top_k,
     min_p, repetition_penalty; max_tokens caps a chat request without one), as from
     `cpm4.engine.generation_config.sampling_defaults`; default: an `LLM`'s own, else SamplingParams'.
     reasoning_parser: "minicpm4" returns chat output's `<think>` block as `reasoning_content`
-    (`cpm4.serve.reasoning`); None leaves it in the content.
+    (`cpm4.serve.reasoning`); None leaves it in the content. allowed_origins: browser origins allowed to
+    call the API (CORS; "*" for any); None: none (vLLM allows any by default, which lets every web page the
+    user opens reach a server on their loopback).
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -795,6 +797,11 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
     app.state.model_name = model_name
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    if allowed_origins:  # added last: outermost, so preflights and the key check's 401 carry the headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -826,6 +833,12 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
             return _error_response(501, "metrics need the prometheus-client package: pip install prometheus-client",
                                    type="server_error")
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from cpm4 import __version__
+
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> Response:

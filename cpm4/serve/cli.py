@@ -21,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
-          reasoning_parser=args.reasoning_parser)
+          reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins)
     return 0
 
 
@@ -84,6 +84,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="defaults for the sampling fields a request leaves unset: auto (the checkpoint's "
                    "generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "
                    "vllm (none), or a folder or file with a generation_config.json")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' for any "
+                   "(default: none, so web pages cannot reach the server)")
     p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
                    help="return the <think> block of chat output (MiniCPM4.1's thinking mode) as "
                    "reasoning_content, streamed as delta.reasoning_content (default: left in the content)")
