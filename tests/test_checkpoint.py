@@ -176,6 +176,9 @@ def test_load_with_dtype_conversion(tmp_path):
     assert_same_state(model16.state_dict(), {k: v.to(torch.float16) for k, v in w.items()})
     with pytest.raises(ValueError, match="dtype"):
         load_checkpoint(tmp_path / "ck", dtype="int7")
+    # vLLM's names: "half" is float16, "float" float32.
+    assert load_checkpoint(tmp_path / "ck", dtype="half").dtype == torch.float16
+    assert load_checkpoint(tmp_path / "ck", dtype="float").dtype == torch.float32
 
 
 def test_save_with_dtype_conversion(tmp_path):

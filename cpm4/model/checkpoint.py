@@ -29,8 +29,9 @@ INDEX_FILE = "model.safetensors.index.json"
 # Stored by some older HF exports; derived from the config, so skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "float64": torch.float64}
 
 
 class CheckpointError(ValueError):

@@ -70,7 +70,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before reading back the previous one's tokens, so host work "
                    "overlaps the GPU (default: on with CUDA graphs)")
-    p.add_argument("--chunk-tokens", type=_positive, default=None,
+    p.add_argument("--chunk-tokens", "--max-num-batched-tokens", type=_positive, default=None,
                    help="prompt tokens prefilled per scheduler step (default: 8192 on a GPU of 70 GiB or more, "
                    "2048 on a smaller one, 512 on the CPU)")
     p.add_argument("--max-model-len", type=_positive, default=None,
