@@ -286,3 +286,29 @@ def test_default_prefill_chunk_by_device(monkeypatch):
     finally:
         eng.shutdown()
     assert LLM(model(), tokenizer=tok(), chunk_tokens=64).engine.chunk_tokens == 64
+
+
+def test_prompt_logprobs_against_the_full_forward():
+    """SamplingParams(prompt_logprobs=k): each prompt token's log-probability and top k, as the log-softmax of
+    one full forward pass gives them (float64 yardstick); the first token's is None."""
+    m = model()
+    llm = LLM(m, tokenizer=tok())
+    ps = prompts(3, seed=5, lo=2, hi=40)
+    outs = llm.generate(ps, [SamplingParams(max_tokens=2, prompt_logprobs=3), SamplingParams(max_tokens=2),
+                             SamplingParams(max_tokens=2, prompt_logprobs=0)])
+    assert outs[1].prompt_logprobs is None
+    ref64 = random_model("tiny", dtype=torch.float64)
+    for o, p, k in ((outs[0], ps[0], 3), (outs[2], ps[2], 0)):
+        lp = torch.log_softmax(ref64(torch.tensor([p]))[0], -1)
+        got = o.prompt_logprobs
+        assert len(got) == len(p) and got[0].token_id == p[0] and got[0].logprob is None and got[0].top == []
+        for t in range(1, len(p)):
+            assert got[t].token_id == p[t]
+            assert got[t].logprob == pytest.approx(lp[t - 1, p[t]].item(), abs=1e-4)
+            assert len(got[t].top) == k
+            if k:
+                want = torch.topk(lp[t - 1], k)
+                assert [i for i, _ in got[t].top] == want.indices.tolist()
+                assert [v for _, v in got[t].top] == pytest.approx(want.values.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="prompt_logprobs must be an int in"):
+        SamplingParams(prompt_logprobs=21)

@@ -30,6 +30,7 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" (stop token or string), "length" or "abort"
     prompt: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
     def add(self, delta: StreamDelta) -> None:
         """Append one streamed delta of this sequence (what every batch front end gathers)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
-from .generate import GenerationOutput, StreamDelta, check_prompt, context_length
+from .generate import GenerationOutput, StreamDelta, check_prompt, context_length, prompt_logprobs
 from .paged import page_size_for
 from .sampling import SamplingParams
 from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
@@ -145,6 +145,9 @@ class OfflineEngine:
         finally:
             if bar is not None:
                 bar.close()
+        for o, p, sp in zip(outs, prompts, params):
+            if sp.prompt_logprobs is not None:
+                o.prompt_logprobs = prompt_logprobs(self.model, p, sp.prompt_logprobs)
         return outs
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StreamDelta]:

@@ -39,6 +39,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
+    # vLLM's: each prompt token's log-probability and this many alternatives (offline outputs; one more
+    # forward pass over the prompt)
+    prompt_logprobs: int | None = None
     # Structured output (grammar-constrained decoding with xgrammar, see `cpm4.engine.guided`): a JSON schema
     # (dict or its JSON text) the output must follow, or True for any JSON object (OpenAI's json_object).
     guided_json: dict[str, Any] | str | bool | None = None
@@ -84,8 +87,10 @@ class SamplingParams:
                     raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
                 bias[tid] = float(b)
             self.logit_bias = bias or None
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an int in [0, 20] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+                raise ValueError(f"{name} must be an int in [0, 20] or None, got {v!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if self.stop is not None:
