@@ -75,7 +75,7 @@ class OfflineEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
-        self.chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
+        self.chunk_tokens = default_chunk_tokens(model.device, chunk_tokens)
         self.kv_cache_tokens = kv_cache_tokens
         self.gpu_memory_utilization = gpu_memory_utilization
         self.fixed_size = kv_cache_tokens is not None or (

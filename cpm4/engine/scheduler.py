@@ -90,7 +90,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.cache = cache
         self.max_batch_size = max_batch_size
-        self.chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
+        self.chunk_tokens = default_chunk_tokens(model.device, chunk_tokens)
         self.context = context_length(model, max_model_len)
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
@@ -452,11 +452,13 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 HOST_TOKENS_PER_SEQ = 8192
 
 
-def default_chunk_tokens(device: torch.device | str) -> int:
-    """Prompt tokens prefilled per engine step when none is given, as vLLM's max_num_batched_tokens for its
+def default_chunk_tokens(device: torch.device | str, given: int | None = None) -> int:
+    """Prompt tokens prefilled per engine step: `given`, else vLLM's max_num_batched_tokens default for its
     server: 8192 on a GPU of 70 GiB or more, 2048 on a smaller one (the 0.5B serving rows of
     benchmarks/RESULTS.md ran with 8192 on an H200), and 512 on the CPU, where a prefill step holds up every
     decoding sequence for longer."""
+    if given is not None:
+        return given
     device = torch.device(device)
     if device.type != "cuda":
         return 512
@@ -479,7 +481,7 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
         return host_kv_cache_tokens(model, max_batch_size, max_model_len)
     util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
     ps = page_size_for(model.config)
-    budget = kv_budget_bytes(model, util, default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens)
+    budget = kv_budget_bytes(model, util, default_chunk_tokens(model.device, chunk_tokens))
     pages = budget // PagedKVCache.bytes_per_page(model.config, ps, model.dtype) - 1  # less the scratch page
     return max(int(pages), 1) * ps
 

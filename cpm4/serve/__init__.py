@@ -45,10 +45,9 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     "vllm": none, or a folder or file; see `cpm4.engine.generation_config`). reasoning_parser: "minicpm4"
     returns the `<think>` block of chat output as `reasoning_content` (`cpm4.serve.reasoning`).
     allowed_origins: browser origins allowed to call the API (CORS; default none)."""
-    from .reasoning import REASONING_PARSERS
+    from .reasoning import check_reasoning_parser
 
-    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:  # before the model loads
-        raise ValueError(f"unknown reasoning parser {reasoning_parser!r}: one of {', '.join(REASONING_PARSERS)}")
+    check_reasoning_parser(reasoning_parser)  # before the model loads
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it

@@ -41,7 +41,7 @@ from .protocol import (
     ResponseFormat,
     TokenizeRequest,
 )
-from .reasoning import REASONING_PARSERS, ReasoningStream
+from .reasoning import ReasoningStream, check_reasoning_parser
 from .stats import StatsLogger
 from .tool_calls import ToolCallCollector
 
@@ -272,8 +272,7 @@ class _OpenAIServer:
         self.engine = engine
         # Values for the sampling fields a request leaves unset (the checkpoint's generation_config.json).
         self.defaults = sampling_defaults or {}
-        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
-            raise ValueError(f"unknown reasoning parser {reasoning_parser!r}: one of {', '.join(REASONING_PARSERS)}")
+        check_reasoning_parser(reasoning_parser)
         self.reasoning_parser = reasoning_parser
         self.tokenizer = engine.tokenizer
         self.model_name = model_name

@@ -113,7 +113,7 @@ class AsyncEngine:
         self.async_output = async_output
         self.context_length = context_length(model, max_model_len)  # validated before any allocation
         self.max_model_len = max_model_len
-        chunk_tokens = default_chunk_tokens(model.device) if chunk_tokens is None else chunk_tokens
+        chunk_tokens = default_chunk_tokens(model.device, chunk_tokens)
         if kv_cache_tokens is None:
             kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization,
                                                       max_model_len)

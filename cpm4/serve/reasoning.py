@@ -21,6 +21,11 @@ THINK, END_THINK = "<think>", "</think>"
 REASONING_PARSERS = ("minicpm4",)  # the names `--reasoning-parser` takes
 
 
+def check_reasoning_parser(name: str | None) -> None:
+    if name is not None and name not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {name!r}: one of {', '.join(REASONING_PARSERS)}")
+
+
 def split_reasoning(text: str) -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole output; either None when empty."""
     s = ReasoningStream(None)
