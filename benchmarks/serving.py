@@ -56,6 +56,7 @@ from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine, host_kv_cache_tokens  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
+from cpm4.serve import default_cpu_threads  # noqa: E402
 from cpm4.serve.engine import AsyncEngine  # noqa: E402
 
 
@@ -260,7 +261,7 @@ def main() -> None:
                          "where the time went (prefill steps, decode steps by batch size)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch threads of the server engines' worker thread (AsyncEngine cpu_threads; default: "
-                    "torch's)")
+                    "cpm4 serve's, all cores but one on the CPU)")
     ap.add_argument("--skip", action="append", default=[], choices=["offline", "server"],
                     help="leave out the offline.<requests> or the server.<clients> row (repeatable)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -275,6 +276,8 @@ def main() -> None:
         if missing:
             ap.error(f"--http needs {', '.join(missing)} (not importable): pip install fastapi uvicorn openai, "
                      "or offline: pip install --no-index --find-links .wheels/py312 fastapi uvicorn openai")
+    if args.cpu_threads is None:
+        args.cpu_threads = default_cpu_threads(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = preset(args.config)
     cfg.max_position_embeddings = min(cfg.max_position_embeddings, 4096)  # nano-vllm: max_model_len 4096

@@ -16,7 +16,7 @@ from .engine import AsyncEngine
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["AsyncEngine", "create_app", "serve"]
+__all__ = ["AsyncEngine", "create_app", "default_cpu_threads", "serve"]
 
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
@@ -27,6 +27,17 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
 
     return _create_app(engine_or_llm, model_name, api_key, log_stats_interval, sampling_defaults, reasoning_parser,
                        allowed_origins)
+
+
+def default_cpu_threads(device: Any) -> int | None:
+    """The server engine's torch threads: on the CPU all cores but one (None elsewhere: torch's). The engine
+    computes on its own thread; with every core in torch's pool it competed with the event loop and the main
+    thread's idle pool (demo model, 2 cores: 88 -> 166 tok/s for one stream, 425 -> 559 for eight)."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return None
+    return max(1, torch.get_num_threads() - 1)
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -55,13 +66,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from cpm4.llm import LLM
 
     llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config)
-    if cpu_threads is None and llm.model.device.type == "cpu":
-        # The engine computes on its own thread: with every core in torch's pool it competed with the event
-        # loop and the main thread's idle pool (demo model, 2 cores: 88 -> 166 tok/s for one stream, 425 ->
-        # 559 for eight, with one core left out).
-        import torch
-
-        cpu_threads = max(1, torch.get_num_threads() - 1)
+    if cpu_threads is None:
+        cpu_threads = default_cpu_threads(llm.model.device)
     if chat_template is not None:
         llm.tokenizer.set_chat_template(chat_template)
     engine = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
