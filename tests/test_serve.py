@@ -406,6 +406,26 @@ def test_tokenize_and_detokenize(server, llm):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
+def test_continue_final_message(client, server, llm):
+    """vLLM's assistant prefill: continue_final_message (with add_generation_prompt false) writes the reply on
+    from the last assistant message's text; the prompt is the template's rendering cut after that text."""
+    prefill = MESSAGES + [{"role": "assistant", "content": "The colour is"}]
+    ids = llm.tokenizer.encode_chat(prefill, add_generation_prompt=False, continue_final_message=True)
+    assert llm.tokenizer.decode(ids).endswith("The colour is")
+    assert ids != llm.tokenizer.encode_chat(prefill, add_generation_prompt=False)  # no end of turn after it
+    ref = llm.generate([ids], _greedy(8))[0]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    r = client.chat.completions.create(model=MODEL, messages=prefill, max_tokens=8, temperature=0, extra_body=flags)
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == len(ids)
+    tok = httpx.post(f"{server.url}/tokenize", json={"messages": prefill, **flags}, timeout=30).json()
+    assert tok["tokens"] == ids
+    for messages, body in ((prefill, {"continue_final_message": True}),  # add_generation_prompt left true
+                           (MESSAGES, flags)):  # the last message is the user's
+        with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body=body)
+    _assert_alive(client)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tool calls
 

@@ -367,6 +367,18 @@ def test_light_tokenizer_equals_transformers(tmp_path):
                 for t in (None, tools):
                     assert light.render_chat(msgs, add_generation_prompt=gen, tools=t, **kw) == \
                         ref.render_chat(msgs, add_generation_prompt=gen, tools=t, **kw)
+    # An assistant prefill written on (vLLM's continue_final_message), trailing spaces and newlines included.
+    for last in ("The answer is", "The answer is ", "  Sure:\n", "4"):
+        msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": last}]
+        got = light.render_chat(msgs, add_generation_prompt=False, continue_final_message=True)
+        assert got == ref.render_chat(msgs, add_generation_prompt=False, continue_final_message=True), last
+        assert got.rstrip().endswith(last.strip()) and not got.endswith("<|im_end|>\n")
+    for t in (light, ref):
+        with pytest.raises(ValueError):
+            t.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="final message's text"):  # transformers cuts at the end of the text here
+        light.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
+                          add_generation_prompt=False, continue_final_message=True)
     assert light.hf.convert_ids_to_tokens([3, 4]) == ref.hf.convert_ids_to_tokens([3, 4])
     light.save(tmp_path / "a")
     ref.save(tmp_path / "b")

@@ -90,11 +90,28 @@ class JsonTokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat_template")
+        continue_final = kwargs.pop("continue_final_message", False)
+        if continue_final and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token)) if v is not None}
         text = _compile(template).render(messages=list(conversation), tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **{**specials, **kwargs})
+        if continue_final:
+            text = _cut_after_final(text, conversation[-1].get("content"))
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _cut_after_final(text: str, content: Any) -> str:
+    """transformers' continue_final_message: the rendering up to the end of the last message's text (its
+    end-of-turn tokens dropped), so generation writes that message on. Trailing whitespace of the message is
+    kept only where the template kept it."""
+    if not isinstance(content, str) or not content.strip() or content.strip() not in text:
+        raise ValueError("continue_final_message: the final message's text does not appear in the rendered chat")
+    body = content.lstrip()
+    at = text.rindex(content.strip())
+    end = at + len(body) if text.startswith(body, at) else at + len(content.strip())
+    return text[:end]
 
 
 def _token_str(value: Any) -> str | None:

@@ -583,8 +583,17 @@ class _OpenAIServer:
         bad = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
         if bad:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
+        if req.continue_final_message:
+            if req.add_generation_prompt:
+                raise APIError(400, "continue_final_message needs add_generation_prompt false (the reply goes on "
+                                    "from the last message, not in a new turn)", param="continue_final_message")
+            if messages[-1]["role"] != "assistant":
+                raise APIError(400, "continue_final_message needs an assistant message last, got "
+                                    f"{messages[-1]['role']!r}", param="continue_final_message")
+            kwargs["continue_final_message"] = True
         try:
-            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools, **kwargs)
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
+                                             **kwargs)
         except APIError:
             raise
         except Exception as e:  # the template rejected the conversation (ValueError, jinja errors)

@@ -128,6 +128,10 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: Bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
     return_tokens_as_token_ids: Bool = False  # extension
+    # extensions (vLLM): continue_final_message writes the reply on from the last (assistant) message's text,
+    # an answer prefilled by the client; it needs add_generation_prompt false
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
 
 
 class TokenizeRequest(_Body):
@@ -139,6 +143,8 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
 
 
 class DetokenizeRequest(_Body):
