@@ -651,6 +651,33 @@ def test_response_format_json(client):
     assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].text)) == {"name", "n", "ok"}
 
 
+def test_guided_choice_and_regex(client, llm):
+    """vLLM's guided_choice / guided_regex: every output is one of the choices, or matches the expression in
+    whole, and ends with "stop"; the offline API takes the same SamplingParams fields."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    choices = ["positive", "negative", 'neutral "maybe"']
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, seed=0, n=4,
+                                       extra_body={"guided_choice": choices})
+    for c in r.choices:
+        assert c.finish_reason == "stop" and c.message.content in choices
+    pattern = r"[A-Z][a-z]{2,5}-[0-9]{2}"
+    r = client.completions.create(model=MODEL, prompt="Code:", max_tokens=20, seed=1, n=3,
+                                  extra_body={"guided_regex": pattern})
+    for c in r.choices:
+        assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c.text
+    out = llm.generate(["Code:"] * 3, SamplingParams(max_tokens=20, seed=2, guided_regex=pattern))
+    assert all(o.finish_reason == "stop" and re.fullmatch(pattern, o.text) for o in out)
+    for body, param in (({"guided_regex": "[0-9"}, "guided_regex"),
+                        ({"guided_choice": []}, "guided_choice"),
+                        ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_regex")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=body)
+        assert e.value.body["param"] == param, (body, e.value.body)
+    _assert_alive(client)
+
+
 def test_structured_output_errors(server, client):
     pytest.importorskip("xgrammar")
 

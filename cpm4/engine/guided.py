@@ -21,6 +21,8 @@ from torch import Tensor
 
 from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
 
+from .sampling import GRAMMAR_FIELDS
+
 if TYPE_CHECKING:
     import xgrammar
 
@@ -46,7 +48,8 @@ def _xgr() -> Any:
     try:
         import xgrammar
     except ImportError:
-        raise ValueError("guided_json and structural_tag (structured outputs) need the xgrammar package: "
+        raise ValueError("guided_json, structural_tag, guided_regex and guided_choice (structured outputs) need the "
+                         "xgrammar package: "
                          "pip install 'cpm4[guided]'") from None
     return xgrammar
 
@@ -89,15 +92,17 @@ def _compiler(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) ->
 def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], params: SamplingParams
                     ) -> Any | None:
     """The compiled grammar of `params` (None without one). Raises ValueError naming the field
-    (guided_json / structural_tag) for a schema or tag xgrammar rejects."""
-    if params.guided_json is not None:
-        field = "guided_json"
-    elif params.structural_tag is not None:
-        field = "structural_tag"
-    else:
+    (guided_json / structural_tag / guided_regex) for a schema, tag or expression xgrammar rejects."""
+    field = next((n for n in GRAMMAR_FIELDS if getattr(params, n) is not None), None)
+    if field is None:
         return None
     comp = _compiler(tokenizer, vocab_size, stop_ids)
     try:
+        if params.guided_regex is not None:
+            return comp.compile_regex(params.guided_regex)
+        if params.guided_choice is not None:
+            # One string literal per choice (JSON escapes are the grammar's too).
+            return comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.guided_choice))
         if params.structural_tag is not None:
             tag = params.structural_tag
             return comp.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
@@ -112,8 +117,9 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         # xgrammar prefixes its messages with "[time] file:line: "; keep the message itself.
         msg = msg.split(": ", 1)[1] if msg.startswith("[") and ": " in msg else msg
-        raise ValueError(f"{field} is not a valid {'structural tag' if field == 'structural_tag' else 'JSON schema'}"
-                         f": {msg}") from None
+        what = {"structural_tag": "structural tag", "guided_regex": "regular expression",
+                "guided_choice": "list of choices"}.get(field, "JSON schema")
+        raise ValueError(f"{field} is not a valid {what}: {msg}") from None
 
 
 def new_matcher(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], params: SamplingParams

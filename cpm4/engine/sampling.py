@@ -15,6 +15,10 @@ from torch import Tensor
 _GREEDY_EPS = 1e-5
 
 
+# SamplingParams fields that each give a grammar (at most one per request).
+GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
@@ -47,6 +51,9 @@ class SamplingParams:
     guided_json: dict[str, Any] | str | bool | None = None
     # Or an xgrammar structural tag (dict or JSON text), e.g. `guided.tool_call_structural_tag` for forced calls.
     structural_tag: dict[str, Any] | str | None = None
+    # Or (vLLM's) a regular expression the whole output matches, or a list of strings it is exactly one of.
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,15 +114,24 @@ class SamplingParams:
             self.guided_json = _json_object("guided_json", self.guided_json, "True, a JSON schema object")
         if self.structural_tag is not None:
             self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
-        if self.guided_json is not None and self.structural_tag is not None:
-            raise ValueError("guided_json and structural_tag are exclusive: give one grammar")
+        if self.guided_regex is not None and (not isinstance(self.guided_regex, str) or not self.guided_regex):
+            raise ValueError(f"guided_regex must be a non-empty regular expression, got {self.guided_regex!r}")
+        if self.guided_choice is not None:
+            if isinstance(self.guided_choice, str) or not isinstance(self.guided_choice, Sequence) or \
+                    not self.guided_choice or not all(isinstance(c, str) and c for c in self.guided_choice):
+                raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got "
+                                 f"{self.guided_choice!r}")
+            self.guided_choice = list(self.guided_choice)
+        given = [n for n in GRAMMAR_FIELDS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are exclusive: give one grammar")
         if self.min_tokens and self.guided:  # a finished grammar allows only EOS: nothing would be left
-            raise ValueError("min_tokens cannot be combined with guided_json or structural_tag")
+            raise ValueError(f"min_tokens cannot be combined with {given[0]}")
 
     @property
     def guided(self) -> bool:
         """Whether the output is constrained by a grammar."""
-        return self.guided_json is not None or self.structural_tag is not None
+        return any(getattr(self, n) is not None for n in GRAMMAR_FIELDS)
 
     @property
     def greedy(self) -> bool:

@@ -62,6 +62,8 @@ class _SamplingFields(_Body):
     logit_bias: dict[str, Float] | None = None
     user: Str | None = None
     response_format: ResponseFormat | None = None  # structured output (chat; completions as vLLM's extension)
+    guided_regex: Str | None = None  # extensions (vLLM): the output matches this regular expression ...
+    guided_choice: list[Str] | None = None  # ... or is exactly one of these strings
 
 
 class CompletionRequest(_SamplingFields):
