@@ -48,9 +48,8 @@ def _xgr() -> Any:
     try:
         import xgrammar
     except ImportError:
-        raise ValueError("guided_json, structural_tag, guided_regex and guided_choice (structured outputs) need the "
-                         "xgrammar package: "
-                         "pip install 'cpm4[guided]'") from None
+        raise ValueError("structured outputs (guided_json, structural_tag, guided_regex, guided_choice, "
+                         "guided_grammar) need the xgrammar package: pip install 'cpm4[guided]'") from None
     return xgrammar
 
 
@@ -100,6 +99,8 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
     try:
         if params.guided_regex is not None:
             return comp.compile_regex(params.guided_regex)
+        if params.guided_grammar is not None:
+            return comp.compile_grammar(params.guided_grammar)
         if params.guided_choice is not None:
             # One string literal per choice (JSON escapes are the grammar's too).
             return comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.guided_choice))
@@ -118,7 +119,7 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
         # xgrammar prefixes its messages with "[time] file:line: "; keep the message itself.
         msg = msg.split(": ", 1)[1] if msg.startswith("[") and ": " in msg else msg
         what = {"structural_tag": "structural tag", "guided_regex": "regular expression",
-                "guided_choice": "list of choices"}.get(field, "JSON schema")
+                "guided_choice": "list of choices", "guided_grammar": "EBNF grammar"}.get(field, "JSON schema")
         raise ValueError(f"{field} is not a valid {what}: {msg}") from None
 
 

@@ -16,7 +16,7 @@ _GREEDY_EPS = 1e-5
 
 
 # SamplingParams fields that each give a grammar (at most one per request).
-GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice")
+GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice", "guided_grammar")
 
 
 @dataclass
@@ -51,9 +51,11 @@ class SamplingParams:
     guided_json: dict[str, Any] | str | bool | None = None
     # Or an xgrammar structural tag (dict or JSON text), e.g. `guided.tool_call_structural_tag` for forced calls.
     structural_tag: dict[str, Any] | str | None = None
-    # Or (vLLM's) a regular expression the whole output matches, or a list of strings it is exactly one of.
+    # Or (vLLM's) a regular expression the whole output matches, a list of strings it is exactly one of, or a
+    # context-free grammar in xgrammar's EBNF (GBNF-style, rule `root` first).
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -114,8 +116,10 @@ class SamplingParams:
             self.guided_json = _json_object("guided_json", self.guided_json, "True, a JSON schema object")
         if self.structural_tag is not None:
             self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
-        if self.guided_regex is not None and (not isinstance(self.guided_regex, str) or not self.guided_regex):
-            raise ValueError(f"guided_regex must be a non-empty regular expression, got {self.guided_regex!r}")
+        for name in ("guided_regex", "guided_grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
         if self.guided_choice is not None:
             if isinstance(self.guided_choice, str) or not isinstance(self.guided_choice, Sequence) or \
                     not self.guided_choice or not all(isinstance(c, str) and c for c in self.guided_choice):

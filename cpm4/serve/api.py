@@ -298,7 +298,7 @@ class _OpenAIServer:
                 ) -> SamplingParams:
         """grammar: SamplingParams' grammar fields (guided_json or structural_tag), from the request field
         grammar_param, which a 400 for a schema that does not compile names. The request's own guided_regex /
-        guided_choice (vLLM's) go in as they are."""
+        guided_choice / guided_grammar (vLLM's) go in as they are."""
         d = self.defaults
         try:
             params = SamplingParams(
@@ -320,8 +320,8 @@ class _OpenAIServer:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
                 **(grammar or {}),
-                **{k: v for k, v in (("guided_regex", req.guided_regex), ("guided_choice", req.guided_choice))
-                   if v is not None},
+                **{k: getattr(req, k) for k in ("guided_regex", "guided_choice", "guided_grammar")
+                   if getattr(req, k) is not None},
             )
             params.check_vocab(self.engine.vocab_size)
             if params.guided:  # compiled (and cached) now, so a bad schema is this request's 400

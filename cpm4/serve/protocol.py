@@ -64,6 +64,7 @@ class _SamplingFields(_Body):
     response_format: ResponseFormat | None = None  # structured output (chat; completions as vLLM's extension)
     guided_regex: Str | None = None  # extensions (vLLM): the output matches this regular expression ...
     guided_choice: list[Str] | None = None  # ... or is exactly one of these strings
+    guided_grammar: Str | None = None  # ... or follows this EBNF grammar (xgrammar's)
 
 
 class CompletionRequest(_SamplingFields):
