@@ -183,7 +183,7 @@ class LLM:
         CPU (no cache to size)."""
         params = params or self.get_default_sampling_params()
         if self.model.device.type != "cuda":
-            ids = _as_ids(self.tokenizer, prompt)
+            ids = params.truncate(_as_ids(self.tokenizer, prompt))
             yield from stream(self.model, self.tokenizer, ids, fit_to_context(len(ids), params, self.engine.context))
             return
         for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params):

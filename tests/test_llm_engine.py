@@ -312,3 +312,36 @@ def test_prompt_logprobs_against_the_full_forward():
                 assert [v for _, v in got[t].top] == pytest.approx(want.values.tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="prompt_logprobs must be an int in"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_allowed_tokens_special_tokens_and_prompt_truncation():
+    """vLLM's allowed_token_ids (nothing else is sampled, EOS included), skip_special_tokens=False (special
+    tokens stay in the text) and truncate_prompt_tokens (the prompt's last k tokens), on the engine and the
+    plain loop alike."""
+    m = model()
+    llm = LLM(m, tokenizer=tok())
+    ps = prompts(3, seed=7, lo=20, hi=60)
+    allowed = [5, 17, 300, 999]
+    for seed in (None, 3):
+        params = SamplingParams(max_tokens=8, temperature=1.0, seed=seed, allowed_token_ids=allowed)
+        outs = llm.generate(ps, params)
+        assert all(len(o.token_ids) == 8 and set(o.token_ids) <= set(allowed) for o in outs)
+    greedy = SamplingParams(temperature=0, max_tokens=6, allowed_token_ids=[9, 11, 400])
+    same(llm.generate(ps, greedy), reference(m, ps, greedy))
+    # A special token forced by logit_bias: in the text only with skip_special_tokens=False.
+    im_start = tok().token_id("<|im_start|>")
+    forced = dict(temperature=0, max_tokens=3, ignore_eos=True, logit_bias={im_start: 100.0})
+    shown = llm.generate(ps[:1], SamplingParams(skip_special_tokens=False, **forced))[0]
+    hidden = llm.generate(ps[:1], SamplingParams(**forced))[0]
+    assert shown.token_ids == hidden.token_ids == [im_start] * 3
+    assert shown.text == "<|im_start|>" * 3 and hidden.text == ""
+    # The prompt's last 10 tokens only.
+    cut = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=10)
+    outs = llm.generate(ps, cut)
+    same(outs, reference(m, [p[-10:] for p in ps], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)))
+    assert "".join(llm.stream(ps[0], cut)) == outs[0].text
+    with pytest.raises(ValueError, match="allowed_token_ids id 99999 is outside"):
+        llm.generate(ps[:1], SamplingParams(allowed_token_ids=[99999]))
+    for bad in ({"allowed_token_ids": []}, {"truncate_prompt_tokens": 0}, {"skip_special_tokens": "no"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)

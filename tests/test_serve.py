@@ -406,6 +406,36 @@ def test_tokenize_and_detokenize(server, llm):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
+def test_vllm_sampling_extensions(client, llm):
+    """allowed_token_ids, skip_special_tokens and truncate_prompt_tokens reach the engine as the offline API
+    takes them."""
+    allowed = [5, 17, 300]
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, seed=0,
+                                  extra_body={"allowed_token_ids": allowed, "return_tokens_as_token_ids": True},
+                                  logprobs=0)
+    assert all(int(t.split(":")[1]) in allowed for t in r.choices[0].logprobs.tokens)
+    im_start = llm.tokenizer.token_id("<|im_start|>")
+    body = {"logit_bias": {str(im_start): 100}, "ignore_eos": True}
+    r = client.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0,
+                                  extra_body={**body, "skip_special_tokens": False})
+    assert r.choices[0].text == "<|im_start|><|im_start|>"
+    r = client.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0, extra_body=body)
+    assert r.choices[0].text == ""
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    ids = llm.tokenizer.encode(prompt)
+    ref = llm.generate([ids[-5:]], _greedy(4))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 5})
+    assert r.usage.prompt_tokens == 5 and r.choices[0].text == ref.text
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
+                                       extra_body={"truncate_prompt_tokens": 7})
+    assert r.usage.prompt_tokens == 7
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="a", max_tokens=2, extra_body={"allowed_token_ids": [10**6]})
+    assert e.value.body["param"] == "allowed_token_ids"
+    _assert_alive(client)
+
+
 def test_continue_final_message(client, server, llm):
     """vLLM's assistant prefill: continue_final_message (with add_generation_prompt false) writes the reply on
     from the last assistant message's text; the prompt is the template's rendering cut after that text."""

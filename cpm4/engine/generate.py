@@ -121,7 +121,7 @@ class SequenceState:
             self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
         self.sampler = Sampler(params, device, self.matcher, self.stop_ids)
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
         self.finish_reason: str | None = None
         self.text = ""

@@ -117,6 +117,9 @@ class OfflineEngine:
                  ) -> list[GenerationOutput]:
         """Token-id prompts, one SamplingParams each -> one output per prompt, in order. use_tqdm: a progress
         bar of finished prompts on stderr, with the output tokens/s (as vLLM's)."""
+        if len(prompts) == len(params):  # vLLM's truncate_prompt_tokens, before the length checks
+            prompts = [sp.truncate(list(p)) if isinstance(sp, SamplingParams) and sp.truncate_prompt_tokens else p
+                       for p, sp in zip(prompts, params)]
         check_batch(prompts, params, self.context, self.model.config.vocab_size)
         if not prompts:
             return []
@@ -154,6 +157,8 @@ class OfflineEngine:
         """One prompt's deltas as the engine produces them, its text every step (on the same engine and cache
         as `generate`: CUDA graphs, paged sparse decode). Closing the iterator early aborts the request; a
         failed or interrupted step drops the engine (the next call builds a fresh one)."""
+        if isinstance(params, SamplingParams) and params.truncate_prompt_tokens:
+            prompt = params.truncate(list(prompt))
         check_batch([prompt], [params], self.context, self.model.config.vocab_size)
         prompt = [int(t) for t in prompt]
         engine = self._engine_for([tokens_needed(prompt, params, self.context)])

@@ -37,6 +37,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be sampled (EOS too, if listed)
+    skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last this many tokens
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -106,6 +109,17 @@ class SamplingParams:
             for s in self.stop:
                 if not isinstance(s, str) or not s:
                     raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}")
+            self.allowed_token_ids = sorted(set(ids))
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
+        t = self.truncate_prompt_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"truncate_prompt_tokens must be a positive int or None, got {t!r}")
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 if not isinstance(t, int) or t < 0:
@@ -146,6 +160,14 @@ class SamplingParams:
         added, so a bad one fails alone instead of the batch step it would join."""
         if self.logit_bias and max(self.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token id {max(self.logit_bias)} is outside the vocabulary ({vocab} ids)")
+        if self.allowed_token_ids and self.allowed_token_ids[-1] >= vocab:
+            raise ValueError(f"allowed_token_ids id {self.allowed_token_ids[-1]} is outside the vocabulary "
+                             f"({vocab} ids)")
+
+    def truncate(self, prompt: list[int]) -> list[int]:
+        """The prompt as generation sees it: its last truncate_prompt_tokens tokens when that is set."""
+        t = self.truncate_prompt_tokens
+        return prompt[-t:] if t is not None and len(prompt) > t else prompt
 
 
 def _json_object(name: str, value: object, what: str) -> dict[str, Any] | str:
@@ -178,6 +200,7 @@ class SamplingPlan:
         self.penalty = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         self.output_penalty = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         self.biased = [i for i, p in enumerate(params) if p.logit_bias]
+        self.restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
         self.min_rows = [i for i, p in enumerate(params) if p.min_tokens]
         self.guided = [i for i, p in enumerate(params) if p.guided]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -250,6 +273,15 @@ def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: 
     pen = pen.to(x.device).unsqueeze(1)
     penalised = torch.where(x > 0, x / pen, x * pen)
     x.copy_(torch.where(seen, penalised, x))
+
+
+def _keep_allowed(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    """-inf for every id but the row's allowed_token_ids."""
+    keep = torch.zeros(len(rows), x.shape[1], dtype=torch.bool)
+    for j, i in enumerate(rows):
+        keep[j, [t for t in params[i].allowed_token_ids if t < x.shape[1]]] = True
+    idx = torch.tensor(rows, device=x.device)
+    x[idx] = x[idx].masked_fill(~keep.to(x.device), float("-inf"))
 
 
 def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
@@ -352,6 +384,8 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         from .guided import apply_grammar
 
         apply_grammar(x, plan.guided, ms)
+    if plan.restricted:
+        _keep_allowed(x, params, plan.restricted)
     if plan.biased:
         _apply_logit_bias(x, params, plan.biased)
     if plan.min_rows:

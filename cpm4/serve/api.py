@@ -319,6 +319,8 @@ class _OpenAIServer:
                 min_tokens=req.min_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
+                allowed_token_ids=req.allowed_token_ids,
+                skip_special_tokens=req.skip_special_tokens,
                 **(grammar or {}),
                 **{k: getattr(req, k) for k in ("guided_regex", "guided_choice", "guided_grammar")
                    if getattr(req, k) is not None},
@@ -378,7 +380,11 @@ class _OpenAIServer:
         tag = tool_call_structural_tag(fns, name, parallel=name is None and req.parallel_tool_calls is not False)
         return {"structural_tag": tag}
 
-    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
+    def _check_prompt(self, ids: list[int], param: str, truncate: int | None = None) -> list[int]:
+        """The prompt's ids as the engine takes them; truncate: keep the last this many (vLLM's
+        truncate_prompt_tokens), before the length check."""
+        if truncate is not None:
+            ids = ids[-truncate:]
         try:
             return self.engine.check_prompt(ids)
         except PromptTooLongError as e:
@@ -430,7 +436,10 @@ class _OpenAIServer:
             if isinstance(item, str):
                 ids, text = self.tokenizer.encode(item), item
             else:
-                ids = self._check_prompt(item, "prompt")  # before decode: ids may be out of range
+                ids = self._check_prompt(item, "prompt", req.truncate_prompt_tokens)  # before decode: range
+                text = self.tokenizer.decode(ids) if req.echo else ""
+            if req.truncate_prompt_tokens is not None and len(ids) > req.truncate_prompt_tokens:
+                ids = ids[-req.truncate_prompt_tokens:]
                 text = self.tokenizer.decode(ids) if req.echo else ""
             out.append((self._check_prompt(ids, "prompt"), text))
         return out
@@ -602,7 +611,7 @@ class _OpenAIServer:
         except Exception as e:  # the template rejected the conversation (ValueError, jinja errors)
             raise APIError(400, f"cannot render the conversation with the chat template: {e}",
                            param="messages") from None
-        return self._check_prompt(ids, "messages")
+        return self._check_prompt(ids, "messages", getattr(req, "truncate_prompt_tokens", None))
 
     def _chat_logprobs(self, lps: list[TokenLogprob], as_ids: bool) -> dict[str, Any]:
         def entry(tid: int, v: float) -> dict[str, Any]:

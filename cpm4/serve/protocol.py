@@ -65,6 +65,9 @@ class _SamplingFields(_Body):
     guided_regex: Str | None = None  # extensions (vLLM): the output matches this regular expression ...
     guided_choice: list[Str] | None = None  # ... or is exactly one of these strings
     guided_grammar: Str | None = None  # ... or follows this EBNF grammar (xgrammar's)
+    allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
+    skip_special_tokens: Bool = True
+    truncate_prompt_tokens: Int | None = Field(None, ge=1)
 
 
 class CompletionRequest(_SamplingFields):
