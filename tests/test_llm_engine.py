@@ -345,3 +345,34 @@ def test_allowed_tokens_special_tokens_and_prompt_truncation():
     for bad in ({"allowed_token_ids": []}, {"truncate_prompt_tokens": 0}, {"skip_special_tokens": "no"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+
+
+def test_bad_words():
+    """vLLM's bad_words: a banned word's last token is never sampled where the output ends with the rest of
+    the word; the engine and the plain loop agree."""
+    from cpm4.engine.generate import bad_word_ids
+
+    m = model()
+    llm = LLM(m, tokenizer=tok())
+    ps = prompts(4, seed=11, lo=5, hi=40)
+    free = llm.generate(ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    # A word that is the one token the greedy run picked first (it round-trips through the tokenizer alone).
+    first = next(o.token_ids[0] for o in free if tok().encode(tok().decode([o.token_ids[0]]), add_bos=False)
+                 == [o.token_ids[0]])
+    word = tok().decode([first])
+    assert (first,) in bad_word_ids(tok(), [word])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[word])
+    outs = llm.generate(ps, params)
+    banned = {seq[0] for seq in bad_word_ids(tok(), [word]) if len(seq) == 1}
+    assert all(not banned & set(o.token_ids) for o in outs)
+    same(outs, reference(m, ps, params))
+    # A two-token word: its second token may follow anything but its first.
+    pair = next((o.token_ids[j], o.token_ids[j + 1]) for o in free for j in range(len(o.token_ids) - 1)
+                if tok().encode(tok().decode(o.token_ids[j:j + 2]), add_bos=False) == o.token_ids[j:j + 2])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[tok().decode(list(pair))])
+    outs = llm.generate(ps, params)
+    for o in outs:
+        assert all((a, b) != pair for a, b in zip(o.token_ids, o.token_ids[1:]))
+    same(outs, reference(m, ps, params))
+    with pytest.raises(ValueError, match="bad_words must be"):
+        SamplingParams(bad_words="word")

@@ -407,8 +407,8 @@ def test_tokenize_and_detokenize(server, llm):
 
 
 def test_vllm_sampling_extensions(client, llm):
-    """allowed_token_ids, skip_special_tokens and truncate_prompt_tokens reach the engine as the offline API
-    takes them."""
+    """allowed_token_ids, skip_special_tokens, truncate_prompt_tokens and bad_words reach the engine as the
+    offline API takes them."""
     allowed = [5, 17, 300]
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, seed=0,
                                   extra_body={"allowed_token_ids": allowed, "return_tokens_as_token_ids": True},
@@ -430,9 +430,16 @@ def test_vllm_sampling_extensions(client, llm):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
                                        extra_body={"truncate_prompt_tokens": 7})
     assert r.usage.prompt_tokens == 7
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="a", max_tokens=2, extra_body={"allowed_token_ids": [10**6]})
-    assert e.value.body["param"] == "allowed_token_ids"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+    word = free.split()[0] if free.split() else free
+    ref = llm.generate(prompt, _greedy(6, bad_words=[word]))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  extra_body={"bad_words": [word]})
+    assert r.choices[0].text == ref.text
+    for body, param in (({"allowed_token_ids": [10**6]}, "allowed_token_ids"), ({"bad_words": [""]}, "bad_words")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="a", max_tokens=2, extra_body=body)
+        assert e.value.body["param"] == param
     _assert_alive(client)
 
 

@@ -97,6 +97,17 @@ def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> Sampl
     return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
 
+def bad_word_ids(tokenizer: Tokenizer, words: Sequence[str] | None) -> list[tuple[int, ...]]:
+    """Each bad word as token ids, alone and after a space (as vLLM encodes them), without duplicates."""
+    seqs: list[tuple[int, ...]] = []
+    for w in words or ():
+        for text in (w, " " + w.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_bos=False))
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
+
+
 class SequenceState:
     """Per-sequence state of one generation: sampler, detokenizer, stop rules, generated tokens."""
 
@@ -120,7 +131,7 @@ class SequenceState:
             # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
             self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
-        self.sampler = Sampler(params, device, self.matcher, self.stop_ids)
+        self.sampler = Sampler(params, device, self.matcher, self.stop_ids, bad_word_ids(tokenizer, params.bad_words))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
         self.finish_reason: str | None = None

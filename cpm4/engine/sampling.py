@@ -40,6 +40,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be sampled (EOS too, if listed)
     skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last this many tokens
+    # vLLM's: words never generated; a word's last token is banned where the output ends with the rest of it
+    # (each word as encoded alone and after a space)
+    bad_words: list[str] | None = None
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -115,6 +118,11 @@ class SamplingParams:
                     not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}")
             self.allowed_token_ids = sorted(set(ids))
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not isinstance(self.bad_words, Sequence) or \
+                    not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
+            self.bad_words = list(self.bad_words) or None
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
         t = self.truncate_prompt_tokens
@@ -201,6 +209,7 @@ class SamplingPlan:
         self.output_penalty = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         self.biased = [i for i, p in enumerate(params) if p.logit_bias]
         self.restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
+        self.bad_rows = [i for i, p in enumerate(params) if p.bad_words]
         self.min_rows = [i for i, p in enumerate(params) if p.min_tokens]
         self.guided = [i for i, p in enumerate(params) if p.guided]
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -273,6 +282,21 @@ def _apply_repetition_penalty(x: Tensor, params: list[SamplingParams], history: 
     pen = pen.to(x.device).unsqueeze(1)
     penalised = torch.where(x > 0, x / pen, x * pen)
     x.copy_(torch.where(seen, penalised, x))
+
+
+def _ban_bad_words(x: Tensor, outputs: Sequence[Sequence[int]], bad_ids: Sequence[Sequence[tuple[int, ...]]],
+                   rows: list[int]) -> None:
+    """-inf for each bad word's last token where the row's output ends with the word's other tokens."""
+    r, c = [], []
+    for i in rows:
+        out = outputs[i]
+        for seq in bad_ids[i]:
+            k = len(seq) - 1
+            if seq[-1] < x.shape[1] and len(out) >= k and tuple(out[len(out) - k:]) == seq[:-1]:
+                r.append(i)
+                c.append(seq[-1])
+    if r:
+        x[torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)] = float("-inf")
 
 
 def _keep_allowed(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
@@ -355,8 +379,8 @@ def _ban_stops(x: Tensor, params: list[SamplingParams], outputs: list[list[int]]
 
 def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
                    plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
-                   matchers: Sequence[Any] | None = None, stop_ids: Sequence[Sequence[int]] | None = None
-                   ) -> Tensor:
+                   matchers: Sequence[Any] | None = None, stop_ids: Sequence[Sequence[int]] | None = None,
+                   bad_ids: Sequence[Sequence[tuple[int, ...]]] | None = None) -> Tensor:
     """Apply the grammar masks, logit bias, repetition penalty, presence/frequency penalties, then temperature,
     top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
 
@@ -366,6 +390,7 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
     rows only get the bias and penalties: the filters keep the argmax, so they cannot change a greedy pick.
     plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built here).
     matchers: row i's grammar matcher where params[i] is guided (see `cpm4.engine.guided`), else None.
+    bad_ids: row i's bad words as token sequences (`Sampler.bad_ids`), where params[i] has bad_words.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -386,6 +411,10 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         apply_grammar(x, plan.guided, ms)
     if plan.restricted:
         _keep_allowed(x, params, plan.restricted)
+    if plan.bad_rows:
+        if outputs is None or bad_ids is None or len(outputs) != bsz or len(bad_ids) != bsz:
+            raise ValueError("bad_words needs each row's generated ids (outputs) and bad word token ids")
+        _ban_bad_words(x, outputs, bad_ids, plan.bad_rows)
     if plan.biased:
         _apply_logit_bias(x, params, plan.biased)
     if plan.min_rows:
@@ -429,13 +458,15 @@ class Sampler:
     """Random state for one sequence, so its tokens depend only on its own seed and logits."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str | None = None,
-                 matcher: Any | None = None, stop_ids: Sequence[int] = ()) -> None:
+                 matcher: Any | None = None, stop_ids: Sequence[int] = (),
+                 bad_ids: Sequence[tuple[int, ...]] = ()) -> None:
         """matcher: the sequence's grammar matcher when params are guided (`cpm4.engine.guided.new_matcher`).
         stop_ids: the token ids that end the sequence (its EOS unless ignore_eos, and stop_token_ids), banned
-        until min_tokens are generated."""
+        until min_tokens are generated. bad_ids: params.bad_words as token sequences (`bad_word_ids`)."""
         self.params = params
         self.matcher = matcher
         self.stop_ids = sorted(stop_ids)
+        self.bad_ids = list(bad_ids)
         self.device = torch.device(device if device is not None else "cpu")
         self.generator = torch.Generator(device=self.device)
         if params.seed is not None:
@@ -478,7 +509,8 @@ def sample_tokens(
         plan = SamplingPlan(params, logits.shape[1])
     matchers = [s.matcher for s in samplers] if plan.guided else None
     stop_ids = [s.stop_ids for s in samplers] if plan.min_rows else None
-    x = process_logits(logits, params, history, plan, outputs, matchers, stop_ids)
+    bad_ids = [s.bad_ids for s in samplers] if plan.bad_rows else None
+    x = process_logits(logits, params, history, plan, outputs, matchers, stop_ids, bad_ids)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
     # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);

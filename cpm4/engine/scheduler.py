@@ -142,11 +142,11 @@ class LLMEngine:
                               stream_text=self.stream_text if stream_text is None else stream_text,
                               vocab_size=self.model.config.vocab_size)
         # A grammar's mask for the next token depends on the last one, min_tokens on the count of tokens read
-        # back: guided and min_tokens rows step synchronously too.
+        # back, bad words on the last tokens: guided, min_tokens and bad_words rows step synchronously too.
         req = EngineRequest(request_id, list(prompt_ids), state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
                             or bool(params.presence_penalty or params.frequency_penalty) or params.guided
-                            or params.min_tokens > 0)
+                            or params.min_tokens > 0 or bool(params.bad_words))
         self.by_id[request_id] = req
         self.waiting.append(req)
 

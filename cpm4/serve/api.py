@@ -321,6 +321,7 @@ class _OpenAIServer:
                 logprobs=logprobs,
                 allowed_token_ids=req.allowed_token_ids,
                 skip_special_tokens=req.skip_special_tokens,
+                bad_words=req.bad_words,
                 **(grammar or {}),
                 **{k: getattr(req, k) for k in ("guided_regex", "guided_choice", "guided_grammar")
                    if getattr(req, k) is not None},

@@ -68,6 +68,7 @@ class _SamplingFields(_Body):
     allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
     skip_special_tokens: Bool = True
     truncate_prompt_tokens: Int | None = Field(None, ge=1)
+    bad_words: list[Str] | None = None
 
 
 class CompletionRequest(_SamplingFields):
