@@ -98,7 +98,8 @@ def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_
     prompts, params = _normalise(prompts, params)
     outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
     for o, p in zip(outs, prompts):
-        o.prompt = _prompt_text(p)
+        for c in {id(x): x for x in (o, *o.outputs)}.values():
+            c.prompt = _prompt_text(p)
     return outs
 
 
@@ -182,6 +183,8 @@ class LLM:
         CUDA graphs, paged sparse decode); elsewhere on the plain loop, whose first token comes soonest on a
         CPU (no cache to size)."""
         params = params or self.get_default_sampling_params()
+        if params.n != 1:
+            raise ValueError(f"stream gives one completion: n must be 1, got {params.n}")
         if self.model.device.type != "cuda":
             ids = params.truncate(_as_ids(self.tokenizer, prompt))
             yield from stream(self.model, self.tokenizer, ids, fit_to_context(len(ids), params, self.engine.context))

@@ -376,3 +376,25 @@ def test_bad_words():
     same(outs, reference(m, ps, params))
     with pytest.raises(ValueError, match="bad_words must be"):
         SamplingParams(bad_words="word")
+
+
+def test_n_completions_per_prompt():
+    """SamplingParams(n=k): k completions per prompt in `outputs` (vLLM's RequestOutput.outputs), completion j
+    the same as a run alone with seed + j; greedy completions are all the same; one output per prompt still."""
+    m = model()
+    llm = LLM(m, tokenizer=tok())
+    ps = prompts(2, seed=13, lo=5, hi=30)
+    outs = llm.generate(ps, [SamplingParams(n=3, seed=10, max_tokens=6, ignore_eos=True),
+                             SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)])
+    assert len(outs) == 2 and len(outs[0].outputs) == 3 and outs[1].outputs == [outs[1]]
+    for j, c in enumerate(outs[0].outputs):
+        alone = llm.generate([ps[0]], SamplingParams(seed=10 + j, max_tokens=6, ignore_eos=True))[0]
+        assert c.token_ids == alone.token_ids and c.text == alone.text and c.prompt_token_ids == ps[0]
+    assert outs[0].token_ids == outs[0].outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # different seeds, different draws
+    greedy = llm.generate("same", SamplingParams(n=2, temperature=0, max_tokens=5))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids and greedy.outputs[1].prompt == "same"
+    with pytest.raises(ValueError, match="n must be 1"):
+        list(llm.stream("x", SamplingParams(n=2)))
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        SamplingParams(n=0)

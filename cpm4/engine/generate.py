@@ -31,6 +31,13 @@ class GenerationOutput:
     prompt: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
+    # With SamplingParams.n > 1, every completion of the prompt (this object's own fields are the first's).
+    choices: list[GenerationOutput] | None = field(default=None, repr=False)
+
+    @property
+    def outputs(self) -> list[GenerationOutput]:
+        """The prompt's completions, as vLLM's RequestOutput.outputs: n of them (one without n)."""
+        return self.choices or [self]
 
     def add(self, delta: StreamDelta) -> None:
         """Append one streamed delta of this sequence (what every batch front end gathers)."""

@@ -8,6 +8,7 @@ deltas are gathered into one `GenerationOutput`, in input order. Outputs are tho
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
@@ -123,6 +124,8 @@ class OfflineEngine:
         check_batch(prompts, params, self.context, self.model.config.vocab_size)
         if not prompts:
             return []
+        if any(sp.n > 1 for sp in params):
+            return self._generate_n(prompts, params, use_tqdm)
         prompts = [[int(t) for t in p] for p in prompts]
         engine = self._engine_for([tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
         outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
@@ -151,6 +154,24 @@ class OfflineEngine:
         for o, p, sp in zip(outs, prompts, params):
             if sp.prompt_logprobs is not None:
                 o.prompt_logprobs = prompt_logprobs(self.model, p, sp.prompt_logprobs)
+        return outs
+
+    def _generate_n(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool
+                    ) -> list[GenerationOutput]:
+        """Prompts with n > 1: one request per completion (the prompt's pages are shared by prefix caching),
+        completion j seeded with seed + j as the server does; grouped back per prompt."""
+        flat_p, flat_sp, owner = [], [], []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            for j in range(sp.n):
+                flat_p.append(p)
+                flat_sp.append(dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j))
+                owner.append(i)
+        flat = self.generate(flat_p, flat_sp, use_tqdm)
+        outs: list[GenerationOutput] = []
+        for i in range(len(prompts)):
+            mine = [o for o, k in zip(flat, owner) if k == i]
+            first = dataclasses.replace(mine[0], choices=mine if len(mine) > 1 else None)
+            outs.append(first)
         return outs
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StreamDelta]:

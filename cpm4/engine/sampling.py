@@ -24,6 +24,7 @@ class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
 
     max_tokens: int = 256
+    n: int = 1  # completions per prompt (offline; with a seed, completion j draws with seed + j)
     # vLLM's: EOS and stop_token_ids cannot be sampled before this many tokens are generated (stop strings
     # still apply).
     min_tokens: int = 0
@@ -72,6 +73,8 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
 
         # `not (x >= lo)` also rejects NaN.
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive int, got {self.n!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
