@@ -240,6 +240,16 @@ def test_streaming_completion(client, llm):
     # Without include_usage there is no usage chunk.
     plain = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, stream=True))
     assert all(c.choices for c in plain)
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far, growing to the final count.
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    for make in (lambda: client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10,
+                                                   temperature=0, stream=True, stream_options=opts),
+                 lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10,
+                                                        temperature=0, stream=True, stream_options=opts)):
+        chunks = list(make())
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens > 0
+        assert len({c.usage.prompt_tokens for c in chunks}) == 1
 
 
 def test_raw_sse_format(server):

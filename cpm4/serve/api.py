@@ -230,6 +230,14 @@ class _Choice:
         return piece
 
 
+def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(include_usage: a usage chunk at the end, and the usage field in every chunk; continuous: with it, that
+    field holds the usage so far instead of null, vLLM's continuous_usage_stats)."""
+    o = req.stream_options
+    include = bool(o and o.include_usage)
+    return include, include and bool(o.continuous_usage_stats)
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -495,14 +503,14 @@ class _OpenAIServer:
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         as_ids = req.return_tokens_as_token_ids
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = _usage_options(req)
 
         def chunk(i: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
             obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
                                    "model": self.model_name, "choices": [
                                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = None
+                obj["usage"] = _usage(prompt_tokens, sum(c.n_tokens for c in choices)) if continuous else None
             return obj
 
         if req.stream:
@@ -645,7 +653,7 @@ class _OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         as_ids = req.return_tokens_as_token_ids
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = _usage_options(req)
 
         def finish_reason(c: _Choice, calls: list[Any]) -> str | None:
             return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
@@ -655,7 +663,7 @@ class _OpenAIServer:
                                    "model": self.model_name, "system_fingerprint": None, "choices": [
                                        {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = None
+                obj["usage"] = _usage(len(ids), sum(c.n_tokens for c in choices)) if continuous else None
             return obj
 
         if req.stream:

@@ -29,6 +29,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: Bool = False
+    continuous_usage_stats: Bool = False  # extension (vLLM): usage so far in every chunk
 
 
 class ResponseFormat(_Body):
