@@ -302,13 +302,18 @@ def _ban_bad_words(x: Tensor, outputs: Sequence[Sequence[int]], bad_ids: Sequenc
         x[torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)] = float("-inf")
 
 
-def _keep_allowed(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
-    """-inf for every id but the row's allowed_token_ids."""
-    keep = torch.zeros(len(rows), x.shape[1], dtype=torch.bool)
-    for j, i in enumerate(rows):
-        keep[j, [t for t in params[i].allowed_token_ids if t < x.shape[1]]] = True
-    idx = torch.tensor(rows, device=x.device)
-    x[idx] = x[idx].masked_fill(~keep.to(x.device), float("-inf"))
+def _keep_allowed(x: Tensor, plan: SamplingPlan) -> None:
+    """-inf for every id but the row's allowed_token_ids (the mask built once per plan: a decode batch keeps
+    its plan for many steps)."""
+    rows, key = plan.restricted, ("allowed", x.device, x.shape[1])
+    banned = plan._tensors.get(key)
+    if banned is None:
+        keep = torch.zeros(len(rows), x.shape[1], dtype=torch.bool)
+        for j, i in enumerate(rows):
+            keep[j, [t for t in plan.params[i].allowed_token_ids if t < x.shape[1]]] = True
+        banned = plan._tensors[key] = (~keep).to(x.device)
+    idx = plan.tensor("restricted", rows, x.device, torch.long)
+    x[idx] = x[idx].masked_fill(banned, float("-inf"))
 
 
 def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
@@ -413,7 +418,7 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
 
         apply_grammar(x, plan.guided, ms)
     if plan.restricted:
-        _keep_allowed(x, params, plan.restricted)
+        _keep_allowed(x, plan)
     if plan.bad_rows:
         if outputs is None or bad_ids is None or len(outputs) != bsz or len(bad_ids) != bsz:
             raise ValueError("bad_words needs each row's generated ids (outputs) and bad word token ids")

@@ -442,15 +442,12 @@ class _OpenAIServer:
             raw = list(p)
         out = []
         for item in raw:
-            if isinstance(item, str):
-                ids, text = self.tokenizer.encode(item), item
-            else:
-                ids = self._check_prompt(item, "prompt", req.truncate_prompt_tokens)  # before decode: range
-                text = self.tokenizer.decode(ids) if req.echo else ""
-            if req.truncate_prompt_tokens is not None and len(ids) > req.truncate_prompt_tokens:
-                ids = ids[-req.truncate_prompt_tokens:]
-                text = self.tokenizer.decode(ids) if req.echo else ""
-            out.append((self._check_prompt(ids, "prompt"), text))
+            ids, text = (self.tokenizer.encode(item), item) if isinstance(item, str) else (list(item), "")
+            n = len(ids)
+            ids = self._check_prompt(ids, "prompt", req.truncate_prompt_tokens)  # before any decode: ids in range
+            if req.echo and (not isinstance(item, str) or len(ids) < n):
+                text = self.tokenizer.decode(ids)  # what the model saw
+            out.append((ids, text))
         return out
 
     def _completion_logprobs(self, lps: list[TokenLogprob], offset: int, as_ids: bool) -> dict[str, Any]:
