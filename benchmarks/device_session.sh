@@ -5,7 +5,10 @@
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
-#   bash benchmarks/device_session.sh http      # the HTTP row alone (carry .wheels/py312)
+#   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
+#   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
+#                                               # (http_overhead.py) and the HTTP row with the httpx client,
+#                                               # with the asyncio loop + h11, then with uvloop + httptools
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -20,7 +23,8 @@ stage=${1:-tests}
 
 wheels() {  # fastapi/uvicorn/openai are not on the device: install them from the carried wheels
     if [ -d .wheels/py312 ]; then
-        "$PY" -m pip install -q --no-index --find-links .wheels/py312 fastapi uvicorn openai prometheus_client 2>&1 | grep -v WARNING
+        "$PY" -m pip install -q --no-index --find-links .wheels/py312 fastapi uvicorn openai prometheus_client \
+            httpx uvloop httptools 2>&1 | grep -v WARNING
     fi
 }
 
@@ -45,8 +49,31 @@ serving)
     ;;
 http)  # carry .wheels/py312
     wheels
-    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
-        2>&1 | tail -8
+    timeout 60 "$PY" benchmarks/http_overhead.py 2>&1 | tail -5
+    timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        2>&1 | tail -3
+    for f in benchmarks/results/serving-minicpm4-0.5b-$(date +%F).json; do cp "$f" "${f%.json}-thread.json"; done
+    # the engine in a child process (cpm4 serve --engine-process)
+    timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        --engine-process 2>&1 | tail -3
+    if [ -n "${OUT:-}" ]; then
+        cp benchmarks/results/http_overhead-$(date +%F)*.json benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json \
+            "$OUT"/
+    fi
+    ;;
+httpdiag)  # carry .wheels/py312
+    wheels
+    "$PY" -m pip uninstall -q -y uvloop httptools 2>/dev/null
+    timeout 90 "$PY" benchmarks/http_overhead.py --tag asyncio-h11 2>&1 | tail -5
+    timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        --http-client httpx 2>&1 | tail -3
+    for f in benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json; do cp "$f" "${f%.json}-httpx.json"; done
+    for f in benchmarks/results/http_overhead-$(date +%F)*.json; do cp "$f" "${f%.json}-asyncio.json"; done
+    "$PY" -m pip install -q --no-index --find-links .wheels/py312 uvloop httptools 2>&1 | grep -v WARNING
+    timeout 90 "$PY" benchmarks/http_overhead.py --tag uvloop-httptools 2>&1 | tail -5
+    timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        2>&1 | tail -3
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json benchmarks/results/http_overhead-$(date +%F)*.json "$OUT"/; fi
     ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
@@ -58,7 +85,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, kernels, engine, serving, http, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, kernels, engine, serving, http, httpdiag, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

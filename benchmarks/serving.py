@@ -15,8 +15,10 @@ The rows, measured in one run:
   time between tokens;
 - `http.64` (with --http): the same 64-client workload end to end through the OpenAI-compatible server: the
   FastAPI app (`cpm4.serve.create_app`) over a new `AsyncEngine`, under uvicorn on 127.0.0.1, driven by
-  `openai.AsyncOpenAI` from a separate process (streaming /v1/completions, token-id prompts, ignore_eos,
-  usage in the last chunk): output tokens/s, mean time to the first text and mean time between tokens. Its
+  `openai.AsyncOpenAI` (--http-client httpx: httpx) from --client-processes other processes (streaming
+  /v1/completions, token-id prompts, ignore_eos, usage in the last chunk): output tokens/s, mean time to the
+  first text and mean time between tokens; `client_cpu_s` near the row's time means the clients set its pace
+  (one openai client process parses ~6,000 chunks/s on the H200 host: too few for 64 streams). Its
   engine's tokenizer has an entry for every model id, so (nearly) each token is streamed as its own event
   with text, as with a real tokenizer (the other rows' 1024-id tokenizer gives most ids no text).
   Needs fastapi, uvicorn and openai (`pip install --no-index --find-links .wheels/py312 fastapi uvicorn
@@ -191,26 +193,45 @@ def http_row(args, model, tok, creqs, dev) -> dict:
 
     from cpm4.serve import create_app
 
-    aeng = AsyncEngine(model, tok, max_batch_size=args.clients,
-                       chunk_tokens=args.chunk_tokens, kv_cache_tokens=args.kv_cache_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
-                       compile=args.compile, async_output=args.async_output, cpu_threads=args.cpu_threads)
+    options = dict(max_batch_size=args.clients, chunk_tokens=args.chunk_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                   gpu_memory_utilization=args.gpu_memory_utilization if dev.type == "cuda" else None,
+                   compile=args.compile, async_output=args.async_output, cpu_threads=args.cpu_threads)
+    tmp = None
+    if args.engine_process:  # the child loads the same weights from a checkpoint folder
+        import tempfile
+
+        from cpm4.model.checkpoint import save_checkpoint
+        from cpm4.serve import ProcessEngine
+
+        tmp = tempfile.TemporaryDirectory(prefix="cpm4-serving-")
+        save_checkpoint(model, model.config, f"{tmp.name}/model", tokenizer=tok, overwrite=True)
+        aeng = ProcessEngine(f"{tmp.name}/model", device=str(dev), dtype=str(model.dtype).removeprefix("torch."),
+                             **options)
+    else:
+        aeng = AsyncEngine(model, tok, **options)
     try:
         srv = HTTPServer(create_app(aeng, args.config))
         try:
+            cpu = time.process_time()
             rep = run_clients(srv.url, args.config, [(r[:32], 4) for r, _ in creqs],
-                              [(r, sp.max_tokens) for r, sp in creqs], temperature=0.6)
+                              [(r, sp.max_tokens) for r, sp in creqs], temperature=0.6, client=args.http_client,
+                              processes=args.client_processes)
+            cpu = time.process_time() - cpu  # this process (uvicorn, the app, the engine thread), warm-up too
         finally:
             srv.stop()
     finally:
         aeng.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
     res = rep["results"]
     return {"wall_s": rep["wall_s"], "tokens": sum(r["tokens"] for r in res),
             "ttft_ms": 1000 * sum(r["ttft_s"] for r in res) / len(res),
             "tbt_ms": 1000 * sum((r["total_s"] - r["ttft_s"]) / max(r["tokens"] - 1, 1) for r in res) / len(res),
             "short": sum(r["tokens"] < r["max_tokens"] for r in res),
             "usage_missing": sum(r["usage_tokens"] is None for r in res),
-            "text_chunks": sum(r["text_chunks"] for r in res), "openai_version": rep["openai_version"]}
+            "text_chunks": sum(r["text_chunks"] for r in res), "client": rep["client"],
+            "client_cpu_s": round(rep["client_cpu_s"], 2), "server_cpu_s": round(cpu, 2),
+            "client_processes": rep["processes"]}
 
 
 def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, row, rows: list[dict]) -> None:
@@ -256,6 +277,13 @@ def main() -> None:
     ap.add_argument("--http", action="store_true",
                     help="also the http.<clients> row: the OpenAI-compatible server end to end (needs fastapi, "
                          "uvicorn, openai)")
+    ap.add_argument("--http-client", default="openai", choices=["openai", "httpx"],
+                    help="the http row's client: the official openai one, or httpx reading the events itself")
+    ap.add_argument("--client-processes", type=int, default=None,
+                    help="processes the http row's clients are spread over (default: half the cores, at most 8; "
+                         "one Python process cannot parse 64 streams' chunks as fast as the server sends them)")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="the http row's engine in a child process (ProcessEngine, `cpm4 serve --engine-process`)")
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
@@ -278,6 +306,10 @@ def main() -> None:
                      "or offline: pip install --no-index --find-links .wheels/py312 fastapi uvicorn openai")
     if args.cpu_threads is None:
         args.cpu_threads = default_cpu_threads(dev)
+    if args.http and args.client_processes is None:
+        from serving_http import default_client_processes
+
+        args.client_processes = default_client_processes()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = preset(args.config)
     cfg.max_position_embeddings = min(cfg.max_position_embeddings, 4096)  # nano-vllm: max_model_len 4096
@@ -350,11 +382,15 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         m = http_row(args, model, tok, creqs, dev)
-        row(f"http.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
+        name = "http" if args.http_client == "openai" else f"http-{args.http_client}"
+        name += "-proc" if args.engine_process else ""
+        row(f"{name}.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
             mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
-            text_chunks=m["text_chunks"],
-            note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1, "
-                 f"openai {m['openai_version']} AsyncOpenAI streaming /v1/completions from another process; "
+            text_chunks=m["text_chunks"], client_processes=m["client_processes"], client_cpu_s=m["client_cpu_s"],
+            server_cpu_s=m["server_cpu_s"],
+            note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1"
+                 f"{' (engine in a child process)' if args.engine_process else ''}, "
+                 f"{m['client']} streaming /v1/completions from {m['client_processes']} other processes; "
                  "tokens from usage; TTFT to the first text chunk")
 
     name = device_name(dev)

@@ -938,6 +938,42 @@ def _collect(engine, ids, params, rid):
     return asyncio.run(run())
 
 
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_engine_stream_coalesces_when_the_reader_lags(llm, engine, coalesce):
+    """A reader that falls behind gets the waiting steps' deltas joined into one (vLLM's output collector);
+    with coalesce=False, one delta per step. Either way tokens, text and logprobs equal the plain loop's."""
+    from cpm4.engine.generate import generate_stream
+
+    ids = llm.tokenizer.encode("The colour of the sea")
+    params = _greedy(12, ignore_eos=True, logprobs=2)
+    rid = f"lag-{coalesce}"
+
+    async def run():
+        got, n = [], 0
+        async for d in engine.stream(ids, params, rid, coalesce=coalesce):
+            got.append(d)
+            if n == 0:  # fall behind: let the request finish before reading on
+                deadline = time.monotonic() + 60
+                while engine.finish_reason(rid) is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            n += 1
+        return got
+
+    deltas = asyncio.run(run())
+    ref = [d for step in generate_stream(llm.model, llm.tokenizer, [ids], [params]) for d in step]  # plain loop
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == [t for d in ref for t in d.token_ids] and len(tokens) == 12
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in ref)
+    lps = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token_id for lp in lps] == tokens
+    assert [d.finish_reason for d in deltas][-1] == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    if coalesce:
+        assert len(deltas) == 2 and len(deltas[1].token_ids) == len(tokens) - len(deltas[0].token_ids)
+    else:
+        assert len(deltas) >= len(tokens)
+
+
 def test_engine_abort_waiting_and_errors(llm, monkeypatch):
     eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, continuous=False)
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cpm4.model.config import MiniCPM4Config
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -70,11 +71,11 @@ class StreamDelta:
     logprobs: list[TokenLogprob] | None = None
 
 
-def context_length(model: MiniCPM4ForCausalLM, max_model_len: int | None = None) -> int:
-    """Tokens one sequence may hold, prompt and output: the model's max_position_embeddings, or
+def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: int | None = None) -> int:
+    """Tokens one sequence may hold, prompt and output: the model's (or config's) max_position_embeddings, or
     `max_model_len` (vLLM's option) when given, which may only be smaller (a server that caps its requests'
     length, and on the CPU sizes its default KV cache by it)."""
-    n = model.config.max_position_embeddings
+    n = getattr(model, "config", model).max_position_embeddings
     if max_model_len is None:
         return n
     if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engine import AsyncEngine
+from .engine_proc import ProcessEngine
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["AsyncEngine", "create_app", "default_cpu_threads", "serve"]
+__all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "serve"]
 
 
 def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
@@ -47,7 +48,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
           cpu_threads: int | None = None, generation_config: str | None = "auto",
-          reasoning_parser: str | None = None, allowed_origins: list[str] | None = None) -> None:
+          reasoning_parser: str | None = None, allowed_origins: list[str] | None = None,
+          engine_process: bool = False) -> None:
     """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
@@ -55,7 +57,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     where unset request fields take their defaults from ("auto": the checkpoint's generation_config.json,
     "vllm": none, or a folder or file; see `cpm4.engine.generation_config`). reasoning_parser: "minicpm4"
     returns the `<think>` block of chat output as `reasoning_content` (`cpm4.serve.reasoning`).
-    allowed_origins: browser origins allowed to call the API (CORS; default none)."""
+    allowed_origins: browser origins allowed to call the API (CORS; default none). engine_process: run the model
+    in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL."""
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
@@ -63,17 +66,33 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
-    from cpm4.llm import LLM
+    from cpm4.engine.generation_config import sampling_defaults as read_defaults
+    from cpm4.llm import LLM, resolve_device
 
-    llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config)
-    if cpu_threads is None:
-        cpu_threads = default_cpu_threads(llm.model.device)
-    if chat_template is not None:
-        llm.tokenizer.set_chat_template(chat_template)
-    engine = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
-                         chunk_tokens=chunk_tokens, gpu_memory_utilization=gpu_memory_utilization,
-                         cuda_graphs=cuda_graphs, compile=compile, async_output=async_output,
-                         max_model_len=max_model_len, cpu_threads=cpu_threads)
+    options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
+                   gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
+                   async_output=async_output, max_model_len=max_model_len)
+    if engine_process:
+        from cpm4.model.tokenizer import Tokenizer
+
+        from .engine_proc import ProcessEngine
+
+        defaults = read_defaults(generation_config, model_dir)
+        if cpu_threads is None:
+            cpu_threads = default_cpu_threads(resolve_device(device))
+        tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
+        if tokenizer is not None:
+            tokenizer.set_chat_template(chat_template)
+        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
+                                            cpu_threads=cpu_threads, **options)
+    else:
+        llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config)
+        defaults = llm.sampling_defaults
+        if cpu_threads is None:
+            cpu_threads = default_cpu_threads(llm.model.device)
+        if chat_template is not None:
+            llm.tokenizer.set_chat_template(chat_template)
+        engine = AsyncEngine(llm.model, llm.tokenizer, cpu_threads=cpu_threads, **options)
     name = model_name or Path(model_dir).name or str(model_dir)
     if log_stats_interval:
         stats_log = logging.getLogger("cpm4.serve")
@@ -82,12 +101,12 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
             handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
             stats_log.addHandler(handler)
             stats_log.setLevel(logging.INFO)
-    if llm.sampling_defaults:  # as vLLM says it: a user who expected SamplingParams' defaults learns why not
+    if defaults:  # as vLLM says it: a user who expected SamplingParams' defaults learns why not
         logging.getLogger("cpm4.serve").warning(
             "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
-            "none)", llm.sampling_defaults)
+            "none)", defaults)
     app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None,
-                     sampling_defaults=llm.sampling_defaults, reasoning_parser=reasoning_parser,
+                     sampling_defaults=defaults, reasoning_parser=reasoning_parser,
                      allowed_origins=allowed_origins)
     try:
         # A short graceful period: open streams are aborted by the engine shutdown below anyway.

@@ -336,7 +336,7 @@ class _OpenAIServer:
             )
             params.check_vocab(self.engine.vocab_size)
             if params.guided:  # compiled (and cached) now, so a bad schema is this request's 400
-                compile_grammar(self.tokenizer, self.engine.vocab_size, self.engine.model.config.eos_token_ids,
+                compile_grammar(self.tokenizer, self.engine.vocab_size, self.engine.config.eos_token_ids,
                                 params)
         except ValueError as e:
             msg, param = str(e), _param_of(str(e))
@@ -403,20 +403,22 @@ class _OpenAIServer:
             raise APIError(400, str(e), param=param) from None
 
     @contextlib.asynccontextmanager
-    async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]]
+    async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
+                   coalesce: bool = True
                    ) -> AsyncIterator[tuple[_DisconnectWatch, AsyncIterator[tuple[int, StreamDelta]]]]:
         """Start one engine request per job; yields (disconnect watch, merged deltas as (job index, delta)).
-        Leaving the block closes the merged stream, which aborts whatever has not finished."""
+        Leaving the block closes the merged stream, which aborts whatever has not finished. coalesce: see
+        `AsyncEngine.stream` (off where a tool-call or reasoning parser reads each step's tokens apart)."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
-        streams = [self.engine.stream(p, sp, rid) for rid, (p, sp) in zip(ids, jobs)]
+        streams = [self.engine.stream(p, sp, rid, coalesce) for rid, (p, sp) in zip(ids, jobs)]
         async with _DisconnectWatch(request, self.engine, ids) as watch, \
                 contextlib.aclosing(_merge(streams)) as merged:
             yield watch, merged
 
     async def _collect(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
-                       choices: list) -> bool:
+                       choices: list, coalesce: bool = True) -> bool:
         """Run the jobs to the end, feeding each choice its deltas; True if the client went away."""
-        async with self._run(request, request_id, jobs) as (watch, merged):
+        async with self._run(request, request_id, jobs, coalesce) as (watch, merged):
             async for i, d in merged:
                 choices[i].take(d)
         return watch.disconnected
@@ -647,6 +649,8 @@ class _OpenAIServer:
         choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None,
                            think=ReasoningStream(self.tokenizer) if self.reasoning_parser else None)
                    for _ in jobs]
+        # The parsers find a marker token's place by each step's tokens and text, so they read deltas apart.
+        coalesce = not parse_tools and not self.reasoning_parser
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         as_ids = req.return_tokens_as_token_ids
@@ -665,7 +669,7 @@ class _OpenAIServer:
 
         if req.stream:
             async def events() -> AsyncIterator[str]:
-                async with self._run(request, rid, jobs) as (_, merged):
+                async with self._run(request, rid, jobs, coalesce) as (_, merged):
                     for i in range(len(choices)):
                         yield _sse(chunk(i, {"role": "assistant", "content": ""}))
                     async for i, d in merged:
@@ -697,7 +701,7 @@ class _OpenAIServer:
             return StreamingResponse(_sse_stream(events(), usage if include_usage else None),
                                      media_type="text/event-stream")
 
-        if await self._collect(request, rid, jobs, choices):
+        if await self._collect(request, rid, jobs, choices, coalesce):
             return Response(status_code=499)  # nobody is listening; the requests were aborted
         out = []
         for i, c in enumerate(choices):

@@ -21,7 +21,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
-          reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins)
+          reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
+          engine_process=args.engine_process)
     return 0
 
 
@@ -90,6 +91,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
                    help="return the <think> block of chat output (MiniCPM4.1's thinking mode) as "
                    "reasoning_content, streamed as delta.reasoning_content (default: left in the content)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the model in a child process, as vLLM's engine core: the HTTP side's work per "
+                   "streamed chunk and the engine's host work per step then run in parallel instead of sharing "
+                   "one GIL (many concurrent streams on a fast GPU)")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)

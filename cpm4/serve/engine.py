@@ -79,9 +79,23 @@ class _Request:
     finish_reason: str | None = None
 
 
+def _join(a: StreamDelta, b: StreamDelta) -> StreamDelta:
+    """Two consecutive deltas of one request as one."""
+    lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return StreamDelta(a.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, lps)
+
+
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
     for queue, item in batch:
         queue.put_nowait(item)
+
+
+def check_engine_options(max_batch_size: int, cpu_threads: int | None) -> None:
+    if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
+                                    or cpu_threads < 1):
+        raise ValueError(f"cpu_threads must be a positive int, got {cpu_threads!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
 
 
 class AsyncEngine:
@@ -101,12 +115,8 @@ class AsyncEngine:
         output (default: the model's context; see `context_length`). cpu_threads: torch's intra-op threads
         on the worker thread (set there before its first step; other threads keep theirs; None: the
         default)."""
-        if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
-                                        or cpu_threads < 1):
-            raise ValueError(f"cpu_threads must be a positive int, got {cpu_threads!r}")
+        check_engine_options(max_batch_size, cpu_threads)
         self.cpu_threads = cpu_threads
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.continuous = continuous
         self.cuda_graphs = cuda_graphs
         self.compile = compile
@@ -120,9 +130,19 @@ class AsyncEngine:
         self.kv_cache_tokens = kv_cache_tokens
         self.chunk_tokens = chunk_tokens
         self.model = model
+        self.config = model.config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.vocab_size = model.config.vocab_size
+        self._init_front()
+        self._sched: LLMEngine | None = None  # the continuous scheduler (for its cache and preemption counts)
+        self._preempted_before = 0  # preemptions of schedulers replaced after a failed step
+        target = self._continuous_loop if continuous else self._worker_loop
+        self._thread = threading.Thread(target=self._run, args=(target,), name="cpm4-engine", daemon=True)
+        self._thread.start()
+
+    def _init_front(self) -> None:
+        """The request bookkeeping, counters and observers (also `ProcessEngine`'s, whose worker is elsewhere)."""
         self._cond = threading.Condition()
         # Held by whoever runs the model: the worker for each step, `prompt_logprobs` for its forward pass.
         self._model_lock = threading.Lock()
@@ -136,13 +156,8 @@ class AsyncEngine:
         self.num_batches = 0
         self.num_prompt_tokens = 0  # of the requests accepted
         self.num_generation_tokens = 0  # streamed to requests so far
-        self._sched: LLMEngine | None = None  # the continuous scheduler (for its cache and preemption counts)
-        self._preempted_before = 0  # preemptions of schedulers replaced after a failed step
         # Called on the requesting event loop as each stream ends (metrics); they must not raise.
         self.request_observers: list[Callable[[RequestStats], None]] = []
-        target = self._continuous_loop if continuous else self._worker_loop
-        self._thread = threading.Thread(target=self._run, args=(target,), name="cpm4-engine", daemon=True)
-        self._thread.start()
 
     # ----- asyncio side -----
 
@@ -167,7 +182,7 @@ class AsyncEngine:
         if params.guided:  # a schema that does not compile fails here, not in the worker
             from cpm4.engine.guided import compile_grammar
 
-            compile_grammar(self.tokenizer, self.vocab_size, self.model.config.eos_token_ids, params)
+            compile_grammar(self.tokenizer, self.vocab_size, self.config.eos_token_ids, params)
 
     @property
     def is_running(self) -> bool:
@@ -202,9 +217,14 @@ class AsyncEngine:
         """Finish reason of a recently finished request (None if unknown or still running)."""
         return self._finished.get(request_id)
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-                     request_id: str) -> AsyncIterator[StreamDelta]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str,
+                     coalesce: bool = True) -> AsyncIterator[StreamDelta]:
         """Queue one request and yield its deltas (index 0) until one carries a finish reason.
+
+        coalesce: when the reader falls behind the engine (several steps' deltas waiting), hand them over as
+        one delta (text, token ids and logprobs joined, the last finish reason), as vLLM's output collector
+        does: a busy server then formats and sends fewer, larger chunks instead of falling further behind.
+        False: one delta per engine step, always (readers that need each step's tokens apart).
 
         Raises ValueError (PromptTooLongError for an over-long prompt) before queueing. Closing the iterator
         early, or cancelling the task reading it, aborts the request."""
@@ -212,21 +232,25 @@ class AsyncEngine:
         self.check_params(params)
         params = fit_to_context(len(ids), params, self.context_length)  # the plain-loop mode stops there too
         req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue())
-        with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
-            if request_id in self._requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._requests[request_id] = req
-            self._waiting.append(req)
-            self._cond.notify()
+        self._submit(req)
         self.num_prompt_tokens += len(ids)
         ended = False
         t0 = time.monotonic()
         ttft, generated, reason = None, 0, "abort"
+        held: object = None  # an item taken from the queue while coalescing, not yet handled
         try:
             while True:
-                item = await req.queue.get()
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await req.queue.get()
+                while coalesce and isinstance(item, StreamDelta) and item.finish_reason is None \
+                        and not req.queue.empty():
+                    nxt = req.queue.get_nowait()
+                    if not isinstance(nxt, StreamDelta):
+                        held = nxt
+                        break
+                    item = _join(item, nxt)
                 if item is _END:
                     ended = True
                     return
@@ -247,6 +271,17 @@ class AsyncEngine:
                 stats = RequestStats(len(ids), generated, ttft, time.monotonic() - t0, reason)
                 for observe in self.request_observers:
                     observe(stats)
+
+    def _submit(self, req: _Request) -> None:
+        """Hand a request to the worker (EngineClosedError once shut down, ValueError for an id in use)."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if req.request_id in self._requests:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self._requests[req.request_id] = req
+            self._waiting.append(req)
+            self._cond.notify()
 
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
         """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),

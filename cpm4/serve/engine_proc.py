@@ -1,0 +1,363 @@
+"""The server's engine in a process of its own (`cpm4 serve --engine-process`).
+
+`AsyncEngine` runs the model on a worker thread of the HTTP server's process, so the event loop's work for every
+streamed chunk (formatting, JSON, the socket) and the engine's host work for every step (scheduling, launches,
+sampling, detokenizing) take turns on one GIL. `ProcessEngine` moves the model and that worker into a child
+process, as vLLM runs its engine core apart from its API server: the child loads the checkpoint and runs the
+same `AsyncEngine` worker loop; this process keeps only the tokenizer and config (prompt checks, chat templates,
+grammars) and exchanges small messages with the child over a pipe: requests and aborts one way, each step's
+deltas (one message per step) the other.
+
+The public surface is `AsyncEngine`'s, so `create_app` and the metrics take either. If the child dies, every
+request in flight fails with `EngineError` and `is_running` turns False (the health check then says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cpm4.engine.generate import StreamDelta, TokenLogprob, context_length
+from cpm4.model.config import MiniCPM4Config
+from cpm4.model.tokenizer import Tokenizer
+
+from .engine import _END, AsyncEngine, EngineClosedError, EngineError, _Request, check_engine_options
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProcessEngine"]
+
+_ENGINE_OPTIONS = {"max_batch_size", "continuous", "kv_cache_tokens", "chunk_tokens", "gpu_memory_utilization",
+                   "cuda_graphs", "compile", "async_output", "max_model_len", "cpu_threads"}
+
+# Stats the child sends with every message: (running, waiting, preempted, KV cache usage or None).
+_NO_STATS = (0, 0, 0, None)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An error item on the wire (exceptions of any class need not pickle)."""
+
+    kind: str  # "value": the request was bad (PromptTooLongError too); "closed": shut down; "engine": failed
+    message: str
+
+
+def _encode(item: object) -> object:
+    """A queue item as a plain picklable value: a delta's fields, None for the end, or a `_Failed`."""
+    if item is _END:
+        return None
+    if isinstance(item, StreamDelta):
+        return (item.text, item.token_ids, item.finish_reason, item.logprobs)
+    if isinstance(item, BaseException):
+        kind = "value" if isinstance(item, ValueError) else "closed" if isinstance(item, EngineClosedError) \
+            else "engine"
+        return _Failed(kind, str(item))
+    raise TypeError(f"cannot send {type(item).__name__}")
+
+
+def _decode(payload: object) -> object:
+    if payload is None:
+        return _END
+    if isinstance(payload, _Failed):
+        return {"value": ValueError, "closed": EngineClosedError}.get(payload.kind, EngineError)(payload.message)
+    text, ids, finish, lps = payload
+    return StreamDelta(0, text, ids, finish, lps)
+
+
+class _ChildEngine(AsyncEngine):
+    """The `AsyncEngine` worker inside the child: requests come from the pipe, deltas go back through it."""
+
+    def __init__(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def stats(self) -> tuple:
+        return (self.num_running, self.num_waiting, self.num_preempted, self.kv_cache_usage())
+
+    def _post_all(self, items: list[tuple[_Request, object]]) -> None:
+        try:
+            self.send(("out", [(req.request_id, _encode(item)) for req, item in items], self.stats()))
+        except (OSError, EOFError):  # the parent is gone; the main thread shuts down on its own
+            pass
+
+    def add(self, request_id: str, prompt_ids: list[int], params: Any) -> None:
+        self._submit(_Request(request_id, prompt_ids, params, None, None))
+
+
+def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None, engine_kwargs: dict) -> None:
+    """The engine process: load, serve the pipe's messages until "stop" or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    try:
+        from cpm4.llm import load_model
+
+        model, tokenizer = load_model(model_dir, device, dtype)
+        eng = _ChildEngine(conn, model, tokenizer, **engine_kwargs)
+    except BaseException as err:  # noqa: BLE001 - whatever it is, the parent must hear of it
+        conn.send(("fatal", f"{type(err).__name__}: {err}"))
+        return
+    eng.send(("ready", {"kv_cache_tokens": eng.kv_cache_tokens, "chunk_tokens": eng.chunk_tokens,
+                        "context_length": eng.context_length, "device": str(model.device),
+                        "pid": os.getpid()}))
+
+    def logprobs(call: int, ids: list[int], k: int) -> None:
+        from cpm4.engine.generate import prompt_logprobs
+
+        try:
+            with eng._model_lock:
+                res, err = prompt_logprobs(model, ids, k), None
+        except Exception as e:  # noqa: BLE001
+            res, err = None, f"{type(e).__name__}: {e}"
+        try:
+            eng.send(("logprobs", call, res, err))
+        except (OSError, EOFError):
+            pass
+
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break  # the parent died
+            op = msg[0]
+            if op == "add":
+                try:
+                    eng.add(*msg[1:])
+                except (ValueError, EngineClosedError) as err:
+                    eng._post_all([(_Request(msg[1], [], None, None, None), err)])
+            elif op == "abort":
+                eng.abort(msg[1])
+            elif op == "logprobs":
+                threading.Thread(target=logprobs, args=msg[1:], daemon=True).start()
+            elif op == "stop":
+                break
+    finally:
+        eng.shutdown()
+        try:
+            eng.send(("bye", eng.stats()))
+        except (OSError, EOFError):
+            pass
+
+
+class ProcessEngine(AsyncEngine):
+    """`AsyncEngine`'s interface, with the model and its worker in a child process (see the module doc).
+
+    Takes a checkpoint folder instead of a model: the child loads it (`device`, `dtype` as `cpm4.LLM`).
+    engine_kwargs: `AsyncEngine`'s options (max_batch_size, kv_cache_tokens, chunk_tokens, cuda_graphs, compile,
+    gpu_memory_utilization, async_output, max_model_len, cpu_threads, continuous). Blocks until the model is
+    loaded (a failed load raises RuntimeError with the child's error); the decode graphs are captured after,
+    while requests queue."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+                 tokenizer: Tokenizer | None = None, start_timeout: float | None = None, **engine_kwargs: Any) -> None:
+        path = os.fspath(model_dir)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory not found: {path}")
+        self.config = MiniCPM4Config.from_json(os.path.join(path, "config.json"))
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
+        unknown = set(engine_kwargs) - _ENGINE_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        check_engine_options(engine_kwargs.get("max_batch_size", 16), engine_kwargs.get("cpu_threads"))
+        max_model_len = engine_kwargs.get("max_model_len")
+        self.context_length = context_length(self.config, max_model_len)  # bad values fail before the spawn
+        self.max_model_len = max_model_len
+        self.vocab_size = self.config.vocab_size
+        self.max_batch_size = engine_kwargs.get("max_batch_size", 16)
+        self.continuous = engine_kwargs.get("continuous", True)
+        self.model = None  # in the child
+        self._init_front()
+        self._stats = _NO_STATS
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self.exitcode: int | None = None
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, path, device, dtype, engine_kwargs),
+                                 name="cpm4-engine", daemon=True)
+        self._proc.start()
+        child_conn.close()
+        try:
+            info = self._wait_ready(start_timeout)
+        except BaseException:
+            self._kill()
+            raise
+        self.kv_cache_tokens = info["kv_cache_tokens"]
+        self.chunk_tokens = info["chunk_tokens"]
+        self.device = info["device"]
+        self._reader = threading.Thread(target=self._read, name="cpm4-engine-io", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout: float | None) -> dict:
+        waited = 0.0
+        while not self._conn.poll(1.0):
+            waited += 1.0
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited (code {self._proc.exitcode}) while loading")
+            if timeout is not None and waited >= timeout:
+                raise RuntimeError(f"the engine process did not load the model within {timeout} s")
+        msg = self._conn.recv()
+        if msg[0] == "fatal":
+            raise RuntimeError(f"the engine process could not start: {msg[1]}")
+        return msg[1]
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(10)
+        self.exitcode = self._proc.exitcode
+
+    # ----- this process's side of the pipe -----
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _submit(self, req: _Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if req.request_id in self._requests:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self._requests[req.request_id] = req
+            try:
+                self._send(("add", req.request_id, req.prompt_ids, req.params))
+            except (OSError, EOFError, ValueError):
+                del self._requests[req.request_id]
+                raise EngineError("the engine process is gone") from None
+
+    def abort(self, request_id: str) -> bool:
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            req.aborted = True
+        try:
+            self._send(("abort", request_id))
+        except (OSError, EOFError, ValueError):
+            pass  # the child is gone: its reader has failed the request already, or will
+        return True
+
+    async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+        ids = self.check_prompt(prompt_ids)
+        if self._closed:
+            raise EngineClosedError("the engine is shut down")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        call = next(self._call_ids)
+        self._calls[call] = fut
+        try:
+            self._send(("logprobs", call, ids, k))
+        except (OSError, EOFError, ValueError):
+            self._calls.pop(call, None)
+            raise EngineError("the engine process is gone") from None
+        return await asyncio.wrap_future(fut)
+
+    def _read(self) -> None:
+        """Deliver the child's messages until the pipe closes; then fail whatever is still in flight."""
+        try:
+            while True:
+                try:
+                    msg = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                if msg[0] == "out":
+                    self._stats = msg[2]
+                    self._deliver(msg[1])
+                elif msg[0] == "logprobs":
+                    fut = self._calls.pop(msg[1], None)
+                    if fut is not None:
+                        fut.set_result(msg[2]) if msg[3] is None else fut.set_exception(ValueError(msg[3]))
+                elif msg[0] == "bye":
+                    self._stats = msg[1]
+        except Exception:  # a bug here must not leave every request waiting forever: end the engine instead
+            log.exception("reading the engine process's messages failed; stopping it")
+            self._kill()
+        self._proc.join(30)
+        self.exitcode = self._proc.exitcode
+        with self._cond:
+            closing = self._closed
+            self._closed = True
+            left = list(self._requests.values())
+            for req in left:
+                self._finish(req, "error")
+        if left or not closing:
+            log.error("the engine process ended (exit code %s) with %d requests in flight", self.exitcode,
+                      len(left))
+        err = EngineClosedError("the engine was shut down") if closing else \
+            EngineError(f"the engine process died (exit code {self.exitcode})")
+        self._post_all([(req, err) for req in left])
+        for fut in list(self._calls.values()):
+            fut.set_exception(err)
+        self._calls.clear()
+
+    def _deliver(self, msgs: list[tuple[str, object]]) -> None:
+        out: list[tuple[_Request, object]] = []
+        for rid, payload in msgs:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            item = _decode(payload)
+            out.append((req, item))
+            if item is _END:
+                with self._cond:
+                    self._finish(req, req.finish_reason or "abort")
+            elif isinstance(item, BaseException):  # the request's stream ends with it (no end marker follows)
+                with self._cond:
+                    self._finish(req, "error")
+            elif item.finish_reason is not None:
+                req.finish_reason = item.finish_reason
+        AsyncEngine._post_all(out)
+
+    # ----- state the child reports -----
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc.is_alive() and not self._closed
+
+    @property
+    def num_running(self) -> int:
+        return self._stats[0]
+
+    @property
+    def num_waiting(self) -> int:
+        return self._stats[1]
+
+    @property
+    def num_preempted(self) -> int:
+        return self._stats[2]
+
+    def kv_cache_usage(self) -> float | None:
+        return self._stats[3]
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the child (its requests end with EngineClosedError) and wait for it, killing it after
+        `timeout` seconds."""
+        with self._cond:
+            if self._closed and not self._proc.is_alive():
+                return
+            self._closed = True
+        try:
+            self._send(("stop",))
+        except (OSError, EOFError, ValueError):
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            log.warning("the engine process did not stop within %s s: killed", timeout)
+            self._kill()
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self.exitcode = self._proc.exitcode

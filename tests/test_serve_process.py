@@ -1,0 +1,205 @@
+"""`ProcessEngine` (`cpm4 serve --engine-process`): the model in a child process behind the same server. Outputs
+equal the in-process engine's; aborts, a dying child, shutdown and bad options are handled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_serve import MESSAGES, MODEL, _Server  # noqa: E402
+
+from cpm4.engine.sampling import SamplingParams  # noqa: E402
+from cpm4.model.init import create_checkpoint  # noqa: E402
+from cpm4.serve import AsyncEngine, ProcessEngine, create_app  # noqa: E402
+from cpm4.serve.engine import EngineClosedError, EngineError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("proc") / "tiny"
+    create_checkpoint("tiny", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def proc_engine(ckpt):
+    eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=4)
+    yield eng
+    eng.shutdown()
+
+
+def _client(srv):
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _requests(client):
+    """Greedy completions (plain, streamed, with echoed prompt logprobs) and a chat, four at once."""
+    def plain(p):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        return r.choices[0].text, r.usage.completion_tokens
+
+    def streamed(p):
+        chunks = client.completions.create(model=MODEL, prompt=p, max_tokens=7, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    def echoed(p):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=2, temperature=0, echo=True, logprobs=2)
+        return r.choices[0].text, [round(x, 4) for x in r.choices[0].logprobs.token_logprobs[1:]]
+
+    def chat():
+        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    prompts = ["The sky is", "Once upon a time", "def main():", "Numbers: 1, 2,"]
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(plain, p) for p in prompts] + [pool.submit(streamed, p) for p in prompts]
+        jobs += [pool.submit(echoed, prompts[0]), pool.submit(chat)]
+        return [j.result() for j in jobs]
+
+
+def test_process_engine_serves_as_the_thread_engine(ckpt, proc_engine):
+    """The same requests, concurrently, through a server on each engine: equal greedy outputs, logprobs and
+    usage; /health and the engine's counters from the child."""
+    from cpm4.llm import LLM
+
+    llm = LLM(ckpt, device="cpu", dtype="float32")
+    ref_eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4)
+    srv, ref_srv = _Server(create_app(proc_engine, MODEL)), _Server(create_app(ref_eng, MODEL))
+    try:
+        got, want = _requests(_client(srv)), _requests(_client(ref_srv))
+        assert got == want
+        assert all(n == 9 for _, n in got[:4])
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        assert proc_engine.num_running == 0 and proc_engine.num_waiting == 0
+        assert proc_engine.kv_cache_usage() == 0
+        assert proc_engine.num_generation_tokens > 0 and proc_engine.device == "cpu"
+    finally:
+        srv.stop()
+        ref_srv.stop()
+        ref_eng.shutdown()
+
+
+def test_process_engine_abort_frees_and_bad_request(proc_engine):
+    """Closing a stream aborts it in the child; a request the child refuses fails alone."""
+    ids = proc_engine.tokenizer.encode("Hello")
+
+    async def run():
+        s = proc_engine.stream(ids, SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True), "long")
+        async for d in s:
+            assert d.token_ids
+            break
+        await s.aclose()
+        with pytest.raises(ValueError, match="already in use"):
+            other = proc_engine.stream(ids, SamplingParams(max_tokens=2), "dup")
+            first = proc_engine.stream(ids, SamplingParams(max_tokens=2000, ignore_eos=True), "dup")
+            await first.__anext__()
+            await other.__anext__()
+        await first.aclose()
+
+    aborted = proc_engine.num_aborted
+    asyncio.run(run())
+    deadline = time.monotonic() + 15
+    while proc_engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc_engine.num_aborted >= aborted + 2
+    assert proc_engine.finish_reason("long") == "abort"
+    assert proc_engine.num_running == 0 and proc_engine.kv_cache_usage() == 0
+
+
+def test_process_engine_child_death_fails_requests(ckpt):
+    """A child that dies mid-request: the stream raises EngineError naming the exit, the health check says the
+    engine is down, later requests are refused."""
+    eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=2)
+    srv = _Server(create_app(eng, MODEL))
+    try:
+        ids = eng.tokenizer.encode("Hello")
+
+        async def run():
+            n = 0
+            async for _ in eng.stream(ids, SamplingParams(max_tokens=3000, ignore_eos=True), "doomed"):
+                n += 1
+                if n == 2:
+                    eng._proc.kill()
+            return n
+
+        with pytest.raises(EngineError, match="engine process died"):
+            asyncio.run(run())
+        assert not eng.is_running and eng.exitcode is not None and eng.exitcode != 0
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
+        with pytest.raises(EngineClosedError):
+            asyncio.run(eng.stream(ids, SamplingParams(max_tokens=2), "after").__anext__())
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
+def test_process_engine_shutdown_and_bad_options(ckpt, tmp_path):
+    eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=2)
+    eng.shutdown()
+    assert eng.exitcode == 0 and not eng.is_running
+    eng.shutdown()  # twice is fine
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        ProcessEngine(tmp_path / "missing")
+    with pytest.raises(TypeError, match="unknown engine options: max_batch"):
+        ProcessEngine(ckpt, max_batch=3)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ProcessEngine(ckpt, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_model_len"):
+        ProcessEngine(ckpt, max_model_len=10**9)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((ckpt / "config.json").read_text())
+    for f in ckpt.iterdir():
+        if f.name.startswith("tokenizer"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RuntimeError, match="engine process could not start"):
+        ProcessEngine(broken, device="cpu")  # no weights: the child's load fails
+
+
+def test_wire_format_round_trip():
+    """Every queue item survives the pipe's encoding, whatever a delta's text is."""
+    from cpm4.engine.generate import StreamDelta, TokenLogprob
+    from cpm4.serve.engine import _END
+    from cpm4.serve.engine_proc import _decode, _encode
+
+    lps = [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.0)])]
+    for d in (StreamDelta(0, "error", [5], None, lps), StreamDelta(0, "", [], "abort"),
+              StreamDelta(0, "x", [1, 2], "stop")):
+        assert _decode(_encode(d)) == d
+    assert _decode(_encode(_END)) is _END
+    for err, cls in ((ValueError("bad"), ValueError), (EngineClosedError("shut"), EngineClosedError),
+                     (RuntimeError("boom"), EngineError), (EngineError("gen"), EngineError)):
+        back = _decode(_encode(err))
+        assert type(back) is cls and str(back) == str(err)
+    with pytest.raises(TypeError):
+        _encode(object())
+
+
+def test_process_engine_reader_failure_ends_the_engine(ckpt, monkeypatch):
+    """A failure while handling the child's messages ends the engine (requests fail) instead of hanging."""
+    eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=2)
+    try:
+        def broken(msgs):
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(eng, "_deliver", broken)
+        ids = eng.tokenizer.encode("Hello")
+
+        async def run():
+            return [d async for d in eng.stream(ids, SamplingParams(max_tokens=5), "r")]
+
+        with pytest.raises(EngineError, match="engine process died"):
+            asyncio.run(asyncio.wait_for(run(), 60))
+        assert not eng.is_running
+    finally:
+        eng.shutdown()
