@@ -14,7 +14,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import MESSAGES, MODEL, _Server  # noqa: E402
+from test_serve import ENUM_TOOLS, MESSAGES, MODEL, _Server  # noqa: E402
 
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.model.init import create_checkpoint  # noqa: E402
@@ -60,10 +60,35 @@ def _requests(client):
         r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)
         return r.choices[0].message.content, r.choices[0].finish_reason
 
+    def sampled(p):  # seeded sampling, n > 1, a stop string
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0.9, seed=7, n=2,
+                                      stop=[" the"])
+        return [(c.text, c.finish_reason) for c in r.choices]
+
+    def tool_call():  # a forced call: grammar compiled here and in the child; the tool parser on deltas apart
+        chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=ENUM_TOOLS, max_tokens=120,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                                seed=1, stream=True)
+        calls = [(t.function.name, t.function.arguments) for ch in chunks if ch.choices
+                 for t in ch.choices[0].delta.tool_calls or []]
+        return calls
+
+    def schema():
+        fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+            "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
+        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=0, response_format=fmt)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
     prompts = ["The sky is", "Once upon a time", "def main():", "Numbers: 1, 2,"]
     with ThreadPoolExecutor(8) as pool:
         jobs = [pool.submit(plain, p) for p in prompts] + [pool.submit(streamed, p) for p in prompts]
-        jobs += [pool.submit(echoed, prompts[0]), pool.submit(chat)]
+        jobs += [pool.submit(echoed, prompts[0]), pool.submit(chat), pool.submit(sampled, prompts[1])]
+        try:
+            import xgrammar  # noqa: F401
+
+            jobs += [pool.submit(tool_call), pool.submit(schema)]
+        except ImportError:
+            pass
         return [j.result() for j in jobs]
 
 
@@ -77,7 +102,7 @@ def test_process_engine_serves_as_the_thread_engine(ckpt, proc_engine):
     srv, ref_srv = _Server(create_app(proc_engine, MODEL)), _Server(create_app(ref_eng, MODEL))
     try:
         got, want = _requests(_client(srv)), _requests(_client(ref_srv))
-        assert got == want
+        assert got == want, (got, want)
         assert all(n == 9 for _, n in got[:4])
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         assert proc_engine.num_running == 0 and proc_engine.num_waiting == 0
