@@ -273,15 +273,20 @@ class AsyncEngine:
                     observe(stats)
 
     def _submit(self, req: _Request) -> None:
-        """Hand a request to the worker (EngineClosedError once shut down, ValueError for an id in use)."""
+        """Hand a request to the worker."""
         with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
-            if req.request_id in self._requests:
-                raise ValueError(f"request id {req.request_id!r} is already in use")
-            self._requests[req.request_id] = req
+            self._register(req)
             self._waiting.append(req)
             self._cond.notify()
+
+    def _register(self, req: _Request) -> None:
+        """Record a new request (caller holds the lock): EngineClosedError once shut down, ValueError for an id
+        in use."""
+        if self._closed:
+            raise EngineClosedError("the engine is shut down")
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self._requests[req.request_id] = req
 
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
         """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),

@@ -229,11 +229,7 @@ class ProcessEngine(AsyncEngine):
 
     def _submit(self, req: _Request) -> None:
         with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
-            if req.request_id in self._requests:
-                raise ValueError(f"request id {req.request_id!r} is already in use")
-            self._requests[req.request_id] = req
+            self._register(req)
             try:
                 self._send(("add", req.request_id, req.prompt_ids, req.params))
             except (OSError, EOFError, ValueError):
