@@ -15,8 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -43,6 +42,7 @@ from .protocol import (
 )
 from .reasoning import ReasoningStream, check_reasoning_parser
 from .stats import StatsLogger
+from .streaming import Choice, DisconnectWatch, merge_streams, sse_event, sse_stream, usage_counts, usage_options
 from .tool_calls import ToolCallCollector
 
 __all__ = ["APIError", "create_app"]
@@ -126,148 +126,6 @@ class _TokenText:
 
 def _lp(x: float) -> float:
     return max(float(x), _MIN_LOGPROB)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Running choices
-
-
-async def _merge(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncIterator[tuple[int, StreamDelta]]:
-    """Interleave several engine streams as (stream index, delta). Closing this closes (aborts) them all."""
-    if len(streams) == 1:  # the usual n=1 request: no pump task and queue hop per token
-        async with contextlib.aclosing(streams[0]) as s:
-            async for d in s:
-                yield 0, d
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, s: AsyncIterator[StreamDelta]) -> None:
-        try:
-            async with contextlib.aclosing(s):  # cancellation closes the engine stream, which aborts it
-                async for d in s:
-                    queue.put_nowait((i, d))
-        except Exception as err:
-            queue.put_nowait((i, err))
-        queue.put_nowait((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            i, item = await queue.get()
-            if item is done:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        # Let the aborts run now rather than whenever the tasks are next scheduled.
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _DisconnectWatch:
-    """Abort an HTTP request's engine requests as soon as its client disconnects.
-
-    Reading `receive` directly notices the disconnect at once, whatever the response is doing (waiting in
-    the queue, in prefill, or between SSE chunks), for streaming and non-streaming responses alike."""
-
-    def __init__(self, request: Request, engine: AsyncEngine, request_ids: list[str]) -> None:
-        self.request, self.engine, self.request_ids = request, engine, request_ids
-        self.disconnected = False
-        self._task: asyncio.Future | None = None
-
-    async def _watch(self) -> None:
-        while (await self.request.receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
-        for rid in self.request_ids:
-            self.engine.abort(rid)
-
-    async def __aenter__(self) -> _DisconnectWatch:
-        self._task = asyncio.ensure_future(self._watch())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-
-@dataclass
-class _Choice:
-    pieces: list[str] = field(default_factory=list)
-    n_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    tools: ToolCallCollector | None = None
-    think: ReasoningStream | None = None  # chat with a reasoning parser
-    reasoning: list[str] = field(default_factory=list)
-    new_reasoning: str = ""  # what the last delta added to the reasoning
-
-    def take(self, d: StreamDelta) -> str:
-        """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
-        goes to `new_reasoning`)."""
-        self.n_tokens += len(d.token_ids)
-        if d.logprobs:
-            self.logprobs.extend(d.logprobs)
-        if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
-        text, ids = d.text, d.token_ids
-        if self.think is not None:
-            parts = self.think.feed(d.text, d.token_ids)
-            if d.finish_reason is not None:
-                parts += self.think.finish()
-            self.new_reasoning = "".join(t for kind, t in parts if kind == "reasoning")
-            self.reasoning.append(self.new_reasoning)
-            text = "".join(t for kind, t in parts if kind == "content")
-            if not self.think.in_content:
-                ids = []  # a tool-call marker inside the reasoning is not a call
-        piece = self.tools.feed(text, ids) if self.tools is not None else text
-        self.pieces.append(piece)
-        return piece
-
-
-def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
-    """(include_usage: a usage chunk at the end, and the usage field in every chunk; continuous: with it, that
-    field holds the usage so far instead of null, vLLM's continuous_usage_stats)."""
-    o = req.stream_options
-    include = bool(o and o.include_usage)
-    return include, include and bool(o.continuous_usage_stats)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-_DONE = "data: [DONE]\n\n"
-
-
-def _stream_error(err: Exception) -> str:
-    return _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
-
-
-async def _sse_stream(body: AsyncIterator[str], usage: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
-    """A stream's events, then the usage chunk when asked for, then [DONE]. An error after the headers went
-    out is reported inside the stream, as OpenAI does. Closing the stream closes `body` at once (its
-    clean-up aborts the requests of a client that went away)."""
-    try:
-        async for event in body:
-            yield event
-        if usage is not None:
-            yield _sse(usage())
-    except Exception as err:
-        yield _stream_error(err)
-    finally:
-        await body.aclose()
-    yield _DONE
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,14 +263,14 @@ class _OpenAIServer:
     @contextlib.asynccontextmanager
     async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
                    coalesce: bool = True
-                   ) -> AsyncIterator[tuple[_DisconnectWatch, AsyncIterator[tuple[int, StreamDelta]]]]:
+                   ) -> AsyncIterator[tuple[DisconnectWatch, AsyncIterator[tuple[int, StreamDelta]]]]:
         """Start one engine request per job; yields (disconnect watch, merged deltas as (job index, delta)).
         Leaving the block closes the merged stream, which aborts whatever has not finished. coalesce: see
         `AsyncEngine.stream` (off where a tool-call or reasoning parser reads each step's tokens apart)."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
         streams = [self.engine.stream(p, sp, rid, coalesce) for rid, (p, sp) in zip(ids, jobs)]
-        async with _DisconnectWatch(request, self.engine, ids) as watch, \
-                contextlib.aclosing(_merge(streams)) as merged:
+        async with DisconnectWatch(request, self.engine, ids) as watch, \
+                contextlib.aclosing(merge_streams(streams)) as merged:
             yield watch, merged
 
     async def _collect(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
@@ -489,7 +347,7 @@ class _OpenAIServer:
                 if max_tokens:  # max_tokens 0: the prompt only (echoed and/or scored), nothing generated
                     jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j], grammar,
                                                    "response_format")))
-                choices.append(_Choice(finish_reason=None if max_tokens else "length"))
+                choices.append(Choice(finish_reason=None if max_tokens else "length"))
                 echoes.append(text if req.echo else "")
         # echo with logprobs: each prompt token's log-probability too (lm-eval's loglikelihood requests).
         echo_lps: list[list[TokenLogprob]] = [[] for _ in choices]
@@ -502,14 +360,14 @@ class _OpenAIServer:
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         as_ids = req.return_tokens_as_token_ids
-        include_usage, continuous = _usage_options(req)
+        include_usage, continuous = usage_options(req)
 
         def chunk(i: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
             obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
                                    "model": self.model_name, "choices": [
                                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = _usage(prompt_tokens, sum(c.n_tokens for c in choices)) if continuous else None
+                obj["usage"] = usage_counts(prompt_tokens, sum(c.n_tokens for c in choices)) if continuous else None
             return obj
 
         if req.stream:
@@ -522,9 +380,9 @@ class _OpenAIServer:
                             lp = self._completion_logprobs(echo_lps[i], 0, as_ids)
                             offsets[i] = sum(len(s) for s in lp["tokens"])
                         if e or lp is not None:
-                            yield _sse(chunk(i, e, lp))
+                            yield sse_event(chunk(i, e, lp))
                         if choices[i].finish_reason is not None:  # max_tokens 0: nothing follows
-                            yield _sse(chunk(i, "", None, choices[i].finish_reason))
+                            yield sse_event(chunk(i, "", None, choices[i].finish_reason))
                     async for i, d in merged:
                         c = choices[i]
                         text = c.take(d)
@@ -533,15 +391,15 @@ class _OpenAIServer:
                             lp = self._completion_logprobs(d.logprobs, offsets[i], as_ids)
                             offsets[i] += sum(len(s) for s in lp["tokens"])
                         if text or lp is not None:
-                            yield _sse(chunk(i, text, lp))
+                            yield sse_event(chunk(i, text, lp))
                         if d.finish_reason is not None:
-                            yield _sse(chunk(i, "", None, d.finish_reason))
+                            yield sse_event(chunk(i, "", None, d.finish_reason))
 
             def usage() -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [], "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))}
+                        "choices": [], "usage": usage_counts(prompt_tokens, sum(c.n_tokens for c in choices))}
 
-            return StreamingResponse(_sse_stream(events(), usage if include_usage else None),
+            return StreamingResponse(sse_stream(events(), usage if include_usage else None),
                                      media_type="text/event-stream")
 
         if await self._collect(request, rid, jobs, choices):
@@ -555,7 +413,7 @@ class _OpenAIServer:
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
                         "finish_reason": c.finish_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                             "choices": out, "usage": _usage(prompt_tokens, sum(c.n_tokens for c in choices))})
+                             "choices": out, "usage": usage_counts(prompt_tokens, sum(c.n_tokens for c in choices))})
 
     # ----- /v1/chat/completions -----
 
@@ -646,7 +504,7 @@ class _OpenAIServer:
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
-        choices = [_Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None,
+        choices = [Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None,
                            think=ReasoningStream(self.tokenizer) if self.reasoning_parser else None)
                    for _ in jobs]
         # The parsers find a marker token's place by each step's tokens and text, so they read deltas apart.
@@ -654,9 +512,9 @@ class _OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         as_ids = req.return_tokens_as_token_ids
-        include_usage, continuous = _usage_options(req)
+        include_usage, continuous = usage_options(req)
 
-        def finish_reason(c: _Choice, calls: list[Any]) -> str | None:
+        def finish_reason(c: Choice, calls: list[Any]) -> str | None:
             return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
         def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
@@ -664,14 +522,14 @@ class _OpenAIServer:
                                    "model": self.model_name, "system_fingerprint": None, "choices": [
                                        {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = _usage(len(ids), sum(c.n_tokens for c in choices)) if continuous else None
+                obj["usage"] = usage_counts(len(ids), sum(c.n_tokens for c in choices)) if continuous else None
             return obj
 
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 async with self._run(request, rid, jobs, coalesce) as (_, merged):
                     for i in range(len(choices)):
-                        yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                        yield sse_event(chunk(i, {"role": "assistant", "content": ""}))
                     async for i, d in merged:
                         c = choices[i]
                         text = c.take(d)
@@ -680,25 +538,25 @@ class _OpenAIServer:
                         if text or (lp is not None and not delta):
                             delta["content"] = text
                         if delta:
-                            yield _sse(chunk(i, delta, lp))
+                            yield sse_event(chunk(i, delta, lp))
                         if d.finish_reason is None:
                             continue
                         calls: list[dict[str, Any]] = []
                         if c.tools is not None:
                             tail, calls = c.tools.finish()
                             if tail:
-                                yield _sse(chunk(i, {"content": tail}))
+                                yield sse_event(chunk(i, {"content": tail}))
                             if calls:
-                                yield _sse(chunk(i, {"tool_calls": [{"index": j, **call}
+                                yield sse_event(chunk(i, {"tool_calls": [{"index": j, **call}
                                                                     for j, call in enumerate(calls)]}))
-                        yield _sse(chunk(i, {}, None, finish_reason(c, calls)))
+                        yield sse_event(chunk(i, {}, None, finish_reason(c, calls)))
 
             def usage() -> dict[str, Any]:
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": None, "choices": [],
-                        "usage": _usage(len(ids), sum(c.n_tokens for c in choices))}
+                        "usage": usage_counts(len(ids), sum(c.n_tokens for c in choices))}
 
-            return StreamingResponse(_sse_stream(events(), usage if include_usage else None),
+            return StreamingResponse(sse_stream(events(), usage if include_usage else None),
                                      media_type="text/event-stream")
 
         if await self._collect(request, rid, jobs, choices, coalesce):
@@ -724,7 +582,7 @@ class _OpenAIServer:
                         "finish_reason": finish_reason(c, calls)})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                              "system_fingerprint": None, "choices": out,
-                             "usage": _usage(len(ids), sum(c.n_tokens for c in choices))})
+                             "usage": usage_counts(len(ids), sum(c.n_tokens for c in choices))})
 
 
 # ---------------------------------------------------------------------------------------------------------
