@@ -125,34 +125,35 @@ class NamedToolChoice(_Body):
 
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Int | None = Field(None, ge=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
-    logprobs: Bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+class _TemplateFields(_Body):
+    """How a conversation is rendered with the chat template (chat completions and /tokenize alike)."""
+
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: Bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
-    return_tokens_as_token_ids: Bool = False  # extension
     # extensions (vLLM): continue_final_message writes the reply on from the last (assistant) message's text,
     # an answer prefilled by the client; it needs add_generation_prompt false
     add_generation_prompt: Bool = True
     continue_final_message: Bool = False
 
 
-class TokenizeRequest(_Body):
+class ChatCompletionRequest(_SamplingFields, _TemplateFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
+    return_tokens_as_token_ids: Bool = False  # extension
+
+
+class TokenizeRequest(_TemplateFields):
     """vLLM's /tokenize: a text prompt (as /v1/completions encodes it) or a conversation rendered with the
     chat template (as /v1/chat/completions does)."""
 
     model: Str | None = None
     prompt: Str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    tools: list[Tool] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: Bool = True
-    continue_final_message: Bool = False
 
 
 class DetokenizeRequest(_Body):
