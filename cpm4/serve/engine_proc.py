@@ -159,7 +159,8 @@ class ProcessEngine(AsyncEngine):
     engine_kwargs: `AsyncEngine`'s options (max_batch_size, kv_cache_tokens, chunk_tokens, cuda_graphs, compile,
     gpu_memory_utilization, async_output, max_model_len, cpu_threads, continuous). Blocks until the model is
     loaded (a failed load raises RuntimeError with the child's error); the decode graphs are captured after,
-    while requests queue."""
+    while requests queue. The child is spawned (CUDA cannot be forked), so a script that makes one needs the
+    usual `if __name__ == "__main__":` guard around its entry point."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
                  tokenizer: Tokenizer | None = None, start_timeout: float | None = None, **engine_kwargs: Any) -> None:
