@@ -35,7 +35,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import covering_tokenizer, write_rows  # noqa: E402
-from serving_http import HTTPServer, default_client_processes, missing_modules, run_clients  # noqa: E402
+from serving_http import (  # noqa: E402
+    BenchRequest,
+    HTTPServer,
+    default_client_processes,
+    missing_modules,
+    run_clients,
+    summarize,
+)  # noqa: E402
 
 from cpm4.engine.generate import StreamDelta  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
@@ -102,26 +109,24 @@ class StubEngine(AsyncEngine):
         return None
 
 
-async def inproc_clients(engine: AsyncEngine, reqs: list[tuple[list[int], int]]) -> dict:
-    async def one(i: int, prompt: list[int], n: int) -> tuple[float, int, float]:
+async def inproc_clients(engine: AsyncEngine, reqs: list[BenchRequest]) -> dict:
+    """The requests read straight from `AsyncEngine.stream`, as a `cpm4.serve.bench.run_clients` report."""
+    async def one(i: int, r: BenchRequest) -> dict:
         t0 = time.perf_counter()
-        first, got = None, 0
-        async for d in engine.stream(prompt, SamplingParams(max_tokens=n, ignore_eos=True), f"r{i}"):
+        first, got, chunks = None, 0, 0
+        async for d in engine.stream(r.prompt, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True), f"r{i}"):
             if d.token_ids and first is None:
                 first = time.perf_counter() - t0
             got += len(d.token_ids)
-        return first, got, time.perf_counter() - t0
+            chunks += bool(d.text)
+        total = time.perf_counter() - t0
+        return {"ttft_s": total if first is None else first, "total_s": total, "itl_s": [], "tokens": got,
+                "text_chunks": chunks, "error": None}
 
     t = time.perf_counter()
-    res = await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(reqs)))
-    return summarize(time.perf_counter() - t, [{"ttft_s": a, "tokens": b, "total_s": c} for a, b, c in res])
-
-
-def summarize(wall: float, res: list[dict]) -> dict:
-    return {"wall_s": wall, "tokens": sum(r["tokens"] for r in res),
-            "ttft_ms": 1000 * sum(r["ttft_s"] for r in res) / len(res),
-            "tbt_ms": 1000 * sum((r["total_s"] - r["ttft_s"]) / max(r["tokens"] - 1, 1) for r in res) / len(res),
-            "text_chunks": sum(r.get("text_chunks", r["tokens"]) for r in res)}
+    res = await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+    return {"wall_s": time.perf_counter() - t, "results": res, "client": "in process", "processes": 0,
+            "client_cpu_s": 0.0}
 
 
 def main() -> None:
@@ -157,9 +162,9 @@ def main() -> None:
     texts = [tok.decode([i]) for i in range(cfg.vocab_size)]
     rnd = random.Random(2)
     hi = cfg.vocab_size - 1
-    reqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024) // 8)], rnd.randint(64, 512))
+    reqs = [BenchRequest([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024) // 8)], rnd.randint(64, 512))
             for _ in range(args.clients)]
-    warm = [(p[:8], 4) for p, _ in reqs]
+    warm = [BenchRequest(r.prompt[:8], 4) for r in reqs]
     step_s = args.step_ms / 1000
 
     def engine() -> StubEngine:
@@ -170,12 +175,15 @@ def main() -> None:
     rows = []
     tag = f"-{args.tag}" if args.tag else ""
 
-    def row(phase: str, m: dict, peer_ms: float | None, **extra) -> None:
-        ours = round(1000 * m["wall_s"], 1)
+    def row(phase: str, rep: dict, peer_ms: float | None, **extra) -> None:
+        s = summarize(rep, reqs)
+        ours = round(1000 * rep["wall_s"], 1)
         r = {"phase": f"{phase}{tag}.{args.clients}", "seqlen": None, "ours_ms": ours, "peer_ms": peer_ms,
-             "speedup": None if peer_ms is None else round(peer_ms / ours, 3), "output_tokens": m["tokens"],
-             "output_tok_s": round(m["tokens"] / m["wall_s"], 1), "mean_ttft_ms": round(m["ttft_ms"], 2),
-             "mean_tbt_ms": round(m["tbt_ms"], 3), "text_chunks": m["text_chunks"], **extra}
+             "speedup": None if peer_ms is None else round(peer_ms / ours, 3),
+             "output_tokens": s["total_output_tokens"], "output_tok_s": round(s["output_throughput"], 1),
+             "mean_ttft_ms": round(s["mean_ttft_ms"], 2), "mean_tbt_ms": round(s["mean_tpot_ms"], 3),
+             "text_chunks": sum(x["text_chunks"] for x in rep["results"]), "short_outputs": s["short_outputs"],
+             "failed": s["failed"], **extra}
         rows.append(r)
         print(r, flush=True)
 
@@ -193,19 +201,16 @@ def main() -> None:
             srv = HTTPServer(create_app(eng, "stub"), loop=args.loop, http=args.http)
             try:
                 cpu = time.process_time()
-                rep = run_clients(srv.url, "stub", warm, reqs, temperature=0.0, client=lib,
-                                  processes=args.client_processes)
+                rep = run_clients(srv.url, "stub", reqs, warmup=warm, client=lib, processes=args.client_processes)
                 cpu = time.process_time() - cpu  # the server process (engine thread included), warm-up too
             finally:
                 srv.stop()
         finally:
             eng.shutdown()
-        short = sum(r["tokens"] < r["max_tokens"] for r in rep["results"])
-        row(f"http-{lib}", summarize(rep["wall_s"], rep["results"]), base, client=rep["client"],
-            client_processes=rep["processes"], client_cpu_s=round(rep["client_cpu_s"], 2),
-            server_cpu_s=round(cpu, 2), short_outputs=short, loop=args.loop, http=args.http)
+        row(f"http-{lib}", rep, base, client=rep["client"], client_processes=rep["processes"],
+            client_cpu_s=round(rep["client_cpu_s"], 2), server_cpu_s=round(cpu, 2), loop=args.loop, http=args.http)
 
-    ideal = max(n for _, n in reqs) * (step_s + args.host_ms / 1000)
+    ideal = max(r.max_tokens for r in reqs) * (step_s + args.host_ms / 1000)
     print(f"\n{args.clients} clients, stand-in step {args.step_ms} ms + {args.host_ms} ms host + {args.host_ops} "
           f"torch calls (all tokens in {ideal:.2f} s at best); uvicorn loop={args.loop} http={args.http}")
     print(f"{'phase':28s} {'seconds':>8s} {'tok/s':>9s} {'x inproc':>9s} {'TTFT ms':>8s} {'TBT ms':>7s} {'chunks':>7s} "

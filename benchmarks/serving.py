@@ -189,7 +189,7 @@ async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingP
 
 def http_row(args, model, tok, creqs, dev) -> dict:
     """The `http.<clients>` measurement: server up, clients in a child process, server and engine down."""
-    from serving_http import HTTPServer, run_clients
+    from serving_http import BenchRequest, HTTPServer, run_clients, summarize
 
     from cpm4.serve import create_app
 
@@ -213,9 +213,9 @@ def http_row(args, model, tok, creqs, dev) -> dict:
         srv = HTTPServer(create_app(aeng, args.config))
         try:
             cpu = time.process_time()
-            rep = run_clients(srv.url, args.config, [(r[:32], 4) for r, _ in creqs],
-                              [(r, sp.max_tokens) for r, sp in creqs], temperature=0.6, client=args.http_client,
-                              processes=args.client_processes)
+            rep = run_clients(srv.url, args.config, [BenchRequest(r, sp.max_tokens) for r, sp in creqs],
+                              warmup=[BenchRequest(r[:32], 4) for r, _ in creqs], temperature=0.6,
+                              client=args.http_client, processes=args.client_processes)
             cpu = time.process_time() - cpu  # this process (uvicorn, the app, the engine thread), warm-up too
         finally:
             srv.stop()
@@ -224,10 +224,12 @@ def http_row(args, model, tok, creqs, dev) -> dict:
         if tmp is not None:
             tmp.cleanup()
     res = rep["results"]
-    return {"wall_s": rep["wall_s"], "tokens": sum(r["tokens"] for r in res),
-            "ttft_ms": 1000 * sum(r["ttft_s"] for r in res) / len(res),
-            "tbt_ms": 1000 * sum((r["total_s"] - r["ttft_s"]) / max(r["tokens"] - 1, 1) for r in res) / len(res),
-            "short": sum(r["tokens"] < r["max_tokens"] for r in res),
+    failed = [r["error"] for r in res if r["error"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the http row's requests failed, e.g. {failed[0]}")
+    s = summarize(rep, [BenchRequest(r, sp.max_tokens) for r, sp in creqs])
+    return {"wall_s": rep["wall_s"], "tokens": s["total_output_tokens"], "ttft_ms": s["mean_ttft_ms"],
+            "tbt_ms": s["mean_tpot_ms"], "short": s["short_outputs"],
             "usage_missing": sum(r["usage_tokens"] is None for r in res),
             "text_chunks": sum(r["text_chunks"] for r in res), "client": rep["client"],
             "client_cpu_s": round(rep["client_cpu_s"], 2), "server_cpu_s": round(cpu, 2),

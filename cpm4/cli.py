@@ -1,4 +1,4 @@
-"""The `cpm4` command line: init, convert, generate, chat, serve, data, pretrain, sft.
+"""The `cpm4` command line: init, convert, generate, chat, serve, bench, data, pretrain, sft.
 
 Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 130 interrupted.
 """
@@ -195,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_chat)
 
     from .data.cli import add_data_commands
-    from .serve.cli import add_serve_command
+    from .serve.cli import add_bench_command, add_serve_command
     from .train.cli import add_train_commands
 
     add_serve_command(sub)
+    add_bench_command(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     return p

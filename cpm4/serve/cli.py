@@ -99,3 +99,95 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import json
+    import math
+    import urllib.error
+    import urllib.request
+
+    from .bench import default_client_processes, format_summary, random_requests, run_clients, summarize
+
+    base = args.base_url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    key = args.api_key
+    model = args.model
+    if model is None:  # the server's first model, as vLLM's bench does
+        req = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                model = json.load(r)["data"][0]["id"]
+        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"cannot list the models of {base} (is a server running there?): {e}") from None
+    rate = math.inf if args.request_rate in ("inf", None) else float(args.request_rate)
+    reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
+                           args.random_vocab, rate, args.seed)
+    warm = random_requests(args.num_warmups, 16, 4, vocab=args.random_vocab, seed=args.seed + 1) \
+        if args.num_warmups else []
+    processes = args.client_processes or default_client_processes()
+    print(f"[cpm4] {len(reqs)} requests to {base} ({model}): input ~{args.random_input_len}, output "
+          f"~{args.random_output_len} tokens, rate {rate} req/s, {processes} client processes", file=sys.stderr)
+    rep = run_clients(base, model, reqs, warm, temperature=args.temperature, client=args.client,
+                      processes=processes, max_concurrency=args.max_concurrency, api_key=key)
+    s = summarize(rep, reqs)
+    print(format_summary(s))
+    if args.save_result:
+        from pathlib import Path
+
+        out = Path(args.save_result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"base_url": base, "model": model, "num_prompts": args.num_prompts,
+               "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
+               "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
+               "max_concurrency": args.max_concurrency, "temperature": args.temperature, "seed": args.seed, **s}
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, out)  # never a half-written result
+        print(f"[cpm4] wrote {out}", file=sys.stderr)
+    return 0 if s["failed"] == 0 else 1
+
+
+def _rate(text: str) -> str:
+    if text == "inf":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected requests per second or 'inf', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a rate > 0, got {v}")
+    return text
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `bench serve` (load-test a running OpenAI-compatible server) to a `cpm4` subparsers object."""
+    p = subparsers.add_parser("bench", help="benchmarks (serve: load-test a running server)")
+    sub = p.add_subparsers(dest="bench_command", required=True)
+    q = sub.add_parser("serve", help="stream random token-id prompts to a running OpenAI-compatible server and "
+                       "report throughput, TTFT, TPOT, inter-token latency (as vLLM's bench serve)")
+    q.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
+    q.add_argument("--model", default=None, help="model id (default: the server's first in /v1/models)")
+    q.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("CPM4_API_KEY"),
+                   help="bearer key (default: $OPENAI_API_KEY or $CPM4_API_KEY)")
+    q.add_argument("--num-prompts", type=_positive, default=64)
+    q.add_argument("--random-input-len", type=_positive, default=512, help="prompt tokens (random ids)")
+    q.add_argument("--random-output-len", type=_positive, default=128, help="tokens generated (ignore_eos)")
+    q.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths drawn uniformly within this fraction of the above (0: exact)")
+    q.add_argument("--random-vocab", type=_positive, default=10000, help="prompt ids are drawn from [0, this)")
+    q.add_argument("--request-rate", type=_rate, default="inf",
+                   help="requests per second, Poisson arrivals (default inf: all at once)")
+    q.add_argument("--max-concurrency", type=_positive, default=None, help="requests in flight at most")
+    q.add_argument("--num-warmups", type=int, default=0, help="short untimed requests first")
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--client", choices=["openai", "httpx"], default="openai",
+                   help="the official openai client, or httpx reading the events itself (less CPU per chunk)")
+    q.add_argument("--client-processes", type=_positive, default=None,
+                   help="processes the clients are spread over (default: half the cores, at most 8; one Python "
+                   "process cannot parse the chunks of many fast streams in time)")
+    q.add_argument("--save-result", default=None, metavar="FILE", help="also write the figures as JSON")
+    q.set_defaults(func=cmd_bench_serve)
+    return p

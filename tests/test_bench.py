@@ -1,0 +1,108 @@
+"""`cpm4 bench serve` (cpm4.serve.bench): request generation, the summary figures against hand-computed ones, and
+a run against a real server on loopback (clients in several processes, both client libraries, errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from cpm4.serve.bench import BenchRequest, format_summary, random_requests, summarize
+
+
+def test_random_requests_lengths_rates_and_errors():
+    a = random_requests(200, 100, 20, range_ratio=0.5, vocab=50, request_rate=10.0, seed=3)
+    assert a == random_requests(200, 100, 20, range_ratio=0.5, vocab=50, request_rate=10.0, seed=3)
+    assert all(50 <= len(r.prompt) <= 150 and 10 <= r.max_tokens <= 30 for r in a)
+    assert all(0 <= t < 50 for r in a for t in r.prompt)
+    starts = [r.send_at for r in a]
+    assert starts[0] == 0 and starts == sorted(starts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert 0.07 < statistics.fmean(gaps) < 0.13  # Poisson arrivals at 10/s: mean gap 0.1 s
+    fixed = random_requests(5, 7, 3)
+    assert all(len(r.prompt) == 7 and r.max_tokens == 3 and r.send_at == 0 for r in fixed)
+    with pytest.raises(ValueError, match="range_ratio"):
+        random_requests(2, 4, 4, range_ratio=1.0)
+    with pytest.raises(ValueError, match="request_rate"):
+        random_requests(2, 4, 4, request_rate=0)
+    with pytest.raises(ValueError, match=">= 1"):
+        random_requests(0, 4, 4)
+
+
+def test_summarize_against_hand_computed_figures():
+    reqs = [BenchRequest([1] * 10, 5), BenchRequest([1] * 20, 4), BenchRequest([1] * 30, 9)]
+    res = [{"ttft_s": 0.1, "total_s": 0.5, "itl_s": [0.1, 0.1, 0.1, 0.1], "tokens": 5, "error": None},
+           {"ttft_s": 0.3, "total_s": 0.6, "itl_s": [0.1, 0.2], "tokens": 3, "error": None},
+           {"ttft_s": 1.0, "total_s": 1.0, "itl_s": [], "tokens": 0, "error": "RuntimeError: HTTP 500"}]
+    s = summarize({"wall_s": 2.0, "results": res, "client": "x", "processes": 2, "client_cpu_s": 0.4}, reqs)
+    assert (s["completed"], s["failed"], s["short_outputs"]) == (2, 1, 1)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 8)
+    assert s["request_throughput"] == 1.0 and s["output_throughput"] == 4.0 and s["total_token_throughput"] == 19.0
+    assert math.isclose(s["mean_ttft_ms"], 200) and math.isclose(s["p99_ttft_ms"], 300)
+    # TPOT: (0.5 - 0.1) / 4 and (0.6 - 0.3) / 2
+    assert math.isclose(s["mean_tpot_ms"], 1000 * (0.1 + 0.15) / 2)
+    assert math.isclose(s["median_itl_ms"], 100) and math.isclose(s["p99_itl_ms"], 200)
+    assert math.isclose(s["mean_e2el_ms"], 550)
+    assert s["errors"] == ["RuntimeError: HTTP 500"]
+    text = format_summary(s)
+    assert "2 / 1" in text and "HTTP 500" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against a server
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from test_serve import _Server
+
+    from cpm4.llm import LLM
+    from cpm4.model.init import create_checkpoint
+    from cpm4.serve import AsyncEngine, create_app
+
+    path = tmp_path_factory.mktemp("bench") / "tiny"
+    create_checkpoint("tiny", path)
+    llm = LLM(path, device="cpu", dtype="float32")
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8)
+    srv = _Server(create_app(eng, "tiny", api_key="sk-bench"))
+    yield srv
+    srv.stop()
+    eng.shutdown()
+
+
+def _bench(*args: str) -> int:
+    from cpm4.cli import main
+
+    return main(["bench", "serve", "--random-vocab", "500", "--random-input-len", "12", "--random-output-len", "5",
+                 *args])
+
+
+@pytest.mark.parametrize("client", ["openai", "httpx"])
+def test_bench_serve_against_a_server(server, tmp_path, client, capsys):
+    out = tmp_path / "res" / "bench.json"
+    rc = _bench("--base-url", f"{server.url}/v1", "--api-key", "sk-bench", "--num-prompts", "6", "--client", client,
+                "--client-processes", "2", "--max-concurrency", "3", "--request-rate", "200", "--num-warmups", "2",
+                "--save-result", str(out))
+    assert rc == 0
+    s = json.loads(out.read_text())
+    assert s["model"] == "tiny"  # from /v1/models
+    assert (s["completed"], s["failed"], s["short_outputs"]) == (6, 0, 0)
+    assert s["total_output_tokens"] == 30 and s["total_input_tokens"] == 72
+    assert s["processes"] == 2 and s["client"].startswith(client)
+    assert 0 < s["mean_ttft_ms"] <= s["mean_e2el_ms"] and s["mean_tpot_ms"] > 0
+    assert "output tokens/s" in capsys.readouterr().out
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_bench_serve_errors(server, capsys):
+    # Wrong key: every request fails with the server's message; exit code 1.
+    assert _bench("--base-url", server.url, "--api-key", "wrong", "--model", "tiny", "--num-prompts", "2",
+                  "--client", "httpx", "--client-processes", "1") == 1
+    assert "401" in capsys.readouterr().out
+    # Nobody listening: a clear error before any client starts (exit code 2).
+    assert _bench("--base-url", "http://127.0.0.1:9", "--num-prompts", "2") == 2
+    assert "cannot list the models" in capsys.readouterr().err
