@@ -96,6 +96,9 @@ def run_clients(url: str, model: str, requests: Sequence[BenchRequest], warmup: 
         processes = min(processes, max_concurrency)
         per_proc = -(-max_concurrency // processes)
     env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")  # loopback direct
+    # The children import this module by name: from wherever this copy of cpm4 is, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     procs: list[subprocess.Popen] = []
     try:
         for k in range(processes):
