@@ -9,6 +9,7 @@
 #   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
 #                                               # with the asyncio loop + h11, then with uvloop + httptools
+#   bash benchmarks/device_session.sh httpgil   # the thread-mode HTTP row with a shorter GIL switch interval
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -75,6 +76,12 @@ httpdiag)  # carry .wheels/py312
         2>&1 | tail -3
     if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json benchmarks/results/http_overhead-$(date +%F)*.json "$OUT"/; fi
     ;;
+httpgil)  # carry .wheels/py312: the thread-mode HTTP row with a 0.5 ms GIL switch interval (default 5 ms)
+    wheels
+    timeout 500 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+        --switch-interval-ms 0.5 2>&1 | tail -3
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F).json "$OUT"/; fi
+    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -85,7 +92,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, kernels, engine, serving, http, httpdiag, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

@@ -286,6 +286,9 @@ def main() -> None:
                          "one Python process cannot parse 64 streams' chunks as fast as the server sends them)")
     ap.add_argument("--engine-process", action="store_true",
                     help="the http row's engine in a child process (ProcessEngine, `cpm4 serve --engine-process`)")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for this process (Python's default 5 ms): how long the engine "
+                    "thread may wait for the GIL while the HTTP loop runs Python")
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
@@ -308,6 +311,8 @@ def main() -> None:
                      "or offline: pip install --no-index --find-links .wheels/py312 fastapi uvicorn openai")
     if args.cpu_threads is None:
         args.cpu_threads = default_cpu_threads(dev)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.http and args.client_processes is None:
         from serving_http import default_client_processes
 
