@@ -393,7 +393,8 @@ def main() -> None:
         name += "-proc" if args.engine_process else ""
         row(f"{name}.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
             mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
-            text_chunks=m["text_chunks"], client_processes=m["client_processes"], client_cpu_s=m["client_cpu_s"],
+            text_chunks=m["text_chunks"], switch_interval_ms=1000 * sys.getswitchinterval(),
+            engine_process=args.engine_process, client_processes=m["client_processes"], client_cpu_s=m["client_cpu_s"],
             server_cpu_s=m["server_cpu_s"],
             note=f"server.{args.clients}'s requests through uvicorn + cpm4.serve.create_app on 127.0.0.1"
                  f"{' (engine in a child process)' if args.engine_process else ''}, "
