@@ -228,3 +228,50 @@ def test_process_engine_reader_failure_ends_the_engine(ckpt, monkeypatch):
         assert not eng.is_running
     finally:
         eng.shutdown()
+
+
+def test_cpm4_serve_engine_process_cli(ckpt):
+    """`cpm4 serve --engine-process` end to end: answers, and Ctrl-C (SIGINT to the server) stops it and its
+    engine process cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "cpm4.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--engine-process", "--device", "cpu", "--log-stats-interval", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert children  # the engine (and multiprocessing's resource tracker)
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [c for c in alive if os.path.exists(f"/proc/{c}") and
+                     open(f"/proc/{c}/stat").read().split(")")[-1].split()[0] != "Z"]
+            time.sleep(0.1)
+        assert not alive, f"processes left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
