@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import itertools
 import logging
 import multiprocessing
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ProcessEngine"]
 
-_ENGINE_OPTIONS = {"max_batch_size", "continuous", "kv_cache_tokens", "chunk_tokens", "gpu_memory_utilization",
-                   "cuda_graphs", "compile", "async_output", "max_model_len", "cpu_threads"}
+# AsyncEngine's options and their defaults, from its signature: the child builds one with them.
+_ENGINE_DEFAULTS = {name: p.default for name, p in inspect.signature(AsyncEngine.__init__).parameters.items()
+                    if name not in ("self", "model", "tokenizer")}
 
 # Stats the child sends with every message: (running, waiting, preempted, KV cache usage or None).
 _NO_STATS = (0, 0, 0, None)
@@ -110,8 +112,7 @@ def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None
         conn.send(("fatal", f"{type(err).__name__}: {err}"))
         return
     eng.send(("ready", {"kv_cache_tokens": eng.kv_cache_tokens, "chunk_tokens": eng.chunk_tokens,
-                        "context_length": eng.context_length, "device": str(model.device),
-                        "pid": os.getpid()}))
+                        "device": str(model.device)}))
 
     def logprobs(call: int, ids: list[int], k: int) -> None:
         from cpm4.engine.generate import prompt_logprobs
@@ -169,16 +170,17 @@ class ProcessEngine(AsyncEngine):
             raise FileNotFoundError(f"model directory not found: {path}")
         self.config = MiniCPM4Config.from_json(os.path.join(path, "config.json"))
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
-        unknown = set(engine_kwargs) - _ENGINE_OPTIONS
+        unknown = set(engine_kwargs) - set(_ENGINE_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
-        check_engine_options(engine_kwargs.get("max_batch_size", 16), engine_kwargs.get("cpu_threads"))
-        max_model_len = engine_kwargs.get("max_model_len")
+        options = {**_ENGINE_DEFAULTS, **engine_kwargs}
+        check_engine_options(options["max_batch_size"], options["cpu_threads"])
+        max_model_len = options["max_model_len"]
         self.context_length = context_length(self.config, max_model_len)  # bad values fail before the spawn
         self.max_model_len = max_model_len
         self.vocab_size = self.config.vocab_size
-        self.max_batch_size = engine_kwargs.get("max_batch_size", 16)
-        self.continuous = engine_kwargs.get("continuous", True)
+        self.max_batch_size = options["max_batch_size"]
+        self.continuous = options["continuous"]
         self.model = None  # in the child
         self._init_front()
         self._stats = _NO_STATS
