@@ -2,6 +2,7 @@
 # The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
 #
 #   bash benchmarks/device_session.sh tests     # GPU tests of the kernels, engine, model and guided decoding
+#   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
@@ -35,6 +36,11 @@ tests)
     timeout 540 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=12 tests/test_infllm_v2_triton.py \
         tests/test_engine.py tests/test_model.py tests/test_gpu.py tests/test_guided.py 2>&1 | tail -30
     ;;
+servetests)  # carry .wheels/py312
+    wheels
+    timeout 400 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=5 tests/test_serve_process.py \
+        tests/test_engine.py tests/test_sampling.py 2>&1 | tail -15
+    ;;
 kernels)
     timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 8192 32768 131072 2>&1 | grep -E "^decode|device|failed"
     timeout 260 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 | grep -E "^(prefill|backward|forward)|device"
@@ -52,7 +58,7 @@ http)  # carry .wheels/py312
     wheels
     # (the stand-in rows, benchmarks/http_overhead.py, were measured in the ninth session; run them in httpdiag)
     timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
-        2>&1 | tail -3
+        --no-engine-process 2>&1 | tail -3
     for f in benchmarks/results/serving-minicpm4-0.5b-$(date +%F).json; do cp "$f" "${f%.json}-thread.json"; done
     # the engine in a child process (cpm4 serve --engine-process)
     timeout 320 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
@@ -66,19 +72,19 @@ httpdiag)  # carry .wheels/py312
     "$PY" -m pip uninstall -q -y uvloop httptools 2>/dev/null
     timeout 90 "$PY" benchmarks/http_overhead.py --tag asyncio-h11 2>&1 | tail -5
     timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
-        --http-client httpx 2>&1 | tail -3
+        --http-client httpx --no-engine-process 2>&1 | tail -3
     for f in benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json; do cp "$f" "${f%.json}-httpx.json"; done
     for f in benchmarks/results/http_overhead-$(date +%F)*.json; do cp "$f" "${f%.json}-asyncio.json"; done
     "$PY" -m pip install -q --no-index --find-links .wheels/py312 uvloop httptools 2>&1 | grep -v WARNING
     timeout 90 "$PY" benchmarks/http_overhead.py --tag uvloop-httptools 2>&1 | tail -5
     timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
-        2>&1 | tail -3
+        --no-engine-process 2>&1 | tail -3
     if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F)*.json benchmarks/results/http_overhead-$(date +%F)*.json "$OUT"/; fi
     ;;
 httpgil)  # carry .wheels/py312: the thread-mode HTTP row with a 0.5 ms GIL switch interval (default 5 ms)
     wheels
     timeout 500 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
-        --switch-interval-ms 0.5 2>&1 | tail -3
+        --switch-interval-ms 0.5 --no-engine-process 2>&1 | tail -3
     if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F).json "$OUT"/; fi
     ;;
 prefill8b)
@@ -91,7 +97,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, servetests, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

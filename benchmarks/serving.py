@@ -58,7 +58,7 @@ from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine, host_kv_cache_tokens  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
-from cpm4.serve import default_cpu_threads  # noqa: E402
+from cpm4.serve import default_cpu_threads, default_engine_process  # noqa: E402
 from cpm4.serve.engine import AsyncEngine  # noqa: E402
 
 
@@ -284,8 +284,9 @@ def main() -> None:
     ap.add_argument("--client-processes", type=int, default=None,
                     help="processes the http row's clients are spread over (default: half the cores, at most 8; "
                          "one Python process cannot parse 64 streams' chunks as fast as the server sends them)")
-    ap.add_argument("--engine-process", action="store_true",
-                    help="the http row's engine in a child process (ProcessEngine, `cpm4 serve --engine-process`)")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="the http row's engine in a child process (ProcessEngine; default as `cpm4 serve`'s: "
+                    "on CUDA)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for this process (Python's default 5 ms): how long the engine "
                     "thread may wait for the GIL while the HTTP loop runs Python")
@@ -388,6 +389,8 @@ def main() -> None:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if args.engine_process is None:
+            args.engine_process = default_engine_process(dev)
         m = http_row(args, model, tok, creqs, dev)
         name = "http" if args.http_client == "openai" else f"http-{args.http_client}"
         name += "-proc" if args.engine_process else ""

@@ -275,3 +275,73 @@ def test_cpm4_serve_engine_process_cli(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("flag,expected", [(None, AsyncEngine), (False, AsyncEngine), (True, ProcessEngine)])
+def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
+    """`serve(engine_process=None)` keeps the engine in a thread on the CPU (a child process on CUDA); True and
+    False are obeyed; the CLI's --engine-process/--no-engine-process map onto them."""
+    import argparse
+
+    import torch
+    import uvicorn
+
+    from cpm4.serve import default_engine_process, serve
+    from cpm4.serve.cli import add_serve_command
+
+    seen = {}
+
+    def fake_run(app, **kw):
+        seen["engine"] = app.state.engine
+        assert app.state.engine.is_running
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve(ckpt, device="cpu", engine_process=flag, log_stats_interval=0, max_batch_size=2)
+    assert type(seen["engine"]) is expected
+    assert not seen["engine"].is_running  # shut down when uvicorn returns
+    assert default_engine_process(torch.device("cuda")) and not default_engine_process(torch.device("cpu"))
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = add_serve_command(sub)
+    argv = {None: [], False: ["--no-engine-process"], True: ["--engine-process"]}[flag]
+    assert p.parse_args(argv).engine_process is flag
+
+
+@pytest.mark.gpu
+def test_process_engine_on_cuda(ckpt):
+    """The default engine of `cpm4 serve` on CUDA: the child captures its CUDA graphs and answers as the thread
+    engine does (requests one at a time, so both run the same batches); the parent never touches the GPU."""
+    import torch
+
+    from cpm4.llm import LLM
+
+    cuda_before = torch.cuda.is_initialized()
+    eng = ProcessEngine(ckpt, device="cuda", dtype="float32", max_batch_size=4, kv_cache_tokens=4096)
+    try:
+        assert eng.device.startswith("cuda")
+        if not cuda_before:  # no CUDA context (and its memory) in the server process
+            assert not torch.cuda.is_initialized()
+        llm = LLM(ckpt, device="cuda", dtype="float32")
+        ref = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4, kv_cache_tokens=4096)
+        srv, ref_srv = _Server(create_app(eng, MODEL)), _Server(create_app(ref, MODEL))
+        try:
+            for p in ["The sky is", "Once upon a time", "def main():"]:
+                outs = []
+                for s in (srv, ref_srv):
+                    r = _client(s).completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                                                      logprobs=1, extra_body={"ignore_eos": True})
+                    c = r.choices[0]
+                    outs.append((c.text, r.usage.completion_tokens, c.logprobs.tokens))
+                    assert r.usage.completion_tokens == 24
+                assert outs[0] == outs[1]
+            with ThreadPoolExecutor(8) as pool:  # many at once through the child's batches
+                lens = list(pool.map(lambda i: _client(srv).completions.create(
+                    model=MODEL, prompt=f"Item {i}:", max_tokens=16, temperature=0,
+                    extra_body={"ignore_eos": True}).usage.completion_tokens, range(12)))
+            assert lens == [16] * 12
+            assert eng.num_running == 0 and eng.kv_cache_usage() == 0
+        finally:
+            srv.stop()
+            ref_srv.stop()
+            ref.shutdown()
+    finally:
+        eng.shutdown()

@@ -91,10 +91,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
                    help="return the <think> block of chat output (MiniCPM4.1's thinking mode) as "
                    "reasoning_content, streamed as delta.reasoning_content (default: left in the content)")
-    p.add_argument("--engine-process", action="store_true",
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the model in a child process, as vLLM's engine core: the HTTP side's work per "
                    "streamed chunk and the engine's host work per step then run in parallel instead of sharing "
-                   "one GIL (many concurrent streams on a fast GPU)")
+                   "one GIL (default: on with CUDA, off on the CPU; --no-engine-process: a thread)")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)
