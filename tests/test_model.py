@@ -169,6 +169,38 @@ def test_fused_elementwise_model_equals_eager():
     assert model.model.layers[0].self_attn.ops is fused.EAGER
 
 
+def test_fused_ops_compile_once_for_every_length():
+    """The compiled ops keep the feature sizes constant and the batch/token sizes symbolic: one graph serves
+    every prefill length (batches of one row and of several: two), values equal eager's, and inside another
+    compiled function they are traced into its graph without a break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from cpm4.model import fused
+
+    torch._dynamo.reset()
+    counters.clear()
+    ops = fused.compiled("aot_eager")
+    g = torch.Generator().manual_seed(0)
+    for b, t in ((1, 5), (1, 9), (1, 70), (3, 5), (2, 33)):
+        x, y = torch.randn(b, t, 32, generator=g), torch.randn(b, t, 32, generator=g)
+        w = torch.randn(32, generator=g)
+        q, cos, sin = torch.randn(b, t, 4, 16, generator=g), torch.randn(b, t, 16, generator=g), \
+            torch.randn(b, t, 16, generator=g)
+        assert torch.equal(ops.rotary(q, cos, sin), fused.EAGER.rotary(q, cos, sin))
+        for a, e in zip(ops.add_rms_norm(x, y, 0.3, w, 1e-6), fused.EAGER.add_rms_norm(x, y, 0.3, w, 1e-6)):
+            assert torch.equal(a, e)
+    assert counters["stats"]["unique_graphs"] == 4  # two functions x (one row, several rows)
+
+    def outer(x, w):
+        return ops.rms_norm(x, w, 1e-6) * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(outer, backend="aot_eager", fullgraph=True)(x, w)  # fullgraph: a break would raise
+    assert torch.equal(out, fused.EAGER.rms_norm(x, w, 1e-6) * 2)
+
+
 def test_inductor_fused_ops_keep_eager_bf16_roundings():
     """The inductor-compiled ops (emulate_precision_casts) give eager's bf16 values: fused kernels change
     speed, not the numbers the model was checked with."""

@@ -67,12 +67,31 @@ class Ops:
 EAGER = Ops(rms_norm, add_scaled, add_rms_norm, silu_mul, rotary)
 
 
+def _token_dims_dynamic(fn: Callable, compiled_fn: Callable) -> Callable:
+    """compiled_fn with the batch and token dimensions of its tensor arguments symbolic (the first two of a tensor
+    of 3+ dimensions, the first of a matrix) and the feature dimensions constants in the generated kernels.
+    Inside another compiled region (the compiled decode step) fn itself is traced, as the compiled one would be."""
+    @functools.wraps(fn)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.ndim >= 2:
+                for d in range(min(2, a.ndim - 1)):
+                    torch._dynamo.maybe_mark_dynamic(a, d)  # a size of 1 still specializes
+        return compiled_fn(*args)
+    return run
+
+
 @functools.cache
-def compiled(backend: str = "inductor") -> Ops:
+def compiled(backend: str = "inductor", token_dim_only: bool = True) -> Ops:
     """The same functions through torch.compile (built once per process and backend, compiled on first
-    use; the tests trace with "aot_eager", which generates no code)."""
+    use; the tests trace with "aot_eager", which generates no code). token_dim_only: only the batch and token
+    dimensions symbolic (`_token_dims_dynamic`); False: every dimension, whose kernels divide by runtime sizes
+    to index (1.5-3.7x slower on an H200 at the 8B shape: benchmarks/fused_ops.py)."""
     def c(fn):
-        if backend == "inductor":
-            return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
-        return torch.compile(fn, dynamic=True, backend=backend)
+        kw = {"options": {"emulate_precision_casts": True}} if backend == "inductor" else {"backend": backend}
+        if token_dim_only:
+            return _token_dims_dynamic(fn, torch.compile(fn, dynamic=None, **kw))
+        return torch.compile(fn, dynamic=True, **kw)
     return Ops(*(c(f) for f in (rms_norm, add_scaled, add_rms_norm, silu_mul, rotary)))
