@@ -25,7 +25,10 @@ DEFAULT_MODEL = default_model()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder in Hugging Face layout")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
+                   "the HF cache; HF_HUB_OFFLINE=1: the cache only)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
 
@@ -58,7 +61,7 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     m = llm.model
     print(f"[cpm4] loaded {args.model} ({m.config.num_parameters() / 1e6:.1f}M params, {m.device}, "
           f"{str(m.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)

@@ -22,6 +22,7 @@ from .engine.generation_config import sampling_defaults
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
+from .model.hub import resolve_model_dir
 from .model.modeling import MiniCPM4ForCausalLM
 from .model.tokenizer import Tokenizer
 
@@ -50,12 +51,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
-    """Load a checkpoint folder (HF layout) and its tokenizer. device/dtype default to "auto"."""
+    """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer. device/dtype default to "auto"."""
     from .model.config import MiniCPM4Config
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
+    path = resolve_model_dir(path)
     config = MiniCPM4Config.from_json(path / "config.json")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.torch_dtype, config.num_parameters())
@@ -144,11 +143,13 @@ class LLM:
                  dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
                  kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
-                 max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto"):
-        """model: a checkpoint folder, or a model already in memory with its `tokenizer` (device and dtype
-        are then the model's own)."""
+                 max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
+                 revision: str | None = None):
+        """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
+        `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
+        model's own)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)  # before a possibly long load
-        folder = None if isinstance(model, MiniCPM4ForCausalLM) else model
+        folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
         if compile and enforce_eager:
             raise ValueError("compile applies to the CUDA-graph decode step: it cannot go with enforce_eager")
@@ -158,8 +159,8 @@ class LLM:
             self.path: Path | None = None
             self.model, self.tokenizer = model, tokenizer
         else:
-            self.path = Path(model)
-            self.model, self.tokenizer = load_model(model, device, dtype)
+            self.path = folder
+            self.model, self.tokenizer = load_model(folder, device, dtype)
         if compile and self.model.device.type != "cuda":
             raise ValueError(f"compile needs CUDA graphs, and the model is on {self.model.device.type}")
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint, parse_dtype, save_checkpoint
 from .config import MiniCPM4Config
+from .hub import resolve_model_dir
 
 
 def folded_config(config: MiniCPM4Config) -> MiniCPM4Config:
@@ -71,6 +72,7 @@ def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
     """Write the Llama form of checkpoint `src` (tokenizer files copied) to `out`, atomically."""
     from .tokenizer import Tokenizer
 
+    src = resolve_model_dir(src)
     model = load_checkpoint(src, dtype=parse_dtype(dtype))
     cfg = model.config
     weights = folded_weights(model.state_dict(), cfg)

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cpm4.model.hub import resolve_model_dir
+
 from .engine import AsyncEngine
 from .engine_proc import ProcessEngine
 
@@ -57,8 +59,9 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
           cpu_threads: int | None = None, generation_config: str | None = "auto",
           reasoning_parser: str | None = None, allowed_origins: list[str] | None = None,
-          engine_process: bool | None = None) -> None:
-    """Load `model_dir` and serve it over HTTP until interrupted. `model_name` defaults to the folder name;
+          engine_process: bool | None = None, revision: str | None = None) -> None:
+    """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) and serve it
+    over HTTP until interrupted. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
     the engine; on the CPU by default all cores but one, which the HTTP event loop keeps. generation_config:
@@ -71,6 +74,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
+    given = str(model_dir)
+    model_dir = resolve_model_dir(model_dir, revision)
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
@@ -104,7 +109,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         if chat_template is not None:
             llm.tokenizer.set_chat_template(chat_template)
         engine = AsyncEngine(llm.model, llm.tokenizer, cpu_threads=cpu_threads, **options)
-    name = model_name or Path(model_dir).name or str(model_dir)
+    name = model_name or (model_dir.name if Path(given).expanduser().is_dir() else given)
     if log_stats_interval:
         stats_log = logging.getLogger("cpm4.serve")
         if not stats_log.handlers:  # uvicorn configures its own loggers only

@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
           reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
-          engine_process=args.engine_process)
+          engine_process=args.engine_process, revision=args.revision)
     return 0
 
 
@@ -49,7 +49,10 @@ def _fraction(text: str) -> float:
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `serve` subcommand (OpenAI-compatible HTTP server) to a `cpm4` subparsers object."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder in Hugging Face layout")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
+                   "the HF cache; HF_HUB_OFFLINE=1: the cache only)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -29,6 +29,7 @@ from typing import Any
 
 from cpm4.engine.generate import StreamDelta, TokenLogprob, context_length
 from cpm4.model.config import MiniCPM4Config
+from cpm4.model.hub import resolve_model_dir
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import _END, AsyncEngine, EngineClosedError, EngineError, _Request, check_engine_options
@@ -165,9 +166,7 @@ class ProcessEngine(AsyncEngine):
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
                  tokenizer: Tokenizer | None = None, start_timeout: float | None = None, **engine_kwargs: Any) -> None:
-        path = os.fspath(model_dir)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory not found: {path}")
+        path = os.fspath(resolve_model_dir(model_dir))  # a Hub id is fetched here, not in the child
         self.config = MiniCPM4Config.from_json(os.path.join(path, "config.json"))
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
         unknown = set(engine_kwargs) - set(_ENGINE_DEFAULTS)
