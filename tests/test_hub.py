@@ -92,3 +92,18 @@ def test_cli_generate_with_a_model_id(hf_cache):
     r = subprocess.run([sys.executable, "-m", "cpm4.cli", "generate", "--model", "acme/absent", "--device", "cpu",
                         "Hi"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "acme/absent is neither a local folder nor in the Hugging Face cache" in r.stderr
+
+
+def test_training_starts_from_a_model_id(offline):
+    """`cpm4 sft`'s model.init_from (and model.tokenizer) take a Hub id: the cached snapshot's weights and tokenizer."""
+    import torch
+
+    from cpm4.model.checkpoint import load_checkpoint
+    from cpm4.train.config import load_train_config
+    from cpm4.train.trainer import build_model
+
+    cfg = load_train_config(overrides=[f'model.init_from="{REPO}"', 'data.path="unused"'], kind="sft")
+    model, tok = build_model(cfg)
+    want = load_checkpoint(resolve_model_dir(REPO), dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert tok is not None and tok.vocab_size > 0

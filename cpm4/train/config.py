@@ -1,7 +1,7 @@
 """Run configuration for `cpm4 pretrain` / `cpm4 sft`: a TOML file plus `--set section.key=value` overrides.
 
 ```toml
-[model]            # preset = "tiny" | config = "path/config.json" | init_from = "checkpoint dir"
+[model]            # preset = "tiny" | config = "path/config.json" | init_from = "checkpoint dir" or Hub id
 preset = "tiny"
 overrides = { num_mtp_layers = 1 }   # fields of config.json to change (a new model only)
 tokenizer = "path/to/tokenizer dir"  # copied into the checkpoints (default: init_from's)

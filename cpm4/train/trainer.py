@@ -23,6 +23,7 @@ from torch import nn
 
 from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
 from cpm4.model.config import MiniCPM4Config, preset
+from cpm4.model.hub import resolve_model_dir
 from cpm4.model.init import init_model
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 
@@ -57,10 +58,12 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
     from cpm4.model.tokenizer import Tokenizer
 
     m = cfg.model
-    tok_dir = m.tokenizer or m.init_from
+    # Folders or Hugging Face Hub ids (fine-tuning a released model: init_from "openbmb/MiniCPM4-0.5B").
+    init = resolve_model_dir(m.init_from) if m.init_from is not None else None
+    tok_dir = resolve_model_dir(m.tokenizer) if m.tokenizer else init
     tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else None
-    if m.init_from is not None:
-        base = load_checkpoint(m.init_from, dtype=torch.float32)
+    if init is not None:
+        base = load_checkpoint(init, dtype=torch.float32)
         if not m.overrides:
             return base.train(), tokenizer
         config = MiniCPM4Config.from_dict({**base.config.to_dict(), **m.overrides})
