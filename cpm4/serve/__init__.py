@@ -74,12 +74,13 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
-    given = str(model_dir)
-    model_dir = resolve_model_dir(model_dir, revision)
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
+    given = str(model_dir)
+    model_dir = resolve_model_dir(model_dir, revision)
+    from_hub = model_dir != Path(given).expanduser()
     from cpm4.engine.generation_config import sampling_defaults as read_defaults
     from cpm4.llm import LLM, resolve_device
 
@@ -109,7 +110,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         if chat_template is not None:
             llm.tokenizer.set_chat_template(chat_template)
         engine = AsyncEngine(llm.model, llm.tokenizer, cpu_threads=cpu_threads, **options)
-    name = model_name or (model_dir.name if Path(given).expanduser().is_dir() else given)
+    name = model_name or (given if from_hub else model_dir.name or given)
     if log_stats_interval:
         stats_log = logging.getLogger("cpm4.serve")
         if not stats_log.handlers:  # uvicorn configures its own loggers only
