@@ -11,6 +11,8 @@
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
 #                                               # with the asyncio loop + h11, then with uvloop + httptools
 #   bash benchmarks/device_session.sh httpgil   # the thread-mode HTTP row with a shorter GIL switch interval
+#   bash benchmarks/device_session.sh elementwise # hand-written element-wise kernels: tests, op timings, and
+#                                               # batch-1 generation without --compile, eager vs the kernels
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -87,6 +89,17 @@ httpgil)  # carry .wheels/py312: the thread-mode HTTP row with a 0.5 ms GIL swit
         --switch-interval-ms 0.5 --no-engine-process 2>&1 | tail -3
     if [ -n "${OUT:-}" ]; then cp benchmarks/results/serving-minicpm4-0.5b-$(date +%F).json "$OUT"/; fi
     ;;
+elementwise)  # the hand-written element-wise kernels (cpm4.kernels.elementwise): GPU tests, op timings against
+    # eager and inductor, then batch-1 generation without --compile, op by op against the kernels
+    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_elementwise_triton.py 2>&1 | tail -3
+    timeout 120 "$PY" benchmarks/fused_ops.py --tokens 8192 131072 2>&1 | grep -v Warn | tail -10
+    for ew in eager triton; do
+        timeout 100 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 4096 --decode-tokens 128 \
+            --no-peer --elementwise $ew 2>&1 | tail -3
+        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse \
+            --decode-tokens 32 --no-peer --elementwise $ew 2>&1 | tail -5
+    done  # (the benchmarks write their JSON under $OUT themselves)
+    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -97,7 +110,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, servetests, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, servetests, elementwise, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,9 @@
 """The prefill's compiled element-wise ops (`cpm4.model.fused`) at the 8B shape: compiled with every dimension
 symbolic (`dynamic=True`, the peer) against compiled with only the token count symbolic (the hidden sizes stay
 constants in the generated kernels), and eager for scale. Same inputs as the model gives them (SiLU·up on the
-two halves of the fused gate/up output, RoPE on q and k viewed out of the fused q/k/v output).
+two halves of the fused gate/up output, RoPE on q and k viewed out of the fused q/k/v output). Also the
+hand-written Triton kernels (`cpm4.kernels.elementwise`, what the uncompiled path can use) and their largest
+difference from eager.
 
     python benchmarks/fused_ops.py [--tokens 8192 32768] [--config minicpm4-8b]
 
@@ -40,6 +42,10 @@ def timed(fn, *args, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
 def inputs(cfg, t: int, dev: str, dtype: torch.dtype) -> dict[str, tuple]:
     """Per op: (arguments, bytes moved) at t tokens."""
     h, i, hq, hkv, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, \
@@ -71,9 +77,12 @@ def main() -> None:
     cfg = preset(args.config)
     peer = fused.compiled("inductor", token_dim_only=False)  # every dimension symbolic
     ours = fused.compiled("inductor")
+    from cpm4.kernels.elementwise import triton_ops
+
+    hand = triton_ops()  # one hand-written Triton kernel per op (no torch.compile)
     rows = []
     print(f"{'op':<14}{'tokens':>8}{'eager ms':>10}{'peer ms':>9}{'ours ms':>9}{'ours GB/s':>10}{'speed-up':>9}"
-          f"{'max diff':>10}")
+          f"{'max diff':>10}{'triton ms':>10}{'triton diff':>12}")
     for t in args.tokens:
         for name, (a, nbytes) in inputs(cfg, t, dev, dtype).items():
             op = name.removesuffix("_q")
@@ -85,13 +94,18 @@ def main() -> None:
             got = getattr(ours, op)(*a)
             diff = max((g.float() - w.float()).abs().max().item() for g, w in zip(
                 got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)))
-            ms = {k: timed(getattr(o, op), *a) for k, o in (("eager", fused.EAGER), ("peer", peer), ("ours", ours))}
+            eager_out = getattr(fused.EAGER, op)(*a)
+            hand_diff = max((g.float() - w.float()).abs().max().item() for g, w in zip(
+                _tuple(getattr(hand, op)(*a)), _tuple(eager_out)))
+            ms = {k: timed(getattr(o, op), *a)
+                  for k, o in (("eager", fused.EAGER), ("peer", peer), ("ours", ours), ("triton", hand))}
             gbs = nbytes / ms["ours"] / 1e6
             print(f"{name:<14}{t:>8}{ms['eager']:>10.3f}{ms['peer']:>9.3f}{ms['ours']:>9.3f}{gbs:>10.0f}"
-                  f"{ms['peer'] / ms['ours']:>8.2f}x{diff:>10.2e}")
+                  f"{ms['peer'] / ms['ours']:>8.2f}x{diff:>10.2e}{ms['triton']:>10.3f}{hand_diff:>12.2e}")
             rows.append(dict(phase=name, seqlen=t, ours_ms=round(ms["ours"], 4), peer_ms=round(ms["peer"], 4),
                              speedup=round(ms["peer"] / ms["ours"], 3), eager_ms=round(ms["eager"], 4),
-                             ours_gb_s=round(gbs), max_abs_diff=diff))
+                             ours_gb_s=round(gbs), max_abs_diff=diff, triton_ms=round(ms["triton"], 4),
+                             triton_gb_s=round(nbytes / ms["triton"] / 1e6), triton_max_abs_diff_vs_eager=hand_diff))
     write_rows("fused_ops", torch.cuda.get_device_name(), rows, args.out, config=args.config, dtype="bfloat16",
                peer="torch.compile(dynamic=True)", ours="torch.compile, token dimension symbolic only")
 

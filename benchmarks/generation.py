@@ -140,6 +140,9 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
+    ap.add_argument("--elementwise", choices=["eager", "triton"], default="eager",
+                    help="without --compile: the layers' norms, RoPE, SiLU·up and residual adds op by op (eager) or "
+                    "as one Triton kernel each (cpm4.kernels.elementwise), in prefill and in the decode graphs")
     ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
@@ -168,6 +171,8 @@ def main() -> None:
     else:
         dev_name = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
         bw = None
+    if args.elementwise == "triton" and not args.compile:  # before the decode graphs are captured
+        ours.fuse_elementwise(backend="triton")
     modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
     engines = {}
     for mode, sc in modes:
@@ -223,8 +228,10 @@ def main() -> None:
         print(f"{r['phase']:20s} {r['seqlen']:7d} {r['ours_ms']:9.2f} {peer:>9s} {sp:>8s} {r['ours_tok_s']:11.1f} "
               f"{fl:>6s}")
     date = datetime.date.today().isoformat()
-    name = f"generation-{args.config}-{device.type}-{date}.json"
+    tag = "-triton-elementwise" if args.elementwise == "triton" and not args.compile and device.type == "cuda" else ""
+    name = f"generation-{args.config}-{device.type}{tag}-{date}.json"
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,
+           "compile": args.compile, "elementwise": "inductor" if args.compile else args.elementwise,
            "copy_bytes_per_s": bw, "rows": rows}
     write_json(doc, name, args.out)
 

@@ -392,8 +392,16 @@ class MiniCPM4ForCausalLM(nn.Module):
         """Run the norms, RoPE, SiLU·up and residual adds through torch.compile (`fused.compiled`: fused
         kernels, one graph for all layers and lengths) instead of op by op. For long prefills on the GPU
         (the engine turns it on with compile=True); eager per-call overhead makes it slower for short
-        eager steps on the CPU."""
-        ops = fused.compiled(backend) if enabled else fused.EAGER
+        eager steps on the CPU. backend "triton": one hand-written Triton kernel per op instead, nothing to
+        compile (`cpm4.kernels.elementwise`; CUDA, the reference elsewhere)."""
+        if not enabled:
+            ops = fused.EAGER
+        elif backend == "triton":  # one hand-written kernel per op, no compilation step (cpm4.kernels.elementwise)
+            from cpm4.kernels.elementwise import triton_ops
+
+            ops = triton_ops()
+        else:
+            ops = fused.compiled(backend)
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP, Attention, DecoderLayer)):
                 m.ops = ops
