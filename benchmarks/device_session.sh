@@ -13,6 +13,7 @@
 #   bash benchmarks/device_session.sh httpgil   # the thread-mode HTTP row with a shorter GIL switch interval
 #   bash benchmarks/device_session.sh elementwise # hand-written element-wise kernels: tests, op timings, and
 #                                               # batch-1 generation without --compile, eager vs the kernels
+#   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel against cuBLAS (tests, then timings)
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -100,6 +101,10 @@ elementwise)  # the hand-written element-wise kernels (cpm4.kernels.elementwise)
             --decode-tokens 32 --no-peer --elementwise $ew 2>&1 | tail -5
     done  # (the benchmarks write their JSON under $OUT themselves)
     ;;
+gemv)  # the decode GEMV kernel (cpm4.kernels.gemv, second version): GPU tests, then against cuBLAS
+    timeout 240 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_gemv.py 2>&1 | tail -3
+    timeout 240 "$PY" benchmarks/gemv.py --rows 1 4 2>&1 | grep -v Warn | tail -14
+    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -110,7 +115,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, servetests, elementwise, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, servetests, elementwise, gemv, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac
