@@ -1,0 +1,127 @@
+"""Compile the Triton kernels that tests launch in the interpreter for a Hopper GPU as well (sm_90 PTX and cubin,
+with the ptxas bundled in Triton's wheel): a kernel that only the interpreter has run cannot then fail to build on
+the device. `capture()` records each launch (kernel, argument types, constexprs, compile options);
+`compile_sm90()` builds every distinct one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+          torch.int16: "i16"}
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "num_ctas")
+
+
+def available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+def _type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + _TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(v).__name__}")
+
+
+@contextlib.contextmanager
+def capture():
+    """Record every interpreted kernel launch inside the block: yields the list of (fn, signature, constexprs,
+    options), one entry per distinct launch."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: dict = {}
+    orig = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        names = list(inspect_args(fn))
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+        options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+        const_names = {names[i] for i, p in enumerate(_params(fn)) if p}
+        sig, consts = {}, {}
+        for n in names:
+            v = bound.get(n)
+            if n in const_names or v is None:
+                sig[n], consts[n] = "constexpr", v
+            else:
+                sig[n] = _type(v)
+        key = (fn, tuple(sig.items()), tuple(sorted((k, repr(v)) for k, v in consts.items())),
+               tuple(sorted(options.items())))
+        seen.setdefault(key, (fn, sig, consts, options))
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    launches: list = []
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = orig
+        launches.extend(seen.values())
+
+
+def inspect_args(fn):
+    import inspect
+
+    return inspect.signature(fn).parameters
+
+
+def _params(fn) -> list[bool]:
+    """Whether each parameter of the Python kernel function is annotated tl.constexpr."""
+    import inspect
+
+    import triton.language as tl
+
+    return [p.annotation is tl.constexpr or str(p.annotation).endswith("constexpr")
+            for p in inspect.signature(fn).parameters.values()]
+
+
+def compile_sm90(launches: list) -> list[str]:
+    """Build each captured launch for sm_90 (in a fresh process: the interpreter's patches of triton.language stay
+    in this one); returns the kernels' names. Raises with the compiler's message when one does not build."""
+    import json
+    import subprocess
+    import sys
+
+    jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig, "consts": consts, "options": options}
+            for fn, sig, consts, options in launches]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _BUILD], input=json.dumps(jobs), capture_output=True, text=True,
+                       env=env, timeout=600)
+    if r.returncode:
+        raise RuntimeError(f"sm_90 build failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+_BUILD = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+built = []
+for job in json.load(sys.stdin):
+    k = getattr(importlib.import_module(job["module"]), job["name"])
+    while not isinstance(k, JITFunction):  # autotuner / heuristics wrappers
+        k = k.fn
+    names = k.arg_names
+    src = ASTSource(fn=k, signature=job["sig"], constexprs={(names.index(n),): v for n, v in job["consts"].items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=job["options"])
+    built.append(job["name"])
+print(json.dumps(built))
+"""
