@@ -13,7 +13,7 @@
 #   bash benchmarks/device_session.sh httpgil   # the thread-mode HTTP row with a shorter GIL switch interval
 #   bash benchmarks/device_session.sh elementwise # hand-written element-wise kernels: tests, op timings, and
 #                                               # batch-1 generation without --compile, eager vs the kernels
-#   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel against cuBLAS (tests, then timings)
+#   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel: tests, against cuBLAS, 8B decode with it
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -102,8 +102,12 @@ elementwise)  # the hand-written element-wise kernels (cpm4.kernels.elementwise)
     done  # (the benchmarks write their JSON under $OUT themselves)
     ;;
 gemv)  # the decode GEMV kernel (cpm4.kernels.gemv, second version): GPU tests, then against cuBLAS
-    timeout 240 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_gemv.py 2>&1 | tail -3
-    timeout 240 "$PY" benchmarks/gemv.py --rows 1 4 2>&1 | grep -v Warn | tail -14
+    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_gemv.py 2>&1 | tail -3
+    timeout 120 "$PY" benchmarks/gemv.py --rows 1 4 2>&1 | grep -v Warn | tail -14
+    for g in "" --gemv; do  # the 8B decode step, compiled, with cuBLAS and with the GEMV
+        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse --compile \
+            --decode-tokens 32 --no-peer $g 2>&1 | tail -5
+    done
     ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \

@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
+    ap.add_argument("--gemv", action="store_true",
+                    help="decode projections through cpm4.kernels.gemv (the Triton GEMV) instead of cuBLAS")
     ap.add_argument("--elementwise", choices=["eager", "triton"], default="eager",
                     help="without --compile: the layers' norms, RoPE, SiLU·up and residual adds op by op (eager) or "
                     "as one Triton kernel each (cpm4.kernels.elementwise), in prefill and in the decode graphs")
@@ -173,6 +175,8 @@ def main() -> None:
         bw = None
     if args.elementwise == "triton" and not args.compile:  # before the decode graphs are captured
         ours.fuse_elementwise(backend="triton")
+    if args.gemv:
+        ours.use_gemv()
     modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
     engines = {}
     for mode, sc in modes:
@@ -229,9 +233,10 @@ def main() -> None:
               f"{fl:>6s}")
     date = datetime.date.today().isoformat()
     tag = "-triton-elementwise" if args.elementwise == "triton" and not args.compile and device.type == "cuda" else ""
+    tag += "-gemv" if args.gemv and device.type == "cuda" else ""
     name = f"generation-{args.config}-{device.type}{tag}-{date}.json"
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,
-           "compile": args.compile, "elementwise": "inductor" if args.compile else args.elementwise,
+           "compile": args.compile, "elementwise": "inductor" if args.compile else args.elementwise, "gemv": args.gemv,
            "copy_bytes_per_s": bw, "rows": rows}
     write_json(doc, name, args.out)
 

@@ -74,3 +74,66 @@ def test_gemv_cuda(dtype, m, n, k):
         got = gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT": split})
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert int(_counters(x.device).abs().sum()) == 0
+
+
+@needs_kernels
+def test_custom_op_compiles_whole():
+    """`cpm4::gemv` as torch.compile sees it: no graph break (fullgraph), values as the kernel's."""
+    import cpm4.kernels.gemv  # noqa: F401  (registers the op)
+
+    dev = "cpu" if ON_CPU else "cuda"
+    x, w = _xw(dev, torch.float32, 2, 24, 64)
+    f = torch.compile(lambda a, b: torch.ops.cpm4.gemv(a, b) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x, w), gemv_reference(x, w) * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_use_gemv_routes_the_projections():
+    """use_gemv sets the GEMV on every attention and MLP module and the head, and off again; off the GPU
+    `linear` is F.linear, so the logits are unchanged."""
+    from conftest import random_model
+
+    from cpm4.kernels.gemv import linear
+    from cpm4.model.modeling import MLP, Attention
+
+    model = random_model("tiny", dtype=torch.float32, num_mtp_layers=1)
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids)
+        model.use_gemv()
+        assert model.gemv is linear and all(m.gemv is linear for m in model.modules()
+                                            if isinstance(m, (Attention, MLP)))
+        assert torch.equal(model(ids), ref)
+        model.use_gemv(False)
+        assert model.gemv is None and all(m.gemv is None for m in model.modules() if isinstance(m, (Attention, MLP)))
+
+
+@pytest.mark.gpu
+def test_use_gemv_on_cuda():
+    """A float16 model with the GEMV on: logits of few-row forwards (the GEMV's case) as with cuBLAS, and the engine
+    decodes through it from CUDA graphs (compiled too: the custom op inside the captured step)."""
+    from conftest import random_model
+    from test_engine import tok
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+
+    model = random_model("tiny", dtype=torch.float32).to("cuda", torch.float16)
+    with torch.no_grad():
+        for shape in ((3, 1), (1, 5), (2, 4)):
+            ids = torch.randint(3, 500, shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            ref = model(ids)
+            model.use_gemv()
+            got = model(ids)
+            model.use_gemv(False)
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for compile in (False, True):
+        model.use_gemv()
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.float16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, compile=compile)
+        for i in range(3):
+            eng.add_request(f"r{i}", list(range(5 + i, 40 + i)), params)
+        res = eng.run_to_completion()
+        assert all(len(res[f"r{i}"][1]) == 10 for i in range(3))
+        model.use_gemv(False)

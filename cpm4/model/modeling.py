@@ -81,12 +81,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
         self.gate_up: torch.Tensor | None = None  # see fuse_projections
+        self.gemv = None  # see MiniCPM4ForCausalLM.use_gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(self.ops.silu_mul(gate, up))
-        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+            gate, up = (self.gemv or F.linear)(x, self.gate_up).chunk(2, dim=-1)
+            h = self.ops.silu_mul(gate, up)
+        else:
+            h = self.ops.silu_mul(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(h) if self.gemv is None else self.gemv(h, self.down_proj.weight)
 
 
 # cuDNN attention (PyTorch's first choice for causal GQA on Hopper) builds a plan for every new shape: 47 ms on
@@ -115,15 +118,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.scale = self.head_dim ** -0.5
         self.qkv: torch.Tensor | None = None  # see fuse_projections
+        self.gemv = None  # see MiniCPM4ForCausalLM.use_gemv
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         if self.qkv is not None:
-            q, k, v = F.linear(x, self.qkv).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+            sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
+            q, k, v = (self.gemv or F.linear)(x, self.qkv).split(sizes, -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return (q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim),
                 v.view(b, t, self.n_kv, self.head_dim))
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(x) if self.gemv is None else self.gemv(x, self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
                 new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None,
@@ -150,10 +158,10 @@ class Attention(nn.Module):
             docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
         if docs is not None:
             out = self._packed(q, k, v, docs)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+            return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
         if getattr(cache, "decoding", False):  # engine decode step: attention on the paged cache in place
             out = cache.decode(self.layer_idx, q, k, v, self.scale)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+            return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
         else:
@@ -205,7 +213,7 @@ class Attention(nn.Module):
                                                    starts[i:i + 1], s == 0 and L == n, s)
         if pack is not None:
             out = pack.unpad(out)
-        return self.o_proj(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
+        return self._out(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
         """Attention of rows of whole documents (no cache). Sparse documents of equal length run as one
@@ -356,6 +364,20 @@ class MiniCPM4ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         if config.num_mtp_layers:
             self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(config.num_mtp_layers))
+        self.gemv = None  # see use_gemv
+
+    def use_gemv(self, enabled: bool = True) -> None:
+        """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for at most
+        8 rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
+        graphs are captured. Calls the nn.Linear weights directly, so not for training (FP8 training swaps those
+        modules)."""
+        fn = None
+        if enabled:
+            from cpm4.kernels.gemv import linear as fn
+        self.gemv = fn
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.gemv = fn
 
     @property
     def device(self) -> torch.device:
@@ -503,7 +525,7 @@ class MiniCPM4ForCausalLM(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """µP output: the head reads h / (hidden_size / dim_model_base); logits in float32 (float64 models:
         float64)."""
-        out = F.linear(h / self.config.logit_divisor, self.output_weight())
+        out = (self.gemv or F.linear)(h / self.config.logit_divisor, self.output_weight())
         return out if out.dtype == torch.float64 else out.float()
 
     def forward(self, input_ids: torch.Tensor, cache=None, new_lens: torch.Tensor | None = None,
