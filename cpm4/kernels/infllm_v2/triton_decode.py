@@ -690,8 +690,10 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     if gen_b and (FUSED_LSE if fused_lse is None else fused_lse):  # two launches instead of three
-        _, att, natt = _score_select(q, fine, block_table, seq_lens, None, cfg, scale, splits, counters[0], sel, pdl,
-                                     fused=(norm, nsize, nstride, append))
+        # The score kernel is now the step's first: not a programmatic dependent (it reads q and the new token,
+        # which the kernels before it write); the attention kernel after it may still be one.
+        _, att, natt = _score_select(q, fine, block_table, seq_lens, None, cfg, scale, splits, counters[0], sel,
+                                     False, fused=(norm, nsize, nstride, append))
     else:
         lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
         _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl)
