@@ -1,7 +1,7 @@
-"""Compile the Triton kernels that tests launch in the interpreter for a Hopper GPU as well (sm_90 PTX and cubin,
-with the ptxas bundled in Triton's wheel): a kernel that only the interpreter has run cannot then fail to build on
-the device. `capture()` records each launch (kernel, argument types, constexprs, compile options);
-`compile_sm90()` builds every distinct one."""
+"""Compile the Triton kernels that tests launch in the interpreter for real GPUs as well (PTX and cubin for sm_80,
+the oldest GPU the kernels support, and sm_90, the device's Hopper; with the ptxas bundled in Triton's wheel): a
+kernel that only the interpreter has run cannot then fail to build on a GPU. `capture()` records each launch
+(kernel, argument types, constexprs, compile options); `build()` compiles every distinct one for each arch."""
 
 from __future__ import annotations
 
@@ -88,22 +88,23 @@ def _params(fn) -> list[bool]:
             for p in inspect.signature(fn).parameters.values()]
 
 
-def compile_sm90(launches: list) -> list[str]:
-    """Build each captured launch for sm_90 (in a fresh process: the interpreter's patches of triton.language stay
-    in this one); returns the kernels' names. Raises with the compiler's message when one does not build."""
+def build(launches: list, archs: tuple[int, ...] = (80, 90)) -> list[str]:
+    """Build each captured launch for each CUDA arch (in a fresh process: the interpreter's patches of
+    triton.language stay in this one); returns the kernels' names (once per launch). Raises with the compiler's
+    message when one does not build."""
     import json
     import subprocess
     import sys
 
-    jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig, "consts": consts, "options": options}
-            for fn, sig, consts, options in launches]
+    jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig, "consts": consts, "options": options,
+             "archs": list(archs)} for fn, sig, consts, options in launches]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", _BUILD], input=json.dumps(jobs), capture_output=True, text=True,
                        env=env, timeout=600)
     if r.returncode:
-        raise RuntimeError(f"sm_90 build failed:\n{r.stderr[-4000:]}")
+        raise RuntimeError(f"CUDA build failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -121,7 +122,8 @@ for job in json.load(sys.stdin):
         k = k.fn
     names = k.arg_names
     src = ASTSource(fn=k, signature=job["sig"], constexprs={(names.index(n),): v for n, v in job["consts"].items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=job["options"])
+    for arch in job["archs"]:
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job["options"])
     built.append(job["name"])
 print(json.dumps(built))
 """
