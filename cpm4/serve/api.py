@@ -41,6 +41,7 @@ from .protocol import (
     TokenizeRequest,
 )
 from .reasoning import ReasoningStream, check_reasoning_parser
+from .responses import ResponsesRequest, responses
 from .stats import StatsLogger
 from .streaming import Choice, DisconnectWatch, merge_streams, sse_event, sse_stream, usage_counts, usage_options
 from .tool_calls import ToolCallCollector
@@ -751,6 +752,10 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await server.chat(await _parse_body(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await responses(server, await _parse_body(request, ResponsesRequest), request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

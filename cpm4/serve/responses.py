@@ -1,0 +1,281 @@
+"""OpenAI's Responses API (`POST /v1/responses`, `client.responses.create`), as vLLM serves it: a request is turned
+into the equivalent chat completion (instructions as the system message, input items as the conversation, function
+tools and calls in chat form), run by the chat path, and its result or stream re-shaped into a Response object or
+Response stream events. Nothing is stored: `previous_response_id` and `store`-based follow-ups are refused with a
+clear error (send the conversation in `input` instead)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field
+
+from .protocol import MAX_LOGPROBS, Bool, ChatCompletionRequest, Float, Int, Str, _Body
+
+if TYPE_CHECKING:
+    from .api import _OpenAIServer
+
+
+class ResponsesRequest(_Body):
+    model: Str | None = None
+    input: Str | list[dict[str, Any]]
+    instructions: Str | None = None
+    max_output_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: Bool | None = None
+    text: dict[str, Any] | None = None
+    stream: Bool = False
+    previous_response_id: Str | None = None
+    metadata: dict[str, Any] | None = None
+    store: Bool | None = None
+    user: Str | None = None
+    seed: Int | None = None  # extension (vLLM)
+    ignore_eos: Bool = False  # extension (vLLM)
+
+
+def _error(message: str, param: str | None = None) -> Exception:
+    from .api import APIError
+
+    return APIError(400, message, param=param)
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (input_text / output_text / text)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _error(f"{where}.content must be a string or a list of content parts", where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise _error(f"{where}.content[{j}]: only text parts are supported (input_text, output_text), got "
+                         f"{kind!r}", where)
+        out.append(part["text"])
+    return "".join(out)
+
+
+def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The chat conversation of a Responses request."""
+    msgs: list[dict[str, Any]] = []
+    if req.instructions:
+        msgs.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        return msgs + [{"role": "user", "content": req.input}]
+    for i, item in enumerate(req.input):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise _error(f"{where}.role must be user, system, developer or assistant, got {role!r}", where)
+            msgs.append({"role": role, "content": _content_text(item.get("content"), where)})
+        elif kind == "function_call":  # an earlier turn's call: the assistant message that made it
+            call = {"id": item.get("call_id") or item.get("id") or f"call_{i}", "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+            if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1].get("content"):
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out = item.get("output")
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                         "content": out if isinstance(out, str) else json.dumps(out)})
+        elif kind == "reasoning":
+            continue  # an earlier turn's reasoning: not part of the prompt
+        else:
+            raise _error(f"{where}: input items of type {kind!r} are not supported", where)
+    return msgs
+
+
+def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
+    if req.previous_response_id is not None:
+        raise _error("previous_response_id is not supported: this server stores no responses; send the "
+                     "conversation so far in `input`", "previous_response_id")
+    body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream,
+                            "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
+                            "top_p": req.top_p, "parallel_tool_calls": req.parallel_tool_calls, "seed": req.seed,
+                            "ignore_eos": req.ignore_eos}
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    if req.top_logprobs:
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs
+    if req.tools:
+        tools = []
+        for i, t in enumerate(req.tools):
+            if t.get("type") != "function":
+                raise _error(f"tools[{i}]: only function tools are supported, got {t.get('type')!r}", "tools")
+            tools.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters",
+                                                                             "strict") if k in t}})
+        body["tools"] = tools
+    if isinstance(req.tool_choice, dict):  # {"type": "function", "name": ...}
+        body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.get("name")}}
+    elif req.tool_choice is not None:
+        body["tool_choice"] = req.tool_choice
+    fmt = (req.text or {}).get("format")
+    if fmt and fmt.get("type") == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
+    elif fmt and fmt.get("type") in ("json_object", "text"):
+        body["response_format"] = {"type": fmt["type"]}
+    elif fmt:
+        raise _error(f"text.format of type {fmt.get('type')!r} is not supported", "text")
+    return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+
+
+class _Shape:
+    """Builds the Response object and its output items for one request."""
+
+    def __init__(self, req: ResponsesRequest, model: str) -> None:
+        self.req, self.model = req, model
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created = time.time()
+        self.msg_id = f"msg_{uuid.uuid4().hex}"
+
+    def message(self, text: str, status: str = "completed") -> dict[str, Any]:
+        content = [] if status == "in_progress" else [self.part(text)]
+        return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    @staticmethod
+    def call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+        return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+
+    @staticmethod
+    def reasoning(text: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
+    def response(self, output: list[dict[str, Any]], status: str, usage: dict[str, int] | None,
+                 finish: str | None = None) -> dict[str, Any]:
+        req = self.req
+        incomplete = {"reason": "max_output_tokens"} if finish == "length" else None
+        if incomplete and status == "completed":
+            status = "incomplete"
+        return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+                "status": status, "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
+                "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {}, "output": output,
+                "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
+                "top_p": req.top_p, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
+                "text": req.text or {"format": {"type": "text"}}, "truncation": "disabled",
+                "previous_response_id": None, "reasoning": None, "store": False, "user": req.user,
+                "usage": None if usage is None else {
+                    "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": usage["total_tokens"]}}
+
+
+def _output_items(shape: _Shape, message: dict[str, Any]) -> list[dict[str, Any]]:
+    items = []
+    if message.get("reasoning_content"):
+        items.append(shape.reasoning(message["reasoning_content"]))
+    if message.get("content") or not message.get("tool_calls"):
+        items.append(shape.message(message.get("content") or ""))
+    items += [shape.call(c) for c in message.get("tool_calls") or []]
+    return items
+
+
+async def responses(server: _OpenAIServer, req: ResponsesRequest, request: Request) -> Response:
+    chat_req = _chat_request(req)
+    shape = _Shape(req, server.model_name)
+    resp = await server.chat(chat_req, request)
+    if not req.stream:
+        if resp.status_code != 200:  # 499: the client went away
+            return resp
+        body = json.loads(resp.body)
+        choice = body["choices"][0]
+        return JSONResponse(shape.response(_output_items(shape, choice["message"]), "completed", body["usage"],
+                                           choice["finish_reason"]))
+    return StreamingResponse(_events(shape, resp.body_iterator), media_type="text/event-stream")
+
+
+async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The chat stream's chunks re-shaped as Response stream events (closing this closes the chat stream, which
+    aborts its request)."""
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        seq += 1
+        data = {"type": kind, "sequence_number": seq - 1, **fields}
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield event("response.created", response=shape.response([], "in_progress", None))
+    yield event("response.in_progress", response=shape.response([], "in_progress", None))
+    text, reasoning, calls, usage, finish, started = [], [], [], None, None, False
+    msg_index = 0
+    async with contextlib.aclosing(chat_stream) as chunks:
+        async for raw in chunks:
+            payload = raw.removeprefix("data: ").strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                err = chunk["error"]
+                failed = shape.response([], "failed", None)
+                failed["error"] = {"code": "server_error", "message": err.get("message", "")}
+                yield event("response.failed", response=failed)
+                return
+            if chunk.get("usage") and not chunk.get("choices"):
+                usage = chunk["usage"]
+                continue
+            for ch in chunk.get("choices", []):
+                delta = ch.get("delta") or {}
+                if delta.get("reasoning_content"):
+                    reasoning.append(delta["reasoning_content"])
+                if delta.get("content"):
+                    if not started:
+                        started = True
+                        msg_index = 1 if reasoning else 0
+                        yield event("response.output_item.added", output_index=msg_index,
+                                    item=shape.message("", "in_progress"))
+                        yield event("response.content_part.added", item_id=shape.msg_id, output_index=msg_index,
+                                    content_index=0, part=shape.part(""))
+                    text.append(delta["content"])
+                    yield event("response.output_text.delta", item_id=shape.msg_id, output_index=msg_index,
+                                content_index=0, delta=delta["content"], logprobs=[])
+                calls += delta.get("tool_calls") or []
+                finish = ch.get("finish_reason") or finish
+    output: list[dict[str, Any]] = []
+    if reasoning:
+        output.append(shape.reasoning("".join(reasoning)))
+    full = "".join(text)
+    if started or not calls:
+        if not started:  # nothing was said: the (empty) message still opens and closes
+            yield event("response.output_item.added", output_index=len(output), item=shape.message("", "in_progress"))
+            yield event("response.content_part.added", item_id=shape.msg_id, output_index=len(output),
+                        content_index=0, part=shape.part(""))
+        index = len(output)
+        yield event("response.output_text.done", item_id=shape.msg_id, output_index=index, content_index=0,
+                    text=full, logprobs=[])
+        yield event("response.content_part.done", item_id=shape.msg_id, output_index=index, content_index=0,
+                    part=shape.part(full))
+        output.append(shape.message(full))
+        yield event("response.output_item.done", output_index=index, item=output[-1])
+    for c in calls:
+        item = shape.call(c)
+        index = len(output)
+        yield event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
+        yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                    delta=item["arguments"])
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                    arguments=item["arguments"], name=item["name"])
+        output.append(item)
+        yield event("response.output_item.done", output_index=index, item=item)
+    final = shape.response(output, "completed", usage, finish)
+    yield event(f"response.{final['status']}", response=final)  # response.completed, or .incomplete at the limit

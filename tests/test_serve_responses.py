@@ -1,0 +1,157 @@
+"""`POST /v1/responses` (OpenAI's Responses API) through the official openai client: the same tokens as the chat
+completion it maps onto, streamed or not; instructions, multi-turn input items, function tools and forced calls,
+the output-token limit, and clear errors for what the server does not do."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+httpx = pytest.importorskip("httpx")
+
+from test_serve import ENUM_TOOLS, MESSAGES, MODEL, _Server  # noqa: E402
+
+from cpm4.llm import LLM  # noqa: E402
+from cpm4.model.init import create_checkpoint  # noqa: E402
+from cpm4.serve import AsyncEngine, create_app  # noqa: E402
+
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in ENUM_TOOLS]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(openai client, server, engine) over the tiny model on the CPU."""
+    create_checkpoint("tiny", path := tmp_path_factory.mktemp("responses") / "tiny")
+    llm = LLM(path, device="cpu", dtype="float32")
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8)
+    srv = _Server(create_app(eng, MODEL))
+    yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60), srv, eng
+    srv.stop()
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served[0]
+
+
+def _chat_text(client, messages, **kw):
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kw)
+    return r.choices[0].message.content, r.usage
+
+
+def test_response_matches_chat(client):
+    """instructions + a string input = a system and a user message; greedy text and token counts as the chat's."""
+    want, usage = _chat_text(client, MESSAGES, max_tokens=12)
+    r = client.responses.create(model=MODEL, instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"],
+                                max_output_tokens=12, temperature=0)
+    assert r.object == "response" and r.model == MODEL and r.id.startswith("resp_")
+    assert r.output_text == want
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert r.usage.total_tokens == usage.total_tokens
+
+
+@pytest.mark.parametrize("limit", [1, 3, 40])
+def test_status_follows_the_limit(client, limit):
+    """status "incomplete" (reason max_output_tokens) exactly when the chat completion stops for length."""
+    r_chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
+                                            max_tokens=limit, temperature=0)
+    r = client.responses.create(model=MODEL, input="Count: 1, 2, 3,", max_output_tokens=limit, temperature=0)
+    if r_chat.choices[0].finish_reason == "length":
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed" and r.incomplete_details is None
+    assert r.output_text == r_chat.choices[0].message.content
+
+
+def test_input_items_make_the_conversation(client):
+    """Message items (text parts included), an earlier function call and its output: the chat conversation with
+    the assistant's tool call and the tool message."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Oslo", "days": 1}'}}
+    chat = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]
+    want, _ = _chat_text(client, chat, max_tokens=8, tools=ENUM_TOOLS)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Oslo?"}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+              "arguments": '{"city": "Oslo", "days": 1}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "cold"}]
+    r = client.responses.create(model=MODEL, input=items, tools=RESPONSE_TOOLS, max_output_tokens=8, temperature=0)
+    assert r.output_text == want
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_function_call(client, stream):
+    """tool_choice naming a function: a function_call output item with arguments valid for its schema."""
+    pytest.importorskip("xgrammar")
+    kw = dict(model=MODEL, input="Weather?", tools=RESPONSE_TOOLS, max_output_tokens=120,
+              tool_choice={"type": "function", "name": "get_weather"}, extra_body={"seed": 1})
+    if stream:
+        events = list(client.responses.create(stream=True, **kw))
+        r = events[-1].response
+        added = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+        assert len(added) == 1
+    else:
+        r = client.responses.create(**kw)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id
+    args = json.loads(calls[0].arguments)
+    assert args["city"] in ("Paris", "Oslo") and isinstance(args["days"], int)
+
+
+def test_streamed_response_equals_whole(client):
+    """The stream's events in order, sequence numbers counting up, deltas adding up to the whole response's text,
+    the final event carrying the same output and usage."""
+    kw = dict(model=MODEL, instructions="Be brief.", input="Say hello.", max_output_tokens=10, temperature=0)
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == ("response.completed" if whole.status == "completed" else "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text
+    assert "response.output_text.done" in types and "response.output_item.done" in types
+    final = events[-1].response
+    assert final.output_text == whole.output_text and final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_unsupported_requests_are_clear_errors(client):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id is not supported"):
+        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError, match="only text parts are supported"):
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://x/y.png"}]}])
+    with pytest.raises(openai.BadRequestError, match="only function tools are supported"):
+        client.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}])
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="other-model", input="Hi")
+    r = client.responses.create(model=MODEL, input="ok", max_output_tokens=2, temperature=0)  # still serving
+    assert r.usage.output_tokens <= 2
+
+
+def test_stream_disconnect_aborts(served):
+    """Closing a response stream aborts its request at once (the chat stream under it is closed)."""
+    client, server, engine = served
+    aborted_before = engine.num_aborted
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/responses", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"response.output_text.delta"' in line:
+                break
+    deadline = time.monotonic() + 15
+    while engine.num_aborted == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_aborted == aborted_before + 1
+    r = client.responses.create(model=MODEL, input="ok", max_output_tokens=2, temperature=0)
+    assert r.usage.output_tokens <= 2
