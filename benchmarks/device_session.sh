@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
 #
-#   bash benchmarks/device_session.sh tests     # GPU tests of the kernels, engine, model and guided decoding
+#   bash benchmarks/device_session.sh tests     # GPU tests of the InfLLM v2 kernels
+#   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
+#                                               # the element-wise and GEMV kernels (carry .wheels/py312)
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (FUSED_LSE variant)
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
@@ -35,10 +37,15 @@ wheels() {  # fastapi/uvicorn/openai are not on the device: install them from th
 }
 
 case "$stage" in
-tests)
-    # --durations: the stage takes ~8 of the session's 30 device minutes; which tests to make cheaper
-    timeout 540 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=12 tests/test_infllm_v2_triton.py \
-        tests/test_engine.py tests/test_model.py tests/test_gpu.py tests/test_guided.py 2>&1 | tail -30
+tests)  # ~9 min in all: the kernels' GPU tests here, the rest in tests2
+    # --durations: which tests to make cheaper
+    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_infllm_v2_triton.py 2>&1 | tail -20
+    ;;
+tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and the new kernels'
+    wheels
+    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_engine.py tests/test_model.py \
+        tests/test_gpu.py tests/test_guided.py tests/test_serve_process.py tests/test_elementwise_triton.py \
+        tests/test_gemv.py 2>&1 | tail -20
     ;;
 servetests)  # carry .wheels/py312
     wheels
@@ -125,7 +132,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, servetests, elementwise, gemv, decode, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, decode, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac
