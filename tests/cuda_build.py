@@ -47,10 +47,9 @@ def capture():
 
     def run(self, *args, grid, warmup, **kwargs):
         fn = self.fn
-        names = list(inspect_args(fn))
+        names, const_names = _params(fn)
         bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
         options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-        const_names = {names[i] for i, p in enumerate(_params(fn)) if p}
         sig, consts = {}, {}
         for n in names:
             v = bound.get(n)
@@ -72,20 +71,15 @@ def capture():
         launches.extend(seen.values())
 
 
-def inspect_args(fn):
-    import inspect
-
-    return inspect.signature(fn).parameters
-
-
-def _params(fn) -> list[bool]:
-    """Whether each parameter of the Python kernel function is annotated tl.constexpr."""
+def _params(fn) -> tuple[list[str], set[str]]:
+    """The Python kernel function's parameter names, and those annotated tl.constexpr."""
     import inspect
 
     import triton.language as tl
 
-    return [p.annotation is tl.constexpr or str(p.annotation).endswith("constexpr")
-            for p in inspect.signature(fn).parameters.values()]
+    params = inspect.signature(fn).parameters
+    return list(params), {n for n, p in params.items()
+                          if p.annotation is tl.constexpr or str(p.annotation).endswith("constexpr")}
 
 
 def build(launches: list, archs: tuple[int, ...] = (80, 90)) -> list[str]:
