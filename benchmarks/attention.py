@@ -223,8 +223,6 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            # Gen-B's log-sum-exp inside the score kernel (FUSED_LSE): two launches a step instead of three.
-            variant("decode.cuda_graph.fused_lse", lambda: sparse_step(fused_lse=True))
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)

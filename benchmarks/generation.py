@@ -63,13 +63,13 @@ class Ours:
     """One engine per attention mode, reused across contexts (decode graphs are captured once)."""
 
     def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, device: torch.device, compile: bool,
-                 async_output: bool | None = None):
+                 async_output: bool | None = None, elementwise: str | None = None):
         cfg = model.config
         ps = page_size_for(cfg)
         cache = PagedKVCache(cfg, -(-max_tokens // ps) + 1, ps, device, model.dtype)
         tok = covering_tokenizer(model.config.vocab_size)
         self.engine = LLMEngine(model, tok, cache, max_batch_size=1, chunk_tokens=max_tokens,
-                                compile=compile, async_output=async_output)
+                                compile=compile, async_output=async_output, elementwise=elementwise)
         self.engine.warm_up()  # the decode graph captured (and compiled) before any timing
         self.device = device
         self.n = 0
@@ -142,9 +142,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
     ap.add_argument("--gemv", action="store_true",
                     help="decode projections through cpm4.kernels.gemv (the Triton GEMV) instead of cuBLAS")
-    ap.add_argument("--elementwise", choices=["eager", "triton"], default="eager",
+    ap.add_argument("--elementwise", choices=["eager", "triton"], default=None,
                     help="without --compile: the layers' norms, RoPE, SiLU·up and residual adds op by op (eager) or "
-                    "as one Triton kernel each (cpm4.kernels.elementwise), in prefill and in the decode graphs")
+                    "as one Triton kernel each (cpm4.kernels.elementwise), in prefill and in the decode graphs "
+                    "(default: the engine's, triton on CUDA)")
     ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
@@ -173,15 +174,14 @@ def main() -> None:
     else:
         dev_name = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
         bw = None
-    if args.elementwise == "triton" and not args.compile:  # before the decode graphs are captured
-        ours.fuse_elementwise(backend="triton")
     if args.gemv:
         ours.use_gemv()
     modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
     engines = {}
     for mode, sc in modes:
         ours.config.sparse_config = sc
-        engines[mode] = Ours(ours, max_tokens, device, args.compile, args.async_output)
+        engines[mode] = Ours(ours, max_tokens, device, args.compile, args.async_output,
+                             None if args.compile else args.elementwise)
         # Warm-up: decode graph captured (and compiled), kernels built, prefill of a sparse-length prompt.
         engines[mode].run(list(range(3, 40)), 3)
         warm = min(max(args.contexts), 12288)
@@ -232,11 +232,13 @@ def main() -> None:
         print(f"{r['phase']:20s} {r['seqlen']:7d} {r['ours_ms']:9.2f} {peer:>9s} {sp:>8s} {r['ours_tok_s']:11.1f} "
               f"{fl:>6s}")
     date = datetime.date.today().isoformat()
-    tag = "-triton-elementwise" if args.elementwise == "triton" and not args.compile and device.type == "cuda" else ""
+    tag = "-eager-elementwise" if args.elementwise == "eager" and not args.compile and device.type == "cuda" else ""
     tag += "-gemv" if args.gemv and device.type == "cuda" else ""
     name = f"generation-{args.config}-{device.type}{tag}-{date}.json"
+    ew = "inductor" if args.compile else args.elementwise or ("eager", "triton")[device.type == "cuda"]
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,
-           "compile": args.compile, "elementwise": "inductor" if args.compile else args.elementwise, "gemv": args.gemv,
+           "compile": args.compile, "gemv": args.gemv,
+           "elementwise": ew,
            "copy_bytes_per_s": bw, "rows": rows}
     write_json(doc, name, args.out)
 

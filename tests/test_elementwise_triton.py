@@ -27,7 +27,7 @@ def _inputs(dev, dtype, b=2, t=5, h=48, i=40, nh=3, nkv=1, d=16, seed=0):
 
     gate_up = r(b, t, 2 * i, scale=3)
     qkv = r(b, t, (nh + 2 * nkv) * d)
-    pos = torch.arange(t)[None].expand(b, t) + torch.tensor([[0], [7]])[:b]
+    pos = torch.arange(t)[None].expand(b, t) + 7 * torch.arange(b)[:, None]  # rows at other offsets
     inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
     freqs = pos[..., None].float() * inv
     emb = torch.cat((freqs, freqs), -1)

@@ -138,6 +138,25 @@ def test_cache_budget_and_errors():
         cache.reserve(s, 100)
 
 
+def test_elementwise_choice():
+    """LLMEngine(elementwise=...) sets how every layer runs its element-wise ops; the CPU default leaves them."""
+    from cpm4.model import fused
+
+    model = random_model("tiny", dtype=torch.float32)
+    cache = PagedKVCache(model.config, num_pages=8, page_size=16)
+    LLMEngine(model, tok(), cache)
+    assert all(m.ops is fused.EAGER for m in model.modules() if hasattr(m, "ops"))
+    pytest.importorskip("triton")
+    from cpm4.kernels.elementwise import triton_ops
+
+    LLMEngine(model, tok(), cache, elementwise="triton")
+    assert model.model.layers[1].self_attn.ops is triton_ops() and model.model.norm.ops is triton_ops()
+    LLMEngine(model, tok(), cache, elementwise="eager")
+    assert model.model.layers[1].self_attn.ops is fused.EAGER
+    with pytest.raises(ValueError, match="elementwise must be 'inductor', 'triton' or 'eager', not 'fast'"):
+        LLMEngine(model, tok(), cache, elementwise="fast")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False, "compile", "async", "async-pinned"])
 @pytest.mark.parametrize("sc", [None, sparse()])
@@ -157,6 +176,10 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc, monkeypatch):
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, cuda_graphs=bool(graphs),
                     compile=graphs == "compile", async_output=str(graphs).startswith("async"))
     assert (eng.graphs is not None and eng.graphs._staging is not None) == (graphs == "async-pinned")
+    if graphs != "compile":  # the engine's default without compile on CUDA: the hand-written element-wise kernels
+        from cpm4.kernels.elementwise import triton_ops
+
+        assert model.model.layers[0].mlp.ops is triton_ops()
     assert eng.paged_decode and (eng.graphs is not None) == bool(graphs)
     if graphs == "compile":  # every bucket and the fused prefill ops compiled up front, no page kept
         free = cache.num_free

@@ -398,7 +398,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, fused_lse=None):
+                        pdl=None, persistent_counters=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -419,7 +419,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
         new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
-                                   persistent_counters=persistent_counters, fused_lse=fused_lse)
+                                   persistent_counters=persistent_counters)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -455,20 +455,17 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,fused_lse", [
-    ("gen-b", 1, False, False), ("gen-a", 1, False, False), ("gen-b", 2, False, False), ("gen-b", 1, True, False),
-    ("gen-a", 1, True, False), ("gen-b", 1, False, True), ("gen-b", 2, True, True)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, fused_lse):
+@pytest.mark.parametrize("variant,tile_pages,fuse", [("gen-b", 1, False), ("gen-a", 1, False), ("gen-b", 2, False),
+                                                    ("gen-b", 1, True), ("gen-a", 1, True)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
     # The last tokens of rows 200 (fine kernel) and 64 (fine and coarse) complete kernels: with `fuse` the
     # step pools them itself, and the LSE split holding the new kernel must not read its unwritten slot.
     cfg = small_cfg(variant, dense_len=40)
-    # fused_lse (Gen-B): no LSE launch; the score kernel computes the log-sum-exps (and, with `fuse`, stores the
-    # token and computes the kernels it completes).
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages, fuse_append=fuse, fused_lse=fused_lse)
+                                       tile_pages=tile_pages, fuse_append=fuse)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -491,19 +488,16 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,fused_lse", [(1, False, False, False), (2, False, False, False),
-                                                           (1, True, False, False), (2, True, True, False),
-                                                           (2, True, False, True), (1, False, True, True)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, fused_lse):
-    if fused_lse and variant != "gen-b":
-        pytest.skip("the fused log-sum-exp is Gen-B's (coarse keys)")
+@pytest.mark.parametrize("tile_pages,fuse,pdl", [(1, False, False), (2, False, False), (1, True, False),
+                                                 (2, True, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
     for _ in range(2 if pdl else 1):
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
-                                           persistent_counters=pdl, fused_lse=fused_lse)
+                                           persistent_counters=pdl)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

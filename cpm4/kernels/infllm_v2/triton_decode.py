@@ -283,97 +283,49 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
         n = complete_kernels(pos, KSIZE, KSTRIDE)
         lo, hi = _split_range(n, sp, SPLITS, BLOCK_N)
         row = table_ptr + bi * stride_tb
-        m_i, l_i = _lse_over(q, kk_ptr, row, lo, hi, g, pos, sm_scale, stride_kp, stride_ks, stride_kh,
-                             k_ptr + bi * stride_nb + g * stride_nh, kc_ptr, stride_cp, stride_ct, stride_ch,
-                             G_PAD, D, PAGE, BLOCK_N, KSIZE, KPAD, KSTRIDE, APPEND)
-    tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse_value(m_i, l_i), mask=hm)
-
-
-@triton.jit
-def _new_kernel_key(pos, lo, hi, row, g, knew_ptr, kc_ptr, stride_cp, stride_ct, stride_ch, OUT,
-                    D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr,
-                    KSTRIDE: tl.constexpr):
-    """(index, float32 key rounded as stored) of the kernel that the token at pos completes, when it falls in
-    [lo, hi); else (-1 or its index, zeros). Its last key is the token's own (knew_ptr, [D]), which this launch may
-    not have stored yet; the other tokens are read from the cache pages through the block-table row."""
-    j_new = _kernel_ending_at(pos, KSIZE, KSTRIDE)
-    new_key = tl.zeros((D,), dtype=tl.float32)
-    if (j_new >= lo) & (j_new < hi):
-        # Rounded as stored (both branches of this runtime `if` keep new_key float32).
-        new_key = _kernel_mean(kc_ptr, row, j_new, g, stride_cp, stride_ct, stride_ch,
-                               tl.load(knew_ptr + tl.arange(0, D)), D, PAGE, KSIZE, KPAD, KSTRIDE,
-                               True).to(OUT).to(tl.float32)
-    return j_new, new_key
-
-
-@triton.jit
-def _lse_over(q, kk_ptr, row, lo, hi, g, pos, sm_scale, stride_kp, stride_ks, stride_kh, knew_ptr, kc_ptr,
-              stride_cp, stride_ct, stride_ch, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-              BLOCK_N: tl.constexpr, KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr,
-              APPEND: tl.constexpr):
-    """Running (max, normaliser), log2 units, of each query head's scores over kernels [lo, hi) of the kernel-key
-    pages kk; with APPEND the kernel the token completes is computed here (`_new_kernel_key`)."""
-    dd = tl.arange(0, D)
-    m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
-    j_new = -1
-    new_key = tl.zeros((D,), dtype=tl.float32)
-    if APPEND:
-        j_new, new_key = _new_kernel_key(pos, lo, hi, row, g, knew_ptr, kc_ptr, stride_cp, stride_ct, stride_ch,
-                                         kk_ptr.dtype.element_ty, D, PAGE, KSIZE, KPAD, KSTRIDE)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jm = j < hi
-        base = _kernel_addr(j, jm, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
-        kt = tl.load(kk_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=jm[None, :], other=0.0)
+        dd = tl.arange(0, D)
+        j_new = -1
+        new_key = tl.zeros((D,), dtype=tl.float32)
         if APPEND:
-            kt = tl.where((j == j_new)[None, :], new_key.to(kt.dtype)[:, None], kt)
-        s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-        m_i, l_i = lse_step(tl.where(jm[None, :], s, float("-inf")), m_i, l_i)
-    return m_i, l_i
+            j_new = _kernel_ending_at(pos, KSIZE, KSTRIDE)
+            if (j_new >= lo) & (j_new < hi):
+                # Rounded as stored (both branches of this runtime `if` keep new_key float32).
+                new_key = _kernel_mean(kc_ptr, row, j_new, g, stride_cp, stride_ct, stride_ch,
+                                       tl.load(k_ptr + bi * stride_nb + g * stride_nh + dd), D, PAGE, KSIZE, KPAD,
+                                       KSTRIDE, True).to(kk_ptr.dtype.element_ty).to(tl.float32)
+        for j0 in range(lo, hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            jm = j < hi
+            base = _kernel_addr(j, jm, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
+            kt = tl.load(kk_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=jm[None, :], other=0.0)
+            if APPEND:
+                kt = tl.where((j == j_new)[None, :], new_key.to(kt.dtype)[:, None], kt)
+            s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+            m_i, l_i = lse_step(tl.where(jm[None, :], s, float("-inf")), m_i, l_i)
+    tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse_value(m_i, l_i), mask=hm)
 
 
 @triton.jit
 def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale,
                   stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb,
                   stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
-                  nk_ptr, stride_np, stride_ns, stride_nkh,
-                  k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, a_table_ptr, ends_ptr, f_ptr, c_ptr,
-                  stride_nb, stride_nh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
-                  stride_dp, stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh,
-                  stride_gp, stride_gs, stride_gh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr,
                   KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr,
                   WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
                   DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr,
-                  FUSE_LSE: tl.constexpr, NSIZE: tl.constexpr, NPAD: tl.constexpr, NSTRIDE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, KPAD: tl.constexpr, APPEND: tl.constexpr, FSIZE: tl.constexpr,
-                  FPAD: tl.constexpr, FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr,
-                  CSTRIDE: tl.constexpr, POOL: tl.constexpr, COARSE: tl.constexpr):
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
     overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
     With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
     selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
     its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
-    programmatic dependent of the LSE kernel; only the lengths are read before waiting for it.
-    FUSE_LSE (see `FUSED_LSE`): no LSE kernel before this one; every program computes the heads' log-sum-exp over
-    all the normalising kernel keys nk itself (Gen-B's coarse keys: a quarter of the fine ones), and with APPEND
-    program 0 of each (row, KV head) stores the new token as the LSE kernel would, the kernels it completes
-    computed by every program that reads them (`_new_kernel_key`: the same bits as stored)."""
+    programmatic dependent of the LSE kernel; only the lengths are read before waiting for it."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
-    if APPEND:
-        if sp == 0:
-            _append_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, a_table_ptr, ends_ptr, f_ptr, c_ptr, bi, g,
-                        stride_nb, stride_nh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
-                        stride_dp, stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh,
-                        stride_gp, stride_gs, stride_gh, D, PAGE, FSIZE, FPAD, FSTRIDE, CSIZE, CPAD, CSTRIDE,
-                        POOL, COARSE)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     if PDL:
         # Every program waits, dense rows too: the attention kernel after this one waits only for this one,
@@ -381,29 +333,17 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
         tl.extra.cuda.gdc_wait()
     if sparse:
         q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
-        row = table_ptr + bi * stride_tb
-        knew = k_ptr + bi * stride_nb + g * stride_nh  # the token's key (APPEND)
-        if FUSE_LSE:
-            m_i, l_i = _lse_over(q, nk_ptr, row, 0, complete_kernels(pos, NSIZE, NSTRIDE), g, pos, sm_scale,
-                                 stride_np, stride_ns, stride_nkh, knew, kc_ptr, stride_cp, stride_ct, stride_ch,
-                                 G_PAD, D, PAGE, BLOCK_N, NSIZE, NPAD, NSTRIDE, APPEND)
-            lse = lse_value(m_i, l_i)
-        else:
-            ss = tl.arange(0, LSE_PAD)
-            parts = tl.load(lse_ptr + bi * stride_lb + h[:, None] * stride_lh + ss[None, :],
-                            mask=hm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
-            lse = merge_lse(parts)
+        ss = tl.arange(0, LSE_PAD)
+        parts = tl.load(lse_ptr + bi * stride_lb + h[:, None] * stride_lh + ss[None, :],
+                        mask=hm[:, None] & (ss < LSE_SPLITS)[None, :], other=float("-inf"))
+        lse = merge_lse(parts)
         has = lse > float("-inf")
         lse = tl.where(has, lse, 0.0)
         n1 = complete_kernels(pos, KSIZE, KSTRIDE)
         nb = pos // PAGE + 1
         lo, hi = _split_range(nb, sp, SPLITS, NBT)
+        row = table_ptr + bi * stride_tb
         dd = tl.arange(0, D)
-        j_new = -1
-        new_key = tl.zeros((D,), dtype=tl.float32)
-        if APPEND:  # this launch stores the fine kernel the token completes: compute it rather than read it
-            j_new, new_key = _new_kernel_key(pos, 0, n1, row, g, knew, kc_ptr, stride_cp, stride_ct, stride_ch,
-                                             k1_ptr.dtype.element_ty, D, PAGE, KSIZE, KPAD, KSTRIDE)
         for b0 in range(lo, hi, NBT):
             blk = b0 + tl.arange(0, NBT)
             pooled = tl.zeros((NBT,), dtype=tl.float32)
@@ -412,8 +352,6 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                 ok = (c >= 0) & (c < n1) & (blk < hi)
                 base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
                 kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=ok[None, :], other=0.0)
-                if APPEND:
-                    kt = tl.where((c == j_new)[None, :], new_key.to(kt.dtype)[:, None], kt)
                 s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
                 p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
                 grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
@@ -577,10 +515,6 @@ TILE_PAGES = 2
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
 PDL = False
-# FUSED_LSE (Gen-B only; not measured yet, so off): no LSE kernel. Every program of the score kernel computes the
-# log-sum-exps over all the coarse kernel keys itself (a quarter of the fine keys it scores anyway, read from L2
-# by all but the first) and the score kernel stores the new token: two dependent launches a step instead of three.
-FUSED_LSE = False
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -661,8 +595,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float | None = None, splits: int | None = None,
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                        pdl: bool | None = None, persistent_counters: bool | None = None,
-                        fused_lse: bool | None = None):
+                        pdl: bool | None = None, persistent_counters: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -671,8 +604,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, fused_lse: see `PDL`, `PERSISTENT_COUNTERS`,
-    `FUSED_LSE` (None: those).
+    tile_pages: see `paged_decode`; pdl, persistent_counters: see `PDL`, `PERSISTENT_COUNTERS` (None: those).
     No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
@@ -688,15 +620,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     append = None
     if new_kv is not None:
         append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
+    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
-    if gen_b and (FUSED_LSE if fused_lse is None else fused_lse):  # two launches instead of three
-        # The score kernel is now the step's first: not a programmatic dependent (it reads q and the new token,
-        # which the kernels before it write); the attention kernel after it may still be one.
-        _, att, natt = _score_select(q, fine, block_table, seq_lens, None, cfg, scale, splits, counters[0], sel,
-                                     False, fused=(norm, nsize, nstride, append))
-    else:
-        lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
-        _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl)
+    _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl)
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
@@ -741,12 +667,9 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
     return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits)[0]
 
 
-def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
-                  fused=None):
+def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False):
     """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
-    int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given). fused: (normalising
-    kernel keys, their size, stride, `append_kv`'s arguments or None) to compute the log-sum-exps (and store the
-    new tokens) in this launch instead of taking `lse` from `decode_lse` (see `FUSED_LSE`)."""
+    int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
     hkv = fine.shape[2]
     g = hq // hkv
@@ -762,34 +685,16 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
     att = torch.empty((b, hkv, n_att), device=q.device, dtype=torch.int32) if select else None
     natt = torch.empty((b, hkv), device=q.device, dtype=torch.int32) if select else None
     s = cfg.kernel_stride
-    if fused is not None:
-        norm, nsize, nstride, append = fused
-        lse = q  # unused
-        nargs = (norm, norm.stride(0), norm.stride(1), norm.stride(2))
-    else:
-        nsize = nstride = 1
-        append = None
-        nargs = (q, 0, 0, 0)
-    if append is not None:
-        aargs, ameta = _append_args(*append)
-        ameta.pop("D", None)
-        ameta.pop("PAGE", None)
-    else:  # unused pointers and strides (APPEND=False)
-        aargs, ameta = (q,) * 9 + (0,) * 17, dict(FSIZE=1, FPAD=1, FSTRIDE=1, CSIZE=1, CPAD=1, CSTRIDE=1, POOL=False,
-                                                  COARSE=False)
-    lse_splits = lse.shape[2] if fused is None else 1
     _score_kernel[(b, hkv, splits)](
         q, fine, block_table, seq_lens, lse, scores, counters if select else scores, att if select else scores,
         natt if select else scores, sel if sel is not None else scores, scale, q.stride(0), q.stride(1),
         fine.stride(0), fine.stride(1), fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1),
         scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
-        sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0, *nargs, *aargs,
+        sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size, KSTRIDE=s,
         PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=page // s + cfg.kernel_size // s - 1,
-        SPLITS=splits, LSE_SPLITS=lse_splits, LSE_PAD=triton.next_power_of_2(lse_splits),
+        SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
         DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
         K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
-        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl, FUSE_LSE=fused is not None, NSIZE=nsize,
-        NPAD=triton.next_power_of_2(nsize), NSTRIDE=nstride, BLOCK_N=16, KPAD=triton.next_power_of_2(cfg.kernel_size),
-        APPEND=append is not None, **ameta, num_warps=4, **_pdl_launch(pdl))
+        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
     return scores, att, natt
