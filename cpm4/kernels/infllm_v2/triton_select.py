@@ -297,12 +297,14 @@ def score_shift(dtype: torch.dtype) -> int:
 
 @triton.jit
 def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-              SHIFT: tl.constexpr = 0):
+              SHIFT: tl.constexpr = 0, SEARCH_BITS: tl.constexpr = 1):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
-    blocks by variant, then the top K without sorting. A binary search on order-preserving integer keys
-    finds the K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
-    Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 steps
-    for bf16 instead of 31)."""
+    blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
+    K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
+    Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
+    bf16 instead of 31). SEARCH_BITS 1: a binary search, one count per step (least work: prefill's many
+    programs); w > 1: 2^w counts per step, w bits a step (fewer dependent reductions, more work: for the decode
+    step's lone selecting program)."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -315,15 +317,27 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     key = tl.where(b > qb, -1, key)
     n_valid = tl.sum((key >= 0).to(tl.int32), 0)
     k_eff = tl.minimum(n_valid, K)
-    # Largest threshold thr with count(key >= thr) >= k_eff (binary search over [0, INF_KEY]).
+    # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
-    hi = tl.full((), INF_KEY, dtype=tl.int32)
-    for _ in range(31 - SHIFT):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((key >= mid).to(tl.int32), 0)
-        take = cnt >= k_eff
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    BITS: tl.constexpr = 31 - SHIFT
+    if SEARCH_BITS == 1:
+        hi = tl.full((), INF_KEY, dtype=tl.int32)
+        for _ in range(BITS):
+            mid = lo + (hi - lo + 1) // 2
+            cnt = tl.sum((key >= mid).to(tl.int32), 0)
+            take = cnt >= k_eff
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+    else:
+        # thr lies in [lo, lo + 2^left); each step counts at lo + j * 2^(left - w), j < 2^w, and keeps the
+        # largest that still holds k_eff keys: candidates past thr hold fewer, so none needs a range check.
+        j = tl.arange(0, 1 << SEARCH_BITS)
+        for p in tl.static_range((BITS + SEARCH_BITS - 1) // SEARCH_BITS):
+            step = 1 << tl.maximum(tl.full((), BITS - SEARCH_BITS * (p + 1), tl.int32), 0)
+            # capped at INF_KEY, the largest key: no int32 overflow for float32 scores (SHIFT 0)
+            cand = lo + tl.minimum(j * step, INF_KEY - lo)
+            cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+            lo = tl.max(tl.where(cnt >= k_eff, cand, lo), 0)
     thr = lo
     above = key > thr
     n_above = tl.sum(above.to(tl.int32), 0)
@@ -338,7 +352,8 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
                    K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
-                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr):
+                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
+                   SEARCH_BITS: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -351,7 +366,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT)
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, SEARCH_BITS)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)
@@ -360,8 +375,10 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
     tl.store(obase + i, tl.full((K_PAD,), -1, dtype=tl.int32), mask=(i >= n_sel) & (i < K))
 
 
-def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig) -> torch.Tensor:
-    """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks)."""
+def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
+                  search_bits: int = 1) -> torch.Tensor:
+    """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
+    search_bits: bits per step of the threshold search (`topk_mask`; 1, the binary search, is the least work)."""
     hkv = scores.shape[0]
     bsz = cfg.block_size
     n_blocks = (q_start + tq - 1) // bsz + 1
@@ -374,5 +391,5 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
                               LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
-                              SHIFT=score_shift(scores.dtype))
+                              SHIFT=score_shift(scores.dtype), SEARCH_BITS=search_bits)
     return out
