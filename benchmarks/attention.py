@@ -223,8 +223,7 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            for bits in (2, 3, 4, 5):  # the selection's threshold search, bits per step (engine: SELECT_SEARCH_BITS)
-                variant(f"decode.cuda_graph.search_bits{bits}", lambda bits=bits: sparse_step(search_bits=bits))
+            variant("decode.cuda_graph.radix", lambda: sparse_step(radix=True))  # selection by histograms
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)
@@ -237,8 +236,8 @@ def main() -> None:
                                                       cfg.coarse_kernel_stride, scale)),
                     ("stage1_scores_select", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
                                                                    counters=counters.zero_())),
-                    ("stage1_scores_select4", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
-                                                                    counters=counters.zero_(), search_bits=4)),
+                    ("stage1_scores_select_radix", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
+                                                                         counters=counters.zero_(), radix=True)),
                     ("stage1_scores", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale)),  # no selection
                     ("attend_merge", lambda: _attend(q1, kc, vc, table, lens, splits, 2, blk=att, nblk=natt,
                                                      dense_len=cfg.dense_len, scale=scale)),

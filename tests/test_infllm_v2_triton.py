@@ -92,12 +92,12 @@ def test_interpreter_odd_group_chunk_and_fp16():
     check_pipeline(small_cfg(), 20, 83, 6, 2, 16, torch.float16, "cpu", 3e-3, grad=False)
 
 
-@pytest.mark.parametrize("search_bits", [1, 4])
+@pytest.mark.parametrize("radix", [False, True])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_selection_with_ties_equals_reference(variant, dtype, search_bits):
+def test_selection_with_ties_equals_reference(variant, dtype, radix):
     """Top-k on scores with many exact ties (few distinct values), in each score dtype (the radix search
-    skips the low bits a bf16/fp16 score cannot have), searching 1 or 4 bits a step: exactly the reference's
+    skips the low bits a bf16/fp16 score cannot have), by binary search or histograms: exactly the reference's
     stable-sort choice."""
     from cpm4.kernels.infllm_v2.triton_select import select_blocks
 
@@ -109,14 +109,14 @@ def test_selection_with_ties_equals_reference(variant, dtype, search_bits):
     scores = (torch.randint(0, 6, (2, tq, n1), generator=g, device=device).float() / 7).to(dtype)
     pos = torch.arange(tk - tq, tk, device=device)
     vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
-    idx = select_blocks(scores, tk - tq, tq, n1, cfg, search_bits=search_bits)
+    idx = select_blocks(scores, tk - tq, tq, n1, cfg, radix=radix)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=dtype,
                                                                                          device=device)), pos, cfg))
     # scores spread over the dtype's whole range (float32: the 31-bit search, candidates up to +inf)
     wide = torch.exp(torch.randn(2, tq, n1, generator=g, device=device) * 30).clamp(max=torch.finfo(dtype).max / 2)
     wide = wide.to(dtype)
     wide[0, :, 7] = wide[0, :, 9]  # and a tie
-    idx = select_blocks(wide, tk - tq, tq, n1, cfg, search_bits=search_bits)
+    idx = select_blocks(wide, tk - tq, tq, n1, cfg, radix=radix)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, wide, torch.zeros((), dtype=dtype,
                                                                                       device=device)), pos, cfg))
 
@@ -407,7 +407,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, search_bits=None):
+                        pdl=None, persistent_counters=None, radix=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -428,7 +428,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
         new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
-                                   persistent_counters=persistent_counters, search_bits=search_bits)
+                                   persistent_counters=persistent_counters, radix=radix)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -464,19 +464,19 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,bits", [("gen-b", 1, False, 1), ("gen-a", 1, False, 4),
-                                                         ("gen-b", 2, False, 1), ("gen-b", 1, True, 4),
-                                                         ("gen-a", 1, True, 1)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, bits):
+@pytest.mark.parametrize("variant,tile_pages,fuse,radix", [("gen-b", 1, False, False), ("gen-a", 1, False, True),
+                                                          ("gen-b", 2, False, False), ("gen-b", 1, True, True),
+                                                          ("gen-a", 1, True, False)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
     # The last tokens of rows 200 (fine kernel) and 64 (fine and coarse) complete kernels: with `fuse` the
     # step pools them itself, and the LSE split holding the new kernel must not read its unwritten slot.
     cfg = small_cfg(variant, dense_len=40)
-    # bits: the selection's threshold search, 1 or 4 bits a step
+    # radix: the selection's threshold search by histograms (float32 scores: the binary search all the same)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages, fuse_append=fuse, search_bits=bits)
+                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -499,16 +499,16 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,bits", [(1, False, False, 1), (2, False, False, 4),
-                                                      (1, True, False, 1), (2, True, True, 3)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, bits):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix", [(1, False, False, False), (2, False, False, True),
+                                                       (1, True, False, False), (2, True, True, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
     for _ in range(2 if pdl else 1):
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
-                                           persistent_counters=pdl, search_bits=bits)
+                                           persistent_counters=pdl, radix=radix)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

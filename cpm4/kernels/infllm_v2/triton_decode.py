@@ -314,7 +314,7 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                   WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
                   DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, SEARCH_BITS: tl.constexpr):
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
     overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
     With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
@@ -365,7 +365,7 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                 # .cg: read the other programs' scores from L2, not from a stale L1 line.
                 sc = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0,
                              cache_modifier=".cg")
-                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, SEARCH_BITS)
+                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX)
                 if SAVE_SEL:
                     base = sel_ptr + bi * stride_eb + g * stride_eh
                     tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
@@ -515,10 +515,11 @@ TILE_PAGES = 2
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
 PDL = False
-# Bits per step of the decode selection's threshold search (`topk_mask`): one selecting program per (row, KV
-# head) waits on every step's reduction, so 4 bits a step (16 counts, 4 steps for bf16 scores) instead of the
-# binary search's 15 steps. benchmarks/attention.py: decode.cuda_graph.search_bits<N> rows.
-SELECT_SEARCH_BITS = 1
+# The decode selection's threshold search (`topk_mask`): one selecting program per (row, KV head) waits on each
+# of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
+# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead (off until measured;
+# benchmarks/attention.py row decode.cuda_graph.radix).
+SELECT_RADIX = False
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -600,7 +601,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        search_bits: int | None = None):
+                        radix: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -609,8 +610,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, search_bits: see `PDL`, `PERSISTENT_COUNTERS`,
-    `SELECT_SEARCH_BITS` (None: those). No host synchronisation: graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters, radix: see `PDL`, `PERSISTENT_COUNTERS`,
+    `SELECT_RADIX` (None: those). No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -628,7 +629,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
-                                 search_bits)
+                                 radix)
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
@@ -674,7 +675,7 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
 
 
 def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
-                  search_bits=None):
+                  radix=None):
     """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
     int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
@@ -704,5 +705,5 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
         DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
         K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
         SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl,
-        SEARCH_BITS=SELECT_SEARCH_BITS if search_bits is None else search_bits, num_warps=4, **_pdl_launch(pdl))
+        RADIX=SELECT_RADIX if radix is None else radix, num_warps=4, **_pdl_launch(pdl))
     return scores, att, natt

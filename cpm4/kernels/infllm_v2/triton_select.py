@@ -297,14 +297,13 @@ def score_shift(dtype: torch.dtype) -> int:
 
 @triton.jit
 def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-              SHIFT: tl.constexpr = 0, SEARCH_BITS: tl.constexpr = 1):
+              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
     blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
     K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
-    bf16 instead of 31). SEARCH_BITS 1: a binary search, one count per step (least work: prefill's many
-    programs); w > 1: 2^w counts per step, w bits a step (fewer dependent reductions, more work: for the decode
-    step's lone selecting program)."""
+    bf16 instead of 31). A binary search (one count per step, 15 dependent steps for bf16), or RADIX: two
+    histogram passes (fewer dependent steps; for the decode step's lone selecting program)."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -320,7 +319,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
     BITS: tl.constexpr = 31 - SHIFT
-    if SEARCH_BITS == 1:
+    if (not RADIX) or BITS > 18:
         hi = tl.full((), INF_KEY, dtype=tl.int32)
         for _ in range(BITS):
             mid = lo + (hi - lo + 1) // 2
@@ -329,15 +328,18 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
             lo = tl.where(take, mid, lo)
             hi = tl.where(take, hi, mid - 1)
     else:
-        # thr lies in [lo, lo + 2^left); each step counts at lo + j * 2^(left - w), j < 2^w, and keeps the
-        # largest that still holds k_eff keys: candidates past thr hold fewer, so none needs a range check.
-        j = tl.arange(0, 1 << SEARCH_BITS)
-        for p in tl.static_range((BITS + SEARCH_BITS - 1) // SEARCH_BITS):
-            step = 1 << tl.maximum(tl.full((), BITS - SEARCH_BITS * (p + 1), tl.int32), 0)
-            # capped at INF_KEY, the largest key: no int32 overflow for float32 scores (SHIFT 0)
-            cand = lo + tl.minimum(j * step, INF_KEY - lo)
-            cnt = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
-            lo = tl.max(tl.where(cnt >= k_eff, cand, lo), 0)
+        # Two histograms: of the high bits (the bin holding the k_eff-th key from the top), then of the low bits
+        # of the keys in that bin. Past 18 bits (float32 scores) the bins would not fit: binary search instead.
+        LO: tl.constexpr = BITS // 2
+        valid = key >= 0
+        top = key >> LO
+        hb = tl.arange(0, 1 << (BITS - LO))
+        h = tl.histogram(top, 1 << (BITS - LO), mask=valid)
+        t = tl.max(tl.where(n_valid - tl.cumsum(h, 0) + h >= k_eff, hb, 0), 0)  # count(top >= t) >= k_eff
+        k_low = k_eff - tl.sum(tl.where(hb > t, h, 0), 0)
+        lb = tl.arange(0, 1 << LO)
+        h2 = tl.histogram(key & ((1 << LO) - 1), 1 << LO, mask=valid & (top == t))
+        lo = (t << LO) | tl.max(tl.where(tl.sum(h2, 0) - tl.cumsum(h2, 0) + h2 >= k_low, lb, 0), 0)
     thr = lo
     above = key > thr
     n_above = tl.sum(above.to(tl.int32), 0)
@@ -353,7 +355,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                   SEARCH_BITS: tl.constexpr):
+                   RADIX: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -366,7 +368,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, SEARCH_BITS)
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)
@@ -376,9 +378,9 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
-                  search_bits: int = 1) -> torch.Tensor:
+                  radix: bool = False) -> torch.Tensor:
     """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
-    search_bits: bits per step of the threshold search (`topk_mask`; 1, the binary search, is the least work)."""
+    radix: the threshold search by histograms (`topk_mask`; the binary search is the least work)."""
     hkv = scores.shape[0]
     bsz = cfg.block_size
     n_blocks = (q_start + tq - 1) // bsz + 1
@@ -391,5 +393,5 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
                               LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
-                              SHIFT=score_shift(scores.dtype), SEARCH_BITS=search_bits)
+                              SHIFT=score_shift(scores.dtype), RADIX=radix)
     return out
