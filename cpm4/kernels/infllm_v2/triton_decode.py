@@ -517,9 +517,10 @@ PERSISTENT_COUNTERS = True
 PDL = False
 # The decode selection's threshold search (`topk_mask`): one selecting program per (row, KV head) waits on each
 # of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
-# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead (off until measured;
-# benchmarks/attention.py row decode.cuda_graph.radix).
-SELECT_RADIX = False
+# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead, measured (rows
+# decode.cuda_graph.stage1_scores_select[_radix]): the score+selection launch 12.4 -> 11.9 µs at 32K, 16.9 -> 16.2
+# at 128K (the scores alone: 7.9 / 9.3); the whole step within noise (34-35 / 38 µs). On.
+SELECT_RADIX = True
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
