@@ -246,6 +246,17 @@ def main() -> None:
                         q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale,
                         append=(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)))):
                 row(f"decode.cuda_graph.{name}", n, graphed(fn), None)
+            # Each stage's split count (programs per KV head; the engine's: `_default_splits`, printed first):
+            # more splits, more parallel loads but a longer merge by the last program.
+            print(f"decode splits at {n}: attend {splits}, LSE {lse.shape[2]}, scores "
+                  f"{max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(table.shape[1], 16)))}")
+            for sp in (4, 8, 16, 24, 32, 64):
+                variant(f"decode.cuda_graph.attend_merge.splits{sp}", lambda sp=sp: _attend(
+                    q1, kc, vc, table, lens, sp, 2, blk=att, nblk=natt, dense_len=cfg.dense_len, scale=scale))
+                variant(f"decode.cuda_graph.stage1_scores_select.splits{sp}", lambda sp=sp: _score_select(
+                    q1, fine, table, lens, lse, cfg, scale, splits=sp, counters=counters.zero_()))
+                variant(f"decode.cuda_graph.stage1_lse.splits{sp}", lambda sp=sp: decode_lse(
+                    q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale, splits=sp))
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 
