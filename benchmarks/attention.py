@@ -250,6 +250,9 @@ def main() -> None:
             # more splits, more parallel loads but a longer merge by the last program.
             print(f"decode splits at {n}: attend {splits}, LSE {lse.shape[2]}, scores "
                   f"{max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(table.shape[1], 16)))}")
+            for sp in (8, 16, 32, 64, 128):  # the dense paged decode (engine: `_default_splits`, 132 on an H200)
+                variant(f"decode.dense_paged.cuda_graph.splits{sp}",
+                        lambda sp=sp: paged_decode(q1, kc, vc, table, lens, splits=sp))
             for sp in (4, 8, 16, 24, 32, 64):
                 variant(f"decode.cuda_graph.attend_merge.splits{sp}", lambda sp=sp: _attend(
                     q1, kc, vc, table, lens, sp, 2, blk=att, nblk=natt, dense_len=cfg.dense_len, scale=scale))
