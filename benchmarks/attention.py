@@ -223,7 +223,11 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            variant("decode.cuda_graph.radix", lambda: sparse_step(radix=True))  # selection by histograms
+            variant("decode.cuda_graph.binary_select", lambda: sparse_step(radix=False))  # before SELECT_RADIX
+            # the split outputs merged by their own kernel (SEPARATE_MERGE), sparse and dense paged
+            variant("decode.cuda_graph.separate_merge", lambda: sparse_step(separate_merge=True))
+            variant("decode.dense_paged.cuda_graph.separate_merge",
+                    lambda: paged_decode(q1, kc, vc, table, lens, separate_merge=True))
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)

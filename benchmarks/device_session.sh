@@ -5,7 +5,8 @@
 #   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
 #                                               # the element-wise and GEMV kernels (carry .wheels/py312)
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
-#   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows
+#   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
+#                                               # split sweeps)
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
@@ -53,8 +54,8 @@ servetests)  # carry .wheels/py312
         tests/test_engine.py tests/test_sampling.py 2>&1 | tail -15
     ;;
 decode)  # the InfLLM v2 decode step: its GPU tests, then its rows
-    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py -k paged_sparse_decode \
-        2>&1 | tail -3
+    timeout 260 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
+        -k "paged_decode or paged_sparse_decode" 2>&1 | tail -3
     timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
     ;;
 kernels)

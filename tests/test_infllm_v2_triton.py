@@ -138,14 +138,17 @@ def test_key_splits_merge_equal_one_pass(variant):
     assert rel(many, one) < 1e-5 and rel(many, ref) < 1e-5
 
 
-@pytest.mark.parametrize("tile_pages", [1, 2])
-def test_interpreter_paged_decode(tile_pages):
+@pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])
+def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    _check_decode("cpu", torch.float32, 4, 2, 16, page=16, lens=[37, 70, 5], tol=1e-5, tile_pages=tile_pages)
+    # separate_merge: the splits' partials merged by their own kernel (3 splits: one of row 5's is empty)
+    _check_decode("cpu", torch.float32, 4, 2, 16, page=16, lens=[37, 70, 5], tol=1e-5, tile_pages=tile_pages,
+                  separate_merge=separate_merge, splits=splits)
 
 
-def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3, tile_pages=None):
+def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3, tile_pages=None, separate_merge=None,
+                  splits=2):
     from cpm4.kernels.infllm_v2.triton_decode import paged_decode
 
     b = len(lens)
@@ -171,7 +174,8 @@ def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3, tile_pages
             pick = torch.randperm(npg, generator=torch.Generator().manual_seed(10 * i + h))[:nsel].sort().values
             blocks[i, h, : len(pick)] = pick.to(torch.int32)
     for sel in (None, blocks):
-        out = paged_decode(q, kc, vc, table, seq, sel, splits=2, tile_pages=tile_pages)
+        out = paged_decode(q, kc, vc, table, seq, sel, splits=splits, tile_pages=tile_pages,
+                           separate_merge=separate_merge)
         for i, n in enumerate(lens):
             ks = kc[table[i].long()].reshape(-1, hkv, d)[:n].double()
             vs = vc[table[i].long()].reshape(-1, hkv, d)[:n].double()
@@ -217,10 +221,11 @@ def test_gpu_pipeline_lengths_and_chunks(variant, tq, tk):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages", [1, 2, 4])
-def test_gpu_paged_decode(dtype, hq, hkv, d, tile_pages):
+@pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (4, False, 2),
+                                                            (2, True, 2), (2, True, 132)])
+def test_gpu_paged_decode(dtype, hq, hkv, d, tile_pages, separate_merge, splits):
     _check_decode("cuda", dtype, hq, hkv, d, page=64, lens=[1, 63, 64, 65, 3000, 9000], tol=2e-2, nsel=20,
-                  tile_pages=tile_pages)
+                  tile_pages=tile_pages, separate_merge=separate_merge, splits=splits)
 
 
 @gpu
@@ -407,7 +412,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, radix=None):
+                        pdl=None, persistent_counters=None, radix=None, separate_merge=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -428,7 +433,8 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
         new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
-                                   persistent_counters=persistent_counters, radix=radix)
+                                   persistent_counters=persistent_counters, radix=radix,
+                                   separate_merge=separate_merge)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -464,10 +470,10 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,radix", [("gen-b", 1, False, False), ("gen-a", 1, False, True),
-                                                          ("gen-b", 2, False, False), ("gen-b", 1, True, True),
-                                                          ("gen-a", 1, True, False)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix):
+@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep", [
+    ("gen-b", 1, False, False, False), ("gen-a", 1, False, True, True), ("gen-b", 2, False, False, False),
+    ("gen-b", 1, True, True, True), ("gen-a", 1, True, False, False)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
@@ -476,7 +482,7 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix):
     cfg = small_cfg(variant, dense_len=40)
     # radix: the selection's threshold search by histograms (float32 scores: the binary search all the same)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix)
+                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -499,16 +505,17 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix", [(1, False, False, False), (2, False, False, True),
-                                                       (1, True, False, False), (2, True, True, True)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep", [
+    (1, False, False, False, False), (2, False, False, True, True), (1, True, False, False, False),
+    (2, True, True, True, False)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
     for _ in range(2 if pdl else 1):
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
-                                           persistent_counters=pdl, radix=radix)
+                                           persistent_counters=pdl, radix=radix, separate_merge=sep)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

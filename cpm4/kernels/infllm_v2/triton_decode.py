@@ -388,13 +388,14 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                    stride_mh, stride_rb, stride_rh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr):
+                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
+                   MERGE: tl.constexpr):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
     log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
-    out. PDL: launched as a programmatic dependent of the kernel before it; lengths and q are read before
-    waiting for it, everything else after."""
+    out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
+    dependent of the kernel before it; lengths and q are read before waiting for it, everything else after."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
@@ -461,27 +462,49 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
         # Partial log-sum-exp in log2 units; -inf for an empty split.
         tl.store(m_ptr + bi * stride_mb + h * stride_mh + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
                  mask=hm)
-        tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
-        if tl.atomic_add(cnt_ptr + bi * tl.num_programs(1) + g, 1) == SPLITS - 1:
-            # The last split merges all of them (.cg: the other programs' partials from L2, not a stale L1).
-            ss = tl.arange(0, SPLITS_PAD)
-            m = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + ss[None, :],
-                        mask=hm[:, None] & (ss < SPLITS)[None, :], other=float("-inf"), cache_modifier=".cg")
-            mx = tl.max(m, 1)
-            mx = tl.where(mx > float("-inf"), mx, 0.0)
-            tot = tl.sum(tl.exp2(m - mx[:, None]), 1)
-            res = tl.zeros((G_PAD, D), dtype=tl.float32)
-            for c0 in range(0, SPLITS, CHUNK):
-                cc = c0 + tl.arange(0, CHUNK)
-                cm = hm[:, None] & (cc < SPLITS)[None, :]
-                mc = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + cc[None, :], mask=cm,
-                             other=float("-inf"), cache_modifier=".cg")
-                o = tl.load(o_ptr + bi * stride_ob + h[:, None, None] * stride_oh + cc[None, :, None] * stride_os
-                            + dd[None, None, :], mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
-                res += tl.sum(o * tl.exp2(mc - mx[:, None])[:, :, None], 1)
-            tl.store(out_rows, (res / tl.where(tot > 0, tot, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=hm[:, None])
-            tl.store(cnt_ptr + bi * tl.num_programs(1) + g, 0)  # every split has arrived: reusable
+        if MERGE:
+            tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
+            if tl.atomic_add(cnt_ptr + bi * tl.num_programs(1) + g, 1) == SPLITS - 1:
+                # The last split merges all of them (.cg: the other programs' partials from L2, not a stale L1).
+                ss = tl.arange(0, SPLITS_PAD)
+                m = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + ss[None, :],
+                            mask=hm[:, None] & (ss < SPLITS)[None, :], other=float("-inf"), cache_modifier=".cg")
+                mx = tl.max(m, 1)
+                mx = tl.where(mx > float("-inf"), mx, 0.0)
+                tot = tl.sum(tl.exp2(m - mx[:, None]), 1)
+                res = tl.zeros((G_PAD, D), dtype=tl.float32)
+                for c0 in range(0, SPLITS, CHUNK):
+                    cc = c0 + tl.arange(0, CHUNK)
+                    cm = hm[:, None] & (cc < SPLITS)[None, :]
+                    mc = tl.load(m_ptr + bi * stride_mb + h[:, None] * stride_mh + cc[None, :], mask=cm,
+                                 other=float("-inf"), cache_modifier=".cg")
+                    o = tl.load(o_ptr + bi * stride_ob + h[:, None, None] * stride_oh + cc[None, :, None] * stride_os
+                                + dd[None, None, :], mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
+                    res += tl.sum(o * tl.exp2(mc - mx[:, None])[:, :, None], 1)
+                tl.store(out_rows, (res / tl.where(tot > 0, tot, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=hm[:, None])
+                tl.store(cnt_ptr + bi * tl.num_programs(1) + g, 0)  # every split has arrived: reusable
+
+
+@triton.jit
+def _merge_kernel(o_ptr, m_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh,
+                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DC: tl.constexpr):
+    """out[bi, h, chunk dc of DC dims] from the SPLITS partial outputs and log-sum-exps (log2) of `_attend_kernel`
+    (run without MERGE): every (row, head, chunk) in its own program, where the in-kernel merge leaves all of a
+    KV group's partials to one program."""
+    bi = tl.program_id(0)
+    h = tl.program_id(1)
+    dd = tl.program_id(2) * DC + tl.arange(0, DC)
+    ss = tl.arange(0, SPLITS_PAD)
+    sm = ss < SPLITS
+    m = tl.load(m_ptr + bi * stride_mb + h * stride_mh + ss, mask=sm, other=float("-inf"))
+    mx = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(mx > float("-inf"), mx, 0.0))  # 0 for empty splits (and padding)
+    tot = tl.sum(w, 0)
+    o = tl.load(o_ptr + bi * stride_ob + h * stride_oh + ss[:, None] * stride_os + dd[None, :], mask=sm[:, None],
+                other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out_ptr + bi * stride_rb + h * stride_rh + dd, res.to(out_ptr.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -515,6 +538,10 @@ TILE_PAGES = 2
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
 PDL = False
+# SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
+# dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
+# partial: ≈ 1 MB at the dense paged decode's 132 splits). Off until measured (attention.py rows *.separate_merge).
+SEPARATE_MERGE = False
 # The decode selection's threshold search (`topk_mask`): one selecting program per (row, KV head) waits on each
 # of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
 # (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead, measured (rows
@@ -549,16 +576,20 @@ def _pdl_launch(pdl: bool) -> dict:
 
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None, pdl=False):
+            counters=None, tile_pages=None, pdl=False, separate_merge=None):
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
+    separate = splits > 1 and (SEPARATE_MERGE if separate_merge is None else separate_merge)
     if splits > 1:
         o_part = torch.empty((b, hq, splits, d), device=q.device, dtype=torch.float32)
         m_part = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
-        counters = _zeroed_counters(q.device, (b, hkv)) if counters is None else counters
+        if separate:
+            counters = out  # unused
+        elif counters is None:
+            counters = _zeroed_counters(q.device, (b, hkv))
     else:
         o_part = m_part = counters = out  # unused
     n_list = blk.shape[2] if mode == 1 else 0
@@ -574,16 +605,23 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
-        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
+        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, num_warps=4, **_pdl_launch(pdl))
+    if separate:
+        dc = min(32, d)
+        _merge_kernel[(b, hq, d // dc)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                        m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1),
+                                        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DC=dc, num_warps=4)
     return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
-                 splits: int | None = None, tile_pages: int | None = None) -> torch.Tensor:
+                 splits: int | None = None, tile_pages: int | None = None,
+                 separate_merge: bool | None = None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
-    (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`)."""
+    (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`); separate_merge: see
+    `SEPARATE_MERGE` (None: that)."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -593,7 +631,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     most = triton.cdiv(blocks.shape[2] if blocks is not None else block_table.shape[1], 2)
     splits = splits or _default_splits(q.device, b * hkv, most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
-                   scale=scale, tile_pages=tile_pages)
+                   scale=scale, tile_pages=tile_pages, separate_merge=separate_merge)
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -602,7 +640,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        radix: bool | None = None):
+                        radix: bool | None = None, separate_merge: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -611,8 +649,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, radix: see `PDL`, `PERSISTENT_COUNTERS`,
-    `SELECT_RADIX` (None: those). No host synchronisation: graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge: see `PDL`,
+    `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE` (None: those). No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -634,7 +672,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
-                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl)
+                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl,
+                  separate_merge=separate_merge)
     return (out, sel) if return_selection else out
 
 
