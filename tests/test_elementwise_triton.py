@@ -82,6 +82,26 @@ def test_model_with_triton_ops_matches_eager():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+def test_autograd_takes_the_reference():
+    """Inputs that need gradients (a model trained after an engine switched it to the kernels) run the
+    reference, so the backward is autograd's: the same gradients as the eager functions."""
+    from conftest import random_model
+
+    model = random_model("tiny", dtype=torch.float32)
+    if not ON_CPU:
+        model = model.cuda()
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(2)).to(model.device)
+    model(ids).float().square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.fuse_elementwise(backend="triton")
+    model(ids).float().square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6, msg=n)
+    model.fuse_elementwise(False)
+
+
 def test_falls_back_where_no_kernel_applies():
     """float64 (ground-truth runs) and mixed dtypes take the reference, exactly."""
     ops, a = triton_ops(), _inputs("cpu", torch.float64)

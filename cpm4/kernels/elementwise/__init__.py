@@ -1,8 +1,8 @@
 """The decoder layer's element-wise ops (norms, residual adds, RoPE, SiLU·up): `reference.py` (the model's eager
 functions) beside one Triton kernel each (`kernels.py`). `triton_ops()` gives them as a `cpm4.model.fused.Ops`
 for `MiniCPM4ForCausalLM.fuse_elementwise(backend="triton")`: each call runs the kernel where it applies (CUDA,
-or Triton's interpreter; float16/bfloat16/float32; matching dtypes) and the reference otherwise, and inside a
-torch.compile'd region the reference (inductor fuses it there)."""
+or Triton's interpreter; float16/bfloat16/float32; matching dtypes; nothing to differentiate) and the reference
+otherwise, and inside a torch.compile'd region the reference (inductor fuses it there)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _applies(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernels have no backward: a model trained after an engine ran it keeps its gradients
     t0 = tensors[0]
     if t0.dtype not in _DTYPES or any(t.dtype != t0.dtype for t in tensors):
         return False
