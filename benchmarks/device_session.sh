@@ -18,6 +18,7 @@
 #   bash benchmarks/device_session.sh elementwise # hand-written element-wise kernels: tests, op timings, and
 #                                               # batch-1 generation without --compile, eager vs the kernels
 #   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel: tests, against cuBLAS, 8B decode with it
+#   bash benchmarks/device_session.sh gemvmix   # 8B decode with the GEMV on q/k/v, gate/up and the head only
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -123,6 +124,12 @@ gemv)  # the decode GEMV kernel (cpm4.kernels.gemv, second version): GPU tests, 
             --decode-tokens 32 --no-peer $g 2>&1 | tail -5
     done
     ;;
+gemvmix)  # the GEMV only where it beat cuBLAS per matrix (q/k/v, gate/up, head), the 8B decode at 32K, compiled
+    for g in "" "--gemv qkv,gate_up,lm_head"; do
+        timeout 200 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse --compile \
+            --decode-tokens 32 --no-peer $g 2>&1 | tail -5
+    done
+    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -133,7 +140,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, decode, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, gemvmix, decode, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

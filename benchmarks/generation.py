@@ -140,8 +140,9 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
-    ap.add_argument("--gemv", action="store_true",
-                    help="decode projections through cpm4.kernels.gemv (the Triton GEMV) instead of cuBLAS")
+    ap.add_argument("--gemv", nargs="?", const="all", default=None, metavar="NAMES",
+                    help="decode projections through cpm4.kernels.gemv (the Triton GEMV) instead of cuBLAS: all, or a "
+                    "comma-separated subset of qkv,o,gate_up,down,lm_head")
     ap.add_argument("--elementwise", choices=["eager", "triton"], default=None,
                     help="without --compile: the layers' norms, RoPE, SiLU·up and residual adds op by op (eager) or "
                     "as one Triton kernel each (cpm4.kernels.elementwise), in prefill and in the decode graphs "
@@ -175,7 +176,7 @@ def main() -> None:
         dev_name = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
         bw = None
     if args.gemv:
-        ours.use_gemv()
+        ours.use_gemv(only=None if args.gemv == "all" else args.gemv.split(","))
     modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
     engines = {}
     for mode, sc in modes:
@@ -233,7 +234,8 @@ def main() -> None:
               f"{fl:>6s}")
     date = datetime.date.today().isoformat()
     tag = "-eager-elementwise" if args.elementwise == "eager" and not args.compile and device.type == "cuda" else ""
-    tag += "-gemv" if args.gemv and device.type == "cuda" else ""
+    if args.gemv and device.type == "cuda":
+        tag += "-gemv" if args.gemv == "all" else "-gemv-" + args.gemv.replace(",", "-")
     name = f"generation-{args.config}-{device.type}{tag}-{date}.json"
     ew = "inductor" if args.compile else args.elementwise or ("eager", "triton")[device.type == "cuda"]
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,

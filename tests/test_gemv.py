@@ -97,14 +97,19 @@ def test_use_gemv_routes_the_projections():
 
     model = random_model("tiny", dtype=torch.float32, num_mtp_layers=1)
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(0))
+    mods = [m for m in model.modules() if isinstance(m, (Attention, MLP))]
     with torch.no_grad():
         ref = model(ids)
         model.use_gemv()
-        assert model.gemv is linear and all(m.gemv is linear for m in model.modules()
-                                            if isinstance(m, (Attention, MLP)))
+        assert model.gemv is linear and all(m.gemv_in is linear and m.gemv_out is linear for m in mods)
+        assert torch.equal(model(ids), ref)
+        model.use_gemv(only=["qkv", "gate_up", "lm_head"])  # the projections where it beat cuBLAS
+        assert model.gemv is linear and all(m.gemv_in is linear and m.gemv_out is None for m in mods)
         assert torch.equal(model(ids), ref)
         model.use_gemv(False)
-        assert model.gemv is None and all(m.gemv is None for m in model.modules() if isinstance(m, (Attention, MLP)))
+        assert model.gemv is None and all(m.gemv_in is None and m.gemv_out is None for m in mods)
+    with pytest.raises(ValueError, match=r"unknown projections \['up'\] for use_gemv: choose from qkv, o"):
+        model.use_gemv(only=["up", "o"])
 
 
 @pytest.mark.gpu

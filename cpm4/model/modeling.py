@@ -8,6 +8,8 @@ with the same attributes); see `Attention.forward` for the batch/padding contrac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,15 +83,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
         self.gate_up: torch.Tensor | None = None  # see fuse_projections
-        self.gemv = None  # see MiniCPM4ForCausalLM.use_gemv
+        self.gemv_in = self.gemv_out = None  # gate/up and down: see MiniCPM4ForCausalLM.use_gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = (self.gemv or F.linear)(x, self.gate_up).chunk(2, dim=-1)
+            gate, up = (self.gemv_in or F.linear)(x, self.gate_up).chunk(2, dim=-1)
             h = self.ops.silu_mul(gate, up)
         else:
             h = self.ops.silu_mul(self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(h) if self.gemv is None else self.gemv(h, self.down_proj.weight)
+        return self.down_proj(h) if self.gemv_out is None else self.gemv_out(h, self.down_proj.weight)
 
 
 # cuDNN attention (PyTorch's first choice for causal GQA on Hopper) builds a plan for every new shape: 47 ms on
@@ -118,20 +120,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.scale = self.head_dim ** -0.5
         self.qkv: torch.Tensor | None = None  # see fuse_projections
-        self.gemv = None  # see MiniCPM4ForCausalLM.use_gemv
+        self.gemv_in = self.gemv_out = None  # q/k/v and o: see MiniCPM4ForCausalLM.use_gemv
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         if self.qkv is not None:
             sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-            q, k, v = (self.gemv or F.linear)(x, self.qkv).split(sizes, -1)
+            q, k, v = (self.gemv_in or F.linear)(x, self.qkv).split(sizes, -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return (q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim),
                 v.view(b, t, self.n_kv, self.head_dim))
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(x) if self.gemv is None else self.gemv(x, self.o_proj.weight)
+        return self.o_proj(x) if self.gemv_out is None else self.gemv_out(x, self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor,
                 new_lens: torch.Tensor, cache=None, docs: list[list[int]] | None = None,
@@ -366,18 +368,31 @@ class MiniCPM4ForCausalLM(nn.Module):
             self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(config.num_mtp_layers))
         self.gemv = None  # see use_gemv
 
-    def use_gemv(self, enabled: bool = True) -> None:
+    GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+    def use_gemv(self, enabled: bool = True, only: Iterable[str] | None = None) -> None:
         """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for at most
         8 rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
-        graphs are captured. Calls the nn.Linear weights directly, so not for training (FP8 training swaps those
-        modules)."""
+        graphs are captured. only: a subset of GEMV_PROJECTIONS (the others keep cuBLAS; on the H200 the kernel won
+        on q/k/v, gate/up and the head, lost on o and down). Calls the nn.Linear weights directly, so not for
+        training (FP8 training swaps those modules)."""
+        names = set(self.GEMV_PROJECTIONS if only is None else only)
+        if names - set(self.GEMV_PROJECTIONS):
+            raise ValueError(f"unknown projections {sorted(names - set(self.GEMV_PROJECTIONS))} for use_gemv: "
+                             f"choose from {', '.join(self.GEMV_PROJECTIONS)}")
         fn = None
         if enabled:
             from cpm4.kernels.gemv import linear as fn
-        self.gemv = fn
+
+        def pick(name: str):
+            return fn if name in names else None
+
+        self.gemv = pick("lm_head")
         for m in self.modules():
-            if isinstance(m, (Attention, MLP)):
-                m.gemv = fn
+            if isinstance(m, Attention):
+                m.gemv_in, m.gemv_out = pick("qkv"), pick("o")
+            elif isinstance(m, MLP):
+                m.gemv_in, m.gemv_out = pick("gate_up"), pick("down")
 
     @property
     def device(self) -> torch.device:
