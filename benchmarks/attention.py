@@ -67,13 +67,14 @@ def main() -> None:
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
     from cpm4.kernels.infllm_v2.triton_decode import (
         _attend,
+        _default_splits,
         _score_select,
         append_kv,
         decode_lse,
         paged_decode,
         paged_sparse_decode,
     )
-    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, num_sms, select_blocks
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress, select_blocks
 
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -233,7 +234,7 @@ def main() -> None:
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)
             counters = torch.zeros((1, hkv), device="cuda", dtype=torch.int32)
             _, att, natt = _score_select(q1, fine, table, lens, lse, cfg, scale, counters=counters)
-            splits = max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(att.shape[2], 2)))
+            splits = _default_splits(q1.device, hkv, triton.cdiv(att.shape[2], 2))  # as paged_sparse_decode
             for name, fn in (
                     ("append_kv", lambda: append_kv(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)),
                     ("stage1_lse", lambda: decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size,
@@ -253,7 +254,7 @@ def main() -> None:
             # Each stage's split count (programs per KV head; the engine's: `_default_splits`, printed first):
             # more splits, more parallel loads but a longer merge by the last program.
             print(f"decode splits at {n}: attend {splits}, LSE {lse.shape[2]}, scores "
-                  f"{max(1, min(triton.cdiv(2 * num_sms(q1.device), hkv), triton.cdiv(table.shape[1], 16)))}")
+                  f"{_default_splits(q1.device, hkv, triton.cdiv(table.shape[1], 16))}")
             for sp in (8, 16, 32, 64, 128):  # the dense paged decode (engine: `_default_splits`, 132 on an H200)
                 variant(f"decode.dense_paged.cuda_graph.splits{sp}",
                         lambda sp=sp: paged_decode(q1, kc, vc, table, lens, splits=sp))
