@@ -158,9 +158,9 @@ def main() -> None:
         slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
         k_new, v_new = k[-1:].clone(), v[-1:].clone()
 
-        def sparse_step(**kw):  # as the engine runs it: the token stored inside the step's first kernel (new_kv)
-            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale,
-                                       new_kv=(k_new, v_new, slot), **kw)
+        def sparse_step(q=None, **kw):  # as the engine runs it: the token stored inside the step's first kernel
+            return paged_sparse_decode(q1 if q is None else q, kc, vc, table, lens, stores[0][0], stores[1][0], cfg,
+                                       scale, new_kv=(k_new, v_new, slot), **kw)
 
         def separate_store_step():  # the store and pooling as their own launch before the step
             append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
@@ -224,11 +224,17 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            variant("decode.cuda_graph.binary_select", lambda: sparse_step(radix=False))  # before SELECT_RADIX
-            # the split outputs merged by their own kernel (SEPARATE_MERGE), sparse and dense paged
-            variant("decode.cuda_graph.separate_merge", lambda: sparse_step(separate_merge=True))
-            variant("decode.dense_paged.cuda_graph.separate_merge",
-                    lambda: paged_decode(q1, kc, vc, table, lens, separate_merge=True))
+            # The histogram search (SELECT_RADIX, off: slower inside the 8B engine than here), on these random
+            # queries and on a zero query, whose pooled scores are all equal (every key in one histogram bin: a
+            # model's scores crowd into a few exponents).
+            q0 = torch.zeros_like(q1)
+            variant("decode.cuda_graph.radix_select", lambda: sparse_step(radix=True))
+            variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0, radix=False))
+            variant("decode.cuda_graph.uniform_q.radix_select", lambda: sparse_step(q=q0, radix=True))
+            # the split outputs merged by the last split, as before SEPARATE_MERGE, sparse and dense paged
+            variant("decode.cuda_graph.fused_merge", lambda: sparse_step(separate_merge=False))
+            variant("decode.dense_paged.cuda_graph.fused_merge",
+                    lambda: paged_decode(q1, kc, vc, table, lens, separate_merge=False))
             # The split between the decode stages, each replayed alone from its own graph.
             fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)

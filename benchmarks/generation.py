@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--sparse", action="store_true", help="also run ours with the preset's InfLLM v2 config")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--sparse-only", action="store_true", help="run ours with InfLLM v2 only (no dense rows)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (CUDA graphs)")
     ap.add_argument("--gemv", nargs="?", const="all", default=None, metavar="NAMES",
                     help="decode projections through cpm4.kernels.gemv (the Triton GEMV) instead of cuBLAS: all, or a "
@@ -178,6 +179,10 @@ def main() -> None:
     if args.gemv:
         ours.use_gemv(only=None if args.gemv == "all" else args.gemv.split(","))
     modes = [("dense", None)] + ([("infllm_v2", sparse_cfg)] if args.sparse and sparse_cfg is not None else [])
+    if args.sparse_only:
+        if sparse_cfg is None:
+            raise SystemExit(f"--sparse-only: config {args.config} has no InfLLM v2 (sparse_config)")
+        modes = modes[1:] if len(modes) > 1 else [("infllm_v2", sparse_cfg)]
     engines = {}
     for mode, sc in modes:
         ours.config.sparse_config = sc

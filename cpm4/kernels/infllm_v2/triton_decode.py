@@ -540,14 +540,18 @@ PERSISTENT_COUNTERS = True
 PDL = False
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
-# partial: ≈ 1 MB at the dense paged decode's 132 splits). Off until measured (attention.py rows *.separate_merge).
-SEPARATE_MERGE = False
+# partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge
+# are the old way): InfLLM v2 decode step 30 -> 27 µs at 32K, 35 -> 32 µs at 128K; dense paged decode 30 -> 19 µs
+# at 32K, 58 -> 48 µs at 128K. On.
+SEPARATE_MERGE = True
 # The decode selection's threshold search (`topk_mask`): one selecting program per (row, KV head) waits on each
 # of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
-# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead, measured (rows
-# decode.cuda_graph.stage1_scores_select[_radix]): the score+selection launch 12.4 -> 11.9 µs at 32K, 16.9 -> 16.2
-# at 128K (the scores alone: 7.9 / 9.3); the whole step within noise (34-35 / 38 µs). On.
-SELECT_RADIX = True
+# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead. On attention.py's random inputs it
+# looked ahead (score+selection 16.9 -> 16.2 µs at 128K), but inside the 8B engine at 128K it cost 0.55 ms a token
+# (decode 6.20 -> 6.75 ms, 17 µs a layer; benchmarks/decode_variant.sh). Not isolated yet; the suspect is the
+# histogram's data dependence (a model's pooled scores share a few exponents, all in one bin of the first pass,
+# and Triton may count with shared-memory atomics). attention.py's uniform_q rows test that. Off.
+SELECT_RADIX = False
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
