@@ -122,6 +122,10 @@ def main() -> None:
         row("prefill.compress", n, t_comp, None)
         row("prefill.stage1_scores", n, t_s1, None, TFLOPs=s1_flops / t_s1 / 1e9)
         row("prefill.select", n, t_sel, None)
+        # the selection's binary search over every bf16 key value (before SELECT_NARROW), and by histograms
+        row("prefill.select.full_range", n, bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, narrow=False)),
+            None)
+        row("prefill.select.radix", n, bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, radix=True)), None)
         row("prefill.stage2_attention", n, t_s2, None, TFLOPs=s2_flops / t_s2 / 1e9, attended_tokens=attended)
         # Backward of the sparse attention (selection fixed) vs dense SDPA backward.
         if not args.skip_backward:
@@ -224,12 +228,15 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            # The histogram search (SELECT_RADIX, off: slower inside the 8B engine than here), on these random
-            # queries and on a zero query, whose pooled scores are all equal (every key in one histogram bin: a
-            # model's scores crowd into a few exponents).
+            # The threshold searches: binary over the unforced keys' range (SELECT_NARROW, the default), over
+            # every bf16 key value (full_range), by histograms (SELECT_RADIX, off: slower inside the 8B engine
+            # than here); on these random queries and on a zero query, whose pooled scores are all equal (every
+            # key in one histogram bin, an empty range: a model's scores crowd into a few exponents).
             q0 = torch.zeros_like(q1)
+            variant("decode.cuda_graph.full_range_select", lambda: sparse_step(narrow=False))
             variant("decode.cuda_graph.radix_select", lambda: sparse_step(radix=True))
-            variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0, radix=False))
+            variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0))
+            variant("decode.cuda_graph.uniform_q.full_range_select", lambda: sparse_step(q=q0, narrow=False))
             variant("decode.cuda_graph.uniform_q.radix_select", lambda: sparse_step(q=q0, radix=True))
             # the split outputs merged by the last split, as before SEPARATE_MERGE, sparse and dense paged
             variant("decode.cuda_graph.fused_merge", lambda: sparse_step(separate_merge=False))

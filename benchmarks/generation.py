@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                     help="launch each decode step before reading back the previous one's tokens")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="appended to the JSON file's name (variants of one run)")
     args = parse_engine_args(ap)
     import transformers
 
@@ -241,6 +242,7 @@ def main() -> None:
     tag = "-eager-elementwise" if args.elementwise == "eager" and not args.compile and device.type == "cuda" else ""
     if args.gemv and device.type == "cuda":
         tag += "-gemv" if args.gemv == "all" else "-gemv-" + args.gemv.replace(",", "-")
+    tag += f"-{args.tag}" if args.tag else ""
     name = f"generation-{args.config}-{device.type}{tag}-{date}.json"
     ew = "inductor" if args.compile else args.elementwise or ("eager", "triton")[device.type == "cuda"]
     doc = {"device": dev_name, "date": date, "config": args.config, "dtype": str(dtype), "peer": peer_name,

@@ -92,13 +92,13 @@ def test_interpreter_odd_group_chunk_and_fp16():
     check_pipeline(small_cfg(), 20, 83, 6, 2, 16, torch.float16, "cpu", 3e-3, grad=False)
 
 
-@pytest.mark.parametrize("radix", [False, True])
+@pytest.mark.parametrize("search", ["narrow", "full", "radix"])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_selection_with_ties_equals_reference(variant, dtype, radix):
-    """Top-k on scores with many exact ties (few distinct values), in each score dtype (the radix search
-    skips the low bits a bf16/fp16 score cannot have), by binary search or histograms: exactly the reference's
-    stable-sort choice."""
+def test_selection_with_ties_equals_reference(variant, dtype, search):
+    """Top-k on scores with many exact ties (few distinct values), in each score dtype (the search skips the
+    low bits a bf16/fp16 score cannot have), by binary search (over the unforced keys' range or every key
+    value) or histograms: exactly the reference's stable-sort choice."""
     from cpm4.kernels.infllm_v2.triton_select import select_blocks
 
     device = "cuda" if CUDA else "cpu"
@@ -109,16 +109,41 @@ def test_selection_with_ties_equals_reference(variant, dtype, radix):
     scores = (torch.randint(0, 6, (2, tq, n1), generator=g, device=device).float() / 7).to(dtype)
     pos = torch.arange(tk - tq, tk, device=device)
     vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
-    idx = select_blocks(scores, tk - tq, tq, n1, cfg, radix=radix)
+    radix, narrow = search == "radix", search == "narrow"
+    idx = select_blocks(scores, tk - tq, tq, n1, cfg, radix=radix, narrow=narrow)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=dtype,
                                                                                          device=device)), pos, cfg))
     # scores spread over the dtype's whole range (float32: the 31-bit search, candidates up to +inf)
     wide = torch.exp(torch.randn(2, tq, n1, generator=g, device=device) * 30).clamp(max=torch.finfo(dtype).max / 2)
     wide = wide.to(dtype)
     wide[0, :, 7] = wide[0, :, 9]  # and a tie
-    idx = select_blocks(wide, tk - tq, tq, n1, cfg, radix=radix)
+    idx = select_blocks(wide, tk - tq, tq, n1, cfg, radix=radix, narrow=narrow)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, wide, torch.zeros((), dtype=dtype,
                                                                                       device=device)), pos, cfg))
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("topk", [1, 2, 5])
+def test_selection_search_edges_equal_reference(variant, topk):
+    """The searches at the ends of the narrowed range: every unforced score equal (an empty range), all zero,
+    one score above equal others, and forced blocks that fill the top-k alone (topk 1-2: threshold +inf)."""
+    from cpm4.kernels.infllm_v2.triton_select import select_blocks
+
+    device = "cuda" if CUDA else "cpu"
+    cfg = small_cfg(variant, topk=topk)
+    tq, tk = 5, 400
+    n1 = R.num_kernels(tk, cfg.kernel_size, cfg.kernel_stride)
+    pos = torch.arange(tk - tq, tk, device=device)
+    vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
+    one_up = torch.full((2, tq, n1), 0.25, device=device)
+    one_up[:, :, 40] = 0.5
+    for scores in (torch.full((2, tq, n1), 0.25, device=device), torch.zeros(2, tq, n1, device=device), one_up):
+        for dtype in (torch.bfloat16, torch.float32):
+            s = scores.to(dtype)
+            want = R.select_blocks(torch.where(vis, s, torch.zeros((), dtype=dtype, device=device)), pos, cfg)
+            for search in ("narrow", "full", "radix"):
+                idx = select_blocks(s, tk - tq, tq, n1, cfg, radix=search == "radix", narrow=search == "narrow")
+                assert torch.equal(idx.long(), want), (search, dtype, scores[0, 0, :3])
 
 
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
@@ -412,7 +437,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, radix=None, separate_merge=None):
+                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -434,7 +459,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
                                    persistent_counters=persistent_counters, radix=radix,
-                                   separate_merge=separate_merge)
+                                   separate_merge=separate_merge, narrow=narrow)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -470,10 +495,11 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep", [
-    ("gen-b", 1, False, False, False), ("gen-a", 1, False, True, True), ("gen-b", 2, False, False, False),
-    ("gen-b", 1, True, True, True), ("gen-a", 1, True, False, False)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep):
+@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep,narrow", [
+    ("gen-b", 1, False, False, False, True), ("gen-a", 1, False, True, True, True),
+    ("gen-b", 2, False, False, False, False), ("gen-b", 1, True, True, True, True),
+    ("gen-a", 1, True, False, False, False)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, narrow):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
@@ -482,7 +508,8 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep):
     cfg = small_cfg(variant, dense_len=40)
     # radix: the selection's threshold search by histograms (float32 scores: the binary search all the same)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep)
+                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep,
+                                       narrow=narrow)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -505,17 +532,18 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep", [
-    (1, False, False, False, False), (2, False, False, True, True), (1, True, False, False, False),
-    (2, True, True, True, False)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow", [
+    (1, False, False, False, False, True), (2, False, False, True, True, True), (1, True, False, False, False, False),
+    (2, True, True, True, False, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
     for _ in range(2 if pdl else 1):
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
-                                           persistent_counters=pdl, radix=radix, separate_merge=sep)
+                                           persistent_counters=pdl, radix=radix, separate_merge=sep,
+                                           narrow=narrow)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from cpm4.model.config import SparseConfig
 
+from . import triton_select
 from .reference import kernel_slots
 from .triton_select import (
     complete_kernels,
@@ -314,7 +315,8 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                   WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
                   DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr):
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr,
+                  NARROW: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
     overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
     With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
@@ -365,7 +367,7 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                 # .cg: read the other programs' scores from L2, not from a stale L1 line.
                 sc = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0,
                              cache_modifier=".cg")
-                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX)
+                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
                 if SAVE_SEL:
                     base = sel_ptr + bi * stride_eb + g * stride_eh
                     tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
@@ -644,7 +646,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        radix: bool | None = None, separate_merge: bool | None = None):
+                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -653,8 +655,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge: see `PDL`,
-    `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE` (None: those). No host synchronisation: graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge, narrow: see `PDL`,
+    `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW` (None: those). No host
+    synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -672,7 +675,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
-                                 radix)
+                                 radix, narrow)
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
@@ -721,7 +724,7 @@ def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.
 
 
 def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
-                  radix=None):
+                  radix=None, narrow=None):
     """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
     int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
@@ -751,5 +754,6 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
         DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
         K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
         SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl,
-        RADIX=SELECT_RADIX if radix is None else radix, num_warps=4, **_pdl_launch(pdl))
+        RADIX=SELECT_RADIX if radix is None else radix,
+        NARROW=triton_select.SELECT_NARROW if narrow is None else narrow, num_warps=4, **_pdl_launch(pdl))
     return scores, att, natt

@@ -295,15 +295,29 @@ def score_shift(dtype: torch.dtype) -> int:
     return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
 
 
+# SELECT_NARROW: the top-k threshold's binary search starts on the range the unforced keys span (found in the pass
+# that counts them) instead of on every key value (15 steps for bf16 scores): as many dependent steps as that range
+# has bits, fewer when scores crowd into a few exponents, as a model's do. For the prefill selection and the decode
+# step. Off until measured on the GPU (attention.py rows prefill.select.full_range, decode.cuda_graph.*range*,
+# uniform_q*; `bash benchmarks/device_session.sh select` inside the 8B engine).
+SELECT_NARROW = False
+
+
+@triton.jit
+def _range_combine(n0, i0, lo0, hi0, n1, i1, lo1, hi1):
+    return n0 + n1, i0 + i1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
+
+
 @triton.jit
 def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False):
+              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False, NARROW: tl.constexpr = True):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
     blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
     K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
-    bf16 instead of 31). A binary search (one count per step, 15 dependent steps for bf16), or RADIX: two
-    histogram passes (fewer dependent steps; for the decode step's lone selecting program)."""
+    bf16 instead of 31). A binary search, one count per step: NARROW starts it on the range the unforced keys
+    span (a model's scores crowd into a few exponents: fewer of the dependent steps), else on every key value
+    (15 steps for bf16); or RADIX: two histogram passes."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -314,12 +328,40 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
         key = tl.where((b < INIT) & (b <= qb), INF_KEY, key)
         key = tl.where((b > qb - LOCAL) & (b <= qb), -1, key)
     key = tl.where(b > qb, -1, key)
-    n_valid = tl.sum((key >= 0).to(tl.int32), 0)
+    # One pass: how many keys count, how many are forced (or not finite), the range of the others.
+    valid = key >= 0
+    top = key >= INF_KEY
+    finite = valid & ~top
+    n_valid, n_top, kmin, kmax = tl.reduce((valid.to(tl.int32), top.to(tl.int32), tl.where(finite, key, INF_KEY),
+                                            tl.where(finite, key, 0)), 0, _range_combine)
     k_eff = tl.minimum(n_valid, K)
     # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
     BITS: tl.constexpr = 31 - SHIFT
-    if (not RADIX) or BITS > 18:
+    if RADIX and BITS <= 18:
+        # Two histograms: of the high bits (the bin holding the k_eff-th key from the top), then of the low bits
+        # of the keys in that bin. Past 18 bits (float32 scores) the bins would not fit: a binary search instead.
+        LO: tl.constexpr = BITS // 2
+        high = key >> LO
+        hb = tl.arange(0, 1 << (BITS - LO))
+        h = tl.histogram(high, 1 << (BITS - LO), mask=valid)
+        t = tl.max(tl.where(n_valid - tl.cumsum(h, 0) + h >= k_eff, hb, 0), 0)  # count(top >= t) >= k_eff
+        k_low = k_eff - tl.sum(tl.where(hb > t, h, 0), 0)
+        lb = tl.arange(0, 1 << LO)
+        h2 = tl.histogram(key & ((1 << LO) - 1), 1 << LO, mask=valid & (high == t))
+        lo = (t << LO) | tl.max(tl.where(tl.sum(h2, 0) - tl.cumsum(h2, 0) + h2 >= k_low, lb, 0), 0)
+    elif NARROW:
+        # thr = INF_KEY when the forced keys fill k_eff; else in [kmin, kmax]: count(key >= kmin) = n_valid and
+        # count(key > kmax) = n_top < k_eff (then some unforced key exists, so kmin <= kmax).
+        lo = tl.where(n_top >= k_eff, INF_KEY, kmin)
+        hi = tl.where(n_top >= k_eff, INF_KEY, kmax)
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            cnt = tl.sum((key >= mid).to(tl.int32), 0)
+            take = cnt >= k_eff
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+    else:
         hi = tl.full((), INF_KEY, dtype=tl.int32)
         for _ in range(BITS):
             mid = lo + (hi - lo + 1) // 2
@@ -327,19 +369,6 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
             take = cnt >= k_eff
             lo = tl.where(take, mid, lo)
             hi = tl.where(take, hi, mid - 1)
-    else:
-        # Two histograms: of the high bits (the bin holding the k_eff-th key from the top), then of the low bits
-        # of the keys in that bin. Past 18 bits (float32 scores) the bins would not fit: binary search instead.
-        LO: tl.constexpr = BITS // 2
-        valid = key >= 0
-        top = key >> LO
-        hb = tl.arange(0, 1 << (BITS - LO))
-        h = tl.histogram(top, 1 << (BITS - LO), mask=valid)
-        t = tl.max(tl.where(n_valid - tl.cumsum(h, 0) + h >= k_eff, hb, 0), 0)  # count(top >= t) >= k_eff
-        k_low = k_eff - tl.sum(tl.where(hb > t, h, 0), 0)
-        lb = tl.arange(0, 1 << LO)
-        h2 = tl.histogram(key & ((1 << LO) - 1), 1 << LO, mask=valid & (top == t))
-        lo = (t << LO) | tl.max(tl.where(tl.sum(h2, 0) - tl.cumsum(h2, 0) + h2 >= k_low, lb, 0), 0)
     thr = lo
     above = key > thr
     n_above = tl.sum(above.to(tl.int32), 0)
@@ -355,7 +384,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                   RADIX: tl.constexpr):
+                   RADIX: tl.constexpr, NARROW: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -368,7 +397,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX)
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)
@@ -378,9 +407,10 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
-                  radix: bool = False) -> torch.Tensor:
+                  radix: bool = False, narrow: bool | None = None) -> torch.Tensor:
     """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
-    radix: the threshold search by histograms (`topk_mask`; the binary search is the least work)."""
+    radix: the threshold search by histograms; narrow: the binary search over the unforced keys' range only
+    (`topk_mask`; None: SELECT_NARROW)."""
     hkv = scores.shape[0]
     bsz = cfg.block_size
     n_blocks = (q_start + tq - 1) // bsz + 1
@@ -393,5 +423,6 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
                               LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
-                              SHIFT=score_shift(scores.dtype), RADIX=radix)
+                              SHIFT=score_shift(scores.dtype), RADIX=radix,
+                              NARROW=SELECT_NARROW if narrow is None else narrow)
     return out
