@@ -437,7 +437,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None):
+                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None, wide=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -459,14 +459,14 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
                                    persistent_counters=persistent_counters, radix=radix,
-                                   separate_merge=separate_merge, narrow=narrow)
+                                   separate_merge=separate_merge, narrow=narrow, wide=wide)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
     norm = (stores["coarse"], cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         stores["fine"], cfg.kernel_size, cfg.kernel_stride)
     lse = decode_lse(q, *norm[:1], table, lens_t, cfg, norm[1], norm[2], scale, splits)
-    pooled = decode_block_scores(q, stores["fine"], table, lens_t, lse, cfg, scale, splits)
+    pooled = decode_block_scores(q, stores["fine"], table, lens_t, lse, cfg, scale, splits, wide=wide)
     agree = total = 0
     for i, n in enumerate(lens):
         qi, k, v = q[i:i + 1].double(), ks[i].double(), vs[i].double()
@@ -495,11 +495,11 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep,narrow", [
-    ("gen-b", 1, False, False, False, True), ("gen-a", 1, False, True, True, True),
-    ("gen-b", 2, False, False, False, False), ("gen-b", 1, True, True, True, True),
-    ("gen-a", 1, True, False, False, False)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, narrow):
+@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep,narrow,wide", [
+    ("gen-b", 1, False, False, False, True, True), ("gen-a", 1, False, True, True, True, False),
+    ("gen-b", 2, False, False, False, False, False), ("gen-b", 1, True, True, True, True, False),
+    ("gen-a", 1, True, False, False, False, True)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, narrow, wide):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
@@ -509,7 +509,7 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, 
     # radix: the selection's threshold search by histograms (float32 scores: the binary search all the same)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
                                        tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep,
-                                       narrow=narrow)
+                                       narrow=narrow, wide=wide)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -532,10 +532,10 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow", [
-    (1, False, False, False, False, True), (2, False, False, True, True, True), (1, True, False, False, False, False),
-    (2, True, True, True, False, True)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide", [
+    (1, False, False, False, False, True, True), (2, False, False, True, True, True, False),
+    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
@@ -543,7 +543,7 @@ def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, p
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
                                            persistent_counters=pdl, radix=radix, separate_merge=sep,
-                                           narrow=narrow)
+                                           narrow=narrow, wide=wide)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 

@@ -316,13 +316,14 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
                   DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
                   SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr,
-                  NARROW: tl.constexpr):
+                  NARROW: tl.constexpr, WIDE: tl.constexpr, WIDTH_PAD: tl.constexpr):
     """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
     overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
     With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
     selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
     its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
-    programmatic dependent of the LSE kernel; only the lengths are read before waiting for it."""
+    programmatic dependent of the LSE kernel; only the lengths are read before waiting for it. WIDE: see
+    SCORE_WIDE."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bi = tl.program_id(0)
@@ -348,16 +349,32 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
         dd = tl.arange(0, D)
         for b0 in range(lo, hi, NBT):
             blk = b0 + tl.arange(0, NBT)
-            pooled = tl.zeros((NBT,), dtype=tl.float32)
-            for w in range(WIDTH):
-                c = blk * PER_BLOCK - PAD + w
-                ok = (c >= 0) & (c < n1) & (blk < hi)
+            if WIDE:
+                # Every kernel overlapping the NBT blocks in one tile (column w * NBT + i: kernel w of block i):
+                # one table load, one key load and one dot instead of WIDTH dependent rounds.
+                x = tl.arange(0, NBT * WIDTH_PAD)
+                wx = x // NBT
+                bx = b0 + x % NBT
+                c = bx * PER_BLOCK - PAD + wx
+                ok = (wx < WIDTH) & (c >= 0) & (c < n1) & (bx < hi)
                 base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
                 kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=ok[None, :], other=0.0)
                 s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
                 p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
                 grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
-                pooled = tl.maximum(pooled, grp)
+                pooled = tl.max(tl.reshape(grp, (WIDTH_PAD, NBT)), 0)  # >= 0: missing kernels count as 0
+            else:
+                pooled = tl.zeros((NBT,), dtype=tl.float32)
+                for w in range(WIDTH):
+                    c = blk * PER_BLOCK - PAD + w
+                    ok = (c >= 0) & (c < n1) & (blk < hi)
+                    base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
+                    kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=ok[None, :],
+                                 other=0.0)
+                    s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+                    p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
+                    grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
+                    pooled = tl.maximum(pooled, grp)
             tl.store(s_ptr + bi * stride_sb + g * stride_sh + blk, pooled, mask=blk < hi)
         if SELECT:
             tl.debug_barrier()  # every thread's scores are stored before the arrival is counted
@@ -554,6 +571,11 @@ SEPARATE_MERGE = True
 # histogram's data dependence (a model's pooled scores share a few exponents, all in one bin of the first pass,
 # and Triton may count with shared-memory atomics). attention.py's uniform_q rows test that. Off.
 SELECT_RADIX = False
+# SCORE_WIDE: the score kernel loads every fine kernel overlapping its 16 blocks as one tile (5 per block for the
+# released config, padded to 8) and takes one dot, instead of a loop of 5 rounds, each a dependent table load, key
+# load and dot (the sm_90 build pipelines that loop only one round ahead). Aimed at the scores' ≈ 9 µs at 128K.
+# Off until measured (attention.py rows decode.cuda_graph.score_wide, stage1_scores[_wide]).
+SCORE_WIDE = False
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -646,7 +668,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | None = None):
+                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | None = None,
+                        wide: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -655,9 +678,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge, narrow: see `PDL`,
-    `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW` (None: those). No host
-    synchronisation: graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge, narrow, wide: see `PDL`,
+    `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW`, `SCORE_WIDE` (None:
+    those). No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -675,7 +698,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
-                                 radix, narrow)
+                                 radix, narrow, wide)
     most = max(triton.cdiv(att.shape[2], 2), 1)
     attend_splits = splits or _default_splits(q.device, b * hkv, most)
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
@@ -717,14 +740,15 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
 
 
 def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None) -> torch.Tensor:
+                        lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None,
+                        wide: bool | None = None) -> torch.Tensor:
     """Stage 1b of `paged_sparse_decode`: pooled block scores float32 [B, hkv, W] (written up to each sparse
-    row's query block)."""
-    return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits)[0]
+    row's query block). wide: see SCORE_WIDE (None: that)."""
+    return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, wide=wide)[0]
 
 
 def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
-                  radix=None, narrow=None):
+                  radix=None, narrow=None, wide=None):
     """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
     int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
@@ -742,6 +766,7 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
     att = torch.empty((b, hkv, n_att), device=q.device, dtype=torch.int32) if select else None
     natt = torch.empty((b, hkv), device=q.device, dtype=torch.int32) if select else None
     s = cfg.kernel_stride
+    width_k = page // s + cfg.kernel_size // s - 1  # fine kernels overlapping a block
     _score_kernel[(b, hkv, splits)](
         q, fine, block_table, seq_lens, lse, scores, counters if select else scores, att if select else scores,
         natt if select else scores, sel if sel is not None else scores, scale, q.stride(0), q.stride(1),
@@ -749,11 +774,13 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
         scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
         sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size, KSTRIDE=s,
-        PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=page // s + cfg.kernel_size // s - 1,
+        PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=width_k,
         SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
         DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
         K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
         SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl,
         RADIX=SELECT_RADIX if radix is None else radix,
-        NARROW=triton_select.SELECT_NARROW if narrow is None else narrow, num_warps=4, **_pdl_launch(pdl))
+        NARROW=triton_select.SELECT_NARROW if narrow is None else narrow,
+        WIDE=SCORE_WIDE if wide is None else wide, WIDTH_PAD=triton.next_power_of_2(width_k), num_warps=4,
+        **_pdl_launch(pdl))
     return scores, att, natt
