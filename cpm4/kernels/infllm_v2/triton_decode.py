@@ -567,9 +567,10 @@ SEPARATE_MERGE = True
 # of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
 # (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead. On attention.py's random inputs it
 # looked ahead (score+selection 16.9 -> 16.2 µs at 128K), but inside the 8B engine at 128K it cost 0.55 ms a token
-# (decode 6.20 -> 6.75 ms, 17 µs a layer; benchmarks/decode_variant.sh). Not isolated yet; the suspect is the
-# histogram's data dependence (a model's pooled scores share a few exponents, all in one bin of the first pass,
-# and Triton may count with shared-memory atomics). attention.py's uniform_q rows test that. Off.
+# (decode 6.20 -> 6.75 ms, 17 µs a layer; benchmarks/decode_variant.sh). Why: Triton lowers tl.histogram to one
+# shared-memory atomic add per element (`atom.shared.add` in the sm_90 PTX, 16 per thread here), and a model's pooled
+# scores share a few exponents, so most of the 2048 keys hit one bin of the first pass and their atomics serialise;
+# random inputs spread over the bins. attention.py's uniform_q rows show it at kernel level. Off.
 SELECT_RADIX = False
 # SCORE_WIDE: the score kernel loads every fine kernel overlapping its 16 blocks as one tile (5 per block for the
 # released config, padded to 8) and takes one dot, instead of a loop of 5 rounds, each a dependent table load, key
