@@ -236,6 +236,10 @@ def main() -> None:
             variant("decode.cuda_graph.narrow_select", lambda: sparse_step(narrow=True))
             variant("decode.cuda_graph.score_wide", lambda: sparse_step(wide=True))
             variant("decode.cuda_graph.score_wide.narrow_select", lambda: sparse_step(wide=True, narrow=True))
+            # scores, selection and attention in one launch (FUSE_ATTEND), alone and with the two above
+            variant("decode.cuda_graph.fuse_attend", lambda: sparse_step(fuse_attend=True))
+            variant("decode.cuda_graph.fuse_attend.score_wide.narrow_select",
+                    lambda: sparse_step(fuse_attend=True, wide=True, narrow=True))
             variant("decode.cuda_graph.radix_select", lambda: sparse_step(radix=True))
             variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0, narrow=False))
             variant("decode.cuda_graph.uniform_q.narrow_select", lambda: sparse_step(q=q0, narrow=True))

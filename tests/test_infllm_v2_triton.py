@@ -437,7 +437,8 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None, wide=None):
+                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None, wide=None,
+                        fuse_attend=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -459,7 +460,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
                                    persistent_counters=persistent_counters, radix=radix,
-                                   separate_merge=separate_merge, narrow=narrow, wide=wide)
+                                   separate_merge=separate_merge, narrow=narrow, wide=wide, fuse_attend=fuse_attend)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
@@ -513,6 +514,33 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, 
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
+@pytest.mark.parametrize("variant,sep,fuse", [("gen-b", True, True), ("gen-a", False, True), ("gen-b", False, False)])
+def test_interpreter_fused_step_equals_two_launches(variant, sep, fuse):
+    """FUSE_ATTEND: scores, selection and attention in one launch (programs ordered by tickets) give the two
+    launches' output and selection bit for bit, and the reference's (check_sparse_decode); with persistent
+    counters it leaves tickets, flags and counts at zero for the next call."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
+
+    cfg = small_cfg(variant, dense_len=40)
+    lens = [150, 7, 200, 64]
+    agree, total = check_sparse_decode(cfg, lens, 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3, fuse_append=fuse,
+                                       separate_merge=sep, fuse_attend=True, persistent_counters=True)
+    assert agree == total > 0
+    assert not any(b.any() for b in triton_decode._COUNTERS[torch.device("cpu")])
+    kc, vc, table, _, _, stores = paged_sequences(lens, cfg.block_size, 2, 16, torch.float32, "cpu", cfg, seed=5)
+    q = torch.randn(len(lens), 4, 16, generator=torch.Generator().manual_seed(2))
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    coarse = stores["coarse"] if variant == "gen-b" else None
+    one = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, 0.25, splits=3,
+                              return_selection=True, separate_merge=sep, fuse_attend=True)
+    two = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, 0.25, splits=3,
+                              return_selection=True, separate_merge=sep, fuse_attend=False)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
 def test_interpreter_persistent_counters_are_left_zero():
     """With persistent counters the kernels leave every arrival counter at zero, so the next call (here the
     same check again, on the same buffer) starts from a clean state."""
@@ -532,10 +560,10 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide", [
-    (1, False, False, False, False, True, True), (2, False, False, True, True, True, False),
-    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide,one", [
+    (1, False, False, False, False, True, True, False), (2, False, False, True, True, True, False, True),
+    (1, True, False, False, False, False, True, True), (2, True, True, True, False, True, False, False)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide, one):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
@@ -543,7 +571,7 @@ def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, p
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
                                            persistent_counters=pdl, radix=radix, separate_merge=sep,
-                                           narrow=narrow, wide=wide)
+                                           narrow=narrow, wide=wide, fuse_attend=one)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
 
 
