@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--skip-backward", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="only the decode rows")
+    ap.add_argument("--sweeps", action="store_true", help="also each decode stage at several split counts")
     args = ap.parse_args()
 
     from cpm4.kernels.infllm_v2 import reference as R
@@ -236,10 +237,6 @@ def main() -> None:
             variant("decode.cuda_graph.narrow_select", lambda: sparse_step(narrow=True))
             variant("decode.cuda_graph.score_wide", lambda: sparse_step(wide=True))
             variant("decode.cuda_graph.score_wide.narrow_select", lambda: sparse_step(wide=True, narrow=True))
-            # scores, selection and attention in one launch (FUSE_ATTEND), alone and with the two above
-            variant("decode.cuda_graph.fuse_attend", lambda: sparse_step(fuse_attend=True))
-            variant("decode.cuda_graph.fuse_attend.score_wide.narrow_select",
-                    lambda: sparse_step(fuse_attend=True, wide=True, narrow=True))
             variant("decode.cuda_graph.radix_select", lambda: sparse_step(radix=True))
             variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0, narrow=False))
             variant("decode.cuda_graph.uniform_q.narrow_select", lambda: sparse_step(q=q0, narrow=True))
@@ -280,16 +277,21 @@ def main() -> None:
             # more splits, more parallel loads but a longer merge by the last program.
             print(f"decode splits at {n}: attend {splits}, LSE {lse.shape[2]}, scores "
                   f"{_default_splits(q1.device, hkv, triton.cdiv(table.shape[1], 16))}")
-            for sp in (8, 16, 32, 64, 128):  # the dense paged decode (engine: `_default_splits`, 132 on an H200)
+            for sp in (8, 16, 32, 64, 128) if args.sweeps else ():  # dense paged (engine: 132 on an H200)
                 variant(f"decode.dense_paged.cuda_graph.splits{sp}",
                         lambda sp=sp: paged_decode(q1, kc, vc, table, lens, splits=sp))
-            for sp in (4, 8, 16, 24, 32, 64):
+            for sp in (4, 8, 16, 24, 32, 64) if args.sweeps else ():
                 variant(f"decode.cuda_graph.attend_merge.splits{sp}", lambda sp=sp: _attend(
                     q1, kc, vc, table, lens, sp, 2, blk=att, nblk=natt, dense_len=cfg.dense_len, scale=scale))
                 variant(f"decode.cuda_graph.stage1_scores_select.splits{sp}", lambda sp=sp: _score_select(
                     q1, fine, table, lens, lse, cfg, scale, splits=sp, counters=counters.zero_()))
                 variant(f"decode.cuda_graph.stage1_lse.splits{sp}", lambda sp=sp: decode_lse(
                     q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale, splits=sp))
+            # Last (a wrong wait would hang here, not fail): scores, selection and attention in one launch
+            # (FUSE_ATTEND), alone and with the one-tile scores and the narrowed search.
+            variant("decode.cuda_graph.fuse_attend", lambda: sparse_step(fuse_attend=True))
+            variant("decode.cuda_graph.fuse_attend.score_wide.narrow_select",
+                    lambda: sparse_step(fuse_attend=True, wide=True, narrow=True))
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 

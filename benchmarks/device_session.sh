@@ -56,9 +56,11 @@ servetests)  # carry .wheels/py312
         tests/test_engine.py tests/test_sampling.py 2>&1 | tail -15
     ;;
 decode)  # the InfLLM v2 decode step: its GPU tests, then its rows
-    timeout 260 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
+    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
         -k "paged_decode or paged_sparse_decode" 2>&1 | tail -3
-    timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
+    # the fused step alone (FUSE_ATTEND: a wrong wait would hang, not fail)
+    timeout 90 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py -k fused_step 2>&1 | tail -3
+    timeout 280 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
     ;;
 select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selection search (SELECT_NARROW) and the fused
     # scores+attention launch (FUSE_ATTEND) inside the 8B engine at 128K: without, with each, with all (≈ 70 s a

@@ -560,10 +560,10 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide,one", [
-    (1, False, False, False, False, True, True, False), (2, False, False, True, True, True, False, True),
-    (1, True, False, False, False, False, True, True), (2, True, True, True, False, True, False, False)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide, one):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide", [
+    (1, False, False, False, False, True, True), (2, False, False, True, True, True, False),
+    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
@@ -571,8 +571,32 @@ def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, p
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
                                            persistent_counters=pdl, radix=radix, separate_merge=sep,
-                                           narrow=narrow, wide=wide, fuse_attend=one)
+                                           narrow=narrow, wide=wide)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (12, 4, 64)])
+@pytest.mark.parametrize("fuse,sep", [(True, True), (False, False)])
+def test_gpu_fused_step(variant, hq, hkv, d, fuse, sep):
+    """FUSE_ATTEND on the GPU (its own test: a wrong wait hangs rather than fails), twice on persistent counters,
+    then bit-equal to the two launches."""
+    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
+
+    cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
+    lens = [9000, 100, 4096, 20000, 4095]
+    for _ in range(2):
+        agree, total = check_sparse_decode(cfg, lens, hq, hkv, d, torch.bfloat16, "cuda", 2e-2, fuse_append=fuse,
+                                           separate_merge=sep, persistent_counters=True, fuse_attend=True)
+        assert agree >= 0.9 * total
+    kc, vc, table, _, _, stores = paged_sequences(lens, cfg.block_size, hkv, d, torch.bfloat16, "cuda", cfg, seed=5)
+    q = torch.randn(len(lens), hq, d, device="cuda", dtype=torch.bfloat16)
+    lens_t = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    coarse = stores["coarse"] if variant == "gen-b" else None
+    one, two = (paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, d ** -0.5,
+                                    return_selection=True, separate_merge=sep, fuse_attend=f) for f in (True, False))
+    assert torch.equal(one[1], two[1]) and torch.equal(one[0], two[0])
 
 
 @gpu
