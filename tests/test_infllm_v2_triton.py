@@ -122,8 +122,7 @@ def test_selection_with_ties_equals_reference(variant, dtype, search):
                                                                                       device=device)), pos, cfg))
 
 
-@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
-@pytest.mark.parametrize("topk", [1, 2, 5])
+@pytest.mark.parametrize("variant,topk", [("gen-b", 1), ("gen-a", 1), ("gen-b", 5)])
 def test_selection_search_edges_equal_reference(variant, topk):
     """The searches at the ends of the narrowed range: every unforced score equal (an empty range), all zero,
     one score above equal others, and forced blocks that fill the top-k alone (topk 1-2: threshold +inf)."""
@@ -138,7 +137,7 @@ def test_selection_search_edges_equal_reference(variant, topk):
     one_up = torch.full((2, tq, n1), 0.25, device=device)
     one_up[:, :, 40] = 0.5
     for scores in (torch.full((2, tq, n1), 0.25, device=device), torch.zeros(2, tq, n1, device=device), one_up):
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16,):  # float32 scores: the ties test
             s = scores.to(dtype)
             want = R.select_blocks(torch.where(vis, s, torch.zeros((), dtype=dtype, device=device)), pos, cfg)
             for search in ("narrow", "full", "radix"):
