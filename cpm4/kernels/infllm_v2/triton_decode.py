@@ -307,6 +307,18 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
 
 
 @triton.jit
+def _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, stride_ks, stride_kh, D: tl.constexpr,
+                  KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PAGE: tl.constexpr):
+    """sum over the group's heads of exp(q_h.k_c * scale - lse_h) for fine kernels c (0 where not ok), rounded to
+    q's dtype as stage 1 stores it."""
+    base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
+    kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + tl.arange(0, D)[:, None], mask=ok[None, :], other=0.0)
+    s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+    p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
+    return tl.sum(p, 0).to(q.dtype).to(tl.float32)
+
+
+@triton.jit
 def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr,
                 natt_ptr, sel_ptr, sm_scale, stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb,
                 stride_lb, stride_lh, stride_sb, stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
@@ -332,7 +344,6 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
         nb = pos // PAGE + 1
         lo, hi = _split_range(nb, sp, SPLITS, NBT)
         row = table_ptr + bi * stride_tb
-        dd = tl.arange(0, D)
         for b0 in range(lo, hi, NBT):
             blk = b0 + tl.arange(0, NBT)
             if WIDE:
@@ -343,23 +354,16 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
                 bx = b0 + x % NBT
                 c = bx * PER_BLOCK - PAD + wx
                 ok = (wx < WIDTH) & (c >= 0) & (c < n1) & (bx < hi)
-                base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
-                kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=ok[None, :], other=0.0)
-                s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-                p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
-                grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
+                grp = _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, stride_ks, stride_kh,
+                                    D, KSIZE, KSTRIDE, PAGE)
                 pooled = tl.max(tl.reshape(grp, (WIDTH_PAD, NBT)), 0)  # >= 0: missing kernels count as 0
             else:
                 pooled = tl.zeros((NBT,), dtype=tl.float32)
                 for w in range(WIDTH):
                     c = blk * PER_BLOCK - PAD + w
                     ok = (c >= 0) & (c < n1) & (blk < hi)
-                    base = _kernel_addr(c, ok, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
-                    kt = tl.load(k1_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=ok[None, :],
-                                 other=0.0)
-                    s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-                    p = tl.where(ok[None, :] & has[:, None], tl.exp2(s - lse[:, None]), 0.0)
-                    grp = tl.sum(p, 0).to(q_ptr.dtype.element_ty).to(tl.float32)
+                    grp = _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, stride_ks,
+                                        stride_kh, D, KSIZE, KSTRIDE, PAGE)
                     pooled = tl.maximum(pooled, grp)
             tl.store(s_ptr + bi * stride_sb + g * stride_sh + blk, pooled, mask=blk < hi)
         if SELECT:
@@ -387,8 +391,6 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
                 if SIGNAL:  # the fused step's attention programs of (bi, g) wait for this flag
                     tl.debug_barrier()
                     tl.atomic_xchg(flag_ptr + bi * n_g + g, 1, sem="release")
-
-
 
 
 @triton.jit
@@ -510,8 +512,6 @@ def _attend_task(bi, g, sp, n_g, q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk
                 tl.store(out_rows, (res / tl.where(tot > 0, tot, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
                          mask=hm[:, None])
                 tl.store(cnt_ptr + bi * n_g + g, 0)  # every split has arrived: reusable
-
-
 
 
 @triton.jit
