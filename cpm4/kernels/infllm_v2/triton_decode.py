@@ -663,13 +663,17 @@ SEPARATE_MERGE = True
 SELECT_RADIX = False
 # SCORE_WIDE: the score kernel loads every fine kernel overlapping its 16 blocks as one tile (5 per block for the
 # released config, padded to 8) and takes one dot, instead of a loop of 5 rounds, each a dependent table load, key
-# load and dot (the sm_90 build pipelines that loop only one round ahead). Aimed at the scores' ≈ 9 µs at 128K.
-# Off until measured (attention.py rows decode.cuda_graph.score_wide, stage1_scores[_wide]).
+# load and dot (the sm_90 build pipelines that loop only one round ahead). Measured (H200, 2026-11-29): on
+# attention.py's random inputs the scores go 8.8 -> 7.6 µs and the step 32.0 -> 30.9 µs at 128K, but inside the 8B
+# engine at 128K decode is no faster (6.25 -> 6.36 ms alone; with SELECT_NARROW on, 6.27/6.28 ms with it against
+# 6.09/6.10 without).
+# Off: decode changes are accepted on the engine row.
 SCORE_WIDE = False
 # FUSE_ATTEND: the scores, selection and attention of a step in one launch (`_step_kernel`, programs ordered by
 # tickets; a sparse row's attention programs wait for its selection's flag) instead of two launches: one kernel
-# boundary less on the step's critical path (≈ 2-3 µs each in a graph). Off until measured (attention.py rows
-# decode.cuda_graph.fuse_attend*).
+# boundary less on the step's critical path (≈ 2-3 µs each in a graph). Measured (H200, 2026-11-29): slower, 32.0 ->
+# 33.9 µs at 128K and 28.3 -> 30.3 at 32K (attention.py rows decode.cuda_graph.fuse_attend*): the attend programs
+# that spin on their row's flag hold SMs the score programs of other rows need. Off.
 FUSE_ATTEND = False
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
