@@ -7,7 +7,7 @@
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
 #                                               # split sweeps)
-#   bash benchmarks/device_session.sh select    # SCORE_WIDE, SELECT_NARROW, FUSE_ATTEND: 8B 128K decode with each
+#   bash benchmarks/device_session.sh select    # SCORE_WIDE, SELECT_NARROW, FUSE_ATTEND: 8B 128K decode, each flipped
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
@@ -63,10 +63,11 @@ decode)  # the InfLLM v2 decode step: its GPU tests, then its rows
     timeout 280 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
     ;;
 select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selection search (SELECT_NARROW) and the fused
-    # scores+attention launch (FUSE_ATTEND) inside the 8B engine at 128K: without, with each, with all (≈ 70 s a
-    # run). Their GPU tests run in the decode stage (paged decode) and the tests stage (selection).
-    for v in ":base" "SCORE_WIDE=1:wide" "SELECT_NARROW=1:narrow" "FUSE_ATTEND=1:fused" \
-             "FUSE_ATTEND=1 SCORE_WIDE=1 SELECT_NARROW=1:all"; do
+    # scores+attention launch (FUSE_ATTEND) inside the 8B engine at 128K: the defaults (SELECT_NARROW on, the
+    # others off), each flipped, the two off ones on (≈ 60 s a run). Their GPU tests run in the decode stage
+    # (paged decode) and the tests stage (selection).
+    for v in ":base" "SCORE_WIDE=1:wide" "SELECT_NARROW=0:full_range" "FUSE_ATTEND=1:fused" \
+             "FUSE_ATTEND=1 SCORE_WIDE=1:all"; do
         PY="$PY" timeout 110 bash benchmarks/decode_variant.sh "${v%%:*}" "${v##*:}"
     done
     ;;
