@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import paged_decode_state, print_rows  # noqa: E402
 
 from cpm4.model.config import SparseConfig  # noqa: E402
 
@@ -63,7 +65,6 @@ def main() -> None:
     ap.add_argument("--sweeps", action="store_true", help="also each decode stage at several split counts")
     args = ap.parse_args()
 
-    from cpm4.kernels.infllm_v2 import reference as R
     from cpm4.kernels.infllm_v2 import triton_pipeline
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
     from cpm4.kernels.infllm_v2.triton_decode import (
@@ -145,31 +146,19 @@ def main() -> None:
         # keys the new token completes, stage 1 + selection + sparse attention on the pages in place
         # (`paged_sparse_decode`); peer: SDPA of one query over the whole cache.
         pages = math.ceil(n / 64)
-        kc = torch.zeros(pages, 64, hkv, d, device="cuda", dtype=torch.bfloat16)
-        vc = torch.zeros_like(kc)
-        kc.view(-1, hkv, d)[:n] = k
-        vc.view(-1, hkv, d)[:n] = v
-        table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
-        lens = torch.tensor([n], device="cuda", dtype=torch.int32)
-        stores = []
-        for kk, size, stride in ((k1, cfg.kernel_size, cfg.kernel_stride),
-                                 (k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
-            store = torch.zeros(pages, R.kernel_slots(64, stride), hkv, d, device="cuda", dtype=torch.bfloat16)
-            pg, slot = R.kernel_page_slots(torch.arange(kk.shape[0], device="cuda"), size, stride, 64)
-            store[pg, slot] = kk
-            stores.append((store, size, stride))
+        kc, vc, table, lens, fine, coarse = paged_decode_state(k, v, k1, k2, cfg)
         q1 = q[-1:]
 
         slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
         k_new, v_new = k[-1:].clone(), v[-1:].clone()
 
         def sparse_step(q=None, **kw):  # as the engine runs it: the token stored inside the step's first kernel
-            return paged_sparse_decode(q1 if q is None else q, kc, vc, table, lens, stores[0][0], stores[1][0], cfg,
+            return paged_sparse_decode(q1 if q is None else q, kc, vc, table, lens, fine, coarse, cfg,
                                        scale, new_kv=(k_new, v_new, slot), **kw)
 
         def separate_store_step():  # the store and pooling as their own launch before the step
-            append_kv(k_new, v_new, kc, vc, slot, table, lens, stores[0][0], stores[1][0], cfg)
-            return paged_sparse_decode(q1, kc, vc, table, lens, stores[0][0], stores[1][0], cfg, scale)
+            append_kv(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)
+            return paged_sparse_decode(q1, kc, vc, table, lens, fine, coarse, cfg, scale)
 
         q1d = q1.transpose(0, 1).unsqueeze(0)
         t_dec_dense_peer = bench(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True), rep=50)
@@ -245,7 +234,6 @@ def main() -> None:
             variant("decode.dense_paged.cuda_graph.fused_merge",
                     lambda: paged_decode(q1, kc, vc, table, lens, separate_merge=False))
             # The split between the decode stages, each replayed alone from its own graph.
-            fine, coarse = stores[0][0], stores[1][0]
             lse = decode_lse(q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale)
             counters = torch.zeros((1, hkv), device="cuda", dtype=torch.int32)
             _, att, natt = _score_select(q1, fine, table, lens, lse, cfg, scale, counters=counters)
@@ -299,11 +287,7 @@ def main() -> None:
 
     print()
     print(f"device: {dev}; copy {ceil['copy_TBps']:.2f} TB/s; bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
-    print(f"{'phase':28s} {'seqlen':>7s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s}")
-    for r in rows:
-        peer = "" if r["peer_ms"] is None else f"{r['peer_ms']:9.3f}"
-        sp = "" if r["speedup"] is None else f"{r['speedup']:7.2f}x"
-        print(f"{r['phase']:28s} {r['seqlen']:7d} {r['ours_ms']:9.3f} {peer:>9s} {sp:>8s}")
+    print_rows(rows)
     os.makedirs(args.out, exist_ok=True)
     date = datetime.date.today().isoformat()
     path = os.path.join(args.out, f"attention-{date}.json")

@@ -31,6 +31,15 @@ def write_rows(name: str, device: str, rows: list[dict], out: str, **meta) -> No
     write_json({"device": device, "date": date, **meta, "rows": rows}, f"{name}-{date}.json", out)
 
 
+def print_rows(rows: list[dict], digits: int = 3) -> None:
+    """The table of `rows` ({"phase", "seqlen", "ours_ms", "peer_ms", "speedup"}; peer and speed-up may be None)."""
+    print(f"{'phase':28s} {'seqlen':>7s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s}")
+    for r in rows:
+        peer = "" if r["peer_ms"] is None else f"{r['peer_ms']:9.{digits}f}"
+        sp = "" if r["speedup"] is None else f"{r['speedup']:7.{min(digits, 3) - 1}f}x"
+        print(f"{r['phase']:28s} {r['seqlen']:7d} {r['ours_ms']:9.{digits}f} {peer:>9s} {sp:>8s}")
+
+
 def cpu_device() -> str:
     import torch
 
@@ -150,3 +159,31 @@ class RunWatch:
         return {"triton_kernels": sum(self.triton.values()), "triton_by_name": dict(self.triton),
                 "dynamo_graphs": self.dynamo_graphs, "gc_full_ms": self.gc_ms,
                 "gc_young_ms": round(self.gc_young_ms, 1), "cuda_alloc": self.cuda_alloc}
+
+
+def paged_decode_state(k, v, k1, k2, cfg):
+    """CUDA. A paged cache (64-token pages, in order) holding `k`/`v` ([n, hkv, d]) with their fine and coarse
+    kernel keys `k1`/`k2` in page-slot stores, as the engine keeps them for one layer and one sequence: returns
+    (key pages, value pages, block table [1, pages], lengths [1], fine store, coarse store)."""
+    import math
+
+    import torch
+
+    from cpm4.kernels.infllm_v2 import reference as R
+
+    n, hkv, d = k.shape
+    pages = math.ceil(n / 64)
+    kc = torch.zeros(pages, 64, hkv, d, device="cuda", dtype=k.dtype)
+    vc = torch.zeros_like(kc)
+    kc.view(-1, hkv, d)[:n] = k
+    vc.view(-1, hkv, d)[:n] = v
+    table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
+    lens = torch.tensor([n], device="cuda", dtype=torch.int32)
+    stores = []
+    for kk, size, stride in ((k1, cfg.kernel_size, cfg.kernel_stride),
+                             (k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
+        store = torch.zeros(pages, R.kernel_slots(64, stride), hkv, d, device="cuda", dtype=k.dtype)
+        pg, slot = R.kernel_page_slots(torch.arange(kk.shape[0], device="cuda"), size, stride, 64)
+        store[pg, slot] = kk
+        stores.append(store)
+    return kc, vc, table, lens, stores[0], stores[1]

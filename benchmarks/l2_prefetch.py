@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from common import write_rows  # noqa: E402
+from common import paged_decode_state, print_rows, write_rows  # noqa: E402
 
 # The prefetch, kept here with the measurement that dropped it (RESULTS.md, eleventh GPU pass): on the H200 it
 # saved at most 2 µs a layer. Two ways: `bulk=True` (sm_90 and up), one `cp.async.bulk.prefetch.L2` per lane
@@ -122,9 +122,6 @@ def bench_graph(fn, rep: int = 20) -> float:
 
 def attention_step(n: int):
     """The engine's InfLLM v2 decode step of one layer at `n` cached tokens (random cache), as attention.py."""
-    import math
-
-    from cpm4.kernels.infllm_v2 import reference as R
     from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
     from cpm4.kernels.infllm_v2.triton_select import compress
     from cpm4.model.config import SparseConfig
@@ -133,24 +130,14 @@ def attention_step(n: int):
     cfg = SparseConfig(variant="gen-b", dense_len=-1)
     k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    pages = math.ceil(n / 64)
-    kc = torch.zeros(pages, 64, hkv, d, device="cuda", dtype=torch.bfloat16)
-    vc = torch.zeros_like(kc)
-    kc.view(-1, hkv, d)[:n] = k
-    vc.view(-1, hkv, d)[:n] = v
-    table = torch.arange(pages, device="cuda", dtype=torch.int32)[None]
-    lens = torch.tensor([n], device="cuda", dtype=torch.int32)
-    stores = []
-    for size, stride in ((cfg.kernel_size, cfg.kernel_stride), (cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
-        kk = compress(k, size, stride)
-        store = torch.zeros(pages, R.kernel_slots(64, stride), hkv, d, device="cuda", dtype=torch.bfloat16)
-        pg, slot = R.kernel_page_slots(torch.arange(kk.shape[0], device="cuda"), size, stride, 64)
-        store[pg, slot] = kk
-        stores.append(store)
+    k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
+    k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    kc, vc, table, lens, fine, coarse = paged_decode_state(k, v, k1, k2, cfg)
+    pages = kc.shape[0]
     q1 = torch.randn(1, hq, d, device="cuda", dtype=torch.bfloat16)
     slot = torch.tensor([(pages - 1) * 64 + (n - 1) % 64], device="cuda")
     k_new, v_new = k[-1:].clone(), v[-1:].clone()
-    return lambda: paged_sparse_decode(q1, kc, vc, table, lens, stores[0], stores[1], cfg, d ** -0.5,
+    return lambda: paged_sparse_decode(q1, kc, vc, table, lens, fine, coarse, cfg, d ** -0.5,
                                        new_kv=(k_new, v_new, slot))
 
 
@@ -228,11 +215,7 @@ def main() -> None:
                      "speedup": None if peer is None else round(base / t, 3)})
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; attention: {attn}; ms per layer")
-    print(f"{'phase':28s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s}")
-    for r in rows:
-        peer = "" if r["peer_ms"] is None else f"{r['peer_ms']:9.4f}"
-        sp = "" if r["speedup"] is None else f"{r['speedup']:7.3f}x"
-        print(f"{r['phase']:28s} {r['ours_ms']:9.4f} {peer:>9s} {sp:>8s}")
+    print_rows(rows, digits=4)
     write_rows("l2_prefetch" + (f"-{args.tag}" if args.tag else ""), dev, rows, args.out, attention=attn)
 
 
