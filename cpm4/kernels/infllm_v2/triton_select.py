@@ -8,8 +8,9 @@ Same definitions as reference.py (one sequence: queries are the last Tq of Tk to
   group scores [hkv, Tq, N1] in the input dtype. Tiles whose kernels no query can see are skipped and
   left unwritten: the selection kernel applies the same visibility rule and never reads them.
 - `select_blocks`: per (KV head, query) program: max-pool kernel scores onto blocks, force/exclude blocks
-  by variant, then top-k without sorting: a binary search on the (order-preserving integer) score key
-  finds the k-th largest value, ties at it go to the lowest block indices (the reference's stable sort),
+  by variant, then top-k without sorting: a binary search on the (order-preserving integer) score key,
+  over the range the unforced keys span, finds the k-th largest value, ties at it go to the lowest block
+  indices (the reference's stable sort),
   and a prefix sum writes the chosen blocks in ascending order, -1 padded.
 """
 
