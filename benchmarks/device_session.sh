@@ -20,6 +20,7 @@
 #                                               # batch-1 generation without --compile, eager vs the kernels
 #   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel: tests, against cuBLAS, 8B decode with it
 #   bash benchmarks/device_session.sh gemvmix   # 8B decode with the GEMV on q/k/v, gate/up and the head only
+#   bash benchmarks/device_session.sh backward  # the 128K backward kernel by kernel, the dk/dv split (DKDV_CHUNK)
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -142,6 +143,15 @@ gemvmix)  # the GEMV only where it beat cuBLAS per matrix (q/k/v, gate/up, head)
             --decode-tokens 32 --no-peer $g 2>&1 | tail -5
     done
     ;;
+backward)  # the 128K backward kernel by kernel; the dk/dv kernels alone with their split / tile variants; the GPU
+    # tests of the split; then the backward row with the best chunk (set DKDV_CHUNK from the variants' table)
+    timeout 150 "$PY" benchmarks/backward_profile.py --length 131072 --steps 1 --top 4 --dkdv-variants 2>&1 \
+        | grep -E "^dkdv|at 131072|_kernel"
+    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py -k "split_dkdv or 8b_blocks" \
+        2>&1 | tail -3
+    timeout 120 "$PY" benchmarks/backward_profile.py --length 131072 --steps 2 --top 4 --dkdv-chunk 4096 2>&1 \
+        | grep -E "at 131072|_kernel"
+    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -152,7 +162,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, gemvmix, decode, kernels, engine, serving, http, httpdiag, httpgil, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, gemvmix, decode, kernels, engine, serving, http, httpdiag, httpgil, backward, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

@@ -85,6 +85,50 @@ def test_interpreter_pipeline_matches_reference(variant):
     check_pipeline(small_cfg(variant), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_dkdv_items_cover_each_block_once(chunk):
+    """The dk/dv work items: each block's token range cut into pieces of at most `chunk`, in order, every block
+    (chosen or not) in at least one item; split blocks get consecutive workspace slots and one sum row each."""
+    from cpm4.kernels.infllm_v2.triton_attention import dkdv_items
+
+    counts = torch.tensor([0, 3, 17, 64, 65, 1, 0, 130])
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    items, sums, n_slots = dkdv_items(offsets, chunk)
+    slots = []
+    for gb, c in enumerate(counts.tolist()):
+        mine = items[items[:, 0] == gb]
+        want = max(1, math.ceil(c / chunk))
+        assert mine.shape[0] == want
+        assert mine[0, 1] == offsets[gb] and mine[-1, 2] == offsets[gb + 1]
+        assert torch.equal(mine[1:, 1], mine[:-1, 2])  # contiguous pieces
+        assert ((mine[:, 2] - mine[:, 1]) <= chunk).all()
+        if want == 1:
+            assert mine[0, 3] == -1 and not (sums[:, 0] == gb).any()
+        else:
+            row = sums[sums[:, 0] == gb]
+            assert row.shape[0] == 1 and row[0, 2] == want
+            assert torch.equal(mine[:, 3], torch.arange(int(row[0, 1]), int(row[0, 1]) + want, dtype=torch.int32))
+            slots += mine[:, 3].tolist()
+    assert sorted(slots) == list(range(n_slots))
+    whole, no_sums, none = dkdv_items(offsets, None)
+    assert none == 0 and no_sums.shape[0] == 0 and (whole[:, 3] == -1).all()
+    with pytest.raises(ValueError, match="chunk"):
+        dkdv_items(offsets, 0)
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_interpreter_backward_with_split_dkdv(chunk, monkeypatch):
+    """dk/dv with each key block's tokens split over several programs (partials added by a second kernel) equal
+    the float64 reference's gradients, as the unsplit kernel does."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_attention
+
+    monkeypatch.setattr(triton_attention, "DKDV_CHUNK", chunk)
+    check_pipeline(small_cfg(), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
+
+
 def test_interpreter_odd_group_chunk_and_fp16():
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
@@ -230,6 +274,16 @@ gpu = pytest.mark.gpu
 def test_gpu_pipeline_8b_blocks(dtype, d, hq, hkv):
     cfg = SparseConfig(variant="gen-b", dense_len=-1)  # the released block configuration
     check_pipeline(cfg, 3000, 3000, hq, hkv, d, dtype, "cuda", 2e-2, grad=(hq == 32), ref_dtype=torch.float32)
+
+
+@gpu
+@pytest.mark.parametrize("chunk", [256, 2000])
+def test_gpu_backward_with_split_dkdv(chunk, monkeypatch):
+    from cpm4.kernels.infllm_v2 import triton_attention
+
+    monkeypatch.setattr(triton_attention, "DKDV_CHUNK", chunk)
+    cfg = SparseConfig(variant="gen-b", dense_len=-1)
+    check_pipeline(cfg, 3000, 3000, 32, 2, 128, torch.bfloat16, "cuda", 2e-2, ref_dtype=torch.float32)
 
 
 @gpu

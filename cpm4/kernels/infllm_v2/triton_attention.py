@@ -171,13 +171,21 @@ def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_pt
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tok_ptr, off_ptr,
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tok_ptr, item_ptr, ws_ptr,
                      q_start, tk, n_blocks, sm_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
                      G: tl.constexpr, G_PAD: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr,
                      BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    g = tl.program_id(1)
+    # One work item: (KV head g, key block b, its tokens start..end of the inverted list, workspace slot). Slot -1:
+    # the item holds all of the block's tokens and stores dk/dv; otherwise its fp32 partial goes to the workspace
+    # and `_bwd_dkdv_sum_kernel` adds the block's partials.
+    it = item_ptr + tl.program_id(0) * 4
+    gb = tl.load(it)
+    g = gb // n_blocks
+    b = gb % n_blocks
+    start = tl.load(it + 1)
+    end = tl.load(it + 2)
+    slot = tl.load(it + 3)
     kk = b * BLOCK + tl.arange(0, BLOCK)
     km = kk < tk
     dd = tl.arange(0, D)
@@ -186,8 +194,6 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     v = tl.load(v_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], mask=km[:, None], other=0.0)
     dk = tl.zeros((BLOCK, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK, D), dtype=tl.float32)
-    start = tl.load(off_ptr + g * n_blocks + b)
-    end = tl.load(off_ptr + g * n_blocks + b + 1)
     qk_scale = sm_scale * 1.4426950408889634
     M: tl.constexpr = TOK * G_PAD
     r = tl.arange(0, M)
@@ -211,7 +217,38 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(dk_ptr + koff, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=km[:, None])
+    if slot < 0:
+        tl.store(dk_ptr + koff, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=km[:, None])
+        tl.store(dv_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=km[:, None])
+    else:
+        woff = slot.to(tl.int64) * (2 * BLOCK * D) + tl.arange(0, BLOCK)[:, None] * D + dd[None, :]
+        tl.store(ws_ptr + woff, dk * sm_scale)
+        tl.store(ws_ptr + woff + BLOCK * D, dv)
+
+
+@triton.jit
+def _bwd_dkdv_sum_kernel(ws_ptr, sums_ptr, dk_ptr, dv_ptr, tk, n_blocks, stride_kt, stride_kh, stride_vt, stride_vh,
+                         D: tl.constexpr, BLOCK: tl.constexpr):
+    # One key block whose tokens were split over several items: add its partials (slots first..first+count-1, in
+    # order: the same sum on every run) and store dk/dv.
+    it = sums_ptr + tl.program_id(0) * 3
+    gb = tl.load(it)
+    first = tl.load(it + 1)
+    count = tl.load(it + 2)
+    g = gb // n_blocks
+    b = gb % n_blocks
+    kk = b * BLOCK + tl.arange(0, BLOCK)
+    km = kk < tk
+    dd = tl.arange(0, D)
+    dk = tl.zeros((BLOCK, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK, D), dtype=tl.float32)
+    for i in range(count):
+        woff = (first + i).to(tl.int64) * (2 * BLOCK * D) + tl.arange(0, BLOCK)[:, None] * D + dd[None, :]
+        dk += tl.load(ws_ptr + woff)
+        dv += tl.load(ws_ptr + woff + BLOCK * D)
+    tl.store(dk_ptr + kk[:, None] * stride_kt + g * stride_kh + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=km[:, None])
     tl.store(dv_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=km[:, None])
 
@@ -292,6 +329,72 @@ def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, to
     return tokens, offsets
 
 
+# DKDV_CHUNK: the dk/dv kernel walks a key block's tokens in items of at most this many (None: one item a block).
+# Every query attends to the initial block, so without a split one program walks all Tq tokens of it (at 128K,
+# 32,768 tiles against ≈ 1,500 for an average block): it may be the kernel's tail (dk/dv is 111 of the 194 ms of
+# the 128K backward, H200). Split blocks add their items' fp32 partials in a second kernel, in a fixed order
+# (deterministic). Off until measured: `benchmarks/backward_profile.py --dkdv-variants`.
+DKDV_CHUNK: int | None = None
+
+
+def dkdv_items(offsets: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The dk/dv kernel's work items from the inverted selection's CSR offsets [hkv * n_blocks + 1]: rows (g *
+    n_blocks + b, start, end, slot) int32, each at most `chunk` tokens (None: one a block, all slots -1);
+    blocks of more than one item get consecutive workspace slots and a row (g * n_blocks + b, first slot,
+    items) of the second array. Returns (items, sums, slots)."""
+    dev = offsets.device
+    counts = (offsets[1:] - offsets[:-1]).long()
+    nb = counts.numel()
+    if chunk is None:
+        gb = torch.arange(nb, device=dev)
+        items = torch.stack([gb, offsets[:-1].long(), offsets[1:].long(), torch.full_like(gb, -1)], 1)
+        return items.to(torch.int32).contiguous(), torch.zeros((0, 3), dtype=torch.int32, device=dev), 0
+    if chunk < 1:
+        raise ValueError(f"dk/dv chunk must be a positive token count, got {chunk}")
+    nch = torch.clamp((counts + chunk - 1) // chunk, min=1)  # a block nobody chose still writes zeros
+    split = nch > 1
+    slots_per = torch.where(split, nch, 0)
+    n_items, n_slots = (int(x) for x in torch.stack([nch.sum(), slots_per.sum()]).tolist())
+    ends = torch.cumsum(nch, 0)
+    i = torch.arange(n_items, device=dev)
+    owner = torch.searchsorted(ends, i, right=True)
+    j = i - (ends - nch)[owner]
+    start = offsets[:-1].long()[owner] + j * chunk
+    end = torch.minimum(start + chunk, offsets[1:].long()[owner])
+    first = torch.cumsum(slots_per, 0) - slots_per
+    slot = torch.where(split[owner], first[owner] + j, -1)
+    items = torch.stack([owner, start, end, slot], 1).to(torch.int32).contiguous()
+    sb = split.nonzero().squeeze(1)
+    sums = torch.stack([sb, first[sb], nch[sb]], 1).to(torch.int32).contiguous()
+    return items, sums, n_slots
+
+
+def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+             delta: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, scale: float, block_size: int,
+             chunk: int | None = None, rows: int = 64, num_warps: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item (None: DKDV_CHUNK);
+    rows: tile rows (tokens x padded group); num_warps: None for Triton's default."""
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    g = hq // hkv
+    n_blocks = triton.cdiv(tk, block_size)
+    items, sums, n_slots = dkdv_items(offsets, DKDV_CHUNK if chunk is None else chunk)
+    ws = torch.empty((max(n_slots, 1), 2, block_size, d), device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    tok, g_pad = tile_shape(g, rows)
+    extra = {} if num_warps is None else {"num_warps": num_warps}
+    _bwd_dkdv_kernel[(items.shape[0],)](q, k, v, do, lse, delta, dk, dv, tokens, items, ws, tk - tq, tk, n_blocks,
+                                        scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                        v.stride(1), lse.stride(0), G=g, G_PAD=g_pad, TOK=tok, D=d, BLOCK=block_size,
+                                        **extra)
+    if sums.shape[0]:
+        _bwd_dkdv_sum_kernel[(sums.shape[0],)](ws, sums, dk, dv, tk, n_blocks, k.stride(0), k.stride(1), v.stride(0),
+                                               v.stride(1), D=d, BLOCK=block_size)
+    return dk, dv
+
+
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,12 +423,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     blocks = full_block_list(idx, pos, block_size, init_blocks, window)
     n_blocks = triton.cdiv(tk, block_size)
     tokens, offsets = invert_blocks(blocks, n_blocks)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    tok, g_pad2 = tile_shape(g)
-    _bwd_dkdv_kernel[(n_blocks, hkv)](q, k, v, do, lse, delta, dk, dv, tokens, offsets, q_start, tk, n_blocks, scale,
-                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                      lse.stride(0), G=g, G_PAD=g_pad2, TOK=tok, D=d, BLOCK=block_size)
+    dk, dv = bwd_dkdv(q, k, v, do, lse, delta, tokens, offsets, scale, block_size)
     return dq, dk, dv
 
 
