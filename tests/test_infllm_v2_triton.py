@@ -91,10 +91,12 @@ def test_dkdv_items_cover_each_block_once(chunk):
     (chosen or not) in at least one item; split blocks get consecutive workspace slots and one sum row each."""
     from cpm4.kernels.infllm_v2.triton_attention import dkdv_items
 
-    counts = torch.tensor([0, 3, 17, 64, 65, 1, 0, 130])
+    counts = torch.tensor([0, 3, 17, 64, 65, 1, 0, 130])  # 2 KV heads x 4 key blocks
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
-    items, sums, n_slots = dkdv_items(offsets, chunk)
+    items, sums, n_slots = dkdv_items(offsets, 4, chunk)
+    owners = torch.unique_consecutive(items[:, 0]).tolist()
+    assert owners == [0, 4, 1, 5, 2, 6, 3, 7]  # block-major: block 0 of both heads first
     slots = []
     for gb, c in enumerate(counts.tolist()):
         mine = items[items[:, 0] == gb]
@@ -111,10 +113,11 @@ def test_dkdv_items_cover_each_block_once(chunk):
             assert torch.equal(mine[:, 3], torch.arange(int(row[0, 1]), int(row[0, 1]) + want, dtype=torch.int32))
             slots += mine[:, 3].tolist()
     assert sorted(slots) == list(range(n_slots))
-    whole, no_sums, none = dkdv_items(offsets, None)
+    whole, no_sums, none = dkdv_items(offsets, 4, None)
     assert none == 0 and no_sums.shape[0] == 0 and (whole[:, 3] == -1).all()
+    assert whole[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     with pytest.raises(ValueError, match="chunk"):
-        dkdv_items(offsets, 0)
+        dkdv_items(offsets, 4, 0)
 
 
 @pytest.mark.parametrize("chunk", [3, 16])

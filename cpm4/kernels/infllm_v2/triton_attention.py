@@ -333,39 +333,42 @@ def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, to
 # Every query attends to the initial block, so without a split one program walks all Tq tokens of it (at 128K,
 # 32,768 tiles against ≈ 1,500 for an average block): it may be the kernel's tail (dk/dv is 111 of the 194 ms of
 # the 128K backward, H200). Split blocks add their items' fp32 partials in a second kernel, in a fixed order
-# (deterministic). Off until measured: `benchmarks/backward_profile.py --dkdv-variants`.
+# (deterministic). Off until measured: `benchmarks/backward_profile.py --dkdv-variants`. With or without it the
+# items run block-major (the former grid (blocks, heads) started head 1's initial block only after all of head 0's
+# blocks: measured before this order, 111 ms at 128K).
 DKDV_CHUNK: int | None = None
 
 
-def dkdv_items(offsets: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def dkdv_items(offsets: torch.Tensor, n_blocks: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The dk/dv kernel's work items from the inverted selection's CSR offsets [hkv * n_blocks + 1]: rows (g *
     n_blocks + b, start, end, slot) int32, each at most `chunk` tokens (None: one a block, all slots -1);
     blocks of more than one item get consecutive workspace slots and a row (g * n_blocks + b, first slot,
-    items) of the second array. Returns (items, sums, slots)."""
+    items) of the second array. Items run block-major (block 0 of every head first: the initial block, which
+    every query attends to, is the longest work and should start first). Returns (items, sums, slots)."""
     dev = offsets.device
-    counts = (offsets[1:] - offsets[:-1]).long()
-    nb = counts.numel()
+    nb = offsets.numel() - 1
+    perm = torch.arange(nb, device=dev).view(nb // n_blocks, n_blocks).t().reshape(-1)  # block-major order
+    starts, stops = offsets[:-1].long()[perm], offsets[1:].long()[perm]
     if chunk is None:
-        gb = torch.arange(nb, device=dev)
-        items = torch.stack([gb, offsets[:-1].long(), offsets[1:].long(), torch.full_like(gb, -1)], 1)
+        items = torch.stack([perm, starts, stops, torch.full_like(perm, -1)], 1)
         return items.to(torch.int32).contiguous(), torch.zeros((0, 3), dtype=torch.int32, device=dev), 0
     if chunk < 1:
         raise ValueError(f"dk/dv chunk must be a positive token count, got {chunk}")
-    nch = torch.clamp((counts + chunk - 1) // chunk, min=1)  # a block nobody chose still writes zeros
+    nch = torch.clamp((stops - starts + chunk - 1) // chunk, min=1)  # a block nobody chose still writes zeros
     split = nch > 1
     slots_per = torch.where(split, nch, 0)
     n_items, n_slots = (int(x) for x in torch.stack([nch.sum(), slots_per.sum()]).tolist())
     ends = torch.cumsum(nch, 0)
     i = torch.arange(n_items, device=dev)
-    owner = torch.searchsorted(ends, i, right=True)
+    owner = torch.searchsorted(ends, i, right=True)  # position in the block-major order
     j = i - (ends - nch)[owner]
-    start = offsets[:-1].long()[owner] + j * chunk
-    end = torch.minimum(start + chunk, offsets[1:].long()[owner])
+    start = starts[owner] + j * chunk
+    end = torch.minimum(start + chunk, stops[owner])
     first = torch.cumsum(slots_per, 0) - slots_per
     slot = torch.where(split[owner], first[owner] + j, -1)
-    items = torch.stack([owner, start, end, slot], 1).to(torch.int32).contiguous()
+    items = torch.stack([perm[owner], start, end, slot], 1).to(torch.int32).contiguous()
     sb = split.nonzero().squeeze(1)
-    sums = torch.stack([sb, first[sb], nch[sb]], 1).to(torch.int32).contiguous()
+    sums = torch.stack([perm[sb], first[sb], nch[sb]], 1).to(torch.int32).contiguous()
     return items, sums, n_slots
 
 
@@ -379,7 +382,7 @@ def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     tk, hkv, _ = k.shape
     g = hq // hkv
     n_blocks = triton.cdiv(tk, block_size)
-    items, sums, n_slots = dkdv_items(offsets, DKDV_CHUNK if chunk is None else chunk)
+    items, sums, n_slots = dkdv_items(offsets, n_blocks, DKDV_CHUNK if chunk is None else chunk)
     ws = torch.empty((max(n_slots, 1), 2, block_size, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
