@@ -337,6 +337,11 @@ def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, to
 # items run block-major (the former grid (blocks, heads) started head 1's initial block only after all of head 0's
 # blocks: measured before this order, 111 ms at 128K).
 DKDV_CHUNK: int | None = None
+# The dk/dv tile: rows (tokens x padded group; 64 = 4 tokens of a 16-head group) and warps (None: Triton's 4). At
+# 128K it reaches ≈ 240 TFLOP/s (26 TFLOP in 111 ms) where dense SDPA's backward reaches ≈ 530; 128 rows and/or 8
+# warps are timed by `backward_profile.py --dkdv-variants`, not yet on a GPU.
+DKDV_ROWS = 64
+DKDV_WARPS: int | None = None
 
 
 def dkdv_items(offsets: torch.Tensor, n_blocks: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -374,10 +379,10 @@ def dkdv_items(offsets: torch.Tensor, n_blocks: int, chunk: int | None) -> tuple
 
 def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, scale: float, block_size: int,
-             chunk: int | None = None, rows: int = 64, num_warps: int | None = None
+             chunk: int | None = None, rows: int | None = None, num_warps: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item (None: DKDV_CHUNK);
-    rows: tile rows (tokens x padded group); num_warps: None for Triton's default."""
+    """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item; rows: tile rows (tokens
+    x padded group); num_warps (None each: DKDV_CHUNK, DKDV_ROWS, DKDV_WARPS)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
@@ -386,7 +391,8 @@ def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     ws = torch.empty((max(n_slots, 1), 2, block_size, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    tok, g_pad = tile_shape(g, rows)
+    tok, g_pad = tile_shape(g, DKDV_ROWS if rows is None else rows)
+    num_warps = DKDV_WARPS if num_warps is None else num_warps
     extra = {} if num_warps is None else {"num_warps": num_warps}
     _bwd_dkdv_kernel[(items.shape[0],)](q, k, v, do, lse, delta, dk, dv, tokens, items, ws, tk - tq, tk, n_blocks,
                                         scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
