@@ -35,7 +35,7 @@ def dkdv_variants(q, k, v, o, do, idx, cfg, scale) -> list[dict]:
     """The dk/dv kernels alone on the backward's inverted selection, and on variants of it: which part of their
     time the initial block (every token attends to it: unsplit, one program walks all of them) and the local
     blocks take; each key block's tokens split into items of 8192/4096/2048 (DKDV_CHUNK); 8 warps; 128-row
-    tiles."""
+    tiles; the scores as [keys, rows] (DKDV_KEYS_FIRST); combinations."""
     import triton
 
     from cpm4.kernels.infllm_v2.triton_attention import bwd_dkdv, full_block_list, invert_blocks
@@ -52,7 +52,11 @@ def dkdv_variants(q, k, v, o, do, idx, cfg, scale) -> list[dict]:
              "no local blocks": blocks[:, :, :blocks.shape[2] - cfg.local_blocks - 1]}
     variants = {"": {}, ".chunk8192": {"chunk": 8192}, ".chunk4096": {"chunk": 4096},
                 ".chunk2048": {"chunk": 2048}, ".warps8": {"num_warps": 8}, ".rows128": {"rows": 128},
-                ".rows128.warps8": {"rows": 128, "num_warps": 8}, ".chunk4096.rows128": {"chunk": 4096, "rows": 128}}
+                ".rows128.warps8": {"rows": 128, "num_warps": 8}, ".chunk4096.rows128": {"chunk": 4096, "rows": 128},
+                ".keys_first": {"keys_first": True}, ".keys_first.rows128": {"keys_first": True, "rows": 128},
+                ".keys_first.chunk4096": {"keys_first": True, "chunk": 4096},
+                ".keys_first.chunk4096.rows128.warps8": {"keys_first": True, "chunk": 4096, "rows": 128,
+                                                         "num_warps": 8}}
     rows = []
     for name, bl in lists.items():
         tokens, offsets = invert_blocks(bl.contiguous(), n_blocks)

@@ -120,16 +120,19 @@ def test_dkdv_items_cover_each_block_once(chunk):
         dkdv_items(offsets, 4, 0)
 
 
-@pytest.mark.parametrize("chunk,rows", [(3, 64), (16, 128), (None, 128)])
-def test_interpreter_backward_with_split_dkdv(chunk, rows, monkeypatch):
-    """dk/dv with each key block's tokens split over several programs (partials added by a second kernel), and
-    with 128-row tiles, equal the float64 reference's gradients, as the unsplit 64-row kernel does."""
+@pytest.mark.parametrize("chunk,rows,keys_first", [(3, 64, False), (16, 128, False), (None, 128, False),
+                                                   (None, 64, True), (5, 128, True)])
+def test_interpreter_backward_with_split_dkdv(chunk, rows, keys_first, monkeypatch):
+    """dk/dv with each key block's tokens split over several programs (partials added by a second kernel), with
+    128-row tiles, and with the scores as [keys, rows], equal the float64 reference's gradients, as the unsplit
+    64-row kernel does."""
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     from cpm4.kernels.infllm_v2 import triton_attention
 
     monkeypatch.setattr(triton_attention, "DKDV_CHUNK", chunk)
     monkeypatch.setattr(triton_attention, "DKDV_ROWS", rows)
+    monkeypatch.setattr(triton_attention, "DKDV_KEYS_FIRST", keys_first)
     check_pipeline(small_cfg(), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
 
 
@@ -281,13 +284,15 @@ def test_gpu_pipeline_8b_blocks(dtype, d, hq, hkv):
 
 
 @gpu
-@pytest.mark.parametrize("chunk,rows,warps", [(256, 64, None), (2000, 128, 8), (None, 128, 4)])
-def test_gpu_backward_with_split_dkdv(chunk, rows, warps, monkeypatch):
+@pytest.mark.parametrize("chunk,rows,warps,keys_first", [(256, 64, None, False), (2000, 128, 8, False),
+                                                         (None, 128, 4, True), (4096, 64, None, True)])
+def test_gpu_backward_with_split_dkdv(chunk, rows, warps, keys_first, monkeypatch):
     from cpm4.kernels.infllm_v2 import triton_attention
 
     monkeypatch.setattr(triton_attention, "DKDV_CHUNK", chunk)
     monkeypatch.setattr(triton_attention, "DKDV_ROWS", rows)
     monkeypatch.setattr(triton_attention, "DKDV_WARPS", warps)
+    monkeypatch.setattr(triton_attention, "DKDV_KEYS_FIRST", keys_first)
     cfg = SparseConfig(variant="gen-b", dense_len=-1)
     check_pipeline(cfg, 3000, 3000, 32, 2, 128, torch.bfloat16, "cuda", 2e-2, ref_dtype=torch.float32)
 

@@ -175,7 +175,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                      q_start, tk, n_blocks, sm_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
                      G: tl.constexpr, G_PAD: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, KEYS_FIRST: tl.constexpr):
     # One work item: (KV head g, key block b, its tokens start..end of the inverted list, workspace slot). Slot -1:
     # the item holds all of the block's tokens and stores dk/dv; otherwise its fp32 partial goes to the workspace
     # and `_bwd_dkdv_sum_kernel` adds the block's partials.
@@ -210,13 +210,22 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         lse = tl.load(lse_ptr + t * stride_lt + h, mask=jm, other=float("-inf")) * 1.4426950408889634
         lse = tl.where(lse > float("-inf"), lse, float("inf"))
         delta = tl.load(delta_ptr + t * stride_lt + h, mask=jm, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = jm[:, None] & (kk[None, :] <= pos[:, None]) & km[None, :]
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        if KEYS_FIRST:  # scores as [keys, rows]: p and ds feed their dots as they are, no transposes
+            st = tl.dot(k, tl.trans(q)) * qk_scale
+            okt = jm[None, :] & (kk[:, None] <= pos[None, :]) & km[:, None]
+            pt = tl.where(okt, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            ok = jm[:, None] & (kk[None, :] <= pos[:, None]) & km[None, :]
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     if slot < 0:
         tl.store(dk_ptr + koff, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=km[:, None])
         tl.store(dv_ptr + kk[:, None] * stride_vt + g * stride_vh + dd[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -342,6 +351,10 @@ DKDV_CHUNK: int | None = None
 # warps are timed by `backward_profile.py --dkdv-variants`, not yet on a GPU.
 DKDV_ROWS = 64
 DKDV_WARPS: int | None = None
+# DKDV_KEYS_FIRST: the scores computed as [keys, rows] (K Q^T, as flash-attention's dk/dv pass) so that P and dS
+# enter the dV and dK dots as they are, instead of [rows, keys] and a transpose of each (a layout change through
+# shared memory, twice a tile). Same values up to rounding; timed by the --dkdv-variants rows, not yet on a GPU.
+DKDV_KEYS_FIRST = False
 
 
 def dkdv_items(offsets: torch.Tensor, n_blocks: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -379,10 +392,10 @@ def dkdv_items(offsets: torch.Tensor, n_blocks: int, chunk: int | None) -> tuple
 
 def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, scale: float, block_size: int,
-             chunk: int | None = None, rows: int | None = None, num_warps: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int | None = None, rows: int | None = None, num_warps: int | None = None,
+             keys_first: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item; rows: tile rows (tokens
-    x padded group); num_warps (None each: DKDV_CHUNK, DKDV_ROWS, DKDV_WARPS)."""
+    x padded group); num_warps; keys_first (None each: DKDV_CHUNK, DKDV_ROWS, DKDV_WARPS, DKDV_KEYS_FIRST)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
@@ -397,7 +410,7 @@ def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     _bwd_dkdv_kernel[(items.shape[0],)](q, k, v, do, lse, delta, dk, dv, tokens, items, ws, tk - tq, tk, n_blocks,
                                         scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                         v.stride(1), lse.stride(0), G=g, G_PAD=g_pad, TOK=tok, D=d, BLOCK=block_size,
-                                        **extra)
+                                        KEYS_FIRST=DKDV_KEYS_FIRST if keys_first is None else keys_first, **extra)
     if sums.shape[0]:
         _bwd_dkdv_sum_kernel[(sums.shape[0],)](ws, sums, dk, dv, tk, n_blocks, k.stride(0), k.stride(1), v.stride(0),
                                                v.stride(1), D=d, BLOCK=block_size)
