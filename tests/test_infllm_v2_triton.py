@@ -85,6 +85,20 @@ def test_interpreter_pipeline_matches_reference(variant):
     check_pipeline(small_cfg(variant), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_dot_equals_float64(dtype):
+    from cpm4.kernels.infllm_v2.triton_attention import row_dot
+
+    device = "cuda" if CUDA else "cpu"
+    o, do = (torch.randn(37, 3, 64, device=device).to(dtype) for _ in range(2))
+    ref = (o.double() * do.double()).sum(-1)
+    out = row_dot(o, do)
+    assert out.dtype == torch.float32 and out.shape == (37, 3)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        row_dot(o.transpose(0, 1), do.transpose(0, 1))
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_dkdv_items_cover_each_block_once(chunk):
     """The dk/dv work items: each block's token range cut into pieces of at most `chunk`, in order, every block

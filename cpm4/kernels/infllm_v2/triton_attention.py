@@ -262,6 +262,30 @@ def _bwd_dkdv_sum_kernel(ws_ptr, sums_ptr, dk_ptr, dv_ptr, tk, n_blocks, stride_
              mask=km[:, None])
 
 
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, out_ptr, n_rows, D: tl.constexpr, ROWS: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rm = r < n_rows
+    off = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    o = tl.load(o_ptr + off, mask=rm[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=rm[:, None], other=0.0).to(tl.float32)
+    tl.store(out_ptr + r, tl.sum(o * do, 1), mask=rm)
+
+
+def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """(o * do).sum(-1) in float32 for contiguous [..., d] tensors, in one pass over their input dtype (the
+    backward's delta: PyTorch's float copies, product and sum took ≈ 6 ms at 128K for ≈ 0.5 ms of reading)."""
+    if o.shape != do.shape or not (o.is_contiguous() and do.is_contiguous()):
+        raise ValueError(f"row_dot: o and do must be contiguous and of one shape, got {tuple(o.shape)}, "
+                         f"{tuple(do.shape)}")
+    d = o.shape[-1]
+    out = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
+    n = out.numel()
+    rows = max(1, 4096 // d)
+    _delta_kernel[(triton.cdiv(n, rows),)](o, do, out, n, D=d, ROWS=rows)
+    return out
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"expected q [Tq, hq, d], k/v [Tk, hkv, d]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -429,7 +453,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
     q_start = tk - tq
-    delta = (o.float() * do.float()).sum(-1)  # [Tq, hq]
+    delta = row_dot(o, do)  # [Tq, hq]
     dq_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
     n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
     _bwd_dq_shared_kernel[(n_qblocks, hq)](q, k, v, do, lse, delta, dq_shared, tq, q_start, tk, window, scale,
