@@ -73,6 +73,5 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
                             fuse_attend=True)  # the other paths
     built = cuda_build.build(launches)
     for name in ("_select_kernel", "_fwd_token_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_sum_kernel", "_delta_kernel",
-                 "_score_kernel",
-                 "_attend_kernel", "_merge_kernel", "_step_kernel"):
+                 "_score_kernel", "_attend_kernel", "_merge_kernel", "_step_kernel"):
         assert name in built, name
