@@ -6,7 +6,8 @@ One sequence: q [Tq, hq, d] are the last Tq of Tk tokens, k/v [Tk, hkv, d], bloc
 Forward and dq: one program per (query token, KV head) whose tile is the G heads of the group (padded
 to a power of two >= 16) against one key block at a time, flash-attention style.
 dk/dv: the selection is inverted (which tokens chose key block b of head g) and one program per
-(key block, KV head) walks its tokens in tiles, so every dk/dv block has one writer and needs no atomics.
+(key block, KV head) walks its tokens in tiles, so every dk/dv block has one writer and needs no atomics
+(with DKDV_CHUNK a block's tokens are cut into pieces whose partials a second kernel adds in order).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Same definitions as reference.py (one sequence: queries are the last Tq of Tk to
 - `select_blocks`: per (KV head, query) program: max-pool kernel scores onto blocks, force/exclude blocks
   by variant, then top-k without sorting: a binary search on the (order-preserving integer) score key,
   over the range the unforced keys span, finds the k-th largest value, ties at it go to the lowest block
-  indices (the reference's stable sort),
-  and a prefix sum writes the chosen blocks in ascending order, -1 padded.
+  indices (the reference's stable sort), and a prefix sum writes the chosen blocks in ascending order,
+  -1 padded.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def score_shift(dtype: torch.dtype) -> int:
 # SELECT_NARROW: the top-k threshold's binary search starts on the range the unforced keys span (found in the pass
 # that counts them) instead of on every key value (15 steps for bf16 scores): as many dependent steps as that range
 # has bits, fewer when scores crowd into a few exponents, as a model's do. For the prefill selection and the decode
-# step. Measured on (H200, 2026-11-29): decode step at 128K 32.0 -> 29.9 µs on random inputs (28.8 with uniform
+# step. Measured (H200, 2026-11-29): decode step at 128K 32.0 -> 29.9 µs on random inputs (28.8 with uniform
 # queries); inside the 8B engine at 128K decode 6.25 -> 6.09 ms a token (two runs each; decode_variant.sh).
 SELECT_NARROW = True
 
