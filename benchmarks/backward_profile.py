@@ -33,9 +33,9 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
 
 def dkdv_variants(q, k, v, o, do, idx, cfg, scale) -> list[dict]:
     """The dk/dv kernels alone on the backward's inverted selection, and on variants of it: which part of their
-    time the initial block (every token attends to it: unsplit, one program walks all of them) and the local
-    blocks take; each key block's tokens split into items of 8192/4096/2048 (DKDV_CHUNK); 8 warps; 128-row
-    tiles; the scores as [keys, rows] (DKDV_KEYS_FIRST); combinations."""
+    time the initial block (every token attends to it) and the local blocks take; each key block's tokens unsplit
+    or split into items of 16384/8192 (DKDV_CHUNK); tiles of 128 or 32 rows, 8 or 2 warps; the scores as [keys,
+    rows] (DKDV_KEYS_FIRST). The first session's table (4096/2048, keys_first alone) is in RESULTS.md."""
     import triton
 
     from cpm4.kernels.infllm_v2.triton_attention import bwd_dkdv, full_block_list, invert_blocks
@@ -50,13 +50,11 @@ def dkdv_variants(q, k, v, o, do, idx, cfg, scale) -> list[dict]:
     init = cfg.init_blocks
     lists = {"as called": blocks, "no initial block": blocks[:, :, init:],
              "no local blocks": blocks[:, :, :blocks.shape[2] - cfg.local_blocks - 1]}
-    variants = {"": {}, ".chunk8192": {"chunk": 8192}, ".chunk4096": {"chunk": 4096},
-                ".chunk2048": {"chunk": 2048}, ".warps8": {"num_warps": 8}, ".rows128": {"rows": 128},
-                ".rows128.warps8": {"rows": 128, "num_warps": 8}, ".chunk4096.rows128": {"chunk": 4096, "rows": 128},
-                ".keys_first": {"keys_first": True}, ".keys_first.rows128": {"keys_first": True, "rows": 128},
-                ".keys_first.chunk4096": {"keys_first": True, "chunk": 4096},
-                ".keys_first.chunk4096.rows128.warps8": {"keys_first": True, "chunk": 4096, "rows": 128,
-                                                         "num_warps": 8}}
+    variants = {"": {}, ".unsplit": {"chunk": 0}, ".chunk16384": {"chunk": 16384}, ".chunk8192": {"chunk": 8192},
+                ".chunk8192.rows128.warps8": {"chunk": 8192, "rows": 128, "num_warps": 8},
+                ".chunk8192.rows32": {"chunk": 8192, "rows": 32}, ".chunk8192.warps2": {"chunk": 8192, "num_warps": 2},
+                ".unsplit.rows128.warps8": {"chunk": 0, "rows": 128, "num_warps": 8},
+                ".chunk8192.keys_first": {"chunk": 8192, "keys_first": True}}
     rows = []
     for name, bl in lists.items():
         tokens, offsets = invert_blocks(bl.contiguous(), n_blocks)
@@ -90,7 +88,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--dkdv-chunk", type=int, default=None,
-                    help="set triton_attention.DKDV_CHUNK for the profiled backward (default: as the module has it)")
+                    help="set triton_attention.DKDV_CHUNK for the profiled backward, 0 unsplit (default: as the module "
+                         "has it); the JSON's name then ends in -chunk<N>")
     ap.add_argument("--dkdv-variants", action="store_true",
                     help="also time the dk/dv kernels alone: as called, without the initial block's tokens, without "
                          "the local blocks', split into items (DKDV_CHUNK), with 8 warps, with 128-row tiles")
@@ -139,7 +138,9 @@ def main() -> None:
         tables["dkdv_variants"] = dkdv_variants(q, k, v, o.detach(), do, blocks, cfg, scale)
     date = datetime.date.today().isoformat()
     write_json({"device": torch.cuda.get_device_name(), "date": date, "length": n,
-                "dkdv_chunk": triton_attention.DKDV_CHUNK, **tables}, f"backward_profile-{n}-{date}.json", args.out)
+                "dkdv_chunk": triton_attention.DKDV_CHUNK, **tables},
+               f"backward_profile-{n}-{date}{'' if args.dkdv_chunk is None else f'-chunk{args.dkdv_chunk}'}.json",
+               args.out)
 
 
 if __name__ == "__main__":

@@ -365,20 +365,18 @@ def invert_blocks(blocks: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, to
 
 # DKDV_CHUNK: the dk/dv kernel walks a key block's tokens in items of at most this many (None: one item a block).
 # Every query attends to the initial block, so without a split one program walks all Tq tokens of it (at 128K,
-# 32,768 tiles against ≈ 1,500 for an average block): it may be the kernel's tail (dk/dv is 111 of the 194 ms of
-# the 128K backward, H200). Split blocks add their items' fp32 partials in a second kernel, in a fixed order
-# (deterministic). Off until measured: `benchmarks/backward_profile.py --dkdv-variants`. With or without it the
-# items run block-major (the former grid (blocks, heads) started head 1's initial block only after all of head 0's
-# blocks: measured before this order, 111 ms at 128K).
-DKDV_CHUNK: int | None = None
-# The dk/dv tile: rows (tokens x padded group; 64 = 4 tokens of a 16-head group) and warps (None: Triton's 4). At
-# 128K it reaches ≈ 240 TFLOP/s (26 TFLOP in 111 ms) where dense SDPA's backward reaches ≈ 530; 128 rows and/or 8
-# warps are timed by `backward_profile.py --dkdv-variants`, not yet on a GPU.
+# 32,768 tiles against ≈ 1,500 for an average block): it was the kernel's tail. Split blocks add their items' fp32
+# partials in a second kernel, in a fixed order (deterministic). Measured (H200, 128K, dk/dv alone): unsplit 82.2
+# ms, 8192 65.0, 4096 66.9, 2048 67.3; without the initial block's tokens at all 65.3. The items run block-major
+# (the former grid (blocks, heads) started head 1's initial block only after all of head 0's blocks: 111 ms).
+DKDV_CHUNK: int | None = 8192
+# The dk/dv tile: rows (tokens x padded group; 64 = 4 tokens of a 16-head group) and warps (None: Triton's 4).
+# Measured unsplit at 128K: 8 warps 132 ms, 128 rows out of shared memory, 128 rows + 8 warps 75.7 (vs 82.2).
 DKDV_ROWS = 64
 DKDV_WARPS: int | None = None
 # DKDV_KEYS_FIRST: the scores computed as [keys, rows] (K Q^T, as flash-attention's dk/dv pass) so that P and dS
-# enter the dV and dK dots as they are, instead of [rows, keys] and a transpose of each (a layout change through
-# shared memory, twice a tile). Same values up to rounding; timed by the --dkdv-variants rows, not yet on a GPU.
+# enter the dV and dK dots as they are, instead of [rows, keys] and a transpose of each. Same values up to
+# rounding; measured slower (unsplit 85.0 vs 82.2 ms at 128K, split 4096 68.1 vs 66.9).
 DKDV_KEYS_FIRST = False
 
 
@@ -419,13 +417,15 @@ def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
              delta: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, scale: float, block_size: int,
              chunk: int | None = None, rows: int | None = None, num_warps: int | None = None,
              keys_first: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item; rows: tile rows (tokens
-    x padded group); num_warps; keys_first (None each: DKDV_CHUNK, DKDV_ROWS, DKDV_WARPS, DKDV_KEYS_FIRST)."""
+    """dk, dv over the inverted selection (`invert_blocks`). chunk: tokens per work item (0: one item a block);
+    rows: tile rows (tokens x padded group); num_warps; keys_first (None each: DKDV_CHUNK, DKDV_ROWS, DKDV_WARPS,
+    DKDV_KEYS_FIRST)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
     n_blocks = triton.cdiv(tk, block_size)
-    items, sums, n_slots = dkdv_items(offsets, n_blocks, DKDV_CHUNK if chunk is None else chunk)
+    chunk = DKDV_CHUNK if chunk is None else chunk
+    items, sums, n_slots = dkdv_items(offsets, n_blocks, chunk or None)
     ws = torch.empty((max(n_slots, 1), 2, block_size, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
