@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/decode_variant.sh "SELECT_RADIX=1 SEPARATE_MERGE=0" radix1-merge0 [CONTEXT]
 #
-# Flags (of triton_decode or triton_select) take 0/1 (SELECT_NARROW also 2). Table and JSON as generation.py's, the file named with TAG (under /tmp/gen-TAG and, on the device,
+# Flags (of triton_decode or triton_select) take 0/1. Table and JSON as generation.py's, the file named with TAG (under /tmp/gen-TAG and, on the device,
 # $OUT).
 set -eu
 cd "$(dirname "$0")/.."
@@ -20,10 +20,9 @@ flags, tag, ctx = sys.argv[1:4]
 for f in flags.split():
     name, _, value = f.partition("=")
     mod = next((m for m in (triton_decode, triton_select) if name.isupper() and hasattr(m, name)), None)
-    if mod is None or not value.isdigit():
-        raise SystemExit(f"bad flag {f!r}: expected NAME=<int>, NAME a flag of triton_decode or triton_select")
-    # 0/1 set a bool flag; other values an int (SELECT_NARROW=2: the five-way search)
-    setattr(mod, name, value == "1" if value in ("0", "1") else int(value))
+    if mod is None or value not in ("0", "1"):
+        raise SystemExit(f"bad flag {f!r}: expected NAME=0|1, NAME a flag of triton_decode or triton_select")
+    setattr(mod, name, value == "1")
 print("flags", flags, flush=True)
 sys.path.insert(0, "benchmarks")
 sys.argv = ["generation.py", "--config", "minicpm4-8b", "--contexts", ctx, "--sparse-only", "--compile",

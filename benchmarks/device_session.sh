@@ -21,7 +21,6 @@
 #   bash benchmarks/device_session.sh gemv      # the decode GEMV kernel: tests, against cuBLAS, 8B decode with it
 #   bash benchmarks/device_session.sh gemvmix   # 8B decode with the GEMV on q/k/v, gate/up and the head only
 #   bash benchmarks/device_session.sh backward  # the 128K backward kernel by kernel, the dk/dv split (DKDV_CHUNK)
-#   bash benchmarks/device_session.sh search    # the five-way top-k search: tests, prefill selection, 8B decode
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -76,6 +75,7 @@ select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selectio
 kernels)
     timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 8192 32768 131072 2>&1 | grep -E "^decode|device|failed"
     timeout 260 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 | grep -E "^(prefill|backward|forward)|device"
+    timeout 100 "$PY" benchmarks/select_search.py 2>&1 | grep -E "^prefill|wrote|Error"
     ;;
 engine)
     timeout 300 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse --compile \
@@ -152,16 +152,6 @@ backward)  # the 128K backward kernel by kernel with the dk/dv variants (tile, c
     timeout 140 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=4 tests/test_infllm_v2_triton.py \
         -k "split_dkdv or 8b_blocks or lengths_and_chunks or model_sparse" 2>&1 | tail -8
     ;;
-search)  # the five-way top-k threshold search (SELECT_NARROW=2): its tests on the GPU, the prefill selection three
-    # ways, the 8B engine's decode at 128K with the binary and the five-way search
-    timeout 150 "$PY" -m pytest -q -p no:warnings -x tests/test_infllm_v2_triton.py -k "selection" 2>&1 | tail -2
-    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
-        -k "paged_sparse_decode and -True-2-False" 2>&1 | tail -2
-    timeout 100 "$PY" benchmarks/select_search.py 2>&1 | grep -E "^prefill|wrote|Error"
-    for v in "SELECT_NARROW=1:binary" "SELECT_NARROW=2:five_way"; do
-        PY="$PY" timeout 110 bash benchmarks/decode_variant.sh "${v%%:*}" "${v##*:}"
-    done
-    ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \
         --steps 4 --top 30 2>&1 | head -60
@@ -172,7 +162,7 @@ diag)
     timeout 420 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server 2>&1 | tail -8
     ;;
 *)
-    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, gemvmix, decode, kernels, engine, serving, http, httpdiag, httpgil, backward, search, prefill8b, diag)" >&2
+    echo "unknown stage $stage (tests, tests2, servetests, elementwise, gemv, gemvmix, decode, kernels, engine, serving, http, httpdiag, httpgil, backward, prefill8b, diag)" >&2
     exit 2
     ;;
 esac

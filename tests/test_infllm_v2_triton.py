@@ -157,16 +157,13 @@ def test_interpreter_odd_group_chunk_and_fp16():
     check_pipeline(small_cfg(), 20, 83, 6, 2, 16, torch.float16, "cpu", 3e-3, grad=False)
 
 
-SEARCH_NARROW = {"narrow": True, "five": 2}  # select_blocks' narrow for a search's name
-
-
-@pytest.mark.parametrize("search", ["narrow", "five", "full", "radix"])
+@pytest.mark.parametrize("search", ["narrow", "full", "radix"])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_selection_with_ties_equals_reference(variant, dtype, search):
     """Top-k on scores with many exact ties (few distinct values), in each score dtype (the search skips the
     low bits a bf16/fp16 score cannot have), by binary search (over the unforced keys' range or every key
-    value), five-way search (the range) or histograms: exactly the reference's stable-sort choice."""
+    value) or histograms: exactly the reference's stable-sort choice."""
     from cpm4.kernels.infllm_v2.triton_select import select_blocks
 
     device = "cuda" if CUDA else "cpu"
@@ -177,7 +174,7 @@ def test_selection_with_ties_equals_reference(variant, dtype, search):
     scores = (torch.randint(0, 6, (2, tq, n1), generator=g, device=device).float() / 7).to(dtype)
     pos = torch.arange(tk - tq, tk, device=device)
     vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
-    radix, narrow = search == "radix", SEARCH_NARROW.get(search, False)
+    radix, narrow = search == "radix", search == "narrow"
     idx = select_blocks(scores, tk - tq, tq, n1, cfg, radix=radix, narrow=narrow)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=dtype,
                                                                                          device=device)), pos, cfg))
@@ -208,9 +205,8 @@ def test_selection_search_edges_equal_reference(variant, topk):
         for dtype in (torch.bfloat16,):  # float32 scores: the ties test
             s = scores.to(dtype)
             want = R.select_blocks(torch.where(vis, s, torch.zeros((), dtype=dtype, device=device)), pos, cfg)
-            for search in ("narrow", "five", "full", "radix"):
-                idx = select_blocks(s, tk - tq, tq, n1, cfg, radix=search == "radix",
-                                    narrow=SEARCH_NARROW.get(search, False))
+            for search in ("narrow", "full", "radix"):
+                idx = select_blocks(s, tk - tq, tq, n1, cfg, radix=search == "radix", narrow=search == "narrow")
                 assert torch.equal(idx.long(), want), (search, dtype, scores[0, 0, :3])
 
 
@@ -580,7 +576,7 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
 
 @pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep,narrow,wide", [
     ("gen-b", 1, False, False, False, True, True), ("gen-a", 1, False, True, True, True, False),
-    ("gen-b", 2, False, False, False, False, False), ("gen-b", 1, True, True, True, 2, False),
+    ("gen-b", 2, False, False, False, False, False), ("gen-b", 1, True, True, True, True, False),
     ("gen-a", 1, True, False, False, False, True)])
 def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, narrow, wide):
     if CUDA:
@@ -644,8 +640,7 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
 @pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide", [
     (1, False, False, False, False, True, True), (2, False, False, True, True, True, False),
-    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False),
-    (1, False, False, False, True, 2, False)])
+    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False)])
 def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).

@@ -779,7 +779,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | int | None = None,
+                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | None = None,
                         wide: bool | None = None, fuse_attend: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
@@ -906,7 +906,7 @@ def _score_launch(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
                 SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k, K_PAD=triton.next_power_of_2(k),
                 INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b, SHIFT=score_shift(q.dtype),
                 SAVE_SEL=sel is not None, RADIX=SELECT_RADIX if radix is None else radix,
-                NARROW=triton_select.narrow_mode(narrow, triton.next_power_of_2(width)),
+                NARROW=triton_select.SELECT_NARROW if narrow is None else narrow,
                 WIDE=SCORE_WIDE if wide is None else wide, WIDTH_PAD=triton.next_power_of_2(width_k))
     return (b, hkv, splits), args, meta, (scores, att, natt)
 

@@ -301,17 +301,9 @@ def score_shift(dtype: torch.dtype) -> int:
 # has bits, fewer when scores crowd into a few exponents, as a model's do. For the prefill selection and the decode
 # step. Measured (H200, 2026-11-29): decode step at 128K 32.0 -> 29.9 µs on random inputs (28.8 with uniform
 # queries); inside the 8B engine at 128K decode 6.25 -> 6.09 ms a token (two runs each; decode_variant.sh).
-# 2: the narrowed range searched five ways a step (a third of the dependent steps), not yet measured on a GPU.
-SELECT_NARROW: bool | int = True
-
-
-def narrow_mode(narrow: bool | int | None, nb_pad: int) -> bool | int:
-    """topk_mask's NARROW for `narrow` (None: SELECT_NARROW) over nb_pad keys: the five-way search packs counts
-    in 16 bits, so past 65535 keys it searches two ways."""
-    narrow = SELECT_NARROW if narrow is None else narrow
-    if narrow not in (0, 1, 2):
-        raise ValueError(f"narrow must be False, True or 2 (the five-way search), got {narrow!r}")
-    return True if narrow == 2 and nb_pad >= 1 << 16 else narrow
+# A five-way search (four thresholds a step, their counts in one int64 reduction) was slower in the prefill and in
+# the engine (RESULTS.md, twelfth GPU pass): the per-step work, not the step count, is what costs.
+SELECT_NARROW = True
 
 
 @triton.jit
@@ -328,7 +320,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
     bf16 instead of 31). A binary search, one count per step: NARROW starts it on the range the unforced keys
     span (a model's scores crowd into a few exponents: fewer of the dependent steps), else on every key value
-    (15 steps for bf16); NARROW=2 searches that range five ways a step; or RADIX: two histogram passes."""
+    (15 steps for bf16); or RADIX: two histogram passes."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -361,32 +353,6 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
         lb = tl.arange(0, 1 << LO)
         h2 = tl.histogram(key & ((1 << LO) - 1), 1 << LO, mask=valid & (high == t))
         lo = (t << LO) | tl.max(tl.where(tl.sum(h2, 0) - tl.cumsum(h2, 0) + h2 >= k_low, lb, 0), 0)
-    elif NARROW >= 2:
-        # The narrowed range, five ways a step: four thresholds lo <= t1 <= .. <= t4 <= hi (t4 > lo), and every
-        # key's count of thresholds it reaches summed as four 16-bit fields of one int64 (field j-1: the keys
-        # reaching exactly j), so a step is still one reduction. Counts fit: at most NB_PAD < 65536 keys.
-        lo = tl.where(n_top >= k_eff, INF_KEY, kmin)
-        hi = tl.where(n_top >= k_eff, INF_KEY, kmax)
-        while lo < hi:
-            span = (hi - lo + 1).to(tl.int64)
-            t1 = lo + (span // 5).to(tl.int32)
-            t2 = lo + (span * 2 // 5).to(tl.int32)
-            t3 = lo + (span * 3 // 5).to(tl.int32)
-            t4 = lo + (span * 4 // 5).to(tl.int32)
-            m = (key >= t1).to(tl.int64) + (key >= t2).to(tl.int64) + (key >= t3).to(tl.int64) \
-                + (key >= t4).to(tl.int64)
-            one = tl.full(m.shape, 1, dtype=tl.int64)
-            packed = tl.sum(tl.where(m > 0, one << (16 * (m - 1)), 0), 0)
-            c4 = (packed >> 48) & 0xFFFF  # count(key >= t4)
-            c3 = c4 + ((packed >> 32) & 0xFFFF)
-            c2 = c3 + ((packed >> 16) & 0xFFFF)
-            c1 = c2 + (packed & 0xFFFF)
-            new_lo = tl.where(c4 >= k_eff, t4, tl.where(c3 >= k_eff, t3, tl.where(c2 >= k_eff, t2,
-                                                                                   tl.where(c1 >= k_eff, t1, lo))))
-            hi = tl.where(c4 >= k_eff, hi, tl.where(c3 >= k_eff, t4 - 1, tl.where(c2 >= k_eff, t3 - 1,
-                                                                                 tl.where(c1 >= k_eff, t2 - 1,
-                                                                                          t1 - 1))))
-            lo = new_lo
     elif NARROW:
         # thr = INF_KEY when the forced keys fill k_eff; else in [kmin, kmax]: count(key >= kmin) = n_valid and
         # count(key > kmax) = n_top < k_eff (then some unforced key exists, so kmin <= kmax).
@@ -444,10 +410,10 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
-                  radix: bool = False, narrow: bool | int | None = None) -> torch.Tensor:
+                  radix: bool = False, narrow: bool | None = None) -> torch.Tensor:
     """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
-    radix: the threshold search by histograms; narrow: the search over the unforced keys' range only, binary
-    (True) or five-way (2) (`topk_mask`; None: SELECT_NARROW)."""
+    radix: the threshold search by histograms; narrow: the binary search over the unforced keys' range only
+    (`topk_mask`; None: SELECT_NARROW)."""
     hkv = scores.shape[0]
     bsz = cfg.block_size
     n_blocks = (q_start + tq - 1) // bsz + 1
@@ -461,5 +427,5 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
                               LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
                               SHIFT=score_shift(scores.dtype), RADIX=radix,
-                              NARROW=narrow_mode(narrow, triton.next_power_of_2(n_blocks)))
+                              NARROW=SELECT_NARROW if narrow is None else narrow)
     return out
