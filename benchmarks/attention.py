@@ -23,26 +23,9 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import paged_decode_state, print_rows  # noqa: E402
+from common import bench, cold_graph_ms, paged_decode_state, print_rows  # noqa: E402
 
 from cpm4.model.config import SparseConfig  # noqa: E402
-
-
-def bench(fn, warmup=5, rep=20) -> float:
-    """Median milliseconds over `rep` runs (CUDA events), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def ceilings() -> dict:
@@ -168,45 +151,19 @@ def main() -> None:
         sel_bytes = 2 * min(n, cfg.num_selected * 64) * hkv * d * 2 + (k1.shape[0] + k2.shape[0]) * hkv * d * 2
         row("decode", n, t_dec, t_dec_dense_peer, floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
         row("decode.dense_paged", n, t_dec_ours_dense, t_dec_dense_peer, GBps=kv_bytes / t_dec_ours_dense / 1e6)
-        # The same steps replayed from CUDA graphs (how the engine runs decode), against the peer's graph.
-        flush_buf = torch.empty(64 * 1024**2, dtype=torch.int32, device="cuda")  # 256 MB > the 50 MB L2
-
-        def flush():
-            flush_buf.zero_()
-
-        def per_call(fn, reps):
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                for _ in range(reps):
-                    fn()
-            return bench(graph.replay, rep=20) / reps
-
-        def graphed(fn, reps=20):
-            # `reps` calls in one graph, each after a write of 256 MB that evicts the L2 (its time measured
-            # alone and subtracted): per call, cold caches, as inside a model's decode graph and without the
-            # ~10 us of launching a graph per call.
-            def step():
-                flush()
-                fn()
-            return per_call(step, reps) - per_call(flush, reps)
-
+        # The same steps from CUDA graphs with a cold L2 (how the engine runs decode), against the peer's graph.
         try:
-            t_peer_graph = graphed(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True))
-            row("decode.cuda_graph", n, graphed(sparse_step), t_peer_graph,
+            t_peer_graph = cold_graph_ms(lambda: F.scaled_dot_product_attention(q1d, kd, vd, enable_gqa=True))
+            row("decode.cuda_graph", n, cold_graph_ms(sparse_step), t_peer_graph,
                 floor_ms=sel_bytes / ceil["copy_TBps"] / 1e9)
-            row("decode.dense_paged.cuda_graph", n, graphed(lambda: paged_decode(q1, kc, vc, table, lens)),
+            row("decode.dense_paged.cuda_graph", n, cold_graph_ms(lambda: paged_decode(q1, kc, vc, table, lens)),
                 t_peer_graph, floor_ms=kv_bytes / ceil["copy_TBps"] / 1e9)
             # Variants beside the engine's path, each on its own (a failure loses only its row): the store as
             # its own launch (the path before 2026-11-29), other pages per attention step, and, not yet on the
             # engine's path, persistent arrival counters and programmatic dependent launches (Hopper).
             def variant(name, fn, floor=None):
                 try:
-                    row(name, n, graphed(fn), t_peer_graph, **({"floor_ms": floor} if floor else {}))
+                    row(name, n, cold_graph_ms(fn), t_peer_graph, **({"floor_ms": floor} if floor else {}))
                 except Exception as e:  # noqa: BLE001
                     print(f"{name} failed: {e!r}")
 
@@ -259,7 +216,7 @@ def main() -> None:
                     ("stage1_lse_with_append", lambda: decode_lse(
                         q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale,
                         append=(k_new, v_new, kc, vc, slot, table, lens, fine, coarse, cfg)))):
-                row(f"decode.cuda_graph.{name}", n, graphed(fn), None)
+                row(f"decode.cuda_graph.{name}", n, cold_graph_ms(fn), None)
             # Each stage's split count (programs per KV head; the engine's: `_default_splits`, printed first):
             # more splits, more parallel loads but a longer merge by the last program.
             print(f"decode splits at {n}: attend {splits}, LSE {lse.shape[2]}, scores "
