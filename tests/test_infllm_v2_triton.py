@@ -516,7 +516,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
                         pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None, wide=None,
-                        fuse_attend=None):
+                        fuse_attend=None, width=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -526,6 +526,8 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
 
     page = cfg.block_size
     kc, vc, table, ks, vs, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg, seed=3)
+    if width is not None:  # a wider table, as the engine's (columns past a row's pages: valid, unread pages)
+        table = torch.cat([table, table[:, :1].expand(-1, width - table.shape[1])], 1).contiguous()
     g = torch.Generator(device=device).manual_seed(7)
     q = torch.randn(len(lens), hq, d, generator=g, device=device).to(dtype)
     scale = d ** -0.5
@@ -590,6 +592,20 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, 
                                        tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep,
                                        narrow=narrow, wide=wide)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_interpreter_paged_sparse_decode_in_a_wide_table(variant):
+    """A 64-column table (64 selection lanes): rows whose blocks fit in a quarter or a half of the lanes, or all
+    but their local blocks do, select over fewer lanes; the same blocks and outputs as the float64 reference."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    cfg = small_cfg(variant)  # blocks of 16 tokens, 2 local blocks, top-3
+    # blocks: 10 (quarter), 19 (Gen-B: quarter + its 3 local blocks past it), 20 (half: one more would not be
+    # local), 27 (half), 35 (Gen-B: half + 3 local), 50 (all 64 lanes)
+    lens = [150, 300, 320, 420, 550, 790]
+    agree, total = check_sparse_decode(cfg, lens, 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3, width=64)
+    assert agree == total > 0
 
 
 @pytest.mark.parametrize("variant,sep,fuse", [("gen-b", True, True), ("gen-a", False, True), ("gen-b", False, False)])

@@ -319,6 +319,45 @@ def _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, strid
 
 
 @triton.jit
+def _lanes_fit(qb, N: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
+    """Whether a selection over blocks [0, N) is the whole one for a query in block qb: every block past them is
+    a local block (Gen-B: forced in; Gen-A: attended besides the selection)."""
+    if GEN_B:
+        return qb - LOCAL <= N
+    else:
+        return qb - LOCAL < N
+
+
+@triton.jit
+def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                  INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
+                  RADIX: tl.constexpr, NARROW: tl.constexpr, SAVE_SEL: tl.constexpr):
+    """The selection from a row's pooled scores over lanes [0, N), blocks [N, qb] (if any) being local blocks
+    (`_lanes_fit`): the attended list (ascending; Gen-A adds its window), its length and, with SAVE_SEL, the
+    selection (-1 padded to K)."""
+    bvec = tl.arange(0, N)
+    # .cg: read the other programs' scores from L2, not from a stale L1 line.
+    sc = tl.load(s_row + bvec, mask=bvec <= qb, other=0.0, cache_modifier=".cg")
+    n_out = tl.maximum(qb - N + 1, 0)  # local blocks past the lanes, in order after them
+    sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW, n_out if GEN_B else 0)
+    n_sel = tl.sum(sel.to(tl.int32), 0)
+    if SAVE_SEL:
+        tl.store(e_row + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
+        if GEN_B:  # the forced local blocks past the lanes
+            tl.store(e_row + n_sel + bvec, N + bvec, mask=bvec < n_out)
+            n_sel += n_out
+        kk = tl.arange(0, K_PAD)
+        tl.store(e_row + kk, tl.full((K_PAD,), -1, dtype=tl.int32), mask=(kk >= n_sel) & (kk < K))
+    attend = sel
+    if not GEN_B:  # Gen-A attends to its local window besides the selection
+        attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
+    n_att = tl.sum(attend.to(tl.int32), 0)
+    tl.store(a_row + tl.cumsum(attend.to(tl.int32), 0) - 1, bvec, mask=attend)
+    tl.store(a_row + n_att + bvec, N + bvec, mask=bvec < n_out)
+    tl.store(n_row, n_att + n_out)
+
+
+@triton.jit
 def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr,
                 natt_ptr, sel_ptr, sm_scale, stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb,
                 stride_lb, stride_lh, stride_sb, stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
@@ -370,23 +409,28 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
             tl.debug_barrier()  # every thread's scores are stored before the arrival is counted
             if tl.atomic_add(cnt_ptr + bi * n_g + g, 1) == SPLITS - 1:
                 qb = pos // PAGE
-                bvec = tl.arange(0, NB_PAD)
-                # .cg: read the other programs' scores from L2, not from a stale L1 line.
-                sc = tl.load(s_ptr + bi * stride_sb + g * stride_sh + bvec, mask=bvec <= qb, other=0.0,
-                             cache_modifier=".cg")
-                sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
-                if SAVE_SEL:
-                    base = sel_ptr + bi * stride_eb + g * stride_eh
-                    tl.store(base + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
-                    kk = tl.arange(0, K_PAD)
-                    tl.store(base + kk, tl.full((K_PAD,), -1, dtype=tl.int32),
-                             mask=(kk >= tl.sum(sel.to(tl.int32), 0)) & (kk < K))
-                attend = sel
-                if not GEN_B:  # Gen-A attends to its local window besides the selection
-                    attend = attend | ((bvec > qb - LOCAL) & (bvec <= qb))
-                tl.store(att_ptr + bi * stride_ab + g * stride_ah + tl.cumsum(attend.to(tl.int32), 0) - 1, bvec,
-                         mask=attend)
-                tl.store(natt_ptr + bi * n_g + g, tl.sum(attend.to(tl.int32), 0))
+                s_row = s_ptr + bi * stride_sb + g * stride_sh
+                e_row = sel_ptr + bi * stride_eb + g * stride_eh
+                a_row = att_ptr + bi * stride_ab + g * stride_ah
+                n_row = natt_ptr + bi * n_g + g
+                # The selection's lanes: a quarter or half of NB_PAD when the query's blocks fit, or all but their
+                # local blocks do (a short sequence in a wide table; 2,049 blocks in 4,096 lanes).
+                Q: tl.constexpr = NB_PAD // 4
+                H: tl.constexpr = NB_PAD // 2
+                TAIL: tl.constexpr = (INIT + LOCAL + 1 <= K) or not GEN_B  # forced blocks all fit in K
+                if (NB_PAD >= 64) and TAIL and (Q >= K_PAD):
+                    if _lanes_fit(qb, Q, LOCAL, GEN_B):
+                        _select_lists(s_row, e_row, a_row, n_row, qb, Q, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
+                                      NARROW, SAVE_SEL)
+                    elif _lanes_fit(qb, H, LOCAL, GEN_B):
+                        _select_lists(s_row, e_row, a_row, n_row, qb, H, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
+                                      NARROW, SAVE_SEL)
+                    else:
+                        _select_lists(s_row, e_row, a_row, n_row, qb, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT,
+                                      RADIX, NARROW, SAVE_SEL)
+                else:
+                    _select_lists(s_row, e_row, a_row, n_row, qb, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
+                                  NARROW, SAVE_SEL)
                 tl.store(cnt_ptr + bi * n_g + g, 0)  # every split has arrived: reusable
                 if SIGNAL:  # the fused step's attention programs of (bi, g) wait for this flag
                     tl.debug_barrier()

@@ -313,14 +313,15 @@ def _range_combine(n0, i0, lo0, hi0, n1, i1, lo1, hi1):
 
 @triton.jit
 def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False, NARROW: tl.constexpr = True):
+              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False, NARROW: tl.constexpr = True, k_out=0):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
     blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
     K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
     bf16 instead of 31). A binary search, one count per step: NARROW starts it on the range the unforced keys
     span (a model's scores crowd into a few exponents: fewer of the dependent steps), else on every key value
-    (15 steps for bf16); or RADIX: two histogram passes."""
+    (15 steps for bf16); or RADIX: two histogram passes. k_out: forced blocks chosen outside `b` (the decode
+    selection's lanes stop short of the query's block when the rest are its local blocks): K less them."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -337,7 +338,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     finite = valid & ~top
     n_valid, n_top, kmin, kmax = tl.reduce((valid.to(tl.int32), top.to(tl.int32), tl.where(finite, key, INF_KEY),
                                             tl.where(finite, key, 0)), 0, _range_combine)
-    k_eff = tl.minimum(n_valid, K)
+    k_eff = tl.minimum(n_valid, K) - k_out
     # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
     BITS: tl.constexpr = 31 - SHIFT
