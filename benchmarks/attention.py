@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--sweeps", action="store_true", help="also each decode stage at several split counts")
     args = ap.parse_args()
 
-    from cpm4.kernels.infllm_v2 import triton_pipeline
+    from cpm4.kernels.infllm_v2 import triton_pipeline, triton_select
     from cpm4.kernels.infllm_v2.triton_attention import SparseAttentionFn, sparse_fwd
     from cpm4.kernels.infllm_v2.triton_decode import (
         _attend,
@@ -106,6 +106,19 @@ def main() -> None:
         row("prefill", n, total, dense, dense_TFLOPs=dense_flops / dense / 1e9)
         row("prefill.compress", n, t_comp, None)
         row("prefill.stage1_scores", n, t_s1, None, TFLOPs=s1_flops / t_s1 / 1e9)
+        # the other layout of the score pass (SCORE_KEYS_FIRST), checked against the default's scores first
+        try:
+            other = not triton_select.SCORE_KEYS_FIRST
+            flipped = block_scores(q, k1, k2, 0, cfg, scale, keys_first=other)
+            t = torch.arange(0, n, 97, device="cuda")  # a sample of the tokens, the kernels each can see
+            vis = torch.arange(k1.shape[0], device="cuda")[None, :] * 16 + 31 <= t[:, None]
+            err = ((flipped[:, t].float() - scores[:, t].float()).abs() * vis).max().item()
+            t_other = bench(lambda: block_scores(q, k1, k2, 0, cfg, scale, keys_first=other))
+            row(f"prefill.stage1_scores.{'keys_first' if other else 'rows_first'}", n, t_other, None,
+                TFLOPs=s1_flops / t_other / 1e9, max_abs_diff=err)
+            del flipped, vis
+        except Exception as e:  # noqa: BLE001 - the row only
+            print(f"prefill.stage1_scores keys_first failed: {e!r}"[:300])
         row("prefill.select", n, t_sel, None)
         # the selection's binary search over every key value (before SELECT_NARROW), and by histograms
         row("prefill.select.full_range", n,

@@ -187,6 +187,24 @@ def test_selection_with_ties_equals_reference(variant, dtype, search):
                                                                                       device=device)), pos, cfg))
 
 
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_selection_over_fewer_lanes_equals_reference(variant):
+    """Queries whose blocks fit in a quarter or a half of the selection's lanes use that many (here 34 blocks in 64
+    lanes: tokens below 256 a quarter, below 512 a half): the reference's choice at every position, ties too."""
+    from cpm4.kernels.infllm_v2.triton_select import select_blocks
+
+    device = "cuda" if CUDA else "cpu"
+    cfg = small_cfg(variant, topk=5)
+    tk = 530
+    n1 = R.num_kernels(tk, cfg.kernel_size, cfg.kernel_stride)
+    g = torch.Generator(device=device).manual_seed(1)
+    scores = (torch.randint(0, 9, (1, tk, n1), generator=g, device=device).float() / 9).to(torch.bfloat16)
+    pos = torch.arange(tk, device=device)
+    vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
+    want = R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=scores.dtype, device=device)), pos, cfg)
+    assert torch.equal(select_blocks(scores, 0, tk, n1, cfg).long(), want)
+
+
 @pytest.mark.parametrize("variant,topk", [("gen-b", 1), ("gen-a", 1), ("gen-b", 5)])
 def test_selection_search_edges_equal_reference(variant, topk):
     """The searches at the ends of the narrowed range: every unforced score equal (an empty range), all zero,
@@ -225,6 +243,28 @@ def test_key_splits_merge_equal_one_pass(variant):
     r1, r2 = R.compress_keys(k, cfg)
     ref = R.block_scores(q, r1, r2, torch.arange(297, 300, device=device), cfg, 0.25)
     assert rel(many, one) < 1e-5 and rel(many, ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("hq", [6, 32])
+def test_block_scores_keys_first_equal_reference(variant, hq):
+    """Stage 1 computed as [keys, rows] (SCORE_KEYS_FIRST): the reference's scores, as the rows-first pass."""
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress
+
+    device = "cuda" if CUDA else "cpu"
+    cfg = small_cfg(variant)
+    q, k, _ = qkv(40, 300, hq, 2, 16, torch.float32, device)
+    k1 = compress(k, 8, 4)
+    k2 = compress(k, 32, 16) if variant == "gen-b" else None
+    first = block_scores(q, k1, k2, 260, cfg, 0.25, block_n=16, keys_first=True)
+    rows = block_scores(q, k1, k2, 260, cfg, 0.25, block_n=16, keys_first=False)
+    r1, r2 = R.compress_keys(k, cfg)
+    pos = torch.arange(260, 300, device=device)
+    ref = R.block_scores(q.double(), r1.double(), None if r2 is None else r2.double(), pos, cfg, 0.25)
+    vis = R.kernel_visible(pos, k1.shape[0], cfg.kernel_size, cfg.kernel_stride)
+    tol = 2e-3 if CUDA else 1e-5  # tf32 dots on the GPU
+    assert rel(torch.where(vis, first, 0.0).double(), torch.where(vis, ref, 0.0)) < tol
+    assert rel(torch.where(vis, first, 0.0), torch.where(vis, rows, 0.0)) < tol
 
 
 @pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])

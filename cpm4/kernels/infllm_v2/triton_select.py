@@ -192,14 +192,22 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
     tl.store(lse_ptr + sp * stride_ls + ti * stride_lt + hi, lse, mask=tm)
 
 
-@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS"])
+# SCORE_KEYS_FIRST: stage 1's scores computed as [keys, rows] (K Q^T) so that the sum over a group's heads runs
+# along the tile's columns (adjacent columns of the MMA result: adds within a thread and shuffles within a quad)
+# instead of along its rows (across warps, through shared memory, every key tile). Same values up to rounding;
+# not yet measured on a GPU (attention.py row prefill.stage1_scores.keys_first).
+SCORE_KEYS_FIRST = False
+
+
+@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS", "KEYS_FIRST"])
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, LSE_SPLITS: tl.constexpr,
-                  LSE_SPLITS_PAD: tl.constexpr):
-    """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile."""
+                  LSE_SPLITS_PAD: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile
+    (KEYS_FIRST: see SCORE_KEYS_FIRST)."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -217,16 +225,29 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
     has = lse > float("-inf")
     lse = tl.where(has, lse, 0.0)
     tt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    for j0 in tl.range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :],
-                     other=0.0)
-        s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
-        vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :] & has[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        grp = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N)), 1)  # sum over the G heads of the group
-        sptr = s_ptr + g * stride_sh + tt[:, None] * stride_st + j[None, :]
-        tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < j_hi)[None, :])
+    if KEYS_FIRST:
+        qt = tl.trans(q)  # [D, rows], once per program
+        for j0 in tl.range(j_lo, j_hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_ptr + j[:, None] * stride_kt + g * stride_kh + dd[None, :], mask=(j < n_keys)[:, None],
+                        other=0.0)
+            s = tl.dot(k, qt) * (sm_scale * 1.4426950408889634)  # [keys, rows]
+            vis = (j[:, None] * KSTRIDE + KSIZE - 1 <= pos[None, :]) & (j < n_keys)[:, None] & has[None, :]
+            p = tl.where(vis, tl.exp2(s - lse[None, :]), 0.0)
+            grp = tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_T, G_PAD)), 2)  # [keys, tokens]
+            sptr = s_ptr + g * stride_sh + tt[None, :] * stride_st + j[:, None]
+            tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[None, :] & (j < j_hi)[:, None])
+    else:
+        for j0 in tl.range(j_lo, j_hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            kt = tl.load(k_ptr + j[None, :] * stride_kt + g * stride_kh + dd[:, None], mask=(j < n_keys)[None, :],
+                         other=0.0)
+            s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
+            vis = (j[None, :] * KSTRIDE + KSIZE - 1 <= pos[:, None]) & (j < n_keys)[None, :] & has[:, None]
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            grp = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N)), 1)  # sum over the G heads of the group
+            sptr = s_ptr + g * stride_sh + tt[:, None] * stride_st + j[None, :]
+            tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < j_hi)[None, :])
 
 
 def tile_shape(g: int, rows: int = 64) -> tuple[int, int]:
@@ -251,11 +272,11 @@ def _splits(n_keys: int, n_programs: int, device: torch.device, block_n: int) ->
 
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
                  scale: float, exact_lse: bool = False, key_splits: int | None = None,
-                 block_n: int = 64) -> torch.Tensor:
+                 block_n: int = 64, keys_first: bool | None = None) -> torch.Tensor:
     """Stage 1 -> [hkv, Tq, N1] scores in q's dtype (unwritten where no query sees the kernel).
 
     The LSE is taken over the coarse keys (Gen-B, the approximation) or over the fine ones (Gen-A, or
-    `exact_lse` for testing)."""
+    `exact_lse` for testing). keys_first: see SCORE_KEYS_FIRST (None: that)."""
     tq, hq, d = q.shape
     hkv = k1.shape[1]
     g = hq // hkv
@@ -286,7 +307,8 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                               scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad, BLOCK_T=bt,
                                               BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
                                               LSE_SPLITS=part.shape[0],
-                                              LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[0]))
+                                              LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[0]),
+                                              KEYS_FIRST=SCORE_KEYS_FIRST if keys_first is None else keys_first)
     return scores
 
 
@@ -393,17 +415,39 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
     g = tl.program_id(1)
     pos = q_start + t
     qb = pos // BLOCK
-    b = tl.arange(0, NB_PAD)
-    # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
-    pooled = tl.zeros((NB_PAD,), dtype=tl.float32)
     row = s_ptr + g * stride_sh + t * stride_st
+    obase = out_ptr + g * stride_oh + t * stride_ot
+    # Lanes: a quarter or half of NB_PAD when the query's blocks fit (the early tokens of a long prefill).
+    if NB_PAD >= 64:
+        if qb < NB_PAD // 4:
+            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 4, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
+                        INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+        elif qb < NB_PAD // 2:
+            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 2, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
+                        INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+        else:
+            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
+                        LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+    else:
+        _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
+                    LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+
+
+@triton.jit
+def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.constexpr, NB: tl.constexpr,
+                PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr, KSIZE: tl.constexpr,
+                KSTRIDE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+                SHIFT: tl.constexpr, RADIX: tl.constexpr, NARROW: tl.constexpr):
+    """One query's selection over lanes [0, NB) (its blocks 0..qb all among them) from its kernel scores."""
+    b = tl.arange(0, NB)
+    # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
+    pooled = tl.zeros((NB,), dtype=tl.float32)
     for w in range(WIDTH):
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
     sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
-    obase = out_ptr + g * stride_oh + t * stride_ot
     tl.store(obase + slot, b, mask=sel)
     n_sel = tl.sum(sel.to(tl.int32), 0)
     i = tl.arange(0, K_PAD)
