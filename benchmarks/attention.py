@@ -125,6 +125,17 @@ def main() -> None:
             bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, narrow=False)), None)
         row("prefill.select.radix", n, bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, radix=True)), None)
         row("prefill.stage2_attention", n, t_s2, None, TFLOPs=s2_flops / t_s2 / 1e9, attended_tokens=attended)
+        # the shared blocks two heads a program (SHARED_HEADS=2), checked against the default's output first
+        try:
+            ref_o = sparse_fwd(q, k, v, blocks, 64, scale, cfg.init_blocks, cfg.local_blocks)[0]
+            two_o = sparse_fwd(q, k, v, blocks, 64, scale, cfg.init_blocks, cfg.local_blocks, shared_heads=2)[0]
+            err = (two_o.float() - ref_o.float()).abs().max().item()
+            t_two = bench(lambda: sparse_fwd(q, k, v, blocks, 64, scale, cfg.init_blocks, cfg.local_blocks,
+                                             shared_heads=2))
+            row("prefill.stage2_attention.shared_heads2", n, t_two, None, max_abs_diff=err)
+            del ref_o, two_o
+        except Exception as e:  # noqa: BLE001 - the row only
+            print(f"prefill.stage2_attention.shared_heads2 failed: {e!r}"[:300])
         # Backward of the sparse attention (selection fixed) vs dense SDPA backward.
         if not args.skip_backward:
             qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))

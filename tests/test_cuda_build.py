@@ -56,7 +56,8 @@ def test_selection_kernel_builds_for_sm80_and_sm90():
 
 def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
     """Every InfLLM v2 kernel: prefill stages 1-4 with the backward (Gen-B and Gen-A; Gen-A's with the dk/dv work
-    split and its dk/dv and stage 1 scores as [keys, rows]), and the paged sparse decode step with the fused append."""
+    split, its dk/dv and stage 1 scores as [keys, rows] and two heads a shared-blocks tile), and the paged sparse
+    decode step with the fused append."""
     from test_infllm_v2_triton import check_pipeline, check_sparse_decode, small_cfg
 
     from cpm4.kernels.infllm_v2 import triton_attention, triton_select
@@ -66,6 +67,7 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
             monkeypatch.setattr(triton_attention, "DKDV_CHUNK", None if variant == "gen-b" else 5)
             monkeypatch.setattr(triton_attention, "DKDV_KEYS_FIRST", variant == "gen-a")
             monkeypatch.setattr(triton_select, "SCORE_KEYS_FIRST", variant == "gen-a")
+            monkeypatch.setattr(triton_attention, "SHARED_HEADS", 2 if variant == "gen-a" else 1)
             check_pipeline(small_cfg(variant), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
             check_sparse_decode(small_cfg(variant, dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu",
                                 1e-4, splits=3, fuse_append=True)

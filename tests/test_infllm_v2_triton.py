@@ -85,6 +85,18 @@ def test_interpreter_pipeline_matches_reference(variant):
     check_pipeline(small_cfg(variant), 70, 70, 4, 2, 16, torch.float32, "cpu", 1e-5)
 
 
+@pytest.mark.parametrize("hq,tq,tk", [(4, 70, 70), (8, 45, 83), (6, 30, 70)])
+def test_interpreter_shared_blocks_two_heads_a_program(hq, tq, tk, monkeypatch):
+    """SHARED_HEADS=2: the shared blocks' tile holds two heads of a group (a group of 3 falls back to one);
+    queries from the start and a chunk at the end of the sequence."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_attention
+
+    monkeypatch.setattr(triton_attention, "SHARED_HEADS", 2)
+    check_pipeline(small_cfg("gen-b"), tq, tk, hq, 2, 16, torch.float32, "cpu", 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_dot_equals_float64(dtype):
     from cpm4.kernels.infllm_v2.triton_attention import row_dot
@@ -349,6 +361,17 @@ def test_gpu_backward_with_split_dkdv(chunk, rows, warps, keys_first, monkeypatc
     monkeypatch.setattr(triton_attention, "DKDV_KEYS_FIRST", keys_first)
     cfg = SparseConfig(variant="gen-b", dense_len=-1)
     check_pipeline(cfg, 3000, 3000, 32, 2, 128, torch.bfloat16, "cuda", 2e-2, ref_dtype=torch.float32)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_pipeline_shared_heads2(dtype, monkeypatch):
+    from cpm4.kernels.infllm_v2 import triton_attention
+
+    monkeypatch.setattr(triton_attention, "SHARED_HEADS", 2)
+    cfg = SparseConfig(variant="gen-b", dense_len=-1)
+    check_pipeline(cfg, 3000, 3000, 32, 2, 128, dtype, "cuda", 2e-2, ref_dtype=torch.float32)
+    check_pipeline(cfg, 1000, 4000, 32, 2, 128, dtype, "cuda", 2e-2, grad=False, ref_dtype=torch.float32)
 
 
 @gpu

@@ -30,34 +30,47 @@ def shared_kv(k_ptr, v_ptr, kk, tk, g, dd, stride_kt, stride_kh, stride_vt, stri
     return kk, km, k, v
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
+# SHARED_HEADS: query heads of one KV group per program of the shared-blocks forward (its tile: that many x BLOCK
+# rows against each shared key block, loaded once for them). 1: a 64-row tile per head; 2: 128 rows, half the
+# K/V loads and larger MMAs. At 128K the shared part does 4.7 TFLOP in ≈ 11.6 ms (≈ 400 TFLOP/s, H200). Not yet
+# measured with 2 (attention.py row prefill.shared.heads2).
+SHARED_HEADS = 1
+
+
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
 @triton.jit
 def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, window, sm_scale,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                       stride_lt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr):
+                       stride_lt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
+                       HP: tl.constexpr):
     """The blocks every query of a query block attends to (initial blocks and the local window
-    qb-window .. qb): one flash-attention tile of BLOCK tokens x one head. Writes the partial result
-    (normalised, fp32) and its log-sum-exp in log2 units."""
+    qb-window .. qb): one flash-attention tile of BLOCK tokens x HP heads of one group. Writes the partial
+    result (normalised, fp32) and its log-sum-exp in log2 units. Only the last block (the query block's own)
+    needs the causal mask: every earlier one lies before all of the tile's positions."""
     qb = tl.program_id(0) + q_start // BLOCK
-    h = tl.program_id(1)
-    g = h // G
-    pos = qb * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, HP * BLOCK)
+    h = tl.program_id(1) * HP + r // BLOCK  # HP divides G: one KV group per program
+    g = tl.program_id(1) * HP // G
+    pos = qb * BLOCK + r % BLOCK
     rm = (pos >= q_start) & (pos < tk)
     t = pos - q_start
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + dd[None, :], mask=rm[:, None], other=0.0)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dd[None, :], mask=rm[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
-    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+    m_i = tl.full((HP * BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((HP * BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((HP * BLOCK, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
     _, n = shared_block(0, qb, window, INIT)
-    for i in tl.range(0, n):
+    for i in tl.range(0, n - 1):
         b, _ = shared_block(i, qb, window, INIT)
         kk, km, k, v = shared_kv(k_ptr, v_ptr, b * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
-        m_i, l_i, acc = softmax_step(q, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
+    kk, km, k, v = shared_kv(k_ptr, v_ptr, qb * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
+    m_i, l_i, acc = softmax_step(q, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_ptr + t[:, None] * stride_ot + h * stride_oh + dd[None, :], acc / l_safe[:, None], mask=rm[:, None])
+    tl.store(o_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dd[None, :], acc / l_safe[:, None],
+             mask=rm[:, None])
     tl.store(lse_ptr + t * stride_lt + h, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rm)
 
 
@@ -305,10 +318,10 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
-               init_blocks: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+               init_blocks: int, window: int, shared_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the shared blocks (b < init_blocks or qb - window <= b <= qb) plus the selected blocks
     `idx` [hkv, Tq, K] (sorted ascending, -1 last; entries inside the shared set are ignored).
-    Returns out [Tq, hq, d] and lse [Tq, hq] (natural log)."""
+    Returns out [Tq, hq, d] and lse [Tq, hq] (natural log). shared_heads: see SHARED_HEADS (None: that)."""
     _check(q, k, v, idx)
     q, k, v, idx = _contig(q), _contig(k), _contig(v), _contig(idx.to(torch.int32))
     tq, hq, d = q.shape
@@ -319,10 +332,13 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     o_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
     lse_shared = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
     n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
-    _fwd_shared_kernel[(n_qblocks, hq)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale, q.stride(0),
-                                        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                        o_shared.stride(0), o_shared.stride(1), lse_shared.stride(0), G=g, D=d,
-                                        BLOCK=block_size, INIT=init_blocks)
+    hp = SHARED_HEADS if shared_heads is None else shared_heads
+    hp = hp if g % hp == 0 else 1
+    _fwd_shared_kernel[(n_qblocks, hq // hp)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale,
+                                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                              v.stride(1), o_shared.stride(0), o_shared.stride(1),
+                                              lse_shared.stride(0), G=g, D=d, BLOCK=block_size, INIT=init_blocks,
+                                              HP=hp)
     o = torch.empty_like(q)
     lse = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
     nsel = idx.shape[2]
