@@ -148,6 +148,21 @@ def main() -> None:
             t_dbwd = bench(lambda: torch.autograd.grad(od, (qg, kg, vg), dod, retain_graph=True), warmup=2, rep=5)
             row("backward", n, t_bwd, t_dbwd)
             row("forward+backward", n, t_s2 + t_bwd + t_comp + t_s1 + t_sel, dense + t_dbwd)
+            # the shared blocks' dq two heads a program (SHARED_HEADS=2), gradients checked against the default's
+            from cpm4.kernels.infllm_v2 import triton_attention
+
+            ref_g = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
+            before, triton_attention.SHARED_HEADS = triton_attention.SHARED_HEADS, 2
+            try:
+                two_g = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
+                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref_g, two_g))
+                t_two = bench(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True), warmup=2, rep=5)
+                row("backward.shared_heads2", n, t_two, t_dbwd, max_abs_diff=err)
+            except Exception as e:  # noqa: BLE001 - the row only
+                print(f"backward.shared_heads2 failed: {e!r}"[:300])
+            finally:
+                triton_attention.SHARED_HEADS = before
+            del ref_g
     def decode(n, q, k, v, kd, vd, k1, k2):
         # Decode step with n tokens in a paged cache (64-token pages), as the engine runs it: pool the kernel
         # keys the new token completes, stage 1 + selection + sparse attention on the pages in place

@@ -30,11 +30,17 @@ def shared_kv(k_ptr, v_ptr, kk, tk, g, dd, stride_kt, stride_kh, stride_vt, stri
     return kk, km, k, v
 
 
-# SHARED_HEADS: query heads of one KV group per program of the shared-blocks forward (its tile: that many x BLOCK
-# rows against each shared key block, loaded once for them). 1: a 64-row tile per head; 2: 128 rows, half the
+# SHARED_HEADS: query heads of one KV group per program of the shared-blocks forward and dq (its tile: that many
+# x BLOCK rows against each shared key block, loaded once for them). 1: a 64-row tile per head; 2: 128 rows, half the
 # K/V loads and larger MMAs. At 128K the shared part does 4.7 TFLOP in ≈ 11.6 ms (≈ 400 TFLOP/s, H200). Not yet
 # measured with 2 (attention.py row prefill.shared.heads2).
 SHARED_HEADS = 1
+
+
+def shared_heads_for(g: int, heads: int | None = None) -> int:
+    """Heads per shared-blocks tile for a group of g (None: SHARED_HEADS); 1 where that does not divide g."""
+    heads = SHARED_HEADS if heads is None else heads
+    return heads if g % heads == 0 else 1
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
@@ -113,37 +119,49 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
     tl.store(lse_ptr + t * stride_lt + h, lse, mask=hm)
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT"])
+@triton.jit
+def _dq_step(q, do, k, v, p_mask, lse, delta, dq, qk_scale):
+    """One key block of the flash-attention dq pass (scores in log2 units; p_mask None: every entry counts)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if p_mask is not None:
+        p = tl.where(p_mask, p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
 @triton.jit
 def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tq, q_start, tk, window, sm_scale,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
-                          G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr):
-    """dq over the shared blocks: a flash-attention backward tile of BLOCK tokens x one head (fp32 out)."""
+                          G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
+                          HP: tl.constexpr):
+    """dq over the shared blocks: a flash-attention backward tile of BLOCK tokens x HP heads of one group (fp32
+    out); the causal mask on the last block only, as in the forward."""
     qb = tl.program_id(0) + q_start // BLOCK
-    h = tl.program_id(1)
-    g = h // G
-    pos = qb * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, HP * BLOCK)
+    h = tl.program_id(1) * HP + r // BLOCK
+    g = tl.program_id(1) * HP // G
+    pos = qb * BLOCK + r % BLOCK
     rm = (pos >= q_start) & (pos < tk)
     t = pos - q_start
     dd = tl.arange(0, D)
-    qoff = t[:, None] * stride_qt + h * stride_qh + dd[None, :]
+    qoff = t[:, None] * stride_qt + h[:, None] * stride_qh + dd[None, :]
     q = tl.load(q_ptr + qoff, mask=rm[:, None], other=0.0)
     do = tl.load(do_ptr + qoff, mask=rm[:, None], other=0.0)
+    # Rows outside the queries: lse +inf, so their p is 0 in every block.
     lse = tl.load(lse_ptr + t * stride_lt + h, mask=rm, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + t * stride_lt + h, mask=rm, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros((BLOCK, D), dtype=tl.float32)
+    dq = tl.zeros((HP * BLOCK, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
     _, n = shared_block(0, qb, window, INIT)
-    for i in tl.range(0, n):
+    for i in tl.range(0, n - 1):
         b, _ = shared_block(i, qb, window, INIT)
         kk, km, k, v = shared_kv(k_ptr, v_ptr, b * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = km[None, :] & (kk[None, :] <= pos[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = _dq_step(q, do, k, v, None, lse, delta, dq, qk_scale)
+    kk, km, k, v = shared_kv(k_ptr, v_ptr, qb * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
+    dq = _dq_step(q, do, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), lse, delta, dq, qk_scale)
     tl.store(dq_ptr + qoff, dq * sm_scale, mask=rm[:, None])
 
 
@@ -332,8 +350,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     o_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
     lse_shared = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
     n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
-    hp = SHARED_HEADS if shared_heads is None else shared_heads
-    hp = hp if g % hp == 0 else 1
+    hp = shared_heads_for(g, shared_heads)
     _fwd_shared_kernel[(n_qblocks, hq // hp)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale,
                                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                               v.stride(1), o_shared.stride(0), o_shared.stride(1),
@@ -473,9 +490,11 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     delta = row_dot(o, do)  # [Tq, hq]
     dq_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
     n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
-    _bwd_dq_shared_kernel[(n_qblocks, hq)](q, k, v, do, lse, delta, dq_shared, tq, q_start, tk, window, scale,
-                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                                           v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size, INIT=init_blocks)
+    hp = shared_heads_for(g)
+    _bwd_dq_shared_kernel[(n_qblocks, hq // hp)](q, k, v, do, lse, delta, dq_shared, tq, q_start, tk, window, scale,
+                                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                                 v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size,
+                                                 INIT=init_blocks, HP=hp)
     dq = torch.empty_like(q)
     nsel = idx.shape[2]
     _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale, q.stride(0),
