@@ -8,7 +8,7 @@
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
 #                                               # split sweeps)
 #   bash benchmarks/device_session.sh select    # SCORE_WIDE, SELECT_NARROW, FUSE_ATTEND: 8B 128K decode, each flipped
-#   bash benchmarks/device_session.sh kernels   # InfLLM v2 decode rows (+ variants), prefill/backward at 32K/128K
+#   bash benchmarks/device_session.sh kernels   # InfLLM v2 prefill/backward rows at 32K/128K (+ variants), selection
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
@@ -72,9 +72,9 @@ select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selectio
         PY="$PY" timeout 110 bash benchmarks/decode_variant.sh "${v%%:*}" "${v##*:}"
     done
     ;;
-kernels)
-    timeout 300 "$PY" benchmarks/attention.py --decode-only --lengths 8192 32768 131072 2>&1 | grep -E "^decode|device|failed"
-    timeout 260 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 | grep -E "^(prefill|backward|forward)|device"
+kernels)  # the prefill and backward rows with their variants (the decode rows: the decode stage)
+    timeout 420 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 \
+        | grep -E "^\{\"phase\": \"(prefill|backward|forward)|device|failed"
     timeout 100 "$PY" benchmarks/select_search.py 2>&1 | grep -E "^prefill|wrote|Error"
     ;;
 engine)
