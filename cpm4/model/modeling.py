@@ -176,6 +176,10 @@ class Attention(nn.Module):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
             out = self._dense(q, k_all, v_all, starts, not any(h_starts), h_starts[0])
+        elif b == 1 and sparse[0] and h_new[0] == t:
+            # One sparse row, no padding (a long prompt's chunk, a lone decode step): its output as it comes, not
+            # copied into a zeroed buffer (at 128K on the 8B shape that was 1 GB filled and 1 GB copied a layer).
+            out = self._sparse_row(q, k_all, v_all, 0, t, kv_lens[0], cache)[None]
         else:
             # Sparse rows, or a multi-token step where some rows continue cached tokens. The dense rows that
             # start at 0 take one causal call together; the others go row by row, each in the fused kernels
@@ -205,17 +209,23 @@ class Attention(nn.Module):
                 if n == 0 or i in fresh:
                     continue
                 if sparse[i]:
-                    k1 = k2 = None
-                    if cache is not None:
-                        k1, k2 = cache.compressed_keys(self.layer_idx, i, L, sc)
-                    out[i, :n] = infllm_v2.sparse_attention(q[i, :n], k_all[i, :L], v_all[i, :L], sc, self.scale,
-                                                            k1, k2)
+                    out[i, :n] = self._sparse_row(q, k_all, v_all, i, n, L, cache)
                 else:
                     out[i:i + 1, :n] = self._dense(q[i:i + 1, :n], k_all[i:i + 1, :L], v_all[i:i + 1, :L],
                                                    starts[i:i + 1], s == 0 and L == n, s)
         if pack is not None:
             out = pack.unpad(out)
         return self._out(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
+
+    def _sparse_row(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, i: int, n: int, kv_len: int,
+                    cache) -> torch.Tensor:
+        """InfLLM v2 attention of row i's n new queries over its first kv_len keys (the cache's kernel keys when
+        there is one): [n, heads, d]."""
+        sc = self.config.sparse_config
+        k1 = k2 = None
+        if cache is not None:
+            k1, k2 = cache.compressed_keys(self.layer_idx, i, kv_len, sc)
+        return infllm_v2.sparse_attention(q[i, :n], k_all[i, :kv_len], v_all[i, :kv_len], sc, self.scale, k1, k2)
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: list[list[int]]) -> torch.Tensor:
         """Attention of rows of whole documents (no cache). Sparse documents of equal length run as one
