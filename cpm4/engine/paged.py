@@ -249,7 +249,7 @@ class PagedBatch:
         self.lens = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
         width = max([len(s.pages) for s in seqs] + [1])
         self.table = cache.block_table(seqs, width).to(dev, torch.long)
-        self._slots: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | slice, int]] | None = None
+        self._slots: tuple[torch.Tensor | slice, torch.Tensor | None, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
         self._key_slots: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
@@ -268,8 +268,9 @@ class PagedBatch:
         return torch.gather(self.table[rows], 1, page_idx) * ps + positions % ps
 
     def _plan(self, starts: torch.Tensor, new_lens: torch.Tensor, t: int, dev: torch.device):
-        """(slots of the real new tokens, their flat indices in the [B * T] new tokens, (pages [B, n] holding
-        every row's keys up to the longest end, that end)); the same for every layer of a step, so computed
+        """(slots of the real new tokens, their flat indices in the [B * T] new tokens (a slice and None for one
+        sequence on consecutive pages without padding), (pages [B, n] holding every row's keys up to the longest
+        end, that end)); the same for every layer of a step, so computed
         once, with the lengths read on the host once (a boolean-mask index per layer would wait for the GPU
         every layer)."""
         if self._slots is None:
@@ -284,6 +285,9 @@ class PagedBatch:
             own = self.seqs[0].pages[:n] if b == 1 else []
             if own and own == list(range(own[0], own[0] + n)):
                 pages = slice(own[0], own[0] + n)  # one sequence on consecutive pages: a view, no gather
+                if self._host[1][0] == t:  # and every new token real: their slots are one run, a slice
+                    first = own[0] * self.cache.page_size + self._host[0][0]
+                    new_slots, real = slice(first, first + t), None
             else:
                 pages = self.table[:, :n].contiguous()  # rows past their pages read the scratch page
             self._slots = (new_slots, real, (pages, end))
@@ -296,8 +300,12 @@ class PagedBatch:
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
         new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device)
-        kc[new_slots] = k.flatten(0, 1)[real]
-        vc[new_slots] = v.flatten(0, 1)[real]
+        if real is None:  # one run of slots (`_plan`): plain copies
+            kc[new_slots] = k.flatten(0, 1)
+            vc[new_slots] = v.flatten(0, 1)
+        else:
+            kc[new_slots] = k.flatten(0, 1)[real]
+            vc[new_slots] = v.flatten(0, 1)[real]
         k_all, v_all = self.gather(self.cache.k[layer], pages, end), self.gather(self.cache.v[layer], pages, end)
         if self.cache.fine is not None:
             self._pool(layer, k_all, *self._host)
