@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
 #
-#   bash benchmarks/device_session.sh tests     # GPU tests of the InfLLM v2 kernels
+#   bash benchmarks/device_session.sh tests     # GPU tests of the InfLLM v2 kernels (but the sparse decode's)
+#   bash benchmarks/device_session.sh testsdecode # GPU tests of the InfLLM v2 paged sparse decode and fused step
 #   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
 #                                               # the element-wise and GEMV kernels (carry .wheels/py312)
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
@@ -41,9 +42,15 @@ wheels() {  # fastapi/uvicorn/openai are not on the device: install them from th
 }
 
 case "$stage" in
-tests)  # ~9 min in all: the kernels' GPU tests here, the rest in tests2
+tests)  # the kernels' GPU tests but the sparse decode ones (testsdecode); the rest in tests2. The whole file took
+    # > 9.5 min in one call (fifteenth session: the sixteen 3000-token pipeline tests ≈ 26 s each)
     # --durations: which tests to make cheaper
-    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_infllm_v2_triton.py 2>&1 | tail -20
+    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_infllm_v2_triton.py \
+        -k "not paged_sparse_decode and not fused_step" 2>&1 | tail -20
+    ;;
+testsdecode)  # the paged sparse decode and fused step GPU tests (≈ 4 min)
+    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=5 tests/test_infllm_v2_triton.py \
+        -k "paged_sparse_decode or fused_step" 2>&1 | tail -10
     ;;
 tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and the new kernels'
     wheels
