@@ -9,6 +9,7 @@
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
 #                                               # split sweeps)
 #   bash benchmarks/device_session.sh select    # SCORE_WIDE, SELECT_NARROW, FUSE_ATTEND: 8B 128K decode, each flipped
+#   bash benchmarks/device_session.sh full      # issue 3's table: attention.py at 8K, 32K, 64K and 128K
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 prefill/backward rows at 32K/128K (+ variants), selection
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
@@ -78,6 +79,11 @@ select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selectio
              "FUSE_ATTEND=1 SCORE_WIDE=1:all"; do
         PY="$PY" timeout 110 bash benchmarks/decode_variant.sh "${v%%:*}" "${v##*:}"
     done
+    ;;
+full)  # issue 3's whole table: prefill, backward and decode rows at 8K, 32K, 64K and 128K (JSON under $OUT)
+    timeout 560 "$PY" benchmarks/attention.py --lengths 8192 32768 65536 131072 --out "${OUT:-benchmarks/results}" \
+        2>&1 | grep -E "^\{\"phase\": \"(prefill|backward|forward\+backward|decode|decode\.cuda_graph)\"|device|failed" \
+        | cut -c1-160
     ;;
 kernels)  # the prefill and backward rows with their variants (the decode rows: the decode stage)
     timeout 420 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 \
