@@ -121,10 +121,9 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - the row only
             print(f"prefill.stage1_scores keys_first failed: {e!r}"[:300])
         row("prefill.select", n, t_sel, None)
-        # the selection's binary search over every key value (before SELECT_NARROW), and by histograms
+        # the selection's binary search over every key value (before SELECT_NARROW)
         row("prefill.select.full_range", n,
             bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, narrow=False)), None)
-        row("prefill.select.radix", n, bench(lambda: select_blocks(scores, 0, n, k1.shape[0], cfg, radix=True)), None)
         row("prefill.stage2_attention", n, t_s2, None, TFLOPs=s2_flops / t_s2 / 1e9, attended_tokens=attended)
         # the shared blocks two heads a program (SHARED_HEADS=2), checked against the default's output first
         try:
@@ -215,17 +214,13 @@ def main() -> None:
             variant("decode.cuda_graph.persistent_counters", lambda: sparse_step(persistent_counters=True))
             variant("decode.cuda_graph.pdl", lambda: sparse_step(pdl=True))
             variant("decode.cuda_graph.pdl_persistent", lambda: sparse_step(pdl=True, persistent_counters=True))
-            # The threshold searches: binary over the unforced keys' range (SELECT_NARROW, the default), over
-            # every bf16 key value (full_range, before), by histograms (SELECT_RADIX, off: slower inside the 8B
-            # engine than here); on these random queries and on a zero query, whose pooled scores are all equal
-            # (every key in one histogram bin, an empty range: a model's scores crowd into a few exponents).
+            # The threshold searches: binary over the unforced keys' range (SELECT_NARROW, the default) or over
+            # every bf16 key value (full_range, before); on these random queries and on a zero query, whose pooled
+            # scores are all equal (an empty range: a model's scores crowd into a few exponents).
             q0 = torch.zeros_like(q1)
             variant("decode.cuda_graph.full_range_select", lambda: sparse_step(narrow=False))
-            variant("decode.cuda_graph.score_wide", lambda: sparse_step(wide=True))
-            variant("decode.cuda_graph.radix_select", lambda: sparse_step(radix=True))
             variant("decode.cuda_graph.uniform_q", lambda: sparse_step(q=q0))
             variant("decode.cuda_graph.uniform_q.full_range_select", lambda: sparse_step(q=q0, narrow=False))
-            variant("decode.cuda_graph.uniform_q.radix_select", lambda: sparse_step(q=q0, radix=True))
             # the split outputs merged by the last split, as before SEPARATE_MERGE, sparse and dense paged
             variant("decode.cuda_graph.fused_merge", lambda: sparse_step(separate_merge=False))
             variant("decode.dense_paged.cuda_graph.fused_merge",
@@ -241,13 +236,8 @@ def main() -> None:
                                                       cfg.coarse_kernel_stride, scale)),
                     ("stage1_scores_select", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
                                                                    counters=counters.zero_())),
-                    ("stage1_scores_select_radix", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
-                                                                         counters=counters.zero_(), radix=True)),
                     ("stage1_scores", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale)),  # no selection
-                    # the kernels overlapping a program's blocks as one tile (SCORE_WIDE), the search over every value
-                    ("stage1_scores_wide", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale, wide=True)),
-                    ("stage1_scores_select_wide", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
-                                                                        counters=counters.zero_(), wide=True)),
+                    # the search over every key value
                     ("stage1_scores_select_full_range", lambda: _score_select(q1, fine, table, lens, lse, cfg, scale,
                                                                               counters=counters.zero_(), narrow=False)),
                     ("attend_merge", lambda: _attend(q1, kc, vc, table, lens, splits, 2, blk=att, nblk=natt,
@@ -271,10 +261,6 @@ def main() -> None:
                     q1, fine, table, lens, lse, cfg, scale, splits=sp, counters=counters.zero_()))
                 variant(f"decode.cuda_graph.stage1_lse.splits{sp}", lambda sp=sp: decode_lse(
                     q1, coarse, table, lens, cfg, cfg.coarse_kernel_size, cfg.coarse_kernel_stride, scale, splits=sp))
-            # Last (a wrong wait would hang here, not fail): scores, selection and attention in one launch
-            # (FUSE_ATTEND, off: slower), alone and with the one-tile scores.
-            variant("decode.cuda_graph.fuse_attend", lambda: sparse_step(fuse_attend=True))
-            variant("decode.cuda_graph.fuse_attend.score_wide", lambda: sparse_step(fuse_attend=True, wide=True))
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 

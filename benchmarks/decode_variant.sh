@@ -3,7 +3,7 @@
 # cpm4.kernels.infllm_v2.triton_decode set for the run: how a decode-kernel variant fares inside the engine, on a
 # model's data, rather than on attention.py's random inputs.
 #
-#   bash benchmarks/decode_variant.sh "SELECT_RADIX=1 SEPARATE_MERGE=0" radix1-merge0 [CONTEXT]
+#   bash benchmarks/decode_variant.sh "SELECT_NARROW=0 SEPARATE_MERGE=0" narrow0-merge0 [CONTEXT]
 #
 # Flags (of triton_decode or triton_select) take 0/1. Table and JSON as generation.py's, the file named with TAG (under /tmp/gen-TAG and, on the device,
 # $OUT).

@@ -2,13 +2,13 @@
 # The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
 #
 #   bash benchmarks/device_session.sh tests     # GPU tests of the InfLLM v2 kernels (but the sparse decode's)
-#   bash benchmarks/device_session.sh testsdecode # GPU tests of the InfLLM v2 paged sparse decode and fused step
+#   bash benchmarks/device_session.sh testsdecode # GPU tests of the InfLLM v2 paged sparse decode
 #   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
 #                                               # the element-wise and GEMV kernels (carry .wheels/py312)
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
 #                                               # split sweeps)
-#   bash benchmarks/device_session.sh select    # SCORE_WIDE, SELECT_NARROW, FUSE_ATTEND: 8B 128K decode, each flipped
+#   bash benchmarks/device_session.sh select    # SELECT_NARROW, SEPARATE_MERGE: 8B 128K decode, each flipped
 #   bash benchmarks/device_session.sh full      # issue 3's table: attention.py at 8K, 32K, 64K and 128K
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 prefill/backward rows at 32K/128K (+ variants), selection
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
@@ -47,11 +47,11 @@ tests)  # the kernels' GPU tests but the sparse decode ones (testsdecode); the r
     # > 9.5 min in one call (fifteenth session: the sixteen 3000-token pipeline tests ≈ 26 s each)
     # --durations: which tests to make cheaper
     timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_infllm_v2_triton.py \
-        -k "not paged_sparse_decode and not fused_step" 2>&1 | tail -20
+        -k "not paged_sparse_decode" 2>&1 | tail -20
     ;;
-testsdecode)  # the paged sparse decode and fused step GPU tests (≈ 4 min)
+testsdecode)  # the paged sparse decode GPU tests (≈ 4 min)
     timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=5 tests/test_infllm_v2_triton.py \
-        -k "paged_sparse_decode or fused_step" 2>&1 | tail -10
+        -k "paged_sparse_decode" 2>&1 | tail -10
     ;;
 tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and the new kernels'
     wheels
@@ -67,16 +67,12 @@ servetests)  # carry .wheels/py312
 decode)  # the InfLLM v2 decode step: its GPU tests, then its rows
     timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
         -k "paged_decode or paged_sparse_decode" 2>&1 | tail -3
-    # the fused step alone (FUSE_ATTEND: a wrong wait would hang, not fail)
-    timeout 90 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py -k fused_step 2>&1 | tail -3
     timeout 280 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
     ;;
-select)  # the score kernel's one-tile loads (SCORE_WIDE), the narrowed selection search (SELECT_NARROW) and the fused
-    # scores+attention launch (FUSE_ATTEND) inside the 8B engine at 128K: the defaults (SELECT_NARROW on, the
-    # others off), each flipped, the two off ones on (≈ 60 s a run). Their GPU tests run in the decode stage
-    # (paged decode) and the tests stage (selection).
-    for v in ":base" "SCORE_WIDE=1:wide" "SELECT_NARROW=0:full_range" "FUSE_ATTEND=1:fused" \
-             "FUSE_ATTEND=1 SCORE_WIDE=1:all"; do
+select)  # the decode step's flags inside the 8B engine at 128K: the defaults, then the narrowed selection search
+    # (SELECT_NARROW) and the separate merge (SEPARATE_MERGE) each flipped (≈ 60 s a run). Their GPU tests run in
+    # the decode stage (paged decode) and the tests stage (selection).
+    for v in ":base" "SELECT_NARROW=0:full_range" "SEPARATE_MERGE=0:last_split_merge"; do
         PY="$PY" timeout 110 bash benchmarks/decode_variant.sh "${v%%:*}" "${v##*:}"
     done
     ;;

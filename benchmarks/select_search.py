@@ -1,11 +1,11 @@
 """The prefill selection's top-k threshold searches on the 8B attention shape (CUDA only).
 
-`select_blocks` with the binary search over every key value (narrow=False), over the unforced keys' range
-(True, the default) and by histograms (radix), on stage 1's scores of random inputs and on those scores raised
+`select_blocks` with the binary search over every key value (narrow=False) and over the unforced keys' range
+(True, the default), on stage 1's scores of random inputs and on those scores raised
 to the 8th power (spread over many exponents, as a model's scores are, so the range is wide). Peer: the default
 search in the same run. Each search's blocks are checked equal to the default's. Prints a table and writes
-`benchmarks/results/select_search-<date>.json`. (Its first run, 2026-11-29, also timed a five-way search since
-removed: RESULTS.md, twelfth GPU pass.)
+`benchmarks/results/select_search-<date>.json`. (Its runs of 2026-11-29 also timed a five-way search and two
+histogram passes (radix), both since removed: RESULTS.md, twelfth and thirteenth GPU passes.)
 
     python benchmarks/select_search.py --lengths 32768 131072
 """
@@ -48,13 +48,13 @@ def main() -> None:
         for label, s in (("random", scores), ("spread", (scores.float() ** 8).to(scores.dtype))):
             times = {}
 
-            def select(narrow, radix, s=s, n=n, n1=k1.shape[0]):
-                return select_blocks(s, 0, n, n1, cfg, radix=radix, narrow=narrow)
-            ref = select(True, False)
-            for name, narrow, radix in (("full_range", False, False), ("binary", True, False), ("radix", True, True)):
-                if not torch.equal(select(narrow, radix), ref):
+            def select(narrow, s=s, n=n, n1=k1.shape[0]):
+                return select_blocks(s, 0, n, n1, cfg, narrow=narrow)
+            ref = select(True)
+            for name, narrow in (("full_range", False), ("binary", True)):
+                if not torch.equal(select(narrow), ref):
                     raise SystemExit(f"{name} selected other blocks than the binary search at {n} ({label})")
-                times[name] = triton.testing.do_bench(lambda a=narrow, b=radix: select(a, b), warmup=3, rep=40)
+                times[name] = triton.testing.do_bench(lambda a=narrow: select(a), warmup=3, rep=40)
             for name, ms in times.items():
                 rows.append({"phase": f"prefill.select.{name}.{label}", "seqlen": n, "ours_ms": ms,
                              "peer_ms": times["binary"], "speedup": times["binary"] / ms})

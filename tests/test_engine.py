@@ -198,17 +198,16 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc, monkeypatch):
     assert agree >= (3 if graphs == "compile" else 5)
 
 
-def test_paged_decode_kernels_with_the_prepared_decode_variants(monkeypatch):
-    """The engine's InfLLM v2 decode with the step's variants that are off by default (one-tile scores, narrowed
-    search, scores and attention in one launch) on: the tokens of the gathering path."""
+def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
+    """The engine's InfLLM v2 decode with the step's other paths (the threshold search over every key value, the
+    splits merged by the last one to finish): the tokens of the gathering path."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
     from cpm4.kernels.infllm_v2 import triton_decode, triton_select
 
-    monkeypatch.setattr(triton_decode, "FUSE_ATTEND", True)
-    monkeypatch.setattr(triton_decode, "SCORE_WIDE", True)
-    monkeypatch.setattr(triton_select, "SELECT_NARROW", True)
+    monkeypatch.setattr(triton_decode, "SEPARATE_MERGE", False)
+    monkeypatch.setattr(triton_select, "SELECT_NARROW", False)
     test_paged_decode_kernels_equal_alone(sparse(dense_len=40))
 
 

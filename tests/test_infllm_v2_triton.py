@@ -169,13 +169,13 @@ def test_interpreter_odd_group_chunk_and_fp16():
     check_pipeline(small_cfg(), 20, 83, 6, 2, 16, torch.float16, "cpu", 3e-3, grad=False)
 
 
-@pytest.mark.parametrize("search", ["narrow", "full", "radix"])
+@pytest.mark.parametrize("search", ["narrow", "full"])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_selection_with_ties_equals_reference(variant, dtype, search):
     """Top-k on scores with many exact ties (few distinct values), in each score dtype (the search skips the
-    low bits a bf16/fp16 score cannot have), by binary search (over the unforced keys' range or every key
-    value) or histograms: exactly the reference's stable-sort choice."""
+    low bits a bf16/fp16 score cannot have), by binary search over the unforced keys' range or every key value:
+    exactly the reference's stable-sort choice."""
     from cpm4.kernels.infllm_v2.triton_select import select_blocks
 
     device = "cuda" if CUDA else "cpu"
@@ -186,15 +186,15 @@ def test_selection_with_ties_equals_reference(variant, dtype, search):
     scores = (torch.randint(0, 6, (2, tq, n1), generator=g, device=device).float() / 7).to(dtype)
     pos = torch.arange(tk - tq, tk, device=device)
     vis = R.kernel_visible(pos, n1, cfg.kernel_size, cfg.kernel_stride)
-    radix, narrow = search == "radix", search == "narrow"
-    idx = select_blocks(scores, tk - tq, tq, n1, cfg, radix=radix, narrow=narrow)
+    narrow = search == "narrow"
+    idx = select_blocks(scores, tk - tq, tq, n1, cfg, narrow=narrow)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, scores, torch.zeros((), dtype=dtype,
                                                                                          device=device)), pos, cfg))
     # scores spread over the dtype's whole range (float32: the 31-bit search, candidates up to +inf)
     wide = torch.exp(torch.randn(2, tq, n1, generator=g, device=device) * 30).clamp(max=torch.finfo(dtype).max / 2)
     wide = wide.to(dtype)
     wide[0, :, 7] = wide[0, :, 9]  # and a tie
-    idx = select_blocks(wide, tk - tq, tq, n1, cfg, radix=radix, narrow=narrow)
+    idx = select_blocks(wide, tk - tq, tq, n1, cfg, narrow=narrow)
     assert torch.equal(idx.long(), R.select_blocks(torch.where(vis, wide, torch.zeros((), dtype=dtype,
                                                                                       device=device)), pos, cfg))
 
@@ -235,8 +235,8 @@ def test_selection_search_edges_equal_reference(variant, topk):
         for dtype in (torch.bfloat16,):  # float32 scores: the ties test
             s = scores.to(dtype)
             want = R.select_blocks(torch.where(vis, s, torch.zeros((), dtype=dtype, device=device)), pos, cfg)
-            for search in ("narrow", "full", "radix"):
-                idx = select_blocks(s, tk - tq, tq, n1, cfg, radix=search == "radix", narrow=search == "narrow")
+            for search in ("narrow", "full"):
+                idx = select_blocks(s, tk - tq, tq, n1, cfg, narrow=search == "narrow")
                 assert torch.equal(idx.long(), want), (search, dtype, scores[0, 0, :3])
 
 
@@ -578,8 +578,7 @@ def _poison_last_token(kc, vc, table, stores, lens, cfg, page):
 
 
 def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, tile_pages=None, fuse_append=False,
-                        pdl=None, persistent_counters=None, radix=None, separate_merge=None, narrow=None, wide=None,
-                        fuse_attend=None, width=None):
+                        pdl=None, persistent_counters=None, separate_merge=None, narrow=None, width=None):
     """paged_sparse_decode against the reference InfLLM v2 (dense below dense_len) for each sequence:
     pooled block scores close to the reference's, the selection exactly the reference rule applied to the
     kernel's own pooled scores (in bf16/fp16 near-ties of rounded scores may differ from the float64
@@ -602,15 +601,15 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
         new_kv, saved = _poison_last_token(kc, vc, table, stores, lens, cfg, page)
     out, sel = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, scale, splits=splits,
                                    return_selection=True, tile_pages=tile_pages, new_kv=new_kv, pdl=pdl,
-                                   persistent_counters=persistent_counters, radix=radix,
-                                   separate_merge=separate_merge, narrow=narrow, wide=wide, fuse_attend=fuse_attend)
+                                   persistent_counters=persistent_counters, separate_merge=separate_merge,
+                                   narrow=narrow)
     if fuse_append:
         for a, b in ((kc, saved[0]), (vc, saved[1]), *((stores[n], saved[2][n]) for n in stores)):
             assert rel(a.nan_to_num(7.0), b.nan_to_num(7.0)) < tol * 1e-2  # written back exactly, nothing else
     norm = (stores["coarse"], cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         stores["fine"], cfg.kernel_size, cfg.kernel_stride)
     lse = decode_lse(q, *norm[:1], table, lens_t, cfg, norm[1], norm[2], scale, splits)
-    pooled = decode_block_scores(q, stores["fine"], table, lens_t, lse, cfg, scale, splits, wide=wide)
+    pooled = decode_block_scores(q, stores["fine"], table, lens_t, lse, cfg, scale, splits)
     agree = total = 0
     for i, n in enumerate(lens):
         qi, k, v = q[i:i + 1].double(), ks[i].double(), vs[i].double()
@@ -639,21 +638,18 @@ def check_sparse_decode(cfg, lens, hq, hkv, d, dtype, device, tol, splits=None, 
     return agree, total
 
 
-@pytest.mark.parametrize("variant,tile_pages,fuse,radix,sep,narrow,wide", [
-    ("gen-b", 1, False, False, False, True, True), ("gen-a", 1, False, True, True, True, False),
-    ("gen-b", 2, False, False, False, False, False), ("gen-b", 1, True, True, True, True, False),
-    ("gen-a", 1, True, False, False, False, True)])
-def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, radix, sep, narrow, wide):
+@pytest.mark.parametrize("variant,tile_pages,fuse,sep,narrow", [
+    ("gen-b", 1, False, False, True), ("gen-a", 1, False, True, True), ("gen-b", 2, False, False, False),
+    ("gen-b", 1, True, True, True), ("gen-a", 1, True, False, False)])
+def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, sep, narrow):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows below dense_len (40) run dense; the others select 3 of their blocks (+ window) from pooled scores.
     # The last tokens of rows 200 (fine kernel) and 64 (fine and coarse) complete kernels: with `fuse` the
     # step pools them itself, and the LSE split holding the new kernel must not read its unwritten slot.
     cfg = small_cfg(variant, dense_len=40)
-    # radix: the selection's threshold search by histograms (float32 scores: the binary search all the same)
     agree, total = check_sparse_decode(cfg, [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3,
-                                       tile_pages=tile_pages, fuse_append=fuse, radix=radix, separate_merge=sep,
-                                       narrow=narrow, wide=wide)
+                                       tile_pages=tile_pages, fuse_append=fuse, separate_merge=sep, narrow=narrow)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
@@ -669,33 +665,6 @@ def test_interpreter_paged_sparse_decode_in_a_wide_table(variant):
     lens = [150, 300, 320, 420, 550, 790]
     agree, total = check_sparse_decode(cfg, lens, 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3, width=64)
     assert agree == total > 0
-
-
-@pytest.mark.parametrize("variant,sep,fuse", [("gen-b", True, True), ("gen-a", False, True), ("gen-b", False, False)])
-def test_interpreter_fused_step_equals_two_launches(variant, sep, fuse):
-    """FUSE_ATTEND: scores, selection and attention in one launch (programs ordered by tickets) give the two
-    launches' output and selection bit for bit, and the reference's (check_sparse_decode); with persistent
-    counters it leaves tickets, flags and counts at zero for the next call."""
-    if CUDA:
-        pytest.skip("interpreter test: runs on CPU only")
-    from cpm4.kernels.infllm_v2 import triton_decode
-    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
-
-    cfg = small_cfg(variant, dense_len=40)
-    lens = [150, 7, 200, 64]
-    agree, total = check_sparse_decode(cfg, lens, 4, 2, 16, torch.float32, "cpu", 1e-4, splits=3, fuse_append=fuse,
-                                       separate_merge=sep, fuse_attend=True, persistent_counters=True)
-    assert agree == total > 0
-    assert not any(b.any() for b in triton_decode._COUNTERS[torch.device("cpu")])
-    kc, vc, table, _, _, stores = paged_sequences(lens, cfg.block_size, 2, 16, torch.float32, "cpu", cfg, seed=5)
-    q = torch.randn(len(lens), 4, 16, generator=torch.Generator().manual_seed(2))
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    coarse = stores["coarse"] if variant == "gen-b" else None
-    one = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, 0.25, splits=3,
-                              return_selection=True, separate_merge=sep, fuse_attend=True)
-    two = paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, 0.25, splits=3,
-                              return_selection=True, separate_merge=sep, fuse_attend=False)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 def test_interpreter_persistent_counters_are_left_zero():
@@ -717,43 +686,18 @@ def test_interpreter_persistent_counters_are_left_zero():
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (16, 2, 64), (12, 4, 64)])
-@pytest.mark.parametrize("tile_pages,fuse,pdl,radix,sep,narrow,wide", [
-    (1, False, False, False, False, True, True), (2, False, False, True, True, True, False),
-    (1, True, False, False, False, False, True), (2, True, True, True, False, True, False)])
-def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, radix, sep, narrow, wide):
+@pytest.mark.parametrize("tile_pages,fuse,pdl,sep,narrow", [
+    (1, False, False, False, True), (2, False, False, True, True), (1, True, False, False, False),
+    (2, True, True, False, True)])
+def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, pdl, sep, narrow):
     cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
     # The last token of 4096 completes a fine and a coarse kernel, of 20000 a fine one (fused: pooled in the step).
     # pdl: programmatic dependent launches and persistent counters (run twice: the counters are reused).
     for _ in range(2 if pdl else 1):
         agree, total = check_sparse_decode(cfg, [9000, 100, 4096, 20000, 4095], hq, hkv, d, dtype, "cuda", 2e-2,
                                            tile_pages=tile_pages, fuse_append=fuse, pdl=pdl,
-                                           persistent_counters=pdl, radix=radix, separate_merge=sep,
-                                           narrow=narrow, wide=wide)
+                                           persistent_counters=pdl, separate_merge=sep, narrow=narrow)
         assert agree >= 0.9 * total  # the float64 reference's picks, near-ties of rounded scores aside
-
-
-@gpu
-@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
-@pytest.mark.parametrize("hq,hkv,d", [(32, 2, 128), (12, 4, 64)])
-@pytest.mark.parametrize("fuse,sep", [(True, True), (False, False)])
-def test_gpu_fused_step(variant, hq, hkv, d, fuse, sep):
-    """FUSE_ATTEND on the GPU (its own test: a wrong wait hangs rather than fails), twice on persistent counters,
-    then bit-equal to the two launches."""
-    from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
-
-    cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=4096)
-    lens = [9000, 100, 4096, 20000, 4095]
-    for _ in range(2):
-        agree, total = check_sparse_decode(cfg, lens, hq, hkv, d, torch.bfloat16, "cuda", 2e-2, fuse_append=fuse,
-                                           separate_merge=sep, persistent_counters=True, fuse_attend=True)
-        assert agree >= 0.9 * total
-    kc, vc, table, _, _, stores = paged_sequences(lens, cfg.block_size, hkv, d, torch.bfloat16, "cuda", cfg, seed=5)
-    q = torch.randn(len(lens), hq, d, device="cuda", dtype=torch.bfloat16)
-    lens_t = torch.tensor(lens, device="cuda", dtype=torch.int32)
-    coarse = stores["coarse"] if variant == "gen-b" else None
-    one, two = (paged_sparse_decode(q, kc, vc, table, lens_t, stores["fine"], coarse, cfg, d ** -0.5,
-                                    return_selection=True, separate_merge=sep, fuse_attend=f) for f in (True, False))
-    assert torch.equal(one[1], two[1]) and torch.equal(one[0], two[0])
 
 
 @gpu

@@ -331,7 +331,7 @@ def _lanes_fit(qb, N: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr):
 @triton.jit
 def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                   INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                  RADIX: tl.constexpr, NARROW: tl.constexpr, SAVE_SEL: tl.constexpr):
+                  NARROW: tl.constexpr, SAVE_SEL: tl.constexpr):
     """The selection from a row's pooled scores over lanes [0, N), blocks [N, qb] (if any) being local blocks
     (`_lanes_fit`): the attended list (ascending; Gen-A adds its window), its length and, with SAVE_SEL, the
     selection (-1 padded to K)."""
@@ -339,7 +339,7 @@ def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constex
     # .cg: read the other programs' scores from L2, not from a stale L1 line.
     sc = tl.load(s_row + bvec, mask=bvec <= qb, other=0.0, cache_modifier=".cg")
     n_out = tl.maximum(qb - N + 1, 0)  # local blocks past the lanes, in order after them
-    sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW, n_out if GEN_B else 0)
+    sel = topk_mask(sc, bvec, qb, K, INIT, LOCAL, GEN_B, SHIFT, NARROW, n_out if GEN_B else 0)
     n_sel = tl.sum(sel.to(tl.int32), 0)
     if SAVE_SEL:
         tl.store(e_row + tl.cumsum(sel.to(tl.int32), 0) - 1, bvec, mask=sel)
@@ -358,18 +358,30 @@ def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constex
 
 
 @triton.jit
-def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr,
-                natt_ptr, sel_ptr, sm_scale, stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb,
-                stride_lb, stride_lh, stride_sb, stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
-                G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr,
-                KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr,
-                WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
-                DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
-                K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                SAVE_SEL: tl.constexpr, RADIX: tl.constexpr, NARROW: tl.constexpr, WIDE: tl.constexpr,
-                WIDTH_PAD: tl.constexpr, SIGNAL: tl.constexpr):
-    """One program of `_score_kernel` (split sp of row bi, KV group g of n_g); SIGNAL: set flag[bi, g] once the
-    selection is written (`_step_kernel`)."""
+def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale,
+                  stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb,
+                  stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr,
+                  KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr,
+                  WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
+                  DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
+                  K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, NARROW: tl.constexpr):
+    """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
+    overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
+    With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
+    selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
+    its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
+    programmatic dependent of the LSE kernel (everything read after waiting for it)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        # Every program waits, dense rows too: the attention kernel after this one waits only for this one,
+        # and reads what the LSE kernel stored (the new token).
+        tl.extra.cuda.gdc_wait()
+    bi = tl.program_id(0)
+    g = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_g = tl.num_programs(1)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     if sparse:
         q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
@@ -385,25 +397,13 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
         row = table_ptr + bi * stride_tb
         for b0 in range(lo, hi, NBT):
             blk = b0 + tl.arange(0, NBT)
-            if WIDE:
-                # Every kernel overlapping the NBT blocks in one tile (column w * NBT + i: kernel w of block i):
-                # one table load, one key load and one dot instead of WIDTH dependent rounds.
-                x = tl.arange(0, NBT * WIDTH_PAD)
-                wx = x // NBT
-                bx = b0 + x % NBT
-                c = bx * PER_BLOCK - PAD + wx
-                ok = (wx < WIDTH) & (c >= 0) & (c < n1) & (bx < hi)
+            pooled = tl.zeros((NBT,), dtype=tl.float32)
+            for w in range(WIDTH):
+                c = blk * PER_BLOCK - PAD + w
+                ok = (c >= 0) & (c < n1) & (blk < hi)
                 grp = _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, stride_ks, stride_kh,
                                     D, KSIZE, KSTRIDE, PAGE)
-                pooled = tl.max(tl.reshape(grp, (WIDTH_PAD, NBT)), 0)  # >= 0: missing kernels count as 0
-            else:
-                pooled = tl.zeros((NBT,), dtype=tl.float32)
-                for w in range(WIDTH):
-                    c = blk * PER_BLOCK - PAD + w
-                    ok = (c >= 0) & (c < n1) & (blk < hi)
-                    grp = _group_scores(q, k1_ptr, c, ok, row, g, has, lse, sm_scale, stride_kp, stride_ks,
-                                        stride_kh, D, KSIZE, KSTRIDE, PAGE)
-                    pooled = tl.maximum(pooled, grp)
+                pooled = tl.maximum(pooled, grp)
             tl.store(s_ptr + bi * stride_sb + g * stride_sh + blk, pooled, mask=blk < hi)
         if SELECT:
             tl.debug_barrier()  # every thread's scores are stored before the arrival is counted
@@ -420,61 +420,42 @@ def _score_task(bi, g, sp, n_g, flag_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, ls
                 TAIL: tl.constexpr = (INIT + LOCAL + 1 <= K) or not GEN_B  # forced blocks all fit in K
                 if (NB_PAD >= 64) and TAIL and (Q >= K_PAD):
                     if _lanes_fit(qb, Q, LOCAL, GEN_B):
-                        _select_lists(s_row, e_row, a_row, n_row, qb, Q, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
-                                      NARROW, SAVE_SEL)
+                        _select_lists(s_row, e_row, a_row, n_row, qb, Q, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, NARROW,
+                                      SAVE_SEL)
                     elif _lanes_fit(qb, H, LOCAL, GEN_B):
-                        _select_lists(s_row, e_row, a_row, n_row, qb, H, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
-                                      NARROW, SAVE_SEL)
+                        _select_lists(s_row, e_row, a_row, n_row, qb, H, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, NARROW,
+                                      SAVE_SEL)
                     else:
                         _select_lists(s_row, e_row, a_row, n_row, qb, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT,
-                                      RADIX, NARROW, SAVE_SEL)
+                                      NARROW, SAVE_SEL)
                 else:
-                    _select_lists(s_row, e_row, a_row, n_row, qb, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, RADIX,
-                                  NARROW, SAVE_SEL)
+                    _select_lists(s_row, e_row, a_row, n_row, qb, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT, NARROW,
+                                  SAVE_SEL)
                 tl.store(cnt_ptr + bi * n_g + g, 0)  # every split has arrived: reusable
-                if SIGNAL:  # the fused step's attention programs of (bi, g) wait for this flag
-                    tl.debug_barrier()
-                    tl.atomic_xchg(flag_ptr + bi * n_g + g, 1, sem="release")
 
 
 @triton.jit
-def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale,
-                  stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb,
-                  stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr,
-                  KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr,
-                  WIDTH: tl.constexpr, SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr,
-                  DENSE_LEN: tl.constexpr, SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr,
-                  K_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                  SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr,
-                  NARROW: tl.constexpr, WIDE: tl.constexpr, WIDTH_PAD: tl.constexpr):
-    """Pooled block scores of split sp of the blocks up to the query's: max over the fine kernels
-    overlapping each block of sum_h exp(q_h.k_j * scale - lse_h), rounded to q's dtype as stage 1 stores it.
-    With SELECT, the last split to finish (arrival counter cnt[bi, g], left at 0 again for the next call)
-    selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
-    its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
-    programmatic dependent of the LSE kernel (everything read after waiting for it). WIDE: see SCORE_WIDE."""
+def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
+                   n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                   stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os, stride_mb,
+                   stride_mh, stride_rb, stride_rh,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
+                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
+                   MERGE: tl.constexpr):
+    """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
+    explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
+    selection (rows below dense_len: every page). With several splits, each writes its partial output and
+    log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
+    out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
+    dependent of the kernel before it (everything read after waiting for it)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        # Every program waits, dense rows too: the attention kernel after this one waits only for this one,
-        # and reads what the LSE kernel stored (the new token).
         tl.extra.cuda.gdc_wait()
-    _score_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), cnt_ptr, q_ptr, k1_ptr,
-                table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale, stride_qb,
-                stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb, stride_sh,
-                stride_ab, stride_ah, stride_eb, stride_eh, G, G_PAD, D, PAGE, NBT, KSIZE, KSTRIDE, PER_BLOCK, PAD,
-                WIDTH, SPLITS, LSE_SPLITS, LSE_PAD, DENSE_LEN, SELECT, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT,
-                SAVE_SEL, RADIX, NARROW, WIDE, WIDTH_PAD, SIGNAL=False)
-
-
-@triton.jit
-def _attend_task(bi, g, sp, n_g, q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr,
-                cnt_ptr, n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
-                stride_rb, stride_rh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-                DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, MERGE: tl.constexpr):
-    """One program of `_attend_kernel` (split sp of row bi, KV group g of n_g)."""
+    bi = tl.program_id(0)
+    g = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_g = tl.num_programs(1)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     qk_scale = sm_scale * 1.4426950408889634
@@ -559,86 +540,6 @@ def _attend_task(bi, g, sp, n_g, q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk
 
 
 @triton.jit
-def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
-                   n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                   stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os, stride_mb,
-                   stride_mh, stride_rb, stride_rh,
-                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-                   DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
-                   MERGE: tl.constexpr):
-    """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
-    explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
-    selection (rows below dense_len: every page). With several splits, each writes its partial output and
-    log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
-    out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
-    dependent of the kernel before it (everything read after waiting for it)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    _attend_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), q_ptr, kc_ptr, vc_ptr,
-                 table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr, n_list, sm_scale, stride_qb,
-                 stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_tb, stride_bb,
-                 stride_bh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh, G, G_PAD, D,
-                 PAGE, SPLITS, SPLITS_PAD, CHUNK, MODE, DENSE_LEN, TILE_PAGES, MERGE)
-
-
-@triton.jit
-def _step_kernel(tickets_ptr, flag_ptr, done_ptr, q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr,
-                 natt_ptr, sel_ptr, sm_scale, stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb,
-                 stride_lb, stride_lh, stride_sb, stride_sh, stride_ab, stride_ah, stride_eb, stride_eh, a_q_ptr,
-                 a_kc_ptr, a_vc_ptr, a_table_ptr, a_lens_ptr, a_blk_ptr, a_nblk_ptr, a_o_ptr, a_m_ptr, a_out_ptr,
-                 a_cnt_ptr, a_n_list, a_sm_scale, a_stride_qb, a_stride_qh, a_stride_kp, a_stride_kt, a_stride_kh,
-                 a_stride_vp, a_stride_vt, a_stride_vh, a_stride_tb, a_stride_bb, a_stride_bh, a_stride_ob,
-                 a_stride_oh, a_stride_os, a_stride_mb, a_stride_mh, a_stride_rb, a_stride_rh, G: tl.constexpr,
-                 G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, NBT: tl.constexpr, KSIZE: tl.constexpr,
-                 KSTRIDE: tl.constexpr, PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
-                 SPLITS: tl.constexpr, LSE_SPLITS: tl.constexpr, LSE_PAD: tl.constexpr, DENSE_LEN: tl.constexpr,
-                 SELECT: tl.constexpr, NB_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, INIT: tl.constexpr,
-                 LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr, SAVE_SEL: tl.constexpr,
-                 RADIX: tl.constexpr, NARROW: tl.constexpr, WIDE: tl.constexpr, WIDTH_PAD: tl.constexpr,
-                 A_G: tl.constexpr, A_G_PAD: tl.constexpr, A_D: tl.constexpr, A_PAGE: tl.constexpr,
-                 A_SPLITS: tl.constexpr, A_SPLITS_PAD: tl.constexpr, A_CHUNK: tl.constexpr, A_MODE: tl.constexpr,
-                 A_DENSE_LEN: tl.constexpr, A_TILE_PAGES: tl.constexpr, A_MERGE: tl.constexpr, HKV: tl.constexpr,
-                 N_SCORE: tl.constexpr, N_TOTAL: tl.constexpr):
-    """Scores, selection and attention of one decode step in one launch (FUSE_ATTEND): each program takes a
-    ticket (the order programs start in); the first N_SCORE tickets run `_score_task` (the selecting one sets
-    flag[bi, g]), the others `_attend_task`, a sparse row's after its flag is set. A program waits only on
-    tickets taken before its own, by programs already running: no deadlock whatever the GPU's residency, and
-    the interpreter (programs one after another, in ticket order) never waits. The last program to finish
-    leaves the tickets, flags and done counters at 0 for the next call."""
-    t = tl.atomic_add(tickets_ptr, 1)
-    if t < N_SCORE:
-        _score_task(t // (HKV * SPLITS), (t // SPLITS) % HKV, t % SPLITS, HKV, flag_ptr, q_ptr, k1_ptr, table_ptr,
-                    lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale, stride_qb, stride_qh,
-                    stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb, stride_sh, stride_ab,
-                    stride_ah, stride_eb, stride_eh, G, G_PAD, D, PAGE, NBT, KSIZE, KSTRIDE, PER_BLOCK, PAD, WIDTH,
-                    SPLITS, LSE_SPLITS, LSE_PAD, DENSE_LEN, SELECT, NB_PAD, K, K_PAD, INIT, LOCAL, GEN_B, SHIFT,
-                    SAVE_SEL, RADIX, NARROW, WIDE, WIDTH_PAD, SIGNAL=True)
-    else:
-        u = t - N_SCORE
-        bi = u // (HKV * A_SPLITS)
-        g = (u // A_SPLITS) % HKV
-        sp = u % A_SPLITS
-        _, _, sparse = _row_state(a_lens_ptr, bi, A_DENSE_LEN)
-        if sparse:
-            while tl.atomic_add(flag_ptr + bi * HKV + g, 0) == 0:
-                pass
-        _attend_task(bi, g, sp, HKV, a_q_ptr, a_kc_ptr, a_vc_ptr, a_table_ptr, a_lens_ptr, a_blk_ptr, a_nblk_ptr,
-                     a_o_ptr, a_m_ptr, a_out_ptr, a_cnt_ptr, a_n_list, a_sm_scale, a_stride_qb, a_stride_qh,
-                     a_stride_kp, a_stride_kt, a_stride_kh, a_stride_vp, a_stride_vt, a_stride_vh, a_stride_tb,
-                     a_stride_bb, a_stride_bh, a_stride_ob, a_stride_oh, a_stride_os, a_stride_mb, a_stride_mh,
-                     a_stride_rb, a_stride_rh, A_G, A_G_PAD, A_D, A_PAGE, A_SPLITS, A_SPLITS_PAD, A_CHUNK, A_MODE,
-                     A_DENSE_LEN, A_TILE_PAGES, A_MERGE)
-        if tl.atomic_add(done_ptr + bi * HKV + g, 1) == A_SPLITS - 1:
-            tl.store(flag_ptr + bi * HKV + g, 0)
-            tl.store(done_ptr + bi * HKV + g, 0)
-    if tl.atomic_add(tickets_ptr + 1, 1) == N_TOTAL - 1:
-        tl.store(tickets_ptr, 0)
-        tl.store(tickets_ptr + 1, 0)
-
-
-@triton.jit
 def _merge_kernel(o_ptr, m_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh,
                   SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DC: tl.constexpr):
     """out[bi, h, chunk dc of DC dims] from the SPLITS partial outputs and log-sum-exps (log2) of `_attend_kernel`
@@ -696,29 +597,11 @@ PDL = False
 # are the old way): InfLLM v2 decode step 30 -> 27 µs at 32K, 35 -> 32 µs at 128K; dense paged decode 30 -> 19 µs
 # at 32K, 58 -> 48 µs at 128K. On.
 SEPARATE_MERGE = True
-# The decode selection's threshold search (`topk_mask`): one selecting program per (row, KV head) waits on each
-# of the binary search's 15 reductions (≈ 7 of 38 µs at 128K, H200). Measured and dropped: 2^w counts a step
-# (w = 2..5: 38, 41, 51, 64 µs). SELECT_RADIX: two histogram passes instead. On attention.py's random inputs it
-# looked ahead (score+selection 16.9 -> 16.2 µs at 128K), but inside the 8B engine at 128K it cost 0.55 ms a token
-# (decode 6.20 -> 6.75 ms, 17 µs a layer; benchmarks/decode_variant.sh). Why: Triton lowers tl.histogram to one
-# shared-memory atomic add per element (`atom.shared.add` in the sm_90 PTX, 16 per thread here), and a model's pooled
-# scores share a few exponents, so most of the 2048 keys hit one bin of the first pass and their atomics serialise;
-# random inputs spread over the bins. attention.py's uniform_q rows show it at kernel level. Off.
-SELECT_RADIX = False
-# SCORE_WIDE: the score kernel loads every fine kernel overlapping its 16 blocks as one tile (5 per block for the
-# released config, padded to 8) and takes one dot, instead of a loop of 5 rounds, each a dependent table load, key
-# load and dot (the sm_90 build pipelines that loop only one round ahead). Measured (H200, 2026-11-29): on
-# attention.py's random inputs the scores go 8.8 -> 7.6 µs and the step 32.0 -> 30.9 µs at 128K, but inside the 8B
-# engine at 128K decode is no faster (6.25 -> 6.36 ms alone; with SELECT_NARROW on, 6.27/6.28 ms with it against
-# 6.09/6.10 without).
-# Off: decode changes are accepted on the engine row.
-SCORE_WIDE = False
-# FUSE_ATTEND: the scores, selection and attention of a step in one launch (`_step_kernel`, programs ordered by
-# tickets; a sparse row's attention programs wait for its selection's flag) instead of two launches: one kernel
-# boundary less on the step's critical path (≈ 2-3 µs each in a graph). Measured (H200, 2026-11-29): slower, 32.0 ->
-# 33.9 µs at 128K and 28.3 -> 30.3 at 32K (attention.py rows decode.cuda_graph.fuse_attend*): the attend programs
-# that spin on their row's flag hold SMs the score programs of other rows need. Off.
-FUSE_ATTEND = False
+# Measured and dropped (RESULTS.md; the code is in the history): for the decode selection's threshold search 2^w
+# counts a step (w = 2..5) and two histogram passes (SELECT_RADIX: 0.55 ms a token slower inside the 8B engine at
+# 128K, its shared-memory atomics serialising on a model's crowded scores); the score kernel's one-tile loads
+# (SCORE_WIDE: faster on random inputs, not inside the 8B engine); scores, selection and attention in one launch
+# with spin-waits (FUSE_ATTEND: 32.0 -> 33.9 µs at 128K, the waiting programs hold SMs the score programs need).
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -746,10 +629,9 @@ def _pdl_launch(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def _attend_launch(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-                   counters=None, tile_pages=None, separate_merge=None):
-    """`_attend_kernel`'s grid, positional arguments and constexprs (PDL aside), its output, and the merge launch
-    to run after it (None when the last split merges): for `_attend` and the fused `_step_kernel`."""
+def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
+            counters=None, tile_pages=None, pdl=False, separate_merge=None):
+    """`_attend_kernel` (and `_merge_kernel` after it when the splits are merged separately) -> [B, hq, d]."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
@@ -768,32 +650,22 @@ def _attend_launch(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nbl
     n_list = blk.shape[2] if mode == 1 else 0
     blk_t = blk if blk is not None else table
     g_pad = max(16, triton.next_power_of_2(g))
-    args = (q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out,
-            counters, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
-            blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
-            o_part.stride(0) if splits > 1 else 0, o_part.stride(1) if splits > 1 else 0,
-            o_part.stride(2) if splits > 1 else 0, m_part.stride(0) if splits > 1 else 0,
-            m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1))
-    meta = dict(G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode,
-                DENSE_LEN=dense_len, TILE_PAGES=tile_pages or TILE_PAGES, MERGE=not separate)
-
-    def merge():
+    _attend_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out,
+        counters, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
+        blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
+        o_part.stride(0) if splits > 1 else 0, o_part.stride(1) if splits > 1 else 0,
+        o_part.stride(2) if splits > 1 else 0, m_part.stride(0) if splits > 1 else 0,
+        m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
+        G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
+        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, num_warps=4, **_pdl_launch(pdl))
+    if separate:
         dc = min(32, d)
         _merge_kernel[(b, hq, d // dc)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                         m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1),
                                         SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DC=dc, num_warps=4)
-    return (b, hkv, splits), args, meta, out, (merge if separate else None)
-
-
-def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None, pdl=False, separate_merge=None):
-    grid, args, meta, out, merge = _attend_launch(q, k_cache, v_cache, table, lens, splits, mode, blk, nblk,
-                                                  dense_len, scale, counters, tile_pages, separate_merge)
-    _attend_kernel[grid](*args, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
-    if merge is not None:
-        merge()
     return out
 
 
@@ -823,8 +695,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        radix: bool | None = None, separate_merge: bool | None = None, narrow: bool | None = None,
-                        wide: bool | None = None, fuse_attend: bool | None = None):
+                        separate_merge: bool | None = None, narrow: bool | None = None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -833,10 +704,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kernel keys are already stored (`append_kv`), or new_kv = (k, v, slots) of the current tokens (k/v
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
-    tile_pages: see `paged_decode`; pdl, persistent_counters, radix, separate_merge, narrow, wide, fuse_attend:
-    see `PDL`, `PERSISTENT_COUNTERS`, `SELECT_RADIX`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW`, `SCORE_WIDE`,
-    `FUSE_ATTEND` (None: those; PDL does not apply to the fused launch). No host synchronisation:
-    graph-capturable."""
+    tile_pages: see `paged_decode`; pdl, persistent_counters, separate_merge, narrow: see `PDL`,
+    `PERSISTENT_COUNTERS`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW` (None: those). No host
+    synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -846,36 +716,19 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     gen_b = cfg.variant == "gen-b" and coarse is not None
     norm, nsize, nstride = (coarse, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if gen_b else (
         fine, cfg.kernel_size, cfg.kernel_stride)
-    fused = FUSE_ATTEND if fuse_attend is None else fuse_attend
-    # arrivals: selection, merge; with the fused step also its flags, done counts and two ticket counters
-    rows = 4 if fused else 2
-    flat = _zeroed_counters(q.device, (rows * b * hkv + (2 if fused else 0),), persistent_counters)
-    counters, tickets = flat[:rows * b * hkv].view(rows, b, hkv), flat[rows * b * hkv:]
+    counters = _zeroed_counters(q.device, (2, b, hkv), persistent_counters)  # arrivals: selection, merge
     pdl = _use_pdl(q.device, pdl)
     append = None
     if new_kv is not None:
         append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
     lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
-    if not fused:
-        _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
-                                     radix, narrow, wide)
-        attend_splits = splits or _default_splits(q.device, b * hkv, max(triton.cdiv(att.shape[2], 2), 1))
-        out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
-                      dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl,
-                      separate_merge=separate_merge)
-        return (out, sel) if return_selection else out
-    s_grid, s_args, s_meta, (_, att, natt) = _score_launch(q, fine, block_table, seq_lens, lse, cfg, scale, splits,
-                                                           counters[0], sel, radix, narrow, wide)
+    _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
+                                 narrow)
     attend_splits = splits or _default_splits(q.device, b * hkv, max(triton.cdiv(att.shape[2], 2), 1))
-    a_grid, a_args, a_meta, out, merge = _attend_launch(q, k_cache, v_cache, block_table, seq_lens, attend_splits,
-                                                        2, att, natt, cfg.dense_len, scale, counters[1], tile_pages,
-                                                        separate_merge)
-    n_score, n_total = math.prod(s_grid), math.prod(s_grid) + math.prod(a_grid)
-    _step_kernel[(n_total,)](tickets, counters[2], counters[3], *s_args, *a_args, HKV=hkv, N_SCORE=n_score,
-                             N_TOTAL=n_total, **s_meta, **{"A_" + k: v for k, v in a_meta.items()}, num_warps=4)
-    if merge is not None:
-        merge()
+    out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
+                  dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl,
+                  separate_merge=separate_merge)
     return (out, sel) if return_selection else out
 
 
@@ -912,17 +765,16 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
 
 
 def decode_block_scores(q: torch.Tensor, fine: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None,
-                        wide: bool | None = None) -> torch.Tensor:
+                        lse: torch.Tensor, cfg: SparseConfig, scale: float, splits: int | None = None) -> torch.Tensor:
     """Stage 1b of `paged_sparse_decode`: pooled block scores float32 [B, hkv, W] (written up to each sparse
-    row's query block). wide: see SCORE_WIDE (None: that)."""
-    return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, wide=wide)[0]
+    row's query block)."""
+    return _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits)[0]
 
 
-def _score_launch(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, radix=None,
-                  narrow=None, wide=None):
-    """`_score_kernel`'s grid, positional arguments and constexprs (PDL aside), and its outputs (scores, att,
-    natt): for `_score_select` and the fused `_step_kernel`."""
+def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
+                  narrow=None):
+    """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
+    int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
     b, hq, d = q.shape
     hkv = fine.shape[2]
     g = hq // hkv
@@ -940,28 +792,18 @@ def _score_launch(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
     att = torch.empty((b, hkv, n_att), device=q.device, dtype=torch.int32) if select else None
     natt = torch.empty((b, hkv), device=q.device, dtype=torch.int32) if select else None
     s = cfg.kernel_stride
-    width_k = page // s + cfg.kernel_size // s - 1  # fine kernels overlapping a block
-    args = (q, fine, block_table, seq_lens, lse, scores, counters if select else scores, att if select else scores,
-            natt if select else scores, sel if sel is not None else scores, scale, q.stride(0), q.stride(1),
-            fine.stride(0), fine.stride(1), fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1),
-            scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
-            sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0)
-    meta = dict(G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size,
-                KSTRIDE=s, PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1, WIDTH=width_k, SPLITS=splits,
-                LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]), DENSE_LEN=cfg.dense_len,
-                SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k, K_PAD=triton.next_power_of_2(k),
-                INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b, SHIFT=score_shift(q.dtype),
-                SAVE_SEL=sel is not None, RADIX=SELECT_RADIX if radix is None else radix,
-                NARROW=triton_select.SELECT_NARROW if narrow is None else narrow,
-                WIDE=SCORE_WIDE if wide is None else wide, WIDTH_PAD=triton.next_power_of_2(width_k))
-    return (b, hkv, splits), args, meta, (scores, att, natt)
-
-
-def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, counters=None, sel=None, pdl=False,
-                  radix=None, narrow=None, wide=None):
-    """Pooled block scores and, with `counters` (zeroed int32 [B, hkv]), the attended block lists
-    int32 [B, hkv, n] with their lengths [B, hkv] (and the selection into `sel` when given)."""
-    grid, args, meta, res = _score_launch(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters, sel,
-                                          radix, narrow, wide)
-    _score_kernel[grid](*args, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
-    return res
+    _score_kernel[(b, hkv, splits)](
+        q, fine, block_table, seq_lens, lse, scores, counters if select else scores, att if select else scores,
+        natt if select else scores, sel if sel is not None else scores, scale, q.stride(0), q.stride(1),
+        fine.stride(0), fine.stride(1), fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1),
+        scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
+        sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size,
+        KSTRIDE=s, PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1,
+        WIDTH=page // s + cfg.kernel_size // s - 1,  # fine kernels overlapping a block
+        SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),
+        DENSE_LEN=cfg.dense_len, SELECT=select, NB_PAD=triton.next_power_of_2(width), K=k,
+        K_PAD=triton.next_power_of_2(k), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, GEN_B=gen_b,
+        SHIFT=score_shift(q.dtype), SAVE_SEL=sel is not None, PDL=pdl,
+        NARROW=triton_select.SELECT_NARROW if narrow is None else narrow, num_warps=4, **_pdl_launch(pdl))
+    return scores, att, natt

@@ -335,15 +335,16 @@ def _range_combine(n0, i0, lo0, hi0, n1, i1, lo1, hi1):
 
 @triton.jit
 def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-              SHIFT: tl.constexpr = 0, RADIX: tl.constexpr = False, NARROW: tl.constexpr = True, k_out=0):
+              SHIFT: tl.constexpr = 0, NARROW: tl.constexpr = True, k_out=0):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
     blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
     K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
     bf16 instead of 31). A binary search, one count per step: NARROW starts it on the range the unforced keys
     span (a model's scores crowd into a few exponents: fewer of the dependent steps), else on every key value
-    (15 steps for bf16); or RADIX: two histogram passes. k_out: forced blocks chosen outside `b` (the decode
-    selection's lanes stop short of the query's block when the rest are its local blocks): K less them."""
+    (15 steps for bf16). (Two histogram passes instead were slower inside the 8B engine: RESULTS.md.)
+    k_out: forced blocks chosen outside `b` (the decode selection's lanes stop short of the query's block when
+    the rest are its local blocks): K less them."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -364,19 +365,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
     BITS: tl.constexpr = 31 - SHIFT
-    if RADIX and BITS <= 18:
-        # Two histograms: of the high bits (the bin holding the k_eff-th key from the top), then of the low bits
-        # of the keys in that bin. Past 18 bits (float32 scores) the bins would not fit: a binary search instead.
-        LO: tl.constexpr = BITS // 2
-        high = key >> LO
-        hb = tl.arange(0, 1 << (BITS - LO))
-        h = tl.histogram(high, 1 << (BITS - LO), mask=valid)
-        t = tl.max(tl.where(n_valid - tl.cumsum(h, 0) + h >= k_eff, hb, 0), 0)  # count(top >= t) >= k_eff
-        k_low = k_eff - tl.sum(tl.where(hb > t, h, 0), 0)
-        lb = tl.arange(0, 1 << LO)
-        h2 = tl.histogram(key & ((1 << LO) - 1), 1 << LO, mask=valid & (high == t))
-        lo = (t << LO) | tl.max(tl.where(tl.sum(h2, 0) - tl.cumsum(h2, 0) + h2 >= k_low, lb, 0), 0)
-    elif NARROW:
+    if NARROW:
         # thr = INF_KEY when the forced keys fill k_eff; else in [kmin, kmax]: count(key >= kmin) = n_valid and
         # count(key > kmax) = n_top < k_eff (then some unforced key exists, so kmin <= kmax).
         lo = tl.where(n_top >= k_eff, INF_KEY, kmin)
@@ -410,7 +399,7 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                   RADIX: tl.constexpr, NARROW: tl.constexpr):
+                   NARROW: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -421,23 +410,23 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
     if NB_PAD >= 64:
         if qb < NB_PAD // 4:
             _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 4, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
-                        INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+                        INIT, LOCAL, GEN_B, SHIFT, NARROW)
         elif qb < NB_PAD // 2:
             _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 2, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
-                        INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+                        INIT, LOCAL, GEN_B, SHIFT, NARROW)
         else:
             _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
-                        LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+                        LOCAL, GEN_B, SHIFT, NARROW)
     else:
         _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
-                    LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+                    LOCAL, GEN_B, SHIFT, NARROW)
 
 
 @triton.jit
 def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.constexpr, NB: tl.constexpr,
                 PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr, KSIZE: tl.constexpr,
                 KSTRIDE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
-                SHIFT: tl.constexpr, RADIX: tl.constexpr, NARROW: tl.constexpr):
+                SHIFT: tl.constexpr, NARROW: tl.constexpr):
     """One query's selection over lanes [0, NB) (its blocks 0..qb all among them) from its kernel scores."""
     b = tl.arange(0, NB)
     # Max over the fine kernels overlapping each block; invisible or missing kernels count as 0.
@@ -446,7 +435,7 @@ def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.const
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, RADIX, NARROW)
+    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, NARROW)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     tl.store(obase + slot, b, mask=sel)
     n_sel = tl.sum(sel.to(tl.int32), 0)
@@ -455,10 +444,9 @@ def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.const
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
-                  radix: bool = False, narrow: bool | None = None) -> torch.Tensor:
+                  narrow: bool | None = None) -> torch.Tensor:
     """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
-    radix: the threshold search by histograms; narrow: the binary search over the unforced keys' range only
-    (`topk_mask`; None: SELECT_NARROW)."""
+    narrow: the binary search over the unforced keys' range only (`topk_mask`; None: SELECT_NARROW)."""
     hkv = scores.shape[0]
     bsz = cfg.block_size
     n_blocks = (q_start + tq - 1) // bsz + 1
@@ -471,6 +459,5 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
                               PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                               KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
                               LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
-                              SHIFT=score_shift(scores.dtype), RADIX=radix,
-                              NARROW=SELECT_NARROW if narrow is None else narrow)
+                              SHIFT=score_shift(scores.dtype), NARROW=SELECT_NARROW if narrow is None else narrow)
     return out
