@@ -77,3 +77,16 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
     for name in ("_select_kernel", "_fwd_token_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_sum_kernel", "_delta_kernel",
                  "_score_kernel", "_attend_kernel", "_merge_kernel"):
         assert name in built, name
+
+
+def test_decode_step_with_programmatic_launches_builds_for_sm90():
+    """The decode step's score and attention kernels as programmatic dependents (PDL, Hopper and later: the
+    interpreter runs them without it) build for sm_90."""
+    from test_infllm_v2_triton import check_sparse_decode, small_cfg
+
+    with cuda_build.capture() as launches:
+        check_sparse_decode(small_cfg("gen-b", dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu",
+                            1e-4, splits=3)
+    pdl = [(fn, sig, {**consts, "PDL": True}, options) for fn, sig, consts, options in launches if "PDL" in consts]
+    assert {fn.__name__ for fn, *_ in pdl} == {"_attend_kernel", "_score_kernel"}
+    assert set(cuda_build.build(pdl, archs=(90,))) == {"_attend_kernel", "_score_kernel"}

@@ -358,6 +358,16 @@ def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constex
 
 
 @triton.jit
+def _step_program(PDL: tl.constexpr):
+    """(row, KV group, split, KV groups) of a decode-step program over grid (rows, groups, splits); with PDL
+    (a programmatic dependent launch) first lets the next kernel launch, then waits for the previous one."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    return tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
+
+
+@triton.jit
 def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, att_ptr, natt_ptr, sel_ptr, sm_scale,
                   stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_tb, stride_lb, stride_lh, stride_sb,
                   stride_sh, stride_ab, stride_ah, stride_eb, stride_eh,
@@ -373,15 +383,9 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
     selects the blocks from all of them and writes the attended list att[bi, g, :natt] (ascending; Gen-A adds
     its sliding window) and, with SAVE_SEL, the selection sel[bi, g, :K] (-1 padded). PDL: launched as a
     programmatic dependent of the LSE kernel (everything read after waiting for it)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        # Every program waits, dense rows too: the attention kernel after this one waits only for this one,
-        # and reads what the LSE kernel stored (the new token).
-        tl.extra.cuda.gdc_wait()
-    bi = tl.program_id(0)
-    g = tl.program_id(1)
-    sp = tl.program_id(2)
-    n_g = tl.num_programs(1)
+    # Every program waits, dense rows too: the attention kernel after this one waits only for this one, and reads
+    # what the LSE kernel stored (the new token).
+    bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     if sparse:
         q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
@@ -449,13 +453,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
     out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
     dependent of the kernel before it (everything read after waiting for it)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    bi = tl.program_id(0)
-    g = tl.program_id(1)
-    sp = tl.program_id(2)
-    n_g = tl.num_programs(1)
+    bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     qk_scale = sm_scale * 1.4426950408889634
