@@ -46,7 +46,7 @@ case "$stage" in
 tests)  # the kernels' GPU tests but the sparse decode ones (testsdecode); the rest in tests2. The whole file took
     # > 9.5 min in one call (fifteenth session: the sixteen 3000-token pipeline tests ≈ 26 s each)
     # --durations: which tests to make cheaper
-    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_infllm_v2_triton.py \
+    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=16 tests/test_infllm_v2_triton.py \
         -k "not paged_sparse_decode" 2>&1 | tail -20
     ;;
 testsdecode)  # the paged sparse decode GPU tests (≈ 4 min)
