@@ -23,7 +23,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, cold_graph_ms, paged_decode_state, print_rows  # noqa: E402
+from common import bench, cold_graph_ms, paged_decode_state, print_rows, write_json  # noqa: E402
 
 from cpm4.model.config import SparseConfig  # noqa: E402
 
@@ -264,24 +264,22 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             print(f"graph capture failed: {e!r}")
 
-    for n in args.lengths:
+    date = datetime.date.today().isoformat()
+
+    def save(done: list[int]) -> None:
+        # After every length, so that a run stopped by a time limit keeps the lengths it finished.
+        write_json({"device": dev, "date": date, "ceilings": ceil, "shape": {"hq": hq, "hkv": hkv, "d": d},
+                    "sparse_config": cfg.to_dict(), "lengths_done": done, "rows": rows},
+                   f"attention-{date}.json", args.out)
+
+    for i, n in enumerate(args.lengths):
         run_length(n)
         torch.cuda.empty_cache()
+        save(args.lengths[:i + 1])
 
     print()
     print(f"device: {dev}; copy {ceil['copy_TBps']:.2f} TB/s; bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
     print_rows(rows)
-    os.makedirs(args.out, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"attention-{date}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": dev, "date": date, "ceilings": ceil, "shape": {"hq": hq, "hkv": hkv, "d": d},
-                   "sparse_config": cfg.to_dict(), "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
-            json.dump({"device": dev, "date": date, "ceilings": ceil, "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
