@@ -14,6 +14,7 @@ rows use random q/k of the same shapes through the same selection. Prints a tabl
 
     python benchmarks/selection_overlap.py                        # the bundled demo model
     python benchmarks/selection_overlap.py --model DIR --tokens 8192 --text FILE
+    python benchmarks/selection_overlap.py --model MiniCPM4-8B --tokens 131072 --text FILE --device cuda --skip 65536
 """
 
 from __future__ import annotations
@@ -52,13 +53,15 @@ def union_ratio(own: torch.Tensor, tile: int) -> float:
     return float(tiles.sum()) / max(float(per_token), 1.0)
 
 
-def model_selections(model_dir: str, text: str, tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                                                          SparseConfig, tuple[int, int, int]]:
-    """The selection [hkv, T, K] and positions of every attention call of one forward pass over `tokens` tokens."""
+def model_selections(model_dir: str, text: str, tokens: int, device: str = "cpu"
+                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], SparseConfig, tuple[int, int, int]]:
+    """The selection [hkv, T, K] and positions of every attention call of one forward pass over `tokens` tokens
+    (on the CPU through the reference in float32; on CUDA through the Triton kernels in bf16)."""
+    from cpm4.kernels.infllm_v2 import triton_select
     from cpm4.model.checkpoint import load_checkpoint
     from cpm4.model.tokenizer import Tokenizer
 
-    model = load_checkpoint(model_dir, dtype=torch.float32)
+    model = load_checkpoint(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     cfg = model.config.sparse_config
     if cfg is None:
         raise SystemExit(f"{model_dir} has no sparse_config: nothing to measure")
@@ -67,18 +70,23 @@ def model_selections(model_dir: str, text: str, tokens: int) -> tuple[list[tuple
     if len(ids) < limit:
         raise SystemExit(f"the text has {len(ids)} tokens, fewer than the {limit} asked for")
     calls = []
-    select = R.select_blocks
+    select, select_gpu = R.select_blocks, triton_select.select_blocks
 
     def recording(scores, q_pos, c):
         idx = select(scores, q_pos, c)
         calls.append((idx.cpu(), q_pos.cpu()))
         return idx
-    R.select_blocks = recording
+
+    def recording_gpu(scores, q_start, tq, n_kernels, c, **kw):  # triton_pipeline imports it at each call
+        idx = select_gpu(scores, q_start, tq, n_kernels, c, **kw)
+        calls.append((idx.long().cpu(), torch.arange(q_start, q_start + tq)))
+        return idx
+    R.select_blocks, triton_select.select_blocks = recording, recording_gpu
     try:
         with torch.no_grad():
-            model.hidden_states(torch.tensor([ids[:limit]]))
+            model.hidden_states(torch.tensor([ids[:limit]], device=device))
     finally:
-        R.select_blocks = select
+        R.select_blocks, triton_select.select_blocks = select, select_gpu
     shape = (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim)
     return calls, cfg, shape
 
@@ -101,12 +109,16 @@ def layer_selections(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tup
     return out
 
 
-def random_selection(n: int, shape: tuple[int, int, int], cfg: SparseConfig, seed: int) -> torch.Tensor:
+def random_selection(n: int, shape: tuple[int, int, int], cfg: SparseConfig, seed: int, device: str = "cpu"
+                     ) -> torch.Tensor:
+    """The selection [hkv, n, K] of random q/k (CPU: the reference; CUDA: the kernels, bf16)."""
     hq, hkv, d = shape
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(n, hq, d, generator=g), torch.randn(n, hkv, d, generator=g)
-    _, idx = R.infllm_v2_attention(q, k, torch.zeros_like(k), cfg, return_blocks=True)
-    return idx
+    if device == "cpu":
+        return R.infllm_v2_attention(q, k, torch.zeros_like(k), cfg, return_blocks=True)[1]
+    q, k = q.to(device, torch.bfloat16), k.to(device, torch.bfloat16)
+    return infllm_v2.triton_pipeline(q, k, torch.zeros_like(k), cfg, d ** -0.5, return_blocks=True)[1].long().cpu()
 
 
 def main() -> None:
@@ -118,6 +130,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 8, 16, 64])
     ap.add_argument("--skip", type=int, default=0, help="leave out the first SKIP tokens: early tokens have few "
                     "blocks to choose from, so their selections overlap whatever the inputs")
+    ap.add_argument("--device", default="cpu", help="cpu (the reference, float32) or cuda (the kernels, bf16)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.text:
@@ -127,11 +140,11 @@ def main() -> None:
         from cpm4.model.tokenizer import default_corpus
 
         text = "\n\n".join(default_corpus())
-    calls, cfg, shape = model_selections(args.model, text, args.tokens)
+    calls, cfg, shape = model_selections(args.model, text, args.tokens, args.device)
     layers = layer_selections(calls)
     n = int(layers[0][1][-1]) + 1
     sources = [(f"model.layer{i}", idx, pos) for i, (idx, pos) in enumerate(layers)]
-    sources.append(("random", random_selection(n, shape, cfg, 0), torch.arange(n)))
+    sources.append(("random", random_selection(n, shape, cfg, 0, args.device), torch.arange(n)))
     rows = []
     print(f"{args.model}: {len(layers)} layers, tokens {args.skip}..{n - 1} of {n}, top-{cfg.topk} of blocks of "
           f"{cfg.block_size}; own blocks = selected beyond the initial and local blocks")
@@ -152,7 +165,8 @@ def main() -> None:
     print(f"{'model (mean)':16s} {'':9s} " + " ".join(f"{r:7.3f}" for r in mean))
     rows += [{"phase": f"overlap.model_mean.tile{t}", "seqlen": n, "skip": args.skip, "loads_ratio": round(r, 4)}
              for t, r in zip(args.tiles, mean)]
-    write_rows("selection_overlap", "cpu", rows, args.out, model=args.model, sparse_config=dataclasses.asdict(cfg))
+    write_rows("selection_overlap", args.device, rows, args.out, model=args.model,
+               sparse_config=dataclasses.asdict(cfg))
 
 
 if __name__ == "__main__":
