@@ -26,7 +26,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_rows  # noqa: E402
 
 from cpm4.kernels import infllm_v2  # noqa: E402

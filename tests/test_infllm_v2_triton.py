@@ -240,6 +240,20 @@ def test_selection_search_edges_equal_reference(variant, topk):
                 assert torch.equal(idx.long(), want), (search, dtype, scores[0, 0, :3])
 
 
+@pytest.mark.parametrize("pow2", [True, False])
+def test_decode_default_splits_round_down_to_a_power_of_two(pow2, monkeypatch):
+    # An H200's 132 SMs over 2 KV heads: 132 programs a head for two waves, capped by the tiles there are.
+    from cpm4.kernels.infllm_v2 import triton_decode as TD
+
+    monkeypatch.setattr(TD, "num_sms", lambda device: 132)
+    monkeypatch.setattr(TD, "SPLITS_POW2", pow2)
+    cpu = torch.device("cpu")
+    for most, want in [(129, 128), (200, 128), (128, 128), (64, 64), (33, 32), (1, 1)]:
+        unrounded = min(132, most)
+        assert TD._default_splits(cpu, 2, most) == (want if pow2 else unrounded)
+    assert TD._default_splits(cpu, 1000, 50) == 1  # more programs than two waves: one split
+
+
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_key_splits_merge_equal_one_pass(variant):
     """Stage 1 split along the keys (as in decode) gives the scores of the unsplit pass."""

@@ -569,9 +569,16 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     return b, hq, hkv, d
 
 
+# SPLITS_POW2: default split counts rounded down to a power of two. Each stage's consumer loads its partials padded
+# to the next power of two (LSE_PAD, SPLITS_PAD), so 129 or 132 splits (an H200's 2 x 132 SMs over 2 KV heads, a
+# table past 2,048 blocks) cost a 256-wide merge. Measured by benchmarks/decode_width.py (rows .pow2).
+SPLITS_POW2 = True
+
+
 def _default_splits(device: torch.device, programs: int, most: int) -> int:
     # Enough programs for ~2 waves over the SMs.
-    return max(1, min(triton.cdiv(2 * num_sms(device), programs), most))
+    n = max(1, min(triton.cdiv(2 * num_sms(device), programs), most))
+    return 1 << (n.bit_length() - 1) if SPLITS_POW2 else n
 
 
 # Pages per step of the paged attention loop (`_attend_kernel`'s TILE_PAGES); benchmarks/attention.py times
