@@ -114,6 +114,21 @@ def test_preemption_in_a_small_cache_keeps_outputs():
         llm.generate([[5], [5] * 100], SamplingParams(max_tokens=100))
 
 
+def test_waiting_request_does_not_pin_shared_prefix_pages():
+    """Repeated prompts in a small cache: a request left waiting must not keep the prefix pages it would
+    share, or the lone running request finds no room and ends early (it came back with half its tokens)."""
+    m = model()
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, 1000, (k,), generator=g).tolist() for k in (37, 60, 87)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=112, chunk_tokens=16)  # 7 pages of 16
+    refs = reference(m, ps, params)
+    same(llm.generate(ps + ps, params), refs + refs)
+    outs = llm.generate(ps, SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True))
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [[r.token_ids] * 3 for r in refs]
+    assert llm.engine.engine.cache.num_free == llm.engine.engine.cache.num_pages
+
+
 def test_module_generate_and_chat_run_the_engine():
     m = model()
     ps = ["one", "two three", "four five six"]
@@ -246,7 +261,7 @@ def test_min_tokens_engine_equals_plain_loop():
               for f, k in zip(free, (0, 4, 4, 12))]
     refs = reference(m, ps, params)
     same(LLM(m, tokenizer=tok(), max_num_seqs=3).generate(ps, params), refs)
-    assert refs[0].finish_reason == "stop" and len(refs[0].token_ids) == 1
+    assert refs[0].finish_reason == "stop" and refs[0].token_ids == free[0].token_ids[:2]  # ends with the stop id
     assert all(len(r.token_ids) >= p.min_tokens for r, p in zip(refs, params))
     assert refs[1].token_ids[1] != free[1].token_ids[1]  # the stop id was not sampled before the minimum
 

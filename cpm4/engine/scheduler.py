@@ -297,6 +297,10 @@ class LLMEngine:
             first = min(self.chunk_tokens, req.num_tokens - req.computed)
             # Keep a page per running request in reserve so admissions do not starve decoding.
             if self.running and not self.cache.has_free(self.cache.pages_needed(req.pages, first) + len(self.running)):
+                # Not admitted: give back the shared prefix pages `new_sequence` pinned, or a waiting request
+                # holds pages the running ones need (a lone running request would then end as "length").
+                self.cache.release(req.pages)
+                req.pages, req.computed = None, 0
                 break
             self.waiting.popleft()
             self.running.append(req)
