@@ -124,11 +124,13 @@ def test_stop_token_and_eos():
     target = free.token_ids[4]
     first = free.token_ids.index(target)
     out = generate(model, tok(), prompt, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[target]))[0]
-    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first]
+    # The stop token ends the ids (as in vLLM and transformers) but not the text.
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first + 1]
+    assert out.text == tok().decode(free.token_ids[:first])
     # The config's eos ids stop generation unless ignore_eos.
     model.config.eos_token_id = [target]
     out = generate(model, tok(), prompt, SamplingParams(temperature=0, max_tokens=10))[0]
-    assert out.token_ids == free.token_ids[:first] and out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
 
 
 def test_stop_strings_and_streaming():

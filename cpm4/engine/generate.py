@@ -156,9 +156,12 @@ class SequenceState:
             stop = stop or not self.matcher.accept_token(token) or self.matcher.is_terminated()
         if stop:
             self.finish_reason = "stop"
+            # The stop token is part of the output's ids (and usage counts, and logprobs), as in vLLM and
+            # transformers' generate, but not of its text; a grammar's rejection (no stop token) emits nothing.
+            ids = [token] if token in self.stop_ids else []
             if self.defer_text:
-                return self._final_text(), []
-            return self._emit(self.detok.flush(), final=True), []
+                return self._final_text(), ids
+            return self._emit(self.detok.flush(), final=True), ids
         self.generated.append(token)
         self.history.append(token)
         if self.defer_text:
