@@ -148,7 +148,7 @@ class LLM:
         """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
         model's own)."""
-        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)  # before a possibly long load
+        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
         if compile and enforce_eager:

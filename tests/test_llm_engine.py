@@ -129,6 +129,25 @@ def test_waiting_request_does_not_pin_shared_prefix_pages():
     assert llm.engine.engine.cache.num_free == llm.engine.engine.cache.num_pages
 
 
+@pytest.mark.parametrize("chunk", [24, 50])
+def test_prompt_chunks_below_dense_len_follow_the_whole_prompt(chunk):
+    """A prompt of >= dense_len tokens is sparse for all its queries (spec 4.1): chunks that end below dense_len
+    must not run dense, or positions past the sparse budget ((topk + window / block) blocks = 64 tokens here,
+    dense_len 100) attend differently than in the one-shot prefill of the plain loop."""
+    from conftest import random_model
+
+    sc = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
+          "topk": 2, "dense_len": 100, "variant": "gen-b"}
+    m = random_model("tiny", dtype=torch.float32, sparse_config=sc)
+    ps = prompts(4, seed=1, lo=110, hi=180)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    refs = reference(m, ps, params)
+    outs = LLM(m, tokenizer=tok(), max_num_seqs=4, chunk_tokens=chunk).generate(ps, params)
+    same(outs, refs)
+    for o, r in zip(outs, refs):  # the random model's greedy ids hardly move; its log-probabilities do (4e-3)
+        assert [a.logprob for a in o.logprobs] == pytest.approx([b.logprob for b in r.logprobs], abs=1e-4)
+
+
 def test_module_generate_and_chat_run_the_engine():
     m = model()
     ps = ["one", "two three", "four five six"]
@@ -172,8 +191,16 @@ def test_errors_before_any_work():
             LLM(m, tokenizer=tok(), **bad)
     with pytest.raises(ValueError, match="needs its tokenizer"):
         LLM(m)
-    with pytest.raises(ValueError, match="CUDA"):  # no device budget off CUDA
-        LLM(m, tokenizer=tok(), gpu_memory_utilization=0.5).generate("a", good)
+    with pytest.raises(ValueError, match="CUDA"):  # no device budget off CUDA: refused when built
+        LLM(m, tokenizer=tok(), gpu_memory_utilization=0.5)
+    for u in (1.5, 0, True):
+        with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+            LLM(m, tokenizer=tok(), gpu_memory_utilization=u)
+    # Token ids outside the vocabulary are refused before any work, naming the id.
+    for bad_id in (-5, 1024, 10**20):
+        with pytest.raises(ValueError, match=f"prompt token id {bad_id} is not in the vocabulary"):
+            llm.generate([[5, 6], [1, bad_id, 5]], good)
+    assert llm.engine.engine is None
     with pytest.raises(ValueError, match="logit_bias token id 99999"):  # checked before the batch runs
         llm.generate(["a", "b"], [good, SamplingParams(max_tokens=2, logit_bias={99999: 1.0})])
     with pytest.raises(ValueError, match="enforce_eager"):

@@ -41,6 +41,11 @@ def _softmax64(x: np.ndarray) -> np.ndarray:
         ("top_k", -2),
         ("min_p", -0.1),
         ("min_p", 1.1),
+        ("temperature", float("inf")),
+        ("max_tokens", True),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("seed", True),
     ],
 )
 def test_params_validation_names_field_and_value(field, value):
@@ -51,7 +56,7 @@ def test_params_validation_names_field_and_value(field, value):
 
 
 def test_params_validation_messages():
-    with pytest.raises(ValueError, match=r"temperature must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, got -1"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         SamplingParams(top_p=0)
@@ -63,6 +68,8 @@ def test_params_validation_messages():
         SamplingParams(stop=["ok", ""])
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop="")
+    for seed in (-(2**63), 2**63 - 1):  # the int64 range, as the server's
+        SamplingParams(seed=seed)
 
 
 def test_params_normalise_and_greedy():

@@ -94,6 +94,18 @@ def check_prompt(n_tokens: int, context: int) -> None:
                                  "(at least one token must be left to generate)")
 
 
+def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = None) -> list[int]:
+    """A prompt's ids as a list, each an int in [0, vocab_size), then `check_prompt`: bad input is refused
+    before it reaches a batch (where it would fail mid-step and take the other requests' work with it)."""
+    ids = list(ids)
+    if vocab_size is not None:
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"prompt token id {t!r} is not in the vocabulary [0, {vocab_size})")
+    check_prompt(len(ids), context)
+    return ids
+
+
 def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> SamplingParams:
     """`params` with max_tokens cut to the room a prompt of n_prompt tokens leaves in `context` (a prompt that
     leaves none is refused, `check_prompt`): for a loop that knows only the model's own context, run under a

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
-from .generate import GenerationOutput, StreamDelta, check_prompt, context_length, prompt_logprobs
+from .generate import GenerationOutput, StreamDelta, check_prompt_ids, context_length, prompt_logprobs
 from .paged import page_size_for
 from .sampling import SamplingParams
 from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
@@ -24,7 +24,8 @@ from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv
 def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int,
                 vocab: int | None = None) -> None:
     """Reject a malformed batch before any work starts: one SamplingParams per prompt, every prompt
-    non-empty and shorter than the context (`check_prompt`), token ids in the params within `vocab`."""
+    non-empty and shorter than the context with its ids within `vocab` (`check_prompt_ids`), token ids in the
+    params within `vocab`."""
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
     for sp in params:
@@ -33,15 +34,20 @@ def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParam
         if vocab is not None:
             sp.check_vocab(vocab)
     for p in prompts:
-        check_prompt(len(p), context)
+        check_prompt_ids(p, context, vocab)
 
 
-def check_options(max_num_seqs: int, chunk_tokens: int, kv_cache_tokens: int | None) -> None:
-    """Engine sizes must be positive ints (callers check before loading a model)."""
+def check_options(max_num_seqs: int, chunk_tokens: int, kv_cache_tokens: int | None,
+                  gpu_memory_utilization: float | None = None) -> None:
+    """Engine sizes must be positive ints, gpu_memory_utilization a share in (0, 1] (callers check before
+    loading a model)."""
     for name, v in (("max_num_seqs", max_num_seqs), ("chunk_tokens", chunk_tokens),
                     ("kv_cache_tokens", kv_cache_tokens)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    u = gpu_memory_utilization
+    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
 
 
 def tokens_needed(prompt: Sequence[int], params: SamplingParams, context: int) -> int:
@@ -72,7 +78,9 @@ class OfflineEngine:
                  chunk_tokens: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None) -> None:
-        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens)
+        check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)
+        if gpu_memory_utilization is not None and kv_cache_tokens is None and model.device.type != "cuda":
+            raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs

@@ -252,6 +252,9 @@ class PagedBatch:
         self._slots: tuple[torch.Tensor | slice, torch.Tensor | None, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
         self._key_slots: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        # Each row's whole prompt length when the step continues prompts in chunks (the engine sets it): the
+        # attention's dense/sparse switch decides by it, so the chunking does not change the output.
+        self.prompt_lens: list[int] | None = None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
         # Only real tokens are written (padding is not): each row needs room for its own new tokens.

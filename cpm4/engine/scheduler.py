@@ -376,7 +376,9 @@ class LLMEngine:
         for i, (req, n) in enumerate(group):
             ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n])
         new_lens = torch.tensor([n for _, n in group], device=dev)
-        return self.model(ids.to(dev), self.cache.batch(seqs), new_lens, last_only=True)
+        batch = self.cache.batch(seqs)
+        batch.prompt_lens = [len(req.prompt_ids) for req, _ in group]  # the dense/sparse switch of prompt chunks
+        return self.model(ids.to(dev), batch, new_lens, last_only=True)
 
     @torch.inference_mode()
     def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:

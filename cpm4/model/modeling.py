@@ -171,7 +171,10 @@ class Attention(nn.Module):
         h_starts, h_new = host
         kv_lens = [s + n for s, n in zip(h_starts, h_new)]
         sc = self.config.sparse_config
-        sparse = [sc is not None and n > 0 and sc.is_sparse(L) for n, L in zip(h_new, kv_lens)]
+        # A chunk of a prompt decides by the whole prompt (`prompt_lens`, set by the engine): a prompt of
+        # >= dense_len tokens is sparse for all its queries (spec 4.1), however it is cut into chunks.
+        whole = getattr(cache, "prompt_lens", None) or [0] * b
+        sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
         if not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
