@@ -391,6 +391,19 @@ def test_echo_logprobs_and_max_tokens_zero(client, llm):
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
     assert streamed == c.logprobs.tokens
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    # text_offset indexes the returned text: the BOS the echoed text does not show takes no room.
+    for stream in (False, True):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                        logprobs=0, stream=stream)
+        parts = [ch.choices[0] for ch in out if ch.choices] if stream else out.choices
+        text = "".join(p.text for p in parts)
+        toks = [t for p in parts if p.logprobs for t in p.logprobs.tokens]
+        offs = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+        assert len(toks) == len(offs) == len(ids) + 5 and offs[0] == 0 and offs == sorted(offs)
+        assert toks[0] == "<s>" and offs[1] == 0  # the BOS takes no room
+        shown = [(t, o) for t, o in zip(toks[1:], offs[1:]) if not (t.startswith("<") and t.endswith(">"))
+                 and "\ufffd" not in t]
+        assert len(shown) >= len(ids) - 1 and all(text[o:o + len(t)] == t for t, o in shown), (text, toks, offs)
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == prompt
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
@@ -494,6 +507,9 @@ def test_parse_tool_calls():
     for bad in ("<|tool_call|>{not json", '<|tool_call|>{"arguments": {}}', '<|tool_call|>["f"]'):
         assert parse_tool_calls("hi " + bad) == ("hi " + bad, [])
     assert parse_tool_calls("plain text") == ("plain text", [])
+    # A last call cut off after complete ones (max_tokens) is dropped, not shown with its marker as content.
+    content, calls = parse_tool_calls('<|tool_call|>{"name": "f", "arguments": {}}\n<|tool_call|>{"name" : "f"\n, "ar')
+    assert content is None and len(calls) == 1
 
 
 def test_tool_call_collector(llm):
@@ -509,6 +525,14 @@ def test_tool_call_collector(llm):
     tail, calls = col.finish()
     assert tail == "" and [c["function"]["name"] for c in calls] == ["get_weather"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    # skip_special_tokens false: the marker token's text shows the marker, which is not content.
+    col = ToolCallCollector(tok)
+    emitted = "".join(col.feed(tok.decode([t], skip_special_tokens=False), [t]) for t in ids)
+    assert emitted == "Sure.\n" and [c["function"]["name"] for c in col.finish()[1]] == ["get_weather"]
+    col = ToolCallCollector(tok)  # the same with a call cut off: no call, the text as it was shown
+    cut = ids[:-5]
+    assert "".join(col.feed(tok.decode([t], skip_special_tokens=False), [t]) for t in cut) == "Sure.\n"
+    assert col.finish() == (tok.decode(cut, skip_special_tokens=False)[len("Sure.\n"):], [])
     # A literal marker split across text deltas (tokenizers without it as a special token).
     col = ToolCallCollector(tok)
     pieces = ["Ok <|tool", "_call|>" + call[:10], call[10:]]
@@ -664,7 +688,8 @@ def test_forced_tool_choice(client, stream):
         else:
             r = client.chat.completions.create(**kw)
             calls, finish = r.choices[0].message.tool_calls or [], r.choices[0].finish_reason
-        assert finish == "tool_calls" and len(calls) == 1, (seed, choice, finish)
+        # OpenAI's finish reasons: "stop" for a forced named function, "tool_calls" for "required".
+        assert finish == ("stop" if choice is named else "tool_calls") and len(calls) == 1, (seed, choice, finish)
         args = json.loads(calls[0].function.arguments)
         if choice == "required" and calls[0].function.name == "get_time":
             assert isinstance(args["utc"], bool) and set(args) == {"utc"}
@@ -1121,9 +1146,22 @@ def test_max_model_len_caps_requests(llm):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt=[5] * 40, max_tokens=2)
         assert err.value.code == "context_length_exceeded" and "40" in err.value.message
-        r = client.completions.create(model=MODEL, prompt=[5] * 30, max_tokens=50, temperature=0,
+        # A max_tokens that does not fit beside the prompt is refused (vLLM, OpenAI), not cut to the room left.
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=[5] * 30, max_tokens=11)
+        assert err.value.code == "context_length_exceeded" and err.value.param == "max_tokens"
+        assert "11" in err.value.message and "leaves 10" in err.value.message
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           max_completion_tokens=40)
+        assert err.value.param == "max_completion_tokens"
+        r = client.completions.create(model=MODEL, prompt=[5] * 30, max_tokens=10, temperature=0,
                                       extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length"  # without max_tokens: up to the context
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == 40
     finally:
         srv.stop()
         eng.shutdown()

@@ -76,7 +76,7 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
 
 
 def _param_of(message: str) -> str | None:
-    # SamplingParams' messages start with the field name ("temperature must be >= 0, got -1").
+    # SamplingParams' messages start with the field name ("temperature must be a finite number >= 0, got -1").
     m = re.match(r"([a-z_]+) ", message)
     return m.group(1) if m else None
 
@@ -108,10 +108,15 @@ class _TokenText:
         self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._table = _byte_level_table() if self._byte_level else {}
         self.text = functools.lru_cache(maxsize=65536)(self._text)
+        self.skipped = functools.lru_cache(maxsize=65536)(self._skipped)
         self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
 
     def _text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _skipped(self, token_id: int) -> bool:
+        """A special token, which decoding with skip_special_tokens leaves out of the text."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=True) == "" != self.text(token_id)
 
     def _bytes(self, token_id: int) -> list[int]:
         # A token can hold part of a UTF-8 character; its text then shows U+FFFD, its bytes stay exact.
@@ -261,6 +266,15 @@ class _OpenAIServer:
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
 
+    def _check_max_tokens(self, ids: list[int], max_tokens: int | None, param: str = "max_tokens") -> None:
+        """A max_tokens the client set that does not fit beside the prompt is a 400 (as in vLLM and OpenAI), not
+        silently cut to the room left."""
+        room = self.engine.context_length - len(ids)
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"{param} is too large: {max_tokens}. This model's maximum context length is "
+                                f"{self.engine.context_length} tokens and the prompt has {len(ids)}, which leaves "
+                                f"{room} for the completion", param=param, code="context_length_exceeded")
+
     @contextlib.asynccontextmanager
     async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
                    coalesce: bool = True
@@ -311,13 +325,17 @@ class _OpenAIServer:
             out.append((ids, text))
         return out
 
-    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int, as_ids: bool) -> dict[str, Any]:
+    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int, as_ids: bool, skip_special: bool = True
+                             ) -> tuple[dict[str, Any], int]:
+        """OpenAI's completion logprobs of these tokens, their text starting at `offset` in the choice's text; and
+        the offset after them. text_offset counts what the text shows: a special token that the text skips
+        (the BOS of an echoed prompt, the EOS that ends it) takes no room."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for lp in lps:
             s = self._token_str(lp.token_id, as_ids)
             tokens.append(s)
             offsets.append(offset)
-            offset += len(s)
+            offset += 0 if skip_special and self.tokens.skipped(lp.token_id) else len(self.tokens.text(lp.token_id))
             if lp.logprob is None:  # a prompt's first token: nothing predicts it
                 token_lps.append(None)
                 tops.append(None)
@@ -328,7 +346,7 @@ class _OpenAIServer:
                 top.setdefault(self._token_str(tid, as_ids), _lp(v))  # first (most likely) wins on equal text
             top.setdefault(s, _lp(lp.logprob))  # the sampled token is always listed, as OpenAI does
             tops.append(top)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_common(req)
@@ -344,6 +362,7 @@ class _OpenAIServer:
         grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
         for ids, text in prompts:
+            self._check_max_tokens(ids, req.max_tokens)
             for j in range(req.n):
                 if max_tokens:  # max_tokens 0: the prompt only (echoed and/or scored), nothing generated
                     jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j], grammar,
@@ -361,6 +380,7 @@ class _OpenAIServer:
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         as_ids = req.return_tokens_as_token_ids
+        skip = req.skip_special_tokens is not False
         include_usage, continuous = usage_options(req)
 
         def chunk(i: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
@@ -378,8 +398,7 @@ class _OpenAIServer:
                     for i, e in enumerate(echoes):
                         lp = None
                         if echo_lps[i]:
-                            lp = self._completion_logprobs(echo_lps[i], 0, as_ids)
-                            offsets[i] = sum(len(s) for s in lp["tokens"])
+                            lp, offsets[i] = self._completion_logprobs(echo_lps[i], 0, as_ids, skip)
                         if e or lp is not None:
                             yield sse_event(chunk(i, e, lp))
                         if choices[i].finish_reason is not None:  # max_tokens 0: nothing follows
@@ -389,8 +408,7 @@ class _OpenAIServer:
                         text = c.take(d)
                         lp = None
                         if req.logprobs is not None and d.logprobs:
-                            lp = self._completion_logprobs(d.logprobs, offsets[i], as_ids)
-                            offsets[i] += sum(len(s) for s in lp["tokens"])
+                            lp, offsets[i] = self._completion_logprobs(d.logprobs, offsets[i], as_ids, skip)
                         if text or lp is not None:
                             yield sse_event(chunk(i, text, lp))
                         if d.finish_reason is not None:
@@ -409,8 +427,8 @@ class _OpenAIServer:
         for i, c in enumerate(choices):
             lp = None
             if req.logprobs is not None:
-                lp = self._completion_logprobs(echo_lps[i] + c.logprobs, 0 if echo_lps[i] else len(echoes[i]),
-                                               as_ids)
+                lp, _ = self._completion_logprobs(echo_lps[i] + c.logprobs, 0 if echo_lps[i] else len(echoes[i]),
+                                                  as_ids, skip)
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
                         "finish_reason": c.finish_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
@@ -499,6 +517,10 @@ class _OpenAIServer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         ids = self._chat_ids(req)
+        if req.max_completion_tokens is not None:
+            self._check_max_tokens(ids, req.max_completion_tokens, "max_completion_tokens")
+        else:
+            self._check_max_tokens(ids, req.max_tokens)
         max_tokens = req.max_completion_tokens or req.max_tokens or \
             min(self.engine.context_length, self.defaults.get("max_tokens", self.engine.context_length))
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -515,8 +537,12 @@ class _OpenAIServer:
         as_ids = req.return_tokens_as_token_ids
         include_usage, continuous = usage_options(req)
 
+        # As OpenAI: "tool_calls" when the model called tools on its own ("auto") or had to ("required"), but
+        # "stop" for a forced named function.
+        named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
+
         def finish_reason(c: Choice, calls: list[Any]) -> str | None:
-            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            return "tool_calls" if calls and c.finish_reason == "stop" and not named else c.finish_reason
 
         def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
             obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,

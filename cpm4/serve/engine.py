@@ -24,7 +24,7 @@ from cpm4.engine.generate import (
     PromptTooLongError,
     StreamDelta,
     TokenLogprob,
-    check_prompt,
+    check_prompt_ids,
     context_length,
     fit_to_context,
     generate_stream,
@@ -163,12 +163,7 @@ class AsyncEngine:
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         """Validate a prompt (ValueError / PromptTooLongError) so bad input never reaches a batch."""
-        ids = list(prompt_ids)
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt token id {t!r} is not in the vocabulary [0, {self.vocab_size})")
-        check_prompt(len(ids), self.context_length)
-        return ids
+        return check_prompt_ids(prompt_ids, self.context_length, self.vocab_size)
 
     def check_params(self, params: SamplingParams) -> None:
         """Reject settings that would only fail inside the batch (and so take its other requests down)."""

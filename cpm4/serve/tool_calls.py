@@ -42,16 +42,19 @@ def parse_tool_calls(text: str, marker: str = TOOL_CALL) -> tuple[str | None, li
 
     Each `marker` must be followed by one JSON object with a string `name` and an object (or JSON string)
     `arguments`; text after that object is kept as content. A marker whose JSON does not parse stays in the
-    content verbatim. With at least one call, content is stripped and None when empty (as OpenAI returns it).
+    content verbatim, except a last one after parsed calls: a call cut off (by max_tokens), dropped. With at
+    least one call, content is stripped and None when empty (as OpenAI returns it).
     """
     parts = text.split(marker)
     content = [parts[0]]
     calls: list[dict[str, Any]] = []
-    for seg in parts[1:]:
+    for k, seg in enumerate(parts[1:], 1):
         body = seg.lstrip()
         try:
             obj, end = _DECODER.raw_decode(body)
         except ValueError:
+            if calls and k == len(parts) - 1:
+                break
             obj, end = None, 0
         call = _as_call(obj)
         if call is None:
@@ -105,6 +108,9 @@ class ToolCallCollector:
             # The delta's text was released by the detokenizer for tokens before the marker.
             k = token_ids.index(self._marker_id)
             self._tail_ids = list(token_ids[k:])
+            j = text.find(self._marker)  # shown when special tokens are not skipped: the call starts there
+            if j >= 0:
+                self._plain_tail, text = text[j:], text[:j]
             out, self._held = self._held + text, ""
             return out
         buf = self._held + text
