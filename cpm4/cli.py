@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=Path, help="MiniCPM4 checkpoint folder")
     q.add_argument("out", type=Path, help="output folder")
     q.add_argument("--to", choices=("llama",), default="llama")
-    q.add_argument("--dtype", default=None, help="output dtype (default: as stored)")
+    q.add_argument("--dtype", default=None, help="output dtype (default: as stored; in bf16/fp16 the folded weights "
+                   "are rounded again, float32 gives an exact export)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_convert)
 

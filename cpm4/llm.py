@@ -33,7 +33,10 @@ _CPU_FP32_MAX_PARAMS = 2_000_000_000
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # torch's message names the device types it knows
+        raise ValueError(f"unknown device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available on this machine")
     return device

@@ -129,6 +129,8 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "bad_top_p": (("generate", *m, "--top-p", "0", "hi"), {}),
         "bad_presence": (("generate", *m, "--presence-penalty", "3", "hi"), {}),
         "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
+        "bad_port": (("serve", *m, "--port", "70000"), {}),
+        "bad_device": (("generate", *m, "--device", "tpu", "hi"), {}),
         "bad_chat_template": (("serve", *m, "--chat-template", "no-such-template.jinja"), {}),
         "bad_generation_config": (("serve", *m, "--generation-config", "no-such-dir"), {}),
         # the bundled demo model is the default, and --chat renders the prompt as a user turn
@@ -243,6 +245,12 @@ def test_generate_prompt_from_stdin_via_console_script(jobs, llm):
 def test_serve_rejects_bad_cache_size(jobs):
     r = jobs["bad_kv_cache"].result()  # argparse's own usage error: exit 2 before any model load
     assert r.rc == 2 and "--kv-cache-tokens" in r.err and "positive integer" in r.err and "Traceback" not in r.err
+
+
+def test_serve_rejects_bad_port_and_unknown_device(jobs):
+    r = jobs["bad_port"].result()  # uvicorn would serve 70000 on 70000 - 65536 = 4464
+    assert r.rc == 2 and "--port" in r.err and "[0, 65535]" in r.err and "Traceback" not in r.err
+    assert_usage_error(jobs["bad_device"].result(), "unknown device 'tpu'")
 
 
 def test_serve_rejects_missing_chat_template(jobs):

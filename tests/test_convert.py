@@ -26,6 +26,10 @@ def llama_logits(path, ids):
     {"sparse_config": None, "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 4096,
                                              "short_factor": [1.0 + 0.5 * i for i in range(8)],
                                              "long_factor": [1.0 + 0.5 * i for i in range(8)]}},
+    # Lists that differ: ours uses one by the table's length, Llama runtimes switch by the sequence's.
+    {"sparse_config": None, "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+                                             "short_factor": [1.0] * 8,
+                                             "long_factor": [1.0 + 0.5 * i for i in range(8)]}},
 ])
 def test_llama_export_matches_our_logits(tmp_path, overrides):
     model = random_model("tiny", dtype=torch.float32, **overrides)
@@ -51,3 +55,23 @@ def test_convert_cli_and_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cpm4.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o2")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_export_tokenizer_chat_template_and_self_overwrite(tmp_path):
+    """transformers' apply_chat_template on the export gives the ids cpm4 feeds (one BOS first); the tokenizer
+    knows the context; an export onto its own source is refused."""
+    from cpm4.model.tokenizer import Tokenizer, build_tokenizer
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    save_checkpoint(model, model.config, tmp_path / "src", tokenizer=build_tokenizer(1024))
+    out = convert_to_llama(tmp_path / "src", tmp_path / "llama")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    ours = Tokenizer.from_dir(tmp_path / "src").encode_chat(msgs)
+    hf = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    theirs = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(theirs) == ours and ours[0] == hf.bos_token_id and ours.count(hf.bos_token_id) == 1
+    assert Tokenizer.from_dir(out).encode_chat(msgs) == ours  # still one BOS through cpm4
+    assert hf.model_max_length == model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="its own source"):
+        convert_to_llama(tmp_path / "src", tmp_path / "src", overwrite=True)
+    assert load_checkpoint(tmp_path / "src").config.scale_emb == model.config.scale_emb  # untouched

@@ -19,6 +19,7 @@ import torch
 from .checkpoint import load_checkpoint, parse_dtype, save_checkpoint
 from .config import MiniCPM4Config
 from .hub import resolve_model_dir
+from .rope import longrope_factors
 
 
 def folded_config(config: MiniCPM4Config) -> MiniCPM4Config:
@@ -63,16 +64,23 @@ def llama_config(config: MiniCPM4Config) -> dict:
         "eos_token_id": config.eos_token_id, "initializer_range": config.initializer_range,
     }
     if config.rope_scaling:
-        out["rope_scaling"] = dict(config.rope_scaling)
+        rs = out["rope_scaling"] = dict(config.rope_scaling)
+        if rs.get("rope_type", rs.get("type")) == "longrope":
+            # Llama runtimes switch lists by the sequence's length; ours uses one list at every length.
+            rs["short_factor"] = rs["long_factor"] = longrope_factors(rs, config.max_position_embeddings)
     return out
 
 
 def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
                      overwrite: bool = False) -> Path:
-    """Write the Llama form of checkpoint `src` (tokenizer files copied) to `out`, atomically."""
+    """Write the Llama form of checkpoint `src` (tokenizer files copied, the chat template writing the BOS, the
+    context as model_max_length) to `out`, atomically. In bf16/fp16 the folded weights are rounded again, so
+    logits differ from cpm4's by that rounding; dtype float32 gives an exact export."""
     from .tokenizer import Tokenizer
 
     src = resolve_model_dir(src)
+    if Path(out).resolve() == Path(src).resolve():
+        raise ValueError(f"the export would replace its own source {src}: choose another output folder")
     model = load_checkpoint(src, dtype=parse_dtype(dtype))
     cfg = model.config
     weights = folded_weights(model.state_dict(), cfg)
@@ -81,5 +89,12 @@ def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
         tok = Tokenizer.from_dir(src)
     except FileNotFoundError:
         pass
+    if tok is not None:
+        hf = tok.hf
+        hf.model_max_length = cfg.max_position_embeddings
+        # cpm4 puts one BOS before a chat (`Tokenizer.encode_chat`); Llama runtimes tokenize a rendered chat
+        # without special tokens, so the template writes it.
+        if isinstance(hf.chat_template, str) and "bos_token" not in hf.chat_template:
+            hf.chat_template = "{{ bos_token }}" + hf.chat_template
     return save_checkpoint(weights, folded_config(cfg), out, tokenizer=tok, overwrite=overwrite,
                            config_json=llama_config(cfg))

@@ -74,6 +74,13 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
+def longrope_factors(rope_scaling: dict, max_position_embeddings: int) -> list[float]:
+    """The LongRoPE factor list in use: the reference picks it by the table length (max_position_embeddings), not
+    by the current sequence as Hugging Face's Llama does (the magnitude correction goes into cos/sin)."""
+    orig = int(rope_scaling["original_max_position_embeddings"])
+    return list(rope_scaling["long_factor" if max_position_embeddings > orig else "short_factor"])
+
+
 def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(inverse frequencies, 1/LongRoPE factors or None, cos/sin magnitude scale) for a config."""
     d = config.dim_head
@@ -87,10 +94,7 @@ def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tens
     if kind == "longrope":
         orig = int(rs["original_max_position_embeddings"])
         maxpos = config.max_position_embeddings
-        # The reference picks the factor list by the table length (max_position_embeddings), not by
-        # the current sequence, and folds the magnitude correction into cos/sin.
-        inv_ext = 1.0 / torch.tensor(rs["long_factor"] if maxpos > orig else rs["short_factor"], dtype=dtype,
-                                     device="cpu")
+        inv_ext = 1.0 / torch.tensor(longrope_factors(rs, maxpos), dtype=dtype, device="cpu")
         if rs.get("attention_factor") is not None:
             scale = float(rs["attention_factor"])
         elif maxpos > orig:

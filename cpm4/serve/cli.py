@@ -36,6 +36,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 0 <= v <= 65535:  # uvicorn would take 70000 modulo 65536 and print 70000
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {v}")
+    return v
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -54,7 +64,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "the HF cache; HF_HUB_OFFLINE=1: the cache only)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
     # From the environment by default so the key need not appear in the process list.
