@@ -130,6 +130,7 @@ def jobs(ckpt, dirs, tmp_path_factory):
         "bad_presence": (("generate", *m, "--presence-penalty", "3", "hi"), {}),
         "bad_kv_cache": (("serve", *m, "--kv-cache-tokens", "0"), {}),
         "bad_port": (("serve", *m, "--port", "70000"), {}),
+        "two_models": (("serve", "some/model", *m), {}),
         "bad_device": (("generate", *m, "--device", "tpu", "hi"), {}),
         "bad_chat_template": (("serve", *m, "--chat-template", "no-such-template.jinja"), {}),
         "bad_generation_config": (("serve", *m, "--generation-config", "no-such-dir"), {}),
@@ -251,6 +252,7 @@ def test_serve_rejects_bad_port_and_unknown_device(jobs):
     r = jobs["bad_port"].result()  # uvicorn would serve 70000 on 70000 - 65536 = 4464
     assert r.rc == 2 and "--port" in r.err and "[0, 65535]" in r.err and "Traceback" not in r.err
     assert_usage_error(jobs["bad_device"].result(), "unknown device 'tpu'")
+    assert_usage_error(jobs["two_models"].result(), "two models given", "some/model")
 
 
 def test_serve_rejects_missing_chat_template(jobs):

@@ -42,6 +42,7 @@ def _softmax64(x: np.ndarray) -> np.ndarray:
         ("min_p", -0.1),
         ("min_p", 1.1),
         ("temperature", float("inf")),
+        ("repetition_penalty", float("inf")),
         ("max_tokens", True),
         ("seed", 2**64),
         ("seed", -(2**63) - 1),

@@ -243,7 +243,8 @@ def test_cpm4_serve_engine_process_cli(ckpt):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
-    proc = subprocess.Popen([sys.executable, "-m", "cpm4.cli", "serve", "--model", str(ckpt), "--port", str(port),
+    # The model as vLLM's positional argument (`vllm serve MODEL`).
+    proc = subprocess.Popen([sys.executable, "-m", "cpm4.cli", "serve", str(ckpt), "--port", str(port),
                              "--engine-process", "--device", "cpu", "--log-stats-interval", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -12,6 +12,9 @@ from cpm4.cli import DEFAULT_MODEL
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import serve
 
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"two models given: {args.model_tag} and --model {args.model}")
+    args.model = args.model_tag or args.model or DEFAULT_MODEL
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[cpm4] warning: serving on {args.host} without an API key", file=sys.stderr)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
@@ -59,9 +62,11 @@ def _fraction(text: str) -> float:
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `serve` subcommand (OpenAI-compatible HTTP server) to a `cpm4` subparsers object."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `vllm serve MODEL` (the same as --model)")
+    p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
-                   "the HF cache; HF_HUB_OFFLINE=1: the cache only)")
+                   "the HF cache; HF_HUB_OFFLINE=1: the cache only; default: the bundled demo model)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
