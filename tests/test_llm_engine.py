@@ -107,11 +107,23 @@ def test_preemption_in_a_small_cache_keeps_outputs():
     m = model()
     llm = LLM(m, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=160)  # 10 pages of 16: not all at once
     ps = prompts(6, seed=3, lo=20, hi=60)
-    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)  # decoding outgrows the cache
     same(llm.generate(ps, params), reference(m, ps, params))
     assert llm.engine.engine.num_preempted > 0
     with pytest.raises(ValueError, match="prompt 1 may need 200 KV cache slots"):
         llm.generate([[5], [5] * 100], SamplingParams(max_tokens=100))
+
+
+def test_admission_leaves_room_for_whole_prompts():
+    """A request is admitted when its whole prompt fits beside the running ones' (not its first chunk alone),
+    so later chunks do not preempt the others only to readmit them (outputs were exact, the work thrashed)."""
+    m = model()
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(3, 1000, (k,), generator=g).tolist() for k in (5, 30, 60, 90, 120, 140)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=160, chunk_tokens=16)  # 10 pages of 16
+    same(llm.generate(ps, params), reference(m, ps, params))
+    assert llm.engine.engine.num_preempted == 0
 
 
 def test_waiting_request_does_not_pin_shared_prefix_pages():
