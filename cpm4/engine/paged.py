@@ -1,5 +1,6 @@
 """A paged KV cache: fixed pages of `page_size` tokens (the InfLLM v2 block size, 64) allocated once from a
-budget, a block table per sequence, reference-counted pages shared by sequences with the same prefix.
+budget, a block table per sequence, reference-counted pages shared by sequences with the same prefix (and
+the same attention mode: dense, or InfLLM v2 for prompts of at least dense_len tokens).
 
 For InfLLM v2 models the semantic-kernel keys live beside the pages (`fine`, `coarse`: kernel j in the page
 holding its last token, `reference.kernel_page_slots`) and are pooled as tokens are written, so shared
@@ -173,11 +174,19 @@ class PagedKVCache:
         return hashlib.blake2b(prev + torch.tensor(tokens, dtype=torch.int64).numpy().tobytes(),
                                digest_size=16).digest()
 
-    def new_sequence(self, tokens: list[int]) -> tuple[SeqPages, int]:
+    @staticmethod
+    def _root(sparse: bool) -> bytes:
+        # A prompt of >= dense_len tokens attends sparsely at every position, a shorter one densely: the same
+        # tokens hold other keys and values (past the first layer) in the two modes, so pages of one are not
+        # shared with the other (a chat's turn growing past dense_len reused its dense prefix: 6e-3 off).
+        return b"sparse" if sparse else b""
+
+    def new_sequence(self, tokens: list[int], sparse: bool = False) -> tuple[SeqPages, int]:
         """A sequence whose cache starts with the longest cached prefix of `tokens` (whole pages, leaving at
-        least one token to compute); returns it and how many tokens are already cached."""
+        least one token to compute) published in the same attention mode (sparse: the prompt is at least
+        dense_len long, see `publish`); returns it and how many tokens are already cached."""
         seq = SeqPages()
-        h = b""
+        h = self._root(sparse)
         ps = self.page_size
         for i in range((len(tokens) - 1) // ps):
             h = self._chain(h, tokens[i * ps:(i + 1) * ps])
@@ -201,9 +210,10 @@ class PagedKVCache:
     def pages_needed(self, seq: SeqPages, n_tokens: int) -> int:
         return max(0, -(-(seq.length + n_tokens) // self.page_size) - len(seq.pages))
 
-    def publish(self, seq: SeqPages, tokens: list[int]) -> None:
-        """Offer the sequence's full pages (holding `tokens`) for prefix sharing."""
-        h = b""
+    def publish(self, seq: SeqPages, tokens: list[int], sparse: bool = False) -> None:
+        """Offer the sequence's full pages (holding `tokens`) for prefix sharing; sparse: they were computed
+        with sparse attention (an InfLLM v2 prompt of at least dense_len tokens)."""
+        h = self._root(sparse)
         ps = self.page_size
         for i in range(min(len(tokens), seq.length) // ps):
             h = self._chain(h, tokens[i * ps:(i + 1) * ps])

@@ -183,8 +183,12 @@ class LLMEngine:
         feeds = self._plan()
         out += self._pending
         self._pending = []
-        prefill = [(r, n) for r, n in feeds if n > 1]
-        decode = [(r, n) for r, n in feeds if n == 1]
+        # Decode rows feed their last token and sample. A row feeding one token of several it still holds (a
+        # prompt or a recomputation cut to what the step's token budget left) samples nothing: it goes with the
+        # prefill, never into a step launched ahead (which samples every row).
+        prefill, decode = [], []
+        for r, n in feeds:
+            (decode if n == 1 and r.computed + 1 == r.num_tokens else prefill).append((r, n))
         if prefill:
             out += self._run(prefill)
         if decode:
@@ -293,12 +297,12 @@ class LLMEngine:
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             if req.pages is None:
-                req.pages, req.computed = self.cache.new_sequence(req.tokens)
+                req.pages, req.computed = self.cache.new_sequence(req.tokens, self._sparse_prompt(req))
             # Room for its whole prompt (and the rest of the running ones' prompts), plus a page per running
             # request for decoding: admitting on the first chunk alone let later chunks preempt the others,
             # which were readmitted and preempted again (demo model, 7 prompts of 7-1,393 tokens in a
             # 1,500-token cache: 100 preemptions, 2.4x the time of a cache that holds them all).
-            if self.running and not self.cache.has_free(self._pages_to_finish_prompts(req) + len(self.running)):
+            if self.running and not self.cache.has_free(self._pages_to_admit(req)):
                 # Not admitted: give back the shared prefix pages `new_sequence` pinned, or a waiting request
                 # holds pages the running ones need (a lone running request would then end as "length").
                 self.cache.release(req.pages)
@@ -307,11 +311,30 @@ class LLMEngine:
             self.waiting.popleft()
             self.running.append(req)
 
-    def _pages_to_finish_prompts(self, new: EngineRequest) -> int:
+    def _pages_to_admit(self, new: EngineRequest) -> int:
         """Pages `new` and the running requests still need to feed every token they hold (prompt, or prompt and
-        output when recomputed after preemption)."""
-        return sum(self.cache.pages_needed(r.pages, r.num_tokens - r.computed) for r in [new, *self.running]
-                   if r.pages is not None)
+        output when recomputed after preemption), plus one per running request for decoding. A running row
+        with one token left to feed (decoding) needs at most that one page for it: counted once, not again as
+        a token it holds."""
+        held = sum(self.cache.pages_needed(r.pages, r.num_tokens - r.computed) for r in [new, *self.running]
+                   if r.pages is not None and (r is new or r.num_tokens - r.computed > 1))
+        return held + len(self.running)
+
+    def _sparse_prompt(self, req: EngineRequest) -> bool:
+        """Whether the request's prompt runs InfLLM v2 at every position (at least dense_len tokens)."""
+        sc = self.model.config.sparse_config
+        return sc is not None and sc.is_sparse(len(req.prompt_ids))
+
+    def _same_mode_tokens(self, req: EngineRequest) -> int:
+        """How many of the tokens `req` holds from `computed` on may go in one chunk. The model decides dense
+        or sparse per row of a step (by its end, or its whole prompt); the plain loop ran a short prompt dense
+        and its outputs dense until the sequence reached dense_len, sparse from there. A recomputation (after
+        preemption) crossing dense_len is cut there, or its dense positions would run sparse."""
+        sc = self.model.config.sparse_config
+        n = req.num_tokens - req.computed
+        if sc is None or self._sparse_prompt(req) or req.computed + 1 >= sc.dense_len:
+            return n
+        return min(n, sc.dense_len - 1 - req.computed)
 
     def _plan(self) -> list[tuple[EngineRequest, int]]:
         """How many tokens each running request feeds this step, with pages reserved for them; preempts the
@@ -328,7 +351,7 @@ class LLMEngine:
                 feeds.append((req, 1))
                 continue
             if n > 1:
-                n = min(n, max(budget, 1))
+                n = min(n, max(budget, 1), self._same_mode_tokens(req))
                 budget -= n
             while True:
                 try:
@@ -377,7 +400,9 @@ class LLMEngine:
         """Logits [len(group), V] at each request's last fed token; advances the pages' lengths."""
         dev = self.model.device
         seqs = [req.pages for req, _ in group]
-        if all(n == 1 for _, n in group):
+        # One token per row past its prompt: a decode step. A prompt's token before its last goes the prefill
+        # way, where the dense/sparse switch sees the whole prompt (a decode step decides by the length so far).
+        if all(n == 1 and req.computed + 1 >= len(req.prompt_ids) for req, n in group):
             return self._forward_decode(seqs, [req.token(req.computed) for req, _ in group])
         t = max(n for _, n in group)
         ids = torch.zeros(len(group), t, dtype=torch.long)
@@ -397,7 +422,7 @@ class LLMEngine:
             if req.computed == req.num_tokens:
                 ready.append(i)
                 if not req.state.generated:  # the prompt is complete: offer its pages for prefix sharing
-                    self.cache.publish(req.pages, req.prompt_ids)
+                    self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req))
         out = []
         if ready:
             reqs = [group[i][0] for i in ready]

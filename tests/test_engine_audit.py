@@ -1,0 +1,384 @@
+"""Engine audit: preemption and recomputation across the dense/sparse switch, prefix pages shared only between
+prompts that attend alike, prompt tokens fed one at a time, the admission's page arithmetic, aborts in every
+state, seeds, penalties and length limits, each against an independent reference (the plain generate loop,
+float64, or a naive formula). Page reference counts are checked after every engine step."""
+
+import collections
+import random
+
+import pytest
+import torch
+from conftest import random_model
+from test_engine import alone, prompts, sparse, tok
+
+from cpm4 import LLM, SamplingParams
+from cpm4.engine.generate import GenerationOutput, PromptTooLongError, generate_ids
+from cpm4.engine.paged import PagedKVCache
+from cpm4.engine.sampling import process_logits
+from cpm4.engine.scheduler import LLMEngine
+
+
+def assert_pages_consistent(eng: LLMEngine) -> None:
+    """Each page's reference count is the number of its holders (running sequences, the prefix table); free
+    pages have none and are listed once; waiting requests hold no page."""
+    cache = eng.cache
+    holders = collections.Counter(cache.prefix.values())
+    for r in eng.running:
+        holders.update(r.pages.pages)
+    assert all(r.pages is None for r in eng.waiting)
+    assert len(set(cache.free)) == len(cache.free)
+    for p in range(cache.num_pages):
+        assert cache.refs[p] == holders[p], (p, cache.refs[p], holders[p])
+        assert (p in cache.free) == (cache.refs[p] == 0), p
+
+
+def assert_all_free(eng: LLMEngine) -> None:
+    """Idle: every page free or only cached as a reusable prefix, no request left behind."""
+    assert_pages_consistent(eng)
+    assert not eng.has_work() and not eng.by_id
+    assert eng.cache.num_free == eng.cache.num_pages
+
+
+def run(eng: LLMEngine, preempt: dict[int, str] | None = None, abort: dict[int, str] | None = None,
+        outs: dict[str, GenerationOutput] | None = None) -> dict[str, GenerationOutput]:
+    """Step until idle, gathering each request's deltas (into `outs` when given); preempt / abort: {step:
+    request id} done just before that step (a preemption only if the request is running then). Pages are
+    checked after every step."""
+    outs = {} if outs is None else outs
+    step = 0
+    while eng.has_work():
+        rid = (preempt or {}).get(step)
+        if rid is not None and eng.by_id.get(rid) in eng.running:
+            eng._preempt(eng.by_id[rid])
+        if abort and step in abort:
+            eng.abort(abort[step])
+        for rid, d in eng.step():
+            outs.setdefault(rid, GenerationOutput([])).add(d)
+        assert_pages_consistent(eng)
+        step += 1
+    assert_all_free(eng)
+    return outs
+
+
+def same_as(out: GenerationOutput, ref: GenerationOutput, tol: float) -> None:
+    assert (out.token_ids, out.finish_reason) == (ref.token_ids, ref.finish_reason)
+    if ref.logprobs is None:
+        assert out.logprobs is None
+        return
+    assert len(out.logprobs) == len(ref.logprobs) == len(ref.token_ids)  # none lost, none repeated
+    for a, b in zip(out.logprobs, ref.logprobs):
+        assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert a.logprob == pytest.approx(b.logprob, abs=tol)
+
+
+def plain(model, p, params) -> GenerationOutput:
+    return generate_ids(model, tok(), [p], [params])[0]
+
+
+def sparse64(dense_len=100):
+    # Past the sparse budget ((topk + window / block) blocks = 64 tokens) dense and sparse attention differ.
+    return random_model("tiny", dtype=torch.float64, sparse_config=sparse(dense_len))
+
+
+@pytest.mark.parametrize("at", [1, 8, 30])
+def test_recompute_after_preemption_follows_the_dense_sparse_switch(at):
+    """A request of an 80-token prompt (dense, dense_len 100) preempted mid-prompt-chunk (1), while decoding
+    dense (8) or after its decoding crossed dense_len (30) recomputes exactly what it ran: its prompt and
+    early outputs dense, the later ones sparse (a recomputation chunk crossing dense_len ran all sparse: its
+    logprobs moved by 6e-3). float64: logprobs to 1e-9, none lost or repeated; the penalties count the same
+    tokens (the prompt and outputs once each, not the recomputed ones again)."""
+    model = sparse64()
+    p = prompts(1, seed=20, lo=80, hi=81)[0]
+    params = SamplingParams(temperature=0, max_tokens=36, ignore_eos=True, logprobs=2, repetition_penalty=1.2,
+                            frequency_penalty=0.5, presence_penalty=0.3)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=20, page_size=16, dtype=torch.float64),
+                    chunk_tokens=32)
+    eng.add_request("a", p, params)
+    out = run(eng, preempt={at: "a"})["a"]
+    assert eng.num_preempted == 1
+    same_as(out, plain(model, p, params), 1e-9)
+
+
+def test_prefix_pages_are_shared_only_between_prompts_of_one_mode():
+    """A prompt below dense_len runs dense, one at or above it sparse at every position: the same prefix holds
+    other keys and values in the two modes, so a prompt reuses only pages published by one of its own mode
+    (a 116-token prompt reusing a 98-token one's dense pages was 6e-3 off, the other way round 1e-2)."""
+    model = sparse64()
+    base = prompts(1, seed=21, lo=96, hi=97)[0]
+    short, long_, longer = base + [5, 6], base + list(range(7, 27)), base + list(range(30, 48))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    for first, second, shared in ((short, long_, False), (long_, short, False), (long_, longer, True)):
+        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16, dtype=torch.float64))
+        eng.add_request("x", first, params)
+        run(eng)
+        eng.add_request("y", second, params)
+        eng._admit()
+        assert eng.by_id["y"].computed == (96 if shared else 0)  # the 6 full pages of the common prefix, or none
+        same_as(run(eng)["y"], plain(model, second, params), 1e-9)
+
+
+def test_prompt_token_fed_alone_follows_the_whole_prompt():
+    """A prompt token fed alone (here: the step's token budget spent by a prompt admitted before it) attends as
+    its whole prompt says: sparse for a prompt of >= dense_len tokens, not dense because the sequence is still
+    shorter (it took the decode step's switch: 5e-4 off in float64)."""
+    model = sparse64()
+    base = prompts(1, seed=22, lo=96, hi=97)[0]
+    ahead = prompts(1, seed=23, lo=150, hi=151)[0]
+    p = base + prompts(1, seed=24, lo=54, hi=55)[0]  # 150 tokens: sparse
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=60, page_size=16, dtype=torch.float64),
+                    chunk_tokens=50)
+    eng.add_request("y", base + list(range(5, 15)), params)  # a sparse prompt publishes the 96-token prefix
+    run(eng)
+    eng.add_request("ahead", ahead, params)
+    eng.add_request("p", p, params)
+    eng.step()
+    # `ahead` took the 50-token budget; p fed one token after its 96 cached ones, at 97 < dense_len tokens.
+    assert eng.by_id["ahead"].computed == 50 and eng.by_id["p"].computed == 97
+    out = run(eng)
+    same_as(out["p"], plain(model, p, params), 1e-9)
+    same_as(out["ahead"], plain(model, ahead, params), 1e-9)
+
+
+def test_steps_launched_ahead_never_sample_mid_prompt():
+    """async_output with a one-token prefill budget: every row feeds one token a step, prompt tokens too. Only
+    rows feeding their last token may go into a step launched ahead (it samples every row): a row mid-prompt
+    there had a token sampled and streamed from a half-read prompt."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    ps = prompts(3, seed=26, lo=3, hi=9)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=20, page_size=16), chunk_tokens=1,
+                    async_output=True)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    out = run(eng)
+    for i, p in enumerate(ps):
+        same_as(out[f"r{i}"], plain(model, p, params), 0)
+
+
+@pytest.mark.parametrize("pages", [3, 4])
+def test_admission_counts_a_decoding_rows_next_page_once(pages):
+    """A request is admitted when its prompt's pages and one page per running request fit. A decoding row
+    whose next token starts a page needs that page as its one: counted twice, a 32-token prompt waited for a
+    4th free page beside a decoding row on a full page (3 free: its 2 and the row's 1 were enough)."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=pages, page_size=16))
+    r, w = prompts(1, seed=27, lo=15, hi=16)[0], prompts(1, seed=28, lo=32, hi=33)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    eng.add_request("r", r, params)
+    outs: dict[str, GenerationOutput] = {}
+    for _ in range(2):  # prefill, then the first decode step: 16 tokens on r's page, the next one needs another
+        for rid, d in eng.step():
+            outs.setdefault(rid, GenerationOutput([])).add(d)
+    assert eng.by_id["r"].pages.length == 16 and eng.cache.num_free == pages - 1
+    eng.add_request("w", w, params)
+    for rid, d in eng.step():
+        outs.setdefault(rid, GenerationOutput([])).add(d)
+    # 3 free pages: w's 2 and r's next one, admitted at once; 2 free: w waits for r to end (this step).
+    assert ("w" in outs) == (pages == 4) and outs["r"].finish_reason == "length"
+    run(eng, outs=outs)
+    assert eng.num_preempted == 0
+    for rid, p in (("r", r), ("w", w)):
+        same_as(outs[rid], plain(model, p, params), 0)
+
+
+def _state(eng: LLMEngine, req) -> str:
+    if req in eng.waiting:
+        return "preempted" if req.state.generated else "waiting"
+    return "prefill" if req.computed < len(req.prompt_ids) else "running"
+
+
+@pytest.mark.parametrize("async_output", [False, True])
+@pytest.mark.parametrize("state", ["waiting", "prefill", "running", "preempted"])
+def test_abort_in_every_state_frees_pages_and_spares_the_others(state, async_output):
+    """A request aborted while waiting, mid-prefill, decoding or preempted ends with "abort" and no tokens after
+    it; every page comes back (reference counts exact after every step) and the others equal their runs
+    alone."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    ps = prompts(4, seed=3, lo=30, hi=70)
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=12, page_size=16), max_batch_size=3,
+                    chunk_tokens=16, async_output=async_output)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    outs: dict[str, GenerationOutput] = {}
+    victim = None
+    while eng.has_work() and victim is None:
+        victim = next((r.request_id for r in [*eng.waiting, *eng.running]
+                       if r.request_id != "r0" and _state(eng, r) == state), None)
+        if victim is not None:
+            eng.abort(victim)
+            held = len(eng.by_id[victim].state.generated)
+        for rid, d in eng.step():
+            outs.setdefault(rid, GenerationOutput([])).add(d)
+        assert_pages_consistent(eng)
+    assert victim is not None
+    run(eng, outs=outs)
+    assert outs[victim].finish_reason == "abort" and len(outs[victim].token_ids) == held
+    for i, p in enumerate(ps):
+        if f"r{i}" != victim:
+            assert outs[f"r{i}"].token_ids == alone(model, p, params), i
+
+
+def test_seeded_n_completions_with_logprobs_through_preemption():
+    """n=2 seeded sampled completions with logprobs in a cache too small for the batch (preemptions, sequences
+    crossing dense_len while decoding): each completion is the plain loop's run alone with seed + j, token for
+    token, its logprobs neither lost nor repeated; every page comes back."""
+    import dataclasses
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40))
+    llm = LLM(model, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=160, chunk_tokens=32)  # 10 pages of 16
+    ps = prompts(3, seed=29, lo=20, hi=36)
+    sp = SamplingParams(n=2, seed=7, temperature=0.9, top_p=0.95, max_tokens=40, ignore_eos=True, logprobs=1)
+    outs = llm.generate(ps, sp)
+    eng = llm.engine.engine
+    assert eng.num_preempted > 0
+    assert_all_free(eng)
+    for p, o in zip(ps, outs):
+        assert len(o.outputs) == 2
+        for j, c in enumerate(o.outputs):
+            same_as(c, plain(model, p, dataclasses.replace(sp, n=1, seed=7 + j)), 1e-4)
+
+
+def test_penalties_and_bias_match_a_naive_float64_reference():
+    """Logit bias, then the repetition penalty over prompt and output (each id once), then presence and
+    frequency penalties over the output alone, on batches mixing rows with and without each."""
+    rng = random.Random(0)
+    vocab = 50
+    for _ in range(60):
+        params, hist, outs = [], [], []
+        for _ in range(rng.randint(1, 5)):
+            kw = {"temperature": 0}
+            if rng.random() < 0.6:
+                kw["repetition_penalty"] = rng.choice([0.5, 1.0, 1.3, 2.0])
+            if rng.random() < 0.6:
+                kw["presence_penalty"] = rng.uniform(-2, 2)
+            if rng.random() < 0.6:
+                kw["frequency_penalty"] = rng.uniform(-2, 2)
+            if rng.random() < 0.3:
+                kw["logit_bias"] = {rng.randrange(vocab): rng.uniform(-5, 5) for _ in range(3)}
+            params.append(SamplingParams(**kw))
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+            out = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+            hist.append(prompt + out)
+            outs.append(out)
+        x = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(rng.randrange(1000))) * 3
+        ref = x.double()
+        for b, sp in enumerate(params):
+            for t, v in (sp.logit_bias or {}).items():
+                ref[b, t] += v
+            for t in set(hist[b]):
+                r = sp.repetition_penalty
+                ref[b, t] = ref[b, t] / r if ref[b, t] > 0 else ref[b, t] * r
+            for t in set(outs[b]):
+                ref[b, t] -= sp.frequency_penalty * outs[b].count(t) + sp.presence_penalty
+        got = process_logits(x, params, hist, None, outs)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_filter_edge_values():
+    """top_k=1 and min_p=1 sample the argmax; top_k of the vocabulary or more, -1 or 0 filter nothing (the same
+    draws as without, seed for seed); top_p=1 likewise."""
+    from cpm4.engine.sampling import Sampler, sample_batch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64).float() * 2
+
+    def draw(**kw):
+        params = [SamplingParams(temperature=0.8, seed=100 + i, **kw) for i in range(x.shape[0])]
+        return sample_batch(x, [Sampler(p) for p in params], params, [[] for _ in params])
+
+    greedy = x.argmax(-1).tolist()
+    assert draw(top_k=1) == draw(min_p=1.0) == greedy
+    free = draw()
+    assert free != greedy
+    assert draw(top_k=40) == draw(top_k=1000) == draw(top_k=-1) == draw(top_k=0) == draw(top_p=1.0) == free
+
+
+def test_length_limits_and_stop_strings_at_max_model_len():
+    """max_model_len: a prompt of max_model_len - 1 tokens gets one token ("length"), one of max_model_len or an
+    empty one is refused; prompt + max_tokens past it ends with "length" at it with the plain loop's tokens,
+    never past a position; a stop string spanning two tokens ends the text where it starts."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=32))
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=12, page_size=16), max_model_len=48)
+    long_params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    with pytest.raises(PromptTooLongError):
+        eng.add_request("x", list(range(3, 51)), long_params)
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.add_request("x", [], long_params)
+    ps = prompts(2, seed=30, lo=25, hi=40) + [list(range(5, 52))]
+    free = [plain(model, p, long_params) for p in ps]
+    # A stop string made of the last character of one token's text and the first of the next's.
+    ids, text = free[0].token_ids, free[0].text
+    k = next(k for k in range(1, 12) if tok().decode(ids[:k]) and len(tok().decode(ids[:k + 1])) > len(
+        tok().decode(ids[:k])) and tok().decode(ids[:k + 1]).startswith(tok().decode(ids[:k])))
+    cut = len(tok().decode(ids[:k]))
+    stop = text[cut - 1:cut + 1]
+    stop_params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, stop=[stop])
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, long_params)
+    eng.add_request("s", ps[0], stop_params)
+    out = run(eng)
+    for i, p in enumerate(ps):
+        assert out[f"r{i}"].finish_reason == "length" and len(p) + len(out[f"r{i}"].token_ids) == 48
+        assert out[f"r{i}"].token_ids == free[i].token_ids[:48 - len(p)]
+    assert out["s"].finish_reason == "stop" and out["s"].text == text[:text.index(stop)]
+    assert out["s"].text == plain(model, ps[0], stop_params).text
+
+
+def test_batched_decode_crossing_dense_len_equals_alone():
+    """Rows of a batch cross dense_len while decoding at different steps, beside rows still prefilling in
+    chunks and rows whose prompts are sparse from the start: each row's logprobs are its run alone (float64)."""
+    model = sparse64(dense_len=60)
+    ps = prompts(2, seed=31, lo=40, hi=58) + prompts(2, seed=32, lo=62, hi=130)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=60, page_size=16, dtype=torch.float64),
+                    chunk_tokens=40)
+    out = {}
+    for i, p in enumerate(ps):  # one arrival per step: prefill chunks and decode steps share steps
+        eng.add_request(f"r{i}", p, params)
+        for rid, d in eng.step():
+            out.setdefault(rid, GenerationOutput([])).add(d)
+    run(eng, outs=out)
+    for i, p in enumerate(ps):
+        same_as(out[f"r{i}"], plain(model, p, params), 1e-9)
+
+
+def test_kv_cache_usage_read_while_the_worker_changes_the_prefix_table():
+    """AsyncEngine.kv_cache_usage runs on the metrics / stats-log thread while the worker publishes and reclaims
+    prefix pages: a count interrupted by such a change ("OrderedDict mutated during iteration") is taken again
+    instead of failing the metrics request or ending the stats log."""
+    import time
+
+    from cpm4.engine.paged import SeqPages
+    from cpm4.serve.engine import AsyncEngine
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    eng = AsyncEngine(model, tok(), max_batch_size=2, kv_cache_tokens=320)  # 5 pages of 64
+    try:
+        deadline = time.monotonic() + 30
+        while eng._sched is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cache = eng._sched.cache  # the worker waits for requests: it leaves the cache alone
+        seq = SeqPages()
+        cache.reserve(seq, 128)
+        seq.length = 128
+        cache.publish(seq, list(range(3, 131)))
+        cache.release(seq)  # 2 pages held by the prefix table alone: reusable, so free
+
+        class WorkerPublishes(list):  # the worker publishes a page in the middle of the count
+            hit = False
+
+            def __getitem__(self, i):
+                if not WorkerPublishes.hit:
+                    WorkerPublishes.hit = True
+                    p = cache.free.pop()
+                    list.__setitem__(self, p, 1)
+                    cache.prefix[b"published meanwhile"] = p
+                return list.__getitem__(self, i)
+
+        cache.refs = WorkerPublishes(cache.refs)
+        assert eng.kv_cache_usage() == 0.0 and WorkerPublishes.hit
+        assert len(cache.prefix) == 3 and cache.num_free == cache.num_pages
+    finally:
+        eng.shutdown()
