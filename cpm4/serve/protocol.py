@@ -2,14 +2,14 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer options still work.
 Numbers and flags are strict (a string "0.5" for temperature is a 400, as with OpenAI), except that an int
-is accepted where a float is expected.
+is accepted where a float is expected. A null is the same as leaving the field out.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -25,6 +25,15 @@ MAX_LOGPROBS = 20
 class _Body(BaseModel):
     # Python's json accepts NaN and Infinity; no sampling setting means anything with them.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # OpenAI's optional fields are nullable ("n": null means n = 1), and clients that serialise every field
+        # send nulls; without this, a field with a non-null default (n, stream, echo, logprobs) refused them.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Body):

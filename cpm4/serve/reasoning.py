@@ -51,6 +51,11 @@ class ReasoningStream:
         """Past the reasoning (or there was none): what follows is the answer."""
         return self._state == "content"
 
+    @property
+    def undecided(self) -> bool:
+        """Nothing but whitespace (or part of "<think>") seen yet: whether it is reasoning is not known."""
+        return self._state == "start"
+
     def _out(self, kind: str, text: str) -> list[tuple[str, str]]:
         if not self._emitted[kind]:
             text = text.lstrip("\n")  # the newlines after a tag (or before the answer)

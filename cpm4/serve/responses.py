@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from .protocol import MAX_LOGPROBS, Bool, ChatCompletionRequest, Float, Int, Str, _Body
 
 if TYPE_CHECKING:
-    from .api import _OpenAIServer
+    from .api import APIError, _OpenAIServer
 
 
 class ResponsesRequest(_Body):
@@ -48,6 +48,18 @@ def _error(message: str, param: str | None = None) -> Exception:
     from .api import APIError
 
     return APIError(400, message, param=param)
+
+
+# The chat fields behind this request's own, for the errors of the chat request made from it.
+_CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+
+
+def _renamed(err: APIError) -> APIError:
+    """A chat path's APIError naming the Responses field the client sent instead of the chat field."""
+    if err.param in _CHAT_PARAMS:
+        err.param = _CHAT_PARAMS[err.param]
+        err.message = err.message.replace("max_completion_tokens", "max_output_tokens")
+    return err
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -124,6 +136,8 @@ def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     elif req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
     fmt = (req.text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise _error("text.format must be an object, such as {\"type\": \"json_schema\", \"schema\": {...}}", "text")
     if fmt and fmt.get("type") == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {
             k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
@@ -131,7 +145,12 @@ def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         body["response_format"] = {"type": fmt["type"]}
     elif fmt:
         raise _error(f"text.format of type {fmt.get('type')!r} is not supported", "text")
-    return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:  # input items or tools of the wrong shape: the request's 400, not a 500
+        from .api import _validation_error
+
+        raise _renamed(_validation_error(e.errors())) from None
 
 
 class _Shape:
@@ -191,9 +210,14 @@ def _output_items(shape: _Shape, message: dict[str, Any]) -> list[dict[str, Any]
 
 
 async def responses(server: _OpenAIServer, req: ResponsesRequest, request: Request) -> Response:
+    from .api import APIError
+
     chat_req = _chat_request(req)
     shape = _Shape(req, server.model_name)
-    resp = await server.chat(chat_req, request)
+    try:
+        resp = await server.chat(chat_req, request)
+    except APIError as e:
+        raise _renamed(e) from None
     if not req.stream:
         if resp.status_code != 200:  # 499: the client went away
             return resp

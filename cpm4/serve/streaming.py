@@ -94,6 +94,7 @@ class Choice:
     think: ReasoningStream | None = None  # chat with a reasoning parser
     reasoning: list[str] = field(default_factory=list)
     new_reasoning: str = ""  # what the last delta added to the reasoning
+    undecided_ids: list[int] = field(default_factory=list)  # read while `think` was undecided
 
     def take(self, d: StreamDelta) -> str:
         """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
@@ -104,6 +105,7 @@ class Choice:
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
         text, ids = d.text, d.token_ids
+        piece = ""
         if self.think is not None:
             parts = self.think.feed(d.text, d.token_ids)
             if d.finish_reason is not None:
@@ -111,9 +113,20 @@ class Choice:
             self.new_reasoning = "".join(t for kind, t in parts if kind == "reasoning")
             self.reasoning.append(self.new_reasoning)
             text = "".join(t for kind, t in parts if kind == "content")
-            if not self.think.in_content:
-                ids = []  # a tool-call marker inside the reasoning is not a call
-        piece = self.tools.feed(text, ids) if self.tools is not None else text
+            if self.think.undecided and d.finish_reason is None:
+                # Perhaps the answer's start: an output that opens with a tool call (thinking off, or a forced
+                # tool_choice) has the marker, a special token without text, before any text decides.
+                self.undecided_ids += ids
+                ids = []
+            elif not self.think.in_content and not self.think.undecided:
+                self.undecided_ids, ids = [], []  # a tool-call marker inside the reasoning is not a call
+            elif self.undecided_ids:
+                # The answer after all. Fed apart: the collector takes a delta's text as coming before a marker
+                # among its ids.
+                if self.tools is not None:
+                    piece = self.tools.feed("", self.undecided_ids)
+                self.undecided_ids = []
+        piece += self.tools.feed(text, ids) if self.tools is not None else text
         self.pieces.append(piece)
         return piece
 

@@ -3,7 +3,8 @@ template teaches) turned into OpenAI `tool_calls`.
 
 The marker is a special token in MiniCPM4 vocabularies, so plain decoding (which skips special tokens)
 loses it. `ToolCallCollector` therefore watches the token ids as well as the text: everything before the
-first marker streams as content, everything from it on is held and parsed when generation ends.
+first marker streams as content (whitespace alone, no content before a call, waits for more), everything from it
+on is held and parsed when generation ends.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ class ToolCallCollector:
         self._tokenizer = tokenizer
         self._marker = marker
         self._marker_id = tokenizer.token_id(marker)
-        self._held = ""  # text that may be the start of a literal marker
+        self._held = ""  # text that may be the start of a literal marker, or only whitespace so far
+        self._started = False  # content other than whitespace went out
+        self._dropped = ""  # whitespace-only content dropped before the first marker
         self._tail_ids: list[int] | None = None  # set once the marker arrived as a token
         self._tail_text: str | None = None  # set once the marker arrived as text
         self._plain_tail = ""  # the tail as plain decoding shows it, for output without calls
@@ -112,15 +115,29 @@ class ToolCallCollector:
             if j >= 0:
                 self._plain_tail, text = text[j:], text[:j]
             out, self._held = self._held + text, ""
-            return out
+            return self._before_call(out)
         buf = self._held + text
         i = buf.find(self._marker)
         if i >= 0:
             self._tail_text, self._held = buf[i:], ""
-            return buf[:i]
+            return self._before_call(buf[:i])
         hold = _marker_prefix_len(buf, self._marker)
+        out = buf[: len(buf) - hold]
+        if not self._started and not out.strip():
+            # Whitespace alone is held: before a call it is no content (the unstreamed answer's content is
+            # null then too), so a stream must not have sent it.
+            self._held = buf
+            return ""
+        self._started = True
         self._held = buf[len(buf) - hold:]
-        return buf[: len(buf) - hold]
+        return out
+
+    def _before_call(self, text: str) -> str:
+        """The content before the first marker: nothing when it is only whitespace."""
+        if self._started or text.strip():
+            return text
+        self._dropped = text
+        return ""
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """End of generation: (content not yet emitted, tool calls)."""
@@ -134,11 +151,13 @@ class ToolCallCollector:
                     segments[-1].append(t)
             raw = self._marker.join(self._tokenizer.decode(s) for s in segments)
             content, calls = parse_tool_calls(raw, self._marker)
-            if not calls:
-                return self._plain_tail, []  # no valid call: the text plain decoding would have given
+            if not calls:  # no valid call: the text plain decoding would have given
+                return self._dropped + self._plain_tail, []
             return content or "", calls
         if self._tail_text is not None:
             content, calls = parse_tool_calls(self._tail_text, self._marker)
+            if not calls:
+                return self._dropped + (content or ""), []
             return content or "", calls
         out, self._held = self._held, ""
         return out, []
