@@ -1,6 +1,7 @@
 """The `cpm4` command line: init, convert, generate, chat, serve, bench, data, pretrain, sft.
 
-Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 130 interrupted.
+Exit codes: 0 success, 2 bad input (missing model folder, bad config, bad argument), 1 the output's reader went
+away (a closed pipe), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, so that a bad value is a usage error before any model load."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _max_model_len(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (prompt + output), got {text!r}") from None
+    if v < 2:  # the engine's own rule (`context_length`): one prompt token and one generated
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (prompt + output), got {v}")
+    return v
+
+
+def add_max_model_len_arg(p: argparse.ArgumentParser) -> None:
+    """vLLM's --max-model-len, shared by generate, chat and serve. Its upper bound (the model's context) is
+    checked by the engine once the config is read."""
+    p.add_argument("--max-model-len", type=_max_model_len, default=None,
+                   help="longest sequence, prompt + output (default: the model's context; at most that); on the "
+                   "CPU the default KV cache is sized by it")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -61,11 +91,17 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+              max_model_len=args.max_model_len)
     m = llm.model
     print(f"[cpm4] loaded {args.model} ({m.config.num_parameters() / 1e6:.1f}M params, {m.device}, "
           f"{str(m.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return llm
+
+
+def _stored_dtype(name: str | None) -> str | None:
+    # "auto" is how generate/serve (and vLLM, transformers) spell the default; here that is the stored dtype.
+    return None if name == "auto" else name
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -73,7 +109,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .model.init import create_checkpoint
 
     cfg = preset(args.config)
-    out = create_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+    out = create_checkpoint(cfg, args.out, seed=args.seed, dtype=_stored_dtype(args.dtype), overwrite=args.overwrite)
     print(f"[cpm4] wrote {args.config} checkpoint ({cfg.num_parameters() / 1e6:.1f}M params) to {out}")
     return 0
 
@@ -81,7 +117,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .model.convert import convert_to_llama
 
-    out = convert_to_llama(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = convert_to_llama(args.model, args.out, dtype=_stored_dtype(args.dtype), overwrite=args.overwrite)
     print(f"[cpm4] wrote the {args.to} form of {args.model} to {out}")
     return 0
 
@@ -171,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", required=True, help="tiny, minicpm4-0.5b or minicpm4-8b")
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--dtype", default=None, help="storage dtype (default: the preset's)")
+    q.add_argument("--dtype", default=None, help="storage dtype: float32, bfloat16, float16 (default, or auto: "
+                   "the preset's)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_init)
 
@@ -179,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=Path, help="MiniCPM4 checkpoint folder")
     q.add_argument("out", type=Path, help="output folder")
     q.add_argument("--to", choices=("llama",), default="llama")
-    q.add_argument("--dtype", default=None, help="output dtype (default: as stored; in bf16/fp16 the folded weights "
-                   "are rounded again, float32 gives an exact export)")
+    q.add_argument("--dtype", default=None, help="output dtype (default, or auto: as stored; in bf16/fp16 the folded "
+                   "weights are rounded again, float32 gives an exact export)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("generate", help="complete one or more prompts")
     _add_model_args(q)
     _add_sampling_args(q, max_tokens=128)
+    add_max_model_len_arg(q)
     q.add_argument("prompt", nargs="*", help="prompt text (several = a batch; none = read stdin)")
     q.add_argument("--no-stream", action="store_true", help="print the result at the end")
     q.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
@@ -195,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
     _add_model_args(q)
     _add_sampling_args(q, max_tokens=512)
+    add_max_model_len_arg(q)
     q.add_argument("--system", default=None, help="system prompt")
     q.set_defaults(func=cmd_chat)
 
@@ -217,8 +256,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, PromptTooLongError, ValueError,
-            ImportError) as e:
+    except BrokenPipeError:
+        # The reader went away (`cpm4 generate ... | head`): stop quietly, as Unix tools do. stdout is pointed
+        # at /dev/null so that the interpreter's final flush does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+            pass
+        return 1
+    except (OSError, ConfigError, CheckpointError, PromptTooLongError, ValueError, ImportError) as e:
+        # OSError: a missing, existing, unreadable or unwritable path (not only FileNotFoundError/FileExistsError).
         print(f"cpm4: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

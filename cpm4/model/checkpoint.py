@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import MiniCPM4Config, write_text_atomic
@@ -57,6 +57,15 @@ def expected_shapes(config: MiniCPM4Config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _safe_open(file: Path, device: str = "cpu") -> Any:
+    """safe_open, with a CheckpointError naming the file when it is truncated (an interrupted download) or is
+    not safetensors at all."""
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file holding it."""
     index, single = path / INDEX_FILE, path / SINGLE_FILE
@@ -73,7 +82,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{f.name}: shard listed in {INDEX_FILE} is missing from {path}")
         return files
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with _safe_open(single) as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
@@ -102,7 +111,7 @@ def read_state_dict(path: str | os.PathLike, config: MiniCPM4Config, dtype: torc
     out: dict[str, torch.Tensor] = {}
     dev = str(device)
     for file, tensor_names in by_file.items():
-        with safe_open(str(file), framework="pt", device=dev) as f:
+        with _safe_open(file, dev) as f:
             present = set(f.keys())
             for n in tensor_names:
                 if n not in present:
@@ -155,6 +164,25 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to write over a non-empty folder (or a file) without overwrite. `save_checkpoint` checks it too;
+    exports call it first so that the refusal comes before a long load."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    return out
+
+
+def _mkdir(path: Path, out: Path, parents: bool = False) -> None:
+    """mkdir, with an error that names the folder asked for (not the temporary one) and what is in its way."""
+    try:
+        path.mkdir(parents=parents, exist_ok=parents)
+    except OSError as e:
+        blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or str(e)
+        raise OSError(f"cannot create {out}: {why}") from None
+
+
 def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module,
                     config: MiniCPM4Config, out_dir: str | os.PathLike, tokenizer: Any = None,
                     dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
@@ -164,19 +192,17 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
     (name, tensor) produced lazily (so a large random model never has to exist in memory at once).
     `config_json` replaces the written config.json (exports to other architectures with the same tensors);
     the tensors are still checked against `config`."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    out = check_output_dir(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     if isinstance(weights, torch.nn.Module):
         weights = weights.state_dict()
     items = weights.items() if isinstance(weights, Mapping) else weights
     limit = _parse_size(max_shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(out.parent, out, parents=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    _mkdir(tmp, out)
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         sizes = [0]

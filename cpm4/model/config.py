@@ -81,6 +81,9 @@ class SparseConfig:
              f"{self.block_size} is not a multiple of kernel_stride {self.kernel_stride}")
         need(self.window_size % self.block_size == 0, "window_size",
              f"{self.window_size} is not a multiple of block_size {self.block_size}")
+        for name in ("lse_kernel_size", "lse_kernel_stride"):  # None: 4x the fine kernel's
+            v = getattr(self, name)
+            need(v is None or _is_int(v) and v > 0, name, f"must be a positive integer or null, got {v!r}")
         need(self.coarse_kernel_size % self.coarse_kernel_stride == 0, "lse_kernel_size",
              f"{self.coarse_kernel_size} is not a multiple of lse_kernel_stride {self.coarse_kernel_stride}")
         # The forced blocks (initial + local) must fit in the top-k, or which of them survive would depend on
@@ -185,15 +188,22 @@ class MiniCPM4Config:
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
                  f"must be a positive integer, got {v!r}")
         for name in ("scale_emb", "scale_depth", "rms_norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name,
-                 f"must be a positive number, got {v!r}")
-        need(isinstance(self.initializer_range, (int, float)) and not isinstance(self.initializer_range, bool)
-             and self.initializer_range >= 0, "initializer_range",
+            v = getattr(self, name)  # inf passes `> 0` but makes every logit NaN
+            need(_is_number(v) and 0 < v < math.inf, name, f"must be a positive number, got {v!r}")
+        need(_is_number(self.initializer_range) and 0 <= self.initializer_range < math.inf, "initializer_range",
              f"must be a non-negative number, got {self.initializer_range!r}")
         need(isinstance(self.num_mtp_layers, int) and not isinstance(self.num_mtp_layers, bool)
              and self.num_mtp_layers >= 0, "num_mtp_layers",
              f"must be a non-negative integer, got {self.num_mtp_layers!r}")
+        # Token ids: used as indices and compared with sampled ids, so a string would fail (or never match) later.
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            need(v is None or _is_int(v), name, f"must be an integer or null, got {v!r}")
+        e = self.eos_token_id
+        need(e is None or _is_int(e) or isinstance(e, list) and all(_is_int(t) for t in e), "eos_token_id",
+             f"must be an integer, a list of integers or null, got {e!r}")
+        need(self.torch_dtype is None or isinstance(self.torch_dtype, str), "torch_dtype",
+             f"must be a dtype name such as 'bfloat16', got {self.torch_dtype!r}")
         need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings",
              f"must be true or false, got {self.tie_word_embeddings!r}")
         need(self.model_type in ("minicpm", "minicpm4"), "model_type",
@@ -206,7 +216,7 @@ class MiniCPM4Config:
             need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
                  f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size} (set head_dim)")
         else:
-            need(isinstance(self.head_dim, int) and self.head_dim > 0, "head_dim",
+            need(_is_int(self.head_dim) and self.head_dim > 0, "head_dim",
                  f"must be a positive integer, got {self.head_dim!r}")
         need(self.dim_head % 2 == 0, "head_dim", f"rotary embedding needs an even head dim, got {self.dim_head}")
         self._validate_rope()
@@ -223,12 +233,23 @@ class MiniCPM4Config:
         if kind in (None, "default"):
             return
         half = self.dim_head // 2
+        orig = rs.get("original_max_position_embeddings")
+        if orig is not None and not (_is_int(orig) and orig > 0):
+            raise ConfigError(f"rope_scaling.original_max_position_embeddings: must be a positive integer, "
+                              f"got {orig!r}")
+        for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):  # YaRN's
+            v = rs.get(key)
+            if v is not None and not (_is_number(v) and math.isfinite(v)):
+                raise ConfigError(f"rope_scaling.{key}: must be a number, got {v!r}")
         if kind == "longrope":
             for key in ("short_factor", "long_factor"):
                 v = rs.get(key)
                 if not isinstance(v, list) or len(v) != half:
                     raise ConfigError(f"rope_scaling.{key}: needs a list of head_dim/2 = {half} numbers, "
                                       f"got {len(v) if isinstance(v, list) else v!r}")
+                bad = next((f for f in v if not (_is_number(f) and 0 < f < math.inf)), None)
+                if bad is not None:
+                    raise ConfigError(f"rope_scaling.{key}: every factor must be a positive number, got {bad!r}")
             if "original_max_position_embeddings" not in rs:
                 raise ConfigError("rope_scaling.original_max_position_embeddings: missing for longrope")
         elif kind in ("yarn", "linear", "dynamic"):
@@ -295,6 +316,14 @@ class MiniCPM4Config:
         d, hq, hkv, inter = self.dim_head, self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
         per_layer = h * (hq * d) * 2 + h * (hkv * d) * 2 + 3 * h * inter + 2 * h
         return V * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false arrive as bool, a subclass of int
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _infer_sparse_variant(d: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, parse_dtype, save_checkpoint
+from .checkpoint import check_output_dir, load_checkpoint, parse_dtype, save_checkpoint
 from .config import MiniCPM4Config
 from .hub import resolve_model_dir
 from .rope import longrope_factors
@@ -79,9 +79,17 @@ def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
     from .tokenizer import Tokenizer
 
     src = resolve_model_dir(src)
-    if Path(out).resolve() == Path(src).resolve():
+    src_abs, out_abs = Path(src).resolve(), Path(out).resolve()
+    if out_abs == src_abs:
         raise ValueError(f"the export would replace its own source {src}: choose another output folder")
-    model = load_checkpoint(src, dtype=parse_dtype(dtype))
+    if out_abs.is_relative_to(src_abs):  # the source checkpoint would carry a second model inside it
+        raise ValueError(f"the export {out} would be written inside its source {src}: choose a folder outside it")
+    if src_abs.is_relative_to(out_abs):  # --overwrite would delete the source with the old output
+        raise ValueError(f"the export {out} would replace a folder holding its source {src}: choose another "
+                         "output folder")
+    check_output_dir(out, overwrite)  # refused before a (possibly long) load, not after it
+    dtype = parse_dtype(dtype)
+    model = load_checkpoint(src, dtype=dtype)
     cfg = model.config
     weights = folded_weights(model.state_dict(), cfg)
     tok = None

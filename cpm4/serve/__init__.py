@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "default_engine_process", "serve"]
 
 
-def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
+def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
                reasoning_parser: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """See `cpm4.serve.api.create_app`."""
@@ -52,7 +53,7 @@ def default_engine_process(device: Any) -> bool:
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          dtype: str | None = None, api_key: str | None = None, model_name: str | None = None,
+          dtype: str | None = None, api_key: str | None = None, model_name: str | Sequence[str] | None = None,
           max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
           chunk_tokens: int | None = None, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
           compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
@@ -62,6 +63,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           engine_process: bool | None = None, revision: str | None = None) -> None:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) and serve it
     over HTTP until interrupted. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
+    several names (vLLM's `--served-model-name a b`): responses carry the first, requests may name any;
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
     the engine; on the CPU by default all cores but one, which the HTTP event loop keeps. generation_config:
@@ -74,6 +76,9 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
+    names = [model_name] if isinstance(model_name, str) else list(model_name or ())
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     try:
         import uvicorn
     except ImportError as e:  # an optional dependency: say how to get it
@@ -110,7 +115,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         if chat_template is not None:
             llm.tokenizer.set_chat_template(chat_template)
         engine = AsyncEngine(llm.model, llm.tokenizer, cpu_threads=cpu_threads, **options)
-    name = model_name or (given if from_hub else model_dir.name or given)
+    names = names or [given if from_hub else model_dir.name or given]
     if log_stats_interval:
         stats_log = logging.getLogger("cpm4.serve")
         if not stats_log.handlers:  # uvicorn configures its own loggers only
@@ -122,7 +127,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         logging.getLogger("cpm4.serve").warning(
             "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
             "none)", defaults)
-    app = create_app(engine, name, api_key=api_key, log_stats_interval=log_stats_interval or None,
+    app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
                      sampling_defaults=defaults, reasoning_parser=reasoning_parser,
                      allowed_origins=allowed_origins)
     try:

@@ -139,31 +139,37 @@ def _lp(x: float) -> float:
 
 
 class _OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str, sampling_defaults: dict[str, Any] | None = None,
-                 reasoning_parser: str | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str | Sequence[str],
+                 sampling_defaults: dict[str, Any] | None = None, reasoning_parser: str | None = None) -> None:
         self.engine = engine
         # Values for the sampling fields a request leaves unset (the checkpoint's generation_config.json).
         self.defaults = sampling_defaults or {}
         check_reasoning_parser(reasoning_parser)
         self.reasoning_parser = reasoning_parser
         self.tokenizer = engine.tokenizer
-        self.model_name = model_name
+        # vLLM's several served names: responses carry the first, requests may name any of them.
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.model_names[0]
         self.created = int(time.time())
         self.tokens = _TokenText(engine.tokenizer)
 
     # ----- shared request handling -----
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cpm4",
+    def model_card(self, name: str | None = None) -> dict[str, Any]:
+        return {"id": name or self.model_name, "object": "model", "created": self.created, "owned_by": "cpm4",
                 "root": self.model_name, "max_model_len": self.engine.context_length}
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+        if model is not None and model not in self.model_names:
+            served = ", ".join(f"`{n}`" for n in self.model_names)
+            raise APIError(404, f"The model `{model}` does not exist; this server serves {served}.",
                            param="model", code="model_not_found")
 
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         self._check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            # As OpenAI and vLLM: the client asked for stream usage it would never get.
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
                 seed: int | None, grammar: dict[str, Any] | None = None, grammar_param: str | None = None
@@ -596,7 +602,8 @@ class _OpenAIServer:
                 tail, calls = c.tools.finish()
                 content += tail
                 if calls:
-                    content = content.strip() or None
+                    # A forced named call: exactly what its stream sent, which could not trim text sent before it.
+                    content = (content if named else content.strip()) or None
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if c.think is not None:
                 message["reasoning_content"] = "".join(c.reasoning) or None
@@ -669,10 +676,11 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
         raise _validation_error(e.errors()) from None
 
 
-def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
+def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
                reasoning_parser: str | None = None, allowed_origins: Sequence[str] | None = None) -> FastAPI:
-    """An OpenAI-compatible FastAPI app serving `model_name`. log_stats_interval: seconds between the
+    """An OpenAI-compatible FastAPI app serving `model_name` (several names: responses carry the first, requests
+    may name any, /v1/models lists all, as vLLM's --served-model-name a b). log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
     sampling_defaults: SamplingParams fields for what a request leaves unset (temperature, top_p, top_k,
     min_p, repetition_penalty; max_tokens caps a chat request without one), as from
@@ -709,7 +717,7 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="cpm4 OpenAI-compatible server", lifespan=lifespan)
     app.state.engine = engine
-    app.state.model_name = model_name
+    app.state.model_name = server.model_name
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     if allowed_origins:  # added last: outermost, so preflights and the key check's 401 carry the headers
@@ -740,7 +748,7 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
     except ImportError:  # prometheus-client missing (it comes with the serve extra)
         metrics = None
     else:
-        metrics = ServerMetrics(engine, model_name)
+        metrics = ServerMetrics(engine, server.model_name)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -763,12 +771,12 @@ def create_app(engine_or_llm: Any, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [server.model_card()]}
+        return {"object": "list", "data": [server.model_card(n) for n in server.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         server._check_model(model_id)
-        return server.model_card()
+        return server.model_card(model_id)
 
     # Bodies are parsed by hand (not as typed parameters) so that any Content-Type is read as JSON.
     @app.post("/v1/completions")

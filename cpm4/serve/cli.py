@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from cpm4.cli import DEFAULT_MODEL
+from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg
+from cpm4.cli import positive_int as _positive
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -29,13 +30,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _count(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v
 
 
@@ -75,7 +86,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     # From the environment by default so the key need not appear in the process list.
     p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model ids clients use, as vLLM's: the first is the one responses carry, requests may name "
+                   "any, /v1/models lists all (default: the folder name, or the Hub id)")
     p.add_argument("--max-batch-size", "--max-num-seqs", type=_positive, default=16,
                    help="requests generated together at most")
     p.add_argument("--kv-cache-tokens", type=_positive, default=None,
@@ -92,9 +105,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--chunk-tokens", "--max-num-batched-tokens", type=_positive, default=None,
                    help="prompt tokens prefilled per scheduler step (default: 8192 on a GPU of 70 GiB or more, "
                    "2048 on a smaller one, 512 on the CPU)")
-    p.add_argument("--max-model-len", type=_positive, default=None,
-                   help="longest request served, prompt + output (default: the model's context); on the CPU the "
-                   "default KV cache is sized by it")
+    add_max_model_len_arg(p)
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
     p.add_argument("--cpu-threads", type=_positive, default=None,
@@ -113,7 +124,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="run the model in a child process, as vLLM's engine core: the HTTP side's work per "
                    "streamed chunk and the engine's host work per step then run in parallel instead of sharing "
                    "one GIL (default: on with CUDA, off on the CPU; --no-engine-process: a thread)")
-    p.add_argument("--log-stats-interval", type=float, default=10.0,
+    p.add_argument("--log-stats-interval", type=_non_negative, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -198,7 +209,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     q.add_argument("--request-rate", type=_rate, default="inf",
                    help="requests per second, Poisson arrivals (default inf: all at once)")
     q.add_argument("--max-concurrency", type=_positive, default=None, help="requests in flight at most")
-    q.add_argument("--num-warmups", type=int, default=0, help="short untimed requests first")
+    q.add_argument("--num-warmups", type=_count, default=0, help="short untimed requests first")
     q.add_argument("--temperature", type=float, default=0.0)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--client", choices=["openai", "httpx"], default="openai",
