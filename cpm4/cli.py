@@ -10,7 +10,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def default_model() -> str:
@@ -34,25 +36,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, so that a bad value is a usage error before any model load."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def bounded(cast: Callable[[str], Any], what: str, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: `cast` of the text within [low, high] ((low, high] with low_open), so that a bad value
+    is a usage error naming the expectation (`what`) before any model load. NaN fails any bound."""
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
 
 
-def _max_model_len(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (prompt + output), got {text!r}") from None
-    if v < 2:  # the engine's own rule (`context_length`): one prompt token and one generated
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (prompt + output), got {v}")
-    return v
+positive_int = bounded(int, "a positive integer", 1)
+# the engine's own rule (`context_length`): one prompt token and one generated
+_max_model_len = bounded(int, "an integer >= 2 (prompt + output)", 2)
 
 
 def add_max_model_len_arg(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg
+from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded
 from cpm4.cli import positive_int as _positive
 
 
@@ -30,44 +30,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
-    if not 0 <= v <= 65535:  # uvicorn would take 70000 modulo 65536 and print 70000
-        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
-    return v
+_non_negative = bounded(float, "a number >= 0", 0)
+_count = bounded(int, "an integer >= 0", 0)
+# uvicorn would take 70000 modulo 65536 and print 70000
+_port = bounded(int, "a TCP port in [0, 65535]", 0, 65535)
+_fraction = bounded(float, "a number in (0, 1]", 0, 1, low_open=True)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
