@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .engine.generate import GenerationOutput, fit_to_context, generate_stream
+from .engine.generate import GenerationOutput, context_length, fit_to_context, generate_stream
 from .engine.generation_config import sampling_defaults
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
@@ -162,6 +162,10 @@ class LLM:
             self.path: Path | None = None
             self.model, self.tokenizer = model, tokenizer
         else:
+            from .model.config import MiniCPM4Config
+
+            # max_model_len against the config's context before the weights are read (a bad value took a load).
+            context_length(MiniCPM4Config.from_json(folder / "config.json"), max_model_len)
             self.path = folder
             self.model, self.tokenizer = load_model(folder, device, dtype)
         if compile and self.model.device.type != "cuda":

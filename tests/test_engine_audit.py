@@ -4,6 +4,8 @@ state, seeds, penalties and length limits, each against an independent reference
 float64, or a naive formula). Page reference counts are checked after every engine step."""
 
 import collections
+import dataclasses
+import json
 import random
 
 import pytest
@@ -224,8 +226,6 @@ def test_seeded_n_completions_with_logprobs_through_preemption():
     """n=2 seeded sampled completions with logprobs in a cache too small for the batch (preemptions, sequences
     crossing dense_len while decoding): each completion is the plain loop's run alone with seed + j, token for
     token, its logprobs neither lost nor repeated; every page comes back."""
-    import dataclasses
-
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40))
     llm = LLM(model, tokenizer=tok(), max_num_seqs=6, kv_cache_tokens=160, chunk_tokens=32)  # 10 pages of 16
     ps = prompts(3, seed=29, lo=20, hi=36)
@@ -382,3 +382,222 @@ def test_kv_cache_usage_read_while_the_worker_changes_the_prefix_table():
         assert len(cache.prefix) == 3 and cache.num_free == cache.num_pages
     finally:
         eng.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts the whole cache cannot hold, text held back at a cache-full end, seeds near 2**63, prompt ids,
+# --max-model-len before the load, stale checkpoint leftovers
+
+
+def _app_client(eng):
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from cpm4.serve import create_app
+
+    return TestClient(create_app(eng, "m"))
+
+
+def test_prompt_larger_than_the_kv_cache_is_refused_up_front():
+    """kv_cache_tokens=48 (3 pages of 16), a 60-token prompt: refused where prompts are checked (AsyncEngine,
+    LLMEngine.add_request) with PromptTooLongError naming the cache, so the server answers 400
+    context_length_exceeded, streamed or not (it was a 500, or an error event after a 200). A 40-token prompt
+    fits: alone, its output ends with "length" when the cache is full, its tokens the plain loop's."""
+    from cpm4.serve.engine import AsyncEngine
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=96))
+    big, fits = prompts(1, seed=40, lo=60, hi=61)[0], prompts(1, seed=41, lo=40, hi=41)[0]
+    eng = AsyncEngine(model, tok(), max_batch_size=2, kv_cache_tokens=48)
+    try:
+        with pytest.raises(PromptTooLongError, match="KV cache, which holds 48"):
+            eng.check_prompt(big)
+        with _app_client(eng) as client:
+            for stream in (False, True):
+                r = client.post("/v1/completions", json={"prompt": big, "max_tokens": 4, "stream": stream})
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert err["code"] == "context_length_exceeded" and "holds 48" in err["message"]
+            r = client.post("/v1/completions", json={"prompt": fits, "max_tokens": 100, "temperature": 0,
+                                                      "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+    finally:
+        eng.shutdown()
+    ref = plain(model, fits, SamplingParams(temperature=0, max_tokens=48 - 40 + 1, ignore_eos=True))
+    assert choice["finish_reason"] == "length" and choice["text"] == ref.text
+
+    sched = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=3, page_size=16))
+    with pytest.raises(PromptTooLongError, match="holds 48"):
+        sched.add_request("big", big, SamplingParams())
+    assert not sched.by_id
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    sched.add_request("fits", fits, params)
+    out = run(sched)["fits"]
+    assert out.finish_reason == "length" and out.token_ids == ref.token_ids  # 9 tokens: positions 40-47 fed
+
+
+@pytest.mark.parametrize("async_output", [False, True])
+@pytest.mark.parametrize("stream_text", [True, False])
+def test_cache_full_length_flushes_held_back_text(stream_text, async_output):
+    """A lone request whose output outgrows the cache ends with "length" like a max_tokens cut: the text the
+    stop-string matcher held back (a stop string whose start matches the output's last characters) and the
+    detokenizer's tail are emitted, not lost (`pending_text` flushed neither). Reference: the plain loop with
+    max_tokens = the tokens it got."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    p = prompts(1, seed=42, lo=20, hi=21)[0]
+    got = 32 - 20 + 1  # 2 pages of 16: positions 20-31 fed, one token sampled after each
+    free = plain(model, p, SamplingParams(temperature=0, max_tokens=got, ignore_eos=True))
+    assert len(free.text) >= 2
+    stop = free.text[-2:] + "\u2603\u2603"  # held back: its first two characters end the output
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, stop=[stop] if stream_text else None)
+    ref = plain(model, p, dataclasses.replace(params, max_tokens=got))
+    assert ref.text == free.text and ref.finish_reason == "length"
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=2, page_size=16), async_output=async_output,
+                    stream_text=stream_text)
+    eng.add_request("a", p, params)
+    out = run(eng)["a"]
+    assert (out.token_ids, out.finish_reason, out.text) == (ref.token_ids, "length", ref.text)
+
+
+def test_abort_flushes_held_back_text():
+    """An abort ends through the same path: the text the stop-string matcher held back comes with the "abort"
+    delta (the output's text is its tokens' text)."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    p = prompts(1, seed=43, lo=20, hi=21)[0]
+    free = plain(model, p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    stop = free.text[-2:] + "\u2603\u2603"
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    eng.add_request("a", p, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, stop=[stop]))
+    outs: dict[str, GenerationOutput] = {}
+    while len(outs.get("a", GenerationOutput([])).token_ids) < 6:
+        for rid, d in eng.step():
+            outs.setdefault(rid, GenerationOutput([])).add(d)
+    eng.abort("a")
+    run(eng, outs=outs)
+    assert outs["a"].finish_reason == "abort" and outs["a"].token_ids == free.token_ids
+    assert outs["a"].text == free.text
+
+
+def test_seed_of_the_jth_completion_wraps_into_int64():
+    """n completions seeded near 2**63 - 1: completion j draws with seed + j wrapped into [-2**63, 2**63)
+    (seed + 1 was 2**63 and failed the seed check), offline and through the server alike, each equal to the
+    plain loop run alone with that seed."""
+    from cpm4.serve.engine import AsyncEngine
+
+    top = 2**63 - 1
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    p = prompts(1, seed=44, lo=5, hi=6)[0]
+    sp = SamplingParams(n=2, seed=top, temperature=0.9, max_tokens=8, ignore_eos=True)
+    refs = [plain(model, p, dataclasses.replace(sp, n=1, seed=s)) for s in (top, -(2**63))]
+    assert refs[0].token_ids != refs[1].token_ids
+    out = LLM(model, tokenizer=tok(), kv_cache_tokens=256).generate([p], sp)[0]
+    assert [c.token_ids for c in out.outputs] == [r.token_ids for r in refs]
+    eng = AsyncEngine(model, tok(), max_batch_size=2, kv_cache_tokens=256)
+    try:
+        with _app_client(eng) as client:
+            r = client.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0.9, "n": 2,
+                                                      "seed": top, "ignore_eos": True})
+    finally:
+        eng.shutdown()
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == [x.text for x in refs]
+    from cpm4.engine.sampling import nth_seed
+
+    assert [nth_seed(top, j) for j in range(3)] == [top, -(2**63), -(2**63) + 1]
+    assert nth_seed(None, 2) is None and nth_seed(5, 2) == 7 and nth_seed(-(2**63), 0) == -(2**63)
+
+
+def test_prompt_ids_checked_on_add_request_and_numpy_ids_taken():
+    """LLMEngine.add_request refuses an id outside the vocabulary (it was queued and failed the step it joined,
+    taking the other requests with it); numpy integer ids are taken as ints by the engine and the offline path
+    (which refused them as "not in the vocabulary"), floats are not."""
+    np = pytest.importorskip("numpy")
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    ps = prompts(2, seed=45, lo=5, hi=20)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    eng.add_request("ok", ps[0], params)
+    for bad in (1024, -1, 3.0, True):
+        with pytest.raises(ValueError, match="not in the vocabulary"):
+            eng.add_request("bad", [5, bad, 6], params)
+    eng.add_request("np", list(np.array(ps[1], dtype=np.int64)), params)
+    assert eng.by_id.keys() == {"ok", "np"} and all(type(t) is int for t in eng.by_id["np"].prompt_ids)
+    out = run(eng)
+    for rid, p in (("ok", ps[0]), ("np", ps[1])):
+        assert out[rid].token_ids == alone(model, p, params)
+    llm = LLM(model, tokenizer=tok(), kv_cache_tokens=256)
+    got = llm.engine.generate([list(np.array(p, dtype=np.int32)) for p in ps], [params, params])
+    assert [o.token_ids for o in got] == [alone(model, p, params) for p in ps]
+    assert all(type(t) is int for o in got for t in o.prompt_token_ids)
+    with pytest.raises(ValueError, match="prompt token id np.float64|prompt token id 5.0"):
+        llm.engine.generate([[np.float64(5.0)]], [params])
+
+
+
+def test_max_model_len_longer_than_the_context_refused_before_the_weights_are_read(tmp_path, monkeypatch):
+    """LLM (cpm4 generate) and serve check max_model_len against the checkpoint's config before reading a
+    weight (LLM built its engine, which checked it, after the load; serve did not pass it to LLM)."""
+    import cpm4.model.checkpoint as checkpoint
+    from cpm4.model.init import create_checkpoint
+    from cpm4.serve import serve
+
+    create_checkpoint("tiny", tmp_path / "tiny")
+    LLM(tmp_path / "tiny", device="cpu", max_model_len=4096)  # the context itself: loads
+
+    def no_weights(*a, **kw):
+        raise AssertionError("weights read before max_model_len was checked")
+
+    monkeypatch.setattr(checkpoint, "read_state_dict", no_weights)
+    with pytest.raises(ValueError, match="max_model_len 5000 is longer than the model's context"):
+        LLM(tmp_path / "tiny", device="cpu", max_model_len=5000)
+    with pytest.raises(ValueError, match="max_model_len 5000 is longer than the model's context"):
+        serve(tmp_path / "tiny", device="cpu", max_model_len=5000, log_stats_interval=0, engine_process=False)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_save_checkpoint_cleans_up_after_saves_killed_midway(tmp_path):
+    """Saves killed midway leave `.NAME.partial-PID` (mid-write) or, killed between an overwrite's two renames,
+    the previous copy at `.NAME.old-PID` with NAME missing. The next save to NAME removes the partial folders of
+    dead processes (a live one's is left alone) and puts a dead overwrite's old copy back, which then counts as
+    the existing output (refused without overwrite); a stale old copy beside an existing NAME is removed."""
+    import os
+    import subprocess
+    import sys
+
+    from cpm4.model.checkpoint import save_checkpoint
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    cfg, weights = model.config, model.state_dict()
+    out = tmp_path / "ckpt"
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".ckpt.partial-{dead}"
+        kept = tmp_path / f".ckpt.partial-{live.pid}"
+        old = tmp_path / f".ckpt.old-{dead}"
+        other = tmp_path / f".ckpt2.partial-{dead}"  # another output's leftovers
+        for d in (stale, kept, old, other):
+            d.mkdir()
+            (d / "config.json").write_text(d.name)
+        with pytest.raises(FileExistsError):
+            save_checkpoint(weights, cfg, out)
+        assert (out / "config.json").read_text() == old.name and not old.exists()  # put back, not overwritten
+        assert not stale.exists() and kept.exists() and other.exists()
+        save_checkpoint(weights, cfg, out, overwrite=True)
+        assert json.loads((out / "config.json").read_text())["hidden_size"] == cfg.hidden_size
+        (tmp_path / f".ckpt.old-{dead}").mkdir()  # killed after the second rename: NAME is whole
+        save_checkpoint(weights, cfg, out, overwrite=True)
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["ckpt", kept.name, other.name]), left
+        assert os.path.isfile(out / "model.safetensors")
+    finally:
+        live.kill()
+        live.wait()

@@ -6,6 +6,7 @@ prompt gives the same tokens alone or in a batch (greedy; seeded sampling likewi
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -86,24 +87,38 @@ def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: i
     return max_model_len
 
 
-def check_prompt(n_tokens: int, context: int) -> None:
+def check_prompt(n_tokens: int, context: int, cache_tokens: int | None = None) -> None:
+    """Refuse an empty prompt (ValueError) and one that leaves no token to generate in the context or, given
+    `cache_tokens`, in a paged KV cache of that many tokens (PromptTooLongError, which the server answers with
+    400 context_length_exceeded). Only the prompt is checked against the cache: a prompt that fits, but whose
+    output then outgrows a cache it shares with nobody, still ends with finish_reason "length"."""
     if n_tokens == 0:
         raise ValueError("empty prompt: at least one token is needed")
     if n_tokens >= context:
         raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the model's context is {context} "
                                  "(at least one token must be left to generate)")
+    if cache_tokens is not None and n_tokens >= cache_tokens:
+        raise PromptTooLongError(f"prompt too long: the prompt of {n_tokens} tokens does not fit the KV cache, "
+                                 f"which holds {cache_tokens} (at least one token must be left to generate)")
 
 
-def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = None) -> list[int]:
-    """A prompt's ids as a list, each an int in [0, vocab_size), then `check_prompt`: bad input is refused
-    before it reaches a batch (where it would fail mid-step and take the other requests' work with it)."""
-    ids = list(ids)
-    if vocab_size is not None:
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                raise ValueError(f"prompt token id {t!r} is not in the vocabulary [0, {vocab_size})")
-    check_prompt(len(ids), context)
-    return ids
+def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = None,
+                     cache_tokens: int | None = None) -> list[int]:
+    """A prompt's ids as a list of ints, each in [0, vocab_size) (numpy or torch integers are converted; floats
+    and bools refused), then `check_prompt`: bad input is refused before it reaches a batch (where it would fail
+    mid-step and take the other requests' work with it)."""
+    out = []
+    for t in ids:
+        try:
+            v = None if isinstance(t, bool) else operator.index(t)  # any integer type, nothing that only rounds
+        except TypeError:
+            v = None
+        if v is None or (vocab_size is not None and not 0 <= v < vocab_size):
+            what = f"not in the vocabulary [0, {vocab_size})" if vocab_size is not None else "not an integer"
+            raise ValueError(f"prompt token id {repr(t) if v is None else v} is {what}")
+        out.append(v)
+    check_prompt(len(out), context, cache_tokens)
+    return out
 
 
 def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> SamplingParams:
@@ -167,53 +182,41 @@ class SequenceState:
             # should it, the sequence ends rather than leave its grammar.
             stop = stop or not self.matcher.accept_token(token) or self.matcher.is_terminated()
         if stop:
-            self.finish_reason = "stop"
             # The stop token is part of the output's ids (and usage counts, and logprobs), as in vLLM and
             # transformers' generate, but not of its text; a grammar's rejection (no stop token) emits nothing.
-            ids = [token] if token in self.stop_ids else []
-            if self.defer_text:
-                return self._final_text(), ids
-            return self._emit(self.detok.flush(), final=True), ids
+            return self.finish("stop"), [token] if token in self.stop_ids else []
         self.generated.append(token)
         self.history.append(token)
+        if len(self.generated) >= self.max_tokens:
+            return self.finish("length", "" if self.defer_text else self.detok.add(token)), [token]
         if self.defer_text:
-            if len(self.generated) >= self.max_tokens:
-                self.finish_reason = "length"
-                return self._final_text(), [token]
             return "", [token]
-        delta = self.detok.add(token)
-        done = len(self.generated) >= self.max_tokens
-        if done:
-            delta += self.detok.flush()
-        text, stopped = self.stops.feed(delta)
+        text, stopped = self.stops.feed(self.detok.add(token))
         if stopped:
             self.finish_reason = "stop"
-        elif done:
-            self.finish_reason = "length"
-            text += self.stops.flush()
         self.text += text
         return text, [token]
 
-    def pending_text(self) -> str:
-        """With deferred text: the text streaming would have emitted by now and not yet returned (nothing
-        held back is flushed), for an end decided outside `step` (abort, cache full); else ''."""
-        if not self.defer_text or self._detok_upto == len(self.generated):
+    def finish(self, reason: str, delta: str = "") -> str:
+        """End the sequence with `reason` (every end goes through here: a stop, max_tokens, and those decided
+        outside `step`, an abort or a full cache); returns the text still to emit: `delta` (the last token's
+        piece), the deferred text, and what the detokenizer and stop-string matcher held back. A stop string
+        completed by that text ends the sequence with "stop" instead, unless it was aborted. '' once ended."""
+        if self.finish_reason is not None:
             return ""
-        text = self.detok.extend(self.generated[self._detok_upto:])
-        self._detok_upto = len(self.generated)
-        self.text += text
-        return text
-
-    def _final_text(self) -> str:
-        text = self.pending_text()
-        tail = self.detok.flush()
-        self.text += tail
-        return text + tail
-
-    def _emit(self, delta: str, final: bool) -> str:
-        text, stopped = self.stops.feed(delta)
-        if final and not stopped:
-            text += self.stops.flush()
+        self.finish_reason = reason
+        if self.defer_text:  # no stop strings then (see __init__)
+            text = ""
+            if self._detok_upto < len(self.generated):
+                text = self.detok.extend(self.generated[self._detok_upto:])
+                self._detok_upto = len(self.generated)
+            text += self.detok.flush()
+        else:
+            text, stopped = self.stops.feed(delta + self.detok.flush())
+            if not stopped:
+                text += self.stops.flush()
+            elif reason != "abort":
+                self.finish_reason = "stop"
         self.text += text
         return text
 
@@ -284,8 +287,7 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
         if cancelled is not None:
             for i, sq in enumerate(seqs):
                 if sq.finish_reason is None and cancelled(i):
-                    sq.finish_reason = "abort"
-                    deltas.append(StreamDelta(i, "", [], "abort"))
+                    deltas.append(StreamDelta(i, sq.finish("abort"), [], "abort"))
         active = [i for i, s in enumerate(seqs) if s.finish_reason is None]
         if not active:
             if deltas:

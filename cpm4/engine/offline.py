@@ -17,7 +17,7 @@ from cpm4.model.tokenizer import Tokenizer
 
 from .generate import GenerationOutput, StreamDelta, check_prompt_ids, context_length, prompt_logprobs
 from .paged import page_size_for
-from .sampling import SamplingParams
+from .sampling import SamplingParams, nth_seed
 from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
 
 
@@ -167,12 +167,12 @@ class OfflineEngine:
     def _generate_n(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool
                     ) -> list[GenerationOutput]:
         """Prompts with n > 1: one request per completion (the prompt's pages are shared by prefix caching),
-        completion j seeded with seed + j as the server does; grouped back per prompt."""
+        completion j seeded with `nth_seed` as the server does; grouped back per prompt."""
         flat_p, flat_sp, owner = [], [], []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):
                 flat_p.append(p)
-                flat_sp.append(dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j))
+                flat_sp.append(dataclasses.replace(sp, n=1, seed=nth_seed(sp.seed, j)))
                 owner.append(i)
         flat = self.generate(flat_p, flat_sp, use_tqdm)
         outs: list[GenerationOutput] = []

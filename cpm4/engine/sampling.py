@@ -183,6 +183,14 @@ class SamplingParams:
         return prompt[-t:] if t is not None and len(prompt) > t else prompt
 
 
+def nth_seed(seed: int | None, j: int) -> int | None:
+    """The seed of completion j of n drawn with `seed` (None: unseeded), as the server and the offline engine
+    derive it: seed + j, wrapped into SamplingParams' int64 range (a seed near 2**63 - 1 plus j left it)."""
+    if seed is None:
+        return None
+    return (seed + j + 2**63) % 2**64 - 2**63
+
+
 def _json_object(name: str, value: object, what: str) -> dict[str, Any] | str:
     """A dict as it is, or JSON text of an object (kept as text: the grammar compiler takes text); else a
     ValueError naming the field."""

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from cpm4.kernels import infllm_v2
+from cpm4.model.config import MiniCPM4Config
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
 from .cuda_graph import DecodeGraphs
-from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt, context_length, token_logprobs
+from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt_ids, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
 from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
 
@@ -139,15 +140,16 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     stream_text: bool | None = None) -> None:
         """Queue a request. stream_text: this request's text every step (True) or at its end (False); default
-        the engine's `stream_text`."""
+        the engine's `stream_text`.
+
+        The prompt is checked as every front end checks it (`check_prompt_ids`: ids in the vocabulary, numpy
+        integers converted, room for one token in the context and in the whole cache), so a bad one fails here
+        alone, not in the step it would join. Its output is not: one that outgrows the cache with no other
+        request left to preempt ends with "length"."""
         if request_id in self.by_id:
             raise ValueError(f"request id {request_id!r} already in use")
-        check_prompt(len(prompt_ids), self.context)
+        prompt_ids = check_prompt_ids(prompt_ids, self.context, self.model.config.vocab_size, self.cache_tokens)
         params.check_vocab(self.model.config.vocab_size)
-        pages_max = -(-(len(prompt_ids) + 1) // self.cache.page_size)
-        if pages_max > self.cache.num_pages:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
-                             f"({self.cache.num_pages} pages of {self.cache.page_size})")
         state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids,
                               stream_text=self.stream_text if stream_text is None else stream_text,
@@ -160,6 +162,11 @@ class LLMEngine:
                             or params.min_tokens > 0 or bool(params.bad_words))
         self.by_id[request_id] = req
         self.waiting.append(req)
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the whole KV cache holds."""
+        return self.cache.num_pages * self.cache.page_size
 
     def abort(self, request_id: str) -> None:
         req = self.by_id.get(request_id)
@@ -279,8 +286,14 @@ class LLMEngine:
             return
         self._aborts = 0
         for req in [r for r in list(self.waiting) + self.running if r.aborted]:
-            self._finish(req, "abort")
-            out.append((req.request_id, StreamDelta(0, req.state.pending_text(), [], "abort")))
+            out.append((req.request_id, self._end(req, "abort")))
+
+    def _end(self, req: EngineRequest, reason: str) -> StreamDelta:
+        """End a request outside `_emit` (abort, cache full): its last delta carries what the sequence still
+        held back (`SequenceState.finish`), as an end by max_tokens does."""
+        text = req.state.finish(reason)
+        self._finish(req, reason)
+        return StreamDelta(0, text, [], req.state.finish_reason)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
         req.state.finish_reason = req.state.finish_reason or reason
@@ -361,9 +374,7 @@ class LLMEngine:
                     victim = self.running[-1]
                     if victim is req and len(self.running) == 1:
                         # Alone and still no room: the cache cannot hold this sequence any longer.
-                        self._finish(req, "length")
-                        self._pending.append((req.request_id, StreamDelta(0, req.state.pending_text(), [],
-                                                                          "length")))
+                        self._pending.append((req.request_id, self._end(req, "length")))
                         break
                     self._preempt(victim)
                     feeds = [(r, k) for r, k in feeds if r is not victim]
@@ -536,13 +547,20 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
     return max(int(pages), 1) * ps
 
 
+def cache_capacity(config: MiniCPM4Config, kv_cache_tokens: int) -> int:
+    """Tokens the cache `build_engine` makes for kv_cache_tokens holds: that many, rounded up to whole pages."""
+    ps = page_size_for(config)
+    return -(-kv_cache_tokens // ps) * ps
+
+
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  async_output: bool | None = None, stream_text: bool = True,
                  max_model_len: int | None = None) -> LLMEngine:
-    """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages) on the model's
-    device and dtype."""
+    """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages, `cache_capacity`)
+    on the model's device and dtype."""
     ps = page_size_for(model.config)
-    cache = PagedKVCache(model.config, -(-kv_cache_tokens // ps), ps, model.device, model.dtype)
+    cache = PagedKVCache(model.config, cache_capacity(model.config, kv_cache_tokens) // ps, ps, model.device,
+                         model.dtype)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
                      compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len)

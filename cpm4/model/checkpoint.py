@@ -192,6 +192,7 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
     (name, tensor) produced lazily (so a large random model never has to exist in memory at once).
     `config_json` replaces the written config.json (exports to other architectures with the same tensors);
     the tensors are still checked against `config`."""
+    _clean_stale(Path(out_dir))  # first: a previous copy put back is protected by the overwrite check
     out = check_output_dir(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     if isinstance(weights, torch.nn.Module):
@@ -272,6 +273,47 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (this one counts: a save running in another thread)."""
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill(pid, 0) is no probe: it sends CTRL_C_EVENT
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_stale(out: Path) -> None:
+    """Deal with what saves to `out` killed midway left (their PID no longer a process): a `.NAME.partial-PID`
+    folder is removed; a `.NAME.old-PID` one is the previous copy an overwrite moved aside before it was killed
+    between its two renames, so it is put back as `out` when `out` is missing, else removed."""
+    if not out.name:  # "." or "/": no name to match leftovers by
+        return
+    prefix = f".{out.name}."
+    try:
+        leftovers = sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:  # no parent folder yet, or unreadable: the save itself says what is wrong
+        return
+    for p in leftovers:
+        kind, _, pid = p.name[len(prefix):].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not os.path.lexists(out):
+            os.replace(p, out)
+        else:
+            _remove(p)
+
+
 def _fsync_dir(path: Path) -> None:
     """Flush every file to disk and give them ordinary permissions (safetensors creates them 0600)."""
     umask = os.umask(0)
@@ -290,8 +332,23 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
+    _fsync_parent(out)  # the renames themselves reach the disk (a crash could otherwise undo them)
     if old is not None:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:  # overwrite=True over a plain file
             old.unlink(missing_ok=True)
+
+
+def _fsync_parent(path: Path) -> None:
+    """fsync the folder holding `path`, where the OS allows it (not on Windows, nor on some file systems)."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -108,7 +108,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
                                             cpu_threads=cpu_threads, **options)
     else:
-        llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config)
+        llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config,
+                  max_model_len=max_model_len)  # checked against the config before the load
         defaults = llm.sampling_defaults
         if cpu_threads is None:
             cpu_threads = default_cpu_threads(llm.model.device)

@@ -31,7 +31,13 @@ from cpm4.engine.generate import (
     prompt_logprobs,
 )
 from cpm4.engine.sampling import SamplingParams
-from cpm4.engine.scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens
+from cpm4.engine.scheduler import (
+    LLMEngine,
+    build_engine,
+    cache_capacity,
+    default_chunk_tokens,
+    default_kv_cache_tokens,
+)
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -128,6 +134,8 @@ class AsyncEngine:
             kv_cache_tokens = default_kv_cache_tokens(model, max_batch_size, chunk_tokens, gpu_memory_utilization,
                                                       max_model_len)
         self.kv_cache_tokens = kv_cache_tokens
+        # The paged cache's whole size bounds a prompt; the plain loop (continuous=False) sizes a cache per batch.
+        self.cache_tokens = cache_capacity(model.config, kv_cache_tokens) if continuous else None
         self.chunk_tokens = chunk_tokens
         self.model = model
         self.config = model.config
@@ -162,8 +170,9 @@ class AsyncEngine:
     # ----- asyncio side -----
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        """Validate a prompt (ValueError / PromptTooLongError) so bad input never reaches a batch."""
-        return check_prompt_ids(prompt_ids, self.context_length, self.vocab_size)
+        """Validate a prompt (ValueError / PromptTooLongError, also for one the whole KV cache cannot hold) so bad
+        input never reaches a batch."""
+        return check_prompt_ids(prompt_ids, self.context_length, self.vocab_size, self.cache_tokens)
 
     def check_params(self, params: SamplingParams) -> None:
         """Reject settings that would only fail inside the batch (and so take its other requests down)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpm4.engine.generate import StreamDelta, TokenLogprob, context_length
+from cpm4.engine.scheduler import cache_capacity
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.hub import resolve_model_dir
 from cpm4.model.tokenizer import Tokenizer
@@ -199,6 +200,7 @@ class ProcessEngine(AsyncEngine):
             self._kill()
             raise
         self.kv_cache_tokens = info["kv_cache_tokens"]
+        self.cache_tokens = cache_capacity(self.config, self.kv_cache_tokens) if self.continuous else None
         self.chunk_tokens = info["chunk_tokens"]
         self.device = info["device"]
         self._reader = threading.Thread(target=self._read, name="cpm4-engine-io", daemon=True)
