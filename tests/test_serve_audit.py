@@ -15,10 +15,15 @@ httpx = pytest.importorskip("httpx")
 import test_serve  # noqa: E402
 from test_serve import MESSAGES, MODEL, TOOLS, _ScriptedEngine, _Server  # noqa: E402
 
+from cpm4.engine.generate import StreamDelta  # noqa: E402
 from cpm4.model.tokenizer import TOOL_CALL  # noqa: E402
 from cpm4.serve import AsyncEngine, create_app  # noqa: E402
+from cpm4.serve.engine import _END  # noqa: E402
+from cpm4.serve.reasoning import split_reasoning  # noqa: E402
+from cpm4.serve.tool_calls import parse_tool_calls  # noqa: E402
 
 llm = test_serve.llm  # the tiny model on the CPU (module-scoped fixture)
+engine, server, client = test_serve.engine, test_serve.server, test_serve.client  # full context, for tools
 
 CONTEXT = 64  # a short max_model_len, so that answers without max_tokens run into it quickly
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -270,3 +275,195 @@ def test_stream_options_need_stream(small):
     chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert chunks[-1].usage.completion_tokens == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Content beside tool calls in every tool_choice mode, parallel_tool_calls, n > 1, Responses created_at
+
+CALL2 = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+MODES = {"none": "none", "auto": "auto", "required": "required", "named": NAMED}
+
+
+class _PerChoiceEngine(test_serve._ScriptedEngine):
+    """Replays `scripts[i]` for choice i (the "-i" its request id ends with), the choices' tokens interleaved
+    step by step as a batch would give them."""
+
+    scripts: list[list[int]] = []
+
+    def _run_batch(self, batch) -> None:
+        mine = [self.scripts[int(r.request_id.rsplit("-", 1)[1]) % len(self.scripts)] for r in batch]
+        for j in range(max(map(len, mine))):
+            for req, script in zip(batch, mine):
+                if j >= len(script):
+                    continue
+                last = j == len(script) - 1
+                if last:
+                    with self._cond:
+                        self._finish(req, "stop")
+                t = script[j]
+                self._post(req, StreamDelta(0, self.tokenizer.decode([t]), [t], "stop" if last else None))
+                if last:
+                    self._post(req, _END)
+
+
+@pytest.fixture(scope="module")
+def per_choice(llm):
+    """(engine replaying `engine.scripts`, client without and client with the minicpm4 reasoning parser)."""
+    eng = _PerChoiceEngine(llm.model, llm.tokenizer, continuous=False)
+    servers = [_Server(create_app(eng, MODEL)), _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))]
+    yield (eng, *(openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+                  for s in servers))
+    for s in servers:
+        s.stop()
+    eng.shutdown()
+
+
+def _script(tok, *pieces: str) -> list[int]:
+    """Token ids of text pieces with the tool-call marker token between consecutive ones."""
+    ids: list[int] = []
+    for k, p in enumerate(pieces):
+        if k:
+            ids.append(tok.token_id(TOOL_CALL))
+        ids += tok.encode(p, add_bos=False)
+    return ids
+
+
+def _expected(tok, script: list[int], mode: str, reasoning: bool, parallel: bool = True) -> tuple[str, list]:
+    """The naive answer: (content, [(name, arguments)]) from the whole output text at once; with calls the content
+    is stripped, except for whitespace before its first text (a stream sends that before a call can be known)."""
+    plain, text = tok.decode(script), tok.decode(script, skip_special_tokens=False)  # plain: without the marker
+    if reasoning:
+        plain, text = split_reasoning(plain)[1] or "", split_reasoning(text)[1] or ""
+    content, calls = parse_tool_calls(text)
+    if mode == "none" or not calls:
+        return plain, []
+    if content:
+        content = text[:len(text) - len(text.lstrip())] + content
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    return content or "", calls if parallel else calls[:1]
+
+
+SCRIPTS = [("Sure. \n", CALL),  # trailing whitespace before the call
+           ("\n\n", CALL),  # whitespace alone before the call
+           (" Checking.\n", CALL, "\n" + CALL2),  # two calls
+           ("Sure.\n", CALL + " done"),  # text after the call
+           ("Blue. \n",),  # no call: trailing whitespace is content
+           ("Sure. ", '{"name": broken'),  # not a call: the marker's text is plain text
+           ("<think>\nHm.\n</think>\n\nSure.\n", CALL)]
+
+
+@pytest.mark.parametrize("reasoning", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_content_is_the_same_streamed_or_not_in_every_tool_choice(per_choice, mode, reasoning):
+    """Non-streamed content is the concatenation of the streamed content deltas, whatever tool_choice and
+    whether the reasoning parser runs, and both are the naive parse of the whole output. Before, "auto" and
+    "required" stripped the unstreamed content but streamed the whitespace before a call ("Sure.\\n")."""
+    eng, plain, think = per_choice
+    tok = eng.tokenizer
+    eng.scripts = [_script(tok, *s) for s in SCRIPTS]
+    whole, streamed = _chat_both(think if reasoning else plain, messages=MESSAGES, tools=TOOLS, max_tokens=80,
+                                 tool_choice=MODES[mode], n=len(SCRIPTS))
+    assert sorted(whole) == sorted(streamed) == list(range(len(SCRIPTS)))
+    for i, script in enumerate(eng.scripts):
+        content, calls = _expected(tok, script, mode, reasoning)
+        assert whole[i]["content"] == streamed[i]["content"] == content, (i, SCRIPTS[i], whole[i], streamed[i])
+        assert whole[i]["calls"] == streamed[i]["calls"] == calls, (i, SCRIPTS[i])
+    assert (whole[0]["content"] == "Sure.") if mode != "none" else ("Sure. \n" in whole[0]["content"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_parallel_tool_calls_false_returns_the_first_call(per_choice, mode, stream):
+    """parallel_tool_calls false: at most one call (the first), as OpenAI and vLLM; the default and true keep all.
+    Only "required" had a grammar stopping after one call; "auto" returned every call the model wrote."""
+    eng, client, _ = per_choice
+    tok = eng.tokenizer
+    eng.scripts = [_script(tok, "Sure.\n", CALL, "\n" + CALL2)]
+    for parallel, n_calls in ((False, 1), (None, 2), (True, 2)):
+        kw = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=80, tool_choice=mode)
+        if parallel is not None:
+            kw["parallel_tool_calls"] = parallel
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+            assert [t.index for t in calls] == list(range(n_calls))
+            content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            msg = (r := client.chat.completions.create(**kw)).choices[0].message
+            calls, content, finish = msg.tool_calls, msg.content, r.choices[0].finish_reason
+        assert [json.loads(t.function.arguments)["city"] for t in calls] == ["Paris", "Oslo"][:n_calls], parallel
+        assert content == "Sure." and finish == "tool_calls"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_n_choices_parse_their_tool_calls_apart(per_choice, parallel):
+    """n = 3, each choice a different output (a call after text, plain text, two calls), interleaved step by
+    step: each choice's content, calls (indices from 0 within the choice) and finish_reason are its own."""
+    eng, client, _ = per_choice
+    tok = eng.tokenizer
+    eng.scripts = [_script(tok, "Sure.\n", CALL), _script(tok, "Blue."), _script(tok, "", CALL, "\n" + CALL2)]
+    kw = dict(messages=MESSAGES, tools=TOOLS, max_tokens=80, n=3, parallel_tool_calls=parallel)
+    whole, streamed = _chat_both(client, **kw)
+    for i, script in enumerate(eng.scripts):
+        content, calls = _expected(tok, script, "auto", False, parallel)
+        for out in (whole[i], streamed[i]):
+            assert (out["content"], out["calls"]) == (content, calls), (i, out)
+            assert out["finish"] == ("tool_calls" if calls else "stop")
+    assert [len(whole[i]["calls"]) for i in range(3)] == [1, 0, 2 if parallel else 1]
+    chunks = list(client.chat.completions.create(model=MODEL, stream=True, **kw))
+    for i in range(3):
+        idx = [t.index for ch in chunks for c in ch.choices if c.index == i for t in c.delta.tool_calls or []]
+        assert idx == list(range(len(whole[i]["calls"]))), (i, idx)
+
+
+@pytest.mark.parametrize("fmt", ["json_object", "json_schema"])
+def test_n_choices_with_response_format_streamed_or_not(client, fmt):
+    """n = 3 with response_format, seeded: choice i is the same JSON streamed or not, each choice valid on its own,
+    and the choices are not copies of one another (seed + i each)."""
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y", "z"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"]}
+    rf = {"type": "json_object"} if fmt == "json_object" else \
+        {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    whole, streamed = _chat_both(client, messages=MESSAGES, max_tokens=30, seed=7, n=3, response_format=rf,
+                                 tools=TOOLS)  # tools (tool_choice auto): the tool-call collector reads it too
+    assert sorted(whole) == sorted(streamed) == [0, 1, 2]
+    for i in range(3):
+        assert (whole[i]["content"], whole[i]["finish"]) == (streamed[i]["content"], streamed[i]["finish"]), i
+        assert whole[i]["calls"] == streamed[i]["calls"] == []
+        if whole[i]["finish"] == "stop":
+            obj = json.loads(whole[i]["content"])
+            assert isinstance(obj, dict) and (fmt == "json_object" or set(obj) == {"a", "b"})
+        else:
+            assert whole[i]["content"].startswith("{")
+    assert len({whole[i]["content"] for i in range(3)}) > 1
+
+
+@pytest.mark.parametrize("mode", ["required", "named"])
+def test_n_choices_with_forced_tool_choice_streamed_or_not(client, mode):
+    """n = 3 on the model, each choice under its own grammar and seed: choice i has the same calls streamed or not,
+    one each (parallel_tool_calls false), of the forced function when named."""
+    pytest.importorskip("xgrammar")
+    whole, streamed = _chat_both(client, messages=MESSAGES, tools=test_serve.ENUM_TOOLS, max_tokens=120, seed=3, n=3,
+                                 tool_choice=MODES[mode], parallel_tool_calls=False)
+    assert sorted(whole) == sorted(streamed) == [0, 1, 2]
+    for i in range(3):
+        w, s = whole[i], streamed[i]
+        assert (w["content"], w["calls"], w["finish"]) == (s["content"], s["calls"], s["finish"]), (i, w, s)
+        assert len(w["calls"]) == 1 and w["finish"] == ("stop" if mode == "named" else "tool_calls"), (i, w)
+        assert mode == "required" or w["calls"][0][0] == "get_weather"
+    assert len({json.dumps(whole[i]["calls"]) for i in range(3)}) > 1
+
+
+def test_responses_created_at_is_an_integer(small):
+    """created_at in Unix seconds as an integer, as OpenAI sends it (it was a float), whole and in the stream's
+    events; the same instant as the chat completion's created."""
+    srv, _ = small
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
+    r = httpx.post(f"{srv.url}/v1/responses", json=body, timeout=30)
+    assert r.status_code == 200 and type(r.json()["created_at"]) is int, r.json()["created_at"]
+    with httpx.stream("POST", f"{srv.url}/v1/responses", json={**body, "stream": True}, timeout=30) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    stamps = [e["response"]["created_at"] for e in events if "response" in e]
+    assert len(stamps) == 3 and all(type(t) is int for t in stamps) and len(set(stamps)) == 1, stamps

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.sampling import SamplingParams
+from cpm4.engine.sampling import SamplingParams, nth_seed
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine
@@ -304,7 +304,7 @@ class _OpenAIServer:
 
     def _seeds(self, seed: int | None, n: int) -> list[int | None]:
         # n > 1 with a seed: one distinct, reproducible seed per choice.
-        return [None if seed is None else seed + j for j in range(n)]
+        return [nth_seed(seed, j) for j in range(n)]
 
     def _token_str(self, token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else self.tokens.text(token_id)
@@ -533,7 +533,8 @@ class _OpenAIServer:
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
-        choices = [Choice(tools=ToolCallCollector(self.tokenizer) if parse_tools else None,
+        parallel = req.parallel_tool_calls is not False
+        choices = [Choice(tools=ToolCallCollector(self.tokenizer, parallel=parallel) if parse_tools else None,
                            think=ReasoningStream(self.tokenizer) if self.reasoning_parser else None)
                    for _ in jobs]
         # The parsers find a marker token's place by each step's tokens and text, so they read deltas apart.
@@ -602,8 +603,8 @@ class _OpenAIServer:
                 tail, calls = c.tools.finish()
                 content += tail
                 if calls:
-                    # A forced named call: exactly what its stream sent, which could not trim text sent before it.
-                    content = (content if named else content.strip()) or None
+                    # Exactly what the stream sent (the collector held back the whitespace before the call).
+                    content = content or None
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if c.think is not None:
                 message["reasoning_content"] = "".join(c.reasoning) or None

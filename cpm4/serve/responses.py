@@ -159,7 +159,7 @@ class _Shape:
     def __init__(self, req: ResponsesRequest, model: str) -> None:
         self.req, self.model = req, model
         self.id = f"resp_{uuid.uuid4().hex}"
-        self.created = time.time()
+        self.created = int(time.time())  # Unix seconds, an integer as OpenAI sends it
         self.msg_id = f"msg_{uuid.uuid4().hex}"
 
     def message(self, text: str, status: str = "completed") -> dict[str, Any]:

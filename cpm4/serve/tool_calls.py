@@ -3,8 +3,11 @@ template teaches) turned into OpenAI `tool_calls`.
 
 The marker is a special token in MiniCPM4 vocabularies, so plain decoding (which skips special tokens)
 loses it. `ToolCallCollector` therefore watches the token ids as well as the text: everything before the
-first marker streams as content (whitespace alone, no content before a call, waits for more), everything from it
-on is held and parsed when generation ends.
+first marker streams as content, everything from it on is held and parsed when generation ends. Whitespace not yet
+followed by text waits: dropped if a marker comes next (content before a call ends with its last text, and is null
+when it had none), sent with the next text or at the end otherwise. The unstreamed content is what the stream
+sent, in every tool_choice mode; whitespace before the first text goes out with that text (a call cannot be known
+yet), so it stays in both.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ def _as_call(obj: Any) -> dict[str, Any] | None:
     return {"id": _new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
 
 
-def parse_tool_calls(text: str, marker: str = TOOL_CALL) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_tool_calls(text: str, marker: str = TOOL_CALL, strip: bool = True
+                     ) -> tuple[str | None, list[dict[str, Any]]]:
     """Split model output into (content, tool_calls).
 
     Each `marker` must be followed by one JSON object with a string `name` and an object (or JSON string)
     `arguments`; text after that object is kept as content. A marker whose JSON does not parse stays in the
     content verbatim, except a last one after parsed calls: a call cut off (by max_tokens), dropped. With at
-    least one call, content is stripped and None when empty (as OpenAI returns it).
+    least one call, content is stripped (unless `strip` is false) and None when empty (as OpenAI returns it).
     """
     parts = text.split(marker)
     content = [parts[0]]
@@ -68,7 +72,8 @@ def parse_tool_calls(text: str, marker: str = TOOL_CALL) -> tuple[str | None, li
     joined = "".join(content)
     if not calls:
         return joined, []
-    joined = joined.strip()
+    if strip:
+        joined = joined.strip()
     return (joined or None), calls
 
 
@@ -83,13 +88,15 @@ def _marker_prefix_len(text: str, marker: str) -> int:
 class ToolCallCollector:
     """Per-choice filter over streamed (text, token_ids) deltas that separates content from tool calls."""
 
-    def __init__(self, tokenizer: Tokenizer, marker: str = TOOL_CALL) -> None:
+    def __init__(self, tokenizer: Tokenizer, marker: str = TOOL_CALL, parallel: bool = True) -> None:
+        """parallel: False returns only the first call (the request's parallel_tool_calls false)."""
         self._tokenizer = tokenizer
         self._marker = marker
         self._marker_id = tokenizer.token_id(marker)
-        self._held = ""  # text that may be the start of a literal marker, or only whitespace so far
+        self._parallel = parallel
+        self._held = ""  # trailing whitespace and/or the possible start of a literal marker, not yet sent
         self._started = False  # content other than whitespace went out
-        self._dropped = ""  # whitespace-only content dropped before the first marker
+        self._dropped = ""  # whitespace held back when the first marker came
         self._tail_ids: list[int] | None = None  # set once the marker arrived as a token
         self._tail_text: str | None = None  # set once the marker arrived as text
         self._plain_tail = ""  # the tail as plain decoding shows it, for output without calls
@@ -122,22 +129,21 @@ class ToolCallCollector:
             self._tail_text, self._held = buf[i:], ""
             return self._before_call(buf[:i])
         hold = _marker_prefix_len(buf, self._marker)
-        out = buf[: len(buf) - hold]
-        if not self._started and not out.strip():
-            # Whitespace alone is held: before a call it is no content (the unstreamed answer's content is
-            # null then too), so a stream must not have sent it.
+        # Trailing whitespace is held too: before a call it is no content (null when nothing else went out).
+        out = buf[: len(buf) - hold].rstrip()
+        if not out:
             self._held = buf
             return ""
         self._started = True
-        self._held = buf[len(buf) - hold:]
+        self._held = buf[len(out):]
         return out
 
     def _before_call(self, text: str) -> str:
-        """The content before the first marker: nothing when it is only whitespace."""
-        if self._started or text.strip():
-            return text
-        self._dropped = text
-        return ""
+        """The content before the first marker, less its trailing whitespace (kept for output without calls)."""
+        out = text.rstrip()
+        self._dropped = text[len(out):]
+        self._started = self._started or bool(out)
+        return out
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """End of generation: (content not yet emitted, tool calls)."""
@@ -150,14 +156,23 @@ class ToolCallCollector:
                 else:
                     segments[-1].append(t)
             raw = self._marker.join(self._tokenizer.decode(s) for s in segments)
-            content, calls = parse_tool_calls(raw, self._marker)
+            content, calls = parse_tool_calls(raw, self._marker, strip=False)
             if not calls:  # no valid call: the text plain decoding would have given
                 return self._dropped + self._plain_tail, []
-            return content or "", calls
+            return self._with_calls(content, calls)
         if self._tail_text is not None:
-            content, calls = parse_tool_calls(self._tail_text, self._marker)
+            content, calls = parse_tool_calls(self._tail_text, self._marker, strip=False)
             if not calls:
                 return self._dropped + (content or ""), []
-            return content or "", calls
+            return self._with_calls(content, calls)
         out, self._held = self._held, ""
         return out, []
+
+    def _with_calls(self, content: str | None, calls: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        """Content after the calls as the whole output's parse would have it: stripped at the end, and at the
+        start unless content went out before the calls (the whitespace held back then separates the two)."""
+        if not self._parallel:
+            calls = calls[:1]  # as OpenAI and vLLM: parallel_tool_calls false returns the first call only
+        if content:
+            content = (self._dropped + content if self._started else content.lstrip()).rstrip()
+        return content or "", calls
