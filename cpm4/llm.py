@@ -10,14 +10,16 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .engine.generate import GenerationOutput, context_length, fit_to_context, generate_stream
+from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
 from .engine.generation_config import sampling_defaults
 from .engine.offline import OfflineEngine, check_options
 from .engine.sampling import SamplingParams
@@ -74,7 +76,11 @@ def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any
             prompt = prompt["prompt"]
         else:
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    # The shared check (an id given as 1.9 is refused, not cut to 1; numpy integers are taken), without the
+    # length limits here: truncate_prompt_tokens applies first, and the engine checks the context and cache.
+    return check_prompt_ids(prompt, sys.maxsize)
 
 
 def _prompt_text(prompt: Any) -> str | None:
@@ -85,7 +91,7 @@ def _prompt_text(prompt: Any) -> str | None:
 
 def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
     if isinstance(prompts, (str, Mapping)) or \
-            (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], numbers.Number)):
         prompts = [prompts]
     prompts = list(prompts)
     if params is None:

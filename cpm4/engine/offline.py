@@ -15,7 +15,15 @@ from collections.abc import Iterator, Sequence
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
-from .generate import GenerationOutput, StreamDelta, check_prompt_ids, context_length, prompt_logprobs
+from .generate import (
+    GenerationOutput,
+    PromptTooLongError,
+    StreamDelta,
+    check_prompt,
+    check_prompt_ids,
+    context_length,
+    prompt_logprobs,
+)
 from .paged import page_size_for
 from .sampling import SamplingParams, nth_seed
 from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
@@ -105,7 +113,10 @@ class OfflineEngine:
         together = sum(-(-n // ps) * ps for n in sorted(needs, reverse=True)[:self.max_num_seqs])
         return max(max(needs), min(together, host_kv_cache_tokens(self.model, self.max_num_seqs, self.max_model_len)))
 
-    def _engine_for(self, needs: list[int]) -> LLMEngine:
+    def _engine_for(self, prompts: Sequence[Sequence[int]], needs: list[int]) -> LLMEngine:
+        """The engine, its cache sized for `needs` (each prompt's `tokens_needed`) unless its size is fixed.
+        As `LLMEngine.add_request` (and vLLM): only a prompt the whole cache cannot hold is refused
+        (PromptTooLongError), before any request starts; an output that outgrows it ends with "length"."""
         tokens = self._cache_tokens(needs)
         ps = page_size_for(self.model.config)
         if self.engine is None or self.engine.cache.num_pages * ps < tokens:
@@ -115,11 +126,12 @@ class OfflineEngine:
                                        cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False,
                                        max_model_len=self.max_model_len)
         cap = self.engine.cache.num_pages * ps
-        for i, n in enumerate(needs):
-            # A sequence the cache cannot hold whole would end early with "length": refuse it up front.
-            if n > cap:
-                raise ValueError(f"prompt {i} may need {n} KV cache slots (prompt + max_tokens), the cache holds "
-                                 f"{cap}: lower max_tokens, or raise kv_cache_tokens / gpu_memory_utilization")
+        for i, p in enumerate(prompts):
+            try:
+                check_prompt(len(p), self.context, cap)
+            except PromptTooLongError as e:
+                raise PromptTooLongError(f"prompt {i}: {e}; raise kv_cache_tokens or gpu_memory_utilization for a "
+                                         "larger cache") from None
         return self.engine
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool = False
@@ -135,7 +147,7 @@ class OfflineEngine:
         if any(sp.n > 1 for sp in params):
             return self._generate_n(prompts, params, use_tqdm)
         prompts = [[int(t) for t in p] for p in prompts]
-        engine = self._engine_for([tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
+        engine = self._engine_for(prompts, [tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
         outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
         bar = progress_bar(len(prompts)) if use_tqdm else None
         try:
@@ -190,7 +202,7 @@ class OfflineEngine:
             prompt = params.truncate(list(prompt))
         check_batch([prompt], [params], self.context, self.model.config.vocab_size)
         prompt = [int(t) for t in prompt]
-        engine = self._engine_for([tokens_needed(prompt, params, self.context)])
+        engine = self._engine_for([prompt], [tokens_needed(prompt, params, self.context)])
         ended = False
         try:
             engine.add_request("stream", prompt, params, stream_text=True)

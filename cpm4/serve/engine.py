@@ -158,6 +158,7 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}  # waiting or running, by id
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._closed = False
+        self._failure: str | None = None  # why the engine stopped, when it was not shut down
         # Counters, mainly for monitoring and tests.
         self.num_finished = 0
         self.num_aborted = 0
@@ -292,11 +293,16 @@ class AsyncEngine:
             self._waiting.append(req)
             self._cond.notify()
 
-    def _register(self, req: _Request) -> None:
-        """Record a new request (caller holds the lock): EngineClosedError once shut down, ValueError for an id
-        in use."""
+    def _check_open(self) -> None:
+        """EngineClosedError once shut down, or once the worker (or the engine process) died, saying why."""
         if self._closed:
-            raise EngineClosedError("the engine is shut down")
+            raise EngineClosedError("the engine is shut down" if self._failure is None else
+                                    f"the engine is not running: {self._failure}")
+
+    def _register(self, req: _Request) -> None:
+        """Record a new request (caller holds the lock): EngineClosedError once shut down or dead, ValueError
+        for an id in use."""
+        self._check_open()
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self._requests[req.request_id] = req
@@ -305,8 +311,7 @@ class AsyncEngine:
         """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),
         computed between the worker's steps (the model runs one thing at a time)."""
         ids = self.check_prompt(prompt_ids)
-        if self._closed:
-            raise EngineClosedError("the engine is shut down")
+        self._check_open()
 
         def run() -> list[TokenLogprob]:
             with self._model_lock:
@@ -398,10 +403,26 @@ class AsyncEngine:
         return sched
 
     def _run(self, loop: Callable[[], None]) -> None:
-        if self.cpu_threads is not None:
-            torch.set_num_threads(self.cpu_threads)
-        self.worker_threads = torch.get_num_threads()
-        loop()
+        try:
+            if self.cpu_threads is not None:
+                torch.set_num_threads(self.cpu_threads)
+            self.worker_threads = torch.get_num_threads()
+            loop()
+        except BaseException as err:  # noqa: BLE001 - e.g. no memory for a new scheduler after a failed step
+            log.exception("the engine worker failed; the engine is stopped")
+            self._die(f"the engine worker failed: {type(err).__name__}: {err}")
+
+    def _die(self, reason: str) -> None:
+        """The worker is gone: nothing would ever end the requests it held or queue new ones, so fail them all
+        with EngineError(reason) and refuse later ones (`is_running` turns False: the health check says so)."""
+        with self._cond:
+            self._failure = reason
+            self._closed = True
+            left = list(self._requests.values())
+            self._waiting.clear()
+            for req in left:
+                self._finish(req, "error")
+        self._post_all([(req, EngineError(reason)) for req in left])
 
     def _continuous_loop(self) -> None:
         """Continuous batching: new requests enter the scheduler between steps; every step's deltas are
@@ -436,6 +457,9 @@ class AsyncEngine:
                     deltas = sched.step()
             except Exception as err:  # fail the requests in flight, keep serving later ones
                 log.exception("generation step failed for %s", list(active))
+                # Logged: the traceback goes, for its frames hold the failed scheduler (and its KV cache) alive
+                # for as long as the requests keep the error.
+                err.with_traceback(None)
                 for req in active.values():
                     with self._cond:
                         self._finish(req, "error")
@@ -443,6 +467,9 @@ class AsyncEngine:
                     exc.__cause__ = err
                     self._post(req, exc)
                 active.clear()
+                # The failed scheduler's cache is freed before the new one is allocated: a GPU sized for one cache
+                # has no room for two (the rebuild would fail, and the worker with it).
+                sched = None
                 with self._model_lock:
                     sched = self._new_scheduler()
                 continue

@@ -9,7 +9,8 @@ grammars) and exchanges small messages with the child over a pipe: requests and 
 deltas (one message per step) the other.
 
 The public surface is `AsyncEngine`'s, so `create_app` and the metrics take either. If the child dies, every
-request in flight fails with `EngineError` and `is_running` turns False (the health check then says so).
+request in flight fails with `EngineError`, later ones with `EngineClosedError` saying why, and `is_running` turns
+False (the health check then says so); the same when the child's worker dies (then the child is stopped).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import inspect
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cpm4.engine.generate import StreamDelta, TokenLogprob, context_length
+from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob, context_length
 from cpm4.engine.scheduler import cache_capacity
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.hub import resolve_model_dir
@@ -51,8 +53,14 @@ _NO_STATS = (0, 0, 0, None)
 class _Failed:
     """An error item on the wire (exceptions of any class need not pickle)."""
 
-    kind: str  # "value": the request was bad (PromptTooLongError too); "closed": shut down; "engine": failed
+    kind: str  # "too_long": PromptTooLongError; "value": another bad request; "closed": shut down; "engine": failed
     message: str
+
+
+# Error classes the parent raises again as they are, so that the server answers as it does for the thread engine
+# (PromptTooLongError: 400 context_length_exceeded); anything else becomes an EngineError.
+_ERROR_KINDS: dict[str, type[Exception]] = {"too_long": PromptTooLongError, "value": ValueError,
+                                            "closed": EngineClosedError, "engine": EngineError}
 
 
 def _encode(item: object) -> object:
@@ -62,8 +70,7 @@ def _encode(item: object) -> object:
     if isinstance(item, StreamDelta):
         return (item.text, item.token_ids, item.finish_reason, item.logprobs)
     if isinstance(item, BaseException):
-        kind = "value" if isinstance(item, ValueError) else "closed" if isinstance(item, EngineClosedError) \
-            else "engine"
+        kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(item, cls)), "engine")
         return _Failed(kind, str(item))
     raise TypeError(f"cannot send {type(item).__name__}")
 
@@ -72,7 +79,7 @@ def _decode(payload: object) -> object:
     if payload is None:
         return _END
     if isinstance(payload, _Failed):
-        return {"value": ValueError, "closed": EngineClosedError}.get(payload.kind, EngineError)(payload.message)
+        return _ERROR_KINDS.get(payload.kind, EngineError)(payload.message)
     text, ids, finish, lps = payload
     return StreamDelta(0, text, ids, finish, lps)
 
@@ -101,6 +108,13 @@ class _ChildEngine(AsyncEngine):
     def add(self, request_id: str, prompt_ids: list[int], params: Any) -> None:
         self._submit(_Request(request_id, prompt_ids, params, None, None))
 
+    def _die(self, reason: str) -> None:
+        super()._die(reason)  # the requests' errors go first
+        try:
+            self.send(("dead", reason))  # the parent stops taking requests and stops this process
+        except (OSError, EOFError):
+            pass
+
 
 def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None, engine_kwargs: dict) -> None:
     """The engine process: load, serve the pipe's messages until "stop" or the parent goes away."""
@@ -123,7 +137,7 @@ def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None
             with eng._model_lock:
                 res, err = prompt_logprobs(model, ids, k), None
         except Exception as e:  # noqa: BLE001
-            res, err = None, f"{type(e).__name__}: {e}"
+            res, err = None, _encode(e)
         try:
             eng.send(("logprobs", call, res, err))
         except (OSError, EOFError):
@@ -187,6 +201,7 @@ class ProcessEngine(AsyncEngine):
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count()
         self._send_lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         self.exitcode: int | None = None
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe()
@@ -210,8 +225,8 @@ class ProcessEngine(AsyncEngine):
         waited = 0.0
         while not self._conn.poll(1.0):
             waited += 1.0
-            if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited (code {self._proc.exitcode}) while loading")
+            if self._wait_exit(0) is not None:
+                raise RuntimeError(f"the engine process exited (code {self.exitcode}) while loading")
             if timeout is not None and waited >= timeout:
                 raise RuntimeError(f"the engine process did not load the model within {timeout} s")
         msg = self._conn.recv()
@@ -219,11 +234,22 @@ class ProcessEngine(AsyncEngine):
             raise RuntimeError(f"the engine process could not start: {msg[1]}")
         return msg[1]
 
+    def _wait_exit(self, timeout: float | None) -> int | None:
+        """Wait up to `timeout` seconds for the child to exit and reap it: its exit code, None while it runs.
+        Every wait goes through here, one at a time: the reader, `shutdown` and the health check waiting on the
+        pid together raced in waitpid, and the loser took the reaped child for a live one (a spurious "did not
+        stop: killed", an exit code of None)."""
+        if self.exitcode is None and multiprocessing.connection.wait([self._proc.sentinel], timeout):
+            with self._reap_lock:
+                self._proc.join()  # it has exited: this reaps it at once
+                self.exitcode = self._proc.exitcode
+        return self.exitcode
+
     def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join(10)
-        self.exitcode = self._proc.exitcode
+        with self._reap_lock:  # not between another thread's reaping and its exit code (the pid may be reused)
+            if self._proc.exitcode is None:
+                self._proc.kill()
+        self._wait_exit(10)
 
     # ----- this process's side of the pipe -----
 
@@ -234,11 +260,16 @@ class ProcessEngine(AsyncEngine):
     def _submit(self, req: _Request) -> None:
         with self._cond:
             self._register(req)
-            try:
-                self._send(("add", req.request_id, req.prompt_ids, req.params))
-            except (OSError, EOFError, ValueError):
-                del self._requests[req.request_id]
+        # Sent without the lock: a send blocks while the pipe is full, and the reader, which empties the child's
+        # pipe (so that the child reads ours again), needs the lock to deliver.
+        try:
+            self._send(("add", req.request_id, req.prompt_ids, req.params))
+        except BaseException as err:
+            with self._cond:
+                self._requests.pop(req.request_id, None)
+            if isinstance(err, (OSError, EOFError, ValueError)):
                 raise EngineError("the engine process is gone") from None
+            raise
 
     def abort(self, request_id: str) -> bool:
         with self._cond:
@@ -254,8 +285,7 @@ class ProcessEngine(AsyncEngine):
 
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
         ids = self.check_prompt(prompt_ids)
-        if self._closed:
-            raise EngineClosedError("the engine is shut down")
+        self._check_open()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         call = next(self._call_ids)
         self._calls[call] = fut
@@ -280,28 +310,44 @@ class ProcessEngine(AsyncEngine):
                 elif msg[0] == "logprobs":
                     fut = self._calls.pop(msg[1], None)
                     if fut is not None:
-                        fut.set_result(msg[2]) if msg[3] is None else fut.set_exception(ValueError(msg[3]))
+                        fut.set_result(msg[2]) if msg[3] is None else fut.set_exception(_decode(msg[3]))
                 elif msg[0] == "bye":
                     self._stats = msg[1]
+                elif msg[0] == "dead":  # the child's worker died (its requests failed just before): stop it
+                    log.error("the engine process's worker failed: %s", msg[1])
+                    with self._cond:
+                        self._failure = f"the engine process failed: {msg[1]}"
+                        self._closed = True
+                    try:
+                        self._send(("stop",))
+                    except (OSError, EOFError, ValueError):
+                        pass
         except Exception:  # a bug here must not leave every request waiting forever: end the engine instead
             log.exception("reading the engine process's messages failed; stopping it")
             self._kill()
-        self._proc.join(30)
-        self.exitcode = self._proc.exitcode
         with self._cond:
-            closing = self._closed
-            self._closed = True
+            died = not self._closed  # not stopped by `shutdown` (nor after its worker's failure): it died
+            self._closed = True  # later requests are refused from now on
+            if died:
+                self._failure = "the engine process died"
+        self._wait_exit(30)
+        with self._cond:
+            if died:
+                self._failure = f"the engine process died (exit code {self.exitcode})"
             left = list(self._requests.values())
             for req in left:
                 self._finish(req, "error")
-        if left or not closing:
+        if left or self._failure is not None:
             log.error("the engine process ended (exit code %s) with %d requests in flight", self.exitcode,
                       len(left))
-        err = EngineClosedError("the engine was shut down") if closing else \
-            EngineError(f"the engine process died (exit code {self.exitcode})")
-        self._post_all([(req, err) for req in left])
+
+        def error() -> Exception:  # one per request: each is raised in its own task
+            return EngineClosedError("the engine was shut down") if self._failure is None else \
+                EngineError(self._failure)
+
+        self._post_all([(req, error()) for req in left])
         for fut in list(self._calls.values()):
-            fut.set_exception(err)
+            fut.set_exception(error())
         self._calls.clear()
 
     def _deliver(self, msgs: list[tuple[str, object]]) -> None:
@@ -326,7 +372,7 @@ class ProcessEngine(AsyncEngine):
 
     @property
     def is_running(self) -> bool:
-        return self._proc.is_alive() and not self._closed
+        return not self._closed and self._wait_exit(0) is None
 
     @property
     def num_running(self) -> int:
@@ -347,17 +393,15 @@ class ProcessEngine(AsyncEngine):
         """Stop the child (its requests end with EngineClosedError) and wait for it, killing it after
         `timeout` seconds."""
         with self._cond:
-            if self._closed and not self._proc.is_alive():
+            if self._closed and self._wait_exit(0) is not None:
                 return
             self._closed = True
         try:
             self._send(("stop",))
         except (OSError, EOFError, ValueError):
             pass
-        self._proc.join(timeout)
-        if self._proc.is_alive():
+        if self._wait_exit(timeout) is None:
             log.warning("the engine process did not stop within %s s: killed", timeout)
             self._kill()
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout)
-        self.exitcode = self._proc.exitcode
