@@ -6,12 +6,26 @@ sequence, a `GrammarMatcher`. Before each sampling step the matcher's allowed-to
 logit of its row to -inf; after it the matcher takes the sampled token. Stop tokens are allowed only where
 the grammar is complete, so a sequence ends ("stop") exactly when its output is a whole document.
 
+JSON schemas are checked before they compile: xgrammar 0.2.9 silently ignores some validation keywords (not,
+if/then/else, uniqueItems, contains, dependentRequired, multipleOf on numbers or beside a range, a lookahead in a
+pattern, a pattern next to a format, constraints next to $ref / anyOf / enum, ...), and a schema with one is
+refused (ValueError naming it and where it is) rather than give output that breaks it. Its length-bounded
+strings admit raw control characters (invalid JSON), so minLength / maxLength are compiled as a pattern (of
+characters other than control characters and line breaks). Keywords without a validation meaning (title,
+description, unknown ones) are ignored, as JSON schema validators do.
+
+Logprobs (SamplingParams.logprobs) stay the model's raw distribution, taken before the grammar mask as before
+every other logits transform: the sampled token's logprob is its probability under the model, and tokens the
+grammar rules out can be among the top alternatives. (vLLM V1 masks the logits before its sampler computes its
+default raw_logprobs, so it reports them renormalised over the tokens the grammar allows.)
+
 xgrammar is an optional dependency (`pip install 'cpm4[guided]'`), imported on first use.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -28,7 +42,8 @@ if TYPE_CHECKING:
 
     from .sampling import SamplingParams
 
-__all__ = ["GrammarMatcher", "apply_grammar", "compile_grammar", "new_matcher", "tool_call_structural_tag"]
+__all__ = ["GrammarMatcher", "apply_grammar", "compile_grammar", "json_schema_for_grammar", "new_matcher",
+           "tool_call_structural_tag"]
 
 # The tool-call marker stays matchable as a token (the grammar of a forced call starts with it); every other
 # special token is blanked in the grammar's vocabulary, so no grammar emits one as text (inside a JSON string
@@ -88,13 +103,163 @@ def _compiler(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) ->
     return comp
 
 
+# ----- JSON schemas as xgrammar 0.2.9 enforces them (each keyword tried against its matcher) -----
+
+_STRING_KW = frozenset({"minLength", "maxLength", "pattern", "format"})
+_NUMBER_KW = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
+_ARRAY_KW = frozenset({"items", "prefixItems", "minItems", "maxItems", "uniqueItems", "unevaluatedItems"})
+_OBJECT_KW = frozenset({"properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+                        "minProperties", "maxProperties", "unevaluatedProperties"})
+# Validation keywords xgrammar drops without a word.
+_IGNORED_KW = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "contains",
+               "minContains", "maxContains", "$dynamicRef", "$recursiveRef")
+# Keywords xgrammar uses alone, dropping every constraint beside them ("type" is kept beside enum and const).
+_ALONE_KW = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+_CHECKED_KW = _STRING_KW | _NUMBER_KW | _ARRAY_KW | _OBJECT_KW | {"type", *_ALONE_KW}
+# The formats xgrammar enforces, and the standard ones it does not; any other is an annotation (as validators
+# treat unknown formats) and is left out, since xgrammar would drop a pattern beside it.
+_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+                      "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+_UNENFORCED_FORMATS = frozenset({"iri", "iri-reference", "idn-email", "idn-hostname", "regex"})
+_LOOKAHEAD = re.compile(r"(?<!\\)\(\?[=!]")  # (?= or (?! in a pattern: xgrammar ignores the assertion
+
+
+def _of_type(v: Any, t: str) -> bool:
+    if isinstance(v, bool):
+        return t == "boolean"
+    if t == "integer":
+        return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    kinds = {"number": (int, float), "string": str, "null": type(None), "array": list, "object": dict}
+    return t in kinds and isinstance(v, kinds[t])
+
+
+def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
+    """A copy of the (sub)schema `s` as xgrammar should compile it; ValueError naming the first keyword it would
+    not enforce. names: `s` is a propertyNames schema (its instances are strings, said or not)."""
+    if not isinstance(s, dict):
+        return s  # a boolean schema; anything else is xgrammar's to refuse
+    s = dict(s)
+
+    def unsupported(what: str) -> ValueError:
+        return ValueError(f"{what} at {path} (xgrammar would not enforce it)")
+
+    for k in _IGNORED_KW:
+        if k in s:
+            raise unsupported(repr(k))
+    if s.get("uniqueItems") is True:
+        raise unsupported("'uniqueItems'")
+    kws = _CHECKED_KW & s.keys()
+    for k in _ALONE_KW:
+        others = sorted(kws - {k, *(("type",) if k in ("enum", "const") else ())})
+        if k in s and others:
+            raise unsupported(f"{k!r} with {others[0]!r} beside it")
+    ref = s.get("$ref")
+    if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
+        raise unsupported(f"'$ref' {ref!r} (only local references, #/...)")
+    if isinstance(s.get("allOf"), list) and len(s["allOf"]) > 1:
+        raise unsupported("'allOf' with several schemas")
+    t = s.get("type")
+    types = {t} if isinstance(t, str) else {x for x in t if isinstance(x, str)} if isinstance(t, list) else set()
+    if names and not types:
+        types = {"string"}
+    if types and ("enum" in s or "const" in s):
+        values = s["enum"] if isinstance(s.get("enum"), list) else [s["const"]] if "const" in s else []
+        for v in values:
+            if not any(_of_type(v, x) for x in types):
+                raise unsupported(f"an 'enum' or 'const' value of another type than 'type' ({v!r:.40})")
+    if not types:  # xgrammar infers objects and arrays from their keywords, but not strings and numbers
+        loose = sorted(kws & (_STRING_KW | _NUMBER_KW))
+        if not kws & {"items", "prefixItems"}:
+            loose += sorted(kws & {"minItems", "maxItems", "unevaluatedItems"})
+        if loose:
+            raise unsupported(f"{loose[0]!r} without a 'type'")
+    if "string" in types:
+        fmt = s.get("format")
+        if fmt in _UNENFORCED_FORMATS:
+            raise unsupported(f"'format' {fmt!r}")
+        if isinstance(fmt, str) and fmt not in _FORMATS:
+            del s["format"]
+        given = [k for k in ("format", "pattern") if k in s] + \
+            ["minLength/maxLength"] * ("minLength" in s or "maxLength" in s)
+        if len(given) > 1:  # xgrammar keeps one of them
+            raise unsupported(f"{given[0]!r} with {given[1]!r} beside it")
+        lo, hi = s.get("minLength", 0), s.get("maxLength")
+        if given == ["minLength/maxLength"] and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                    for x in (lo, 0 if hi is None else hi)):
+            # xgrammar's length-bounded strings admit raw control characters (not JSON); its patterns do not
+            # ("." takes no control character, no line break, no escape: a subset of the strings allowed).
+            s.pop("minLength", None)
+            s.pop("maxLength", None)
+            s["pattern"] = f"^.{{{lo},{'' if hi is None else hi}}}$"
+    if "multipleOf" in s and types & {"integer", "number"}:
+        m = s["multipleOf"]
+        if "number" in types or not isinstance(m, int) or isinstance(m, bool):
+            raise unsupported("'multipleOf' other than an integer's by an integer")
+        bounds = sorted(kws & (_NUMBER_KW - {"multipleOf"}))
+        if bounds:
+            raise unsupported(f"'multipleOf' with {bounds[0]!r} beside it")
+    patterns = [s["pattern"]] if isinstance(s.get("pattern"), str) else []
+    patterns += list(s["patternProperties"]) if isinstance(s.get("patternProperties"), dict) else []
+    if any(_LOOKAHEAD.search(p) for p in patterns):
+        raise unsupported("a lookahead in a pattern")
+    req, props = s.get("required"), s.get("properties")
+    if isinstance(req, list):
+        missing = [r for r in req if isinstance(r, str) and not (isinstance(props, dict) and r in props)]
+        if missing:
+            raise unsupported(f"'required' naming {missing[0]!r}, which 'properties' does not define")
+
+    def sub(key: str, name: str | int | None = None) -> str:
+        part = key if name is None else f"{key}/{str(name).replace('~', '~0').replace('/', '~1')}"
+        return f"{path}/{part}"
+
+    for k in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(s.get(k), dict):
+            s[k] = {n: _checked_schema(v, sub(k, n)) for n, v in s[k].items()}
+    for k in ("additionalProperties", "unevaluatedProperties", "items", "unevaluatedItems", "propertyNames"):
+        if k in s:
+            s[k] = _checked_schema(s[k], sub(k), names=k == "propertyNames")
+    for k in ("prefixItems", "anyOf", "oneOf", "allOf"):
+        if isinstance(s.get(k), list):
+            s[k] = [_checked_schema(v, sub(k, i)) for i, v in enumerate(s[k])]
+    return s
+
+
+def json_schema_for_grammar(schema: dict[str, Any] | str) -> str:
+    """The JSON text that xgrammar compiles for `schema` (a dict or its JSON text): minLength / maxLength strings
+    as patterns, and a ValueError naming the first keyword that xgrammar would silently not enforce."""
+    return json.dumps(_checked_schema(json.loads(schema) if isinstance(schema, str) else schema))
+
+
+def _checked_tag(x: Any) -> Any:
+    """A structural tag (parsed) with each of its JSON schemas checked as `json_schema_for_grammar` does."""
+    if isinstance(x, list):
+        return [_checked_tag(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    out = {k: _checked_tag(v) for k, v in x.items()}
+    if x.get("type") == "json_schema" and isinstance(x.get("json_schema"), dict):
+        out["json_schema"] = _checked_schema(x["json_schema"])
+    return out
+
+
 def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], params: SamplingParams
                     ) -> Any | None:
     """The compiled grammar of `params` (None without one). Raises ValueError naming the field
-    (guided_json / structural_tag / guided_regex) for a schema, tag or expression xgrammar rejects."""
+    (guided_json / structural_tag / guided_regex) for a schema, tag or expression xgrammar rejects, or a JSON
+    schema keyword it would not enforce."""
     field = next((n for n in GRAMMAR_FIELDS if getattr(params, n) is not None), None)
     if field is None:
         return None
+    spec, tag = params.guided_json, params.structural_tag
+    try:
+        if spec is not None and spec is not True:
+            spec = json_schema_for_grammar(spec)
+        if tag is not None:
+            tag = json.dumps(_checked_tag(json.loads(tag) if isinstance(tag, str) else tag))
+    except ValueError as e:
+        raise ValueError(f"{field} uses a JSON schema feature that is not supported: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{field} is not a valid JSON schema: nested too deeply") from None
     comp = _compiler(tokenizer, vocab_size, stop_ids)
     try:
         if params.guided_regex is not None:
@@ -104,16 +269,14 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
         if params.guided_choice is not None:
             # One string literal per choice (JSON escapes are the grammar's too).
             return comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.guided_choice))
-        if params.structural_tag is not None:
-            tag = params.structural_tag
-            return comp.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
-        spec = params.guided_json
+        if tag is not None:
+            return comp.compile_structural_tag(tag)
         # any_whitespace=False: fixed separators (", ", ": ") and no free whitespace, as vLLM's
         # disable-any-whitespace: small or undertrained models otherwise loop on spaces and newlines.
         if spec is True:
             # Any JSON object (OpenAI's json_object); strict_mode off so it may have any properties.
             return comp.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-        return comp.compile_json_schema(spec if isinstance(spec, str) else json.dumps(spec), any_whitespace=False)
+        return comp.compile_json_schema(spec, any_whitespace=False)
     except (RuntimeError, ValueError, TypeError) as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         # xgrammar prefixes its messages with "[time] file:line: "; keep the message itself.

@@ -175,9 +175,16 @@ class _OpenAIServer:
                 seed: int | None, grammar: dict[str, Any] | None = None, grammar_param: str | None = None
                 ) -> SamplingParams:
         """grammar: SamplingParams' grammar fields (guided_json or structural_tag), from the request field
-        grammar_param, which a 400 for a schema that does not compile names. The request's own guided_regex /
-        guided_choice / guided_grammar (vLLM's) go in as they are."""
+        grammar_param, which a 400 for a schema that does not compile names. The request's own guided_json /
+        guided_regex / guided_choice / guided_grammar / structured_outputs (vLLM's) go in as they are."""
         d = self.defaults
+        fields = dict(grammar or {})
+        where = dict.fromkeys(fields, grammar_param)  # SamplingParams field -> the request field that gave it
+        for name, field, value in self._guided(req):
+            if field in fields:
+                raise APIError(400, f"{name} cannot be combined with {where[field]}: give one grammar",
+                               param=name.split(".")[0])
+            fields[field], where[field] = value, name
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -200,9 +207,7 @@ class _OpenAIServer:
                 allowed_token_ids=req.allowed_token_ids,
                 skip_special_tokens=req.skip_special_tokens,
                 bad_words=req.bad_words,
-                **(grammar or {}),
-                **{k: getattr(req, k) for k in ("guided_regex", "guided_choice", "guided_grammar")
-                   if getattr(req, k) is not None},
+                **fields,
             )
             params.check_vocab(self.engine.vocab_size)
             if params.guided:  # compiled (and cached) now, so a bad schema is this request's 400
@@ -210,15 +215,35 @@ class _OpenAIServer:
                                 params)
         except ValueError as e:
             msg, param = str(e), _param_of(str(e))
-            if param in ("guided_json", "structural_tag") and "is not a valid" in msg:
-                # A schema in the grammar the server built from the request field grammar_param.
-                what = {"response_format": "json_schema.schema", "tools": "a function's parameters"}
-                msg = f"{grammar_param}: invalid JSON schema in {what.get(grammar_param, param)}: " \
-                      f"{msg.split(': ', 1)[-1]}"
-            if param in ("guided_json", "structural_tag"):
-                param = grammar_param
+            if param in where:  # name the request field, not SamplingParams'
+                name = where[param]
+                if name in ("response_format", "tools") and "is not a valid" in msg:
+                    # A schema in the grammar the server built from that request field.
+                    what = {"response_format": "json_schema.schema", "tools": "a function's parameters"}[name]
+                    msg = f"{name}: invalid JSON schema in {what}: {msg.split(': ', 1)[-1]}"
+                else:  # each SamplingParams field in the message's head as the request named it
+                    head, sep, rest = msg.partition(": ")
+                    head = re.sub(rf"\b({'|'.join(where)})\b", lambda m: where[m.group(1)], head)
+                    msg = head + sep + rest
+                param = name.split(".")[0]
             raise APIError(400, msg, param=param) from None
         return params
+
+    @staticmethod
+    def _guided(req: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, str, Any]]:
+        """The grammars a request gives in vLLM's fields: (its name in the request, SamplingParams field, value)."""
+        out = [(k, k, getattr(req, k)) for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+               if getattr(req, k) is not None]
+        so = req.structured_outputs
+        if so is not None:
+            for attr, name, field in (("json_schema", "json", "guided_json"), ("regex", "regex", "guided_regex"),
+                                      ("choice", "choice", "guided_choice"), ("grammar", "grammar", "guided_grammar"),
+                                      ("structural_tag", "structural_tag", "structural_tag")):
+                if getattr(so, attr) is not None:
+                    out.append((f"structured_outputs.{name}", field, getattr(so, attr)))
+            if so.json_object:
+                out.append(("structured_outputs.json_object", "guided_json", True))
+        return out
 
     @staticmethod
     def _response_format(rf: ResponseFormat | None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Requests stream `/v1/completions` from client processes (one Python process parses every chunk of its streams:
 a single one saturates long before a fast server does, so the clients are spread over `processes`). Each
 request reports its time to the first text, the times between text chunks and its end; the usage chunk gives
-the token count. `summarize` turns the per-request records into throughput and latency figures.
+the token counts. `summarize` turns the per-request records into throughput and latency figures.
 
 Prompts are token ids (random, seeded), so no tokenizer is needed on the client side and every server that
 accepts token-id prompts (cpm4, vLLM) can be measured the same way.
@@ -57,6 +57,8 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float 
     if not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 (inf: all at once), got {request_rate}")
     rnd = random.Random(seed)
+    # Arrivals from a generator of their own, so that a seed gives the same schedule whatever the lengths.
+    arrivals = random.Random(f"arrivals-{seed}")
 
     def length(mean: int) -> int:
         lo, hi = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
@@ -67,7 +69,7 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float 
         prompt = [rnd.randrange(vocab) for _ in range(length(input_len))]
         out.append(BenchRequest(prompt, length(output_len), t))
         if math.isfinite(request_rate):
-            t += rnd.expovariate(request_rate)
+            t += arrivals.expovariate(request_rate)
     return out
 
 
@@ -83,18 +85,19 @@ def run_clients(url: str, model: str, requests: Sequence[BenchRequest], warmup: 
 
     Returns {"wall_s": first start to last end, "client_cpu_s": the busiest process's CPU time in its timed part
     (near wall_s: the clients set the pace), "results": one record per request in order (ttft_s, total_s,
-    itl_s, tokens, text_chunks, usage_tokens, finish_reason, error), "client", "processes"}."""
+    itl_s, tokens, text_chunks, usage_prompt_tokens, usage_tokens, finish_reason, error), "client", "processes"}."""
     if client not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}, got {client!r}")
     if not requests:
         raise ValueError("no requests to send")
     processes = max(1, min(processes, len(requests)))
-    per_proc = None
+    per_proc: list[int | None] = [None] * processes
     if max_concurrency is not None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         processes = min(processes, max_concurrency)
-        per_proc = -(-max_concurrency // processes)
+        # Shares that add up to max_concurrency (rounding each up let more than that be in flight).
+        per_proc = [max_concurrency // processes + (k < max_concurrency % processes) for k in range(processes)]
     env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")  # loopback direct
     # The children import this module by name: from wherever this copy of cpm4 is, installed or not.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,7 +106,7 @@ def run_clients(url: str, model: str, requests: Sequence[BenchRequest], warmup: 
     try:
         for k in range(processes):
             spec = {"url": url.rstrip("/"), "model": model, "temperature": temperature, "timeout": timeout,
-                    "client": client, "max_concurrency": per_proc, "api_key": api_key,
+                    "client": client, "max_concurrency": per_proc[k], "api_key": api_key,
                     "warmup": [asdict(r) for r in warmup[k::processes]],
                     "requests": [asdict(r) for r in requests[k::processes]]}
             p = subprocess.Popen([sys.executable, "-m", "cpm4.serve.bench"], stdin=subprocess.PIPE,
@@ -143,13 +146,15 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def summarize(report: dict[str, Any], requests: Sequence[BenchRequest]) -> dict[str, Any]:
-    """Throughput and latency figures of a `run_clients` report (milliseconds; TPOT: a request's time after its
-    first text over its other tokens; ITL: the gaps between text chunks)."""
+    """Throughput and latency figures of a `run_clients` report, as vLLM's bench defines them (milliseconds; TTFT:
+    to the first text; TPOT: (latency - TTFT) / (output tokens - 1), per request with more than one token; ITL:
+    the gaps between text chunks)."""
     res = report["results"]
     ok = [r for r in res if r["error"] is None]
     wall = report["wall_s"]
     out_tokens = sum(r["tokens"] for r in ok)
-    in_tokens = sum(len(q.prompt) for q, r in zip(requests, res) if r["error"] is None)
+    # The server's count where its usage gives one (it may add a BOS), else the prompt's length.
+    in_tokens = sum(r.get("usage_prompt_tokens") or len(q.prompt) for q, r in zip(requests, res) if r["error"] is None)
     s: dict[str, Any] = {
         "completed": len(ok), "failed": len(res) - len(ok), "duration_s": wall,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
@@ -195,12 +200,13 @@ def format_summary(s: dict[str, Any]) -> str:
 # ----- the client process -----
 
 async def _openai_events(client, spec: dict, prompt: list[int], max_tokens: int):
-    """(usage completion tokens or None, [(text, finish_reason) of each choice]) of each streamed chunk."""
+    """((usage prompt tokens, completion tokens) or None, [(text, finish_reason) of each choice]) of each streamed
+    chunk."""
     stream = await client.completions.create(
         model=spec["model"], prompt=prompt, max_tokens=max_tokens, temperature=spec["temperature"],
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     async for c in stream:
-        yield (c.usage.completion_tokens if c.usage is not None else None,
+        yield ((c.usage.prompt_tokens, c.usage.completion_tokens) if c.usage is not None else None,
                [(ch.text, ch.finish_reason) for ch in c.choices])
 
 
@@ -218,7 +224,8 @@ async def _httpx_events(client, spec: dict, prompt: list[int], max_tokens: int):
             if "error" in c:
                 raise RuntimeError(f"stream error: {c['error'].get('message')}")
             u = c.get("usage")
-            yield (u["completion_tokens"] if u else None, [(ch["text"], ch["finish_reason"]) for ch in c["choices"]])
+            yield ((u.get("prompt_tokens"), u["completion_tokens"]) if u else None,
+                   [(ch["text"], ch["finish_reason"]) for ch in c["choices"]])
 
 
 async def _clients(spec: dict) -> dict:
@@ -245,7 +252,7 @@ async def _clients(spec: dict) -> dict:
             await limit.acquire()
         t0 = time.perf_counter()
         first = last = None
-        chunks, usage, finish, error, itl = 0, None, None, None, []
+        chunks, usage, finish, error, itl = 0, (None, None), None, None, []
         try:
             async for u, choices in events(client, spec, req["prompt"], req["max_tokens"]):
                 if u is not None:
@@ -268,8 +275,8 @@ async def _clients(spec: dict) -> dict:
                 limit.release()
         total = time.perf_counter() - t0
         return {"ttft_s": total if first is None else first, "total_s": total, "itl_s": itl, "text_chunks": chunks,
-                "usage_tokens": usage, "tokens": chunks if usage is None else usage, "finish_reason": finish,
-                "error": error}
+                "usage_prompt_tokens": usage[0], "usage_tokens": usage[1],
+                "tokens": chunks if usage[1] is None else usage[1], "finish_reason": finish, "error": error}
 
     async with client:
         now = time.time()

@@ -49,6 +49,17 @@ class ResponseFormat(_Body):
     json_schema: dict[str, Any] | None = None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs, its newer form of the guided_* fields: one grammar for the output."""
+
+    json_schema: dict[str, Any] | Str | None = Field(None, alias="json")  # a JSON schema (or its JSON text)
+    regex: Str | None = None
+    choice: list[Str] | None = None
+    grammar: Str | None = None
+    json_object: Bool | None = None
+    structural_tag: dict[str, Any] | Str | None = None
+
+
 class _SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -72,9 +83,11 @@ class _SamplingFields(_Body):
     logit_bias: dict[str, Float] | None = None
     user: Str | None = None
     response_format: ResponseFormat | None = None  # structured output (chat; completions as vLLM's extension)
-    guided_regex: Str | None = None  # extensions (vLLM): the output matches this regular expression ...
+    guided_json: dict[str, Any] | Str | None = None  # extensions (vLLM): the output follows this JSON schema ...
+    guided_regex: Str | None = None  # ... or matches this regular expression ...
     guided_choice: list[Str] | None = None  # ... or is exactly one of these strings
     guided_grammar: Str | None = None  # ... or follows this EBNF grammar (xgrammar's)
+    structured_outputs: StructuredOutputs | None = None  # ... or any of these, as newer vLLM takes them
     allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
     skip_special_tokens: Bool = True
     truncate_prompt_tokens: Int | None = Field(None, ge=1)
