@@ -177,7 +177,7 @@ def test_step_failure_then_worker_death(mode, ckpt, llm, monkeypatch):
         with pytest.raises(EngineClosedError, match="not running: .*worker failed: RuntimeError: injected: out of"):
             _run(_drain(eng, ids, SamplingParams(max_tokens=2), "after"), 20)
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=20)
-        assert r.status_code == 500 and "not running" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "the engine worker failed: RuntimeError: injected" in r.json()["error"]["message"]
         assert time.monotonic() - t0 < 10
         if mode == "process":
             _until(lambda: eng.exitcode is not None, 30)  # stopped, and reaped
@@ -242,7 +242,8 @@ def test_failed_scheduler_is_freed_before_its_successor_is_built(llm, monkeypatc
 
 def test_child_killed_mid_requests_over_http(ckpt):
     """The engine process killed (SIGKILL) with requests in flight: a 500 with OpenAI's error body, an error event
-    in the stream, /health 503, a new request refused at once naming the exit; the child is reaped."""
+    in the stream, /health 503, a new request refused at once with a 503 naming the exit (streamed too: before
+    any SSE); the child is reaped."""
     eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=4)
     srv = _Server(create_app(eng, MODEL))
     try:
@@ -258,8 +259,11 @@ def test_child_killed_mid_requests_over_http(ckpt):
         assert "the engine process died (exit code -9)" in json.loads(events[-2])["error"]["message"]
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=20)
-        assert r.status_code == 500
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         assert "not running: the engine process died (exit code -9)" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=20, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True})
+        assert r.status_code == 503  # refused before a stream opens
         assert eng.exitcode == -9 and _reaped(eng._proc.pid)
     finally:
         srv.stop()

@@ -277,6 +277,18 @@ def test_stream_options_need_stream(small):
     assert chunks[-1].usage.completion_tokens == 2
 
 
+def test_deeply_nested_body_is_a_400(small):
+    """A body nested past the JSON parser's recursion limit is malformed input (400), not a 500; the server
+    answers the next request as before."""
+    srv, _ = small
+    for body in ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "[" * 100_000):
+        r = httpx.post(f"{srv.url}/v1/completions", content=body, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Content beside tool calls in every tool_choice mode, parallel_tool_calls, n > 1, Responses created_at
 

@@ -30,7 +30,7 @@ from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
 from cpm4.engine.sampling import SamplingParams, nth_seed
 from cpm4.model.tokenizer import Tokenizer
 
-from .engine import AsyncEngine
+from .engine import AsyncEngine, EngineClosedError
 from .protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -167,6 +167,10 @@ class _OpenAIServer:
 
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         self._check_model(req.model)
+        if not self.engine.is_running:
+            # A dead or stopped engine (vLLM: 503 on /health too): refused before a stream opens, not a 200 and
+            # an error event.
+            raise APIError(503, self.engine.stopped_because, type="server_error")
         if req.stream_options is not None and not req.stream:
             # As OpenAI and vLLM: the client asked for stream usage it would never get.
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
@@ -692,7 +696,7 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
         raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -764,6 +768,11 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return _error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(EngineClosedError)
+    async def _closed(request: Request, exc: EngineClosedError) -> JSONResponse:
+        # The engine stopped between the check above and the submit: unavailable, not an internal error.
+        return _error_response(503, str(exc), type="server_error")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -293,11 +293,15 @@ class AsyncEngine:
             self._waiting.append(req)
             self._cond.notify()
 
+    @property
+    def stopped_because(self) -> str:
+        """Why the engine does not run (shut down, or how the worker or the engine process died)."""
+        return "the engine is shut down" if self._failure is None else f"the engine is not running: {self._failure}"
+
     def _check_open(self) -> None:
         """EngineClosedError once shut down, or once the worker (or the engine process) died, saying why."""
         if self._closed:
-            raise EngineClosedError("the engine is shut down" if self._failure is None else
-                                    f"the engine is not running: {self._failure}")
+            raise EngineClosedError(self.stopped_because)
 
     def _register(self, req: _Request) -> None:
         """Record a new request (caller holds the lock): EngineClosedError once shut down or dead, ValueError
