@@ -630,3 +630,21 @@ def test_save_checkpoint_cleans_up_after_saves_killed_midway(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_seeded_row_that_allows_no_token_spares_its_batch():
+    """A seeded request whose grammar and allowed_token_ids exclude each other (every logit -inf) made the
+    seeded draw raise (multinomial on NaN) and failed every request in the batch; it now ends alone, as an
+    unseeded one does, and the other request's output equals it run alone."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    b = tok().encode("b")[-1]
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=20, page_size=16))
+    p, q = prompts(2, seed=41, lo=5, hi=12)
+    for seed in (7, None):
+        bad = SamplingParams(temperature=1.0, seed=seed, max_tokens=5, guided_regex="a+", allowed_token_ids=[b])
+        good = SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True)
+        eng.add_request("bad", p, bad)
+        eng.add_request("good", q, good)
+        out = run(eng)
+        assert out["bad"].finish_reason == "stop" and not out["bad"].text
+        same_as(out["good"], plain(model, q, good), 1e-6)

@@ -177,7 +177,8 @@ def test_step_failure_then_worker_death(mode, ckpt, llm, monkeypatch):
         with pytest.raises(EngineClosedError, match="not running: .*worker failed: RuntimeError: injected: out of"):
             _run(_drain(eng, ids, SamplingParams(max_tokens=2), "after"), 20)
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=20)
-        assert r.status_code == 503 and "the engine worker failed: RuntimeError: injected" in r.json()["error"]["message"]
+        assert r.status_code == 503
+        assert "the engine worker failed: RuntimeError: injected" in r.json()["error"]["message"]
         assert time.monotonic() - t0 < 10
         if mode == "process":
             _until(lambda: eng.exitcode is not None, 30)  # stopped, and reaped

@@ -499,6 +499,12 @@ class Sampler:
         if greedy:
             return torch.argmax(row)  # first maximal index on ties
         probs = row.float() if is_probs else torch.softmax(row.float(), dim=-1)
+        # A row that allows no token (every logit -inf: a grammar and allowed_token_ids or bad_words excluding
+        # each other) has NaN probabilities, on which multinomial raises (on CUDA a device assert) and fails
+        # the whole batch: it takes the row's argmax instead, as the batched draw of unseeded rows does (the
+        # grammar then rejects it and ends the sequence).
+        ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+        probs = torch.where(ok, probs, torch.nn.functional.one_hot(torch.argmax(row), probs.numel()).float())
         return torch.multinomial(probs, 1, generator=self.generator)[0]
 
     def sample(self, row: Tensor, is_probs: bool = False) -> int:
