@@ -20,6 +20,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random `tiny` checkpoint folder (with tokenizer) shared by the tests that only read it."""
+    from cpm4.model.init import create_checkpoint
+
+    path = tmp_path_factory.mktemp("shared") / "tiny"
+    create_checkpoint("tiny", path)
+    return path
+
+
 def random_model(name: str = "tiny", dtype=torch.float64, seed: int = 0, **overrides):
     """A preset model with µP random weights (norm weights perturbed so they matter), in `dtype`."""
     from cpm4.model import MiniCPM4ForCausalLM, preset

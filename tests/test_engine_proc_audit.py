@@ -25,7 +25,6 @@ from test_serve import MODEL, _Server  # noqa: E402
 from cpm4.engine.generate import PromptTooLongError  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine  # noqa: E402
-from cpm4.model.init import create_checkpoint  # noqa: E402
 from cpm4.serve import AsyncEngine, ProcessEngine, create_app  # noqa: E402
 from cpm4.serve.engine import EngineClosedError, EngineError  # noqa: E402
 
@@ -33,10 +32,8 @@ LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("proc_audit") / "tiny"
-    create_checkpoint("tiny", path)
-    return path
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

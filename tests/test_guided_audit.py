@@ -88,13 +88,10 @@ def validate(x, s, root=None, at="$") -> None:
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def llm(tiny_checkpoint):
     from cpm4.llm import LLM
-    from cpm4.model.init import create_checkpoint
 
-    path = tmp_path_factory.mktemp("audit") / "tiny"
-    create_checkpoint("tiny", path)
-    return LLM(path, device="cpu", dtype="float32")
+    return LLM(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

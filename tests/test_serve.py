@@ -23,7 +23,6 @@ import uvicorn  # noqa: E402
 from cpm4.engine.generate import PromptTooLongError, StreamDelta  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.llm import LLM  # noqa: E402
-from cpm4.model.init import create_checkpoint  # noqa: E402
 from cpm4.model.tokenizer import TOOL_CALL  # noqa: E402
 from cpm4.serve import AsyncEngine, create_app  # noqa: E402
 from cpm4.serve.engine import _END, EngineError  # noqa: E402
@@ -62,10 +61,8 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    create_checkpoint("tiny", path)
-    return LLM(path, device="cpu", dtype="float32")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

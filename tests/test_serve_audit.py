@@ -43,7 +43,11 @@ def small(llm):
 @pytest.fixture(scope="module")
 def scripted(llm):
     """(engine replaying `engine.script`, client without and client with the minicpm4 reasoning parser)."""
-    eng = _ScriptedEngine(llm.model, llm.tokenizer, continuous=False)
+    yield from _with_and_without_parser(_ScriptedEngine(llm.model, llm.tokenizer, continuous=False))
+
+
+def _with_and_without_parser(eng):
+    """Yield (eng, client of a server without, client of one with the minicpm4 reasoning parser); then stop."""
     servers = [_Server(create_app(eng, MODEL)), _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))]
     yield (eng, *(openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
                   for s in servers))
@@ -321,13 +325,7 @@ class _PerChoiceEngine(test_serve._ScriptedEngine):
 @pytest.fixture(scope="module")
 def per_choice(llm):
     """(engine replaying `engine.scripts`, client without and client with the minicpm4 reasoning parser)."""
-    eng = _PerChoiceEngine(llm.model, llm.tokenizer, continuous=False)
-    servers = [_Server(create_app(eng, MODEL)), _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))]
-    yield (eng, *(openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
-                  for s in servers))
-    for s in servers:
-        s.stop()
-    eng.shutdown()
+    yield from _with_and_without_parser(_PerChoiceEngine(llm.model, llm.tokenizer, continuous=False))
 
 
 def _script(tok, *pieces: str) -> list[int]:

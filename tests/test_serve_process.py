@@ -17,16 +17,13 @@ httpx = pytest.importorskip("httpx")
 from test_serve import ENUM_TOOLS, MESSAGES, MODEL, _Server  # noqa: E402
 
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
-from cpm4.model.init import create_checkpoint  # noqa: E402
 from cpm4.serve import AsyncEngine, ProcessEngine, create_app  # noqa: E402
 from cpm4.serve.engine import EngineClosedError, EngineError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("proc") / "tiny"
-    create_checkpoint("tiny", path)
-    return path
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
