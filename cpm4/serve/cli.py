@@ -132,15 +132,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.save_result:
         from pathlib import Path
 
+        from cpm4.model.config import write_text_atomic
+
         out = Path(args.save_result)
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"base_url": base, "model": model, "num_prompts": args.num_prompts,
                "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
                "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
                "max_concurrency": args.max_concurrency, "temperature": args.temperature, "seed": args.seed, **s}
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, out)  # never a half-written result
+        write_text_atomic(out, json.dumps(doc, indent=1))  # never a half-written result, nor a left temp file
         print(f"[cpm4] wrote {out}", file=sys.stderr)
     return 0 if s["failed"] == 0 else 1
 
