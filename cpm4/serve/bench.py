@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = ["BenchRequest", "default_client_processes", "format_summary", "random_requests", "run_clients",
            "summarize"]
 
@@ -141,8 +143,8 @@ def run_clients(url: str, model: str, requests: Sequence[BenchRequest], warmup: 
 
 
 def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+    # Interpolated between the ranks around q, as numpy's default percentile (which vLLM's bench reports).
+    return float(np.percentile(xs, q))
 
 
 def summarize(report: dict[str, Any], requests: Sequence[BenchRequest]) -> dict[str, Any]:
