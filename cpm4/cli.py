@@ -119,7 +119,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .model.convert import convert_to_llama
 
-    out = convert_to_llama(args.model, args.out, dtype=_stored_dtype(args.dtype), overwrite=args.overwrite)
+    out = convert_to_llama(args.model, args.out, dtype=_stored_dtype(args.dtype), overwrite=args.overwrite,
+                           revision=args.revision)
     print(f"[cpm4] wrote the {args.to} form of {args.model} to {out}")
     return 0
 
@@ -215,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_init)
 
     q = sub.add_parser("convert", help="export a checkpoint to another architecture (µP scales folded)")
-    q.add_argument("model", type=Path, help="MiniCPM4 checkpoint folder")
+    q.add_argument("model", help="MiniCPM4 checkpoint folder or Hugging Face model id")
     q.add_argument("out", type=Path, help="output folder")
+    q.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     q.add_argument("--to", choices=("llama",), default="llama")
     q.add_argument("--dtype", default=None, help="output dtype (default, or auto: as stored; in bf16/fp16 the folded "
                    "weights are rounded again, float32 gives an exact export)")

@@ -107,3 +107,21 @@ def test_training_starts_from_a_model_id(offline):
     want = load_checkpoint(resolve_model_dir(REPO), dtype=torch.float32).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert tok is not None and tok.vocab_size > 0
+
+
+def test_convert_takes_a_model_id_at_a_revision(offline, tmp_path, capsys):
+    """`cpm4 convert org/name OUT --revision R` exports that snapshot (the source's weights, folded); a revision
+    not in the cache and a revision given with a local folder are one-line errors that write nothing."""
+    import json
+
+    from cpm4.cli import main
+
+    assert main(["convert", REPO, str(tmp_path / "llama"), "--revision", COMMIT]) == 0
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    capsys.readouterr()
+    assert main(["convert", REPO, str(tmp_path / "v9"), "--revision", "v9"]) != 0
+    assert "acme/tiny-cpm4" in capsys.readouterr().err and not (tmp_path / "v9").exists()
+    folder = resolve_model_dir(REPO)
+    assert main(["convert", str(folder), str(tmp_path / "f"), "--revision", COMMIT]) != 0
+    assert "applies to a Hugging Face model id" in capsys.readouterr().err and not (tmp_path / "f").exists()

@@ -72,13 +72,14 @@ def llama_config(config: MiniCPM4Config) -> dict:
 
 
 def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                     overwrite: bool = False) -> Path:
-    """Write the Llama form of checkpoint `src` (tokenizer files copied, the chat template writing the BOS, the
-    context as model_max_length) to `out`, atomically. In bf16/fp16 the folded weights are rounded again, so
-    logits differ from cpm4's by that rounding; dtype float32 gives an exact export."""
+                     overwrite: bool = False, revision: str | None = None) -> Path:
+    """Write the Llama form of checkpoint `src` (a folder, or a Hugging Face model id at `revision`; tokenizer
+    files copied, the chat template writing the BOS, the context as model_max_length) to `out`, atomically. In
+    bf16/fp16 the folded weights are rounded again, so logits differ from cpm4's by that rounding; dtype
+    float32 gives an exact export."""
     from .tokenizer import Tokenizer
 
-    src = resolve_model_dir(src)
+    src = resolve_model_dir(src, revision)
     src_abs, out_abs = Path(src).resolve(), Path(out).resolve()
     if out_abs == src_abs:
         raise ValueError(f"the export would replace its own source {src}: choose another output folder")
