@@ -648,3 +648,26 @@ def test_a_seeded_row_that_allows_no_token_spares_its_batch():
         out = run(eng)
         assert out["bad"].finish_reason == "stop" and not out["bad"].text
         same_as(out["good"], plain(model, q, good), 1e-6)
+
+
+def test_prompt_completed_by_a_step_launched_ahead_is_shared():
+    """A prompt whose last token is fed alone (the step's budget spent on the others) may go through a decode
+    step launched ahead; its full pages were then never offered for sharing. A 17-token prompt with a 16-token
+    budget: its last token rides a launched step, and a later prompt with the same first 16 tokens reuses the
+    page (16 tokens computed at admission) and equals its run alone."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    p = prompts(1, seed=31, lo=17, hi=18)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16), chunk_tokens=16,
+                    async_output=True)
+    launched = []
+    launch = eng._launch
+    eng._launch = lambda reqs, ids: launched.append([r.computed for r in reqs]) or launch(reqs, ids)
+    eng.add_request("a", p, params)
+    eng.run_to_completion()
+    assert launched[0] == [16]  # the prompt's 17th token went through a step launched ahead
+    q = p[:16] + [7, 8, 9]
+    eng.add_request("b", q, params)
+    eng._admit()
+    assert eng.by_id["b"].computed == 16
+    assert eng.run_to_completion()["b"][1] == alone(model, q, params)

@@ -178,7 +178,11 @@ class LLMEngine:
         return bool(self.waiting or self.running or self._inflight)
 
     # ---- one step ----
+    @torch.inference_mode()
     def step(self) -> list[tuple[str, StreamDelta]]:
+        # The whole step, not only `_run`: a decode step launched ahead (`_launch`) outside inference mode ran
+        # the eager model with autograd recording, and its sampling then failed on the plan's tensors made
+        # in inference mode ("Inference tensors cannot be saved for backward").
         out: list[tuple[str, StreamDelta]] = []
         self._drop_aborted(out)
         if self._inflight is not None:
@@ -229,7 +233,9 @@ class LLMEngine:
         it; the tokens are copied back to the host without waiting for them."""
         logits = self._forward_decode([r.pages for r in reqs], ids)
         for r in reqs:
-            r.computed += 1
+            r.computed += 1  # every row feeds its last token (`_async_ok`)
+            if not r.state.generated:
+                self._publish(r)
         plan, samplers, params, history, outputs = self._sampling_args(reqs, logits.shape[1])
         toks = sample_tokens(logits, samplers, params, history, plan, outputs)
         if toks.is_cuda:
@@ -430,16 +436,12 @@ class LLMEngine:
         batch.prompt_lens = [len(req.prompt_ids) for req, _ in group]  # the dense/sparse switch of prompt chunks
         return self.model(ids.to(dev), batch, new_lens, last_only=True)
 
-    @torch.inference_mode()
     def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:
         logits = self._forward(group)
         ready = []
         for i, (req, n) in enumerate(group):
-            req.computed += n
-            if req.computed == req.num_tokens:
+            if self._fed(req, n):
                 ready.append(i)
-                if not req.state.generated:  # the prompt is complete: offer its pages for prefix sharing
-                    self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req))
         out = []
         if ready:
             reqs = [group[i][0] for i in ready]
@@ -449,6 +451,21 @@ class LLMEngine:
             toks = sample_batch(logits, samplers, params, history, plan, outputs)
             out = self._emit(reqs, toks, logits)
         return out
+
+    def _fed(self, req: EngineRequest, n: int) -> bool:
+        """Count n more tokens of `req` as in its pages; whether it has fed all it holds (its next token is
+        sampled)."""
+        req.computed += n
+        if req.computed != req.num_tokens:
+            return False
+        if not req.state.generated:
+            self._publish(req)
+        return True
+
+    def _publish(self, req: EngineRequest) -> None:
+        """The prompt is complete: offer its pages for prefix sharing, whichever forward fed its last token (a
+        step launched ahead too, `_launch`)."""
+        self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req))
 
     def _emit(self, reqs: list[EngineRequest], toks: list[int], logits: torch.Tensor | None = None
               ) -> list[tuple[str, StreamDelta]]:
