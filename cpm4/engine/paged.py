@@ -188,16 +188,25 @@ class PagedKVCache:
         seq = SeqPages()
         h = self._root(sparse)
         ps = self.page_size
+        hit = []
         for i in range((len(tokens) - 1) // ps):
             h = self._chain(h, tokens[i * ps:(i + 1) * ps])
             p = self.prefix.get(h)
             if p is None:
                 break
-            self.prefix.move_to_end(h)
+            hit.append(h)
             self.refs[p] += 1
             seq.pages.append(p)
             seq.length += ps
+        self._touch(hit)
         return seq, seq.length
+
+    def _touch(self, chain: list[bytes]) -> None:
+        """Mark a prefix chain's pages used now, its first page last: reclaiming takes the least recently used
+        page first, and a chain cut at its first page loses every later page with it (they are reachable only
+        through it), so the deepest pages go first."""
+        for h in reversed(chain):
+            self.prefix.move_to_end(h)
 
     def reserve(self, seq: SeqPages, n_tokens: int) -> None:
         """Make room for `n_tokens` more tokens of `seq` (all or nothing)."""
@@ -215,11 +224,14 @@ class PagedKVCache:
         with sparse attention (an InfLLM v2 prompt of at least dense_len tokens)."""
         h = self._root(sparse)
         ps = self.page_size
+        chain = []
         for i in range(min(len(tokens), seq.length) // ps):
             h = self._chain(h, tokens[i * ps:(i + 1) * ps])
+            chain.append(h)
             if h not in self.prefix:
                 self.prefix[h] = seq.pages[i]
                 self.refs[seq.pages[i]] += 1
+        self._touch(chain)
 
     def release(self, seq: SeqPages) -> None:
         # Last page first: the free list hands pages out last-in first-out, so the next sequence gets these
