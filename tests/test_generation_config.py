@@ -31,7 +31,7 @@ def test_reads_the_sampling_fields(tmp_path):
 
 
 @pytest.mark.parametrize("obj, needle", [
-    ({"temperature": -1}, "temperature must be a finite number >= 0"),
+    ({"temperature": -1}, "temperature must be a number in [0, 1e30]"),
     ({"top_p": 0}, "top_p must be in (0, 1]"),
     ({"top_p": "high"}, "top_p must be a number"),
     ({"top_k": 2.5}, "top_k must be an integer"),

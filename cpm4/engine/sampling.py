@@ -19,6 +19,11 @@ _GREEDY_EPS = 1e-5
 GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice", "guided_grammar")
 
 
+def _is_number(v: Any) -> bool:
+    """An int or float, not a bool (a JSON true is no temperature)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
@@ -80,28 +85,35 @@ class SamplingParams:
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
                 not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if isinstance(self.temperature, bool) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        # Logits are processed in float32: a temperature or penalty past ~1e38 (or a penalty below ~1e-38)
+        # became inf (0) there, and 0 * inf or inf / inf made NaN logits, which argmax and the sampler took for
+        # the best token (even one allowed_token_ids excluded). 1e30 leaves room for any logit.
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e30:
+            raise ValueError(f"temperature must be a number in [0, 1e30], got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p <= 1:
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
+        if not _is_number(self.repetition_penalty) or not 1e-30 <= self.repetition_penalty <= 1e30:
+            raise ValueError(f"repetition_penalty must be a number in [1e-30, 1e30], got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+            if not _is_number(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
         if self.logit_bias is not None:
             bias = {}
             for t, b in dict(self.logit_bias).items():
-                try:
-                    tid = int(t)  # OpenAI sends the ids as JSON object keys (strings)
-                except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}") from None
-                if tid < 0 or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                # ints, or their digits as strings (OpenAI sends the ids as JSON object keys); not floats or
+                # bools, which int() would quietly truncate to another id.
+                if isinstance(t, str) and t.strip().lstrip("+-").isdecimal():
+                    tid = int(t)
+                elif isinstance(t, int) and not isinstance(t, bool):
+                    tid = t
+                else:
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
+                if tid < 0 or not _is_number(b) or not -100 <= b <= 100:
                     raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
                 bias[tid] = float(b)
             self.logit_bias = bias or None

@@ -76,7 +76,7 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
 
 
 def _param_of(message: str) -> str | None:
-    # SamplingParams' messages start with the field name ("temperature must be a finite number >= 0, got -1").
+    # SamplingParams' messages start with the field name ("temperature must be a number in [0, 1e30], got -1").
     m = re.match(r"([a-z_]+) ", message)
     return m.group(1) if m else None
 
