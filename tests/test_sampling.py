@@ -511,3 +511,11 @@ def test_min_tokens_bans_stop_ids_until_reached():
 def test_min_tokens_validation(kw):
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("field, value", [("stop", ["a\ud800"]), ("bad_words", ["\udfff"]), ("guided_regex", "\ud800"),
+                                          ("guided_grammar", 'root ::= "\ud800"'), ("guided_choice", ["\ud800"])])
+def test_text_fields_refuse_lone_surrogates(field, value):
+    # Not Unicode text: the tokenizer raised a TypeError for them inside the engine's worker (which died of it).
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

@@ -175,6 +175,8 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
             raise unsupported(f"{loose[0]!r} without a 'type'")
     if "string" in types:
         fmt = s.get("format")
+        if fmt is not None and not isinstance(fmt, str):
+            raise ValueError(f"'format' must be a string, got {fmt!r:.60}")
         if fmt in _UNENFORCED_FORMATS:
             raise unsupported(f"'format' {fmt!r}")
         if isinstance(fmt, str) and fmt not in _FORMATS:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hmac
 import json
+import math
 import re
 import time
 import uuid
@@ -396,6 +397,8 @@ class _OpenAIServer:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
+        if not max_tokens:  # nothing generated, but the request's fields are still checked (a 400 as with 1)
+            self._params(req, 1, req.logprobs, seeds[0], grammar, "response_format")
         for ids, text in prompts:
             self._check_max_tokens(ids, req.max_tokens)
             for j in range(req.n):
@@ -691,6 +694,41 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
     return APIError(400, f"Invalid value for '{where}': {e.get('msg', 'invalid')}", param=param)
 
 
+# An escaped UTF-16 surrogate or a NaN / Infinity token: the only ways a body Python's JSON parser accepts can hold
+# a value no JSON answer can carry back.
+_MAYBE_INVALID = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    """400 for a lone surrogate (not UTF-8: the tokenizer, the error message or an echo of it failed with a
+    500, in a free-form field the worker even died of it) or a NaN / Infinity (not JSON: echoed by
+    /v1/responses) anywhere in the body, naming where."""
+    stack: list[tuple[Any, list[str]]] = [(data, [])]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if _lone_surrogate(k):
+                    raise APIError(400, f"Invalid key in '{'.'.join(path) or 'request body'}': not valid "
+                                   "Unicode (a lone surrogate)", param=path[0] if path else None)
+                stack.append((v, [*path, k]))
+        elif isinstance(value, list):
+            stack.extend((v, [*path, str(i)]) for i, v in enumerate(value) if isinstance(v, (str, float, dict, list)))
+        elif isinstance(value, str) and _lone_surrogate(value):
+            raise APIError(400, f"Invalid value for '{'.'.join(path)}': not valid Unicode (a lone surrogate)",
+                           param=path[0])
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"Invalid value for '{'.'.join(path)}': {value} is not a JSON number", param=path[0])
+
+
+def _lone_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
     """Read the body as JSON whatever the Content-Type says (curl -d sends form encoding) and validate it."""
     raw = await request.body()
@@ -700,6 +738,9 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _MAYBE_INVALID.search(raw):  # only then walk the body (a 128K-token prompt's ids cost ~10 ms to walk)
+        # Its fields only: unknown ones are ignored, as vLLM ignores them, whatever they hold.
+        _check_values({k: v for k, v in data.items() if k in model.model_fields})
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -449,7 +449,7 @@ class AsyncEngine:
                 try:
                     sched.add_request(req.request_id, req.prompt_ids, req.params)
                     active[req.request_id] = req
-                except ValueError as err:
+                except Exception as err:  # noqa: BLE001 - whatever one request's set-up raises fails it alone
                     with self._cond:
                         self._finish(req, "error")
                     self._post(req, err)
