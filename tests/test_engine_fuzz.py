@@ -200,3 +200,31 @@ def test_random_clients_of_the_async_engine(seed):
         ref = reference(dense_len, p, sp)
         assert (outs[i].token_ids, outs[i].text, outs[i].finish_reason) == (ref.token_ids, ref.text,
                                                                             ref.finish_reason), i
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CPM4_FUZZ_SEEDS", 12)) // 3))
+def test_random_offline_batches_equal_their_runs_alone(seed):
+    """`LLM.generate` (the offline path of `cpm4 generate`) over random per-prompt params, n up to 3, in a cache
+    that may preempt: completion j of a seeded prompt is its run alone with `nth_seed(seed, j)`; greedy
+    completions all equal the greedy run; prompts come back in order; every page is free at the end."""
+    import dataclasses
+
+    from cpm4 import LLM
+    from cpm4.engine.sampling import nth_seed
+
+    rnd = random.Random(2000 + seed)
+    dense_len = [None, 48, 100][seed % 3]
+    model = model_for(dense_len)
+    reqs = workload(rnd, rnd.randint(3, 8))
+    reqs = [(p, dataclasses.replace(sp, n=rnd.choice([1, 1, 2, 3]))) for p, sp in reqs]
+    longest = max(len(p) + sp.max_tokens for p, sp in reqs)
+    llm = LLM(model, tokenizer=tok(), max_num_seqs=rnd.randint(2, 8), chunk_tokens=rnd.choice([16, 64, 256]),
+              kv_cache_tokens=PAGE * (-(-(longest + 1) // PAGE) + rnd.randint(0, 6)))
+    outs = llm.generate([p for p, _ in reqs], [sp for _, sp in reqs])
+    assert_all_free(llm.engine.engine)
+    assert [o.prompt_token_ids for o in outs] == [p for p, _ in reqs]
+    for (p, sp), o in zip(reqs, outs):
+        assert len(o.outputs) == sp.n
+        for j, c in enumerate(o.outputs):
+            ref = reference(dense_len, p, dataclasses.replace(sp, n=1, seed=nth_seed(sp.seed, j)))
+            assert (c.token_ids, c.text, c.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason), (j, sp)
