@@ -82,7 +82,8 @@ def test_prefix_pages_are_shared():
     eng.add_request("b", base + [7, 8, 9], params)
     req = eng.by_id["b"]
     first = [t for _, d in eng.step() for t in d.token_ids]
-    assert req.pages.pages[:6] == list(cache.prefix.values())[:6]  # 100 tokens: 6 full pages reused
+    # 100 shared tokens: a's 6 full pages (the prefix table's only entries) reused
+    assert len(cache.prefix) == 6 and set(req.pages.pages[:6]) == set(cache.prefix.values())
     res = eng.run_to_completion()
     assert first + res["b"][1] == alone(model, base + [7, 8, 9], params)
 
