@@ -19,7 +19,7 @@ _GREEDY_EPS = 1e-5
 GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice", "guided_grammar")
 
 
-def _unicode(s: str) -> bool:
+def valid_text(s: str) -> bool:
     """Whether s is valid Unicode text (no lone surrogate, which the tokenizer refuses with a TypeError)."""
     try:
         s.encode("utf-8")
@@ -136,7 +136,7 @@ class SamplingParams:
             raise ValueError(f"seed must be an int in [-2**63, 2**63) or None, got {self.seed!r}")
         if self.stop is not None:
             for s in self.stop:
-                if not isinstance(s, str) or not s or not _unicode(s):
+                if not isinstance(s, str) or not s or not valid_text(s):
                     raise ValueError(f"stop strings must be non-empty str, got {s!r}")
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
@@ -146,7 +146,7 @@ class SamplingParams:
             self.allowed_token_ids = sorted(set(ids))
         if self.bad_words is not None:
             if isinstance(self.bad_words, str) or not isinstance(self.bad_words, Sequence) or \
-                    not all(isinstance(w, str) and w.strip() and _unicode(w) for w in self.bad_words):
+                    not all(isinstance(w, str) and w.strip() and valid_text(w) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
             self.bad_words = list(self.bad_words) or None
         if not isinstance(self.skip_special_tokens, bool):
@@ -166,11 +166,11 @@ class SamplingParams:
             self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
         for name in ("guided_regex", "guided_grammar"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v.strip() or not _unicode(v)):
+            if v is not None and (not isinstance(v, str) or not v.strip() or not valid_text(v)):
                 raise ValueError(f"{name} must be a non-empty string, got {v!r:.80}")
         if self.guided_choice is not None:
             if isinstance(self.guided_choice, str) or not isinstance(self.guided_choice, Sequence) or \
-                    not self.guided_choice or not all(isinstance(c, str) and c and _unicode(c)
+                    not self.guided_choice or not all(isinstance(c, str) and c and valid_text(c)
                                                       for c in self.guided_choice):
                 raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got "
                                  f"{self.guided_choice!r}")

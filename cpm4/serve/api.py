@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.sampling import SamplingParams, nth_seed
+from cpm4.engine.sampling import SamplingParams, nth_seed, valid_text
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine, EngineClosedError
@@ -708,25 +708,17 @@ def _check_values(data: dict[str, Any]) -> None:
         value, path = stack.pop()
         if isinstance(value, dict):
             for k, v in value.items():
-                if _lone_surrogate(k):
+                if not valid_text(k):
                     raise APIError(400, f"Invalid key in '{'.'.join(path) or 'request body'}': not valid "
                                    "Unicode (a lone surrogate)", param=path[0] if path else None)
                 stack.append((v, [*path, k]))
         elif isinstance(value, list):
             stack.extend((v, [*path, str(i)]) for i, v in enumerate(value) if isinstance(v, (str, float, dict, list)))
-        elif isinstance(value, str) and _lone_surrogate(value):
+        elif isinstance(value, str) and not valid_text(value):
             raise APIError(400, f"Invalid value for '{'.'.join(path)}': not valid Unicode (a lone surrogate)",
                            param=path[0])
         elif isinstance(value, float) and not math.isfinite(value):
             raise APIError(400, f"Invalid value for '{'.'.join(path)}': {value} is not a JSON number", param=path[0])
-
-
-def _lone_surrogate(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
