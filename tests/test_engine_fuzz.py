@@ -5,6 +5,7 @@ is not aborted must equal the plain generate loop's run of it alone (float64: to
 logprobs);
 page reference counts are checked after every step and every page comes back at the end."""
 
+import asyncio
 import os
 import random
 import time
@@ -139,30 +140,17 @@ def test_steps_launched_ahead_run_in_inference_mode():
         assert out[f"r{i}"][1] == plain(model, p, sp).token_ids
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("CPM4_FUZZ_CLIENT_SEEDS", 4))))
-def test_random_clients_of_the_async_engine(seed):
-    """The server's engine (worker thread, continuous batching) under asyncio clients arriving at random times,
-    some closing their streams early or cancelled while waiting: every completed stream equals its run alone
-    (float64), the cancelled ones end, and when all are done every page is free again."""
-    import asyncio
-
-    from cpm4.serve.engine import AsyncEngine
-
-    rnd = random.Random(1000 + seed)
-    dense_len = [None, 48][seed % 2]
-    model = model_for(dense_len)
-    reqs = workload(rnd, rnd.randint(6, 12))
-    longest = max(len(p) + sp.max_tokens for p, sp in reqs)
-    eng = AsyncEngine(model, tok(), max_batch_size=rnd.randint(2, 6), chunk_tokens=rnd.choice([16, 64, 256]),
-                      kv_cache_tokens=PAGE * (-(-(longest + 1) // PAGE) + rnd.randint(0, 6)),
-                      async_output=rnd.random() < 0.5)
+def run_clients(eng, reqs: list[tuple[list[int], SamplingParams]], rnd: random.Random) -> list:
+    """Stream `reqs` from asyncio clients arriving at random times, some closing their streams early, one
+    cancelled at a random moment (a disconnect while waiting or streaming); each client's GenerationOutput, None
+    for one that went away, or its CancelledError."""
     plan = [(rnd.uniform(0, 0.05), rnd.choice([None, None, None, 0, 1, 3])) for _ in reqs]  # delay, deltas kept
 
     async def client(i: int) -> GenerationOutput | None:
         delay, keep = plan[i]
         await asyncio.sleep(delay)
         out = GenerationOutput([])
-        agen = eng.stream(*reqs[i], f"r{i}", coalesce=False)
+        agen = eng.stream(*reqs[i], f"r{i}-{rnd.random()}", coalesce=False)
         try:
             async for d in agen:
                 if keep is not None and len(out.token_ids) >= keep:
@@ -176,23 +164,13 @@ def test_random_clients_of_the_async_engine(seed):
         tasks = [asyncio.create_task(client(i)) for i in range(len(reqs))]
         victim = rnd.randrange(len(reqs))
         await asyncio.sleep(rnd.uniform(0, 0.05))
-        tasks[victim].cancel()  # a disconnect while waiting or streaming
+        tasks[victim].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
-    try:
-        outs = asyncio.run(main())
-        for _ in range(500):  # the worker takes the aborts between steps
-            sched = eng._sched
-            # (A step launched ahead may stay behind once its rows all ended: the next step drains it.)
-            if not eng._requests and (sched is None or not (sched.waiting or sched.running)):
-                break
-            time.sleep(0.01)
-        sched = eng._sched
-        assert not eng._requests and (sched is None or not (sched.waiting or sched.running))
-        if sched is not None:
-            assert sched.cache.num_free == sched.cache.num_pages
-    finally:
-        eng.shutdown()
+    return asyncio.run(main())
+
+
+def check_clients(outs: list, reqs: list[tuple[list[int], SamplingParams]], dense_len: int | None) -> None:
     for i, (p, sp) in enumerate(reqs):
         if isinstance(outs[i], BaseException) or outs[i] is None:
             assert isinstance(outs[i], asyncio.CancelledError) or outs[i] is None, outs[i]
@@ -200,6 +178,64 @@ def test_random_clients_of_the_async_engine(seed):
         ref = reference(dense_len, p, sp)
         assert (outs[i].token_ids, outs[i].text, outs[i].finish_reason) == (ref.token_ids, ref.text,
                                                                             ref.finish_reason), i
+
+
+def wait_idle(idle, what: str) -> None:
+    for _ in range(500):  # the worker takes the aborts between steps
+        if idle():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{what} still busy")
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CPM4_FUZZ_CLIENT_SEEDS", 4))))
+def test_random_clients_of_the_async_engine(seed):
+    """The server's engine (worker thread, continuous batching) under random clients (`run_clients`): every
+    completed stream equals its run alone (float64), the others end, and then every page is free again."""
+    from cpm4.serve.engine import AsyncEngine
+
+    rnd = random.Random(1000 + seed)
+    dense_len = [None, 48][seed % 2]
+    model = model_for(dense_len)
+    reqs = workload(rnd, rnd.randint(6, 12))
+    longest = max(len(p) + sp.max_tokens for p, sp in reqs)
+    eng = AsyncEngine(model, tok(), max_batch_size=rnd.randint(2, 6), chunk_tokens=rnd.choice([16, 64, 256]),
+                      kv_cache_tokens=PAGE * (-(-(longest + 1) // PAGE) + rnd.randint(0, 6)),
+                      async_output=rnd.random() < 0.5)
+    try:
+        outs = run_clients(eng, reqs, rnd)
+        # (A step launched ahead may stay behind once its rows all ended: the next step drains it.)
+        wait_idle(lambda: not eng._requests and (eng._sched is None or not (eng._sched.waiting or eng._sched.running)),
+                  "the engine")
+        if eng._sched is not None:
+            assert eng._sched.cache.num_free == eng._sched.cache.num_pages
+    finally:
+        eng.shutdown()
+    check_clients(outs, reqs, dense_len)
+
+
+def test_random_clients_of_the_engine_process(tmp_path):
+    """The same clients against the engine in a child process (the server's default on CUDA), several rounds on
+    one child: streams, early closes and cancellations cross the pipe; completed streams equal their runs alone
+    (float64 in the child and here), nothing is left running between rounds."""
+    from cpm4.model.checkpoint import save_checkpoint
+    from cpm4.serve.engine_proc import ProcessEngine
+
+    ckpt = tmp_path / "tiny"
+    model = model_for(None)
+    save_checkpoint(model, model.config, ckpt, tokenizer=tok())  # float64 weights: the child runs this model
+    eng = ProcessEngine(ckpt, device="cpu", dtype="float64", tokenizer=tok(), max_batch_size=4, chunk_tokens=32,
+                        kv_cache_tokens=PAGE * 24)
+    try:
+        for seed in range(3):
+            rnd = random.Random(3000 + seed)
+            reqs = workload(rnd, rnd.randint(5, 9))
+            outs = run_clients(eng, reqs, rnd)
+            wait_idle(lambda: eng.num_running == 0 and eng.num_waiting == 0, "the engine process")
+            check_clients(outs, reqs, None)
+        assert eng.is_running
+    finally:
+        eng.shutdown()
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("CPM4_FUZZ_SEEDS", 12)) // 3))
