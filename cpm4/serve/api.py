@@ -700,9 +700,9 @@ _MAYBE_INVALID = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 
 
 def _check_values(data: dict[str, Any]) -> None:
-    """400 for a lone surrogate (not UTF-8: the tokenizer, the error message or an echo of it failed with a
-    500, in a free-form field the worker even died of it) or a NaN / Infinity (not JSON: echoed by
-    /v1/responses) anywhere in the body, naming where."""
+    """400, naming where, for a lone surrogate (not UTF-8: tokenizing, quoting or echoing one was a 500, and in
+    bad_words it killed the engine's worker) or a NaN / Infinity (not JSON: /v1/responses echoed it) anywhere
+    in the body's fields."""
     stack: list[tuple[Any, list[str]]] = [(data, [])]
     while stack:
         value, path = stack.pop()
