@@ -43,7 +43,7 @@ def reference(dense_len: int | None, prompt: list[int], params: SamplingParams) 
 
 def workload(rnd: random.Random, n: int) -> list[tuple[list[int], SamplingParams]]:
     """Prompts built from a few shared stems (so full prefix pages repeat) plus their own tails; greedy or
-    seeded sampling, some with logprobs, penalties, stop strings, stop tokens and min_tokens."""
+    seeded sampling, some with logprobs, penalties, stop strings, stop tokens, min_tokens or a grammar."""
     stems = [[rnd.randint(3, 1000) for _ in range(rnd.randint(PAGE, 5 * PAGE))] for _ in range(3)]
     out = []
     for _ in range(n):
@@ -64,6 +64,10 @@ def workload(rnd: random.Random, n: int) -> list[tuple[list[int], SamplingParams
         if rnd.random() < 0.15:
             kw.update(stop_token_ids=[rnd.randint(3, 1000) for _ in range(20)],
                       min_tokens=rnd.randint(0, min(5, kw["max_tokens"])))
+        elif rnd.random() < 0.12:  # a grammar's matcher must survive preemption and recomputation
+            kw.update(rnd.choice([{"guided_choice": ["yes", "no", "maybe later"]},
+                                  {"guided_regex": "[a-e ]{2,12}"}]))
+            kw.pop("stop", None)
         out.append((p, SamplingParams(**kw)))
     return out
 
