@@ -94,7 +94,7 @@ class Choice:
     think: ReasoningStream | None = None  # chat with a reasoning parser
     reasoning: list[str] = field(default_factory=list)
     new_reasoning: str = ""  # what the last delta added to the reasoning
-    undecided_ids: list[int] = field(default_factory=list)  # read while `think` was undecided
+    undecided: list[tuple[str, list[int]]] = field(default_factory=list)  # deltas read while `think` was undecided
 
     def take(self, d: StreamDelta) -> str:
         """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
@@ -116,16 +116,23 @@ class Choice:
             if self.think.undecided and d.finish_reason is None:
                 # Perhaps the answer's start: an output that opens with a tool call (thinking off, or a forced
                 # tool_choice) has the marker, a special token without text, before any text decides.
-                self.undecided_ids += ids
+                self.undecided.append((d.text, ids))
                 ids = []
             elif not self.think.in_content and not self.think.undecided:
-                self.undecided_ids, ids = [], []  # a tool-call marker inside the reasoning is not a call
-            elif self.undecided_ids:
-                # The answer after all. Fed apart: the collector takes a delta's text as coming before a marker
-                # among its ids.
+                self.undecided, ids = [], []  # a tool-call marker inside the reasoning is not a call
+            elif self.undecided:
+                # The answer after all: the collector gets the held deltas again, each text with its ids in the
+                # order they came (it takes a delta's text as coming before a marker among its ids, so text held
+                # before the marker, "<thi", stays content), less what the reasoning parser dropped in front.
+                held, self.undecided = [*self.undecided, (d.text, ids)], []
                 if self.tools is not None:
-                    piece = self.tools.feed("", self.undecided_ids)
-                self.undecided_ids = []
+                    cut = sum(len(t) for t, _ in held) - len(text)
+                    for t, i in held:
+                        drop = min(max(cut, 0), len(t))
+                        cut -= drop
+                        piece += self.tools.feed(t[drop:], i)
+                    self.pieces.append(piece)
+                    return piece
         piece += self.tools.feed(text, ids) if self.tools is not None else text
         self.pieces.append(piece)
         return piece

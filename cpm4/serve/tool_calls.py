@@ -32,11 +32,18 @@ def _as_call(obj: Any) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        arguments = args  # already JSON text, as OpenAI clients send it back
-    elif isinstance(args, dict):
-        arguments = json.dumps(args, ensure_ascii=False)
-    else:
+    try:
+        if isinstance(args, str):  # already JSON text, as OpenAI clients send it back: kept if it is an object
+            parsed = json.loads(args)
+            if not isinstance(parsed, dict):
+                return None
+            json.dumps(parsed, allow_nan=False)
+            arguments = args
+        elif isinstance(args, dict):
+            arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
+        else:
+            return None
+    except (ValueError, RecursionError):  # not JSON; or NaN / Infinity (Python's parser takes them), which is not
         return None
     return {"id": _new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
 
@@ -50,23 +57,28 @@ def parse_tool_calls(text: str, marker: str = TOOL_CALL, strip: bool = True
     content verbatim, except a last one after parsed calls: a call cut off (by max_tokens), dropped. With at
     least one call, content is stripped (unless `strip` is false) and None when empty (as OpenAI returns it).
     """
-    parts = text.split(marker)
-    content = [parts[0]]
+    i = text.find(marker)
+    content = [text if i < 0 else text[:i]]
     calls: list[dict[str, Any]] = []
-    for k, seg in enumerate(parts[1:], 1):
-        body = seg.lstrip()
+    while i >= 0:
+        start = i + len(marker)
+        body = len(text) - len(text[start:].lstrip())  # the JSON's first character
+        nxt = text.find(marker, start)
         try:
-            obj, end = _DECODER.raw_decode(body)
-        except ValueError:
-            if calls and k == len(parts) - 1:
+            obj, end = _DECODER.raw_decode(text, body)
+        except (ValueError, RecursionError):
+            if calls and nxt < 0:
                 break
-            obj, end = None, 0
+            obj, end = None, body
         call = _as_call(obj)
         if call is None:
-            content.append(marker + seg)
+            content.append(text[i:len(text) if nxt < 0 else nxt])
+            i = nxt
             continue
         calls.append(call)
-        rest = body[end:]
+        # The next call starts after this one's JSON: a marker inside its strings is no call.
+        i = text.find(marker, end)
+        rest = text[end:len(text) if i < 0 else i]
         if rest.strip():
             content.append(rest)
     joined = "".join(content)
