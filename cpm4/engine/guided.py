@@ -25,6 +25,7 @@ xgrammar is an optional dependency (`pip install 'cpm4[guided]'`), imported on f
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import weakref
@@ -133,6 +134,23 @@ def _of_type(v: Any, t: str) -> bool:
     return t in kinds and isinstance(v, kinds[t])
 
 
+def _whole_bounds(s: dict[str, Any]) -> None:
+    """An integer's bounds as the whole numbers they admit (xgrammar refuses fractional ones, though JSON Schema
+    allows them): minimum 0.5 is minimum 1, exclusiveMaximum 3.5 is maximum 3."""
+    for key, inclusive, edge in (("minimum", "minimum", math.ceil), ("exclusiveMinimum", "minimum", math.floor),
+                                 ("maximum", "maximum", math.floor), ("exclusiveMaximum", "maximum", math.ceil)):
+        v = s.get(key)
+        if not isinstance(v, float) or not math.isfinite(v):
+            continue
+        whole = edge(v)
+        if key != inclusive:  # exclusive: the next whole number inside
+            whole += 1 if inclusive == "minimum" else -1
+            del s[key]
+        old = s.get(inclusive) if key != inclusive else None
+        tighter = max if inclusive == "minimum" else min
+        s[inclusive] = whole if not isinstance(old, (int, float)) else tighter(old, whole)
+
+
 def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
     """A copy of the (sub)schema `s` as xgrammar should compile it; ValueError naming the first keyword it would
     not enforce. names: `s` is a propertyNames schema (its instances are strings, said or not)."""
@@ -189,10 +207,12 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
         if given == ["minLength/maxLength"] and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                     for x in (lo, 0 if hi is None else hi)):
             # xgrammar's length-bounded strings admit raw control characters (not JSON); its patterns do not
-            # ("." takes no control character, no line break, no escape: a subset of the strings allowed).
+            # (no control character, line break or escape: a subset of the strings allowed). Surrogates are
+            # excluded too: "." took U+D800-DFFF as one character, written as 3 bytes that are no UTF-8 (each
+            # decoded to U+FFFD: one character became three, past maxLength).
             s.pop("minLength", None)
             s.pop("maxLength", None)
-            s["pattern"] = f"^.{{{lo},{'' if hi is None else hi}}}$"
+            s["pattern"] = f"^[^\\x00-\\x1f\\ud800-\\udfff]{{{lo},{'' if hi is None else hi}}}$"
     if "multipleOf" in s and types & {"integer", "number"}:
         m = s["multipleOf"]
         if "number" in types or not isinstance(m, int) or isinstance(m, bool):
@@ -200,6 +220,8 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
         bounds = sorted(kws & (_NUMBER_KW - {"multipleOf"}))
         if bounds:
             raise unsupported(f"'multipleOf' with {bounds[0]!r} beside it")
+    if types == {"integer"}:
+        _whole_bounds(s)
     patterns = [s["pattern"]] if isinstance(s.get("pattern"), str) else []
     patterns += list(s["patternProperties"]) if isinstance(s.get("patternProperties"), dict) else []
     if any(_LOOKAHEAD.search(p) for p in patterns):
@@ -269,8 +291,10 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
         if params.guided_grammar is not None:
             return comp.compile_grammar(params.guided_grammar)
         if params.guided_choice is not None:
-            # One string literal per choice (JSON escapes are the grammar's too).
-            return comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.guided_choice))
+            # One string literal per choice (JSON escapes are the grammar's too). Not ASCII-escaped: a character
+            # outside the BMP would be two \u surrogate escapes, which the grammar reads as two lone surrogates.
+            return comp.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                 for c in params.guided_choice))
         if tag is not None:
             return comp.compile_structural_tag(tag)
         # any_whitespace=False: fixed separators (", ", ": ") and no free whitespace, as vLLM's
