@@ -43,7 +43,7 @@ def _as_call(obj: Any) -> dict[str, Any] | None:
             arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
         else:
             return None
-    except (ValueError, RecursionError):  # not JSON; or NaN / Infinity (Python's parser takes them), which is not
+    except (ValueError, RecursionError):  # not JSON, or NaN / Infinity in it (Python's parser takes them)
         return None
     return {"id": _new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
 
@@ -69,7 +69,7 @@ def parse_tool_calls(text: str, marker: str = TOOL_CALL, strip: bool = True
         except (ValueError, RecursionError):
             if calls and nxt < 0:
                 break
-            obj, end = None, body
+            obj = None
         call = _as_call(obj)
         if call is None:
             content.append(text[i:len(text) if nxt < 0 else nxt])
