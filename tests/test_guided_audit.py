@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import statistics
 
 import pytest
@@ -19,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from test_guided_fuzz import validate  # noqa: E402
 from test_serve import _Server  # noqa: E402
 
 from cpm4.engine import guided  # noqa: E402
@@ -47,44 +47,6 @@ SCHEMA = {
 
 def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # True is not 1 here
-
-
-def validate(x, s, root=None, at="$") -> None:
-    """A small JSON schema validator for the keywords used here (jsonschema is not a dependency)."""
-    root = s if root is None else root
-    if s is True:
-        return
-    if "$ref" in s:
-        node = root
-        for part in s["$ref"][2:].split("/"):
-            node = node[part]
-        return validate(x, node, root, at)
-    if "anyOf" in s:
-        for branch in s["anyOf"]:
-            try:
-                return validate(x, branch, root, at)
-            except AssertionError:
-                pass
-        raise AssertionError(f"{at}: {x!r} matches no anyOf branch")
-    assert "enum" not in s or any(_same(x, v) for v in s["enum"]), (at, x)
-    kinds = {"string": str, "integer": int, "boolean": bool, "null": type(None), "array": list, "object": dict}
-    if "type" in s:
-        assert isinstance(x, kinds[s["type"]]) and (s["type"] == "boolean" or not isinstance(x, bool)), (at, x)
-    if isinstance(x, str):
-        assert s.get("minLength", 0) <= len(x) <= s.get("maxLength", math.inf), (at, x)
-        assert "pattern" not in s or re.search(s["pattern"], x), (at, x)
-        assert s.get("format") != "date" or re.fullmatch(r"\d{4}-\d\d-\d\d", x), (at, x)
-    if isinstance(x, int) and not isinstance(x, bool):
-        assert s.get("minimum", -math.inf) <= x <= s.get("maximum", math.inf), (at, x)
-    if isinstance(x, list):
-        assert len(x) <= s.get("maxItems", math.inf), (at, x)
-        for i, v in enumerate(x):
-            validate(v, s.get("items", True), root, f"{at}[{i}]")
-    if isinstance(x, dict):
-        assert set(s.get("required", ())) <= x.keys(), (at, x)
-        for k, v in x.items():
-            assert k in s.get("properties", {}) or s.get("additionalProperties", True) is not False, (at, k)
-            validate(v, s.get("properties", {}).get(k, True), root, f"{at}.{k}")
 
 
 @pytest.fixture(scope="module")

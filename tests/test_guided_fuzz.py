@@ -8,19 +8,16 @@ gives the same output alone as in a batch with unconstrained requests."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
 import re
 
 import pytest
-import torch
-from conftest import random_model
+from test_guided import model, tok
 
 from cpm4 import SamplingParams
 from cpm4.engine.generate import generate_ids
-from cpm4.model.tokenizer import build_tokenizer
 
 pytest.importorskip("xgrammar")
 from cpm4.engine import guided  # noqa: E402
@@ -29,14 +26,6 @@ SEED = 20240607
 MAX_TOKENS = 96  # every generated value is bounded, so a complete document fits well within this
 
 
-@functools.cache
-def tok():
-    return build_tokenizer(1024)
-
-
-@functools.cache
-def model():
-    return random_model("tiny", dtype=torch.float32)
 
 
 def prompt(i: int) -> list[int]:
