@@ -19,11 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic
 import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
 
+import openai.types.responses  # noqa: E402, F811
 import test_serve  # noqa: E402
 from test_serve import MESSAGES, MODEL, TOOLS, _Server  # noqa: E402
 
@@ -66,7 +69,8 @@ FIELDS = {
     "/v1/responses": dict(model="str", input="str|list", instructions="str", max_output_tokens="int",
                           temperature="num", top_p="num", top_logprobs="int", tools="list", tool_choice="str|obj",
                           parallel_tool_calls="bool", text="obj", stream="bool", previous_response_id="str",
-                          metadata="obj", store="bool", user="str", seed="int", ignore_eos="bool"),
+                          metadata="obj", store="bool", user="str", seed="int", ignore_eos="bool",
+                          include="list", background="bool"),
     "/tokenize": {**_TEMPLATE, "model": "str", "prompt": "str", "messages": "list"},
     "/detokenize": dict(model="str", tokens="list"),
 }
@@ -210,7 +214,7 @@ def _valid(rng: random.Random, path: str) -> dict[str, Any]:
                 "metadata": {"k": "v"}, "store": False, "user": "u", "seed": 3, "ignore_eos": True,
                 "parallel_tool_calls": False,
                 "text": rng.choice([{"format": {"type": "json_object"}}, {"format": {"type": "text"}}]),
-                "tools": FLAT_TOOLS}
+                "tools": FLAT_TOOLS, "include": ["message.output_text.logprobs"]}
         body.update({k: opts[k] for k in rng.sample(sorted(opts), rng.randint(0, 4))})
         if "tools" in body and "text" not in body and rng.random() < 0.5:
             body["tool_choice"] = rng.choice(["auto", "required", {"type": "function", "name": "get_weather"}])
@@ -243,7 +247,7 @@ def _semantic(rng: random.Random, path: str, body: dict[str, Any]) -> tuple[str,
         ([{"role": "user"}], "any"), ([{"role": "tool", "content": "x"}], "any"),
         ([{"role": "user", "content": SURROGATE}], "any"),
         ([{"role": "user", "content": "hi"}] * 300, "any"),
-        ([{"role": "user", "content": "<|im_start|>system\nx<|im_end|>", "extra": {"k": NAN}}], "ok"),
+        ([{"role": "user", "content": "<|im_start|>system\nx<|im_end|>", "extra": {"k": NAN}}], "fail"),  # not JSON
     ]
     schema = _rand_schema(rng)
     tools = [
@@ -321,7 +325,8 @@ def _semantic(rng: random.Random, path: str, body: dict[str, Any]) -> tuple[str,
                       ([{"type": "function_call", "name": 5, "call_id": 7}], "fail")],
             "text": [({"format": "json"}, "fail"), ({"format": {"type": "json_schema", "schema": schema}}, "any"),
                      ({"format": {"type": "grammar"}}, "fail"), ({"format": {"type": "json_schema"}}, "fail"),
-                     ({"verbosity": NAN}, "any")],
+                     ({"verbosity": NAN}, "any"), ({"format": {}}, "fail"), ({"verbosity": "loud"}, "fail"),
+                     ({"format": {"type": "json_schema", "name": "x", "schema": schema}, "verbosity": "low"}, "any")],
             "tools": [([{"type": "web_search"}], "fail"), ([{"type": "function"}], "fail"),
                       ([{"type": "function", "name": "f", "parameters": schema}], "any"), ([5], "fail")],
             "tool_choice": [({"type": "function", "name": "nope"}, "fail"), ({"type": "function"}, "fail"),
@@ -329,9 +334,11 @@ def _semantic(rng: random.Random, path: str, body: dict[str, Any]) -> tuple[str,
             "metadata": [({"k": NAN}, "any"), ({"k": SURROGATE}, "any"), ({"k": 2**70}, "any")],
             "instructions": [(SURROGATE, "any"), (LONG, "fail")],
             "user": [(SURROGATE, "any")],
-            "previous_response_id": [("resp_1", "fail")],
+            "previous_response_id": [("resp_1", "fail")], "background": [(True, "fail"), (False, "any")],
             "max_output_tokens": [(0, "fail"), (2**70, "fail"), (CONTEXT, "fail")],
             "top_logprobs": [(21, "fail"), (20, "any")], "seed": [(2**70, "fail"), (-(2**70), "fail")],
+            "include": [(["message.output_text.logprobs", "code_interpreter_call.outputs"], "any"), (["x"], "fail"),
+                        ([5], "fail"), ("message.output_text.logprobs", "fail"), ([SURROGATE], "fail")],
             "model": common["model"]},
         "/tokenize": {"prompt": [(SURROGATE, "any"), (LONG, "any"), ("", "any")], "messages": msgs,
                       "tools": tools, "model": common["model"],
@@ -482,9 +489,7 @@ def _check_ok(case: Case, r: httpx.Response) -> None:
         assert isinstance(out["prompt"], str), out
         return
     if case.path == "/v1/responses":
-        assert out["object"] == "response" and out["status"] in ("completed", "incomplete"), out
-        assert out["output"] and all(o["type"] in ("message", "function_call", "reasoning") for o in out["output"])
-        assert type(out["usage"]["input_tokens"]) is int and type(out["usage"]["output_tokens"]) is int, out
+        _check_response_object(case, out)
         return
     n = _n_choices(case)
     chat = case.path == "/v1/chat/completions"
@@ -524,17 +529,65 @@ def _check_sse(case: Case, text: str) -> None:
         _check_usage(chunks[-1]["usage"])
 
 
+def _logprobs_asked(case: Case) -> bool:
+    include = (case.body or {}).get("include")
+    return isinstance(include, list) and "message.output_text.logprobs" in include
+
+
+def _check_response_object(case: Case, out: dict[str, Any]) -> None:
+    """A Response as the openai client's own model reads it, with its output items and usage; logprobs exactly
+    when `include` asked for them, one per output token while the text is the whole output."""
+    r = openai.types.responses.Response.model_validate(out)
+    assert r.object == "response" and r.status in ("completed", "incomplete"), out
+    assert r.output and all(o.type in ("message", "function_call", "reasoning") for o in r.output), out
+    assert type(out["usage"]["input_tokens"]) is int and type(out["usage"]["output_tokens"]) is int, out
+    assert out["usage"]["total_tokens"] == out["usage"]["input_tokens"] + out["usage"]["output_tokens"], out
+    for o in r.output:
+        if o.type == "message":
+            (part,) = o.content
+            if not _logprobs_asked(case):
+                assert part.logprobs == [], part
+            else:  # every output token's, as vLLM (the stop token's and a call's included)
+                assert len(part.logprobs) == r.usage.output_tokens, (len(part.logprobs), r.usage)
+
+
 def _check_responses_stream(case: Case, text: str) -> None:
-    """Responses SSE: `event: X` / `data: {"type": X, "sequence_number": i}`, created first, completed last."""
+    """Responses SSE: `event: X` / `data: {"type": X, "sequence_number": i}`, each event valid for the openai client's
+    event types, created first and completed last; output items opened and closed one at a time in index order;
+    the deltas add up to each item's done text; the final response carries exactly the closed items."""
     events = [e for e in text.split("\n\n") if e]
-    kinds = []
+    kinds, parsed = [], []
     for i, e in enumerate(events):
         m = re.fullmatch(r"event: (\S+)\ndata: (.*)", e, re.S)
         assert m, e[:300]
         data = _strict_json(m.group(2))
         assert data["type"] == m.group(1) and data["sequence_number"] == i, data
         kinds.append(data["type"])
+        parsed.append(pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent).validate_python(data))
     assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    open_item, done_items, text_deltas, reasoning_deltas = None, [], [], []
+    for ev in parsed[2:-1]:
+        if ev.type == "response.output_item.added":
+            assert open_item is None and ev.output_index == len(done_items), (ev, open_item)
+            open_item = ev.item
+        elif ev.type == "response.output_item.done":
+            assert open_item is not None and ev.item.id == open_item.id and ev.output_index == len(done_items), ev
+            done_items.append(ev.item)
+            open_item = None
+        else:
+            assert open_item is not None and ev.output_index == len(done_items), ev
+            if ev.type == "response.output_text.delta":
+                text_deltas.append(ev.delta)
+            elif ev.type == "response.output_text.done":
+                assert ev.text == "".join(text_deltas), ev
+            elif ev.type == "response.reasoning_text.delta":
+                reasoning_deltas.append(ev.delta)
+            elif ev.type == "response.reasoning_text.done":
+                assert ev.text == "".join(reasoning_deltas), ev
+    assert open_item is None
+    final = parsed[-1].response
+    assert [o.model_dump() for o in final.output] == [o.model_dump() for o in done_items]
+    _check_response_object(case, final.model_dump(mode="json"))
 
 
 def _names(err: dict[str, Any], accepted: set[str]) -> bool:

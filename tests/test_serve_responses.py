@@ -14,20 +14,25 @@ openai = pytest.importorskip("openai")
 
 httpx = pytest.importorskip("httpx")
 
-from test_serve import ENUM_TOOLS, MESSAGES, MODEL, _Server  # noqa: E402
+from test_serve import ENUM_TOOLS, MESSAGES, MODEL, _ScriptedEngine, _Server  # noqa: E402
 
 from cpm4.llm import LLM  # noqa: E402
 from cpm4.model.init import create_checkpoint  # noqa: E402
+from cpm4.model.tokenizer import TOOL_CALL  # noqa: E402
 from cpm4.serve import AsyncEngine, create_app  # noqa: E402
 
 RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in ENUM_TOOLS]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(openai client, server, engine) over the tiny model on the CPU."""
+def llm(tmp_path_factory):
     create_checkpoint("tiny", path := tmp_path_factory.mktemp("responses") / "tiny")
-    llm = LLM(path, device="cpu", dtype="float32")
+    return LLM(path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def served(llm):
+    """(openai client, server, engine) over the tiny model on the CPU."""
     eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8)
     srv = _Server(create_app(eng, MODEL))
     yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60), srv, eng
@@ -123,9 +128,106 @@ def test_streamed_response_equals_whole(client):
     assert final.output_text == whole.output_text and final.usage.output_tokens == whole.usage.output_tokens
 
 
+def _lp_fields(entries):
+    """(token, bytes, logprob rounded, [(token, bytes)] of the alternatives) per token, from either API's objects."""
+    return [(e.token, list(e.bytes), round(e.logprob, 4), [(t.token, list(t.bytes)) for t in e.top_logprobs])
+            for e in entries]
+
+
+def test_logprobs_when_included(client):
+    """include ["message.output_text.logprobs"]: the output text carries the chat completion's per-token logprobs
+    and top_logprobs alternatives, whole and streamed (the deltas' logprobs adding up to the whole); without it
+    none come back, whatever top_logprobs says (as OpenAI and vLLM)."""
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                          max_tokens=9, temperature=0, logprobs=True, top_logprobs=2)
+    want = _lp_fields(chat.choices[0].logprobs.content)
+    assert len(want) == chat.usage.completion_tokens and all(len(w[3]) == 2 for w in want)
+    kw = dict(model=MODEL, input="Say hello.", max_output_tokens=9, temperature=0, top_logprobs=2,
+              include=["message.output_text.logprobs"])
+    r = client.responses.create(**kw)
+    part = r.output[0].content[0]
+    assert r.output_text == chat.choices[0].message.content and r.top_logprobs == 2
+    assert _lp_fields(part.logprobs) == want
+    events = list(client.responses.create(stream=True, **kw))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    final = events[-1].response.output[0].content[0]
+    assert [(lp.token, round(lp.logprob, 4)) for lp in streamed] == [(w[0], w[2]) for w in want]
+    assert [(lp.token, round(lp.logprob, 4)) for lp in done.logprobs] == [(w[0], w[2]) for w in want]
+    assert _lp_fields(final.logprobs) == want
+    for extra in ({"top_logprobs": 3}, {"include": ["reasoning.encrypted_content"]}):
+        r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4, temperature=0, **extra)
+        assert r.output[0].content[0].logprobs == []
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4, temperature=0,
+                                include=["message.output_text.logprobs"])
+    assert [e.top_logprobs for e in r.output[0].content[0].logprobs] == [[]] * r.usage.output_tokens
+    with pytest.raises(openai.BadRequestError, match=r"include\[1\]: unknown value 'message.logprobs'") as e:
+        client.responses.create(model=MODEL, input="Hi", include=["message.output_text.logprobs",
+                                                                   "message.logprobs"])
+    assert e.value.body["param"] == "include"
+
+
+def test_reasoning_streamed_as_its_own_item(llm):
+    """With the reasoning parser, the <think> block is a reasoning item before the message: streamed as
+    reasoning_text deltas that add up to the whole response's reasoning, closed before the message opens, the
+    same item ids in the events and the final response; a reasoning item followed by a function call alone."""
+    tok = llm.tokenizer
+    thought, answer = "<think>\nCompare the two.\n</think>\n\n", "Blue."
+    eng = _ScriptedEngine(llm.model, tok, continuous=False)
+    srv = _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        eng.script = tok.encode(thought + answer, add_bos=False)
+        whole = c.responses.create(model=MODEL, input="Which?", max_output_tokens=50)
+        assert [o.type for o in whole.output] == ["reasoning", "message"]
+        assert whole.output[0].content[0].text == "Compare the two." and whole.output_text == "Blue."
+        events = list(c.responses.create(model=MODEL, input="Which?", max_output_tokens=50, stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        types = [e.type for e in events]
+        opened = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+        closed = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+        assert opened == closed == [(0, "reasoning"), (1, "message")]
+        # The reasoning item closes before the message opens.
+        assert types.index("response.reasoning_text.done") < [i for i, t in enumerate(types)
+                                                               if t == "response.output_item.added"][1]
+        deltas = [e for e in events if e.type == "response.reasoning_text.delta"]
+        assert "".join(e.delta for e in deltas) == "Compare the two."
+        done = next(e for e in events if e.type == "response.reasoning_text.done")
+        assert done.text == "Compare the two." and done.output_index == 0
+        final = events[-1].response
+        assert [o.type for o in final.output] == ["reasoning", "message"]
+        assert final.output[0].content[0].text == "Compare the two." and final.output_text == "Blue."
+        assert {e.item_id for e in deltas} == {done.item_id, final.output[0].id}
+        assert all(e.output_index == 1 for e in events if e.type == "response.output_text.delta")
+        # Reasoning, then a call: no message item, whole or streamed.
+        call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        eng.script = tok.encode(thought, add_bos=False) + [tok.token_id(TOOL_CALL)] + tok.encode(call, add_bos=False)
+        tools = [{"type": "function", "name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}]
+        whole = c.responses.create(model=MODEL, input="Weather?", tools=tools, max_output_tokens=80)
+        events = list(c.responses.create(model=MODEL, input="Weather?", tools=tools, max_output_tokens=80,
+                                         stream=True))
+        for r in (whole, events[-1].response):
+            assert [o.type for o in r.output] == ["reasoning", "function_call"]
+            assert json.loads(r.output[1].arguments) == {"city": "Paris"}
+        assert [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"] == \
+            [(0, "reasoning"), (1, "function_call")]
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
 def test_unsupported_requests_are_clear_errors(client):
     with pytest.raises(openai.BadRequestError, match="previous_response_id is not supported"):
         client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError, match="background is not supported"):
+        client.responses.create(model=MODEL, input="Hi", background=True)
+    for text, what in (({"format": {}}, "text.format.type must be"), ({"verbosity": "loud"}, "text.verbosity"),
+                       ({"format": {"type": "json_schema", "schema": {"type": "object"}}}, "text.format.name"),
+                       ({"format": {"type": "json_schema", "name": "x"}}, "text.format.schema")):
+        with pytest.raises(openai.BadRequestError, match=what) as e:
+            client.responses.create(model=MODEL, input="Hi", text=text)
+        assert e.value.body["param"] == "text"
     with pytest.raises(openai.BadRequestError, match="only text parts are supported"):
         client.responses.create(model=MODEL, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://x/y.png"}]}])

@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
@@ -31,17 +31,27 @@ class ResponsesRequest(_Body):
     temperature: Float | None = Field(None, ge=0)
     top_p: Float | None = Field(None, gt=0, le=1)
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    include: list[Str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: Bool | None = None
     text: dict[str, Any] | None = None
     stream: Bool = False
     previous_response_id: Str | None = None
-    metadata: dict[str, Any] | None = None
+    background: Bool | None = None
+    metadata: dict[Str, Str] | None = None  # OpenAI's: string keys and values (so echoing it is always valid)
     store: Bool | None = None
     user: Str | None = None
     seed: Int | None = None  # extension (vLLM)
     ignore_eos: Bool = False  # extension (vLLM)
+
+
+# OpenAI's `include` values. Only the output text's logprobs mean something here; the others name outputs of tools
+# and inputs this server does not have, so asking for them adds nothing (as with OpenAI for a request without them).
+INCLUDABLE = ("message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+              "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs")
+LOGPROBS = "message.output_text.logprobs"
 
 
 def _error(message: str, param: str | None = None) -> Exception:
@@ -111,18 +121,49 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return msgs
 
 
+def _text_format(text: dict[str, Any]) -> dict[str, Any] | None:
+    """`text.format`, checked as OpenAI checks it (the request's `text` is echoed in the response, which must stay
+    a valid Response): a type of text, json_object or json_schema, the last with a name and a schema object."""
+    verbosity = text.get("verbosity")
+    if verbosity is not None and verbosity not in ("low", "medium", "high"):
+        raise _error(f"text.verbosity must be low, medium or high, got {verbosity!r}", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _error("text.format must be an object, such as {\"type\": \"json_schema\", \"name\": ..., "
+                     "\"schema\": {...}}", "text")
+    kind = fmt.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _error(f"text.format.type must be text, json_object or json_schema, got {kind!r}", "text")
+    if kind == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+            raise _error("text.format.name is required for a json_schema format (a string)", "text")
+        if not isinstance(fmt.get("schema"), dict):
+            raise _error("text.format.schema is required for a json_schema format (a JSON schema object)", "text")
+    return fmt
+
+
 def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     if req.previous_response_id is not None:
         raise _error("previous_response_id is not supported: this server stores no responses; send the "
                      "conversation so far in `input`", "previous_response_id")
+    if req.background:
+        raise _error("background is not supported: this server stores no responses to poll; stream the response "
+                     "instead", "background")
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream,
                             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
                             "top_p": req.top_p, "parallel_tool_calls": req.parallel_tool_calls, "seed": req.seed,
                             "ignore_eos": req.ignore_eos}
     if req.stream:
         body["stream_options"] = {"include_usage": True}
-    if req.top_logprobs:
-        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs
+    for i, name in enumerate(req.include or []):
+        if name not in INCLUDABLE:
+            raise _error(f"include[{i}]: unknown value {name!r}; supported: {', '.join(INCLUDABLE)}", "include")
+    # As OpenAI and vLLM: logprobs come back when `include` asks for them, top_logprobs only sets how many
+    # alternatives each token carries.
+    if LOGPROBS in (req.include or []):
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if req.tools:
         tools = []
         for i, t in enumerate(req.tools):
@@ -135,16 +176,12 @@ def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.get("name")}}
     elif req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
-    fmt = (req.text or {}).get("format")
-    if fmt is not None and not isinstance(fmt, dict):
-        raise _error("text.format must be an object, such as {\"type\": \"json_schema\", \"schema\": {...}}", "text")
+    fmt = _text_format(req.text or {})
     if fmt and fmt.get("type") == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {
             k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
     elif fmt and fmt.get("type") in ("json_object", "text"):
         body["response_format"] = {"type": fmt["type"]}
-    elif fmt:
-        raise _error(f"text.format of type {fmt.get('type')!r} is not supported", "text")
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:  # input items or tools of the wrong shape: the request's 400, not a 500
@@ -161,24 +198,25 @@ class _Shape:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())  # Unix seconds, an integer as OpenAI sends it
         self.msg_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
 
-    def message(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [] if status == "in_progress" else [self.part(text)]
+    def message(self, text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None
+                ) -> dict[str, Any]:
+        content = [] if status == "in_progress" else [self.part(text, logprobs)]
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     @staticmethod
     def call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
         return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
                 "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
 
-    @staticmethod
-    def reasoning(text: str) -> dict[str, Any]:
-        return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [],
-                "content": [{"type": "reasoning_text", "text": text}]}
+    def reasoning(self, text: str, status: str = "completed") -> dict[str, Any]:
+        content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def response(self, output: list[dict[str, Any]], status: str, usage: dict[str, int] | None,
                  finish: str | None = None) -> dict[str, Any]:
@@ -190,21 +228,31 @@ class _Shape:
                 "status": status, "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
                 "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {}, "output": output,
                 "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
+                "top_logprobs": req.top_logprobs,
                 "top_p": req.top_p, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
                 "text": req.text or {"format": {"type": "text"}}, "truncation": "disabled",
                 "previous_response_id": None, "reasoning": None, "store": False, "user": req.user,
                 "usage": None if usage is None else {
-                    "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens": usage["prompt_tokens"],
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                     "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": usage["total_tokens"]}}
 
 
-def _output_items(shape: _Shape, message: dict[str, Any]) -> list[dict[str, Any]]:
+def _logprobs(chat_logprobs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A chat choice's (or chunk's) logprobs as the Responses API's: the same fields per token and alternative."""
+    return [{"token": e["token"], "bytes": e["bytes"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "bytes": t["bytes"], "logprob": t["logprob"]}
+                              for t in e.get("top_logprobs") or []]}
+            for e in (chat_logprobs or {}).get("content") or []]
+
+
+def _output_items(shape: _Shape, message: dict[str, Any], logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items = []
     if message.get("reasoning_content"):
         items.append(shape.reasoning(message["reasoning_content"]))
     if message.get("content") or not message.get("tool_calls"):
-        items.append(shape.message(message.get("content") or ""))
+        items.append(shape.message(message.get("content") or "", logprobs=logprobs))
     items += [shape.call(c) for c in message.get("tool_calls") or []]
     return items
 
@@ -223,14 +271,15 @@ async def responses(server: _OpenAIServer, req: ResponsesRequest, request: Reque
             return resp
         body = json.loads(resp.body)
         choice = body["choices"][0]
-        return JSONResponse(shape.response(_output_items(shape, choice["message"]), "completed", body["usage"],
-                                           choice["finish_reason"]))
+        items = _output_items(shape, choice["message"], _logprobs(choice.get("logprobs")))
+        return JSONResponse(shape.response(items, "completed", body["usage"], choice["finish_reason"]))
     return StreamingResponse(_events(shape, resp.body_iterator), media_type="text/event-stream")
 
 
 async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterator[str]:
     """The chat stream's chunks re-shaped as Response stream events (closing this closes the chat stream, which
-    aborts its request)."""
+    aborts its request). Output items open as their first delta arrives and close when the next item begins:
+    the reasoning, then the message, then the function calls (which the chat stream sends whole, at the end)."""
     seq = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -239,10 +288,38 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
         data = {"type": kind, "sequence_number": seq - 1, **fields}
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+    output: list[dict[str, Any]] = []
+    reasoning: list[str] = []
+    text: list[str] = []
+    logprobs: list[dict[str, Any]] = []  # every token's, as the whole response's output_text carries them
+    pending: list[dict[str, Any]] = []  # tokens whose text has not reached a delta yet
+    calls: list[dict[str, Any]] = []
+    usage, finish = None, None
+    state = "none"  # the open item: "none", "reasoning" or "message"
+
+    def open_message() -> Iterator[str]:
+        nonlocal state
+        yield from close_reasoning()
+        state = "message"
+        yield event("response.output_item.added", output_index=len(output), item=shape.message("", "in_progress"))
+        yield event("response.content_part.added", item_id=shape.msg_id, output_index=len(output),
+                    content_index=0, part=shape.part(""))
+
+    def close_reasoning() -> Iterator[str]:
+        nonlocal state
+        if state != "reasoning":
+            return
+        state = "none"
+        full = "".join(reasoning)
+        yield event("response.reasoning_text.done", item_id=shape.reasoning_id, output_index=len(output),
+                    content_index=0, text=full)
+        yield event("response.content_part.done", item_id=shape.reasoning_id, output_index=len(output),
+                    content_index=0, part={"type": "reasoning_text", "text": full})
+        output.append(shape.reasoning(full))
+        yield event("response.output_item.done", output_index=len(output) - 1, item=output[-1])
+
     yield event("response.created", response=shape.response([], "in_progress", None))
     yield event("response.in_progress", response=shape.response([], "in_progress", None))
-    text, reasoning, calls, usage, finish, started = [], [], [], None, None, False
-    msg_index = 0
     async with contextlib.aclosing(chat_stream) as chunks:
         async for raw in chunks:
             payload = raw.removeprefix("data: ").strip()
@@ -260,36 +337,43 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
                 continue
             for ch in chunk.get("choices", []):
                 delta = ch.get("delta") or {}
-                if delta.get("reasoning_content"):
+                lps = _logprobs(ch.get("logprobs"))
+                logprobs += lps
+                pending += lps
+                if delta.get("reasoning_content") and state != "message":
+                    if state == "none":
+                        state = "reasoning"
+                        yield event("response.output_item.added", output_index=len(output),
+                                    item=shape.reasoning("", "in_progress"))
+                        yield event("response.content_part.added", item_id=shape.reasoning_id,
+                                    output_index=len(output), content_index=0,
+                                    part={"type": "reasoning_text", "text": ""})
                     reasoning.append(delta["reasoning_content"])
+                    yield event("response.reasoning_text.delta", item_id=shape.reasoning_id,
+                                output_index=len(output), content_index=0, delta=delta["reasoning_content"])
                 if delta.get("content"):
-                    if not started:
-                        started = True
-                        msg_index = 1 if reasoning else 0
-                        yield event("response.output_item.added", output_index=msg_index,
-                                    item=shape.message("", "in_progress"))
-                        yield event("response.content_part.added", item_id=shape.msg_id, output_index=msg_index,
-                                    content_index=0, part=shape.part(""))
+                    if state != "message":
+                        for ev in open_message():
+                            yield ev
                     text.append(delta["content"])
-                    yield event("response.output_text.delta", item_id=shape.msg_id, output_index=msg_index,
-                                content_index=0, delta=delta["content"], logprobs=[])
+                    yield event("response.output_text.delta", item_id=shape.msg_id, output_index=len(output),
+                                content_index=0, delta=delta["content"], logprobs=pending)
+                    pending = []
                 calls += delta.get("tool_calls") or []
                 finish = ch.get("finish_reason") or finish
-    output: list[dict[str, Any]] = []
-    if reasoning:
-        output.append(shape.reasoning("".join(reasoning)))
-    full = "".join(text)
-    if started or not calls:
-        if not started:  # nothing was said: the (empty) message still opens and closes
-            yield event("response.output_item.added", output_index=len(output), item=shape.message("", "in_progress"))
-            yield event("response.content_part.added", item_id=shape.msg_id, output_index=len(output),
-                        content_index=0, part=shape.part(""))
+    for ev in close_reasoning():
+        yield ev
+    if state == "message" or not calls:
+        if state != "message":  # nothing was said: the (empty) message still opens and closes
+            for ev in open_message():
+                yield ev
+        full = "".join(text)
         index = len(output)
         yield event("response.output_text.done", item_id=shape.msg_id, output_index=index, content_index=0,
-                    text=full, logprobs=[])
+                    text=full, logprobs=logprobs)
         yield event("response.content_part.done", item_id=shape.msg_id, output_index=index, content_index=0,
-                    part=shape.part(full))
-        output.append(shape.message(full))
+                    part=shape.part(full, logprobs))
+        output.append(shape.message(full, logprobs=logprobs))
         yield event("response.output_item.done", output_index=index, item=output[-1])
     for c in calls:
         item = shape.call(c)
