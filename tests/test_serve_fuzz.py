@@ -494,6 +494,9 @@ def _check_ok(case: Case, r: httpx.Response) -> None:
     n = _n_choices(case)
     chat = case.path == "/v1/chat/completions"
     assert out["object"] == ("chat.completion" if chat else "text_completion"), out
+    if chat:  # as the client's own types read it (the legacy Completion type is narrower than the API: no null
+        # finish_reason in a streamed chunk, no null logprob for an echoed first token, both of which OpenAI sends)
+        openai.types.chat.ChatCompletion.model_validate(out)
     assert [c["index"] for c in out["choices"]] == list(range(n)), out
     for c in out["choices"]:
         assert c["finish_reason"] in (("stop", "length", "tool_calls") if chat else ("stop", "length")), c
@@ -516,8 +519,10 @@ def _check_sse(case: Case, text: str) -> None:
     n = _n_choices(case)
     finished: dict[int, int] = {}
     for c in chunks:
-        assert c["object"] == ("chat.completion.chunk" if case.path.endswith("chat/completions")
-                               else "text_completion"), c
+        chat = case.path.endswith("chat/completions")
+        assert c["object"] == ("chat.completion.chunk" if chat else "text_completion"), c
+        if chat:
+            openai.types.chat.ChatCompletionChunk.model_validate(c)
         for ch in c["choices"]:
             assert 0 <= ch["index"] < n, c
             if ch["finish_reason"] is not None:
