@@ -142,6 +142,23 @@ def test_waiting_request_does_not_pin_shared_prefix_pages():
     assert llm.engine.engine.cache.num_free == llm.engine.engine.cache.num_pages
 
 
+def test_num_cached_tokens_counts_the_shared_prefix():
+    """vLLM's RequestOutput.num_cached_tokens: 0 for a new prompt; a repeat (a later call on the same engine, or
+    n > 1 after the first completion's prompt) finds its whole pages cached, a token always left to compute;
+    a prompt sharing only its start finds that part's whole pages."""
+    llm = LLM(model(), tokenizer=tok(), max_num_seqs=4)
+    p = prompts(1, seed=3, lo=150, hi=151)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    (first,) = llm.generate([p], params)
+    page = llm.engine.engine.cache.page_size
+    whole = (len(p) - 1) // page * page
+    assert first.num_cached_tokens == 0 and whole == 2 * page
+    (again,) = llm.generate([p], params)
+    assert again.num_cached_tokens == whole and again.token_ids == first.token_ids
+    (part,) = llm.generate([p[:page + 5] + [7, 8, 9]], params)
+    assert part.num_cached_tokens == page
+
+
 @pytest.mark.parametrize("chunk", [24, 50])
 def test_prompt_chunks_below_dense_len_follow_the_whole_prompt(chunk):
     """A prompt of >= dense_len tokens is sparse for all its queries (spec 4.1): chunks that end below dense_len

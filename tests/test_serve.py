@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -1104,6 +1105,66 @@ def test_metrics_count_requests_tokens_and_latency(llm):
         while _metrics(srv.url).get(abort) != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _metrics(srv.url)[abort] == 1
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
+def test_prefix_cache_hits_in_usage_and_metrics(llm):
+    """Prompt tokens served from shared prefix pages, as OpenAI's usage.prompt_tokens_details.cached_tokens
+    (chat, completions whole and streamed, n > 1, the Responses API's input_tokens_details) and vLLM's
+    prefix-cache counters: 0 for a new prompt, the whole pages of the shared prefix (leaving a token to compute)
+    for a repeat or a prompt sharing its start; none reported by the engine without a paged cache."""
+    pytest.importorskip("prometheus_client")
+    from cpm4.engine.paged import page_size_for
+
+    ps = page_size_for(llm.model.config)
+    rng = random.Random(7)
+    base = [rng.randrange(10, 200) for _ in range(5 * ps + 9)]
+    other = base[:2 * ps + 3] + [rng.randrange(10, 200) for _ in range(40)]
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4)
+    srv = _Server(create_app(eng, MODEL))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        lab = (("model_name", MODEL),)
+
+        def cached(prompt, **kw):
+            u = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, **kw).usage
+            return u.prompt_tokens_details.cached_tokens
+
+        assert cached(base) == 0
+        assert cached(base) == (len(base) - 1) // ps * ps == 5 * ps
+        assert cached(other) == 2 * ps
+        other_all = (len(other) - 1) // ps * ps  # `other` whole, now cached too
+        assert cached([base, other]) == 5 * ps + other_all  # one per prompt, summed as the prompt tokens are
+        u = client.completions.create(model=MODEL, prompt=base, max_tokens=2, n=3, temperature=0).usage
+        assert u.prompt_tokens == len(base) and u.prompt_tokens_details.cached_tokens == 5 * ps  # once, not 3x
+        chunks = list(client.completions.create(model=MODEL, prompt=base, max_tokens=3, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 5 * ps
+        m = _metrics(srv.url)
+        queries, hits = m[("cpm4_prefix_cache_queries_total", lab)], m[("cpm4_prefix_cache_hits_total", lab)]
+        assert queries == 7 * len(base) + 2 * len(other)  # every admitted request's prompt
+        assert hits == (1 + 1 + 3 + 1) * 5 * ps + 2 * ps + other_all
+        # Chat and the Responses API: the same conversation twice.
+        text = " ".join(f"word{i}" for i in range(3 * ps))
+        msgs = [{"role": "user", "content": text}]
+        first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0).usage
+        again = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0).usage
+        assert first.prompt_tokens_details.cached_tokens == 0
+        assert again.prompt_tokens_details.cached_tokens == (again.prompt_tokens - 1) // ps * ps > 0
+        r = client.responses.create(model=MODEL, input=text, max_output_tokens=2, temperature=0)
+        assert r.usage.input_tokens_details.cached_tokens == again.prompt_tokens_details.cached_tokens
+    finally:
+        srv.stop()
+        eng.shutdown()
+    # The plain batch loop has no paged cache: nothing to report.
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, continuous=False)
+    srv = _Server(create_app(eng, MODEL))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        u = client.completions.create(model=MODEL, prompt=base, max_tokens=2, temperature=0).usage
+        assert u.prompt_tokens_details is None
     finally:
         srv.stop()
         eng.shutdown()

@@ -196,7 +196,7 @@ def test_wire_format_round_trip():
 
     lps = [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.0)])]
     for d in (StreamDelta(0, "error", [5], None, lps), StreamDelta(0, "", [], "abort"),
-              StreamDelta(0, "x", [1, 2], "stop")):
+              StreamDelta(0, "x", [1, 2], "stop"), StreamDelta(0, "y", [3], None, None, 128)):
         assert _decode(_encode(d)) == d
     assert _decode(_encode(_END)) is _END
     for err, cls in ((ValueError("bad"), ValueError), (EngineClosedError("shut"), EngineClosedError),

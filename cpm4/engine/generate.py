@@ -35,6 +35,8 @@ class GenerationOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
     # With SamplingParams.n > 1, every completion of the prompt (this object's own fields are the first's).
     choices: list[GenerationOutput] | None = field(default=None, repr=False)
+    # Prompt tokens served from cached prefix pages (vLLM's num_cached_tokens); None without a paged cache.
+    num_cached_tokens: int | None = None
 
     @property
     def outputs(self) -> list[GenerationOutput]:
@@ -45,6 +47,8 @@ class GenerationOutput:
         """Append one streamed delta of this sequence (what every batch front end gathers)."""
         self.text += delta.text
         self.token_ids += delta.token_ids
+        if delta.cached_tokens is not None:
+            self.num_cached_tokens = delta.cached_tokens
         self.finish_reason = delta.finish_reason or self.finish_reason
         if delta.logprobs:
             if self.logprobs is None:
@@ -70,6 +74,9 @@ class StreamDelta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or "abort"
     logprobs: list[TokenLogprob] | None = None
+    # Prompt tokens found in the paged cache's shared prefixes when the request was admitted (None: no paged
+    # cache, or not admitted yet).
+    cached_tokens: int | None = None
 
 
 def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: int | None = None) -> int:

@@ -36,6 +36,7 @@ class EngineRequest:
     state: SequenceState
     pages: SeqPages | None = None
     computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
+    cached_tokens: int | None = None  # prompt tokens found cached when first admitted (vLLM's num_cached_tokens)
     aborted: bool = False
     sync_only: bool = False  # the host must see each token before the next is sampled (see async_output)
 
@@ -298,7 +299,7 @@ class LLMEngine:
         held back (`SequenceState.finish`), as an end by max_tokens does."""
         text = req.state.finish(reason)
         self._finish(req, reason)
-        return StreamDelta(0, text, [], req.state.finish_reason)
+        return StreamDelta(0, text, [], req.state.finish_reason, None, req.cached_tokens)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
         req.state.finish_reason = req.state.finish_reason or reason
@@ -328,6 +329,8 @@ class LLMEngine:
                 break
             self.waiting.popleft()
             self.running.append(req)
+            if req.cached_tokens is None:  # the first admission's (a preempted request's recompute is not a hit)
+                req.cached_tokens = req.computed
 
     def _pages_to_admit(self, new: EngineRequest) -> int:
         """Pages `new` and the running requests still need to feed every token they hold (prompt, or prompt and
@@ -480,7 +483,7 @@ class LLMEngine:
             if text or new or reason:
                 k = st.params.logprobs
                 lps = [token_logprobs(logits[i], tok, k)] if k is not None and new else None
-                append((req.request_id, StreamDelta(0, text, new, reason, lps)))
+                append((req.request_id, StreamDelta(0, text, new, reason, lps, req.cached_tokens)))
             if reason is not None:
                 self._finish(req, reason)
         return out

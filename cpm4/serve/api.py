@@ -426,7 +426,7 @@ class _OpenAIServer:
                                    "model": self.model_name, "choices": [
                                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = usage_counts(prompt_tokens, sum(c.n_tokens for c in choices)) if continuous else None
+                obj["usage"] = usage_counts(prompt_tokens, choices, req.n) if continuous else None
             return obj
 
         if req.stream:
@@ -454,7 +454,7 @@ class _OpenAIServer:
 
             def usage() -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [], "usage": usage_counts(prompt_tokens, sum(c.n_tokens for c in choices))}
+                        "choices": [], "usage": usage_counts(prompt_tokens, choices, req.n)}
 
             return StreamingResponse(sse_stream(events(), usage if include_usage else None),
                                      media_type="text/event-stream")
@@ -470,7 +470,7 @@ class _OpenAIServer:
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
                         "finish_reason": c.finish_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                             "choices": out, "usage": usage_counts(prompt_tokens, sum(c.n_tokens for c in choices))})
+                             "choices": out, "usage": usage_counts(prompt_tokens, choices, req.n)})
 
     # ----- /v1/chat/completions -----
 
@@ -588,7 +588,7 @@ class _OpenAIServer:
                                    "model": self.model_name, "system_fingerprint": None, "choices": [
                                        {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if include_usage:
-                obj["usage"] = usage_counts(len(ids), sum(c.n_tokens for c in choices)) if continuous else None
+                obj["usage"] = usage_counts(len(ids), choices, req.n) if continuous else None
             return obj
 
         if req.stream:
@@ -620,7 +620,7 @@ class _OpenAIServer:
             def usage() -> dict[str, Any]:
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": None, "choices": [],
-                        "usage": usage_counts(len(ids), sum(c.n_tokens for c in choices))}
+                        "usage": usage_counts(len(ids), choices, req.n)}
 
             return StreamingResponse(sse_stream(events(), usage if include_usage else None),
                                      media_type="text/event-stream")
@@ -649,7 +649,7 @@ class _OpenAIServer:
                         "finish_reason": finish_reason(c, calls)})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                              "system_fingerprint": None, "choices": out,
-                             "usage": usage_counts(len(ids), sum(c.n_tokens for c in choices))})
+                             "usage": usage_counts(len(ids), choices, req.n)})
 
 
 # ---------------------------------------------------------------------------------------------------------

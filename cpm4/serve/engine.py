@@ -64,13 +64,15 @@ _END = object()  # queued after a request's last delta
 class RequestStats:
     """One finished request as `AsyncEngine.request_observers` receive it. ttft: seconds from queueing to the
     first generated token (None when none came); e2e: seconds from queueing to the end; finish_reason: the
-    last delta's ("stop", "length", "abort", ...), "error" when it failed."""
+    last delta's ("stop", "length", "abort", ...), "error" when it failed; cached_tokens: prompt tokens the paged
+    cache's shared prefixes held at admission (None: never admitted, or no paged cache)."""
 
     prompt_tokens: int
     generation_tokens: int
     ttft: float | None
     e2e: float
     finish_reason: str
+    cached_tokens: int | None = None
 
 
 @dataclass(eq=False)
@@ -88,7 +90,8 @@ class _Request:
 def _join(a: StreamDelta, b: StreamDelta) -> StreamDelta:
     """Two consecutive deltas of one request as one."""
     lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    return StreamDelta(a.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, lps)
+    cached = a.cached_tokens if b.cached_tokens is None else b.cached_tokens
+    return StreamDelta(a.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, lps, cached)
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
@@ -250,7 +253,7 @@ class AsyncEngine:
         self.num_prompt_tokens += len(ids)
         ended = False
         t0 = time.monotonic()
-        ttft, generated, reason = None, 0, "abort"
+        ttft, generated, reason, cached = None, 0, "abort", None
         held: object = None  # an item taken from the queue while coalescing, not yet handled
         try:
             while True:
@@ -277,12 +280,14 @@ class AsyncEngine:
                     generated += len(item.token_ids)
                     self.num_generation_tokens += len(item.token_ids)
                 reason = item.finish_reason or reason
+                if item.cached_tokens is not None:
+                    cached = item.cached_tokens
                 yield item
         finally:
             if not ended:  # consumer went away (disconnect, cancellation): free the batch slot now
                 self.abort(request_id)
             if self.request_observers:
-                stats = RequestStats(len(ids), generated, ttft, time.monotonic() - t0, reason)
+                stats = RequestStats(len(ids), generated, ttft, time.monotonic() - t0, reason, cached)
                 for observe in self.request_observers:
                     observe(stats)
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of a server (`GET /metrics`), named and shaped like vLLM's so the same dashboards
 and alerts apply with the `cpm4_` prefix: requests running and waiting, KV cache usage, preemptions, prompt
-and generation tokens, finished requests by reason, and histograms of time to first token and request
-latency. The engine's state is read when Prometheus scrapes; the latencies are observed as requests end.
+and generation tokens, prefix cache queries and hits, finished requests by reason, and histograms of time to
+first token and request latency. The engine's state is read when Prometheus scrapes; the latencies are observed
+as requests end.
 
 Needs `prometheus-client` (in the `serve` extra)."""
 
@@ -66,6 +67,11 @@ class ServerMetrics:
                              labels, buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
         self._finished = Counter("cpm4_request_success", "Finished requests by finish reason.",
                                  ["model_name", "finished_reason"], registry=self.registry)
+        # As vLLM's: prompt tokens looked up in the prefix cache, and those found (per admitted request).
+        self.prefix_queries = Counter("cpm4_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels, registry=self.registry).labels(model_name)
+        self.prefix_hits = Counter("cpm4_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels, registry=self.registry).labels(model_name)
         self.model_name = model_name
         engine.request_observers.append(self.observe)
 
@@ -74,6 +80,9 @@ class ServerMetrics:
             self.ttft.observe(stats.ttft)
         self.e2e.observe(stats.e2e)
         self._finished.labels(self.model_name, stats.finish_reason).inc()
+        if stats.cached_tokens is not None:
+            self.prefix_queries.inc(stats.prompt_tokens)
+            self.prefix_hits.inc(stats.cached_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

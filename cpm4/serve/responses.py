@@ -234,7 +234,9 @@ class _Shape:
                 "previous_response_id": None, "reasoning": None, "store": False, "user": req.user,
                 "usage": None if usage is None else {
                     "input_tokens": usage["prompt_tokens"],
-                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "input_tokens_details": {
+                        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                        "cache_write_tokens": 0},
                     "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": usage["total_tokens"]}}
 

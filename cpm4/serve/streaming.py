@@ -95,11 +95,14 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     new_reasoning: str = ""  # what the last delta added to the reasoning
     undecided: list[tuple[str, list[int]]] = field(default_factory=list)  # deltas read while `think` was undecided
+    cached_tokens: int | None = None  # prompt tokens the paged cache held at admission (None: not known)
 
     def take(self, d: StreamDelta) -> str:
         """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
         goes to `new_reasoning`)."""
         self.n_tokens += len(d.token_ids)
+        if d.cached_tokens is not None:
+            self.cached_tokens = d.cached_tokens
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
@@ -146,9 +149,17 @@ def usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool,
     return include, include and bool(o.continuous_usage_stats)
 
 
-def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage_counts(prompt_tokens: int, choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage of a request whose choices are `n` per prompt: the completion tokens of all of them, and
+    (as OpenAI's prompt_tokens_details) the prompt tokens the paged cache's shared prefixes held, one choice per
+    prompt counted (its first), once every prompt's first choice knows it."""
+    completion = sum(c.n_tokens for c in choices)
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                             "total_tokens": prompt_tokens + completion}
+    cached = [c.cached_tokens for c in choices[::n]]
+    if cached and all(c is not None for c in cached):
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    return usage
 
 
 _DONE = "data: [DONE]\n\n"
