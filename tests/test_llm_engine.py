@@ -157,6 +157,11 @@ def test_num_cached_tokens_counts_the_shared_prefix():
     assert again.num_cached_tokens == whole and again.token_ids == first.token_ids
     (part,) = llm.generate([p[:page + 5] + [7, 8, 9]], params)
     assert part.num_cached_tokens == page
+    # enable_prefix_caching=False (vLLM's option): every prompt computed whole, the same tokens.
+    off = LLM(model(), tokenizer=tok(), max_num_seqs=4, enable_prefix_caching=False)
+    outs = [off.generate([p], params)[0] for _ in range(2)]
+    assert [o.num_cached_tokens for o in outs] == [0, 0] and all(o.token_ids == first.token_ids for o in outs)
+    assert not off.engine.engine.cache.prefix
 
 
 @pytest.mark.parametrize("chunk", [24, 50])

@@ -1158,16 +1158,20 @@ def test_prefix_cache_hits_in_usage_and_metrics(llm):
     finally:
         srv.stop()
         eng.shutdown()
-    # The plain batch loop has no paged cache: nothing to report.
-    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, continuous=False)
-    srv = _Server(create_app(eng, MODEL))
-    try:
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        u = client.completions.create(model=MODEL, prompt=base, max_tokens=2, temperature=0).usage
-        assert u.prompt_tokens_details is None
-    finally:
-        srv.stop()
-        eng.shutdown()
+    # vLLM's --no-enable-prefix-caching: a repeat finds nothing (and answers the same); the plain batch loop has
+    # no paged cache: nothing to report.
+    for kw, want in (({"enable_prefix_caching": False}, [0, 0]), ({"continuous": False}, [None, None])):
+        eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, **kw)
+        srv = _Server(create_app(eng, MODEL))
+        try:
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+            rs = [client.completions.create(model=MODEL, prompt=base, max_tokens=4, temperature=0) for _ in "ab"]
+            assert rs[0].choices[0].text == rs[1].choices[0].text
+            got = [r.usage.prompt_tokens_details for r in rs]
+            assert [d if d is None else d.cached_tokens for d in got] == want
+        finally:
+            srv.stop()
+            eng.shutdown()
 
 
 def test_metrics_without_prometheus_client(engine, monkeypatch):

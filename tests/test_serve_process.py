@@ -294,14 +294,19 @@ def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
         assert app.state.engine.is_running
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    serve(ckpt, device="cpu", engine_process=flag, log_stats_interval=0, max_batch_size=2)
+    serve(ckpt, device="cpu", engine_process=flag, log_stats_interval=0, max_batch_size=2,
+          enable_prefix_caching=flag is not True)
     assert type(seen["engine"]) is expected
+    if expected is AsyncEngine:  # the option reaches the engine (the child's: test_prefix_caching_off)
+        assert seen["engine"].enable_prefix_caching is (flag is not True)
     assert not seen["engine"].is_running  # shut down when uvicorn returns
     assert default_engine_process(torch.device("cuda")) and not default_engine_process(torch.device("cpu"))
     sub = argparse.ArgumentParser().add_subparsers()
     p = add_serve_command(sub)
     argv = {None: [], False: ["--no-engine-process"], True: ["--engine-process"]}[flag]
     assert p.parse_args(argv).engine_process is flag
+    assert p.parse_args([]).enable_prefix_caching is True
+    assert p.parse_args(["--no-enable-prefix-caching"]).enable_prefix_caching is False
 
 
 @pytest.mark.gpu

@@ -85,7 +85,8 @@ class OfflineEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, max_num_seqs: int = 256,
                  chunk_tokens: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
-                 cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)
         if gpu_memory_utilization is not None and kv_cache_tokens is None and model.device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
@@ -101,6 +102,7 @@ class OfflineEngine:
         self.compile = compile
         self.context = context_length(model, max_model_len)
         self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
         self.engine: LLMEngine | None = None
 
     def _cache_tokens(self, needs: list[int]) -> int:
@@ -124,7 +126,8 @@ class OfflineEngine:
             # Outputs are read once complete: text is detokenized at each request's end (stream_text=False).
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
                                        cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False,
-                                       max_model_len=self.max_model_len)
+                                       max_model_len=self.max_model_len,
+                                       enable_prefix_caching=self.enable_prefix_caching)
         cap = self.engine.cache.num_pages * ps
         for i, p in enumerate(prompts):
             try:

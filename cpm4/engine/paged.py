@@ -83,10 +83,14 @@ _next_uid = itertools.count()
 
 class PagedKVCache:
     def __init__(self, config: MiniCPM4Config, num_pages: int, page_size: int = 64,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 prefix_caching: bool = True):
+        """prefix_caching: share the pages of a prompt's cached prefix with later sequences (vLLM's
+        enable_prefix_caching); False: every sequence computes its whole prompt."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         self.config = config
+        self.prefix_caching = prefix_caching
         self.page_size = page_size
         self.num_pages = num_pages
         self.uid = next(_next_uid)
@@ -222,6 +226,8 @@ class PagedKVCache:
     def publish(self, seq: SeqPages, tokens: list[int], sparse: bool = False) -> None:
         """Offer the sequence's full pages (holding `tokens`) for prefix sharing; sparse: they were computed
         with sparse attention (an InfLLM v2 prompt of at least dense_len tokens)."""
+        if not self.prefix_caching:  # nothing published, so `new_sequence` never finds a prefix
+            return
         h = self._root(sparse)
         ps = self.page_size
         chain = []

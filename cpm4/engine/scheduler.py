@@ -582,11 +582,11 @@ def cache_capacity(config: MiniCPM4Config, kv_cache_tokens: int) -> int:
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  async_output: bool | None = None, stream_text: bool = True,
-                 max_model_len: int | None = None) -> LLMEngine:
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages, `cache_capacity`)
-    on the model's device and dtype."""
+    on the model's device and dtype; enable_prefix_caching: see `PagedKVCache` (prefix_caching)."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, cache_capacity(model.config, kv_cache_tokens) // ps, ps, model.device,
-                         model.dtype)
+                         model.dtype, prefix_caching=enable_prefix_caching)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
                      compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len)

@@ -26,7 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
           reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
-          engine_process=args.engine_process, revision=args.revision)
+          engine_process=args.engine_process, revision=args.revision,
+          enable_prefix_caching=args.enable_prefix_caching)
     return 0
 
 
@@ -72,6 +73,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--chunk-tokens", "--max-num-batched-tokens", type=_positive, default=None,
                    help="prompt tokens prefilled per scheduler step (default: 8192 on a GPU of 70 GiB or more, "
                    "2048 on a smaller one, 512 on the CPU)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="requests reuse the KV pages of a cached prompt prefix (default: on; "
+                   "--no-enable-prefix-caching computes every prompt whole, as vLLM's flag)")
     add_max_model_len_arg(p)
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")
