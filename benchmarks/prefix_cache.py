@@ -1,0 +1,130 @@
+"""What prefix caching buys: requests that share a long prompt prefix (a system prompt, a document asked several
+questions), through `LLMEngine` with prefix caching on against the same engine with it off (the peer, vLLM's
+--no-enable-prefix-caching), measured in one run on random µP weights of a preset.
+
+    python benchmarks/prefix_cache.py --config minicpm4-0.5b                       # bf16 on CUDA
+    python benchmarks/prefix_cache.py --config tiny --device cpu --prefixes 256 1024 --requests 4 --output 8
+
+For each shared-prefix length P: one request with the prefix runs first (as a server's earlier request would
+have; untimed), then --requests requests, each the prefix plus its own --suffix random tokens, are submitted at
+once and run to completion (greedy, ignore_eos, --output tokens each). Rows: `prefix.all` the wall time of the
+batch, `prefix.ttft` the mean time from submission to each request's first token; `cached_tokens` the prompt
+tokens the timed requests found cached (0 for the peer). Before timing, every engine runs the same workload with
+other tokens, so kernel compiles and CUDA-graph captures are not timed. Prints a table and writes
+benchmarks/results/prefix_cache-<config>-<date>.json (`-cpu` before the date on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import covering_tokenizer, print_rows, write_rows  # noqa: E402
+
+from cpm4.engine.sampling import SamplingParams  # noqa: E402
+from cpm4.engine.scheduler import LLMEngine, build_engine  # noqa: E402
+from cpm4.model.config import preset  # noqa: E402
+from cpm4.model.init import random_model  # noqa: E402
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Submit all prompts at once and step to the end: wall seconds, mean time to first token, cached tokens."""
+    dev = eng.model.device
+    sync(dev)
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    cached: dict[str, int] = {}
+    tokens = 0
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{time.monotonic_ns()}-{i}", p, params)
+    while eng.has_work():
+        for rid, d in eng.step():
+            if d.token_ids and rid not in first:
+                first[rid] = time.perf_counter() - t0  # the host saw it: the step's tokens were read back
+            if d.cached_tokens is not None:
+                cached[rid] = d.cached_tokens
+            tokens += len(d.token_ids)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "ttft_s": sum(first.values()) / max(len(first), 1), "tokens": tokens,
+            "cached_tokens": sum(cached.values())}
+
+
+def workload(rng: random.Random, vocab: int, prefix: list[int], n: int, suffix: int) -> list[list[int]]:
+    return [prefix + [rng.randrange(3, vocab) for _ in range(suffix)] for _ in range(n)]
+
+
+def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
+    rng = random.Random(seed)
+    # Warm-up on other tokens: the same shapes, so compiles and graph captures happen here.
+    other = [rng.randrange(3, vocab) for _ in range(plen)]
+    run(eng, [other + [5]], params)
+    run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
+    prefix = [rng.randrange(3, vocab) for _ in range(plen)]
+    run(eng, [prefix + [7]], params)  # an earlier request with the prefix
+    return run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="minicpm4-0.5b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prefixes", type=int, nargs="+", default=[1024, 4096, 16384],
+                    help="shared-prefix lengths in tokens")
+    ap.add_argument("--requests", type=int, default=32, help="requests sharing each prefix, submitted at once")
+    ap.add_argument("--suffix", type=int, default=128, help="each request's own tokens after the prefix")
+    ap.add_argument("--output", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = preset(args.config)
+    model = random_model(cfg, dtype=dtype, device=dev)
+    tok = covering_tokenizer(cfg.vocab_size)
+    vocab = cfg.vocab_size
+    rows = []
+    for plen in args.prefixes:
+        need = (args.requests + 1) * (plen + args.suffix + args.output + 64)
+        res = {}
+        for on in (True, False):
+            eng = build_engine(model, tok, need, max(args.requests, 1), compile=args.compile,
+                               enable_prefix_caching=on)
+            res[on] = measure(eng, args, plen, vocab, seed=plen)
+            del eng
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        on, off = res[True], res[False]
+        assert on["tokens"] == off["tokens"] == args.requests * args.output, (on, off)
+        for phase, key in (("prefix.all", "wall_s"), ("prefix.ttft", "ttft_s")):
+            rows.append({"phase": phase, "seqlen": plen, "ours_ms": round(1000 * on[key], 2),
+                         "peer_ms": round(1000 * off[key], 2), "speedup": round(off[key] / on[key], 2),
+                         "cached_tokens": on["cached_tokens"], "peer_cached_tokens": off["cached_tokens"],
+                         "requests": args.requests, "suffix": args.suffix, "output": args.output})
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{args.config} (random weights, {str(dtype).removeprefix('torch.')}), {name}; {args.requests} "
+          f"requests of prefix + {args.suffix} tokens, {args.output} outputs; peer: prefix caching off")
+    print_rows(rows, digits=2)
+    for r in rows[::2]:
+        print(f"  P={r['seqlen']}: cached tokens {r['cached_tokens']} (peer {r['peer_cached_tokens']})")
+    write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else ""), name, rows, args.out,
+               config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile)
+
+
+if __name__ == "__main__":
+    main()
