@@ -89,8 +89,16 @@ def main() -> None:
     ap.add_argument("--suffix", type=int, default=128, help="each request's own tokens after the prefix")
     ap.add_argument("--output", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    ap.add_argument("--row-by-row", action="store_true",
+                    help="rows continuing cached tokens attend one SDPA call each (Attention.batch_continuing_rows "
+                    "off: the engine before the variable-length call)")
+    ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.row_by_row:
+        from cpm4.model.modeling import Attention
+
+        Attention.batch_continuing_rows = False
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = preset(args.config)
@@ -122,8 +130,9 @@ def main() -> None:
     print_rows(rows, digits=2)
     for r in rows[::2]:
         print(f"  P={r['seqlen']}: cached tokens {r['cached_tokens']} (peer {r['peer_cached_tokens']})")
-    write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else ""), name, rows, args.out,
-               config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile)
+    write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else "") + args.tag, name, rows,
+               args.out, config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile,
+               row_by_row=args.row_by_row)
 
 
 if __name__ == "__main__":
