@@ -82,7 +82,9 @@ def test_random_workloads_equal_their_runs_alone(seed):
     longest = max(len(p) + sp.max_tokens for p, sp in reqs)
     # Room for the longest sequence alone (no request may end for want of pages), often not for the batch.
     pages = -(-(longest + 1) // PAGE) + rnd.randint(0, 8)
-    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=pages, page_size=PAGE, dtype=torch.float64),
+    caching = rnd.random() < 0.8
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=pages, page_size=PAGE, dtype=torch.float64,
+                                               prefix_caching=caching),
                     max_batch_size=rnd.randint(2, 8), chunk_tokens=rnd.choice([16, 24, 64, 256]),
                     async_output=rnd.random() < 0.5)
     arrival = sorted(rnd.randint(0, 12) for _ in reqs)
@@ -115,6 +117,9 @@ def test_random_workloads_equal_their_runs_alone(seed):
             continue
         assert (out.token_ids, out.finish_reason) == (ref.token_ids, ref.finish_reason), (rid, len(p), sp)
         assert out.text == ref.text, rid
+        # Cached prompt tokens: whole pages, a token left to compute; none without prefix caching.
+        n = out.num_cached_tokens
+        assert n is not None and n % PAGE == 0 and 0 <= n <= len(p) - 1 and (caching or n == 0), (rid, n, len(p))
         if sp.logprobs is None:
             assert out.logprobs is None
             continue
