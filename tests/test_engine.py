@@ -8,7 +8,7 @@ import torch
 from conftest import random_model
 
 from cpm4 import SamplingParams
-from cpm4.engine.generate import generate_ids
+from cpm4.engine.generate import GenerationOutput, generate_ids
 from cpm4.engine.paged import OutOfPages, PagedKVCache, SeqPages
 from cpm4.engine.scheduler import LLMEngine
 from cpm4.model.tokenizer import build_tokenizer
@@ -528,6 +528,56 @@ def test_packed_prefill_equals_padded(sc):
             cache.reserve(s, n)
         last = model(x, cache.batch(seqs), torch.tensor(lens), last_only=True)
     torch.testing.assert_close(last, torch.stack([r[-1] for r in runs[1][1]]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_requests_sharing_a_prefix_being_computed_wait_for_it(caching):
+    """Requests whose next page is a prompt page a running request is computing wait until it is published, then
+    find it cached (they computed the whole prefix side by side before); unrelated requests behind them are not
+    held up; a request preempted or finished lets its waiters go. Outputs equal each run alone; without prefix
+    caching nobody waits."""
+    model = random_model("tiny", dtype=torch.float32)
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=caching)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=8, chunk_tokens=32)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 1000, (70,), generator=g).tolist()
+    ps = [shared + [7 + i] * 9 for i in range(3)] + [torch.randint(3, 1000, (40,), generator=g).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    eng.step()
+    running = {r.request_id for r in eng.running}
+    assert running == ({"r0", "r3"} if caching else {"r0", "r1", "r2", "r3"})
+    assert [r.request_id for r in eng.waiting] == (["r1", "r2"] if caching else [])
+    res: dict[str, GenerationOutput] = {}
+    while eng.has_work():
+        for rid, d in eng.step():
+            res.setdefault(rid, GenerationOutput([])).add(d)
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"].token_ids == alone(model, p, params), i
+    # r0 computed the shared prompt's 4 whole pages (64 tokens); r1 and r2 found them.
+    assert [res[f"r{i}"].num_cached_tokens for i in range(4)] == ([0, 64, 64, 0] if caching else [0, 0, 0, 0])
+    assert not eng._computing and cache.num_free == cache.num_pages
+    if not caching:
+        return
+    # The owner preempted (or aborted) before publishing: its waiter is admitted and computes the prefix itself.
+    for end in ("preempt", "abort"):
+        fresh = torch.randint(3, 1000, (70,), generator=g).tolist()  # not cached yet
+        pa, pb = fresh + [5] * 9, fresh + [6] * 9
+        eng.add_request("a", pa, params)
+        eng.add_request("b", pb, params)
+        eng.step()
+        owner = next(r for r in eng.running if r.request_id == "a")
+        assert [r.request_id for r in eng.waiting] == ["b"] and owner.computing
+        if end == "preempt":
+            eng._preempt(owner)
+        else:
+            eng.abort("a")
+        res = {}
+        while eng.has_work():
+            for rid, d in eng.step():
+                res.setdefault(rid, GenerationOutput([])).add(d)
+        assert res["b"].token_ids == alone(model, pb, params) and not eng._computing
 
 
 @pytest.mark.gpu

@@ -157,6 +157,11 @@ def test_num_cached_tokens_counts_the_shared_prefix():
     assert again.num_cached_tokens == whole and again.token_ids == first.token_ids
     (part,) = llm.generate([p[:page + 5] + [7, 8, 9]], params)
     assert part.num_cached_tokens == page
+    # n completions of a new prompt: the first computes it, the others wait for its pages and find them.
+    q = prompts(1, seed=4, lo=150, hi=151)[0]
+    (o,) = llm.generate([q], SamplingParams(n=4, temperature=0, max_tokens=3, ignore_eos=True))
+    assert [c.num_cached_tokens for c in o.outputs] == [0, whole, whole, whole]
+    assert all(c.token_ids == o.outputs[0].token_ids for c in o.outputs)
     # enable_prefix_caching=False (vLLM's option): every prompt computed whole, the same tokens.
     off = LLM(model(), tokenizer=tok(), max_num_seqs=4, enable_prefix_caching=False)
     outs = [off.generate([p], params)[0] for _ in range(2)]

@@ -186,16 +186,33 @@ class PagedKVCache:
         # shared with the other (a chat's turn growing past dense_len reused its dense prefix: 6e-3 off).
         return b"sparse" if sparse else b""
 
-    def new_sequence(self, tokens: list[int], sparse: bool = False) -> tuple[SeqPages, int]:
+    def chain(self, tokens: list[int], n_pages: int, sparse: bool = False) -> list[bytes]:
+        """The prefix keys of the first n_pages whole pages of `tokens` (each names a page's tokens and all
+        before them, in one attention mode)."""
+        h = self._root(sparse)
+        ps = self.page_size
+        out = []
+        for i in range(n_pages):
+            h = self._chain(h, tokens[i * ps:(i + 1) * ps])
+            out.append(h)
+        return out
+
+    def lookup_chain(self, tokens: list[int], sparse: bool = False) -> list[bytes]:
+        """The keys `new_sequence` looks up for `tokens`: its whole pages, a token always left to compute."""
+        return self.chain(tokens, (len(tokens) - 1) // self.page_size, sparse)
+
+    def new_sequence(self, tokens: list[int], sparse: bool = False, chain: list[bytes] | None = None
+                     ) -> tuple[SeqPages, int]:
         """A sequence whose cache starts with the longest cached prefix of `tokens` (whole pages, leaving at
         least one token to compute) published in the same attention mode (sparse: the prompt is at least
-        dense_len long, see `publish`); returns it and how many tokens are already cached."""
+        dense_len long, see `publish`); returns it and how many tokens are already cached. chain: the tokens'
+        `lookup_chain`, when the caller has it."""
         seq = SeqPages()
         h = self._root(sparse)
         ps = self.page_size
         hit = []
         for i in range((len(tokens) - 1) // ps):
-            h = self._chain(h, tokens[i * ps:(i + 1) * ps])
+            h = chain[i] if chain is not None else self._chain(h, tokens[i * ps:(i + 1) * ps])
             p = self.prefix.get(h)
             if p is None:
                 break
@@ -229,12 +246,8 @@ class PagedKVCache:
         with sparse attention (an InfLLM v2 prompt of at least dense_len tokens)."""
         if not self.prefix_caching:  # nothing published, so `new_sequence` never finds a prefix
             return
-        h = self._root(sparse)
-        ps = self.page_size
-        chain = []
-        for i in range(min(len(tokens), seq.length) // ps):
-            h = self._chain(h, tokens[i * ps:(i + 1) * ps])
-            chain.append(h)
+        chain = self.chain(tokens, min(len(tokens), seq.length) // self.page_size, sparse)
+        for i, h in enumerate(chain):
             if h not in self.prefix:
                 self.prefix[h] = seq.pages[i]
                 self.refs[seq.pages[i]] += 1

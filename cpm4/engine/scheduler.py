@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import operator
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,8 @@ class EngineRequest:
     pages: SeqPages | None = None
     computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
     cached_tokens: int | None = None  # prompt tokens found cached when first admitted (vLLM's num_cached_tokens)
+    lookup: tuple[int, list[bytes]] | None = None  # (num_tokens, the cache's lookup_chain of its tokens then)
+    computing: list[bytes] = field(default_factory=list)  # prompt pages it computes that others wait for
     aborted: bool = False
     sync_only: bool = False  # the host must see each token before the next is sampled (see async_output)
 
@@ -104,6 +106,8 @@ class LLMEngine:
         self.running: list[EngineRequest] = []
         self.by_id: dict[str, EngineRequest] = {}
         self.num_preempted = 0
+        # Prefix keys of prompt pages that running requests are computing and will publish (`_hold`).
+        self._computing: dict[bytes, EngineRequest] = {}
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
         self.async_output = False  # set below, once it is known whether decode runs from CUDA graphs
         self.stream_text = stream_text
@@ -303,6 +307,7 @@ class LLMEngine:
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
         req.state.finish_reason = req.state.finish_reason or reason
+        self._done_computing(req)
         if req.pages is not None:
             self.cache.release(req.pages)
             req.pages = None
@@ -313,10 +318,15 @@ class LLMEngine:
         self.by_id.pop(req.request_id, None)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
-            req = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_batch_size:
+            req = self.waiting[i]
+            if req.pages is None and self._hold(req):
+                i += 1  # its next pages are being computed: admitted once they are published, the others pass
+                continue
             if req.pages is None:
-                req.pages, req.computed = self.cache.new_sequence(req.tokens, self._sparse_prompt(req))
+                req.pages, req.computed = self.cache.new_sequence(req.tokens, self._sparse_prompt(req),
+                                                                  self._lookup(req))
             # Room for its whole prompt (and the rest of the running ones' prompts), plus a page per running
             # request for decoding: admitting on the first chunk alone let later chunks preempt the others,
             # which were readmitted and preempted again (demo model, 7 prompts of 7-1,393 tokens in a
@@ -327,10 +337,50 @@ class LLMEngine:
                 self.cache.release(req.pages)
                 req.pages, req.computed = None, 0
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             self.running.append(req)
             if req.cached_tokens is None:  # the first admission's (a preempted request's recompute is not a hit)
                 req.cached_tokens = req.computed
+            self._start_computing(req)
+
+    # ---- requests that share a prompt prefix with one being computed wait for it (n > 1, bursts) ----
+    def _lookup(self, req: EngineRequest) -> list[bytes] | None:
+        """The request's `lookup_chain`, hashed once for the tokens it holds (None without prefix caching)."""
+        if not self.cache.prefix_caching:
+            return None
+        if req.lookup is None or req.lookup[0] != req.num_tokens:
+            req.lookup = (req.num_tokens, self.cache.lookup_chain(req.tokens, self._sparse_prompt(req)))
+        return req.lookup[1]
+
+    def _hold(self, req: EngineRequest) -> bool:
+        """Whether the first page `req` would compute is a prompt page a running request is computing now: it
+        waits until that request publishes its prompt, then finds those pages cached (as vLLM V1 shares the
+        blocks of requests with one prefix). Without this, n completions of a prompt, or a burst of requests
+        with one system prompt, all computed the whole prefix side by side. The owner is running, so it ends,
+        publishes or is preempted: the wait is bounded (`_done_computing`)."""
+        if not self._computing:
+            return False
+        chain = self._lookup(req) or []
+        prefix = self.cache.prefix
+        for h in chain:
+            if h not in prefix:
+                return h in self._computing
+        return False
+
+    def _start_computing(self, req: EngineRequest) -> None:
+        """Record the prompt pages `req` will compute and publish (a prompt not yet complete)."""
+        if not self.cache.prefix_caching or req.state.generated:
+            return
+        n = len(req.prompt_ids) // self.cache.page_size
+        chain = self.cache.chain(req.prompt_ids, n, self._sparse_prompt(req))
+        prefix = self.cache.prefix
+        req.computing = [h for h in chain if h not in prefix and self._computing.setdefault(h, req) is req]
+
+    def _done_computing(self, req: EngineRequest) -> None:
+        for h in req.computing:
+            if self._computing.get(h) is req:
+                del self._computing[h]
+        req.computing = []
 
     def _pages_to_admit(self, new: EngineRequest) -> int:
         """Pages `new` and the running requests still need to feed every token they hold (prompt, or prompt and
@@ -402,6 +452,7 @@ class LLMEngine:
         return feeds
 
     def _preempt(self, req: EngineRequest) -> None:
+        self._done_computing(req)
         self.cache.release(req.pages)
         req.pages, req.computed = None, 0
         self.running.remove(req)
@@ -467,8 +518,9 @@ class LLMEngine:
 
     def _publish(self, req: EngineRequest) -> None:
         """The prompt is complete: offer its pages for prefix sharing, whichever forward fed its last token (a
-        step launched ahead too, `_launch`)."""
+        step launched ahead too, `_launch`); the requests waiting for them may start."""
         self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req))
+        self._done_computing(req)
 
     def _emit(self, reqs: list[EngineRequest], toks: list[int], logits: torch.Tensor | None = None
               ) -> list[tuple[str, StreamDelta]]:
