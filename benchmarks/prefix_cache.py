@@ -9,8 +9,9 @@ For each shared-prefix length P: one request with the prefix runs first (as a se
 have; untimed), then --requests requests, each the prefix plus its own --suffix random tokens, are submitted at
 once and run to completion (greedy, ignore_eos, --output tokens each). Rows: `prefix.all` the wall time of the
 batch, `prefix.ttft` the mean time from submission to each request's first token; `cached_tokens` the prompt
-tokens the timed requests found cached (0 for the peer). Before timing, every engine runs the same workload with
-other tokens, so kernel compiles and CUDA-graph captures are not timed. Prints a table and writes
+tokens the timed requests found cached (0 for the peer). `prefix.cold.*`: the same with a prefix nobody computed
+before (the first request computes it while the others wait for its pages). Before timing, every engine runs
+the same workload with other tokens, so kernel compiles and CUDA-graph captures are not timed. Prints a table and writes
 benchmarks/results/prefix_cache-<config>-<date>.json (`-cpu` before the date on the CPU).
 """
 
@@ -67,16 +68,20 @@ def workload(rng: random.Random, vocab: int, prefix: list[int], n: int, suffix: 
     return [prefix + [rng.randrange(3, vocab) for _ in range(suffix)] for _ in range(n)]
 
 
-def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> dict:
+def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dict, dict]:
+    """(warm: the batch after an earlier request with its prefix, cold: a batch whose prefix nobody computed
+    before, all submitted at once)."""
     params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
     rng = random.Random(seed)
     # Warm-up on other tokens: the same shapes, so compiles and graph captures happen here.
     other = [rng.randrange(3, vocab) for _ in range(plen)]
-    run(eng, [other + [5]], params)
+    run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
     run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
     prefix = [rng.randrange(3, vocab) for _ in range(plen)]
     run(eng, [prefix + [7]], params)  # an earlier request with the prefix
-    return run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+    warm = run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+    fresh = [rng.randrange(3, vocab) for _ in range(plen)]
+    return warm, run(eng, workload(rng, vocab, fresh, args.requests, args.suffix), params)
 
 
 def main() -> None:
@@ -112,24 +117,26 @@ def main() -> None:
         for on in (True, False):
             eng = build_engine(model, tok, need, max(args.requests, 1), compile=args.compile,
                                enable_prefix_caching=on)
-            res[on] = measure(eng, args, plen, vocab, seed=plen)
+            res[on] = measure(eng, args, plen, vocab, seed=plen)  # the same tokens for both
             del eng
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        on, off = res[True], res[False]
-        assert on["tokens"] == off["tokens"] == args.requests * args.output, (on, off)
-        for phase, key in (("prefix.all", "wall_s"), ("prefix.ttft", "ttft_s")):
-            rows.append({"phase": phase, "seqlen": plen, "ours_ms": round(1000 * on[key], 2),
-                         "peer_ms": round(1000 * off[key], 2), "speedup": round(off[key] / on[key], 2),
-                         "cached_tokens": on["cached_tokens"], "peer_cached_tokens": off["cached_tokens"],
-                         "requests": args.requests, "suffix": args.suffix, "output": args.output})
+        for k, kind in ((0, "prefix"), (1, "prefix.cold")):
+            on, off = res[True][k], res[False][k]
+            assert on["tokens"] == off["tokens"] == args.requests * args.output, (on, off)
+            for phase, key in ((f"{kind}.all", "wall_s"), (f"{kind}.ttft", "ttft_s")):
+                rows.append({"phase": phase, "seqlen": plen, "ours_ms": round(1000 * on[key], 2),
+                             "peer_ms": round(1000 * off[key], 2), "speedup": round(off[key] / on[key], 2),
+                             "cached_tokens": on["cached_tokens"], "peer_cached_tokens": off["cached_tokens"],
+                             "requests": args.requests, "suffix": args.suffix, "output": args.output})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.config} (random weights, {str(dtype).removeprefix('torch.')}), {name}; {args.requests} "
           f"requests of prefix + {args.suffix} tokens, {args.output} outputs; peer: prefix caching off")
     print_rows(rows, digits=2)
     for r in rows[::2]:
-        print(f"  P={r['seqlen']}: cached tokens {r['cached_tokens']} (peer {r['peer_cached_tokens']})")
+        print(f"  {r['phase'][:-4]} P={r['seqlen']}: cached tokens {r['cached_tokens']} "
+              f"(peer {r['peer_cached_tokens']})")
     write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else "") + args.tag, name, rows,
                args.out, config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile,
                row_by_row=args.row_by_row)
