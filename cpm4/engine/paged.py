@@ -186,13 +186,14 @@ class PagedKVCache:
         # shared with the other (a chat's turn growing past dense_len reused its dense prefix: 6e-3 off).
         return b"sparse" if sparse else b""
 
-    def chain(self, tokens: list[int], n_pages: int, sparse: bool = False) -> list[bytes]:
+    def chain(self, tokens: list[int], n_pages: int, sparse: bool = False, known: list[bytes] | None = None
+              ) -> list[bytes]:
         """The prefix keys of the first n_pages whole pages of `tokens` (each names a page's tokens and all
-        before them, in one attention mode)."""
-        h = self._root(sparse)
+        before them, in one attention mode); known: the keys of its first pages, hashed already."""
+        out = list(known or [])[:n_pages]
+        h = out[-1] if out else self._root(sparse)
         ps = self.page_size
-        out = []
-        for i in range(n_pages):
+        for i in range(len(out), n_pages):
             h = self._chain(h, tokens[i * ps:(i + 1) * ps])
             out.append(h)
         return out

@@ -371,8 +371,8 @@ class LLMEngine:
         """Record the prompt pages `req` will compute and publish (a prompt not yet complete)."""
         if not self.cache.prefix_caching or req.state.generated:
             return
-        n = len(req.prompt_ids) // self.cache.page_size
-        chain = self.cache.chain(req.prompt_ids, n, self._sparse_prompt(req))
+        n = len(req.prompt_ids) // self.cache.page_size  # one page more than its lookup at most (tokens = prompt)
+        chain = self.cache.chain(req.prompt_ids, n, self._sparse_prompt(req), known=self._lookup(req))
         prefix = self.cache.prefix
         req.computing = [h for h in chain if h not in prefix and self._computing.setdefault(h, req) is req]
 
