@@ -295,6 +295,7 @@ class PagedBatch:
         self._slots: tuple[torch.Tensor | slice, torch.Tensor | None, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
         self._key_slots: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self.memo: dict = {}  # what every layer of the step shares (the attention's index tensors)
         # Each row's whole prompt length when the step continues prompts in chunks (the engine sets it): the
         # attention's dense/sparse switch decides by it, so the chunking does not change the output.
         self.prompt_lens: list[int] | None = None

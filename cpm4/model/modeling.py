@@ -34,21 +34,6 @@ def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
                                                                          - (ends - n), n))
 
 
-def cache_memo(cache: object) -> dict:
-    """A dict that lives as long as the step's cache view (values every layer of a step shares); a fresh one
-    without a cache."""
-    if cache is None:
-        return {}
-    memo = getattr(cache, "_step_memo", None)
-    if memo is None:
-        memo = {}
-        try:
-            cache._step_memo = memo
-        except AttributeError:  # a view without attribute room: not shared, still correct
-            pass
-    return memo
-
-
 class Packing:
     """The real tokens of a right-padded [rows, t] batch laid end to end as [1, n]. A multi-row prefill with
     rows of different lengths then runs the per-token work (embedding, projections, MLP, norms, RoPE) on its
@@ -327,8 +312,10 @@ class Attention(nn.Module):
         aligned bottom-right (query j of a row sees its first kv_len - n_new + j + 1 keys), GQA native."""
         b, t, hq, d = q.shape
         s = k.shape[1]
-        # The same for every layer of a step: built once, kept on the step's cache view.
-        memo = cache_memo(cache)
+        # The same for every layer of a step: built once, kept on the step's cache view (`PagedBatch.memo`).
+        memo = getattr(cache, "memo", None)
+        if memo is None:
+            memo = {}
         key = ("varlen", tuple(rows), tuple(n_new), tuple(kv_lens), t, s)
         if key not in memo:
             host = (ragged_index(n_new, [i * t for i in rows]), ragged_index(kv_lens, [i * s for i in rows]),
