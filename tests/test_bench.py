@@ -29,6 +29,14 @@ def test_random_requests_lengths_rates_and_errors():
         random_requests(2, 4, 4, request_rate=0)
     with pytest.raises(ValueError, match=">= 1"):
         random_requests(0, 4, 4)
+    # A shared prefix (vLLM's --random-prefix-len): the same ids first in every prompt, then the prompts the
+    # seed gives without one.
+    pre = random_requests(20, 30, 5, range_ratio=0.5, vocab=50, seed=3, prefix_len=17)
+    plain = random_requests(20, 30, 5, range_ratio=0.5, vocab=50, seed=3)
+    assert len({tuple(r.prompt[:17]) for r in pre}) == 1
+    assert [r.prompt[17:] for r in pre] == [r.prompt for r in plain]
+    with pytest.raises(ValueError, match="prefix_len"):
+        random_requests(2, 4, 4, prefix_len=-1)
 
 
 def test_summarize_against_hand_computed_figures():
@@ -49,7 +57,10 @@ def test_summarize_against_hand_computed_figures():
     assert math.isclose(s["mean_e2el_ms"], 550)
     assert s["errors"] == ["RuntimeError: HTTP 500"]
     text = format_summary(s)
-    assert "2 / 1" in text and "HTTP 500" in text
+    assert "2 / 1" in text and "HTTP 500" in text and s["cached_input_tokens"] is None  # no server said
+    res[0]["usage_cached_tokens"], res[1]["usage_cached_tokens"] = 8, 0
+    s = summarize({"wall_s": 2.0, "results": res, "client": "x", "processes": 2, "client_cpu_s": 0.4}, reqs)
+    assert s["cached_input_tokens"] == 8 and "8 input tokens from the prefix cache" in format_summary(s)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,6 +109,18 @@ def test_bench_serve_against_a_server(server, tmp_path, client, capsys):
     assert 0 < s["mean_ttft_ms"] <= s["mean_e2el_ms"] and s["mean_tpot_ms"] > 0
     assert "output tokens/s" in capsys.readouterr().out
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_bench_serve_with_a_shared_prefix(server, tmp_path):
+    """--random-prefix-len: every prompt starts with the same ids; the server's prefix cache serves them after the
+    first (its usage's cached tokens, summed in the result)."""
+    out = tmp_path / "bench.json"
+    assert _bench("--base-url", server.url, "--api-key", "sk-bench", "--num-prompts", "6", "--client", "httpx",
+                  "--client-processes", "1", "--max-concurrency", "2", "--random-prefix-len", "150",
+                  "--save-result", str(out)) == 0
+    s = json.loads(out.read_text())
+    assert s["random_prefix_len"] == 150 and s["total_input_tokens"] == 6 * (150 + 12)
+    assert 0 < s["cached_input_tokens"] <= 5 * 150  # the first request computed the prefix
 
 
 def test_bench_serve_errors(server, capsys):

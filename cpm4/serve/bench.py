@@ -48,12 +48,15 @@ def default_client_processes() -> int:
 
 
 def random_requests(n: int, input_len: int, output_len: int, range_ratio: float = 0.0, vocab: int = 10000,
-                    request_rate: float = math.inf, seed: int = 0) -> list[BenchRequest]:
+                    request_rate: float = math.inf, seed: int = 0, prefix_len: int = 0) -> list[BenchRequest]:
     """n requests with prompts of random ids in [0, vocab) and lengths drawn uniformly within
     `range_ratio` of input_len / output_len; sent at once (request_rate inf) or as a Poisson process of
-    `request_rate` requests per second."""
+    `request_rate` requests per second. prefix_len: that many random ids, the same for every request, before
+    each prompt (vLLM's --random-prefix-len: a shared system prompt, which prefix caching serves once)."""
     if n < 1 or input_len < 1 or output_len < 1 or vocab < 1:
         raise ValueError(f"need n, input_len, output_len, vocab >= 1, got {n}, {input_len}, {output_len}, {vocab}")
+    if prefix_len < 0:
+        raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
     if not 0 <= range_ratio < 1:
         raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
     if not request_rate > 0:
@@ -66,9 +69,11 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float 
         lo, hi = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
         return rnd.randint(lo, hi)
 
+    # From a generator of its own too: the prompts after it are those of the same seed without a prefix.
+    prefix = [random.Random(f"prefix-{seed}").randrange(vocab) for _ in range(prefix_len)]
     out, t = [], 0.0
     for _ in range(n):
-        prompt = [rnd.randrange(vocab) for _ in range(length(input_len))]
+        prompt = prefix + [rnd.randrange(vocab) for _ in range(length(input_len))]
         out.append(BenchRequest(prompt, length(output_len), t))
         if math.isfinite(request_rate):
             t += arrivals.expovariate(request_rate)
@@ -87,7 +92,8 @@ def run_clients(url: str, model: str, requests: Sequence[BenchRequest], warmup: 
 
     Returns {"wall_s": first start to last end, "client_cpu_s": the busiest process's CPU time in its timed part
     (near wall_s: the clients set the pace), "results": one record per request in order (ttft_s, total_s,
-    itl_s, tokens, text_chunks, usage_prompt_tokens, usage_tokens, finish_reason, error), "client", "processes"}."""
+    itl_s, tokens, text_chunks, usage_prompt_tokens, usage_tokens, usage_cached_tokens, finish_reason, error),
+    "client", "processes"}."""
     if client not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}, got {client!r}")
     if not requests:
@@ -163,6 +169,10 @@ def summarize(report: dict[str, Any], requests: Sequence[BenchRequest]) -> dict[
         "request_throughput": len(ok) / wall, "output_throughput": out_tokens / wall,
         "total_token_throughput": (in_tokens + out_tokens) / wall,
         "short_outputs": sum(r["tokens"] < q.max_tokens for q, r in zip(requests, res) if r["error"] is None),
+        # Prompt tokens the server served from its prefix cache (its usage's prompt_tokens_details; None when
+        # it reports none).
+        "cached_input_tokens": (sum(r.get("usage_cached_tokens") or 0 for r in ok)
+                                if any(r.get("usage_cached_tokens") is not None for r in ok) else None),
         "client": report["client"], "processes": report["processes"], "client_cpu_s": report["client_cpu_s"],
         "errors": sorted({r["error"] for r in res if r["error"] is not None})[:5],
     }
@@ -180,7 +190,9 @@ def summarize(report: dict[str, Any], requests: Sequence[BenchRequest]) -> dict[
 def format_summary(s: dict[str, Any]) -> str:
     rows = [("requests completed / failed", f"{s['completed']} / {s['failed']}"),
             ("duration (s)", f"{s['duration_s']:.2f}"),
-            ("input / output tokens", f"{s['total_input_tokens']} / {s['total_output_tokens']}"),
+            ("input / output tokens", f"{s['total_input_tokens']} / {s['total_output_tokens']}"
+             + ("" if s.get("cached_input_tokens") is None else
+                f" ({s['cached_input_tokens']} input tokens from the prefix cache)")),
             ("requests/s", f"{s['request_throughput']:.2f}"),
             ("output tokens/s", f"{s['output_throughput']:.1f}"),
             ("total tokens/s", f"{s['total_token_throughput']:.1f}")]
@@ -208,8 +220,10 @@ async def _openai_events(client, spec: dict, prompt: list[int], max_tokens: int)
         model=spec["model"], prompt=prompt, max_tokens=max_tokens, temperature=spec["temperature"],
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     async for c in stream:
-        yield ((c.usage.prompt_tokens, c.usage.completion_tokens) if c.usage is not None else None,
-               [(ch.text, ch.finish_reason) for ch in c.choices])
+        u = c.usage
+        details = getattr(u, "prompt_tokens_details", None) if u is not None else None
+        yield ((u.prompt_tokens, u.completion_tokens, getattr(details, "cached_tokens", None))
+               if u is not None else None, [(ch.text, ch.finish_reason) for ch in c.choices])
 
 
 async def _httpx_events(client, spec: dict, prompt: list[int], max_tokens: int):
@@ -226,7 +240,8 @@ async def _httpx_events(client, spec: dict, prompt: list[int], max_tokens: int):
             if "error" in c:
                 raise RuntimeError(f"stream error: {c['error'].get('message')}")
             u = c.get("usage")
-            yield ((u.get("prompt_tokens"), u["completion_tokens"]) if u else None,
+            yield ((u.get("prompt_tokens"), u["completion_tokens"],
+                    (u.get("prompt_tokens_details") or {}).get("cached_tokens")) if u else None,
                    [(ch["text"], ch["finish_reason"]) for ch in c["choices"]])
 
 
@@ -254,7 +269,7 @@ async def _clients(spec: dict) -> dict:
             await limit.acquire()
         t0 = time.perf_counter()
         first = last = None
-        chunks, usage, finish, error, itl = 0, (None, None), None, None, []
+        chunks, usage, finish, error, itl = 0, (None, None, None), None, None, []
         try:
             async for u, choices in events(client, spec, req["prompt"], req["max_tokens"]):
                 if u is not None:
@@ -277,7 +292,7 @@ async def _clients(spec: dict) -> dict:
                 limit.release()
         total = time.perf_counter() - t0
         return {"ttft_s": total if first is None else first, "total_s": total, "itl_s": itl, "text_chunks": chunks,
-                "usage_prompt_tokens": usage[0], "usage_tokens": usage[1],
+                "usage_prompt_tokens": usage[0], "usage_tokens": usage[1], "usage_cached_tokens": usage[2],
                 "tokens": chunks if usage[1] is None else usage[1], "finish_reason": finish, "error": error}
 
     async with client:

@@ -123,11 +123,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot list the models of {base} (is a server running there?): {e}") from None
     rate = math.inf if args.request_rate in ("inf", None) else float(args.request_rate)
     reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
-                           args.random_vocab, rate, args.seed)
+                           args.random_vocab, rate, args.seed, args.random_prefix_len)
     warm = random_requests(args.num_warmups, 16, 4, vocab=args.random_vocab, seed=args.seed + 1) \
         if args.num_warmups else []
     processes = args.client_processes or default_client_processes()
-    print(f"[cpm4] {len(reqs)} requests to {base} ({model}): input ~{args.random_input_len}, output "
+    print(f"[cpm4] {len(reqs)} requests to {base} ({model}): input ~{args.random_input_len} (after a shared "
+          f"prefix of {args.random_prefix_len}), output "
           f"~{args.random_output_len} tokens, rate {rate} req/s, {processes} client processes", file=sys.stderr)
     rep = run_clients(base, model, reqs, warm, temperature=args.temperature, client=args.client,
                       processes=processes, max_concurrency=args.max_concurrency, api_key=key)
@@ -142,7 +143,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"base_url": base, "model": model, "num_prompts": args.num_prompts,
                "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
-               "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
+               "random_range_ratio": args.random_range_ratio, "random_prefix_len": args.random_prefix_len,
+               "request_rate": args.request_rate,
                "max_concurrency": args.max_concurrency, "temperature": args.temperature, "seed": args.seed, **s}
         write_text_atomic(out, json.dumps(doc, indent=1))  # never a half-written result, nor a left temp file
         print(f"[cpm4] wrote {out}", file=sys.stderr)
@@ -173,6 +175,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="bearer key (default: $OPENAI_API_KEY or $CPM4_API_KEY)")
     q.add_argument("--num-prompts", type=_positive, default=64)
     q.add_argument("--random-input-len", type=_positive, default=512, help="prompt tokens (random ids)")
+    q.add_argument("--random-prefix-len", type=_count, default=0,
+                   help="random ids shared by every prompt, before its own --random-input-len (a system prompt)")
     q.add_argument("--random-output-len", type=_positive, default=128, help="tokens generated (ignore_eos)")
     q.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths drawn uniformly within this fraction of the above (0: exact)")
