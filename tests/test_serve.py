@@ -629,6 +629,17 @@ def test_reasoning_parser_end_to_end(llm):
         msg = r.choices[0].message
         assert msg.reasoning_content == "Compare the two." and msg.content == "Blue."
         assert r.usage.completion_tokens == len(eng.script)
+        # The reasoning's tokens: the block with its tags (the newlines after it start the answer).
+        n_think = len(tok.encode("<think>\nCompare the two.\n</think>", add_bos=False))
+        assert r.usage.completion_tokens_details.reasoning_tokens == n_think < len(eng.script)
+        streamed = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50, stream=True,
+                                                  stream_options={"include_usage": True}))
+        assert streamed[-1].usage.completion_tokens_details.reasoning_tokens == n_think
+        script, eng.script = eng.script, eng.script[:8]  # an output cut inside the reasoning: all of it
+        cut = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50)
+        assert cut.choices[0].message.reasoning_content and not cut.choices[0].message.content
+        assert cut.usage.completion_tokens_details.reasoning_tokens == cut.usage.completion_tokens == 8
+        eng.script = script
         chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50, stream=True))
         deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Compare the two."
@@ -637,8 +648,10 @@ def test_reasoning_parser_end_to_end(llm):
         assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])
         # Thinking off (no tags): all content, no reasoning.
         eng.script = tok.encode(answer, add_bos=False)
-        msg = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50).choices[0].message
+        r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50)
+        msg = r.choices[0].message
         assert msg.content == "Blue." and msg.reasoning_content is None
+        assert r.usage.completion_tokens_details.reasoning_tokens == 0
         # A tool call after the reasoning.
         call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
         eng.script = tok.encode(thought, add_bos=False) + [tok.token_id(TOOL_CALL)] + tok.encode(call, add_bos=False)
@@ -649,8 +662,10 @@ def test_reasoning_parser_end_to_end(llm):
         # Without the parser the block is plain content.
         eng.script = tok.encode(thought + answer, add_bos=False)
         p = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        msg = p.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50).choices[0].message
+        r = p.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50)
+        msg = r.choices[0].message
         assert msg.content == thought + answer and getattr(msg, "reasoning_content", None) is None
+        assert r.usage.completion_tokens_details is None  # no parser, no split
     finally:
         srv.stop()
         plain.stop()

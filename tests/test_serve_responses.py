@@ -180,6 +180,8 @@ def test_reasoning_streamed_as_its_own_item(llm):
         eng.script = tok.encode(thought + answer, add_bos=False)
         whole = c.responses.create(model=MODEL, input="Which?", max_output_tokens=50)
         assert [o.type for o in whole.output] == ["reasoning", "message"]
+        n_think = len(tok.encode("<think>\nCompare the two.\n</think>", add_bos=False))
+        assert whole.usage.output_tokens_details.reasoning_tokens == n_think
         assert whole.output[0].content[0].text == "Compare the two." and whole.output_text == "Blue."
         events = list(c.responses.create(model=MODEL, input="Which?", max_output_tokens=50, stream=True))
         assert [e.sequence_number for e in events] == list(range(len(events)))

@@ -45,6 +45,7 @@ class ReasoningStream:
         self._state = "start"  # start: nothing but whitespace (or part of "<think>") yet; then reasoning, content
         self._held = ""
         self._emitted = {"reasoning": False, "content": False}
+        self.reasoned = False  # the output opened a reasoning block
 
     @property
     def in_content(self) -> bool:
@@ -71,8 +72,10 @@ class ReasoningStream:
             body = buf.lstrip()
             if body.startswith(THINK):
                 self._state, buf = "reasoning", body[len(THINK):]
+                self.reasoned = True
             elif self._start_id is not None and self._start_id in token_ids:
                 self._state = "reasoning"  # a special token that decoding skipped
+                self.reasoned = True
             elif THINK.startswith(body):
                 self._held = buf  # whitespace, or the start of "<think>": wait
                 return []

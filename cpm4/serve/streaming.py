@@ -96,6 +96,14 @@ class Choice:
     new_reasoning: str = ""  # what the last delta added to the reasoning
     undecided: list[tuple[str, list[int]]] = field(default_factory=list)  # deltas read while `think` was undecided
     cached_tokens: int | None = None  # prompt tokens the paged cache held at admission (None: not known)
+    open_tokens: int = 0  # output tokens fed before the reasoning parser reached the answer
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Output tokens of the reasoning block, its tags included (OpenAI's completion_tokens_details): those
+        fed before the answer began, when the output opened one. Exact while deltas are one step each, as they
+        are with a reasoning parser."""
+        return self.open_tokens if self.think is not None and self.think.reasoned else 0
 
     def take(self, d: StreamDelta) -> str:
         """Absorb a delta; return the text it adds to the output (content, for chat; the reasoning it adds
@@ -110,6 +118,8 @@ class Choice:
         text, ids = d.text, d.token_ids
         piece = ""
         if self.think is not None:
+            if not self.think.in_content:
+                self.open_tokens += len(d.token_ids)
             parts = self.think.feed(d.text, d.token_ids)
             if d.finish_reason is not None:
                 parts += self.think.finish()
@@ -150,15 +160,18 @@ def usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool,
 
 
 def usage_counts(prompt_tokens: int, choices: Sequence[Choice], n: int = 1) -> dict[str, Any]:
-    """OpenAI's usage of a request whose choices are `n` per prompt: the completion tokens of all of them, and
-    (as OpenAI's prompt_tokens_details) the prompt tokens the paged cache's shared prefixes held, one choice per
-    prompt counted (its first), once every prompt's first choice knows it."""
+    """OpenAI's usage of a request whose choices are `n` per prompt: the completion tokens of all of them, (as
+    OpenAI's prompt_tokens_details) the prompt tokens the paged cache's shared prefixes held, one choice per
+    prompt counted (its first), once every prompt's first choice knows it, and with a reasoning parser (as
+    completion_tokens_details) the output tokens of the reasoning."""
     completion = sum(c.n_tokens for c in choices)
     usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                              "total_tokens": prompt_tokens + completion}
     cached = [c.cached_tokens for c in choices[::n]]
     if cached and all(c is not None for c in cached):
         usage["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    if any(c.think is not None for c in choices):  # a reasoning parser splits the output: its share counted
+        usage["completion_tokens_details"] = {"reasoning_tokens": sum(c.reasoning_tokens for c in choices)}
     return usage
 
 
