@@ -8,6 +8,7 @@ with the same attributes); see `Attention.forward` for the batch/padding contrac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -32,6 +33,19 @@ def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
     total = int(ends[-1]) if len(n) else 0
     return torch.from_numpy(np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
                                                                          - (ends - n), n))
+
+
+def _varlen_flash_ok(q: torch.Tensor) -> bool:
+    """Whether PyTorch's variable-length flash kernel takes these queries: CUDA, fp16/bf16, an sm80+ GPU (the
+    kernel's own limit: a T4 or V100 keeps the row-by-row path), head dim a multiple of 8 up to 256."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and _capability(q.device) >= (8, 0))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 class Packing:
@@ -219,8 +233,7 @@ class Attention(nn.Module):
                     None if keys[0][1] is None else [k2 for _, k2 in keys])
                 fresh += steps
             cont = [i for i in range(b) if h_new[i] and not sparse[i] and i not in fresh]
-            if len(cont) > 1 and self.batch_continuing_rows and q.is_cuda and q.dtype in (torch.float16,
-                                                                                      torch.bfloat16):
+            if len(cont) > 1 and self.batch_continuing_rows and _varlen_flash_ok(q):
                 self._dense_varlen(q, k_all, v_all, out, cont, [h_new[i] for i in cont], [kv_lens[i] for i in cont],
                                    cache)
                 fresh += cont
