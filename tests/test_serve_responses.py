@@ -259,3 +259,73 @@ def test_stream_disconnect_aborts(served):
     assert engine.num_aborted == aborted_before + 1
     r = client.responses.create(model=MODEL, input="ok", max_output_tokens=2, temperature=0)
     assert r.usage.output_tokens <= 2
+
+
+def _random_chat_stream(rng):
+    """A chat completion stream as the chat path sends it (reasoning deltas, then content deltas, each with the
+    logprobs of its tokens, the calls whole in one chunk at the end, the usage chunk) and the whole message."""
+    words = ["a", "b c", " ", "\n", "é", "🙂", '"q"', "x\\y", ""]
+    reasoning = [rng.choice(words[:-1]) for _ in range(rng.choice([0, 0, 1, 3]))]
+    content = [rng.choice(words) for _ in range(rng.choice([0, 1, 2, 5]))]
+    calls = [{"id": f"call_{k}", "type": "function",
+              "function": {"name": f"f{k}", "arguments": json.dumps({"k": k, "s": rng.choice(words)})}}
+             for k in range(rng.choice([0, 0, 1, 2]))]
+    logprobs = rng.random() < 0.5
+    chunks, lps = [], []
+
+    def lp():
+        e = {"token": rng.choice(words), "logprob": -rng.random(), "bytes": [97],
+             "top_logprobs": [{"token": "z", "logprob": -2.0, "bytes": [122]}]}
+        lps.append(e)
+        return {"content": [e]}
+
+    def chunk(delta, finish=None, with_lp=True):
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": lp() if logprobs and with_lp else None}]}
+
+    chunks.append(chunk({"role": "assistant", "content": ""}, with_lp=False))
+    chunks += [chunk({"reasoning_content": r}) for r in reasoning if r]
+    chunks += [chunk({"content": c}) for c in content]
+    if calls:
+        chunks.append(chunk({"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}, with_lp=False))
+    finish = rng.choice(["stop", "length"])
+    chunks.append(chunk({}, finish, with_lp=False))
+    n = len(lps) if lps else rng.randint(0, 9)  # with logprobs, one a token
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})
+    text = "".join(content)
+    message = {"role": "assistant", "content": (text or None) if calls else text,
+               "reasoning_content": "".join(reasoning) or None, "tool_calls": calls or None}
+    return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"], message, lps, finish
+
+
+def test_events_reshape_random_chat_streams():
+    """`_events` over random chat streams (reasoning, content pieces, logprobs, calls, the finish): every event
+    valid for the openai client's types, items opened and closed in order, and the final response's output that of
+    the whole message (`_output_items`, the unstreamed path) with the same ids."""
+    import asyncio
+    import random
+
+    from test_serve_fuzz import Case, _check_responses_stream
+
+    from cpm4.serve.responses import ResponsesRequest, _events, _output_items, _Shape
+
+    async def consume(lines, shape):
+        async def gen():
+            for x in lines:
+                yield x
+        return "".join([e async for e in _events(shape, gen())])
+
+    for seed in range(300):
+        rng = random.Random(seed)
+        lines, message, lps, finish = _random_chat_stream(rng)
+        body = {"model": MODEL, "input": "Hi", "stream": True}
+        if lps:
+            body["include"] = ["message.output_text.logprobs"]
+        req = ResponsesRequest.model_validate(body)
+        shape = _Shape(req, MODEL)
+        text = asyncio.run(consume(lines, shape))
+        _check_responses_stream(Case("/v1/responses", b"", {}, "ok", body=body), text)
+        final = json.loads(text.strip().split("\n\n")[-1].split("data: ", 1)[1])["response"]
+        whole = _output_items(shape, message, lps)
+        assert final["output"] == whole, (seed, final["output"], whole)
+        assert final["status"] == ("incomplete" if finish == "length" else "completed"), seed
