@@ -105,6 +105,12 @@ def test_process_engine_serves_as_the_thread_engine(ckpt, proc_engine):
         assert proc_engine.num_running == 0 and proc_engine.num_waiting == 0
         assert proc_engine.kv_cache_usage() == 0
         assert proc_engine.num_generation_tokens > 0 and proc_engine.device == "cpu"
+        # Prefix-cache hits come back from the child: a long prompt twice, the second finds its pages.
+        long = list(range(5, 205))
+        used = [_client(srv).completions.create(model=MODEL, prompt=long, max_tokens=2, temperature=0).usage
+                for _ in "ab"]
+        assert used[0].prompt_tokens_details.cached_tokens == 0
+        assert used[1].prompt_tokens_details.cached_tokens > 0
     finally:
         srv.stop()
         ref_srv.stop()
