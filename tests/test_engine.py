@@ -578,6 +578,18 @@ def test_requests_sharing_a_prefix_being_computed_wait_for_it(caching):
             for rid, d in eng.step():
                 res.setdefault(rid, GenerationOutput([])).add(d)
         assert res["b"].token_ids == alone(model, pb, params) and not eng._computing
+    # A request sharing only the start of a long prompt being computed does not wait for all of it.
+    fresh = torch.randint(3, 1000, (40,), generator=g).tolist()
+    long, short = fresh + torch.randint(3, 1000, (200,), generator=g).tolist(), fresh + [9] * 5
+    eng.add_request("long", long, params)
+    eng.add_request("short", short, params)
+    eng.step()
+    assert {r.request_id for r in eng.running} == {"long", "short"} and not eng.waiting
+    res = {}
+    while eng.has_work():
+        for rid, d in eng.step():
+            res.setdefault(rid, GenerationOutput([])).add(d)
+    assert res["short"].token_ids == alone(model, short, params) and res["short"].num_cached_tokens == 0
 
 
 @pytest.mark.gpu

@@ -353,18 +353,30 @@ class LLMEngine:
         return req.lookup[1]
 
     def _hold(self, req: EngineRequest) -> bool:
-        """Whether the first page `req` would compute is a prompt page a running request is computing now: it
-        waits until that request publishes its prompt, then finds those pages cached (as vLLM V1 shares the
-        blocks of requests with one prefix). Without this, n completions of a prompt, or a burst of requests
-        with one system prompt, all computed the whole prefix side by side. The owner is running, so it ends,
-        publishes or is preempted: the wait is bounded (`_done_computing`)."""
+        """Whether the first page `req` would compute is a prompt page a running request is computing now, and
+        that request's prompt ends within a step's chunk past the pages the two share: `req` then waits until it
+        publishes its prompt and finds those pages cached (as vLLM V1 shares the blocks of requests with one
+        prefix). Without this, n completions of a prompt, or a burst of requests with one system prompt, all
+        computed the whole prefix side by side. A request sharing a short start with a long prompt being computed
+        does not wait for all of it. The owner is running, so it ends, publishes or is preempted: the wait is
+        bounded (`_done_computing`)."""
         if not self._computing:
             return False
         chain = self._lookup(req) or []
         prefix = self.cache.prefix
-        for h in chain:
-            if h not in prefix:
-                return h in self._computing
+        for i, h in enumerate(chain):
+            if h in prefix:
+                continue
+            owner = self._computing.get(h)
+            if owner is None:
+                return False
+            shared = 0
+            for h2 in chain[i:]:
+                if self._computing.get(h2) is not owner:
+                    break
+                shared += 1
+            left = len(owner.prompt_ids) - owner.computed
+            return left <= shared * self.cache.page_size + self.chunk_tokens
         return False
 
     def _start_computing(self, req: EngineRequest) -> None:
