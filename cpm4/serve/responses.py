@@ -214,8 +214,12 @@ class _Shape:
         return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
                 "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
 
+    @staticmethod
+    def reasoning_part(text: str) -> dict[str, Any]:
+        return {"type": "reasoning_text", "text": text}
+
     def reasoning(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
+        content = [] if status == "in_progress" else [self.reasoning_part(text)]
         return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def response(self, output: list[dict[str, Any]], status: str, usage: dict[str, int] | None,
@@ -317,7 +321,7 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
         yield event("response.reasoning_text.done", item_id=shape.reasoning_id, output_index=len(output),
                     content_index=0, text=full)
         yield event("response.content_part.done", item_id=shape.reasoning_id, output_index=len(output),
-                    content_index=0, part={"type": "reasoning_text", "text": full})
+                    content_index=0, part=shape.reasoning_part(full))
         output.append(shape.reasoning(full))
         yield event("response.output_item.done", output_index=len(output) - 1, item=output[-1])
 
@@ -350,7 +354,7 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
                                     item=shape.reasoning("", "in_progress"))
                         yield event("response.content_part.added", item_id=shape.reasoning_id,
                                     output_index=len(output), content_index=0,
-                                    part={"type": "reasoning_text", "text": ""})
+                                    part=shape.reasoning_part(""))
                     reasoning.append(delta["reasoning_content"])
                     yield event("response.reasoning_text.delta", item_id=shape.reasoning_id,
                                 output_index=len(output), content_index=0, delta=delta["reasoning_content"])
