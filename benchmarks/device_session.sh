@@ -24,6 +24,8 @@
 #   bash benchmarks/device_session.sh gemvmix   # 8B decode with the GEMV on q/k/v, gate/up and the head only
 #   bash benchmarks/device_session.sh backward  # the 128K backward kernel by kernel, the dk/dv split (DKDV_CHUNK)
 #   bash benchmarks/device_session.sh prefix    # prefix caching on against off (prefix_cache.py): 0.5B, then 8B
+#   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
+#                                               # at 16K/4K batched and with a pipeline per row
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
@@ -165,6 +167,18 @@ backward)  # the 128K backward kernel by kernel with the dk/dv variants (tile, c
 prefix)  # prefix caching on against off: 0.5B, 32 requests sharing 1K/4K/16K-token prefixes; then 8B at 30K (its context is 32K)
     timeout 330 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b 2>&1 | tail -12
     timeout 220 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 2>&1 | tail -6
+    ;;
+rows)  # sparse rows of a step in one launch per InfLLM v2 stage: GPU tests, then prefix caching at 16K/4K with the
+    # batched kernels and with a pipeline per row (--sparse-row-by-row), same code otherwise
+    timeout 260 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py tests/test_engine.py \
+        -k "rows_in_one or continuing_rows or scheduler_matches_generate or model_sparse_prefill or (pipeline_lengths and not 4100)" \
+        2>&1 | tail -4
+    timeout 140 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --tag=-rows 2>&1 | tail -8
+    # where the warm 16K batch's first step goes (top ops by device and host time)
+    timeout 100 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 --profile --tag=-profile \
+        2>&1 | tail -48
+    timeout 140 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --sparse-row-by-row \
+        --tag=-sparse-rowbyrow 2>&1 | tail -8
     ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \

@@ -49,10 +49,14 @@ def run(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dic
     first: dict[str, float] = {}
     cached: dict[str, int] = {}
     tokens = 0
+    steps = []  # host-seen ms of each step (the first: admission, prefix lookup and the prefill)
     for i, p in enumerate(prompts):
         eng.add_request(f"r{time.monotonic_ns()}-{i}", p, params)
     while eng.has_work():
-        for rid, d in eng.step():
+        ts = time.perf_counter()
+        out = eng.step()
+        steps.append(round(1000 * (time.perf_counter() - ts), 2))
+        for rid, d in out:
             if d.token_ids and rid not in first:
                 first[rid] = time.perf_counter() - t0  # the host saw it: the step's tokens were read back
             if d.cached_tokens is not None:
@@ -61,7 +65,7 @@ def run(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dic
     sync(dev)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "ttft_s": sum(first.values()) / max(len(first), 1), "tokens": tokens,
-            "cached_tokens": sum(cached.values())}
+            "cached_tokens": sum(cached.values()), "first_steps_ms": steps[:4]}
 
 
 def workload(rng: random.Random, vocab: int, prefix: list[int], n: int, suffix: int) -> list[list[int]]:
@@ -80,8 +84,30 @@ def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dic
     prefix = [rng.randrange(3, vocab) for _ in range(plen)]
     run(eng, [prefix + [7]], params)  # an earlier request with the prefix
     warm = run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+    if args.profile and eng.cache.prefix_caching:
+        profile(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
     fresh = [rng.randrange(3, vocab) for _ in range(plen)]
     return warm, run(eng, workload(rng, vocab, fresh, args.requests, args.suffix), params)
+
+
+def profile(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+    """The warm batch once more under torch.profiler: its first step (admission and the prefill), top ops by
+    device time and by host time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.model.device.type == "cuda" else [])
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
+    with prof(activities=acts) as pr:
+        eng.step()
+        sync(eng.model.device)
+    while eng.has_work():
+        eng.step()
+    ka = pr.key_averages()
+    if eng.model.device.type == "cuda":
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main() -> None:
@@ -97,6 +123,11 @@ def main() -> None:
     ap.add_argument("--row-by-row", action="store_true",
                     help="rows continuing cached tokens attend one SDPA call each (Attention.batch_continuing_rows "
                     "off: the engine before the variable-length call)")
+    ap.add_argument("--sparse-row-by-row", action="store_true",
+                    help="sparse rows (prompts >= dense_len) run an InfLLM v2 pipeline each "
+                    "(Attention.batch_sparse_rows off: the engine before the batched kernels)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the warm batch's first step (caching on) and print the top ops")
     ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -104,6 +135,10 @@ def main() -> None:
         from cpm4.model.modeling import Attention
 
         Attention.batch_continuing_rows = False
+    if args.sparse_row_by_row:
+        from cpm4.model.modeling import Attention
+
+        Attention.batch_sparse_rows = False
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = preset(args.config)
@@ -129,7 +164,8 @@ def main() -> None:
                 rows.append({"phase": phase, "seqlen": plen, "ours_ms": round(1000 * on[key], 2),
                              "peer_ms": round(1000 * off[key], 2), "speedup": round(off[key] / on[key], 2),
                              "cached_tokens": on["cached_tokens"], "peer_cached_tokens": off["cached_tokens"],
-                             "requests": args.requests, "suffix": args.suffix, "output": args.output})
+                             "requests": args.requests, "suffix": args.suffix, "output": args.output,
+                             "first_steps_ms": on["first_steps_ms"], "peer_first_steps_ms": off["first_steps_ms"]})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.config} (random weights, {str(dtype).removeprefix('torch.')}), {name}; {args.requests} "
           f"requests of prefix + {args.suffix} tokens, {args.output} outputs; peer: prefix caching off")
@@ -139,7 +175,7 @@ def main() -> None:
               f"(peer {r['peer_cached_tokens']})")
     write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else "") + args.tag, name, rows,
                args.out, config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile,
-               row_by_row=args.row_by_row)
+               row_by_row=args.row_by_row, sparse_row_by_row=args.sparse_row_by_row)
 
 
 if __name__ == "__main__":

@@ -650,3 +650,90 @@ def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
         res = eng.run_to_completion()
         out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
     assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+
+
+def _rows_forward(model, ps, cut, device, dtype, page_size=16):
+    """Logits of the prompts' tokens after `cut` cached ones, the new parts as one batched step (cache pages)."""
+    cache = PagedKVCache(model.config, num_pages=64, page_size=page_size, device=device, dtype=dtype)
+    seqs = [SeqPages() for _ in ps]
+    for seq, p, c in zip(seqs, ps, cut):  # the cached part, one row at a time
+        if c:
+            cache.reserve(seq, c)
+            model(torch.tensor([p[:c]], device=device), cache.batch([seq]), torch.tensor([c], device=device))
+    new = [len(p) - c for p, c in zip(ps, cut)]
+    for seq, n in zip(seqs, new):
+        cache.reserve(seq, n)
+    ids = torch.zeros(len(ps), max(new), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(ps, cut)):
+        ids[i, :new[i]] = torch.tensor(p[c:])
+    logits = model(ids.to(device), cache.batch(seqs), torch.tensor(new, device=device))
+    return [logits[i, :n].float().cpu() for i, n in enumerate(new)]
+
+
+def test_sparse_rows_in_one_launch_interpreter(monkeypatch):
+    """Sparse rows of one step (after cached tokens, or from their start beside them) through the batched InfLLM
+    v2 kernels (`Attention._sparse_rows`; on the CPU in Triton's interpreter, as on the GPU): the logits of each
+    prompt's whole forward without a cache."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels import infllm_v2
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40), num_hidden_layers=2)
+    ps = prompts(3, seed=21, lo=60, hi=90)
+    cut = [33, 48, 0]
+    calls = []
+    real = infllm_v2.triton_pipeline_rows
+    monkeypatch.setattr(infllm_v2, "uses_triton", lambda q: True)
+    monkeypatch.setattr(infllm_v2, "triton_pipeline_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(Attention, "batch_sparse_rows", True)
+    got = _rows_forward(model, ps, cut, "cpu", torch.float32)
+    assert len(calls) == model.config.num_hidden_layers  # one batched pipeline a layer
+    for i, p in enumerate(ps):
+        ref = model(torch.tensor([p]))[0, cut[i]:]
+        assert (got[i] - ref).abs().max() < 1e-4, i
+
+
+@pytest.mark.gpu
+def test_sparse_rows_in_one_launch_on_cuda(monkeypatch):
+    """On CUDA in bf16, sparse rows continuing cached tokens take the batched InfLLM v2 kernels: the same logits as
+    row by row within bf16 rounding and against the float32 model; the engine's greedy tokens after a cached
+    sparse prefix as without caching."""
+    from cpm4.kernels import infllm_v2
+    from cpm4.model import MiniCPM4ForCausalLM
+    from cpm4.model.modeling import Attention
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=64))
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    ps = prompts(5, seed=11, lo=100, hi=300)
+    cut = [70, 30, 0, 95, 16]
+    calls = []
+    real = infllm_v2.triton_pipeline_rows
+    monkeypatch.setattr(infllm_v2, "triton_pipeline_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(Attention, "batch_sparse_rows", True)
+    one = _rows_forward(model, ps, cut, "cuda", torch.bfloat16)
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(Attention, "batch_sparse_rows", False)
+    rows = _rows_forward(model, ps, cut, "cuda", torch.bfloat16)
+    for i, (a, b) in enumerate(zip(one, rows)):
+        ref = base(torch.tensor([ps[i]]))[0, cut[i]:]
+        assert (a - b).abs().max() < 0.05, i
+        assert (a - ref).abs().max() < 0.1 and (a.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
+    prefix = prompts(1, seed=12, lo=150, hi=151)[0]
+    batch = [prefix + p[:20] for p in prompts(4, seed=13, lo=20, hi=21)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    monkeypatch.setattr(Attention, "batch_sparse_rows", True)
+    out = {}
+    for caching in (True, False):
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
+                             prefix_caching=caching)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
+        eng.add_request("warm", prefix + [5], params)
+        eng.run_to_completion()
+        for i, p in enumerate(batch):
+            eng.add_request(f"r{i}", p, params)
+        res = eng.run_to_completion()
+        out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
+    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path

@@ -734,3 +734,64 @@ def test_gpu_paged_sparse_decode(variant, dtype, hq, hkv, d, tile_pages, fuse, p
 @gpu
 def test_gpu_pool_kernel_keys():
     _check_pool("cuda", torch.bfloat16, 1e-2)
+
+
+def check_rows(cfg, lens, hq, hkv, d, dtype, device, tol, seed=0, ref_dtype=torch.float64):
+    """Several sequences in one launch per stage (`triton_pipeline_rows`): each row's selection is the one of the
+    same sequence run alone through the kernels (but near-ties their rounding splits differently), its attention
+    over those blocks the reference's, and nothing is written past its queries."""
+    from cpm4.kernels.infllm_v2 import triton_pipeline, triton_pipeline_rows
+    from cpm4.kernels.infllm_v2.triton_select import compress
+
+    rows = len(lens)
+    s = max(kl for _, kl in lens)
+    t = max(n for n, _ in lens) + 3  # padding past every row's queries, as the engine's batch has
+    scale = 1 / math.sqrt(d)
+    q = torch.zeros(rows, t, hq, d, device=device, dtype=dtype)
+    k = torch.randn(rows, s, hkv, d, device=device).to(dtype)  # padding keys: garbage that must not be read
+    v = torch.randn(rows, s, hkv, d, device=device).to(dtype)
+    k1s, k2s, alone = [], [], []
+    for r, (n, kl) in enumerate(lens):
+        qr, kr, vr = qkv(n, kl, hq, hkv, d, dtype, device, seed + r)
+        q[r, :n], k[r, :kl], v[r, :kl] = qr, kr, vr
+        k1s.append(compress(kr, cfg.kernel_size, cfg.kernel_stride))
+        k2s.append(compress(kr, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None)
+        alone.append(triton_pipeline(qr, kr, vr, cfg, scale, k1s[-1], k2s[-1], return_blocks=True))
+    k2 = None if cfg.variant != "gen-b" else k2s
+    out, idx = triton_pipeline_rows(q, k, v, [n for n, _ in lens], [kl for _, kl in lens], cfg, scale, k1s, k2,
+                                    [x.shape[0] for x in k1s], None if k2 is None else [x.shape[0] for x in k2s],
+                                    return_blocks=True)
+    assert out.shape == (rows, t - 3, hq, d)
+    for r, (n, kl) in enumerate(lens):
+        a_out, a_idx = alone[r]
+        mine = idx[r, :, :n]
+        theirs = torch.nn.functional.pad(a_idx, (0, mine.shape[2] - a_idx.shape[2]), value=-1)
+        same = (mine == theirs).all(-1).float().mean().item()
+        assert same > (0.999 if dtype == torch.float32 else 0.95), (r, same)
+        pos = torch.arange(kl - n, kl, device=device)
+        blocks = R.attended_blocks(mine.long(), pos, cfg)
+        ref, _ = R.block_sparse_attention(q[r, :n].to(ref_dtype), k[r, :kl].to(ref_dtype), v[r, :kl].to(ref_dtype),
+                                          blocks, pos, cfg.block_size, scale, chunk=128)
+        assert rel(out[r, :n], ref) < tol, r
+        if dtype == torch.float32:
+            assert rel(out[r, :n], a_out) < tol, r
+        assert not out[r, n:].any(), r  # nothing written past a row's queries
+
+
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+def test_interpreter_rows_in_one_launch(variant):
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    # Rows of different query and key counts: a whole prompt, chunks after cached tokens, a lone query.
+    check_rows(small_cfg(variant), [(20, 90), (70, 70), (1, 65), (33, 120)], 4, 2, 16, torch.float32, "cpu", 1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rows_in_one_launch(variant, dtype, monkeypatch):
+    first_configs(monkeypatch)
+    cfg = SparseConfig(variant=variant, window_size=512, topk=16, dense_len=-1)
+    # After a cached prefix (short chunks of long sequences), a whole prompt, a lone query, a longer chunk.
+    check_rows(cfg, [(128, 9000), (64, 8256), (1, 5000), (700, 700), (300, 4000)], 32, 2, 128, dtype, "cuda", 2e-2,
+               ref_dtype=torch.float32)

@@ -414,6 +414,31 @@ class PagedBatch:
         return k1, self._kernel_keys(self.cache.coarse[layer], seq, length, sc.coarse_kernel_size,
                                      sc.coarse_kernel_stride)
 
+    def compressed_keys_rows(self, layer: int, seqs: list[int], lengths: list[int], sc: SparseConfig
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[int] | None]:
+        """`compressed_keys` of several batch rows at once, right-padded: (k1 [R, N1, hkv, d], k2 or None, the
+        counts n1, n2) in one gather per store (padding reads a valid slot, never used)."""
+        k1, n1 = self._kernel_keys_rows(self.cache.fine[layer], seqs, lengths, sc.kernel_size, sc.kernel_stride)
+        if sc.variant != "gen-b":
+            return k1, None, n1, None
+        k2, n2 = self._kernel_keys_rows(self.cache.coarse[layer], seqs, lengths, sc.coarse_kernel_size,
+                                        sc.coarse_kernel_stride)
+        return k1, k2, n1, n2
+
+    def _kernel_keys_rows(self, store: torch.Tensor, seqs: list[int], lengths: list[int], size: int, stride: int
+                          ) -> tuple[torch.Tensor, list[int]]:
+        counts = [num_kernels(n, size, stride) for n in lengths]
+        key = (tuple(seqs), tuple(lengths), size, stride)
+        idx = self._key_slots.get(key)
+        if idx is None:  # the same for every layer of the step
+            width = max(counts + [1])
+            j = torch.arange(width, device=store.device)
+            page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
+            page = page.clamp_max(self.table.shape[1] - 1)  # past a row's kernels: some valid page
+            rows = torch.tensor(seqs, device=store.device)
+            idx = self._key_slots[key] = (self.table[rows[:, None], page[None, :]] * store.shape[1] + slot).flatten()
+        return store.flatten(0, 1).index_select(0, idx).view(len(seqs), -1, *store.shape[2:]), counts
+
     def _kernel_keys(self, store: torch.Tensor, seq: int, length: int, size: int, stride: int) -> torch.Tensor:
         # The flat slots are the same for every layer of the step: computed on the first layer only.
         key = (seq, length, size, stride)

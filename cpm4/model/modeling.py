@@ -131,6 +131,10 @@ class Attention(nn.Module):
     # variable-length flash call together on CUDA in fp16/bf16; False: row by row (each a bottom-right causal
     # SDPA call, ~0.2 ms of launches: 32 rows after a cached prefix took ~200 ms a step on the 0.5B shape).
     batch_continuing_rows = True
+    # Several sparse rows of a step with a cache on the GPU (after a cached prefix, chunks beside other prompts)
+    # take one launch per InfLLM v2 stage together; False: a pipeline per row (~6 launches and host work each:
+    # 32 rows after a 16K cached prefix took ~150-250 ms to first token on the 0.5B shape).
+    batch_sparse_rows = True
 
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
         super().__init__()
@@ -220,9 +224,17 @@ class Attention(nn.Module):
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
+            # Sparse rows with a cache on the GPU (chunks after a cached prefix, prompts beside others, decode
+            # steps): one launch per InfLLM v2 stage for all of them, not a pipeline per row.
+            rows = [i for i in range(b) if sparse[i] and h_new[i]] if cache is not None and \
+                self.batch_sparse_rows and infllm_v2.uses_triton(q) else []
+            if len(rows) > 1:
+                self._sparse_rows(q, k_all, v_all, out, rows, [h_new[i] for i in rows], [kv_lens[i] for i in rows],
+                                  cache)
+                fresh += rows
             # Sparse rows decoding one token each: one InfLLM v2 pass for all of them (not one per row).
-            steps = [i for i in range(b) if sparse[i] and h_new[i] == 1] if cache is not None and \
-                self.batch_sparse_decode else []
+            steps = [i for i in range(b) if sparse[i] and h_new[i] == 1 and i not in fresh] \
+                if cache is not None and self.batch_sparse_decode else []
             if len(steps) > 1:
                 lens = [kv_lens[i] for i in steps]
                 keys = [cache.compressed_keys(self.layer_idx, i, kv_lens[i], sc) for i in steps]
@@ -249,6 +261,28 @@ class Attention(nn.Module):
         if pack is not None:
             out = pack.unpad(out)
         return self._out(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
+
+    def _sparse_rows(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor,
+                     rows: list[int], n_new: list[int], kv_lens: list[int], cache) -> None:
+        """InfLLM v2 attention of several rows' new queries (row i: its n_new last of kv_lens keys) in one launch
+        per stage (`infllm_v2.sparse_attention_rows`), written into `out`."""
+        sc = self.config.sparse_config
+        end = max(kv_lens)
+        if hasattr(cache, "compressed_keys_rows"):  # the paged cache: every row's kernel keys in one gather
+            k1, k2, n1, n2 = cache.compressed_keys_rows(self.layer_idx, rows, kv_lens, sc)
+        else:
+            keys = [cache.compressed_keys(self.layer_idx, i, L, sc) for i, L in zip(rows, kv_lens)]
+            k1, k2 = [a for a, _ in keys], None if keys[0][1] is None else [c for _, c in keys]
+            n1 = n2 = None
+        if rows == list(range(q.shape[0])):  # every row of the step: views, no copies of the keys
+            o = infllm_v2.sparse_attention_rows(q, k_all[:, :end], v_all[:, :end], n_new, kv_lens, sc, self.scale,
+                                                k1, k2, n1, n2, memo=getattr(cache, "memo", None))
+            out[:, :o.shape[1]] = o
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            o = infllm_v2.sparse_attention_rows(q[idx], k_all[idx, :end], v_all[idx, :end], n_new, kv_lens, sc,
+                                                self.scale, k1, k2, n1, n2, memo=getattr(cache, "memo", None))
+            out[idx, :o.shape[1]] = o
 
     def _sparse_row(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, i: int, n: int, kv_len: int,
                     cache) -> torch.Tensor:

@@ -17,7 +17,8 @@ from . import cpu
 from .reference import compress_keys, decode_rows, infllm_v2_attention, kernel_means, num_kernels
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
-           "shared_window", "sparse_attention_varlen", "sparse_decode_rows", "make_opaque_to_compile"]
+           "shared_window", "sparse_attention_rows", "triton_pipeline_rows", "sparse_attention_varlen",
+           "sparse_decode_rows", "make_opaque_to_compile"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -48,6 +49,57 @@ def triton_pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Spar
     return (out, idx) if return_blocks else out
 
 
+def sparse_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_new: list[int], kv_lens: list[int],
+                          cfg: SparseConfig, scale: float, k1: torch.Tensor | list[torch.Tensor],
+                          k2: torch.Tensor | list[torch.Tensor] | None, n1: list[int] | None = None,
+                          n2: list[int] | None = None, memo: dict | None = None) -> torch.Tensor:
+    """InfLLM v2 attention of several sequences at once: row r's queries q[r, :n_new[r]] are the last n_new[r] of
+    its kv_lens[r] tokens k[r], v[r] ([R, S, hkv, d], right-padded); k1/k2 its semantic-kernel keys, a list per row
+    or right-padded [R, N, hkv, d] with counts n1/n2. -> [R, max(n_new), hq, d], zero past each row's queries.
+    memo: a dict kept for every layer of a step, so the per-row numbers go to the GPU once a step.
+    On the GPU one launch per stage for all rows (inference: no gradient); elsewhere row by row
+    (`sparse_attention`)."""
+    if len(n_new) != q.shape[0] or len(kv_lens) != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} rows but {len(n_new)} query counts and {len(kv_lens)} key counts")
+    if isinstance(k1, (list, tuple)):
+        n1 = [x.shape[0] for x in k1]
+        n2 = None if k2 is None else [x.shape[0] for x in k2]
+    if uses_triton(q):
+        return triton_pipeline_rows(q, k, v, n_new, kv_lens, cfg, scale, k1, k2, n1, n2, memo=memo)
+    out = q.new_zeros((q.shape[0], max(n_new), *q.shape[2:]))
+    for r, (n, kl) in enumerate(zip(n_new, kv_lens)):
+        out[r, :n] = sparse_attention(q[r, :n], k[r, :kl], v[r, :kl], cfg, scale, k1[r][:n1[r]],
+                                      None if k2 is None else k2[r][:n2[r]])
+    return out
+
+
+def triton_pipeline_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_new: list[int], kv_lens: list[int],
+                         cfg: SparseConfig, scale: float, k1: torch.Tensor | list[torch.Tensor],
+                         k2: torch.Tensor | list[torch.Tensor] | None, n1: list[int], n2: list[int] | None,
+                         return_blocks: bool = False, memo: dict | None = None):
+    """`sparse_attention_rows` in the Triton kernels: stages 1, 3 and 4, each one launch for every row
+    (return_blocks: also the selection [R, hkv, T, K], as `select_blocks` with rows)."""
+    from .triton_attention import sparse_fwd
+    from .triton_select import Rows, block_scores, select_blocks
+
+    if isinstance(k1, (list, tuple)):
+        pad = torch.nn.utils.rnn.pad_sequence
+        k1 = pad(list(k1), batch_first=True)
+        k2 = None if k2 is None else pad(list(k2), batch_first=True)
+    key = ("rows", tuple(n_new), tuple(kv_lens), tuple(n1), None if n2 is None else tuple(n2))
+    rows = None if memo is None else memo.get(key)
+    if rows is None:
+        rows = Rows(n_new, kv_lens, n1, n2, q.device)
+        if memo is not None:
+            memo[key] = rows
+    q = q[:, :rows.tq]
+    with torch.no_grad():
+        scores = block_scores(q, k1, k2, 0, cfg, scale, rows=rows)
+        idx = select_blocks(scores, 0, 0, 0, cfg, rows=rows)
+        out = sparse_fwd(q, k, v, idx, cfg.block_size, scale, cfg.init_blocks, shared_window(cfg), rows=rows)[0]
+    return (out, idx) if return_blocks else out
+
+
 def shared_window(cfg: SparseConfig) -> int:
     """Blocks before the query's own block that every query of a block attends to: the forced local
     window (Gen-B: qb-local .. qb) or the attention's sliding window (Gen-A: qb-local+1 .. qb)."""
@@ -68,11 +120,11 @@ def sparse_decode_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: 
                        scale: float, k1: list[torch.Tensor], k2: list[torch.Tensor] | None) -> torch.Tensor:
     """One decode step of several sequences: q [R, hq, d] (row r's query is the last of its lens[r] tokens),
     k/v [R, Tmax, hkv, d] right-padded, k1/k2 each row's semantic-kernel keys -> [R, hq, d]. Off the GPU in
-    one pass over all rows (`reference.decode_rows`); with the Triton kernels row by row (the engine's CUDA
-    decode runs on the paged cache instead)."""
+    one pass over all rows (`reference.decode_rows`); with the Triton kernels one launch per stage for all rows
+    (`triton_pipeline_rows`; the engine's CUDA decode runs on the paged cache instead)."""
     if uses_triton(q):
-        return torch.stack([sparse_attention(q[r:r + 1], k[r, :n], v[r, :n], cfg, scale, k1[r],
-                                             None if k2 is None else k2[r])[0] for r, n in enumerate(lens)])
+        return triton_pipeline_rows(q[:, None], k, v, [1] * len(lens), lens, cfg, scale, k1, k2,
+                                    [x.shape[0] for x in k1], None if k2 is None else [x.shape[0] for x in k2])[:, 0]
     pad = torch.nn.utils.rnn.pad_sequence
     return decode_rows(q, k, v, torch.tensor(lens), cfg, scale, pad(k1, batch_first=True),
                        None if k2 is None else pad(k2, batch_first=True), attend=cpu.decode_attention)

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_select import Rows, group_rows, own_range, row_params, shared_block, softmax_step, tile_shape
 from .triton_select import autotune_configs as _configs
-from .triton_select import group_rows, own_range, shared_block, softmax_step, tile_shape
 
 
 @triton.jit
@@ -44,20 +44,41 @@ def shared_heads_for(g: int, heads: int | None = None) -> int:
     return heads if g % heads == 0 else 1
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP", "ROWS"])
 @triton.jit
 def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, window, sm_scale,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                       stride_lt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
-                       HP: tl.constexpr):
+                       stride_lt, rows_ptr, n_rows, n_programs, stride_qb, stride_kb, stride_vb, stride_ob, stride_lb,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
+                       HP: tl.constexpr, ROWS: tl.constexpr):
     """The blocks every query of a query block attends to (initial blocks and the local window
     qb-window .. qb): one flash-attention tile of BLOCK tokens x HP heads of one group. Writes the partial
     result (normalised, fp32) and its log-sum-exp in log2 units. Only the last block (the query block's own)
-    needs the causal mask: every earlier one lies before all of the tile's positions."""
+    needs the causal mask: every earlier one lies before all of the tile's positions.
+    ROWS: several sequences (triton_select.Rows), the second grid axis (row, head program)."""
+    pid = tl.program_id(1)
+    if ROWS:
+        b, pid, tq, q_start, tk = row_params(rows_ptr, n_rows, pid, n_programs, 2)
+        if tl.program_id(0) + q_start // BLOCK <= (tk - 1) // BLOCK:  # past a shorter row's blocks: nothing
+            _fwd_shared_tile(q_ptr + b * stride_qb, k_ptr + b * stride_kb, v_ptr + b * stride_vb,
+                             o_ptr + b * stride_ob, lse_ptr + b * stride_lb, pid, q_start, tk, window, sm_scale,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                             stride_lt, G, D, BLOCK, INIT, HP)
+    else:
+        _fwd_shared_tile(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, window, sm_scale, stride_qt, stride_qh,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, G, D, BLOCK, INIT,
+                         HP)
+
+
+@triton.jit
+def _fwd_shared_tile(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, window, sm_scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     stride_lt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
+                     HP: tl.constexpr):
     qb = tl.program_id(0) + q_start // BLOCK
     r = tl.arange(0, HP * BLOCK)
-    h = tl.program_id(1) * HP + r // BLOCK  # HP divides G: one KV group per program
-    g = tl.program_id(1) * HP // G
+    h = pid * HP + r // BLOCK  # HP divides G: one KV group per program
+    g = pid * HP // G
     pos = qb * BLOCK + r % BLOCK
     rm = (pos >= q_start) & (pos < tk)
     t = pos - q_start
@@ -81,18 +102,39 @@ def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, win
     tl.store(lse_ptr + t * stride_lt + h, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rm)
 
 
-@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "ROWS"])
 @triton.jit
 def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
-                      stride_ot, stride_oh, stride_lt,
+                      stride_ot, stride_oh, stride_lt, rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_vb,
+                      stride_bb, stride_osb, stride_lsb, stride_ob, stride_lb,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                      NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+                      NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, ROWS: tl.constexpr):
     """Continues the shared part's softmax state with the query's own selected blocks (those outside the
     shared set: init <= b < qb - window). The selection is sorted ascending with -1 last, so those blocks
-    are one contiguous run of it: the loop has no branches and pipelines its loads."""
+    are one contiguous run of it: the loop has no branches and pipelines its loads.
+    ROWS: several sequences (triton_select.Rows), the second grid axis (row, KV head)."""
     t = tl.program_id(0)
     g = tl.program_id(1)
+    if ROWS:
+        b, g, tq, q_start, tk = row_params(rows_ptr, n_rows, g, n_groups, 2)
+        if t < tq:  # past a shorter row's queries: nothing
+            _fwd_token_query(q_ptr + b * stride_qb, k_ptr + b * stride_kb, v_ptr + b * stride_vb,
+                             blk_ptr + b * stride_bb, os_ptr + b * stride_osb, ls_ptr + b * stride_lsb,
+                             o_ptr + b * stride_ob, lse_ptr + b * stride_lb, t, g, q_start, window, sm_scale,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
+                             stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, NSEL, NSEL_PAD, INIT)
+    else:
+        _fwd_token_query(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, t, g, q_start, window, sm_scale,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
+                         stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, NSEL, NSEL_PAD, INIT)
+
+
+@triton.jit
+def _fwd_token_query(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, t, g, q_start, window, sm_scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
+                     stride_ot, stride_oh, stride_lt, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                     BLOCK: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
     pos = q_start + t
     qb = pos // BLOCK
     h, hm, qoff = group_rows(t, g, stride_qt, stride_qh, G, G_PAD, D)
@@ -337,35 +379,53 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
-               init_blocks: int, window: int, shared_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               init_blocks: int, window: int, shared_heads: int | None = None, rows: Rows | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the shared blocks (b < init_blocks or qb - window <= b <= qb) plus the selected blocks
     `idx` [hkv, Tq, K] (sorted ascending, -1 last; entries inside the shared set are ignored).
-    Returns out [Tq, hq, d] and lse [Tq, hq] (natural log). shared_heads: see SHARED_HEADS (None: that)."""
-    _check(q, k, v, idx)
+    Returns out [Tq, hq, d] and lse [Tq, hq] (natural log). shared_heads: see SHARED_HEADS (None: that).
+    rows: several sequences (q [R, T, hq, d], k/v [R, S, hkv, d], idx [R, hkv, T, K]; see triton_select.Rows)
+    -> out [R, T, hq, d] (zero past each sequence's queries) and lse [R, T, hq]."""
+    if rows is None:
+        _check(q, k, v, idx)
+        q, k, v, idx = q[None], k[None], v[None], idx[None]
+        q_start, tk = k.shape[1] - q.shape[1], k.shape[1]
+        n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
+    else:
+        _check(q[0], k[0], v[0], idx[0])
+        q_start = tk = 0  # per sequence, from rows.table
+        n_qblocks = max((kl - 1) // block_size - s // block_size + 1 for s, kl in zip(rows.q_start, rows.kv_lens))
     q, k, v, idx = _contig(q), _contig(k), _contig(v), _contig(idx.to(torch.int32))
-    tq, hq, d = q.shape
-    tk, hkv, _ = k.shape
+    r, tq, hq, d = q.shape
+    if q.stride(1) != hq * d or q.stride(2) != d:  # the token kernel reads o_shared with q's offsets
+        q = q.contiguous()
+    hkv = k.shape[2]
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
-    q_start = tk - tq
-    o_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
-    lse_shared = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
-    n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
+    # Same layout as q (the token kernel reads both with q's offsets); zeroed where a shorter row stops.
+    alloc = torch.zeros if rows is not None else torch.empty
+    o_shared = alloc((r, tq, hq, d), device=q.device, dtype=torch.float32)
+    lse_shared = alloc((r, tq, hq), device=q.device, dtype=torch.float32)
     hp = shared_heads_for(g, shared_heads)
-    _fwd_shared_kernel[(n_qblocks, hq // hp)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale,
-                                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                                              v.stride(1), o_shared.stride(0), o_shared.stride(1),
-                                              lse_shared.stride(0), G=g, D=d, BLOCK=block_size, INIT=init_blocks,
-                                              HP=hp)
-    o = torch.empty_like(q)
-    lse = torch.empty((tq, hq), device=q.device, dtype=torch.float32)
-    nsel = idx.shape[2]
-    _fwd_token_kernel[(tq, hkv)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale, q.stride(0),
-                                 q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
-                                 idx.stride(1), o.stride(0), o.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d,
-                                 BLOCK=block_size, NSEL=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-                                 INIT=init_blocks)
-    return o, lse
+    table = q if rows is None else rows.table  # read only with ROWS
+    _fwd_shared_kernel[(n_qblocks, hq // hp * r)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale,
+                                                  q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1),
+                                                  v.stride(2), o_shared.stride(1), o_shared.stride(2),
+                                                  lse_shared.stride(1), table, r, hq // hp, q.stride(0), k.stride(0),
+                                                  v.stride(0), o_shared.stride(0), lse_shared.stride(0), G=g, D=d,
+                                                  BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
+    o = alloc(q.shape, device=q.device, dtype=q.dtype)
+    lse = alloc((r, tq, hq), device=q.device, dtype=torch.float32)
+    nsel = idx.shape[3]
+    _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
+                                     q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                                     idx.stride(1), idx.stride(2), o.stride(1),
+                                     o.stride(2), lse.stride(1), table, r, hkv, q.stride(0), k.stride(0), v.stride(0),
+                                     idx.stride(0), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
+                                     lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, NSEL=nsel,
+                                     NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks,
+                                     ROWS=rows is not None)
+    return (o, lse) if rows is not None else (o[0], lse[0])
 
 
 def full_block_list(idx: torch.Tensor, q_pos: torch.Tensor, block_size: int, init_blocks: int, window: int

@@ -115,8 +115,21 @@ def visible_split(pid_t, sp, tq, q_start, n_keys, per_split, BLOCK_T: tl.constex
     """[lo, hi) of the kernels of split sp that the last query of tile pid_t can see (none beyond)."""
     last = tl.minimum(q_start + pid_t * BLOCK_T + BLOCK_T - 1, q_start + tq - 1)
     n_vis = tl.minimum(n_keys, tl.maximum((last - KSIZE + 1) // KSTRIDE + 1, 0))
+    n_vis = tl.where(pid_t * BLOCK_T < tq, n_vis, 0)  # a tile past a shorter row's queries (ROWS)
     lo = sp * per_split
     return lo, tl.minimum(lo + per_split, n_vis)
+
+
+@triton.jit
+def row_params(rows_ptr, n_rows, pid, n_groups, KEYS_ROW: tl.constexpr):
+    """Several sequences in one launch (`Rows`): rows_ptr is int32 [5, n_rows] (queries, first query's
+    position, keys, fine kernels, coarse kernels per sequence); a grid axis of n_rows x n_groups programs.
+    Returns (row as int64 for offsets, group, queries, first position, kernels of table KEYS_ROW)."""
+    b = pid // n_groups
+    tq = tl.load(rows_ptr + b)
+    q_start = tl.load(rows_ptr + n_rows + b)
+    n_keys = tl.load(rows_ptr + KEYS_ROW * n_rows + b)
+    return b.to(tl.int64), pid % n_groups, tq, q_start, n_keys
 
 
 def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
@@ -162,17 +175,25 @@ def compress(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int =
     return out
 
 
-@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N"])
+@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "ROWS"])
 @triton.jit
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt,
+                rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_lb,
                 G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr):
+                D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, ROWS: tl.constexpr,
+                KEYS_ROW: tl.constexpr):
     """Partial lse[split, t, h] (log2 units) over the kernels of this split visible to query t
-    (end j*KSTRIDE + KSIZE - 1 <= position); splits are merged afterwards (one split in prefill)."""
+    (end j*KSTRIDE + KSIZE - 1 <= position); splits are merged afterwards (one split in prefill).
+    ROWS: several sequences, the second grid axis (row, KV head); see `row_params`."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
+    if ROWS:
+        b, g, tq, q_start, n_keys = row_params(rows_ptr, n_rows, g, n_groups, KEYS_ROW)
+        q_ptr += b * stride_qb
+        k_ptr += b * stride_kb
+        lse_ptr += b * stride_lb
     M: tl.constexpr = BLOCK_T * G_PAD
     q, ti, hi, tm = query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G, G_PAD, BLOCK_T, D)
     pos = q_start + ti
@@ -199,18 +220,26 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
 SCORE_KEYS_FIRST = True
 
 
-@triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS", "KEYS_FIRST"])
+@triton.autotune(configs=autotune_configs(),
+                 key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS", "KEYS_FIRST", "ROWS"])
 @triton.jit
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
+                  rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_lb, stride_sb,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, LSE_SPLITS: tl.constexpr,
-                  LSE_SPLITS_PAD: tl.constexpr, KEYS_FIRST: tl.constexpr):
+                  LSE_SPLITS_PAD: tl.constexpr, KEYS_FIRST: tl.constexpr, ROWS: tl.constexpr):
     """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile
-    (KEYS_FIRST: see SCORE_KEYS_FIRST)."""
+    (KEYS_FIRST: see SCORE_KEYS_FIRST; ROWS: as `_lse_kernel`)."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
+    if ROWS:
+        b, g, tq, q_start, n_keys = row_params(rows_ptr, n_rows, g, n_groups, 3)
+        q_ptr += b * stride_qb
+        k_ptr += b * stride_kb
+        lse_ptr += b * stride_lb
+        s_ptr += b * stride_sb
     j_lo, j_hi = visible_split(pid_t, sp, tq, q_start, n_keys, per_split, BLOCK_T, KSIZE, KSTRIDE)
     q, ti, hi, tm = query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G, G_PAD, BLOCK_T, D)
     pos = q_start + ti
@@ -270,46 +299,78 @@ def _splits(n_keys: int, n_programs: int, device: torch.device, block_n: int) ->
     return max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_keys, 4 * block_n)))
 
 
+class Rows:
+    """Several sequences in one launch of the prefill kernels: sequence i's queries are the last n_new[i] of its
+    kv_lens[i] tokens, q [R, T, hq, d] (its first n_new[i] rows), k/v [R, S, hkv, d], kernel keys [R, N, hkv, d]
+    (its first n1[i] / n2[i]); padding is never read. The five per-sequence numbers go to the GPU once."""
+
+    def __init__(self, n_new: list[int], kv_lens: list[int], n1: list[int], n2: list[int] | None,
+                 device: torch.device):
+        if len(n_new) != len(kv_lens) or any(n > k or n < 1 for n, k in zip(n_new, kv_lens)):
+            raise ValueError(f"each sequence needs 1 <= queries <= keys; got {n_new} queries, {kv_lens} keys")
+        self.n = len(n_new)
+        self.n_new, self.kv_lens = list(n_new), list(kv_lens)
+        self.q_start = [k - n for n, k in zip(n_new, kv_lens)]
+        self.tq = max(n_new)
+        host = [n_new, self.q_start, kv_lens, n1, n2 if n2 is not None else n1]
+        self.table = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
+
+    def blocks(self, block_size: int) -> int:
+        """Blocks of the longest sequence (the selection's lanes)."""
+        return (max(self.kv_lens) - 1) // block_size + 1
+
+
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
                  scale: float, exact_lse: bool = False, key_splits: int | None = None,
-                 block_n: int = 64, keys_first: bool | None = None) -> torch.Tensor:
+                 block_n: int = 64, keys_first: bool | None = None, rows: Rows | None = None) -> torch.Tensor:
     """Stage 1 -> [hkv, Tq, N1] scores in q's dtype (unwritten where no query sees the kernel).
 
     The LSE is taken over the coarse keys (Gen-B, the approximation) or over the fine ones (Gen-A, or
-    `exact_lse` for testing). keys_first: see SCORE_KEYS_FIRST (None: that)."""
-    tq, hq, d = q.shape
-    hkv = k1.shape[1]
+    `exact_lse` for testing). keys_first: see SCORE_KEYS_FIRST (None: that). rows: several sequences (q, k1, k2
+    with a leading row axis, see `Rows`; q_start unused) -> [R, hkv, T, N1]."""
+    if rows is None:
+        q, k1, k2 = q[None], k1[None], None if k2 is None else k2[None]
+    r, tq, hq, d = q.shape
+    hkv = k1.shape[2]
     g = hq // hkv
-    n1 = k1.shape[0]
+    n1 = k1.shape[1]
     bt, g_pad = tile_shape(g, 128)
     use_fine = exact_lse or cfg.variant == "gen-a" or k2 is None
     kn, ks, kst = (k1, cfg.kernel_size, cfg.kernel_stride) if use_fine else (
         k2, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
     n_tiles = triton.cdiv(tq, bt)
-    if kn.shape[0] == 0:
-        part = torch.full((1, tq, hq), -math.inf, device=q.device, dtype=torch.float32)
+    table = q if rows is None else rows.table  # read only with ROWS
+    batch = dict(rows_ptr=table, n_rows=r, n_groups=hkv, ROWS=rows is not None)
+    if kn.shape[1] == 0:
+        part = torch.full((r, 1, tq, hq), -math.inf, device=q.device, dtype=torch.float32)
     else:
-        splits = key_splits or _splits(kn.shape[0], n_tiles * hkv, q.device, block_n)
-        per = triton.cdiv(triton.cdiv(kn.shape[0], splits), block_n) * block_n
-        splits = triton.cdiv(kn.shape[0], per)
-        part = torch.empty((splits, tq, hq), device=q.device, dtype=torch.float32)
-        _lse_kernel[(n_tiles, hkv, splits)](q, kn, part, tq, q_start, kn.shape[0], per, scale, q.stride(0),
-                                            q.stride(1), kn.stride(0), kn.stride(1), part.stride(0), part.stride(1),
-                                            G=g, G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=block_n, D=d, KSIZE=ks,
-                                            KSTRIDE=kst)
-    scores = torch.empty((hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
+        splits = key_splits or _splits(kn.shape[1], n_tiles * hkv * r, q.device, block_n)
+        per = triton.cdiv(triton.cdiv(kn.shape[1], splits), block_n) * block_n
+        splits = triton.cdiv(kn.shape[1], per)
+        part = torch.empty((r, splits, tq, hq), device=q.device, dtype=torch.float32)
+        _lse_kernel[(n_tiles, hkv * r, splits)](q, kn, part, tq, q_start, kn.shape[1], per, scale, q.stride(1),
+                                                q.stride(2), kn.stride(1), kn.stride(2), part.stride(1),
+                                                part.stride(2), stride_qb=q.stride(0), stride_kb=kn.stride(0),
+                                                stride_lb=part.stride(0), G=g, G_PAD=g_pad, BLOCK_T=bt,
+                                                BLOCK_N=block_n, D=d, KSIZE=ks, KSTRIDE=kst,
+                                                KEYS_ROW=3 if use_fine else 4, **batch)
+    scores = torch.empty((r, hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
     if n1:
-        splits = key_splits or _splits(n1, n_tiles * hkv, q.device, block_n)
+        splits = key_splits or _splits(n1, n_tiles * hkv * r, q.device, block_n)
         per = triton.cdiv(triton.cdiv(n1, splits), block_n) * block_n
         splits = triton.cdiv(n1, per)
-        _score_kernel[(n_tiles, hkv, splits)](q, k1, part, scores, tq, q_start, n1, per, scale, q.stride(0),
-                                              q.stride(1), k1.stride(0), k1.stride(1), part.stride(0), part.stride(1),
-                                              scores.stride(0), scores.stride(1), G=g, G_PAD=g_pad, BLOCK_T=bt,
-                                              BLOCK_N=block_n, D=d, KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
-                                              LSE_SPLITS=part.shape[0],
-                                              LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[0]),
-                                              KEYS_FIRST=SCORE_KEYS_FIRST if keys_first is None else keys_first)
-    return scores
+        _score_kernel[(n_tiles, hkv * r, splits)](q, k1, part, scores, tq, q_start, n1, per, scale, q.stride(1),
+                                                  q.stride(2), k1.stride(1), k1.stride(2), part.stride(1),
+                                                  part.stride(2), scores.stride(1), scores.stride(2),
+                                                  stride_qb=q.stride(0), stride_kb=k1.stride(0),
+                                                  stride_lb=part.stride(0), stride_sb=scores.stride(0), G=g,
+                                                  G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=block_n, D=d,
+                                                  KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
+                                                  LSE_SPLITS=part.shape[1],
+                                                  LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[1]),
+                                                  KEYS_FIRST=SCORE_KEYS_FIRST if keys_first is None else keys_first,
+                                                  **batch)
+    return scores if rows is not None else scores[0]
 
 
 def score_shift(dtype: torch.dtype) -> int:
@@ -392,16 +453,34 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     return sel & ((b * 0 + k_eff) > 0)
 
 
-@triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD"])
+@triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD", "ROWS"])
 @triton.jit
 def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
+                   rows_ptr, n_rows, n_groups, stride_sb, stride_ob,
                    K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
-                   NARROW: tl.constexpr):
+                   NARROW: tl.constexpr, ROWS: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
+    if ROWS:  # as `_lse_kernel`; programs past a shorter row's queries do nothing
+        b, g, tq, q_start, n_kernels = row_params(rows_ptr, n_rows, g, n_groups, 3)
+        if t < tq:
+            _select_query(s_ptr + b * stride_sb, out_ptr + b * stride_ob, t, g, q_start, n_kernels, stride_sh,
+                          stride_st, stride_oh, stride_ot, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
+                          BLOCK, INIT, LOCAL, GEN_B, SHIFT, NARROW)
+    else:
+        _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot, K, K_PAD,
+                      NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, BLOCK, INIT, LOCAL, GEN_B, SHIFT, NARROW)
+
+
+@triton.jit
+def _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
+                  K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr, PER_BLOCK: tl.constexpr,
+                  PAD: tl.constexpr, WIDTH: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr,
+                  BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+                  SHIFT: tl.constexpr, NARROW: tl.constexpr):
     pos = q_start + t
     qb = pos // BLOCK
     row = s_ptr + g * stride_sh + t * stride_st
@@ -444,20 +523,29 @@ def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.const
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
-                  narrow: bool | None = None) -> torch.Tensor:
+                  narrow: bool | None = None, rows: Rows | None = None) -> torch.Tensor:
     """Stage 3 -> int32 [hkv, Tq, K] ascending block ids, -1 padded (same rule as reference.select_blocks).
-    narrow: the binary search over the unforced keys' range only (`topk_mask`; None: SELECT_NARROW)."""
-    hkv = scores.shape[0]
+    narrow: the binary search over the unforced keys' range only (`topk_mask`; None: SELECT_NARROW).
+    rows: several sequences (scores [R, hkv, T, N1] from `block_scores`; q_start, tq, n_kernels unused) ->
+    [R, hkv, T, K] with K for the longest (a shorter sequence's rows -1 padded past its own count)."""
+    if rows is None:
+        scores = scores[None]
+        n_blocks = (q_start + tq - 1) // cfg.block_size + 1
+    else:
+        n_blocks = rows.blocks(cfg.block_size)
+        tq = rows.tq
+    r, hkv = scores.shape[:2]
     bsz = cfg.block_size
-    n_blocks = (q_start + tq - 1) // bsz + 1
     k = min(cfg.num_selected, n_blocks)
-    out = torch.empty((hkv, tq, k), device=scores.device, dtype=torch.int32)
+    out = torch.empty((r, hkv, tq, k), device=scores.device, dtype=torch.int32)
     s = cfg.kernel_stride
-    _select_kernel[(tq, hkv)](scores, out, tq, q_start, n_kernels, scores.stride(0), scores.stride(1),
-                              out.stride(0), out.stride(1), K=k, K_PAD=triton.next_power_of_2(k),
-                              NB_PAD=triton.next_power_of_2(n_blocks), PER_BLOCK=bsz // s,
-                              PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
-                              KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
-                              LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
-                              SHIFT=score_shift(scores.dtype), NARROW=SELECT_NARROW if narrow is None else narrow)
-    return out
+    _select_kernel[(tq, hkv * r)](scores, out, tq, q_start, n_kernels, scores.stride(1), scores.stride(2),
+                                  out.stride(1), out.stride(2), scores if rows is None else rows.table, r, hkv,
+                                  scores.stride(0), out.stride(0), K=k, K_PAD=triton.next_power_of_2(k),
+                                  NB_PAD=triton.next_power_of_2(n_blocks), PER_BLOCK=bsz // s,
+                                  PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
+                                  KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
+                                  LOCAL=cfg.local_blocks, GEN_B=cfg.variant == "gen-b",
+                                  SHIFT=score_shift(scores.dtype), NARROW=SELECT_NARROW if narrow is None else narrow,
+                                  ROWS=rows is not None)
+    return out if rows is not None else out[0]
