@@ -783,7 +783,11 @@ def test_interpreter_rows_in_one_launch(variant):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
     # Rows of different query and key counts: a whole prompt, chunks after cached tokens, a lone query.
-    check_rows(small_cfg(variant), [(20, 90), (70, 70), (1, 65), (33, 120)], 4, 2, 16, torch.float32, "cpu", 1e-5)
+    if variant == "gen-b":
+        check_rows(small_cfg(variant), [(12, 90), (50, 50), (1, 65), (20, 110)], 4, 2, 16, torch.float32, "cpu", 1e-5)
+    else:  # rows too short for a kernel or a second block beside long ones; a group of 3 heads
+        check_rows(small_cfg(variant, window_size=16, topk=2), [(5, 7), (1, 3), (40, 40), (16, 100)], 6, 2, 16,
+                   torch.float32, "cpu", 1e-5, seed=3)
 
 
 @gpu
