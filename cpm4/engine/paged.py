@@ -28,6 +28,7 @@ from cpm4.kernels.infllm_v2 import num_kernels
 from cpm4.kernels.infllm_v2.reference import kernel_page_slots, kernel_slots
 from cpm4.model.config import MiniCPM4Config, SparseConfig
 from cpm4.model.modeling import Packing
+from cpm4.model.transfer import to_device
 
 from .kv_cache import CacheFullError
 
@@ -289,9 +290,9 @@ class PagedBatch:
         self.cache = cache
         self.seqs = seqs
         dev = cache.device
-        self.lens = torch.tensor([s.length for s in seqs], dtype=torch.long, device=dev)
+        self.lens = to_device([s.length for s in seqs], dev, torch.long)
         width = max([len(s.pages) for s in seqs] + [1])
-        self.table = cache.block_table(seqs, width).to(dev, torch.long)
+        self.table = to_device(cache.block_table(seqs, width), dev, torch.long)
         self._slots: tuple[torch.Tensor | slice, torch.Tensor | None, tuple[torch.Tensor | slice, int]] | None = None
         self._pool_plan: list[tuple] | None = None
         self._key_slots: dict[tuple[int, int, int, int], torch.Tensor] = {}
@@ -323,7 +324,7 @@ class PagedBatch:
         if self._slots is None:
             b = len(self.seqs)
             self._host = (starts.tolist(), new_lens.tolist())
-            real = Packing.flat_index(self._host[1], t).to(dev, non_blocking=True)
+            real = to_device(Packing.flat_index(self._host[1], t), dev)
             rows = torch.arange(b, device=dev)
             pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
             new_slots = self._slot_of(pos, rows).view(-1)[real]
@@ -393,8 +394,8 @@ class PagedBatch:
                 js += range(lo, hi)
             if not js:
                 continue
-            r = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-            j = torch.tensor(js, dtype=torch.long).to(dev, non_blocking=True)
+            r = to_device(rows, dev, torch.long)
+            j = to_device(js, dev, torch.long)
             page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
             tokens = j[:, None] * stride + torch.arange(size, device=dev)[None, :]
             plan.append((store, r, tokens, self.table[r, page], slot))
@@ -435,7 +436,7 @@ class PagedBatch:
             j = torch.arange(width, device=store.device)
             page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
             page = page.clamp_max(self.table.shape[1] - 1)  # past a row's kernels: some valid page
-            rows = torch.tensor(seqs, device=store.device)
+            rows = to_device(seqs, store.device)
             idx = self._key_slots[key] = (self.table[rows[:, None], page[None, :]] * store.shape[1] + slot).flatten()
         return store.flatten(0, 1).index_select(0, idx).view(len(seqs), -1, *store.shape[2:]), counts
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cpm4.model.transfer import to_device
+
 # Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 overflows.
 _GREEDY_EPS = 1e-5
 
@@ -273,7 +275,7 @@ class SamplingPlan:
         key = (name, device, dtype)
         t = self._tensors.get(key)
         if t is None:
-            t = self._tensors[key] = torch.tensor(values, device=device, dtype=dtype)
+            t = self._tensors[key] = to_device(values, device, dtype)
         return t
 
 

@@ -22,6 +22,7 @@ from cpm4.kernels import infllm_v2
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
+from cpm4.model.transfer import to_device
 
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt_ids, context_length, token_logprobs
@@ -497,10 +498,10 @@ class LLMEngine:
         ids = torch.zeros(len(group), t, dtype=torch.long)
         for i, (req, n) in enumerate(group):
             ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n])
-        new_lens = torch.tensor([n for _, n in group], device=dev)
+        new_lens = to_device([n for _, n in group], dev)
         batch = self.cache.batch(seqs)
         batch.prompt_lens = [len(req.prompt_ids) for req, _ in group]  # the dense/sparse switch of prompt chunks
-        return self.model(ids.to(dev), batch, new_lens, last_only=True)
+        return self.model(to_device(ids, dev), batch, new_lens, last_only=True)
 
     def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:
         logits = self._forward(group)

@@ -24,6 +24,7 @@ from cpm4.kernels import infllm_v2
 from . import fused
 from .config import MiniCPM4Config
 from .rope import RotaryEmbedding
+from .transfer import to_device
 
 
 def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
@@ -56,8 +57,8 @@ class Packing:
 
     def __init__(self, new_lens: list[int], t: int, device: torch.device):
         self.rows, self.t = len(new_lens), t
-        self.index = self.flat_index(new_lens, t).to(device)  # [n]: each packed token's place in [rows * t]
-        self.last = (torch.tensor(new_lens).cumsum(0) - 1).to(device)  # [rows]: each row's last, packed order
+        self.index = to_device(self.flat_index(new_lens, t), device)  # [n]: each packed token's place in [rows * t]
+        self.last = to_device(np.cumsum(new_lens) - 1, device, torch.long)  # [rows]: each row's last, packed order
 
     @staticmethod
     def flat_index(new_lens: list[int], t: int) -> torch.Tensor:
@@ -220,7 +221,7 @@ class Attention(nn.Module):
             out = q.new_zeros(q.shape)  # contiguous (`_dense_varlen` writes through a flat view)
             fresh = [i for i in range(b) if h_new[i] and not sparse[i] and not h_starts[i]]
             if len(fresh) > 1:
-                idx = torch.tensor(fresh, device=q.device)
+                idx = to_device(fresh, q.device)
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
@@ -238,7 +239,7 @@ class Attention(nn.Module):
             if len(steps) > 1:
                 lens = [kv_lens[i] for i in steps]
                 keys = [cache.compressed_keys(self.layer_idx, i, kv_lens[i], sc) for i in steps]
-                idx = torch.tensor(steps, device=q.device)
+                idx = to_device(steps, q.device)
                 end = max(lens)
                 out[idx, 0] = infllm_v2.sparse_decode_rows(
                     q[idx, 0], k_all[idx, :end], v_all[idx, :end], lens, sc, self.scale, [k1 for k1, _ in keys],
@@ -279,7 +280,7 @@ class Attention(nn.Module):
                                                 k1, k2, n1, n2, memo=getattr(cache, "memo", None))
             out[:, :o.shape[1]] = o
         else:
-            idx = torch.tensor(rows, device=q.device)
+            idx = to_device(rows, q.device)
             o = infllm_v2.sparse_attention_rows(q[idx], k_all[idx, :end], v_all[idx, :end], n_new, kv_lens, sc,
                                                 self.scale, k1, k2, n1, n2, memo=getattr(cache, "memo", None))
             out[idx, :o.shape[1]] = o
@@ -368,7 +369,7 @@ class Attention(nn.Module):
             host = (ragged_index(n_new, [i * t for i in rows]), ragged_index(kv_lens, [i * s for i in rows]),
                     torch.tensor(np.cumsum([0, *n_new]), dtype=torch.int32),
                     torch.tensor(np.cumsum([0, *kv_lens]), dtype=torch.int32))
-            memo[key] = tuple(x.to(q.device, non_blocking=True) for x in host)
+            memo[key] = tuple(to_device(x, q.device) for x in host)
         qidx, kidx, cu_q, cu_k = memo[key]
         qp = q.reshape(b * t, hq, d).index_select(0, qidx)
         kp = k.reshape(b * s, *k.shape[2:]).index_select(0, kidx)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from cpm4.model.config import SparseConfig
+from cpm4.model.transfer import to_device
 
 from .reference import num_kernels
 
@@ -313,7 +314,7 @@ class Rows:
         self.q_start = [k - n for n, k in zip(n_new, kv_lens)]
         self.tq = max(n_new)
         host = [n_new, self.q_start, kv_lens, n1, n2 if n2 is not None else n1]
-        self.table = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
+        self.table = to_device(host, device, torch.int32)
 
     def blocks(self, block_size: int) -> int:
         """Blocks of the longest sequence (the selection's lanes)."""
