@@ -402,10 +402,10 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     hkv = k.shape[2]
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
-    # Same layout as q (the token kernel reads both with q's offsets); zeroed where a shorter row stops.
-    alloc = torch.zeros if rows is not None else torch.empty
-    o_shared = alloc((r, tq, hq, d), device=q.device, dtype=torch.float32)
-    lse_shared = alloc((r, tq, hq), device=q.device, dtype=torch.float32)
+    # Same layout as q (the token kernel reads both with q's offsets); written and read for each row's queries only.
+    o_shared = torch.empty((r, tq, hq, d), device=q.device, dtype=torch.float32)
+    lse_shared = torch.empty((r, tq, hq), device=q.device, dtype=torch.float32)
+    alloc = torch.zeros if rows is not None else torch.empty  # the result: zero where a shorter row stops
     hp = shared_heads_for(g, shared_heads)
     table = q if rows is None else rows.table  # read only with ROWS
     _fwd_shared_kernel[(n_qblocks, hq // hp * r)](q, k, v, o_shared, lse_shared, tq, q_start, tk, window, scale,
