@@ -592,6 +592,24 @@ def test_requests_sharing_a_prefix_being_computed_wait_for_it(caching):
     assert res["short"].token_ids == alone(model, short, params) and res["short"].num_cached_tokens == 0
 
 
+def _rows_forward(model, ps, cut, device, dtype, page_size=16):
+    """Logits of the prompts' tokens after `cut` cached ones, the new parts as one batched step (cache pages)."""
+    cache = PagedKVCache(model.config, num_pages=64, page_size=page_size, device=device, dtype=dtype)
+    seqs = [SeqPages() for _ in ps]
+    for seq, p, c in zip(seqs, ps, cut):  # the cached part, one row at a time
+        if c:
+            cache.reserve(seq, c)
+            model(torch.tensor([p[:c]], device=device), cache.batch([seq]), torch.tensor([c], device=device))
+    new = [len(p) - c for p, c in zip(ps, cut)]
+    for seq, n in zip(seqs, new):
+        cache.reserve(seq, n)
+    ids = torch.zeros(len(ps), max(new), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(ps, cut)):
+        ids[i, :new[i]] = torch.tensor(p[c:])
+    logits = model(ids.to(device), cache.batch(seqs), torch.tensor(new, device=device))
+    return [logits[i, :n].float().cpu() for i, n in enumerate(new)]
+
+
 @pytest.mark.gpu
 def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
     """Dense rows continuing cached tokens (a shared prefix, later chunks) take one variable-length flash call
@@ -608,21 +626,7 @@ def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
 
     def forward(batched):
         monkeypatch.setattr(Attention, "batch_continuing_rows", batched)
-        cache = PagedKVCache(model.config, num_pages=64, page_size=16, device="cuda", dtype=torch.bfloat16)
-        seqs = [SeqPages() for _ in ps]
-        for seq, p, c in zip(seqs, ps, cut):  # the cached part, one row at a time
-            if c:
-                cache.reserve(seq, c)
-                ids = torch.tensor([p[:c]], device="cuda")
-                model(ids, cache.batch([seq]), torch.tensor([c], device="cuda"))
-        new = [len(p) - c for p, c in zip(ps, cut)]
-        for seq, n in zip(seqs, new):
-            cache.reserve(seq, n)
-        ids = torch.zeros(len(ps), max(new), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(ps, cut)):
-            ids[i, :new[i]] = torch.tensor(p[c:])
-        logits = model(ids.cuda(), cache.batch(seqs), torch.tensor(new, device="cuda"))
-        return [logits[i, :n].float().cpu() for i, n in enumerate(new)]
+        return _rows_forward(model, ps, cut, "cuda", torch.bfloat16)
 
     calls = []
     real = torch.ops.aten._flash_attention_forward
@@ -650,24 +654,6 @@ def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
         res = eng.run_to_completion()
         out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
     assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
-
-
-def _rows_forward(model, ps, cut, device, dtype, page_size=16):
-    """Logits of the prompts' tokens after `cut` cached ones, the new parts as one batched step (cache pages)."""
-    cache = PagedKVCache(model.config, num_pages=64, page_size=page_size, device=device, dtype=dtype)
-    seqs = [SeqPages() for _ in ps]
-    for seq, p, c in zip(seqs, ps, cut):  # the cached part, one row at a time
-        if c:
-            cache.reserve(seq, c)
-            model(torch.tensor([p[:c]], device=device), cache.batch([seq]), torch.tensor([c], device=device))
-    new = [len(p) - c for p, c in zip(ps, cut)]
-    for seq, n in zip(seqs, new):
-        cache.reserve(seq, n)
-    ids = torch.zeros(len(ps), max(new), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(ps, cut)):
-        ids[i, :new[i]] = torch.tensor(p[c:])
-    logits = model(ids.to(device), cache.batch(seqs), torch.tensor(new, device=device))
-    return [logits[i, :n].float().cpu() for i, n in enumerate(new)]
 
 
 def test_sparse_rows_in_one_launch_interpreter(monkeypatch):
