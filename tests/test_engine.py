@@ -610,6 +610,30 @@ def _rows_forward(model, ps, cut, device, dtype, page_size=16):
     return [logits[i, :n].float().cpu() for i, n in enumerate(new)]
 
 
+def check_batched_rows(base, model, ps, cut, one, rows, prefix_len):
+    """A batched attention path on CUDA (bf16): the logits `one` equal the row-by-row `rows` within bf16 rounding
+    and the float32 model `base`; then through the engine, a batch after a cached prefix of prefix_len tokens
+    gives the tokens of the same batch without caching."""
+    for i, (a, b) in enumerate(zip(one, rows)):
+        ref = base(torch.tensor([ps[i]]))[0, cut[i]:]
+        assert (a - b).abs().max() < 0.05, i
+        assert (a - ref).abs().max() < 0.1 and (a.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
+    prefix = prompts(1, seed=12, lo=prefix_len, hi=prefix_len + 1)[0]
+    batch = [prefix + p[:20] for p in prompts(4, seed=13, lo=20, hi=21)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = {}
+    for caching in (True, False):
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
+                             prefix_caching=caching)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
+        eng.add_request("warm", prefix + [5], params)
+        eng.run_to_completion()
+        for i, p in enumerate(batch):
+            eng.add_request(f"r{i}", p, params)
+        res = eng.run_to_completion()
+        out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
+    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+
 @pytest.mark.gpu
 def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
     """Dense rows continuing cached tokens (a shared prefix, later chunks) take one variable-length flash call
@@ -633,27 +657,8 @@ def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     one, rows = forward(True), forward(False)
     assert len(calls) == model.config.num_hidden_layers  # one call a layer, then none row by row
-    for i, (a, b) in enumerate(zip(one, rows)):
-        ref = base(torch.tensor([ps[i]]))[0, cut[i]:]
-        assert (a - b).abs().max() < 0.05, i
-        assert (a - ref).abs().max() < 0.1 and (a.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
-    # Through the engine: a batch after a cached prefix gives the tokens of the same batch without the cache.
-    prefix = prompts(1, seed=12, lo=70, hi=71)[0]
-    batch = [prefix + p[:20] for p in prompts(4, seed=13, lo=20, hi=21)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     monkeypatch.setattr(Attention, "batch_continuing_rows", True)
-    out = {}
-    for caching in (True, False):
-        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
-                             prefix_caching=caching)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
-        eng.add_request("warm", prefix + [5], params)
-        eng.run_to_completion()
-        for i, p in enumerate(batch):
-            eng.add_request(f"r{i}", p, params)
-        res = eng.run_to_completion()
-        out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
-    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+    check_batched_rows(base, model, ps, cut, one, rows, prefix_len=70)
 
 
 def test_sparse_rows_in_one_launch_interpreter(monkeypatch):
@@ -703,23 +708,5 @@ def test_sparse_rows_in_one_launch_on_cuda(monkeypatch):
     assert len(calls) == model.config.num_hidden_layers
     monkeypatch.setattr(Attention, "batch_sparse_rows", False)
     rows = _rows_forward(model, ps, cut, "cuda", torch.bfloat16)
-    for i, (a, b) in enumerate(zip(one, rows)):
-        ref = base(torch.tensor([ps[i]]))[0, cut[i]:]
-        assert (a - b).abs().max() < 0.05, i
-        assert (a - ref).abs().max() < 0.1 and (a.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
-    prefix = prompts(1, seed=12, lo=150, hi=151)[0]
-    batch = [prefix + p[:20] for p in prompts(4, seed=13, lo=20, hi=21)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     monkeypatch.setattr(Attention, "batch_sparse_rows", True)
-    out = {}
-    for caching in (True, False):
-        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
-                             prefix_caching=caching)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
-        eng.add_request("warm", prefix + [5], params)
-        eng.run_to_completion()
-        for i, p in enumerate(batch):
-            eng.add_request(f"r{i}", p, params)
-        res = eng.run_to_completion()
-        out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
-    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+    check_batched_rows(base, model, ps, cut, one, rows, prefix_len=150)
