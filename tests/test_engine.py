@@ -672,8 +672,8 @@ def test_sparse_rows_in_one_launch_interpreter(monkeypatch):
     from cpm4.model.modeling import Attention
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40), num_hidden_layers=1)
-    ps = prompts(3, seed=21, lo=50, hi=70)
-    cut = [33, 20, 0]
+    ps = prompts(3, seed=21, lo=50, hi=70) + prompts(1, seed=22, lo=25, hi=26)  # the last one dense beside them
+    cut = [33, 20, 0, 10]
     refs = [model(torch.tensor([p]))[0, c:] for p, c in zip(ps, cut)]  # the plain-PyTorch InfLLM v2
     calls = []
     real = infllm_v2.triton_pipeline_rows
