@@ -237,6 +237,41 @@ def test_varlen_batch_equals_each_sequence():
         sparse_attention_varlen(q, k, v, torch.tensor([0, 90]), cu_k, cfg)
 
 
+
+def test_rows_batch_equals_each_sequence_and_checks_counts():
+    """`sparse_attention_rows` (off the GPU: row by row) on a right-padded batch equals each sequence alone, zero
+    past each row's queries; counts that do not fit the batch are refused."""
+    from cpm4.kernels.infllm_v2 import compress_keys, sparse_attention_rows
+
+    cfg = cfg_small()
+    shapes = [(90, 90), (40, 1), (130, 17)]
+    seqs = [rand_qkv(T, 4, 2, 8, tq, seed=i) for i, (T, tq) in enumerate(shapes)]
+    q = torch.zeros(3, 92, 4, 8, dtype=torch.float64)
+    k = torch.zeros(3, 130, 2, 8, dtype=torch.float64)
+    v = torch.zeros_like(k)
+    keys = []
+    for i, ((qs, ks, vs), (T, tq)) in enumerate(zip(seqs, shapes)):
+        q[i, :tq], k[i, :T], v[i, :T] = qs, ks, vs
+        keys.append(compress_keys(ks, cfg))
+    scale = 8 ** -0.5
+    out = sparse_attention_rows(q, k, v, [tq for _, tq in shapes], [T for T, _ in shapes], cfg, scale,
+                                [a for a, _ in keys], [b for _, b in keys])
+    assert out.shape == (3, 90, 4, 8)
+    for i, ((qs, ks, vs), (_, tq)) in enumerate(zip(seqs, shapes)):
+        assert torch.equal(out[i, :tq], sparse_attention(qs, ks, vs, cfg, scale))
+        assert not out[i, tq:].any()
+    with pytest.raises(ValueError, match="3 rows but 2 query counts"):
+        sparse_attention_rows(q, k, v, [90, 1], [90, 40, 130], cfg, scale, [a for a, _ in keys], None)
+
+
+def test_rows_table_refuses_more_queries_than_keys():
+    pytest.importorskip("triton")
+    from cpm4.kernels.infllm_v2.triton_select import Rows
+
+    with pytest.raises(ValueError, match="1 <= queries <= keys"):
+        Rows([5, 20], [10, 10], [1, 1], None, torch.device("cpu"))
+    assert Rows([5, 1], [10, 70], [1, 15], None, torch.device("cpu")).blocks(16) == 5
+
 @pytest.mark.parametrize("dense_fraction", [0, 10 ** 6])
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_decode_rows_equal_each_row_alone(variant, dense_fraction, monkeypatch):
