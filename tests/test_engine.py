@@ -88,6 +88,21 @@ def test_prefix_pages_are_shared():
     assert first + res["b"][1] == alone(model, base + [7, 8, 9], params)
 
 
+def test_a_prompt_page_is_hashed_once(monkeypatch):
+    """Admission hashes a prompt's whole pages for the prefix lookup; marking them computing and publishing them
+    after the prefill reuse those keys (a burst of 32 prompts of 16K tokens is 8,000 pages to hash)."""
+    model = random_model("tiny", dtype=torch.float32)
+    p = prompts(1, seed=5, lo=100, hi=101)[0]  # 6 whole pages (16 tokens each) to look up, publish the same 6
+    cache = PagedKVCache(model.config, num_pages=64, page_size=16)
+    calls = []
+    real = PagedKVCache._chain
+    monkeypatch.setattr(PagedKVCache, "_chain", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4)
+    eng.add_request("a", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    eng.run_to_completion()
+    assert len(calls) == 6 and len(cache.prefix) == 6
+    assert set(cache.prefix) == set(cache.chain(p, 6))  # the keys a later lookup computes
+
 def test_abort_frees_pages_at_once_and_others_continue():
     model = random_model("tiny", dtype=torch.float32)
     cache = PagedKVCache(model.config, num_pages=64, page_size=16)

@@ -243,12 +243,13 @@ class PagedKVCache:
     def pages_needed(self, seq: SeqPages, n_tokens: int) -> int:
         return max(0, -(-(seq.length + n_tokens) // self.page_size) - len(seq.pages))
 
-    def publish(self, seq: SeqPages, tokens: list[int], sparse: bool = False) -> None:
+    def publish(self, seq: SeqPages, tokens: list[int], sparse: bool = False, known: list[bytes] | None = None
+                ) -> None:
         """Offer the sequence's full pages (holding `tokens`) for prefix sharing; sparse: they were computed
-        with sparse attention (an InfLLM v2 prompt of at least dense_len tokens)."""
+        with sparse attention (an InfLLM v2 prompt of at least dense_len tokens); known: as `chain`'s."""
         if not self.prefix_caching:  # nothing published, so `new_sequence` never finds a prefix
             return
-        chain = self.chain(tokens, min(len(tokens), seq.length) // self.page_size, sparse)
+        chain = self.chain(tokens, min(len(tokens), seq.length) // self.page_size, sparse, known)
         for i, h in enumerate(chain):
             if h not in self.prefix:
                 self.prefix[h] = seq.pages[i]

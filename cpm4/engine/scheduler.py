@@ -532,7 +532,8 @@ class LLMEngine:
     def _publish(self, req: EngineRequest) -> None:
         """The prompt is complete: offer its pages for prefix sharing, whichever forward fed its last token (a
         step launched ahead too, `_launch`); the requests waiting for them may start."""
-        self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req))
+        # The lookup's keys (hashed at admission) hold for the prompt's whole pages: tokens are only appended.
+        self.cache.publish(req.pages, req.prompt_ids, self._sparse_prompt(req), req.lookup and req.lookup[1])
         self._done_computing(req)
 
     def _emit(self, reqs: list[EngineRequest], toks: list[int], logits: torch.Tensor | None = None
