@@ -7,6 +7,7 @@ definition the kernels are tested against.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,11 +25,17 @@ __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "
 def uses_triton(q: torch.Tensor) -> bool:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
+    return _triton_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _triton_device(index: int) -> bool:
+    """Triton importable and the GPU sm80+ (asked once per device: the model asks every layer)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def triton_pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig, scale: float,
