@@ -385,7 +385,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     `idx` [hkv, Tq, K] (sorted ascending, -1 last; entries inside the shared set are ignored).
     Returns out [Tq, hq, d] and lse [Tq, hq] (natural log). shared_heads: see SHARED_HEADS (None: that).
     rows: several sequences (q [R, T, hq, d], k/v [R, S, hkv, d], idx [R, hkv, T, K]; see triton_select.Rows)
-    -> out [R, T, hq, d] (zero past each sequence's queries) and lse [R, T, hq]."""
+    -> out [R, T, hq, d] (zero past each sequence's queries) and lse [R, T, hq] (set for its queries only)."""
     if rows is None:
         _check(q, k, v, idx)
         q, k, v, idx = q[None], k[None], v[None], idx[None]
@@ -415,7 +415,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   v.stride(0), o_shared.stride(0), lse_shared.stride(0), G=g, D=d,
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
-    lse = alloc((r, tq, hq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((r, tq, hq), device=q.device, dtype=torch.float32)
     nsel = idx.shape[3]
     _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
                                      q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
