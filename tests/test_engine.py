@@ -725,3 +725,48 @@ def test_sparse_rows_in_one_launch_on_cuda(monkeypatch):
     rows = _rows_forward(model, ps, cut, "cuda", torch.bfloat16)
     monkeypatch.setattr(Attention, "batch_sparse_rows", True)
     check_batched_rows(base, model, ps, cut, one, rows, prefix_len=150)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=64)])
+def test_prefill_steps_never_wait_for_the_gpu(sc):
+    """An engine prefill step's forward (several rows, chunked prompts, a cached prefix, dense and InfLLM v2)
+    reads nothing back from the GPU: torch's sync debug mode set to error around every non-decode forward raises
+    on any .tolist(), .item(), nonzero or blocking copy. The outputs stay those of the same engine unguarded."""
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=sc)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    prefix = prompts(1, seed=21, lo=150, hi=151)[0]
+    ps = [prefix + p for p in prompts(5, seed=22, lo=10, hi=90)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    guarded = []
+
+    def guard(mod, args):
+        if len(args) > 1 and not getattr(args[1], "decoding", False):
+            guarded.append(1)
+            torch.cuda.set_sync_debug_mode("error")
+
+    def unguard(mod, args, out):
+        torch.cuda.set_sync_debug_mode(0)
+
+    out = {}
+    for on in (False, True):
+        cache = PagedKVCache(model.config, num_pages=120, page_size=16, device="cuda", dtype=torch.bfloat16,
+                             prefix_caching=True)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=96)
+        hooks = [model.register_forward_pre_hook(guard), model.register_forward_hook(unguard)] if on else []
+        try:
+            eng.add_request("warm", prefix + [7], params)
+            eng.run_to_completion()
+            for i, p in enumerate(ps):
+                eng.add_request(f"r{i}", p, params)
+            res = eng.run_to_completion()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            for h in hooks:
+                h.remove()
+        out[on] = [res[f"r{i}"][1] for i in range(len(ps))]
+    assert len(guarded) >= 3  # the warm prompt, then chunked prefill steps of several rows
+    assert out[True] == out[False]

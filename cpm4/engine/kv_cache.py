@@ -11,6 +11,7 @@ import torch
 
 from cpm4.kernels.infllm_v2 import kernel_means, num_kernels
 from cpm4.model.config import MiniCPM4Config, SparseConfig
+from cpm4.model.transfer import to_device
 
 
 class CacheFullError(ValueError):
@@ -45,32 +46,40 @@ class KVCache:
     def batch_size(self) -> int:
         return self.lens.shape[0]
 
-    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
-        """Rows with new tokens write n_new positions (padding included) from their start."""
-        active = starts if new_lens is None else starts[new_lens.to(starts.device) > 0]
-        need = int(active.max()) + n_new if active.numel() else 0
+    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
+                   host: tuple[list[int], list[int]] | None = None) -> None:
+        """Rows with new tokens write n_new positions (padding included) from their start. `host`: starts and
+        new_lens as lists (read from the device otherwise)."""
+        if host is not None:
+            active_starts = [s for s, n in zip(*host) if n > 0]
+            need = max(active_starts) + n_new if active_starts else 0
+        else:
+            active = starts if new_lens is None else starts[new_lens.to(starts.device) > 0]
+            need = int(active.max()) + n_new if active.numel() else 0
         if need > self.max_len:
             raise CacheFullError(f"KV cache full: {need} positions needed, capacity {self.max_len}")
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor,
+              host: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new k/v [B, T, hkv, d] at each active sequence's offset (rows with no new tokens are left
-        alone); return the cache up to the longest end."""
+        alone); return the cache up to the longest end. `host`: starts and new_lens as lists (each layer read
+        them from the device otherwise)."""
         b, t = k.shape[:2]
-        end = min(int(starts.max()) + t, self.max_len)
-        active = new_lens > 0
-        if bool(active.all()) and bool((starts == starts[0]).all()):
-            s = int(starts[0])
+        if host is None:
+            host = (starts.tolist(), new_lens.tolist())
+        end = min(max(host[0]) + t, self.max_len)
+        if all(n > 0 for n in host[1]) and len(set(host[0])) == 1:
+            s = host[0][0]
             self.k[layer][:, s:s + t] = k
             self.v[layer][:, s:s + t] = v
         else:
-            rows = active.nonzero()[:, 0]
+            rows = to_device([i for i, n in enumerate(host[1]) if n > 0], k.device, torch.long)
             cols = starts[rows, None] + torch.arange(t, device=k.device)[None, :]
             self.k[layer][rows[:, None], cols] = k[rows]
             self.v[layer][rows[:, None], cols] = v[rows]
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
-    def advance(self, new_lens: torch.Tensor) -> None:
+    def advance(self, new_lens: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
         self.lens += new_lens.to(self.lens.device)
 
     def compressed_keys(self, layer: int, seq: int, length: int, sc: SparseConfig

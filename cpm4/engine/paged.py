@@ -302,9 +302,18 @@ class PagedBatch:
         # attention's dense/sparse switch decides by it, so the chunking does not change the output.
         self.prompt_lens: list[int] | None = None
 
-    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
+    def host_lens(self) -> list[int]:
+        """Each row's cached length, from the host's page records (`lens` holds the same on the device)."""
+        return [s.length for s in self.seqs]
+
+    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
+                   host: tuple[list[int], list[int]] | None = None) -> None:
+        """`host`: (starts, new_lens) as lists when the caller has them (else new_lens is read here)."""
         # Only real tokens are written (padding is not): each row needs room for its own new tokens.
-        lens = new_lens.tolist() if new_lens is not None else [n_new] * len(self.seqs)
+        if host is not None:
+            lens = host[1]
+        else:
+            lens = new_lens.tolist() if new_lens is not None else [n_new] * len(self.seqs)
         for s, n in zip(self.seqs, lens):
             if n and s.length + n > len(s.pages) * self.cache.page_size:
                 raise CacheFullError(f"sequence needs {s.length + n} positions, has "
@@ -316,7 +325,8 @@ class PagedBatch:
         page_idx = (positions // ps).clamp_max(self.table.shape[1] - 1)
         return torch.gather(self.table[rows], 1, page_idx) * ps + positions % ps
 
-    def _plan(self, starts: torch.Tensor, new_lens: torch.Tensor, t: int, dev: torch.device):
+    def _plan(self, starts: torch.Tensor, new_lens: torch.Tensor, t: int, dev: torch.device,
+              host: tuple[list[int], list[int]] | None = None):
         """(slots of the real new tokens, their flat indices in the [B * T] new tokens (a slice and None for one
         sequence on consecutive pages without padding), (pages [B, n] holding every row's keys up to the longest
         end, that end)); the same for every layer of a step, so computed
@@ -324,7 +334,7 @@ class PagedBatch:
         every layer)."""
         if self._slots is None:
             b = len(self.seqs)
-            self._host = (starts.tolist(), new_lens.tolist())
+            self._host = (list(host[0]), list(host[1])) if host is not None else (starts.tolist(), new_lens.tolist())
             real = to_device(Packing.flat_index(self._host[1], t), dev)
             rows = torch.arange(b, device=dev)
             pos = starts[:, None] + torch.arange(t, device=dev)[None, :]
@@ -342,13 +352,14 @@ class PagedBatch:
             self._slots = (new_slots, real, (pages, end))
         return self._slots
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor,
+              host: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real new tokens, pool the semantic kernels they complete, and return every row's keys
-        and values up to the longest end, contiguous (padding reads valid slots, never used)."""
+        and values up to the longest end, contiguous (padding reads valid slots, never used). `host`: starts and
+        new_lens as lists (read from the device otherwise)."""
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
-        new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device)
+        new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device, host)
         if real is None:  # one run of slots (`_plan`): plain copies
             kc[new_slots] = k.flatten(0, 1)
             vc[new_slots] = v.flatten(0, 1)
@@ -402,8 +413,8 @@ class PagedBatch:
             plan.append((store, r, tokens, self.table[r, page], slot))
         return plan
 
-    def advance(self, new_lens: torch.Tensor) -> None:
-        for s, n in zip(self.seqs, new_lens.tolist()):
+    def advance(self, new_lens: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
+        for s, n in zip(self.seqs, new_lens.tolist() if host is None else host[1]):
             s.length += n
         self.lens = self.lens + new_lens.to(self.lens.device)
 
@@ -553,10 +564,11 @@ class DecodeBatch:
         self.cache = cache
         self.table, self.lens, self.slots, self.ends = table, starts, slots, ends
 
-    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None) -> None:
+    def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
+                   host: tuple[list[int], list[int]] | None = None) -> None:
         pass  # pages were reserved by the scheduler before the step
 
-    def advance(self, new_lens: torch.Tensor) -> None:
+    def advance(self, new_lens: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
         pass
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,7 +22,6 @@ from cpm4.kernels import infllm_v2
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
-from cpm4.model.transfer import to_device
 
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt_ids, context_length, token_logprobs
@@ -490,7 +489,6 @@ class LLMEngine:
 
     def _forward(self, group: list[tuple[EngineRequest, int]]) -> torch.Tensor:
         """Logits [len(group), V] at each request's last fed token; advances the pages' lengths."""
-        dev = self.model.device
         seqs = [req.pages for req, _ in group]
         if all(self._decode_ok(req, n) for req, n in group):
             return self._forward_decode(seqs, [req.token(req.computed) for req, _ in group])
@@ -498,10 +496,11 @@ class LLMEngine:
         ids = torch.zeros(len(group), t, dtype=torch.long)
         for i, (req, n) in enumerate(group):
             ids[i, :n] = torch.tensor(req.tokens[req.computed:req.computed + n])
-        new_lens = to_device([n for _, n in group], dev)
+        new_lens = torch.tensor([n for _, n in group])
         batch = self.cache.batch(seqs)
         batch.prompt_lens = [len(req.prompt_ids) for req, _ in group]  # the dense/sparse switch of prompt chunks
-        return self.model(to_device(ids, dev), batch, new_lens, last_only=True)
+        # Host ids and lengths: the model reads them on the host and sends them once (no device reads mid-step).
+        return self.model(ids, batch, new_lens, last_only=True)
 
     def _run(self, group: list[tuple[EngineRequest, int]]) -> list[tuple[str, StreamDelta]]:
         logits = self._forward(group)

@@ -195,7 +195,7 @@ class Attention(nn.Module):
             out = cache.decode(self.layer_idx, q, k, v, self.scale)
             return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
-            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens)
+            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host)
         else:
             k_all, v_all = k, v
         h_starts, h_new = host
@@ -577,22 +577,29 @@ class MiniCPM4ForCausalLM(nn.Module):
         b, t = input_ids.shape
         decoding = getattr(cache, "decoding", False)
         if not decoding:  # engine decode steps feed sampled ids: no host sync
-            self._check_ids(input_ids)
-        dev = input_ids.device
+            self._check_ids(input_ids)  # the engine's prefill ids are host tensors: checked without a device read
+        # Host tensors (the engine's ids and lengths) go to the model's device here, through pinned memory, and
+        # their values are read on the host: every device read in a step (.tolist(), a pageable copy) makes the
+        # host wait for the GPU's queued work while the GPU then waits for the host's next launches.
+        dev = self.device if input_ids.device.type == "cpu" else input_ids.device
+        input_ids = to_device(input_ids, dev)
         full_rows = new_lens is None and cache is None  # lengths known without reading the device
+        new_host = None if decoding or new_lens is None or new_lens.device.type != "cpu" else new_lens.tolist()
         if new_lens is None:
             new_lens = torch.full((b,), t, dtype=torch.long, device=dev)
-        new_lens = new_lens.to(dev)
+        new_lens = to_device(new_lens, dev)
         starts = cache.lens.to(dev) if cache is not None else torch.zeros(b, dtype=torch.long, device=dev)
-        if cache is not None:
-            if docs is not None:
-                raise ValueError("docs (packed training rows) cannot be used with a KV cache")
-            cache.check_room(starts, t, new_lens)
+        if cache is not None and docs is not None:
+            raise ValueError("docs (packed training rows) cannot be used with a KV cache")
         host = None  # the lengths on the host, read once for all layers (decode steps never read them)
         if full_rows:
             host = ([0] * b, [t] * b)
         elif docs is None and not decoding:
-            host = (starts.tolist(), new_lens.tolist())
+            host_starts = cache.host_lens() if hasattr(cache, "host_lens") else None
+            host = (starts.tolist() if host_starts is None else host_starts,
+                    new_lens.tolist() if new_host is None else new_host)
+        if cache is not None:
+            cache.check_room(starts, t, new_lens, host)
         if docs is not None:
             positions = doc_positions(docs, t, dev)
         else:
@@ -606,7 +613,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, starts, new_lens, cache, docs, host, pack)
         if cache is not None:
-            cache.advance(new_lens)
+            cache.advance(new_lens, host)
         return x, pack
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
@@ -651,7 +658,7 @@ class MiniCPM4ForCausalLM(nn.Module):
             return self.logits(h[0, pack.last] if last_only else pack.pad(h))
         if last_only:
             last = (new_lens if new_lens is not None else torch.full((h.shape[0],), h.shape[1])) - 1
-            h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
+            h = h[torch.arange(h.shape[0], device=h.device), to_device(last, h.device)]
         return self.logits(h)
 
 
