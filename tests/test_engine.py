@@ -103,6 +103,59 @@ def test_a_prompt_page_is_hashed_once(monkeypatch):
     assert len(calls) == 6 and len(cache.prefix) == 6
     assert set(cache.prefix) == set(cache.chain(p, 6))  # the keys a later lookup computes
 
+
+def test_prefix_keys_from_recent_chains_equal_hashing():
+    """Keys taken from a recent chain (`PagedKVCache._recall`: prompts compared as int64 ids) are the keys hashing
+    every page gives: prompts off a few shared bases diverging anywhere (first page, a page boundary, mid-page),
+    both attention modes, ids covering all the tokens or only the first ones, known leading keys."""
+    import numpy as np
+
+    model = random_model("tiny", dtype=torch.float32)
+    cache = PagedKVCache(model.config, num_pages=8, page_size=16)  # the memo's cache
+    fresh = PagedKVCache(model.config, num_pages=8, page_size=16)  # hashes every page (no ids: no memo)
+    g = torch.Generator().manual_seed(31)
+    bases = [torch.randint(3, 1000, (300,), generator=g).tolist() for _ in range(3)]
+    recalled = 0
+    for case in range(200):
+        base = bases[int(torch.randint(0, 3, (1,), generator=g))]
+        cut = int(torch.randint(0, 300, (1,), generator=g))
+        tail = torch.randint(3, 1000, (int(torch.randint(0, 80, (1,), generator=g)),), generator=g).tolist()
+        tokens = base[:cut] + tail
+        if len(tokens) < 2:
+            continue
+        sparse = bool(case % 3 == 0)
+        n_ids = len(tokens) if case % 4 else int(torch.randint(0, len(tokens) + 1, (1,), generator=g))
+        ids = np.asarray(tokens[:n_ids], dtype=np.int64)
+        want = fresh.chain(tokens, (len(tokens) - 1) // 16, sparse)
+        before = len(cache._recent)
+        got = cache.lookup_chain(tokens, sparse, ids)
+        assert got == want, case
+        k = int(torch.randint(0, len(want) + 1, (1,), generator=g))
+        assert cache.chain(tokens, len(want), sparse, known=want[:k], ids=ids) == want, case
+        recalled += before > 0
+    assert recalled > 150 and len(cache._recent) <= PagedKVCache._RECENT
+
+
+def test_a_burst_sharing_a_prefix_hashes_it_once(monkeypatch):
+    """Eight requests with one 10-page prefix and their own 40 tokens: the prefix's pages are hashed for the first
+    request only; each later one hashes its own 2 whole pages (96 hashes before: 12 a request). Outputs as alone."""
+    model = random_model("tiny", dtype=torch.float32)
+    cache = PagedKVCache(model.config, num_pages=128, page_size=16)
+    calls = []
+    real = PagedKVCache._chain
+    monkeypatch.setattr(PagedKVCache, "_chain", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    prefix = prompts(1, seed=32, lo=160, hi=161)[0]
+    ps = [prefix + p for p in prompts(8, seed=33, lo=40, hi=41)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=8)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    assert len(calls) == 12 + 7 * 2
+    monkeypatch.setattr(PagedKVCache, "_chain", real)
+    for i, p in enumerate(ps[:3]):
+        assert res[f"r{i}"][1] == alone(model, p, params), i
+
 def test_abort_frees_pages_at_once_and_others_continue():
     model = random_model("tiny", dtype=torch.float32)
     cache = PagedKVCache(model.config, num_pages=64, page_size=16)

@@ -16,6 +16,7 @@ import operator
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cpm4.kernels import infllm_v2
@@ -24,7 +25,7 @@ from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
 from .cuda_graph import DecodeGraphs
-from .generate import GenerationOutput, SequenceState, StreamDelta, check_prompt_ids, context_length, token_logprobs
+from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
 from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
 
@@ -38,6 +39,7 @@ class EngineRequest:
     computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
     cached_tokens: int | None = None  # prompt tokens found cached when first admitted (vLLM's num_cached_tokens)
     lookup: tuple[int, list[bytes]] | None = None  # (num_tokens, the cache's lookup_chain of its tokens then)
+    prompt_array: np.ndarray | None = None  # the prompt ids as int64 (from the prompt check), for prefix keys
     computing: list[bytes] = field(default_factory=list)  # prompt pages it computes that others wait for
     aborted: bool = False
     sync_only: bool = False  # the host must see each token before the next is sampled (see async_output)
@@ -153,18 +155,20 @@ class LLMEngine:
         request left to preempt ends with "length"."""
         if request_id in self.by_id:
             raise ValueError(f"request id {request_id!r} already in use")
-        prompt_ids = check_prompt_ids(prompt_ids, self.context, self.model.config.vocab_size, self.cache_tokens)
+        prompt_ids, as_array = checked_prompt(prompt_ids, self.context, self.model.config.vocab_size,
+                                              self.cache_tokens)
         params.check_vocab(self.model.config.vocab_size)
-        state = SequenceState(list(prompt_ids), params, self.tokenizer, self.model.device, self.context,
+        # prompt_ids is the check's own list (the caller's is never kept); SequenceState copies it.
+        state = SequenceState(prompt_ids, params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids,
                               stream_text=self.stream_text if stream_text is None else stream_text,
                               vocab_size=self.model.config.vocab_size)
         # A grammar's mask for the next token depends on the last one, min_tokens on the count of tokens read
         # back, bad words on the last tokens: guided, min_tokens and bad_words rows step synchronously too.
-        req = EngineRequest(request_id, list(prompt_ids), state,
+        req = EngineRequest(request_id, prompt_ids, state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
                             or bool(params.presence_penalty or params.frequency_penalty) or params.guided
-                            or params.min_tokens > 0 or bool(params.bad_words))
+                            or params.min_tokens > 0 or bool(params.bad_words), prompt_array=as_array)
         self.by_id[request_id] = req
         self.waiting.append(req)
 
@@ -349,7 +353,8 @@ class LLMEngine:
         if not self.cache.prefix_caching:
             return None
         if req.lookup is None or req.lookup[0] != req.num_tokens:
-            req.lookup = (req.num_tokens, self.cache.lookup_chain(req.tokens, self._sparse_prompt(req)))
+            req.lookup = (req.num_tokens, self.cache.lookup_chain(req.tokens, self._sparse_prompt(req),
+                                                                  req.prompt_array))
         return req.lookup[1]
 
     def _hold(self, req: EngineRequest) -> bool:
