@@ -26,6 +26,8 @@
 #   bash benchmarks/device_session.sh prefix    # prefix caching on against off (prefix_cache.py): 0.5B, then 8B
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
 #                                               # at 16K/4K batched and with a pipeline per row
+#   bash benchmarks/device_session.sh cascade   # shared-prefix rows in two calls merged by log-sum-exp: GPU tests,
+#                                               # then 0.5B prefix caching with and without it (+ profile)
 #   bash benchmarks/device_session.sh firststep # where a warm prefix batch's first step goes: 8B (8 x 30K, sparse rows)
 #                                               # and 0.5B (32 x 16K, dense) under torch.profiler
 #   bash benchmarks/device_session.sh prefill8b # kernel profile of the 8B 128K InfLLM v2 prefill (where ~1 s goes
@@ -181,6 +183,16 @@ rows)  # sparse rows of a step in one launch per InfLLM v2 stage: GPU tests, the
         2>&1 | tail -48
     timeout 140 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --sparse-row-by-row \
         --tag=-sparse-rowbyrow 2>&1 | tail -8
+    ;;
+cascade)  # the cascade over shared prefix pages (twenty-first session, CPU-tested only)
+    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_engine.py \
+        -k "cascade or continuing_rows or never_wait" 2>&1 | tail -3
+    timeout 130 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --tag=-cascade \
+        2>&1 | tail -7
+    timeout 130 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --no-cascade \
+        --tag=-nocascade 2>&1 | tail -7
+    timeout 100 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 --profile \
+        --tag=-cascade-profile 2>&1 | grep -E "Self|flash|gather|index_select|cudaMemcpy|under cProfile" | head -20
     ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \

@@ -823,3 +823,170 @@ def test_prefill_steps_never_wait_for_the_gpu(sc):
         out[on] = [res[f"r{i}"][1] for i in range(len(ps))]
     assert len(guarded) >= 3  # the warm prompt, then chunked prefill steps of several rows
     assert out[True] == out[False]
+
+
+def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype):
+    """Logits of each prompt `prefix + tails[i]` after its cached tokens, the new parts in one batched step: the
+    prefix's whole pages computed once and shared by every row (prefix caching), then own_cached[i] more tokens of
+    the row cached alone. Returns the logits and each row's cached count."""
+    cache = PagedKVCache(model.config, num_pages=96, page_size=16, device=device, dtype=dtype, prefix_caching=True)
+    first = SeqPages()
+    cache.reserve(first, len(prefix))
+    model(torch.tensor([prefix]), cache.batch([first]), torch.tensor([len(prefix)]))
+    cache.publish(first, prefix)
+    seqs, cut = [], []
+    for tail, extra in zip(tails, own_cached):
+        p = prefix + tail
+        seq, c = cache.new_sequence(p)
+        if extra:
+            cache.reserve(seq, extra)
+            model(torch.tensor([p[c:c + extra]]), cache.batch([seq]), torch.tensor([extra]))
+            c += extra
+        seqs.append(seq)
+        cut.append(c)
+    new = [len(prefix) + len(t) - c for t, c in zip(tails, cut)]
+    for s, n in zip(seqs, new):
+        cache.reserve(s, n)
+    ids = torch.zeros(len(tails), max(new), dtype=torch.long)
+    for i, (t, c) in enumerate(zip(tails, cut)):
+        ids[i, :new[i]] = torch.tensor((prefix + t)[c:])
+    logits = model(ids, cache.batch(seqs), torch.tensor(new))
+    return [logits[i, :n].float().cpu() for i, n in enumerate(new)], cut
+
+
+def _count_cascades(monkeypatch):
+    from cpm4.model.modeling import Attention
+
+    calls = []
+    real = Attention._cascade
+    monkeypatch.setattr(Attention, "_cascade", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+def test_cascade_over_shared_pages_equals_whole_prompts(monkeypatch):
+    """Rows after one cached prefix (the same pages), some with more of their own tokens cached, one with a single
+    new token: the cascade (the shared keys in one call for all rows, each row's own keys in a second, merged by
+    log-sum-exp; float math on the CPU) gives each prompt's logits of its whole forward without a cache (float64),
+    as the row-by-row path does."""
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", sparse_config=None)
+    prefix = prompts(1, seed=41, lo=70, hi=71)[0]  # 4 whole pages of 16 shared, 6 tokens of a 5th
+    tails = prompts(4, seed=42, lo=1, hi=40)
+    tails[1] = tails[1][:1]
+    own = [0, 0, 20, 3]
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
+    calls = _count_cascades(monkeypatch)
+    got, cut = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64)
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(Attention, "cascade_prefix", False)
+    rows, _ = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64)
+    assert len(calls) == model.config.num_hidden_layers  # no cascade with it off
+    for i, t in enumerate(tails):
+        want = model(torch.tensor([prefix + t]))[0, cut[i]:].float()
+        torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rows[i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_cascade_off_when_rows_share_too_little(monkeypatch):
+    """Below cascade_min_tokens shared, or with a row that shares no page, the step takes the variable-length call."""
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    prefix = prompts(1, seed=43, lo=40, hi=41)[0]  # 2 whole pages
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    calls = _count_cascades(monkeypatch)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 64)
+    _shared_prefix_forward(model, prefix, prompts(3, seed=44, lo=5, hi=20), [0, 0, 0], "cpu", torch.float32)
+    assert not calls
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
+    _shared_prefix_forward(model, prefix, prompts(3, seed=44, lo=5, hi=20), [0, 0, 0], "cpu", torch.float32)
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_engine_burst_with_cascade_equals_alone(monkeypatch):
+    """A burst of requests after a cached prefix through the engine with the cascade (float math on the CPU): each
+    request's greedy tokens are those of the request alone."""
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 32)
+    calls = _count_cascades(monkeypatch)
+    prefix = prompts(1, seed=45, lo=100, hi=101)[0]
+    ps = [prefix + p for p in prompts(5, seed=46, lo=3, hi=30)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cache = PagedKVCache(model.config, num_pages=96, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=5)
+    eng.add_request("warm", prefix + [9], params)
+    eng.run_to_completion()
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    assert calls
+    monkeypatch.setattr(Attention, "varlen_on_cpu", False)
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"][1] == alone(model, p, params), i
+
+
+@pytest.mark.gpu
+def test_cascade_over_shared_pages_on_cuda(monkeypatch):
+    """On CUDA in bf16 the cascade's two flash calls a layer and their merge: the logits of the row-by-row path
+    within bf16 rounding and of the float32 model; the engine's tokens after a cached prefix as without caching."""
+    from cpm4.model import MiniCPM4ForCausalLM
+    from cpm4.model.modeling import Attention
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    prefix = prompts(1, seed=47, lo=150, hi=151)[0]
+    tails = prompts(4, seed=48, lo=1, hi=60)
+    own = [0, 5, 0, 33]
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 64)
+    flash = []
+    real = torch.ops.aten._flash_attention_forward
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", lambda *a, **k: flash.append(1) or real(*a, **k))
+    calls = _count_cascades(monkeypatch)
+    got, cut = _shared_prefix_forward(model, prefix, tails, own, "cuda", torch.bfloat16)
+    assert len(calls) == model.config.num_hidden_layers and len(flash) == 2 * len(calls)
+    monkeypatch.setattr(Attention, "cascade_prefix", False)
+    rows, _ = _shared_prefix_forward(model, prefix, tails, own, "cuda", torch.bfloat16)
+    monkeypatch.setattr(Attention, "cascade_prefix", True)
+    for i, t in enumerate(tails):
+        ref = base(torch.tensor([prefix + t]))[0, cut[i]:]
+        assert (got[i] - rows[i]).abs().max() < 0.05, i
+        assert (got[i] - ref).abs().max() < 0.1 and (got[i].argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
+    ps = [prefix + t for t in tails]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = {}
+    for caching in (True, False):
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
+                             prefix_caching=caching)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
+        eng.add_request("warm", prefix + [5], params)
+        eng.run_to_completion()
+        for i, p in enumerate(ps):
+            eng.add_request(f"r{i}", p, params)
+        res = eng.run_to_completion()
+        out[caching] = [res[f"r{i}"][1] for i in range(len(ps))]
+    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+
+
+def test_continuing_rows_in_one_varlen_call_float_math(monkeypatch):
+    """The continuing rows' variable-length path (`_dense_varlen`, flash on the GPU) with the float-math stand-in
+    on the CPU: each prompt's logits of its whole forward without a cache (float64)."""
+    from cpm4.model import modeling
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", sparse_config=None)
+    ps = prompts(5, seed=11, lo=40, hi=120)
+    cut = [7, 30, 0, 55, 16]
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    calls = []
+    real = modeling.attention_lse
+    monkeypatch.setattr(modeling, "attention_lse", lambda *a: calls.append(1) or real(*a))
+    got = _rows_forward(model, ps, cut, "cpu", torch.float64)
+    assert len(calls) == model.config.num_hidden_layers
+    for i, p in enumerate(ps):
+        torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:].float(), rtol=1e-6, atol=1e-6)

@@ -60,10 +60,13 @@ class KVCache:
             raise CacheFullError(f"KV cache full: {need} positions needed, capacity {self.max_len}")
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor,
-              host: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              host: tuple[list[int], list[int]] | None = None, skip_pages: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new k/v [B, T, hkv, d] at each active sequence's offset (rows with no new tokens are left
         alone); return the cache up to the longest end. `host`: starts and new_lens as lists (each layer read
-        them from the device otherwise)."""
+        them from the device otherwise). skip_pages: as the paged cache's, which alone shares pages (0 here)."""
+        if skip_pages:
+            raise ValueError("a contiguous KV cache shares no pages: skip_pages must be 0")
         b, t = k.shape[:2]
         if host is None:
             host = (starts.tolist(), new_lens.tolist())

@@ -349,6 +349,29 @@ class PagedBatch:
         """Each row's cached length, from the host's page records (`lens` holds the same on the device)."""
         return [s.length for s in self.seqs]
 
+    def shared_pages(self) -> int:
+        """How many leading pages all rows hold in common (prefix caching's shared pages), each wholly cached
+        before the row's new tokens; 0 for one row, or when the cache pools kernel keys (InfLLM v2 models: the
+        pooling reads every row's keys from its first token)."""
+        if "shared_pages" not in self.memo:
+            c = 0
+            if len(self.seqs) > 1 and self.cache.fine is None:
+                first = self.seqs[0].pages
+                c = min(s.length for s in self.seqs) // self.cache.page_size
+                for s in self.seqs[1:]:
+                    if s.pages[:c] != first[:c]:
+                        c = next(i for i, (a, b) in enumerate(zip(s.pages, first)) if a != b)
+            self.memo["shared_pages"] = c
+        return self.memo["shared_pages"]
+
+    def shared_kv(self, layer: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [n_pages * page_size, hkv, d] of the first n_pages pages every row shares."""
+        key = ("shared_kv", n_pages)
+        if key not in self.memo:
+            self.memo[key] = to_device(self.seqs[0].pages[:n_pages], self.cache.device, torch.long)
+        pages = self.memo[key]
+        return tuple(x[layer].index_select(0, pages).flatten(0, 1) for x in (self.cache.k, self.cache.v))
+
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
                    host: tuple[list[int], list[int]] | None = None) -> None:
         """`host`: (starts, new_lens) as lists when the caller has them (else new_lens is read here)."""
@@ -396,10 +419,12 @@ class PagedBatch:
         return self._slots
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor,
-              host: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              host: tuple[list[int], list[int]] | None = None, skip_pages: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real new tokens, pool the semantic kernels they complete, and return every row's keys
         and values up to the longest end, contiguous (padding reads valid slots, never used). `host`: starts and
-        new_lens as lists (read from the device otherwise)."""
+        new_lens as lists (read from the device otherwise). skip_pages: the returned keys start after that many
+        pages (the `shared_pages` the rows read elsewhere, `shared_kv`)."""
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
         new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device, host)
@@ -409,6 +434,10 @@ class PagedBatch:
         else:
             kc[new_slots] = k.flatten(0, 1)[real]
             vc[new_slots] = v.flatten(0, 1)[real]
+        if skip_pages:
+            if isinstance(pages, slice) or self.cache.fine is not None:
+                raise ValueError("skip_pages needs several rows and no kernel keys to pool (see shared_pages)")
+            pages, end = pages[:, skip_pages:], end - skip_pages * self.cache.page_size
         k_all, v_all = self.gather(self.cache.k[layer], pages, end), self.gather(self.cache.v[layer], pages, end)
         if self.cache.fine is not None:
             self._pool(layer, k_all, *self._host)

@@ -8,7 +8,6 @@ with the same attributes); see `Attention.forward` for the batch/padding contrac
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +24,7 @@ from . import fused
 from .config import MiniCPM4Config
 from .rope import RotaryEmbedding
 from .transfer import to_device
+from .varlen import attention_lse, merge_attention, varlen_flash_ok
 
 
 def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
@@ -34,19 +34,6 @@ def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
     total = int(ends[-1]) if len(n) else 0
     return torch.from_numpy(np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
                                                                          - (ends - n), n))
-
-
-def _varlen_flash_ok(q: torch.Tensor) -> bool:
-    """Whether PyTorch's variable-length flash kernel takes these queries: CUDA, fp16/bf16, an sm80+ GPU (the
-    kernel's own limit: a T4 or V100 keeps the row-by-row path), head dim a multiple of 8 up to 256."""
-    d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-            and _capability(q.device) >= (8, 0))
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 class Packing:
@@ -136,6 +123,14 @@ class Attention(nn.Module):
     # take one launch per InfLLM v2 stage together; False: a pipeline per row (~6 launches and host work each:
     # 8 requests after a 30K cached prefix, 8B shape, H200: time to first token 288 -> 122 ms).
     batch_sparse_rows = True
+    # Dense rows that all continue the same cached pages (requests after one prefix, prefix caching) attend those
+    # keys in one call for every row and their own keys in a second, merged by log-sum-exp (`_cascade`), when the
+    # shared part holds at least cascade_min_tokens; False: the variable-length call over each row's whole keys.
+    cascade_prefix = True
+    cascade_min_tokens = 1024
+    # The variable-length paths (continuing rows, cascade) off the GPU too, in float math (`varlen.attention_lse`):
+    # for tests; the CPU's default is a fused SDPA call per row.
+    varlen_on_cpu = False
 
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
         super().__init__()
@@ -194,10 +189,6 @@ class Attention(nn.Module):
         if getattr(cache, "decoding", False):  # engine decode step: attention on the paged cache in place
             out = cache.decode(self.layer_idx, q, k, v, self.scale)
             return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
-        if cache is not None:
-            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host)
-        else:
-            k_all, v_all = k, v
         h_starts, h_new = host
         kv_lens = [s + n for s, n in zip(h_starts, h_new)]
         sc = self.config.sparse_config
@@ -205,7 +196,16 @@ class Attention(nn.Module):
         # >= dense_len tokens is sparse for all its queries (spec 4.1), however it is cut into chunks.
         whole = getattr(cache, "prompt_lens", None) or [0] * b
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
-        if not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
+        shared = self._cascade_pages(cache, q, h_new, sparse)
+        if cache is not None:
+            # Rows sharing cached pages (`_cascade`): their keys are gathered from after those pages only.
+            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=shared)
+        else:
+            k_all, v_all = k, v
+        if shared:
+            out = q.new_zeros(q.shape)  # contiguous (written through a flat view)
+            self._cascade(q, k_all, v_all, out, h_new, kv_lens, shared * cache.cache.page_size, cache)
+        elif not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
             out = self._dense(q, k_all, v_all, starts, not any(h_starts), h_starts[0])
@@ -246,7 +246,7 @@ class Attention(nn.Module):
                     None if keys[0][1] is None else [k2 for _, k2 in keys])
                 fresh += steps
             cont = [i for i in range(b) if h_new[i] and not sparse[i] and i not in fresh]
-            if len(cont) > 1 and self.batch_continuing_rows and _varlen_flash_ok(q):
+            if len(cont) > 1 and self.batch_continuing_rows and (varlen_flash_ok(q) or self.varlen_on_cpu):
                 self._dense_varlen(q, k_all, v_all, out, cont, [h_new[i] for i in cont], [kv_lens[i] for i in cont],
                                    cache)
                 fresh += cont
@@ -349,6 +349,44 @@ class Attention(nn.Module):
         out[idx] = o.transpose(1, 2)
         return out
 
+    def _cascade_pages(self, cache, q: torch.Tensor, h_new: list[int], sparse: list[bool]) -> int:
+        """How many leading cache pages every row of the step shares (`_cascade` applies), else 0."""
+        if not (self.cascade_prefix and self.batch_continuing_rows and len(h_new) > 1 and all(h_new)
+                and not any(sparse) and hasattr(cache, "shared_pages") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
+            return 0
+        c = cache.shared_pages()
+        return c if c * cache.cache.page_size >= self.cascade_min_tokens else 0
+
+    def _cascade(self, q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: torch.Tensor,
+                 n_new: list[int], kv_lens: list[int], p: int, cache) -> None:
+        """Dense attention of every row's new queries (row i: its n_new last positions of kv_lens keys) when all rows
+        share their first p cached keys (the same pages): the queries of all rows attend those keys in one
+        variable-length call that reads them once (not gathered and read per row), then each row's own keys after
+        them (k_own/v_own: [rows, s] from key p on) in a second, causal bottom-right; the two merged by their
+        log-sum-exps (cascade attention, as FlashInfer and vLLM run shared prefixes). Written into `out`."""
+        b, t, hq, d = q.shape
+        s = k_own.shape[1]
+        memo = getattr(cache, "memo", None)
+        if memo is None:
+            memo = {}
+        own = [L - p for L in kv_lens]
+        key = ("cascade", tuple(n_new), tuple(kv_lens), t, s, p)
+        if key not in memo:
+            n = sum(n_new)
+            host = (ragged_index(n_new, [i * t for i in range(b)]), ragged_index(own, [i * s for i in range(b)]),
+                    torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, p], dtype=torch.int32),
+                    torch.tensor(np.cumsum([0, *n_new]), dtype=torch.int32),
+                    torch.tensor(np.cumsum([0, *own]), dtype=torch.int32))
+            memo[key] = tuple(to_device(x, q.device) for x in host)
+        qidx, kidx, cu_all, cu_p, cu_q, cu_k = memo[key]
+        qp = q.reshape(b * t, hq, d).index_select(0, qidx)
+        pk, pv = cache.shared_kv(self.layer_idx, p // cache.cache.page_size)
+        o1, l1 = attention_lse(qp, pk, pv, cu_all, cu_p, qp.shape[0], p, False, self.scale)
+        kp = k_own.reshape(b * s, *k_own.shape[2:]).index_select(0, kidx)
+        vp = v_own.reshape(b * s, *v_own.shape[2:]).index_select(0, kidx)
+        o2, l2 = attention_lse(qp, kp, vp, cu_q, cu_k, max(n_new), max(own), True, self.scale)
+        out.view(b * t, hq, d).index_copy_(0, qidx, merge_attention(o1, l1, o2, l2))
+
     def _dense_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows: list[int],
                       n_new: list[int], kv_lens: list[int], cache: object) -> None:
         """Dense attention of several rows' new queries (row i: its n_new last positions of kv_lens keys) as one
@@ -370,8 +408,7 @@ class Attention(nn.Module):
         qp = q.reshape(b * t, hq, d).index_select(0, qidx)
         kp = k.reshape(b * s, *k.shape[2:]).index_select(0, kidx)
         vp = v.reshape(b * s, *v.shape[2:]).index_select(0, kidx)
-        o = torch.ops.aten._flash_attention_forward(qp, kp, vp, cu_q, cu_k, max(n_new), max(kv_lens), 0.0, True,
-                                                    False, scale=self.scale)[0]
+        o = attention_lse(qp, kp, vp, cu_q, cu_k, max(n_new), max(kv_lens), True, self.scale)[0]
         out.view(b * t, hq, d).index_copy_(0, qidx, o)
 
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
