@@ -782,11 +782,15 @@ def test_sparse_rows_in_one_launch_on_cuda(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=64)])
-def test_prefill_steps_never_wait_for_the_gpu(sc):
-    """An engine prefill step's forward (several rows, chunked prompts, a cached prefix, dense and InfLLM v2)
-    reads nothing back from the GPU: torch's sync debug mode set to error around every non-decode forward raises
-    on any .tolist(), .item(), nonzero or blocking copy. The outputs stay those of the same engine unguarded."""
+def test_prefill_steps_never_wait_for_the_gpu(sc, monkeypatch):
+    """An engine prefill step's forward (several rows, chunked prompts, a cached prefix: the cascade when dense,
+    InfLLM v2) reads nothing back from the GPU: torch's sync debug mode set to error around every non-decode
+    forward raises on any .tolist(), .item(), nonzero or blocking copy. The outputs stay those of the same engine
+    unguarded."""
     from cpm4.model import MiniCPM4ForCausalLM
+    from cpm4.model.modeling import Attention
+
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 64)
 
     base = random_model("tiny", dtype=torch.float32, sparse_config=sc)
     model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
