@@ -2,6 +2,7 @@
 arrival order, chunking, preemption or prefix sharing."""
 
 import functools
+import random
 
 import pytest
 import torch
@@ -829,11 +830,14 @@ def test_prefill_steps_never_wait_for_the_gpu(sc, monkeypatch):
     assert out[True] == out[False]
 
 
-def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype):
+def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype, scatter=False):
     """Logits of each prompt `prefix + tails[i]` after its cached tokens, the new parts in one batched step: the
     prefix's whole pages computed once and shared by every row (prefix caching), then own_cached[i] more tokens of
-    the row cached alone. Returns the logits and each row's cached count."""
+    the row cached alone. scatter: pages handed out in a random order (else a fresh cache's consecutive ones).
+    Returns the logits and each row's cached count."""
     cache = PagedKVCache(model.config, num_pages=96, page_size=16, device=device, dtype=dtype, prefix_caching=True)
+    if scatter:
+        random.Random(0).shuffle(cache.free)
     first = SeqPages()
     cache.reserve(first, len(prefix))
     model(torch.tensor([prefix]), cache.batch([first]), torch.tensor([len(prefix)]))
@@ -867,7 +871,8 @@ def _count_cascades(monkeypatch):
     return calls
 
 
-def test_cascade_over_shared_pages_equals_whole_prompts(monkeypatch):
+@pytest.mark.parametrize("scatter", [False, True])
+def test_cascade_over_shared_pages_equals_whole_prompts(monkeypatch, scatter):
     """Rows after one cached prefix (the same pages), some with more of their own tokens cached, one with a single
     new token: the cascade (the shared keys in one call for all rows, each row's own keys in a second, merged by
     log-sum-exp; float math on the CPU) gives each prompt's logits of its whole forward without a cache (float64),
@@ -882,10 +887,10 @@ def test_cascade_over_shared_pages_equals_whole_prompts(monkeypatch):
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
     monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
     calls = _count_cascades(monkeypatch)
-    got, cut = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64)
+    got, cut = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64, scatter)
     assert len(calls) == model.config.num_hidden_layers
     monkeypatch.setattr(Attention, "cascade_prefix", False)
-    rows, _ = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64)
+    rows, _ = _shared_prefix_forward(model, prefix, tails, own, "cpu", torch.float64, scatter)
     assert len(calls) == model.config.num_hidden_layers  # no cascade with it off
     for i, t in enumerate(tails):
         want = model(torch.tensor([prefix + t]))[0, cut[i]:].float()

@@ -368,8 +368,13 @@ class PagedBatch:
         """Keys and values [n_pages * page_size, hkv, d] of the first n_pages pages every row shares."""
         key = ("shared_kv", n_pages)
         if key not in self.memo:
-            self.memo[key] = to_device(self.seqs[0].pages[:n_pages], self.cache.device, torch.long)
+            own = self.seqs[0].pages[:n_pages]
+            # Consecutive pages (a prefix computed into a fresh cache) are a view; others one gather a layer.
+            self.memo[key] = slice(own[0], own[0] + n_pages) if own == list(range(own[0], own[0] + n_pages)) \
+                else to_device(own, self.cache.device, torch.long)
         pages = self.memo[key]
+        if isinstance(pages, slice):
+            return self.cache.k[layer][pages].flatten(0, 1), self.cache.v[layer][pages].flatten(0, 1)
         return tuple(x[layer].index_select(0, pages).flatten(0, 1) for x in (self.cache.k, self.cache.v))
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
