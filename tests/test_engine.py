@@ -830,34 +830,39 @@ def test_prefill_steps_never_wait_for_the_gpu(sc, monkeypatch):
     assert out[True] == out[False]
 
 
-def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype, scatter=False):
+def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype, scatter=False, others=()):
     """Logits of each prompt `prefix + tails[i]` after its cached tokens, the new parts in one batched step: the
     prefix's whole pages computed once and shared by every row (prefix caching), then own_cached[i] more tokens of
-    the row cached alone. scatter: pages handed out in a random order (else a fresh cache's consecutive ones).
-    Returns the logits and each row's cached count."""
-    cache = PagedKVCache(model.config, num_pages=96, page_size=16, device=device, dtype=dtype, prefix_caching=True)
+    the row cached alone. others: (prompt, cached) rows without the prefix in the same step, after those. scatter:
+    pages handed out in a random order (else a fresh cache's consecutive ones). Returns the logits of every row
+    and each row's cached count."""
+    cache = PagedKVCache(model.config, num_pages=128, page_size=16, device=device, dtype=dtype, prefix_caching=True)
     if scatter:
         random.Random(0).shuffle(cache.free)
     first = SeqPages()
     cache.reserve(first, len(prefix))
     model(torch.tensor([prefix]), cache.batch([first]), torch.tensor([len(prefix)]))
     cache.publish(first, prefix)
+    ps = [prefix + t for t in tails] + [p for p, _ in others]
     seqs, cut = [], []
-    for tail, extra in zip(tails, own_cached):
-        p = prefix + tail
-        seq, c = cache.new_sequence(p)
+    for i, p in enumerate(ps):
+        if i < len(tails):
+            seq, c = cache.new_sequence(p)
+            extra = own_cached[i]
+        else:
+            seq, c, extra = SeqPages(), 0, others[i - len(tails)][1]
         if extra:
             cache.reserve(seq, extra)
             model(torch.tensor([p[c:c + extra]]), cache.batch([seq]), torch.tensor([extra]))
             c += extra
         seqs.append(seq)
         cut.append(c)
-    new = [len(prefix) + len(t) - c for t, c in zip(tails, cut)]
+    new = [len(p) - c for p, c in zip(ps, cut)]
     for s, n in zip(seqs, new):
         cache.reserve(s, n)
-    ids = torch.zeros(len(tails), max(new), dtype=torch.long)
-    for i, (t, c) in enumerate(zip(tails, cut)):
-        ids[i, :new[i]] = torch.tensor((prefix + t)[c:])
+    ids = torch.zeros(len(ps), max(new), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(ps, cut)):
+        ids[i, :new[i]] = torch.tensor(p[c:])
     logits = model(ids, cache.batch(seqs), torch.tensor(new))
     return [logits[i, :n].float().cpu() for i, n in enumerate(new)], cut
 
@@ -896,6 +901,30 @@ def test_cascade_over_shared_pages_equals_whole_prompts(monkeypatch, scatter):
         want = model(torch.tensor([prefix + t]))[0, cut[i]:].float()
         torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(rows[i], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=4096)])
+def test_cascade_beside_rows_without_the_prefix(monkeypatch, sc):
+    """A step with rows after one cached prefix, a prompt from its start and a row after its own cached tokens: the
+    rows sharing the prefix take the cascade (reading the other rows' keys from the whole gather), the others their
+    own paths; with an InfLLM v2 model whose rows are all dense (its kernel keys are pooled, so nothing is skipped)
+    too. Every row's logits are those of its whole prompt without a cache (float64)."""
+    from cpm4.model.modeling import Attention
+
+    model = random_model("tiny", sparse_config=sc)
+    prefix = prompts(1, seed=51, lo=50, hi=51)[0]
+    tails = prompts(3, seed=52, lo=2, hi=30)
+    others = [(p, c) for p, c in zip(prompts(2, seed=53, lo=30, hi=60), [0, 21])]
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
+    calls = _count_cascades(monkeypatch)
+    for extra in ([], others):
+        before = len(calls)
+        got, cut = _shared_prefix_forward(model, prefix, tails, [0, 4, 0], "cpu", torch.float64, others=extra)
+        assert len(calls) - before == model.config.num_hidden_layers
+        for i, p in enumerate([prefix + t for t in tails] + [p for p, _ in extra]):
+            want = model(torch.tensor([p]))[0, cut[i]:].float()
+            torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6)
 
 
 def test_cascade_off_when_rows_share_too_little(monkeypatch):

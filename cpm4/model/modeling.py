@@ -196,15 +196,17 @@ class Attention(nn.Module):
         # >= dense_len tokens is sparse for all its queries (spec 4.1), however it is cut into chunks.
         whole = getattr(cache, "prompt_lens", None) or [0] * b
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
-        shared = self._cascade_pages(cache, q, h_new, sparse)
+        group, shared = self._cascade_group(cache, q, h_new, sparse)
+        # Every row in the cascade and no kernel keys to pool: keys are gathered from after the shared pages only.
+        skip = shared if len(group) == b and cache.cache.fine is None else 0
         if cache is not None:
-            # Rows sharing cached pages (`_cascade`): their keys are gathered from after those pages only.
-            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=shared)
+            k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=skip)
         else:
             k_all, v_all = k, v
-        if shared:
+        ps = cache.cache.page_size if group else 0
+        if len(group) == b:
             out = q.new_zeros(q.shape)  # contiguous (written through a flat view)
-            self._cascade(q, k_all, v_all, out, h_new, kv_lens, shared * cache.cache.page_size, cache)
+            self._cascade(q, k_all, v_all, out, group, h_new, kv_lens, shared * ps, skip * ps, cache)
         elif not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
@@ -225,6 +227,10 @@ class Attention(nn.Module):
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
+            if group:  # rows after one shared cached prefix, beside others that do not share it
+                self._cascade(q, k_all, v_all, out, group, [h_new[i] for i in group], [kv_lens[i] for i in group],
+                              shared * ps, 0, cache)
+                fresh += group
             # Sparse rows with a cache on the GPU (chunks after a cached prefix, prompts beside others, decode
             # steps): one launch per InfLLM v2 stage for all of them, not a pipeline per row.
             rows = [i for i in range(b) if sparse[i] and h_new[i]] if cache is not None and \
@@ -349,41 +355,43 @@ class Attention(nn.Module):
         out[idx] = o.transpose(1, 2)
         return out
 
-    def _cascade_pages(self, cache, q: torch.Tensor, h_new: list[int], sparse: list[bool]) -> int:
-        """How many leading cache pages every row of the step shares (`_cascade` applies), else 0."""
-        if not (self.cascade_prefix and self.batch_continuing_rows and len(h_new) > 1 and all(h_new)
-                and not any(sparse) and hasattr(cache, "shared_pages") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
-            return 0
-        c = cache.shared_pages()
-        return c if c * cache.cache.page_size >= self.cascade_min_tokens else 0
+    def _cascade_group(self, cache, q: torch.Tensor, h_new: list[int], sparse: list[bool]) -> tuple[list[int], int]:
+        """The rows that take `_cascade` (at least two dense rows with new tokens sharing leading cached pages) and
+        how many pages they share; ([], 0) when none do."""
+        if not (self.cascade_prefix and self.batch_continuing_rows and len(h_new) > 1
+                and hasattr(cache, "shared_group") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
+            return [], 0
+        rows, c = cache.shared_group([i for i, (n, sp) in enumerate(zip(h_new, sparse)) if n and not sp])
+        return (rows, c) if c * cache.cache.page_size >= self.cascade_min_tokens else ([], 0)
 
-    def _cascade(self, q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: torch.Tensor,
-                 n_new: list[int], kv_lens: list[int], p: int, cache) -> None:
-        """Dense attention of every row's new queries (row i: its n_new last positions of kv_lens keys) when all rows
-        share their first p cached keys (the same pages): the queries of all rows attend those keys in one
+    def _cascade(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor, rows: list[int],
+                 n_new: list[int], kv_lens: list[int], p: int, skipped: int, cache) -> None:
+        """Dense attention of the rows' new queries (row rows[j]: its n_new[j] last positions of kv_lens[j] keys)
+        when they share their first p cached keys (the same pages): their queries attend those keys in one
         variable-length call that reads them once (not gathered and read per row), then each row's own keys after
-        them (k_own/v_own: [rows, s] from key p on) in a second, causal bottom-right; the two merged by their
-        log-sum-exps (cascade attention, as FlashInfer and vLLM run shared prefixes). Written into `out`."""
+        them in a second, causal bottom-right; the two merged by their log-sum-exps (cascade attention, as
+        FlashInfer and vLLM run shared prefixes). k_all/v_all: each row's keys from key `skipped` on (the write
+        skipped the shared pages when every row is in the cascade). Written into `out`."""
         b, t, hq, d = q.shape
-        s = k_own.shape[1]
+        s = k_all.shape[1]
         memo = getattr(cache, "memo", None)
         if memo is None:
             memo = {}
         own = [L - p for L in kv_lens]
-        key = ("cascade", tuple(n_new), tuple(kv_lens), t, s, p)
+        key = ("cascade", tuple(rows), tuple(n_new), tuple(kv_lens), t, s, p, skipped)
         if key not in memo:
             n = sum(n_new)
-            host = (ragged_index(n_new, [i * t for i in range(b)]), ragged_index(own, [i * s for i in range(b)]),
+            host = (ragged_index(n_new, [i * t for i in rows]), ragged_index(own, [i * s + p - skipped for i in rows]),
                     torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, p], dtype=torch.int32),
                     torch.tensor(np.cumsum([0, *n_new]), dtype=torch.int32),
                     torch.tensor(np.cumsum([0, *own]), dtype=torch.int32))
             memo[key] = tuple(to_device(x, q.device) for x in host)
         qidx, kidx, cu_all, cu_p, cu_q, cu_k = memo[key]
         qp = q.reshape(b * t, hq, d).index_select(0, qidx)
-        pk, pv = cache.shared_kv(self.layer_idx, p // cache.cache.page_size)
+        pk, pv = cache.shared_kv(self.layer_idx, rows[0], p // cache.cache.page_size)
         o1, l1 = attention_lse(qp, pk, pv, cu_all, cu_p, qp.shape[0], p, False, self.scale)
-        kp = k_own.reshape(b * s, *k_own.shape[2:]).index_select(0, kidx)
-        vp = v_own.reshape(b * s, *v_own.shape[2:]).index_select(0, kidx)
+        kp = k_all.reshape(b * s, *k_all.shape[2:]).index_select(0, kidx)
+        vp = v_all.reshape(b * s, *v_all.shape[2:]).index_select(0, kidx)
         o2, l2 = attention_lse(qp, kp, vp, cu_q, cu_k, max(n_new), max(own), True, self.scale)
         out.view(b * t, hq, d).index_copy_(0, qidx, merge_attention(o1, l1, o2, l2))
 
