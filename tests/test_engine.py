@@ -689,6 +689,12 @@ def check_batched_rows(base, model, ps, cut, one, rows, prefix_len):
         assert (a - ref).abs().max() < 0.1 and (a.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
     prefix = prompts(1, seed=12, lo=prefix_len, hi=prefix_len + 1)[0]
     batch = [prefix + p[:20] for p in prompts(4, seed=13, lo=20, hi=21)]
+    caching_keeps_tokens(model, prefix, batch)
+
+
+def caching_keeps_tokens(model, prefix, batch):
+    """On CUDA in bf16, the engine's greedy tokens for `batch` after an earlier request with `prefix` are the same
+    with prefix caching as without (but for a bf16 near-tie)."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     out = {}
     for caching in (True, False):
@@ -701,7 +707,7 @@ def check_batched_rows(base, model, ps, cut, one, rows, prefix_len):
             eng.add_request(f"r{i}", p, params)
         res = eng.run_to_completion()
         out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
-    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+    assert sum(a == b for a, b in zip(out[True], out[False])) >= len(batch) - 1  # a bf16 near-tie may flip one
 
 @pytest.mark.gpu
 def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
@@ -995,20 +1001,7 @@ def test_cascade_over_shared_pages_on_cuda(monkeypatch):
         ref = base(torch.tensor([prefix + t]))[0, cut[i]:]
         assert (got[i] - rows[i]).abs().max() < 0.05, i
         assert (got[i] - ref).abs().max() < 0.1 and (got[i].argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, i
-    ps = [prefix + t for t in tails]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    out = {}
-    for caching in (True, False):
-        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
-                             prefix_caching=caching)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
-        eng.add_request("warm", prefix + [5], params)
-        eng.run_to_completion()
-        for i, p in enumerate(ps):
-            eng.add_request(f"r{i}", p, params)
-        res = eng.run_to_completion()
-        out[caching] = [res[f"r{i}"][1] for i in range(len(ps))]
-    assert sum(a == b for a, b in zip(out[True], out[False])) >= 3  # a bf16 near-tie may flip one path
+    caching_keeps_tokens(model, prefix, [prefix + t for t in tails])
 
 
 def test_continuing_rows_in_one_varlen_call_float_math(monkeypatch):
