@@ -415,6 +415,27 @@ def test_parallel_tool_calls_false_returns_the_first_call(per_choice, mode, stre
         assert content == "Sure." and finish == "tool_calls"
 
 
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_each_tool_call_streams_as_its_json_closes(per_choice, mode):
+    """Streamed, a call goes out whole (name and arguments) once its JSON closes, not with the last token: with
+    continuous usage stats the first call's chunk counts fewer output tokens than the output has; the second call
+    comes at the end, with the next index; the unstreamed response has the same calls, ids aside."""
+    eng, client, _ = per_choice
+    tok = eng.tokenizer
+    eng.scripts = [_script(tok, "Sure.\n", CALL, "\n" + CALL2 + " ")]
+    kw = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=80, tool_choice=mode)
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    at = [(t.index, t.function.name, json.loads(t.function.arguments), ch.usage.completion_tokens)
+          for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+    total = chunks[-1].usage.completion_tokens
+    assert [(i, a["city"]) for i, _, a, _ in at] == [(0, "Paris"), (1, "Oslo")]
+    assert at[0][3] <= len(_script(tok, "Sure.\n", CALL)) < at[1][3] <= total
+    msg = client.chat.completions.create(**kw).choices[0].message
+    whole = [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls]
+    assert whole == [(n, a) for _, n, a, _ in at]
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_n_choices_parse_their_tool_calls_apart(per_choice, parallel):
     """n = 3, each choice a different output (a call after text, plain text, two calls), interleaved step by

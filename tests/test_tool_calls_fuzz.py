@@ -301,11 +301,13 @@ def _run_choice(deltas: list[StreamDelta], tok: _Tok, think: bool, parallel: boo
             delta["content"] = text
         if delta:
             stream.append(delta)
+        if d.finish_reason is None and (ready := c.tools.ready()):  # each call as its JSON closes
+            stream.append({"tool_calls": ready})
     tail, calls = c.tools.finish()
     if tail:
         stream.append({"content": tail})
-    if calls:
-        stream.append({"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]})
+    if rest := c.tools.rest(calls):
+        stream.append({"tool_calls": rest})
     content = "".join(c.pieces) + tail
     msg: dict[str, Any] = {"content": (content or None) if calls else content, "tool_calls": calls}
     if think:

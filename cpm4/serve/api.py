@@ -606,15 +606,17 @@ class _OpenAIServer:
                         if delta:
                             yield sse_event(chunk(i, delta, lp))
                         if d.finish_reason is None:
+                            ready = c.tools.ready() if c.tools is not None else []  # each call as its JSON closes
+                            if ready:
+                                yield sse_event(chunk(i, {"tool_calls": ready}))
                             continue
                         calls: list[dict[str, Any]] = []
                         if c.tools is not None:
                             tail, calls = c.tools.finish()
                             if tail:
                                 yield sse_event(chunk(i, {"content": tail}))
-                            if calls:
-                                yield sse_event(chunk(i, {"tool_calls": [{"index": j, **call}
-                                                                    for j, call in enumerate(calls)]}))
+                            if rest := c.tools.rest(calls):
+                                yield sse_event(chunk(i, {"tool_calls": rest}))
                         yield sse_event(chunk(i, {}, None, finish_reason(c, calls)))
 
             def usage() -> dict[str, Any]:

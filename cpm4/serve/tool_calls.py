@@ -3,7 +3,8 @@ template teaches) turned into OpenAI `tool_calls`.
 
 The marker is a special token in MiniCPM4 vocabularies, so plain decoding (which skips special tokens)
 loses it. `ToolCallCollector` therefore watches the token ids as well as the text: everything before the
-first marker streams as content, everything from it on is held and parsed when generation ends. Whitespace not yet
+first marker streams as content, everything from it on is held and parsed: each call streams whole once its JSON
+closes (`ready`), the rest when generation ends. Whitespace not yet
 followed by text waits: dropped if a marker comes next (content before a call ends with its last text, and is null
 when it had none), sent with the next text or at the end otherwise. The unstreamed content is what the stream
 sent, in every tool_choice mode; whitespace before the first text goes out with that text (a call cannot be known
@@ -112,6 +113,8 @@ class ToolCallCollector:
         self._tail_ids: list[int] | None = None  # set once the marker arrived as a token
         self._tail_text: str | None = None  # set once the marker arrived as text
         self._plain_tail = ""  # the tail as plain decoding shows it, for output without calls
+        self.sent: list[dict[str, Any]] = []  # calls handed out by `ready` (streamed before the end)
+        self._closed = False  # a '}' came since the last `ready`: a call may have completed
 
     @property
     def in_calls(self) -> bool:
@@ -122,9 +125,11 @@ class ToolCallCollector:
         if self._tail_ids is not None:
             self._tail_ids.extend(token_ids)
             self._plain_tail += text
+            self._closed = self._closed or "}" in text
             return ""
         if self._tail_text is not None:
             self._tail_text += text
+            self._closed = self._closed or "}" in text
             return ""
         if self._marker_id is not None and self._marker_id in token_ids:
             # The delta's text was released by the detokenizer for tokens before the marker.
@@ -157,26 +162,43 @@ class ToolCallCollector:
         self._started = self._started or bool(out)
         return out
 
+    def _raw(self) -> str:
+        """The output from the first marker on, as text the parser reads."""
+        if self._tail_ids is None:
+            return self._tail_text or ""
+        # Decode the pieces between markers separately so the markers survive as text for the parser.
+        segments: list[list[int]] = [[]]
+        for t in self._tail_ids:
+            if t == self._marker_id:
+                segments.append([])
+            else:
+                segments[-1].append(t)
+        return self._marker.join(self._tokenizer.decode(s) for s in segments)
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Stream entries ({"index", **call}) of the calls whose JSON closed since the last look, each whole (name
+        and arguments), to send before the output ends (as OpenAI streams a call as it is made); `finish` returns
+        them again, first and with the same ids. A closed call stays one: later text never changes how an earlier
+        marker's JSON parses."""
+        if not self._closed or (self.sent and not self._parallel):
+            return []
+        self._closed = False
+        calls = parse_tool_calls(self._raw(), self._marker, strip=False)[1]
+        entries = self.rest(calls[:1] if not self._parallel else calls)
+        self.sent += [{k: v for k, v in e.items() if k != "index"} for e in entries]
+        return entries
+
+    def rest(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stream entries of `calls` (`finish`'s) past those `ready` sent."""
+        return [{"index": j, **call} for j, call in enumerate(calls) if j >= len(self.sent)]
+
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """End of generation: (content not yet emitted, tool calls)."""
-        if self._tail_ids is not None:
-            # Decode the pieces between markers separately so the markers survive as text for the parser.
-            segments: list[list[int]] = [[]]
-            for t in self._tail_ids:
-                if t == self._marker_id:
-                    segments.append([])
-                else:
-                    segments[-1].append(t)
-            raw = self._marker.join(self._tokenizer.decode(s) for s in segments)
-            content, calls = parse_tool_calls(raw, self._marker, strip=False)
-            if not calls:  # no valid call: the text plain decoding would have given
-                return self._dropped + self._plain_tail, []
-            return self._with_calls(content, calls)
-        if self._tail_text is not None:
-            content, calls = parse_tool_calls(self._tail_text, self._marker, strip=False)
-            if not calls:
-                return self._dropped + (content or ""), []
-            return self._with_calls(content, calls)
+        """End of generation: (content not yet emitted, tool calls; those `ready` handed out first)."""
+        if self.in_calls:
+            content, calls = parse_tool_calls(self._raw(), self._marker, strip=False)
+            if not calls and not self.sent:  # no valid call: the text plain decoding would have given
+                return self._dropped + (self._plain_tail if self._tail_ids is not None else content or ""), []
+            return self._with_calls(content, self.sent + calls[len(self.sent):])
         out, self._held = self._held, ""
         return out, []
 
