@@ -135,6 +135,7 @@ class ToolCallCollector:
             # The delta's text was released by the detokenizer for tokens before the marker.
             k = token_ids.index(self._marker_id)
             self._tail_ids = list(token_ids[k:])
+            self._closed = len(token_ids) > k + 1  # tokens after the marker in this delta: perhaps a whole call
             j = text.find(self._marker)  # shown when special tokens are not skipped: the call starts there
             if j >= 0:
                 self._plain_tail, text = text[j:], text[:j]
@@ -144,6 +145,7 @@ class ToolCallCollector:
         i = buf.find(self._marker)
         if i >= 0:
             self._tail_text, self._held = buf[i:], ""
+            self._closed = "}" in self._tail_text
             return self._before_call(buf[:i])
         hold = _marker_prefix_len(buf, self._marker)
         # Trailing whitespace is held too: before a call it is no content (null when nothing else went out).
