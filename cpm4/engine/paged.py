@@ -372,6 +372,12 @@ class PagedBatch:
             self.memo[key] = (group, c) if c else ([], 0)
         return self.memo[key]
 
+    def skip_pages(self, group: list[int], n_pages: int) -> int:
+        """Pages `write` may leave out of every row's gathered keys when all rows (`group`, the whole batch) read
+        their first n_pages shared pages through `shared_kv`: none when kernel keys are pooled (the pooling reads
+        every row's keys from its first token)."""
+        return n_pages if len(group) == len(self.seqs) and self.cache.fine is None else 0
+
     def shared_kv(self, layer: int, row: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [n_pages * page_size, hkv, d] of row `row`'s first n_pages pages (a `shared_group`'s)."""
         key = ("shared_kv", row, n_pages)

@@ -36,6 +36,12 @@ def ragged_index(lens: list[int], starts: list[int]) -> torch.Tensor:
                                                                          - (ends - n), n))
 
 
+def _step_memo(cache) -> dict:
+    """What every layer of a step shares (index tensors built once): the paged cache view's memo, else a fresh dict."""
+    memo = getattr(cache, "memo", None)
+    return {} if memo is None else memo
+
+
 class Packing:
     """The real tokens of a right-padded [rows, t] batch laid end to end as [1, n]. A multi-row prefill with
     rows of different lengths then runs the per-token work (embedding, projections, MLP, norms, RoPE) on its
@@ -197,8 +203,8 @@ class Attention(nn.Module):
         whole = getattr(cache, "prompt_lens", None) or [0] * b
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
         group, shared = self._cascade_group(cache, q, h_new, sparse)
-        # Every row in the cascade and no kernel keys to pool: keys are gathered from after the shared pages only.
-        skip = shared if len(group) == b and cache.cache.fine is None else 0
+        # Every row in the cascade: keys gathered from after the shared pages only, when the cache allows it.
+        skip = cache.skip_pages(group, shared) if len(group) == b else 0
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=skip)
         else:
@@ -374,9 +380,7 @@ class Attention(nn.Module):
         skipped the shared pages when every row is in the cascade). Written into `out`."""
         b, t, hq, d = q.shape
         s = k_all.shape[1]
-        memo = getattr(cache, "memo", None)
-        if memo is None:
-            memo = {}
+        memo = _step_memo(cache)
         own = [L - p for L in kv_lens]
         key = ("cascade", tuple(rows), tuple(n_new), tuple(kv_lens), t, s, p, skipped)
         if key not in memo:
@@ -403,9 +407,7 @@ class Attention(nn.Module):
         b, t, hq, d = q.shape
         s = k.shape[1]
         # The same for every layer of a step: built once, kept on the step's cache view (`PagedBatch.memo`).
-        memo = getattr(cache, "memo", None)
-        if memo is None:
-            memo = {}
+        memo = _step_memo(cache)
         key = ("varlen", tuple(rows), tuple(n_new), tuple(kv_lens), t, s)
         if key not in memo:
             host = (ragged_index(n_new, [i * t for i in rows]), ragged_index(kv_lens, [i * s for i in rows]),
