@@ -118,6 +118,13 @@ def test_bad_input_ids_rejected():
         model(torch.tensor([[0, 5, model.config.vocab_size]]))
     with pytest.raises(ValueError, match="batch, tokens"):
         model(torch.tensor([1, 2, 3]))
+    from cpm4.engine.kv_cache import KVCache
+
+    for lens in ([4, 1], [2, -1]):  # more new tokens than the row holds (the cache untouched), or fewer than none
+        cache = KVCache(model.config, batch_size=2, max_len=16, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"new_lens must lie in \[0, 3\]"):
+            model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache, torch.tensor(lens))
+        assert cache.lens.tolist() == [0, 0]
 
 
 def test_fused_projections_same_logits_and_checkpoint(tmp_path):

@@ -645,6 +645,8 @@ class MiniCPM4ForCausalLM(nn.Module):
             host_starts = cache.host_lens() if hasattr(cache, "host_lens") else None
             host = (starts.tolist() if host_starts is None else host_starts,
                     new_lens.tolist() if new_host is None else new_host)
+        if host is not None and any(n < 0 or n > t for n in host[1]):
+            raise ValueError(f"new_lens must lie in [0, {t}] (the tokens given per row), got {host[1]}")
         if cache is not None:
             cache.check_room(starts, t, new_lens, host)
         if docs is not None:
