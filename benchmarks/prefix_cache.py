@@ -85,19 +85,20 @@ def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dic
     run(eng, [prefix + [7]], params)  # an earlier request with the prefix
     warm = run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
     if args.profile and eng.cache.prefix_caching:
-        profile(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+        # Fresh suffixes for each profiled step: a batch seen before would find its own pages cached too.
+        profile(eng, [workload(rng, vocab, prefix, args.requests, args.suffix) for _ in range(2)], params)
     fresh = [rng.randrange(3, vocab) for _ in range(plen)]
     return warm, run(eng, workload(rng, vocab, fresh, args.requests, args.suffix), params)
 
 
-def profile(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> None:
-    """The warm batch once more under torch.profiler: its first step (admission and the prefill), top ops by
-    device time and by host time."""
+def profile(eng: LLMEngine, batches: list[list[list[int]]], params: SamplingParams) -> None:
+    """A warm batch (batches[0]) under torch.profiler: its first step (admission and the prefill), top ops by
+    device time and by host time; another (batches[1]) under cProfile."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eng.model.device.type == "cuda" else [])
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(batches[0]):
         eng.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
     with prof(activities=acts) as pr:
         eng.step()
@@ -113,7 +114,7 @@ def profile(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) ->
     import cProfile
     import pstats
 
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(batches[1]):
         eng.add_request(f"c{time.monotonic_ns()}-{i}", p, params)
     cp = cProfile.Profile()
     t0 = time.perf_counter()
