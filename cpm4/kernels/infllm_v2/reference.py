@@ -269,3 +269,20 @@ def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: 
     width = max(s.shape[-1] for s in sel)
     sel = [torch.nn.functional.pad(s, (0, width - s.shape[-1]), value=-1) for s in sel]
     return out, torch.cat(sel, 1)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                 lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dense decode over a paged cache in float64: q [B, hq, d]; caches [pages, page, hkv, d]; table [B, W]
+    (each row's pages); lens [B] (tokens, the current one included) -> [B, hq, d] float64."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(b, hq, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(lens[i])
+        k = k_cache[table[i].long()].flatten(0, 1)[:n].double().repeat_interleave(hq // hkv, dim=1)
+        v = v_cache[table[i].long()].flatten(0, 1)[:n].double().repeat_interleave(hq // hkv, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hn,nhd->hd", w, v)
+    return out

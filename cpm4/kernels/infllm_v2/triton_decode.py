@@ -440,19 +440,21 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
 
 @triton.jit
 def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
-                   n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                   stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os, stride_mb,
-                   stride_mh, stride_rb, stride_rh,
+                   member_ptr, nsh_ptr, n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh,
+                   stride_vp, stride_vt, stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os,
+                   stride_mb, stride_mh, stride_rb, stride_rh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
                    DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
-                   MERGE: tl.constexpr):
+                   MERGE: tl.constexpr, SKIP: tl.constexpr):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
     log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
     out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
-    dependent of the kernel before it (everything read after waiting for it)."""
+    dependent of the kernel before it (everything read after waiting for it). SKIP (MODE 0, cascade decode):
+    rows with member[bi] set start after the nsh[0] pages `triton_cascade` attends for them; the partials are
+    always written (merged by `_merge_kernel` with the cascade's)."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
@@ -469,8 +471,11 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
     dd = tl.arange(0, D)
-    per = tl.cdiv(n_att, SPLITS)
-    lo = sp * per
+    first = 0
+    if SKIP:
+        first = tl.load(member_ptr + bi) * tl.load(nsh_ptr)
+    per = tl.cdiv(n_att - first, SPLITS)
+    lo = first + sp * per
     hi = tl.minimum(lo + per, n_att)
     if TILE_PAGES == 1:
         tt = tl.arange(0, PAGE)
@@ -505,7 +510,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
-    if SPLITS == 1:
+    if (SPLITS == 1) and (not SKIP):
         tl.store(out_rows, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hm[:, None])
     else:
         tl.store(o_ptr + bi * stride_ob + h[:, None] * stride_oh + sp * stride_os + dd[None, :],
@@ -635,53 +640,64 @@ def _pdl_launch(pdl: bool) -> dict:
 
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None, pdl=False, separate_merge=None):
-    """`_attend_kernel` (and `_merge_kernel` after it when the splits are merged separately) -> [B, hq, d]."""
+            counters=None, tile_pages=None, pdl=False, separate_merge=None, shared=None):
+    """`_attend_kernel` (and `_merge_kernel` after it when the splits are merged separately) -> [B, hq, d].
+    shared: `triton_cascade.SharedPrefix` (MODE 0): its pages attended once for its member rows, the rest per row."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
-    separate = splits > 1 and (SEPARATE_MERGE if separate_merge is None else separate_merge)
-    if splits > 1:
-        o_part = torch.empty((b, hq, splits, d), device=q.device, dtype=torch.float32)
-        m_part = torch.empty((b, hq, splits), device=q.device, dtype=torch.float32)
+    if shared is not None and mode != 0:
+        raise ValueError("a shared prefix needs the dense paged decode (every page of each row)")
+    extra = shared.splits(q.device, b, hkv, g) if shared is not None else 0
+    separate = splits + extra > 1 and (shared is not None or (SEPARATE_MERGE if separate_merge is None
+                                                                 else separate_merge))
+    if splits + extra > 1:
+        o_part = torch.empty((b, hq, splits + extra, d), device=q.device, dtype=torch.float32)
+        m_part = torch.empty((b, hq, splits + extra), device=q.device, dtype=torch.float32)
         if separate:
             counters = out  # unused
         elif counters is None:
             counters = _zeroed_counters(q.device, (b, hkv))
     else:
         o_part = m_part = counters = out  # unused
+    member, nsh = (shared.member, shared.count) if shared is not None else (lens, lens)  # unused without
     n_list = blk.shape[2] if mode == 1 else 0
     blk_t = blk if blk is not None else table
     g_pad = max(16, triton.next_power_of_2(g))
     _attend_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out,
-        counters, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
+        counters, member, nsh, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
         blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
-        o_part.stride(0) if splits > 1 else 0, o_part.stride(1) if splits > 1 else 0,
-        o_part.stride(2) if splits > 1 else 0, m_part.stride(0) if splits > 1 else 0,
-        m_part.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
+        o_part.stride(0) if o_part is not out else 0, o_part.stride(1) if o_part is not out else 0,
+        o_part.stride(2) if o_part is not out else 0, m_part.stride(0) if m_part is not out else 0,
+        m_part.stride(1) if m_part is not out else 0, out.stride(0), out.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
-        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, num_warps=4, **_pdl_launch(pdl))
+        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None, num_warps=4,
+        **_pdl_launch(pdl))
+    if shared is not None:  # its partials after the rows' own (splits on)
+        shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES)
     if separate:
+        n = splits + extra
         dc = min(32, d)
         _merge_kernel[(b, hq, d // dc)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                         m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1),
-                                        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DC=dc, num_warps=4)
+                                        SPLITS=n, SPLITS_PAD=triton.next_power_of_2(n), DC=dc, num_warps=4)
     return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
                  splits: int | None = None, tile_pages: int | None = None,
-                 separate_merge: bool | None = None) -> torch.Tensor:
+                 separate_merge: bool | None = None, shared=None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
     (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`); separate_merge: see
-    `SEPARATE_MERGE` (None: that)."""
+    `SEPARATE_MERGE` (None: that). shared: a `triton_cascade.SharedPrefix` (blocks None): the leading pages its
+    member rows share, read once for all of them (cascade decode)."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -691,7 +707,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     most = triton.cdiv(blocks.shape[2] if blocks is not None else block_table.shape[1], 2)
     splits = splits or _default_splits(q.device, b * hkv, most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
-                   scale=scale, tile_pages=tile_pages, separate_merge=separate_merge)
+                   scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared)
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -1,0 +1,146 @@
+"""Cascade decode: the leading pages that several rows of a dense decode step share, attended once.
+
+Rows after one cached prefix (a system prompt, a few-shot preamble, the `n` samples of one prompt) hold the same
+first pages. The paged decode reads a row's every page, so a batch of B such rows reads the prefix B times a
+layer. Here one program per (KV head, tile of rows, split of the shared pages) attends the tile's queries — all
+of the group's heads of several rows, one matrix — to those pages, reading them once per tile; the paged decode
+attends each row's own pages after them (`_attend_kernel` with SKIP), and `_merge_kernel` merges both kinds of
+partial outputs by their log-sum-exps. As FlashInfer's and vLLM's cascade attention.
+
+Shapes stay fixed for a CUDA graph: the shared page list has a fixed width and its used length (`count`) and
+the rows it applies to (`member`) are device tensors, read by the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_select import num_sms, softmax_step
+
+# Query vectors (rows x the KV group's heads) per program: the shared pages are read once per tile of rows.
+TILE_QUERIES = 64
+
+
+@triton.jit
+def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, o_ptr, m_ptr, n_rows, sm_scale,
+                   stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                   stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
+                   G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr):
+    """Partial output and log-sum-exp (log2) at split split0 + sp of rows [rt * ROWS, +ROWS), KV head g, over
+    split sp of the first nsh[0] shared pages; rows not in the group get an empty partial (-inf)."""
+    g = tl.program_id(0)
+    rt = tl.program_id(1)
+    sp = tl.program_id(2)
+    idx = tl.arange(0, ROWS * G_PAD)
+    r = rt * ROWS + idx // G_PAD
+    hh = idx % G_PAD
+    ok = (r < n_rows) & (hh < G)
+    use = ok & (tl.load(member_ptr + r, mask=r < n_rows, other=0) != 0)
+    h = g * G + hh
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + r[:, None] * stride_qb + h[:, None] * stride_qh + dd[None, :], mask=use[:, None], other=0.0)
+    n = tl.load(nsh_ptr)
+    per = tl.cdiv(tl.cdiv(n, SPLITS), TILE_PAGES) * TILE_PAGES
+    lo = sp * per
+    hi = tl.minimum(lo + per, n)
+    hi = tl.where(tl.max(use.to(tl.int32), 0) > 0, hi, lo)  # a tile without members reads nothing
+    m_i = tl.full((ROWS * G_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS * G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((ROWS * G_PAD, D), dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    rr = tl.arange(0, TILE_PAGES * PAGE)
+    tt = rr % PAGE
+    for i0 in range(lo, hi, TILE_PAGES):
+        j = i0 + rr // PAGE
+        km = j < hi
+        page = tl.load(pages_ptr + j, mask=km, other=0).to(tl.int64)
+        k = tl.load(kc_ptr + page[:, None] * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
+                    mask=km[:, None], other=0.0)
+        v = tl.load(vc_ptr + page[:, None] * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
+                    mask=km[:, None], other=0.0)
+        m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    at = split0 + sp
+    tl.store(o_ptr + r[:, None] * stride_ob + h[:, None] * stride_oh + at * stride_os + dd[None, :],
+             acc / l_safe[:, None], mask=ok[:, None])
+    tl.store(m_ptr + r * stride_mb + h * stride_mh + at,
+             tl.where(use & (l_i > 0), m_i + tl.log2(l_safe), float("-inf")), mask=ok)
+
+
+@dataclass
+class SharedPrefix:
+    """The leading pages some rows of a decode batch share. pages: int32 [W] on the device, the first
+    count[0] of them in use (count: int32 [1], 0 = none); member: int32 [B], 1 for each row whose first
+    count[0] pages are those (each such row has at least one token after them: its current one)."""
+
+    pages: torch.Tensor
+    count: torch.Tensor
+    member: torch.Tensor
+
+    def tile_rows(self, g: int) -> int:
+        """Rows per program for a KV group of g heads (at least 16 query vectors: the dot's minimum)."""
+        g_pad = triton.next_power_of_2(g)
+        return max(1, max(TILE_QUERIES, 16) // g_pad)
+
+    def splits(self, device: torch.device, b: int, hkv: int, g: int = 1) -> int:
+        """Partial outputs per row the shared pages add: enough programs for ~2 waves, at most one per pair
+        of pages (fixed by the widths: a graph replays it for any count)."""
+        programs = hkv * triton.cdiv(b, self.tile_rows(g))
+        n = max(1, min(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(self.pages.numel(), 2)))
+        return 1 << (n.bit_length() - 1)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o_part: torch.Tensor,
+               m_part: torch.Tensor, split0: int, scale: float, tile_pages: int) -> None:
+        """Write the shared pages' partials into o_part [B, hq, S, d] / m_part [B, hq, S] (float32) at splits
+        split0 .. split0 + `splits` - 1."""
+        b, hq, d = q.shape
+        _, page, hkv, _ = k_cache.shape
+        g = hq // hkv
+        if self.member.shape != (b,) or self.count.numel() != 1:
+            raise ValueError(f"member must be [{b}] and count [1], got {tuple(self.member.shape)} and "
+                             f"{tuple(self.count.shape)}")
+        rows = self.tile_rows(g)
+        n = self.splits(q.device, b, hkv, g)
+        if split0 + n > o_part.shape[2]:
+            raise ValueError(f"partials hold {o_part.shape[2]} splits, the shared pages need {split0} + {n}")
+        _shared_kernel[(hkv, triton.cdiv(b, rows), n)](
+            q, k_cache, v_cache, self.pages, self.count, self.member, o_part, m_part, b, scale,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
+            o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
+            G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,
+            num_warps=4)
+
+
+def shared_prefix(table: list[list[int]], lens: list[int], page: int, min_pages: int, width: int,
+                  device: torch.device | str) -> SharedPrefix | None:
+    """The largest group of rows (two at least) whose first min_pages (>= 1) pages are the same, as a
+    `SharedPrefix` over all the leading pages they share (each row keeping its current token after them), or
+    None. table: each row's pages (host lists); lens: each row's tokens including the current one; width: the
+    shared page list's fixed width (pages past the count are padding)."""
+    min_pages = max(1, min_pages)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (pages, n) in enumerate(zip(table, lens)):
+        if n > page * min_pages:
+            groups.setdefault(tuple(pages[:min_pages]), []).append(i)
+    best = max(groups.values(), key=len, default=[])
+    if len(best) < 2:
+        return None
+    first = table[best[0]]
+    # Shared whole pages strictly before each member's current token.
+    limit = min((lens[i] - 1) // page for i in best)
+    p = min_pages
+    while p < limit and all(table[i][p] == first[p] for i in best):
+        p += 1
+    p = min(p, width)
+    pages = first[:p] + [first[0]] * (width - p)
+    member = [0] * len(table)
+    for i in best:
+        member[i] = 1
+    return SharedPrefix(torch.tensor(pages, dtype=torch.int32).to(device), torch.tensor([p], dtype=torch.int32).to(
+        device), torch.tensor(member, dtype=torch.int32).to(device))
