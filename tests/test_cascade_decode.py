@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from cpm4.kernels.infllm_v2 import reference as R  # noqa: E402
-from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix, shared_prefix  # noqa: E402
+from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -90,23 +90,142 @@ def test_cascade_needs_the_dense_decode_and_fitting_shapes():
         paged_decode(q, kc, vc, table, seq, shared=bad)
 
 
-def test_shared_prefix_finds_the_largest_group():
-    page = 16
+def test_shared_rows_finds_the_largest_group():
+    import numpy as np
+
+    from cpm4.engine.paged import shared_rows
+
+    def find(rows, lens, min_pages):
+        w = max(len(r) for r in rows)
+        table = np.array([r + [99] * (w - len(r)) for r in rows], dtype=np.int32)  # padding: any page id
+        got = shared_rows(table, np.array(lens), 16, min_pages)
+        return None if got is None else (got[0].astype(int).tolist(), got[1])
+
     a = [10, 11, 12, 13]
-    table = [a[:3] + [20], [5, 6], a[:3] + [21, 22], a[:2] + [30], a[:3] + [40]]
-    lens = [60, 30, 70, 40, 49]
-    s = shared_prefix(table, lens, page, min_pages=2, width=6, device="cpu")
-    # Rows 0, 2, 3 and 4 share pages 10, 11; row 3 stops there: the group's common run is 2 pages.
-    assert s.member.tolist() == [1, 0, 1, 1, 1] and s.count.tolist() == [2]
-    assert s.pages.tolist()[:2] == [10, 11] and len(s.pages) == 6
-    # Without row 3, three pages are common; a row whose current token is in the last common page stops there.
-    s = shared_prefix([table[0], table[2], table[4]], [60, 70, 49], page, 2, 6, "cpu")
-    assert s.count.tolist() == [3] and s.pages.tolist()[:3] == [10, 11, 12]
-    s = shared_prefix([table[0], table[2], table[4]], [60, 70, 48], page, 2, 6, "cpu")
-    assert s.count.tolist() == [2]  # row 3 of 48 tokens: its current token is in page 12
-    # Fewer than two rows past min_pages pages: none.
-    assert shared_prefix([table[0], table[1]], [60, 30], page, 2, 6, "cpu") is None
-    assert shared_prefix([a, a], [40, 40], page, 3, 6, "cpu") is None
+    rows = [a[:3] + [20], [5, 6], a[:3] + [21, 22], a[:2] + [30], a[:3] + [40]]
+    # Rows 0, 2, 3 and 4 start with page 10; row 3 stops sharing after 2 pages: the group's common run.
+    assert find(rows, [60, 30, 70, 40, 49], 2) == ([1, 0, 1, 1, 1], 2)
+    # Without row 3 three pages are common; a row whose current token lies in page 12 stops the run there.
+    assert find([rows[0], rows[2], rows[4]], [60, 70, 49], 2) == ([1, 1, 1], 3)
+    assert find([rows[0], rows[2], rows[4]], [60, 70, 48], 2) == ([1, 1, 1], 2)
+    # The largest group wins; a row too short for min_pages stays out of it.
+    rows = [[1, 2, 3], [1, 2, 4], [7, 8, 9], [7, 8, 5], [7, 8, 6]]
+    assert find(rows, [40, 40, 40, 40, 40], 1) == ([0, 0, 1, 1, 1], 2)
+    assert find(rows + [[1, 2, 5]], [40, 40, 40, 40, 16, 40], 1) == ([1, 1, 0, 0, 0, 1], 2)
+    # Fewer than two rows past min_pages pages, or a run shorter than min_pages: none.
+    assert find([rows[0], rows[1]], [60, 30], 2) is None
+    assert find([a, a], [40, 40], 3) is None
+    assert find([[1, 2, 3], [1, 5, 3]], [40, 40], 2) is None
+
+
+def test_cascade_decode_keeps_the_engines_tokens(monkeypatch):
+    """Engine decode steps on the pages in place (interpreter) with cascade decode: rows after a cached prefix
+    share its pages, attended once; greedy tokens as each prompt alone."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from test_engine import alone, prompts, random_model, tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix as SP
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    shared = []
+    real = SP.attend
+    monkeypatch.setattr(SP, "attend", lambda self, *a: shared.append(int(self.count)) or real(self, *a))
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=True)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=3, chunk_tokens=256, paged_decode=True)
+    prefix = prompts(1, seed=21, lo=50, hi=51)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng.add_request("warm", prefix + [5], params)
+    eng.run_to_completion()
+    ps = [prefix + t for t in prompts(3, seed=22, lo=3, hi=15)]
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    assert shared and max(shared) == 3  # 50 tokens: 3 whole pages of 16 shared
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"][1] == alone(model, p, params), i
+
+
+def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
+    """The compiled decode step's paged-attention custom op carries the shared prefix: one graph, the eager
+    step's logits, and the cascade ran inside it."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from test_engine import prompts, random_model, tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix as SP
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=30, page_size=16, prefix_caching=True)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=256, paged_decode=True)
+    prefix = prompts(1, seed=23, lo=40, hi=41)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng.add_request("warm", prefix + [5], params)
+    eng.run_to_completion()
+    for i, t in enumerate(prompts(2, seed=24, lo=3, hi=9)):
+        eng.add_request(f"r{i}", prefix + t, params)
+    eng.step()  # prefill both after the cached prefix; the next token of each is sampled
+    seqs = [r.pages for r in eng.running]
+    for s in seqs:
+        cache.reserve(s, 1)
+    ids = torch.tensor([[r.state.generated[-1]] for r in eng.running])
+    ones = torch.ones(2, dtype=torch.long)
+    counts = []
+    real = SP.attend
+    monkeypatch.setattr(SP, "attend", lambda self, *a: counts.append(int(self.count)) or real(self, *a))
+    with torch.inference_mode():
+        batch = cache.batch(seqs, decode=True)
+        assert batch.shared is not None and batch.shared.count.tolist() == [2]
+        ref = model(ids, batch, ones, last_only=True)
+        paged.make_opaque_to_compile()
+        explain = torch._dynamo.explain(model)(ids, cache.batch(seqs, decode=True), ones, last_only=True)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        counts.clear()
+        out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch(seqs, decode=True), ones,
+                                                                        last_only=True)
+    assert counts and set(counts) == {2}
+    torch.testing.assert_close(out, ref)
+
+
+def test_graph_buffers_hold_the_steps_group(monkeypatch):
+    """The captured decode steps' static buffers (built without a GPU here): the shared pages, their count and
+    the member rows of each step, the count back to 0 when no group remains."""
+    from test_engine import random_model
+
+    from cpm4.engine import paged
+    from cpm4.engine.cuda_graph import DecodeGraphs
+    from cpm4.engine.paged import PagedKVCache, SeqPages
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=1)
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16)
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.init_buffers(cache, 4, 8, torch.device("cpu"))
+    seqs = [SeqPages() for _ in range(3)]
+    for s, n in zip(seqs, (50, 70, 20)):
+        cache.reserve(s, n + 1)
+        s.length = n
+    seqs[1].pages[:3] = seqs[0].pages[:3]  # rows 0 and 1 share 3 pages (as a cached prefix would)
+    cols = graphs.host_table.update(seqs, 4)
+    _, _, ends = graphs._rows(seqs, 4)
+    graphs._share(ends[:3], 3, 4, cols)
+    assert graphs.shared.count.tolist() == [3] and graphs.shared.member.tolist() == [1, 1, 0, 0]
+    assert graphs.shared.pages[:3].tolist() == seqs[0].pages[:3]
+    graphs._share(ends[1:3], 2, 4, cols)  # rows 1 and 2 alone: no group
+    assert graphs.shared.count.tolist() == [0] and graphs.shared.member.tolist() == [0, 0, 0, 0]
 
 
 @gpu
@@ -118,3 +237,40 @@ def test_gpu_cascade_decode(dtype, hq, hkv, d):
     lens = [3000 + 7 * i for i in range(40)] + [100, 5000, 1]
     member = [1] * 40 + [0, 0, 0]
     _check("cuda", dtype, hq, hkv, d, 64, lens, member, n_shared=2900 // 64, tol=2e-2, splits=8)
+
+
+@gpu
+def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch):
+    """Captured decode steps with cascade decode (bf16): the engine's greedy tokens after a cached prefix as
+    with it off."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    from test_engine import prompts, random_model, tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    prefix = prompts(1, seed=31, lo=300, hi=301)[0]
+    batch = [prefix + t for t in prompts(6, seed=32, lo=3, hi=40)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 128)
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(paged, "CASCADE_DECODE", on)
+        cache = PagedKVCache(model.config, num_pages=200, page_size=64, device="cuda", dtype=torch.bfloat16,
+                             prefix_caching=True)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=8)
+        assert eng.graphs is not None and (eng.graphs.shared is not None) == on
+        eng.add_request("warm", prefix + [5], params)
+        eng.run_to_completion()
+        for i, p in enumerate(batch):
+            eng.add_request(f"r{i}", p, params)
+        res = eng.run_to_completion()
+        out[on] = [res[f"r{i}"][1] for i in range(len(batch))]
+    assert sum(a == b for a, b in zip(out[True], out[False])) >= len(batch) - 1  # a bf16 near-tie may flip one

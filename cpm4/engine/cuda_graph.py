@@ -10,6 +10,7 @@ memory pool. `warm_up` captures every bucket up front.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -72,6 +73,15 @@ class DecodeGraphs:
                                   slots=pinned(n, dtype=torch.long), ends=pinned(n, dtype=torch.int32),
                                   ids=pinned(n, 1, dtype=torch.long), event=None) for _ in range(2)]
             self._turn = 0
+        # Cascade decode (paged.CASCADE_DECODE, dense models): the shared pages, their count and the member rows
+        # as static buffers the captured kernels read; a step without a group sets the count to 0.
+        self.shared = None
+        if paged.CASCADE_DECODE and cache.config.sparse_config is None:
+            from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
+
+            self.shared = SharedPrefix(torch.full((width,), cache.scratch, dtype=torch.int32, device=device),
+                                       torch.zeros(1, dtype=torch.int32, device=device),
+                                       torch.zeros(n, dtype=torch.int32, device=device))
         self._pad_starts = torch.zeros(n, dtype=torch.long)
         self._pad_slots = torch.full((n,), cache.scratch * cache.page_size, dtype=torch.long)
 
@@ -80,7 +90,10 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _forward(self, bs: int) -> torch.Tensor:
-        view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs])
+        sh = self.shared
+        if sh is not None:
+            sh = type(sh)(sh.pages, sh.count, sh.member[:bs])
+        view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs], sh)
         return self.step(self.ids[:bs], view, self.ones[:bs], last_only=True)
 
     def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -155,12 +168,29 @@ class DecodeGraphs:
             self.ids[b:bs].zero_()
         else:
             self.ids[:bs].copy_(ids, non_blocking=True)
+        if self.shared is not None:
+            self._share(ends[:b], b, bs, cols)
         if stage is not None:
             stage["event"] = torch.cuda.Event()
             stage["event"].record()
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:b]
+
+    def _share(self, ends: torch.Tensor, b: int, bs: int, cols: int) -> None:
+        """The step's shared pages, count and member rows into the static buffers (`paged.shared_rows` over the
+        host block table)."""
+        ps = self.cache.page_size
+        found = paged.shared_rows(self.host_table.table[:b, :cols].numpy(), ends.numpy(), ps,
+                                  paged.CASCADE_DECODE_MIN_TOKENS // ps) if b >= 2 else None
+        member = np.zeros(bs, dtype=np.int32)
+        count = 0
+        if found is not None:
+            member[:b], count = found[0], found[1]
+            row = int(np.argmax(found[0]))
+            self.shared.pages[:count].copy_(self.host_table.table[row, :count], non_blocking=True)
+        self.shared.count.copy_(torch.tensor([count], dtype=torch.int32), non_blocking=True)
+        self.shared.member[:bs].copy_(torch.from_numpy(member), non_blocking=True)
 
     def _reset_inputs(self) -> None:
         """Point every row at the scratch page (a capture's warm-up writes where the buffers say)."""
@@ -169,3 +199,6 @@ class DecodeGraphs:
             dst.copy_(src)
         self.host_table.reset()
         self.ids.zero_()
+        if self.shared is not None:
+            self.shared.count.zero_()
+            self.shared.member.zero_()

@@ -311,7 +311,12 @@ class PagedKVCache:
         """The model's cache view for one step over `seqs`; decode=True: each feeds exactly one token and
         attention runs on the pages in place (CUDA, or the Triton interpreter in tests)."""
         if decode:
-            return DecodeBatch(self, *decode_inputs(self, seqs, max(len(s.pages) for s in seqs), self.device))
+            width = max(len(s.pages) for s in seqs)
+            table = self.block_table(seqs, width)
+            starts, slots, ends = decode_rows(self, seqs)
+            batch = DecodeBatch(self, *(t.to(self.device, non_blocking=True) for t in (table, starts, slots, ends)))
+            batch.shared = decode_shared(self, seqs, table, ends, self.device)
+            return batch
         return PagedBatch(self, seqs)
 
     def block_table(self, seqs: list[SeqPages], width: int, rows: int | None = None) -> torch.Tensor:
@@ -566,6 +571,50 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
     return starts, slots, (starts + 1).to(torch.int32)
 
 
+# Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`) for dense models: the leading pages that the largest
+# group of a decode step's rows share (at least CASCADE_DECODE_MIN_TOKENS of them) are read once per tile of rows,
+# not once per row. Off until measured on the GPU (CPU interpreter tests only).
+CASCADE_DECODE = False
+CASCADE_DECODE_MIN_TOKENS = 1024
+
+
+def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int) -> tuple[np.ndarray, int] | None:
+    """(member mask [b], shared pages p) of the largest group of rows (two at least) holding the same first
+    page, sharing their first p >= min_pages pages, each row's current token after them; or None. table [b, w]
+    (columns past a row's pages may hold anything: only whole pages before each member's current token are
+    compared); lens [b]: each row's tokens, the current one included."""
+    min_pages = max(1, min_pages)
+    ok = lens > page * min_pages
+    if ok.sum() < 2:
+        return None
+    firsts, counts = np.unique(table[ok, 0], return_counts=True)
+    if counts.max() < 2:
+        return None
+    member = ok & (table[:, 0] == firsts[counts.argmax()])
+    rows = np.flatnonzero(member)
+    limit = int(((lens[rows] - 1) // page).min())  # whole pages before every member's current token
+    same = (table[rows, :limit] == table[rows[0], :limit]).all(0)
+    p = int(np.argmin(same)) if not same.all() else limit
+    return (member, p) if p >= min_pages else None
+
+
+def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor, lens: torch.Tensor,
+                  device: torch.device | str):
+    """The `SharedPrefix` of a decode step over `seqs` (eager steps; captured graphs fill buffers instead),
+    or None: cascade decode off, a sparse model, or no group. table [b, w] int32 and lens [b] on the host."""
+    if not CASCADE_DECODE or cache.config.sparse_config is not None or len(seqs) < 2:
+        return None
+    from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
+
+    found = shared_rows(table.numpy(), lens.numpy(), cache.page_size, CASCADE_DECODE_MIN_TOKENS // cache.page_size)
+    if found is None:
+        return None
+    member, p = found
+    pages = table[int(np.argmax(member))].clone()
+    return SharedPrefix(pages.to(device), torch.tensor([p], dtype=torch.int32).to(device),
+                        torch.from_numpy(member.astype(np.int32)).to(device))
+
+
 def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
                   rows: int | None = None) -> tuple[torch.Tensor, ...]:
     """Tensors of a decode step (one new token per sequence, pages reserved): block table int32 [R, width],
@@ -651,9 +700,10 @@ class DecodeBatch:
     decoding = True
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor,
-                 ends: torch.Tensor):
+                 ends: torch.Tensor, shared=None):
         self.cache = cache
         self.table, self.lens, self.slots, self.ends = table, starts, slots, ends
+        self.shared = shared  # a triton_cascade.SharedPrefix (cascade decode) or None
 
     def check_room(self, starts: torch.Tensor, n_new: int, new_lens: torch.Tensor | None = None,
                    host: tuple[list[int], list[int]] | None = None) -> None:
@@ -679,7 +729,7 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
     if sc is None:
         append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, None, None, None)
-        return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale)[:, None]
+        return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=batch.shared)[:, None]
     # The store and pooling run inside the sparse step's first launch (H200, 128K: 40 vs 42 µs per layer).
     return paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale,
                                new_kv=(k[:, 0], v[:, 0], batch.slots))[:, None]
@@ -691,8 +741,10 @@ paged_attention = _paged_attention
 
 def _traced_paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float) -> torch.Tensor:
+    sh = batch.shared
     return torch.ops.cpm4.paged_attention(q, k, v, batch.table, batch.lens, batch.slots, batch.ends,
-                                          batch.cache.uid, layer, scale)
+                                          batch.cache.uid, layer, scale, *((sh.pages, sh.count, sh.member)
+                                                                           if sh is not None else (None,) * 3))
 
 
 def make_opaque_to_compile() -> None:
@@ -708,11 +760,17 @@ def make_opaque_to_compile() -> None:
     if not hasattr(torch.ops.cpm4, "paged_attention"):
         @torch.library.custom_op("cpm4::paged_attention", mutates_args=())
         def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, starts: torch.Tensor,
-                slots: torch.Tensor, ends: torch.Tensor, cache_id: int, layer: int, scale: float) -> torch.Tensor:
-            batch = DecodeBatch(_CACHES[cache_id], table, starts, slots, ends)
+                slots: torch.Tensor, ends: torch.Tensor, cache_id: int, layer: int, scale: float,
+                shared_pages: torch.Tensor | None = None, shared_count: torch.Tensor | None = None,
+                member: torch.Tensor | None = None) -> torch.Tensor:
+            from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
+
+            shared = SharedPrefix(shared_pages, shared_count, member) if shared_pages is not None else None
+            batch = DecodeBatch(_CACHES[cache_id], table, starts, slots, ends, shared)
             return _paged_attention(batch, layer, q, k, v, scale)
 
         @_op.register_fake
-        def _(q, k, v, table, starts, slots, ends, cache_id, layer, scale):
+        def _(q, k, v, table, starts, slots, ends, cache_id, layer, scale, shared_pages=None, shared_count=None,
+              member=None):
             return torch.empty_like(q)
     paged_attention = _traced_paged_attention

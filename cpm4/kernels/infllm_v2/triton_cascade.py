@@ -116,31 +116,3 @@ class SharedPrefix:
             G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,
             num_warps=4)
 
-
-def shared_prefix(table: list[list[int]], lens: list[int], page: int, min_pages: int, width: int,
-                  device: torch.device | str) -> SharedPrefix | None:
-    """The largest group of rows (two at least) whose first min_pages (>= 1) pages are the same, as a
-    `SharedPrefix` over all the leading pages they share (each row keeping its current token after them), or
-    None. table: each row's pages (host lists); lens: each row's tokens including the current one; width: the
-    shared page list's fixed width (pages past the count are padding)."""
-    min_pages = max(1, min_pages)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (pages, n) in enumerate(zip(table, lens)):
-        if n > page * min_pages:
-            groups.setdefault(tuple(pages[:min_pages]), []).append(i)
-    best = max(groups.values(), key=len, default=[])
-    if len(best) < 2:
-        return None
-    first = table[best[0]]
-    # Shared whole pages strictly before each member's current token.
-    limit = min((lens[i] - 1) // page for i in best)
-    p = min_pages
-    while p < limit and all(table[i][p] == first[p] for i in best):
-        p += 1
-    p = min(p, width)
-    pages = first[:p] + [first[0]] * (width - p)
-    member = [0] * len(table)
-    for i in best:
-        member[i] = 1
-    return SharedPrefix(torch.tensor(pages, dtype=torch.int32).to(device), torch.tensor([p], dtype=torch.int32).to(
-        device), torch.tensor(member, dtype=torch.int32).to(device))
