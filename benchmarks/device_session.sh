@@ -194,6 +194,15 @@ cascade)  # the cascade over shared prefix pages (twenty-first session, CPU-test
     timeout 100 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 --profile \
         --tag=-cascade-profile 2>&1 | grep -E "Self|flash|gather|index_select|cudaMemcpy|under cProfile" | head -20
     ;;
+cascadedecode)  # cascade decode (twenty-second session, interpreter-tested only): GPU tests, kernel rows, 0.5B engine
+    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+        | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
+    timeout 200 "$PY" benchmarks/cascade_decode.py 2>&1 | tail -26
+    timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
+        --cascade-decode --tag=-cascadedecode 2>&1 | tail -5
+    timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
+        --tag=-nocascadedecode 2>&1 | tail -5
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170

@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--no-cascade", action="store_true",
                     help="rows after one cached prefix attend it in the variable-length call with their own keys "
                     "(Attention.cascade_prefix off: each row's whole keys gathered and read)")
+    ap.add_argument("--cascade-decode", action="store_true",
+                    help="decode steps attend the rows' shared prefix pages once (paged.CASCADE_DECODE on; dense "
+                    "models)")
     ap.add_argument("--sparse-row-by-row", action="store_true",
                     help="sparse rows (prompts >= dense_len) run an InfLLM v2 pipeline each "
                     "(Attention.batch_sparse_rows off: the engine before the batched kernels)")
@@ -160,6 +163,10 @@ def main() -> None:
         from cpm4.model.modeling import Attention
 
         Attention.cascade_prefix = False
+    if args.cascade_decode:
+        from cpm4.engine import paged
+
+        paged.CASCADE_DECODE = True
     if args.sparse_row_by_row:
         from cpm4.model.modeling import Attention
 
@@ -200,7 +207,8 @@ def main() -> None:
               f"(peer {r['peer_cached_tokens']})")
     write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else "") + args.tag, name, rows,
                args.out, config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile,
-               row_by_row=args.row_by_row, sparse_row_by_row=args.sparse_row_by_row, cascade=not args.no_cascade)
+               row_by_row=args.row_by_row, sparse_row_by_row=args.sparse_row_by_row, cascade=not args.no_cascade,
+               cascade_decode=args.cascade_decode)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Cascade decode against the plain paged decode, one layer, CUDA graphs, cold L2.
+
+B rows decode after the same P-token prefix (its pages shared, as prefix caching leaves them) plus their own
+tokens. Ours: `paged_decode(..., shared=SharedPrefix)` (the prefix attended once per KV head and tile of rows,
+`cpm4/kernels/infllm_v2/triton_cascade.py`); peer: `paged_decode` reading every row's every page. Same inputs,
+same run; the outputs are compared too.
+
+    python benchmarks/cascade_decode.py                                   # 8B and 0.5B shapes
+    python benchmarks/cascade_decode.py --shapes 8b --batches 64 --prefixes 4096
+
+Prints a table and writes benchmarks/results/cascade_decode-<date>.json (rows: phase
+`cascade_decode.<shape>.b<B>`, seqlen = P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import cold_graph_ms, print_rows, write_rows  # noqa: E402
+
+from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix  # noqa: E402
+from cpm4.kernels.infllm_v2.triton_decode import paged_decode  # noqa: E402
+
+SHAPES = {"8b": (32, 2, 128), "0.5b": (16, 2, 64)}  # query heads, KV heads, head dim
+PAGE = 64
+
+
+def inputs(b: int, plen: int, own: int, hq: int, hkv: int, d: int, seed: int = 0, device: str = "cuda",
+           dtype: torch.dtype = torch.bfloat16):
+    """Caches with P/64 shared pages then each row's own pages (1 to `own` tokens of its own, the current one
+    included), table, lengths and the `SharedPrefix` of every row."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shared = plen // PAGE
+    own_lens = torch.randint(1, own + 1, (b,), generator=g, device=device)
+    own_pages = (own_lens + PAGE - 1) // PAGE
+    width = shared + int(own_pages.max())
+    n_pages = shared + b * (width - shared) + 1
+    kc = torch.randn(n_pages, PAGE, hkv, d, generator=g, device=device).to(dtype)
+    vc = torch.randn(n_pages, PAGE, hkv, d, generator=g, device=device).to(dtype)
+    table = torch.empty(b, width, dtype=torch.int32, device=device)
+    table[:, :shared] = torch.arange(shared, dtype=torch.int32, device=device)
+    table[:, shared:] = shared + torch.arange(b * (width - shared), dtype=torch.int32, device=device).view(b, -1)
+    lens = (shared * PAGE + own_lens).to(torch.int32)
+    q = torch.randn(b, hq, d, generator=g, device=device).to(dtype)
+    sp = SharedPrefix(table[0].clone(), torch.tensor([shared], dtype=torch.int32, device=device),
+                      torch.ones(b, dtype=torch.int32, device=device))
+    return q, kc, vc, table, lens, sp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64, 128])
+    ap.add_argument("--prefixes", type=int, nargs="+", default=[1024, 4096, 16384], help="shared tokens (x 64)")
+    ap.add_argument("--own", type=int, default=256, help="each row's own tokens: 1 .. this many")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("cascade_decode.py times CUDA kernels: no CUDA device here")
+    rows = []
+    for shape in args.shapes:
+        hq, hkv, d = SHAPES[shape]
+        for b in args.batches:
+            for plen in args.prefixes:
+                if plen % PAGE:
+                    sys.exit(f"--prefixes must be whole pages of {PAGE} tokens, got {plen}")
+                x = inputs(b, plen, args.own, hq, hkv, d)
+                sp = x[-1]
+
+                def ours(x=x, sp=sp):
+                    return paged_decode(*x[:-1], shared=sp)
+
+                def peer(x=x):
+                    return paged_decode(*x[:-1])
+
+                diff = (ours().float() - peer().float()).abs().max().item()
+                t_ours, t_peer = cold_graph_ms(ours), cold_graph_ms(peer)
+                rows.append({"phase": f"cascade_decode.{shape}.b{b}", "seqlen": plen, "ours_ms": round(t_ours, 4),
+                             "peer_ms": round(t_peer, 4), "speedup": round(t_peer / t_ours, 2),
+                             "max_abs_diff": diff})
+                print(f"  {shape} B={b} P={plen}: ours {t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, "
+                      f"max |diff| {diff:.2e}", flush=True)
+    print()
+    print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
+    print_rows(rows, digits=4)
+    write_rows("cascade_decode", torch.cuda.get_device_name(), rows, args.out, own_tokens=args.own)
+
+
+if __name__ == "__main__":
+    main()
