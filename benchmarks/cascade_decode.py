@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import cold_graph_ms, print_rows, write_rows  # noqa: E402
 
+from cpm4.kernels.infllm_v2 import triton_cascade  # noqa: E402
 from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix  # noqa: E402
 from cpm4.kernels.infllm_v2.triton_decode import paged_decode  # noqa: E402
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64, 128])
     ap.add_argument("--prefixes", type=int, nargs="+", default=[1024, 4096, 16384], help="shared tokens (x 64)")
     ap.add_argument("--own", type=int, default=256, help="each row's own tokens: 1 .. this many")
+    ap.add_argument("--tile-queries", type=int, nargs="+", default=[64],
+                    help="query vectors per program (triton_cascade.TILE_QUERIES); several: a row per value")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -79,13 +82,17 @@ def main() -> None:
                 def peer(x=x):
                     return paged_decode(*x[:-1])
 
-                diff = (ours().float() - peer().float()).abs().max().item()
-                t_ours, t_peer = cold_graph_ms(ours), cold_graph_ms(peer)
-                rows.append({"phase": f"cascade_decode.{shape}.b{b}", "seqlen": plen, "ours_ms": round(t_ours, 4),
-                             "peer_ms": round(t_peer, 4), "speedup": round(t_peer / t_ours, 2),
-                             "max_abs_diff": diff})
-                print(f"  {shape} B={b} P={plen}: ours {t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, "
-                      f"max |diff| {diff:.2e}", flush=True)
+                t_peer = cold_graph_ms(peer)
+                for tq in args.tile_queries:
+                    triton_cascade.TILE_QUERIES = tq
+                    diff = (ours().float() - peer().float()).abs().max().item()
+                    t_ours = cold_graph_ms(ours)
+                    tag = "" if len(args.tile_queries) == 1 else f".tq{tq}"
+                    rows.append({"phase": f"cascade_decode.{shape}.b{b}{tag}", "seqlen": plen,
+                                 "ours_ms": round(t_ours, 4), "peer_ms": round(t_peer, 4),
+                                 "speedup": round(t_peer / t_ours, 2), "max_abs_diff": diff})
+                    print(f"  {shape} B={b} P={plen} tile {tq}: ours {t_ours * 1000:.1f} us, plain "
+                          f"{t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
     print()
     print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
     print_rows(rows, digits=4)

@@ -510,7 +510,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
-    if (SPLITS == 1) and (not SKIP):
+    if SPLITS + SKIP == 1:  # one split and no cascade partials to merge: the output directly
         tl.store(out_rows, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hm[:, None])
     else:
         tl.store(o_ptr + bi * stride_ob + h[:, None] * stride_oh + sp * stride_os + dd[None, :],
