@@ -8,7 +8,10 @@ the captured steps did before) against updating it in place (`HostBlockTable.upd
 peer column is the old way), for a 128K-token sequence at batch 1 and 256 sequences of 640 tokens in a 32K
 context; plus the per-token sequence bookkeeping (`SequenceState.step`: stop rules, detokenizer) for 256 rows.
 
-`engine_step_<sync|async>_<stream|offline>` rows: whole `LLMEngine.step()` calls with 64 or 256 sequences
+`cascade_share` rows: the host side cascade decode adds to a captured step whose rows hold other sequences
+than the step before (`DecodeGraphs._share`; otherwise it keeps the last group), 64 and 256 rows sharing 4,096
+of their 5,120 tokens. `engine_step_<sync|async>_<stream|offline>` rows: whole
+`LLMEngine.step()` calls with 64 or 256 sequences
 decoding (prompts 100-1024 tokens, temperature 0.6, ignore_eos: nano-vllm's bench.py workload) over a stub
 model: a decode step goes through the real host side of `DecodeGraphs.run` (block table, per-row inputs,
 copies into the static buffers) but its "replay" runs nothing and returns fixed logits. `sync`/`async`:
@@ -70,6 +73,31 @@ def block_table_ms(cache: PagedKVCache, bs: int, width: int, pages: int) -> tupl
         table.update(seqs, bs)
 
     return best_ms(lambda: decode_inputs(cache, seqs, width, "cpu", rows=bs)), best_ms(incremental)
+
+
+def share_ms(cache: PagedKVCache, bs: int, width: int, pages: int, shared: int) -> float:
+    """ms per step of cascade decode's host side in the captured steps (`DecodeGraphs._share`: the group over
+    the host block table, then its buffers) for bs sequences of `pages` pages, the first `shared` common."""
+    from cpm4.engine import paged
+
+    on = paged.CASCADE_DECODE
+    paged.CASCADE_DECODE = True
+    try:
+        graphs = HostGraphs(cache, bs, width, torch.zeros(bs, 8))
+    finally:
+        paged.CASCADE_DECODE = on
+    seqs = [SeqPages(list(range(shared)) + list(range(10**4 + i * pages, 10**4 + (i + 1) * pages - shared)),
+                     pages * 64 - 3) for i in range(bs)]
+    cols = graphs.host_table.update(seqs, bs)
+    _, _, ends = graphs._rows(seqs, bs)
+    graphs._share(ends, bs, bs, cols)
+    assert int(graphs.shared.count) == shared
+
+    def recompute():
+        graphs._shared_rows = -1  # as after a change of the rows' sequences (else the step keeps last step's group)
+        graphs._share(ends, bs, bs, cols)
+
+    return best_ms(recompute)
 
 
 class StubModel:
@@ -203,6 +231,10 @@ def main() -> None:
         old, new = block_table_ms(cache, bs, width, pages)
         rows.append({"phase": "block_table", "batch": bs, "seqlen": pages * 64, "width": width,
                      "ours_ms": round(new, 4), "peer_ms": round(old, 4), "speedup": round(old / new, 1)})
+    for bs, pages, shared in ((64, 80, 64), (256, 80, 64)):
+        ms = share_ms(cache, bs, 512, pages, shared)
+        rows.append({"phase": "cascade_share", "batch": bs, "seqlen": pages * 64, "shared_tokens": shared * 64,
+                     "ours_ms": round(ms, 4), "peer_ms": None, "speedup": None})
     tok = build_tokenizer(1024)
     states = [SequenceState(list(range(5, 300)), SamplingParams(temperature=0.6, max_tokens=10**6, ignore_eos=True),
                             tok, "cpu", 10**7, [2]) for _ in range(256)]

@@ -219,12 +219,24 @@ def test_graph_buffers_hold_the_steps_group(monkeypatch):
         cache.reserve(s, n + 1)
         s.length = n
     seqs[1].pages[:3] = seqs[0].pages[:3]  # rows 0 and 1 share 3 pages (as a cached prefix would)
-    cols = graphs.host_table.update(seqs, 4)
-    _, _, ends = graphs._rows(seqs, 4)
-    graphs._share(ends[:3], 3, 4, cols)
+    found = []
+    real = paged.shared_rows
+    monkeypatch.setattr(paged, "shared_rows", lambda *a: found.append(1) or real(*a))
+
+    def step(rows):
+        cols = graphs.host_table.update(rows, 4)
+        _, _, ends = graphs._rows(rows, 4)
+        graphs._share(ends[:len(rows)], len(rows), 4, cols)
+
+    step(seqs)
     assert graphs.shared.count.tolist() == [3] and graphs.shared.member.tolist() == [1, 1, 0, 0]
     assert graphs.shared.pages[:3].tolist() == seqs[0].pages[:3]
-    graphs._share(ends[1:3], 2, 4, cols)  # rows 1 and 2 alone: no group
+    cache.reserve(seqs[2], 40)  # row 2 grows a page: the same sequences in the same rows keep the group
+    seqs[2].length += 30
+    step(seqs)
+    assert len(found) == 1 and graphs.shared.count.tolist() == [3]
+    step(seqs[1:])  # row 0 ended, the others moved up: found again, rows 1 and 2 share nothing
+    assert len(found) == 2
     assert graphs.shared.count.tolist() == [0] and graphs.shared.member.tolist() == [0, 0, 0, 0]
 
 

@@ -75,7 +75,7 @@ class DecodeGraphs:
             self._turn = 0
         # Cascade decode (paged.CASCADE_DECODE, dense models): the shared pages, their count and the member rows
         # as static buffers the captured kernels read; a step without a group sets the count to 0.
-        self.shared = None
+        self.shared, self._shared_rows = None, -1
         if paged.CASCADE_DECODE and cache.config.sparse_config is None:
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
@@ -179,7 +179,10 @@ class DecodeGraphs:
 
     def _share(self, ends: torch.Tensor, b: int, bs: int, cols: int) -> None:
         """The step's shared pages, count and member rows into the static buffers (`paged.shared_rows` over the
-        host block table)."""
+        host block table), unless the rows hold the sequences they held last step."""
+        if not self.host_table.replaced and b == self._shared_rows:
+            return  # the same sequences in the same rows: their leading pages, so the group, are unchanged
+        self._shared_rows = b
         ps = self.cache.page_size
         found = paged.shared_rows(self.host_table.table[:b, :cols].numpy(), ends.numpy(), ps,
                                   paged.CASCADE_DECODE_MIN_TOKENS // ps) if b >= 2 else None
@@ -202,3 +205,4 @@ class DecodeGraphs:
         if self.shared is not None:
             self.shared.count.zero_()
             self.shared.member.zero_()
+            self._shared_rows = -1

@@ -587,13 +587,19 @@ def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int) 
     ok = lens > page * min_pages
     if ok.sum() < 2:
         return None
-    firsts, counts = np.unique(table[ok, 0], return_counts=True)
-    if counts.max() < 2:
-        return None
-    member = ok & (table[:, 0] == firsts[counts.argmax()])
-    rows = np.flatnonzero(member)
-    limit = int(((lens[rows] - 1) // page).min())  # whole pages before every member's current token
-    same = (table[rows, :limit] == table[rows[0], :limit]).all(0)
+    col0 = table[:, 0]
+    firsts = col0[ok]
+    best = firsts[0]
+    if not (firsts == best).all():  # (every row after one prefix, the usual case, skips the count)
+        values, counts = np.unique(firsts, return_counts=True)
+        if counts.max() < 2:
+            return None
+        best = values[counts.argmax()]
+    member = ok & (col0 == best)
+    every = bool(member.all())
+    limit = int(((lens[member] - 1) // page).min())  # whole pages before every member's current token
+    block = table[:, :limit] if every else table[member, :limit]
+    same = (block == block[0]).all(0)
     p = int(np.argmin(same)) if not same.all() else limit
     return (member, p) if p >= min_pages else None
 
@@ -637,8 +643,12 @@ class HostBlockTable:
         self.table = torch.full((rows, width), scratch, dtype=torch.int32)
         self.owners: list[SeqPages | None] = [None] * rows
         self.counts: list[int] = [0] * rows
+        # Whether the last update put another sequence in some row (rows that only grew do not count): what
+        # depends on the rows' leading pages alone (cascade decode's group) holds while it stays False.
+        self.replaced = True
 
     def reset(self) -> None:
+        self.replaced = True
         self.table.fill_(self.scratch)
         self.owners = [None] * len(self.owners)
         self.counts = [0] * len(self.counts)
@@ -685,10 +695,12 @@ class HostBlockTable:
                 if k > n:
                     table[i, n:k] = torch.tensor(s.pages[n:k], dtype=torch.int32)
                 owners[i], counts[i] = s, k
+        self.replaced = bool(changed)
         for i in range(len(seqs), rows):
             if owners[i] is not None:
                 table[i, 0] = self.scratch
                 owners[i], counts[i] = None, 0
+                self.replaced = True
         return cols
 
 
