@@ -118,12 +118,14 @@ def test_shared_rows_finds_the_largest_group():
     assert find([[1, 2, 3], [1, 5, 3]], [40, 40], 2) is None
 
 
-def test_cascade_decode_keeps_the_engines_tokens(monkeypatch):
+@pytest.mark.parametrize("sparse_model", [False, True])
+def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
     """Engine decode steps on the pages in place (interpreter) with cascade decode: rows after a cached prefix
-    share its pages, attended once; greedy tokens as each prompt alone."""
+    share its pages, attended once; greedy tokens as each prompt alone. An InfLLM v2 model: its dense rows
+    (below dense_len) share them, a sparse row after the same prefix stays out of the group."""
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    from test_engine import alone, prompts, random_model, tok
+    from test_engine import alone, prompts, random_model, sparse, tok
 
     from cpm4.engine import paged
     from cpm4.engine.paged import PagedKVCache
@@ -135,19 +137,24 @@ def test_cascade_decode_keeps_the_engines_tokens(monkeypatch):
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
     shared = []
     real = SP.attend
-    monkeypatch.setattr(SP, "attend", lambda self, *a: shared.append(int(self.count)) or real(self, *a))
-    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    monkeypatch.setattr(SP, "attend", lambda self, *a: shared.append((int(self.count), self.member.tolist()))
+                        or real(self, *a))
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=80) if sparse_model else None,
+                         num_hidden_layers=2)
     cache = PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=True)
-    eng = LLMEngine(model, tok(), cache, max_batch_size=3, chunk_tokens=256, paged_decode=True)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=256, paged_decode=True)
     prefix = prompts(1, seed=21, lo=50, hi=51)[0]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     eng.add_request("warm", prefix + [5], params)
     eng.run_to_completion()
-    ps = [prefix + t for t in prompts(3, seed=22, lo=3, hi=15)]
+    ps = [prefix + t for t in prompts(3, seed=22, lo=3, hi=15)]  # at most 71 tokens with their outputs
+    if sparse_model:
+        ps.append(prefix + prompts(1, seed=25, lo=40, hi=41)[0])  # 90 tokens: past dense_len, a sparse row
     for i, p in enumerate(ps):
         eng.add_request(f"r{i}", p, params)
     res = eng.run_to_completion()
-    assert shared and max(shared) == 3  # 50 tokens: 3 whole pages of 16 shared
+    assert shared and max(c for c, _ in shared) == 3  # 50 tokens: 3 whole pages of 16 shared
+    assert all(m[:3] == [1, 1, 1] and m[3:] in ([], [0]) for c, m in shared if c)
     for i, p in enumerate(ps):
         assert res[f"r{i}"][1] == alone(model, p, params), i
 
@@ -252,9 +259,10 @@ def test_gpu_cascade_decode(dtype, hq, hkv, d):
 
 
 @gpu
-def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch):
+@pytest.mark.parametrize("sparse_model", [False, True])
+def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
     """Captured decode steps with cascade decode (bf16): the engine's greedy tokens after a cached prefix as
-    with it off."""
+    with it off; for an InfLLM v2 model beside a sparse row after the same prefix."""
     if not CUDA:
         pytest.skip("needs CUDA")
     from test_engine import prompts, random_model, tok
@@ -265,11 +273,15 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch):
     from cpm4.engine.scheduler import LLMEngine
     from cpm4.model import MiniCPM4ForCausalLM
 
-    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    sc = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 128,
+          "topk": 4, "dense_len": 1024, "variant": "gen-b"}
+    base = random_model("tiny", dtype=torch.float32, sparse_config=sc if sparse_model else None)
     model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
     prefix = prompts(1, seed=31, lo=300, hi=301)[0]
     batch = [prefix + t for t in prompts(6, seed=32, lo=3, hi=40)]
+    if sparse_model:
+        batch.append(prefix + prompts(1, seed=33, lo=900, hi=901)[0])  # 1,200 tokens: a sparse row
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 128)
     out = {}

@@ -73,10 +73,11 @@ class DecodeGraphs:
                                   slots=pinned(n, dtype=torch.long), ends=pinned(n, dtype=torch.int32),
                                   ids=pinned(n, 1, dtype=torch.long), event=None) for _ in range(2)]
             self._turn = 0
-        # Cascade decode (paged.CASCADE_DECODE, dense models): the shared pages, their count and the member rows
+        # Cascade decode (paged.CASCADE_DECODE; dense rows): the shared pages, their count and the member rows
         # as static buffers the captured kernels read; a step without a group sets the count to 0.
         self.shared, self._shared_rows = None, -1
-        if paged.CASCADE_DECODE and cache.config.sparse_config is None:
+        self._below = paged.dense_rows_below(cache.config)
+        if paged.CASCADE_DECODE and self._below is not False:
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
             self.shared = SharedPrefix(torch.full((width,), cache.scratch, dtype=torch.int32, device=device),
@@ -185,7 +186,7 @@ class DecodeGraphs:
         self._shared_rows = b
         ps = self.cache.page_size
         found = paged.shared_rows(self.host_table.table[:b, :cols].numpy(), ends.numpy(), ps,
-                                  paged.CASCADE_DECODE_MIN_TOKENS // ps) if b >= 2 else None
+                                  paged.CASCADE_DECODE_MIN_TOKENS // ps, self._below) if b >= 2 else None
         member = np.zeros(bs, dtype=np.int32)
         count = 0
         if found is not None:

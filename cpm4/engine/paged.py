@@ -571,20 +571,25 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
     return starts, slots, (starts + 1).to(torch.int32)
 
 
-# Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`) for dense models: the leading pages that the largest
-# group of a decode step's rows share (at least CASCADE_DECODE_MIN_TOKENS of them) are read once per tile of rows,
-# not once per row. Off until measured on the GPU (CPU interpreter tests only).
+# Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`): the leading pages that the largest group of a decode
+# step's dense rows share (at least CASCADE_DECODE_MIN_TOKENS of them) are read once per tile of rows, not once per
+# row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. Off until measured on the
+# GPU (CPU interpreter tests only).
 CASCADE_DECODE = False
 CASCADE_DECODE_MIN_TOKENS = 1024
 
 
-def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int) -> tuple[np.ndarray, int] | None:
+def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int, max_len: int | None = None
+                ) -> tuple[np.ndarray, int] | None:
     """(member mask [b], shared pages p) of the largest group of rows (two at least) holding the same first
     page, sharing their first p >= min_pages pages, each row's current token after them; or None. table [b, w]
     (columns past a row's pages may hold anything: only whole pages before each member's current token are
-    compared); lens [b]: each row's tokens, the current one included."""
+    compared); lens [b]: each row's tokens, the current one included; max_len: rows of that many tokens or more
+    stay out (an InfLLM v2 model's sparse rows)."""
     min_pages = max(1, min_pages)
     ok = lens > page * min_pages
+    if max_len is not None:
+        ok &= lens < max_len
     if ok.sum() < 2:
         return None
     col0 = table[:, 0]
@@ -604,15 +609,26 @@ def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int) 
     return (member, p) if p >= min_pages else None
 
 
+def dense_rows_below(config: MiniCPM4Config) -> int | None | bool:
+    """Cascade decode's limit on row lengths: None (a dense model: no limit), an InfLLM v2 model's dense_len,
+    or False (no dense rows: dense_len < 0)."""
+    sc = config.sparse_config
+    if sc is None:
+        return None
+    return sc.dense_len if sc.dense_len >= 0 else False
+
+
 def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor, lens: torch.Tensor,
                   device: torch.device | str):
     """The `SharedPrefix` of a decode step over `seqs` (eager steps; captured graphs fill buffers instead),
-    or None: cascade decode off, a sparse model, or no group. table [b, w] int32 and lens [b] on the host."""
-    if not CASCADE_DECODE or cache.config.sparse_config is not None or len(seqs) < 2:
+    or None: cascade decode off, no dense rows, or no group. table [b, w] int32 and lens [b] on the host."""
+    below = dense_rows_below(cache.config)
+    if not CASCADE_DECODE or below is False or len(seqs) < 2:
         return None
     from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-    found = shared_rows(table.numpy(), lens.numpy(), cache.page_size, CASCADE_DECODE_MIN_TOKENS // cache.page_size)
+    found = shared_rows(table.numpy(), lens.numpy(), cache.page_size, CASCADE_DECODE_MIN_TOKENS // cache.page_size,
+                        below)
     if found is None:
         return None
     member, p = found
@@ -744,7 +760,7 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
         return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=batch.shared)[:, None]
     # The store and pooling run inside the sparse step's first launch (H200, 128K: 40 vs 42 µs per layer).
     return paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale,
-                               new_kv=(k[:, 0], v[:, 0], batch.slots))[:, None]
+                               new_kv=(k[:, 0], v[:, 0], batch.slots), shared=batch.shared)[:, None]
 
 
 paged_attention = _paged_attention

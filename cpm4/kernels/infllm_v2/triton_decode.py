@@ -452,9 +452,9 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
     log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
     out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
-    dependent of the kernel before it (everything read after waiting for it). SKIP (MODE 0, cascade decode):
-    rows with member[bi] set start after the nsh[0] pages `triton_cascade` attends for them; the partials are
-    always written (merged by `_merge_kernel` with the cascade's)."""
+    dependent of the kernel before it (everything read after waiting for it). SKIP (MODE 0, and MODE 2's dense
+    rows; cascade decode): rows with member[bi] set start after the nsh[0] pages `triton_cascade` attends for
+    them; the partials are always written (merged by `_merge_kernel` with the cascade's)."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
@@ -474,6 +474,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     first = 0
     if SKIP:
         first = tl.load(member_ptr + bi) * tl.load(nsh_ptr)
+        if MODE == 2:
+            first = tl.where(sparse, 0, first)  # a sparse row's list never holds the shared pages for it
     per = tl.cdiv(n_att - first, SPLITS)
     lo = first + sp * per
     hi = tl.minimum(lo + per, n_att)
@@ -648,8 +650,9 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
-    if shared is not None and mode != 0:
-        raise ValueError("a shared prefix needs the dense paged decode (every page of each row)")
+    if shared is not None and mode == 1:
+        raise ValueError("a shared prefix needs the dense paged decode (every page of each row) or the InfLLM v2 "
+                         "step's dense rows")
     extra = shared.splits(q.device, b, hkv, g) if shared is not None else 0
     separate = splits + extra > 1 and (shared is not None or (SEPARATE_MERGE if separate_merge is None
                                                                  else separate_merge))
@@ -716,7 +719,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         return_selection: bool = False, tile_pages: int | None = None,
                         new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         pdl: bool | None = None, persistent_counters: bool | None = None,
-                        separate_merge: bool | None = None, narrow: bool | None = None):
+                        separate_merge: bool | None = None, narrow: bool | None = None, shared=None):
     """One InfLLM v2 decode step per sequence (rows with fewer than cfg.dense_len tokens: dense).
 
     q [B, hq, d]; caches [pages, page, hkv, d] with page == cfg.block_size; fine / coarse kernel-key pages
@@ -726,8 +729,9 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     [B, hkv, d], flat cache slots [B]) to store them in the step's first launch. Returns [B, hq, d] (with
     return_selection also the blocks picked, int32 [B, hkv, num_selected], -1 padded, for sparse rows).
     tile_pages: see `paged_decode`; pdl, persistent_counters, separate_merge, narrow: see `PDL`,
-    `PERSISTENT_COUNTERS`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW` (None: those). No host
-    synchronisation: graph-capturable."""
+    `PERSISTENT_COUNTERS`, `SEPARATE_MERGE`, `triton_select.SELECT_NARROW` (None: those). shared: a
+    `triton_cascade.SharedPrefix` whose members are dense rows (below dense_len): their shared leading pages
+    read once for all of them. No host synchronisation: graph-capturable."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     page = k_cache.shape[1]
@@ -749,7 +753,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     attend_splits = splits or _default_splits(q.device, b * hkv, max(triton.cdiv(att.shape[2], 2), 1))
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
                   dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl,
-                  separate_merge=separate_merge)
+                  separate_merge=separate_merge, shared=shared)
     return (out, sel) if return_selection else out
 
 
