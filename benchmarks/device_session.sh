@@ -209,6 +209,14 @@ cascadedecode8b)  # the 8B shape's dense rows (below dense_len) after a 4K prefi
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --output 64 \
         --tag=-nocascadedecode 2>&1 | tail -5
     ;;
+servingsys)  # the offline row after a shared 2,048-token system prompt, cascade decode on (one call; servingsysoff: off)
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
+        --cascade-decode --tag=-sys2048-cascadedecode 2>&1 | tail -6
+    ;;
+servingsysoff)
+    timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
+        --tag=-sys2048 2>&1 | tail -6
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170

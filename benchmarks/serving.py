@@ -236,11 +236,22 @@ def http_row(args, model, tok, creqs, dev) -> dict:
             "client_processes": rep["processes"]}
 
 
+def system_prompt(args, hi: int) -> list[int]:
+    """--system-prompt's shared tokens (the same every call)."""
+    rnd = random.Random(7)
+    return [rnd.randint(0, hi) for _ in range(args.system_prompt)]
+
+
+def sys_tag(args) -> str:
+    return f".sys{args.system_prompt}" if args.system_prompt else ""
+
+
 def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, row, rows: list[dict]) -> None:
     """The `offline.<requests>` row: nano-vllm's bench.py workload through one `LLMEngine` (and, with --trace,
     the same workload again with a sync after every step)."""
     rnd = random.Random(0)
     reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
+    reqs = [system_prompt(args, hi) + r for r in reqs]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
     # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
@@ -252,7 +263,7 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
     with RunWatch() as watch:
         t, n = run_engine(eng, list(zip(reqs, params)), slow)
     print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}", flush=True)
-    row(f"offline.{args.requests}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
+    row(f"offline.{args.requests}{sys_tag(args)}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
         slow_host_steps=slow,
         note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
              "(Qwen3-0.6B, RTX 4070 Laptop)")
@@ -296,11 +307,23 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="torch threads of the server engines' worker thread (AsyncEngine cpu_threads; default: "
                     "cpm4 serve's, all cores but one on the CPU)")
+    ap.add_argument("--system-prompt", type=int, default=0,
+                    help="tokens of one shared prefix before every offline and server request's own prompt (a system "
+                    "prompt: prefix caching, cascade attention); their rows are named <row>.sys<N>")
+    ap.add_argument("--cascade-decode", action="store_true",
+                    help="decode steps attend rows' shared prefix pages once (paged.CASCADE_DECODE on)")
+    ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--skip", action="append", default=[], choices=["offline", "server"],
                     help="leave out the offline.<requests> or the server.<clients> row (repeatable)")
     ap.add_argument("--out", default="benchmarks/results")
     args = parse_engine_args(ap)
     dev = torch.device(args.device)
+    if args.system_prompt < 0:
+        ap.error(f"--system-prompt must be >= 0 tokens, got {args.system_prompt}")
+    if args.cascade_decode:
+        from cpm4.engine import paged
+
+        paged.CASCADE_DECODE = True
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available (use --device cpu)")
     if args.http:
@@ -366,7 +389,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     rnd = random.Random(2)
-    creqs = [([rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
+    creqs = [(system_prompt(args, hi) + [rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
               SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
              for _ in range(args.clients)]
     if "server" not in args.skip:
@@ -380,8 +403,8 @@ def main() -> None:
             m = asyncio.run(run_clients(aeng, creqs))
         finally:
             aeng.shutdown()
-        row(f"server.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
-            mean_tbt_ms=round(m["tbt_ms"], 2))
+        row(f"server.{args.clients}{sys_tag(args)}", m["wall_s"], m["tokens"], base,
+            mean_ttft_ms=round(m["ttft_ms"], 1), mean_tbt_ms=round(m["tbt_ms"], 2))
         del aeng
 
     # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
@@ -416,7 +439,7 @@ def main() -> None:
         print(f"{r['phase']:16s} {r['ours_ms'] / 1000:8.2f} {r['output_tokens']:11d} {r['output_tok_s']:10.1f} "
               f"{sp:>10s} {ttft:>8s} {tbt:>7s}")
     date = datetime.date.today().isoformat()
-    fname = f"serving-{args.config}-{date}.json" if dev.type == "cuda" else f"serving-{args.config}-cpu-{date}.json"
+    fname = f"serving-{args.config}{'' if dev.type == 'cuda' else '-cpu'}{args.tag}-{date}.json"
     doc = {"device": name, "date": date, "config": args.config, "rows": rows}
     write_json(doc, fname, args.out)
 
