@@ -44,6 +44,20 @@ def _setup(device, dtype, hq, hkv, d, page, lens, member, n_shared, width, seed=
         torch.tensor(lens, dtype=torch.int32, device=device), shared
 
 
+def _cascade_on(monkeypatch, min_tokens: int = 32) -> list:
+    """Cascade decode on (groups of at least min_tokens shared); returns the list each shared-pages launch
+    appends its (count, member rows) to."""
+    from cpm4.engine import paged
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", min_tokens)
+    seen = []
+    real = SharedPrefix.attend
+    monkeypatch.setattr(SharedPrefix, "attend", lambda self, *a: seen.append((int(self.count), self.member.tolist()))
+                        or real(self, *a))
+    return seen
+
+
 def _check(device, dtype, hq, hkv, d, page, lens, member, n_shared, tol, splits=2, width=None):
     from cpm4.kernels.infllm_v2.triton_decode import paged_decode
 
@@ -127,18 +141,11 @@ def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
         pytest.skip("interpreter test: runs on CPU only")
     from test_engine import alone, prompts, random_model, sparse, tok
 
-    from cpm4.engine import paged
     from cpm4.engine.paged import PagedKVCache
     from cpm4.engine.sampling import SamplingParams
     from cpm4.engine.scheduler import LLMEngine
-    from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix as SP
 
-    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
-    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
-    shared = []
-    real = SP.attend
-    monkeypatch.setattr(SP, "attend", lambda self, *a: shared.append((int(self.count), self.member.tolist()))
-                        or real(self, *a))
+    shared = _cascade_on(monkeypatch)
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=80) if sparse_model else None,
                          num_hidden_layers=2)
     cache = PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=True)
@@ -170,10 +177,8 @@ def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
     from cpm4.engine.paged import PagedKVCache
     from cpm4.engine.sampling import SamplingParams
     from cpm4.engine.scheduler import LLMEngine
-    from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix as SP
 
-    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
-    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    launches = _cascade_on(monkeypatch)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
     cache = PagedKVCache(model.config, num_pages=30, page_size=16, prefix_caching=True)
     eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=256, paged_decode=True)
@@ -189,9 +194,6 @@ def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
         cache.reserve(s, 1)
     ids = torch.tensor([[r.state.generated[-1]] for r in eng.running])
     ones = torch.ones(2, dtype=torch.long)
-    counts = []
-    real = SP.attend
-    monkeypatch.setattr(SP, "attend", lambda self, *a: counts.append(int(self.count)) or real(self, *a))
     with torch.inference_mode():
         batch = cache.batch(seqs, decode=True)
         assert batch.shared is not None and batch.shared.count.tolist() == [2]
@@ -199,10 +201,10 @@ def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
         paged.make_opaque_to_compile()
         explain = torch._dynamo.explain(model)(ids, cache.batch(seqs, decode=True), ones, last_only=True)
         assert explain.graph_break_count == 0 and explain.graph_count == 1
-        counts.clear()
+        launches.clear()
         out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch(seqs, decode=True), ones,
                                                                         last_only=True)
-    assert counts and set(counts) == {2}
+    assert launches and {c for c, _ in launches} == {2}
     torch.testing.assert_close(out, ref)
 
 
@@ -215,8 +217,7 @@ def test_graph_buffers_hold_the_steps_group(monkeypatch):
     from cpm4.engine.cuda_graph import DecodeGraphs
     from cpm4.engine.paged import PagedKVCache, SeqPages
 
-    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
-    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    _cascade_on(monkeypatch)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=1)
     cache = PagedKVCache(model.config, num_pages=40, page_size=16)
     graphs = DecodeGraphs.__new__(DecodeGraphs)
@@ -265,12 +266,11 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
     with it off; for an InfLLM v2 model beside a sparse row after the same prefix."""
     if not CUDA:
         pytest.skip("needs CUDA")
-    from test_engine import prompts, random_model, tok
+    from test_engine import prompts, random_model, tokens_after_prefix
 
     from cpm4.engine import paged
-    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.cuda_graph import DecodeGraphs
     from cpm4.engine.sampling import SamplingParams
-    from cpm4.engine.scheduler import LLMEngine
     from cpm4.model import MiniCPM4ForCausalLM
 
     sc = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 128,
@@ -284,17 +284,16 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
         batch.append(prefix + prompts(1, seed=33, lo=900, hi=901)[0])  # 1,200 tokens: a sparse row
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 128)
+    groups = []  # each captured step's shared page count
+    real = DecodeGraphs._share
+    monkeypatch.setattr(DecodeGraphs, "_share",
+                        lambda self, *a: real(self, *a) or groups.append(int(self.shared.count)))
     out = {}
     for on in (True, False):
         monkeypatch.setattr(paged, "CASCADE_DECODE", on)
-        cache = PagedKVCache(model.config, num_pages=200, page_size=64, device="cuda", dtype=torch.bfloat16,
-                             prefix_caching=True)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=8)
-        assert eng.graphs is not None and (eng.graphs.shared is not None) == on
-        eng.add_request("warm", prefix + [5], params)
-        eng.run_to_completion()
-        for i, p in enumerate(batch):
-            eng.add_request(f"r{i}", p, params)
-        res = eng.run_to_completion()
-        out[on] = [res[f"r{i}"][1] for i in range(len(batch))]
+        groups.clear()
+        out[on] = tokens_after_prefix(model, prefix, batch, params,
+                                      dict(num_pages=200, page_size=64, device="cuda", dtype=torch.bfloat16,
+                                           prefix_caching=True), max_batch_size=8)
+        assert (max(groups) == 300 // 64) if on else not groups  # 4 whole pages of 64 shared
     assert sum(a == b for a, b in zip(out[True], out[False])) >= len(batch) - 1  # a bf16 near-tie may flip one

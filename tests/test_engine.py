@@ -692,21 +692,26 @@ def check_batched_rows(base, model, ps, cut, one, rows, prefix_len):
     caching_keeps_tokens(model, prefix, batch)
 
 
+def tokens_after_prefix(model, prefix, batch, params, cache_kw, **engine_kw) -> list[list[int]]:
+    """Each prompt's generated tokens from a fresh paged cache (`cache_kw`) and engine (`engine_kw`), the batch
+    submitted together after an earlier request with `prefix` ran to its end."""
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, **cache_kw), **engine_kw)
+    eng.add_request("warm", prefix + [5], params)
+    eng.run_to_completion()
+    for i, p in enumerate(batch):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    return [res[f"r{i}"][1] for i in range(len(batch))]
+
+
 def caching_keeps_tokens(model, prefix, batch):
     """On CUDA in bf16, the engine's greedy tokens for `batch` after an earlier request with `prefix` are the same
     with prefix caching as without (but for a bf16 near-tie)."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    out = {}
-    for caching in (True, False):
-        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
-                             prefix_caching=caching)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=False)
-        eng.add_request("warm", prefix + [5], params)
-        eng.run_to_completion()
-        for i, p in enumerate(batch):
-            eng.add_request(f"r{i}", p, params)
-        res = eng.run_to_completion()
-        out[caching] = [res[f"r{i}"][1] for i in range(len(batch))]
+    out = {caching: tokens_after_prefix(model, prefix, batch, params,
+                                        dict(num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16,
+                                             prefix_caching=caching), max_batch_size=4, cuda_graphs=False)
+           for caching in (True, False)}
     assert sum(a == b for a, b in zip(out[True], out[False])) >= len(batch) - 1  # a bf16 near-tie may flip one
 
 @pytest.mark.gpu

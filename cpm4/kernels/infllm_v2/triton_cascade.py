@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_decode import page_kv
 from .triton_select import num_sms, softmax_step
 
 # Query vectors (rows x the KV group's heads) per program: the shared pages are read once per tile of rows.
@@ -59,10 +60,8 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, o_ptr,
         j = i0 + rr // PAGE
         km = j < hi
         page = tl.load(pages_ptr + j, mask=km, other=0).to(tl.int64)
-        k = tl.load(kc_ptr + page[:, None] * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
-                    mask=km[:, None], other=0.0)
-        v = tl.load(vc_ptr + page[:, None] * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
-                    mask=km[:, None], other=0.0)
+        k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                       stride_vh)
         m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     at = split0 + sp

@@ -358,6 +358,17 @@ def _select_lists(s_row, e_row, a_row, n_row, qb, N: tl.constexpr, K: tl.constex
 
 
 @triton.jit
+def page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh):
+    """Keys and values [rows, D] of KV head g: row i is token tt[i] of page page[i] (int64), zero where km is
+    False."""
+    k = tl.load(kc_ptr + page[:, None] * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
+                mask=km[:, None], other=0.0)
+    v = tl.load(vc_ptr + page[:, None] * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
+                mask=km[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _step_program(PDL: tl.constexpr):
     """(row, KV group, split, KV groups) of a decode-step program over grid (rows, groups, splits); with PDL
     (a programmatic dependent launch) first lets the next kernel launch, then waits for the previous one."""
@@ -505,10 +516,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                 b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + j, mask=j < hi, other=-1)
             km = (j < hi) & (b >= 0) & (b * PAGE + tt < seq_len)
             page = tl.load(table_ptr + bi * stride_tb + b, mask=km, other=0).to(tl.int64)
-            k = tl.load(kc_ptr + page[:, None] * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
-                        mask=km[:, None], other=0.0)
-            v = tl.load(vc_ptr + page[:, None] * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
-                        mask=km[:, None], other=0.0)
+            k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp,
+                           stride_vt, stride_vh)
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
