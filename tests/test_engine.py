@@ -308,13 +308,20 @@ def test_compiled_decode_step_is_one_graph(sc):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
-    from cpm4.engine import paged
-
     model = random_model("tiny", dtype=torch.float32, sparse_config=sc, num_hidden_layers=2)
     cache = PagedKVCache(model.config, num_pages=20, page_size=16)
     eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=128, paged_decode=True)
     for i, p in enumerate(prompts(2, seed=6, lo=45, hi=60)):
         eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    compiled_decode_matches_eager(model, cache, eng)
+
+
+def compiled_decode_matches_eager(model, cache, eng) -> list:
+    """After the prefill step of `eng`'s two waiting requests, their decode step compiled (the paged attention
+    one custom op) is one graph (no break, no recompilation per layer) and computes the eager step's logits.
+    Returns the rows' pages (their lengths not advanced)."""
+    from cpm4.engine import paged
+
     eng.step()  # prefill both; the next token of each is sampled
     assert all(len(r.state.generated) == 1 for r in eng.running)
     seqs = [r.pages for r in eng.running]
@@ -331,6 +338,7 @@ def test_compiled_decode_step_is_one_graph(sc):
         out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch(seqs, decode=True), ones,
                                                                         last_only=True)
     torch.testing.assert_close(out, ref)
+    return seqs
 
 
 def test_host_block_table_follows_sequences():
