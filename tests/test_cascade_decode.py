@@ -139,31 +139,24 @@ def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
     (below dense_len) share them, a sparse row after the same prefix stays out of the group."""
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    from test_engine import alone, prompts, random_model, sparse, tok
+    from test_engine import alone, prompts, random_model, sparse, tokens_after_prefix
 
-    from cpm4.engine.paged import PagedKVCache
     from cpm4.engine.sampling import SamplingParams
-    from cpm4.engine.scheduler import LLMEngine
 
     shared = _cascade_on(monkeypatch)
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=80) if sparse_model else None,
                          num_hidden_layers=2)
-    cache = PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=True)
-    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=256, paged_decode=True)
     prefix = prompts(1, seed=21, lo=50, hi=51)[0]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    eng.add_request("warm", prefix + [5], params)
-    eng.run_to_completion()
     ps = [prefix + t for t in prompts(3, seed=22, lo=3, hi=15)]  # at most 71 tokens with their outputs
     if sparse_model:
         ps.append(prefix + prompts(1, seed=25, lo=40, hi=41)[0])  # 90 tokens: past dense_len, a sparse row
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-    res = eng.run_to_completion()
+    got = tokens_after_prefix(model, prefix, ps, params, dict(num_pages=60, page_size=16, prefix_caching=True),
+                              max_batch_size=4, chunk_tokens=256, paged_decode=True)
     assert shared and max(c for c, _ in shared) == 3  # 50 tokens: 3 whole pages of 16 shared
     assert all(m[:3] == [1, 1, 1] and m[3:] in ([], [0]) for c, m in shared if c)
     for i, p in enumerate(ps):
-        assert res[f"r{i}"][1] == alone(model, p, params), i
+        assert got[i] == alone(model, p, params), i
 
 
 def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
