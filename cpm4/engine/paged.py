@@ -311,11 +311,9 @@ class PagedKVCache:
         """The model's cache view for one step over `seqs`; decode=True: each feeds exactly one token and
         attention runs on the pages in place (CUDA, or the Triton interpreter in tests)."""
         if decode:
-            width = max(len(s.pages) for s in seqs)
-            table = self.block_table(seqs, width)
-            starts, slots, ends = decode_rows(self, seqs)
-            batch = DecodeBatch(self, *(t.to(self.device, non_blocking=True) for t in (table, starts, slots, ends)))
-            batch.shared = decode_shared(self, seqs, table, ends, self.device)
+            host = decode_inputs(self, seqs, max(len(s.pages) for s in seqs), "cpu")
+            batch = DecodeBatch(self, *(t.to(self.device, non_blocking=True) for t in host))
+            batch.shared = decode_shared(self, seqs, host[0], host[3], self.device)
             return batch
         return PagedBatch(self, seqs)
 

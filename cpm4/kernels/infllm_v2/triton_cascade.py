@@ -86,7 +86,7 @@ class SharedPrefix:
         g_pad = triton.next_power_of_2(g)
         return max(1, max(TILE_QUERIES, 16) // g_pad)
 
-    def splits(self, device: torch.device, b: int, hkv: int, g: int = 1) -> int:
+    def splits(self, device: torch.device, b: int, hkv: int, g: int) -> int:
         """Partial outputs per row the shared pages add: enough programs for ~2 waves, at most one per pair
         of pages (fixed by the widths: a graph replays it for any count)."""
         programs = hkv * triton.cdiv(b, self.tile_rows(g))
