@@ -27,6 +27,12 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 PINNED_INPUTS = False
 
 
+def _copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Host tensor into a static buffer without waiting for the stream: through pinned memory on a GPU (a copy
+    from pageable memory first waits for the queued work)."""
+    dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=True)
+
+
 class DecodeGraphs:
     def __init__(self, model: MiniCPM4ForCausalLM, cache: PagedKVCache, max_batch: int, width: int,
                  compile: bool = False):
@@ -192,9 +198,9 @@ class DecodeGraphs:
         if found is not None:
             member[:b], count = found[0], found[1]
             row = int(np.argmax(found[0]))
-            self.shared.pages[:count].copy_(self.host_table.table[row, :count], non_blocking=True)
-        self.shared.count.copy_(torch.tensor([count], dtype=torch.int32), non_blocking=True)
-        self.shared.member[:bs].copy_(torch.from_numpy(member), non_blocking=True)
+            _copy_in(self.shared.pages[:count], self.host_table.table[row, :count])
+        _copy_in(self.shared.count, torch.tensor([count], dtype=torch.int32))
+        _copy_in(self.shared.member[:bs], torch.from_numpy(member))
 
     def _reset_inputs(self) -> None:
         """Point every row at the scratch page (a capture's warm-up writes where the buffers say)."""
