@@ -113,5 +113,5 @@ class SharedPrefix:
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
             o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
             G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,
-            num_warps=4)
+            num_warps=4 if rows * triton.next_power_of_2(g) <= 64 else 8)  # 128 x d float32 accumulators: 8 warps
 
