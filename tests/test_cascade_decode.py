@@ -82,6 +82,20 @@ def test_interpreter_cascade_decode_equals_float64(hq, hkv, splits):
            tol=1e-5, splits=splits)
 
 
+def test_interpreter_cascade_decode_over_several_row_tiles(monkeypatch):
+    """16 query vectors a program: 4 rows of a 4-head group per tile, so 7 rows take two tiles (the second
+    partly past the batch) and a tile holding no member reads nothing."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_cascade
+
+    monkeypatch.setattr(triton_cascade, "TILE_QUERIES", 16)
+    _check("cpu", torch.float32, 8, 2, 16, 16, lens=[60, 49, 37, 80, 1, 52, 90], member=[1, 1, 0, 1, 0, 1, 1],
+           n_shared=3, tol=1e-5)
+    _check("cpu", torch.float32, 8, 2, 16, 16, lens=[60, 49, 37, 20, 70, 52, 90], member=[0, 0, 0, 0, 1, 1, 1],
+           n_shared=3, tol=1e-5)
+
+
 def test_interpreter_cascade_decode_with_nothing_shared_or_every_row():
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
