@@ -15,6 +15,7 @@ Prints a table and writes benchmarks/results/cascade_decode-<date>.json (rows: p
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -62,6 +63,9 @@ def main() -> None:
     ap.add_argument("--own", type=int, default=256, help="each row's own tokens: 1 .. this many")
     ap.add_argument("--tile-queries", type=int, nargs="+", default=[64],
                     help="query vectors per program (triton_cascade.TILE_QUERIES); several: a row per value")
+    ap.add_argument("--own-splits", type=int, nargs="+", default=[0],
+                    help="splits of the rows' own pages (SharedPrefix.own_splits; 0: the paged decode's default); "
+                    "several: a row per value")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -83,16 +87,18 @@ def main() -> None:
                     return paged_decode(*x[:-1])
 
                 t_peer = cold_graph_ms(peer)
-                for tq in args.tile_queries:
+                for tq, own in itertools.product(args.tile_queries, args.own_splits):
                     triton_cascade.TILE_QUERIES = tq
+                    SharedPrefix.own_splits = own or None
                     diff = (ours().float() - peer().float()).abs().max().item()
                     t_ours = cold_graph_ms(ours)
-                    tag = "" if len(args.tile_queries) == 1 else f".tq{tq}"
+                    tag = ("" if len(args.tile_queries) == 1 else f".tq{tq}") + \
+                        ("" if len(args.own_splits) == 1 else f".own{own or 'default'}")
                     rows.append({"phase": f"cascade_decode.{shape}.b{b}{tag}", "seqlen": plen,
                                  "ours_ms": round(t_ours, 4), "peer_ms": round(t_peer, 4),
                                  "speedup": round(t_peer / t_ours, 2), "max_abs_diff": diff})
-                    print(f"  {shape} B={b} P={plen} tile {tq}: ours {t_ours * 1000:.1f} us, plain "
-                          f"{t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
+                    print(f"  {shape} B={b} P={plen} tile {tq} own splits {own or 'default'}: ours "
+                          f"{t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
     print()
     print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
     print_rows(rows, digits=4)

@@ -82,6 +82,16 @@ def test_interpreter_cascade_decode_equals_float64(hq, hkv, splits):
            tol=1e-5, splits=splits)
 
 
+@pytest.mark.parametrize("own", [None, 1, 4])
+def test_interpreter_cascade_decode_with_own_splits(monkeypatch, own):
+    """The rows' own pages in `SharedPrefix.own_splits` splits (None: the paged decode's default)."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    monkeypatch.setattr(SharedPrefix, "own_splits", own)
+    _check("cpu", torch.float32, 4, 2, 16, 16, lens=[60, 49, 37, 80, 1], member=[1, 1, 0, 1, 0], n_shared=3,
+           tol=1e-5, splits=None)
+
+
 def test_interpreter_cascade_decode_over_several_row_tiles(monkeypatch):
     """16 query vectors a program: 4 rows of a 4-head group per tile, so 7 rows take two tiles (the second
     partly past the batch) and a tile holding no member reads nothing."""

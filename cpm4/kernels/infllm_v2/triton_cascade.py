@@ -14,6 +14,7 @@ the rows it applies to (`member`) are device tensors, read by the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -80,6 +81,9 @@ class SharedPrefix:
     pages: torch.Tensor
     count: torch.Tensor
     member: torch.Tensor
+    # Splits of each row's own pages (the paged decode's part) beside the shared ones; None: the paged decode's
+    # default, sized for rows that attend everything themselves (benchmarks/cascade_decode.py --own-splits).
+    own_splits: ClassVar[int | None] = None
 
     def tile_rows(self, g: int) -> int:
         """Rows per program for a KV group of g heads (at least 16 query vectors: the dot's minimum)."""

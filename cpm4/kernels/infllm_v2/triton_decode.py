@@ -717,7 +717,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             raise ValueError(f"blocks must be [B, hkv, nsel] = [{b}, {hkv}, *], got {tuple(blocks.shape)}")
         blocks = blocks.to(torch.int32).contiguous()
     most = triton.cdiv(blocks.shape[2] if blocks is not None else block_table.shape[1], 2)
-    splits = splits or _default_splits(q.device, b * hkv, most)
+    splits = splits or (shared.own_splits if shared is not None else None) or _default_splits(q.device, b * hkv,
+                                                                                             most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
                    scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared)
 
@@ -759,7 +760,8 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
                                  narrow)
-    attend_splits = splits or _default_splits(q.device, b * hkv, max(triton.cdiv(att.shape[2], 2), 1))
+    attend_splits = splits or (shared.own_splits if shared is not None else None) or _default_splits(
+        q.device, b * hkv, max(triton.cdiv(att.shape[2], 2), 1))
     out = _attend(q, k_cache, v_cache, block_table, seq_lens, attend_splits, 2, blk=att, nblk=natt,
                   dense_len=cfg.dense_len, scale=scale, counters=counters[1], tile_pages=tile_pages, pdl=pdl,
                   separate_merge=separate_merge, shared=shared)
