@@ -197,7 +197,7 @@ cascade)  # the cascade over shared prefix pages (twenty-first session, CPU-test
 cascadedecode)  # cascade decode (twenty-second session, interpreter-tested only): GPU tests, kernel rows, 0.5B engine
     timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
         | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
-    timeout 300 "$PY" benchmarks/cascade_decode.py --tile-queries 64 128 --own-splits 0 2 2>&1 | tail -75
+    timeout 300 "$PY" benchmarks/cascade_decode.py --tile-queries 64 128 --own-splits 0 2 2>&1 | tail -100 | cut -c1-90
     timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
         --cascade-decode --tag=-cascadedecode 2>&1 | tail -5
     timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
