@@ -677,6 +677,11 @@ def _rows_forward(model, ps, cut, device, dtype, page_size=16):
         if c:
             cache.reserve(seq, c)
             model(torch.tensor([p[:c]], device=device), cache.batch([seq]), torch.tensor([c], device=device))
+    return _rest_step(model, cache, seqs, ps, cut, device)
+
+
+def _rest_step(model, cache, seqs, ps, cut, device) -> list[torch.Tensor]:
+    """Each prompt's tokens after its `cut` cached ones as one batched step: their logits (float32, CPU)."""
     new = [len(p) - c for p, c in zip(ps, cut)]
     for seq, n in zip(seqs, new):
         cache.reserve(seq, n)
@@ -876,14 +881,7 @@ def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype, scat
             c += extra
         seqs.append(seq)
         cut.append(c)
-    new = [len(p) - c for p, c in zip(ps, cut)]
-    for s, n in zip(seqs, new):
-        cache.reserve(s, n)
-    ids = torch.zeros(len(ps), max(new), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(ps, cut)):
-        ids[i, :new[i]] = torch.tensor(p[c:])
-    logits = model(ids, cache.batch(seqs), torch.tensor(new))
-    return [logits[i, :n].float().cpu() for i, n in enumerate(new)], cut
+    return _rest_step(model, cache, seqs, ps, cut, device), cut
 
 
 def _count_cascades(monkeypatch):
