@@ -209,6 +209,21 @@ cascadedecode8b)  # the 8B shape's dense rows (below dense_len) after a 4K prefi
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --output 64 \
         --tag=-nocascadedecode 2>&1 | tail -5
     ;;
+cascadedecode2)  # after the sparse-member fix: GPU tests, then decode after a shared prefix, on and off (0.5B, 8B)
+    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+        | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
+    for t in cascadedecode nocascadedecode; do
+        flag=$([ $t = cascadedecode ] && echo --cascade-decode)
+        timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 2048 8192 --requests 64 \
+            --output 256 $flag --tag=-$t-decode 2>&1 | grep -E "^prefix\.(all|ttft) "
+    done
+    for t in cascadedecode nocascadedecode; do
+        flag=$([ $t = cascadedecode ] && echo --cascade-decode)
+        timeout 200 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --requests 32 \
+            --output 64 $flag --tag=-$t-decode 2>&1 | grep -E "^prefix\.(all|ttft) "
+    done
+    [ -n "$OUT" ] && cp benchmarks/results/prefix_cache-*-decode-"$(date +%F)".json "$OUT"/
+    ;;
 servingsys)  # the offline row after a shared 2,048-token system prompt, cascade decode on (one call; servingsysoff: off)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
         --cascade-decode --tag=-sys2048-cascadedecode 2>&1 | tail -6

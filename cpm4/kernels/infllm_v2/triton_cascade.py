@@ -28,13 +28,16 @@ TILE_QUERIES = 64
 
 
 @triton.jit
-def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, o_ptr, m_ptr, n_rows, sm_scale,
+def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_ptr, o_ptr, m_ptr, n_rows, sm_scale,
                    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                    stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
                    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr):
+                   SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr, SPARSE_ROWS: tl.constexpr,
+                   DENSE_LEN: tl.constexpr):
     """Partial output and log-sum-exp (log2) at split split0 + sp of rows [rt * ROWS, +ROWS), KV head g, over
-    split sp of the first nsh[0] shared pages; rows not in the group get an empty partial (-inf)."""
+    split sp of the first nsh[0] shared pages; rows not in the group get an empty partial (-inf). SPARSE_ROWS
+    (the InfLLM v2 step): members at dense_len tokens or more are out too, as `_attend_kernel` reads their
+    selected blocks from the start (a captured step keeps its group while a member grows past dense_len)."""
     g = tl.program_id(0)
     rt = tl.program_id(1)
     sp = tl.program_id(2)
@@ -43,6 +46,12 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, o_ptr,
     hh = idx % G_PAD
     ok = (r < n_rows) & (hh < G)
     use = ok & (tl.load(member_ptr + r, mask=r < n_rows, other=0) != 0)
+    if SPARSE_ROWS:
+        n_tok = tl.load(lens_ptr + r, mask=r < n_rows, other=0)
+        if DENSE_LEN >= 0:
+            use = use & (n_tok < DENSE_LEN)
+        else:
+            use = use & (n_tok <= 0)  # as `_row_state`: every row with tokens is sparse
     h = g * G + hh
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + r[:, None] * stride_qb + h[:, None] * stride_qh + dd[None, :], mask=use[:, None], other=0.0)
@@ -98,9 +107,11 @@ class SharedPrefix:
         return 1 << (n.bit_length() - 1)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o_part: torch.Tensor,
-               m_part: torch.Tensor, split0: int, scale: float, tile_pages: int) -> None:
+               m_part: torch.Tensor, split0: int, scale: float, tile_pages: int, lens: torch.Tensor,
+               dense_len: int | None = None) -> None:
         """Write the shared pages' partials into o_part [B, hq, S, d] / m_part [B, hq, S] (float32) at splits
-        split0 .. split0 + `splits` - 1."""
+        split0 .. split0 + `splits` - 1. lens [B]: the rows' tokens; dense_len (the InfLLM v2 step, None for
+        the dense decode): members with that many tokens or more are left out (sparse rows)."""
         b, hq, d = q.shape
         _, page, hkv, _ = k_cache.shape
         g = hq // hkv
@@ -112,10 +123,11 @@ class SharedPrefix:
         if split0 + n > o_part.shape[2]:
             raise ValueError(f"partials hold {o_part.shape[2]} splits, the shared pages need {split0} + {n}")
         _shared_kernel[(hkv, triton.cdiv(b, rows), n)](
-            q, k_cache, v_cache, self.pages, self.count, self.member, o_part, m_part, b, scale,
+            q, k_cache, v_cache, self.pages, self.count, self.member, lens, o_part, m_part, b, scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
             o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
             G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,
+            SPARSE_ROWS=dense_len is not None, DENSE_LEN=-1 if dense_len is None else dense_len,
             num_warps=4 if rows * triton.next_power_of_2(g) <= 64 else 8)  # 128 x d float32 accumulators: 8 warps
 

@@ -691,7 +691,8 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None, num_warps=4,
         **_pdl_launch(pdl))
     if shared is not None:  # its partials after the rows' own (splits on)
-        shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES)
+        shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES, lens,
+                      dense_len if mode == 2 else None)
     if separate:
         n = splits + extra
         dc = min(32, d)
