@@ -7,6 +7,7 @@ same run; the outputs are compared too.
 
     python benchmarks/cascade_decode.py                                   # 8B and 0.5B shapes
     python benchmarks/cascade_decode.py --shapes 8b --batches 64 --prefixes 4096
+    python benchmarks/cascade_decode.py --empty      # also the cascade step without a group (count 0)
 
 Prints a table and writes benchmarks/results/cascade_decode-<date>.json (rows: phase
 `cascade_decode.<shape>.b<B>`, seqlen = P).
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--own-splits", type=int, nargs="+", default=[0],
                     help="splits of the rows' own pages (SharedPrefix.own_splits; 0: the paged decode's default); "
                     "several: a row per value")
+    ap.add_argument("--empty", action="store_true",
+                    help="also time the step with no group (count 0: a captured cascade step without sharing)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -99,6 +102,17 @@ def main() -> None:
                                  "speedup": round(t_peer / t_ours, 2), "max_abs_diff": diff})
                     print(f"  {shape} B={b} P={plen} tile {tq} own splits {own or 'default'}: ours "
                           f"{t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
+                if args.empty:
+                    none = SharedPrefix(sp.pages, torch.zeros_like(sp.count), torch.zeros_like(sp.member))
+
+                    def empty(x=x, none=none):
+                        return paged_decode(*x[:-1], shared=none)
+
+                    diff = (empty().float() - peer().float()).abs().max().item()
+                    t_empty = cold_graph_ms(empty)
+                    rows.append({"phase": f"cascade_decode.{shape}.b{b}.empty", "seqlen": plen,
+                                 "ours_ms": round(t_empty, 4), "peer_ms": round(t_peer, 4),
+                                 "speedup": round(t_peer / t_empty, 2), "max_abs_diff": diff})
     print()
     print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
     print_rows(rows, digits=4)

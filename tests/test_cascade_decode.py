@@ -52,6 +52,7 @@ def _cascade_on(monkeypatch, min_tokens: int = 32) -> list:
 
     monkeypatch.setattr(paged, "CASCADE_DECODE", True)
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", min_tokens)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)  # tiny shapes: any group
     seen = []
     real = SharedPrefix.attend
     monkeypatch.setattr(SharedPrefix, "attend", lambda self, *a: seen.append((int(self.count), self.member.tolist()))
@@ -237,18 +238,42 @@ def test_graph_buffers_hold_the_steps_group(monkeypatch):
     def step(rows):
         cols = graphs.host_table.update(rows, 4)
         _, _, ends = graphs._rows(rows, 4)
-        graphs._share(ends[:len(rows)], len(rows), 4, cols)
+        return graphs._share(ends[:len(rows)], len(rows), 4, cols)
 
-    step(seqs)
+    assert step(seqs)  # the step replays the cascade graph
     assert graphs.shared.count.tolist() == [3] and graphs.shared.member.tolist() == [1, 1, 0, 0]
     assert graphs.shared.pages[:3].tolist() == seqs[0].pages[:3]
     cache.reserve(seqs[2], 40)  # row 2 grows a page: the same sequences in the same rows keep the group
     seqs[2].length += 30
-    step(seqs)
+    assert step(seqs)
     assert len(found) == 1 and graphs.shared.count.tolist() == [3]
-    step(seqs[1:])  # row 0 ended, the others moved up: found again, rows 1 and 2 share nothing
+    assert not step(seqs[1:])  # row 0 ended, the others moved up: found again, rows 1 and 2 share nothing
     assert len(found) == 2
     assert graphs.shared.count.tolist() == [0] and graphs.shared.member.tolist() == [0, 0, 0, 0]
+    # 2 rows x 3 pages of 16 = 96 tokens read once instead of twice: below CASCADE_DECODE_MIN_READS, the plain step
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 97)
+    assert not step(seqs) and graphs.shared.count.tolist() == [0]
+
+
+def test_cascade_group_needs_enough_reads_saved(monkeypatch):
+    """`cascade_group`: the group `shared_rows` finds, only when members x shared tokens reach
+    CASCADE_DECODE_MIN_READS (and its shared pages CASCADE_DECODE_MIN_TOKENS)."""
+    import numpy as np
+
+    from cpm4.engine import paged
+
+    table = np.array([[1, 2, 3, 9], [1, 2, 3, 8], [1, 2, 3, 7], [4, 5, 6, 0]], dtype=np.int32)
+    lens = np.array([60, 55, 50, 60])
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    for reads, expect in ((144, True), (145, False)):  # 3 members x 3 pages x 16 tokens = 144
+        monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", reads)
+        got = paged.cascade_group(table, lens, 16)
+        assert (got is not None) == expect
+        if expect:
+            assert got[0].tolist() == [True, True, True, False] and got[1] == 3
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 64)  # 4 pages needed: the group shares 3
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
+    assert paged.cascade_group(table, lens, 16) is None
 
 
 @gpu
@@ -333,10 +358,16 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
         batch.append(prefix + prompts(1, seed=34, lo=718, hi=719)[0])  # 1,018: sparse after its 6th token
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 128)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
     groups = []  # each captured step's shared page count and member rows
     real = DecodeGraphs._share
-    monkeypatch.setattr(DecodeGraphs, "_share", lambda self, *a: real(self, *a) or groups.append(
-        (int(self.shared.count), self.shared.member.tolist())))
+
+    def share(self, *a):
+        found = real(self, *a)
+        groups.append((int(self.shared.count), self.shared.member.tolist()))
+        return found
+
+    monkeypatch.setattr(DecodeGraphs, "_share", share)
     out = {}
     for on in (True, False):
         monkeypatch.setattr(paged, "CASCADE_DECODE", on)

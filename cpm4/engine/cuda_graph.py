@@ -54,7 +54,7 @@ class DecodeGraphs:
             # the same model.forward), so each engine adds its own buckets to it.
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, getattr(cfg, name) + len(self.sizes))
+            setattr(cfg, name, getattr(cfg, name) + len(self.sizes) * (2 if self.shared is not None else 1))
             self.step = torch.compile(model, dynamic=False)
 
     def init_buffers(self, cache: PagedKVCache, max_batch: int, width: int, device: torch.device) -> None:
@@ -68,6 +68,7 @@ class DecodeGraphs:
         self.table, self.starts, self.slots, self.ends = decode_inputs(cache, [], width, device, rows=n)
         self.host_table = HostBlockTable(n, width, cache.scratch)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # steps with a group
         self.pool = None
         # Two sets of pinned staging tensors, used in turn; a set is refilled only once the copies that
         # last read it have run (its event).
@@ -80,8 +81,9 @@ class DecodeGraphs:
                                   ids=pinned(n, 1, dtype=torch.long), event=None) for _ in range(2)]
             self._turn = 0
         # Cascade decode (paged.CASCADE_DECODE; dense rows): the shared pages, their count and the member rows
-        # as static buffers the captured kernels read; a step without a group sets the count to 0.
-        self.shared, self._shared_rows = None, -1
+        # as static buffers the kernels of `cascade_graphs` read. A step without a group (`paged.cascade_group`)
+        # replays the plain graph: the cascade one costs 2-6 us a layer more when nothing is shared.
+        self.shared, self._shared_rows, self._cascade = None, -1, False
         self._below = paged.dense_rows_below(cache.config)
         if paged.CASCADE_DECODE and self._below is not False:
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
@@ -96,35 +98,37 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        sh = self.shared
-        if sh is not None:
-            sh = type(sh)(sh.pages, sh.count, sh.member[:bs])
+    def _forward(self, bs: int, cascade: bool = False) -> torch.Tensor:
+        sh = None
+        if cascade:
+            sh = type(self.shared)(self.shared.pages, self.shared.count, self.shared.member[:bs])
         view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs], sh)
         return self.step(self.ids[:bs], view, self.ones[:bs], last_only=True)
 
-    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bs: int, cascade: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2 if self.step is not self.model else 1):  # compiled: the 2nd call runs compiled code
-                self._forward(bs)
+                self._forward(bs, cascade)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bs)
+            out = self._forward(bs, cascade)
         return graph, out
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Capture every bucket not captured yet (compiling the step for it first, with compile)."""
+        """Capture every bucket not captured yet (compiling the step for it first, with compile), with cascade
+        decode its cascade variant too."""
         for bs in self.sizes:
-            if bs not in self.graphs:
-                self._reset_inputs()
-                self.graphs[bs] = self._capture(bs)
+            for cascade, graphs in ((False, self.graphs), (True, self.cascade_graphs)):
+                if bs not in graphs and (not cascade or self.shared is not None):
+                    self._reset_inputs()
+                    graphs[bs] = self._capture(bs, cascade)
 
     def _rows(self, seqs: list[SeqPages], bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`paged.decode_rows` for `bs` rows, the slots read from the host block table (just updated) with a
@@ -150,6 +154,13 @@ class DecodeGraphs:
             self.graphs[bs] = self._capture(bs)
         cols = self.host_table.update(seqs, bs)
         starts, slots, ends = self._rows(seqs, bs)
+        cascade = self.shared is not None and self._share(ends[:b], b, bs, cols)
+        if cascade and bs not in self.cascade_graphs:  # captured on the first step with a group at this size
+            self._reset_inputs()
+            self.cascade_graphs[bs] = self._capture(bs, cascade=True)
+            cols = self.host_table.update(seqs, bs)  # again: the capture pointed every row at the scratch page
+            starts, slots, ends = self._rows(seqs, bs)
+            self._share(ends[:b], b, bs, cols)
         table = self.host_table.table[:bs, :cols]
         ids = None
         if not isinstance(tokens, torch.Tensor):
@@ -175,24 +186,22 @@ class DecodeGraphs:
             self.ids[b:bs].zero_()
         else:
             self.ids[:bs].copy_(ids, non_blocking=True)
-        if self.shared is not None:
-            self._share(ends[:b], b, bs, cols)
         if stage is not None:
             stage["event"] = torch.cuda.Event()
             stage["event"].record()
-        graph, out = self.graphs[bs]
+        graph, out = (self.cascade_graphs if cascade else self.graphs)[bs]
         graph.replay()
         return out[:b]
 
-    def _share(self, ends: torch.Tensor, b: int, bs: int, cols: int) -> None:
-        """The step's shared pages, count and member rows into the static buffers (`paged.shared_rows` over the
-        host block table), unless the rows hold the sequences they held last step."""
+    def _share(self, ends: torch.Tensor, b: int, bs: int, cols: int) -> bool:
+        """Whether the step has a group (`paged.cascade_group` over the host block table); its shared pages,
+        count and member rows into the static buffers. Unchanged while the rows hold the sequences they held
+        last step (members that grow past an InfLLM v2 model's dense_len are left out by the kernel)."""
         if not self.host_table.replaced and b == self._shared_rows:
-            return  # the same sequences in the same rows: their leading pages, so the group, are unchanged
+            return self._cascade  # the same sequences in the same rows: their leading pages, so the group, stay
         self._shared_rows = b
-        ps = self.cache.page_size
-        found = paged.shared_rows(self.host_table.table[:b, :cols].numpy(), ends.numpy(), ps,
-                                  paged.CASCADE_DECODE_MIN_TOKENS // ps, self._below) if b >= 2 else None
+        found = paged.cascade_group(self.host_table.table[:b, :cols].numpy(), ends.numpy(), self.cache.page_size,
+                                    self._below) if b >= 2 else None
         member = np.zeros(bs, dtype=np.int32)
         count = 0
         if found is not None:
@@ -201,6 +210,8 @@ class DecodeGraphs:
             _copy_in(self.shared.pages[:count], self.host_table.table[row, :count])
         _copy_in(self.shared.count, torch.tensor([count], dtype=torch.int32))
         _copy_in(self.shared.member[:bs], torch.from_numpy(member))
+        self._cascade = found is not None
+        return self._cascade
 
     def _reset_inputs(self) -> None:
         """Point every row at the scratch page (a capture's warm-up writes where the buffers say)."""

@@ -571,10 +571,23 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
 
 # Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`): the leading pages that the largest group of a decode
 # step's dense rows share (at least CASCADE_DECODE_MIN_TOKENS of them) are read once per tile of rows, not once per
-# row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. Off until measured on the
-# GPU (CPU interpreter tests only).
+# row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. A group is used only when
+# its members x shared tokens reach CASCADE_DECODE_MIN_READS: below that the shared kernel's launch and the separate
+# merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes break even at
+# 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without such a group run the plain decode (its own graphs).
 CASCADE_DECODE = False
 CASCADE_DECODE_MIN_TOKENS = 1024
+CASCADE_DECODE_MIN_READS = 131072
+
+
+def cascade_group(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None
+                  ) -> tuple[np.ndarray, int] | None:
+    """`shared_rows` with cascade decode's limits: (member mask, shared pages) of a group worth attending once,
+    or None."""
+    found = shared_rows(table, lens, page, CASCADE_DECODE_MIN_TOKENS // page, max_len)
+    if found is None or int(found[0].sum()) * found[1] * page < CASCADE_DECODE_MIN_READS:
+        return None
+    return found
 
 
 def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int, max_len: int | None = None
@@ -625,8 +638,7 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
         return None
     from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-    found = shared_rows(table.numpy(), lens.numpy(), cache.page_size, CASCADE_DECODE_MIN_TOKENS // cache.page_size,
-                        below)
+    found = cascade_group(table.numpy(), lens.numpy(), cache.page_size, below)
     if found is None:
         return None
     member, p = found
