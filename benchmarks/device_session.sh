@@ -201,28 +201,33 @@ cascadedecode)  # cascade decode (twenty-second session, interpreter-tested only
     timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
         --cascade-decode --tag=-cascadedecode 2>&1 | tail -5
     timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
-        --tag=-nocascadedecode 2>&1 | tail -5
+        --no-cascade-decode --tag=-nocascadedecode 2>&1 | tail -5
     ;;
 cascadedecode8b)  # the 8B shape's dense rows (below dense_len) after a 4K prefix, cascade decode on and off
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --output 64 --cascade-decode \
         --tag=-cascadedecode 2>&1 | tail -5
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --output 64 \
-        --tag=-nocascadedecode 2>&1 | tail -5
+        --no-cascade-decode --tag=-nocascadedecode 2>&1 | tail -5
     ;;
 cascadedecode2)  # after the sparse-member fix: GPU tests, then decode after a shared prefix, on and off (0.5B, 8B)
     timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
         | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
     for t in cascadedecode nocascadedecode; do
-        flag=$([ $t = cascadedecode ] && echo --cascade-decode)
+        flag=$([ $t = cascadedecode ] && echo --cascade-decode || echo --no-cascade-decode)
         timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 2048 8192 --requests 64 \
             --output 256 $flag --tag=-$t-decode 2>&1 | grep -E "^prefix\.(all|ttft) "
     done
     for t in cascadedecode nocascadedecode; do
-        flag=$([ $t = cascadedecode ] && echo --cascade-decode)
+        flag=$([ $t = cascadedecode ] && echo --cascade-decode || echo --no-cascade-decode)
         timeout 200 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 4096 --requests 32 \
             --output 64 $flag --tag=-$t-decode 2>&1 | grep -E "^prefix\.(all|ttft) "
     done
     [ -n "$OUT" ] && cp benchmarks/results/prefix_cache-*-decode-"$(date +%F)".json "$OUT"/
+    ;;
+warmup)  # LLMEngine.warm_up's seconds with cascade decode on (its graphs captured too) and off; the GPU tests
+    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+        | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-150
+    timeout 380 "$PY" benchmarks/warmup_time.py --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "warm_up|^phase"
     ;;
 servingsys)  # the offline row after a shared 2,048-token system prompt, cascade decode on (one call; servingsysoff: off)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
@@ -230,7 +235,7 @@ servingsys)  # the offline row after a shared 2,048-token system prompt, cascade
     ;;
 servingsysoff)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
-        --tag=-sys2048 2>&1 | tail -6
+        --no-cascade-decode --tag=-sys2048 2>&1 | tail -6
     ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \

@@ -144,9 +144,9 @@ def main() -> None:
     ap.add_argument("--no-cascade", action="store_true",
                     help="rows after one cached prefix attend it in the variable-length call with their own keys "
                     "(Attention.cascade_prefix off: each row's whole keys gathered and read)")
-    ap.add_argument("--cascade-decode", action="store_true",
-                    help="decode steps attend the rows' shared prefix pages once (paged.CASCADE_DECODE on; dense "
-                    "models)")
+    ap.add_argument("--cascade-decode", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode steps attend the rows' shared prefix pages once (paged.CASCADE_DECODE; default: "
+                    "on, where a group saves enough reads)")
     ap.add_argument("--sparse-row-by-row", action="store_true",
                     help="sparse rows (prompts >= dense_len) run an InfLLM v2 pipeline each "
                     "(Attention.batch_sparse_rows off: the engine before the batched kernels)")
@@ -163,10 +163,10 @@ def main() -> None:
         from cpm4.model.modeling import Attention
 
         Attention.cascade_prefix = False
-    if args.cascade_decode:
+    if args.cascade_decode is not None:
         from cpm4.engine import paged
 
-        paged.CASCADE_DECODE = True
+        paged.CASCADE_DECODE = args.cascade_decode
     if args.sparse_row_by_row:
         from cpm4.model.modeling import Attention
 
@@ -183,6 +183,7 @@ def main() -> None:
         res = {}
         for on in (True, False):
             eng = build_engine(model, tok, need, max(args.requests, 1), compile=args.compile,
+                               cascade_decode=args.cascade_decode,
                                enable_prefix_caching=on)
             res[on] = measure(eng, args, plen, vocab, seed=plen)  # the same tokens for both
             del eng

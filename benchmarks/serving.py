@@ -256,7 +256,8 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
               for _ in range(args.requests)]
     # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
     eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
-                    compile=args.compile, async_output=args.async_output, stream_text=False)
+                    compile=args.compile, async_output=args.async_output, stream_text=False,
+                    cascade_decode=args.cascade_decode)
     eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
     slow: list[dict] = []
@@ -310,8 +311,9 @@ def main() -> None:
     ap.add_argument("--system-prompt", type=int, default=0,
                     help="tokens of one shared prefix before every offline and server request's own prompt (a system "
                     "prompt: prefix caching, cascade attention); their rows are named <row>.sys<N>")
-    ap.add_argument("--cascade-decode", action="store_true",
-                    help="decode steps attend rows' shared prefix pages once (paged.CASCADE_DECODE on)")
+    ap.add_argument("--cascade-decode", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode steps attend the rows' shared prefix pages once (paged.CASCADE_DECODE; default: "
+                    "on, where a group saves enough reads)")
     ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--skip", action="append", default=[], choices=["offline", "server"],
                     help="leave out the offline.<requests> or the server.<clients> row (repeatable)")
@@ -320,10 +322,10 @@ def main() -> None:
     dev = torch.device(args.device)
     if args.system_prompt < 0:
         ap.error(f"--system-prompt must be >= 0 tokens, got {args.system_prompt}")
-    if args.cascade_decode:
+    if args.cascade_decode is not None:  # the server row's engine too (its own default: off with --compile)
         from cpm4.engine import paged
 
-        paged.CASCADE_DECODE = True
+        paged.CASCADE_DECODE = args.cascade_decode
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available (use --device cpu)")
     if args.http:

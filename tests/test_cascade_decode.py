@@ -379,3 +379,35 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
         if on and sparse_model:
             assert any(m[7] == 1 for c, m in groups if c)  # the growing row was a member
     assert out[True] == out[False]
+
+
+def test_engine_option_decides_cascade_decode(monkeypatch):
+    """LLMEngine(cascade_decode=...): False keeps a step with a group plain, None follows paged.CASCADE_DECODE;
+    an InfLLM v2 model without dense rows never cascades."""
+    from test_engine import prompts, random_model, tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+
+    launches = _cascade_on(monkeypatch)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=1)
+    prefix = prompts(1, seed=23, lo=40, hi=41)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for option, expect in ((False, False), (None, True)):
+        cache = PagedKVCache(model.config, num_pages=30, page_size=16, prefix_caching=True)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=256, paged_decode=True,
+                        cascade_decode=option)
+        assert paged.cascade_on(cache) == expect
+        eng.add_request("warm", prefix + [5], params)
+        eng.run_to_completion()
+        launches.clear()
+        for i, t in enumerate(prompts(2, seed=24, lo=3, hi=9)):
+            eng.add_request(f"r{i}", prefix + t, params)
+        eng.run_to_completion()
+        assert bool(launches) == expect
+    sparse_only = random_model("tiny", dtype=torch.float32, num_hidden_layers=1,
+                               sparse_config={"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
+                                              "window_size": 32, "topk": 2, "dense_len": -1, "variant": "gen-b"})
+    assert not paged.cascade_on(PagedKVCache(sparse_only.config, num_pages=4, page_size=16))

@@ -85,7 +85,7 @@ class DecodeGraphs:
         # replays the plain graph: the cascade one costs 2-6 us a layer more when nothing is shared.
         self.shared, self._shared_rows, self._cascade = None, -1, False
         self._below = paged.dense_rows_below(cache.config)
-        if paged.CASCADE_DECODE and self._below is not False:
+        if paged.cascade_on(cache):
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
             self.shared = SharedPrefix(torch.full((width,), cache.scratch, dtype=torch.int32, device=device),

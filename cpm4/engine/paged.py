@@ -94,6 +94,7 @@ class PagedKVCache:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         self.config = config
         self.prefix_caching = prefix_caching
+        self.cascade_decode: bool | None = None  # the engine's choice; None: CASCADE_DECODE (`cascade_on`)
         self.page_size = page_size
         self.num_pages = num_pages
         self.uid = next(_next_uid)
@@ -575,9 +576,17 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
 # its members x shared tokens reach CASCADE_DECODE_MIN_READS: below that the shared kernel's launch and the separate
 # merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes break even at
 # 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without such a group run the plain decode (its own graphs).
-CASCADE_DECODE = False
+# Measured end to end in benchmarks/RESULTS.md ("Cascade decode on the GPU").
+CASCADE_DECODE = True
 CASCADE_DECODE_MIN_TOKENS = 1024
 CASCADE_DECODE_MIN_READS = 131072
+
+
+def cascade_on(cache: PagedKVCache) -> bool:
+    """Whether decode steps over `cache` may use cascade decode: the engine's choice (`cache.cascade_decode`), else
+    CASCADE_DECODE; never for an InfLLM v2 model without dense rows (dense_len < 0)."""
+    on = CASCADE_DECODE if cache.cascade_decode is None else cache.cascade_decode
+    return on and dense_rows_below(cache.config) is not False
 
 
 def cascade_group(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None
@@ -633,9 +642,9 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
                   device: torch.device | str):
     """The `SharedPrefix` of a decode step over `seqs` (eager steps; captured graphs fill buffers instead),
     or None: cascade decode off, no dense rows, or no group. table [b, w] int32 and lens [b] on the host."""
-    below = dense_rows_below(cache.config)
-    if not CASCADE_DECODE or below is False or len(seqs) < 2:
+    if len(seqs) < 2 or not cascade_on(cache):
         return None
+    below = dense_rows_below(cache.config)
     from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
     found = cascade_group(table.numpy(), lens.numpy(), cache.page_size, below)

@@ -71,7 +71,8 @@ class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int | None = None, paged_decode: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
-                 stream_text: bool = True, max_model_len: int | None = None, elementwise: str | None = None):
+                 stream_text: bool = True, max_model_len: int | None = None, elementwise: str | None = None,
+                 cascade_decode: bool | None = None):
         """max_model_len: the longest sequence (prompt + output) served, at most the model's context
         (`context_length`). chunk_tokens: prompt tokens prefilled per step (default `default_chunk_tokens`).
 
@@ -86,6 +87,12 @@ class LLMEngine:
         None: inductor with compile, triton on CUDA without it (measured on the H200 without compile: 0.5B batch-1
         decode 2.42 -> 1.19 ms, 8B 32K decode 7.62 -> 5.89 ms and prefill 1,592 -> 1,346 ms, as fast as compiled),
         else the model's own setting.
+
+        cascade_decode: decode steps whose rows share enough leading pages (a system prompt, a few-shot
+        preamble) attend them once per tile of rows (`paged.cascade_group`, `triton_cascade`; CUDA graphs: each
+        bucket's cascade variant captured beside the plain one). None: `paged.CASCADE_DECODE`, but off with
+        compile (its compiled variants would double warm_up's compile time; measured eager: 9.0 -> 17.9 s
+        at 256 rows, 0.5B).
 
         async_output: launch each decode step before reading back the tokens the previous one sampled (they
         feed the next step on the device), so the host's work between steps (detokenizing, stop rules,
@@ -127,6 +134,9 @@ class LLMEngine:
             raise ValueError("compile applies to the captured decode step: it needs cuda_graphs")
         if cuda_graphs and not paged_decode:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
+        if cascade_decode is None:
+            cascade_decode = None if not compile else False  # None: the module's default
+        cache.cascade_decode = cascade_decode
         if elementwise is None:
             elementwise = "inductor" if compile else "triton" if cache.device.type == "cuda" else None
         if elementwise is not None:  # before the decode graphs are captured
@@ -652,11 +662,14 @@ def cache_capacity(config: MiniCPM4Config, kv_cache_tokens: int) -> int:
 def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_tokens: int, max_batch_size: int,
                  chunk_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  async_output: bool | None = None, stream_text: bool = True,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True) -> LLMEngine:
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 cascade_decode: bool | None = None) -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages, `cache_capacity`)
-    on the model's device and dtype; enable_prefix_caching: see `PagedKVCache` (prefix_caching)."""
+    on the model's device and dtype; enable_prefix_caching: see `PagedKVCache` (prefix_caching); cascade_decode:
+    see `LLMEngine`."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, cache_capacity(model.config, kv_cache_tokens) // ps, ps, model.device,
                          model.dtype, prefix_caching=enable_prefix_caching)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
-                     compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len)
+                     compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len,
+                     cascade_decode=cascade_decode)
