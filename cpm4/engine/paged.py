@@ -576,7 +576,7 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
 # its members x shared tokens reach CASCADE_DECODE_MIN_READS: below that the shared kernel's launch and the separate
 # merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes break even at
 # 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without such a group run the plain decode (its own graphs).
-# Measured end to end in benchmarks/RESULTS.md ("Cascade decode on the GPU").
+# Measured end to end: benchmarks/RESULTS.md, "Twenty-first GPU pass".
 CASCADE_DECODE = True
 CASCADE_DECODE_MIN_TOKENS = 1024
 CASCADE_DECODE_MIN_READS = 131072

@@ -134,8 +134,8 @@ class LLMEngine:
             raise ValueError("compile applies to the captured decode step: it needs cuda_graphs")
         if cuda_graphs and not paged_decode:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
-        if cascade_decode is None:
-            cascade_decode = None if not compile else False  # None: the module's default
+        if cascade_decode is None and compile:
+            cascade_decode = False  # see above; None leaves paged.CASCADE_DECODE to decide
         cache.cascade_decode = cascade_decode
         if elementwise is None:
             elementwise = "inductor" if compile else "triton" if cache.device.type == "cuda" else None
