@@ -334,12 +334,12 @@ def test_gpu_cascade_in_the_sparse_step_leaves_sparse_members_out():
 
 
 @gpu
-@pytest.mark.parametrize("sparse_model", [False, True])
-def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
+@pytest.mark.parametrize("sparse_model,compile", [(False, False), (True, False), (False, True)])
+def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model, compile):
     """Captured decode steps with cascade decode, float32 (in bf16 a random model's near-ties flip tokens
     either way: the kernels' bf16 error is the GPU kernel tests'): the engine's greedy tokens after a cached
     prefix as with it off; for an InfLLM v2 model beside a sparse row after the same prefix and a member
-    that grows past dense_len while its group stays."""
+    that grows past dense_len while its group stays. compile: both graphs of a bucket from one compiled step."""
     if not CUDA:
         pytest.skip("needs CUDA")
     from test_engine import prompts, random_model, tokens_after_prefix
@@ -374,7 +374,8 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model):
         groups.clear()
         out[on] = tokens_after_prefix(model, prefix, batch, params,
                                       dict(num_pages=200, page_size=64, device="cuda", dtype=torch.float32,
-                                           prefix_caching=True), max_batch_size=8, paged_decode=True)
+                                           prefix_caching=True), max_batch_size=8, paged_decode=True,
+                                      compile=compile, cascade_decode=on)
         assert (max(c for c, _ in groups) == 300 // 64) if on else not groups  # 4 whole pages of 64 shared
         if on and sparse_model:
             assert any(m[7] == 1 for c, m in groups if c)  # the growing row was a member
@@ -411,3 +412,57 @@ def test_engine_option_decides_cascade_decode(monkeypatch):
                                sparse_config={"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
                                               "window_size": 32, "topk": 2, "dense_len": -1, "variant": "gen-b"})
     assert not paged.cascade_on(PagedKVCache(sparse_only.config, num_pages=4, page_size=16))
+
+
+def test_one_compilation_serves_both_graphs_of_a_bucket(monkeypatch):
+    """The compiled decode step takes the shared buffers in both of a bucket's graphs: under
+    `paged.cascade_paused` (the plain graph's capture) the op reads every page itself and launches no cascade,
+    outside it cascades; the same logits either way and dynamo compiles the step once."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from test_engine import prompts, random_model, tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+
+    launches = _cascade_on(monkeypatch)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=30, page_size=16, prefix_caching=True)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=256, paged_decode=True)
+    prefix = prompts(1, seed=23, lo=40, hi=41)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng.add_request("warm", prefix + [5], params)
+    eng.run_to_completion()
+    for i, t in enumerate(prompts(2, seed=24, lo=3, hi=9)):
+        eng.add_request(f"r{i}", prefix + t, params)
+    eng.step()  # prefill both
+    seqs = [r.pages for r in eng.running]
+    for s in seqs:
+        cache.reserve(s, 1)
+    ids = torch.tensor([[r.state.generated[-1]] for r in eng.running])
+    ones = torch.ones(2, dtype=torch.long)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    with torch.inference_mode():
+        batch = cache.batch(seqs, decode=True)
+        assert batch.shared is not None
+        plain_batch = cache.batch(seqs, decode=True)
+        plain_batch.shared = None
+        ref = model(ids, plain_batch, ones, last_only=True)
+        paged.make_opaque_to_compile()
+        step = torch.compile(model, backend=backend, dynamic=False)
+        launches.clear()
+        with paged.cascade_paused():
+            paused = step(ids, batch, ones, last_only=True)
+        assert not launches
+        live = step(ids, batch, ones, last_only=True)
+        assert launches
+    assert len(compiles) == 1
+    torch.testing.assert_close(paused, ref)
+    torch.testing.assert_close(live, ref)

@@ -10,6 +10,8 @@ memory pool. `warm_up` captures every bucket up front.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -54,7 +56,7 @@ class DecodeGraphs:
             # the same model.forward), so each engine adds its own buckets to it.
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, getattr(cfg, name) + len(self.sizes) * (2 if self.shared is not None else 1))
+            setattr(cfg, name, getattr(cfg, name) + len(self.sizes))
             self.step = torch.compile(model, dynamic=False)
 
     def init_buffers(self, cache: PagedKVCache, max_batch: int, width: int, device: torch.device) -> None:
@@ -100,24 +102,28 @@ class DecodeGraphs:
 
     def _forward(self, bs: int, cascade: bool = False) -> torch.Tensor:
         sh = None
-        if cascade:
+        if self.shared is not None and (cascade or self.step is not self.model):
+            # Compiled: both graphs of a bucket run the same compiled step (the shared buffers always passed,
+            # so no second compilation); the plain one is captured under `paged.cascade_paused`.
             sh = type(self.shared)(self.shared.pages, self.shared.count, self.shared.member[:bs])
         view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs], sh)
         return self.step(self.ids[:bs], view, self.ones[:bs], last_only=True)
 
     def _capture(self, bs: int, cascade: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
+        plain = paged.cascade_paused() if self.shared is not None and not cascade else nullcontext()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2 if self.step is not self.model else 1):  # compiled: the 2nd call runs compiled code
-                self._forward(bs, cascade)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bs, cascade)
+        with plain:
+            with torch.cuda.stream(side):
+                for _ in range(2 if self.step is not self.model else 1):  # compiled: the 2nd call runs compiled code
+                    self._forward(bs, cascade)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(bs, cascade)
         return graph, out
 
     @torch.inference_mode()

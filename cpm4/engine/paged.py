@@ -20,6 +20,7 @@ import itertools
 import weakref
 from array import array
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -589,6 +590,22 @@ def cascade_on(cache: PagedKVCache) -> bool:
     return on and dense_rows_below(cache.config) is not False
 
 
+_CASCADE_LIVE = True  # see cascade_paused
+
+
+@contextmanager
+def cascade_paused():
+    """Inside, decode steps ignore their batch's shared prefix (each row reads all of its pages): a compiled
+    decode step passes the shared buffers to its paged-attention op in both of a bucket's graphs, so one
+    compilation serves both, and its plain graph is captured in here."""
+    global _CASCADE_LIVE
+    before, _CASCADE_LIVE = _CASCADE_LIVE, False
+    try:
+        yield
+    finally:
+        _CASCADE_LIVE = before
+
+
 def cascade_group(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None
                   ) -> tuple[np.ndarray, int] | None:
     """`shared_rows` with cascade decode's limits: (member mask, shared pages) of a group worth attending once,
@@ -774,12 +791,13 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     sc = c.config.sparse_config
     fine = c.fine[layer] if sc is not None else None
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
+    shared = batch.shared if _CASCADE_LIVE else None
     if sc is None:
         append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, None, None, None)
-        return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=batch.shared)[:, None]
+        return paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared)[:, None]
     # The store and pooling run inside the sparse step's first launch (H200, 128K: 40 vs 42 µs per layer).
     return paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale,
-                               new_kv=(k[:, 0], v[:, 0], batch.slots), shared=batch.shared)[:, None]
+                               new_kv=(k[:, 0], v[:, 0], batch.slots), shared=shared)[:, None]
 
 
 paged_attention = _paged_attention

@@ -90,9 +90,9 @@ class LLMEngine:
 
         cascade_decode: decode steps whose rows share enough leading pages (a system prompt, a few-shot
         preamble) attend them once per tile of rows (`paged.cascade_group`, `triton_cascade`; CUDA graphs: each
-        bucket's cascade variant captured beside the plain one). None: `paged.CASCADE_DECODE`, but off with
-        compile (its compiled variants would double warm_up's compile time; measured eager: 9.0 -> 17.9 s
-        at 256 rows, 0.5B).
+        bucket's cascade variant captured beside the plain one: warm_up 9.0 -> 17.9 s at 256 rows, 0.5B). None:
+        `paged.CASCADE_DECODE`, but off with compile until measured there (both graphs of a bucket now come from
+        one compilation, `paged.cascade_paused`: the first build compiled each twice, > 330 s of warm_up).
 
         async_output: launch each decode step before reading back the tokens the previous one sampled (they
         feed the next step on the device), so the host's work between steps (detokenizing, stop rules,
