@@ -185,12 +185,10 @@ def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
         assert got[i] == alone(model, p, params), i
 
 
-def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
-    """The compiled decode step's paged-attention custom op carries the shared prefix: one graph, the eager
-    step's logits, and the cascade ran inside it."""
-    if CUDA:
-        pytest.skip("interpreter test: runs on CPU only")
-    from test_engine import compiled_decode_matches_eager, prompts, random_model, tok
+def _two_rows_after_prefix(monkeypatch):
+    """Cascade decode on; a 2-layer model's engine whose two waiting requests follow a finished one's cached
+    40-token prefix. Returns (the cascade launches list, model, cache, engine)."""
+    from test_engine import prompts, random_model, tok
 
     from cpm4.engine.paged import PagedKVCache
     from cpm4.engine.sampling import SamplingParams
@@ -207,6 +205,17 @@ def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
     for i, t in enumerate(prompts(2, seed=24, lo=3, hi=9)):
         eng.add_request(f"r{i}", prefix + t, params)
     launches.clear()
+    return launches, model, cache, eng
+
+
+def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
+    """The compiled decode step's paged-attention custom op carries the shared prefix: one graph, the eager
+    step's logits, and the cascade ran inside it."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from test_engine import compiled_decode_matches_eager
+
+    launches, model, cache, eng = _two_rows_after_prefix(monkeypatch)
     seqs = compiled_decode_matches_eager(model, cache, eng)
     assert cache.batch(seqs, decode=True).shared.count.tolist() == [2]  # 40 tokens: 2 whole pages of 16
     assert launches and {c for c, _ in launches} == {2}  # in the eager step and inside the compiled one
@@ -420,23 +429,9 @@ def test_one_compilation_serves_both_graphs_of_a_bucket(monkeypatch):
     outside it cascades; the same logits either way and dynamo compiles the step once."""
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    from test_engine import prompts, random_model, tok
-
     from cpm4.engine import paged
-    from cpm4.engine.paged import PagedKVCache
-    from cpm4.engine.sampling import SamplingParams
-    from cpm4.engine.scheduler import LLMEngine
 
-    launches = _cascade_on(monkeypatch)
-    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
-    cache = PagedKVCache(model.config, num_pages=30, page_size=16, prefix_caching=True)
-    eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=256, paged_decode=True)
-    prefix = prompts(1, seed=23, lo=40, hi=41)[0]
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    eng.add_request("warm", prefix + [5], params)
-    eng.run_to_completion()
-    for i, t in enumerate(prompts(2, seed=24, lo=3, hi=9)):
-        eng.add_request(f"r{i}", prefix + t, params)
+    launches, model, cache, eng = _two_rows_after_prefix(monkeypatch)
     eng.step()  # prefill both
     seqs = [r.pages for r in eng.running]
     for s in seqs:
