@@ -153,11 +153,13 @@ class LLM:
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
                  kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
                  max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
-                 revision: str | None = None, enable_prefix_caching: bool = True):
+                 revision: str | None = None, enable_prefix_caching: bool = True,
+                 cascade_decode: bool | None = None):
         """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
         model's own). enable_prefix_caching: prompts reuse the cached pages of an earlier prompt's prefix (vLLM's
-        option; False computes every prompt whole)."""
+        option; False computes every prompt whole). cascade_decode: decode steps read the prefix pages many
+        prompts share once per tile of rows (see `LLMEngine`; None: on, off with compile)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
@@ -180,7 +182,7 @@ class LLM:
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,
                                     gpu_memory_utilization, cuda_graphs=False if enforce_eager else None,
                                     compile=compile, max_model_len=max_model_len,
-                                    enable_prefix_caching=enable_prefix_caching)
+                                    enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False

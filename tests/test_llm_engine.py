@@ -167,6 +167,10 @@ def test_num_cached_tokens_counts_the_shared_prefix():
     outs = [off.generate([p], params)[0] for _ in range(2)]
     assert [o.num_cached_tokens for o in outs] == [0, 0] and all(o.token_ids == first.token_ids for o in outs)
     assert not off.engine.engine.cache.prefix
+    # cascade_decode reaches the engine's cache (None there: paged.CASCADE_DECODE decides).
+    plain = LLM(model(), tokenizer=tok(), max_num_seqs=4, cascade_decode=False)
+    assert plain.generate([p], params)[0].token_ids == first.token_ids
+    assert plain.engine.engine.cache.cascade_decode is False and llm.engine.engine.cache.cascade_decode is None
 
 
 @pytest.mark.parametrize("chunk", [24, 50])

@@ -301,10 +301,11 @@ def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     serve(ckpt, device="cpu", engine_process=flag, log_stats_interval=0, max_batch_size=2,
-          enable_prefix_caching=flag is not True)
+          enable_prefix_caching=flag is not True, cascade_decode=flag)
     assert type(seen["engine"]) is expected
-    if expected is AsyncEngine:  # the option reaches the engine (the child's: test_prefix_caching_off)
+    if expected is AsyncEngine:  # the options reach the engine (the child's: test_prefix_caching_off)
         assert seen["engine"].enable_prefix_caching is (flag is not True)
+        assert seen["engine"].cascade_decode is flag
     assert not seen["engine"].is_running  # shut down when uvicorn returns
     assert default_engine_process(torch.device("cuda")) and not default_engine_process(torch.device("cpu"))
     sub = argparse.ArgumentParser().add_subparsers()
@@ -313,6 +314,8 @@ def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
     assert p.parse_args(argv).engine_process is flag
     assert p.parse_args([]).enable_prefix_caching is True
     assert p.parse_args(["--no-enable-prefix-caching"]).enable_prefix_caching is False
+    assert p.parse_args([]).cascade_decode is None
+    assert p.parse_args(["--no-cascade-decode"]).cascade_decode is False
 
 
 @pytest.mark.gpu

@@ -86,7 +86,7 @@ class OfflineEngine:
                  chunk_tokens: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, cascade_decode: bool | None = None) -> None:
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)
         if gpu_memory_utilization is not None and kv_cache_tokens is None and model.device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
@@ -103,6 +103,7 @@ class OfflineEngine:
         self.context = context_length(model, max_model_len)
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
+        self.cascade_decode = cascade_decode
         self.engine: LLMEngine | None = None
 
     def _cache_tokens(self, needs: list[int]) -> int:
@@ -127,7 +128,8 @@ class OfflineEngine:
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
                                        cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False,
                                        max_model_len=self.max_model_len,
-                                       enable_prefix_caching=self.enable_prefix_caching)
+                                       enable_prefix_caching=self.enable_prefix_caching,
+                                       cascade_decode=self.cascade_decode)
         cap = self.engine.cache.num_pages * ps
         for i, p in enumerate(prompts):
             try:

@@ -60,8 +60,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           chat_template: str | None = None, log_stats_interval: float | None = 10.0,
           cpu_threads: int | None = None, generation_config: str | None = "auto",
           reasoning_parser: str | None = None, allowed_origins: list[str] | None = None,
-          engine_process: bool | None = None, revision: str | None = None, enable_prefix_caching: bool = True
-          ) -> None:
+          engine_process: bool | None = None, revision: str | None = None, enable_prefix_caching: bool = True,
+          cascade_decode: bool | None = None) -> None:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) and serve it
     over HTTP until interrupted. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
     several names (vLLM's `--served-model-name a b`): responses carry the first, requests may name any;
@@ -74,7 +74,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     allowed_origins: browser origins allowed to call the API (CORS; default none). engine_process: run the model
     in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL; None:
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
-    (vLLM's option; on)."""
+    (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
+    rows (see `LLMEngine`; None: on, off with compile)."""
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
@@ -94,7 +95,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
                    async_output=async_output, max_model_len=max_model_len,
-                   enable_prefix_caching=enable_prefix_caching)
+                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
     if engine_process is None:
         engine_process = default_engine_process(resolve_device(device))
     if engine_process:

@@ -27,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
           reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
           engine_process=args.engine_process, revision=args.revision,
-          enable_prefix_caching=args.enable_prefix_caching)
+          enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode)
     return 0
 
 
@@ -76,6 +76,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="requests reuse the KV pages of a cached prompt prefix (default: on; "
                    "--no-enable-prefix-caching computes every prompt whole, as vLLM's flag)")
+    p.add_argument("--cascade-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps read the prefix pages many requests share (a system prompt) once per tile of "
+                   "rows, where that saves enough reads (default: on; off with --compile)")
     add_max_model_len_arg(p)
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")

@@ -114,7 +114,8 @@ class AsyncEngine:
                  continuous: bool = True, kv_cache_tokens: int | None = None, chunk_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
                  compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
-                 cpu_threads: int | None = None, enable_prefix_caching: bool = True) -> None:
+                 cpu_threads: int | None = None, enable_prefix_caching: bool = True,
+                 cascade_decode: bool | None = None) -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
@@ -123,11 +124,12 @@ class AsyncEngine:
         `LLMEngine` (default: on with CUDA graphs); max_model_len: the longest request served, prompt and
         output (default: the model's context; see `context_length`). cpu_threads: torch's intra-op threads
         on the worker thread (set there before its first step; other threads keep theirs; None: the
-        default). enable_prefix_caching: see `PagedKVCache` (vLLM's option)."""
+        default). enable_prefix_caching: see `PagedKVCache` (vLLM's option); cascade_decode: see `LLMEngine`."""
         check_engine_options(max_batch_size, cpu_threads)
         self.cpu_threads = cpu_threads
         self.continuous = continuous
         self.enable_prefix_caching = enable_prefix_caching
+        self.cascade_decode = cascade_decode
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         self.async_output = async_output
@@ -403,7 +405,7 @@ class AsyncEngine:
         sched = build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size,
                              self.chunk_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
                              async_output=self.async_output, max_model_len=self.max_model_len,
-                             enable_prefix_caching=self.enable_prefix_caching)
+                             enable_prefix_caching=self.enable_prefix_caching, cascade_decode=self.cascade_decode)
         # Every decode graph captured (and compiled) before the first request rather than in the middle of
         # serving; requests arriving meanwhile wait in the queue. A failure leaves capture to first use.
         try:
