@@ -53,26 +53,26 @@ case "$stage" in
 tests)  # the kernels' GPU tests but the sparse decode ones (testsdecode); the rest in tests2. The whole file took
     # > 9.5 min in one call (fifteenth session: the sixteen 3000-token pipeline tests ≈ 26 s each)
     # --durations: which tests to make cheaper
-    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=16 tests/test_infllm_v2_triton.py \
+    timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=16 tests/test_infllm_v2_triton.py \
         -k "not paged_sparse_decode" 2>&1 | tail -20
     ;;
 testsdecode)  # the paged sparse decode GPU tests (≈ 4 min)
-    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=5 tests/test_infllm_v2_triton.py \
+    timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=5 tests/test_infllm_v2_triton.py \
         -k "paged_sparse_decode" 2>&1 | tail -10
     ;;
 tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and the new kernels'
     wheels
-    timeout 560 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=8 tests/test_engine.py tests/test_model.py \
+    timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=8 tests/test_engine.py tests/test_model.py \
         tests/test_gpu.py tests/test_guided.py tests/test_serve_process.py tests/test_elementwise_triton.py \
         tests/test_gemv.py tests/test_transfer.py 2>&1 | tail -20
     ;;
 servetests)  # carry .wheels/py312
     wheels
-    timeout 400 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=5 tests/test_serve_process.py \
+    timeout 400 "$PY" -m pytest -m gpu -p no:warnings -x --durations=5 tests/test_serve_process.py \
         tests/test_engine.py tests/test_sampling.py 2>&1 | tail -15
     ;;
 decode)  # the InfLLM v2 decode step: its GPU tests, then its rows
-    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py \
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_infllm_v2_triton.py \
         -k "paged_decode or paged_sparse_decode" 2>&1 | tail -3
     timeout 280 "$PY" benchmarks/attention.py --decode-only --lengths 32768 131072 2>&1 | grep -E "^decode|device|failed"
     ;;
@@ -137,7 +137,7 @@ httpgil)  # carry .wheels/py312: the thread-mode HTTP row with a 0.5 ms GIL swit
     ;;
 elementwise)  # the hand-written element-wise kernels (cpm4.kernels.elementwise): GPU tests, op timings against
     # eager and inductor, then batch-1 generation without --compile, op by op against the kernels
-    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_elementwise_triton.py 2>&1 | tail -3
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_elementwise_triton.py 2>&1 | tail -3
     timeout 120 "$PY" benchmarks/fused_ops.py --tokens 8192 131072 2>&1 | grep -v Warn | tail -10
     for ew in eager triton; do
         timeout 100 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 4096 --decode-tokens 128 \
@@ -147,7 +147,7 @@ elementwise)  # the hand-written element-wise kernels (cpm4.kernels.elementwise)
     done  # (the benchmarks write their JSON under $OUT themselves)
     ;;
 gemv)  # the decode GEMV kernel (cpm4.kernels.gemv, second version): GPU tests, then against cuBLAS
-    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_gemv.py 2>&1 | tail -3
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_gemv.py 2>&1 | tail -3
     timeout 120 "$PY" benchmarks/gemv.py --rows 1 4 2>&1 | grep -v Warn | tail -14
     for g in "" --gemv; do  # the 8B decode step, compiled, with cuBLAS and with the GEMV
         timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse --compile \
@@ -165,7 +165,7 @@ backward)  # the 128K backward kernel by kernel with the dk/dv variants (tile, c
     timeout 150 "$PY" benchmarks/backward_profile.py --length 131072 --steps 2 --top 5 --dkdv-variants 2>&1 \
         | grep -E "^dkdv|at 131072|_kernel"
     timeout 250 "$PY" benchmarks/attention.py --lengths 32768 131072 2>&1 | grep -E "^(prefill|backward|forward)|device"
-    timeout 140 "$PY" -m pytest -m gpu -q -p no:warnings -x --durations=4 tests/test_infllm_v2_triton.py \
+    timeout 140 "$PY" -m pytest -m gpu -p no:warnings -x --durations=4 tests/test_infllm_v2_triton.py \
         -k "split_dkdv or 8b_blocks or lengths_and_chunks or model_sparse" 2>&1 | tail -8
     ;;
 prefix)  # prefix caching on against off: 0.5B, 32 requests sharing 1K/4K/16K-token prefixes; then 8B at 30K (its context is 32K)
@@ -174,7 +174,7 @@ prefix)  # prefix caching on against off: 0.5B, 32 requests sharing 1K/4K/16K-to
     ;;
 rows)  # sparse rows of a step in one launch per InfLLM v2 stage: GPU tests, then prefix caching at 16K/4K with the
     # batched kernels and with a pipeline per row (--sparse-row-by-row), same code otherwise
-    timeout 260 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_infllm_v2_triton.py tests/test_engine.py \
+    timeout 260 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_infllm_v2_triton.py tests/test_engine.py \
         -k "rows_in_one or continuing_rows or scheduler_matches_generate or model_sparse_prefill or (pipeline_lengths and not 4100)" \
         2>&1 | tail -4
     timeout 140 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --tag=-rows 2>&1 | tail -8
@@ -185,7 +185,7 @@ rows)  # sparse rows of a step in one launch per InfLLM v2 stage: GPU tests, the
         --tag=-sparse-rowbyrow 2>&1 | tail -8
     ;;
 cascade)  # the cascade over shared prefix pages (twenty-first session, CPU-tested only)
-    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings -x tests/test_engine.py \
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_engine.py \
         -k "cascade or continuing_rows or never_wait" 2>&1 | tail -3
     timeout 130 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 4096 --tag=-cascade \
         2>&1 | tail -7
@@ -195,7 +195,7 @@ cascade)  # the cascade over shared prefix pages (twenty-first session, CPU-test
         --tag=-cascade-profile 2>&1 | grep -E "Self|flash|gather|index_select|cudaMemcpy|under cProfile" | head -20
     ;;
 cascadedecode)  # cascade decode (twenty-second session, interpreter-tested only): GPU tests, kernel rows, 0.5B engine
-    timeout 200 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
         | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
     timeout 300 "$PY" benchmarks/cascade_decode.py --tile-queries 64 128 --own-splits 0 2 2>&1 | tail -100 | cut -c1-90
     timeout 150 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 4096 --output 128 \
@@ -210,7 +210,7 @@ cascadedecode8b)  # the 8B shape's dense rows (below dense_len) after a 4K prefi
         --no-cascade-decode --tag=-nocascadedecode 2>&1 | tail -5
     ;;
 cascadedecode2)  # after the sparse-member fix: GPU tests, then decode after a shared prefix, on and off (0.5B, 8B)
-    timeout 150 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
         | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | cut -c1-150
     echo "pytest rc=${PIPESTATUS[0]} (124: timed out)"
     for t in cascadedecode nocascadedecode; do
@@ -226,7 +226,7 @@ cascadedecode2)  # after the sparse-member fix: GPU tests, then decode after a s
     [ -n "$OUT" ] && cp benchmarks/results/prefix_cache-*-decode-"$(date +%F)".json "$OUT"/
     ;;
 cascadetests)  # the GPU tests of cascade decode (compiled graphs included)
-    timeout 400 "$PY" -m pytest -m gpu -q -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
+    timeout 400 "$PY" -m pytest -m gpu -p no:warnings tests/test_cascade_decode.py -rA 2>&1 \
         | grep -E "^(FAILED|ERROR)|passed|failed" | cut -c1-150
     echo "pytest rc=${PIPESTATUS[0]} (124: timed out)"
     ;;
