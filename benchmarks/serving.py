@@ -322,7 +322,7 @@ def main() -> None:
     dev = torch.device(args.device)
     if args.system_prompt < 0:
         ap.error(f"--system-prompt must be >= 0 tokens, got {args.system_prompt}")
-    if args.cascade_decode is not None:  # the server row's engine too (its own default: off with --compile)
+    if args.cascade_decode is not None:  # the server row's engine too (its own default: on)
         from cpm4.engine import paged
 
         paged.CASCADE_DECODE = args.cascade_decode

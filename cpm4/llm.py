@@ -159,7 +159,7 @@ class LLM:
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
         model's own). enable_prefix_caching: prompts reuse the cached pages of an earlier prompt's prefix (vLLM's
         option; False computes every prompt whole). cascade_decode: decode steps read the prefix pages many
-        prompts share once per tile of rows (see `LLMEngine`; None: on, off with compile)."""
+        prompts share once per tile of rows (see `LLMEngine`; None: on)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too

@@ -90,9 +90,10 @@ class LLMEngine:
 
         cascade_decode: decode steps whose rows share enough leading pages (a system prompt, a few-shot
         preamble) attend them once per tile of rows (`paged.cascade_group`, `triton_cascade`; CUDA graphs: each
-        bucket's cascade variant captured beside the plain one: warm_up 9.0 -> 17.9 s at 256 rows, 0.5B). None:
-        `paged.CASCADE_DECODE`, but off with compile until measured there (both graphs of a bucket now come from
-        one compilation, `paged.cascade_paused`: the first build compiled each twice, > 330 s of warm_up).
+        bucket's cascade variant captured beside the plain one, both from one compilation with compile,
+        `paged.cascade_paused`). None: `paged.CASCADE_DECODE` (on). Measured on the H200, 0.5B: warm_up at 256
+        rows 5.9 -> 13.4 s eager, 229 -> 196 s compiled (no extra compilation); 256 requests after a 2,048-token
+        system prompt, compiled, 31.6K -> 33.9K tok/s.
 
         async_output: launch each decode step before reading back the tokens the previous one sampled (they
         feed the next step on the device), so the host's work between steps (detokenizing, stop rules,
@@ -134,9 +135,7 @@ class LLMEngine:
             raise ValueError("compile applies to the captured decode step: it needs cuda_graphs")
         if cuda_graphs and not paged_decode:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
-        if cascade_decode is None and compile:
-            cascade_decode = False  # see above; None leaves paged.CASCADE_DECODE to decide
-        cache.cascade_decode = cascade_decode
+        cache.cascade_decode = cascade_decode  # None leaves paged.CASCADE_DECODE to decide
         if elementwise is None:
             elementwise = "inductor" if compile else "triton" if cache.device.type == "cuda" else None
         if elementwise is not None:  # before the decode graphs are captured

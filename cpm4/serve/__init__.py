@@ -75,7 +75,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL; None:
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
-    rows (see `LLMEngine`; None: on, off with compile)."""
+    rows (see `LLMEngine`; None: on)."""
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
