@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -18,6 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_after_test():
+    """An engine's warm_up freezes the garbage collector's objects (as a server should); a test session keeps
+    collecting them after each test so one test's models cannot outlive it in a frozen cycle."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

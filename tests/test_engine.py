@@ -2,6 +2,7 @@
 arrival order, chunking, preemption or prefix sharing."""
 
 import functools
+import gc
 import random
 
 import pytest
@@ -419,7 +420,9 @@ def test_warm_up_without_graphs_is_a_no_op():
     model = random_model("tiny", dtype=torch.float32)
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
     assert eng.graphs is None
+    frozen = gc.get_freeze_count()
     eng.warm_up()
+    assert gc.get_freeze_count() == frozen  # nothing frozen on the CPU path
     eng.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert eng.run_to_completion()["a"][1] == alone(model, [5, 6, 7], SamplingParams(temperature=0, max_tokens=3,
                                                                                      ignore_eos=True))
@@ -498,8 +501,6 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
     """warm_up with compile runs the fused prefill ops for one row and for several (dynamo specializes sizes
     of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken. The
     compiler's objects end up frozen, out of the garbage collector's full collections."""
-    import gc
-
     import torch._dynamo
 
     class NoGraphs:  # the decode graphs' part needs CUDA; only the prefill part is exercised here
@@ -531,6 +532,26 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
         gc.unfreeze()  # the rest of the test session collects as usual
         model.fuse_elementwise(enabled=False)
         torch._dynamo.reset()
+
+
+def test_warm_up_freezes_objects_with_eager_graphs():
+    """Captured graphs without compile: warm_up still moves the long-lived objects out of the collector's
+    full collections (150-220 ms each in an eager serving run on the H200 host)."""
+    class Graphs:
+        warmed = False
+
+        def warm_up(self):
+            self.warmed = True
+
+    model = random_model("tiny", dtype=torch.float32)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    eng.graphs = Graphs()
+    frozen = gc.get_freeze_count()
+    try:
+        eng.warm_up()
+        assert eng.graphs.warmed and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_lone_sequence_reads_its_pages_in_place():
