@@ -80,10 +80,11 @@ def device_name(dev: torch.device) -> str:
 
 
 def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
-               slow: list[dict] | None = None) -> tuple[float, int]:
+               slow: list[dict] | None = None, steps_ms: dict[str, list[float]] | None = None) -> tuple[float, int]:
     """Submit all requests, step until done: (seconds, output tokens). `slow` collects the steps that took
     over 100 ms on the host (no sync added: compiles and stalls show, GPU time may not): their host ms, step
-    number and the shapes of the prefill forwards they ran."""
+    number and the shapes of the prefill forwards they ran. `steps_ms` (with `slow`) gets every step's host ms
+    under "prefill" (it ran a multi-token forward) or "decode" (`step_summary`)."""
     dev = eng.model.device
     shapes: list[tuple[int, int, int]] = []
     if slow is not None:
@@ -105,8 +106,11 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
             t0 = time.perf_counter()
             for _, d in eng.step():
                 n += len(d.token_ids)
-            if slow is not None and (ms := (time.perf_counter() - t0) * 1000) > 100:
+            ms = (time.perf_counter() - t0) * 1000
+            if slow is not None and ms > 100:
                 slow.append({"ms": round(ms, 1), "step": steps, "prefill_forwards": list(shapes)})
+            if steps_ms is not None:
+                steps_ms.setdefault("prefill" if shapes else "decode", []).append(ms)
             shapes.clear()
             steps += 1
         sync(dev)
@@ -114,6 +118,17 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
     finally:
         if slow is not None:
             del eng._forward
+
+
+def step_summary(steps_ms: dict[str, list[float]]) -> dict[str, dict]:
+    """Per kind of step: count, total seconds and host ms at the 10th, 50th and 90th percentiles. A run slower
+    throughout (every decode step longer) tells itself apart from one with a few stalls (`slow_host_steps`)."""
+    out = {}
+    for kind, ms in sorted(steps_ms.items()):
+        q = sorted(ms)
+        out[kind] = {"steps": len(q), "total_s": round(sum(q) / 1000, 3),
+                     **{f"p{p}_ms": round(q[min(len(q) - 1, len(q) * p // 100)], 3) for p in (10, 50, 90)}}
+    return out
 
 
 def traced_run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict:
@@ -261,11 +276,13 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
     eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
     slow: list[dict] = []
+    steps_ms: dict[str, list[float]] = {}
     with RunWatch() as watch:
-        t, n = run_engine(eng, list(zip(reqs, params)), slow)
-    print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}", flush=True)
+        t, n = run_engine(eng, list(zip(reqs, params)), slow, steps_ms)
+    steps = step_summary(steps_ms)
+    print(f"timed run: {watch.summary()}; host steps over 100 ms: {slow}; steps: {steps}", flush=True)
     row(f"offline.{args.requests}{sys_tag(args)}", t, n, base, preempted=eng.num_preempted, during_run=watch.summary(),
-        slow_host_steps=slow,
+        slow_host_steps=slow, steps=steps,
         note="nano-vllm bench.py workload; published: vLLM 1361.84 tok/s, nano-vllm 1434.13 tok/s "
              "(Qwen3-0.6B, RTX 4070 Laptop)")
     if args.trace:
