@@ -241,12 +241,13 @@ servingsysoff)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
         --no-cascade-decode --tag=-sys2048 2>&1 | tail -6
     ;;
-servingsyseager)  # eager graphs, cascade decode off/on alternating, 3 pairs (≈ 90 s): with warm_up's gc.freeze and
-    # the per-step summary (decode steps' p10/p50/p90 host ms) that tells a slower run throughout from one with stalls
-    for i in 1 2 3; do for c in no-cascade-decode cascade-decode; do
-        timeout 100 "$PY" benchmarks/serving.py --config minicpm4-0.5b --skip server --system-prompt 2048 --$c \
-            --tag=-sys2048-eager-$c-p$i 2>&1 | grep -E "^timed run|^offline" | sed -E 's/triton_by_name[^}]*\}, //' \
-            | cut -c1-400
+servingsyseager)  # eager graphs, cascade decode off/on alternating, 2 processes each with 3 timed runs (≈ 4 min):
+    # the spread inside one process against the spread between processes; warm_up's gc.freeze; each run's decode
+    # steps' p10/p50/p90 host ms tell a run slower throughout from one with stalls
+    for i in 1 2; do for c in no-cascade-decode cascade-decode; do
+        timeout 140 "$PY" benchmarks/serving.py --config minicpm4-0.5b --skip server --system-prompt 2048 --$c \
+            --repeat 3 --tag=-sys2048-eager-$c-p$i 2>&1 | grep -E "^timed run|^offline" \
+            | sed -E "s/triton_by_name[^}]*\}, //; s/^/$c p$i /" | cut -c1-400
     done; done
     ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
