@@ -113,6 +113,39 @@ def test_falls_back_where_no_kernel_applies():
 
 
 @needs_kernels
+@needs_kernels
+def test_prefill_signatures_do_not_follow_the_token_count():
+    """The element-wise kernels of a packed prefill step (x [1, all of the step's tokens, ...]) launch with the
+    same Triton signature whatever the token count (1, a multiple of 16 or other): on a GPU each new one was a
+    compilation in the middle of serving (`_rotary_kernel`'s T, twice per timed run on the H200)."""
+    if not (ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("signatures are read from the interpreter's launches")
+    from conftest import random_model
+    from jit_signatures import launch_signatures, new_signatures
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.model.tokenizer import build_tokenizer
+
+    model = random_model("tiny", dtype=torch.float32)
+    eng = LLMEngine(model, build_tokenizer(1024), PagedKVCache(model.config, num_pages=64, page_size=16),
+                    max_batch_size=4, elementwise="triton")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def run(*lens):
+        with launch_signatures() as seen:
+            for i, n in enumerate(lens):
+                eng.add_request(f"{len(lens)}-{n}-{i}", [3 + (7 * j + n) % 900 for j in range(n)], params)
+            eng.run_to_completion()
+        return seen
+
+    first = run(5)  # a 5-token prefill, then 1-token decode steps
+    assert {"_rotary_kernel", "_rms_norm_kernel", "_silu_mul_kernel"} <= set(first)
+    for lens in [(16,), (17, 15), (2,), (33, 7, 24)]:  # steps of 16, 32, 2 and 64 tokens
+        assert new_signatures(first, run(*lens)) == {}, lens
+
+
 def test_bad_shapes():
     from cpm4.kernels.elementwise.kernels import add_rms_norm, rms_norm, rotary
 

@@ -78,7 +78,10 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, I, stride_g, stride_u, stride_o, BLOCK
     tl.store(o_ptr + row * stride_o + cols, (act.to(tl.float32) * u).to(dt), mask=cm)
 
 
-@triton.jit
+# T (tokens per row) changes every prefill step, a packed one being all of the step's tokens: specialized, each
+# new class of it (1, a multiple of 16, other) compiled two kernels (q's and k's head counts) in the middle of
+# serving (H200, 0.5B: two compilations inside every timed run). It only divides the program id.
+@triton.jit(do_not_specialize=["T"])
 def _rotary_kernel(x_ptr, c_ptr, s_ptr, o_ptr, T, NH, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
                    stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, NH_PAD: tl.constexpr):
     """One (batch row, token): all heads. out = x*cos + rotate_half(x)*sin in fp32, rounded to x's dtype."""
