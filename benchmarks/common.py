@@ -84,6 +84,8 @@ class RunWatch:
 
     def __init__(self) -> None:
         self.triton: dict[str, int] = {}
+        self.triton_s: dict[str, float] = {}  # seconds from the pre-compile hook to the post-compile one
+        self._compile_t0: dict[str, float] = {}
         self.dynamo_graphs = 0
         self.gc_ms: list[float] = []  # one per collection of the oldest generation
         self.gc_young_ms = 0.0
@@ -101,10 +103,24 @@ class RunWatch:
         else:
             self.gc_young_ms += ms
 
-    def _hook(self, *args, **kwargs) -> None:
+    @staticmethod
+    def _name(kwargs: dict) -> str:
         fn = kwargs.get("fn")
-        name = getattr(getattr(fn, "fn", fn), "__qualname__", None) or str(kwargs.get("repr", "?")).split("[")[0]
+        return getattr(getattr(fn, "fn", fn), "__name__", None) or str(kwargs.get("repr", "?")).split("[")[0]
+
+    def _pre(self, *args, **kwargs) -> None:
+        import time
+
+        self._compile_t0[self._name(kwargs)] = time.perf_counter()
+
+    def _hook(self, *args, **kwargs) -> None:
+        import time
+
+        name = self._name(kwargs)
         self.triton[name] = self.triton.get(name, 0) + 1
+        t0 = self._compile_t0.pop(name, None)
+        if t0 is not None:
+            self.triton_s[name] = self.triton_s.get(name, 0.0) + time.perf_counter() - t0
 
     def __enter__(self) -> RunWatch:
         import gc
@@ -120,13 +136,19 @@ class RunWatch:
             from triton import knobs
 
             self._knobs, self._prev = knobs.runtime, knobs.runtime.jit_post_compile_hook
-            prev = self._prev
+            self._prev_pre = knobs.runtime.jit_cache_hook
+            prev, prev_pre = self._prev, self._prev_pre
 
             def hook(*args, **kwargs):
                 self._hook(*args, **kwargs)
                 return prev(*args, **kwargs) if prev else None
 
+            def pre(*args, **kwargs):  # called before compiling; a true result would skip the kernel
+                self._pre(*args, **kwargs)
+                return prev_pre(*args, **kwargs) if prev_pre else None
+
             knobs.runtime.jit_post_compile_hook = hook
+            knobs.runtime.jit_cache_hook = pre
         except (ImportError, AttributeError):
             pass
         return self
@@ -143,6 +165,7 @@ class RunWatch:
         self.dynamo_graphs = dyn.counters["stats"]["unique_graphs"] - self._graphs0
         if self._knobs is not None:
             self._knobs.jit_post_compile_hook = self._prev
+            self._knobs.jit_cache_hook = self._prev_pre
 
     @staticmethod
     def _mem() -> dict[str, int]:
@@ -157,6 +180,7 @@ class RunWatch:
 
     def summary(self) -> dict:
         return {"triton_kernels": sum(self.triton.values()), "triton_by_name": dict(self.triton),
+                "triton_compile_s": round(sum(self.triton_s.values()), 3),
                 "dynamo_graphs": self.dynamo_graphs, "gc_full_ms": self.gc_ms,
                 "gc_young_ms": round(self.gc_young_ms, 1), "cuda_alloc": self.cuda_alloc}
 

@@ -250,6 +250,12 @@ servingsyseager)  # eager graphs, cascade decode off/on alternating, 2 processes
             | sed -E "s/triton_by_name[^}]*\}, //; s/^/$c p$i /" | cut -c1-400
     done; done
     ;;
+jitvariants)  # Triton compilations met round by round after warm_up (benchmarks/jit_variants.py): 0.5B dense rows,
+    # then InfLLM v2 rows past 2K (the CPU interpreter lists the prefill kernels' length-following arguments)
+    timeout 200 "$PY" benchmarks/jit_variants.py --config minicpm4-0.5b 2>&1 | tail -9 | cut -c1-220
+    timeout 300 "$PY" benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --max-len 8192 --requests 8 \
+        2>&1 | tail -9 | cut -c1-220
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170

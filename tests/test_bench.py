@@ -131,3 +131,44 @@ def test_bench_serve_errors(server, capsys):
     # Nobody listening: a clear error before any client starts (exit code 2).
     assert _bench("--base-url", "http://127.0.0.1:9", "--num-prompts", "2") == 2
     assert "cannot list the models" in capsys.readouterr().err
+
+
+def test_run_watch_counts_triton_compiles_and_their_seconds():
+    """benchmarks/common.RunWatch chains Triton's pre- and post-compile hooks (as Triton calls them around a
+    compilation: here by hand), counts compilations per kernel with their seconds, never skips a kernel (the
+    pre-compile hook's result would) and puts the earlier hooks back."""
+    import os
+    import sys
+    import time
+
+    knobs = pytest.importorskip("triton").knobs
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        from common import RunWatch
+    finally:
+        sys.path.pop(0)
+
+    class Kernel:  # a JITFunction's shape: .fn is the Python function
+        def __init__(self, fn):
+            self.fn = fn
+
+    def _score_kernel():
+        pass
+
+    calls = []
+    before_pre, before_post = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_cache_hook = lambda *a, **k: calls.append("pre")
+    knobs.runtime.jit_post_compile_hook = lambda *a, **k: calls.append("post")
+    try:
+        with RunWatch() as watch:
+            for _ in range(2):
+                assert not knobs.runtime.jit_cache_hook(fn=Kernel(_score_kernel), key="k")
+                time.sleep(0.02)
+                knobs.runtime.jit_post_compile_hook(fn=Kernel(_score_kernel), key="k")
+        s = watch.summary()
+        assert s["triton_by_name"] == {"_score_kernel": 2} and s["triton_kernels"] == 2
+        assert 0.04 <= s["triton_compile_s"] < 1.0
+        assert calls == ["pre", "post", "pre", "post"]  # the earlier hooks still called
+        assert knobs.runtime.jit_cache_hook(fn=None) is None and calls[-1] == "pre"  # restored
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before_pre, before_post
