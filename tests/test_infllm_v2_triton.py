@@ -293,6 +293,54 @@ def test_block_scores_keys_first_equal_reference(variant, hq):
     assert rel(torch.where(vis, first, 0.0), torch.where(vis, rows, 0.0)) < tol
 
 
+def test_interpreter_prefill_signatures_do_not_follow_lengths():
+    """The prefill kernels (selection and sparse attention, one sequence or several rows in one launch) keep one
+    Triton signature whatever the step's lengths: each new length class (1, a multiple of 16, other) of an
+    argument compiled a new variant on the GPU in the middle of serving. Head counts as 0.5B's (16 / 2) and 16
+    blocks a query (the selection's strides stay multiples of 16, as with the 8B's 96); the same selection
+    lanes (NB_PAD) throughout: a longer context legitimately compiles wider lanes."""
+    import os
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels.infllm_v2 import triton_pipeline, triton_pipeline_rows
+    from cpm4.kernels.infllm_v2.triton_select import compress
+
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=14)
+    assert cfg.num_selected == 16
+    hq, hkv, d = 16, 2, 16
+    scale = 1 / math.sqrt(d)
+    q, k, v = qkv(320, 320, hq, hkv, d, torch.float16, "cpu")
+
+    def keys(tk):
+        return compress(k[:tk], cfg.kernel_size, cfg.kernel_stride), compress(k[:tk], cfg.coarse_kernel_size,
+                                                                            cfg.coarse_kernel_stride)
+
+    def one(tq, tk):
+        triton_pipeline(q[:tq], k[:tk], v[:tk], cfg, scale)
+
+    def rows(n_new, kv_lens):
+        r, t, s = len(n_new), max(n_new), max(kv_lens)
+        k1, k2 = zip(*(keys(n) for n in kv_lens))
+        triton_pipeline_rows(q[None, :t].expand(r, t, hq, d), k[None, :s].expand(r, s, hkv, d),
+                             v[None, :s].expand(r, s, hkv, d), n_new, kv_lens, cfg, scale, list(k1), list(k2),
+                             [x.shape[0] for x in k1], [x.shape[0] for x in k2])
+
+    def signatures(*calls):
+        with launch_signatures() as seen:
+            for fn, *args in calls:
+                fn(*args)
+        return seen
+
+    # (queries, keys): a whole prompt, or the last queries of a longer context (a continued prefix)
+    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]))
+    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_shared_kernel", "_fwd_token_kernel"} <= set(first)
+    later = signatures((one, 263, 263), (one, 16, 288), (one, 1, 299), (rows, [16, 1], [290, 305]))
+    assert new_signatures(first, later) == {}
+
+
 @pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])
 def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
     if CUDA:

@@ -45,7 +45,7 @@ def shared_heads_for(g: int, heads: int | None = None) -> int:
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP", "ROWS"])
-@triton.jit
+@triton.jit(do_not_specialize=["tq", "q_start", "tk", "n_rows", "n_programs"])  # see triton_select._lse_kernel
 def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, window, sm_scale,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                        stride_lt, rows_ptr, n_rows, n_programs, stride_qb, stride_kb, stride_vb, stride_ob, stride_lb,
@@ -103,7 +103,7 @@ def _fwd_shared_tile(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, wind
 
 
 @triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "ROWS"])
-@triton.jit
+@triton.jit(do_not_specialize=["q_start", "tk", "n_rows"])  # see triton_select._lse_kernel
 def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
                       stride_ot, stride_oh, stride_lt, rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_vb,

@@ -140,7 +140,7 @@ def autotune_configs(warps=(4, 8), stages=(2, 3)) -> list:
     return [triton.Config({}, num_warps=w, num_stages=st) for w in warps for st in stages]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "n_out"])  # see _lse_kernel
 def _compress_kernel(k_ptr, out_ptr, start, n_out, stride_kt, stride_kh, stride_ot, stride_oh,
                      KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, D: tl.constexpr, BLOCK_J: tl.constexpr):
     pid_j = tl.program_id(0)
@@ -176,8 +176,12 @@ def compress(k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int =
     return out
 
 
+# The prefill kernels' lengths (queries, their first position, keys, rows) change with every step: Triton would
+# specialize each (1, a multiple of 16 or other) and compile a variant for each new combination in the middle of
+# serving, seconds inside a request. They only bound loops and masks across rows (ROWS reads them from the device
+# anyway). Test: test_interpreter_prefill_signatures_do_not_follow_lengths (tests/jit_signatures.py).
 @triton.autotune(configs=autotune_configs(), key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "ROWS"])
-@triton.jit
+@triton.jit(do_not_specialize=["tq", "q_start", "n_keys", "n_rows"])
 def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt,
                 rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_lb,
@@ -223,7 +227,7 @@ SCORE_KEYS_FIRST = True
 
 @triton.autotune(configs=autotune_configs(),
                  key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS", "KEYS_FIRST", "ROWS"])
-@triton.jit
+@triton.jit(do_not_specialize=["tq", "q_start", "n_keys", "n_rows"])  # see _lse_kernel
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
                   rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_lb, stride_sb,
@@ -355,7 +359,10 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                                 stride_lb=part.stride(0), G=g, G_PAD=g_pad, BLOCK_T=bt,
                                                 BLOCK_N=block_n, D=d, KSIZE=ks, KSTRIDE=kst,
                                                 KEYS_ROW=3 if use_fine else 4, **batch)
-    scores = torch.empty((r, hkv, tq, max(n1, 1)), device=q.device, dtype=q.dtype)
+    # Rows padded to a multiple of 16 kernels: the scores' strides (rows, heads, sequences) stay multiples of 16
+    # whatever the length, one Triton variant (aligned rows) instead of one per length class.
+    scores = torch.empty((r, hkv, tq, triton.cdiv(max(n1, 1), 16) * 16), device=q.device,
+                         dtype=q.dtype)[..., :max(n1, 1)]
     if n1:
         splits = key_splits or _splits(n1, n_tiles * hkv * r, q.device, block_n)
         per = triton.cdiv(triton.cdiv(n1, splits), block_n) * block_n
@@ -455,7 +462,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
 
 
 @triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD", "ROWS"])
-@triton.jit
+@triton.jit(do_not_specialize=["tq", "q_start", "n_kernels", "n_rows"])  # see _lse_kernel
 def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
                    rows_ptr, n_rows, n_groups, stride_sb, stride_ob,
                    K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
