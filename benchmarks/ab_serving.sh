@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
     rm -rf ab_old && mkdir ab_old
-    git archive "$2" cpm4 benchmarks/serving.py benchmarks/common.py | tar -x -C ab_old
+    git archive "$2" cpm4 'benchmarks/*.py' | tar -x -C ab_old  # every benchmark script, not the results
     git rev-parse "$2" > ab_old/COMMIT
     echo "ab_old/ holds $(cat ab_old/COMMIT)"
     ;;

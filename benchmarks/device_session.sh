@@ -261,6 +261,14 @@ alignlens)  # the kernels' rows at a multiple of 16 and one token less: the benc
     timeout 300 "$PY" benchmarks/attention.py --lengths 32768 32767 131072 131071 --skip-backward --out "${OUT:-/tmp}" \
         2>&1 | grep -E "^(phase|prefill|decode)" | cut -c1-120
     ;;
+abattention)  # carry ab_old (bash benchmarks/ab_serving.sh prepare <commit before the specialization change>): the
+    # kernels' prefill and decode rows, old and new alternated, at lengths of both kinds
+    for side in old new new old; do
+        s=benchmarks/attention.py; [ "$side" = old ] && s=ab_old/benchmarks/attention.py
+        timeout 140 "$PY" "$s" --lengths 32767 131072 --skip-backward --out "${OUT:-/tmp}/ab-$side" 2>&1 \
+            | grep -E "^(prefill|decode)" | sed "s/^/$side /" | cut -c1-110
+    done
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170
