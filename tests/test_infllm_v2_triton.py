@@ -328,6 +328,14 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
                              v[None, :s].expand(r, s, hkv, d), n_new, kv_lens, cfg, scale, list(k1), list(k2),
                              [x.shape[0] for x in k1], [x.shape[0] for x in k2])
 
+    def pool(lens):  # the engine's kernel keys of a prefill step, pooled in the pages (table: the step's width)
+        from cpm4.kernels.infllm_v2.triton_decode import pool_kernel_keys
+
+        kc, _, table, _, _, stores = paged_sequences(lens, 16, hkv, d, torch.float16, "cpu", cfg)
+        starts, ends = (torch.tensor(x, dtype=torch.int32) for x in ([n // 2 for n in lens], lens))
+        pool_kernel_keys(kc, table, starts, ends, torch.empty_like(stores["fine"]), cfg.kernel_size,
+                         cfg.kernel_stride, max(lens))
+
     def signatures(*calls):
         with launch_signatures() as seen:
             for fn, *args in calls:
@@ -335,9 +343,11 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
         return seen
 
     # (queries, keys): a whole prompt, or the last queries of a longer context (a continued prefix)
-    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]))
-    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_shared_kernel", "_fwd_token_kernel"} <= set(first)
-    later = signatures((one, 263, 263), (one, 16, 288), (one, 1, 299), (rows, [16, 1], [290, 305]))
+    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]), (pool, [70, 33, 129]))
+    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_shared_kernel", "_fwd_token_kernel",
+            "_compress_kernel", "_pool_kernel"} <= set(first)
+    later = signatures((one, 263, 263), (one, 16, 288), (one, 1, 299), (rows, [16, 1], [290, 305]),
+                       (pool, [250, 20]), (pool, [15]))
     assert new_signatures(first, later) == {}
 
 

@@ -84,7 +84,8 @@ def _store_kernel_mean(kc_ptr, row, out_ptr, j, g, stride_kp, stride_kt, stride_
     tl.store(out_ptr + base + g * stride_oh + dd, mean.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+# stride_tb: the step's block-table width, another number each prefill step (see triton_select._lse_kernel).
+@triton.jit(do_not_specialize=["stride_tb"])
 def _pool_kernel(kc_ptr, table_ptr, start_ptr, end_ptr, out_ptr, stride_kp, stride_kt, stride_kh, stride_tb,
                  stride_op, stride_os, stride_oh, D: tl.constexpr, PAGE: tl.constexpr, KSIZE: tl.constexpr,
                  KPAD: tl.constexpr, KSTRIDE: tl.constexpr):
