@@ -554,6 +554,42 @@ def test_warm_up_freezes_objects_with_eager_graphs():
         gc.unfreeze()
 
 
+@pytest.mark.parametrize("pages", [40, 8])
+def test_warm_up_prefills_one_and_two_rows_dense_and_sparse(pages):
+    """warm_up runs prefill forwards of one row and two, short and (InfLLM v2) past dense_len, on pages it
+    gives back, so kernels compile (and autotune) before the first request; the sparse rows are left out where
+    the free pages cannot hold them (8 pages of 16: not 2 x 97 tokens), without error."""
+    class Graphs:
+        def warm_up(self):
+            pass
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())  # dense_len 96
+    cache = PagedKVCache(model.config, num_pages=pages, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4)
+    eng.graphs = Graphs()
+    shapes = []
+    forward = model.forward
+
+    def recording(ids, batch, new_lens, **kw):
+        shapes.append((tuple(ids.shape), new_lens.tolist()))
+        return forward(ids, batch, new_lens, **kw)
+
+    model.forward = recording
+    free = cache.num_free
+    try:
+        eng.warm_up()
+    finally:
+        gc.unfreeze()
+        del model.forward
+    fits = [(1, 2), (2, 2), (1, 97)] + ([(2, 97)] if pages == 40 else [])
+    assert shapes == [((r, n), [n] * r) for r, n in fits]
+    assert cache.num_free == free
+    eng.graphs = None  # the engine serves as before (decode on the gathering path)
+    eng.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert eng.run_to_completion()["a"][1] == alone(model, [5, 6, 7], SamplingParams(temperature=0, max_tokens=3,
+                                                                                     ignore_eos=True))
+
+
 def test_lone_sequence_reads_its_pages_in_place():
     """Pages come back in ascending order after a release, so a lone sequence's pages are consecutive and a
     step reads its keys as a view of the cache (no gather); a batch of two gathers them. Same values."""

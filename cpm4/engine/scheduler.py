@@ -570,9 +570,8 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
         start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
-        seconds). With compile, also the fused prefill ops: dynamo specializes sizes of 1, so a one-row prefill
-        and a several-row prefill are separate compilations; both run here on throwaway pages. Nothing to do
-        without CUDA graphs.
+        seconds). Then prefill forwards on throwaway pages (`_warm_prefill`), so the first requests do not pay
+        for kernels compiled (Triton, dynamo) or autotuned on first use. Nothing to do without CUDA graphs.
 
         Compiling leaves a great many Python objects (graphs, guards, generated code) that every full garbage
         collection walks again (a tiny model's few graphs: 570K objects, 240 ms per collection on a CPU core;
@@ -584,26 +583,33 @@ class LLMEngine:
         if self.graphs is None:
             return
         self.graphs.warm_up()
-        if self.compile:
-            self._compile_prefill()
+        self._warm_prefill()
         gc.collect()
         gc.freeze()
 
-    def _compile_prefill(self) -> None:
+    def _warm_prefill(self) -> None:
+        """Prefill forwards of one row and of two (dynamo specializes sizes of 1: separate compilations with
+        compile; one launch for several sparse rows is another kernel variant), of 2 tokens and, for an InfLLM v2
+        model, of dense_len + 1 (its sparse prefill kernels, autotuned on first use; when the context reaches past
+        dense_len). The kernels take a step's lengths unspecialized, so these stand for every length
+        (`tests/jit_signatures.py`). Rows that do not fit in the free pages are left to their first use."""
+        sc = self.model.config.sparse_config
+        lens = [2] + ([sc.dense_len + 1] if sc is not None and 0 < sc.dense_len < self.context else [])
         dev = self.model.device
         with torch.inference_mode():
-            for rows in (1, 2):
-                seqs = [SeqPages() for _ in range(rows)]
-                try:
-                    for s in seqs:
-                        self.cache.reserve(s, 2)
-                    ids = torch.full((rows, 2), 3, dtype=torch.long, device=dev)
-                    self.model(ids, self.cache.batch(seqs), torch.full((rows,), 2, device=dev), last_only=True)
-                except OutOfPages:
-                    pass  # a cache too small to spare pages now: compiled on first use instead
-                finally:
-                    for s in seqs:
-                        self.cache.release(s)
+            for n in lens:
+                for rows in (1, 2):
+                    seqs = [SeqPages() for _ in range(rows)]
+                    try:
+                        for s in seqs:
+                            self.cache.reserve(s, n)
+                        ids = torch.full((rows, n), 3, dtype=torch.long, device=dev)
+                        self.model(ids, self.cache.batch(seqs), torch.full((rows,), n, device=dev), last_only=True)
+                    except OutOfPages:
+                        pass
+                    finally:
+                        for s in seqs:
+                            self.cache.release(s)
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go
