@@ -10,6 +10,7 @@ nothing after its first rounds.
 
     python3 benchmarks/jit_variants.py --config minicpm4-0.5b                      # dense rows
     python3 benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048     # InfLLM v2 rows past 2K
+    python3 benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --shared-prefix 4096 --max-len 512
 
 `--dense-len N` gives the model the 8B's sparse_config with dense_len N, so prompts past N run the InfLLM v2
 prefill kernels. Rows: `round<i>` (round 0 right after warm_up), ours_ms the round's wall time; `compiles`,
@@ -47,10 +48,15 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--output", type=int, default=8, help="tokens generated per request")
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="every prompt starts with the same N tokens (cached after the first round): the rest is "
+                         "prefilled as rows continuing a cached prefix (few queries after many keys)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.shared_prefix < 0:
+        ap.error(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
     if not 1 <= args.min_len <= args.max_len:
         ap.error(f"need 1 <= --min-len <= --max-len, got {args.min_len} and {args.max_len}")
     dev = torch.device(args.device)
@@ -64,10 +70,12 @@ def main() -> None:
     cfg = preset(args.config, **over)
     model = random_model(cfg, dtype=dtype, device=dev)
     tok = covering_tokenizer(cfg.vocab_size)
-    eng = build_engine(model, tok, args.requests * (args.max_len + args.output + 64), args.requests,
+    eng = build_engine(model, tok, args.requests * (args.shared_prefix + args.max_len + args.output + 64),
+                       args.requests,
                        compile=args.compile)
     eng.warm_up()
     rnd = random.Random(0)
+    prefix = [rnd.randrange(3, cfg.vocab_size) for _ in range(args.shared_prefix)]
     params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
     rows = []
     for i in range(args.rounds):
@@ -75,7 +83,7 @@ def main() -> None:
         with RunWatch() as watch:
             t = time.perf_counter()
             for j, n in enumerate(lens):
-                eng.add_request(f"r{i}-{j}", [rnd.randrange(3, cfg.vocab_size) for _ in range(n)], params)
+                eng.add_request(f"r{i}-{j}", prefix + [rnd.randrange(3, cfg.vocab_size) for _ in range(n)], params)
             eng.run_to_completion()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -86,13 +94,15 @@ def main() -> None:
                      "kernels": s["triton_by_name"]})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.config}{'' if args.dense_len is None else f' (InfLLM v2 past {args.dense_len})'}, {name}; "
-          f"{args.requests} prompts of {args.min_len}-{args.max_len} tokens a round")
+          f"{args.requests} prompts of {args.min_len}-{args.max_len} tokens a round"
+          + (f" after a shared {args.shared_prefix}-token prefix" if args.shared_prefix else ""))
     print(f"{'round':8s} {'tokens':>8s} {'wall ms':>9s} {'compiles':>9s} {'compile s':>10s}  kernels")
     for r in rows:
         print(f"{r['phase']:8s} {r['seqlen']:8d} {r['ours_ms']:9.1f} {r['compiles']:9d} {r['compile_s']:10.3f}  "
               + ", ".join(f"{k} x{v}" for k, v in sorted(r["kernels"].items())))
     write_rows(f"jit_variants-{args.config}" + ("" if args.dense_len is None else f"-dense{args.dense_len}")
-               + args.tag, name, rows, args.out, config=args.config, dense_len=args.dense_len,
+               + (f"-prefix{args.shared_prefix}" if args.shared_prefix else "") + args.tag, name, rows, args.out,
+               config=args.config, dense_len=args.dense_len, shared_prefix=args.shared_prefix,
                compile=args.compile, requests=args.requests, min_len=args.min_len, max_len=args.max_len)
 
 
