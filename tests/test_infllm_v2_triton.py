@@ -304,7 +304,7 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
     from jit_signatures import interpreted, launch_signatures, new_signatures
 
     from cpm4.kernels.infllm_v2 import triton_pipeline, triton_pipeline_rows
-    from cpm4.kernels.infllm_v2.triton_select import compress
+    from cpm4.kernels.infllm_v2.triton_select import block_scores, compress
 
     if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
         pytest.skip("signatures are read from the interpreter's launches")
@@ -336,6 +336,10 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
         pool_kernel_keys(kc, table, starts, ends, torch.empty_like(stores["fine"]), cfg.kernel_size,
                          cfg.kernel_stride, max(lens))
 
+    def split(n):  # the score pass merging the LSE pass's n key splits (continued rows, decode-like tiles)
+        k1, _ = keys(281)
+        block_scores(q[:9], k1, None, 272, cfg, scale, exact_lse=True, key_splits=n, block_n=16)
+
     def signatures(*calls):
         with launch_signatures() as seen:
             for fn, *args in calls:
@@ -343,11 +347,11 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
         return seen
 
     # (queries, keys): a whole prompt, or the last queries of a longer context (a continued prefix)
-    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]), (pool, [70, 33, 129]))
+    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]), (pool, [70, 33, 129]), (split, 2))
     assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_shared_kernel", "_fwd_token_kernel",
             "_compress_kernel", "_pool_kernel"} <= set(first)
     later = signatures((one, 263, 263), (one, 16, 288), (one, 1, 299), (rows, [16, 1], [290, 305]),
-                       (pool, [250, 20]), (pool, [15]))
+                       (pool, [250, 20]), (pool, [15]), (split, 3), (split, 5))
     assert new_signatures(first, later) == {}
 
 

@@ -225,14 +225,17 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, tq, q_start, n_keys, per_split, sm_scale,
 SCORE_KEYS_FIRST = True
 
 
+# LSE_SPLITS (the LSE pass's key splits, which follow the context and the query count) is a runtime number: as a
+# constant, and a key of the autotuning, each new count compiled and autotuned the kernel again mid-serving.
+# LSE_SPLITS_PAD takes few values (1, then 8 or more: `lse_splits_pad`).
 @triton.autotune(configs=autotune_configs(),
-                 key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS", "KEYS_FIRST", "ROWS"])
-@triton.jit(do_not_specialize=["tq", "q_start", "n_keys", "n_rows"])  # see _lse_kernel
+                 key=["D", "G_PAD", "BLOCK_T", "BLOCK_N", "LSE_SPLITS_PAD", "KEYS_FIRST", "ROWS"])
+@triton.jit(do_not_specialize=["tq", "q_start", "n_keys", "n_rows", "LSE_SPLITS"])  # see _lse_kernel
 def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, sm_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ls, stride_lt, stride_sh, stride_st,
                   rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_lb, stride_sb,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, LSE_SPLITS: tl.constexpr,
+                  D: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, LSE_SPLITS,
                   LSE_SPLITS_PAD: tl.constexpr, KEYS_FIRST: tl.constexpr, ROWS: tl.constexpr):
     """One tile of queries (BLOCK_T tokens x G heads) against the fine kernels of its split, tile by tile
     (KEYS_FIRST: see SCORE_KEYS_FIRST; ROWS: as `_lse_kernel`)."""
@@ -249,7 +252,7 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
     q, ti, hi, tm = query_tile(q_ptr, pid_t, g, tq, stride_qt, stride_qh, G, G_PAD, BLOCK_T, D)
     pos = q_start + ti
     dd = tl.arange(0, D)
-    if LSE_SPLITS == 1:
+    if LSE_SPLITS_PAD == 1:
         lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=tm, other=float("-inf"))  # log2 units
     else:  # merge the LSE pass's partial results here rather than in extra launches
         ss = tl.arange(0, LSE_SPLITS_PAD)
@@ -294,6 +297,12 @@ def tile_shape(g: int, rows: int = 64) -> tuple[int, int]:
 @functools.cache
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def lse_splits_pad(splits: int) -> int:
+    """The score kernel's lanes for the LSE pass's partial results: 1 (one split, read directly) or a power of
+    two of at least 8, so the usual counts (2-8) share one compiled variant."""
+    return 1 if splits == 1 else max(8, triton.next_power_of_2(splits))
 
 
 def _splits(n_keys: int, n_programs: int, device: torch.device, block_n: int) -> int:
@@ -375,7 +384,7 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                                   G_PAD=g_pad, BLOCK_T=bt, BLOCK_N=block_n, D=d,
                                                   KSIZE=cfg.kernel_size, KSTRIDE=cfg.kernel_stride,
                                                   LSE_SPLITS=part.shape[1],
-                                                  LSE_SPLITS_PAD=triton.next_power_of_2(part.shape[1]),
+                                                  LSE_SPLITS_PAD=lse_splits_pad(part.shape[1]),
                                                   KEYS_FIRST=SCORE_KEYS_FIRST if keys_first is None else keys_first,
                                                   **batch)
     return scores if rows is not None else scores[0]
