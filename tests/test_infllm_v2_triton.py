@@ -355,6 +355,31 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
     assert new_signatures(first, later) == {}
 
 
+def test_interpreter_warm_select_covers_every_lane_width():
+    """`warm_select` launches the selection kernel with every signature sequences of up to `context` tokens
+    (from `start` blocks) can need: one per power of two of blocks, one sequence and several rows."""
+    import os
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels.infllm_v2.triton_select import Rows, score_buffer, select_blocks, warm_select
+
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=14)  # 16 blocks a query, block 16
+    with launch_signatures() as warm:
+        warm_select(cfg, 2, 700, "cpu", torch.float16, start=17)
+    assert len(warm["_select_kernel"]) == 4  # lanes 32 (17-32 blocks) and 64 (33-44), each alone and as rows
+    with launch_signatures() as used:
+        for n in (272, 300, 512, 513, 650, 700):
+            n1 = R.num_kernels(n, cfg.kernel_size, cfg.kernel_stride)
+            scores = score_buffer(2, 2, 3, n1, "cpu", torch.float16, fill=1.0)  # as block_scores lays them out
+            select_blocks(scores[0], n - 3, 3, n1, cfg)
+            m1 = R.num_kernels(n - 40, cfg.kernel_size, cfg.kernel_stride)
+            select_blocks(scores, 0, 0, 0, cfg, rows=Rows([3, 2], [n, n - 40], [n1, m1], None, "cpu"))
+    assert new_signatures(warm, used) == {}
+
+
 @pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])
 def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
     if CUDA:

@@ -610,6 +610,19 @@ class LLMEngine:
                     finally:
                         for s in seqs:
                             self.cache.release(s)
+        if len(lens) > 1:
+            self._warm_select()
+
+    def _warm_select(self) -> None:
+        """The InfLLM v2 selection kernel for each block count (rounded to a power of two) a prompt past dense_len
+        can reach within the context: each would otherwise compile inside the first request that long."""
+        sc = self.model.config.sparse_config
+        if not infllm_v2.uses_triton(self.cache.k[0]):
+            return
+        from cpm4.kernels.infllm_v2.triton_select import warm_select
+
+        warm_select(sc, self.model.config.num_key_value_heads, self.context, self.cache.device, self.cache.k[0].dtype,
+                    start=sc.dense_len // sc.block_size + 1)
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go

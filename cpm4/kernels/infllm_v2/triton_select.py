@@ -334,6 +334,18 @@ class Rows:
         return (max(self.kv_lens) - 1) // block_size + 1
 
 
+def score_buffer(r: int, hkv: int, tq: int, n1: int, device: torch.device | str, dtype: torch.dtype,
+                 fill: float | None = None) -> torch.Tensor:
+    """Stage 1's scores [r, hkv, tq, max(n1, 1)], rows padded to a multiple of 16 kernels: their strides (rows,
+    heads, sequences) stay multiples of 16 whatever the length, one Triton variant (aligned rows) instead of one
+    per length class."""
+    n = max(n1, 1)
+    buf = torch.empty((r, hkv, tq, triton.cdiv(n, 16) * 16), device=device, dtype=dtype)
+    if fill is not None:
+        buf.fill_(fill)
+    return buf[..., :n]
+
+
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
                  scale: float, exact_lse: bool = False, key_splits: int | None = None,
                  block_n: int = 64, keys_first: bool | None = None, rows: Rows | None = None) -> torch.Tensor:
@@ -368,10 +380,7 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                                 stride_lb=part.stride(0), G=g, G_PAD=g_pad, BLOCK_T=bt,
                                                 BLOCK_N=block_n, D=d, KSIZE=ks, KSTRIDE=kst,
                                                 KEYS_ROW=3 if use_fine else 4, **batch)
-    # Rows padded to a multiple of 16 kernels: the scores' strides (rows, heads, sequences) stay multiples of 16
-    # whatever the length, one Triton variant (aligned rows) instead of one per length class.
-    scores = torch.empty((r, hkv, tq, triton.cdiv(max(n1, 1), 16) * 16), device=q.device,
-                         dtype=q.dtype)[..., :max(n1, 1)]
+    scores = score_buffer(r, hkv, tq, n1, q.device, q.dtype)
     if n1:
         splits = key_splits or _splits(n1, n_tiles * hkv * r, q.device, block_n)
         per = triton.cdiv(triton.cdiv(n1, splits), block_n) * block_n
@@ -388,6 +397,23 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
                                                   KEYS_FIRST=SCORE_KEYS_FIRST if keys_first is None else keys_first,
                                                   **batch)
     return scores if rows is not None else scores[0]
+
+
+def warm_select(cfg: SparseConfig, hkv: int, context: int, device: torch.device, dtype: torch.dtype,
+                start: int = 1) -> None:
+    """Compile the selection kernel for every lane width (NB_PAD: the block count rounded up to a power of two)
+    a sequence of up to `context` tokens can need, one sequence and several rows (`Rows`), from `start` blocks
+    up: the other lengths are not specialized, so these are all its variants. A prompt reaching a new power of
+    two of blocks otherwise compiles it inside its request. One query on zero scores each: cheap."""
+    bsz = cfg.block_size
+    lanes = triton.next_power_of_2(max(start, 1))
+    while lanes // 2 * bsz < context:  # a context of more than lanes / 2 blocks needs these lanes
+        n = min(context, lanes * bsz)  # tokens: (n - 1) // bsz + 1 blocks round up to `lanes`
+        n1 = num_kernels(n, cfg.kernel_size, cfg.kernel_stride)
+        scores = score_buffer(1, hkv, 1, n1, device, dtype, fill=0.0)
+        select_blocks(scores[0], n - 1, 1, n1, cfg)
+        select_blocks(scores, 0, 0, 0, cfg, rows=Rows([1], [n], [n1], None, device))
+        lanes *= 2
 
 
 def score_shift(dtype: torch.dtype) -> int:
