@@ -308,11 +308,11 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
 
     if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
         pytest.skip("signatures are read from the interpreter's launches")
-    cfg = small_cfg(topk=14)
+    cfg = small_cfg(topk=14, block_size=8, window_size=16)  # 17-32 blocks: 129-256 tokens
     assert cfg.num_selected == 16
     hq, hkv, d = 16, 2, 16
     scale = 1 / math.sqrt(d)
-    q, k, v = qkv(320, 320, hq, hkv, d, torch.float16, "cpu")
+    q, k, v = qkv(160, 160, hq, hkv, d, torch.float16, "cpu")
 
     def keys(tk):
         return compress(k[:tk], cfg.kernel_size, cfg.kernel_stride), compress(k[:tk], cfg.coarse_kernel_size,
@@ -337,8 +337,8 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
                          cfg.kernel_stride, max(lens))
 
     def split(n):  # the score pass merging the LSE pass's n key splits (continued rows, decode-like tiles)
-        k1, _ = keys(281)
-        block_scores(q[:9], k1, None, 272, cfg, scale, exact_lse=True, key_splits=n, block_n=16)
+        k1, _ = keys(141)
+        block_scores(q[:9], k1, None, 132, cfg, scale, exact_lse=True, key_splits=n, block_n=16)
 
     def signatures(*calls):
         with launch_signatures() as seen:
@@ -347,11 +347,11 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
         return seen
 
     # (queries, keys): a whole prompt, or the last queries of a longer context (a continued prefix)
-    first = signatures((one, 33, 281), (rows, [17, 30], [281, 299]), (pool, [70, 33, 129]), (split, 2))
+    first = signatures((one, 17, 141), (rows, [9, 15], [141, 150]), (pool, [70, 33, 129]), (split, 2))
     assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_shared_kernel", "_fwd_token_kernel",
             "_compress_kernel", "_pool_kernel"} <= set(first)
-    later = signatures((one, 263, 263), (one, 16, 288), (one, 1, 299), (rows, [16, 1], [290, 305]),
-                       (pool, [250, 20]), (pool, [15]), (split, 3), (split, 5))
+    later = signatures((one, 131, 131), (one, 16, 144), (one, 1, 150), (rows, [16, 1], [145, 153]),
+                       (pool, [250, 20]), (pool, [15]), (split, 3))
     assert new_signatures(first, later) == {}
 
 
