@@ -368,7 +368,7 @@ def test_interpreter_warm_select_covers_every_lane_width():
         pytest.skip("signatures are read from the interpreter's launches")
     cfg = small_cfg(topk=14)  # 16 blocks a query, block 16
     with launch_signatures() as warm:
-        warm_select(cfg, 2, 700, "cpu", torch.float16, start=17)
+        warm_select(cfg, 2, 700, "cpu", torch.float16, start=17, queries=3)
     assert len(warm["_select_kernel"]) == 4  # lanes 32 (17-32 blocks) and 64 (33-44), each alone and as rows
     with launch_signatures() as used:
         for n in (272, 300, 512, 513, 650, 700):

@@ -596,6 +596,7 @@ class LLMEngine:
         sc = self.model.config.sparse_config
         lens = [2] + ([sc.dense_len + 1] if sc is not None and 0 < sc.dense_len < self.context else [])
         dev = self.model.device
+        gen = torch.Generator().manual_seed(0)
         with torch.inference_mode():
             for n in lens:
                 for rows in (1, 2):
@@ -603,7 +604,9 @@ class LLMEngine:
                     try:
                         for s in seqs:
                             self.cache.reserve(s, n)
-                        ids = torch.full((rows, n), 3, dtype=torch.long, device=dev)
+                        # Random ids: kernels autotuned here time a random model's spread of scores (equal ids
+                        # would make every query alike and the selection degenerate).
+                        ids = torch.randint(3, self.model.config.vocab_size, (rows, n), generator=gen).to(dev)
                         self.model(ids, self.cache.batch(seqs), torch.full((rows,), n, device=dev), last_only=True)
                     except OutOfPages:
                         pass

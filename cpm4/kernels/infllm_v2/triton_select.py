@@ -400,19 +400,24 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
 
 
 def warm_select(cfg: SparseConfig, hkv: int, context: int, device: torch.device, dtype: torch.dtype,
-                start: int = 1) -> None:
-    """Compile the selection kernel for every lane width (NB_PAD: the block count rounded up to a power of two)
-    a sequence of up to `context` tokens can need, one sequence and several rows (`Rows`), from `start` blocks
-    up: the other lengths are not specialized, so these are all its variants. A prompt reaching a new power of
-    two of blocks otherwise compiles it inside its request. One query on zero scores each: cheap."""
+                start: int = 1, queries: int = 1024, seed: int = 0) -> None:
+    """Compile (and autotune) the selection kernel for every lane width (NB_PAD: the block count rounded up to a
+    power of two) a sequence of up to `context` tokens can need, one sequence and several rows (`Rows`), from
+    `start` blocks up: the other lengths are not specialized, so these are all its variants. A prompt reaching a
+    new power of two of blocks otherwise compiles it inside its request. Random scores for the last `queries`
+    positions: the autotuning times a full grid on scores that spread as a random model's do (zeros would make
+    the top-k search trivial, one query a launch-bound timing)."""
     bsz = cfg.block_size
+    gen = torch.Generator(device=device).manual_seed(seed)
     lanes = triton.next_power_of_2(max(start, 1))
     while lanes // 2 * bsz < context:  # a context of more than lanes / 2 blocks needs these lanes
         n = min(context, lanes * bsz)  # tokens: (n - 1) // bsz + 1 blocks round up to `lanes`
         n1 = num_kernels(n, cfg.kernel_size, cfg.kernel_stride)
-        scores = score_buffer(1, hkv, 1, n1, device, dtype, fill=0.0)
-        select_blocks(scores[0], n - 1, 1, n1, cfg)
-        select_blocks(scores, 0, 0, 0, cfg, rows=Rows([1], [n], [n1], None, device))
+        tq = min(queries, n)
+        scores = score_buffer(1, hkv, tq, n1, device, dtype)
+        scores.copy_(torch.rand(scores.shape, generator=gen, device=device))
+        select_blocks(scores[0], n - tq, tq, n1, cfg)
+        select_blocks(scores, 0, 0, 0, cfg, rows=Rows([tq], [n], [n1], None, device))
         lanes *= 2
 
 
