@@ -590,22 +590,26 @@ def test_warm_up_prefills_one_and_two_rows_dense_and_sparse(pages):
                                                                                      ignore_eos=True))
 
 
-def test_warm_up_compiles_the_selection_for_each_lane_width(monkeypatch):
+def test_warm_up_compiles_the_sparse_kernel_variants(monkeypatch):
     """With the Triton kernels (CUDA), warm_up also has the selection kernel compiled for every power of two of
-    blocks between dense_len and the engine's context (`triton_select.warm_select`); not off the GPU."""
+    blocks between dense_len and the engine's context (`triton_select.warm_select`) and stage 1 for a few queries
+    after a long context (`warm_scores`); not off the GPU."""
     from cpm4.kernels import infllm_v2
     from cpm4.kernels.infllm_v2 import triton_select
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())  # dense_len 96, blocks of 16
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16), max_model_len=1000)
     calls = []
-    monkeypatch.setattr(triton_select, "warm_select", lambda *a, **k: calls.append((a, k)))
-    eng._warm_select()
-    assert calls == []  # the CPU path has no selection kernel
+    monkeypatch.setattr(triton_select, "warm_select", lambda *a, **k: calls.append(("select", a, k)))
+    monkeypatch.setattr(triton_select, "warm_scores", lambda *a, **k: calls.append(("scores", a, k)))
+    eng._warm_sparse()
+    assert calls == []  # the CPU path has none of these kernels
     monkeypatch.setattr(infllm_v2, "uses_triton", lambda x: True)
-    eng._warm_select()
-    (cfg, hkv, context, device, dtype), kw = calls[0]
-    assert (cfg, hkv, context, dtype, kw) == (model.config.sparse_config, 2, 1000, torch.float32, {"start": 7})
+    eng._warm_sparse()
+    sc = model.config.sparse_config
+    said = [(name, tuple(str(x) if isinstance(x, torch.device) else x for x in a), k) for name, a, k in calls]
+    assert said == [("select", (sc, 2, 1000, "cpu", torch.float32), {"start": 7}),
+                    ("scores", (sc, 8, 2, 16, "cpu", torch.float32), {})]
 
 
 def test_lone_sequence_reads_its_pages_in_place():

@@ -380,6 +380,37 @@ def test_interpreter_warm_select_covers_every_lane_width():
     assert new_signatures(warm, used) == {}
 
 
+def test_interpreter_warm_scores_covers_continued_rows():
+    """`warm_scores` launches stage 1 with the signatures a few queries after a long context need (the LSE keys
+    split, the score pass merging them), one sequence and several rows, whatever the lengths and split count."""
+    import os
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels.infllm_v2.triton_select import Rows, block_scores, compress, warm_scores
+
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=14, block_size=8, window_size=16)
+    hq, hkv, d = 16, 2, 16
+    with launch_signatures() as warm:
+        warm_scores(cfg, hq, hkv, d, "cpu", torch.float16, block_n=16)
+    q, k, v = qkv(16, 2000, hq, hkv, d, torch.float16, "cpu")
+    cases = [(n, tq, compress(k[:n], cfg.kernel_size, cfg.kernel_stride),
+              compress(k[:n], cfg.coarse_kernel_size, cfg.coarse_kernel_stride))
+             for n, tq in ((1616, 16), (2000, 3), (1800, 1))]
+    with launch_signatures() as used:
+        for n, tq, k1, k2 in cases:
+            block_scores(q[:tq], k1, k2, n - tq, cfg, 1.0, block_n=16)  # the splits of a 4-SM "device"
+            m1, m2 = k1[:-9], k2[:-2]
+            rows = Rows([tq, 2], [n, n - 40], [k1.shape[0], m1.shape[0]], [k2.shape[0], m2.shape[0]], "cpu")
+            pad = torch.nn.utils.rnn.pad_sequence
+            block_scores(q[None, :max(tq, 2)].expand(2, -1, -1, -1), pad([k1, m1], batch_first=True),
+                         pad([k2, m2], batch_first=True), 0, cfg, 1.0, block_n=16, rows=rows)
+    assert any(("LSE_SPLITS_PAD", 8) in sig for sig in used["_score_kernel"])  # the case this is about
+    assert new_signatures(warm, used) == {}
+
+
 @pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])
 def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
     if CUDA:

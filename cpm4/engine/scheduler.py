@@ -614,18 +614,22 @@ class LLMEngine:
                         for s in seqs:
                             self.cache.release(s)
         if len(lens) > 1:
-            self._warm_select()
+            self._warm_sparse()
 
-    def _warm_select(self) -> None:
-        """The InfLLM v2 selection kernel for each block count (rounded to a power of two) a prompt past dense_len
-        can reach within the context: each would otherwise compile inside the first request that long."""
+    def _warm_sparse(self) -> None:
+        """The InfLLM v2 kernel variants the dense_len + 1 prefill does not reach: the selection for each block
+        count (rounded to a power of two) a prompt can reach within the context, and stage 1 for a few queries
+        after a long context (a request continuing a cached prefix). Each would otherwise compile and autotune
+        inside the first request that needs it."""
         sc = self.model.config.sparse_config
         if not infllm_v2.uses_triton(self.cache.k[0]):
             return
-        from cpm4.kernels.infllm_v2.triton_select import warm_select
+        from cpm4.kernels.infllm_v2.triton_select import warm_scores, warm_select
 
-        warm_select(sc, self.model.config.num_key_value_heads, self.context, self.cache.device, self.cache.k[0].dtype,
-                    start=sc.dense_len // sc.block_size + 1)
+        attn = self.model.model.layers[0].self_attn
+        dev, dtype = self.cache.device, self.cache.k[0].dtype
+        warm_select(sc, attn.n_kv, self.context, dev, dtype, start=sc.dense_len // sc.block_size + 1)
+        warm_scores(sc, attn.n_heads, attn.n_kv, attn.head_dim, dev, dtype)
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go

@@ -421,6 +421,31 @@ def warm_select(cfg: SparseConfig, hkv: int, context: int, device: torch.device,
         lanes *= 2
 
 
+def warm_scores(cfg: SparseConfig, hq: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype,
+                queries: int = 16, block_n: int = 64, seed: int = 0) -> None:
+    """Compile (and autotune) stage 1 for a few queries after a long context (a request continuing a cached
+    prefix): the LSE pass then splits its keys and the score pass merges the splits, another variant of it
+    (LSE_SPLITS_PAD > 1) that a whole-prompt prefill never needs. One sequence and several rows (`Rows`), on
+    random queries and keys: two splits of the LSE keys (`lse_splits_pad` gives every count above one these lanes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    fine = cfg.variant == "gen-a"  # the LSE over the fine kernels (Gen-A) or the coarse ones (Gen-B)
+    size, stride = (cfg.kernel_size, cfg.kernel_stride) if fine else (cfg.coarse_kernel_size,
+                                                                      cfg.coarse_kernel_stride)
+    n = 2 * block_n * stride + size  # 2 * block_n + 1 LSE kernels: two splits of block_n-wide tiles
+    n1 = num_kernels(n, cfg.kernel_size, cfg.kernel_stride)
+    n2 = num_kernels(n, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+    q, k1, k2 = rand(queries, hq, d), rand(n1, hkv, d), None if fine else rand(n2, hkv, d)
+    scale = 1 / math.sqrt(d)
+    block_scores(q, k1, k2, n - queries, cfg, scale, key_splits=2, block_n=block_n)
+    rows = Rows([queries], [n], [n1], None if fine else [n2], device)
+    block_scores(q[None], k1[None], None if fine else k2[None], 0, cfg, scale, key_splits=2, block_n=block_n,
+                 rows=rows)
+
+
 def score_shift(dtype: torch.dtype) -> int:
     """Low bits that are zero in every float32 score rounded from `dtype` (scores are stored in the input
     dtype): the top-k search skips them."""
