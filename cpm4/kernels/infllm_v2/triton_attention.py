@@ -174,7 +174,7 @@ def _dq_step(q, do, k, v, p_mask, lse, delta, dq, qk_scale):
 
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
-@triton.jit
+@triton.jit(do_not_specialize=["tq", "q_start", "tk"])  # see triton_select._lse_kernel (training: packed documents)
 def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tq, q_start, tk, window, sm_scale,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
                           G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, INIT: tl.constexpr,
@@ -209,7 +209,7 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
 
 
 @triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
-@triton.jit
+@triton.jit(do_not_specialize=["q_start"])  # see _bwd_dq_shared_kernel
 def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr, dq_ptr, q_start, window,
                          sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
                          stride_bt, stride_lt,
@@ -245,7 +245,7 @@ def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_pt
     tl.store(dq_ptr + qoff, dq.to(dq_ptr.dtype.element_ty), mask=hm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_start", "tk", "n_blocks"])  # see _bwd_dq_shared_kernel
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tok_ptr, item_ptr, ws_ptr,
                      q_start, tk, n_blocks, sm_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_lt,
@@ -311,7 +311,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         tl.store(ws_ptr + woff + BLOCK * D, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tk", "n_blocks"])  # see _bwd_dq_shared_kernel
 def _bwd_dkdv_sum_kernel(ws_ptr, sums_ptr, dk_ptr, dv_ptr, tk, n_blocks, stride_kt, stride_kh, stride_vt, stride_vh,
                          D: tl.constexpr, BLOCK: tl.constexpr):
     # One key block whose tokens were split over several items: add its partials (slots first..first+count-1, in
@@ -337,7 +337,7 @@ def _bwd_dkdv_sum_kernel(ws_ptr, sums_ptr, dk_ptr, dv_ptr, tk, n_blocks, stride_
              mask=km[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # see _bwd_dq_shared_kernel
 def _delta_kernel(o_ptr, do_ptr, out_ptr, n_rows, D: tl.constexpr, ROWS: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rm = r < n_rows
