@@ -271,6 +271,13 @@ abattention)  # carry ab_old (bash benchmarks/ab_serving.sh prepare <commit befo
             | grep -E "^(prefill|decode)" | sed "s/^/$side /" | cut -c1-110
     done
     ;;
+abbackward)  # carry ab_old: as abattention with the backward rows, at 131,072 only (unspecialized backward lengths)
+    for side in old new new old; do
+        s=benchmarks/attention.py; [ "$side" = old ] && s=ab_old/benchmarks/attention.py
+        timeout 140 "$PY" "$s" --lengths 131072 --out "${OUT:-/tmp}/abb-$side" 2>&1 \
+            | grep -E "^(prefill|backward|forward)" | sed "s/^/$side /" | cut -c1-110
+    done
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170
