@@ -42,7 +42,7 @@ def launch_signatures() -> Iterator[dict[str, set[tuple]]]:
         for name, a in [*zip(self.arg_names, args), *sorted(kwargs.items())]:
             if name in consts:
                 sig.append((name, a))
-            elif not isinstance(a, bool) and hasattr(a, "__index__") or hasattr(a, "data_ptr"):
+            elif (hasattr(a, "__index__") and not isinstance(a, bool)) or hasattr(a, "data_ptr"):  # ints, tensors
                 sig.append((name, native_specialize_impl(BaseBackend, a, False, name not in fixed,
                                                          name not in unaligned)[1]))
         seen[self.fn.__name__].add(tuple(sig))
