@@ -346,7 +346,9 @@ def test_client_disconnect_frees_the_childs_pages(proc_engine):
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break
-            assert eng.kv_cache_usage() > 0
+            # The child reports its usage with its next outputs: the first chunk can come before that report
+            # (failed once in a full run here, 2026-11-30).
+            _until(lambda: eng.kv_cache_usage() > 0, 10)
         _until(lambda: eng.num_aborted == aborted + 1 and eng.num_running == 0 and eng.kv_cache_usage() == 0)
 
         def waiting_behind():  # queued in the child behind the running one, then its client gives up too
