@@ -373,7 +373,7 @@ def test_interpreter_warm_select_covers_every_lane_width():
     with launch_signatures() as used:
         for n in (272, 300, 512, 513, 650, 700):
             n1 = R.num_kernels(n, cfg.kernel_size, cfg.kernel_stride)
-            scores = score_buffer(2, 2, 3, n1, "cpu", torch.float16, fill=1.0)  # as block_scores lays them out
+            scores = score_buffer(2, 2, 3, n1, "cpu", torch.float16).fill_(1.0)  # as block_scores lays them out
             select_blocks(scores[0], n - 3, 3, n1, cfg)
             m1 = R.num_kernels(n - 40, cfg.kernel_size, cfg.kernel_stride)
             select_blocks(scores, 0, 0, 0, cfg, rows=Rows([3, 2], [n, n - 40], [n1, m1], None, "cpu"))

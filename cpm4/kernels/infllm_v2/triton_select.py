@@ -334,16 +334,13 @@ class Rows:
         return (max(self.kv_lens) - 1) // block_size + 1
 
 
-def score_buffer(r: int, hkv: int, tq: int, n1: int, device: torch.device | str, dtype: torch.dtype,
-                 fill: float | None = None) -> torch.Tensor:
+def score_buffer(r: int, hkv: int, tq: int, n1: int, device: torch.device | str, dtype: torch.dtype
+                 ) -> torch.Tensor:
     """Stage 1's scores [r, hkv, tq, max(n1, 1)], rows padded to a multiple of 16 kernels: their strides (rows,
     heads, sequences) stay multiples of 16 whatever the length, one Triton variant (aligned rows) instead of one
     per length class."""
     n = max(n1, 1)
-    buf = torch.empty((r, hkv, tq, triton.cdiv(n, 16) * 16), device=device, dtype=dtype)
-    if fill is not None:
-        buf.fill_(fill)
-    return buf[..., :n]
+    return torch.empty((r, hkv, tq, triton.cdiv(n, 16) * 16), device=device, dtype=dtype)[..., :n]
 
 
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
