@@ -1,5 +1,6 @@
 import gc
 import os
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,20 @@ def _unfreeze_after_test():
     yield
     if gc.get_freeze_count():
         gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _eager_attention_after_test():
+    """A test that compiles a model makes the paged attention an opaque custom op, and the sparse attention a
+    dynamo-disabled call, for the rest of the process. Eager interpreter runs of later tests then took twice as
+    long (the paged decode test: 22 s after a compiling test, 10 s alone), so each test restores the eager ones."""
+    yield
+    paged = sys.modules.get("cpm4.engine.paged")
+    if paged is not None:
+        paged.paged_attention = paged._paged_attention
+    sparse = sys.modules.get("cpm4.kernels.infllm_v2")
+    if sparse is not None and getattr(sparse.sparse_attention, "_cpm4_opaque", False):
+        sparse.sparse_attention = sparse.sparse_attention.__wrapped__
 
 
 @pytest.fixture(scope="session")

@@ -279,11 +279,11 @@ def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
 
     monkeypatch.setattr(triton_decode, "SEPARATE_MERGE", False)
     monkeypatch.setattr(triton_select, "SELECT_NARROW", False)
-    test_paged_decode_kernels_equal_alone(sparse(dense_len=40))
+    test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)  # fewer steps: the paths, not lengths
 
 
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
-def test_paged_decode_kernels_equal_alone(sc):
+def test_paged_decode_kernels_equal_alone(sc, max_tokens=12):
     """Decode steps attending on the pages in place (the Triton kernels; on the CPU in the interpreter),
     with kernel keys pooled on the device as pages fill, give the tokens of the gathering path."""
     pytest.importorskip("triton")
@@ -294,7 +294,7 @@ def test_paged_decode_kernels_equal_alone(sc):
     eng = LLMEngine(model, tok(), cache, max_batch_size=3, chunk_tokens=32, paged_decode=True)
     assert eng.graphs is None
     ps = prompts(3, seed=5, lo=20, hi=70)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(ps):
         eng.add_request(f"r{i}", p, params)
     res = eng.run_to_completion()

@@ -355,10 +355,14 @@ def test_bench_figures_against_a_scripted_server(scripted, client_lib):
     assert s["total_output_tokens"] == 7 * 6 and s["total_input_tokens"] == 7 * (5 + 1)
     assert all(r["text_chunks"] == 3 and r["tokens"] == 6 and len(r["itl_s"]) == 2 for r in ok)
     # TTFT to the first chunk; ITL one gap per chunk after it; TPOT = (latency - TTFT) / (tokens - 1).
-    assert min(r["ttft_s"] for r in ok) >= TTFT * 0.9 and min(g for r in ok for g in r["itl_s"]) >= GAP * 0.9
+    # A single gap may be shorter than the server's sleep when the chunk before it arrived late, so the bound
+    # is on arrival times: chunk k cannot arrive before TTFT + k gaps after the request was sent.
+    for r in ok:
+        arrivals = [r["ttft_s"] + sum(r["itl_s"][:k]) for k in range(3)]
+        assert all(a >= (TTFT + k * GAP) * 0.95 for k, a in enumerate(arrivals)), arrivals
+        assert r["total_s"] >= arrivals[-1]
     tpot = [(r["total_s"] - r["ttft_s"]) / 5 for r in ok]
     assert math.isclose(s["mean_tpot_ms"], 1000 * statistics.fmean(tpot))
-    assert all(2 * GAP * 0.9 / 5 <= t for t in tpot)
     assert math.isclose(s["mean_e2el_ms"], 1000 * statistics.fmean(r["total_s"] for r in ok))
 
 
