@@ -355,6 +355,27 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
     assert new_signatures(first, later) == {}
 
 
+def test_interpreter_signatures_with_other_head_and_block_counts():
+    """With 12 query heads and 8 selected blocks a query (neither a multiple of 16, unlike MiniCPM4's), the strides
+    of the log-sum-exp and selection buffers followed tq * heads and tq * blocks: a variant per length class.
+    Padded (`padded_empty`), one signature for every length; outputs and gradients against float64."""
+    import os
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=6, kernel_size=4, kernel_stride=2, block_size=4, window_size=8)
+    assert cfg.num_selected == 8
+    with launch_signatures() as first:
+        check_pipeline(cfg, 17, 43, 12, 4, 16, torch.float32, "cpu", 1e-5)
+    with launch_signatures() as later:
+        check_pipeline(cfg, 16, 48, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=1)
+        check_pipeline(cfg, 1, 45, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=2)
+    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_token_kernel"} <= set(first)
+    assert new_signatures(first, later) == {}
+
+
 def test_interpreter_warm_select_covers_every_lane_width():
     """`warm_select` launches the selection kernel with every signature sequences of up to `context` tokens
     (from `start` blocks) can need: one per power of two of blocks, one sequence and several rows."""

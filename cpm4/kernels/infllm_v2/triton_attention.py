@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_select import Rows, group_rows, own_range, row_params, shared_block, softmax_step, tile_shape
+from .triton_select import Rows, group_rows, own_range, padded_empty, row_params, shared_block, softmax_step, tile_shape
 from .triton_select import autotune_configs as _configs
 
 
@@ -404,7 +404,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     g_pad = max(16, triton.next_power_of_2(g))
     # Same layout as q (the token kernel reads both with q's offsets); written and read for each row's queries only.
     o_shared = torch.empty((r, tq, hq, d), device=q.device, dtype=torch.float32)
-    lse_shared = torch.empty((r, tq, hq), device=q.device, dtype=torch.float32)
+    lse_shared = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
     alloc = torch.zeros if rows is not None else torch.empty  # the result: zero where a shorter row stops
     hp = shared_heads_for(g, shared_heads)
     table = q if rows is None else rows.table  # read only with ROWS
@@ -415,7 +415,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   v.stride(0), o_shared.stride(0), lse_shared.stride(0), G=g, D=d,
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty((r, tq, hq), device=q.device, dtype=torch.float32)
+    lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
     nsel = idx.shape[3]
     _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
                                      q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
@@ -549,6 +549,8 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     g_pad = max(16, triton.next_power_of_2(g))
     q_start = tk - tq
     delta = row_dot(o, do)  # [Tq, hq]
+    if lse.stride() != delta.stride():  # the forward's is padded (padded_empty); the kernels read both alike
+        lse = torch.empty_like(delta).copy_(lse)
     dq_shared = torch.empty((tq, hq, d), device=q.device, dtype=torch.float32)
     n_qblocks = (tk - 1) // block_size - q_start // block_size + 1
     hp = shared_heads_for(g)

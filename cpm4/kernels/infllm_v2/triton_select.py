@@ -334,13 +334,19 @@ class Rows:
         return (max(self.kv_lens) - 1) // block_size + 1
 
 
+def padded_empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.empty(shape) as a view of a buffer whose last axis is padded to a multiple of 16 elements. Triton
+    specializes int arguments as 1, a multiple of 16 or other, so a stride that follows a step's lengths
+    (tq * heads, tq * blocks) compiled a variant per class in the middle of serving; padded, every stride over the
+    other axes stays a multiple of 16 whatever the lengths and head counts."""
+    *lead, n = shape
+    return torch.empty((*lead, triton.cdiv(n, 16) * 16), device=device, dtype=dtype)[..., :n]
+
+
 def score_buffer(r: int, hkv: int, tq: int, n1: int, device: torch.device | str, dtype: torch.dtype
                  ) -> torch.Tensor:
-    """Stage 1's scores [r, hkv, tq, max(n1, 1)], rows padded to a multiple of 16 kernels: their strides (rows,
-    heads, sequences) stay multiples of 16 whatever the length, one Triton variant (aligned rows) instead of one
-    per length class."""
-    n = max(n1, 1)
-    return torch.empty((r, hkv, tq, triton.cdiv(n, 16) * 16), device=device, dtype=dtype)[..., :n]
+    """Stage 1's scores [r, hkv, tq, max(n1, 1)], rows padded to a multiple of 16 kernels (`padded_empty`)."""
+    return padded_empty(r, hkv, tq, max(n1, 1), dtype=dtype, device=device)
 
 
 def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_start: int, cfg: SparseConfig,
@@ -365,12 +371,12 @@ def block_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, q_s
     table = q if rows is None else rows.table  # read only with ROWS
     batch = dict(rows_ptr=table, n_rows=r, n_groups=hkv, ROWS=rows is not None)
     if kn.shape[1] == 0:
-        part = torch.full((r, 1, tq, hq), -math.inf, device=q.device, dtype=torch.float32)
+        part = padded_empty(r, 1, tq, hq, dtype=torch.float32, device=q.device).fill_(-math.inf)
     else:
         splits = key_splits or _splits(kn.shape[1], n_tiles * hkv * r, q.device, block_n)
         per = triton.cdiv(triton.cdiv(kn.shape[1], splits), block_n) * block_n
         splits = triton.cdiv(kn.shape[1], per)
-        part = torch.empty((r, splits, tq, hq), device=q.device, dtype=torch.float32)
+        part = padded_empty(r, splits, tq, hq, dtype=torch.float32, device=q.device)
         _lse_kernel[(n_tiles, hkv * r, splits)](q, kn, part, tq, q_start, kn.shape[1], per, scale, q.stride(1),
                                                 q.stride(2), kn.stride(1), kn.stride(2), part.stride(1),
                                                 part.stride(2), stride_qb=q.stride(0), stride_kb=kn.stride(0),
@@ -607,7 +613,7 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
     r, hkv = scores.shape[:2]
     bsz = cfg.block_size
     k = min(cfg.num_selected, n_blocks)
-    out = torch.empty((r, hkv, tq, k), device=scores.device, dtype=torch.int32)
+    out = padded_empty(r, hkv, tq, k, dtype=torch.int32, device=scores.device)
     s = cfg.kernel_stride
     _select_kernel[(tq, hkv * r)](scores, out, tq, q_start, n_kernels, scores.stride(1), scores.stride(2),
                                   out.stride(1), out.stride(2), scores if rows is None else rows.table, r, hkv,
