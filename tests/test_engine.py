@@ -591,25 +591,36 @@ def test_warm_up_prefills_one_and_two_rows_dense_and_sparse(pages):
 
 
 def test_warm_up_compiles_the_sparse_kernel_variants(monkeypatch):
-    """With the Triton kernels (CUDA), warm_up also has the selection kernel compiled for every power of two of
-    blocks between dense_len and the engine's context (`triton_select.warm_select`) and stage 1 for a few queries
-    after a long context (`warm_scores`); not off the GPU."""
+    """With the Triton kernels (CUDA), warm_up also has the prefill kernels compiled for every variant a prompt from
+    dense_len to the engine's context can need (`infllm_v2.warm_prefill_kernels`): the selection for every power
+    of two of blocks (`triton_select.warm_select`, from the shortest sparse prompt's blocks), stage 1 for a few
+    queries after a long context (`warm_scores`), each selection width (`warm_widths`); not off the GPU."""
     from cpm4.kernels import infllm_v2
     from cpm4.kernels.infllm_v2 import triton_select
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())  # dense_len 96, blocks of 16
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16), max_model_len=1000)
     calls = []
-    monkeypatch.setattr(triton_select, "warm_select", lambda *a, **k: calls.append(("select", a, k)))
-    monkeypatch.setattr(triton_select, "warm_scores", lambda *a, **k: calls.append(("scores", a, k)))
+
+    def record(name):
+        return lambda *a, **k: calls.append((name, tuple(str(x) if isinstance(x, torch.device) else x for x in a), k))
+
+    real = infllm_v2.warm_prefill_kernels
+    monkeypatch.setattr(infllm_v2, "warm_prefill_kernels", record("prefill"))
     eng._warm_sparse()
     assert calls == []  # the CPU path has none of these kernels
     monkeypatch.setattr(infllm_v2, "uses_triton", lambda x: True)
     eng._warm_sparse()
     sc = model.config.sparse_config
-    said = [(name, tuple(str(x) if isinstance(x, torch.device) else x for x in a), k) for name, a, k in calls]
-    assert said == [("select", (sc, 2, 1000, "cpu", torch.float32), {"start": 7}),
-                    ("scores", (sc, 8, 2, 16, "cpu", torch.float32), {})]
+    assert calls == [("prefill", (sc, 8, 2, 16, 1000, "cpu", torch.float32), {})]
+    calls.clear()
+    for name in ("warm_select", "warm_scores"):
+        monkeypatch.setattr(triton_select, name, record(name))
+    monkeypatch.setattr(infllm_v2, "warm_widths", record("warm_widths"))
+    real(sc, 8, 2, 16, 1000, "cpu", torch.float32, queries=5)
+    assert calls == [("warm_select", (sc, 2, 1000, "cpu", torch.float32), {"start": 6, "queries": 5}),
+                     ("warm_scores", (sc, 8, 2, 16, "cpu", torch.float32), {}),
+                     ("warm_widths", (sc, 8, 2, 16, 1000, "cpu", torch.float32, 6), {"queries": 5})]
 
 
 def test_lone_sequence_reads_its_pages_in_place():

@@ -432,6 +432,47 @@ def test_interpreter_warm_scores_covers_continued_rows():
     assert new_signatures(warm, used) == {}
 
 
+def test_interpreter_warm_prefill_kernels_cover_short_contexts():
+    """A context of fewer blocks than num_selected (a dense_len below them) selects one block per block: the
+    count was a constexpr of the selection and the attention, a compile for every count (seen on the H200: 2-14
+    compiles a round of prompts, 2K-8K tokens past a dense_len of 2,048). A runtime argument now, with a lane
+    per power of two; `warm_prefill_kernels` (the engine's warm-up) launches every signature prompts from
+    dense_len to the context need, one sequence and several rows, whole prompts and continued ones."""
+    import os
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels.infllm_v2 import selection_widths, triton_pipeline, triton_pipeline_rows, warm_prefill_kernels
+    from cpm4.kernels.infllm_v2.triton_select import compress
+
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=14, block_size=8, window_size=16, dense_len=33)  # 16 blocks a query; sparse from 5 blocks
+    hq, hkv, d = 16, 2, 16
+    assert selection_widths(cfg, 5, 40) == [5, 9]  # widths 8 (5-8 blocks) and 16 (9 and more)
+    assert selection_widths(cfg, 17, 40) == [17] and selection_widths(cfg, 5, 4) == []
+    with launch_signatures() as warm:
+        warm_prefill_kernels(cfg, hq, hkv, d, 104, "cpu", torch.float16, queries=4)
+    assert {dict(s)["NSEL_PAD"] for s in warm["_fwd_token_kernel"]} == {8, 16}
+    q, k, v = qkv(104, 104, hq, hkv, d, torch.float16, "cpu")
+    scale = 1 / math.sqrt(d)
+
+    def keys(n):
+        return compress(k[:n], cfg.kernel_size, cfg.kernel_stride), compress(k[:n], cfg.coarse_kernel_size,
+                                                                           cfg.coarse_kernel_stride)
+
+    with launch_signatures() as used:
+        for n, tq in ((33, 33), (47, 2), (64, 1), (71, 5), (104, 3)):  # 5, 6, 8, 9 and 13 blocks
+            triton_pipeline(q[:tq], k[:n], v[:n], cfg, scale)
+            m = n - 7
+            (a1, a2), (b1, b2) = keys(n), keys(m)
+            triton_pipeline_rows(q[None, :tq].expand(2, tq, hq, d), k[None, :n].expand(2, n, hkv, d),
+                                 v[None, :n].expand(2, n, hkv, d), [tq, 1], [n, m], cfg, scale, [a1, b1], [a2, b2],
+                                 [a1.shape[0], b1.shape[0]], [a2.shape[0], b2.shape[0]])
+    assert {dict(s)["NSEL_PAD"] for s in used["_fwd_token_kernel"]} == {8, 16}
+    assert new_signatures(warm, used) == {}
+
+
 @pytest.mark.parametrize("tile_pages,separate_merge,splits", [(1, False, 2), (2, False, 2), (1, True, 3)])
 def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
     if CUDA:

@@ -613,23 +613,17 @@ class LLMEngine:
                     finally:
                         for s in seqs:
                             self.cache.release(s)
-        if len(lens) > 1:
+        if sc is not None and sc.dense_len < self.context:  # (-1: always sparse)
             self._warm_sparse()
 
     def _warm_sparse(self) -> None:
-        """The InfLLM v2 kernel variants the dense_len + 1 prefill does not reach: the selection for each block
-        count (rounded to a power of two) a prompt can reach within the context, and stage 1 for a few queries
-        after a long context (a request continuing a cached prefix). Each would otherwise compile and autotune
-        inside the first request that needs it."""
-        sc = self.model.config.sparse_config
+        """The InfLLM v2 kernel variants the dense_len + 1 prefill does not reach (`warm_prefill_kernels`): each
+        would otherwise compile and autotune inside the first request that needs it."""
         if not infllm_v2.uses_triton(self.cache.k[0]):
             return
-        from cpm4.kernels.infllm_v2.triton_select import warm_scores, warm_select
-
         attn = self.model.model.layers[0].self_attn
-        dev, dtype = self.cache.device, self.cache.k[0].dtype
-        warm_select(sc, attn.n_kv, self.context, dev, dtype, start=sc.dense_len // sc.block_size + 1)
-        warm_scores(sc, attn.n_heads, attn.n_kv, attn.head_dim, dev, dtype)
+        infllm_v2.warm_prefill_kernels(self.model.config.sparse_config, attn.n_heads, attn.n_kv, attn.head_dim,
+                                       self.context, self.cache.device, self.cache.k[0].dtype)
 
     def run_to_completion(self) -> dict[str, tuple[str, list[int], str | None]]:
         """Step until idle; (text, token ids, finish reason) per request id (tests; offline batches go

@@ -19,7 +19,8 @@ from .reference import compress_keys, decode_rows, infllm_v2_attention, kernel_m
 
 __all__ = ["sparse_attention", "compress_keys", "kernel_means", "num_kernels", "uses_triton", "triton_pipeline",
            "shared_window", "sparse_attention_rows", "triton_pipeline_rows", "sparse_attention_varlen",
-           "sparse_decode_rows", "make_opaque_to_compile"]
+           "sparse_decode_rows", "make_opaque_to_compile", "selection_widths", "warm_widths",
+           "warm_prefill_kernels"]
 
 
 def uses_triton(q: torch.Tensor) -> bool:
@@ -112,6 +113,59 @@ def shared_window(cfg: SparseConfig) -> int:
     window (Gen-B: qb-local .. qb) or the attention's sliding window (Gen-A: qb-local+1 .. qb)."""
     return cfg.local_blocks if cfg.variant == "gen-b" else cfg.local_blocks - 1
 
+
+def selection_widths(cfg: SparseConfig, start_blocks: int, max_blocks: int) -> list[int]:
+    """The smallest block count, from start_blocks up to max_blocks, of each width the prefill kernels are
+    compiled for: a context of n blocks selects min(num_selected, n) a query, a lane of the next power of two
+    (NSEL_PAD, K_PAD); the count itself is a runtime argument."""
+    import triton
+
+    out, n = [], max(start_blocks, 1)
+    while n <= max_blocks:
+        out.append(n)
+        width = triton.next_power_of_2(min(cfg.num_selected, n))
+        if width >= cfg.num_selected:  # longer contexts keep this width
+            break
+        n = width + 1
+    return out
+
+
+def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, device: torch.device | str,
+                dtype: torch.dtype, start_blocks: int = 1, queries: int = 1024, seed: int = 0) -> None:
+    """Compile (and autotune) the prefill kernels for each selection width (`selection_widths`) a context of up
+    to `context` tokens reaches past start_blocks, one sequence and several rows: a short context (fewer blocks
+    than num_selected, a small dense_len) otherwise compiles a new width inside a request. The last `queries`
+    tokens of random q/k/v, so the autotuning times a spread of scores as a random model's."""
+    from .triton_select import compress
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scale = 1 / math.sqrt(d)
+    for nb in selection_widths(cfg, start_blocks, -(-context // cfg.block_size)):
+        n = min(nb * cfg.block_size, context)
+        tq = min(queries, n)
+        q, k, v = (torch.randn(t, h, d, generator=gen, device=device).to(dtype)
+                   for t, h in ((tq, hq), (n, hkv), (n, hkv)))
+        with torch.no_grad():
+            k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
+            k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
+            triton_pipeline(q, k, v, cfg, scale, k1, k2)
+            triton_pipeline_rows(q[None], k[None], v[None], [tq], [n], cfg, scale, [k1], None if k2 is None else [k2],
+                                 [k1.shape[0]], None if k2 is None else [k2.shape[0]])
+
+
+
+def warm_prefill_kernels(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, device: torch.device | str,
+                         dtype: torch.dtype, queries: int = 1024) -> None:
+    """Compile (and autotune) every variant of the prefill kernels a prompt of dense_len to `context` tokens can
+    need, lengths being runtime arguments: the selection's lanes (`warm_select`), stage 1 for a few queries
+    after a long context (`warm_scores`) and each selection width (`warm_widths`). The engine runs this in
+    warm_up, so that no request compiles one."""
+    from .triton_select import warm_scores, warm_select
+
+    start = max(1, -(-cfg.dense_len // cfg.block_size))  # the blocks of the shortest sparse prompt (dense_len)
+    warm_select(cfg, hkv, context, device, dtype, start=start, queries=queries)
+    warm_scores(cfg, hq, hkv, d, device, dtype)
+    warm_widths(cfg, hq, hkv, d, context, device, dtype, start, queries=queries)
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                      scale: float | None = None, k1: torch.Tensor | None = None,

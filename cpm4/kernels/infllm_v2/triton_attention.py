@@ -103,13 +103,13 @@ def _fwd_shared_tile(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, wind
 
 
 @triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "ROWS"])
-@triton.jit(do_not_specialize=["q_start", "tk", "n_rows"])  # see triton_select._lse_kernel
+@triton.jit(do_not_specialize=["q_start", "tk", "n_rows", "nsel"])  # see triton_select._lse_kernel
 def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
                       stride_ot, stride_oh, stride_lt, rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_vb,
                       stride_bb, stride_osb, stride_lsb, stride_ob, stride_lb,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                      NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, ROWS: tl.constexpr):
+                      nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, ROWS: tl.constexpr):
     """Continues the shared part's softmax state with the query's own selected blocks (those outside the
     shared set: init <= b < qb - window). The selection is sorted ascending with -1 last, so those blocks
     are one contiguous run of it: the loop has no branches and pipelines its loads.
@@ -123,25 +123,25 @@ def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_p
                              blk_ptr + b * stride_bb, os_ptr + b * stride_osb, ls_ptr + b * stride_lsb,
                              o_ptr + b * stride_ob, lse_ptr + b * stride_lb, t, g, q_start, window, sm_scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
-                             stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, NSEL, NSEL_PAD, INIT)
+                             stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, nsel, NSEL_PAD, INIT)
     else:
         _fwd_token_query(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, t, g, q_start, window, sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
-                         stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, NSEL, NSEL_PAD, INIT)
+                         stride_ot, stride_oh, stride_lt, G, G_PAD, D, BLOCK, nsel, NSEL_PAD, INIT)
 
 
 @triton.jit
 def _fwd_token_query(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, t, g, q_start, window, sm_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
                      stride_ot, stride_oh, stride_lt, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                     BLOCK: tl.constexpr, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+                     BLOCK: tl.constexpr, nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
     pos = q_start + t
     qb = pos // BLOCK
     h, hm, qoff = group_rows(t, g, stride_qt, stride_qh, G, G_PAD, D)
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + qoff, mask=hm[:, None], other=0.0)
     row = blk_ptr + g * stride_bh + t * stride_bt
-    n_lo, n_hi = own_range(row, qb, window, NSEL, NSEL_PAD, INIT)
+    n_lo, n_hi = own_range(row, qb, window, nsel, NSEL_PAD, INIT)
     # Start from the shared part: (m, l, acc) = (its lse, 1, its normalised output).
     acc = tl.load(os_ptr + qoff, mask=hm[:, None], other=0.0)
     m_i = tl.load(ls_ptr + t * stride_lt + h, mask=hm, other=float("-inf"))
@@ -422,7 +422,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                      idx.stride(1), idx.stride(2), o.stride(1),
                                      o.stride(2), lse.stride(1), table, r, hkv, q.stride(0), k.stride(0), v.stride(0),
                                      idx.stride(0), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
-                                     lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, NSEL=nsel,
+                                     lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel,
                                      NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks,
                                      ROWS=rows is not None)
     return (o, lse) if rows is not None else (o[0], lse[0])

@@ -89,9 +89,9 @@ def group_rows(t, g, stride_qt, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr,
 
 
 @triton.jit
-def own_range(row, qb, window, NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+def own_range(row, qb, window, nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
     """[lo, hi) of a sorted, -1-padded selection row holding the blocks outside the shared set."""
-    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < NSEL, other=-1)
+    sel = tl.load(row + tl.arange(0, NSEL_PAD), mask=tl.arange(0, NSEL_PAD) < nsel, other=-1)
     valid = sel >= 0
     return tl.sum((valid & (sel < INIT)).to(tl.int32), 0), tl.sum((valid & (sel < qb - window)).to(tl.int32), 0)
 
@@ -471,17 +471,17 @@ def _range_combine(n0, i0, lo0, hi0, n1, i1, lo1, hi1):
 
 
 @triton.jit
-def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
+def topk_mask(pooled, b, qb, k_top, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
               SHIFT: tl.constexpr = 0, NARROW: tl.constexpr = True, k_out=0):
     """Blocks chosen from pooled scores (>= 0, one per block b) for a query in block qb: forced/excluded
-    blocks by variant, then the top K without sorting. A search on order-preserving integer keys finds the
-    K-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
+    blocks by variant, then the top k_top without sorting. A search on order-preserving integer keys finds the
+    k_top-th largest value; ties at it go to the lowest block indices (the reference's stable sort).
     Scores rounded from bf16/fp16 have their SHIFT low bits zero: the search runs over the rest (15 bits for
     bf16 instead of 31). A binary search, one count per step: NARROW starts it on the range the unforced keys
     span (a model's scores crowd into a few exponents: fewer of the dependent steps), else on every key value
     (15 steps for bf16). (Two histogram passes instead were slower inside the 8B engine: RESULTS.md.)
     k_out: forced blocks chosen outside `b` (the decode selection's lanes stop short of the query's block when
-    the rest are its local blocks): K less them."""
+    the rest are its local blocks): k_top less them."""
     # Scores are >= 0 (their bits sort as integers), +inf forced in, -1 for excluded blocks.
     key = pooled.to(tl.int32, bitcast=True) >> SHIFT
     INF_KEY: tl.constexpr = 0x7F800000 >> SHIFT
@@ -498,7 +498,7 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
     finite = valid & ~top
     n_valid, n_top, kmin, kmax = tl.reduce((valid.to(tl.int32), top.to(tl.int32), tl.where(finite, key, INF_KEY),
                                             tl.where(finite, key, 0)), 0, _range_combine)
-    k_eff = tl.minimum(n_valid, K) - k_out
+    k_eff = tl.minimum(n_valid, k_top) - k_out
     # Largest threshold thr with count(key >= thr) >= k_eff, in [0, 2^BITS) (count(key >= 0) = n_valid: always).
     lo = tl.zeros((), dtype=tl.int32)
     BITS: tl.constexpr = 31 - SHIFT
@@ -530,10 +530,10 @@ def topk_mask(pooled, b, qb, K: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.cons
 
 
 @triton.autotune(configs=autotune_configs(warps=(2, 4, 8), stages=(1,)), key=["NB_PAD", "K_PAD", "ROWS"])
-@triton.jit(do_not_specialize=["tq", "q_start", "n_kernels", "n_rows"])  # see _lse_kernel
+@triton.jit(do_not_specialize=["tq", "q_start", "n_kernels", "n_rows", "k_top"])  # see _lse_kernel
 def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
                    rows_ptr, n_rows, n_groups, stride_sb, stride_ob,
-                   K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+                   k_top, K_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                    PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
                    KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr, SHIFT: tl.constexpr,
@@ -544,16 +544,16 @@ def _select_kernel(s_ptr, out_ptr, tq, q_start, n_kernels, stride_sh, stride_st,
         b, g, tq, q_start, n_kernels = row_params(rows_ptr, n_rows, g, n_groups, 3)
         if t < tq:
             _select_query(s_ptr + b * stride_sb, out_ptr + b * stride_ob, t, g, q_start, n_kernels, stride_sh,
-                          stride_st, stride_oh, stride_ot, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
+                          stride_st, stride_oh, stride_ot, k_top, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
                           BLOCK, INIT, LOCAL, GEN_B, SHIFT, NARROW)
     else:
-        _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot, K, K_PAD,
-                      NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, BLOCK, INIT, LOCAL, GEN_B, SHIFT, NARROW)
+        _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot, k_top,
+                      K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, BLOCK, INIT, LOCAL, GEN_B, SHIFT, NARROW)
 
 
 @triton.jit
 def _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st, stride_oh, stride_ot,
-                  K: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr, PER_BLOCK: tl.constexpr,
+                  k_top, K_PAD: tl.constexpr, NB_PAD: tl.constexpr, PER_BLOCK: tl.constexpr,
                   PAD: tl.constexpr, WIDTH: tl.constexpr, KSIZE: tl.constexpr, KSTRIDE: tl.constexpr,
                   BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
                   SHIFT: tl.constexpr, NARROW: tl.constexpr):
@@ -564,21 +564,21 @@ def _select_query(s_ptr, out_ptr, t, g, q_start, n_kernels, stride_sh, stride_st
     # Lanes: a quarter or half of NB_PAD when the query's blocks fit (the early tokens of a long prefill).
     if NB_PAD >= 64:
         if qb < NB_PAD // 4:
-            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 4, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
-                        INIT, LOCAL, GEN_B, SHIFT, NARROW)
+            _select_row(row, obase, pos, qb, n_kernels, k_top, K_PAD, NB_PAD // 4, PER_BLOCK, PAD, WIDTH, KSIZE,
+                        KSTRIDE, INIT, LOCAL, GEN_B, SHIFT, NARROW)
         elif qb < NB_PAD // 2:
-            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD // 2, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
-                        INIT, LOCAL, GEN_B, SHIFT, NARROW)
+            _select_row(row, obase, pos, qb, n_kernels, k_top, K_PAD, NB_PAD // 2, PER_BLOCK, PAD, WIDTH, KSIZE,
+                        KSTRIDE, INIT, LOCAL, GEN_B, SHIFT, NARROW)
         else:
-            _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
-                        LOCAL, GEN_B, SHIFT, NARROW)
+            _select_row(row, obase, pos, qb, n_kernels, k_top, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE,
+                        INIT, LOCAL, GEN_B, SHIFT, NARROW)
     else:
-        _select_row(row, obase, pos, qb, n_kernels, K, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
+        _select_row(row, obase, pos, qb, n_kernels, k_top, K_PAD, NB_PAD, PER_BLOCK, PAD, WIDTH, KSIZE, KSTRIDE, INIT,
                     LOCAL, GEN_B, SHIFT, NARROW)
 
 
 @triton.jit
-def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.constexpr, NB: tl.constexpr,
+def _select_row(row, obase, pos, qb, n_kernels, k_top, K_PAD: tl.constexpr, NB: tl.constexpr,
                 PER_BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr, KSIZE: tl.constexpr,
                 KSTRIDE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GEN_B: tl.constexpr,
                 SHIFT: tl.constexpr, NARROW: tl.constexpr):
@@ -590,12 +590,12 @@ def _select_row(row, obase, pos, qb, n_kernels, K: tl.constexpr, K_PAD: tl.const
         c = b * PER_BLOCK - PAD + w
         ok = (c >= 0) & (c < n_kernels) & (c * KSTRIDE + KSIZE - 1 <= pos)
         pooled = tl.maximum(pooled, tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
-    sel = topk_mask(pooled, b, qb, K, INIT, LOCAL, GEN_B, SHIFT, NARROW)
+    sel = topk_mask(pooled, b, qb, k_top, INIT, LOCAL, GEN_B, SHIFT, NARROW)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
     tl.store(obase + slot, b, mask=sel)
     n_sel = tl.sum(sel.to(tl.int32), 0)
     i = tl.arange(0, K_PAD)
-    tl.store(obase + i, tl.full((K_PAD,), -1, dtype=tl.int32), mask=(i >= n_sel) & (i < K))
+    tl.store(obase + i, tl.full((K_PAD,), -1, dtype=tl.int32), mask=(i >= n_sel) & (i < k_top))
 
 
 def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, cfg: SparseConfig,
@@ -617,7 +617,7 @@ def select_blocks(scores: torch.Tensor, q_start: int, tq: int, n_kernels: int, c
     s = cfg.kernel_stride
     _select_kernel[(tq, hkv * r)](scores, out, tq, q_start, n_kernels, scores.stride(1), scores.stride(2),
                                   out.stride(1), out.stride(2), scores if rows is None else rows.table, r, hkv,
-                                  scores.stride(0), out.stride(0), K=k, K_PAD=triton.next_power_of_2(k),
+                                  scores.stride(0), out.stride(0), k_top=k, K_PAD=triton.next_power_of_2(k),
                                   NB_PAD=triton.next_power_of_2(n_blocks), PER_BLOCK=bsz // s,
                                   PAD=cfg.kernel_size // s - 1, WIDTH=bsz // s + cfg.kernel_size // s - 1,
                                   KSIZE=cfg.kernel_size, KSTRIDE=s, BLOCK=bsz, INIT=cfg.init_blocks,
