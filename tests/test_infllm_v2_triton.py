@@ -358,7 +358,8 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
 def test_interpreter_signatures_with_other_head_and_block_counts():
     """With 12 query heads and 8 selected blocks a query (neither a multiple of 16, unlike MiniCPM4's), the strides
     of the log-sum-exp and selection buffers followed tq * heads and tq * blocks: a variant per length class.
-    Padded (`padded_empty`), one signature for every length; outputs and gradients against float64."""
+    Padded (`padded_empty`), one signature for every length; outputs and gradients against float64. A context of
+    fewer blocks than that selects fewer a query: the same signature too."""
     import os
 
     from jit_signatures import interpreted, launch_signatures, new_signatures
@@ -369,10 +370,13 @@ def test_interpreter_signatures_with_other_head_and_block_counts():
     assert cfg.num_selected == 8
     with launch_signatures() as first:
         check_pipeline(cfg, 17, 43, 12, 4, 16, torch.float32, "cpu", 1e-5)
+        check_pipeline(cfg, 9, 25, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=3)
     with launch_signatures() as later:
         check_pipeline(cfg, 16, 48, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=1)
         check_pipeline(cfg, 1, 45, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=2)
-    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_token_kernel"} <= set(first)
+        # 6 blocks after 7, fewer than the 8 selected: a runtime count in the forward and backward, one lane
+        check_pipeline(cfg, 5, 22, 12, 4, 16, torch.float32, "cpu", 1e-5, seed=4)
+    assert {"_lse_kernel", "_score_kernel", "_select_kernel", "_fwd_token_kernel", "_bwd_dq_token_kernel"} <= set(first)
     assert new_signatures(first, later) == {}
 
 

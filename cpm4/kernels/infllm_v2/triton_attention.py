@@ -209,12 +209,12 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
 
 
 @triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
-@triton.jit(do_not_specialize=["q_start"])  # see _bwd_dq_shared_kernel
+@triton.jit(do_not_specialize=["q_start", "nsel"])  # see _bwd_dq_shared_kernel
 def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr, dq_ptr, q_start, window,
                          sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
                          stride_bt, stride_lt,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                         NSEL: tl.constexpr, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
+                         nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
     """Adds the query's own selected blocks (outside the shared set) to the shared part's dq."""
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -227,7 +227,7 @@ def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_pt
     lse = tl.load(lse_ptr + t * stride_lt + h, mask=hm, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + t * stride_lt + h, mask=hm, other=0.0)
     row = blk_ptr + g * stride_bh + t * stride_bt
-    n_lo, n_hi = own_range(row, qb, window, NSEL, NSEL_PAD, INIT)
+    n_lo, n_hi = own_range(row, qb, window, nsel, NSEL_PAD, INIT)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((G_PAD, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
@@ -562,7 +562,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     nsel = idx.shape[2]
     _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale, q.stride(0),
                                     q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
-                                    idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, NSEL=nsel,
+                                    idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel,
                                     NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks)
     pos = torch.arange(q_start, tk, device=q.device)
     blocks = full_block_list(idx, pos, block_size, init_blocks, window)
