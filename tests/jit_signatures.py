@@ -26,7 +26,8 @@ def interpreted() -> bool:
 @contextmanager
 def launch_signatures() -> Iterator[dict[str, set[tuple]]]:
     """{kernel name: the signatures its launches had inside the block}; a signature is ((arg, key), ...):
-    key = Triton's specialization key of a runtime argument, or the value of a constexpr."""
+    key = Triton's specialization key of a runtime argument, or the value of a constexpr; the first pair is the
+    kernel's module."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import native_specialize_impl
@@ -38,7 +39,7 @@ def launch_signatures() -> Iterator[dict[str, set[tuple]]]:
         fixed = set(self.kwargs.get("do_not_specialize") or ())
         unaligned = fixed | set(self.kwargs.get("do_not_specialize_on_alignment") or ())
         consts = {n for n, a in inspect.get_annotations(self.fn).items() if "constexpr" in str(a)}
-        sig = []
+        sig = [("__module__", self.fn.__module__)]  # triton_decode and triton_select share kernel names
         for name, a in [*zip(self.arg_names, args), *sorted(kwargs.items())]:
             if name in consts:
                 sig.append((name, a))

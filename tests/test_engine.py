@@ -497,6 +497,24 @@ def test_prefill_pools_kernel_keys_of_every_row():
             torch.testing.assert_close(f2, k2, rtol=1e-6, atol=1e-6)
 
 
+def test_warm_up_with_graphs_off_on_cuda_still_warms_prefill(monkeypatch):
+    """Eager decode on CUDA (cuda_graphs=False): nothing to capture, but the prefill kernels still compile and
+    autotune in warm_up rather than inside the first requests; on the CPU nothing is done."""
+    import types
+
+    model = random_model("tiny", dtype=torch.float32)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    assert eng.graphs is None
+    calls = []
+    monkeypatch.setattr(eng, "_warm_prefill", lambda: calls.append("prefill"))
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    eng.warm_up()
+    assert calls == []
+    monkeypatch.setattr(eng, "cache", types.SimpleNamespace(device=torch.device("cuda")))
+    eng.warm_up()
+    assert calls == ["prefill", "freeze"]
+
+
 def test_warm_up_compiles_prefill_for_one_and_several_rows():
     """warm_up with compile runs the fused prefill ops for one row and for several (dynamo specializes sizes
     of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken. The
@@ -1122,3 +1140,46 @@ def test_continuing_rows_in_one_varlen_call_float_math(monkeypatch):
     assert len(calls) == model.config.num_hidden_layers
     for i, p in enumerate(ps):
         torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
+    """What the engine's own prefill steps launch (keys read from the pages, several sparse rows in one launch,
+    rows continuing a cached prefix, contexts of fewer blocks than num_selected) has no InfLLM v2 prefill kernel
+    signature its warm-up (`_warm_prefill`) did not launch: on the GPU each would compile and autotune inside a
+    request (`benchmarks/jit_variants.py` counts them there). Triton's interpreter, forced onto the Triton path;
+    the decode kernels are compiled by the CUDA graphs' capture in warm_up, not here."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    import functools
+
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels import infllm_v2
+
+    if not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    monkeypatch.setattr(infllm_v2, "uses_triton", lambda q: True)
+    # Fewer autotuning queries than the GPU's 1,024: the interpreter runs every program in Python.
+    monkeypatch.setattr(infllm_v2, "warm_prefill_kernels",
+                        functools.partial(infllm_v2.warm_prefill_kernels, queries=8))
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6},
+                         num_hidden_layers=1)
+    assert model.config.sparse_config.num_selected == 8  # 3 blocks and more are sparse: widths 4 and 8
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_model_len=128)
+    with launch_signatures() as warm:
+        eng._warm_prefill()
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    ps = prompts(3, seed=5, lo=41, hi=90)
+    with launch_signatures() as used:
+        for i, p in enumerate(ps[:2]):  # whole prompts: two sparse rows in one step
+            eng.add_request(f"a{i}", p, params)
+        eng.run_to_completion()
+        for i, p in enumerate([ps[2], ps[0][:40] + ps[1][:30]]):  # beside a row after a cached prefix of 2 pages
+            eng.add_request(f"b{i}", p, params)
+        eng.run_to_completion()
+    prefill = ("cpm4.kernels.infllm_v2.triton_select", "cpm4.kernels.infllm_v2.triton_attention")
+    assert {name for name, sigs in used.items() for s in sigs if s[0][1] in prefill} >= {
+        "_select_kernel", "_fwd_token_kernel"}
+    assert new_signatures({k: v for k, v in warm.items()}, {
+        k: {s for s in v if s[0][1] in prefill} for k, v in used.items()}) == {}

@@ -571,7 +571,8 @@ class LLMEngine:
         """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
         start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
         seconds). Then prefill forwards on throwaway pages (`_warm_prefill`), so the first requests do not pay
-        for kernels compiled (Triton, dynamo) or autotuned on first use. Nothing to do without CUDA graphs.
+        for kernels compiled (Triton, dynamo) or autotuned on first use: on CUDA with graphs off too (eager
+        decode steps still compile their kernels on first use); nothing to do on the CPU.
 
         Compiling leaves a great many Python objects (graphs, guards, generated code) that every full garbage
         collection walks again (a tiny model's few graphs: 570K objects, 240 ms per collection on a CPU core;
@@ -580,9 +581,10 @@ class LLMEngine:
         eager serving run take 150-220 ms (H200 host, 0.5B, 256 requests: one per run, none once frozen). They
         live as long as the process, so warm_up moves them out of the collector's reach (`gc.freeze`, as vLLM
         does after its warm-up)."""
-        if self.graphs is None:
+        if self.graphs is None and self.cache.device.type != "cuda":
             return
-        self.graphs.warm_up()
+        if self.graphs is not None:
+            self.graphs.warm_up()
         self._warm_prefill()
         gc.collect()
         gc.freeze()
