@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of a device session, in stages that each fit one 10-minute device call:
 #
+#   bash benchmarks/device_session.sh prepwheels # here: the server's wheels for the device (.wheels/py312)
 #   bash benchmarks/device_session.sh tests     # GPU tests of the InfLLM v2 kernels (but the sparse decode's)
 #   bash benchmarks/device_session.sh testsdecode # GPU tests of the InfLLM v2 paged sparse decode
 #   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
@@ -50,6 +51,14 @@ wheels() {  # fastapi/uvicorn/openai are not on the device: install them from th
 }
 
 case "$stage" in
+prepwheels)  # here, not on the device (no registry there): the server's wheels for the device's Python 3.12,
+    # into .wheels/py312 (git-ignored; carry it for tests2, servetests, http*)
+    mkdir -p .wheels/py312
+    "$PY" -m pip download -q --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any -d .wheels/py312 \
+        fastapi uvicorn openai prometheus_client httpx uvloop httptools 2>&1 | grep -v "is ignored"
+    ls .wheels/py312 | wc -l
+    ;;
 tests)  # the kernels' GPU tests but the sparse decode ones (testsdecode); the rest in tests2. The whole file took
     # > 9.5 min in one call (fifteenth session: the sixteen 3000-token pipeline tests ≈ 26 s each)
     # --durations: which tests to make cheaper
