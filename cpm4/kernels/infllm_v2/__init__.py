@@ -153,7 +153,6 @@ def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, devi
                                  [k1.shape[0]], None if k2 is None else [k2.shape[0]])
 
 
-
 def warm_prefill_kernels(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, device: torch.device | str,
                          dtype: torch.dtype, queries: int = 1024) -> None:
     """Compile (and autotune) every variant of the prefill kernels a prompt of dense_len to `context` tokens can
@@ -166,6 +165,7 @@ def warm_prefill_kernels(cfg: SparseConfig, hq: int, hkv: int, d: int, context: 
     warm_select(cfg, hkv, context, device, dtype, start=start, queries=queries)
     warm_scores(cfg, hq, hkv, d, device, dtype)
     warm_widths(cfg, hq, hkv, d, context, device, dtype, start, queries=queries)
+
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig,
                      scale: float | None = None, k1: torch.Tensor | None = None,
