@@ -1183,3 +1183,41 @@ def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
         "_select_kernel", "_fwd_token_kernel"}
     assert new_signatures({k: v for k, v in warm.items()}, {
         k: {s for s in v if s[0][1] in prefill} for k, v in used.items()}) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_gpu_prefill_compiles_nothing_after_warm_up(graphs, monkeypatch):
+    """On CUDA after warm_up (with CUDA graphs, and without: eager decode still warms the prefill), InfLLM v2
+    prompts of 3-7 blocks (fewer than the 8 selected: the count is a runtime argument), two in one step, then one
+    continuing a cached prefix, compile no prefill kernel (Triton's post-compile hook); the GPU counterpart of
+    `test_prefill_kernels_compile_nothing_after_warm_up_interpreter`."""
+    from triton import knobs
+
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6})
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    cache = PagedKVCache(model.config, num_pages=64, page_size=16, device="cuda", dtype=torch.bfloat16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=graphs, max_model_len=256)
+    eng.warm_up()
+    prefill = ("cpm4.kernels.infllm_v2.triton_select", "cpm4.kernels.infllm_v2.triton_attention")
+    compiled = []
+
+    def hook(*args, **kwargs):
+        fn = kwargs.get("fn")
+        fn = getattr(fn, "fn", fn)
+        if getattr(fn, "__module__", None) in prefill:
+            compiled.append(fn.__name__)
+
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", hook)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    ps = prompts(3, seed=5, lo=41, hi=110)
+    for i, p in enumerate(ps[:2]):
+        eng.add_request(f"a{i}", p, params)
+    eng.run_to_completion()
+    for i, p in enumerate([ps[2], ps[0][:40] + ps[1][:30]]):
+        eng.add_request(f"b{i}", p, params)
+    eng.run_to_completion()
+    assert compiled == []
