@@ -287,6 +287,18 @@ abbackward)  # carry ab_old: as abattention with the backward rows, at 131,072 o
             | grep -E "^(prefill|backward|forward)" | sed "s/^/$side /" | cut -c1-110
     done
     ;;
+stage2ab)  # carry ab_old: stage 2 at 128K kernel by kernel (benchmarks/stage2_ab.py), old, new and new with the
+    # forward kernels' lengths specialized again (a copy with their do_not_specialize removed), alternated
+    rm -rf /tmp/spec && mkdir -p /tmp/spec && cp -r cpm4 /tmp/spec/
+    sed -i -E 's/^@triton.jit\(do_not_specialize=\["(tq", "q_start", "tk", "n_rows", "n_programs|q_start", "tk", "n_rows", "nsel)"\]\).*/@triton.jit/' \
+        /tmp/spec/cpm4/kernels/infllm_v2/triton_attention.py
+    grep -c "^@triton.jit$" /tmp/spec/cpm4/kernels/infllm_v2/triton_attention.py
+    for side in old new spec new old spec; do
+        root=.; [ "$side" = old ] && root=ab_old; [ "$side" = spec ] && root=/tmp/spec
+        timeout 90 "$PY" benchmarks/stage2_ab.py --root "$root" --tag $side --out "${OUT:-/tmp}/stage2-$side" 2>&1 \
+            | grep -E "^$side " | cut -c1-160
+    done
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170
