@@ -498,8 +498,9 @@ def test_prefill_pools_kernel_keys_of_every_row():
 
 
 def test_warm_up_with_graphs_off_on_cuda_still_warms_prefill(monkeypatch):
-    """Eager decode on CUDA (cuda_graphs=False): nothing to capture, but the prefill kernels still compile and
-    autotune in warm_up rather than inside the first requests; on the CPU nothing is done."""
+    """Eager decode on CUDA (cuda_graphs=False): nothing to capture, but the paged decode kernels (of every batch
+    size, `_warm_decode`) and the prefill kernels still compile and autotune in warm_up rather than inside the
+    first requests; on the CPU nothing is done."""
     import types
 
     model = random_model("tiny", dtype=torch.float32)
@@ -512,7 +513,12 @@ def test_warm_up_with_graphs_off_on_cuda_still_warms_prefill(monkeypatch):
     assert calls == []
     monkeypatch.setattr(eng, "cache", types.SimpleNamespace(device=torch.device("cuda")))
     eng.warm_up()
-    assert calls == ["prefill", "freeze"]
+    assert calls == ["prefill", "freeze"]  # the gathering decode path (paged_decode off): no kernels of its own
+    calls.clear()
+    monkeypatch.setattr(eng, "paged_decode", True)
+    monkeypatch.setattr(eng, "_warm_decode", lambda: calls.append("decode"))
+    eng.warm_up()
+    assert calls == ["decode", "prefill", "freeze"]
 
 
 def test_warm_up_compiles_prefill_for_one_and_several_rows():
@@ -1185,10 +1191,45 @@ def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
         k: {s for s in v if s[0][1] in prefill} for k, v in used.items()}) == {}
 
 
+def test_eager_decode_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
+    """Eager decode (CUDA graphs off): the steps of a serving run — batches shrinking from 3 rows to 1 as
+    requests end, contexts growing from 2 to 7 pages, dense and sparse rows — launch no decode kernel signature
+    that warm_up's `_warm_decode` did not: the block table is `decode_width` wide in every step (before, its
+    width followed the longest row, and the split counts and lanes with it: a compile per width on the GPU)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from jit_signatures import interpreted, launch_signatures, new_signatures
+
+    from cpm4.kernels import infllm_v2
+
+    if not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    monkeypatch.setattr(infllm_v2, "uses_triton", lambda q: True)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6},
+                         num_hidden_layers=1)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_batch_size=3,
+                    max_model_len=128)
+    assert eng.graphs is None and eng.paged_decode and eng.decode_width == 16
+    with launch_signatures() as warm:
+        eng._warm_decode()
+    decode = "cpm4.kernels.infllm_v2.triton_decode"
+    assert {name for name, sigs in warm.items() for s in sigs if s[0][1] == decode} >= {"_lse_kernel",
+                                                                                          "_score_kernel"}
+    with launch_signatures() as used:
+        for i, (p, n) in enumerate(zip(prompts(3, seed=7, lo=20, hi=60), (4, 40, 80))):
+            eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        out = eng.run_to_completion()
+    assert sorted(len(ids) for _, ids, _ in out.values()) == [4, 40, 80]
+    steps = {k: {s for s in v if s[0][1] == decode} for k, v in used.items()}
+    assert sum(map(len, steps.values())) > 0
+    assert new_signatures(warm, steps) == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False])
 def test_gpu_prefill_compiles_nothing_after_warm_up(graphs, monkeypatch):
-    """On CUDA after warm_up (with CUDA graphs, and without: eager decode still warms the prefill), InfLLM v2
+    """On CUDA after warm_up (with CUDA graphs, and without: then the eager decode kernels too), InfLLM v2
     prompts of 3-7 blocks (fewer than the 8 selected: the count is a runtime argument), two in one step, then one
     continuing a cached prefix, compile no prefill kernel (Triton's post-compile hook); the GPU counterpart of
     `test_prefill_kernels_compile_nothing_after_warm_up_interpreter`."""
@@ -1203,12 +1244,14 @@ def test_gpu_prefill_compiles_nothing_after_warm_up(graphs, monkeypatch):
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, cuda_graphs=graphs, max_model_len=256)
     eng.warm_up()
     prefill = ("cpm4.kernels.infllm_v2.triton_select", "cpm4.kernels.infllm_v2.triton_attention")
+    # Without graphs the decode steps are eager: `_warm_decode` compiled their kernels too.
+    watched = prefill + (() if graphs else ("cpm4.kernels.infllm_v2.triton_decode",))
     compiled = []
 
     def hook(*args, **kwargs):
         fn = kwargs.get("fn")
         fn = getattr(fn, "fn", fn)
-        if getattr(fn, "__module__", None) in prefill:
+        if getattr(fn, "__module__", None) in watched:
             compiled.append(fn.__name__)
 
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", hook)

@@ -309,12 +309,20 @@ class PagedKVCache:
         seq.pages.clear()
         seq.length = 0
 
-    def batch(self, seqs: list[SeqPages], decode: bool = False) -> PagedBatch | DecodeBatch:
+    def batch(self, seqs: list[SeqPages], decode: bool = False, width: int | None = None) -> PagedBatch | DecodeBatch:
         """The model's cache view for one step over `seqs`; decode=True: each feeds exactly one token and
-        attention runs on the pages in place (CUDA, or the Triton interpreter in tests)."""
+        attention runs on the pages in place (CUDA, or the Triton interpreter in tests). width: the decode
+        block table's columns (the scratch page past each row's pages; padded on the device, so the host builds
+        only the rows' own pages); default the longest row's pages."""
         if decode:
-            host = decode_inputs(self, seqs, max(len(s.pages) for s in seqs), "cpu")
-            batch = DecodeBatch(self, *(t.to(self.device, non_blocking=True) for t in host))
+            own = max(len(s.pages) for s in seqs)
+            if width is not None and width < own:
+                raise ValueError(f"a sequence holds {own} pages, block table width is {width}")
+            host = decode_inputs(self, seqs, own, "cpu")
+            table, *rest = (t.to(self.device, non_blocking=True) for t in host)
+            if width is not None and width > own:
+                table = torch.nn.functional.pad(table, (0, width - own), value=self.scratch)
+            batch = DecodeBatch(self, table, *rest)
             batch.shared = decode_shared(self, seqs, host[0], host[3], self.device)
             return batch
         return PagedBatch(self, seqs)

@@ -142,11 +142,14 @@ class LLMEngine:
             if elementwise not in ("inductor", "triton", "eager"):
                 raise ValueError(f"elementwise must be 'inductor', 'triton' or 'eager', not {elementwise!r}")
             model.fuse_elementwise(elementwise != "eager", backend=elementwise)
+        # The block table's width in paged decode steps, graphs or eager: every row padded to the context's pages,
+        # so a step's kernels (their split counts and lanes follow the width) are the same at any length: one
+        # compile per batch size at warm-up, none in the middle of serving. A multiple of 16 columns: the
+        # kernels' table loads vectorise only for strides divisible by 16.
+        self.decode_width = -(-min(-(-self.context // cache.page_size), cache.num_pages) // 16) * 16
         self.graphs = None
         if cuda_graphs:
-            # A multiple of 16 columns: the kernels' table loads vectorise only for strides divisible by 16.
-            width = -(-min(-(-self.context // cache.page_size), cache.num_pages) // 16) * 16
-            self.graphs = DecodeGraphs(model, cache, max_batch_size, width, compile=compile)
+            self.graphs = DecodeGraphs(model, cache, max_batch_size, self.decode_width, compile=compile)
         self.compile = compile
         # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
         # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
@@ -496,7 +499,8 @@ class LLMEngine:
             ones = torch.ones_like(ids[:, 0])
             if not self.paged_decode:  # the gathering path: the model advances the lengths itself
                 return self.model(ids, self.cache.batch(seqs), ones, last_only=True)
-            logits = self.model(ids, self.cache.batch(seqs, decode=True), ones, last_only=True)
+            logits = self.model(ids, self.cache.batch(seqs, decode=True, width=self.decode_width), ones,
+                                last_only=True)
         for s in seqs:
             s.length += 1
         return logits
@@ -585,9 +589,31 @@ class LLMEngine:
             return
         if self.graphs is not None:
             self.graphs.warm_up()
+        elif self.paged_decode:
+            self._warm_decode()
         self._warm_prefill()
         gc.collect()
         gc.freeze()
+
+    def _warm_decode(self) -> None:
+        """Eager decode steps (CUDA graphs off) of every batch size on throwaway pages: a step's kernels follow
+        the batch size (split counts, row counts of 1) and, with the block table at `decode_width`, nothing else,
+        so these compile all that eager decoding will launch (the graphs' capture does it for theirs). A batch
+        size whose rows do not fit in the free pages is left to its first use."""
+        dev = self.model.device
+        with torch.inference_mode():
+            for b in range(1, self.max_batch_size + 1):
+                seqs = [SeqPages() for _ in range(b)]
+                try:
+                    for s in seqs:
+                        self.cache.reserve(s, 2)
+                        s.length = 1  # one (throwaway) token stored: the step feeds the second
+                    self._forward_decode(seqs, torch.full((b,), 3, device=dev))
+                except OutOfPages:
+                    break
+                finally:
+                    for s in seqs:
+                        self.cache.release(s)
 
     def _warm_prefill(self) -> None:
         """Prefill forwards of one row and of two (dynamo specializes sizes of 1: separate compilations with
