@@ -267,6 +267,12 @@ jitvariants)  # Triton compilations met round by round after warm_up (benchmarks
     timeout 200 "$PY" benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --shared-prefix 4096 \
         --max-len 512 2>&1 | tail -9 | cut -c1-220
     ;;
+jiteager)  # as jitvariants with CUDA graphs off (--enforce-eager): the eager decode steps' kernels as well (a
+    # block table of decode_width columns and _warm_decode since the twenty-seventh session)
+    timeout 200 "$PY" benchmarks/jit_variants.py --config minicpm4-0.5b --eager --tag=-eager 2>&1 | tail -9 | cut -c1-220
+    timeout 250 "$PY" benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --max-len 8192 --requests 8 \
+        --eager --tag=-eager 2>&1 | tail -9 | cut -c1-220
+    ;;
 alignlens)  # the kernels' rows at a multiple of 16 and one token less: the benchmarks' lengths (powers of 2) get
     # Triton's divisible-by-16 variants, most real lengths the other one (does the table overstate real prompts?)
     timeout 300 "$PY" benchmarks/attention.py --lengths 32768 32767 131072 131071 --skip-backward --out "${OUT:-/tmp}" \

@@ -11,6 +11,7 @@ nothing after its first rounds.
     python3 benchmarks/jit_variants.py --config minicpm4-0.5b                      # dense rows
     python3 benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048     # InfLLM v2 rows past 2K
     python3 benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --shared-prefix 4096 --max-len 512
+    python3 benchmarks/jit_variants.py --config minicpm4-0.5b --dense-len 2048 --eager  # eager decode steps too
 
 `--dense-len N` gives the model the 8B's sparse_config with dense_len N, so prompts past N run the InfLLM v2
 prefill kernels. Rows: `round<i>` (round 0 right after warm_up), ours_ms the round's wall time; `compiles`,
@@ -52,6 +53,7 @@ def main() -> None:
                     help="every prompt starts with the same N tokens (cached after the first round): the rest is "
                          "prefilled as rows continuing a cached prefix (few queries after many keys)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="CUDA graphs off: eager decode steps (--enforce-eager)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -71,8 +73,7 @@ def main() -> None:
     model = random_model(cfg, dtype=dtype, device=dev)
     tok = covering_tokenizer(cfg.vocab_size)
     eng = build_engine(model, tok, args.requests * (args.shared_prefix + args.max_len + args.output + 64),
-                       args.requests,
-                       compile=args.compile)
+                       args.requests, cuda_graphs=False if args.eager else None, compile=args.compile)
     eng.warm_up()
     rnd = random.Random(0)
     prefix = [rnd.randrange(3, cfg.vocab_size) for _ in range(args.shared_prefix)]
