@@ -323,7 +323,7 @@ class PagedKVCache:
             if width is not None and width > own:
                 table = torch.nn.functional.pad(table, (0, width - own), value=self.scratch)
             batch = DecodeBatch(self, table, *rest)
-            batch.shared = decode_shared(self, seqs, host[0], host[3], self.device)
+            batch.shared = decode_shared(self, seqs, host[0], host[3], self.device, width)
             return batch
         return PagedBatch(self, seqs)
 
@@ -664,9 +664,11 @@ def dense_rows_below(config: MiniCPM4Config) -> int | None | bool:
 
 
 def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor, lens: torch.Tensor,
-                  device: torch.device | str):
+                  device: torch.device | str, width: int | None = None):
     """The `SharedPrefix` of a decode step over `seqs` (eager steps; captured graphs fill buffers instead),
-    or None: cascade decode off, no dense rows, or no group. table [b, w] int32 and lens [b] on the host."""
+    or None: cascade decode off, no dense rows, or no group. table [b, w] int32 and lens [b] on the host;
+    width: the prefix's page list padded to that many (the step's block table width: its split count follows
+    the list's length, as in the graphs' buffer)."""
     if len(seqs) < 2 or not cascade_on(cache):
         return None
     below = dense_rows_below(cache.config)
@@ -677,6 +679,8 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
         return None
     member, p = found
     pages = table[int(np.argmax(member))].clone()
+    if width is not None and width > pages.numel():
+        pages = torch.nn.functional.pad(pages, (0, width - pages.numel()), value=cache.scratch)
     return SharedPrefix(pages.to(device), torch.tensor([p], dtype=torch.int32).to(device),
                         torch.from_numpy(member.astype(np.int32)).to(device))
 
