@@ -242,6 +242,13 @@ cascadetests)  # the GPU tests of cascade decode (compiled graphs included)
 warmup)  # LLMEngine.warm_up's seconds with cascade decode on (its graphs captured too) and off, eager and compiled
     timeout 560 "$PY" benchmarks/warmup_time.py --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "warm_up|^phase"
     ;;
+warmupeager)  # warm_up with CUDA graphs off (an eager decode step per batch size) against the graphs' own, at the
+    # server's default 16 and at LLM's 256
+    for mb in 16 256; do
+        timeout 280 "$PY" benchmarks/warmup_time.py --modes nographs --max-batch $mb --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "warm_up|^phase"
+    done
+    ;;
 servingsys)  # the offline row after a shared 2,048-token system prompt, cascade decode on (one call; servingsysoff: off)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
         --cascade-decode --tag=-sys2048-cascadedecode 2>&1 | tail -6
