@@ -1148,31 +1148,43 @@ def test_continuing_rows_in_one_varlen_call_float_math(monkeypatch):
         torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:].float(), rtol=1e-6, atol=1e-6)
 
 
-def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
-    """What the engine's own prefill steps launch (keys read from the pages, several sparse rows in one launch,
-    rows continuing a cached prefix, contexts of fewer blocks than num_selected) has no InfLLM v2 prefill kernel
-    signature its warm-up (`_warm_prefill`) did not launch: on the GPU each would compile and autotune inside a
-    request (`benchmarks/jit_variants.py` counts them there). Triton's interpreter, forced onto the Triton path;
-    the decode kernels are compiled by the CUDA graphs' capture in warm_up, not here."""
+def _interpreted_sparse_engine(monkeypatch, **engine_kw) -> LLMEngine:
+    """A one-layer InfLLM v2 engine (dense_len 40, 8 blocks of 16 selected) on Triton's interpreter, forced onto
+    the Triton path, for the tests that compare kernel signatures (skips off the interpreter)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
-    import functools
-
-    from jit_signatures import interpreted, launch_signatures, new_signatures
+    from jit_signatures import interpreted
 
     from cpm4.kernels import infllm_v2
 
     if not interpreted():
         pytest.skip("signatures are read from the interpreter's launches")
     monkeypatch.setattr(infllm_v2, "uses_triton", lambda q: True)
-    # Fewer autotuning queries than the GPU's 1,024: the interpreter runs every program in Python.
-    monkeypatch.setattr(infllm_v2, "warm_prefill_kernels",
-                        functools.partial(infllm_v2.warm_prefill_kernels, queries=8))
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6},
                          num_hidden_layers=1)
     assert model.config.sparse_config.num_selected == 8  # 3 blocks and more are sparse: widths 4 and 8
-    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_model_len=128)
+    return LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_model_len=128,
+                     **engine_kw)
+
+
+def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
+    """What the engine's own prefill steps launch (keys read from the pages, several sparse rows in one launch,
+    rows continuing a cached prefix, contexts of fewer blocks than num_selected) has no InfLLM v2 prefill kernel
+    signature its warm-up (`_warm_prefill`) did not launch: on the GPU each would compile and autotune inside a
+    request (`benchmarks/jit_variants.py` counts them there). Triton's interpreter, forced onto the Triton path;
+    the decode kernels are compiled by the CUDA graphs' capture in warm_up or, without graphs, by `_warm_decode`
+    (the next test), not here."""
+    import functools
+
+    eng = _interpreted_sparse_engine(monkeypatch)
+    from jit_signatures import launch_signatures, new_signatures
+
+    from cpm4.kernels import infllm_v2
+
+    # Fewer autotuning queries than the GPU's 1,024: the interpreter runs every program in Python.
+    monkeypatch.setattr(infllm_v2, "warm_prefill_kernels",
+                        functools.partial(infllm_v2.warm_prefill_kernels, queries=8))
     with launch_signatures() as warm:
         eng._warm_prefill()
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
@@ -1197,20 +1209,9 @@ def test_eager_decode_kernels_compile_nothing_after_warm_up_interpreter(monkeypa
     decode kernel signature that warm_up's `_warm_decode` did not: the block table is `decode_width` wide in every
     step (before, its width followed the longest row, and the split counts, lanes and table stride with it: a
     compile per width class on the GPU)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter test: runs on CPU only")
-    from jit_signatures import interpreted, launch_signatures, new_signatures
+    eng = _interpreted_sparse_engine(monkeypatch, max_batch_size=3)
+    from jit_signatures import launch_signatures, new_signatures
 
-    from cpm4.kernels import infllm_v2
-
-    if not interpreted():
-        pytest.skip("signatures are read from the interpreter's launches")
-    monkeypatch.setattr(infllm_v2, "uses_triton", lambda q: True)
-    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6},
-                         num_hidden_layers=1)
-    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_batch_size=3,
-                    max_model_len=128)
     assert eng.graphs is None and eng.paged_decode and eng.decode_width == 16
     with launch_signatures() as warm:
         eng._warm_decode()
