@@ -1148,7 +1148,7 @@ def test_continuing_rows_in_one_varlen_call_float_math(monkeypatch):
         torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:].float(), rtol=1e-6, atol=1e-6)
 
 
-def _interpreted_sparse_engine(monkeypatch, **engine_kw) -> LLMEngine:
+def _interpreted_sparse_engine(monkeypatch, cache_kw: dict | None = None, **engine_kw) -> LLMEngine:
     """A one-layer InfLLM v2 engine (dense_len 40, 8 blocks of 16 selected) on Triton's interpreter, forced onto
     the Triton path, for the tests that compare kernel signatures (skips off the interpreter)."""
     pytest.importorskip("triton")
@@ -1164,8 +1164,8 @@ def _interpreted_sparse_engine(monkeypatch, **engine_kw) -> LLMEngine:
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40) | {"topk": 6},
                          num_hidden_layers=1)
     assert model.config.sparse_config.num_selected == 8  # 3 blocks and more are sparse: widths 4 and 8
-    return LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16), max_model_len=128,
-                     **engine_kw)
+    return LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=40, page_size=16, **(cache_kw or {})),
+                     max_model_len=128, **engine_kw)
 
 
 def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
@@ -1205,26 +1205,38 @@ def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
 
 def test_eager_decode_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
     """Eager decode (CUDA graphs off): the steps of a serving run — batches shrinking from 3 rows to 1 as
-    requests end, contexts of 2 to 4 pages (21-51 tokens), rows crossing dense_len into sparse decoding — launch no
-    decode kernel signature that warm_up's `_warm_decode` did not: the block table is `decode_width` wide in every
+    requests end, contexts of 2 to 4 pages (21-51 tokens), rows crossing dense_len into sparse decoding, then
+    dense rows after a cached 2-page prefix decoding as a cascade group — launch no decode kernel signature that
+    warm_up's `_warm_decode` did not: the block table (and a group's page list) is `decode_width` wide in every
     step (before, its width followed the longest row, and the split counts, lanes and table stride with it: a
-    compile per width class on the GPU)."""
-    eng = _interpreted_sparse_engine(monkeypatch, max_batch_size=3)
+    compile per width class on the GPU), and the warm-up steps each batch size as a group too."""
+    from cpm4.engine import paged
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 16)  # tiny shapes: a group of one shared page is one
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
+    eng = _interpreted_sparse_engine(monkeypatch, dict(prefix_caching=True), max_batch_size=3)
     from jit_signatures import launch_signatures, new_signatures
 
     assert eng.graphs is None and eng.paged_decode and eng.decode_width == 16
     with launch_signatures() as warm:
         eng._warm_decode()
-    decode = "cpm4.kernels.infllm_v2.triton_decode"
-    assert {name for name, sigs in warm.items() for s in sigs if s[0][1] == decode} >= {"_lse_kernel",
-                                                                                          "_score_kernel"}
+    decode = ("cpm4.kernels.infllm_v2.triton_decode", "cpm4.kernels.infllm_v2.triton_cascade")
+    assert {name for name, sigs in warm.items() for s in sigs if s[0][1] in decode} >= {
+        "_lse_kernel", "_score_kernel", "_shared_kernel"}
+    prefix = prompts(1, seed=9, lo=32, hi=33)[0]
     with launch_signatures() as used:
         for i, (p, n) in enumerate(zip(prompts(3, seed=7, lo=20, hi=60), (3, 12, 30))):
             eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         out = eng.run_to_completion()
+        eng.add_request("prefix", prefix + [5], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        eng.run_to_completion()
+        for i, t in enumerate(prompts(3, seed=8, lo=1, hi=4)):  # 33-35 tokens, then 4 more: dense rows
+            eng.add_request(f"g{i}", prefix + t, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        eng.run_to_completion()
     assert sorted(len(ids) for _, ids, _ in out.values()) == [3, 12, 30]
-    steps = {k: {s for s in v if s[0][1] == decode} for k, v in used.items()}
-    assert sum(map(len, steps.values())) > 0
+    steps = {k: {s for s in v if s[0][1] in decode} for k, v in used.items()}
+    assert steps.get("_shared_kernel") and steps.get("_lse_kernel")  # a cascade group decoded, sparse rows too
     assert new_signatures(warm, steps) == {}
 
 

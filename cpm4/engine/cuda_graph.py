@@ -90,9 +90,7 @@ class DecodeGraphs:
         if paged.cascade_on(cache):
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-            self.shared = SharedPrefix(torch.full((width,), cache.scratch, dtype=torch.int32, device=device),
-                                       torch.zeros(1, dtype=torch.int32, device=device),
-                                       torch.zeros(n, dtype=torch.int32, device=device))
+            self.shared = SharedPrefix.empty(width, n, cache.scratch, device)
         self._pad_starts = torch.zeros(n, dtype=torch.long)
         self._pad_slots = torch.full((n,), cache.scratch * cache.page_size, dtype=torch.long)
 

@@ -488,9 +488,10 @@ class LLMEngine:
         self.waiting.appendleft(req)
         self.num_preempted += 1
 
-    def _forward_decode(self, seqs: list[SeqPages], ids: list[int] | torch.Tensor) -> torch.Tensor:
+    def _forward_decode(self, seqs: list[SeqPages], ids: list[int] | torch.Tensor, shared=None) -> torch.Tensor:
         """Logits [B, V] of one decode step feeding one token per sequence (host ids or ids on the device);
-        advances the pages' lengths."""
+        advances the pages' lengths. shared: an eager step's `SharedPrefix` in place of the group its rows
+        form (`_warm_decode`)."""
         dev = self.model.device
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             logits = self.graphs.run(ids, seqs)
@@ -499,8 +500,10 @@ class LLMEngine:
             ones = torch.ones_like(ids[:, 0])
             if not self.paged_decode:  # the gathering path: the model advances the lengths itself
                 return self.model(ids, self.cache.batch(seqs), ones, last_only=True)
-            logits = self.model(ids, self.cache.batch(seqs, decode=True, width=self.decode_width), ones,
-                                last_only=True)
+            batch = self.cache.batch(seqs, decode=True, width=self.decode_width)
+            if shared is not None:
+                batch.shared = shared
+            logits = self.model(ids, batch, ones, last_only=True)
         for s in seqs:
             s.length += 1
         return logits
@@ -598,17 +601,27 @@ class LLMEngine:
     def _warm_decode(self) -> None:
         """Eager decode steps (CUDA graphs off) of every batch size on throwaway pages: a step's kernels follow
         the batch size (split counts, row counts of 1) and, with the block table at `decode_width`, nothing else,
-        so these compile all that eager decoding will launch (the graphs' capture does it for theirs). A batch
-        size whose rows do not fit in the free pages is left to its first use."""
+        so these compile all that eager decoding will launch (the graphs' capture does it for theirs). With
+        cascade decode, each size of two rows or more also steps as a group sharing no pages (the cascade
+        kernels' variant, as the graphs capture it). A batch size whose rows do not fit in the free pages is
+        left to its first use."""
+        from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
+
+        from .paged import cascade_on
+
         dev = self.model.device
+        cascade = cascade_on(self.cache)
         with torch.inference_mode():
             for b in range(1, self.max_batch_size + 1):
                 seqs = [SeqPages() for _ in range(b)]
+                steps = [None] + ([SharedPrefix.empty(self.decode_width, b, self.cache.scratch, dev)]
+                                  if cascade and b > 1 else [])
                 try:
                     for s in seqs:
-                        self.cache.reserve(s, 2)
-                        s.length = 1  # one (throwaway) token stored: the step feeds the second
-                    self._forward_decode(seqs, torch.full((b,), 3, device=dev))
+                        self.cache.reserve(s, 1 + len(steps))
+                        s.length = 1  # one (throwaway) token stored: the steps feed the next ones
+                    for shared in steps:
+                        self._forward_decode(seqs, torch.full((b,), 3, device=dev), shared)
                 except OutOfPages:
                     break
                 finally:

@@ -94,6 +94,13 @@ class SharedPrefix:
     # default, sized for rows that attend everything themselves (benchmarks/cascade_decode.py --own-splits).
     own_splits: ClassVar[int | None] = None
 
+    @classmethod
+    def empty(cls, width: int, rows: int, scratch: int, device: torch.device | str) -> SharedPrefix:
+        """No pages shared yet (count 0, no members): the buffers a captured graph's step reads, and an
+        eager warm-up step's group; the step launches the cascade kernels and they attend nothing extra."""
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(torch.full((width,), scratch, **i32), torch.zeros(1, **i32), torch.zeros(rows, **i32))
+
     def tile_rows(self, g: int) -> int:
         """Rows per program for a KV group of g heads (at least 16 query vectors: the dot's minimum)."""
         g_pad = triton.next_power_of_2(g)
