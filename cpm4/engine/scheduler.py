@@ -26,7 +26,7 @@ from cpm4.model.tokenizer import Tokenizer
 
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
-from .paged import OutOfPages, PagedKVCache, SeqPages, kv_budget_bytes, page_size_for
+from .paged import OutOfPages, PagedKVCache, SeqPages, cascade_on, kv_budget_bytes, page_size_for
 from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
 
 
@@ -605,9 +605,7 @@ class LLMEngine:
         cascade decode, each size of two rows or more also steps as a group sharing no pages (the cascade
         kernels' variant, as the graphs capture it). A batch size whose rows do not fit in the free pages is
         left to its first use."""
-        from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
-
-        from .paged import cascade_on
+        from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix  # (Triton: CUDA or its interpreter)
 
         dev = self.model.device
         cascade = cascade_on(self.cache)
