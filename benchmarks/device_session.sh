@@ -312,6 +312,35 @@ stage2ab)  # carry ab_old: stage 2 at 128K kernel by kernel (benchmarks/stage2_a
             | grep -E "^$side " | cut -c1-160
     done
     ;;
+ncushared)  # Nsight Compute on _fwd_shared_kernel at 128K after autotuning: the checkout against a copy with the
+    # forward kernels' lengths specialized (as stage2ab's spec side; 8 % faster there): details pages under $OUT
+    rm -rf /tmp/spec && mkdir -p /tmp/spec && cp -r cpm4 /tmp/spec/
+    sed -i -E 's/^@triton.jit\(do_not_specialize=\["(tq", "q_start", "tk", "n_rows", "n_programs|q_start", "tk", "n_rows", "nsel)"\]\).*/@triton.jit/' \
+        /tmp/spec/cpm4/kernels/infllm_v2/triton_attention.py
+    for side in new spec; do
+        root=.; [ "$side" = spec ] && root=/tmp/spec
+        timeout 250 ncu --profile-from-start off --kernel-name regex:_fwd_shared_kernel --set full --import-source no \
+            --page details "$PY" benchmarks/stage2_ab.py --root "$root" --ncu > "${OUT:-/tmp}/ncu-shared-$side.txt" 2>&1
+        echo "$side rc=$? $(wc -l < "${OUT:-/tmp}/ncu-shared-$side.txt") lines"
+        grep -E "Duration|Registers Per|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|L2 Hit|Issued Ipc" \
+            "${OUT:-/tmp}/ncu-shared-$side.txt" | head -12
+    done
+    ;;
+sharedargs)  # which unspecialized length argument costs _fwd_shared_kernel its 8 %: copies of the checkout with one
+    # of them specialized again (tq, q_start, tk) or all (spec), stage 2 kernel by kernel, alternated
+    line=$(grep -n '^def _fwd_shared_kernel' cpm4/kernels/infllm_v2/triton_attention.py | cut -d: -f1)
+    for a in tq q_start tk all; do
+        rm -rf /tmp/sp-$a && mkdir -p /tmp/sp-$a && cp -r cpm4 /tmp/sp-$a/
+        f=/tmp/sp-$a/cpm4/kernels/infllm_v2/triton_attention.py
+        if [ $a = all ]; then sed -i "$((line - 1))s/.*/@triton.jit/" $f; else sed -i "$((line - 1))s/\"$a\", //" $f; fi
+        sed -n "$((line - 1))p" $f
+    done
+    for side in new tq q_start tk all new tk all; do
+        root=.; [ "$side" != new ] && root=/tmp/sp-$side
+        timeout 90 "$PY" benchmarks/stage2_ab.py --root "$root" --tag $side --reps 20 2>&1 | grep -E "^$side +_fwd_shared" \
+            | cut -c1-120
+    done
+    ;;
 firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass: the profile's host rows say where
     timeout 250 "$PY" benchmarks/prefix_cache.py --config minicpm4-8b --prefixes 30000 --requests 8 --profile \
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170

@@ -3,6 +3,9 @@ time (torch.profiler) and the configs its autotuner picked. The selection is mad
 stage 1, so both sides attend to the same blocks (same seed, same inputs).
 
     python3 benchmarks/stage2_ab.py --root ab_old --length 131072 --tag old
+
+--ncu: after the autotuning runs, one run inside cudaProfilerStart/Stop and nothing else, for Nsight Compute's
+`--profile-from-start off` (device stage `ncushared`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None, help="folder for a JSON of the rows")
+    ap.add_argument("--ncu", action="store_true", help="one profiler-range run after autotuning, then exit")
     args = ap.parse_args()
     sys.path.insert(0, os.path.abspath(args.root))
     import torch
@@ -47,6 +51,12 @@ def main() -> None:
     for _ in range(3):  # autotune and warm
         run()
     torch.cuda.synchronize()
+    if args.ncu:
+        torch.cuda.cudart().cudaProfilerStart()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.reps):
             run()

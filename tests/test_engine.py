@@ -521,6 +521,32 @@ def test_warm_up_with_graphs_off_on_cuda_still_warms_prefill(monkeypatch):
     assert calls == ["decode", "prefill", "freeze"]
 
 
+def test_eager_decode_warm_up_steps_the_first_layer_alone(monkeypatch):
+    """`_warm_decode`'s steps (a batch size each, and a cascade group each from two rows) run the model with its
+    first layer alone: every layer launches the same kernels (the 0.5B's 256 sizes took 26 s through all 24
+    layers). The layers are back afterwards, and when a step raises; no page stays taken."""
+    from cpm4.engine import paged
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", True)
+    model = random_model("tiny", dtype=torch.float32, num_hidden_layers=3)
+    layers = model.model.layers
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=3, paged_decode=True)
+    free = cache.num_free
+    seen = []
+
+    def step(seqs, ids, shared=None):
+        seen.append((len(seqs), shared is not None, [layer.self_attn.layer_idx for layer in model.model.layers]))
+        if len(seqs) == 3 and shared is not None:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(eng, "_forward_decode", step)
+    with pytest.raises(RuntimeError, match="boom"):
+        eng._warm_decode()
+    assert seen == [(1, False, [0]), (2, False, [0]), (2, True, [0]), (3, False, [0]), (3, True, [0])]
+    assert model.model.layers is layers and len(layers) == 3 and cache.num_free == free
+
+
 def test_warm_up_compiles_prefill_for_one_and_several_rows():
     """warm_up with compile runs the fused prefill ops for one row and for several (dynamo specializes sizes
     of 1) on throwaway pages: later prefills of any row count compile nothing, and no page stays taken. The
