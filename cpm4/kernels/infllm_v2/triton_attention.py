@@ -70,13 +70,13 @@ def _fwd_shared_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, q_start, tk, win
         b, pid, tq, q_start, tk = row_params(rows_ptr, n_rows, pid, n_programs, 2)
         if tl.program_id(0) + q_start // BLOCK <= (tk - 1) // BLOCK:  # past a shorter row's blocks: nothing
             _fwd_shared_edges(q_ptr + b * stride_qb, k_ptr + b * stride_kb, v_ptr + b * stride_vb,
-                             o_ptr + b * stride_ob, lse_ptr + b * stride_lb, pid, q_start, tk, window, sm_scale,
-                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                             stride_lt, G, D, BLOCK, INIT, HP)
+                              o_ptr + b * stride_ob, lse_ptr + b * stride_lb, pid, q_start, tk, window, sm_scale,
+                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                              stride_lt, G, D, BLOCK, INIT, HP)
     else:
-        _fwd_shared_edges(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, window, sm_scale, stride_qt, stride_qh,
-                         stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, G, D, BLOCK, INIT,
-                         HP)
+        _fwd_shared_edges(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, window, sm_scale, stride_qt,
+                          stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, G, D,
+                          BLOCK, INIT, HP)
 
 
 @triton.jit
