@@ -35,6 +35,10 @@
 #                                               # beyond the GEMMs and the attention kernels)
 #   bash benchmarks/device_session.sh diag      # first-call costs of the prefill attention shapes; offline row alone
 #                                               # with what ran inside the timed run (compiles, GC, cudaMalloc)
+#   bash benchmarks/device_session.sh ncushared # Nsight Compute on the shared-blocks forward kernel at 128K, lengths
+#                                               # unspecialized against specialized
+#   bash benchmarks/device_session.sh sharedargs # that kernel with one length argument specialized again at a time
+#   (more stages below, each with its comment: cascade decode, warm-up, JIT variants, A/B against ab_old, ...)
 #
 # JSON results land in benchmarks/results and, on the device, under $OUT. Each command has its own time limit so
 # one slow step cannot eat the whole call.
