@@ -246,6 +246,13 @@ cascadetests)  # the GPU tests of cascade decode (compiled graphs included)
 warmup)  # LLMEngine.warm_up's seconds with cascade decode on (its graphs captured too) and off, eager and compiled
     timeout 560 "$PY" benchmarks/warmup_time.py --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "warm_up|^phase"
     ;;
+warmupdynamic)  # the compiled warm-up with the batch dimension symbolic (cuda_graph.DYNAMIC_BATCH) against a
+    # compilation per bucket, and each bucket's captured step replayed under both; then the compiled GPU tests
+    timeout 420 "$PY" benchmarks/warmup_time.py --modes dynamic --out "${OUT:-benchmarks/results}" \
+        2>&1 | grep -E "warm_up|^phase|^replay"
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q tests/test_engine.py tests/test_cascade_decode.py \
+        -k "compile" 2>&1 | tail -4
+    ;;
 warmupeager)  # warm_up with CUDA graphs off (an eager decode step per batch size) against the graphs' own, at the
     # server's default 16 and at LLM's 256
     for mb in 16 256; do

@@ -28,6 +28,16 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # --pinned-inputs).
 PINNED_INPUTS = False
 
+# With compile: one compilation of the step for every bucket from DYNAMIC_FROM rows, the batch dimension of its
+# inputs symbolic (as vLLM compiles once and captures each size), instead of one per bucket (15 buckets of the
+# 0.5B model took 207 s to warm up, 59 s so). Batch 1 keeps its own (dynamo specializes sizes 0 and 1; the
+# batch-1 step of a large model is the one tuned for latency). The price (H200, 0.5B): inductor tunes each
+# generated kernel once, so the buckets replay 1.5% slower on average than with a compilation each (at most 6%,
+# at 192-224 rows). Measured worse: the shared compilation from 4 rows or tuned at the largest bucket (most
+# buckets 8% slower: RESULTS.md, "One compilation for the decode buckets").
+DYNAMIC_BATCH = True
+DYNAMIC_FROM = 2
+
 
 def _copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Host tensor into a static buffer without waiting for the stream: through pinned memory on a GPU (a copy
@@ -41,7 +51,8 @@ class DecodeGraphs:
         """width: block-table columns, enough pages for the longest sequence (fixed: it shapes the graphs).
         compile: torch.compile the step before capturing it (norms, rope, residuals and activations fused
         into few kernels; the paged attention is one opaque custom op, see `paged.make_opaque_to_compile`).
-        Each bucket compiles once, on first use or in `warm_up` (tens of seconds for a large model)."""
+        The step compiles once for batch 1 and once for the other buckets (`DYNAMIC_BATCH`), on first use or in
+        `warm_up` (tens of seconds for a large model)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model = model
@@ -50,10 +61,10 @@ class DecodeGraphs:
         self.step = model
         if compile:
             paged.make_opaque_to_compile()
-            # Static shapes: each bucket is its own compilation of the step. Past dynamo's recompile limit
-            # (8 by default) the remaining buckets would silently run the step uncompiled. The limit counts
-            # per function, over every engine in the process (the server's and a benchmark's engines compile
-            # the same model.forward), so each engine adds its own buckets to it.
+            # Static shapes but the batch dimension (`_forward`); with DYNAMIC_BATCH off each bucket is its own
+            # compilation. Past dynamo's recompile limit (8 by default) the remaining buckets would silently run
+            # the step uncompiled. The limit counts per function, over every engine in the process (the server's
+            # and a benchmark's engines compile the same model.forward), so each engine adds its buckets to it.
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, name, getattr(cfg, name) + len(self.sizes))
@@ -104,8 +115,17 @@ class DecodeGraphs:
             # Compiled: both graphs of a bucket run the same compiled step (the shared buffers always passed,
             # so no second compilation); the plain one is captured under `paged.cascade_paused`.
             sh = type(self.shared)(self.shared.pages, self.shared.count, self.shared.member[:bs])
-        view = DecodeBatch(self.cache, self.table[:bs], self.starts[:bs], self.slots[:bs], self.ends[:bs], sh)
-        return self.step(self.ids[:bs], view, self.ones[:bs], last_only=True)
+        ids, table, starts, slots, ends, ones = (t[:bs] for t in (self.ids, self.table, self.starts, self.slots,
+                                                                   self.ends, self.ones))
+        if self._dynamic(bs):
+            for t in (ids, table, starts, slots, ends, ones) + ((sh.member,) if sh is not None else ()):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        view = DecodeBatch(self.cache, table, starts, slots, ends, sh)
+        return self.step(ids, view, ones, last_only=True)
+
+    def _dynamic(self, bs: int) -> bool:
+        """Whether bucket `bs` runs the compilation with a symbolic batch dimension (`DYNAMIC_BATCH`)."""
+        return DYNAMIC_BATCH and bs >= DYNAMIC_FROM and self.step is not self.model
 
     def _capture(self, bs: int, cascade: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
@@ -127,7 +147,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Capture every bucket not captured yet (compiling the step for it first, with compile), with cascade
-        decode its cascade variant too."""
+        decode its cascade variant too. Smallest first (as measured, `DYNAMIC_BATCH`)."""
         for bs in self.sizes:
             for cascade, graphs in ((False, self.graphs), (True, self.cascade_graphs)):
                 if bs not in graphs and (not cascade or self.shared is not None):
