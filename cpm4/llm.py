@@ -133,13 +133,15 @@ def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Seque
 class LLM:
     """A loaded model with its tokenizer: offline batch generation, streaming and chat.
 
-    `generate` (and `chat`) run one continuous-batching engine, built on first use and kept across calls.
+    `generate` (and `chat`) run one continuous-batching engine, kept across calls: on CUDA built and warmed
+    up here (its cache allocated, every decode-graph bucket captured and with compile compiled, as vLLM's `LLM`
+    does at start-up), elsewhere built at the first call, its cache sized to the batch.
     Engine options, as vLLM's: max_num_seqs (sequences decoded together), gpu_memory_utilization (share of
     the GPU for weights, activations and KV cache; default 0.9 on CUDA, where the cache takes what it leaves),
     enforce_eager (no CUDA graphs), plus kv_cache_tokens (a fixed cache size instead; off CUDA the cache
     is otherwise sized to each batch), chunk_tokens (prompt tokens prefilled per engine step; default
     `default_chunk_tokens`: 8192 on a large GPU, 512 on the CPU) and compile
-    (torch.compile the captured decode step and prefill's element-wise ops: faster steps, a slow first call;
+    (torch.compile the captured decode step and prefill's element-wise ops: faster steps, a slower start;
     CUDA graphs only) and max_model_len (the longest prompt + output served, at most the model's context: a
     smaller one narrows the decode graphs' block tables and, off CUDA, the cache).
 
@@ -182,7 +184,10 @@ class LLM:
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,
                                     gpu_memory_utilization, cuda_graphs=False if enforce_eager else None,
                                     compile=compile, max_model_len=max_model_len,
-                                    enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
+                                    enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode,
+                                    warm_up=True)
+        if self.model.device.type == "cuda":  # as vLLM: the cache allocated and the graphs captured up front
+            self.engine.prepare()
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False

@@ -484,3 +484,42 @@ def test_n_completions_per_prompt():
         list(llm.stream("x", SamplingParams(n=2)))
     with pytest.raises(ValueError, match="n must be a positive int"):
         SamplingParams(n=0)
+
+
+def test_prepare_builds_and_warms_the_engine_once(monkeypatch):
+    """`OfflineEngine.prepare` (what `LLM` runs at start-up on CUDA): the engine built at the fixed cache size
+    and warmed up before any batch; batches then run on it (outputs as the plain loop) with no second warm-up.
+    A cache sized to each batch cannot be prepared."""
+    from cpm4.engine.offline import OfflineEngine
+    from cpm4.engine.scheduler import LLMEngine
+
+    warmed = []
+    monkeypatch.setattr(LLMEngine, "warm_up", lambda self: warmed.append(self))
+    m = model()
+    eng = OfflineEngine(m, tok(), max_num_seqs=3, kv_cache_tokens=160, warm_up=True)
+    built = eng.prepare()
+    assert eng.engine is built and warmed == [built] and built.cache.num_pages * built.cache.page_size >= 160
+    ps = prompts(4, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    same(eng.generate(ps, [params] * 4), reference(m, ps, params))
+    assert eng.engine is built and warmed == [built]
+    with pytest.raises(ValueError, match="prepare needs a fixed cache size"):
+        OfflineEngine(m, tok(), device_budget=False).prepare()
+    lazy = LLM(m, tokenizer=tok(), kv_cache_tokens=160)  # off CUDA: built at the first call
+    assert lazy.engine.engine is None and lazy.engine.warm
+
+
+@pytest.mark.gpu
+def test_gpu_llm_captures_its_graphs_at_start_up():
+    """On CUDA `LLM` allocates its cache and captures every decode-graph bucket in its constructor (vLLM's
+    start-up); `generate` then runs on that engine, outputs equal the plain loop."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda")
+    llm = LLM(m, tokenizer=tok(), max_num_seqs=8, gpu_memory_utilization=0.3)
+    built = llm.engine.engine
+    assert built is not None and sorted(built.graphs.graphs) == built.graphs.sizes == [1, 2, 4, 8]
+    ps = prompts(5, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    same(llm.generate(ps, params), reference(m, ps, params))
+    assert llm.engine.engine is built

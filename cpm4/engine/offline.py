@@ -86,7 +86,10 @@ class OfflineEngine:
                  chunk_tokens: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, cascade_decode: bool | None = None) -> None:
+                 enable_prefix_caching: bool = True, cascade_decode: bool | None = None,
+                 warm_up: bool = False) -> None:
+        """warm_up: each engine built runs `LLMEngine.warm_up` (every decode-graph bucket captured, compiled with
+        compile) before its first request, as vLLM's `LLM` does at start-up (see `prepare`)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)
         if gpu_memory_utilization is not None and kv_cache_tokens is None and model.device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
@@ -104,7 +107,16 @@ class OfflineEngine:
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
         self.cascade_decode = cascade_decode
+        self.warm = warm_up
         self.engine: LLMEngine | None = None
+
+    def prepare(self) -> LLMEngine:
+        """The engine built now rather than at the first batch (with `warm_up`, warmed up too): its cache at
+        the fixed size (kv_cache_tokens, or what the device budget leaves), as vLLM's `LLM` allocates it and
+        captures its graphs at start-up. A cache sized to each batch has no size before the batch."""
+        if not self.fixed_size:
+            raise ValueError("prepare needs a fixed cache size: give kv_cache_tokens (or a CUDA device budget)")
+        return self._engine_for([], [])
 
     def _cache_tokens(self, needs: list[int]) -> int:
         if self.fixed_size:
@@ -130,6 +142,8 @@ class OfflineEngine:
                                        max_model_len=self.max_model_len,
                                        enable_prefix_caching=self.enable_prefix_caching,
                                        cascade_decode=self.cascade_decode)
+            if self.warm:
+                self.engine.warm_up()
         cap = self.engine.cache.num_pages * ps
         for i, p in enumerate(prompts):
             try:
