@@ -253,6 +253,14 @@ warmupdynamic)  # the compiled warm-up with the batch dimension symbolic (cuda_g
     timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q tests/test_engine.py tests/test_cascade_decode.py \
         -k "compile" 2>&1 | tail -4
     ;;
+dynamiccode)  # why the shared compilation from bucket 4 replayed 8% slower than the one from 2 (RESULTS, "One
+    # compilation for the decode buckets"): both, the kernels of buckets 4 and 192, inductor's code (gzipped) in $OUT
+    log="${OUT:-/tmp}/dynamic-code.log"
+    TORCH_LOGS=output_code timeout 420 "$PY" benchmarks/warmup_time.py --modes dynamic --dynamic-from 2 \
+        --peer-dynamic-from 4 --profile-sizes 4 192 --out "${OUT:-benchmarks/results}" > "$log" 2>&1
+    grep -E "warm_up|^phase|^replay|^bucket|^  " "$log" | tail -50
+    gzip -f "$log"
+    ;;
 warmupeager)  # warm_up with CUDA graphs off (an eager decode step per batch size) against the graphs' own, at the
     # server's default 16 and at LLM's 256
     for mb in 16 256; do

@@ -3,9 +3,10 @@ bucket's cascade variant captured too — against off. Random weights of a prese
 benchmarks/results/warmup_time-<date>.json (ours: cascade decode on, peer: off; seqlen: max batch). Mode
 `nographs`: CUDA graphs off (`--enforce-eager`: an eager decode step of every batch size, `_warm_decode`) against
 the graphs' eager warm-up, cascade decode on in both. Mode `dynamic`: the compiled warm-up with the batch
-dimension symbolic (`cuda_graph.DYNAMIC_BATCH`, one compilation for the buckets past 1) against one compilation
-per bucket, and each bucket's captured step replayed (ms, medians of 100 in 5 rounds taken in turn by the two
-engines; rows pointed at the scratch page).
+dimension symbolic (`cuda_graph.DYNAMIC_BATCH`, one compilation shared from bucket --dynamic-from) against one
+compilation per bucket (or, with --peer-dynamic-from, one shared from another bucket), and each bucket's captured
+step replayed (ms, medians of 100 in 5 rounds taken in turn by the two engines; rows pointed at the scratch
+page).
 
     python benchmarks/warmup_time.py --config minicpm4-0.5b --max-batch 256
     python benchmarks/warmup_time.py --modes nographs --max-batch 16
@@ -98,6 +99,10 @@ def main() -> None:
                     choices=["eager", "compile", "nographs", "dynamic"])
     ap.add_argument("--profile-sizes", type=int, nargs="*", default=[],
                     help="dynamic mode: these buckets' kernels under both engines (torch.profiler)")
+    ap.add_argument("--dynamic-from", type=int, default=cuda_graph.DYNAMIC_FROM,
+                    help="dynamic mode: ours shares one compilation from this bucket (cuda_graph.DYNAMIC_FROM)")
+    ap.add_argument("--peer-dynamic-from", type=int, default=0,
+                    help="dynamic mode: the peer shares one from this bucket (default 0: a compilation per bucket)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -116,13 +121,13 @@ def main() -> None:
             print(f"warm_up graphs off: {on:.1f} s; graphs on: {off:.1f} s ({n_off} graphs)", flush=True)
             continue
         if mode == "dynamic":
-            times, engines = {}, []
-            for flag in (True, False):
-                cuda_graph.DYNAMIC_BATCH = flag
+            times, engines = [], []
+            for start in (args.dynamic_from, args.peer_dynamic_from):  # 0: a compilation per bucket
+                cuda_graph.DYNAMIC_BATCH, cuda_graph.DYNAMIC_FROM = start > 0, max(start, 1)
                 torch._dynamo.reset()  # each its own compilations (dynamo's cache is the forward's, not an engine's)
-                times[flag] = warm_up_s(model, tok, args.max_batch, True, True, keep=engines)
-                print(f"warm_up compile, DYNAMIC_BATCH={int(flag)}: {times[flag][0]:.1f} s ({times[flag][1]} graphs)",
-                      flush=True)
+                times.append(warm_up_s(model, tok, args.max_batch, True, True, keep=engines))
+                print(f"warm_up compile, shared compilation from {start or '-'}: {times[-1][0]:.1f} s "
+                      f"({times[-1][1]} graphs)", flush=True)
             # Both engines' graphs replayed in turn, 5 rounds of 20 (a captured graph needs no compiled code).
             reps = [{}, {}]
             for _ in range(5):
@@ -133,11 +138,13 @@ def main() -> None:
             for bs in args.profile_sizes:
                 print_kernel_diff(bs, *(kernel_us(eng.graphs.graphs[bs][0]) for eng in engines))
             engines.clear()
-            (on, n_on), (off, n_off) = times[True], times[False]
+            (on, n_on), (off, n_off) = times
+            peer = (f"shared compilation from {args.peer_dynamic_from}" if args.peer_dynamic_from
+                    else "a compilation per bucket")
             rows.append({"phase": "warm_up.compile.dynamic_batch", "seqlen": args.max_batch,
                          "ours_ms": round(on * 1000, 1), "peer_ms": round(off * 1000, 1),
                          "speedup": round(off / on, 2), "graphs": n_on, "peer_graphs": n_off,
-                         "peer": "a compilation per bucket"})
+                         "dynamic_from": args.dynamic_from, "peer": peer})
             for bs in sorted(r_on):
                 rows.append({"phase": "replay.compile.dynamic_batch", "seqlen": bs, "ours_ms": round(r_on[bs], 4),
                              "peer_ms": round(r_off[bs], 4), "speedup": round(r_off[bs] / r_on[bs], 3)})
