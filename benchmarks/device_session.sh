@@ -258,7 +258,7 @@ dynamiccode)  # why the shared compilation from bucket 4 replayed 8% slower than
     log="${OUT:-/tmp}/dynamic-code.log"
     TORCH_LOGS=output_code timeout 420 "$PY" benchmarks/warmup_time.py --modes dynamic --dynamic-from 2 \
         --peer-dynamic-from 4 --profile-sizes 4 192 --out "${OUT:-benchmarks/results}" > "$log" 2>&1
-    grep -E "warm_up|^phase|^replay|^bucket|^  " "$log" | tail -50
+    grep -E "^warm_up|^phase|^replay|^bucket|^ +[0-9]+\.[0-9] +[0-9]+\.[0-9]  " "$log" | tail -50
     gzip -f "$log"
     ;;
 warmupeager)  # warm_up with CUDA graphs off (an eager decode step per batch size) against the graphs' own, at the
