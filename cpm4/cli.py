@@ -89,12 +89,14 @@ def _sampling(args: argparse.Namespace):
                           seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, max_num_seqs: int):
+    """The LLM for `max_num_seqs` sequences at once: on CUDA it captures a decode graph per batch-size bucket
+    up to that number at start-up, so a one-prompt run captures one."""
     from .llm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, max_num_seqs=max_num_seqs)
     m = llm.model
     print(f"[cpm4] loaded {args.model} ({m.config.num_parameters() / 1e6:.1f}M params, {m.device}, "
           f"{str(m.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
@@ -127,9 +129,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # validate the arguments before a (possibly long) model load
-    llm = _load(args)
     # A prompt piped in usually ends with the shell's newline, which is not part of the prompt.
     prompts = args.prompt or [sys.stdin.read().removesuffix("\n")]
+    llm = _load(args, max_num_seqs=min(len(prompts), 256))  # (256: LLM's default)
     if args.chat:  # each prompt is one user turn, rendered with the checkpoint's chat template
         prompts = [llm.tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
@@ -162,7 +164,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .engine.generate import PromptTooLongError
 
     params = _sampling(args)
-    llm = _load(args)
+    llm = _load(args, max_num_seqs=1)  # one conversation
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",

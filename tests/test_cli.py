@@ -422,3 +422,25 @@ def test_generate_ctrl_c_while_streaming(jobs):
     assert "Traceback" not in r.err, r.err
     assert "interrupted" in r.err
     assert len(r.out) > 0
+
+
+def test_generate_and_chat_size_the_engine_to_their_prompts(monkeypatch):
+    """`cpm4 generate` builds its LLM for as many sequences as it has prompts (capped at LLM's default 256)
+    and `cpm4 chat` for one: on CUDA the LLM captures a decode graph per bucket up to that at start-up."""
+    import cpm4.llm
+    from cpm4.cli import main
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def fake_llm(*args, **kw):
+        seen.append(kw["max_num_seqs"])
+        raise Built
+
+    monkeypatch.setattr(cpm4.llm, "LLM", fake_llm)
+    for argv in (["generate", "a", "b", "c"], ["generate", *"x" * 300], ["generate", "one"], ["chat"]):
+        with pytest.raises(Built):
+            main(argv)
+    assert seen == [3, 256, 1, 1]
