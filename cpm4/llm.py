@@ -55,12 +55,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
-    """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer. device/dtype default to "auto"."""
+               dtype: str | torch.dtype | None = None, max_model_len: int | None = None
+               ) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
+    """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer. device/dtype default to "auto";
+    max_model_len, if given, is checked against the config's context before the weights are read."""
     from .model.config import MiniCPM4Config
 
     path = resolve_model_dir(path)
     config = MiniCPM4Config.from_json(path / "config.json")
+    if max_model_len is not None:
+        context_length(config, max_model_len)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.torch_dtype, config.num_parameters())
     model = load_checkpoint(path, device=dev, dtype=dt)
@@ -173,12 +177,8 @@ class LLM:
             self.path: Path | None = None
             self.model, self.tokenizer = model, tokenizer
         else:
-            from .model.config import MiniCPM4Config
-
-            # max_model_len against the config's context before the weights are read (a bad value took a load).
-            context_length(MiniCPM4Config.from_json(folder / "config.json"), max_model_len)
             self.path = folder
-            self.model, self.tokenizer = load_model(folder, device, dtype)
+            self.model, self.tokenizer = load_model(folder, device, dtype, max_model_len)
         if compile and self.model.device.type != "cuda":
             raise ValueError(f"compile needs CUDA graphs, and the model is on {self.model.device.type}")
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,

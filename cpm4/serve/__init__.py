@@ -90,7 +90,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     model_dir = resolve_model_dir(model_dir, revision)
     from_hub = model_dir != Path(given).expanduser()
     from cpm4.engine.generation_config import sampling_defaults as read_defaults
-    from cpm4.llm import LLM, resolve_device
+    from cpm4.llm import load_model, resolve_device
 
     options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
@@ -112,14 +112,15 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
                                             cpu_threads=cpu_threads, **options)
     else:
-        llm = LLM(model_dir, device=device, dtype=dtype, generation_config=generation_config,
-                  max_model_len=max_model_len)  # checked against the config before the load
-        defaults = llm.sampling_defaults
+        # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
+        # weights are read.
+        defaults = read_defaults(generation_config, model_dir)
+        model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
         if cpu_threads is None:
-            cpu_threads = default_cpu_threads(llm.model.device)
+            cpu_threads = default_cpu_threads(model.device)
         if chat_template is not None:
-            llm.tokenizer.set_chat_template(chat_template)
-        engine = AsyncEngine(llm.model, llm.tokenizer, cpu_threads=cpu_threads, **options)
+            tokenizer.set_chat_template(chat_template)
+        engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
     names = names or [given if from_hub else model_dir.name or given]
     if log_stats_interval:
         stats_log = logging.getLogger("cpm4.serve")
