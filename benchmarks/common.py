@@ -66,14 +66,20 @@ def covering_tokenizer(vocab_size: int, base: Tokenizer | None = None) -> Tokeni
 
 
 def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse with the engine options every engine benchmark shares (now: --pinned-inputs) and apply them."""
+    """Parse with the engine options every engine benchmark shares and apply them."""
+    from cpm4.engine import cuda_graph
+
     ap.add_argument("--pinned-inputs", action="store_true",
                     help="decode-graph inputs from pinned, double-buffered host tensors (cuda_graph.PINNED_INPUTS)")
+    ap.add_argument("--compile-per-bucket", action="store_true",
+                    help="with --compile: a compilation for every decode-graph bucket rather than one shared past "
+                    "batch 1 (cuda_graph.DYNAMIC_BATCH off)")
+    ap.add_argument("--warm-order", choices=["largest", "smallest"], default="largest",
+                    help="which decode-graph bucket warm_up captures first (cuda_graph.WARM_LARGEST_FIRST)")
     args = ap.parse_args()
-    if args.pinned_inputs:
-        from cpm4.engine import cuda_graph
-
-        cuda_graph.PINNED_INPUTS = True
+    cuda_graph.PINNED_INPUTS = cuda_graph.PINNED_INPUTS or args.pinned_inputs
+    cuda_graph.DYNAMIC_BATCH = cuda_graph.DYNAMIC_BATCH and not args.compile_per_bucket
+    cuda_graph.WARM_LARGEST_FIRST = args.warm_order == "largest"
     return args
 
 

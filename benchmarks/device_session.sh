@@ -14,6 +14,7 @@
 #   bash benchmarks/device_session.sh kernels   # InfLLM v2 prefill/backward rows at 32K/128K (+ variants), selection
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
+#   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
 #   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
 #   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
@@ -114,6 +115,13 @@ engine)
     ;;
 serving)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --trace 2>&1 | tail -22
+    ;;
+servingdynamic)  # the compiled rows with the shared compilation (tuned at the largest bucket), then the server row
+    # with a compilation per bucket (server.64 fell from 22.4x to 16.8x in the one run with the shared one tuned at 2)
+    timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --tag -dynamic-largest \
+        --out "${OUT:-benchmarks/results}" 2>&1 | tail -5
+    timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --compile-per-bucket --skip offline \
+        --tag -per-bucket --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
     ;;
 http)  # carry .wheels/py312
     wheels

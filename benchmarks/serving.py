@@ -475,7 +475,9 @@ def main() -> None:
               f"{sp:>10s} {ttft:>8s} {tbt:>7s}")
     date = datetime.date.today().isoformat()
     fname = f"serving-{args.config}{'' if dev.type == 'cuda' else '-cpu'}{args.tag}-{date}.json"
-    doc = {"device": name, "date": date, "config": args.config, "rows": rows}
+    doc = {"device": name, "date": date, "config": args.config, "compile": args.compile,
+           "compile_per_bucket": args.compile_per_bucket, "warm_order": args.warm_order,
+           "pinned_inputs": args.pinned_inputs, "rows": rows}
     write_json(doc, fname, args.out)
 
 

@@ -103,6 +103,9 @@ def main() -> None:
                     help="dynamic mode: ours shares one compilation from this bucket (cuda_graph.DYNAMIC_FROM)")
     ap.add_argument("--peer-dynamic-from", type=int, default=0,
                     help="dynamic mode: the peer shares one from this bucket (default 0: a compilation per bucket)")
+    ap.add_argument("--order", choices=["largest", "smallest"], default="largest",
+                    help="dynamic mode: ours captures this bucket first (cuda_graph.WARM_LARGEST_FIRST)")
+    ap.add_argument("--peer-order", choices=["largest", "smallest"], default="largest")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -122,11 +125,13 @@ def main() -> None:
             continue
         if mode == "dynamic":
             times, engines = [], []
-            for start in (args.dynamic_from, args.peer_dynamic_from):  # 0: a compilation per bucket
+            for start, order in ((args.dynamic_from, args.order), (args.peer_dynamic_from, args.peer_order)):
+                # start 0: a compilation per bucket
                 cuda_graph.DYNAMIC_BATCH, cuda_graph.DYNAMIC_FROM = start > 0, max(start, 1)
+                cuda_graph.WARM_LARGEST_FIRST = order == "largest"
                 torch._dynamo.reset()  # each its own compilations (dynamo's cache is the forward's, not an engine's)
                 times.append(warm_up_s(model, tok, args.max_batch, True, True, keep=engines))
-                print(f"warm_up compile, shared compilation from {start or '-'}: {times[-1][0]:.1f} s "
+                print(f"warm_up compile, shared compilation from {start or '-'}, {order} first: {times[-1][0]:.1f} s "
                       f"({times[-1][1]} graphs)", flush=True)
             # Both engines' graphs replayed in turn, 5 rounds of 20 (a captured graph needs no compiled code).
             reps = [{}, {}]
@@ -144,7 +149,8 @@ def main() -> None:
             rows.append({"phase": "warm_up.compile.dynamic_batch", "seqlen": args.max_batch,
                          "ours_ms": round(on * 1000, 1), "peer_ms": round(off * 1000, 1),
                          "speedup": round(off / on, 2), "graphs": n_on, "peer_graphs": n_off,
-                         "dynamic_from": args.dynamic_from, "peer": peer})
+                         "dynamic_from": args.dynamic_from, "order": args.order, "peer": peer,
+                         "peer_order": args.peer_order})
             for bs in sorted(r_on):
                 rows.append({"phase": "replay.compile.dynamic_batch", "seqlen": bs, "ours_ms": round(r_on[bs], 4),
                              "peer_ms": round(r_off[bs], 4), "speedup": round(r_off[bs] / r_on[bs], 3)})

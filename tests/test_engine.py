@@ -362,6 +362,26 @@ def test_compiled_graph_step_compiles_once_for_every_bucket_past_one(monkeypatch
     assert compilations((2, 4, 8), check=False) == 3
 
 
+def test_decode_graphs_warm_up_captures_the_largest_bucket_first(monkeypatch):
+    """warm_up captures the largest bucket first (`WARM_LARGEST_FIRST`): the shared compilation's first launch,
+    where inductor picks its kernels' launch configurations for every size, runs at the largest batch; buckets
+    already captured are kept."""
+    from cpm4.engine import cuda_graph
+    from cpm4.engine.cuda_graph import DecodeGraphs
+
+    g = DecodeGraphs.__new__(DecodeGraphs)
+    g.sizes, g.graphs, g.cascade_graphs, g.shared = [1, 2, 4, 8], {2: "kept"}, {}, None
+    order = []
+    g._reset_inputs = lambda: None
+    g._capture = lambda bs, cascade=False: order.append(bs) or f"graph {bs}"
+    g.warm_up()
+    assert order == [8, 4, 1] and g.graphs == {8: "graph 8", 4: "graph 4", 2: "kept", 1: "graph 1"}
+    monkeypatch.setattr(cuda_graph, "WARM_LARGEST_FIRST", False)
+    g.graphs, order[:] = {}, []
+    g.warm_up()
+    assert order == [1, 2, 4, 8]
+
+
 def compiled_decode_matches_eager(model, cache, eng) -> list:
     """After the prefill step of `eng`'s two waiting requests, their decode step compiled (the paged attention
     one custom op) is one graph (no break, no recompilation per layer) and computes the eager step's logits.

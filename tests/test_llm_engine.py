@@ -512,14 +512,19 @@ def test_prepare_builds_and_warms_the_engine_once(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_llm_captures_its_graphs_at_start_up():
     """On CUDA `LLM` allocates its cache and captures every decode-graph bucket in its constructor (vLLM's
-    start-up); `generate` then runs on that engine, outputs equal the plain loop."""
+    start-up; bf16: paged decode, hence graphs); `generate` then runs on that engine, outputs those of the
+    plain loop."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    m = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda")
+    m = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
     llm = LLM(m, tokenizer=tok(), max_num_seqs=8, gpu_memory_utilization=0.3)
     built = llm.engine.engine
-    assert built is not None and sorted(built.graphs.graphs) == built.graphs.sizes == [1, 2, 4, 8]
+    assert built is not None and built.graphs is not None
+    assert sorted(built.graphs.graphs) == built.graphs.sizes == [1, 2, 4, 8]
     ps = prompts(5, seed=13)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    same(llm.generate(ps, params), reference(m, ps, params))
+    outs, refs = llm.generate(ps, params), reference(m, ps, params)
     assert llm.engine.engine is built
+    assert all(o.token_ids[0] == r.token_ids[0] for o, r in zip(outs, refs, strict=True))  # from the prefill
+    # bf16: a near-tie may flip a greedy path under another batch shape (as in the scheduler's GPU test)
+    assert sum(o.token_ids == r.token_ids for o, r in zip(outs, refs, strict=True)) >= 4

@@ -30,13 +30,18 @@ PINNED_INPUTS = False
 
 # With compile: one compilation of the step for every bucket from DYNAMIC_FROM rows, the batch dimension of its
 # inputs symbolic (as vLLM compiles once and captures each size), instead of one per bucket (15 buckets of the
-# 0.5B model took 207 s to warm up, 59 s so). Batch 1 keeps its own (dynamo specializes sizes 0 and 1; the
-# batch-1 step of a large model is the one tuned for latency). The price (H200, 0.5B): inductor tunes each
-# generated kernel once, so the buckets replay 1.5% slower on average than with a compilation each (at most 6%,
-# at 192-224 rows). Measured worse: the shared compilation from 4 rows or tuned at the largest bucket (most
-# buckets 8% slower: RESULTS.md, "One compilation for the decode buckets").
+# 0.5B model took 207 s to warm up, 60 s so). Batch 1 keeps its own (dynamo specializes sizes 0 and 1; the
+# batch-1 step of a large model is the one tuned for latency). Inductor picks each generated kernel's launch
+# configuration once, at its first launch, for every size: tuned at the largest bucket (WARM_LARGEST_FIRST) the
+# buckets replay within -3/+5% of a compilation each (H200, 0.5B; RESULTS.md, "One compilation for the decode
+# buckets").
 DYNAMIC_BATCH = True
 DYNAMIC_FROM = 2
+# warm_up captures the largest bucket first: the shared compilation's first launch, where inductor picks each
+# kernel's launch configuration once for every size, then runs at the size where the choices differ measurably
+# (at 2 rows the candidates time within noise: the SiLU·mul kernel picked 128- or 256-wide blocks from run to
+# run, 110 vs 67 us at 192 rows). vLLM captures largest first too.
+WARM_LARGEST_FIRST = True
 
 
 def _copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -147,8 +152,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Capture every bucket not captured yet (compiling the step for it first, with compile), with cascade
-        decode its cascade variant too. Smallest first (as measured, `DYNAMIC_BATCH`)."""
-        for bs in self.sizes:
+        decode its cascade variant too. Largest first (`WARM_LARGEST_FIRST`)."""
+        for bs in sorted(self.sizes, reverse=WARM_LARGEST_FIRST):
             for cascade, graphs in ((False, self.graphs), (True, self.cascade_graphs)):
                 if bs not in graphs and (not cascade or self.shared is not None):
                     self._reset_inputs()
