@@ -8,9 +8,12 @@ same run; the outputs are compared too.
     python benchmarks/cascade_decode.py                                   # 8B and 0.5B shapes
     python benchmarks/cascade_decode.py --shapes 8b --batches 64 --prefixes 4096
     python benchmarks/cascade_decode.py --empty      # also the cascade step without a group (count 0)
+    python benchmarks/cascade_decode.py --groups 1 2 4   # the rows split over that many prefixes (a row each)
 
-Prints a table and writes benchmarks/results/cascade_decode-<date>.json (rows: phase
-`cascade_decode.<shape>.b<B>`, seqlen = P).
+Prints a table and writes benchmarks/results/cascade_decode[-slots<N>]-<date>.json (rows: phase
+`cascade_decode.<shape>.b<B>[.g<groups>]`, seqlen = P, each group's prefix). With --groups, row i follows prefix
+i mod groups; the `SharedPrefix` holds --slots group slots (default paged.CASCADE_DECODE_GROUPS, as the engine's
+graphs), the unused ones with count 0.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import cold_graph_ms, print_rows, write_rows  # noqa: E402
 
+from cpm4.engine import paged  # noqa: E402
 from cpm4.kernels.infllm_v2 import triton_cascade  # noqa: E402
 from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix  # noqa: E402
 from cpm4.kernels.infllm_v2.triton_decode import paged_decode  # noqa: E402
@@ -35,24 +39,30 @@ PAGE = 64
 
 
 def inputs(b: int, plen: int, own: int, hq: int, hkv: int, d: int, seed: int = 0, device: str = "cuda",
-           dtype: torch.dtype = torch.bfloat16):
-    """Caches with P/64 shared pages then each row's own pages (1 to `own` tokens of its own, the current one
-    included), table, lengths and the `SharedPrefix` of every row."""
+           dtype: torch.dtype = torch.bfloat16, groups: int = 1, slots: int = 1):
+    """Caches with `groups` prefixes of P/64 pages each, row i after prefix i mod groups, then each row's own
+    pages (1 to `own` tokens of its own, the current one included), table, lengths and the `SharedPrefix` of
+    every row (`slots` group slots)."""
     g = torch.Generator(device=device).manual_seed(seed)
     shared = plen // PAGE
     own_lens = torch.randint(1, own + 1, (b,), generator=g, device=device)
     own_pages = (own_lens + PAGE - 1) // PAGE
     width = shared + int(own_pages.max())
-    n_pages = shared + b * (width - shared) + 1
+    n_pages = groups * shared + b * (width - shared) + 1
     kc = torch.randn(n_pages, PAGE, hkv, d, generator=g, device=device).to(dtype)
     vc = torch.randn(n_pages, PAGE, hkv, d, generator=g, device=device).to(dtype)
     table = torch.empty(b, width, dtype=torch.int32, device=device)
-    table[:, :shared] = torch.arange(shared, dtype=torch.int32, device=device)
-    table[:, shared:] = shared + torch.arange(b * (width - shared), dtype=torch.int32, device=device).view(b, -1)
+    group = torch.arange(b, device=device) % groups
+    table[:, :shared] = (group[:, None] * shared + torch.arange(shared, device=device)).to(torch.int32)
+    table[:, shared:] = groups * shared + torch.arange(b * (width - shared), dtype=torch.int32,
+                                                       device=device).view(b, -1)
     lens = (shared * PAGE + own_lens).to(torch.int32)
     q = torch.randn(b, hq, d, generator=g, device=device).to(dtype)
-    sp = SharedPrefix(table[0].clone(), torch.tensor([shared], dtype=torch.int32, device=device),
-                      torch.ones(b, dtype=torch.int32, device=device))
+    pages = torch.zeros(max(slots, groups), width, dtype=torch.int32, device=device)
+    pages[:groups] = table[:groups]
+    count = torch.zeros(pages.shape[0], dtype=torch.int32, device=device)
+    count[:groups] = shared
+    sp = SharedPrefix(pages, count, (group + 1).to(torch.int32))
     return q, kc, vc, table, lens, sp
 
 
@@ -67,21 +77,29 @@ def main() -> None:
     ap.add_argument("--own-splits", type=int, nargs="+", default=[0],
                     help="splits of the rows' own pages (SharedPrefix.own_splits; 0: the paged decode's default); "
                     "several: a row per value")
+    ap.add_argument("--groups", type=int, nargs="+", default=[1],
+                    help="prefixes the rows are split over (row i after prefix i mod groups); several: a row each")
+    ap.add_argument("--slots", type=int, default=None,
+                    help="group slots of the SharedPrefix (default paged.CASCADE_DECODE_GROUPS, as the engine's "
+                    "graphs; 1: a single group's buffers)")
     ap.add_argument("--empty", action="store_true",
                     help="also time the step with no group (count 0: a captured cascade step without sharing)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cascade_decode.py times CUDA kernels: no CUDA device here")
-    rows = []
+    rows, slots = [], args.slots or paged.CASCADE_DECODE_GROUPS
     for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
         for b in args.batches:
-            for plen in args.prefixes:
+            for plen, groups in itertools.product(args.prefixes, args.groups):
                 if plen % PAGE:
                     sys.exit(f"--prefixes must be whole pages of {PAGE} tokens, got {plen}")
-                x = inputs(b, plen, args.own, hq, hkv, d)
+                if not 1 <= groups <= b:
+                    sys.exit(f"--groups must be 1 .. the batch ({b}), got {groups}")
+                x = inputs(b, plen, args.own, hq, hkv, d, groups=groups, slots=slots)
                 sp = x[-1]
+                gtag = "" if args.groups == [1] else f".g{groups}"
 
                 def ours(x=x, sp=sp):
                     return paged_decode(*x[:-1], shared=sp)
@@ -95,12 +113,12 @@ def main() -> None:
                     SharedPrefix.own_splits = own or None
                     diff = (ours().float() - peer().float()).abs().max().item()
                     t_ours = cold_graph_ms(ours)
-                    tag = ("" if len(args.tile_queries) == 1 else f".tq{tq}") + \
+                    tag = gtag + ("" if len(args.tile_queries) == 1 else f".tq{tq}") + \
                         ("" if len(args.own_splits) == 1 else f".own{own or 'default'}")
                     rows.append({"phase": f"cascade_decode.{shape}.b{b}{tag}", "seqlen": plen,
                                  "ours_ms": round(t_ours, 4), "peer_ms": round(t_peer, 4),
                                  "speedup": round(t_peer / t_ours, 2), "max_abs_diff": diff})
-                    print(f"  {shape} B={b} P={plen} tile {tq} own splits {own or 'default'}: ours "
+                    print(f"  {shape} B={b} P={plen} groups {groups} tile {tq} own splits {own or 'default'}: ours "
                           f"{t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
                 if args.empty:
                     none = SharedPrefix(sp.pages, torch.zeros_like(sp.count), torch.zeros_like(sp.member))
@@ -110,13 +128,14 @@ def main() -> None:
 
                     diff = (empty().float() - peer().float()).abs().max().item()
                     t_empty = cold_graph_ms(empty)
-                    rows.append({"phase": f"cascade_decode.{shape}.b{b}.empty", "seqlen": plen,
+                    rows.append({"phase": f"cascade_decode.{shape}.b{b}{gtag}.empty", "seqlen": plen,
                                  "ours_ms": round(t_empty, 4), "peer_ms": round(t_peer, 4),
                                  "speedup": round(t_peer / t_empty, 2), "max_abs_diff": diff})
     print()
     print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
     print_rows(rows, digits=4)
-    write_rows("cascade_decode", torch.cuda.get_device_name(), rows, args.out, own_tokens=args.own)
+    name = "cascade_decode" + ("" if slots == paged.CASCADE_DECODE_GROUPS else f"-slots{slots}")
+    write_rows(name, torch.cuda.get_device_name(), rows, args.out, own_tokens=args.own, slots=slots)
 
 
 if __name__ == "__main__":

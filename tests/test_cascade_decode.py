@@ -47,7 +47,7 @@ def _setup(device, dtype, hq, hkv, d, page, lens, member, n_shared, width, seed=
 
 def _cascade_on(monkeypatch, min_tokens: int = 32) -> list:
     """Cascade decode on (groups of at least min_tokens shared); returns the list each shared-pages launch
-    appends its (count, member rows) to."""
+    appends its (largest group's page count, member rows) to."""
     from cpm4.engine import paged
 
     monkeypatch.setattr(paged, "CASCADE_DECODE", True)
@@ -55,8 +55,8 @@ def _cascade_on(monkeypatch, min_tokens: int = 32) -> list:
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)  # tiny shapes: any group
     seen = []
     real = SharedPrefix.attend
-    monkeypatch.setattr(SharedPrefix, "attend", lambda self, *a: seen.append((int(self.count), self.member.tolist()))
-                        or real(self, *a))
+    monkeypatch.setattr(SharedPrefix, "attend",
+                        lambda self, *a: seen.append((int(self.count.max()), self.member.tolist())) or real(self, *a))
     return seen
 
 
@@ -108,6 +108,45 @@ def test_interpreter_cascade_decode_over_several_row_tiles(monkeypatch):
            n_shared=3, tol=1e-5)
 
 
+def _check_groups(device, dtype, tol, hq=8, hkv=2, d=16, page=16):
+    """Two groups in one batch (member k + 1), their rows interleaved, with rows in no group between them; a
+    third group slot unused (count 0): against float64 and the plain decode."""
+    from cpm4.kernels.infllm_v2.triton_decode import paged_decode
+
+    lens, groups = [60, 49, 37, 80, 1, 52, 90, 70], [1, 2, 0, 1, 0, 2, 1, 2]
+    lens = [n * page // 16 for n in lens]
+    q, kc, vc, table, seq, _ = _setup(device, dtype, hq, hkv, d, page, lens, [int(x == 1) for x in groups], 3, 5)
+    for i in (5, 7):  # group 2: rows 1, 5 and 7 share row 1's first 2 pages (pages other rows use: no NaN)
+        table[i, :2] = table[1, :2]
+    pages = torch.stack([table[0, :5], table[1, :5], table[2, :5]]).to(torch.int32)
+    i32 = dict(dtype=torch.int32, device=device)
+    shared = SharedPrefix(pages, torch.tensor([3, 2, 0], **i32), torch.tensor(groups, **i32))
+    ref = R.paged_decode(q.double(), kc.double(), vc.double(), table, seq)
+    got = paged_decode(q, kc, vc, table, seq, splits=2, shared=shared)
+    assert torch.isfinite(got).all() and (got.double() - ref).abs().max().item() < tol
+    plain = paged_decode(q, kc, vc, table, seq, splits=2)
+    assert (got.double() - plain.double()).abs().max().item() < tol
+    with pytest.raises(ValueError, match=r"count \[3\] \(one per group\)"):
+        paged_decode(q, kc, vc, table, seq, shared=SharedPrefix(pages, shared.count[:2], shared.member))
+
+
+def test_interpreter_cascade_decode_with_several_groups(monkeypatch):
+    """Groups straddling tiles of 4 rows (16 query vectors a program)."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_cascade
+
+    monkeypatch.setattr(triton_cascade, "TILE_QUERIES", 16)
+    _check_groups("cpu", torch.float32, 1e-5)
+
+
+@gpu
+def test_gpu_cascade_decode_with_several_groups():
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    _check_groups("cuda", torch.bfloat16, 3e-2, hq=32, hkv=2, d=128, page=64)
+
+
 def test_interpreter_cascade_decode_with_nothing_shared_or_every_row():
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
@@ -130,32 +169,37 @@ def test_cascade_needs_the_dense_decode_and_fitting_shapes():
         paged_decode(q, kc, vc, table, seq, shared=bad)
 
 
-def test_shared_rows_finds_the_largest_group():
+def test_shared_groups_finds_each_group_most_reads_first():
     import numpy as np
 
-    from cpm4.engine.paged import shared_rows
+    from cpm4.engine.paged import shared_groups
 
-    def find(rows, lens, min_pages):
+    def find(rows, lens, min_pages, max_groups=1):
         w = max(len(r) for r in rows)
         table = np.array([r + [99] * (w - len(r)) for r in rows], dtype=np.int32)  # padding: any page id
-        got = shared_rows(table, np.array(lens), 16, min_pages)
-        return None if got is None else (got[0].astype(int).tolist(), got[1])
+        return [(m.astype(int).tolist(), p) for m, p in shared_groups(table, np.array(lens), 16, min_pages,
+                                                                       max_groups=max_groups)]
 
     a = [10, 11, 12, 13]
     rows = [a[:3] + [20], [5, 6], a[:3] + [21, 22], a[:2] + [30], a[:3] + [40]]
     # Rows 0, 2, 3 and 4 start with page 10; row 3 stops sharing after 2 pages: the group's common run.
-    assert find(rows, [60, 30, 70, 40, 49], 2) == ([1, 0, 1, 1, 1], 2)
+    assert find(rows, [60, 30, 70, 40, 49], 2) == [([1, 0, 1, 1, 1], 2)]
     # Without row 3 three pages are common; a row whose current token lies in page 12 stops the run there.
-    assert find([rows[0], rows[2], rows[4]], [60, 70, 49], 2) == ([1, 1, 1], 3)
-    assert find([rows[0], rows[2], rows[4]], [60, 70, 48], 2) == ([1, 1, 1], 2)
-    # The largest group wins; a row too short for min_pages stays out of it.
+    assert find([rows[0], rows[2], rows[4]], [60, 70, 49], 2) == [([1, 1, 1], 3)]
+    assert find([rows[0], rows[2], rows[4]], [60, 70, 48], 2) == [([1, 1, 1], 2)]
+    # Two groups, the one reading more shared tokens first; a row too short for min_pages stays out.
     rows = [[1, 2, 3], [1, 2, 4], [7, 8, 9], [7, 8, 5], [7, 8, 6]]
-    assert find(rows, [40, 40, 40, 40, 40], 1) == ([0, 0, 1, 1, 1], 2)
-    assert find(rows + [[1, 2, 5]], [40, 40, 40, 40, 16, 40], 1) == ([1, 1, 0, 0, 0, 1], 2)
+    assert find(rows, [40, 40, 40, 40, 40], 1, 4) == [([0, 0, 1, 1, 1], 2), ([1, 1, 0, 0, 0], 2)]
+    assert find(rows, [40, 40, 40, 40, 40], 1) == [([0, 0, 1, 1, 1], 2)]
+    assert find(rows + [[1, 2, 5]], [40, 40, 40, 40, 16, 40], 1, 4) == [([1, 1, 0, 0, 0, 1], 2),
+                                                                        ([0, 0, 1, 1, 0, 0], 2)]
+    # Two members sharing 3 pages read more once than three sharing 1.
+    rows = [[1, 2, 3, 4], [1, 2, 3, 5], [6, 7, 8], [6, 9, 8], [6, 5, 4]]
+    assert find(rows, [60, 60, 40, 40, 40], 1, 4) == [([1, 1, 0, 0, 0], 3), ([0, 0, 1, 1, 1], 1)]
     # Fewer than two rows past min_pages pages, or a run shorter than min_pages: none.
-    assert find([rows[0], rows[1]], [60, 30], 2) is None
-    assert find([a, a], [40, 40], 3) is None
-    assert find([[1, 2, 3], [1, 5, 3]], [40, 40], 2) is None
+    assert find([rows[0], rows[1]], [60, 30], 2) == []
+    assert find([a, a], [40, 40], 3) == []
+    assert find([[1, 2, 3], [1, 5, 3]], [40, 40], 2) == []
 
 
 @pytest.mark.parametrize("sparse_model", [False, True])
@@ -183,6 +227,37 @@ def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
     assert all(m[:3] == [1, 1, 1] and m[3:] in ([], [0]) for c, m in shared if c)
     for i, p in enumerate(ps):
         assert got[i] == alone(model, p, params), i
+
+
+def test_cascade_decode_with_two_prefixes_keeps_the_engines_tokens(monkeypatch):
+    """Rows after two different cached prefixes (two system prompts) form two groups in the same decode steps,
+    each group's pages attended once for its members; greedy tokens as each prompt alone."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from test_engine import alone, prompts, random_model, tok
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+
+    launches = _cascade_on(monkeypatch)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=60, page_size=16, prefix_caching=True),
+                    max_batch_size=4, chunk_tokens=256, paged_decode=True)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    first, second = prompts(1, seed=31, lo=50, hi=51)[0], prompts(1, seed=32, lo=34, hi=35)[0]
+    for i, prefix in enumerate((first, second)):
+        eng.add_request(f"warm{i}", prefix + [5], params)
+    eng.run_to_completion()
+    tails = prompts(4, seed=33, lo=3, hi=12)
+    ps = [first + tails[0], second + tails[1], first + tails[2], second + tails[3]]
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    res = eng.run_to_completion()
+    # 50 and 34 tokens: 3 and 2 whole pages of 16, the first prefix's group first (more reads saved)
+    assert ([3, [1, 2, 1, 2]]) in [[c, m] for c, m in launches]
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"][1] == alone(model, p, params), i
 
 
 def _two_rows_after_prefix(monkeypatch):
@@ -221,9 +296,10 @@ def test_compiled_decode_step_passes_the_shared_prefix(monkeypatch):
     assert launches and {c for c, _ in launches} == {2}  # in the eager step and inside the compiled one
 
 
-def test_graph_buffers_hold_the_steps_group(monkeypatch):
-    """The captured decode steps' static buffers (built without a GPU here): the shared pages, their count and
-    the member rows of each step, the count back to 0 when no group remains."""
+def test_graph_buffers_hold_the_steps_groups(monkeypatch):
+    """The captured decode steps' static buffers (built without a GPU here): each group's shared pages and count
+    and the member rows (k + 1 for group k) of each step, the counts back to 0 when no group remains; at most
+    CASCADE_DECODE_GROUPS groups, most reads saved first."""
     from test_engine import random_model
 
     from cpm4.engine import paged
@@ -232,57 +308,76 @@ def test_graph_buffers_hold_the_steps_group(monkeypatch):
 
     _cascade_on(monkeypatch)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=1)
-    cache = PagedKVCache(model.config, num_pages=40, page_size=16)
-    graphs = DecodeGraphs.__new__(DecodeGraphs)
-    graphs.init_buffers(cache, 4, 8, torch.device("cpu"))
-    seqs = [SeqPages() for _ in range(3)]
-    for s, n in zip(seqs, (50, 70, 20)):
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16)
+    seqs = [SeqPages() for _ in range(5)]
+    for s, n in zip(seqs, (50, 70, 20, 60, 45)):
         cache.reserve(s, n + 1)
         s.length = n
     seqs[1].pages[:3] = seqs[0].pages[:3]  # rows 0 and 1 share 3 pages (as a cached prefix would)
+    seqs[4].pages[:2] = seqs[3].pages[:2]  # rows 3 and 4 share 2 (row 4's current token is in its 3rd page)
     found = []
-    real = paged.shared_rows
-    monkeypatch.setattr(paged, "shared_rows", lambda *a: found.append(1) or real(*a))
+    real = paged.shared_groups
+    monkeypatch.setattr(paged, "shared_groups", lambda *a: found.append(1) or real(*a))
 
-    def step(rows):
-        cols = graphs.host_table.update(rows, 4)
-        _, _, ends = graphs._rows(rows, 4)
-        return graphs._share(ends[:len(rows)], len(rows), 4, cols)
+    def graphs_for(groups):
+        monkeypatch.setattr(paged, "CASCADE_DECODE_GROUPS", groups)
+        graphs = DecodeGraphs.__new__(DecodeGraphs)
+        graphs.init_buffers(cache, 8, 8, torch.device("cpu"))
+        return graphs
 
-    assert step(seqs)  # the step replays the cascade graph
-    assert graphs.shared.count.tolist() == [3] and graphs.shared.member.tolist() == [1, 1, 0, 0]
-    assert graphs.shared.pages[:3].tolist() == seqs[0].pages[:3]
-    cache.reserve(seqs[2], 40)  # row 2 grows a page: the same sequences in the same rows keep the group
+    def step(graphs, rows):
+        cols = graphs.host_table.update(rows, 8)
+        _, _, ends = graphs._rows(rows, 8)
+        return graphs._share(ends[:len(rows)], len(rows), 8, cols)
+
+    graphs = graphs_for(4)
+    assert step(graphs, seqs)  # the step replays the cascade graph
+    sh = graphs.shared
+    assert sh.count.tolist() == [3, 2, 0, 0] and sh.member.tolist() == [1, 1, 0, 2, 2, 0, 0, 0]
+    assert sh.pages[0, :3].tolist() == seqs[0].pages[:3] and sh.pages[1, :2].tolist() == seqs[3].pages[:2]
+    cache.reserve(seqs[2], 40)  # row 2 grows a page: the same sequences in the same rows keep the groups
     seqs[2].length += 30
-    assert step(seqs)
-    assert len(found) == 1 and graphs.shared.count.tolist() == [3]
-    assert not step(seqs[1:])  # row 0 ended, the others moved up: found again, rows 1 and 2 share nothing
+    assert step(graphs, seqs)
+    assert len(found) == 1 and sh.count.tolist() == [3, 2, 0, 0]
+    assert step(graphs, seqs[1:])  # row 0 ended, the others moved up: found again, one group left
     assert len(found) == 2
-    assert graphs.shared.count.tolist() == [0] and graphs.shared.member.tolist() == [0, 0, 0, 0]
-    # 2 rows x 3 pages of 16 = 96 tokens read once instead of twice: below CASCADE_DECODE_MIN_READS, the plain step
-    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 97)
-    assert not step(seqs) and graphs.shared.count.tolist() == [0]
+    assert sh.count.tolist() == [2, 0, 0, 0] and sh.member.tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert not step(graphs, seqs[1:3]) and sh.count.tolist() == [0, 0, 0, 0] and not sh.member.any()
+    # 2 rows x 3 pages + 2 rows x 2 pages of 16 = 160 tokens read once instead of twice: below
+    # CASCADE_DECODE_MIN_READS, the plain step
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 161)
+    assert not step(graphs, seqs) and sh.count.tolist() == [0, 0, 0, 0]
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 160)
+    step(graphs, seqs[1:3])  # other rows, so the next step looks again
+    assert step(graphs, seqs) and sh.count.tolist() == [3, 2, 0, 0]
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
+    graphs = graphs_for(1)  # one group's buffers: the group saving the most reads
+    assert step(graphs, seqs)
+    assert graphs.shared.count.tolist() == [3] and graphs.shared.member.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
 
 
-def test_cascade_group_needs_enough_reads_saved(monkeypatch):
-    """`cascade_group`: the group `shared_rows` finds, only when members x shared tokens reach
-    CASCADE_DECODE_MIN_READS (and its shared pages CASCADE_DECODE_MIN_TOKENS)."""
+def test_cascade_groups_need_enough_reads_saved(monkeypatch):
+    """`cascade_groups`: the groups `shared_groups` finds, only when their members x shared tokens together
+    reach CASCADE_DECODE_MIN_READS (and each one's shared pages CASCADE_DECODE_MIN_TOKENS)."""
     import numpy as np
 
     from cpm4.engine import paged
 
-    table = np.array([[1, 2, 3, 9], [1, 2, 3, 8], [1, 2, 3, 7], [4, 5, 6, 0]], dtype=np.int32)
-    lens = np.array([60, 55, 50, 60])
+    table = np.array([[1, 2, 3, 9], [1, 2, 3, 8], [1, 2, 3, 7], [4, 5, 6, 0], [4, 5, 6, 1]], dtype=np.int32)
+    lens = np.array([60, 55, 50, 60, 60])
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
-    for reads, expect in ((144, True), (145, False)):  # 3 members x 3 pages x 16 tokens = 144
+    for reads, expect in ((240, True), (241, False)):  # (3 + 2 members) x 3 pages x 16 tokens = 240
         monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", reads)
-        got = paged.cascade_group(table, lens, 16)
+        got = paged.cascade_groups(table, lens, 16)
         assert (got is not None) == expect
         if expect:
-            assert got[0].tolist() == [True, True, True, False] and got[1] == 3
-    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 64)  # 4 pages needed: the group shares 3
+            assert got[0].tolist() == [1, 1, 1, 2, 2] and got[1] == [3, 3]
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 144)  # the larger group alone reaches it
+    got = paged.cascade_groups(table, lens, 16, max_groups=1)
+    assert got[0].tolist() == [1, 1, 1, 0, 0] and got[1] == [3]
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 64)  # 4 pages needed: the groups share 3
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
-    assert paged.cascade_group(table, lens, 16) is None
+    assert paged.cascade_groups(table, lens, 16) is None
 
 
 @gpu
@@ -373,7 +468,7 @@ def test_gpu_cascade_decode_in_cuda_graphs(monkeypatch, sparse_model, compile):
 
     def share(self, *a):
         found = real(self, *a)
-        groups.append((int(self.shared.count), self.shared.member.tolist()))
+        groups.append((int(self.shared.count.max()), self.shared.member.tolist()))
         return found
 
     monkeypatch.setattr(DecodeGraphs, "_share", share)

@@ -98,15 +98,16 @@ class DecodeGraphs:
                                   slots=pinned(n, dtype=torch.long), ends=pinned(n, dtype=torch.int32),
                                   ids=pinned(n, 1, dtype=torch.long), event=None) for _ in range(2)]
             self._turn = 0
-        # Cascade decode (paged.CASCADE_DECODE; dense rows): the shared pages, their count and the member rows
-        # as static buffers the kernels of `cascade_graphs` read. A step without a group (`paged.cascade_group`)
-        # replays the plain graph: the cascade one costs 2-6 us a layer more when nothing is shared.
+        # Cascade decode (paged.CASCADE_DECODE; dense rows): the groups' shared pages and counts and the member
+        # rows as static buffers (CASCADE_DECODE_GROUPS group slots) the kernels of `cascade_graphs` read. A step
+        # without groups (`paged.cascade_groups`) replays the plain graph: the cascade one costs 2-6 us a layer
+        # more when nothing is shared.
         self.shared, self._shared_rows, self._cascade = None, -1, False
         self._below = paged.dense_rows_below(cache.config)
         if paged.cascade_on(cache):
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-            self.shared = SharedPrefix.empty(width, n, cache.scratch, device)
+            self.shared = SharedPrefix.empty(width, n, cache.scratch, device, paged.CASCADE_DECODE_GROUPS)
         self._pad_starts = torch.zeros(n, dtype=torch.long)
         self._pad_slots = torch.full((n,), cache.scratch * cache.page_size, dtype=torch.long)
 
@@ -223,21 +224,23 @@ class DecodeGraphs:
         return out[:b]
 
     def _share(self, ends: torch.Tensor, b: int, bs: int, cols: int) -> bool:
-        """Whether the step has a group (`paged.cascade_group` over the host block table); its shared pages,
-        count and member rows into the static buffers. Unchanged while the rows hold the sequences they held
+        """Whether the step has groups (`paged.cascade_groups` over the host block table); their shared pages,
+        counts and member rows into the static buffers. Unchanged while the rows hold the sequences they held
         last step (members that grow past an InfLLM v2 model's dense_len are left out by the kernel)."""
         if not self.host_table.replaced and b == self._shared_rows:
-            return self._cascade  # the same sequences in the same rows: their leading pages, so the group, stay
+            return self._cascade  # the same sequences in the same rows: their leading pages, so the groups, stay
         self._shared_rows = b
-        found = paged.cascade_group(self.host_table.table[:b, :cols].numpy(), ends.numpy(), self.cache.page_size,
-                                    self._below) if b >= 2 else None
+        found = paged.cascade_groups(self.host_table.table[:b, :cols].numpy(), ends.numpy(), self.cache.page_size,
+                                     self._below, self.shared.groups) if b >= 2 else None
         member = np.zeros(bs, dtype=np.int32)
-        count = 0
+        counts = np.zeros(self.shared.groups, dtype=np.int32)
         if found is not None:
-            member[:b], count = found[0], found[1]
-            row = int(np.argmax(found[0]))
-            _copy_in(self.shared.pages[:count], self.host_table.table[row, :count])
-        _copy_in(self.shared.count, torch.tensor([count], dtype=torch.int32))
+            member[:b] = found[0]
+            for k, count in enumerate(found[1]):
+                row = int(np.argmax(found[0] == k + 1))
+                _copy_in(self.shared.pages[k, :count], self.host_table.table[row, :count])
+                counts[k] = count
+        _copy_in(self.shared.count, torch.from_numpy(counts))
         _copy_in(self.shared.member[:bs], torch.from_numpy(member))
         self._cascade = found is not None
         return self._cascade

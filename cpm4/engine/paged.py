@@ -579,16 +579,18 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
     return starts, slots, (starts + 1).to(torch.int32)
 
 
-# Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`): the leading pages that the largest group of a decode
-# step's dense rows share (at least CASCADE_DECODE_MIN_TOKENS of them) are read once per tile of rows, not once per
-# row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. A group is used only when
-# its members x shared tokens reach CASCADE_DECODE_MIN_READS: below that the shared kernel's launch and the separate
-# merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes break even at
-# 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without such a group run the plain decode (its own graphs).
-# Measured end to end: benchmarks/RESULTS.md, "Twenty-first GPU pass".
+# Cascade decode (`cpm4.kernels.infllm_v2.triton_cascade`): the leading pages that groups of a decode step's dense
+# rows share (each at least CASCADE_DECODE_MIN_TOKENS; up to CASCADE_DECODE_GROUPS groups, most reads saved first:
+# several system prompts, or the `n` samples of several long prompts) are read once per tile of rows, not once per
+# row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. The groups are used only
+# when their members x shared tokens reach CASCADE_DECODE_MIN_READS together: below that the shared kernel's launch
+# and the separate merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes
+# break even at 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without groups run the plain decode (its own
+# graphs). Measured end to end (one group): benchmarks/RESULTS.md, "Twenty-first GPU pass".
 CASCADE_DECODE = True
 CASCADE_DECODE_MIN_TOKENS = 1024
 CASCADE_DECODE_MIN_READS = 131072
+CASCADE_DECODE_GROUPS = 4
 
 
 def cascade_on(cache: PagedKVCache) -> bool:
@@ -614,44 +616,52 @@ def cascade_paused():
         _CASCADE_LIVE = before
 
 
-def cascade_group(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None
-                  ) -> tuple[np.ndarray, int] | None:
-    """`shared_rows` with cascade decode's limits: (member mask, shared pages) of a group worth attending once,
-    or None."""
-    found = shared_rows(table, lens, page, CASCADE_DECODE_MIN_TOKENS // page, max_len)
-    if found is None or int(found[0].sum()) * found[1] * page < CASCADE_DECODE_MIN_READS:
+def cascade_groups(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None,
+                   max_groups: int | None = None) -> tuple[np.ndarray, list[int]] | None:
+    """`shared_groups` with cascade decode's limits: (member [b] int32, k + 1 for a row of group k, 0 for none;
+    the groups' shared page counts) of at most max_groups (default CASCADE_DECODE_GROUPS) groups worth attending
+    once, or None."""
+    found = shared_groups(table, lens, page, CASCADE_DECODE_MIN_TOKENS // page, max_len,
+                          CASCADE_DECODE_GROUPS if max_groups is None else max_groups)
+    if not found or sum(int(m.sum()) * p for m, p in found) * page < CASCADE_DECODE_MIN_READS:
         return None
-    return found
+    member = np.zeros(len(lens), dtype=np.int32)
+    for k, (m, _) in enumerate(found):
+        member[m] = k + 1
+    return member, [p for _, p in found]
 
 
-def shared_rows(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int, max_len: int | None = None
-                ) -> tuple[np.ndarray, int] | None:
-    """(member mask [b], shared pages p) of the largest group of rows (two at least) holding the same first
-    page, sharing their first p >= min_pages pages, each row's current token after them; or None. table [b, w]
-    (columns past a row's pages may hold anything: only whole pages before each member's current token are
-    compared); lens [b]: each row's tokens, the current one included; max_len: rows of that many tokens or more
-    stay out (an InfLLM v2 model's sparse rows)."""
+def shared_groups(table: np.ndarray, lens: np.ndarray, page: int, min_pages: int, max_len: int | None = None,
+                  max_groups: int = 1) -> list[tuple[np.ndarray, int]]:
+    """The groups of rows (two at least) holding the same first page, as (member mask [b], shared pages p): the
+    members' common leading run of p >= min_pages pages, each member's current token after it; most tokens read
+    once (members x p) first, at most max_groups. table [b, w] (columns past a row's pages may hold anything:
+    only whole pages before each member's current token are compared); lens [b]: each row's tokens, the current
+    one included; max_len: rows of that many tokens or more stay out (an InfLLM v2 model's sparse rows)."""
     min_pages = max(1, min_pages)
     ok = lens > page * min_pages
     if max_len is not None:
         ok &= lens < max_len
     if ok.sum() < 2:
-        return None
+        return []
     col0 = table[:, 0]
     firsts = col0[ok]
-    best = firsts[0]
-    if not (firsts == best).all():  # (every row after one prefix, the usual case, skips the count)
+    if (firsts == firsts[0]).all():  # every row after one prefix, the usual case, skips the count
+        values = firsts[:1]
+    else:
         values, counts = np.unique(firsts, return_counts=True)
-        if counts.max() < 2:
-            return None
-        best = values[counts.argmax()]
-    member = ok & (col0 == best)
-    every = bool(member.all())
-    limit = int(((lens[member] - 1) // page).min())  # whole pages before every member's current token
-    block = table[:, :limit] if every else table[member, :limit]
-    same = (block == block[0]).all(0)
-    p = int(np.argmin(same)) if not same.all() else limit
-    return (member, p) if p >= min_pages else None
+        values = values[counts >= 2]
+    found = []
+    for v in values:
+        member = ok & (col0 == v)
+        limit = int(((lens[member] - 1) // page).min())  # whole pages before every member's current token
+        block = table[member, :limit]
+        same = (block == block[0]).all(0)
+        p = int(np.argmin(same)) if not same.all() else limit
+        if p >= min_pages:
+            found.append((member, p))
+    found.sort(key=lambda g: -int(g[0].sum()) * g[1])
+    return found[:max_groups]
 
 
 def dense_rows_below(config: MiniCPM4Config) -> int | None | bool:
@@ -667,22 +677,22 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
                   device: torch.device | str, width: int | None = None):
     """The `SharedPrefix` of a decode step over `seqs` (eager steps; captured graphs fill buffers instead),
     or None: cascade decode off, no dense rows, or no group. table [b, w] int32 and lens [b] on the host;
-    width: the prefix's page list padded to that many (the step's block table width: its split count follows
-    the list's length, as in the graphs' buffer)."""
+    width: the groups' page lists padded to that many (the step's block table width: its split count follows
+    the lists' length, as in the graphs' buffer)."""
     if len(seqs) < 2 or not cascade_on(cache):
         return None
     below = dense_rows_below(cache.config)
     from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-    found = cascade_group(table.numpy(), lens.numpy(), cache.page_size, below)
+    found = cascade_groups(table.numpy(), lens.numpy(), cache.page_size, below)
     if found is None:
         return None
-    member, p = found
-    pages = table[int(np.argmax(member))].clone()
-    if width is not None and width > pages.numel():
-        pages = torch.nn.functional.pad(pages, (0, width - pages.numel()), value=cache.scratch)
-    return SharedPrefix(pages.to(device), torch.tensor([p], dtype=torch.int32).to(device),
-                        torch.from_numpy(member.astype(np.int32)).to(device))
+    member, counts = found
+    pages = table[[int(np.argmax(member == k + 1)) for k in range(len(counts))]].clone()
+    if width is not None and width > pages.shape[1]:
+        pages = torch.nn.functional.pad(pages, (0, width - pages.shape[1]), value=cache.scratch)
+    return SharedPrefix(pages.to(device), torch.tensor(counts, dtype=torch.int32).to(device),
+                        torch.from_numpy(member).to(device))
 
 
 def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,

@@ -89,11 +89,11 @@ class LLMEngine:
         else the model's own setting.
 
         cascade_decode: decode steps whose rows share enough leading pages (a system prompt, a few-shot
-        preamble) attend them once per tile of rows (`paged.cascade_group`, `triton_cascade`; CUDA graphs: each
-        bucket's cascade variant captured beside the plain one, both from one compilation with compile,
-        `paged.cascade_paused`). None: `paged.CASCADE_DECODE` (on). Measured on the H200, 0.5B: warm_up at 256
-        rows 5.9 -> 13.4 s eager, 229 -> 196 s compiled (no extra compilation); 256 requests after a 2,048-token
-        system prompt, compiled, 31.6K -> 33.9K tok/s.
+        preamble; up to paged.CASCADE_DECODE_GROUPS prefixes a step) attend them once per tile of rows
+        (`paged.cascade_groups`, `triton_cascade`; CUDA graphs: each bucket's cascade variant captured beside the
+        plain one, both from one compilation with compile, `paged.cascade_paused`). None: `paged.CASCADE_DECODE`
+        (on). Measured on the H200, 0.5B: warm_up at 256 rows 5.9 -> 13.4 s eager, 229 -> 196 s compiled (no
+        extra compilation); 256 requests after a 2,048-token system prompt, compiled, 31.6K -> 33.9K tok/s.
 
         async_output: launch each decode step before reading back the tokens the previous one sampled (they
         feed the next step on the device), so the host's work between steps (detokenizing, stop rules,

@@ -1,14 +1,15 @@
-"""Cascade decode: the leading pages that several rows of a dense decode step share, attended once.
+"""Cascade decode: the leading pages that groups of rows of a dense decode step share, attended once a group.
 
 Rows after one cached prefix (a system prompt, a few-shot preamble, the `n` samples of one prompt) hold the same
 first pages. The paged decode reads a row's every page, so a batch of B such rows reads the prefix B times a
-layer. Here one program per (KV head, tile of rows, split of the shared pages) attends the tile's queries — all
-of the group's heads of several rows, one matrix — to those pages, reading them once per tile; the paged decode
-attends each row's own pages after them (`_attend_kernel` with SKIP), and `_merge_kernel` merges both kinds of
-partial outputs by their log-sum-exps. As FlashInfer's and vLLM's cascade attention.
+layer. Here one program per (KV head, tile of rows, split of the shared pages) attends the tile's members of
+each group in turn — all of the KV group's heads of several rows, one matrix — to that group's pages, reading
+them once per tile; the paged decode attends each row's own pages after them (`_attend_kernel` with SKIP), and
+`_merge_kernel` merges both kinds of partial outputs by their log-sum-exps.
+As FlashInfer's and vLLM's cascade attention.
 
-Shapes stay fixed for a CUDA graph: the shared page list has a fixed width and its used length (`count`) and
-the rows it applies to (`member`) are device tensors, read by the kernels.
+Shapes stay fixed for a CUDA graph: the groups' page lists have a fixed number and width, and their used lengths
+(`count`) and the rows each applies to (`member`) are device tensors, read by the kernels.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ TILE_QUERIES = 64
 
 
 @triton.jit
-def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_ptr, o_ptr, m_ptr, n_rows, sm_scale,
-                   stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                   stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
+def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_ptr, o_ptr, m_ptr, n_rows, n_groups,
+                   sm_scale, stride_pg, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                   stride_vh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
                    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr, SPARSE_ROWS: tl.constexpr,
                    DENSE_LEN: tl.constexpr):
-    """Partial output and log-sum-exp (log2) at split split0 + sp of rows [rt * ROWS, +ROWS), KV head g, over
-    split sp of the first nsh[0] shared pages; rows not in the group get an empty partial (-inf). SPARSE_ROWS
-    (the InfLLM v2 step): members at dense_len tokens or more are out too, as `_attend_kernel` reads their
-    selected blocks from the start (a captured step keeps its group while a member grows past dense_len)."""
+    """Partial output and log-sum-exp (log2) at split split0 + sp of rows [rt * ROWS, +ROWS), KV head g: each
+    member of group k (member k + 1) over split sp of group k's first nsh[k] pages, the groups taken in turn
+    (a group without members in the tile reads nothing); rows in no group get an empty partial (-inf).
+    SPARSE_ROWS (the InfLLM v2 step): members at dense_len tokens or more are out too, as `_attend_kernel` reads
+    their selected blocks from the start (a captured step keeps its groups while a member grows past dense_len)."""
     g = tl.program_id(0)
     rt = tl.program_id(1)
     sp = tl.program_id(2)
@@ -45,7 +47,8 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_p
     r = rt * ROWS + idx // G_PAD
     hh = idx % G_PAD
     ok = (r < n_rows) & (hh < G)
-    use = ok & (tl.load(member_ptr + r, mask=r < n_rows, other=0) != 0)
+    mem = tl.load(member_ptr + r, mask=r < n_rows, other=0)
+    use = ok & (mem > 0)
     if SPARSE_ROWS:
         n_tok = tl.load(lens_ptr + r, mask=r < n_rows, other=0)
         if DENSE_LEN >= 0:
@@ -55,24 +58,27 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_p
     h = g * G + hh
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + r[:, None] * stride_qb + h[:, None] * stride_qh + dd[None, :], mask=use[:, None], other=0.0)
-    n = tl.load(nsh_ptr)
-    per = tl.cdiv(tl.cdiv(n, SPLITS), TILE_PAGES) * TILE_PAGES
-    lo = sp * per
-    hi = tl.minimum(lo + per, n)
-    hi = tl.where(tl.max(use.to(tl.int32), 0) > 0, hi, lo)  # a tile without members reads nothing
     m_i = tl.full((ROWS * G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS * G_PAD,), dtype=tl.float32)
     acc = tl.zeros((ROWS * G_PAD, D), dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     rr = tl.arange(0, TILE_PAGES * PAGE)
     tt = rr % PAGE
-    for i0 in range(lo, hi, TILE_PAGES):
-        j = i0 + rr // PAGE
-        km = j < hi
-        page = tl.load(pages_ptr + j, mask=km, other=0).to(tl.int64)
-        k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                       stride_vh)
-        m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
+    for gi in range(n_groups):
+        mine = use & (mem == gi + 1)
+        n = tl.load(nsh_ptr + gi)
+        per = tl.cdiv(tl.cdiv(n, SPLITS), TILE_PAGES) * TILE_PAGES
+        lo = sp * per
+        hi = tl.minimum(lo + per, n)
+        hi = tl.where(tl.max(mine.to(tl.int32), 0) > 0, hi, lo)  # no members of this group here: nothing read
+        for i0 in range(lo, hi, TILE_PAGES):
+            j = i0 + rr // PAGE
+            km = j < hi
+            page = tl.load(pages_ptr + gi * stride_pg + j, mask=km, other=0).to(tl.int64)
+            k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp,
+                           stride_vt, stride_vh)
+            # Only this group's members take these keys: the other rows' state passes unchanged.
+            m_i, l_i, acc = softmax_step(q, k, v, mine[:, None] & km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     at = split0 + sp
     tl.store(o_ptr + r[:, None] * stride_ob + h[:, None] * stride_oh + at * stride_os + dd[None, :],
@@ -83,9 +89,10 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_p
 
 @dataclass
 class SharedPrefix:
-    """The leading pages some rows of a decode batch share. pages: int32 [W] on the device, the first
-    count[0] of them in use (count: int32 [1], 0 = none); member: int32 [B], 1 for each row whose first
-    count[0] pages are those (each such row has at least one token after them: its current one)."""
+    """The leading pages that groups of rows of a decode batch share. pages: int32 [NG, W] on the device (one
+    group: [W] is taken as [1, W]), the first count[k] of row k in use (count: int32 [NG], 0 = none); member:
+    int32 [B], k + 1 for each row whose first count[k] pages are group k's (each such row has at least one token
+    after them: its current one), 0 for a row in no group."""
 
     pages: torch.Tensor
     count: torch.Tensor
@@ -94,12 +101,22 @@ class SharedPrefix:
     # default, sized for rows that attend everything themselves (benchmarks/cascade_decode.py --own-splits).
     own_splits: ClassVar[int | None] = None
 
+    def __post_init__(self) -> None:
+        if self.pages.dim() == 1:
+            self.pages = self.pages.unsqueeze(0)
+
+    @property
+    def groups(self) -> int:
+        return self.pages.shape[0]
+
     @classmethod
-    def empty(cls, width: int, rows: int, scratch: int, device: torch.device | str) -> SharedPrefix:
-        """No pages shared yet (count 0, no members): the buffers a captured graph's step reads, and an
-        eager warm-up step's group; the step launches the cascade kernels and they attend nothing extra."""
+    def empty(cls, width: int, rows: int, scratch: int, device: torch.device | str, groups: int = 1
+              ) -> SharedPrefix:
+        """No pages shared yet (counts 0, no members): the buffers a captured graph's step reads, and an
+        eager warm-up step's groups; the step launches the cascade kernels and they attend nothing extra."""
         i32 = dict(dtype=torch.int32, device=device)
-        return cls(torch.full((width,), scratch, **i32), torch.zeros(1, **i32), torch.zeros(rows, **i32))
+        return cls(torch.full((groups, width), scratch, **i32), torch.zeros(groups, **i32),
+                   torch.zeros(rows, **i32))
 
     def tile_rows(self, g: int) -> int:
         """Rows per program for a KV group of g heads (at least 16 query vectors: the dot's minimum)."""
@@ -110,7 +127,7 @@ class SharedPrefix:
         """Partial outputs per row the shared pages add: enough programs for ~2 waves, at most one per pair
         of pages (fixed by the widths: a graph replays it for any count)."""
         programs = hkv * triton.cdiv(b, self.tile_rows(g))
-        n = max(1, min(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(self.pages.numel(), 2)))
+        n = max(1, min(triton.cdiv(2 * num_sms(device), programs), triton.cdiv(self.pages.shape[-1], 2)))
         return 1 << (n.bit_length() - 1)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o_part: torch.Tensor,
@@ -122,16 +139,17 @@ class SharedPrefix:
         b, hq, d = q.shape
         _, page, hkv, _ = k_cache.shape
         g = hq // hkv
-        if self.member.shape != (b,) or self.count.numel() != 1:
-            raise ValueError(f"member must be [{b}] and count [1], got {tuple(self.member.shape)} and "
-                             f"{tuple(self.count.shape)}")
+        if self.member.shape != (b,) or self.count.shape != (self.groups,) or self.pages.stride(1) != 1:
+            raise ValueError(f"member must be [{b}], count [{self.groups}] (one per group) and pages contiguous "
+                             f"rows, got {tuple(self.member.shape)}, {tuple(self.count.shape)}, strides "
+                             f"{self.pages.stride()}")
         rows = self.tile_rows(g)
         n = self.splits(q.device, b, hkv, g)
         if split0 + n > o_part.shape[2]:
             raise ValueError(f"partials hold {o_part.shape[2]} splits, the shared pages need {split0} + {n}")
         _shared_kernel[(hkv, triton.cdiv(b, rows), n)](
-            q, k_cache, v_cache, self.pages, self.count, self.member, lens, o_part, m_part, b, scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            q, k_cache, v_cache, self.pages, self.count, self.member, lens, o_part, m_part, b, self.groups, scale,
+            self.pages.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
             o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
             G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,

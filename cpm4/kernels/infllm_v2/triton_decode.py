@@ -465,8 +465,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     log-sum-exp (log2) and the last to finish (arrival counter cnt[bi, g], left at 0 again) merges them into
     out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
     dependent of the kernel before it (everything read after waiting for it). SKIP (MODE 0, and MODE 2's dense
-    rows; cascade decode): rows with member[bi] set start after the nsh[0] pages `triton_cascade` attends for
-    them; the partials are always written (merged by `_merge_kernel` with the cascade's)."""
+    rows; cascade decode): a row with member[bi] = k + 1 starts after the nsh[k] pages of its group, which
+    `triton_cascade` attends for it; the partials are always written (merged by `_merge_kernel` with the cascade's)."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
@@ -485,7 +485,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     dd = tl.arange(0, D)
     first = 0
     if SKIP:
-        first = tl.load(member_ptr + bi) * tl.load(nsh_ptr)
+        grp = tl.load(member_ptr + bi)  # k + 1: the row starts after group k's nsh[k] pages; 0: no group
+        first = tl.where(grp > 0, tl.load(nsh_ptr + tl.maximum(grp - 1, 0)), 0)
         if MODE == 2:
             first = tl.where(sparse, 0, first)  # a sparse row's list never holds the shared pages for it
     per = tl.cdiv(n_att - first, SPLITS)
