@@ -125,7 +125,7 @@ cascadegroups)  # cascade decode with several groups a step: GPU tests, then one
     timeout 100 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --slots 1 --empty 2>&1 | tail -6
     ;;
 servingdynamic)  # the compiled rows with the shared compilation (tuned at the largest bucket), then the server row
-    # with a compilation per bucket (server.64 fell from 22.4x to 16.8x in the one run with the shared one tuned at 2)
+    # with a compilation per bucket (server.64 16.8x in the one run with the shared one, 16.1-22.4x before)
     timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --tag -dynamic-largest \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -5
     timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --compile-per-bucket --skip offline \
