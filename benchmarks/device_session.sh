@@ -15,7 +15,7 @@
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
-#   bash benchmarks/device_session.sh cascadegroups # cascade decode with several prefix groups a step
+#   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
 #   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
@@ -119,7 +119,8 @@ serving)
     ;;
 cascadegroups)  # cascade decode with several groups a step: GPU tests, then one layer with 1, 2, 4 groups (4 slots)
     # and a single group in 1 slot (the cost of the slots when one prefix is shared)
-    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_cascade_decode.py 2>&1 | tail -3
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_cascade_decode.py tests/test_engine.py -k cascade \
+        2>&1 | tail -3
     timeout 150 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --groups 1 2 4 --empty 2>&1 \
         | tail -12
     timeout 100 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --slots 1 --empty 2>&1 | tail -6

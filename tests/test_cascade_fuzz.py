@@ -79,3 +79,34 @@ def test_cascade_fuzz(monkeypatch, models):
             torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6,
                                        msg=lambda m, seed=seed, i=i: f"seed {seed} row {i}: {m}")
     assert stepped >= len(SEEDS) // 3  # the cascade ran in a good share of the steps
+
+
+def test_cascade_for_each_of_two_prefixes(monkeypatch, models):
+    """Rows after two different cached prefixes in one step (two system prompts), one with more of its own tokens
+    cached, beside a row without a prefix: each prefix's rows take their own cascade (two a layer), every row's
+    logits those of its whole prompt (float64); a group sharing fewer than cascade_min_tokens keys stays out."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
+    calls = []
+    real = Attention._cascade
+    monkeypatch.setattr(Attention, "_cascade", lambda self, *a: calls.append(a[4]) or real(self, *a))
+    rng = random.Random(7)
+    model = models[0]
+    prefixes = [[rng.randrange(3, 1000) for _ in range(n)] for n in (70, 40)]  # 4 and 2 whole pages of 16
+
+    def tail(n):
+        return [rng.randrange(3, 1000) for _ in range(n)]
+
+    rows = [(prefixes[0] + tail(9), 0), (prefixes[1] + tail(5), 0), (prefixes[0] + tail(20), 7),
+            (prefixes[1] + tail(12), 0), (tail(30), 0)]
+    got, cut = _step(model, prefixes, rows, rng)
+    layers = model.config.num_hidden_layers
+    assert sorted(map(tuple, calls)) == [(0, 2)] * layers + [(1, 3)] * layers
+    for i, (p, _) in enumerate(rows):
+        torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:], rtol=1e-6, atol=1e-6)
+    calls.clear()
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 48)  # the 2-page prefix's group is below it
+    got, cut = _step(model, prefixes, rows, rng)
+    assert sorted(map(tuple, calls)) == [(0, 2)] * layers
+    for i, (p, _) in enumerate(rows):
+        torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:], rtol=1e-6, atol=1e-6)

@@ -362,27 +362,30 @@ class PagedBatch:
         """Each row's cached length, from the host's page records (`lens` holds the same on the device)."""
         return [s.length for s in self.seqs]
 
-    def shared_group(self, rows: list[int]) -> tuple[list[int], int]:
-        """Among `rows`, the largest group starting with the same cached page (prefix caching's shared pages) and
-        how many leading pages the group holds in common, each wholly cached before every member's new tokens:
-        ([], 0) when no two rows share a page."""
-        key = ("shared_group", tuple(rows))
+    def shared_groups(self, rows: list[int]) -> list[tuple[list[int], int]]:
+        """Among `rows`, the groups (two rows at least) starting with the same cached page (prefix caching's shared
+        pages), each with how many leading pages its rows hold in common, each wholly cached before every member's
+        new tokens; most keys shared (members x pages) first, [] when no two rows share a page."""
+        key = ("shared_groups", tuple(rows))
         if key not in self.memo:
             ps = self.cache.page_size
             by_first: dict[int, list[int]] = {}
             for i in rows:
                 if self.seqs[i].length >= ps:
                     by_first.setdefault(self.seqs[i].pages[0], []).append(i)
-            group = max(by_first.values(), key=len, default=[])
-            c = 0
-            if len(group) > 1:
+            found = []
+            for group in by_first.values():
+                if len(group) < 2:
+                    continue
                 first = self.seqs[group[0]].pages
                 c = min(self.seqs[i].length for i in group) // ps
                 for i in group[1:]:
                     other = self.seqs[i].pages
                     if other[:c] != first[:c]:
                         c = next(j for j, (a, b) in enumerate(zip(other, first)) if a != b)
-            self.memo[key] = (group, c) if c else ([], 0)
+                if c:
+                    found.append((group, c))
+            self.memo[key] = sorted(found, key=lambda g: -len(g[0]) * g[1])
         return self.memo[key]
 
     def skip_pages(self, group: list[int], n_pages: int) -> int:
@@ -392,7 +395,7 @@ class PagedBatch:
         return n_pages if len(group) == len(self.seqs) and self.cache.fine is None else 0
 
     def shared_kv(self, layer: int, row: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [n_pages * page_size, hkv, d] of row `row`'s first n_pages pages (a `shared_group`'s)."""
+        """Keys and values [n_pages * page_size, hkv, d] of row `row`'s first n_pages pages (a `shared_groups`')."""
         key = ("shared_kv", row, n_pages)
         if key not in self.memo:
             own = self.seqs[row].pages[:n_pages]
@@ -456,7 +459,7 @@ class PagedBatch:
         """Store the real new tokens, pool the semantic kernels they complete, and return every row's keys
         and values up to the longest end, contiguous (padding reads valid slots, never used). `host`: starts and
         new_lens as lists (read from the device otherwise). skip_pages: the returned keys start after that many
-        pages (the `shared_group` pages every row shares, read through `shared_kv`)."""
+        pages (the `shared_groups` pages every row shares, read through `shared_kv`)."""
         kc = self.cache.k[layer].view(-1, *k.shape[2:])
         vc = self.cache.v[layer].view(-1, *v.shape[2:])
         new_slots, real, (pages, end) = self._plan(starts, new_lens, k.shape[1], k.device, host)
@@ -468,7 +471,7 @@ class PagedBatch:
             vc[new_slots] = v.flatten(0, 1)[real]
         if skip_pages:
             if isinstance(pages, slice) or self.cache.fine is not None:
-                raise ValueError("skip_pages needs several rows and no kernel keys to pool (see shared_group)")
+                raise ValueError("skip_pages needs several rows and no kernel keys to pool (see shared_groups)")
             pages, end = pages[:, skip_pages:], end - skip_pages * self.cache.page_size
         k_all, v_all = self.gather(self.cache.k[layer], pages, end), self.gather(self.cache.v[layer], pages, end)
         if self.cache.fine is not None:

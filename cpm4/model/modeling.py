@@ -129,9 +129,10 @@ class Attention(nn.Module):
     # take one launch per InfLLM v2 stage together; False: a pipeline per row (~6 launches and host work each:
     # 8 requests after a 30K cached prefix, 8B shape, H200: time to first token 288 -> 122 ms).
     batch_sparse_rows = True
-    # Dense rows that all continue the same cached pages (requests after one prefix, prefix caching) attend those
-    # keys in one call for every row and their own keys in a second, merged by log-sum-exp (`_cascade`), when the
-    # shared part holds at least cascade_min_tokens; False: the variable-length call over each row's whole keys.
+    # Dense rows that continue the same cached pages (requests after one prefix, prefix caching; a group per
+    # prefix) attend those keys in one call for the group and their own keys in a second, merged by log-sum-exp
+    # (`_cascade`), when the shared part holds at least cascade_min_tokens; False: the variable-length call over
+    # each row's whole keys.
     cascade_prefix = True
     cascade_min_tokens = 1024
     # The variable-length paths (continuing rows, cascade) off the GPU too, in float math (`varlen.attention_lse`):
@@ -202,17 +203,18 @@ class Attention(nn.Module):
         # >= dense_len tokens is sparse for all its queries (spec 4.1), however it is cut into chunks.
         whole = getattr(cache, "prompt_lens", None) or [0] * b
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
-        group, shared = self._cascade_group(cache, q, h_new, sparse)
-        # Every row in the cascade: keys gathered from after the shared pages only, when the cache allows it.
-        skip = cache.skip_pages(group, shared) if len(group) == b else 0
+        groups = self._cascade_groups(cache, q, h_new, sparse)
+        # Every row in one cascade: keys gathered from after the shared pages only, when the cache allows it.
+        whole = groups[0] if len(groups) == 1 and len(groups[0][0]) == b else None
+        skip = cache.skip_pages(*whole) if whole else 0
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=skip)
         else:
             k_all, v_all = k, v
-        ps = cache.cache.page_size if group else 0
-        if len(group) == b:
+        ps = cache.cache.page_size if groups else 0
+        if whole:
             out = q.new_zeros(q.shape)  # contiguous (written through a flat view)
-            self._cascade(q, k_all, v_all, out, group, h_new, kv_lens, shared * ps, skip * ps, cache)
+            self._cascade(q, k_all, v_all, out, whole[0], h_new, kv_lens, whole[1] * ps, skip * ps, cache)
         elif not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
@@ -233,7 +235,7 @@ class Attention(nn.Module):
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
-            if group:  # rows after one shared cached prefix, beside others that do not share it
+            for group, shared in groups:  # rows after shared cached prefixes, beside others that do not share them
                 self._cascade(q, k_all, v_all, out, group, [h_new[i] for i in group], [kv_lens[i] for i in group],
                               shared * ps, 0, cache)
                 fresh += group
@@ -361,14 +363,15 @@ class Attention(nn.Module):
         out[idx] = o.transpose(1, 2)
         return out
 
-    def _cascade_group(self, cache, q: torch.Tensor, h_new: list[int], sparse: list[bool]) -> tuple[list[int], int]:
-        """The rows that take `_cascade` (at least two dense rows with new tokens sharing leading cached pages) and
-        how many pages they share; ([], 0) when none do."""
+    def _cascade_groups(self, cache, q: torch.Tensor, h_new: list[int], sparse: list[bool]
+                        ) -> list[tuple[list[int], int]]:
+        """The groups of rows that take `_cascade` (each at least two dense rows with new tokens sharing leading
+        cached pages, cascade_min_tokens of them at least) with how many pages each shares; [] when none do."""
         if not (self.cascade_prefix and self.batch_continuing_rows and len(h_new) > 1
-                and hasattr(cache, "shared_group") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
-            return [], 0
-        rows, c = cache.shared_group([i for i, (n, sp) in enumerate(zip(h_new, sparse)) if n and not sp])
-        return (rows, c) if c * cache.cache.page_size >= self.cascade_min_tokens else ([], 0)
+                and hasattr(cache, "shared_groups") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
+            return []
+        found = cache.shared_groups([i for i, (n, sp) in enumerate(zip(h_new, sparse)) if n and not sp])
+        return [(rows, c) for rows, c in found if c * cache.cache.page_size >= self.cascade_min_tokens]
 
     def _cascade(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor, rows: list[int],
                  n_new: list[int], kv_lens: list[int], p: int, skipped: int, cache) -> None:
