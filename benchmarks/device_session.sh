@@ -16,6 +16,7 @@
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
+#   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
 #   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
 #   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
@@ -124,6 +125,12 @@ cascadegroups)  # cascade decode with several groups a step: GPU tests, then one
     timeout 150 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --groups 1 2 4 --empty 2>&1 \
         | tail -12
     timeout 100 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --slots 1 --empty 2>&1 | tail -6
+    ;;
+prefixgroups)  # 32 requests over 2 cached 4K prefixes (0.5B): the cascades for both groups against the largest alone
+    for g in 4 1; do
+        timeout 280 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \
+            --tag "-groups2-cascade$g" 2>&1 | tail -7
+    done
     ;;
 servingdynamic)  # the compiled rows with the shared compilation (tuned at the largest bucket), then the server row
     # with a compilation per bucket (server.64 16.8x in the one run with the shared one, 16.1-22.4x before)

@@ -7,7 +7,8 @@ questions), through `LLMEngine` with prefix caching on against the same engine w
 
 For each shared-prefix length P: one request with the prefix runs first (as a server's earlier request would
 have; untimed), then --requests requests, each the prefix plus its own --suffix random tokens, are submitted at
-once and run to completion (greedy, ignore_eos, --output tokens each). Rows: `prefix.all` the wall time of the
+once and run to completion (with --groups N: N prefixes of that length, an earlier request for each, request i
+after prefix i mod N) (greedy, ignore_eos, --output tokens each). Rows: `prefix.all` the wall time of the
 batch, `prefix.ttft` the mean time from submission to each request's first token; `cached_tokens` the prompt
 tokens the timed requests found cached (0 for the peer). `prefix.cold.*`: the same with a prefix nobody computed
 before (the first request computes it while the others wait for its pages). Before timing, every engine runs
@@ -68,8 +69,9 @@ def run(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dic
             "cached_tokens": sum(cached.values()), "first_steps_ms": steps[:4]}
 
 
-def workload(rng: random.Random, vocab: int, prefix: list[int], n: int, suffix: int) -> list[list[int]]:
-    return [prefix + [rng.randrange(3, vocab) for _ in range(suffix)] for _ in range(n)]
+def workload(rng: random.Random, vocab: int, prefixes: list[list[int]], n: int, suffix: int) -> list[list[int]]:
+    """n prompts, the i-th after prefixes[i mod len(prefixes)], each with its own random suffix."""
+    return [prefixes[i % len(prefixes)] + [rng.randrange(3, vocab) for _ in range(suffix)] for i in range(n)]
 
 
 def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dict, dict]:
@@ -77,18 +79,20 @@ def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dic
     before, all submitted at once)."""
     params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
     rng = random.Random(seed)
+    def prefixes() -> list[list[int]]:
+        return [[rng.randrange(3, vocab) for _ in range(plen)] for _ in range(args.groups)]
+
     # Warm-up on other tokens: the same shapes, so compiles and graph captures happen here.
-    other = [rng.randrange(3, vocab) for _ in range(plen)]
+    other = prefixes()
     run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
     run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
-    prefix = [rng.randrange(3, vocab) for _ in range(plen)]
-    run(eng, [prefix + [7]], params)  # an earlier request with the prefix
-    warm = run(eng, workload(rng, vocab, prefix, args.requests, args.suffix), params)
+    shared = prefixes()
+    run(eng, [p + [7] for p in shared], params)  # an earlier request with each prefix
+    warm = run(eng, workload(rng, vocab, shared, args.requests, args.suffix), params)
     if args.profile and eng.cache.prefix_caching:
         # Fresh suffixes for each profiled step: a batch seen before would find its own pages cached too.
-        profile(eng, [workload(rng, vocab, prefix, args.requests, args.suffix) for _ in range(2)], params)
-    fresh = [rng.randrange(3, vocab) for _ in range(plen)]
-    return warm, run(eng, workload(rng, vocab, fresh, args.requests, args.suffix), params)
+        profile(eng, [workload(rng, vocab, shared, args.requests, args.suffix) for _ in range(2)], params)
+    return warm, run(eng, workload(rng, vocab, prefixes(), args.requests, args.suffix), params)
 
 
 def profile(eng: LLMEngine, batches: list[list[list[int]]], params: SamplingParams) -> None:
@@ -152,6 +156,12 @@ def main() -> None:
                     "(Attention.batch_sparse_rows off: the engine before the batched kernels)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the warm batch's first step (caching on) and print the top ops")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="distinct prefixes of each length, the requests spread over them in turn (several system "
+                    "prompts)")
+    ap.add_argument("--cascade-groups", type=int, default=None,
+                    help="the most prefix groups a step's cascade takes, prefill (Attention.cascade_groups) and "
+                    "decode (paged.CASCADE_DECODE_GROUPS); default theirs (4)")
     ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -167,6 +177,13 @@ def main() -> None:
         from cpm4.engine import paged
 
         paged.CASCADE_DECODE = args.cascade_decode
+    if args.groups < 1 or args.groups > args.requests:
+        ap.error(f"--groups must be 1 .. --requests ({args.requests}), got {args.groups}")
+    if args.cascade_groups is not None:
+        from cpm4.engine import paged
+        from cpm4.model.modeling import Attention
+
+        Attention.cascade_groups = paged.CASCADE_DECODE_GROUPS = args.cascade_groups
     if args.sparse_row_by_row:
         from cpm4.model.modeling import Attention
 
@@ -179,7 +196,7 @@ def main() -> None:
     vocab = cfg.vocab_size
     rows = []
     for plen in args.prefixes:
-        need = (args.requests + 1) * (plen + args.suffix + args.output + 64)
+        need = (args.requests + args.groups) * (plen + args.suffix + args.output + 64)
         res = {}
         for on in (True, False):
             eng = build_engine(model, tok, need, max(args.requests, 1), compile=args.compile,
@@ -209,7 +226,7 @@ def main() -> None:
     write_rows(f"prefix_cache-{args.config}" + ("-cpu" if dev.type == "cpu" else "") + args.tag, name, rows,
                args.out, config=args.config, dtype=str(dtype).removeprefix("torch."), compile=args.compile,
                row_by_row=args.row_by_row, sparse_row_by_row=args.sparse_row_by_row, cascade=not args.no_cascade,
-               cascade_decode=args.cascade_decode)
+               cascade_decode=args.cascade_decode, groups=args.groups, cascade_groups=args.cascade_groups)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class Attention(nn.Module):
     # each row's whole keys.
     cascade_prefix = True
     cascade_min_tokens = 1024
+    cascade_groups = 4  # the most groups (prefixes) a step takes the cascade for, most keys shared first
     # The variable-length paths (continuing rows, cascade) off the GPU too, in float math (`varlen.attention_lse`):
     # for tests; the CPU's default is a fused SDPA call per row.
     varlen_on_cpu = False
@@ -371,7 +372,8 @@ class Attention(nn.Module):
                 and hasattr(cache, "shared_groups") and (varlen_flash_ok(q) or self.varlen_on_cpu)):
             return []
         found = cache.shared_groups([i for i, (n, sp) in enumerate(zip(h_new, sparse)) if n and not sp])
-        return [(rows, c) for rows, c in found if c * cache.cache.page_size >= self.cascade_min_tokens]
+        return [(rows, c) for rows, c in found if c * cache.cache.page_size >= self.cascade_min_tokens
+                ][:self.cascade_groups]
 
     def _cascade(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor, rows: list[int],
                  n_new: list[int], kv_lens: list[int], p: int, skipped: int, cache) -> None:
