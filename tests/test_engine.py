@@ -382,6 +382,43 @@ def test_decode_graphs_warm_up_captures_the_largest_bucket_first(monkeypatch):
     assert order == [1, 2, 4, 8]
 
 
+def test_decode_graphs_without_warm_up_tune_at_the_largest_bucket(monkeypatch):
+    """A compiled engine that never ran warm_up: the first bucket of the shared compilation it meets is captured
+    after the largest one, so the compilation's first launch (inductor's one-time kernel tuning) is at the largest
+    batch; later buckets alone. Uncompiled (each bucket its own step), no extra capture."""
+    from cpm4.engine import paged
+    from cpm4.engine.cuda_graph import DecodeGraphs
+
+    monkeypatch.setattr(paged, "CASCADE_DECODE", False)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=1)
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16)
+    seqs = [SeqPages() for _ in range(3)]
+    for s in seqs:
+        cache.reserve(s, 21)
+        s.length = 20
+
+    class Replay:
+        def replay(self):
+            pass
+
+    def graphs(compiled):
+        g = DecodeGraphs.__new__(DecodeGraphs)
+        g.init_buffers(cache, 8, 8, torch.device("cpu"))
+        g.model, g.step = model, (object() if compiled else model)
+        order = []
+        g._capture = lambda bs, cascade=False: order.append(bs) or (Replay(), torch.zeros(bs, 4))
+        return g, order
+
+    g, order = graphs(True)
+    assert g.run([5, 6], seqs[:2]).shape == (2, 4) and order == [8, 2]
+    g.run([5, 6, 7], seqs)
+    g.run([5], seqs[:1])  # batch 1: its own static compilation
+    assert order == [8, 2, 4, 1]
+    g, order = graphs(False)
+    g.run([5, 6], seqs[:2])
+    assert order == [2]
+
+
 def compiled_decode_matches_eager(model, cache, eng) -> list:
     """After the prefill step of `eng`'s two waiting requests, their decode step compiled (the paged attention
     one custom op) is one graph (no break, no recompilation per layer) and computes the eager step's logits.

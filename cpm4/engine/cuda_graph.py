@@ -37,7 +37,8 @@ PINNED_INPUTS = False
 # buckets").
 DYNAMIC_BATCH = True
 DYNAMIC_FROM = 2
-# warm_up captures the largest bucket first: the shared compilation's first launch, where inductor picks each
+# warm_up captures the largest bucket first (and `run`, without warm_up, captures it before the first bucket of
+# the shared compilation it meets): the shared compilation's first launch, where inductor picks each
 # kernel's launch configuration once for every size, then runs at the size where the choices differ measurably
 # (at 2 rows the candidates time within noise: the SiLU·mul kernel picked 128- or 256-wide blocks from run to
 # run, 110 vs 67 us at 192 rows). vLLM captures largest first too.
@@ -180,6 +181,12 @@ class DecodeGraphs:
         b = len(seqs)
         bs = next(s for s in self.sizes if s >= b)
         if bs not in self.graphs:
+            top = self.sizes[-1]
+            if WARM_LARGEST_FIRST and self._dynamic(bs) and top not in self.graphs and \
+                    not any(self._dynamic(s) for s in self.graphs):
+                # Without warm_up: the shared compilation's first launch (its kernels' tuning) at the largest bucket
+                self._reset_inputs()
+                self.graphs[top] = self._capture(top)
             self._reset_inputs()
             self.graphs[bs] = self._capture(bs)
         cols = self.host_table.update(seqs, bs)
