@@ -365,27 +365,20 @@ class PagedBatch:
     def shared_groups(self, rows: list[int]) -> list[tuple[list[int], int]]:
         """Among `rows`, the groups (two rows at least) starting with the same cached page (prefix caching's shared
         pages), each with how many leading pages its rows hold in common, each wholly cached before every member's
-        new tokens; most keys shared (members x pages) first, [] when no two rows share a page."""
+        new tokens; most keys shared (members x pages) first, [] when no two rows share a page. (`shared_groups`
+        over the rows' page lists: a row's cached length counts as its tokens before a current one.)"""
         key = ("shared_groups", tuple(rows))
         if key not in self.memo:
-            ps = self.cache.page_size
-            by_first: dict[int, list[int]] = {}
-            for i in rows:
-                if self.seqs[i].length >= ps:
-                    by_first.setdefault(self.seqs[i].pages[0], []).append(i)
             found = []
-            for group in by_first.values():
-                if len(group) < 2:
-                    continue
-                first = self.seqs[group[0]].pages
-                c = min(self.seqs[i].length for i in group) // ps
-                for i in group[1:]:
-                    other = self.seqs[i].pages
-                    if other[:c] != first[:c]:
-                        c = next(j for j, (a, b) in enumerate(zip(other, first)) if a != b)
-                if c:
-                    found.append((group, c))
-            self.memo[key] = sorted(found, key=lambda g: -len(g[0]) * g[1])
+            if len(rows) > 1:
+                pages = [self.seqs[i].pages for i in rows]
+                table = np.full((len(rows), max(map(len, pages))), -1, dtype=np.int64)
+                for j, p in enumerate(pages):
+                    table[j, :len(p)] = p
+                lens = np.array([self.seqs[i].length + 1 for i in rows])
+                found = [([rows[j] for j in np.flatnonzero(m)], c)
+                         for m, c in shared_groups(table, lens, self.cache.page_size, 1, max_groups=len(rows))]
+            self.memo[key] = found
         return self.memo[key]
 
     def skip_pages(self, group: list[int], n_pages: int) -> int:
