@@ -391,10 +391,11 @@ def test_gpu_cascade_decode(dtype, hq, hkv, d):
     _check("cuda", dtype, hq, hkv, d, 64, lens, member, n_shared=2900 // 64, tol=2e-2, splits=8)
 
 
-def _check_sparse_step(device, dtype, tol):
+def _check_sparse_step(device, dtype, tol, groups=1):
     """The InfLLM v2 decode step with a shared prefix over rows of which some are sparse (dense_len tokens or
     more) though marked members, as a captured step's group stays while a member grows past dense_len: the
-    outputs of the step without the shared prefix (each row's own pages or selected blocks)."""
+    outputs of the step without the shared prefix (each row's own pages or selected blocks). groups 2: rows 1,
+    3 and 5 share row 1's first pages instead (one page fewer), a second group."""
     from test_infllm_v2_triton import paged_sequences, small_cfg
 
     from cpm4.kernels.infllm_v2.triton_decode import paged_sparse_decode
@@ -406,14 +407,18 @@ def _check_sparse_step(device, dtype, tol):
     unit = cfg.dense_len / 40  # the CPU's shapes scaled to the GPU's
     lens = [int(x * unit) for x in (33, 38, 60, 45, 20, 39)] + [int(41 * unit)]
     member = [1, 1, 1, 1, 0, 1, 0]  # rows 2 and 3 sparse members; row 6 sparse, not a member
+    if groups == 2:
+        member = [1, 2, 1, 2, 0, 2, 0]  # row 2 a sparse member of group 1, row 3 of group 2
     kc, vc, table, _, _, stores = paged_sequences(lens, page, 2, 16 if device == "cpu" else 64, dtype, device, cfg,
                                                   seed=5)
     n_sh = int(32 * unit) // page  # 2 pages of 16 on the CPU, 12 of 64 on the GPU: before every member's last token
+    counts = [n_sh, n_sh - 1][:groups]
     for i, m in enumerate(member):
-        if m:  # the members' first pages are row 0's (their keys there as row 0's: what they read either way)
-            table[i, :n_sh] = table[0, :n_sh]
+        if m:  # a group's first pages are its first row's (their keys there as its: what they read either way)
+            table[i, :counts[m - 1]] = table[m - 1, :counts[m - 1]]
     q = torch.randn(len(lens), 4 if device == "cpu" else 8, kc.shape[-1], device=device).to(dtype)
-    shared = SharedPrefix(table[0, :n_sh + 2].contiguous(), torch.tensor([n_sh], dtype=torch.int32, device=device),
+    shared = SharedPrefix(table[:groups, :n_sh + 2].contiguous(), torch.tensor(counts, dtype=torch.int32,
+                                                                                 device=device),
                           torch.tensor(member, dtype=torch.int32, device=device))
     lt = torch.tensor(lens, dtype=torch.int32, device=device)
     args = (q, kc, vc, table, lt, stores["fine"], stores["coarse"], cfg)
@@ -424,17 +429,19 @@ def _check_sparse_step(device, dtype, tol):
     assert (err < tol).all(), err.tolist()
 
 
-def test_interpreter_cascade_in_the_sparse_step_leaves_sparse_members_out():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_interpreter_cascade_in_the_sparse_step_leaves_sparse_members_out(groups):
     if CUDA:
         pytest.skip("interpreter test: runs on CPU only")
-    _check_sparse_step("cpu", torch.float32, 1e-5)
+    _check_sparse_step("cpu", torch.float32, 1e-5, groups)
 
 
 @gpu
-def test_gpu_cascade_in_the_sparse_step_leaves_sparse_members_out():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gpu_cascade_in_the_sparse_step_leaves_sparse_members_out(groups):
     if not CUDA:
         pytest.skip("needs CUDA")
-    _check_sparse_step("cuda", torch.bfloat16, 1e-2)
+    _check_sparse_step("cuda", torch.bfloat16, 1e-2, groups)
 
 
 @gpu
