@@ -120,7 +120,7 @@ serving)
     ;;
 cascadegroups)  # cascade decode with several groups a step: GPU tests, then one layer with 1, 2, 4 groups (4 slots)
     # and a single group in 1 slot (the cost of the slots when one prefix is shared)
-    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_cascade_decode.py tests/test_engine.py -k cascade \
+    timeout 290 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_cascade_decode.py tests/test_engine.py -k cascade \
         2>&1 | tail -3
     timeout 150 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --groups 1 2 4 --empty 2>&1 \
         | tail -12
