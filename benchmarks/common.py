@@ -76,7 +76,17 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     "batch 1 (cuda_graph.DYNAMIC_BATCH off)")
     ap.add_argument("--warm-order", choices=["largest", "smallest"], default="largest",
                     help="which decode-graph bucket warm_up captures first (cuda_graph.WARM_LARGEST_FIRST)")
+    ap.add_argument("--cascade-groups", type=int, default=None,
+                    help="the most prefix groups a step's cascade takes, prefill (Attention.cascade_groups) and "
+                    "decode (paged.CASCADE_DECODE_GROUPS); default theirs (4)")
     args = ap.parse_args()
+    if args.cascade_groups is not None:
+        if args.cascade_groups < 1:
+            ap.error(f"--cascade-groups must be >= 1, got {args.cascade_groups}")
+        from cpm4.engine import paged
+        from cpm4.model.modeling import Attention
+
+        Attention.cascade_groups = paged.CASCADE_DECODE_GROUPS = args.cascade_groups
     cuda_graph.PINNED_INPUTS = cuda_graph.PINNED_INPUTS or args.pinned_inputs
     cuda_graph.DYNAMIC_BATCH = cuda_graph.DYNAMIC_BATCH and not args.compile_per_bucket
     cuda_graph.WARM_LARGEST_FIRST = args.warm_order == "largest"

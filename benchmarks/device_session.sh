@@ -17,6 +17,7 @@
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
+#   bash benchmarks/device_session.sh servingsys2 # the offline row over two system prompts: cascades for both vs one
 #   bash benchmarks/device_session.sh http      # the HTTP row, engine thread and engine process (carry .wheels/py312)
 #   bash benchmarks/device_session.sh httpdiag  # where the HTTP row's time goes: the stand-in engine
 #                                               # (http_overhead.py) and the HTTP row with the httpx client,
@@ -295,6 +296,13 @@ warmupeager)  # warm_up with CUDA graphs off (an eager decode step per batch siz
 servingsys)  # the offline row after a shared 2,048-token system prompt, cascade decode on (one call; servingsysoff: off)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
         --cascade-decode --tag=-sys2048-cascadedecode 2>&1 | tail -6
+    ;;
+servingsys2)  # the offline row after two 2,048-token system prompts (requests alternating), compiled: cascades for
+    # both prefix groups (default), then for the larger alone (--cascade-groups 1)
+    for g in 4 1; do
+        timeout 280 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
+            --system-prompts 2 --cascade-groups $g --tag=-sys2048x2-groups$g 2>&1 | tail -3
+    done
     ;;
 servingsysoff)
     timeout 560 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer, print_rows, write_rows  # noqa: E402
+from common import covering_tokenizer, parse_engine_args, print_rows, write_rows  # noqa: E402
 
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine, build_engine  # noqa: E402
@@ -159,12 +159,9 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=1,
                     help="distinct prefixes of each length, the requests spread over them in turn (several system "
                     "prompts)")
-    ap.add_argument("--cascade-groups", type=int, default=None,
-                    help="the most prefix groups a step's cascade takes, prefill (Attention.cascade_groups) and "
-                    "decode (paged.CASCADE_DECODE_GROUPS); default theirs (4)")
     ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
+    args = parse_engine_args(ap)
     if args.row_by_row:
         from cpm4.model.modeling import Attention
 
@@ -179,11 +176,6 @@ def main() -> None:
         paged.CASCADE_DECODE = args.cascade_decode
     if args.groups < 1 or args.groups > args.requests:
         ap.error(f"--groups must be 1 .. --requests ({args.requests}), got {args.groups}")
-    if args.cascade_groups is not None:
-        from cpm4.engine import paged
-        from cpm4.model.modeling import Attention
-
-        Attention.cascade_groups = paged.CASCADE_DECODE_GROUPS = args.cascade_groups
     if args.sparse_row_by_row:
         from cpm4.model.modeling import Attention
 

@@ -251,14 +251,15 @@ def http_row(args, model, tok, creqs, dev) -> dict:
             "client_processes": rep["processes"]}
 
 
-def system_prompt(args, hi: int) -> list[int]:
-    """--system-prompt's shared tokens (the same every call)."""
-    rnd = random.Random(7)
+def system_prompt(args, hi: int, i: int = 0) -> list[int]:
+    """--system-prompt's shared tokens of request i: system prompt i mod --system-prompts (the same every call)."""
+    rnd = random.Random(7 + i % args.system_prompts)
     return [rnd.randint(0, hi) for _ in range(args.system_prompt)]
 
 
 def sys_tag(args) -> str:
-    return f".sys{args.system_prompt}" if args.system_prompt else ""
+    many = f"x{args.system_prompts}" if args.system_prompts > 1 else ""
+    return f".sys{args.system_prompt}{many}" if args.system_prompt else ""
 
 
 def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, row, rows: list[dict]) -> None:
@@ -266,7 +267,7 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
     the same workload again with a sync after every step)."""
     rnd = random.Random(0)
     reqs = [[rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(args.requests)]
-    reqs = [system_prompt(args, hi) + r for r in reqs]
+    reqs = [system_prompt(args, hi, i) + r for i, r in enumerate(reqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
     # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
@@ -342,6 +343,9 @@ def main() -> None:
     ap.add_argument("--system-prompt", type=int, default=0,
                     help="tokens of one shared prefix before every offline and server request's own prompt (a system "
                     "prompt: prefix caching, cascade attention); their rows are named <row>.sys<N>")
+    ap.add_argument("--system-prompts", type=int, default=1,
+                    help="distinct system prompts of --system-prompt tokens, request i after prompt i mod this many "
+                    "(rows <row>.sys<N>x<this>)")
     ap.add_argument("--cascade-decode", action=argparse.BooleanOptionalAction, default=None,
                     help="decode steps attend the rows' shared prefix pages once (paged.CASCADE_DECODE; default: "
                     "on, where a group saves enough reads)")
@@ -353,6 +357,8 @@ def main() -> None:
     dev = torch.device(args.device)
     if args.system_prompt < 0:
         ap.error(f"--system-prompt must be >= 0 tokens, got {args.system_prompt}")
+    if args.system_prompts < 1:
+        ap.error(f"--system-prompts must be >= 1, got {args.system_prompts}")
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.cascade_decode is not None:  # the server row's engine too (its own default: on)
@@ -424,9 +430,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     rnd = random.Random(2)
-    creqs = [(system_prompt(args, hi) + [rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
+    creqs = [(system_prompt(args, hi, i) + [rnd.randint(0, hi) for _ in range(rnd.randint(100, 1024))],
               SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(64, 512)))
-             for _ in range(args.clients)]
+             for i in range(args.clients)]
     if "server" not in args.skip:
         # The server's engine with concurrent streaming clients.
         aeng = AsyncEngine(model, tok, max_batch_size=args.clients, chunk_tokens=args.chunk_tokens,
@@ -477,7 +483,8 @@ def main() -> None:
     fname = f"serving-{args.config}{'' if dev.type == 'cuda' else '-cpu'}{args.tag}-{date}.json"
     doc = {"device": name, "date": date, "config": args.config, "compile": args.compile,
            "compile_per_bucket": args.compile_per_bucket, "warm_order": args.warm_order,
-           "pinned_inputs": args.pinned_inputs, "rows": rows}
+           "pinned_inputs": args.pinned_inputs, "system_prompts": args.system_prompts,
+           "cascade_groups": args.cascade_groups, "rows": rows}
     write_json(doc, fname, args.out)
 
 
