@@ -9,11 +9,13 @@ same run; the outputs are compared too.
     python benchmarks/cascade_decode.py --shapes 8b --batches 64 --prefixes 4096
     python benchmarks/cascade_decode.py --empty      # also the cascade step without a group (count 0)
     python benchmarks/cascade_decode.py --groups 1 2 4   # the rows split over that many prefixes (a row each)
+    python benchmarks/cascade_decode.py --groups 2 4 --unsorted   # also with the rows' tiles in arrival order
 
-Prints a table and writes benchmarks/results/cascade_decode[-slots<N>]-<date>.json (rows: phase
+Prints a table and writes benchmarks/results/cascade_decode[-slots<N>][<tag>]-<date>.json (rows: phase
 `cascade_decode.<shape>.b<B>[.g<groups>]`, seqlen = P, each group's prefix). With --groups, row i follows prefix
 i mod groups; the `SharedPrefix` holds --slots group slots (default paged.CASCADE_DECODE_GROUPS, as the engine's
-graphs), the unused ones with count 0.
+graphs), the unused ones with count 0; the shared kernel's tiles take the rows by group (`SharedPrefix.order`),
+with --unsorted also in arrival order (`.unsorted`: every tile holds rows of every group).
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def main() -> None:
                     "graphs; 1: a single group's buffers)")
     ap.add_argument("--empty", action="store_true",
                     help="also time the step with no group (count 0: a captured cascade step without sharing)")
+    ap.add_argument("--unsorted", action="store_true",
+                    help="also time the tiles taking the rows in arrival order (groups interleaved)")
+    ap.add_argument("--tag", default="", help="appended to the JSON's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -120,6 +125,18 @@ def main() -> None:
                                  "speedup": round(t_peer / t_ours, 2), "max_abs_diff": diff})
                     print(f"  {shape} B={b} P={plen} groups {groups} tile {tq} own splits {own or 'default'}: ours "
                           f"{t_ours * 1000:.1f} us, plain {t_peer * 1000:.1f} us, max |diff| {diff:.2e}", flush=True)
+                if args.unsorted and groups > 1:
+                    arrival = SharedPrefix(sp.pages, sp.count, sp.member, torch.arange(b, dtype=torch.int32,
+                                                                                        device=sp.member.device))
+
+                    def unsorted(x=x, arrival=arrival):
+                        return paged_decode(*x[:-1], shared=arrival)
+
+                    diff = (unsorted().float() - peer().float()).abs().max().item()
+                    t_uns = cold_graph_ms(unsorted)
+                    rows.append({"phase": f"cascade_decode.{shape}.b{b}{gtag}.unsorted", "seqlen": plen,
+                                 "ours_ms": round(t_uns, 4), "peer_ms": round(t_peer, 4),
+                                 "speedup": round(t_peer / t_uns, 2), "max_abs_diff": diff})
                 if args.empty:
                     none = SharedPrefix(sp.pages, torch.zeros_like(sp.count), torch.zeros_like(sp.member))
 
@@ -134,7 +151,7 @@ def main() -> None:
     print()
     print(f"cascade decode vs plain paged decode, one layer, CUDA graphs, cold L2 ({torch.cuda.get_device_name()})")
     print_rows(rows, digits=4)
-    name = "cascade_decode" + ("" if slots == paged.CASCADE_DECODE_GROUPS else f"-slots{slots}")
+    name = "cascade_decode" + ("" if slots == paged.CASCADE_DECODE_GROUPS else f"-slots{slots}") + args.tag
     write_rows(name, torch.cuda.get_device_name(), rows, args.out, own_tokens=args.own, slots=slots)
 
 

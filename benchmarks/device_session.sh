@@ -127,18 +127,35 @@ cascadegroups)  # cascade decode with several groups a step: GPU tests, then one
         | tail -12
     timeout 100 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --slots 1 --empty 2>&1 | tail -6
     ;;
+cascadeorder)  # the shared kernel's tiles taking the rows by group (SharedPrefix.order; --unsorted: arrival order, as
+    # before), and the prefill cascade over several groups gathering keys from after the pages they share: the
+    # GPU tests, one layer, the prefix-cache rows over 2 prefixes (twice each), the serving row over 2 system prompts
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_cascade_decode.py tests/test_engine.py -k cascade \
+        2>&1 | tail -3
+    timeout 150 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --groups 1 2 4 --unsorted \
+        --tag=-order --out "${OUT:-benchmarks/results}" 2>&1 | tail -17
+    for run in 1 2; do for g in 4 1; do
+        timeout 100 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \
+            --tag="-groups2-cascade$g-skip-run$run" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^prefix"
+    done; done
+    for g in 4 1; do
+        timeout 150 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --system-prompt 2048 \
+            --system-prompts 2 --cascade-groups $g --tag=-sys2048x2-groups$g-order --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "^offline"
+    done
+    ;;
 prefixgroups)  # 32 requests over 2 cached 4K prefixes (0.5B): the cascades for both groups against the largest alone
     for g in 4 1; do
         timeout 280 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \
-            --tag "-groups2-cascade$g" 2>&1 | tail -7
+            --tag="-groups2-cascade$g" 2>&1 | tail -7
     done
     ;;
 servingdynamic)  # the compiled rows with the shared compilation (tuned at the largest bucket), then the server row
     # with a compilation per bucket (server.64 16.8x in the one run with the shared one, 16.1-22.4x before)
-    timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --tag -dynamic-largest \
+    timeout 250 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --tag=-dynamic-largest \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -5
     timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --compile-per-bucket --skip offline \
-        --tag -per-bucket --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
+        --tag=-per-bucket --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
     ;;
 http)  # carry .wheels/py312
     wheels

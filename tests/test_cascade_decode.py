@@ -165,7 +165,7 @@ def test_cascade_needs_the_dense_decode_and_fitting_shapes():
     with pytest.raises(ValueError, match="dense paged decode"):
         paged_decode(q, kc, vc, table, seq, blocks, shared=shared)
     bad = SharedPrefix(shared.pages, shared.count, shared.member[:1])
-    with pytest.raises(ValueError, match="member must be"):
+    with pytest.raises(ValueError, match="member and order must be"):
         paged_decode(q, kc, vc, table, seq, shared=bad)
 
 
@@ -334,6 +334,7 @@ def test_graph_buffers_hold_the_steps_groups(monkeypatch):
     assert step(graphs, seqs)  # the step replays the cascade graph
     sh = graphs.shared
     assert sh.count.tolist() == [3, 2, 0, 0] and sh.member.tolist() == [1, 1, 0, 2, 2, 0, 0, 0]
+    assert sh.order.tolist() == [2, 5, 6, 7, 0, 1, 3, 4]  # the rows by group: a tile of rows reads one group's pages
     assert sh.pages[0, :3].tolist() == seqs[0].pages[:3] and sh.pages[1, :2].tolist() == seqs[3].pages[:2]
     cache.reserve(seqs[2], 40)  # row 2 grows a page: the same sequences in the same rows keep the groups
     seqs[2].length += 30
@@ -342,6 +343,7 @@ def test_graph_buffers_hold_the_steps_groups(monkeypatch):
     assert step(graphs, seqs[1:])  # row 0 ended, the others moved up: found again, one group left
     assert len(found) == 2
     assert sh.count.tolist() == [2, 0, 0, 0] and sh.member.tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert sh.order.tolist() == [0, 1, 4, 5, 6, 7, 2, 3]
     assert not step(graphs, seqs[1:3]) and sh.count.tolist() == [0, 0, 0, 0] and not sh.member.any()
     # 2 rows x 3 pages + 2 rows x 2 pages of 16 = 160 tokens read once instead of twice: below
     # CASCADE_DECODE_MIN_READS, the plain step

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import random_model
 
-from cpm4.engine.paged import PagedKVCache, SeqPages
+from cpm4.engine.paged import PagedBatch, PagedKVCache, SeqPages
 from cpm4.model.modeling import Attention
 
 SEEDS = range(40)
@@ -103,6 +103,16 @@ def test_cascade_for_each_of_two_prefixes(monkeypatch, models):
     layers = model.config.num_hidden_layers
     assert sorted(map(tuple, calls)) == [(0, 2)] * layers + [(1, 3)] * layers
     for i, (p, _) in enumerate(rows):
+        torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:], rtol=1e-6, atol=1e-6)
+    # Without the row that has no prefix every row is in a cascade: the keys gathered skip the 2 pages both
+    # groups share at least (each cascade reads its group's pages through shared_kv).
+    calls.clear()
+    skips = []
+    real_skip = PagedBatch.skip_pages
+    monkeypatch.setattr(PagedBatch, "skip_pages", lambda self, *a: skips.append(real_skip(self, *a)) or skips[-1])
+    got, cut = _step(model, prefixes, rows[:4], rng)
+    assert sorted(map(tuple, calls)) == [(0, 2)] * layers + [(1, 3)] * layers and skips == [2] * layers
+    for i, (p, _) in enumerate(rows[:4]):
         torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, cut[i]:], rtol=1e-6, atol=1e-6)
     calls.clear()
     monkeypatch.setattr(Attention, "cascade_min_tokens", 48)  # the 2-page prefix's group is below it

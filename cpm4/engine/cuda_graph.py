@@ -121,11 +121,12 @@ class DecodeGraphs:
         if self.shared is not None and (cascade or self.step is not self.model):
             # Compiled: both graphs of a bucket run the same compiled step (the shared buffers always passed,
             # so no second compilation); the plain one is captured under `paged.cascade_paused`.
-            sh = type(self.shared)(self.shared.pages, self.shared.count, self.shared.member[:bs])
+            sh = type(self.shared)(self.shared.pages, self.shared.count, self.shared.member[:bs],
+                                   self.shared.order[:bs])
         ids, table, starts, slots, ends, ones = (t[:bs] for t in (self.ids, self.table, self.starts, self.slots,
                                                                    self.ends, self.ones))
         if self._dynamic(bs):
-            for t in (ids, table, starts, slots, ends, ones) + ((sh.member,) if sh is not None else ()):
+            for t in (ids, table, starts, slots, ends, ones) + ((sh.member, sh.order) if sh is not None else ()):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         view = DecodeBatch(self.cache, table, starts, slots, ends, sh)
         return self.step(ids, view, ones, last_only=True)
@@ -249,6 +250,7 @@ class DecodeGraphs:
                 counts[k] = count
         _copy_in(self.shared.count, torch.from_numpy(counts))
         _copy_in(self.shared.member[:bs], torch.from_numpy(member))
+        _copy_in(self.shared.order[:bs], self.shared.row_order(torch.from_numpy(member)))
         self._cascade = found is not None
         return self._cascade
 
@@ -262,4 +264,5 @@ class DecodeGraphs:
         if self.shared is not None:
             self.shared.count.zero_()
             self.shared.member.zero_()
+            self.shared.order.copy_(torch.arange(len(self.shared.order)))
             self._shared_rows = -1

@@ -382,10 +382,10 @@ class PagedBatch:
         return self.memo[key]
 
     def skip_pages(self, group: list[int], n_pages: int) -> int:
-        """Pages `write` may leave out of every row's gathered keys when all rows (`group`, the whole batch) read
-        their first n_pages shared pages through `shared_kv`: none when kernel keys are pooled (the pooling reads
-        every row's keys from its first token)."""
-        return n_pages if len(group) == len(self.seqs) and self.cache.fine is None else 0
+        """Pages `write` may leave out of every row's gathered keys when all rows (`group`: the rows of one or more
+        `shared_groups`, the whole batch) read their first n_pages (the groups' fewest) through `shared_kv`: none
+        when kernel keys are pooled (the pooling reads every row's keys from its first token)."""
+        return n_pages if len(set(group)) == len(self.seqs) and self.cache.fine is None else 0
 
     def shared_kv(self, layer: int, row: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [n_pages * page_size, hkv, d] of row `row`'s first n_pages pages (a `shared_groups`')."""
@@ -687,8 +687,9 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
     pages = table[[int(np.argmax(member == k + 1)) for k in range(len(counts))]].clone()
     if width is not None and width > pages.shape[1]:
         pages = torch.nn.functional.pad(pages, (0, width - pages.shape[1]), value=cache.scratch)
-    return SharedPrefix(pages.to(device), torch.tensor(counts, dtype=torch.int32).to(device),
-                        torch.from_numpy(member).to(device))
+    member = torch.from_numpy(member)
+    return SharedPrefix(pages.to(device), torch.tensor(counts, dtype=torch.int32).to(device), member.to(device),
+                        SharedPrefix.row_order(member).to(device))
 
 
 def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
@@ -825,9 +826,9 @@ paged_attention = _paged_attention
 def _traced_paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float) -> torch.Tensor:
     sh = batch.shared
+    shared = (sh.pages, sh.count, sh.member, sh.order) if sh is not None else (None,) * 4
     return torch.ops.cpm4.paged_attention(q, k, v, batch.table, batch.lens, batch.slots, batch.ends,
-                                          batch.cache.uid, layer, scale, *((sh.pages, sh.count, sh.member)
-                                                                           if sh is not None else (None,) * 3))
+                                          batch.cache.uid, layer, scale, *shared)
 
 
 def make_opaque_to_compile() -> None:
@@ -845,15 +846,15 @@ def make_opaque_to_compile() -> None:
         def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, starts: torch.Tensor,
                 slots: torch.Tensor, ends: torch.Tensor, cache_id: int, layer: int, scale: float,
                 shared_pages: torch.Tensor | None = None, shared_count: torch.Tensor | None = None,
-                member: torch.Tensor | None = None) -> torch.Tensor:
+                member: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
             from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-            shared = SharedPrefix(shared_pages, shared_count, member) if shared_pages is not None else None
+            shared = SharedPrefix(shared_pages, shared_count, member, order) if shared_pages is not None else None
             batch = DecodeBatch(_CACHES[cache_id], table, starts, slots, ends, shared)
             return _paged_attention(batch, layer, q, k, v, scale)
 
         @_op.register_fake
         def _(q, k, v, table, starts, slots, ends, cache_id, layer, scale, shared_pages=None, shared_count=None,
-              member=None):
+              member=None, order=None):
             return torch.empty_like(q)
     paged_attention = _traced_paged_attention

@@ -205,9 +205,11 @@ class Attention(nn.Module):
         whole = getattr(cache, "prompt_lens", None) or [0] * b
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
         groups = self._cascade_groups(cache, q, h_new, sparse)
-        # Every row in one cascade: keys gathered from after the shared pages only, when the cache allows it.
-        whole = groups[0] if len(groups) == 1 and len(groups[0][0]) == b else None
-        skip = cache.skip_pages(*whole) if whole else 0
+        # Every row in a cascade (one prefix, or several: system prompts): keys gathered from after the pages each
+        # group shares at least, when the cache allows it (32 rows over 2 cached 4K prefixes would gather 4K keys
+        # a row a layer that the cascades read from the shared pages).
+        whole = groups if groups and sum(len(g) for g, _ in groups) == b else None
+        skip = cache.skip_pages([i for g, _ in whole for i in g], min(c for _, c in whole)) if whole else 0
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, k, v, starts, new_lens, host, skip_pages=skip)
         else:
@@ -215,7 +217,9 @@ class Attention(nn.Module):
         ps = cache.cache.page_size if groups else 0
         if whole:
             out = q.new_zeros(q.shape)  # contiguous (written through a flat view)
-            self._cascade(q, k_all, v_all, out, whole[0], h_new, kv_lens, whole[1] * ps, skip * ps, cache)
+            for group, shared in whole:
+                self._cascade(q, k_all, v_all, out, group, [h_new[i] for i in group], [kv_lens[i] for i in group],
+                              shared * ps, skip * ps, cache)
         elif not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.

@@ -29,13 +29,14 @@ TILE_QUERIES = 64
 
 
 @triton.jit
-def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_ptr, o_ptr, m_ptr, n_rows, n_groups,
+def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, order_ptr, lens_ptr, o_ptr, m_ptr, n_rows,
+                   n_groups,
                    sm_scale, stride_pg, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                    stride_vh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
                    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr, SPARSE_ROWS: tl.constexpr,
                    DENSE_LEN: tl.constexpr):
-    """Partial output and log-sum-exp (log2) at split split0 + sp of rows [rt * ROWS, +ROWS), KV head g: each
+    """Partial output and log-sum-exp (log2) at split split0 + sp of rows order[rt * ROWS : +ROWS], KV head g: each
     member of group k (member k + 1) over split sp of group k's first nsh[k] pages, the groups taken in turn
     (a group without members in the tile reads nothing); rows in no group get an empty partial (-inf).
     SPARSE_ROWS (the InfLLM v2 step): members at dense_len tokens or more are out too, as `_attend_kernel` reads
@@ -44,13 +45,15 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, lens_p
     rt = tl.program_id(1)
     sp = tl.program_id(2)
     idx = tl.arange(0, ROWS * G_PAD)
-    r = rt * ROWS + idx // G_PAD
+    slot = rt * ROWS + idx // G_PAD
+    here = slot < n_rows
+    r = tl.load(order_ptr + slot, mask=here, other=0)
     hh = idx % G_PAD
-    ok = (r < n_rows) & (hh < G)
-    mem = tl.load(member_ptr + r, mask=r < n_rows, other=0)
+    ok = here & (hh < G)
+    mem = tl.load(member_ptr + r, mask=here, other=0)
     use = ok & (mem > 0)
     if SPARSE_ROWS:
-        n_tok = tl.load(lens_ptr + r, mask=r < n_rows, other=0)
+        n_tok = tl.load(lens_ptr + r, mask=here, other=0)
         if DENSE_LEN >= 0:
             use = use & (n_tok < DENSE_LEN)
         else:
@@ -92,11 +95,14 @@ class SharedPrefix:
     """The leading pages that groups of rows of a decode batch share. pages: int32 [NG, W] on the device (one
     group: [W] is taken as [1, W]), the first count[k] of row k in use (count: int32 [NG], 0 = none); member:
     int32 [B], k + 1 for each row whose first count[k] pages are group k's (each such row has at least one token
-    after them: its current one), 0 for a row in no group."""
+    after them: its current one), 0 for a row in no group. order: int32 [B], the rows by group (`row_order`;
+    None: computed here): a tile of rows holds one group's members, so reads its pages alone — rows in arrival
+    order interleave the groups, and every tile would read every group's pages for a few rows each."""
 
     pages: torch.Tensor
     count: torch.Tensor
     member: torch.Tensor
+    order: torch.Tensor | None = None
     # Splits of each row's own pages (the paged decode's part) beside the shared ones; None: the paged decode's
     # default, sized for rows that attend everything themselves (benchmarks/cascade_decode.py --own-splits).
     own_splits: ClassVar[int | None] = None
@@ -104,6 +110,13 @@ class SharedPrefix:
     def __post_init__(self) -> None:
         if self.pages.dim() == 1:
             self.pages = self.pages.unsqueeze(0)
+        if self.order is None:
+            self.order = self.row_order(self.member)
+
+    @staticmethod
+    def row_order(member: torch.Tensor) -> torch.Tensor:
+        """The rows by group (int32, stable: rows in no group first, then group 1's, ...)."""
+        return torch.argsort(member, stable=True).to(torch.int32)
 
     @property
     def groups(self) -> int:
@@ -116,7 +129,7 @@ class SharedPrefix:
         eager warm-up step's groups; the step launches the cascade kernels and they attend nothing extra."""
         i32 = dict(dtype=torch.int32, device=device)
         return cls(torch.full((groups, width), scratch, **i32), torch.zeros(groups, **i32),
-                   torch.zeros(rows, **i32))
+                   torch.zeros(rows, **i32), torch.arange(rows, **i32))
 
     def tile_rows(self, g: int) -> int:
         """Rows per program for a KV group of g heads (at least 16 query vectors: the dot's minimum)."""
@@ -139,16 +152,18 @@ class SharedPrefix:
         b, hq, d = q.shape
         _, page, hkv, _ = k_cache.shape
         g = hq // hkv
-        if self.member.shape != (b,) or self.count.shape != (self.groups,) or self.pages.stride(1) != 1:
-            raise ValueError(f"member must be [{b}], count [{self.groups}] (one per group) and pages contiguous "
-                             f"rows, got {tuple(self.member.shape)}, {tuple(self.count.shape)}, strides "
-                             f"{self.pages.stride()}")
+        if (self.member.shape != (b,) or self.order.shape != (b,) or self.count.shape != (self.groups,)
+                or self.pages.stride(1) != 1):
+            raise ValueError(f"member and order must be [{b}], count [{self.groups}] (one per group) and pages "
+                             f"contiguous rows, got {tuple(self.member.shape)}, {tuple(self.order.shape)}, "
+                             f"{tuple(self.count.shape)}, strides {self.pages.stride()}")
         rows = self.tile_rows(g)
         n = self.splits(q.device, b, hkv, g)
         if split0 + n > o_part.shape[2]:
             raise ValueError(f"partials hold {o_part.shape[2]} splits, the shared pages need {split0} + {n}")
         _shared_kernel[(hkv, triton.cdiv(b, rows), n)](
-            q, k_cache, v_cache, self.pages, self.count, self.member, lens, o_part, m_part, b, self.groups, scale,
+            q, k_cache, v_cache, self.pages, self.count, self.member, self.order, lens, o_part, m_part, b, self.groups,
+            scale,
             self.pages.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
             o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
