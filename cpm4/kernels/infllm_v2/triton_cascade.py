@@ -3,9 +3,10 @@
 Rows after one cached prefix (a system prompt, a few-shot preamble, the `n` samples of one prompt) hold the same
 first pages. The paged decode reads a row's every page, so a batch of B such rows reads the prefix B times a
 layer. Here one program per (KV head, tile of rows, split of the shared pages) attends the tile's members of
-each group in turn — all of the KV group's heads of several rows, one matrix — to that group's pages, reading
-them once per tile; the paged decode attends each row's own pages after them (`_attend_kernel` with SKIP), and
-`_merge_kernel` merges both kinds of partial outputs by their log-sum-exps.
+each group in turn (the tiles take the rows by group, so mostly one) — all of the KV group's heads of several
+rows, one matrix — to that group's pages, reading them once per tile; the paged decode attends each row's own
+pages after them (`_attend_kernel` with SKIP), and `_merge_kernel` merges both kinds of partial outputs by
+their log-sum-exps.
 As FlashInfer's and vLLM's cascade attention.
 
 Shapes stay fixed for a CUDA graph: the groups' page lists have a fixed number and width, and their used lengths
