@@ -144,6 +144,14 @@ cascadeorder)  # the shared kernel's tiles taking the rows by group (SharedPrefi
             2>&1 | grep -E "^offline"
     done
     ;;
+prefixmerged)  # one cascade call pair a layer for all the prefill's groups (was a pair per group): GPU tests, then
+    # the prefix-cache rows over 2 prefixes, both groups against the larger alone, twice each
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -x tests/test_engine.py -k cascade 2>&1 | tail -3
+    for run in 1 2; do for g in 4 1; do
+        timeout 100 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \
+            --tag="-groups2-cascade$g-merged-run$run" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^prefix"
+    done; done
+    ;;
 prefixgroups)  # 32 requests over 2 cached 4K prefixes (0.5B): the cascades for both groups against the largest alone
     for g in 4 1; do
         timeout 280 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \

@@ -387,13 +387,14 @@ class PagedBatch:
         when kernel keys are pooled (the pooling reads every row's keys from its first token)."""
         return n_pages if len(set(group)) == len(self.seqs) and self.cache.fine is None else 0
 
-    def shared_kv(self, layer: int, row: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [n_pages * page_size, hkv, d] of row `row`'s first n_pages pages (a `shared_groups`')."""
-        key = ("shared_kv", row, n_pages)
+    def shared_kv(self, layer: int, groups: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [pages * page_size, hkv, d] of each (row, n_pages)'s first n_pages pages (a
+        `shared_groups`' rows and pages), one group after the other."""
+        key = ("shared_kv", tuple(groups))
         if key not in self.memo:
-            own = self.seqs[row].pages[:n_pages]
+            own = [p for row, n in groups for p in self.seqs[row].pages[:n]]
             # Consecutive pages (a prefix computed into a fresh cache) are a view; others one gather a layer.
-            self.memo[key] = slice(own[0], own[0] + n_pages) if own == list(range(own[0], own[0] + n_pages)) \
+            self.memo[key] = slice(own[0], own[0] + len(own)) if own == list(range(own[0], own[0] + len(own))) \
                 else to_device(own, self.cache.device, torch.long)
         pages = self.memo[key]
         if isinstance(pages, slice):

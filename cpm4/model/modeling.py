@@ -217,9 +217,7 @@ class Attention(nn.Module):
         ps = cache.cache.page_size if groups else 0
         if whole:
             out = q.new_zeros(q.shape)  # contiguous (written through a flat view)
-            for group, shared in whole:
-                self._cascade(q, k_all, v_all, out, group, [h_new[i] for i in group], [kv_lens[i] for i in group],
-                              shared * ps, skip * ps, cache)
+            self._cascade(q, k_all, v_all, out, whole, h_new, kv_lens, skip * ps, cache)
         elif not any(sparse) and (not any(h_starts) or b == 1 or t == 1):
             # Every row from position 0 (padding only after real tokens): plain causal attention is exact. One
             # row after its cache, or one new token per row (decoding on the gathering path): a mask or none.
@@ -240,10 +238,9 @@ class Attention(nn.Module):
                 out[idx] = self._dense(q[idx], k_all[idx, :t], v_all[idx, :t], starts[idx], True, 0)
             else:
                 fresh = []
-            for group, shared in groups:  # rows after shared cached prefixes, beside others that do not share them
-                self._cascade(q, k_all, v_all, out, group, [h_new[i] for i in group], [kv_lens[i] for i in group],
-                              shared * ps, 0, cache)
-                fresh += group
+            if groups:  # rows after shared cached prefixes, beside others that do not share them
+                self._cascade(q, k_all, v_all, out, groups, h_new, kv_lens, 0, cache)
+                fresh += [i for g, _ in groups for i in g]
             # Sparse rows with a cache on the GPU (chunks after a cached prefix, prompts beside others, decode
             # steps): one launch per InfLLM v2 stage for all of them, not a pipeline per row.
             rows = [i for i in range(b) if sparse[i] and h_new[i]] if cache is not None and \
@@ -379,30 +376,36 @@ class Attention(nn.Module):
         return [(rows, c) for rows, c in found if c * cache.cache.page_size >= self.cascade_min_tokens
                 ][:self.cascade_groups]
 
-    def _cascade(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor, rows: list[int],
-                 n_new: list[int], kv_lens: list[int], p: int, skipped: int, cache) -> None:
-        """Dense attention of the rows' new queries (row rows[j]: its n_new[j] last positions of kv_lens[j] keys)
-        when they share their first p cached keys (the same pages): their queries attend those keys in one
-        variable-length call that reads them once (not gathered and read per row), then each row's own keys after
-        them in a second, causal bottom-right; the two merged by their log-sum-exps (cascade attention, as
-        FlashInfer and vLLM run shared prefixes). k_all/v_all: each row's keys from key `skipped` on (the write
-        skipped the shared pages when every row is in the cascade). Written into `out`."""
+    def _cascade(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, out: torch.Tensor,
+                 groups: list[tuple[list[int], int]], h_new: list[int], kv_lens: list[int], skipped: int,
+                 cache) -> None:
+        """Dense attention of the new queries of the groups' rows (row i: its h_new[i] last positions of kv_lens[i]
+        keys) when each group's rows share their first cached pages (group (rows, c): c pages): every group's
+        queries attend its shared keys in one variable-length call (a group one sequence of it: its pages read
+        once, not gathered and read per row), then each row's own keys after them in a second, causal bottom-right;
+        the two merged by their log-sum-exps (cascade attention, as FlashInfer and vLLM run shared prefixes). Two
+        calls a layer whatever the number of groups. k_all/v_all: each row's keys from key `skipped` on (the write
+        skipped the pages every group shares when every row is in a cascade). Written into `out`."""
         b, t, hq, d = q.shape
         s = k_all.shape[1]
+        ps = cache.cache.page_size
         memo = _step_memo(cache)
-        own = [L - p for L in kv_lens]
-        key = ("cascade", tuple(rows), tuple(n_new), tuple(kv_lens), t, s, p, skipped)
+        rows = [i for g, _ in groups for i in g]
+        p_row = [c * ps for g, c in groups for _ in g]
+        n_new = [h_new[i] for i in rows]
+        own = [kv_lens[i] - p for i, p in zip(rows, p_row)]
+        key = ("cascade", tuple((tuple(g), c) for g, c in groups), tuple(n_new), tuple(own), t, s, skipped)
         if key not in memo:
-            n = sum(n_new)
-            host = (ragged_index(n_new, [i * t for i in rows]), ragged_index(own, [i * s + p - skipped for i in rows]),
-                    torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, p], dtype=torch.int32),
-                    torch.tensor(np.cumsum([0, *n_new]), dtype=torch.int32),
-                    torch.tensor(np.cumsum([0, *own]), dtype=torch.int32))
-            memo[key] = tuple(to_device(x, q.device) for x in host)
-        qidx, kidx, cu_all, cu_p, cu_q, cu_k = memo[key]
+            n_group = [sum(h_new[i] for i in g) for g, _ in groups]
+            p_group = [c * ps for _, c in groups]
+            host = (ragged_index(n_new, [i * t for i in rows]),
+                    ragged_index(own, [i * s + p - skipped for i, p in zip(rows, p_row)]),
+                    *(torch.tensor(np.cumsum([0, *x]), dtype=torch.int32) for x in (n_group, p_group, n_new, own)))
+            memo[key] = (tuple(to_device(x, q.device) for x in host), max(n_group), max(p_group))
+        (qidx, kidx, cu_gq, cu_p, cu_q, cu_k), max_gq, max_p = memo[key]
         qp = q.reshape(b * t, hq, d).index_select(0, qidx)
-        pk, pv = cache.shared_kv(self.layer_idx, rows[0], p // cache.cache.page_size)
-        o1, l1 = attention_lse(qp, pk, pv, cu_all, cu_p, qp.shape[0], p, False, self.scale)
+        pk, pv = cache.shared_kv(self.layer_idx, [(g[0], c) for g, c in groups])
+        o1, l1 = attention_lse(qp, pk, pv, cu_gq, cu_p, max_gq, max_p, False, self.scale)
         kp = k_all.reshape(b * s, *k_all.shape[2:]).index_select(0, kidx)
         vp = v_all.reshape(b * s, *v_all.shape[2:]).index_select(0, kidx)
         o2, l2 = attention_lse(qp, kp, vp, cu_q, cu_k, max(n_new), max(own), True, self.scale)
