@@ -130,9 +130,9 @@ class Attention(nn.Module):
     # 8 requests after a 30K cached prefix, 8B shape, H200: time to first token 288 -> 122 ms).
     batch_sparse_rows = True
     # Dense rows that continue the same cached pages (requests after one prefix, prefix caching; a group per
-    # prefix) attend those keys in one call for the group and their own keys in a second, merged by log-sum-exp
-    # (`_cascade`), when the shared part holds at least cascade_min_tokens; False: the variable-length call over
-    # each row's whole keys.
+    # prefix) attend those keys in one call for all the groups (each its own sequence of it) and their own keys in
+    # a second, merged by log-sum-exp (`_cascade`), when a group's shared part holds at least cascade_min_tokens;
+    # False: the variable-length call over each row's whole keys.
     cascade_prefix = True
     cascade_min_tokens = 1024
     cascade_groups = 4  # the most groups (prefixes) a step takes the cascade for, most keys shared first
