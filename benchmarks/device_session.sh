@@ -152,6 +152,13 @@ prefixmerged)  # one cascade call pair a layer for all the prefill's groups (was
             --tag="-groups2-cascade$g-merged-run$run" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^prefix"
     done; done
     ;;
+prefixrepeat)  # the two-prefix row with 7 timed batches each, the median (prefix_cache.py --repeats): the prefill
+    # cascade over both groups against the larger alone, where single batches spread 40-58 ms TTFT
+    for g in 4 1; do
+        timeout 200 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g --repeats 7 \
+            --tag="-groups2-cascade$g-repeats" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^prefix"
+    done
+    ;;
 prefixgroups)  # 32 requests over 2 cached 4K prefixes (0.5B): the cascades for both groups against the largest alone
     for g in 4 1; do
         timeout 280 "$PY" benchmarks/prefix_cache.py --prefixes 4096 --groups 2 --cascade-groups $g \

@@ -8,7 +8,8 @@ questions), through `LLMEngine` with prefix caching on against the same engine w
 For each shared-prefix length P: one request with the prefix runs first (as a server's earlier request would
 have; untimed), then --requests requests, each the prefix plus its own --suffix random tokens, are submitted at
 once and run to completion (with --groups N: N prefixes of that length, an earlier request for each, request i
-after prefix i mod N) (greedy, ignore_eos, --output tokens each). Rows: `prefix.all` the wall time of the
+after prefix i mod N) (greedy, ignore_eos, --output tokens each); with --repeats R, R such batches (fresh
+suffixes), the row their median. Rows: `prefix.all` the wall time of the
 batch, `prefix.ttft` the mean time from submission to each request's first token; `cached_tokens` the prompt
 tokens the timed requests found cached (0 for the peer). `prefix.cold.*`: the same with a prefix nobody computed
 before (the first request computes it while the others wait for its pages). Before timing, every engine runs
@@ -22,6 +23,7 @@ import argparse
 import gc
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -88,11 +90,22 @@ def measure(eng: LLMEngine, args, plen: int, vocab: int, seed: int) -> tuple[dic
     run(eng, workload(rng, vocab, other, args.requests, args.suffix), params)
     shared = prefixes()
     run(eng, [p + [7] for p in shared], params)  # an earlier request with each prefix
-    warm = run(eng, workload(rng, vocab, shared, args.requests, args.suffix), params)
+    # Fresh suffixes each repeat (a batch seen before would find its own pages cached too); cold: fresh prefixes.
+    warm = [run(eng, workload(rng, vocab, shared, args.requests, args.suffix), params) for _ in range(args.repeats)]
     if args.profile and eng.cache.prefix_caching:
-        # Fresh suffixes for each profiled step: a batch seen before would find its own pages cached too.
         profile(eng, [workload(rng, vocab, shared, args.requests, args.suffix) for _ in range(2)], params)
-    return warm, run(eng, workload(rng, vocab, prefixes(), args.requests, args.suffix), params)
+    cold = [run(eng, workload(rng, vocab, prefixes(), args.requests, args.suffix), params)
+            for _ in range(args.repeats)]
+    return median_run(warm), median_run(cold)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The repeats of one batch as one: median wall and time to first token, each repeat's kept (`*_runs`)."""
+    out = dict(runs[len(runs) // 2])
+    for key in ("wall_s", "ttft_s"):
+        out[key] = statistics.median(r[key] for r in runs)
+        out[key + "_runs"] = [round(1000 * r[key], 2) for r in runs]
+    return out
 
 
 def profile(eng: LLMEngine, batches: list[list[list[int]]], params: SamplingParams) -> None:
@@ -159,6 +172,9 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=1,
                     help="distinct prefixes of each length, the requests spread over them in turn (several system "
                     "prompts)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed batches of each kind (fresh suffixes; cold: fresh prefixes): the median is the row, "
+                    "every repeat's ms in ours_runs_ms / peer_runs_ms")
     ap.add_argument("--tag", default="", help="appended to the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parse_engine_args(ap)
@@ -174,6 +190,8 @@ def main() -> None:
         from cpm4.engine import paged
 
         paged.CASCADE_DECODE = args.cascade_decode
+    if args.repeats < 1:
+        ap.error(f"--repeats must be 1 or more, got {args.repeats}")
     if args.groups < 1 or args.groups > args.requests:
         ap.error(f"--groups must be 1 .. --requests ({args.requests}), got {args.groups}")
     if args.sparse_row_by_row:
@@ -207,7 +225,8 @@ def main() -> None:
                              "peer_ms": round(1000 * off[key], 2), "speedup": round(off[key] / on[key], 2),
                              "cached_tokens": on["cached_tokens"], "peer_cached_tokens": off["cached_tokens"],
                              "requests": args.requests, "suffix": args.suffix, "output": args.output,
-                             "first_steps_ms": on["first_steps_ms"], "peer_first_steps_ms": off["first_steps_ms"]})
+                             "first_steps_ms": on["first_steps_ms"], "peer_first_steps_ms": off["first_steps_ms"],
+                             "ours_runs_ms": on[key + "_runs"], "peer_runs_ms": off[key + "_runs"]})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.config} (random weights, {str(dtype).removeprefix('torch.')}), {name}; {args.requests} "
           f"requests of prefix + {args.suffix} tokens, {args.output} outputs; peer: prefix caching off")
