@@ -20,8 +20,10 @@ demo: $(BIN)/cpm4
 	$(BIN)/cpm4 generate --model $(DEMO_MODEL) --chat --max-tokens 64 --temperature 0 \
 		"What does the json module do?"
 
+# Two worker processes of one thread each (tests/conftest.py): 411 s against 710 s in one process of two threads
+# on the 2-core CI machine (the interpreter-run Triton tests are single-threaded Python).
 test: $(BIN)/cpm4
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 tests
 
 lint: $(BIN)/cpm4
 	$(BIN)/ruff check cpm4 tests benchmarks

@@ -9,8 +9,9 @@ if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on the CPU; must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Keep CPU runs predictable on the 2-core CI machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep CPU runs predictable on the 2-core CI machine: under pytest-xdist (`make test` runs 2 workers) a thread
+# each, so the workers do not contend for the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,9 +31,8 @@ TILE_QUERIES = 64
 
 @triton.jit
 def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, order_ptr, lens_ptr, o_ptr, m_ptr, n_rows,
-                   n_groups,
-                   sm_scale, stride_pg, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                   stride_vh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
+                   n_groups, sm_scale, stride_pg, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp,
+                   stride_vt, stride_vh, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, split0,
                    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr, SPARSE_ROWS: tl.constexpr,
                    DENSE_LEN: tl.constexpr):
@@ -164,10 +163,9 @@ class SharedPrefix:
             raise ValueError(f"partials hold {o_part.shape[2]} splits, the shared pages need {split0} + {n}")
         _shared_kernel[(hkv, triton.cdiv(b, rows), n)](
             q, k_cache, v_cache, self.pages, self.count, self.member, self.order, lens, o_part, m_part, b, self.groups,
-            scale,
-            self.pages.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0), o_part.stride(1),
-            o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
+            scale, self.pages.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o_part.stride(0),
+            o_part.stride(1), o_part.stride(2), m_part.stride(0), m_part.stride(1), split0,
             G=g, G_PAD=triton.next_power_of_2(g), ROWS=rows, D=d, PAGE=page, SPLITS=n, TILE_PAGES=tile_pages,
             SPARSE_ROWS=dense_len is not None, DENSE_LEN=-1 if dense_len is None else dense_len,
             num_warps=4 if rows * triton.next_power_of_2(g) <= 64 else 8)  # 128 x d float32 accumulators: 8 warps
