@@ -126,6 +126,10 @@ def _check_groups(device, dtype, tol, hq=8, hkv=2, d=16, page=16):
     assert torch.isfinite(got).all() and (got.double() - ref).abs().max().item() < tol
     plain = paged_decode(q, kc, vc, table, seq, splits=2)
     assert (got.double() - plain.double()).abs().max().item() < tol
+    # The tiles in arrival order (each holds rows of both groups and rows of none): the same outputs.
+    arrival = SharedPrefix(pages, shared.count, shared.member, torch.arange(len(lens), **i32))
+    got = paged_decode(q, kc, vc, table, seq, splits=2, shared=arrival)
+    assert torch.isfinite(got).all() and (got.double() - ref).abs().max().item() < tol
     with pytest.raises(ValueError, match=r"count \[3\] \(one per group\)"):
         paged_decode(q, kc, vc, table, seq, shared=SharedPrefix(pages, shared.count[:2], shared.member))
 

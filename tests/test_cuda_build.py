@@ -90,3 +90,17 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
     pdl = [(fn, sig, {**consts, "PDL": True}, options) for fn, sig, consts, options in launches if "PDL" in consts]
     assert {fn.__name__ for fn, *_ in pdl} == {"_attend_kernel", "_score_kernel"}
     assert set(cuda_build.build(pdl, archs=(90,))) == {"_attend_kernel", "_score_kernel"}
+
+
+def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):
+    """Cascade decode's shared-pages kernel (two groups, rows by group and in arrival order) beside the paged decode
+    that skips each row's shared pages."""
+    from test_cascade_decode import _check_groups
+
+    from cpm4.kernels.infllm_v2 import triton_cascade
+
+    monkeypatch.setattr(triton_cascade, "TILE_QUERIES", 16)
+    with cuda_build.capture() as launches:
+        _check_groups("cpu", torch.float32, 1e-5)
+    built = cuda_build.build(launches)
+    assert {"_shared_kernel", "_attend_kernel"} <= set(built)

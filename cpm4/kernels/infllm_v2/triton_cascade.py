@@ -37,8 +37,9 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, order_
                    SPLITS: tl.constexpr, TILE_PAGES: tl.constexpr, SPARSE_ROWS: tl.constexpr,
                    DENSE_LEN: tl.constexpr):
     """Partial output and log-sum-exp (log2) at split split0 + sp of rows order[rt * ROWS : +ROWS], KV head g: each
-    member of group k (member k + 1) over split sp of group k's first nsh[k] pages, the groups taken in turn
-    (a group without members in the tile reads nothing); rows in no group get an empty partial (-inf).
+    member of group k (member k + 1) over split sp of group k's first nsh[k] pages, the tile's groups taken in
+    turn (from its least member's group to its greatest; one without members in the tile reads nothing); rows in
+    no group get an empty partial (-inf).
     SPARSE_ROWS (the InfLLM v2 step): members at dense_len tokens or more are out too, as `_attend_kernel` reads
     their selected blocks from the start (a captured step keeps its groups while a member grows past dense_len)."""
     g = tl.program_id(0)
@@ -67,7 +68,11 @@ def _shared_kernel(q_ptr, kc_ptr, vc_ptr, pages_ptr, nsh_ptr, member_ptr, order_
     qk_scale = sm_scale * 1.4426950408889634
     rr = tl.arange(0, TILE_PAGES * PAGE)
     tt = rr % PAGE
-    for gi in range(n_groups):
+    # Only the groups with members here: the tile's rows come by group (`order`), so one or two, whatever the
+    # graph's number of group slots (a loop over every slot costs a block-wide max per empty slot).
+    g_lo = tl.min(tl.where(use, mem, n_groups + 1), 0) - 1
+    g_hi = tl.max(tl.where(use, mem, 0), 0)
+    for gi in range(g_lo, g_hi):
         mine = use & (mem == gi + 1)
         n = tl.load(nsh_ptr + gi)
         per = tl.cdiv(tl.cdiv(n, SPLITS), TILE_PAGES) * TILE_PAGES
