@@ -15,6 +15,8 @@
 #   bash benchmarks/device_session.sh engine    # 8B batch-1 generation at 128K (InfLLM v2, compiled), 0.5B batch 256
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
+#   bash benchmarks/device_session.sh servingab # the offline row: shared compilation vs per bucket, 3 runs each
+#   bash benchmarks/device_session.sh cascadeeven # cascade decode's break-even rows count, 8B and 0.5B shapes
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
 #   bash benchmarks/device_session.sh servingsys2 # the offline row over two system prompts: cascades for both vs one
@@ -168,6 +170,17 @@ cascaderange)  # the shared kernel looping over the tile's groups only (its leas
         --tag=-range --out "${OUT:-benchmarks/results}" 2>&1 | tail -14
     timeout 100 "$PY" benchmarks/cascade_decode.py --batches 32 128 --prefixes 4096 --slots 1 \
         --tag=-range --out "${OUT:-benchmarks/results}" 2>&1 | tail -6
+    ;;
+servingab)  # the offline row (no server row), shared compilation then one per bucket, 3 timed runs each in one
+    # process (--repeat): whether the shared compilation costs the offline row (30.9K vs 34.8K tok/s across passes)
+    timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --repeat 3 --trace \
+        --tag=-ab-shared --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
+    timeout 330 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --compile-per-bucket --skip server \
+        --repeat 3 --trace --tag=-ab-per-bucket --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
+    ;;
+cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
+    timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \
+        --tag=-even --out "${OUT:-benchmarks/results}" 2>&1 | grep cascade_decode
     ;;
 prefixgroups)  # 32 requests over 2 cached 4K prefixes (0.5B): the cascades for both groups against the largest alone
     for g in 4 1; do
