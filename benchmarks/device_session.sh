@@ -178,6 +178,11 @@ servingab)  # the offline row (no server row), shared compilation then one per b
     timeout 330 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --compile-per-bucket --skip server \
         --repeat 3 --trace --tag=-ab-per-bucket --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
     ;;
+servingslow)  # the offline row's decode steps by rows / after a prefill / rows changed (p90 7.7-8.7 ms against p50
+    # 1.9 in servingab), then its workload once more under cProfile step by step: where the steps over 5 ms go
+    timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --profile-slow 5 \
+        --tag=-slow --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^decode.batch1\|^wrote\|^{" | tail -75
+    ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \
         --tag=-even --out "${OUT:-benchmarks/results}" 2>&1 | grep cascade_decode

@@ -87,21 +87,28 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
     under "prefill" (it ran a multi-token forward) or "decode" (`step_summary`)."""
     dev = eng.model.device
     shapes: list[tuple[int, int, int]] = []
+    rows = [0]  # decode rows of the current step
     if slow is not None:
-        forward = eng._forward
+        forward, forward_decode = eng._forward, eng._forward_decode
 
         def probe(group):  # (rows, padded length, real tokens) of each multi-token forward
             if any(k > 1 for _, k in group):
                 shapes.append((len(group), max(k for _, k in group), sum(k for _, k in group)))
             return forward(group)
 
-        eng._forward = probe
+        def probe_decode(seqs, ids):
+            rows[0] += len(seqs)
+            return forward_decode(seqs, ids)
+
+        eng._forward, eng._forward_decode = probe, probe_decode
     try:
         sync(dev)
         t = time.perf_counter()
         for i, (p, sp) in enumerate(reqs):
             eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
         n = steps = 0
+        after = False  # the step after a prefill step (its host waits for that step's GPU work)
+        last = 0  # the previous decode step's rows
         while eng.has_work():
             t0 = time.perf_counter()
             for _, d in eng.step():
@@ -110,14 +117,28 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
             if slow is not None and ms > 100:
                 slow.append({"ms": round(ms, 1), "step": steps, "prefill_forwards": list(shapes)})
             if steps_ms is not None:
-                steps_ms.setdefault("prefill" if shapes else "decode", []).append(ms)
+                kind = "prefill" if shapes else "decode"
+                steps_ms.setdefault(kind, []).append(ms)
+                if not shapes:  # decode steps again: right after a prefill step, with other rows than the
+                    # step before (a request ended), or by their rows
+                    key = ("decode after prefill" if after else "decode rows changed" if rows[0] != last
+                           else "decode " + rows_bucket(rows[0]))
+                    steps_ms.setdefault(key, []).append(ms)
+                    last = rows[0]
+                after = bool(shapes)
             shapes.clear()
+            rows[0] = 0
             steps += 1
         sync(dev)
         return time.perf_counter() - t, n
     finally:
         if slow is not None:
-            del eng._forward
+            del eng._forward, eng._forward_decode
+
+
+def rows_bucket(b: int) -> str:
+    """A decode step's rows as the trace's groups: "<=001", "<=008", ... "<=256"."""
+    return "<=" + next(f"{k:03d}" for k in (1, 8, 32, 64, 128, 192, 256, 10**9) if b <= k)
 
 
 def step_summary(steps_ms: dict[str, list[float]]) -> dict[str, dict]:
@@ -127,7 +148,8 @@ def step_summary(steps_ms: dict[str, list[float]]) -> dict[str, dict]:
     for kind, ms in sorted(steps_ms.items()):
         q = sorted(ms)
         out[kind] = {"steps": len(q), "total_s": round(sum(q) / 1000, 3),
-                     **{f"p{p}_ms": round(q[min(len(q) - 1, len(q) * p // 100)], 3) for p in (10, 50, 90)}}
+                     **{f"p{p}_ms": round(q[min(len(q) - 1, len(q) * p // 100)], 3) for p in (10, 50, 90)},
+                     "max_ms": round(q[-1], 3)}
     return out
 
 
@@ -168,7 +190,7 @@ def traced_run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> 
             key = "prefill"
         else:
             b = c["decode_rows"]
-            key = "decode <=" + next(f"{k:03d}" for k in (1, 8, 32, 64, 128, 192, 256, 10**9) if b <= k)
+            key = "decode " + rows_bucket(b)
         groups.setdefault(key, []).append(ms)
     pre = [c for _, c in steps if c["prefill_tokens"]]
     out = {"steps": len(steps), "total_ms": round(sum(ms for ms, _ in steps), 1),
@@ -300,6 +322,40 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
         # Other prompts (ids shifted past the timed runs'): their pages are in the prefix cache.
         rows[-1]["trace"] = traced_run(eng, [([(t + args.repeat) % (hi + 1) for t in r], sp)
                                              for r, sp in zip(reqs, params)])
+    if args.profile_slow is not None:
+        profile_slow_steps(eng, [([(t + args.repeat + 1) % (hi + 1) for t in r], sp) for r, sp in zip(reqs, params)],
+                           args.profile_slow)
+
+
+def profile_slow_steps(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]], ms: float) -> None:
+    """Run the workload once more with every step under its own cProfile, and print the Python functions of
+    the steps that took over `ms` on the host (no sync added) beside those of all the steps: where the slow
+    steps' extra time goes."""
+    import cProfile
+    import pstats
+
+    for i, (p, sp) in enumerate(reqs):
+        eng.add_request(f"s{time.monotonic_ns()}-{i}", p, sp)
+    slow, every, n_slow, times = None, None, 0, []
+    while eng.has_work():
+        cp = cProfile.Profile()
+        t0 = time.perf_counter()
+        cp.enable()
+        eng.step()
+        cp.disable()
+        times.append((time.perf_counter() - t0) * 1000)
+        st = pstats.Stats(cp)
+        every = st if every is None else every.add(cp)
+        if times[-1] > ms:
+            n_slow += 1
+            slow = pstats.Stats(cp) if slow is None else slow.add(cp)
+    q = sorted(times)
+    print(f"profiled run: {len(q)} steps, p50 {q[len(q) // 2]:.2f} ms, {n_slow} over {ms} ms")
+    if slow is not None:
+        print(f"--- the {n_slow} steps over {ms} ms, by total time in the function ---")
+        slow.sort_stats("tottime").print_stats(25)
+    print("--- every step, by total time in the function ---")
+    every.sort_stats("tottime").print_stats(25)
 
 
 def main() -> None:
@@ -334,6 +390,9 @@ def main() -> None:
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for this process (Python's default 5 ms): how long the engine "
                     "thread may wait for the GIL while the HTTP loop runs Python")
+    ap.add_argument("--profile-slow", type=float, default=None, metavar="MS",
+                    help="after the offline row, run its workload once more under cProfile, step by step, and "
+                         "print where the steps over MS host ms spent their time")
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
