@@ -16,6 +16,7 @@
 #   bash benchmarks/device_session.sh serving   # nano-vllm workload (+ step trace) and the server row
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
 #   bash benchmarks/device_session.sh servingab # the offline row: shared compilation vs per bucket, 3 runs each
+#   bash benchmarks/device_session.sh stalls    # the offline batch's decode steps: host ms by part, synchronizing calls
 #   bash benchmarks/device_session.sh cascadeeven # cascade decode's break-even rows count, 8B and 0.5B shapes
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
@@ -182,6 +183,11 @@ servingslow)  # the offline row's decode steps by rows / after a prefill / rows 
     # 1.9 in servingab), then its workload once more under cProfile step by step: where the steps over 5 ms go
     timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --profile-slow 5 \
         --tag=-slow --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^decode.batch1\|^wrote\|^{" | tail -75
+    ;;
+stalls)  # the offline batch's decode steps where rows changed (7.8 ms each against 1.9, 57 % of the decode time in
+    # servingslow): host ms by part, then the synchronizing calls of the steps (sync debug mode)
+    timeout 300 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --tag="${TAG:-}" \
+        --out "${OUT:-benchmarks/results}" 2>&1 | tail -30
     ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \
