@@ -189,6 +189,11 @@ stalls)  # the offline batch's decode steps where rows changed (7.8 ms each agai
     timeout 300 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --tag="${TAG:-}" \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -30
     ;;
+detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
+    "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
+    TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \
+        --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
+    ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \
         --tag=-even --out "${OUT:-benchmarks/results}" 2>&1 | grep cascade_decode
