@@ -194,6 +194,11 @@ detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-c
     TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     ;;
+stallsfix)  # after the one-window deferred text and the pinned row index: stalls again, then the offline row x3
+    TAG=-fix bash "$0" stalls
+    timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --repeat 3 \
+        --tag=-detok --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^offline|^timed run" | cut -c1-60
+    ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \
         --tag=-even --out "${OUT:-benchmarks/results}" 2>&1 | grep cascade_decode

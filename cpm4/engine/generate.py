@@ -240,7 +240,7 @@ class SequenceState:
         if self.defer_text:  # no stop strings then (see __init__)
             text = ""
             if self._detok_upto < len(self.generated):
-                text = self.detok.extend(self.generated[self._detok_upto:])
+                text = self.detok.extend(self.generated[self._detok_upto:], last=True)
                 self._detok_upto = len(self.generated)
             text += self.detok.flush()
         else:

@@ -23,6 +23,7 @@ from cpm4.kernels import infllm_v2
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
+from cpm4.model.transfer import to_device
 
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
@@ -294,7 +295,8 @@ class LLMEngine:
 
     def _continue(self, keep: list[int]) -> list[tuple[str, StreamDelta]]:
         inf = self._inflight
-        ids = inf.tokens if len(keep) == len(inf.reqs) else inf.tokens[torch.tensor(keep, device=inf.tokens.device)]
+        # The rows' index through pinned memory: from a Python list the copy waited for the step in flight.
+        ids = inf.tokens if len(keep) == len(inf.reqs) else inf.tokens[to_device(keep, inf.tokens.device, torch.long)]
         self._inflight = self._launch([inf.reqs[i] for i in keep], ids)
         return self._drain(inf)  # the host reads step n's tokens while the GPU runs step n + 1
 
@@ -533,7 +535,7 @@ class LLMEngine:
         if ready:
             reqs = [group[i][0] for i in ready]
             if len(ready) < len(group):
-                logits = logits[ready]
+                logits = logits[to_device(ready, logits.device, torch.long)]
             plan, samplers, params, history, outputs = self._sampling_args(reqs, logits.shape[1])
             toks = sample_batch(logits, samplers, params, history, plan, outputs)
             out = self._emit(reqs, toks, logits)

@@ -446,6 +446,39 @@ class Tokenizer:
             return backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
+    @functools.cached_property
+    def whole_decode_rule(self) -> tuple[frozenset[int], bool] | None:
+        """When one decode of a run of ids gives the text of any split of it at character boundaries, joined:
+        (ids that must not be in the run; whether that holds with U+FFFD in the text too), for the fast
+        backend's decoder; else None. Byte-level BPE joins every id's bytes (an added token's too) and decodes
+        them as UTF-8, replacing each invalid piece, which splits cleanly after any complete character: (none,
+        True). SentencePiece's pipeline (Metaspace or "▁" -> " ", byte fallback, fuse, one leading space
+        stripped from the run's first id) does too for the model's own pieces while the text is whole, but a
+        skipped added token moves that strip, and byte fallback turns a run of byte ids that is not valid
+        UTF-8 into one U+FFFD per id, so a split inside such a run differs: (the added ids, False). Used by
+        `IncrementalDetokenizer.extend`."""
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        dec = json.loads(backend.to_str()).get("decoder") or {}
+        parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+
+        def plain(d: dict) -> bool:
+            kind = d.get("type")
+            if kind in ("ByteLevel", "ByteFallback", "Fuse", "Metaspace"):
+                return True
+            if kind == "Replace":  # SentencePiece's "▁" -> " "
+                return d.get("pattern") == {"String": "\u2581"} and d.get("content") == " "
+            if kind == "Strip":  # the leading space of the whole text only
+                return d.get("start", 0) <= 1 and d.get("stop", 0) == 0
+            return False
+
+        if not parts or not all(plain(d) for d in parts):
+            return None
+        if all(d.get("type") == "ByteLevel" for d in parts):
+            return frozenset(), True  # every id's bytes (an added token's too) joined, then decoded
+        return frozenset(int(i) for i in backend.get_added_tokens_decoder()), False
+
     def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         """`decode` of each id list, in one call to the fast backend where there is one."""
         backend = getattr(self._hf, "backend_tokenizer", None)
@@ -584,14 +617,19 @@ class IncrementalDetokenizer:
             return ""
         return self._advance(full)
 
-    def extend(self, token_ids: Sequence[int]) -> str:
+    def extend(self, token_ids: Sequence[int], last: bool = False) -> str:
         """`add` each id in turn; returns their texts joined. The same text as `add`, for it decodes the same
         windows: in the common case (every id completes its text) these are each id alone and each id with the
         one before it, which are decoded in two batch calls up front instead of two calls per id; any other
-        window (after an id that completed nothing) is decoded on its own, as `add` does."""
+        window (after an id that completed nothing) is decoded on its own, as `add` does. Often one window for
+        all (`_extend_whole`): with a byte-level decoder, or with any known one when `last` (the sequence's
+        last ids: `flush` comes next, no `add`)."""
         new = [int(t) for t in token_ids]
         if not new:
             return ""
+        text = self._extend_whole(new, last)
+        if text is not None:
+            return text
         ids = self._ids
         base = len(ids)
         ids.extend(new)
@@ -622,6 +660,41 @@ class IncrementalDetokenizer:
             self._read_offset -= po
             self._prefix_offset = 0
         text = "".join(d for d in out if d)
+        if text:
+            self._chunks.append(text)
+        return text
+
+    def _extend_whole(self, new: list[int], last: bool) -> str | None:
+        """`extend` in one or two decodes, or None where that is not known to give its text. Every window
+        `extend` would decode starts where an earlier one emitted a whole character, so with a decoder that
+        splits there (`Tokenizer.whole_decode_rule`: no added token among the new ids; for byte fallback, no
+        U+FFFD after the prefix; no partial character at the end, which `extend` holds back) the windows'
+        pieces join into the one window from the prefix to the end (a finished request's 500 ids: ≈ 0.3 ms,
+        against 1.5-5 ms id by id). The state after: the new ids the prefix window, as if they had come in
+        one id. Byte-level text splits after any whole character, so later `add`s give the same text from it;
+        byte fallback's does not inside a run of byte ids that is not UTF-8, which a later id may start, so
+        there only for the `last` ids."""
+        rule = self._tokenizer.whole_decode_rule
+        if rule is None or not (last or rule[1]) or (rule[0] and not rule[0].isdisjoint(new)):
+            return None
+        ids = self._ids
+        ro = self._read_offset
+        if ro != len(ids):  # ids held back from an earlier call: their partial character joins the new ones
+            return None
+        whole = self._decode(ids[self._prefix_offset:] + new)
+        if not whole.startswith(self._prefix_text) or whole.endswith("\ufffd") or (
+                not rule[1] and "\ufffd" in whole[len(self._prefix_text):]):
+            return None  # a partial character at the end is held back: id by id
+        text = whole[len(self._prefix_text):]
+        ids.extend(new)
+        self._prefix_offset, self._read_offset = ro, len(ids)
+        # The new ids' own text: byte-level, `text` itself (ro ends a whole character); SentencePiece strips
+        # the leading space of a window's first id, so decode it.
+        self._prefix_text = text if rule[1] else self._decode(ids[ro:])
+        if ro >= self._TRIM_AT:
+            del ids[:ro]
+            self._read_offset -= ro
+            self._prefix_offset = 0
         if text:
             self._chunks.append(text)
         return text
