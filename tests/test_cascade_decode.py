@@ -4,6 +4,7 @@ Triton's interpreter (tiny shapes); the `gpu` test runs the real kernels in bf16
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,6 +385,21 @@ def test_cascade_groups_need_enough_reads_saved(monkeypatch):
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 64)  # 4 pages needed: the groups share 3
     monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 0)
     assert paged.cascade_groups(table, lens, 16) is None
+
+
+def test_cascade_min_reads_by_heads_per_kv_head(monkeypatch):
+    """More than 8 query heads a KV head (the 8B shape): 1.5x the reads; the 0.5B shape's 8 and fewer: as set."""
+    from cpm4.engine import paged
+    from cpm4.model.config import preset
+
+    assert paged.cascade_min_reads(preset("minicpm4-8b")) == 196608
+    assert paged.cascade_min_reads(preset("minicpm4-0.5b")) == 131072
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_READS", 1000)
+    assert paged.cascade_min_reads(preset("minicpm4-8b")) == 1500
+    monkeypatch.setattr(paged, "CASCADE_DECODE_MIN_TOKENS", 32)
+    table = np.array([[1, 2, 3, 9], [1, 2, 3, 8]], dtype=np.int32)  # 2 members x 3 pages x 16 = 96 tokens
+    assert paged.cascade_groups(table, np.array([60, 60]), 16, min_reads=96) is not None
+    assert paged.cascade_groups(table, np.array([60, 60]), 16, min_reads=97) is None
 
 
 @gpu

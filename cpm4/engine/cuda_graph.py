@@ -239,7 +239,8 @@ class DecodeGraphs:
             return self._cascade  # the same sequences in the same rows: their leading pages, so the groups, stay
         self._shared_rows = b
         found = paged.cascade_groups(self.host_table.table[:b, :cols].numpy(), ends.numpy(), self.cache.page_size,
-                                     self._below, self.shared.groups) if b >= 2 else None
+                                     self._below, self.shared.groups, paged.cascade_min_reads(self.cache.config)
+                                     ) if b >= 2 else None
         member = np.zeros(bs, dtype=np.int32)
         counts = np.zeros(self.shared.groups, dtype=np.int32)
         if found is not None:

@@ -581,14 +581,22 @@ def decode_rows(cache: PagedKVCache, seqs: list[SeqPages], rows: int | None = No
 # several system prompts, or the `n` samples of several long prompts) are read once per tile of rows, not once per
 # row. Dense rows: every row of a dense model, an InfLLM v2 model's rows below dense_len. The groups are used only
 # when their members x shared tokens reach CASCADE_DECODE_MIN_READS together: below that the shared kernel's launch
-# and the separate merge cost more than the reads saved (H200, benchmarks/cascade_decode.py: 0.5B and 8B shapes
-# break even at 64-128K, e.g. 32 rows x 4K; 0.6-0.8x below). Steps without groups run the plain decode (its own
-# graphs). Measured end to end: one group, benchmarks/RESULTS.md "Twenty-first GPU pass"; two system prompts
-# (both groups against the larger alone: 1.10-1.16x the offline row), "Twenty-eighth GPU pass".
+# and the separate merge cost more than the reads saved; with more than 8 query heads a KV head the break-even is
+# higher, 1.5x those reads (`cascade_min_reads`; H200, `cascade_decode.py --batches 16 32 48 64 96 --prefixes 2048
+# 4096 8192`: the 0.5B shape 0.96-0.97x at 65K reads, 1.25-1.32x from 98K; the 8B shape 0.89-0.94x at 131K,
+# 1.15-1.18x at 196K). Steps without groups run the plain decode (its own graphs). Measured end to end: one group,
+# benchmarks/RESULTS.md "Twenty-first GPU pass"; two system prompts (both groups against the larger alone:
+# 1.10-1.16x the offline row), "Twenty-eighth GPU pass".
 CASCADE_DECODE = True
 CASCADE_DECODE_MIN_TOKENS = 1024
 CASCADE_DECODE_MIN_READS = 131072
 CASCADE_DECODE_GROUPS = 4
+
+
+def cascade_min_reads(config: MiniCPM4Config) -> int:
+    """The members x shared tokens a step's groups must save for cascade decode, for this model's head layout."""
+    wide = config.num_attention_heads > 8 * config.num_key_value_heads
+    return CASCADE_DECODE_MIN_READS * 3 // 2 if wide else CASCADE_DECODE_MIN_READS
 
 
 def cascade_on(cache: PagedKVCache) -> bool:
@@ -615,13 +623,15 @@ def cascade_paused():
 
 
 def cascade_groups(table: np.ndarray, lens: np.ndarray, page: int, max_len: int | None = None,
-                   max_groups: int | None = None) -> tuple[np.ndarray, list[int]] | None:
+                   max_groups: int | None = None, min_reads: int | None = None
+                   ) -> tuple[np.ndarray, list[int]] | None:
     """`shared_groups` with cascade decode's limits: (member [b] int32, k + 1 for a row of group k, 0 for none;
     the groups' shared page counts) of at most max_groups (default CASCADE_DECODE_GROUPS) groups worth attending
     once, or None."""
     found = shared_groups(table, lens, page, CASCADE_DECODE_MIN_TOKENS // page, max_len,
                           CASCADE_DECODE_GROUPS if max_groups is None else max_groups)
-    if not found or sum(int(m.sum()) * p for m, p in found) * page < CASCADE_DECODE_MIN_READS:
+    reads = CASCADE_DECODE_MIN_READS if min_reads is None else min_reads
+    if not found or sum(int(m.sum()) * p for m, p in found) * page < reads:
         return None
     member = np.zeros(len(lens), dtype=np.int32)
     for k, (m, _) in enumerate(found):
@@ -682,7 +692,8 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
     below = dense_rows_below(cache.config)
     from cpm4.kernels.infllm_v2.triton_cascade import SharedPrefix
 
-    found = cascade_groups(table.numpy(), lens.numpy(), cache.page_size, below)
+    found = cascade_groups(table.numpy(), lens.numpy(), cache.page_size, below,
+                           min_reads=cascade_min_reads(cache.config))
     if found is None:
         return None
     member, counts = found
