@@ -1096,6 +1096,56 @@ def test_prefill_steps_never_wait_for_the_gpu(sc, monkeypatch):
     assert out[True] == out[False]
 
 
+@pytest.mark.gpu
+def test_decode_steps_launched_ahead_never_wait_for_the_gpu(monkeypatch):
+    """A decode step launched ahead of reading the last one's tokens (async_output, CUDA graphs) must queue its
+    work without waiting for the step in flight, also when rows end and the others go on (the rows' index into the
+    tokens on the device) and over the sampling options such rows take (greedy, temperature, top-p/k, min-p,
+    seeds, logit_bias, allowed_token_ids, stop strings): torch's sync debug mode set to error around every such
+    launch. The tokens stay those of the same engine unguarded (each run from the same global seed)."""
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    ps = prompts(7, seed=31, lo=5, hi=40)
+    params = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=2, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0.7, min_p=0.1, seed=3, max_tokens=17, ignore_eos=True),
+              SamplingParams(temperature=0, logit_bias={5: 3.0, 9: -100.0}, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.9, allowed_token_ids=list(range(40, 90)), seed=4, max_tokens=11,
+                             ignore_eos=True),
+              SamplingParams(temperature=1.0, stop=["zzqx"], max_tokens=12, ignore_eos=True)]  # device generator
+    launches = []
+    launch = LLMEngine._launch
+
+    def guarded(self, reqs, ids):
+        launches.append(len(reqs))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(self, reqs, ids)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    out = {}
+    for on in (False, True):
+        cache = PagedKVCache(model.config, num_pages=64, page_size=16, device="cuda", dtype=torch.bfloat16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=8, async_output=True)
+        if on:
+            monkeypatch.setattr(LLMEngine, "_launch", guarded)
+        eng.warm_up()
+        torch.manual_seed(0)
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"r{i}", p, sp)
+        res = eng.run_to_completion()
+        out[on] = [res[f"r{i}"][1] for i in range(len(ps))]
+        monkeypatch.undo()
+    assert [len(t) for t in out[True]] == [sp.max_tokens for sp in params]
+    assert out[True] == out[False]
+    assert len(launches) >= 10 and len(set(launches)) >= 4  # launched ahead at several row counts
+
+
 def _shared_prefix_forward(model, prefix, tails, own_cached, device, dtype, scatter=False, others=()):
     """Logits of each prompt `prefix + tails[i]` after its cached tokens, the new parts in one batched step: the
     prefix's whole pages computed once and shared by every row (prefix caching), then own_cached[i] more tokens of

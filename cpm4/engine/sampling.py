@@ -345,20 +345,24 @@ def _keep_allowed(x: Tensor, plan: SamplingPlan) -> None:
         keep = torch.zeros(len(rows), x.shape[1], dtype=torch.bool)
         for j, i in enumerate(rows):
             keep[j, [t for t in plan.params[i].allowed_token_ids if t < x.shape[1]]] = True
-        banned = plan._tensors[key] = (~keep).to(x.device)
+        banned = plan._tensors[key] = to_device(~keep, x.device)
     idx = plan.tensor("restricted", rows, x.device, torch.long)
     x[idx] = x[idx].masked_fill(banned, float("-inf"))
 
 
-def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int],
+                      plan: SamplingPlan | None = None) -> None:
+    """plan: keeps the (row, id, bias) tensors for the steps of the same batch (built through pinned memory: a
+    copy from a list waited for the GPU's queued work, a decode step launched ahead too)."""
     vocab = x.shape[1]
     r = [i for i in rows for _ in params[i].logit_bias]
     c = [t for i in rows for t in params[i].logit_bias]
     if max(c) >= vocab:
         raise ValueError(f"logit_bias token id {max(c)} is outside the vocabulary ({vocab} ids)")
     b = [v for i in rows for v in params[i].logit_bias.values()]
-    x.index_put_((torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)),
-                 torch.tensor(b, device=x.device, dtype=x.dtype), accumulate=True)
+    plan = plan or SamplingPlan(params, vocab)
+    x.index_put_((plan.tensor("bias_rows", r, x.device, torch.long), plan.tensor("bias_ids", c, x.device, torch.long)),
+                 plan.tensor("bias", b, x.device, x.dtype), accumulate=True)
 
 
 def _apply_output_penalties(x: Tensor, params: list[SamplingParams], outputs: list[list[int]],
@@ -458,7 +462,7 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
             raise ValueError("bad_words needs each row's generated ids (outputs) and bad word token ids")
         _ban_bad_words(x, outputs, bad_ids, plan.bad_rows)
     if plan.biased:
-        _apply_logit_bias(x, params, plan.biased)
+        _apply_logit_bias(x, params, plan.biased, plan)
     if plan.min_rows:
         if outputs is None or stop_ids is None or len(outputs) != bsz or len(stop_ids) != bsz:
             raise ValueError("min_tokens needs each row's generated ids (outputs) and stop ids")
