@@ -701,8 +701,9 @@ def decode_shared(cache: PagedKVCache, seqs: list[SeqPages], table: torch.Tensor
     if width is not None and width > pages.shape[1]:
         pages = torch.nn.functional.pad(pages, (0, width - pages.shape[1]), value=cache.scratch)
     member = torch.from_numpy(member)
-    return SharedPrefix(pages.to(device), torch.tensor(counts, dtype=torch.int32).to(device), member.to(device),
-                        SharedPrefix.row_order(member).to(device))
+    # Through pinned memory: an eager decode step's inputs are built while the step before may still run.
+    return SharedPrefix(to_device(pages, device), to_device(counts, device, torch.int32), to_device(member, device),
+                        to_device(SharedPrefix.row_order(member), device))
 
 
 def decode_inputs(cache: PagedKVCache, seqs: list[SeqPages], width: int, device: torch.device | str,
