@@ -250,6 +250,40 @@ def test_streaming_completion(client, llm):
         assert len({c.usage.prompt_tokens for c in chunks}) == 1
 
 
+def test_responses_not_streamed_take_their_text_at_the_end(client, monkeypatch):
+    """A response that is not streamed asks the engine for its text at the end (decoded once, not id by id):
+    stream_text=False for completions and plain chat, True for streams and for chat with tools (the tool-call
+    parser reads each step's text). The text is the streamed one, and the usage counts agree."""
+    from cpm4.engine.scheduler import LLMEngine
+
+    seen: dict[str, bool] = {}
+    add = LLMEngine.add_request
+
+    def spy(self, request_id, prompt_ids, params, stream_text=None):
+        seen[request_id] = stream_text
+        return add(self, request_id, prompt_ids, params, stream_text=stream_text)
+
+    monkeypatch.setattr(LLMEngine, "add_request", spy)
+
+    def last() -> bool:  # the latest request's
+        return list(seen.values())[-1]
+
+    prompt = "A long time ago in a galaxy"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert last() is False
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True))
+    assert last() is True
+    assert whole.choices[0].text == "".join(c.choices[0].text for c in chunks) and whole.choices[0].text
+    assert whole.usage.completion_tokens == 24
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, n=2)
+    assert last() is False and chat.choices[0].message.content == chat.choices[1].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert chat.choices[0].message.content == streamed
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, tools=TOOLS)
+    assert last() is True
+
+
 def test_raw_sse_format(server):
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:

@@ -313,21 +313,24 @@ class _OpenAIServer:
 
     @contextlib.asynccontextmanager
     async def _run(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
-                   coalesce: bool = True
+                   coalesce: bool = True, stream_text: bool = True
                    ) -> AsyncIterator[tuple[DisconnectWatch, AsyncIterator[tuple[int, StreamDelta]]]]:
         """Start one engine request per job; yields (disconnect watch, merged deltas as (job index, delta)).
-        Leaving the block closes the merged stream, which aborts whatever has not finished. coalesce: see
-        `AsyncEngine.stream` (off where a tool-call or reasoning parser reads each step's tokens apart)."""
+        Leaving the block closes the merged stream, which aborts whatever has not finished. coalesce, stream_text:
+        see `AsyncEngine.stream` (coalesce off where a tool-call or reasoning parser reads each step's tokens
+        apart)."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
-        streams = [self.engine.stream(p, sp, rid, coalesce) for rid, (p, sp) in zip(ids, jobs)]
+        streams = [self.engine.stream(p, sp, rid, coalesce, stream_text) for rid, (p, sp) in zip(ids, jobs)]
         async with DisconnectWatch(request, self.engine, ids) as watch, \
                 contextlib.aclosing(merge_streams(streams)) as merged:
             yield watch, merged
 
     async def _collect(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
                        choices: list, coalesce: bool = True) -> bool:
-        """Run the jobs to the end, feeding each choice its deltas; True if the client went away."""
-        async with self._run(request, request_id, jobs, coalesce) as (watch, merged):
+        """Run the jobs to the end, feeding each choice its deltas; True if the client went away. Without a parser
+        reading each step's text (coalesce), the text is read at the end only: the engine decodes it then
+        (stream_text=False)."""
+        async with self._run(request, request_id, jobs, coalesce, stream_text=not coalesce) as (watch, merged):
             async for i, d in merged:
                 choices[i].take(d)
         return watch.disconnected

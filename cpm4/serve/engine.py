@@ -85,6 +85,9 @@ class _Request:
     # Written by the loop thread, read by the worker between steps; a bool store is atomic under the GIL.
     aborted: bool = False
     finish_reason: str | None = None
+    # False: the reader takes the text only at the end (a response that is not streamed), so the engine decodes
+    # it once when the request ends instead of id by id every step (`LLMEngine.add_request`'s stream_text).
+    stream_text: bool = True
 
 
 def _join(a: StreamDelta, b: StreamDelta) -> StreamDelta:
@@ -238,20 +241,23 @@ class AsyncEngine:
         return self._finished.get(request_id)
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str,
-                     coalesce: bool = True) -> AsyncIterator[StreamDelta]:
+                     coalesce: bool = True, stream_text: bool = True) -> AsyncIterator[StreamDelta]:
         """Queue one request and yield its deltas (index 0) until one carries a finish reason.
 
         coalesce: when the reader falls behind the engine (several steps' deltas waiting), hand them over as
         one delta (text, token ids and logprobs joined, the last finish reason), as vLLM's output collector
         does: a busy server then formats and sends fewer, larger chunks instead of falling further behind.
         False: one delta per engine step, always (readers that need each step's tokens apart).
+        stream_text=False: the text comes whole with the last delta (the others carry token ids, logprobs and
+        counts), decoded once instead of id by id each step: for readers that use it only at the end. The text is
+        the same (stop strings keep it streamed inside the engine: `SequenceState`).
 
         Raises ValueError (PromptTooLongError for an over-long prompt) before queueing. Closing the iterator
         early, or cancelling the task reading it, aborts the request."""
         ids = self.check_prompt(prompt_ids)
         self.check_params(params)
         params = fit_to_context(len(ids), params, self.context_length)  # the plain-loop mode stops there too
-        req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        req = _Request(request_id, ids, params, asyncio.get_running_loop(), asyncio.Queue(), stream_text=stream_text)
         self._submit(req)
         self.num_prompt_tokens += len(ids)
         ended = False
@@ -456,7 +462,7 @@ class AsyncEngine:
                 self._waiting.clear()
             for req in new:
                 try:
-                    sched.add_request(req.request_id, req.prompt_ids, req.params)
+                    sched.add_request(req.request_id, req.prompt_ids, req.params, stream_text=req.stream_text)
                     active[req.request_id] = req
                 except Exception as err:  # noqa: BLE001 - whatever one request's set-up raises fails it alone
                     with self._cond:

@@ -105,8 +105,8 @@ class _ChildEngine(AsyncEngine):
         except (OSError, EOFError):  # the parent is gone; the main thread shuts down on its own
             pass
 
-    def add(self, request_id: str, prompt_ids: list[int], params: Any) -> None:
-        self._submit(_Request(request_id, prompt_ids, params, None, None))
+    def add(self, request_id: str, prompt_ids: list[int], params: Any, stream_text: bool = True) -> None:
+        self._submit(_Request(request_id, prompt_ids, params, None, None, stream_text=stream_text))
 
     def _die(self, reason: str) -> None:
         super()._die(reason)  # the requests' errors go first
@@ -263,7 +263,7 @@ class ProcessEngine(AsyncEngine):
         # Sent without the lock: a send blocks while the pipe is full, and the reader, which empties the child's
         # pipe (so that the child reads ours again), needs the lock to deliver.
         try:
-            self._send(("add", req.request_id, req.prompt_ids, req.params))
+            self._send(("add", req.request_id, req.prompt_ids, req.params, req.stream_text))
         except BaseException as err:
             with self._cond:
                 self._requests.pop(req.request_id, None)
