@@ -17,6 +17,7 @@
 #   bash benchmarks/device_session.sh servingdynamic # the compiled rows, shared compilation; server row per bucket
 #   bash benchmarks/device_session.sh servingab # the offline row: shared compilation vs per bucket, 3 runs each
 #   bash benchmarks/device_session.sh stalls    # the offline batch's decode steps: host ms by part, synchronizing calls
+#   bash benchmarks/device_session.sh servertext # server row: text at the end vs streamed; launched-ahead sync test
 #   bash benchmarks/device_session.sh cascadeeven # cascade decode's break-even rows count, 8B and 0.5B shapes
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
@@ -198,6 +199,13 @@ stallsfix)  # after the one-window deferred text and the pinned row index: stall
     TAG=-fix bash "$0" stalls
     timeout 240 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip server --repeat 3 \
         --tag=-detok --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^offline|^timed run" | cut -c1-60
+    ;;
+servertext)  # the server row with clients reading their text at the end (responses not streamed: the engine
+    # decodes it once) between two streamed runs; then the launched-ahead GPU test (sync debug mode, mixed sampling)
+    timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip offline --text-at-end \
+        --tag=-text-at-end --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server|^decode"
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_engine.py -k "launched_ahead or never_wait" \
+        2>&1 | tail -3
     ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \

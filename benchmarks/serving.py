@@ -205,11 +205,13 @@ def traced_run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]) -> 
     return out
 
 
-async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict:
+async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingParams]],
+                      stream_text: bool = True) -> dict:
+    """stream_text=False: the clients read the text at the end only (responses that are not streamed)."""
     async def one(i, p, sp):
         t0 = time.perf_counter()
         first, n = None, 0
-        async for d in engine.stream(p, sp, f"c{i}"):
+        async for d in engine.stream(p, sp, f"c{i}-{stream_text}", stream_text=stream_text):
             if d.token_ids and first is None:
                 first = time.perf_counter() - t0
             n += len(d.token_ids)
@@ -393,6 +395,9 @@ def main() -> None:
     ap.add_argument("--profile-slow", type=float, default=None, metavar="MS",
                     help="after the offline row, run its workload once more under cProfile, step by step, and "
                          "print where the steps over MS host ms spent their time")
+    ap.add_argument("--text-at-end", action="store_true",
+                    help="also the server row with clients that read their text at the end (a response that is "
+                         "not streamed: the engine decodes it once), right after the streamed one")
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
@@ -501,10 +506,23 @@ def main() -> None:
         try:
             asyncio.run(run_clients(aeng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r, _ in creqs]))
             m = asyncio.run(run_clients(aeng, creqs))
+            # Other prompts (ids shifted): none is served from the prefix cache.
+            end = again = None
+            if args.text_at_end:  # then the streamed clients once more, so neither kind only runs first
+                end = asyncio.run(run_clients(aeng, [([(t + 1) % (hi + 1) for t in r], sp) for r, sp in creqs],
+                                              stream_text=False))
+                again = asyncio.run(run_clients(aeng, [([(t + 2) % (hi + 1) for t in r], sp) for r, sp in creqs]))
         finally:
             aeng.shutdown()
         row(f"server.{args.clients}{sys_tag(args)}", m["wall_s"], m["tokens"], base,
             mean_ttft_ms=round(m["ttft_ms"], 1), mean_tbt_ms=round(m["tbt_ms"], 2))
+        if end is not None:
+            row(f"server.{args.clients}{sys_tag(args)}.text_at_end", end["wall_s"], end["tokens"], base,
+                mean_ttft_ms=round(end["ttft_ms"], 1), mean_tbt_ms=round(end["tbt_ms"], 2),
+                note="the same clients reading their text at the end (responses not streamed)")
+            row(f"server.{args.clients}{sys_tag(args)}.again", again["wall_s"], again["tokens"], base,
+                mean_ttft_ms=round(again["ttft_ms"], 1), mean_tbt_ms=round(again["tbt_ms"], 2),
+                note="the streamed clients again, after the text_at_end row")
         del aeng
 
     # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
