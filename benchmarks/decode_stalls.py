@@ -39,7 +39,8 @@ from cpm4.model.init import random_model  # noqa: E402
 from cpm4.model.tokenizer import IncrementalDetokenizer  # noqa: E402
 
 # (label, owner, attribute): methods timed while a step runs (nested ones count in both)
-PARTS = [("launch", scheduler.LLMEngine, "_launch"), ("forward_decode", scheduler.LLMEngine, "_forward_decode"),
+PARTS = [("forward", scheduler.LLMEngine, "_forward"), ("sample_run", scheduler.LLMEngine, "_run"),
+         ("launch", scheduler.LLMEngine, "_launch"), ("forward_decode", scheduler.LLMEngine, "_forward_decode"),
          ("sampling_args", scheduler.LLMEngine, "_sampling_args"), ("drain", scheduler.LLMEngine, "_drain"),
          ("emit", scheduler.LLMEngine, "_emit"), ("detok_extend", IncrementalDetokenizer, "extend"),
          ("table_update", HostBlockTable, "update"), ("cascade_share", cuda_graph.DecodeGraphs, "_share"),
