@@ -18,6 +18,7 @@
 #   bash benchmarks/device_session.sh servingab # the offline row: shared compilation vs per bucket, 3 runs each
 #   bash benchmarks/device_session.sh stalls    # the offline batch's decode steps: host ms by part, synchronizing calls
 #   bash benchmarks/device_session.sh servertext # server row: text at the end vs streamed; launched-ahead sync test
+#   bash benchmarks/device_session.sh sampling  # seeded rows' draw together vs one multinomial a row
 #   bash benchmarks/device_session.sh cascadeeven # cascade decode's break-even rows count, 8B and 0.5B shapes
 #   bash benchmarks/device_session.sh cascadegroups # cascade prefill/decode with several prefix groups a step
 #   bash benchmarks/device_session.sh prefixgroups # requests over 2 cached prefixes: cascades for both vs one
@@ -206,6 +207,10 @@ servertext)  # the server row with clients reading their text at the end (respon
         --tag=-text-at-end --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server|^decode"
     timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_engine.py -k "launched_ahead or never_wait" \
         2>&1 | tail -3
+    ;;
+sampling)  # a step's draw: seeded rows together (exponential race, a noise launch a row) against one multinomial a
+    # row as before; greedy and unseeded for scale
+    timeout 200 "$PY" benchmarks/sampling.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -15
     ;;
 cascadeeven)  # where cascade decode breaks even on the 8B shape (32 rows x 4K: 0.8-1.0x; 128 rows: 1.4x)
     timeout 200 "$PY" benchmarks/cascade_decode.py --shapes 8b 0.5b --batches 16 32 48 64 96 --prefixes 2048 4096 8192 \

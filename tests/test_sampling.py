@@ -519,3 +519,17 @@ def test_text_fields_refuse_lone_surrogates(field, value):
     # Not Unicode text: the tokenizer raised a TypeError for them inside the engine's worker (which died of it).
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_zero_noise_never_draws_a_removed_id(monkeypatch):
+    """The exponential race divides by Exp(1) noise; a draw of exactly 0 (rare, but a float can be 0) at an id
+    that top-k removed made 0 / 0 = NaN there, which argmax takes. With every draw 0, seeded and unseeded rows
+    still pick an id the filters kept."""
+    from cpm4.engine.sampling import Sampler, sample_tokens
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    logits = _rand_logits(4, 50, seed=3)
+    params = [SamplingParams(temperature=1.0, top_k=5, seed=s) for s in (None, None, 7, 8)]
+    toks = sample_tokens(logits, [Sampler(p) for p in params], params, [[]] * 4).tolist()
+    kept = torch.topk(logits, 5, dim=-1).indices.tolist()
+    assert all(t in k for t, k in zip(toks, kept)), (toks, kept)

@@ -527,13 +527,7 @@ class Sampler:
         if greedy:
             return torch.argmax(row)  # first maximal index on ties
         probs = row.float() if is_probs else torch.softmax(row.float(), dim=-1)
-        # A row that allows no token (every logit -inf: a grammar and allowed_token_ids or bad_words excluding
-        # each other) has NaN probabilities, on which multinomial raises (on CUDA a device assert) and fails
-        # the whole batch: it takes the row's argmax instead, as the batched draw of unseeded rows does (the
-        # grammar then rejects it and ends the sequence).
-        ok = torch.isfinite(probs).all() & (probs.sum() > 0)
-        probs = torch.where(ok, probs, torch.nn.functional.one_hot(torch.argmax(row), probs.numel()).float())
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+        return _race(probs[None], row[None], [self.generator])[0]
 
     def sample(self, row: Tensor, is_probs: bool = False) -> int:
         """Sample one token from a processed logits row ([V] or [1, V]); pass `is_probs=True` for probs."""
@@ -570,16 +564,44 @@ def sample_tokens(
     shared = plan.shared
     if len(shared) == x.shape[0]:  # every row: no greedy pick, no gather/scatter of rows (same draws)
         probs = torch.softmax(x, dim=-1)
-        tokens = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        tokens = (probs / _noise(probs)).argmax(dim=-1)
     else:
         tokens = x.argmax(dim=-1)
         if shared:
             rows = plan.tensor("shared", shared, x.device, torch.long)
             probs = torch.softmax(x[rows], dim=-1)
-            tokens[rows] = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    for i in plan.seeded:
-        tokens[i] = samplers[i]._draw(x[i], greedy=False)
+            tokens[rows] = (probs / _noise(probs)).argmax(dim=-1)
+    if plan.seeded:  # their rows together, each row's noise from its own generator
+        rows = plan.tensor("seeded", plan.seeded, x.device, torch.long)
+        sx = x.index_select(0, rows)
+        tokens.index_copy_(0, rows, _race(torch.softmax(sx, dim=-1), sx,
+                                          [samplers[i].generator for i in plan.seeded]))
     return tokens
+
+
+def _noise(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """Exp(1) noise shaped as probs [R, V] for the exponential race: from the default generator, or row r's from
+    generators[r]. Kept above zero: a draw of exactly 0 (one in 2^24 or so a value) would make 0 / 0 = NaN at a
+    removed id, which argmax takes."""
+    q = torch.empty_like(probs)
+    if generators is None:
+        q.exponential_()
+    else:
+        for r, gen in enumerate(generators):
+            q[r].exponential_(generator=gen)
+    return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _race(probs: Tensor, rows: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """One token per row of probs [R, V] (or weights: unnormalized is fine), row r's exponential noise drawn by
+    generators[r]: argmax(p / E), E ~ Exp(1), picks id i with probability p_i (the exponential race, as the
+    unseeded rows draw; one noise launch a row where multinomial ran a dozen kernels). A row that allows no
+    token (every logit -inf: a grammar and allowed_token_ids or bad_words excluding each other) has NaN
+    probabilities: it takes the argmax of `rows` (its logits) instead, as the unseeded draw does (the grammar
+    then rejects it and ends the sequence)."""
+    drawn = (probs / _noise(probs, generators)).argmax(dim=-1)
+    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    return torch.where(ok, drawn, rows.argmax(dim=-1))
 
 
 # ---------------------------------------------------------------------------------------------------------
