@@ -597,8 +597,8 @@ def _race(probs: Tensor, rows: Tensor, generators: Sequence[torch.Generator]) ->
     generators[r]: argmax(p / E), E ~ Exp(1), picks id i with probability p_i (the exponential race, as the
     unseeded rows draw; one noise launch a row where multinomial ran a dozen kernels). A row that allows no
     token (every logit -inf: a grammar and allowed_token_ids or bad_words excluding each other) has NaN
-    probabilities: it takes the argmax of `rows` (its logits) instead, as the unseeded draw does (the grammar
-    then rejects it and ends the sequence)."""
+    probabilities: it takes the argmax of `rows` (its logits) instead, not failing the batch (the grammar then
+    rejects it and ends the sequence)."""
     drawn = (probs / _noise(probs, generators)).argmax(dim=-1)
     ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
     return torch.where(ok, drawn, rows.argmax(dim=-1))
