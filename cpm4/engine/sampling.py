@@ -352,17 +352,22 @@ def _keep_allowed(x: Tensor, plan: SamplingPlan) -> None:
 
 def _apply_logit_bias(x: Tensor, params: list[SamplingParams], rows: list[int],
                       plan: SamplingPlan | None = None) -> None:
-    """plan: keeps the (row, id, bias) tensors for the steps of the same batch (built through pinned memory: a
-    copy from a list waited for the GPU's queued work, a decode step launched ahead too)."""
+    """plan: keeps the (row, id, bias) tensors for the steps of the same batch, built once (through pinned
+    memory: a copy from a list waited for the GPU's queued work, a decode step launched ahead too)."""
     vocab = x.shape[1]
-    r = [i for i in rows for _ in params[i].logit_bias]
-    c = [t for i in rows for t in params[i].logit_bias]
-    if max(c) >= vocab:
-        raise ValueError(f"logit_bias token id {max(c)} is outside the vocabulary ({vocab} ids)")
-    b = [v for i in rows for v in params[i].logit_bias.values()]
     plan = plan or SamplingPlan(params, vocab)
-    x.index_put_((plan.tensor("bias_rows", r, x.device, torch.long), plan.tensor("bias_ids", c, x.device, torch.long)),
-                 plan.tensor("bias", b, x.device, x.dtype), accumulate=True)
+    keys = [(name, x.device, dtype) for name, dtype in (("bias_rows", torch.long), ("bias_ids", torch.long),
+                                                         ("bias", x.dtype))]
+    if keys[2] not in plan._tensors:
+        r = [i for i in rows for _ in params[i].logit_bias]
+        c = [t for i in rows for t in params[i].logit_bias]
+        if max(c) >= vocab:
+            raise ValueError(f"logit_bias token id {max(c)} is outside the vocabulary ({vocab} ids)")
+        b = [v for i in rows for v in params[i].logit_bias.values()]
+        for key, values in zip(keys, (r, c, b)):
+            plan._tensors[key] = to_device(values, x.device, key[2])
+    rr, cc, bb = (plan._tensors[k] for k in keys)
+    x.index_put_((rr, cc), bb, accumulate=True)
 
 
 def _apply_output_penalties(x: Tensor, params: list[SamplingParams], outputs: list[list[int]],
