@@ -32,6 +32,10 @@ def assert_pages_consistent(eng: LLMEngine) -> None:
     for p in range(cache.num_pages):
         assert cache.refs[p] == holders[p], (p, cache.refs[p], holders[p])
         assert (p in cache.free) == (cache.refs[p] == 0), p
+    # The counters behind num_free against a walk of the prefix table.
+    published = collections.Counter(cache.prefix.values())
+    assert cache._pubs == [published[p] for p in range(cache.num_pages)]
+    assert cache._reclaimable == sum(1 for p in published if cache.refs[p] == 1)
 
 
 def assert_all_free(eng: LLMEngine) -> None:
@@ -374,43 +378,47 @@ def test_batched_decode_crossing_dense_len_equals_alone():
 
 
 def test_kv_cache_usage_read_while_the_worker_changes_the_prefix_table():
-    """AsyncEngine.kv_cache_usage runs on the metrics / stats-log thread while the worker publishes and reclaims
-    prefix pages: a count interrupted by such a change ("OrderedDict mutated during iteration") is taken again
-    instead of failing the metrics request or ending the stats log."""
-    import time
+    """AsyncEngine.kv_cache_usage runs on the metrics / stats-log thread while the worker takes, publishes and
+    reclaims prefix pages: every read is a share in [0, 1] (two counters, no walk of the prefix table that a
+    change could interrupt), pages are seen in use while requests run, and all are free again at the end."""
+    import asyncio
+    import threading
 
-    from cpm4.engine.paged import SeqPages
     from cpm4.serve.engine import AsyncEngine
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    eng = AsyncEngine(model, tok(), max_batch_size=2, kv_cache_tokens=320)  # 5 pages of 64
+    eng = AsyncEngine(model, tok(), max_batch_size=2, kv_cache_tokens=640)  # 10 pages of 64: reclaimed often
+    reads: list = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            reads.append(eng.kv_cache_usage())
+
+    async def clients():
+        async def one(i, p):
+            async for _ in eng.stream(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), f"r{i}"):
+                pass
+        # Prompts of 2-4 pages, some sharing a first page: published, reused and reclaimed.
+        ps = [[3 + (i % 3)] * 64 + [7 + i] * (64 + 37 * (i % 4)) for i in range(12)]
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+
+    t = threading.Thread(target=reader)
+    t.start()
     try:
-        deadline = time.monotonic() + 30
-        while eng._sched is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        cache = eng._sched.cache  # the worker waits for requests: it leaves the cache alone
-        seq = SeqPages()
-        cache.reserve(seq, 128)
-        seq.length = 128
-        cache.publish(seq, list(range(3, 131)))
-        cache.release(seq)  # 2 pages held by the prefix table alone: reusable, so free
-
-        class WorkerPublishes(list):  # the worker publishes a page in the middle of the count
-            hit = False
-
-            def __getitem__(self, i):
-                if not WorkerPublishes.hit:
-                    WorkerPublishes.hit = True
-                    p = cache.free.pop()
-                    list.__setitem__(self, p, 1)
-                    cache.prefix[b"published meanwhile"] = p
-                return list.__getitem__(self, i)
-
-        cache.refs = WorkerPublishes(cache.refs)
-        assert eng.kv_cache_usage() == 0.0 and WorkerPublishes.hit
-        assert len(cache.prefix) == 3 and cache.num_free == cache.num_pages
+        asyncio.run(clients())
     finally:
-        eng.shutdown()
+        stop.set()
+        t.join()
+        try:
+            cache = eng._sched.cache
+            assert eng.kv_cache_usage() == 0.0 and cache.num_free == cache.num_pages
+            assert cache.prefix  # pages stayed published (reclaimable), counted as free
+        finally:
+            eng.shutdown()
+    real = [r for r in reads if r is not None]
+    assert real and all(isinstance(r, float) and 0.0 <= r <= 1.0 for r in real)
+    assert max(real) > 0.0  # some read saw pages in use
 
 
 # ---------------------------------------------------------------------------------------------------------
