@@ -247,10 +247,9 @@ def test_gpu_scheduler_matches_generate_on_cuda(graphs, sc, monkeypatch):
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, cuda_graphs=bool(graphs),
                     compile=graphs == "compile", async_output=str(graphs).startswith("async"))
     assert (eng.graphs is not None and eng.graphs._staging is not None) == (graphs == "async-pinned")
-    if graphs != "compile":  # the engine's default without compile on CUDA: the hand-written element-wise kernels
-        from cpm4.kernels.elementwise import triton_ops
+    from cpm4.kernels.elementwise import triton_ops  # the engine's default on CUDA, compiled or not
 
-        assert model.model.layers[0].mlp.ops is triton_ops()
+    assert model.model.layers[0].mlp.ops is triton_ops()
     assert eng.paged_decode and (eng.graphs is not None) == bool(graphs)
     if graphs == "compile":  # every bucket and the fused prefill ops compiled up front, no page kept
         free = cache.num_free

@@ -80,14 +80,15 @@ class LLMEngine:
         paged_decode: decode steps attend on the pages in place with the Triton kernels (default: on CUDA
         in fp16/bf16; elsewhere pages are gathered). cuda_graphs: replay decode steps from CUDA graphs, one per
         batch-size bucket, captured on first use (default: with paged_decode on CUDA). compile: torch.compile
-        the decode step before capturing it (see `DecodeGraphs`), and the model's elementwise ops for prefill
-        (`MiniCPM4ForCausalLM.fuse_elementwise`).
+        the decode step before capturing it (see `DecodeGraphs`).
 
         elementwise: how the layers' norms, RoPE, SiLU·up and residual adds run: "inductor" (torch.compile's fused
         kernels), "triton" (one hand-written kernel each, `cpm4.kernels.elementwise`), "eager" (op by op), or
-        None: inductor with compile, triton on CUDA without it (measured on the H200 without compile: 0.5B batch-1
-        decode 2.42 -> 1.19 ms, 8B 32K decode 7.62 -> 5.89 ms and prefill 1,592 -> 1,346 ms, as fast as compiled),
-        else the model's own setting.
+        None: triton on CUDA (measured on the H200 without compile: 0.5B batch-1 decode 2.42 -> 1.19 ms, 8B 32K
+        decode 7.62 -> 5.89 ms and prefill 1,592 -> 1,346 ms, as fast as compiled; with compile too, for the
+        compiled decode step traces the ops' reference and fuses it either way, while eager prefill steps then
+        launch one kernel an op instead of going through torch.compile's wrappers, whose host time left a 0.5B
+        offline batch's prefill steps host-bound), else the model's own setting.
 
         cascade_decode: decode steps whose rows share enough leading pages (a system prompt, a few-shot
         preamble; up to paged.CASCADE_DECODE_GROUPS prefixes a step) attend them once per tile of rows
@@ -138,7 +139,7 @@ class LLMEngine:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
         cache.cascade_decode = cascade_decode  # None leaves paged.CASCADE_DECODE to decide
         if elementwise is None:
-            elementwise = "inductor" if compile else "triton" if cache.device.type == "cuda" else None
+            elementwise = "triton" if cache.device.type == "cuda" else None
         if elementwise is not None:  # before the decode graphs are captured
             if elementwise not in ("inductor", "triton", "eager"):
                 raise ValueError(f"elementwise must be 'inductor', 'triton' or 'eager', not {elementwise!r}")
@@ -337,6 +338,7 @@ class LLMEngine:
 
     def _admit(self) -> None:
         i = 0
+        running_need = None  # the running rows' share of `_pages_to_admit`: summed once, then kept up to date
         while i < len(self.waiting) and len(self.running) < self.max_batch_size:
             req = self.waiting[i]
             if req.pages is None and self._hold(req):
@@ -349,7 +351,9 @@ class LLMEngine:
             # request for decoding: admitting on the first chunk alone let later chunks preempt the others,
             # which were readmitted and preempted again (demo model, 7 prompts of 7-1,393 tokens in a
             # 1,500-token cache: 100 preemptions, 2.4x the time of a cache that holds them all).
-            if self.running and not self.cache.has_free(self._pages_to_admit(req)):
+            if self.running and running_need is None:
+                running_need = sum(map(self._feed_pages, self.running))
+            if self.running and not self.cache.has_free(self._pages_to_admit(req, running_need)):
                 # Not admitted: give back the shared prefix pages `new_sequence` pinned, or a waiting request
                 # holds pages the running ones need (a lone running request would then end as "length").
                 self.cache.release(req.pages)
@@ -357,6 +361,8 @@ class LLMEngine:
                 break
             del self.waiting[i]
             self.running.append(req)
+            if running_need is not None:
+                running_need += self._feed_pages(req)
             if req.cached_tokens is None:  # the first admission's (a preempted request's recompute is not a hit)
                 req.cached_tokens = req.computed
             self._start_computing(req)
@@ -413,14 +419,22 @@ class LLMEngine:
                 del self._computing[h]
         req.computing = []
 
-    def _pages_to_admit(self, new: EngineRequest) -> int:
+    def _pages_to_admit(self, new: EngineRequest, running_need: int | None = None) -> int:
         """Pages `new` and the running requests still need to feed every token they hold (prompt, or prompt and
         output when recomputed after preemption), plus one per running request for decoding. A running row
         with one token left to feed (decoding) needs at most that one page for it: counted once, not again as
-        a token it holds."""
-        held = sum(self.cache.pages_needed(r.pages, r.num_tokens - r.computed) for r in [new, *self.running]
-                   if r.pages is not None and (r is new or r.num_tokens - r.computed > 1))
-        return held + len(self.running)
+        a token it holds. running_need: the running requests' `_feed_pages` summed, when the caller keeps it
+        (admitting a burst summed them again for each waiting request: 256 requests, 33K terms a step)."""
+        if running_need is None:
+            running_need = sum(map(self._feed_pages, self.running))
+        own = 0 if new.pages is None else self.cache.pages_needed(new.pages, new.num_tokens - new.computed)
+        return own + running_need + len(self.running)
+
+    def _feed_pages(self, r: EngineRequest) -> int:
+        """Pages a running request still needs for the tokens it holds and has not fed (none counted for a
+        decoding row's one token: see `_pages_to_admit`)."""
+        n = r.num_tokens - r.computed
+        return self.cache.pages_needed(r.pages, n) if r.pages is not None and n > 1 else 0
 
     def _sparse_prompt(self, req: EngineRequest) -> bool:
         """Whether the request's prompt runs InfLLM v2 at every position (at least dense_len tokens)."""
