@@ -4,7 +4,11 @@ before and steps where rows changed (a request ended or joined). For each kind: 
 spent inside the engine's parts (launching the step, sampling, reading back the last step's tokens, emitting:
 stop rules and detokenizing, the block table, the cascade groups). Then (CUDA) the same workload once more under
 torch's sync debug mode: every synchronizing call a decode step makes (a copy from pageable memory, `.item()`,
-`.tolist()` of a device tensor ...) counted by the engine's line that made it.
+`.tolist()` of a device tensor ...) counted by the engine's line that made it. With --profile-prefill N, the
+workload's first N steps once more, each under torch.profiler and followed by a sync: per prefill step the host's
+ms to return, the ms to the sync and the summed kernel ms (a step whose kernels fill its wall time is GPU-bound),
+the kernels by name, and the caching allocator's device allocations and retries (a cudaMalloc or a retry's frees
+can stall the host where sync debug mode sees nothing).
 
     python benchmarks/decode_stalls.py --config minicpm4-0.5b --compile          # H200: bf16
     python benchmarks/decode_stalls.py --config tiny --device cpu --requests 16  # the logic, on the CPU
@@ -118,12 +122,98 @@ def kind_of(steps: list[dict]) -> list[str]:
     return out
 
 
+def cprofile_prefill(eng, reqs, n: int) -> None:
+    """The workload's first n steps under one cProfile (prefill steps while prompts remain): the host's
+    functions by own time and by cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+
+    class On:
+        def __enter__(self):
+            prof.enable()
+
+        def __exit__(self, *exc):
+            prof.disable()
+
+    steps = run(eng, reqs, 4, lambda i: On() if i < n else None)
+    print(f"\ncProfile of the first {n} steps ({sum(s['prefill'] for s in steps[:n])} prefill), "
+          f"{sum(s['ms'] for s in steps[:n]):.0f} ms:")
+    st = pstats.Stats(prof)
+    st.sort_stats("tottime").print_stats(28)
+    st.sort_stats("cumulative").print_stats(40)
+
+
+def profile_prefill(eng, reqs, n: int) -> dict:
+    """The workload's first n steps, each under torch.profiler (CUDA kernels) then synced: for the prefill
+    steps, host ms to return from `step`, ms to the sync, summed kernel ms, kernels by name; the caching
+    allocator's device allocations (cudaMalloc) and retries during those steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: list[dict] = []
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    prof_box = {}
+
+    def wrap(i):
+        class Prof:
+            def __enter__(self):
+                torch.cuda.synchronize()
+                self.m0 = torch.cuda.memory_stats()
+                self.p = profile(activities=[ProfilerActivity.CUDA])
+                self.p.__enter__()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                self.p.__exit__(*exc)
+                m1 = torch.cuda.memory_stats()
+                prof_box[i] = (1000 * (t1 - self.t0), 1000 * (t2 - self.t0), self.p,
+                               {k: m1.get(k, 0) - self.m0.get(k, 0)
+                                for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")})
+        return Prof() if i < n else None
+
+    steps = run(eng, reqs, 3, wrap)
+    for i, s in enumerate(steps[:n]):
+        if not s["prefill"] or i not in prof_box:
+            continue
+        host_ms, wall_ms, p, mem = prof_box[i]
+        k_ms = 0.0
+        for e in p.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+                k_ms += e.device_time / 1000
+                g = kernels[e.name[:80]]
+                g[0] += e.device_time / 1000
+                g[1] += 1
+        out.append({"step": i, "decode_rows": s["rows"], "host_ms": round(host_ms, 2), "wall_ms": round(wall_ms, 2),
+                    "kernel_ms": round(k_ms, 2), **mem})
+    print(f"\nprefill steps of the first {n}, each profiled and synced:")
+    print(f"{'step':>5s}{'rows':>6s}{'host ms':>10s}{'wall ms':>10s}{'kernel ms':>11s}{'mallocs':>9s}{'frees':>7s}"
+          f"{'retries':>9s}")
+    for r in out:
+        print(f"{r['step']:5d}{r['decode_rows']:6d}{r['host_ms']:10.2f}{r['wall_ms']:10.2f}{r['kernel_ms']:11.2f}"
+              f"{r['num_device_alloc']:9d}{r['num_device_free']:7d}{r['num_alloc_retries']:9d}")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    m = max(len(out), 1)
+    print("kernels of those steps, ms a step:")
+    for name, (ms, calls) in top:
+        print(f"  {ms / m:8.3f} ms {calls / m:7.1f}x  {name}")
+    return {"steps": out, "kernels": [{"kernel": k, "ms": round(v[0] / m, 4), "calls": round(v[1] / m, 2)}
+                                      for k, v in top]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="minicpm4-0.5b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                    help="profile the workload's first N steps one by one (CUDA): the prefill steps' kernels")
+    ap.add_argument("--cprofile-prefill", type=int, default=0, metavar="N",
+                    help="the workload's first N steps under cProfile (the host's functions in the prefill steps)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -192,12 +282,17 @@ def main() -> None:
         print("\nsynchronizing calls during the run (sync debug mode), by where they were made:")
         for where, n in syncs.most_common(20):
             print(f"{n:8d}  {where}")
+    if args.cprofile_prefill:
+        cprofile_prefill(eng, reqs, args.cprofile_prefill)
+    prefill = profile_prefill(eng, reqs, args.profile_prefill) if args.profile_prefill and dev.type == "cuda" \
+        else None
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode_stalls-{args.config}{'-cpu' if dev.type != 'cuda' else ''}{args.tag}-"
                                   f"{datetime.date.today()}.json")
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     with open(path + ".tmp", "w") as f:
-        json.dump({"device": dev_name, "kinds": table, "syncs": dict(syncs.most_common())}, f, indent=1)
+        json.dump({"device": dev_name, "kinds": table, "syncs": dict(syncs.most_common()), "prefill_profile": prefill},
+                  f, indent=1)
     os.replace(path + ".tmp", path)
     print("wrote", path)
 

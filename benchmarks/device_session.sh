@@ -191,6 +191,24 @@ stalls)  # the offline batch's decode steps where rows changed (7.8 ms each agai
     timeout 300 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --tag="${TAG:-}" \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -30
     ;;
+prefillprof)  # the offline batch's prefill steps (17 x 35 ms host-seen, 30 of them in the forward, no sync found):
+    # each of the first 20 steps profiled and synced: host ms, ms to the sync, kernel ms, cudaMallocs and retries
+    timeout 400 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 20 \
+        --tag=-prefillprof --out "${OUT:-benchmarks/results}" 2>&1 | tail -45 | cut -c1-160
+    ;;
+prefillhost)  # prefillprof found the prefill steps host-bound (kernels 22 ms, host 44-55 ms profiled): the host's
+    # functions in the first 16 steps (cProfile; all prefill), full listing in $OUT/prefillhost.txt
+    timeout 400 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --cprofile-prefill 16 \
+        --tag=-prefillhost --out "${OUT:-benchmarks/results}" > "${OUT:-/tmp}/prefillhost.txt" 2>&1
+    grep -A75 "cProfile of" "${OUT:-/tmp}/prefillhost.txt" | cut -c1-150 | grep -v "^$"
+    ;;
+prefillfix)  # carry ab_old (prepare 448413a): after O(1) free-page counts, the admission's running sum kept and the
+    # Triton element-wise kernels in compiled engines' prefill steps: the offline row old/new (3 timed runs each),
+    # then the prefill steps profiled again
+    timeout 420 bash benchmarks/ab_serving.sh run 1 --compile --repeat 3
+    timeout 170 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 \
+        --tag=-prefillfix --out "${OUT:-benchmarks/results}" 2>&1 | grep -A22 "^prefill steps of" | cut -c1-120
+    ;;
 detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
     "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \
@@ -202,9 +220,10 @@ stallsfix)  # after the one-window deferred text and the pinned row index: stall
         --tag=-detok --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^offline|^timed run" | cut -c1-60
     ;;
 servertext)  # the server row with clients reading their text at the end (responses not streamed: the engine
-    # decodes it once) between two streamed runs; then the launched-ahead GPU test (sync debug mode, mixed sampling)
-    timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip offline --text-at-end \
-        --tag=-text-at-end --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server|^decode"
+    # decodes it once), 3 rounds alternating with streamed clients (one round measured 17.8K against 20.4K/19.2K:
+    # order or the kind?); then the launched-ahead GPU test (sync debug mode, mixed sampling)
+    timeout 300 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip offline --text-at-end 3 \
+        --tag=-text-at-end-x3 --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server|^decode"
     timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_engine.py -k "launched_ahead or never_wait" \
         2>&1 | tail -3
     ;;

@@ -226,6 +226,11 @@ async def run_clients(engine: AsyncEngine, reqs: list[tuple[list[int], SamplingP
             "tbt_ms": 1000 * sum((r[2] - r[0]) / max(r[1] - 1, 1) for r in res) / len(res)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["tokens"] / r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def http_row(args, model, tok, creqs, dev) -> dict:
     """The `http.<clients>` measurement: server up, clients in a child process, server and engine down."""
     from serving_http import BenchRequest, HTTPServer, run_clients, summarize
@@ -395,9 +400,10 @@ def main() -> None:
     ap.add_argument("--profile-slow", type=float, default=None, metavar="MS",
                     help="after the offline row, run its workload once more under cProfile, step by step, and "
                          "print where the steps over MS host ms spent their time")
-    ap.add_argument("--text-at-end", action="store_true",
+    ap.add_argument("--text-at-end", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
                     help="also the server row with clients that read their text at the end (a response that is "
-                         "not streamed: the engine decodes it once), right after the streamed one")
+                         "not streamed: the engine decodes it once), alternating with the streamed clients for "
+                         "ROUNDS rounds (default 1); the rows give each kind's median")
     ap.add_argument("--trace", action="store_true",
                     help="after the offline row, run its workload again with a sync after every step and print "
                          "where the time went (prefill steps, decode steps by batch size)")
@@ -508,10 +514,16 @@ def main() -> None:
             m = asyncio.run(run_clients(aeng, creqs))
             # Other prompts (ids shifted): none is served from the prefix cache.
             end = again = None
-            if args.text_at_end:  # then the streamed clients once more, so neither kind only runs first
-                end = asyncio.run(run_clients(aeng, [([(t + 1) % (hi + 1) for t in r], sp) for r, sp in creqs],
-                                              stream_text=False))
-                again = asyncio.run(run_clients(aeng, [([(t + 2) % (hi + 1) for t in r], sp) for r, sp in creqs]))
+            ends, agains = [], []
+            for k in range(args.text_at_end):  # alternating, so neither kind only runs first or last
+                ends.append(asyncio.run(run_clients(
+                    aeng, [([(t + 1 + 2 * k) % (hi + 1) for t in r], sp) for r, sp in creqs], stream_text=False)))
+                agains.append(asyncio.run(run_clients(
+                    aeng, [([(t + 2 + 2 * k) % (hi + 1) for t in r], sp) for r, sp in creqs])))
+            if ends:
+                end, again = median_run(ends), median_run(agains)
+                print("server runs, tok/s: text at end " + " ".join(f"{r['tokens'] / r['wall_s']:.0f}" for r in ends)
+                      + "; streamed again " + " ".join(f"{r['tokens'] / r['wall_s']:.0f}" for r in agains))
         finally:
             aeng.shutdown()
         row(f"server.{args.clients}{sys_tag(args)}", m["wall_s"], m["tokens"], base,
@@ -519,10 +531,12 @@ def main() -> None:
         if end is not None:
             row(f"server.{args.clients}{sys_tag(args)}.text_at_end", end["wall_s"], end["tokens"], base,
                 mean_ttft_ms=round(end["ttft_ms"], 1), mean_tbt_ms=round(end["tbt_ms"], 2),
-                note="the same clients reading their text at the end (responses not streamed)")
+                runs_tok_s=[round(r["tokens"] / r["wall_s"], 1) for r in ends],
+                note="the same clients reading their text at the end (responses not streamed), median run")
             row(f"server.{args.clients}{sys_tag(args)}.again", again["wall_s"], again["tokens"], base,
                 mean_ttft_ms=round(again["ttft_ms"], 1), mean_tbt_ms=round(again["tbt_ms"], 2),
-                note="the streamed clients again, after the text_at_end row")
+                runs_tok_s=[round(r["tokens"] / r["wall_s"], 1) for r in agains],
+                note="the streamed clients again, each after a text_at_end run, median run")
         del aeng
 
     # The same clients through HTTP: uvicorn + the FastAPI app, the official openai client in another process.
