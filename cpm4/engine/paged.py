@@ -484,10 +484,37 @@ class PagedBatch:
             if isinstance(pages, slice) or self.cache.fine is not None:
                 raise ValueError("skip_pages needs several rows and no kernel keys to pool (see shared_groups)")
             pages, end = pages[:, skip_pages:], end - skip_pages * self.cache.page_size
-        k_all, v_all = self.gather(self.cache.k[layer], pages, end), self.gather(self.cache.v[layer], pages, end)
         if self.cache.fine is not None:
-            self._pool(layer, k_all, *self._host)
-        return k_all, v_all
+            self._pool(layer)
+        return self.gather(self.cache.k[layer], pages, end), self.gather(self.cache.v[layer], pages, end)
+
+    def write_packed(self, layer: int, k: torch.Tensor, v: torch.Tensor, host: tuple[list[int], list[int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write` for a packed step: k/v [n, hkv, d] hold each row's new tokens end to end (row by row, as
+        `Packing` lays them). Stores them, pools the kernels they complete, and returns every row's keys and
+        values from its first token packed the same way ([sum of kv_lens, hkv, d], row by row): the new tokens
+        themselves when no row has cached ones, else one gather of each row's slots."""
+        starts, new_lens = host
+        kc = self.cache.k[layer].view(-1, *k.shape[1:])
+        vc = self.cache.v[layer].view(-1, *v.shape[1:])
+        new_slots, real, _ = self._plan(self.lens, None, max(new_lens), k.device, host)
+        if real is None:  # one row: `_plan` made its slots a slice
+            raise ValueError("write_packed takes several rows (a packed step)")
+        kc[new_slots] = k
+        vc[new_slots] = v
+        if self.cache.fine is not None:
+            self._pool(layer)
+        if not any(starts):
+            return k, v
+        key = ("packed_keys", tuple(starts), tuple(new_lens))
+        if key not in self.memo:
+            ps = self.cache.page_size
+            lens = [s + n for s, n in zip(starts, new_lens)]
+            slots = [(np.asarray(sq.pages[:-(-L // ps)], dtype=np.int64)[:, None] * ps + np.arange(ps)).ravel()[:L]
+                     for sq, L in zip(self.seqs, lens)]
+            self.memo[key] = to_device(np.concatenate(slots), k.device)
+        idx = self.memo[key]
+        return kc.index_select(0, idx), vc.index_select(0, idx)
 
     @staticmethod
     def gather(store: torch.Tensor, pages: torch.Tensor | slice, end: int) -> torch.Tensor:
@@ -499,18 +526,20 @@ class PagedBatch:
         # (benchmarks/cpu_engine_decode.py --peer table-gather).
         return store.index_select(0, pages.flatten()).view(pages.shape[0], -1, *store.shape[2:])[:, :end]
 
-    def _pool(self, layer: int, k_all: torch.Tensor, starts: list[int], new_lens: list[int]) -> None:
-        """Pool the kernels ending among each row's new tokens into the kernel-key pages: per store, one
-        gather and one mean over every row's new kernels (the indices are the same for every layer)."""
+    def _pool(self, layer: int) -> None:
+        """Pool the kernels ending among each row's new tokens (written already) into the kernel-key pages: per
+        store, one gather of their tokens from the cache and one mean (the indices are the same for every
+        layer)."""
         if self._pool_plan is None:
-            self._pool_plan = self._plan_pool(starts, new_lens, k_all.device)
-        for store, rows, tokens, page, slot in self._pool_plan:
-            store[layer][page, slot] = k_all[rows[:, None], tokens].mean(dim=1)  # as kernel_means
+            self._pool_plan = self._plan_pool(*self._host, self.cache.device)
+        keys = self.cache.k[layer].flatten(0, 1)
+        for store, slots, page, slot in self._pool_plan:
+            store[layer][page, slot] = keys[slots].mean(dim=1)  # as kernel_means
 
     def _plan_pool(self, starts: list[int], new_lens: list[int], dev: torch.device) -> list[tuple]:
-        """Per kernel-key store with kernels to pool this step: (store, batch rows [P], token indices [P, size]
-        into the gathered keys, physical page [P], slot [P]). Kernels complete within a row's cached tokens
-        were pooled when their last token was written."""
+        """Per kernel-key store with kernels to pool this step: (store, the cache slots of their tokens [P, size],
+        physical page [P], slot [P]). Kernels complete within a row's cached tokens were pooled when their last
+        token was written."""
         sc = self.cache.config.sparse_config
         stores = [(self.cache.fine, sc.kernel_size, sc.kernel_stride)]
         if self.cache.coarse is not None:
@@ -528,7 +557,9 @@ class PagedBatch:
             j = to_device(js, dev, torch.long)
             page, slot = kernel_page_slots(j, size, stride, self.cache.page_size)
             tokens = j[:, None] * stride + torch.arange(size, device=dev)[None, :]
-            plan.append((store, r, tokens, self.table[r, page], slot))
+            ps = self.cache.page_size
+            slots = self.table[r[:, None], tokens // ps] * ps + tokens % ps
+            plan.append((store, slots, self.table[r, page], slot))
         return plan
 
     def advance(self, new_lens: torch.Tensor, host: tuple[list[int], list[int]] | None = None) -> None:
