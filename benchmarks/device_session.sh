@@ -213,6 +213,8 @@ packedprefill)  # carry ab_old (prepare 281de67): a packed multi-row step whose 
     # call on the packed tokens (no pad/gather/scatter, no padded attention): its GPU tests, the offline row old/new,
     # then the prefill steps profiled (kernels 20.1 ms a step before, host-bound)
     timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_packed_prefill.py 2>&1 | tail -3
+    timeout 120 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 16 32 --peer attention \
+        --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
     timeout 330 bash benchmarks/ab_serving.sh run 1 --compile --repeat 3
     timeout 170 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 \
         --tag=-packed --out "${OUT:-benchmarks/results}" 2>&1 | grep -A24 "^prefill steps of" | cut -c1-120

@@ -4,8 +4,10 @@
     python benchmarks/packed_prefill.py                                   # bundled demo model, CPU, float32
     python benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 16 32
 
-Prompts of 100-1024 random tokens (nano-vllm's lengths), seed 0. Peer: the same engine with
-`model.pack_rows = False`, measured in the same run; both produce the same first tokens (checked).
+Prompts of 100-1024 random tokens (nano-vllm's lengths), seed 0. Peer (--peer rows, default): the same engine with
+`model.pack_rows = False`; --peer attention: rows packed, attention padded back to [rows, longest] around itself
+(`Attention.packed_prefill = False`) against the packed attention (`Attention._packed_dense`). Measured in the
+same run; both produce the same first tokens (checked).
 Prints a table and writes benchmarks/results/packed_prefill-<model>-<date>.json.
 """
 
@@ -30,11 +32,17 @@ from cpm4.engine.scheduler import LLMEngine  # noqa: E402
 from cpm4.model.checkpoint import load_checkpoint  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 from cpm4.model.init import random_model  # noqa: E402
+from cpm4.model.modeling import Attention  # noqa: E402
 
 
-def prefill(model, tok, reqs: list[list[int]], pack: bool) -> tuple[float, list[int]]:
-    """Seconds for one step prefilling every prompt; the first sampled token of each."""
-    model.pack_rows = pack
+def prefill(model, tok, reqs: list[list[int]], pack: bool, peer: str = "rows") -> tuple[float, list[int]]:
+    """Seconds for one step prefilling every prompt; the first sampled token of each. pack False: the peer's way
+    (`peer`: the rows padded, or only the attention)."""
+    default = Attention.packed_prefill
+    if peer == "rows":
+        model.pack_rows = pack
+    else:
+        Attention.packed_prefill = pack
     try:
         ps = page_size_for(model.config)
         pages = sum(-(-len(r) // ps) + 1 for r in reqs) + 1
@@ -50,7 +58,10 @@ def prefill(model, tok, reqs: list[list[int]], pack: bool) -> tuple[float, list[
             torch.cuda.synchronize()
         return time.perf_counter() - t, [res[f"r{i}"][1][0] for i in range(len(reqs))]
     finally:
-        del model.pack_rows
+        if peer == "rows":
+            del model.pack_rows
+        else:
+            Attention.packed_prefill = default
 
 
 def main() -> None:
@@ -60,6 +71,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peer", choices=["rows", "attention"], default="rows",
+                    help="rows: every op on the padded rows; attention: only the attention padded")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -78,21 +91,22 @@ def main() -> None:
         prefill(model, tok, reqs[:2], True)  # warm-up (allocator, kernels)
         ours, peer = [], []
         for _ in range(args.repeats):
-            t, a = prefill(model, tok, reqs, True)
+            t, a = prefill(model, tok, reqs, True, args.peer)
             ours.append(t)
-            t, b = prefill(model, tok, reqs, False)
+            t, b = prefill(model, tok, reqs, False, args.peer)
             peer.append(t)
             if a != b:
                 raise SystemExit(f"packed and padded prefill disagree on the first tokens: {a} vs {b}")
         o, p = min(ours) * 1000, min(peer) * 1000
         total, padded = sum(map(len, reqs)), n * max(map(len, reqs))
-        rows.append({"phase": f"prefill.rows{n}", "seqlen": total, "ours_ms": round(o, 1), "peer_ms": round(p, 1),
+        phase = f"prefill.rows{n}" + ("" if args.peer == "rows" else ".attention")
+        rows.append({"phase": phase, "seqlen": total, "ours_ms": round(o, 1), "peer_ms": round(p, 1),
                      "speedup": round(p / o, 2), "padded_tokens": padded})
         print(f"{n:5d} {total:7d} {padded:7d} {o:10.1f} {p:10.1f} {p / o:8.2f}x")
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     write_json({"device": device, "date": date, "model": name, "rows": rows},
-               f"packed_prefill-{name}-{date}.json", args.out)
+               f"packed_prefill-{name}{'' if args.peer == 'rows' else '-attention'}-{date}.json", args.out)
 
 
 if __name__ == "__main__":
