@@ -37,6 +37,19 @@ def alone(model, p, params):
     return generate_ids(model, tok(), [p], [params])[0].token_ids
 
 
+def run_burst(eng, ps, params) -> dict:
+    """Every prompt queued at once (request ids r0, r1, ...), run to the end: the engine's results."""
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    return eng.run_to_completion()
+
+
+def assert_each_alone(res, model, ps, params) -> None:
+    """Each request's tokens in `res` (`run_burst`'s) are those of the request alone."""
+    for i, p in enumerate(ps):
+        assert res[f"r{i}"][1] == alone(model, p, params), i
+
+
 @pytest.mark.parametrize("sc", [None, sparse()])
 def test_staggered_arrivals_equal_alone(sc):
     model = random_model("tiny", dtype=torch.float32, sparse_config=sc)
@@ -1267,13 +1280,10 @@ def test_engine_burst_with_cascade_equals_alone(monkeypatch):
     eng = LLMEngine(model, tok(), cache, max_batch_size=5)
     eng.add_request("warm", prefix + [9], params)
     eng.run_to_completion()
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-    res = eng.run_to_completion()
+    res = run_burst(eng, ps, params)
     assert calls
     monkeypatch.setattr(Attention, "varlen_on_cpu", False)
-    for i, p in enumerate(ps):
-        assert res[f"r{i}"][1] == alone(model, p, params), i
+    assert_each_alone(res, model, ps, params)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ path and the float32 model."""
 import pytest
 import torch
 from conftest import random_model
-from test_engine import _rest_step, alone, check_batched_rows, prompts, sparse, tok
+from test_engine import _rest_step, assert_each_alone, check_batched_rows, prompts, run_burst, sparse, tok
 
 from cpm4.engine.paged import PagedKVCache, SeqPages
 from cpm4.engine.sampling import SamplingParams
@@ -97,13 +97,10 @@ def test_engine_burst_through_packed_steps_equals_alone(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=96, page_size=16), max_batch_size=6,
                     chunk_tokens=150)
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-    res = eng.run_to_completion()
+    res = run_burst(eng, ps, params)
     assert calls
     monkeypatch.setattr(Attention, "varlen_on_cpu", False)
-    for i, p in enumerate(ps):
-        assert res[f"r{i}"][1] == alone(model, p, params), i
+    assert_each_alone(res, model, ps, params)
 
 
 def test_write_packed_needs_several_rows():
