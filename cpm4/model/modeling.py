@@ -45,8 +45,9 @@ def _step_memo(cache) -> dict:
 class Packing:
     """The real tokens of a right-padded [rows, t] batch laid end to end as [1, n]. A multi-row prefill with
     rows of different lengths then runs the per-token work (embedding, projections, MLP, norms, RoPE) on its
-    n real tokens only; attention pads q/k/v back to [rows, t] around itself (the cache and the attention
-    paths keep their row layout). Padding positions of the padded tensors hold zeros, never read."""
+    n real tokens only; attention takes them as they are when every row is dense (`Attention._packed_dense`),
+    else pads q/k/v back to [rows, t] around itself (the other attention paths keep their row layout). Padding
+    positions of the padded tensors hold zeros, never read."""
 
     def __init__(self, new_lens: list[int], t: int, device: torch.device):
         self.rows, self.t = len(new_lens), t
