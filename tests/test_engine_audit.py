@@ -36,6 +36,10 @@ def assert_pages_consistent(eng: LLMEngine) -> None:
     published = collections.Counter(cache.prefix.values())
     assert cache._pubs == [published[p] for p in range(cache.num_pages)]
     assert cache._reclaimable == sum(1 for p in published if cache.refs[p] == 1)
+    # Each published page knows its key, and each reclaimable one waits in the heap at its last use.
+    assert all(cache._key[p] == h for h, p in cache.prefix.items())
+    queued = set(cache._lru)
+    assert all((cache._used[p], p) in queued for p in published if cache.refs[p] == 1)
 
 
 def assert_all_free(eng: LLMEngine) -> None:

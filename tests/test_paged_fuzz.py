@@ -428,3 +428,50 @@ def test_reclaim_keeps_the_longest_reusable_prefix():
     assert len(cache.prefix) == 2
     _, computed = cache.new_sequence(prompt)
     assert computed == 8, f"shares {computed} tokens while {len(cache.prefix)} of its pages are still cached"
+
+
+def test_reclaim_passes_held_pages_and_its_queue_stays_bounded():
+    """A long prompt's published pages, held while it decodes, become the least recently used while short
+    requests come and go, and a popular prefix is held and let go by every request that reads it: reclaiming
+    never takes a held page, takes the others least recently used first (a chain's deepest page first), and the
+    reclaim queue stays within twice the pages however often pages are let go."""
+    cache = PagedKVCache(preset("tiny", num_hidden_layers=1, sparse_config=None), num_pages=40, page_size=4)
+
+    def publish(tokens):
+        seq, _ = cache.new_sequence(tokens)
+        cache.reserve(seq, len(tokens) - seq.length)
+        seq.length = len(tokens)
+        cache.publish(seq, tokens)
+        return seq
+
+    long = publish(list(range(1000, 1040)))  # 10 pages, held throughout
+    popular = list(range(2000, 2008))  # 2 pages
+    first = publish(popular + [1])
+    popular_pages = first.pages[:2]
+    cache.release(first)
+    for i in range(300):  # read while pages are free: let go each time, nothing reclaimed
+        seq, _ = cache.new_sequence(popular + [5, i])
+        cache.release(seq)
+        assert len(cache._lru) <= 2 * cache.num_pages + 64
+    order = []  # pages by last use, least recent first
+    for i in range(400):
+        for _ in range(3):  # the popular prefix read and let go
+            seq, computed = cache.new_sequence(popular + [7, i])
+            assert computed == 8
+            cache.release(seq)
+        seq = publish([3000 + 10 * i + j for j in range(8)])
+        if i == 399:
+            order += popular_pages[::-1]
+        order += seq.pages[::-1]
+        cache.release(seq)
+        assert len(cache._lru) <= 2 * cache.num_pages + 64
+        assert cache.num_free == cache.num_pages - 10
+    assert cache._pubs.count(1) == 40  # every page published: 10 held, 30 reclaimable
+    expect = [p for p in order if cache._pubs[p]][-30:]
+    taken = []
+    for _ in range(30):  # one page at a time
+        seq = SeqPages()
+        cache.reserve(seq, 1)
+        taken += seq.pages
+    assert taken == expect
+    assert not cache._reclaimable and cache.num_free == 0 and all(cache.refs[p] == 2 for p in long.pages)

@@ -16,10 +16,10 @@ step can be replayed from a CUDA graph (`cpm4.engine.cuda_graph`).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import weakref
 from array import array
-from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -127,7 +127,15 @@ class PagedKVCache:
         self._reclaimable = 0
         # Full pages by the hash of all tokens up to their end: prefix sharing. Held pages keep one reference
         # each; least recently used ones are dropped when pages run out.
-        self.prefix: OrderedDict[bytes, int] = OrderedDict()
+        self.prefix: dict[bytes, int] = {}
+        # Recency: each published page's key and the number of its last use (`_touch`), and a heap of (that
+        # number, page) pushed whenever a published page becomes reclaimable: `_take` pops the least recently
+        # used one. Walking the table in use order instead passed every held page before the first reclaimable
+        # one, at every page taken (a long prompt's pages, held while it decodes, drift to the front).
+        self._key: list[bytes | None] = [None] * num_pages
+        self._used = [0] * num_pages
+        self._clock = 0
+        self._lru: list[tuple[int, int]] = []
         # The last few chains hashed from int64 token arrays, newest first: (root, tokens, keys of their pages).
         # A burst of requests with one long prefix hashed it once, not once a request (`chain`).
         self._recent: list[tuple[bytes, np.ndarray, list[bytes]]] = []
@@ -169,22 +177,39 @@ class PagedKVCache:
         return len(self.free) + self._reclaimable
 
     def _ref(self, p: int, d: int) -> None:
-        """Add d to page p's references, keeping the count of reclaimable published pages."""
+        """Add d to page p's references, keeping the count of reclaimable published pages and queueing a page
+        that becomes one for `_reclaim`."""
         r = self.refs[p]
         if self._pubs[p]:
             self._reclaimable += (r + d == 1) - (r == 1)
+            if r + d == 1:
+                self._queue(p)
         self.refs[p] = r + d
+
+    def _queue(self, p: int) -> None:
+        """Offer reclaimable page p at its last use. Entries of pages held again, reused since or reclaimed stay
+        behind and are skipped when popped; past twice the pages, the heap is built again from what is
+        reclaimable now (a popular prefix is held and let go by every request that reads it)."""
+        heapq.heappush(self._lru, (self._used[p], p))
+        if len(self._lru) > 2 * self.num_pages + 64:
+            self._lru = [(self._used[q], q) for q in set(self.prefix.values()) if self.refs[q] == 1]
+            heapq.heapify(self._lru)
+
+    def _reclaim(self) -> None:
+        """Free the least recently used published page nobody else holds, if there is one."""
+        while self._lru:
+            used, p = heapq.heappop(self._lru)
+            if self.refs[p] == 1 and self._pubs[p] and self._used[p] == used:
+                del self.prefix[self._key[p]]
+                self._ref(p, -1)
+                self._pubs[p] -= 1
+                self._key[p] = None
+                self.free.append(p)
+                return
 
     def _take(self) -> int:
         if not self.free:
-            # Reclaim a cached prefix page nobody else holds (least recently used first).
-            for h, p in self.prefix.items():
-                if self.refs[p] == 1:
-                    del self.prefix[h]
-                    self._ref(p, -1)
-                    self._pubs[p] -= 1
-                    self.free.append(p)
-                    break
+            self._reclaim()
         if not self.free:
             raise OutOfPages("no free KV cache page")
         p = self.free.pop()
@@ -290,7 +315,13 @@ class PagedKVCache:
         """Mark a prefix chain's pages used now, its first page last: reclaiming takes the least recently used
         page first, and a chain cut at its first page loses every later page with it (they are reachable only
         through it), so the deepest pages go first."""
-        deque(map(self.prefix.move_to_end, reversed(chain)), maxlen=0)
+        used, clock = self._used, self._clock
+        for p in map(self.prefix.__getitem__, reversed(chain)):
+            clock += 1
+            used[p] = clock
+            if self.refs[p] == 1:  # reclaimable at its new use (the engine holds what it touches)
+                self._queue(p)
+        self._clock = clock
 
     def reserve(self, seq: SeqPages, n_tokens: int) -> None:
         """Make room for `n_tokens` more tokens of `seq` (all or nothing)."""
@@ -316,6 +347,8 @@ class PagedKVCache:
                 self.prefix[h] = p
                 self._ref(p, 1)  # before counting the entry: the sequence holds p, so it is not reclaimable
                 self._pubs[p] += 1
+                if self._key[p] is None:
+                    self._key[p] = h
         self._touch(chain)
 
     def release(self, seq: SeqPages) -> None:
