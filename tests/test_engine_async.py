@@ -132,3 +132,63 @@ def test_async_paged_decode_kernels():
     assert launched[0] > 0
     for i, p in enumerate(ps):
         assert res[f"r{i}"][1] == alone(model, p, params).token_ids
+
+
+def test_fill_holes_moves_only_rows_past_the_new_count():
+    """Each row kept stays in its place unless it lies past the new count; those fill the ended rows' places, in
+    order: a permutation of the rows kept, with as many places changed as rows ended before the new count."""
+    import random
+
+    from cpm4.engine.scheduler import fill_holes
+
+    rng = random.Random(0)
+    assert fill_holes([0, 1, 2, 4, 5]) == [0, 1, 2, 5, 4] and fill_holes([0, 2, 5, 7]) == [0, 5, 2, 7]
+    assert fill_holes([]) == [] and fill_holes([0, 1, 2]) == [0, 1, 2] and fill_holes([3]) == [3]
+    for _ in range(500):
+        n = rng.randint(1, 40)
+        keep = sorted(rng.sample(range(n), rng.randint(0, n)))
+        got = fill_holes(keep)
+        m = len(keep)
+        assert sorted(got) == keep
+        assert all(got[i] == i for i in range(m) if i in keep)
+        assert sum(got[i] != i for i in range(m)) == sum(1 for i in range(m) if i not in keep)
+
+
+def test_block_table_rewrites_only_the_ended_rows_places():
+    """Rows in `fill_holes` order after two of eight ended: the decode graphs' block table puts new sequences in
+    the two places only, and holds every row's pages."""
+    from cpm4.engine.paged import HostBlockTable, SeqPages
+    from cpm4.engine.scheduler import fill_holes
+
+    seqs = [SeqPages([10 * i + j for j in range(i % 3 + 1)], 16 * (i % 3 + 1)) for i in range(8)]
+    t = HostBlockTable(8, 4, 99)
+    t.update(seqs, 8)
+    before = list(t.owners)
+    order = fill_holes([0, 1, 3, 4, 6, 7])  # rows 2 and 5 ended
+    rows = [seqs[i] for i in order]
+    t.update(rows, 8)
+    assert sum(a is not b for a, b in zip(before[:6], t.owners[:6])) == 2
+    for i, s in enumerate(rows):
+        assert t.table[i, :len(s.pages)].tolist() == s.pages
+    assert t.owners[6:] == [None, None] and (t.table[6:, 0] == 99).all()
+
+
+def test_async_rows_ending_out_of_order_equal_alone(monkeypatch):
+    """Rows ending before later ones in steps launched ahead (their places filled by the last rows): every
+    request's tokens are those of the request alone."""
+    from cpm4.engine import scheduler
+
+    moved = []
+    real = scheduler.fill_holes
+    monkeypatch.setattr(scheduler, "fill_holes", lambda keep: moved.append(real(keep) != keep) or real(keep))
+    model = random_model("tiny", dtype=torch.float32)
+    ps = prompts(6, seed=9, lo=20, hi=90)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 30, 9, 30, 14, 30)]
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=200, page_size=16), max_batch_size=6,
+                    async_output=True)
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        eng.add_request(f"r{i}", p, sp)
+    res = eng.run_to_completion()
+    assert any(moved)
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        assert res[f"r{i}"][1] == alone(model, p, sp).token_ids, i

@@ -68,6 +68,19 @@ class InflightStep:
     event: torch.cuda.Event | None
 
 
+def fill_holes(keep: list[int]) -> list[int]:
+    """The rows of the next step, `keep` (ascending row indices of this one) placed so that each row stays where it
+    is unless it lies past the new count, which then fills the place of an ended row: the rows after an ended one do
+    not all shift up, so the decode graphs' block table, whose rows follow the step's, rewrites the ended rows'
+    places only (`HostBlockTable.update`; a shift rewrote every row after the first that ended)."""
+    m = len(keep)
+    if not m or keep[-1] == m - 1:  # nothing ended, or only rows at the end
+        return keep
+    kept = set(keep)
+    tail = iter(i for i in keep if i >= m)
+    return [i if i in kept else next(tail) for i in range(m)]
+
+
 class LLMEngine:
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int | None = None, paged_decode: bool | None = None,
@@ -296,6 +309,7 @@ class LLMEngine:
 
     def _continue(self, keep: list[int]) -> list[tuple[str, StreamDelta]]:
         inf = self._inflight
+        keep = fill_holes(keep)
         # The rows' index through pinned memory: from a Python list the copy waited for the step in flight.
         ids = inf.tokens if len(keep) == len(inf.reqs) else inf.tokens[to_device(keep, inf.tokens.device, torch.long)]
         self._inflight = self._launch([inf.reqs[i] for i in keep], ids)
