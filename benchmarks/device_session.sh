@@ -210,14 +210,19 @@ prefillfix)  # carry ab_old (prepare 448413a): after O(1) free-page counts, the 
         --tag=-prefillfix --out "${OUT:-benchmarks/results}" 2>&1 | grep -A22 "^prefill steps of" | cut -c1-120
     ;;
 packedprefill)  # carry ab_old (prepare 281de67): a packed multi-row step whose rows are all dense in one varlen flash
-    # call on the packed tokens (no pad/gather/scatter, no padded attention): its GPU tests, the offline row old/new,
-    # then the prefill steps profiled (kernels 20.1 ms a step before, host-bound)
-    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_packed_prefill.py 2>&1 | tail -3
+    # call on the packed tokens (no pad/gather/scatter, no padded attention), the reclaim heap and rows launched ahead
+    # keeping their places (fill_holes): GPU tests, packed vs padded attention alone, the offline row old/new, then
+    # the host ms by part (rows-changed steps' table update: 0.43 ms before) and the prefill steps profiled (kernels
+    # 20.1 ms a step before, host-bound; in the JSON's prefill_profile)
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_packed_prefill.py tests/test_engine.py \
+        -k "packed or launched_ahead or scheduler_matches" 2>&1 | tail -3
     timeout 120 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 16 32 --peer attention \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
     timeout 330 bash benchmarks/ab_serving.sh run 1 --compile --repeat 3
     timeout 170 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 \
-        --tag=-packed --out "${OUT:-benchmarks/results}" 2>&1 | grep -A24 "^prefill steps of" | cut -c1-120
+        --tag=-packed --out "${OUT:-benchmarks/results}" > "${OUT:-/tmp}/packed.txt" 2>&1
+    grep -E -A4 "^kind" "${OUT:-/tmp}/packed.txt" | cut -c1-200
+    grep -A22 "^prefill steps of" "${OUT:-/tmp}/packed.txt" | cut -c1-120
     ;;
 detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
     "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
