@@ -65,11 +65,8 @@ class WalkingCache(PagedKVCache):
     def _reclaim(self) -> None:
         for h, p in self.order.items():
             if self.refs[p] == 1:
-                del self.order[h], self.prefix[h]
-                self._ref(p, -1)
-                self._pubs[p] -= 1
-                self._key[p] = None
-                self.free.append(p)
+                del self.order[h]
+                self._evict(p)
                 return
 
 

@@ -200,12 +200,16 @@ class PagedKVCache:
         while self._lru:
             used, p = heapq.heappop(self._lru)
             if self.refs[p] == 1 and self._pubs[p] and self._used[p] == used:
-                del self.prefix[self._key[p]]
-                self._ref(p, -1)
-                self._pubs[p] -= 1
-                self._key[p] = None
-                self.free.append(p)
+                self._evict(p)
                 return
+
+    def _evict(self, p: int) -> None:
+        """Drop published page p, held by the prefix table alone, from the table to the free list."""
+        del self.prefix[self._key[p]]
+        self._ref(p, -1)
+        self._pubs[p] -= 1
+        self._key[p] = None
+        self.free.append(p)
 
     def _take(self) -> int:
         if not self.free:
