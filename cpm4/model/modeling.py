@@ -194,7 +194,7 @@ class Attention(nn.Module):
         if pack is not None:
             b, t = pack.rows, pack.t
             modes = self._row_modes(cache, q, host)
-            if self._packed_ok(q, cache, *modes):
+            if self._packed_ok(q, cache, modes[1], modes[2]):
                 # Every row dense, no cascade: one variable-length call on the packed tokens as they are.
                 out = self._packed_dense(q, k, v, host, modes[0], cache)
                 return self._out(out.reshape(1, -1, self.n_heads * self.head_dim))
@@ -296,8 +296,7 @@ class Attention(nn.Module):
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
         return kv_lens, sparse, self._cascade_groups(cache, q, h_new, sparse)
 
-    def _packed_ok(self, q: torch.Tensor, cache, kv_lens: list[int], sparse: list[bool],
-                   groups: list[tuple[list[int], int]]) -> bool:
+    def _packed_ok(self, q: torch.Tensor, cache, sparse: list[bool], groups: list[tuple[list[int], int]]) -> bool:
         """Whether a packed multi-row step takes `_packed_dense`: every row dense, no cascade group, a paged
         cache, and the variable-length attention available (flash on the GPU; the float path off it for tests)."""
         return (self.packed_prefill and not any(sparse) and not groups and hasattr(cache, "write_packed")
