@@ -33,6 +33,7 @@ def _inputs(dev, dtype, b=2, t=5, h=48, i=40, nh=3, nkv=1, d=16, seed=0):
     emb = torch.cat((freqs, freqs), -1)
     return dict(x=r(b, t, h), y=r(b, t, h), w=r(h), gate=gate_up[..., :i], up=gate_up[..., i:],
                 q=qkv[..., :nh * d].view(b, t, nh, d), k=qkv[..., nh * d:(nh + nkv) * d].view(b, t, nkv, d),
+                qk=qkv.view(b, t, nh + 2 * nkv, d)[:, :, :nh + nkv],
                 cos=emb.cos().to(dev), sin=emb.sin().to(dev))
 
 
@@ -49,7 +50,7 @@ def _check_all(dev, dtype, **shape):
     assert torch.equal(ops.add_scaled(x, y, 0.37), reference.add_scaled(x, y, 0.37))
     # exp: numpy's, libdevice's expf and ATen's CPU (vectorized) exp may differ in the last bit
     _ulp_close(ops.silu_mul(a["gate"], a["up"]), reference.silu_mul(a["gate"], a["up"]), ulps=4)
-    for name in ("q", "k"):  # strided views out of the fused q/k/v output, as the model passes them
+    for name in ("q", "k", "qk"):  # strided views out of the fused q/k/v output, as the model passes them
         assert torch.equal(ops.rotary(a[name], a["cos"], a["sin"]), reference.rotary(a[name], a["cos"], a["sin"]))
     _ulp_close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
     s, n = ops.add_rms_norm(x, y, 0.37, w, 1e-6)
@@ -79,7 +80,10 @@ def test_model_with_triton_ops_matches_eager():
         model.fuse_elementwise(backend="triton")
         assert model.model.layers[0].mlp.ops is triton_ops()
         got = model(ids)
+        model.fuse_projections()  # q and k rotated in one launch over their heads side by side
+        got_fused = model(ids)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_fused, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels

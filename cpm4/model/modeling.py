@@ -159,15 +159,20 @@ class Attention(nn.Module):
         self.qkv: torch.Tensor | None = None  # see fuse_projections
         self.gemv_in = self.gemv_out = None  # q/k/v and o: see MiniCPM4ForCausalLM.use_gemv
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (RoPE applied) and v, [B, T, heads, d] each. With the projections fused, q and k are rotated in
+        one call over their heads side by side (one launch a layer fewer; q and k come back as views)."""
         b, t, _ = x.shape
         if self.qkv is not None:
-            sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
-            q, k, v = (self.gemv_in or F.linear)(x, self.qkv).split(sizes, -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim),
-                v.view(b, t, self.n_kv, self.head_dim))
+            hq, hkv = self.n_heads, self.n_kv
+            y = (self.gemv_in or F.linear)(x, self.qkv).view(b, t, hq + 2 * hkv, self.head_dim)
+            qk = self.ops.rotary(y[:, :, :hq + hkv], cos, sin)
+            return qk[:, :, :hq], qk[:, :, hq:], y[:, :, hq + hkv:]
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin), v
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(x) if self.gemv_out is None else self.gemv_out(x, self.o_proj.weight)
@@ -186,8 +191,7 @@ class Attention(nn.Module):
         `pack` (multi-row prefill with a cache): x is [1, n, H], the batch's real tokens end to end; the
         result is laid out the same way."""
         b, t, _ = x.shape
-        q, k, v = self.project(x)
-        q, k = self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if docs is None and not getattr(cache, "decoding", False) and host is None:
             host = (starts.tolist(), new_lens.tolist())
         modes = None
