@@ -224,7 +224,7 @@ def main() -> None:
     reqs = workload(args.requests, cfg.vocab_size - 1)
     need = sum(len(p) + sp.max_tokens + 64 for p, sp in reqs)
     eng = build_engine(model, tok, need, args.requests, compile=args.compile)
-    eng.stream_text = False  # as LLM.generate and serving.py's offline row
+    eng.stream_text, eng.detokenize = False, False  # as LLM.generate and serving.py's offline row
     eng.warm_up()
     run(eng, [(p[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for p, _ in reqs], 0)
 

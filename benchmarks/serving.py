@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import RunWatch, covering_tokenizer, parse_engine_args, write_json  # noqa: E402
 
+from cpm4.engine.generate import finish_texts  # noqa: E402
 from cpm4.engine.paged import PagedKVCache, kv_budget_bytes, page_size_for  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.engine.scheduler import LLMEngine, host_kv_cache_tokens  # noqa: E402
@@ -104,8 +105,11 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
     try:
         sync(dev)
         t = time.perf_counter()
+        states = []
         for i, (p, sp) in enumerate(reqs):
-            eng.add_request(f"r{time.monotonic_ns()}-{i}", p, sp)
+            rid = f"r{time.monotonic_ns()}-{i}"
+            eng.add_request(rid, p, sp)
+            states.append(eng.by_id[rid].state)
         n = steps = 0
         after = False  # the step after a prefill step (its host waits for that step's GPU work)
         last = 0  # the previous decode step's rows
@@ -129,6 +133,7 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
             shapes.clear()
             rows[0] = 0
             steps += 1
+        finish_texts(states)  # the texts the engine left to its caller (`LLMEngine(detokenize=False)`)
         sync(dev)
         return time.perf_counter() - t, n
     finally:
@@ -299,10 +304,11 @@ def offline_rows(args, model, tok, cache: PagedKVCache, hi: int, base: float, ro
     reqs = [system_prompt(args, hi, i) + r for i, r in enumerate(reqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rnd.randint(100, 1024))
               for _ in range(args.requests)]
-    # stream_text=False: an offline batch reads its text at the end, as `LLM.generate` does.
+    # stream_text=False, detokenize=False: an offline batch reads its text at the end, as `LLM.generate` does
+    # (`run_engine` decodes the ended requests' texts together after the run, inside the timed span).
     eng = LLMEngine(model, tok, cache, max_batch_size=args.requests, chunk_tokens=args.chunk_tokens,
                     compile=args.compile, async_output=args.async_output, stream_text=False,
-                    cascade_decode=args.cascade_decode)
+                    cascade_decode=args.cascade_decode, detokenize=args.detokenize_in_steps)
     eng.warm_up()  # every decode graph bucket captured (and compiled) before timing
     run_engine(eng, [(r[:32], SamplingParams(max_tokens=4, ignore_eos=True)) for r in reqs])  # warm-up, kernels
     runs = []
@@ -376,6 +382,9 @@ def main() -> None:
                          "the median run, `repeats` lists each (the spread between runs of one process)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="prefill tokens per scheduler step")
+    ap.add_argument("--detokenize-in-steps", action="store_true",
+                    help="offline row: each ended request's text decoded inside the step loop, one at a time (as "
+                         "before LLM.generate left it to one batch after the run)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--kv-cache-tokens", type=int, default=None,
                     help="KV cache size in tokens of each engine (default: on CUDA from --gpu-memory-utilization, "

@@ -129,6 +129,35 @@ def test_extend_at_once_equals_add_id_by_id(tok: Tokenizer, monkeypatch) -> None
     assert clean_used >= 60, clean_used
 
 
+def test_finish_many_equals_each_alone(tok: Tokenizer) -> None:
+    """Ended sequences' texts decoded together (`finish_many`: one batch decode per skip setting) are each one's
+    `extend(last=True)` + `flush`, from any state (fresh, or after ids taken one by one, maybe mid-character),
+    for empty remainders too."""
+    rng = random.Random(11)
+    byte_id = _byte_ids(tok)
+    added = sorted(int(i) for i in tok.hf.backend_tokenizer.get_added_tokens_decoder())
+    for _ in range(12):
+        cases = []
+        for _ in range(rng.randint(1, 24)):
+            prompt = _script(rng, tok, byte_id, added, clean=rng.random() < 0.7)[-rng.randint(0, 8):]
+            before = _script(rng, tok, byte_id, added, rng.random() < 0.5) if rng.random() < 0.4 else []
+            rest = _script(rng, tok, byte_id, added, rng.random() < 0.5) if rng.random() < 0.9 else []
+            cases.append((prompt, before, rest, rng.random() < 0.6))
+
+        def started(cases=cases):
+            dets = [IncrementalDetokenizer(tok, p, skip) for p, _, _, skip in cases]
+            for d, (_, before, _, _) in zip(dets, cases):
+                for t in before:
+                    d.add(t)
+            return dets
+
+        alone = started()
+        want = [d.extend(rest, last=True) + d.flush() for d, (_, _, rest, _) in zip(alone, cases)]
+        together = started()
+        assert IncrementalDetokenizer.finish_many(together, [rest for _, _, rest, _ in cases]) == want, cases
+        assert [d.text for d in together] == [d.text for d in alone]
+
+
 def test_whole_decode_rule_by_decoder() -> None:
     assert build_tokenizer(512).whole_decode_rule == (frozenset(), True)
     sp = _sentencepiece()

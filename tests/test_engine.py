@@ -86,6 +86,18 @@ def test_preemption_keeps_outputs():
         assert res[f"r{i}"][1] == alone(model, p, params) and res[f"r{i}"][2] == "length"
 
 
+def test_token_slice_is_a_slice_of_the_tokens():
+    """What a step feeds a request (a prompt chunk, a resumed request's prompt and output) without joining them."""
+    from types import SimpleNamespace
+
+    from cpm4.engine.scheduler import EngineRequest
+
+    req = EngineRequest("r", [11, 12, 13], SimpleNamespace(generated=[14, 15]))
+    for a in range(6):
+        for b in range(a, 6):
+            assert req.token_slice(a, b) == req.tokens[a:b], (a, b)
+
+
 def test_prefix_pages_are_shared():
     model = random_model("tiny", dtype=torch.float32)
     cache = PagedKVCache(model.config, num_pages=64, page_size=16)
@@ -496,7 +508,10 @@ def test_host_block_table_follows_sequences():
 def test_text_at_the_end_equals_streamed_text():
     """stream_text=False (offline batches): requests without stop strings get their text in their last delta,
     detokenized once; ids, text and finish reasons equal the streamed ones, through stop tokens, max_tokens,
-    an abort (the text streamed so far) and stop strings (these still stream)."""
+    an abort (the text streamed so far) and stop strings (these still stream). With detokenize=False the engine
+    leaves those texts to the caller: `finish_texts` after the run gives the same."""
+    from cpm4.engine.generate import finish_texts
+
     model = random_model("tiny", dtype=torch.float32)
     ps = prompts(5, seed=7, lo=5, hi=40)
     params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
@@ -505,11 +520,14 @@ def test_text_at_the_end_equals_streamed_text():
               SamplingParams(temperature=0.9, seed=5, max_tokens=25, stop=["qqzz"]),
               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
     res = {}
-    for stream in (True, False):
+    for stream, detokenize in ((True, True), (False, True), (False, False)):
         cache = PagedKVCache(model.config, num_pages=100, page_size=16)
-        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, stream_text=stream)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=64, stream_text=stream,
+                        detokenize=detokenize)
+        states = []
         for i, (p, sp) in enumerate(zip(ps, params)):
             eng.add_request(f"r{i}", p, sp)
+            states.append(eng.by_id[f"r{i}"].state)
         out, texts, step = {}, {}, 0
         while eng.has_work():
             if step == 12:
@@ -522,12 +540,18 @@ def test_text_at_the_end_equals_streamed_text():
                 if d.text:
                     texts.setdefault(rid, []).append(d.finish_reason)
             step += 1
-        res[stream] = (out, texts)
-    assert res[False][0] == res[True][0]
-    assert res[True][0]["r2"][2] == "abort" and res[True][0]["r2"][0]
-    texts = res[False][1]
-    assert all(set(texts[f"r{i}"]) == {res[False][0][f"r{i}"][2]} for i in (0, 1, 2, 4))  # one piece, at the end
-    assert len(texts["r3"]) > 1  # stop strings: streamed
+        if not detokenize:
+            assert not any(f"r{i}" in texts for i in (0, 1, 2, 4))  # the engine decoded none of those
+            for i, text in enumerate(finish_texts(states)):
+                out[f"r{i}"][0] += text
+            assert finish_texts(states) == [""] * len(states)  # owed once
+            assert [st.text for st in states] == [out[f"r{i}"][0] for i in range(len(ps))]
+        res[stream, detokenize] = (out, texts)
+    assert res[False, True][0] == res[True, True][0] == res[False, False][0]
+    assert res[True, True][0]["r2"][2] == "abort" and res[True, True][0]["r2"][0]
+    texts = res[False, True][1]
+    assert all(set(texts[f"r{i}"]) == {res[False, True][0][f"r{i}"][2]} for i in (0, 1, 2, 4))  # one piece, at the end
+    assert len(texts["r3"]) > 1 and len(res[False, False][1]["r3"]) > 1  # stop strings: streamed
 
 
 def test_warm_up_without_graphs_is_a_no_op():

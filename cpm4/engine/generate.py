@@ -179,10 +179,13 @@ class SequenceState:
     """Per-sequence state of one generation: sampler, detokenizer, stop rules, generated tokens."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, device,
-                 context: int, eos_ids: list[int], stream_text: bool = True, vocab_size: int | None = None):
+                 context: int, eos_ids: list[int], stream_text: bool = True, vocab_size: int | None = None,
+                 detokenize: bool = True):
         """stream_text=False: nobody reads the text before the end (offline batches), so without stop
         strings the text is detokenized once, when the sequence ends, and returned with its last delta (the
-        same text in all: `IncrementalDetokenizer.extend`) instead of piece by piece every step.
+        same text in all: `IncrementalDetokenizer.extend`) instead of piece by piece every step; with
+        detokenize=False too, not even then: the caller takes it from `finish_texts` (several ended sequences
+        decoded together).
         vocab_size: the model's (its logits' width), needed when params carry a grammar (ValueError for a
         grammar that does not compile)."""
         self.params = params
@@ -204,6 +207,8 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.text = ""
         self.defer_text = not stream_text and not self.stops.stop
+        self.text_by_caller = self.defer_text and not detokenize
+        self.text_pending = False  # ended, its text left to `finish_texts`
         self._detok_upto = 0  # generated ids given to the detokenizer (deferred text)
 
     def step(self, token: int) -> tuple[str, list[int]]:
@@ -237,12 +242,11 @@ class SequenceState:
         if self.finish_reason is not None:
             return ""
         self.finish_reason = reason
+        if self.text_by_caller:
+            self.text_pending = True
+            return ""
         if self.defer_text:  # no stop strings then (see __init__)
-            text = ""
-            if self._detok_upto < len(self.generated):
-                text = self.detok.extend(self.generated[self._detok_upto:], last=True)
-                self._detok_upto = len(self.generated)
-            text += self.detok.flush()
+            return finish_texts([self])[0]
         else:
             text, stopped = self.stops.feed(delta + self.detok.flush())
             if not stopped:
@@ -251,6 +255,23 @@ class SequenceState:
                 self.finish_reason = "stop"
         self.text += text
         return text
+
+
+def finish_texts(states: Sequence[SequenceState]) -> list[str]:
+    """The text still owed by each ended sequence whose text was deferred (`SequenceState.defer_text`: decoded
+    at its end; `text_by_caller`: left to this call), every one decoded in one batch
+    (`IncrementalDetokenizer.finish_many`); '' for the others. Each state's `text` is complete after."""
+    owed = [i for i, st in enumerate(states) if st.defer_text and st.finish_reason is not None
+            and (st.text_pending or not st.text_by_caller)]
+    texts = IncrementalDetokenizer.finish_many([states[i].detok for i in owed],
+                                               [states[i].generated[states[i]._detok_upto:] for i in owed])
+    out = [""] * len(states)
+    for i, text in zip(owed, texts):
+        st = states[i]
+        st._detok_upto, st.text_pending = len(st.generated), False
+        st.text += text
+        out[i] = text
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

@@ -22,6 +22,7 @@ from .generate import (
     check_prompt,
     check_prompt_ids,
     context_length,
+    finish_texts,
     prompt_logprobs,
 )
 from .paged import page_size_for
@@ -136,9 +137,11 @@ class OfflineEngine:
         ps = page_size_for(self.model.config)
         if self.engine is None or self.engine.cache.num_pages * ps < tokens:
             self.engine = None  # free the old cache before allocating its successor
-            # Outputs are read once complete: text is detokenized at each request's end (stream_text=False).
+            # Outputs are read once complete: text is detokenized after the run, every ended request's at once
+            # (stream_text=False, detokenize=False; `finish_texts`).
             self.engine = build_engine(self.model, self.tokenizer, tokens, self.max_num_seqs, self.chunk_tokens,
                                        cuda_graphs=self.cuda_graphs, compile=self.compile, stream_text=False,
+                                       detokenize=False,
                                        max_model_len=self.max_model_len,
                                        enable_prefix_caching=self.enable_prefix_caching,
                                        cascade_decode=self.cascade_decode)
@@ -170,8 +173,10 @@ class OfflineEngine:
         outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
         bar = progress_bar(len(prompts)) if use_tqdm else None
         try:
+            states = []
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 engine.add_request(str(i), p, sp)
+                states.append(engine.by_id[str(i)].state)
             generated, t0 = 0, time.perf_counter()
             while engine.has_work():
                 done = 0
@@ -182,6 +187,8 @@ class OfflineEngine:
                 if bar is not None:
                     bar.set_postfix_str(f"output {generated / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
                     bar.update(done)
+            for o, text in zip(outs, finish_texts(states)):
+                o.text += text
         except BaseException:
             # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
             # with a fresh engine next call, as the server does.

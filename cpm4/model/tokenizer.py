@@ -674,17 +674,27 @@ class IncrementalDetokenizer:
         one id. Byte-level text splits after any whole character, so later `add`s give the same text from it;
         byte fallback's does not inside a run of byte ids that is not UTF-8, which a later id may start, so
         there only for the `last` ids."""
+        window = self._whole_window(new, last)
+        return None if window is None else self._take_whole(new, self._decode(window))
+
+    def _whole_window(self, new: list[int], last: bool) -> list[int] | None:
+        """The one window `_extend_whole` decodes, or None where it does not apply (before decoding)."""
         rule = self._tokenizer.whole_decode_rule
         if rule is None or not (last or rule[1]) or (rule[0] and not rule[0].isdisjoint(new)):
             return None
-        ids = self._ids
-        ro = self._read_offset
-        if ro != len(ids):  # ids held back from an earlier call: their partial character joins the new ones
-            return None
-        whole = self._decode(ids[self._prefix_offset:] + new)
+        if self._read_offset != len(self._ids):  # ids held back from an earlier call: their partial character
+            return None  # joins the new ones
+        return self._ids[self._prefix_offset:] + new
+
+    def _take_whole(self, new: list[int], whole: str) -> str | None:
+        """`_extend_whole` given its window's text: the new ids' text, the state advanced past them; None (state
+        untouched) where the text shows that one window does not give `extend`'s text."""
+        rule = self._tokenizer.whole_decode_rule
         if not whole.startswith(self._prefix_text) or whole.endswith("\ufffd") or (
                 not rule[1] and "\ufffd" in whole[len(self._prefix_text):]):
             return None  # a partial character at the end is held back: id by id
+        ids = self._ids
+        ro = self._read_offset
         text = whole[len(self._prefix_text):]
         ids.extend(new)
         self._prefix_offset, self._read_offset = ro, len(ids)
@@ -698,6 +708,31 @@ class IncrementalDetokenizer:
         if text:
             self._chunks.append(text)
         return text
+
+    @staticmethod
+    def finish_many(dets: Sequence[IncrementalDetokenizer], news: Sequence[Sequence[int]]) -> list[str]:
+        """`[d.extend(n, last=True) + d.flush() for d, n in zip(dets, news)]` (the rest of each ended sequence's
+        text), with the single windows of all of them decoded in one batch call per tokenizer and setting (the
+        fast backend decodes a batch on every core: 256 outputs of 100-1024 ids ≈ 27 ms on 2 cores against
+        ≈ 60 ms one by one)."""
+        news = [[int(t) for t in n] for n in news]
+        windows = [d._whole_window(n, True) if n else None for d, n in zip(dets, news)]
+        whole: dict[int, str] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, w in enumerate(windows):
+            if w is not None:
+                groups.setdefault((id(dets[i]._tokenizer), dets[i]._skip), []).append(i)
+        for rows in groups.values():
+            d0 = dets[rows[0]]
+            texts = d0._tokenizer.decode_batch([windows[i] for i in rows], skip_special_tokens=d0._skip)
+            whole.update(zip(rows, texts))
+        out = []
+        for i, (d, n) in enumerate(zip(dets, news)):
+            text = d._take_whole(n, whole[i]) if i in whole else None
+            if text is None:
+                text = d.extend(n, last=True)
+            out.append(text + d.flush())
+        return out
 
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character decodes as U+FFFD, as decode() does)."""
