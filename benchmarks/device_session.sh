@@ -224,6 +224,18 @@ packedprefill)  # carry ab_old (prepare 281de67): a packed multi-row step whose 
     grep -E -A4 "^kind" "${OUT:-/tmp}/packed.txt" | cut -c1-200
     grep -A22 "^prefill steps of" "${OUT:-/tmp}/packed.txt" | cut -c1-120
     ;;
+hostcuts)  # carry ab_old (prepare 791ddde): the offline row's ended texts decoded after the run in one batch (were
+    # 0.66 ms of each rows-changed step), q and k rotated in one launch, numpy-built prefill ids and block-table
+    # rows: GPU tests, the offline row old/new (3 runs each), then host ms by part and the prefill steps profiled
+    timeout 60 "$PY" -m pytest -p no:warnings -q -x tests/test_elementwise_triton.py 2>&1 | tail -2
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_packed_prefill.py tests/test_llm_engine.py \
+        tests/test_engine.py -k "not warm_up" 2>&1 | tail -3
+    timeout 330 bash benchmarks/ab_serving.sh run 1 --compile --repeat 3
+    timeout 170 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 \
+        --tag=-hostcuts --out "${OUT:-benchmarks/results}" > "${OUT:-/tmp}/hostcuts.txt" 2>&1
+    grep -E -A4 "^kind" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-200
+    grep -A20 "^prefill steps of" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-120
+    ;;
 detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
     "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \
