@@ -87,6 +87,21 @@ def test_packed_step_not_taken_for_sparse_rows(monkeypatch):
         torch.testing.assert_close(got[i], model(torch.tensor([p]))[0].float(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cached", [[0, 0, 0], [0, 21, 9]])
+def test_packed_step_keeps_batch_continuing_rows_off(monkeypatch, cached):
+    """batch_continuing_rows=False (row by row, the peer of the batched paths) holds for a packed step too: rows
+    after cached tokens keep the padded path; rows all from their start still pack. Logits as whole prompts."""
+    model = random_model("tiny", dtype=torch.float64)
+    ps = prompts(3, seed=64, lo=30, hi=70)
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "batch_continuing_rows", False)
+    calls = _count_packed(monkeypatch)
+    got, _ = _step(model, ps, cached)
+    assert len(calls) == (0 if any(cached) else model.config.num_hidden_layers)
+    for i, (p, c) in enumerate(zip(ps, cached)):
+        torch.testing.assert_close(got[i], model(torch.tensor([p]))[0, c:].float(), rtol=1e-6, atol=1e-6)
+
+
 def test_engine_burst_through_packed_steps_equals_alone(monkeypatch):
     """A burst of prompts of different lengths prefilled in packed steps (chunks cutting some prompts, so later
     steps continue them beside fresh ones): each request's greedy tokens are those of the request alone."""

@@ -198,7 +198,7 @@ class Attention(nn.Module):
         if pack is not None:
             b, t = pack.rows, pack.t
             modes = self._row_modes(cache, q, host)
-            if self._packed_ok(q, cache, modes[1], modes[2]):
+            if self._packed_ok(q, cache, modes[1], modes[2], any(host[0])):
                 # Every row dense, no cascade: one variable-length call on the packed tokens as they are.
                 out = self._packed_dense(q, k, v, host, modes[0], cache)
                 return self._out(out.reshape(1, -1, self.n_heads * self.head_dim))
@@ -300,11 +300,13 @@ class Attention(nn.Module):
         sparse = [sc is not None and n > 0 and sc.is_sparse(max(L, w)) for n, L, w in zip(h_new, kv_lens, whole)]
         return kv_lens, sparse, self._cascade_groups(cache, q, h_new, sparse)
 
-    def _packed_ok(self, q: torch.Tensor, cache, sparse: list[bool], groups: list[tuple[list[int], int]]) -> bool:
+    def _packed_ok(self, q: torch.Tensor, cache, sparse: list[bool], groups: list[tuple[list[int], int]],
+                   continuing: bool) -> bool:
         """Whether a packed multi-row step takes `_packed_dense`: every row dense, no cascade group, a paged
-        cache, and the variable-length attention available (flash on the GPU; the float path off it for tests)."""
+        cache, and the variable-length attention available (flash on the GPU; the float path off it for tests);
+        rows that continue cached tokens (`continuing`) only while `batch_continuing_rows` takes them together."""
         return (self.packed_prefill and not any(sparse) and not groups and hasattr(cache, "write_packed")
-                and (varlen_flash_ok(q) or self.varlen_on_cpu))
+                and (varlen_flash_ok(q) or self.varlen_on_cpu) and (self.batch_continuing_rows or not continuing))
 
     def _packed_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, host: tuple[list[int], list[int]],
                       kv_lens: list[int], cache) -> torch.Tensor:
