@@ -236,6 +236,18 @@ hostcuts)  # carry ab_old (prepare 791ddde): the offline row's ended texts decod
     grep -E -A4 "^kind" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-200
     grep -A20 "^prefill steps of" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-120
     ;;
+apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
+    # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
+    # alternated
+    wheels
+    timeout 60 "$PY" -m pytest -p no:warnings -q -x tests/test_elementwise_triton.py 2>&1 | tail -2
+    timeout 240 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_packed_prefill.py tests/test_llm_engine.py \
+        tests/test_engine.py tests/test_serve_process.py 2>&1 | tail -3
+    for side in --api-detokenize --no-api-detokenize; do
+        timeout 200 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+            --engine-process $side --tag="-${side#--}" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^http|^decode"
+    done
+    ;;
 detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
     "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \

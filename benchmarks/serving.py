@@ -255,7 +255,7 @@ def http_row(args, model, tok, creqs, dev) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="cpm4-serving-")
         save_checkpoint(model, model.config, f"{tmp.name}/model", tokenizer=tok, overwrite=True)
         aeng = ProcessEngine(f"{tmp.name}/model", device=str(dev), dtype=str(model.dtype).removeprefix("torch."),
-                             **options)
+                             api_detokenize=args.api_detokenize, **options)
     else:
         aeng = AsyncEngine(model, tok, **options)
     try:
@@ -403,6 +403,10 @@ def main() -> None:
     ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                     help="the http row's engine in a child process (ProcessEngine; default as `cpm4 serve`'s: "
                     "on CUDA)")
+    ap.add_argument("--api-detokenize", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --engine-process: the server's process decodes the text of requests without stop "
+                         "strings from their ids (ProcessEngine's api_detokenize, the default); --no-api-detokenize: "
+                         "the engine process does, every running request every step")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for this process (Python's default 5 ms): how long the engine "
                     "thread may wait for the GIL while the HTTP loop runs Python")
@@ -557,7 +561,7 @@ def main() -> None:
             args.engine_process = default_engine_process(dev)
         m = http_row(args, model, tok, creqs, dev)
         name = "http" if args.http_client == "openai" else f"http-{args.http_client}"
-        name += "-proc" if args.engine_process else ""
+        name += ("-proc" + ("" if args.api_detokenize else "-enginetext")) if args.engine_process else ""
         row(f"{name}.{args.clients}", m["wall_s"], m["tokens"], base, mean_ttft_ms=round(m["ttft_ms"], 1),
             mean_tbt_ms=round(m["tbt_ms"], 2), short_outputs=m["short"], usage_missing=m["usage_missing"],
             text_chunks=m["text_chunks"], switch_interval_ms=1000 * sys.getswitchinterval(),

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpm4.engine.generate import SequenceState
+from cpm4.engine.generate import DetachedText, SequenceState
 from cpm4.engine.sampling import SamplingParams, sample_batch
 from cpm4.model.tokenizer import IM_END, IncrementalDetokenizer, Tokenizer, build_tokenizer
 
@@ -149,10 +149,12 @@ def _stops(rng: random.Random, text: str) -> list[str]:
 
 
 def _run(t: Tok, prompt: list[int], script: list[int], params: SamplingParams, context: int, stream: bool,
-         min_fallback: int | None):
+         min_fallback: int | None, detokenize: bool = True, per_step: list | None = None):
     """Feed the script through step one id at a time (through the real sampler when min_tokens is set);
-    a script that runs out is aborted. Returns (deltas, token ids, finish reason)."""
-    st = SequenceState(list(prompt), params, t.tok, "cpu", context, t.eos, stream_text=stream, vocab_size=t.vocab)
+    a script that runs out is aborted. Returns (deltas, token ids, finish reason); `per_step` gets each step's
+    (ids, finish reason)."""
+    st = SequenceState(list(prompt), params, t.tok, "cpu", context, t.eos, stream_text=stream, vocab_size=t.vocab,
+                       detokenize=detokenize)
     deltas: list[str] = []
     ids: list[int] = []
     for tid in script:
@@ -166,10 +168,14 @@ def _run(t: Tok, prompt: list[int], script: list[int], params: SamplingParams, c
         text, toks = st.step(tid)
         deltas.append(text)
         ids += toks
+        if per_step is not None:
+            per_step.append((toks, st.finish_reason))
         if st.finish_reason is not None:
             break
     else:
         deltas.append(st.finish("abort"))
+        if per_step is not None:
+            per_step.append(([], "abort"))
     assert st.finish(st.finish_reason or "abort") == ""  # ended once
     assert st.text == "".join(deltas)
     return deltas, ids, st.finish_reason
@@ -220,6 +226,37 @@ def test_stream_matches_naive_reference(tok: Tok) -> None:
         assert ("".join(d2), ids2, reason2) == (final, ids, reason), why
         if not params.stop:
             assert not any(d2[:-1]), why
+
+
+def test_detached_text_matches_the_engines(tok: Tok) -> None:
+    """An engine that sends ids without text (SequenceState(stream_text=False, detokenize=False): a server's engine
+    process) and the reading process decoding them (`DetachedText`), steps' deltas joined at random (a reader
+    behind the engine): the same text as the engine's own, streamed as prefixes of it, or all at the end."""
+    rng = random.Random(4321)
+    checked = 0
+    for trial in range(1200):
+        prompt, script, params, context, fallback, (ref_ids, ref_text, ref_reason) = _case(rng, tok)
+        if params.stop:
+            with pytest.raises(ValueError, match="stop strings"):
+                DetachedText(tok.tok, prompt, params, tok.eos, True)
+            continue
+        steps: list = []
+        d, ids, reason = _run(tok, prompt, script, params, context, False, fallback, detokenize=False, per_step=steps)
+        assert not any(d) and (ids, reason) == (ref_ids, ref_reason), trial  # no text from the engine
+        joined = []
+        for step_ids, fin in steps:
+            if joined and joined[-1][1] is None and rng.random() < 0.4:
+                joined[-1] = (joined[-1][0] + list(step_ids), fin)
+            else:
+                joined.append((list(step_ids), fin))
+        for stream in (True, False):
+            det = DetachedText(tok.tok, prompt, params, tok.eos, stream)
+            pieces = [det.take(i, f) for i, f in joined]
+            assert "".join(pieces) == ref_text, (trial, script, params, stream)
+            if not stream:
+                assert not any(pieces[:-1]), trial
+        checked += 1
+    assert checked > 200, checked  # cases without stop strings: about a quarter
 
 
 def test_detokenizer_prefix_and_no_split_characters(tok: Tok) -> None:

@@ -91,15 +91,29 @@ def _requests(client):
 
 def test_process_engine_serves_as_the_thread_engine(ckpt, proc_engine):
     """The same requests, concurrently, through a server on each engine: equal greedy outputs, logprobs and
-    usage; /health and the engine's counters from the child."""
+    usage; /health and the engine's counters from the child. The child sends no text for requests without stop
+    strings (this process decodes their ids: api_detokenize), and text for those with them."""
     from cpm4.llm import LLM
 
     llm = LLM(ckpt, device="cpu", dtype="float32")
     ref_eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4)
     srv, ref_srv = _Server(create_app(proc_engine, MODEL)), _Server(create_app(ref_eng, MODEL))
+    wire: dict[bool, list[str]] = {True: [], False: []}  # texts the child sent, by whether this process decodes
+    deliver = proc_engine._deliver
+
+    def spy(msgs):
+        for rid, payload in msgs:
+            req = proc_engine._requests.get(rid)
+            if req is not None and isinstance(payload, tuple):
+                wire[req.detached is not None].append(payload[0])
+        deliver(msgs)
+
+    proc_engine._deliver = spy
     try:
         got, want = _requests(_client(srv)), _requests(_client(ref_srv))
         assert got == want, (got, want)
+        assert wire[True] and not any(wire[True])  # ids only
+        assert any(wire[False])  # the stop-string request: text from the child
         assert all(n == 9 for _, n in got[:4])
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         assert proc_engine.num_running == 0 and proc_engine.num_waiting == 0
@@ -112,6 +126,7 @@ def test_process_engine_serves_as_the_thread_engine(ckpt, proc_engine):
         assert used[0].prompt_tokens_details.cached_tokens == 0
         assert used[1].prompt_tokens_details.cached_tokens > 0
     finally:
+        del proc_engine._deliver
         srv.stop()
         ref_srv.stop()
         ref_eng.shutdown()

@@ -200,7 +200,7 @@ class SequenceState:
 
             # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
             self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
-        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
+        self.stop_ids = stop_ids(params, eos_ids)
         self.sampler = Sampler(params, device, self.matcher, self.stop_ids, bad_word_ids(tokenizer, params.bad_words))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
@@ -255,6 +255,43 @@ class SequenceState:
                 self.finish_reason = "stop"
         self.text += text
         return text
+
+
+def stop_ids(params: SamplingParams, eos_ids: Sequence[int]) -> set[int]:
+    """The ids that end a sequence when sampled: its stop_token_ids and, unless ignore_eos, the EOS ids. Part of
+    the output's ids, not of its text."""
+    return set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
+
+
+class DetachedText:
+    """The text of a sequence whose engine sends only its token ids (`SequenceState(stream_text=False,
+    detokenize=False)`: a server's engine process, which leaves detokenizing to the API process as vLLM's engine
+    core does): the same text `SequenceState` gives, built from the deltas' ids. Only for sequences without stop
+    strings (those need the text inside the engine). stream: text with every delta (else all with the last)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 eos_ids: Sequence[int], stream: bool):
+        if params.stop:
+            raise ValueError("a sequence with stop strings is detokenized by its engine")
+        self.detok = IncrementalDetokenizer(tokenizer, list(prompt_ids), params.skip_special_tokens)
+        self.stop_ids = stop_ids(params, eos_ids)
+        self.stream = stream
+        self._held: list[int] = []  # ids not decoded yet (not streamed)
+
+    def take(self, token_ids: Sequence[int], finish_reason: str | None) -> str:
+        """The text of one delta's ids (a trailing stop id has none, as in `SequenceState.step`); at the end the
+        rest held back."""
+        ids = list(token_ids)
+        if finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids.pop()
+        if not self.stream:
+            self._held += ids
+            if finish_reason is None:
+                return ""
+            ids, self._held = self._held, []
+            return IncrementalDetokenizer.finish_many([self.detok], [ids])[0]
+        text = self.detok.extend(ids)
+        return text + self.detok.flush() if finish_reason is not None else text
 
 
 def finish_texts(states: Sequence[SequenceState]) -> list[str]:

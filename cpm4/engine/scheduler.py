@@ -185,9 +185,10 @@ class LLMEngine:
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    stream_text: bool | None = None) -> None:
+                    stream_text: bool | None = None, detokenize: bool | None = None) -> None:
         """Queue a request. stream_text: this request's text every step (True) or at its end (False); default
-        the engine's `stream_text`.
+        the engine's `stream_text`. detokenize: with stream_text=False, whether the engine decodes that text at
+        all (see `LLMEngine`); default the engine's `detokenize`.
 
         The prompt is checked as every front end checks it (`check_prompt_ids`: ids in the vocabulary, numpy
         integers converted, room for one token in the context and in the whole cache), so a bad one fails here
@@ -202,7 +203,8 @@ class LLMEngine:
         state = SequenceState(prompt_ids, params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids,
                               stream_text=self.stream_text if stream_text is None else stream_text,
-                              vocab_size=self.model.config.vocab_size, detokenize=self.detokenize)
+                              vocab_size=self.model.config.vocab_size,
+                              detokenize=self.detokenize if detokenize is None else detokenize)
         # A grammar's mask for the next token depends on the last one, min_tokens on the count of tokens read
         # back, bad words on the last tokens: guided, min_tokens and bad_words rows step synchronously too.
         req = EngineRequest(request_id, prompt_ids, state,

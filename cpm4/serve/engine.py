@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cpm4.engine.generate import (
+    DetachedText,
     PromptTooLongError,
     StreamDelta,
     TokenLogprob,
@@ -88,6 +89,10 @@ class _Request:
     # False: the reader takes the text only at the end (a response that is not streamed), so the engine decodes
     # it once when the request ends instead of id by id every step (`LLMEngine.add_request`'s stream_text).
     stream_text: bool = True
+    # False: the engine sends this request's token ids without text (`LLMEngine.add_request`'s detokenize); the
+    # process that reads them decodes it (`ProcessEngine`, which passes stream_text=False with it).
+    detokenize: bool = True
+    detached: DetachedText | None = None  # what the reader of such a request's ids decodes them with
 
 
 def _join(a: StreamDelta, b: StreamDelta) -> StreamDelta:
@@ -456,7 +461,8 @@ class AsyncEngine:
                 self._waiting.clear()
             for req in new:
                 try:
-                    sched.add_request(req.request_id, req.prompt_ids, req.params, stream_text=req.stream_text)
+                    sched.add_request(req.request_id, req.prompt_ids, req.params, stream_text=req.stream_text,
+                                      detokenize=req.detokenize)
                     active[req.request_id] = req
                 except Exception as err:  # noqa: BLE001 - whatever one request's set-up raises fails it alone
                     with self._cond:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob, context_length
+from cpm4.engine.generate import DetachedText, PromptTooLongError, StreamDelta, TokenLogprob, context_length
 from cpm4.engine.scheduler import cache_capacity
 from cpm4.model.config import MiniCPM4Config
 from cpm4.model.hub import resolve_model_dir
@@ -105,8 +105,10 @@ class _ChildEngine(AsyncEngine):
         except (OSError, EOFError):  # the parent is gone; the main thread shuts down on its own
             pass
 
-    def add(self, request_id: str, prompt_ids: list[int], params: Any, stream_text: bool = True) -> None:
-        self._submit(_Request(request_id, prompt_ids, params, None, None, stream_text=stream_text))
+    def add(self, request_id: str, prompt_ids: list[int], params: Any, stream_text: bool = True,
+            detokenize: bool = True) -> None:
+        self._submit(_Request(request_id, prompt_ids, params, None, None, stream_text=stream_text,
+                              detokenize=detokenize))
 
     def _die(self, reason: str) -> None:
         super()._die(reason)  # the requests' errors go first
@@ -177,10 +179,16 @@ class ProcessEngine(AsyncEngine):
     gpu_memory_utilization, async_output, max_model_len, cpu_threads, continuous). Blocks until the model is
     loaded (a failed load raises RuntimeError with the child's error); the decode graphs are captured after,
     while requests queue. The child is spawned (CUDA cannot be forked), so a script that makes one needs the
-    usual `if __name__ == "__main__":` guard around its entry point."""
+    usual `if __name__ == "__main__":` guard around its entry point.
+
+    api_detokenize: this process turns the token ids of requests without stop strings into their text
+    (`DetachedText`, in the thread that reads the child's messages), as vLLM's API server does for its engine core:
+    the child's step loop no longer decodes every running request's new id every step. The text is the same;
+    requests with stop strings (and the plain-loop mode, continuous=False) are decoded in the child."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-                 tokenizer: Tokenizer | None = None, start_timeout: float | None = None, **engine_kwargs: Any) -> None:
+                 tokenizer: Tokenizer | None = None, start_timeout: float | None = None, api_detokenize: bool = True,
+                 **engine_kwargs: Any) -> None:
         path = os.fspath(resolve_model_dir(model_dir))  # a Hub id is fetched here, not in the child
         self.config = MiniCPM4Config.from_json(os.path.join(path, "config.json"))
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
@@ -195,6 +203,7 @@ class ProcessEngine(AsyncEngine):
         self.vocab_size = self.config.vocab_size
         self.max_batch_size = options["max_batch_size"]
         self.continuous = options["continuous"]
+        self.api_detokenize = api_detokenize and self.continuous
         self.model = None  # in the child
         self._init_front()
         self._stats = _NO_STATS
@@ -262,8 +271,14 @@ class ProcessEngine(AsyncEngine):
             self._register(req)
         # Sent without the lock: a send blocks while the pipe is full, and the reader, which empties the child's
         # pipe (so that the child reads ours again), needs the lock to deliver.
+        stream_text = req.stream_text
+        if self.api_detokenize and not req.params.stop:
+            # The child sends ids only (no text, not even at the end): this process decodes them (`_deliver`).
+            req.detached = DetachedText(self.tokenizer, req.prompt_ids, req.params, self.config.eos_token_ids,
+                                        req.stream_text)
+            req.detokenize = stream_text = False
         try:
-            self._send(("add", req.request_id, req.prompt_ids, req.params, req.stream_text))
+            self._send(("add", req.request_id, req.prompt_ids, req.params, stream_text, req.detokenize))
         except BaseException as err:
             with self._cond:
                 self._requests.pop(req.request_id, None)
@@ -357,6 +372,8 @@ class ProcessEngine(AsyncEngine):
             if req is None:
                 continue
             item = _decode(payload)
+            if req.detached is not None and isinstance(item, StreamDelta):
+                item.text = req.detached.take(item.token_ids, item.finish_reason)
             out.append((req, item))
             if item is _END:
                 with self._cond:
