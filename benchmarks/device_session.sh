@@ -248,6 +248,15 @@ apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_contin
             --engine-process $side --tag="-${side#--}" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^http|^decode"
     done
     ;;
+apidetok2)  # carry .wheels/py312: the model's GPU tests (q and k rotated in one launch), then apidetok's http pair
+    # again in the other order
+    wheels
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_model.py tests/test_gpu.py 2>&1 | tail -2
+    for side in --no-api-detokenize --api-detokenize; do
+        timeout 200 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --http --skip offline --skip server \
+            --engine-process $side --tag="-r2-${side#--}" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^http|^decode"
+    done
+    ;;
 detok)  # a finished output's detokenizing on the device's host (5.3 ms a rows-changed step in stalls), rayon on / off
     "$PY" benchmarks/detok_speed.py --tag="${TAG:-}" --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     TOKENIZERS_PARALLELISM=false "$PY" benchmarks/detok_speed.py --tag="${TAG:-}-serial" \
