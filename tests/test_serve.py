@@ -259,9 +259,9 @@ def test_responses_not_streamed_take_their_text_at_the_end(client, monkeypatch):
     seen: dict[str, bool] = {}
     add = LLMEngine.add_request
 
-    def spy(self, request_id, prompt_ids, params, stream_text=None):
+    def spy(self, request_id, prompt_ids, params, stream_text=None, **kw):
         seen[request_id] = stream_text
-        return add(self, request_id, prompt_ids, params, stream_text=stream_text)
+        return add(self, request_id, prompt_ids, params, stream_text=stream_text, **kw)
 
     monkeypatch.setattr(LLMEngine, "add_request", spy)
 
