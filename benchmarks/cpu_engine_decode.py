@@ -5,11 +5,13 @@ the same run, through `LLMEngine` on the bundled demo model (dense_len 512).
     python benchmarks/cpu_engine_decode.py [--rows 4 8] [--length 1000]
     python benchmarks/cpu_engine_decode.py --peer table-gather --length 400 1000
     python benchmarks/cpu_engine_decode.py --peer token-gather --length 1000 2000 4000
+    python benchmarks/cpu_engine_decode.py --peer unfused --rows 1 4 8 --length 100 1000
 
 --peer picks what the same engine runs as the peer: per-row (default: one InfLLM v2 pass per row), table-gather
 (the page gather indexing the cache by the 2-D block table, the earlier form of `PagedBatch.gather`; dense or
 sparse rows), token-gather (stage 4 of the one-pass decode always gathering each row's selected tokens, never
-the dense pass masked by the selection: `cpu.DENSE_FRACTION = 0`).
+the dense pass masked by the selection: `cpu.DENSE_FRACTION = 0`), unfused (the model's separate q/k/v and
+gate/up weights, `LLMEngine.fuse_weights = False`, against the one fused GEMM each; dense or sparse rows).
 
 Prompts of --length random tokens, greedy, 60 new tokens each; ms per decode step (prefill excluded). Both
 produce the same tokens (checked). Prints a table, writes benchmarks/results/cpu_engine_decode-<date>.json.
@@ -93,25 +95,33 @@ def table_gather():
     return lambda: setattr(PagedBatch, "gather", ours)
 
 
+def unfused(model):
+    """The engine on the model's separate q/k/v and gate/up weights (`LLMEngine.fuse_weights` off)."""
+    LLMEngine.fuse_weights = False
+    model.unfuse_projections()
+    return lambda: setattr(LLMEngine, "fuse_weights", True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/cpm4-demo")
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--length", type=int, nargs="+", default=[1000])
-    ap.add_argument("--peer", choices=["per-row", "table-gather", "token-gather"], default="per-row")
+    ap.add_argument("--peer", choices=["per-row", "table-gather", "token-gather", "unfused"], default="per-row")
     ap.add_argument("--new-tokens", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = load_checkpoint(args.model, dtype=torch.float32)
     sc = model.config.sparse_config
-    if args.peer != "table-gather" and (sc is None or not all(sc.is_sparse(n) for n in args.length)):
+    if args.peer not in ("table-gather", "unfused") and (sc is None or not all(sc.is_sparse(n) for n in args.length)):
         ap.error(f"--length {args.length} is not past the model's dense_len: no InfLLM v2 rows to measure")
     tok = covering_tokenizer(model.config.vocab_size)
     rnd = random.Random(0)
     rows = []
     what, peer_name, patch = {"per-row": ("one pass", "per row", sparse_per_row),
                               "table-gather": ("gather", "2-D index", table_gather),
-                              "token-gather": ("ours", "token gather", token_gather)}[args.peer]
+                              "token-gather": ("ours", "token gather", token_gather),
+                              "unfused": ("fused", "unfused", lambda: unfused(model))}[args.peer]
     print(f"{'rows':>5s} {'length':>7s} {what + ' ms/step':>17s} {peer_name + ' ms/step':>17s} {'speed-up':>9s}")
     for length in args.length:
         kind = "sparse" if sc is not None and sc.is_sparse(length) else "dense"
@@ -122,7 +132,7 @@ def main() -> None:
                          "peer_ms": round(peer, 2), "speedup": round(peer / ours, 2)})
             print(f"{n:5d} {length:7d} {ours:17.2f} {peer:17.2f} {peer / ours:8.2f}x")
     name = {"per-row": "cpu_engine_decode", "table-gather": "cpu_engine_gather",
-            "token-gather": "cpu_engine_stage4"}[args.peer]
+            "token-gather": "cpu_engine_stage4", "unfused": "cpu_engine_fused"}[args.peer]
     write_rows(name, cpu_device(), rows, args.out, model=args.model)
 
 

@@ -86,6 +86,20 @@ def test_preemption_keeps_outputs():
         assert res[f"r{i}"][1] == alone(model, p, params) and res[f"r{i}"][2] == "length"
 
 
+def test_engine_fuses_projections_on_any_device():
+    """The engine runs q/k/v and gate/up as one GEMM each on the CPU too (fewer op dispatches); its tokens are
+    those of the model before fusing."""
+    model = random_model("tiny", dtype=torch.float32)
+    p = prompts(1, seed=3, lo=20, hi=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = alone(model, p, params)
+    assert model.model.layers[0].self_attn.qkv is None
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    assert all(layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers)
+    eng.add_request("r", p, params)
+    assert eng.run_to_completion()["r"][1] == want
+
+
 def test_token_slice_is_a_slice_of_the_tokens():
     """What a step feeds a request (a prompt chunk, a resumed request's prompt and output) without joining them."""
     from types import SimpleNamespace

@@ -127,6 +127,44 @@ def test_bad_input_ids_rejected():
         assert cache.lens.tolist() == [0, 0]
 
 
+def test_fuse_projections_leaves_replaced_modules():
+    """A layer whose projections are not plain bias-free nn.Linear (a quantized or float8 module put in their
+    place) keeps them: nothing fused there, its logits unchanged; the other layers fuse."""
+    from torch import nn
+
+    class Replaced(nn.Linear):  # stands for a module with its own forward
+        pass
+
+    model = random_model("tiny", sparse_config=None)
+    old = model.model.layers[0].self_attn.k_proj
+    new = Replaced(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+    new.weight = old.weight
+    model.model.layers[0].self_attn.k_proj = new
+    ids = torch.randint(3, 500, (1, 11), generator=torch.Generator().manual_seed(2))
+    ref = model(ids)
+    model.fuse_projections()
+    assert model.model.layers[0].self_attn.qkv is None and model.model.layers[0].mlp.gate_up is not None
+    assert model.model.layers[1].self_attn.qkv is not None
+    torch.testing.assert_close(model(ids), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_unfuse_projections_round_trip():
+    """unfuse_projections: separate weights again (own storage, the fused values), the same logits; fusing again
+    works; twice is fine."""
+    model = random_model("tiny", sparse_config=None, num_mtp_layers=1)
+    ids = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(4))
+    ref = model(ids)
+    model.fuse_projections()
+    model.unfuse_projections()
+    model.unfuse_projections()
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv is None and model.mtp[0].layer.mlp.gate_up is None
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)
+    model.fuse_projections()
+    torch.testing.assert_close(model(ids), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_projections_same_logits_and_checkpoint(tmp_path):
     """fuse_projections: one q/k/v and one gate/up weight per layer, the separate parameters views into them;
     logits unchanged (float64), weights follow dtype casts and loads, the checkpoint saves and reloads."""

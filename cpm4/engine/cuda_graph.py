@@ -62,7 +62,6 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model = model
-        model.fuse_projections()  # one GEMV for q/k/v and one for gate/up: fewer, larger kernels per layer
         self.init_buffers(cache, max_batch, width, model.device)
         self.step = model
         if compile:

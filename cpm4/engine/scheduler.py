@@ -91,6 +91,11 @@ def fill_holes(keep: list[int]) -> list[int]:
 
 
 class LLMEngine:
+    # One GEMM for q/k/v and one for gate/up a layer (`fuse_projections`), q and k rotated in one call: fewer,
+    # larger kernels on the GPU, fewer op dispatches on the CPU (benchmarks/cpu_engine_decode.py --peer unfused).
+    # False: the model's projections as they are (the benchmark's peer).
+    fuse_weights = True
+
     def __init__(self, model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, cache: PagedKVCache,
                  max_batch_size: int = 32, chunk_tokens: int | None = None, paged_decode: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
@@ -164,6 +169,8 @@ class LLMEngine:
         if cuda_graphs and not paged_decode:
             raise ValueError("cuda_graphs needs paged_decode (the gathering path synchronises with the host)")
         cache.cascade_decode = cascade_decode  # None leaves paged.CASCADE_DECODE to decide
+        if self.fuse_weights:  # before any graph is captured (they read the fused weights)
+            model.fuse_projections()
         if elementwise is None:
             elementwise = "triton" if cache.device.type == "cuda" else None
         if elementwise is not None:  # before the decode graphs are captured

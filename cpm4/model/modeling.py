@@ -618,6 +618,8 @@ class MiniCPM4ForCausalLM(nn.Module):
             for owner, attr, mods in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
                                       (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
                 lins = [getattr(owner, m) for m in mods]
+                if not all(type(lin) is nn.Linear and lin.bias is None for lin in lins):
+                    continue  # replaced modules (quantized, float8 training) keep their own forward
                 fused = getattr(owner, attr)
                 if fused is not None and all(lin.weight.untyped_storage().data_ptr()
                                              == fused.untyped_storage().data_ptr() for lin in lins):
@@ -655,6 +657,21 @@ class MiniCPM4ForCausalLM(nn.Module):
         if fused:
             self.fuse_projections()
         return out
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        """Undo `fuse_projections`: each projection its own weight again (copied out of the fused tensor), the fused
+        weights dropped. Idempotent."""
+        layers = list(self.model.layers) + [m.layer for m in getattr(self, "mtp", [])]
+        for layer in layers:
+            for owner, attr, mods in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
+                                      (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
+                if getattr(owner, attr) is None:
+                    continue
+                for m in mods:
+                    lin = getattr(owner, m)
+                    lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=lin.weight.requires_grad)
+                setattr(owner, attr, None)
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
