@@ -156,6 +156,30 @@ def test_top_p_matches_reference():
         torch.testing.assert_close(out[i][kept], (logits[i] / temps[i])[kept])
 
 
+@pytest.mark.parametrize("scales", [[0.5, 8.0, 1.0, 12.0, 4.0, 0.2, 6.0, 2.0], [10.0] * 4, [0.3] * 4])
+def test_top_p_candidates_match_reference(monkeypatch, scales):
+    """On the CPU the nucleus is looked for among the TOP_P_CANDIDATES most likely tokens first: rows whose nucleus
+    is wider (flat rows) sort in full. Mixed, all narrow, all wide: each row's kept set is the float64 reference's
+    and the whole output that of the full sort."""
+    from cpm4.engine import sampling
+
+    b, v = len(scales), 3000
+    g = torch.Generator().manual_seed(17)
+    logits = torch.randn(b, v, generator=g) * torch.tensor(scales)[:, None]
+    params = [SamplingParams(top_p=p, temperature=1.0) for p in [0.5, 0.9, 0.95, 0.8, 0.99, 0.7, 0.9, 0.6][:b]]
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 64)
+    out = process_logits(logits, params, [[]] * b)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 10**9)
+    assert torch.equal(out, process_logits(logits, params, [[]] * b))
+    for i in range(b):
+        ref, margin = _ref_nucleus(logits[i].double().numpy(), params[i].top_p)
+        assert margin > 1e-6
+        assert set(torch.isfinite(out[i]).nonzero().flatten().tolist()) == ref, i
+    kept = torch.isfinite(out).sum(-1)
+    if len(set(scales)) > 1:
+        assert (kept <= 64).any() and (kept > 64).any()  # both ways taken
+
+
 def test_top_p_keeps_at_least_one():
     logits = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
     out = process_logits(logits, [SamplingParams(top_p=1e-6)], [[]])

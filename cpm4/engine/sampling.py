@@ -398,17 +398,43 @@ def _top_k(x: Tensor, ks: list[int], kth_idx: Tensor | None = None) -> None:
     x.masked_fill_(x < kth, float("-inf"))
 
 
-def _top_p(x: Tensor, ps: list[float], col: Tensor | None = None) -> None:
-    probs = torch.softmax(x, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # Mass strictly before each sorted token; a token is kept while that mass is still < top_p,
-    # which yields the smallest prefix reaching top_p and always keeps the first token.
+# On the CPU a row's nucleus is first looked for among its this many most likely tokens: a top-k of them costs
+# ≈ 0.6 ms on a 73K vocabulary against ≈ 5.6 ms for sorting all of it. Rows whose nucleus is wider sort in full.
+TOP_P_CANDIDATES = 1024
+
+
+def _nucleus_drop(sorted_p: Tensor, p: Tensor) -> Tensor:
+    """Which of each row's tokens, sorted by probability (descending), top-p drops: a token is kept while the mass
+    strictly before it is still < p, which yields the smallest prefix reaching p and always keeps the first."""
     before = torch.zeros_like(sorted_p)
     before[:, 1:] = sorted_p.cumsum(dim=-1)[:, :-1]
-    drop_sorted = before >= (_col(ps, x) if col is None else col)
-    drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    drop = before >= p
+    drop[:, 0] = False
+    return drop
+
+
+def _top_p(x: Tensor, ps: list[float], col: Tensor | None = None) -> None:
+    probs = torch.softmax(x, dim=-1)
+    p = _col(ps, x) if col is None else col
+    k = TOP_P_CANDIDATES
+    drop = None
+    if x.device.type == "cpu" and k < x.shape[1]:  # (on a GPU the full sort is cheap, and the test would sync)
+        top, idx = probs.topk(k, dim=-1)
+        # The token after the k candidates is dropped when the candidates' mass reaches p; so are all after it.
+        wide = (top.cumsum(dim=-1)[:, -1:] < p)[:, 0].nonzero()[:, 0]
+        if len(wide) < x.shape[0]:  # (a flat distribution, as a random model's: every row sorts in full)
+            drop = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx, _nucleus_drop(top, p))
+            if len(wide):
+                drop[wide] = _sorted_drop(probs[wide], p[wide])
+    if drop is None:
+        drop = _sorted_drop(probs, p)
     x.masked_fill_(drop, float("-inf"))
+
+
+def _sorted_drop(probs: Tensor, p: Tensor) -> Tensor:
+    """`_nucleus_drop` over the whole vocabulary, in the tokens' own order."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    return torch.zeros_like(sorted_p, dtype=torch.bool).scatter_(1, order, _nucleus_drop(sorted_p, p))
 
 
 def _min_p(x: Tensor, mps: list[float], col: Tensor | None = None) -> None:
