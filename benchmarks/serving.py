@@ -108,8 +108,7 @@ def run_engine(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]],
         states = []
         for i, (p, sp) in enumerate(reqs):
             rid = f"r{time.monotonic_ns()}-{i}"
-            eng.add_request(rid, p, sp)
-            states.append(eng.by_id[rid].state)
+            states.append(eng.add_request(rid, p, sp))
         n = steps = 0
         after = False  # the step after a prefill step (its host waits for that step's GPU work)
         last = 0  # the previous decode step's rows

@@ -540,8 +540,7 @@ def test_text_at_the_end_equals_streamed_text():
                         detokenize=detokenize)
         states = []
         for i, (p, sp) in enumerate(zip(ps, params)):
-            eng.add_request(f"r{i}", p, sp)
-            states.append(eng.by_id[f"r{i}"].state)
+            states.append(eng.add_request(f"r{i}", p, sp))
         out, texts, step = {}, {}, 0
         while eng.has_work():
             if step == 12:

@@ -175,8 +175,7 @@ class OfflineEngine:
         try:
             states = []
             for i, (p, sp) in enumerate(zip(prompts, params)):
-                engine.add_request(str(i), p, sp)
-                states.append(engine.by_id[str(i)].state)
+                states.append(engine.add_request(str(i), p, sp))
             generated, t0 = 0, time.perf_counter()
             while engine.has_work():
                 done = 0

@@ -192,9 +192,10 @@ class LLMEngine:
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    stream_text: bool | None = None, detokenize: bool | None = None) -> None:
-        """Queue a request. stream_text: this request's text every step (True) or at its end (False); default
-        the engine's `stream_text`. detokenize: with stream_text=False, whether the engine decodes that text at
+                    stream_text: bool | None = None, detokenize: bool | None = None) -> SequenceState:
+        """Queue a request; returns its state (text, ids and finish reason as they grow; what
+        `generate.finish_texts` takes). stream_text: this request's text every step (True) or at its end (False);
+        default the engine's `stream_text`. detokenize: with stream_text=False, whether the engine decodes that text at
         all (see `LLMEngine`); default the engine's `detokenize`.
 
         The prompt is checked as every front end checks it (`check_prompt_ids`: ids in the vocabulary, numpy
@@ -220,6 +221,7 @@ class LLMEngine:
                             or params.min_tokens > 0 or bool(params.bad_words), prompt_array=as_array)
         self.by_id[request_id] = req
         self.waiting.append(req)
+        return state
 
     @property
     def cache_tokens(self) -> int:
