@@ -66,7 +66,8 @@ class StubScheduler:
     def warm_up(self) -> None:
         pass
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **options: object) -> None:
+        # options: LLMEngine's stream_text / detokenize, which the worker passes; the stand-in always sends text
         self.running[request_id] = [params.max_tokens, prompt_ids[-1] % len(self.texts), False]
 
     def abort(self, request_id: str) -> None:
