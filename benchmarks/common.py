@@ -79,7 +79,13 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--cascade-groups", type=int, default=None,
                     help="the most prefix groups a step's cascade takes, prefill (Attention.cascade_groups) and "
                     "decode (paged.CASCADE_DECODE_GROUPS); default theirs (4)")
+    ap.add_argument("--no-prefill-graphs", action="store_true",
+                    help="packed prefill steps layer by layer, not through their CUDA graphs (prefill_graphs.ENABLED)")
     args = ap.parse_args()
+    if args.no_prefill_graphs:
+        from cpm4.engine import prefill_graphs
+
+        prefill_graphs.ENABLED = False
     if args.cascade_groups is not None:
         if args.cascade_groups < 1:
             ap.error(f"--cascade-groups must be >= 1, got {args.cascade_groups}")

@@ -6,8 +6,10 @@
 
 Prompts of 100-1024 random tokens (nano-vllm's lengths), seed 0. Peer (--peer rows, default): the same engine with
 `model.pack_rows = False`; --peer attention: rows packed, attention padded back to [rows, longest] around itself
-(`Attention.packed_prefill = False`) against the packed attention (`Attention._packed_dense`). Measured in the
-same run; both produce the same first tokens (checked).
+(`Attention.packed_prefill = False`) against the packed attention (`Attention._packed_dense`); --peer graphs: the
+packed step with its work between attention calls replayed from CUDA graphs (`cpm4.engine.prefill_graphs`, every
+bucket captured before timing) against the same step launched layer by layer. Measured in the same run; both
+produce the same first tokens (checked; with graphs, bf16 near ties may differ: counted, not fatal).
 Prints a table and writes benchmarks/results/packed_prefill-<model>-<date>.json.
 """
 
@@ -35,19 +37,23 @@ from cpm4.model.init import random_model  # noqa: E402
 from cpm4.model.modeling import Attention  # noqa: E402
 
 
-def prefill(model, tok, reqs: list[list[int]], pack: bool, peer: str = "rows") -> tuple[float, list[int]]:
+def prefill(model, tok, reqs: list[list[int]], pack: bool, peer: str = "rows", graphs=None
+            ) -> tuple[float, list[int]]:
     """Seconds for one step prefilling every prompt; the first sampled token of each. pack False: the peer's way
-    (`peer`: the rows padded, or only the attention)."""
+    (`peer`: the rows padded, only the attention, or no prefill graphs; `graphs`: the captured ones)."""
     default = Attention.packed_prefill
     if peer == "rows":
         model.pack_rows = pack
-    else:
+    elif peer == "attention":
         Attention.packed_prefill = pack
     try:
         ps = page_size_for(model.config)
         pages = sum(-(-len(r) // ps) + 1 for r in reqs) + 1
         cache = PagedKVCache(model.config, pages, ps, model.device, model.dtype)
-        eng = LLMEngine(model, tok, cache, max_batch_size=len(reqs), chunk_tokens=sum(map(len, reqs)))
+        eng = LLMEngine(model, tok, cache, max_batch_size=len(reqs), chunk_tokens=sum(map(len, reqs)),
+                        prefill_graphs=False if peer == "graphs" else None)
+        if peer == "graphs":
+            model.prefill_graphs = graphs if pack else None
         for i, p in enumerate(reqs):
             eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         if model.device.type == "cuda":
@@ -60,7 +66,7 @@ def prefill(model, tok, reqs: list[list[int]], pack: bool, peer: str = "rows") -
     finally:
         if peer == "rows":
             del model.pack_rows
-        else:
+        elif peer == "attention":
             Attention.packed_prefill = default
 
 
@@ -71,8 +77,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peer", choices=["rows", "attention"], default="rows",
-                    help="rows: every op on the padded rows; attention: only the attention padded")
+    ap.add_argument("--peer", choices=["rows", "attention", "graphs"], default="rows",
+                    help="rows: every op on the padded rows; attention: only the attention padded; graphs: the "
+                         "packed step without its prefill graphs")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -85,28 +92,38 @@ def main() -> None:
     rnd = random.Random(0)
     hi = min(1000, model.config.vocab_size - 1)
     rows = []
+    graphs = None
+    tag = "" if args.peer == "rows" else f"-{args.peer}"
     print(f"{'rows':>5s} {'tokens':>7s} {'padded':>7s} {'packed ms':>10s} {'padded ms':>10s} {'speed-up':>9s}")
     for n in args.rows:
         reqs = [[rnd.randint(3, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(n)]
-        prefill(model, tok, reqs[:2], True)  # warm-up (allocator, kernels)
-        ours, peer = [], []
+        if args.peer == "graphs":
+            from cpm4.engine.prefill_graphs import PrefillGraphs
+
+            graphs = PrefillGraphs(model, sum(map(len, reqs)))
+            graphs.warm_up()  # every bucket captured before timing
+        prefill(model, tok, reqs[:2], True, args.peer, graphs)  # warm-up (allocator, kernels)
+        ours, peer, differ = [], [], 0
         for _ in range(args.repeats):
-            t, a = prefill(model, tok, reqs, True, args.peer)
+            t, a = prefill(model, tok, reqs, True, args.peer, graphs)
             ours.append(t)
-            t, b = prefill(model, tok, reqs, False, args.peer)
+            t, b = prefill(model, tok, reqs, False, args.peer, graphs)
             peer.append(t)
-            if a != b:
+            if args.peer == "graphs":
+                differ = max(differ, sum(x != y for x, y in zip(a, b)))
+            elif a != b:
                 raise SystemExit(f"packed and padded prefill disagree on the first tokens: {a} vs {b}")
         o, p = min(ours) * 1000, min(peer) * 1000
         total, padded = sum(map(len, reqs)), n * max(map(len, reqs))
-        phase = f"prefill.rows{n}" + ("" if args.peer == "rows" else ".attention")
+        phase = f"prefill.rows{n}" + tag.replace("-", ".")
         rows.append({"phase": phase, "seqlen": total, "ours_ms": round(o, 1), "peer_ms": round(p, 1),
-                     "speedup": round(p / o, 2), "padded_tokens": padded})
-        print(f"{n:5d} {total:7d} {padded:7d} {o:10.1f} {p:10.1f} {p / o:8.2f}x")
+                     "speedup": round(p / o, 2), "padded_tokens": padded, "first_tokens_differing": differ})
+        print(f"{n:5d} {total:7d} {padded:7d} {o:10.1f} {p:10.1f} {p / o:8.2f}x" + (f"  ({differ} first tokens differ)"
+                                                                                  if differ else ""))
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     write_json({"device": device, "date": date, "model": name, "rows": rows},
-               f"packed_prefill-{name}{'' if args.peer == 'rows' else '-attention'}-{date}.json", args.out)
+               f"packed_prefill-{name}{tag}-{date}.json", args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import operator
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 from cpm4.model.transfer import to_device
 
+from . import prefill_graphs as prefill_graphs_module
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, cascade_on, kv_budget_bytes, page_size_for
@@ -100,7 +102,7 @@ class LLMEngine:
                  max_batch_size: int = 32, chunk_tokens: int | None = None, paged_decode: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
                  stream_text: bool = True, max_model_len: int | None = None, elementwise: str | None = None,
-                 cascade_decode: bool | None = None, detokenize: bool = True):
+                 cascade_decode: bool | None = None, detokenize: bool = True, prefill_graphs: bool | None = None):
         """max_model_len: the longest sequence (prompt + output) served, at most the model's context
         (`context_length`). chunk_tokens: prompt tokens prefilled per step (default `default_chunk_tokens`).
 
@@ -137,7 +139,14 @@ class LLMEngine:
         instead of every step (see `SequenceState`); token ids are streamed as ever. With detokenize=False too,
         the engine does not decode that text at all: its last delta carries none, and the caller takes the ended
         requests' texts together from `generate.finish_texts` (the offline LLM, after its run: one batch decode on
-        every core instead of one output at a time in the step loop)."""
+        every core instead of one output at a time in the step loop).
+
+        prefill_graphs: packed all-dense prefill steps of up to chunk_tokens tokens replay the work between their
+        attention calls from CUDA graphs, one chain per token bucket (`cpm4.engine.prefill_graphs`, vLLM's
+        piecewise graphs; captured in `warm_up` or on a bucket's first use); default: with cuda_graphs (and
+        `prefill_graphs.ENABLED`). The
+        graphs' memory pool (about one chunk's activations) comes out of the headroom gpu_memory_utilization
+        leaves, as vLLM's graphs do."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -186,6 +195,15 @@ class LLMEngine:
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, cache, max_batch_size, self.decode_width, compile=compile)
         self.compile = compile
+        if prefill_graphs is None:
+            prefill_graphs = cuda_graphs and prefill_graphs_module.ENABLED
+        if prefill_graphs and cache.device.type != "cuda":
+            raise ValueError("prefill_graphs needs the cache on a CUDA device")
+        held = model.prefill_graphs
+        if not prefill_graphs:
+            model.prefill_graphs = None
+        elif held is None or held.max_tokens < self.chunk_tokens:  # (another engine's, as large: shared)
+            model.prefill_graphs = prefill_graphs_module.PrefillGraphs(model, self.chunk_tokens)
         # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
         # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
         self.async_output = self.graphs is not None if async_output is None else async_output
@@ -631,9 +649,10 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
         start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
-        seconds). Then prefill forwards on throwaway pages (`_warm_prefill`), so the first requests do not pay
-        for kernels compiled (Triton, dynamo) or autotuned on first use: on CUDA with graphs off too (eager
-        decode steps still compile their kernels on first use); nothing to do on the CPU.
+        seconds), and the prefill graphs of every token bucket (`prefill_graphs`). Then prefill forwards on
+        throwaway pages (`_warm_prefill`), so the first requests do not pay for kernels compiled (Triton, dynamo)
+        or autotuned on first use: on CUDA with graphs off too (eager decode steps still compile their kernels on
+        first use); nothing to do on the CPU.
 
         Compiling leaves a great many Python objects (graphs, guards, generated code) that every full garbage
         collection walks again (a tiny model's few graphs: 570K objects, 240 ms per collection on a CPU core;
@@ -646,7 +665,16 @@ class LLMEngine:
             return
         if self.graphs is not None:
             self.graphs.warm_up()
-        elif self.paged_decode:
+        if self.model.prefill_graphs is not None:
+            try:
+                self.model.prefill_graphs.warm_up()
+            except torch.cuda.OutOfMemoryError:
+                # The pool holds about one chunk's activations beside the cache: without room, steps run eagerly.
+                self.model.prefill_graphs = None
+                torch.cuda.empty_cache()
+                warnings.warn("no device memory left to capture the prefill graphs: prefill steps run eagerly "
+                              "(lower gpu_memory_utilization to keep them)", stacklevel=2)
+        if self.graphs is None and self.paged_decode:
             self._warm_decode()
         self._warm_prefill()
         gc.collect()

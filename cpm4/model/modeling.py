@@ -525,6 +525,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None, host=None, pack=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs, host, pack)
+        return self.after_attention(x, a)
+
+    def after_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The layer's work after its attention: a (o-projected) into the residual x, the norm, the MLP."""
         norm = self.post_attention_layernorm
         x, h = self.ops.add_rms_norm(x, a, self.residual_scale, norm.weight, norm.eps)
         return self.ops.add_scaled(x, self.mlp(h), self.residual_scale)
@@ -572,6 +576,9 @@ class MiniCPM4ForCausalLM(nn.Module):
         if config.num_mtp_layers:
             self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(config.num_mtp_layers))
         self.gemv = None  # see use_gemv
+        # Packed prefill steps through CUDA graphs between their attention calls (`cpm4.engine.prefill_graphs`;
+        # the engine sets it); None: layer by layer.
+        self.prefill_graphs = None
 
     GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 
@@ -733,13 +740,22 @@ class MiniCPM4ForCausalLM(nn.Module):
         if cache is not None and host is not None and self.pack_rows and Packing.worth(host[1], t):
             pack = Packing(host[1], t, dev)
             input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
+            taken = self.prefill_graphs.takes(cache, host) if self.prefill_graphs is not None else None
+            if taken is not None:
+                x = self.prefill_graphs.run(input_ids[0], positions[0], cache, host, *taken)
+                cache.advance(new_lens, host)
+                return x, pack
         cos, sin = self.rotary(positions, self.dtype)
-        x = self.model.embed_tokens(input_ids) * self.config.scale_emb
+        x = self.embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, starts, new_lens, cache, docs, host, pack)
         if cache is not None:
             cache.advance(new_lens, host)
         return x, pack
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The µP-scaled token embeddings."""
+        return self.model.embed_tokens(input_ids) * self.config.scale_emb
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         vocab = self.config.vocab_size
@@ -762,7 +778,7 @@ class MiniCPM4ForCausalLM(nn.Module):
         for j, mod in enumerate(self.mtp):
             nxt = torch.roll(input_ids, -(1 + j), dims=1)
             nxt[:, t - 1 - j:] = 0
-            e = self.model.embed_tokens(nxt) * self.config.scale_emb
+            e = self.embed(nxt)
             h = mod.eh_proj(torch.cat([mod.hnorm(h), mod.enorm(e)], dim=-1))
             h = mod.layer(h, cos, sin, zeros, full, None, docs, ([0] * b, [t] * b))
             outs.append(mod.norm(h))

@@ -1,0 +1,150 @@
+"""Packed prefill steps replayed from CUDA graphs, piece by piece (vLLM's piecewise graphs).
+
+A packed all-dense prefill step (several prompts' tokens end to end, `modeling.Packing`) launches ≈ 10 kernels a
+layer between its attention calls (norms, q/k/v and RoPE, o, residual, gate/up, SiLU·up, down) and one cuBLAS or
+Triton call costs 15-40 µs of Python on the host: a small model's step was host-bound (0.5B, 8,192 tokens on an
+H200: ≈ 26 ms on the host for ≈ 16.5 ms of kernels). Here the work between attention calls is captured once per
+token-count bucket: one graph from the embedding to layer 0's rotated q/k/v, one per layer boundary (the previous
+layer's o projection, residual, norm and MLP, this layer's norm, q/k/v and RoPE) and one after the last layer.
+The attention itself (paged write, variable-length flash over each row's keys) runs eagerly between them: its
+work and grid follow the rows' lengths. A step pads its tokens to the bucket; the padding rows compute on the
+padding ids and are never read (every op between attention calls works row by row).
+
+All graphs share one memory pool. Each piece's outputs are kept by address only (`_alias`), so a later piece or
+bucket may reuse their memory: a chain replays in order and the step copies its result out before the next
+chain runs. Captured from the largest bucket down (`warm_up`), or on a bucket's first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cpm4.model.modeling import MiniCPM4ForCausalLM
+
+# `LLMEngine(prefill_graphs=None)` takes them with CUDA graphs while this is on (benchmarks' --no-prefill-graphs).
+ENABLED = True
+
+# Token counts a packed step is padded up to (then the engine's chunk size); steps beyond the largest run eagerly.
+BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over t's memory that does not own it (as inductor's CUDA graph trees keep graph outputs): the
+    pool may hand that memory to later captures, which is what lets every piece and bucket share it."""
+    storage = torch._C._construct_storage_from_data_pointer(t.untyped_storage().data_ptr(), t.device,
+                                                            t.untyped_storage().nbytes())
+    return t.new_empty(0).set_(storage, t.storage_offset(), t.shape, t.stride())
+
+
+class PrefillGraphs:
+    def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, capture: bool | None = None):
+        """max_tokens: the largest step captured (the engine's chunk size). capture: record CUDA graphs (default on
+        CUDA); False runs the same pieces directly on the same padded buffers (tests off the GPU). The graphs read
+        the model's weights by address: build after `fuse_projections`, and drop them if weights are replaced."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.model = model
+        dev = model.device
+        self.capture = dev.type == "cuda" if capture is None else capture
+        if self.capture and dev.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.sizes = sorted({b for b in BUCKETS if b < max_tokens} | {max_tokens})
+        n = self.sizes[-1]
+        attn = model.model.layers[0].self_attn
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.attn_out = torch.zeros(1, n, attn.n_heads * attn.head_dim, dtype=model.dtype, device=dev)
+        self._probe = torch.empty(0, attn.head_dim, dtype=model.dtype, device=dev)  # what `_packed_ok` checks of q
+        self.chains: dict[int, list[tuple[torch.cuda.CUDAGraph, dict]]] = {}
+        self.pool = None
+        self.steps = 0  # steps run through the pieces (tests, benchmarks)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def takes(self, cache, host: tuple[list[int], list[int]]) -> tuple[list[int]] | None:
+        """Whether a packed step with these rows runs here: at most max_tokens tokens and the packed all-dense
+        attention (`Attention._packed_ok`, the same for every layer). Returns (kv_lens,) then, else None."""
+        if sum(host[1]) > self.max_tokens:
+            return None
+        attn = self.model.model.layers[0].self_attn
+        kv_lens, sparse, groups = attn._row_modes(cache, self._probe, host)
+        if not attn._packed_ok(self._probe, cache, sparse, groups, any(host[0])):
+            return None
+        return (kv_lens,)
+
+    def _pieces(self, nb: int) -> list:
+        """The step's work between attention calls at bucket nb: functions of the previous piece's outputs."""
+        model, layers = self.model, self.model.model.layers
+        ids, pos, a = self.ids[None, :nb], self.positions[None, :nb], self.attn_out[:, :nb]
+
+        def first(_: dict) -> dict:
+            cos, sin = model.rotary(pos, model.dtype)
+            x = model.embed(ids)
+            q, k, v = layers[0].self_attn.project(layers[0].input_layernorm(x), cos, sin)
+            return dict(cos=cos, sin=sin, x=x, q=q, k=k, v=v)
+
+        def between(i: int):
+            def piece(s: dict) -> dict:
+                prev = layers[i - 1]
+                x = prev.after_attention(s["x"], prev.self_attn._out(a))
+                if i == len(layers):
+                    return dict(x=x)
+                q, k, v = layers[i].self_attn.project(layers[i].input_layernorm(x), s["cos"], s["sin"])
+                return dict(cos=s["cos"], sin=s["sin"], x=x, q=q, k=k, v=v)
+            return piece
+
+        return [first] + [between(i) for i in range(1, len(layers) + 1)]
+
+    def _capture(self, nb: int) -> list[tuple[torch.cuda.CUDAGraph, dict]]:
+        chain, state = [], {}
+        cur = torch.cuda.current_stream()
+        for fn in self._pieces(nb):
+            side = torch.cuda.Stream()
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                fn(state)  # warm-up outside the graph: Triton compiles and tunes, cuBLAS picks its kernels
+            cur.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(state)
+            chain.append((graph, {k: _alias(t) for k, t in out.items()}))
+            state = out  # alive while the next piece is captured (it reads them); then only the aliases remain
+        return chain
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory)."""
+        if self.capture:
+            for nb in reversed(self.sizes):
+                if nb not in self.chains:
+                    self.chains[nb] = self._capture(nb)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache, host: tuple[list[int], list[int]],
+            kv_lens: list[int]) -> torch.Tensor:
+        """The trunk's output [1, n, H] (before the final norm, a tensor of its own) of a packed step: ids and
+        positions [n] of the rows' new tokens end to end; cache, host, kv_lens as `Attention._packed_dense` takes
+        them (`takes` gave kv_lens). The caller advances the cache."""
+        n = ids.shape[0]
+        nb = next(s for s in self.sizes if s >= n)
+        self.ids[:n].copy_(ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        if self.capture and nb not in self.chains:
+            self.chains[nb] = self._capture(nb)
+        layers = self.model.model.layers
+        state: dict = {}
+        for i, fn in enumerate(self._pieces(nb) if not self.capture else [None] * (len(layers) + 1)):
+            if self.capture:
+                graph, state = self.chains[nb][i]
+                graph.replay()
+            else:
+                state = fn(state)
+            if i < len(layers):
+                q, k, v = (state[name][:, :n] for name in "qkv")
+                out = layers[i].self_attn._packed_dense(q, k, v, host, kv_lens, cache)
+                self.attn_out[:, :n].copy_(out.view(1, n, -1))
+        self.steps += 1
+        return state["x"][:, :n].clone()

@@ -1,0 +1,138 @@
+"""Packed prefill steps through the pieces between their attention calls (`cpm4.engine.prefill_graphs`): off the
+GPU the pieces run directly on the same padded buffers (capture=False), so the step's split, the bucket padding and
+the buffers' plumbing are checked against the layer-by-layer step (float64) and each prompt alone; on CUDA the
+captured graphs against the eager step (bf16) and the engine's tokens with and without them."""
+
+import pytest
+import torch
+from conftest import random_model
+from test_engine import assert_each_alone, prompts, run_burst, sparse, tok
+from test_packed_prefill import _step
+
+from cpm4.engine import prefill_graphs
+from cpm4.engine.paged import PagedKVCache
+from cpm4.engine.prefill_graphs import PrefillGraphs, _alias
+from cpm4.engine.sampling import SamplingParams
+from cpm4.engine.scheduler import LLMEngine
+from cpm4.model.modeling import Attention
+
+
+@pytest.mark.parametrize("sc", [None, sparse(dense_len=4096)])
+@pytest.mark.parametrize("cached", [[0, 0, 0, 0], [0, 37, 0, 5]])
+def test_pieces_equal_the_layer_loop(monkeypatch, sc, cached):
+    """A packed step padded to its bucket (≈ 100-250 tokens padded to 256) gives each row the logits of the
+    layer-by-layer step, and those of its whole prompt without a cache."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (64, 128, 256))
+    model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
+    ps = prompts(4, seed=71, lo=20, hi=90)
+    want, _ = _step(model, ps, cached, scatter_seed=5)
+    model.prefill_graphs = graphs = PrefillGraphs(model, 300, capture=False)
+    assert graphs.sizes == [64, 128, 256, 300]
+    got, _ = _step(model, ps, cached, scatter_seed=5)
+    assert graphs.steps == 1  # (the cached prefixes ran one row at a time: not packed)
+    for i, (p, c) in enumerate(zip(ps, cached)):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[i], model.prefill_graphs.model(torch.tensor([p]))[0, c:].float(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_steps_the_pieces_do_not_take(monkeypatch):
+    """More tokens than the largest bucket, or sparse rows: the layer loop, with the same logits."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    model = random_model("tiny", dtype=torch.float64, sparse_config=sparse(dense_len=40))
+    ps = prompts(3, seed=72, lo=50, hi=90)  # every row past dense_len: sparse
+    want, _ = _step(model, ps, [0, 0, 0])
+    model.prefill_graphs = graphs = PrefillGraphs(model, 1000, capture=False)
+    got, _ = _step(model, ps, [0, 0, 0])
+    assert graphs.steps == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = random_model("tiny", dtype=torch.float64, sparse_config=None)
+    want, _ = _step(model, ps, [0, 0, 0])
+    model.prefill_graphs = graphs = PrefillGraphs(model, sum(map(len, ps)) - 1, capture=False)
+    got, _ = _step(model, ps, [0, 0, 0])
+    assert graphs.steps == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_engine_burst_through_the_pieces_equals_alone(monkeypatch):
+    """The engine's packed steps (chunks cutting prompts, later steps continuing them beside fresh ones) through
+    the pieces: each request's greedy tokens are those of the request alone."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 96))
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    ps = prompts(6, seed=73, lo=10, hi=120)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=96, page_size=16), max_batch_size=6,
+                    chunk_tokens=150)
+    model.prefill_graphs = graphs = PrefillGraphs(model, 150, capture=False)
+    res = run_burst(eng, ps, params)
+    assert graphs.steps >= 2
+    monkeypatch.setattr(Attention, "varlen_on_cpu", False)
+    model.prefill_graphs = None
+    assert_each_alone(res, model, ps, params)
+
+
+def test_alias_reads_the_memory_without_owning_it():
+    base = torch.arange(24.0)
+    view = base[4:].view(4, 5)[:, 1:]  # an offset, a stride
+    a = _alias(view)
+    assert a.shape == view.shape and a.stride() == view.stride() and a.data_ptr() == view.data_ptr()
+    base[10] = -1.0  # row 1 of the view starts at base[4 + 5], its column 0 is base[10]
+    assert a[1, 0] == -1.0 and torch.equal(a, view)
+
+
+def test_errors():
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    with pytest.raises(ValueError, match="CUDA"):
+        PrefillGraphs(model, 256, capture=True)
+    with pytest.raises(ValueError, match="max_tokens"):
+        PrefillGraphs(model, 0)
+    with pytest.raises(ValueError, match="prefill_graphs needs the cache on a CUDA device"):
+        LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16), prefill_graphs=True)
+    LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=8, page_size=16))
+    assert model.prefill_graphs is None  # the CPU default
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cached", [[0, 0, 0, 0], [0, 37, 0, 5]])
+def test_prefill_graphs_on_cuda(cached):
+    """Captured (bf16, flash): each row's logits within bf16 rounding of the eager packed step; every bucket
+    captured by warm_up; the engine's greedy tokens with the graphs equal those without them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    model.fuse_projections()
+    ps = prompts(4, seed=74, lo=20, hi=150)
+    with torch.no_grad():
+        want, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
+        model.prefill_graphs = graphs = PrefillGraphs(model, 1024)
+        graphs.warm_up()
+        assert sorted(graphs.chains) == graphs.sizes
+        for _ in range(2):  # the second replays what the first left in the buffers
+            got, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert (a - b).abs().max() < 0.05, i
+                assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95, i
+        assert graphs.steps == 2
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    burst = prompts(12, seed=75, lo=30, hi=400)
+    out = {}
+    for on in (True, False):
+        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=400, page_size=64, device="cuda",
+                                                   dtype=torch.bfloat16), max_batch_size=12, chunk_tokens=1024,
+                        prefill_graphs=on)
+        eng.warm_up()
+        assert (model.prefill_graphs is not None) == on
+        before = model.prefill_graphs.steps if on else 0
+        out[on] = run_burst(eng, burst, params)
+        if on:
+            assert model.prefill_graphs.steps > before
+    same = sum(out[True][f"r{i}"][1] == out[False][f"r{i}"][1] for i in range(len(burst)))
+    assert same >= len(burst) - 1  # bf16: a near tie may break the other way in one request
