@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import covering_tokenizer  # noqa: E402
+from common import covering_tokenizer, parse_engine_args  # noqa: E402
 
 from cpm4.engine import cuda_graph, scheduler  # noqa: E402
 from cpm4.engine.paged import HostBlockTable  # noqa: E402
@@ -216,7 +216,7 @@ def main() -> None:
                     help="the workload's first N steps under cProfile (the host's functions in the prefill steps)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
+    args = parse_engine_args(ap)  # (--no-prefill-graphs and the other engine switches)
     dev = torch.device(args.device)
     cfg = preset(args.config)
     model = random_model(cfg, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)

@@ -236,23 +236,25 @@ hostcuts)  # carry ab_old (prepare 791ddde): the offline row's ended texts decod
     grep -E -A4 "^kind" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-200
     grep -A20 "^prefill steps of" "${OUT:-/tmp}/hostcuts.txt" | cut -c1-120
     ;;
-prefillgraphs)  # carry ab_old (prepare 6eeb316, the commit before them): packed prefill steps through CUDA graphs
-    # between their attention calls. GPU tests, the packed step with/without them, the offline row old/new (3 runs each)
-    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefill_graphs.py tests/test_packed_prefill.py \
-        2>&1 | tail -3
+prefillgraphs)  # packed prefill steps through CUDA graphs between their attention calls: GPU tests, the packed
+    # step with/without them, then the offline workload's prefill steps profiled (host vs kernel ms) with and without
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefill_graphs.py 2>&1 | tail -3
     timeout 120 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 16 32 --peer graphs \
         --out "${OUT:-benchmarks/results}" 2>&1 | tail -4
+    for side in "" --no-prefill-graphs; do
+        timeout 150 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 $side \
+            --tag="-prefillgraphs$side" --out "${OUT:-benchmarks/results}" > "${OUT:-/tmp}/pg$side.txt" 2>&1
+        echo "== decode_stalls $side"; grep -E -A4 "^kind" "${OUT:-/tmp}/pg$side.txt" | cut -c1-200
+        grep -A26 "^prefill steps of" "${OUT:-/tmp}/pg$side.txt" | cut -c1-110
+    done
+    ;;
+prefillgraphsab)  # carry ab_old (prepare 6eeb316, the commit before them): the offline row old/new (3 runs each)
     timeout 330 bash benchmarks/ab_serving.sh run 1 --compile --repeat 3
     ;;
-prefillgraphs2)  # carry .wheels/py312: the engine's GPU tests with prefill graphs on by default, then the prefill
-    # steps profiled
+prefillgraphs2)  # carry .wheels/py312: the engine's GPU tests with prefill graphs on by default
     wheels
     timeout 330 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_llm_engine.py tests/test_engine.py \
-        tests/test_serve_process.py -k "not warm_up" 2>&1 | tail -3
-    timeout 170 "$PY" benchmarks/decode_stalls.py --config minicpm4-0.5b --compile --profile-prefill 18 \
-        --tag=-prefillgraphs --out "${OUT:-benchmarks/results}" > "${OUT:-/tmp}/prefillgraphs.txt" 2>&1
-    grep -E -A4 "^kind" "${OUT:-/tmp}/prefillgraphs.txt" | cut -c1-200
-    grep -A20 "^prefill steps of" "${OUT:-/tmp}/prefillgraphs.txt" | cut -c1-120
+        tests/test_serve_process.py tests/test_packed_prefill.py -k "not warm_up" 2>&1 | tail -3
     ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,

@@ -84,6 +84,22 @@ def test_alias_reads_the_memory_without_owning_it():
     assert a[1, 0] == -1.0 and torch.equal(a, view)
 
 
+def test_chains_dropped_when_weights_or_ops_change():
+    """Captured chains read the weights by address: fusing or unfusing the projections, or other element-wise
+    ops, drops them (captured again on use); nothing else does."""
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    graphs = PrefillGraphs(model, 256, capture=False)
+    graphs._current()
+    for change in (model.fuse_projections, lambda: model.fuse_elementwise(True, backend="triton"),
+                   model.unfuse_projections):
+        graphs.chains[256] = "captured"
+        graphs._current()
+        assert graphs.chains  # unchanged model: kept
+        change()
+        graphs._current()
+        assert not graphs.chains
+
+
 def test_errors():
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
     with pytest.raises(ValueError, match="CUDA"):
@@ -121,6 +137,12 @@ def test_prefill_graphs_on_cuda(cached):
                 assert (a - b).abs().max() < 0.05, i
                 assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95, i
         assert graphs.steps == 2
+        model.unfuse_projections()  # the chains read the fused weights: captured again over the separate ones
+        got, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
+        assert graphs.steps == 3 and len(graphs.chains) == 1
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert (a - b).abs().max() < 0.05, i
+        model.fuse_projections()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     burst = prompts(12, seed=75, lo=30, hi=400)
     out = {}

@@ -40,7 +40,9 @@ class PrefillGraphs:
     def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, capture: bool | None = None):
         """max_tokens: the largest step captured (the engine's chunk size). capture: record CUDA graphs (default on
         CUDA); False runs the same pieces directly on the same padded buffers (tests off the GPU). The graphs read
-        the model's weights by address: build after `fuse_projections`, and drop them if weights are replaced."""
+        the model's weights by address: chains captured before the projections were fused (or unfused) or the
+        element-wise ops changed are dropped and captured again on use (`_current`); other weights replaced in
+        place of the old need a new PrefillGraphs."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         self.model = model
@@ -57,6 +59,7 @@ class PrefillGraphs:
         self._probe = torch.empty(0, attn.head_dim, dtype=model.dtype, device=dev)  # what `_packed_ok` checks of q
         self.chains: dict[int, list[tuple[torch.cuda.CUDAGraph, dict]]] = {}
         self.pool = None
+        self._captured_for = None  # `_signature` when the chains were captured
         self.steps = 0  # steps run through the pieces (tests, benchmarks)
 
     @property
@@ -73,6 +76,23 @@ class PrefillGraphs:
         if not attn._packed_ok(self._probe, cache, sparse, groups, any(host[0])):
             return None
         return (kv_lens,)
+
+    def _signature(self) -> tuple:
+        """What the captured kernels bake in: the first layer's q/k/v and gate/up weights by address (fusing or
+        unfusing the projections, moving the model, replaces every layer's) and the element-wise ops in use."""
+        layer = self.model.model.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        weights = (attn.qkv if attn.qkv is not None else attn.q_proj.weight,
+                   mlp.gate_up if mlp.gate_up is not None else mlp.gate_proj.weight)
+        return tuple(w.data_ptr() for w in weights) + (id(layer.ops), id(attn.ops), id(mlp.ops))
+
+    def _current(self) -> None:
+        """Drop chains captured over weights or ops the model no longer uses (they would read freed memory)."""
+        sig = self._signature()
+        if self._captured_for != sig:
+            self.chains.clear()
+            self.pool = None
+            self._captured_for = sig
 
     def _pieces(self, nb: int) -> list:
         """The step's work between attention calls at bucket nb: functions of the previous piece's outputs."""
@@ -119,6 +139,7 @@ class PrefillGraphs:
     def warm_up(self) -> None:
         """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory)."""
         if self.capture:
+            self._current()
             for nb in reversed(self.sizes):
                 if nb not in self.chains:
                     self.chains[nb] = self._capture(nb)
@@ -132,8 +153,10 @@ class PrefillGraphs:
         nb = next(s for s in self.sizes if s >= n)
         self.ids[:n].copy_(ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        if self.capture and nb not in self.chains:
-            self.chains[nb] = self._capture(nb)
+        if self.capture:
+            self._current()
+            if nb not in self.chains:
+                self.chains[nb] = self._capture(nb)
         layers = self.model.model.layers
         state: dict = {}
         for i, fn in enumerate(self._pieces(nb) if not self.capture else [None] * (len(layers) + 1)):
