@@ -102,7 +102,11 @@ def main() -> None:
             from cpm4.engine.prefill_graphs import PrefillGraphs
 
             graphs = PrefillGraphs(model, sum(map(len, reqs)))
+            t0 = time.perf_counter()
             graphs.warm_up()  # every bucket captured before timing, over the weights the engine fused
+            capture_s = time.perf_counter() - t0
+            print(f"  captured {len(graphs.sizes)} buckets x {len(graphs.chains[graphs.max_tokens])} pieces "
+                  f"in {capture_s:.2f} s")
         ours, peer, differ = [], [], 0
         for _ in range(args.repeats):
             t, a = prefill(model, tok, reqs, True, args.peer, graphs)
@@ -117,7 +121,8 @@ def main() -> None:
         total, padded = sum(map(len, reqs)), n * max(map(len, reqs))
         phase = f"prefill.rows{n}" + tag.replace("-", ".")
         rows.append({"phase": phase, "seqlen": total, "ours_ms": round(o, 1), "peer_ms": round(p, 1),
-                     "speedup": round(p / o, 2), "padded_tokens": padded, "first_tokens_differing": differ})
+                     "speedup": round(p / o, 2), "padded_tokens": padded, "first_tokens_differing": differ}
+                    | ({"capture_s": round(capture_s, 2)} if graphs is not None else {}))
         print(f"{n:5d} {total:7d} {padded:7d} {o:10.1f} {p:10.1f} {p / o:8.2f}x" + (f"  ({differ} first tokens differ)"
                                                                                   if differ else ""))
     date = datetime.date.today().isoformat()
