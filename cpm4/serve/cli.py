@@ -64,7 +64,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "elsewhere max batch size x min(context, 8192))")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=None,
                    help="share of the GPU's memory cpm4 may use, weights + activations + KV cache (default 0.9)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (decode steps, and the prefill steps' pieces between attention calls)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step inside its CUDA graphs (faster decode, slower start)")
     p.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
