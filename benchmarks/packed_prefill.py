@@ -8,7 +8,8 @@ Prompts of 100-1024 random tokens (nano-vllm's lengths), seed 0. Peer (--peer ro
 `model.pack_rows = False`; --peer attention: rows packed, attention padded back to [rows, longest] around itself
 (`Attention.packed_prefill = False`) against the packed attention (`Attention._packed_dense`); --peer graphs: the
 packed step with its work between attention calls replayed from CUDA graphs (`cpm4.engine.prefill_graphs`, every
-bucket captured before timing) against the same step launched layer by layer. Measured in the same run; both
+bucket captured before timing; with --rows 1 a lone prompt's step, `prefill_graphs.ONE_ROW`) against the same step
+launched layer by layer. Measured in the same run; both
 produce the same first tokens (checked; with graphs, bf16 near ties may differ: counted, not fatal).
 Prints a table and writes benchmarks/results/packed_prefill-<model>-<date>.json.
 """
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--peer", choices=["rows", "attention", "graphs"], default="rows",
                     help="rows: every op on the padded rows; attention: only the attention padded; graphs: the "
                          "packed step without its prefill graphs")
+    ap.add_argument("--tag", default="", help="appended to the JSON file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -93,20 +95,24 @@ def main() -> None:
     hi = min(1000, model.config.vocab_size - 1)
     rows = []
     graphs = None
-    tag = "" if args.peer == "rows" else f"-{args.peer}"
+    tag = ("" if args.peer == "rows" else f"-{args.peer}")
     print(f"{'rows':>5s} {'tokens':>7s} {'padded':>7s} {'packed ms':>10s} {'padded ms':>10s} {'speed-up':>9s}")
     for n in args.rows:
         reqs = [[rnd.randint(3, hi) for _ in range(rnd.randint(100, 1024))] for _ in range(n)]
         prefill(model, tok, reqs[:2], True, args.peer, graphs)  # warm-up (allocator, kernels; the engine fuses)
         if args.peer == "graphs":
+            from cpm4.engine import prefill_graphs
             from cpm4.engine.prefill_graphs import PrefillGraphs
+
+            prefill_graphs.ONE_ROW = True  # --rows 1: a lone prompt's step through the pieces too
 
             graphs = PrefillGraphs(model, sum(map(len, reqs)))
             t0 = time.perf_counter()
             graphs.warm_up()  # every bucket captured before timing, over the weights the engine fused
             capture_s = time.perf_counter() - t0
-            print(f"  captured {len(graphs.sizes)} buckets x {len(graphs.chains[graphs.max_tokens])} pieces "
-                  f"in {capture_s:.2f} s")
+            if graphs.chains:  # (off the GPU the pieces run uncaptured)
+                print(f"  captured {len(graphs.sizes)} buckets x {len(graphs.chains[graphs.max_tokens])} pieces "
+                      f"in {capture_s:.2f} s")
         ours, peer, differ = [], [], 0
         for _ in range(args.repeats):
             t, a = prefill(model, tok, reqs, True, args.peer, graphs)
@@ -128,7 +134,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     write_json({"device": device, "date": date, "model": name, "rows": rows},
-               f"packed_prefill-{name}{tag}-{date}.json", args.out)
+               f"packed_prefill-{name}{tag}{args.tag}-{date}.json", args.out)
 
 
 if __name__ == "__main__":

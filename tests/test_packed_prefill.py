@@ -118,16 +118,36 @@ def test_engine_burst_through_packed_steps_equals_alone(monkeypatch):
     assert_each_alone(res, model, ps, params)
 
 
-def test_write_packed_needs_several_rows():
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_write_packed_of_one_row_equals_write(consecutive):
+    """One row (the prefill graphs' one-row steps): write_packed stores what write stores and returns the row's keys
+    from its first token, on consecutive pages (slots a slice) or scattered ones."""
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    cache = PagedKVCache(model.config, num_pages=8, page_size=16)
-    seq = SeqPages()
-    cache.reserve(seq, 20)
-    batch = cache.batch([seq])
     cfg = model.config
-    k = torch.zeros(20, cfg.num_key_value_heads, cfg.dim_head)
-    with pytest.raises(ValueError, match="several rows"):
-        batch.write_packed(0, k, k, ([0], [20]))
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for packed in (True, False):
+        cache = PagedKVCache(cfg, num_pages=8, page_size=16)
+        if not consecutive:
+            cache.free.reverse()
+        seq = SeqPages()
+        cache.reserve(seq, 50)
+        seq.length = 10  # 10 tokens cached before this step's 40
+        cache.k[0].view(-1)[:] = torch.arange(cache.k[0].numel(), dtype=torch.float32)
+        batch = cache.batch([seq])
+        k = torch.randn(40, cfg.num_key_value_heads, cfg.dim_head, generator=g)
+        v = torch.randn(40, cfg.num_key_value_heads, cfg.dim_head, generator=g)
+        g.manual_seed(7)
+        if packed:
+            got = batch.write_packed(0, k, v, ([10], [40]))
+        else:
+            got = tuple(x[0] for x in batch.write(0, k[None], v[None], torch.tensor([10]), torch.tensor([40]),
+                                                  ([10], [40])))
+        out.append((got, cache.k[0].clone(), cache.v[0].clone()))
+    (pk, pv), kc, vc = out[0]
+    (wk, wv), kc2, vc2 = out[1]
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(pk, wk[:50]) and torch.equal(pv, wv[:50])
 
 
 @pytest.mark.gpu

@@ -75,6 +75,52 @@ def test_engine_burst_through_the_pieces_equals_alone(monkeypatch):
     assert_each_alone(res, model, ps, params)
 
 
+@pytest.mark.parametrize("cached", [0, 37])
+@pytest.mark.parametrize("scatter", [None, 4])
+def test_one_row_steps_through_the_pieces(monkeypatch, cached, scatter):
+    """`ONE_ROW`: a lone prompt's step (fresh, or after cached tokens; pages in order or scattered) through the
+    pieces gives the layer loop's logits (float64) and the same cache; off, or with padding, the layer loop."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (64, 128))
+    model = random_model("tiny", dtype=torch.float64, sparse_config=sparse(dense_len=4096))
+    p = prompts(1, seed=76, lo=90, hi=91)[0]
+    runs = []
+    for one_row in (False, True):
+        monkeypatch.setattr(prefill_graphs, "ONE_ROW", one_row)
+        model.prefill_graphs = graphs = PrefillGraphs(model, 200, capture=False)
+        got, cache = _step(model, [p], [cached], scatter_seed=scatter)
+        assert graphs.steps == int(one_row) * (1 + bool(cached))  # (the cached part ran first, one row too)
+        runs.append((got[0], cache))
+    (a, ca), (b, cb) = runs
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    for store in ("k", "v", "fine", "coarse"):
+        for x, y in zip(getattr(ca, store), getattr(cb, store)):
+            torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+    assert not PrefillGraphs.takes_one_row(([0], [5]), 7)  # padding after the row's tokens
+
+
+def test_engine_single_requests_through_the_pieces_equal_alone(monkeypatch):
+    """Requests one at a time (each prompt's steps one row, chunked past chunk_tokens) through the pieces with
+    `ONE_ROW`: the greedy tokens of the plain loop."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 64))
+    monkeypatch.setattr(prefill_graphs, "ONE_ROW", True)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    ps = prompts(3, seed=77, lo=10, hi=150)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=64, page_size=16), max_batch_size=1,
+                    chunk_tokens=100)
+    model.prefill_graphs = graphs = PrefillGraphs(model, 100, capture=False)
+    res = {}
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+        res.update(eng.run_to_completion())
+    assert graphs.steps >= len(ps)
+    monkeypatch.setattr(Attention, "varlen_on_cpu", False)
+    model.prefill_graphs = None
+    assert_each_alone(res, model, ps, params)
+
+
 def test_alias_reads_the_memory_without_owning_it():
     base = torch.arange(24.0)
     view = base[4:].view(4, 5)[:, 1:]  # an offset, a stride
@@ -158,3 +204,41 @@ def test_prefill_graphs_on_cuda(cached):
             assert model.prefill_graphs.steps > before
     same = sum(out[True][f"r{i}"][1] == out[False][f"r{i}"][1] for i in range(len(burst)))
     assert same >= len(burst) - 1  # bf16: a near tie may break the other way in one request
+
+
+@pytest.mark.gpu
+def test_one_row_on_cuda(monkeypatch):
+    """`ONE_ROW` captured (bf16, flash): a lone prompt's logits, fresh and after cached tokens, within bf16 rounding
+    of the layer loop's; requests one at a time through the engine give the tokens they give without the graphs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    monkeypatch.setattr(prefill_graphs, "ONE_ROW", True)
+    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    model.fuse_projections()
+    p = prompts(1, seed=78, lo=300, hi=301)[0]
+    with torch.no_grad():
+        for cached in (0, 77):
+            model.prefill_graphs = None
+            want, _ = _step(model, [p], [cached], device="cuda", dtype=torch.bfloat16)
+            model.prefill_graphs = graphs = PrefillGraphs(model, 512)
+            got, _ = _step(model, [p], [cached], device="cuda", dtype=torch.bfloat16)
+            assert graphs.steps == 1 + bool(cached)
+            assert (got[0] - want[0]).abs().max() < 0.05
+            assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() > 0.95
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ps = prompts(4, seed=79, lo=30, hi=700)
+    out = {}
+    for on in (True, False):
+        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=100, page_size=64, device="cuda",
+                                                   dtype=torch.bfloat16), max_batch_size=4, chunk_tokens=512,
+                        prefill_graphs=on)
+        out[on] = {}
+        for i, q in enumerate(ps):
+            eng.add_request(f"r{i}", q, params)
+            out[on].update(eng.run_to_completion())
+    same = sum(out[True][f"r{i}"][1] == out[False][f"r{i}"][1] for i in range(len(ps)))
+    assert same >= len(ps) - 1  # bf16: a near tie may break the other way in one request

@@ -534,9 +534,8 @@ class PagedBatch:
         starts, new_lens = host
         kc = self.cache.k[layer].view(-1, *k.shape[1:])
         vc = self.cache.v[layer].view(-1, *v.shape[1:])
-        new_slots, real, _ = self._plan(self.lens, None, max(new_lens), k.device, host)
-        if real is None:  # one row: `_plan` made its slots a slice
-            raise ValueError("write_packed takes several rows (a packed step)")
+        # (One row: its slots are its tokens in order; `_plan` may make them a slice.)
+        new_slots, _, _ = self._plan(self.lens, None, max(new_lens), k.device, host)
         kc[new_slots] = k
         vc[new_slots] = v
         if self.cache.fine is not None:

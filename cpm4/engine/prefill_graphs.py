@@ -24,6 +24,10 @@ from cpm4.model.modeling import MiniCPM4ForCausalLM
 # `LLMEngine(prefill_graphs=None)` takes them with CUDA graphs while this is on (benchmarks' --no-prefill-graphs).
 ENABLED = True
 
+# A one-row step of a dense prompt (a lone request's prompt or chunk, no padding) takes the pieces too, as a packing
+# of one row. Off until measured on the GPU (CPU-tested): small packed steps ran 2.8x faster through the pieces.
+ONE_ROW = False
+
 # Token counts a packed step is padded up to (then the engine's chunk size); steps beyond the largest run eagerly.
 BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
 
@@ -76,6 +80,12 @@ class PrefillGraphs:
         if not attn._packed_ok(self._probe, cache, sparse, groups, any(host[0])):
             return None
         return (kv_lens,)
+
+    @staticmethod
+    def takes_one_row(host: tuple[list[int], list[int]], t: int) -> bool:
+        """Whether a one-row step may go through the pieces as a packing of itself (`ONE_ROW`): its t tokens all
+        real."""
+        return ONE_ROW and len(host[1]) == 1 and host[1][0] == t > 0
 
     def _signature(self) -> tuple:
         """What the captured kernels bake in: the first layer's q/k/v and gate/up weights by address (fusing or
