@@ -737,23 +737,24 @@ class MiniCPM4ForCausalLM(nn.Module):
         else:
             positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
         pack = None
-        graphs = self.prefill_graphs
-        if cache is not None and host is not None and self.pack_rows and Packing.worth(host[1], t):
-            pack = Packing(host[1], t, dev)
-            input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
-            taken = graphs.takes(cache, host) if graphs is not None else None
-            if taken is not None:
-                x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
-                cache.advance(new_lens, host)
-                return x, pack
-        elif cache is not None and host is not None and graphs is not None and graphs.takes_one_row(host, t):
-            # One row without padding, packed as itself (only when the pieces take it: the other attention paths
-            # would pay the packing's copies for nothing).
-            taken = graphs.takes(cache, host)
-            if taken is not None:
-                x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
-                cache.advance(new_lens, host)
-                return x, Packing(host[1], t, dev)
+        if cache is not None and host is not None:  # (never read in decode steps: nothing for dynamo to guard)
+            graphs = self.prefill_graphs
+            if self.pack_rows and Packing.worth(host[1], t):
+                pack = Packing(host[1], t, dev)
+                input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
+                taken = graphs.takes(cache, host) if graphs is not None else None
+                if taken is not None:
+                    x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
+                    cache.advance(new_lens, host)
+                    return x, pack
+            elif graphs is not None and graphs.takes_one_row(host, t):
+                # One row without padding, packed as itself (only when the pieces take it: the other attention
+                # paths would pay the packing's copies for nothing).
+                taken = graphs.takes(cache, host)
+                if taken is not None:
+                    x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
+                    cache.advance(new_lens, host)
+                    return x, Packing(host[1], t, dev)
         cos, sin = self.rotary(positions, self.dtype)
         x = self.embed(input_ids)
         for layer in self.model.layers:
