@@ -258,11 +258,11 @@ prefillgraphs2)  # carry .wheels/py312: the engine's GPU tests with prefill grap
     timeout 150 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 2 4 8 --peer graphs \
         --repeats 5 --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     ;;
-onerow)  # prefill_graphs.ONE_ROW (off until this runs): GPU tests, then a lone prompt's step with/without the pieces
+wider)  # prefill_graphs.WIDER (off until this runs): GPU tests, then a lone prompt's step with/without the pieces
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefill_graphs.py tests/test_packed_prefill.py \
         2>&1 | tail -3
     timeout 150 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 1 2 4 --peer graphs \
-        --repeats 5 --tag=-onerow --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
+        --repeats 5 --tag=-wider --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
     ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,

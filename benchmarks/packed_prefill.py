@@ -8,7 +8,7 @@ Prompts of 100-1024 random tokens (nano-vllm's lengths), seed 0. Peer (--peer ro
 `model.pack_rows = False`; --peer attention: rows packed, attention padded back to [rows, longest] around itself
 (`Attention.packed_prefill = False`) against the packed attention (`Attention._packed_dense`); --peer graphs: the
 packed step with its work between attention calls replayed from CUDA graphs (`cpm4.engine.prefill_graphs`, every
-bucket captured before timing; with --rows 1 a lone prompt's step, `prefill_graphs.ONE_ROW`) against the same step
+bucket captured before timing; with --rows 1 a lone prompt's step, `prefill_graphs.WIDER`) against the same step
 launched layer by layer. Measured in the same run; both
 produce the same first tokens (checked; with graphs, bf16 near ties may differ: counted, not fatal).
 Prints a table and writes benchmarks/results/packed_prefill-<model>-<date>.json.
@@ -104,7 +104,7 @@ def main() -> None:
             from cpm4.engine import prefill_graphs
             from cpm4.engine.prefill_graphs import PrefillGraphs
 
-            prefill_graphs.ONE_ROW = True  # --rows 1: a lone prompt's step through the pieces too
+            prefill_graphs.WIDER = True  # --rows 1: a lone prompt's step through the pieces too
 
             graphs = PrefillGraphs(model, sum(map(len, reqs)))
             t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from test_engine import assert_each_alone, prompts, run_burst, sparse, tok
 from test_packed_prefill import _step
 
 from cpm4.engine import prefill_graphs
-from cpm4.engine.paged import PagedKVCache
+from cpm4.engine.paged import PagedKVCache, SeqPages
 from cpm4.engine.prefill_graphs import PrefillGraphs, _alias
 from cpm4.engine.sampling import SamplingParams
 from cpm4.engine.scheduler import LLMEngine
@@ -78,33 +78,81 @@ def test_engine_burst_through_the_pieces_equals_alone(monkeypatch):
 @pytest.mark.parametrize("cached", [0, 37])
 @pytest.mark.parametrize("scatter", [None, 4])
 def test_one_row_steps_through_the_pieces(monkeypatch, cached, scatter):
-    """`ONE_ROW`: a lone prompt's step (fresh, or after cached tokens; pages in order or scattered) through the
-    pieces gives the layer loop's logits (float64) and the same cache; off, or with padding, the layer loop."""
+    """`WIDER`: a lone prompt's step (fresh, or after cached tokens; pages in order or scattered) through the
+    pieces gives the layer loop's logits (float64) and the same cache (kernel keys too); off, the layer loop."""
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
     monkeypatch.setattr(prefill_graphs, "BUCKETS", (64, 128))
     model = random_model("tiny", dtype=torch.float64, sparse_config=sparse(dense_len=4096))
     p = prompts(1, seed=76, lo=90, hi=91)[0]
     runs = []
-    for one_row in (False, True):
-        monkeypatch.setattr(prefill_graphs, "ONE_ROW", one_row)
+    for wider in (False, True):
+        monkeypatch.setattr(prefill_graphs, "WIDER", wider)
         model.prefill_graphs = graphs = PrefillGraphs(model, 200, capture=False)
         got, cache = _step(model, [p], [cached], scatter_seed=scatter)
-        assert graphs.steps == int(one_row) * (1 + bool(cached))  # (the cached part ran first, one row too)
+        assert graphs.steps == int(wider) * (1 + bool(cached))  # (the cached part ran first, one row too)
         runs.append((got[0], cache))
     (a, ca), (b, cb) = runs
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     for store in ("k", "v", "fine", "coarse"):
         for x, y in zip(getattr(ca, store), getattr(cb, store)):
             torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
-    assert not PrefillGraphs.takes_one_row(([0], [5]), 7)  # padding after the row's tokens
+
+
+def test_takes(monkeypatch):
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    graphs = PrefillGraphs(model, 100, capture=False)
+    cache = PagedKVCache(model.config, num_pages=8, page_size=16).batch([SeqPages(), SeqPages()])
+    for host, t, narrow, wide in ((([0, 0], [30, 20]), 30, True, True),  # packed, all dense
+                                  (([0, 0], [30, 30]), 30, False, True),  # no padding: the layer loop does not pack
+                                  (([0], [30]), 30, False, True),  # one row
+                                  (([0, 0], [60, 50]), 60, False, False),  # more than max_tokens
+                                  (([0, 0], [30, 0]), 30, False, False)):  # a row without new tokens
+        assert graphs.takes(cache, host, t) == narrow, host
+        prefill_graphs.WIDER = True
+        try:
+            assert graphs.takes(cache, host, t) == wide, host
+        finally:
+            prefill_graphs.WIDER = False
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_wider_fuzz(monkeypatch, seed):
+    """`WIDER`, seeded random steps: rows after shared cached prefixes (cascades), rows with more of their own
+    tokens cached, rows without a prefix, InfLLM v2 rows past a short dense_len, one row or several, random pages:
+    through the pieces (padded to a bucket) every row's logits equal the layer loop's (float64)."""
+    import random
+
+    from test_cascade_fuzz import _step as prefix_step
+
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(Attention, "cascade_min_tokens", 16)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (64, 256))
+    monkeypatch.setattr(prefill_graphs, "WIDER", True)
+    rng = random.Random(seed)
+    sc = [None, sparse(dense_len=4096), sparse(dense_len=40)][seed % 3]
+    model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
+    prefixes = [[rng.randrange(3, 1000) for _ in range(rng.randrange(16, 70))] for _ in range(rng.randrange(1, 3))]
+    rows = []
+    for _ in range(1 if seed % 4 == 3 else rng.randrange(2, 6)):
+        k = rng.randrange(len(prefixes) + 1)
+        head = prefixes[k] if k < len(prefixes) else []
+        rows.append((head + [rng.randrange(3, 1000) for _ in range(rng.randrange(1, 40))],
+                     rng.choice([0, 0, rng.randrange(1, 20)])))
+    want, cut = prefix_step(model, prefixes, rows, random.Random(seed))
+    model.prefill_graphs = graphs = PrefillGraphs(model, 400, capture=False)
+    got, cut2 = prefix_step(model, prefixes, rows, random.Random(seed))
+    assert cut2 == cut and graphs.steps >= 1
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, i=i: f"row {i}: {m}")
 
 
 def test_engine_single_requests_through_the_pieces_equal_alone(monkeypatch):
     """Requests one at a time (each prompt's steps one row, chunked past chunk_tokens) through the pieces with
-    `ONE_ROW`: the greedy tokens of the plain loop."""
+    `WIDER`: the greedy tokens of the plain loop."""
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
     monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 64))
-    monkeypatch.setattr(prefill_graphs, "ONE_ROW", True)
+    monkeypatch.setattr(prefill_graphs, "WIDER", True)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
     ps = prompts(3, seed=77, lo=10, hi=150)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -208,13 +256,13 @@ def test_prefill_graphs_on_cuda(cached):
 
 @pytest.mark.gpu
 def test_one_row_on_cuda(monkeypatch):
-    """`ONE_ROW` captured (bf16, flash): a lone prompt's logits, fresh and after cached tokens, within bf16 rounding
+    """`WIDER` captured (bf16, flash): a lone prompt's logits, fresh and after cached tokens, within bf16 rounding
     of the layer loop's; requests one at a time through the engine give the tokens they give without the graphs."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from cpm4.model import MiniCPM4ForCausalLM
 
-    monkeypatch.setattr(prefill_graphs, "ONE_ROW", True)
+    monkeypatch.setattr(prefill_graphs, "WIDER", True)
     base = random_model("tiny", dtype=torch.float32, sparse_config=None)
     model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})

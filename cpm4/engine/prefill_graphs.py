@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from cpm4.model.modeling import MiniCPM4ForCausalLM
+from cpm4.model.modeling import MiniCPM4ForCausalLM, Packing
 
 # `LLMEngine(prefill_graphs=None)` takes them with CUDA graphs while this is on (benchmarks' --no-prefill-graphs).
 ENABLED = True
 
-# A one-row step of a dense prompt (a lone request's prompt or chunk, no padding) takes the pieces too, as a packing
-# of one row. Off until measured on the GPU (CPU-tested): small packed steps ran 2.8x faster through the pieces.
-ONE_ROW = False
+# Every prefill step of up to max_tokens tokens through the pieces, packed for them whatever its attention (one row,
+# rows without padding, InfLLM v2 rows, cascades over shared prefixes: the attention between the pieces takes any of
+# its paths); off: the packed all-dense steps with padding only. Off until measured on the GPU (CPU-tested).
+WIDER = False
 
 # Token counts a packed step is padded up to (then the engine's chunk size); steps beyond the largest run eagerly.
 BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
@@ -60,7 +61,7 @@ class PrefillGraphs:
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
         self.attn_out = torch.zeros(1, n, attn.n_heads * attn.head_dim, dtype=model.dtype, device=dev)
-        self._probe = torch.empty(0, attn.head_dim, dtype=model.dtype, device=dev)  # what `_packed_ok` checks of q
+        self._probe = torch.empty(0, attn.head_dim, dtype=model.dtype, device=dev)  # what `takes` checks of q
         self.chains: dict[int, list[tuple[torch.cuda.CUDAGraph, dict]]] = {}
         self.pool = None
         self._captured_for = None  # `_signature` when the chains were captured
@@ -70,22 +71,20 @@ class PrefillGraphs:
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
-    def takes(self, cache, host: tuple[list[int], list[int]]) -> tuple[list[int]] | None:
-        """Whether a packed step with these rows runs here: at most max_tokens tokens and the packed all-dense
-        attention (`Attention._packed_ok`, the same for every layer). Returns (kv_lens,) then, else None."""
-        if sum(host[1]) > self.max_tokens:
-            return None
+    def takes(self, cache, host: tuple[list[int], list[int]], t: int) -> bool:
+        """Whether a prefill step (rows of host[1] new tokens after host[0] cached ones, t a row as given) runs here:
+        at most max_tokens tokens, every row with some; with `WIDER` any such step, else only those the layer loop
+        packs (`Packing.worth`) whose rows are all dense (`Attention._packed_ok`, the same for every layer)."""
+        new = host[1]
+        if not new or sum(new) > self.max_tokens or min(new) <= 0:
+            return False
+        if WIDER:
+            return True
+        if not Packing.worth(new, t):
+            return False
         attn = self.model.model.layers[0].self_attn
-        kv_lens, sparse, groups = attn._row_modes(cache, self._probe, host)
-        if not attn._packed_ok(self._probe, cache, sparse, groups, any(host[0])):
-            return None
-        return (kv_lens,)
-
-    @staticmethod
-    def takes_one_row(host: tuple[list[int], list[int]], t: int) -> bool:
-        """Whether a one-row step may go through the pieces as a packing of itself (`ONE_ROW`): its t tokens all
-        real."""
-        return ONE_ROW and len(host[1]) == 1 and host[1][0] == t > 0
+        _, sparse, groups = attn._row_modes(cache, self._probe, host)
+        return attn._packed_ok(self._probe, cache, sparse, groups, any(host[0]))
 
     def _signature(self) -> tuple:
         """What the captured kernels bake in: the first layer's q/k/v and gate/up weights by address (fusing or
@@ -154,11 +153,11 @@ class PrefillGraphs:
                 if nb not in self.chains:
                     self.chains[nb] = self._capture(nb)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache, host: tuple[list[int], list[int]],
-            kv_lens: list[int]) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor, cache,
+            host: tuple[list[int], list[int]], pack: Packing) -> torch.Tensor:
         """The trunk's output [1, n, H] (before the final norm, a tensor of its own) of a packed step: ids and
-        positions [n] of the rows' new tokens end to end; cache, host, kv_lens as `Attention._packed_dense` takes
-        them (`takes` gave kv_lens). The caller advances the cache."""
+        positions [n] of the rows' new tokens end to end (`pack`'s layout); starts, new_lens, cache, host as
+        `Attention.attend` takes them. The caller advances the cache."""
         n = ids.shape[0]
         nb = next(s for s in self.sizes if s >= n)
         self.ids[:n].copy_(ids, non_blocking=True)
@@ -177,7 +176,7 @@ class PrefillGraphs:
                 state = fn(state)
             if i < len(layers):
                 q, k, v = (state[name][:, :n] for name in "qkv")
-                out = layers[i].self_attn._packed_dense(q, k, v, host, kv_lens, cache)
-                self.attn_out[:, :n].copy_(out.view(1, n, -1))
+                out = layers[i].self_attn.attend(q, k, v, starts, new_lens, cache, None, host, pack)
+                self.attn_out[:, :n].copy_(out)
         self.steps += 1
         return state["x"][:, :n].clone()

@@ -190,8 +190,15 @@ class Attention(nn.Module):
         row b; each attends only within itself, exactly as if it were a sequence of its own.
         `pack` (multi-row prefill with a cache): x is [1, n, H], the batch's real tokens end to end; the
         result is laid out the same way."""
-        b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
+        return self._out(self.attend(q, k, v, starts, new_lens, cache, docs, host, pack))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor,
+               cache=None, docs: list[list[int]] | None = None, host: tuple[list[int], list[int]] | None = None,
+               pack: Packing | None = None) -> torch.Tensor:
+        """The attention of `forward` on its projected q, k, v ([B, T, heads, d]; packed: [1, n, heads, d]), before
+        the o projection: [B, T, heads * d] (packed: [1, n, heads * d]). Same arguments as `forward`."""
+        b, t = q.shape[:2]
         if docs is None and not getattr(cache, "decoding", False) and host is None:
             host = (starts.tolist(), new_lens.tolist())
         modes = None
@@ -201,16 +208,16 @@ class Attention(nn.Module):
             if self._packed_ok(q, cache, modes[1], modes[2], any(host[0])):
                 # Every row dense, no cascade: one variable-length call on the packed tokens as they are.
                 out = self._packed_dense(q, k, v, host, modes[0], cache)
-                return self._out(out.reshape(1, -1, self.n_heads * self.head_dim))
+                return out.reshape(1, -1, self.n_heads * self.head_dim)
             q, k, v = pack.pad(q), pack.pad(k), pack.pad(v)
         if docs is None and cache is None and all(n == t for n in host[1]) and not any(host[0]):
             docs = [[t]] * b  # full rows without a cache (training, scoring): the batched path below
         if docs is not None:
             out = self._packed(q, k, v, docs)
-            return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
+            return out.reshape(b, t, self.n_heads * self.head_dim)
         if getattr(cache, "decoding", False):  # engine decode step: attention on the paged cache in place
             out = cache.decode(self.layer_idx, q, k, v, self.scale)
-            return self._out(out.reshape(b, t, self.n_heads * self.head_dim))
+            return out.reshape(b, t, self.n_heads * self.head_dim)
         h_starts, h_new = host
         kv_lens, sparse, groups = modes or self._row_modes(cache, q, host)
         sc = self.config.sparse_config
@@ -286,7 +293,7 @@ class Attention(nn.Module):
                                                    starts[i:i + 1], s == 0 and L == n, s)
         if pack is not None:
             out = pack.unpad(out)
-        return self._out(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
+        return out.reshape(*out.shape[:2], self.n_heads * self.head_dim)
 
     def _row_modes(self, cache, q: torch.Tensor, host: tuple[list[int], list[int]]
                    ) -> tuple[list[int], list[bool], list[tuple[list[int], int]]]:
@@ -739,22 +746,14 @@ class MiniCPM4ForCausalLM(nn.Module):
         pack = None
         if cache is not None and host is not None:  # (never read in decode steps: nothing for dynamo to guard)
             graphs = self.prefill_graphs
-            if self.pack_rows and Packing.worth(host[1], t):
+            taken = graphs is not None and self.pack_rows and graphs.takes(cache, host, t)
+            if self.pack_rows and (taken or Packing.worth(host[1], t)):
                 pack = Packing(host[1], t, dev)
                 input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
-                taken = graphs.takes(cache, host) if graphs is not None else None
-                if taken is not None:
-                    x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
+                if taken:
+                    x = graphs.run(input_ids[0], positions[0], starts, new_lens, cache, host, pack)
                     cache.advance(new_lens, host)
                     return x, pack
-            elif graphs is not None and graphs.takes_one_row(host, t):
-                # One row without padding, packed as itself (only when the pieces take it: the other attention
-                # paths would pay the packing's copies for nothing).
-                taken = graphs.takes(cache, host)
-                if taken is not None:
-                    x = graphs.run(input_ids[0], positions[0], cache, host, *taken)
-                    cache.advance(new_lens, host)
-                    return x, Packing(host[1], t, dev)
         cos, sin = self.rotary(positions, self.dtype)
         x = self.embed(input_ids)
         for layer in self.model.layers:
