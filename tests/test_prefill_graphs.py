@@ -184,8 +184,15 @@ def test_chains_dropped_when_weights_or_ops_change():
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
     graphs = PrefillGraphs(model, 256, capture=False)
     graphs._current()
+    class Replaced(torch.nn.Module):  # a module without a weight tensor (a quantized projection, say)
+        def forward(self, x):
+            return x
+
+    def replace():
+        model.model.layers[0].self_attn.q_proj = Replaced()
+
     for change in (model.fuse_projections, lambda: model.fuse_elementwise(True, backend="triton"),
-                   model.unfuse_projections):
+                   model.unfuse_projections, replace):
         graphs.chains[256] = "captured"
         graphs._current()
         assert graphs.chains  # unchanged model: kept

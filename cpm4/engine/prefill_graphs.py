@@ -91,9 +91,13 @@ class PrefillGraphs:
         unfusing the projections, moving the model, replaces every layer's) and the element-wise ops in use."""
         layer = self.model.model.layers[0]
         attn, mlp = layer.self_attn, layer.mlp
-        weights = (attn.qkv if attn.qkv is not None else attn.q_proj.weight,
-                   mlp.gate_up if mlp.gate_up is not None else mlp.gate_proj.weight)
-        return tuple(w.data_ptr() for w in weights) + (id(layer.ops), id(attn.ops), id(mlp.ops))
+
+        def address(fused: torch.Tensor | None, lin: torch.nn.Module) -> int:
+            w = fused if fused is not None else getattr(lin, "weight", None)  # (a replaced module: by identity)
+            return w.data_ptr() if isinstance(w, torch.Tensor) else id(lin)
+
+        return (address(attn.qkv, attn.q_proj), address(mlp.gate_up, mlp.gate_proj), id(layer.ops), id(attn.ops),
+                id(mlp.ops))
 
     def _current(self) -> None:
         """Drop chains captured over weights or ops the model no longer uses (they would read freed memory)."""
