@@ -201,6 +201,26 @@ def test_chains_dropped_when_weights_or_ops_change():
         assert not graphs.chains
 
 
+def test_capture_limit():
+    """Where a step stops being host-bound, by the documented formula: 0.6 ms of launches a layer against
+    2 x params a token at 400 TFLOP/s, rounded up to 512, at most the chunk."""
+    from cpm4.engine.prefill_graphs import capture_limit
+    from cpm4.model import MiniCPM4ForCausalLM
+    from cpm4.model.config import preset
+
+    for name, want in (("minicpm4-0.5b", 8192), ("minicpm4-8b", 512)):
+        with torch.device("meta"):
+            model = MiniCPM4ForCausalLM(preset(name))
+        c = model.config
+        per_token = 2 * c.num_hidden_layers * (c.hidden_size * c.dim_head * (2 * c.num_attention_heads
+                                                                            + 2 * c.num_key_value_heads)
+                                               + 3 * c.hidden_size * c.intermediate_size)
+        tokens = 0.6e-3 * c.num_hidden_layers / (per_token / 400e12)
+        assert want - 512 < tokens <= want
+        assert capture_limit(model, 100_000) == want
+        assert capture_limit(model, 300) == 300  # the chunk bounds it
+
+
 def test_errors():
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
     with pytest.raises(ValueError, match="CUDA"):

@@ -29,8 +29,27 @@ ENABLED = True
 # its paths); off: the packed all-dense steps with padding only. Off until measured on the GPU (CPU-tested).
 WIDER = False
 
-# Token counts a packed step is padded up to (then the engine's chunk size); steps beyond the largest run eagerly.
-BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
+# Token counts a packed step is padded up to (then the largest captured, `capture_limit`); steps beyond it run
+# eagerly. Every 256 to 2,048, then every 512: at most a few % padding where the step's kernels outweigh its launches.
+BUCKETS = (256, 512, 768, 1024, 1280, 1536, 1792, 2048) + tuple(range(2560, 65537, 512))
+
+# What `capture_limit` assumes: the layer loop's host time a layer (H200 host, the 0.5B's 24 layers: a small packed
+# step took ≈ 15 ms eagerly) and the GPU's rate on a step's weight matmuls.
+HOST_MS_PER_LAYER = 0.6
+STEP_TFLOPS = 400.0
+
+
+def capture_limit(model: MiniCPM4ForCausalLM, chunk_tokens: int) -> int:
+    """The largest step worth capturing: about where a step's matmuls take as long on the GPU as its layer loop's
+    launches on the host (beyond, the step is GPU-bound and graphs win nothing: on the H200 the 0.5B's 9,185-token
+    step ran 1.02x, its 18,028-token one 0.97x), rounded up to a multiple of 512, at most chunk_tokens. 0.5B: 8,192;
+    8B: 512."""
+    c = model.config
+    hq, hkv, d, h = c.num_attention_heads, c.num_key_value_heads, c.dim_head, c.hidden_size
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * c.intermediate_size
+    gpu_ms_per_token = 2 * per_layer * c.num_hidden_layers / (STEP_TFLOPS * 1e9)
+    tokens = HOST_MS_PER_LAYER * c.num_hidden_layers / gpu_ms_per_token
+    return max(1, min(chunk_tokens, -(-int(tokens) // 512) * 512))
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
@@ -43,11 +62,11 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 class PrefillGraphs:
     def __init__(self, model: MiniCPM4ForCausalLM, max_tokens: int, capture: bool | None = None):
-        """max_tokens: the largest step captured (the engine's chunk size). capture: record CUDA graphs (default on
-        CUDA); False runs the same pieces directly on the same padded buffers (tests off the GPU). The graphs read
-        the model's weights by address: chains captured before the projections were fused (or unfused) or the
-        element-wise ops changed are dropped and captured again on use (`_current`); other weights replaced in
-        place of the old need a new PrefillGraphs."""
+        """max_tokens: the largest step captured (the engine's: `capture_limit`). capture: record CUDA graphs
+        (default on CUDA); False runs the same pieces directly on the same padded buffers (tests off the GPU). The
+        graphs read the model's weights by address: chains captured before the projections were fused (or unfused)
+        or the element-wise ops changed are dropped and captured again on use (`_current`); other weights replaced
+        in place of the old need a new PrefillGraphs."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         self.model = model

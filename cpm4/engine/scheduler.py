@@ -141,7 +141,8 @@ class LLMEngine:
         requests' texts together from `generate.finish_texts` (the offline LLM, after its run: one batch decode on
         every core instead of one output at a time in the step loop).
 
-        prefill_graphs: packed all-dense prefill steps of up to chunk_tokens tokens replay the work between their
+        prefill_graphs: packed all-dense prefill steps of up to `prefill_graphs.capture_limit` tokens (where a step
+        stops being host-bound: 8,192 for the 0.5B, 512 for the 8B; at most chunk_tokens) replay the work between their
         attention calls from CUDA graphs, one chain per token bucket (`cpm4.engine.prefill_graphs`, vLLM's
         piecewise graphs; captured in `warm_up` or on a bucket's first use); default: with cuda_graphs (and
         `prefill_graphs.ENABLED`). The
@@ -202,8 +203,10 @@ class LLMEngine:
         held = model.prefill_graphs
         if not prefill_graphs:
             model.prefill_graphs = None
-        elif held is None or held.max_tokens < self.chunk_tokens:  # (another engine's, as large: shared)
-            model.prefill_graphs = prefill_graphs_module.PrefillGraphs(model, self.chunk_tokens)
+        else:
+            limit = prefill_graphs_module.capture_limit(model, self.chunk_tokens)
+            if held is None or held.max_tokens < limit:  # (another engine's, as large: shared)
+                model.prefill_graphs = prefill_graphs_module.PrefillGraphs(model, limit)
         # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
         # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
         self.async_output = self.graphs is not None if async_output is None else async_output
