@@ -263,6 +263,10 @@ wider)  # prefill_graphs.WIDER (off until this runs): GPU tests, then a lone pro
         2>&1 | tail -3
     timeout 150 "$PY" benchmarks/packed_prefill.py --config minicpm4-0.5b --device cuda --rows 1 2 4 --peer graphs \
         --repeats 5 --tag=-wider --out "${OUT:-benchmarks/results}" 2>&1 | tail -8
+    for side in "" --prefill-graphs-wider; do  # batch-1 prefill (time to first token) of a lone 1K / 4K prompt
+        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
+            $side --tag="-wider$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "prefill|decode" | head -6
+    done
     ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
