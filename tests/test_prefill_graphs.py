@@ -199,6 +199,9 @@ def test_chains_dropped_when_weights_or_ops_change():
         change()
         graphs._current()
         assert not graphs.chains
+    model.prefill_graphs = graphs
+    model.to(torch.float64)  # another placement: the graphs' buffers and weights are the old ones
+    assert model.prefill_graphs is None
 
 
 def test_capture_limit():

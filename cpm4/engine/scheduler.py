@@ -142,12 +142,12 @@ class LLMEngine:
         every core instead of one output at a time in the step loop).
 
         prefill_graphs: packed all-dense prefill steps of up to `prefill_graphs.capture_limit` tokens (where a step
-        stops being host-bound: 8,192 for the 0.5B, 512 for the 8B; at most chunk_tokens) replay the work between their
-        attention calls from CUDA graphs, one chain per token bucket (`cpm4.engine.prefill_graphs`, vLLM's
+        stops being host-bound: 8,192 for the 0.5B, 512 for the 8B; at most chunk_tokens) replay the work between
+        their attention calls from CUDA graphs, one chain per token bucket (`cpm4.engine.prefill_graphs`, vLLM's
         piecewise graphs; captured in `warm_up` or on a bucket's first use); default: with cuda_graphs (and
-        `prefill_graphs.ENABLED`). The
-        graphs' memory pool (about one chunk's activations) comes out of the headroom gpu_memory_utilization
-        leaves, as vLLM's graphs do."""
+        `prefill_graphs.ENABLED`). Measured on the H200, 0.5B: small steps 2.8x faster, the server's mean time to
+        first token 118 -> 80 ms. The graphs' memory pool (about the activations of a step at that limit) comes
+        out of the headroom gpu_memory_utilization leaves, as vLLM's graphs do."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache

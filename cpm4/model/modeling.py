@@ -665,8 +665,10 @@ class MiniCPM4ForCausalLM(nn.Module):
                 m.ops = ops
 
     def _apply(self, fn, recurse=True):
-        # Moving or casting copies each parameter on its own: fuse again so the fused weights follow.
+        # Moving or casting copies each parameter on its own: fuse again so the fused weights follow. Prefill graphs
+        # belong to the old placement (their buffers, the weights they read): dropped.
         fused = self.model.layers[0].self_attn.qkv is not None if len(self.model.layers) else False
+        self.prefill_graphs = None
         out = super()._apply(fn, recurse)
         if fused:
             self.fuse_projections()
