@@ -57,24 +57,6 @@ def test_steps_the_pieces_do_not_take(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_engine_burst_through_the_pieces_equals_alone(monkeypatch):
-    """The engine's packed steps (chunks cutting prompts, later steps continuing them beside fresh ones) through
-    the pieces: each request's greedy tokens are those of the request alone."""
-    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
-    monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 96))
-    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    ps = prompts(6, seed=73, lo=10, hi=120)
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=96, page_size=16), max_batch_size=6,
-                    chunk_tokens=150)
-    model.prefill_graphs = graphs = PrefillGraphs(model, 150, capture=False)
-    res = run_burst(eng, ps, params)
-    assert graphs.steps >= 2
-    monkeypatch.setattr(Attention, "varlen_on_cpu", False)
-    model.prefill_graphs = None
-    assert_each_alone(res, model, ps, params)
-
-
 @pytest.mark.parametrize("cached", [0, 37])
 @pytest.mark.parametrize("scatter", [None, 4])
 def test_one_row_steps_through_the_pieces(monkeypatch, cached, scatter):
@@ -147,23 +129,29 @@ def test_wider_fuzz(monkeypatch, seed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, i=i: f"row {i}: {m}")
 
 
-def test_engine_single_requests_through_the_pieces_equal_alone(monkeypatch):
-    """Requests one at a time (each prompt's steps one row, chunked past chunk_tokens) through the pieces with
-    `WIDER`: the greedy tokens of the plain loop."""
+@pytest.mark.parametrize("together", [True, False])
+def test_engine_through_the_pieces_equals_alone(monkeypatch, together):
+    """Through the engine, each request's greedy tokens are those of the request alone: a burst of prompts in packed
+    steps (chunks cutting prompts, later steps continuing them beside fresh ones), or with `WIDER` prompts one at a
+    time (one-row steps, chunked past chunk_tokens)."""
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
-    monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 64))
-    monkeypatch.setattr(prefill_graphs, "WIDER", True)
+    monkeypatch.setattr(prefill_graphs, "BUCKETS", (32, 96) if together else (32, 64))
+    monkeypatch.setattr(prefill_graphs, "WIDER", not together)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    ps = prompts(3, seed=77, lo=10, hi=150)
+    ps = prompts(6, seed=73, lo=10, hi=120) if together else prompts(3, seed=77, lo=10, hi=150)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=64, page_size=16), max_batch_size=1,
-                    chunk_tokens=100)
-    model.prefill_graphs = graphs = PrefillGraphs(model, 100, capture=False)
-    res = {}
-    for i, p in enumerate(ps):
-        eng.add_request(f"r{i}", p, params)
-        res.update(eng.run_to_completion())
-    assert graphs.steps >= len(ps)
+    chunk = 150 if together else 100
+    eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=96, page_size=16),
+                    max_batch_size=len(ps) if together else 1, chunk_tokens=chunk)
+    model.prefill_graphs = graphs = PrefillGraphs(model, chunk, capture=False)
+    if together:
+        res = run_burst(eng, ps, params)
+    else:
+        res = {}
+        for i, p in enumerate(ps):
+            eng.add_request(f"r{i}", p, params)
+            res.update(eng.run_to_completion())
+    assert graphs.steps >= (2 if together else len(ps))
     monkeypatch.setattr(Attention, "varlen_on_cpu", False)
     model.prefill_graphs = None
     assert_each_alone(res, model, ps, params)
@@ -236,6 +224,39 @@ def test_errors():
     assert model.prefill_graphs is None  # the CPU default
 
 
+def _cuda_model():
+    """The tiny model in bf16 on CUDA, projections fused (as the engine runs it)."""
+    from cpm4.model import MiniCPM4ForCausalLM
+
+    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
+    model.fuse_projections()
+    return model
+
+
+def _tokens_with_and_without(model, batches: list[list[list[int]]], **engine_kw) -> None:
+    """Each batch of prompts run to its end in turn, on an engine with prefill graphs and on one without: the greedy
+    tokens agree (but for a bf16 near tie in one request), and the graphs took steps."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    out = {}
+    for on in (True, False):
+        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=400, page_size=64, device="cuda",
+                                                   dtype=torch.bfloat16), prefill_graphs=on, **engine_kw)
+        eng.warm_up()
+        assert (model.prefill_graphs is not None) == on
+        before = model.prefill_graphs.steps if on else 0
+        out[on] = {}
+        for b, batch in enumerate(batches):
+            for i, p in enumerate(batch):
+                eng.add_request(f"b{b}r{i}", p, params)
+            out[on].update(eng.run_to_completion())
+        if on:
+            assert model.prefill_graphs.steps > before
+    same = sum(out[True][k][1] == out[False][k][1] for k in out[False])
+    assert same >= len(out[False]) - 1  # bf16: a near tie may break the other way in one request
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cached", [[0, 0, 0, 0], [0, 37, 0, 5]])
 def test_prefill_graphs_on_cuda(cached):
@@ -243,12 +264,7 @@ def test_prefill_graphs_on_cuda(cached):
     captured by warm_up; the engine's greedy tokens with the graphs equal those without them."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from cpm4.model import MiniCPM4ForCausalLM
-
-    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
-    model.fuse_projections()
+    model = _cuda_model()
     ps = prompts(4, seed=74, lo=20, hi=150)
     with torch.no_grad():
         want, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
@@ -267,21 +283,7 @@ def test_prefill_graphs_on_cuda(cached):
         for i, (a, b) in enumerate(zip(got, want)):
             assert (a - b).abs().max() < 0.05, i
         model.fuse_projections()
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    burst = prompts(12, seed=75, lo=30, hi=400)
-    out = {}
-    for on in (True, False):
-        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=400, page_size=64, device="cuda",
-                                                   dtype=torch.bfloat16), max_batch_size=12, chunk_tokens=1024,
-                        prefill_graphs=on)
-        eng.warm_up()
-        assert (model.prefill_graphs is not None) == on
-        before = model.prefill_graphs.steps if on else 0
-        out[on] = run_burst(eng, burst, params)
-        if on:
-            assert model.prefill_graphs.steps > before
-    same = sum(out[True][f"r{i}"][1] == out[False][f"r{i}"][1] for i in range(len(burst)))
-    assert same >= len(burst) - 1  # bf16: a near tie may break the other way in one request
+    _tokens_with_and_without(model, [prompts(12, seed=75, lo=30, hi=400)], max_batch_size=12, chunk_tokens=1024)
 
 
 @pytest.mark.gpu
@@ -290,13 +292,8 @@ def test_one_row_on_cuda(monkeypatch):
     of the layer loop's; requests one at a time through the engine give the tokens they give without the graphs."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from cpm4.model import MiniCPM4ForCausalLM
-
     monkeypatch.setattr(prefill_graphs, "WIDER", True)
-    base = random_model("tiny", dtype=torch.float32, sparse_config=None)
-    model = MiniCPM4ForCausalLM(base.config).to("cuda", torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
-    model.fuse_projections()
+    model = _cuda_model()
     p = prompts(1, seed=78, lo=300, hi=301)[0]
     with torch.no_grad():
         for cached in (0, 77):
@@ -307,16 +304,5 @@ def test_one_row_on_cuda(monkeypatch):
             assert graphs.steps == 1 + bool(cached)
             assert (got[0] - want[0]).abs().max() < 0.05
             assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() > 0.95
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    ps = prompts(4, seed=79, lo=30, hi=700)
-    out = {}
-    for on in (True, False):
-        eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=100, page_size=64, device="cuda",
-                                                   dtype=torch.bfloat16), max_batch_size=4, chunk_tokens=512,
-                        prefill_graphs=on)
-        out[on] = {}
-        for i, q in enumerate(ps):
-            eng.add_request(f"r{i}", q, params)
-            out[on].update(eng.run_to_completion())
-    same = sum(out[True][f"r{i}"][1] == out[False][f"r{i}"][1] for i in range(len(ps)))
-    assert same >= len(ps) - 1  # bf16: a near tie may break the other way in one request
+    _tokens_with_and_without(model, [[p] for p in prompts(4, seed=79, lo=30, hi=700)], max_batch_size=4,
+                             chunk_tokens=512)
