@@ -475,3 +475,24 @@ def test_reclaim_passes_held_pages_and_its_queue_stays_bounded():
         taken += seq.pages
     assert taken == expect
     assert not cache._reclaimable and cache.num_free == 0 and all(cache.refs[p] == 2 for p in long.pages)
+
+
+def test_a_page_is_published_under_one_key_at_most():
+    """The same pages offered again under other keys (the same sequence published as sparse after dense: another
+    attention mode, whose keys and values these pages do not hold) are not entered again: each page stays under its
+    first key, and once released it is reclaimable (a page under two entries was held by the table for good)."""
+    cache = PagedKVCache(preset("tiny", num_hidden_layers=1, sparse_config=None), num_pages=6, page_size=4)
+    prompt = list(range(13))  # three whole pages and one token
+    seq, _ = cache.new_sequence(prompt)
+    cache.reserve(seq, 13)
+    seq.length = 13
+    cache.publish(seq, prompt)
+    cache.publish(seq, prompt, sparse=True)
+    assert len(cache.prefix) == 3 and cache._pubs[:6].count(1) == 3 and max(cache._pubs) == 1
+    cache.release(seq)
+    assert cache.num_free == 6  # 2 never used, the partial fourth page freed, 3 published and reclaimable
+    other, _ = cache.new_sequence([99] * 24)
+    cache.reserve(other, 24)  # every page: the published ones reclaimed
+    assert not cache.prefix and cache.num_free == 0
+    _, computed = cache.new_sequence(prompt, sparse=True)
+    assert computed == 0

@@ -346,13 +346,19 @@ class PagedKVCache:
             return
         chain = self.chain(tokens, min(len(tokens), seq.length) // self.page_size, sparse, known)
         for i, h in enumerate(chain):
-            if h not in self.prefix:
-                p = seq.pages[i]
-                self.prefix[h] = p
-                self._ref(p, 1)  # before counting the entry: the sequence holds p, so it is not reclaimable
-                self._pubs[p] += 1
-                if self._key[p] is None:
-                    self._key[p] = h
+            if h in self.prefix:
+                continue
+            p = seq.pages[i]
+            if self._key[p] is not None:
+                # Entered under another key already (the other attention mode: its keys and values are not this
+                # one's), and a second entry would hold the page for good (`_evict` drops one): the chain stops,
+                # as its later keys are reachable only through this one.
+                chain = chain[:i]
+                break
+            self.prefix[h] = p
+            self._ref(p, 1)  # before counting the entry: the sequence holds p, so it is not reclaimable
+            self._pubs[p] += 1
+            self._key[p] = h
         self._touch(chain)
 
     def release(self, seq: SeqPages) -> None:
