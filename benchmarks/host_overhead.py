@@ -91,7 +91,7 @@ def share_ms(cache: PagedKVCache, bs: int, width: int, pages: int, shared: int) 
     cols = graphs.host_table.update(seqs, bs)
     _, _, ends = graphs._rows(seqs, bs)
     graphs._share(ends, bs, bs, cols)
-    assert int(graphs.shared.count) == shared
+    assert int(graphs.shared.count[0]) == shared and int(graphs.shared.count[1:].sum()) == 0  # (one group)
 
     def recompute():
         graphs._shared_rows = -1  # as after a change of the rows' sequences (else the step keeps last step's group)
@@ -104,9 +104,14 @@ class StubModel:
     """What the engine needs of a model, without the model: prefill advances the gathered batch's lengths and
     returns fixed logits (decode steps never reach it: they go through `HostGraphs`)."""
 
+    prefill_graphs = None  # (the engine reads and sets it; none off the GPU)
+
     def __init__(self, config, logits: torch.Tensor):
         self.config, self.logits = config, logits
         self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def fuse_projections(self) -> None:  # (the engine fuses its model's projections: nothing to fuse here)
+        pass
 
     def __call__(self, ids: torch.Tensor, cache, new_lens: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         if not getattr(cache, "decoding", False):
@@ -125,6 +130,7 @@ class HostGraphs(DecodeGraphs):
     def __init__(self, cache: PagedKVCache, max_batch: int, width: int, logits: torch.Tensor):
         self.init_buffers(cache, max_batch, width, torch.device("cpu"))
         self.logits = logits
+        self.model = self.step = None  # (uncompiled: `_dynamic` asks whether the step is the model)
 
     def _capture(self, bs: int):
         return _NoReplay(), self.logits[:bs]
