@@ -212,6 +212,18 @@ def test_capture_limit():
         assert capture_limit(model, 300) == 300  # the chunk bounds it
 
 
+def test_usable(monkeypatch):
+    """Without the variable-length flash call (a float32 model, or the CPU) no step takes the pieces but with
+    `WIDER`: nothing worth capturing."""
+    graphs = PrefillGraphs(random_model("tiny", dtype=torch.float32, sparse_config=None), 256, capture=False)
+    assert not graphs.usable()
+    monkeypatch.setattr(prefill_graphs, "WIDER", True)
+    assert graphs.usable()
+    monkeypatch.setattr(prefill_graphs, "WIDER", False)
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    assert graphs.usable()
+
+
 def test_errors():
     model = random_model("tiny", dtype=torch.float32, sparse_config=None)
     with pytest.raises(ValueError, match="CUDA"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM, Packing
+from cpm4.model.varlen import varlen_flash_ok
 
 # `LLMEngine(prefill_graphs=None)` takes them with CUDA graphs while this is on (benchmarks' --no-prefill-graphs).
 ENABLED = True
@@ -167,10 +168,17 @@ class PrefillGraphs:
             state = out  # alive while the next piece is captured (it reads them); then only the aliases remain
         return chain
 
+    def usable(self) -> bool:
+        """Whether any step can take the pieces: with `WIDER` any; else the packed all-dense steps, whose attention
+        is the variable-length flash call (fp16/bf16 on an sm80+ GPU; `Attention.varlen_on_cpu` for tests)."""
+        attn = self.model.model.layers[0].self_attn
+        return WIDER or varlen_flash_ok(self._probe) or attn.varlen_on_cpu
+
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory)."""
-        if self.capture:
+        """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory); nothing
+        when no step could replay them (`usable`: a float32 model, say)."""
+        if self.capture and self.usable():
             self._current()
             for nb in reversed(self.sizes):
                 if nb not in self.chains:
