@@ -745,21 +745,21 @@ class MiniCPM4ForCausalLM(nn.Module):
             positions = doc_positions(docs, t, dev)
         else:
             positions = starts[:, None] + torch.arange(t, device=dev)[None, :]
-        pack = None
+        pack, graphs = None, None
         if cache is not None and host is not None:  # (never read in decode steps: nothing for dynamo to guard)
             graphs = self.prefill_graphs
-            taken = graphs is not None and self.pack_rows and graphs.takes(cache, host, t)
-            if self.pack_rows and (taken or Packing.worth(host[1], t)):
+            if graphs is not None and not (self.pack_rows and graphs.takes(cache, host, t)):
+                graphs = None
+            if self.pack_rows and (graphs is not None or Packing.worth(host[1], t)):
                 pack = Packing(host[1], t, dev)
                 input_ids, positions = pack.unpad(input_ids), pack.unpad(positions)
-                if taken:
-                    x = graphs.run(input_ids[0], positions[0], starts, new_lens, cache, host, pack)
-                    cache.advance(new_lens, host)
-                    return x, pack
-        cos, sin = self.rotary(positions, self.dtype)
-        x = self.embed(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, starts, new_lens, cache, docs, host, pack)
+        if graphs is not None:  # the step's work between attention calls from its CUDA graphs
+            x = graphs.run(input_ids[0], positions[0], starts, new_lens, cache, host, pack)
+        else:
+            cos, sin = self.rotary(positions, self.dtype)
+            x = self.embed(input_ids)
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, starts, new_lens, cache, docs, host, pack)
         if cache is not None:
             cache.advance(new_lens, host)
         return x, pack
