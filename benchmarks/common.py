@@ -81,15 +81,15 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     "decode (paged.CASCADE_DECODE_GROUPS); default theirs (4)")
     ap.add_argument("--no-prefill-graphs", action="store_true",
                     help="packed prefill steps layer by layer, not through their CUDA graphs (prefill_graphs.ENABLED)")
-    ap.add_argument("--prefill-graphs-wider", action="store_true",
-                    help="every prefill step up to the capture limit through the prefill graphs, a lone prompt's "
-                         "too (prefill_graphs.WIDER)")
+    ap.add_argument("--prefill-graphs-narrow", action="store_true",
+                    help="only the packed all-dense prefill steps through the prefill graphs, not a lone prompt's "
+                         "or a sparse or cascade step (prefill_graphs.WIDER off)")
     args = ap.parse_args()
-    if args.no_prefill_graphs or args.prefill_graphs_wider:
+    if args.no_prefill_graphs or args.prefill_graphs_narrow:
         from cpm4.engine import prefill_graphs
 
         prefill_graphs.ENABLED = not args.no_prefill_graphs
-        prefill_graphs.WIDER = args.prefill_graphs_wider
+        prefill_graphs.WIDER = not args.prefill_graphs_narrow
     if args.cascade_groups is not None:
         if args.cascade_groups < 1:
             ap.error(f"--cascade-groups must be >= 1, got {args.cascade_groups}")

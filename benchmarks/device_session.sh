@@ -268,6 +268,28 @@ wider)  # prefill_graphs.WIDER (off until this runs): GPU tests, then a lone pro
             $side --tag="-wider$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "prefill|decode" | head -6
     done
     ;;
+wider2)  # carry .wheels/py312: with WIDER on by default, the engine's GPU tests, then a lone prompt's prefill
+    # narrow first (last pass ran the default first), 1K / 4K / 16K (16K: two 8K chunks, the second InfLLM v2 sparse)
+    wheels
+    timeout 330 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefill_graphs.py tests/test_llm_engine.py \
+        tests/test_engine.py tests/test_serve_process.py tests/test_packed_prefill.py tests/test_model.py \
+        tests/test_gpu.py tests/test_guided.py 2>&1 | tail -3
+    for side in --prefill-graphs-narrow ""; do
+        timeout 120 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 16384 --no-peer \
+            --compile $side --tag="-wider2$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^(prefill|decode)"
+    done
+    ;;
+wider3)  # carry .wheels/py312: wider2's GPU tests again (the CUDA test counts the cached prefixes' steps), then
+    # the server row (64 streaming clients) narrow / default / default / narrow
+    wheels
+    timeout 330 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefill_graphs.py tests/test_llm_engine.py \
+        tests/test_engine.py tests/test_serve_process.py tests/test_packed_prefill.py tests/test_model.py \
+        tests/test_gpu.py tests/test_guided.py 2>&1 | tail -3
+    for side in --prefill-graphs-narrow "" "" --prefill-graphs-narrow; do
+        timeout 60 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --skip offline $side \
+            --tag="-wider3$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server"
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

@@ -19,10 +19,12 @@ from cpm4.model.modeling import Attention
 
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=4096)])
 @pytest.mark.parametrize("cached", [[0, 0, 0, 0], [0, 37, 0, 5]])
-def test_pieces_equal_the_layer_loop(monkeypatch, sc, cached):
+@pytest.mark.parametrize("wider", [False, True])
+def test_pieces_equal_the_layer_loop(monkeypatch, sc, cached, wider):
     """A packed step padded to its bucket (≈ 100-250 tokens padded to 256) gives each row the logits of the
     layer-by-layer step, and those of its whole prompt without a cache."""
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "WIDER", wider)
     monkeypatch.setattr(prefill_graphs, "BUCKETS", (64, 128, 256))
     model = random_model("tiny", dtype=torch.float64, sparse_config=sc)
     ps = prompts(4, seed=71, lo=20, hi=90)
@@ -30,7 +32,8 @@ def test_pieces_equal_the_layer_loop(monkeypatch, sc, cached):
     model.prefill_graphs = graphs = PrefillGraphs(model, 300, capture=False)
     assert graphs.sizes == [64, 128, 256, 300]
     got, _ = _step(model, ps, cached, scatter_seed=5)
-    assert graphs.steps == 1  # (the cached prefixes ran one row at a time: not packed)
+    # the cached prefixes ran one row at a time: not packed, through the pieces only with WIDER
+    assert graphs.steps == 1 + wider * sum(c > 0 for c in cached)
     for i, (p, c) in enumerate(zip(ps, cached)):
         torch.testing.assert_close(got[i], want[i], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got[i], model.prefill_graphs.model(torch.tensor([p]))[0, c:].float(),
@@ -38,8 +41,9 @@ def test_pieces_equal_the_layer_loop(monkeypatch, sc, cached):
 
 
 def test_steps_the_pieces_do_not_take(monkeypatch):
-    """More tokens than the largest bucket, or sparse rows: the layer loop, with the same logits."""
+    """More tokens than the largest bucket, or (without `WIDER`) sparse rows: the layer loop, same logits."""
     monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    monkeypatch.setattr(prefill_graphs, "WIDER", False)
     model = random_model("tiny", dtype=torch.float64, sparse_config=sparse(dense_len=40))
     ps = prompts(3, seed=72, lo=50, hi=90)  # every row past dense_len: sparse
     want, _ = _step(model, ps, [0, 0, 0])
@@ -90,12 +94,9 @@ def test_takes(monkeypatch):
                                   (([0], [30]), 30, False, True),  # one row
                                   (([0, 0], [60, 50]), 60, False, False),  # more than max_tokens
                                   (([0, 0], [30, 0]), 30, False, False)):  # a row without new tokens
-        assert graphs.takes(cache, host, t) == narrow, host
-        prefill_graphs.WIDER = True
-        try:
-            assert graphs.takes(cache, host, t) == wide, host
-        finally:
-            prefill_graphs.WIDER = False
+        for wider, want in ((False, narrow), (True, wide)):
+            monkeypatch.setattr(prefill_graphs, "WIDER", wider)
+            assert graphs.takes(cache, host, t) == want, (host, wider)
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -216,6 +217,7 @@ def test_usable(monkeypatch):
     """Without the variable-length flash call (a float32 model, or the CPU) no step takes the pieces but with
     `WIDER`: nothing worth capturing."""
     graphs = PrefillGraphs(random_model("tiny", dtype=torch.float32, sparse_config=None), 256, capture=False)
+    monkeypatch.setattr(prefill_graphs, "WIDER", False)
     assert not graphs.usable()
     monkeypatch.setattr(prefill_graphs, "WIDER", True)
     assert graphs.usable()
@@ -271,13 +273,17 @@ def _tokens_with_and_without(model, batches: list[list[list[int]]], **engine_kw)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cached", [[0, 0, 0, 0], [0, 37, 0, 5]])
-def test_prefill_graphs_on_cuda(cached):
+@pytest.mark.parametrize("wider", [False, True])
+def test_prefill_graphs_on_cuda(monkeypatch, cached, wider):
     """Captured (bf16, flash): each row's logits within bf16 rounding of the eager packed step; every bucket
     captured by warm_up; the engine's greedy tokens with the graphs equal those without them."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.setattr(prefill_graphs, "WIDER", wider)
     model = _cuda_model()
     ps = prompts(4, seed=74, lo=20, hi=150)
+    # `_step` prefills each cached prefix alone first: through the pieces too with WIDER
+    per = 1 + wider * sum(c > 0 for c in cached)
     with torch.no_grad():
         want, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
         model.prefill_graphs = graphs = PrefillGraphs(model, 1024)
@@ -288,10 +294,12 @@ def test_prefill_graphs_on_cuda(cached):
             for i, (a, b) in enumerate(zip(got, want)):
                 assert (a - b).abs().max() < 0.05, i
                 assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95, i
-        assert graphs.steps == 2
+        assert graphs.steps == 2 * per
         model.unfuse_projections()  # the chains read the fused weights: captured again over the separate ones
         got, _ = _step(model, ps, cached, device="cuda", dtype=torch.bfloat16)
-        assert graphs.steps == 3 and len(graphs.chains) == 1
+        used = {next(b for b in graphs.sizes if b >= n) for n in [sum(map(len, ps)) - sum(cached)]
+                + [c for c in cached if wider and c]}
+        assert graphs.steps == 3 * per and sorted(graphs.chains) == sorted(used)
         for i, (a, b) in enumerate(zip(got, want)):
             assert (a - b).abs().max() < 0.05, i
         model.fuse_projections()

@@ -27,8 +27,9 @@ ENABLED = True
 
 # Every prefill step of up to max_tokens tokens through the pieces, packed for them whatever its attention (one row,
 # rows without padding, InfLLM v2 rows, cascades over shared prefixes: the attention between the pieces takes any of
-# its paths); off: the packed all-dense steps with padding only. Off until measured on the GPU (CPU-tested).
-WIDER = False
+# its paths); off: the packed all-dense steps with padding only. On the H200 (0.5B) a lone 4K prompt's prefill
+# took 12.7 ms with, 28.0 ms without (benchmarks' --prefill-graphs-narrow turns it off).
+WIDER = True
 
 # Token counts a packed step is padded up to (then the largest captured, `capture_limit`); steps beyond it run
 # eagerly. Every 256 to 2,048, then every 512: at most a few % padding where the step's kernels outweigh its launches.
