@@ -158,6 +158,39 @@ def test_engine_through_the_pieces_equals_alone(monkeypatch, together):
     assert_each_alone(res, model, ps, params)
 
 
+def test_out_of_memory_while_capturing_falls_back_to_the_layer_loop(monkeypatch):
+    """A capture that runs out of device memory (in warm_up or on a bucket's first use) warns, drops the graphs for
+    good and the step runs the layer loop: the same logits, nothing lost."""
+    monkeypatch.setattr(Attention, "varlen_on_cpu", True)
+    model = random_model("tiny", dtype=torch.float64, sparse_config=None)
+    ps = prompts(3, seed=76, lo=20, hi=90)
+    want, _ = _step(model, ps, [0, 0, 0])
+    for warm in (False, True):
+        model.prefill_graphs = graphs = PrefillGraphs(model, 300, capture=False)
+        graphs.capture = True  # as on CUDA, with a capture that cannot get its memory
+        tried = []
+
+        def oom(nb):
+            tried.append(nb)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+        monkeypatch.setattr(graphs, "_capture", oom)
+        if warm:
+            with pytest.warns(UserWarning, match="prefill graphs"):
+                graphs.warm_up()
+            assert tried == [graphs.sizes[-1]] and graphs.disabled
+            got, _ = _step(model, ps, [0, 0, 0])
+        else:
+            with pytest.warns(UserWarning, match="prefill graphs"):
+                got, _ = _step(model, ps, [0, 0, 0])
+            assert len(tried) == 1 and graphs.disabled
+        assert graphs.steps == 0 and not graphs.chains and len(tried) == 1  # never tried again
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="gave up"):
+            graphs.run(torch.zeros(4, dtype=torch.long), torch.arange(4), None, None, None, ([0], [4]), None)
+
+
 def test_alias_reads_the_memory_without_owning_it():
     base = torch.arange(24.0)
     view = base[4:].view(4, 5)[:, 1:]  # an offset, a stride

@@ -17,6 +17,8 @@ chain runs. Captured from the largest bucket down (`warm_up`), or on a bucket's 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from cpm4.model.modeling import MiniCPM4ForCausalLM, Packing
@@ -87,6 +89,7 @@ class PrefillGraphs:
         self.pool = None
         self._captured_for = None  # `_signature` when the chains were captured
         self.steps = 0  # steps run through the pieces (tests, benchmarks)
+        self.disabled = False  # a capture ran out of device memory: every step runs the layer loop (`_give_up`)
 
     @property
     def max_tokens(self) -> int:
@@ -97,7 +100,7 @@ class PrefillGraphs:
         at most max_tokens tokens, every row with some; with `WIDER` any such step, else only those the layer loop
         packs (`Packing.worth`) whose rows are all dense (`Attention._packed_ok`, the same for every layer)."""
         new = host[1]
-        if not new or sum(new) > self.max_tokens or min(new) <= 0:
+        if self.disabled or not new or sum(new) > self.max_tokens or min(new) <= 0:
             return False
         if WIDER:
             return True
@@ -175,29 +178,53 @@ class PrefillGraphs:
         attn = self.model.model.layers[0].self_attn
         return WIDER or varlen_flash_ok(self._probe) or attn.varlen_on_cpu
 
+    def _give_up(self) -> None:
+        """Out of device memory while capturing: drop every chain and its pool, and run the layer loop from now on
+        (a step's work is the same either way, only its launches cost more)."""
+        self.disabled = True
+        self.chains.clear()
+        self.pool = None
+        torch.cuda.empty_cache()
+        warnings.warn("no device memory left to capture the prefill graphs: prefill steps run layer by layer "
+                      "(lower gpu_memory_utilization to keep them)", stacklevel=3)
+
+    def ready(self, n: int) -> bool:
+        """Whether a step of n tokens (at most max_tokens) can run through the pieces now: its bucket's chain is
+        captured, capturing it first if need be; False (for good) when that ran out of device memory."""
+        if self.disabled:
+            return False
+        if self.capture:
+            self._current()
+            nb = next(s for s in self.sizes if s >= n)
+            if nb not in self.chains:
+                try:
+                    self.chains[nb] = self._capture(nb)
+                except torch.cuda.OutOfMemoryError:
+                    self._give_up()
+                    return False
+        return True
+
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory); nothing
         when no step could replay them (`usable`: a float32 model, say)."""
         if self.capture and self.usable():
-            self._current()
             for nb in reversed(self.sizes):
-                if nb not in self.chains:
-                    self.chains[nb] = self._capture(nb)
+                if not self.ready(nb):
+                    return
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, new_lens: torch.Tensor, cache,
             host: tuple[list[int], list[int]], pack: Packing) -> torch.Tensor:
         """The trunk's output [1, n, H] (before the final norm, a tensor of its own) of a packed step: ids and
         positions [n] of the rows' new tokens end to end (`pack`'s layout); starts, new_lens, cache, host as
-        `Attention.attend` takes them. The caller advances the cache."""
+        `Attention.attend` takes them. The caller advances the cache, and calls `ready` first (the capture may
+        fail for want of memory: then the step runs the layer loop)."""
         n = ids.shape[0]
+        if not self.ready(n):
+            raise RuntimeError("the prefill graphs gave up for want of device memory: run the layer loop")
         nb = next(s for s in self.sizes if s >= n)
         self.ids[:n].copy_(ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        if self.capture:
-            self._current()
-            if nb not in self.chains:
-                self.chains[nb] = self._capture(nb)
         layers = self.model.model.layers
         state: dict = {}
         for i, fn in enumerate(self._pieces(nb) if not self.capture else [None] * (len(layers) + 1)):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import operator
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -668,15 +667,8 @@ class LLMEngine:
             return
         if self.graphs is not None:
             self.graphs.warm_up()
-        if self.model.prefill_graphs is not None:
-            try:
-                self.model.prefill_graphs.warm_up()
-            except torch.cuda.OutOfMemoryError:
-                # The pool holds about one chunk's activations beside the cache: without room, steps run eagerly.
-                self.model.prefill_graphs = None
-                torch.cuda.empty_cache()
-                warnings.warn("no device memory left to capture the prefill graphs: prefill steps run eagerly "
-                              "(lower gpu_memory_utilization to keep them)", stacklevel=2)
+        if self.model.prefill_graphs is not None:  # (out of memory: it warns and steps run layer by layer)
+            self.model.prefill_graphs.warm_up()
         if self.graphs is None and self.paged_decode:
             self._warm_decode()
         self._warm_prefill()

@@ -748,7 +748,8 @@ class MiniCPM4ForCausalLM(nn.Module):
         pack, graphs = None, None
         if cache is not None and host is not None:  # (never read in decode steps: nothing for dynamo to guard)
             graphs = self.prefill_graphs
-            if graphs is not None and not (self.pack_rows and graphs.takes(cache, host, t)):
+            if graphs is not None and not (self.pack_rows and graphs.takes(cache, host, t)
+                                           and graphs.ready(sum(host[1]))):
                 graphs = None
             if self.pack_rows and (graphs is not None or Packing.worth(host[1], t)):
                 pack = Packing(host[1], t, dev)
