@@ -84,7 +84,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--prefill-graphs-narrow", action="store_true",
                     help="only the packed all-dense prefill steps through the prefill graphs, not a lone prompt's "
                          "or a sparse or cascade step (prefill_graphs.WIDER off)")
+    ap.add_argument("--small-gemv", action="store_true",
+                    help="a small model's batch-1 decode projections through the Triton GEMV "
+                         "(cpm4.kernels.gemv.SMALL_MODELS)")
     args = ap.parse_args()
+    if args.small_gemv:
+        from cpm4.kernels import gemv
+
+        gemv.SMALL_MODELS = True
     if args.no_prefill_graphs or args.prefill_graphs_narrow:
         from cpm4.engine import prefill_graphs
 

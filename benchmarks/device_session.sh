@@ -290,6 +290,34 @@ wider3)  # carry .wheels/py312: wider2's GPU tests again (the CUDA test counts t
             --tag="-wider3$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^server"
     done
     ;;
+small)  # where the 0.5B's batch-1 decode step goes (≈ 1.1 ms for ≈ 0.2 ms of weight bytes): its kernels, then the
+    # step with the Triton GEMV (one kernel, no split-K reduce) against cuBLAS
+    timeout 150 "$PY" benchmarks/profile_engine.py --config minicpm4-0.5b --context 1024 --compile --steps 16 \
+        --top 30 --out "${OUT:-benchmarks/results}" 2>&1 | tail -45
+    for side in "" --gemv; do
+        timeout 120 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $side \
+            --tag="-small$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
+gemvsmall)  # the GEMV autotuned from CUDA-graph timings, smaller tiles and 8 slices: GPU tests, the 0.5B's
+    # matrices against cuBLAS (and a sweep of fixed tiles), then its batch-1 decode with and without
+    timeout 90 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
+    timeout 200 "$PY" benchmarks/gemv.py --config minicpm4-0.5b --rows 1 4 --sweep --tag=-0.5b \
+        --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    for side in --gemv ""; do
+        timeout 90 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $side \
+            --tag="-gemvsmall$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
+smallgemv)  # cpm4.kernels.gemv.SMALL_MODELS (off until this runs): the GEMV's GPU tests (autotuned from CUDA-graph
+    # timings now: slower to tune, hence the longer limit) incl. the engine's small-model plan, then the 0.5B's
+    # batch-1 decode at 1K and 4K with and without the plan
+    timeout 300 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
+    for side in --small-gemv ""; do
+        timeout 100 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
+            $side --tag="-smallgemv$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

@@ -1,11 +1,12 @@
 """Batch-1 (and few-row) decode GEMVs at the 8B shape: the Triton kernel of cpm4/kernels/gemv against
 `F.linear` (cuBLAS, the peer) in the same run.
 
-    python benchmarks/gemv.py [--rows 1 4] [--config minicpm4-8b]
+    python benchmarks/gemv.py [--rows 1 4] [--config minicpm4-8b] [--sweep]
 
 Each variant runs inside a CUDA graph over enough weight copies (>= 512 MB) that the weights stream from HBM as
 they do in a decode step; µs per call, GB/s and the share of the device copy bandwidth measured in the same run.
-Writes benchmarks/results/gemv-<date>.json.
+--sweep: also every fixed tile (BLOCK_N, BLOCK_K, SPLIT, warps) of a grid at one row, the best three per matrix
+(whether the autotuner's pick is the best there is). Writes benchmarks/results/gemv[-TAG]-<date>.json.
 """
 
 from __future__ import annotations
@@ -59,10 +60,31 @@ def graph_us(fn, xs, ws, reps: int = 10) -> float:
     return s.elapsed_time(e) * 1e3 / (reps * len(ws))
 
 
+def sweep(name: str, n: int, k: int, xs, ws, peer: float, gemv) -> list[dict]:
+    """Every fixed tile of a grid on these weights (µs in a graph, as above); prints the best three."""
+    timed = []
+    for bn in (4, 8, 16, 32):
+        for bk in (64, 128, 256, 512):
+            for split in (1, 2, 4, 8):
+                for warps in (2, 4, 8):
+                    if bn * bk > 64 * 32 * warps or bk * split > 4 * k:
+                        continue
+                    cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps}
+                    us = graph_us(lambda x, w, cfg=cfg: gemv(x, w, config=cfg), xs, ws)
+                    timed.append((us, cfg))
+    timed.sort(key=lambda t: t[0])
+    for us, cfg in timed[:3]:
+        print(f"  {name:<9} sweep {us:8.2f} us ({peer / us:.2f}x cuBLAS)  {cfg}")
+    return [dict(phase=f"{name}.rows1.sweep{i}", seqlen=None, ours_ms=us / 1e3, peer_ms=peer / 1e3,
+                 speedup=round(peer / us, 3), n=n, k=k, rows=1, config=cfg) for i, (us, cfg) in enumerate(timed[:3])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="minicpm4-8b")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--sweep", action="store_true", help="time a grid of fixed tiles at one row too")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -95,8 +117,10 @@ def main() -> None:
             rows.append(dict(phase=f"{name}.rows{m}", seqlen=None, ours_ms=ours / 1e3, peer_ms=peer / 1e3,
                              speedup=round(peer / ours, 3), n=n, k=k, rows=m,
                              ours_gb_s=round(gbs), copy_share=round(gbs * 1e9 / bw, 3), max_abs_err=err))
+            if args.sweep and m == 1:
+                rows += sweep(name, n, k, xs, ws, peer, gemv)
             del ws, xs
-    write_rows("gemv", torch.cuda.get_device_name(), rows, args.out, config=args.config, dtype="bfloat16",
+    write_rows("gemv" + args.tag, torch.cuda.get_device_name(), rows, args.out, config=args.config, dtype="bfloat16",
                copy_bytes_per_s=bw, peer="F.linear (cuBLAS)", ours="cpm4.kernels.gemv (Triton)")
 
 

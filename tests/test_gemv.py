@@ -25,9 +25,10 @@ def _xw(dev, dtype, m, n, k):
 
 
 @needs_kernels
-@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("split", [1, 2, 3, 8])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 33, 130), (8, 16, 64)])
-def test_gemv_splits_interpreted(split, m, n, k):
+@pytest.mark.parametrize("bn,bk", [(16, 32), (4, 64)])
+def test_gemv_splits_interpreted(split, m, n, k, bn, bk):
     """Rows, output sizes and K not multiples of the tiles (masked edges); K in `split` slices merged by the last
     slice to arrive; the arrival counters are back at zero afterwards (the next call, or graph replay, needs it)."""
     from cpm4.kernels.gemv.triton_gemv import _counters, gemv
@@ -35,7 +36,7 @@ def test_gemv_splits_interpreted(split, m, n, k):
     dev = "cpu" if ON_CPU else "cuda"
     x, w = _xw(dev, torch.float32, m, n, k)
     for _ in range(2):  # a second call reuses the counters
-        got = gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": split})
+        got = gemv(x, w, config={"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split})
         assert got.shape == (m, n) and got.dtype == torch.float32
         torch.testing.assert_close(got, gemv_reference(x, w), rtol=1e-5, atol=1e-5)
     assert int(_counters(x.device).abs().sum()) == 0
@@ -70,8 +71,8 @@ def test_gemv_cuda(dtype, m, n, k):
     x, w = _xw("cuda", dtype, m, n, k)
     want = gemv_reference(x, w).float()
     torch.testing.assert_close(gemv(x, w).float(), want, rtol=2e-2, atol=2e-2)
-    for split in (1, 2, 4):
-        got = gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT": split})
+    for split, bn, bk in ((1, 16, 128), (2, 16, 128), (4, 16, 128), (8, 4, 512)):
+        got = gemv(x, w, config={"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split})
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert int(_counters(x.device).abs().sum()) == 0
 
@@ -142,3 +143,78 @@ def test_use_gemv_on_cuda():
         res = eng.run_to_completion()
         assert all(len(res[f"r{i}"][1]) == 10 for i in range(3))
         model.use_gemv(False)
+
+
+def test_rows_and_plan():
+    """Which calls the kernel takes (rows up to max_rows; CPU tensors never) and which models' decode uses it."""
+    from cpm4.kernels import gemv
+
+    w = torch.zeros(6, 4)
+    assert [gemv._rows_ok(torch.zeros(r, 4), 1) for r in (1, 2)] == [True, False]
+    assert gemv._rows_ok(torch.zeros(1, 3, 4), 3) and not gemv._rows_ok(torch.zeros(1, 3, 4), 2)
+    assert not gemv._rows_ok(torch.zeros(0, 4), 8)
+    assert not gemv._takes(torch.zeros(1, 4, dtype=torch.bfloat16), w.bfloat16(), 8)  # CPU: F.linear
+    x, w = torch.randn(2, 4), torch.randn(6, 4)
+    torch.testing.assert_close(gemv.linear(x, w, max_rows=1), x @ w.T)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, gemv.SMALL_MODEL_ROWS)
+    assert gemv.decode_plan(4096, torch.bfloat16, cuda) is None  # the 8B: its GEMVs are bandwidth-bound
+    assert gemv.decode_plan(1024, torch.float32, cuda) is None and gemv.decode_plan(1024, torch.bfloat16, cpu) is None
+
+
+def test_use_gemv_max_rows():
+    from conftest import random_model
+
+    from cpm4.kernels.gemv import linear
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model.use_gemv(only=["qkv", "o", "down"], max_rows=1)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for fn in (attn.gemv_in, attn.gemv_out, mlp.gemv_out):
+        assert fn.func is linear and fn.keywords == {"max_rows": 1}
+    assert mlp.gemv_in is None and model.gemv is None
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="max_rows must be in"):
+            model.use_gemv(max_rows=bad)
+    model.use_gemv(False)
+    assert attn.gemv_in is None and attn.gemv_out is None and mlp.gemv_out is None
+
+
+@pytest.mark.gpu
+def test_engine_small_model_plan_on_cuda():
+    """LLMEngine(gemv=True) on a small bf16 model takes `decode_plan` (the plan's projections through the GEMV at
+    one row, cuBLAS beyond), compiled decode graphs: greedy tokens as with gemv=False, one request at a time and
+    three together."""
+    from conftest import random_model
+    from test_engine import tok
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels.gemv import SMALL_MODEL_ROWS
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [list(range(5 + 3 * i, 60 + 7 * i)) for i in range(3)]
+    out = {}
+    for gemv in (True, False):
+        model.use_gemv(False)
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, compile=True, gemv=gemv)
+        attn = model.model.layers[0].self_attn
+        assert (attn.gemv_out is not None) == gemv
+        if gemv:
+            assert attn.gemv_out.keywords == {"max_rows": SMALL_MODEL_ROWS}
+        res = {}
+        for i, p in enumerate(prompts):  # batch 1: the GEMV
+            eng.add_request(f"a{i}", p, params)
+            res.update(eng.run_to_completion())
+        for i, p in enumerate(prompts):  # three rows: cuBLAS
+            eng.add_request(f"b{i}", p, params)
+        res.update(eng.run_to_completion())
+        out[gemv] = {k: v[1] for k, v in res.items()}
+    same = sum(out[True][k] == out[False][k] for k in out[False])
+    assert same >= len(out[False]) - 1  # bf16: a near tie may break the other way in one request
+    model.use_gemv(False)

@@ -170,7 +170,7 @@ def test_out_of_memory_while_capturing_falls_back_to_the_layer_loop(monkeypatch)
         graphs.capture = True  # as on CUDA, with a capture that cannot get its memory
         tried = []
 
-        def oom(nb):
+        def oom(nb, tried=tried):
             tried.append(nb)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
 

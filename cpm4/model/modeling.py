@@ -8,6 +8,7 @@ with the same attributes); see `Attention.forward` for the batch/padding contrac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -589,19 +590,26 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 
-    def use_gemv(self, enabled: bool = True, only: Iterable[str] | None = None) -> None:
-        """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for at most
-        8 rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
+    def use_gemv(self, enabled: bool = True, only: Iterable[str] | None = None, max_rows: int | None = None) -> None:
+        """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for a few
+        rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
         graphs are captured. only: a subset of GEMV_PROJECTIONS (the others keep cuBLAS; on the H200 the kernel won
-        on q/k/v, gate/up and the head, lost on o and down). Calls the nn.Linear weights directly, so not for
-        training (FP8 training swaps those modules)."""
+        on the 8B's q/k/v, gate/up and head, lost on its o and down; on the 0.5B's q/k/v, o and down at one row).
+        max_rows: the most rows the kernel takes (default `gemv.MAX_ROWS`; more go to cuBLAS). Calls the
+        nn.Linear weights directly, so not for training (FP8 training swaps those modules)."""
         names = set(self.GEMV_PROJECTIONS if only is None else only)
         if names - set(self.GEMV_PROJECTIONS):
             raise ValueError(f"unknown projections {sorted(names - set(self.GEMV_PROJECTIONS))} for use_gemv: "
                              f"choose from {', '.join(self.GEMV_PROJECTIONS)}")
         fn = None
         if enabled:
+            from cpm4.kernels.gemv import MAX_ROWS
             from cpm4.kernels.gemv import linear as fn
+
+            if max_rows is not None:
+                if not 1 <= max_rows <= MAX_ROWS:
+                    raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows}")
+                fn = functools.partial(fn, max_rows=max_rows)
 
         def pick(name: str):
             return fn if name in names else None
