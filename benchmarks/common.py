@@ -87,11 +87,15 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--small-gemv", action="store_true",
                     help="a small model's batch-1 decode projections through the Triton GEMV "
                          "(cpm4.kernels.gemv.SMALL_MODELS)")
+    ap.add_argument("--small-gemv-fuse", action="store_true",
+                    help="--small-gemv with the layers' norms, SiLU·up and residual adds inside the GEMVs "
+                         "(cpm4.kernels.gemv.SMALL_MODEL_FUSE)")
     args = ap.parse_args()
-    if args.small_gemv:
+    if args.small_gemv or args.small_gemv_fuse:
         from cpm4.kernels import gemv
 
         gemv.SMALL_MODELS = True
+        gemv.SMALL_MODEL_FUSE = args.small_gemv_fuse
     if args.no_prefill_graphs or args.prefill_graphs_narrow:
         from cpm4.engine import prefill_graphs
 

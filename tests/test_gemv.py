@@ -157,7 +157,8 @@ def test_rows_and_plan():
     x, w = torch.randn(2, 4), torch.randn(6, 4)
     torch.testing.assert_close(gemv.linear(x, w, max_rows=1), x @ w.T)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, gemv.SMALL_MODEL_ROWS)
+    assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, gemv.SMALL_MODEL_ROWS,
+                                                            gemv.SMALL_MODEL_FUSE)
     assert gemv.decode_plan(4096, torch.bfloat16, cuda) is None  # the 8B: its GEMVs are bandwidth-bound
     assert gemv.decode_plan(1024, torch.float32, cuda) is None and gemv.decode_plan(1024, torch.bfloat16, cpu) is None
 
@@ -181,20 +182,23 @@ def test_use_gemv_max_rows():
 
 
 @pytest.mark.gpu
-def test_engine_small_model_plan_on_cuda():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
     """LLMEngine(gemv=True) on a small bf16 model takes `decode_plan` (the plan's projections through the GEMV at
-    one row, cuBLAS beyond), compiled decode graphs: greedy tokens as with gemv=False, one request at a time and
-    three together."""
+    one row, cuBLAS beyond; with SMALL_MODEL_FUSE the fused layers), compiled decode graphs: greedy tokens as with
+    gemv=False, one request at a time and three together."""
     from conftest import random_model
     from test_engine import tok
 
     from cpm4.engine.paged import PagedKVCache
     from cpm4.engine.sampling import SamplingParams
     from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels import gemv as gemv_module
     from cpm4.kernels.gemv import SMALL_MODEL_ROWS
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.setattr(gemv_module, "SMALL_MODEL_FUSE", fuse)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [list(range(5 + 3 * i, 60 + 7 * i)) for i in range(3)]
@@ -205,6 +209,7 @@ def test_engine_small_model_plan_on_cuda():
         eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, compile=True, gemv=gemv)
         attn = model.model.layers[0].self_attn
         assert (attn.gemv_out is not None) == gemv
+        assert (model.model.layers[0].fused_rows is not None) == (gemv and fuse)
         if gemv:
             assert attn.gemv_out.keywords == {"max_rows": SMALL_MODEL_ROWS}
         res = {}
@@ -218,3 +223,115 @@ def test_engine_small_model_plan_on_cuda():
     same = sum(out[True][k] == out[False][k] for k in out[False])
     assert same >= len(out[False]) - 1  # bf16: a near tie may break the other way in one request
     model.use_gemv(False)
+
+
+_FLAGS = {"norm": dict(norm=True), "glu": dict(glu=True), "res": dict(res=True), "norm_res": dict(norm=True, res=True),
+          "glu_res": dict(glu=True, res=True)}
+
+
+def _fused_case(dev, dtype, m, n, k, norm=False, glu=False, res=False, seed=0):
+    g = torch.Generator().manual_seed(seed + m * 100 + n + k)
+    x = torch.randn(m, 2 * k if glu else k, generator=g) * 3
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    kw = {}
+    if norm:
+        kw["norm"] = ((1 + 0.5 * torch.randn(k, generator=g)).to(dev, dtype), 1e-6)
+    if glu:
+        kw["glu"] = True
+    if res:
+        kw["residual"] = torch.randn(m, n, generator=g).to(dev, dtype)
+        kw["scale"] = 0.35
+    return x.to(dev, dtype), w.to(dev, dtype), kw
+
+
+@needs_kernels
+@pytest.mark.parametrize("flags", sorted(_FLAGS))
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 33, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_interpreted(flags, split, m, n, k, dtype):
+    """The norm before, silu(gate) * up before, the scaled residual after (alone and together), with K in slices and
+    masked edges: the float64 definition with its roundings (`fused_gemv_reference`); float16 within an ulp or
+    two of the output (sums in another order)."""
+    from cpm4.kernels.gemv import fused_gemv_reference
+    from cpm4.kernels.gemv.triton_gemv import _counters, gemv
+
+    dev = "cpu" if ON_CPU else "cuda"
+    x, w, kw = _fused_case(dev, dtype, m, n, k, **_FLAGS[flags])
+    want = fused_gemv_reference(x, w, **kw)
+    got = gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": split}, **kw)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(got, want, **tol)
+    plain = gemv_reference(x if not kw.get("glu") else x[:, :k], w)  # the flags change the result
+    assert not torch.allclose(got.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    assert int(_counters(x.device).abs().sum()) == 0
+
+
+def test_fused_bad_arguments():
+    from cpm4.kernels.gemv.triton_gemv import gemv
+
+    x, w = torch.zeros(2, 8), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"x \[M, 2K\] \(\[gate \| up\]\) and w \[N, K\]"):
+        gemv(x, w, glu=True)
+    with pytest.raises(ValueError, match="norm or glu, not both"):
+        gemv(torch.zeros(2, 16), w, glu=True, norm=(torch.ones(8), 1e-6))
+    with pytest.raises(ValueError, match=r"norm weight must be \[8\]"):
+        gemv(x, w, norm=(torch.ones(7), 1e-6))
+    with pytest.raises(ValueError, match=r"residual must be \[2, 4\]"):
+        gemv(x, w, residual=torch.zeros(4, 2))
+
+
+def test_fused_takes(monkeypatch):
+    from cpm4.kernels import gemv
+
+    x, w = torch.zeros(1, 8), torch.zeros(4, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gemv.fused_takes(x, w, 1) and not gemv.fused_takes(torch.zeros(2, 8), w, 1)
+    assert not gemv.fused_takes(x, w.double(), 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not gemv.fused_takes(x, w, 1)  # the CPU without the interpreter: PyTorch's ops
+
+
+@needs_kernels
+def test_fused_decoder_layers_equal_the_plain_ones():
+    """`use_gemv(fuse=True)`: a one-row step's layers as four fused GEMVs (norms, SiLU·up, residuals inside) give
+    the plain layers' logits (float32, under the interpreter off the GPU); two rows (past max_rows) take the plain
+    path; then through the engine, each request alone, the same greedy tokens with the fused layers as without."""
+    from conftest import random_model
+    from test_engine import tok
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.model.modeling import DecoderLayer
+
+    dev = "cpu" if ON_CPU else "cuda"
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None).to(dev)
+    model.fuse_projections()
+    calls = []
+    orig = DecoderLayer._fused
+    DecoderLayer._fused = lambda self, *a: calls.append(a[0].shape[0]) or orig(self, *a)
+    try:
+        ids = torch.randint(3, 500, (2, 1), generator=torch.Generator().manual_seed(3)).to(dev)
+        with torch.no_grad():
+            want = model(ids)
+            model.use_gemv(only=(), max_rows=1, fuse=True)
+            got1, got2 = model(ids[:1]), model(ids)
+        assert calls == [1] * model.config.num_hidden_layers  # the two-row call: plain layers
+        torch.testing.assert_close(got1, want[:1], rtol=1e-4, atol=1e-4)
+        assert torch.equal(got2, want)
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        ps = [list(range(7, 30)), list(range(40, 52))]
+        out = {}
+        for fuse in (True, False):
+            model.use_gemv(fuse, only=(), max_rows=1, fuse=True)
+            eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=16, page_size=16, device=dev),
+                            max_batch_size=1, chunk_tokens=64, cuda_graphs=False)
+            for i, p in enumerate(ps):
+                eng.add_request(f"r{i}", p, params)
+                out[fuse, i] = eng.run_to_completion()[f"r{i}"][1]
+        assert all(out[True, i] == out[False, i] for i in range(len(ps)))
+        assert len(calls) > model.config.num_hidden_layers * 4  # the engine's decode steps took the fused layers
+    finally:
+        DecoderLayer._fused = orig
+        model.use_gemv(False)

@@ -151,7 +151,8 @@ class LLMEngine:
 
         gemv: a small model's decode projections at batch 1 through the Triton GEMV rather than cuBLAS
         (`cpm4.kernels.gemv.decode_plan`: hidden size up to 1,024, 16-bit, with cuda_graphs; on the H200 the 0.5B's
-        step 1.06 -> 0.92 ms); default `gemv.SMALL_MODELS`. False leaves the model's own `use_gemv` setting."""
+        step 1.06 -> 0.92 ms; with `gemv.SMALL_MODEL_FUSE` the layers' norms, SiLU·up and residuals inside the
+        GEMVs too); default `gemv.SMALL_MODELS`. False leaves the model's own `use_gemv` setting."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -203,7 +204,7 @@ class LLMEngine:
                 gemv = gemv_module.SMALL_MODELS
             plan = gemv_module.decode_plan(model.config.hidden_size, model.dtype, model.device) if gemv else None
             if plan is not None:
-                model.use_gemv(only=plan[0], max_rows=plan[1])
+                model.use_gemv(only=plan[0], max_rows=plan[1], fuse=plan[2])
         self.graphs = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, cache, max_batch_size, self.decode_width, compile=compile)

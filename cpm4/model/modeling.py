@@ -166,14 +166,19 @@ class Attention(nn.Module):
         one call over their heads side by side (one launch a layer fewer; q and k come back as views)."""
         b, t, _ = x.shape
         if self.qkv is not None:
-            hq, hkv = self.n_heads, self.n_kv
-            y = (self.gemv_in or F.linear)(x, self.qkv).view(b, t, hq + 2 * hkv, self.head_dim)
-            qk = self.ops.rotary(y[:, :, :hq + hkv], cos, sin)
-            return qk[:, :, :hq], qk[:, :, hq:], y[:, :, hq + hkv:]
+            return self.rotate((self.gemv_in or F.linear)(x, self.qkv), cos, sin)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin), v
+
+    def rotate(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (RoPE applied) and v from the fused q/k/v projection's output y [B, T, (hq + 2 hkv) d]."""
+        hq, hkv = self.n_heads, self.n_kv
+        y = y.view(*y.shape[:2], hq + 2 * hkv, self.head_dim)
+        qk = self.ops.rotary(y[:, :, :hq + hkv], cos, sin)
+        return qk[:, :, :hq], qk[:, :, hq:], y[:, :, hq + hkv:]
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(x) if self.gemv_out is None else self.gemv_out(x, self.o_proj.weight)
@@ -531,9 +536,41 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
+    # Rows up to which the layer's four projections run as fused GEMVs (`use_gemv(fuse=True)`); None: never.
+    fused_rows: int | None = None
+
     def forward(self, x, cos, sin, starts, new_lens, cache=None, docs=None, host=None, pack=None):
+        if self.fused_rows is not None and self._fusable(x):
+            return self._fused(x, cos, sin, starts, new_lens, cache, docs, host, pack)
         a = self.self_attn(self.input_layernorm(x), cos, sin, starts, new_lens, cache, docs, host, pack)
         return self.after_attention(x, a)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The projections fused (`fuse_projections`), o and down plain weights of x's dtype (not a quantized
+        module's), and x few enough rows for the kernel (`fused_takes`)."""
+        from cpm4.kernels.gemv import fused_takes
+
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv is None or mlp.gate_up is None or not fused_takes(x, attn.qkv, self.fused_rows):
+            return False
+        o, down = getattr(attn.o_proj, "weight", None), getattr(mlp.down_proj, "weight", None)
+        return all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.stride(-1) == 1
+                   for w in (o, down, mlp.gate_up))
+
+    def _fused(self, x, cos, sin, starts, new_lens, cache, docs, host, pack) -> torch.Tensor:
+        """`forward` for a few rows (decoding) as four GEMVs with the element-wise work inside them: the input
+        norm in q/k/v's, the residual in o's, the post-attention norm in gate/up's, SiLU·up and the residual in
+        down's (`cpm4.kernels.gemv.fused_linear`; the same roundings). Only RoPE stays outside."""
+        from cpm4.kernels.gemv import fused_linear
+
+        attn, mlp, rs = self.self_attn, self.mlp, self.residual_scale
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        y = fused_linear(x, attn.qkv, norm=(ln1.weight, ln1.eps))
+        q, k, v = attn.rotate(y, cos, sin)
+        a = attn.attend(q, k, v, starts, new_lens, cache, docs, host, pack)
+        x = fused_linear(a, attn.o_proj.weight, residual=x, scale=rs)
+        h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps))
+        return fused_linear(h, mlp.down_proj.weight, glu=True, residual=x, scale=rs)
 
     def after_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer's work after its attention: a (o-projected) into the residual x, the norm, the MLP."""
@@ -590,33 +627,39 @@ class MiniCPM4ForCausalLM(nn.Module):
 
     GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 
-    def use_gemv(self, enabled: bool = True, only: Iterable[str] | None = None, max_rows: int | None = None) -> None:
+    def use_gemv(self, enabled: bool = True, only: Iterable[str] | None = None, max_rows: int | None = None,
+                 fuse: bool = False) -> None:
         """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for a few
         rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
         graphs are captured. only: a subset of GEMV_PROJECTIONS (the others keep cuBLAS; on the H200 the kernel won
         on the 8B's q/k/v, gate/up and head, lost on its o and down; on the 0.5B's q/k/v, o and down at one row).
-        max_rows: the most rows the kernel takes (default `gemv.MAX_ROWS`; more go to cuBLAS). Calls the
-        nn.Linear weights directly, so not for training (FP8 training swaps those modules)."""
+        max_rows: the most rows the kernel takes (default `gemv.MAX_ROWS`; more go to cuBLAS). fuse: a decoder
+        layer's steps of up to max_rows rows run its four projections as GEMVs with the norms, SiLU·up and
+        residual adds inside them (`DecoderLayer._fused`; needs `fuse_projections`), whatever `only` says. Calls
+        the nn.Linear weights directly, so not for training (FP8 training swaps those modules)."""
         names = set(self.GEMV_PROJECTIONS if only is None else only)
         if names - set(self.GEMV_PROJECTIONS):
             raise ValueError(f"unknown projections {sorted(names - set(self.GEMV_PROJECTIONS))} for use_gemv: "
                              f"choose from {', '.join(self.GEMV_PROJECTIONS)}")
-        fn = None
+        fn, rows = None, None
         if enabled:
             from cpm4.kernels.gemv import MAX_ROWS
             from cpm4.kernels.gemv import linear as fn
 
+            rows = MAX_ROWS
             if max_rows is not None:
                 if not 1 <= max_rows <= MAX_ROWS:
                     raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows}")
-                fn = functools.partial(fn, max_rows=max_rows)
+                fn, rows = functools.partial(fn, max_rows=max_rows), max_rows
 
         def pick(name: str):
             return fn if name in names else None
 
         self.gemv = pick("lm_head")
         for m in self.modules():
-            if isinstance(m, Attention):
+            if isinstance(m, DecoderLayer):
+                m.fused_rows = rows if fuse else None
+            elif isinstance(m, Attention):
                 m.gemv_in, m.gemv_out = pick("qkv"), pick("o")
             elif isinstance(m, MLP):
                 m.gemv_in, m.gemv_out = pick("gate_up"), pick("down")

@@ -7,12 +7,14 @@ and splits K)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from .reference import gemv_reference
+from .reference import fused_gemv_reference, gemv_reference
 
-__all__ = ["decode_plan", "gemv_reference", "linear"]
+__all__ = ["decode_plan", "fused_gemv_reference", "fused_linear", "fused_takes", "gemv_reference", "linear"]
 
 MAX_ROWS = 8
 
@@ -25,6 +27,9 @@ SMALL_MODELS = False
 SMALL_MODEL_HIDDEN = 1024
 SMALL_MODEL_PROJECTIONS = ("qkv", "o", "down")
 SMALL_MODEL_ROWS = 1
+# With SMALL_MODELS: the layers' one-row steps as four GEMVs with the norms, SiLU·up and residual adds inside
+# (`DecoderLayer._fused`): three of inductor's four element-wise kernels a layer gone. CPU-tested only: off.
+SMALL_MODEL_FUSE = False
 
 
 @torch.library.custom_op("cpm4::gemv", mutates_args=())
@@ -36,6 +41,20 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @_gemv.register_fake
 def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("cpm4::gemv_fused", mutates_args=())
+def _gemv_fused(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, glu: bool,
+                residual: torch.Tensor | None, scale: float) -> torch.Tensor:
+    from .triton_gemv import gemv
+
+    return gemv(x, w, norm=(norm_weight, eps) if norm_weight is not None else None, glu=glu, residual=residual,
+                scale=scale)
+
+
+@_gemv_fused.register_fake
+def _(x, w, norm_weight, eps, glu, residual, scale):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
@@ -60,9 +79,31 @@ def linear(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> torch.
     return F.linear(x, w)
 
 
-def decode_plan(hidden_size: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[str, ...], int] | None:
-    """The projections (`MiniCPM4ForCausalLM.GEMV_PROJECTIONS` names) a decode step runs through the GEMV and at
-    most how many rows, or None (cuBLAS throughout): a small model's in 16 bits on CUDA, as measured above."""
+def decode_plan(hidden_size: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[tuple[str, ...], int, bool] | None:
+    """`MiniCPM4ForCausalLM.use_gemv`'s only, max_rows and fuse for a decode step, or None (cuBLAS throughout):
+    a small model's in 16 bits on CUDA, as measured above."""
     if hidden_size > SMALL_MODEL_HIDDEN or dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
         return None
-    return SMALL_MODEL_PROJECTIONS, SMALL_MODEL_ROWS
+    return SMALL_MODEL_PROJECTIONS, SMALL_MODEL_ROWS, SMALL_MODEL_FUSE
+
+
+def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
+    """Whether `fused_linear` can run x [..., K] against w: 1..max_rows rows; 16-bit CUDA tensors, or any float
+    tensors on the CPU under TRITON_INTERPRET=1 (tests)."""
+    on_gpu = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    interpreted = x.device.type == "cpu" and x.dtype.is_floating_point and os.environ.get("TRITON_INTERPRET") == "1"
+    return _rows_ok(x, max_rows) and (on_gpu or interpreted) and w.dtype == x.dtype and w.stride(-1) == 1
+
+
+def fused_linear(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, glu: bool = False,
+                 residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """The decode layer's GEMV with its element-wise neighbours in one kernel (`triton_gemv.gemv`): x [..., K]
+    (glu: [..., 2K], gate and up) -> [..., N]; norm, glu, residual, scale as there (`fused_gemv_reference`).
+    For calls `fused_takes` accepts."""
+    k_in = x.shape[-1]
+    lead = x.shape[:-1]
+    res = residual.reshape(-1, w.shape[0]) if residual is not None else None
+    y = torch.ops.cpm4.gemv_fused(x.reshape(-1, k_in).contiguous(), w, norm[0] if norm is not None else None,
+                                  float(norm[1]) if norm is not None else 0.0, glu, res, float(scale))
+    return y.view(*lead, w.shape[0])

@@ -23,8 +23,22 @@ _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+def _store_out(out, y, r_ptr, rm, rn, om, stride_rm, scale, RES: tl.constexpr):
+    """y (fp32 sums) rounded to the output's dtype; with RES, r + y * scale rounded as PyTorch rounds it
+    (the product, then the sum, each to the dtype)."""
+    dt = out.dtype.element_ty
+    yb = y.to(dt)
+    if RES:
+        r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=om, other=0.0)
+        t = (yb.to(tl.float32) * scale).to(dt)
+        yb = (r.to(tl.float32) + t.to(tl.float32)).to(dt)
+    tl.store(out, yb, mask=om)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 stride_rm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,18 +48,37 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, str
     k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_lo = sp * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
+    rstd = tl.zeros((M_PAD,), dtype=tl.float32)
+    if NORM:  # each program reads its rows whole first (K of a small model: a few KB) for their RMS
+        ss = tl.zeros((M_PAD,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None] & (rk < K)[None, :],
+                         other=0.0).to(tl.float32)
+            ss += tl.sum(xs * xs, axis=1)
+        rstd = tl.math.rsqrt(ss / K + eps)
     acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         km = rk < k_hi
+        xm = mm[:, None] & km[None, :]
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xm, other=0.0)
+        if GLU:  # x holds [gate | up]: silu(gate) * up, each rounded to the dtype as PyTorch's ops round
+            up = tl.load(x_ptr + rm[:, None] * stride_xm + K + rk[None, :], mask=xm, other=0.0)
+            gf = x.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(x.dtype)
+            x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        if NORM:  # the RMS norm's order: normalised in fp32, rounded, then times the weight, rounded
+            g = tl.load(g_ptr + rk, mask=km, other=0.0)
+            xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+            x = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     om = mm[:, None] & nm[None, :]
     if SPLIT == 1:
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=om)
+        _store_out(out, y, r_ptr, rm, rn, om, stride_rm, scale, RES)
     else:
         part = part_ptr + (sp * M_PAD + rm[:, None]) * N + rn[None, :]
         tl.store(part, y, mask=om)
@@ -54,13 +87,13 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, str
             tot = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 tot += tl.load(part_ptr + (s * M_PAD + rm[:, None]) * N + rn[None, :], mask=om, other=0.0)
-            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=om)
+            _store_out(out, tot, r_ptr, rm, rn, om, stride_rm, scale, RES)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 def _configs() -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 1}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 1}, num_warps=4, num_stages=1)]  # fewer steps
     # Small tiles and 8 slices as well: a small model's matrices (0.5B: 2-17 MB) need every SM streaming to beat
     # a kernel's latency; the 8B's are bandwidth-bound at any of these.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s}, num_warps=w, num_stages=st)
@@ -82,8 +115,8 @@ def _bench_in_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=5, quantiles=quantiles)
 
 
-_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD"], do_bench=_bench_in_graph,
-                              prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
+_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES"],
+                              do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -93,32 +126,51 @@ def _counters(device: torch.device) -> torch.Tensor:
     return c
 
 
-def _check(x: torch.Tensor, w: torch.Tensor) -> None:
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemv needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+def _check(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> None:
+    k_in = 2 * w.shape[-1] if glu else w.shape[-1]
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != k_in:
+        want = "x [M, 2K] ([gate | up]) and w [N, K]" if glu else "x [M, K] and w [N, K]"
+        raise ValueError(f"gemv needs {want}, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, got {x.shape[0]}")
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("gemv needs rows of x and w contiguous along K")
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype. config: fixed BLOCK_N, BLOCK_K, SPLIT (and
-    optionally num_warps) instead of the autotuned choice (tests)."""
-    _check(x, w)
-    m, k = x.shape
-    n = w.shape[0]
+def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None,
+         glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
+    norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
+    [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
+    residual + y * scale. config: fixed BLOCK_N, BLOCK_K, SPLIT (and optionally num_warps) instead of the
+    autotuned choice (tests)."""
+    _check(x, w, glu)
+    if norm is not None and glu:
+        raise ValueError("gemv takes norm or glu, not both")
+    m = x.shape[0]
+    n, k = w.shape
+    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != x.dtype):
+        raise ValueError(f"gemv's norm weight must be [{k}] in {x.dtype}, got {tuple(norm[0].shape)} "
+                         f"in {norm[0].dtype}")
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1 or residual.dtype != x.dtype):
+        raise ValueError(f"gemv's residual must be [{m}, {n}] in {x.dtype}, contiguous along N, got "
+                         f"{tuple(residual.shape)} in {residual.dtype}")
     m_pad = triton.next_power_of_2(m)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = torch.empty((_MAX_SPLIT, m_pad, n), device=x.device, dtype=torch.float32)
     cnt = _counters(x.device)
-    args = (x, w, y, part, cnt, m, n, k, x.stride(0), w.stride(0), y.stride(0))
+    g = norm[0] if norm is not None else y  # (unread without NORM / RES)
+    r = residual if residual is not None else y
+    args = (x, w, y, part, cnt, g, r, m, n, k, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
+            float(norm[1]) if norm is not None else 0.0, float(scale))
+    flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None)
     if config is not None:
         cfg = dict(config)
         warps = cfg.pop("num_warps", 4)
         if cfg["SPLIT"] > _MAX_SPLIT or triton.cdiv(n, cfg["BLOCK_N"]) > _MAX_BLOCKS:
             raise ValueError(f"gemv config {config} outside the workspace")
-        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, num_warps=warps, **cfg)
+        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, num_warps=warps, **flags,
+                                                                    **cfg)
     else:
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad)
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad, **flags)
     return y
