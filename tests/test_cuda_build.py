@@ -38,7 +38,13 @@ def test_gemv_kernel_builds_for_sm80_and_sm90():
         for split, m in ((1, 1), (2, 3)):
             x, w = torch.randn(m, 96).to(torch.bfloat16), torch.randn(40, 96).to(torch.bfloat16)
             gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": split})
-    assert cuda_build.build(launches).count("_gemv_kernel") == 2
+            # the fused decode layer's three variants (norm before; SiLU·up before with the residual after)
+            r = torch.randn(m, 40).to(torch.bfloat16)
+            gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6))
+            gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, residual=r, scale=0.3)
+            gemv(torch.cat([x, x], 1), w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, glu=True,
+                 residual=r, scale=0.3)
+    assert cuda_build.build(launches).count("_gemv_kernel") == 8
 
 
 def test_selection_kernel_builds_for_sm80_and_sm90():
