@@ -335,3 +335,20 @@ def test_fused_decoder_layers_equal_the_plain_ones():
     finally:
         DecoderLayer._fused = orig
         model.use_gemv(False)
+
+
+def test_autotune_prune(monkeypatch):
+    """The tiles tuned over: narrow ones (BLOCK_N <= 8) for small matrices, wider for large, none whose
+    accumulator outgrows the registers at this many rows."""
+    from cpm4.kernels.gemv import triton_gemv as t
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    configs = t._configs()
+
+    def widths(n, k, m_pad=1):
+        return {c.kwargs["BLOCK_N"] for c in t._prune(configs, {"N": n, "K": k, "M_PAD": m_pad})}
+
+    assert widths(1280, 1024) == {4, 8}  # 2.6 MB (0.5B q/k/v)
+    assert min(widths(4608, 4096)) == 8 and max(widths(4608, 4096)) > 8  # 38 MB (8B q/k/v)
+    kept = t._prune(configs, {"N": 1280, "K": 1024, "M_PAD": 8})
+    assert kept and all(8 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps for c in kept)

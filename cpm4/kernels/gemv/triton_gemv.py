@@ -102,10 +102,20 @@ def _configs() -> list:
             for s in (1, 2, 4, 8)]
 
 
+# Matrices up to this many bytes tune over the narrow tiles only (BLOCK_N <= 8: the 0.5B's best, the sweep in
+# RESULTS.md), larger ones over BLOCK_N >= 8: half the compilations and timings at start-up either way.
+SMALL_BYTES = 32 << 20
+
+
 def _prune(configs, named_args, **kwargs) -> list:
-    """Drop tiles whose accumulator would not fit in registers for this many rows (4 warps: 64 fp32 a thread)."""
+    """Drop tiles whose accumulator would not fit in registers for this many rows (4 warps: 64 fp32 a thread), and
+    the tile widths that do not suit the matrix's size (`SMALL_BYTES`)."""
     m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
     kept = [c for c in configs if m_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    n, k = named_args.get("N"), named_args.get("K")
+    if n is not None and k is not None:
+        small = 2 * n * k <= SMALL_BYTES
+        kept = [c for c in kept if (c.kwargs["BLOCK_N"] <= 8) == small or c.kwargs["BLOCK_N"] == 8] or kept
     return kept or configs[:1]
 
 
