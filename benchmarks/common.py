@@ -84,18 +84,18 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--prefill-graphs-narrow", action="store_true",
                     help="only the packed all-dense prefill steps through the prefill graphs, not a lone prompt's "
                          "or a sparse or cascade step (prefill_graphs.WIDER off)")
-    ap.add_argument("--small-gemv", action="store_true",
-                    help="a small model's batch-1 decode projections through the Triton GEMV "
-                         "(cpm4.kernels.gemv.SMALL_MODELS)")
-    ap.add_argument("--small-gemv-fuse", action="store_true",
-                    help="--small-gemv with the layers' norms, SiLU·up and residual adds inside the GEMVs "
-                         "(cpm4.kernels.gemv.SMALL_MODEL_FUSE)")
+    ap.add_argument("--decode-gemv", action="store_true",
+                    help="batch-1 decode through the Triton GEMV where it won: a small model's projections "
+                         "(cpm4.kernels.gemv.DECODE_GEMV)")
+    ap.add_argument("--fused-layers", action="store_true",
+                    help="--decode-gemv with any model's one-row layers as GEMVs holding the norms, SiLU·up and "
+                         "residual adds (cpm4.kernels.gemv.FUSE_LAYERS)")
     args = ap.parse_args()
-    if args.small_gemv or args.small_gemv_fuse:
+    if args.decode_gemv or args.fused_layers:
         from cpm4.kernels import gemv
 
-        gemv.SMALL_MODELS = True
-        gemv.SMALL_MODEL_FUSE = args.small_gemv_fuse
+        gemv.DECODE_GEMV = True
+        gemv.FUSE_LAYERS = args.fused_layers
     if args.no_prefill_graphs or args.prefill_graphs_narrow:
         from cpm4.engine import prefill_graphs
 

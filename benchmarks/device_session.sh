@@ -309,13 +309,20 @@ gemvsmall)  # the GEMV autotuned from CUDA-graph timings, smaller tiles and 8 sl
             --tag="-gemvsmall$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
-smallgemv)  # cpm4.kernels.gemv.SMALL_MODELS and SMALL_MODEL_FUSE (off until this runs): the GEMV's GPU tests
-    # (autotuned from CUDA-graph timings now: slower to tune, hence the longer limit) incl. the engine's small-model
-    # plan with and without the fused layers, then the 0.5B's batch-1 decode at 1K and 4K: fused, plan, neither
+smallgemv)  # cpm4.kernels.gemv.DECODE_GEMV and FUSE_LAYERS (off until this runs): the GEMV's GPU tests (autotuned
+    # from CUDA-graph timings now: slower to tune, hence the longer limit) incl. the engine's plan with and without
+    # the fused layers, then the 0.5B's batch-1 decode at 1K and 4K: fused layers, plan, neither
     timeout 300 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
-    for side in --small-gemv-fuse --small-gemv ""; do
+    for side in --fused-layers --decode-gemv ""; do
         timeout 100 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
             $side --tag="-smallgemv$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
+fused8b)  # the 8B's batch-1 decode at 32K (InfLLM v2, compiled) with its layers fused (FUSE_LAYERS) and without
+    for side in --fused-layers ""; do
+        timeout 280 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+            --decode-tokens 32 --no-peer $side --tag="-fused8b$side" --out "${OUT:-benchmarks/results}" 2>&1 \
+            | grep -E "^(prefill|decode)"
     done
     ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,

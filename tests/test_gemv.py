@@ -145,7 +145,7 @@ def test_use_gemv_on_cuda():
         model.use_gemv(False)
 
 
-def test_rows_and_plan():
+def test_rows_and_plan(monkeypatch):
     """Which calls the kernel takes (rows up to max_rows; CPU tensors never) and which models' decode uses it."""
     from cpm4.kernels import gemv
 
@@ -157,9 +157,11 @@ def test_rows_and_plan():
     x, w = torch.randn(2, 4), torch.randn(6, 4)
     torch.testing.assert_close(gemv.linear(x, w, max_rows=1), x @ w.T)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, gemv.SMALL_MODEL_ROWS,
-                                                            gemv.SMALL_MODEL_FUSE)
-    assert gemv.decode_plan(4096, torch.bfloat16, cuda) is None  # the 8B: its GEMVs are bandwidth-bound
+    for fuse in (False, True):
+        monkeypatch.setattr(gemv, "FUSE_LAYERS", fuse)
+        assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, 1, fuse)
+        # the 8B: its plain GEMVs are bandwidth-bound (cuBLAS), its layers fused only with FUSE_LAYERS
+        assert gemv.decode_plan(4096, torch.bfloat16, cuda) == (((), 1, True) if fuse else None)
     assert gemv.decode_plan(1024, torch.float32, cuda) is None and gemv.decode_plan(1024, torch.bfloat16, cpu) is None
 
 
@@ -185,7 +187,7 @@ def test_use_gemv_max_rows():
 @pytest.mark.parametrize("fuse", [False, True])
 def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
     """LLMEngine(gemv=True) on a small bf16 model takes `decode_plan` (the plan's projections through the GEMV at
-    one row, cuBLAS beyond; with SMALL_MODEL_FUSE the fused layers), compiled decode graphs: greedy tokens as with
+    one row, cuBLAS beyond; with FUSE_LAYERS the fused layers), compiled decode graphs: greedy tokens as with
     gemv=False, one request at a time and three together."""
     from conftest import random_model
     from test_engine import tok
@@ -198,7 +200,7 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    monkeypatch.setattr(gemv_module, "SMALL_MODEL_FUSE", fuse)
+    monkeypatch.setattr(gemv_module, "FUSE_LAYERS", fuse)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [list(range(5 + 3 * i, 60 + 7 * i)) for i in range(3)]

@@ -149,10 +149,10 @@ class LLMEngine:
         first token 118 -> 80 ms. The graphs' memory pool (about the activations of a step at that limit) comes
         out of the headroom gpu_memory_utilization leaves, as vLLM's graphs do.
 
-        gemv: a small model's decode projections at batch 1 through the Triton GEMV rather than cuBLAS
-        (`cpm4.kernels.gemv.decode_plan`: hidden size up to 1,024, 16-bit, with cuda_graphs; on the H200 the 0.5B's
-        step 1.06 -> 0.92 ms; with `gemv.SMALL_MODEL_FUSE` the layers' norms, SiLU·up and residuals inside the
-        GEMVs too); default `gemv.SMALL_MODELS`. False leaves the model's own `use_gemv` setting."""
+        gemv: batch-1 decode steps through the Triton GEMV rather than cuBLAS (`cpm4.kernels.gemv.decode_plan`,
+        16-bit, with cuda_graphs): a small model's projections (hidden size up to 1,024; on the H200 the 0.5B's step
+        1.06 -> 0.92 ms), and with `gemv.FUSE_LAYERS` any model's layers with their norms, SiLU·up and residuals
+        inside the GEMVs; default `gemv.DECODE_GEMV`. False leaves the model's own `use_gemv` setting."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
@@ -201,7 +201,7 @@ class LLMEngine:
             from cpm4.kernels import gemv as gemv_module
 
             if gemv is None:
-                gemv = gemv_module.SMALL_MODELS
+                gemv = gemv_module.DECODE_GEMV
             plan = gemv_module.decode_plan(model.config.hidden_size, model.dtype, model.device) if gemv else None
             if plan is not None:
                 model.use_gemv(only=plan[0], max_rows=plan[1], fuse=plan[2])

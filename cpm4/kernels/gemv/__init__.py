@@ -18,18 +18,19 @@ __all__ = ["decode_plan", "fused_gemv_reference", "fused_linear", "fused_takes",
 
 MAX_ROWS = 8
 
-# A small model's batch-1 decode through the GEMV (`LLMEngine(gemv=None)` takes it while SMALL_MODELS is on, with
-# CUDA graphs and 16-bit weights; `decode_plan`). H200, 0.5B (hidden 1,024), one row, in a CUDA graph against
-# cuBLAS: q/k/v 4.66 -> 3.3 µs, o 7.63 -> 3.1, down 6.89 -> 6.0 (its best tiles); gate/up and the head no faster, and
-# at four rows only o still won. The 0.5B's decode step 1.06 -> 0.92 ms. Off until the engine's GPU tests have run
-# with it.
-SMALL_MODELS = False
+# Decode steps through the GEMV (`LLMEngine(gemv=None)` takes `decode_plan` while DECODE_GEMV is on, with CUDA
+# graphs and 16-bit weights). A small model's q/k/v, o and down at one row: on the H200, 0.5B (hidden 1,024), in a
+# CUDA graph against cuBLAS, q/k/v 4.66 -> 3.3 µs, o 7.63 -> 3.1, down 6.89 -> 6.0 (its best tiles); gate/up and the
+# head no faster, and at four rows only o still won. The 0.5B's decode step 1.06 -> 0.92 ms. Off until the
+# engine's GPU tests have run with it.
+DECODE_GEMV = False
 SMALL_MODEL_HIDDEN = 1024
 SMALL_MODEL_PROJECTIONS = ("qkv", "o", "down")
 SMALL_MODEL_ROWS = 1
-# With SMALL_MODELS: the layers' one-row steps as four GEMVs with the norms, SiLU·up and residual adds inside
-# (`DecoderLayer._fused`): three of inductor's four element-wise kernels a layer gone. CPU-tested only: off.
-SMALL_MODEL_FUSE = False
+# With DECODE_GEMV, any model's one-row steps run each layer as four GEMVs with the norms, SiLU·up and residual
+# adds inside (`DecoderLayer._fused`): three of inductor's four element-wise kernels a layer gone (the 8B's
+# element-wise kernels took 0.33 ms of its 5.8 ms step). CPU-tested only: off.
+FUSE_LAYERS = False
 
 
 @torch.library.custom_op("cpm4::gemv", mutates_args=())
@@ -81,11 +82,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> torch.
 
 def decode_plan(hidden_size: int, dtype: torch.dtype, device: torch.device
                 ) -> tuple[tuple[str, ...], int, bool] | None:
-    """`MiniCPM4ForCausalLM.use_gemv`'s only, max_rows and fuse for a decode step, or None (cuBLAS throughout):
-    a small model's in 16 bits on CUDA, as measured above."""
-    if hidden_size > SMALL_MODEL_HIDDEN or dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
+    """`MiniCPM4ForCausalLM.use_gemv`'s only, max_rows and fuse for decode steps, or None (cuBLAS throughout), in
+    16 bits on CUDA: a small model's projections where the kernel won (above), and with FUSE_LAYERS any model's
+    layers fused at one row."""
+    if dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
         return None
-    return SMALL_MODEL_PROJECTIONS, SMALL_MODEL_ROWS, SMALL_MODEL_FUSE
+    if hidden_size <= SMALL_MODEL_HIDDEN:
+        return SMALL_MODEL_PROJECTIONS, SMALL_MODEL_ROWS, FUSE_LAYERS
+    return ((), SMALL_MODEL_ROWS, True) if FUSE_LAYERS else None
 
 
 def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
