@@ -354,3 +354,62 @@ def test_autotune_prune(monkeypatch):
     assert min(widths(4608, 4096)) == 8 and max(widths(4608, 4096)) > 8  # 38 MB (8B q/k/v)
     kept = t._prune(configs, {"N": 1280, "K": 1024, "M_PAD": 8})
     assert kept and all(8 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps for c in kept)
+
+
+@needs_kernels
+def test_fused_op_compiles_whole():
+    """`cpm4::gemv_fused` (optional tensors, float arguments) as torch.compile sees it: no graph break, values as
+    the kernel's; `fused_takes` traced for the rows rule."""
+    from cpm4.kernels.gemv import fused_gemv_reference, fused_linear, fused_takes
+
+    dev = "cpu" if ON_CPU else "cuda"
+    dt = torch.float32 if ON_CPU else torch.bfloat16
+    x, w, kw = _fused_case(dev, dt, 1, 40, 96, norm=True)
+    h, w2, kw2 = _fused_case(dev, dt, 1, 24, 40, glu=True, res=True)
+
+    def f(x, w, g, h, w2, r):
+        assert fused_takes(x, w, 1)
+        return fused_linear(x, w, norm=(g, 1e-6)), fused_linear(h, w2, glu=True, residual=r, scale=0.35)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, kw["norm"][0], h, w2, kw2["residual"])
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0], fused_gemv_reference(x, w, **kw), **tol)
+    torch.testing.assert_close(got[1], fused_gemv_reference(h, w2, **kw2), **tol)
+
+
+@needs_kernels
+@pytest.mark.skipif(not ON_CPU, reason="interpreter test: the GPU runs test_engine_small_model_plan_on_cuda")
+def test_fused_decode_step_compiles_as_one_graph():
+    """The engine's one-row decode step with the fused layers, compiled as the decode graphs compile it (the paged
+    attention and the fused GEMVs opaque custom ops): one graph, no break, and the plain eager step's logits."""
+    from conftest import random_model
+    from test_engine import tok
+
+    from cpm4.engine import paged
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None, num_hidden_layers=2)
+    cache = PagedKVCache(model.config, num_pages=20, page_size=16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=1, chunk_tokens=128, paged_decode=True)
+    eng.add_request("r", list(range(5, 50)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    eng.step()  # the prefill; its next token sampled
+    seq = eng.running[0].pages
+    cache.reserve(seq, 1)
+    ids = torch.tensor([[eng.running[0].state.generated[-1]]])
+    ones = torch.ones(1, dtype=torch.long)
+    try:
+        with torch.inference_mode():
+            ref = model(ids, cache.batch([seq], decode=True), ones, last_only=True)
+            model.use_gemv(only=(), max_rows=1, fuse=True)
+            paged.make_opaque_to_compile()
+            explain = torch._dynamo.explain(model)(ids, cache.batch([seq], decode=True), ones, last_only=True)
+            assert explain.graph_break_count == 0 and explain.graph_count == 1
+            gm = explain.graphs[0]
+            assert str(gm.code).count("gemv_fused") == 4 * model.config.num_hidden_layers
+            out = torch.compile(model, backend="aot_eager", dynamic=False)(ids, cache.batch([seq], decode=True), ones,
+                                                                            last_only=True)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    finally:
+        model.use_gemv(False)
