@@ -318,6 +318,10 @@ smallgemv)  # cpm4.kernels.gemv.DECODE_GEMV and FUSE_LAYERS (off until this runs
             $side --tag="-smallgemv$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
+fusedlayer)  # a decode layer's work around attention at one row, per layer: cuBLAS + inductor (the engine's), the
+    # GEMV plan, the fused GEMVs; 0.5B and 8B shapes
+    timeout 400 "$PY" benchmarks/fused_layer.py --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
 fused8b)  # the 8B's batch-1 decode at 32K (InfLLM v2, compiled) with its layers fused (FUSE_LAYERS) and without
     for side in --fused-layers ""; do
         timeout 280 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \

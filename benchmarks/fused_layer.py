@@ -1,0 +1,129 @@
+"""CUDA only. A decode layer's work around its attention at one row (batch-1 decode), three ways, per layer:
+
+- plain (the peer): cuBLAS for q/k/v, o, gate/up and down, the norms, residual adds and SiLU·up compiled by
+  inductor across the layers, as the engine's compiled decode step runs them;
+- gemv: the same with q/k/v, o and down through the Triton GEMV (`gemv.DECODE_GEMV`'s small-model plan);
+- fused: four GEMVs with the norms, SiLU·up and residual adds inside them (`gemv.FUSE_LAYERS`, `DecoderLayer._fused`).
+
+The attention and RoPE are left out (the same in all three): each layer's o projection reads a fixed stand-in for
+the attention's output. Enough layers of distinct weights (>= 1 GB) that they stream from HBM as in a decode step;
+the chain compiled, captured as one CUDA graph and replayed; µs per layer.
+
+    python benchmarks/fused_layer.py [--config minicpm4-0.5b minicpm4-8b] [--tag TAG]
+
+Table and JSON (`benchmarks/results/fused_layer[-TAG]-<date>.json`; `peer_ms` the plain chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import write_rows  # noqa: E402
+
+from cpm4.model import fused  # noqa: E402
+from cpm4.model.config import preset  # noqa: E402
+
+
+def layer_weights(cfg, n: int, dt: torch.dtype) -> list[dict]:
+    h, i, hq, hkv, d = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                        cfg.dim_head)
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, device="cuda", dtype=dt) / cols ** 0.5
+
+    return [dict(qkv=w((hq + 2 * hkv) * d, h), o=w(h, hq * d), gate_up=w(2 * i, h), down=w(h, i),
+                 g1=1 + 0.1 * torch.randn(h, device="cuda", dtype=dt), g2=1 + 0.1 * torch.randn(h, device="cuda",
+                                                                                                    dtype=dt))
+            for _ in range(n)]
+
+
+def chains(eps: float, scale: float) -> dict:
+    from cpm4.kernels.gemv import fused_linear, linear
+
+    def plain(x, a, layers, lin=F.linear, proj=F.linear):
+        ys = []
+        for p in layers:
+            y = proj(fused.rms_norm(x, p["g1"], eps), p["qkv"])
+            x, hn = fused.add_rms_norm(x, proj(a, p["o"]), scale, p["g2"], eps)
+            gate, up = lin(hn, p["gate_up"]).chunk(2, dim=-1)
+            x = fused.add_scaled(x, proj(fused.silu_mul(gate, up), p["down"]), scale)
+            ys.append(y)
+        return x, ys
+
+    def gemv(x, a, layers):
+        return plain(x, a, layers, proj=lambda v, w: linear(v, w, max_rows=1))
+
+    def fused_chain(x, a, layers):
+        ys = []
+        for p in layers:
+            ys.append(fused_linear(x, p["qkv"], norm=(p["g1"], eps)))
+            x = fused_linear(a, p["o"], residual=x, scale=scale)
+            hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
+            x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
+        return x, ys
+
+    return {"plain": plain, "gemv": gemv, "fused": fused_chain}
+
+
+def graph_us(fn, x, a, layers, reps: int = 20) -> tuple[float, torch.Tensor]:
+    """µs per layer of fn over the layers, compiled, captured once and replayed; and its output."""
+    step = torch.compile(fn, dynamic=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, autotune, warm
+            step(x, a, layers)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step(x, a, layers)
+    g.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        g.replay()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) * 1e3 / (reps * len(layers)), out[0].clone()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", nargs="+", default=["minicpm4-0.5b", "minicpm4-8b"])
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("fused_layer.py measures CUDA kernels: no CUDA device here")
+    dt = torch.bfloat16
+    rows = []
+    print(f"{'config':<15}{'variant':<8}{'us/layer':>10}{'plain':>9}{'speed-up':>9}{'max diff':>10}")
+    for name in args.config:
+        cfg = preset(name)
+        per_layer = 2 * cfg.hidden_size * ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.dim_head
+                                           + cfg.num_attention_heads * cfg.dim_head + 3 * cfg.intermediate_size)
+        layers = layer_weights(cfg, max(4, -(-2**30 // per_layer)), dt)
+        x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dt)
+        a = torch.randn(1, cfg.num_attention_heads * cfg.dim_head, device="cuda", dtype=dt)
+        timed = {v: graph_us(fn, x, a, layers) for v, fn in chains(cfg.rms_norm_eps, cfg.residual_scale).items()}
+        peer, ref = timed["plain"]
+        for v, (us, out) in timed.items():
+            diff = (out.float() - ref.float()).abs().max().item()
+            print(f"{name:<15}{v:<8}{us:>10.2f}{peer:>9.2f}{peer / us:>8.2f}x{diff:>10.3g}")
+            rows.append(dict(phase=f"layer.{v}", seqlen=None, config=name, ours_ms=us / 1e3, peer_ms=peer / 1e3,
+                             speedup=round(peer / us, 3), max_abs_diff=diff, layers=len(layers)))
+        del layers
+    write_rows("fused_layer" + args.tag, torch.cuda.get_device_name(), rows, args.out, dtype="bfloat16",
+               peer="cuBLAS + inductor's element-wise kernels", unit="per layer")
+
+
+if __name__ == "__main__":
+    main()
