@@ -11,6 +11,21 @@ if TYPE_CHECKING:
     from cpm4.model.tokenizer import Tokenizer
 
 
+def replay_ms(graph, reps: int) -> float:
+    """Milliseconds per replay of a captured CUDA graph, after one untimed replay."""
+    import torch
+
+    graph.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        graph.replay()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
 def write_json(doc: dict, name: str, out: str) -> None:
     """Write `doc` as `out/name` atomically (temporary file, then rename), and also under $OUT when set (the
     device machine's folder that comes back)."""

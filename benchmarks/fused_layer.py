@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_rows  # noqa: E402
+from common import replay_ms, write_rows  # noqa: E402
 
 from cpm4.model import fused  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
@@ -84,15 +84,7 @@ def graph_us(fn, x, a, layers, reps: int = 20) -> tuple[float, torch.Tensor]:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = step(x, a, layers)
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        g.replay()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) * 1e3 / (reps * len(layers)), out[0].clone()
+    return replay_ms(g, reps) * 1e3 / len(layers), out[0].clone()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_rows  # noqa: E402
+from common import replay_ms, write_rows  # noqa: E402
 
 from cpm4.kernels.gemv import gemv_reference  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
@@ -49,15 +49,7 @@ def graph_us(fn, xs, ws, reps: int = 10) -> float:
     with torch.cuda.graph(g):
         for x, w in zip(xs, ws):
             fn(x, w)
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        g.replay()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) * 1e3 / (reps * len(ws))
+    return replay_ms(g, reps) * 1e3 / len(ws)
 
 
 def sweep(name: str, n: int, k: int, xs, ws, peer: float, gemv) -> list[dict]:
