@@ -269,6 +269,19 @@ def test_fused_interpreted(flags, split, m, n, k, dtype):
     assert int(_counters(x.device).abs().sum()) == 0
 
 
+@needs_kernels
+def test_fused_norm_over_several_passes():
+    """Rows wider than the norm's one-pass block (5 rows: 1,024 at a time over K = 1,300): the RMS summed over
+    passes, masked at the end."""
+    from cpm4.kernels.gemv import fused_gemv_reference
+    from cpm4.kernels.gemv.triton_gemv import gemv
+
+    dev = "cpu" if ON_CPU else "cuda"
+    x, w, kw = _fused_case(dev, torch.float32, 5, 20, 1300, norm=True, res=True)
+    got = gemv(x, w, config={"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT": 2}, **kw)
+    torch.testing.assert_close(got, fused_gemv_reference(x, w, **kw), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_bad_arguments():
     from cpm4.kernels.gemv.triton_gemv import gemv
 
