@@ -196,7 +196,7 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
     from cpm4.engine.sampling import SamplingParams
     from cpm4.engine.scheduler import LLMEngine
     from cpm4.kernels import gemv as gemv_module
-    from cpm4.kernels.gemv import SMALL_MODEL_ROWS
+    from cpm4.kernels.gemv import DECODE_ROWS
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -213,7 +213,7 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
         assert (attn.gemv_out is not None) == gemv
         assert (model.model.layers[0].fused_rows is not None) == (gemv and fuse)
         if gemv:
-            assert attn.gemv_out.keywords == {"max_rows": SMALL_MODEL_ROWS}
+            assert attn.gemv_out.keywords == {"max_rows": DECODE_ROWS}
         res = {}
         for i, p in enumerate(prompts):  # batch 1: the GEMV
             eng.add_request(f"a{i}", p, params)

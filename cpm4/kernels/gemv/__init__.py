@@ -1,9 +1,10 @@
 """y = x @ w.T for a few rows of x (decode steps): a Triton kernel that streams w once (`triton_gemv.py`), beside
 the plain-PyTorch reference. `linear(x, w)` is `F.linear` with the kernel where it applies (CUDA, 16-bit, at most
 8 rows), registered as the custom op `cpm4::gemv` so torch.compile'd and graph-captured decode steps keep it whole;
-`MiniCPM4ForCausalLM.use_gemv()` routes the decode projections through it. Off by default: `benchmarks/gemv.py`
-measures it against cuBLAS first (a first version lost everywhere, 0.71-0.97x; this one accumulates across K
-and splits K)."""
+`MiniCPM4ForCausalLM.use_gemv()` routes the decode projections through it. `fused_linear` is the same kernel with a
+decode layer's element-wise neighbours inside (the RMS norm or SiLU·up before, the scaled residual after;
+`cpm4::gemv_fused`, `fused_gemv_reference`), which `use_gemv(fuse=True)` runs a one-row layer with. The engine takes
+them by `decode_plan` while `DECODE_GEMV` is on (off until GPU-tested)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MAX_ROWS = 8
 DECODE_GEMV = False
 SMALL_MODEL_HIDDEN = 1024
 SMALL_MODEL_PROJECTIONS = ("qkv", "o", "down")
-SMALL_MODEL_ROWS = 1
+DECODE_ROWS = 1  # the most rows a plan's projections take (more go to cuBLAS)
 # With DECODE_GEMV, any model's one-row steps run each layer as four GEMVs with the norms, SiLU·up and residual
 # adds inside (`DecoderLayer._fused`): three of inductor's four element-wise kernels a layer gone (the 8B's
 # element-wise kernels took 0.33 ms of its 5.8 ms step). CPU-tested only: off.
@@ -65,10 +66,13 @@ def _rows_ok(x: torch.Tensor, max_rows: int) -> bool:
     return 1 <= (x.numel() // k if k else 0) <= max_rows
 
 
-def _takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
-    """Whether the kernel runs F.linear(x, w): 1..max_rows rows of 16-bit CUDA tensors, w's rows contiguous."""
-    return (_rows_ok(x, max_rows) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
-            and w.stride(-1) == 1)
+def _takes(x: torch.Tensor, w: torch.Tensor, max_rows: int, interpreted: bool = False) -> bool:
+    """Whether the kernel runs x [..., K] against w: 1..max_rows rows of 16-bit CUDA tensors (with interpreted,
+    any float tensors on the CPU under TRITON_INTERPRET=1 too), w of x's dtype with its rows contiguous."""
+    on_gpu = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    interpreted = (interpreted and x.device.type == "cpu" and x.dtype.is_floating_point
+                   and os.environ.get("TRITON_INTERPRET") == "1")
+    return _rows_ok(x, max_rows) and (on_gpu or interpreted) and w.dtype == x.dtype and w.stride(-1) == 1
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> torch.Tensor:
@@ -88,16 +92,14 @@ def decode_plan(hidden_size: int, dtype: torch.dtype, device: torch.device
     if dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
         return None
     if hidden_size <= SMALL_MODEL_HIDDEN:
-        return SMALL_MODEL_PROJECTIONS, SMALL_MODEL_ROWS, FUSE_LAYERS
-    return ((), SMALL_MODEL_ROWS, True) if FUSE_LAYERS else None
+        return SMALL_MODEL_PROJECTIONS, DECODE_ROWS, FUSE_LAYERS
+    return ((), DECODE_ROWS, True) if FUSE_LAYERS else None
 
 
 def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
-    """Whether `fused_linear` can run x [..., K] against w: 1..max_rows rows; 16-bit CUDA tensors, or any float
-    tensors on the CPU under TRITON_INTERPRET=1 (tests)."""
-    on_gpu = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-    interpreted = x.device.type == "cpu" and x.dtype.is_floating_point and os.environ.get("TRITON_INTERPRET") == "1"
-    return _rows_ok(x, max_rows) and (on_gpu or interpreted) and w.dtype == x.dtype and w.stride(-1) == 1
+    """Whether `fused_linear` can run x [..., K] against w (`_takes`; on the CPU under the interpreter too, for
+    tests: the fused path has no PyTorch fallback of its own, its caller's plain path is that)."""
+    return _takes(x, w, max_rows, interpreted=True)
 
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, glu: bool = False,
