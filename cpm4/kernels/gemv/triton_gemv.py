@@ -6,7 +6,11 @@ reduction per loaded tile (the first version of this kernel reduced every tile a
 bandwidth against cuBLAS's 63-84%). With SPLIT > 1 the slices' partial sums go to a workspace and the last slice to
 arrive (an arrival counter per row block) adds them in slice order and stores: deterministic, and one kernel rather
 than cuBLAS's split-K GEMV plus its reduce kernel. The counters are reset by that last program, so they stay zero
-between calls (and between CUDA-graph replays); calls on one stream at a time."""
+between calls (and between CUDA-graph replays); calls on one stream at a time.
+
+Flags fuse a decode layer's element-wise neighbours in (`gemv(norm=..., glu=..., residual=...)`): NORM, the RMS
+norm of x before (each program first sums its rows' squares); GLU, x = [gate | up] and silu(gate) * up goes in;
+RES, the output is residual + y * scale (stored by the program that stores y)."""
 
 from __future__ import annotations
 
