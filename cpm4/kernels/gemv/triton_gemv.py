@@ -158,8 +158,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
     """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
     norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
     [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
-    residual + y * scale. config: fixed BLOCK_N, BLOCK_K, SPLIT (and optionally num_warps) instead of the
-    autotuned choice (tests)."""
+    residual + y * scale. config: fixed BLOCK_N, BLOCK_K, SPLIT (and optionally num_warps, num_stages) instead of
+    the autotuned choice (tests)."""
     _check(x, w, glu)
     if norm is not None and glu:
         raise ValueError("gemv takes norm or glu, not both")
@@ -184,11 +184,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
                  NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)))
     if config is not None:
         cfg = dict(config)
-        warps = cfg.pop("num_warps", 4)
+        launch = {"num_warps": cfg.pop("num_warps", 4)}
+        if "num_stages" in cfg:
+            launch["num_stages"] = cfg.pop("num_stages")
         if cfg["SPLIT"] > _MAX_SPLIT or triton.cdiv(n, cfg["BLOCK_N"]) > _MAX_BLOCKS:
             raise ValueError(f"gemv config {config} outside the workspace")
-        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, num_warps=warps, **flags,
-                                                                    **cfg)
+        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, **launch, **flags, **cfg)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad, **flags)
     return y
