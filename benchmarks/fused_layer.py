@@ -1,13 +1,14 @@
 """CUDA only. A decode layer's work around its attention at one row (batch-1 decode), three ways, per layer:
 
-- plain (the peer): cuBLAS for q/k/v, o, gate/up and down, the norms, residual adds and SiLU·up compiled by
-  inductor across the layers, as the engine's compiled decode step runs them;
+- plain (the peer): cuBLAS for q/k/v, o, gate/up and down, the norms, RoPE, residual adds and SiLU·up compiled
+  by inductor across the layers, as the engine's compiled decode step runs them;
 - gemv: the same with q/k/v, o and down through the Triton GEMV (`gemv.DECODE_GEMV`'s small-model plan);
-- fused: four GEMVs with the norms, SiLU·up and residual adds inside them (`gemv.FUSE_LAYERS`, `DecoderLayer._fused`).
+- fused: four GEMVs with the norms, RoPE, SiLU·up and residual adds inside them (`gemv.FUSE_LAYERS`,
+  `DecoderLayer._fused`).
 
-The attention and RoPE are left out (the same in all three): each layer's o projection reads a fixed stand-in for
-the attention's output. Enough layers of distinct weights (>= 1 GB) that they stream from HBM as in a decode step;
-the chain compiled, captured as one CUDA graph and replayed; µs per layer.
+The attention is left out (the same in all three): each layer's o projection reads a fixed stand-in for its output.
+Enough layers of distinct weights (>= 1 GB) that they stream from HBM as in a decode step; the chain compiled,
+captured as one CUDA graph and replayed; µs per layer.
 
     python benchmarks/fused_layer.py [--config minicpm4-0.5b minicpm4-8b] [--tag TAG]
 
@@ -44,46 +45,49 @@ def layer_weights(cfg, n: int, dt: torch.dtype) -> list[dict]:
             for _ in range(n)]
 
 
-def chains(eps: float, scale: float) -> dict:
+def chains(eps: float, scale: float, heads: int, rotated: int, d: int) -> dict:
+    """The three ways, each fn(x, a, layers, cos, sin) -> (x after the layers, each layer's rotated q/k [1, rotated *
+    d]): heads q/k/v heads of d, the first `rotated` of them (q and k) through RoPE with the tables cos, sin [1, d]."""
     from cpm4.kernels.gemv import fused_linear, linear
 
-    def plain(x, a, layers, lin=F.linear, proj=F.linear):
-        ys = []
+    def plain(x, a, layers, cos, sin, lin=F.linear, proj=F.linear):
+        qks = []
         for p in layers:
-            y = proj(fused.rms_norm(x, p["g1"], eps), p["qkv"])
+            y = proj(fused.rms_norm(x, p["g1"], eps), p["qkv"]).view(1, 1, heads, d)
+            qks.append(fused.rotary(y[:, :, :rotated], cos[:, None], sin[:, None]).reshape(1, rotated * d))
             x, hn = fused.add_rms_norm(x, proj(a, p["o"]), scale, p["g2"], eps)
             gate, up = lin(hn, p["gate_up"]).chunk(2, dim=-1)
             x = fused.add_scaled(x, proj(fused.silu_mul(gate, up), p["down"]), scale)
-            ys.append(y)
-        return x, ys
+        return x, qks
 
-    def gemv(x, a, layers):
-        return plain(x, a, layers, proj=lambda v, w: linear(v, w, max_rows=1))
+    def gemv(x, a, layers, cos, sin):
+        return plain(x, a, layers, cos, sin, proj=lambda v, w: linear(v, w, max_rows=1))
 
-    def fused_chain(x, a, layers):
-        ys = []
+    def fused_chain(x, a, layers, cos, sin):
+        qks = []
         for p in layers:
-            ys.append(fused_linear(x, p["qkv"], norm=(p["g1"], eps)))
+            y = fused_linear(x, p["qkv"], norm=(p["g1"], eps), rope=(cos, sin, rotated * d, d))
+            qks.append(y[:, :rotated * d])
             x = fused_linear(a, p["o"], residual=x, scale=scale)
             hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
             x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
-        return x, ys
+        return x, qks
 
     return {"plain": plain, "gemv": gemv, "fused": fused_chain}
 
 
-def graph_us(fn, x, a, layers, reps: int = 20) -> tuple[float, torch.Tensor]:
+def graph_us(fn, x, a, layers, cos, sin, reps: int = 20) -> tuple[float, torch.Tensor]:
     """µs per layer of fn over the layers, compiled, captured once and replayed; and its output."""
     step = torch.compile(fn, dynamic=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):  # compile, autotune, warm
-            step(x, a, layers)
+            step(x, a, layers, cos, sin)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = step(x, a, layers)
+        out = step(x, a, layers, cos, sin)
     return replay_ms(g, reps) * 1e3 / len(layers), out[0].clone()
 
 
@@ -105,7 +109,11 @@ def main() -> None:
         layers = layer_weights(cfg, max(4, -(-2**30 // per_layer)), dt)
         x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dt)
         a = torch.randn(1, cfg.num_attention_heads * cfg.dim_head, device="cuda", dtype=dt)
-        timed = {v: graph_us(fn, x, a, layers) for v, fn in chains(cfg.rms_norm_eps, cfg.residual_scale).items()}
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
+        angle = torch.rand(1, d // 2, device="cuda") * 6
+        cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+        ways = chains(cfg.rms_norm_eps, cfg.residual_scale, hq + 2 * hkv, hq + hkv, d)
+        timed = {v: graph_us(fn, x, a, layers, cos, sin) for v, fn in ways.items()}
         peer, ref = timed["plain"]
         for v, (us, out) in timed.items():
             diff = (out.float() - ref.float()).abs().max().item()

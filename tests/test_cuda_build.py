@@ -44,7 +44,10 @@ def test_gemv_kernel_builds_for_sm80_and_sm90():
             gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, residual=r, scale=0.3)
             gemv(torch.cat([x, x], 1), w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, glu=True,
                  residual=r, scale=0.3)
-    assert cuda_build.build(launches).count("_gemv_kernel") == 8
+            tab = torch.ones(m, 8)  # heads of 8, the first 3 of 5 rotated, the input normed (the q/k/v projection)
+            gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6),
+                 rope=(tab, tab, 24, 8))
+    assert cuda_build.build(launches).count("_gemv_kernel") == 10
 
 
 def test_selection_kernel_builds_for_sm80_and_sm90():

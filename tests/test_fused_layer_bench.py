@@ -24,7 +24,10 @@ def test_chains_agree():
                    g1=1 + 0.1 * torch.randn(64, generator=g), g2=1 + 0.1 * torch.randn(64, generator=g))
               for _ in range(3)]
     x, a = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
-    outs = {name: fn(x, a, layers) for name, fn in fused_layer.chains(1e-6, 0.3).items()}
+    angle = torch.rand(1, 8, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+    # 8 heads of 16 (128 q/k/v columns): 4 q, 2 k rotated, 2 v
+    outs = {name: fn(x, a, layers, cos, sin) for name, fn in fused_layer.chains(1e-6, 0.3, 8, 6, 16).items()}
     ref_x, ref_ys = outs.pop("plain")
     assert not torch.allclose(ref_x, x)  # the layers did something
     for name, (xo, ys) in outs.items():

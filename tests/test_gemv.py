@@ -294,6 +294,36 @@ def test_fused_interpreted(flags, split, m, n, k, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_fused_rope_interpreted(split, m, dtype, norm):
+    """The q/k/v projection with RoPE inside: heads of 16 (3 rotated, 2 left as they are: the v heads), each
+    row its own tables; tiles of 8 and 16 columns (a tile is half a head's first half, half their partners);
+    against the float64 definition (`fused_gemv_reference`: rotate_half's convention)."""
+    from cpm4.kernels.gemv import fused_gemv_reference
+    from cpm4.kernels.gemv.triton_gemv import gemv
+
+    dev = "cpu" if ON_CPU else "cuda"
+    d, heads, rot = 16, 5, 3
+    x, w, kw = _fused_case(dev, dtype, m, heads * d, 72, norm=norm, seed=9)
+    g = torch.Generator().manual_seed(11)
+    angle = torch.rand(m, d // 2, generator=g) * 6
+    cos = torch.cat([angle.cos(), angle.cos()], 1).to(dev)
+    sin = torch.cat([angle.sin(), angle.sin()], 1).to(dev)
+    kw["rope"] = (cos, sin, rot * d, d)
+    want = fused_gemv_reference(x, w, **kw)
+    plain = fused_gemv_reference(x, w, **{k: v for k, v in kw.items() if k != "rope"})
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3)
+    for bn in (8, 16):
+        got = gemv(x, w, config={"BLOCK_N": bn, "BLOCK_K": 32, "SPLIT": split}, **kw)
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got[:, rot * d:], plain[:, rot * d:], **tol)  # the v heads as projected
+    assert not torch.allclose(got[:, :rot * d].float(), plain[:, :rot * d].float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
 def test_fused_norm_over_several_passes():
     """Rows wider than the norm's one-pass block (5 rows: 1,024 at a time over K = 1,300): the RMS summed over
     passes, masked at the end."""
@@ -318,6 +348,15 @@ def test_fused_bad_arguments():
         gemv(x, w, norm=(torch.ones(7), 1e-6))
     with pytest.raises(ValueError, match=r"residual must be \[2, 4\]"):
         gemv(x, w, residual=torch.zeros(4, 2))
+    cs = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="rope goes with a plain or normed input"):
+        gemv(x, w, residual=torch.zeros(2, 4), rope=(cs, cs, 4, 4))
+    with pytest.raises(ValueError, match="even head_dim dividing N = 4"):
+        gemv(x, w, rope=(torch.ones(2, 3), torch.ones(2, 3), 3, 3))
+    with pytest.raises(ValueError, match=r"rope tables must be \[2, 4\]"):
+        gemv(x, w, rope=(torch.ones(1, 4), torch.ones(1, 4), 4, 4))
+    with pytest.raises(ValueError, match="BLOCK_N dividing head_dim 4"):
+        gemv(x, w, config={"BLOCK_N": 8, "BLOCK_K": 8, "SPLIT": 1}, rope=(cs, cs, 4, 4))
 
 
 def test_fused_takes(monkeypatch):

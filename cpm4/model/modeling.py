@@ -177,7 +177,15 @@ class Attention(nn.Module):
         """q, k (RoPE applied) and v from the fused q/k/v projection's output y [B, T, (hq + 2 hkv) d]."""
         hq, hkv = self.n_heads, self.n_kv
         y = y.view(*y.shape[:2], hq + 2 * hkv, self.head_dim)
-        qk = self.ops.rotary(y[:, :, :hq + hkv], cos, sin)
+        return self.split_heads(y, rotated=self.ops.rotary(y[:, :, :hq + hkv], cos, sin))
+
+    def split_heads(self, y: torch.Tensor, rotated: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as views of the q/k/v projection's output y [B, T, (hq + 2 hkv) d]; rotated: q and k side by
+        side when they were rotated apart from y."""
+        hq, hkv = self.n_heads, self.n_kv
+        y = y.view(*y.shape[:2], hq + 2 * hkv, self.head_dim)
+        qk = y[:, :, :hq + hkv] if rotated is None else rotated
         return qk[:, :, :hq], qk[:, :, hq:], y[:, :, hq + hkv:]
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
@@ -559,14 +567,15 @@ class DecoderLayer(nn.Module):
 
     def _fused(self, x, cos, sin, starts, new_lens, cache, docs, host, pack) -> torch.Tensor:
         """`forward` for a few rows (decoding) as four GEMVs with the element-wise work inside them: the input
-        norm in q/k/v's, the residual in o's, the post-attention norm in gate/up's, SiLU·up and the residual in
-        down's (`cpm4.kernels.gemv.fused_linear`; the same roundings). Only RoPE stays outside."""
+        norm and RoPE in q/k/v's, the residual in o's, the post-attention norm in gate/up's, SiLU·up and the
+        residual in down's (`cpm4.kernels.gemv.fused_linear`; the same roundings)."""
         from cpm4.kernels.gemv import fused_linear
 
         attn, mlp, rs = self.self_attn, self.mlp, self.residual_scale
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        y = fused_linear(x, attn.qkv, norm=(ln1.weight, ln1.eps))
-        q, k, v = attn.rotate(y, cos, sin)
+        d = attn.head_dim
+        y = fused_linear(x, attn.qkv, norm=(ln1.weight, ln1.eps), rope=(cos, sin, (attn.n_heads + attn.n_kv) * d, d))
+        q, k, v = attn.split_heads(y)
         a = attn.attend(q, k, v, starts, new_lens, cache, docs, host, pack)
         x = fused_linear(a, attn.o_proj.weight, residual=x, scale=rs)
         h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps))

@@ -48,15 +48,16 @@ def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("cpm4::gemv_fused", mutates_args=())
 def _gemv_fused(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, glu: bool,
-                residual: torch.Tensor | None, scale: float) -> torch.Tensor:
+                residual: torch.Tensor | None, scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                n_rot: int, head_dim: int) -> torch.Tensor:
     from .triton_gemv import gemv
 
     return gemv(x, w, norm=(norm_weight, eps) if norm_weight is not None else None, glu=glu, residual=residual,
-                scale=scale)
+                scale=scale, rope=(cos, sin, n_rot, head_dim) if cos is not None else None)
 
 
 @_gemv_fused.register_fake
-def _(x, w, norm_weight, eps, glu, residual, scale):
+def _(x, w, norm_weight, eps, glu, residual, scale, cos, sin, n_rot, head_dim):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
@@ -103,13 +104,20 @@ def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
 
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, glu: bool = False,
-                 residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, scale: float = 1.0,
+                 rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """The decode layer's GEMV with its element-wise neighbours in one kernel (`triton_gemv.gemv`): x [..., K]
-    (glu: [..., 2K], gate and up) -> [..., N]; norm, glu, residual, scale as there (`fused_gemv_reference`).
-    For calls `fused_takes` accepts."""
+    (glu: [..., 2K], gate and up) -> [..., N]; norm, glu, residual, scale as there (`fused_gemv_reference`);
+    rope (cos, sin [..., head_dim] per row of x, n_rot, head_dim). For calls `fused_takes` accepts."""
     k_in = x.shape[-1]
     lead = x.shape[:-1]
     res = residual.reshape(-1, w.shape[0]) if residual is not None else None
+    cos = sin = None
+    n_rot = head_dim = 0
+    if rope is not None:
+        cos, sin, n_rot, head_dim = rope
+        cos, sin = cos.reshape(-1, head_dim).contiguous(), sin.reshape(-1, head_dim).contiguous()
     y = torch.ops.cpm4.gemv_fused(x.reshape(-1, k_in).contiguous(), w, norm[0] if norm is not None else None,
-                                  float(norm[1]) if norm is not None else 0.0, glu, res, float(scale))
+                                  float(norm[1]) if norm is not None else 0.0, glu, res, float(scale), cos, sin,
+                                  int(n_rot), int(head_dim))
     return y.view(*lead, w.shape[0])

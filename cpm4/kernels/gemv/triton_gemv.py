@@ -10,10 +10,12 @@ between calls (and between CUDA-graph replays); calls on one stream at a time.
 
 Flags fuse a decode layer's element-wise neighbours in (`gemv(norm=..., glu=..., residual=...)`): NORM, the RMS
 norm of x before (each program first sums its rows' squares); GLU, x = [gate | up] and silu(gate) * up goes in;
-RES, the output is residual + y * scale (stored by the program that stores y)."""
+RES, the output is residual + y * scale (stored by the program that stores y); ROPE, the q/k columns rotated,
+each program's tile half a head's first-half columns and half their partners."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -27,26 +29,59 @@ _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448
 
 
 @triton.jit
-def _store_out(out, y, r_ptr, rm, rn, om, stride_rm, scale, RES: tl.constexpr):
-    """y (fp32 sums) rounded to the output's dtype; with RES, r + y * scale rounded as PyTorch rounds it
-    (the product, then the sum, each to the dtype)."""
-    dt = out.dtype.element_ty
-    yb = y.to(dt)
-    if RES:
-        r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=om, other=0.0)
-        t = (yb.to(tl.float32) * scale).to(dt)
-        yb = (r.to(tl.float32) + t.to(tl.float32)).to(dt)
-    tl.store(out, yb, mask=om)
+def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
+               M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, RES: tl.constexpr, ROPE: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """y (fp32 sums over the columns rn) rounded to the output's dtype and stored; with RES, residual + y * scale
+    rounded as PyTorch rounds it (the product, then the sum, each to the dtype); with ROPE (rn: the columns rn_a
+    of one head's first half, then their partners HEAD_DIM / 2 on), each pair of the first N_ROT columns rotated
+    (`cpm4.model.fused.rotary`: the rounded output in fp32 times the row's cos/sin tables, rounded)."""
+    dt = y_ptr.dtype.element_ty
+    if ROPE:
+        HALF: tl.constexpr = BLOCK_N // 2
+        y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, HALF))
+        first = (tl.arange(0, 2) == 0)[None, :, None]
+        ya = tl.sum(tl.where(first, y3, 0.0), axis=1)  # [M_PAD, HALF]
+        yb = tl.sum(tl.where(first, 0.0, y3), axis=1)
+        rn_b = rn_a + HEAD_DIM // 2
+        da = rn_a % HEAD_DIM
+        om = mm[:, None] & (rn_a < N)[None, :]
+        tab = rm[:, None] * stride_cm
+        ca = tl.load(c_ptr + tab + da[None, :], mask=om, other=0.0)
+        sa = tl.load(s_ptr + tab + da[None, :], mask=om, other=0.0)
+        cb = tl.load(c_ptr + tab + (da + HEAD_DIM // 2)[None, :], mask=om, other=0.0)
+        sb = tl.load(s_ptr + tab + (da + HEAD_DIM // 2)[None, :], mask=om, other=0.0)
+        rot = (rn_a < N_ROT)[None, :]
+        oa = tl.where(rot, ya * ca - yb * sa, ya).to(dt)
+        ob = tl.where(rot, yb * cb + ya * sb, yb).to(dt)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn_a[None, :], oa, mask=om)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn_b[None, :], ob, mask=om)
+    else:
+        om = mm[:, None] & (rn < N)[None, :]
+        yb = y.to(dt)
+        if RES:
+            r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=om, other=0.0)
+            t = (yb.to(tl.float32) * scale).to(dt)
+            yb = (r.to(tl.float32) + t.to(tl.float32)).to(dt)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], yb, mask=om)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 stride_rm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                 NORM_BLOCK: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_ptr, M, N, K, N_ROT, stride_xm,
+                 stride_wn, stride_ym, stride_rm, stride_cm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                 RES: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_BLOCK: tl.constexpr):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # half the tile from a head's first half, half their rotation partners HEAD_DIM / 2 on
+        HALF: tl.constexpr = BLOCK_N // 2
+        per_head: tl.constexpr = HEAD_DIM // BLOCK_N
+        rn_a = (pid_n // per_head) * HEAD_DIM + (pid_n % per_head) * HALF + tl.arange(0, HALF)
+        j = tl.arange(0, BLOCK_N)
+        rn = (pid_n // per_head) * HEAD_DIM + (pid_n % per_head) * HALF + j % HALF + (j // HALF) * (HEAD_DIM // 2)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_a = rn  # (unused)
     nm = rn < N
     rm = tl.arange(0, M_PAD)
     mm = rm < M
@@ -81,10 +116,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, M, N, K, 
             x = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(x.dtype)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     om = mm[:, None] & nm[None, :]
     if SPLIT == 1:
-        _store_out(out, y, r_ptr, rm, rn, om, stride_rm, scale, RES)
+        _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
+                   M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
     else:
         part = part_ptr + (sp * M_PAD + rm[:, None]) * N + rn[None, :]
         tl.store(part, y, mask=om)
@@ -93,13 +128,15 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, M, N, K, 
             tot = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 tot += tl.load(part_ptr + (s * M_PAD + rm[:, None]) * N + rn[None, :], mask=om, other=0.0)
-            _store_out(out, tot, r_ptr, rm, rn, om, stride_rm, scale, RES)
+            _store_out(y_ptr, tot, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N,
+                       N_ROT, M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 def _configs() -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 1}, num_warps=4, num_stages=1)]  # fewer steps
+        # One tile (the autotuner prunes nothing then): 16 divides any head_dim a rope call has; wide K, few steps.
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT": 1}, num_warps=4, num_stages=1)]
     # Small tiles and 8 slices as well: a small model's matrices (0.5B: 2-17 MB) need every SM streaming to beat
     # a kernel's latency; the 8B's are bandwidth-bound at any of these.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s}, num_warps=w, num_stages=st)
@@ -118,6 +155,11 @@ def _prune(configs, named_args, **kwargs) -> list:
     the tile widths that do not suit the matrix's size (`SMALL_BYTES`)."""
     m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
     kept = [c for c in configs if m_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    if kwargs.get("ROPE", named_args.get("ROPE", False)):  # a tile is one head's pairs: BLOCK_N divides head_dim
+        hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 2))
+        kept = [c if hd % c.kwargs["BLOCK_N"] == 0 else
+                triton.Config({**c.kwargs, "BLOCK_N": math.gcd(c.kwargs["BLOCK_N"], hd)}, num_warps=c.num_warps,
+                              num_stages=c.num_stages) for c in kept]
     n, k = named_args.get("N"), named_args.get("K")
     if n is not None and k is not None:
         small = 2 * n * k <= SMALL_BYTES
@@ -131,7 +173,7 @@ def _bench_in_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=5, quantiles=quantiles)
 
 
-_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES"],
+_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM"],
                               do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
 
 
@@ -154,17 +196,30 @@ def _check(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> None:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+         glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0,
+         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
     norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
     [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
-    residual + y * scale. config: fixed BLOCK_N, BLOCK_K, SPLIT (and optionally num_warps, num_stages) instead of
-    the autotuned choice (tests)."""
+    residual + y * scale; rope=(cos, sin [M, head_dim], n_rot, head_dim): the first n_rot output columns, heads of
+    head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
+    optionally num_warps, num_stages) instead of the autotuned choice (tests)."""
     _check(x, w, glu)
     if norm is not None and glu:
         raise ValueError("gemv takes norm or glu, not both")
+    if rope is not None and (glu or residual is not None):
+        raise ValueError("gemv's rope goes with a plain or normed input and no residual (the q/k/v projection)")
     m = x.shape[0]
     n, k = w.shape
+    if rope is not None:
+        cos, sin, n_rot, hd = rope
+        if hd < 2 or hd % 2 or n % hd or n_rot % hd or not 0 <= n_rot <= n:
+            raise ValueError(f"gemv's rope needs an even head_dim dividing N = {n} and n_rot, n_rot <= N; got "
+                             f"head_dim {hd}, n_rot {n_rot}")
+        if cos.shape != (m, hd) or sin.shape != cos.shape or cos.stride() != sin.stride() or cos.stride(1) != 1 \
+                or sin.dtype != cos.dtype:
+            raise ValueError(f"gemv's rope tables must be [{m}, {hd}] each, alike and contiguous along head_dim; "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != x.dtype):
         raise ValueError(f"gemv's norm weight must be [{k}] in {x.dtype}, got {tuple(norm[0].shape)} "
                          f"in {norm[0].dtype}")
@@ -175,12 +230,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = torch.empty((_MAX_SPLIT, m_pad, n), device=x.device, dtype=torch.float32)
     cnt = _counters(x.device)
-    g = norm[0] if norm is not None else y  # (unread without NORM / RES)
+    g = norm[0] if norm is not None else y  # (unread without NORM / RES / ROPE)
     r = residual if residual is not None else y
-    args = (x, w, y, part, cnt, g, r, m, n, k, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
-            float(norm[1]) if norm is not None else 0.0, float(scale))
+    c, sn, n_rot, hd = rope if rope is not None else (y, y, 0, 2)
+    args = (x, w, y, part, cnt, g, r, c, sn, m, n, k, n_rot, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
+            c.stride(0), float(norm[1]) if norm is not None else 0.0, float(scale))
     # The norm's first pass: up to 8,192 elements at a time over all rows (32 fp32 registers a thread at 4 warps)
-    flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None,
+    flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None, ROPE=rope is not None, HEAD_DIM=hd,
                  NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)))
     if config is not None:
         cfg = dict(config)
@@ -189,6 +245,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
             launch["num_stages"] = cfg.pop("num_stages")
         if cfg["SPLIT"] > _MAX_SPLIT or triton.cdiv(n, cfg["BLOCK_N"]) > _MAX_BLOCKS:
             raise ValueError(f"gemv config {config} outside the workspace")
+        if rope is not None and hd % cfg["BLOCK_N"]:
+            raise ValueError(f"gemv's rope needs BLOCK_N dividing head_dim {hd}, got {cfg['BLOCK_N']}")
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, **launch, **flags, **cfg)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad, **flags)
