@@ -312,9 +312,9 @@ gemvsmall)  # the GEMV autotuned from CUDA-graph timings, smaller tiles and 8 sl
 smallgemv)  # cpm4.kernels.gemv.DECODE_GEMV and FUSE_LAYERS (off until this runs): the GEMV's GPU tests (autotuned
     # from CUDA-graph timings now: slower to tune, hence the longer limit) incl. the engine's plan with and without
     # the fused layers, then the 0.5B's batch-1 decode at 1K and 4K: fused layers, plan, neither
-    timeout 300 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
+    timeout 240 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
     for side in --fused-layers --decode-gemv ""; do
-        timeout 100 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
+        timeout 110 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
             $side --tag="-smallgemv$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
