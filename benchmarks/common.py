@@ -99,18 +99,18 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--prefill-graphs-narrow", action="store_true",
                     help="only the packed all-dense prefill steps through the prefill graphs, not a lone prompt's "
                          "or a sparse or cascade step (prefill_graphs.WIDER off)")
-    ap.add_argument("--decode-gemv", action="store_true",
-                    help="batch-1 decode through the Triton GEMV where it won: a small model's projections "
-                         "(cpm4.kernels.gemv.DECODE_GEMV)")
-    ap.add_argument("--fused-layers", action="store_true",
-                    help="--decode-gemv with any model's one-row layers as GEMVs holding the norms, SiLU·up and "
-                         "residual adds (cpm4.kernels.gemv.FUSE_LAYERS)")
+    ap.add_argument("--decode-gemv", choices=["off", "plan", "fused", "all"], default=None,
+                    help="batch-1 decode through the Triton GEMV (cpm4.kernels.gemv): off (cuBLAS throughout), plan "
+                         "(q/k/v, o, down; DECODE_GEMV), fused (plan and a small model's layers as GEMVs holding "
+                         "the norms, RoPE, SiLU·up and residuals; FUSE_LAYERS), all (any model's layers fused; "
+                         "FUSE_LARGE); default the library's (fused)")
     args = ap.parse_args()
-    if args.decode_gemv or args.fused_layers:
+    if args.decode_gemv is not None:
         from cpm4.kernels import gemv
 
-        gemv.DECODE_GEMV = True
-        gemv.FUSE_LAYERS = args.fused_layers
+        gemv.DECODE_GEMV = args.decode_gemv != "off"
+        gemv.FUSE_LAYERS = args.decode_gemv in ("fused", "all")
+        gemv.FUSE_LARGE = args.decode_gemv == "all"
     if args.no_prefill_graphs or args.prefill_graphs_narrow:
         from cpm4.engine import prefill_graphs
 

@@ -313,9 +313,9 @@ smallgemv)  # cpm4.kernels.gemv.DECODE_GEMV and FUSE_LAYERS (off until this runs
     # from CUDA-graph timings now: slower to tune, hence the longer limit) incl. the engine's plan with and without
     # the fused layers, then the 0.5B's batch-1 decode at 1K and 4K: fused layers, plan, neither
     timeout 240 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py 2>&1 | tail -2
-    for side in --fused-layers --decode-gemv ""; do
+    for side in fused plan off; do  # (run 2026-12-01 as --fused-layers, --decode-gemv, neither)
         timeout 110 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
-            $side --tag="-smallgemv$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+            --decode-gemv=$side --tag="-smallgemv-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
 fusedlayer)  # a decode layer's work around attention at one row, per layer: cuBLAS + inductor (the engine's), the
@@ -323,11 +323,37 @@ fusedlayer)  # a decode layer's work around attention at one row, per layer: cuB
     timeout 400 "$PY" benchmarks/fused_layer.py --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
     ;;
 fused8b)  # the 8B's batch-1 decode at 32K (InfLLM v2, compiled) with its layers fused (FUSE_LAYERS) and without
-    for side in --fused-layers ""; do
+    for side in all off; do  # (run 2026-12-01 as --fused-layers and without)
         timeout 280 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
-            --decode-tokens 32 --no-peer $side --tag="-fused8b$side" --out "${OUT:-benchmarks/results}" 2>&1 \
+            --decode-tokens 32 --no-peer --decode-gemv=$side --tag="-fused8b-$side" --out "${OUT:-benchmarks/results}" 2>&1 \
             | grep -E "^(prefill|decode)"
     done
+    ;;
+gemvdefault)  # carry .wheels/py312: DECODE_GEMV and FUSE_LAYERS on by default (a small model's one-row layers
+    # fused): the engine's GPU tests with them (the tiny test models take the plan), then the 8B's shapes at one row,
+    # every tile against cuBLAS (why its fused layers lost 3 %)
+    wheels
+    timeout 400 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_engine.py tests/test_llm_engine.py \
+        tests/test_cascade_decode.py tests/test_engine_async.py tests/test_serve_process.py tests/test_guided.py \
+        tests/test_prefill_graphs.py tests/test_packed_prefill.py 2>&1 | tail -3
+    timeout 150 "$PY" benchmarks/gemv.py --config minicpm4-8b --rows 1 --sweep --tag=-8b-sweep \
+        --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote" | tail -40
+    ;;
+fused8b2)  # the large-matrix tiles re-pruned (4 x 512 in one slice, the 8B sweep's best, now tuned over): the 8B's
+    # layer table, then its 32K decode with every layer fused (FUSE_LARGE) and with none
+    timeout 200 "$PY" benchmarks/fused_layer.py --config minicpm4-8b --tag=-8b-pruned --out "${OUT:-benchmarks/results}" \
+        2>&1 | grep -v "^wrote"
+    for side in all off; do
+        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+            --decode-tokens 32 --no-peer --decode-gemv=$side --tag="-fused8b2-$side" --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "^(prefill|decode)"
+    done
+    ;;
+planany8b)  # the 8B's 32K decode with q/k/v, o and down through the re-pruned GEMV, unfused (its layer 133.7 -> 128.8
+    # µs in fused8b2's table, the fused layer 133.8); run 2026-12-01 as plan-any (plan then held to small models)
+    timeout 200 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+        --decode-tokens 32 --no-peer --decode-gemv=plan --tag="-planany8b" --out "${OUT:-benchmarks/results}" \
+        2>&1 | grep -E "^(prefill|decode)"
     ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,

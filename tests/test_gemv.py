@@ -182,10 +182,12 @@ def test_rows_and_plan(monkeypatch):
     torch.testing.assert_close(gemv.linear(x, w, max_rows=1), x @ w.T)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for fuse in (False, True):
-        monkeypatch.setattr(gemv, "FUSE_LAYERS", fuse)
-        assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.SMALL_MODEL_PROJECTIONS, 1, fuse)
-        # the 8B: its plain GEMVs are bandwidth-bound (cuBLAS), its layers fused only with FUSE_LAYERS
-        assert gemv.decode_plan(4096, torch.bfloat16, cuda) == (((), 1, True) if fuse else None)
+        for large in (False, True):
+            monkeypatch.setattr(gemv, "FUSE_LAYERS", fuse)
+            monkeypatch.setattr(gemv, "FUSE_LARGE", large)
+            assert gemv.decode_plan(1024, torch.bfloat16, cuda) == (gemv.DECODE_PROJECTIONS, 1, fuse)
+            # the 8B: the same projections, its layers fused only with both flags
+            assert gemv.decode_plan(4096, torch.bfloat16, cuda) == (gemv.DECODE_PROJECTIONS, 1, fuse and large)
     assert gemv.decode_plan(1024, torch.float32, cuda) is None and gemv.decode_plan(1024, torch.bfloat16, cpu) is None
 
 
@@ -416,8 +418,9 @@ def test_fused_decoder_layers_equal_the_plain_ones():
 
 
 def test_autotune_prune(monkeypatch):
-    """The tiles tuned over: narrow ones (BLOCK_N <= 8) for small matrices, wider for large, none whose
-    accumulator outgrows the registers at this many rows."""
+    """The tiles tuned over: narrow ones (BLOCK_N <= 8) for small matrices, up to 16 wide in at most two slices
+    for large (the 8B's best, 4 x 512, among them), none whose accumulator outgrows the registers at this many
+    rows."""
     from cpm4.kernels.gemv import triton_gemv as t
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -427,7 +430,11 @@ def test_autotune_prune(monkeypatch):
         return {c.kwargs["BLOCK_N"] for c in t._prune(configs, {"N": n, "K": k, "M_PAD": m_pad})}
 
     assert widths(1280, 1024) == {4, 8}  # 2.6 MB (0.5B q/k/v)
-    assert min(widths(4608, 4096)) == 8 and max(widths(4608, 4096)) > 8  # 38 MB (8B q/k/v)
+    assert widths(4608, 4096) == {4, 8, 16}  # 38 MB (8B q/k/v)
+    large = t._prune(configs, {"N": 4608, "K": 4096, "M_PAD": 1})
+    assert {c.kwargs["SPLIT"] for c in large} == {1, 2}
+    assert any((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT"], c.num_warps) == (4, 512, 1, 2)
+               for c in large)
     kept = t._prune(configs, {"N": 1280, "K": 1024, "M_PAD": 8})
     assert kept and all(8 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps for c in kept)
 

@@ -4,7 +4,7 @@ the plain-PyTorch reference. `linear(x, w)` is `F.linear` with the kernel where 
 `MiniCPM4ForCausalLM.use_gemv()` routes the decode projections through it. `fused_linear` is the same kernel with a
 decode layer's element-wise neighbours inside (the RMS norm or SiLU·up before, the scaled residual after;
 `cpm4::gemv_fused`, `fused_gemv_reference`), which `use_gemv(fuse=True)` runs a one-row layer with. The engine takes
-them by `decode_plan` while `DECODE_GEMV` is on (off until GPU-tested)."""
+them by `decode_plan` while `DECODE_GEMV` is on."""
 
 from __future__ import annotations
 
@@ -20,18 +20,22 @@ __all__ = ["decode_plan", "fused_gemv_reference", "fused_linear", "fused_takes",
 MAX_ROWS = 8
 
 # Decode steps through the GEMV (`LLMEngine(gemv=None)` takes `decode_plan` while DECODE_GEMV is on, with CUDA
-# graphs and 16-bit weights). A small model's q/k/v, o and down at one row: on the H200, 0.5B (hidden 1,024), in a
-# CUDA graph against cuBLAS, q/k/v 4.66 -> 3.3 µs, o 7.63 -> 3.1, down 6.89 -> 6.0 (its best tiles); gate/up and the
-# head no faster, and at four rows only o still won. The 0.5B's decode step 1.06 -> 0.92 ms. Off until the
-# engine's GPU tests have run with it.
-DECODE_GEMV = False
-SMALL_MODEL_HIDDEN = 1024
-SMALL_MODEL_PROJECTIONS = ("qkv", "o", "down")
+# graphs and 16-bit weights): q/k/v, o and down at one row, any model size. On the H200 in a CUDA graph against
+# cuBLAS, the 0.5B's (hidden 1,024) q/k/v 4.66 -> 3.3 µs, o 7.63 -> 3.1, down 6.89 -> 6.0; the 8B's q/k/v 14.0 ->
+# 12.1, o 12.6 -> 11.5, down 36.2 -> 36.9 (the best tiles); gate/up and the head no faster at the 0.5B, and at four
+# rows only o still won. The 8B's 32K decode step 5.71 -> 5.51 ms.
+DECODE_GEMV = True
+DECODE_PROJECTIONS = ("qkv", "o", "down")
 DECODE_ROWS = 1  # the most rows a plan's projections take (more go to cuBLAS)
-# With DECODE_GEMV, any model's one-row steps run each layer as four GEMVs with the norms, SiLU·up and residual
-# adds inside (`DecoderLayer._fused`): three of inductor's four element-wise kernels a layer gone (the 8B's
-# element-wise kernels took 0.33 ms of its 5.8 ms step). CPU-tested only: off.
-FUSE_LAYERS = False
+# A small model's one-row steps run each layer as four GEMVs with the norms, RoPE, SiLU·up and residual adds
+# inside (`DecoderLayer._fused`). The 0.5B on the H200, batch-1 decode at 1K: cuBLAS 1.09 ms, the projections
+# above 0.93, fused 0.83 (a layer's work around attention 30.4 -> 24.4 -> 22.1 µs).
+FUSE_LAYERS = True
+SMALL_MODEL_HIDDEN = 1024
+# Larger models' layers fused too (with FUSE_LAYERS). Off: at the 8B's sizes the fused GEMVs' prologues (the norm
+# each program recomputes, SiLU·up over all of K) cost more than the element-wise kernels they replace (a layer's
+# work: the projections above 128.8 µs, fused 133.8; the 32K decode step 5.62 ms fused against 5.51).
+FUSE_LARGE = False
 
 
 @torch.library.custom_op("cpm4::gemv", mutates_args=())
@@ -88,13 +92,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> torch.
 def decode_plan(hidden_size: int, dtype: torch.dtype, device: torch.device
                 ) -> tuple[tuple[str, ...], int, bool] | None:
     """`MiniCPM4ForCausalLM.use_gemv`'s only, max_rows and fuse for decode steps, or None (cuBLAS throughout), in
-    16 bits on CUDA: a small model's projections where the kernel won (above), and with FUSE_LAYERS any model's
-    layers fused at one row."""
+    16 bits on CUDA: the projections where the kernel won, and a small model's layers fused (FUSE_LAYERS; any
+    model's with FUSE_LARGE too; above)."""
     if dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
         return None
-    if hidden_size <= SMALL_MODEL_HIDDEN:
-        return SMALL_MODEL_PROJECTIONS, DECODE_ROWS, FUSE_LAYERS
-    return ((), DECODE_ROWS, True) if FUSE_LAYERS else None
+    fuse = FUSE_LAYERS and (hidden_size <= SMALL_MODEL_HIDDEN or FUSE_LARGE)
+    return DECODE_PROJECTIONS, DECODE_ROWS, fuse
 
 
 def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:

@@ -146,7 +146,8 @@ def _configs() -> list:
 
 
 # Matrices up to this many bytes tune over the narrow tiles only (BLOCK_N <= 8: the 0.5B's best, the sweep in
-# RESULTS.md), larger ones over BLOCK_N >= 8: half the compilations and timings at start-up either way.
+# RESULTS.md), larger ones over BLOCK_N <= 16 in at most 2 slices (the 8B's sweep: 4 x 512, one slice, was best for
+# every matrix, 1.16x cuBLAS on q/k/v; wider tiles and more slices never): fewer compilations and timings either way.
 SMALL_BYTES = 32 << 20
 
 
@@ -162,8 +163,10 @@ def _prune(configs, named_args, **kwargs) -> list:
                               num_stages=c.num_stages) for c in kept]
     n, k = named_args.get("N"), named_args.get("K")
     if n is not None and k is not None:
-        small = 2 * n * k <= SMALL_BYTES
-        kept = [c for c in kept if (c.kwargs["BLOCK_N"] <= 8) == small or c.kwargs["BLOCK_N"] == 8] or kept
+        if 2 * n * k <= SMALL_BYTES:
+            kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 8] or kept
+        else:
+            kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 16 and c.kwargs["SPLIT"] <= 2] or kept
     return kept or configs[:1]
 
 
