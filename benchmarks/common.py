@@ -104,7 +104,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                          "(q/k/v, o, down; DECODE_GEMV), fused (plan and a small model's layers as GEMVs holding "
                          "the norms, RoPE, SiLU·up and residuals; FUSE_LAYERS), all (any model's layers fused; "
                          "FUSE_LARGE); default the library's (fused)")
+    ap.add_argument("--l2-prefetch", choices=["load", "line", "bulk"], default=None,
+                    help="decode steps pull each layer's weights read after its attention into L2 while it runs, "
+                         "on a side stream (cpm4.kernels.prefetch.MODE); default off")
     args = ap.parse_args()
+    if args.l2_prefetch is not None:
+        from cpm4.kernels import prefetch
+
+        prefetch.MODE = args.l2_prefetch
     if args.decode_gemv is not None:
         from cpm4.kernels import gemv
 

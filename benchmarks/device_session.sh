@@ -355,6 +355,30 @@ planany8b)  # the 8B's 32K decode with q/k/v, o and down through the re-pruned G
         --decode-tokens 32 --no-peer --decode-gemv=plan --tag="-planany8b" --out "${OUT:-benchmarks/results}" \
         2>&1 | grep -E "^(prefill|decode)"
     ;;
+l2prefetch)  # the weights read after each decode attention (o, then the MLP's, up to 60 % of L2) prefetched into L2
+    # on a side stream meanwhile (cpm4.kernels.prefetch, off): its GPU tests, then the 8B's batch-1 decode at 32K
+    # (InfLLM v2) without it and with the line and bulk modes (the first run compiles: the longer limit)
+    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefetch.py 2>&1 | tail -2
+    limit=120
+    for side in off line bulk off; do
+        pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
+        timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+            --decode-tokens 32 --no-peer $pre --tag="-l2-$side" --out "${OUT:-benchmarks/results}" 2>&1 \
+            | grep -E "^decode"
+        limit=80
+    done
+    ;;
+l2prefetch2)  # l2prefetch's other rows: the 0.5B's batch-1 decode at 1K with each mode and without, the 8B's with
+    # the reading mode
+    for side in off line bulk load off; do
+        pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
+        timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $pre \
+            --tag="-l2-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    timeout 120 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+        --decode-tokens 32 --no-peer --l2-prefetch=load --tag="-l2-load" --out "${OUT:-benchmarks/results}" 2>&1 \
+        | grep -E "^decode"
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

@@ -581,6 +581,14 @@ class DecoderLayer(nn.Module):
         h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps))
         return fused_linear(h, mlp.down_proj.weight, glu=True, residual=x, scale=rs)
 
+    def weights_after_attention(self) -> list:
+        """The weights the layer reads after its attention, in order: o, gate/up (fused or the two), down (a
+        quantized module's entry is the module itself, not a tensor)."""
+        attn, mlp = self.self_attn, self.mlp
+        mid = [mlp.gate_up] if mlp.gate_up is not None else [getattr(mlp.gate_proj, "weight", mlp.gate_proj),
+                                                             getattr(mlp.up_proj, "weight", mlp.up_proj)]
+        return [getattr(attn.o_proj, "weight", attn.o_proj), *mid, getattr(mlp.down_proj, "weight", mlp.down_proj)]
+
     def after_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer's work after its attention: a (o-projected) into the residual x, the norm, the MLP."""
         norm = self.post_attention_layernorm
@@ -640,8 +648,9 @@ class MiniCPM4ForCausalLM(nn.Module):
                  fuse: bool = False) -> None:
         """Run the projections and the output head through `cpm4.kernels.gemv.linear` (the Triton GEMV for a few
         rows of 16-bit CUDA tensors, F.linear otherwise) instead of cuBLAS; for decoding, set before the decode
-        graphs are captured. only: a subset of GEMV_PROJECTIONS (the others keep cuBLAS; on the H200 the kernel won
-        on the 8B's q/k/v, gate/up and head, lost on its o and down; on the 0.5B's q/k/v, o and down at one row).
+        graphs are captured. only: a subset of GEMV_PROJECTIONS (the others keep cuBLAS; on the H200 at one row, with
+        its best tiles, the kernel won on q/k/v and o at both sizes, on the 0.5B's down and the 8B's gate/up and
+        head, and lost a little on the 8B's down: `gemv.decode_plan`).
         max_rows: the most rows the kernel takes (default `gemv.MAX_ROWS`; more go to cuBLAS). fuse: a decoder
         layer's steps of up to max_rows rows run its four projections as GEMVs with the norms, SiLU·up and
         residual adds inside them (`DecoderLayer._fused`; needs `fuse_projections`), whatever `only` says. Calls
