@@ -107,7 +107,17 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--l2-prefetch", choices=["load", "line", "bulk"], default=None,
                     help="decode steps pull each layer's weights read after its attention into L2 while it runs, "
                          "on a side stream (cpm4.kernels.prefetch.MODE); default off")
+    ap.add_argument("--pdl", choices=["on", "no-prefetch"], default=None,
+                    help="every decode kernel of ours (attention, GEMV) as a programmatic dependent launch "
+                         "(Hopper+; triton_decode.PDL, triton_gemv.PDL); no-prefetch: the GEMV without pulling its "
+                         "weights toward L2 before its wait; default off")
     args = ap.parse_args()
+    if args.pdl is not None:
+        from cpm4.kernels.gemv import triton_gemv
+        from cpm4.kernels.infllm_v2 import triton_decode
+
+        triton_decode.PDL = triton_gemv.PDL = True
+        triton_gemv.PDL_PREFETCH = args.pdl == "on"
     if args.l2_prefetch is not None:
         from cpm4.kernels import prefetch
 

@@ -379,6 +379,30 @@ l2prefetch2)  # l2prefetch's other rows: the 0.5B's batch-1 decode at 1K with ea
         --decode-tokens 32 --no-peer --l2-prefetch=load --tag="-l2-load" --out "${OUT:-benchmarks/results}" 2>&1 \
         | grep -E "^decode"
     ;;
+pdl)  # every decode kernel of ours as a programmatic dependent launch (Hopper; off): the GEMV pulling its weight
+    # slice toward L2 before it waits, the attention's kernels letting the next one launch. GPU tests, then the
+    # 0.5B's batch-1 decode at 1K (fused layers: all of a layer's kernels ours) off / on / on without the GEMV's
+    # prefetch / off
+    timeout 240 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_pdl.py tests/test_gemv.py \
+        "tests/test_infllm_v2_triton.py::test_gpu_paged_sparse_decode" 2>&1 | tail -2
+    for side in off on no-prefetch off; do
+        pre=""; [ "$side" != off ] && pre="--pdl=$side"
+        timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
+            $pre --tag="-pdl-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
+pdl8b)  # the 8B's batch-1 decode at 32K (InfLLM v2): PDL off / on with the default plan (q/k/v, o, down through the
+    # GEMV), then with every layer fused (all ours: the whole chain programmatic) on / off
+    limit=120
+    for side in "off plan" "on plan" "on all" "off all"; do
+        set -- $side
+        pre=""; [ "$1" != off ] && pre="--pdl=$1"
+        timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+            --decode-tokens 32 --no-peer $pre --decode-gemv=$2 --tag="-pdl-$1-$2" --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "^decode"
+        limit=90
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

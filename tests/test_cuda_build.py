@@ -89,16 +89,33 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
 
 
 def test_decode_step_with_programmatic_launches_builds_for_sm90():
-    """The decode step's score and attention kernels as programmatic dependents (PDL, Hopper and later: the
-    interpreter runs them without it) build for sm_90."""
+    """Every kernel of the decode step as a programmatic dependent (PDL, Hopper and later: the interpreter runs
+    them without it) builds for sm_90: the sparse step's (the store in the LSE launch, scores and selection, the
+    attention, the separate merge), the dense step's store, and the GEMV with its weight prefetch before the wait
+    (plain and with each fused flag)."""
     from test_infllm_v2_triton import check_sparse_decode, small_cfg
+
+    from cpm4.kernels.gemv.triton_gemv import gemv
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv
 
     with cuda_build.capture() as launches:
         check_sparse_decode(small_cfg("gen-b", dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu",
                             1e-4, splits=3)
-    pdl = [(fn, sig, {**consts, "PDL": True}, options) for fn, sig, consts, options in launches if "PDL" in consts]
-    assert {fn.__name__ for fn, *_ in pdl} == {"_attend_kernel", "_score_kernel"}
-    assert set(cuda_build.build(pdl, archs=(90,))) == {"_attend_kernel", "_score_kernel"}
+        kc = torch.zeros(6, 16, 2, 16)
+        append_kv(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc.clone(), torch.tensor([3, 40]),
+                  torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([4, 9], dtype=torch.int32))
+        x, w = torch.randn(1, 96).to(torch.bfloat16), torch.randn(40, 96).to(torch.bfloat16)
+        r, tab = torch.randn(1, 40).to(torch.bfloat16), torch.ones(1, 8)
+        for cfg in ({"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": 2}, {"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 1}):
+            gemv(x, w, config=cfg)
+            gemv(x, w, config=cfg, norm=(torch.ones(96, dtype=x.dtype), 1e-6), rope=(tab, tab, 24, 8))
+            gemv(torch.cat([x, x], 1), w, config=cfg, glu=True, residual=r, scale=0.3)
+    pdl = [(fn, sig, {**consts, "PDL": True, **({"PREFETCH": True} if "PREFETCH" in consts else {})}, options)
+           for fn, sig, consts, options in launches if "PDL" in consts]
+    names = {"_attend_kernel", "_score_kernel", "_lse_kernel", "_merge_kernel", "_append_kernel", "_gemv_kernel"}
+    assert {fn.__name__ for fn, *_ in pdl} == names
+    built = cuda_build.build(pdl, archs=(90,))
+    assert set(built) == names and built.count("_gemv_kernel") == 6
 
 
 def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):

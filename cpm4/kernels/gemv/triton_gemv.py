@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+from cpm4.kernels import pdl as pdl_launch
+
 MAX_ROWS = 8
+# Programmatic dependent launches (Hopper+, `cpm4.kernels.pdl`): the GEMV may start while the kernel before it
+# runs, each program pulling its own slice of w toward L2 (PDL_PREFETCH: one `prefetch.global.L2` per 128-byte
+# line) before it waits for the previous kernel's output. Off until measured on the GPU.
+PDL = False
+PDL_PREFETCH = True
 _MAX_SPLIT = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448 / 8 = 9181)
@@ -70,7 +77,8 @@ def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, strid
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_ptr, M, N, K, N_ROT, stride_xm,
                  stride_wn, stride_ym, stride_rm, stride_cm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                 RES: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                 RES: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
     if ROPE:  # half the tile from a head's first half, half their rotation partners HEAD_DIM / 2 on
@@ -88,6 +96,17 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
     k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_lo = sp * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
+    if PDL:  # the next kernel may launch; w depends on no earlier kernel, so its lines go first; then the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH:
+            LINES: tl.constexpr = (BLOCK_K + 63) // 64  # 128-byte lines of 16-bit weights a tile row
+            rn_w = tl.minimum(rn, N - 1)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rk_w = tl.minimum(k0 + tl.arange(0, LINES) * 64, k_hi - 1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l",
+                                          [w_ptr + rn_w[:, None] * stride_wn + rk_w[None, :]], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
     rstd = tl.zeros((M_PAD,), dtype=tl.float32)
     if NORM:  # each program reads its rows whole first for their RMS: in one load or a few (NORM_BLOCK wide),
         # not BLOCK_K at a time (32 dependent loads a program at the 8B's width)
@@ -200,13 +219,14 @@ def _check(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None,
          glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0,
-         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
+         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
     norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
     [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
     residual + y * scale; rope=(cos, sin [M, head_dim], n_rot, head_dim): the first n_rot output columns, heads of
     head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
-    optionally num_warps, num_stages) instead of the autotuned choice (tests)."""
+    optionally num_warps, num_stages) instead of the autotuned choice (tests). pdl: a programmatic dependent
+    launch (`PDL`, None: that; Hopper+ only)."""
     _check(x, w, glu)
     if norm is not None and glu:
         raise ValueError("gemv takes norm or glu, not both")
@@ -239,8 +259,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
     args = (x, w, y, part, cnt, g, r, c, sn, m, n, k, n_rot, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
             c.stride(0), float(norm[1]) if norm is not None else 0.0, float(scale))
     # The norm's first pass: up to 8,192 elements at a time over all rows (32 fp32 registers a thread at 4 warps)
+    pdl = pdl_launch.enabled(x.device, PDL if pdl is None else pdl)
     flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None, ROPE=rope is not None, HEAD_DIM=hd,
-                 NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)))
+                 NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)), PDL=pdl,
+                 PREFETCH=pdl and PDL_PREFETCH, **pdl_launch.launch(pdl))
     if config is not None:
         cfg = dict(config)
         launch = {"num_warps": cfg.pop("num_warps", 4)}

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cpm4.kernels import pdl as pdl_launch
 from cpm4.model.config import SparseConfig
 
 from . import triton_select
@@ -158,8 +159,9 @@ def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr,
                    stride_gp, stride_gs, stride_gh,
                    D: tl.constexpr, PAGE: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
                    FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
-                   POOL: tl.constexpr, COARSE: tl.constexpr):
+                   POOL: tl.constexpr, COARSE: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (row, KV head): `_append_row`."""
+    pdl_launch.enter(PDL)
     _append_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr, f_ptr, c_ptr, tl.program_id(0),
                 tl.program_id(1), stride_kb, stride_kh, stride_vb, stride_vh, stride_cp, stride_ct, stride_ch,
                 stride_dp, stride_dt, stride_dh, stride_tb, stride_fp, stride_fs, stride_fh, stride_gp, stride_gs,
@@ -168,13 +170,14 @@ def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, table_ptr, ends_ptr,
 
 def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
               block_table: torch.Tensor, ends: torch.Tensor, fine: torch.Tensor | None = None,
-              coarse: torch.Tensor | None = None, cfg: SparseConfig | None = None) -> None:
+              coarse: torch.Tensor | None = None, cfg: SparseConfig | None = None, pdl: bool | None = None) -> None:
     """One decode token per row: k/v [B, hkv, d] stored at flat cache slots [B] (page * page_size + offset) of
     k/v cache [pages, page, hkv, d]; with `fine` (and `coarse`) kernel-key pages and `cfg`, also pools the
     kernels each token completes (the token is the last of ends[b] tokens, reached through block_table).
-    One launch instead of two scatters and two pooling kernels."""
+    One launch instead of two scatters and two pooling kernels. pdl: see `PDL` (None: that)."""
     args, meta = _append_args(k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg)
-    _append_kernel[(k.shape[0], k.shape[1])](*args, **meta, num_warps=4)
+    pdl = _use_pdl(k.device, pdl)
+    _append_kernel[(k.shape[0], k.shape[1])](*args, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
 
 
 def _append_args(k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg) -> tuple[tuple, dict]:
@@ -261,12 +264,13 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
                 KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr, SPLITS: tl.constexpr,
                 DENSE_LEN: tl.constexpr, APPEND: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
                 FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
-                POOL: tl.constexpr, COARSE: tl.constexpr):
+                POOL: tl.constexpr, COARSE: tl.constexpr, PDL: tl.constexpr = False):
     """Partial log-sum-exp (log2 units) of each query head of group g over split sp of the kernels its
     query can see; -inf for an empty split or a dense row. With APPEND, program 0 of each (row, KV head)
     also stores the new token (`_append_row`: one launch less per step), and the split that holds the kernel
     the token completes computes that key itself (`_kernel_mean`, the same bits program 0 stores): it may
     not be stored yet."""
+    pdl_launch.enter(PDL)
     bi = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -373,9 +377,7 @@ def page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh
 def _step_program(PDL: tl.constexpr):
     """(row, KV group, split, KV groups) of a decode-step program over grid (rows, groups, splits); with PDL
     (a programmatic dependent launch) first lets the next kernel launch, then waits for the previous one."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_launch.enter(PDL)
     return tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
 
 
@@ -557,10 +559,11 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_rb, stride_rh,
-                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DC: tl.constexpr):
+                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DC: tl.constexpr, PDL: tl.constexpr = False):
     """out[bi, h, chunk dc of DC dims] from the SPLITS partial outputs and log-sum-exps (log2) of `_attend_kernel`
     (run without MERGE): every (row, head, chunk) in its own program, where the in-kernel merge leaves all of a
     KV group's partials to one program."""
+    pdl_launch.enter(PDL)
     bi = tl.program_id(0)
     h = tl.program_id(1)
     dd = tl.program_id(2) * DC + tl.arange(0, DC)
@@ -643,13 +646,10 @@ def _zeroed_counters(device: torch.device, shape: tuple[int, ...], persistent: b
 
 
 def _use_pdl(device: torch.device, pdl: bool | None) -> bool:
-    on = PDL if pdl is None else pdl
-    return bool(on) and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return pdl_launch.enabled(device, PDL if pdl is None else pdl)
 
 
-def _pdl_launch(pdl: bool) -> dict:
-    # Only passed when on: the launch option is unknown to Triton's CPU interpreter and to old Triton versions.
-    return {"launch_pdl": True} if pdl else {}
+_pdl_launch = pdl_launch.launch
 
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
@@ -700,19 +700,20 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         dc = min(32, d)
         _merge_kernel[(b, hq, d // dc)](o_part, m_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                         m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1),
-                                        SPLITS=n, SPLITS_PAD=triton.next_power_of_2(n), DC=dc, num_warps=4)
+                                        SPLITS=n, SPLITS_PAD=triton.next_power_of_2(n), DC=dc, PDL=pdl,
+                                        num_warps=4, **_pdl_launch(pdl))
     return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
                  splits: int | None = None, tile_pages: int | None = None,
-                 separate_merge: bool | None = None, shared=None) -> torch.Tensor:
+                 separate_merge: bool | None = None, shared=None, pdl: bool | None = None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
     (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`); separate_merge: see
     `SEPARATE_MERGE` (None: that). shared: a `triton_cascade.SharedPrefix` (blocks None): the leading pages its
-    member rows share, read once for all of them (cascade decode)."""
+    member rows share, read once for all of them (cascade decode). pdl: see `PDL` (None: that)."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -723,7 +724,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     splits = splits or (shared.own_splits if shared is not None else None) or _default_splits(q.device, b * hkv,
                                                                                              most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
-                   scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared)
+                   scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared,
+                   pdl=_use_pdl(q.device, pdl))
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -759,7 +761,7 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     append = None
     if new_kv is not None:
         append = (new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2], block_table, seq_lens, fine, coarse, cfg)
-    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append)
+    lse = decode_lse(q, norm, block_table, seq_lens, cfg, nsize, nstride, scale, splits, append, pdl)
     sel = torch.full((b, hkv, cfg.num_selected), -1, device=q.device, dtype=torch.int32) if return_selection else None
     _, att, natt = _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits, counters[0], sel, pdl,
                                  narrow)
@@ -773,11 +775,11 @@ def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                cfg: SparseConfig, size: int, stride: int, scale: float, splits: int | None = None,
-               append: tuple | None = None) -> torch.Tensor:
+               append: tuple | None = None, pdl: bool = False) -> torch.Tensor:
     """Stage 1a of `paged_sparse_decode`: partial log-sum-exps [B, hq, splits] over the normalising kernel
     keys `norm` (kernel size/stride: coarse for Gen-B, fine for Gen-A). append: `append_kv`'s arguments
     (k, v, k_cache, v_cache, slots, block_table, ends, fine, coarse, cfg) to store the new tokens in the
-    same launch."""
+    same launch. pdl: a programmatic dependent launch (see `PDL`)."""
     b, hq, d = q.shape
     hkv = norm.shape[2]
     g = hq // hkv
@@ -799,7 +801,7 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
         norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), *args, G=g,
         G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
         KPAD=triton.next_power_of_2(size), KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len,
-        APPEND=append is not None, **meta, num_warps=4)
+        APPEND=append is not None, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
     return lse
 
 

@@ -1,0 +1,92 @@
+"""Programmatic dependent launches through a decode step (cpm4/kernels/pdl.py): where they apply, and on a Hopper
+GPU the GEMV (with its weight prefetch before the wait, plain and fused) and the engine's compiled, graph-captured
+decode steps (dense and InfLLM v2) giving what they give without. The kernels' sm_90 builds are checked on the CPU
+in test_cuda_build.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpm4.kernels import pdl
+
+ON_CPU = not torch.cuda.is_available()
+
+
+def test_enabled_only_on_a_hopper_gpu(monkeypatch):
+    assert not pdl.enabled(torch.device("cpu"), True)
+    assert pdl.launch(False) == {} and pdl.launch(True) == {"launch_pdl": True}
+    if not ON_CPU:
+        dev = torch.device("cuda")
+        assert not pdl.enabled(dev, False)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not pdl.enabled(dev, True)
+
+
+def _hopper():
+    if ON_CPU or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a CUDA device of compute capability 9+")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gemv_with_pdl_on_cuda(monkeypatch, prefetch):
+    """The GEMV launched as a programmatic dependent right after a kernel that writes its input: the values of
+    the plain launch, for tiles with and without K slices and each fused flag."""
+    _hopper()
+    from cpm4.kernels.gemv import fused_gemv_reference
+    from cpm4.kernels.gemv import triton_gemv as t
+
+    monkeypatch.setattr(t, "PDL_PREFETCH", prefetch)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(1000, 1100, device="cuda", generator=g) / 33).bfloat16()
+    base = torch.randn(1, 1100, device="cuda", generator=g).bfloat16()
+    r = torch.randn(1, 1000, device="cuda", generator=g).bfloat16()
+    for cfg in ({"BLOCK_N": 4, "BLOCK_K": 512, "SPLIT": 1, "num_warps": 2}, {"BLOCK_N": 8, "BLOCK_K": 128,
+                                                                            "SPLIT": 4}):
+        for kw in ({}, {"norm": (torch.ones(1100, device="cuda", dtype=torch.bfloat16), 1e-6)},
+                   {"residual": r, "scale": 0.5}):
+            x = base * 2  # written by the kernel just before: the GEMV must wait for it
+            got = t.gemv(x, w, config=cfg, pdl=True, **kw)
+            want = fused_gemv_reference(x, w, **kw)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+            assert torch.equal(got, t.gemv(x, w, config=cfg, pdl=False, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [False, True])
+def test_engine_decode_with_pdl_on_cuda(monkeypatch, sparse):
+    """The engine's compiled decode graphs with every decode kernel a programmatic dependent (the attention's
+    and the GEMV's, fused layers on the small model): greedy tokens as without, one request at a time and three
+    together (InfLLM v2 rows past dense_len too)."""
+    _hopper()
+    from conftest import random_model
+    from test_engine import sparse as sparse_cfg
+    from test_engine import tok
+
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.sampling import SamplingParams
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels.gemv import triton_gemv
+    from cpm4.kernels.infllm_v2 import triton_decode
+
+    sc = sparse_cfg(dense_len=40) if sparse else None
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sc).to("cuda", torch.bfloat16)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [list(range(5 + 3 * i, 60 + 7 * i)) for i in range(3)]
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(triton_decode, "PDL", on)
+        monkeypatch.setattr(triton_gemv, "PDL", on)
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, compile=True)
+        res = {}
+        for i, p in enumerate(prompts):
+            eng.add_request(f"a{i}", p, params)
+            res.update(eng.run_to_completion())
+        for i, p in enumerate(prompts):
+            eng.add_request(f"b{i}", p, params)
+        res.update(eng.run_to_completion())
+        out[on] = {k: v[1] for k, v in res.items()}
+        torch._dynamo.reset()  # the next engine compiles with the other kernels
+    assert out[True] == out[False]
