@@ -28,17 +28,17 @@ def _words(n: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("n,programs", [(1, 1), (127, 1), (129, 3), (1000, 7), (4096, 4)])
 def test_load_mode_reads_every_word_once(n, programs):
-    """mode 'load' with check: each program's int32 sum is that of the 128-word blocks the stride gives it
-    (block b to program b % programs), so the whole range is read, each word once."""
-    from cpm4.kernels.prefetch.triton_prefetch import prefetch
+    """mode 'load' with check: each program's int32 sum is that of the LOAD_BLOCK-word blocks the stride gives
+    it (block b to program b % programs), so the whole range is read, each word once."""
+    from cpm4.kernels.prefetch.triton_prefetch import LOAD_BLOCK, prefetch
 
     dev = "cpu" if ON_CPU else "cuda"
-    t = _words(n).to(dev)
+    t = _words(n * LOAD_BLOCK // 128).to(dev)  # the same number of blocks at any LOAD_BLOCK
     sink = prefetch(t, mode="load", programs=programs, check=True)
     words = t.view(torch.int16).to(torch.int64).cpu()
     want = [0] * programs
-    for b in range(0, n, 128):
-        want[(b // 128) % programs] += int(words[b:b + 128].sum())
+    for b in range(0, t.numel(), LOAD_BLOCK):
+        want[(b // LOAD_BLOCK) % programs] += int(words[b:b + LOAD_BLOCK].sum())
     got = [int(v) % 2**32 for v in sink.cpu().to(torch.int64)]
     assert got == [w % 2**32 for w in want]
     assert sum(got) % 2**32 == word_sum(t)

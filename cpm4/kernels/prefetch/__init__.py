@@ -17,7 +17,9 @@ __all__ = ["MODE", "fork", "join", "plan_for", "word_sum"]
 
 # "load", "line", "bulk" (triton_prefetch.MODES), or None: no prefetch.
 MODE: str | None = None
-PROGRAMS = 32  # few: the attention's kernels run beside them
+# Programs a prefetch launch: the issuing modes need few (the attention's kernels run beside them); the reading
+# mode needs enough loads in flight to stream at HBM speed (two a multiprocessor on an H200).
+PROGRAMS = {"load": 264, "line": 32, "bulk": 32}
 BUDGET_FRACTION = 0.6  # of the device's L2, for one layer's prefetched weights
 
 _SIDE: dict[torch.device, tuple[torch.cuda.Stream, torch.Tensor]] = {}
@@ -26,8 +28,8 @@ _SIDE: dict[torch.device, tuple[torch.cuda.Stream, torch.Tensor]] = {}
 def _side(device: torch.device) -> tuple[torch.cuda.Stream, torch.Tensor]:
     s = _SIDE.get(device)
     if s is None:  # made once, outside any graph capture (`prepare`)
-        s = _SIDE[device] = (torch.cuda.Stream(device=device), torch.zeros(PROGRAMS, dtype=torch.int32,
-                                                                            device=device))
+        s = _SIDE[device] = (torch.cuda.Stream(device=device), torch.zeros(max(PROGRAMS.values()),
+                                                                            dtype=torch.int32, device=device))
     return s
 
 
@@ -67,7 +69,7 @@ def fork(plan: list[tuple[torch.Tensor, int]], mode: str | None) -> bool:
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
         for w, n in plan:
-            prefetch(w, mode=mode, programs=PROGRAMS, n_bytes=n, sink=sink)
+            prefetch(w, mode=mode, programs=PROGRAMS[mode], n_bytes=n, sink=sink)
     return True
 
 

@@ -18,6 +18,8 @@ import triton.language as tl
 MODES = {"load": 0, "line": 1, "bulk": 2}
 LINE_BYTES = 128
 CHUNK_BYTES = 4096
+LOAD_BLOCK = 2048  # words a program reads a step in mode "load" (16 a thread at 4 warps: vector loads)
+ISSUE_BLOCK = 128  # lines or chunks a program issues a step in the other modes (one a thread)
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def prefetch(t: torch.Tensor, mode: str = "line", programs: int = 32, n_bytes: i
     if sink is None or sink.numel() < programs:
         sink = torch.zeros(programs, dtype=torch.int32, device=t.device)
     words = t.view(-1).view(torch.uint8)[:n_bytes].view(torch.int16)
-    block = 128 if mode == "load" else 32 * 4  # a lane each of 4 warps
+    block = LOAD_BLOCK if mode == "load" else ISSUE_BLOCK
     _prefetch_kernel[(programs,)](words, n_bytes // 2, sink, MODE=MODES[mode], BLOCK=block, CHECK=check,
                                   num_warps=4)
     return sink
