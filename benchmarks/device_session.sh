@@ -403,6 +403,18 @@ pdl8b)  # the 8B's batch-1 decode at 32K (InfLLM v2): PDL off / on with the defa
         limit=90
     done
     ;;
+plan8b)  # which of the 8B's projections to run through the GEMV at one row (the sweep: q/k/v 1.16x, o 1.09x,
+    # gate/up 1.04x, down 0.98x, the head 1.13x): the plan (q/k/v, o, down) against q/k/v, o, gate/up, head and
+    # against all five, 32K decode, one call
+    limit=120
+    for side in "" qkv,o,gate_up,lm_head qkv,o,gate_up,down,lm_head; do
+        pre=""; [ -n "$side" ] && pre="--decode-gemv=off --gemv $side"
+        timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
+            --decode-tokens 32 --no-peer $pre --tag="-plan8b-${side:-plan}" --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "^decode"
+        limit=90
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated
