@@ -410,7 +410,7 @@ plan8b)  # which of the 8B's projections to run through the GEMV at one row (the
     for side in "" qkv,o,gate_up,lm_head qkv,o,gate_up,down,lm_head; do
         pre=""; [ -n "$side" ] && pre="--decode-gemv=off --gemv $side"
         timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
-            --decode-tokens 32 --no-peer $pre --tag="-plan8b-${side:-plan}" --out "${OUT:-benchmarks/results}" \
+            --decode-tokens 32 --no-peer $pre --tag="-plan8b" --out "${OUT:-benchmarks/results}" \
             2>&1 | grep -E "^decode"
         limit=90
     done
