@@ -15,6 +15,7 @@ each program's tile half a head's first-half columns and half their partners."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -195,8 +196,12 @@ def _bench_in_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=5, quantiles=quantiles)
 
 
+# The choice kept in Triton's on-disk cache (keyed by the arch, this source and the shape) where this Triton can:
+# an engine's start then skips timing ~20 tiles for each of a model's matrices.
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM"],
-                              do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
+                              do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune},
+                              **_CACHE)(_gemv_kernel)
 
 
 def _counters(device: torch.device) -> torch.Tensor:
