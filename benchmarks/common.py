@@ -111,7 +111,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     help="every decode kernel of ours (attention, GEMV) as a programmatic dependent launch "
                          "(Hopper+; triton_decode.PDL, triton_gemv.PDL); no-prefetch: the GEMV without pulling its "
                          "weights toward L2 before its wait; default off")
+    ap.add_argument("--glu-epilogue", action="store_true",
+                    help="fused decode layers with SiLU·up in gate/up's epilogue, not down's prologue "
+                         "(cpm4.kernels.gemv.GLU_EPILOGUE)")
     args = ap.parse_args()
+    if args.glu_epilogue:
+        from cpm4.kernels import gemv
+
+        gemv.GLU_EPILOGUE = True
     if args.pdl is not None:
         from cpm4.kernels.gemv import triton_gemv
         from cpm4.kernels.infllm_v2 import triton_decode

@@ -415,6 +415,16 @@ plan8b)  # which of the 8B's projections to run through the GEMV at one row (the
         limit=90
     done
     ;;
+gluepi)  # SiLU·up in gate/up's epilogue (gemv.GLU_EPILOGUE, off) and PDL between the fused GEMVs: the GEMV's GPU
+    # tests (glu_out, the engine's fused plan with it), the layer table (plain, gemv, fused, fused-glu and both with
+    # PDL; 0.5B and 8B), then the 0.5B's batch-1 decode without and with the epilogue
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py -k "glu or plan or tile" 2>&1 | tail -2
+    timeout 240 "$PY" benchmarks/fused_layer.py --tag=-glu-pdl --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    for side in "" --glu-epilogue; do
+        timeout 50 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $side \
+            --tag="-gluepi$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

@@ -4,7 +4,10 @@
   by inductor across the layers, as the engine's compiled decode step runs them;
 - gemv: the same with q/k/v, o and down through the Triton GEMV (`gemv.DECODE_GEMV`'s small-model plan);
 - fused: four GEMVs with the norms, RoPE, SiLU·up and residual adds inside them (`gemv.FUSE_LAYERS`,
-  `DecoderLayer._fused`).
+  `DecoderLayer._fused`);
+- fused-glu: the same with SiLU·up in gate/up's epilogue instead of down's prologue (`gemv.GLU_EPILOGUE`);
+- fused-pdl, fused-glu-pdl: those with the GEMVs as programmatic dependent launches, each pulling its weights
+  toward L2 before it waits for the previous one (`triton_gemv.PDL`; Hopper).
 
 The attention is left out (the same in all three): each layer's o projection reads a fixed stand-in for its output.
 Enough layers of distinct weights (>= 1 GB) that they stream from HBM as in a decode step; the chain compiled,
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import replay_ms, write_rows  # noqa: E402
 
+from cpm4.kernels.gemv import triton_gemv  # noqa: E402
 from cpm4.model import fused  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 
@@ -63,17 +67,25 @@ def chains(eps: float, scale: float, heads: int, rotated: int, d: int) -> dict:
     def gemv(x, a, layers, cos, sin):
         return plain(x, a, layers, cos, sin, proj=lambda v, w: linear(v, w, max_rows=1))
 
-    def fused_chain(x, a, layers, cos, sin):
+    def fused_chain(x, a, layers, cos, sin, glu_epilogue=False):
         qks = []
         for p in layers:
             y = fused_linear(x, p["qkv"], norm=(p["g1"], eps), rope=(cos, sin, rotated * d, d))
             qks.append(y[:, :rotated * d])
             x = fused_linear(a, p["o"], residual=x, scale=scale)
-            hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
-            x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
+            if glu_epilogue:
+                h = fused_linear(x, p["gate_up"], norm=(p["g2"], eps), glu_out=True)
+                x = fused_linear(h, p["down"], residual=x, scale=scale)
+            else:
+                hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
+                x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
         return x, qks
 
-    return {"plain": plain, "gemv": gemv, "fused": fused_chain}
+    def fused_glu(x, a, layers, cos, sin):
+        return fused_chain(x, a, layers, cos, sin, glu_epilogue=True)
+
+    return {"plain": plain, "gemv": gemv, "fused": fused_chain, "fused-glu": fused_glu,
+            "fused-pdl": fused_chain, "fused-glu-pdl": fused_glu}
 
 
 def graph_us(fn, x, a, layers, cos, sin, reps: int = 20) -> tuple[float, torch.Tensor]:
@@ -101,7 +113,7 @@ def main() -> None:
         sys.exit("fused_layer.py measures CUDA kernels: no CUDA device here")
     dt = torch.bfloat16
     rows = []
-    print(f"{'config':<15}{'variant':<8}{'us/layer':>10}{'plain':>9}{'speed-up':>9}{'max diff':>10}")
+    print(f"{'config':<15}{'variant':<14}{'us/layer':>10}{'plain':>9}{'speed-up':>9}{'max diff':>10}")
     for name in args.config:
         cfg = preset(name)
         per_layer = 2 * cfg.hidden_size * ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.dim_head
@@ -113,11 +125,19 @@ def main() -> None:
         angle = torch.rand(1, d // 2, device="cuda") * 6
         cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
         ways = chains(cfg.rms_norm_eps, cfg.residual_scale, hq + 2 * hkv, hq + hkv, d)
-        timed = {v: graph_us(fn, x, a, layers, cos, sin) for v, fn in ways.items()}
+        timed = {}
+        for v, fn in ways.items():
+            if v.endswith("-pdl") and torch.cuda.get_device_capability()[0] < 9:
+                continue
+            triton_gemv.PDL = v.endswith("-pdl")  # read at each launch (and capture) inside the custom op
+            try:
+                timed[v] = graph_us(lambda *t, fn=fn: fn(*t), x, a, layers, cos, sin)
+            finally:
+                triton_gemv.PDL = False
         peer, ref = timed["plain"]
         for v, (us, out) in timed.items():
             diff = (out.float() - ref.float()).abs().max().item()
-            print(f"{name:<15}{v:<8}{us:>10.2f}{peer:>9.2f}{peer / us:>8.2f}x{diff:>10.3g}")
+            print(f"{name:<15}{v:<14}{us:>10.2f}{peer:>9.2f}{peer / us:>8.2f}x{diff:>10.3g}")
             rows.append(dict(phase=f"layer.{v}", seqlen=None, config=name, ours_ms=us / 1e3, peer_ms=peer / 1e3,
                              speedup=round(peer / us, 3), max_abs_diff=diff, layers=len(layers)))
         del layers

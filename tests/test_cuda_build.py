@@ -47,7 +47,10 @@ def test_gemv_kernel_builds_for_sm80_and_sm90():
             tab = torch.ones(m, 8)  # heads of 8, the first 3 of 5 rotated, the input normed (the q/k/v projection)
             gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6),
                  rope=(tab, tab, 24, 8))
-    assert cuda_build.build(launches).count("_gemv_kernel") == 10
+            # gate/up with SiLU·up in its epilogue (normed input)
+            gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6),
+                 glu_out=True)
+    assert cuda_build.build(launches).count("_gemv_kernel") == 12
 
 
 def test_selection_kernel_builds_for_sm80_and_sm90():
@@ -110,12 +113,13 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
             gemv(x, w, config=cfg)
             gemv(x, w, config=cfg, norm=(torch.ones(96, dtype=x.dtype), 1e-6), rope=(tab, tab, 24, 8))
             gemv(torch.cat([x, x], 1), w, config=cfg, glu=True, residual=r, scale=0.3)
+            gemv(x, w, config=cfg, norm=(torch.ones(96, dtype=x.dtype), 1e-6), glu_out=True)
     pdl = [(fn, sig, {**consts, "PDL": True, **({"PREFETCH": True} if "PREFETCH" in consts else {})}, options)
            for fn, sig, consts, options in launches if "PDL" in consts]
     names = {"_attend_kernel", "_score_kernel", "_lse_kernel", "_merge_kernel", "_append_kernel", "_gemv_kernel"}
     assert {fn.__name__ for fn, *_ in pdl} == names
     built = cuda_build.build(pdl, archs=(90,))
-    assert set(built) == names and built.count("_gemv_kernel") == 6
+    assert set(built) == names and built.count("_gemv_kernel") == 8
 
 
 def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):

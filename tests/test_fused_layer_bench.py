@@ -1,4 +1,4 @@
-"""benchmarks/fused_layer.py's three chains (CUDA-only as a benchmark) compute the same layers: checked here on the
+"""benchmarks/fused_layer.py's chains (CUDA-only as a benchmark) compute the same layers: checked here on the
 CPU (float32, the fused GEMVs under Triton's interpreter), so the benchmark's timings compare equal work."""
 
 import os

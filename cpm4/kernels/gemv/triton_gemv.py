@@ -11,7 +11,8 @@ between calls (and between CUDA-graph replays); calls on one stream at a time.
 Flags fuse a decode layer's element-wise neighbours in (`gemv(norm=..., glu=..., residual=...)`): NORM, the RMS
 norm of x before (each program first sums its rows' squares); GLU, x = [gate | up] and silu(gate) * up goes in;
 RES, the output is residual + y * scale (stored by the program that stores y); ROPE, the q/k columns rotated,
-each program's tile half a head's first-half columns and half their partners."""
+each program's tile half a head's first-half columns and half their partners; GLU_OUT, w is [gate; up] and the
+output silu(gate) * up (N / 2 columns), each tile half gate rows and the up rows they pair with."""
 
 from __future__ import annotations
 
@@ -39,13 +40,25 @@ _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448
 @triton.jit
 def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, RES: tl.constexpr, ROPE: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
+               HEAD_DIM: tl.constexpr, GLU_OUT: tl.constexpr):
     """y (fp32 sums over the columns rn) rounded to the output's dtype and stored; with RES, residual + y * scale
     rounded as PyTorch rounds it (the product, then the sum, each to the dtype); with ROPE (rn: the columns rn_a
     of one head's first half, then their partners HEAD_DIM / 2 on), each pair of the first N_ROT columns rotated
-    (`cpm4.model.fused.rotary`: the rounded output in fp32 times the row's cos/sin tables, rounded)."""
+    (`cpm4.model.fused.rotary`: the rounded output in fp32 times the row's cos/sin tables, rounded); with GLU_OUT
+    (rn: gate rows rn_a, then their up rows N / 2 on), silu(gate) * up at the columns rn_a, with
+    `cpm4.model.fused.silu_mul`'s roundings of the rounded outputs."""
     dt = y_ptr.dtype.element_ty
-    if ROPE:
+    if GLU_OUT:
+        HALF_G: tl.constexpr = BLOCK_N // 2
+        y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, HALF_G))
+        first = (tl.arange(0, 2) == 0)[None, :, None]
+        gate = tl.sum(tl.where(first, y3, 0.0), axis=1)  # [M_PAD, HALF_G]
+        up = tl.sum(tl.where(first, 0.0, y3), axis=1)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt)
+        h = (act.to(tl.float32) * up).to(dt)
+        om = mm[:, None] & (rn_a < N // 2)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn_a[None, :], h, mask=om)
+    elif ROPE:
         HALF: tl.constexpr = BLOCK_N // 2
         y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, HALF))
         first = (tl.arange(0, 2) == 0)[None, :, None]
@@ -79,10 +92,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
                  stride_wn, stride_ym, stride_rm, stride_cm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                  RES: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, GLU_OUT: tl.constexpr = False):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
-    if ROPE:  # half the tile from a head's first half, half their rotation partners HEAD_DIM / 2 on
+    if ROPE or GLU_OUT:  # half the tile from a head's first half, half their partners HEAD_DIM / 2 on (GLU_OUT:
+        # one "head" of N rows, gate then up)
         HALF: tl.constexpr = BLOCK_N // 2
         per_head: tl.constexpr = HEAD_DIM // BLOCK_N
         rn_a = (pid_n // per_head) * HEAD_DIM + (pid_n % per_head) * HALF + tl.arange(0, HALF)
@@ -139,7 +153,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
     om = mm[:, None] & nm[None, :]
     if SPLIT == 1:
         _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
-                   M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
+                   M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM, GLU_OUT)
     else:
         part = part_ptr + (sp * M_PAD + rm[:, None]) * N + rn[None, :]
         tl.store(part, y, mask=om)
@@ -149,7 +163,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
             for s in tl.static_range(SPLIT):
                 tot += tl.load(part_ptr + (s * M_PAD + rm[:, None]) * N + rn[None, :], mask=om, other=0.0)
             _store_out(y_ptr, tot, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N,
-                       N_ROT, M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
+                       N_ROT, M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM, GLU_OUT)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -176,7 +190,8 @@ def _prune(configs, named_args, **kwargs) -> list:
     the tile widths that do not suit the matrix's size (`SMALL_BYTES`)."""
     m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
     kept = [c for c in configs if m_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-    if kwargs.get("ROPE", named_args.get("ROPE", False)):  # a tile is one head's pairs: BLOCK_N divides head_dim
+    pairs = kwargs.get("ROPE", named_args.get("ROPE", False)) or kwargs.get("GLU_OUT", named_args.get("GLU_OUT", False))
+    if pairs:  # a tile is one head's pairs (GLU_OUT: gate and up rows): BLOCK_N divides head_dim
         hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 2))
         kept = [c if hd % c.kwargs["BLOCK_N"] == 0 else
                 triton.Config({**c.kwargs, "BLOCK_N": math.gcd(c.kwargs["BLOCK_N"], hd)}, num_warps=c.num_warps,
@@ -199,7 +214,8 @@ def _bench_in_graph(fn, quantiles=None):
 # The choice kept in Triton's on-disk cache (keyed by the arch, this source and the shape) where this Triton can:
 # an engine's start then skips timing ~20 tiles for each of a model's matrices.
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM"],
+_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM",
+                                                     "GLU_OUT"],
                               do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune},
                               **_CACHE)(_gemv_kernel)
 
@@ -224,12 +240,14 @@ def _check(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None,
          glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0,
-         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
+         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, pdl: bool | None = None,
+         glu_out: bool = False) -> torch.Tensor:
     """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
     norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
     [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
     residual + y * scale; rope=(cos, sin [M, head_dim], n_rot, head_dim): the first n_rot output columns, heads of
-    head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
+    head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`); glu_out: w is [gate; up] (N even) and the
+    result [M, N / 2] is silu(gate) * up (`cpm4.model.fused.silu_mul`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
     optionally num_warps, num_stages) instead of the autotuned choice (tests). pdl: a programmatic dependent
     launch (`PDL`, None: that; Hopper+ only)."""
     _check(x, w, glu)
@@ -239,6 +257,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
         raise ValueError("gemv's rope goes with a plain or normed input and no residual (the q/k/v projection)")
     m = x.shape[0]
     n, k = w.shape
+    if glu_out and (rope is not None or glu or residual is not None or n % 2):
+        raise ValueError(f"gemv's glu_out goes with a plain or normed input, no rope or residual, and an even N "
+                         f"(gate rows, then up rows); got N = {n}")
     if rope is not None:
         cos, sin, n_rot, hd = rope
         if hd < 2 or hd % 2 or n % hd or n_rot % hd or not 0 <= n_rot <= n:
@@ -255,17 +276,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
         raise ValueError(f"gemv's residual must be [{m}, {n}] in {x.dtype}, contiguous along N, got "
                          f"{tuple(residual.shape)} in {residual.dtype}")
     m_pad = triton.next_power_of_2(m)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n // 2 if glu_out else n), device=x.device, dtype=x.dtype)
     part = torch.empty((_MAX_SPLIT, m_pad, n), device=x.device, dtype=torch.float32)
     cnt = _counters(x.device)
     g = norm[0] if norm is not None else y  # (unread without NORM / RES / ROPE)
     r = residual if residual is not None else y
-    c, sn, n_rot, hd = rope if rope is not None else (y, y, 0, 2)
+    c, sn, n_rot, hd = rope if rope is not None else (y, y, 0, n if glu_out else 2)
     args = (x, w, y, part, cnt, g, r, c, sn, m, n, k, n_rot, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
             c.stride(0), float(norm[1]) if norm is not None else 0.0, float(scale))
     # The norm's first pass: up to 8,192 elements at a time over all rows (32 fp32 registers a thread at 4 warps)
     pdl = pdl_launch.enabled(x.device, PDL if pdl is None else pdl)
     flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None, ROPE=rope is not None, HEAD_DIM=hd,
+                 GLU_OUT=glu_out,
                  NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)), PDL=pdl,
                  PREFETCH=pdl and PDL_PREFETCH, **pdl_launch.launch(pdl))
     if config is not None:
@@ -275,8 +297,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
             launch["num_stages"] = cfg.pop("num_stages")
         if cfg["SPLIT"] > _MAX_SPLIT or triton.cdiv(n, cfg["BLOCK_N"]) > _MAX_BLOCKS:
             raise ValueError(f"gemv config {config} outside the workspace")
-        if rope is not None and hd % cfg["BLOCK_N"]:
-            raise ValueError(f"gemv's rope needs BLOCK_N dividing head_dim {hd}, got {cfg['BLOCK_N']}")
+        if (rope is not None or glu_out) and (hd % cfg["BLOCK_N"] or cfg["BLOCK_N"] < 2):
+            raise ValueError(f"gemv's rope / glu_out needs an even BLOCK_N dividing {hd}, got {cfg['BLOCK_N']}")
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, **launch, **flags, **cfg)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad, **flags)
