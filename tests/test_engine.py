@@ -248,6 +248,22 @@ def test_cache_budget_and_errors():
         cache.reserve(s, 100)
 
 
+def test_kv_budget_leaves_room_for_the_prefill_graphs():
+    """The KV budget: utilization of the device less what is in use, one chunk's activation peak and the prefill
+    graphs' pool (that peak scaled to their capture limit); nothing left is an error that names the parts."""
+    from cpm4.engine.paged import budget_left
+
+    gib = 2**30
+    # 0.9 of 100 GiB, 10 GiB in use, a 4 GiB peak for 8,192 tokens, graphs to 2,048 tokens: 1 GiB more
+    assert budget_left(0.9, 90 * gib, 100 * gib, 4 * gib, 8192, 2048) == (90 - 10 - 4 - 1) * gib
+    assert budget_left(0.9, 90 * gib, 100 * gib, 4 * gib, 8192) == (90 - 10 - 4) * gib
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization 0.15: 10.0 GiB in use of 100.0 GiB, 4.00 GiB "
+                                         r"needed for a 8192-token prefill chunk and 4.00 GiB for the prefill graphs"):
+        budget_left(0.15, 90 * gib, 100 * gib, 4 * gib, 8192, 8192)
+    with pytest.raises(ValueError, match="prefill chunk$"):
+        budget_left(0.1, 90 * gib, 100 * gib, 4 * gib, 8192)
+
+
 def test_elementwise_choice():
     """LLMEngine(elementwise=...) sets how every layer runs its element-wise ops; the CPU default leaves them."""
     from cpm4.model import fused

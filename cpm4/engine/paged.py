@@ -52,10 +52,11 @@ def page_size_for(config: MiniCPM4Config) -> int:
     return config.sparse_config.block_size if config.sparse_config is not None else 64
 
 
-def kv_budget_bytes(model, utilization: float, chunk_tokens: int) -> int:
+def kv_budget_bytes(model, utilization: float, chunk_tokens: int, graph_tokens: int = 0) -> int:
     """Device memory for the KV cache, as vLLM's gpu_memory_utilization: that share of the device, minus what
     is in use now (weights, other processes) and the activation peak of one prefill chunk, measured by
-    running one."""
+    running one, and the prefill graphs' private pool: the activations of a step of graph_tokens (their capture
+    limit; activations grow with the tokens, so the chunk's peak scaled)."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     dev = model.device
@@ -71,11 +72,19 @@ def kv_budget_bytes(model, utilization: float, chunk_tokens: int) -> int:
         model(torch.zeros(1, n, dtype=torch.long, device=dev), last_only=True)
     peak = torch.cuda.max_memory_allocated(dev) - base
     torch.cuda.empty_cache()
-    budget = int(utilization * total) - (total - free) - peak
+    return budget_left(utilization, free, total, peak, n, graph_tokens)
+
+
+def budget_left(utilization: float, free: int, total: int, peak: int, n: int, graph_tokens: int = 0) -> int:
+    """`kv_budget_bytes`'s arithmetic: utilization of total, less what is in use (total - free), the peak of an
+    n-token chunk and that peak scaled to graph_tokens (the prefill graphs' pool); raises when nothing is left."""
+    graphs = peak * graph_tokens // n
+    budget = int(utilization * total) - (total - free) - peak - graphs
     if budget <= 0:
         raise ValueError(f"no device memory left for the KV cache at gpu_memory_utilization {utilization}: "
                          f"{(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f} GiB, "
-                         f"{peak / 2**30:.2f} GiB needed for a {n}-token prefill chunk")
+                         f"{peak / 2**30:.2f} GiB needed for a {n}-token prefill chunk"
+                         + (f" and {graphs / 2**30:.2f} GiB for the prefill graphs" if graphs else ""))
     return budget
 
 

@@ -820,13 +820,15 @@ def default_kv_cache_tokens(model: MiniCPM4ForCausalLM, max_batch_size: int, chu
                             gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> int:
     """KV cache size in tokens when none is given. On CUDA, or whenever gpu_memory_utilization is given: the
     whole pages that share of the device (default 0.9) leaves after weights, other processes and a prefill
-    chunk's activations (`kv_budget_bytes`, which runs one chunk; raises off CUDA). Elsewhere
-    `host_kv_cache_tokens`."""
+    chunk's activations and, while `prefill_graphs.ENABLED`, the prefill graphs' pool (`kv_budget_bytes`, which
+    runs one chunk; raises off CUDA). Elsewhere `host_kv_cache_tokens`."""
     if gpu_memory_utilization is None and model.device.type != "cuda":
         return host_kv_cache_tokens(model, max_batch_size, max_model_len)
     util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
     ps = page_size_for(model.config)
-    budget = kv_budget_bytes(model, util, default_chunk_tokens(model.device, chunk_tokens))
+    chunk = default_chunk_tokens(model.device, chunk_tokens)
+    graph_tokens = prefill_graphs_module.capture_limit(model, chunk) if prefill_graphs_module.ENABLED else 0
+    budget = kv_budget_bytes(model, util, chunk, graph_tokens)
     pages = budget // PagedKVCache.bytes_per_page(model.config, ps, model.dtype) - 1  # less the scratch page
     return max(int(pages), 1) * ps
 
