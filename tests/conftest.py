@@ -70,3 +70,16 @@ def random_model(name: str = "tiny", dtype=torch.float64, seed: int = 0, **overr
             if n.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
     return model.eval()
+
+
+def alone_then_together(eng, prompts: list[list[int]], params) -> dict[str, list[int]]:
+    """The engine's tokens for each prompt run alone (batch-1 decode steps: the paths one row takes), then for all
+    of them together (ids a<i> and b<i>)."""
+    res = {}
+    for i, p in enumerate(prompts):
+        eng.add_request(f"a{i}", p, params)
+        res.update(eng.run_to_completion())
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}", p, params)
+    res.update(eng.run_to_completion())
+    return {k: v[1] for k, v in res.items()}

@@ -215,7 +215,7 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse, glu_epilogue):
     """LLMEngine(gemv=True) on a small bf16 model takes `decode_plan` (the plan's projections through the GEMV at
     one row, cuBLAS beyond; with FUSE_LAYERS the fused layers), compiled decode graphs: greedy tokens as with
     gemv=False, one request at a time and three together."""
-    from conftest import random_model
+    from conftest import alone_then_together, random_model
     from test_engine import tok
 
     from cpm4.engine.paged import PagedKVCache
@@ -241,14 +241,7 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse, glu_epilogue):
         assert (model.model.layers[0].fused_rows is not None) == (gemv and fuse)
         if gemv:
             assert attn.gemv_out.keywords == {"max_rows": DECODE_ROWS}
-        res = {}
-        for i, p in enumerate(prompts):  # batch 1: the GEMV
-            eng.add_request(f"a{i}", p, params)
-            res.update(eng.run_to_completion())
-        for i, p in enumerate(prompts):  # three rows: cuBLAS
-            eng.add_request(f"b{i}", p, params)
-        res.update(eng.run_to_completion())
-        out[gemv] = {k: v[1] for k, v in res.items()}
+        out[gemv] = alone_then_together(eng, prompts, params)  # batch 1: the GEMV; three rows: cuBLAS
     same = sum(out[True][k] == out[False][k] for k in out[False])
     assert same >= len(out[False]) - 1  # bf16: a near tie may break the other way in one request
     model.use_gemv(False)

@@ -60,7 +60,7 @@ def test_engine_decode_with_pdl_on_cuda(monkeypatch, sparse):
     and the GEMV's, fused layers on the small model): greedy tokens as without, one request at a time and three
     together (InfLLM v2 rows past dense_len too)."""
     _hopper()
-    from conftest import random_model
+    from conftest import alone_then_together, random_model
     from test_engine import sparse as sparse_cfg
     from test_engine import tok
 
@@ -80,13 +80,6 @@ def test_engine_decode_with_pdl_on_cuda(monkeypatch, sparse):
         monkeypatch.setattr(triton_gemv, "PDL", on)
         cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16)
         eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, compile=True)
-        res = {}
-        for i, p in enumerate(prompts):
-            eng.add_request(f"a{i}", p, params)
-            res.update(eng.run_to_completion())
-        for i, p in enumerate(prompts):
-            eng.add_request(f"b{i}", p, params)
-        res.update(eng.run_to_completion())
-        out[on] = {k: v[1] for k, v in res.items()}
+        out[on] = alone_then_together(eng, prompts, params)
         torch._dynamo.reset()  # the next engine compiles with the other kernels
     assert out[True] == out[False]

@@ -194,7 +194,7 @@ def test_modes_on_cuda(mode):
 def test_engine_prefetch_on_cuda(mode):
     """LLMEngine with the prefetch set, compiled decode graphs (the fork and join captured as a branch): greedy
     tokens as without it, one request at a time and three together."""
-    from conftest import random_model
+    from conftest import alone_then_together, random_model
     from test_engine import tok
 
     from cpm4.engine.paged import PagedKVCache
@@ -216,12 +216,5 @@ def test_engine_prefetch_on_cuda(mode):
         assert (cache.l2_prefetch is not None) == on
         if on:  # the tiny model's layer fits: all of it planned
             assert [len(p) for p in cache.l2_prefetch[1]] == [3] * model.config.num_hidden_layers
-        res = {}
-        for i, p in enumerate(prompts):
-            eng.add_request(f"a{i}", p, params)
-            res.update(eng.run_to_completion())
-        for i, p in enumerate(prompts):
-            eng.add_request(f"b{i}", p, params)
-        res.update(eng.run_to_completion())
-        out[on] = {k: v[1] for k, v in res.items()}
+        out[on] = alone_then_together(eng, prompts, params)
     assert out[True] == out[False]

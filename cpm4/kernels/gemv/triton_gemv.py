@@ -38,6 +38,15 @@ _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448
 
 
 @triton.jit
+def _halves(y, dt, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A paired tile's two halves (its first BLOCK_N / 2 columns and their partners), each rounded to dt and back
+    to fp32 as the stored output would be: [M_PAD, BLOCK_N / 2] twice."""
+    y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, BLOCK_N // 2))
+    first = (tl.arange(0, 2) == 0)[None, :, None]
+    return tl.sum(tl.where(first, y3, 0.0), axis=1), tl.sum(tl.where(first, 0.0, y3), axis=1)
+
+
+@triton.jit
 def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, RES: tl.constexpr, ROPE: tl.constexpr,
                HEAD_DIM: tl.constexpr, GLU_OUT: tl.constexpr):
@@ -49,21 +58,13 @@ def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, strid
     `cpm4.model.fused.silu_mul`'s roundings of the rounded outputs."""
     dt = y_ptr.dtype.element_ty
     if GLU_OUT:
-        HALF_G: tl.constexpr = BLOCK_N // 2
-        y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, HALF_G))
-        first = (tl.arange(0, 2) == 0)[None, :, None]
-        gate = tl.sum(tl.where(first, y3, 0.0), axis=1)  # [M_PAD, HALF_G]
-        up = tl.sum(tl.where(first, 0.0, y3), axis=1)
+        gate, up = _halves(y, dt, M_PAD, BLOCK_N)
         act = (gate / (1.0 + tl.exp(-gate))).to(dt)
         h = (act.to(tl.float32) * up).to(dt)
         om = mm[:, None] & (rn_a < N // 2)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn_a[None, :], h, mask=om)
     elif ROPE:
-        HALF: tl.constexpr = BLOCK_N // 2
-        y3 = tl.reshape(y.to(dt).to(tl.float32), (M_PAD, 2, HALF))
-        first = (tl.arange(0, 2) == 0)[None, :, None]
-        ya = tl.sum(tl.where(first, y3, 0.0), axis=1)  # [M_PAD, HALF]
-        yb = tl.sum(tl.where(first, 0.0, y3), axis=1)
+        ya, yb = _halves(y, dt, M_PAD, BLOCK_N)
         rn_b = rn_a + HEAD_DIM // 2
         da = rn_a % HEAD_DIM
         om = mm[:, None] & (rn_a < N)[None, :]
