@@ -31,26 +31,43 @@ def _hopper():
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_gemv_with_pdl_on_cuda(monkeypatch, prefetch):
-    """The GEMV launched as a programmatic dependent right after a kernel that writes its input: the values of
-    the plain launch, for tiles with and without K slices and each fused flag."""
+    """A chain of GEMVs each launched as a programmatic dependent of the one before, which lets it launch at its
+    start and writes its input: each waits, so the chain's values are the plain launches' (bit for bit) and the
+    float64 definition's, for tiles with and without K slices and each fused flag, eagerly and replayed from a
+    CUDA graph."""
     _hopper()
     from cpm4.kernels.gemv import fused_gemv_reference
     from cpm4.kernels.gemv import triton_gemv as t
 
     monkeypatch.setattr(t, "PDL_PREFETCH", prefetch)
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(1000, 1100, device="cuda", generator=g) / 33).bfloat16()
-    base = torch.randn(1, 1100, device="cuda", generator=g).bfloat16()
-    r = torch.randn(1, 1000, device="cuda", generator=g).bfloat16()
+    n = 1024
+    ws = [(torch.randn(n, n, device="cuda", generator=g) / 32).bfloat16() for _ in range(4)]
+    x0 = torch.randn(1, n, device="cuda", generator=g).bfloat16()
+    norm = (torch.ones(n, device="cuda", dtype=torch.bfloat16), 1e-6)
+
+    def chain(x, cfg, pdl):
+        outs = []
+        for i, w in enumerate(ws):  # plain, normed, with the residual, plain
+            kw = [{}, {"norm": norm}, {"residual": x, "scale": 0.5}, {}][i]
+            x = t.gemv(x, w, config=cfg, pdl=pdl, **kw)
+            outs.append((x, kw))
+        return outs
+
     for cfg in ({"BLOCK_N": 4, "BLOCK_K": 512, "SPLIT": 1, "num_warps": 2}, {"BLOCK_N": 8, "BLOCK_K": 128,
                                                                             "SPLIT": 4}):
-        for kw in ({}, {"norm": (torch.ones(1100, device="cuda", dtype=torch.bfloat16), 1e-6)},
-                   {"residual": r, "scale": 0.5}):
-            x = base * 2  # written by the kernel just before: the GEMV must wait for it
-            got = t.gemv(x, w, config=cfg, pdl=True, **kw)
-            want = fused_gemv_reference(x, w, **kw)
-            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-            assert torch.equal(got, t.gemv(x, w, config=cfg, pdl=False, **kw))
+        plain = [y for y, _ in chain(x0, cfg, False)]
+        got = chain(x0, cfg, True)
+        for (y, kw), want, w, prev in zip(got, plain, ws, [x0] + plain[:-1]):
+            assert torch.equal(y, want)
+            ref = fused_gemv_reference(prev, w, **kw)
+            torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain(x0, cfg, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, want) for (y, _), want in zip(captured, plain))
 
 
 @pytest.mark.gpu
