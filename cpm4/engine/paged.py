@@ -931,7 +931,8 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
     shared = batch.shared if _CASCADE_LIVE else None
     # The weights read after this attention pulled into L2 on a side stream meanwhile (`cpm4.kernels.prefetch`).
-    forked = c.l2_prefetch is not None and prefetch_fork(c.l2_prefetch[1][layer], c.l2_prefetch[0])
+    pre = c.l2_prefetch  # (a layer past the plan's, e.g. a draft head's: none)
+    forked = pre is not None and layer < len(pre[1]) and prefetch_fork(pre[1][layer], pre[0])
     if sc is None:
         append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, None, None, None)
         out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared)

@@ -226,7 +226,6 @@ class LLMEngine:
         # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
         self.async_output = self.graphs is not None if async_output is None else async_output
 
-    # ---- requests ----
     def set_l2_prefetch(self, mode: str | None = None) -> None:
         """Decode steps on CUDA prefetch each layer's weights read after its attention into L2 while it runs
         (`cpm4.kernels.prefetch`: o, then the MLP's, up to a share of L2) when mode (default `prefetch.MODE`) is
@@ -242,6 +241,7 @@ class LLMEngine:
         self.cache.l2_prefetch = (mode, [prefetch.plan_for(layer.weights_after_attention(), budget)
                                          for layer in self.model.model.layers])
 
+    # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     stream_text: bool | None = None, detokenize: bool | None = None) -> SequenceState:
         """Queue a request; returns its state (text, ids and finish reason as they grow; what
