@@ -114,7 +114,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--glu-epilogue", action="store_true",
                     help="fused decode layers with SiLU·up in gate/up's epilogue, not down's prologue "
                          "(cpm4.kernels.gemv.GLU_EPILOGUE)")
+    ap.add_argument("--fuse-dense-store", action="store_true",
+                    help="the dense paged decode stores the new keys/values in its attention launch "
+                         "(triton_decode.FUSE_DENSE_STORE)")
     args = ap.parse_args()
+    if args.fuse_dense_store:
+        from cpm4.kernels.infllm_v2 import triton_decode
+
+        triton_decode.FUSE_DENSE_STORE = True
     if args.glu_epilogue:
         from cpm4.kernels import gemv
 

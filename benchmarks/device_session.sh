@@ -425,6 +425,16 @@ gluepi)  # SiLU·up in gate/up's epilogue (gemv.GLU_EPILOGUE, off) and PDL betwe
             --tag="-gluepi$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
+densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):
+    # its GPU tests, then the 0.5B's batch-1 decode (dense) off / on / on with PDL / off
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \
+        2>&1 | tail -2
+    for side in "" --fuse-dense-store "--fuse-dense-store --pdl=on" ""; do
+        timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
+            $side --tag="-densestore$(echo $side | tr -d ' =-')" --out "${OUT:-benchmarks/results}" 2>&1 \
+            | grep -E "^decode"
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

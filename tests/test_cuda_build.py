@@ -99,14 +99,17 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
     from test_infllm_v2_triton import check_sparse_decode, small_cfg
 
     from cpm4.kernels.gemv.triton_gemv import gemv
-    from cpm4.kernels.infllm_v2.triton_decode import append_kv
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode
 
     with cuda_build.capture() as launches:
         check_sparse_decode(small_cfg("gen-b", dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu",
                             1e-4, splits=3)
         kc = torch.zeros(6, 16, 2, 16)
-        append_kv(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc.clone(), torch.tensor([3, 40]),
-                  torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([4, 9], dtype=torch.int32))
+        table, ends = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32), torch.tensor([4, 9], dtype=torch.int32)
+        append_kv(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc.clone(), torch.tensor([3, 40]), table, ends)
+        # the dense decode storing the new token in its attention launch
+        paged_decode(torch.randn(2, 4, 16), kc, kc.clone(), table, ends, splits=2,
+                     new_kv=(torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.tensor([3, 40])))
         x, w = torch.randn(1, 96).to(torch.bfloat16), torch.randn(40, 96).to(torch.bfloat16)
         r, tab = torch.randn(1, 40).to(torch.bfloat16), torch.ones(1, 8)
         for cfg in ({"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": 2}, {"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 1}):
@@ -120,6 +123,8 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
     assert {fn.__name__ for fn, *_ in pdl} == names
     built = cuda_build.build(pdl, archs=(90,))
     assert set(built) == names and built.count("_gemv_kernel") == 8
+    store = [launch for launch in launches if launch[2].get("STORE")]
+    assert len(store) == 1 and cuda_build.build(store) == ["_attend_kernel"]  # sm_80 and sm_90, without PDL
 
 
 def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):

@@ -336,6 +336,22 @@ def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
     test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)  # fewer steps: the paths, not lengths
 
 
+def test_paged_decode_storing_in_the_attention_launch(monkeypatch):
+    """The dense paged decode with the new keys/values stored by the attention launch (FUSE_DENSE_STORE): the
+    tokens of the gathering path."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+
+    monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE", True)
+    calls = []
+    orig = triton_decode.append_kv
+    monkeypatch.setattr(triton_decode, "append_kv", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    test_paged_decode_kernels_equal_alone(None, max_tokens=6)
+    assert calls == []  # no separate store launch
+
+
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
 def test_paged_decode_kernels_equal_alone(sc, max_tokens=12):
     """Decode steps attending on the pages in place (the Triton kernels; on the CPU in the interpreter),

@@ -486,6 +486,65 @@ def test_interpreter_paged_decode(tile_pages, separate_merge, splits):
                   separate_merge=separate_merge, splits=splits)
 
 
+def _check_decode_store(device, dtype, tile_pages, splits, separate_merge, pdl=None):
+    """paged_decode(new_kv=...): each row's current token (the last of its length; one at a page's first slot)
+    stored at its slot by the attention launch itself and attended from new_kv, not the cache: with the slots
+    pointed at scratch slots and the token's own cache entry poisoned, the output is still the one of append_kv
+    then paged_decode, bit for bit, and the scratch slots hold the new key/value."""
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode
+
+    page, hq, hkv, d = 16, 4, 2, 16
+    lens = [37, 70, 33, 5]
+    b = len(lens)
+    g = torch.Generator(device=device).manual_seed(4)
+    n_pages = b * 5 + 2
+    kc = torch.randn(n_pages, page, hkv, d, generator=g, device=device).to(dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=g, device=device).to(dtype)
+    table = torch.arange(b * 5, device=device, dtype=torch.int32).view(b, 5)
+    q = torch.randn(b, hq, d, generator=g, device=device).to(dtype)
+    nk = torch.randn(b, hkv, d, generator=g, device=device).to(dtype)
+    nv = torch.randn(b, hkv, d, generator=g, device=device).to(dtype)
+    seq = torch.tensor(lens, device=device, dtype=torch.int32)
+    own = torch.tensor([int(table[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(lens)],
+                       device=device)
+    scratch = torch.tensor([(b * 5) * page + i for i in range(b)], device=device)  # the spare pages' slots
+    kr, vr = kc.clone(), vc.clone()
+    append_kv(nk, nv, kr, vr, own, table, seq)
+    want = paged_decode(q, kr, vr, table, seq, splits=splits, tile_pages=tile_pages, separate_merge=separate_merge)
+    kp, vp = kc.clone(), vc.clone()
+    kp.view(-1, hkv, d)[own], vp.view(-1, hkv, d)[own] = float("nan"), float("nan")
+    got = paged_decode(q, kp, vp, table, seq, splits=splits, tile_pages=tile_pages, separate_merge=separate_merge,
+                       new_kv=(nk, nv, scratch), pdl=pdl)
+    assert torch.equal(got, want)
+    assert torch.equal(kp.view(-1, hkv, d)[scratch], nk) and torch.equal(vp.view(-1, hkv, d)[scratch], nv)
+    # with the true slots: the cache afterwards is append_kv's
+    kp, vp = kc.clone(), vc.clone()
+    got = paged_decode(q, kp, vp, table, seq, splits=splits, tile_pages=tile_pages, separate_merge=separate_merge,
+                       new_kv=(nk, nv, own), pdl=pdl)
+    assert torch.equal(got, want) and torch.equal(kp, kr) and torch.equal(vp, vr)
+    with pytest.raises(ValueError, match="new_kv: k and v must be"):
+        paged_decode(q, kp, vp, table, seq, new_kv=(nk[:, :1], nv, own))
+
+
+@pytest.mark.parametrize("tile_pages,splits,separate_merge", [(1, 1, False), (2, 3, False), (1, 3, True),
+                                                             (2, 2, True)])
+def test_interpreter_paged_decode_stores_the_new_token(tile_pages, splits, separate_merge):
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    _check_decode_store("cpu", torch.float32, tile_pages, splits, separate_merge)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("tile_pages,splits,separate_merge", [(2, 3, True), (1, 1, False), (2, 8, False)])
+def test_gpu_paged_decode_stores_the_new_token(tile_pages, splits, separate_merge, pdl):
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL: sm_90+")
+    _check_decode_store("cuda", torch.bfloat16, tile_pages, splits, separate_merge, pdl)
+
+
 def _check_decode(device, dtype, hq, hkv, d, page, lens, tol, nsel=3, tile_pages=None, separate_merge=None,
                   splits=2):
     from cpm4.kernels.infllm_v2.triton_decode import paged_decode

@@ -922,6 +922,7 @@ class DecodeBatch:
 def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """DecodeBatch.decode: store the new keys/values, pool the kernels they complete, attend on the pages."""
+    from cpm4.kernels.infllm_v2 import triton_decode
     from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode, paged_sparse_decode
 
     c = batch.cache
@@ -933,7 +934,10 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     # The weights read after this attention pulled into L2 on a side stream meanwhile (`cpm4.kernels.prefetch`).
     pre = c.l2_prefetch  # (a layer past the plan's, e.g. a draft head's: none)
     forked = pre is not None and layer < len(pre[1]) and prefetch_fork(pre[1][layer], pre[0])
-    if sc is None:
+    if sc is None and triton_decode.FUSE_DENSE_STORE:
+        out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared,
+                           new_kv=(k[:, 0], v[:, 0], batch.slots))
+    elif sc is None:
         append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, None, None, None)
         out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared)
     else:

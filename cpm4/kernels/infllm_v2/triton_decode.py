@@ -456,11 +456,12 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
 def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
                    member_ptr, nsh_ptr, n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh,
                    stride_vp, stride_vt, stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os,
-                   stride_mb, stride_mh, stride_rb, stride_rh,
+                   stride_mb, stride_mh, stride_rb, stride_rh, nk_ptr, nv_ptr, slots_ptr, stride_nkb, stride_nkh,
+                   stride_nvb, stride_nvh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
                    DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
-                   MERGE: tl.constexpr, SKIP: tl.constexpr):
+                   MERGE: tl.constexpr, SKIP: tl.constexpr, STORE: tl.constexpr = False):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
@@ -468,10 +469,23 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     out; without MERGE, `_merge_kernel` does, launched after this one. PDL: launched as a programmatic
     dependent of the kernel before it (everything read after waiting for it). SKIP (MODE 0, and MODE 2's dense
     rows; cascade decode): a row with member[bi] = k + 1 starts after the nsh[k] pages of its group, which
-    `triton_cascade` attends for it; the partials are always written (merged by `_merge_kernel` with the cascade's)."""
+    `triton_cascade` attends for it; the partials are always written (merged by `_merge_kernel` with the cascade's).
+    STORE: the row's new key/value (nk, nv [B, hkv, D]; its token the last of seq_len) are stored at its flat
+    cache slot by split 0 and taken from nk/nv, not the cache, wherever a tile holds that token (the store may
+    not have landed): `append_kv`'s launch saved."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
+    dd = tl.arange(0, D)
+    nk = tl.zeros((D,), dtype=kc_ptr.dtype.element_ty)
+    nv = tl.zeros((D,), dtype=vc_ptr.dtype.element_ty)
+    if STORE:
+        nk = tl.load(nk_ptr + bi * stride_nkb + g * stride_nkh + dd)
+        nv = tl.load(nv_ptr + bi * stride_nvb + g * stride_nvh + dd)
+        if sp == 0:
+            slot = tl.load(slots_ptr + bi).to(tl.int64)
+            tl.store(kc_ptr + (slot // PAGE) * stride_kp + (slot % PAGE) * stride_kt + g * stride_kh + dd, nk)
+            tl.store(vc_ptr + (slot // PAGE) * stride_vp + (slot % PAGE) * stride_vt + g * stride_vh + dd, nv)
     qk_scale = sm_scale * 1.4426950408889634
     n_att = tl.cdiv(seq_len, PAGE)  # MODE 0 and dense rows: page i is block i
     listed = MODE == 1
@@ -484,7 +498,6 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D), dtype=tl.float32)
-    dd = tl.arange(0, D)
     first = 0
     if SKIP:
         grp = tl.load(member_ptr + bi)  # k + 1: the row starts after group k's nsh[k] pages; 0: no group
@@ -507,6 +520,9 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                             mask=km[:, None], other=0.0)
                 v = tl.load(vc_ptr + page * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
                             mask=km[:, None], other=0.0)
+                if STORE:
+                    cur = (b * PAGE + tt == seq_len - 1)[:, None]
+                    k, v = tl.where(cur, nk[None, :], k), tl.where(cur, nv[None, :], v)
                 m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     else:
         # TILE_PAGES pages per step as one gathered tile (each row's page looked up): more bytes in flight
@@ -522,6 +538,9 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
             page = tl.load(table_ptr + bi * stride_tb + b, mask=km, other=0).to(tl.int64)
             k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp,
                            stride_vt, stride_vh)
+            if STORE:
+                cur = (km & (b * PAGE + tt == seq_len - 1))[:, None]
+                k, v = tl.where(cur, nk[None, :], k), tl.where(cur, nv[None, :], v)
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
@@ -617,6 +636,10 @@ TILE_PAGES = 2
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
 PDL = False
+# FUSE_DENSE_STORE: the dense paged decode (no sparse config) stores the step's new keys/values inside its attention
+# launch (`paged_decode(new_kv=...)`) rather than by `append_kv` before it: one launch a layer fewer. Off until
+# measured.
+FUSE_DENSE_STORE = False
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
 # partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge
@@ -653,9 +676,10 @@ _pdl_launch = pdl_launch.launch
 
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None, pdl=False, separate_merge=None, shared=None):
+            counters=None, tile_pages=None, pdl=False, separate_merge=None, shared=None, new_kv=None):
     """`_attend_kernel` (and `_merge_kernel` after it when the splits are merged separately) -> [B, hq, d].
-    shared: `triton_cascade.SharedPrefix` (MODE 0): its pages attended once for its member rows, the rest per row."""
+    shared: `triton_cascade.SharedPrefix` (MODE 0): its pages attended once for its member rows, the rest per row.
+    new_kv: (k, v [B, hkv, d], flat slots [B]) of each row's current token, stored by the same launch."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
@@ -680,6 +704,14 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
     n_list = blk.shape[2] if mode == 1 else 0
     blk_t = blk if blk is not None else table
     g_pad = max(16, triton.next_power_of_2(g))
+    if new_kv is not None:
+        nk, nv, slots = new_kv
+        if nk.shape != (b, hkv, d) or nv.shape != nk.shape or slots.shape != (b,):
+            raise ValueError(f"new_kv: k and v must be [{b}, {hkv}, {d}] and slots [{b}], got {tuple(nk.shape)}, "
+                             f"{tuple(nv.shape)}, {tuple(slots.shape)}")
+        nk, nv = (t if t.stride(2) == 1 else t.contiguous() for t in (nk, nv))
+    else:
+        nk = nv = slots = q  # unused
     _attend_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out,
         counters, member, nsh, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -687,10 +719,12 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
         o_part.stride(0) if o_part is not out else 0, o_part.stride(1) if o_part is not out else 0,
         o_part.stride(2) if o_part is not out else 0, m_part.stride(0) if m_part is not out else 0,
-        m_part.stride(1) if m_part is not out else 0, out.stride(0), out.stride(1),
+        m_part.stride(1) if m_part is not out else 0, out.stride(0), out.stride(1), nk, nv, slots,
+        nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1),
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
-        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None, num_warps=4,
+        TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None,
+        STORE=new_kv is not None, num_warps=4,
         **_pdl_launch(pdl))
     if shared is not None:  # its partials after the rows' own (splits on)
         shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES, lens,
@@ -708,12 +742,15 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
                  splits: int | None = None, tile_pages: int | None = None,
-                 separate_merge: bool | None = None, shared=None, pdl: bool | None = None) -> torch.Tensor:
+                 separate_merge: bool | None = None, shared=None, pdl: bool | None = None,
+                 new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
     (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`); separate_merge: see
     `SEPARATE_MERGE` (None: that). shared: a `triton_cascade.SharedPrefix` (blocks None): the leading pages its
-    member rows share, read once for all of them (cascade decode). pdl: see `PDL` (None: that)."""
+    member rows share, read once for all of them (cascade decode). pdl: see `PDL` (None: that). new_kv: (k, v
+    [B, hkv, d], flat cache slots [B]) of the rows' current tokens (the last of seq_lens), stored by the same launch
+    instead of `append_kv` before it (no kernel keys: the dense cache)."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -725,7 +762,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                                                                                              most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
                    scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared,
-                   pdl=_use_pdl(q.device, pdl))
+                   pdl=_use_pdl(q.device, pdl), new_kv=new_kv)
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
