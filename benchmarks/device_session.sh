@@ -360,20 +360,24 @@ l2prefetch)  # the weights read after each decode attention (o, then the MLP's, 
     # (InfLLM v2) without it and with the line and bulk modes (the first run compiles: the longer limit)
     timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefetch.py 2>&1 | tail -2
     limit=120
+    i=0
     for side in off line bulk off; do
+        i=$((i + 1))
         pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
         timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
-            --decode-tokens 32 --no-peer $pre --tag="-l2-$side" --out "${OUT:-benchmarks/results}" 2>&1 \
+            --decode-tokens 32 --no-peer $pre --tag="-l2$i-$side" --out "${OUT:-benchmarks/results}" 2>&1 \
             | grep -E "^decode"
         limit=80
     done
     ;;
 l2prefetch2)  # l2prefetch's other rows: the 0.5B's batch-1 decode at 1K with each mode and without, the 8B's with
     # the reading mode
+    i=0
     for side in off line bulk load off; do
+        i=$((i + 1))
         pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
         timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $pre \
-            --tag="-l2-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+            --tag="-l2$i-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     timeout 120 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
         --decode-tokens 32 --no-peer --l2-prefetch=load --tag="-l2-load" --out "${OUT:-benchmarks/results}" 2>&1 \
@@ -385,10 +389,12 @@ pdl)  # every decode kernel of ours as a programmatic dependent launch (Hopper; 
     # prefetch / off
     timeout 240 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_pdl.py tests/test_gemv.py \
         "tests/test_infllm_v2_triton.py::test_gpu_paged_sparse_decode" 2>&1 | tail -2
+    i=0
     for side in off on no-prefetch off; do
+        i=$((i + 1))
         pre=""; [ "$side" != off ] && pre="--pdl=$side"
         timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
-            $pre --tag="-pdl-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+            $pre --tag="-pdl$i-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
 pdl8b)  # the 8B's batch-1 decode at 32K (InfLLM v2): PDL off / on with the default plan (q/k/v, o, down through the
@@ -429,9 +435,11 @@ densestore)  # the dense paged decode storing the new token inside its attention
     # its GPU tests, then the 0.5B's batch-1 decode (dense) off / on / on with PDL / off
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \
         2>&1 | tail -2
+    i=0
     for side in "" --fuse-dense-store "--fuse-dense-store --pdl=on" ""; do
+        i=$((i + 1))
         timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
-            $side --tag="-densestore$(echo $side | tr -d ' =-')" --out "${OUT:-benchmarks/results}" 2>&1 \
+            $side --tag="-densestore$i$(echo $side | tr -d ' =-')" --out "${OUT:-benchmarks/results}" 2>&1 \
             | grep -E "^decode"
     done
     ;;
