@@ -117,7 +117,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--fuse-dense-store", action="store_true",
                     help="the dense paged decode stores the new keys/values in its attention launch "
                          "(triton_decode.FUSE_DENSE_STORE)")
+    ap.add_argument("--dense-steps", action="store_true",
+                    help="an InfLLM v2 model's decode steps below dense_len through the dense paged decode, from "
+                         "graphs of their own (cpm4.engine.paged.DENSE_STEPS)")
     args = ap.parse_args()
+    if args.dense_steps:
+        from cpm4.engine import paged
+
+        paged.DENSE_STEPS = True
     if args.fuse_dense_store:
         from cpm4.kernels.infllm_v2 import triton_decode
 

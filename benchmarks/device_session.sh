@@ -443,6 +443,19 @@ densestore)  # the dense paged decode storing the new token inside its attention
             | grep -E "^decode"
     done
     ;;
+densesteps)  # an InfLLM v2 model's decode steps below dense_len through the dense decode (paged.DENSE_STEPS, off):
+    # the GPU tests, then the 8B's batch-1 decode at 4K (sparse config, below its 8,192) and the 0.5B's at 1K with
+    # its sparse config, off / on
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_engine.py -k dense_step \
+        "tests/test_infllm_v2_triton.py::test_gpu_paged_decode_stores_and_pools" 2>&1 | tail -2
+    for side in "" --dense-steps; do
+        timeout 100 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 4096 --sparse-only --compile \
+            --decode-tokens 64 --no-peer $side --tag="-densesteps$side" --out "${OUT:-benchmarks/results}" 2>&1 \
+            | grep -E "^decode"
+        timeout 50 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --sparse-only --compile \
+            --no-peer $side --tag="-densesteps$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
+    done
+    ;;
 apidetok)  # carry .wheels/py312: GPU tests after the packed step's batch_continuing_rows fix and the host cuts,
     # then the http row (engine process) with the API process decoding the texts (api_detokenize) and without,
     # alternated

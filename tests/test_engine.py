@@ -1,6 +1,7 @@
 """Continuous batching over the paged KV cache: outputs equal each request run alone, whatever the
 arrival order, chunking, preemption or prefix sharing."""
 
+import contextlib
 import functools
 import gc
 import random
@@ -352,6 +353,107 @@ def test_paged_decode_storing_in_the_attention_launch(monkeypatch):
     assert calls == []  # no separate store launch
 
 
+def test_dense_steps_of_a_sparse_model_equal_its_sparse_steps():
+    """An InfLLM v2 model's decode steps whose rows are all below dense_len through the dense paged decode
+    (`paged.dense_step`: the store and the kernel-key pooling inside the attention launch): the same tokens, and
+    the same kernel keys pooled (the sparse steps past dense_len later read them), as its sparse step."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.engine import paged
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=90), num_hidden_layers=2)
+    ps = prompts(2, seed=7, lo=30, hi=60)  # with 12 tokens each, below 90 throughout
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out, keys = {}, {}
+    for dense in (False, True):
+        cache = PagedKVCache(model.config, num_pages=40, page_size=16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=2, chunk_tokens=64, paged_decode=True)
+        for i, p in enumerate(ps):
+            eng.add_request(f"r{i}", p, params)
+        with paged.dense_step() if dense else contextlib.nullcontext():
+            res = eng.run_to_completion()
+        out[dense] = {k: v[1] for k, v in res.items()}
+        keys[dense] = [f.clone() for f in cache.fine] + [c.clone() for c in cache.coarse or []]
+    assert out[True] == out[False]
+    for a, b in zip(keys[True], keys[False]):  # (layer 1's keys within float32 rounding: its input went through
+        # layer 0's attention in another kernel order)
+        torch.testing.assert_close(a.nan_to_num(7.0), b.nan_to_num(7.0), rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(k, torch.zeros_like(k)) for k in keys[True])
+
+
+@pytest.mark.gpu
+def test_dense_step_graphs_on_cuda(monkeypatch):
+    """`paged.DENSE_STEPS` on the GPU: an InfLLM v2 model's compiled decode graphs with the dense variant for the
+    steps below dense_len, requests crossing it mid-decode: the greedy tokens of the sparse steps throughout."""
+    from conftest import alone_then_together
+
+    from cpm4.engine import paged
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=72)).to("cuda", torch.bfloat16)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ps = [list(range(5 + 3 * i, 50 + 8 * i)) for i in range(3)]  # 45-61 tokens: each crosses 72 while decoding
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(paged, "DENSE_STEPS", on)
+        cache = PagedKVCache(model.config, num_pages=100, page_size=16, device="cuda", dtype=torch.bfloat16)
+        eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, compile=True)
+        out[on] = alone_then_together(eng, ps, params)
+        assert bool(eng.graphs.dense_graphs) == on
+    same = sum(out[True][k] == out[False][k] for k in out[False])
+    assert same >= len(out[False]) - 1  # bf16: a near tie may break the other way in one request
+
+
+def test_graphs_replay_the_dense_variant_only_below_dense_len(monkeypatch):
+    """`DecodeGraphs.run` (host side, without a GPU) with `paged.DENSE_STEPS`: a step whose rows are all below an
+    InfLLM v2 model's dense_len replays its bucket's dense graph (captured on first use), any other step the
+    plain one; off, never the dense one."""
+    from cpm4.engine import paged
+    from cpm4.engine.cuda_graph import DecodeGraphs
+    from cpm4.engine.paged import SeqPages
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=sparse(dense_len=40), num_hidden_layers=1)
+    cache = PagedKVCache(model.config, num_pages=60, page_size=16)
+    seqs = [SeqPages() for _ in range(3)]
+    for s, n in zip(seqs, (20, 30, 38)):
+        cache.reserve(s, 60)
+        s.length = n
+    replayed, captured = [], []
+
+    class Graph:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            replayed.append(self.name)
+
+    def capture(bs, cascade=False, dense=False):
+        captured.append((bs, dense))
+        return Graph("dense" if dense else "plain"), torch.zeros(bs, 5)
+
+    for on in (True, False):
+        monkeypatch.setattr(paged, "DENSE_STEPS", on)
+        graphs = DecodeGraphs.__new__(DecodeGraphs)
+        graphs.init_buffers(cache, 4, 8, torch.device("cpu"))
+        graphs.shared = None  # no cascade here
+        graphs.model = graphs.step = None  # (uncompiled)
+        replayed.clear()
+        captured.clear()
+        graphs._capture = capture
+        graphs.run([1, 2, 3], seqs)  # 21, 31, 39 tokens with the current ones: all below 40
+        seqs[2].length = 39
+        graphs.run([1, 2, 3], seqs)  # the third row reaches 40: sparse
+        graphs.run([1, 2], seqs[:2])
+        seqs[2].length = 38
+        if on:  # (two rows: bucket 2, its plain graph captured first as ever)
+            assert replayed == ["dense", "plain", "dense"]
+            assert captured == [(4, False), (4, True), (2, False), (2, True)]
+        else:
+            assert replayed == ["plain"] * 3 and captured == [(4, False), (2, False)]
+
+
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
 def test_paged_decode_kernels_equal_alone(sc, max_tokens=12):
     """Decode steps attending on the pages in place (the Triton kernels; on the CPU in the interpreter),
@@ -441,9 +543,10 @@ def test_decode_graphs_warm_up_captures_the_largest_bucket_first(monkeypatch):
 
     g = DecodeGraphs.__new__(DecodeGraphs)
     g.sizes, g.graphs, g.cascade_graphs, g.shared = [1, 2, 4, 8], {2: "kept"}, {}, None
+    g.dense_graphs, g._dense_len = {}, None
     order = []
     g._reset_inputs = lambda: None
-    g._capture = lambda bs, cascade=False: order.append(bs) or f"graph {bs}"
+    g._capture = lambda bs, cascade=False, dense=False: order.append(bs) or f"graph {bs}"
     g.warm_up()
     assert order == [8, 4, 1] and g.graphs == {8: "graph 8", 4: "graph 4", 2: "kept", 1: "graph 1"}
     monkeypatch.setattr(cuda_graph, "WARM_LARGEST_FIRST", False)

@@ -526,6 +526,62 @@ def _check_decode_store(device, dtype, tile_pages, splits, separate_merge, pdl=N
         paged_decode(q, kp, vp, table, seq, new_kv=(nk[:, :1], nv, own))
 
 
+def _check_decode_store_pool(device, dtype, splits, pdl=None):
+    """paged_decode(new_kv, kernel_keys) on an InfLLM v2 cache whose rows are all dense: the kernel keys each
+    new token completes pooled by the attention launch, as append_kv pools them (fine and coarse, each row's
+    completing or not), the cache and the output as append_kv then paged_decode."""
+    from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode
+
+    cfg = small_cfg()
+    page, hq, hkv, d = 16, 4, 2, 16
+    lens = [32, 70, 48, 5]
+    kc, vc, table, ks, vs, stores = paged_sequences(lens, page, hkv, d, dtype, device, cfg)
+    slots = torch.tensor([int(table[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(lens)],
+                         device=device)
+    ends = torch.tensor(lens, device=device, dtype=torch.int32)
+    k_new, v_new = torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs])
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator(device=device).manual_seed(8), device=device).to(dtype)
+    poisoned = 0
+    for name, size, stride in (("fine", cfg.kernel_size, cfg.kernel_stride),
+                               ("coarse", cfg.coarse_kernel_size, cfg.coarse_kernel_stride)):
+        for i, n in enumerate(lens):  # the kernel each new token completes: poisoned, both ways must write it
+            if n >= size and (n - size) % stride == 0:
+                p, slot = R.kernel_page_slots(torch.tensor([(n - size) // stride], device=device), size, stride, page)
+                stores[name][table[i].long()[p], slot] = float("nan")
+                poisoned += 1
+    assert poisoned == 4
+    kr, vr, fr, cr = kc.clone(), vc.clone(), stores["fine"].clone(), stores["coarse"].clone()
+    append_kv(k_new, v_new, kr, vr, slots, table, ends, fr, cr, cfg)
+    want = paged_decode(q, kr, vr, table, ends, splits=splits)
+    kg, vg, fg, cg = kc.clone(), vc.clone(), stores["fine"].clone(), stores["coarse"].clone()
+    got = paged_decode(q, kg, vg, table, ends, splits=splits, new_kv=(k_new, v_new, slots), kernel_keys=(fg, cg, cfg),
+                       pdl=pdl)
+    def same(a, b):  # (the pool's unused pages are NaN)
+        return torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+    assert torch.equal(got, want) and same(kg, kr) and same(vg, vr)
+    assert same(fg, fr) and same(cg, cr)
+    assert int(fg.isnan().sum() + cg.isnan().sum()) < int(stores["fine"].isnan().sum()
+                                                         + stores["coarse"].isnan().sum())  # the kernels written
+
+
+def test_interpreter_paged_decode_stores_and_pools():
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    for splits in (1, 3):
+        _check_decode_store_pool("cpu", torch.float32, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_paged_decode_stores_and_pools(pdl):
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL: sm_90+")
+    _check_decode_store_pool("cuda", torch.bfloat16, 4, pdl)
+
+
 @pytest.mark.parametrize("tile_pages,splits,separate_merge", [(1, 1, False), (2, 3, False), (1, 3, True),
                                                              (2, 2, True)])
 def test_interpreter_paged_decode_stores_the_new_token(tile_pages, splits, separate_merge):

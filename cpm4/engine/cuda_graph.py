@@ -87,6 +87,10 @@ class DecodeGraphs:
         self.host_table = HostBlockTable(n, width, cache.scratch)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # steps with a group
+        # Steps whose rows are all below an InfLLM v2 model's dense_len, without a group (`paged.DENSE_STEPS`).
+        self.dense_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        sc = cache.config.sparse_config
+        self._dense_len = sc.dense_len if paged.DENSE_STEPS and sc is not None and sc.dense_len > 1 else None
         self.pool = None
         # Two sets of pinned staging tensors, used in turn; a set is refilled only once the copies that
         # last read it have run (its event).
@@ -134,12 +138,13 @@ class DecodeGraphs:
         """Whether bucket `bs` runs the compilation with a symbolic batch dimension (`DYNAMIC_BATCH`)."""
         return DYNAMIC_BATCH and bs >= DYNAMIC_FROM and self.step is not self.model
 
-    def _capture(self, bs: int, cascade: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bs: int, cascade: bool = False, dense: bool = False
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up outside the graph (Triton compiles, cuBLAS picks kernels) on the scratch-only buffers.
         plain = paged.cascade_paused() if self.shared is not None and not cascade else nullcontext()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with plain:
+        with plain, paged.dense_step() if dense else nullcontext():
             with torch.cuda.stream(side):
                 for _ in range(2 if self.step is not self.model else 1):  # compiled: the 2nd call runs compiled code
                     self._forward(bs, cascade)
@@ -156,10 +161,12 @@ class DecodeGraphs:
         """Capture every bucket not captured yet (compiling the step for it first, with compile), with cascade
         decode its cascade variant too. Largest first (`WARM_LARGEST_FIRST`)."""
         for bs in sorted(self.sizes, reverse=WARM_LARGEST_FIRST):
-            for cascade, graphs in ((False, self.graphs), (True, self.cascade_graphs)):
-                if bs not in graphs and (not cascade or self.shared is not None):
+            for cascade, dense, graphs in ((False, False, self.graphs), (True, False, self.cascade_graphs),
+                                           (False, True, self.dense_graphs)):
+                if bs not in graphs and (not cascade or self.shared is not None) and \
+                        (not dense or self._dense_len is not None):
                     self._reset_inputs()
-                    graphs[bs] = self._capture(bs, cascade)
+                    graphs[bs] = self._capture(bs, cascade, dense)
 
     def _rows(self, seqs: list[SeqPages], bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`paged.decode_rows` for `bs` rows, the slots read from the host block table (just updated) with a
@@ -198,6 +205,12 @@ class DecodeGraphs:
             cols = self.host_table.update(seqs, bs)  # again: the capture pointed every row at the scratch page
             starts, slots, ends = self._rows(seqs, bs)
             self._share(ends[:b], b, bs, cols)
+        dense = not cascade and self._dense_len is not None and b > 0 and int(ends[:b].max()) < self._dense_len
+        if dense and bs not in self.dense_graphs:  # captured on the first all-dense step at this size
+            self._reset_inputs()
+            self.dense_graphs[bs] = self._capture(bs, dense=True)
+            cols = self.host_table.update(seqs, bs)  # again: the capture pointed every row at the scratch page
+            starts, slots, ends = self._rows(seqs, bs)
         table = self.host_table.table[:bs, :cols]
         ids = None
         if not isinstance(tokens, torch.Tensor):
@@ -226,7 +239,7 @@ class DecodeGraphs:
         if stage is not None:
             stage["event"] = torch.cuda.Event()
             stage["event"].record()
-        graph, out = (self.cascade_graphs if cascade else self.graphs)[bs]
+        graph, out = (self.cascade_graphs if cascade else self.dense_graphs if dense else self.graphs)[bs]
         graph.replay()
         return out[:b]
 

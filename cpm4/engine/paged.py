@@ -710,6 +710,25 @@ def cascade_on(cache: PagedKVCache) -> bool:
 
 _CASCADE_LIVE = True  # see cascade_paused
 
+# Decode steps whose rows are all below an InfLLM v2 model's dense_len (every row attends all its pages) through the
+# dense paged decode, the new keys stored and their kernel keys pooled inside its attention launch: two launches a
+# layer (attention, merge) where the sparse step takes four (LSE with the store, scores, attention, merge). Such
+# steps replay a graph of their own per bucket (`DecodeGraphs`). Off until measured on the GPU.
+DENSE_STEPS = False
+_DENSE_STEP = False  # see dense_step
+
+
+@contextmanager
+def dense_step():
+    """Inside, decode steps of an InfLLM v2 cache take the dense paged decode: the caller vouches that every row
+    is below dense_len (the graphs captured in here are replayed only for such steps)."""
+    global _DENSE_STEP
+    before, _DENSE_STEP = _DENSE_STEP, True
+    try:
+        yield
+    finally:
+        _DENSE_STEP = before
+
 
 @contextmanager
 def cascade_paused():
@@ -940,6 +959,9 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     elif sc is None:
         append_kv(k[:, 0], v[:, 0], kc, vc, batch.slots, batch.table, batch.ends, None, None, None)
         out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared)
+    elif _DENSE_STEP:  # every row below dense_len (`dense_step`): all pages, the kernel keys pooled in the launch
+        out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared,
+                           new_kv=(k[:, 0], v[:, 0], batch.slots), kernel_keys=(fine, coarse, sc))
     else:
         # The store and pooling run inside the sparse step's first launch (H200, 128K: 40 vs 42 µs per layer).
         out = paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale,

@@ -456,12 +456,18 @@ def _score_kernel(q_ptr, k1_ptr, table_ptr, lens_ptr, lse_ptr, s_ptr, cnt_ptr, a
 def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr, o_ptr, m_ptr, out_ptr, cnt_ptr,
                    member_ptr, nsh_ptr, n_list, sm_scale, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh,
                    stride_vp, stride_vt, stride_vh, stride_tb, stride_bb, stride_bh, stride_ob, stride_oh, stride_os,
-                   stride_mb, stride_mh, stride_rb, stride_rh, nk_ptr, nv_ptr, slots_ptr, stride_nkb, stride_nkh,
-                   stride_nvb, stride_nvh,
+                   stride_mb, stride_mh, stride_rb, stride_rh,
+                   nk_ptr, nv_ptr, a_kc_ptr, a_vc_ptr, slots_ptr, a_table_ptr, a_ends_ptr, f_ptr, c_ptr,
+                   stride_nb, stride_nh, stride_nvb, stride_nvh, stride_cp, stride_ct, stride_ch,
+                   stride_dp, stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh,
+                   stride_gp, stride_gs, stride_gh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
                    DENSE_LEN: tl.constexpr, TILE_PAGES: tl.constexpr, PDL: tl.constexpr,
-                   MERGE: tl.constexpr, SKIP: tl.constexpr, STORE: tl.constexpr = False):
+                   MERGE: tl.constexpr, SKIP: tl.constexpr, STORE: tl.constexpr = False, FSIZE: tl.constexpr = 1,
+                   FPAD: tl.constexpr = 1, FSTRIDE: tl.constexpr = 1, CSIZE: tl.constexpr = 1,
+                   CPAD: tl.constexpr = 1, CSTRIDE: tl.constexpr = 1, POOL: tl.constexpr = False,
+                   COARSE: tl.constexpr = False):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
@@ -471,7 +477,8 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     rows; cascade decode): a row with member[bi] = k + 1 starts after the nsh[k] pages of its group, which
     `triton_cascade` attends for it; the partials are always written (merged by `_merge_kernel` with the cascade's).
     STORE: the row's new key/value (nk, nv [B, hkv, D]; its token the last of seq_len) are stored at its flat
-    cache slot by split 0 and taken from nk/nv, not the cache, wherever a tile holds that token (the store may
+    cache slot by split 0 (`_append_row`, with POOL the kernel keys it completes pooled too: the `append_kv`
+    arguments after rh) and taken from nk/nv, not the cache, wherever a tile holds that token (the store may
     not have landed): `append_kv`'s launch saved."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
@@ -480,12 +487,13 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     nk = tl.zeros((D,), dtype=kc_ptr.dtype.element_ty)
     nv = tl.zeros((D,), dtype=vc_ptr.dtype.element_ty)
     if STORE:
-        nk = tl.load(nk_ptr + bi * stride_nkb + g * stride_nkh + dd)
+        nk = tl.load(nk_ptr + bi * stride_nb + g * stride_nh + dd)
         nv = tl.load(nv_ptr + bi * stride_nvb + g * stride_nvh + dd)
         if sp == 0:
-            slot = tl.load(slots_ptr + bi).to(tl.int64)
-            tl.store(kc_ptr + (slot // PAGE) * stride_kp + (slot % PAGE) * stride_kt + g * stride_kh + dd, nk)
-            tl.store(vc_ptr + (slot // PAGE) * stride_vp + (slot % PAGE) * stride_vt + g * stride_vh + dd, nv)
+            _append_row(nk_ptr, nv_ptr, a_kc_ptr, a_vc_ptr, slots_ptr, a_table_ptr, a_ends_ptr, f_ptr, c_ptr, bi, g,
+                        stride_nb, stride_nh, stride_nvb, stride_nvh, stride_cp, stride_ct, stride_ch, stride_dp,
+                        stride_dt, stride_dh, stride_atb, stride_fp, stride_fs, stride_fh, stride_gp, stride_gs,
+                        stride_gh, D, PAGE, FSIZE, FPAD, FSTRIDE, CSIZE, CPAD, CSTRIDE, POOL, COARSE)
     qk_scale = sm_scale * 1.4426950408889634
     n_att = tl.cdiv(seq_len, PAGE)  # MODE 0 and dense rows: page i is block i
     listed = MODE == 1
@@ -676,10 +684,11 @@ _pdl_launch = pdl_launch.launch
 
 
 def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None, dense_len=-1, scale=None,
-            counters=None, tile_pages=None, pdl=False, separate_merge=None, shared=None, new_kv=None):
+            counters=None, tile_pages=None, pdl=False, separate_merge=None, shared=None, append=None):
     """`_attend_kernel` (and `_merge_kernel` after it when the splits are merged separately) -> [B, hq, d].
     shared: `triton_cascade.SharedPrefix` (MODE 0): its pages attended once for its member rows, the rest per row.
-    new_kv: (k, v [B, hkv, d], flat slots [B]) of each row's current token, stored by the same launch."""
+    append: `append_kv`'s arguments (k, v [B, hkv, d] of each row's current token, ..., fine, coarse, cfg) for
+    the same launch to store it (and pool its kernel keys)."""
     b, hq, hkv, d = _check(q, k_cache, v_cache, table, lens)
     page = k_cache.shape[1]
     g = hq // hkv
@@ -704,14 +713,16 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
     n_list = blk.shape[2] if mode == 1 else 0
     blk_t = blk if blk is not None else table
     g_pad = max(16, triton.next_power_of_2(g))
-    if new_kv is not None:
-        nk, nv, slots = new_kv
+    if append is not None:
+        nk, nv, slots = append[0], append[1], append[4]
         if nk.shape != (b, hkv, d) or nv.shape != nk.shape or slots.shape != (b,):
             raise ValueError(f"new_kv: k and v must be [{b}, {hkv}, {d}] and slots [{b}], got {tuple(nk.shape)}, "
                              f"{tuple(nv.shape)}, {tuple(slots.shape)}")
-        nk, nv = (t if t.stride(2) == 1 else t.contiguous() for t in (nk, nv))
-    else:
-        nk = nv = slots = q  # unused
+        store_args, store_meta = _append_args(*append)
+        store_meta.pop("D")
+        store_meta.pop("PAGE")
+    else:  # unused pointers and strides (STORE=False)
+        store_args, store_meta = (q,) * 9 + (0,) * 17, {}
     _attend_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, table, lens, blk_t, nblk if nblk is not None else table, o_part, m_part, out,
         counters, member, nsh, n_list, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -719,12 +730,11 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         blk.stride(0) if blk is not None else 0, blk.stride(1) if blk is not None else 0,
         o_part.stride(0) if o_part is not out else 0, o_part.stride(1) if o_part is not out else 0,
         o_part.stride(2) if o_part is not out else 0, m_part.stride(0) if m_part is not out else 0,
-        m_part.stride(1) if m_part is not out else 0, out.stride(0), out.stride(1), nk, nv, slots,
-        nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1),
+        m_part.stride(1) if m_part is not out else 0, out.stride(0), out.stride(1), *store_args,
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
         TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None,
-        STORE=new_kv is not None, num_warps=4,
+        STORE=append is not None, **store_meta, num_warps=4,
         **_pdl_launch(pdl))
     if shared is not None:  # its partials after the rows' own (splits on)
         shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES, lens,
@@ -743,14 +753,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  seq_lens: torch.Tensor, blocks: torch.Tensor | None = None, scale: float | None = None,
                  splits: int | None = None, tile_pages: int | None = None,
                  separate_merge: bool | None = None, shared=None, pdl: bool | None = None,
-                 new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 kernel_keys: tuple[torch.Tensor, torch.Tensor | None, SparseConfig] | None = None) -> torch.Tensor:
     """q [B, hq, d]; k/v cache [pages, page, hkv, d]; block_table [B, max_pages] int32; seq_lens [B] int32
     (tokens in the cache, the current one included); blocks [B, hkv, nsel] logical pages (-1 unused) or None
     (all pages) -> [B, hq, d]. tile_pages: pages per loop step (default `TILE_PAGES`); separate_merge: see
     `SEPARATE_MERGE` (None: that). shared: a `triton_cascade.SharedPrefix` (blocks None): the leading pages its
     member rows share, read once for all of them (cascade decode). pdl: see `PDL` (None: that). new_kv: (k, v
     [B, hkv, d], flat cache slots [B]) of the rows' current tokens (the last of seq_lens), stored by the same launch
-    instead of `append_kv` before it (no kernel keys: the dense cache)."""
+    instead of `append_kv` before it; kernel_keys: (fine, coarse, cfg) of an InfLLM v2 cache whose rows are all
+    dense this step, the kernels each token completes pooled by the same launch too."""
     b, _, hkv, _ = _check(q, k_cache, v_cache, block_table, seq_lens)
     block_table, seq_lens = block_table.to(torch.int32), seq_lens.to(torch.int32)  # no copy when int32 already
     if blocks is not None:
@@ -762,7 +774,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                                                                                              most)
     return _attend(q, k_cache, v_cache, block_table, seq_lens, splits, 0 if blocks is None else 1, blk=blocks,
                    scale=scale, tile_pages=tile_pages, separate_merge=separate_merge, shared=shared,
-                   pdl=_use_pdl(q.device, pdl), new_kv=new_kv)
+                   pdl=_use_pdl(q.device, pdl),
+                   append=(*new_kv[:2], k_cache, v_cache, new_kv[2], block_table, seq_lens,
+                           *(kernel_keys or (None, None, None))) if new_kv is not None else None)
 
 
 def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
