@@ -212,9 +212,12 @@ def _bench_in_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=5, quantiles=quantiles)
 
 
-# The choice kept in Triton's on-disk cache (keyed by the arch, this source and the shape) where this Triton can:
-# an engine's start then skips timing ~20 tiles for each of a model's matrices.
-_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+# TUNING_CACHE: the choice kept in Triton's on-disk cache (keyed by the arch, this source and the shape) where this
+# Triton can, so an engine's start skips timing ~20 tiles for each of a model's matrices. Read at import; off until
+# it has run on the GPU (the GEMV is on every engine's default decode path).
+TUNING_CACHE = False
+_CACHE = ({"cache_results": True} if TUNING_CACHE and "cache_results" in inspect.signature(triton.autotune).parameters
+          else {})
 _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM",
                                                      "GLU_OUT"],
                               do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune},
