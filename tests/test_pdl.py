@@ -23,6 +23,27 @@ def test_enabled_only_on_a_hopper_gpu(monkeypatch):
         assert not pdl.enabled(dev, True)
 
 
+def test_auto_flag_follows_ours(monkeypatch):
+    """A kernel flag of None means PDL exactly inside `pdl.ours()` (nested scopes restore what was outside, an
+    error inside too); True and False stand whatever the scope."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dev = torch.device("cuda")
+    assert not pdl.enabled(dev, None) and pdl.enabled(dev, True)
+    with pdl.ours():
+        assert pdl.enabled(dev, None) and not pdl.enabled(dev, False)
+        with pdl.ours(False):
+            assert not pdl.enabled(dev, None) and pdl.enabled(dev, True)
+        assert pdl.enabled(dev, None)
+        with pytest.raises(RuntimeError), pdl.ours(False):
+            raise RuntimeError
+        assert pdl.enabled(dev, None)
+    assert not pdl.enabled(dev, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pdl.ours():
+        assert not pdl.enabled(dev, None)  # Ampere has no PDL
+
+
 def _hopper():
     if ON_CPU or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a CUDA device of compute capability 9+")
@@ -100,3 +121,35 @@ def test_engine_decode_with_pdl_on_cuda(monkeypatch, sparse):
         out[on] = alone_then_together(eng, prompts, params)
         torch._dynamo.reset()  # the next engine compiles with the other kernels
     assert out[True] == out[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [True, False])
+def test_engine_captures_only_fused_steps_with_pdl(monkeypatch, fuse):
+    """`cuda_graph.FUSED_PDL`: the engine captures the decode buckets its layers run fused (one row, with
+    FUSE_LAYERS) inside `pdl.ours()`, the others and an unfused plan's outside."""
+    if ON_CPU:
+        pytest.skip("needs CUDA")
+    from conftest import random_model
+    from test_engine import tok
+
+    from cpm4.engine import cuda_graph
+    from cpm4.engine.paged import PagedKVCache
+    from cpm4.engine.scheduler import LLMEngine
+    from cpm4.kernels import gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "FUSE_LAYERS", fuse)
+    seen = {}
+    forward = cuda_graph.DecodeGraphs._forward
+
+    def spy(self, bs, *args, **kw):
+        seen.setdefault(bs, set()).add(pdl._OURS)
+        return forward(self, bs, *args, **kw)
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "_forward", spy)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
+    cache = PagedKVCache(model.config, num_pages=40, page_size=16, device="cuda", dtype=torch.bfloat16)
+    eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, gemv=True)
+    eng.graphs.warm_up()
+    assert seen == {1: {fuse}, 2: {False}, 4: {False}}
+    assert not pdl._OURS

@@ -28,10 +28,12 @@ from cpm4.kernels import pdl as pdl_launch
 
 MAX_ROWS = 8
 # Programmatic dependent launches (Hopper+, `cpm4.kernels.pdl`): the GEMV may start while the kernel before it
-# runs, each program pulling its own slice of w toward L2 (PDL_PREFETCH: one `prefetch.global.L2` per 128-byte
-# line) before it waits for the previous kernel's output. Off until measured on the GPU.
-PDL = False
-PDL_PREFETCH = True
+# runs. None: inside `pdl.ours()` (the engine's fused one-row decode steps). PDL_PREFETCH: each program pulls its
+# own slice of w toward L2 (one `prefetch.global.L2` per 128-byte line) before it waits for the previous kernel's
+# output. Measured on the H200: no gain on the 0.5B (0.77 ms a token either way) and the 8B's 32K decode 5.6 ->
+# 6.6 ms with it (its early programs hold SMs and L2 the kernel before them needs): off.
+PDL: bool | None = None
+PDL_PREFETCH = False
 _MAX_SPLIT = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448 / 8 = 9181)

@@ -636,14 +636,15 @@ TILE_PAGES = 2
 
 # Measured (benchmarks/attention.py rows decode.cuda_graph.persistent_counters / .pdl / .pdl_persistent, H200,
 # CUDA graphs, 32K / 128K): 35.4 / 39.2 µs without either, 34.1 / 37.9 with persistent counters, 35.0 / 39.2 with
-# PDL, 34.0 / 38.3 with both. So persistent counters on, PDL off (no gain measured; kept as an option).
+# PDL, 34.0 / 38.3 with both. So persistent counters on; PDL None (auto: only inside `pdl.ours()`, the engine's
+# decode steps whose kernels are all ours, where it gained: see cpm4/kernels/pdl.py).
 # - PERSISTENT_COUNTERS: the arrival counters of the score and attention kernels come from one zeroed buffer per
 #   device that the kernels leave at zero (the last split resets its counter), instead of a zero-fill node per
 #   step. Assumes one decode at a time per device (the engine's single stream).
 # - PDL: on Hopper and later, the score and attention kernels are launched as programmatic dependents of the
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
-PDL = False
+PDL: bool | None = None
 # FUSE_DENSE_STORE: the dense paged decode (no sparse config) stores the step's new keys/values inside its attention
 # launch (`paged_decode(new_kv=...)`) rather than by `append_kv` before it: one launch a layer fewer. Off until
 # measured.
