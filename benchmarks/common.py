@@ -107,14 +107,10 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--l2-prefetch", choices=["load", "line", "bulk"], default=None,
                     help="decode steps pull each layer's weights read after its attention into L2 while it runs, "
                          "on a side stream (cpm4.kernels.prefetch.MODE); default off")
-    ap.add_argument("--pdl", choices=["on", "prefetch", "no-prefetch", "off"], default=None,
+    ap.add_argument("--pdl", choices=["on", "off"], default=None,
                     help="every decode kernel of ours (attention, GEMV) as a programmatic dependent launch in every "
-                         "step (Hopper+; triton_decode.PDL, triton_gemv.PDL), or none (off); prefetch: the GEMV "
-                         "pulling its weights toward L2 before its wait (PDL_PREFETCH); no-prefetch: the same as on; "
-                         "default the library's (PDL in fused one-row steps only: cuda_graph.FUSED_PDL)")
-    ap.add_argument("--glu-epilogue", action="store_true",
-                    help="fused decode layers with SiLU·up in gate/up's epilogue, not down's prologue "
-                         "(cpm4.kernels.gemv.GLU_EPILOGUE)")
+                         "step (Hopper+; triton_decode.PDL, triton_gemv.PDL), or none (off); default the library's "
+                         "(PDL in fused one-row steps only: cuda_graph.FUSED_PDL)")
     ap.add_argument("--fuse-dense-store", action="store_true",
                     help="the dense paged decode stores the new keys/values in its attention launch "
                          "(triton_decode.FUSE_DENSE_STORE)")
@@ -130,16 +126,11 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         from cpm4.kernels.infllm_v2 import triton_decode
 
         triton_decode.FUSE_DENSE_STORE = True
-    if args.glu_epilogue:
-        from cpm4.kernels import gemv
-
-        gemv.GLU_EPILOGUE = True
     if args.pdl is not None:
         from cpm4.kernels.gemv import triton_gemv
         from cpm4.kernels.infllm_v2 import triton_decode
 
-        triton_decode.PDL = triton_gemv.PDL = args.pdl != "off"
-        triton_gemv.PDL_PREFETCH = args.pdl == "prefetch"
+        triton_decode.PDL = triton_gemv.PDL = args.pdl == "on"
     if args.l2_prefetch is not None:
         from cpm4.kernels import prefetch
 

@@ -384,15 +384,15 @@ l2prefetch2)  # l2prefetch's other rows: the 0.5B's batch-1 decode at 1K with ea
         | grep -E "^decode"
     ;;
 pdl)  # every decode kernel of ours as a programmatic dependent launch (Hopper): GPU tests, then the 0.5B's batch-1
-    # decode at 1K/4K (fused layers: all of a layer's kernels ours) off / on / with the GEMV's weight prefetch / the
-    # library's (PDL in fused one-row steps). Ran 2026-12-01 (then "off" was the default): off 0.82/0.87 ms, on
-    # 0.77/0.84, with the prefetch the same
+    # decode at 1K/4K (fused layers: all of a layer's kernels ours) off / on / the library's (PDL in fused one-row
+    # steps) / off. Ran 2026-12-01 (then "off" was the default, "on" with the GEMV's weight prefetch, since
+    # dropped): off 0.82/0.87 ms, on 0.77/0.84, without the prefetch the same
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_pdl.py \
         tests/test_infllm_v2_triton.py -k "pdl or stores" 2>&1 | tail -2
     timeout 120 "$PY" -m pytest -m gpu -p no:warnings -q -x \
         "tests/test_infllm_v2_triton.py::test_gpu_paged_sparse_decode" 2>&1 | tail -2  # (LSE and merge now PDL too)
     i=0
-    for side in off on prefetch auto; do
+    for side in off on auto off; do
         i=$((i + 1))
         pre=""; [ "$side" != auto ] && pre="--pdl=$side"
         timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
@@ -401,8 +401,8 @@ pdl)  # every decode kernel of ours as a programmatic dependent launch (Hopper):
     ;;
 pdl8b)  # the 8B's batch-1 decode at 32K (InfLLM v2): PDL off / on with the default plan (q/k/v, o, down through the
     # GEMV), then with every layer fused (all ours: the whole chain programmatic) on / off. Ran 2026-12-01 with
-    # the GEMV's prefetch (then on with "on"): 5.58 / 6.63 / 7.57 / 5.76 ms; without it (plan) 5.59-5.62 against
-    # 5.52-5.55 off
+    # the GEMV's weight prefetch (since dropped): 5.58 / 6.63 / 7.57 / 5.76 ms; without it (plan) 5.59-5.62
+    # against 5.52-5.55 off
     limit=120
     for side in "off plan" "on plan" "on all" "off all"; do
         set -- $side
@@ -436,16 +436,6 @@ plan8b)  # which of the 8B's projections to run through the GEMV at one row (the
             --decode-tokens 32 --no-peer $pre --tag="-plan8b" --out "${OUT:-benchmarks/results}" \
             2>&1 | grep -E "^decode"
         limit=90
-    done
-    ;;
-gluepi)  # SiLU·up in gate/up's epilogue (gemv.GLU_EPILOGUE, off) and PDL between the fused GEMVs: the GEMV's GPU
-    # tests (glu_out, the engine's fused plan with it), the layer table (plain, gemv, fused, fused-glu and both with
-    # PDL; 0.5B and 8B), then the 0.5B's batch-1 decode without and with the epilogue
-    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_gemv.py -k "glu or plan or tile" 2>&1 | tail -2
-    timeout 240 "$PY" benchmarks/fused_layer.py --tag=-glu-pdl --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
-    for side in "" --glu-epilogue; do
-        timeout 50 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $side \
-            --tag="-gluepi$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
     done
     ;;
 densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):

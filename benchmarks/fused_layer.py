@@ -1,15 +1,14 @@
-"""CUDA only. A decode layer's work around its attention at one row (batch-1 decode), three ways, per layer:
+"""CUDA only. A decode layer's work around its attention at one row (batch-1 decode), four ways, per layer:
 
 - plain (the peer): cuBLAS for q/k/v, o, gate/up and down, the norms, RoPE, residual adds and SiLU·up compiled
   by inductor across the layers, as the engine's compiled decode step runs them;
 - gemv: the same with q/k/v, o and down through the Triton GEMV (`gemv.DECODE_GEMV`'s small-model plan);
 - fused: four GEMVs with the norms, RoPE, SiLU·up and residual adds inside them (`gemv.FUSE_LAYERS`,
   `DecoderLayer._fused`);
-- fused-glu: the same with SiLU·up in gate/up's epilogue instead of down's prologue (`gemv.GLU_EPILOGUE`);
-- fused-pdl, fused-glu-pdl: those with the GEMVs as programmatic dependent launches, each pulling its weights
-  toward L2 before it waits for the previous one (`triton_gemv.PDL`; Hopper).
+- fused-pdl: the same with the GEMVs as programmatic dependent launches (`triton_gemv.PDL`; Hopper).
 
-The attention is left out (the same in all three): each layer's o projection reads a fixed stand-in for its output.
+(SiLU·up in gate/up's epilogue was a fifth way, measured and dropped: RESULTS.md, thirty-fifth GPU pass.)
+The attention is left out (the same in all): each layer's o projection reads a fixed stand-in for its output.
 Enough layers of distinct weights (>= 1 GB) that they stream from HBM as in a decode step; the chain compiled,
 captured as one CUDA graph and replayed; µs per layer.
 
@@ -67,25 +66,17 @@ def chains(eps: float, scale: float, heads: int, rotated: int, d: int) -> dict:
     def gemv(x, a, layers, cos, sin):
         return plain(x, a, layers, cos, sin, proj=lambda v, w: linear(v, w, max_rows=1))
 
-    def fused_chain(x, a, layers, cos, sin, glu_epilogue=False):
+    def fused_chain(x, a, layers, cos, sin):
         qks = []
         for p in layers:
             y = fused_linear(x, p["qkv"], norm=(p["g1"], eps), rope=(cos, sin, rotated * d, d))
             qks.append(y[:, :rotated * d])
             x = fused_linear(a, p["o"], residual=x, scale=scale)
-            if glu_epilogue:
-                h = fused_linear(x, p["gate_up"], norm=(p["g2"], eps), glu_out=True)
-                x = fused_linear(h, p["down"], residual=x, scale=scale)
-            else:
-                hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
-                x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
+            hn = fused_linear(x, p["gate_up"], norm=(p["g2"], eps))
+            x = fused_linear(hn, p["down"], glu=True, residual=x, scale=scale)
         return x, qks
 
-    def fused_glu(x, a, layers, cos, sin):
-        return fused_chain(x, a, layers, cos, sin, glu_epilogue=True)
-
-    return {"plain": plain, "gemv": gemv, "fused": fused_chain, "fused-glu": fused_glu,
-            "fused-pdl": fused_chain, "fused-glu-pdl": fused_glu}
+    return {"plain": plain, "gemv": gemv, "fused": fused_chain, "fused-pdl": fused_chain}
 
 
 def graph_us(fn, x, a, layers, cos, sin, reps: int = 20) -> tuple[float, torch.Tensor]:
@@ -129,11 +120,11 @@ def main() -> None:
         for v, fn in ways.items():
             if v.endswith("-pdl") and torch.cuda.get_device_capability()[0] < 9:
                 continue
-            triton_gemv.PDL = v.endswith("-pdl")  # read at each launch (and capture) inside the custom op
+            before, triton_gemv.PDL = triton_gemv.PDL, v.endswith("-pdl")  # read at each launch inside the op
             try:
                 timed[v] = graph_us(lambda *t, fn=fn: fn(*t), x, a, layers, cos, sin)
             finally:
-                triton_gemv.PDL = False
+                triton_gemv.PDL = before
         peer, ref = timed["plain"]
         for v, (us, out) in timed.items():
             diff = (out.float() - ref.float()).abs().max().item()

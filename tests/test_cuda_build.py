@@ -47,10 +47,7 @@ def test_gemv_kernel_builds_for_sm80_and_sm90():
             tab = torch.ones(m, 8)  # heads of 8, the first 3 of 5 rotated, the input normed (the q/k/v projection)
             gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6),
                  rope=(tab, tab, 24, 8))
-            # gate/up with SiLU·up in its epilogue (normed input)
-            gemv(x, w, config={"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": split}, norm=(torch.ones(96, dtype=x.dtype), 1e-6),
-                 glu_out=True)
-    assert cuda_build.build(launches).count("_gemv_kernel") == 12
+    assert cuda_build.build(launches).count("_gemv_kernel") == 10
 
 
 def test_selection_kernel_builds_for_sm80_and_sm90():
@@ -94,8 +91,7 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
 def test_decode_step_with_programmatic_launches_builds_for_sm90():
     """Every kernel of the decode step as a programmatic dependent (PDL, Hopper and later: the interpreter runs
     them without it) builds for sm_90: the sparse step's (the store in the LSE launch, scores and selection, the
-    attention, the separate merge), the dense step's store, and the GEMV with its weight prefetch before the wait
-    (plain and with each fused flag)."""
+    attention, the separate merge), the dense step's store, and the GEMV (plain and with each fused flag)."""
     from test_infllm_v2_triton import check_sparse_decode, small_cfg
 
     from cpm4.kernels.gemv.triton_gemv import gemv
@@ -116,13 +112,11 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
             gemv(x, w, config=cfg)
             gemv(x, w, config=cfg, norm=(torch.ones(96, dtype=x.dtype), 1e-6), rope=(tab, tab, 24, 8))
             gemv(torch.cat([x, x], 1), w, config=cfg, glu=True, residual=r, scale=0.3)
-            gemv(x, w, config=cfg, norm=(torch.ones(96, dtype=x.dtype), 1e-6), glu_out=True)
-    pdl = [(fn, sig, {**consts, "PDL": True, **({"PREFETCH": True} if "PREFETCH" in consts else {})}, options)
-           for fn, sig, consts, options in launches if "PDL" in consts]
+    pdl = [(fn, sig, {**consts, "PDL": True}, options) for fn, sig, consts, options in launches if "PDL" in consts]
     names = {"_attend_kernel", "_score_kernel", "_lse_kernel", "_merge_kernel", "_append_kernel", "_gemv_kernel"}
     assert {fn.__name__ for fn, *_ in pdl} == names
     built = cuda_build.build(pdl, archs=(90,))
-    assert set(built) == names and built.count("_gemv_kernel") == 8
+    assert set(built) == names and built.count("_gemv_kernel") == 6
     store = [launch for launch in launches if launch[2].get("STORE")]
     assert len(store) == 1 and cuda_build.build(store) == ["_attend_kernel"]  # sm_80 and sm_90, without PDL
 

@@ -210,8 +210,8 @@ def test_use_gemv_max_rows():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fuse,glu_epilogue", [(False, False), (True, False), (True, True)])
-def test_engine_small_model_plan_on_cuda(monkeypatch, fuse, glu_epilogue):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_engine_small_model_plan_on_cuda(monkeypatch, fuse):
     """LLMEngine(gemv=True) on a small bf16 model takes `decode_plan` (the plan's projections through the GEMV at
     one row, cuBLAS beyond; with FUSE_LAYERS the fused layers), compiled decode graphs: greedy tokens as with
     gemv=False, one request at a time and three together."""
@@ -227,7 +227,6 @@ def test_engine_small_model_plan_on_cuda(monkeypatch, fuse, glu_epilogue):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.setattr(gemv_module, "FUSE_LAYERS", fuse)
-    monkeypatch.setattr(gemv_module, "GLU_EPILOGUE", glu_epilogue)
     model = random_model("tiny", dtype=torch.float32, sparse_config=None).to("cuda", torch.bfloat16)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [list(range(5 + 3 * i, 60 + 7 * i)) for i in range(3)]
@@ -320,51 +319,6 @@ def test_fused_rope_interpreted(split, m, dtype, norm):
 
 
 @needs_kernels
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("norm", [False, True])
-def test_fused_glu_out_interpreted(split, m, dtype, norm):
-    """gate/up with SiLU·up in its epilogue (glu_out): w is [gate; up] (2 x 40 rows), each tile gate rows and the
-    up rows they pair with (tiles of 4, 8 and 16 rows: gcd-adapted pairs), K in slices; [M, 40] out, the float64
-    definition's roundings. Swapping gate and up, or the plain product, would not pass."""
-    from cpm4.kernels.gemv import fused_gemv_reference
-    from cpm4.kernels.gemv.triton_gemv import _counters, gemv
-
-    dev = "cpu" if ON_CPU else "cuda"
-    x, w, kw = _fused_case(dev, dtype, m, 80, 72, norm=norm, seed=13)
-    want = fused_gemv_reference(x, w, glu_out=True, **kw)
-    assert want.shape == (m, 40)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3)
-    for bn in (4, 8, 16):
-        got = gemv(x, w, config={"BLOCK_N": bn, "BLOCK_K": 32, "SPLIT": split}, glu_out=True, **kw)
-        torch.testing.assert_close(got, want, **tol)
-    y = fused_gemv_reference(x, w, **kw)
-    swapped = fused_gemv_reference(x, torch.cat([w[40:], w[:40]]), glu_out=True, **kw)
-    assert not torch.allclose(got.float(), swapped.float(), rtol=1e-2, atol=1e-2)
-    assert not torch.allclose(got.float(), (y[:, :40] * y[:, 40:]).float(), rtol=1e-2, atol=1e-2)
-    assert int(_counters(x.device).abs().sum()) == 0
-
-
-@needs_kernels
-def test_fused_linear_glu_out_through_the_op():
-    """`fused_linear(glu_out=True)` through the custom op and under torch.compile: [..., N / 2], the kernel's
-    values."""
-    from cpm4.kernels.gemv import fused_gemv_reference, fused_linear
-
-    dev = "cpu" if ON_CPU else "cuda"
-    dt = torch.float32 if ON_CPU else torch.bfloat16
-    x, w, kw = _fused_case(dev, dt, 1, 64, 48, norm=True, seed=5)
-    want = fused_gemv_reference(x, w, glu_out=True, **kw)
-    got = fused_linear(x[None], w, glu_out=True, **kw)
-    assert got.shape == (1, 1, 32)
-    tol = dict(rtol=1e-5, atol=1e-5) if ON_CPU else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got[0], want, **tol)
-    compiled = torch.compile(lambda a: fused_linear(a, w, glu_out=True, **kw), backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), got[0], rtol=0, atol=0)
-
-
-@needs_kernels
 def test_fused_norm_over_several_passes():
     """Rows wider than the norm's one-pass block (5 rows: 1,024 at a time over K = 1,300): the RMS summed over
     passes, masked at the end."""
@@ -398,12 +352,6 @@ def test_fused_bad_arguments():
         gemv(x, w, rope=(torch.ones(1, 4), torch.ones(1, 4), 4, 4))
     with pytest.raises(ValueError, match="even BLOCK_N dividing 4"):
         gemv(x, w, config={"BLOCK_N": 8, "BLOCK_K": 8, "SPLIT": 1}, rope=(cs, cs, 4, 4))
-    with pytest.raises(ValueError, match="glu_out goes with .* an even N"):
-        gemv(x, torch.zeros(5, 8), glu_out=True)
-    with pytest.raises(ValueError, match="glu_out goes with"):
-        gemv(x, w, glu_out=True, residual=torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="even BLOCK_N dividing 4"):
-        gemv(x, w, config={"BLOCK_N": 8, "BLOCK_K": 8, "SPLIT": 1}, glu_out=True)
 
 
 def test_fused_takes(monkeypatch):
@@ -418,17 +366,11 @@ def test_fused_takes(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("glu_epilogue", [False, True])
-def test_fused_decoder_layers_equal_the_plain_ones(monkeypatch, glu_epilogue):
-    """`use_gemv(fuse=True)`: a one-row step's layers as four fused GEMVs (norms, SiLU·up, residuals inside; SiLU·up
-    before down or after gate/up) give the plain layers' logits (float32, under the interpreter off the GPU); two
-    rows (past max_rows) take the plain path; then through the engine, each request alone, the same greedy tokens
-    with the fused layers as without."""
+def test_fused_decoder_layers_equal_the_plain_ones():
+    """`use_gemv(fuse=True)`: a one-row step's layers as four fused GEMVs (norms, SiLU·up, residuals inside) give
+    the plain layers' logits (float32, under the interpreter off the GPU); two rows (past max_rows) take the plain
+    path; then through the engine, each request alone, the same greedy tokens with the fused layers as without."""
     from conftest import random_model
-
-    from cpm4.kernels import gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "GLU_EPILOGUE", glu_epilogue)
     from test_engine import tok
 
     from cpm4.engine.paged import PagedKVCache
@@ -513,15 +455,10 @@ def test_fused_op_compiles_whole():
 
 @needs_kernels
 @pytest.mark.skipif(not ON_CPU, reason="interpreter test: the GPU runs test_engine_small_model_plan_on_cuda")
-@pytest.mark.parametrize("glu_epilogue", [False, True])
-def test_fused_decode_step_compiles_as_one_graph(monkeypatch, glu_epilogue):
+def test_fused_decode_step_compiles_as_one_graph():
     """The engine's one-row decode step with the fused layers, compiled as the decode graphs compile it (the paged
     attention and the fused GEMVs opaque custom ops): one graph, no break, and the plain eager step's logits."""
     from conftest import random_model
-
-    from cpm4.kernels import gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "GLU_EPILOGUE", glu_epilogue)
     from test_engine import tok
 
     from cpm4.engine import paged

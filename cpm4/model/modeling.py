@@ -568,9 +568,7 @@ class DecoderLayer(nn.Module):
     def _fused(self, x, cos, sin, starts, new_lens, cache, docs, host, pack) -> torch.Tensor:
         """`forward` for a few rows (decoding) as four GEMVs with the element-wise work inside them: the input
         norm and RoPE in q/k/v's, the residual in o's, the post-attention norm in gate/up's, SiLU·up and the
-        residual in down's (SiLU·up in gate/up's with `gemv.GLU_EPILOGUE`) (`cpm4.kernels.gemv.fused_linear`; the
-        same roundings)."""
-        from cpm4.kernels import gemv
+        residual in down's (`cpm4.kernels.gemv.fused_linear`; the same roundings)."""
         from cpm4.kernels.gemv import fused_linear
 
         attn, mlp, rs = self.self_attn, self.mlp, self.residual_scale
@@ -580,9 +578,6 @@ class DecoderLayer(nn.Module):
         q, k, v = attn.split_heads(y)
         a = attn.attend(q, k, v, starts, new_lens, cache, docs, host, pack)
         x = fused_linear(a, attn.o_proj.weight, residual=x, scale=rs)
-        if gemv.GLU_EPILOGUE:  # SiLU·up after gate/up rather than before down
-            h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps), glu_out=True)
-            return fused_linear(h, mlp.down_proj.weight, residual=x, scale=rs)
         h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps))
         return fused_linear(h, mlp.down_proj.weight, glu=True, residual=x, scale=rs)
 

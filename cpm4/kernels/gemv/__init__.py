@@ -36,10 +36,6 @@ SMALL_MODEL_HIDDEN = 1024
 # each program recomputes, SiLU·up over all of K) cost more than the element-wise kernels they replace (a layer's
 # work: the projections above 128.8 µs, fused 133.8; the 32K decode step 5.62 ms fused against 5.51).
 FUSE_LARGE = False
-# A fused layer's SiLU·up in the gate/up GEMV's epilogue (each tile gate rows and the up rows they pair with; down
-# then a plain GEMV with the residual) rather than in down's prologue (every program of down recomputing it over
-# all of K: at the 8B, 1,024 programs x 16K SiLUs and 64 MB of L2 reads). CPU-tested only: off.
-GLU_EPILOGUE = False
 
 
 @torch.library.custom_op("cpm4::gemv", mutates_args=())
@@ -57,16 +53,16 @@ def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("cpm4::gemv_fused", mutates_args=())
 def _gemv_fused(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, glu: bool,
                 residual: torch.Tensor | None, scale: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                n_rot: int, head_dim: int, glu_out: bool) -> torch.Tensor:
+                n_rot: int, head_dim: int) -> torch.Tensor:
     from .triton_gemv import gemv
 
     return gemv(x, w, norm=(norm_weight, eps) if norm_weight is not None else None, glu=glu, residual=residual,
-                scale=scale, rope=(cos, sin, n_rot, head_dim) if cos is not None else None, glu_out=glu_out)
+                scale=scale, rope=(cos, sin, n_rot, head_dim) if cos is not None else None)
 
 
 @_gemv_fused.register_fake
-def _(x, w, norm_weight, eps, glu, residual, scale, cos, sin, n_rot, head_dim, glu_out):
-    return x.new_empty((x.shape[0], w.shape[0] // 2 if glu_out else w.shape[0]))
+def _(x, w, norm_weight, eps, glu, residual, scale, cos, sin, n_rot, head_dim):
+    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def _rows_ok(x: torch.Tensor, max_rows: int) -> bool:
@@ -112,12 +108,10 @@ def fused_takes(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, glu: bool = False,
                  residual: torch.Tensor | None = None, scale: float = 1.0,
-                 rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
-                 glu_out: bool = False) -> torch.Tensor:
+                 rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """The decode layer's GEMV with its element-wise neighbours in one kernel (`triton_gemv.gemv`): x [..., K]
-    (glu: [..., 2K], gate and up) -> [..., N] (glu_out: [..., N / 2]); norm, glu, residual, scale, glu_out as
-    there (`fused_gemv_reference`); rope (cos, sin [..., head_dim] per row of x, n_rot, head_dim). For calls
-    `fused_takes` accepts."""
+    (glu: [..., 2K], gate and up) -> [..., N]; norm, glu, residual, scale as there (`fused_gemv_reference`);
+    rope (cos, sin [..., head_dim] per row of x, n_rot, head_dim). For calls `fused_takes` accepts."""
     k_in = x.shape[-1]
     lead = x.shape[:-1]
     res = residual.reshape(-1, w.shape[0]) if residual is not None else None
@@ -128,5 +122,5 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, flo
         cos, sin = cos.reshape(-1, head_dim).contiguous(), sin.reshape(-1, head_dim).contiguous()
     y = torch.ops.cpm4.gemv_fused(x.reshape(-1, k_in).contiguous(), w, norm[0] if norm is not None else None,
                                   float(norm[1]) if norm is not None else 0.0, glu, res, float(scale), cos, sin,
-                                  int(n_rot), int(head_dim), bool(glu_out))
+                                  int(n_rot), int(head_dim))
     return y.view(*lead, y.shape[-1])

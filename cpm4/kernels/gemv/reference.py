@@ -12,13 +12,11 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def fused_gemv_reference(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
                          glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0,
-                         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
-                         glu_out: bool = False) -> torch.Tensor:
+                         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """The fused GEMV's definition, in float64 with each intermediate rounded to x's dtype where the model's
     PyTorch ops round it: glu (x = [gate | up]) -> silu(gate), then times up; norm (weight, eps) -> x / rms(x),
     then times the weight; y = x @ w.T; residual -> y * scale, then residual + that; rope (cos, sin [M, d], n_rot,
-    d) -> each head of d among y's first n_rot columns rotated: y * cos + rotate_half(y) * sin; glu_out -> y's
-    halves are gate and up: silu(gate), rounded, times up, rounded ([M, N / 2])."""
+    d) -> each head of d among y's first n_rot columns rotated: y * cos + rotate_half(y) * sin."""
     dt = x.dtype
     if glu:
         gate, up = x.double().chunk(2, dim=-1)
@@ -39,8 +37,4 @@ def fused_gemv_reference(x: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Ten
         x1, x2 = heads.chunk(2, dim=-1)
         rotated = heads * cos.double()[:, None] + torch.cat((-x2, x1), dim=-1) * sin.double()[:, None]
         y = torch.cat((rotated.reshape(y.shape[0], n_rot).to(dt), y[:, n_rot:]), dim=1)
-    if glu_out:
-        gate, up = y.double().chunk(2, dim=-1)
-        act = (gate / (1 + torch.exp(-gate))).to(dt)
-        y = (act.double() * up).to(dt)
     return y

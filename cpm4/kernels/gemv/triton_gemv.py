@@ -11,8 +11,12 @@ between calls (and between CUDA-graph replays); calls on one stream at a time.
 Flags fuse a decode layer's element-wise neighbours in (`gemv(norm=..., glu=..., residual=...)`): NORM, the RMS
 norm of x before (each program first sums its rows' squares); GLU, x = [gate | up] and silu(gate) * up goes in;
 RES, the output is residual + y * scale (stored by the program that stores y); ROPE, the q/k columns rotated,
-each program's tile half a head's first-half columns and half their partners; GLU_OUT, w is [gate; up] and the
-output silu(gate) * up (N / 2 columns), each tile half gate rows and the up rows they pair with."""
+each program's tile half a head's first-half columns and half their partners.
+
+Measured and dropped (RESULTS.md, thirty-fifth GPU pass; the code is in the history): SiLU·up in gate/up's
+epilogue instead of down's prologue (each tile gate rows and the up rows they pair with): the 0.5B's fused layer
+22.1 -> 23.7 µs, its decode 0.82 -> 0.86 ms; and, launched as a programmatic dependent, each program pulling its
+weight slice toward L2 before its wait: the 8B's 32K decode 5.6 -> 6.6 ms, no gain on the 0.5B."""
 
 from __future__ import annotations
 
@@ -28,12 +32,8 @@ from cpm4.kernels import pdl as pdl_launch
 
 MAX_ROWS = 8
 # Programmatic dependent launches (Hopper+, `cpm4.kernels.pdl`): the GEMV may start while the kernel before it
-# runs. None: inside `pdl.ours()` (the engine's fused one-row decode steps). PDL_PREFETCH: each program pulls its
-# own slice of w toward L2 (one `prefetch.global.L2` per 128-byte line) before it waits for the previous kernel's
-# output. Measured on the H200: no gain on the 0.5B (0.77 ms a token either way) and the 8B's 32K decode 5.6 ->
-# 6.6 ms with it (its early programs hold SMs and L2 the kernel before them needs): off.
+# runs. None: inside `pdl.ours()` (the engine's fused one-row decode steps).
 PDL: bool | None = None
-PDL_PREFETCH = False
 _MAX_SPLIT = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_BLOCKS = 1 << 16  # row blocks per call: N / BLOCK_N (the 8B lm head: 73448 / 8 = 9181)
@@ -51,21 +51,13 @@ def _halves(y, dt, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, RES: tl.constexpr, ROPE: tl.constexpr,
-               HEAD_DIM: tl.constexpr, GLU_OUT: tl.constexpr):
+               HEAD_DIM: tl.constexpr):
     """y (fp32 sums over the columns rn) rounded to the output's dtype and stored; with RES, residual + y * scale
     rounded as PyTorch rounds it (the product, then the sum, each to the dtype); with ROPE (rn: the columns rn_a
     of one head's first half, then their partners HEAD_DIM / 2 on), each pair of the first N_ROT columns rotated
-    (`cpm4.model.fused.rotary`: the rounded output in fp32 times the row's cos/sin tables, rounded); with GLU_OUT
-    (rn: gate rows rn_a, then their up rows N / 2 on), silu(gate) * up at the columns rn_a, with
-    `cpm4.model.fused.silu_mul`'s roundings of the rounded outputs."""
+    (`cpm4.model.fused.rotary`: the rounded output in fp32 times the row's cos/sin tables, rounded)."""
     dt = y_ptr.dtype.element_ty
-    if GLU_OUT:
-        gate, up = _halves(y, dt, M_PAD, BLOCK_N)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt)
-        h = (act.to(tl.float32) * up).to(dt)
-        om = mm[:, None] & (rn_a < N // 2)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn_a[None, :], h, mask=om)
-    elif ROPE:
+    if ROPE:
         ya, yb = _halves(y, dt, M_PAD, BLOCK_N)
         rn_b = rn_a + HEAD_DIM // 2
         da = rn_a % HEAD_DIM
@@ -95,11 +87,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
                  stride_wn, stride_ym, stride_rm, stride_cm, eps, scale, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                  RES: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, GLU_OUT: tl.constexpr = False):
+                 PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
-    if ROPE or GLU_OUT:  # half the tile from a head's first half, half their partners HEAD_DIM / 2 on (GLU_OUT:
-        # one "head" of N rows, gate then up)
+    if ROPE:  # half the tile from a head's first half, half their partners HEAD_DIM / 2 on
         HALF: tl.constexpr = BLOCK_N // 2
         per_head: tl.constexpr = HEAD_DIM // BLOCK_N
         rn_a = (pid_n // per_head) * HEAD_DIM + (pid_n % per_head) * HALF + tl.arange(0, HALF)
@@ -114,17 +105,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
     k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_lo = sp * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
-    if PDL:  # the next kernel may launch; w depends on no earlier kernel, so its lines go first; then the wait
-        tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH:
-            LINES: tl.constexpr = (BLOCK_K + 63) // 64  # 128-byte lines of 16-bit weights a tile row
-            rn_w = tl.minimum(rn, N - 1)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                rk_w = tl.minimum(k0 + tl.arange(0, LINES) * 64, k_hi - 1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l",
-                                          [w_ptr + rn_w[:, None] * stride_wn + rk_w[None, :]], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-        tl.extra.cuda.gdc_wait()
+    pdl_launch.enter(PDL)
     rstd = tl.zeros((M_PAD,), dtype=tl.float32)
     if NORM:  # each program reads its rows whole first for their RMS: in one load or a few (NORM_BLOCK wide),
         # not BLOCK_K at a time (32 dependent loads a program at the 8B's width)
@@ -156,7 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
     om = mm[:, None] & nm[None, :]
     if SPLIT == 1:
         _store_out(y_ptr, y, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N, N_ROT,
-                   M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM, GLU_OUT)
+                   M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
     else:
         part = part_ptr + (sp * M_PAD + rm[:, None]) * N + rn[None, :]
         tl.store(part, y, mask=om)
@@ -166,7 +147,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, g_ptr, r_ptr, c_ptr, s_
             for s in tl.static_range(SPLIT):
                 tot += tl.load(part_ptr + (s * M_PAD + rm[:, None]) * N + rn[None, :], mask=om, other=0.0)
             _store_out(y_ptr, tot, r_ptr, c_ptr, s_ptr, rm, rn, rn_a, mm, stride_ym, stride_rm, stride_cm, scale, N,
-                       N_ROT, M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM, GLU_OUT)
+                       N_ROT, M_PAD, BLOCK_N, RES, ROPE, HEAD_DIM)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -193,8 +174,7 @@ def _prune(configs, named_args, **kwargs) -> list:
     the tile widths that do not suit the matrix's size (`SMALL_BYTES`)."""
     m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
     kept = [c for c in configs if m_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-    pairs = kwargs.get("ROPE", named_args.get("ROPE", False)) or kwargs.get("GLU_OUT", named_args.get("GLU_OUT", False))
-    if pairs:  # a tile is one head's pairs (GLU_OUT: gate and up rows): BLOCK_N divides head_dim
+    if kwargs.get("ROPE", named_args.get("ROPE", False)):  # a tile is one head's pairs: BLOCK_N divides head_dim
         hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 2))
         kept = [c if hd % c.kwargs["BLOCK_N"] == 0 else
                 triton.Config({**c.kwargs, "BLOCK_N": math.gcd(c.kwargs["BLOCK_N"], hd)}, num_warps=c.num_warps,
@@ -220,8 +200,7 @@ def _bench_in_graph(fn, quantiles=None):
 TUNING_CACHE = False
 _CACHE = ({"cache_results": True} if TUNING_CACHE and "cache_results" in inspect.signature(triton.autotune).parameters
           else {})
-_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM",
-                                                     "GLU_OUT"],
+_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "M_PAD", "NORM", "GLU", "RES", "ROPE", "HEAD_DIM"],
                               do_bench=_bench_in_graph, prune_configs_by={"early_config_prune": _prune},
                               **_CACHE)(_gemv_kernel)
 
@@ -246,14 +225,12 @@ def _check(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tuple[torch.Tensor, float] | None = None,
          glu: bool = False, residual: torch.Tensor | None = None, scale: float = 1.0,
-         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, pdl: bool | None = None,
-         glu_out: bool = False) -> torch.Tensor:
+         rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) @ w [N, K].T -> [M, N] in x's dtype, with the decode layer's element-wise work around it:
     norm=(weight [K], eps): x through the RMS norm first (`cpm4.model.fused.rms_norm`'s roundings); glu: x is
     [M, 2K], gate and up side by side, and silu(gate) * up goes in; residual [M, N]: the result is
     residual + y * scale; rope=(cos, sin [M, head_dim], n_rot, head_dim): the first n_rot output columns, heads of
-    head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`); glu_out: w is [gate; up] (N even) and the
-    result [M, N / 2] is silu(gate) * up (`cpm4.model.fused.silu_mul`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
+    head_dim, rotated by each row's tables (`cpm4.model.fused.rotary`). config: fixed BLOCK_N, BLOCK_K, SPLIT (and
     optionally num_warps, num_stages) instead of the autotuned choice (tests). pdl: a programmatic dependent
     launch (`PDL`, None: that; Hopper+ only)."""
     _check(x, w, glu)
@@ -263,9 +240,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
         raise ValueError("gemv's rope goes with a plain or normed input and no residual (the q/k/v projection)")
     m = x.shape[0]
     n, k = w.shape
-    if glu_out and (rope is not None or glu or residual is not None or n % 2):
-        raise ValueError(f"gemv's glu_out goes with a plain or normed input, no rope or residual, and an even N "
-                         f"(gate rows, then up rows); got N = {n}")
     if rope is not None:
         cos, sin, n_rot, hd = rope
         if hd < 2 or hd % 2 or n % hd or n_rot % hd or not 0 <= n_rot <= n:
@@ -282,20 +256,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
         raise ValueError(f"gemv's residual must be [{m}, {n}] in {x.dtype}, contiguous along N, got "
                          f"{tuple(residual.shape)} in {residual.dtype}")
     m_pad = triton.next_power_of_2(m)
-    y = torch.empty((m, n // 2 if glu_out else n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = torch.empty((_MAX_SPLIT, m_pad, n), device=x.device, dtype=torch.float32)
     cnt = _counters(x.device)
     g = norm[0] if norm is not None else y  # (unread without NORM / RES / ROPE)
     r = residual if residual is not None else y
-    c, sn, n_rot, hd = rope if rope is not None else (y, y, 0, n if glu_out else 2)
+    c, sn, n_rot, hd = rope if rope is not None else (y, y, 0, 2)
     args = (x, w, y, part, cnt, g, r, c, sn, m, n, k, n_rot, x.stride(0), w.stride(0), y.stride(0), r.stride(0),
             c.stride(0), float(norm[1]) if norm is not None else 0.0, float(scale))
     # The norm's first pass: up to 8,192 elements at a time over all rows (32 fp32 registers a thread at 4 warps)
     pdl = pdl_launch.enabled(x.device, PDL if pdl is None else pdl)
     flags = dict(NORM=norm is not None, GLU=glu, RES=residual is not None, ROPE=rope is not None, HEAD_DIM=hd,
-                 GLU_OUT=glu_out,
-                 NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)), PDL=pdl,
-                 PREFETCH=pdl and PDL_PREFETCH, **pdl_launch.launch(pdl))
+                 NORM_BLOCK=min(triton.next_power_of_2(k), max(16, 8192 // m_pad)), PDL=pdl, **pdl_launch.launch(pdl))
     if config is not None:
         cfg = dict(config)
         launch = {"num_warps": cfg.pop("num_warps", 4)}
@@ -303,8 +275,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None, norm: tup
             launch["num_stages"] = cfg.pop("num_stages")
         if cfg["SPLIT"] > _MAX_SPLIT or triton.cdiv(n, cfg["BLOCK_N"]) > _MAX_BLOCKS:
             raise ValueError(f"gemv config {config} outside the workspace")
-        if (rope is not None or glu_out) and (hd % cfg["BLOCK_N"] or cfg["BLOCK_N"] < 2):
-            raise ValueError(f"gemv's rope / glu_out needs an even BLOCK_N dividing {hd}, got {cfg['BLOCK_N']}")
+        if rope is not None and (hd % cfg["BLOCK_N"] or cfg["BLOCK_N"] < 2):
+            raise ValueError(f"gemv's rope needs an even BLOCK_N dividing {hd}, got {cfg['BLOCK_N']}")
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])](*args, M_PAD=m_pad, **launch, **flags, **cfg)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](*args, M_PAD=m_pad, **flags)
