@@ -438,6 +438,12 @@ plan8b)  # which of the 8B's projections to run through the GEMV at one row (the
         limit=90
     done
     ;;
+union)  # stage 2's own blocks over the union of T neighbouring tokens' (triton_union.UNION_TOKENS, off): GPU tests,
+    # then stage2_union.py at 32K and 128K (drawn selections from "vertical" (noise 0) to independent (100); T 2/4/8)
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 360 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --out "${OUT:-benchmarks/results}" 2>&1 \
+        | grep -v "^wrote"
+    ;;
 densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):
     # its GPU tests, then the 0.5B's batch-1 decode (dense) off / on / on without PDL / off
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \

@@ -133,3 +133,24 @@ def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):
         _check_groups("cpu", torch.float32, 1e-5)
     built = cuda_build.build(launches)
     assert {"_shared_kernel", "_attend_kernel"} <= set(built)
+
+
+def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
+    """Stage 2 over neighbouring tokens' union of blocks (`triton_union`) at the 8B's group (16 heads, d 128,
+    blocks of 64), 4 and 8 tokens a program, bf16."""
+    from test_infllm_v2_union import selections
+
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
+
+    monkeypatch.setattr(triton_union, "UNION_MAX_SHARE", float("inf"))
+    q = torch.randn(64, 32, 128).to(torch.bfloat16)
+    k, v = (torch.randn(384, 2, 128).to(torch.bfloat16) for _ in range(2))
+    idx = selections(2, 64, 320, 64, 6, 0.5, seed=0)
+    with cuda_build.capture() as launches:
+        for tokens in (4, 8):
+            monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
+            sparse_fwd(q, k, v, idx, 64, 128 ** -0.5, 1, 2)
+    union = [launch for launch in launches if launch[0].__name__ == "_fwd_union_kernel"]
+    assert len(union) == 2
+    assert cuda_build.build(union) == ["_fwd_union_kernel"] * 2  # each for sm_80 and sm_90

@@ -1,0 +1,98 @@
+"""InfLLM v2 stage 2 with the per-token part over the union of neighbouring tokens' blocks
+(`cpm4.kernels.infllm_v2.triton_union`) against the token kernel, MiniCPM4-8B attention shape (one layer, batch 1,
+bf16, 32 query heads, 2 KV heads, head dim 128, blocks of 64, 96 selected, init 1, window 32 blocks).
+
+    python benchmarks/stage2_union.py [--lengths 32768 131072] [--tokens 2 4 8] [--noise 0 0.5 1 100]
+
+Selections are drawn, not computed from q and k: each token's own blocks are the top 62 of base[head, block] +
+noise * uniform[head, token, block] over the blocks it may choose (1 <= b < its block - 32), plus the forced ones —
+noise 0: every token the same "vertical" blocks (as many queries of a trained model attend to the same keys);
+large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
+path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks. CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench, print_rows, write_rows  # noqa: E402
+
+BLOCK, INIT, WINDOW, NSEL, HQ, HKV, D = 64, 1, 32, 96, 32, 2, 128
+
+
+def draw(n: int, noise: float, seed: int, chunk: int = 8192, device: str = "cuda") -> torch.Tensor:
+    """[HKV, n, NSEL] int32 selections (ascending, -1 last) for queries 0..n-1 of an n-token prefill."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    n_blocks = -(-n // BLOCK)
+    base = torch.rand(HKV, 1, n_blocks, device=device, generator=g)
+    own_k = NSEL - INIT - WINDOW - 1
+    out = torch.full((HKV, n, NSEL), -1, dtype=torch.int32, device=device)
+    blocks = torch.arange(n_blocks, device=device)
+    for t0 in range(0, n, chunk):
+        t = torch.arange(t0, min(n, t0 + chunk), device=device)
+        qb = t // BLOCK
+        score = base + noise * torch.rand(HKV, len(t), n_blocks, device=device, generator=g)
+        own = (blocks[None, :] >= INIT) & (blocks[None, :] < (qb - WINDOW)[:, None])
+        top = score.masked_fill(~own[None], -1.0).topk(min(own_k, n_blocks), dim=-1)
+        own_sel = torch.where(top.values >= 0, top.indices, -1)
+        window = qb[:, None] - torch.arange(WINDOW, -1, -1, device=device)[None, :]
+        forced = torch.cat([torch.zeros_like(qb)[:, None], window], 1)
+        forced = torch.where(forced >= 0, forced, -1)[None].expand(HKV, -1, -1)
+        sel = torch.cat([own_sel, forced], -1)
+        sel = torch.where(sel < 0, 1 << 30, sel).sort(-1).values  # ascending, unused last
+        sel[..., 1:] = torch.where(sel[..., 1:] == sel[..., :-1], 1 << 30, sel[..., 1:])  # block 0 forced twice
+        sel = sel.sort(-1).values
+        out[:, t0:t0 + len(t)] = torch.where(sel >= 1 << 30, -1, sel)[..., :NSEL].to(torch.int32)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.5, 1.0, 100.0])
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("stage2_union.py measures CUDA kernels: no CUDA device here")
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
+
+    rows = []
+    for n in args.lengths:
+        q = torch.randn(n, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+        for noise in args.noise:
+            idx = draw(n, noise, seed=n)
+            run = (q, k, v, idx, BLOCK, D ** -0.5, INIT, WINDOW)
+            triton_union.UNION_TOKENS = 0
+            peer = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+            ref, _ = sparse_fwd(*run)
+            for tokens in args.tokens:
+                _, counts, own = triton_union.union_blocks(idx, 0, BLOCK, INIT, WINDOW, tokens)
+                share = int(counts.sum()) / max(own, 1)
+                triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = tokens, float("inf")
+                try:
+                    ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+                    out, _ = sparse_fwd(*run)
+                finally:
+                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = 0, 0.6
+                diff = (out.float() - ref.float()).abs().max().item()
+                rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
+                             "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
+                print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
+        del q, k, v
+    print_rows(rows)
+    write_rows(f"stage2_union{args.tag}", torch.cuda.get_device_name(), rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""InfLLM v2 stage 2's per-token part for several neighbouring tokens at once (`UNION_TOKENS`; off by default).
+
+`_fwd_token_kernel` reads each (token, KV head)'s own selected blocks for that token alone: at 128K about 62 blocks
+of 32 KB per token and head, ≈ 520 GB from L2 a layer, its limit (RESULTS.md, "What holds the unmet targets").
+A trained model's neighbouring tokens choose overlapping blocks (the "vertical" keys many queries attend to). Here
+one program takes T consecutive tokens — T x G query rows, a larger MMA tile — and walks the union of their own
+blocks in ascending order, each block loaded once, every row masked to the blocks its own token chose. A row's
+result is the token kernel's: the same blocks in the same order through the same online softmax (a block its
+token did not choose changes neither its running max nor its sums).
+
+With disjoint selections (random inputs) the union is T times a token's list, so the loads are the token kernel's
+and the scores are computed for T times the rows: `sparse_fwd` takes this path only when the tiles' unions hold at
+most UNION_MAX_SHARE of the tokens' own blocks (one count read back to the host a call)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_select import autotune_configs, query_tile, softmax_step
+
+# Tokens per program (a power of two dividing the block size); 0: every call takes the token kernel.
+UNION_TOKENS = 0
+# The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks.
+UNION_MAX_SHARE = 0.6
+
+
+def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: int, window: int, tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The union of each tile's own blocks. idx [hkv, Tq, K] (sorted ascending, -1 padded; query t at position
+    q_start + t); a token's own blocks are init_blocks <= b < its block - window. Tiles are `tokens` consecutive
+    queries from query 0. Returns (union [hkv, tiles, W] int32, each row ascending then -1; counts [hkv, tiles]
+    int32; the tokens' own blocks in all)."""
+    hkv, tq, k = idx.shape
+    qb = (q_start + torch.arange(tq, device=idx.device)) // block_size
+    own = (idx >= init_blocks) & (idx < (qb - window)[None, :, None])
+    big = torch.iinfo(torch.int32).max
+    v = torch.where(own, idx.to(torch.int32), big)
+    tiles = triton.cdiv(tq, tokens)
+    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * tokens - tq), value=big).view(hkv, tiles, tokens * k)
+    v = v.sort(-1).values
+    dup = torch.zeros_like(v, dtype=torch.bool)
+    dup[..., 1:] = v[..., 1:] == v[..., :-1]
+    v = torch.where(dup, big, v).sort(-1).values
+    counts = (v != big).sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    union = torch.where(v[..., :width] == big, -1, v[..., :width]).contiguous()
+    return union, counts, int(own.sum())
+
+
+def take_union(counts: torch.Tensor, own: int) -> bool:
+    """Whether the tiles' unions are small enough against the tokens' own blocks (`UNION_MAX_SHARE`)."""
+    return own > 0 and int(counts.sum()) <= UNION_MAX_SHARE * own
+
+
+@triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
+@triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
+def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, tq, q_start,
+                      window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
+                      stride_bt, stride_uh, stride_ut, stride_ch, stride_ot, stride_oh, stride_lt,
+                      G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
+                      NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
+    """Continues the shared part's softmax state of T tokens x the G heads of KV group g (rows of T * G_PAD) with
+    the union of the tokens' own blocks (`union_blocks`)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    q, ti, hi, rm = query_tile(q_ptr, pid, g, tq, stride_qt, stride_qh, G, G_PAD, T, D)
+    dd = tl.arange(0, D)
+    qoff = ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :]
+    acc = tl.load(os_ptr + qoff, mask=rm[:, None], other=0.0)
+    m_i = tl.load(ls_ptr + ti * stride_lt + hi, mask=rm, other=float("-inf"))
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+    # The T tokens' own blocks (the others -2, matching no block), kept for the membership test of each block.
+    tt = pid * T + tl.arange(0, T)
+    kk = tl.arange(0, NSEL_PAD)
+    sel = tl.load(blk_ptr + g * stride_bh + tt[:, None] * stride_bt + kk[None, :],
+                  mask=(tt < tq)[:, None] & (kk < nsel)[None, :], other=-1)
+    qb = (q_start + tt) // BLOCK
+    sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
+    n_u = tl.load(cnt_ptr + g * stride_ch + pid)
+    row = un_ptr + g * stride_uh + pid * stride_ut
+    qk_scale = sm_scale * 1.4426950408889634
+    kk0 = tl.arange(0, BLOCK)
+    for u in tl.range(0, n_u):
+        b = tl.load(row + u)
+        chose = tl.max((sel == b).to(tl.int32), 1)  # [T]: which tokens chose block b
+        mine = tl.reshape(tl.broadcast_to(chose[:, None], (T, G_PAD)), (T * G_PAD,)) > 0
+        keys = b * BLOCK + kk0
+        k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
+        v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
+        # Own blocks lie before the window: fully visible, no causal mask.
+        m_i, l_i, acc = softmax_step(q, k, v, mine[:, None] & (kk0 >= 0)[None, :], m_i, l_i, acc, qk_scale)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + ti[:, None] * stride_ot + hi[:, None] * stride_oh + dd[None, :], out, mask=rm[:, None])
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + ti * stride_lt + hi, lse, mask=rm)
+
+
+def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, union: torch.Tensor,
+              counts: torch.Tensor, o_shared: torch.Tensor, lse_shared: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, q_start: int, block_size: int, scale: float, init_blocks: int, window: int,
+              tokens: int) -> None:
+    """One sequence (q [Tq, hq, d], k/v [Tk, hkv, d], idx [hkv, Tq, K] int32): o, lse [Tq, hq] from the shared
+    part's (o_shared, lse_shared: `sparse_fwd`'s intermediates) and each tile's union (`union_blocks`)."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    nsel = idx.shape[2]
+    _fwd_union_kernel[(union.shape[1], hkv)](
+        q, k, v, idx, union, counts, o_shared, lse_shared, o, lse, tq, q_start, window, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
+        union.stride(0), union.stride(1), counts.stride(0), o.stride(0), o.stride(1), lse.stride(0),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK=block_size, nsel=nsel,
+        NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)

@@ -1,0 +1,155 @@
+"""Stage 2's per-token part over the union of neighbouring tokens' blocks (cpm4/kernels/infllm_v2/triton_union.py):
+the tiles' unions against a set computation, and the kernel's outputs against the token kernel's and the float64
+definition (`reference.block_sparse_attention`) under Triton's interpreter on the CPU (and on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cpm4.kernels.infllm_v2 import reference as R
+
+ON_CPU = not torch.cuda.is_available()
+needs_kernels = pytest.mark.skipif(ON_CPU and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="Triton kernels: a GPU or the interpreter")
+
+
+def selections(hkv: int, tq: int, q_start: int, block: int, nsel: int, share: float, seed: int) -> torch.Tensor:
+    """[hkv, tq, nsel] int32 ascending, -1 last: each token's blocks before its own, drawn from those it may see;
+    with share > 0 each group of 8 neighbouring tokens takes a common draw and keeps each of its entries with
+    probability `share` (the rest its own), so neighbours overlap as a trained model's do."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((hkv, tq, nsel), -1, dtype=torch.int32)
+    common = None
+    for t in range(tq):
+        qb = (q_start + t) // block
+        for h in range(hkv):
+            if t % 8 == 0 and h == 0:
+                common = [torch.randperm(max(qb, 1), generator=g)[:nsel] for _ in range(hkv)]
+            pick = torch.randperm(qb + 1, generator=g)[:nsel]  # blocks 0..qb (forced and window ones included)
+            if share > 0 and common is not None:
+                keep = (torch.rand(len(common[h]), generator=g) < share) & (common[h] <= qb)
+                pick = torch.cat([common[h][keep], pick])
+                pick = torch.unique(pick)[torch.randperm(len(torch.unique(pick)), generator=g)][:nsel]
+            pick = pick.sort().values
+            out[h, t, :len(pick)] = pick.to(torch.int32)
+    return out
+
+
+def test_union_blocks_are_each_tiles_own_blocks():
+    from cpm4.kernels.infllm_v2.triton_union import union_blocks
+
+    block, init, window = 16, 1, 2
+    for q_start, tq, tokens in ((0, 50, 4), (37, 29, 8), (100, 5, 2)):
+        idx = selections(2, tq, q_start, block, 6, 0.5, seed=q_start)
+        union, counts, own = union_blocks(idx, q_start, block, init, window, tokens)
+        tiles = -(-tq // tokens)
+        assert union.shape[:2] == (2, tiles) and counts.shape == (2, tiles) and union.dtype == torch.int32
+        n_own = 0
+        for h in range(2):
+            for j in range(tiles):
+                want = set()
+                for t in range(j * tokens, min(tq, (j + 1) * tokens)):
+                    qb = (q_start + t) // block
+                    mine = {int(b) for b in idx[h, t] if init <= b < qb - window}
+                    n_own += len(mine)
+                    want |= mine
+                n = int(counts[h, j])
+                assert n == len(want) and union[h, j, :n].tolist() == sorted(want)
+                assert (union[h, j, n:] == -1).all()
+        assert own == n_own
+
+
+def _sparse_fwd(monkeypatch, tokens, share, *args):
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
+
+    monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
+    monkeypatch.setattr(triton_union, "UNION_MAX_SHARE", share)
+    return sparse_fwd(*args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [2, 4])
+@pytest.mark.parametrize("q_start,tq,overlap", [(0, 96, 0.8), (41, 55, 0.0), (41, 55, 0.9), (300, 37, 0.5)])
+def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, overlap):
+    """Forced onto the union path (any share), the output and log-sum-exp are the token kernel's and the float64
+    definition's over the shared set plus each token's own blocks: neighbours overlapping or not, a chunk starting
+    mid-block, a last tile of fewer tokens."""
+    from cpm4.kernels.infllm_v2.triton_attention import full_block_list
+
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
+    tk = q_start + tq
+    g = torch.Generator().manual_seed(tq + q_start)
+    q = torch.randn(tq, hq, d, generator=g).to(dev)
+    k = torch.randn(tk, hkv, d, generator=g).to(dev)
+    v = torch.randn(tk, hkv, d, generator=g).to(dev)
+    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=7).to(dev)
+    args = (q, k, v, idx, block, d ** -0.5, init, window)
+    o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
+    o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
+    torch.testing.assert_close(o_uni, o_tok, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_uni, lse_tok, rtol=1e-5, atol=1e-5)
+    pos = torch.arange(q_start, tk, device=dev)
+    blocks = full_block_list(idx, pos, block, init, window).long()
+    ref, ref_lse = R.block_sparse_attention(q.double(), k.double(), v.double(), blocks, pos, block, d ** -0.5)
+    torch.testing.assert_close(o_uni.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse_uni.double(), ref_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_union_taken_only_when_the_unions_are_small():
+    """`take_union`: neighbours choosing alike (unions a quarter of their own blocks) pass UNION_MAX_SHARE,
+    independent draws among ~120 blocks (unions nearly all of them) do not."""
+    from cpm4.kernels.infllm_v2.triton_union import take_union, union_blocks
+
+    block, tq, nsel = 16, 2048, 6
+    alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
+    alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)  # 8 tokens alike
+    apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
+    _, counts, own = union_blocks(alike, 0, block, 1, 2, 4)
+    assert int(counts.sum()) <= 0.3 * own and take_union(counts, own)
+    _, counts, own = union_blocks(apart, 0, block, 1, 2, 4)
+    assert int(counts.sum()) >= 0.8 * own and not take_union(counts, own)
+    assert not take_union(counts[:, :0], 0)
+
+
+@needs_kernels
+def test_sparse_fwd_takes_the_union_kernel_by_the_flag(monkeypatch):
+    """sparse_fwd calls `fwd_union` with UNION_TOKENS set and unions small enough, never with it 0."""
+    from cpm4.kernels.infllm_v2 import triton_union
+
+    calls = []
+    real = triton_union.fwd_union
+    monkeypatch.setattr(triton_union, "fwd_union", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d, tq = 16, 1, 2, 4, 2, 16, 96
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(tq, h, d, generator=g).to(dev) for h in (hq, hkv, hkv))
+    idx = selections(hkv, tq, 0, block, 5, 1.0, seed=1)
+    idx = idx.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(dev)
+    for tokens, want in ((4, 1), (0, 0)):
+        calls.clear()
+        _sparse_fwd(monkeypatch, tokens, 0.6, q, k, v, idx, block, d ** -0.5, init, window)
+        assert len(calls) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [2, 4, 8])
+def test_union_kernel_on_cuda(monkeypatch, tokens):
+    """bf16 at the 8B's group (32 query heads over 2 KV heads, d 128, blocks of 64), 4K tokens after 1K cached:
+    the union path's output is the token kernel's (bf16 rounding apart) and its log-sum-exp equal."""
+    if ON_CPU:
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(tokens)
+    q_start, tq = 1000, 4096
+    q = torch.randn(tq, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(q_start + tq, 2, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    idx = selections(2, tq, q_start, 64, 24, 0.7, seed=tokens).cuda()
+    args = (q, k, v, idx, 64, 128 ** -0.5, 1, 8)
+    o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
+    o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
+    torch.testing.assert_close(o_uni.float(), o_tok.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse_uni, lse_tok, rtol=1e-4, atol=1e-4)
