@@ -77,8 +77,8 @@ def main() -> None:
             peer = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
             ref, _ = sparse_fwd(*run)
             for tokens in args.tokens:
-                _, counts, own = triton_union.union_blocks(idx, 0, BLOCK, INIT, WINDOW, tokens)
-                share = int(counts.sum()) / max(own, 1)
+                _, _, total, own = triton_union.union_blocks(idx, 0, BLOCK, INIT, WINDOW, tokens)
+                share = total / max(own, 1)
                 triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = tokens, float("inf")
                 try:
                     ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)

@@ -44,7 +44,7 @@ def test_union_blocks_are_each_tiles_own_blocks():
     block, init, window = 16, 1, 2
     for q_start, tq, tokens in ((0, 50, 4), (37, 29, 8), (100, 5, 2)):
         idx = selections(2, tq, q_start, block, 6, 0.5, seed=q_start)
-        union, counts, own = union_blocks(idx, q_start, block, init, window, tokens)
+        union, counts, total, own = union_blocks(idx, q_start, block, init, window, tokens)
         tiles = -(-tq // tokens)
         assert union.shape[:2] == (2, tiles) and counts.shape == (2, tiles) and union.dtype == torch.int32
         n_own = 0
@@ -59,7 +59,7 @@ def test_union_blocks_are_each_tiles_own_blocks():
                 n = int(counts[h, j])
                 assert n == len(want) and union[h, j, :n].tolist() == sorted(want)
                 assert (union[h, j, n:] == -1).all()
-        assert own == n_own
+        assert own == n_own and total == int(counts.sum())
 
 
 def _sparse_fwd(monkeypatch, tokens, share, *args):
@@ -109,11 +109,11 @@ def test_union_taken_only_when_the_unions_are_small():
     alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
     alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)  # 8 tokens alike
     apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
-    _, counts, own = union_blocks(alike, 0, block, 1, 2, 4)
-    assert int(counts.sum()) <= 0.3 * own and take_union(counts, own)
-    _, counts, own = union_blocks(apart, 0, block, 1, 2, 4)
-    assert int(counts.sum()) >= 0.8 * own and not take_union(counts, own)
-    assert not take_union(counts[:, :0], 0)
+    _, _, total, own = union_blocks(alike, 0, block, 1, 2, 4)
+    assert total <= 0.3 * own and take_union(total, own)
+    _, _, total, own = union_blocks(apart, 0, block, 1, 2, 4)
+    assert total >= 0.8 * own and not take_union(total, own)
+    assert not take_union(0, 0)
 
 
 @needs_kernels

@@ -458,9 +458,9 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
     if rows is None and triton_union.UNION_TOKENS:  # neighbours' own blocks once for all of them, where they overlap
-        union, counts, own = triton_union.union_blocks(idx[0], q_start, block_size, init_blocks, window,
-                                                       triton_union.UNION_TOKENS)
-        if triton_union.take_union(counts, own):
+        union, counts, total, own = triton_union.union_blocks(idx[0], q_start, block_size, init_blocks, window,
+                                                              triton_union.UNION_TOKENS)
+        if triton_union.take_union(total, own):
             triton_union.fwd_union(q[0], k[0], v[0], idx[0], union, counts, o_shared[0], lse_shared[0], o[0], lse[0],
                                    q_start, block_size, scale, init_blocks, window, triton_union.UNION_TOKENS)
             return o[0], lse[0]

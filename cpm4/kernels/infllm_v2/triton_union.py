@@ -27,11 +27,11 @@ UNION_MAX_SHARE = 0.6
 
 
 def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: int, window: int, tokens: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The union of each tile's own blocks. idx [hkv, Tq, K] (sorted ascending, -1 padded; query t at position
     q_start + t); a token's own blocks are init_blocks <= b < its block - window. Tiles are `tokens` consecutive
     queries from query 0. Returns (union [hkv, tiles, W] int32, each row ascending then -1; counts [hkv, tiles]
-    int32; the tokens' own blocks in all)."""
+    int32; the unions' blocks in all; the tokens' own blocks in all): one read back to the host."""
     hkv, tq, k = idx.shape
     qb = (q_start + torch.arange(tq, device=idx.device)) // block_size
     own = (idx >= init_blocks) & (idx < (qb - window)[None, :, None])
@@ -44,14 +44,17 @@ def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: 
     dup[..., 1:] = v[..., 1:] == v[..., :-1]
     v = torch.where(dup, big, v).sort(-1).values
     counts = (v != big).sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()), 1) if counts.numel() else 1
+    stats = [counts.amax() if counts.numel() else counts.new_zeros(()), counts.sum(), own.sum()]
+    width, total, n_own = torch.stack([x.to(torch.int64) for x in stats]).tolist()
+    width = max(width, 1)
     union = torch.where(v[..., :width] == big, -1, v[..., :width]).contiguous()
-    return union, counts, int(own.sum())
+    return union, counts, total, n_own
 
 
-def take_union(counts: torch.Tensor, own: int) -> bool:
-    """Whether the tiles' unions are small enough against the tokens' own blocks (`UNION_MAX_SHARE`)."""
-    return own > 0 and int(counts.sum()) <= UNION_MAX_SHARE * own
+def take_union(total: int, own: int) -> bool:
+    """Whether the tiles' unions (total blocks) are small enough against the tokens' own blocks
+    (`UNION_MAX_SHARE`)."""
+    return own > 0 and total <= UNION_MAX_SHARE * own
 
 
 @triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
