@@ -153,3 +153,22 @@ def test_union_kernel_on_cuda(monkeypatch, tokens):
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
     torch.testing.assert_close(o_uni.float(), o_tok.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse_uni, lse_tok, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_up_compiles_the_union_kernel(monkeypatch):
+    """With UNION_TOKENS set, `warm_prefill_kernels` (the engine's warm-up) launches the union kernel at each
+    selection width as well: random inputs alone would take the token kernel and leave it to a request."""
+    from jit_signatures import interpreted, launch_signatures
+    from test_infllm_v2_triton import small_cfg
+
+    from cpm4.kernels.infllm_v2 import triton_union, warm_prefill_kernels
+
+    if not ON_CPU or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
+        pytest.skip("signatures are read from the interpreter's launches")
+    cfg = small_cfg(topk=14, block_size=8, window_size=16, dense_len=33)  # widths 8 and 16 (test_infllm_v2_triton)
+    for tokens, want in ((0, set()), (4, {8, 16})):
+        monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
+        with launch_signatures() as warm:
+            warm_prefill_kernels(cfg, 16, 2, 16, 104, "cpu", torch.float16, queries=4)
+        assert {dict(s)["NSEL_PAD"] for s in warm.get("_fwd_union_kernel", [])} == want
+        assert triton_union.UNION_MAX_SHARE == 0.6  # forced() restored it

@@ -136,6 +136,7 @@ def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, devi
     to `context` tokens reaches past start_blocks, one sequence and several rows: a short context (fewer blocks
     than num_selected, a small dense_len) otherwise compiles a new width inside a request. The last `queries`
     tokens of random q/k/v, so the autotuning times a spread of scores as a random model's."""
+    from . import triton_union
     from .triton_select import compress
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -149,6 +150,9 @@ def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, devi
             k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
             k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
             triton_pipeline(q, k, v, cfg, scale, k1, k2)
+            if triton_union.UNION_TOKENS:  # its kernel too (random inputs take the token kernel)
+                with triton_union.forced():
+                    triton_pipeline(q, k, v, cfg, scale, k1, k2)
             triton_pipeline_rows(q[None], k[None], v[None], [tq], [n], cfg, scale, [k1], None if k2 is None else [k2],
                                  [k1.shape[0]], None if k2 is None else [k2.shape[0]])
 

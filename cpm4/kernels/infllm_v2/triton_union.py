@@ -14,6 +14,8 @@ most UNION_MAX_SHARE of the tokens' own blocks (one count read back to the host 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,18 @@ from .triton_select import autotune_configs, query_tile, softmax_step
 UNION_TOKENS = 0
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks.
 UNION_MAX_SHARE = 0.6
+
+
+@contextmanager
+def forced():
+    """Inside, `sparse_fwd` takes the union path whenever UNION_TOKENS is set and the tokens have own blocks
+    (warm-up: random inputs' unions are large, so the kernel would otherwise first compile inside a request)."""
+    global UNION_MAX_SHARE
+    before, UNION_MAX_SHARE = UNION_MAX_SHARE, float("inf")
+    try:
+        yield
+    finally:
+        UNION_MAX_SHARE = before
 
 
 def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: int, window: int, tokens: int
