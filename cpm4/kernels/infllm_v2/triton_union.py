@@ -46,6 +46,8 @@ def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: 
     q_start + t); a token's own blocks are init_blocks <= b < its block - window. Tiles are `tokens` consecutive
     queries from query 0. Returns (union [hkv, tiles, W] int32, each row ascending then -1; counts [hkv, tiles]
     int32; the unions' blocks in all; the tokens' own blocks in all): one read back to the host."""
+    if tokens not in (2, 4, 8, 16):
+        raise ValueError(f"UNION_TOKENS must be 2, 4, 8 or 16 (tokens a program), got {tokens}")
     hkv, tq, k = idx.shape
     qb = (q_start + torch.arange(tq, device=idx.device)) // block_size
     own = (idx >= init_blocks) & (idx < (qb - window)[None, :, None])
@@ -73,13 +75,14 @@ def take_union(total: int, own: int) -> bool:
 
 @triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
 @triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
-def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, tq, q_start,
-                      window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
-                      stride_bt, stride_uh, stride_ut, stride_ch, stride_ot, stride_oh, stride_lt,
+def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, tq,
+                      q_start, window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_bh, stride_bt, stride_uh, stride_ut, stride_ch, stride_ot, stride_oh, stride_lt,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
                       NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
     """Continues the shared part's softmax state of T tokens x the G heads of KV group g (rows of T * G_PAD) with
-    the union of the tokens' own blocks (`union_blocks`)."""
+    the union of the tokens' own blocks (`union_blocks`). bits: scratch shaped as the union, for each block the
+    tokens that chose it (bit i: token i of the tile)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     q, ti, hi, rm = query_tile(q_ptr, pid, g, tq, stride_qt, stride_qh, G, G_PAD, T, D)
@@ -97,12 +100,20 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, cnt_ptr, os_ptr, ls_
     sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
     n_u = tl.load(cnt_ptr + g * stride_ch + pid)
     row = un_ptr + g * stride_uh + pid * stride_ut
+    bits_row = bits_ptr + g * stride_uh + pid * stride_ut
+    # First which tokens chose each block, as bits (a mask per row computed from them in the tile's own layout in
+    # the loop below; a [T] vector broadcast to the rows there would be a layout conversion every block).
+    for u in range(0, n_u):
+        b = tl.load(row + u)
+        chose = tl.max((sel == b).to(tl.int32), 1)
+        tl.store(bits_row + u, tl.sum(chose << tl.arange(0, T), 0))
+    tl.debug_barrier()  # the bits stored above, visible to every thread of the program
+    lane = ti - pid * T  # each row's token within the tile
     qk_scale = sm_scale * 1.4426950408889634
     kk0 = tl.arange(0, BLOCK)
     for u in tl.range(0, n_u):
         b = tl.load(row + u)
-        chose = tl.max((sel == b).to(tl.int32), 1)  # [T]: which tokens chose block b
-        mine = tl.reshape(tl.broadcast_to(chose[:, None], (T, G_PAD)), (T * G_PAD,)) > 0
+        mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
         keys = b * BLOCK + kk0
         k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
         v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
@@ -125,8 +136,9 @@ def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
     hkv = k.shape[1]
     g = hq // hkv
     nsel = idx.shape[2]
+    bits = torch.empty_like(union)
     _fwd_union_kernel[(union.shape[1], hkv)](
-        q, k, v, idx, union, counts, o_shared, lse_shared, o, lse, tq, q_start, window, scale,
+        q, k, v, idx, union, bits, counts, o_shared, lse_shared, o, lse, tq, q_start, window, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
         union.stride(0), union.stride(1), counts.stride(0), o.stride(0), o.stride(1), lse.stride(0),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK=block_size, nsel=nsel,
