@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .triton_select import autotune_configs, query_tile, softmax_step
 
-# Tokens per program (a power of two dividing the block size); 0: every call takes the token kernel.
+# Tokens per program (2, 4 or 8); 0: every call takes the token kernel.
 UNION_TOKENS = 0
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks.
 UNION_MAX_SHARE = 0.6
@@ -46,8 +46,8 @@ def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: 
     q_start + t); a token's own blocks are init_blocks <= b < its block - window. Tiles are `tokens` consecutive
     queries from query 0. Returns (union [hkv, tiles, W] int32, each row ascending then -1; counts [hkv, tiles]
     int32; the unions' blocks in all; the tokens' own blocks in all): one read back to the host."""
-    if tokens not in (2, 4, 8, 16):
-        raise ValueError(f"UNION_TOKENS must be 2, 4, 8 or 16 (tokens a program), got {tokens}")
+    if tokens not in (2, 4, 8):  # (16 x 16 query rows would not fit a program's registers)
+        raise ValueError(f"UNION_TOKENS must be 2, 4 or 8 (tokens a program), got {tokens}")
     hkv, tq, k = idx.shape
     qb = (q_start + torch.arange(tq, device=idx.device)) // block_size
     own = (idx >= init_blocks) & (idx < (qb - window)[None, :, None])
