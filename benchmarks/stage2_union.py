@@ -77,7 +77,8 @@ def main() -> None:
             peer = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
             ref, _ = sparse_fwd(*run)
             for tokens in args.tokens:
-                _, _, total, own = triton_union.union_blocks(idx, 0, BLOCK, INIT, WINDOW, tokens)
+                sizes = torch.tensor([[n], [0]], dtype=torch.int32, device="cuda")
+                _, _, total, own = triton_union.union_blocks(idx[None], sizes, BLOCK, INIT, WINDOW, tokens)
                 share = total / max(own, 1)
                 triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = tokens, float("inf")
                 try:

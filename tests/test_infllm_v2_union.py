@@ -38,31 +38,37 @@ def selections(hkv: int, tq: int, q_start: int, block: int, nsel: int, share: fl
     return out
 
 
+def table(*sizes: int) -> torch.Tensor:
+    """`union_blocks`'s table for sequences of (queries, first position) pairs."""
+    return torch.tensor(list(zip(*[sizes[i:i + 2] for i in range(0, len(sizes), 2)])), dtype=torch.int32)
+
+
 def test_union_blocks_are_each_tiles_own_blocks():
     from cpm4.kernels.infllm_v2.triton_union import union_blocks
 
     block, init, window = 16, 1, 2
     for q_start, tq, tokens in ((0, 50, 4), (37, 29, 8), (100, 5, 2)):
         idx = selections(2, tq, q_start, block, 6, 0.5, seed=q_start)
-        union, counts, total, own = union_blocks(idx, q_start, block, init, window, tokens)
+        idx[1, 0] = 200  # past the sequence's queries (a shorter row's padding): never read
+        union, counts, total, own = union_blocks(idx[None], table(tq - 1, q_start), block, init, window, tokens)
         tiles = -(-tq // tokens)
-        assert union.shape[:2] == (2, tiles) and counts.shape == (2, tiles) and union.dtype == torch.int32
+        assert union.shape[:3] == (1, 2, tiles) and counts.shape == (1, 2, tiles) and union.dtype == torch.int32
         n_own = 0
         for h in range(2):
             for j in range(tiles):
                 want = set()
-                for t in range(j * tokens, min(tq, (j + 1) * tokens)):
+                for t in range(j * tokens, min(tq - 1, (j + 1) * tokens)):
                     qb = (q_start + t) // block
                     mine = {int(b) for b in idx[h, t] if init <= b < qb - window}
                     n_own += len(mine)
                     want |= mine
-                n = int(counts[h, j])
-                assert n == len(want) and union[h, j, :n].tolist() == sorted(want)
-                assert (union[h, j, n:] == -1).all()
+                n = int(counts[0, h, j])
+                assert n == len(want) and union[0, h, j, :n].tolist() == sorted(want)
+                assert (union[0, h, j, n:] == -1).all()
         assert own == n_own and total == int(counts.sum())
     for bad in (3, 16, 1):
         with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
-            union_blocks(idx, 0, block, init, window, bad)
+            union_blocks(idx[None], table(tq, 0), block, init, window, bad)
 
 
 def _sparse_fwd(monkeypatch, tokens, share, *args):
@@ -103,6 +109,33 @@ def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, 
     torch.testing.assert_close(lse_uni.double(), ref_lse, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("tokens", [2, 4])
+def test_union_kernel_with_rows(monkeypatch, tokens):
+    """Several sequences in one launch (`Rows`: different query counts and cached lengths, padding poisoned):
+    each sequence's output and log-sum-exp on the union path equal the token kernel's."""
+    from cpm4.kernels.infllm_v2.triton_select import Rows
+
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
+    n_new, kv_lens = [40, 23, 9], [120, 300, 70]
+    r, tq, tk = len(n_new), max(n_new), max(kv_lens)
+    g = torch.Generator().manual_seed(tokens)
+    q = torch.randn(r, tq, hq, d, generator=g)
+    k, v = (torch.randn(r, tk, hkv, d, generator=g) for _ in range(2))
+    idx = torch.full((r, hkv, tq, 5), 10**6, dtype=torch.int32)  # padding: any block id would fault if read
+    for i, (n, kl) in enumerate(zip(n_new, kv_lens)):
+        idx[i, :, :n] = selections(hkv, n, kl - n, block, 5, 0.6, seed=i)
+    rows = Rows(n_new, kv_lens, [1] * r, None, dev)
+    args = (q.to(dev), k.to(dev), v.to(dev), idx.to(dev), block, d ** -0.5, init, window, None, rows)
+    o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
+    o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
+    for i, n in enumerate(n_new):
+        torch.testing.assert_close(o_uni[i, :n], o_tok[i, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse_uni[i, :n], lse_tok[i, :n], rtol=1e-5, atol=1e-5)
+        assert (o_uni[i, n:] == 0).all()
+
+
 def test_union_taken_only_when_the_unions_are_small():
     """`take_union`: neighbours choosing alike (unions a quarter of their own blocks) pass UNION_MAX_SHARE,
     independent draws among ~120 blocks (unions nearly all of them) do not."""
@@ -112,9 +145,9 @@ def test_union_taken_only_when_the_unions_are_small():
     alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
     alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)  # 8 tokens alike
     apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
-    _, _, total, own = union_blocks(alike, 0, block, 1, 2, 4)
+    _, _, total, own = union_blocks(alike[None], table(tq, 0), block, 1, 2, 4)
     assert total <= 0.3 * own and take_union(total, own)
-    _, _, total, own = union_blocks(apart, 0, block, 1, 2, 4)
+    _, _, total, own = union_blocks(apart[None], table(tq, 0), block, 1, 2, 4)
     assert total >= 0.8 * own and not take_union(total, own)
     assert not take_union(0, 0)
 

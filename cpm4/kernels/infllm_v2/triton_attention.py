@@ -457,13 +457,14 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
-    if rows is None and triton_union.UNION_TOKENS:  # neighbours' own blocks once for all of them, where they overlap
-        union, counts, total, own = triton_union.union_blocks(idx[0], q_start, block_size, init_blocks, window,
+    if triton_union.UNION_TOKENS:  # neighbours' own blocks once for all of them, where they overlap
+        sizes = rows.table if rows is not None else torch.tensor([[tq], [q_start]], dtype=torch.int32).to(q.device)
+        union, counts, total, own = triton_union.union_blocks(idx, sizes, block_size, init_blocks, window,
                                                               triton_union.UNION_TOKENS)
         if triton_union.take_union(total, own):
-            triton_union.fwd_union(q[0], k[0], v[0], idx[0], union, counts, o_shared[0], lse_shared[0], o[0], lse[0],
-                                   q_start, block_size, scale, init_blocks, window, triton_union.UNION_TOKENS)
-            return o[0], lse[0]
+            triton_union.fwd_union(q, k, v, idx, union, counts, sizes, o_shared, lse_shared, o, lse, block_size, scale,
+                                   init_blocks, window, triton_union.UNION_TOKENS)
+            return (o, lse) if rows is not None else (o[0], lse[0])
     nsel = idx.shape[3]
     _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
                                      q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),

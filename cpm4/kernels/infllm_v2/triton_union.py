@@ -10,7 +10,8 @@ token did not choose changes neither its running max nor its sums).
 
 With disjoint selections (random inputs) the union is T times a token's list, so the loads are the token kernel's
 and the scores are computed for T times the rows: `sparse_fwd` takes this path only when the tiles' unions hold at
-most UNION_MAX_SHARE of the tokens' own blocks (one count read back to the host a call)."""
+most UNION_MAX_SHARE of the tokens' own blocks (one count read back to the host a call). One sequence or several
+(`Rows`) in one launch alike: a sequence is a row of one."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_select import autotune_configs, query_tile, softmax_step
+from .triton_select import autotune_configs, query_tile, row_params, softmax_step
 
 # Tokens per program (2, 4 or 8); 0: every call takes the token kernel.
 UNION_TOKENS = 0
@@ -40,21 +41,25 @@ def forced():
         UNION_MAX_SHARE = before
 
 
-def union_blocks(idx: torch.Tensor, q_start: int, block_size: int, init_blocks: int, window: int, tokens: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The union of each tile's own blocks. idx [hkv, Tq, K] (sorted ascending, -1 padded; query t at position
-    q_start + t); a token's own blocks are init_blocks <= b < its block - window. Tiles are `tokens` consecutive
-    queries from query 0. Returns (union [hkv, tiles, W] int32, each row ascending then -1; counts [hkv, tiles]
-    int32; the unions' blocks in all; the tokens' own blocks in all): one read back to the host."""
+def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
+                 tokens: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The union of each tile's own blocks. idx [R, hkv, Tq, K] (sorted ascending, -1 padded); table int32 [>= 2, R]
+    on idx's device: each sequence's queries (its first rows of idx; the rest never read) and its first query's
+    position (`Rows.table`'s first two rows); a token's own blocks are init_blocks <= b < its block - window.
+    Tiles are `tokens` consecutive queries from query 0. Returns (union [R, hkv, tiles, W] int32, each row ascending
+    then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): one read back
+    to the host."""
     if tokens not in (2, 4, 8):  # (16 x 16 query rows would not fit a program's registers)
         raise ValueError(f"UNION_TOKENS must be 2, 4 or 8 (tokens a program), got {tokens}")
-    hkv, tq, k = idx.shape
-    qb = (q_start + torch.arange(tq, device=idx.device)) // block_size
-    own = (idx >= init_blocks) & (idx < (qb - window)[None, :, None])
+    r, hkv, tq, k = idx.shape
+    t = torch.arange(tq, device=idx.device)
+    n_new, start = table[0].long()[:, None], table[1].long()[:, None]
+    qb = (start + t) // block_size  # [R, Tq]
+    own = (idx >= init_blocks) & (idx < (qb - window)[:, None, :, None]) & (t < n_new)[:, None, :, None]
     big = torch.iinfo(torch.int32).max
     v = torch.where(own, idx.to(torch.int32), big)
     tiles = triton.cdiv(tq, tokens)
-    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * tokens - tq), value=big).view(hkv, tiles, tokens * k)
+    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * tokens - tq), value=big).view(r, hkv, tiles, tokens * k)
     v = v.sort(-1).values
     dup = torch.zeros_like(v, dtype=torch.bool)
     dup[..., 1:] = v[..., 1:] == v[..., :-1]
@@ -74,17 +79,28 @@ def take_union(total: int, own: int) -> bool:
 
 
 @triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
-@triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
-def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, tq,
-                      q_start, window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                      stride_bh, stride_bt, stride_uh, stride_ut, stride_ch, stride_ot, stride_oh, stride_lt,
+@triton.jit(do_not_specialize=["n_rows", "nsel"])
+def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr,
+                      rows_ptr, n_rows, n_groups, window, sm_scale, stride_qb, stride_qt, stride_qh, stride_kb,
+                      stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bb, stride_bh, stride_bt,
+                      stride_ub, stride_uh, stride_ut, stride_cb, stride_ch, stride_osb, stride_lsb, stride_ob,
+                      stride_ot, stride_oh, stride_lb, stride_lt,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
                       NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
-    """Continues the shared part's softmax state of T tokens x the G heads of KV group g (rows of T * G_PAD) with
-    the union of the tokens' own blocks (`union_blocks`). bits: scratch shaped as the union, for each block the
-    tokens that chose it (bit i: token i of the tile)."""
+    """Continues the shared part's softmax state of T tokens x the G heads of KV group g (rows of T * G_PAD) of
+    sequence b (grid axis 1: sequences x groups; rows_ptr: `union_blocks`'s table) with the union of the tokens' own
+    blocks. bits: scratch shaped as the union, for each block the tokens that chose it (bit i: token i of the
+    tile). A tile past a shorter sequence's queries has an empty union and stores nothing."""
     pid = tl.program_id(0)
-    g = tl.program_id(1)
+    b, g, tq, q_start, _ = row_params(rows_ptr, n_rows, tl.program_id(1), n_groups, 1)
+    q_ptr += b * stride_qb
+    k_ptr += b * stride_kb
+    v_ptr += b * stride_vb
+    blk_ptr += b * stride_bb
+    os_ptr += b * stride_osb
+    ls_ptr += b * stride_lsb
+    o_ptr += b * stride_ob
+    lse_ptr += b * stride_lb
     q, ti, hi, rm = query_tile(q_ptr, pid, g, tq, stride_qt, stride_qh, G, G_PAD, T, D)
     dd = tl.arange(0, D)
     qoff = ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :]
@@ -98,23 +114,23 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
                   mask=(tt < tq)[:, None] & (kk < nsel)[None, :], other=-1)
     qb = (q_start + tt) // BLOCK
     sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
-    n_u = tl.load(cnt_ptr + g * stride_ch + pid)
-    row = un_ptr + g * stride_uh + pid * stride_ut
-    bits_row = bits_ptr + g * stride_uh + pid * stride_ut
+    n_u = tl.load(cnt_ptr + b * stride_cb + g * stride_ch + pid)
+    row = un_ptr + b * stride_ub + g * stride_uh + pid * stride_ut
+    bits_row = bits_ptr + b * stride_ub + g * stride_uh + pid * stride_ut
     # First which tokens chose each block, as bits (a mask per row computed from them in the tile's own layout in
     # the loop below; a [T] vector broadcast to the rows there would be a layout conversion every block).
     for u in range(0, n_u):
-        b = tl.load(row + u)
-        chose = tl.max((sel == b).to(tl.int32), 1)
+        blk = tl.load(row + u)
+        chose = tl.max((sel == blk).to(tl.int32), 1)
         tl.store(bits_row + u, tl.sum(chose << tl.arange(0, T), 0))
     tl.debug_barrier()  # the bits stored above, visible to every thread of the program
     lane = ti - pid * T  # each row's token within the tile
     qk_scale = sm_scale * 1.4426950408889634
     kk0 = tl.arange(0, BLOCK)
     for u in tl.range(0, n_u):
-        b = tl.load(row + u)
+        blk = tl.load(row + u)
         mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
-        keys = b * BLOCK + kk0
+        keys = blk * BLOCK + kk0
         k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
         v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
         # Own blocks lie before the window: fully visible, no causal mask.
@@ -127,19 +143,21 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
 
 
 def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, union: torch.Tensor,
-              counts: torch.Tensor, o_shared: torch.Tensor, lse_shared: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, q_start: int, block_size: int, scale: float, init_blocks: int, window: int,
+              counts: torch.Tensor, table: torch.Tensor, o_shared: torch.Tensor, lse_shared: torch.Tensor,
+              o: torch.Tensor, lse: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int,
               tokens: int) -> None:
-    """One sequence (q [Tq, hq, d], k/v [Tk, hkv, d], idx [hkv, Tq, K] int32): o, lse [Tq, hq] from the shared
-    part's (o_shared, lse_shared: `sparse_fwd`'s intermediates) and each tile's union (`union_blocks`)."""
-    tq, hq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    nsel = idx.shape[2]
+    """Sequences as `sparse_fwd`'s rows (q [R, Tq, hq, d], k/v [R, Tk, hkv, d], idx [R, hkv, Tq, K] int32; table
+    and union, counts: `union_blocks`'s): o [R, Tq, hq, d], lse [R, Tq, hq] for each sequence's queries from the
+    shared part's (o_shared, lse_shared: `sparse_fwd`'s intermediates, laid out as q) and the unions."""
+    r, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    nsel = idx.shape[3]
     bits = torch.empty_like(union)
-    _fwd_union_kernel[(union.shape[1], hkv)](
-        q, k, v, idx, union, bits, counts, o_shared, lse_shared, o, lse, tq, q_start, window, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
-        union.stride(0), union.stride(1), counts.stride(0), o.stride(0), o.stride(1), lse.stride(0),
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK=block_size, nsel=nsel,
+    _fwd_union_kernel[(union.shape[2], hkv * r)](
+        q, k, v, idx, union, bits, counts, o_shared, lse_shared, o, lse, table, r, hkv, window, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2), union.stride(0), union.stride(1), union.stride(2),
+        counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0), o.stride(1),
+        o.stride(2), lse.stride(0), lse.stride(1),
+        G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BLOCK=block_size, nsel=nsel,
         NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)
