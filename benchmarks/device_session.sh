@@ -440,7 +440,7 @@ plan8b)  # which of the 8B's projections to run through the GEMV at one row (the
     ;;
 union)  # stage 2's own blocks over the union of T neighbouring tokens' (triton_union.UNION_TOKENS, off): GPU tests,
     # then stage2_union.py at 32K and 128K (drawn selections from "vertical" (noise 0) to independent (100); T 2/4/8)
-    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 200 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2  # (all: CUDA tensors)
     timeout 360 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --out "${OUT:-benchmarks/results}" 2>&1 \
         | grep -v "^wrote"
     ;;
