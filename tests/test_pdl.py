@@ -5,6 +5,8 @@ in test_cuda_build.py."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_enabled_only_on_a_hopper_gpu(monkeypatch):
 
 def test_auto_flag_follows_ours(monkeypatch):
     """A kernel flag of None means PDL exactly inside `pdl.ours()` (nested scopes restore what was outside, an
-    error inside too); True and False stand whatever the scope."""
+    error inside too; the scope is the thread's own); True and False stand whatever the scope."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     dev = torch.device("cuda")
@@ -39,6 +41,12 @@ def test_auto_flag_follows_ours(monkeypatch):
             raise RuntimeError
         assert pdl.enabled(dev, None)
     assert not pdl.enabled(dev, None)
+    with pdl.ours():  # another thread's launches stay outside this thread's scope
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(pdl.enabled(dev, None)))
+        worker.start()
+        worker.join()
+        assert seen == [False] and pdl.enabled(dev, None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pdl.ours():
         assert not pdl.enabled(dev, None)  # Ampere has no PDL
@@ -141,7 +149,7 @@ def test_engine_captures_only_fused_steps_with_pdl(monkeypatch, fuse):
     forward = cuda_graph.DecodeGraphs._forward
 
     def spy(self, bs, *args, **kw):
-        seen.setdefault(bs, set()).add(pdl._OURS)
+        seen.setdefault(bs, set()).add(pdl.inside())
         return forward(self, bs, *args, **kw)
 
     monkeypatch.setattr(cuda_graph.DecodeGraphs, "_forward", spy)
@@ -150,4 +158,4 @@ def test_engine_captures_only_fused_steps_with_pdl(monkeypatch, fuse):
     eng = LLMEngine(model, tok(), cache, max_batch_size=4, chunk_tokens=128, gemv=True)
     eng.graphs.warm_up()
     assert seen == {1: {fuse}, 2: {False}, 4: {False}}
-    assert not pdl._OURS
+    assert not pdl.inside()

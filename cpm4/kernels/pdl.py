@@ -9,6 +9,7 @@ chain are full barriers as usual. Captured CUDA graphs keep the dependencies as 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -19,25 +20,30 @@ import triton.language as tl
 # decode steps whose kernels are (nearly) all ours. Measured on the H200 (RESULTS.md, thirty-fifth GPU pass): the
 # 0.5B's batch-1 decode with its layers fused 0.83 -> 0.77 ms at 1K, 0.89 -> 0.84 at 4K; the 8B's at 32K, whose
 # gate/up and SiLU·up stay cuBLAS's and inductor's, 5.52-5.55 -> 5.59-5.62 ms (a little slower, and 6.6 ms with the
-# GEMV's weight prefetch): so PDL only where the step's chain is ours.
-_OURS = False
+# GEMV's weight prefetch): so PDL only where the step's chain is ours. Per thread: an engine's capture does not
+# reach kernels another thread launches meanwhile.
+_SCOPE = threading.local()
+
+
+def inside() -> bool:
+    """Whether this thread is inside `ours()` (its innermost scope's on)."""
+    return getattr(_SCOPE, "on", False)
 
 
 @contextmanager
 def ours(on: bool = True):
     """Inside (with on), kernels whose PDL flag is None launch as programmatic dependents (where `enabled`)."""
-    global _OURS
-    before, _OURS = _OURS, bool(on)
+    before, _SCOPE.on = inside(), bool(on)
     try:
         yield
     finally:
-        _OURS = before
+        _SCOPE.on = before
 
 
 def enabled(device: torch.device, flag: bool | None) -> bool:
     """flag (None: whether inside `ours()`), on a CUDA device of compute capability 9 or later (not under Triton's
     CPU interpreter)."""
-    flag = _OURS if flag is None else flag
+    flag = inside() if flag is None else flag
     return (bool(flag) and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
