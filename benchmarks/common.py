@@ -104,16 +104,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                          "(q/k/v, o, down; DECODE_GEMV), fused (plan and a small model's layers as GEMVs holding "
                          "the norms, RoPE, SiLU·up and residuals; FUSE_LAYERS), all (any model's layers fused; "
                          "FUSE_LARGE); default the library's (fused)")
-    ap.add_argument("--l2-prefetch", choices=["load", "line", "bulk"], default=None,
-                    help="decode steps pull each layer's weights read after its attention into L2 while it runs, "
-                         "on a side stream (cpm4.kernels.prefetch.MODE); default off")
     ap.add_argument("--pdl", choices=["on", "off"], default=None,
                     help="every decode kernel of ours (attention, GEMV) as a programmatic dependent launch in every "
                          "step (Hopper+; triton_decode.PDL, triton_gemv.PDL), or none (off); default the library's "
                          "(PDL in fused one-row steps only: cuda_graph.FUSED_PDL)")
-    ap.add_argument("--fuse-dense-store", action="store_true",
-                    help="the dense paged decode stores the new keys/values in its attention launch "
-                         "(triton_decode.FUSE_DENSE_STORE)")
+    ap.add_argument("--fuse-dense-store", choices=["on", "off"], default=None,
+                    help="the dense paged decode stores the new keys/values in its attention launch (on), or by a "
+                         "launch of its own before it (off); default the library's (on: "
+                         "triton_decode.FUSE_DENSE_STORE)")
     ap.add_argument("--dense-steps", action="store_true",
                     help="an InfLLM v2 model's decode steps below dense_len through the dense paged decode, from "
                          "graphs of their own (cpm4.engine.paged.DENSE_STEPS)")
@@ -122,19 +120,15 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         from cpm4.engine import paged
 
         paged.DENSE_STEPS = True
-    if args.fuse_dense_store:
+    if args.fuse_dense_store is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 
-        triton_decode.FUSE_DENSE_STORE = True
+        triton_decode.FUSE_DENSE_STORE = args.fuse_dense_store == "on"
     if args.pdl is not None:
         from cpm4.kernels.gemv import triton_gemv
         from cpm4.kernels.infllm_v2 import triton_decode
 
         triton_decode.PDL = triton_gemv.PDL = args.pdl == "on"
-    if args.l2_prefetch is not None:
-        from cpm4.kernels import prefetch
-
-        prefetch.MODE = args.l2_prefetch
     if args.decode_gemv is not None:
         from cpm4.kernels import gemv
 

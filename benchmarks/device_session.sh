@@ -355,34 +355,6 @@ planany8b)  # the 8B's 32K decode with q/k/v, o and down through the re-pruned G
         --decode-tokens 32 --no-peer --decode-gemv=plan --tag="-planany8b" --out "${OUT:-benchmarks/results}" \
         2>&1 | grep -E "^(prefill|decode)"
     ;;
-l2prefetch)  # the weights read after each decode attention (o, then the MLP's, up to 60 % of L2) prefetched into L2
-    # on a side stream meanwhile (cpm4.kernels.prefetch, off): its GPU tests, then the 8B's batch-1 decode at 32K
-    # (InfLLM v2) without it and with the line and bulk modes (the first run compiles: the longer limit)
-    timeout 150 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_prefetch.py 2>&1 | tail -2
-    limit=120
-    i=0
-    for side in off line bulk off; do
-        i=$((i + 1))
-        pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
-        timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
-            --decode-tokens 32 --no-peer $pre --tag="-l2$i-$side" --out "${OUT:-benchmarks/results}" 2>&1 \
-            | grep -E "^decode"
-        limit=80
-    done
-    ;;
-l2prefetch2)  # l2prefetch's other rows: the 0.5B's batch-1 decode at 1K with each mode and without, the 8B's with
-    # the reading mode
-    i=0
-    for side in off line bulk load off; do
-        i=$((i + 1))
-        pre=""; [ "$side" != off ] && pre="--l2-prefetch=$side"
-        timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 --no-peer --compile $pre \
-            --tag="-l2$i-$side" --out "${OUT:-benchmarks/results}" 2>&1 | grep -E "^decode"
-    done
-    timeout 120 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 32768 --sparse-only --compile \
-        --decode-tokens 32 --no-peer --l2-prefetch=load --tag="-l2-load" --out "${OUT:-benchmarks/results}" 2>&1 \
-        | grep -E "^decode"
-    ;;
 pdl)  # every decode kernel of ours as a programmatic dependent launch (Hopper): GPU tests, then the 0.5B's batch-1
     # decode at 1K/4K (fused layers: all of a layer's kernels ours) off / on / the library's (PDL in fused one-row
     # steps) / off. Ran 2026-12-01 (then "off" was the default, "on" with the GEMV's weight prefetch, since
@@ -449,7 +421,8 @@ densestore)  # the dense paged decode storing the new token inside its attention
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \
         2>&1 | tail -2
     i=0
-    for side in "" --fuse-dense-store "--fuse-dense-store --pdl=off" ""; do
+    for side in --fuse-dense-store=off --fuse-dense-store=on "--fuse-dense-store=on --pdl=off" \
+        --fuse-dense-store=off; do
         i=$((i + 1))
         timeout 60 "$PY" benchmarks/generation.py --config minicpm4-0.5b --contexts 1024 4096 --no-peer --compile \
             $side --tag="-densestore$i$(echo $side | tr -d ' =-')" --out "${OUT:-benchmarks/results}" 2>&1 \

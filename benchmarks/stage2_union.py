@@ -8,7 +8,9 @@ Selections are drawn, not computed from q and k: each token's own blocks are the
 noise * uniform[head, token, block] over the blocks it may choose (1 <= b < its block - 32), plus the forced ones —
 noise 0: every token the same "vertical" blocks (as many queries of a trained model attend to the same keys);
 large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
-path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks. CUDA only.
+path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks; and rows
+`*.auto4` with UNION_TOKENS = 4 and the library deciding by UNION_MAX_SHARE (where it declines, what the union count
+costs). CUDA only.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.5, 1.0, 100.0])
+    ap.add_argument("--auto", type=int, default=4, choices=[0, 2, 4, 8],
+                    help="also rows with UNION_TOKENS at this and the library's UNION_MAX_SHARE deciding (0: none)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -73,6 +77,7 @@ def main() -> None:
         for noise in args.noise:
             idx = draw(n, noise, seed=n)
             run = (q, k, v, idx, BLOCK, D ** -0.5, INIT, WINDOW)
+            saved = triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE
             triton_union.UNION_TOKENS = 0
             peer = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
             ref, _ = sparse_fwd(*run)
@@ -85,11 +90,19 @@ def main() -> None:
                     ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
                     out, _ = sparse_fwd(*run)
                 finally:
-                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = 0, 0.6
+                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = saved
                 diff = (out.float() - ref.float()).abs().max().item()
                 rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
                 print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
+            if args.auto:  # the library's decision at T = args.auto: the union where it pays, its count's cost where not
+                triton_union.UNION_TOKENS = args.auto
+                try:
+                    ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+                finally:
+                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = saved
+                rows.append({"phase": f"stage2.noise{noise:g}.auto{args.auto}", "seqlen": n, "ours_ms": ours,
+                             "peer_ms": peer, "speedup": peer / ours})
         del q, k, v
     print_rows(rows)
     write_rows(f"stage2_union{args.tag}", torch.cuda.get_device_name(), rows, args.out)

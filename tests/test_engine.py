@@ -337,20 +337,21 @@ def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
     test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)  # fewer steps: the paths, not lengths
 
 
-def test_paged_decode_storing_in_the_attention_launch(monkeypatch):
-    """The dense paged decode with the new keys/values stored by the attention launch (FUSE_DENSE_STORE): the
-    tokens of the gathering path."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_paged_decode_storing_in_the_attention_launch(monkeypatch, fused):
+    """The dense paged decode with the new keys/values stored by the attention launch (FUSE_DENSE_STORE, the
+    default) and by a launch of its own: the tokens of the gathering path either way."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
     from cpm4.kernels.infllm_v2 import triton_decode
 
-    monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE", True)
+    monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE", fused)
     calls = []
     orig = triton_decode.append_kv
     monkeypatch.setattr(triton_decode, "append_kv", lambda *a, **k: calls.append(1) or orig(*a, **k))
     test_paged_decode_kernels_equal_alone(None, max_tokens=6)
-    assert calls == []  # no separate store launch
+    assert (calls == []) == fused  # no separate store launch when fused
 
 
 def test_dense_steps_of_a_sparse_model_equal_its_sparse_steps():

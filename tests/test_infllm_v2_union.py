@@ -12,6 +12,9 @@ import torch
 from cpm4.kernels.infllm_v2 import reference as R
 
 ON_CPU = not torch.cuda.is_available()
+# The union kernel against the token kernel: bit-near in the interpreter (exact fp32); on a GPU their tiles differ in
+# shape, so TF32 dot products round differently (seen: 2.6e-5).
+SAME = 1e-5 if ON_CPU else 2e-4
 needs_kernels = pytest.mark.skipif(ON_CPU and os.environ.get("TRITON_INTERPRET") != "1",
                                    reason="Triton kernels: a GPU or the interpreter")
 
@@ -100,13 +103,16 @@ def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, 
     args = (q, k, v, idx, block, d ** -0.5, init, window)
     o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
-    torch.testing.assert_close(o_uni, o_tok, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse_uni, lse_tok, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o_uni, o_tok, rtol=SAME, atol=SAME)
+    torch.testing.assert_close(lse_uni, lse_tok, rtol=SAME, atol=SAME)
     pos = torch.arange(q_start, tk, device=dev)
     blocks = full_block_list(idx, pos, block, init, window).long()
     ref, ref_lse = R.block_sparse_attention(q.double(), k.double(), v.double(), blocks, pos, block, d ** -0.5)
-    torch.testing.assert_close(o_uni.double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lse_uni.double(), ref_lse, rtol=1e-4, atol=1e-4)
+    # Against float64 the tolerance is the kernels' own: on a GPU both take fp32 dot products as TF32 (10-bit
+    # mantissa), in the interpreter they are exact fp32.
+    tol = 1e-4 if ON_CPU else 5e-3
+    torch.testing.assert_close(o_uni.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse_uni.double(), ref_lse, rtol=tol, atol=tol)
 
 
 @needs_kernels
@@ -131,8 +137,8 @@ def test_union_kernel_with_rows(monkeypatch, tokens):
     o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
     for i, n in enumerate(n_new):
-        torch.testing.assert_close(o_uni[i, :n], o_tok[i, :n], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse_uni[i, :n], lse_tok[i, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o_uni[i, :n], o_tok[i, :n], rtol=SAME, atol=SAME)
+        torch.testing.assert_close(lse_uni[i, :n], lse_tok[i, :n], rtol=SAME, atol=SAME)
         assert (o_uni[i, n:] == 0).all()
 
 
@@ -202,9 +208,10 @@ def test_warm_up_compiles_the_union_kernel(monkeypatch):
     if not ON_CPU or os.environ.get("TRITON_INTERPRET") != "1" or not interpreted():
         pytest.skip("signatures are read from the interpreter's launches")
     cfg = small_cfg(topk=14, block_size=8, window_size=16, dense_len=33)  # widths 8 and 16 (test_infllm_v2_triton)
+    before = triton_union.UNION_MAX_SHARE
     for tokens, want in ((0, set()), (4, {8, 16})):
         monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
         with launch_signatures() as warm:
             warm_prefill_kernels(cfg, 16, 2, 16, 104, "cpu", torch.float16, queries=4)
         assert {dict(s)["NSEL_PAD"] for s in warm.get("_fwd_union_kernel", [])} == want
-        assert triton_union.UNION_MAX_SHARE == 0.6  # forced() restored it
+        assert triton_union.UNION_MAX_SHARE == before  # forced() restored it

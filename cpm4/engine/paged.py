@@ -109,9 +109,6 @@ class PagedKVCache:
         self.num_pages = num_pages
         self.uid = next(_next_uid)
         _CACHES[self.uid] = self
-        # (mode, per layer the (weight, bytes) a decode step's attention prefetches into L2): `cpm4.kernels.
-        # prefetch`, set by `LLMEngine.set_l2_prefetch`; None: none.
-        self.l2_prefetch: tuple[str, list[list[tuple[torch.Tensor, int]]]] | None = None
         # One extra page, never handed out: padded rows of a captured decode batch write and read there.
         self.scratch = num_pages
         n_layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.dim_head
@@ -950,9 +947,6 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     fine = c.fine[layer] if sc is not None else None
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
     shared = batch.shared if _CASCADE_LIVE else None
-    # The weights read after this attention pulled into L2 on a side stream meanwhile (`cpm4.kernels.prefetch`).
-    pre = c.l2_prefetch  # (a layer past the plan's, e.g. a draft head's: none)
-    forked = pre is not None and layer < len(pre[1]) and prefetch_fork(pre[1][layer], pre[0])
     if sc is None and triton_decode.FUSE_DENSE_STORE:
         out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared,
                            new_kv=(k[:, 0], v[:, 0], batch.slots))
@@ -966,21 +960,7 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
         # The store and pooling run inside the sparse step's first launch (H200, 128K: 40 vs 42 µs per layer).
         out = paged_sparse_decode(q[:, 0], kc, vc, batch.table, batch.ends, fine, coarse, sc, scale,
                                   new_kv=(k[:, 0], v[:, 0], batch.slots), shared=shared)
-    if forked:
-        prefetch_join(q.device)
     return out[:, None]
-
-
-def prefetch_fork(plan, mode: str) -> bool:
-    from cpm4.kernels.prefetch import fork
-
-    return fork(plan, mode)
-
-
-def prefetch_join(device: torch.device) -> None:
-    from cpm4.kernels.prefetch import join
-
-    join(device)
 
 
 paged_attention = _paged_attention

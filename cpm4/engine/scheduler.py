@@ -206,7 +206,6 @@ class LLMEngine:
             plan = gemv_module.decode_plan(model.config.hidden_size, model.dtype, model.device) if gemv else None
             if plan is not None:
                 model.use_gemv(only=plan[0], max_rows=plan[1], fuse=plan[2])
-        self.set_l2_prefetch()
         self.graphs = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, cache, max_batch_size, self.decode_width, compile=compile)
@@ -225,21 +224,6 @@ class LLMEngine:
         # Default on with CUDA graphs (measured on the H200: 0.5B batch-1 decode 559 -> 690 tok/s, 64 streaming
         # clients 3,981 -> 4,278 tok/s); without graphs a step's launch is the host's work, nothing to overlap.
         self.async_output = self.graphs is not None if async_output is None else async_output
-
-    def set_l2_prefetch(self, mode: str | None = None) -> None:
-        """Decode steps on CUDA prefetch each layer's weights read after its attention into L2 while it runs
-        (`cpm4.kernels.prefetch`: o, then the MLP's, up to a share of L2) when mode (default `prefetch.MODE`) is
-        set; before the decode graphs are captured. None and MODE None: no prefetch."""
-        from cpm4.kernels import prefetch
-
-        mode = prefetch.MODE if mode is None else mode
-        if mode is None or self.cache.device.type != "cuda":
-            self.cache.l2_prefetch = None
-            return
-        prefetch.prepare(self.cache.device)
-        budget = prefetch.budget_bytes(self.cache.device)
-        self.cache.l2_prefetch = (mode, [prefetch.plan_for(layer.weights_after_attention(), budget)
-                                         for layer in self.model.model.layers])
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

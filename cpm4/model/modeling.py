@@ -581,14 +581,6 @@ class DecoderLayer(nn.Module):
         h = fused_linear(x, mlp.gate_up, norm=(ln2.weight, ln2.eps))
         return fused_linear(h, mlp.down_proj.weight, glu=True, residual=x, scale=rs)
 
-    def weights_after_attention(self) -> list:
-        """The weights the layer reads after its attention, in order: o, gate/up (fused or the two), down (a
-        quantized module's entry is the module itself, not a tensor)."""
-        attn, mlp = self.self_attn, self.mlp
-        mid = [mlp.gate_up] if mlp.gate_up is not None else [getattr(mlp.gate_proj, "weight", mlp.gate_proj),
-                                                             getattr(mlp.up_proj, "weight", mlp.up_proj)]
-        return [getattr(attn.o_proj, "weight", attn.o_proj), *mid, getattr(mlp.down_proj, "weight", mlp.down_proj)]
-
     def after_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer's work after its attention: a (o-projected) into the residual x, the norm, the MLP."""
         norm = self.post_attention_layernorm

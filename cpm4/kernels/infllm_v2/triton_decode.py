@@ -646,9 +646,9 @@ TILE_PAGES = 2
 PERSISTENT_COUNTERS = True
 PDL: bool | None = None
 # FUSE_DENSE_STORE: the dense paged decode (no sparse config) stores the step's new keys/values inside its attention
-# launch (`paged_decode(new_kv=...)`) rather than by `append_kv` before it: one launch a layer fewer. Off until
-# measured.
-FUSE_DENSE_STORE = False
+# launch (`paged_decode(new_kv=...)`) rather than by `append_kv` before it: one launch a layer fewer. H200, 0.5B
+# batch-1 decode (compiled): 0.77 / 0.84-0.85 ms a token at 1K / 4K -> 0.75 / 0.82 (RESULTS.md, thirty-sixth pass). On.
+FUSE_DENSE_STORE = True
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
 # partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge

@@ -23,10 +23,16 @@ import triton.language as tl
 
 from .triton_select import autotune_configs, query_tile, row_params, softmax_step
 
-# Tokens per program (2, 4 or 8); 0: every call takes the token kernel.
+# Tokens per program (2, 4 or 8); 0: every call takes the token kernel. Measured on the H200 (RESULTS.md,
+# thirty-sixth pass; 8B shape, drawn selections, union_blocks included): T = 4 gains 1.40x / 1.65x at 32K / 128K
+# where neighbours choose the same blocks (share 0.25), 1.04-1.14x at share 0.39-0.48, 0.86-1.00x at 0.58-0.63;
+# T = 8 wins more at small shares (1.53x / 1.77x) but breaks even near 0.3; T = 2 at best 1.01x. Off: random-weight
+# checkpoints (our benchmarks) draw independent blocks (share 0.63-0.85 at T = 4), where the path is not taken and
+# union_blocks is a pure cost; a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4).
 UNION_TOKENS = 0
-# The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks.
-UNION_MAX_SHARE = 0.6
+# The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks (T = 4's
+# break-even above, 0.48 -> 1.04x, 0.58 -> 1.00x).
+UNION_MAX_SHARE = 0.5
 
 
 @contextmanager
