@@ -112,6 +112,9 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     help="the dense paged decode stores the new keys/values in its attention launch (on), or by a "
                          "launch of its own before it (off); default the library's (on: "
                          "triton_decode.FUSE_DENSE_STORE)")
+    ap.add_argument("--union-tokens", type=int, choices=[0, 2, 4, 8], default=None,
+                    help="InfLLM v2 prefill's stage 2 over the union of this many neighbouring tokens' blocks where "
+                         "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (off)")
     ap.add_argument("--dense-steps", action="store_true",
                     help="an InfLLM v2 model's decode steps below dense_len through the dense paged decode, from "
                          "graphs of their own (cpm4.engine.paged.DENSE_STEPS)")
@@ -120,6 +123,10 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         from cpm4.engine import paged
 
         paged.DENSE_STEPS = True
+    if args.union_tokens is not None:
+        from cpm4.kernels.infllm_v2 import triton_union
+
+        triton_union.UNION_TOKENS = args.union_tokens
     if args.fuse_dense_store is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 

@@ -416,6 +416,19 @@ union)  # stage 2's own blocks over the union of T neighbouring tokens' (triton_
     timeout 360 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --out "${OUT:-benchmarks/results}" 2>&1 \
         | grep -v "^wrote"
     ;;
+unionauto)  # the union path deciding for itself (triton_union.likely's sample of 1/16 of the tiles, then the whole
+    # count; UNION_TOKENS = 4): GPU tests, stage2_union.py's T = 4 and auto rows at 32K and 128K (what a declined call
+    # costs on random inputs), then the 8B's 128K prefill and decode with --union-tokens 4 against off (random weights:
+    # expect the path declined and the same speed; if so, on by default is safe for trained checkpoints)
+    timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --tag=-auto \
+        --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    for side in 0 4 0; do
+        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
+            --decode-tokens 32 --no-peer --union-tokens $side --tag="-union$side" --out "${OUT:-benchmarks/results}" \
+            2>&1 | grep -E "^(prefill|decode)"
+    done
+    ;;
 densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):
     # its GPU tests, then the 0.5B's batch-1 decode (dense) off / on / on without PDL / off
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \

@@ -9,8 +9,8 @@ noise * uniform[head, token, block] over the blocks it may choose (1 <= b < its 
 noise 0: every token the same "vertical" blocks (as many queries of a trained model attend to the same keys);
 large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
 path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks; and rows
-`*.auto4` with UNION_TOKENS = 4 and the library deciding by UNION_MAX_SHARE (where it declines, what the union count
-costs). CUDA only.
+`*.auto4` with UNION_TOKENS = 4 and the library deciding (`triton_union.likely`, then UNION_MAX_SHARE; where it
+declines, what its sampled count costs). CUDA only.
 """
 
 from __future__ import annotations
@@ -77,32 +77,36 @@ def main() -> None:
         for noise in args.noise:
             idx = draw(n, noise, seed=n)
             run = (q, k, v, idx, BLOCK, D ** -0.5, INIT, WINDOW)
-            saved = triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE
+            saved = triton_union.UNION_TOKENS
             triton_union.UNION_TOKENS = 0
             peer = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
             ref, _ = sparse_fwd(*run)
+            sizes = torch.tensor([[n], [0]], dtype=torch.int32, device="cuda")
             for tokens in args.tokens:
-                sizes = torch.tensor([[n], [0]], dtype=torch.int32, device="cuda")
                 _, _, total, own = triton_union.union_blocks(idx[None], sizes, BLOCK, INIT, WINDOW, tokens)
                 share = total / max(own, 1)
-                triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = tokens, float("inf")
+                triton_union.UNION_TOKENS = tokens
                 try:
-                    ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
-                    out, _ = sparse_fwd(*run)
+                    with triton_union.forced():
+                        ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+                        out, _ = sparse_fwd(*run)
                 finally:
-                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = saved
+                    triton_union.UNION_TOKENS = saved
                 diff = (out.float() - ref.float()).abs().max().item()
                 rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
                 print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
-            if args.auto:  # the library's decision at T = args.auto: the union where it pays, its count's cost where not
+            if args.auto:  # the library deciding at T = args.auto: the union where it pays, the sample's cost where not
                 triton_union.UNION_TOKENS = args.auto
                 try:
                     ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
                 finally:
-                    triton_union.UNION_TOKENS, triton_union.UNION_MAX_SHARE = saved
+                    triton_union.UNION_TOKENS = saved
+                taken = triton_union.likely(idx[None], sizes, BLOCK, INIT, WINDOW, args.auto) and \
+                    triton_union.take_union(*triton_union.union_blocks(idx[None], sizes, BLOCK, INIT, WINDOW,
+                                                                       args.auto)[2:])
                 rows.append({"phase": f"stage2.noise{noise:g}.auto{args.auto}", "seqlen": n, "ours_ms": ours,
-                             "peer_ms": peer, "speedup": peer / ours})
+                             "peer_ms": peer, "speedup": peer / ours, "taken": taken})
         del q, k, v
     print_rows(rows)
     write_rows(f"stage2_union{args.tag}", torch.cuda.get_device_name(), rows, args.out)

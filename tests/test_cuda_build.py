@@ -143,11 +143,10 @@ def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
     from cpm4.kernels.infllm_v2 import triton_union
     from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
 
-    monkeypatch.setattr(triton_union, "UNION_MAX_SHARE", float("inf"))
     q = torch.randn(64, 32, 128).to(torch.bfloat16)
     k, v = (torch.randn(384, 2, 128).to(torch.bfloat16) for _ in range(2))
     idx = selections(2, 64, 320, 64, 6, 0.5, seed=0)
-    with cuda_build.capture() as launches:
+    with cuda_build.capture() as launches, triton_union.forced():  # (64 queries: below UNION_MIN_QUERIES)
         for tokens in (4, 8):
             monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
             sparse_fwd(q, k, v, idx, 64, 128 ** -0.5, 1, 2)

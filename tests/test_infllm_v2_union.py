@@ -80,6 +80,8 @@ def _sparse_fwd(monkeypatch, tokens, share, *args):
 
     monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
     monkeypatch.setattr(triton_union, "UNION_MAX_SHARE", share)
+    monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", 0)  # the tests' chunks are short
+    monkeypatch.setattr(triton_union, "UNION_SAMPLE", 1)  # (a sample of short chunks may hold no own block)
     return sparse_fwd(*args)
 
 
@@ -156,6 +158,59 @@ def test_union_taken_only_when_the_unions_are_small():
     _, _, total, own = union_blocks(apart[None], table(tq, 0), block, 1, 2, 4)
     assert total >= 0.8 * own and not take_union(total, own)
     assert not take_union(0, 0)
+
+
+def test_sampled_decision_is_the_whole_counts_on_clear_cases():
+    """`likely` over every tile is exactly `union_blocks` + `take_union`; over every 16th tile it decides alike
+    neighbours (take) and independent draws (not) as the whole count does, for one sequence and for rows whose
+    second sequence is shorter (its padding never counted)."""
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_union import likely, take_union, union_blocks
+
+    block, tq, nsel = 16, 2048, 6
+    alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
+    alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)
+    apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
+    for idx, want in ((alike, True), (apart, False)):
+        for sizes in (table(tq, 0), torch.tensor([[tq, tq // 2], [0, 0]], dtype=torch.int32)):
+            rows = idx[None].expand(sizes.shape[1], -1, -1, -1).clone()
+            if sizes.shape[1] == 2:
+                rows[1, :, tq // 2:] = 5  # past the shorter sequence: never read
+            whole = take_union(*union_blocks(rows, sizes, block, 1, 2, 4)[2:])
+            assert whole == want
+            assert likely(rows, sizes, block, 1, 2, 4, every=1) == whole
+            assert triton_union.UNION_SAMPLE > 1 and likely(rows, sizes, block, 1, 2, 4) == want
+    with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
+        likely(alike[None], table(tq, 0), block, 1, 2, 3)
+
+
+@needs_kernels
+def test_sparse_fwd_counts_unions_only_for_long_calls_that_sample_well(monkeypatch):
+    """With UNION_TOKENS set: a call below UNION_MIN_QUERIES neither samples nor counts (no host read); a long
+    call whose sample declines never makes the whole count; one whose sample accepts counts and takes the union."""
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
+
+    seen = []
+    for name in ("likely", "union_blocks", "fwd_union"):
+        real = getattr(triton_union, name)
+        monkeypatch.setattr(triton_union, name, lambda *a, _r=real, _n=name, **kw: seen.append(_n) or _r(*a, **kw))
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 64, 256
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(tq, hq, d, generator=g).to(dev)
+    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(dev) for _ in range(2))
+    alike = selections(hkv, tq, q_start, block, 5, 1.0, seed=1)
+    alike = alike.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(dev)
+    apart = selections(hkv, tq, q_start, block, 5, 0.0, seed=2).to(dev)
+    monkeypatch.setattr(triton_union, "UNION_TOKENS", 4)
+    monkeypatch.setattr(triton_union, "UNION_SAMPLE", 4)
+    for min_q, idx, want in ((tq + 1, alike, []), (tq, apart, ["likely"]),
+                             (tq, alike, ["likely", "union_blocks", "fwd_union"])):
+        monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", min_q)
+        seen.clear()
+        sparse_fwd(q, k, v, idx, block, d ** -0.5, init, window)
+        assert seen == want, (min_q, want)
 
 
 @needs_kernels

@@ -457,10 +457,14 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
-    if triton_union.UNION_TOKENS:  # neighbours' own blocks once for all of them, where they overlap
+    tokens = triton_union.UNION_TOKENS
+    sizes = None
+    if tokens and tq >= triton_union.UNION_MIN_QUERIES:  # neighbours' own blocks once for all of them, if they overlap
         sizes = rows.table if rows is not None else torch.tensor([[tq], [q_start]], dtype=torch.int32).to(q.device)
-        union, counts, total, own = triton_union.union_blocks(idx, sizes, block_size, init_blocks, window,
-                                                              triton_union.UNION_TOKENS)
+        if not triton_union.likely(idx, sizes, block_size, init_blocks, window, tokens):
+            sizes = None
+    if sizes is not None:
+        union, counts, total, own = triton_union.union_blocks(idx, sizes, block_size, init_blocks, window, tokens)
         if triton_union.take_union(total, own):
             triton_union.fwd_union(q, k, v, idx, union, counts, sizes, o_shared, lse_shared, o, lse, block_size, scale,
                                    init_blocks, window, triton_union.UNION_TOKENS)

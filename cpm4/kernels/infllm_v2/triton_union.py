@@ -10,7 +10,9 @@ token did not choose changes neither its running max nor its sums).
 
 With disjoint selections (random inputs) the union is T times a token's list, so the loads are the token kernel's
 and the scores are computed for T times the rows: `sparse_fwd` takes this path only when the tiles' unions hold at
-most UNION_MAX_SHARE of the tokens' own blocks (one count read back to the host a call). One sequence or several
+most UNION_MAX_SHARE of the tokens' own blocks. It asks `likely` first — the same share over every UNION_SAMPLE-th
+tile, so a call that declines pays a sixteenth of the union count — then `union_blocks` for every tile (one count
+read back to the host each). Calls of fewer than UNION_MIN_QUERIES queries never ask. One sequence or several
 (`Rows`) in one launch alike: a sequence is a row of one."""
 
 from __future__ import annotations
@@ -33,18 +35,24 @@ UNION_TOKENS = 0
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks (T = 4's
 # break-even above, 0.48 -> 1.04x, 0.58 -> 1.00x).
 UNION_MAX_SHARE = 0.5
+# `likely`'s sample: every UNION_SAMPLE-th tile. Calls of fewer queries than UNION_MIN_QUERIES take the token kernel
+# without a host read (the path is for long prefills; its gains were measured at 32K and 128K).
+UNION_SAMPLE = 16
+UNION_MIN_QUERIES = 1024
 
 
 @contextmanager
 def forced():
-    """Inside, `sparse_fwd` takes the union path whenever UNION_TOKENS is set and the tokens have own blocks
-    (warm-up: random inputs' unions are large, so the kernel would otherwise first compile inside a request)."""
-    global UNION_MAX_SHARE
-    before, UNION_MAX_SHARE = UNION_MAX_SHARE, float("inf")
+    """Inside, `sparse_fwd` takes the union path whenever UNION_TOKENS is set and the tokens have own blocks, however
+    few its queries (warm-up: random inputs' unions are large, so the kernel would otherwise first compile inside a
+    request; benchmarks)."""
+    global UNION_MAX_SHARE, UNION_MIN_QUERIES, UNION_SAMPLE
+    before = UNION_MAX_SHARE, UNION_MIN_QUERIES, UNION_SAMPLE
+    UNION_MAX_SHARE, UNION_MIN_QUERIES, UNION_SAMPLE = float("inf"), 0, 1
     try:
         yield
     finally:
-        UNION_MAX_SHARE = before
+        UNION_MAX_SHARE, UNION_MIN_QUERIES, UNION_SAMPLE = before
 
 
 def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
@@ -55,6 +63,29 @@ def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_b
     Tiles are `tokens` consecutive queries from query 0. Returns (union [R, hkv, tiles, W] int32, each row ascending
     then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): one read back
     to the host."""
+    v, n_own = _tile_unions(idx, table, block_size, init_blocks, window, tokens, 1)
+    big = torch.iinfo(torch.int32).max
+    counts = (v != big).sum(-1, dtype=torch.int32)
+    stats = [counts.amax() if counts.numel() else counts.new_zeros(()), counts.sum(), n_own]
+    width, total, n_own = torch.stack([x.to(torch.int64) for x in stats]).tolist()
+    width = max(width, 1)
+    union = torch.where(v[..., :width] == big, -1, v[..., :width]).contiguous()
+    return union, counts, total, n_own
+
+
+def likely(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int, tokens: int,
+           every: int | None = None) -> bool:
+    """`take_union` over every `every`-th tile only (default UNION_SAMPLE; 1: exactly `union_blocks`'s decision):
+    whether the whole count is worth making. One read back to the host."""
+    v, n_own = _tile_unions(idx, table, block_size, init_blocks, window, tokens, every or UNION_SAMPLE)
+    total, n_own = torch.stack([(v != torch.iinfo(torch.int32).max).sum(), n_own]).tolist()
+    return take_union(total, n_own)
+
+
+def _tile_unions(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
+                 tokens: int, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every `every`-th tile's union (`union_blocks`'s layout, padding int32 max instead of -1) and those tiles'
+    own blocks in all (a device scalar)."""
     if tokens not in (2, 4, 8):  # (16 x 16 query rows would not fit a program's registers)
         raise ValueError(f"UNION_TOKENS must be 2, 4 or 8 (tokens a program), got {tokens}")
     r, hkv, tq, k = idx.shape
@@ -63,19 +94,17 @@ def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_b
     qb = (start + t) // block_size  # [R, Tq]
     own = (idx >= init_blocks) & (idx < (qb - window)[:, None, :, None]) & (t < n_new)[:, None, :, None]
     big = torch.iinfo(torch.int32).max
-    v = torch.where(own, idx.to(torch.int32), big)
     tiles = triton.cdiv(tq, tokens)
+    v = torch.where(own, idx.to(torch.int32), big)
     v = torch.nn.functional.pad(v, (0, 0, 0, tiles * tokens - tq), value=big).view(r, hkv, tiles, tokens * k)
+    if every > 1:
+        v = v[:, :, ::every]
+        own = torch.nn.functional.pad(own, (0, 0, 0, tiles * tokens - tq)).view(r, hkv, tiles, tokens * k)
+        own = own[:, :, ::every]
     v = v.sort(-1).values
     dup = torch.zeros_like(v, dtype=torch.bool)
     dup[..., 1:] = v[..., 1:] == v[..., :-1]
-    v = torch.where(dup, big, v).sort(-1).values
-    counts = (v != big).sum(-1, dtype=torch.int32)
-    stats = [counts.amax() if counts.numel() else counts.new_zeros(()), counts.sum(), own.sum()]
-    width, total, n_own = torch.stack([x.to(torch.int64) for x in stats]).tolist()
-    width = max(width, 1)
-    union = torch.where(v[..., :width] == big, -1, v[..., :width]).contiguous()
-    return union, counts, total, n_own
+    return torch.where(dup, big, v).sort(-1).values, own.sum()
 
 
 def take_union(total: int, own: int) -> bool:
