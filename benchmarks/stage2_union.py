@@ -10,7 +10,8 @@ noise 0: every token the same "vertical" blocks (as many queries of a trained mo
 large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
 path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks; and rows
 `*.auto4` with UNION_TOKENS = 4 and the library deciding (`triton_union.likely`, then UNION_MAX_SHARE; where it
-declines, what its sampled count costs). CUDA only.
+declines, what its sampled count costs); and rows `backward.*` of the whole backward (`sparse_bwd`: dq's own blocks
+over the unions, forced; dk/dv unchanged) against it with the token kernels. CUDA only.
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def main() -> None:
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.5, 1.0, 100.0])
     ap.add_argument("--auto", type=int, default=4, choices=[0, 2, 4, 8],
                     help="also rows with UNION_TOKENS at this and the library's UNION_MAX_SHARE deciding (0: none)")
+    ap.add_argument("--backward", type=int, default=4, choices=[0, 2, 4, 8],
+                    help="also rows of the whole backward (sparse_bwd) with dq over the unions of this many tokens, "
+                         "forced, against the token kernels (0: none)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("stage2_union.py measures CUDA kernels: no CUDA device here")
     from cpm4.kernels.infllm_v2 import triton_union
-    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_bwd, sparse_fwd
 
     rows = []
     for n in args.lengths:
@@ -96,6 +100,20 @@ def main() -> None:
                 rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
                 print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
+            if args.backward:  # the whole backward (dq's own blocks over the unions; dk/dv the same pass) at T
+                o, lse = ref, sparse_fwd(*run)[1]
+                do = torch.randn_like(q)
+                grads = (do, q, k, v, o, lse, idx, BLOCK, D ** -0.5, INIT, WINDOW)
+                bwd_peer = bench(lambda grads=grads: sparse_bwd(*grads), warmup=1, rep=3)
+                triton_union.UNION_TOKENS = args.backward
+                try:
+                    with triton_union.forced():
+                        bwd_ours = bench(lambda grads=grads: sparse_bwd(*grads), warmup=1, rep=3)
+                finally:
+                    triton_union.UNION_TOKENS = saved
+                rows.append({"phase": f"backward.noise{noise:g}.T{args.backward}", "seqlen": n, "ours_ms": bwd_ours,
+                             "peer_ms": bwd_peer, "speedup": bwd_peer / bwd_ours})
+                del do, grads
             if args.auto:  # the library deciding at T = args.auto: the union where it pays, the sample's cost where not
                 triton_union.UNION_TOKENS = args.auto
                 try:

@@ -136,8 +136,8 @@ def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):
 
 
 def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
-    """Stage 2 over neighbouring tokens' union of blocks (`triton_union`) at the 8B's group (16 heads, d 128,
-    blocks of 64), 4 and 8 tokens a program, bf16."""
+    """Stage 2 over neighbouring tokens' union of blocks (`triton_union`), forward and dq, at the 8B's group (16
+    heads, d 128, blocks of 64), 4 and 8 tokens a program, bf16."""
     from test_infllm_v2_union import selections
 
     from cpm4.kernels.infllm_v2 import triton_union
@@ -150,6 +150,12 @@ def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
         for tokens in (4, 8):
             monkeypatch.setattr(triton_union, "UNION_TOKENS", tokens)
             sparse_fwd(q, k, v, idx, 64, 128 ** -0.5, 1, 2)
-    union = [launch for launch in launches if launch[0].__name__ == "_fwd_union_kernel"]
-    assert len(union) == 2
-    assert cuda_build.build(union) == ["_fwd_union_kernel"] * 2  # each for sm_80 and sm_90
+            # The dq kernel alone (sparse_bwd's other passes at this shape are slow in the interpreter).
+            union, counts, _ = triton_union.choose(idx[None], 64, 320, None, 64, 1, 2)
+            zeros = torch.zeros(64, 32)
+            triton_union.bwd_dq_union(q, k, v, idx, union, counts, q, zeros, zeros, torch.zeros(64, 32, 128),
+                                      torch.empty_like(q), 64, 128 ** -0.5, 1, 2, tokens)
+    names = ("_fwd_union_kernel", "_bwd_dq_union_kernel")
+    union = [launch for launch in launches if launch[0].__name__ in names]
+    assert len(union) == 4
+    assert cuda_build.build(union) == [n for _ in (4, 8) for n in names]  # each for sm_80 and sm_90

@@ -214,6 +214,42 @@ def test_sparse_fwd_counts_unions_only_for_long_calls_that_sample_well(monkeypat
 
 
 @needs_kernels
+@pytest.mark.parametrize("tokens,q_start,tq,overlap", [(4, 0, 96, 0.8), (2, 41, 55, 0.9)])
+def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, overlap):
+    """The backward's per-token dq over the unions (`bwd_dq_union`, taken as the forward decides): dq the token
+    kernel's and float64 autograd's through the reference; dk/dv untouched (the same inverted pass)."""
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import full_block_list, sparse_bwd
+
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
+    tk = q_start + tq
+    g = torch.Generator().manual_seed(tq + 7)
+    q = torch.randn(tq, hq, d, generator=g).to(dev)
+    k, v = (torch.randn(tk, hkv, d, generator=g).to(dev) for _ in range(2))
+    do = torch.randn(tq, hq, d, generator=g).to(dev)
+    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=3).to(dev)
+    args = (q, k, v, idx, block, d ** -0.5, init, window)
+    o, lse = _sparse_fwd(monkeypatch, 0, 0.6, *args)
+    want = sparse_bwd(do, q, k, v, o, lse, idx, block, d ** -0.5, init, window)
+    calls = []
+    real = triton_union.bwd_dq_union
+    monkeypatch.setattr(triton_union, "bwd_dq_union", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _sparse_fwd(monkeypatch, tokens, float("inf"), *args)  # (sets the flags the backward reads too)
+    dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, idx, block, d ** -0.5, init, window)
+    assert calls == [1]
+    torch.testing.assert_close(dq, want[0], rtol=SAME, atol=SAME)
+    assert torch.equal(dk, want[1]) and torch.equal(dv, want[2])
+    pos = torch.arange(q_start, tk, device=dev)
+    blocks = full_block_list(idx, pos, block, init, window).long()
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref, _ = R.block_sparse_attention(qd, kd, vd, blocks, pos, block, d ** -0.5)
+    ref.backward(do.double())
+    tol = 1e-4 if ON_CPU else 5e-3
+    torch.testing.assert_close(dq.double(), qd.grad, rtol=tol, atol=tol)
+
+
+@needs_kernels
 def test_sparse_fwd_takes_the_union_kernel_by_the_flag(monkeypatch):
     """sparse_fwd calls `fwd_union` with UNION_TOKENS set and unions small enough, never with it 0."""
     from cpm4.kernels.infllm_v2 import triton_union
@@ -250,6 +286,28 @@ def test_union_kernel_on_cuda(monkeypatch, tokens):
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
     torch.testing.assert_close(o_uni.float(), o_tok.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse_uni, lse_tok, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [4, 8])
+def test_union_dq_on_cuda(monkeypatch, tokens):
+    """The dq over the unions at the same shape: the token kernel's dq (bf16 rounding apart), dk/dv equal."""
+    if ON_CPU:
+        pytest.skip("needs CUDA")
+    from cpm4.kernels.infllm_v2.triton_attention import sparse_bwd
+
+    g = torch.Generator().manual_seed(tokens + 10)
+    q_start, tq = 1000, 4096
+    q, do = (torch.randn(tq, 32, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(q_start + tq, 2, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    idx = selections(2, tq, q_start, 64, 24, 0.7, seed=tokens).cuda()
+    args = (q, k, v, idx, 64, 128 ** -0.5, 1, 8)
+    o, lse = _sparse_fwd(monkeypatch, 0, 0.6, *args)
+    want = sparse_bwd(do, q, k, v, o, lse, idx, 64, 128 ** -0.5, 1, 8)
+    _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
+    got = sparse_bwd(do, q, k, v, o, lse, idx, 64, 128 ** -0.5, 1, 8)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 def test_warm_up_compiles_the_union_kernel(monkeypatch):

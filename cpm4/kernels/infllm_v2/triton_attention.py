@@ -17,7 +17,17 @@ import triton
 import triton.language as tl
 
 from . import triton_union
-from .triton_select import Rows, group_rows, own_range, padded_empty, row_params, shared_block, softmax_step, tile_shape
+from .triton_select import (
+    Rows,
+    dq_step,
+    group_rows,
+    own_range,
+    padded_empty,
+    row_params,
+    shared_block,
+    softmax_step,
+    tile_shape,
+)
 from .triton_select import autotune_configs as _configs
 
 
@@ -202,17 +212,6 @@ def _fwd_token_query(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_pt
     tl.store(lse_ptr + t * stride_lt + h, lse, mask=hm)
 
 
-@triton.jit
-def _dq_step(q, do, k, v, p_mask, lse, delta, dq, qk_scale):
-    """One key block of the flash-attention dq pass (scores in log2 units; p_mask None: every entry counts)."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.exp2(s - lse[:, None])
-    if p_mask is not None:
-        p = tl.where(p_mask, p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
-
-
 @triton.autotune(configs=_configs(), key=["D", "BLOCK", "INIT", "HP"])
 @triton.jit(do_not_specialize=["tq", "q_start", "tk"])  # see triton_select._lse_kernel (training: packed documents)
 def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tq, q_start, tk, window, sm_scale,
@@ -243,9 +242,9 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
         b, _ = shared_block(i, qb, window, INIT)
         kk, km, k, v = shared_kv(k_ptr, v_ptr, b * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh,
                                  EDGE=False)
-        dq = _dq_step(q, do, k, v, None, lse, delta, dq, qk_scale)
+        dq = dq_step(q, do, k, v, None, lse, delta, dq, qk_scale)
     kk, km, k, v = shared_kv(k_ptr, v_ptr, qb * BLOCK + kk0, tk, g, dd, stride_kt, stride_kh, stride_vt, stride_vh)
-    dq = _dq_step(q, do, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), lse, delta, dq, qk_scale)
+    dq = dq_step(q, do, k, v, km[None, :] & (kk[None, :] <= pos[:, None]), lse, delta, dq, qk_scale)
     tl.store(dq_ptr + qoff, dq * sm_scale, mask=rm[:, None])
 
 
@@ -457,18 +456,13 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
-    tokens = triton_union.UNION_TOKENS
-    sizes = None
-    if tokens and tq >= triton_union.UNION_MIN_QUERIES:  # neighbours' own blocks once for all of them, if they overlap
-        sizes = rows.table if rows is not None else torch.tensor([[tq], [q_start]], dtype=torch.int32).to(q.device)
-        if not triton_union.likely(idx, sizes, block_size, init_blocks, window, tokens):
-            sizes = None
-    if sizes is not None:
-        union, counts, total, own = triton_union.union_blocks(idx, sizes, block_size, init_blocks, window, tokens)
-        if triton_union.take_union(total, own):
-            triton_union.fwd_union(q, k, v, idx, union, counts, sizes, o_shared, lse_shared, o, lse, block_size, scale,
-                                   init_blocks, window, triton_union.UNION_TOKENS)
-            return (o, lse) if rows is not None else (o[0], lse[0])
+    # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; off by default).
+    chosen = triton_union.choose(idx, tq, q_start, rows.table if rows is not None else None, block_size, init_blocks,
+                                 window)
+    if chosen is not None:
+        triton_union.fwd_union(q, k, v, idx, *chosen, o_shared, lse_shared, o, lse, block_size, scale, init_blocks,
+                               window, triton_union.UNION_TOKENS)
+        return (o, lse) if rows is not None else (o[0], lse[0])
     nsel = idx.shape[3]
     _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
                                      q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
@@ -612,11 +606,17 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                                  v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size,
                                                  INIT=init_blocks, HP=hp)
     dq = torch.empty_like(q)
-    nsel = idx.shape[2]
-    _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale, q.stride(0),
-                                    q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
-                                    idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel,
-                                    NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks)
+    chosen = triton_union.choose(idx[None], tq, q_start, None, block_size, init_blocks, window)  # as the forward
+    if chosen is not None:
+        triton_union.bwd_dq_union(q, k, v, idx, *chosen[:2], do, lse, delta, dq_shared, dq, block_size, scale,
+                                  init_blocks, window, triton_union.UNION_TOKENS)
+    else:
+        nsel = idx.shape[2]
+        _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale,
+                                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                        idx.stride(0), idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d,
+                                        BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+                                        INIT=init_blocks)
     pos = torch.arange(q_start, tk, device=q.device)
     blocks = full_block_list(idx, pos, block_size, init_blocks, window)
     n_blocks = triton.cdiv(tk, block_size)

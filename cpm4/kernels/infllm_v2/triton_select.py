@@ -44,6 +44,17 @@ def softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def dq_step(q, do, k, v, p_mask, lse, delta, dq, qk_scale):
+    """One key block of the flash-attention dq pass (scores in log2 units; p_mask None: every entry counts)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if p_mask is not None:
+        p = tl.where(p_mask, p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
 def lse_step(s, m_i, l_i):
     """Online log-sum-exp over a tile of scores s [rows, cols] (log2 units, -inf excluded): updated
     running max and normaliser."""

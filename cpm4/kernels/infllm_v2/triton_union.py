@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_select import autotune_configs, query_tile, row_params, softmax_step
+from .triton_select import autotune_configs, dq_step, query_tile, row_params, softmax_step
 
 # Tokens per program (2, 4 or 8); 0: every call takes the token kernel. Measured on the H200 (RESULTS.md,
 # thirty-sixth pass; 8B shape, drawn selections, union_blocks included): T = 4 gains 1.40x / 1.65x at 32K / 128K
@@ -107,10 +107,47 @@ def _tile_unions(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_b
     return torch.where(dup, big, v).sort(-1).values, own.sum()
 
 
+def choose(idx: torch.Tensor, tq: int, q_start: int, table: torch.Tensor | None, block_size: int, init_blocks: int,
+           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The union path's decision for a call of stage 2 (forward or dq): None (the token kernel) unless UNION_TOKENS
+    is set, the call has UNION_MIN_QUERIES queries, `likely` accepts and the whole count passes `take_union`; else
+    (union, counts, table) for `fwd_union` / `bwd_dq_union`. idx [R, hkv, Tq, K]; table: `Rows.table` or None (one
+    sequence of tq queries from q_start)."""
+    tokens = UNION_TOKENS
+    if not tokens or tq < UNION_MIN_QUERIES:
+        return None
+    if table is None:
+        table = torch.tensor([[tq], [q_start]], dtype=torch.int32).to(idx.device)
+    if UNION_SAMPLE > 1 and not likely(idx, table, block_size, init_blocks, window, tokens):  # (1: the count decides)
+        return None
+    union, counts, total, own = union_blocks(idx, table, block_size, init_blocks, window, tokens)
+    return (union, counts, table) if take_union(total, own) else None
+
+
 def take_union(total: int, own: int) -> bool:
     """Whether the tiles' unions (total blocks) are small enough against the tokens' own blocks
     (`UNION_MAX_SHARE`)."""
     return own > 0 and total <= UNION_MAX_SHARE * own
+
+
+@triton.jit
+def _tile_bits(blk_row, stride_bt, row, bits_row, n_u, pid, tq, q_start, window, nsel, NSEL_PAD: tl.constexpr,
+               INIT: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+    """For each of the tile's n_u union blocks (row), which of its T tokens chose it, as bits (bit i: token i) into
+    bits_row: the loops over the union test each query row's bit in the tile's own layout (a [T] vector broadcast
+    to the rows there would be a layout conversion every block). blk_row: the KV group's selections [Tq, K]."""
+    # The T tokens' own blocks (the others -2, matching no block).
+    tt = pid * T + tl.arange(0, T)
+    kk = tl.arange(0, NSEL_PAD)
+    sel = tl.load(blk_row + tt[:, None] * stride_bt + kk[None, :], mask=(tt < tq)[:, None] & (kk < nsel)[None, :],
+                  other=-1)
+    qb = (q_start + tt) // BLOCK
+    sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
+    for u in range(0, n_u):
+        blk = tl.load(row + u)
+        chose = tl.max((sel == blk).to(tl.int32), 1)
+        tl.store(bits_row + u, tl.sum(chose << tl.arange(0, T), 0))
+    tl.debug_barrier()  # the bits stored above, visible to every thread of the program
 
 
 @triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
@@ -142,23 +179,11 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
     acc = tl.load(os_ptr + qoff, mask=rm[:, None], other=0.0)
     m_i = tl.load(ls_ptr + ti * stride_lt + hi, mask=rm, other=float("-inf"))
     l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
-    # The T tokens' own blocks (the others -2, matching no block), kept for the membership test of each block.
-    tt = pid * T + tl.arange(0, T)
-    kk = tl.arange(0, NSEL_PAD)
-    sel = tl.load(blk_ptr + g * stride_bh + tt[:, None] * stride_bt + kk[None, :],
-                  mask=(tt < tq)[:, None] & (kk < nsel)[None, :], other=-1)
-    qb = (q_start + tt) // BLOCK
-    sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
     n_u = tl.load(cnt_ptr + b * stride_cb + g * stride_ch + pid)
     row = un_ptr + b * stride_ub + g * stride_uh + pid * stride_ut
     bits_row = bits_ptr + b * stride_ub + g * stride_uh + pid * stride_ut
-    # First which tokens chose each block, as bits (a mask per row computed from them in the tile's own layout in
-    # the loop below; a [T] vector broadcast to the rows there would be a layout conversion every block).
-    for u in range(0, n_u):
-        blk = tl.load(row + u)
-        chose = tl.max((sel == blk).to(tl.int32), 1)
-        tl.store(bits_row + u, tl.sum(chose << tl.arange(0, T), 0))
-    tl.debug_barrier()  # the bits stored above, visible to every thread of the program
+    _tile_bits(blk_ptr + g * stride_bh, stride_bt, row, bits_row, n_u, pid, tq, q_start, window, nsel, NSEL_PAD,
+               INIT, BLOCK, T)
     lane = ti - pid * T  # each row's token within the tile
     qk_scale = sm_scale * 1.4426950408889634
     kk0 = tl.arange(0, BLOCK)
@@ -194,5 +219,64 @@ def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
         v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2), union.stride(0), union.stride(1), union.stride(2),
         counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0), o.stride(1),
         o.stride(2), lse.stride(0), lse.stride(1),
+        G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BLOCK=block_size, nsel=nsel,
+        NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)
+
+
+@triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
+@triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
+def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr,
+                         dq_ptr, tq, q_start, window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                         stride_vh, stride_bh, stride_bt, stride_uh, stride_ut, stride_ch, stride_lt,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
+                         NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
+    """The dq pass's own blocks as `_fwd_union_kernel` walks them (one sequence): T tokens x the G heads of KV group
+    g over the union of their own blocks, each row's p masked to its own token's choice, added to the shared part's
+    dq (dqs, fp32) — the token kernel's `_bwd_dq_token_kernel` result."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    q, ti, hi, rm = query_tile(q_ptr, pid, g, tq, stride_qt, stride_qh, G, G_PAD, T, D)
+    dd = tl.arange(0, D)
+    qoff = ti[:, None] * stride_qt + hi[:, None] * stride_qh + dd[None, :]
+    do = tl.load(do_ptr + qoff, mask=rm[:, None], other=0.0)
+    # Rows outside the queries: lse +inf, so their p is 0 in every block.
+    lse = tl.load(lse_ptr + ti * stride_lt + hi, mask=rm, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + ti * stride_lt + hi, mask=rm, other=0.0)
+    n_u = tl.load(cnt_ptr + g * stride_ch + pid)
+    row = un_ptr + g * stride_uh + pid * stride_ut
+    bits_row = bits_ptr + g * stride_uh + pid * stride_ut
+    _tile_bits(blk_ptr + g * stride_bh, stride_bt, row, bits_row, n_u, pid, tq, q_start, window, nsel, NSEL_PAD,
+               INIT, BLOCK, T)
+    lane = ti - pid * T
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros((T * G_PAD, D), dtype=tl.float32)
+    kk0 = tl.arange(0, BLOCK)
+    for u in tl.range(0, n_u):
+        blk = tl.load(row + u)
+        mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
+        keys = blk * BLOCK + kk0
+        k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
+        v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
+        dq = dq_step(q, do, k, v, mine[:, None] & (kk0 >= 0)[None, :], lse, delta, dq, qk_scale)
+    dq = dq * sm_scale + tl.load(dqs_ptr + qoff, mask=rm[:, None], other=0.0)
+    tl.store(dq_ptr + qoff, dq.to(dq_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, union: torch.Tensor,
+                 counts: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                 dq_shared: torch.Tensor, dq: torch.Tensor, block_size: int, scale: float, init_blocks: int,
+                 window: int, tokens: int) -> None:
+    """`sparse_bwd`'s per-token dq over the unions (one sequence: q/do/dq/dq_shared [Tq, hq, d] contiguous, k/v
+    [Tk, hkv, d], idx [hkv, Tq, K] int32, lse/delta [Tq, hq] alike; union, counts: `union_blocks`'s for idx[None])
+    into dq."""
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    nsel = idx.shape[2]
+    union, counts = union[0], counts[0]
+    bits = torch.empty_like(union)
+    _bwd_dq_union_kernel[(union.shape[1], hkv)](
+        q, k, v, idx, union, bits, counts, do, lse, delta, dq_shared, dq, tq, tk - tq, window, scale, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
+        union.stride(0), union.stride(1), counts.stride(0), lse.stride(0),
         G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BLOCK=block_size, nsel=nsel,
         NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)
