@@ -21,9 +21,10 @@ demo: $(BIN)/cpm4
 		"What does the json module do?"
 
 # Two worker processes of one thread each (tests/conftest.py): 411 s against 710 s in one process of two threads
-# on the 2-core CI machine (the interpreter-run Triton tests are single-threaded Python).
+# on the 2-core CI machine (the interpreter-run Triton tests are single-threaded Python). The slowest tests are
+# collected first and an idle worker steals pending tests from the other, so both end together.
 test: $(BIN)/cpm4
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal tests
 
 lint: $(BIN)/cpm4
 	$(BIN)/ruff check cpm4 tests benchmarks

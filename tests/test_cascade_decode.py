@@ -207,6 +207,7 @@ def test_shared_groups_finds_each_group_most_reads_first():
     assert find([[1, 2, 3], [1, 5, 3]], [40, 40], 2) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse_model", [False, True])
 def test_cascade_decode_keeps_the_engines_tokens(monkeypatch, sparse_model):
     """Engine decode steps on the pages in place (interpreter) with cascade decode: rows after a cached prefix

@@ -243,6 +243,7 @@ def test_generate_prompt_from_stdin_via_console_script(jobs, llm):
 # bad input: exit code 2 and a message naming what is wrong
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_cache_size(jobs):
     r = jobs["bad_kv_cache"].result()  # argparse's own usage error: exit 2 before any model load
     assert r.rc == 2 and "--kv-cache-tokens" in r.err and "positive integer" in r.err and "Traceback" not in r.err

@@ -63,6 +63,7 @@ def test_selection_kernel_builds_for_sm80_and_sm90():
     assert "_select_kernel" in cuda_build.build(launches)
 
 
+@pytest.mark.slow
 def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
     """Every InfLLM v2 kernel: prefill stages 1-4 with the backward (Gen-B and Gen-A; Gen-A's with the dk/dv work
     split, its dk/dv and stage 1 scores as [keys, rows] and two heads a shared-blocks tile), and the paged sparse
@@ -135,6 +136,7 @@ def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):
     assert {"_shared_kernel", "_attend_kernel"} <= set(built)
 
 
+@pytest.mark.slow
 def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
     """Stage 2 over neighbouring tokens' union of blocks (`triton_union`), forward and dq, at the 8B's group (16
     heads, d 128, blocks of 64), 4 and 8 tokens a program, bf16."""

@@ -73,6 +73,7 @@ def test_mixed_dataset_draws_by_share(world):
         MixedDataset([(a, -1.0)])
 
 
+@pytest.mark.slow
 def test_verify_ranks_junk_below_in_distribution_data(world):
     d, ckpt, p = world
     cfg = VerifyConfig(checkpoint=ckpt, base=p["base"], candidates={"good": p["good"], "junk": p["junk"]},
@@ -105,6 +106,7 @@ def test_verify_errors(world, tmp_path):
         parse_named(["nameonly"], "--eval")
 
 
+@pytest.mark.slow
 def test_iterate_round_cli(world):
     d, ckpt, p = world
     rng = random.Random(1)

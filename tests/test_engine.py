@@ -354,6 +354,7 @@ def test_paged_decode_storing_in_the_attention_launch(monkeypatch, fused):
     assert (calls == []) == fused  # no separate store launch when fused
 
 
+@pytest.mark.slow
 def test_dense_steps_of_a_sparse_model_equal_its_sparse_steps():
     """An InfLLM v2 model's decode steps whose rows are all below dense_len through the dense paged decode
     (`paged.dense_step`: the store and the kernel-key pooling inside the attention launch): the same tokens, and
@@ -455,6 +456,7 @@ def test_graphs_replay_the_dense_variant_only_below_dense_len(monkeypatch):
             assert replayed == ["plain"] * 3 and captured == [(4, False), (2, False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sc", [None, sparse(dense_len=40)])
 def test_paged_decode_kernels_equal_alone(sc, max_tokens=12):
     """Decode steps attending on the pages in place (the Triton kernels; on the CPU in the interpreter),
@@ -490,6 +492,7 @@ def test_compiled_decode_step_is_one_graph(sc):
     compiled_decode_matches_eager(model, cache, eng)
 
 
+@pytest.mark.slow
 def test_compiled_graph_step_compiles_once_for_every_bucket_past_one(monkeypatch):
     """The graphs' compiled step (`DecodeGraphs._forward`, built without a GPU here) with `DYNAMIC_BATCH`: one
     compilation for batch 1 and one for all the others (from DYNAMIC_FROM, 2), the eager step's logits at each;
@@ -1181,6 +1184,7 @@ def test_continuing_rows_in_one_varlen_call_on_cuda(monkeypatch):
     check_batched_rows(base, model, ps, cut, one, rows, prefix_len=70)
 
 
+@pytest.mark.slow
 def test_sparse_rows_in_one_launch_interpreter(monkeypatch):
     """Sparse rows of one step (after cached tokens, or from their start beside them) through the batched InfLLM
     v2 kernels (`Attention._sparse_rows`; on the CPU in Triton's interpreter, as on the GPU): the logits of each
@@ -1528,6 +1532,7 @@ def _interpreted_sparse_engine(monkeypatch, cache_kw: dict | None = None, **engi
                      max_model_len=128, **engine_kw)
 
 
+@pytest.mark.slow
 def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
     """What the engine's own prefill steps launch (keys read from the pages, several sparse rows in one launch,
     rows continuing a cached prefix, contexts of fewer blocks than num_selected) has no InfLLM v2 prefill kernel
@@ -1563,6 +1568,7 @@ def test_prefill_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
         k: {s for s in v if s[0][1] in prefill} for k, v in used.items()}) == {}
 
 
+@pytest.mark.slow
 def test_eager_decode_kernels_compile_nothing_after_warm_up_interpreter(monkeypatch):
     """Eager decode (CUDA graphs off): the steps of a serving run — batches shrinking from 3 rows to 1 as
     requests end, contexts of 2 to 4 pages (21-51 tokens), rows crossing dense_len into sparse decoding, then

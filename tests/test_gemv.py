@@ -365,6 +365,7 @@ def test_fused_takes(monkeypatch):
     assert not gemv.fused_takes(x, w, 1)  # the CPU without the interpreter: PyTorch's ops
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_fused_decoder_layers_equal_the_plain_ones():
     """`use_gemv(fuse=True)`: a one-row step's layers as four fused GEMVs (norms, SiLU·up, residuals inside) give

@@ -199,6 +199,7 @@ def test_selection_with_ties_equals_reference(variant, dtype, search):
                                                                                       device=device)), pos, cfg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_selection_over_fewer_lanes_equals_reference(variant):
     """Queries whose blocks fit in a quarter or a half of the selection's lanes use that many (here 34 blocks in 64
@@ -293,6 +294,7 @@ def test_block_scores_keys_first_equal_reference(variant, hq):
     assert rel(torch.where(vis, first, 0.0), torch.where(vis, rows, 0.0)) < tol
 
 
+@pytest.mark.slow
 def test_interpreter_prefill_signatures_do_not_follow_lengths():
     """The prefill kernels (selection and sparse attention, one sequence or several rows in one launch) keep one
     Triton signature whatever the step's lengths: each new length class (1, a multiple of 16, other) of an
@@ -355,6 +357,7 @@ def test_interpreter_prefill_signatures_do_not_follow_lengths():
     assert new_signatures(first, later) == {}
 
 
+@pytest.mark.slow
 def test_interpreter_signatures_with_other_head_and_block_counts():
     """With 12 query heads and 8 selected blocks a query (neither a multiple of 16, unlike MiniCPM4's), the strides
     of the log-sum-exp and selection buffers followed tq * heads and tq * blocks: a variant per length class.
@@ -436,6 +439,7 @@ def test_interpreter_warm_scores_covers_continued_rows():
     assert new_signatures(warm, used) == {}
 
 
+@pytest.mark.slow
 def test_interpreter_warm_prefill_kernels_cover_short_contexts():
     """A context of fewer blocks than num_selected (a dense_len below them) selects one block per block: the
     count was a constexpr of the selection and the attention, a compile for every count (seen on the H200: 2-14
@@ -1077,6 +1081,7 @@ def check_rows(cfg, lens, hq, hkv, d, dtype, device, tol, seed=0, ref_dtype=torc
         assert not out[r, n:].any(), r  # nothing written past a row's queries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_interpreter_rows_in_one_launch(variant):
     if CUDA:

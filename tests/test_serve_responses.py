@@ -299,6 +299,7 @@ def _random_chat_stream(rng):
     return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"], message, lps, finish
 
 
+@pytest.mark.slow
 def test_events_reshape_random_chat_streams():
     """`_events` over random chat streams (reasoning, content pieces, logprobs, calls, the finish): every event
     valid for the openai client's types, items opened and closed in order, and the final response's output that of

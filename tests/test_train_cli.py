@@ -68,6 +68,7 @@ tensorboard = false
     return d
 
 
+@pytest.mark.slow
 def test_pretrain_resume_and_generate(setup):
     d = setup
     full = d / "full"
@@ -113,6 +114,7 @@ def test_sft_from_pretrained(setup):
     assert (run / "model" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one(setup):
     d = setup
     one, two = d / "one", d / "two"
