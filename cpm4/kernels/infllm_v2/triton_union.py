@@ -150,6 +150,18 @@ def _tile_bits(blk_row, stride_bt, row, bits_row, n_u, pid, tq, q_start, window,
     tl.debug_barrier()  # the bits stored above, visible to every thread of the program
 
 
+@triton.jit
+def _union_block(row, bits_row, u, lane, k_ptr, v_ptr, g, dd, kk0, stride_kt, stride_kh, stride_vt, stride_vh,
+                 BLOCK: tl.constexpr):
+    """The tile's u-th union block: (each query row's mask — its own token chose the block; own blocks lie before
+    the window, so no causal mask —, keys, values) of KV group g."""
+    keys = tl.load(row + u) * BLOCK + kk0
+    mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
+    k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
+    v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
+    return mine[:, None] & (kk0 >= 0)[None, :], k, v
+
+
 @triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
 @triton.jit(do_not_specialize=["n_rows", "nsel"])
 def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr,
@@ -188,13 +200,9 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
     qk_scale = sm_scale * 1.4426950408889634
     kk0 = tl.arange(0, BLOCK)
     for u in tl.range(0, n_u):
-        blk = tl.load(row + u)
-        mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
-        keys = blk * BLOCK + kk0
-        k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
-        v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
-        # Own blocks lie before the window: fully visible, no causal mask.
-        m_i, l_i, acc = softmax_step(q, k, v, mine[:, None] & (kk0 >= 0)[None, :], m_i, l_i, acc, qk_scale)
+        mask, k, v = _union_block(row, bits_row, u, lane, k_ptr, v_ptr, g, dd, kk0, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, BLOCK)
+        m_i, l_i, acc = softmax_step(q, k, v, mask, m_i, l_i, acc, qk_scale)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + ti[:, None] * stride_ot + hi[:, None] * stride_oh + dd[None, :], out, mask=rm[:, None])
@@ -252,12 +260,9 @@ def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr
     dq = tl.zeros((T * G_PAD, D), dtype=tl.float32)
     kk0 = tl.arange(0, BLOCK)
     for u in tl.range(0, n_u):
-        blk = tl.load(row + u)
-        mine = ((tl.load(bits_row + u) >> lane) & 1) > 0
-        keys = blk * BLOCK + kk0
-        k = tl.load(k_ptr + keys[:, None] * stride_kt + g * stride_kh + dd[None, :])
-        v = tl.load(v_ptr + keys[:, None] * stride_vt + g * stride_vh + dd[None, :])
-        dq = dq_step(q, do, k, v, mine[:, None] & (kk0 >= 0)[None, :], lse, delta, dq, qk_scale)
+        mask, k, v = _union_block(row, bits_row, u, lane, k_ptr, v_ptr, g, dd, kk0, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, BLOCK)
+        dq = dq_step(q, do, k, v, mask, lse, delta, dq, qk_scale)
     dq = dq * sm_scale + tl.load(dqs_ptr + qoff, mask=rm[:, None], other=0.0)
     tl.store(dq_ptr + qoff, dq.to(dq_ptr.dtype.element_ty), mask=rm[:, None])
 
