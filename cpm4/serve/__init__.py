@@ -1,7 +1,9 @@
 """OpenAI-compatible serving: `AsyncEngine` (batched generation behind asyncio), `create_app` (FastAPI)
 and `serve` (load a checkpoint and run uvicorn; what `cpm4 serve` calls).
 
-FastAPI and uvicorn are imported only when `create_app` / `serve` are used, so the engine works without them.
+FastAPI and uvicorn are imported only when `create_app` / `serve` are used, so the engine works without them; the
+engines (and torch) only when used, so building the `cpm4` command line's parser (which adds `serve` and `bench`
+from `cpm4.serve.cli`) imports no torch: `cpm4 --help` and the data commands start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -12,15 +14,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpm4.model.hub import resolve_model_dir
-
-from .engine import AsyncEngine
-from .engine_proc import ProcessEngine
-
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from .engine import AsyncEngine
+    from .engine_proc import ProcessEngine
+
 __all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "default_engine_process", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AsyncEngine":
+        from .engine import AsyncEngine
+
+        return AsyncEngine
+    if name == "ProcessEngine":
+        from .engine_proc import ProcessEngine
+
+        return ProcessEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
@@ -87,6 +99,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     given = str(model_dir)
+    from cpm4.model.hub import resolve_model_dir
+
+    from .engine import AsyncEngine
+
     model_dir = resolve_model_dir(model_dir, revision)
     from_hub = model_dir != Path(given).expanduser()
     from cpm4.engine.generation_config import sampling_defaults as read_defaults
