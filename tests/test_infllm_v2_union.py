@@ -250,6 +250,32 @@ def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, ove
 
 
 @needs_kernels
+def test_autograd_asks_the_union_question_once(monkeypatch):
+    """block_sparse_attention (forward and backward through autograd) decides the union path once and both passes
+    take it: the gradients are the ones sparse_bwd computes deciding for itself."""
+    from cpm4.kernels.infllm_v2 import triton_union
+    from cpm4.kernels.infllm_v2.triton_attention import block_sparse_attention, sparse_bwd
+
+    dev = "cpu" if ON_CPU else "cuda"
+    block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 32, 256
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(tq, hq, d, generator=g).to(dev)
+    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(dev) for _ in range(2))
+    idx = selections(hkv, tq, q_start, block, 5, 0.9, seed=4).to(dev)
+    o, lse = _sparse_fwd(monkeypatch, 4, float("inf"), q, k, v, idx, block, d ** -0.5, init, window)
+    want = sparse_bwd(torch.ones_like(o), q, k, v, o, lse, idx, block, d ** -0.5, init, window)
+    calls, used = [], []
+    real_choose, real_dq = triton_union.choose, triton_union.bwd_dq_union
+    monkeypatch.setattr(triton_union, "choose", lambda *a, **kw: calls.append(1) or real_choose(*a, **kw))
+    monkeypatch.setattr(triton_union, "bwd_dq_union", lambda *a, **kw: used.append(1) or real_dq(*a, **kw))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    block_sparse_attention(qg, kg, vg, idx, block, d ** -0.5, init, window).sum().backward()
+    assert calls == [1] and used == [1]
+    for got, w in zip((qg.grad, kg.grad, vg.grad), want):
+        torch.testing.assert_close(got, w, rtol=SAME, atol=SAME)
+
+
+@needs_kernels
 def test_sparse_fwd_takes_the_union_kernel_by_the_flag(monkeypatch):
     """sparse_fwd calls `fwd_union` with UNION_TOKENS set and unions small enough, never with it 0."""
     from cpm4.kernels.infllm_v2 import triton_union

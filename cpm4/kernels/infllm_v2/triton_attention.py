@@ -419,13 +419,14 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float,
-               init_blocks: int, window: int, shared_heads: int | None = None, rows: Rows | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               init_blocks: int, window: int, shared_heads: int | None = None, rows: Rows | None = None,
+               union: tuple | None | str = "decide") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the shared blocks (b < init_blocks or qb - window <= b <= qb) plus the selected blocks
     `idx` [hkv, Tq, K] (sorted ascending, -1 last; entries inside the shared set are ignored).
     Returns out [Tq, hq, d] and lse [Tq, hq] (natural log). shared_heads: see SHARED_HEADS (None: that).
     rows: several sequences (q [R, T, hq, d], k/v [R, S, hkv, d], idx [R, hkv, T, K]; see triton_select.Rows)
-    -> out [R, T, hq, d] (zero past each sequence's queries) and lse [R, T, hq] (set for its queries only)."""
+    -> out [R, T, hq, d] (zero past each sequence's queries) and lse [R, T, hq] (set for its queries only).
+    union: `triton_union.choose`'s answer when the caller already has it ("decide": ask here)."""
     if rows is None:
         _check(q, k, v, idx)
         q, k, v, idx = q[None], k[None], v[None], idx[None]
@@ -457,8 +458,8 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
     # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; off by default).
-    chosen = triton_union.choose(idx, tq, q_start, rows.table if rows is not None else None, block_size, init_blocks,
-                                 window)
+    chosen = union if union != "decide" else triton_union.choose(idx, tq, q_start, rows.table if rows is not None
+                                                                  else None, block_size, init_blocks, window)
     if chosen is not None:
         triton_union.fwd_union(q, k, v, idx, *chosen, o_shared, lse_shared, o, lse, block_size, scale, init_blocks,
                                window, triton_union.UNION_TOKENS)
@@ -584,10 +585,10 @@ def bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
 
 
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               lse: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               lse: torch.Tensor, idx: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int,
+               union: tuple | None | str = "decide") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sparse_fwd: dq as the forward (shared tile + per-token blocks), dk/dv per key block over
-    the inverted selection."""
+    the inverted selection. union: the forward's `triton_union.choose` answer ("decide": ask again)."""
     q, k, v, o, do = _contig(q), _contig(k), _contig(v), _contig(o), _contig(do)
     idx = _contig(idx.to(torch.int32))
     tq, hq, d = q.shape
@@ -606,7 +607,8 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                                  v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size,
                                                  INIT=init_blocks, HP=hp)
     dq = torch.empty_like(q)
-    chosen = triton_union.choose(idx[None], tq, q_start, None, block_size, init_blocks, window)  # as the forward
+    chosen = union if union != "decide" else triton_union.choose(idx[None], tq, q_start, None, block_size,
+                                                                  init_blocks, window)
     if chosen is not None:
         triton_union.bwd_dq_union(q, k, v, idx, *chosen[:2], do, lse, delta, dq_shared, dq, block_size, scale,
                                   init_blocks, window, triton_union.UNION_TOKENS)
@@ -630,7 +632,10 @@ class SparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size: int, scale: float, init_blocks: int, window: int):
-        o, lse = sparse_fwd(q, k, v, idx, block_size, scale, init_blocks, window)
+        # The union question asked once for both passes (its host read and counts are not repeated).
+        ctx.union = triton_union.choose(idx.to(torch.int32)[None], q.shape[0], k.shape[0] - q.shape[0], None,
+                                        block_size, init_blocks, window)
+        o, lse = sparse_fwd(q, k, v, idx, block_size, scale, init_blocks, window, union=ctx.union)
         ctx.save_for_backward(q, k, v, o, lse, idx)
         ctx.cfg = (block_size, scale, init_blocks, window)
         return o
@@ -638,7 +643,7 @@ class SparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, idx = ctx.saved_tensors
-        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, idx, *ctx.cfg)
+        dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, idx, *ctx.cfg, union=ctx.union)
         return dq, dk, dv, None, None, None, None, None
 
 
