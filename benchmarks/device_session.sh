@@ -36,6 +36,7 @@
 #   bash benchmarks/device_session.sh prefix    # prefix caching on against off (prefix_cache.py): 0.5B, then 8B
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
 #                                               # at 16K/4K batched and with a pipeline per row
+#   bash benchmarks/device_session.sh unionsample # the union path's sampled decision as one kernel: tests, its cost
 #   bash benchmarks/device_session.sh cascade   # shared-prefix rows in two calls merged by log-sum-exp: GPU tests,
 #                                               # then 0.5B prefix caching with and without it (+ profile)
 #   bash benchmarks/device_session.sh firststep # where a warm prefix batch's first step goes: 8B (8 x 30K, sparse rows)
@@ -423,10 +424,21 @@ unionauto)  # the union path deciding for itself (triton_union.likely's sample o
     timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
     timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --tag=-auto \
         --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
+unionsample)  # the sample as one kernel (triton_union.sample_counts; was torch sorts: 0.41 / 0.83 ms at 32K / 128K):
+    # the union GPU tests, then stage2_union.py's T = 4, auto and sample rows (no backward rows)
+    timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --backward 0 --tag=-sample \
+        --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
+unionauto8b)  # unionauto's second call (each 8B 128K run takes 2-3 minutes): the 8B's 128K with --union-tokens 4
+    # against 0 (the first run compiles: 150 s was too short for it twice on 2026-12-01)
+    limit=220
     for side in 0 4 0; do
-        timeout 150 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
+        timeout $limit "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
             --decode-tokens 32 --no-peer --union-tokens $side --tag="-union$side" --out "${OUT:-benchmarks/results}" \
             2>&1 | grep -E "^(prefill|decode)"
+        limit=150
     done
     ;;
 densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):

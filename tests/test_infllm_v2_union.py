@@ -160,28 +160,62 @@ def test_union_taken_only_when_the_unions_are_small():
     assert not take_union(0, 0)
 
 
+@needs_kernels
+def test_sampled_counts_are_a_set_computation_over_those_tiles():
+    """`sample_counts` (a kernel comparing each token's list with its tile's earlier tokens') over tiles 0, every,
+    2 every, ...: each sampled tile's union of own blocks and its tokens' own blocks, counted with Python sets, for
+    two sequences in one call (the second shorter, its padding never read), partial last tiles included; every = 1
+    is `union_blocks`'s whole count."""
+    from cpm4.kernels.infllm_v2.triton_union import sample_counts, union_blocks
+
+    block, init, window, tq, q_start, nsel = 16, 1, 2, 38, 96, 6
+    dev = "cpu" if ON_CPU else "cuda"
+    idx = selections(2, tq, q_start, block, nsel, 0.5, seed=3)
+    rows = torch.stack([idx, idx.flip(1)])
+    rows[1, :, 21:] = 5  # past the second sequence's 21 queries
+    sizes = torch.tensor([[tq, 21], [q_start, q_start + 40]], dtype=torch.int32)
+    for tokens in (2, 4, 8):
+        for every in (1, 3):
+            want_total = want_own = 0
+            for r, (n, start) in enumerate(sizes.T.tolist()):
+                for h in range(2):
+                    for t0 in range(0, tq, tokens * every):
+                        mine = [{b for b in rows[r, h, t].tolist() if init <= b < (start + t) // block - window}
+                                for t in range(t0, min(t0 + tokens, n))]
+                        want_total += len(set().union(*mine))
+                        want_own += sum(map(len, mine))
+            got = sample_counts(rows.to(dev), sizes.to(dev), block, init, window, tokens, every)
+            assert got == (want_total, want_own), (tokens, every)
+            if every == 1:
+                assert got == union_blocks(rows, sizes, block, init, window, tokens)[2:]
+    with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
+        sample_counts(rows, sizes, block, init, window, 3, 1)
+
+
+@needs_kernels
 def test_sampled_decision_is_the_whole_counts_on_clear_cases():
-    """`likely` over every tile is exactly `union_blocks` + `take_union`; over every 16th tile it decides alike
-    neighbours (take) and independent draws (not) as the whole count does, for one sequence and for rows whose
-    second sequence is shorter (its padding never counted)."""
+    """Over every 16th tile `likely` decides alike neighbours (take) and independent draws (not) as the whole count
+    (`union_blocks` + `take_union`) does, for one sequence and for rows whose second sequence is shorter."""
     from cpm4.kernels.infllm_v2 import triton_union
     from cpm4.kernels.infllm_v2.triton_union import likely, take_union, union_blocks
 
-    block, tq, nsel = 16, 2048, 6
-    alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
+    block, tq, q_start, nsel = 16, 512, 1024, 6
+    alike = selections(2, tq, q_start, block, nsel, 1.0, seed=1)
     alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)
-    apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
+    apart = selections(2, tq, q_start, block, nsel, 0.0, seed=2)
+    dev = "cpu" if ON_CPU else "cuda"
     for idx, want in ((alike, True), (apart, False)):
-        for sizes in (table(tq, 0), torch.tensor([[tq, tq // 2], [0, 0]], dtype=torch.int32)):
+        for sizes in (table(tq, q_start), torch.tensor([[tq, tq // 2], [q_start, q_start]], dtype=torch.int32)):
             rows = idx[None].expand(sizes.shape[1], -1, -1, -1).clone()
             if sizes.shape[1] == 2:
                 rows[1, :, tq // 2:] = 5  # past the shorter sequence: never read
-            whole = take_union(*union_blocks(rows, sizes, block, 1, 2, 4)[2:])
-            assert whole == want
-            assert likely(rows, sizes, block, 1, 2, 4, every=1) == whole
-            assert triton_union.UNION_SAMPLE > 1 and likely(rows, sizes, block, 1, 2, 4) == want
-    with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
-        likely(alike[None], table(tq, 0), block, 1, 2, 3)
+            assert take_union(*union_blocks(rows, sizes, block, 1, 2, 4)[2:]) == want
+            assert triton_union.UNION_SAMPLE > 1 and likely(rows.to(dev), sizes.to(dev), block, 1, 2, 4) == want
+    # The stride: every UNION_SAMPLE-th tile, fewer once a call has more than UNION_SAMPLE_TILES of them to sample.
+    cap = triton_union.UNION_SAMPLE * triton_union.UNION_SAMPLE_TILES * 4
+    assert triton_union.sample_every(cap, 4) == triton_union.UNION_SAMPLE
+    assert triton_union.sample_every(2 * cap, 4) == 2 * triton_union.UNION_SAMPLE
+    assert triton_union.sample_every(2 * cap + 4, 4) == 2 * triton_union.UNION_SAMPLE + 1
 
 
 @needs_kernels
