@@ -10,9 +10,9 @@ token did not choose changes neither its running max nor its sums).
 
 With disjoint selections (random inputs) the union is T times a token's list, so the loads are the token kernel's
 and the scores are computed for T times the rows: `sparse_fwd` takes this path only when the tiles' unions hold at
-most UNION_MAX_SHARE of the tokens' own blocks. It asks `likely` first — the same share over every UNION_SAMPLE-th
-tile, so a call that declines pays a sixteenth of the union count — then `union_blocks` for every tile (one count
-read back to the host each). Calls of fewer than UNION_MIN_QUERIES queries never ask. One sequence or several
+most UNION_MAX_SHARE of the tokens' own blocks. It asks `likely` first — the same share over a sample of the tiles
+(`sample_counts`: one small kernel, ≈ 0.1 ms at the 8B's 32K and 128K) — then `union_blocks` for every tile (one
+count read back to the host each). Calls of fewer than UNION_MIN_QUERIES queries never ask. One sequence or several
 (`Rows`) in one launch alike: a sequence is a row of one."""
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from .triton_select import autotune_configs, dq_step, query_tile, row_params, so
 # thirty-sixth pass; 8B shape, drawn selections, union_blocks included): T = 4 gains 1.40x / 1.65x at 32K / 128K
 # where neighbours choose the same blocks (share 0.25), 1.04-1.14x at share 0.39-0.48, 0.86-1.00x at 0.58-0.63;
 # T = 8 wins more at small shares (1.53x / 1.77x) but breaks even near 0.3; T = 2 at best 1.01x. Off: random-weight
-# checkpoints (our benchmarks) draw independent blocks (share 0.63-0.85 at T = 4), where the path is not taken and
-# union_blocks is a pure cost; a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4).
+# checkpoints (our benchmarks) draw independent blocks (share 0.63-0.85 at T = 4), where the path is never taken and
+# the question is a pure cost (thirty-seventh pass: a declined call 0.98x, the 8B's 128K prefill 0.7-1.3 % slower);
+# a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4).
 UNION_TOKENS = 0
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks (T = 4's
 # break-even above, 0.48 -> 1.04x, 0.58 -> 1.00x).
