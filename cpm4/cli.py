@@ -256,10 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine.generate import PromptTooLongError
-    from .model.checkpoint import CheckpointError
-    from .model.config import ConfigError
-
     try:
         return args.func(args)
     except BrokenPipeError:
@@ -270,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
             pass
         return 1
-    except (OSError, ConfigError, CheckpointError, PromptTooLongError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         # OSError: a missing, existing, unreadable or unwritable path (not only FileNotFoundError/FileExistsError).
+        # ValueError: bad input, ConfigError, CheckpointError and PromptTooLongError among them (named here, their
+        # modules would import torch before every command, the data commands' too).
         print(f"cpm4: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -342,3 +342,23 @@ def test_closed_output_pipe_exits_quietly(ckpt):
     err = err_bytes.decode("utf-8", "replace")
     assert p.returncode == 1, err
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors said before the heavy imports
+
+
+def test_missing_model_is_said_before_torch_loads(tmp_path):
+    """`cpm4 serve` of a missing folder answers in a fraction of a second: exit 2, the path named, torch never
+    imported (the command line catches the library's error types as the ValueError they are)."""
+    from cpm4.engine.generate import PromptTooLongError
+    from cpm4.model.checkpoint import CheckpointError
+    from cpm4.model.config import ConfigError
+
+    assert all(issubclass(e, ValueError) for e in (PromptTooLongError, CheckpointError, ConfigError))
+    missing = tmp_path / "no-such-model"
+    code = ("import sys; from cpm4.cli import main; rc = main(['serve', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert p.stderr.strip() == f"cpm4: error: model directory not found: {missing}"

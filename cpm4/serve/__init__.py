@@ -101,9 +101,9 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     given = str(model_dir)
     from cpm4.model.hub import resolve_model_dir
 
+    model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
     from .engine import AsyncEngine
 
-    model_dir = resolve_model_dir(model_dir, revision)
     from_hub = model_dir != Path(given).expanduser()
     from cpm4.engine.generation_config import sampling_defaults as read_defaults
     from cpm4.llm import load_model, resolve_device
