@@ -8,6 +8,11 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on the CPU; must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        sys.path.insert(0, os.path.dirname(__file__))
+        import interpreter_speed
+
+        interpreter_speed.install()
 
 # Keep CPU runs predictable on the 2-core CI machine: under pytest-xdist (`make test` runs 2 workers) a thread
 # each, so the workers do not contend for the cores.
