@@ -388,3 +388,15 @@ def test_warm_up_compiles_the_union_kernel(monkeypatch):
             warm_prefill_kernels(cfg, 16, 2, 16, 104, "cpu", torch.float16, queries=4)
         assert {dict(s)["NSEL_PAD"] for s in warm.get("_fwd_union_kernel", [])} == want
         assert triton_union.UNION_MAX_SHARE == before  # forced() restored it
+
+
+def test_union_tokens_from_the_environment():
+    """CPM4_UNION_TOKENS sets the union path's T for a process (unset or 0: off); anything else is refused by
+    name."""
+    from cpm4.kernels.infllm_v2.triton_union import tokens_from_env
+
+    assert tokens_from_env({}) == 0
+    assert [tokens_from_env({"CPM4_UNION_TOKENS": v}) for v in ("0", "2", " 4", "8")] == [0, 2, 4, 8]
+    for bad in ("3", "16", "four", "-4"):
+        with pytest.raises(ValueError, match=f"CPM4_UNION_TOKENS must be 0, 2, 4 or 8.*{bad}"):
+            tokens_from_env({"CPM4_UNION_TOKENS": bad})

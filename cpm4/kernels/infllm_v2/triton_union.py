@@ -17,6 +17,8 @@ count read back to the host each). Calls of fewer than UNION_MIN_QUERIES queries
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -31,8 +33,19 @@ from .triton_select import autotune_configs, dq_step, query_tile, row_params, so
 # T = 8 wins more at small shares (1.53x / 1.77x) but breaks even near 0.3; T = 2 at best 1.01x. Off: random-weight
 # checkpoints (our benchmarks) draw independent blocks (share 0.63-0.85 at T = 4), where the path is never taken and
 # the question is a pure cost (thirty-seventh pass: a declined call 0.98x, the 8B's 128K prefill 0.7-1.3 % slower);
-# a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4).
-UNION_TOKENS = 0
+# a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4). Set for a process (and the engine
+# processes it starts) by CPM4_UNION_TOKENS.
+
+
+def tokens_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    """UNION_TOKENS as the environment gives it: CPM4_UNION_TOKENS = 0 (or unset: off), 2, 4 or 8."""
+    raw = environ.get("CPM4_UNION_TOKENS", "").strip()
+    if raw not in ("", "0", "2", "4", "8"):
+        raise ValueError(f"CPM4_UNION_TOKENS must be 0, 2, 4 or 8 (tokens a program), got {raw!r}")
+    return int(raw or 0)
+
+
+UNION_TOKENS = tokens_from_env()
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks (T = 4's
 # break-even above, 0.48 -> 1.04x, 0.58 -> 1.00x).
 UNION_MAX_SHARE = 0.5
