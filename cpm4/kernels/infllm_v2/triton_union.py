@@ -125,10 +125,17 @@ def _check_tokens(tokens: int) -> None:
 
 
 @triton.jit
+def _own(sel, pos, window, INIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Selected blocks `sel` of the query at `pos` (broadcast to sel) kept where they are its own blocks
+    (init <= b < its block - window), -2 (matching no block) elsewhere."""
+    return tl.where((sel >= INIT) & (sel < pos // BLOCK - window), sel, -2)
+
+
+@triton.jit
 def _own_row(blk_row, t, tq, q_start, window, nsel, kk, stride_bt, INIT: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t's own blocks (init <= b < its block - window; the rest, and a token past the sequence's, -2)."""
+    """Token t's own blocks (`_own`; a token past the sequence's: none)."""
     sel = tl.load(blk_row + t * stride_bt + kk, mask=(kk < nsel) & (t + kk * 0 < tq), other=-1)
-    return tl.where((sel >= INIT) & (sel < (q_start + t) // BLOCK - window), sel, -2)
+    return _own(sel, q_start + t, window, INIT, BLOCK)
 
 
 @triton.jit(do_not_specialize=["n_rows", "window", "every", "nsel"])
@@ -209,8 +216,7 @@ def _tile_bits(blk_row, stride_bt, row, bits_row, n_u, pid, tq, q_start, window,
     kk = tl.arange(0, NSEL_PAD)
     sel = tl.load(blk_row + tt[:, None] * stride_bt + kk[None, :], mask=(tt < tq)[:, None] & (kk < nsel)[None, :],
                   other=-1)
-    qb = (q_start + tt) // BLOCK
-    sel = tl.where((sel >= INIT) & (sel < (qb - window)[:, None]), sel, -2)
+    sel = _own(sel, (q_start + tt)[:, None], window, INIT, BLOCK)
     for u in range(0, n_u):
         blk = tl.load(row + u)
         chose = tl.max((sel == blk).to(tl.int32), 1)
