@@ -139,7 +139,8 @@ def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):
 @pytest.mark.slow
 def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
     """Stage 2 over neighbouring tokens' union of blocks (`triton_union`), forward and dq, at the 8B's group (16
-    heads, d 128, blocks of 64), 4 and 8 tokens a program, bf16; and the sample that decides for it."""
+    heads, d 128, blocks of 64), 4 and 8 tokens a program, bf16; and the counts that decide for it and build the
+    unions."""
     from test_infllm_v2_union import selections
 
     from cpm4.kernels.infllm_v2 import triton_union
@@ -158,7 +159,8 @@ def test_union_kernel_builds_for_sm80_and_sm90(monkeypatch):
             triton_union.bwd_dq_union(q, k, v, idx, union, counts, q, zeros, zeros, torch.zeros(64, 32, 128),
                                       torch.empty_like(q), 64, 128 ** -0.5, 1, 2, tokens)
             triton_union.sample_counts(idx[None], torch.tensor([[64], [320]], dtype=torch.int32), 64, 1, 2, tokens, 3)
-    names = ("_fwd_union_kernel", "_bwd_dq_union_kernel", "_count_kernel")
+    names = ("_union_kernel", "_fwd_union_kernel", "_bwd_dq_union_kernel", "_count_kernel")
     union = [launch for launch in launches if launch[0].__name__ in names]
-    assert len(union) == 6
-    assert cuda_build.build(union) == [n for _ in (4, 8) for n in names]  # each for sm_80 and sm_90
+    assert len(union) == 8  # (launches of one signature captured once)
+    built = cuda_build.build(union)  # each for sm_80 and sm_90
+    assert built == [launch[0].__name__ for launch in union] and set(built) == set(names)

@@ -46,6 +46,7 @@ def table(*sizes: int) -> torch.Tensor:
     return torch.tensor(list(zip(*[sizes[i:i + 2] for i in range(0, len(sizes), 2)])), dtype=torch.int32)
 
 
+@needs_kernels
 def test_union_blocks_are_each_tiles_own_blocks():
     from cpm4.kernels.infllm_v2.triton_union import union_blocks
 

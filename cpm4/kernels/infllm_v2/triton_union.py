@@ -77,16 +77,56 @@ def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_b
     on idx's device: each sequence's queries (its first rows of idx; the rest never read) and its first query's
     position (`Rows.table`'s first two rows); a token's own blocks are init_blocks <= b < its block - window.
     Tiles are `tokens` consecutive queries from query 0. Returns (union [R, hkv, tiles, W] int32, each row ascending
-    then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): one read back
-    to the host."""
-    v, n_own = _tile_unions(idx, table, block_size, init_blocks, window, tokens)
-    big = torch.iinfo(torch.int32).max
-    counts = (v != big).sum(-1, dtype=torch.int32)
-    stats = [counts.amax() if counts.numel() else counts.new_zeros(()), counts.sum(), n_own]
-    width, total, n_own = torch.stack([x.to(torch.int64) for x in stats]).tolist()
-    width = max(width, 1)
-    union = torch.where(v[..., :width] == big, -1, v[..., :width]).contiguous()
-    return union, counts, total, n_own
+    then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): one launch of
+    `_union_kernel` and one read back to the host."""
+    _check_tokens(tokens)
+    r, hkv, tq, nsel = idx.shape
+    tiles = triton.cdiv(tq, tokens)
+    nsel_pad = triton.next_power_of_2(max(nsel, 1))
+    rows = torch.empty(r, hkv, tiles, tokens * nsel_pad, dtype=torch.int32, device=idx.device)
+    counts = torch.empty(r, hkv, tiles, dtype=torch.int32, device=idx.device)
+    stats = torch.zeros(3, dtype=torch.int64, device=idx.device)
+    if tiles:
+        _union_kernel[(tiles, hkv * r)](
+            idx, table, rows, counts, stats, r, hkv, window, idx.stride(0), idx.stride(1), idx.stride(2),
+            rows.stride(0), rows.stride(1), rows.stride(2), counts.stride(0), counts.stride(1), nsel,
+            NSEL_PAD=nsel_pad, INIT=init_blocks, BLOCK=block_size, T=tokens)
+    width, total, own = stats.tolist()
+    return rows[..., :max(width, 1)].contiguous(), counts, total, own
+
+
+@triton.jit(do_not_specialize=["n_rows", "window", "nsel"])
+def _union_kernel(blk_ptr, rows_ptr, un_ptr, cnt_ptr, stats_ptr, n_rows, n_groups, window, stride_bb, stride_bh,
+                  stride_bt, stride_ub, stride_uh, stride_ut, stride_cb, stride_ch, nsel, NSEL_PAD: tl.constexpr,
+                  INIT: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+    """Tile program_id(0) of sequence b, KV group g (grid axis 1): its T tokens' own blocks sorted (one list of
+    T x NSEL_PAD), each block's repeats dropped (the sorted list stored, then read one place back), the rest
+    compacted to the front of its union row and -1 after; its count; stats += (max count, counts, own blocks)."""
+    pid = tl.program_id(0)
+    b, g, tq, q_start, _ = row_params(rows_ptr, n_rows, tl.program_id(1), n_groups, 1)
+    tt = pid * T + tl.arange(0, T)
+    kk = tl.arange(0, NSEL_PAD)
+    sel = tl.load(blk_ptr + b * stride_bb + g * stride_bh + tt[:, None] * stride_bt + kk[None, :],
+                  mask=(tt < tq)[:, None] & (kk < nsel)[None, :], other=-1)
+    sel = _own(sel, (q_start + tt)[:, None], window, INIT, BLOCK)
+    n_own = tl.sum(tl.sum((sel >= 0).to(tl.int64), 1), 0)
+    N: tl.constexpr = T * NSEL_PAD
+    big = 2147483647
+    v = tl.sort(tl.reshape(tl.where(sel >= 0, sel, big), [N]))
+    i = tl.arange(0, N)
+    row = un_ptr + b * stride_ub + g * stride_uh + pid * stride_ut
+    tl.store(row + i, v)
+    tl.debug_barrier()  # the sorted list visible to every thread of the program
+    prev = tl.load(row + i - 1, mask=i > 0, other=-1)
+    tl.debug_barrier()  # every thread has read it before the row is rewritten
+    keep = (v != prev) & (v != big)
+    n_u = tl.sum(keep.to(tl.int32), 0)
+    tl.store(row + tl.cumsum(keep.to(tl.int32), 0) - 1, v, mask=keep)
+    tl.store(row + i, tl.full((N,), -1, dtype=tl.int32), mask=i >= n_u)
+    tl.store(cnt_ptr + b * stride_cb + g * stride_ch + pid, n_u)
+    tl.atomic_max(stats_ptr, n_u.to(tl.int64))
+    tl.atomic_add(stats_ptr + 1, n_u.to(tl.int64))
+    tl.atomic_add(stats_ptr + 2, n_own)
 
 
 def likely(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int, tokens: int,
@@ -160,26 +200,6 @@ def _count_kernel(blk_ptr, rows_ptr, out_ptr, n_rows, n_groups, window, every, s
         union += tl.sum(first.to(tl.int64))
     tl.atomic_add(out_ptr, union)
     tl.atomic_add(out_ptr + 1, own)
-
-
-def _tile_unions(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
-                 tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every tile's union (`union_blocks`'s layout, padding int32 max instead of -1) and the tokens' own blocks in
-    all (a device scalar)."""
-    _check_tokens(tokens)
-    r, hkv, tq, k = idx.shape
-    t = torch.arange(tq, device=idx.device)
-    n_new, start = table[0].long()[:, None], table[1].long()[:, None]
-    qb = (start + t) // block_size  # [R, Tq]
-    own = (idx >= init_blocks) & (idx < (qb - window)[:, None, :, None]) & (t < n_new)[:, None, :, None]
-    big = torch.iinfo(torch.int32).max
-    tiles = triton.cdiv(tq, tokens)
-    v = torch.where(own, idx.to(torch.int32), big)
-    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * tokens - tq), value=big).view(r, hkv, tiles, tokens * k)
-    v = v.sort(-1).values
-    dup = torch.zeros_like(v, dtype=torch.bool)
-    dup[..., 1:] = v[..., 1:] == v[..., :-1]
-    return torch.where(dup, big, v).sort(-1).values, own.sum()
 
 
 def choose(idx: torch.Tensor, tq: int, q_start: int, table: torch.Tensor | None, block_size: int, init_blocks: int,
