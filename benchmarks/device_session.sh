@@ -37,6 +37,7 @@
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
 #                                               # at 16K/4K batched and with a pipeline per row
 #   bash benchmarks/device_session.sh unionsample # the union path's sampled decision as one kernel: tests, its cost
+#   bash benchmarks/device_session.sh unionkernel # the whole union count as one kernel: tests, its cost
 #   bash benchmarks/device_session.sh cascade   # shared-prefix rows in two calls merged by log-sum-exp: GPU tests,
 #                                               # then 0.5B prefix caching with and without it (+ profile)
 #   bash benchmarks/device_session.sh firststep # where a warm prefix batch's first step goes: 8B (8 x 30K, sparse rows)
@@ -430,6 +431,13 @@ unionsample)  # the sample as one kernel (triton_union.sample_counts; was torch 
     timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
     timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --backward 0 --tag=-sample \
         --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
+unionkernel)  # the whole union count as one kernel (triton_union._union_kernel; was torch sorts: 1.2 / 4.1 ms at
+    # 32K / 128K, 8B shape): the union GPU tests, then stage2_union.py's T = 4 (forced: the count included), auto,
+    # sample and count rows, noise 0 and 100 (against 2026-12-01's forced T4 9.79-9.90 / 39.9-40.0 ms at noise 0)
+    timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --noise 0 100 --backward 0 \
+        --tag=-unionkernel --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
     ;;
 unionauto8b)  # unionauto's second call (each 8B 128K run takes 2-3 minutes): the 8B's 128K with --union-tokens 4
     # against 0 (the first run compiles: 150 s was too short for it twice on 2026-12-01)

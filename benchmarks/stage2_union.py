@@ -10,9 +10,9 @@ noise 0: every token the same "vertical" blocks (as many queries of a trained mo
 large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
 path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks; and rows
 `*.auto4` with UNION_TOKENS = 4 and the library deciding (`triton_union.likely`, then UNION_MAX_SHARE; where it
-declines, what its sampled count costs) and `sample.*` rows timing that sample alone; and rows `backward.*` of the
-whole backward (`sparse_bwd`: dq's own blocks over the unions, forced; dk/dv unchanged) against it with the token
-kernels. CUDA only.
+declines, what its sampled count costs), `sample.*` and `count.*` rows timing that sample and the whole count
+(`union_blocks`) alone; and rows `backward.*` of the whole backward (`sparse_bwd`: dq's own blocks over the unions,
+forced; dk/dv unchanged) against it with the token kernels. CUDA only.
 """
 
 from __future__ import annotations
@@ -133,6 +133,11 @@ def main() -> None:
                     idx[None], sizes, BLOCK, INIT, WINDOW, args.auto, every), warmup=3, rep=10)
                 rows.append({"phase": f"sample.noise{noise:g}.T{args.auto}", "seqlen": n, "ours_ms": ask,
                              "peer_ms": peer, "speedup": peer / ask})
+                # The whole count that builds the unions where the sample accepts (`union_blocks`), alike.
+                count = bench(lambda idx=idx, sizes=sizes: triton_union.union_blocks(
+                    idx[None], sizes, BLOCK, INIT, WINDOW, args.auto), warmup=3, rep=10)
+                rows.append({"phase": f"count.noise{noise:g}.T{args.auto}", "seqlen": n, "ours_ms": count,
+                             "peer_ms": peer, "speedup": peer / count})
         del q, k, v
     print_rows(rows)
     write_rows(f"stage2_union{args.tag}", torch.cuda.get_device_name(), rows, args.out)
