@@ -12,6 +12,7 @@ import torch
 from cpm4.kernels.infllm_v2 import reference as R
 
 ON_CPU = not torch.cuda.is_available()
+DEV = "cpu" if ON_CPU else "cuda"
 # The union kernel against the token kernel: bit-near in the interpreter (exact fp32); on a GPU their tiles differ in
 # shape, so TF32 dot products round differently (seen: 2.6e-5).
 SAME = 1e-5 if ON_CPU else 2e-4
@@ -54,7 +55,9 @@ def test_union_blocks_are_each_tiles_own_blocks():
     for q_start, tq, tokens in ((0, 50, 4), (37, 29, 8), (100, 5, 2)):
         idx = selections(2, tq, q_start, block, 6, 0.5, seed=q_start)
         idx[1, 0] = 200  # past the sequence's queries (a shorter row's padding): never read
-        union, counts, total, own = union_blocks(idx[None], table(tq - 1, q_start), block, init, window, tokens)
+        union, counts, total, own = union_blocks(idx[None].to(DEV), table(tq - 1, q_start).to(DEV), block, init,
+                                                 window, tokens)
+        union, counts = union.cpu(), counts.cpu()
         tiles = -(-tq // tokens)
         assert union.shape[:3] == (1, 2, tiles) and counts.shape == (1, 2, tiles) and union.dtype == torch.int32
         n_own = 0
@@ -145,6 +148,7 @@ def test_union_kernel_with_rows(monkeypatch, tokens):
         assert (o_uni[i, n:] == 0).all()
 
 
+@needs_kernels
 def test_union_taken_only_when_the_unions_are_small():
     """`take_union`: neighbours choosing alike (unions a quarter of their own blocks) pass UNION_MAX_SHARE,
     independent draws among ~120 blocks (unions nearly all of them) do not."""
@@ -154,9 +158,9 @@ def test_union_taken_only_when_the_unions_are_small():
     alike = selections(2, tq, 0, block, nsel, 1.0, seed=1)
     alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)  # 8 tokens alike
     apart = selections(2, tq, 0, block, nsel, 0.0, seed=2)
-    _, _, total, own = union_blocks(alike[None], table(tq, 0), block, 1, 2, 4)
+    _, _, total, own = union_blocks(alike[None].to(DEV), table(tq, 0).to(DEV), block, 1, 2, 4)
     assert total <= 0.3 * own and take_union(total, own)
-    _, _, total, own = union_blocks(apart[None], table(tq, 0), block, 1, 2, 4)
+    _, _, total, own = union_blocks(apart[None].to(DEV), table(tq, 0).to(DEV), block, 1, 2, 4)
     assert total >= 0.8 * own and not take_union(total, own)
     assert not take_union(0, 0)
 
@@ -188,7 +192,7 @@ def test_sampled_counts_are_a_set_computation_over_those_tiles():
             got = sample_counts(rows.to(dev), sizes.to(dev), block, init, window, tokens, every)
             assert got == (want_total, want_own), (tokens, every)
             if every == 1:
-                assert got == union_blocks(rows, sizes, block, init, window, tokens)[2:]
+                assert got == union_blocks(rows.to(dev), sizes.to(dev), block, init, window, tokens)[2:]
     with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
         sample_counts(rows, sizes, block, init, window, 3, 1)
 
@@ -210,7 +214,7 @@ def test_sampled_decision_is_the_whole_counts_on_clear_cases():
             rows = idx[None].expand(sizes.shape[1], -1, -1, -1).clone()
             if sizes.shape[1] == 2:
                 rows[1, :, tq // 2:] = 5  # past the shorter sequence: never read
-            assert take_union(*union_blocks(rows, sizes, block, 1, 2, 4)[2:]) == want
+            assert take_union(*union_blocks(rows.to(dev), sizes.to(dev), block, 1, 2, 4)[2:]) == want
             assert triton_union.UNION_SAMPLE > 1 and likely(rows.to(dev), sizes.to(dev), block, 1, 2, 4) == want
     # The stride: every UNION_SAMPLE-th tile, fewer once a call has more than UNION_SAMPLE_TILES of them to sample.
     cap = triton_union.UNION_SAMPLE * triton_union.UNION_SAMPLE_TILES * 4
