@@ -38,3 +38,24 @@ def test_installed_and_kernels_compute_alike():
         out = torch.empty(16)
         _kernel[(1,)](x, out, c, N=16)
         torch.testing.assert_close(out, torch.cumsum(2 * torch.where(x > 0, x + c, 0.0), 0))
+
+
+@triton.jit
+def _int_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a, b = tl.load(a_ptr + i), tl.load(b_ptr + i)
+    tl.store(out_ptr + i, a * b + a - b)
+
+
+def test_no_overflow_checks_where_they_would_be_dropped():
+    """Without debug the interpreter drops device asserts, so the 32-bit overflow checks are not built (they were
+    computed in 64 bits and thrown away): integer arithmetic still wraps as the GPU's (and torch's) does."""
+    from triton.runtime import interpreter
+
+    options = interpreter.interpreter_builder.options
+    assert not options.debug and not options.sanitize_overflow
+    a = torch.tensor([3, 2**30, -(2**31), 46341, 7, -5, 2**31 - 1, 0], dtype=torch.int32)
+    b = torch.tensor([4, 4, -1, 46341, -9, 2**31 - 1, 2, -7], dtype=torch.int32)
+    out = torch.empty_like(a)
+    _int_kernel[(1,)](a, b, out, N=8)
+    assert torch.equal(out, a * b + a - b)
