@@ -362,3 +362,19 @@ def test_missing_model_is_said_before_torch_loads(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
     assert p.stderr.strip() == f"cpm4: error: model directory not found: {missing}"
+
+
+@pytest.mark.parametrize("option,said", [("--chat-template", "chat template: no such file"),
+                                         ("--generation-config", "generation config not found")])
+def test_missing_serve_files_are_said_before_torch_loads(tmp_path, option, said):
+    """`cpm4 serve MODEL` with a chat template or generation config that does not exist: exit 2, the file named,
+    before torch is imported (the model folder exists: the bundled demo)."""
+    from cpm4.cli import DEFAULT_MODEL
+
+    missing = tmp_path / "no-such-file"
+    code = ("import sys; from cpm4.cli import main; rc = main(['serve', sys.argv[1], sys.argv[2], sys.argv[3]]); "
+            "print(rc, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(DEFAULT_MODEL), option, str(missing)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert said in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr

@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .sampling import SamplingParams
-
 # generation_config.json field -> SamplingParams field
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -46,6 +44,8 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    from .sampling import SamplingParams  # (torch: not before a missing file is said)
+
     out: dict[str, Any] = {}
     for src, dst in FIELDS.items():
         value = raw.get(src)

@@ -297,6 +297,18 @@ def _declared_class(path: Path) -> str | None:
     return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
 
 
+def chat_template_text(template: str | os.PathLike[str]) -> str:
+    """A chat template given as vLLM's --chat-template takes it: the template text itself (it holds `{{` or `{%`),
+    or a Jinja file's name, read here (ValueError naming it when there is no such file)."""
+    text = str(template)
+    if "{{" not in text and "{%" not in text:  # not template text: a file name
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"chat template: no such file {text!r} (give a Jinja file or the template text)")
+        text = path.read_text(encoding="utf-8")
+    return text
+
+
 class Tokenizer:
     """A thin wrapper around a `transformers` tokenizer with the operations cpm4 needs."""
 
@@ -492,12 +504,7 @@ class Tokenizer:
     def set_chat_template(self, template: str | os.PathLike[str]) -> None:
         """Use another chat template (vLLM's --chat-template): a Jinja file, or the template text itself.
         It must render a one-message chat, else ValueError (the tokenizer keeps its template)."""
-        text = str(template)
-        path = Path(text)
-        if "{{" not in text and "{%" not in text:  # not template text: a file name
-            if not path.is_file():
-                raise ValueError(f"chat template: no such file {text!r} (give a Jinja file or the template text)")
-            text = path.read_text(encoding="utf-8")
+        text = chat_template_text(template)
         old = self._hf.chat_template
         self._hf.chat_template = text
         try:

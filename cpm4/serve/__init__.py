@@ -102,10 +102,15 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from cpm4.model.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
+    from cpm4.engine.generation_config import sampling_defaults as read_defaults
+    from cpm4.model.tokenizer import chat_template_text
+
+    if chat_template is not None:
+        chat_template_text(chat_template)  # a missing template file said before torch loads, as is a missing
+    defaults = read_defaults(generation_config, model_dir)  # generation config (reading one imports torch)
     from .engine import AsyncEngine
 
     from_hub = model_dir != Path(given).expanduser()
-    from cpm4.engine.generation_config import sampling_defaults as read_defaults
     from cpm4.llm import load_model, resolve_device
 
     options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
@@ -119,7 +124,6 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
         from .engine_proc import ProcessEngine
 
-        defaults = read_defaults(generation_config, model_dir)
         if cpu_threads is None:
             cpu_threads = default_cpu_threads(resolve_device(device))
         tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
@@ -130,7 +134,6 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     else:
         # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
         # weights are read.
-        defaults = read_defaults(generation_config, model_dir)
         model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
         if cpu_threads is None:
             cpu_threads = default_cpu_threads(model.device)
