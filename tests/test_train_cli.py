@@ -98,6 +98,7 @@ def test_pretrain_resume_and_generate(setup):
     assert g.stdout.strip()
 
 
+@pytest.mark.slow  # (≈ 40 s beside another worker: collected first, see conftest)
 def test_sft_from_pretrained(setup):
     d = setup
     chats = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
