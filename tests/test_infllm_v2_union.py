@@ -113,20 +113,19 @@ def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, 
     mid-block, a last tile of fewer tokens."""
     from cpm4.kernels.infllm_v2.triton_attention import full_block_list
 
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
     tk = q_start + tq
     g = torch.Generator().manual_seed(tq + q_start)
-    q = torch.randn(tq, hq, d, generator=g).to(dev)
-    k = torch.randn(tk, hkv, d, generator=g).to(dev)
-    v = torch.randn(tk, hkv, d, generator=g).to(dev)
-    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=7).to(dev)
+    q = torch.randn(tq, hq, d, generator=g).to(DEV)
+    k = torch.randn(tk, hkv, d, generator=g).to(DEV)
+    v = torch.randn(tk, hkv, d, generator=g).to(DEV)
+    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=7).to(DEV)
     args = (q, k, v, idx, block, d ** -0.5, init, window)
     o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
     torch.testing.assert_close(o_uni, o_tok, rtol=SAME, atol=SAME)
     torch.testing.assert_close(lse_uni, lse_tok, rtol=SAME, atol=SAME)
-    pos = torch.arange(q_start, tk, device=dev)
+    pos = torch.arange(q_start, tk, device=DEV)
     blocks = full_block_list(idx, pos, block, init, window).long()
     ref, ref_lse = R.block_sparse_attention(q.double(), k.double(), v.double(), blocks, pos, block, d ** -0.5)
     # Against float64 the tolerance is the kernels' own: on a GPU both take fp32 dot products as TF32 (10-bit
@@ -143,7 +142,6 @@ def test_union_kernel_with_rows(monkeypatch, tokens):
     each sequence's output and log-sum-exp on the union path equal the token kernel's."""
     from cpm4.kernels.infllm_v2.triton_select import Rows
 
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
     n_new, kv_lens = [40, 23, 9], [120, 300, 70]
     r, tq, tk = len(n_new), max(n_new), max(kv_lens)
@@ -153,8 +151,8 @@ def test_union_kernel_with_rows(monkeypatch, tokens):
     idx = torch.full((r, hkv, tq, 5), 10**6, dtype=torch.int32)  # padding: any block id would fault if read
     for i, (n, kl) in enumerate(zip(n_new, kv_lens)):
         idx[i, :, :n] = selections(hkv, n, kl - n, block, 5, 0.6, seed=i)
-    rows = Rows(n_new, kv_lens, [1] * r, None, dev)
-    args = (q.to(dev), k.to(dev), v.to(dev), idx.to(dev), block, d ** -0.5, init, window, None, rows)
+    rows = Rows(n_new, kv_lens, [1] * r, None, DEV)
+    args = (q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV), block, d ** -0.5, init, window, None, rows)
     o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
     for i, n in enumerate(n_new):
@@ -191,17 +189,16 @@ def test_sampled_counts_are_a_set_computation_over_those_tiles():
     from cpm4.kernels.infllm_v2.triton_union import sample_counts, union_blocks
 
     block, init, window, tq, q_start, nsel = 16, 1, 2, 38, 96, 6
-    dev = "cpu" if ON_CPU else "cuda"
     idx = selections(2, tq, q_start, block, nsel, 0.5, seed=3)
     rows = torch.stack([idx, idx.flip(1)])
     rows[1, :, 21:] = 5  # past the second sequence's 21 queries
     sizes = torch.tensor([[tq, 21], [q_start, q_start + 40]], dtype=torch.int32)
     for tokens in (2, 4, 8):
         for every in (1, 3):
-            got = sample_counts(rows.to(dev), sizes.to(dev), block, init, window, tokens, every)
+            got = sample_counts(rows.to(DEV), sizes.to(DEV), block, init, window, tokens, every)
             assert got == set_counts(rows, sizes, block, init, window, tokens, every), (tokens, every)
             if every == 1:
-                assert got == union_blocks(rows.to(dev), sizes.to(dev), block, init, window, tokens)[2:]
+                assert got == union_blocks(rows.to(DEV), sizes.to(DEV), block, init, window, tokens)[2:]
     with pytest.raises(ValueError, match="UNION_TOKENS must be 2, 4 or 8"):
         sample_counts(rows, sizes, block, init, window, 3, 1)
 
@@ -218,14 +215,13 @@ def test_sampled_decision_is_the_whole_counts_on_clear_cases():
     alike = selections(2, tq, q_start, block, nsel, 1.0, seed=1)
     alike = alike.view(2, tq // 8, 8, nsel)[:, :, :1].expand(-1, -1, 8, -1).reshape(2, tq, nsel)
     apart = selections(2, tq, q_start, block, nsel, 0.0, seed=2)
-    dev = "cpu" if ON_CPU else "cuda"
     for idx, want in ((alike, True), (apart, False)):
         for sizes in (table(tq, q_start), torch.tensor([[tq, tq // 2], [q_start, q_start]], dtype=torch.int32)):
             rows = idx[None].expand(sizes.shape[1], -1, -1, -1).clone()
             if sizes.shape[1] == 2:
                 rows[1, :, tq // 2:] = 5  # past the shorter sequence: never read
             assert take_union(*set_counts(rows, sizes, block, 1, 2, 4)) == want  # (the kernel: 53 s interpreted)
-            assert triton_union.UNION_SAMPLE > 1 and likely(rows.to(dev), sizes.to(dev), block, 1, 2, 4) == want
+            assert triton_union.UNION_SAMPLE > 1 and likely(rows.to(DEV), sizes.to(DEV), block, 1, 2, 4) == want
     # The stride: every UNION_SAMPLE-th tile, fewer once a call has more than UNION_SAMPLE_TILES of them to sample.
     cap = triton_union.UNION_SAMPLE * triton_union.UNION_SAMPLE_TILES * 4
     assert triton_union.sample_every(cap, 4) == triton_union.UNION_SAMPLE
@@ -244,14 +240,13 @@ def test_sparse_fwd_counts_unions_only_for_long_calls_that_sample_well(monkeypat
     for name in ("likely", "union_blocks", "fwd_union"):
         real = getattr(triton_union, name)
         monkeypatch.setattr(triton_union, name, lambda *a, _r=real, _n=name, **kw: seen.append(_n) or _r(*a, **kw))
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 64, 256
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(tq, hq, d, generator=g).to(dev)
-    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(dev) for _ in range(2))
+    q = torch.randn(tq, hq, d, generator=g).to(DEV)
+    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(DEV) for _ in range(2))
     alike = selections(hkv, tq, q_start, block, 5, 1.0, seed=1)
-    alike = alike.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(dev)
-    apart = selections(hkv, tq, q_start, block, 5, 0.0, seed=2).to(dev)
+    alike = alike.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(DEV)
+    apart = selections(hkv, tq, q_start, block, 5, 0.0, seed=2).to(DEV)
     monkeypatch.setattr(triton_union, "UNION_TOKENS", 4)
     monkeypatch.setattr(triton_union, "UNION_SAMPLE", 4)
     for min_q, idx, want in ((tq + 1, alike, []), (tq, apart, ["likely"]),
@@ -270,14 +265,13 @@ def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, ove
     from cpm4.kernels.infllm_v2 import triton_union
     from cpm4.kernels.infllm_v2.triton_attention import full_block_list, sparse_bwd
 
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
     tk = q_start + tq
     g = torch.Generator().manual_seed(tq + 7)
-    q = torch.randn(tq, hq, d, generator=g).to(dev)
-    k, v = (torch.randn(tk, hkv, d, generator=g).to(dev) for _ in range(2))
-    do = torch.randn(tq, hq, d, generator=g).to(dev)
-    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=3).to(dev)
+    q = torch.randn(tq, hq, d, generator=g).to(DEV)
+    k, v = (torch.randn(tk, hkv, d, generator=g).to(DEV) for _ in range(2))
+    do = torch.randn(tq, hq, d, generator=g).to(DEV)
+    idx = selections(hkv, tq, q_start, block, 5, overlap, seed=3).to(DEV)
     args = (q, k, v, idx, block, d ** -0.5, init, window)
     o, lse = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     want = sparse_bwd(do, q, k, v, o, lse, idx, block, d ** -0.5, init, window)
@@ -289,7 +283,7 @@ def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, ove
     assert calls == [1]
     torch.testing.assert_close(dq, want[0], rtol=SAME, atol=SAME)
     assert torch.equal(dk, want[1]) and torch.equal(dv, want[2])
-    pos = torch.arange(q_start, tk, device=dev)
+    pos = torch.arange(q_start, tk, device=DEV)
     blocks = full_block_list(idx, pos, block, init, window).long()
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     ref, _ = R.block_sparse_attention(qd, kd, vd, blocks, pos, block, d ** -0.5)
@@ -305,12 +299,11 @@ def test_autograd_asks_the_union_question_once(monkeypatch):
     from cpm4.kernels.infllm_v2 import triton_union
     from cpm4.kernels.infllm_v2.triton_attention import block_sparse_attention, sparse_bwd
 
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 32, 256
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(tq, hq, d, generator=g).to(dev)
-    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(dev) for _ in range(2))
-    idx = selections(hkv, tq, q_start, block, 5, 0.9, seed=4).to(dev)
+    q = torch.randn(tq, hq, d, generator=g).to(DEV)
+    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(DEV) for _ in range(2))
+    idx = selections(hkv, tq, q_start, block, 5, 0.9, seed=4).to(DEV)
     o, lse = _sparse_fwd(monkeypatch, 4, float("inf"), q, k, v, idx, block, d ** -0.5, init, window)
     want = sparse_bwd(torch.ones_like(o), q, k, v, o, lse, idx, block, d ** -0.5, init, window)
     calls, used = [], []
@@ -332,12 +325,11 @@ def test_sparse_fwd_takes_the_union_kernel_by_the_flag(monkeypatch):
     calls = []
     real = triton_union.fwd_union
     monkeypatch.setattr(triton_union, "fwd_union", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    dev = "cpu" if ON_CPU else "cuda"
     block, init, window, hq, hkv, d, tq = 16, 1, 2, 4, 2, 16, 96
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(tq, h, d, generator=g).to(dev) for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(tq, h, d, generator=g).to(DEV) for h in (hq, hkv, hkv))
     idx = selections(hkv, tq, 0, block, 5, 1.0, seed=1)
-    idx = idx.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(dev)
+    idx = idx.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(DEV)
     for tokens, want in ((4, 1), (0, 0)):
         calls.clear()
         _sparse_fwd(monkeypatch, tokens, 0.6, q, k, v, idx, block, d ** -0.5, init, window)
