@@ -38,6 +38,7 @@
 #                                               # at 16K/4K batched and with a pipeline per row
 #   bash benchmarks/device_session.sh unionsample # the union path's sampled decision as one kernel: tests, its cost
 #   bash benchmarks/device_session.sh unionkernel # the whole union count as one kernel: tests, its cost
+#   bash benchmarks/device_session.sh uniondevice # the union decision on the device: tests, launch configs, its cost
 #   bash benchmarks/device_session.sh cascade   # shared-prefix rows in two calls merged by log-sum-exp: GPU tests,
 #                                               # then 0.5B prefix caching with and without it (+ profile)
 #   bash benchmarks/device_session.sh firststep # where a warm prefix batch's first step goes: 8B (8 x 30K, sparse rows)
@@ -438,6 +439,14 @@ unionkernel)  # the whole union count as one kernel (triton_union._union_kernel;
     timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
     timeout 200 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --noise 0 100 --backward 0 \
         --tag=-unionkernel --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
+uniondevice)  # the union path decided on the device (triton_union.choose: no host read; both kernels launched, one
+    # returning at once; the union kernels' launch fixed, not autotuned): the union GPU tests, then stage2_union.py's
+    # T = 4 rows at noise 0 and 100 with each launch candidate (--configs), the auto / decide / count rows and the
+    # backward (against the fortieth session's forced T4 9.25 / 37.97 ms, auto declining at 0.96x / 0.98x)
+    timeout 150 "$PY" -m pytest -p no:warnings -q -x tests/test_infllm_v2_union.py 2>&1 | tail -2
+    timeout 300 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --noise 0 100 --backward 4 \
+        --configs 4,2 8,2 4,3 8,3 --tag=-uniondevice --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
     ;;
 unionauto8b)  # unionauto's second call (each 8B 128K run takes 2-3 minutes): the 8B's 128K with --union-tokens 4
     # against 0 (the first run compiles: 150 s was too short for it twice on 2026-12-01)

@@ -9,10 +9,11 @@ noise * uniform[head, token, block] over the blocks it may choose (1 <= b < its 
 noise 0: every token the same "vertical" blocks (as many queries of a trained model attend to the same keys);
 large noise: independent draws (random inputs). Rows: `sparse_fwd` (shared blocks + own blocks) with the union
 path forced (ours) against the token kernel (peer), with the unions' share of the tokens' own blocks; and rows
-`*.auto4` with UNION_TOKENS = 4 and the library deciding (`triton_union.likely`, then UNION_MAX_SHARE; where it
-declines, what its sampled count costs), `sample.*` and `count.*` rows timing that sample and the whole count
-(`union_blocks`) alone; and rows `backward.*` of the whole backward (`sparse_bwd`: dq's own blocks over the unions,
-forced; dk/dv unchanged) against it with the token kernels. CUDA only.
+`*.auto4` with UNION_TOKENS = 4 and the library deciding on the device (`triton_union.choose`: a sample, then the
+whole count where it passes, judged by UNION_MAX_SHARE; where it declines, what the question costs), `decide.*` and
+`count.*` rows timing that question and the whole count (`union_blocks`) alone; rows `*.wWsS` with the union kernels
+launched as given (`--configs`); and rows `backward.*` of the whole backward (`sparse_bwd`: dq's own blocks over the
+unions, forced; dk/dv unchanged) against it with the token kernels. CUDA only.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--backward", type=int, default=4, choices=[0, 2, 4, 8],
                     help="also rows of the whole backward (sparse_bwd) with dq over the unions of this many tokens, "
                          "forced, against the token kernels (0: none)")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="also forced rows with the union kernels launched as WARPS,STAGES (triton_union.UNION_LAUNCH; "
+                         "e.g. 4,2 8,2 4,3 8,3), phase *.wWsS")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -101,6 +105,16 @@ def main() -> None:
                 rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
                 print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
+                for config in args.configs:  # the union kernels' fixed launch, each candidate forced
+                    warps, stages = map(int, config.split(","))
+                    triton_union.UNION_TOKENS, triton_union.UNION_LAUNCH = tokens, (warps, stages)
+                    try:
+                        with triton_union.forced():
+                            ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+                    finally:
+                        triton_union.UNION_TOKENS, triton_union.UNION_LAUNCH = saved, None
+                    rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}.w{warps}s{stages}", "seqlen": n,
+                                 "ours_ms": ours, "peer_ms": peer, "speedup": peer / ours, "union_share": share})
             if args.backward:  # the whole backward (dq's own blocks over the unions; dk/dv the same pass) at T
                 o, lse = ref, sparse_fwd(*run)[1]
                 do = torch.randn_like(q)
@@ -119,19 +133,20 @@ def main() -> None:
                 triton_union.UNION_TOKENS = args.auto
                 try:
                     ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
+                    taken = triton_union.taken(triton_union.choose(idx[None], n, 0, None, BLOCK, INIT, WINDOW))
                 finally:
                     triton_union.UNION_TOKENS = saved
-                taken = triton_union.likely(idx[None], sizes, BLOCK, INIT, WINDOW, args.auto) and \
-                    triton_union.take_union(*triton_union.union_blocks(idx[None], sizes, BLOCK, INIT, WINDOW,
-                                                                       args.auto)[2:])
                 rows.append({"phase": f"stage2.noise{noise:g}.auto{args.auto}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "taken": taken})
-                # The decision's own cost: the sample (`sample_counts`, with its host read) against the call it
-                # decides for (the token kernel): "speedup" here is how many times cheaper the question is.
-                every = triton_union.sample_every(n, args.auto)
-                ask = bench(lambda idx=idx, sizes=sizes, every=every: triton_union.sample_counts(
-                    idx[None], sizes, BLOCK, INIT, WINDOW, args.auto, every), warmup=3, rep=10)
-                rows.append({"phase": f"sample.noise{noise:g}.T{args.auto}", "seqlen": n, "ours_ms": ask,
+                # The decision's own cost: `choose` (the sample, and the whole count where the sample passes; no host
+                # read) against the call it decides for (the token kernel): "speedup" here is how many times cheaper.
+                triton_union.UNION_TOKENS = args.auto
+                try:
+                    ask = bench(lambda idx=idx, n=n: triton_union.choose(idx[None], n, 0, None, BLOCK, INIT, WINDOW),
+                                warmup=3, rep=10)
+                finally:
+                    triton_union.UNION_TOKENS = saved
+                rows.append({"phase": f"decide.noise{noise:g}.T{args.auto}", "seqlen": n, "ours_ms": ask,
                              "peer_ms": peer, "speedup": peer / ask})
                 # The whole count that builds the unions where the sample accepts (`union_blocks`), alike.
                 count = bench(lambda idx=idx, sizes=sizes: triton_union.union_blocks(

@@ -4,6 +4,7 @@ definition (`reference.block_sparse_attention`) under Triton's interpreter on th
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -111,6 +112,7 @@ def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, 
     """Forced onto the union path (any share), the output and log-sum-exp are the token kernel's and the float64
     definition's over the shared set plus each token's own blocks: neighbours overlapping or not, a chunk starting
     mid-block, a last tile of fewer tokens."""
+    from cpm4.kernels.infllm_v2 import triton_union
     from cpm4.kernels.infllm_v2.triton_attention import full_block_list
 
     block, init, window, hq, hkv, d = 16, 1, 2, 4, 2, 16
@@ -123,6 +125,7 @@ def test_union_kernel_equals_the_token_kernel(monkeypatch, tokens, q_start, tq, 
     args = (q, k, v, idx, block, d ** -0.5, init, window)
     o_tok, lse_tok = _sparse_fwd(monkeypatch, 0, 0.6, *args)
     o_uni, lse_uni = _sparse_fwd(monkeypatch, tokens, float("inf"), *args)
+    assert triton_union.taken(triton_union.choose(idx[None], tq, q_start, None, block, init, window))
     torch.testing.assert_close(o_uni, o_tok, rtol=SAME, atol=SAME)
     torch.testing.assert_close(lse_uni, lse_tok, rtol=SAME, atol=SAME)
     pos = torch.arange(q_start, tk, device=DEV)
@@ -229,32 +232,102 @@ def test_sampled_decision_is_the_whole_counts_on_clear_cases():
     assert triton_union.sample_every(2 * cap + 4, 4) == 2 * triton_union.UNION_SAMPLE + 1
 
 
-@needs_kernels
-def test_sparse_fwd_counts_unions_only_for_long_calls_that_sample_well(monkeypatch):
-    """With UNION_TOKENS set: a call below UNION_MIN_QUERIES neither samples nor counts (no host read); a long
-    call whose sample declines never makes the whole count; one whose sample accepts counts and takes the union."""
-    from cpm4.kernels.infllm_v2 import triton_union
-    from cpm4.kernels.infllm_v2.triton_attention import sparse_fwd
-
-    seen = []
-    for name in ("likely", "union_blocks", "fwd_union"):
-        real = getattr(triton_union, name)
-        monkeypatch.setattr(triton_union, name, lambda *a, _r=real, _n=name, **kw: seen.append(_n) or _r(*a, **kw))
-    block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 64, 256
-    g = torch.Generator().manual_seed(4)
-    q = torch.randn(tq, hq, d, generator=g).to(DEV)
-    k, v = (torch.randn(q_start + tq, hkv, d, generator=g).to(DEV) for _ in range(2))
+def _alike_and_apart(hkv: int, tq: int, q_start: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[hkv, tq, 5] selections: each 8 neighbouring tokens' identical (alike), and independent draws (apart)."""
     alike = selections(hkv, tq, q_start, block, 5, 1.0, seed=1)
     alike = alike.view(hkv, tq // 8, 8, 5)[:, :, :1].expand(-1, -1, 8, -1).reshape(hkv, tq, 5).contiguous().to(DEV)
-    apart = selections(hkv, tq, q_start, block, 5, 0.0, seed=2).to(DEV)
+    return alike, selections(hkv, tq, q_start, block, 5, 0.0, seed=2).to(DEV)
+
+
+@needs_kernels
+def test_plans_are_made_for_long_calls_and_decided_on_the_device(monkeypatch):
+    """With UNION_TOKENS set: a call below UNION_MIN_QUERIES gets no plan; a long call's plan holds the decision on
+    the device: where the sample declines (independent draws), the whole count's kernel returned at once (stats zero:
+    not taken); where it passes, the stats are the whole count's (`union_blocks`) and the plan is taken."""
+    from cpm4.kernels.infllm_v2 import triton_union
+
+    block, init, window, hkv, tq, q_start = 16, 1, 2, 2, 64, 256
+    alike, apart = _alike_and_apart(hkv, tq, q_start, block)
     monkeypatch.setattr(triton_union, "UNION_TOKENS", 4)
     monkeypatch.setattr(triton_union, "UNION_SAMPLE", 4)
-    for min_q, idx, want in ((tq + 1, alike, []), (tq, apart, ["likely"]),
-                             (tq, alike, ["likely", "union_blocks", "fwd_union"])):
-        monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", min_q)
-        seen.clear()
-        sparse_fwd(q, k, v, idx, block, d ** -0.5, init, window)
-        assert seen == want, (min_q, want)
+    monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", tq + 1)
+    assert triton_union.choose(alike[None], tq, q_start, None, block, init, window) is None
+    monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", tq)
+    plan = triton_union.choose(apart[None], tq, q_start, None, block, init, window)
+    assert plan is not None and plan.stats.tolist() == [0, 0, 0] and not triton_union.taken(plan)
+    plan = triton_union.choose(alike[None], tq, q_start, None, block, init, window)
+    sizes = torch.tensor([[tq], [q_start]], dtype=torch.int32, device=DEV)
+    union, counts, total, own = triton_union.union_blocks(alike[None], sizes, block, init, window, 4)
+    assert plan.stats.tolist() == [union.shape[-1], total, own] and triton_union.taken(plan)
+    assert torch.equal(plan.counts, counts) and torch.equal(plan.union[..., :union.shape[-1]], union)
+    assert (plan.union[..., union.shape[-1]:] == -1).all()
+
+
+@needs_kernels
+def test_the_kernels_rule_is_take_union():
+    """`_taken` (the rule every kernel reads the plan by) decides as `take_union` on the host: `count_unions` given
+    a sample's counts counts only where they pass, for shares at, below and above UNION_MAX_SHARE's kind of values,
+    no own blocks, and an infinite share (`forced`)."""
+    from cpm4.kernels.infllm_v2 import triton_union
+
+    block, init, window, hkv, tq, q_start = 16, 1, 2, 2, 16, 256
+    alike, _ = _alike_and_apart(hkv, tq, q_start, block)
+    sizes = torch.tensor([[tq], [q_start]], dtype=torch.int32, device=DEV)
+    for total, own, share in ((5, 10, 0.5), (6, 10, 0.5), (4, 10, 0.5), (0, 0, 0.5), (0, 0, float("inf")),
+                              (10**9 + 1, 2 * 10**9, 0.5), (10**9, 2 * 10**9, 0.5), (7, 3, float("inf"))):
+        sample = torch.tensor([0, total, own], dtype=torch.int64, device=DEV)
+        _, _, stats = triton_union.count_unions(alike[None], sizes, block, init, window, 4, sample, share)
+        assert (stats[2].item() > 0) == triton_union.take_union(total, own, share), (total, own, share)
+
+
+def test_token_kernels_are_tuned_on_their_work():
+    """The token kernels' autotuners time a call with a taken plan as declined (else their programs would return at
+    once and the fastest empty launch would win): the pre-hook zeroes the plan's stats, the post-hook restores them;
+    calls without a plan (UNION false) and the reset after tuning are left alone."""
+    from cpm4.kernels.infllm_v2 import triton_attention, triton_union
+
+    for kernel in (triton_attention._fwd_token_kernel, triton_attention._bwd_dq_token_kernel):
+        assert kernel.pre_hook is triton_union.decline_while_tuning
+        assert kernel.post_hook is triton_union.restore_after_tuning
+    stats = torch.tensor([3, 40, 100])
+    triton_union.decline_while_tuning({"UNION": True, "un_ptr": stats}, reset_only=True)
+    triton_union.decline_while_tuning({"UNION": False, "un_ptr": stats})
+    assert stats.tolist() == [3, 40, 100]
+    triton_union.decline_while_tuning({"UNION": True, "un_ptr": stats})
+    assert stats.tolist() == [0, 0, 0] and not triton_union.take_union(*stats.tolist()[1:], 0.5)
+    triton_union.restore_after_tuning({"UNION": True, "un_ptr": stats}, exception=None)
+    assert stats.tolist() == [3, 40, 100] and not triton_union._saved
+
+
+@needs_kernels
+@pytest.mark.parametrize("silenced", ["union", "token"])
+def test_one_kernel_works_as_the_plan_decides(monkeypatch, silenced):
+    """sparse_fwd launches both kernels with a plan and each reads the decision: with one of them silenced, the other
+    alone gives the whole output where the plan is its own (taken: the union kernel; declined: the token kernel)
+    and leaves it untouched (zeros, as `Rows` outputs start) where it is not."""
+    from cpm4.kernels.infllm_v2 import triton_attention, triton_union
+    from cpm4.kernels.infllm_v2.triton_select import Rows
+
+    block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 64, 256
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, tq, hq, d, generator=g).to(DEV)
+    k, v = (torch.randn(1, q_start + tq, hkv, d, generator=g).to(DEV) for _ in range(2))
+    monkeypatch.setattr(triton_union, "UNION_SAMPLE", 4)
+    monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", 0)
+    for idx, union_does_it in zip(_alike_and_apart(hkv, tq, q_start, block), (True, False)):
+        rows = Rows([tq], [q_start + tq], [1], None, DEV)
+        args = (q, k, v, idx[None], block, d ** -0.5, init, window, None, rows)
+        monkeypatch.setattr(triton_union, "UNION_TOKENS", 0)
+        want, _ = triton_attention.sparse_fwd(*args)
+        monkeypatch.setattr(triton_union, "UNION_TOKENS", 4)
+        with monkeypatch.context() as m:
+            quiet = {"union": (triton_union, "_fwd_union_kernel"), "token": (triton_attention, "_fwd_token_kernel")}
+            m.setattr(*quiet[silenced], collections.defaultdict(lambda: lambda *a, **kw: None))
+            got, _ = triton_attention.sparse_fwd(*args)
+        if union_does_it == (silenced == "token"):
+            torch.testing.assert_close(got, want, rtol=SAME, atol=SAME)
+        else:
+            assert (got == 0).all()
 
 
 @needs_kernels
@@ -279,6 +352,7 @@ def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, ove
     real = triton_union.bwd_dq_union
     monkeypatch.setattr(triton_union, "bwd_dq_union", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     _sparse_fwd(monkeypatch, tokens, float("inf"), *args)  # (sets the flags the backward reads too)
+    assert triton_union.taken(triton_union.choose(idx[None], tq, q_start, None, block, init, window))
     dq, dk, dv = sparse_bwd(do, q, k, v, o, lse, idx, block, d ** -0.5, init, window)
     assert calls == [1]
     torch.testing.assert_close(dq, want[0], rtol=SAME, atol=SAME)
@@ -379,7 +453,8 @@ def test_union_dq_on_cuda(monkeypatch, tokens):
 
 def test_warm_up_compiles_the_union_kernel(monkeypatch):
     """With UNION_TOKENS set, `warm_prefill_kernels` (the engine's warm-up) launches the union kernel at each
-    selection width as well: random inputs alone would take the token kernel and leave it to a request."""
+    selection width as well (random inputs alone would take the token kernel and leave it to a request), and the
+    token kernel both with a plan and without (calls below UNION_MIN_QUERIES)."""
     from jit_signatures import interpreted, launch_signatures
     from test_infllm_v2_triton import small_cfg
 
@@ -394,6 +469,9 @@ def test_warm_up_compiles_the_union_kernel(monkeypatch):
         with launch_signatures() as warm:
             warm_prefill_kernels(cfg, 16, 2, 16, 104, "cpu", torch.float16, queries=4)
         assert {dict(s)["NSEL_PAD"] for s in warm.get("_fwd_union_kernel", [])} == want
+        # the token kernel with a plan and without, at each width, one sequence and several rows
+        token = {(dict(s)["NSEL_PAD"], dict(s)["UNION"], dict(s)["ROWS"]) for s in warm["_fwd_token_kernel"]}
+        assert token == {(w, u, r) for w in (8, 16) for u in {False, bool(tokens)} for r in (False, True)}
         assert triton_union.UNION_MAX_SHARE == before  # forced() restored it
 
 

@@ -7,6 +7,7 @@ definition the kernels are tested against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -149,12 +150,15 @@ def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, devi
         with torch.no_grad():
             k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
             k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
-            triton_pipeline(q, k, v, cfg, scale, k1, k2)
-            if triton_union.UNION_TOKENS:  # its kernel too (random inputs take the token kernel)
-                with triton_union.forced():
+            # With UNION_TOKENS set: the union kernels (forced: random inputs would decline them) and the token
+            # kernel both with a plan (a call of UNION_MIN_QUERIES queries) and without (shorter calls).
+            for mode in (contextlib.nullcontext, triton_union.forced, triton_union.declined)[
+                    :3 if triton_union.UNION_TOKENS else 1]:
+                with mode():
                     triton_pipeline(q, k, v, cfg, scale, k1, k2)
-            triton_pipeline_rows(q[None], k[None], v[None], [tq], [n], cfg, scale, [k1], None if k2 is None else [k2],
-                                 [k1.shape[0]], None if k2 is None else [k2.shape[0]])
+                    triton_pipeline_rows(q[None], k[None], v[None], [tq], [n], cfg, scale, [k1],
+                                         None if k2 is None else [k2], [k1.shape[0]],
+                                         None if k2 is None else [k2.shape[0]])
 
 
 def warm_prefill_kernels(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, device: torch.device | str,

@@ -152,18 +152,23 @@ def _fwd_shared_tile(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pid, q_start, tk, wind
         tl.store(lse_ptr + t * stride_lt + h, lse)
 
 
-@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "ROWS"])
+@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "ROWS"],
+                 **triton_union.TUNING_HOOKS)
 @triton.jit(do_not_specialize=["q_start", "tk", "n_rows", "nsel"])  # see triton_select._lse_kernel
 def _fwd_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr, q_start, tk, window, sm_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt,
                       stride_ot, stride_oh, stride_lt, rows_ptr, n_rows, n_groups, stride_qb, stride_kb, stride_vb,
-                      stride_bb, stride_osb, stride_lsb, stride_ob, stride_lb,
+                      stride_bb, stride_osb, stride_lsb, stride_ob, stride_lb, un_ptr, max_share,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                      nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, ROWS: tl.constexpr):
+                      nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, ROWS: tl.constexpr, UNION: tl.constexpr):
     """Continues the shared part's softmax state with the query's own selected blocks (those outside the
     shared set: init <= b < qb - window). The selection is sorted ascending with -1 last, so those blocks
     are one contiguous run of it: the loop has no branches and pipelines its loads.
-    ROWS: several sequences (triton_select.Rows), the second grid axis (row, KV head)."""
+    ROWS: several sequences (triton_select.Rows), the second grid axis (row, KV head).
+    UNION: a `triton_union.Plan`'s stats (un_ptr) and share: nothing where they pass (the union kernel's call)."""
+    if UNION:
+        if triton_union._taken(un_ptr, max_share):
+            return
     t = tl.program_id(0)
     g = tl.program_id(1)
     if ROWS:
@@ -248,14 +253,19 @@ def _bwd_dq_shared_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     tl.store(dq_ptr + qoff, dq * sm_scale, mask=rm[:, None])
 
 
-@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"])
+@triton.autotune(configs=_configs(warps=(1, 2, 4)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD"],
+                 **triton_union.TUNING_HOOKS)
 @triton.jit(do_not_specialize=["q_start", "nsel"])  # see _bwd_dq_shared_kernel
 def _bwd_dq_token_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr, dq_ptr, q_start, window,
                          sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bh,
-                         stride_bt, stride_lt,
+                         stride_bt, stride_lt, un_ptr, max_share,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                         nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr):
-    """Adds the query's own selected blocks (outside the shared set) to the shared part's dq."""
+                         nsel, NSEL_PAD: tl.constexpr, INIT: tl.constexpr, UNION: tl.constexpr):
+    """Adds the query's own selected blocks (outside the shared set) to the shared part's dq. UNION: as
+    `_fwd_token_kernel`'s."""
+    if UNION:
+        if triton_union._taken(un_ptr, max_share):
+            return
     t = tl.program_id(0)
     g = tl.program_id(1)
     pos = q_start + t
@@ -457,22 +467,23 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
-    # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; off by default).
-    chosen = union if union != "decide" else triton_union.choose(idx, tq, q_start, rows.table if rows is not None
-                                                                  else None, block_size, init_blocks, window)
-    if chosen is not None:
-        triton_union.fwd_union(q, k, v, idx, *chosen, o_shared, lse_shared, o, lse, block_size, scale, init_blocks,
-                               window, triton_union.UNION_TOKENS)
-        return (o, lse) if rows is not None else (o[0], lse[0])
+    # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; off by default): with a plan
+    # both kernels are launched and one of them returns at once (the decision stays on the device).
+    plan = union if union != "decide" else triton_union.choose(idx, tq, q_start, rows.table if rows is not None
+                                                               else None, block_size, init_blocks, window)
+    if plan is not None:
+        triton_union.fwd_union(q, k, v, idx, plan, o_shared, lse_shared, o, lse, block_size, scale, init_blocks,
+                               window)
     nsel = idx.shape[3]
     _fwd_token_kernel[(tq, hkv * r)](q, k, v, idx, o_shared, lse_shared, o, lse, q_start, tk, window, scale,
                                      q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                                      idx.stride(1), idx.stride(2), o.stride(1),
                                      o.stride(2), lse.stride(1), table, r, hkv, q.stride(0), k.stride(0), v.stride(0),
                                      idx.stride(0), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
-                                     lse.stride(0), G=g, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel,
-                                     NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks,
-                                     ROWS=rows is not None)
+                                     lse.stride(0), table if plan is None else plan.stats,
+                                     0.0 if plan is None else plan.max_share, G=g, G_PAD=g_pad, D=d,
+                                     BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+                                     INIT=init_blocks, ROWS=rows is not None, UNION=plan is not None)
     return (o, lse) if rows is not None else (o[0], lse[0])
 
 
@@ -607,18 +618,18 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                                  v.stride(1), lse.stride(0), G=g, D=d, BLOCK=block_size,
                                                  INIT=init_blocks, HP=hp)
     dq = torch.empty_like(q)
-    chosen = union if union != "decide" else triton_union.choose(idx[None], tq, q_start, None, block_size,
-                                                                  init_blocks, window)
-    if chosen is not None:
-        triton_union.bwd_dq_union(q, k, v, idx, *chosen[:2], do, lse, delta, dq_shared, dq, block_size, scale,
-                                  init_blocks, window, triton_union.UNION_TOKENS)
-    else:
-        nsel = idx.shape[2]
-        _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale,
-                                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                        idx.stride(0), idx.stride(1), lse.stride(0), G=g, G_PAD=g_pad, D=d,
-                                        BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-                                        INIT=init_blocks)
+    plan = union if union != "decide" else triton_union.choose(idx[None], tq, q_start, None, block_size, init_blocks,
+                                                               window)
+    if plan is not None:
+        triton_union.bwd_dq_union(q, k, v, idx, plan, do, lse, delta, dq_shared, dq, block_size, scale, init_blocks,
+                                  window)
+    nsel = idx.shape[2]
+    _bwd_dq_token_kernel[(tq, hkv)](q, k, v, idx, do, lse, delta, dq_shared, dq, q_start, window, scale,
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                    idx.stride(0), idx.stride(1), lse.stride(0), q if plan is None else plan.stats,
+                                    0.0 if plan is None else plan.max_share, G=g, G_PAD=g_pad, D=d, BLOCK=block_size,
+                                    nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks,
+                                    UNION=plan is not None)
     pos = torch.arange(q_start, tk, device=q.device)
     blocks = full_block_list(idx, pos, block_size, init_blocks, window)
     n_blocks = triton.cdiv(tk, block_size)
@@ -632,7 +643,7 @@ class SparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size: int, scale: float, init_blocks: int, window: int):
-        # The union question asked once for both passes (its host read and counts are not repeated).
+        # The union question asked once for both passes (its sample and counts are not repeated).
         ctx.union = triton_union.choose(idx.to(torch.int32)[None], q.shape[0], k.shape[0] - q.shape[0], None,
                                         block_size, init_blocks, window)
         o, lse = sparse_fwd(q, k, v, idx, block_size, scale, init_blocks, window, union=ctx.union)

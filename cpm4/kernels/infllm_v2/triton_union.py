@@ -9,23 +9,26 @@ result is the token kernel's: the same blocks in the same order through the same
 token did not choose changes neither its running max nor its sums).
 
 With disjoint selections (random inputs) the union is T times a token's list, so the loads are the token kernel's
-and the scores are computed for T times the rows: `sparse_fwd` takes this path only when the tiles' unions hold at
-most UNION_MAX_SHARE of the tokens' own blocks. It asks `likely` first — the same share over a sample of the tiles
-(`sample_counts`: one small kernel, ≈ 0.1 ms at the 8B's 32K and 128K) — then `union_blocks` for every tile (one
-count read back to the host each). Calls of fewer than UNION_MIN_QUERIES queries never ask. One sequence or several
-(`Rows`) in one launch alike: a sequence is a row of one."""
+and the scores are computed for T times the rows: the path pays only when the tiles' unions hold at most
+UNION_MAX_SHARE of the tokens' own blocks. The question is answered on the device, with no read back to the host
+(`choose`): a sample of the tiles counted (`_count_kernel`, ≈ 0.1 ms at the 8B's 128K), then, only if the sample
+passes, every tile's union (`_union_kernel`), whose totals in `stats` decide; the token kernel and the union kernel
+are both launched and each reads `stats` first (`_taken`), one of them returning at once. Calls of fewer than
+UNION_MIN_QUERIES queries never ask. One sequence or several (`Rows`) in one launch alike: a sequence is a row of
+one."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_select import autotune_configs, dq_step, query_tile, row_params, softmax_step
+from .triton_select import dq_step, query_tile, row_params, softmax_step
 
 # Tokens per program (2, 4 or 8); 0: every call takes the token kernel. Measured on the H200 (RESULTS.md,
 # thirty-sixth pass; 8B shape, drawn selections, union_blocks included): T = 4 gains 1.40x / 1.65x at 32K / 128K
@@ -71,14 +74,53 @@ def forced():
         UNION_MAX_SHARE, UNION_MIN_QUERIES, UNION_SAMPLE = before
 
 
+@contextmanager
+def declined():
+    """Inside, `choose` makes no plan however many queries a call has (warm-up: the token kernel's variant without
+    a plan, which calls of fewer than UNION_MIN_QUERIES queries take)."""
+    global UNION_MIN_QUERIES
+    before = UNION_MIN_QUERIES
+    UNION_MIN_QUERIES = float("inf")
+    try:
+        yield
+    finally:
+        UNION_MIN_QUERIES = before
+
+
+class Plan(NamedTuple):
+    """`choose`'s answer for a call of stage 2, all on the device: the tiles' unions [R, hkv, tiles, T x NSEL_PAD]
+    (each row ascending, then -1; written only where the sample passed), their counts [R, hkv, tiles], `Rows`'s
+    table, stats int64 [3] (the widest union, the unions' blocks in all, the tokens' own blocks in all: zero where the
+    sample declined) and the share it is judged by (UNION_MAX_SHARE when asked, so the backward decides as the
+    forward did). The union kernels and the token kernels read stats (`_taken`): one of them does the work."""
+
+    union: torch.Tensor
+    counts: torch.Tensor
+    table: torch.Tensor
+    stats: torch.Tensor
+    max_share: float
+    tokens: int
+
+
 def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
                  tokens: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The union of each tile's own blocks. idx [R, hkv, Tq, K] (sorted ascending, -1 padded); table int32 [>= 2, R]
     on idx's device: each sequence's queries (its first rows of idx; the rest never read) and its first query's
     position (`Rows.table`'s first two rows); a token's own blocks are init_blocks <= b < its block - window.
     Tiles are `tokens` consecutive queries from query 0. Returns (union [R, hkv, tiles, W] int32, each row ascending
-    then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): one launch of
-    `_union_kernel` and one read back to the host."""
+    then -1; counts [R, hkv, tiles] int32; the unions' blocks in all; the tokens' own blocks in all): `count_unions`
+    and one read back to the host (tests, benchmarks; `choose` reads nothing back)."""
+    rows, counts, stats = count_unions(idx, table, block_size, init_blocks, window, tokens)
+    width, total, own = stats.tolist()
+    return rows[..., :max(width, 1)].contiguous(), counts, total, own
+
+
+def count_unions(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
+                 tokens: int, sample: torch.Tensor | None = None, max_share: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`union_blocks` left on the device: (union [R, hkv, tiles, T x NSEL_PAD], counts, stats [3] int64), one launch
+    of `_union_kernel`. sample: `sample_stats`'s counts; where given, the kernel counts only if they pass `_taken`
+    with max_share (else every program returns at once: stats stay zero, union and counts unwritten)."""
     _check_tokens(tokens)
     r, hkv, tq, nsel = idx.shape
     tiles = triton.cdiv(tq, tokens)
@@ -88,20 +130,33 @@ def union_blocks(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_b
     stats = torch.zeros(3, dtype=torch.int64, device=idx.device)
     if tiles:
         _union_kernel[(tiles, hkv * r)](
-            idx, table, rows, counts, stats, r, hkv, window, idx.stride(0), idx.stride(1), idx.stride(2),
-            rows.stride(0), rows.stride(1), rows.stride(2), counts.stride(0), counts.stride(1), nsel,
-            NSEL_PAD=nsel_pad, INIT=init_blocks, BLOCK=block_size, T=tokens)
-    width, total, own = stats.tolist()
-    return rows[..., :max(width, 1)].contiguous(), counts, total, own
+            idx, table, rows, counts, stats, stats if sample is None else sample, max_share, r, hkv, window,
+            idx.stride(0), idx.stride(1), idx.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
+            counts.stride(0), counts.stride(1), nsel, NSEL_PAD=nsel_pad, INIT=init_blocks, BLOCK=block_size, T=tokens,
+            SAMPLED=sample is not None)
+    return rows, counts, stats
+
+
+@triton.jit
+def _taken(stats_ptr, max_share):
+    """`take_union` on the device: stats[1] (the unions' blocks in all) against stats[2] (the tokens' own)."""
+    total = tl.load(stats_ptr + 1).to(tl.float64)
+    own = tl.load(stats_ptr + 2)
+    return (own > 0) & (total <= own.to(tl.float64) * max_share)
 
 
 @triton.jit(do_not_specialize=["n_rows", "window", "nsel"])
-def _union_kernel(blk_ptr, rows_ptr, un_ptr, cnt_ptr, stats_ptr, n_rows, n_groups, window, stride_bb, stride_bh,
-                  stride_bt, stride_ub, stride_uh, stride_ut, stride_cb, stride_ch, nsel, NSEL_PAD: tl.constexpr,
-                  INIT: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+def _union_kernel(blk_ptr, rows_ptr, un_ptr, cnt_ptr, stats_ptr, sample_ptr, max_share, n_rows, n_groups, window,
+                  stride_bb, stride_bh, stride_bt, stride_ub, stride_uh, stride_ut, stride_cb, stride_ch, nsel,
+                  NSEL_PAD: tl.constexpr, INIT: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr,
+                  SAMPLED: tl.constexpr):
     """Tile program_id(0) of sequence b, KV group g (grid axis 1): its T tokens' own blocks sorted (one list of
     T x NSEL_PAD), each block's repeats dropped (the sorted list stored, then read one place back), the rest
-    compacted to the front of its union row and -1 after; its count; stats += (max count, counts, own blocks)."""
+    compacted to the front of its union row and -1 after; its count; stats += (max count, counts, own blocks).
+    SAMPLED: nothing unless the sample's counts (sample_ptr, laid out as stats) pass `_taken`."""
+    if SAMPLED:
+        if not _taken(sample_ptr, max_share):
+            return
     pid = tl.program_id(0)
     b, g, tq, q_start, _ = row_params(rows_ptr, n_rows, tl.program_id(1), n_groups, 1)
     tt = pid * T + tl.arange(0, T)
@@ -147,17 +202,24 @@ def sample_every(tq: int, tokens: int) -> int:
 def sample_counts(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
                   tokens: int, every: int) -> tuple[int, int]:
     """`union_blocks`'s (the unions' blocks in all, the tokens' own blocks in all) over tiles 0, every, 2 every, ...
-    only: one launch of `_count_kernel` (no sort; only those tiles' selections read) and one read back to the host
-    (measured on the H200 at 32K, 8B shape: the torch sorts it replaces took 0.41 ms for a sixteenth). Its own
-    kernel rather than `_union_kernel` over a stride: the sample needs only the counts, so no sort and no stores."""
+    only: `sample_stats` and one read back to the host (tests, benchmarks)."""
+    _, total, own = sample_stats(idx, table, block_size, init_blocks, window, tokens, every).tolist()
+    return total, own
+
+
+def sample_stats(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int,
+                 tokens: int, every: int) -> torch.Tensor:
+    """int64 [3] laid out as `count_unions`'s stats (0, the sampled unions' blocks, their tokens' own blocks), on the
+    device: one launch of `_count_kernel` (no sort; only the sampled tiles' selections read; measured on the H200 at
+    32K, 8B shape: the torch sorts it replaces took 0.41 ms for a sixteenth). Its own kernel rather than
+    `_union_kernel` over a stride: the sample needs only the counts, so no sort and no stores."""
     _check_tokens(tokens)
     r, hkv, tq, nsel = idx.shape
-    out = torch.zeros(2, dtype=torch.int64, device=idx.device)
+    out = torch.zeros(3, dtype=torch.int64, device=idx.device)
     _count_kernel[(triton.cdiv(triton.cdiv(tq, tokens), every), hkv * r)](
         idx, table, out, r, hkv, window, every, idx.stride(0), idx.stride(1), idx.stride(2), nsel,
         NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, BLOCK=block_size, T=tokens)
-    total, own = out.tolist()
-    return total, own
+    return out
 
 
 def _check_tokens(tokens: int) -> None:
@@ -184,7 +246,7 @@ def _count_kernel(blk_ptr, rows_ptr, out_ptr, n_rows, n_groups, window, every, s
                   NSEL_PAD: tl.constexpr, INIT: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
     """Tile program_id(0) x every of sequence b, KV group g (grid axis 1): its union's size — each token's own
     blocks that no earlier token of the tile chose (a token's list holds a block once) — and its tokens' own blocks
-    in all, added to out[0] and out[1]."""
+    in all, added to out[1] and out[2] (`_taken`'s layout)."""
     b, g, tq, q_start, _ = row_params(rows_ptr, n_rows, tl.program_id(1), n_groups, 1)
     blk_row = blk_ptr + b * stride_bb + g * stride_bh
     t0 = tl.program_id(0) * every * T
@@ -199,31 +261,84 @@ def _count_kernel(blk_ptr, rows_ptr, out_ptr, n_rows, n_groups, window, every, s
             seen = _own_row(blk_row, t0 + j, tq, q_start, window, nsel, kk, stride_bt, INIT, BLOCK)
             first = first & (tl.max((sel[:, None] == seen[None, :]).to(tl.int32), 1) == 0)
         union += tl.sum(first.to(tl.int64))
-    tl.atomic_add(out_ptr, union)
-    tl.atomic_add(out_ptr + 1, own)
+    tl.atomic_add(out_ptr + 1, union)
+    tl.atomic_add(out_ptr + 2, own)
 
 
 def choose(idx: torch.Tensor, tq: int, q_start: int, table: torch.Tensor | None, block_size: int, init_blocks: int,
-           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The union path's decision for a call of stage 2 (forward or dq): None (the token kernel) unless UNION_TOKENS
-    is set, the call has UNION_MIN_QUERIES queries, `likely` accepts and the whole count passes `take_union`; else
-    (union, counts, table) for `fwd_union` / `bwd_dq_union`. idx [R, hkv, Tq, K]; table: `Rows.table` or None (one
-    sequence of tq queries from q_start)."""
+           window: int) -> Plan | None:
+    """The union path's question for a call of stage 2 (forward or dq), asked on the device: None (the token kernel
+    alone) unless UNION_TOKENS is set and the call has UNION_MIN_QUERIES queries; else a `Plan`: the sample
+    (`sample_stats`, every `sample_every`-th tile; UNION_SAMPLE 1: none, the whole count decides) and the whole count
+    behind it (`count_unions`, which returns at once where the sample declined). Nothing is read back: the caller
+    launches both `fwd_union` / `bwd_dq_union` and the token kernel with the plan's stats, and one of them returns
+    at once (`taken`: the answer on the host). idx [R, hkv, Tq, K]; table: `Rows.table` or None (one sequence of tq
+    queries from q_start)."""
     tokens = UNION_TOKENS
     if not tokens or tq < UNION_MIN_QUERIES:
         return None
     if table is None:
         table = torch.tensor([[tq], [q_start]], dtype=torch.int32).to(idx.device)
-    if UNION_SAMPLE > 1 and not likely(idx, table, block_size, init_blocks, window, tokens):  # (1: the count decides)
-        return None
-    union, counts, total, own = union_blocks(idx, table, block_size, init_blocks, window, tokens)
-    return (union, counts, table) if take_union(total, own) else None
+    sample = None
+    if UNION_SAMPLE > 1:
+        sample = sample_stats(idx, table, block_size, init_blocks, window, tokens, sample_every(idx.shape[2], tokens))
+    union, counts, stats = count_unions(idx, table, block_size, init_blocks, window, tokens, sample, UNION_MAX_SHARE)
+    return Plan(union, counts, table, stats, UNION_MAX_SHARE, tokens)
 
 
-def take_union(total: int, own: int) -> bool:
-    """Whether the tiles' unions (total blocks) are small enough against the tokens' own blocks
-    (`UNION_MAX_SHARE`)."""
-    return own > 0 and total <= UNION_MAX_SHARE * own
+def taken(plan: Plan | None) -> bool:
+    """Whether the union kernels did (or will do) a call's work under `plan`: its stats read back to the host and
+    judged by `take_union` as the kernels judge them (`_taken`)."""
+    if plan is None:
+        return False
+    _, total, own = plan.stats.tolist()
+    return take_union(total, own, plan.max_share)
+
+
+def take_union(total: int, own: int, max_share: float | None = None) -> bool:
+    """Whether the tiles' unions (total blocks) are small enough against the tokens' own blocks (max_share, default
+    UNION_MAX_SHARE). The kernels' copy of this rule is `_taken`."""
+    share = UNION_MAX_SHARE if max_share is None else max_share
+    return own > 0 and total <= share * own
+
+
+# The union kernels' launch, (warps, stages), by query rows a program (T x G_PAD): fixed rather than autotuned, as
+# a call's plan is unknown on the host (an autotuner timing a declined call would time programs that return at
+# once). None: `launch_config`'s rule; set a pair to measure one (benchmarks/stage2_union.py --union-config).
+UNION_LAUNCH: tuple[int, int] | None = None
+
+
+def launch_config(rows: int) -> dict:
+    """num_warps / num_stages of a union kernel whose programs hold `rows` query rows."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"num_warps": 4, "num_stages": 1}
+    warps, stages = UNION_LAUNCH or ((8, 2) if rows >= 128 else (4, 2))
+    return {"num_warps": warps, "num_stages": stages}
+
+
+def decline_while_tuning(nargs: dict, reset_only: bool = False, **_) -> None:
+    """Autotuner pre-hook of the token kernels: while the autotuner times one with a plan (UNION), its stats read as
+    declined, so the timings are of the real work and not of programs returning at once (the union kernel, launched
+    before, already wrote the same outputs). `restore_after_tuning` puts them back."""
+    if reset_only or not nargs.get("UNION"):
+        return
+    stats = nargs["un_ptr"]
+    _saved[stats.data_ptr()] = stats.clone()
+    stats.zero_()
+
+
+def restore_after_tuning(nargs: dict, exception: BaseException | None = None, **_) -> None:
+    """Autotuner post-hook: `decline_while_tuning`'s stats back."""
+    if not nargs.get("UNION"):
+        return
+    stats = nargs["un_ptr"]
+    saved = _saved.pop(stats.data_ptr(), None)
+    if saved is not None:
+        stats.copy_(saved)
+
+
+_saved: dict[int, torch.Tensor] = {}
+TUNING_HOOKS = {"pre_hook": decline_while_tuning, "post_hook": restore_after_tuning}
 
 
 @triton.jit
@@ -257,11 +372,10 @@ def _union_block(row, bits_row, u, lane, k_ptr, v_ptr, g, dd, kk0, stride_kt, st
     return mine[:, None] & (kk0 >= 0)[None, :], k, v
 
 
-@triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
 @triton.jit(do_not_specialize=["n_rows", "nsel"])
-def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, os_ptr, ls_ptr, o_ptr, lse_ptr,
-                      rows_ptr, n_rows, n_groups, window, sm_scale, stride_qb, stride_qt, stride_qh, stride_kb,
-                      stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bb, stride_bh, stride_bt,
+def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, stats_ptr, max_share, os_ptr, ls_ptr,
+                      o_ptr, lse_ptr, rows_ptr, n_rows, n_groups, window, sm_scale, stride_qb, stride_qt, stride_qh,
+                      stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bb, stride_bh, stride_bt,
                       stride_ub, stride_uh, stride_ut, stride_cb, stride_ch, stride_osb, stride_lsb, stride_ob,
                       stride_ot, stride_oh, stride_lb, stride_lt,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
@@ -269,7 +383,10 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
     """Continues the shared part's softmax state of T tokens x the G heads of KV group g (rows of T * G_PAD) of
     sequence b (grid axis 1: sequences x groups; rows_ptr: `union_blocks`'s table) with the union of the tokens' own
     blocks. bits: scratch shaped as the union, for each block the tokens that chose it (bit i: token i of the
-    tile). A tile past a shorter sequence's queries has an empty union and stores nothing."""
+    tile). A tile past a shorter sequence's queries has an empty union and stores nothing. Nothing at all unless
+    the plan's stats pass `_taken` (else the token kernel does the work)."""
+    if not _taken(stats_ptr, max_share):
+        return
     pid = tl.program_id(0)
     b, g, tq, q_start, _ = row_params(rows_ptr, n_rows, tl.program_id(1), n_groups, 1)
     q_ptr += b * stride_qb
@@ -305,32 +422,34 @@ def _fwd_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, o
     tl.store(lse_ptr + ti * stride_lt + hi, lse, mask=rm)
 
 
-def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, union: torch.Tensor,
-              counts: torch.Tensor, table: torch.Tensor, o_shared: torch.Tensor, lse_shared: torch.Tensor,
-              o: torch.Tensor, lse: torch.Tensor, block_size: int, scale: float, init_blocks: int, window: int,
-              tokens: int) -> None:
-    """Sequences as `sparse_fwd`'s rows (q [R, Tq, hq, d], k/v [R, Tk, hkv, d], idx [R, hkv, Tq, K] int32; table
-    and union, counts: `union_blocks`'s): o [R, Tq, hq, d], lse [R, Tq, hq] for each sequence's queries from the
-    shared part's (o_shared, lse_shared: `sparse_fwd`'s intermediates, laid out as q) and the unions."""
+def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, plan: Plan,
+              o_shared: torch.Tensor, lse_shared: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, block_size: int,
+              scale: float, init_blocks: int, window: int) -> None:
+    """Sequences as `sparse_fwd`'s rows (q [R, Tq, hq, d], k/v [R, Tk, hkv, d], idx [R, hkv, Tq, K] int32; plan:
+    `choose`'s): o [R, Tq, hq, d], lse [R, Tq, hq] for each sequence's queries from the shared part's (o_shared,
+    lse_shared: `sparse_fwd`'s intermediates, laid out as q) and the unions — where the plan is taken; else
+    nothing (every program returns at once)."""
     r, tq, hq, d = q.shape
     hkv = k.shape[2]
     nsel = idx.shape[3]
+    union, counts = plan.union, plan.counts
     bits = torch.empty_like(union)
+    g_pad = max(16, triton.next_power_of_2(hq // hkv))
     _fwd_union_kernel[(union.shape[2], hkv * r)](
-        q, k, v, idx, union, bits, counts, o_shared, lse_shared, o, lse, table, r, hkv, window, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2), union.stride(0), union.stride(1), union.stride(2),
-        counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0), o.stride(1),
-        o.stride(2), lse.stride(0), lse.stride(1),
-        G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BLOCK=block_size, nsel=nsel,
-        NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)
+        q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, o_shared, lse_shared, o, lse, plan.table, r,
+        hkv, window, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2), union.stride(0), union.stride(1),
+        union.stride(2), counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
+        o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+        INIT=init_blocks, T=plan.tokens, **launch_config(plan.tokens * g_pad))
 
 
-@triton.autotune(configs=autotune_configs(warps=(4, 8), stages=(2, 3)), key=["D", "G_PAD", "BLOCK", "NSEL_PAD", "T"])
 @triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
-def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, do_ptr, lse_ptr, delta_ptr, dqs_ptr,
-                         dq_ptr, tq, q_start, window, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                         stride_vh, stride_bh, stride_bt, stride_uh, stride_ut, stride_ch, stride_lt,
+def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr, stats_ptr, max_share, do_ptr, lse_ptr,
+                         delta_ptr, dqs_ptr, dq_ptr, tq, q_start, window, sm_scale, stride_qt, stride_qh,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_bh, stride_bt, stride_uh, stride_ut,
+                         stride_ch, stride_lt,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, nsel,
                          NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
     """The dq pass's own blocks as `_fwd_union_kernel` walks them (one sequence): T tokens x the G heads of KV group
@@ -362,21 +481,21 @@ def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr
     tl.store(dq_ptr + qoff, dq.to(dq_ptr.dtype.element_ty), mask=rm[:, None])
 
 
-def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, union: torch.Tensor,
-                 counts: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                 dq_shared: torch.Tensor, dq: torch.Tensor, block_size: int, scale: float, init_blocks: int,
-                 window: int, tokens: int) -> None:
+def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, plan: Plan, do: torch.Tensor,
+                 lse: torch.Tensor, delta: torch.Tensor, dq_shared: torch.Tensor, dq: torch.Tensor, block_size: int,
+                 scale: float, init_blocks: int, window: int) -> None:
     """`sparse_bwd`'s per-token dq over the unions (one sequence: q/do/dq/dq_shared [Tq, hq, d] contiguous, k/v
-    [Tk, hkv, d], idx [hkv, Tq, K] int32, lse/delta [Tq, hq] alike; union, counts: `union_blocks`'s for idx[None])
-    into dq."""
+    [Tk, hkv, d], idx [hkv, Tq, K] int32, lse/delta [Tq, hq] alike; plan: `choose`'s for idx[None]) into dq, where
+    the plan is taken (else nothing)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     nsel = idx.shape[2]
-    union, counts = union[0], counts[0]
+    union, counts = plan.union[0], plan.counts[0]
     bits = torch.empty_like(union)
+    g_pad = max(16, triton.next_power_of_2(hq // hkv))
     _bwd_dq_union_kernel[(union.shape[1], hkv)](
-        q, k, v, idx, union, bits, counts, do, lse, delta, dq_shared, dq, tq, tk - tq, window, scale, q.stride(0),
-        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
-        union.stride(0), union.stride(1), counts.stride(0), lse.stride(0),
-        G=hq // hkv, G_PAD=max(16, triton.next_power_of_2(hq // hkv)), D=d, BLOCK=block_size, nsel=nsel,
-        NSEL_PAD=triton.next_power_of_2(max(nsel, 1)), INIT=init_blocks, T=tokens)
+        q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, do, lse, delta, dq_shared, dq, tq, tk - tq,
+        window, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
+        idx.stride(1), union.stride(0), union.stride(1), counts.stride(0), lse.stride(0),
+        G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+        INIT=init_blocks, T=plan.tokens, **launch_config(plan.tokens * g_pad))
