@@ -448,6 +448,13 @@ uniondevice)  # the union path decided on the device (triton_union.choose: no ho
     timeout 300 "$PY" benchmarks/stage2_union.py --lengths 32768 131072 --tokens 4 --noise 0 100 --backward 4 \
         --configs 4,2 8,2 4,3 8,3 --tag=-uniondevice --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
     ;;
+uniondecline)  # where a declined union call's time goes (union_decline.py: kernel by kernel, plan against none),
+    # and the union kernels' launch at T = 8 (4 or 8 warps), noise 0, 32K
+    timeout 150 "$PY" benchmarks/union_decline.py --lengths 32768 131072 --out "${OUT:-benchmarks/results}" 2>&1 \
+        | grep -v "^wrote"
+    timeout 150 "$PY" benchmarks/stage2_union.py --lengths 32768 --tokens 8 --noise 0 --backward 0 --auto 0 \
+        --configs 4,2 8,2 --tag=-uniont8 --out "${OUT:-benchmarks/results}" 2>&1 | grep -v "^wrote"
+    ;;
 unionauto8b)  # unionauto's second call (each 8B 128K run takes 2-3 minutes): the 8B's 128K with --union-tokens 4
     # against 0 (the first run compiles: 150 s was too short for it twice on 2026-12-01)
     limit=220

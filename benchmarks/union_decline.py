@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, print_rows, write_rows  # noqa: E402
-from stage2_union import BLOCK, D, HKV, HQ, INIT, WINDOW, draw  # noqa: E402
+from stage2_union import BLOCK, HKV, HQ, INIT, WINDOW, D, draw  # noqa: E402
 
 
 def kernel_ms(fn, calls: int = 3) -> dict[str, float]:
@@ -63,10 +63,10 @@ def main() -> None:
         try:
             for tokens in (0, 4, 0, 4):
                 triton_union.UNION_TOKENS = tokens
-                times.setdefault(tokens, []).append(bench(lambda: sparse_fwd(*run), warmup=3, rep=10))
+                times.setdefault(tokens, []).append(bench(lambda run=run: sparse_fwd(*run), warmup=3, rep=10))
             for tokens in (0, 4):
                 triton_union.UNION_TOKENS = tokens
-                kernels[tokens] = kernel_ms(lambda: sparse_fwd(*run))
+                kernels[tokens] = kernel_ms(lambda run=run: sparse_fwd(*run))
         finally:
             triton_union.UNION_TOKENS = saved
         ours, peer = min(times[4]), min(times[0])
@@ -76,7 +76,7 @@ def main() -> None:
             base = kernels[0].get(name)
             rows.append({"phase": f"kernel.{name[:40]}", "seqlen": n, "ours_ms": ms, "peer_ms": base,
                          "speedup": None if base is None else base / ms})
-        del q, k, v, run
+        del q, k, v
     print_rows(rows)
     write_rows(f"union_decline{args.tag}", torch.cuda.get_device_name(), rows, args.out)
 
