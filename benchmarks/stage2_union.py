@@ -105,6 +105,7 @@ def main() -> None:
                 rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}", "seqlen": n, "ours_ms": ours,
                              "peer_ms": peer, "speedup": peer / ours, "union_share": share, "max_diff": diff})
                 print(f"n={n} noise={noise:g} T={tokens}: union share {share:.2f}, max diff {diff:.3g}")
+                launch = triton_union.UNION_LAUNCH
                 for config in args.configs:  # the union kernels' fixed launch, each candidate forced
                     warps, stages = map(int, config.split(","))
                     triton_union.UNION_TOKENS, triton_union.UNION_LAUNCH = tokens, (warps, stages)
@@ -112,7 +113,7 @@ def main() -> None:
                         with triton_union.forced():
                             ours = bench(lambda run=run: sparse_fwd(*run), warmup=2, rep=5)
                     finally:
-                        triton_union.UNION_TOKENS, triton_union.UNION_LAUNCH = saved, None
+                        triton_union.UNION_TOKENS, triton_union.UNION_LAUNCH = saved, launch
                     rows.append({"phase": f"stage2.noise{noise:g}.T{tokens}.w{warps}s{stages}", "seqlen": n,
                                  "ours_ms": ours, "peer_ms": peer, "speedup": peer / ours, "union_share": share})
             if args.backward:  # the whole backward (dq's own blocks over the unions; dk/dv the same pass) at T

@@ -277,8 +277,10 @@ def choose(idx: torch.Tensor, tq: int, q_start: int, table: torch.Tensor | None,
     tokens = UNION_TOKENS
     if not tokens or tq < UNION_MIN_QUERIES:
         return None
-    if table is None:
-        table = torch.tensor([[tq], [q_start]], dtype=torch.int32).to(idx.device)
+    if table is None:  # filled on the device: a copy from the host would wait for the stream (a pageable copy)
+        table = torch.empty(2, 1, dtype=torch.int32, device=idx.device)
+        table[0].fill_(tq)
+        table[1].fill_(q_start)
     sample = None
     if UNION_SAMPLE > 1:
         sample = sample_stats(idx, table, block_size, init_blocks, window, tokens, sample_every(idx.shape[2], tokens))
@@ -302,17 +304,18 @@ def take_union(total: int, own: int, max_share: float | None = None) -> bool:
     return own > 0 and total <= share * own
 
 
-# The union kernels' launch, (warps, stages), by query rows a program (T x G_PAD): fixed rather than autotuned, as
-# a call's plan is unknown on the host (an autotuner timing a declined call would time programs that return at
-# once). None: `launch_config`'s rule; set a pair to measure one (benchmarks/stage2_union.py --union-config).
-UNION_LAUNCH: tuple[int, int] | None = None
+# The union kernels' launch (warps, stages): fixed rather than autotuned, as a call's plan is unknown on the host (an
+# autotuner timing a declined call would time programs that return at once). Measured on the H200 (8B shape, forced,
+# 32K / 128K, RESULTS.md thirty-ninth pass): T = 4 with 4 warps 8.5-8.7 / 38.4-38.5 ms, 8 warps 11.8-12.0 / 50.5-51.3;
+# T = 8 with 4 warps 8.3 ms at 32K, 8 warps 9.8; the stages within 3 %. benchmarks/stage2_union.py --configs sets it.
+UNION_LAUNCH: tuple[int, int] = (4, 2)
 
 
-def launch_config(rows: int) -> dict:
-    """num_warps / num_stages of a union kernel whose programs hold `rows` query rows."""
+def launch_config() -> dict:
+    """num_warps / num_stages of the union kernels (UNION_LAUNCH; one stage in the interpreter)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return {"num_warps": 4, "num_stages": 1}
-    warps, stages = UNION_LAUNCH or ((8, 2) if rows >= 128 else (4, 2))
+    warps, stages = UNION_LAUNCH
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -442,7 +445,7 @@ def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
         union.stride(2), counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
         o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-        INIT=init_blocks, T=plan.tokens, **launch_config(plan.tokens * g_pad))
+        INIT=init_blocks, T=plan.tokens, **launch_config())
 
 
 @triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
@@ -498,4 +501,4 @@ def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.T
         window, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
         idx.stride(1), union.stride(0), union.stride(1), counts.stride(0), lse.stride(0),
         G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-        INIT=init_blocks, T=plan.tokens, **launch_config(plan.tokens * g_pad))
+        INIT=init_blocks, T=plan.tokens, **launch_config())
