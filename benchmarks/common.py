@@ -114,7 +114,7 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                          "triton_decode.FUSE_DENSE_STORE)")
     ap.add_argument("--union-tokens", type=int, choices=[0, 2, 4, 8], default=None,
                     help="InfLLM v2 prefill's stage 2 over the union of this many neighbouring tokens' blocks where "
-                         "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (off)")
+                         "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (4)")
     ap.add_argument("--dense-steps", action="store_true",
                     help="an InfLLM v2 model's decode steps below dense_len through the dense paged decode, from "
                          "graphs of their own (cpm4.engine.paged.DENSE_STEPS)")

@@ -476,11 +476,11 @@ def test_warm_up_compiles_the_union_kernel(monkeypatch):
 
 
 def test_union_tokens_from_the_environment():
-    """CPM4_UNION_TOKENS sets the union path's T for a process (unset or 0: off); anything else is refused by
+    """CPM4_UNION_TOKENS sets the union path's T for a process (unset: 4; 0: off); anything else is refused by
     name."""
     from cpm4.kernels.infllm_v2.triton_union import tokens_from_env
 
-    assert tokens_from_env({}) == 0
+    assert tokens_from_env({}) == 4 and tokens_from_env({"CPM4_UNION_TOKENS": ""}) == 4
     assert [tokens_from_env({"CPM4_UNION_TOKENS": v}) for v in ("0", "2", " 4", "8")] == [0, 2, 4, 8]
     for bad in ("3", "16", "four", "-4"):
         with pytest.raises(ValueError, match=f"CPM4_UNION_TOKENS must be 0, 2, 4 or 8.*{bad}"):

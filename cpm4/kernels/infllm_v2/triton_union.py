@@ -1,4 +1,4 @@
-"""InfLLM v2 stage 2's per-token part for several neighbouring tokens at once (`UNION_TOKENS`; off by default).
+"""InfLLM v2 stage 2's per-token part for several neighbouring tokens at once (`UNION_TOKENS`; 4 by default).
 
 `_fwd_token_kernel` reads each (token, KV head)'s own selected blocks for that token alone: at 128K about 62 blocks
 of 32 KB per token and head, ≈ 520 GB from L2 a layer, its limit (RESULTS.md, "What holds the unmet targets").
@@ -31,30 +31,30 @@ import triton.language as tl
 from .triton_select import dq_step, query_tile, row_params, softmax_step
 
 # Tokens per program (2, 4 or 8); 0: every call takes the token kernel. Measured on the H200 (RESULTS.md,
-# thirty-sixth pass; 8B shape, drawn selections, union_blocks included): T = 4 gains 1.40x / 1.65x at 32K / 128K
-# where neighbours choose the same blocks (share 0.25), 1.04-1.14x at share 0.39-0.48, 0.86-1.00x at 0.58-0.63;
-# T = 8 wins more at small shares (1.53x / 1.77x) but breaks even near 0.3; T = 2 at best 1.01x. Off: random-weight
-# checkpoints (our benchmarks) draw independent blocks (share 0.63-0.85 at T = 4), where the path is never taken and
-# the question is a pure cost (thirty-seventh pass: a declined call 0.98x, the 8B's 128K prefill 0.7-1.3 % slower);
-# a trained model's "vertical" keys are what it is for (UNION_TOKENS = 4). Set for a process (and the engine
-# processes it starts) by CPM4_UNION_TOKENS.
+# thirty-sixth to thirty-ninth passes; 8B shape, drawn selections, the count included): T = 4 gains 1.6-1.7x at 32K /
+# 128K where neighbours choose the same blocks (share 0.25), 1.04-1.14x at share 0.39-0.48, 0.86-1.00x at 0.58-0.63;
+# T = 8 wins more at small shares but breaks even near 0.3; T = 2 at best 1.01x. On (4) by default since the decision
+# moved to the device (thirty-ninth pass): on random inputs (independent draws, share 0.63-0.85, never taken) a call
+# costs 0.99x of the token kernel alone and the 8B's 128K prefill 0.3 % (inside its run-to-run spread), while a
+# trained model's "vertical" keys take it. CPM4_UNION_TOKENS=0 turns it off for a process (and the engine processes
+# it starts).
 
 
 def tokens_from_env(environ: Mapping[str, str] = os.environ) -> int:
-    """UNION_TOKENS as the environment gives it: CPM4_UNION_TOKENS = 0 (or unset: off), 2, 4 or 8."""
+    """UNION_TOKENS as the environment gives it: CPM4_UNION_TOKENS = 0 (off), 2, 4 or 8; unset: 4."""
     raw = environ.get("CPM4_UNION_TOKENS", "").strip()
     if raw not in ("", "0", "2", "4", "8"):
         raise ValueError(f"CPM4_UNION_TOKENS must be 0, 2, 4 or 8 (tokens a program), got {raw!r}")
-    return int(raw or 0)
+    return int(raw or 4)
 
 
 UNION_TOKENS = tokens_from_env()
 # The union path is taken when the tiles' union lists sum to at most this share of the tokens' own blocks (T = 4's
 # break-even above, 0.48 -> 1.04x, 0.58 -> 1.00x).
 UNION_MAX_SHARE = 0.5
-# `likely`'s sample: every UNION_SAMPLE-th tile, at most UNION_SAMPLE_TILES of them a sequence and KV group. Calls
-# of fewer queries than UNION_MIN_QUERIES take the token kernel without a host read (the path is for long prefills;
-# its gains were measured at 32K and 128K).
+# `choose`'s sample: every UNION_SAMPLE-th tile, at most UNION_SAMPLE_TILES of them a sequence and KV group. Calls
+# of fewer queries than UNION_MIN_QUERIES make no plan (the path is for long prefills; its gains were measured at
+# 32K and 128K).
 UNION_SAMPLE = 16
 UNION_SAMPLE_TILES = 256
 UNION_MIN_QUERIES = 1024
