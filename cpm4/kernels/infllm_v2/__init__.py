@@ -151,9 +151,14 @@ def warm_widths(cfg: SparseConfig, hq: int, hkv: int, d: int, context: int, devi
             k1 = compress(k, cfg.kernel_size, cfg.kernel_stride)
             k2 = compress(k, cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if cfg.variant == "gen-b" else None
             # With UNION_TOKENS set: the union kernels (forced: random inputs would decline them) and the token
-            # kernel both with a plan (a call of UNION_MIN_QUERIES queries) and without (shorter calls).
-            for mode in (contextlib.nullcontext, triton_union.forced, triton_union.declined)[
-                    :3 if triton_union.UNION_TOKENS else 1]:
+            # kernel both with a plan (forced, and calls of UNION_MIN_QUERIES queries) and without (shorter calls:
+            # this one too when it is shorter).
+            modes = [contextlib.nullcontext]
+            if triton_union.UNION_TOKENS:
+                modes.append(triton_union.forced)
+                if tq >= triton_union.UNION_MIN_QUERIES:
+                    modes.append(triton_union.declined)
+            for mode in modes:
                 with mode():
                     triton_pipeline(q, k, v, cfg, scale, k1, k2)
                     triton_pipeline_rows(q[None], k[None], v[None], [tq], [n], cfg, scale, [k1],
