@@ -467,7 +467,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
                                                   BLOCK=block_size, INIT=init_blocks, HP=hp, ROWS=rows is not None)
     o = alloc(q.shape, device=q.device, dtype=q.dtype)
     lse = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
-    # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; off by default): with a plan
+    # Neighbours' own blocks once for all of them, where they overlap (`triton_union`; on by default): with a plan
     # both kernels are launched and one of them returns at once (the decision stays on the device).
     plan = union if union != "decide" else triton_union.choose(idx, tq, q_start, rows.table if rows is not None
                                                                else None, block_size, init_blocks, window)
