@@ -187,7 +187,8 @@ def _union_kernel(blk_ptr, rows_ptr, un_ptr, cnt_ptr, stats_ptr, sample_ptr, max
 def likely(idx: torch.Tensor, table: torch.Tensor, block_size: int, init_blocks: int, window: int, tokens: int,
            every: int | None = None) -> bool:
     """`take_union` over every `every`-th tile only (default `sample_every`; 1: exactly `union_blocks`'s
-    decision): whether the whole count is worth making."""
+    decision), read back to the host: whether the whole count is worth making (tests, benchmarks; `choose` asks the
+    same on the device)."""
     every = every or sample_every(idx.shape[2], tokens)
     return take_union(*sample_counts(idx, table, block_size, init_blocks, window, tokens, every))
 
