@@ -485,3 +485,37 @@ def test_union_tokens_from_the_environment():
     for bad in ("3", "16", "four", "-4"):
         with pytest.raises(ValueError, match=f"CPM4_UNION_TOKENS must be 0, 2, 4 or 8.*{bad}"):
             tokens_from_env({"CPM4_UNION_TOKENS": bad})
+
+
+def test_union_launch_falls_back_to_one_stage_where_shared_memory_runs_out(monkeypatch):
+    """The union kernels' fixed launch (not autotuned): where its stages need more shared memory than the GPU has
+    (head dim 256 on a ~100 KB GPU), the launch is made again with one stage, and that kernel and constants keep
+    one stage after; an error at one stage is raised."""
+    import triton
+
+    from cpm4.kernels.infllm_v2 import triton_union
+
+    monkeypatch.setattr(triton_union, "launch_config", lambda: {"num_warps": 4, "num_stages": 2})
+    monkeypatch.setattr(triton_union, "_ONE_STAGE", {})
+    calls = []
+
+    class Kernel:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **consts):
+                calls.append((grid, args, consts["D"], num_stages))
+                if num_stages > self.limit:
+                    raise triton.runtime.errors.OutOfResources(147456, 101376, "shared memory")
+            return run
+
+    big, fits = Kernel(limit=1), Kernel(limit=3)
+    triton_union._launch(big, (8, 2), (1, 2), {"D": 256})
+    assert calls == [((8, 2), (1, 2), 256, 2), ((8, 2), (1, 2), 256, 1)]
+    calls.clear()
+    triton_union._launch(big, (8, 2), (1, 2), {"D": 256})  # remembered: straight to one stage
+    triton_union._launch(fits, (8, 2), (1, 2), {"D": 256})  # another kernel keeps its stages
+    assert [c[3] for c in calls] == [1, 2]
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        triton_union._launch(Kernel(limit=0), (1,), (), {"D": 256})

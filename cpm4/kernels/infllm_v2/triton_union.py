@@ -320,6 +320,26 @@ def launch_config() -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
+def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
+    """kernel[grid](*args, **consts) at `launch_config`, or with one stage where that needs more shared memory than
+    the GPU has (head dim 256 on a GPU of ~100 KB a block: an autotuner would have skipped the config; a fixed
+    launch must not fail a request). The fallback is remembered per kernel and constants."""
+    config = launch_config()
+    key = (id(kernel), tuple(sorted(consts.items())), config["num_warps"], config["num_stages"])
+    if _ONE_STAGE.get(key):
+        config = {**config, "num_stages": 1}
+    try:
+        kernel[grid](*args, **consts, **config)
+    except triton.runtime.errors.OutOfResources:
+        if config["num_stages"] == 1:
+            raise
+        _ONE_STAGE[key] = True
+        kernel[grid](*args, **consts, **{**config, "num_stages": 1})
+
+
+_ONE_STAGE: dict[tuple, bool] = {}
+
+
 def decline_while_tuning(nargs: dict, reset_only: bool = False, **_) -> None:
     """Autotuner pre-hook of the token kernels: while the autotuner times one with a plan (UNION), its stats read as
     declined, so the timings are of the real work and not of programs returning at once (the union kernel, launched
@@ -439,14 +459,14 @@ def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
     union, counts = plan.union, plan.counts
     bits = torch.empty_like(union)
     g_pad = max(16, triton.next_power_of_2(hq // hkv))
-    _fwd_union_kernel[(union.shape[2], hkv * r)](
+    _launch(_fwd_union_kernel, (union.shape[2], hkv * r), (
         q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, o_shared, lse_shared, o, lse, plan.table, r,
         hkv, window, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2), union.stride(0), union.stride(1),
         union.stride(2), counts.stride(0), counts.stride(1), o_shared.stride(0), lse_shared.stride(0), o.stride(0),
-        o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-        INIT=init_blocks, T=plan.tokens, **launch_config())
+        o.stride(1), o.stride(2), lse.stride(0), lse.stride(1)),
+        dict(G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+             INIT=init_blocks, T=plan.tokens))
 
 
 @triton.jit(do_not_specialize=["tq", "q_start", "nsel"])
@@ -497,9 +517,9 @@ def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.T
     union, counts = plan.union[0], plan.counts[0]
     bits = torch.empty_like(union)
     g_pad = max(16, triton.next_power_of_2(hq // hkv))
-    _bwd_dq_union_kernel[(union.shape[1], hkv)](
+    _launch(_bwd_dq_union_kernel, (union.shape[1], hkv), (
         q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, do, lse, delta, dq_shared, dq, tq, tk - tq,
         window, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
-        idx.stride(1), union.stride(0), union.stride(1), counts.stride(0), lse.stride(0),
-        G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
-        INIT=init_blocks, T=plan.tokens, **launch_config())
+        idx.stride(1), union.stride(0), union.stride(1), counts.stride(0), lse.stride(0)),
+        dict(G=hq // hkv, G_PAD=g_pad, D=d, BLOCK=block_size, nsel=nsel, NSEL_PAD=triton.next_power_of_2(max(nsel, 1)),
+             INIT=init_blocks, T=plan.tokens))
