@@ -20,6 +20,7 @@ from . import triton_union
 from .triton_select import (
     Rows,
     dq_step,
+    group_pad,
     group_rows,
     own_range,
     padded_empty,
@@ -452,7 +453,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
         q = q.contiguous()
     hkv = k.shape[2]
     g = hq // hkv
-    g_pad = max(16, triton.next_power_of_2(g))
+    g_pad = group_pad(g)
     # Same layout as q (the token kernel reads both with q's offsets); written and read for each row's queries only.
     o_shared = torch.empty((r, tq, hq, d), device=q.device, dtype=torch.float32)
     lse_shared = padded_empty(r, tq, hq, dtype=torch.float32, device=q.device)
@@ -605,7 +606,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
-    g_pad = max(16, triton.next_power_of_2(g))
+    g_pad = group_pad(g)
     q_start = tk - tq
     delta = row_dot(o, do)  # [Tq, hq]
     if lse.stride() != delta.stride():  # the forward's is padded (padded_empty); the kernels read both alike

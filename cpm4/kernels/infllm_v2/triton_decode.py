@@ -34,6 +34,7 @@ from . import triton_select
 from .reference import kernel_slots
 from .triton_select import (
     complete_kernels,
+    group_pad,
     lse_step,
     lse_value,
     merge_lse,
@@ -713,7 +714,7 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
     member, nsh = (shared.member, shared.count) if shared is not None else (lens, lens)  # unused without
     n_list = blk.shape[2] if mode == 1 else 0
     blk_t = blk if blk is not None else table
-    g_pad = max(16, triton.next_power_of_2(g))
+    g_pad = group_pad(g)
     if append is not None:
         nk, nv, slots = append[0], append[1], append[4]
         if nk.shape != (b, hkv, d) or nv.shape != nk.shape or slots.shape != (b,):
@@ -851,7 +852,7 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
     _lse_kernel[(b, hkv, splits)](
         q, norm, block_table, seq_lens, lse, scale, q.stride(0), q.stride(1), norm.stride(0), norm.stride(1),
         norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), *args, G=g,
-        G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
+        G_PAD=group_pad(g), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
         KPAD=triton.next_power_of_2(size), KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len,
         APPEND=append is not None, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
     return lse
@@ -891,7 +892,7 @@ def _score_select(q, fine, block_table, seq_lens, lse, cfg, scale, splits=None, 
         fine.stride(0), fine.stride(1), fine.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1),
         scores.stride(0), scores.stride(1), att.stride(0) if select else 0, att.stride(1) if select else 0,
         sel.stride(0) if sel is not None else 0, sel.stride(1) if sel is not None else 0,
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size,
+        G=g, G_PAD=group_pad(g), D=d, PAGE=page, NBT=nbt, KSIZE=cfg.kernel_size,
         KSTRIDE=s, PER_BLOCK=page // s, PAD=cfg.kernel_size // s - 1,
         WIDTH=page // s + cfg.kernel_size // s - 1,  # fine kernels overlapping a block
         SPLITS=splits, LSE_SPLITS=lse.shape[2], LSE_PAD=triton.next_power_of_2(lse.shape[2]),

@@ -298,6 +298,12 @@ def _score_kernel(q_ptr, k_ptr, lse_ptr, s_ptr, tq, q_start, n_keys, per_split, 
             tl.store(sptr, grp.to(s_ptr.dtype.element_ty), mask=(tt < tq)[:, None] & (j < j_hi)[None, :])
 
 
+def group_pad(g: int) -> int:
+    """A KV group's g query heads as rows of a one-token tile: the next power of two, at least the tensor cores'
+    minimum of 16 rows."""
+    return max(16, triton.next_power_of_2(g))
+
+
 def tile_shape(g: int, rows: int = 64) -> tuple[int, int]:
     """(tokens per tile, padded group) so that tile rows (tokens x padded heads) are `rows`, or G_PAD if
     larger: enough rows for the tensor cores' minimum of 16."""

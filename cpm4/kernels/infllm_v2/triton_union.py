@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_select import dq_step, query_tile, row_params, softmax_step
+from .triton_select import dq_step, group_pad, query_tile, row_params, softmax_step
 
 # Tokens per program (2, 4 or 8); 0: every call takes the token kernel. Measured on the H200 (RESULTS.md,
 # thirty-sixth to thirty-ninth passes; 8B shape, drawn selections, the count included): T = 4 gains 1.6-1.7x at 32K /
@@ -458,7 +458,7 @@ def fwd_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
     nsel = idx.shape[3]
     union, counts = plan.union, plan.counts
     bits = torch.empty_like(union)
-    g_pad = max(16, triton.next_power_of_2(hq // hkv))
+    g_pad = group_pad(hq // hkv)
     _launch(_fwd_union_kernel, (union.shape[2], hkv * r), (
         q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, o_shared, lse_shared, o, lse, plan.table, r,
         hkv, window, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
@@ -516,7 +516,7 @@ def bwd_dq_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.T
     nsel = idx.shape[2]
     union, counts = plan.union[0], plan.counts[0]
     bits = torch.empty_like(union)
-    g_pad = max(16, triton.next_power_of_2(hq // hkv))
+    g_pad = group_pad(hq // hkv)
     _launch(_bwd_dq_union_kernel, (union.shape[1], hkv), (
         q, k, v, idx, union, bits, counts, plan.stats, plan.max_share, do, lse, delta, dq_shared, dq, tq, tk - tq,
         window, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
