@@ -11,12 +11,13 @@ import sys
 
 def _run(args: argparse.Namespace, kind: str) -> int:
     from .config import load_train_config
-    from .trainer import Trainer
 
     cfg = load_train_config(args.config, args.set, kind=kind)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from .trainer import Trainer  # (torch: imported after the config's errors, which need none of it)
+
     trainer = Trainer(cfg)
     try:
         history = trainer.fit()
