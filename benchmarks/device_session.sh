@@ -6,6 +6,8 @@
 #   bash benchmarks/device_session.sh testsdecode # GPU tests of the InfLLM v2 paged sparse decode
 #   bash benchmarks/device_session.sh tests2    # GPU tests of the engine, model, guided decoding, server engines and
 #                                               # the element-wise and GEMV kernels (carry .wheels/py312)
+#   bash benchmarks/device_session.sh tests3    # the other GPU test files (union path, cascade decode, PDL, packed
+#                                               # prefill, prefill graphs, sampling, training)
 #   bash benchmarks/device_session.sh servetests # GPU tests of the server's engines (carry .wheels/py312)
 #   bash benchmarks/device_session.sh decode    # InfLLM v2 decode: GPU tests, then the decode rows (separate merge,
 #                                               # split sweeps)
@@ -90,6 +92,12 @@ tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and
     timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=8 tests/test_engine.py tests/test_model.py \
         tests/test_gpu.py tests/test_guided.py tests/test_serve_process.py tests/test_elementwise_triton.py \
         tests/test_gemv.py tests/test_transfer.py tests/test_llm_engine.py 2>&1 | tail -20
+    ;;
+tests3)  # the GPU test files no stage above runs whole: the union path, cascade decode, PDL, packed prefill and its
+    # graphs, sampling, training (tests + testsdecode + tests2 + tests3 = every GPU test)
+    timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=8 tests/test_infllm_v2_union.py \
+        tests/test_cascade_decode.py tests/test_pdl.py tests/test_packed_prefill.py tests/test_prefill_graphs.py \
+        tests/test_sampling.py tests/test_train_gpu.py 2>&1 | tail -20
     ;;
 servetests)  # carry .wheels/py312
     wheels
