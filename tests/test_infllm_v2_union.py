@@ -331,6 +331,38 @@ def test_one_kernel_works_as_the_plan_decides(monkeypatch, silenced):
 
 
 @needs_kernels
+def test_declined_plans_union_kernels_write_nothing(monkeypatch):
+    """Declined, a plan's counts and unions are never written (torch.empty: whatever memory held): both union
+    kernels, forward and dq, must return before reading them, leaving their outputs to the token kernels. Here the
+    unwritten memory holds plausible blocks (a count of 3, block 1), which a kernel reading them would attend to.
+    (The dq kernel lacked the check: on the GPU it faulted on such memory, test_train_gpu.py.)"""
+    from cpm4.kernels.infllm_v2 import triton_union
+
+    block, init, window, hq, hkv, d, tq, q_start = 16, 1, 2, 4, 2, 16, 64, 256
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, tq, hq, d, generator=g).to(DEV)
+    k, v = (torch.randn(1, q_start + tq, hkv, d, generator=g).to(DEV) for _ in range(2))
+    _, apart = _alike_and_apart(hkv, tq, q_start, block)
+    monkeypatch.setattr(triton_union, "UNION_TOKENS", 4)
+    monkeypatch.setattr(triton_union, "UNION_SAMPLE", 4)
+    monkeypatch.setattr(triton_union, "UNION_MIN_QUERIES", 0)
+    plan = triton_union.choose(apart[None], tq, q_start, None, block, init, window)
+    assert plan is not None and not triton_union.taken(plan)
+    plan.counts.fill_(3)
+    plan.union.fill_(-1)
+    plan.union[..., :3] = torch.tensor([1, 2, 3], dtype=torch.int32)
+    o_shared, lse_shared = torch.zeros_like(q, dtype=torch.float32), torch.zeros(1, tq, hq, device=DEV)
+    o, lse = torch.full_like(q, 7.0), torch.full((1, tq, hq), 7.0, device=DEV)
+    triton_union.fwd_union(q, k, v, apart[None], plan, o_shared, lse_shared, o, lse, block, d ** -0.5, init, window)
+    assert (o == 7).all() and (lse == 7).all()
+    do, delta = torch.randn(tq, hq, d, generator=g).to(DEV), torch.zeros(tq, hq, device=DEV)
+    dq = torch.full_like(q[0], 7.0)
+    triton_union.bwd_dq_union(q[0], k[0], v[0], apart, plan, do, lse[0], delta, o_shared[0], dq, block, d ** -0.5,
+                              init, window)
+    assert (dq == 7).all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("tokens,q_start,tq,overlap", [(4, 0, 96, 0.8), (2, 41, 55, 0.9)])
 def test_union_dq_equals_the_token_kernels(monkeypatch, tokens, q_start, tq, overlap):
     """The backward's per-token dq over the unions (`bwd_dq_union`, taken as the forward decides): dq the token

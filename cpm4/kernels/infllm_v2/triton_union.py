@@ -478,7 +478,10 @@ def _bwd_dq_union_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, un_ptr, bits_ptr, cnt_ptr
                          NSEL_PAD: tl.constexpr, INIT: tl.constexpr, T: tl.constexpr):
     """The dq pass's own blocks as `_fwd_union_kernel` walks them (one sequence): T tokens x the G heads of KV group
     g over the union of their own blocks, each row's p masked to its own token's choice, added to the shared part's
-    dq (dqs, fp32) — the token kernel's `_bwd_dq_token_kernel` result."""
+    dq (dqs, fp32) — the token kernel's `_bwd_dq_token_kernel` result. Nothing at all unless the plan's stats pass
+    `_taken` (declined: counts and unions were never written, and the token kernel writes dq)."""
+    if not _taken(stats_ptr, max_share):
+        return
     pid = tl.program_id(0)
     g = tl.program_id(1)
     q, ti, hi, rm = query_tile(q_ptr, pid, g, tq, stride_qt, stride_qh, G, G_PAD, T, D)
