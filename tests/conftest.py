@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 
         interpreter_speed.install()
 
+if os.environ.get("CPM4_POISON_EMPTY") == "1":  # reads of never-written memory show (tests/poison_empty.py)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import poison_empty
+
+    poison_empty.install()
+
 # Keep CPU runs predictable on the 2-core CI machine: under pytest-xdist (`make test` runs 2 workers) a thread
 # each, so the workers do not contend for the cores.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
