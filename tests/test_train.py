@@ -160,6 +160,10 @@ def test_packed_dataset_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(DataError, match="bad.jsonl:1"):  # the data pipeline's reader names file and line
         tokenize_to_shards([tmp_path / "bad.jsonl"], _Tok(), tmp_path / "s2", progress=False)
+    # A missing input among several is named before any is read or anything written.
+    with pytest.raises(DataError, match="input file not found: .*no-such.jsonl"):
+        tokenize_to_shards([f, tmp_path / "no-such.jsonl"], _Tok(), tmp_path / "s3", progress=False)
+    assert not (tmp_path / "s3").exists()
 
 
 @pytest.fixture(scope="module")

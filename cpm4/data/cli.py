@@ -45,12 +45,9 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from cpm4.data.io import input_files
 
-    # Checked before torch is imported and the progress bar drawn (`read_documents` checks each file as it goes).
-    missing = next((p for p in args.input if not Path(p).is_file()), None)
-    if missing is not None:
-        raise FileNotFoundError(f"input file not found: {missing}")
+    input_files(args.input)  # (as `read_documents` will: here before torch is imported and a progress bar drawn)
     from cpm4.model.tokenizer import Tokenizer
     from cpm4.train.data import tokenize_to_shards
 

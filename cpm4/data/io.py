@@ -13,7 +13,7 @@ import gzip
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,16 @@ PARQUET_SUFFIXES = (".parquet",)
 
 class DataError(ValueError):
     """Bad input data (malformed line, missing field); the message names the file and line or row."""
+
+
+def input_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The paths as Paths, each an existing file; DataError naming the first that is not (checked before any work,
+    so that a typo in the last of several inputs does not cost the reading of the others)."""
+    files = [Path(p) for p in paths]
+    missing = next((p for p in files if not p.is_file()), None)
+    if missing is not None:
+        raise DataError(f"input file not found: {missing}")
+    return files
 
 
 def file_format(path: str | os.PathLike) -> str:

@@ -46,11 +46,9 @@ class Batch:
 def read_documents(paths: Sequence[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
     """Documents from JSONL(.gz)/Parquet files (one per record, read by the data pipeline's own reader) and
     from any other file as plain text (one document per file)."""
-    from cpm4.data.io import file_format, iter_texts
+    from cpm4.data.io import file_format, input_files, iter_texts
 
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise DataError(f"input file not found: {p}")
+    for p in input_files(paths):
         try:
             file_format(p)
         except ValueError:
@@ -68,6 +66,9 @@ def tokenize_to_shards(paths: Sequence[str | os.PathLike], tokenizer: Any, out_d
     renamed, `index.json` last). Returns the index."""
     from tqdm import tqdm
 
+    from cpm4.data.io import input_files
+
+    paths = input_files(paths)  # (a missing one named before the output folder is made)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
