@@ -3,9 +3,9 @@ Python code calls returns memory filled with a poison value instead of what the 
 1, booleans True). A kernel or function that reads memory nobody wrote then gives NaNs or wrong answers in the tests'
 comparisons, where fresh allocations (often zeros on the CPU and on a fresh GPU) would hide it. Integers are 1
 rather than a huge number so that a stray index stays inside its tensor (a plausible wrong block, not a crash of
-the interpreter). Allocations made inside PyTorch's own C++ are untouched, and
-so are those over LARGE bytes (filling them would commit memory that an untouched `torch.empty` never does; the
-hazards looked for are in the small buffers around the kernels).
+the interpreter). Allocations made inside PyTorch's own C++ are untouched, and so are those over LARGE bytes
+(filling them would commit memory that an untouched `torch.empty` never does; the hazards looked for are in the
+small buffers around the kernels).
 
 Whole suite with the poison (forty-third session, CPU): every test passes. It would not have shown the bug the GPU
 training tests found that session (the dq union kernel reading a declined plan's never-written counts): there the
@@ -35,8 +35,7 @@ def _wrap(fn):
     @functools.wraps(fn)
     def poisoned(*args, **kwargs):
         out = fn(*args, **kwargs)
-        # (not under torch.compile's tracing or inference-mode-less fake tensors: only real storage is filled)
-        if isinstance(out, torch.Tensor) and not torch.compiler.is_compiling() and out.device.type != "meta":
+        if isinstance(out, torch.Tensor) and not torch.compiler.is_compiling():  # (traced: no storage to fill)
             with torch.no_grad():
                 _poison(out)
         return out
