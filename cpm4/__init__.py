@@ -10,11 +10,11 @@ __all__ = ["LLM", "GenerationOutput", "SamplingParams", "generate", "load_model"
 
 # Loaded on first use: `import cpm4.data...` (e.g. in data-pipeline worker processes) need not import torch.
 _LAZY = {"LLM": "cpm4.llm", "generate": "cpm4.llm", "load_model": "cpm4.llm", "stream": "cpm4.llm",
-         "GenerationOutput": "cpm4.engine.generate", "SamplingParams": "cpm4.engine.sampling"}
+         "GenerationOutput": "cpm4.engine.generate", "SamplingParams": "cpm4.engine.params"}
 
 if TYPE_CHECKING:
     from .engine.generate import GenerationOutput
-    from .engine.sampling import SamplingParams
+    from .engine.params import SamplingParams
     from .llm import LLM, generate, load_model, stream
 
 

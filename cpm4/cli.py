@@ -81,7 +81,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from .engine.sampling import SamplingParams
+    from .engine.params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -92,11 +92,18 @@ def _sampling(args: argparse.Namespace):
 def _load(args: argparse.Namespace, max_num_seqs: int):
     """The LLM for `max_num_seqs` sequences at once: on CUDA it captures a decode graph per batch-size bucket
     up to that number at start-up, so a one-prompt run captures one."""
+    from .model.config import MiniCPM4Config
+    from .model.hub import resolve_model_dir
+
+    # A missing model or a bad config.json is said before torch is imported (≈ 2 s); the folder found (a Hub
+    # id's snapshot) is what the LLM loads, so the Hub is asked once.
+    folder = resolve_model_dir(args.model, args.revision)
+    MiniCPM4Config.from_json(folder / "config.json")
     from .llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-              max_model_len=args.max_model_len, max_num_seqs=max_num_seqs)
+    llm = LLM(folder, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=max_num_seqs)
     m = llm.model
     print(f"[cpm4] loaded {args.model} ({m.config.num_parameters() / 1e6:.1f}M params, {m.device}, "
           f"{str(m.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
@@ -110,9 +117,10 @@ def _stored_dtype(name: str | None) -> str | None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .model.config import preset
+
+    cfg = preset(args.config)  # an unknown preset said before torch is imported
     from .model.init import create_checkpoint
 
-    cfg = preset(args.config)
     out = create_checkpoint(cfg, args.out, seed=args.seed, dtype=_stored_dtype(args.dtype), overwrite=args.overwrite)
     print(f"[cpm4] wrote {args.config} checkpoint ({cfg.num_parameters() / 1e6:.1f}M params) to {out}")
     return 0
@@ -161,10 +169,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .engine.generate import PromptTooLongError
-
     params = _sampling(args)
     llm = _load(args, max_num_seqs=1)  # one conversation
+    from .engine.generate import PromptTooLongError  # (torch: after the checks above)
+
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",

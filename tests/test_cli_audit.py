@@ -364,6 +364,40 @@ def test_missing_model_is_said_before_torch_loads(tmp_path):
     assert p.stderr.strip() == f"cpm4: error: model directory not found: {missing}"
 
 
+def _broken_models(tmp_path: Path) -> dict[str, Path]:
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{", encoding="utf-8")
+    no_field = tmp_path / "no-field"
+    no_field.mkdir()
+    (no_field / "config.json").write_text('{"vocab_size": 100}', encoding="utf-8")
+    bad_defaults = tmp_path / "generation_config.json"
+    bad_defaults.write_text('{"temperature": -1}', encoding="utf-8")
+    return {"bad_json": bad_json, "no_field": no_field, "bad_defaults": bad_defaults}
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["generate", "--temperature", "-1", "hi"], "temperature must be a number"),
+    (["chat", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "--model", "{missing}", "hi"], "model directory not found: {missing}"),
+    (["generate", "--model", "{bad_json}", "hi"], "not valid JSON"),
+    (["chat", "--model", "{no_field}"], "hidden_size"),
+    (["init", "--config", "huge", "--out", "{missing}"], "unknown config preset 'huge'"),
+    (["serve", "--generation-config", "{bad_defaults}"], "temperature"),
+])
+def test_generate_chat_init_errors_are_said_before_torch_loads(tmp_path, argv, said):
+    """Bad sampling values, a missing model, a broken config.json, an unknown preset and a generation config with a
+    bad value: exit 2 with the problem named, before torch is imported (≈ 0.2 s instead of ≈ 2.5)."""
+    names = {k: str(v) for k, v in _broken_models(tmp_path).items()} | {"missing": str(tmp_path / "no-such-model")}
+    argv = [a.format(**names) for a in argv]
+    code = "import sys, json; from cpm4.cli import main; rc = main(json.loads(sys.argv[1])); " \
+           "print(rc, 'torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert said.format(**names) in p.stderr and p.stderr.startswith("cpm4: error: ") and "Traceback" not in p.stderr
+
+
 @pytest.mark.parametrize("option,said", [("--chat-template", "chat template: no such file"),
                                          ("--generation-config", "generation config not found")])
 def test_missing_serve_files_are_said_before_torch_loads(tmp_path, option, said):

@@ -44,7 +44,7 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    from .sampling import SamplingParams  # (torch: not before a missing file is said)
+    from .params import SamplingParams
 
     out: dict[str, Any] = {}
     for src, dst in FIELDS.items():

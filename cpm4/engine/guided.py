@@ -36,12 +36,12 @@ from torch import Tensor
 
 from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
 
-from .sampling import GRAMMAR_FIELDS
+from .params import GRAMMAR_FIELDS
 
 if TYPE_CHECKING:
     import xgrammar
 
-    from .sampling import SamplingParams
+    from .params import SamplingParams
 
 __all__ = ["GrammarMatcher", "apply_grammar", "compile_grammar", "json_schema_for_grammar", "new_matcher",
            "tool_call_structural_tag"]

@@ -105,8 +105,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from cpm4.engine.generation_config import sampling_defaults as read_defaults
     from cpm4.model.tokenizer import chat_template_text
 
-    # Missing files said before torch loads: the chat template (read again where it is set: a small file, once),
-    # then the generation config (checking the values of one that exists imports torch).
+    # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
+    # once), then the generation config and its values.
     if chat_template is not None:
         chat_template_text(chat_template)
     defaults = read_defaults(generation_config, model_dir)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.sampling import SamplingParams, nth_seed, valid_text
+from cpm4.engine.params import SamplingParams, nth_seed, valid_text
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine, EngineClosedError

@@ -1,0 +1,224 @@
+"""Request parameters (`SamplingParams`) with vLLM/OpenAI semantics, and the checks of their values. No torch here:
+the command line, the server and a generation config check a request's values before torch is imported."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 overflows.
+_GREEDY_EPS = 1e-5
+
+
+# SamplingParams fields that each give a grammar (at most one per request).
+GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def valid_text(s: str) -> bool:
+    """Whether s is valid Unicode text (no lone surrogate, which the tokenizer refuses with a TypeError)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_number(v: Any) -> bool:
+    """An int or float, not a bool (a JSON true is no temperature)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings with vLLM/OpenAI semantics."""
+
+    max_tokens: int = 256
+    n: int = 1  # completions per prompt (offline; with a seed, completion j draws with seed + j)
+    # vLLM's: EOS and stop_token_ids cannot be sampled before this many tokens are generated (stop strings
+    # still apply).
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    # OpenAI's penalties over the generated tokens (vLLM's rule: the prompt does not count): each logit is
+    # lowered by presence_penalty if its token was generated, and by frequency_penalty per time it was.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be sampled (EOS too, if listed)
+    skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last this many tokens
+    # vLLM's: words never generated; a word's last token is banned where the output ends with the rest of it
+    # (each word as encoded alone and after a space)
+    bad_words: list[str] | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
+    # vLLM's: each prompt token's log-probability and this many alternatives (offline outputs; one more
+    # forward pass over the prompt)
+    prompt_logprobs: int | None = None
+    # Structured output (grammar-constrained decoding with xgrammar, see `cpm4.engine.guided`): a JSON schema
+    # (dict or its JSON text) the output must follow, or True for any JSON object (OpenAI's json_object).
+    guided_json: dict[str, Any] | str | bool | None = None
+    # Or an xgrammar structural tag (dict or JSON text), e.g. `guided.tool_call_structural_tag` for forced calls.
+    structural_tag: dict[str, Any] | str | None = None
+    # Or (vLLM's) a regular expression the whole output matches, a list of strings it is exactly one of, or a
+    # context-free grammar in xgrammar's EBNF (GBNF-style, rule `root` first).
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is not None:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = list(self.stop_token_ids)
+
+        # `not (x >= lo)` also rejects NaN.
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive int, got {self.n!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        # Logits are processed in float32: a temperature or penalty past ~1e38 (or a penalty below ~1e-38)
+        # became inf (0) there, and 0 * inf or inf / inf made NaN logits, which argmax and the sampler took for
+        # the best token (even one allowed_token_ids excluded). 1e30 leaves room for any logit.
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e30:
+            raise ValueError(f"temperature must be a number in [0, 1e30], got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or not 1e-30 <= self.repetition_penalty <= 1e30:
+            raise ValueError(f"repetition_penalty must be a number in [1e-30, 1e30], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if self.logit_bias is not None:
+            bias = {}
+            for t, b in dict(self.logit_bias).items():
+                # ints, or their digits as strings (OpenAI sends the ids as JSON object keys); not floats or
+                # bools, which int() would quietly truncate to another id.
+                if isinstance(t, str) and t.strip().lstrip("+-").isdecimal():
+                    tid = int(t)
+                elif isinstance(t, int) and not isinstance(t, bool):
+                    tid = t
+                else:
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
+                if tid < 0 or not _is_number(b) or not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
+                bias[tid] = float(b)
+            self.logit_bias = bias or None
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+                raise ValueError(f"{name} must be an int in [0, 20] or None, got {v!r}")
+        # int64, as OpenAI's and the server's (completion j of n draws with seed + j, still a valid torch seed).
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**63):
+            raise ValueError(f"seed must be an int in [-2**63, 2**63) or None, got {self.seed!r}")
+        if self.stop is not None:
+            for s in self.stop:
+                if not isinstance(s, str) or not s or not valid_text(s):
+                    raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}")
+            self.allowed_token_ids = sorted(set(ids))
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not isinstance(self.bad_words, Sequence) or \
+                    not all(isinstance(w, str) and w.strip() and valid_text(w) for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
+            self.bad_words = list(self.bad_words) or None
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
+        t = self.truncate_prompt_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"truncate_prompt_tokens must be a positive int or None, got {t!r}")
+        if self.stop_token_ids is not None:
+            for t in self.stop_token_ids:
+                if not isinstance(t, int) or t < 0:
+                    raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+        if self.guided_json is False:
+            self.guided_json = None
+        if self.guided_json is not None and self.guided_json is not True:
+            self.guided_json = _json_object("guided_json", self.guided_json, "True, a JSON schema object")
+        if self.structural_tag is not None:
+            self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
+        for name in ("guided_regex", "guided_grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip() or not valid_text(v)):
+                raise ValueError(f"{name} must be a non-empty string, got {v!r:.80}")
+        if self.guided_choice is not None:
+            if isinstance(self.guided_choice, str) or not isinstance(self.guided_choice, Sequence) or \
+                    not self.guided_choice or not all(isinstance(c, str) and c and valid_text(c)
+                                                      for c in self.guided_choice):
+                raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got "
+                                 f"{self.guided_choice!r}")
+            self.guided_choice = list(self.guided_choice)
+        given = [n for n in GRAMMAR_FIELDS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are exclusive: give one grammar")
+        if self.min_tokens and self.guided:  # a finished grammar allows only EOS: nothing would be left
+            raise ValueError(f"min_tokens cannot be combined with {given[0]}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the output is constrained by a grammar."""
+        return any(getattr(self, n) is not None for n in GRAMMAR_FIELDS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def check_vocab(self, vocab: int) -> None:
+        """Token ids these params name (logit_bias) must be ids of the model: checked when a request is
+        added, so a bad one fails alone instead of the batch step it would join."""
+        if self.logit_bias and max(self.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token id {max(self.logit_bias)} is outside the vocabulary ({vocab} ids)")
+        if self.allowed_token_ids and self.allowed_token_ids[-1] >= vocab:
+            raise ValueError(f"allowed_token_ids id {self.allowed_token_ids[-1]} is outside the vocabulary "
+                             f"({vocab} ids)")
+
+    def truncate(self, prompt: list[int]) -> list[int]:
+        """The prompt as generation sees it: its last truncate_prompt_tokens tokens when that is set."""
+        t = self.truncate_prompt_tokens
+        return prompt[-t:] if t is not None and len(prompt) > t else prompt
+
+
+def nth_seed(seed: int | None, j: int) -> int | None:
+    """The seed of completion j of n drawn with `seed` (None: unseeded), as the server and the offline engine
+    derive it: seed + j, wrapped into SamplingParams' int64 range (a seed near 2**63 - 1 plus j left it)."""
+    if seed is None:
+        return None
+    return (seed + j + 2**63) % 2**64 - 2**63
+
+
+def _json_object(name: str, value: object, what: str) -> dict[str, Any] | str:
+    """A dict as it is, or JSON text of an object (kept as text: the grammar compiler takes text); else a
+    ValueError naming the field."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be {what} or its JSON text, got {value!r:.80}")
