@@ -477,6 +477,30 @@ def test_reclaim_passes_held_pages_and_its_queue_stays_bounded():
     assert not cache._reclaimable and cache.num_free == 0 and all(cache.refs[p] == 2 for p in long.pages)
 
 
+def test_the_queues_rebuild_keeps_the_page_let_go_that_triggered_it():
+    """A cached page read and let go again and again: each let-go queues it for reclaiming, and the push that takes
+    the queue past its bound rebuilds it from the pages reclaimable now. That rebuild ran before the page's own
+    reference count was lowered, so the page that triggered it was left out: counted free but never reclaimable,
+    and a request that needed it failed with OutOfPages (found by the random walk at seed 13, and by the engine's
+    random workloads at seed 13)."""
+    cache = PagedKVCache(preset("tiny", num_hidden_layers=1, sparse_config=None), num_pages=4, page_size=4)
+    prefix = [5, 6, 7, 8]
+    first, _ = cache.new_sequence(prefix + [1])
+    cache.reserve(first, 5)
+    first.length = 5
+    cache.publish(first, prefix + [1])
+    (page,) = cache.prefix.values()
+    cache.release(first)
+    for i in range(3 * cache.num_pages + 64):  # past the bound (2 x pages + 64) at least once
+        seq, computed = cache.new_sequence(prefix + [i])
+        assert computed == 4
+        cache.release(seq)
+        assert (cache._used[page], page) in cache._lru, f"the cached page left the reclaim queue at let-go {i}"
+    everything = SeqPages()
+    cache.reserve(everything, 4 * cache.num_pages)  # the three free pages and the cached one reclaimed
+    assert not cache.prefix and sorted(everything.pages) == list(range(cache.num_pages))
+
+
 def test_a_page_is_published_under_one_key_at_most():
     """The same pages offered again under other keys (the same sequence published as sparse after dense: another
     attention mode, whose keys and values these pages do not hold) are not entered again: each page stays under its

@@ -189,11 +189,11 @@ class PagedKVCache:
         """Add d to page p's references, keeping the count of reclaimable published pages and queueing a page
         that becomes one for `_reclaim`."""
         r = self.refs[p]
+        self.refs[p] = r + d  # before `_queue`, whose rebuild of the heap keeps the pages with refs == 1 now
         if self._pubs[p]:
             self._reclaimable += (r + d == 1) - (r == 1)
             if r + d == 1:
                 self._queue(p)
-        self.refs[p] = r + d
 
     def _queue(self, p: int) -> None:
         """Offer reclaimable page p at its last use. Entries of pages held again, reused since or reclaimed stay
