@@ -129,7 +129,26 @@ class Output:
 
 def _output(rng: random.Random, noisy: bool) -> Output:
     """Text, calls and malformed calls in random order. Not `noisy`: no literal marker or tag in the text or in
-    argument strings, and a text after a malformed call cannot complete its JSON: the parse is predictable."""
+    argument strings, and a text after a malformed call cannot complete its JSON: the parse is predictable. Pieces
+    of a marker can still join into a whole one ("<|tool_call|" then ">", seed 2287): such a draw is drawn again."""
+    while True:
+        out = _draw(rng, noisy)
+        if noisy or not any(tag in run for run in _text_runs(out) for tag in (TOOL_CALL, THINK, END_THINK)):
+            return out
+
+
+def _text_runs(out: Output) -> list[str]:
+    """The output's text between its calls and malformed calls, adjacent text items joined."""
+    runs = [""]
+    for k, v in out.items:
+        if k == "text":
+            runs[-1] += v
+        else:
+            runs.append("")
+    return runs
+
+
+def _draw(rng: random.Random, noisy: bool) -> Output:
     out = Output()
     for _ in range(rng.randint(0, 5)):
         r = rng.random()
