@@ -81,6 +81,16 @@ def test_params_validation():
         process_logits(torch.zeros(1, 1024), [SamplingParams(guided_json=True)], [[]])
 
 
+def test_a_regex_of_spaces_is_one_a_grammar_of_spaces_is_not():
+    """guided_regex=" " is a pattern (one space), refused as blank before (the guided fuzz drew it at another
+    seed); a grammar of spaces has no rule and is still refused."""
+    (out,) = gen(SamplingParams(guided_regex="  ", max_tokens=8, seed=1, temperature=1.0))
+    assert out.text == "  " and out.finish_reason == "stop"
+    for field in ("guided_grammar", "guided_regex"):
+        with pytest.raises(ValueError, match=f"^{field} must be a non-empty string"):
+            SamplingParams(**{field: " \n" if field == "guided_grammar" else ""})
+
+
 def test_mask_allows_only_grammar_tokens():
     m = matcher(guided_json=True)
     logits = torch.randn(2, model().config.vocab_size)

@@ -161,9 +161,11 @@ class SamplingParams:
             self.guided_json = _json_object("guided_json", self.guided_json, "True, a JSON schema object")
         if self.structural_tag is not None:
             self.structural_tag = _json_object("structural_tag", self.structural_tag, "a structural tag object")
-        for name in ("guided_regex", "guided_grammar"):
+        # A regex of spaces is one (" " matches a space: found by the guided fuzz at another seed); a grammar of
+        # spaces has no rule.
+        for name, blank_ok in (("guided_regex", True), ("guided_grammar", False)):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v.strip() or not valid_text(v)):
+            if v is not None and (not isinstance(v, str) or not (v if blank_ok else v.strip()) or not valid_text(v)):
                 raise ValueError(f"{name} must be a non-empty string, got {v!r:.80}")
         if self.guided_choice is not None:
             if isinstance(self.guided_choice, str) or not isinstance(self.guided_choice, Sequence) or \
