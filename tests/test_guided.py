@@ -169,3 +169,110 @@ def test_forced_tool_call_grammar():
             assert args["city"] in ("Paris", "Oslo") and isinstance(args["days"], int)
         else:
             assert args == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output's UTF-8 (guided.Utf8Table, Utf8Matcher)
+
+_PREFIX = {0: b"", 1: b"\xc3", 2: b"\xe1", 3: b"\xe0", 4: b"\xed", 5: b"\xf1", 6: b"\xf0", 7: b"\xf4"}  # a state each
+
+
+def _valid_prefix(data: bytes) -> bool:
+    """Python's strict decoder: data is whole characters and the start of one that some bytes complete (its
+    incremental decoder takes ED A0 as pending although nothing completes it: the completions are tried)."""
+    import codecs
+    import itertools
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        dec.decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    pending = dec.getstate()[0]
+    if not pending:
+        return True
+    need = (2 if pending[0] < 0xE0 else 3 if pending[0] < 0xF0 else 4) - len(pending)
+    edges = (0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF)  # the continuation ranges' ends: enough to find a completion
+    for tail in itertools.product(edges, repeat=need):
+        try:
+            (pending + bytes(tail)).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return True
+    return False
+
+
+def _behaviour(data: bytes) -> tuple[bool, ...]:
+    """Which bytes may follow `data`, then after one and two more continuation bytes: equal for two prefixes
+    exactly when they leave the decoder in the same state."""
+    return tuple(_valid_prefix(data + more + bytes([x])) for more in (b"", b"\x80", b"\x80\x80") for x in range(256))
+
+
+def test_utf8_table_against_pythons_decoder():
+    """Every (state, token) of a random byte vocabulary (all single bytes, and 1-6 byte strings biased to UTF-8's
+    lead and continuation bytes): the mask bit is set exactly where the state's bytes then the token's are a valid
+    UTF-8 prefix for Python's strict decoder, and the state after the token behaves as those bytes do."""
+    import functools
+    import random
+
+    rng = random.Random(3)
+    pool = [0x41, 0x22, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xEC, 0xED,
+            0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]
+    vocab = [b""] + [bytes([i]) for i in range(256)] + [bytes(rng.choice(pool) for _ in range(rng.randint(2, 6)))
+                                                        for _ in range(3000)]
+    vocab += list(map(str.encode, ["é", "中文", "😀", "a😀b"])) + [b""] * 5
+    table = guided.Utf8Table(vocab[:-5], len(vocab))  # 5 ids past the decoded vocabulary: no bytes
+    bits = ((table.masks[:, :, None] >> torch.arange(32)) & 1).flatten(1)[:, :len(vocab)].bool()
+    behaviour = functools.cache(_behaviour)
+    assert len({behaviour(head) for head in _PREFIX.values()}) == 8  # the eight states differ
+    for s, head in _PREFIX.items():
+        for i, b in enumerate(vocab):
+            ok = _valid_prefix(head + b)
+            assert bool(bits[s, i]) == ok, (s, head, b)
+            if ok:
+                assert behaviour(head + b) == behaviour(_PREFIX[int(table.after[s, i])]), (s, head, b)
+
+
+def test_guided_masks_keep_the_output_utf8():
+    """After E0 (the start of a three-byte character) the guided mask allows A0-BF next but not 8F: xgrammar's
+    mask alone allows 8F (an overlong encoding, three U+FFFD in the text: a string of maxLength 1 came back three
+    characters long); after ED not A0 (a surrogate). A grammar that allows only broken bytes keeps its own mask."""
+    vocab = guided._entry(tok(), model().config.vocab_size, model().config.eos_token_ids)[1].decoded_vocab
+    ids = {bytes(b): i for i, b in enumerate(vocab) if len(b) == 1}
+    schema = {"type": "string", "minLength": 1, "maxLength": 1}
+
+    def allowed(m, byte):
+        bm = xgr.allocate_token_bitmask(1, model().config.vocab_size)
+        m.fill_next_token_bitmask(bm, 0)
+        t = ids[bytes([byte])]
+        return bool((bm[0, t // 32] >> (t % 32)) & 1)
+
+    for lead, bad, good in ((0xE0, 0x8F, 0xA0), (0xED, 0xA0, 0x9F)):
+        m = matcher(guided_json=schema)
+        assert isinstance(m, guided.Utf8Matcher)
+        assert m.accept_token(ids[b'"']) and m.accept_token(ids[bytes([lead])])
+        assert allowed(m, good) and not allowed(m, bad), hex(lead)
+    # A regex of one broken sequence: the mask falls back to the grammar's (the row is never left without a token).
+    m = matcher(guided_regex="\\xff")
+    bm = xgr.allocate_token_bitmask(1, model().config.vocab_size)
+    m.fill_next_token_bitmask(bm, 0)
+    assert bool(bm.any())
+
+
+def test_guided_strings_of_one_character_are_one_character():
+    """One-character strings with the logits pushed toward E0 and 8F (an overlong pair xgrammar's mask alone lets
+    through): every finished output is valid JSON whose strings are one character each, none a U+FFFD — the
+    E0 characters completed with valid bytes instead."""
+    vocab = guided._entry(tok(), model().config.vocab_size, model().config.eos_token_ids)[1].decoded_vocab
+    ids = {bytes(b): i for i, b in enumerate(vocab) if len(b) == 1}
+    bias = {ids[b"\xe0"]: 12.0, ids[b"\x8f"]: 12.0}
+    schema = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 1}, "minItems": 1,
+              "maxItems": 3}
+    outs = gen([SamplingParams(guided_json=schema, seed=s, temperature=1.0, max_tokens=40, logit_bias=bias)
+                for s in range(8)])
+    done = [o for o in outs if o.finish_reason == "stop"]
+    assert len(done) >= 4
+    for o in done:
+        items = json.loads(o.text)
+        assert all(len(x) == 1 and x != "\ufffd" for x in items), o.text
+    assert any("\u0800" <= x <= "\u0fff" for o in done for x in json.loads(o.text))  # E0's characters were made

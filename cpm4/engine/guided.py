@@ -12,7 +12,9 @@ pattern, a pattern next to a format, constraints next to $ref / anyOf / enum, ..
 refused (ValueError naming it and where it is) rather than give output that breaks it. Its length-bounded
 strings admit raw control characters (invalid JSON), so minLength / maxLength are compiled as a pattern (of
 characters other than control characters and line breaks). Keywords without a validation meaning (title,
-description, unknown ones) are ignored, as JSON schema validators do.
+description, unknown ones) are ignored, as JSON schema validators do. Its token masks also let byte tokens break
+UTF-8 inside a character (an overlong or surrogate sequence, decoded as U+FFFD a byte): each mask is narrowed to
+the tokens that keep the output valid UTF-8 (`Utf8Matcher`).
 
 Logprobs (SamplingParams.logprobs) stay the model's raw distribution, taken before the grammar mask as before
 every other logits transform: the sampled token's logprob is its probability under the model, and tokens the
@@ -32,6 +34,8 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
@@ -43,8 +47,8 @@ if TYPE_CHECKING:
 
     from .params import SamplingParams
 
-__all__ = ["GrammarMatcher", "apply_grammar", "compile_grammar", "json_schema_for_grammar", "new_matcher",
-           "tool_call_structural_tag"]
+__all__ = ["GrammarMatcher", "Utf8Matcher", "Utf8Table", "apply_grammar", "compile_grammar", "json_schema_for_grammar",
+           "new_matcher", "tool_call_structural_tag"]
 
 # The tool-call marker stays matchable as a token (the grammar of a forced call starts with it); every other
 # special token is blanked in the grammar's vocabulary, so no grammar emits one as text (inside a JSON string
@@ -52,9 +56,10 @@ __all__ = ["GrammarMatcher", "apply_grammar", "compile_grammar", "json_schema_fo
 _KEPT_SPECIAL = (TOOL_CALL,)
 
 _lock = threading.Lock()
-# Tokenizer -> {(model vocab size, stop ids): compiler}: building the token tables takes a while on a real
-# vocabulary (73k ids), so it is done once per tokenizer; the compiler caches compiled grammars itself.
-_compilers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[int, ...]], Any]] = \
+# Tokenizer -> {(model vocab size, stop ids): [compiler, its TokenizerInfo, UTF-8 table or None]}: building the
+# token tables takes a while on a real vocabulary (73k ids), so it is done once per tokenizer; the compiler caches
+# compiled grammars itself.
+_compilers: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[int, ...]], list]] = \
     weakref.WeakKeyDictionary()
 
 GrammarMatcher = Any  # an xgrammar.GrammarMatcher; xgrammar itself is imported on first use
@@ -94,14 +99,110 @@ def _tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
                              add_prefix_space=base.add_prefix_space)
 
 
-def _compiler(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> Any:
+def _entry(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> list:
     key = (int(vocab_size), tuple(sorted(set(stop_ids))))
     with _lock:
         per = _compilers.setdefault(tokenizer, {})
-        comp = per.get(key)
-        if comp is None:
-            comp = per[key] = _xgr().GrammarCompiler(_tokenizer_info(tokenizer, *key), max_threads=2)
-    return comp
+        entry = per.get(key)
+        if entry is None:
+            info = _tokenizer_info(tokenizer, *key)
+            entry = per[key] = [_xgr().GrammarCompiler(info, max_threads=2), info, None]
+    return entry
+
+
+def _compiler(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> Any:
+    return _entry(tokenizer, vocab_size, stop_ids)[0]
+
+
+def _utf8_table(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> Utf8Table:
+    entry = _entry(tokenizer, vocab_size, stop_ids)
+    with _lock:
+        if entry[2] is None:
+            entry[2] = Utf8Table(entry[1].decoded_vocab, int(vocab_size))
+        return entry[2]
+
+
+# ----- The output's UTF-8 -----
+# xgrammar 0.2.9's token masks admit byte tokens that continue a character invalidly (E0 then 8F: an overlong
+# encoding; ED then A0: a surrogate), though its own accept_string refuses those bytes. They decode to one U+FFFD
+# a byte, so a string of maxLength 1 came back three characters long (the guided fuzz at SEED 7). Each guided
+# row's mask is narrowed to the tokens whose bytes continue valid UTF-8 (RFC 3629) from where its output stands.
+
+_BAD = 8  # the DFA's dead state; 0 expects a character's first byte, 1-7 are inside one
+
+
+def _utf8_dfa() -> np.ndarray:
+    """[9, 257] next state by (state, byte); column 256 is no byte (a shorter token's padding)."""
+    t = np.full((9, 257), _BAD, np.int64)
+    t[:, 256] = np.arange(9)
+    t[0, :0x80] = 0
+    t[0, 0xC2:0xE0] = 1  # two-byte characters (C0, C1: overlong)
+    t[0, 0xE1:0xF0] = 2
+    t[0, 0xE0] = 3  # its next byte A0-BF (else overlong)
+    t[0, 0xED] = 4  # its next byte 80-9F (else a surrogate)
+    t[0, 0xF1:0xF4] = 5
+    t[0, 0xF0] = 6  # 90-BF next (else overlong)
+    t[0, 0xF4] = 7  # 80-8F next (else past U+10FFFF); F5-FF never
+    t[1, 0x80:0xC0] = 0
+    t[2, 0x80:0xC0] = 1
+    t[3, 0xA0:0xC0] = 1
+    t[4, 0x80:0xA0] = 1
+    t[5, 0x80:0xC0] = 2
+    t[6, 0x90:0xC0] = 2
+    t[7, 0x80:0x90] = 2
+    return t
+
+
+class Utf8Table:
+    """For each UTF-8 state (0-7) and token: the state after the token's bytes (`after`, _BAD where they break
+    UTF-8) and, as xgrammar bitmask rows (int32, bit i % 32 of word i // 32), the tokens that keep it (`masks`).
+    Tokens without bytes (special and stop tokens) keep every state."""
+
+    def __init__(self, decoded_vocab: Sequence[bytes], vocab_size: int) -> None:
+        vocab = [bytes(b) for b in decoded_vocab[:vocab_size]]
+        vocab += [b""] * (vocab_size - len(vocab))
+        width = max(map(len, vocab), default=0)
+        data = np.full((vocab_size, max(width, 1)), 256, np.int16)
+        for i, b in enumerate(vocab):
+            if b:
+                data[i, :len(b)] = np.frombuffer(b, np.uint8)
+        dfa = _utf8_dfa()
+        state = np.repeat(np.arange(8)[:, None], vocab_size, axis=1)
+        for j in range(width):
+            state = dfa[state, data[None, :, j]]
+        self.after = state
+        words = -(-vocab_size // 32)
+        bits = np.zeros((8, words * 32), bool)
+        bits[:, :vocab_size] = state != _BAD
+        self.masks = torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view("<i4").astype(np.int32))
+
+
+class Utf8Matcher:
+    """An xgrammar GrammarMatcher whose masks also keep the output valid UTF-8 (`Utf8Table`); otherwise the same
+    (attributes not defined here are the matcher's)."""
+
+    def __init__(self, matcher: Any, table: Utf8Table) -> None:
+        self.matcher, self.table, self.state = matcher, table, 0
+
+    def accept_token(self, token: int) -> bool:
+        ok = self.matcher.accept_token(token)
+        if ok and 0 <= token < self.table.after.shape[1]:
+            after = int(self.table.after[self.state, token])
+            self.state = 0 if after == _BAD else after  # (only where the grammar alone chose: see below)
+        return ok
+
+    def fill_next_token_bitmask(self, bitmask: Tensor, row: int) -> Any:
+        out = self.matcher.fill_next_token_bitmask(bitmask, row)
+        mine = bitmask[row]
+        keep = self.table.masks[self.state]
+        n = min(mine.shape[0], keep.shape[0])
+        narrowed = mine[:n] & keep[:n]
+        if bool(narrowed.any()):  # where the grammar allows only broken bytes, its own mask stands
+            mine[:n] = narrowed
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.matcher, name)
 
 
 # ----- JSON schemas as xgrammar 0.2.9 enforces them (each keyword tried against its matcher) -----
@@ -319,7 +420,7 @@ def new_matcher(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], 
     grammar = compile_grammar(tokenizer, vocab_size, stop_ids, params)
     if grammar is None:
         return None
-    return _xgr().GrammarMatcher(grammar)
+    return Utf8Matcher(_xgr().GrammarMatcher(grammar), _utf8_table(tokenizer, vocab_size, stop_ids))
 
 
 def apply_grammar(x: Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
