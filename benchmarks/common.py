@@ -324,6 +324,8 @@ def cold_graph_ms(fn, reps: int = 20) -> float:
     decode graph and without the ~10 µs of launching a graph per call."""
     import torch
 
+    from cpm4.engine.capture import capture_graph
+
     if not _FLUSH:
         _FLUSH.append(torch.empty(64 * 1024**2, dtype=torch.int32, device="cuda"))  # 256 MB > the 50 MB L2
 
@@ -334,7 +336,7 @@ def cold_graph_ms(fn, reps: int = 20) -> float:
         with torch.cuda.stream(stream):
             f()
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
+        with capture_graph(graph):
             for _ in range(reps):
                 f()
         return bench(graph.replay, rep=20) / reps

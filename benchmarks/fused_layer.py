@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import replay_ms, write_rows  # noqa: E402
 
+from cpm4.engine.capture import capture_graph  # noqa: E402
 from cpm4.kernels.gemv import triton_gemv  # noqa: E402
 from cpm4.model import fused  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
@@ -89,7 +90,7 @@ def graph_us(fn, x, a, layers, cos, sin, reps: int = 20) -> tuple[float, torch.T
             step(x, a, layers, cos, sin)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with capture_graph(g):
         out = step(x, a, layers, cos, sin)
     return replay_ms(g, reps) * 1e3 / len(layers), out[0].clone()
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import replay_ms, write_rows  # noqa: E402
 
+from cpm4.engine.capture import capture_graph  # noqa: E402
 from cpm4.kernels.gemv import gemv_reference  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 
@@ -46,7 +47,7 @@ def graph_us(fn, xs, ws, reps: int = 10) -> float:
         fn(x, w)  # autotune / heuristics outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with capture_graph(g):
         for x, w in zip(xs, ws):
             fn(x, w)
     return replay_ms(g, reps) * 1e3 / len(ws)

@@ -19,6 +19,7 @@ from cpm4.kernels import pdl
 from cpm4.model.modeling import DecoderLayer, MiniCPM4ForCausalLM
 
 from . import paged
+from .capture import capture_graph
 from .paged import DecodeBatch, HostBlockTable, PagedKVCache, SeqPages, decode_inputs
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -158,7 +159,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture_graph(graph, pool=self.pool):
                 out = self._forward(bs, cascade)
         return graph, out
 

@@ -24,6 +24,8 @@ import torch
 from cpm4.model.modeling import MiniCPM4ForCausalLM, Packing
 from cpm4.model.varlen import varlen_flash_ok
 
+from .capture import capture_graph
+
 # `LLMEngine(prefill_graphs=None)` takes them with CUDA graphs while this is on (benchmarks' --no-prefill-graphs).
 ENABLED = True
 
@@ -166,7 +168,7 @@ class PrefillGraphs:
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture_graph(graph, pool=self.pool):
                 out = fn(state)
             chain.append((graph, {k: _alias(t) for k, t in out.items()}))
             state = out  # alive while the next piece is captured (it reads them); then only the aliases remain
