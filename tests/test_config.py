@@ -360,6 +360,8 @@ CONTRADICTIONS = [
     (_set("sparse_config.topk", -1), "sparse_config.topk"),
     (_set("sparse_config.kernel_stride", 0), "sparse_config.kernel_stride"),
     (_set("sparse_config.init_blocks", -1), "sparse_config.init_blocks"),
+    (_set("sparse_config.init_blocks", True), "sparse_config.init_blocks"),  # JSON true is no block count
+    (_set("sparse_config.dense_len", False), "sparse_config.dense_len"),
     (_set("sparse_config.dense_len", -2), "sparse_config.dense_len"),
     (_set("sparse_config.use_nope", True), "sparse_config.use_nope"),
     (_set("sparse_config", [1, 2]), "sparse_config"),

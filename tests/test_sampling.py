@@ -71,6 +71,8 @@ def test_params_validation_messages():
         SamplingParams(stop="")
     for seed in (-(2**63), 2**63 - 1):  # the int64 range, as the server's
         SamplingParams(seed=seed)
+    with pytest.raises(ValueError, match=r"stop_token_ids must be non-negative ints, got True"):
+        SamplingParams(stop_token_ids=[2, True])  # JSON true is no token id (bool is an int in Python)
 
 
 def test_params_normalise_and_greedy():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cpm4.model.config import MiniCPM4Config
+from cpm4.model.config import MiniCPM4Config, is_int
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -88,7 +88,7 @@ def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: i
     n = getattr(model, "config", model).max_position_embeddings
     if max_model_len is None:
         return n
-    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+    if not is_int(max_model_len) or max_model_len < 2:
         raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
     if max_model_len > n:
         raise ValueError(f"max_model_len {max_model_len} is longer than the model's context "

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cpm4.model.config import is_int
 from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
 
 from .params import GRAMMAR_FIELDS
@@ -305,7 +306,7 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
         if len(given) > 1:  # xgrammar keeps one of them
             raise unsupported(f"{given[0]!r} with {given[1]!r} beside it")
         lo, hi = s.get("minLength", 0), s.get("maxLength")
-        if given == ["minLength/maxLength"] and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+        if given == ["minLength/maxLength"] and all(is_int(x) and x >= 0
                                                     for x in (lo, 0 if hi is None else hi)):
             # xgrammar's length-bounded strings admit raw control characters (not JSON); its patterns do not
             # (no control character, line break or escape: a subset of the strings allowed). Surrogates are
@@ -316,7 +317,7 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
             s["pattern"] = f"^[^\\x00-\\x1f\\ud800-\\udfff]{{{lo},{'' if hi is None else hi}}}$"
     if "multipleOf" in s and types & {"integer", "number"}:
         m = s["multipleOf"]
-        if "number" in types or not isinstance(m, int) or isinstance(m, bool):
+        if "number" in types or not is_int(m):
             raise unsupported("'multipleOf' other than an integer's by an integer")
         bounds = sorted(kws & (_NUMBER_KW - {"multipleOf"}))
         if bounds:

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
+from cpm4.model.config import is_int
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -52,7 +53,7 @@ def check_options(max_num_seqs: int, chunk_tokens: int, kv_cache_tokens: int | N
     loading a model)."""
     for name, v in (("max_num_seqs", max_num_seqs), ("chunk_tokens", chunk_tokens),
                     ("kv_cache_tokens", kv_cache_tokens)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     u = gpu_memory_utilization
     if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):

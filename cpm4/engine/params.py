@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cpm4.model.config import is_int, is_number
+
 # Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 overflows.
 _GREEDY_EPS = 1e-5
 
@@ -23,11 +25,6 @@ def valid_text(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _is_number(v: Any) -> bool:
-    """An int or float, not a bool (a JSON true is no temperature)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -84,29 +81,29 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
 
         # `not (x >= lo)` also rejects NaN.
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be a positive int, got {self.n!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+        if not is_int(self.min_tokens) or \
                 not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         # Logits are processed in float32: a temperature or penalty past ~1e38 (or a penalty below ~1e-38)
         # became inf (0) there, and 0 * inf or inf / inf made NaN logits, which argmax and the sampler took for
         # the best token (even one allowed_token_ids excluded). 1e30 leaves room for any logit.
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e30:
+        if not is_number(self.temperature) or not 0 <= self.temperature <= 1e30:
             raise ValueError(f"temperature must be a number in [0, 1e30], got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_number(self.repetition_penalty) or not 1e-30 <= self.repetition_penalty <= 1e30:
+        if not is_number(self.repetition_penalty) or not 1e-30 <= self.repetition_penalty <= 1e30:
             raise ValueError(f"repetition_penalty must be a number in [1e-30, 1e30], got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if not _is_number(v) or not -2 <= v <= 2:
+            if not is_number(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
         if self.logit_bias is not None:
             bias = {}
@@ -115,20 +112,20 @@ class SamplingParams:
                 # bools, which int() would quietly truncate to another id.
                 if isinstance(t, str) and t.strip().lstrip("+-").isdecimal():
                     tid = int(t)
-                elif isinstance(t, int) and not isinstance(t, bool):
+                elif is_int(t):
                     tid = t
                 else:
                     raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
-                if tid < 0 or not _is_number(b) or not -100 <= b <= 100:
+                if tid < 0 or not is_number(b) or not -100 <= b <= 100:
                     raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
                 bias[tid] = float(b)
             self.logit_bias = bias or None
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+            if v is not None and (not is_int(v) or not 0 <= v <= 20):
                 raise ValueError(f"{name} must be an int in [0, 20] or None, got {v!r}")
         # int64, as OpenAI's and the server's (completion j of n draws with seed + j, still a valid torch seed).
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        if self.seed is not None and (not is_int(self.seed)
                                       or not -(2**63) <= self.seed < 2**63):
             raise ValueError(f"seed must be an int in [-2**63, 2**63) or None, got {self.seed!r}")
         if self.stop is not None:
@@ -138,7 +135,7 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids or \
-                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                    not all(is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}")
             self.allowed_token_ids = sorted(set(ids))
         if self.bad_words is not None:
@@ -149,11 +146,11 @@ class SamplingParams:
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
         t = self.truncate_prompt_tokens
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+        if t is not None and (not is_int(t) or t < 1):
             raise ValueError(f"truncate_prompt_tokens must be a positive int or None, got {t!r}")
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
-                if not isinstance(t, int) or t < 0:
+                if not is_int(t) or t < 0:
                     raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
         if self.guided_json is False:
             self.guided_json = None

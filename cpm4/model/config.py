@@ -69,11 +69,10 @@ class SparseConfig:
 
         for name in ("kernel_size", "kernel_stride", "block_size", "window_size", "topk"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
-                 f"must be a positive integer, got {v!r}")
-        need(isinstance(self.init_blocks, int) and self.init_blocks >= 0, "init_blocks",
+            need(is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
+        need(is_int(self.init_blocks) and self.init_blocks >= 0, "init_blocks",
              f"must be a non-negative integer, got {self.init_blocks!r}")
-        need(isinstance(self.dense_len, int) and (self.dense_len >= 0 or self.dense_len == -1), "dense_len",
+        need(is_int(self.dense_len) and (self.dense_len >= 0 or self.dense_len == -1), "dense_len",
              f"must be >= 0 or -1 (always sparse), got {self.dense_len!r}")
         need(self.kernel_size % self.kernel_stride == 0, "kernel_size",
              f"{self.kernel_size} is not a multiple of kernel_stride {self.kernel_stride}")
@@ -83,7 +82,7 @@ class SparseConfig:
              f"{self.window_size} is not a multiple of block_size {self.block_size}")
         for name in ("lse_kernel_size", "lse_kernel_stride"):  # None: 4x the fine kernel's
             v = getattr(self, name)
-            need(v is None or _is_int(v) and v > 0, name, f"must be a positive integer or null, got {v!r}")
+            need(v is None or is_int(v) and v > 0, name, f"must be a positive integer or null, got {v!r}")
         need(self.coarse_kernel_size % self.coarse_kernel_stride == 0, "lse_kernel_size",
              f"{self.coarse_kernel_size} is not a multiple of lse_kernel_stride {self.coarse_kernel_stride}")
         # The forced blocks (initial + local) must fit in the top-k, or which of them survive would depend on
@@ -185,22 +184,20 @@ class MiniCPM4Config:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "dim_model_base"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
-                 f"must be a positive integer, got {v!r}")
+            need(is_int(v) and v > 0, name, f"must be a positive integer, got {v!r}")
         for name in ("scale_emb", "scale_depth", "rms_norm_eps", "rope_theta"):
             v = getattr(self, name)  # inf passes `> 0` but makes every logit NaN
-            need(_is_number(v) and 0 < v < math.inf, name, f"must be a positive number, got {v!r}")
-        need(_is_number(self.initializer_range) and 0 <= self.initializer_range < math.inf, "initializer_range",
+            need(is_number(v) and 0 < v < math.inf, name, f"must be a positive number, got {v!r}")
+        need(is_number(self.initializer_range) and 0 <= self.initializer_range < math.inf, "initializer_range",
              f"must be a non-negative number, got {self.initializer_range!r}")
-        need(isinstance(self.num_mtp_layers, int) and not isinstance(self.num_mtp_layers, bool)
-             and self.num_mtp_layers >= 0, "num_mtp_layers",
+        need(is_int(self.num_mtp_layers) and self.num_mtp_layers >= 0, "num_mtp_layers",
              f"must be a non-negative integer, got {self.num_mtp_layers!r}")
         # Token ids: used as indices and compared with sampled ids, so a string would fail (or never match) later.
         for name in ("bos_token_id", "pad_token_id"):
             v = getattr(self, name)
-            need(v is None or _is_int(v), name, f"must be an integer or null, got {v!r}")
+            need(v is None or is_int(v), name, f"must be an integer or null, got {v!r}")
         e = self.eos_token_id
-        need(e is None or _is_int(e) or isinstance(e, list) and all(_is_int(t) for t in e), "eos_token_id",
+        need(e is None or is_int(e) or isinstance(e, list) and all(is_int(t) for t in e), "eos_token_id",
              f"must be an integer, a list of integers or null, got {e!r}")
         need(self.torch_dtype is None or isinstance(self.torch_dtype, str), "torch_dtype",
              f"must be a dtype name such as 'bfloat16', got {self.torch_dtype!r}")
@@ -216,7 +213,7 @@ class MiniCPM4Config:
             need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
                  f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size} (set head_dim)")
         else:
-            need(_is_int(self.head_dim) and self.head_dim > 0, "head_dim",
+            need(is_int(self.head_dim) and self.head_dim > 0, "head_dim",
                  f"must be a positive integer, got {self.head_dim!r}")
         need(self.dim_head % 2 == 0, "head_dim", f"rotary embedding needs an even head dim, got {self.dim_head}")
         self._validate_rope()
@@ -234,12 +231,12 @@ class MiniCPM4Config:
             return
         half = self.dim_head // 2
         orig = rs.get("original_max_position_embeddings")
-        if orig is not None and not (_is_int(orig) and orig > 0):
+        if orig is not None and not (is_int(orig) and orig > 0):
             raise ConfigError(f"rope_scaling.original_max_position_embeddings: must be a positive integer, "
                               f"got {orig!r}")
         for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):  # YaRN's
             v = rs.get(key)
-            if v is not None and not (_is_number(v) and math.isfinite(v)):
+            if v is not None and not (is_number(v) and math.isfinite(v)):
                 raise ConfigError(f"rope_scaling.{key}: must be a number, got {v!r}")
         if kind == "longrope":
             for key in ("short_factor", "long_factor"):
@@ -247,7 +244,7 @@ class MiniCPM4Config:
                 if not isinstance(v, list) or len(v) != half:
                     raise ConfigError(f"rope_scaling.{key}: needs a list of head_dim/2 = {half} numbers, "
                                       f"got {len(v) if isinstance(v, list) else v!r}")
-                bad = next((f for f in v if not (_is_number(f) and 0 < f < math.inf)), None)
+                bad = next((f for f in v if not (is_number(f) and 0 < f < math.inf)), None)
                 if bad is not None:
                     raise ConfigError(f"rope_scaling.{key}: every factor must be a positive number, got {bad!r}")
             if "original_max_position_embeddings" not in rs:
@@ -318,11 +315,13 @@ class MiniCPM4Config:
         return V * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false arrive as bool, a subclass of int
+def is_int(v: Any) -> bool:
+    """An int, not a bool (JSON true/false arrive as bool, a subclass of int)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool (a JSON true is no number of layers, nor a temperature)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

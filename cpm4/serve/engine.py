@@ -39,6 +39,7 @@ from cpm4.engine.scheduler import (
     default_chunk_tokens,
     default_kv_cache_tokens,
 )
+from cpm4.model.config import is_int
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -108,10 +109,10 @@ def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 def check_engine_options(max_batch_size: int, cpu_threads: int | None) -> None:
-    if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
+    if cpu_threads is not None and (not is_int(cpu_threads)
                                     or cpu_threads < 1):
         raise ValueError(f"cpu_threads must be a positive int, got {cpu_threads!r}")
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+    if not is_int(max_batch_size) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import tomllib
 
-from cpm4.model.config import ConfigError
+from cpm4.model.config import ConfigError, is_int, is_number
 
 from .schedule import DECAY_SHAPES
 
@@ -142,12 +142,12 @@ class TrainConfig:
                               ("checkpoint", "every", 0), ("checkpoint", "keep", 1), ("log", "every", 1),
                               ("log", "eval_every", 0), ("log", "eval_batches", 1)):
             v = getattr(getattr(self, sec), name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{sec}.{name}",
+            need(is_int(v) and v >= lo, f"{sec}.{name}",
                  f"must be an integer >= {lo}, got {v!r}")
         t = self.train
         for name in ("lr", "weight_decay", "eps", "grad_clip", "mtp_lambda"):
             v = getattr(t, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"train.{name}",
+            need(is_number(v) and v >= 0, f"train.{name}",
                  f"must be a number >= 0, got {v!r}")
         need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision",
