@@ -249,7 +249,8 @@ def test_capture_limit():
 def test_usable(monkeypatch):
     """Without the variable-length flash call (a float32 model, or the CPU) no step takes the pieces but with
     `WIDER`: nothing worth capturing."""
-    graphs = PrefillGraphs(random_model("tiny", dtype=torch.float32, sparse_config=None), 256, capture=False)
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)  # (the graphs hold it weakly)
+    graphs = PrefillGraphs(model, 256, capture=False)
     monkeypatch.setattr(prefill_graphs, "WIDER", False)
     assert not graphs.usable()
     monkeypatch.setattr(prefill_graphs, "WIDER", True)

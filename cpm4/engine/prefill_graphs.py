@@ -18,6 +18,7 @@ chain runs. Captured from the largest bucket down (`warm_up`), or on a bucket's 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -75,7 +76,10 @@ class PrefillGraphs:
         in place of the old need a new PrefillGraphs."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        self.model = model
+        # The model holds this object (`model.prefill_graphs`): a strong reference back would make a cycle, which
+        # only a full collection frees, and none ever once the engine's warm-up has frozen the collector's heap
+        # (`gc.freeze`): a dropped `LLM` would keep its weights and graph pool for the life of the process.
+        self._model = weakref.ref(model)
         dev = model.device
         self.capture = dev.type == "cuda" if capture is None else capture
         if self.capture and dev.type != "cuda":
@@ -92,6 +96,13 @@ class PrefillGraphs:
         self._captured_for = None  # `_signature` when the chains were captured
         self.steps = 0  # steps run through the pieces (tests, benchmarks)
         self.disabled = False  # a capture ran out of device memory: every step runs the layer loop (`_give_up`)
+
+    @property
+    def model(self) -> MiniCPM4ForCausalLM:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of these prefill graphs was freed")
+        return model
 
     @property
     def max_tokens(self) -> int:
