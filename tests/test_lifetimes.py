@@ -5,35 +5,51 @@ graphs' memory pool) for the life of the process once the `LLM` holding it is go
 
 from __future__ import annotations
 
+import gc
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from conftest import random_model
 
 from cpm4 import LLM, SamplingParams
-from cpm4.engine.capture import gc_paused
 from cpm4.engine.prefill_graphs import PrefillGraphs
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """What `LLMEngine.warm_up` leaves on CUDA: the garbage collected, then every live object frozen (restored
+    after)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def test_prefill_graphs_hold_no_cycle_through_the_model():
     """The model holds its PrefillGraphs; they must not hold the model strongly back (the run still finds it)."""
-    with gc_paused():
-        m = random_model("tiny", dtype=torch.float32)
-        m.prefill_graphs = PrefillGraphs(m, 64, capture=False)
-        assert m.prefill_graphs.model is m
-        model, weight = weakref.ref(m), weakref.ref(m.model.embed_tokens.weight)
+    m = random_model("tiny", dtype=torch.float32)
+    m.prefill_graphs = PrefillGraphs(m, 64, capture=False)
+    assert m.prefill_graphs.model is m
+    model, weight = weakref.ref(m), weakref.ref(m.model.embed_tokens.weight)
+    with frozen_heap():
         del m
+        gc.collect()
         assert model() is None and weight() is None
 
 
 def test_a_dropped_llm_frees_its_model_and_engine(tiny_checkpoint):
-    with gc_paused():
-        llm = LLM(str(tiny_checkpoint), max_num_seqs=4)
-        outs = llm.generate(["hello there", "abc"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-        assert [len(o.token_ids) for o in outs] == [4, 4]
-        eng = llm.engine.engine  # (built by the first generate)
-        refs = {"llm": weakref.ref(llm), "model": weakref.ref(llm.model), "tokenizer": weakref.ref(llm.tokenizer),
-                "engine": weakref.ref(eng), "cache": weakref.ref(eng.cache)}
-        del eng
-        del llm, outs
+    llm = LLM(str(tiny_checkpoint), max_num_seqs=4)
+    outs = llm.generate(["hello there", "abc"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+    eng = llm.engine.engine  # (built by the first generate)
+    refs = {"llm": weakref.ref(llm), "model": weakref.ref(llm.model), "tokenizer": weakref.ref(llm.tokenizer),
+            "engine": weakref.ref(eng), "cache": weakref.ref(eng.cache)}
+    del eng, outs
+    with frozen_heap():
+        del llm
+        gc.collect()
         assert [n for n, r in refs.items() if r() is not None] == []
