@@ -259,6 +259,35 @@ def test_guided_masks_keep_the_output_utf8():
     assert bool(bm.any())
 
 
+def test_utf8_state_follows_rollback_reset_and_strings():
+    """The UTF-8 state moves with the matcher: rolled back a token (E0 undone, ED instead: 8F now allowed, A0 not),
+    reset, and over strings accepted (one rollback step each, as xgrammar counts them)."""
+    vocab = guided._entry(tok(), model().config.vocab_size, model().config.eos_token_ids)[1].decoded_vocab
+    ids = {bytes(b): i for i, b in enumerate(vocab) if len(b) == 1}
+
+    def allowed(m, byte):
+        bm = xgr.allocate_token_bitmask(1, model().config.vocab_size)
+        m.fill_next_token_bitmask(bm, 0)
+        t = ids[bytes([byte])]
+        return bool((bm[0, t // 32] >> (t % 32)) & 1)
+
+    m = matcher(guided_json={"type": "string"})
+    assert m.accept_token(ids[b'"']) and m.accept_token(ids[b"\xe0"])
+    assert allowed(m, 0xA0) and not allowed(m, 0x8F)
+    m.rollback(1)
+    assert m.accept_token(ids[b"\xed"])
+    assert allowed(m, 0x8F) and not allowed(m, 0xA0)
+    m.reset()
+    assert m.state == 0 and m.accept_string(b'"\xe0')
+    assert allowed(m, 0xA0) and not allowed(m, 0x8F)
+    assert not m.accept_string("\u00e9")  # a character's lead where E0 wants a continuation: refused, no step
+    m.rollback(1)  # the string b'"\xe0' (one step)
+    assert m.state == 0 and not allowed(m, 0x8F)
+    with pytest.raises(Exception):  # past the start: the matcher refuses, the states stay
+        m.rollback(5)
+    assert m.state == 0 and len(m.states) == 1
+
+
 def test_guided_strings_of_one_character_are_one_character():
     """One-character strings with the logits pushed toward E0 and 8F (an overlong pair xgrammar's mask alone lets
     through): every finished output is valid JSON whose strings are one character each, none a U+FFFD — the

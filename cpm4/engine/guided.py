@@ -172,6 +172,7 @@ class Utf8Table:
         for j in range(width):
             state = dfa[state, data[None, :, j]]
         self.after = state
+        self.dfa = dfa
         words = -(-vocab_size // 32)
         bits = np.zeros((8, words * 32), bool)
         bits[:, :vocab_size] = state != _BAD
@@ -180,17 +181,43 @@ class Utf8Table:
 
 class Utf8Matcher:
     """An xgrammar GrammarMatcher whose masks also keep the output valid UTF-8 (`Utf8Table`); otherwise the same
-    (attributes not defined here are the matcher's)."""
+    (attributes not defined here are the matcher's). The UTF-8 state follows every way the matcher's output moves:
+    tokens and strings accepted, rollback, reset."""
 
     def __init__(self, matcher: Any, table: Utf8Table) -> None:
-        self.matcher, self.table, self.state = matcher, table, 0
+        self.matcher, self.table = matcher, table
+        self.states = [0]  # the state before any output, then after each token or string accepted (for rollback)
+
+    @property
+    def state(self) -> int:
+        return self.states[-1]
+
+    def _moved(self, after: int) -> None:
+        self.states.append(0 if after == _BAD else after)  # (only where the grammar alone chose: see below)
 
     def accept_token(self, token: int) -> bool:
         ok = self.matcher.accept_token(token)
-        if ok and 0 <= token < self.table.after.shape[1]:
-            after = int(self.table.after[self.state, token])
-            self.state = 0 if after == _BAD else after  # (only where the grammar alone chose: see below)
+        if ok:
+            self._moved(int(self.table.after[self.state, token]) if 0 <= token < self.table.after.shape[1]
+                        else self.state)
         return ok
+
+    def accept_string(self, text: str | bytes) -> bool:
+        ok = self.matcher.accept_string(text)
+        if ok:
+            state = self.state
+            for byte in text.encode() if isinstance(text, str) else text:
+                state = int(self.table.dfa[state, byte]) if state != _BAD else _BAD
+            self._moved(state)
+        return ok
+
+    def rollback(self, num_tokens: int = 1) -> None:
+        self.matcher.rollback(num_tokens)  # (raises past what it keeps, before the states change)
+        del self.states[max(1, len(self.states) - num_tokens):]
+
+    def reset(self) -> None:
+        self.matcher.reset()
+        self.states = [0]
 
     def fill_next_token_bitmask(self, bitmask: Tensor, row: int) -> Any:
         out = self.matcher.fill_next_token_bitmask(bitmask, row)
