@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 from conftest import random_model
 
@@ -53,3 +54,27 @@ def test_a_dropped_llm_frees_its_model_and_engine(tiny_checkpoint):
         del llm
         gc.collect()
         assert [n for n, r in refs.items() if r() is not None] == []
+
+
+@pytest.mark.gpu
+def test_a_dropped_cuda_llm_frees_its_model_engine_and_memory(tiny_checkpoint):
+    """On CUDA (bf16: paged decode, decode graphs, prefill graphs, a warm-up that freezes the heap): once dropped,
+    the model, engine and cache are gone by reference counting, and the device memory they held with them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    llm = LLM(str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.2)
+    outs = llm.generate(["hello there", "abc"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+    eng = llm.engine.engine
+    assert eng.graphs is not None and gc.get_freeze_count() > 0  # the warm-up froze the heap
+    refs = {"llm": weakref.ref(llm), "model": weakref.ref(llm.model), "engine": weakref.ref(eng),
+            "cache": weakref.ref(eng.cache), "graphs": weakref.ref(eng.graphs)}
+    held = torch.cuda.memory_allocated() - before
+    del eng, outs, llm
+    gc.collect()  # (the frozen objects are out of its reach: only reference counting frees them)
+    assert [n for n, r in refs.items() if r() is not None] == []
+    torch.cuda.synchronize()
+    freed = before + held - torch.cuda.memory_allocated()
+    assert freed >= 0.9 * held, (held, freed)
