@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cpm4.model.config import is_int, is_number
+
 # generation_config.json field -> SamplingParams field
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -52,7 +54,7 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         if value is None:
             continue
         integral = dst in ("top_k", "max_tokens")
-        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+        if not (is_int(value) if integral else is_number(value)):
             raise ValueError(f"{path}: {src} must be {'an integer' if integral else 'a number'}, got {value!r}")
         out[dst] = value if integral else float(value)
     try:

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
-from cpm4.model.config import is_int
+from cpm4.model.config import is_int, is_number
 from cpm4.model.modeling import MiniCPM4ForCausalLM
 from cpm4.model.tokenizer import Tokenizer
 
@@ -56,7 +56,7 @@ def check_options(max_num_seqs: int, chunk_tokens: int, kv_cache_tokens: int | N
         if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     u = gpu_memory_utilization
-    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
+    if u is not None and (not is_number(u) or not 0 < u <= 1):
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
 
 

@@ -85,8 +85,7 @@ class SamplingParams:
             raise ValueError(f"n must be a positive int, got {self.n!r}")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        if not is_int(self.min_tokens) or \
-                not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         # Logits are processed in float32: a temperature or penalty past ~1e38 (or a penalty below ~1e-38)
         # became inf (0) there, and 0 * inf or inf / inf made NaN logits, which argmax and the sampler took for
