@@ -64,7 +64,9 @@ def test_a_dropped_cuda_llm_frees_its_model_engine_and_memory(tiny_checkpoint):
         pytest.skip("needs CUDA")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    llm = LLM(str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.2)
+    # A cache of 2^20 tokens (512 bytes each: 512 MB) so what the process keeps for good (cuBLAS workspaces of the
+    # capture streams, the kernels' counters: a few MB) stays small beside what must be given back.
+    llm = LLM(str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=4, kv_cache_tokens=1 << 20)
     outs = llm.generate(["hello there", "abc"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [4, 4]
     eng = llm.engine.engine
@@ -77,4 +79,4 @@ def test_a_dropped_cuda_llm_frees_its_model_engine_and_memory(tiny_checkpoint):
     assert [n for n, r in refs.items() if r() is not None] == []
     torch.cuda.synchronize()
     freed = before + held - torch.cuda.memory_allocated()
-    assert freed >= 0.9 * held, (held, freed)
+    assert held > 256 << 20 and freed >= held - (64 << 20), (held, freed)
