@@ -94,7 +94,7 @@ def _capture_while_a_graph_dies(capture) -> tuple[list[float], weakref.ref]:
 
 @pytest.mark.gpu
 def test_capture_survives_a_graph_dying_inside_it():
-    """Under plain `torch.cuda.graph` (torch >= 2.9 no longer collects first) the collection inside the capture
+    """Under plain `torch.cuda.graph` (recent torch no longer collects first) the collection inside the capture
     destroys the dead graph, which the capture forbids: "operation not permitted when stream is capturing
     (function reset)", then the capture fails with cudaErrorStreamCaptureInvalidated (H200, 2026-12-02).
     `capture_graph` captures and replays, and the dead graph is freed by the first collection after."""
