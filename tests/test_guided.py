@@ -283,7 +283,7 @@ def test_utf8_state_follows_rollback_reset_and_strings():
     assert not m.accept_string("\u00e9")  # a character's lead where E0 wants a continuation: refused, no step
     m.rollback(1)  # the string b'"\xe0' (one step)
     assert m.state == 0 and not allowed(m, 0x8F)
-    with pytest.raises(Exception):  # past the start: the matcher refuses, the states stay
+    with pytest.raises(RuntimeError):  # past the start: the matcher refuses, the states stay
         m.rollback(5)
     assert m.state == 0 and len(m.states) == 1
 

@@ -6,8 +6,8 @@ graph's capture (the collector runs on allocation counts, so any Python code in 
 the destroy is an operation the capture forbids: it fails ("operation not permitted when stream is capturing")
 and invalidates the capture in progress, so the step being captured raises or is lost. torch used to collect
 before each capture (`torch.cuda.graph`); recent versions (2.11 on the device, 2.13 here) only with
-`torch.compiler.config.force_cudagraph_gc`, off by default because a collection per capture is slow. Holding the collector off while capturing costs nothing: the garbage is
-collected at its next run, outside the capture."""
+`torch.compiler.config.force_cudagraph_gc`, off by default because a collection per capture is slow. Holding the
+collector off while capturing costs nothing: the garbage is collected at its next run, outside the capture."""
 
 from __future__ import annotations
 
