@@ -333,8 +333,7 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
         if len(given) > 1:  # xgrammar keeps one of them
             raise unsupported(f"{given[0]!r} with {given[1]!r} beside it")
         lo, hi = s.get("minLength", 0), s.get("maxLength")
-        if given == ["minLength/maxLength"] and all(is_int(x) and x >= 0
-                                                    for x in (lo, 0 if hi is None else hi)):
+        if given == ["minLength/maxLength"] and all(is_int(x) and x >= 0 for x in (lo, 0 if hi is None else hi)):
             # xgrammar's length-bounded strings admit raw control characters (not JSON); its patterns do not
             # (no control character, line break or escape: a subset of the strings allowed). Surrogates are
             # excluded too: "." took U+D800-DFFF as one character, written as 3 bytes that are no UTF-8 (each
