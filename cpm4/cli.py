@@ -27,12 +27,23 @@ def default_model() -> str:
 DEFAULT_MODEL = default_model()
 
 
+def device_arg(text: str) -> str:
+    """An argparse type for --device: the name checked before torch is imported (`check_device_name`)."""
+    from .devices import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
                    "the HF cache; HF_HUB_OFFLINE=1: the cache only)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
 
 

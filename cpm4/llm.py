@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .devices import resolve_device
 from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
 from .engine.generation_config import sampling_defaults
 from .engine.offline import OfflineEngine, check_options
@@ -30,18 +31,6 @@ from .model.tokenizer import Tokenizer
 
 # Above this many parameters a CPU load defaults to bfloat16 (float32 would need 4 bytes a parameter).
 _CPU_FP32_MAX_PARAMS = 2_000_000_000
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:  # torch's message names the device types it knows
-        raise ValueError(f"unknown device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available on this machine")
-    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_dtype: str | None,

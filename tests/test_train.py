@@ -327,6 +327,31 @@ def test_train_config_file_and_overrides(tmp_path):
         load_train_config(tmp_path / "nope.toml")
 
 
+@pytest.mark.parametrize("override,needle", [
+    ('train.lr="fast"', "train.lr: must be a number, got 'fast'"),  # was a TypeError from the range check
+    ('schedule.min_ratio="a"', "schedule.min_ratio: must be a number"),
+    ("schedule.decay_share=true", "schedule.decay_share: must be a number, got True"),  # was taken as 1
+    ("train.beta1=false", "train.beta1: must be a number"),  # was taken as 0
+    ("train.beta2=1.0", "train.beta2: must be in [0, 1)"),  # the message named beta1
+    ("train.steps=true", "train.steps: must be an integer"),
+    ("train.mup=1", "train.mup: must be true or false, got 1"),
+    ("data.path=3", "data.path: must be a string"),
+    ("model.overrides=3", "model.overrides: must be a table"),
+    ("schedule.decay_steps=2.5", "schedule.decay_steps: must be an integer, got 2.5"),
+    ('log.peak_tflops="x"', "log.peak_tflops: must be a number"),
+    ('train.device="tpu"', "train.device: unknown device 'tpu'"),  # was accepted, then torch's traceback
+    ('train.device="mps"', "train.device: unknown device 'mps'"),
+])
+def test_train_config_field_types_are_checked(override, needle):
+    base = ['model.preset="tiny"', 'data.path="x"']
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [*base, override])
+    assert needle in str(e.value)
+    ok = load_train_config(None, [*base, "train.lr=1", "log.peak_tflops=100", 'train.device="cuda:1"',
+                                  "schedule.decay_steps=5"])  # an int where a float goes; an optional set
+    assert ok.train.lr == 1 and ok.log.peak_tflops == 100 and ok.schedule.decay_steps == 5
+
+
 def test_batched_rows_and_mixed_documents_equal_one_by_one():
     # Several sparse rows in one call (documents folded into heads) and rows mixing sparse and dense
     # documents of several lengths must equal each document run alone.

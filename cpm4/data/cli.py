@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from cpm4.cli import device_arg
+
 
 def cmd_normalize(args: argparse.Namespace) -> int:
     from .normalize import normalize_jsonl
@@ -114,7 +116,8 @@ def _add_anneal_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--min-ratio", type=float, default=0.1, help="final learning rate / lr")
     q.add_argument("--seeds", type=int, default=3, help="repeats with different data seeds (noise estimate)")
     q.add_argument("--eval-rows", type=int, default=64, help="held-out rows per evaluation set (0 = all)")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cpm4.devices import check_device_name
 from cpm4.model.config import write_text_atomic
 from cpm4.train.data import Batch, PackedDataset, stack_rows
 from cpm4.train.loss import held_out_loss
@@ -70,6 +71,7 @@ class VerifyConfig:
             raise ValueError(f"share must be in (0, 1], got {self.share}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.seeds < 1:
             raise ValueError("steps, batch_size, seeds must be >= 1 and seq_len >= 2")
+        check_device_name(self.device)
         if not self.candidates:
             raise ValueError("need at least one candidate dataset (NAME=SHARDS)")
         if not self.eval_sets:

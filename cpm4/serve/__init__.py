@@ -113,7 +113,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     from .engine import AsyncEngine
 
     from_hub = model_dir != Path(given).expanduser()
-    from cpm4.llm import load_model, resolve_device
+    from cpm4.devices import resolve_device
+    from cpm4.llm import load_model
 
     options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded
+from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg
 from cpm4.cli import positive_int as _positive
 
 
@@ -49,7 +49,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
     # From the environment by default so the key need not appear in the process list.
     p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,

@@ -30,6 +30,7 @@ from typing import Any
 
 import tomllib
 
+from cpm4.devices import check_device_name
 from cpm4.model.config import ConfigError, is_int, is_number
 
 from .schedule import DECAY_SHAPES
@@ -130,6 +131,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}: {msg}")
 
+        # Each field's type from its annotation first, so the range checks below compare numbers (a string lr
+        # was a TypeError) and a TOML true is no integer or learning rate.
+        for sec in SECTIONS:
+            for f in fields(getattr(self, sec)):
+                v = getattr(getattr(self, sec), f.name)
+                need(_has_type(v, f.type), f"{sec}.{f.name}", f"must be {_type_words(f.type)}, got {v!r}")
         m = self.model
         need(self.kind in ("pretrain", "sft"), "kind", f"must be pretrain or sft, got {self.kind!r}")
         need(sum(x is not None for x in (m.preset, m.config, m.init_from)) == 1, "model",
@@ -149,7 +156,13 @@ class TrainConfig:
             v = getattr(t, name)
             need(is_number(v) and v >= 0, f"train.{name}",
                  f"must be a number >= 0, got {v!r}")
-        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            v = getattr(t, name)
+            need(0 <= v < 1, f"train.{name}", f"must be in [0, 1), got {v!r}")
+        try:
+            check_device_name(t.device)
+        except ValueError as e:
+            raise ConfigError(f"train.device: {e}") from None
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision",
              f"must be auto, bf16 or fp32, got {t.precision!r}")
         s = self.schedule
@@ -158,7 +171,21 @@ class TrainConfig:
         need(0 <= s.decay_share <= 1, "schedule.decay_share", f"must be in [0, 1], got {s.decay_share}")
         need(s.warmup_steps + self.decay_steps <= t.steps, "schedule",
              f"warmup ({s.warmup_steps}) + decay ({self.decay_steps}) steps exceed train.steps ({t.steps})")
-        need(isinstance(m.overrides, dict), "model.overrides", "must be a table of config.json fields")
+
+
+# A field annotation's parts (`int | None`) and what a value of each is.
+_TYPES = {"int": (is_int, "an integer"), "float": (is_number, "a number"),
+          "bool": (lambda v: isinstance(v, bool), "true or false"), "str": (lambda v: isinstance(v, str), "a string"),
+          "dict": (lambda v: isinstance(v, dict), "a table"), "None": (lambda v: v is None, None)}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    return any(_TYPES[part.split("[")[0]][0](value) for part in annotation.split(" | "))
+
+
+def _type_words(annotation: str) -> str:
+    words = [_TYPES[part.split("[")[0]][1] for part in annotation.split(" | ")]
+    return " or ".join(w for w in words if w)
 
 
 def _parse_value(text: str) -> Any:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cpm4.devices import resolve_device
 from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
 from cpm4.model.config import MiniCPM4Config, preset
 from cpm4.model.hub import resolve_model_dir
@@ -113,7 +114,7 @@ class Trainer:
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         else:
             dev = t.device
-        self.device = torch.device(dev)
+        self.device = resolve_device(dev)
         if t.deterministic:
             # cuBLAS needs a fixed workspace for reproducible results (read when the handle is created); MKL
             # (CPU matmuls) may otherwise pick kernels by buffer alignment, which differs between processes
