@@ -37,6 +37,16 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def dtype_arg(text: str) -> str:
+    """An argparse type for --dtype: "auto" or a dtype name, checked before torch is imported."""
+    from .model.config import check_dtype_name
+
+    try:
+        return text if text == "auto" else check_dtype_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
@@ -44,7 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     p.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")
 
 
 def bounded(cast: Callable[[str], Any], what: str, low: float | None = None, high: float | None = None,
@@ -231,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", required=True, help="tiny, minicpm4-0.5b or minicpm4-8b")
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--dtype", default=None, help="storage dtype: float32, bfloat16, float16 (default, or auto: "
-                   "the preset's)")
+    q.add_argument("--dtype", type=dtype_arg, default=None,
+                   help="storage dtype: float32, bfloat16, float16 (default, or auto: the preset's)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_init)
 
@@ -241,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", type=Path, help="output folder")
     q.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
     q.add_argument("--to", choices=("llama",), default="llama")
-    q.add_argument("--dtype", default=None, help="output dtype (default, or auto: as stored; in bf16/fp16 the folded "
-                   "weights are rounded again, float32 gives an exact export)")
+    q.add_argument("--dtype", type=dtype_arg, default=None,
+                   help="output dtype (default, or auto: as stored; in bf16/fp16 the folded weights are rounded again, "
+                   "float32 gives an exact export)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_convert)
 

@@ -390,6 +390,9 @@ def _broken_models(tmp_path: Path) -> dict[str, Path]:
     (["serve", "--generation-config", "{bad_defaults}"], "temperature"),
     (["serve", "--device", "tpu"], "unknown device 'tpu'"),
     (["chat", "--device", "mps"], "unknown device 'mps'"),
+    (["generate", "--dtype", "int8", "hi"], "unknown dtype 'int8'"),
+    (["init", "--config", "tiny", "--out", "{missing}", "--dtype", "q4"], "unknown dtype 'q4'"),
+    (["convert", "{missing}", "{missing}", "--dtype", "fp8"], "unknown dtype 'fp8'"),
 ])
 def test_generate_chat_init_errors_are_said_before_torch_loads(tmp_path, argv, said):
     """Bad sampling values, a missing model, a broken config.json, an unknown preset and a generation config with a

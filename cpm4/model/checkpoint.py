@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import MiniCPM4Config, write_text_atomic
+from .config import DTYPE_NAMES, MiniCPM4Config, check_dtype_name, write_text_atomic
 from .modeling import MiniCPM4ForCausalLM
 from .rope import RotaryEmbedding
 
@@ -29,9 +29,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Stored by some older HF exports; derived from the config, so skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "float64": torch.float64}
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 
 
 class CheckpointError(ValueError):
@@ -41,9 +39,7 @@ class CheckpointError(ValueError):
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
+    return DTYPES[check_dtype_name(name)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

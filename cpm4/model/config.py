@@ -315,6 +315,19 @@ class MiniCPM4Config:
         return V * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
 
 
+# dtype names the loaders and the command line take, each to torch's attribute (here, without torch, so the command
+# line refuses a typo before importing it)
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64"}
+
+
+def check_dtype_name(name: Any) -> str:
+    """`name` if it is one of DTYPE_NAMES; ValueError naming it and the choices otherwise."""
+    if not isinstance(name, str) or name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPE_NAMES))}")
+    return name
+
+
 def is_int(v: Any) -> bool:
     """An int, not a bool (JSON true/false arrive as bool, a subclass of int)."""
     return isinstance(v, int) and not isinstance(v, bool)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg
+from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg, dtype_arg
 from cpm4.cli import positive_int as _positive
 
 
@@ -51,7 +51,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: by device)")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")
     # From the environment by default so the key need not appear in the process list.
     p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
