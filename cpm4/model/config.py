@@ -419,9 +419,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def merge_fields(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config fields `base` with `overrides` applied; a table into a table merges key by key, so
+    {"sparse_config": {"topk": 8}} changes topk alone (replacing the table dropped the other fields, which
+    `from_dict` then filled with the 8B defaults)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_fields(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def preset(name: str, **overrides: Any) -> MiniCPM4Config:
+    """A preset's config with `overrides` merged in (`merge_fields`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown config preset {name!r}; choose from {', '.join(PRESETS)}")
-    d = copy.deepcopy(PRESETS[name])
-    d.update(overrides)
-    return MiniCPM4Config.from_dict(d)
+    return MiniCPM4Config.from_dict(merge_fields(PRESETS[name], overrides))

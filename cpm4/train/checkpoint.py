@@ -63,22 +63,36 @@ def write(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], config
     return final
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `step-N` folder (None for other names)."""
+    digits = path.name.removeprefix("step-")
+    return int(digits) if digits != path.name and digits.isdigit() else None
+
+
 def complete(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a half-written one has no train_state.pt under its final name)."""
+    """Finished checkpoints, oldest first by step (by name, step-10000000 came before step-9999999); a half-written
+    one has no train_state.pt under its final name."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    done = [p for p in root.glob("step-*") if checkpoint_step(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(done, key=checkpoint_step)
 
 
 def latest(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        p = run_dir / "checkpoints" / pointer.read_text().strip()
-        if (p / STATE_FILE).is_file():
-            return p
+    """The newest finished checkpoint. The `latest` file names it too (for people and scripts), but it is written
+    after the folder is renamed, so a crash between the two leaves it one behind: the folders decide."""
     done = complete(run_dir)
     return done[-1] if done else None
+
+
+def remove_partials(run_dir: Path) -> None:
+    """Half-written checkpoints of killed processes (`.step-N.partial-PID`, a whole model each): never read, and a
+    later run's `write` removes only its own process's."""
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".step-*.partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_state(path: Path) -> dict[str, Any]:

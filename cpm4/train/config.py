@@ -166,6 +166,8 @@ class TrainConfig:
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision",
              f"must be auto, bf16 or fp32, got {t.precision!r}")
         s = self.schedule
+        need(s.decay_steps is None or s.decay_steps >= 0, "schedule.decay_steps",
+             f"must be an integer >= 0, got {s.decay_steps!r}")
         need(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape", f"must be one of {DECAY_SHAPES}")
         need(0 <= s.min_ratio <= 1, "schedule.min_ratio", f"must be in [0, 1], got {s.min_ratio}")
         need(0 <= s.decay_share <= 1, "schedule.decay_share", f"must be in [0, 1], got {s.decay_share}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from cpm4.devices import resolve_device
 from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
-from cpm4.model.config import MiniCPM4Config, preset
+from cpm4.model.config import MiniCPM4Config, merge_fields, preset, write_text_atomic
 from cpm4.model.hub import resolve_model_dir
 from cpm4.model.init import init_model
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -67,17 +67,19 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
         base = load_checkpoint(init, dtype=torch.float32)
         if not m.overrides:
             return base.train(), tokenizer
-        config = MiniCPM4Config.from_dict({**base.config.to_dict(), **m.overrides})
+        config = MiniCPM4Config.from_dict(merge_fields(base.config.to_dict(), m.overrides))
         model = init_model(MiniCPM4ForCausalLM(config), cfg.train.seed)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        if unexpected:
-            raise DataError(f"model.overrides change the shape of {unexpected[0]}: only new modules (e.g. "
-                            "num_mtp_layers) can be added to a checkpoint")
+        # load_state_dict raises on a size mismatch (a traceback) before it would list the names
+        changed = shape_changes(base.state_dict(), model.state_dict())
+        if changed:
+            raise DataError(f"model.overrides change {changed[0]}: only new modules (e.g. num_mtp_layers) can be "
+                            "added to a checkpoint")
+        model.load_state_dict(base.state_dict(), strict=False)
         return model.train(), tokenizer
     if m.preset is not None:
         config = preset(m.preset, **m.overrides)
     else:
-        config = MiniCPM4Config.from_dict({**MiniCPM4Config.from_json(m.config).to_dict(), **m.overrides})
+        config = MiniCPM4Config.from_dict(merge_fields(MiniCPM4Config.from_json(m.config).to_dict(), m.overrides))
     if tokenizer is not None:
         if tokenizer.vocab_size > config.vocab_size:
             raise DataError(f"tokenizer has {tokenizer.vocab_size} ids, the model's vocab_size is "
@@ -85,6 +87,33 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.stop_token_ids
     return init_model(MiniCPM4ForCausalLM(config), cfg.train.seed).train(), tokenizer
+
+
+def shape_changes(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], both_ways: bool = False) -> list[str]:
+    """The tensors of state dict `old` that `new` lacks or shapes differently (and with both_ways, those of `new`
+    that `old` lacks), each said as "NAME: SHAPE -> SHAPE"."""
+    def shape(sd: dict[str, torch.Tensor], k: str) -> str:
+        return str(list(sd[k].shape)) if k in sd else "absent"
+
+    keys = [*old, *(k for k in new if k not in old and both_ways)]
+    return [f"{k}: {shape(old, k)} -> {shape(new, k)}" for k in keys if shape(old, k) != shape(new, k)]
+
+
+# What the batch of a step depends on, besides the step: a resumed run with another value would train on other rows.
+DATA_ORDER_FIELDS = (("train", "seed"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "seq_len"))
+
+
+def check_resumable(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """ValueError when `cfg` would continue checkpoint `path` (its run config `saved`) on other data than the
+    uninterrupted run: the learning rate, steps and schedule may change (a decay from a stable-phase checkpoint),
+    the data order may not."""
+    now = cfg.to_dict()
+    diff = [f"{sec}.{name} {saved[sec][name]!r} -> {now[sec][name]!r}" for sec, name in DATA_ORDER_FIELDS
+            if name in saved.get(sec, {}) and saved[sec][name] != now[sec][name]]
+    if diff:
+        raise ValueError(f"{path} was written with other data settings ({', '.join(diff)}): resuming would "
+                         "train on other rows than the run did; resume with its settings, or start a new run from "
+                         "it (model.init_from, another checkpoint.dir)")
 
 
 def model_flops_per_token(config: MiniCPM4Config, seq_len: int) -> float:
@@ -154,6 +183,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._writer = None
+        self._start_step = 0  # where fit began: TensorBoard events past it are purged
 
     # ---------------------------------------------------------------- set-up helpers
     def _dataset(self, path: str, seed: int):
@@ -214,7 +244,13 @@ class Trainer:
         if state.get("world", 1) != self.world:
             raise ValueError(f"{path} was written by {state['world']} processes, this run has {self.world}: "
                                "the data order would differ")
-        model_sd = load_checkpoint(path, dtype=torch.float32).state_dict()
+        check_resumable(path, state.get("config", {}), self.cfg)
+        saved = load_checkpoint(path, dtype=torch.float32)
+        changed = shape_changes(saved.state_dict(), self.model.state_dict(), both_ways=True)
+        if changed:
+            raise ValueError(f"{path} holds another model than this run builds ({changed[0]}): resume with the "
+                             "model settings it was written with, or start a new run from it (model.init_from)")
+        model_sd = saved.state_dict()
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         ckpt.set_rng_state(state["rng"])
@@ -293,6 +329,18 @@ class Trainer:
             dist.all_reduce(c)
         return float(c[0] / max(c[1], 1))
 
+    def _trim_metrics(self) -> None:
+        """Drop metrics.jsonl's records past the step the run starts from: a killed run logged steps after its last
+        checkpoint, which are trained (and logged) again. TensorBoard's events past it are purged when its writer
+        opens (`purge_step`)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [x for x in lines if _record_step(x) <= self.step]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(kept))
+
     def _log(self, rec: dict[str, Any]) -> None:
         if self.rank != 0:
             return
@@ -307,7 +355,7 @@ class Trainer:
                     print("[cpm4] tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
                     self.cfg.log.tensorboard = False
                     return
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._start_step + 1)
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._writer.add_scalar(k, v, rec["step"])
@@ -326,8 +374,19 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, t, lg = self.cfg, self.cfg.train, self.cfg.log
-        if cfg.checkpoint.resume and self.resume() and self.rank == 0:
-            print(f"[cpm4] resumed {self.run_dir} at step {self.step}", file=sys.stderr)
+        if self.rank == 0:
+            ckpt.remove_partials(self.run_dir)
+        if cfg.checkpoint.resume:
+            if self.resume() and self.rank == 0:
+                print(f"[cpm4] resumed {self.run_dir} at step {self.step}", file=sys.stderr)
+        elif ckpt.complete(self.run_dir):
+            # Starting over beside them, `latest` and the rotation would mix the two runs' checkpoints.
+            raise ValueError(f"{self.run_dir} holds checkpoints of an earlier run (newest "
+                             f"{ckpt.complete(self.run_dir)[-1].name}) and checkpoint.resume is false: resume it, "
+                             "or use another checkpoint.dir")
+        self._start_step = self.step
+        if self.rank == 0:
+            self._trim_metrics()
         crash_after = crash_after if crash_after is not None else _env_int("CPM4_TRAIN_CRASH_AFTER_STEP")
         seq = cfg.data.seq_len
         flops_tok = model_flops_per_token(self.config, seq)
@@ -384,6 +443,15 @@ class Trainer:
     def close(self) -> None:
         if self.dist and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _record_step(line: str) -> float:
+    """A metrics.jsonl line's step (a line that is not a record: kept, as step -inf)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return -math.inf
+    return step if isinstance(step, (int, float)) else -math.inf
 
 
 def format_record(rec: dict[str, Any], total_steps: int) -> str:
