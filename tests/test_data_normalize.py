@@ -81,6 +81,15 @@ def test_normalize_jsonl_command(tmp_path):
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert rows == [{"id": 1, "body": "Café\n\nOK", "n": "cafe \\n \\n ok"}, {"id": 2, "body": "X\tY", "n": "x \\t y"}]
     assert [p.name for p in dst.parent.iterdir()] == ["norm.jsonl"]  # no temporary file left
+    # A .gz output is compressed (was plain JSONL under a .gz name), and reads back through the pipeline's reader.
+    import gzip
+
+    gz = tmp_path / "out" / "norm.jsonl.gz"
+    assert _cli(["data", "normalize", "-i", str(src), "-o", str(gz), "--field", "body", "--output-field", "n"]) == 0
+    assert gzip.decompress(gz.read_bytes()) == dst.read_bytes()
+    assert _cli(["data", "normalize", "-i", str(gz), "-o", str(tmp_path / "again.jsonl"), "--field", "n"]) == 0
+    with pytest.raises(ValueError, match="normalize writes JSONL"):
+        normalize_jsonl(str(src), str(tmp_path / "o.parquet"), text_field="body")
 
 
 def test_normalize_jsonl_errors(tmp_path):

@@ -166,6 +166,46 @@ def test_packed_dataset_errors(tmp_path):
     assert not (tmp_path / "s3").exists()
 
 
+def test_special_token_text_in_documents_is_text(tmp_path):
+    # A page mentioning </s> or <|im_end|> was cut into two documents there (the label after it ignored) and
+    # taught the model to emit control tokens mid-text.
+    from cpm4.cli import DEFAULT_MODEL
+    from cpm4.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL)
+    text = "use </s> to end, <s> to start and <|im_end|> after a turn"
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": text}) + "\n")
+    index = tokenize_to_shards([f], tok, tmp_path / "s", progress=False)
+    ids = PackedDataset(tmp_path / "s", seq_len=8).tokens(0, index["num_tokens"]).tolist()
+    specials = {tok.bos_token_id, tok.eos_token_id, tok.token_id("<|im_end|>")}
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and not specials & set(ids[1:-1])
+    assert tok.decode(ids[1:-1]) == text
+    assert tok.encode("plain words", add_bos=False) == tok.encode("plain words", add_bos=False)  # tokenizer untouched
+    assert tok.eos_token_id in tok.encode("a </s>", add_bos=False)  # (its own encode still matches them: chats)
+
+
+def test_plain_text_inputs_and_damaged_files(tmp_path):
+    import gzip
+
+    text = "plain text, read whole\nsecond line"
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(("\ufeff" + text).encode()))  # and a byte-order mark
+    index = tokenize_to_shards([tmp_path / "a.txt", tmp_path / "b.txt.gz"], _Tok(), tmp_path / "s", progress=False)
+    one = [1, *_Tok().encode(text, False), 2]
+    assert PackedDataset(tmp_path / "s", 8).tokens(0, index["num_tokens"]).tolist() == one + one
+    (tmp_path / "c.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))  # was a document of gibberish
+    (tmp_path / "d.bin").write_bytes(b"text \xff\xfe then binary")
+    (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:-12])  # an interrupted download
+    (tmp_path / "f.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 surrogate"}\n')  # was a TypeError
+    for name, needle in (("c.zst", "c.zst: zstd-compressed"), ("d.bin", "d.bin: not UTF-8 text .invalid byte at "
+                         "offset 5"), ("e.jsonl.gz", "e.jsonl.gz: damaged gzip file"),
+                         ("f.jsonl", r"f.jsonl:2: field 'text' is not valid Unicode")):
+        with pytest.raises(DataError, match=needle):
+            tokenize_to_shards([tmp_path / name], _Tok(), tmp_path / f"o-{name}", progress=False)
+        assert not list((tmp_path / f"o-{name}").glob("*.json"))
+
+
 @pytest.fixture(scope="module")
 def chat_tok():
     from cpm4.model.tokenizer import build_tokenizer
@@ -191,7 +231,8 @@ def test_sft_dataset_rows(tmp_path, chat_tok):
     convs.append([{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "too long"}])
     f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     ds = SFTDataset(f, chat_tok, seq_len=48, seed=0)
-    assert ds.dropped == 1
+    assert ds.dropped == 1 and ds.conversations == 6
+    assert ds.longest_dropped == len(encode_chat_example(chat_tok, convs[-1])[0])
     total = 0
     for r in range(ds.num_rows):
         x, y, docs = ds.rows[r]
@@ -215,6 +256,27 @@ def test_sft_dataset_rows(tmp_path, chat_tok):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="no assistant message"):
         SFTDataset(bad, chat_tok, 48)
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="conversation 1: message 0: the conversation starts with an assistant"):
+        SFTDataset(bad, chat_tok, 48)  # (was "the chat template does not render the conversation as a stable prefix")
+
+
+def test_sft_run_says_how_many_conversations_it_leaves_out(tmp_path, chat_tok, capsys):
+    from types import SimpleNamespace
+
+    from cpm4.train.trainer import Trainer
+
+    f = tmp_path / "chat.jsonl"
+    convs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "too long"}]]
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    fake = SimpleNamespace(cfg=SimpleNamespace(kind="sft", data=SimpleNamespace(seq_len=48)), tokenizer=chat_tok,
+                           config=SimpleNamespace(vocab_size=512), rank=0)
+    ds = Trainer._dataset(fake, str(f), 0)
+    assert ds.num_rows == 1
+    longest = len(encode_chat_example(chat_tok, convs[1])[0])
+    assert (f"[cpm4] warning: {f}: 1 of 2 conversations are longer than data.seq_len=48 tokens (the longest "
+            f"{longest}) and are left out") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- model: packing, gradients, MTP

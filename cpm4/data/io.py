@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,9 @@ class Batch:
 
 
 def _utf8_len(s: str) -> int:
-    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+    """UTF-8 bytes of s; UnicodeEncodeError for a lone surrogate (JSON's parser accepts an escaped one, "\\ud800",
+    which the classifier and the tokenizer then refused with a TypeError deep inside a job)."""
+    return len(s) if s.isascii() else len(s.encode("utf-8"))
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -154,9 +157,14 @@ def _line_number(path: str, offset: int) -> int:
 def _jsonl_lines(part: Partition) -> Iterator[tuple[int, int | None, bytes]]:
     """(index within the partition, byte offset or None for .gz, line) for the lines that belong to `part`."""
     if part.fmt == "jsonl.gz":
-        with gzip.open(part.path, "rb") as f:
-            for i, line in enumerate(f):
-                yield i, None, line
+        n = 0
+        try:
+            with gzip.open(part.path, "rb") as f:
+                for line in f:
+                    yield n, None, line
+                    n += 1
+        except (EOFError, OSError, zlib.error) as e:  # truncated (an interrupted download) or not gzip at all
+            raise DataError(f"{part.path}: damaged gzip file after {n} lines ({e})") from None
         return
     with open(part.path, "rb", buffering=1 << 20) as f:
         pos = part.start
@@ -205,7 +213,11 @@ def iter_jsonl_batches(part: Partition, text_field: str, batch_size: int,
         texts.append(text)
         lines.append(line)
         records.append(obj)
-        tb += _utf8_len(text)
+        try:
+            tb += _utf8_len(text)
+        except UnicodeEncodeError:
+            raise fail(i, offset, f"field {text_field!r} is not valid Unicode (a lone surrogate escape such as "
+                       "\\ud800)") from None
         rb += len(line)
         if len(texts) >= batch_size or tb >= batch_bytes:
             yield Batch(texts, tb, rb, lines, records)

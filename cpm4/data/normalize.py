@@ -81,6 +81,7 @@ def normalize_jsonl(src: str, dst: str, text_field: str = "text", output_field: 
     """Normalize the `text_field` of every JSON object in the JSONL file `src` (or '-' for stdin) into
     `output_field` (default: in place), writing JSONL to `dst` ('-' for stdout; a file is written atomically).
     Returns the number of documents."""
+    import gzip
     import json
     import sys
     from pathlib import Path
@@ -121,6 +122,11 @@ def normalize_jsonl(src: str, dst: str, text_field: str = "text", output_field: 
 
     if dst == "-":
         return write(sys.stdout)
+    name = dst.lower()
+    if name.endswith((".parquet", ".pq")):
+        raise ValueError(f"{dst}: normalize writes JSONL (.jsonl, or .jsonl.gz compressed)")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    # A .gz name is written compressed (it was plain JSONL under that name, which the readers then refused).
+    opener = gzip.open if name.endswith(".gz") else open
+    with atomic_path(dst) as tmp, opener(tmp, "wt", encoding="utf-8") as f:
         return write(f)

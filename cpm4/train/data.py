@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,18 +45,45 @@ class Batch:
 
 def read_documents(paths: Sequence[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
     """Documents from JSONL(.gz)/Parquet files (one per record, read by the data pipeline's own reader) and
-    from any other file as plain text (one document per file)."""
+    from any other file as plain UTF-8 text, gzip-compressed or not (one document per file)."""
     from cpm4.data.io import file_format, input_files, iter_texts
 
     for p in input_files(paths):
         try:
             file_format(p)
         except ValueError:
-            text = p.read_text(encoding="utf-8", errors="replace")
+            text = read_plain_text(p)
             if text:
                 yield text
             continue
         yield from (t for t in iter_texts(p, text_field) if t)
+
+
+# Leading bytes of compressed files other than gzip: tokenized as text they were gibberish documents.
+_COMPRESSED = {b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip",
+               b"\x04\x22\x4d\x18": "lz4"}
+
+
+def read_plain_text(path: Path) -> str:
+    """A text file's contents (gzip-compressed: decompressed; a UTF-8 byte-order mark dropped); DataError naming the
+    file when it is another compressed format, a damaged gzip file or not UTF-8 (was read with replacement
+    characters: binary files became documents)."""
+    import gzip
+    import zlib
+
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}: damaged gzip file ({e})") from None
+    kind = next((k for magic, k in _COMPRESSED.items() if raw.startswith(magic)), None)
+    if kind is not None:
+        raise DataError(f"{path}: {kind}-compressed, which is not read: decompress it (or use gzip)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def tokenize_to_shards(paths: Sequence[str | os.PathLike], tokenizer: Any, out_dir: str | os.PathLike,
@@ -95,11 +122,12 @@ def tokenize_to_shards(paths: Sequence[str | os.PathLike], tokenizer: Any, out_d
     total_docs = 0
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
     docs = read_documents(paths, text_field)
+    encode = text_encoder(tokenizer)
     while True:
         chunk = [d for _, d in zip(range(batch_docs), docs)]
         if not chunk:
             break
-        for ids in _encode_batch(tokenizer, chunk):
+        for ids in encode(chunk):
             ids = ([bos] if bos is not None else []) + list(ids) + [eos]
             buf.append(np.asarray(ids, dtype=dtype))
             state["tokens"] += len(ids)
@@ -119,13 +147,18 @@ def tokenize_to_shards(paths: Sequence[str | os.PathLike], tokenizer: Any, out_d
     return index
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    # The Rust backend directly: parallel, and no "longer than model_max_length" warning (documents are
-    # cut into rows later, so their length does not matter here).
+def text_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """Documents' texts to ids with special tokens' text taken as text: a page that mentions `</s>` or `<|im_end|>`
+    must not end its document there nor teach the model to emit control tokens mid-text (the tokenizer's own
+    encode matches them even with add_special_tokens=False). The Rust backend directly, on a copy with
+    `encode_special_tokens` set: parallel, and no "longer than model_max_length" warning (documents are cut into
+    rows later). A tokenizer without one (a slow tokenizer) encodes as its encode does."""
     backend = getattr(tokenizer.hf, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [tokenizer.encode(t, add_bos=False) for t in texts]
+    if backend is None:
+        return lambda texts: [tokenizer.encode(t, add_bos=False) for t in texts]
+    plain = type(backend).from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return lambda texts: [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
 
 
 # ---------------------------------------------------------------- pre-training rows
@@ -218,9 +251,11 @@ def encode_chat_example(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        before = tokenizer.encode_chat(messages[:i], add_generation_prompt=True) if i else None
+        if i == 0:
+            raise DataError("message 0: the conversation starts with an assistant turn (nothing it answers)")
+        before = tokenizer.encode_chat(messages[:i], add_generation_prompt=True)
         upto = tokenizer.encode_chat(messages[:i + 1], add_generation_prompt=False)
-        if before is None or upto[:len(before)] != before or ids[:len(upto)] != upto:
+        if upto[:len(before)] != before or ids[:len(upto)] != upto:
             raise DataError(f"message {i}: the chat template does not render the conversation as a stable "
                             "prefix; cannot locate the assistant turn's tokens")
         for j in range(len(before), len(upto)):
@@ -260,10 +295,11 @@ class SFTDataset:
     def __init__(self, path: str | os.PathLike, tokenizer: Any, seq_len: int, seed: int = 0,
                  vocab_size: int | None = None):
         self.seq_len, self.seed = seq_len, seed
-        self.dropped = 0
+        self.dropped = self.longest_dropped = self.conversations = 0
         packed: list[list[tuple[list[int], list[bool]]]] = [[]]
         used = 0
         for i, msgs in enumerate(read_chat_jsonl(path)):
+            self.conversations += 1
             try:
                 ids, mask = encode_chat_example(tokenizer, msgs)
             except ValueError as e:
@@ -273,6 +309,7 @@ class SFTDataset:
                                 f"vocabulary of {vocab_size}")
             if len(ids) > seq_len:
                 self.dropped += 1
+                self.longest_dropped = max(self.longest_dropped, len(ids))
                 continue
             if used + len(ids) > seq_len:
                 packed.append([])

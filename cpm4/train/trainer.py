@@ -191,7 +191,12 @@ class Trainer:
         if self.cfg.kind == "sft":
             if self.tokenizer is None:
                 raise DataError("sft needs a tokenizer (model.tokenizer or init_from's)")
-            return SFTDataset(path, self.tokenizer, d.seq_len, seed, self.config.vocab_size)
+            ds = SFTDataset(path, self.tokenizer, d.seq_len, seed, self.config.vocab_size)
+            if ds.dropped and self.rank == 0:  # (was silent: a large share of a set could vanish unnoticed)
+                print(f"[cpm4] warning: {path}: {ds.dropped} of {ds.conversations} conversations are longer than "
+                      f"data.seq_len={d.seq_len} tokens (the longest {ds.longest_dropped}) and are left out",
+                      file=sys.stderr)
+            return ds
         return PackedDataset(path, d.seq_len, seed, d.document_masking, self.config.vocab_size)
 
     def _layers(self) -> list[nn.Module]:
