@@ -9,7 +9,8 @@ reference built only from `Tokenizer.decode` of the whole output:
 2. every streamed prefix is a prefix of that final text (nothing a later stop match removes leaks, and no
    U+FFFD of a character still being completed);
 3. finish reason and token ids follow the documented rules (a stop token / EOS ends with "stop" and is in
-   the ids but not the text; min_tokens only bans stop ids in the sampler, stop strings still apply;
+   the ids but not the text; min_tokens bans stop ids in the sampler, and no stop string ends the text in
+   what the first min_tokens tokens show (vLLM's rule);
    max_tokens, capped by the context, ends with "length" unless its last token completes a stop string);
 4. stream_text=False gives the same final text and ids, with nothing before the last delta;
 5. stop strings spanning token boundaries, overlapping, prefixes of each other or inside multi-token
@@ -73,12 +74,13 @@ def tok(request) -> Tok:
     return Tok(build_tokenizer(1024) if request.param == "synthetic" else Tokenizer.from_dir(DEMO))
 
 
-def _cut(text: str, stops: list[str], include: bool) -> tuple[str, bool]:
+def _cut(text: str, stops: list[str], include: bool, min_end: int = 0) -> tuple[str, bool]:
     """The documented rule (`StopStringMatcher`): the first stop string completed in the text (earliest end,
-    on a tie the longest) ends it, kept iff include. Naive: a find per stop string on the whole text."""
+    on a tie the longest) past its first min_end chars ends it, kept iff include. Naive: a find per stop string
+    on the whole text."""
     best = None
     for s in stops:
-        i = text.find(s)
+        i = next((j for j in range(len(text)) if text.startswith(s, j) and j + len(s) > min_end), -1)
         if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0] + len(best[1]), -len(best[1]))):
             best = (i, s)
     if best is None:
@@ -88,26 +90,35 @@ def _cut(text: str, stops: list[str], include: bool) -> tuple[str, bool]:
 
 
 def reference(t: Tok, script: list[int], stop_ids: set[int], stops: list[str], include: bool, skip: bool,
-              max_tokens: int) -> tuple[list[int], str, str]:
+              max_tokens: int, min_tokens: int = 0) -> tuple[list[int], str, str]:
     """(token ids, text, finish reason) from whole-output decodes. A stop string is seen once the text that
     contains it is shown: decode() of the ids so far, except while it ends in U+FFFD (a character still
-    partial, which the detokenizer holds back, as vLLM's does). A script that runs out is aborted."""
+    partial, which the detokenizer holds back, as vLLM's does). A script that runs out is aborted. min_tokens
+    (vLLM's): no stop string ends the text before more tokens than it are out, nor ends inside the text shown
+    when it was reached."""
     gen: list[int] = []
     shown = ""
+    boundary = 0  # chars shown once min_tokens tokens were out
+
+    def cut(text: str) -> tuple[str, bool]:
+        return _cut(text, stops, include, boundary) if len(gen) > min_tokens else (text, False)
+
     for tid in script:
         if tid in stop_ids:  # the stop token's id is output, its text never (documented in step)
-            return gen + [tid], _cut(t.decode(gen, skip), stops, include)[0], "stop"
+            return gen + [tid], cut(t.decode(gen, skip))[0], "stop"
         gen.append(tid)
         full = t.decode(gen, skip)
         if len(gen) >= max_tokens:
-            text, hit = _cut(full, stops, include)
+            text, hit = cut(full)
             return gen, text, "stop" if hit else "length"
         if not full.endswith(FFFD):
             shown = full
-        text, hit = _cut(shown, stops, include)
+        if len(gen) == min_tokens:
+            boundary = len(shown)
+        text, hit = cut(shown)
         if hit:
             return gen, text, "stop"
-    return gen, _cut(t.decode(gen, skip), stops, include)[0], "abort"
+    return gen, cut(t.decode(gen, skip))[0], "abort"
 
 
 def _chunk(rng: random.Random, t: Tok) -> list[int]:
@@ -205,7 +216,7 @@ def _case(rng: random.Random, t: Tok):
     # min_tokens: before it the sampler cannot pick a stop id, so the reference sees the fallback there.
     ref_script = [fallback if i < min_tokens and x in stop_ids else x for i, x in enumerate(script)]
     eff_max = min(max_tokens, context - len(prompt))
-    ref = reference(t, ref_script, stop_ids, stops, include, skip, eff_max)
+    ref = reference(t, ref_script, stop_ids, stops, include, skip, eff_max, min_tokens)
     return prompt, script, params, context, fallback, ref
 
 

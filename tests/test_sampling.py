@@ -330,6 +330,18 @@ def test_stop_split_across_deltas():
     assert all("<" not in p for p in pieces)
 
 
+def test_unchecked_text_ends_no_stop_but_can_begin_one():
+    # min_tokens' text (check=False): "ab" and "xx" complete there and do not stop; "abc" begins there and ends
+    # in checked text: it stops (vLLM's window reaches back a stop's length).
+    m = StopStringMatcher(["ab", "abc", "xx"])
+    assert m.feed("xx ab", check=False) == ("xx ", False)  # "ab" held: it begins "abc"
+    assert m.feed("c!") == ("", True) and m.matched == "abc"
+    m = StopStringMatcher(["ab", "abcd"])
+    assert m.feed("zab", check=False) == ("z", False)
+    assert m.feed("c") == ("", False)  # "abc" held; its "ab" was unchecked text: still no stop
+    assert m.feed("x ab") == ("abcx ", True) and m.matched == "ab"  # a new "ab" in checked text stops
+
+
 def test_stop_false_prefix_is_released():
     m = StopStringMatcher(["</s>"])
     assert m.feed("a <") == ("a ", False)

@@ -104,8 +104,8 @@ def check_prompt(n_tokens: int, context: int, cache_tokens: int | None = None) -
     if n_tokens == 0:
         raise ValueError("empty prompt: at least one token is needed")
     if n_tokens >= context:
-        raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the model's context is {context} "
-                                 "(at least one token must be left to generate)")
+        raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the maximum context length (max_model_len) is "
+                                 f"{context} (at least one token must be left to generate)")
     if cache_tokens is not None and n_tokens >= cache_tokens:
         raise PromptTooLongError(f"prompt too long: the prompt of {n_tokens} tokens does not fit the KV cache, "
                                  f"which holds {cache_tokens} (at least one token must be left to generate)")
@@ -228,7 +228,7 @@ class SequenceState:
             return self.finish("length", "" if self.defer_text else self.detok.add(token)), [token]
         if self.defer_text:
             return "", [token]
-        text, stopped = self.stops.feed(self.detok.add(token))
+        text, stopped = self.stops.feed(self.detok.add(token), len(self.generated) > self.params.min_tokens)
         if stopped:
             self.finish_reason = "stop"
         self.text += text
@@ -248,7 +248,7 @@ class SequenceState:
         if self.defer_text:  # no stop strings then (see __init__)
             return finish_texts([self])[0]
         else:
-            text, stopped = self.stops.feed(delta + self.detok.flush())
+            text, stopped = self.stops.feed(delta + self.detok.flush(), len(self.generated) > self.params.min_tokens)
             if not stopped:
                 text += self.stops.flush()
             elif reason != "abort":

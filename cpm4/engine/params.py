@@ -33,8 +33,9 @@ class SamplingParams:
 
     max_tokens: int = 256
     n: int = 1  # completions per prompt (offline; with a seed, completion j draws with seed + j)
-    # vLLM's: EOS and stop_token_ids cannot be sampled before this many tokens are generated (stop strings
-    # still apply).
+    # vLLM's: the output ends no earlier: EOS and stop_token_ids cannot be sampled before this many tokens are
+    # generated, and stop strings apply to the text from the token after them (a stop string beginning in the
+    # text before and ending after it counts).
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0

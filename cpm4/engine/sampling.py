@@ -441,11 +441,13 @@ class StopStringMatcher:
         self.stopped = False
         self.matched: str | None = None  # which stop string ended the text
         self._held = ""
+        self._unchecked = 0  # leading chars of _held fed with check=False: no stop may end inside them
 
-    def _find_stop(self, text: str) -> tuple[int, str] | None:
+    def _find_stop(self, text: str, min_end: int = 0) -> tuple[int, str] | None:
+        """The first stop completed in `text` past its first min_end chars: (start, stop)."""
         best: tuple[int, int, str] | None = None  # (end, -len, stop)
         for s in self.stop:
-            i = text.find(s)
+            i = text.find(s, max(0, min_end - len(s) + 1))
             if i >= 0:
                 key = (i + len(s), -len(s), s)
                 if best is None or key < best:
@@ -465,20 +467,23 @@ class StopStringMatcher:
                     break
         return hold
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add new text; return (text safe to emit now, whether a stop string was hit)."""
+    def feed(self, delta: str, check: bool = True) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit now, whether a stop string was hit). check=False: text in
+        which no stop string may end (vLLM's min_tokens: stop strings apply from the token after them); what
+        could begin one is still held back, so a stop that starts there and ends in later text is found."""
         if self.stopped:
             return "", True
         if not self.stop:
             return delta, False
         text = self._held + delta
-        found = self._find_stop(text)
+        found = self._find_stop(text, self._unchecked) if check else None
         if found is not None:
             start, s = found
             self.stopped, self.matched, self._held = True, s, ""
             return text[: start + len(s) if self.include_stop_str_in_output else start], True
         hold = self._held_len(text)
         self._held = text[len(text) - hold :]
+        self._unchecked = len(self._held) if not check else max(0, self._unchecked - (len(text) - hold))
         return text[: len(text) - hold], False
 
     def flush(self) -> str:

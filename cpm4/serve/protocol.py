@@ -73,7 +73,7 @@ class _SamplingFields(_Body):
     stop: Str | list[Str] | None = None
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extension
     ignore_eos: Bool = False  # extension
-    min_tokens: Int = Field(0, ge=0)  # extension: no EOS / stop_token_ids before this many tokens
+    min_tokens: Int = Field(0, ge=0)  # extension (vLLM's): no EOS, stop id or stop string ends fewer tokens
     include_stop_str_in_output: Bool = False  # extension
     n: Int = Field(1, ge=1, le=MAX_N)
     stream: Bool = False
