@@ -22,7 +22,7 @@ import torch
 from .devices import resolve_device
 from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
 from .engine.generation_config import sampling_defaults
-from .engine.offline import OfflineEngine, check_options
+from .engine.offline import OfflineEngine, check_batch, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
 from .model.hub import resolve_model_dir
@@ -61,7 +61,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 
 
 def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any]) -> list[int]:
-    """Text, token ids, or vLLM's prompt dicts ({"prompt": text} or {"prompt_token_ids": ids})."""
+    """Text, token ids (a list, or a 1-D numpy array or tensor), or vLLM's prompt dicts ({"prompt": text} or
+    {"prompt_token_ids": ids})."""
     if isinstance(prompt, Mapping):
         if "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
@@ -71,6 +72,12 @@ def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
+    if isinstance(prompt, (bytes, bytearray)):  # a Sequence of ints: it ran as the ids of its bytes
+        raise ValueError("a prompt is text (str) or token ids, got bytes: decode it first")
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", 1) == 1:
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"a prompt is text, token ids or a prompt dict, got {type(prompt).__name__}")
     # The shared check (an id given as 1.9 is refused, not cut to 1; numpy integers are taken), without the
     # length limits here: truncate_prompt_tokens applies first, and the engine checks the context and cache.
     return check_prompt_ids(prompt, sys.maxsize)
@@ -83,7 +90,9 @@ def _prompt_text(prompt: Any) -> str | None:
 
 
 def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
-    if isinstance(prompts, (str, Mapping)) or \
+    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", None) in (1, 2):  # numpy / torch: ids, a batch
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, Mapping, bytes, bytearray)) or \
             (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], numbers.Number)):
         prompts = [prompts]
     prompts = list(prompts)
@@ -92,6 +101,13 @@ def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     return prompts, list(params)
+
+
+def _sampling_params(sampling_params: Any, params: Any) -> Any:
+    """vLLM's keyword (sampling_params) or ours (params), not both."""
+    if sampling_params is not None and params is not None:
+        raise TypeError("give sampling_params or params (the same thing), not both")
+    return sampling_params if sampling_params is not None else params
 
 
 def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_tqdm: bool = False
@@ -105,19 +121,32 @@ def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_
 
 
 def generate(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: str | Sequence[int] | Sequence,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
-    """Generate for one prompt or a batch (text or token ids); one output per prompt, in order.
+    """Generate for one prompt or a batch (text or token ids); one output per prompt, in order. sampling_params
+    (or params): one for all, or one per prompt.
 
     Runs the continuous-batching engine over a paged KV cache sized for this batch and freed on return, without
     CUDA graphs (capturing them would not pay off for one call); an `LLM` keeps one engine across calls."""
     engine = OfflineEngine(model, tokenizer, device_budget=False, cuda_graphs=False)
-    return _generate(engine, tokenizer, prompts, params)
+    return _generate(engine, tokenizer, prompts, _sampling_params(sampling_params, params))
 
 
 def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
-           params: SamplingParams | None = None) -> Iterator[str]:
-    """Text of one prompt's completion, piece by piece as it is generated."""
-    for step in generate_stream(model, tokenizer, [_as_ids(tokenizer, prompt)], [params or SamplingParams()]):
+           sampling_params: SamplingParams | None = None, *, params: SamplingParams | None = None,
+           context: int | None = None) -> Iterator[str]:
+    """Text of one prompt's completion, piece by piece as it is generated, on the plain generate loop: the
+    prompt checked and truncated (truncate_prompt_tokens) as `generate` does, max_tokens cut to what `context`
+    (default: the model's) leaves."""
+    params = _sampling_params(sampling_params, params) or SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"stream takes one SamplingParams, got {type(params).__name__}")
+    if params.n != 1:
+        raise ValueError(f"stream gives one completion: n must be 1, got {params.n}")
+    ids = params.truncate(_as_ids(tokenizer, prompt))
+    context = context_length(model) if context is None else context
+    check_batch([ids], [params], context, model.config.vocab_size)
+    for step in generate_stream(model, tokenizer, [ids], [fit_to_context(len(ids), params, context)]):
         for d in step:
             if d.text:
                 yield d.text
@@ -144,7 +173,8 @@ class LLM:
     folder's or file's."""
 
     def __init__(self, model: str | os.PathLike | MiniCPM4ForCausalLM, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, *, tokenizer: Tokenizer | None = None,
+                 dtype: str | torch.dtype | None = None, *,
+                 tokenizer: Tokenizer | str | os.PathLike | None = None,
                  max_num_seqs: int = 256, gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
                  kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
                  max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
@@ -152,14 +182,19 @@ class LLM:
                  cascade_decode: bool | None = None):
         """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
-        model's own). enable_prefix_caching: prompts reuse the cached pages of an earlier prompt's prefix (vLLM's
-        option; False computes every prompt whole). cascade_decode: decode steps read the prefix pages many
-        prompts share once per tile of rows (see `LLMEngine`; None: on)."""
+        model's own). tokenizer: a `Tokenizer`, or a folder / Hub id to load one from, used instead of the
+        checkpoint's (vLLM's option). enable_prefix_caching: prompts reuse the cached pages of an earlier
+        prompt's prefix (vLLM's option; False computes every prompt whole). cascade_decode: decode steps read the
+        prefix pages many prompts share once per tile of rows (see `LLMEngine`; None: on)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
         if compile and enforce_eager:
             raise ValueError("compile applies to the CUDA-graph decode step: it cannot go with enforce_eager")
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            if not isinstance(tokenizer, (str, os.PathLike)):
+                raise TypeError(f"tokenizer must be a Tokenizer or a folder / Hub id, got {type(tokenizer).__name__}")
+            tokenizer = Tokenizer.from_dir(resolve_model_dir(tokenizer))  # vLLM's: the one named, not the model's
         if isinstance(model, MiniCPM4ForCausalLM):
             if tokenizer is None:
                 raise ValueError("a model given in memory needs its tokenizer")
@@ -167,7 +202,8 @@ class LLM:
             self.model, self.tokenizer = model, tokenizer
         else:
             self.path = folder
-            self.model, self.tokenizer = load_model(folder, device, dtype, max_model_len)
+            self.model, own = load_model(folder, device, dtype, max_model_len)
+            self.tokenizer = tokenizer if tokenizer is not None else own
         if compile and self.model.device.type != "cuda":
             raise ValueError(f"compile needs CUDA graphs, and the model is on {self.model.device.type}")
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,
@@ -179,41 +215,63 @@ class LLM:
             self.engine.prepare()
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
-                 params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False
-                 ) -> list[GenerationOutput]:
-        """One output per prompt (text or token ids), in order; params: one for all, or one per prompt.
-        use_tqdm: vLLM's progress bar of processed prompts (stderr)."""
-        return _generate(self.engine, self.tokenizer, prompts, params or self.get_default_sampling_params(),
-                         use_tqdm)
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+                 *, params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """One output per prompt (text or token ids), in order; sampling_params (vLLM's name; or params): one
+        for all, or one per prompt (default: `get_default_sampling_params`). use_tqdm: vLLM's progress bar of
+        processed prompts (stderr)."""
+        params = _sampling_params(sampling_params, params)
+        return _generate(self.engine, self.tokenizer, prompts,
+                         params if params is not None else self.get_default_sampling_params(), use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What calls without params use: SamplingParams with the checkpoint's generation_config values."""
         return SamplingParams(**self.sampling_defaults)
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None, *,
+               params: SamplingParams | None = None) -> Iterator[str]:
         """Text of one prompt's completion, piece by piece. On CUDA it runs on the engine (`generate`'s:
         CUDA graphs, paged sparse decode); elsewhere on the plain loop, whose first token comes soonest on a
         CPU (no cache to size)."""
-        params = params or self.get_default_sampling_params()
+        params = _sampling_params(sampling_params, params)
+        params = params if params is not None else self.get_default_sampling_params()
+        if self.model.device.type != "cuda":
+            yield from stream(self.model, self.tokenizer, prompt, params, context=self.engine.context)
+            return
         if params.n != 1:
             raise ValueError(f"stream gives one completion: n must be 1, got {params.n}")
-        if self.model.device.type != "cuda":
-            ids = params.truncate(_as_ids(self.tokenizer, prompt))
-            yield from stream(self.model, self.tokenizer, ids, fit_to_context(len(ids), params, self.engine.context))
-            return
         for d in self.engine.stream(_as_ids(self.tokenizer, prompt), params):
             if d.text:
                 yield d.text
 
-    def chat_ids(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                 chat_template_kwargs: Mapping[str, Any] | None = None, **template_kwargs: Any) -> list[int]:
+        """The ids of a conversation rendered with the chat template (vLLM's `chat` options; template_kwargs,
+        e.g. enable_thinking, go to the template as chat_template_kwargs do)."""
+        kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                          **kwargs)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
              **template_kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
         """One assistant reply to a conversation, rendered with the checkpoint's chat template; given a list
-        of conversations (as vLLM's `chat`), a list of replies generated together, in order."""
+        of conversations (as vLLM's `chat`), a list of replies generated together, in order. As vLLM's:
+        add_generation_prompt false with continue_final_message writes on from the last (assistant) message;
+        tools (OpenAI function specs) and chat_template_kwargs go to the template."""
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts (one conversation) "
+                             f"or a list of such lists, got {type(messages).__name__}")
+        options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                       tools=tools, chat_template_kwargs=chat_template_kwargs, **template_kwargs)
+        params = _sampling_params(sampling_params, params)
         if messages and isinstance(messages[0], (list, tuple)):
-            ids = [self.chat_ids(list(m), **template_kwargs) for m in messages]
+            ids = [self.chat_ids(list(m), **options) for m in messages]
             return self.generate(ids, params, use_tqdm)
-        return self.generate([self.chat_ids(messages, **template_kwargs)], params, use_tqdm)[0]
+        return self.generate([self.chat_ids(messages, **options)], params, use_tqdm)[0]

@@ -4,7 +4,7 @@ the command line, the server and a generation config check a request's values be
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +77,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is not None:
+            if isinstance(self.stop, (bytes, Mapping)) or not isinstance(self.stop, Iterable):
+                raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r:.80}")
             self.stop = list(self.stop)
         if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes, Mapping)) or not isinstance(self.stop_token_ids, Iterable):
+                raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.80}")
             self.stop_token_ids = list(self.stop_token_ids)
 
         # `not (x >= lo)` also rejects NaN.

@@ -1,0 +1,90 @@
+"""`LLM` and the module-level entry points as a vLLM user calls them: sampling_params by name, chat options,
+prompts as arrays, a tokenizer named by path, and clear errors for what they cannot take."""
+
+import numpy as np
+import pytest
+import torch
+
+from cpm4 import LLM, SamplingParams, stream
+from cpm4.cli import DEFAULT_MODEL
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(DEFAULT_MODEL, device="cpu")
+
+
+def test_sampling_params_by_vllms_name_and_ours(llm):
+    want = llm.generate("hi", GREEDY)[0].token_ids
+    assert len(want) == 4
+    assert llm.generate("hi", sampling_params=GREEDY)[0].token_ids == want
+    assert llm.generate("hi", params=GREEDY)[0].token_ids == want
+    assert llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY).token_ids == \
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY).token_ids
+    assert len(llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY).token_ids) == 4  # was ignored
+    assert "".join(llm.stream("hi", sampling_params=GREEDY)) == llm.generate("hi", GREEDY)[0].text
+    with pytest.raises(TypeError, match="not both"):
+        llm.generate("hi", GREEDY, params=GREEDY)
+    with pytest.raises(ValueError, match="2 prompts but 0 sampling params"):  # was: the defaults, silently
+        llm.generate(["a", "b"], [])
+
+
+def test_chat_options_reach_the_template(llm):
+    tok = llm.tokenizer
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    out = llm.chat(msgs, GREEDY, add_generation_prompt=False, continue_final_message=True)
+    assert out.prompt_token_ids == tok.encode_chat(msgs, add_generation_prompt=False, continue_final_message=True)
+    user = msgs[:1]
+    plain = llm.chat(user, GREEDY).prompt_token_ids
+    via_kwargs = llm.chat(user, GREEDY, chat_template_kwargs={"enable_thinking": False}).prompt_token_ids
+    assert via_kwargs == tok.encode_chat(user, enable_thinking=False) != plain  # was dropped
+    assert llm.chat(user, GREEDY, enable_thinking=False).prompt_token_ids == via_kwargs
+    with pytest.raises(ValueError, match="messages must be a list"):  # a dict was a KeyError
+        llm.chat({"role": "user", "content": "hi"}, GREEDY)
+
+
+def test_prompts_as_arrays_and_bytes(llm):
+    ids = llm.tokenizer.encode("Once upon a time")
+    want = llm.generate([ids], GREEDY)[0].token_ids
+    for given in (np.array(ids), torch.tensor(ids), [np.array(ids)]):
+        assert llm.generate(given, GREEDY)[0].token_ids == want  # was a TypeError from deep inside
+    assert [o.token_ids for o in llm.generate(np.array([ids, ids]), GREEDY)] == [want, want]  # 2-D: a batch
+    with pytest.raises(ValueError, match="got bytes"):  # was run as the ids of its bytes
+        llm.generate(b"abc", GREEDY)
+
+
+def test_module_stream_checks_and_truncates_as_generate(llm):
+    ids = llm.tokenizer.encode("a longer prompt of several words, cut to its last few tokens")
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=4)
+    want = llm.generate([ids], sp)[0].text
+    assert "".join(stream(llm.model, llm.tokenizer, ids, sp)) == want  # the whole prompt was used
+    long = [5] * (llm.model.config.max_position_embeddings + 10)
+    assert "".join(stream(llm.model, llm.tokenizer, long, sp)) == llm.generate([long], sp)[0].text  # was too long
+    with pytest.raises(ValueError, match="n must be 1"):  # was taken as 1
+        list(stream(llm.model, llm.tokenizer, ids, SamplingParams(n=2)))
+    with pytest.raises(ValueError, match="prompt token id -1 is not in the vocabulary"):  # was an OverflowError
+        list(llm.stream([5, -1], GREEDY))
+
+
+def test_tokenizer_named_by_path(llm, tiny_checkpoint):
+    from cpm4.model.tokenizer import Tokenizer
+
+    other = LLM(DEFAULT_MODEL, device="cpu", tokenizer=str(tiny_checkpoint))
+    assert other.tokenizer.vocab_size == Tokenizer.from_dir(tiny_checkpoint).vocab_size != llm.tokenizer.vocab_size
+    again = LLM(llm.model, tokenizer=DEFAULT_MODEL)  # a model in memory with a tokenizer path (was a LookupError)
+    assert again.generate("hi", GREEDY)[0].token_ids == llm.generate("hi", GREEDY)[0].token_ids
+    with pytest.raises(FileNotFoundError, match="not found: /no/such/tokenizer"):
+        LLM(DEFAULT_MODEL, device="cpu", tokenizer="/no/such/tokenizer")  # was ignored: the model's was used
+    with pytest.raises(TypeError, match="tokenizer must be a Tokenizer or a folder"):
+        LLM(DEFAULT_MODEL, device="cpu", tokenizer=3)
+
+
+@pytest.mark.parametrize("kw,needle", [({"stop": 5}, "stop must be a string or a list of strings"),
+                                       ({"stop": b"x"}, "stop must be"),
+                                       ({"stop_token_ids": 5}, "stop_token_ids must be a list of token ids"),
+                                       ({"stop_token_ids": "ab"}, "stop_token_ids must be a list")])
+def test_sampling_params_stop_types(kw, needle):
+    with pytest.raises(ValueError, match=needle):  # were TypeErrors ('int' object is not iterable)
+        SamplingParams(**kw)
