@@ -21,7 +21,7 @@ import torch
 
 from .devices import resolve_device
 from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
-from .engine.generation_config import sampling_defaults
+from .engine.generation_config import sampling_defaults, serving_config
 from .engine.offline import OfflineEngine, check_batch, check_options
 from .engine.sampling import SamplingParams
 from .model.checkpoint import load_checkpoint, parse_dtype
@@ -48,15 +48,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
                ) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
     """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer. device/dtype default to "auto";
     max_model_len, if given, is checked against the config's context before the weights are read."""
-    from .model.config import MiniCPM4Config
-
     path = resolve_model_dir(path)
-    config = MiniCPM4Config.from_json(path / "config.json")
+    config = serving_config(path)  # generation_config.json's EOS ids too, checked before the weights are read
     if max_model_len is not None:
         context_length(config, max_model_len)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.torch_dtype, config.num_parameters())
     model = load_checkpoint(path, device=dev, dtype=dt)
+    model.config.eos_token_id = config.eos_token_id
     return model, Tokenizer.from_dir(path)
 
 

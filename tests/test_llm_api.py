@@ -88,3 +88,36 @@ def test_tokenizer_named_by_path(llm, tiny_checkpoint):
 def test_sampling_params_stop_types(kw, needle):
     with pytest.raises(ValueError, match=needle):  # were TypeErrors ('int' object is not iterable)
         SamplingParams(**kw)
+
+
+def test_generation_config_eos_ids_end_generation(llm, tmp_path):
+    import json
+    import shutil
+
+    from cpm4.engine.generation_config import serving_config
+
+    folder = tmp_path / "demo"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    im_end = llm.tokenizer.token_id("<|im_end|>")
+    assert im_end in cfg["eos_token_id"]
+    cfg["eos_token_id"] = 2  # the chat turn's end listed only in generation_config.json
+    (folder / "config.json").write_text(json.dumps(cfg))
+    gen = folder / "generation_config.json"
+    extra = json.loads(gen.read_text()) if gen.is_file() else {}
+    gen.write_text(json.dumps({**extra, "eos_token_id": [2, im_end]}))
+    assert serving_config(folder).eos_token_ids == [2, im_end]  # what a server's API process reads
+    msgs = [{"role": "user", "content": "hi"}]
+    sp = SamplingParams(temperature=0, max_tokens=200)
+    want = llm.chat(msgs, sp)
+    assert want.finish_reason == "stop" and want.token_ids[-1] == im_end
+    other = LLM(folder, device="cpu")
+    assert other.model.config.eos_token_ids == [2, im_end]
+    got = other.chat(msgs, sp)
+    assert (got.token_ids, got.finish_reason) == (want.token_ids, "stop")  # ran on to max_tokens before
+    gen.write_text(json.dumps({"eos_token_id": ["x"]}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
+        LLM(folder, device="cpu")
+    gen.write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(ValueError, match="eos_token_id 1000000 is outside the vocabulary"):
+        LLM(folder, device="cpu")

@@ -66,3 +66,36 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         raise ValueError(f"{path}: {msg}") from None
     return out
 
+
+def generation_eos_ids(model_dir: str | os.PathLike | None) -> list[int]:
+    """The eos_token_id(s) of model_dir's generation_config.json ([] without one): they end generation besides
+    config.json's, as in transformers' generate and vLLM (a checkpoint may list its chat turn's end only there).
+    ValueError naming the file for a value that is not a token id or a list of them."""
+    path = Path(model_dir) / NAME if model_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    value = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
+
+
+def serving_config(model_dir: str | os.PathLike):
+    """model_dir's config.json with generation_config.json's EOS ids added to its eos_token_id
+    (`generation_eos_ids`): what generation runs with, in the engine and in a server's API process alike."""
+    from cpm4.model.config import MiniCPM4Config
+
+    config = MiniCPM4Config.from_json(Path(model_dir) / "config.json")
+    extra = [i for i in generation_eos_ids(model_dir) if i not in config.eos_token_ids]
+    if extra and max(extra) >= config.vocab_size:
+        raise ValueError(f"{Path(model_dir) / NAME}: eos_token_id {max(extra)} is outside the vocabulary of "
+                         f"{config.vocab_size}")
+    if extra:
+        config.eos_token_id = config.eos_token_ids + extra
+    return config
+

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpm4.engine.generate import DetachedText, PromptTooLongError, StreamDelta, TokenLogprob, context_length
+from cpm4.engine.generation_config import serving_config
 from cpm4.engine.scheduler import cache_capacity
-from cpm4.model.config import MiniCPM4Config
 from cpm4.model.hub import resolve_model_dir
 from cpm4.model.tokenizer import Tokenizer
 
@@ -190,7 +190,7 @@ class ProcessEngine(AsyncEngine):
                  tokenizer: Tokenizer | None = None, start_timeout: float | None = None, api_detokenize: bool = True,
                  **engine_kwargs: Any) -> None:
         path = os.fspath(resolve_model_dir(model_dir))  # a Hub id is fetched here, not in the child
-        self.config = MiniCPM4Config.from_json(os.path.join(path, "config.json"))
+        self.config = serving_config(path)  # the child's model's (generation_config.json's EOS ids too)
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
         unknown = set(engine_kwargs) - set(_ENGINE_DEFAULTS)
         if unknown:
