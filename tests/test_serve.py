@@ -1050,6 +1050,39 @@ def test_engine_stream_coalesces_when_the_reader_lags(llm, engine, coalesce):
         assert len(deltas) >= len(tokens)
 
 
+def test_engine_counts_running_and_waiting_as_vllm(llm):
+    """Running is the batch (at most max_batch_size), the rest wait: the worker moves its queue into the scheduler
+    each step, and counting only the queue reported every request running and none waiting (/metrics, stats)."""
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2)
+    ids = llm.tokenizer.encode("Hello")
+    try:
+        async def five():
+            streams = [eng.stream(ids, _greedy(400, ignore_eos=True), f"r{i}") for i in range(5)]
+            firsts = [asyncio.ensure_future(st.__anext__()) for st in streams]
+            await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
+            seen = set()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (2, 3) not in seen:
+                seen.add((eng.num_running, eng.num_waiting))
+                await asyncio.sleep(0.005)
+            for i in range(5):
+                eng.abort(f"r{i}")
+            await asyncio.gather(*firsts, return_exceptions=True)
+            for st in streams:
+                await st.aclose()
+            return seen
+
+        seen = asyncio.run(five())
+        assert (2, 3) in seen, seen
+        assert all(r <= 2 and r + w <= 5 for r, w in seen), seen
+        deadline = time.monotonic() + 10
+        while (eng.num_running, eng.num_waiting) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (eng.num_running, eng.num_waiting) == (0, 0)
+    finally:
+        eng.shutdown()
+
+
 def test_engine_abort_waiting_and_errors(llm, monkeypatch):
     eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, continuous=False)
     try:

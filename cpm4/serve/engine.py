@@ -210,12 +210,19 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not yet scheduled (vLLM's waiting gauge): queued here, or in the scheduler's queue when the
+        batch is full (preempted ones too). The worker moves this queue into the scheduler every step: counting
+        it alone, waiting read 0 and running every request."""
+        sched = self._sched
+        return len(self._waiting) + (len(sched.waiting) if sched is not None else 0)
 
     @property
     def num_running(self) -> int:
-        """Requests taken by the worker and not finished."""
-        with self._cond:
+        """Requests in the running batch (at most max_batch_size; prefilling or decoding)."""
+        sched = self._sched
+        if sched is not None:
+            return len(sched.running)
+        with self._cond:  # one batch at a time (continuous=False): whatever the worker took
             return len(self._requests) - len(self._waiting)
 
     @property
