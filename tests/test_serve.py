@@ -439,6 +439,16 @@ def test_echo_logprobs_and_max_tokens_zero(client, llm):
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == prompt
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    # Scoring only (max_tokens 0), a prompt may fill the context (lm-eval at max_length was refused); to
+    # generate, one token must be left.
+    context = llm.model.config.max_position_embeddings
+    full = [5] * context
+    r = client.completions.create(model=MODEL, prompt=full, max_tokens=0, echo=True, logprobs=0)
+    assert len(r.choices[0].logprobs.token_logprobs) == context
+    for too_long in ({"prompt": full, "max_tokens": 1}, {"prompt": full + [5], "max_tokens": 0, "echo": True,
+                                                          "logprobs": 0}):
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.completions.create(model=MODEL, **too_long)
 
 
 def test_tokenize_and_detokenize(server, llm):
@@ -453,6 +463,18 @@ def test_tokenize_and_detokenize(server, llm):
     assert r["tokens"] == llm.chat_ids(MESSAGES)
     back = httpx.post(f"{url}/detokenize", json={"tokens": llm.tokenizer.encode(prompt)}, timeout=30).json()
     assert back == {"prompt": prompt}
+    # vLLM's add_special_tokens (the BOS), on /tokenize and /v1/completions (was ignored).
+    r = httpx.post(f"{url}/tokenize", json={"prompt": prompt, "add_special_tokens": False}, timeout=30).json()
+    assert r["tokens"] == llm.tokenizer.encode(prompt, add_bos=False)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0,
+                                                  "add_special_tokens": False, "return_tokens_as_token_ids": True},
+                   timeout=30).json()
+    assert r["choices"][0]["logprobs"]["tokens"] == [f"token_id:{t}" for t in llm.tokenizer.encode(prompt, False)]
+    # Never refused for length: count against max_model_len is what a client checks (messages were a 400).
+    context = llm.model.config.max_position_embeddings
+    long = [{"role": "user", "content": "word " * context}]
+    r = httpx.post(f"{url}/tokenize", json={"messages": long}, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] > r.json()["max_model_len"] == context
     for path, body, param in (("tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
                               ("tokenize", {}, "prompt"),
                               ("detokenize", {"tokens": [llm.model.config.vocab_size]}, "tokens"),

@@ -96,16 +96,19 @@ def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: i
     return max_model_len
 
 
-def check_prompt(n_tokens: int, context: int, cache_tokens: int | None = None) -> None:
+def check_prompt(n_tokens: int, context: int, cache_tokens: int | None = None, scoring: bool = False) -> None:
     """Refuse an empty prompt (ValueError) and one that leaves no token to generate in the context or, given
     `cache_tokens`, in a paged KV cache of that many tokens (PromptTooLongError, which the server answers with
     400 context_length_exceeded). Only the prompt is checked against the cache: a prompt that fits, but whose
-    output then outgrows a cache it shares with nobody, still ends with finish_reason "length"."""
+    output then outgrows a cache it shares with nobody, still ends with finish_reason "length". scoring: a
+    prompt only scored (its prompt logprobs, nothing generated, no cache) may fill the context."""
     if n_tokens == 0:
         raise ValueError("empty prompt: at least one token is needed")
-    if n_tokens >= context:
+    if n_tokens > context or (n_tokens == context and not scoring):
         raise PromptTooLongError(f"prompt too long: {n_tokens} tokens, the maximum context length (max_model_len) is "
-                                 f"{context} (at least one token must be left to generate)")
+                                 f"{context}" + ("" if scoring else " (at least one token must be left to generate)"))
+    if scoring:
+        return
     if cache_tokens is not None and n_tokens >= cache_tokens:
         raise PromptTooLongError(f"prompt too long: the prompt of {n_tokens} tokens does not fit the KV cache, "
                                  f"which holds {cache_tokens} (at least one token must be left to generate)")
@@ -121,15 +124,15 @@ def _as_int64(ids: list[int]) -> np.ndarray | None:
 
 
 def check_prompt_ids(ids: Sequence[int], context: int, vocab_size: int | None = None,
-                     cache_tokens: int | None = None) -> list[int]:
+                     cache_tokens: int | None = None, scoring: bool = False) -> list[int]:
     """A prompt's ids as a list of ints, each in [0, vocab_size) (numpy or torch integers are converted; floats
     and bools refused), then `check_prompt`: bad input is refused before it reaches a batch (where it would fail
     mid-step and take the other requests' work with it)."""
-    return checked_prompt(ids, context, vocab_size, cache_tokens)[0]
+    return checked_prompt(ids, context, vocab_size, cache_tokens, scoring)[0]
 
 
-def checked_prompt(ids: Sequence[int], context: int, vocab_size: int | None = None, cache_tokens: int | None = None
-                   ) -> tuple[list[int], np.ndarray | None]:
+def checked_prompt(ids: Sequence[int], context: int, vocab_size: int | None = None, cache_tokens: int | None = None,
+                   scoring: bool = False) -> tuple[list[int], np.ndarray | None]:
     """`check_prompt_ids`' list, and the same ids as an int64 array when they fit one (made for the range check:
     prefix caching hashes and compares pages from it, `PagedKVCache.chain`)."""
     if type(ids) is list and ids and set(map(type, ids)) == {int}:
@@ -137,7 +140,7 @@ def checked_prompt(ids: Sequence[int], context: int, vocab_size: int | None = No
         if a is not None and (vocab_size is None or bool(a.min() >= 0 and a.max() < vocab_size)):
             # Plain ints in range, the usual case: checked in C loops (one by one, 32 prompts of 4K tokens took 70
             # ms of a step's admission); anything else goes the careful way, which names the bad id.
-            check_prompt(len(ids), context, cache_tokens)
+            check_prompt(len(ids), context, cache_tokens, scoring)
             return list(ids), a
     out = []
     for t in ids:
@@ -149,7 +152,7 @@ def checked_prompt(ids: Sequence[int], context: int, vocab_size: int | None = No
             what = f"not in the vocabulary [0, {vocab_size})" if vocab_size is not None else "not an integer"
             raise ValueError(f"prompt token id {repr(t) if v is None else v} is {what}")
         out.append(v)
-    check_prompt(len(out), context, cache_tokens)
+    check_prompt(len(out), context, cache_tokens, scoring)
     return out, _as_int64(out)
 
 
@@ -326,7 +329,7 @@ def prompt_logprobs(model: MiniCPM4ForCausalLM, ids: Sequence[int], k: int, chun
     without a cache; the output head runs `chunk` positions at a time so the [T, vocab] logits are never
     whole."""
     ids = [int(t) for t in ids]
-    check_prompt(len(ids), context_length(model))
+    check_prompt(len(ids), context_length(model), scoring=True)
     x = torch.tensor([ids], device=model.device)
     h = model.hidden_states(x)[0]
     targets = torch.tensor(ids[1:], device=model.device)

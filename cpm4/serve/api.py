@@ -289,13 +289,15 @@ class _OpenAIServer:
         tag = tool_call_structural_tag(fns, name, parallel=name is None and req.parallel_tool_calls is not False)
         return {"structural_tag": tag}
 
-    def _check_prompt(self, ids: list[int], param: str, truncate: int | None = None) -> list[int]:
+    def _check_prompt(self, ids: list[int], param: str, truncate: int | None = None, scoring: bool = False
+                      ) -> list[int]:
         """The prompt's ids as the engine takes them; truncate: keep the last this many (vLLM's
-        truncate_prompt_tokens), before the length check."""
+        truncate_prompt_tokens), before the length check; scoring: nothing is generated (max_tokens 0), so the
+        prompt may fill the context."""
         if truncate is not None:
             ids = ids[-truncate:]
         try:
-            return self.engine.check_prompt(ids)
+            return self.engine.check_prompt(ids, scoring=scoring)
         except PromptTooLongError as e:
             raise APIError(400, f"This model's maximum context length is {self.engine.context_length} tokens: "
                                 f"{e}", param=param, code="context_length_exceeded") from None
@@ -356,9 +358,11 @@ class _OpenAIServer:
             raw = list(p)
         out = []
         for item in raw:
-            ids, text = (self.tokenizer.encode(item), item) if isinstance(item, str) else (list(item), "")
+            bos = req.add_special_tokens is not False  # vLLM's option (the BOS)
+            ids, text = (self.tokenizer.encode(item, add_bos=bos), item) if isinstance(item, str) else (list(item), "")
             n = len(ids)
-            ids = self._check_prompt(ids, "prompt", req.truncate_prompt_tokens)  # before any decode: ids in range
+            # before any decode: ids in range
+            ids = self._check_prompt(ids, "prompt", req.truncate_prompt_tokens, scoring=req.max_tokens == 0)
             if req.echo and (not isinstance(item, str) or len(ids) < n):
                 text = self.tokenizer.decode(ids)  # what the model saw
             out.append((ids, text))
@@ -503,7 +507,11 @@ class _OpenAIServer:
         self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-        ids = self.tokenizer.encode(req.prompt) if req.prompt is not None else self._chat_ids(req)
+        # Never refused for its length: the count and max_model_len are what a client compares to decide what to trim.
+        if req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
+        else:
+            ids = self._chat_ids(req, check=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
@@ -514,7 +522,7 @@ class _OpenAIServer:
                                param="tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
-    def _chat_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    def _chat_ids(self, req: ChatCompletionRequest | TokenizeRequest, check: bool = True) -> list[int]:
         messages = [self._message_dict(i, m) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         kwargs = dict(req.chat_template_kwargs or {})
@@ -537,7 +545,7 @@ class _OpenAIServer:
         except Exception as e:  # the template rejected the conversation (ValueError, jinja errors)
             raise APIError(400, f"cannot render the conversation with the chat template: {e}",
                            param="messages") from None
-        return self._check_prompt(ids, "messages", getattr(req, "truncate_prompt_tokens", None))
+        return self._check_prompt(ids, "messages", getattr(req, "truncate_prompt_tokens", None)) if check else ids
 
     def _chat_logprobs(self, lps: list[TokenLogprob], as_ids: bool) -> dict[str, Any]:
         def entry(tid: int, v: float) -> dict[str, Any]:

@@ -185,10 +185,10 @@ class AsyncEngine:
 
     # ----- asyncio side -----
 
-    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+    def check_prompt(self, prompt_ids: Sequence[int], scoring: bool = False) -> list[int]:
         """Validate a prompt (ValueError / PromptTooLongError, also for one the whole KV cache cannot hold) so bad
-        input never reaches a batch."""
-        return check_prompt_ids(prompt_ids, self.context_length, self.vocab_size, self.cache_tokens)
+        input never reaches a batch. scoring: one only scored (`prompt_logprobs`), which may fill the context."""
+        return check_prompt_ids(prompt_ids, self.context_length, self.vocab_size, self.cache_tokens, scoring)
 
     def check_params(self, params: SamplingParams) -> None:
         """Reject settings that would only fail inside the batch (and so take its other requests down)."""
@@ -335,7 +335,7 @@ class AsyncEngine:
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
         """Each prompt token's log-probability and its k most likely alternatives (`generate.prompt_logprobs`),
         computed between the worker's steps (the model runs one thing at a time)."""
-        ids = self.check_prompt(prompt_ids)
+        ids = self.check_prompt(prompt_ids, scoring=True)
         self._check_open()
 
         def run() -> list[TokenLogprob]:

@@ -299,7 +299,7 @@ class ProcessEngine(AsyncEngine):
         return True
 
     async def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list[TokenLogprob]:
-        ids = self.check_prompt(prompt_ids)
+        ids = self.check_prompt(prompt_ids, scoring=True)
         self._check_open()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         call = next(self._call_ids)

@@ -102,6 +102,7 @@ class CompletionRequest(_SamplingFields):
     suffix: Str | None = None
     best_of: Int | None = Field(None, ge=1)
     return_tokens_as_token_ids: Bool = False  # extension (vLLM): tokens as "token_id:123"
+    add_special_tokens: Bool = True  # extension (vLLM): false encodes a text prompt without the BOS
 
 
 class FunctionCall(_Body):
@@ -176,6 +177,7 @@ class TokenizeRequest(_TemplateFields):
     model: Str | None = None
     prompt: Str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: Bool = True  # vLLM's: false encodes a text prompt without the BOS (the chat's as rendered)
 
 
 class DetokenizeRequest(_Body):
