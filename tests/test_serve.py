@@ -771,6 +771,26 @@ def test_forced_tool_choice(client, stream):
             _check_weather(args)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call_cut_off_is_not_content(client, stream):
+    """A forced call cut off by max_tokens: no call and no content (its JSON came back as content), finish
+    "length"."""
+    pytest.importorskip("xgrammar")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, max_tokens in ((named, 4), ("required", 2), ("required", 6)):
+        kw = dict(model=MODEL, messages=MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, max_tokens=max_tokens,
+                  seed=0)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            calls = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            m = client.chat.completions.create(**kw).choices[0]
+            content, calls, finish = m.message.content or "", m.message.tool_calls or [], m.finish_reason
+        assert (content, calls, finish) == ("", [], "length"), (choice, max_tokens, content)
+
+
 def test_response_format_json(client):
     pytest.importorskip("xgrammar")
     schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
@@ -849,6 +869,11 @@ def test_structured_output_errors(server, client):
         (dict(tools=ENUM_TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
         (dict(tool_choice="required"), "tool_choice"),
         (dict(tools=ENUM_TOOLS, tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+        # OpenAI's name rule and unique names (an empty name leaked the forced call as content)
+        (dict(tools=[{"type": "function", "function": {"name": ""}}], tool_choice="required"), "tools"),
+        (dict(tools=[{"type": "function", "function": {"name": 'a b"c'}}]), "tools"),
+        (dict(tools=[{"type": "function", "function": {"name": "x" * 65}}]), "tools"),
+        (dict(tools=ENUM_TOOLS + ENUM_TOOLS[:1]), "tools"),
     ]
     for body, param in cases:
         r = post(**body)

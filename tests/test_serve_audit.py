@@ -354,6 +354,11 @@ def _expected(tok, script: list[int], mode: str, reasoning: bool, parallel: bool
     if reasoning:
         plain, text = split_reasoning(plain)[1] or "", split_reasoning(text)[1] or ""
     content, calls = parse_tool_calls(text)
+    marker = tok.token_id(TOOL_CALL)
+    if not calls and mode in ("required", "named") and marker in script:
+        # A forced call that does not parse (cut off) is dropped, not returned as content: the text before it.
+        before = tok.decode(script[:script.index(marker)])
+        return (split_reasoning(before)[1] or "") if reasoning else before, []
     if mode == "none" or not calls:
         return plain, []
     if content:

@@ -271,11 +271,15 @@ class _OpenAIServer:
         """The grammar fields of SamplingParams forcing tool calls (tool_choice "required" or a named
         function): MiniCPM4's call lines, each a tool's name and arguments following its parameters."""
         choice = req.tool_choice
+        names = [t.function.name for t in req.tools or []]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # which one a call means would be ambiguous (OpenAI: 400)
+            raise APIError(400, f"tools: function names must be unique, {twice!r} appears more than once",
+                           param="tools")
         if choice is None or choice in ("none", "auto"):
             return {}
         if not req.tools:
             raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
-        names = [t.function.name for t in req.tools]
         name = None
         if not isinstance(choice, str):
             name = choice.function.get("name")
@@ -577,7 +581,9 @@ class _OpenAIServer:
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
         parallel = req.parallel_tool_calls is not False
-        choices = [Choice(tools=ToolCallCollector(self.tokenizer, parallel=parallel) if parse_tools else None,
+        forced = grammar_param == "tools" and bool(grammar)  # tool_choice required or a named function
+        choices = [Choice(tools=ToolCallCollector(self.tokenizer, parallel=parallel, forced=forced)
+                          if parse_tools else None,
                            think=ReasoningStream(self.tokenizer) if self.reasoning_parser else None)
                    for _ in jobs]
         # The parsers find a marker token's place by each step's tokens and text, so they read deltas apart.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -130,7 +130,8 @@ class ChatMessage(_Body):
 
 
 class FunctionDef(_Body):
-    name: Str
+    # OpenAI's rule: letters, digits, '_' and '-', 1 to 64 (an empty name or a quote broke the call's format)
+    name: Annotated[str, Strict(), StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: Str | None = None
     parameters: dict[str, Any] | None = None
     strict: Bool | None = None

@@ -101,12 +101,16 @@ def _marker_prefix_len(text: str, marker: str) -> int:
 class ToolCallCollector:
     """Per-choice filter over streamed (text, token_ids) deltas that separates content from tool calls."""
 
-    def __init__(self, tokenizer: Tokenizer, marker: str = TOOL_CALL, parallel: bool = True) -> None:
-        """parallel: False returns only the first call (the request's parallel_tool_calls false)."""
+    def __init__(self, tokenizer: Tokenizer, marker: str = TOOL_CALL, parallel: bool = True,
+                 forced: bool = False) -> None:
+        """parallel: False returns only the first call (the request's parallel_tool_calls false). forced: a
+        grammar made the output calls (tool_choice required or named): a call cut off (max_tokens) is dropped,
+        never returned as content, which the output was not meant to have."""
         self._tokenizer = tokenizer
         self._marker = marker
         self._marker_id = tokenizer.token_id(marker)
         self._parallel = parallel
+        self._forced = forced
         self._held = ""  # trailing whitespace and/or the possible start of a literal marker, not yet sent
         self._started = False  # content other than whitespace went out
         self._dropped = ""  # whitespace held back when the first marker came
@@ -199,6 +203,8 @@ class ToolCallCollector:
         if self.in_calls:
             content, calls = parse_tool_calls(self._raw(), self._marker, strip=False)
             if not calls and not self.sent:  # no valid call: the text plain decoding would have given
+                if self._forced:
+                    return self._dropped, []
                 return self._dropped + (self._plain_tail if self._tail_ids is not None else content or ""), []
             return self._with_calls(content, self.sent + calls[len(self.sent):])
         out, self._held = self._held, ""
