@@ -9,8 +9,8 @@ reference built only from `Tokenizer.decode` of the whole output:
 2. every streamed prefix is a prefix of that final text (nothing a later stop match removes leaks, and no
    U+FFFD of a character still being completed);
 3. finish reason and token ids follow the documented rules (a stop token / EOS ends with "stop" and is in
-   the ids but not the text; min_tokens bans stop ids in the sampler, and no stop string ends the text in
-   what the first min_tokens tokens show (vLLM's rule);
+   the ids, its text only with include_stop_str_in_output; min_tokens bans stop ids in the sampler, and no
+   stop string ends the text in what the first min_tokens tokens show (vLLM's rule);
    max_tokens, capped by the context, ends with "length" unless its last token completes a stop string);
 4. stream_text=False gives the same final text and ids, with nothing before the last delta;
 5. stop strings spanning token boundaries, overlapping, prefixes of each other or inside multi-token
@@ -104,8 +104,8 @@ def reference(t: Tok, script: list[int], stop_ids: set[int], stops: list[str], i
         return _cut(text, stops, include, boundary) if len(gen) > min_tokens else (text, False)
 
     for tid in script:
-        if tid in stop_ids:  # the stop token's id is output, its text never (documented in step)
-            return gen + [tid], cut(t.decode(gen, skip))[0], "stop"
+        if tid in stop_ids:  # the stop token's id is output, its text only with include (vLLM's rule, in step)
+            return gen + [tid], cut(t.decode(gen + [tid] if include else gen, skip))[0], "stop"
         gen.append(tid)
         full = t.decode(gen, skip)
         if len(gen) >= max_tokens:

@@ -213,6 +213,7 @@ class SequenceState:
         self.text_by_caller = self.defer_text and not detokenize
         self.text_pending = False  # ended, its text left to `finish_texts`
         self._detok_upto = 0  # generated ids given to the detokenizer (deferred text)
+        self._stop_text_ids: list[int] = []  # the stop token, when its text is kept (deferred text)
 
     def step(self, token: int) -> tuple[str, list[int]]:
         """Take a sampled token; returns (text to emit, token ids to emit) and sets finish_reason."""
@@ -223,8 +224,17 @@ class SequenceState:
             stop = stop or not self.matcher.accept_token(token) or self.matcher.is_terminated()
         if stop:
             # The stop token is part of the output's ids (and usage counts, and logprobs), as in vLLM and
-            # transformers' generate, but not of its text; a grammar's rejection (no stop token) emits nothing.
-            return self.finish("stop"), [token] if token in self.stop_ids else []
+            # transformers' generate, but not of its text unless include_stop_str_in_output (vLLM's rule; a special
+            # token's text is still skipped with skip_special_tokens); a grammar's rejection (no stop token) emits
+            # nothing.
+            if token not in self.stop_ids:
+                return self.finish("stop"), []
+            if not self.params.include_stop_str_in_output:
+                return self.finish("stop"), [token]
+            if self.defer_text:
+                self._stop_text_ids = [token]
+                return self.finish("stop"), [token]
+            return self.finish("stop", self.detok.add(token)), [token]
         self.generated.append(token)
         self.history.append(token)
         if len(self.generated) >= self.max_tokens:
@@ -278,6 +288,7 @@ class DetachedText:
             raise ValueError("a sequence with stop strings is detokenized by its engine")
         self.detok = IncrementalDetokenizer(tokenizer, list(prompt_ids), params.skip_special_tokens)
         self.stop_ids = stop_ids(params, eos_ids)
+        self.keep_stop_text = params.include_stop_str_in_output
         self.stream = stream
         self._held: list[int] = []  # ids not decoded yet (not streamed)
 
@@ -285,7 +296,7 @@ class DetachedText:
         """The text of one delta's ids (a trailing stop id has none, as in `SequenceState.step`); at the end the
         rest held back."""
         ids = list(token_ids)
-        if finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+        if finish_reason == "stop" and ids and ids[-1] in self.stop_ids and not self.keep_stop_text:
             ids.pop()
         if not self.stream:
             self._held += ids
@@ -304,11 +315,12 @@ def finish_texts(states: Sequence[SequenceState]) -> list[str]:
     owed = [i for i, st in enumerate(states) if st.defer_text and st.finish_reason is not None
             and (st.text_pending or not st.text_by_caller)]
     texts = IncrementalDetokenizer.finish_many([states[i].detok for i in owed],
-                                               [states[i].generated[states[i]._detok_upto:] for i in owed])
+                                               [states[i].generated[states[i]._detok_upto:] + states[i]._stop_text_ids
+                                                for i in owed])
     out = [""] * len(states)
     for i, text in zip(owed, texts):
         st = states[i]
-        st._detok_upto, st.text_pending = len(st.generated), False
+        st._detok_upto, st.text_pending, st._stop_text_ids = len(st.generated), False, []
         st.text += text
         out[i] = text
     return out
