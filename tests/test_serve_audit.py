@@ -277,6 +277,17 @@ def test_null_means_the_default(small):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
+def test_too_many_choices_names_the_field_at_fault(small):
+    """More prompts than a request may have is the prompt's fault (it named n), and is said before any is
+    tokenized; many prompts times a large n is n's."""
+    srv, _ = small
+    for body, param in (({"prompt": ["x"] * 257}, "prompt"), ({"prompt": ["x"] * 5, "n": 60}, "n"),
+                        ({"prompt": [[5]] * 300, "n": 2}, "prompt")):
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "max_tokens": 1, **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (param, r.text)
+        assert "at most 256 choices" in r.json()["error"]["message"]
+
+
 def test_stream_options_need_stream(small):
     """stream_options on an unstreamed request is a 400 naming it (OpenAI, vLLM): the usage chunk it asks for
     would never come."""

@@ -360,6 +360,9 @@ class _OpenAIServer:
             raw = [list(p)]
         else:
             raw = list(p)
+        if len(raw) * req.n > MAX_CHOICES:  # before any is encoded
+            raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request",
+                           param="prompt" if req.n == 1 or len(raw) > MAX_CHOICES else "n")
         out = []
         for item in raw:
             bos = req.add_special_tokens is not False  # vLLM's option (the BOS)
@@ -402,8 +405,6 @@ class _OpenAIServer:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
         prompts = self._completion_prompts(req)
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
         seeds = self._seeds(req.seed, req.n)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         grammar = self._response_format(req.response_format)
