@@ -75,7 +75,7 @@ def test_generate_max_model_len_caps_prompt_plus_output(ckpt, llm, capsys):
         assert out == want + "\n"
     # A prompt that leaves no room under the cap is refused, naming the cap.
     rc, _, err = run([*base[:-1], n_prompt, PROMPT], capsys)
-    assert_one_line_error(rc, err, "prompt too long", f"context is {n_prompt}")
+    assert_one_line_error(rc, err, "prompt too long", f"maximum context length (max_model_len) is {n_prompt}")
 
 
 @pytest.mark.parametrize("value,needle", [("1", "integer >= 2"), ("0", "integer >= 2"), ("x", "'x'")])
