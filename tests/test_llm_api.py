@@ -121,3 +121,19 @@ def test_generation_config_eos_ids_end_generation(llm, tmp_path):
     gen.write_text(json.dumps({"eos_token_id": 10**6}))
     with pytest.raises(ValueError, match="eos_token_id 1000000 is outside the vocabulary"):
         LLM(folder, device="cpu")
+
+
+def test_max_tokens_none_runs_to_the_context(tmp_path):
+    """vLLM's max_tokens=None: generate until a stop or the context (max_model_len) is full; was refused."""
+    small = LLM(DEFAULT_MODEL, device="cpu", max_model_len=24)
+    sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    ids = small.tokenizer.encode("Once upon a time")
+    out = small.generate([ids], sp)[0]
+    assert len(ids) + len(out.token_ids) == 24 and out.finish_reason == "length"
+    capped = small.generate([ids], SamplingParams(temperature=0, max_tokens=24 - len(ids), ignore_eos=True))[0]
+    assert out.token_ids == capped.token_ids
+    assert "".join(small.stream(ids, sp)) == out.text  # the plain loop on the CPU
+    assert "".join(stream(small.model, small.tokenizer, ids, sp, context=24)) == out.text
+    assert SamplingParams(max_tokens=None, min_tokens=5).min_tokens == 5
+    with pytest.raises(ValueError, match="max_tokens must be >= 1 or None"):
+        SamplingParams(max_tokens=0)

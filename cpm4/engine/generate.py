@@ -162,7 +162,7 @@ def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> Sampl
     shorter max_model_len."""
     check_prompt(n_prompt, context)
     room = context - n_prompt
-    if params.max_tokens <= room:
+    if params.max_tokens is not None and params.max_tokens <= room:
         return params
     return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
@@ -194,7 +194,8 @@ class SequenceState:
         self.params = params
         self.history = list(prompt_ids)
         self.generated: list[int] = []
-        self.max_tokens = min(params.max_tokens, context - len(prompt_ids))
+        self.max_tokens = context - len(prompt_ids) if params.max_tokens is None else \
+            min(params.max_tokens, context - len(prompt_ids))
         self.matcher = None
         if params.guided:
             if vocab_size is None:

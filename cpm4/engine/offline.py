@@ -64,7 +64,7 @@ def tokens_needed(prompt: Sequence[int], params: SamplingParams, context: int) -
     """KV cache slots a sequence may take: its prompt and every token it may generate (max_tokens is cut to
     the context, as `SequenceState` does). One more than strictly needed (the last token is never fed), as
     `LLMEngine.add_request` counts."""
-    return len(prompt) + min(params.max_tokens, context - len(prompt))
+    return len(prompt) + min(params.max_tokens or context, context - len(prompt))
 
 
 def progress_bar(total: int):

@@ -31,7 +31,7 @@ def valid_text(s: str) -> bool:
 class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None (vLLM's): up to the context (max_model_len)
     n: int = 1  # completions per prompt (offline; with a seed, completion j draws with seed + j)
     # vLLM's: the output ends no earlier: EOS and stop_token_ids cannot be sampled before this many tokens are
     # generated, and stop strings apply to the text from the token after them (a stop string beginning in the
@@ -88,9 +88,9 @@ class SamplingParams:
         # `not (x >= lo)` also rejects NaN.
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be a positive int, got {self.n!r}")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be >= 1 or None (up to the context), got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         # Logits are processed in float32: a temperature or penalty past ~1e38 (or a penalty below ~1e-38)
         # became inf (0) there, and 0 * inf or inf / inf made NaN logits, which argmax and the sampler took for
