@@ -271,13 +271,9 @@ class _OpenAIServer:
         """The grammar fields of SamplingParams forcing tool calls (tool_choice "required" or a named
         function): MiniCPM4's call lines, each a tool's name and arguments following its parameters."""
         choice = req.tool_choice
-        names = [t.function.name for t in req.tools or []]
-        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-        if twice is not None:  # which one a call means would be ambiguous (OpenAI: 400)
-            raise APIError(400, f"tools: function names must be unique, {twice!r} appears more than once",
-                           param="tools")
         if choice is None or choice in ("none", "auto"):
             return {}
+        names = [t.function.name for t in req.tools or []]
         if not req.tools:
             raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
         name = None

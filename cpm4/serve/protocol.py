@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator, model_validator
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -154,6 +154,16 @@ class _TemplateFields(_Body):
 
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        # which function a call means would be ambiguous (OpenAI: 400)
+        names = [t.function.name for t in tools or []]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"function names must be unique, {twice!r} appears more than once")
+        return tools
     # extensions (vLLM): continue_final_message writes the reply on from the last (assistant) message's text,
     # an answer prefilled by the client; it needs add_generation_prompt false
     add_generation_prompt: Bool = True
