@@ -216,6 +216,11 @@ class SequenceState:
         self._detok_upto = 0  # generated ids given to the detokenizer (deferred text)
         self._stop_text_ids: list[int] = []  # the stop token, when its text is kept (deferred text)
 
+    @property
+    def _stops_apply(self) -> bool:
+        """Whether stop strings may end the text the last token added (vLLM's min_tokens: not before it)."""
+        return len(self.generated) > self.params.min_tokens
+
     def step(self, token: int) -> tuple[str, list[int]]:
         """Take a sampled token; returns (text to emit, token ids to emit) and sets finish_reason."""
         stop = token in self.stop_ids
@@ -230,19 +235,17 @@ class SequenceState:
             # nothing.
             if token not in self.stop_ids:
                 return self.finish("stop"), []
-            if not self.params.include_stop_str_in_output:
-                return self.finish("stop"), [token]
-            if self.defer_text:
+            keep = self.params.include_stop_str_in_output
+            if keep and self.defer_text:
                 self._stop_text_ids = [token]
-                return self.finish("stop"), [token]
-            return self.finish("stop", self.detok.add(token)), [token]
+            return self.finish("stop", self.detok.add(token) if keep and not self.defer_text else ""), [token]
         self.generated.append(token)
         self.history.append(token)
         if len(self.generated) >= self.max_tokens:
             return self.finish("length", "" if self.defer_text else self.detok.add(token)), [token]
         if self.defer_text:
             return "", [token]
-        text, stopped = self.stops.feed(self.detok.add(token), len(self.generated) > self.params.min_tokens)
+        text, stopped = self.stops.feed(self.detok.add(token), self._stops_apply)
         if stopped:
             self.finish_reason = "stop"
         self.text += text
@@ -262,7 +265,7 @@ class SequenceState:
         if self.defer_text:  # no stop strings then (see __init__)
             return finish_texts([self])[0]
         else:
-            text, stopped = self.stops.feed(delta + self.detok.flush(), len(self.generated) > self.params.min_tokens)
+            text, stopped = self.stops.feed(delta + self.detok.flush(), self._stops_apply)
             if not stopped:
                 text += self.stops.flush()
             elif reason != "abort":
@@ -294,8 +297,8 @@ class DetachedText:
         self._held: list[int] = []  # ids not decoded yet (not streamed)
 
     def take(self, token_ids: Sequence[int], finish_reason: str | None) -> str:
-        """The text of one delta's ids (a trailing stop id has none, as in `SequenceState.step`); at the end the
-        rest held back."""
+        """The text of one delta's ids (a trailing stop id has none unless include_stop_str_in_output, as in
+        `SequenceState.step`); at the end the rest held back."""
         ids = list(token_ids)
         if finish_reason == "stop" and ids and ids[-1] in self.stop_ids and not self.keep_stop_text:
             ids.pop()

@@ -384,11 +384,10 @@ class Trainer:
         if cfg.checkpoint.resume:
             if self.resume() and self.rank == 0:
                 print(f"[cpm4] resumed {self.run_dir} at step {self.step}", file=sys.stderr)
-        elif ckpt.complete(self.run_dir):
+        elif (earlier := ckpt.latest(self.run_dir)) is not None:
             # Starting over beside them, `latest` and the rotation would mix the two runs' checkpoints.
-            raise ValueError(f"{self.run_dir} holds checkpoints of an earlier run (newest "
-                             f"{ckpt.complete(self.run_dir)[-1].name}) and checkpoint.resume is false: resume it, "
-                             "or use another checkpoint.dir")
+            raise ValueError(f"{self.run_dir} holds checkpoints of an earlier run (newest {earlier.name}) and "
+                             "checkpoint.resume is false: resume it, or use another checkpoint.dir")
         self._start_step = self.step
         if self.rank == 0:
             self._trim_metrics()
