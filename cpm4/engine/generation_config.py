@@ -40,12 +40,7 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
         if not path.is_file():
             raise FileNotFoundError(f"generation config not found: {path} (--generation-config takes auto, "
                                     f"vllm, or a folder or file with one)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = _read(path)
     from .params import SamplingParams
 
     out: dict[str, Any] = {}
@@ -67,6 +62,17 @@ def sampling_defaults(source: str | os.PathLike | None, model_dir: str | os.Path
     return out
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """A generation_config.json's object; ValueError naming the file when it is not one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def generation_eos_ids(model_dir: str | os.PathLike | None) -> list[int]:
     """The eos_token_id(s) of model_dir's generation_config.json ([] without one): they end generation besides
     config.json's, as in transformers' generate and vLLM (a checkpoint may list its chat turn's end only there).
@@ -74,11 +80,7 @@ def generation_eos_ids(model_dir: str | os.PathLike | None) -> list[int]:
     path = Path(model_dir) / NAME if model_dir is not None else None
     if path is None or not path.is_file():
         return []
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-    value = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    value = _read(path).get("eos_token_id")
     ids = [] if value is None else value if isinstance(value, list) else [value]
     if not all(is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")

@@ -361,8 +361,8 @@ class _OpenAIServer:
                            param="prompt" if req.n == 1 or len(raw) > MAX_CHOICES else "n")
         out = []
         for item in raw:
-            bos = req.add_special_tokens is not False  # vLLM's option (the BOS)
-            ids, text = (self.tokenizer.encode(item, add_bos=bos), item) if isinstance(item, str) else (list(item), "")
+            ids, text = (self.tokenizer.encode(item, add_bos=req.add_special_tokens), item) if isinstance(item, str) \
+                else (list(item), "")
             n = len(ids)
             # before any decode: ids in range
             ids = self._check_prompt(ids, "prompt", req.truncate_prompt_tokens, scoring=req.max_tokens == 0)
@@ -510,7 +510,7 @@ class _OpenAIServer:
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         # Never refused for its length: the count and max_model_len are what a client compares to decide what to trim.
         if req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
+            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
         else:
             ids = self._chat_ids(req, check=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
