@@ -137,3 +137,45 @@ def test_max_tokens_none_runs_to_the_context(tmp_path):
     assert SamplingParams(max_tokens=None, min_tokens=5).min_tokens == 5
     with pytest.raises(ValueError, match="max_tokens must be >= 1 or None"):
         SamplingParams(max_tokens=0)
+
+
+def test_stop_reason_names_what_ended_the_output(llm):
+    """vLLM's CompletionOutput.stop_reason: the stop string, or the stop_token_ids id; None for an EOS token and
+    the other finish reasons. Both front ends: the scheduler's (`LLM.generate`) and the plain loop."""
+    from cpm4.engine.generate import generate_ids
+
+    prompt = llm.tokenizer.encode("Once upon a time")
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert (free.finish_reason, free.stop_reason) == ("length", None)
+    k = 4
+    tok = free.token_ids[k]
+    first = free.token_ids.index(tok)
+    by_id = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[tok])
+    stop = free.text[len(llm.tokenizer.decode(free.token_ids[:3])):][:3]
+    assert stop.strip(), free.text
+    by_text = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["\x00never", stop])
+    for run in (lambda sp: llm.generate([prompt], sp)[0],
+                lambda sp: generate_ids(llm.model, llm.tokenizer, [prompt], [sp])[0]):
+        out = run(by_id)
+        assert (out.finish_reason, out.stop_reason) == ("stop", tok)
+        assert out.token_ids == free.token_ids[:first + 1]
+        out = run(by_text)
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+        assert out.text == free.text[:free.text.index(stop)]
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=200))
+    assert chat.finish_reason == "stop" and chat.token_ids[-1] in llm.model.config.eos_token_ids
+    assert chat.stop_reason is None  # an EOS token, as vLLM
+
+
+def test_cumulative_logprob_is_the_sum_of_the_tokens_logprobs(llm):
+    """Against a float64 log-softmax of one full forward pass over prompt + output."""
+    prompt = llm.tokenizer.encode("The quick brown fox")
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=0)
+    out = llm.generate([prompt], sp)[0]
+    ids = prompt + out.token_ids
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([ids]))[0].double()
+    lp = torch.log_softmax(logits, -1)
+    want = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids))
+    assert out.cumulative_logprob == pytest.approx(want, abs=1e-3)
+    assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].cumulative_logprob is None

@@ -326,6 +326,32 @@ def test_stop_strings(client, llm):
         assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
 
 
+def test_stop_reason_in_choices(client, llm):
+    """vLLM's choice field stop_reason: the stop string or the stop_token_ids id that ended the output (None for
+    EOS and "length"), in the response and in the stream's finishing chunk, for completions and chat."""
+    ref = llm.generate("Hello world", _greedy(16, ignore_eos=True))[0]
+    stop = ref.text[3:5]
+    tok = ref.token_ids[5]
+    cases = [({"stop": [stop, "\u2603never"]}, stop),
+             ({"extra_body": {"ignore_eos": True, "stop_token_ids": [tok]}}, tok), ({}, None)]
+    for kw, want in cases:
+        kw = {"extra_body": {"ignore_eos": True}, **kw}
+        r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0, **kw)
+        assert r.choices[0].finish_reason == ("length" if want is None else "stop")
+        assert r.choices[0].model_extra["stop_reason"] == want
+        last = list(client.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0,
+                                              stream=True, **kw))[-1].choices[0]
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == (r.choices[0].finish_reason, want)
+    msgs = [{"role": "user", "content": "hi"}]
+    want = llm.chat(msgs, _greedy(8, ignore_eos=True))
+    tok = want.token_ids[2]
+    for stream in (False, True):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=stream,
+                                           extra_body={"ignore_eos": True, "stop_token_ids": [tok]})
+        choice = list(r)[-1].choices[0] if stream else r.choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", tok)
+
+
 def _first_token_logprobs(llm, ids: list[int]) -> torch.Tensor:
     """Independent reference: log_softmax of the model's logits at the prompt's last position."""
     with torch.no_grad():

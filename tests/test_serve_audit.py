@@ -250,6 +250,29 @@ def test_responses_errors_are_400s_naming_its_own_fields(small):
         assert "max_completion_tokens" not in r.json()["error"]["message"]
 
 
+def test_message_shapes_openai_refuses(small):
+    """An empty content array and a tool result without the id of its call are OpenAI's 400s (they were rendered
+    as an empty turn and an unattributed result); the Responses API's function_call_output likewise."""
+    srv, _ = small
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}
+    cases = [([{"role": "user", "content": []}], "messages.0.content"),
+             ([MESSAGES[0], call, {"role": "tool", "content": "sunny"}], "tool_call_id")]
+    for msgs, needle in cases:
+        for path in ("chat/completions", "tokenize"):
+            r = httpx.post(f"{srv.url}/{'v1/' if path.startswith('chat') else ''}{path}", timeout=30,
+                           json={"model": MODEL, "max_tokens": 2, "messages": msgs})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+            assert needle in r.json()["error"]["message"], r.text
+    ok = [MESSAGES[0], call, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": ok},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{srv.url}/v1/responses", timeout=30, json={"model": MODEL, "max_output_tokens": 2, "input": [
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "output": "sunny"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]" and "call_id" in r.text, r.text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Request fields
 

@@ -245,7 +245,8 @@ def _semantic(rng: random.Random, path: str, body: dict[str, Any]) -> tuple[str,
         ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], "fail"),
         ([{"role": "user", "content": "hi", "name": 5}], "fail"),
         ([{"role": "user", "content": LONG}], "fail"),  # (not on /tokenize: see per_path)
-        ([{"role": "user"}], "any"), ([{"role": "tool", "content": "x"}], "any"),
+        ([{"role": "user"}], "any"), ([{"role": "tool", "content": "x"}], "fail"),  # no tool_call_id
+        ([{"role": "user", "content": []}], "fail"), ([{"role": "tool", "tool_call_id": "c", "content": "x"}], "any"),
         ([{"role": "user", "content": SURROGATE}], "any"),
         ([{"role": "user", "content": "hi"}] * 300, "any"),
         ([{"role": "user", "content": "<|im_start|>system\nx<|im_end|>", "extra": {"k": NAN}}], "fail"),  # not JSON
@@ -321,6 +322,7 @@ def _semantic(rng: random.Random, path: str, body: dict[str, Any]) -> tuple[str,
                       ([{"type": "image"}], "fail"), ([{"role": "user", "content": [{"type": "input_image"}]}], "fail"),
                       ([{"type": "function_call"}], "fail"),
                       ([{"type": "function_call_output", "call_id": "c", "output": {"x": NAN}}], "any"),
+                      ([{"type": "function_call_output", "output": "x"}], "fail"),  # no call_id
                       ([{"role": "user", "content": 5}], "fail"), ([{"type": ["x"]}], "fail"),
                       ([{"type": "reasoning"}], "any"), (LONG, "fail"), (SURROGATE, "any"),
                       ([{"type": "function_call", "name": 5, "call_id": 7}], "fail")],

@@ -60,7 +60,20 @@ def _requests(client):
     def sampled(p):  # seeded sampling, n > 1, a stop string
         r = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0.9, seed=7, n=2,
                                       stop=[" the"])
-        return [(c.text, c.finish_reason) for c in r.choices]
+        return [(c.text, c.finish_reason, c.model_extra["stop_reason"]) for c in r.choices]
+
+    def stop_id(p):  # a stop token (the child sends ids only) and a stop string (text from the child)
+        base = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        tok = int(base.choices[0].logprobs.tokens[3].split(":")[1])
+        stop = base.choices[0].text[4:6]
+        out = []
+        for extra in ({"stop_token_ids": [tok]}, {"stop": [stop]}):
+            c = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0,
+                                          extra_body={"ignore_eos": True, **extra}).choices[0]
+            out.append((c.text, c.finish_reason, c.model_extra["stop_reason"]))
+        assert [o[1:] for o in out] == [("stop", tok), ("stop", stop)], out
+        return out
 
     def tool_call():  # a forced call: grammar compiled here and in the child; the tool parser on deltas apart
         chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=ENUM_TOOLS, max_tokens=120,
@@ -79,7 +92,8 @@ def _requests(client):
     prompts = ["The sky is", "Once upon a time", "def main():", "Numbers: 1, 2,"]
     with ThreadPoolExecutor(8) as pool:
         jobs = [pool.submit(plain, p) for p in prompts] + [pool.submit(streamed, p) for p in prompts]
-        jobs += [pool.submit(echoed, prompts[0]), pool.submit(chat), pool.submit(sampled, prompts[1])]
+        jobs += [pool.submit(echoed, prompts[0]), pool.submit(chat), pool.submit(sampled, prompts[1]),
+                 pool.submit(stop_id, prompts[2])]
         try:
             import xgrammar  # noqa: F401
 

@@ -39,6 +39,17 @@ class GenerationOutput:
     choices: list[GenerationOutput] | None = field(default=None, repr=False)
     # Prompt tokens served from cached prefix pages (vLLM's num_cached_tokens); None without a paged cache.
     num_cached_tokens: int | None = None
+    # What ended it with finish_reason "stop", as vLLM's stop_reason: the stop string, or the id of
+    # SamplingParams.stop_token_ids sampled; None for an EOS token, a grammar's end, "length" or "abort".
+    stop_reason: int | str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the output tokens' log-probabilities (vLLM's cumulative_logprob; None without
+        SamplingParams.logprobs, which is what computes them)."""
+        if self.logprobs is None:
+            return None
+        return float(sum(lp.logprob for lp in self.logprobs if lp.logprob is not None))
 
     @property
     def outputs(self) -> list[GenerationOutput]:
@@ -52,6 +63,8 @@ class GenerationOutput:
         if delta.cached_tokens is not None:
             self.num_cached_tokens = delta.cached_tokens
         self.finish_reason = delta.finish_reason or self.finish_reason
+        if delta.stop_reason is not None:
+            self.stop_reason = delta.stop_reason
         if delta.logprobs:
             if self.logprobs is None:
                 self.logprobs = []
@@ -79,6 +92,7 @@ class StreamDelta:
     # Prompt tokens found in the paged cache's shared prefixes when the request was admitted (None: no paged
     # cache, or not admitted yet).
     cached_tokens: int | None = None
+    stop_reason: int | str | None = None  # on the last delta: `SequenceState.stop_reason`
 
 
 def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: int | None = None) -> int:
@@ -215,6 +229,19 @@ class SequenceState:
         self.text_pending = False  # ended, its text left to `finish_texts`
         self._detok_upto = 0  # generated ids given to the detokenizer (deferred text)
         self._stop_text_ids: list[int] = []  # the stop token, when its text is kept (deferred text)
+        self.stop_token: int | None = None  # the stop id that ended it
+
+    @property
+    def stop_reason(self) -> int | str | None:
+        """What ended the sequence with "stop" (vLLM's stop_reason): the stop string matched, else the id of
+        params.stop_token_ids sampled; None for the EOS ids, a grammar's end, and any other finish_reason."""
+        if self.finish_reason != "stop":
+            return None
+        if self.stops.matched is not None:
+            return self.stops.matched
+        if self.stop_token is not None and self.stop_token in (self.params.stop_token_ids or ()):
+            return self.stop_token
+        return None
 
     @property
     def _stops_apply(self) -> bool:
@@ -235,6 +262,7 @@ class SequenceState:
             # nothing.
             if token not in self.stop_ids:
                 return self.finish("stop"), []
+            self.stop_token = token
             keep = self.params.include_stop_str_in_output
             if keep and self.defer_text:
                 self._stop_text_ids = [token]
@@ -411,7 +439,9 @@ def generate_stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompts: S
             lps = [token_logprobs(logits[active[r]], tok, k)] if k is not None else None
             text, toks = seqs[i].step(tok)
             if text or toks or seqs[i].finish_reason:
-                deltas.append(StreamDelta(i, text, toks, seqs[i].finish_reason, lps if toks else None))
+                reason = seqs[i].finish_reason
+                deltas.append(StreamDelta(i, text, toks, reason, lps if toks else None, None,
+                                          seqs[i].stop_reason if reason else None))
             next_tok[i, 0] = tok
         if deltas:
             yield deltas

@@ -395,7 +395,7 @@ class LLMEngine:
         held back (`SequenceState.finish`), as an end by max_tokens does."""
         text = req.state.finish(reason)
         self._finish(req, reason)
-        return StreamDelta(0, text, [], req.state.finish_reason, None, req.cached_tokens)
+        return StreamDelta(0, text, [], req.state.finish_reason, None, req.cached_tokens, req.state.stop_reason)
 
     def _finish(self, req: EngineRequest, reason: str) -> None:
         req.state.finish_reason = req.state.finish_reason or reason
@@ -658,7 +658,8 @@ class LLMEngine:
             if text or new or reason:
                 k = st.params.logprobs
                 lps = [token_logprobs(logits[i], tok, k)] if k is not None and new else None
-                append((req.request_id, StreamDelta(0, text, new, reason, lps, req.cached_tokens)))
+                append((req.request_id, StreamDelta(0, text, new, reason, lps, req.cached_tokens,
+                                                    st.stop_reason if reason else None)))
             if reason is not None:
                 self._finish(req, reason)
         return out

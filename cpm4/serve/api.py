@@ -430,9 +430,11 @@ class _OpenAIServer:
         include_usage, continuous = usage_options(req)
 
         def chunk(i: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = choices[i].stop_reason
             obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
-                                   "model": self.model_name, "choices": [
-                                       {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+                                   "model": self.model_name, "choices": [choice]}
             if include_usage:
                 obj["usage"] = usage_counts(prompt_tokens, choices, req.n) if continuous else None
             return obj
@@ -476,7 +478,7 @@ class _OpenAIServer:
                 lp, _ = self._completion_logprobs(echo_lps[i] + c.logprobs, 0 if echo_lps[i] else len(echoes[i]),
                                                   as_ids, skip)
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
-                        "finish_reason": c.finish_reason})
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                              "choices": out, "usage": usage_counts(prompt_tokens, choices, req.n)})
 
@@ -598,9 +600,11 @@ class _OpenAIServer:
             return "tool_calls" if calls and c.finish_reason == "stop" and not named else c.finish_reason
 
         def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = choices[i].stop_reason
             obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                   "model": self.model_name, "system_fingerprint": None, "choices": [
-                                       {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+                                   "model": self.model_name, "system_fingerprint": None, "choices": [choice]}
             if include_usage:
                 obj["usage"] = usage_counts(len(ids), choices, req.n) if continuous else None
             return obj
@@ -662,7 +666,7 @@ class _OpenAIServer:
                 message["tool_calls"] = calls
             out.append({"index": i, "message": message,
                         "logprobs": self._chat_logprobs(c.logprobs, as_ids) if k is not None else None,
-                        "finish_reason": finish_reason(c, calls)})
+                        "finish_reason": finish_reason(c, calls), "stop_reason": c.stop_reason})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                              "system_fingerprint": None, "choices": out,
                              "usage": usage_counts(len(ids), choices, req.n)})

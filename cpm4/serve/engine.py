@@ -100,7 +100,8 @@ def _join(a: StreamDelta, b: StreamDelta) -> StreamDelta:
     """Two consecutive deltas of one request as one."""
     lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     cached = a.cached_tokens if b.cached_tokens is None else b.cached_tokens
-    return StreamDelta(a.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, lps, cached)
+    return StreamDelta(a.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, lps, cached,
+                       b.stop_reason)
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:

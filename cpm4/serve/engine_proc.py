@@ -68,7 +68,7 @@ def _encode(item: object) -> object:
     if item is _END:
         return None
     if isinstance(item, StreamDelta):
-        return (item.text, item.token_ids, item.finish_reason, item.logprobs, item.cached_tokens)
+        return (item.text, item.token_ids, item.finish_reason, item.logprobs, item.cached_tokens, item.stop_reason)
     if isinstance(item, BaseException):
         kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(item, cls)), "engine")
         return _Failed(kind, str(item))
@@ -80,8 +80,7 @@ def _decode(payload: object) -> object:
         return _END
     if isinstance(payload, _Failed):
         return _ERROR_KINDS.get(payload.kind, EngineError)(payload.message)
-    text, ids, finish, lps, cached = payload
-    return StreamDelta(0, text, ids, finish, lps, cached)
+    return StreamDelta(0, *payload)
 
 
 class _ChildEngine(AsyncEngine):

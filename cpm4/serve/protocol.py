@@ -123,10 +123,17 @@ class ContentPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Str | list[ContentPart] | None = None
+    content: Str | Annotated[list[ContentPart], Field(min_length=1)] | None = None  # OpenAI: no empty array
     name: Str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Str | None = None
+
+    @model_validator(mode="after")
+    def _tool_reply_names_its_call(self) -> ChatMessage:
+        # OpenAI's rule (400 without it): which call a result answers is ambiguous once there are several
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers")
+        return self
 
 
 class FunctionDef(_Body):

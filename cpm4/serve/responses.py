@@ -111,6 +111,8 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise _error(f"{where}: a function_call_output needs call_id, the id of the call it answers", where)
             out = item.get("output")
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
                          "content": out if isinstance(out, str) else json.dumps(out)})

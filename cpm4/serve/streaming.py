@@ -90,6 +90,7 @@ class Choice:
     n_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
     tools: ToolCallCollector | None = None
     think: ReasoningStream | None = None  # chat with a reasoning parser
     reasoning: list[str] = field(default_factory=list)
@@ -114,7 +115,7 @@ class Choice:
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
         text, ids = d.text, d.token_ids
         piece = ""
         if self.think is not None:
