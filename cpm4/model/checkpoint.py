@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from cpm4.devices import check_fits
 
 from .config import DTYPE_NAMES, MiniCPM4Config, check_dtype_name, write_text_atomic
 from .modeling import MiniCPM4ForCausalLM
@@ -51,6 +54,12 @@ def expected_shapes(config: MiniCPM4Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def weight_bytes(config: MiniCPM4Config, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in `dtype` (a tied head counted once, as stored)."""
+    numel = sum(math.prod(shape) for shape in expected_shapes(config).values())
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 def _safe_open(file: Path, device: str = "cpu") -> Any:
@@ -136,6 +145,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     config = MiniCPM4Config.from_json(path / "config.json")
+    if torch.device(device).type == "cuda":  # (on the CPU the files are mapped, not copied)
+        target = parse_dtype(dtype)
+        nbytes = weight_bytes(config, target) if target is not None else \
+            sum(f.stat().st_size for f in set(_weight_files(path).values()))
+        check_fits(nbytes, device, f"the model's weights ({path.name})")
     state = read_state_dict(path, config, parse_dtype(dtype), device)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:  # mixed storage: settle on the config's dtype

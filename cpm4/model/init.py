@@ -45,8 +45,14 @@ def random_weights(config: MiniCPM4Config, seed: int = 0, dtype: torch.dtype = t
 
 def init_model(model: MiniCPM4ForCausalLM, seed: int = 0) -> MiniCPM4ForCausalLM:
     """Initialise an existing model in place with the same values `random_weights` produces."""
-    state = dict(random_weights(model.config, seed, model.dtype))
-    model.load_state_dict(state, strict=True)
+    params = model.state_dict()  # the model's own tensors: filled one at a time (peak: one tensor more)
+    drawn = set()
+    with torch.no_grad():
+        for name, t in random_weights(model.config, seed, model.dtype):
+            params[name].copy_(t)
+            drawn.add(name)
+    if drawn != set(params):
+        raise RuntimeError(f"init_model: tensors not drawn: {sorted(set(params) - drawn)}")
     return model
 
 
@@ -54,11 +60,15 @@ def random_model(config: MiniCPM4Config, device: str | torch.device = "cpu", dty
                  seed: int = 0) -> MiniCPM4ForCausalLM:
     """A model with the µP init drawn directly on `device` (fast for big shapes, e.g. benchmarks; values
     differ from `random_weights`, which draws on the CPU so that checkpoints are device-independent)."""
+    from cpm4.devices import check_fits
+
+    from .checkpoint import weight_bytes
     from .rope import RotaryEmbedding
 
+    check_fits(weight_bytes(config, dtype), device, "the model's weights")
     with torch.device("meta"):
         model = MiniCPM4ForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: the weights are allocated once, in dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,5 +101,10 @@ def create_checkpoint(config: MiniCPM4Config | str, out_dir: str | os.PathLike, 
     tok = build_tokenizer(tok_vocab)
     config.bos_token_id = tok.bos_token_id
     config.eos_token_id = tok.stop_token_ids
+    from cpm4.devices import check_disk
+
+    from .checkpoint import weight_bytes
+
+    check_disk(weight_bytes(config, dtype), out, "the checkpoint")
     return save_checkpoint(random_weights(config, seed, dtype), config, out_dir, tokenizer=tok, dtype=dtype,
                            overwrite=overwrite)

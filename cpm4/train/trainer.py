@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cpm4.devices import resolve_device
-from cpm4.model.checkpoint import load_checkpoint, save_checkpoint
+from cpm4.devices import check_fits, resolve_device
+from cpm4.model.checkpoint import load_checkpoint, save_checkpoint, weight_bytes
 from cpm4.model.config import MiniCPM4Config, merge_fields, preset, write_text_atomic
 from cpm4.model.hub import resolve_model_dir
 from cpm4.model.init import init_model
@@ -68,7 +68,7 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
         if not m.overrides:
             return base.train(), tokenizer
         config = MiniCPM4Config.from_dict(merge_fields(base.config.to_dict(), m.overrides))
-        model = init_model(MiniCPM4ForCausalLM(config), cfg.train.seed)
+        model = _fresh_model(config, cfg.train.seed)
         # load_state_dict raises on a size mismatch (a traceback) before it would list the names
         changed = shape_changes(base.state_dict(), model.state_dict())
         if changed:
@@ -86,7 +86,14 @@ def build_model(cfg: TrainConfig) -> tuple[MiniCPM4ForCausalLM, Any]:
                             f"{config.vocab_size}")
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.stop_token_ids
-    return init_model(MiniCPM4ForCausalLM(config), cfg.train.seed).train(), tokenizer
+    return _fresh_model(config, cfg.train.seed).train(), tokenizer
+
+
+def _fresh_model(config: MiniCPM4Config, seed: int) -> MiniCPM4ForCausalLM:
+    """A µP-initialised model in float32 on the CPU (where training builds it), refused by size first when the
+    host cannot hold it (a mistyped width in a run file)."""
+    check_fits(weight_bytes(config, torch.float32), "cpu", "the model's float32 weights")
+    return init_model(MiniCPM4ForCausalLM(config), seed)
 
 
 def shape_changes(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], both_ways: bool = False) -> list[str]:
