@@ -68,3 +68,17 @@ def test_init_model_fills_the_models_tensors_with_random_weights():
     got = model.state_dict()
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.gpu
+def test_gpu_free_memory_and_refusal(tiny_checkpoint):
+    free, _ = torch.cuda.mem_get_info(0)
+    assert abs(free_bytes("cuda:0") - free) < 2**30 and free_bytes("cuda") == free_bytes("cuda:0")
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(InsufficientMemoryError, match="cuda has"):
+        random_model(preset("tiny", vocab_size=2**40), "cuda", torch.bfloat16)  # 8 TiB of embeddings
+    assert torch.cuda.memory_allocated() == before  # nothing allocated
+    model = random_model(preset("tiny"), "cuda", torch.bfloat16)
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
+    loaded = load_checkpoint(tiny_checkpoint, device="cuda", dtype="bfloat16")
+    assert next(loaded.parameters()).is_cuda

@@ -31,7 +31,7 @@ def valid_text(s: str) -> bool:
 class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
 
-    max_tokens: int | None = 256  # None (vLLM's): up to the context (max_model_len)
+    max_tokens: int | None = 256  # vLLM's default 16 cuts most answers; None (vLLM's): up to the context
     n: int = 1  # completions per prompt (offline; with a seed, completion j draws with seed + j)
     # vLLM's: the output ends no earlier: EOS and stop_token_ids cannot be sampled before this many tokens are
     # generated, and stop strings apply to the text from the token after them (a stop string beginning in the
