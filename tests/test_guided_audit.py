@@ -208,6 +208,11 @@ UNSUPPORTED = [  # (schema, the feature the 400 names)
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}, "'required' naming 'b'"),
     ({"type": "string", "format": "iri"}, "'format' 'iri'"),
     ({"type": "integer", "enum": [1, "a"]}, "another type"),
+    # xgrammar matched these against the raw JSON text: '{"p": "say "x""}' (invalid JSON), finish_reason "stop"
+    ({"type": "string", "pattern": '^say "[a-z]+"$'}, "can match '\"'"),
+    ({"type": "string", "pattern": "^[A-Z]:\\\\[a-z]+$"}, "can match '\"' or '\\' at #"),
+    ({"type": "object", "patternProperties": {'^a"': {"type": "integer"}}}, "pattern that can match"),
+    ({"type": "object", "propertyNames": {"pattern": "^\\x22$"}}, "match '\"' or '\\' at #/propertyNames"),
 ]
 
 
@@ -236,6 +241,9 @@ def test_common_schemas_still_compile(llm):
     m = _matcher(llm, guided_json=schema)
     assert m.accept_string('{"c": {"x": 4}, "o": null, "k": "a", "p": "pw", "l": [1], "s": "ab"}')
     assert not _matcher(llm, guided_json=schema).accept_string('{"c": {"x": 3}')  # multipleOf kept
+    # Patterns that keep quotes and backslashes out (negated classes, ranges, escapes of other characters).
+    for pattern, text in (('^[^"\\\\]+$', '"ab"'), ("^[ -~]{2}$", '"a1"'), ("^\\d+\\.\\w$", '"1.a"')):
+        assert _matcher(llm, guided_json={"type": "string", "pattern": pattern}).accept_string(text), pattern
 
 
 def test_bad_structured_output_requests_are_400s(server, client):

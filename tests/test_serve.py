@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
-from cpm4.engine.generate import PromptTooLongError, StreamDelta  # noqa: E402
+from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob  # noqa: E402
 from cpm4.engine.sampling import SamplingParams  # noqa: E402
 from cpm4.llm import LLM  # noqa: E402
 from cpm4.model.tokenizer import TOOL_CALL  # noqa: E402
@@ -654,6 +654,7 @@ class _ScriptedEngine(AsyncEngine):
     the same worker interface a scheduler would replace."""
 
     script: list[int] = []
+    with_logprobs = False  # each token's delta with a logprob (-j for the j-th) and no alternatives
 
     def _run_batch(self, batch) -> None:
         for req in batch:
@@ -662,7 +663,8 @@ class _ScriptedEngine(AsyncEngine):
                 if last:
                     with self._cond:
                         self._finish(req, "stop")
-                self._post(req, StreamDelta(0, self.tokenizer.decode([t]), [t], "stop" if last else None))
+                lps = [TokenLogprob(t, -float(j), [])] if self.with_logprobs else None
+                self._post(req, StreamDelta(0, self.tokenizer.decode([t]), [t], "stop" if last else None, lps))
             self._post(req, _END)
 
 

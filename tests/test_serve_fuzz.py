@@ -557,8 +557,9 @@ def _check_response_object(case: Case, out: dict[str, Any]) -> None:
             (part,) = o.content
             if not _logprobs_asked(case):
                 assert part.logprobs == [], part
-            else:  # every output token's, as vLLM (the stop token's and a call's included)
-                assert len(part.logprobs) == r.usage.output_tokens, (len(part.logprobs), r.usage)
+            else:  # every output token's but the reasoning's, as vLLM (the stop token's and a call's included)
+                want = r.usage.output_tokens - r.usage.output_tokens_details.reasoning_tokens
+                assert len(part.logprobs) == want, (len(part.logprobs), r.usage)
 
 
 @functools.cache

@@ -104,6 +104,11 @@ def test_forced_function_call(client, stream):
         r = events[-1].response
         added = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
         assert len(added) == 1
+        # As OpenAI: the added item's arguments are empty and the deltas build them (the SDK's stream helper
+        # appends each delta to the added item's: they came out doubled)
+        deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert added[0].item.arguments == ""
+        assert deltas == [o for o in r.output if o.type == "function_call"][0].arguments
     else:
         r = client.responses.create(**kw)
     calls = [o for o in r.output if o.type == "function_call"]
@@ -220,6 +225,52 @@ def test_reasoning_streamed_as_its_own_item(llm):
         eng.shutdown()
 
 
+def test_output_fed_back_keeps_the_assistant_turn_whole():
+    """`input = [...] + response.output + [function_call_output]` (OpenAI's multi-turn pattern): text then a call is
+    one assistant message with content and tool_calls, as the model wrote it and the chat endpoint renders it (it
+    was two assistant turns, a prompt the model never saw)."""
+    from cpm4.serve.responses import ResponsesRequest, _messages
+
+    call = {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}",
+            "status": "completed"}
+    items = [{"role": "user", "content": "Weather?"},
+             {"type": "message", "id": "m1", "role": "assistant", "status": "completed",
+              "content": [{"type": "output_text", "text": "Let me check.", "annotations": []}]},
+             call, {**call, "call_id": "c2"},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    fn = {"name": "f", "arguments": "{}"}
+    assert _messages(ResponsesRequest(input=items)) == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": fn}, {"id": "c2", "type": "function", "function": fn}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+def test_reasoning_tokens_are_not_the_output_texts_logprobs(llm):
+    """With the reasoning parser, output_text's logprobs are its own text's tokens (OpenAI's), streamed or not:
+    they held the <think> block's 16 too."""
+    tok = llm.tokenizer
+    eng = _ScriptedEngine(llm.model, tok, continuous=False)
+    eng.with_logprobs = True
+    eng.script = tok.encode("<think>\nCompare the two.\n</think>\n\nBlue.", add_bos=False)
+    srv = _Server(create_app(eng, MODEL, reasoning_parser="minicpm4"))
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        kw = dict(model=MODEL, input="Which?", include=["message.output_text.logprobs"])
+        whole = c.responses.create(**kw)
+        events = list(c.responses.create(stream=True, **kw))
+        answer = len(eng.script) - len(tok.encode("Blue.", add_bos=False))
+        want = [(tok.decode([t]), -float(j)) for j, t in enumerate(eng.script)][answer:]
+        streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+        for lps in (whole.output[-1].content[0].logprobs, events[-1].response.output[-1].content[0].logprobs,
+                    streamed):
+            assert [(lp.token, lp.logprob) for lp in lps] == want
+        assert "".join(t for t, _ in want) == whole.output_text == "Blue."
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
 def test_unsupported_requests_are_clear_errors(client):
     with pytest.raises(openai.BadRequestError, match="previous_response_id is not supported"):
         client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")
@@ -234,6 +285,18 @@ def test_unsupported_requests_are_clear_errors(client):
     with pytest.raises(openai.BadRequestError, match="only text parts are supported"):
         client.responses.create(model=MODEL, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://x/y.png"}]}])
+    for item, what in (({"role": "user", "content": []}, "non-empty list of content parts"),
+                       ({"type": "function_call_output", "call_id": "c1"}, "needs output"),
+                       ({"type": "function_call_output", "output": "x"}, "needs call_id")):
+        with pytest.raises(openai.BadRequestError, match=what) as e:  # were 200s
+            client.responses.create(model=MODEL, input=[item])
+        assert e.value.body["param"] == "input[0]"
+    with pytest.raises(openai.BadRequestError, match="text.format.strict must be a boolean"):  # was echoed back
+        client.responses.create(model=MODEL, input="Hi", text={"format": {
+            "type": "json_schema", "name": "x", "schema": {"type": "object"}, "strict": "yes"}})
+    with pytest.raises(openai.BadRequestError, match="tool_choice of type 'allowed_tools' is not supported"):
+        client.responses.create(model=MODEL, input="Hi", tools=RESPONSE_TOOLS,
+                                tool_choice={"type": "allowed_tools", "mode": "auto", "tools": []})
     with pytest.raises(openai.BadRequestError, match="only function tools are supported"):
         client.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}])
     with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
@@ -266,7 +329,7 @@ def _random_chat_stream(rng):
     """A chat completion stream as the chat path sends it (reasoning deltas, then content deltas, each with the
     logprobs of its tokens, the calls whole in one chunk at the end, the usage chunk) and the whole message."""
     words = ["a", "b c", " ", "\n", "é", "🙂", '"q"', "x\\y", ""]
-    reasoning = [rng.choice(words[:-1]) for _ in range(rng.choice([0, 0, 1, 3]))]
+    reasoning = [w for _ in range(rng.choice([0, 0, 1, 3])) if (w := rng.choice(words[:-1]))]
     content = [rng.choice(words) for _ in range(rng.choice([0, 1, 2, 5]))]
     calls = [{"id": f"call_{k}", "type": "function",
               "function": {"name": f"f{k}", "arguments": json.dumps({"k": k, "s": rng.choice(words)})}}
@@ -274,15 +337,23 @@ def _random_chat_stream(rng):
     logprobs = rng.random() < 0.5
     chunks, lps = [], []
 
-    def lp():
+    n_reasoning, opened = 0, False
+
+    def lp(delta):
+        # output_text's are the message's tokens: not the reasoning's, nor the blank ones between it and the text
+        nonlocal n_reasoning, opened
         e = {"token": rng.choice(words), "logprob": -rng.random(), "bytes": [97],
              "top_logprobs": [{"token": "z", "logprob": -2.0, "bytes": [122]}]}
-        lps.append(e)
+        opened = opened or bool(delta.get("content"))
+        if opened or not reasoning:
+            lps.append(e)
+        else:  # (counted with the reasoning: the usage's split is the fuzz check's, not this test's)
+            n_reasoning += 1
         return {"content": [e]}
 
     def chunk(delta, finish=None, with_lp=True):
         return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                             "logprobs": lp() if logprobs and with_lp else None}]}
+                             "logprobs": lp(delta) if logprobs and with_lp else None}]}
 
     chunks.append(chunk({"role": "assistant", "content": ""}, with_lp=False))
     chunks += [chunk({"reasoning_content": r}) for r in reasoning if r]
@@ -291,8 +362,9 @@ def _random_chat_stream(rng):
         chunks.append(chunk({"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}, with_lp=False))
     finish = rng.choice(["stop", "length"])
     chunks.append(chunk({}, finish, with_lp=False))
-    n = len(lps) if lps else rng.randint(0, 9)  # with logprobs, one a token
-    chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})
+    n = len(lps) + n_reasoning if logprobs else rng.randint(0, 9)  # with logprobs, one a token
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n,
+                                            "completion_tokens_details": {"reasoning_tokens": n_reasoning}}})
     text = "".join(content)
     message = {"role": "assistant", "content": (text or None) if calls else text,
                "reasoning_content": "".join(reasoning) or None, "tool_calls": calls or None}

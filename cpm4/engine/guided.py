@@ -280,6 +280,41 @@ def _whole_bounds(s: dict[str, Any]) -> None:
         s[inclusive] = whole if not isinstance(old, (int, float)) else tighter(old, whole)
 
 
+def _may_match_quote_or_backslash(pattern: str) -> bool:
+    """Whether `pattern` names '"' or '\\' as a character it may match: as a literal or an escape (\\, \\",
+    \\x22, \\u005c...), outside a character class or in one that is not negated. Ranges and negated classes
+    are left alone: xgrammar keeps both characters out of them (and out of '.', \\W, \\S)."""
+    i, n = 0, len(pattern)
+    in_class: bool | None = None  # None: outside a class; else whether the class is negated
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            esc, width = pattern[i + 1], 2
+            code = ord(esc) if esc in "\\\"" else None
+            digits = {"x": 2, "u": 4}.get(esc, 0)
+            if digits and re.fullmatch(r"[0-9a-fA-F]+", pattern[i + 2:i + 2 + digits] or "-"):
+                code, width = int(pattern[i + 2:i + 2 + digits], 16), 2 + digits
+            if code in (0x22, 0x5C) and not in_class:
+                return True
+            i += width
+            continue
+        if in_class is None:
+            if c == '"':
+                return True
+            if c == "[":
+                in_class = pattern[i + 1:i + 2] == "^"
+                i += 2 if in_class else 1
+                if pattern[i:i + 1] == "]":  # a ']' first in a class is one of its members
+                    i += 1
+                continue
+        elif c == "]":
+            in_class = None
+        elif c == '"' and not in_class:
+            return True
+        i += 1
+    return False
+
+
 def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
     """A copy of the (sub)schema `s` as xgrammar should compile it; ValueError naming the first keyword it would
     not enforce. names: `s` is a propertyNames schema (its instances are strings, said or not)."""
@@ -354,6 +389,10 @@ def _checked_schema(s: Any, path: str = "#", names: bool = False) -> Any:
     patterns += list(s["patternProperties"]) if isinstance(s.get("patternProperties"), dict) else []
     if any(_LOOKAHEAD.search(p) for p in patterns):
         raise unsupported("a lookahead in a pattern")
+    if any(_may_match_quote_or_backslash(p) for p in patterns):
+        # xgrammar matches a pattern against the string's raw JSON text: a quote or backslash it lets through
+        # ends the string early or starts an escape (invalid JSON, or another value than the pattern's)
+        raise unsupported("a pattern that can match '\"' or '\\'")
     req, props = s.get("required"), s.get("properties")
     if isinstance(req, list):
         missing = [r for r in req if isinstance(r, str) and not (isinstance(props, dict) and r in props)]
@@ -382,6 +421,27 @@ def json_schema_for_grammar(schema: dict[str, Any] | str) -> str:
     return json.dumps(_checked_schema(json.loads(schema) if isinstance(schema, str) else schema))
 
 
+def current_tag(tag: Any) -> Any:
+    """vLLM's first structural-tag form ({"type": "structural_tag", "structures": [{"begin", "schema", "end"}],
+    "triggers": [...]}, also its response_format's) as xgrammar's current one (a "format": triggered tags, each
+    a JSON schema between its begin and end); any other value as it is. ValueError naming a malformed part."""
+    if not isinstance(tag, dict) or "format" in tag or "structures" not in tag:
+        return tag
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("structures must be a non-empty list of {begin, schema, end}")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("triggers must be a non-empty list of strings")
+    tags = []
+    for i, st in enumerate(structures):
+        if not (isinstance(st, dict) and isinstance(st.get("begin"), str) and isinstance(st.get("end"), str)
+                and isinstance(st.get("schema"), dict)):
+            raise ValueError(f"structures[{i}] must be an object with begin and end strings and a schema object")
+        tags.append({"type": "tag", "begin": st["begin"], "end": st["end"],
+                     "content": {"type": "json_schema", "json_schema": st["schema"]}})
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
+
+
 def _checked_tag(x: Any) -> Any:
     """A structural tag (parsed) with each of its JSON schemas checked as `json_schema_for_grammar` does."""
     if isinstance(x, list):
@@ -403,11 +463,16 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
     if field is None:
         return None
     spec, tag = params.guided_json, params.structural_tag
+    if tag is not None:
+        try:
+            tag = current_tag(json.loads(tag) if isinstance(tag, str) else tag)
+        except ValueError as e:  # JSONDecodeError among them
+            raise ValueError(f"{field} is not a valid structural tag: {e}") from None
     try:
         if spec is not None and spec is not True:
             spec = json_schema_for_grammar(spec)
         if tag is not None:
-            tag = json.dumps(_checked_tag(json.loads(tag) if isinstance(tag, str) else tag))
+            tag = json.dumps(_checked_tag(tag))
     except ValueError as e:
         raise ValueError(f"{field} uses a JSON schema feature that is not supported: {e}") from None
     except RecursionError:

@@ -263,8 +263,11 @@ class _OpenAIServer:
                 raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
                                param="response_format")
             return {"guided_json": schema}
-        raise APIError(400, f"response_format type {rf.type!r} is not supported (text, json_object or "
-                            "json_schema)", param="response_format")
+        if rf.type == "structural_tag":  # vLLM's: JSON schemas between begin and end strings, after a trigger
+            return {"structural_tag": {"type": "structural_tag", "structures": rf.structures,
+                                       "triggers": rf.triggers}}
+        raise APIError(400, f"response_format type {rf.type!r} is not supported (text, json_object, json_schema "
+                            "or structural_tag)", param="response_format")
 
     @staticmethod
     def _tool_choice(req: ChatCompletionRequest) -> dict[str, Any]:

@@ -47,6 +47,9 @@ class ResponseFormat(_Body):
 
     type: Str
     json_schema: dict[str, Any] | None = None
+    # vLLM's {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
 
 
 class StructuredOutputs(_Body):

@@ -76,8 +76,8 @@ def _content_text(content: Any, where: str) -> str:
     """A message's content: a string, or text parts (input_text / output_text / text)."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise _error(f"{where}.content must be a string or a list of content parts", where)
+    if not isinstance(content, list) or not content:
+        raise _error(f"{where}.content must be a string or a non-empty list of content parts", where)
     out = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -106,14 +106,18 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         elif kind == "function_call":  # an earlier turn's call: the assistant message that made it
             call = {"id": item.get("call_id") or item.get("id") or f"call_{i}", "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
-            if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1].get("content"):
+            if msgs and msgs[-1]["role"] == "assistant":
+                # the same turn as the text before it (what `output` gives back: a message, then its calls),
+                # rendered as the model wrote it and as the chat endpoint renders content with tool_calls
                 msgs[-1].setdefault("tool_calls", []).append(call)
             else:
                 msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise _error(f"{where}: a function_call_output needs call_id, the id of the call it answers", where)
-            out = item.get("output")
+            if "output" not in item or item["output"] is None:
+                raise _error(f"{where}: a function_call_output needs output, the call's result", where)
+            out = item["output"]
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
                          "content": out if isinstance(out, str) else json.dumps(out)})
         elif kind == "reasoning":
@@ -143,6 +147,8 @@ def _text_format(text: dict[str, Any]) -> dict[str, Any] | None:
             raise _error("text.format.name is required for a json_schema format (a string)", "text")
         if not isinstance(fmt.get("schema"), dict):
             raise _error("text.format.schema is required for a json_schema format (a JSON schema object)", "text")
+        if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+            raise _error(f"text.format.strict must be a boolean, got {fmt['strict']!r:.40}", "text")
     return fmt
 
 
@@ -175,6 +181,9 @@ def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
                                                                              "strict") if k in t}})
         body["tools"] = tools
     if isinstance(req.tool_choice, dict):  # {"type": "function", "name": ...}
+        if req.tool_choice.get("type") != "function":
+            raise _error(f"tool_choice of type {req.tool_choice.get('type')!r} is not supported: \"none\", \"auto\", "
+                         "\"required\" or {\"type\": \"function\", \"name\": ...}", "tool_choice")
         body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.get("name")}}
     elif req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
@@ -280,7 +289,14 @@ async def responses(server: _OpenAIServer, req: ResponsesRequest, request: Reque
             return resp
         body = json.loads(resp.body)
         choice = body["choices"][0]
-        items = _output_items(shape, choice["message"], _logprobs(choice.get("logprobs")))
+        lps = _logprobs(choice.get("logprobs"))
+        if choice["message"].get("reasoning_content") is not None:
+            # The reasoning's tokens lead, then the blank ones before the answer (which the parser strips): not
+            # output_text's, as the stream leaves them out of its deltas.
+            lps = lps[(body["usage"].get("completion_tokens_details") or {}).get("reasoning_tokens", 0):]
+            while lps and not lps[0]["token"].strip():
+                lps = lps[1:]
+        items = _output_items(shape, choice["message"], lps)
         return JSONResponse(shape.response(items, "completed", body["usage"], choice["finish_reason"]))
     return StreamingResponse(_events(shape, resp.body_iterator), media_type="text/event-stream")
 
@@ -300,7 +316,7 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
     output: list[dict[str, Any]] = []
     reasoning: list[str] = []
     text: list[str] = []
-    logprobs: list[dict[str, Any]] = []  # every token's, as the whole response's output_text carries them
+    logprobs: list[dict[str, Any]] = []  # the output text's tokens', as the whole response's output_text carries
     pending: list[dict[str, Any]] = []  # tokens whose text has not reached a delta yet
     calls: list[dict[str, Any]] = []
     usage, finish = None, None
@@ -346,8 +362,13 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
                 continue
             for ch in chunk.get("choices", []):
                 delta = ch.get("delta") or {}
+                # output_text's logprobs are its own text's tokens (as OpenAI's): not the reasoning's, nor
+                # those held before the reasoning showed (its tag), nor the blank ones after it
                 lps = _logprobs(ch.get("logprobs"))
-                logprobs += lps
+                if state != "message" and delta.get("reasoning_content"):
+                    lps, pending = [], []
+                elif state == "reasoning" and not delta.get("content"):
+                    lps = []
                 pending += lps
                 if delta.get("reasoning_content") and state != "message":
                     if state == "none":
@@ -367,6 +388,7 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
                     text.append(delta["content"])
                     yield event("response.output_text.delta", item_id=shape.msg_id, output_index=len(output),
                                 content_index=0, delta=delta["content"], logprobs=pending)
+                    logprobs += pending
                     pending = []
                 calls += delta.get("tool_calls") or []
                 finish = ch.get("finish_reason") or finish
@@ -378,6 +400,7 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
                 yield ev
         full = "".join(text)
         index = len(output)
+        logprobs += pending  # tokens whose text never came (a stop string's)
         yield event("response.output_text.done", item_id=shape.msg_id, output_index=index, content_index=0,
                     text=full, logprobs=logprobs)
         yield event("response.content_part.done", item_id=shape.msg_id, output_index=index, content_index=0,
@@ -387,7 +410,9 @@ async def _events(shape: _Shape, chat_stream: AsyncIterator[str]) -> AsyncIterat
     for c in calls:
         item = shape.call(c)
         index = len(output)
-        yield event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
+        # The deltas build the arguments (the SDK's stream helper appends each delta to the added item's)
+        yield event("response.output_item.added", output_index=index,
+                    item={**item, "arguments": "", "status": "in_progress"})
         yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
                     delta=item["arguments"])
         yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
