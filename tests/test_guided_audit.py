@@ -398,3 +398,29 @@ def test_poisson_schedule_follows_the_seed_alone():
     # The lengths draw from their own generator: the same seed, the same arrivals.
     assert a == times(input_len=30, output_len=9, range_ratio=0.5, seed=3)
     assert a[0] == 0 and 0.12 < statistics.fmean(b - x for x, b in zip(a, a[1:])) < 0.3
+
+
+def test_vllms_first_structural_tag_form(llm, client):
+    """vLLM's {"structures": [{begin, schema, end}], "triggers": [...]} (its docs' example; was a 400 saying the
+    tag 'must have a format field'): free text until a trigger, then the schema's JSON, then the end string."""
+    legacy = {"type": "structural_tag", "triggers": ["<f="],
+              "structures": [{"begin": "<f=w>", "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                                          "required": ["n"]}, "end": "</f>"}]}
+    m = _matcher(llm, structural_tag=legacy)
+    assert m.accept_string('Sure. <f=w>{"n": 3}</f>')
+    m = _matcher(llm, structural_tag=json.dumps(legacy))
+    assert m.accept_string("Sure. <f=w>") and not m.accept_string('{"n": "x"')
+    for bad, what in (({**legacy, "structures": []}, "structures must be a non-empty list"),
+                      ({**legacy, "triggers": "<f="}, "triggers must be a non-empty list"),
+                      ({**legacy, "structures": [{"begin": "<f=w>"}]}, r"structures\[0\] must be an object")):
+        with pytest.raises(ValueError, match=f"structural_tag is not a valid structural tag: {what}"):
+            _matcher(llm, structural_tag=bad)
+    for kw in ({"extra_body": {"structured_outputs": {"structural_tag": legacy}}},
+               {"response_format": {"type": "structural_tag", "structures": legacy["structures"],
+                                    "triggers": legacy["triggers"]}}):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           **kw)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    r = httpx.post(f"{client.base_url}chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "structural_tag"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
