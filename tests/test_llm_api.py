@@ -179,3 +179,36 @@ def test_cumulative_logprob_is_the_sum_of_the_tokens_logprobs(llm):
     want = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids))
     assert out.cumulative_logprob == pytest.approx(want, abs=1e-3)
     assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].cumulative_logprob is None
+
+
+def test_vllm_sampling_rules(llm):
+    """vLLM's rules found missing by an audit: seed -1 is unseeded (was a fixed seed: every call the same);
+    min_tokens holds the EOS back even with ignore_eos; a bad word's leading spaces are dropped before it is
+    encoded alone and after a space (" cat" banned " cat" only, "cat" went through); spaces_between_special_tokens
+    is taken."""
+    from cpm4.engine.generate import bad_word_ids
+    from cpm4.engine.params import nth_seed
+
+    assert SamplingParams(seed=-1).seed is None and nth_seed(-1, 1) is None and nth_seed(-2, 1) == -1
+    prompt = llm.tokenizer.encode("Once upon a time")
+    sp = SamplingParams(temperature=1.5, seed=-1, max_tokens=24, ignore_eos=True)
+    assert len({tuple(llm.generate([prompt], sp)[0].token_ids) for _ in range(3)}) > 1
+    n3 = llm.generate([prompt], SamplingParams(temperature=1.5, seed=-1, n=3, max_tokens=24, ignore_eos=True))[0]
+    assert len({tuple(o.token_ids) for o in n3.outputs}) == 3  # was: completion 1 seeded with 0
+
+    eos = llm.model.config.eos_token_ids[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, min_tokens=3, ignore_eos=True,
+                                                logit_bias={eos: 30.0}))[0]
+    assert eos not in out.token_ids[:3] and out.token_ids[3:] == [eos, eos]  # was [eos] * 5
+
+    tok = llm.tokenizer
+    cat, spaced = tuple(tok.encode("cat", add_bos=False)), tuple(tok.encode(" cat", add_bos=False))
+    assert cat != spaced and len(cat) == 1
+    assert set(bad_word_ids(tok, [" cat"])) == set(bad_word_ids(tok, ["cat"])) == {cat, spaced}
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, bad_words=[" cat"],
+                                                logit_bias={cat[0]: 30.0}))[0]
+    assert cat[0] not in out.token_ids  # was "catcatcatcat"
+
+    assert SamplingParams(spaces_between_special_tokens=False).spaces_between_special_tokens is False
+    with pytest.raises(ValueError, match="spaces_between_special_tokens must be a bool"):
+        SamplingParams(spaces_between_special_tokens="no")

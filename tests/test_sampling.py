@@ -203,6 +203,17 @@ def test_min_p_matches_reference():
         np.testing.assert_array_equal(torch.isfinite(out[i]).numpy(), ref_keep)
 
 
+def test_min_p_comes_before_top_p():
+    """vLLM's V1 order: min-p, then top-p over what it kept (renormalised). p = .40 .20 .15 .10 .10 .05 with
+    min_p 0.3 keeps the first three (>= .12); their nucleus at 0.7 is the first two (.533 + .267). Min-p last (the
+    Hugging Face order, ours before) kept three: top-p's nucleus over all six reaches 0.7 only with the third."""
+    probs = torch.tensor([[0.40, 0.20, 0.15, 0.10, 0.10, 0.05]], dtype=torch.float64)
+    out = process_logits(probs.log().float(), [SamplingParams(min_p=0.3, top_p=0.7)], [[]])
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False, False, False]
+    kept = torch.softmax(out[0].double(), -1)[:2]
+    torch.testing.assert_close(kept, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
 def test_repetition_penalty_formula():
     logits = torch.tensor(
         [

@@ -195,6 +195,12 @@ def _reference(x: np.ndarray, p: SamplingParams, hist: list[int], out: list[int]
     ref.scaled = z.copy()
     ref.tol = tol = 4e-6 * max(1.0, float(np.abs(z[fin]).max()))
     vocab = len(z)
+    if p.min_p > 0.0:  # first, as vLLM's V1 sampler: top-p's nucleus is taken from what it keeps
+        # p_i >= min_p * p_max, i.e. z_i - z_max >= log(min_p)
+        d = z - z.max()
+        fin = np.isfinite(d)
+        ref.ambiguous |= bool((fin & (np.abs(d - math.log(p.min_p)) <= 4 * tol + 1e-5) & (d != 0)).any())
+        z = np.where(d >= math.log(p.min_p), z, NEG)
     if 0 < p.top_k < vocab:
         kth = np.sort(z)[::-1][p.top_k - 1]
         if np.isfinite(kth):
@@ -231,14 +237,6 @@ def _reference(x: np.ndarray, p: SamplingParams, hist: list[int], out: list[int]
         keep[kept] = True
         keep[list(ref.group)] = True  # finite for now: `quota` says how many stay
         z = np.where(keep, z, NEG)
-    if p.min_p > 0.0:
-        # p_i >= min_p * p_max, i.e. z_i - z_max >= log(min_p): renormalising after top-p changes neither.
-        d = z - z.max()
-        fin = np.isfinite(d)
-        ref.ambiguous |= bool((fin & (np.abs(d - math.log(p.min_p)) <= 4 * tol + 1e-5) & (d != 0)).any())
-        z = np.where(d >= math.log(p.min_p), z, NEG)
-        if ref.group and not np.isfinite(z[next(iter(ref.group))]):
-            ref.group, ref.quota = set(), 0
     ref.z = z
     return ref
 

@@ -182,10 +182,12 @@ def fit_to_context(n_prompt: int, params: SamplingParams, context: int) -> Sampl
 
 
 def bad_word_ids(tokenizer: Tokenizer, words: Sequence[str] | None) -> list[tuple[int, ...]]:
-    """Each bad word as token ids, alone and after a space (as vLLM encodes them), without duplicates."""
+    """Each bad word as token ids, alone and after a space, its leading spaces dropped (as vLLM encodes them; vLLM
+    skips the spaced form when it has another token count, which let " happiness" through), without
+    duplicates."""
     seqs: list[tuple[int, ...]] = []
     for w in words or ():
-        for text in (w, " " + w.lstrip()):
+        for text in (w.lstrip(), " " + w.lstrip()):
             ids = tuple(tokenizer.encode(text, add_bos=False))
             if ids and ids not in seqs:
                 seqs.append(ids)
@@ -219,7 +221,9 @@ class SequenceState:
             # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
             self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
         self.stop_ids = stop_ids(params, eos_ids)
-        self.sampler = Sampler(params, device, self.matcher, self.stop_ids, bad_word_ids(tokenizer, params.bad_words))
+        # min_tokens holds back the EOS ids even with ignore_eos (vLLM's rule), besides stop_token_ids
+        held = set(params.stop_token_ids or []) | set(eos_ids) if params.min_tokens else ()
+        self.sampler = Sampler(params, device, self.matcher, held, bad_word_ids(tokenizer, params.bad_words))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop or [], params.include_stop_str_in_output)
         self.finish_reason: str | None = None

@@ -49,11 +49,14 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
     allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be sampled (EOS too, if listed)
     skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
+    # vLLM's field, taken for its callers: a fast tokenizer (MiniCPM4's) joins special tokens' text as it is
+    # either way, as vLLM's detokenizer does with one
+    spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last this many tokens
     # vLLM's: words never generated; a word's last token is banned where the output ends with the rest of it
     # (each word as encoded alone and after a space)
     bad_words: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None  # -1 is None (unseeded), as in vLLM
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -128,6 +131,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= 20):
                 raise ValueError(f"{name} must be an int in [0, 20] or None, got {v!r}")
+        if self.seed is not None and is_int(self.seed) and self.seed == UNSEEDED:
+            self.seed = None
         # int64, as OpenAI's and the server's (completion j of n draws with seed + j, still a valid torch seed).
         if self.seed is not None and (not is_int(self.seed)
                                       or not -(2**63) <= self.seed < 2**63):
@@ -147,8 +152,9 @@ class SamplingParams:
                     not all(isinstance(w, str) and w.strip() and valid_text(w) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
             self.bad_words = list(self.bad_words) or None
-        if not isinstance(self.skip_special_tokens, bool):
-            raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         t = self.truncate_prompt_tokens
         if t is not None and (not is_int(t) or t < 1):
             raise ValueError(f"truncate_prompt_tokens must be a positive int or None, got {t!r}")
@@ -205,10 +211,13 @@ class SamplingParams:
         return prompt[-t:] if t is not None and len(prompt) > t else prompt
 
 
+UNSEEDED = -1  # a seed of -1 is none (vLLM's rule: "-1 means random" is a common convention)
+
+
 def nth_seed(seed: int | None, j: int) -> int | None:
     """The seed of completion j of n drawn with `seed` (None: unseeded), as the server and the offline engine
     derive it: seed + j, wrapped into SamplingParams' int64 range (a seed near 2**63 - 1 plus j left it)."""
-    if seed is None:
+    if seed is None or seed == UNSEEDED:
         return None
     return (seed + j + 2**63) % 2**64 - 2**63
 

@@ -247,7 +247,8 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
                    matchers: Sequence[Any] | None = None, stop_ids: Sequence[Sequence[int]] | None = None,
                    bad_ids: Sequence[Sequence[tuple[int, ...]]] | None = None) -> Tensor:
     """Apply the grammar masks, logit bias, repetition penalty, presence/frequency penalties, then temperature,
-    top-k, top-p and min-p (Hugging Face order) to [B, V] logits.
+    min-p, top-k and top-p (vLLM's order; Hugging Face applies min-p last, which changes top-p's nucleus) to
+    [B, V] logits.
 
     `history[i]` holds row i's prompt and generated ids, `outputs[i]` its generated ids alone (needed when a
     row has a presence or frequency penalty, or min_tokens: then `stop_ids[i]` are the ids it may not sample
@@ -303,13 +304,14 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         # Row indices below are positions within `s`, i.e. within `sampled`.
         if plan.temps is not None:
             s.div_(col("temps", plan.temps))
+        # min-p before top-k and top-p (vLLM's V1 order): top-p's nucleus is then taken from what min-p kept
+        _on_rows(s, plan.m_rows, lambda t: _min_p(t, plan.mps, col("mps", plan.mps)),
+                 plan.tensor("m_rows", plan.m_rows, dev, torch.long) if plan.m_rows else None)
         _on_rows(s, plan.k_rows, lambda t: _top_k(t, plan.ks, plan.tensor("k-1", [k - 1 for k in plan.ks], dev,
                                                                              torch.long).unsqueeze(1)),
                  plan.tensor("k_rows", plan.k_rows, dev, torch.long) if plan.k_rows else None)
         _on_rows(s, plan.p_rows, lambda t: _top_p(t, plan.ps, col("ps", plan.ps)),
                  plan.tensor("p_rows", plan.p_rows, dev, torch.long) if plan.p_rows else None)
-        _on_rows(s, plan.m_rows, lambda t: _min_p(t, plan.mps, col("mps", plan.mps)),
-                 plan.tensor("m_rows", plan.m_rows, dev, torch.long) if plan.m_rows else None)
 
     _on_rows(x, plan.sampled, filters, plan.tensor("sampled", plan.sampled, dev, torch.long))
     return x
@@ -326,8 +328,8 @@ class Sampler:
                  matcher: Any | None = None, stop_ids: Sequence[int] = (),
                  bad_ids: Sequence[tuple[int, ...]] = ()) -> None:
         """matcher: the sequence's grammar matcher when params are guided (`cpm4.engine.guided.new_matcher`).
-        stop_ids: the token ids that end the sequence (its EOS unless ignore_eos, and stop_token_ids), banned
-        until min_tokens are generated. bad_ids: params.bad_words as token sequences (`bad_word_ids`)."""
+        stop_ids: the token ids banned until min_tokens are generated (its stop_token_ids and EOS ids, the EOS
+        even with ignore_eos, as vLLM). bad_ids: params.bad_words as token sequences (`bad_word_ids`)."""
         self.params = params
         self.matcher = matcher
         self.stop_ids = sorted(stop_ids)

@@ -93,6 +93,7 @@ class _SamplingFields(_Body):
     structured_outputs: StructuredOutputs | None = None  # ... or any of these, as newer vLLM takes them
     allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
     skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True  # vLLM's; as SamplingParams' (a fast tokenizer joins them as is)
     truncate_prompt_tokens: Int | None = Field(None, ge=1)
     bad_words: list[Str] | None = None
 
