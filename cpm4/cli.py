@@ -156,10 +156,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(s: str) -> str:
+    """Command-line or terminal text with bytes that are not UTF-8 (Python keeps them as lone surrogates, which
+    the tokenizer refuses) as U+FFFD, as other command-line tools show them."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # validate the arguments before a (possibly long) model load
     # A prompt piped in usually ends with the shell's newline, which is not part of the prompt.
-    prompts = args.prompt or [sys.stdin.read().removesuffix("\n")]
+    prompts = [_text(p) for p in args.prompt or [sys.stdin.read().removesuffix("\n")]]
     llm = _load(args, max_num_seqs=min(len(prompts), 256))  # (256: LLM's default)
     if args.chat:  # each prompt is one user turn, rendered with the checkpoint's chat template
         prompts = [llm.tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -194,13 +200,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args, max_num_seqs=1)  # one conversation
     from .engine.generate import PromptTooLongError  # (torch: after the checks above)
 
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": _text(args.system)}] if args.system else []
     history: list[dict] = list(system)
     print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
           file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = _text(input("> "))
         except EOFError:
             print()
             return 0

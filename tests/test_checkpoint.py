@@ -549,3 +549,16 @@ def test_create_checkpoint_seeds(created):
 def test_create_checkpoint_refuses_existing(created):
     with pytest.raises(FileExistsError):
         create_checkpoint("tiny", created["a"], seed=0)
+
+
+def test_pickled_weights_are_named(tiny_checkpoint, tmp_path):
+    """A folder with pytorch_model.bin only: the error says why it is not loaded and what to do."""
+    import shutil
+
+    from cpm4.model.checkpoint import CheckpointError
+
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin weights, which cpm4 does not unpickle"):
+        load_checkpoint(folder)

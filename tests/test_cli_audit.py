@@ -422,3 +422,17 @@ def test_missing_serve_files_are_said_before_torch_loads(tmp_path, option, said)
                        text=True, timeout=120)
     assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
     assert said in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prompt_bytes_that_are_not_utf8(ckpt, llm):
+    """A prompt with bytes that are not UTF-8 (argv or stdin) runs with U+FFFD for them, as other tools show them
+    (was a TypeError traceback, exit 1); in the API a lone surrogate is a ValueError that says so."""
+    base = [sys.executable, "-m", "cpm4.cli", "generate", "--model", str(ckpt), "--max-tokens", "2",
+            "--temperature", "0"]
+    for argv, stdin in ((base + [b"caf\xe9 au lait"], None), (base, b"caf\xe9 au lait\n")):
+        r = subprocess.run(argv, input=stdin, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+    want = llm.generate("caf\ufffd au lait", SamplingParams(temperature=0, max_tokens=2))[0].text
+    assert want in r.stdout.decode()
+    with pytest.raises(ValueError, match="not valid Unicode: a lone surrogate '\\\\udce9' at character 3"):
+        llm.tokenizer.encode("caf\udce9")

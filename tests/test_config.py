@@ -432,3 +432,29 @@ def test_validate_catches_later_edits():
     c.sparse_config.window_size = 72
     with pytest.raises(ConfigError, match="sparse_config.window_size"):
         c.validate()
+
+
+def test_transformers_5_spelling_is_the_same_config():
+    """transformers 5 re-saves a config with `rope_parameters` (rope_theta inside) and `dtype` instead of
+    `rope_scaling` / `rope_theta` / `torch_dtype`: the same model (its LongRoPE scaling was dropped as an unknown
+    field, a model with other logits); a default rope_type is no scaling; both spellings disagreeing is an error."""
+    released = preset("minicpm4-8b", torch_dtype="float16").to_dict()
+    assert released["rope_scaling"]["rope_type"] == "longrope"
+    v5 = {k: v for k, v in released.items() if k not in ("rope_scaling", "torch_dtype")}
+    v5["rope_parameters"] = {**released["rope_scaling"], "rope_theta": released["rope_theta"]}
+    v5["dtype"] = "float16"
+    del v5["rope_theta"]
+    cfg = MiniCPM4Config.from_dict(v5)
+    assert cfg.to_dict() == released and not cfg.extra
+    default = {k: v for k, v in released.items() if k not in ("rope_scaling", "rope_theta")}
+    default["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    cfg = MiniCPM4Config.from_dict(default)
+    assert cfg.rope_scaling is None and cfg.rope_theta == 5e5
+    for bad, what in (({**released, "dtype": "bfloat16"}, "dtype: 'bfloat16' differs from torch_dtype"),
+                      ({**released, "rope_parameters": {"rope_type": "default", "rope_theta": 1.0}},
+                       "rope_parameters.rope_theta: 1.0 differs"),
+                      ({**released, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}},
+                       "rope_parameters: differs from rope_scaling"),
+                      ({**released, "rope_parameters": [1]}, "rope_parameters: must be an object")):
+        with pytest.raises(ConfigError, match=what):
+            MiniCPM4Config.from_dict(bad)

@@ -30,6 +30,11 @@ def llama_logits(path, ids):
     {"sparse_config": None, "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 1024,
                                              "short_factor": [1.0] * 8,
                                              "long_factor": [1.0 + 0.5 * i for i in range(8)]}},
+    # A `factor` (the released config may carry "factor": 1.0): transformers took its magnitude from it, ours from
+    # the table's length (the export now writes that as attention_factor).
+    {"sparse_config": None, "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+                                             "factor": 1.0, "short_factor": [1.0] * 8,
+                                             "long_factor": [1.0 + 0.5 * i for i in range(8)]}},
 ])
 def test_llama_export_matches_our_logits(tmp_path, overrides):
     model = random_model("tiny", dtype=torch.float32, **overrides)
@@ -75,3 +80,35 @@ def test_export_tokenizer_chat_template_and_self_overwrite(tmp_path):
     with pytest.raises(ValueError, match="its own source"):
         convert_to_llama(tmp_path / "src", tmp_path / "src", overwrite=True)
     assert load_checkpoint(tmp_path / "src").config.scale_emb == model.config.scale_emb  # untouched
+
+
+def test_export_keeps_generation_config_licence_and_tokenizer_files(tmp_path, monkeypatch):
+    """The source's generation_config.json (sampling defaults; an EOS listed only there) reaches the export, with
+    every EOS id; its licence and SentencePiece model are copied; pad_token_id kept; `cpm4 convert SRC .` works
+    (it failed renaming "." after the whole export)."""
+    import json
+
+    from cpm4.cli import main
+    from cpm4.model.tokenizer import build_tokenizer
+
+    model = random_model("tiny", dtype=torch.float32, sparse_config=None)
+    model.config.pad_token_id = 0
+    src = tmp_path / "src"
+    save_checkpoint(model, model.config, src, tokenizer=build_tokenizer(1024),
+                    generation_config={"bos_token_id": 1, "eos_token_id": [2, 7], "temperature": 0.8, "top_p": 0.8})
+    (src / "LICENSE").write_text("licence text\n")
+    (src / "tokenizer.model").write_bytes(b"spm")
+    out = convert_to_llama(src, tmp_path / "llama")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["temperature"] == 0.8 and gen["top_p"] == 0.8  # were dropped
+    assert gen["eos_token_id"] == model.config.eos_token_ids + [i for i in (2, 7) if i not in
+                                                                 model.config.eos_token_ids]
+    hf_gen = transformers.GenerationConfig.from_pretrained(str(out), local_files_only=True)
+    assert hf_gen.temperature == 0.8 and 7 in hf_gen.eos_token_id
+    assert (out / "LICENSE").read_text() == "licence text\n" and (out / "tokenizer.model").read_bytes() == b"spm"
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", str(src), "."]) == 0
+    assert (here / "model.safetensors").is_file() and not list(tmp_path.glob(".*partial*"))

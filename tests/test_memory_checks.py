@@ -82,3 +82,4 @@ def test_gpu_free_memory_and_refusal(tiny_checkpoint):
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
     loaded = load_checkpoint(tiny_checkpoint, device="cuda", dtype="bfloat16")
     assert next(loaded.parameters()).is_cuda
+

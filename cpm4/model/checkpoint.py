@@ -89,7 +89,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if single.is_file():
         with _safe_open(single) as f:
             return {name: single for name in f.keys()}
-    raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    hint = ""
+    if any(path.glob("pytorch_model*.bin")):  # pickles: not loaded (they can run code); safetensors can be made
+        hint = (" (it holds pytorch_model.bin weights, which cpm4 does not unpickle: save them as safetensors, e.g. "
+                "transformers' save_pretrained(dir, safe_serialization=True))")
+    raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
 def read_state_dict(path: str | os.PathLike, config: MiniCPM4Config, dtype: torch.dtype | None = None,
@@ -177,7 +181,7 @@ def _parse_size(size: int | str) -> int:
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse to write over a non-empty folder (or a file) without overwrite. `save_checkpoint` checks it too;
     exports call it first so that the refusal comes before a long load."""
-    out = Path(out)
+    out = Path(out).absolute()  # "." has no name to build the temporary and old names from
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     return out
@@ -197,12 +201,13 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
                     config: MiniCPM4Config, out_dir: str | os.PathLike, tokenizer: Any = None,
                     dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
                     generation_config: dict[str, Any] | None = None, overwrite: bool = False,
-                    config_json: dict[str, Any] | None = None) -> Path:
+                    config_json: dict[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
     """Write a checkpoint folder atomically. `weights` may be a module, a state dict, or an iterable of
     (name, tensor) produced lazily (so a large random model never has to exist in memory at once).
     `config_json` replaces the written config.json (exports to other architectures with the same tensors);
-    the tensors are still checked against `config`."""
-    _clean_stale(Path(out_dir))  # first: a previous copy put back is protected by the overwrite check
+    the tensors are still checked against `config`. `extra_files` are copied in beside them (a licence, a
+    SentencePiece model)."""
+    _clean_stale(Path(out_dir).absolute())  # first: a previous copy put back is protected by the overwrite check
     out = check_output_dir(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     if isinstance(weights, torch.nn.Module):
@@ -275,6 +280,8 @@ def save_checkpoint(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
         write_text_atomic(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         _fsync_dir(tmp)
         _swap_into_place(tmp, out)
     except BaseException:

@@ -267,7 +267,7 @@ class MiniCPM4Config:
         if missing:
             raise ConfigError(f"{missing[0]}: required field missing from config"
                               + (f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
-        d = copy.deepcopy(d)
+        d = _from_transformers_5(copy.deepcopy(d))
         known = {f.name for f in fields(cls)} - {"extra", "sparse_config"}
         kwargs = {k: d[k] for k in known if k in d}
         sc = d.get("sparse_config")
@@ -336,6 +336,37 @@ def is_int(v: Any) -> bool:
 def is_number(v: Any) -> bool:
     """An int or float, not a bool (a JSON true is no number of layers, nor a temperature)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _from_transformers_5(d: dict[str, Any]) -> dict[str, Any]:
+    """A config.json as transformers 5 saves it (a fine-tuned checkpoint re-saved with it) in the released
+    configs' terms: `dtype` is `torch_dtype`, and `rope_parameters` (the scaling with rope_theta inside, rope_type
+    "default" for none) is `rope_scaling` + `rope_theta`. Kept as unknown fields they were ignored: the model
+    ran without its LongRoPE scaling. Both spellings with different values are a ConfigError."""
+    if "dtype" in d:
+        dtype = d.pop("dtype")
+        if d.get("torch_dtype", dtype) != dtype:
+            raise ConfigError(f"dtype: {dtype!r} differs from torch_dtype {d['torch_dtype']!r}")
+        d["torch_dtype"] = dtype
+    if "rope_parameters" not in d:
+        return d
+    rp = d.pop("rope_parameters")
+    if rp is None:
+        return d
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters: must be an object or null, got {type(rp).__name__}")
+    rp = dict(rp)
+    theta = rp.pop("rope_theta", None)
+    if theta is not None:
+        if d.get("rope_theta", theta) != theta:
+            raise ConfigError(f"rope_parameters.rope_theta: {theta!r} differs from rope_theta {d['rope_theta']!r}")
+        d["rope_theta"] = theta
+    scaling = None if rp.get("rope_type", rp.get("type")) in (None, "default") else rp
+    if d.get("rope_scaling") is not None and d["rope_scaling"] != scaling:
+        raise ConfigError("rope_parameters: differs from rope_scaling (transformers 5 writes the first, the "
+                          "released configs the second; keep one)")
+    d["rope_scaling"] = scaling
+    return d
 
 
 def _infer_sparse_variant(d: dict[str, Any]) -> str:

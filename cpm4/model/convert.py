@@ -19,7 +19,7 @@ import torch
 from .checkpoint import check_output_dir, load_checkpoint, parse_dtype, save_checkpoint
 from .config import MiniCPM4Config
 from .hub import resolve_model_dir
-from .rope import longrope_factors
+from .rope import longrope_factors, longrope_scale
 
 
 def folded_config(config: MiniCPM4Config) -> MiniCPM4Config:
@@ -63,11 +63,17 @@ def llama_config(config: MiniCPM4Config) -> dict:
         "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id, "initializer_range": config.initializer_range,
     }
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
     if config.rope_scaling:
         rs = out["rope_scaling"] = dict(config.rope_scaling)
         if rs.get("rope_type", rs.get("type")) == "longrope":
             # Llama runtimes switch lists by the sequence's length; ours uses one list at every length.
             rs["short_factor"] = rs["long_factor"] = longrope_factors(rs, config.max_position_embeddings)
+            # The magnitude ours uses, explicit: transformers derives it from `factor` first when there is one
+            # (the released config may carry "factor": 1.0), which ours does not read.
+            rs["attention_factor"] = longrope_scale(rs, config.max_position_embeddings)
+            rs.pop("factor", None)
     return out
 
 
@@ -106,4 +112,30 @@ def convert_to_llama(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
         if isinstance(hf.chat_template, str) and "bos_token" not in hf.chat_template:
             hf.chat_template = "{{ bos_token }}" + hf.chat_template
     return save_checkpoint(weights, folded_config(cfg), out, tokenizer=tok, overwrite=overwrite,
-                           config_json=llama_config(cfg))
+                           config_json=llama_config(cfg), generation_config=_generation_config(src, cfg),
+                           extra_files=_kept_files(src, tok is not None))
+
+
+# Files of the source carried into the export as they are: its licence, and with the tokenizer its SentencePiece
+# model and added tokens (llama.cpp's converter reads tokenizer.model first).
+_LICENCES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE")
+_TOKENIZER_FILES = ("tokenizer.model", "added_tokens.json")
+
+
+def _kept_files(src: str | os.PathLike, with_tokenizer: bool) -> list[Path]:
+    names = _LICENCES + (_TOKENIZER_FILES if with_tokenizer else ())
+    return [Path(src) / n for n in names if (Path(src) / n).is_file()]
+
+
+def _generation_config(src: str | os.PathLike, config: MiniCPM4Config) -> dict:
+    """The source's generation_config.json (its sampling defaults: transformers' generate and vLLM read them
+    there) with every EOS id that ends cpm4's generation, config.json's and its own."""
+    import json
+
+    from cpm4.engine.generation_config import NAME, generation_eos_ids
+
+    extra = generation_eos_ids(src)  # (first: a malformed file is an error naming it)
+    path = Path(src) / NAME
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    eos = config.eos_token_ids + [i for i in extra if i not in config.eos_token_ids]
+    return {**gen, "bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}

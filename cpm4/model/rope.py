@@ -81,6 +81,18 @@ def longrope_factors(rope_scaling: dict, max_position_embeddings: int) -> list[f
     return list(rope_scaling["long_factor" if max_position_embeddings > orig else "short_factor"])
 
 
+def longrope_scale(rope_scaling: dict, max_position_embeddings: int) -> float:
+    """The LongRoPE cos/sin magnitude: attention_factor when given, else from the table's length over the original
+    context as the reference computes it (a `factor` is not read: transformers reads it first, which is why the
+    Llama export writes this as attention_factor)."""
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    orig = int(rope_scaling["original_max_position_embeddings"])
+    if max_position_embeddings > orig:
+        return math.sqrt(1 + math.log(max_position_embeddings / orig) / math.log(orig))
+    return 1.0
+
+
 def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(inverse frequencies, 1/LongRoPE factors or None, cos/sin magnitude scale) for a config."""
     d = config.dim_head
@@ -92,13 +104,9 @@ def _frequencies(config: MiniCPM4Config, dtype: torch.dtype) -> tuple[torch.Tens
     inv_ext = None
     scale = 1.0
     if kind == "longrope":
-        orig = int(rs["original_max_position_embeddings"])
         maxpos = config.max_position_embeddings
         inv_ext = 1.0 / torch.tensor(longrope_factors(rs, maxpos), dtype=dtype, device="cpu")
-        if rs.get("attention_factor") is not None:
-            scale = float(rs["attention_factor"])
-        elif maxpos > orig:
-            scale = math.sqrt(1 + math.log(maxpos / orig) / math.log(orig))
+        scale = longrope_scale(rs, maxpos)
     elif kind == "yarn":
         inv_freq, scale = _yarn_inv_freq(inv_freq, d, base, rs, config.max_position_embeddings)
     elif kind == "linear":

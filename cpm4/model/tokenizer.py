@@ -443,7 +443,15 @@ class Tokenizer:
         return self._hf.get_vocab().get(token)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = list(self._hf.encode(text, add_special_tokens=False))
+        try:
+            ids = list(self._hf.encode(text, add_special_tokens=False))
+        except TypeError:
+            if isinstance(text, str):  # the Rust tokenizer's "TextInputSequence must be str" for a lone surrogate
+                bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+                if bad is not None:
+                    raise ValueError(f"text is not valid Unicode: a lone surrogate {text[bad]!r} at character "
+                                     f"{bad} (bytes that were not UTF-8?)") from None
+            raise
         # Prepended here, not by the post-processor, so add_bos means the same for any checkpoint.
         if add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
