@@ -424,3 +424,86 @@ def test_vllms_first_structural_tag_form(llm, client):
     r = httpx.post(f"{client.base_url}chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "structural_tag"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+def test_grammar_waits_for_the_reasoning(llm):
+    """reasoning_tags (set by the server's reasoning parser): the first token may open <think> besides the
+    grammar's; the reasoning then runs free, and the grammar applies to the answer after </think> (was: from
+    the first token, so a thinking model could never think). An output that opens otherwise is the grammar's;
+    a prompt that already closed the block (thinking off) gets the plain grammar."""
+    import torch
+
+    from cpm4.engine.guided import AfterReasoning, Utf8Matcher, _xgr
+
+    tok = llm.tokenizer
+    cfg = llm.model.config
+    tags = ("<think>", "</think>")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    sp = SamplingParams(guided_json=schema, reasoning_tags=tags)
+    prompt = tok.encode("Q?")
+
+    def allowed(m):
+        bits = _xgr().allocate_token_bitmask(1, cfg.vocab_size)
+        m.fill_next_token_bitmask(bits, 0)
+        x = torch.zeros(1, cfg.vocab_size)
+        _xgr().apply_token_bitmask_inplace(x, bits, vocab_size=cfg.vocab_size)
+        return {i for i in range(cfg.vocab_size) if x[0, i] == 0}
+
+    m = guided.new_matcher(tok, cfg.vocab_size, cfg.eos_token_ids, sp, prompt)
+    assert isinstance(m, AfterReasoning)
+    brace, opening, word = (tok.encode(t, add_bos=False)[0] for t in ("{", "<think>", "Hello"))
+    first = allowed(m)
+    assert brace in first and opening in first and word not in first
+    thought = tok.encode("<think>\nAny text { ] here.\n</think>\n\n", add_bos=False)
+    for t in thought:
+        assert m.state != "answer" and m.accept_token(t)
+    newline = tok.encode("\n", add_bos=False)[0]
+    assert m.state == "gap" and {brace, newline} <= allowed(m) and word not in allowed(m)  # whitespace, then JSON
+    assert not m.accept_token(word) and m.state == "gap"
+    assert all(m.accept_token(t) for t in tok.encode('{"n": 3}', add_bos=False))
+    assert m.state == "answer" and allowed(m) == set(cfg.eos_token_ids) & allowed(m) != set()  # complete
+    assert m.accept_token(cfg.eos_token_ids[0]) and m.is_terminated()
+    # Opening with the grammar: no reasoning afterwards.
+    m = guided.new_matcher(tok, cfg.vocab_size, cfg.eos_token_ids, sp, prompt)
+    assert m.accept_token(brace) and m.state == "answer" and opening not in allowed(m)
+    m = guided.new_matcher(tok, cfg.vocab_size, cfg.eos_token_ids, sp, prompt)
+    assert not m.accept_token(word)  # neither the grammar's nor an opening
+    closed = tok.encode("Q?<think>\n\n</think>\n\n")
+    assert isinstance(guided.new_matcher(tok, cfg.vocab_size, cfg.eos_token_ids, sp, closed), Utf8Matcher)
+    # Through the engine: the first token may open the block only with reasoning_tags.
+    bias = {opening: 100.0}
+    for with_tags, want in ((True, opening), (False, None)):
+        p = SamplingParams(guided_json=True, max_tokens=1, temperature=0, logit_bias=bias,
+                           reasoning_tags=tags if with_tags else None)
+        got = llm.generate([prompt], p)[0].token_ids[0]
+        assert (got == opening) if want else got != opening
+    with pytest.raises(ValueError, match="reasoning_tags must be"):
+        SamplingParams(guided_json=True, reasoning_tags=("<think>",))
+
+
+def test_server_with_a_reasoning_parser_lets_the_answer_think_first(llm):
+    """--reasoning-parser minicpm4 with response_format: the first token may open <think> (a bias stands in for a
+    thinking model's first step; it was masked to the grammar's, so reasoning silently never happened); without
+    the parser, or on /v1/completions, the grammar applies from the first token."""
+    from cpm4.serve import AsyncEngine, create_app
+
+    opening = llm.tokenizer.encode("<think>", add_bos=False)[0]
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=4)
+    srvs = {p: _Server(create_app(eng, MODEL, reasoning_parser=p)) for p in ("minicpm4", None)}
+    try:
+        for parser, srv in srvs.items():
+            c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+            kw = dict(model=MODEL, max_tokens=1, temperature=0, logit_bias={str(opening): 100},
+                      response_format={"type": "json_object"}, logprobs=True, extra_body={
+                          "return_tokens_as_token_ids": True})
+            r = c.chat.completions.create(messages=[{"role": "user", "content": "A person as JSON."}], **kw)
+            first = int(r.choices[0].logprobs.content[0].token.split(":")[1])
+            assert (first == opening) == (parser is not None), (parser, first)
+            r = c.completions.create(model=MODEL, prompt="A person as JSON:", max_tokens=1, temperature=0, logprobs=0,
+                                     logit_bias={str(opening): 100}, extra_body={
+                                         "return_tokens_as_token_ids": True, "response_format": {"type": "json_object"}})
+            assert int(r.choices[0].logprobs.tokens[0].split(":")[1]) != opening
+    finally:
+        for srv in srvs.values():
+            srv.stop()
+        eng.shutdown()

@@ -219,7 +219,7 @@ class SequenceState:
             from .guided import new_matcher
 
             # The EOS ids end a guided sequence once its grammar is complete, even with ignore_eos.
-            self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params)
+            self.matcher = new_matcher(tokenizer, vocab_size, eos_ids, params, prompt_ids)
         self.stop_ids = stop_ids(params, eos_ids)
         # min_tokens holds back the EOS ids even with ignore_eos (vLLM's rule), besides stop_token_ids
         held = set(params.stop_token_ids or []) | set(eos_ids) if params.min_tokens else ()

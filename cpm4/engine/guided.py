@@ -107,7 +107,8 @@ def _entry(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> li
         entry = per.get(key)
         if entry is None:
             info = _tokenizer_info(tokenizer, *key)
-            entry = per[key] = [_xgr().GrammarCompiler(info, max_threads=2), info, None]
+            # [compiler, tokenizer info, UTF-8 table, opening-tag masks]
+            entry = per[key] = [_xgr().GrammarCompiler(info, max_threads=2), info, None, {}]
     return entry
 
 
@@ -505,14 +506,109 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[in
         raise ValueError(f"{field} is not a valid {what}: {msg}") from None
 
 
-def new_matcher(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], params: SamplingParams
-                ) -> GrammarMatcher | None:
+def new_matcher(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], params: SamplingParams,
+                prompt_ids: Sequence[int] = ()) -> GrammarMatcher | None:
     """A fresh matcher for one sequence of `params` (None without a grammar). stop_ids: the tokens that end
-    the sequence once the grammar is complete (the model's EOS ids)."""
+    the sequence once the grammar is complete (the model's EOS ids). With params.reasoning_tags, an
+    `AfterReasoning` over it, unless the prompt already closed the reasoning block (thinking turned off: the
+    chat template writes the empty block)."""
     grammar = compile_grammar(tokenizer, vocab_size, stop_ids, params)
     if grammar is None:
         return None
-    return Utf8Matcher(_xgr().GrammarMatcher(grammar), _utf8_table(tokenizer, vocab_size, stop_ids))
+    matcher = Utf8Matcher(_xgr().GrammarMatcher(grammar), _utf8_table(tokenizer, vocab_size, stop_ids))
+    tags = params.reasoning_tags
+    if tags is None or tokenizer.decode(list(prompt_ids[-_TAG_WINDOW:]), skip_special_tokens=False).rstrip() \
+            .endswith(tags[1]):
+        return matcher
+    return AfterReasoning(matcher, tokenizer, _token_mask(tokenizer, vocab_size, stop_ids, tags[0]),
+                          _token_mask(tokenizer, vocab_size, stop_ids, "blank"), tags)
+
+
+_TAG_WINDOW = 8  # tokens decoded to find a tag (a tag is a few tokens at most)
+
+
+def _token_mask(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], key: str) -> Tensor:
+    """[ceil(V/32)] int32 bitmask (xgrammar's layout) of tokens by their text. key "blank": the whitespace-only
+    ones; otherwise a tag: the tokens an output can open it with (their text, leading whitespace dropped, a
+    start of it or starting with it) and the tag's own token."""
+    entry = _entry(tokenizer, vocab_size, stop_ids)
+    with _lock:
+        masks = entry[3]
+        if key not in masks:
+            texts = [b.decode("utf-8", "ignore") for b in entry[1].decoded_vocab[:vocab_size]]
+            if key == "blank":
+                ids = [i for i, t in enumerate(texts) if t and not t.strip()]
+            else:
+                ids = [i for i, t in enumerate(texts) if (s := t.lstrip()) and (key.startswith(s) or s.startswith(key))]
+                special = tokenizer.token_id(key)
+                if special is not None and special < vocab_size:
+                    ids.append(special)
+            bits = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.bool)
+            bits[ids] = True
+            weights = torch.tensor([1 << k for k in range(31)] + [-(1 << 31)], dtype=torch.int64)
+            masks[key] = (bits.view(-1, 32).long() * weights).sum(1).to(torch.int32)
+        return masks[key]
+
+
+def _has(mask: Tensor, token: int) -> bool:
+    return bool((int(mask[token // 32]) >> (token % 32)) & 1)
+
+
+class AfterReasoning:
+    """A grammar matcher for an output that may think first (vLLM's structured outputs with a reasoning parser).
+    At the first token the grammar's tokens and those that open the reasoning tag are allowed: an output that
+    opens otherwise is the grammar's from there on; one that opens the tag runs free until the closing tag
+    (found in the text of its last few tokens). Whitespace may follow the closing tag (as the model writes it
+    there; the reasoning parser drops it), then the grammar applies to the answer. Text after the closing tag
+    in the same token is given to the grammar."""
+
+    def __init__(self, inner: Utf8Matcher, tokenizer: Tokenizer, opening: Tensor, blank: Tensor,
+                 tags: tuple[str, str]) -> None:
+        self.inner, self.tokenizer, self.opening, self.blank, self.tags = inner, tokenizer, opening, blank, tags
+        self.state = "start"  # start, reasoning, gap (after the reasoning, before the answer), answer
+        self._ids: list[int] = []  # the reasoning's last tokens
+        self._close_id = tokenizer.token_id(tags[1])
+
+    def fill_next_token_bitmask(self, bitmask: Tensor, row: int) -> Any:
+        if self.state == "reasoning":
+            return None  # the row stays all allowed
+        out = self.inner.fill_next_token_bitmask(bitmask, row)
+        extra = {"start": self.opening, "gap": self.blank}.get(self.state)
+        if extra is not None:
+            mine = bitmask[row]
+            n = min(mine.shape[0], extra.shape[0])
+            mine[:n] |= extra[:n]
+        return out
+
+    def accept_token(self, token: int) -> bool:
+        if self.state == "answer":
+            return self.inner.accept_token(token)
+        if self.state != "reasoning":
+            if self.inner.accept_token(token):  # the grammar's own (preferred where both fit)
+                self.state = "answer"
+                return True
+            if self.state == "gap":
+                return _has(self.blank, token)  # whitespace before the answer, else rejected
+            if not _has(self.opening, token):  # neither the grammar's nor an opening: rejected
+                self.state = "answer"
+                return False
+            self.state = "reasoning"
+        self._ids = (self._ids + [token])[-_TAG_WINDOW:]
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=False)
+        close = self.tags[1]
+        if close in text or token == self._close_id:
+            self.state = "gap"
+            rest = text.split(close, 1)[1].lstrip() if close in text else ""
+            if rest:
+                self.state = "answer"
+                return self.inner.accept_string(rest)
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.state == "answer" and self.inner.is_terminated()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def apply_grammar(x: Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:

@@ -75,6 +75,10 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # With a grammar: (open, close) tags of a reasoning block the output may open with (the server's reasoning
+    # parser sets ("<think>", "</think>")): the reasoning runs free and the grammar applies to the answer after
+    # it, as vLLM's structured outputs with a reasoning parser. None: the grammar applies from the first token.
+    reasoning_tags: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -184,6 +188,11 @@ class SamplingParams:
         given = [n for n in GRAMMAR_FIELDS if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} are exclusive: give one grammar")
+        if self.reasoning_tags is not None:
+            tags = self.reasoning_tags
+            if not (isinstance(tags, (tuple, list)) and len(tags) == 2 and all(isinstance(t, str) and t for t in tags)):
+                raise ValueError(f"reasoning_tags must be (open, close) strings, got {tags!r:.60}")
+            self.reasoning_tags = tuple(tags)
         if self.min_tokens and self.guided:  # a finished grammar allows only EOS: nothing would be left
             raise ValueError(f"min_tokens cannot be combined with {given[0]}")
 

@@ -41,7 +41,7 @@ from .protocol import (
     ResponseFormat,
     TokenizeRequest,
 )
-from .reasoning import ReasoningStream, check_reasoning_parser
+from .reasoning import END_THINK, THINK, ReasoningStream, check_reasoning_parser
 from .responses import ResponsesRequest, responses
 from .stats import StatsLogger
 from .streaming import Choice, DisconnectWatch, merge_streams, sse_event, sse_stream, usage_counts, usage_options
@@ -212,6 +212,9 @@ class _OpenAIServer:
                 allowed_token_ids=req.allowed_token_ids,
                 skip_special_tokens=req.skip_special_tokens,
                 bad_words=req.bad_words,
+                # a chat answer's grammar waits for the end of its reasoning, as vLLM's with a reasoning parser
+                reasoning_tags=(THINK, END_THINK) if fields and self.reasoning_parser
+                and isinstance(req, ChatCompletionRequest) else None,
                 **fields,
             )
             params.check_vocab(self.engine.vocab_size)
