@@ -9,8 +9,9 @@ reference built only from `Tokenizer.decode` of the whole output:
 2. every streamed prefix is a prefix of that final text (nothing a later stop match removes leaks, and no
    U+FFFD of a character still being completed);
 3. finish reason and token ids follow the documented rules (a stop token / EOS ends with "stop" and is in
-   the ids, its text only with include_stop_str_in_output; min_tokens bans stop ids in the sampler, and no
-   stop string ends the text in what the first min_tokens tokens show (vLLM's rule);
+   the ids, its text only with include_stop_str_in_output; min_tokens bans stop ids (and the EOS, even with
+   ignore_eos) in the sampler, and no stop string ends the text in what the first min_tokens tokens show
+   (vLLM's rules);
    max_tokens, capped by the context, ends with "length" unless its last token completes a stop string);
 4. stream_text=False gives the same final text and ids, with nothing before the last delta;
 5. stop strings spanning token boundaries, overlapping, prefixes of each other or inside multi-token
@@ -212,9 +213,10 @@ def _case(rng: random.Random, t: Tok):
                             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                             include_stop_str_in_output=include, skip_special_tokens=skip)
     stop_ids = set(stop_token_ids or []) | (set() if ignore_eos else set(t.eos))
-    fallback = next(i for i in rng.sample(range(t.vocab), 50) if i not in stop_ids)
-    # min_tokens: before it the sampler cannot pick a stop id, so the reference sees the fallback there.
-    ref_script = [fallback if i < min_tokens and x in stop_ids else x for i, x in enumerate(script)]
+    held = set(stop_token_ids or []) | set(t.eos)  # what min_tokens bans: the EOS even with ignore_eos (vLLM)
+    fallback = next(i for i in rng.sample(range(t.vocab), 50) if i not in held)
+    # min_tokens: before it the sampler cannot pick a held id, so the reference sees the fallback there.
+    ref_script = [fallback if i < min_tokens and x in held else x for i, x in enumerate(script)]
     eff_max = min(max_tokens, context - len(prompt))
     ref = reference(t, ref_script, stop_ids, stops, include, skip, eff_max, min_tokens)
     return prompt, script, params, context, fallback, ref
