@@ -500,8 +500,9 @@ def test_server_with_a_reasoning_parser_lets_the_answer_think_first(llm):
             first = int(r.choices[0].logprobs.content[0].token.split(":")[1])
             assert (first == opening) == (parser is not None), (parser, first)
             r = c.completions.create(model=MODEL, prompt="A person as JSON:", max_tokens=1, temperature=0, logprobs=0,
-                                     logit_bias={str(opening): 100}, extra_body={
-                                         "return_tokens_as_token_ids": True, "response_format": {"type": "json_object"}})
+                                     logit_bias={str(opening): 100},
+                                     extra_body={"return_tokens_as_token_ids": True,
+                                                 "response_format": {"type": "json_object"}})
             assert int(r.choices[0].logprobs.tokens[0].split(":")[1]) != opening
     finally:
         for srv in srvs.values():
