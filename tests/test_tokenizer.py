@@ -376,9 +376,9 @@ def test_light_tokenizer_equals_transformers(tmp_path):
     for t in (light, ref):
         with pytest.raises(ValueError):
             t.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True, continue_final_message=True)
-    with pytest.raises(ValueError, match="final message's text"):  # transformers cuts at the end of the text here
-        light.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
-                          add_generation_prompt=False, continue_final_message=True)
+    blank = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]  # cut where transformers cuts
+    assert light.render_chat(blank, add_generation_prompt=False, continue_final_message=True) == \
+        ref.render_chat(blank, add_generation_prompt=False, continue_final_message=True)
     assert light.hf.convert_ids_to_tokens([3, 4]) == ref.hf.convert_ids_to_tokens([3, 4])
     light.save(tmp_path / "a")
     ref.save(tmp_path / "b")

@@ -20,8 +20,18 @@ from typing import Any
 @lru_cache(maxsize=8)
 def _compile(template: str):
     import jinja2
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` (it marks the assistant's tokens for training
+        masks): rendered as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
@@ -29,7 +39,7 @@ def _compile(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -95,23 +105,33 @@ class JsonTokenizer:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token)) if v is not None}
-        text = _compile(template).render(messages=list(conversation), tools=tools, documents=None,
+        messages = [dict(m) for m in conversation]
+        if continue_final:
+            content = messages[-1].get("content") if messages else None
+            if not isinstance(content, str):
+                raise ValueError("continue_final_message: the final message has no text content to continue")
+            messages[-1]["content"] = content + _CONTINUE_TAG
+        documents = kwargs.pop("documents", None)  # (a template variable of its own, as in transformers)
+        text = _compile(template).render(messages=messages, tools=tools, documents=documents,
                                          add_generation_prompt=add_generation_prompt, **{**specials, **kwargs})
         if continue_final:
-            text = _cut_after_final(text, conversation[-1].get("content"))
+            text = _cut_at_tag(text)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def _cut_after_final(text: str, content: Any) -> str:
-    """transformers' continue_final_message: the rendering up to the end of the last message's text (its
-    end-of-turn tokens dropped), so generation writes that message on. Trailing whitespace of the message is
-    kept only where the template kept it."""
-    if not isinstance(content, str) or not content.strip() or content.strip() not in text:
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, and its rule below
+
+
+def _cut_at_tag(text: str) -> str:
+    """transformers' continue_final_message: the rendering up to where the last message's text ends (found by the
+    tag appended to it: searching for the text itself took the end-of-turn tokens too when they held it, e.g.
+    "end" in "<|im_end|>"), its end-of-turn tokens dropped; trailing whitespace kept only where the template
+    kept it."""
+    tag = _CONTINUE_TAG.strip()
+    if tag not in text:
         raise ValueError("continue_final_message: the final message's text does not appear in the rendered chat")
-    body = content.lstrip()
-    at = text.rindex(content.strip())
-    end = at + len(body) if text.startswith(body, at) else at + len(content.strip())
-    return text[:end]
+    at = text.rindex(tag)
+    return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
 
 
 def _token_str(value: Any) -> str | None:

@@ -518,6 +518,8 @@ class Tokenizer:
         try:
             self.render_chat([{"role": "user", "content": "hi"}])
         except Exception as e:
+            if type(e).__name__ == "TemplateError" and type(e).__module__.startswith("jinja2"):
+                return  # the template's own raise_exception: it runs, and refuses this conversation (no system?)
             self._hf.chat_template = old
             raise ValueError(f"chat template does not render a chat: {type(e).__name__}: {e}") from None
 
@@ -557,7 +559,8 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
         ids = self.encode(text, add_bos=False)
         bos = self.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
+        written = isinstance(self._hf.bos_token, str) and text.lstrip().startswith(self._hf.bos_token)
+        if bos is not None and not written and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return ids
 

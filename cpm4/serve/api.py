@@ -508,6 +508,9 @@ class _OpenAIServer:
             d["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
             d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+            for j, call in enumerate(d["tool_calls"]):
+                fn = call["function"]
+                fn["arguments"] = _arguments_object(fn.get("arguments"), f"messages[{i}].tool_calls[{j}]")
         return d
 
     # ----- /tokenize, /detokenize (vLLM's) -----
@@ -707,6 +710,24 @@ def _is_type_tag(x: object) -> bool:
     # Our field names are lower-case identifiers; tags are type names ("str", "list[int]", "ToolCall").
     return isinstance(x, str) and (x in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in x
                                    or x[:1].isupper() or "-" in x)
+
+
+def _arguments_object(args: Any, where: str) -> dict[str, Any]:
+    """An earlier call's arguments as the chat template takes them (vLLM's and transformers' convention): an
+    object; OpenAI's JSON text parsed, "" or none as {}. A template writing them with `tojson` encoded the text a
+    second time, one iterating them failed, and "" left a call without its arguments in the prompt."""
+    if args is None or args == "":
+        return {}
+    if isinstance(args, dict):
+        return args
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object (or its text), got {args!r:.60}",
+                       param="messages")
+    return parsed
 
 
 def _validation_error(errors: Sequence[Any]) -> APIError:

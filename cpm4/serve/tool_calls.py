@@ -17,6 +17,7 @@ import json
 import uuid
 from typing import Any
 
+from cpm4.engine.params import valid_text
 from cpm4.model.tokenizer import TOOL_CALL, Tokenizer
 
 __all__ = ["TOOL_CALL", "ToolCallCollector", "parse_tool_calls"]
@@ -30,7 +31,8 @@ def _new_call_id() -> str:
 
 def _as_call(obj: Any) -> dict[str, Any] | None:
     """An OpenAI tool call from one parsed JSON object, or None when it is not shaped like one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"] \
+            or not valid_text(obj["name"]):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     try:
@@ -41,9 +43,12 @@ def _as_call(obj: Any) -> dict[str, Any] | None:
             json.dumps(parsed, allow_nan=False)
             arguments = args
         elif isinstance(args, dict):
+            parsed = args
             arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
         else:
             return None
+        if not valid_text(arguments):  # a lone surrogate from a "\ud83d" escape: kept escaped (UTF-8 has none)
+            arguments = json.dumps(parsed, ensure_ascii=True, allow_nan=False)
     except (ValueError, RecursionError):  # not JSON, or NaN / Infinity in it (Python's parser takes them)
         return None
     return {"id": _new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}
