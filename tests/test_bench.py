@@ -172,3 +172,21 @@ def test_run_watch_counts_triton_compiles_and_their_seconds():
         assert knobs.runtime.jit_cache_hook(fn=None) is None and calls[-1] == "pre"  # restored
     finally:
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before_pre, before_post
+
+
+def test_bench_serve_draws_prompts_from_the_served_vocabulary(server, tmp_path):
+    """Without --random-vocab the prompt ids come from the served model's vocabulary (its /v1/models card says
+    it): the default of 10000 made every request a 400 against a model of fewer ids (the demo model's 8192, the
+    tiny one's here)."""
+    import httpx
+
+    card = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-bench"}, timeout=30).json()
+    vocab = card["data"][0]["vocab_size"]
+    assert vocab < 10000
+    from cpm4.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "serve", "--base-url", server.url, "--api-key", "sk-bench", "--num-prompts", "4",
+                 "--random-input-len", "200", "--random-output-len", "2", "--client", "httpx",
+                 "--client-processes", "1", "--save-result", str(out)]) == 0
+    assert json.loads(out.read_text())["failed"] == 0

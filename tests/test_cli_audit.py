@@ -88,8 +88,8 @@ def test_max_model_len_validated_alike_before_loading(ckpt, capsys, command, val
 def test_max_model_len_longer_than_the_context(ckpt, capsys, monkeypatch):
     rc, _, err = run(["generate", "--model", ckpt, "--device", "cpu", "--max-model-len", "5000", "hi"], capsys)
     assert_one_line_error(rc, err, "max_model_len 5000", "4096")
-    uvicorn = pytest.importorskip("uvicorn")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("served despite a bad --max-model-len"))
+    pytest.importorskip("uvicorn")
+    monkeypatch.setattr("cpm4.serve._run_server", lambda app, **kw: pytest.fail("served despite a bad --max-model-len"))
     rc, _, err = run(["serve", "--model", ckpt, "--device", "cpu", "--max-model-len", "5000",
                       "--log-stats-interval", "0"], capsys)
     assert_one_line_error(rc, err, "max_model_len 5000", "4096")
@@ -100,7 +100,7 @@ def test_max_model_len_longer_than_the_context(ckpt, capsys, monkeypatch):
 
 
 def test_serve_several_model_names(ckpt, capsys, monkeypatch):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
@@ -117,7 +117,7 @@ def test_serve_several_model_names(ckpt, capsys, monkeypatch):
             r = tc.post("/v1/completions", json={**body, "model": "gamma"})
             seen["unknown"] = (r.status_code, r.json())
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr("cpm4.serve._run_server", fake_run)
     rc, _, err = run(["serve", ckpt, "--device", "cpu", "--served-model-name", "alpha", "beta",
                       "--log-stats-interval", "0", "--max-batch-size", "2"], capsys)
     assert rc == 0, err
@@ -132,9 +132,9 @@ def test_serve_several_model_names(ckpt, capsys, monkeypatch):
 
 
 def test_serve_one_model_name_and_bad_names(ckpt, capsys, monkeypatch):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("name", app.state.model_name))
+    monkeypatch.setattr("cpm4.serve._run_server", lambda app, **kw: seen.setdefault("name", app.state.model_name))
     rc, _, err = run(["serve", ckpt, "--device", "cpu", "--served-model-name", "solo", "--log-stats-interval", "0",
                       "--max-batch-size", "2"], capsys)
     assert rc == 0 and seen["name"] == "solo", err
@@ -436,3 +436,41 @@ def test_prompt_bytes_that_are_not_utf8(ckpt, llm):
     assert want in r.stdout.decode()
     with pytest.raises(ValueError, match="not valid Unicode: a lone surrogate '\\\\udce9' at character 3"):
         llm.tokenizer.encode("caf\udce9")
+
+
+def test_serve_options_as_vllm_spells_them(monkeypatch):
+    """--allowed-origins as a JSON list (vLLM's spelling; it was one origin named '["http://a"]', so every origin
+    was refused), $VLLM_API_KEY as the key (the server was open), an empty key refused, vLLM's logging options and
+    --trust-remote-code taken."""
+    from cpm4.cli import build_parser
+    from cpm4.serve.cli import _origins
+
+    assert _origins('["http://a", "http://b"]') == ["http://a", "http://b"] and _origins("*") == ["*"]
+    monkeypatch.delenv("CPM4_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "sekret")
+    args = build_parser().parse_args(["serve", "--allowed-origins", '["http://a"]', "http://c",
+                                      "--trust-remote-code", "--disable-log-stats", "--uvicorn-log-level", "warning",
+                                      "--disable-uvicorn-access-log"])
+    assert args.allowed_origins == [["http://a"], ["http://c"]] and args.api_key == "sekret"
+    assert args.disable_log_stats and args.uvicorn_log_level == "warning" and args.disable_uvicorn_access_log
+    for bad in (["--api-key", ""], ["--allowed-origins", '["x", 3]']):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["serve", *bad])
+        assert e.value.code == 2
+
+
+def test_serve_port_in_use_is_said_before_the_model_loads(tmp_path, capsys):
+    """The port is taken first (as vLLM's): one in use is a one-line error, exit 2, before any load (the load came
+    first, then uvicorn's own message and exit 3)."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        rc = main(["serve", str(tmp_path / "no-such-model"), "--port", str(port), "--device", "cpu"])
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "not found" not in err

@@ -71,12 +71,11 @@ def test_model_id_from_the_cache(offline):
 
 def test_serve_names_a_hub_model_by_its_id(offline, monkeypatch):
     pytest.importorskip("uvicorn")
-    import uvicorn
 
     from cpm4.serve import serve
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("name", app.state.model_name))
+    monkeypatch.setattr("cpm4.serve._run_server", lambda app, **kw: seen.setdefault("name", app.state.model_name))
     serve(REPO, device="cpu", log_stats_interval=0, max_batch_size=2)
     assert seen["name"] == REPO
 

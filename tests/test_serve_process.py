@@ -297,6 +297,7 @@ def test_cpm4_serve_engine_process_cli(ckpt):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+        assert f"Uvicorn running on http://127.0.0.1:{port}" in proc.stdout.read()  # (on the socket taken first)
         deadline = time.monotonic() + 30
         alive = children
         while alive and time.monotonic() < deadline:
@@ -317,7 +318,6 @@ def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
     import argparse
 
     import torch
-    import uvicorn
 
     from cpm4.serve import default_engine_process, serve
     from cpm4.serve.cli import add_serve_command
@@ -328,7 +328,7 @@ def test_serve_picks_the_engine(ckpt, monkeypatch, flag, expected):
         seen["engine"] = app.state.engine
         assert app.state.engine.is_running
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr("cpm4.serve._run_server", fake_run)
     serve(ckpt, device="cpu", engine_process=flag, log_stats_interval=0, max_batch_size=2,
           enable_prefix_caching=flag is not True, cascade_decode=flag)
     assert type(seen["engine"]) is expected

@@ -73,7 +73,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           cpu_threads: int | None = None, generation_config: str | None = "auto",
           reasoning_parser: str | None = None, allowed_origins: list[str] | None = None,
           engine_process: bool | None = None, revision: str | None = None, enable_prefix_caching: bool = True,
-          cascade_decode: bool | None = None) -> None:
+          cascade_decode: bool | None = None, access_log: bool = True) -> None:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) and serve it
     over HTTP until interrupted. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
     several names (vLLM's `--served-model-name a b`): responses carry the first, requests may name any;
@@ -87,7 +87,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL; None:
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
-    rows (see `LLMEngine`; None: on)."""
+    rows (see `LLMEngine`; None: on). The port is taken before the model loads (as vLLM's): one in use is an
+    OSError at once, not after the load."""
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
@@ -95,10 +96,41 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     if any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here, used in _serve_on)
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     given = str(model_dir)
+    sock = _listen(host, port)
+    try:
+        _serve_on(sock, model_dir, given, host, port, device, dtype, api_key, names, max_batch_size, log_level,
+                  kv_cache_tokens, chunk_tokens, gpu_memory_utilization, cuda_graphs, compile, async_output,
+                  max_model_len, chat_template, log_stats_interval, cpu_threads, generation_config,
+                  reasoning_parser, allowed_origins, engine_process, revision, enable_prefix_caching,
+                  cascade_decode, access_log)
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port (uvicorn's options: reusable address, inheritable); OSError naming both."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_on(sock, model_dir, given, host, port, device, dtype, api_key, names, max_batch_size, log_level,
+              kv_cache_tokens, chunk_tokens, gpu_memory_utilization, cuda_graphs, compile, async_output,
+              max_model_len, chat_template, log_stats_interval, cpu_threads, generation_config, reasoning_parser,
+              allowed_origins, engine_process, revision, enable_prefix_caching, cascade_decode, access_log) -> None:
     from cpm4.model.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
@@ -160,6 +192,22 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
                      allowed_origins=allowed_origins)
     try:
         # A short graceful period: open streams are aborted by the engine shutdown below anyway.
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                    access_log=access_log)
     finally:
         engine.shutdown()
+
+
+def _run_server(app: Any, *, sock: Any, **config: Any) -> None:
+    """uvicorn on the socket `serve` took before loading (`config`: uvicorn.Config's options), until stopped."""
+    import uvicorn
+
+    cfg = uvicorn.Config(app, **config)  # (configures uvicorn's loggers)
+    host, port = sock.getsockname()[:2]
+    # uvicorn says where it listens only when it binds the socket itself; the real port (for --port 0)
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                            f"[{host}]" if ":" in host else host, port)
+    try:
+        uvicorn.Server(cfg).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it): exit 0, as uvicorn.run does
+        pass

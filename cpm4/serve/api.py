@@ -158,7 +158,8 @@ class _OpenAIServer:
 
     def model_card(self, name: str | None = None) -> dict[str, Any]:
         return {"id": name or self.model_name, "object": "model", "created": self.created, "owned_by": "cpm4",
-                "root": self.model_name, "max_model_len": self.engine.context_length}
+                "root": self.model_name, "max_model_len": self.engine.context_length,
+                "vocab_size": self.engine.vocab_size}  # (what `cpm4 bench serve` draws its random prompts from)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:

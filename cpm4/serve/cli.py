@@ -23,12 +23,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
           kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
           gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
           compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
-          chat_template=args.chat_template, log_stats_interval=args.log_stats_interval,
+          chat_template=args.chat_template, log_stats_interval=0 if args.disable_log_stats else args.log_stats_interval,
           cpu_threads=args.cpu_threads, generation_config=args.generation_config,
-          reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
+          reasoning_parser=args.reasoning_parser,
+          allowed_origins=[o for group in args.allowed_origins for o in group] if args.allowed_origins else None,
           engine_process=args.engine_process, revision=args.revision,
-          enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode)
+          enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
+          log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)
     return 0
+
+
+def _origins(text: str) -> list[str]:
+    """An origin, or vLLM's spelling of the option's value: a JSON list of them ('["http://a"]' was taken as one
+    origin named so, which no browser sends: every origin was refused)."""
+    import json
+
+    if not text.startswith("["):
+        return [text]
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(o, str) and o for o in value):
+        raise argparse.ArgumentTypeError(f"not an origin nor a JSON list of origins: {text!r}")
+    return value
+
+
+def _api_key(text: str) -> str:
+    if not text:  # an empty key would leave the server open while the command line says otherwise
+        raise argparse.ArgumentTypeError("the API key is empty")
+    return text
 
 
 _non_negative = bounded(float, "a number >= 0", 0)
@@ -53,8 +77,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")
     # From the environment by default so the key need not appear in the process list.
-    p.add_argument("--api-key", default=os.environ.get("CPM4_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY)")
+    p.add_argument("--api-key", type=_api_key,
+                   default=os.environ.get("CPM4_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY, else vLLM's "
+                   "$VLLM_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model ids clients use, as vLLM's: the first is the one responses carry, requests may name "
                    "any, /v1/models lists all (default: the folder name, or the Hub id)")
@@ -90,7 +116,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="defaults for the sampling fields a request leaves unset: auto (the checkpoint's "
                    "generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "
                    "vllm (none), or a folder or file with a generation_config.json")
-    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+    p.add_argument("--allowed-origins", nargs="+", type=_origins, default=None, metavar="ORIGIN",
                    help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' for any "
                    "(default: none, so web pages cannot reach the server)")
     p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
@@ -102,6 +128,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "one GIL (default: on with CUDA, off on the CPU; --no-engine-process: a thread)")
     p.add_argument("--log-stats-interval", type=_non_negative, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
+    p.add_argument("--disable-log-stats", action="store_true", help="no throughput lines (vLLM's option)")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -119,13 +151,20 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         base = base[:-3]
     key = args.api_key
     model = args.model
-    if model is None:  # the server's first model, as vLLM's bench does
-        req = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                model = json.load(r)["data"][0]["id"]
-        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as e:
+    cards: list = []
+    req = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            cards = json.load(r)["data"]
+        if model is None:  # the server's first model, as vLLM's bench does
+            model = cards[0]["id"]
+    except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError, TypeError) as e:
+        if model is None:
             raise ValueError(f"cannot list the models of {base} (is a server running there?): {e}") from None
+    if args.random_vocab is None:  # the served model's vocabulary (cpm4's cards say it), else 10000
+        card = next((c for c in cards if isinstance(c, dict) and c.get("id") == model), {})
+        vocab = card.get("vocab_size")
+        args.random_vocab = min(vocab, 10000) if isinstance(vocab, int) and vocab > 0 else 10000
     rate = math.inf if args.request_rate in ("inf", None) else float(args.request_rate)
     reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
                            args.random_vocab, rate, args.seed, args.random_prefix_len)
@@ -135,6 +174,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print(f"[cpm4] {len(reqs)} requests to {base} ({model}): input ~{args.random_input_len} (after a shared "
           f"prefix of {args.random_prefix_len}), output "
           f"~{args.random_output_len} tokens, rate {rate} req/s, {processes} client processes", file=sys.stderr)
+    import signal
+
+    # `kill`, `timeout` and CI cancellation send SIGTERM: as an exception, run_clients' cleanup stops the client
+    # processes (the default action ended this one alone, and they went on loading the server)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rep = run_clients(base, model, reqs, warm, temperature=args.temperature, client=args.client,
                       processes=processes, max_concurrency=args.max_concurrency, api_key=key)
     s = summarize(rep, reqs)
@@ -185,7 +229,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     q.add_argument("--random-output-len", type=_positive, default=128, help="tokens generated (ignore_eos)")
     q.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths drawn uniformly within this fraction of the above (0: exact)")
-    q.add_argument("--random-vocab", type=_positive, default=10000, help="prompt ids are drawn from [0, this)")
+    q.add_argument("--random-vocab", type=_positive, default=None,
+                   help="prompt ids are drawn from [0, this) (default: the served model's vocabulary, at most 10000)")
     q.add_argument("--request-rate", type=_rate, default="inf",
                    help="requests per second, Poisson arrivals (default inf: all at once)")
     q.add_argument("--max-concurrency", type=_positive, default=None, help="requests in flight at most")
