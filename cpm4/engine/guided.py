@@ -155,6 +155,14 @@ def _utf8_dfa() -> np.ndarray:
     return t
 
 
+def _bitmask(allowed: np.ndarray) -> Tensor:
+    """[..., V] booleans as xgrammar bitmask rows: int32 words, token i at bit i % 32 of word i // 32."""
+    words = -(-allowed.shape[-1] // 32)
+    bits = np.zeros((*allowed.shape[:-1], words * 32), bool)
+    bits[..., :allowed.shape[-1]] = allowed
+    return torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little").view("<i4").astype(np.int32))
+
+
 class Utf8Table:
     """For each UTF-8 state (0-7) and token: the state after the token's bytes (`after`, _BAD where they break
     UTF-8) and, as xgrammar bitmask rows (int32, bit i % 32 of word i // 32), the tokens that keep it (`masks`).
@@ -174,10 +182,7 @@ class Utf8Table:
             state = dfa[state, data[None, :, j]]
         self.after = state
         self.dfa = dfa
-        words = -(-vocab_size // 32)
-        bits = np.zeros((8, words * 32), bool)
-        bits[:, :vocab_size] = state != _BAD
-        self.masks = torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view("<i4").astype(np.int32))
+        self.masks = _bitmask(state != _BAD)
 
 
 class Utf8Matcher:
@@ -543,10 +548,9 @@ def _token_mask(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int], 
                 special = tokenizer.token_id(key)
                 if special is not None and special < vocab_size:
                     ids.append(special)
-            bits = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.bool)
+            bits = np.zeros(vocab_size, bool)
             bits[ids] = True
-            weights = torch.tensor([1 << k for k in range(31)] + [-(1 << 31)], dtype=torch.int64)
-            masks[key] = (bits.view(-1, 32).long() * weights).sum(1).to(torch.int32)
+            masks[key] = _bitmask(bits)
         return masks[key]
 
 
