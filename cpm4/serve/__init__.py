@@ -96,19 +96,76 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     if any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     try:
-        import uvicorn  # noqa: F401  (checked here, used in _serve_on)
+        import uvicorn  # noqa: F401  (checked here, used in _run_server)
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     given = str(model_dir)
-    sock = _listen(host, port)
-    try:
-        _serve_on(sock, model_dir, given, host, port, device, dtype, api_key, names, max_batch_size, log_level,
-                  kv_cache_tokens, chunk_tokens, gpu_memory_utilization, cuda_graphs, compile, async_output,
-                  max_model_len, chat_template, log_stats_interval, cpu_threads, generation_config,
-                  reasoning_parser, allowed_origins, engine_process, revision, enable_prefix_caching,
-                  cascade_decode, access_log)
-    finally:
-        sock.close()
+    with _listen(host, port) as sock:  # taken before the load (closed however serving ends)
+        from cpm4.model.hub import resolve_model_dir
+
+        model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
+        from cpm4.engine.generation_config import sampling_defaults as read_defaults
+        from cpm4.model.tokenizer import chat_template_text
+
+        # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
+        # once), then the generation config and its values.
+        if chat_template is not None:
+            chat_template_text(chat_template)
+        defaults = read_defaults(generation_config, model_dir)
+        from .engine import AsyncEngine
+
+        from_hub = model_dir != Path(given).expanduser()
+        from cpm4.devices import resolve_device
+        from cpm4.llm import load_model
+
+        options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
+                       gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
+                       async_output=async_output, max_model_len=max_model_len,
+                       enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
+        if engine_process is None:
+            engine_process = default_engine_process(resolve_device(device))
+        if engine_process:
+            from cpm4.model.tokenizer import Tokenizer
+
+            from .engine_proc import ProcessEngine
+
+            if cpu_threads is None:
+                cpu_threads = default_cpu_threads(resolve_device(device))
+            tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
+            if tokenizer is not None:
+                tokenizer.set_chat_template(chat_template)
+            engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
+                                                cpu_threads=cpu_threads, **options)
+        else:
+            # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
+            # weights are read.
+            model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
+            if cpu_threads is None:
+                cpu_threads = default_cpu_threads(model.device)
+            if chat_template is not None:
+                tokenizer.set_chat_template(chat_template)
+            engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
+        names = names or [given if from_hub else model_dir.name or given]
+        if log_stats_interval:
+            stats_log = logging.getLogger("cpm4.serve")
+            if not stats_log.handlers:  # uvicorn configures its own loggers only
+                handler = logging.StreamHandler()
+                handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
+                stats_log.addHandler(handler)
+                stats_log.setLevel(logging.INFO)
+        if defaults:  # as vLLM says it: a user who expected SamplingParams' defaults learns why not
+            logging.getLogger("cpm4.serve").warning(
+                "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
+                "none)", defaults)
+        app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
+                         sampling_defaults=defaults, reasoning_parser=reasoning_parser,
+                         allowed_origins=allowed_origins)
+        try:
+            # A short graceful period: open streams are aborted by the engine shutdown below anyway.
+            _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                        access_log=access_log)
+        finally:
+            engine.shutdown()
 
 
 def _listen(host: str, port: int):
@@ -125,77 +182,6 @@ def _listen(host: str, port: int):
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def _serve_on(sock, model_dir, given, host, port, device, dtype, api_key, names, max_batch_size, log_level,
-              kv_cache_tokens, chunk_tokens, gpu_memory_utilization, cuda_graphs, compile, async_output,
-              max_model_len, chat_template, log_stats_interval, cpu_threads, generation_config, reasoning_parser,
-              allowed_origins, engine_process, revision, enable_prefix_caching, cascade_decode, access_log) -> None:
-    from cpm4.model.hub import resolve_model_dir
-
-    model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
-    from cpm4.engine.generation_config import sampling_defaults as read_defaults
-    from cpm4.model.tokenizer import chat_template_text
-
-    # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
-    # once), then the generation config and its values.
-    if chat_template is not None:
-        chat_template_text(chat_template)
-    defaults = read_defaults(generation_config, model_dir)
-    from .engine import AsyncEngine
-
-    from_hub = model_dir != Path(given).expanduser()
-    from cpm4.devices import resolve_device
-    from cpm4.llm import load_model
-
-    options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
-                   gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
-                   async_output=async_output, max_model_len=max_model_len,
-                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
-    if engine_process is None:
-        engine_process = default_engine_process(resolve_device(device))
-    if engine_process:
-        from cpm4.model.tokenizer import Tokenizer
-
-        from .engine_proc import ProcessEngine
-
-        if cpu_threads is None:
-            cpu_threads = default_cpu_threads(resolve_device(device))
-        tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
-        if tokenizer is not None:
-            tokenizer.set_chat_template(chat_template)
-        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
-                                            cpu_threads=cpu_threads, **options)
-    else:
-        # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
-        # weights are read.
-        model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
-        if cpu_threads is None:
-            cpu_threads = default_cpu_threads(model.device)
-        if chat_template is not None:
-            tokenizer.set_chat_template(chat_template)
-        engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
-    names = names or [given if from_hub else model_dir.name or given]
-    if log_stats_interval:
-        stats_log = logging.getLogger("cpm4.serve")
-        if not stats_log.handlers:  # uvicorn configures its own loggers only
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
-            stats_log.addHandler(handler)
-            stats_log.setLevel(logging.INFO)
-    if defaults:  # as vLLM says it: a user who expected SamplingParams' defaults learns why not
-        logging.getLogger("cpm4.serve").warning(
-            "default sampling parameters from the model's generation config: %s (--generation-config vllm: "
-            "none)", defaults)
-    app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
-                     sampling_defaults=defaults, reasoning_parser=reasoning_parser,
-                     allowed_origins=allowed_origins)
-    try:
-        # A short graceful period: open streams are aborted by the engine shutdown below anyway.
-        _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                    access_log=access_log)
-    finally:
-        engine.shutdown()
 
 
 def _run_server(app: Any, *, sock: Any, **config: Any) -> None:
