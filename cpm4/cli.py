@@ -280,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_chat)
 
     from .data.cli import add_data_commands
-    from .serve.cli import add_bench_command, add_serve_command
+    from .serve.cli import add_bench_command, add_run_batch_command, add_serve_command
     from .train.cli import add_train_commands
 
     add_serve_command(sub)
+    add_run_batch_command(sub)
     add_bench_command(sub)
     add_data_commands(sub)
     add_train_commands(sub)

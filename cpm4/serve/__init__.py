@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .engine import AsyncEngine
     from .engine_proc import ProcessEngine
 
-__all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "default_engine_process", "serve"]
+__all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "default_engine_process", "load_app",
+           "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -64,18 +65,38 @@ def default_engine_process(device: Any) -> bool:
     return device.type == "cuda"
 
 
-def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          dtype: str | None = None, api_key: str | None = None, model_name: str | Sequence[str] | None = None,
-          max_batch_size: int = 16, log_level: str = "info", kv_cache_tokens: int | None = None,
-          chunk_tokens: int | None = None, gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
-          compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
-          chat_template: str | None = None, log_stats_interval: float | None = 10.0,
-          cpu_threads: int | None = None, generation_config: str | None = "auto",
-          reasoning_parser: str | None = None, allowed_origins: list[str] | None = None,
-          engine_process: bool | None = None, revision: str | None = None, enable_prefix_caching: bool = True,
-          cascade_decode: bool | None = None, access_log: bool = True) -> None:
-    """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) and serve it
-    over HTTP until interrupted. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
+def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          access_log: bool = True, **options: Any) -> None:
+    """Load `model_dir` (`load_app`, with its keyword `options`) and serve it over HTTP on host:port until
+    interrupted. The port is taken before the model loads (as vLLM's): one in use is an OSError at once, not after
+    the load. log_level / access_log: uvicorn's."""
+    try:
+        import uvicorn  # noqa: F401  (checked here, used in _run_server)
+    except ImportError as e:  # an optional dependency: say how to get it
+        raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
+    with _listen(host, port) as sock:  # taken before the load (closed however serving ends)
+        app, engine = load_app(model_dir, **options)
+        try:
+            # A short graceful period: open streams are aborted by the engine shutdown below anyway.
+            _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                        access_log=access_log)
+        finally:
+            engine.shutdown()
+
+
+def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+             api_key: str | None = None, model_name: str | Sequence[str] | None = None, max_batch_size: int = 16,
+             kv_cache_tokens: int | None = None, chunk_tokens: int | None = None,
+             gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None, compile: bool = False,
+             async_output: bool | None = None, max_model_len: int | None = None, chat_template: str | None = None,
+             log_stats_interval: float | None = 10.0, cpu_threads: int | None = None,
+             generation_config: str | None = "auto", reasoning_parser: str | None = None,
+             allowed_origins: list[str] | None = None, engine_process: bool | None = None,
+             revision: str | None = None, enable_prefix_caching: bool = True,
+             cascade_decode: bool | None = None) -> tuple[FastAPI, AsyncEngine]:
+    """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) into a running
+    engine and the FastAPI app over it: what `serve` runs under uvicorn and `cpm4 run-batch` calls in-process. The
+    caller shuts the engine down. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
     several names (vLLM's `--served-model-name a b`): responses carry the first, requests may name any;
     `chat_template` (a Jinja file or the template text) replaces the checkpoint's; every `log_stats_interval`
     seconds of activity a throughput line goes to stderr (None or 0: never). cpu_threads: torch's threads for
@@ -87,8 +108,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL; None:
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
-    rows (see `LLMEngine`; None: on). The port is taken before the model loads (as vLLM's): one in use is an
-    OSError at once, not after the load."""
+    rows (see `LLMEngine`; None: on)."""
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
@@ -96,55 +116,55 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     if any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     try:
-        import uvicorn  # noqa: F401  (checked here, used in _run_server)
+        import fastapi  # noqa: F401  (used by create_app)
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     given = str(model_dir)
-    with _listen(host, port) as sock:  # taken before the load (closed however serving ends)
-        from cpm4.model.hub import resolve_model_dir
+    from cpm4.model.hub import resolve_model_dir
 
-        model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
-        from cpm4.engine.generation_config import sampling_defaults as read_defaults
-        from cpm4.model.tokenizer import chat_template_text
+    model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
+    from cpm4.engine.generation_config import sampling_defaults as read_defaults
+    from cpm4.model.tokenizer import chat_template_text
 
-        # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
-        # once), then the generation config and its values.
+    # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
+    # once), then the generation config and its values.
+    if chat_template is not None:
+        chat_template_text(chat_template)
+    defaults = read_defaults(generation_config, model_dir)
+    from .engine import AsyncEngine
+
+    from_hub = model_dir != Path(given).expanduser()
+    from cpm4.devices import resolve_device
+    from cpm4.llm import load_model
+
+    options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
+                   gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
+                   async_output=async_output, max_model_len=max_model_len,
+                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
+    if engine_process is None:
+        engine_process = default_engine_process(resolve_device(device))
+    if engine_process:
+        from cpm4.model.tokenizer import Tokenizer
+
+        from .engine_proc import ProcessEngine
+
+        if cpu_threads is None:
+            cpu_threads = default_cpu_threads(resolve_device(device))
+        tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
+        if tokenizer is not None:
+            tokenizer.set_chat_template(chat_template)
+        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
+                                            cpu_threads=cpu_threads, **options)
+    else:
+        # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
+        # weights are read.
+        model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
+        if cpu_threads is None:
+            cpu_threads = default_cpu_threads(model.device)
         if chat_template is not None:
-            chat_template_text(chat_template)
-        defaults = read_defaults(generation_config, model_dir)
-        from .engine import AsyncEngine
-
-        from_hub = model_dir != Path(given).expanduser()
-        from cpm4.devices import resolve_device
-        from cpm4.llm import load_model
-
-        options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
-                       gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
-                       async_output=async_output, max_model_len=max_model_len,
-                       enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
-        if engine_process is None:
-            engine_process = default_engine_process(resolve_device(device))
-        if engine_process:
-            from cpm4.model.tokenizer import Tokenizer
-
-            from .engine_proc import ProcessEngine
-
-            if cpu_threads is None:
-                cpu_threads = default_cpu_threads(resolve_device(device))
-            tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
-            if tokenizer is not None:
-                tokenizer.set_chat_template(chat_template)
-            engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
-                                                cpu_threads=cpu_threads, **options)
-        else:
-            # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
-            # weights are read.
-            model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
-            if cpu_threads is None:
-                cpu_threads = default_cpu_threads(model.device)
-            if chat_template is not None:
-                tokenizer.set_chat_template(chat_template)
-            engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
+            tokenizer.set_chat_template(chat_template)
+        engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
+    try:
         names = names or [given if from_hub else model_dir.name or given]
         if log_stats_interval:
             stats_log = logging.getLogger("cpm4.serve")
@@ -160,12 +180,10 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
                          sampling_defaults=defaults, reasoning_parser=reasoning_parser,
                          allowed_origins=allowed_origins)
-        try:
-            # A short graceful period: open streams are aborted by the engine shutdown below anyway.
-            _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                        access_log=access_log)
-        finally:
-            engine.shutdown()
+    except BaseException:
+        engine.shutdown()
+        raise
+    return app, engine
 
 
 def _listen(host: str, port: int):

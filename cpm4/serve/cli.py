@@ -10,26 +10,35 @@ from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg, 
 from cpm4.cli import positive_int as _positive
 
 
+def _model(args: argparse.Namespace) -> str:
+    tag = getattr(args, "model_tag", None)
+    if tag and args.model and tag != args.model:
+        raise ValueError(f"two models given: {tag} and --model {args.model}")
+    return tag or args.model or DEFAULT_MODEL
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """`load_app`'s keyword options from the arguments `add_engine_args` added (serve and run-batch)."""
+    return dict(device=args.device, dtype=args.dtype, model_name=args.served_model_name,
+                max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
+                chunk_tokens=args.chunk_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+                cuda_graphs=False if args.enforce_eager else None, compile=args.compile,
+                async_output=args.async_output, max_model_len=args.max_model_len, chat_template=args.chat_template,
+                cpu_threads=args.cpu_threads, generation_config=args.generation_config,
+                reasoning_parser=args.reasoning_parser, engine_process=args.engine_process, revision=args.revision,
+                enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import serve
 
-    if args.model_tag and args.model and args.model_tag != args.model:
-        raise ValueError(f"two models given: {args.model_tag} and --model {args.model}")
-    args.model = args.model_tag or args.model or DEFAULT_MODEL
+    args.model = _model(args)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[cpm4] warning: serving on {args.host} without an API key", file=sys.stderr)
-    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          api_key=args.api_key, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
-          kv_cache_tokens=args.kv_cache_tokens, chunk_tokens=args.chunk_tokens,
-          gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=False if args.enforce_eager else None,
-          compile=args.compile, async_output=args.async_output, max_model_len=args.max_model_len,
-          chat_template=args.chat_template, log_stats_interval=0 if args.disable_log_stats else args.log_stats_interval,
-          cpu_threads=args.cpu_threads, generation_config=args.generation_config,
-          reasoning_parser=args.reasoning_parser,
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+          log_stats_interval=0 if args.disable_log_stats else args.log_stats_interval,
           allowed_origins=[o for group in args.allowed_origins for o in group] if args.allowed_origins else None,
-          engine_process=args.engine_process, revision=args.revision,
-          enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
-          log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)
+          log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log, **engine_options(args))
     return 0
 
 
@@ -62,25 +71,15 @@ _port = bounded(int, "a TCP port in [0, 65535]", 0, 65535)
 _fraction = bounded(float, "a number in (0, 1]", 0, 1, low_open=True)
 
 
-def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `serve` subcommand (OpenAI-compatible HTTP server) to a `cpm4` subparsers object."""
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
-    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="the model, as vLLM's `vllm serve MODEL` (the same as --model)")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model and engine options `serve` and `run-batch` share (read back by `engine_options`)."""
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
                    "the HF cache; HF_HUB_OFFLINE=1: the cache only; default: the bundled demo model)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")
-    # From the environment by default so the key need not appear in the process list.
-    p.add_argument("--api-key", type=_api_key,
-                   default=os.environ.get("CPM4_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY, else vLLM's "
-                   "$VLLM_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model ids clients use, as vLLM's: the first is the one responses carry, requests may name "
                    "any, /v1/models lists all (default: the folder name, or the Hub id)")
@@ -116,9 +115,6 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="defaults for the sampling fields a request leaves unset: auto (the checkpoint's "
                    "generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "
                    "vllm (none), or a folder or file with a generation_config.json")
-    p.add_argument("--allowed-origins", nargs="+", type=_origins, default=None, metavar="ORIGIN",
-                   help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' for any "
-                   "(default: none, so web pages cannot reach the server)")
     p.add_argument("--reasoning-parser", choices=["minicpm4"], default=None,
                    help="return the <think> block of chat output (MiniCPM4.1's thinking mode) as "
                    "reasoning_content, streamed as delta.reasoning_content (default: left in the content)")
@@ -126,15 +122,77 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="run the model in a child process, as vLLM's engine core: the HTTP side's work per "
                    "streamed chunk and the engine's host work per step then run in parallel instead of sharing "
                    "one GIL (default: on with CUDA, off on the CPU; --no-engine-process: a thread)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand (OpenAI-compatible HTTP server) to a `cpm4` subparsers object."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `vllm serve MODEL` (the same as --model)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=_port, default=8000)
+    # From the environment by default so the key need not appear in the process list.
+    p.add_argument("--api-key", type=_api_key,
+                   default=os.environ.get("CPM4_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CPM4_API_KEY, else vLLM's "
+                   "$VLLM_API_KEY)")
+    p.add_argument("--allowed-origins", nargs="+", type=_origins, default=None, metavar="ORIGIN",
+                   help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' for any "
+                   "(default: none, so web pages cannot reach the server)")
     p.add_argument("--log-stats-interval", type=_non_negative, default=10.0,
                    help="seconds between throughput lines while requests run (0: none)")
     p.add_argument("--disable-log-stats", action="store_true", help="no throughput lines (vLLM's option)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
     p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from . import load_app
+    from .batch import read_batch, run_batch
+
+    requests = read_batch(args.input_file)  # a malformed file said before the model loads
+    out = Path(args.output_file)
+    if out.is_dir():
+        raise IsADirectoryError(f"the output file {out} is a directory")
+    model = _model(args)
+    options = engine_options(args)
+    # Bodies name the model as given (vLLM's run-batch serves --model's text) or by its folder's name.
+    options["model_name"] = options["model_name"] or list(dict.fromkeys([model, Path(model).name or model]))
+    app, engine = load_app(model, log_stats_interval=0, **options)
+    try:
+        limit = args.max_concurrency or 2 * args.max_batch_size  # vLLM's: twice the batch, so it stays full
+        counts = asyncio.run(run_batch(app, requests, out, max_concurrency=limit, progress=not args.no_progress))
+    finally:
+        engine.shutdown()
+    print(f"[cpm4] {counts['total']} requests: {counts['completed']} answered, {counts['failed']} failed; wrote "
+          f"{out}", file=sys.stderr)
+    return 0
+
+
+def add_run_batch_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `run-batch` (an OpenAI Batch API JSONL file run offline, as vLLM's) to a `cpm4` subparsers object."""
+    p = subparsers.add_parser("run-batch", help="answer a JSONL file of OpenAI batch requests offline (as vLLM's "
+                              "run-batch)")
+    p.add_argument("-i", "--input-file", required=True,
+                   help="JSONL, a request a line: {\"custom_id\", \"method\": \"POST\", \"url\": "
+                   "\"/v1/chat/completions\" (or /v1/completions, /v1/responses), \"body\": {...}}")
+    p.add_argument("-o", "--output-file", required=True,
+                   help="JSONL, an answer a line in the input's order: {\"id\", \"custom_id\", \"response\": "
+                   "{\"status_code\", \"request_id\", \"body\"}, \"error\"} (written whole at the end)")
+    add_engine_args(p)
+    p.add_argument("--max-concurrency", type=_positive, default=None,
+                   help="requests in flight at most (default: twice --max-batch-size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run_batch)
     return p
 
 

@@ -1,0 +1,182 @@
+"""`cpm4 run-batch` (cpm4/serve/batch.py): OpenAI Batch API JSONL files answered offline through the server's app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cpm4.cli import main
+from cpm4.serve.batch import read_batch, run_batch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+
+def _line(cid: str, url: str, body: dict, method: str = "POST") -> str:
+    return json.dumps({"custom_id": cid, "method": method, "url": url, "body": body})
+
+
+def _write(path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _outputs(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+PROMPTS = ["Hello there", "The cat", "One two three", "A", "Numbers: 1 2", "x y z w", "Hi", "The end"]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint):
+    from cpm4.serve import load_app
+
+    app, engine = load_app(tiny_checkpoint, device="cpu", max_batch_size=3, log_stats_interval=0,
+                           model_name=["tiny", str(tiny_checkpoint)], engine_process=False)
+    yield app
+    engine.shutdown()
+
+
+def test_answers_equal_generation_alone_in_input_order(app, tiny_checkpoint, tmp_path):
+    """Completions and chat lines, more than the engine batches and than may be in flight: every answer is the
+    greedy generation of that prompt alone (the `LLM` API: the reference), the lines keep the input's order and
+    custom_ids, and usage counts are the tokens'."""
+    from cpm4.engine.params import SamplingParams
+    from cpm4.llm import LLM
+
+    lines, expect = [], []
+    llm = LLM(tiny_checkpoint, device="cpu")
+    for i, p in enumerate(PROMPTS):
+        n = 3 + i % 5
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        if i % 2:
+            lines.append(_line(f"req-{i}", "/v1/completions",
+                               {"model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}))
+            out = llm.generate([p], params)[0].outputs[0]
+        else:
+            msgs = [{"role": "user", "content": p}]
+            lines.append(_line(f"req-{i}", "/v1/chat/completions",
+                               {"model": "tiny", "messages": msgs, "max_tokens": n, "temperature": 0,
+                                "ignore_eos": True}))
+            out = llm.chat(msgs, params).outputs[0]
+        expect.append((out.text, len(out.token_ids)))
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, lines)
+    counts = asyncio.run(run_batch(app, read_batch(src), dst, max_concurrency=5, progress=False))
+    assert counts == {"total": len(PROMPTS), "completed": len(PROMPTS), "failed": 0}
+    outs = _outputs(dst)
+    assert [o["custom_id"] for o in outs] == [f"req-{i}" for i in range(len(PROMPTS))]
+    assert len({o["id"] for o in outs}) == len(outs)
+    for i, (o, (text, n)) in enumerate(zip(outs, expect)):
+        assert o["error"] is None and o["response"]["status_code"] == 200
+        body = o["response"]["body"]
+        assert body["model"] == "tiny"
+        choice = body["choices"][0]
+        got = choice["text"] if i % 2 else choice["message"]["content"]
+        assert got == text and body["usage"]["completion_tokens"] == n and choice["finish_reason"] == "length"
+
+
+def test_a_refused_line_is_its_own_error_and_the_rest_go_on(app, tmp_path):
+    """Per line, as the server answers the same request: an unknown model is 404 model_not_found, a bad field a 400
+    naming it; an endpoint run-batch does not serve and a stream are refused by name; the good lines answer."""
+    good = {"prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [
+        _line("ok1", "/v1/completions", good),
+        _line("model", "/v1/completions", {**good, "model": "nope"}),
+        _line("field", "/v1/completions", {**good, "max_tokens": -3}),
+        _line("url", "/v1/embeddings", {"input": "x"}),
+        _line("stream", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True}),
+        "",
+        _line("ok2", "/v1/responses", {"input": "Hi", "max_output_tokens": 2, "temperature": 0}),
+    ])
+    counts = asyncio.run(run_batch(app, read_batch(src), dst, progress=False))
+    assert counts == {"total": 6, "completed": 2, "failed": 4}
+    outs = {o["custom_id"]: o for o in _outputs(dst)}
+    assert list(outs) == ["ok1", "model", "field", "url", "stream", "ok2"]
+    assert outs["ok1"]["response"]["body"]["object"] == "text_completion"
+    assert outs["ok2"]["response"]["body"]["object"] == "response"
+    st = {k: (o["response"]["status_code"], o["response"]["body"], o["error"]) for k, o in outs.items()}
+    assert st["model"][0] == 404 and st["model"][1] is None and st["model"][2]["code"] == "model_not_found"
+    assert st["field"][0] == 400 and st["field"][2]["param"] == "max_tokens"
+    assert st["url"][0] == 400 and "/v1/embeddings" in st["url"][2]["message"] and "line 4" in st["url"][2]["message"]
+    assert st["stream"][0] == 400 and st["stream"][2]["param"] == "stream"
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\nnot json\n', r"in.jsonl:2: not JSON"),
+    ('[1, 2]\n', r":1: expected a JSON object, got list"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n'
+     '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n',
+     r":2: custom_id 'a' repeats line 1"),
+    ('{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}\n', r":1: method must be \"POST\""),
+    ('{"method": "POST", "url": "/v1/completions", "body": {}}\n', r":1: custom_id must be a non-empty string"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}\n',
+     r":1: body must be a JSON object"),
+    ('{"custom_id": "a", "method": "POST", "url": 3, "body": {}}\n', r":1: url must be a string"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}, "extra": 1}\n',
+     r":1: unknown field\(s\) extra"),
+])
+def test_malformed_files_are_refused_naming_the_line(tmp_path, text, match):
+    src = tmp_path / "in.jsonl"
+    src.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        read_batch(src)
+
+
+def test_malformed_file_refused_before_the_model_loads(tmp_path, capsys):
+    """The CLI checks the file first: a bad line is the error (exit 2) even where the model does not exist, and
+    no output file appears; a missing input file is named."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"custom_id": "a"\n', encoding="utf-8")
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), "--model", str(tmp_path / "no-model")]) == 2
+    assert "in.jsonl:1: not JSON" in capsys.readouterr().err and not dst.exists()
+    assert main(["run-batch", "-i", str(tmp_path / "none.jsonl"), "-o", str(dst), "--device", "cpu"]) == 2
+    assert "no batch input file" in capsys.readouterr().err
+    src.write_text(b"\xff\xfe".decode("latin-1"), encoding="latin-1")
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), "--device", "cpu"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_the_old_output_whole(app, tmp_path, monkeypatch):
+    """A run that stops part-way (here an error outside any one line) leaves whatever was at the output path as it
+    was and no temporary file beside it."""
+    import cpm4.serve.batch as batch
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}) for i in range(6)])
+    dst.write_text("previous results\n")
+    answer = batch._answer
+
+    async def failing(client, req):
+        if req.custom_id == "r3":
+            raise KeyboardInterrupt
+        return await answer(client, req)
+
+    monkeypatch.setattr(batch, "_answer", failing)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(run_batch(app, read_batch(src), dst, max_concurrency=2, progress=False))
+    assert dst.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    """`cpm4 run-batch` loads the model, answers, and writes the file; bodies may name the model by its folder name
+    or as given on the command line, and answers carry the latter (vLLM's)."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "sub" / "out.jsonl"
+    _write(src, [_line("a", "/v1/completions", {"model": tiny_checkpoint.name, "prompt": "Hi", "max_tokens": 3}),
+                 _line("b", "/v1/chat/completions", {"model": str(tiny_checkpoint), "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})])
+    rc = main(["run-batch", "-i", str(src), "-o", str(dst), "--model", str(tiny_checkpoint), "--device", "cpu",
+               "--no-progress", "--max-num-seqs", "2"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "2 requests: 2 answered, 0 failed" in err
+    outs = _outputs(dst)
+    assert [o["custom_id"] for o in outs] == ["a", "b"]
+    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["model"] == str(tiny_checkpoint)
+               for o in outs)
+    assert main(["run-batch", "-i", str(src), "-o", str(tmp_path), "--model", str(tiny_checkpoint)]) == 2
+    assert "is a directory" in capsys.readouterr().err
