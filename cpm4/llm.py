@@ -259,9 +259,10 @@ class LLM:
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             **template_kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
-        """One assistant reply to a conversation, rendered with the checkpoint's chat template; given a list
-        of conversations (as vLLM's `chat`), a list of replies generated together, in order. As vLLM's:
+             **template_kwargs: Any) -> list[GenerationOutput]:
+        """Assistant replies, rendered with the checkpoint's chat template: a list of one for a conversation, of one
+        per conversation (generated together, in order) for a list of them — always a list, as vLLM's `chat`
+        returns (`llm.chat(messages)[0].text`; code written for vLLM indexes it). As vLLM's:
         add_generation_prompt false with continue_final_message writes on from the last (assistant) message;
         tools (OpenAI function specs) and chat_template_kwargs go to the template."""
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
@@ -273,4 +274,4 @@ class LLM:
         if messages and isinstance(messages[0], (list, tuple)):
             ids = [self.chat_ids(list(m), **options) for m in messages]
             return self.generate(ids, params, use_tqdm)
-        return self.generate([self.chat_ids(messages, **options)], params, use_tqdm)[0]
+        return self.generate([self.chat_ids(messages, **options)], params, use_tqdm)

@@ -314,8 +314,8 @@ def test_chat_reset_clears_history(jobs, llm):
     r = jobs["chat_reset"].result()
     assert r.rc == 0, r
     assert "conversation cleared" in r.err
-    first = llm.chat([{"role": "user", "content": "hello"}], greedy_params()).text
-    fresh = llm.chat([{"role": "user", "content": "hi again"}], greedy_params()).text
+    first = llm.chat([{"role": "user", "content": "hello"}], greedy_params())[0].text
+    fresh = llm.chat([{"role": "user", "content": "hi again"}], greedy_params())[0].text
     # stdout: a "> " prompt per line read, each reply followed by a newline; /reset and /exit print none
     assert r.out == f"> {first}\n> > {fresh}\n> "
 
@@ -324,8 +324,8 @@ def test_chat_multi_turn_keeps_history_and_eof_exits(jobs, llm):
     r = jobs["chat_multi"].result()
     assert r.rc == 0, r
     u1, u2 = {"role": "user", "content": "hello"}, {"role": "user", "content": "how are you"}
-    a1 = llm.chat([u1], greedy_params()).text
-    a2 = llm.chat([u1, {"role": "assistant", "content": a1}, u2], greedy_params()).text
+    a1 = llm.chat([u1], greedy_params())[0].text
+    a2 = llm.chat([u1, {"role": "assistant", "content": a1}, u2], greedy_params())[0].text
     assert r.out == f"> {a1}\n> {a2}\n> \n"
 
 

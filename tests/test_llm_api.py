@@ -21,9 +21,11 @@ def test_sampling_params_by_vllms_name_and_ours(llm):
     assert len(want) == 4
     assert llm.generate("hi", sampling_params=GREEDY)[0].token_ids == want
     assert llm.generate("hi", params=GREEDY)[0].token_ids == want
-    assert llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY).token_ids == \
-        llm.chat([{"role": "user", "content": "hi"}], GREEDY).token_ids
-    assert len(llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY).token_ids) == 4  # was ignored
+    assert llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY)[0].token_ids == \
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY)[0].token_ids
+    assert len(llm.chat([{"role": "user", "content": "hi"}], sampling_params=GREEDY)[0].token_ids) == 4  # was ignored
+    one = llm.chat([{"role": "user", "content": "hi"}], GREEDY)  # a list, as vLLM's, for one conversation too
+    assert isinstance(one, list) and len(one) == 1 and one[0].outputs[0].text == one[0].text
     assert "".join(llm.stream("hi", sampling_params=GREEDY)) == llm.generate("hi", GREEDY)[0].text
     with pytest.raises(TypeError, match="not both"):
         llm.generate("hi", GREEDY, params=GREEDY)
@@ -34,13 +36,13 @@ def test_sampling_params_by_vllms_name_and_ours(llm):
 def test_chat_options_reach_the_template(llm):
     tok = llm.tokenizer
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
-    out = llm.chat(msgs, GREEDY, add_generation_prompt=False, continue_final_message=True)
+    out = llm.chat(msgs, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
     assert out.prompt_token_ids == tok.encode_chat(msgs, add_generation_prompt=False, continue_final_message=True)
     user = msgs[:1]
-    plain = llm.chat(user, GREEDY).prompt_token_ids
-    via_kwargs = llm.chat(user, GREEDY, chat_template_kwargs={"enable_thinking": False}).prompt_token_ids
+    plain = llm.chat(user, GREEDY)[0].prompt_token_ids
+    via_kwargs = llm.chat(user, GREEDY, chat_template_kwargs={"enable_thinking": False})[0].prompt_token_ids
     assert via_kwargs == tok.encode_chat(user, enable_thinking=False) != plain  # was dropped
-    assert llm.chat(user, GREEDY, enable_thinking=False).prompt_token_ids == via_kwargs
+    assert llm.chat(user, GREEDY, enable_thinking=False)[0].prompt_token_ids == via_kwargs
     with pytest.raises(ValueError, match="messages must be a list"):  # a dict was a KeyError
         llm.chat({"role": "user", "content": "hi"}, GREEDY)
 
@@ -109,11 +111,11 @@ def test_generation_config_eos_ids_end_generation(llm, tmp_path):
     assert serving_config(folder).eos_token_ids == [2, im_end]  # what a server's API process reads
     msgs = [{"role": "user", "content": "hi"}]
     sp = SamplingParams(temperature=0, max_tokens=200)
-    want = llm.chat(msgs, sp)
+    want = llm.chat(msgs, sp)[0]
     assert want.finish_reason == "stop" and want.token_ids[-1] == im_end
     other = LLM(folder, device="cpu")
     assert other.model.config.eos_token_ids == [2, im_end]
-    got = other.chat(msgs, sp)
+    got = other.chat(msgs, sp)[0]
     assert (got.token_ids, got.finish_reason) == (want.token_ids, "stop")  # ran on to max_tokens before
     gen.write_text(json.dumps({"eos_token_id": ["x"]}))
     with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
@@ -162,7 +164,7 @@ def test_stop_reason_names_what_ended_the_output(llm):
         out = run(by_text)
         assert (out.finish_reason, out.stop_reason) == ("stop", stop)
         assert out.text == free.text[:free.text.index(stop)]
-    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=200))
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=200))[0]
     assert chat.finish_reason == "stop" and chat.token_ids[-1] in llm.model.config.eos_token_ids
     assert chat.stop_reason is None  # an EOS token, as vLLM
 

@@ -199,7 +199,7 @@ def test_module_generate_and_chat_run_the_engine():
     same(generate(m, tok(), ps, params), reference(m, ps, params))
     llm = LLM(m, tokenizer=tok())
     msgs = [{"role": "user", "content": "hi"}]
-    reply = llm.chat(msgs, params)
+    reply = llm.chat(msgs, params)[0]
     same([reply], reference(m, [llm.chat_ids(msgs)], params))
     assert "".join(llm.stream(ps[1], params)) == reference(m, ps[1:2], params)[0].text
     # vLLM's prompt dicts and batched chat.

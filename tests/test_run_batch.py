@@ -60,7 +60,7 @@ def test_answers_equal_generation_alone_in_input_order(app, tiny_checkpoint, tmp
             lines.append(_line(f"req-{i}", "/v1/chat/completions",
                                {"model": "tiny", "messages": msgs, "max_tokens": n, "temperature": 0,
                                 "ignore_eos": True}))
-            out = llm.chat(msgs, params).outputs[0]
+            out = llm.chat(msgs, params)[0].outputs[0]
         expect.append((out.text, len(out.token_ids)))
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(src, lines)

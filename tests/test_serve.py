@@ -133,7 +133,7 @@ def test_cors_only_for_allowed_origins(engine, server):
 
 
 def test_chat_greedy_matches_llm(client, llm):
-    ref = llm.chat(MESSAGES, _greedy(12))
+    ref = llm.chat(MESSAGES, _greedy(12))[0]
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
     assert r.object == "chat.completion" and r.model == MODEL
     msg = r.choices[0].message
@@ -154,10 +154,10 @@ def test_checkpoint_sampling_defaults_fill_unset_fields(engine, llm):
                                                                "repetition_penalty": 1.5}))
     try:
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        ref = llm.chat(MESSAGES, _greedy(6, repetition_penalty=1.5))
+        ref = llm.chat(MESSAGES, _greedy(6, repetition_penalty=1.5))[0]
         r = c.chat.completions.create(model=MODEL, messages=MESSAGES)  # no temperature, no max_tokens
         assert r.choices[0].message.content == ref.text and r.usage.completion_tokens == len(ref.token_ids) <= 6
-        ref9 = llm.chat(MESSAGES, _greedy(9, repetition_penalty=1.0))
+        ref9 = llm.chat(MESSAGES, _greedy(9, repetition_penalty=1.0))[0]
         r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=9, extra_body={
             "repetition_penalty": 1.0})
         assert r.choices[0].message.content == ref9.text
@@ -191,10 +191,10 @@ def test_completion_greedy_matches_llm(client, llm, server):
 def test_penalties_and_logit_bias_match_llm(client, llm):
     """presence/frequency penalties and logit_bias reach sampling as LLM.chat applies them (greedy: the bias
     makes a token win or lose outright, the penalties change what repeats)."""
-    ref_plain = llm.chat(MESSAGES, _greedy(12))
+    ref_plain = llm.chat(MESSAGES, _greedy(12))[0]
     first = ref_plain.token_ids[0]
     kw = dict(presence_penalty=1.5, frequency_penalty=0.75, logit_bias={first: -100, 7: 5})
-    ref = llm.chat(MESSAGES, _greedy(12, **kw))
+    ref = llm.chat(MESSAGES, _greedy(12, **kw))[0]
     assert ref.token_ids[0] != first  # the bias moved the greedy pick
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
                                        presence_penalty=1.5, frequency_penalty=0.75,
@@ -345,7 +345,7 @@ def test_stop_reason_in_choices(client, llm):
                                               stream=True, **kw))[-1].choices[0]
         assert (last.finish_reason, last.model_extra["stop_reason"]) == (r.choices[0].finish_reason, want)
     msgs = [{"role": "user", "content": "hi"}]
-    want = llm.chat(msgs, _greedy(8, ignore_eos=True))
+    want = llm.chat(msgs, _greedy(8, ignore_eos=True))[0]
     tok = want.token_ids[2]
     for stream in (False, True):
         r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=stream,
@@ -362,7 +362,7 @@ def _first_token_logprobs(llm, ids: list[int]) -> torch.Tensor:
 
 
 def test_chat_logprobs(client, llm):
-    ref = llm.chat(MESSAGES, _greedy(5))
+    ref = llm.chat(MESSAGES, _greedy(5))[0]
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0,
                                        logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content

@@ -171,7 +171,7 @@ def test_stream_agrees_with_non_stream(small, llm):
     """Greedy, n=2, a stop string, logprobs with alternatives; and an answer without max_tokens that fills the
     context: the same text, finish_reason, usage and logprobs in both forms, each choice under its own index."""
     _, client = small
-    free = llm.chat(MESSAGES, test_serve._greedy(12, ignore_eos=True)).text
+    free = llm.chat(MESSAGES, test_serve._greedy(12, ignore_eos=True))[0].text
     stop = free[4:7]  # inside the output, likely across a token boundary
     cases = [dict(max_tokens=12, n=2, logprobs=True, top_logprobs=2),
              dict(max_tokens=12, stop=[stop], logprobs=True),
