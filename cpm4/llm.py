@@ -223,6 +223,11 @@ class LLM:
         return _generate(self.engine, self.tokenizer, prompts,
                          params if params is not None else self.get_default_sampling_params(), use_tqdm)
 
+    def get_tokenizer(self) -> Any:
+        """The checkpoint's Hugging Face tokenizer (vLLM's `get_tokenizer`): encode, decode, apply_chat_template.
+        cpm4's own wrapper is `llm.tokenizer`."""
+        return self.tokenizer.hf
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What calls without params use: SamplingParams with the checkpoint's generation_config values."""
         return SamplingParams(**self.sampling_defaults)

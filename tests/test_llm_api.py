@@ -214,3 +214,50 @@ def test_vllm_sampling_rules(llm):
     assert SamplingParams(spaces_between_special_tokens=False).spaces_between_special_tokens is False
     with pytest.raises(ValueError, match="spaces_between_special_tokens must be a bool"):
         SamplingParams(spaces_between_special_tokens="no")
+
+
+def test_structured_outputs_in_vllms_offline_form(llm):
+    """`SamplingParams(structured_outputs=StructuredOutputsParams(...))` (and the older `guided_decoding=
+    GuidedDecodingParams(...)`, or a dict) constrains the output as the flat guided_* field does: the same tokens
+    for the same request; one kind at a time, not beside a flat field, only xgrammar as the backend."""
+    pytest.importorskip("xgrammar")
+    from cpm4 import GuidedDecodingParams, StructuredOutputsParams
+
+    choices = ["yes", "no", "maybe so"]
+    flat = llm.generate("Answer:", SamplingParams(temperature=1.0, seed=3, guided_choice=choices))[0]
+    assert flat.text in choices
+    for sp in (SamplingParams(temperature=1.0, seed=3, structured_outputs=StructuredOutputsParams(choice=choices)),
+               SamplingParams(temperature=1.0, seed=3, guided_decoding=GuidedDecodingParams(choice=choices)),
+               SamplingParams(temperature=1.0, seed=3, structured_outputs={"choice": choices})):
+        assert sp.guided_choice == choices and sp.structured_outputs is None and sp.guided_decoding is None
+        assert llm.generate("Answer:", sp)[0].token_ids == flat.token_ids
+    out = llm.generate("Digits:", SamplingParams(
+        temperature=0, max_tokens=16, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[0-9]{2}")))[0]
+    assert out.finish_reason == "stop" and len(out.text) == 6 and out.text[3] == "-"
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)).guided_json is True
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert SamplingParams(guided_decoding=GuidedDecodingParams(json=schema)).guided_json == schema
+    with pytest.raises(ValueError, match="exactly one of .*got regex, choice"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="got none"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="backend 'outlines' is not available"):
+        StructuredOutputsParams(choice=["a"], backend="outlines")
+    with pytest.raises(ValueError, match="structured_outputs and guided_regex both give a grammar"):
+        SamplingParams(guided_regex="a", structured_outputs=StructuredOutputsParams(regex="b"))
+    with pytest.raises(ValueError, match="guided_decoding must be a StructuredOutputsParams"):
+        SamplingParams(guided_decoding="json")
+
+
+def test_vllms_output_and_tokenizer_accessors(llm):
+    """vLLM's `get_tokenizer()` (the Hugging Face tokenizer: its chat template renders what `chat` feeds the
+    model), `CompletionOutput.index` over n completions, and `RequestOutput.finished`."""
+    tok = llm.get_tokenizer()
+    msgs = [{"role": "user", "content": "Is water wet?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert llm.tokenizer.encode_chat(msgs) == llm.chat(msgs, GREEDY)[0].prompt_token_ids
+    assert llm.tokenizer.render_chat(msgs) == text
+    assert tok.decode(tok.encode("plain words", add_special_tokens=False)) == "plain words"
+    out = llm.generate("Hi", SamplingParams(n=3, seed=5, max_tokens=3))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2] and out.finished and all(c.finished for c in out.outputs)
+    assert llm.generate("Hi", GREEDY)[0].outputs[0].index == 0

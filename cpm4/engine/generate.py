@@ -42,6 +42,12 @@ class GenerationOutput:
     # What ended it with finish_reason "stop", as vLLM's stop_reason: the stop string, or the id of
     # SamplingParams.stop_token_ids sampled; None for an EOS token, a grammar's end, "length" or "abort".
     stop_reason: int | str | None = None
+    index: int = 0  # which of the prompt's n completions this is (vLLM's CompletionOutput.index)
+
+    @property
+    def finished(self) -> bool:
+        """Whether generation ended (vLLM's RequestOutput.finished; always so for `LLM.generate`'s outputs)."""
+        return self.finish_reason is not None
 
     @property
     def cumulative_logprob(self) -> float | None:

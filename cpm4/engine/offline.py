@@ -216,6 +216,8 @@ class OfflineEngine:
         outs: list[GenerationOutput] = []
         for i in range(len(prompts)):
             mine = [o for o, k in zip(flat, owner) if k == i]
+            for j, o in enumerate(mine):
+                o.index = j
             first = dataclasses.replace(mine[0], choices=mine if len(mine) > 1 else None)
             outs.append(first)
         return outs

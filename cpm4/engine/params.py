@@ -16,6 +16,9 @@ _GREEDY_EPS = 1e-5
 
 # SamplingParams fields that each give a grammar (at most one per request).
 GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choice", "guided_grammar")
+# vLLM's structured_outputs keys (offline and in requests; json_object aside) and the field each sets.
+STRUCTURED_FIELDS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+                     "grammar": "guided_grammar", "structural_tag": "structural_tag"}
 
 
 def valid_text(s: str) -> bool:
@@ -25,6 +28,41 @@ def valid_text(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's offline form of a grammar (`SamplingParams(structured_outputs=StructuredOutputsParams(json=...))`;
+    `GuidedDecodingParams` and `guided_decoding=` are its older names): one of a JSON schema, `json_object`, a
+    regex, a list of choices, an EBNF grammar or a structural tag. `SamplingParams` folds it into its own
+    `guided_*` fields. backend: only xgrammar's (what cpm4 runs) is accepted."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in STRUCTURED_FIELDS if getattr(self, k) is not None]
+        if self.json_object:
+            kinds.append("json_object")
+        if len(kinds) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, grammar, json_object, "
+                             f"structural_tag; got {', '.join(kinds) or 'none'}")
+        if self.backend not in (None, "auto", "xgrammar"):
+            raise ValueError(f"structured outputs backend {self.backend!r} is not available: cpm4 runs xgrammar")
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The `SamplingParams` field this sets, and its value."""
+        if self.json_object:
+            return {"guided_json": True}
+        return {field: getattr(self, k) for k, field in STRUCTURED_FIELDS.items() if getattr(self, k) is not None}
+
+
+GuidedDecodingParams = StructuredOutputsParams
 
 
 @dataclass
@@ -79,8 +117,24 @@ class SamplingParams:
     # parser sets ("<think>", "</think>")): the reasoning runs free and the grammar applies to the answer after
     # it, as vLLM's structured outputs with a reasoning parser. None: the grammar applies from the first token.
     reasoning_tags: tuple[str, str] | None = None
+    # vLLM's nested form of the grammar fields above (and its older name): folded into them, then None.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        for name in ("structured_outputs", "guided_decoding"):
+            nested = getattr(self, name)
+            if nested is None:
+                continue
+            if isinstance(nested, Mapping):
+                nested = StructuredOutputsParams(**nested)
+            if not isinstance(nested, StructuredOutputsParams):
+                raise ValueError(f"{name} must be a StructuredOutputsParams, got {type(nested).__name__}")
+            for field, value in nested.sampling_fields().items():
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{name} and {field} both give a grammar: give one")
+                setattr(self, field, value)
+            setattr(self, name, None)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is not None:

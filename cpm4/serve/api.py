@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.params import SamplingParams, nth_seed, valid_text
+from cpm4.engine.params import STRUCTURED_FIELDS, SamplingParams, nth_seed, valid_text
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine, EngineClosedError
@@ -245,11 +245,10 @@ class _OpenAIServer:
                if getattr(req, k) is not None]
         so = req.structured_outputs
         if so is not None:
-            for attr, name, field in (("json_schema", "json", "guided_json"), ("regex", "regex", "guided_regex"),
-                                      ("choice", "choice", "guided_choice"), ("grammar", "grammar", "guided_grammar"),
-                                      ("structural_tag", "structural_tag", "structural_tag")):
-                if getattr(so, attr) is not None:
-                    out.append((f"structured_outputs.{name}", field, getattr(so, attr)))
+            for name, field in STRUCTURED_FIELDS.items():
+                value = getattr(so, "json_schema" if name == "json" else name)  # `json` shadows pydantic's
+                if value is not None:
+                    out.append((f"structured_outputs.{name}", field, value))
             if so.json_object:
                 out.append(("structured_outputs.json_object", "guided_json", True))
         return out
