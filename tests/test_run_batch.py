@@ -170,7 +170,7 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
                  _line("b", "/v1/chat/completions", {"model": str(tiny_checkpoint), "max_tokens": 2,
                                                      "messages": [{"role": "user", "content": "Hi"}]})])
     rc = main(["run-batch", "-i", str(src), "-o", str(dst), "--model", str(tiny_checkpoint), "--device", "cpu",
-               "--no-progress", "--max-num-seqs", "2"])
+               "--no-progress", "--max-num-seqs", "2", "--engine-process"])  # the engine CUDA gets by default
     assert rc == 0
     err = capsys.readouterr().err
     assert "2 requests: 2 answered, 0 failed" in err
@@ -180,3 +180,24 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
                for o in outs)
     assert main(["run-batch", "-i", str(src), "-o", str(tmp_path), "--model", str(tiny_checkpoint)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_run_batch_on_cuda_equals_llm(tiny_checkpoint, tmp_path, capsys):
+    """On CUDA (engine in a child process, CUDA graphs): greedy answers equal `LLM.generate`'s on the same GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from cpm4.engine.params import SamplingParams
+    from cpm4.llm import LLM
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0,
+                                                     "ignore_eos": True}) for i, p in enumerate(PROMPTS)])
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), "--model", str(tiny_checkpoint), "--device", "cuda",
+                 "--dtype", "float32", "--no-progress"]) == 0
+    llm = LLM(tiny_checkpoint, device="cuda", dtype="float32")
+    want = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    got = [o["response"]["body"]["choices"][0]["text"] for o in _outputs(dst)]
+    assert got == [w.text for w in want]
