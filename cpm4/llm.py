@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import sys
@@ -109,9 +110,14 @@ def _sampling_params(sampling_params: Any, params: Any) -> Any:
     return sampling_params if sampling_params is not None else params
 
 
-def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_tqdm: bool = False
-              ) -> list[GenerationOutput]:
+def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_tqdm: bool = False,
+              priority: Sequence[int] | None = None) -> list[GenerationOutput]:
     prompts, params = _normalise(prompts, params)
+    if priority is not None:  # vLLM's: one per prompt, beside the params
+        if isinstance(priority, (str, bytes)) or not isinstance(priority, Sequence) or len(priority) != len(prompts):
+            raise ValueError(f"priority must be a list of one int per prompt ({len(prompts)}), got {priority!r:.80}")
+        params = [dataclasses.replace(sp, priority=p) if isinstance(sp, SamplingParams) else sp
+                  for sp, p in zip(params, priority)]
     outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
     for o, p in zip(outs, prompts):
         for c in {id(x): x for x in (o, *o.outputs)}.values():
@@ -178,13 +184,14 @@ class LLM:
                  kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
                  max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
                  revision: str | None = None, enable_prefix_caching: bool = True,
-                 cascade_decode: bool | None = None):
+                 cascade_decode: bool | None = None, scheduling_policy: str = "fcfs"):
         """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
         model's own). tokenizer: a `Tokenizer`, or a folder / Hub id to load one from, used instead of the
         checkpoint's (vLLM's option). enable_prefix_caching: prompts reuse the cached pages of an earlier
         prompt's prefix (vLLM's option; False computes every prompt whole). cascade_decode: decode steps read the
-        prefix pages many prompts share once per tile of rows (see `LLMEngine`; None: on)."""
+        prefix pages many prompts share once per tile of rows (see `LLMEngine`; None: on). scheduling_policy:
+        "priority" lets `generate(priority=...)` order prompts beyond max_num_seqs (vLLM's; default "fcfs")."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
@@ -209,19 +216,21 @@ class LLM:
                                     gpu_memory_utilization, cuda_graphs=False if enforce_eager else None,
                                     compile=compile, max_model_len=max_model_len,
                                     enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode,
-                                    warm_up=True)
+                                    warm_up=True, scheduling_policy=scheduling_policy)
         if self.model.device.type == "cuda":  # as vLLM: the cache allocated and the graphs captured up front
             self.engine.prepare()
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
-                 *, params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+                 *, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 priority: Sequence[int] | None = None) -> list[GenerationOutput]:
         """One output per prompt (text or token ids), in order; sampling_params (vLLM's name; or params): one
         for all, or one per prompt (default: `get_default_sampling_params`). use_tqdm: vLLM's progress bar of
-        processed prompts (stderr)."""
+        processed prompts (stderr). priority: one int per prompt, lower first (needs scheduling_policy
+        "priority", as vLLM's)."""
         params = _sampling_params(sampling_params, params)
         return _generate(self.engine, self.tokenizer, prompts,
-                         params if params is not None else self.get_default_sampling_params(), use_tqdm)
+                         params if params is not None else self.get_default_sampling_params(), use_tqdm, priority)
 
     def get_tokenizer(self) -> Any:
         """The checkpoint's Hugging Face tokenizer (vLLM's `get_tokenizer`): encode, decode, apply_chat_template.

@@ -6,6 +6,7 @@ logprobs);
 page reference counts are checked after every step and every page comes back at the end."""
 
 import asyncio
+import dataclasses
 import os
 import random
 import time
@@ -83,10 +84,15 @@ def test_random_workloads_equal_their_runs_alone(seed):
     # Room for the longest sequence alone (no request may end for want of pages), often not for the batch.
     pages = -(-(longest + 1) // PAGE) + rnd.randint(0, 8)
     caching = rnd.random() < 0.8
+    # Priority scheduling in a third of the runs, drawn apart so the seeds' workloads stay what they were.
+    side = random.Random(seed + 1_000_003)
+    policy = "priority" if side.random() < 0.35 else "fcfs"
+    if policy == "priority":
+        reqs = [(p, dataclasses.replace(sp, priority=side.randint(-2, 2))) for p, sp in reqs]
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=pages, page_size=PAGE, dtype=torch.float64,
                                                prefix_caching=caching),
                     max_batch_size=rnd.randint(2, 8), chunk_tokens=rnd.choice([16, 24, 64, 256]),
-                    async_output=rnd.random() < 0.5)
+                    async_output=rnd.random() < 0.5, scheduling_policy=policy)
     arrival = sorted(rnd.randint(0, 12) for _ in reqs)
     aborted = {f"r{i}" for i in range(len(reqs)) if rnd.random() < 0.15}
     abort_at = {rid: rnd.randint(0, 30) for rid in aborted}

@@ -27,6 +27,7 @@ from .generate import (
     prompt_logprobs,
 )
 from .paged import page_size_for
+from .params import check_priority, check_scheduling_policy
 from .sampling import SamplingParams, nth_seed
 from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
 
@@ -89,10 +90,13 @@ class OfflineEngine:
                  gpu_memory_utilization: float | None = None, device_budget: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, cascade_decode: bool | None = None,
-                 warm_up: bool = False) -> None:
+                 warm_up: bool = False, scheduling_policy: str = "fcfs") -> None:
         """warm_up: each engine built runs `LLMEngine.warm_up` (every decode-graph bucket captured, compiled with
-        compile) before its first request, as vLLM's `LLM` does at start-up (see `prepare`)."""
+        compile) before its first request, as vLLM's `LLM` does at start-up (see `prepare`). scheduling_policy:
+        see `LLMEngine` (with "priority", prompts beyond max_num_seqs start in their params' priority order)."""
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)
+        check_scheduling_policy(scheduling_policy)
+        self.scheduling_policy = scheduling_policy
         if gpu_memory_utilization is not None and kv_cache_tokens is None and model.device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes a CUDA cache; give kv_cache_tokens on other devices")
         self.model = model
@@ -145,7 +149,8 @@ class OfflineEngine:
                                        detokenize=False,
                                        max_model_len=self.max_model_len,
                                        enable_prefix_caching=self.enable_prefix_caching,
-                                       cascade_decode=self.cascade_decode)
+                                       cascade_decode=self.cascade_decode,
+                                       scheduling_policy=self.scheduling_policy)
             if self.warm:
                 self.engine.warm_up()
         cap = self.engine.cache.num_pages * ps
@@ -165,6 +170,8 @@ class OfflineEngine:
             prompts = [sp.truncate(list(p)) if isinstance(sp, SamplingParams) and sp.truncate_prompt_tokens else p
                        for p, sp in zip(prompts, params)]
         check_batch(prompts, params, self.context, self.model.config.vocab_size)
+        for sp in params:  # before any request is queued
+            check_priority(sp, self.scheduling_policy)
         if not prompts:
             return []
         if any(sp.n > 1 for sp in params):

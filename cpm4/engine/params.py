@@ -21,6 +21,24 @@ STRUCTURED_FIELDS = {"json": "guided_json", "regex": "guided_regex", "choice": "
                      "grammar": "guided_grammar", "structural_tag": "structural_tag"}
 
 
+# How waiting requests are ordered (vLLM's --scheduling-policy): "fcfs" by arrival; "priority" by
+# SamplingParams.priority (lower first), then arrival, and under KV pressure the running request with the largest
+# (priority, arrival) is preempted first.
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+def check_scheduling_policy(policy: str) -> None:
+    if policy not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
+
+
+def check_priority(params: SamplingParams, policy: str) -> None:
+    """A request's priority against the engine's policy: as vLLM, one other than 0 needs priority scheduling."""
+    if params.priority != 0 and policy != "priority":
+        raise ValueError(f"priority {params.priority} needs priority scheduling (scheduling_policy=\"priority\", "
+                         "--scheduling-policy priority); this engine serves requests in arrival order")
+
+
 def valid_text(s: str) -> bool:
     """Whether s is valid Unicode text (no lone surrogate, which the tokenizer refuses with a TypeError)."""
     try:
@@ -117,6 +135,9 @@ class SamplingParams:
     # parser sets ("<think>", "</think>")): the reasoning runs free and the grammar applies to the answer after
     # it, as vLLM's structured outputs with a reasoning parser. None: the grammar applies from the first token.
     reasoning_tags: tuple[str, str] | None = None
+    # With scheduling_policy "priority": lower values are scheduled first (vLLM's `priority`, which it passes beside
+    # the params; here it rides in them, so every front end carries it). 0 under "fcfs".
+    priority: int = 0
     # vLLM's nested form of the grammar fields above (and its older name): folded into them, then None.
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None
@@ -146,6 +167,8 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.80}")
             self.stop_token_ids = list(self.stop_token_ids)
 
+        if not is_int(self.priority) or not -(2**63) <= self.priority < 2**63:
+            raise ValueError(f"priority must be an int (int64), got {self.priority!r}")
         # `not (x >= lo)` also rejects NaN.
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be a positive int, got {self.n!r}")

@@ -12,6 +12,7 @@ output is lost or changed).
 from __future__ import annotations
 
 import gc
+import itertools
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from . import prefill_graphs as prefill_graphs_module
 from .cuda_graph import DecodeGraphs
 from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
 from .paged import OutOfPages, PagedKVCache, SeqPages, cascade_on, kv_budget_bytes, page_size_for
+from .params import check_priority, check_scheduling_policy
 from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
 
 
@@ -45,6 +47,13 @@ class EngineRequest:
     computing: list[bytes] = field(default_factory=list)  # prompt pages it computes that others wait for
     aborted: bool = False
     sync_only: bool = False  # the host must see each token before the next is sampled (see async_output)
+    priority: int = 0  # SamplingParams.priority (scheduling_policy "priority")
+    arrival: int = 0  # order of add_request calls
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Scheduling order under the priority policy: smaller goes first, larger is preempted first."""
+        return (self.priority, self.arrival)
 
     @property
     def tokens(self) -> list[int]:
@@ -102,7 +111,7 @@ class LLMEngine:
                  cuda_graphs: bool | None = None, compile: bool = False, async_output: bool | None = None,
                  stream_text: bool = True, max_model_len: int | None = None, elementwise: str | None = None,
                  cascade_decode: bool | None = None, detokenize: bool = True, prefill_graphs: bool | None = None,
-                 gemv: bool | None = None):
+                 gemv: bool | None = None, scheduling_policy: str = "fcfs"):
         """max_model_len: the longest sequence (prompt + output) served, at most the model's context
         (`context_length`). chunk_tokens: prompt tokens prefilled per step (default `default_chunk_tokens`).
 
@@ -153,13 +162,20 @@ class LLMEngine:
         16-bit, with cuda_graphs): q/k/v, o and down (on the H200 the 8B's 32K step 5.71 -> 5.51 ms), and a small
         model's (hidden size up to 1,024) layers as four GEMVs with their norms, RoPE, SiLU·up and residuals inside
         (`gemv.FUSE_LAYERS`; the 0.5B's step 1.09 -> 0.83 ms), larger models' only with `gemv.FUSE_LARGE`; default
-        `gemv.DECODE_GEMV`. False leaves the model's own `use_gemv` setting."""
+        `gemv.DECODE_GEMV`. False leaves the model's own `use_gemv` setting.
+
+        scheduling_policy: "fcfs" (requests admitted in arrival order; SamplingParams.priority must be 0) or
+        "priority" (lower priority values first, then arrival; when pages run out the running request with the
+        largest (priority, arrival) is preempted), as vLLM's --scheduling-policy."""
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.chunk_tokens = default_chunk_tokens(model.device, chunk_tokens)
         self.context = context_length(model, max_model_len)
+        check_scheduling_policy(scheduling_policy)
+        self.scheduling_policy = scheduling_policy
+        self._arrivals = itertools.count()
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.by_id: dict[str, EngineRequest] = {}
@@ -242,6 +258,7 @@ class LLMEngine:
         prompt_ids, as_array = checked_prompt(prompt_ids, self.context, self.model.config.vocab_size,
                                               self.cache_tokens)
         params.check_vocab(self.model.config.vocab_size)
+        check_priority(params, self.scheduling_policy)
         # prompt_ids is the check's own list (the caller's is never kept); SequenceState copies it.
         state = SequenceState(prompt_ids, params, self.tokenizer, self.model.device, self.context,
                               self.model.config.eos_token_ids,
@@ -253,10 +270,22 @@ class LLMEngine:
         req = EngineRequest(request_id, prompt_ids, state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
                             or bool(params.presence_penalty or params.frequency_penalty) or params.guided
-                            or params.min_tokens > 0 or bool(params.bad_words), prompt_array=as_array)
+                            or params.min_tokens > 0 or bool(params.bad_words), prompt_array=as_array,
+                            priority=params.priority, arrival=next(self._arrivals))
         self.by_id[request_id] = req
-        self.waiting.append(req)
+        self._enqueue(req)
         return state
+
+    def _enqueue(self, req: EngineRequest) -> None:
+        """Into the waiting queue: last under fcfs (a preempted one goes first, `_preempt`); by rank under
+        priority (a preempted one keeps its arrival, so it goes before later requests of its priority)."""
+        if self.scheduling_policy != "priority":
+            self.waiting.append(req)
+            return
+        i = len(self.waiting)
+        while i and self.waiting[i - 1].rank > req.rank:
+            i -= 1
+        self.waiting.insert(i, req)
 
     @property
     def cache_tokens(self) -> int:
@@ -556,7 +585,9 @@ class LLMEngine:
                     self.cache.reserve(req.pages, n)
                     break
                 except OutOfPages:
-                    victim = self.running[-1]
+                    # The latest admitted, or under priority the lowest priority latest arrival (vLLM's choice).
+                    victim = self.running[-1] if self.scheduling_policy != "priority" else \
+                        max(self.running, key=lambda r: r.rank)
                     if victim is req and len(self.running) == 1:
                         # Alone and still no room: the cache cannot hold this sequence any longer.
                         self._pending.append((req.request_id, self._end(req, "length")))
@@ -574,7 +605,10 @@ class LLMEngine:
         self.cache.release(req.pages)
         req.pages, req.computed = None, 0
         self.running.remove(req)
-        self.waiting.appendleft(req)
+        if self.scheduling_policy == "priority":
+            self._enqueue(req)
+        else:
+            self.waiting.appendleft(req)
         self.num_preempted += 1
 
     def _forward_decode(self, seqs: list[SeqPages], ids: list[int] | torch.Tensor, shared=None) -> torch.Tensor:
@@ -828,13 +862,14 @@ def build_engine(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, kv_cache_toke
                  chunk_tokens: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
                  async_output: bool | None = None, stream_text: bool = True,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 cascade_decode: bool | None = None, detokenize: bool = True) -> LLMEngine:
+                 cascade_decode: bool | None = None, detokenize: bool = True,
+                 scheduling_policy: str = "fcfs") -> LLMEngine:
     """An engine over a new paged cache of kv_cache_tokens tokens (rounded up to whole pages, `cache_capacity`)
     on the model's device and dtype; enable_prefix_caching: see `PagedKVCache` (prefix_caching); cascade_decode,
-    detokenize: see `LLMEngine`."""
+    detokenize, scheduling_policy: see `LLMEngine`."""
     ps = page_size_for(model.config)
     cache = PagedKVCache(model.config, cache_capacity(model.config, kv_cache_tokens) // ps, ps, model.device,
                          model.dtype, prefix_caching=enable_prefix_caching)
     return LLMEngine(model, tokenizer, cache, max_batch_size, chunk_tokens, cuda_graphs=cuda_graphs,
                      compile=compile, async_output=async_output, stream_text=stream_text, max_model_len=max_model_len,
-                     cascade_decode=cascade_decode, detokenize=detokenize)
+                     cascade_decode=cascade_decode, detokenize=detokenize, scheduling_policy=scheduling_policy)

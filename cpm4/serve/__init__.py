@@ -93,7 +93,7 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
              generation_config: str | None = "auto", reasoning_parser: str | None = None,
              allowed_origins: list[str] | None = None, engine_process: bool | None = None,
              revision: str | None = None, enable_prefix_caching: bool = True,
-             cascade_decode: bool | None = None) -> tuple[FastAPI, AsyncEngine]:
+             cascade_decode: bool | None = None, scheduling_policy: str = "fcfs") -> tuple[FastAPI, AsyncEngine]:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) into a running
     engine and the FastAPI app over it: what `serve` runs under uvicorn and `cpm4 run-batch` calls in-process. The
     caller shuts the engine down. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
@@ -108,10 +108,14 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     in a child process (`ProcessEngine`), so HTTP work and the engine's host work do not share one GIL; None:
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
-    rows (see `LLMEngine`; None: on)."""
+    rows (see `LLMEngine`; None: on). scheduling_policy: "fcfs", or "priority" (requests' `priority` field, lower
+    first; see `LLMEngine`), as vLLM's --scheduling-policy."""
+    from cpm4.engine.params import check_scheduling_policy
+
     from .reasoning import check_reasoning_parser
 
     check_reasoning_parser(reasoning_parser)  # before the model loads
+    check_scheduling_policy(scheduling_policy)
     names = [model_name] if isinstance(model_name, str) else list(model_name or ())
     if any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
@@ -140,7 +144,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
                    async_output=async_output, max_model_len=max_model_len,
-                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode)
+                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode,
+                   scheduling_policy=scheduling_policy)
     if engine_process is None:
         engine_process = default_engine_process(resolve_device(device))
     if engine_process:

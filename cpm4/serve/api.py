@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.params import STRUCTURED_FIELDS, SamplingParams, nth_seed, valid_text
+from cpm4.engine.params import STRUCTURED_FIELDS, SamplingParams, check_priority, nth_seed, valid_text
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine, EngineClosedError
@@ -213,12 +213,14 @@ class _OpenAIServer:
                 allowed_token_ids=req.allowed_token_ids,
                 skip_special_tokens=req.skip_special_tokens,
                 bad_words=req.bad_words,
+                priority=req.priority,
                 # a chat answer's grammar waits for the end of its reasoning, as vLLM's with a reasoning parser
                 reasoning_tags=(THINK, END_THINK) if fields and self.reasoning_parser
                 and isinstance(req, ChatCompletionRequest) else None,
                 **fields,
             )
             params.check_vocab(self.engine.vocab_size)
+            check_priority(params, getattr(self.engine, "scheduling_policy", "fcfs"))
             if params.guided:  # compiled (and cached) now, so a bad schema is this request's 400
                 compile_grammar(self.tokenizer, self.engine.vocab_size, self.engine.config.eos_token_ids,
                                 params)

@@ -26,7 +26,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 async_output=args.async_output, max_model_len=args.max_model_len, chat_template=args.chat_template,
                 cpu_threads=args.cpu_threads, generation_config=args.generation_config,
                 reasoning_parser=args.reasoning_parser, engine_process=args.engine_process, revision=args.revision,
-                enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode)
+                enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
+                scheduling_policy=args.scheduling_policy)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -106,6 +107,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cascade-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps read the prefix pages many requests share (a system prompt) once per tile of "
                    "rows, where that saves enough reads (default: on; off with --compile)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: requests start in arrival order; priority: by their `priority` field (lower first, "
+                   "then arrival), and under KV pressure the lowest priority is preempted first (vLLM's option)")
     add_max_model_len_arg(p)
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (file, or the template text) instead of the checkpoint's")

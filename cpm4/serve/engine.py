@@ -31,6 +31,7 @@ from cpm4.engine.generate import (
     generate_stream,
     prompt_logprobs,
 )
+from cpm4.engine.params import check_priority, check_scheduling_policy
 from cpm4.engine.sampling import SamplingParams
 from cpm4.engine.scheduler import (
     LLMEngine,
@@ -125,7 +126,7 @@ class AsyncEngine:
                  gpu_memory_utilization: float | None = None, cuda_graphs: bool | None = None,
                  compile: bool = False, async_output: bool | None = None, max_model_len: int | None = None,
                  cpu_threads: int | None = None, enable_prefix_caching: bool = True,
-                 cascade_decode: bool | None = None) -> None:
+                 cascade_decode: bool | None = None, scheduling_policy: str = "fcfs") -> None:
         """continuous: run the paged-cache scheduler (requests join between decode steps); False runs
         whole batches through the plain generate loop. kv_cache_tokens: KV cache size in tokens (default: see
         `default_kv_cache_tokens`; on CUDA what gpu_memory_utilization (0.9) of the device leaves, elsewhere
@@ -134,8 +135,11 @@ class AsyncEngine:
         `LLMEngine` (default: on with CUDA graphs); max_model_len: the longest request served, prompt and
         output (default: the model's context; see `context_length`). cpu_threads: torch's intra-op threads
         on the worker thread (set there before its first step; other threads keep theirs; None: the
-        default). enable_prefix_caching: see `PagedKVCache` (vLLM's option); cascade_decode: see `LLMEngine`."""
+        default). enable_prefix_caching: see `PagedKVCache` (vLLM's option); cascade_decode, scheduling_policy:
+        see `LLMEngine` (the plain loop takes a batch of the lowest priority values first)."""
         check_engine_options(max_batch_size, cpu_threads)
+        check_scheduling_policy(scheduling_policy)
+        self.scheduling_policy = scheduling_policy
         self.cpu_threads = cpu_threads
         self.continuous = continuous
         self.enable_prefix_caching = enable_prefix_caching
@@ -200,6 +204,7 @@ class AsyncEngine:
                 torch.Generator().manual_seed(params.seed)
             except (ValueError, RuntimeError, OverflowError):
                 raise ValueError(f"seed {params.seed} is out of range (64-bit)") from None
+        check_priority(params, self.scheduling_policy)
         if params.guided:  # a schema that does not compile fails here, not in the worker
             from cpm4.engine.guided import compile_grammar
 
@@ -410,6 +415,14 @@ class AsyncEngine:
             if self._closed:
                 return None
             n = min(len(self._waiting), self.max_batch_size)
+            if self.scheduling_policy == "priority":
+                ranked = sorted(range(len(self._waiting)), key=lambda i: (self._waiting[i].params.priority, i))
+                take = set(ranked[:n])
+                batch = [r for i, r in enumerate(self._waiting) if i in take]
+                left = [r for i, r in enumerate(self._waiting) if i not in take]
+                self._waiting.clear()
+                self._waiting.extend(left)
+                return batch
             return [self._waiting.popleft() for _ in range(n)]
 
     def _new_scheduler(self) -> LLMEngine:
@@ -419,7 +432,8 @@ class AsyncEngine:
         sched = build_engine(self.model, self.tokenizer, self.kv_cache_tokens, self.max_batch_size,
                              self.chunk_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
                              async_output=self.async_output, max_model_len=self.max_model_len,
-                             enable_prefix_caching=self.enable_prefix_caching, cascade_decode=self.cascade_decode)
+                             enable_prefix_caching=self.enable_prefix_caching, cascade_decode=self.cascade_decode,
+                             scheduling_policy=self.scheduling_policy)
         # Every decode graph captured (and compiled) before the first request rather than in the middle of
         # serving; requests arriving meanwhile wait in the queue. A failure leaves capture to first use.
         try:

@@ -31,6 +31,7 @@ from typing import Any
 
 from cpm4.engine.generate import DetachedText, PromptTooLongError, StreamDelta, TokenLogprob, context_length
 from cpm4.engine.generation_config import serving_config
+from cpm4.engine.params import check_scheduling_policy
 from cpm4.engine.scheduler import cache_capacity
 from cpm4.model.hub import resolve_model_dir
 from cpm4.model.tokenizer import Tokenizer
@@ -202,6 +203,8 @@ class ProcessEngine(AsyncEngine):
         self.vocab_size = self.config.vocab_size
         self.max_batch_size = options["max_batch_size"]
         self.continuous = options["continuous"]
+        check_scheduling_policy(options["scheduling_policy"])
+        self.scheduling_policy = options["scheduling_policy"]  # the parent checks requests' priorities
         self.api_detokenize = api_detokenize and self.continuous
         self.model = None  # in the child
         self._init_front()

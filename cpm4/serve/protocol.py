@@ -96,6 +96,7 @@ class _SamplingFields(_Body):
     spaces_between_special_tokens: Bool = True  # vLLM's; as SamplingParams' (a fast tokenizer joins them as is)
     truncate_prompt_tokens: Int | None = Field(None, ge=1)
     bad_words: list[Str] | None = None
+    priority: Int = 0  # extension (vLLM's): with --scheduling-policy priority, lower is served first
 
 
 class CompletionRequest(_SamplingFields):

@@ -44,6 +44,7 @@ class ResponsesRequest(_Body):
     user: Str | None = None
     seed: Int | None = None  # extension (vLLM)
     ignore_eos: Bool = False  # extension (vLLM)
+    priority: Int = 0  # extension (vLLM's): with --scheduling-policy priority, lower is served first
 
 
 # OpenAI's `include` values. Only the output text's logprobs mean something here; the others name outputs of tools
@@ -162,7 +163,7 @@ def _chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "stream": req.stream,
                             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
                             "top_p": req.top_p, "parallel_tool_calls": req.parallel_tool_calls, "seed": req.seed,
-                            "ignore_eos": req.ignore_eos}
+                            "ignore_eos": req.ignore_eos, "priority": req.priority}
     if req.stream:
         body["stream_options"] = {"include_usage": True}
     for i, name in enumerate(req.include or []):
