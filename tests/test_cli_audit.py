@@ -453,10 +453,14 @@ def test_serve_options_as_vllm_spells_them(monkeypatch):
                                       "--disable-uvicorn-access-log"])
     assert args.allowed_origins == [["http://a"], ["http://c"]] and args.api_key == "sekret"
     assert args.disable_log_stats and args.uvicorn_log_level == "warning" and args.disable_uvicorn_access_log
-    for bad in (["--api-key", ""], ["--allowed-origins", '["x", 3]']):
+    for bad in (["--api-key", ""], ["--allowed-origins", '["x", 3]'], ["--tool-call-parser", "hermes"]):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(["serve", *bad])
         assert e.value.code == 2
+    # vLLM's tool-calling switches (tool calls are always parsed here), on serve and run-batch alike
+    for cmd in (["serve"], ["run-batch", "-i", "a", "-o", "b"]):
+        args = build_parser().parse_args([*cmd, "--enable-auto-tool-choice", "--tool-call-parser", "minicpm4"])
+        assert args.enable_auto_tool_choice and args.tool_call_parser == "minicpm4"
 
 
 def test_serve_port_in_use_is_said_before_the_model_loads(tmp_path, capsys):

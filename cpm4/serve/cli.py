@@ -126,6 +126,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the model in a child process, as vLLM's engine core: the HTTP side's work per "
                    "streamed chunk and the engine's host work per step then run in parallel instead of sharing "
                    "one GIL (default: on with CUDA, off on the CPU; --no-engine-process: a thread)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM's command lines: cpm4 always turns MiniCPM4's <|tool_call|> lines into "
+                   "tool_calls when a request gives tools")
+    p.add_argument("--tool-call-parser", choices=["minicpm4", "minicpm"], default=None,
+                   help="accepted for vLLM's command lines: MiniCPM4's tool-call format is the one parsed")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
 
