@@ -1245,9 +1245,16 @@ def test_metrics_count_requests_tokens_and_latency(llm):
         assert m[("cpm4_prompt_tokens_total", lab)] == sum(u.prompt_tokens for u in usages)
         assert m[("cpm4_generation_tokens_total", lab)] == sum(u.completion_tokens for u in usages) == 12
         assert m[("cpm4_request_success_total", (("finished_reason", "length"), ("model_name", MODEL)))] == 3
-        for name in ("cpm4_time_to_first_token_seconds", "cpm4_e2e_request_latency_seconds"):
+        for name in ("cpm4_time_to_first_token_seconds", "cpm4_e2e_request_latency_seconds",
+                     "cpm4_request_time_per_output_token_seconds"):  # (each of the three generated 3 or more)
             assert m[(name + "_count", lab)] == 3 and m[(name + "_sum", lab)] > 0
             assert m[(name + "_bucket", (("le", "+Inf"), ("model_name", MODEL)))] == 3
+        assert m[("cpm4_request_prompt_tokens_sum", lab)] == sum(u.prompt_tokens for u in usages)
+        assert m[("cpm4_request_generation_tokens_sum", lab)] == 12
+        # 1-2-5 buckets: of the requests of 5, 3 and 4 tokens none is within le=2, all three within le=5
+        bucket = {le: m[("cpm4_request_generation_tokens_bucket", (("le", le), ("model_name", MODEL)))]
+                  for le in ("2.0", "5.0", "10.0")}
+        assert bucket == {"2.0": 0, "5.0": 3, "10.0": 3}
         assert m[("cpm4_num_requests_running", lab)] == 0 and m[("cpm4_num_requests_waiting", lab)] == 0
         assert m[("cpm4_kv_cache_usage_perc", lab)] == 0  # finished requests' pages are free (or reusable)
         assert m[("cpm4_num_preemptions_total", lab)] == 0
@@ -1454,3 +1461,11 @@ def test_engine_cpu_threads(llm):
         assert eng.worker_threads == 1 and torch.get_num_threads() == before
     finally:
         eng.shutdown()
+
+
+def test_token_buckets_are_vllms_1_2_5():
+    pytest.importorskip("prometheus_client")
+    from cpm4.serve.metrics import token_buckets
+
+    assert token_buckets(4096) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+    assert token_buckets(5) == (1, 2, 5) and token_buckets(1) == (1,)

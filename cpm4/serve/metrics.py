@@ -1,8 +1,8 @@
 """Prometheus metrics of a server (`GET /metrics`), named and shaped like vLLM's so the same dashboards
 and alerts apply with the `cpm4_` prefix: requests running and waiting, KV cache usage, preemptions, prompt
 and generation tokens, prefix cache queries and hits, finished requests by reason, and histograms of time to
-first token and request latency. The engine's state is read when Prometheus scrapes; the latencies are observed
-as requests end.
+first token, request latency, time per output token and each request's token counts. The engine's state is read
+when Prometheus scrapes; the latencies are observed as requests end.
 
 Needs `prometheus-client` (in the `serve` extra)."""
 
@@ -23,6 +23,21 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
+
+
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+
+
+def token_buckets(limit: int) -> tuple[int, ...]:
+    """vLLM's 1-2-5 buckets for token counts: 1, 2, 5, 10, 20, 50, ... up to `limit` (the context)."""
+    out, mag = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * mag > limit:
+                return tuple(out)
+            out.append(m * mag)
+        mag *= 10
 
 
 class _EngineState(Collector):
@@ -72,6 +87,16 @@ class ServerMetrics:
                                       labels, registry=self.registry).labels(model_name)
         self.prefix_hits = Counter("cpm4_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels, registry=self.registry).labels(model_name)
+        # Per request, as vLLM's: prompt and generated token counts, and the mean time per output token after the
+        # first (requests with two tokens or more).
+        tokens = token_buckets(getattr(engine, "context_length", None) or 1 << 20)
+        self.req_prompt = Histogram("cpm4_request_prompt_tokens", "Prompt tokens of each finished request.",
+                                    labels, buckets=tokens, registry=self.registry).labels(model_name)
+        self.req_generation = Histogram("cpm4_request_generation_tokens", "Tokens each finished request generated.",
+                                        labels, buckets=tokens, registry=self.registry).labels(model_name)
+        self.tpot = Histogram("cpm4_request_time_per_output_token_seconds",
+                              "Each request's mean seconds per output token after its first.", labels,
+                              buckets=TPOT_BUCKETS, registry=self.registry).labels(model_name)
         self.model_name = model_name
         engine.request_observers.append(self.observe)
 
@@ -79,6 +104,10 @@ class ServerMetrics:
         if stats.ttft is not None:
             self.ttft.observe(stats.ttft)
         self.e2e.observe(stats.e2e)
+        self.req_prompt.observe(stats.prompt_tokens)
+        self.req_generation.observe(stats.generation_tokens)
+        if stats.ttft is not None and stats.generation_tokens > 1:
+            self.tpot.observe((stats.e2e - stats.ttft) / (stats.generation_tokens - 1))
         self._finished.labels(self.model_name, stats.finish_reason).inc()
         if stats.cached_tokens is not None:
             self.prefix_queries.inc(stats.prompt_tokens)
