@@ -98,7 +98,7 @@ tests3)  # the GPU test files no stage above runs whole: the union path, cascade
     timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=8 tests/test_infllm_v2_union.py \
         tests/test_cascade_decode.py tests/test_pdl.py tests/test_packed_prefill.py tests/test_prefill_graphs.py \
         tests/test_sampling.py tests/test_train_gpu.py tests/test_capture.py tests/test_lifetimes.py \
-        tests/test_memory_checks.py 2>&1 | tail -20
+        tests/test_memory_checks.py tests/test_run_batch.py 2>&1 | tail -20
     ;;
 servetests)  # carry .wheels/py312
     wheels
