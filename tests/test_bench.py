@@ -190,3 +190,67 @@ def test_bench_serve_draws_prompts_from_the_served_vocabulary(server, tmp_path):
                  "--random-input-len", "200", "--random-output-len", "2", "--client", "httpx",
                  "--client-processes", "1", "--save-result", str(out)]) == 0
     assert json.loads(out.read_text())["failed"] == 0
+
+
+def test_sigterm_stops_the_bench_and_its_client_processes(tmp_path):
+    """`kill` (SIGTERM) of a running `cpm4 bench serve` ends it with 143 and takes its client processes with it
+    (the default action ended the bench alone, and its clients went on loading the server). The server here
+    answers /v1/models and holds every generation request open, so the clients are mid-request when it comes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Holding(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Holding)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    bench = subprocess.Popen([sys.executable, "-m", "cpm4.cli", "bench", "serve", "--base-url", url, "--num-prompts",
+                              "4", "--client-processes", "2", "--client", "httpx"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def children() -> list[int]:
+        try:
+            with open(f"/proc/{bench.pid}/task/{bench.pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(children()) < 2:
+            assert bench.poll() is None, bench.communicate()
+            assert time.monotonic() < deadline, "the client processes did not start"
+            time.sleep(0.1)
+        kids = children()
+        time.sleep(1.0)  # the clients past "ready", their requests held by the server
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 143
+        for pid in kids:  # killed and reaped by the bench: gone from the process table
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    finally:
+        release.set()
+        if bench.poll() is None:
+            bench.kill()
+        bench.communicate()
+        srv.shutdown()
