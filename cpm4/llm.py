@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from .engine.generate import GenerationOutput, check_prompt_ids, context_length,
 from .engine.generation_config import sampling_defaults, serving_config
 from .engine.offline import OfflineEngine, check_batch, check_options
 from .engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .engine.beam_search import BeamSearchOutput, BeamSearchParams
 from .model.checkpoint import load_checkpoint, parse_dtype
 from .model.hub import resolve_model_dir
 from .model.modeling import MiniCPM4ForCausalLM
@@ -231,6 +234,21 @@ class LLM:
         params = _sampling_params(sampling_params, params)
         return _generate(self.engine, self.tokenizer, prompts,
                          params if params is not None else self.get_default_sampling_params(), use_tqdm, priority)
+
+    def beam_search(self, prompts: str | Sequence[int] | Sequence, params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search (`cpm4.engine.beam_search`): for each prompt (text, token ids or vLLM's prompt
+        dicts) its best `params.beam_width` beams, best first, on this LLM's engine. use_tqdm: accepted (vLLM's);
+        beam search runs step by step without a bar."""
+        from .engine.beam_search import BeamSearchParams as _Params
+        from .engine.beam_search import beam_search
+
+        if not isinstance(params, _Params):
+            raise TypeError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
+        prompts, _ = _normalise(prompts, None)
+        ids = [_as_ids(self.tokenizer, p) for p in prompts]
+        return beam_search(lambda ps, sps: self.engine.generate(ps, sps), self.tokenizer.decode, ids, params,
+                           self.model.config.eos_token_ids, self.engine.context)
 
     def get_tokenizer(self) -> Any:
         """The checkpoint's Hugging Face tokenizer (vLLM's `get_tokenizer`): encode, decode, apply_chat_template.

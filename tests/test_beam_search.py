@@ -1,0 +1,124 @@
+"""Beam search (`LLM.beam_search`, vLLM's) against a naive float64 beam search over full forward passes."""
+
+import pytest
+import torch
+from conftest import random_model
+
+from cpm4 import LLM, BeamSearchParams
+from cpm4.engine.beam_search import beam_score, beam_search
+from cpm4.model.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm():
+    model = random_model("tiny", dtype=torch.float64, seed=4)
+    return LLM(model, tokenizer=build_tokenizer(model.config.vocab_size))
+
+
+def naive(model, prompt, width, max_tokens, eos, length_penalty=1.0, ignore_eos=False, context=10**9):
+    """Every beam's next-token log-softmax from a whole forward pass; candidates its top 2 x width."""
+    def score(b):
+        return beam_score(b[0], b[1], frozenset(eos), length_penalty)
+
+    beams, done = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        grown = []
+        for toks, cum in beams:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([toks]))[0][-1].double(), -1)
+            top = torch.topk(lp, 2 * width)
+            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+                (done if t in eos and not ignore_eos else grown).append((toks + [t], cum + v))
+        beams = sorted(grown, key=score, reverse=True)[:width]
+        done += [b for b in beams if len(b[0]) >= context]
+        beams = [b for b in beams if len(b[0]) < context]
+        if not beams:
+            break
+    return sorted(done + beams, key=score, reverse=True)[:width]
+
+
+PROMPTS = [[5, 17, 300, 41, 9], [800, 3, 77]]
+
+
+@pytest.mark.parametrize("width,penalty", [(1, 1.0), (3, 1.0), (4, 0.6)])
+def test_beams_equal_the_naive_search(llm, width, penalty):
+    """The best beams (tokens, order, summed log-probabilities) are the naive search's; with width 1 it is greedy
+    decoding; the texts are the generated tokens' and every beam ran to max_tokens ("length")."""
+    params = BeamSearchParams(beam_width=width, max_tokens=6, length_penalty=penalty)
+    outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS], params)
+    assert len(outs) == len(PROMPTS)
+    for p, out in zip(PROMPTS, outs):
+        ref = naive(llm.model, p, width, 6, llm.model.config.eos_token_ids, penalty)
+        assert [s.tokens for s in out.sequences] == [r[0] for r in ref]
+        for s, r in zip(out.sequences, ref):
+            assert s.cum_logprob == pytest.approx(r[1], abs=1e-5)  # (the engine reports float32 logprobs)
+            assert sum(lp.logprob for lp in s.logprobs) == pytest.approx(s.cum_logprob, abs=1e-9)
+            assert s.text == llm.tokenizer.decode(s.tokens[len(p):]) and s.finish_reason == "length"
+    if width == 1:
+        from cpm4 import SamplingParams
+
+        greedy = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        assert [o.sequences[0].tokens[len(p):] for o, p in zip(outs, PROMPTS)] == [g.token_ids for g in greedy]
+
+
+def test_eos_ends_a_beam(llm):
+    """A beam that picks an EOS id is finished ("stop", stop_reason the id, text without it) and competes with
+    the live ones at the end, as in the naive search; ignore_eos keeps it going. The EOS here is a token the
+    search meets (the second step's third choice), so the path is taken."""
+    p = PROMPTS[0]
+    free = naive(llm.model, p, 3, 2, [])
+    eos = [free[2][0][-1]]
+
+    def run(ignore):
+        return beam_search(lambda ps, sps: llm.engine.generate(ps, sps), llm.tokenizer.decode, [p],
+                           BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=ignore), eos, 10**6)[0]
+
+    out = run(False)
+    ref = naive(llm.model, p, 3, 5, eos)
+    assert [s.tokens for s in out.sequences] == [r[0] for r in ref]
+    stopped = [s for s in out.sequences if s.finish_reason == "stop"]
+    assert stopped  # the finished beam ranks among the best here
+    assert all(s.tokens[-1] == eos[0] and s.stop_reason == eos[0] for s in stopped)
+    assert all(s.text == llm.tokenizer.decode(s.tokens[len(p):-1]) for s in stopped)
+    ignored = run(True)
+    assert [s.tokens for s in ignored.sequences] == [r[0] for r in naive(llm.model, p, 3, 5, eos, ignore_eos=True)]
+    assert all(s.finish_reason == "length" and len(s.tokens) == len(p) + 5 for s in ignored.sequences)
+
+
+def test_context_ends_beams(llm):
+    """Beams stop at the context ("length") instead of asking the engine for a token it has no room for."""
+    p = PROMPTS[1]
+    out = beam_search(lambda ps, sps: llm.engine.generate(ps, sps), llm.tokenizer.decode, [p],
+                      BeamSearchParams(beam_width=2, max_tokens=50), [], len(p) + 4)[0]
+    assert [s.tokens for s in out.sequences] == [r[0] for r in naive(llm.model, p, 2, 50, [], context=len(p) + 4)]
+    assert all(len(s.tokens) == len(p) + 4 and s.finish_reason == "length" for s in out.sequences)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"beam_width": 0, "max_tokens": 3}, "beam_width must be an int in \\[1, 10\\]"),
+    ({"beam_width": 11, "max_tokens": 3}, "beam_width"),
+    ({"beam_width": 2, "max_tokens": 0}, "max_tokens must be an int >= 1"),
+    ({"beam_width": 2, "max_tokens": 3, "temperature": -1}, "temperature"),
+    ({"beam_width": 2, "max_tokens": 3, "length_penalty": float("nan")}, "length_penalty"),
+    ({"beam_width": 2, "max_tokens": 3, "ignore_eos": 1}, "ignore_eos must be a bool"),
+])
+def test_bad_params(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BeamSearchParams(**kw)
+
+
+def test_errors_and_text_prompts(llm, tiny_checkpoint):
+    """Text prompts work (on a checkpoint's LLM); a SamplingParams instead of BeamSearchParams is a TypeError; a
+    prompt with no room left is the engine's usual error."""
+    from cpm4 import SamplingParams
+    from cpm4.engine.generate import PromptTooLongError
+
+    ck = LLM(tiny_checkpoint, device="cpu")
+    out = ck.beam_search(["Hello there", "A"], BeamSearchParams(beam_width=2, max_tokens=3))
+    assert [len(o.sequences) for o in out] == [2, 2]
+    assert all(s.tokens[:len(ck.tokenizer.encode("A"))] == ck.tokenizer.encode("A") for s in out[1].sequences)
+    with pytest.raises(TypeError, match="BeamSearchParams"):
+        ck.beam_search("Hi", SamplingParams(max_tokens=2))
+    with pytest.raises(PromptTooLongError):
+        llm.beam_search([[5] * llm.engine.context], BeamSearchParams(beam_width=2, max_tokens=2))
