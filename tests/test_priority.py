@@ -167,3 +167,40 @@ def test_process_engine_checks_priority_in_the_parent(tiny_checkpoint):
         eng.check_params(SamplingParams(priority=0))
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_async_engine_serves_by_priority(continuous):
+    """The async engine (continuous batching, and the plain loop that takes whole batches): with one batch slot
+    and three requests queued together, they run in (priority, arrival) order, each with its tokens alone."""
+    import asyncio
+
+    from cpm4.serve.engine import AsyncEngine
+
+    eng = AsyncEngine(model(), tok(), max_batch_size=1, continuous=continuous, kv_cache_tokens=1024,
+                      scheduling_policy="priority")
+    try:
+        prio = {"a": 0, "b": 2, "c": 1}
+        params = {rid: SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, priority=p)
+                  for rid, p in prio.items()}
+        started: list[str] = []
+
+        async def one(i: int, rid: str) -> list[int]:
+            toks = []
+            async for d in eng.stream(_prompt(i), params[rid], rid):
+                if d.token_ids and not toks:
+                    started.append(rid)
+                toks += d.token_ids
+            return toks
+
+        async def all_three():
+            return await asyncio.gather(*(one(i, rid) for i, rid in enumerate(prio)))
+
+        outs = asyncio.run(all_three())
+        assert started == ["a", "c", "b"]  # a may start before the others arrive: it is first either way
+        for i, (rid, toks) in enumerate(zip(prio, outs)):
+            assert toks == _alone(_prompt(i), params[rid])
+        with pytest.raises(ValueError, match="scheduling_policy must be one of"):
+            AsyncEngine(model(), tok(), scheduling_policy="lifo")
+    finally:
+        eng.shutdown()
