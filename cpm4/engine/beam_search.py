@@ -74,52 +74,85 @@ def beam_score(tokens: Sequence[int], cum_logprob: float, eos_ids: frozenset[int
     return cum_logprob / (n ** length_penalty)
 
 
-def beam_search(generate: Callable[[list[list[int]], list[SamplingParams]], list[GenerationOutput]],
-                decode: Callable[[list[int]], str], prompts: Sequence[Sequence[int]], params: BeamSearchParams,
-                eos_ids: Sequence[int], context: int) -> list[BeamSearchOutput]:
-    """Beam search for each token-id prompt. generate: one token per prompt with logprobs (`OfflineEngine.generate`);
-    decode: ids -> text; context: the longest sequence (a beam reaching it ends with "length")."""
-    eos = frozenset(eos_ids)
-    step = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
-                          ignore_eos=True)
+class BeamSearch:
+    """The search's state for a batch of token-id prompts, stepped by a driver that runs the engine: `requests()`
+    gives the sequences to extend and the SamplingParams to run them with (one token, the top logprobs),
+    `advance(outputs)` takes one `GenerationOutput` each, `done` says when to stop, `results()` gives the outputs.
+    `beam_search` drives it with a synchronous engine, the server with its async one."""
 
-    def score(b: BeamSearchSequence) -> float:
-        return beam_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
+    def __init__(self, prompts: Sequence[Sequence[int]], params: BeamSearchParams, eos_ids: Sequence[int],
+                 context: int) -> None:
+        self.prompts = [list(p) for p in prompts]
+        self.params = params
+        self.eos = frozenset(eos_ids)
+        self.context = context  # the longest sequence: a beam reaching it ends with "length"
+        self.step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width,
+                                          temperature=params.temperature, ignore_eos=True)
+        self.live = [[BeamSearchSequence(list(p))] for p in prompts]
+        self.ended: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.steps = 0
+        self._asked: list[tuple[int, BeamSearchSequence]] = []
 
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        beams = [(i, b) for i, bs in enumerate(live) for b in bs]
-        if not beams:
-            break
-        outs = generate([b.tokens for _, b in beams], [step] * len(beams))
-        grown: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, b), out in zip(beams, outs):
+    def score(self, b: BeamSearchSequence) -> float:
+        return beam_score(b.tokens, b.cum_logprob, self.eos, self.params.length_penalty)
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.params.max_tokens or not any(self.live)
+
+    def requests(self) -> list[list[int]]:
+        """The live beams' tokens, one request each (run with `step_params`)."""
+        self._asked = [(i, b) for i, bs in enumerate(self.live) for b in bs]
+        return [b.tokens for _, b in self._asked]
+
+    def advance(self, outputs: Sequence[GenerationOutput]) -> None:
+        """Grow every beam `requests` gave by its candidates and keep each prompt's best beam_width."""
+        grown: list[list[BeamSearchSequence]] = [[] for _ in self.prompts]
+        for (i, b), out in zip(self._asked, outputs, strict=True):
             lp = out.logprobs[0]
             candidates = dict(lp.top)
             candidates.setdefault(lp.token_id, lp.logprob)  # the sampled one, if outside the top (temperature)
             for tok, logprob in candidates.items():
                 new = BeamSearchSequence(b.tokens + [tok], b.logprobs + [TokenLogprob(tok, logprob, lp.top)],
                                          b.cum_logprob + logprob)
-                if tok in eos and not params.ignore_eos:
+                if tok in self.eos and not self.params.ignore_eos:
                     new.finish_reason, new.stop_reason = "stop", tok
-                    done[i].append(new)
+                    self.ended[i].append(new)
                 else:
                     grown[i].append(new)
         for i, g in enumerate(grown):
-            g.sort(key=score, reverse=True)
-            live[i] = g[:params.beam_width]
-            for b in [b for b in live[i] if len(b.tokens) >= context]:  # no room for another token
+            g.sort(key=self.score, reverse=True)
+            self.live[i] = []
+            for b in g[:self.params.beam_width]:
+                if len(b.tokens) >= self.context:  # no room for another token
+                    b.finish_reason = "length"
+                    self.ended[i].append(b)
+                else:
+                    self.live[i].append(b)
+        self.steps += 1
+
+    def results(self, decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
+        """Each prompt's best beam_width beams, ended or still live (those end with "length"), best first, their
+        generated text decoded (an ending EOS left out)."""
+        outputs = []
+        for i, p in enumerate(self.prompts):
+            for b in self.live[i]:
                 b.finish_reason = "length"
-                done[i].append(b)
-            live[i] = [b for b in live[i] if b.finish_reason is None]
-    outputs = []
-    for i, p in enumerate(prompts):
-        for b in live[i]:
-            b.finish_reason = "length"
-        best = sorted(done[i] + live[i], key=score, reverse=True)[:params.beam_width]
-        for b in best:
-            gen = b.tokens[len(p):]
-            b.text = decode(gen[:-1] if b.finish_reason == "stop" else gen)
-        outputs.append(BeamSearchOutput(best))
-    return outputs
+            best = sorted(self.ended[i] + self.live[i], key=self.score, reverse=True)[:self.params.beam_width]
+            for b in best:
+                gen = b.tokens[len(p):]
+                b.text = decode(gen[:-1] if b.finish_reason == "stop" else gen)
+            outputs.append(BeamSearchOutput(best))
+        return outputs
+
+
+def beam_search(generate: Callable[[list[list[int]], list[SamplingParams]], list[GenerationOutput]],
+                decode: Callable[[list[int]], str], prompts: Sequence[Sequence[int]], params: BeamSearchParams,
+                eos_ids: Sequence[int], context: int) -> list[BeamSearchOutput]:
+    """Beam search for each token-id prompt. generate: one token per prompt with logprobs (`OfflineEngine.generate`);
+    decode: ids -> text; context: the longest sequence (a beam reaching it ends with "length")."""
+    search = BeamSearch(prompts, params, eos_ids, context)
+    while not search.done:
+        asked = search.requests()
+        search.advance(generate(asked, [search.step_params] * len(asked)))
+    return search.results(decode)
