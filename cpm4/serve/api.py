@@ -410,7 +410,9 @@ class _OpenAIServer:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
         prompts = self._completion_prompts(req)
         seeds = self._seeds(req.seed, req.n)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        # An explicit null (vLLM's): up to the context (the engine ends each choice there); unset is 16.
+        max_tokens = min(self.engine.context_length, self.defaults.get("max_tokens", self.engine.context_length)) \
+            if req.max_tokens is None else req.max_tokens
         grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
         if not max_tokens:  # nothing generated, but the request's fields are still checked (a 400 as with 1)
@@ -453,8 +455,8 @@ class _OpenAIServer:
                 async with self._run(request, rid, jobs) as (_, merged):
                     for i, e in enumerate(echoes):
                         lp = None
-                        if echo_lps[i]:
-                            lp, offsets[i] = self._completion_logprobs(echo_lps[i], 0, as_ids, skip)
+                        if echo_lps[i]:  # the echoed prompt shows no special token (skip_special_tokens or not)
+                            lp, _ = self._completion_logprobs(echo_lps[i], 0, as_ids)
                         if e or lp is not None:
                             yield sse_event(chunk(i, e, lp))
                         if choices[i].finish_reason is not None:  # max_tokens 0: nothing follows
@@ -483,8 +485,10 @@ class _OpenAIServer:
         for i, c in enumerate(choices):
             lp = None
             if req.logprobs is not None:
-                lp, _ = self._completion_logprobs(echo_lps[i] + c.logprobs, 0 if echo_lps[i] else len(echoes[i]),
-                                                  as_ids, skip)
+                # the echoed prompt shows no special token; the output shows them unless skip_special_tokens
+                lp, _ = self._completion_logprobs(echo_lps[i], 0, as_ids)
+                gen, _ = self._completion_logprobs(c.logprobs, len(echoes[i]), as_ids, skip)
+                lp = {k: v + gen[k] for k, v in lp.items()}
             out.append({"index": i, "text": echoes[i] + "".join(c.pieces), "logprobs": lp,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
@@ -503,6 +507,8 @@ class _OpenAIServer:
                                         "(text only)", param="messages")
                 texts.append(part.text)
             content = "\n".join(texts)
+        if content is None and not m.tool_calls:
+            content = ""  # as vLLM renders a null or missing content (the template refused None: a 400)
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
@@ -540,6 +546,9 @@ class _OpenAIServer:
         messages = [self._message_dict(i, m) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         kwargs = dict(req.chat_template_kwargs or {})
+        if req.chat_template is not None:  # vLLM's answer without --trust-request-chat-template
+            raise APIError(400, "chat_template is not accepted in a request: the server renders every chat with its "
+                                "own template (--chat-template)", param="chat_template")
         bad = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
         if bad:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
@@ -577,7 +586,7 @@ class _OpenAIServer:
                                 "tool_choice", param="response_format")
         if fmt:
             grammar, grammar_param = fmt, "response_format"
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:  # (0 asks for nothing: accepted, as vLLM does)
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         ids = self._chat_ids(req)
         if req.max_completion_tokens is not None:
@@ -587,6 +596,11 @@ class _OpenAIServer:
         max_tokens = req.max_completion_tokens or req.max_tokens or \
             min(self.engine.context_length, self.defaults.get("max_tokens", self.engine.context_length))
         k = (req.top_logprobs or 0) if req.logprobs else None
+        # vLLM's echo: the last message's text starts the reply when that message has the reply's role (the
+        # assistant's, or any with add_generation_prompt false: the reply goes on in that turn)
+        last = req.messages[-1]
+        echo = (self._message_dict(len(req.messages) - 1, last)["content"] or "") \
+            if req.echo and (last.role == "assistant" or not req.add_generation_prompt) else ""
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
@@ -625,6 +639,8 @@ class _OpenAIServer:
                 async with self._run(request, rid, jobs, coalesce) as (_, merged):
                     for i in range(len(choices)):
                         yield sse_event(chunk(i, {"role": "assistant", "content": ""}))
+                    for i in range(len(choices) if echo else 0):
+                        yield sse_event(chunk(i, {"content": echo}))
                     async for i, d in merged:
                         c = choices[i]
                         text = c.take(d)
@@ -673,6 +689,8 @@ class _OpenAIServer:
                 message["reasoning_content"] = "".join(c.reasoning) or None
                 if not content:
                     message["content"] = None
+            if echo:
+                message["content"] = echo + (message["content"] or "")
             if calls:
                 message["tool_calls"] = calls
             out.append({"index": i, "message": message,

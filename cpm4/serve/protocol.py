@@ -2,12 +2,13 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer options still work.
 Numbers and flags are strict (a string "0.5" for temperature is a 400, as with OpenAI), except that an int
-is accepted where a float is expected. A null is the same as leaving the field out.
+is accepted where a float is expected. A null is the same as leaving the field out, except a completion's
+max_tokens: null runs to the context (vLLM's), unset is 16.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator, model_validator
 
@@ -25,6 +26,7 @@ MAX_LOGPROBS = 20
 class _Body(BaseModel):
     # Python's json accepts NaN and Infinity; no sampling setting means anything with them.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    _KEEP_NULL: ClassVar[frozenset[str]] = frozenset()  # fields whose null means something else than unset
 
     @model_validator(mode="before")
     @classmethod
@@ -32,12 +34,12 @@ class _Body(BaseModel):
         # OpenAI's optional fields are nullable ("n": null means n = 1), and clients that serialise every field
         # send nulls; without this, a field with a non-null default (n, stream, echo, logprobs) refused them.
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            return {k: v for k, v in data.items() if v is not None or k in cls._KEEP_NULL}
         return data
 
 
 class StreamOptions(_Body):
-    include_usage: Bool = False
+    include_usage: Bool = True  # as vLLM's: stream_options without it ({"continuous_usage_stats": true}) asks for usage
     continuous_usage_stats: Bool = False  # extension (vLLM): usage so far in every chunk
 
 
@@ -102,6 +104,7 @@ class _SamplingFields(_Body):
 class CompletionRequest(_SamplingFields):
     prompt: Str | list[Str] | list[Int] | list[list[Int]]
     max_tokens: Int | None = Field(16, ge=0)  # OpenAI's default for completions; 0: echo/score the prompt only
+    _KEEP_NULL = frozenset({"max_tokens"})  # vLLM's: an explicit null runs to the context
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Bool = False
     suffix: Str | None = None
@@ -166,6 +169,9 @@ class _TemplateFields(_Body):
 
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM), e.g. {"enable_thinking": false}
+    # vLLM's per-request template: refused (400) as vLLM refuses it without --trust-request-chat-template, not
+    # silently ignored
+    chat_template: Str | None = None
 
     @field_validator("tools")
     @classmethod
@@ -191,6 +197,7 @@ class ChatCompletionRequest(_SamplingFields, _TemplateFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Bool | None = None
     return_tokens_as_token_ids: Bool = False  # extension
+    echo: Bool = False  # extension (vLLM): the reply starts with the last message's text when it is the reply's turn
 
 
 class TokenizeRequest(_TemplateFields):
