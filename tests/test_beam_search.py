@@ -122,3 +122,41 @@ def test_errors_and_text_prompts(llm, tiny_checkpoint):
         ck.beam_search("Hi", SamplingParams(max_tokens=2))
     with pytest.raises(PromptTooLongError):
         llm.beam_search([[5] * llm.engine.context], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_server_use_beam_search(llm):
+    """vLLM's `use_beam_search` on /v1/completions and /v1/chat/completions: the n choices are the n best beams,
+    as `LLM.beam_search` gives them (length_penalty too); usage counts every beam's tokens; fields a beam search
+    would ignore, a stream, and n above 10 are 400s naming them."""
+    from fastapi.testclient import TestClient
+
+    from cpm4.serve import create_app
+    from cpm4.serve.engine import AsyncEngine
+
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8, kv_cache_tokens=2048)
+    try:
+        with TestClient(create_app(eng, "m")) as c:
+            r = c.post("/v1/completions", json={"prompt": [PROMPTS[0], PROMPTS[1]], "n": 3, "max_tokens": 5,
+                                                "use_beam_search": True, "length_penalty": 0.7})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            want = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS],
+                                   BeamSearchParams(beam_width=3, max_tokens=5, length_penalty=0.7))
+            assert [ch["index"] for ch in body["choices"]] == list(range(6))
+            assert [ch["text"] for ch in body["choices"]] == [s.text for o in want for s in o.sequences]
+            assert body["usage"]["completion_tokens"] == 30 and body["usage"]["prompt_tokens"] == 8
+            msgs = [{"role": "user", "content": "hello"}]
+            r = c.post("/v1/chat/completions", json={"messages": msgs, "n": 2, "max_tokens": 4,
+                                                     "use_beam_search": True})
+            assert r.status_code == 200, r.text
+            ids = llm.tokenizer.encode_chat(msgs)
+            want = llm.beam_search([{"prompt_token_ids": ids}], BeamSearchParams(beam_width=2, max_tokens=4))[0]
+            assert [ch["message"]["content"] for ch in r.json()["choices"]] == [s.text for s in want.sequences]
+            for extra, param in (({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs"),
+                                 ({"stop": ["x"]}, "stop"), ({"guided_regex": "a+"}, "guided_regex"),
+                                 ({"n": 11}, "n")):
+                r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "use_beam_search": True,
+                                                    **extra})
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    finally:
+        eng.shutdown()

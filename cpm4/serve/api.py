@@ -26,7 +26,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cpm4.engine.generate import PromptTooLongError, StreamDelta, TokenLogprob
+from cpm4.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from cpm4.engine.generate import GenerationOutput, PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
 from cpm4.engine.params import STRUCTURED_FIELDS, SamplingParams, check_priority, nth_seed, valid_text
 from cpm4.model.tokenizer import Tokenizer
@@ -402,6 +403,45 @@ class _OpenAIServer:
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
+    async def _beam_search(self, request: Request, rid: str, req: CompletionRequest | ChatCompletionRequest,
+                           prompts: list[list[int]], max_tokens: int) -> list[BeamSearchOutput] | None:
+        """vLLM's use_beam_search: each prompt's n best beams of a search of width n (`BeamSearch` stepped on the
+        engine: a step's beams run as one request each, together, their prefix pages cached). None when the
+        client went away (the step's requests are aborted). Only the fields a beam search reads apply, so those
+        it would ignore silently are refused."""
+        given = [name for name, on in (("stream", req.stream), ("logprobs", req.logprobs is not None and req.logprobs is not False),
+                                       ("stop", bool(req.stop)), ("stop_token_ids", bool(req.stop_token_ids)),
+                                       ("response_format", req.response_format is not None),
+                                       ("tools", bool(getattr(req, "tools", None))),
+                                       ("min_tokens", bool(req.min_tokens))) if on]
+        given += [name for name, _, _ in self._guided(req)]
+        if given:
+            raise APIError(400, f"use_beam_search cannot be combined with {given[0]}", param=given[0].split(".")[0])
+        try:
+            params = BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                      temperature=req.temperature or 0.0, length_penalty=req.length_penalty)
+        except ValueError as e:
+            msg = str(e).replace("beam_width", "n (the beam width)")
+            raise APIError(400, msg, param="n" if "beam_width" in str(e) else _param_of(str(e))) from None
+        search = BeamSearch(prompts, params, self.engine.config.eos_token_ids, self.engine.context_length)
+        while not search.done:
+            asked = search.requests()
+            outs = [GenerationOutput(list(p)) for p in asked]
+            async with self._run(request, f"{rid}-{search.steps}", [(p, search.step_params) for p in asked],
+                                 stream_text=False) as (watch, merged):
+                async for i, d in merged:
+                    outs[i].add(d)
+            if watch.disconnected:
+                return None
+            search.advance(outs)
+        return search.results(self.tokenizer.decode)
+
+    @staticmethod
+    def _beam_usage(prompt_tokens: int, beams: list[BeamSearchOutput], prompts: list[list[int]]) -> dict[str, Any]:
+        completion = sum(len(s.tokens) - len(p) for b, p in zip(beams, prompts) for s in b.sequences)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_common(req)
         if req.suffix:
@@ -413,6 +453,20 @@ class _OpenAIServer:
         # An explicit null (vLLM's): up to the context (the engine ends each choice there); unset is 16.
         max_tokens = min(self.engine.context_length, self.defaults.get("max_tokens", self.engine.context_length)) \
             if req.max_tokens is None else req.max_tokens
+        if req.use_beam_search and max_tokens:
+            for ids, _ in prompts:
+                self._check_max_tokens(ids, req.max_tokens)
+            rid = f"cmpl-{uuid.uuid4().hex}"
+            beams = await self._beam_search(request, rid, req, [ids for ids, _ in prompts], max_tokens)
+            if beams is None:
+                return Response(status_code=499)
+            out = [{"index": p * req.n + j, "text": (text if req.echo else "") + s.text, "logprobs": None,
+                    "finish_reason": s.finish_reason, "stop_reason": None}
+                   for p, ((_, text), b) in enumerate(zip(prompts, beams)) for j, s in enumerate(b.sequences)]
+            return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                                 "model": self.model_name, "choices": out,
+                                 "usage": self._beam_usage(sum(len(i) for i, _ in prompts), beams,
+                                                           [i for i, _ in prompts])})
         grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
         if not max_tokens:  # nothing generated, but the request's fields are still checked (a 400 as with 1)
@@ -601,6 +655,16 @@ class _OpenAIServer:
         last = req.messages[-1]
         echo = (self._message_dict(len(req.messages) - 1, last)["content"] or "") \
             if req.echo and (last.role == "assistant" or not req.add_generation_prompt) else ""
+        if req.use_beam_search:
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            beams = await self._beam_search(request, rid, req, [ids], max_tokens)
+            if beams is None:
+                return Response(status_code=499)
+            out = [{"index": j, "message": {"role": "assistant", "content": echo + s.text}, "logprobs": None,
+                    "finish_reason": s.finish_reason, "stop_reason": None} for j, s in enumerate(beams[0].sequences)]
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                                 "model": self.model_name, "system_fingerprint": None, "choices": out,
+                                 "usage": self._beam_usage(len(ids), beams, [ids])})
         parse_tools = bool(req.tools) and req.tool_choice != "none"
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]

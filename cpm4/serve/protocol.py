@@ -99,6 +99,8 @@ class _SamplingFields(_Body):
     truncate_prompt_tokens: Int | None = Field(None, ge=1)
     bad_words: list[Str] | None = None
     priority: Int = 0  # extension (vLLM's): with --scheduling-policy priority, lower is served first
+    use_beam_search: Bool = False  # extension (vLLM's): the n best beams of a beam search of width n
+    length_penalty: Float = 1.0  # extension (vLLM's): beams ranked by summed logprob / length ** length_penalty
 
 
 class CompletionRequest(_SamplingFields):
