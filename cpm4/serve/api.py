@@ -409,11 +409,11 @@ class _OpenAIServer:
         engine: a step's beams run as one request each, together, their prefix pages cached). None when the
         client went away (the step's requests are aborted). Only the fields a beam search reads apply, so those
         it would ignore silently are refused."""
-        given = [name for name, on in (("stream", req.stream), ("logprobs", req.logprobs is not None and req.logprobs is not False),
-                                       ("stop", bool(req.stop)), ("stop_token_ids", bool(req.stop_token_ids)),
-                                       ("response_format", req.response_format is not None),
-                                       ("tools", bool(getattr(req, "tools", None))),
-                                       ("min_tokens", bool(req.min_tokens))) if on]
+        logprobs = req.logprobs is not None and req.logprobs is not False
+        given = [name for name, on in (
+            ("stream", req.stream), ("logprobs", logprobs), ("stop", bool(req.stop)),
+            ("stop_token_ids", bool(req.stop_token_ids)), ("response_format", req.response_format is not None),
+            ("tools", bool(getattr(req, "tools", None))), ("min_tokens", bool(req.min_tokens))) if on]
         given += [name for name, _, _ in self._guided(req)]
         if given:
             raise APIError(400, f"use_beam_search cannot be combined with {given[0]}", param=given[0].split(".")[0])
