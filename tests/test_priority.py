@@ -169,16 +169,24 @@ def test_process_engine_checks_priority_in_the_parent(tiny_checkpoint):
         eng.shutdown()
 
 
-@pytest.mark.parametrize("continuous", [True, False])
-def test_async_engine_serves_by_priority(continuous):
-    """The async engine (continuous batching, and the plain loop that takes whole batches): with one batch slot
-    and three requests queued together, they run in (priority, arrival) order, each with its tokens alone."""
+@pytest.mark.parametrize("kind", ["continuous", "plain", "process"])
+def test_async_engine_serves_by_priority(kind, tmp_path):
+    """The async engine (continuous batching, the plain loop that takes whole batches, and in a child process):
+    with one batch slot and three requests queued together, they run in (priority, arrival) order, each with
+    its tokens alone."""
     import asyncio
 
+    from cpm4.model.checkpoint import save_checkpoint
     from cpm4.serve.engine import AsyncEngine
+    from cpm4.serve.engine_proc import ProcessEngine
 
-    eng = AsyncEngine(model(), tok(), max_batch_size=1, continuous=continuous, kv_cache_tokens=1024,
-                      scheduling_policy="priority")
+    if kind == "process":  # the same model, from a folder the child loads
+        save_checkpoint(model(), model().config, tmp_path / "m", tokenizer=tok())
+        eng = ProcessEngine(tmp_path / "m", device="cpu", dtype="float32", max_batch_size=1, kv_cache_tokens=1024,
+                            scheduling_policy="priority")
+    else:
+        eng = AsyncEngine(model(), tok(), max_batch_size=1, continuous=kind == "continuous", kv_cache_tokens=1024,
+                          scheduling_policy="priority")
     try:
         prio = {"a": 0, "b": 2, "c": 1}
         params = {rid: SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, priority=p)
