@@ -159,7 +159,12 @@ class _OpenAIServer:
 
     def model_card(self, name: str | None = None) -> dict[str, Any]:
         return {"id": name or self.model_name, "object": "model", "created": self.created, "owned_by": "cpm4",
-                "root": self.model_name, "max_model_len": self.engine.context_length,
+                "root": self.model_name, "parent": None, "max_model_len": self.engine.context_length,
+                "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",  # vLLM's
+                                "created": self.created, "allow_create_engine": False, "allow_sampling": True,
+                                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                                "allow_fine_tuning": False, "organization": "*", "group": None,
+                                "is_blocking": False}],
                 "vocab_size": self.engine.vocab_size}  # (what `cpm4 bench serve` draws its random prompts from)
 
     def _check_model(self, model: str | None) -> None:
@@ -586,7 +591,8 @@ class _OpenAIServer:
             ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
         else:
             ids = self._chat_ids(req, check=False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
+        strs = self.tokenizer.hf.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length, "token_strs": strs}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         self._check_model(req.model)
@@ -594,7 +600,8 @@ class _OpenAIServer:
             if not 0 <= t < self.engine.vocab_size:
                 raise APIError(400, f"token id {t} is not in the vocabulary [0, {self.engine.vocab_size})",
                                param="tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        # As vLLM's (the tokenizer's decode): special tokens written out, a chat's ids read back as its template
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     def _chat_ids(self, req: ChatCompletionRequest | TokenizeRequest, check: bool = True) -> list[int]:
         messages = [self._message_dict(i, m) for i, m in enumerate(req.messages)]

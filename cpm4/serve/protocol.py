@@ -210,6 +210,7 @@ class TokenizeRequest(_TemplateFields):
     prompt: Str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: Bool = True  # vLLM's: false encodes a text prompt without the BOS (the chat's as rendered)
+    return_token_strs: Bool = False  # vLLM's: the answer's token_strs lists each token's vocabulary string
 
 
 class DetokenizeRequest(_Body):
