@@ -29,6 +29,7 @@ from .engine.sampling import SamplingParams
 if TYPE_CHECKING:
     from .engine.beam_search import BeamSearchOutput, BeamSearchParams
 from .model.checkpoint import load_checkpoint, parse_dtype
+from .model.config import is_int
 from .model.hub import resolve_model_dir
 from .model.modeling import MiniCPM4ForCausalLM
 from .model.tokenizer import Tokenizer
@@ -67,8 +68,12 @@ def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any
     """Text, token ids (a list, or a 1-D numpy array or tensor), or vLLM's prompt dicts ({"prompt": text} or
     {"prompt_token_ids": ids})."""
     if isinstance(prompt, Mapping):
+        if prompt.get("multi_modal_data"):  # vLLM's images, audio...: a text model would answer without them
+            raise ValueError("multi_modal_data is not supported: MiniCPM4 is a text model")
         if "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
+            if isinstance(prompt, str):  # was encoded as text
+                raise ValueError("prompt_token_ids must be token ids, got a str: give text as {'prompt': ...}")
         elif "prompt" in prompt:
             prompt = prompt["prompt"]
         else:
@@ -123,8 +128,9 @@ def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_
                   for sp, p in zip(params, priority)]
     outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
     for o, p in zip(outs, prompts):
+        rid = str(next(engine.request_ids))
         for c in {id(x): x for x in (o, *o.outputs)}.values():
-            c.prompt = _prompt_text(p)
+            c.prompt, c.request_id = _prompt_text(p), rid
     return outs
 
 
@@ -151,13 +157,41 @@ def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Seque
         raise TypeError(f"stream takes one SamplingParams, got {type(params).__name__}")
     if params.n != 1:
         raise ValueError(f"stream gives one completion: n must be 1, got {params.n}")
-    ids = params.truncate(_as_ids(tokenizer, prompt))
     context = context_length(model) if context is None else context
+    ids = params.truncate(_as_ids(tokenizer, prompt), context)
     check_batch([ids], [params], context, model.config.vocab_size)
     for step in generate_stream(model, tokenizer, [ids], [fit_to_context(len(ids), params, context)]):
         for d in step:
             if d.text:
                 yield d.text
+
+
+_ANY = object()
+# vLLM engine arguments `LLM` takes for code written for vLLM, with the values it takes: those that cannot change
+# what is generated (_ANY: every value). Other values would, or name what cpm4 does not have: they are refused.
+_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
+    "trust_remote_code": (True, False),  # cpm4 runs no code from the checkpoint either way
+    "tensor_parallel_size": (1,), "pipeline_parallel_size": (1,), "data_parallel_size": (1,),  # one device
+    "quantization": (None,), "kv_cache_dtype": ("auto",), "cpu_offload_gb": (0,), "hf_overrides": (None, {}),
+    "tokenizer_mode": ("auto",), "skip_tokenizer_init": (False,), "tokenizer_revision": (None,),
+    "download_dir": (None,), "load_format": ("auto", "safetensors"), "task": ("auto", "generate"),
+    "runner": ("auto", "generate"),
+    # Memory, speed and logging only.
+    "swap_space": (_ANY,), "disable_log_stats": (_ANY,), "disable_custom_all_reduce": (_ANY,),
+    "max_num_batched_tokens": (_ANY,), "enable_chunked_prefill": (_ANY,), "compilation_config": (_ANY,),
+    "block_size": (_ANY,), "distributed_executor_backend": (_ANY,), "max_seq_len_to_capture": (_ANY,),
+    "disable_async_output_proc": (_ANY,), "max_logprobs": (_ANY,),
+}
+
+
+def _check_vllm_args(args: Mapping[str, Any]) -> None:
+    for name, value in args.items():
+        if name not in _VLLM_ARGS:
+            raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+        ok = _VLLM_ARGS[name]
+        if _ANY not in ok and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in ok):
+            raise ValueError(f"{name}={value!r:.80} is not available: cpm4 takes vLLM's {name} only as "
+                             + " or ".join(map(repr, ok)))
 
 
 class LLM:
@@ -187,14 +221,21 @@ class LLM:
                  kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
                  max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
                  revision: str | None = None, enable_prefix_caching: bool = True,
-                 cascade_decode: bool | None = None, scheduling_policy: str = "fcfs"):
+                 cascade_decode: bool | None = None, scheduling_policy: str = "fcfs", seed: int | None = None,
+                 **vllm_args: Any):
         """model: a checkpoint folder, a Hugging Face Hub model id (fetched into the HF cache at `revision`;
         `cpm4.model.hub`), or a model already in memory with its `tokenizer` (device and dtype are then the
         model's own). tokenizer: a `Tokenizer`, or a folder / Hub id to load one from, used instead of the
         checkpoint's (vLLM's option). enable_prefix_caching: prompts reuse the cached pages of an earlier
         prompt's prefix (vLLM's option; False computes every prompt whole). cascade_decode: decode steps read the
         prefix pages many prompts share once per tile of rows (see `LLMEngine`; None: on). scheduling_policy:
-        "priority" lets `generate(priority=...)` order prompts beyond max_num_seqs (vLLM's; default "fcfs")."""
+        "priority" lets `generate(priority=...)` order prompts beyond max_num_seqs (vLLM's; default "fcfs").
+        seed: seeds torch's generators here, so unseeded sampling repeats from run to run (vLLM's). vllm_args:
+        vLLM engine arguments that cannot change the outputs (trust_remote_code, tensor_parallel_size=1,
+        swap_space...; `_VLLM_ARGS`), taken and ignored; other values are refused."""
+        _check_vllm_args(vllm_args)
+        if seed is not None and not is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
         check_options(max_num_seqs, chunk_tokens, kv_cache_tokens, gpu_memory_utilization)  # before the load
         folder = None if isinstance(model, MiniCPM4ForCausalLM) else resolve_model_dir(model, revision)
         self.sampling_defaults = sampling_defaults(generation_config, folder)  # before the load, too
@@ -222,6 +263,8 @@ class LLM:
                                     warm_up=True, scheduling_policy=scheduling_policy)
         if self.model.device.type == "cuda":  # as vLLM: the cache allocated and the graphs captured up front
             self.engine.prepare()
+        if seed is not None:
+            torch.manual_seed(seed)
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
@@ -229,8 +272,8 @@ class LLM:
                  priority: Sequence[int] | None = None) -> list[GenerationOutput]:
         """One output per prompt (text or token ids), in order; sampling_params (vLLM's name; or params): one
         for all, or one per prompt (default: `get_default_sampling_params`). use_tqdm: vLLM's progress bar of
-        processed prompts (stderr). priority: one int per prompt, lower first (needs scheduling_policy
-        "priority", as vLLM's)."""
+        processed prompts (stderr; a callable, as vLLM's, makes the bar from tqdm's arguments). priority: one int
+        per prompt, lower first (needs scheduling_policy "priority", as vLLM's)."""
         params = _sampling_params(sampling_params, params)
         return _generate(self.engine, self.tokenizer, prompts,
                          params if params is not None else self.get_default_sampling_params(), use_tqdm, priority)

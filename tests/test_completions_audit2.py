@@ -193,3 +193,17 @@ def test_stop_strings_streamed_and_stop_reason(small, llm):
     c = _post(srv, {"prompt": "Hello", "max_tokens": 12, "stop_token_ids": [toks[2]], "min_tokens": 12,
                     "ignore_eos": True}).json()
     assert c["choices"][0]["finish_reason"] == "length" and c["usage"]["completion_tokens"] == 12
+
+
+def test_truncate_prompt_tokens_minus_one_keeps_what_the_context_serves(small, llm):
+    """vLLM's truncate_prompt_tokens -1: a prompt longer than the context keeps its last context - 1 tokens (the
+    same rule as the offline SamplingParams); 0 is a 400 naming the field."""
+    srv, _ = small
+    ids = [(7 * i) % 900 + 20 for i in range(100)]
+    r = _post(srv, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": -1, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == CONTEXT - 1
+    same = _post(srv, {"prompt": ids[-(CONTEXT - 1):], "max_tokens": 1, "ignore_eos": True})
+    assert r.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]
+    r = _post(srv, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"

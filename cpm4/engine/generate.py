@@ -43,6 +43,8 @@ class GenerationOutput:
     # SamplingParams.stop_token_ids sampled; None for an EOS token, a grammar's end, "length" or "abort".
     stop_reason: int | str | None = None
     index: int = 0  # which of the prompt's n completions this is (vLLM's CompletionOutput.index)
+    # vLLM's RequestOutput.request_id: `LLM.generate` numbers its prompts "0", "1", ... across calls
+    request_id: str | None = field(default=None, compare=False)
 
     @property
     def finished(self) -> bool:

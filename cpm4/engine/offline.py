@@ -9,8 +9,10 @@ deltas are gathered into one `GenerationOutput`, in input order. Outputs are tho
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from cpm4.model.config import is_int, is_number
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -68,8 +70,11 @@ def tokens_needed(prompt: Sequence[int], params: SamplingParams, context: int) -
     return len(prompt) + min(params.max_tokens or context, context - len(prompt))
 
 
-def progress_bar(total: int):
-    """vLLM's "Processed prompts" bar (tqdm, on stderr)."""
+def progress_bar(total: int, factory: Callable[..., Any] | None = None):
+    """vLLM's "Processed prompts" bar (tqdm, on stderr); factory: vLLM's callable use_tqdm, which makes the bar
+    instead of tqdm (called with tqdm's arguments)."""
+    if factory is not None:
+        return factory(total=total, desc="Processed prompts", unit="prompt", dynamic_ncols=True)
     try:
         from tqdm import tqdm
     except ImportError:
@@ -115,6 +120,7 @@ class OfflineEngine:
         self.cascade_decode = cascade_decode
         self.warm = warm_up
         self.engine: LLMEngine | None = None
+        self.request_ids = itertools.count()  # the outputs' request_id, as vLLM's LLM numbers its requests
 
     def prepare(self) -> LLMEngine:
         """The engine built now rather than at the first batch (with `warm_up`, warmed up too): its cache at
@@ -162,12 +168,14 @@ class OfflineEngine:
                                          "larger cache") from None
         return self.engine
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool = False
-                 ) -> list[GenerationOutput]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 use_tqdm: bool | Callable[..., Any] = False) -> list[GenerationOutput]:
         """Token-id prompts, one SamplingParams each -> one output per prompt, in order. use_tqdm: a progress
-        bar of finished prompts on stderr, with the output tokens/s (as vLLM's)."""
+        bar of finished prompts on stderr, with the output tokens/s (as vLLM's; a callable makes the bar, as
+        vLLM's: e.g. a tqdm subclass)."""
         if len(prompts) == len(params):  # vLLM's truncate_prompt_tokens, before the length checks
-            prompts = [sp.truncate(list(p)) if isinstance(sp, SamplingParams) and sp.truncate_prompt_tokens else p
+            prompts = [sp.truncate(list(p), self.context)
+                       if isinstance(sp, SamplingParams) and sp.truncate_prompt_tokens else p
                        for p, sp in zip(prompts, params)]
         check_batch(prompts, params, self.context, self.model.config.vocab_size)
         for sp in params:  # before any request is queued
@@ -179,7 +187,7 @@ class OfflineEngine:
         prompts = [[int(t) for t in p] for p in prompts]
         engine = self._engine_for(prompts, [tokens_needed(p, sp, self.context) for p, sp in zip(prompts, params)])
         outs = [GenerationOutput(prompt_token_ids=list(p)) for p in prompts]
-        bar = progress_bar(len(prompts)) if use_tqdm else None
+        bar = progress_bar(len(prompts), use_tqdm if callable(use_tqdm) else None) if use_tqdm else None
         try:
             states = []
             for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -194,8 +202,8 @@ class OfflineEngine:
                 if bar is not None:
                     bar.set_postfix_str(f"output {generated / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
                     bar.update(done)
-            for o, text in zip(outs, finish_texts(states)):
-                o.text += text
+            for o, text, sp in zip(outs, finish_texts(states), params):
+                o.text = o.text + text if sp.detokenize else ""  # vLLM's detokenize=False: token ids only
         except BaseException:
             # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
             # with a fresh engine next call, as the server does.
@@ -209,8 +217,8 @@ class OfflineEngine:
                 o.prompt_logprobs = prompt_logprobs(self.model, p, sp.prompt_logprobs)
         return outs
 
-    def _generate_n(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], use_tqdm: bool
-                    ) -> list[GenerationOutput]:
+    def _generate_n(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                    use_tqdm: bool | Callable[..., Any]) -> list[GenerationOutput]:
         """Prompts with n > 1: one request per completion (the prompt's pages are shared by prefix caching),
         completion j seeded with `nth_seed` as the server does; grouped back per prompt."""
         flat_p, flat_sp, owner = [], [], []
@@ -234,7 +242,7 @@ class OfflineEngine:
         as `generate`: CUDA graphs, paged sparse decode). Closing the iterator early aborts the request; a
         failed or interrupted step drops the engine (the next call builds a fresh one)."""
         if isinstance(params, SamplingParams) and params.truncate_prompt_tokens:
-            prompt = params.truncate(list(prompt))
+            prompt = params.truncate(list(prompt), self.context)
         check_batch([prompt], [params], self.context, self.model.config.vocab_size)
         prompt = [int(t) for t in prompt]
         engine = self._engine_for([prompt], [tokens_needed(prompt, params, self.context)])

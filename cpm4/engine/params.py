@@ -3,6 +3,7 @@ the command line, the server and a generation config check a request's values be
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,14 @@ def check_priority(params: SamplingParams, policy: str) -> None:
     if params.priority != 0 and policy != "priority":
         raise ValueError(f"priority {params.priority} needs priority scheduling (scheduling_policy=\"priority\", "
                          "--scheduling-policy priority); this engine serves requests in arrival order")
+
+
+def truncate_prompt(prompt: list[int], keep: int | None, context: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (None: all; -1: the last context - 1, the
+    longest prompt a context of that many tokens serves)."""
+    if keep == -1:
+        keep = context - 1
+    return prompt[-keep:] if keep is not None and len(prompt) > keep else prompt
 
 
 def valid_text(s: str) -> bool:
@@ -83,7 +92,7 @@ class StructuredOutputsParams:
 GuidedDecodingParams = StructuredOutputsParams
 
 
-@dataclass
+@dataclass(kw_only=True)  # by name only: vLLM's fields come in another order (its first is n)
 class SamplingParams:
     """Per-request sampling settings with vLLM/OpenAI semantics."""
 
@@ -108,7 +117,12 @@ class SamplingParams:
     # vLLM's field, taken for its callers: a fast tokenizer (MiniCPM4's) joins special tokens' text as it is
     # either way, as vLLM's detokenizer does with one
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last this many tokens
+    # vLLM's: keep only the prompt's last this many tokens; -1: as many as the context serves (context - 1, one
+    # left to generate)
+    truncate_prompt_tokens: int | None = None
+    # vLLM's: False leaves the offline outputs' text empty (token ids only); stop strings need the text
+    detokenize: bool = True
+    extra_args: dict[str, Any] | None = None  # vLLM's: kept for callers and plugins, read by nothing here
     # vLLM's: words never generated; a word's last token is banned where the output ends with the rest of it
     # (each word as encoded alone and after a space)
     bad_words: list[str] | None = None
@@ -233,12 +247,14 @@ class SamplingParams:
                     not all(isinstance(w, str) and w.strip() and valid_text(w) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
             self.bad_words = list(self.bad_words) or None
-        for name in ("skip_special_tokens", "spaces_between_special_tokens"):
+        for name in ("skip_special_tokens", "spaces_between_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         t = self.truncate_prompt_tokens
-        if t is not None and (not is_int(t) or t < 1):
-            raise ValueError(f"truncate_prompt_tokens must be a positive int or None, got {t!r}")
+        if t is not None and (not is_int(t) or t < 1 and t != -1):
+            raise ValueError(f"truncate_prompt_tokens must be a positive int, -1 (the context) or None, got {t!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are matched on the text: they need detokenize=True")
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 if not is_int(t) or t < 0:
@@ -291,10 +307,26 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids id {self.allowed_token_ids[-1]} is outside the vocabulary "
                              f"({vocab} ids)")
 
-    def truncate(self, prompt: list[int]) -> list[int]:
-        """The prompt as generation sees it: its last truncate_prompt_tokens tokens when that is set."""
-        t = self.truncate_prompt_tokens
-        return prompt[-t:] if t is not None and len(prompt) > t else prompt
+    def truncate(self, prompt: list[int], context: int) -> list[int]:
+        """The prompt as generation sees it (`truncate_prompt`)."""
+        return truncate_prompt(prompt, self.truncate_prompt_tokens, context)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's `clone`)."""
+        return copy.deepcopy(self)
+
+    @staticmethod
+    def from_optional(**kwargs: Any) -> SamplingParams:
+        """vLLM's `from_optional`: SamplingParams(**kwargs) where None for n, the penalties, temperature or top_p
+        means its default, and logit_bias values are clamped to [-100, 100]."""
+        for name, default in (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0), ("temperature", 1.0), ("top_p", 1.0)):
+            if name in kwargs and kwargs[name] is None:
+                kwargs[name] = default
+        if kwargs.get("logit_bias") is not None:
+            kwargs["logit_bias"] = {t: min(100.0, max(-100.0, b)) if is_number(b) else b
+                                    for t, b in dict(kwargs["logit_bias"]).items()}
+        return SamplingParams(**kwargs)
 
 
 UNSEEDED = -1  # a seed of -1 is none (vLLM's rule: "-1 means random" is a common convention)

@@ -29,7 +29,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cpm4.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from cpm4.engine.generate import GenerationOutput, PromptTooLongError, StreamDelta, TokenLogprob
 from cpm4.engine.guided import compile_grammar, tool_call_structural_tag
-from cpm4.engine.params import STRUCTURED_FIELDS, SamplingParams, check_priority, nth_seed, valid_text
+from cpm4.engine.params import (
+    STRUCTURED_FIELDS,
+    SamplingParams,
+    check_priority,
+    nth_seed,
+    truncate_prompt,
+    valid_text,
+)
 from cpm4.model.tokenizer import Tokenizer
 
 from .engine import AsyncEngine, EngineClosedError
@@ -308,8 +315,7 @@ class _OpenAIServer:
         """The prompt's ids as the engine takes them; truncate: keep the last this many (vLLM's
         truncate_prompt_tokens), before the length check; scoring: nothing is generated (max_tokens 0), so the
         prompt may fill the context."""
-        if truncate is not None:
-            ids = ids[-truncate:]
+        ids = truncate_prompt(ids, truncate, self.engine.context_length)
         try:
             return self.engine.check_prompt(ids, scoring=scoring)
         except PromptTooLongError as e:

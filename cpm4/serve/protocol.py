@@ -96,12 +96,19 @@ class _SamplingFields(_Body):
     allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True  # vLLM's; as SamplingParams' (a fast tokenizer joins them as is)
-    truncate_prompt_tokens: Int | None = Field(None, ge=1)
+    truncate_prompt_tokens: Int | None = Field(None, ge=-1)  # vLLM's; -1: as much as the context serves
     bad_words: list[Str] | None = None
     priority: Int = 0  # extension (vLLM's): with --scheduling-policy priority, lower is served first
     use_beam_search: Bool = False  # extension (vLLM's): the n best beams of a beam search of width n
     length_penalty: Float = 1.0  # extension (vLLM's): beams ranked by summed logprob / length ** length_penalty
 
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep_some(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be a positive number of tokens, or -1 (the context)")
+        return v
 
 class CompletionRequest(_SamplingFields):
     prompt: Str | list[Str] | list[Int] | list[list[Int]]
