@@ -49,19 +49,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, max_model_len: int | None = None
-               ) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
-    """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer. device/dtype default to "auto";
-    max_model_len, if given, is checked against the config's context before the weights are read."""
+               dtype: str | torch.dtype | None = None, max_model_len: int | None = None,
+               tokenizer: Tokenizer | None = None) -> tuple[MiniCPM4ForCausalLM, Tokenizer]:
+    """Load a checkpoint folder (HF layout) or Hub model id, and its tokenizer (or `tokenizer`, vLLM's option: the
+    folder then needs none). device/dtype default to "auto"; max_model_len, if given, is checked against the
+    config's context, and the tokenizer found, before the weights are read."""
     path = resolve_model_dir(path)
     config = serving_config(path)  # generation_config.json's EOS ids too, checked before the weights are read
     if max_model_len is not None:
         context_length(config, max_model_len)
+    tok = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)  # a missing one said before the load
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config.torch_dtype, config.num_parameters())
     model = load_checkpoint(path, device=dev, dtype=dt)
     model.config.eos_token_id = config.eos_token_id
-    return model, Tokenizer.from_dir(path)
+    return model, tok
 
 
 def _as_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Mapping[str, Any]) -> list[int]:
@@ -252,8 +254,7 @@ class LLM:
             self.model, self.tokenizer = model, tokenizer
         else:
             self.path = folder
-            self.model, own = load_model(folder, device, dtype, max_model_len)
-            self.tokenizer = tokenizer if tokenizer is not None else own
+            self.model, self.tokenizer = load_model(folder, device, dtype, max_model_len, tokenizer)
         if compile and self.model.device.type != "cuda":
             raise ValueError(f"compile needs CUDA graphs, and the model is on {self.model.device.type}")
         self.engine = OfflineEngine(self.model, self.tokenizer, max_num_seqs, chunk_tokens, kv_cache_tokens,

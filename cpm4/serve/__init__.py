@@ -93,7 +93,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
              generation_config: str | None = "auto", reasoning_parser: str | None = None,
              allowed_origins: list[str] | None = None, engine_process: bool | None = None,
              revision: str | None = None, enable_prefix_caching: bool = True,
-             cascade_decode: bool | None = None, scheduling_policy: str = "fcfs") -> tuple[FastAPI, AsyncEngine]:
+             cascade_decode: bool | None = None, scheduling_policy: str = "fcfs",
+             tokenizer: str | os.PathLike | None = None) -> tuple[FastAPI, AsyncEngine]:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) into a running
     engine and the FastAPI app over it: what `serve` runs under uvicorn and `cpm4 run-batch` calls in-process. The
     caller shuts the engine down. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
@@ -109,7 +110,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     `default_engine_process` (on CUDA). enable_prefix_caching: share cached prompt prefixes between requests
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
     rows (see `LLMEngine`; None: on). scheduling_policy: "fcfs", or "priority" (requests' `priority` field, lower
-    first; see `LLMEngine`), as vLLM's --scheduling-policy."""
+    first; see `LLMEngine`), as vLLM's --scheduling-policy. tokenizer: a folder or Hub id whose tokenizer (and chat
+    template) is used instead of the checkpoint's (vLLM's --tokenizer; the checkpoint then needs none)."""
     from cpm4.engine.params import check_scheduling_policy
 
     from .reasoning import check_reasoning_parser
@@ -135,6 +137,10 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     if chat_template is not None:
         chat_template_text(chat_template)
     defaults = read_defaults(generation_config, model_dir)
+    from cpm4.model.tokenizer import Tokenizer
+
+    tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer is not None else None
+    own_tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None else None  # said before the load
     from .engine import AsyncEngine
 
     from_hub = model_dir != Path(given).expanduser()
@@ -149,26 +155,25 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     if engine_process is None:
         engine_process = default_engine_process(resolve_device(device))
     if engine_process:
-        from cpm4.model.tokenizer import Tokenizer
-
         from .engine_proc import ProcessEngine
 
         if cpu_threads is None:
             cpu_threads = default_cpu_threads(resolve_device(device))
-        tokenizer = Tokenizer.from_dir(model_dir) if chat_template is not None else None
-        if tokenizer is not None:
-            tokenizer.set_chat_template(chat_template)
-        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
-                                            cpu_threads=cpu_threads, **options)
+        tok = own_tokenizer
+        if chat_template is not None:
+            tok = tok or Tokenizer.from_dir(model_dir)
+            tok.set_chat_template(chat_template)
+        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tok,
+                                            tokenizer_dir=tokenizer_dir, cpu_threads=cpu_threads, **options)
     else:
         # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
         # weights are read.
-        model, tokenizer = load_model(model_dir, device, dtype, max_model_len)
+        model, tok = load_model(model_dir, device, dtype, max_model_len, own_tokenizer)
         if cpu_threads is None:
             cpu_threads = default_cpu_threads(model.device)
         if chat_template is not None:
-            tokenizer.set_chat_template(chat_template)
-        engine = AsyncEngine(model, tokenizer, cpu_threads=cpu_threads, **options)
+            tok.set_chat_template(chat_template)
+        engine = AsyncEngine(model, tok, cpu_threads=cpu_threads, **options)
     try:
         names = names or [given if from_hub else model_dir.name or given]
         if log_stats_interval:

@@ -27,7 +27,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 cpu_threads=args.cpu_threads, generation_config=args.generation_config,
                 reasoning_parser=args.reasoning_parser, engine_process=args.engine_process, revision=args.revision,
                 enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
-                scheduling_policy=args.scheduling_policy)
+                scheduling_policy=args.scheduling_policy, tokenizer=args.tokenizer)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -78,6 +78,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder in Hugging Face layout, or a Hugging Face Hub model id (fetched once into "
                    "the HF cache; HF_HUB_OFFLINE=1: the cache only; default: the bundled demo model)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default: main)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder or Hub id whose tokenizer and chat template are used instead of the model's "
+                   "(vLLM's option; the model folder then needs no tokenizer files)")
     p.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")

@@ -118,13 +118,15 @@ class _ChildEngine(AsyncEngine):
             pass
 
 
-def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None, engine_kwargs: dict) -> None:
+def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None, engine_kwargs: dict,
+                tokenizer_dir: str | None = None) -> None:
     """The engine process: load, serve the pipe's messages until "stop" or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     try:
         from cpm4.llm import load_model
 
-        model, tokenizer = load_model(model_dir, device, dtype)
+        tok = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None else None
+        model, tokenizer = load_model(model_dir, device, dtype, tokenizer=tok)
         eng = _ChildEngine(conn, model, tokenizer, **engine_kwargs)
     except BaseException as err:  # noqa: BLE001 - whatever it is, the parent must hear of it
         conn.send(("fatal", f"{type(err).__name__}: {err}"))
@@ -188,10 +190,12 @@ class ProcessEngine(AsyncEngine):
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
                  tokenizer: Tokenizer | None = None, start_timeout: float | None = None, api_detokenize: bool = True,
-                 **engine_kwargs: Any) -> None:
+                 tokenizer_dir: str | os.PathLike | None = None, **engine_kwargs: Any) -> None:
         path = os.fspath(resolve_model_dir(model_dir))  # a Hub id is fetched here, not in the child
         self.config = serving_config(path)  # the child's model's (generation_config.json's EOS ids too)
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(path)
+        # tokenizer_dir: a folder (or Hub id) whose tokenizer both processes use instead of the checkpoint's
+        tok_path = os.fspath(resolve_model_dir(tokenizer_dir)) if tokenizer_dir is not None else None
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(tok_path or path)
         unknown = set(engine_kwargs) - set(_ENGINE_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
@@ -216,7 +220,7 @@ class ProcessEngine(AsyncEngine):
         self.exitcode: int | None = None
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child_conn, path, device, dtype, engine_kwargs),
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, path, device, dtype, engine_kwargs, tok_path),
                                  name="cpm4-engine", daemon=True)
         self._proc.start()
         child_conn.close()
