@@ -91,7 +91,8 @@ tests2)  # carry .wheels/py312: the engine's, model's and server's GPU tests and
     wheels
     timeout 560 "$PY" -m pytest -m gpu -p no:warnings -x --durations=8 tests/test_engine.py tests/test_model.py \
         tests/test_gpu.py tests/test_guided.py tests/test_serve_process.py tests/test_elementwise_triton.py \
-        tests/test_gemv.py tests/test_transfer.py tests/test_llm_engine.py tests/test_run_batch.py 2>&1 | tail -20
+        tests/test_gemv.py tests/test_transfer.py tests/test_llm_engine.py tests/test_run_batch.py \
+        tests/test_beam_search.py 2>&1 | tail -20
     ;;
 tests3)  # the GPU test files no stage above runs whole: the union path, cascade decode, PDL, packed prefill and its
     # graphs, sampling, training, graph capture (tests + testsdecode + tests2 + tests3 = every GPU test)

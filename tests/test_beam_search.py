@@ -25,7 +25,7 @@ def naive(model, prompt, width, max_tokens, eos, length_penalty=1.0, ignore_eos=
         grown = []
         for toks, cum in beams:
             with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor([toks]))[0][-1].double(), -1)
+                lp = torch.log_softmax(model(torch.tensor([toks], device=model.device))[0][-1].double(), -1).cpu()
             top = torch.topk(lp, 2 * width)
             for t, v in zip(top.indices.tolist(), top.values.tolist()):
                 (done if t in eos and not ignore_eos else grown).append((toks + [t], cum + v))
@@ -160,3 +160,16 @@ def test_server_use_beam_search(llm):
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     finally:
         eng.shutdown()
+
+
+@pytest.mark.gpu
+def test_beam_search_on_cuda(tiny_checkpoint):
+    """On CUDA (paged decode kernels, CUDA graphs): the beams are the naive search's over the same CUDA model."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    gpu = LLM(tiny_checkpoint, device="cuda", dtype="float32")
+    out = gpu.beam_search([{"prompt_token_ids": p} for p in PROMPTS], BeamSearchParams(beam_width=3, max_tokens=6))
+    for p, o in zip(PROMPTS, out):
+        ref = naive(gpu.model, p, 3, 6, gpu.model.config.eos_token_ids)
+        assert [s.tokens for s in o.sequences] == [r[0] for r in ref]
+        assert [s.cum_logprob for s in o.sequences] == pytest.approx([r[1] for r in ref], abs=1e-3)
