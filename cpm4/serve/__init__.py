@@ -66,10 +66,20 @@ def default_engine_process(device: Any) -> bool:
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-          access_log: bool = True, **options: Any) -> None:
+          access_log: bool = True, ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
+          ssl_ca_certs: str | None = None, root_path: str = "", **options: Any) -> None:
     """Load `model_dir` (`load_app`, with its keyword `options`) and serve it over HTTP on host:port until
     interrupted. The port is taken before the model loads (as vLLM's): one in use is an OSError at once, not after
-    the load. log_level / access_log: uvicorn's."""
+    the load. log_level / access_log: uvicorn's. ssl_keyfile + ssl_certfile: HTTPS (ssl_ca_certs: the CAs whose
+    client certificates are accepted); root_path: the path prefix a reverse proxy serves the API under (vLLM's
+    options, uvicorn's meaning)."""
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise ValueError("HTTPS needs both ssl_keyfile and ssl_certfile (--ssl-keyfile, --ssl-certfile)")
+    for name, f in (("ssl_keyfile", ssl_keyfile), ("ssl_certfile", ssl_certfile), ("ssl_ca_certs", ssl_ca_certs)):
+        if f is not None and not os.path.isfile(f):
+            raise FileNotFoundError(f"{name}: no file {f}")
+    tls = {k: v for k, v in (("ssl_keyfile", ssl_keyfile), ("ssl_certfile", ssl_certfile),
+                             ("ssl_ca_certs", ssl_ca_certs)) if v is not None}
     try:
         import uvicorn  # noqa: F401  (checked here, used in _run_server)
     except ImportError as e:  # an optional dependency: say how to get it
@@ -79,7 +89,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         try:
             # A short graceful period: open streams are aborted by the engine shutdown below anyway.
             _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                        access_log=access_log)
+                        access_log=access_log, root_path=root_path, **tls)
         finally:
             engine.shutdown()
 
@@ -219,7 +229,8 @@ def _run_server(app: Any, *, sock: Any, **config: Any) -> None:
     cfg = uvicorn.Config(app, **config)  # (configures uvicorn's loggers)
     host, port = sock.getsockname()[:2]
     # uvicorn says where it listens only when it binds the socket itself; the real port (for --port 0)
-    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s://%s:%d (Press CTRL+C to quit)",
+                                            "https" if config.get("ssl_certfile") else "http",
                                             f"[{host}]" if ":" in host else host, port)
     try:
         uvicorn.Server(cfg).run(sockets=[sock])

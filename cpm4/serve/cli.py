@@ -39,7 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           log_stats_interval=0 if args.disable_log_stats else args.log_stats_interval,
           allowed_origins=[o for group in args.allowed_origins for o in group] if args.allowed_origins else None,
-          log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log, **engine_options(args))
+          log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+          root_path=args.root_path, **engine_options(args))
     return 0
 
 
@@ -160,6 +162,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    p.add_argument("--ssl-keyfile", default=None, help="HTTPS: the server's private key (PEM; with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", default=None, help="HTTPS: the server's certificate chain (PEM)")
+    p.add_argument("--ssl-ca-certs", default=None, help="HTTPS: CA certificates for client certificates")
+    p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves the API under")
     p.set_defaults(func=cmd_serve)
     return p
 
