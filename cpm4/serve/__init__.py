@@ -37,13 +37,11 @@ def __getattr__(name: str) -> Any:
 
 
 def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
-               log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
-               reasoning_parser: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
-    """See `cpm4.serve.api.create_app`."""
+               **options: Any) -> FastAPI:
+    """See `cpm4.serve.api.create_app` (imported here on first use, with FastAPI)."""
     from .api import create_app as _create_app
 
-    return _create_app(engine_or_llm, model_name, api_key, log_stats_interval, sampling_defaults, reasoning_parser,
-                       allowed_origins)
+    return _create_app(engine_or_llm, model_name, api_key, **options)
 
 
 def default_cpu_threads(device: Any) -> int | None:
@@ -104,7 +102,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
              allowed_origins: list[str] | None = None, engine_process: bool | None = None,
              revision: str | None = None, enable_prefix_caching: bool = True,
              cascade_decode: bool | None = None, scheduling_policy: str = "fcfs",
-             tokenizer: str | os.PathLike | None = None) -> tuple[FastAPI, AsyncEngine]:
+             tokenizer: str | os.PathLike | None = None, log_requests: bool = False,
+             max_log_len: int | None = None) -> tuple[FastAPI, AsyncEngine]:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) into a running
     engine and the FastAPI app over it: what `serve` runs under uvicorn and `cpm4 run-batch` calls in-process. The
     caller shuts the engine down. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
@@ -121,7 +120,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     (vLLM's option; on). cascade_decode: decode steps read the prefix pages many requests share once per tile of
     rows (see `LLMEngine`; None: on). scheduling_policy: "fcfs", or "priority" (requests' `priority` field, lower
     first; see `LLMEngine`), as vLLM's --scheduling-policy. tokenizer: a folder or Hub id whose tokenizer (and chat
-    template) is used instead of the checkpoint's (vLLM's --tokenizer; the checkpoint then needs none)."""
+    template) is used instead of the checkpoint's (vLLM's --tokenizer; the checkpoint then needs none).
+    log_requests, max_log_len: a log line per engine request (`create_app`)."""
     from cpm4.engine.params import check_scheduling_policy
 
     from .reasoning import check_reasoning_parser
@@ -186,7 +186,7 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
         engine = AsyncEngine(model, tok, cpu_threads=cpu_threads, **options)
     try:
         names = names or [given if from_hub else model_dir.name or given]
-        if log_stats_interval:
+        if log_stats_interval or log_requests:
             stats_log = logging.getLogger("cpm4.serve")
             if not stats_log.handlers:  # uvicorn configures its own loggers only
                 handler = logging.StreamHandler()
@@ -199,7 +199,7 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
                 "none)", defaults)
         app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
                          sampling_defaults=defaults, reasoning_parser=reasoning_parser,
-                         allowed_origins=allowed_origins)
+                         allowed_origins=allowed_origins, log_requests=log_requests, max_log_len=max_log_len)
     except BaseException:
         engine.shutdown()
         raise

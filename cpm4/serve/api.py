@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import math
 import re
 import time
@@ -58,6 +59,7 @@ from .tool_calls import ToolCallCollector
 __all__ = ["APIError", "create_app"]
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
+_log = logging.getLogger("cpm4.serve")
 
 # JSON has no -inf; a token the model rules out entirely is reported with this log-probability (as vLLM does).
 _MIN_LOGPROB = -9999.0
@@ -149,8 +151,11 @@ def _lp(x: float) -> float:
 
 class _OpenAIServer:
     def __init__(self, engine: AsyncEngine, model_name: str | Sequence[str],
-                 sampling_defaults: dict[str, Any] | None = None, reasoning_parser: str | None = None) -> None:
+                 sampling_defaults: dict[str, Any] | None = None, reasoning_parser: str | None = None,
+                 log_requests: bool = False, max_log_len: int | None = None) -> None:
         self.engine = engine
+        self.log_requests = log_requests  # vLLM's --enable-log-requests: a line per engine request
+        self.max_log_len = max_log_len  # ... showing at most this many prompt characters and ids
         # Values for the sampling fields a request leaves unset (the checkpoint's generation_config.json).
         self.defaults = sampling_defaults or {}
         check_reasoning_parser(reasoning_parser)
@@ -342,10 +347,23 @@ class _OpenAIServer:
         see `AsyncEngine.stream` (coalesce off where a tool-call or reasoning parser reads each step's tokens
         apart)."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+        if self.log_requests:
+            for rid, (p, sp) in zip(ids, jobs):
+                self._log_request(rid, p, sp)
         streams = [self.engine.stream(p, sp, rid, coalesce, stream_text) for rid, (p, sp) in zip(ids, jobs)]
         async with DisconnectWatch(request, self.engine, ids) as watch, \
                 contextlib.aclosing(merge_streams(streams)) as merged:
             yield watch, merged
+
+    def _log_request(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        """vLLM's request log line: the id, the prompt (text and ids, cut to max_log_len), the params."""
+        n = self.max_log_len
+        ids = prompt if n is None else prompt[:n]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if n is not None:
+            text = text[:n]
+        _log.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s (%d tokens)", rid, text,
+                  params, ids, len(prompt))
 
     async def _collect(self, request: Request, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
                        choices: list, coalesce: bool = True) -> bool:
@@ -885,7 +903,8 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
 
 def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
-               reasoning_parser: str | None = None, allowed_origins: Sequence[str] | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, allowed_origins: Sequence[str] | None = None,
+               log_requests: bool = False, max_log_len: int | None = None) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving `model_name` (several names: responses carry the first, requests
     may name any, /v1/models lists all, as vLLM's --served-model-name a b). log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
@@ -895,7 +914,9 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
     reasoning_parser: "minicpm4" returns chat output's `<think>` block as `reasoning_content`
     (`cpm4.serve.reasoning`); None leaves it in the content. allowed_origins: browser origins allowed to
     call the API (CORS; "*" for any); None: none (vLLM allows any by default, which lets every web page the
-    user opens reach a server on their loopback).
+    user opens reach a server on their loopback). log_requests: log each engine request (id, prompt, params) to
+    `cpm4.serve` at INFO, the prompt cut to max_log_len characters and ids (vLLM's --enable-log-requests,
+    --max-log-len).
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -907,7 +928,7 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
         raise TypeError(f"expected an AsyncEngine or an LLM, got {type(engine_or_llm).__name__}")
     if sampling_defaults is None:
         sampling_defaults = getattr(engine_or_llm, "sampling_defaults", None)
-    server = _OpenAIServer(engine, model_name, sampling_defaults, reasoning_parser)
+    server = _OpenAIServer(engine, model_name, sampling_defaults, reasoning_parser, log_requests, max_log_len)
 
     stats = StatsLogger(engine, log_stats_interval) if log_stats_interval else None
 

@@ -27,7 +27,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 cpu_threads=args.cpu_threads, generation_config=args.generation_config,
                 reasoning_parser=args.reasoning_parser, engine_process=args.engine_process, revision=args.revision,
                 enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
-                scheduling_policy=args.scheduling_policy, tokenizer=args.tokenizer)
+                scheduling_policy=args.scheduling_policy, tokenizer=args.tokenizer,
+                log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -136,6 +137,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "tool_calls when a request gives tools")
     p.add_argument("--tool-call-parser", choices=["minicpm4", "minicpm"], default=None,
                    help="accepted for vLLM's command lines: MiniCPM4's tool-call format is the one parsed")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request: its id, prompt (text and ids) and sampling params (vLLM's option)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for older vLLM command lines (requests are not logged unless enabled)")
+    p.add_argument("--max-log-len", type=_positive, default=None,
+                   help="with --enable-log-requests: at most this many prompt characters and ids per line")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
 
