@@ -57,6 +57,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_arg, default="auto", help="float32, bfloat16, float16 (default: by device)")
 
 
+def _add_url_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None,
+                   help="a running OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) to ask instead of loading "
+                   "--model here (as vLLM's chat/complete commands)")
+    p.add_argument("--model-name", default=None, help="with --url: the served model (default: the server's first)")
+    p.add_argument("--api-key", default=None, help="with --url: the bearer key (default: $OPENAI_API_KEY)")
+
+
 def bounded(cast: Callable[[str], Any], what: str, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> Callable[[str], Any]:
     """An argparse type: `cast` of the text within [low, high] ((low, high] with low_open), so that a bad value
@@ -166,6 +174,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # validate the arguments before a (possibly long) model load
     # A prompt piped in usually ends with the shell's newline, which is not part of the prompt.
     prompts = [_text(p) for p in args.prompt or [sys.stdin.read().removesuffix("\n")]]
+    remote = _remote(args, params)
+    if remote is not None:  # each prompt streamed from the server in turn
+        for i, p in enumerate(prompts):
+            if len(prompts) > 1:
+                print(f"--- [{i}]")
+            pieces = remote.chat([{"role": "user", "content": p}]) if args.chat else remote.complete(p)
+            for piece in pieces:
+                print(piece, end="", flush=not args.no_stream)
+            print()
+        return 0
     llm = _load(args, max_num_seqs=min(len(prompts), 256))  # (256: LLM's default)
     if args.chat:  # each prompt is one user turn, rendered with the checkpoint's chat template
         prompts = [llm.tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -195,26 +213,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote(args: argparse.Namespace, params):
+    """The server `--url` names (`cpm4.serve.client`), or None to load the model here."""
+    if not args.url:
+        return None
+    from .serve.client import RemoteModel
+
+    return RemoteModel(args.url, params, args.api_key, args.model_name)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling(args)
-    llm = _load(args, max_num_seqs=1)  # one conversation
-    from .engine.generate import PromptTooLongError  # (torch: after the checks above)
+    remote = _remote(args, params)
+    if remote is not None:
+        from .serve.client import PromptRefused as refused
+
+        def reply(history: list[dict]):
+            return remote.chat(history)
+    else:
+        llm = _load(args, max_num_seqs=1)  # one conversation
+        from .engine.generate import PromptTooLongError as refused  # (torch: after the checks above)
+
+        def reply(history: list[dict]):
+            return llm.stream(llm.chat_ids(history), params)
 
     system = [{"role": "system", "content": _text(args.system)}] if args.system else []
     history: list[dict] = list(system)
-    print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
-          file=sys.stderr)
+    if args.quick is None:
+        print("[cpm4] chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+              file=sys.stderr)
     while True:
-        try:
-            line = _text(input("> "))
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            return 0
+        if args.quick is not None:  # one message, its reply, done (vLLM's chat -q)
+            line = _text(args.quick)
+        else:
+            try:
+                line = _text(input("> "))
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
         cmd = line.strip()
         if not cmd:
+            if args.quick is not None:
+                raise ValueError("--quick needs a message")
             continue
         if cmd in ("/exit", "/quit"):
             return 0
@@ -223,20 +263,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("[cpm4] conversation cleared", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        reply = ""
+        said = ""
         try:
-            for piece in llm.stream(llm.chat_ids(history), params):
-                reply += piece
+            for piece in reply(history):
+                said += piece
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             # Keep what was said so far; the conversation continues from it.
             print(" [interrupted]", end="")
-        except PromptTooLongError as e:
+        except refused as e:
             history.pop()
+            if args.quick is not None:
+                raise ValueError(str(e)) from None
             print(f"cpm4: {e}; /reset to start a new conversation", file=sys.stderr)
             continue
         print()
-        history.append({"role": "assistant", "content": reply})
+        if args.quick is not None:
+            return 0
+        history.append({"role": "assistant", "content": said})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,13 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("prompt", nargs="*", help="prompt text (several = a batch; none = read stdin)")
     q.add_argument("--no-stream", action="store_true", help="print the result at the end")
     q.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
+    _add_url_args(q)
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
     _add_model_args(q)
     _add_sampling_args(q, max_tokens=512)
     add_max_model_len_arg(q)
-    q.add_argument("--system", default=None, help="system prompt")
+    q.add_argument("--system", "--system-prompt", default=None, help="system prompt")
+    q.add_argument("--quick", "-q", default=None, metavar="MESSAGE",
+                   help="send this one message, print the reply and exit (vLLM's chat -q)")
+    _add_url_args(q)
     q.set_defaults(func=cmd_chat)
 
     from .data.cli import add_data_commands
