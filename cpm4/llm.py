@@ -291,8 +291,11 @@ class LLM:
             raise TypeError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
         prompts, _ = _normalise(prompts, None)
         ids = [_as_ids(self.tokenizer, p) for p in prompts]
+        context = self.engine.context
+        if self.engine.fixed_size:  # beams end ("length") where a fixed cache is full, as any output does there
+            context = min(context, self.engine.prepare().cache_tokens)
         return beam_search(lambda ps, sps: self.engine.generate(ps, sps), self.tokenizer.decode, ids, params,
-                           self.model.config.eos_token_ids, self.engine.context)
+                           self.model.config.eos_token_ids, context)
 
     def get_tokenizer(self) -> Any:
         """The checkpoint's Hugging Face tokenizer (vLLM's `get_tokenizer`): encode, decode, apply_chat_template.

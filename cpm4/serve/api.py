@@ -452,7 +452,10 @@ class _OpenAIServer:
         except ValueError as e:
             msg = str(e).replace("beam_width", "n (the beam width)")
             raise APIError(400, msg, param="n" if "beam_width" in str(e) else _param_of(str(e))) from None
-        search = BeamSearch(prompts, params, self.engine.config.eos_token_ids, self.engine.context_length)
+        # Beams end ("length") at the context or where the whole KV cache is full (as any output does there): a
+        # step past it was a prompt the cache cannot hold, a 500.
+        limit = min(self.engine.context_length, getattr(self.engine, "cache_tokens", None) or math.inf)
+        search = BeamSearch(prompts, params, self.engine.config.eos_token_ids, limit)
         while not search.done:
             asked = search.requests()
             outs = [GenerationOutput(list(p)) for p in asked]
@@ -809,7 +812,10 @@ class _APIKeyMiddleware:
         self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # uvicorn's path starts with --root-path; the routes match the rest
+            path = path[len(root):]
+        if scope["type"] == "http" and path.startswith("/v1") and scope["method"] != "OPTIONS":
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):

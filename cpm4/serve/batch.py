@@ -38,14 +38,16 @@ def read_batch(path: str | os.PathLike) -> list[BatchRequest]:
     Blank lines are skipped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors write one) is not JSON
     except FileNotFoundError:
         raise FileNotFoundError(f"no batch input file {path}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out: list[BatchRequest] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only (CRLF's "\r" is JSON whitespace): splitlines also split inside JSON strings holding
+    # U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
+    for n, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         where = f"{path}:{n}"
