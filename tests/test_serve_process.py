@@ -219,8 +219,8 @@ def test_process_engine_shutdown_and_bad_options(ckpt, tmp_path):
     for f in ckpt.iterdir():
         if f.name.startswith("tokenizer"):
             (broken / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(RuntimeError, match="engine process could not start"):
-        ProcessEngine(broken, device="cpu")  # no weights: the child's load fails
+    with pytest.raises(ValueError, match="engine process could not start"):
+        ProcessEngine(broken, device="cpu")  # no weights: the child's load fails (a CheckpointError, as in a thread)
 
 
 def test_wire_format_round_trip():

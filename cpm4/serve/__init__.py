@@ -8,9 +8,10 @@ from `cpm4.serve.cli`) imports no torch: `cpm4 --help` and the data commands sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,20 +77,51 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     for name, f in (("ssl_keyfile", ssl_keyfile), ("ssl_certfile", ssl_certfile), ("ssl_ca_certs", ssl_ca_certs)):
         if f is not None and not os.path.isfile(f):
             raise FileNotFoundError(f"{name}: no file {f}")
+    if ssl_certfile is not None:
+        _check_tls(ssl_certfile, ssl_keyfile, ssl_ca_certs)
     tls = {k: v for k, v in (("ssl_keyfile", ssl_keyfile), ("ssl_certfile", ssl_certfile),
                              ("ssl_ca_certs", ssl_ca_certs)) if v is not None}
     try:
         import uvicorn  # noqa: F401  (checked here, used in _run_server)
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
-    with _listen(host, port) as sock:  # taken before the load (closed however serving ends)
+    # The socket is taken before the load (closed however serving ends); SIGTERM stops as Ctrl-C does.
+    with _listen(host, port) as sock, _sigterm_as_interrupt():
         app, engine = load_app(model_dir, **options)
         try:
-            # A short graceful period: open streams are aborted by the engine shutdown below anyway.
-            _run_server(app, sock=sock, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                        access_log=access_log, root_path=root_path, **tls)
+            # A short graceful period, then the engine stops and ends the requests still running with its error;
+            # uvicorn's own timeout (it cancels them mid-response) is a backstop only.
+            _run_server(app, sock=sock, host=host, port=port, log_level=log_level, stop_engine=engine.shutdown,
+                        grace=5.0, timeout_graceful_shutdown=20, access_log=access_log, root_path=root_path, **tls)
         finally:
             engine.shutdown()
+
+
+def _check_tls(certfile: str, keyfile: str | None, ca_certs: str | None) -> None:
+    """Load the HTTPS files as uvicorn will, before the model: a key that is not the certificate's, or a file that
+    is no PEM, failed after the load as "[SSL] PEM lib (_ssl.c:...)", naming no file. An encrypted key is left to
+    uvicorn (it asks for the password)."""
+    import ssl
+
+    class _Encrypted(Exception):
+        pass
+
+    def password() -> bytes:
+        raise _Encrypted
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile, password=password)
+    except _Encrypted:
+        pass
+    except ssl.SSLError as e:
+        raise ValueError(f"cannot use --ssl-certfile {certfile} with --ssl-keyfile {keyfile}: {e} (both PEM files, the "
+                         "key the certificate's own)") from None
+    if ca_certs is not None:
+        try:
+            ctx.load_verify_locations(ca_certs)
+        except ssl.SSLError as e:
+            raise ValueError(f"cannot use --ssl-ca-certs {ca_certs}: {e} (PEM certificates)") from None
 
 
 def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
@@ -222,9 +254,64 @@ def _listen(host: str, port: int):
     return sock
 
 
-def _run_server(app: Any, *, sock: Any, **config: Any) -> None:
-    """uvicorn on the socket `serve` took before loading (`config`: uvicorn.Config's options), until stopped."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, docker stop, Kubernetes) handled as Ctrl-C (in the main thread): a load stops and its engine
+    process with it; serving ends with uvicorn's graceful shutdown, the engine's shutdown and exit 0. (uvicorn
+    re-raises the signal once shut down: SIGTERM's default action then ended the process, exit -15, and the
+    engine was never shut down.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_server(app: Any, *, sock: Any, stop_engine: Callable[[], None] | None = None, grace: float = 5.0,
+                **config: Any) -> None:
+    """uvicorn on the socket `serve` took before loading (`config`: uvicorn.Config's options), until stopped.
+    stop_engine: called when requests still run `grace` seconds into the shutdown (at once on a second Ctrl-C):
+    they then end with the engine's error (a 503; in a stream an error event, then [DONE]), where uvicorn's
+    timeout cancelled them mid-response (a text "Internal Server Error", a cut stream, a traceback each)."""
+    import asyncio
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            stopper = asyncio.create_task(self._stop_engine()) if stop_engine is not None else None
+            try:
+                await super().shutdown(sockets)
+                if stopper is not None and self.force_exit:  # uvicorn waits no more: the requests end now
+                    await stopper
+            finally:
+                if stopper is not None:
+                    stopper.cancel()
+
+        async def _stop_engine(self) -> None:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + grace
+            while self.server_state.tasks and loop.time() < end and not self.force_exit:
+                await asyncio.sleep(0.1)
+            if not self.server_state.tasks:
+                return
+            try:
+                await asyncio.to_thread(stop_engine)
+            except Exception:  # noqa: BLE001 - uvicorn's timeout still ends the requests
+                logging.getLogger("cpm4.serve").exception("stopping the engine failed")
+            end = loop.time() + 5
+            while self.server_state.tasks and loop.time() < end:  # their error responses go out
+                await asyncio.sleep(0.05)
 
     cfg = uvicorn.Config(app, **config)  # (configures uvicorn's loggers)
     host, port = sock.getsockname()[:2]
@@ -233,6 +320,6 @@ def _run_server(app: Any, *, sock: Any, **config: Any) -> None:
                                             "https" if config.get("ssl_certfile") else "http",
                                             f"[{host}]" if ":" in host else host, port)
     try:
-        uvicorn.Server(cfg).run(sockets=[sock])
+        Server(cfg).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it): exit 0, as uvicorn.run does
         pass

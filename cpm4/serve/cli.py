@@ -192,12 +192,24 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     options = engine_options(args)
     # Bodies name the model as given (vLLM's run-batch serves --model's text) or by its folder's name.
     options["model_name"] = options["model_name"] or list(dict.fromkeys([model, Path(model).name or model]))
-    app, engine = load_app(model, log_stats_interval=0, **options)
+    import signal
+    import threading
+
+    # SIGTERM (kill, timeout, a scheduler) as an exception, as bench's: the clean-ups run (the temporary output
+    # file removed, the engine and its process stopped); its default action left the temporary file behind.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main_thread else None
     try:
-        limit = args.max_concurrency or 2 * args.max_batch_size  # vLLM's: twice the batch, so it stays full
-        counts = asyncio.run(run_batch(app, requests, out, max_concurrency=limit, progress=not args.no_progress))
+        app, engine = load_app(model, log_stats_interval=0, **options)
+        try:
+            limit = args.max_concurrency or 2 * args.max_batch_size  # vLLM's: twice the batch, so it stays full
+            counts = asyncio.run(run_batch(app, requests, out, max_concurrency=limit,
+                                           progress=not args.no_progress))
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"[cpm4] {counts['total']} requests: {counts['completed']} answered, {counts['failed']} failed; wrote "
           f"{out}", file=sys.stderr)
     return 0

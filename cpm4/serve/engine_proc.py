@@ -16,6 +16,7 @@ False (the health check then says so); the same when the child's worker dies (th
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import inspect
 import itertools
@@ -25,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,10 +120,24 @@ class _ChildEngine(AsyncEngine):
             pass
 
 
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
+
+
+def _fatal_kind(err: BaseException) -> str:
+    return "value" if isinstance(err, ValueError) else "os" if isinstance(err, OSError) else "other"
+
+
 def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None, engine_kwargs: dict,
                 tokenizer_dir: str | None = None) -> None:
     """The engine process: load, serve the pipe's messages until "stop" or the parent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    # Ctrl-C reaches the whole group, and so does SIGTERM from systemd (its default KillMode), `timeout` or
+    # `kill -- -PGID`: the parent stops us after its graceful shutdown (we died at once, failing its requests),
+    # and a parent gone for good closes the pipe, which ends us too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from cpm4.llm import load_model
 
@@ -129,10 +145,18 @@ def _child_main(conn: Any, model_dir: str, device: str | None, dtype: str | None
         model, tokenizer = load_model(model_dir, device, dtype, tokenizer=tok)
         eng = _ChildEngine(conn, model, tokenizer, **engine_kwargs)
     except BaseException as err:  # noqa: BLE001 - whatever it is, the parent must hear of it
-        conn.send(("fatal", f"{type(err).__name__}: {err}"))
+        # Its kind too: a bad checkpoint (ValueError) or a missing file (OSError) is said as the thread engine's
+        try:
+            conn.send(("fatal", f"{type(err).__name__}: {err}", _fatal_kind(err)))
+        except (OSError, EOFError):  # the parent is gone
+            pass
         return
-    eng.send(("ready", {"kv_cache_tokens": eng.kv_cache_tokens, "chunk_tokens": eng.chunk_tokens,
-                        "device": str(model.device)}))
+    try:
+        eng.send(("ready", {"kv_cache_tokens": eng.kv_cache_tokens, "chunk_tokens": eng.chunk_tokens,
+                            "device": str(model.device)}))
+    except (OSError, EOFError):  # the parent died while this loaded: stop quietly (it was a traceback)
+        eng.shutdown()
+        return
 
     def logprobs(call: int, ids: list[int], k: int) -> None:
         from cpm4.engine.generate import prompt_logprobs
@@ -179,7 +203,8 @@ class ProcessEngine(AsyncEngine):
     Takes a checkpoint folder instead of a model: the child loads it (`device`, `dtype` as `cpm4.LLM`).
     engine_kwargs: `AsyncEngine`'s options (max_batch_size, kv_cache_tokens, chunk_tokens, cuda_graphs, compile,
     gpu_memory_utilization, async_output, max_model_len, cpu_threads, continuous). Blocks until the model is
-    loaded (a failed load raises RuntimeError with the child's error); the decode graphs are captured after,
+    loaded (a failed load raises the child's error: ValueError for a bad checkpoint, OSError for a file, else
+    RuntimeError); the decode graphs are captured after,
     while requests queue. The child is spawned (CUDA cannot be forked), so a script that makes one needs the
     usual `if __name__ == "__main__":` guard around its entry point.
 
@@ -235,6 +260,9 @@ class ProcessEngine(AsyncEngine):
         self.device = info["device"]
         self._reader = threading.Thread(target=self._read, name="cpm4-engine-io", daemon=True)
         self._reader.start()
+        # Stopped at exit if `shutdown` was not called: before multiprocessing's exit hook (registered before,
+        # so run after), which SIGTERMs the child, which ignores it (`_child_main`), then waits for it.
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def _wait_ready(self, timeout: float | None) -> dict:
         waited = 0.0
@@ -245,8 +273,9 @@ class ProcessEngine(AsyncEngine):
             if timeout is not None and waited >= timeout:
                 raise RuntimeError(f"the engine process did not load the model within {timeout} s")
         msg = self._conn.recv()
-        if msg[0] == "fatal":
-            raise RuntimeError(f"the engine process could not start: {msg[1]}")
+        if msg[0] == "fatal":  # a bad checkpoint or missing file: a one-line error of `cpm4 serve`, as in a thread
+            error = {"value": ValueError, "os": OSError}.get(msg[2] if len(msg) > 2 else "", RuntimeError)
+            raise error(f"the engine process could not start: {msg[1]}")
         return msg[1]
 
     def _wait_exit(self, timeout: float | None) -> int | None:
