@@ -11,29 +11,11 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import MESSAGES, MODEL, _Server  # noqa: E402
+import test_serve  # noqa: E402
+from test_serve import MESSAGES, MODEL  # noqa: E402
 
-from cpm4.llm import LLM  # noqa: E402
-from cpm4.serve import AsyncEngine, create_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_checkpoint):
-    return LLM(tiny_checkpoint, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(llm):
-    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8)
-    srv = _Server(create_app(eng, MODEL))
-    yield srv
-    srv.stop()
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+# test_serve's module-scoped fixtures: the tiny model on the CPU, its engine, a server on loopback, a client
+llm, engine, server, client = test_serve.llm, test_serve.engine, test_serve.server, test_serve.client
 
 
 def _post(server, path: str, **body) -> httpx.Response:

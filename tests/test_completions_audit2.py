@@ -14,23 +14,12 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import test_serve  # noqa: E402
-from test_serve import MODEL, _Server  # noqa: E402
-
-from cpm4.serve import AsyncEngine, create_app  # noqa: E402
+import test_serve_audit  # noqa: E402
+from test_serve import MODEL  # noqa: E402
+from test_serve_audit import CONTEXT  # noqa: E402
 
 llm = test_serve.llm  # the tiny model on the CPU (module-scoped fixture)
-
-CONTEXT = 64
-
-
-@pytest.fixture(scope="module")
-def small(llm):
-    """(server, openai client) over the tiny model with a 64-token context."""
-    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8, max_model_len=CONTEXT)
-    srv = _Server(create_app(eng, MODEL))
-    yield srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    srv.stop()
-    eng.shutdown()
+small = test_serve_audit.small  # (server, client) with a 64-token context (module-scoped fixture)
 
 
 def _post(srv, body: dict) -> httpx.Response:

@@ -6,17 +6,12 @@ import functools
 import pytest
 import torch
 from conftest import random_model
+from test_engine import tok
 
 from cpm4 import LLM, SamplingParams
 from cpm4.engine.generate import generate_ids
 from cpm4.engine.paged import PagedKVCache
 from cpm4.engine.scheduler import LLMEngine
-from cpm4.model.tokenizer import build_tokenizer
-
-
-@functools.cache
-def tok():
-    return build_tokenizer(1024)
 
 
 @functools.cache
