@@ -19,6 +19,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from test_serve_process import wait_up  # noqa: E402
+
 ENV = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
 
 
@@ -68,18 +70,6 @@ def _gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     return left
 
 
-def _wait_up(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("engine_flag,group", [("--no-engine-process", False), ("--engine-process", True)])
 def test_sigterm_with_requests_in_flight(tiny_checkpoint, engine_flag, group):
     """SIGTERM (kill, docker stop, Kubernetes; to the whole process group: systemd, `timeout`) with a stream and a
@@ -95,7 +85,7 @@ def test_sigterm_with_requests_in_flight(tiny_checkpoint, engine_flag, group):
     kids: list[int] = []
     got: dict = {}
     try:
-        _wait_up(proc, url)
+        wait_up(proc, url)
         kids = _children(proc.pid)
         long = {"prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}
 

@@ -242,6 +242,19 @@ def test_wire_format_round_trip():
         _encode(object())
 
 
+def wait_up(proc, url: str, timeout: float = 120) -> None:
+    """Until `url`/health answers 200, while the server process `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)
+
+
 def test_process_engine_reader_failure_ends_the_engine(ckpt, monkeypatch):
     """A failure while handling the child's messages ends the engine (requests fail) instead of hanging."""
     eng = ProcessEngine(ckpt, device="cpu", dtype="float32", max_batch_size=2)
@@ -281,15 +294,7 @@ def test_cpm4_serve_engine_process_cli(ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_up(proc, url)
         children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
         assert children  # the engine (and multiprocessing's resource tracker)
         r = httpx.post(f"{url}/v1/completions", timeout=60,
