@@ -844,7 +844,7 @@ def test_warm_up_compiles_prefill_for_one_and_several_rows():
     import torch._dynamo
 
     class NoGraphs:  # the decode graphs' part needs CUDA; only the prefill part is exercised here
-        def warm_up(self):
+        def warm_up(self, stop=None):
             pass
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())
@@ -880,7 +880,7 @@ def test_warm_up_freezes_objects_with_eager_graphs():
     class Graphs:
         warmed = False
 
-        def warm_up(self):
+        def warm_up(self, stop=None):
             self.warmed = True
 
     model = random_model("tiny", dtype=torch.float32)
@@ -900,7 +900,7 @@ def test_warm_up_prefills_one_and_two_rows_dense_and_sparse(pages):
     gives back, so kernels compile (and autotune) before the first request; the sparse rows are left out where
     the free pages cannot hold them (8 pages of 16: not 2 x 97 tokens), without error."""
     class Graphs:
-        def warm_up(self):
+        def warm_up(self, stop=None):
             pass
 
     model = random_model("tiny", dtype=torch.float32, sparse_config=sparse())  # dense_len 96

@@ -222,3 +222,25 @@ def test_run_batch_sigterm_leaves_no_temp_file(tiny_checkpoint, tmp_path):
         assert list(out_dir.iterdir()) == []
     finally:
         _kill_all(proc, [])
+
+
+@pytest.mark.gpu
+def test_shutdown_during_warm_up_stops_between_captures(tiny_checkpoint):
+    """An engine shut down while it captures its decode graphs stops between captures: on a cold Triton cache each
+    takes seconds, and shutdown waited for all of them (a SIGTERM to `cpm4 serve --device cuda` right after start
+    took 36 s on the H200, the child killed at its parent's 30 s limit, 2026-12-02)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from cpm4.llm import load_model
+    from cpm4.serve.engine import AsyncEngine
+
+    model, tok = load_model(tiny_checkpoint, "cuda", "bfloat16")
+    eng = AsyncEngine(model, tok, max_batch_size=16, kv_cache_tokens=4096)
+    eng.shutdown()  # at once: the worker is building its scheduler, or capturing
+    graphs = eng._sched.graphs if eng._sched is not None else None
+    assert graphs is not None and len(graphs.sizes) > 1
+    assert len(graphs.graphs) < len(graphs.sizes), "every bucket was captured after the shutdown began"
+    del eng, model
+    torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ memory pool. `warm_up` captures every bucket up front.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -164,12 +165,15 @@ class DecodeGraphs:
         return graph, out
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, stop: Callable[[], bool] | None = None) -> None:
         """Capture every bucket not captured yet (compiling the step for it first, with compile), with cascade
-        decode its cascade variant too. Largest first (`WARM_LARGEST_FIRST`)."""
+        decode its cascade variant too. Largest first (`WARM_LARGEST_FIRST`). stop: asked before each capture;
+        True ends the warm-up there (an engine shut down meanwhile; the rest are captured on first use)."""
         for bs in sorted(self.sizes, reverse=WARM_LARGEST_FIRST):
             for cascade, dense, graphs in ((False, False, self.graphs), (True, False, self.cascade_graphs),
                                            (False, True, self.dense_graphs)):
+                if stop is not None and stop():
+                    return
                 if bs not in graphs and (not cascade or self.shared is not None) and \
                         (not dense or self._dense_len is not None):
                     self._reset_inputs()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -218,11 +219,13 @@ class PrefillGraphs:
         return True
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, stop: Callable[[], bool] | None = None) -> None:
         """Capture every bucket not captured yet, largest first (the smaller ones reuse its pool memory); nothing
-        when no step could replay them (`usable`: a float32 model, say)."""
+        when no step could replay them (`usable`: a float32 model, say). stop: as `DecodeGraphs.warm_up`'s."""
         if self.capture and self.usable():
             for nb in reversed(self.sizes):
+                if stop is not None and stop():
+                    return
                 if not self.ready(nb):
                     return
 

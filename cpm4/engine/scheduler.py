@@ -16,6 +16,7 @@ import gc
 import itertools
 import operator
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -698,7 +699,7 @@ class LLMEngine:
                 self._finish(req, reason)
         return out
 
-    def warm_up(self) -> None:
+    def warm_up(self, stop: Callable[[], bool] | None = None) -> None:
         """Capture (and with compile, compile) the decode step of every batch-size bucket now, as vLLM does at
         start-up, instead of on each bucket's first use in the middle of serving (a compiled bucket takes
         seconds), and the prefill graphs of every token bucket (`prefill_graphs`). Then prefill forwards on
@@ -712,13 +713,18 @@ class LLMEngine:
         compile the imported libraries, the model and the captured graphs alone made each full collection of an
         eager serving run take 150-220 ms (H200 host, 0.5B, 256 requests: one per run, none once frozen). They
         live as long as the process, so warm_up moves them out of the collector's reach (`gc.freeze`, as vLLM
-        does after its warm-up)."""
+        does after its warm-up).
+
+        stop: asked between captures (on a cold Triton cache they take tens of seconds); True ends the warm-up
+        there, for an engine being shut down (its shutdown waited for every capture)."""
         if self.graphs is None and self.cache.device.type != "cuda":
             return
         if self.graphs is not None:
-            self.graphs.warm_up()
+            self.graphs.warm_up(stop)
         if self.model.prefill_graphs is not None:  # (out of memory: it warns and steps run layer by layer)
-            self.model.prefill_graphs.warm_up()
+            self.model.prefill_graphs.warm_up(stop)
+        if stop is not None and stop():
+            return
         if self.graphs is None and self.paged_decode:
             self._warm_decode()
         self._warm_prefill()

@@ -437,7 +437,7 @@ class AsyncEngine:
         # Every decode graph captured (and compiled) before the first request rather than in the middle of
         # serving; requests arriving meanwhile wait in the queue. A failure leaves capture to first use.
         try:
-            sched.warm_up()
+            sched.warm_up(stop=lambda: self._closed)  # a shutdown meanwhile ends it between captures
         except Exception:
             log.exception("decode graph warm-up failed; graphs are captured on first use instead")
         self._sched = sched
