@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg, dtype_arg
 from cpm4.cli import positive_int as _positive
@@ -177,6 +179,23 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p
 
 
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler, CI cancellation) as SystemExit(143) in the main thread, so the
+    block's clean-ups run: its default action ended the process alone (temporary files, child processes left)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
@@ -192,14 +211,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     options = engine_options(args)
     # Bodies name the model as given (vLLM's run-batch serves --model's text) or by its folder's name.
     options["model_name"] = options["model_name"] or list(dict.fromkeys([model, Path(model).name or model]))
-    import signal
-    import threading
-
-    # SIGTERM (kill, timeout, a scheduler) as an exception, as bench's: the clean-ups run (the temporary output
-    # file removed, the engine and its process stopped); its default action left the temporary file behind.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main_thread else None
-    try:
+    with _sigterm_exits():  # the clean-ups run: the temporary output removed, the engine and its process stopped
         app, engine = load_app(model, log_stats_interval=0, **options)
         try:
             limit = args.max_concurrency or 2 * args.max_batch_size  # vLLM's: twice the batch, so it stays full
@@ -207,9 +219,6 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                                            progress=not args.no_progress))
         finally:
             engine.shutdown()
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     print(f"[cpm4] {counts['total']} requests: {counts['completed']} answered, {counts['failed']} failed; wrote "
           f"{out}", file=sys.stderr)
     return 0
@@ -269,13 +278,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print(f"[cpm4] {len(reqs)} requests to {base} ({model}): input ~{args.random_input_len} (after a shared "
           f"prefix of {args.random_prefix_len}), output "
           f"~{args.random_output_len} tokens, rate {rate} req/s, {processes} client processes", file=sys.stderr)
-    import signal
-
-    # `kill`, `timeout` and CI cancellation send SIGTERM: as an exception, run_clients' cleanup stops the client
-    # processes (the default action ended this one alone, and they went on loading the server)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rep = run_clients(base, model, reqs, warm, temperature=args.temperature, client=args.client,
-                      processes=processes, max_concurrency=args.max_concurrency, api_key=key)
+    with _sigterm_exits():  # run_clients' clean-up stops the client processes
+        rep = run_clients(base, model, reqs, warm, temperature=args.temperature, client=args.client,
+                          processes=processes, max_concurrency=args.max_concurrency, api_key=key)
     s = summarize(rep, reqs)
     print(format_summary(s))
     if args.save_result:
