@@ -6,16 +6,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "BeamSearchParams", "GenerationOutput", "GuidedDecodingParams", "SamplingParams",
-           "StructuredOutputsParams", "generate", "load_model", "stream"]
+__all__ = ["LLM", "AsyncLLM", "BeamSearchParams", "GenerationOutput", "GuidedDecodingParams", "RequestOutputKind",
+           "SamplingParams", "StructuredOutputsParams", "generate", "load_model", "stream"]
 
 # Loaded on first use: `import cpm4.data...` (e.g. in data-pipeline worker processes) need not import torch.
 _LAZY = {"LLM": "cpm4.llm", "generate": "cpm4.llm", "load_model": "cpm4.llm", "stream": "cpm4.llm",
+         "AsyncLLM": "cpm4.async_llm", "RequestOutputKind": "cpm4.async_llm",
          "GenerationOutput": "cpm4.engine.generate", "SamplingParams": "cpm4.engine.params",
          "StructuredOutputsParams": "cpm4.engine.params", "GuidedDecodingParams": "cpm4.engine.params",
          "BeamSearchParams": "cpm4.engine.beam_search"}
 
 if TYPE_CHECKING:
+    from .async_llm import AsyncLLM, RequestOutputKind
     from .engine.beam_search import BeamSearchParams
     from .engine.generate import GenerationOutput
     from .engine.params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams

@@ -45,11 +45,17 @@ class GenerationOutput:
     index: int = 0  # which of the prompt's n completions this is (vLLM's CompletionOutput.index)
     # vLLM's RequestOutput.request_id: `LLM.generate` numbers its prompts "0", "1", ... across calls
     request_id: str | None = field(default=None, compare=False)
+    # vLLM's RequestOutput.finished where the front end sets it (`AsyncLLM`'s outputs: a delta output carries only
+    # the completions that changed); None: whether every completion has a finish reason.
+    request_finished: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
-        """Whether generation ended (vLLM's RequestOutput.finished; always so for `LLM.generate`'s outputs)."""
-        return self.finish_reason is not None
+        """Whether generation ended, every completion (vLLM's RequestOutput.finished; always so for
+        `LLM.generate`'s outputs)."""
+        if self.request_finished is not None:
+            return self.request_finished
+        return all(c.finish_reason is not None for c in self.outputs)
 
     @property
     def cumulative_logprob(self) -> float | None:

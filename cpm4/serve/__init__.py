@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .engine_proc import ProcessEngine
 
 __all__ = ["AsyncEngine", "ProcessEngine", "create_app", "default_cpu_threads", "default_engine_process", "load_app",
-           "serve"]
+           "load_engine", "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -179,43 +179,14 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     if chat_template is not None:
         chat_template_text(chat_template)
     defaults = read_defaults(generation_config, model_dir)
-    from cpm4.model.tokenizer import Tokenizer
-
-    tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer is not None else None
-    own_tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None else None  # said before the load
-    from .engine import AsyncEngine
-
     from_hub = model_dir != Path(given).expanduser()
-    from cpm4.devices import resolve_device
-    from cpm4.llm import load_model
-
-    options = dict(max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
-                   gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
-                   async_output=async_output, max_model_len=max_model_len,
-                   enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode,
-                   scheduling_policy=scheduling_policy)
-    if engine_process is None:
-        engine_process = default_engine_process(resolve_device(device))
-    if engine_process:
-        from .engine_proc import ProcessEngine
-
-        if cpu_threads is None:
-            cpu_threads = default_cpu_threads(resolve_device(device))
-        tok = own_tokenizer
-        if chat_template is not None:
-            tok = tok or Tokenizer.from_dir(model_dir)
-            tok.set_chat_template(chat_template)
-        engine: AsyncEngine = ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tok,
-                                            tokenizer_dir=tokenizer_dir, cpu_threads=cpu_threads, **options)
-    else:
-        # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the
-        # weights are read.
-        model, tok = load_model(model_dir, device, dtype, max_model_len, own_tokenizer)
-        if cpu_threads is None:
-            cpu_threads = default_cpu_threads(model.device)
-        if chat_template is not None:
-            tok.set_chat_template(chat_template)
-        engine = AsyncEngine(model, tok, cpu_threads=cpu_threads, **options)
+    engine = load_engine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
+                         engine_process=engine_process, cpu_threads=cpu_threads, max_batch_size=max_batch_size,
+                         kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
+                         gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, compile=compile,
+                         async_output=async_output, max_model_len=max_model_len,
+                         enable_prefix_caching=enable_prefix_caching, cascade_decode=cascade_decode,
+                         scheduling_policy=scheduling_policy)
     try:
         names = names or [given if from_hub else model_dir.name or given]
         if log_stats_interval or log_requests:
@@ -236,6 +207,49 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
         engine.shutdown()
         raise
     return app, engine
+
+
+def load_engine(model_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                tokenizer: str | os.PathLike | None = None, chat_template: str | None = None,
+                engine_process: bool | None = None, cpu_threads: int | None = None,
+                **options: Any) -> AsyncEngine:
+    """Load the checkpoint folder `model_dir` into a running engine for asyncio code: an `AsyncEngine` (the model
+    on a worker thread) or, with engine_process (None: `default_engine_process`, i.e. on CUDA), a `ProcessEngine`
+    (the model in a child process). What `load_app` serves and `cpm4.AsyncLLM` wraps. tokenizer: a folder or Hub
+    id whose tokenizer is used instead of the checkpoint's (found before the weights load); chat_template: replaces
+    the checkpoint's; cpu_threads: the engine's torch threads (on the CPU by default all cores but one);
+    options: `AsyncEngine`'s (max_batch_size, kv_cache_tokens, chunk_tokens, gpu_memory_utilization, ...)."""
+    from cpm4.devices import resolve_device
+    from cpm4.llm import load_model
+    from cpm4.model.hub import resolve_model_dir
+    from cpm4.model.tokenizer import Tokenizer
+
+    from .engine import AsyncEngine
+
+    model_dir = Path(model_dir)
+    tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer is not None else None
+    own_tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None else None  # said before the load
+    if engine_process is None:
+        engine_process = default_engine_process(resolve_device(device))
+    if engine_process:
+        from .engine_proc import ProcessEngine
+
+        if cpu_threads is None:
+            cpu_threads = default_cpu_threads(resolve_device(device))
+        tok = own_tokenizer
+        if chat_template is not None:
+            tok = tok or Tokenizer.from_dir(model_dir)
+            tok.set_chat_template(chat_template)
+        return ProcessEngine(model_dir, device=device, dtype=dtype, tokenizer=tok, tokenizer_dir=tokenizer_dir,
+                             cpu_threads=cpu_threads, **options)
+    # The model alone (an `LLM` would build an engine of its own on CUDA); max_model_len checked before the weights
+    # are read.
+    model, tok = load_model(model_dir, device, dtype, options.get("max_model_len"), own_tokenizer)
+    if cpu_threads is None:
+        cpu_threads = default_cpu_threads(model.device)
+    if chat_template is not None:
+        tok.set_chat_template(chat_template)
+    return AsyncEngine(model, tok, cpu_threads=cpu_threads, **options)
 
 
 def _listen(host: str, port: int):

@@ -1,0 +1,259 @@
+"""`AsyncLLM`: vLLM's AsyncLLM for asyncio code — one engine serving the requests of an application's own tasks.
+
+    from cpm4 import AsyncLLM, SamplingParams
+    llm = AsyncLLM("path/to/MiniCPM4-0.5B")
+    async for out in llm.generate("The capital of France is", SamplingParams(max_tokens=16), "req-1"):
+        print(out.outputs[0].text)          # the text so far (vLLM's default output kind, cumulative)
+    llm.shutdown()
+
+It runs the server's engine (`cpm4.serve.load_engine`: the continuous-batching scheduler on a worker thread, or in
+a child process on CUDA), so requests started from many tasks are batched together; a task that stops reading
+(break, cancellation) aborts its request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from .engine.generate import GenerationOutput, StreamDelta
+from .engine.params import SamplingParams, nth_seed
+from .model.config import is_int
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each output of `AsyncLLM.generate` holds (vLLM's enum, same values)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the last output (and only the completions that changed)
+    FINAL_ONLY = 2  # one output, at the end
+
+
+def _output_kind(kind: Any) -> RequestOutputKind:
+    if isinstance(kind, str):
+        try:
+            return RequestOutputKind[kind.upper()]
+        except KeyError:
+            pass
+    elif is_int(kind) and kind in set(RequestOutputKind):
+        return RequestOutputKind(kind)
+    raise ValueError(f"output_kind must be a RequestOutputKind (or 'cumulative', 'delta', 'final_only'), got {kind!r}")
+
+
+def _copy(o: GenerationOutput, text: bool) -> GenerationOutput:
+    """A snapshot the caller may keep: the accumulating lists are not shared with later outputs."""
+    return dataclasses.replace(o, text=o.text if text else "", token_ids=list(o.token_ids),
+                               logprobs=None if o.logprobs is None else list(o.logprobs), choices=None)
+
+
+def _request_output(choices: list[GenerationOutput], finished: bool) -> GenerationOutput:
+    """One output object as `LLM.generate` returns them: the first completion's fields, all of them in `outputs`."""
+    first = dataclasses.replace(choices[0], choices=choices if len(choices) > 1 else None, request_finished=finished)
+    return first
+
+
+class AsyncLLM:
+    """A loaded model serving asyncio code: `generate` is an async iterator of outputs per request.
+
+    model: a checkpoint folder or Hugging Face Hub model id (fetched at `revision`). Options, as vLLM's (and
+    `cpm4 serve`'s): max_num_seqs (sequences decoded together; default 16, the server's), gpu_memory_utilization,
+    enforce_eager, kv_cache_tokens, chunk_tokens, compile, max_model_len, enable_prefix_caching, cascade_decode,
+    scheduling_policy, tokenizer, chat_template; engine_process: the model in a child process (None: on CUDA), so
+    the application's event loop and the engine's host work do not share one GIL. generation_config: where the
+    defaults of calls without SamplingParams come from ("auto": the checkpoint's generation_config.json; "vllm":
+    SamplingParams' own). vllm_args: vLLM engine arguments that cannot change the outputs (see `cpm4.LLM`)."""
+
+    def __init__(self, model: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                 tokenizer: str | os.PathLike | None = None, revision: str | None = None, max_num_seqs: int = 16,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
+                 kv_cache_tokens: int | None = None, chunk_tokens: int | None = None, compile: bool = False,
+                 max_model_len: int | None = None, generation_config: str | os.PathLike | None = "auto",
+                 enable_prefix_caching: bool = True, cascade_decode: bool | None = None,
+                 scheduling_policy: str = "fcfs", engine_process: bool | None = None,
+                 chat_template: str | None = None, cpu_threads: int | None = None, **vllm_args: Any) -> None:
+        from .engine.generation_config import sampling_defaults
+        from .engine.params import check_scheduling_policy
+        from .llm import _check_vllm_args
+        from .model.hub import resolve_model_dir
+        from .model.tokenizer import chat_template_text
+        from .serve import load_engine
+        from .serve.engine import check_engine_options
+
+        _check_vllm_args(vllm_args)
+        check_engine_options(max_num_seqs, cpu_threads)
+        check_scheduling_policy(scheduling_policy)
+        if compile and enforce_eager:
+            raise ValueError("compile applies to the CUDA-graph decode step: it cannot go with enforce_eager")
+        folder = resolve_model_dir(model, revision)  # a missing model said before torch loads
+        if chat_template is not None:
+            chat_template_text(chat_template)
+        defaults = sampling_defaults(generation_config, folder)
+        engine = load_engine(folder, device=device, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
+                             engine_process=engine_process, cpu_threads=cpu_threads, max_batch_size=max_num_seqs,
+                             kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,
+                             gpu_memory_utilization=gpu_memory_utilization,
+                             cuda_graphs=False if enforce_eager else None, compile=compile,
+                             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                             cascade_decode=cascade_decode, scheduling_policy=scheduling_policy)
+        self._init(engine, defaults)
+
+    @classmethod
+    def from_engine(cls, engine: Any, sampling_defaults: Mapping[str, Any] | None = None) -> AsyncLLM:
+        """Wrap a running `AsyncEngine` or `ProcessEngine` (this object's `shutdown` stops it)."""
+        self = cls.__new__(cls)
+        self._init(engine, dict(sampling_defaults or {}))
+        return self
+
+    def _init(self, engine: Any, defaults: dict[str, Any]) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.sampling_defaults = defaults
+        self._active: dict[str, list[str]] = {}  # request id -> its engine requests (one per completion)
+
+    # ----- vLLM's accessors -----
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What calls without SamplingParams use: the checkpoint's generation_config values."""
+        return SamplingParams(**self.sampling_defaults)
+
+    @property
+    def is_running(self) -> bool:
+        return self.engine.is_running
+
+    @property
+    def errored(self) -> bool:
+        """The engine stopped without being shut down (vLLM's): new requests fail with EngineClosedError."""
+        return not self.engine.is_running and self.engine._failure is not None
+
+    @property
+    def context_length(self) -> int:
+        """Tokens one request may hold, prompt and output (max_model_len, or the model's context)."""
+        return self.engine.context_length
+
+    # ----- requests -----
+
+    async def generate(self, prompt: str | Sequence[int] | Mapping[str, Any],
+                       sampling_params: SamplingParams | None = None, request_id: str | None = None, *,
+                       priority: int = 0, output_kind: RequestOutputKind | str | int | None = None,
+                       lora_request: Any = None) -> AsyncIterator[GenerationOutput]:
+        """Generate for one prompt (text, token ids, or vLLM's prompt dict), yielding outputs as the engine makes
+        them (`output_kind`: cumulative by default, as vLLM's), the last with `finished` true. Each output is shaped
+        as `LLM.generate`'s: the first completion's fields, all n in `outputs`. request_id: unique among running
+        requests (default: a fresh one); `abort(request_id)` ends it with finish_reason "abort". Bad input (a
+        prompt too long, bad params, an id in use) raises ValueError before anything is queued. Stopping the
+        iteration early (break, cancellation) aborts the request."""
+        from .llm import _as_ids, _prompt_text
+
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported: lora_request must be None")
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        kind = RequestOutputKind.CUMULATIVE if output_kind is None else _output_kind(output_kind)
+        if priority != 0:  # vLLM's argument beside the params
+            if not is_int(priority):
+                raise ValueError(f"priority must be an int, got {priority!r}")
+            params = dataclasses.replace(params, priority=priority)
+        rid = uuid.uuid4().hex if request_id is None else request_id
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
+        if rid in self._active:
+            raise ValueError(f"request id {rid!r} is already in use")
+        ids = _as_ids(self.tokenizer, prompt)
+        if params.truncate_prompt_tokens:
+            ids = params.truncate(ids, self.engine.context_length)
+        ids = self.engine.check_prompt(ids)
+        # One engine request per completion, seeded as `LLM.generate` and the server seed them (the prompt's pages
+        # are shared by prefix caching).
+        parts = [params] if params.n == 1 else \
+            [dataclasses.replace(params, n=1, seed=nth_seed(params.seed, j)) for j in range(params.n)]
+        for p in parts[:1]:  # the same checks for all: a bad one raises here, before anything is queued
+            self.engine.check_params(p)
+        engine_ids = [rid] if len(parts) == 1 else [f"{rid}#{j}" for j in range(len(parts))]
+        self._active[rid] = engine_ids
+        text = _prompt_text(prompt)
+        outs = [GenerationOutput(prompt_token_ids=list(ids), prompt=text, index=j, request_id=rid)
+                for j in range(len(parts))]
+        queue: asyncio.Queue[tuple[int, StreamDelta | BaseException | None]] = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+        try:
+            if params.prompt_logprobs is not None:
+                lps = await self.engine.prompt_logprobs(ids, params.prompt_logprobs)
+                for o in outs:
+                    o.prompt_logprobs = lps
+            for j, (p, eid) in enumerate(zip(parts, engine_ids)):  # queued in this order as the tasks start
+                tasks.append(asyncio.ensure_future(self._pump(j, self.engine.stream(ids, p, eid), queue)))
+            running = len(parts)
+            while running:
+                changed: dict[int, GenerationOutput] = {}
+                item = await queue.get()
+                while True:  # what else has arrived, given in one output
+                    j, d = item
+                    if isinstance(d, BaseException):
+                        raise d
+                    if d is None:
+                        running -= 1
+                    else:
+                        outs[j].add(d)
+                        if kind is RequestOutputKind.DELTA:
+                            seen = changed.get(j)
+                            if seen is None:
+                                changed[j] = seen = dataclasses.replace(outs[j], text="", token_ids=[],
+                                                                        logprobs=None, choices=None)
+                            seen.add(d)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                finished = running == 0
+                if kind is RequestOutputKind.CUMULATIVE:
+                    yield _request_output([_copy(o, params.detokenize) for o in outs], finished)
+                elif kind is RequestOutputKind.DELTA and changed:
+                    yield _request_output([_copy(changed[j], params.detokenize) for j in sorted(changed)], finished)
+                elif finished:
+                    yield _request_output([_copy(o, params.detokenize) for o in outs], True)
+        finally:
+            self._active.pop(rid, None)
+            for t in tasks:
+                t.cancel()
+            for t in tasks:  # each stream aborts its engine request as it closes
+                with contextlib.suppress(BaseException):
+                    await t
+
+    @staticmethod
+    async def _pump(j: int, stream: AsyncIterator[StreamDelta], queue: asyncio.Queue) -> None:
+        """Completion j's deltas into the request's queue, then None; an error (an id in use, a closed engine, a
+        failed step) in its place, for the reader to raise."""
+        try:
+            async for d in stream:
+                queue.put_nowait((j, d))
+            queue.put_nowait((j, None))
+        except Exception as e:  # noqa: BLE001
+            queue.put_nowait((j, e))
+        finally:
+            await stream.aclose()  # a cancelled reader: the engine request is aborted here
+
+    def abort(self, request_id: str) -> bool:
+        """End a request (all its completions) with finish_reason "abort"; False if it is not running."""
+        ids = self._active.get(request_id)
+        if ids is None:
+            return False
+        return any([self.engine.abort(i) for i in ids])
+
+    def shutdown(self) -> None:
+        """Stop the engine; running requests end with EngineClosedError."""
+        self.engine.shutdown()
+
+    async def __aenter__(self) -> AsyncLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
