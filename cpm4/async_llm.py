@@ -16,34 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from .engine.generate import GenerationOutput, StreamDelta
-from .engine.params import SamplingParams, nth_seed
+from .engine.params import RequestOutputKind, SamplingParams, check_no_lora, nth_seed
 from .model.config import is_int
-
-
-class RequestOutputKind(enum.IntEnum):
-    """What each output of `AsyncLLM.generate` holds (vLLM's enum, same values)."""
-
-    CUMULATIVE = 0  # everything generated so far
-    DELTA = 1  # only what is new since the last output (and only the completions that changed)
-    FINAL_ONLY = 2  # one output, at the end
-
-
-def _output_kind(kind: Any) -> RequestOutputKind:
-    if isinstance(kind, str):
-        try:
-            return RequestOutputKind[kind.upper()]
-        except KeyError:
-            pass
-    elif is_int(kind) and kind in set(RequestOutputKind):
-        return RequestOutputKind(kind)
-    raise ValueError(f"output_kind must be a RequestOutputKind (or 'cumulative', 'delta', 'final_only'), got {kind!r}")
 
 
 def _copy(o: GenerationOutput, text: bool) -> GenerationOutput:
@@ -143,22 +123,20 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | Sequence[int] | Mapping[str, Any],
                        sampling_params: SamplingParams | None = None, request_id: str | None = None, *,
-                       priority: int = 0, output_kind: RequestOutputKind | str | int | None = None,
-                       lora_request: Any = None) -> AsyncIterator[GenerationOutput]:
+                       priority: int = 0, lora_request: Any = None) -> AsyncIterator[GenerationOutput]:
         """Generate for one prompt (text, token ids, or vLLM's prompt dict), yielding outputs as the engine makes
-        them (`output_kind`: cumulative by default, as vLLM's), the last with `finished` true. Each output is shaped
-        as `LLM.generate`'s: the first completion's fields, all n in `outputs`. request_id: unique among running
-        requests (default: a fresh one); `abort(request_id)` ends it with finish_reason "abort". Bad input (a
-        prompt too long, bad params, an id in use) raises ValueError before anything is queued. Stopping the
-        iteration early (break, cancellation) aborts the request."""
+        them (what `sampling_params.output_kind` says: cumulative by default, as vLLM's), the last with `finished`
+        true. Each output is shaped as `LLM.generate`'s: the first completion's fields, all n in `outputs`.
+        request_id: unique among running requests (default: a fresh one); `abort(request_id)` ends it with
+        finish_reason "abort". Bad input (a prompt too long, bad params, an id in use) raises ValueError before
+        anything is queued. Stopping the iteration early (break, cancellation) aborts the request."""
         from .llm import _as_ids, _prompt_text
 
-        if lora_request is not None:
-            raise ValueError("LoRA adapters are not supported: lora_request must be None")
+        check_no_lora(lora_request)
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        kind = RequestOutputKind.CUMULATIVE if output_kind is None else _output_kind(output_kind)
+        kind = params.output_kind
         if priority != 0:  # vLLM's argument beside the params
             if not is_int(priority):
                 raise ValueError(f"priority must be an int, got {priority!r}")

@@ -24,6 +24,7 @@ from .devices import resolve_device
 from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
 from .engine.generation_config import sampling_defaults, serving_config
 from .engine.offline import OfflineEngine, check_batch, check_options
+from .engine.params import check_no_lora
 from .engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -269,12 +270,14 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[int] | Sequence,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
-                 *, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: Any = None, *, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  priority: Sequence[int] | None = None) -> list[GenerationOutput]:
         """One output per prompt (text or token ids), in order; sampling_params (vLLM's name; or params): one
         for all, or one per prompt (default: `get_default_sampling_params`). use_tqdm: vLLM's progress bar of
-        processed prompts (stderr; a callable, as vLLM's, makes the bar from tqdm's arguments). priority: one int
-        per prompt, lower first (needs scheduling_policy "priority", as vLLM's)."""
+        processed prompts (stderr; a callable, as vLLM's, makes the bar from tqdm's arguments). lora_request:
+        vLLM's, None only (`check_no_lora`). priority: one int per prompt, lower first (needs scheduling_policy
+        "priority", as vLLM's). A request's logits processor that raises fails the call with its exception."""
+        check_no_lora(lora_request)
         params = _sampling_params(sampling_params, params)
         return _generate(self.engine, self.tokenizer, prompts,
                          params if params is not None else self.get_default_sampling_params(), use_tqdm, priority)
@@ -334,8 +337,8 @@ class LLM:
                                           **kwargs)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             lora_request: Any = None, *, add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              **template_kwargs: Any) -> list[GenerationOutput]:
@@ -343,7 +346,8 @@ class LLM:
         per conversation (generated together, in order) for a list of them — always a list, as vLLM's `chat`
         returns (`llm.chat(messages)[0].text`; code written for vLLM indexes it). As vLLM's:
         add_generation_prompt false with continue_final_message writes on from the last (assistant) message;
-        tools (OpenAI function specs) and chat_template_kwargs go to the template."""
+        tools (OpenAI function specs) and chat_template_kwargs go to the template; lora_request: None only."""
+        check_no_lora(lora_request)  # (not a template keyword, as it would have been taken for one)
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts (one conversation) "
                              f"or a list of such lists, got {type(messages).__name__}")

@@ -5,6 +5,7 @@ exit freeing the engine, and bad input refused before anything is queued."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -64,11 +65,11 @@ def test_cumulative_outputs_grow_to_llm_generate(allm, llm):
 
 def test_delta_and_final_only_give_the_same_completion(allm):
     cum = collect(allm, [5, 6, 7, 8], greedy(10))[-1]
-    deltas = collect(allm, [5, 6, 7, 8], greedy(10), output_kind=RequestOutputKind.DELTA)
+    deltas = collect(allm, [5, 6, 7, 8], greedy(10, output_kind=RequestOutputKind.DELTA))
     assert "".join(d.text for d in deltas) == cum.text
     assert [t for d in deltas for t in d.token_ids] == cum.token_ids
     assert [d.finished for d in deltas][-1] and not any(d.finished for d in deltas[:-1])
-    final = collect(allm, {"prompt_token_ids": [5, 6, 7, 8]}, greedy(10), output_kind="final_only")
+    final = collect(allm, {"prompt_token_ids": [5, 6, 7, 8]}, greedy(10, output_kind="final_only"))
     assert len(final) == 1 and final[0].finished
     assert (final[0].text, final[0].token_ids) == (cum.text, cum.token_ids)
 
@@ -86,7 +87,7 @@ def test_n_with_seed_equals_llm_generate(allm, llm):
         assert c.cumulative_logprob == pytest.approx(r.cumulative_logprob, abs=1e-4)
     # Until the last output some completion is unfinished; delta outputs carry only the completions that changed.
     assert not any(o.finished for o in outs[:-1])
-    deltas = collect(allm, "Once upon", sp, output_kind=RequestOutputKind.DELTA)
+    deltas = collect(allm, "Once upon", dataclasses.replace(sp, output_kind=RequestOutputKind.DELTA))
     for j in range(3):
         assert [t for d in deltas for c in d.outputs if c.index == j for t in c.token_ids] == ref.outputs[j].token_ids
     assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
@@ -170,7 +171,9 @@ def test_bad_input_is_refused_before_queueing(allm):
     with pytest.raises(ValueError, match="LoRA"):
         collect(allm, "x", greedy(2), lora_request=object())
     with pytest.raises(ValueError, match="output_kind"):
-        collect(allm, "x", greedy(2), output_kind="sometimes")
+        greedy(2, output_kind="sometimes")
+    with pytest.raises(ValueError, match="output_kind"):
+        greedy(2, output_kind=3)
     with pytest.raises(TypeError, match="SamplingParams"):
         collect(allm, "x", {"max_tokens": 2})
     with pytest.raises(ValueError, match="priority"):  # fcfs: vLLM refuses a priority too

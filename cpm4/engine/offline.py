@@ -31,7 +31,14 @@ from .generate import (
 from .paged import page_size_for
 from .params import check_priority, check_scheduling_policy
 from .sampling import SamplingParams, nth_seed
-from .scheduler import LLMEngine, build_engine, default_chunk_tokens, default_kv_cache_tokens, host_kv_cache_tokens
+from .scheduler import (
+    LLMEngine,
+    RequestError,
+    build_engine,
+    default_chunk_tokens,
+    default_kv_cache_tokens,
+    host_kv_cache_tokens,
+)
 
 
 def check_batch(prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], context: int,
@@ -204,6 +211,13 @@ class OfflineEngine:
                     bar.update(done)
             for o, text, sp in zip(outs, finish_texts(states), params):
                 o.text = o.text + text if sp.detokenize else ""  # vLLM's detokenize=False: token ids only
+        except RequestError as err:
+            # A logits processor raised: the call fails with its error, as vLLM's; the batch's other requests
+            # are aborted, and the engine (sound: the failed request has ended) kept for the next call.
+            for i in range(len(prompts)):
+                engine.abort(str(i))
+            self._drain(engine)
+            raise _processor_error(err) from None
         except BaseException:
             # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
             # with a fresh engine next call, as the server does.
@@ -257,15 +271,25 @@ class OfflineEngine:
             engine.abort("stream")
             self._drain(engine)
             raise
+        except RequestError as err:  # its logits processor raised: the request has ended, the engine stays
+            self._drain(engine)
+            raise _processor_error(err) from None
         except BaseException:
             self.engine = None
             raise
         self._drain(engine)  # with async output a step may have run past the end: its result is discarded
 
     def _drain(self, engine: LLMEngine) -> None:
+        """Step until the engine is idle, its outputs dropped (what aborted or ended requests still owe)."""
         try:
             while engine.has_work():
                 engine.step()
         except BaseException:
             self.engine = None
             raise
+
+
+def _processor_error(err: RequestError) -> Exception:
+    """What an offline call raises for a request whose logits processor raised: that processor's own exception
+    (the first, where several failed), as vLLM's engine let it through."""
+    return next(iter(err.errors.values()))

@@ -4,8 +4,10 @@ the command line, the server and a generation config check a request's values be
 from __future__ import annotations
 
 import copy
+import enum
+import inspect
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,15 @@ GRAMMAR_FIELDS = ("guided_json", "structural_tag", "guided_regex", "guided_choic
 # vLLM's structured_outputs keys (offline and in requests; json_object aside) and the field each sets.
 STRUCTURED_FIELDS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
                      "grammar": "guided_grammar", "structural_tag": "structural_tag"}
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each output of `cpm4.AsyncLLM.generate` holds (vLLM's enum, same values; `LLM.generate` gives final
+    outputs whatever it says, as vLLM's)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the last output (and only the completions that changed)
+    FINAL_ONLY = 2  # one output, at the end
 
 
 # How waiting requests are ordered (vLLM's --scheduling-policy): "fcfs" by arrival; "priority" by
@@ -111,8 +122,17 @@ class SamplingParams:
     # lowered by presence_penalty if its token was generated, and by frequency_penalty per time it was.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, before the penalties
     allowed_token_ids: list[int] | None = None  # vLLM's: only these ids may be sampled (EOS too, if listed)
+    # vLLM's (its V0 form): callables each taking (output_token_ids, logits) or, with three parameters,
+    # (prompt_token_ids, output_token_ids, logits), where logits is the sequence's next-token row [V] (float32,
+    # on the model's device), and returning the row that replaces it; applied in order, first of all the
+    # transforms (before the grammar, bias, penalties and temperature), as vLLM V0 did. They run in the engine's
+    # thread: not across a process (`ProcessEngine`, the server's --engine-process refuses them). A raise ends
+    # the request: `LLM.generate` raises it again, `AsyncEngine` ends that request alone with an EngineError
+    # caused by it (its whole batch with continuous=False). Shared, not copied, by `clone` and by the n > 1
+    # completions (each completion calls them with its own ids).
+    logits_processors: list[Callable[..., Any]] | None = None
     skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
     # vLLM's field, taken for its callers: a fast tokenizer (MiniCPM4's) joins special tokens' text as it is
     # either way, as vLLM's detokenizer does with one
@@ -152,6 +172,8 @@ class SamplingParams:
     # With scheduling_policy "priority": lower values are scheduled first (vLLM's `priority`, which it passes beside
     # the params; here it rides in them, so every front end carries it). 0 under "fcfs".
     priority: int = 0
+    # vLLM's: what `AsyncLLM.generate`'s outputs hold (a RequestOutputKind, or its name: "delta"...).
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # vLLM's nested form of the grammar fields above (and its older name): folded into them, then None.
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None
@@ -181,6 +203,7 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.80}")
             self.stop_token_ids = list(self.stop_token_ids)
 
+        self.output_kind = _output_kind(self.output_kind)
         if not is_int(self.priority) or not -(2**63) <= self.priority < 2**63:
             raise ValueError(f"priority must be an int (int64), got {self.priority!r}")
         # `not (x >= lo)` also rejects NaN.
@@ -247,6 +270,8 @@ class SamplingParams:
                     not all(isinstance(w, str) and w.strip() and valid_text(w) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r:.80}")
             self.bad_words = list(self.bad_words) or None
+        if self.logits_processors is not None:
+            self.logits_processors = _checked_processors(self.logits_processors)
         for name in ("skip_special_tokens", "spaces_between_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -312,8 +337,14 @@ class SamplingParams:
         return truncate_prompt(prompt, self.truncate_prompt_tokens, context)
 
     def clone(self) -> SamplingParams:
-        """A deep copy (vLLM's `clone`)."""
-        return copy.deepcopy(self)
+        """A deep copy (vLLM's `clone`), whose logits processors are the same objects, or the copies their own
+        `clone()` makes where they have one (vLLM's rule: a processor may hold state too large, or impossible, to
+        copy)."""
+        memo: dict[int, Any] = {}
+        for fn in self.logits_processors or ():
+            own = getattr(fn, "clone", None)
+            memo[id(fn)] = own() if callable(own) else fn
+        return copy.deepcopy(self, memo)
 
     @staticmethod
     def from_optional(**kwargs: Any) -> SamplingParams:
@@ -327,6 +358,55 @@ class SamplingParams:
             kwargs["logit_bias"] = {t: min(100.0, max(-100.0, b)) if is_number(b) else b
                                     for t, b in dict(kwargs["logit_bias"]).items()}
         return SamplingParams(**kwargs)
+
+
+def _output_kind(kind: Any) -> RequestOutputKind:
+    if isinstance(kind, str):
+        try:
+            return RequestOutputKind[kind.upper()]
+        except KeyError:
+            pass
+    elif is_int(kind) and kind in set(RequestOutputKind):
+        return RequestOutputKind(kind)
+    raise ValueError(f"output_kind must be a RequestOutputKind (or 'cumulative', 'delta', 'final_only'), got {kind!r}")
+
+
+def processor_takes_prompt(fn: Callable[..., Any]) -> bool:
+    """Whether a logits processor takes the prompt's ids first: vLLM's rule, three parameters (else it is called
+    with the output's ids and the logits). A callable whose signature cannot be read takes the short form."""
+    try:
+        return len(inspect.signature(fn).parameters) == 3
+    except (TypeError, ValueError):
+        return False
+
+
+def _checked_processors(fns: object) -> list[Callable[..., Any]] | None:
+    """SamplingParams.logits_processors as a list (None when empty), or a ValueError naming the field: a list or
+    tuple of callables, each callable with the arguments `processor_takes_prompt` says it gets."""
+    if not isinstance(fns, (list, tuple)):
+        raise ValueError(f"logits_processors must be a list of callables, got {type(fns).__name__}")
+    for i, fn in enumerate(fns):
+        if not callable(fn):
+            raise ValueError(f"logits_processors[{i}] must be callable, got {type(fn).__name__}")
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # (some builtins): left to the call
+            continue
+        n = 3 if processor_takes_prompt(fn) else 2
+        try:
+            sig.bind(*[None] * n)
+        except TypeError:
+            raise ValueError(f"logits_processors[{i}] must take (output_token_ids, logits) or (prompt_token_ids, "
+                             f"output_token_ids, logits), got {getattr(fn, '__name__', type(fn).__name__)}"
+                             f"{sig}") from None
+    return list(fns) or None
+
+
+def check_no_lora(lora_request: object) -> None:
+    """vLLM's lora_request argument: None (what code written for vLLM passes without adapters) is taken; an
+    adapter is refused, for cpm4 runs the checkpoint's own weights only."""
+    if lora_request is not None:
+        raise ValueError("LoRA adapters are not supported: lora_request must be None")
 
 
 UNSEEDED = -1  # a seed of -1 is none (vLLM's rule: "-1 means random" is a common convention)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cpm4.model.transfer import to_device
 
-from .params import GRAMMAR_FIELDS, SamplingParams, nth_seed, valid_text
+from .params import GRAMMAR_FIELDS, SamplingParams, nth_seed, processor_takes_prompt, valid_text
 
 __all__ = ["GRAMMAR_FIELDS", "Sampler", "SamplingParams", "SamplingPlan", "StopStringMatcher", "nth_seed",
            "process_logits", "sample_batch", "sample_tokens", "valid_text"]
@@ -37,6 +37,10 @@ class SamplingPlan:
         self.bad_rows = [i for i, p in enumerate(params) if p.bad_words]
         self.min_rows = [i for i, p in enumerate(params) if p.min_tokens]
         self.guided = [i for i, p in enumerate(params) if p.guided]
+        self.processed = [i for i, p in enumerate(params) if p.logits_processors]
+        # Each processed row's processors with the form each is called in (its signature read once a plan).
+        self.processors = {i: [(fn, processor_takes_prompt(fn)) for fn in params[i].logits_processors]
+                           for i in self.processed}
         self.sampled = [i for i, p in enumerate(params) if not p.greedy]
         # Below: positions within `sampled` (the filters run on those rows only).
         sp = [params[i] for i in self.sampled]
@@ -122,6 +126,33 @@ def _ban_bad_words(x: Tensor, outputs: Sequence[Sequence[int]], bad_ids: Sequenc
                 c.append(seq[-1])
     if r:
         x[torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)] = float("-inf")
+
+
+def _run_processors(x: Tensor, plan: SamplingPlan, history: Sequence[Sequence[int]],
+                    outputs: Sequence[Sequence[int]], failed: list[tuple[int, Exception]] | None) -> None:
+    """Each processed row through its logits processors, in order, on its row of x (a view: one written in place
+    and returned costs no copy). The ids are fresh lists each call, so a processor may keep or change them.
+    failed: a row whose processor raises (or returns no [V] tensor) is recorded there as (row, error) and the
+    batch goes on (its row then holds whatever the processors left); None: the error propagates."""
+    vocab = x.shape[1]
+    for i in plan.processed:
+        out, hist = outputs[i], history[i]
+        n_prompt = len(hist) - len(out)  # (history: the prompt's ids, then the output's)
+        view = row = x[i]
+        try:
+            for fn, with_prompt in plan.processors[i]:
+                row = fn(list(hist[:n_prompt]), list(out), row) if with_prompt else fn(list(out), row)
+                if not isinstance(row, Tensor) or tuple(row.shape) != (vocab,):
+                    what = f"shape {tuple(row.shape)}" if isinstance(row, Tensor) else type(row).__name__
+                    raise TypeError(f"logits processor {getattr(fn, '__name__', type(fn).__name__)} returned "
+                                    f"{what}: it must return the logits row, a tensor of shape ({vocab},)")
+        except Exception as e:
+            if failed is None:
+                raise
+            failed.append((i, e))
+            continue
+        if row is not view:
+            view.copy_(row)
 
 
 def _keep_allowed(x: Tensor, plan: SamplingPlan) -> None:
@@ -245,18 +276,22 @@ def _ban_stops(x: Tensor, params: list[SamplingParams], outputs: list[list[int]]
 def process_logits(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
                    plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
                    matchers: Sequence[Any] | None = None, stop_ids: Sequence[Sequence[int]] | None = None,
-                   bad_ids: Sequence[Sequence[tuple[int, ...]]] | None = None) -> Tensor:
-    """Apply the grammar masks, logit bias, repetition penalty, presence/frequency penalties, then temperature,
-    min-p, top-k and top-p (vLLM's order; Hugging Face applies min-p last, which changes top-p's nucleus) to
-    [B, V] logits.
+                   bad_ids: Sequence[Sequence[tuple[int, ...]]] | None = None,
+                   failed: list[tuple[int, Exception]] | None = None) -> Tensor:
+    """Apply the rows' logits processors (vLLM V0's, first), the grammar masks, logit bias, repetition penalty,
+    presence/frequency penalties, then temperature, min-p, top-k and top-p (vLLM's order; Hugging Face applies
+    min-p last, which changes top-p's nucleus) to [B, V] logits.
 
     `history[i]` holds row i's prompt and generated ids, `outputs[i]` its generated ids alone (needed when a
-    row has a presence or frequency penalty, or min_tokens: then `stop_ids[i]` are the ids it may not sample
-    before, its EOS and stop_token_ids). Returns a new float32 tensor; removed tokens are -inf. Greedy
-    rows only get the bias and penalties: the filters keep the argmax, so they cannot change a greedy pick.
+    row has logits processors, a presence or frequency penalty, or min_tokens: then `stop_ids[i]` are the ids it
+    may not sample before, its EOS and stop_token_ids). Returns a new float32 tensor; removed tokens are -inf.
+    Greedy rows only get the processors, bias and penalties: the filters keep the argmax, so they cannot change
+    a greedy pick.
     plan: `SamplingPlan(params, V)` kept from an earlier call with the same params (else built here).
     matchers: row i's grammar matcher where params[i] is guided (see `cpm4.engine.guided`), else None.
     bad_ids: row i's bad words as token sequences (`Sampler.bad_ids`), where params[i] has bad_words.
+    failed: where rows whose logits processor raised are recorded, the others processed on (`_run_processors`);
+    None: the processor's error propagates.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -267,6 +302,12 @@ def process_logits(logits: Tensor, params: list[SamplingParams], history: list[l
         plan = SamplingPlan(params, vocab)
     x = logits.to(torch.float32, copy=True)
 
+    if plan.processed:
+        # First of all, on the raw logits, as vLLM V0 ran them before its sampler (a grammar after them, as its
+        # guided decoding was a processor appended to the request's own).
+        if outputs is None or len(outputs) != bsz:
+            raise ValueError("logits_processors need each row's generated ids (outputs)")
+        _run_processors(x, plan, history, outputs, failed)
     if plan.guided:
         # First, so every later transform (and greedy's argmax) sees only the tokens the grammar allows.
         ms = [None if matchers is None or len(matchers) != bsz else matchers[i] for i in plan.guided]
@@ -358,18 +399,20 @@ class Sampler:
 def sample_batch(
     logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
     plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
+    failed: list[tuple[int, Exception]] | None = None,
 ) -> list[int]:
     """Process a [B, V] logits batch and draw one token per row with that row's sampler."""
     # One host sync for the whole batch.
-    return sample_tokens(logits, samplers, params, history, plan, outputs).tolist()
+    return sample_tokens(logits, samplers, params, history, plan, outputs, failed).tolist()
 
 
 def sample_tokens(
     logits: Tensor, samplers: list[Sampler], params: list[SamplingParams], history: list[list[int]],
     plan: SamplingPlan | None = None, outputs: list[list[int]] | None = None,
+    failed: list[tuple[int, Exception]] | None = None,
 ) -> Tensor:
-    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device. plan, outputs: see
-    `process_logits`."""
+    """`sample_batch` without the host sync: the tokens [B] (int64) on the logits' device. plan, outputs,
+    failed: see `process_logits` (a failed row still draws a token, for the caller to discard)."""
     if len(samplers) != logits.shape[0]:
         raise ValueError(f"need one sampler per row: B={logits.shape[0]}, got {len(samplers)}")
     if plan is None:
@@ -377,7 +420,7 @@ def sample_tokens(
     matchers = [s.matcher for s in samplers] if plan.guided else None
     stop_ids = [s.stop_ids for s in samplers] if plan.min_rows else None
     bad_ids = [s.bad_ids for s in samplers] if plan.bad_rows else None
-    x = process_logits(logits, params, history, plan, outputs, matchers, stop_ids, bad_ids)
+    x = process_logits(logits, params, history, plan, outputs, matchers, stop_ids, bad_ids, failed)
     # Seeded rows draw from their own generator (their tokens depend only on their seed); unseeded rows
     # draw together in one call from the device's default generator (one per row costs ~0.3 ms each).
     # argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i (the exponential race);

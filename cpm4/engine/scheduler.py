@@ -89,6 +89,24 @@ class InflightStep:
     event: torch.cuda.Event | None
 
 
+class RequestError(RuntimeError):
+    """Requests that failed on their own in a step: a logits processor of theirs raised (`errors`: request id ->
+    its exception; the first is the cause). They have ended (finish_reason "error", pages freed); the engine and
+    its other requests go on, and the step's deltas for those come with the next `LLMEngine.step`."""
+
+    def __init__(self, errors: dict[str, Exception]) -> None:
+        rid, err = next(iter(errors.items()))
+        more = f" (and {len(errors) - 1} more requests)" if len(errors) > 1 else ""
+        super().__init__(self.describe(rid, err) + more)
+        self.errors = errors
+        self.__cause__ = err
+
+    @staticmethod
+    def describe(request_id: str, err: Exception) -> str:
+        """What request_id's failure says."""
+        return f"request {request_id!r} failed: its logits processor raised {type(err).__name__}: {err}"
+
+
 def fill_holes(keep: list[int]) -> list[int]:
     """The rows of the next step, `keep` (ascending row indices of this one) placed so that each row stays where it
     is unless it lies past the new count, which then fills the place of an ended row: the rows after an ended one do
@@ -185,6 +203,8 @@ class LLMEngine:
         # Prefix keys of prompt pages that running requests are computing and will publish (`_hold`).
         self._computing: dict[bytes, EngineRequest] = {}
         self._pending: list[tuple[str, StreamDelta]] = []  # deltas decided outside a forward pass
+        self._failed: dict[str, Exception] = {}  # requests failed in this step (`RequestError`)
+        self._held: list[tuple[str, StreamDelta]] = []  # the deltas of a step that raised RequestError
         self.async_output = False  # set below, once it is known whether decode runs from CUDA graphs
         self.stream_text = stream_text
         self.detokenize = detokenize
@@ -268,11 +288,13 @@ class LLMEngine:
                               vocab_size=self.model.config.vocab_size,
                               detokenize=self.detokenize if detokenize is None else detokenize)
         # A grammar's mask for the next token depends on the last one, min_tokens on the count of tokens read
-        # back, bad words on the last tokens: guided, min_tokens and bad_words rows step synchronously too.
+        # back, bad words on the last tokens, logits processors on the whole output: guided, min_tokens, bad_words
+        # and processed rows step synchronously too.
         req = EngineRequest(request_id, prompt_ids, state,
                             sync_only=params.repetition_penalty != 1.0 or params.logprobs is not None
                             or bool(params.presence_penalty or params.frequency_penalty) or params.guided
-                            or params.min_tokens > 0 or bool(params.bad_words), prompt_array=as_array,
+                            or params.min_tokens > 0 or bool(params.bad_words) or bool(params.logits_processors),
+                            prompt_array=as_array,
                             priority=params.priority, arrival=next(self._arrivals))
         self.by_id[request_id] = req
         self._enqueue(req)
@@ -300,14 +322,27 @@ class LLMEngine:
             self._aborts += 1
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._inflight)
+        return bool(self.waiting or self.running or self._inflight or self._held)
 
     # ---- one step ----
     @torch.inference_mode()
     def step(self) -> list[tuple[str, StreamDelta]]:
-        # The whole step, not only `_run`: a decode step launched ahead (`_launch`) outside inference mode ran
-        # the eager model with autograd recording, and its sampling then failed on the plan's tensors made
+        """One step: the deltas of the requests that advanced. Raises `RequestError` when requests failed on their
+        own (a logits processor raised): they have ended, the rest of the step's work is done and its deltas come
+        first in the next step's."""
+        # The whole step in inference mode, not only `_run`: a decode step launched ahead (`_launch`) outside it
+        # ran the eager model with autograd recording, and its sampling then failed on the plan's tensors made
         # in inference mode ("Inference tensors cannot be saved for backward").
+        out = self._step()
+        if self._held:
+            out, self._held = self._held + out, []
+        if self._failed:
+            failed, self._failed = self._failed, {}
+            self._held = out
+            raise RequestError(failed)
+        return out
+
+    def _step(self) -> list[tuple[str, StreamDelta]]:
         out: list[tuple[str, StreamDelta]] = []
         self._drop_aborted(out)
         if self._inflight is not None:
@@ -659,7 +694,16 @@ class LLMEngine:
             if len(ready) < len(group):
                 logits = logits[to_device(ready, logits.device, torch.long)]
             plan, samplers, params, history, outputs = self._sampling_args(reqs, logits.shape[1])
-            toks = sample_batch(logits, samplers, params, history, plan, outputs)
+            failed: list[tuple[int, Exception]] = []
+            toks = sample_batch(logits, samplers, params, history, plan, outputs, failed)
+            if failed:  # (a logits processor raised) those requests end here, the others take their tokens
+                for i, err in failed:
+                    self._failed[reqs[i].request_id] = err
+                    self._finish(reqs[i], "error")
+                bad = {i for i, _ in failed}
+                keep = [i for i in range(len(reqs)) if i not in bad]
+                reqs, toks = [reqs[i] for i in keep], [toks[i] for i in keep]
+                logits = logits[to_device(keep, logits.device, torch.long)]
             out = self._emit(reqs, toks, logits)
         return out
 

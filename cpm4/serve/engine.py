@@ -35,6 +35,7 @@ from cpm4.engine.params import check_priority, check_scheduling_policy
 from cpm4.engine.sampling import SamplingParams
 from cpm4.engine.scheduler import (
     LLMEngine,
+    RequestError,
     build_engine,
     cache_capacity,
     default_chunk_tokens,
@@ -53,7 +54,8 @@ _HISTORY = 1024
 
 
 class EngineError(RuntimeError):
-    """Generation failed inside the worker for the batch this request was in."""
+    """Generation failed inside the worker: for the batch this request was in, or for this request alone (its
+    logits processor raised: the error's cause)."""
 
 
 class EngineClosedError(RuntimeError):
@@ -497,6 +499,19 @@ class AsyncEngine:
             try:
                 with self._model_lock:
                     deltas = sched.step()
+            except RequestError as err:
+                # Requests whose logits processor raised: each ends with an EngineError caused by that error; the
+                # scheduler and the others go on (their deltas of this step come with the next one).
+                for rid, cause in err.errors.items():
+                    req = active.pop(rid, None)
+                    if req is None:
+                        continue
+                    with self._cond:
+                        self._finish(req, "error")
+                    exc = EngineError(RequestError.describe(rid, cause))
+                    exc.__cause__ = cause
+                    self._post(req, exc)
+                continue
             except Exception as err:  # fail the requests in flight, keep serving later ones
                 log.exception("generation step failed for %s", list(active))
                 # Logged: the traceback goes, for its frames hold the failed scheduler (and its KV cache) alive

@@ -295,6 +295,15 @@ class ProcessEngine(AsyncEngine):
                 self._proc.kill()
         self._wait_exit(10)
 
+    def check_params(self, params: Any) -> None:
+        """`AsyncEngine.check_params`, and no logits processors: they are Python callables run in the engine's
+        step, which is in the child here (a pickled copy would run there, its state never seen here, and most
+        callables, closures and lambdas, do not pickle at all)."""
+        super().check_params(params)
+        if params.logits_processors:
+            raise ValueError("logits_processors cannot be sent to an engine in another process (--engine-process): "
+                             "run them on an in-process engine (AsyncEngine, cpm4.LLM)")
+
     # ----- this process's side of the pipe -----
 
     def _send(self, msg: tuple) -> None:
