@@ -183,3 +183,65 @@ def test_beam_search_on_cuda(tiny_checkpoint):
         del gpu
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _metrics(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_server_beam_search_counts_once_in_metrics(llm):
+    """/metrics counts a beam search as one request per prompt, not as its steps' engine requests (one per live
+    beam per token, each with the whole sequence as its prompt): one observation per histogram, the prompt's
+    tokens and the returned beams' (the usage's); a plain request afterwards counts as before. The token counters
+    are the engine's work (every step's), as vLLM's."""
+    pytest.importorskip("prometheus_client")
+    from fastapi.testclient import TestClient
+
+    from cpm4.serve import create_app
+    from cpm4.serve.engine import AsyncEngine
+
+    lab = (("model_name", "m"),)
+
+    def value(m, name, labels=lab):
+        return m.get((name, labels), 0)
+
+    names = ["cpm4_request_prompt_tokens_count",
+             "cpm4_request_prompt_tokens_sum", "cpm4_request_generation_tokens_count",
+             "cpm4_request_generation_tokens_sum", "cpm4_e2e_request_latency_seconds_count",
+             "cpm4_time_to_first_token_seconds_count", "cpm4_request_time_per_output_token_seconds_count",
+             "cpm4_prefix_cache_queries_total"]
+    length = ("cpm4_request_success_total", (("finished_reason", "length"), ("model_name", "m")))
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8, kv_cache_tokens=2048)
+    try:
+        with TestClient(create_app(eng, "m")) as c:
+            def deltas(body, url="/v1/completions"):
+                before = _metrics(c.get("/metrics").text)
+                r = c.post(url, json=body)
+                assert r.status_code == 200, r.text
+                after = _metrics(c.get("/metrics").text)
+                got = {n: value(after, n) - value(before, n) for n in names}
+                got["success"] = after.get(length, 0) - before.get(length, 0)
+                return got, r.json()["usage"]
+
+            got, usage = deltas({"prompt": PROMPTS, "n": 3, "max_tokens": 5, "use_beam_search": True,
+                                 "ignore_eos": True})
+            assert usage == {"prompt_tokens": 8, "completion_tokens": 30, "total_tokens": 38}
+            assert got == {"cpm4_request_prompt_tokens_count": 2, "cpm4_request_prompt_tokens_sum": 8,
+                           "cpm4_request_generation_tokens_count": 2, "cpm4_request_generation_tokens_sum": 30,
+                           "cpm4_e2e_request_latency_seconds_count": 2, "cpm4_time_to_first_token_seconds_count": 2,
+                           "cpm4_request_time_per_output_token_seconds_count": 2,
+                           "cpm4_prefix_cache_queries_total": 8, "success": 2}
+            msgs = [{"role": "user", "content": "hello"}]
+            got, usage = deltas({"messages": msgs, "n": 2, "max_tokens": 4, "use_beam_search": True,
+                                 "ignore_eos": True}, "/v1/chat/completions")
+            assert got["success"] == 1 and got["cpm4_e2e_request_latency_seconds_count"] == 1
+            assert got["cpm4_request_prompt_tokens_sum"] == usage["prompt_tokens"]
+            assert got["cpm4_request_generation_tokens_sum"] == usage["completion_tokens"] == 8
+            got, usage = deltas({"prompt": PROMPTS[0], "n": 2, "max_tokens": 3, "ignore_eos": True})  # no beams
+            assert got["success"] == 2 and got["cpm4_request_prompt_tokens_sum"] == 10
+            assert got["cpm4_request_generation_tokens_sum"] == usage["completion_tokens"] == 6
+    finally:
+        eng.shutdown()

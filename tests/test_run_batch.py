@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 
 import pytest
 
@@ -207,3 +208,75 @@ def test_run_batch_on_cuda_equals_llm(tiny_checkpoint, tmp_path, capsys):
     torch.cuda.empty_cache()
     got = [o["response"]["body"]["choices"][0]["text"] for o in _outputs(dst)]
     assert got == [w.text for w in want]
+
+
+def _track(held: dict, line: int, obj) -> None:
+    """Count `line` held while any object of its (its request, its answer) is live: what the run holds in memory,
+    not what it says it holds."""
+    objs = held["objs"]
+    objs[line] = objs.get(line, 0) + 1
+    held["max"] = max(held["max"], len(objs))
+
+    def freed() -> None:
+        objs[line] -= 1
+        if not objs[line]:
+            del objs[line]
+
+    weakref.finalize(obj, freed)
+
+
+def test_memory_stays_bounded_and_order_kept_when_later_lines_finish_first(tmp_path, monkeypatch):
+    """A file many times the window: checking it holds no request, and the run holds at most `max_buffered`
+    requests and answers at once (every one read, in flight, or answered but waiting for an earlier one) with at
+    most `max_concurrency` in flight; lines answered out of order are written in the input's."""
+    import cpm4.serve.batch as batch
+
+    n, concurrency, window = 300, 3, 8
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "x" * 100, "i": i}) for i in range(n)])
+    held = {"objs": {}, "max": 0}
+    flight = {"now": 0, "max": 0}
+    finished: list[int] = []
+
+    class Request(batch.BatchRequest):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _track(held, self.line, self)
+
+    class Output(dict):  # a dict cannot be weakly referenced, a subclass can
+        pass
+
+    async def answer(client, req):
+        flight["now"] += 1
+        flight["max"] = max(flight["max"], flight["now"])
+        i = req.body["i"]
+        await asyncio.sleep(0.005 if i % 4 == 0 else 0)  # every fourth line is slow: those after it finish first
+        flight["now"] -= 1
+        finished.append(i)
+        out = Output(batch._output(req.custom_id, 200, {"i": i}, None))
+        _track(held, req.line, out)
+        return out
+
+    monkeypatch.setattr(batch, "BatchRequest", Request)
+    monkeypatch.setattr(batch, "_answer", answer)
+    requests = read_batch(src)
+    assert len(requests) == n and held == {"objs": {}, "max": 1}  # checked one line at a time, none kept
+    counts = asyncio.run(run_batch(None, requests, dst, max_concurrency=concurrency, max_buffered=window,
+                                   progress=False))
+    assert counts == {"total": n, "completed": n, "failed": 0}
+    assert finished != sorted(finished)
+    assert [o["response"]["body"]["i"] for o in _outputs(dst)] == list(range(n))
+    assert flight["max"] == concurrency
+    # The window, plus the one request just read that waits for room in it.
+    assert window <= held["max"] <= window + 1, held
+
+
+def test_a_file_changed_after_its_check_is_refused(tmp_path):
+    """The check ran before the model loaded; a file rewritten since (a repeated custom_id now) is not run unchecked."""
+    src = tmp_path / "in.jsonl"
+    _write(src, [_line("a", "/v1/completions", {"prompt": "Hi"})])
+    requests = read_batch(src)
+    assert [r.custom_id for r in requests] == [r.custom_id for r in requests] == ["a"]  # read afresh each time
+    _write(src, [_line("a", "/v1/completions", {"prompt": "Hi"})] * 2)
+    with pytest.raises(ValueError, match="changed since it was checked"):
+        list(requests)

@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +55,9 @@ from .responses import ResponsesRequest, responses
 from .stats import StatsLogger
 from .streaming import Choice, DisconnectWatch, merge_streams, sse_event, sse_stream, usage_counts, usage_options
 from .tool_calls import ToolCallCollector
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 __all__ = ["APIError", "create_app"]
 
@@ -166,6 +169,7 @@ class _OpenAIServer:
         self.model_name = self.model_names[0]
         self.created = int(time.time())
         self.tokens = _TokenText(engine.tokenizer)
+        self.metrics: ServerMetrics | None = None  # /metrics (create_app sets it; none without prometheus-client)
 
     # ----- shared request handling -----
 
@@ -456,17 +460,34 @@ class _OpenAIServer:
         # step past it was a prompt the cache cannot hold, a 500.
         limit = min(self.engine.context_length, getattr(self.engine, "cache_tokens", None) or math.inf)
         search = BeamSearch(prompts, params, self.engine.config.eos_token_ids, limit)
-        while not search.done:
-            asked = search.requests()
-            outs = [GenerationOutput(list(p)) for p in asked]
-            async with self._run(request, f"{rid}-{search.steps}", [(p, search.step_params) for p in asked],
-                                 stream_text=False) as (watch, merged):
-                async for i, d in merged:
-                    outs[i].add(d)
-            if watch.disconnected:
-                return None
-            search.advance(outs)
-        return search.results(self.tokenizer.decode)
+        # The metrics count the search as one request per prompt, not as its steps' engine requests (why:
+        # `BeamSearchMetrics`).
+        counted = self.metrics.beam_search(prompts) if self.metrics is not None else None
+        ended: str | None = "error"  # how it ended where not by itself
+        try:
+            while not search.done:
+                asked = search.requests()
+                outs = [GenerationOutput(list(p)) for p in asked]
+                with counted.step() if counted is not None else contextlib.nullcontext():
+                    async with self._run(request, f"{rid}-{search.steps}", [(p, search.step_params) for p in asked],
+                                         stream_text=False) as (watch, merged):
+                        async for i, d in merged:
+                            outs[i].add(d)
+                if watch.disconnected:
+                    ended = "abort"
+                    return None
+                if counted is not None:
+                    counted.stepped([o.num_cached_tokens for o in outs])
+                search.advance(outs)
+            beams = search.results(self.tokenizer.decode)
+            ended = None
+            return beams
+        except asyncio.CancelledError:  # the server stopping, or the task cancelled: as an aborted request
+            ended = "abort"
+            raise
+        finally:
+            if counted is not None:  # cancelled or failed: the beams as they stood (not decoded: only counted)
+                counted.finish(search.results(lambda ids: "") if ended else beams, ended)
 
     @staticmethod
     def _beam_usage(prompt_tokens: int, beams: list[BeamSearchOutput], prompts: list[list[int]]) -> dict[str, Any]:
@@ -987,7 +1008,7 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
     except ImportError:  # prometheus-client missing (it comes with the serve extra)
         metrics = None
     else:
-        metrics = ServerMetrics(engine, server.model_name)
+        metrics = server.metrics = ServerMetrics(engine, server.model_name)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -8,13 +8,20 @@ Needs `prometheus-client` (in the `serve` extra)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine import AsyncEngine, RequestStats
+
+if TYPE_CHECKING:
+    from cpm4.engine.beam_search import BeamSearchOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -63,6 +70,7 @@ class _EngineState(Collector):
                                               "Share of the paged KV cache in use (1 = full).", labels=names), usage)
         yield self._one(CounterMetricFamily("cpm4_num_preemptions", "Sequences preempted for lack of KV pages.",
                                             labels=names), e.num_preempted)
+        # The engine's work, as vLLM counts it: a beam search's steps each count their sequences as prompts.
         yield self._one(CounterMetricFamily("cpm4_prompt_tokens", "Prompt tokens of the requests accepted.",
                                             labels=names), e.num_prompt_tokens)
         yield self._one(CounterMetricFamily("cpm4_generation_tokens", "Tokens generated and streamed.",
@@ -101,17 +109,73 @@ class ServerMetrics:
         engine.request_observers.append(self.observe)
 
     def observe(self, stats: RequestStats) -> None:
+        """An engine request ended (the engine's observer)."""
+        if _beam_step.get() is not None:  # a beam search's step: part of the search, which is counted as itself
+            return
+        self._record(stats, stats.generation_tokens)
+
+    def _record(self, stats: RequestStats, output_tokens: int) -> None:
+        """One request's histograms and counters; output_tokens: what its time per output token is over."""
         if stats.ttft is not None:
             self.ttft.observe(stats.ttft)
         self.e2e.observe(stats.e2e)
         self.req_prompt.observe(stats.prompt_tokens)
         self.req_generation.observe(stats.generation_tokens)
-        if stats.ttft is not None and stats.generation_tokens > 1:
-            self.tpot.observe((stats.e2e - stats.ttft) / (stats.generation_tokens - 1))
+        if stats.ttft is not None and output_tokens > 1:
+            self.tpot.observe((stats.e2e - stats.ttft) / (output_tokens - 1))
         self._finished.labels(self.model_name, stats.finish_reason).inc()
         if stats.cached_tokens is not None:
             self.prefix_queries.inc(stats.prompt_tokens)
             self.prefix_hits.inc(stats.cached_tokens)
 
+    def beam_search(self, prompts: Sequence[Sequence[int]]) -> BeamSearchMetrics:
+        """The metrics of one API beam search over `prompts`, starting now."""
+        return BeamSearchMetrics(self, prompts)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The beam search whose step runs in this context (the step's engine requests, and the tasks reading them, see it):
+# `ServerMetrics.observe` leaves those requests to it.
+_beam_step: ContextVar[BeamSearchMetrics | None] = ContextVar("cpm4_beam_step", default=None)
+
+
+class BeamSearchMetrics:
+    """How an API beam search (`use_beam_search`) counts in the request metrics: as one request per prompt
+    searched, what the client asked for, not as its steps' engine requests (one per live beam per token: a search
+    of width 4 for 100 tokens was 400 requests in the counts and histograms). Its generation tokens are its
+    returned beams' (the response's usage.completion_tokens); its time to first token is the first step's, its
+    time per output token per step (each step grows every beam by one token). The token counters stay the
+    engine's work, as vLLM's."""
+
+    def __init__(self, metrics: ServerMetrics, prompts: Sequence[Sequence[int]]) -> None:
+        self.metrics = metrics
+        self.prompt_lens = [len(p) for p in prompts]
+        self.t0 = time.monotonic()
+        self.ttft: float | None = None
+        self.cached: list[int | None] = [None] * len(prompts)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Around one step's engine requests: `ServerMetrics.observe` leaves them out."""
+        token = _beam_step.set(self)
+        try:
+            yield
+        finally:
+            _beam_step.reset(token)
+
+    def stepped(self, cached: Sequence[int | None]) -> None:
+        """A step ended; `cached`: its requests' cached prompt tokens (the first step's are the prompts')."""
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.t0
+            self.cached = list(cached)
+
+    def finish(self, beams: Sequence[BeamSearchOutput], reason: str | None = None) -> None:
+        """The search ended with `beams` (each prompt's best, as returned or as they stood); reason: "abort" or
+        "error" where it did not end by itself (each prompt's own: its best beam's)."""
+        e2e = time.monotonic() - self.t0
+        for n, out, cached in zip(self.prompt_lens, beams, self.cached):
+            lens = [len(s.tokens) - n for s in out.sequences]
+            ended = reason or (out.sequences[0].finish_reason if out.sequences else None) or "length"
+            self.metrics._record(RequestStats(n, sum(lens), self.ttft, e2e, ended, cached), max(lens, default=0))
