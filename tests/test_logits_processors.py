@@ -341,3 +341,36 @@ def test_lora_request_none_only():
                  lambda: llm.chat(msgs, sp, False, "adapter")):
         with pytest.raises(ValueError, match="LoRA adapters are not supported: lora_request must be None"):
             call()
+
+
+@pytest.mark.gpu
+def test_processors_on_cuda(tiny_checkpoint):
+    """On CUDA (decode steps from CUDA graphs, launched ahead for rows without processors): a ban equals the same
+    ban through allowed_token_ids, a forced sequence comes out exactly, and rows without processors in the same
+    batch equal their run without any."""
+    import gc
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    llm = LLM(tiny_checkpoint, device="cuda", dtype="float32", kv_cache_tokens=4096, max_num_seqs=8)
+    try:
+        vocab = llm.model.config.vocab_size
+        ps = ["The sky is", "Once upon a time", "def main():", "1, 2, 3,"]
+        plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        free = llm.generate(ps, plain)
+        flat = [t for o in free for t in o.token_ids]
+        t = max(set(flat), key=flat.count)
+        banned = llm.generate(ps, dataclasses.replace(plain, logits_processors=[ban(t)]))
+        assert all(t not in o.token_ids for o in banned)
+        ref = llm.generate(ps, dataclasses.replace(plain, allowed_token_ids=[i for i in range(vocab) if i != t]))
+        assert ids(banned) == ids(ref)
+        target = [17, 17, 900, 3, 42]
+        mixed = llm.generate(ps, [dataclasses.replace(plain, logits_processors=[force(target)]), plain,
+                                  dataclasses.replace(plain, logits_processors=[ban(t)]), plain])
+        assert mixed[0].token_ids[:len(target)] == target
+        assert [mixed[1].token_ids, mixed[3].token_ids] == [free[1].token_ids, free[3].token_ids]
+        assert mixed[2].token_ids == banned[2].token_ids
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
