@@ -206,6 +206,23 @@ class AsyncLLM:
                 with contextlib.suppress(BaseException):
                     await t
 
+    async def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                   request_id: str | None = None, *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None, priority: int = 0,
+                   **template_kwargs: Any) -> AsyncIterator[GenerationOutput]:
+        """`generate` for the assistant's reply to one conversation, rendered with the chat template (the options
+        as `LLM.chat`'s)."""
+        from .llm import chat_prompt_ids
+
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts, got "
+                             f"{type(messages).__name__}")
+        ids = chat_prompt_ids(self.tokenizer, list(messages), add_generation_prompt, continue_final_message, tools,
+                              chat_template_kwargs, **template_kwargs)
+        async for out in self.generate(ids, sampling_params, request_id, priority=priority):
+            yield out
+
     @staticmethod
     async def _pump(j: int, stream: AsyncIterator[StreamDelta], queue: asyncio.Queue) -> None:
         """Completion j's deltas into the request's queue, then None; an error (an id in use, a closed engine, a

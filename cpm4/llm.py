@@ -169,6 +169,18 @@ def stream(model: MiniCPM4ForCausalLM, tokenizer: Tokenizer, prompt: str | Seque
                 yield d.text
 
 
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None, **template_kwargs: Any) -> list[int]:
+    """The ids of a conversation rendered with the chat template (vLLM's `chat` options; template_kwargs, e.g.
+    enable_thinking, go to the template as chat_template_kwargs do): what `LLM.chat` and `AsyncLLM.chat` generate
+    from."""
+    kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
+    return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
+
+
 _ANY = object()
 # vLLM engine arguments `LLM` takes for code written for vLLM, with the values it takes: those that cannot change
 # what is generated (_ANY: every value). Other values would, or name what cpm4 does not have: they are refused.
@@ -328,13 +340,9 @@ class LLM:
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                  continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
                  chat_template_kwargs: Mapping[str, Any] | None = None, **template_kwargs: Any) -> list[int]:
-        """The ids of a conversation rendered with the chat template (vLLM's `chat` options; template_kwargs,
-        e.g. enable_thinking, go to the template as chat_template_kwargs do)."""
-        kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
-        if continue_final_message:
-            kwargs["continue_final_message"] = True
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                          **kwargs)
+        """The ids of a conversation rendered with the chat template (`chat_prompt_ids`)."""
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt, continue_final_message, tools,
+                               chat_template_kwargs, **template_kwargs)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,

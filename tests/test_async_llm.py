@@ -272,3 +272,19 @@ def test_async_llm_on_cuda(tiny_checkpoint):
         del gpu
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_chat_equals_llm_chat(allm, llm):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ref = llm.chat(msgs, greedy(8))[0]
+
+    async def run():
+        return [o async for o in allm.chat(msgs, greedy(8), "chat-1")]
+
+    last = asyncio.run(run())[-1]
+    assert (last.prompt_token_ids, last.token_ids, last.text) == (ref.prompt_token_ids, ref.token_ids, ref.text)
+    async def bad():
+        return await anext(allm.chat("hello"))
+
+    with pytest.raises(ValueError, match="messages"):
+        asyncio.run(bad())
