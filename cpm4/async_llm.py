@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from .engine.generate import GenerationOutput, StreamDelta
@@ -36,6 +37,32 @@ def _request_output(choices: list[GenerationOutput], finished: bool) -> Generati
     """One output object as `LLM.generate` returns them: the first completion's fields, all of them in `outputs`."""
     first = dataclasses.replace(choices[0], choices=choices if len(choices) > 1 else None, request_finished=finished)
     return first
+
+
+# Numbers every engine request an AsyncLLM makes (its id: the caller's, "#", this number), so that none is one in use
+# or one just aborted (whose engine request lives on until the worker's next step), whatever ids callers choose
+# and reuse.
+_ENGINE_SEQ = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class _Running:
+    """One `generate` call: its engine requests (one per completion), and whether `abort` asked it to end (heeded
+    by completions not queued yet, which then end at once)."""
+
+    engine_ids: list[str]
+    aborted: bool = False
+
+
+def _check_tokenization_kwargs(kwargs: Mapping[str, Any] | None) -> None:
+    """vLLM's tokenization_kwargs: only add_special_tokens=True, which is what cpm4's tokenizing does (the BOS);
+    anything else would tokenize otherwise, so it is refused."""
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"tokenization_kwargs must be a dict or None, got {type(kwargs).__name__}")
+    other = sorted(k for k, v in (kwargs or {}).items() if not (k == "add_special_tokens" and v is True))
+    if other:
+        raise ValueError(f"tokenization_kwargs {other} are not supported: give token ids (prompt_token_ids) to "
+                         "tokenize otherwise, or SamplingParams.truncate_prompt_tokens to truncate")
 
 
 class AsyncLLM:
@@ -94,7 +121,8 @@ class AsyncLLM:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.sampling_defaults = defaults
-        self._active: dict[str, list[str]] = {}  # request id -> its engine requests (one per completion)
+        # Request id -> its call, from the start of `generate` until its final output is given (or it is left).
+        self._active: dict[str, _Running] = {}
 
     # ----- vLLM's accessors -----
 
@@ -112,7 +140,7 @@ class AsyncLLM:
     @property
     def errored(self) -> bool:
         """The engine stopped without being shut down (vLLM's): new requests fail with EngineClosedError."""
-        return not self.engine.is_running and self.engine._failure is not None
+        return self.engine.failure is not None
 
     @property
     def context_length(self) -> int:
@@ -123,16 +151,32 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | Sequence[int] | Mapping[str, Any],
                        sampling_params: SamplingParams | None = None, request_id: str | None = None, *,
-                       priority: int = 0, lora_request: Any = None) -> AsyncIterator[GenerationOutput]:
+                       prompt_text: str | None = None, lora_request: Any = None,
+                       tokenization_kwargs: Mapping[str, Any] | None = None,
+                       trace_headers: Mapping[str, str] | None = None, priority: int = 0,
+                       data_parallel_rank: int | None = None) -> AsyncIterator[GenerationOutput]:
         """Generate for one prompt (text, token ids, or vLLM's prompt dict), yielding outputs as the engine makes
-        them (what `sampling_params.output_kind` says: cumulative by default, as vLLM's), the last with `finished`
-        true. Each output is shaped as `LLM.generate`'s: the first completion's fields, all n in `outputs`.
-        request_id: unique among running requests (default: a fresh one); `abort(request_id)` ends it with
-        finish_reason "abort". Bad input (a prompt too long, bad params, an id in use) raises ValueError before
-        anything is queued. Stopping the iteration early (break, cancellation) aborts the request."""
+        them (what `sampling_params.output_kind` says: cumulative by default, as vLLM's), the last, and only it, with
+        `finished` true. Each output is shaped as `LLM.generate`'s: the first completion's fields, all n in `outputs`
+        (a delta output: those that changed; prompt_logprobs only in the first, as vLLM's).
+        request_id: unique among running requests (default: a fresh one), free again once the final output is given
+        or the generator is closed (`aclose()`; one dropped unclosed: when asyncio finalizes it, a few loop turns
+        later); `abort(request_id)` ends it with finish_reason "abort". Bad input (a prompt too long, bad params, an
+        id in use) raises ValueError before anything is queued. Stopping the iteration early (break, cancellation)
+        aborts the request.
+        vLLM's other arguments: prompt_text (the outputs' prompt, for a prompt given as ids); tokenization_kwargs
+        (only add_special_tokens=True, what cpm4 does); trace_headers (taken, unused: cpm4 does not trace);
+        data_parallel_rank (None or 0: one engine); lora_request (None)."""
         from .llm import _as_ids, _prompt_text
 
         check_no_lora(lora_request)
+        _check_tokenization_kwargs(tokenization_kwargs)
+        if data_parallel_rank not in (None, 0) or isinstance(data_parallel_rank, bool):
+            raise ValueError(f"data_parallel_rank must be None or 0 (one engine), got {data_parallel_rank!r}")
+        if trace_headers is not None and not isinstance(trace_headers, Mapping):
+            raise ValueError(f"trace_headers must be a mapping or None, got {type(trace_headers).__name__}")
+        if prompt_text is not None and not isinstance(prompt_text, str):
+            raise ValueError(f"prompt_text must be a str or None, got {type(prompt_text).__name__}")
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -156,50 +200,63 @@ class AsyncLLM:
             [dataclasses.replace(params, n=1, seed=nth_seed(params.seed, j)) for j in range(params.n)]
         for p in parts[:1]:  # the same checks for all: a bad one raises here, before anything is queued
             self.engine.check_params(p)
-        engine_ids = [rid] if len(parts) == 1 else [f"{rid}#{j}" for j in range(len(parts))]
-        self._active[rid] = engine_ids
-        text = _prompt_text(prompt)
+        text = prompt_text if prompt_text is not None else _prompt_text(prompt)
         outs = [GenerationOutput(prompt_token_ids=list(ids), prompt=text, index=j, request_id=rid)
                 for j in range(len(parts))]
         queue: asyncio.Queue[tuple[int, StreamDelta | BaseException | None]] = asyncio.Queue()
         tasks: list[asyncio.Task] = []
+        run = _Running([f"{rid}#{next(_ENGINE_SEQ)}" for _ in parts])
+        if self._active.setdefault(rid, run) is not run:  # one step: two threads' loops may start one id at once
+            raise ValueError(f"request id {rid!r} is already in use")
         try:
             if params.prompt_logprobs is not None:
                 lps = await self.engine.prompt_logprobs(ids, params.prompt_logprobs)
                 for o in outs:
                     o.prompt_logprobs = lps
-            for j, (p, eid) in enumerate(zip(parts, engine_ids)):  # queued in this order as the tasks start
-                tasks.append(asyncio.ensure_future(self._pump(j, self.engine.stream(ids, p, eid), queue)))
-            running = len(parts)
-            while running:
-                changed: dict[int, GenerationOutput] = {}
+            for j, (p, eid) in enumerate(zip(parts, run.engine_ids)):  # queued in this order as the tasks start
+                tasks.append(asyncio.ensure_future(self._pump(j, ids, p, eid, run, queue)))
+            # A completion ends with its delta that has a finish reason: the end of its stream may come later
+            # (the engine hands both over apart at times), and waiting for it gave that delta again as a last one.
+            ended = [False] * len(parts)
+            prompt_logprobs_given = False
+            while not all(ended):
+                changed: dict[int, GenerationOutput] = {}  # the completions that moved (DELTA: what is new)
                 item = await queue.get()
                 while True:  # what else has arrived, given in one output
                     j, d = item
                     if isinstance(d, BaseException):
                         raise d
-                    if d is None:
-                        running -= 1
-                    else:
-                        outs[j].add(d)
-                        if kind is RequestOutputKind.DELTA:
-                            seen = changed.get(j)
-                            if seen is None:
-                                changed[j] = seen = dataclasses.replace(outs[j], text="", token_ids=[],
-                                                                        logprobs=None, choices=None)
-                            seen.add(d)
+                    if not ended[j]:
+                        if d is not None:
+                            outs[j].add(d)
+                        if j not in changed:
+                            changed[j] = outs[j] if kind is not RequestOutputKind.DELTA else \
+                                dataclasses.replace(outs[j], text="", token_ids=[], logprobs=None, choices=None)
+                        if d is not None and kind is RequestOutputKind.DELTA:
+                            changed[j].add(d)
+                        ended[j] = d is None or d.finish_reason is not None
                     if queue.empty():
                         break
                     item = queue.get_nowait()
-                finished = running == 0
-                if kind is RequestOutputKind.CUMULATIVE:
-                    yield _request_output([_copy(o, params.detokenize) for o in outs], finished)
-                elif kind is RequestOutputKind.DELTA and changed:
-                    yield _request_output([_copy(changed[j], params.detokenize) for j in sorted(changed)], finished)
-                elif finished:
-                    yield _request_output([_copy(o, params.detokenize) for o in outs], True)
+                if not changed:
+                    continue
+                finished = all(ended)
+                if finished and self._active.get(rid) is run:  # the id may be used again from the final output on
+                    self._active.pop(rid, None)
+                if kind is RequestOutputKind.DELTA:
+                    choices = [_copy(changed[j], params.detokenize) for j in sorted(changed)]
+                    if prompt_logprobs_given:
+                        for c in choices:
+                            c.prompt_logprobs = None
+                    prompt_logprobs_given = True
+                elif kind is RequestOutputKind.CUMULATIVE or finished:
+                    choices = [_copy(o, params.detokenize) for o in outs]
+                else:
+                    continue
+                yield _request_output(choices, finished)
         finally:
-            self._active.pop(rid, None)
+            if self._active.get(rid) is run:  # not a later call's that reused the id
+                self._active.pop(rid, None)
             for t in tasks:
                 t.cancel()
             for t in tasks:  # each stream aborts its engine request as it closes
@@ -220,15 +277,25 @@ class AsyncLLM:
                              f"{type(messages).__name__}")
         ids = chat_prompt_ids(self.tokenizer, list(messages), add_generation_prompt, continue_final_message, tools,
                               chat_template_kwargs, **template_kwargs)
-        async for out in self.generate(ids, sampling_params, request_id, priority=priority):
-            yield out
+        # Closed with this one: left alone, `generate` ended (its request aborted, its id freed) only when collected
+        async with contextlib.aclosing(self.generate(ids, sampling_params, request_id, priority=priority)) as outs:
+            async for out in outs:
+                yield out
 
-    @staticmethod
-    async def _pump(j: int, stream: AsyncIterator[StreamDelta], queue: asyncio.Queue) -> None:
-        """Completion j's deltas into the request's queue, then None; an error (an id in use, a closed engine, a
-        failed step) in its place, for the reader to raise."""
+    async def _pump(self, j: int, ids: list[int], params: SamplingParams, engine_id: str, run: _Running,
+                    queue: asyncio.Queue) -> None:
+        """Completion j's deltas into the request's queue, then None; an error (a closed engine, a failed step) in
+        its place, for the reader to raise."""
+        if run.aborted:  # aborted before it was queued: it ends as the engine ends a waiting request
+            queue.put_nowait((j, StreamDelta(0, "", [], "abort")))
+            return
+        stream = self.engine.stream(ids, params, engine_id)
+        told = False
         try:
-            async for d in stream:
+            async for d in stream:  # queued by its first step, so an abort from now on finds it in the engine
+                if run.aborted and not told:  # one from another thread while it was being queued
+                    told = True
+                    self.engine.abort(engine_id)
                 queue.put_nowait((j, d))
             queue.put_nowait((j, None))
         except Exception as e:  # noqa: BLE001
@@ -236,12 +303,20 @@ class AsyncLLM:
         finally:
             await stream.aclose()  # a cancelled reader: the engine request is aborted here
 
-    def abort(self, request_id: str) -> bool:
-        """End a request (all its completions) with finish_reason "abort"; False if it is not running."""
-        ids = self._active.get(request_id)
-        if ids is None:
-            return False
-        return any([self.engine.abort(i) for i in ids])
+    async def abort(self, request_id: str | Iterable[str]) -> bool:
+        """End a request (all its completions; or each of an iterable of ids, as vLLM's) with finish_reason
+        "abort"; False if none was running (its final output given already, or an unknown id). A coroutine, as
+        vLLM's (from another thread: `asyncio.run_coroutine_threadsafe`)."""
+        hit = False
+        for rid in (request_id,) if isinstance(request_id, str) else request_id:
+            run = self._active.get(rid)
+            if run is None:
+                continue
+            run.aborted = True
+            for eid in run.engine_ids:  # those not queued yet see the flag instead
+                self.engine.abort(eid)
+            hit = True
+        return hit
 
     def shutdown(self) -> None:
         """Stop the engine; running requests end with EngineClosedError."""

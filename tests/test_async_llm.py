@@ -1,12 +1,18 @@
 """`cpm4.AsyncLLM` (vLLM's AsyncLLM): outputs of `generate` against `LLM.generate` run on the same weights (greedy,
-and seeded sampling with n > 1), the three output kinds against each other, many tasks at once, abort and early
-exit freeing the engine, and bad input refused before anything is queued."""
+and seeded sampling with n > 1), the three output kinds against each other, many tasks (and threads) at once, abort
+and early exit freeing the engine, request ids free again at once, failures ending requests cleanly, vLLM's
+arguments, and bad input refused before anything is queued."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import json
+import logging
+import shutil
 import time
+import warnings
 
 import pytest
 
@@ -111,19 +117,38 @@ def test_many_tasks_at_once_equal_each_alone(allm, llm):
     assert idle(allm)
 
 
+def test_two_threads_each_with_its_loop(allm, llm):
+    """Two threads, each running its own event loop, using one AsyncLLM at once (n=2 each)."""
+    import threading
+
+    sp = SamplingParams(temperature=1.0, max_tokens=6, seed=3, n=2)
+    got: dict[int, list[list[int]]] = {}
+
+    def work(i: int) -> None:
+        got[i] = [c.token_ids for c in collect(allm, [5, 6, 7 + i], sp, f"thread-{i}")[-1].outputs]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == {i: [c.token_ids for c in llm.generate([5, 6, 7 + i], sp)[0].outputs] for i in range(2)}
+    assert idle(allm)
+
+
 def test_abort_ends_the_request_and_frees_it(allm):
     async def run():
         seen = []
         async for o in allm.generate("abc", greedy(400), "to-abort"):
             seen.append(o)
             if len(seen) == 2:
-                assert allm.abort("to-abort")
+                assert await allm.abort("to-abort")
         return seen
 
     seen = asyncio.run(run())
     assert seen[-1].finished and seen[-1].finish_reason == "abort"
     assert len(seen[-1].token_ids) < 400
-    assert not allm.abort("to-abort")  # ended
+    assert not asyncio.run(allm.abort("to-abort"))  # ended
     assert idle(allm)
 
 
@@ -230,12 +255,258 @@ def test_engine_in_a_child_process(tiny_checkpoint, llm):
             outs = []
             async for o in a.generate("abc", greedy(400), "child-abort"):
                 outs.append(o)
-                a.abort("child-abort")
+                await a.abort("child-abort")
             return outs[-1]
 
         last = asyncio.run(run())
         assert last.finish_reason == "abort" and last.finished
         assert idle(a)
+
+        async def more():
+            with pytest.raises(ValueError, match="logits_processors"):  # refused here, not in the child
+                await anext(a.generate("abc", greedy(2, logits_processors=[lambda ids, logits: logits])))
+            gen = a.generate("abc", greedy(400, n=2), "child-early")
+            first = asyncio.ensure_future(anext(gen))
+            await asyncio.sleep(0)  # not queued yet
+            assert await a.abort(["child-early"])
+            assert [c.finish_reason for c in [await first, *[o async for o in gen]][-1].outputs] == ["abort"] * 2
+            async for _ in a.generate("abc", greedy(400, n=2), "child-left"):
+                break
+            # Cancelled while the child scores its prompt: the reply, come later, stopped the engine process.
+            scoring = asyncio.ensure_future(anext(a.generate([5 + i % 900 for i in range(600)],
+                                                             greedy(2, prompt_logprobs=1))))
+            await asyncio.sleep(0)
+            scoring.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await scoring
+            out = [o async for o in a.generate([5 + i % 900 for i in range(600)], greedy(2, prompt_logprobs=1))]
+            assert out[-1].finished and len(out[-1].prompt_logprobs) == 600
+
+        asyncio.run(more())
+        assert a.is_running
+        assert idle(a)
+        deadline = time.monotonic() + 10
+        while a.engine.kv_cache_usage() and time.monotonic() < deadline:  # as the child reports it
+            time.sleep(0.01)
+        assert a.engine.kv_cache_usage() == 0.0
+    finally:
+        a.shutdown()
+
+
+def test_one_final_output_when_the_engine_ends_a_completion_apart(llm):
+    """An engine that hands a completion's last delta and the end of its stream over apart (the plain loop,
+    continuous=False, posts them one by one): the last delta is given once, and only the last output is finished
+    (the end marker alone gave a DELTA reader the whole completion again, and a cumulative one a repeat)."""
+    from cpm4.serve import AsyncEngine
+
+    a = AsyncLLM.from_engine(AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2, continuous=False))
+    try:
+        for i in range(4):
+            deltas = collect(a, [5, 6, 7 + i], greedy(4, output_kind=RequestOutputKind.DELTA))
+            assert len([t for d in deltas for t in d.token_ids]) == 4
+            cum = collect(a, [5, 6, 7 + i], greedy(4))
+            for outs in (deltas, cum):
+                assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+                assert [o.finish_reason for o in outs] == [None] * (len(outs) - 1) + ["length"]
+            assert [t for d in deltas for t in d.token_ids] == cum[-1].token_ids
+    finally:
+        a.shutdown()
+
+
+def test_request_ids_free_again_and_never_colliding(allm):
+    """A request id is the caller's: one that ends with `#0` beside an n=2 request, and one used again right after
+    its request was closed, cancelled or gave its final output (the engine request of a closed one lives on until the
+    worker's next step; its id was the caller's, so the new one was refused as "already in use")."""
+    async def run():
+        mine = allm.generate("abc", greedy(300), "x#0")
+        await anext(mine)
+        both = [o async for o in allm.generate("abc", greedy(3, n=2), "x")][-1]
+        assert [c.finish_reason for c in both.outputs] == ["length", "length"]
+        await mine.aclose()
+        assert [o async for o in allm.generate("abc", greedy(2), "x#0")][-1].finish_reason == "length"
+
+        closed = allm.generate("abc", greedy(300, n=2), "again")
+        await anext(closed)
+        await closed.aclose()
+        assert [o async for o in allm.generate("abc", greedy(2), "again")][-1].finished
+
+        async def consume():
+            async for _ in allm.generate("abc", greedy(300), "cancelled"):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [o async for o in allm.generate("abc", greedy(2), "cancelled")][-1].finished
+
+        held = allm.generate("abc", greedy(2), "done")  # read up to its final output, not closed
+        async for o in held:
+            if o.finished:
+                break
+        assert not await allm.abort("done")  # it ended
+        assert [o async for o in allm.generate("abc", greedy(2), "done")][-1].finished
+        await held.aclose()
+
+        chat = allm.chat([{"role": "user", "content": "hi"}], greedy(300), "chat")
+        await anext(chat)
+        await chat.aclose()  # its generate closed with it: the request aborted, the id free
+        assert not await allm.abort("chat")
+        assert [o async for o in allm.chat([{"role": "user", "content": "hi"}], greedy(2), "chat")][-1].finished
+
+    asyncio.run(run())
+    assert idle(allm)
+
+
+def test_abort_before_the_engine_has_the_request(allm):
+    """An abort between `generate`'s start and its engine requests' queueing (the prompt's logprobs being computed,
+    or the tasks not started yet) ends it; it was lost (False, and the request ran to max_tokens). vLLM's forms:
+    `await llm.abort(id)`, a list of ids."""
+    async def early(**kw):
+        gen = allm.generate("abc", greedy(300, n=2, **kw), "early")
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0)  # generate runs up to its first wait
+        assert await allm.abort("early")
+        outs = [await first] + [o async for o in gen]
+        assert [(c.token_ids, c.finish_reason) for c in outs[-1].outputs] == [([], "abort")] * 2
+        assert outs[-1].finished and len(outs) == 1
+
+    async def several():
+        gens = [allm.generate("abc", greedy(300), f"s{i}") for i in range(3)]
+        for g in gens:
+            await anext(g)
+        assert await allm.abort(["s0", "s2", "unknown"])
+        assert not await allm.abort(iter(["unknown"]))
+        ends = []
+        for g in gens:
+            ends.append([o.finish_reason async for o in g][-1])
+        return ends
+
+    asyncio.run(early())
+    asyncio.run(early(prompt_logprobs=1))
+    assert asyncio.run(several()) == ["abort", "length", "abort"]
+    assert idle(allm)
+
+
+def test_delta_outputs_give_each_thing_once(allm):
+    """DELTA with logprobs: each output's logprobs are its new tokens' only; the prompt's logprobs come with the
+    first output alone (vLLM's; they were repeated in every delta)."""
+    sp = greedy(6, logprobs=1, prompt_logprobs=1, output_kind=RequestOutputKind.DELTA)
+    deltas = collect(allm, [5, 6, 7, 8], sp)
+    cum = collect(allm, [5, 6, 7, 8], dataclasses.replace(sp, output_kind=RequestOutputKind.CUMULATIVE))[-1]
+    assert len(deltas) >= 2
+    assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == cum.token_ids
+    assert len(deltas[0].prompt_logprobs) == 4 and all(d.prompt_logprobs is None for d in deltas[1:])
+
+
+def test_vllm_generate_arguments(allm):
+    """vLLM's keyword arguments of generate: taken where they change nothing cpm4 does, refused clearly where they
+    would."""
+    ids = allm.tokenizer.encode("Hello")
+    out = collect(allm, ids, greedy(2), prompt_text="Hello", trace_headers={"traceparent": "00-ab-cd-01"},
+                  data_parallel_rank=0, tokenization_kwargs={"add_special_tokens": True})[-1]
+    assert out.prompt == "Hello" and out.prompt_token_ids == ids
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        collect(allm, ids, greedy(2), data_parallel_rank=1)
+    with pytest.raises(ValueError, match="tokenization_kwargs"):
+        collect(allm, "Hello", greedy(2), tokenization_kwargs={"truncation": True, "max_length": 2})
+    assert idle(allm)
+
+
+def test_generator_dropped_unclosed_leaves_nothing(allm, caplog):
+    """A generator dropped after its first output, its loop then ending: the request aborted, no task left pending
+    or failing unseen (asyncio logs those), no warnings."""
+    async def run():
+        gen = allm.generate("abc", greedy(300, n=2), "dropped")
+        await anext(gen)
+        del gen
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
+        warnings.simplefilter("always")
+        asyncio.run(run())
+        gc.collect()
+    assert not seen and not caplog.records
+    assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
+
+
+def test_one_failing_completion_ends_the_request_cleanly(allm, caplog):
+    """A logits processor raising in one completion of n=2 (the engine fails that engine request alone): the
+    request raises EngineError, the other completion is aborted, no task error is left unseen."""
+    from cpm4.serve.engine import EngineError
+
+    calls = []
+
+    def flaky(ids, logits):
+        calls.append(len(ids))
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return logits
+
+    async def run():
+        with pytest.raises(EngineError, match="boom"):
+            async for _ in allm.generate("abc", greedy(300, n=2, logits_processors=[flaky]), "flaky"):
+                pass
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
+        warnings.simplefilter("always")
+        asyncio.run(run())
+        gc.collect()
+    assert not seen and not caplog.records
+    assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
+
+
+def test_errored_after_the_worker_died(llm, caplog):
+    """The worker dying with requests in flight (n=2): the request fails with EngineError, the other completion's
+    task ends unseen, `errored` turns true (`AsyncEngine.failure`), later requests get EngineClosedError."""
+    from cpm4.serve import AsyncEngine
+    from cpm4.serve.engine import EngineClosedError, EngineError
+
+    class Fatal(BaseException):
+        pass
+
+    a = AsyncLLM.from_engine(AsyncEngine(llm.model, llm.tokenizer, max_batch_size=2))
+
+    async def run():
+        gen = a.generate("abc", greedy(300, n=2), "dies")
+        await anext(gen)
+
+        def step():
+            raise Fatal("gone")
+
+        a.engine._sched.step = step
+        with pytest.raises(EngineError, match="Fatal"):
+            async for _ in gen:
+                pass
+
+    try:
+        logging.getLogger("cpm4.serve.engine").disabled = True  # its traceback of the worker's failure
+        with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
+            warnings.simplefilter("always")
+            asyncio.run(run())
+            gc.collect()
+        assert not seen and not caplog.records
+        assert a.errored and not a.is_running and a.engine.failure is not None and not a._active
+        with pytest.raises(EngineClosedError, match="Fatal"):
+            collect(a, "Hi", greedy(2))
+    finally:
+        logging.getLogger("cpm4.serve.engine").disabled = False
+        a.shutdown()
+
+
+def test_defaults_from_the_checkpoint_generation_config(tiny_checkpoint, tmp_path, llm):
+    """generate without SamplingParams: the checkpoint's generation_config.json values (generation_config="auto")."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    cfg = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**cfg, "temperature": 0.0, "max_new_tokens": 3}))
+    a = AsyncLLM(folder, device="cpu", dtype="float32", engine_process=False, max_num_seqs=2, cpu_threads=1)
+    try:
+        assert a.get_default_sampling_params().max_tokens == 3
+        out = collect(a, "Once upon", None)[-1]
+        ref = llm.generate("Once upon", SamplingParams(temperature=0, max_tokens=3))[0]
+        assert out.token_ids == ref.token_ids and len(out.token_ids) <= 3
     finally:
         a.shutdown()
 

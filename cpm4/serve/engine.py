@@ -323,6 +323,12 @@ class AsyncEngine:
             self._cond.notify()
 
     @property
+    def failure(self) -> str | None:
+        """Why the engine stopped when it was not shut down (its worker, or the engine process, died); None while
+        it runs and after `shutdown`."""
+        return self._failure
+
+    @property
     def stopped_because(self) -> str:
         """Why the engine does not run (shut down, or how the worker or the engine process died)."""
         return "the engine is shut down" if self._failure is None else f"the engine is not running: {self._failure}"

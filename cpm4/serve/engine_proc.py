@@ -346,6 +346,9 @@ class ProcessEngine(AsyncEngine):
         ids = self.check_prompt(prompt_ids, scoring=True)
         self._check_open()
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        # Running: a caller cancelled meanwhile leaves it to be set, unread. A cancelled one made the reader's
+        # set_result raise, and the reader then stopped the engine process.
+        fut.set_running_or_notify_cancel()
         call = next(self._call_ids)
         self._calls[call] = fut
         try:
