@@ -245,3 +245,56 @@ def test_server_beam_search_counts_once_in_metrics(llm):
             assert got["cpm4_request_generation_tokens_sum"] == usage["completion_tokens"] == 6
     finally:
         eng.shutdown()
+
+
+def test_server_beam_search_metrics_when_refused_and_concurrent(llm):
+    """A search whose first step the engine refuses (it stopped between the API's check and the step) is not
+    counted, as a plain request refused so is not; it was counted as one request per prompt that ended in
+    "error". Two searches and a plain request at once are each counted once, with their own tokens."""
+    pytest.importorskip("prometheus_client")
+    import asyncio
+
+    import httpx
+
+    from cpm4.serve import create_app
+    from cpm4.serve.engine import AsyncEngine, EngineClosedError
+
+    eng = AsyncEngine(llm.model, llm.tokenizer, max_batch_size=8, kv_cache_tokens=2048)
+    names = ("cpm4_request_success_total", "cpm4_e2e_request_latency_seconds_count",
+             "cpm4_request_prompt_tokens_sum", "cpm4_request_generation_tokens_sum")
+
+    def totals(text):
+        out = dict.fromkeys(names, 0.0)
+        for (name, _), v in _metrics(text).items():
+            if name in out:
+                out[name] += v
+        return out
+
+    beam = {"prompt": PROMPTS, "n": 3, "max_tokens": 5, "use_beam_search": True, "ignore_eos": True}
+    plain = {"prompt": PROMPTS[0], "max_tokens": 4, "ignore_eos": True}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng, "m")),
+                                     base_url="http://t") as c:
+            async def changed(*posts):
+                before = totals((await c.get("/metrics")).text)
+                rs = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in posts))
+                after = totals((await c.get("/metrics")).text)
+                return [r.status_code for r in rs], {n: after[n] - before[n] for n in names}
+
+            def closed(req):
+                raise EngineClosedError("the engine is shut down")
+
+            eng._register = closed
+            for body in (plain, beam):
+                assert await changed(body) == ([503], dict.fromkeys(names, 0.0))
+            del eng._register
+            codes, got = await changed(beam, beam, plain)
+            assert codes == [200] * 3
+            assert got == {"cpm4_request_success_total": 5, "cpm4_e2e_request_latency_seconds_count": 5,
+                           "cpm4_request_prompt_tokens_sum": 8 + 8 + 5, "cpm4_request_generation_tokens_sum": 64}
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()

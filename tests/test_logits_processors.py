@@ -103,6 +103,44 @@ def test_validation_clone_and_replace():
     assert sp == copy.copy(sp) and sp != SamplingParams(logits_processors=[fn], stop=["x"])
 
 
+def test_signatures_take_the_form_they_can_be_called_in():
+    """vLLM's rule, three parameters take the prompt first, except where three cannot be passed by position: a
+    functools.partial with a keyword, a keyword-only option or **kwargs (vLLM called those with three and failed;
+    they were refused here) take (output_token_ids, logits), as do a bound method, a callable object and *args; a
+    three-parameter form with *args still gets the prompt, as in vLLM."""
+    def scaled(output_token_ids, logits, scale=1.0):
+        logits[3] = float("-inf")
+        return logits * scale
+
+    def kw_only(output_token_ids, logits, *, token=3):
+        logits[token] = float("-inf")
+        return logits
+
+    def var_kw(output_token_ids, logits, **options):
+        logits[3] = float("-inf")
+        return logits
+
+    class Banner:
+        def ban(self, output_token_ids, logits):
+            logits[3] = float("-inf")
+            return logits
+
+    seen = []
+
+    def rest(prompt_token_ids, output_token_ids, *more):
+        seen.append((prompt_token_ids, output_token_ids))
+        more[-1][3] = float("-inf")
+        return more[-1]
+
+    raw = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(1))
+    want = process_logits(raw, [SamplingParams(allowed_token_ids=all_but(3))], [[7, 8, 9]], outputs=[[9]])
+    for fn in (functools.partial(scaled, scale=1.0), kw_only, var_kw, Banner().ban, ban(3), lambda *a: ban(3)(*a),
+               rest):
+        got = process_logits(raw, [SamplingParams(logits_processors=[fn])], [[7, 8, 9]], outputs=[[9]])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert seen == [([7, 8], [9])]
+
+
 def test_processors_run_first_on_the_raw_logits():
     """process_logits with a processor that swaps in fixed logits equals process_logits of those logits without
     it: the processor ran before the grammar, bias, penalties, temperature and filters; rows without one and a
@@ -278,6 +316,33 @@ def test_a_raising_processor_fails_the_call_and_leaves_the_engine():
     assert ids(llm.generate(ps, base)) == ids(free)
 
 
+def test_the_raised_error_keeps_its_own_chain():
+    """LLM.generate and the offline stream raise the processor's exception with the chain it was raised with (its
+    cause, or the exception it was raised while handling); they cut it (raised `from None`), so the traceback lost
+    why the processor failed."""
+    why = KeyError("vocab entry")
+
+    def caused(output_token_ids, logits):
+        raise ValueError("caused") from why
+
+    def during(output_token_ids, logits):
+        try:
+            {}["x"]
+        except KeyError:
+            raise ValueError("during")  # noqa: B904 - the implicit context is what is checked
+
+    llm = LLM(model(), tokenizer=tok())
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for call in (lambda p: llm.generate([5, 6, 7], p), lambda p: list(llm.engine.stream([5, 6, 7], p))):
+        with pytest.raises(ValueError, match="caused") as info:
+            call(dataclasses.replace(sp, logits_processors=[caused]))
+        assert info.value.__cause__ is why and info.value.__suppress_context__
+        with pytest.raises(ValueError, match="during") as info:
+            call(dataclasses.replace(sp, logits_processors=[during]))
+        assert info.value.__cause__ is None and not info.value.__suppress_context__
+        assert isinstance(info.value.__context__, KeyError)
+
+
 def test_async_engine_fails_only_the_raising_request():
     """In the in-process AsyncEngine a request whose processor raises ends with an EngineError caused by it; the
     requests beside it finish as they would have, a processed one as offline, and the engine serves on."""
@@ -315,6 +380,24 @@ def test_async_engine_fails_only_the_raising_request():
         assert asyncio.run(one(ps[2], good[1], "c")) == want[2]
     finally:
         eng.shutdown()
+
+
+def test_logprobs_stay_the_models_raw_ones():
+    """logprobs are the raw model's under a processor too (as under bias and allowed_token_ids: vLLM V1's default):
+    the banned greedy pick is still the top alternative, with its logprob of the run without the processor, and
+    the token taken instead reports its own raw logprob."""
+    llm = LLM(model(), tokenizer=tok())
+    p = prompts(1, seed=7)[0]
+    sp = SamplingParams(temperature=0, max_tokens=1, logprobs=3)
+    free = llm.generate(p, sp)[0]
+    t = free.token_ids[0]
+    banned = llm.generate(p, dataclasses.replace(sp, logits_processors=[ban(t)]))[0]
+    second = free.logprobs[0].top[1]
+    assert banned.token_ids == [second[0]]
+    assert [i for i, _ in banned.logprobs[0].top] == [i for i, _ in free.logprobs[0].top]
+    # (the second run reads the prompt's pages from the prefix cache: the same values to float rounding)
+    assert [v for _, v in banned.logprobs[0].top] == pytest.approx([v for _, v in free.logprobs[0].top], abs=1e-5)
+    assert banned.logprobs[0].logprob == pytest.approx(second[1], abs=1e-5)
 
 
 def test_process_engine_refuses_processors():

@@ -280,3 +280,116 @@ def test_a_file_changed_after_its_check_is_refused(tmp_path):
     _write(src, [_line("a", "/v1/completions", {"prompt": "Hi"})] * 2)
     with pytest.raises(ValueError, match="changed since it was checked"):
         list(requests)
+
+
+def _cut_while_running(monkeypatch, src, keep: int, at: int) -> None:
+    """Answer every line at once, and when line `at` is answered cut the input in place to its first `keep` lines
+    (past what has been read: the rest of the file just ends)."""
+    import os
+
+    import cpm4.serve.batch as batch
+
+    size = sum(len(x) for x in src.read_bytes().splitlines(keepends=True)[:keep])
+
+    async def answer(client, req):
+        await asyncio.sleep(0)
+        if req.line == at:
+            os.truncate(src, size)
+        return batch._output(req.custom_id, 200, {"line": req.line}, None)
+
+    monkeypatch.setattr(batch, "_answer", answer)
+
+
+def test_a_file_cut_or_grown_while_it_runs_leaves_no_output(tmp_path, monkeypatch):
+    """The input is read again as the requests run: cut in place meanwhile, the run ended where the file did and
+    wrote a whole, short output (200 of 300 lines) as a success; now it fails with no output, the old one kept. A
+    line added meanwhile (a repeated custom_id) is not run. The output may be the input itself: it replaces it only
+    once every line is read and answered."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "Hi"}) for i in range(300)])
+    requests = read_batch(src)
+    dst.write_text("previous results\n")
+    _cut_while_running(monkeypatch, src, keep=200, at=50)
+    with pytest.raises(ValueError, match="changed while it was run"):
+        asyncio.run(run_batch(None, requests, dst, max_concurrency=2, max_buffered=4, progress=False))
+    assert dst.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "Hi"}) for i in range(20)])
+    requests = read_batch(src)
+
+    async def grow(client, req):
+        if req.line == 1:
+            with open(src, "a", encoding="utf-8") as f:
+                f.write(_line("r0", "/v1/completions", {"prompt": "Hi"}) + "\n")
+        return {"id": "x", "custom_id": req.custom_id, "error": None}
+
+    import cpm4.serve.batch as batch
+
+    monkeypatch.setattr(batch, "_answer", grow)
+    with pytest.raises(ValueError, match="changed while it was run"):
+        asyncio.run(run_batch(None, requests, dst, max_concurrency=1, max_buffered=2, progress=False))
+    assert dst.read_text() == "previous results\n"
+
+    monkeypatch.setattr(batch, "_answer", lambda client, req: asyncio.sleep(0, batch._output(
+        req.custom_id, 200, {"line": req.line}, None)))
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "Hi"}) for i in range(50)])
+    counts = asyncio.run(run_batch(None, read_batch(src), src, max_concurrency=2, max_buffered=3, progress=False))
+    assert counts["total"] == 50
+    assert [o["response"]["body"]["line"] for o in _outputs(src)] == list(range(1, 51))
+
+
+def test_a_pipe_or_directory_is_refused_when_checked(tmp_path):
+    """The input is read twice (checked before the model loads, then run): a pipe (`-i <(zcat ...)`) was checked,
+    then, after the model loaded, refused as "changed since it was checked" (or the second open waited for a
+    writer forever); it is refused at the check now, without being opened, and so is a directory."""
+    import os
+    import threading
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        try:
+            with open(fifo, "w", encoding="utf-8") as f:
+                f.write(_line("a", "/v1/completions", {"prompt": "Hi"}) + "\n")
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(ValueError, match="must be a regular file"):
+            read_batch(fifo)
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the writer's open returns: its thread ends
+        writer.join(10)
+        os.close(fd)
+    with pytest.raises(ValueError, match="must be a regular file"):
+        read_batch(tmp_path)
+
+
+def test_concurrency_below_one_is_refused_and_a_small_window_bounds_the_flight(tmp_path, monkeypatch):
+    """max_concurrency 0 failed with an IndexError, or, with a window given, let no request start (the run waited
+    forever), and max_buffered 0 was taken as the default: both are refused. A window smaller than max_concurrency
+    holds at most the window in flight, in order."""
+    import cpm4.serve.batch as batch
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [_line(f"r{i}", "/v1/completions", {"prompt": "Hi"}) for i in range(20)])
+    for kw in ({"max_concurrency": 0}, {"max_concurrency": 0, "max_buffered": 5}, {"max_buffered": 0},
+               {"max_concurrency": -2}):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            asyncio.run(asyncio.wait_for(run_batch(None, read_batch(src), dst, progress=False, **kw), 5))
+    flight = {"now": 0, "max": 0}
+
+    async def answer(client, req):
+        flight["now"] += 1
+        flight["max"] = max(flight["max"], flight["now"])
+        await asyncio.sleep(0.001 * (req.line % 3))
+        flight["now"] -= 1
+        return batch._output(req.custom_id, 200, {"line": req.line}, None)
+
+    monkeypatch.setattr(batch, "_answer", answer)
+    asyncio.run(run_batch(None, read_batch(src), dst, max_concurrency=5, max_buffered=2, progress=False))
+    assert flight["max"] == 2 and [o["custom_id"] for o in _outputs(dst)] == [f"r{i}" for i in range(20)]

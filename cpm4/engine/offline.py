@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from cpm4.model.config import is_int, is_number
 from cpm4.model.modeling import MiniCPM4ForCausalLM
@@ -217,7 +217,7 @@ class OfflineEngine:
             for i in range(len(prompts)):
                 engine.abort(str(i))
             self._drain(engine)
-            raise _processor_error(err) from None
+            _raise_processor_error(err)
         except BaseException:
             # A failed or interrupted step leaves requests (and maybe half-advanced state) behind: start over
             # with a fresh engine next call, as the server does.
@@ -273,7 +273,7 @@ class OfflineEngine:
             raise
         except RequestError as err:  # its logits processor raised: the request has ended, the engine stays
             self._drain(engine)
-            raise _processor_error(err) from None
+            _raise_processor_error(err)
         except BaseException:
             self.engine = None
             raise
@@ -289,7 +289,12 @@ class OfflineEngine:
             raise
 
 
-def _processor_error(err: RequestError) -> Exception:
-    """What an offline call raises for a request whose logits processor raised: that processor's own exception
-    (the first, where several failed), as vLLM's engine let it through."""
-    return next(iter(err.errors.values()))
+def _raise_processor_error(err: RequestError) -> NoReturn:
+    """Raise what an offline call raises for a request whose logits processor raised: that processor's own exception
+    (the first, where several failed), as vLLM's engine let it through, its chain as the processor left it."""
+    first = next(iter(err.errors.values()))
+    chain = first.__cause__, first.__context__, first.__suppress_context__
+    try:
+        raise first  # (raised while err is handled: its context would become err, whose cause it is)
+    finally:
+        first.__cause__, first.__context__, first.__suppress_context__ = chain

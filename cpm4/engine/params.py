@@ -131,7 +131,8 @@ class SamplingParams:
     # thread: not across a process (`ProcessEngine`, the server's --engine-process refuses them). A raise ends
     # the request: `LLM.generate` raises it again, `AsyncEngine` ends that request alone with an EngineError
     # caused by it (its whole batch with continuous=False). Shared, not copied, by `clone` and by the n > 1
-    # completions (each completion calls them with its own ids).
+    # completions (each completion calls them with its own ids). `logprobs` stay the model's raw ones, as under
+    # every other transform here (vLLM V1's default, raw_logprobs; V0 reported them after all the processing).
     logits_processors: list[Callable[..., Any]] | None = None
     skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text (their ids stay)
     # vLLM's field, taken for its callers: a fast tokenizer (MiniCPM4's) joins special tokens' text as it is
@@ -373,11 +374,15 @@ def _output_kind(kind: Any) -> RequestOutputKind:
 
 def processor_takes_prompt(fn: Callable[..., Any]) -> bool:
     """Whether a logits processor takes the prompt's ids first: vLLM's rule, three parameters (else it is called
-    with the output's ids and the logits). A callable whose signature cannot be read takes the short form."""
+    with the output's ids and the logits), where three can be passed by position. A third that cannot (keyword-only
+    or **kwargs, as in `functools.partial(fn, scale=2.0)`) leaves the short form, the only one such a callable takes
+    (vLLM called it with three and failed). A callable whose signature cannot be read takes the short form."""
     try:
-        return len(inspect.signature(fn).parameters) == 3
+        sig = inspect.signature(fn)
+        sig.bind(None, None, None)
     except (TypeError, ValueError):
         return False
+    return len(sig.parameters) == 3
 
 
 def _checked_processors(fns: object) -> list[Callable[..., Any]] | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -88,7 +89,7 @@ class BatchFile:
     """A checked batch input file: its length, and its requests read afresh, one line at a time, on each iteration
     (so a large file is never held whole as Python objects)."""
 
-    def __init__(self, path: Path, count: int, stamp: tuple[int, int]) -> None:
+    def __init__(self, path: Path, count: int, stamp: tuple[int, int, int]) -> None:
         self.path, self._count, self._stamp = path, count, stamp
 
     def __len__(self) -> int:
@@ -98,13 +99,29 @@ class BatchFile:
         # Checked once, before the model loaded; a file rewritten since would be run unchecked (a repeated custom_id).
         if _stamp(self.path) != self._stamp:
             raise ValueError(f"{self.path}: changed since it was checked; run again")
-        for n, text in _lines(self.path):
-            yield _parse(self.path, n, text)
+        # It is read as the requests run: one cut or rewritten in place meanwhile would leave lines unanswered (the
+        # output short, yet whole) or run them unchecked. Every line passed the check: one that fails now changed.
+        count = 0
+        try:
+            for n, text in _lines(self.path):
+                count += 1
+                if count > self._count:
+                    break
+                yield _parse(self.path, n, text)
+        except ValueError:
+            count = -1
+        if count != self._count or _stamp(self.path) != self._stamp:
+            raise ValueError(f"{self.path}: changed while it was run; run again")
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, int, int]:
     st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    if not stat.S_ISREG(st.st_mode):
+        # It is read twice (checked before the model loads, then run): a pipe would be empty the second time, or
+        # hang there, and a directory is no file.
+        raise ValueError(f"{path}: the batch input must be a regular file (it is read twice), not a pipe, device "
+                         "or directory")
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def read_batch(path: str | os.PathLike) -> BatchFile:
@@ -162,8 +179,11 @@ async def run_batch(app: Any, requests: Iterable[BatchRequest], output: str | os
     """Answer `requests` through `app` (the server's FastAPI app, in-process) with at most `max_concurrency` in
     flight, writing the output lines in the input's order to `output` (renamed into place at the end). Requests are
     taken from `requests` as they are needed: at most `max_buffered` (default 4 x `max_concurrency`) are held at
-    once, read but not yet written, so memory stays bounded however long the input is. Returns counts: {"total",
-    "completed", "failed"}."""
+    once, read but not yet written, so memory stays bounded however long the input is (and at most that many are in
+    flight, where it is the smaller). Returns counts: {"total", "completed", "failed"}."""
+    for name, v in (("max_concurrency", max_concurrency), ("max_buffered", max_buffered)):
+        if v is not None and (not isinstance(v, int) or v < 1):  # 0 would never let a request start: a hang
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     import httpx
     from tqdm import tqdm
 

@@ -110,7 +110,9 @@ class ServerMetrics:
 
     def observe(self, stats: RequestStats) -> None:
         """An engine request ended (the engine's observer)."""
-        if _beam_step.get() is not None:  # a beam search's step: part of the search, which is counted as itself
+        search = _beam_step.get()
+        if search is not None:  # a beam search's step: part of the search, which is counted as itself
+            search.started = True
             return
         self._record(stats, stats.generation_tokens)
 
@@ -155,6 +157,9 @@ class BeamSearchMetrics:
         self.t0 = time.monotonic()
         self.ttft: float | None = None
         self.cached: list[int | None] = [None] * len(prompts)
+        # Whether the engine took one of its requests (`ServerMetrics.observe` saw it end): one refused before any
+        # ran (the engine shut down meanwhile) is not counted, as a plain request refused so is not.
+        self.started = False
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -174,6 +179,8 @@ class BeamSearchMetrics:
     def finish(self, beams: Sequence[BeamSearchOutput], reason: str | None = None) -> None:
         """The search ended with `beams` (each prompt's best, as returned or as they stood); reason: "abort" or
         "error" where it did not end by itself (each prompt's own: its best beam's)."""
+        if not self.started:
+            return
         e2e = time.monotonic() - self.t0
         for n, out, cached in zip(self.prompt_lens, beams, self.cached):
             lens = [len(s.tokens) - n for s in out.sequences]
