@@ -139,6 +139,11 @@ def test_malformed_file_refused_before_the_model_loads(tmp_path, capsys):
     src.write_text(b"\xff\xfe".decode("latin-1"), encoding="latin-1")
     assert main(["run-batch", "-i", str(src), "-o", str(dst), "--device", "cpu"]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+    # vLLM's run-batch takes URLs; here one was a path ("https:/host/out.jsonl", a folder made for it)
+    assert main(["run-batch", "-i", "https://host/in.jsonl", "-o", str(dst), "--device", "cpu"]) == 2
+    assert "URLs are not supported" in capsys.readouterr().err
+    assert main(["run-batch", "-i", str(src), "-o", "https://host/out.jsonl", "--device", "cpu"]) == 2
+    assert "-o https://host/out.jsonl: URLs are not supported" in capsys.readouterr().err
 
 
 def test_interrupted_run_leaves_the_old_output_whole(app, tmp_path, monkeypatch):

@@ -203,6 +203,10 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     from . import load_app
     from .batch import read_batch, run_batch
 
+    for flag, name in (("-i", args.input_file), ("-o", args.output_file)):
+        if "://" in str(name):  # vLLM's run-batch fetches and uploads URLs; a path would be made of one here
+            raise ValueError(f"{flag} {name}: URLs are not supported: give a local file (download it first, or "
+                             "upload the output after)")
     requests = read_batch(args.input_file)  # a malformed file said before the model loads
     out = Path(args.output_file)
     if out.is_dir():
