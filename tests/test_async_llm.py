@@ -50,6 +50,17 @@ def idle(allm, wait: float = 10.0) -> bool:
     return True
 
 
+def runs_cleanly(allm, run, caplog) -> None:
+    """asyncio.run(run()) then a collection leave no warning, no asyncio log (a task failing unseen, one pending at
+    the loop's end) and the engine idle with its cache empty."""
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
+        warnings.simplefilter("always")
+        asyncio.run(run())
+        gc.collect()
+    assert not seen and not caplog.records
+    assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
+
+
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
@@ -423,12 +434,7 @@ def test_generator_dropped_unclosed_leaves_nothing(allm, caplog):
         await anext(gen)
         del gen
 
-    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
-        warnings.simplefilter("always")
-        asyncio.run(run())
-        gc.collect()
-    assert not seen and not caplog.records
-    assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
+    runs_cleanly(allm, run, caplog)
 
 
 def test_one_failing_completion_ends_the_request_cleanly(allm, caplog):
@@ -449,12 +455,7 @@ def test_one_failing_completion_ends_the_request_cleanly(allm, caplog):
             async for _ in allm.generate("abc", greedy(300, n=2, logits_processors=[flaky]), "flaky"):
                 pass
 
-    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="asyncio"):
-        warnings.simplefilter("always")
-        asyncio.run(run())
-        gc.collect()
-    assert not seen and not caplog.records
-    assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
+    runs_cleanly(allm, run, caplog)
 
 
 def test_errored_after_the_worker_died(llm, caplog):
