@@ -61,6 +61,15 @@ def runs_cleanly(allm, run, caplog) -> None:
     assert idle(allm) and allm.engine.kv_cache_usage() == 0.0
 
 
+async def cancelled_after(coro, seconds: float) -> None:
+    """Run coro as a task, cancel it after `seconds` and see it end cancelled."""
+    task = asyncio.ensure_future(coro)
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
@@ -169,11 +178,7 @@ def test_leaving_early_aborts(allm):
     async def run():
         async for _ in allm.generate("abc", greedy(400, n=2), "left"):
             break
-        task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_after(consume(), 0.2)
 
     async def consume():
         async for _ in allm.generate("xyz", greedy(400), "cancelled"):
@@ -345,11 +350,7 @@ def test_request_ids_free_again_and_never_colliding(allm):
             async for _ in allm.generate("abc", greedy(300), "cancelled"):
                 pass
 
-        task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_after(consume(), 0.2)
         assert [o async for o in allm.generate("abc", greedy(2), "cancelled")][-1].finished
 
         held = allm.generate("abc", greedy(2), "done")  # read up to its final output, not closed
