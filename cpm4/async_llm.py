@@ -84,12 +84,9 @@ class AsyncLLM:
                  enable_prefix_caching: bool = True, cascade_decode: bool | None = None,
                  scheduling_policy: str = "fcfs", engine_process: bool | None = None,
                  chat_template: str | None = None, cpu_threads: int | None = None, **vllm_args: Any) -> None:
-        from .engine.generation_config import sampling_defaults
         from .engine.params import check_scheduling_policy
         from .llm import _check_vllm_args
-        from .model.hub import resolve_model_dir
-        from .model.tokenizer import chat_template_text
-        from .serve import load_engine
+        from .serve import checked_model, load_engine
         from .serve.engine import check_engine_options
 
         _check_vllm_args(vllm_args)
@@ -97,10 +94,7 @@ class AsyncLLM:
         check_scheduling_policy(scheduling_policy)
         if compile and enforce_eager:
             raise ValueError("compile applies to the CUDA-graph decode step: it cannot go with enforce_eager")
-        folder = resolve_model_dir(model, revision)  # a missing model said before torch loads
-        if chat_template is not None:
-            chat_template_text(chat_template)
-        defaults = sampling_defaults(generation_config, folder)
+        folder, defaults = checked_model(model, revision, chat_template, generation_config)  # before torch loads
         engine = load_engine(folder, device=device, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
                              engine_process=engine_process, cpu_threads=cpu_threads, max_batch_size=max_num_seqs,
                              kv_cache_tokens=kv_cache_tokens, chunk_tokens=chunk_tokens,

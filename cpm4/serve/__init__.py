@@ -168,17 +168,7 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     except ImportError as e:  # an optional dependency: say how to get it
         raise ImportError("serving needs fastapi and uvicorn: pip install 'cpm4[serve]'") from e
     given = str(model_dir)
-    from cpm4.model.hub import resolve_model_dir
-
-    model_dir = resolve_model_dir(model_dir, revision)  # a missing model said before torch loads
-    from cpm4.engine.generation_config import sampling_defaults as read_defaults
-    from cpm4.model.tokenizer import chat_template_text
-
-    # Missing or bad files said before torch loads: the chat template (read again where it is set: a small file,
-    # once), then the generation config and its values.
-    if chat_template is not None:
-        chat_template_text(chat_template)
-    defaults = read_defaults(generation_config, model_dir)
+    model_dir, defaults = checked_model(model_dir, revision, chat_template, generation_config)
     from_hub = model_dir != Path(given).expanduser()
     engine = load_engine(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
                          engine_process=engine_process, cpu_threads=cpu_threads, max_batch_size=max_batch_size,
@@ -207,6 +197,22 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
         engine.shutdown()
         raise
     return app, engine
+
+
+def checked_model(model: str | os.PathLike, revision: str | None, chat_template: str | None,
+                  generation_config: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """The model's folder (a Hub id fetched at `revision`) and the sampling defaults its generation config gives,
+    with the missing or bad files said before torch loads: the model, the chat template (read again where it is
+    set: a small file, once), then the generation config and its values. What `load_app` and `AsyncLLM` check
+    first."""
+    from cpm4.engine.generation_config import sampling_defaults
+    from cpm4.model.hub import resolve_model_dir
+    from cpm4.model.tokenizer import chat_template_text
+
+    folder = resolve_model_dir(model, revision)
+    if chat_template is not None:
+        chat_template_text(chat_template)
+    return folder, sampling_defaults(generation_config, folder)
 
 
 def load_engine(model_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
