@@ -133,8 +133,9 @@ class AsyncLLM:
 
     @property
     def errored(self) -> bool:
-        """The engine stopped without being shut down (vLLM's): new requests fail with EngineClosedError."""
-        return self.engine.failure is not None
+        """The engine cannot take requests, having failed or been shut down (vLLM's: new requests fail with
+        EngineClosedError)."""
+        return self.engine.failure is not None or not self.engine.is_running
 
     @property
     def context_length(self) -> int:
@@ -221,13 +222,14 @@ class AsyncLLM:
                     if isinstance(d, BaseException):
                         raise d
                     if not ended[j]:
-                        if d is not None:
-                            outs[j].add(d)
                         if j not in changed:
                             changed[j] = outs[j] if kind is not RequestOutputKind.DELTA else \
-                                dataclasses.replace(outs[j], text="", token_ids=[], logprobs=None, choices=None)
-                        if d is not None and kind is RequestOutputKind.DELTA:
-                            changed[j].add(d)
+                                dataclasses.replace(outs[j], text="", token_ids=[], logprobs=None, choices=None,
+                                                    logprob_before=outs[j].cumulative_logprob)
+                        if d is not None:
+                            outs[j].add(d)
+                            if kind is RequestOutputKind.DELTA:
+                                changed[j].add(d)
                         ended[j] = d is None or d.finish_reason is not None
                     if queue.empty():
                         break

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import shutil
@@ -244,7 +245,7 @@ def test_from_engine_and_errors_after_shutdown(llm):
     assert a.get_tokenizer() is llm.tokenizer and a.is_running
     assert collect(a, "Hi", greedy(3))[-1].token_ids == llm.generate("Hi", greedy(3))[0].token_ids
     a.shutdown()
-    assert not a.is_running and not a.errored
+    assert not a.is_running and a.errored  # vLLM's: a shut-down engine counts as errored
     with pytest.raises(EngineClosedError):
         collect(a, "Hi", greedy(3))
 
@@ -411,6 +412,10 @@ def test_delta_outputs_give_each_thing_once(allm):
     assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
     assert [lp.token_id for d in deltas for lp in d.logprobs] == cum.token_ids
     assert len(deltas[0].prompt_logprobs) == 4 and all(d.prompt_logprobs is None for d in deltas[1:])
+    # cumulative_logprob is the running total (vLLM's), not the piece's sum
+    totals = list(itertools.accumulate(sum(lp.logprob for lp in d.logprobs) for d in deltas))
+    assert [d.cumulative_logprob for d in deltas] == pytest.approx(totals, abs=1e-9)
+    assert deltas[-1].cumulative_logprob == pytest.approx(cum.cumulative_logprob, abs=1e-9)
 
 
 def test_vllm_generate_arguments(allm):

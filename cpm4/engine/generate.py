@@ -48,6 +48,9 @@ class GenerationOutput:
     # vLLM's RequestOutput.finished where the front end sets it (`AsyncLLM`'s outputs: a delta output carries only
     # the completions that changed); None: whether every completion has a finish reason.
     request_finished: bool | None = field(default=None, repr=False, compare=False)
+    # A delta output's (`AsyncLLM`, RequestOutputKind.DELTA) earlier tokens' log-probability sum, so that its
+    # cumulative_logprob is the running total, as vLLM's; None: no earlier logprobs.
+    logprob_before: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -60,10 +63,11 @@ class GenerationOutput:
     @property
     def cumulative_logprob(self) -> float | None:
         """The sum of the output tokens' log-probabilities (vLLM's cumulative_logprob; None without
-        SamplingParams.logprobs, which is what computes them)."""
-        if self.logprobs is None:
+        SamplingParams.logprobs, which is what computes them); a delta output's, the running total."""
+        if self.logprobs is None and self.logprob_before is None:
             return None
-        return float(sum(lp.logprob for lp in self.logprobs if lp.logprob is not None))
+        piece = sum(lp.logprob for lp in self.logprobs or () if lp.logprob is not None)
+        return float((self.logprob_before or 0.0) + piece)
 
     @property
     def outputs(self) -> list[GenerationOutput]:
