@@ -110,8 +110,8 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                          "(PDL in fused one-row steps only: cuda_graph.FUSED_PDL)")
     ap.add_argument("--fuse-dense-store", choices=["on", "off"], default=None,
                     help="the dense paged decode stores the new keys/values in its attention launch (on), or by a "
-                         "launch of its own before it (off); default the library's (on: "
-                         "triton_decode.FUSE_DENSE_STORE)")
+                         "launch of its own before it (off), at every batch size; default the library's (steps of "
+                         "up to triton_decode.FUSE_DENSE_STORE_ROWS rows in the launch, larger ones apart)")
     ap.add_argument("--union-tokens", type=int, choices=[0, 2, 4, 8], default=None,
                     help="InfLLM v2 prefill's stage 2 over the union of this many neighbouring tokens' blocks where "
                          "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (4)")
@@ -130,7 +130,7 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     if args.fuse_dense_store is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 
-        triton_decode.FUSE_DENSE_STORE = args.fuse_dense_store == "on"
+        triton_decode.FUSE_DENSE_STORE_ROWS = 1 << 30 if args.fuse_dense_store == "on" else 0
     if args.pdl is not None:
         from cpm4.kernels.gemv import triton_gemv
         from cpm4.kernels.infllm_v2 import triton_decode

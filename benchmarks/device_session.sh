@@ -475,7 +475,7 @@ unionauto8b)  # unionauto's second call (each 8B 128K run takes 2-3 minutes): th
         limit=150
     done
     ;;
-densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE, off):
+densestore)  # the dense paged decode storing the new token inside its attention launch (FUSE_DENSE_STORE_ROWS):
     # its GPU tests, then the 0.5B's batch-1 decode (dense) off / on / on without PDL / off
     timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py -k stores_the_new_token \
         2>&1 | tail -2

@@ -337,21 +337,23 @@ def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
     test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)  # fewer steps: the paths, not lengths
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_paged_decode_storing_in_the_attention_launch(monkeypatch, fused):
-    """The dense paged decode with the new keys/values stored by the attention launch (FUSE_DENSE_STORE, the
-    default) and by a launch of its own: the tokens of the gathering path either way."""
+@pytest.mark.parametrize("rows", [1 << 30, 0, 1])
+def test_paged_decode_storing_in_the_attention_launch(monkeypatch, rows):
+    """The dense paged decode with the new keys/values stored by the attention launch (steps of up to
+    FUSE_DENSE_STORE_ROWS rows) and by a launch of its own (larger steps): the tokens of the gathering path
+    whichever way each step stores (rows=1: the prompts alone one way, together the other)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
     from cpm4.kernels.infllm_v2 import triton_decode
 
-    monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE", fused)
+    monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE_ROWS", rows)
     calls = []
     orig = triton_decode.append_kv
-    monkeypatch.setattr(triton_decode, "append_kv", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setattr(triton_decode, "append_kv", lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k))
     test_paged_decode_kernels_equal_alone(None, max_tokens=6)
-    assert (calls == []) == fused  # no separate store launch when fused
+    assert all(b > rows for b in calls)  # a separate store launch only for steps above the limit
+    assert (calls == []) == (rows == 1 << 30)
 
 
 @pytest.mark.slow

@@ -947,7 +947,7 @@ def _paged_attention(batch: DecodeBatch, layer: int, q: torch.Tensor, k: torch.T
     fine = c.fine[layer] if sc is not None else None
     coarse = c.coarse[layer] if sc is not None and c.coarse is not None else None
     shared = batch.shared if _CASCADE_LIVE else None
-    if sc is None and triton_decode.FUSE_DENSE_STORE:
+    if sc is None and q.shape[0] <= triton_decode.FUSE_DENSE_STORE_ROWS:
         out = paged_decode(q[:, 0], kc, vc, batch.table, batch.ends, scale=scale, shared=shared,
                            new_kv=(k[:, 0], v[:, 0], batch.slots))
     elif sc is None:

@@ -646,10 +646,13 @@ TILE_PAGES = 2
 #   kernel before them, so their launch and first loads (lengths, q) overlap its tail.
 PERSISTENT_COUNTERS = True
 PDL: bool | None = None
-# FUSE_DENSE_STORE: the dense paged decode (no sparse config) stores the step's new keys/values inside its attention
-# launch (`paged_decode(new_kv=...)`) rather than by `append_kv` before it: one launch a layer fewer. H200, 0.5B
-# batch-1 decode (compiled): 0.77 / 0.84-0.85 ms a token at 1K / 4K -> 0.75 / 0.82 (RESULTS.md, thirty-sixth pass). On.
-FUSE_DENSE_STORE = True
+# FUSE_DENSE_STORE_ROWS: decode steps of up to this many rows through the dense paged decode (no sparse config)
+# store the step's new keys/values inside its attention launch (`paged_decode(new_kv=...)`) rather than by
+# `append_kv` before it: one launch a layer fewer. H200, 0.5B (compiled): batch 1 0.77 / 0.84-0.85 ms a token at
+# 1K / 4K -> 0.75 / 0.82 (thirty-sixth pass), and steps of 2-32 rows 0-12 % faster; but of 128-256 rows 10-15 %
+# slower (1.71 -> 1.95 ms at 128), which cut nano-vllm's 256-request workload from 57.2K to 51.4K tok/s (the
+# forty-seventh pass, which found it). 0: never; large: always.
+FUSE_DENSE_STORE_ROWS = 32
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
 # partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge
