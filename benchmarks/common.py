@@ -112,6 +112,9 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     help="the dense paged decode stores the new keys/values in its attention launch (on), or by a "
                          "launch of its own before it (off), at every batch size; default the library's (steps of "
                          "up to triton_decode.FUSE_DENSE_STORE_ROWS rows in the launch, larger ones apart)")
+    ap.add_argument("--store-peel", action="store_true",
+                    help="with the store in the attention launch, the current token added after the tiles' loop "
+                         "rather than swapped into its tile (triton_decode.STORE_PEEL)")
     ap.add_argument("--union-tokens", type=int, choices=[0, 2, 4, 8], default=None,
                     help="InfLLM v2 prefill's stage 2 over the union of this many neighbouring tokens' blocks where "
                          "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (4)")
@@ -127,6 +130,10 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         from cpm4.kernels.infllm_v2 import triton_union
 
         triton_union.UNION_TOKENS = args.union_tokens
+    if args.store_peel:
+        from cpm4.kernels.infllm_v2 import triton_decode
+
+        triton_decode.STORE_PEEL = True
     if args.fuse_dense_store is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 

@@ -36,6 +36,10 @@
 #   bash benchmarks/device_session.sh gemvmix   # 8B decode with the GEMV on q/k/v, gate/up and the head only
 #   bash benchmarks/device_session.sh backward  # the 128K backward kernel by kernel, the dk/dv split (DKDV_CHUNK)
 #   bash benchmarks/device_session.sh prefix    # prefix caching on against off (prefix_cache.py): 0.5B, then 8B
+#   bash benchmarks/device_session.sh batcheddecode # the dense paged decode at many rows (batched_decode.py): store
+#                                               # apart / in the launch / peeled (STORE_PEEL), tiles; its GPU tests
+#   bash benchmarks/device_session.sh batchedab # the offline row: the default, the store in the launch at every
+#                                               # size, and that peeled
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
 #                                               # at 16K/4K batched and with a pipeline per row
 #   bash benchmarks/device_session.sh unionsample # the union path's sampled decision as one kernel: tests, its cost
@@ -815,6 +819,22 @@ firststep)  # host-seen 93 ms for ~20 ms of GPU work (8B) in the nineteenth pass
         --tag=-firststep 2>&1 | tail -45 | cut -c1-170
     timeout 130 "$PY" benchmarks/prefix_cache.py --config minicpm4-0.5b --prefixes 16384 --profile \
         --tag=-firststep 2>&1 | tail -26 | cut -c1-170
+    ;;
+batcheddecode)  # where FUSE_DENSE_STORE_ROWS and STORE_PEEL should stand (forty-seventh pass: the fused store lost
+    # 10-15 % a step at 128-256 rows)
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py \
+        -k "stores_the_new_token or stores_and_pools" 2>&1 | tail -2
+    timeout 200 "$PY" benchmarks/batched_decode.py --config minicpm4-0.5b --out "${OUT:-benchmarks/results}"
+    timeout 150 "$PY" benchmarks/batched_decode.py --config minicpm4-8b --batches 1 16 64 --lengths 1024 4096 \
+        --out "${OUT:-benchmarks/results}"
+    ;;
+batchedab)  # the offline row (0.5B, 256 requests, compiled, one run each with the step trace)
+    i=0
+    for side in "" "--fuse-dense-store on" "--fuse-dense-store on --store-peel" ""; do
+        i=$((i + 1))
+        timeout 150 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --trace --skip server $side \
+            --out "${OUT:-/tmp}/ab$i" 2>&1 | grep -E "^  decode <=|^offline" | sed "s/^/$i [${side:-default}] /"
+    done
     ;;
 prefill8b)
     timeout 560 "$PY" benchmarks/profile_engine.py --config minicpm4-8b --context 131072 --sparse --compile \

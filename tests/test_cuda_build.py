@@ -5,6 +5,7 @@ promise of the InfLLM v2 kernels is checked in CI. (The interpreter checks their
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import cuda_build
 import pytest
@@ -96,6 +97,7 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
     from test_infllm_v2_triton import check_sparse_decode, small_cfg
 
     from cpm4.kernels.gemv.triton_gemv import gemv
+    from cpm4.kernels.infllm_v2 import triton_decode
     from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode
 
     with cuda_build.capture() as launches:
@@ -107,6 +109,9 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
         # the dense decode storing the new token in its attention launch
         paged_decode(torch.randn(2, 4, 16), kc, kc.clone(), table, ends, splits=2,
                      new_kv=(torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.tensor([3, 40])))
+        with mock.patch.object(triton_decode, "STORE_PEEL", True):  # and with the current token peeled
+            paged_decode(torch.randn(2, 4, 16), kc, kc.clone(), table, ends, splits=2,
+                         new_kv=(torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.tensor([3, 40])))
         x, w = torch.randn(1, 96).to(torch.bfloat16), torch.randn(40, 96).to(torch.bfloat16)
         r, tab = torch.randn(1, 40).to(torch.bfloat16), torch.ones(1, 8)
         for cfg in ({"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT": 2}, {"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 1}):
@@ -119,7 +124,8 @@ def test_decode_step_with_programmatic_launches_builds_for_sm90():
     built = cuda_build.build(pdl, archs=(90,))
     assert set(built) == names and built.count("_gemv_kernel") == 6
     store = [launch for launch in launches if launch[2].get("STORE")]
-    assert len(store) == 1 and cuda_build.build(store) == ["_attend_kernel"]  # sm_80 and sm_90, without PDL
+    assert [launch[2].get("PEEL") for launch in store] == [False, True]
+    assert cuda_build.build(store) == ["_attend_kernel"] * 2  # sm_80 and sm_90, without PDL
 
 
 def test_cascade_decode_kernels_build_for_sm80_and_sm90(monkeypatch):

@@ -337,17 +337,19 @@ def test_paged_decode_kernels_with_the_other_decode_variants(monkeypatch):
     test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)  # fewer steps: the paths, not lengths
 
 
-@pytest.mark.parametrize("rows", [1 << 30, 0, 1])
-def test_paged_decode_storing_in_the_attention_launch(monkeypatch, rows):
+@pytest.mark.parametrize("rows,peel", [(1 << 30, False), (1 << 30, True), (0, False), (1, False)])
+def test_paged_decode_storing_in_the_attention_launch(monkeypatch, rows, peel):
     """The dense paged decode with the new keys/values stored by the attention launch (steps of up to
-    FUSE_DENSE_STORE_ROWS rows) and by a launch of its own (larger steps): the tokens of the gathering path
-    whichever way each step stores (rows=1: the prompts alone one way, together the other)."""
+    FUSE_DENSE_STORE_ROWS rows; the current token swapped into its tile or, STORE_PEEL, added apart) and by a
+    launch of its own (larger steps): the tokens of the gathering path whichever way each step stores (rows=1:
+    the prompts alone one way, together the other)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("interpreter test: runs on CPU only")
     from cpm4.kernels.infllm_v2 import triton_decode
 
     monkeypatch.setattr(triton_decode, "FUSE_DENSE_STORE_ROWS", rows)
+    monkeypatch.setattr(triton_decode, "STORE_PEEL", peel)
     calls = []
     orig = triton_decode.append_kv
     monkeypatch.setattr(triton_decode, "append_kv", lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k))

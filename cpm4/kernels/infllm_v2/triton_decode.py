@@ -468,7 +468,7 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
                    MERGE: tl.constexpr, SKIP: tl.constexpr, STORE: tl.constexpr = False, FSIZE: tl.constexpr = 1,
                    FPAD: tl.constexpr = 1, FSTRIDE: tl.constexpr = 1, CSIZE: tl.constexpr = 1,
                    CPAD: tl.constexpr = 1, CSTRIDE: tl.constexpr = 1, POOL: tl.constexpr = False,
-                   COARSE: tl.constexpr = False):
+                   COARSE: tl.constexpr = False, PEEL: tl.constexpr = False):
     """Split sp of one (sequence, KV group)'s attended pages. MODE 0: every page of the sequence; 1: the
     explicit list blk[bi, g, :n_list] (-1 unused); 2: the list blk[bi, g, :nblk[bi, g]] written by the
     selection (rows below dense_len: every page). With several splits, each writes its partial output and
@@ -480,16 +480,22 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
     STORE: the row's new key/value (nk, nv [B, hkv, D]; its token the last of seq_len) are stored at its flat
     cache slot by split 0 (`_append_row`, with POOL the kernel keys it completes pooled too: the `append_kv`
     arguments after rh) and taken from nk/nv, not the cache, wherever a tile holds that token (the store may
-    not have landed): `append_kv`'s launch saved."""
+    not have landed): `append_kv`'s launch saved. PEEL (STORE, MODE 0): the tiles leave that token out and split 0
+    adds it after its loop from nk/nv, so the tiles' loads feed the dots directly (no select between them, which
+    kept Triton from pipelining the loads: see `STORE_PEEL`)."""
     bi, g, sp, n_g = _step_program(PDL)
     seq_len, pos, sparse = _row_state(lens_ptr, bi, DENSE_LEN)
     q, h, hm = _group_q(q_ptr, bi, g, stride_qb, stride_qh, G, G_PAD, D)
     dd = tl.arange(0, D)
     nk = tl.zeros((D,), dtype=kc_ptr.dtype.element_ty)
     nv = tl.zeros((D,), dtype=vc_ptr.dtype.element_ty)
+    seen = seq_len  # the tokens the tiles attend (all but the current one with PEEL)
+    if PEEL:
+        seen = seq_len - 1
     if STORE:
-        nk = tl.load(nk_ptr + bi * stride_nb + g * stride_nh + dd)
-        nv = tl.load(nv_ptr + bi * stride_nvb + g * stride_nvh + dd)
+        if not PEEL:
+            nk = tl.load(nk_ptr + bi * stride_nb + g * stride_nh + dd)
+            nv = tl.load(nv_ptr + bi * stride_nvb + g * stride_nvh + dd)
         if sp == 0:
             _append_row(nk_ptr, nv_ptr, a_kc_ptr, a_vc_ptr, slots_ptr, a_table_ptr, a_ends_ptr, f_ptr, c_ptr, bi, g,
                         stride_nb, stride_nh, stride_nvb, stride_nvh, stride_cp, stride_ct, stride_ch, stride_dp,
@@ -522,14 +528,14 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
             b = i
             if listed:
                 b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + i)
-            if (b >= 0) & (b * PAGE < seq_len):
+            if (b >= 0) & (b * PAGE < seen):
                 page = tl.load(table_ptr + bi * stride_tb + b).to(tl.int64)
-                km = b * PAGE + tt < seq_len
+                km = b * PAGE + tt < seen
                 k = tl.load(kc_ptr + page * stride_kp + tt[:, None] * stride_kt + g * stride_kh + dd[None, :],
                             mask=km[:, None], other=0.0)
                 v = tl.load(vc_ptr + page * stride_vp + tt[:, None] * stride_vt + g * stride_vh + dd[None, :],
                             mask=km[:, None], other=0.0)
-                if STORE:
+                if STORE and not PEEL:
                     cur = (b * PAGE + tt == seq_len - 1)[:, None]
                     k, v = tl.where(cur, nk[None, :], k), tl.where(cur, nv[None, :], v)
                 m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
@@ -543,14 +549,25 @@ def _attend_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, blk_ptr, nblk_ptr
             b = j
             if listed:
                 b = tl.load(blk_ptr + bi * stride_bb + g * stride_bh + j, mask=j < hi, other=-1)
-            km = (j < hi) & (b >= 0) & (b * PAGE + tt < seq_len)
+            km = (j < hi) & (b >= 0) & (b * PAGE + tt < seen)
             page = tl.load(table_ptr + bi * stride_tb + b, mask=km, other=0).to(tl.int64)
             k, v = page_kv(kc_ptr, vc_ptr, page, tt, g, dd, km, stride_kp, stride_kt, stride_kh, stride_vp,
                            stride_vt, stride_vh)
-            if STORE:
+            if STORE and not PEEL:
                 cur = (km & (b * PAGE + tt == seq_len - 1))[:, None]
                 k, v = tl.where(cur, nk[None, :], k), tl.where(cur, nv[None, :], v)
             m_i, l_i, acc = softmax_step(q, k, v, km[None, :], m_i, l_i, acc, qk_scale)
+    if PEEL:
+        if (sp == 0) & (seq_len > 0):  # the current token, from nk/nv (split 0 stored it above)
+            nk = tl.load(nk_ptr + bi * stride_nb + g * stride_nh + dd)
+            nv = tl.load(nv_ptr + bi * stride_nvb + g * stride_nvh + dd)
+            s_cur = tl.sum(q.to(tl.float32) * nk.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s_cur)
+            alpha = tl.exp2(m_i - m_new)
+            p_cur = tl.exp2(s_cur - m_new)
+            l_i = l_i * alpha + p_cur
+            acc = acc * alpha[:, None] + p_cur[:, None] * nv.to(tl.float32)[None, :]
+            m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_rows = out_ptr + bi * stride_rb + h[:, None] * stride_rh + dd[None, :]
     if SPLITS + SKIP == 1:  # one split and no cascade partials to merge: the output directly
@@ -653,6 +670,10 @@ PDL: bool | None = None
 # slower (1.71 -> 1.95 ms at 128), which cut nano-vllm's 256-request workload from 57.2K to 51.4K tok/s (the
 # forty-seventh pass, which found it). 0: never; large: always.
 FUSE_DENSE_STORE_ROWS = 32
+# STORE_PEEL: with the store in the launch, the current token is left out of the tiles and added by split 0 after
+# its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots). A
+# guess at why larger steps lost above (not measured yet: `benchmarks/batched_decode.py`, fused.peel rows); off.
+STORE_PEEL = False
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
 # partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge
@@ -739,7 +760,7 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
         TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None,
-        STORE=append is not None, **store_meta, num_warps=4,
+        STORE=append is not None, PEEL=STORE_PEEL and append is not None and mode == 0, **store_meta, num_warps=4,
         **_pdl_launch(pdl))
     if shared is not None:  # its partials after the rows' own (splits on)
         shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES, lens,
