@@ -4,12 +4,13 @@ store variants against dense SDPA over the same keys in contiguous memory.
     python benchmarks/batched_decode.py --config minicpm4-0.5b --batches 1 16 64 128 256 --lengths 512 1024 2048
 
 Rows per (batch, length), every row of the batch holding `length` tokens in 64-token pages (page ids shuffled,
-as a running engine's are), the current token the last:
+as a running engine's are), the current token the last; a variant is a base and options joined by dots:
 - `apart`: `append_kv` stores the step's new keys/values, then `paged_decode` attends (two launches);
 - `fused`: `paged_decode(new_kv=...)` stores them in its own launch, the token swapped into its tile from
   new_kv (what steps of up to `triton_decode.FUSE_DENSE_STORE_ROWS` rows do);
-- `fused.peel`: the same with `triton_decode.STORE_PEEL` (the token left out of the tiles, added after the loop);
-- `apart.tile1` / `apart.tile4`: `apart` with 1 / 4 pages a loop step (the default `TILE_PAGES` is 2).
+- options: `peel` (`triton_decode.STORE_PEEL`: the token left out of the tiles, added after the loop), `tile<N>`
+  (N pages a loop step; the default `TILE_PAGES` is 2), `w<N>` (warps, `ATTEND_WARPS`; default 4), `s<N>`
+  (pipeline stages, `ATTEND_STAGES`; default Triton's).
 The peer: `scaled_dot_product_attention` of the rows' queries over contiguous [batch, kv heads, length, d] keys
 and values (GQA), which reads the same bytes and stores nothing. Times: CUDA-graph replays with a cold L2
 (`cold_graph_ms`); `TBps` counts the keys and values read once. Each variant's output is checked against the
@@ -33,7 +34,8 @@ from cpm4.kernels.infllm_v2 import triton_decode  # noqa: E402
 from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode  # noqa: E402
 from cpm4.model.config import preset  # noqa: E402
 
-VARIANTS = ("apart", "fused", "fused.peel", "apart.tile1", "apart.tile4")
+VARIANTS = ("apart", "fused", "fused.peel", "apart.tile1", "apart.tile4", "apart.w8", "apart.s2", "apart.tile1.s2",
+            "apart.tile1.w2")
 PAGE = 64
 
 
@@ -66,21 +68,44 @@ def state(batch: int, length: int, hq: int, hkv: int, d: int, seed: int = 0, dev
             "k": k.transpose(1, 2).contiguous(), "v": v.transpose(1, 2).contiguous()}
 
 
+def parse_variant(name: str) -> dict:
+    """`apart.tile1.w8` -> {"base": "apart", "tile": 1, "warps": 8, "stages": None, "peel": False}."""
+    base, *opts = name.split(".")
+    if base not in ("apart", "fused"):
+        raise ValueError(f"variant {name!r}: the base must be apart or fused")
+    out = {"base": base, "tile": None, "warps": 4, "stages": None, "peel": False}
+    for o in opts:
+        if o == "peel" and base == "fused":
+            out["peel"] = True
+        elif o[:4] == "tile" and o[4:].isdigit():
+            out["tile"] = int(o[4:])
+        elif o[:1] in "ws" and o[1:].isdigit():
+            out["warps" if o[0] == "w" else "stages"] = int(o[1:])
+        else:
+            raise ValueError(f"variant {name!r}: unknown option {o!r} (peel with fused, tile<N>, w<N>, s<N>)")
+    return out
+
+
 def variant_fn(name: str, s: dict):
-    def apart(tile_pages=None):
+    """A call of the variant over state `s` (the module switches it needs set while it runs: the benchmark
+    captures it into a graph with them set, see `switches`)."""
+    if name == "sdpa":
+        return lambda: F.scaled_dot_product_attention(s["q"][:, :, None], s["k"], s["v"], enable_gqa=True)[:, :, 0]
+    v = parse_variant(name)
+    if v["base"] == "apart":
         def fn():
             append_kv(s["nk"], s["nv"], s["kc"], s["vc"], s["slots"], s["table"], s["lens"])
-            return paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], tile_pages=tile_pages)
+            return paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], tile_pages=v["tile"])
         return fn
+    return lambda: paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], tile_pages=v["tile"],
+                                new_kv=(s["nk"], s["nv"], s["slots"]))
 
-    def fused():
-        return paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], new_kv=(s["nk"], s["nv"], s["slots"]))
 
-    def sdpa():
-        return F.scaled_dot_product_attention(s["q"][:, :, None], s["k"], s["v"], enable_gqa=True)[:, :, 0]
-
-    return {"apart": apart(), "apart.tile1": apart(1), "apart.tile4": apart(4), "fused": fused,
-            "fused.peel": fused, "sdpa": sdpa}[name]
+def switches(name: str) -> None:
+    """Set triton_decode's module switches for variant `name` (the defaults for "sdpa")."""
+    v = parse_variant(name) if name != "sdpa" else {"peel": False, "warps": 4, "stages": None}
+    triton_decode.STORE_PEEL, triton_decode.ATTEND_WARPS, triton_decode.ATTEND_STAGES = \
+        v["peel"], v["warps"], v["stages"]
 
 
 def main() -> None:
@@ -88,13 +113,19 @@ def main() -> None:
     ap.add_argument("--config", default="minicpm4-0.5b", help="model preset whose attention shape is used")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="apart or fused, with options joined by dots: peel, tile<N>, w<N>, s<N>")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs CUDA (the kernels' values are tested on the CPU by the test suite)")
     if min(args.batches) < 1 or min(args.lengths) < 2:
         ap.error("batches must be >= 1 and lengths >= 2")
+    for name in args.variants:
+        try:
+            parse_variant(name)
+        except ValueError as e:
+            ap.error(str(e))
     cfg = preset(args.config)
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // hq
@@ -110,9 +141,15 @@ def main() -> None:
             peer = cold_graph_ms(peer_fn)
             read = 2 * batch * length * hkv * d * 2
             for name in args.variants:
-                triton_decode.STORE_PEEL = name == "fused.peel"
+                switches(name)
                 fn = variant_fn(name, s)
-                err = (fn().float() - want.float()).abs().max().item()
+                try:
+                    got = fn()
+                except Exception as e:  # noqa: BLE001  (a config the GPU cannot hold: out of shared memory)
+                    phase = f"decode.b{batch}.{name}"
+                    print(f"{phase:26s} {length:6d}  failed: {type(e).__name__}: {e}"[:200])
+                    continue
+                err = (got.float() - want.float()).abs().max().item()
                 if not err < 3e-2:
                     raise SystemExit(f"{name} at batch {batch}, length {length}: max error {err:.3g} against SDPA")
                 ms = cold_graph_ms(fn)
@@ -123,7 +160,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{row['phase']:26s} {length:6d} {ms:9.4f} {peer:9.4f} {row['speedup']:7.2f}x "
                       f"{row['TBps']:6.2f} {err:8.1e}")
-            triton_decode.STORE_PEEL = False
+            switches("sdpa")
     write_rows(f"batched_decode-{args.config}", torch.cuda.get_device_name(), rows, args.out, copy_TBps=floor,
                heads=[hq, hkv, d])
 

@@ -674,6 +674,10 @@ FUSE_DENSE_STORE_ROWS = 32
 # its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots). A
 # guess at why larger steps lost above (not measured yet: `benchmarks/batched_decode.py`, fused.peel rows); off.
 STORE_PEEL = False
+# The paged attention launch's warps and pipeline stages (None: Triton's default), tuned at batch 1 over long
+# contexts; steps of many short rows may want others (`benchmarks/batched_decode.py` sweeps them: w<N>, s<N> rows).
+ATTEND_WARPS = 4
+ATTEND_STAGES: int | None = None
 # SEPARATE_MERGE: the paged attention's split outputs merged by `_merge_kernel` (one program per row, head and 32
 # dims) after the attention launch, instead of by the last split alone (a serial loop over every split's [heads, d]
 # partial: ≈ 1 MB at the dense paged decode's 132 splits). Measured on the H200 (attention.py, rows *.fused_merge
@@ -760,8 +764,8 @@ def _attend(q, k_cache, v_cache, table, lens, splits, mode, blk=None, nblk=None,
         G=g, G_PAD=g_pad, D=d, PAGE=page, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         CHUNK=min(triton.next_power_of_2(splits), max(1, 16384 // (g_pad * d))), MODE=mode, DENSE_LEN=dense_len,
         TILE_PAGES=tile_pages or TILE_PAGES, PDL=pdl, MERGE=not separate, SKIP=shared is not None,
-        STORE=append is not None, PEEL=STORE_PEEL and append is not None and mode == 0, **store_meta, num_warps=4,
-        **_pdl_launch(pdl))
+        STORE=append is not None, PEEL=STORE_PEEL and append is not None and mode == 0, **store_meta,
+        num_warps=ATTEND_WARPS, **({"num_stages": ATTEND_STAGES} if ATTEND_STAGES else {}), **_pdl_launch(pdl))
     if shared is not None:  # its partials after the rows' own (splits on)
         shared.attend(q, k_cache, v_cache, o_part, m_part, splits, scale, tile_pages or TILE_PAGES, lens,
                       dense_len if mode == 2 else None)
