@@ -44,7 +44,8 @@ def reference(dense_len: int | None, prompt: list[int], params: SamplingParams) 
 
 def workload(rnd: random.Random, n: int) -> list[tuple[list[int], SamplingParams]]:
     """Prompts built from a few shared stems (so full prefix pages repeat) plus their own tails; greedy or
-    seeded sampling, some with logprobs, penalties, stop strings, stop tokens, min_tokens or a grammar."""
+    seeded sampling, some with logprobs, penalties, stop strings, stop tokens, min_tokens or a grammar (the test
+    adds priorities and logits processors to some runs from an RNG of its own)."""
     stems = [[rnd.randint(3, 1000) for _ in range(rnd.randint(PAGE, 5 * PAGE))] for _ in range(3)]
     out = []
     for _ in range(n):
@@ -73,6 +74,19 @@ def workload(rnd: random.Random, n: int) -> list[tuple[list[int], SamplingParams
     return out
 
 
+def ban_by_history(token_ids, logits):
+    """A logits processor (vLLM V0's two-argument form) whose choice follows the ids generated so far: it must see
+    the same history through preemption, recomputation and launched-ahead steps as in the run alone."""
+    logits[(sum(token_ids) * 7 + len(token_ids)) % 1000 + 3] = float("-inf")
+    return logits
+
+
+def boost_by_prompt(prompt_ids, token_ids, logits):
+    """The three-argument form: a token chosen from the prompt's last id and the output's length, pushed up."""
+    logits[(prompt_ids[-1] + 13 * len(token_ids)) % 1000 + 3] += 4.0
+    return logits
+
+
 @pytest.mark.parametrize("seed", range(int(os.environ.get("CPM4_FUZZ_SEEDS", 12))))
 def test_random_workloads_equal_their_runs_alone(seed):
     """CPM4_FUZZ_SEEDS=200 runs more (≈ 1.5 s a seed on 2 cores)."""
@@ -89,6 +103,10 @@ def test_random_workloads_equal_their_runs_alone(seed):
     policy = "priority" if side.random() < 0.35 else "fcfs"
     if policy == "priority":
         reqs = [(p, dataclasses.replace(sp, priority=side.randint(-2, 2))) for p, sp in reqs]
+    if side.random() < 0.4:  # logits processors on some requests
+        procs = ([ban_by_history], [boost_by_prompt], [boost_by_prompt, ban_by_history])
+        reqs = [(p, dataclasses.replace(sp, logits_processors=side.choice(procs)) if side.random() < 0.5 else sp)
+                for p, sp in reqs]
     eng = LLMEngine(model, tok(), PagedKVCache(model.config, num_pages=pages, page_size=PAGE, dtype=torch.float64,
                                                prefix_caching=caching),
                     max_batch_size=rnd.randint(2, 8), chunk_tokens=rnd.choice([16, 24, 64, 256]),
