@@ -10,7 +10,8 @@ as a running engine's are), the current token the last; a variant is a base and 
   new_kv (what steps of up to `triton_decode.FUSE_DENSE_STORE_ROWS` rows do);
 - options: `peel` (`triton_decode.STORE_PEEL`: the token left out of the tiles, added after the loop), `tile<N>`
   (N pages a loop step; the default `TILE_PAGES` is 2), `w<N>` (warps, `ATTEND_WARPS`; default 4), `s<N>`
-  (pipeline stages, `ATTEND_STAGES`; default Triton's).
+  (pipeline stages, `ATTEND_STAGES`; default Triton's), `sp<N>` (N splits a row; default about two waves of
+  programs over the SMs), `lastmerge` (the last split merges the partials, not `_merge_kernel`: SEPARATE_MERGE off).
 The peer: `scaled_dot_product_attention` of the rows' queries over contiguous [batch, kv heads, length, d] keys
 and values (GQA), which reads the same bytes and stores nothing. Times: CUDA-graph replays with a cold L2
 (`cold_graph_ms`); `TBps` counts the keys and values read once. Each variant's output is checked against the
@@ -35,7 +36,7 @@ from cpm4.kernels.infllm_v2.triton_decode import append_kv, paged_decode  # noqa
 from cpm4.model.config import preset  # noqa: E402
 
 VARIANTS = ("apart", "fused", "fused.peel", "apart.tile1", "apart.tile4", "apart.w8", "apart.s2", "apart.tile1.s2",
-            "apart.tile1.w2")
+            "apart.tile1.w2", "apart.sp1", "apart.lastmerge")
 PAGE = 64
 
 
@@ -73,16 +74,21 @@ def parse_variant(name: str) -> dict:
     base, *opts = name.split(".")
     if base not in ("apart", "fused"):
         raise ValueError(f"variant {name!r}: the base must be apart or fused")
-    out = {"base": base, "tile": None, "warps": 4, "stages": None, "peel": False}
+    out = {"base": base, "tile": None, "warps": 4, "stages": None, "peel": False, "splits": None, "merge": None}
     for o in opts:
         if o == "peel" and base == "fused":
             out["peel"] = True
-        elif o[:4] == "tile" and o[4:].isdigit():
+        elif o == "lastmerge":
+            out["merge"] = False
+        elif o[:4] == "tile" and o[4:].isdigit() and int(o[4:]) > 0:
             out["tile"] = int(o[4:])
-        elif o[:1] in "ws" and o[1:].isdigit():
+        elif o[:2] == "sp" and o[2:].isdigit() and int(o[2:]) > 0:
+            out["splits"] = int(o[2:])
+        elif o[:1] in "ws" and o[1:].isdigit() and int(o[1:]) > 0:
             out["warps" if o[0] == "w" else "stages"] = int(o[1:])
         else:
-            raise ValueError(f"variant {name!r}: unknown option {o!r} (peel with fused, tile<N>, w<N>, s<N>)")
+            raise ValueError(f"variant {name!r}: unknown option {o!r} (peel with fused, tile<N>, w<N>, s<N>, "
+                             "sp<N>, lastmerge)")
     return out
 
 
@@ -92,12 +98,13 @@ def variant_fn(name: str, s: dict):
     if name == "sdpa":
         return lambda: F.scaled_dot_product_attention(s["q"][:, :, None], s["k"], s["v"], enable_gqa=True)[:, :, 0]
     v = parse_variant(name)
+    kw = {"tile_pages": v["tile"], "splits": v["splits"], "separate_merge": v["merge"]}
     if v["base"] == "apart":
         def fn():
             append_kv(s["nk"], s["nv"], s["kc"], s["vc"], s["slots"], s["table"], s["lens"])
-            return paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], tile_pages=v["tile"])
+            return paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], **kw)
         return fn
-    return lambda: paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], tile_pages=v["tile"],
+    return lambda: paged_decode(s["q"], s["kc"], s["vc"], s["table"], s["lens"], **kw,
                                 new_kv=(s["nk"], s["nv"], s["slots"]))
 
 
@@ -114,7 +121,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="apart or fused, with options joined by dots: peel, tile<N>, w<N>, s<N>")
+                    help="apart or fused, with options joined by dots: peel, tile<N>, w<N>, s<N>, sp<N>, lastmerge")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
