@@ -3,7 +3,8 @@
 # (the H200's run-to-run spread is large: one run of each side says little). Several old commits bisect a change.
 #   here:        bash benchmarks/ab_serving.sh prepare COMMIT [COMMIT...]   # writes ab_old/ (git-ignored: carry it)
 #   the device:  bash benchmarks/ab_serving.sh run [REPS] [serving.py args...]   (run with carry ["ab_old"])
-# Prints each run's offline row and step-trace groups; each run's JSON goes under $OUT/<side><i>/.
+# Prints each run's offline row and step-trace groups, then a table of all runs (ab_summary.py); each run's JSON
+# goes under $OUT/<side><i>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -33,6 +34,7 @@ run)
                 2>&1 | grep -E "^  (prefill|decode)|^offline" | sed "s/^/$side$i /"
         done
     done
+    python3 benchmarks/ab_summary.py "${OUT:-/tmp}" || true  # the runs side by side
     ;;
 *)
     echo "usage: $0 prepare COMMIT [COMMIT...] | run [REPS] [serving.py args...]" >&2
