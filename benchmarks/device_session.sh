@@ -38,6 +38,7 @@
 #   bash benchmarks/device_session.sh prefix    # prefix caching on against off (prefix_cache.py): 0.5B, then 8B
 #   bash benchmarks/device_session.sh batcheddecode # the dense paged decode at many rows (batched_decode.py): store
 #                                               # apart / in the launch / peeled (STORE_PEEL), tiles; its GPU tests
+#   bash benchmarks/device_session.sh peel8b    # 8B 128K decode with and without STORE_PEEL
 #   bash benchmarks/device_session.sh batchedab # the offline row: the default, the store in the launch at every
 #                                               # size, and that peeled
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
@@ -827,6 +828,16 @@ batcheddecode)  # where FUSE_DENSE_STORE_ROWS and STORE_PEEL should stand (forty
     timeout 200 "$PY" benchmarks/batched_decode.py --config minicpm4-0.5b --out "${OUT:-benchmarks/results}"
     timeout 150 "$PY" benchmarks/batched_decode.py --config minicpm4-8b --batches 1 16 64 --lengths 1024 4096 \
         --out "${OUT:-benchmarks/results}"
+    ;;
+peel8b)  # STORE_PEEL in the 8B's sparse decode (the LSE launch's completed key scored after its loop): 128K decode,
+    # the default and --store-peel alternated (its GPU tests: the tests stage's paged sparse decode)
+    i=0
+    for side in "" --store-peel "" --store-peel; do
+        i=$((i + 1))
+        timeout 140 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
+            --decode-tokens 64 --no-peer $side --tag="-peel$i" --out "${OUT:-benchmarks/results}" 2>&1 \
+            | grep -E "^decode" | sed "s/^/$i [${side:-default}] /"
+    done
     ;;
 batchedab)  # the offline row (0.5B, 256 requests, compiled, one run each with the step trace)
     i=0

@@ -71,7 +71,7 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
     decode step with the fused append."""
     from test_infllm_v2_triton import check_pipeline, check_sparse_decode, small_cfg
 
-    from cpm4.kernels.infllm_v2 import triton_attention, triton_select
+    from cpm4.kernels.infllm_v2 import triton_attention, triton_decode, triton_select
 
     with cuda_build.capture() as launches:
         for variant in ("gen-b", "gen-a"):
@@ -84,6 +84,10 @@ def test_infllm_v2_kernels_build_for_sm80_and_sm90(monkeypatch):
                                 1e-4, splits=3, fuse_append=True)
         check_sparse_decode(small_cfg("gen-b", dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4,
                             splits=3, separate_merge=False, narrow=False)  # the other paths
+        monkeypatch.setattr(triton_decode, "STORE_PEEL", True)  # the store's token peeled out of the LSE tiles
+        check_sparse_decode(small_cfg("gen-b", dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32, "cpu", 1e-4,
+                            splits=3, fuse_append=True)
+    assert any(fn.__name__ == "_lse_kernel" and consts.get("PEEL") for fn, _, consts, _ in launches)
     built = cuda_build.build(launches)
     for name in ("_select_kernel", "_fwd_token_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_sum_kernel", "_delta_kernel",
                  "_score_kernel", "_attend_kernel", "_merge_kernel"):

@@ -1018,6 +1018,52 @@ def test_interpreter_paged_sparse_decode(variant, tile_pages, fuse, sep, narrow)
     assert agree == total > 0  # float32: the same blocks as the float64 reference
 
 
+@pytest.mark.parametrize("peel", [False, True])
+@pytest.mark.parametrize("variant,splits", [("gen-b", 3), ("gen-a", 1), ("gen-b", 2)])
+def test_interpreter_lse_storing_the_token_equals_the_stored_one(monkeypatch, variant, splits, peel):
+    """The sparse step's log-sum-exp launch storing the new token itself (the key it completes swapped into its
+    tile, or with STORE_PEEL scored after the loop) equals that launch over the cache once stored: every head's
+    total over its splits (rows 200 and 64 complete a kernel; the stale slots are NaN, so reading one shows)."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+    from cpm4.kernels.infllm_v2.triton_decode import decode_lse
+
+    monkeypatch.setattr(triton_decode, "STORE_PEEL", peel)
+    cfg = small_cfg(variant, dense_len=40)
+    lens = [150, 7, 200, 64]
+    kc, vc, table, _, _, stores = paged_sequences(lens, cfg.block_size, 2, 16, torch.float32, "cpu", cfg, seed=3)
+    q = torch.randn(len(lens), 4, 16, generator=torch.Generator().manual_seed(5))
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    (k_new, v_new, slots), _ = _poison_last_token(kc, vc, table, stores, lens, cfg, cfg.block_size)
+    name, size, stride = ("coarse", cfg.coarse_kernel_size, cfg.coarse_kernel_stride) if variant == "gen-b" else (
+        "fine", cfg.kernel_size, cfg.kernel_stride)
+    append = (k_new, v_new, kc, vc, slots, table, lens_t, stores["fine"], stores.get("coarse"), cfg)
+    got = decode_lse(q, stores[name], table, lens_t, cfg, size, stride, 0.25, splits, append)
+    want = decode_lse(q, stores[name], table, lens_t, cfg, size, stride, 0.25, splits)  # over the stored keys
+
+    def total(x):  # log2-sum-exp over the splits
+        return torch.logsumexp(x.double() * math.log(2), -1) / math.log(2)
+
+    sparse = [i for i, n in enumerate(lens) if cfg.is_sparse(n)]
+    assert torch.isfinite(total(got[sparse])).all()
+    torch.testing.assert_close(total(got[sparse]), total(want[sparse]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,splits", [("gen-b", 3), ("gen-a", 1), ("gen-b", 1)])
+def test_interpreter_paged_sparse_decode_peeled(monkeypatch, variant, splits):
+    """STORE_PEEL in the sparse step: the key the new token completes scored after the LSE launch's loop instead
+    of swapped into its tile (rows 200 and 64 complete kernels); the reference checks of `check_sparse_decode`."""
+    if CUDA:
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+
+    monkeypatch.setattr(triton_decode, "STORE_PEEL", True)
+    agree, total = check_sparse_decode(small_cfg(variant, dense_len=40), [150, 7, 200, 64], 4, 2, 16, torch.float32,
+                                       "cpu", 1e-4, splits=splits, fuse_append=True)
+    assert agree == total > 0
+
+
 @pytest.mark.parametrize("variant", ["gen-b", "gen-a"])
 def test_interpreter_paged_sparse_decode_in_a_wide_table(variant):
     """A 64-column table (64 selection lanes): rows whose blocks fit in a quarter or a half of the lanes, or all

@@ -265,12 +265,13 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
                 KSIZE: tl.constexpr, KPAD: tl.constexpr, KSTRIDE: tl.constexpr, SPLITS: tl.constexpr,
                 DENSE_LEN: tl.constexpr, APPEND: tl.constexpr, FSIZE: tl.constexpr, FPAD: tl.constexpr,
                 FSTRIDE: tl.constexpr, CSIZE: tl.constexpr, CPAD: tl.constexpr, CSTRIDE: tl.constexpr,
-                POOL: tl.constexpr, COARSE: tl.constexpr, PDL: tl.constexpr = False):
+                POOL: tl.constexpr, COARSE: tl.constexpr, PDL: tl.constexpr = False, PEEL: tl.constexpr = False):
     """Partial log-sum-exp (log2 units) of each query head of group g over split sp of the kernels its
     query can see; -inf for an empty split or a dense row. With APPEND, program 0 of each (row, KV head)
     also stores the new token (`_append_row`: one launch less per step), and the split that holds the kernel
     the token completes computes that key itself (`_kernel_mean`, the same bits program 0 stores): it may
-    not be stored yet."""
+    not be stored yet. It is swapped into its tile, or with PEEL (`STORE_PEEL`) left out of the tiles and its
+    score added after the loop, so no select sits between the tiles' loads and dots."""
     pdl_launch.enter(PDL)
     bi = tl.program_id(0)
     g = tl.program_id(1)
@@ -303,12 +304,18 @@ def _lse_kernel(q_ptr, kk_ptr, table_ptr, lens_ptr, lse_ptr, sm_scale, stride_qb
         for j0 in range(lo, hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             jm = j < hi
+            if PEEL:
+                jm = jm & (j != j_new)
             base = _kernel_addr(j, jm, row, stride_kp, stride_ks, KSIZE, KSTRIDE, PAGE)
             kt = tl.load(kk_ptr + base[None, :] + g * stride_kh + dd[:, None], mask=jm[None, :], other=0.0)
-            if APPEND:
+            if APPEND and not PEEL:
                 kt = tl.where((j == j_new)[None, :], new_key.to(kt.dtype)[:, None], kt)
             s = tl.dot(q, kt) * (sm_scale * 1.4426950408889634)
             m_i, l_i = lse_step(tl.where(jm[None, :], s, float("-inf")), m_i, l_i)
+        if PEEL:
+            if (j_new >= lo) & (j_new < hi):  # the key the new token completes, kept out of the tiles
+                s_new = tl.sum(q.to(tl.float32) * new_key[None, :], 1) * (sm_scale * 1.4426950408889634)
+                m_i, l_i = lse_step(s_new[:, None], m_i, l_i)
     tl.store(lse_ptr + bi * stride_lb + h * stride_lh + sp, lse_value(m_i, l_i), mask=hm)
 
 
@@ -671,8 +678,9 @@ PDL: bool | None = None
 # forty-seventh pass, which found it). 0: never; large: always.
 FUSE_DENSE_STORE_ROWS = 32
 # STORE_PEEL: with the store in the launch, the current token is left out of the tiles and added by split 0 after
-# its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots). A
-# guess at why larger steps lost above (not measured yet: `benchmarks/batched_decode.py`, fused.peel rows); off.
+# its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots); so
+# too the kernel key it completes in the sparse step's log-sum-exp launch. A guess at why larger steps lost above
+# (not measured yet: `benchmarks/batched_decode.py` fused.peel rows; generation.py/serving.py --store-peel); off.
 STORE_PEEL = False
 # The paged attention launch's warps and pipeline stages (None: Triton's default), tuned at batch 1 over long
 # contexts; steps of many short rows may want others (`benchmarks/batched_decode.py` sweeps them: w<N>, s<N> rows).
@@ -882,7 +890,8 @@ def decode_lse(q: torch.Tensor, norm: torch.Tensor, block_table: torch.Tensor, s
         norm.stride(2), block_table.stride(0), lse.stride(0), lse.stride(1), *args, G=g,
         G_PAD=group_pad(g), D=d, PAGE=cfg.block_size, BLOCK_N=block_n, KSIZE=size,
         KPAD=triton.next_power_of_2(size), KSTRIDE=stride, SPLITS=splits, DENSE_LEN=cfg.dense_len,
-        APPEND=append is not None, **meta, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
+        APPEND=append is not None, **meta, PDL=pdl, PEEL=STORE_PEEL and append is not None, num_warps=4,
+        **_pdl_launch(pdl))
     return lse
 
 
