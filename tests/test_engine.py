@@ -358,6 +358,18 @@ def test_paged_decode_storing_in_the_attention_launch(monkeypatch, rows, peel):
     assert (calls == []) == (rows == 1 << 30)
 
 
+def test_sparse_decode_with_the_token_peeled_equals_alone(monkeypatch):
+    """STORE_PEEL in the InfLLM v2 step (the key the new token completes scored after the log-sum-exp launch's
+    loop): the engine's tokens those of the gathering path, rows crossing dense_len included."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU only")
+    from cpm4.kernels.infllm_v2 import triton_decode
+
+    monkeypatch.setattr(triton_decode, "STORE_PEEL", True)
+    test_paged_decode_kernels_equal_alone(sparse(dense_len=40), max_tokens=6)
+
+
 @pytest.mark.slow
 def test_dense_steps_of_a_sparse_model_equal_its_sparse_steps():
     """An InfLLM v2 model's decode steps whose rows are all below dense_len through the dense paged decode
