@@ -295,13 +295,18 @@ class LLM:
                          params if params is not None else self.get_default_sampling_params(), use_tqdm, priority)
 
     def beam_search(self, prompts: str | Sequence[int] | Sequence, params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False, *, lora_request: Any = None,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's beam search (`cpm4.engine.beam_search`): for each prompt (text, token ids or vLLM's prompt
         dicts) its best `params.beam_width` beams, best first, on this LLM's engine. use_tqdm: accepted (vLLM's);
-        beam search runs step by step without a bar."""
+        beam search runs step by step without a bar. vLLM's lora_request (None only) and concurrency_limit (None or
+        a positive int: every prompt's beams run together here, which gives the same beams) are taken by name."""
         from .engine.beam_search import BeamSearchParams as _Params
         from .engine.beam_search import beam_search
 
+        check_no_lora(lora_request)
+        if concurrency_limit is not None and (not is_int(concurrency_limit) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be a positive int or None, got {concurrency_limit!r}")
         if not isinstance(params, _Params):
             raise TypeError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
         prompts, _ = _normalise(prompts, None)
@@ -354,7 +359,9 @@ class LLM:
         per conversation (generated together, in order) for a list of them — always a list, as vLLM's `chat`
         returns (`llm.chat(messages)[0].text`; code written for vLLM indexes it). As vLLM's:
         add_generation_prompt false with continue_final_message writes on from the last (assistant) message;
-        tools (OpenAI function specs) and chat_template_kwargs go to the template; lora_request: None only."""
+        tools (OpenAI function specs) and chat_template_kwargs go to the template; lora_request: None only. Messages
+        may give their content as OpenAI's text parts (joined with newlines) and tool calls' arguments as JSON text,
+        as vLLM's `chat` takes them (`cpm4.model.tokenizer.openai_message`)."""
         check_no_lora(lora_request)  # (not a template keyword, as it would have been taken for one)
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts (one conversation) "

@@ -250,7 +250,17 @@ def test_chat_errors(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="role"):
         tok.render_chat([{"content": "hi"}])
     with pytest.raises(ValueError, match="content"):
-        tok.render_chat([{"role": "user"}])
+        tok.render_chat([{"role": "user", "content": 5}])
+    # a null or missing content renders as "" (vLLM's, and the server's); text parts joined with newlines
+    assert tok.render_chat([{"role": "user"}]) == tok.render_chat([{"role": "user", "content": None}]) \
+        == tok.render_chat([{"role": "user", "content": ""}])
+    assert tok.render_chat([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]) \
+        == tok.render_chat([{"role": "user", "content": "a\nb"}])
+    with pytest.raises(ValueError, match="message 0: content part 1 of type 'image_url' is not supported"):
+        tok.render_chat([{"role": "user", "content": ["a", {"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ValueError, match=r"message 1.tool_calls\[0\].function.arguments must be a JSON object"):
+        tok.render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}])
     with pytest.raises(ValueError):
         tok.encode_chat([])
     original = tok.hf.chat_template

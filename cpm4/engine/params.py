@@ -152,7 +152,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
+    # return the sampled token's log-probability and this many top alternatives (True, vLLM's: 1)
+    logprobs: int | None = None
     # vLLM's: each prompt token's log-probability and this many alternatives (offline outputs; one more
     # forward pass over the prompt)
     prompt_logprobs: int | None = None
@@ -248,6 +249,9 @@ class SamplingParams:
             self.logit_bias = bias or None
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
+            if v is True:  # vLLM's: True is 1 (the sampled token and the most likely one)
+                v = 1
+                setattr(self, name, v)
             if v is not None and (not is_int(v) or not 0 <= v <= 20):
                 raise ValueError(f"{name} must be an int in [0, 20] or None, got {v!r}")
         if self.seed is not None and is_int(self.seed) and self.seed == UNSEEDED:

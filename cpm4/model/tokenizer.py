@@ -536,6 +536,8 @@ class Tokenizer:
                 "this tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja); "
                 "cannot render a chat"
             )
+        if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+            messages = [openai_message(m, f"message {i}") for i, m in enumerate(messages)]
         _check_messages(messages)
         rendered = self._hf.apply_chat_template(
             [dict(m) for m in messages],
@@ -563,6 +565,64 @@ class Tokenizer:
         if bos is not None and not written and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return ids
+
+
+# Content parts read as text: OpenAI's "text" ("input_text": the Responses API's name for it).
+TEXT_PARTS = ("text", "input_text")
+
+
+def tool_arguments(args: Any, where: str) -> dict[str, Any]:
+    """An earlier tool call's arguments as chat templates take them (vLLM's and transformers' convention): an
+    object; OpenAI's JSON text parsed, "" or none as {}. (A template writing them with `tojson` encoded the text a
+    second time, one iterating them failed, and "" left a call without its arguments in the prompt.)"""
+    if args is None or args == "":
+        return {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    try:
+        parsed = json.loads(args) if isinstance(args, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object (or its text), got {args!r:.60}")
+    return parsed
+
+
+def openai_message(message: Any, where: str) -> Any:
+    """One OpenAI-style chat message as the chat template takes it (vLLM renders them so; `render_chat` and the
+    server apply it): a content of text parts joined with newlines, a null or missing content "" (left None on an
+    assistant turn that only calls tools), earlier tool calls' arguments as objects (`tool_arguments`). A part
+    that is not text is a ValueError naming `where` (MiniCPM4 reads text only). A new dict; anything not a dict
+    is returned as is, for `_check_messages` to name."""
+    if not isinstance(message, Mapping):
+        return message
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: content part {j} of type {kind!r} is not supported (MiniCPM4 reads "
+                                 "text parts only)")
+            texts.append(part["text"])
+        out["content"] = "\n".join(texts)
+    calls = out.get("tool_calls")
+    if content is None and not calls:
+        out["content"] = ""
+    if isinstance(calls, (list, tuple)) and calls:
+        fixed = []
+        for j, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(fn, Mapping):
+                call = {**call, "function": {**fn, "arguments": tool_arguments(fn.get("arguments"),
+                                                                                f"{where}.tool_calls[{j}]")}}
+            fixed.append(call)
+        out["tool_calls"] = fixed
+    return out
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
