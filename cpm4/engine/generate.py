@@ -203,13 +203,13 @@ def bad_word_ids(tokenizer: Tokenizer, words: Sequence[str] | None) -> list[tupl
     """Each bad word as token ids, alone and after a space, its leading spaces dropped (as vLLM encodes them; vLLM
     skips the spaced form when it has another token count, which let " happiness" through), without
     duplicates."""
-    seqs: list[tuple[int, ...]] = []
+    seqs: dict[tuple[int, ...], None] = {}  # in order, without duplicates (a list's lookups were quadratic)
     for w in words or ():
         for text in (w.lstrip(), " " + w.lstrip()):
             ids = tuple(tokenizer.encode(text, add_bos=False))
-            if ids and ids not in seqs:
-                seqs.append(ids)
-    return seqs
+            if ids:
+                seqs[ids] = None
+    return list(seqs)
 
 
 class SequenceState:

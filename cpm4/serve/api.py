@@ -38,7 +38,7 @@ from cpm4.engine.params import (
     truncate_prompt,
     valid_text,
 )
-from cpm4.model.tokenizer import Tokenizer
+from cpm4.model.tokenizer import Tokenizer, openai_message
 
 from .engine import AsyncEngine, EngineClosedError
 from .protocol import (
@@ -261,6 +261,18 @@ class _OpenAIServer:
                 param = name.split(".")[0]
             raise APIError(400, msg, param=param) from None
         return params
+
+    async def _checked_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                              logprobs: int | None, seed: int | None, grammar: dict[str, Any] | None,
+                              grammar_param: str | None, inline: bool) -> None:
+        """`_params` once before the choices' (its errors raised here): in a worker thread when the request has a
+        grammar to compile (xgrammar compiles without the GIL and caches the result, so the choices' calls on the
+        event loop find it: 100k guided_choice strings took 63 s, and every other request waited), else on the
+        loop where `inline` asks for it (a request generating nothing still has its fields checked)."""
+        if grammar or self._guided(req):
+            await asyncio.to_thread(self._params, req, max_tokens, logprobs, seed, grammar, grammar_param)
+        elif inline:
+            self._params(req, max_tokens, logprobs, seed, grammar, grammar_param)
 
     @staticmethod
     def _guided(req: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, str, Any]]:
@@ -522,10 +534,12 @@ class _OpenAIServer:
                                                            [i for i, _ in prompts])})
         grammar = self._response_format(req.response_format)
         jobs, choices, echoes = [], [], []
-        if not max_tokens:  # nothing generated, but the request's fields are still checked (a 400 as with 1)
-            self._params(req, 1, req.logprobs, seeds[0], grammar, "response_format")
-        for ids, text in prompts:
+        for ids, _ in prompts:
             self._check_max_tokens(ids, req.max_tokens)
+        # max_tokens 0: nothing is generated, but a bad field is still a 400, as with 1
+        await self._checked_params(req, max_tokens or 1, req.logprobs, seeds[0], grammar, "response_format",
+                                   inline=not max_tokens)
+        for ids, text in prompts:
             for j in range(req.n):
                 if max_tokens:  # max_tokens 0: the prompt only (echoed and/or scored), nothing generated
                     jobs.append((ids, self._params(req, max_tokens, req.logprobs, seeds[j], grammar,
@@ -607,15 +621,7 @@ class _OpenAIServer:
     def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
         content = m.content
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages[{i}]: content part type {part.type!r} is not supported "
-                                        "(text only)", param="messages")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        if content is None and not m.tool_calls:
-            content = ""  # as vLLM renders a null or missing content (the template refused None: a 400)
+            content = [part.model_dump(exclude_none=True) for part in content]
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
@@ -623,10 +629,10 @@ class _OpenAIServer:
             d["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
             d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
-            for j, call in enumerate(d["tool_calls"]):
-                fn = call["function"]
-                fn["arguments"] = _arguments_object(fn.get("arguments"), f"messages[{i}].tool_calls[{j}]")
-        return d
+        try:  # text parts joined, a null content "", earlier calls' arguments as objects: as `LLM.chat` renders them
+            return openai_message(d, f"messages[{i}]")
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     # ----- /tokenize, /detokenize (vLLM's) -----
 
@@ -721,6 +727,7 @@ class _OpenAIServer:
                                  "model": self.model_name, "system_fingerprint": None, "choices": out,
                                  "usage": self._beam_usage(len(ids), beams, [ids])})
         parse_tools = bool(req.tools) and req.tool_choice != "none"
+        await self._checked_params(req, max_tokens, k, req.seed, grammar, grammar_param, inline=False)
         jobs = [(ids, self._params(req, max_tokens, k, s, grammar, grammar_param))
                 for s in self._seeds(req.seed, req.n)]
         parallel = req.parallel_tool_calls is not False
@@ -854,24 +861,6 @@ def _is_type_tag(x: object) -> bool:
                                    or x[:1].isupper() or "-" in x)
 
 
-def _arguments_object(args: Any, where: str) -> dict[str, Any]:
-    """An earlier call's arguments as the chat template takes them (vLLM's and transformers' convention): an
-    object; OpenAI's JSON text parsed, "" or none as {}. A template writing them with `tojson` encoded the text a
-    second time, one iterating them failed, and "" left a call without its arguments in the prompt."""
-    if args is None or args == "":
-        return {}
-    if isinstance(args, dict):
-        return args
-    try:
-        parsed = json.loads(args)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise APIError(400, f"{where}.function.arguments must be a JSON object (or its text), got {args!r:.60}",
-                       param="messages")
-    return parsed
-
-
 def _validation_error(errors: Sequence[Any]) -> APIError:
     if not errors:
         return APIError(400, "invalid request body")
@@ -883,9 +872,15 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
     return APIError(400, f"Invalid value for '{where}': {e.get('msg', 'invalid')}", param=param)
 
 
-# An escaped UTF-16 surrogate or a NaN / Infinity token: the only ways a body Python's JSON parser accepts can hold
-# a value no JSON answer can carry back.
-_MAYBE_INVALID = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
+# An escaped UTF-16 surrogate, a NaN / Infinity token, or a number that may overflow a float (1e999, or 309+ digits
+# before its point or exponent: json reads both as inf): the only ways a body Python's JSON parser accepts can hold a
+# value no JSON answer can carry back (/v1/responses echoing a tool's parameters with 1e999 was a 500).
+_MAYBE_INVALID = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity|[eE]\+?0*[1-9]\d{2}|\d{300}")
+
+# The largest request body read (a 413 past it): the whole body is held and parsed at once, so without a bound one
+# request could take all the memory (a 500 MB body was read, parsed and validated, stalling the server for 50 s).
+# 64 MiB holds a few hundred prompts of context-length token ids.
+MAX_BODY_BYTES = 64 * 2**20
 
 
 def _check_values(data: dict[str, Any]) -> None:
@@ -910,9 +905,26 @@ def _check_values(data: dict[str, Any]) -> None:
             raise APIError(400, f"Invalid value for '{'.'.join(path)}': {value} is not a JSON number", param=path[0])
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) past MAX_BODY_BYTES: by its Content-Length before reading, else as it arrives."""
+    limit = MAX_BODY_BYTES
+    too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                       code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
     """Read the body as JSON whatever the Content-Type says (curl -d sends form encoding) and validate it."""
-    raw = await request.body()
+    raw = await _read_body(request)
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes

@@ -21,6 +21,14 @@ Str = Annotated[str, Strict()]
 MAX_N = 64
 MAX_CHOICES = 256  # prompts x n in one completions request
 MAX_LOGPROBS = 20
+# Per-request list sizes. Each choice's params are checked apart (n up to MAX_N), stop strings are matched and bad
+# words looked for at every step of every choice on the engine's thread, and bad words' token forms are deduplicated
+# in quadratic time there: 100k stop strings held a concurrent request 20 s, 100k bad words stalled the engine for
+# minutes, a 1M-entry logit_bias took 50 s.
+MAX_STOP = 128  # stop strings (OpenAI takes 4)
+MAX_BAD_WORDS = 128
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_TOKEN_IDS = 16384  # allowed_token_ids, stop_token_ids
 
 
 class _Body(BaseModel):
@@ -76,7 +84,8 @@ class _SamplingFields(_Body):
     repetition_penalty: Float | None = Field(None, gt=0)  # extension
     seed: Int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's
     stop: Str | list[Str] | None = None
-    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extension
+    stop_token_ids: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(max_length=MAX_TOKEN_IDS)] | None \
+        = None  # extension
     ignore_eos: Bool = False  # extension
     min_tokens: Int = Field(0, ge=0)  # extension (vLLM's): no EOS, stop id or stop string ends fewer tokens
     include_stop_str_in_output: Bool = False  # extension
@@ -85,7 +94,7 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     presence_penalty: Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Float] | None = None
+    logit_bias: Annotated[dict[str, Float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Str | None = None
     response_format: ResponseFormat | None = None  # structured output (chat; completions as vLLM's extension)
     guided_json: dict[str, Any] | Str | None = None  # extensions (vLLM): the output follows this JSON schema ...
@@ -93,15 +102,32 @@ class _SamplingFields(_Body):
     guided_choice: list[Str] | None = None  # ... or is exactly one of these strings
     guided_grammar: Str | None = None  # ... or follows this EBNF grammar (xgrammar's)
     structured_outputs: StructuredOutputs | None = None  # ... or any of these, as newer vLLM takes them
-    allowed_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None  # extensions (vLLM)
+    allowed_token_ids: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(max_length=MAX_TOKEN_IDS)] \
+        | None = None  # extensions (vLLM)
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True  # vLLM's; as SamplingParams' (a fast tokenizer joins them as is)
     truncate_prompt_tokens: Int | None = Field(None, ge=-1)  # vLLM's; -1: as much as the context serves
-    bad_words: list[Str] | None = None
+    bad_words: Annotated[list[Str], Field(max_length=MAX_BAD_WORDS)] | None = None
     priority: Int = 0  # extension (vLLM's): with --scheduling-policy priority, lower is served first
     use_beam_search: Bool = False  # extension (vLLM's): the n best beams of a beam search of width n
     length_penalty: Float = 1.0  # extension (vLLM's): beams ranked by summed logprob / length ** length_penalty
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP:  # (as max_length, pydantic's error named the str branch)
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # A token id's digits: int() of a longer key ("9" * 5000) failed with Python's digit-limit message, which
+        # named no field.
+        for k in v or ():
+            if len(k) > 20:
+                raise ValueError(f"logit_bias keys must be token ids, got {k[:40]!r}...")
+        return v
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
