@@ -144,3 +144,24 @@ def test_bad_words_deduplicated_in_order(llm):
     seqs = bad_word_ids(llm.tokenizer, words)
     enc = [tuple(llm.tokenizer.encode(t, add_bos=False)) for t in ("hello", " hello", "world", " world")]
     assert seqs == list(dict.fromkeys(enc))
+
+
+def test_long_conversations_render_off_the_event_loop(http, monkeypatch):
+    """A chat of more than LOOP_MESSAGES messages is rendered in a worker thread (10^5 messages held the event loop,
+    and every other request, for seconds); a short one on the loop."""
+    import asyncio
+
+    seen = []
+    orig = serve_api._OpenAIServer._chat_ids
+
+    def spy(self, req, *a, **k):
+        seen.append((len(req.messages), asyncio._get_running_loop() is not None))
+        return orig(self, req, *a, **k)
+
+    monkeypatch.setattr(serve_api._OpenAIServer, "_chat_ids", spy)
+    n = serve_api.LOOP_MESSAGES + 1
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(n)]
+    for messages in (long, long[:1]):
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 1})
+        assert r.status_code in (200, 400), r.text  # the long one is past the context: a 400 after rendering
+    assert seen == [(n, False), (1, True)]
