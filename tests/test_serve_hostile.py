@@ -165,3 +165,11 @@ def test_long_conversations_render_off_the_event_loop(http, monkeypatch):
         r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 1})
         assert r.status_code in (200, 400), r.text  # the long one is past the context: a 400 after rendering
     assert seen == [(n, False), (1, True)]
+
+
+def test_logit_bias_keys_in_other_scripts_digits_refused(http):
+    # int() reads "١٢" (Arabic-Indic digits) as 12: a key that is not an id's ASCII digits is refused
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "logit_bias": {"١٢": 1}})
+    assert "logit_bias keys must be token ids" in _error(r, 400, "logit_bias")
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "logit_bias": {" 12": 1}})
+    assert r.status_code == 200, r.text

@@ -235,14 +235,16 @@ class SamplingParams:
         if self.logit_bias is not None:
             bias = {}
             for t, b in dict(self.logit_bias).items():
-                # ints, or their digits as strings (OpenAI sends the ids as JSON object keys); not floats or
-                # bools, which int() would quietly truncate to another id.
-                if isinstance(t, str) and t.strip().lstrip("+-").isdecimal():
+                # ints, or their ASCII digits as strings (OpenAI sends the ids as JSON object keys; int() also read
+                # other scripts' digits, and failed past 4,300 digits naming no field); not floats or bools, which
+                # int() would quietly truncate to another id.
+                digits = t.strip().lstrip("+-") if isinstance(t, str) else ""
+                if digits.isascii() and digits.isdecimal() and len(digits) <= 20:
                     tid = int(t)
                 elif is_int(t):
                     tid = t
                 else:
-                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r:.60}")
                 if tid < 0 or not is_number(b) or not -100 <= b <= 100:
                     raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {t!r}: {b!r}")
                 bias[tid] = float(b)

@@ -119,16 +119,6 @@ class _SamplingFields(_Body):
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        # A token id's digits: int() of a longer key ("9" * 5000) failed with Python's digit-limit message, which
-        # named no field.
-        for k in v or ():
-            if len(k) > 20:
-                raise ValueError(f"logit_bias keys must be token ids, got {k[:40]!r}...")
-        return v
-
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _keep_some(cls, v: int | None) -> int | None:
