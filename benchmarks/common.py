@@ -80,6 +80,15 @@ def covering_tokenizer(vocab_size: int, base: Tokenizer | None = None) -> Tokeni
     return tok
 
 
+def _fuse_rows(text: str) -> int:
+    """--fuse-dense-store: on (every step), off (none) or a step's most rows."""
+    if text in ("on", "off"):
+        return 1 << 30 if text == "on" else 0
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected on, off or a number of rows, got {text!r}")
+    return int(text)
+
+
 def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse with the engine options every engine benchmark shares and apply them."""
     from cpm4.engine import cuda_graph
@@ -108,13 +117,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
                     help="every decode kernel of ours (attention, GEMV) as a programmatic dependent launch in every "
                          "step (Hopper+; triton_decode.PDL, triton_gemv.PDL), or none (off); default the library's "
                          "(PDL in fused one-row steps only: cuda_graph.FUSED_PDL)")
-    ap.add_argument("--fuse-dense-store", choices=["on", "off"], default=None,
+    ap.add_argument("--fuse-dense-store", type=_fuse_rows, default=None, metavar="on|off|ROWS",
                     help="the dense paged decode stores the new keys/values in its attention launch (on), or by a "
-                         "launch of its own before it (off), at every batch size; default the library's (steps of "
-                         "up to triton_decode.FUSE_DENSE_STORE_ROWS rows in the launch, larger ones apart)")
-    ap.add_argument("--store-peel", action="store_true",
+                         "launch of its own before it (off), at every batch size, or in the launch for steps of up "
+                         "to ROWS rows; default the library's (triton_decode.FUSE_DENSE_STORE_ROWS)")
+    ap.add_argument("--store-peel", choices=["on", "off"], default=None,
                     help="with the store in the attention launch, the current token added after the tiles' loop "
-                         "rather than swapped into its tile (triton_decode.STORE_PEEL)")
+                         "(on) rather than swapped into its tile (off); default the library's "
+                         "(triton_decode.STORE_PEEL)")
     ap.add_argument("--union-tokens", type=int, choices=[0, 2, 4, 8], default=None,
                     help="InfLLM v2 prefill's stage 2 over the union of this many neighbouring tokens' blocks where "
                          "they overlap (triton_union.UNION_TOKENS; 0 off); default the library's (4)")
@@ -130,14 +140,14 @@ def parse_engine_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         from cpm4.kernels.infllm_v2 import triton_union
 
         triton_union.UNION_TOKENS = args.union_tokens
-    if args.store_peel:
+    if args.store_peel is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 
-        triton_decode.STORE_PEEL = True
+        triton_decode.STORE_PEEL = args.store_peel == "on"
     if args.fuse_dense_store is not None:
         from cpm4.kernels.infllm_v2 import triton_decode
 
-        triton_decode.FUSE_DENSE_STORE_ROWS = 1 << 30 if args.fuse_dense_store == "on" else 0
+        triton_decode.FUSE_DENSE_STORE_ROWS = args.fuse_dense_store
     if args.pdl is not None:
         from cpm4.kernels.gemv import triton_gemv
         from cpm4.kernels.infllm_v2 import triton_decode

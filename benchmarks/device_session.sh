@@ -829,19 +829,23 @@ batcheddecode)  # where FUSE_DENSE_STORE_ROWS and STORE_PEEL should stand (forty
     timeout 150 "$PY" benchmarks/batched_decode.py --config minicpm4-8b --batches 1 16 64 --lengths 1024 4096 \
         --out "${OUT:-benchmarks/results}"
     ;;
-peel8b)  # STORE_PEEL in the 8B's sparse decode (the LSE launch's completed key scored after its loop): 128K decode,
-    # the default and --store-peel alternated (its GPU tests: the tests stage's paged sparse decode)
+peel8b)  # STORE_PEEL in the 8B's sparse decode (the LSE launch's completed key scored after its loop): its GPU tests,
+    # then 128K decode with it off and on (the default) alternated
+    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py \
+        -k "stores_the_new_token or stores_and_pools" 2>&1 | tail -2
     i=0
-    for side in "" --store-peel "" --store-peel; do
+    for side in "--store-peel off" "" "--store-peel off" ""; do
         i=$((i + 1))
         timeout 140 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
             --decode-tokens 64 --no-peer $side --tag="-peel$i" --out "${OUT:-benchmarks/results}" 2>&1 \
             | grep -E "^decode" | sed "s/^/$i [${side:-default}] /"
     done
     ;;
-batchedab)  # the offline row (0.5B, 256 requests, compiled, one run each with the step trace)
+batchedab)  # the offline row (0.5B, 256 requests, compiled, one run each with the step trace): the store swapped
+    # into its tile up to 32 rows (the forty-seventh pass's rule), then the default (peeled, up to 128 rows), 64
     i=0
-    for side in "" "--fuse-dense-store on" "--fuse-dense-store on --store-peel" ""; do
+    for side in "--fuse-dense-store 32 --store-peel off" "" "--fuse-dense-store 64" \
+        "--fuse-dense-store 32 --store-peel off" ""; do
         i=$((i + 1))
         timeout 150 "$PY" benchmarks/serving.py --config minicpm4-0.5b --compile --trace --skip server $side \
             --out "${OUT:-/tmp}/ab$i" 2>&1 | grep -E "^  decode <=|^offline" | sed "s/^/$i [${side:-default}] /"

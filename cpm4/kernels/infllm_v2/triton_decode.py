@@ -673,15 +673,18 @@ PDL: bool | None = None
 # FUSE_DENSE_STORE_ROWS: decode steps of up to this many rows through the dense paged decode (no sparse config)
 # store the step's new keys/values inside its attention launch (`paged_decode(new_kv=...)`) rather than by
 # `append_kv` before it: one launch a layer fewer. H200, 0.5B (compiled): batch 1 0.77 / 0.84-0.85 ms a token at
-# 1K / 4K -> 0.75 / 0.82 (thirty-sixth pass), and steps of 2-32 rows 0-12 % faster; but of 128-256 rows 10-15 %
-# slower (1.71 -> 1.95 ms at 128), which cut nano-vllm's 256-request workload from 57.2K to 51.4K tok/s (the
-# forty-seventh pass, which found it). 0: never; large: always.
-FUSE_DENSE_STORE_ROWS = 32
+# 1K / 4K -> 0.75 / 0.82 (thirty-sixth pass). With the token swapped into its tile, steps of 128-256 rows were
+# 10-15 % slower (nano-vllm's 256-request row 57.2K -> 51.4K tok/s, forty-seventh pass), so the limit was 32.
+# Peeled (STORE_PEEL), one layer's launch (benchmarks/batched_decode.py, forty-eighth pass) beats the store apart
+# at 1-128 rows (0.5B 128 rows x 512 / 2048 tokens: 20.3 / 49.4 µs against 22.0 / 51.5; 8B 16 x 4K: 29.4 against
+# 31.8) but not at 256 (32.0 against 28.9 µs: one split a row there). 0: never; large: always.
+FUSE_DENSE_STORE_ROWS = 128
 # STORE_PEEL: with the store in the launch, the current token is left out of the tiles and added by split 0 after
-# its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots); so
-# too the kernel key it completes in the sparse step's log-sum-exp launch. A guess at why larger steps lost above
-# (not measured yet: `benchmarks/batched_decode.py` fused.peel rows; generation.py/serving.py --store-peel); off.
-STORE_PEEL = False
+# its loop, rather than swapped into its tile (a select on every K and V tile, between the loads and the dots, that
+# kept Triton from pipelining them); so too the kernel key it completes in the sparse step's log-sum-exp launch.
+# batched_decode.py fused.peel against fused: 8B batch 1 x 4K 8.9 against 10.4 µs, 16 x 4K 29.4 against 43.1,
+# 64 x 4K 81.0 against 130.2. On.
+STORE_PEEL = True
 # The paged attention launch's warps and pipeline stages (None: Triton's default), tuned at batch 1 over long
 # contexts; steps of many short rows may want others (`benchmarks/batched_decode.py` sweeps them: w<N>, s<N> rows).
 ATTEND_WARPS = 4
