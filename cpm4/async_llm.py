@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
-from .engine.generate import GenerationOutput, StreamDelta
+from .engine.generate import GenerationOutput, StreamDelta, name_logprobs, output_logprobs
 from .engine.params import RequestOutputKind, SamplingParams, check_no_lora, nth_seed
 from .model.config import is_int
 
@@ -249,7 +249,9 @@ class AsyncLLM:
                     choices = [_copy(o, params.detokenize) for o in outs]
                 else:
                     continue
-                yield _request_output(choices, finished)
+                out = _request_output(choices, finished)
+                name_logprobs(output_logprobs([out]), self.tokenizer.token_text)
+                yield out
         finally:
             if self._active.get(rid) is run:  # not a later call's that reused the id
                 self._active.pop(rid, None)

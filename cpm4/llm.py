@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .devices import resolve_device
-from .engine.generate import GenerationOutput, check_prompt_ids, context_length, fit_to_context, generate_stream
+from .engine.generate import (
+    GenerationOutput,
+    check_prompt_ids,
+    context_length,
+    fit_to_context,
+    generate_stream,
+    name_logprobs,
+    output_logprobs,
+)
 from .engine.generation_config import sampling_defaults, serving_config
 from .engine.offline import OfflineEngine, check_batch, check_options
 from .engine.params import check_no_lora
@@ -130,6 +138,7 @@ def _generate(engine: OfflineEngine, tokenizer: Tokenizer, prompts, params, use_
         params = [dataclasses.replace(sp, priority=p) if isinstance(sp, SamplingParams) else sp
                   for sp, p in zip(params, priority)]
     outs = engine.generate([_as_ids(tokenizer, p) for p in prompts], params, use_tqdm=use_tqdm)
+    name_logprobs(output_logprobs(outs), tokenizer.token_text)
     for o, p in zip(outs, prompts):
         rid = str(next(engine.request_ids))
         for c in {id(x): x for x in (o, *o.outputs)}.values():
@@ -314,8 +323,10 @@ class LLM:
         context = self.engine.context
         if self.engine.fixed_size:  # beams end ("length") where a fixed cache is full, as any output does there
             context = min(context, self.engine.prepare().cache_tokens)
-        return beam_search(lambda ps, sps: self.engine.generate(ps, sps), self.tokenizer.decode, ids, params,
+        outs = beam_search(lambda ps, sps: self.engine.generate(ps, sps), self.tokenizer.decode, ids, params,
                            self.model.config.eos_token_ids, context)
+        name_logprobs((lp for o in outs for b in o.sequences for lp in b.logprobs), self.tokenizer.token_text)
+        return outs
 
     def get_tokenizer(self) -> Any:
         """The checkpoint's Hugging Face tokenizer (vLLM's `get_tokenizer`): encode, decode, apply_chat_template.

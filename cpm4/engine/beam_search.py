@@ -113,7 +113,8 @@ class BeamSearch:
             candidates = dict(lp.top)
             candidates.setdefault(lp.token_id, lp.logprob)  # the sampled one, if outside the top (temperature)
             for tok, logprob in candidates.items():
-                new = BeamSearchSequence(b.tokens + [tok], b.logprobs + [TokenLogprob(tok, logprob, lp.top)],
+                entry = TokenLogprob(tok, logprob, lp.top, lp.rank if tok == lp.token_id else None)
+                new = BeamSearchSequence(b.tokens + [tok], b.logprobs + [entry],
                                          b.cum_logprob + logprob)
                 if tok in self.eos and not self.params.ignore_eos:
                     new.finish_reason, new.stop_reason = "stop", tok

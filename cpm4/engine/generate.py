@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,15 +89,53 @@ class GenerationOutput:
             self.logprobs += delta.logprobs
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's entry in a `TokenLogprob` read as vLLM's dict: its log-probability, its rank among the
+    vocabulary (1: the most likely) and its text (None where the output was not made by a front end with a
+    tokenizer)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
-class TokenLogprob:
-    """The sampled token's log-probability under the model (raw logits, before sampling transforms) and the
-    most likely alternatives, as OpenAI's `logprobs` reports them. logprob is None (and top empty) for a
-    prompt's first token, which nothing predicts."""
+class TokenLogprob(Mapping):
+    """The sampled token's log-probability under the model (raw logits, before sampling transforms), its rank
+    (1: the most likely; None where not computed) and the most likely alternatives, as OpenAI's `logprobs`
+    reports them. logprob is None (and top empty) for a prompt's first token, which nothing predicts.
+
+    It also reads as vLLM's `dict[int, Logprob]`: the sampled token first, then the alternatives
+    (`out.logprobs[i][out.token_ids[i]].logprob`); empty for a prompt's first token, where vLLM has None.
+    `text_of` (set by `LLM` and `AsyncLLM`) gives the entries' decoded_token."""
 
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]]
+    rank: int | None = None
+    text_of: Callable[[int], str] | None = field(default=None, repr=False, compare=False)
+
+    def _entries(self) -> dict[int, Logprob]:
+        if self.logprob is None:
+            return {}
+        text = self.text_of or (lambda _: None)
+        ranks = {t: r for r, (t, _) in reversed(list(enumerate(self.top, 1)))}  # the first of equal ids
+        own = self.rank if self.rank is not None else ranks.get(self.token_id)
+        out = {self.token_id: Logprob(float(self.logprob), own, text(self.token_id))}
+        for t, v in self.top:
+            if t not in out:
+                out[t] = Logprob(float(v), ranks[t], text(t))
+        return out
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 @dataclass
@@ -111,6 +149,21 @@ class StreamDelta:
     # cache, or not admitted yet).
     cached_tokens: int | None = None
     stop_reason: int | str | None = None  # on the last delta: `SequenceState.stop_reason`
+
+
+def name_logprobs(entries: Iterable[TokenLogprob | None], text_of: Callable[[int], str]) -> None:
+    """Give these logprobs entries their tokens' text (`TokenLogprob.text_of`: vLLM's decoded_token)."""
+    for lp in entries:
+        if lp is not None:
+            lp.text_of = text_of
+
+
+def output_logprobs(outputs: Iterable[GenerationOutput]) -> Iterator[TokenLogprob]:
+    """Every logprobs entry of these outputs: each completion's tokens', then the prompt's."""
+    for o in outputs:
+        for c in {id(x): x for x in (o, *o.outputs)}.values():
+            yield from c.logprobs or ()
+            yield from c.prompt_logprobs or ()
 
 
 def context_length(model: MiniCPM4ForCausalLM | MiniCPM4Config, max_model_len: int | None = None) -> int:
@@ -381,10 +434,17 @@ def finish_texts(states: Sequence[SequenceState]) -> list[str]:
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The sampled token's log-probability, rank (1 + the tokens strictly more likely) and the k most likely."""
     lp = torch.log_softmax(logits.float(), -1)
-    top = torch.topk(lp, k) if k else None
-    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return TokenLogprob(token, float(lp[token]), alts)
+    own = lp[token]
+    head = torch.stack([own, (lp > own).sum().to(lp.dtype) + 1])
+    if k:
+        top = torch.topk(lp, k)
+        head, ids = torch.cat([head, top.values]).tolist(), top.indices.tolist()  # one device read for the values
+        alts = list(zip(ids, head[2:]))
+    else:
+        head, alts = head.tolist(), []
+    return TokenLogprob(token, head[0], alts, int(head[1]))
 
 
 @torch.inference_mode()
@@ -403,13 +463,15 @@ def prompt_logprobs(model: MiniCPM4ForCausalLM, ids: Sequence[int], k: int, chun
     for s in range(0, len(ids) - 1, chunk):
         lp = torch.log_softmax(model.logits(h[s:s + chunk][: len(ids) - 1 - s]).float(), -1)
         tgt = targets[s:s + lp.shape[0]]
-        own = lp.gather(1, tgt[:, None])[:, 0].tolist()
+        own_t = lp.gather(1, tgt[:, None])
+        ranks = ((lp > own_t).sum(1) + 1).tolist()
+        own = own_t[:, 0].tolist()
         if k:
             top = torch.topk(lp, k, dim=-1)
             alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
         else:
             alts = [[] for _ in own]
-        out += [TokenLogprob(t, v, a) for t, v, a in zip(tgt.tolist(), own, alts)]
+        out += [TokenLogprob(t, v, a, r) for t, v, a, r in zip(tgt.tolist(), own, alts, ranks)]
     return out
 
 

@@ -466,6 +466,16 @@ class Tokenizer:
             return backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (what logprobs show for it; cached: ids recur)."""
+        cache = self.__dict__.setdefault("_token_texts", {})
+        text = cache.get(token_id)
+        if text is None:
+            if len(cache) >= 1 << 17:  # bounded: a vocabulary's worth at most
+                cache.clear()
+            text = cache[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
+
     @functools.cached_property
     def whole_decode_rule(self) -> tuple[frozenset[int], bool] | None:
         """When one decode of a run of ids gives the text of any split of it at character boundaries, joined:

@@ -126,7 +126,7 @@ class _TokenText:
         self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
 
     def _text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.tokenizer.token_text(token_id)
 
     def _skipped(self, token_id: int) -> bool:
         """A special token, which decoding with skip_special_tokens leaves out of the text."""
