@@ -118,3 +118,27 @@ def test_beam_search_logprobs_as_dicts(llm):
         for tok, entry in zip(gen, seq.logprobs):
             assert entry[tok].logprob == entry.logprob
             assert entry[tok].rank is not None and entry[tok].decoded_token is not None
+
+
+@pytest.mark.gpu
+def test_gpu_engine_logprob_ranks_against_float64(tiny_checkpoint):
+    """On CUDA (graphs, paged decode): each sampled token's rank and log-probability against float64 log-softmax of
+    the same model's logits recomputed on the CPU over the prompt and the tokens before it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    llm = LLM(tiny_checkpoint, device="cuda", dtype="float32", max_num_seqs=4, gpu_memory_utilization=0.2)
+    sp = SamplingParams(max_tokens=6, temperature=1.5, seed=3, logprobs=2, ignore_eos=True)
+    outs = llm.generate(["Hello there", "The quick brown fox"], sp)
+    model = llm.model.to("cpu")
+    for o in outs:
+        ids = o.prompt_token_ids + o.token_ids
+        with torch.no_grad():
+            logits = model.logits(model.hidden_states(torch.tensor([ids]))[0]).double()
+        for i, (tok, entry) in enumerate(zip(o.token_ids, o.logprobs)):
+            row = logits[len(o.prompt_token_ids) - 1 + i]
+            lp = torch.log_softmax(row, -1)
+            # float32 on the GPU: a rank between those of a token 1e-4 more and 1e-4 less likely
+            lo, hi = (1 + int((lp > lp[tok] + e).sum()) for e in (1e-4, -1e-4))
+            assert lo <= entry[tok].rank <= hi and hi - lo < 3
+            assert entry[tok].logprob == pytest.approx(torch.log_softmax(row, -1)[tok].item(), abs=1e-3)
+            assert entry[tok].decoded_token == llm.tokenizer.decode([tok], skip_special_tokens=False)
