@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cpm4 import LLM, AsyncLLM, BeamSearchParams, SamplingParams
-from cpm4.engine.generate import Logprob, TokenLogprob, prompt_logprobs, token_logprobs
+from cpm4.engine.generate import Logprob, TokenLogprob, prompt_logprobs, token_logprobs, token_logprobs_batch
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,22 @@ def test_token_logprobs_value_and_rank_against_float64():
             assert math.isclose(entry.logprob, ref[t].item(), abs_tol=1e-5)
             assert entry.rank == order.index(t) + 1
     assert token_logprobs(logits, order[3], 0).top == [] and token_logprobs(logits, order[3], 0).rank == 4
+
+
+def test_batch_of_rows_with_their_own_k_against_float64():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 300, generator=g) * 2
+    ref = torch.log_softmax(logits.double(), -1)
+    tokens, ks = [3, 17, 250, 0, 99], [0, 2, 5, 1, 0]
+    got = token_logprobs_batch(logits, tokens, ks)
+    for r, (lp, t, k) in enumerate(zip(got, tokens, ks)):
+        order = torch.argsort(ref[r], descending=True).tolist()
+        assert lp.token_id == t and lp.rank == naive_rank(logits[r], t)
+        assert math.isclose(lp.logprob, ref[r, t].item(), abs_tol=1e-5)
+        assert [i for i, _ in lp.top] == order[:k]
+        assert [v for _, v in lp.top] == pytest.approx(ref[r, order[:k]].tolist(), abs=1e-5)
+        assert lp == token_logprobs(logits[r], t, k)  # one row alone: the same entry
+    assert token_logprobs_batch(logits[:0], [], []) == []
 
 
 def test_prompt_logprobs_ranks_against_naive(llm):

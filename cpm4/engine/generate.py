@@ -435,16 +435,25 @@ def finish_texts(states: Sequence[SequenceState]) -> list[str]:
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """The sampled token's log-probability, rank (1 + the tokens strictly more likely) and the k most likely."""
+    return token_logprobs_batch(logits[None], [token], [k])[0]
+
+
+def token_logprobs_batch(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """`token_logprobs` of each row of logits [n, vocab] (its sampled token, its k) in one log-softmax, one top-k
+    at the largest k and one device read: a step's rows asking for logprobs pay for one sync, not two each."""
     lp = torch.log_softmax(logits.float(), -1)
-    own = lp[token]
-    head = torch.stack([own, (lp > own).sum().to(lp.dtype) + 1])
-    if k:
-        top = torch.topk(lp, k)
-        head, ids = torch.cat([head, top.values]).tolist(), top.indices.tolist()  # one device read for the values
-        alts = list(zip(ids, head[2:]))
-    else:
-        head, alts = head.tolist(), []
-    return TokenLogprob(token, head[0], alts, int(head[1]))
+    own = lp.gather(1, torch.tensor([int(t) for t in tokens], device=lp.device)[:, None])
+    parts = [own, (lp > own).sum(1, keepdim=True).to(lp.dtype) + 1]
+    kmax = max(ks, default=0)
+    if kmax:
+        top = torch.topk(lp, kmax, dim=-1)
+        # ids as float32: exact below 2^24 (vocabularies are far smaller), read with the values at once
+        parts += [top.values, top.indices.to(lp.dtype)]
+    out = []
+    for t, k, row in zip(tokens, ks, torch.cat(parts, 1).tolist()):
+        ids = row[2 + kmax:2 + kmax + k]
+        out.append(TokenLogprob(int(t), row[0], [(int(i), v) for i, v in zip(ids, row[2:2 + k])], int(row[1])))
+    return out
 
 
 @torch.inference_mode()

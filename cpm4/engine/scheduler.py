@@ -30,7 +30,7 @@ from cpm4.model.transfer import to_device
 
 from . import prefill_graphs as prefill_graphs_module
 from .cuda_graph import DecodeGraphs
-from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs
+from .generate import GenerationOutput, SequenceState, StreamDelta, checked_prompt, context_length, token_logprobs_batch
 from .paged import OutOfPages, PagedKVCache, SeqPages, cascade_on, kv_budget_bytes, page_size_for
 from .params import check_priority, check_scheduling_policy
 from .sampling import Sampler, SamplingParams, SamplingPlan, sample_batch, sample_tokens
@@ -730,17 +730,24 @@ class LLMEngine:
         the tokens were sampled from, for requests asking for logprobs."""
         out = []
         append = out.append
+        asked: list[tuple[int, int, int]] = []  # (row, its k, its delta) of the rows whose logprobs are wanted
         for i, (req, tok) in enumerate(zip(reqs, toks)):
             st = req.state
             text, new = st.step(tok)
             reason = st.finish_reason
             if text or new or reason:
-                k = st.params.logprobs
-                lps = [token_logprobs(logits[i], tok, k)] if k is not None and new else None
-                append((req.request_id, StreamDelta(0, text, new, reason, lps, req.cached_tokens,
+                if st.params.logprobs is not None and new:
+                    asked.append((i, st.params.logprobs, len(out)))
+                append((req.request_id, StreamDelta(0, text, new, reason, None, req.cached_tokens,
                                                     st.stop_reason if reason else None)))
             if reason is not None:
                 self._finish(req, reason)
+        if asked:  # all of the step's at once (one device read)
+            rows = [i for i, _, _ in asked]
+            lps = token_logprobs_batch(logits[to_device(rows, logits.device, torch.long)], [toks[i] for i in rows],
+                                       [k for _, k, _ in asked])
+            for (_, _, j), lp in zip(asked, lps):
+                out[j][1].logprobs = [lp]
         return out
 
     def warm_up(self, stop: Callable[[], bool] | None = None) -> None:
