@@ -39,6 +39,8 @@
 #   bash benchmarks/device_session.sh batcheddecode # the dense paged decode at many rows (batched_decode.py): store
 #                                               # apart / in the launch / peeled (STORE_PEEL), tiles; its GPU tests
 #   bash benchmarks/device_session.sh peel8b    # 8B 128K decode with and without STORE_PEEL
+#   bash benchmarks/device_session.sh splitwave # the dense paged decode at 64-256 rows: one split a row against the
+#                                               # default splits, the store apart and in the launch
 #   bash benchmarks/device_session.sh batchedab # the offline row: the default, the store in the launch at every
 #                                               # size, and that peeled
 #   bash benchmarks/device_session.sh rows      # sparse rows in one launch per stage: GPU tests, prefix caching
@@ -829,14 +831,21 @@ batcheddecode)  # where FUSE_DENSE_STORE_ROWS and STORE_PEEL should stand (forty
     timeout 150 "$PY" benchmarks/batched_decode.py --config minicpm4-8b --batches 1 16 64 --lengths 1024 4096 \
         --out "${OUT:-benchmarks/results}"
     ;;
-peel8b)  # STORE_PEEL in the 8B's sparse decode (the LSE launch's completed key scored after its loop): its GPU tests,
-    # then 128K decode with it off and on (the default) alternated
-    timeout 200 "$PY" -m pytest -m gpu -p no:warnings -q -x tests/test_infllm_v2_triton.py \
-        -k "stores_the_new_token or stores_and_pools" 2>&1 | tail -2
+splitwave)  # one split a row once a step's (row, KV head) programs fill the SMs (forty-eighth pass: the store
+    # apart with one split beat the default two at 128 rows x 512-2048 of the 0.5B; the store in the launch lost at
+    # 256 rows, where one split is the default): each store path at the default splits and at one, and at two
+    timeout 250 "$PY" benchmarks/batched_decode.py --config minicpm4-0.5b --batches 64 96 128 192 256 \
+        --variants apart fused.peel apart.sp1 fused.peel.sp1 apart.sp2 fused.peel.sp2 --out "${OUT:-benchmarks/results}"
+    timeout 150 "$PY" benchmarks/batched_decode.py --config minicpm4-8b --batches 32 64 128 --lengths 1024 4096 \
+        --variants apart fused.peel apart.sp1 fused.peel.sp1 --out "${OUT:-benchmarks/results}"
+    ;;
+peel8b)  # STORE_PEEL in the 8B's sparse decode (the LSE launch's completed key scored after its loop): 128K decode
+    # with it off and on (the default) alternated (its GPU tests passed in the forty-eighth pass)
     i=0
-    for side in "--store-peel off" "" "--store-peel off" ""; do
+    # 190 s a run: the call's first run compiles cold (the forty-eighth pass's took over 150 s)
+    for side in "--store-peel off" "" "--store-peel off"; do
         i=$((i + 1))
-        timeout 140 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
+        timeout 190 "$PY" benchmarks/generation.py --config minicpm4-8b --contexts 131072 --sparse-only --compile \
             --decode-tokens 64 --no-peer $side --tag="-peel$i" --out "${OUT:-benchmarks/results}" 2>&1 \
             | grep -E "^decode" | sed "s/^/$i [${side:-default}] /"
     done
