@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -83,7 +84,31 @@ def bounded(cast: Callable[[str], Any], what: str, low: float | None = None, hig
 
 positive_int = bounded(int, "a positive integer", 1)
 # the engine's own rule (`context_length`): one prompt token and one generated
-_max_model_len = bounded(int, "an integer >= 2 (prompt + output)", 2)
+_plain_max_model_len = bounded(int, "an integer >= 2 (prompt + output)", 2)
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _max_model_len(text: str) -> int | None:
+    """--max-model-len as vLLM spells it, so a command line copied from vLLM means the same here: an integer, or
+    with vLLM's suffixes k/m/g/t (powers of 1000: 25.6k = 25600) or K/M/G/T (powers of 1024, whole numbers
+    only: 32K = 32768), or auto / -1 (vLLM: the most that fits; here the default, the model's context). "32k"
+    was refused as not an integer."""
+    text = text.strip()
+    if text.lower() == "auto" or text == "-1":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", text)
+    if match is None:
+        return _plain_max_model_len(text)
+    number, suffix = match.groups()
+    if suffix in _BINARY:
+        if "." in number:  # as vLLM: 1.5K is no whole number of tokens
+            raise argparse.ArgumentTypeError(f"decimals are not allowed with the binary suffix {suffix}, got "
+                                             f"{text!r} (did you mean {number}{suffix.lower()}?)")
+        value = int(number) * _BINARY[suffix]
+    else:
+        value = int(float(number) * _DECIMAL[suffix])
+    return _plain_max_model_len(str(value))
 
 
 def add_max_model_len_arg(p: argparse.ArgumentParser) -> None:
@@ -91,7 +116,8 @@ def add_max_model_len_arg(p: argparse.ArgumentParser) -> None:
     checked by the engine once the config is read."""
     p.add_argument("--max-model-len", type=_max_model_len, default=None,
                    help="longest sequence, prompt + output (default: the model's context; at most that); on the "
-                   "CPU the default KV cache is sized by it")
+                   "CPU the default KV cache is sized by it; vLLM's spellings: 32k = 32000, 32K = 32768, auto or "
+                   "-1 = the default")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

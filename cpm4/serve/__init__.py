@@ -135,7 +135,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
              revision: str | None = None, enable_prefix_caching: bool = True,
              cascade_decode: bool | None = None, scheduling_policy: str = "fcfs",
              tokenizer: str | os.PathLike | None = None, log_requests: bool = False,
-             max_log_len: int | None = None) -> tuple[FastAPI, AsyncEngine]:
+             max_log_len: int | None = None, seed: int | None = None, max_logprobs: int | None = None,
+             return_tokens_as_token_ids: bool = False, fastapi_docs: bool = True) -> tuple[FastAPI, AsyncEngine]:
     """Load `model_dir` (a checkpoint folder, or a Hugging Face Hub model id fetched at `revision`) into a running
     engine and the FastAPI app over it: what `serve` runs under uvicorn and `cpm4 run-batch` calls in-process. The
     caller shuts the engine down. `model_name` defaults to the folder name (a Hub id: the id, as vLLM names it);
@@ -153,7 +154,8 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
     rows (see `LLMEngine`; None: on). scheduling_policy: "fcfs", or "priority" (requests' `priority` field, lower
     first; see `LLMEngine`), as vLLM's --scheduling-policy. tokenizer: a folder or Hub id whose tokenizer (and chat
     template) is used instead of the checkpoint's (vLLM's --tokenizer; the checkpoint then needs none).
-    log_requests, max_log_len: a log line per engine request (`create_app`)."""
+    log_requests, max_log_len: a log line per engine request; seed, max_logprobs, return_tokens_as_token_ids,
+    fastapi_docs: vLLM's server options of those names (`create_app`)."""
     from cpm4.engine.params import check_scheduling_policy
 
     from .reasoning import check_reasoning_parser
@@ -192,7 +194,9 @@ def load_app(model_dir: str | os.PathLike, *, device: str | None = None, dtype: 
                 "none)", defaults)
         app = create_app(engine, names, api_key=api_key, log_stats_interval=log_stats_interval or None,
                          sampling_defaults=defaults, reasoning_parser=reasoning_parser,
-                         allowed_origins=allowed_origins, log_requests=log_requests, max_log_len=max_log_len)
+                         allowed_origins=allowed_origins, log_requests=log_requests, max_log_len=max_log_len,
+                         seed=seed, max_logprobs=max_logprobs, return_tokens_as_token_ids=return_tokens_as_token_ids,
+                         fastapi_docs=fastapi_docs)
     except BaseException:
         engine.shutdown()
         raise

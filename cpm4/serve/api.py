@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import math
+import random
 import re
 import time
 import uuid
@@ -38,11 +39,13 @@ from cpm4.engine.params import (
     truncate_prompt,
     valid_text,
 )
+from cpm4.model.config import is_int
 from cpm4.model.tokenizer import Tokenizer, openai_message
 
 from .engine import AsyncEngine, EngineClosedError
 from .protocol import (
     MAX_CHOICES,
+    MAX_LOGPROBS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -170,6 +173,21 @@ class _OpenAIServer:
         self.created = int(time.time())
         self.tokens = _TokenText(engine.tokenizer)
         self.metrics: ServerMetrics | None = None  # /metrics (create_app sets it; none without prometheus-client)
+        self.seeds: random.Random | None = None
+        self.max_logprobs = MAX_LOGPROBS
+        self.tokens_as_ids = False
+
+    def configure(self, seed: int | None = None, max_logprobs: int | None = None,
+                  return_tokens_as_token_ids: bool = False) -> None:
+        """vLLM's server-wide options (`create_app`): the seed unseeded requests' seeds are drawn from, the
+        logprobs cap, logprobs' tokens as "token_id:ID" by default."""
+        if max_logprobs is not None and not (is_int(max_logprobs) and 0 <= max_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"max_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {max_logprobs!r}")
+        if seed is not None and not is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seeds = None if seed is None else random.Random(seed)
+        self.max_logprobs = MAX_LOGPROBS if max_logprobs is None else max_logprobs
+        self.tokens_as_ids = bool(return_tokens_as_token_ids)
 
     # ----- shared request handling -----
 
@@ -205,6 +223,10 @@ class _OpenAIServer:
         """grammar: SamplingParams' grammar fields (guided_json or structural_tag), from the request field
         grammar_param, which a 400 for a schema that does not compile names. The request's own guided_json /
         guided_regex / guided_choice / guided_grammar / structured_outputs (vLLM's) go in as they are."""
+        if logprobs is not None and logprobs > self.max_logprobs:  # a 400 as vLLM's past its --max-logprobs
+            param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+            raise APIError(400, f"{param} {logprobs} is more than this server's --max-logprobs "
+                           f"{self.max_logprobs}", param=param)
         d = self.defaults
         fields = dict(grammar or {})
         where = dict.fromkeys(fields, grammar_param)  # SamplingParams field -> the request field that gave it
@@ -392,7 +414,10 @@ class _OpenAIServer:
         return watch.disconnected
 
     def _seeds(self, seed: int | None, n: int) -> list[int | None]:
-        # n > 1 with a seed: one distinct, reproducible seed per choice.
+        # n > 1 with a seed: one distinct, reproducible seed per choice. With --seed an unseeded request takes the
+        # next from the server's seeded generator, so the run repeats as vLLM's does with its seed.
+        if seed is None and self.seeds is not None:
+            seed = self.seeds.getrandbits(63)
         return [nth_seed(seed, j) for j in range(n)]
 
     def _token_str(self, token_id: int, as_ids: bool) -> str:
@@ -556,7 +581,7 @@ class _OpenAIServer:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
-        as_ids = req.return_tokens_as_token_ids
+        as_ids = req.return_tokens_as_token_ids or self.tokens_as_ids
         skip = req.skip_special_tokens is not False
         include_usage, continuous = usage_options(req)
 
@@ -743,7 +768,7 @@ class _OpenAIServer:
         coalesce = not parse_tools and not self.reasoning_parser
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        as_ids = req.return_tokens_as_token_ids
+        as_ids = req.return_tokens_as_token_ids or self.tokens_as_ids
         include_usage, continuous = usage_options(req)
 
         # As OpenAI: "tool_calls" when the model called tools on its own ("auto") or had to ("required"), but
@@ -948,7 +973,9 @@ async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:
 def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str | None = None,
                log_stats_interval: float | None = None, sampling_defaults: dict[str, Any] | None = None,
                reasoning_parser: str | None = None, allowed_origins: Sequence[str] | None = None,
-               log_requests: bool = False, max_log_len: int | None = None) -> FastAPI:
+               log_requests: bool = False, max_log_len: int | None = None, seed: int | None = None,
+               max_logprobs: int | None = None, return_tokens_as_token_ids: bool = False,
+               fastapi_docs: bool = True) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving `model_name` (several names: responses carry the first, requests
     may name any, /v1/models lists all, as vLLM's --served-model-name a b). log_stats_interval: seconds between the
     vLLM-style throughput lines logged to `cpm4.serve` at INFO while the app runs (None: none).
@@ -960,7 +987,11 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
     call the API (CORS; "*" for any); None: none (vLLM allows any by default, which lets every web page the
     user opens reach a server on their loopback). log_requests: log each engine request (id, prompt, params) to
     `cpm4.serve` at INFO, the prompt cut to max_log_len characters and ids (vLLM's --enable-log-requests,
-    --max-log-len).
+    --max-log-len). seed: requests without a seed draw theirs from a generator seeded with it (vLLM's --seed:
+    a run repeats when its requests come in the same order). max_logprobs: the most logprobs / top_logprobs a
+    request may ask for (vLLM's --max-logprobs; at most MAX_LOGPROBS). return_tokens_as_token_ids: logprobs
+    name tokens "token_id:ID" for every request (vLLM's flag). fastapi_docs: False serves no /docs, /redoc nor
+    /openapi.json (vLLM's --disable-fastapi-docs).
 
     `engine_or_llm` is an `AsyncEngine` (the caller owns and shuts it down) or anything with `model` and
     `tokenizer` attributes such as `cpm4.LLM` (an engine is made for it and shut down with the app)."""
@@ -973,6 +1004,7 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
     if sampling_defaults is None:
         sampling_defaults = getattr(engine_or_llm, "sampling_defaults", None)
     server = _OpenAIServer(engine, model_name, sampling_defaults, reasoning_parser, log_requests, max_log_len)
+    server.configure(seed, max_logprobs, return_tokens_as_token_ids)
 
     stats = StatsLogger(engine, log_stats_interval) if log_stats_interval else None
 
@@ -987,7 +1019,8 @@ def create_app(engine_or_llm: Any, model_name: str | Sequence[str], api_key: str
             if owned:
                 await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="cpm4 OpenAI-compatible server", lifespan=lifespan)
+    docs = {} if fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="cpm4 OpenAI-compatible server", lifespan=lifespan, **docs)
     app.state.engine = engine
     app.state.model_name = server.model_name
     if api_key:

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg, dtype_arg
 from cpm4.cli import positive_int as _positive
@@ -30,7 +30,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 reasoning_parser=args.reasoning_parser, engine_process=args.engine_process, revision=args.revision,
                 enable_prefix_caching=args.enable_prefix_caching, cascade_decode=args.cascade_decode,
                 scheduling_policy=args.scheduling_policy, tokenizer=args.tokenizer,
-                log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+                log_requests=args.enable_log_requests, max_log_len=args.max_log_len, seed=args.seed,
+                max_logprobs=args.max_logprobs, return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           allowed_origins=[o for group in args.allowed_origins for o in group] if args.allowed_origins else None,
           log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
           ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
-          root_path=args.root_path, **engine_options(args))
+          root_path=args.root_path, fastapi_docs=not args.disable_fastapi_docs, **engine_options(args))
     return 0
 
 
@@ -70,6 +71,34 @@ def _api_key(text: str) -> str:
     return text
 
 
+def _only(*taken: str, why: str) -> Callable[[str], str]:
+    """An argparse type for a vLLM engine option cpm4 has no counterpart of: the values that would change nothing
+    here (vLLM's defaults, one device) are taken so vLLM's command lines run; any other is a usage error that
+    says why, naming the option (it was "unrecognized arguments", which does not say whether cpm4 ignores the
+    value, lacks the feature, or spells it otherwise)."""
+    def parse(text: str) -> str:
+        if text.lower() in taken:
+            return text
+        if not taken:
+            raise argparse.ArgumentTypeError(f"not available: {why} (got {text!r})")
+        raise argparse.ArgumentTypeError(f"{why}: only {' or '.join(taken)} is taken, got {text!r}")
+    return parse
+
+
+def _max_logprobs(text: str) -> int:
+    from .protocol import MAX_LOGPROBS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_LOGPROBS:  # vLLM's -1 (the whole vocabulary) too: the requests' fields stop at 20
+        raise argparse.ArgumentTypeError(f"cpm4 returns at most {MAX_LOGPROBS} logprobs per token: expected an "
+                                         f"integer in [0, {MAX_LOGPROBS}], got {text!r}")
+    return value
+
+
+_ONE_DEVICE = "cpm4 runs a model on one device (no tensor, pipeline or data parallelism)"
 _non_negative = bounded(float, "a number >= 0", 0)
 _count = bounded(int, "an integer >= 0", 0)
 # uvicorn would take 70000 modulo 65536 and print 70000
@@ -147,6 +176,45 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --enable-log-requests: at most this many prompt characters and ids per line")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM's command lines; cpm4 runs MiniCPM4 with its own code, no checkpoint code")
+    p.add_argument("--seed", type=int, default=None,
+                   help="vLLM's engine seed: requests without a `seed` field draw theirs from a generator seeded "
+                   "with this, so a run's requests, sent in the same order, sample the same (default: unseeded)")
+    p.add_argument("--response-role", type=_only("assistant", why="chat replies carry the role assistant"),
+                   default="assistant", help="vLLM's option, taken at its default only")
+    p.add_argument("--max-logprobs", type=_max_logprobs, default=None,
+                   help="most logprobs / top_logprobs a request may ask for, at most 20 (vLLM's option; default 20)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens as 'token_id:ID' unless a request says otherwise (vLLM's option; the "
+                   "request field of that name does it per request)")
+    add_vllm_engine_args(p)
+
+
+def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
+    """vLLM engine options with no counterpart in cpm4, taken so that a vLLM command line runs unchanged where its
+    value changes nothing here, and refused naming the option and why where it would (`_only`)."""
+    g = p.add_argument_group("vLLM options with nothing to do in cpm4 (values that change nothing are taken)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=_only("1", why=_ONE_DEVICE), default="1")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=_only("1", why=_ONE_DEVICE), default="1")
+    g.add_argument("--data-parallel-size", "-dp", type=_only("1", why=_ONE_DEVICE), default="1")
+    g.add_argument("--distributed-executor-backend", default=None, help="ignored (one process, one device)")
+    g.add_argument("--quantization", "-q", type=_only(why="cpm4 runs the checkpoint's unquantized weights "
+                                                      "(--dtype float32, bfloat16 or float16)"), default=None)
+    g.add_argument("--kv-cache-dtype", type=_only("auto", why="the KV cache is kept in the model's dtype"),
+                   default="auto")
+    g.add_argument("--load-format", type=_only("auto", "safetensors", why="cpm4 reads safetensors checkpoints"),
+                   default="auto")
+    g.add_argument("--tokenizer-mode", type=_only("auto", "hf", why="cpm4 loads the checkpoint's Hugging Face "
+                                                  "tokenizer"), default="auto")
+    g.add_argument("--cpu-offload-gb", type=_only("0", why="cpm4 keeps all weights on the device"), default="0")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="ignored: prompts are always prefilled in chunks of --max-num-batched-tokens")
+    g.add_argument("--block-size", type=_positive, default=None,
+                   help="ignored: KV pages are 64 tokens, InfLLM v2's block")
+    g.add_argument("--swap-space", type=_non_negative, default=None,
+                   help="ignored: a preempted request is recomputed, not swapped to host memory")
+    g.add_argument("--max-seq-len-to-capture", type=_positive, default=None,
+                   help="ignored: decode CUDA graphs cover every sequence length")
+    g.add_argument("--disable-custom-all-reduce", action="store_true", help="ignored (one device)")
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -175,6 +243,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--ssl-certfile", default=None, help="HTTPS: the server's certificate chain (PEM)")
     p.add_argument("--ssl-ca-certs", default=None, help="HTTPS: CA certificates for client certificates")
     p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves the API under")
+    p.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="no /docs, /redoc nor /openapi.json (vLLM's option)")
     p.set_defaults(func=cmd_serve)
     return p
 
