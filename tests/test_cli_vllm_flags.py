@@ -132,3 +132,53 @@ def test_server_options_do_what_vllms_do(ckpt, capsys, monkeypatch):
     plain = serve_once()
     assert plain["docs"] == (200, 200)
     assert plain["too_many"][0] == 200 and not any(t.startswith("token_id:") for t in plain["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench serve as `vllm bench serve` is driven
+
+
+def test_bench_serve_takes_vllms_options(tmp_path, monkeypatch):
+    """--host/--port name the server (they were unrecognized), vLLM's bare --save-result with --result-dir and
+    --result-filename saves there (it was "expected one argument"), and --backend vllm, --dataset-name random,
+    --endpoint /v1/completions, --ignore-eos (what the benchmark does) are taken. The server's side is faked:
+    /v1/models and the clients."""
+    import io
+    import json
+
+    seen: dict[str, Any] = {}
+
+    def urlopen(req, timeout):
+        seen["url"] = req.full_url
+        return io.BytesIO(json.dumps({"data": [{"id": "org/served", "vocab_size": 500}]}).encode())
+
+    def run_clients(base, model, reqs, warm, **kw):
+        seen["base"], seen["model"] = base, model
+        results = [{"ttft_s": 0.1, "total_s": 0.2, "itl_s": [0.1] * (r.max_tokens - 1), "tokens": r.max_tokens,
+                    "error": None} for r in reqs]
+        return {"wall_s": 1.0, "results": results, "client": "fake", "processes": 1, "client_cpu_s": 0.0}
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    monkeypatch.setattr("cpm4.serve.bench.run_clients", run_clients)
+    common = ["bench", "serve", "--host", "localhost", "--port", "8123", "--backend", "vllm", "--dataset-name",
+              "random", "--endpoint", "/v1/completions", "--ignore-eos", "--num-prompts", "2",
+              "--random-input-len", "4", "--random-output-len", "3"]
+    assert main([*common, "--save-result", "--result-dir", str(tmp_path / "a"), "--result-filename", "r.json"]) == 0
+    assert seen["url"] == "http://localhost:8123/v1/models" and seen["base"] == "http://localhost:8123"
+    assert json.loads((tmp_path / "a" / "r.json").read_text())["completed"] == 2
+    # bare --save-result: vLLM's name from backend, rate and model, in --result-dir
+    assert main([*common, "--save-result", "--result-dir", str(tmp_path / "b")]) == 0
+    [saved] = (tmp_path / "b").iterdir()
+    assert saved.name.startswith("vllm-infqps-served-") and saved.suffix == ".json"
+    # cpm4's --save-result FILE and --base-url as before
+    out = tmp_path / "c.json"
+    assert main([*common, "--base-url", "http://127.0.0.1:9/v1", "--save-result", str(out)]) == 0
+    assert seen["base"] == "http://127.0.0.1:9" and json.loads(out.read_text())["completed"] == 2
+
+
+@pytest.mark.parametrize("argv,needle", [(["--dataset-name", "sharegpt"], "random token ids"),
+                                         (["--backend", "openai-chat"], "/v1/completions"),
+                                         (["--port", "70000"], "[0, 65535]")])
+def test_bench_serve_refuses_what_it_does_not_do(capsys, argv, needle):
+    line = refused(["bench", "serve", *argv], capsys)
+    assert argv[0] in line and needle in line

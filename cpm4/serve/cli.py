@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 from cpm4.cli import DEFAULT_MODEL, add_max_model_len_arg, bounded, device_arg, dtype_arg
@@ -324,7 +325,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     from .bench import default_client_processes, format_summary, random_requests, run_clients, summarize
 
-    base = args.base_url.rstrip("/")
+    # vLLM's bench names the server by --host/--port unless --base-url is given
+    base = (args.base_url or f"http://{_url_host(args.host)}:{args.port}").rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
     key = args.api_key
@@ -357,12 +359,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                           processes=processes, max_concurrency=args.max_concurrency, api_key=key)
     s = summarize(rep, reqs)
     print(format_summary(s))
-    if args.save_result:
+    if args.save_result or args.result_filename:
         from pathlib import Path
 
         from cpm4.model.config import write_text_atomic
 
-        out = Path(args.save_result)
+        out = Path(args.result_dir or ".") / _result_name(args, model)
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"base_url": base, "model": model, "num_prompts": args.num_prompts,
                "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
@@ -372,6 +374,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         write_text_atomic(out, json.dumps(doc, indent=1))  # never a half-written result, nor a left temp file
         print(f"[cpm4] wrote {out}", file=sys.stderr)
     return 0 if s["failed"] == 0 else 1
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a URL
+
+
+def _result_name(args: argparse.Namespace, model: str) -> str:
+    """--save-result FILE (cpm4's), else vLLM's --result-filename, else vLLM's default name for its bare
+    --save-result: backend, rate, model and time."""
+    if isinstance(args.save_result, str):
+        return args.save_result
+    if args.result_filename:
+        return args.result_filename
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{args.backend}-{args.request_rate}qps-{model.rsplit('/', 1)[-1]}-{stamp}.json"
 
 
 def _rate(text: str) -> str:
@@ -392,7 +409,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     sub = p.add_subparsers(dest="bench_command", required=True)
     q = sub.add_parser("serve", help="stream random token-id prompts to a running OpenAI-compatible server and "
                        "report throughput, TTFT, TPOT, inter-token latency (as vLLM's bench serve)")
-    q.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
+    q.add_argument("--base-url", default=None,
+                   help="the server (with or without /v1; default: http://HOST:PORT)")
+    q.add_argument("--host", default="127.0.0.1", help="the server's host, without --base-url (vLLM's option)")
+    q.add_argument("--port", type=_port, default=8000, help="the server's port, without --base-url (vLLM's option)")
     q.add_argument("--model", default=None, help="model id (default: the server's first in /v1/models)")
     q.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("CPM4_API_KEY"),
                    help="bearer key (default: $OPENAI_API_KEY or $CPM4_API_KEY)")
@@ -416,6 +436,18 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     q.add_argument("--client-processes", type=_positive, default=None,
                    help="processes the clients are spread over (default: half the cores, at most 8; one Python "
                    "process cannot parse the chunks of many fast streams in time)")
-    q.add_argument("--save-result", default=None, metavar="FILE", help="also write the figures as JSON")
+    q.add_argument("--save-result", nargs="?", const=True, default=None, metavar="FILE",
+                   help="also write the figures as JSON, to FILE (bare, as vLLM's: --result-dir/--result-filename, "
+                   "else a name from the backend, rate, model and time)")
+    q.add_argument("--result-dir", default=None, help="the folder of the saved result (vLLM's option)")
+    q.add_argument("--result-filename", default=None, help="the saved result's file name (vLLM's; implies saving)")
+    # vLLM's workload options, at the values that are what this benchmark does
+    q.add_argument("--backend", type=_only("vllm", "openai", why="the benchmark streams /v1/completions"),
+                   default="vllm")
+    q.add_argument("--endpoint", type=_only("/v1/completions", why="the benchmark streams /v1/completions"),
+                   default="/v1/completions")
+    q.add_argument("--dataset-name", type=_only("random", why="the prompts are random token ids "
+                                                "(--random-input-len, --random-prefix-len)"), default="random")
+    q.add_argument("--ignore-eos", action="store_true", help="taken: requests always ignore EOS")
     q.set_defaults(func=cmd_bench_serve)
     return p
