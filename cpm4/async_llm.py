@@ -220,7 +220,10 @@ class AsyncLLM:
                 while True:  # what else has arrived, given in one output
                     j, d = item
                     if isinstance(d, BaseException):
-                        raise d
+                        try:
+                            raise d
+                        finally:  # the error keeps this frame: naming it here made a cycle that held its cause's
+                            item = d = None  # frames (a failed step's logits) until the garbage collector ran
                     if not ended[j]:
                         if j not in changed:
                             changed[j] = outs[j] if kind is not RequestOutputKind.DELTA else \
@@ -260,6 +263,10 @@ class AsyncLLM:
             for t in tasks:  # each stream aborts its engine request as it closes
                 with contextlib.suppress(BaseException):
                     await t
+            # Another completion's error left unread keeps its frames, the pumps' among them, which name this queue:
+            # a cycle that held the error's cause (a failed step's logits) until the garbage collector ran.
+            while not queue.empty():
+                queue.get_nowait()
 
     async def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
                    request_id: str | None = None, *, add_generation_prompt: bool = True,

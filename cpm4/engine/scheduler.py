@@ -337,10 +337,16 @@ class LLMEngine:
         if self._held:
             out, self._held = self._held + out, []
         if self._failed:
-            failed, self._failed = self._failed, {}
             self._held = out
-            raise RequestError(failed)
+            # The errors go unnamed in this frame: a processor's error keeps the frames it passed through (this one
+            # too) with their locals, and one naming it made a cycle that held the step's logits and the batch's
+            # requests until the garbage collector ran (by reference counting alone, as everything else is freed).
+            raise RequestError(self._take_failed())
         return out
+
+    def _take_failed(self) -> dict[str, Exception]:
+        failed, self._failed = self._failed, {}
+        return failed
 
     def _step(self) -> list[tuple[str, StreamDelta]]:
         out: list[tuple[str, StreamDelta]] = []
@@ -470,6 +476,10 @@ class LLMEngine:
             req.pages = None
         if req in self.running:
             self.running.remove(req)
+            if not self.running:
+                # Nothing runs that could sample with the cached batch again: let its requests go (their states,
+                # params, logits processors and grammar matchers stayed for as long as the engine sat idle).
+                self._sampling = None
         if req in self.waiting:
             self.waiting.remove(req)
         self.by_id.pop(req.request_id, None)
@@ -697,10 +707,14 @@ class LLMEngine:
             failed: list[tuple[int, Exception]] = []
             toks = sample_batch(logits, samplers, params, history, plan, outputs, failed)
             if failed:  # (a logits processor raised) those requests end here, the others take their tokens
-                for i, err in failed:
-                    self._failed[reqs[i].request_id] = err
+                rows = [i for i, _ in failed]
+                self._failed.update((reqs[i].request_id, e) for i, e in failed)
+                # Emptied, and no error left named here: every sampling frame below named this list, and the errors
+                # keep those frames (see `step`).
+                failed.clear()
+                for i in rows:
                     self._finish(reqs[i], "error")
-                bad = {i for i, _ in failed}
+                bad = set(rows)
                 keep = [i for i in range(len(reqs)) if i not in bad]
                 reqs, toks = [reqs[i] for i in keep], [toks[i] for i in keep]
                 logits = logits[to_device(keep, logits.device, torch.long)]

@@ -297,7 +297,10 @@ class AsyncEngine:
                     return
                 if isinstance(item, BaseException):
                     ended, reason = True, "error"
-                    raise item
+                    try:
+                        raise item
+                    finally:  # the error keeps this frame: naming it here made a cycle that held its cause's frames
+                        item = None
                 if item.token_ids:
                     if ttft is None:
                         ttft = time.monotonic() - t0
@@ -506,17 +509,7 @@ class AsyncEngine:
                 with self._model_lock:
                     deltas = sched.step()
             except RequestError as err:
-                # Requests whose logits processor raised: each ends with an EngineError caused by that error; the
-                # scheduler and the others go on (their deltas of this step come with the next one).
-                for rid, cause in err.errors.items():
-                    req = active.pop(rid, None)
-                    if req is None:
-                        continue
-                    with self._cond:
-                        self._finish(req, "error")
-                    exc = EngineError(RequestError.describe(rid, cause))
-                    exc.__cause__ = cause
-                    self._post(req, exc)
+                self._fail_requests(err, active)
                 continue
             except Exception as err:  # fail the requests in flight, keep serving later ones
                 log.exception("generation step failed for %s", list(active))
@@ -549,6 +542,20 @@ class AsyncEngine:
                     out.append((req, _END))
                     del active[rid]
             self._post_all(out)
+
+    def _fail_requests(self, err: RequestError, active: dict[str, _Request]) -> None:
+        """Requests whose logits processor raised: each ends with an EngineError caused by that error; the scheduler
+        and the others go on (their deltas of that step come with the next one). In a frame of its own: the worker
+        loop's, which never returns, kept the last error named (and with it the frames and logits it holds)."""
+        for rid, cause in err.errors.items():
+            req = active.pop(rid, None)
+            if req is None:
+                continue
+            with self._cond:
+                self._finish(req, "error")
+            exc = EngineError(RequestError.describe(rid, cause))
+            exc.__cause__ = cause
+            self._post(req, exc)
 
     def _worker_loop(self) -> None:
         while (batch := self._next_batch()) is not None:

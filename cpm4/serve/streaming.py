@@ -47,7 +47,10 @@ async def merge_streams(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncI
             if item is done:
                 left -= 1
             elif isinstance(item, Exception):
-                raise item
+                try:
+                    raise item
+                finally:  # the error keeps this frame: naming it here made a cycle that held its cause's frames
+                    item = None
             else:
                 yield i, item
     finally:
@@ -55,6 +58,10 @@ async def merge_streams(streams: Sequence[AsyncIterator[StreamDelta]]) -> AsyncI
             t.cancel()
         # Let the aborts run now rather than whenever the tasks are next scheduled.
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Another stream's error left unread keeps its frames, the pumps' among them, which name this queue: a
+        # cycle that held the error's cause (a failed step's logits) until the garbage collector ran.
+        while not queue.empty():
+            queue.get_nowait()
 
 
 class DisconnectWatch:
