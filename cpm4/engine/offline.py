@@ -128,6 +128,10 @@ class OfflineEngine:
         self.warm = warm_up
         self.engine: LLMEngine | None = None
         self.request_ids = itertools.count()  # the outputs' request_id, as vLLM's LLM numbers its requests
+        # The one `stream` whose request may be on the engine (an iterator not read to its end nor closed); a later
+        # call ends it, so its request never mixes into that call's steps.
+        self._open_stream: str | None = None
+        self._stream_ids = itertools.count()
 
     def prepare(self) -> LLMEngine:
         """The engine built now rather than at the first batch (with `warm_up`, warmed up too): its cache at
@@ -189,6 +193,7 @@ class OfflineEngine:
             check_priority(sp, self.scheduling_policy)
         if not prompts:
             return []
+        self._end_open_stream()
         if any(sp.n > 1 for sp in params):
             return self._generate_n(prompts, params, use_tqdm)
         prompts = [[int(t) for t in p] for p in prompts]
@@ -253,31 +258,51 @@ class OfflineEngine:
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StreamDelta]:
         """One prompt's deltas as the engine produces them, its text every step (on the same engine and cache
-        as `generate`: CUDA graphs, paged sparse decode). Closing the iterator early aborts the request; a
-        failed or interrupted step drops the engine (the next call builds a fresh one)."""
+        as `generate`: CUDA graphs, paged sparse decode). Closing the iterator early aborts the request, and so
+        does a later call (`generate`, another stream) while it is unfinished: one stream at a time, whose
+        iterator then ends. A failed or interrupted step drops the engine (the next call builds a fresh one)."""
         if isinstance(params, SamplingParams) and params.truncate_prompt_tokens:
             prompt = params.truncate(list(prompt), self.context)
         check_batch([prompt], [params], self.context, self.model.config.vocab_size)
         prompt = [int(t) for t in prompt]
+        self._end_open_stream()
         engine = self._engine_for([prompt], [tokens_needed(prompt, params, self.context)])
+        rid = f"stream-{next(self._stream_ids)}"
         ended = False
         try:
-            engine.add_request("stream", prompt, params, stream_text=True)
+            engine.add_request(rid, prompt, params, stream_text=True)
+            self._open_stream = rid
             while not ended and engine.has_work():
-                for _, d in engine.step():
-                    ended = d.finish_reason is not None
-                    yield d
+                if self._open_stream != rid:  # a later call ended it (aborted): nothing more comes
+                    return
+                for r, d in engine.step():
+                    if r == rid:
+                        ended = d.finish_reason is not None
+                        yield d
         except GeneratorExit:  # the reader stopped: the request leaves, the engine stays
-            engine.abort("stream")
-            self._drain(engine)
+            if self._open_stream == rid:
+                self._open_stream = None
+                engine.abort(rid)
+                self._drain(engine)
             raise
         except RequestError as err:  # its logits processor raised: the request has ended, the engine stays
+            self._open_stream = None if self._open_stream == rid else self._open_stream
             self._drain(engine)
             _raise_processor_error(err)
         except BaseException:
+            self._open_stream = None if self._open_stream == rid else self._open_stream
             self.engine = None
             raise
-        self._drain(engine)  # with async output a step may have run past the end: its result is discarded
+        if self._open_stream == rid:
+            self._open_stream = None
+            self._drain(engine)  # with async output a step may have run past the end: its result is discarded
+
+    def _end_open_stream(self) -> None:
+        """Abort the request of a `stream` left unfinished (its iterator then ends without more deltas)."""
+        rid, self._open_stream = self._open_stream, None
+        if rid is not None and self.engine is not None:
+            self.engine.abort(rid)
+            self._drain(self.engine)
 
     def _drain(self, engine: LLMEngine) -> None:
         """Step until the engine is idle, its outputs dropped (what aborted or ended requests still owe)."""
