@@ -391,3 +391,25 @@ def test_process_engine_on_cuda(ckpt):
             ref.shutdown()
     finally:
         eng.shutdown()
+
+
+def test_process_engine_abort_racing_its_add(proc_engine, monkeypatch):
+    """An abort from another thread between a request's registration and the send of its add (`_submit` sends
+    outside the lock) reached the child first, found nothing, and the request ran to max_tokens; it ends now."""
+    ids = proc_engine.tokenizer.encode("Hello")
+    send = proc_engine._send
+
+    def racing(msg):
+        if msg[0] == "add" and msg[1] == "race":
+            proc_engine.abort("race")  # its abort message goes out before the add
+        send(msg)
+
+    monkeypatch.setattr(proc_engine, "_send", racing)
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        return [d async for d in proc_engine.stream(ids, params, "race")]
+
+    deltas = asyncio.run(run())
+    assert deltas[-1].finish_reason == "abort"
+    assert sum(len(d.token_ids) for d in deltas) < 400

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import inspect
 import itertools
 import logging
@@ -329,6 +330,11 @@ class ProcessEngine(AsyncEngine):
             if isinstance(err, (OSError, EOFError, ValueError)):
                 raise EngineError("the engine process is gone") from None
             raise
+        if req.aborted:
+            # Aborted between its registration and its add: that abort may have reached the child first (and
+            # found nothing to end), so it goes again, now after the add.
+            with contextlib.suppress(OSError, EOFError, ValueError):
+                self._send(("abort", req.request_id))
 
     def abort(self, request_id: str) -> bool:
         with self._cond:
